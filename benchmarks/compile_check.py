@@ -1,0 +1,158 @@
+"""Static kernel check: ahead-of-time compile every Triton kernel of the package for GPU targets.
+
+Runs on a machine without a GPU (Triton bundles ``ptxas`` and ``cuobjdump``). For each launch configuration a kernel
+module declares in ``aot_specs()`` and each target (``sm_90a``, ``sm_80``) it compiles to a cubin,
+reads registers / spills from the cubin with ``cuobjdump`` and shared memory from Triton's metadata, prints a table,
+optionally writes JSON, and exits non-zero on a compile failure or any spill.
+
+    python -m benchmarks.compile_check [--json PATH] [--targets 90a,80] [--only NAME_SUBSTRING]
+
+Must run without ``TRITON_INTERPRET=1`` (the interpreter replaces ``@triton.jit`` functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+
+TARGETS = {"90a": 90, "80": 80}
+
+
+def _tool_path(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _cubin_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, spill bytes) of the cubin Triton built, read with the bundled ``cuobjdump``.
+
+    Spilled registers live in the thread's local stack frame, so the frame size (STACK + LOCAL) is
+    reported as spill bytes; our kernels make no calls that would need a frame otherwise.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([_tool_path("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+    regs = re.search(r"REG:(\d+)", text)
+    stack = re.search(r"STACK:(\d+)", text)
+    local = re.search(r"LOCAL:(\d+)", text)
+    spills = (int(stack.group(1)) if stack else 0) + (int(local.group(1)) if local else 0)
+    return (int(regs.group(1)) if regs else -1), spills
+
+
+def collect_specs(only: str | None = None, modules: list[str] | None = None) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("compile_check must run without TRITON_INTERPRET=1")
+    if modules is None:
+        from distill_ops.kernels import KERNEL_MODULES
+
+        modules = [f"distill_ops.kernels.{name}" for name in KERNEL_MODULES]
+    specs = []
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        for spec in module.aot_specs():
+            if only is None or only in spec["name"]:
+                specs.append(spec)
+    return specs
+
+
+def compile_spec(spec: dict, arch: str) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = spec["fn"]
+    signature = dict(spec["signature"])
+    constexprs = dict(spec.get("constexprs", {}))
+    for name in constexprs:
+        signature[name] = "constexpr"
+    # Declare what the launchers guarantee at run time: 16-byte aligned pointers.
+    attrs = {
+        (fn.arg_names.index(name),): [["tt.divisibility", 16]]
+        for name, ty in signature.items()
+        if ty.startswith("*")
+    }
+    source = ASTSource(fn, signature={n: signature[n] for n in fn.arg_names}, constexprs=constexprs, attrs=attrs)
+    target = GPUTarget("cuda", TARGETS[arch], 32)
+    options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
+    compiled = triton.compile(source, target=target, options=options)
+    regs, spills = _cubin_usage(compiled.asm["cubin"])
+    return {
+        "kernel": spec["name"],
+        "target": f"sm_{arch}",
+        "registers": regs,
+        "shared_bytes": int(getattr(compiled.metadata, "shared", 0)),
+        "spill_bytes": spills,
+        "num_warps": options["num_warps"],
+        "num_stages": options["num_stages"],
+        "ok": spills == 0,
+        "error": None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--targets", default="90a,80")
+    parser.add_argument("--only", default=None, help="compile only specs whose name contains this")
+    parser.add_argument(
+        "--modules", default=None, help="comma-separated modules to check instead of the package's kernels"
+    )
+    args = parser.parse_args(argv)
+
+    import triton
+
+    rows = []
+    modules = args.modules.split(",") if args.modules else None
+    for spec in collect_specs(args.only, modules):
+        for arch in args.targets.split(","):
+            try:
+                rows.append(compile_spec(spec, arch))
+            except Exception as exc:  # a compile failure is a reported result, not a crash
+                rows.append(
+                    {
+                        "kernel": spec["name"],
+                        "target": f"sm_{arch}",
+                        "registers": -1,
+                        "shared_bytes": -1,
+                        "spill_bytes": -1,
+                        "ok": False,
+                        "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+                    }
+                )
+                traceback.print_exc(file=sys.stderr)
+    header = f"{'kernel':58s} {'target':8s} {'regs':>5s} {'smem':>8s} {'spill':>6s}  status"
+    print(f"triton {triton.__version__}: {len(rows)} compilations")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        status = "ok" if row["ok"] else (row["error"] or "SPILLS")
+        print(
+            f"{row['kernel']:58s} {row['target']:8s} {row['registers']:5d} {row['shared_bytes']:8d} "
+            f"{row['spill_bytes']:6d}  {status}"
+        )
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({"triton": triton.__version__, "results": rows}, f, indent=2)
+    failed = [r for r in rows if not r["ok"]]
+    if not rows:
+        print("no kernels found", file=sys.stderr)
+        return 1
+    if failed:
+        print(f"{len(failed)} of {len(rows)} compilations failed or spilled", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

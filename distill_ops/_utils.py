@@ -1,0 +1,205 @@
+"""Argument checking and backend dispatch shared by every public op.
+
+All checks run before any kernel launches and never read tensor values (no host synchronisation):
+they look at shapes, dtypes, devices and Python scalars only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterable, Literal, Sequence
+
+import torch
+
+Impl = Literal["auto", "triton", "torch"]
+IMPLS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Map ``impl`` to the backend that will run: ``"triton"`` or ``"torch"``.
+
+    ``auto`` is Triton on CUDA tensors and PyTorch otherwise. ``triton`` on non-CUDA tensors is
+    only possible under Triton's interpreter (``TRITON_INTERPRET=1``, set before import).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    if device.type == "cuda":
+        return "triton"
+    if impl == "auto":
+        return "torch"
+    if not triton_interpreter_enabled():
+        raise ValueError(
+            f"impl='triton' needs CUDA tensors or Triton's CPU interpreter (set TRITON_INTERPRET=1 before "
+            f"importing distill_ops); got tensors on device {device}"
+        )
+    return "triton"
+
+
+def check_tensor(
+    name: str,
+    tensor: object,
+    *,
+    dtypes: Sequence[torch.dtype] | None = FLOAT_DTYPES,
+    min_dim: int = 0,
+    ndim: int | None = None,
+) -> torch.Tensor:
+    """Type-check one tensor argument; returns it unchanged."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if dtypes is not None and tensor.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {tensor.dtype}")
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(tensor.shape)}")
+    if tensor.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """All given (non-None) tensors live on one device; returns it."""
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    device = items[0][1].device
+    for name, tensor in items[1:]:
+        if tensor.device != device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but {items[0][0]} is on {device}: all tensors must share a device"
+            )
+    return device
+
+
+def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """A finite real Python number within the given bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low
+    if ok and high is not None:
+        ok = value <= high if high_inclusive else value < high
+    if not ok:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        interval = ("[" if low_inclusive else "(") + f"{lo}, {hi}" + ("]" if high_inclusive else ")")
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return value
+
+
+def check_labels(labels: object, leading_shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """``labels`` is an integer tensor shaped like the logits' leading dims, on their device."""
+    check_tensor("labels", labels, dtypes=INT_DTYPES)
+    if labels.shape != leading_shape:
+        raise ValueError(
+            f"labels must have shape {tuple(leading_shape)} (the logits' leading dims), got {tuple(labels.shape)}"
+        )
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but the logits are on {device}")
+    return labels
+
+
+def resolve_vocab(
+    student_vocab: int, teacher_vocab: int, vocab_size: int | None, *, student_name: str, teacher_name: str
+) -> int:
+    """The number of vocabulary columns both sides are read over (the design's ``vocab_size`` rule)."""
+    if vocab_size is None:
+        if student_vocab != teacher_vocab:
+            raise ValueError(
+                f"{student_name} has vocabulary size {student_vocab} but {teacher_name} has {teacher_vocab}; "
+                f"pass vocab_size=k to compare their first k columns"
+            )
+        return student_vocab
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+    if vocab_size < 1 or vocab_size > min(student_vocab, teacher_vocab):
+        raise ValueError(
+            f"vocab_size must be in [1, min({student_name} vocab {student_vocab}, {teacher_name} vocab "
+            f"{teacher_vocab})], got {vocab_size}"
+        )
+    return vocab_size
+
+
+def as_rows(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """View ``tensor[..., :width]`` as 2-D rows with unit stride along the last dim (copy only if needed)."""
+    rows = tensor[..., :width]
+    if rows.dim() == 1:
+        rows = rows.unsqueeze(0)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    if rows.dim() > 2:
+        try:
+            rows = rows.view(-1, width)
+        except RuntimeError:
+            rows = rows.reshape(-1, width)
+    return rows
+
+
+def reduce_rows(
+    row_values: torch.Tensor,
+    active: torch.Tensor | None,
+    reduction: str,
+    normalizer: float | torch.Tensor | None,
+    leading_shape: torch.Size,
+) -> torch.Tensor:
+    """Apply ``reduction`` to per-row fp32 values that are already 0 at ignored rows.
+
+    ``mean`` divides by the number of counted rows (or by ``normalizer``); with no counted row it
+    returns 0.0 and a zero gradient, without a host synchronisation.
+    """
+    if reduction == "none":
+        return row_values.reshape(leading_shape)
+    total = row_values.sum()
+    if reduction == "sum":
+        return total
+    if normalizer is not None:
+        return total / normalizer
+    if active is None:
+        count = torch.tensor(float(max(row_values.numel(), 1)), device=row_values.device)
+    else:
+        count = active.sum().clamp_min(1).to(torch.float32)
+    return total / count
+
+
+def check_reduction(reduction: str, normalizer: object) -> None:
+    check_choice("reduction", reduction, ("mean", "sum", "none"))
+    if normalizer is not None:
+        if isinstance(normalizer, torch.Tensor):
+            if normalizer.numel() != 1:
+                raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
+        else:
+            check_number("normalizer", normalizer, low=0.0, low_inclusive=False)
+        if reduction != "mean":
+            raise ValueError(f"normalizer only applies to reduction='mean', got reduction={reduction!r}")
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def row_chunk(num_rows: int, width: int, budget_elements: int = 1 << 22) -> int:
+    """Rows per chunk for the PyTorch fallbacks: about ``budget_elements`` fp32 values per temporary."""
+    return max(1, min(num_rows, budget_elements // max(width, 1)))

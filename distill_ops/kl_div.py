@@ -1,0 +1,489 @@
+"""The vocabulary-chunked divergence family: ``kl_div`` / ``KLDivLoss``.
+
+p = softmax(teacher_logits / T), q = softmax(student_logits / T), per row:
+
+==============  ============================================================
+forward         KL(p || q)
+reverse         KL(q || p)
+jsd (beta)      beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q;
+                beta = 0 is ``forward`` and beta = 1 is ``reverse`` (TRL's / Liger's convention)
+skew_forward    KL(p || alpha p + (1 - alpha) q)   (DistiLLM)
+skew_reverse    KL(q || alpha q + (1 - alpha) p)
+tvd             0.5 sum |p - q|
+==============  ============================================================
+
+Temperature divides both sides' logits and no T^2 factor is applied (TRL / Liger convention);
+multiply the loss by ``temperature ** 2`` for Hinton's scaling. The teacher gets no gradient.
+
+Both backends compute the per-row loss and dL_row/dz in one forward call (the gradient is stored;
+backward only scales it by the incoming per-row gradient, in place).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._utils import (
+    FLOAT_DTYPES,
+    as_rows,
+    check_choice,
+    check_labels,
+    check_number,
+    check_reduction,
+    check_same_device,
+    check_tensor,
+    reduce_rows,
+    resolve_impl,
+    resolve_vocab,
+    row_chunk,
+)
+
+DIVERGENCES = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
+
+
+def _divergence_rows(
+    student: Tensor, teacher: Tensor, divergence: str, coef: float, temperature: float, compute_grad: bool
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-row divergence and dL/dz for one chunk of rows, in the dtype of the inputs (fp32 or fp64)."""
+    scaled_student = student / temperature
+    scaled_teacher = teacher / temperature
+    lse_student = torch.logsumexp(scaled_student, dim=-1, keepdim=True)
+    lse_teacher = torch.logsumexp(scaled_teacher, dim=-1, keepdim=True)
+    log_q = scaled_student - lse_student
+    log_p = scaled_teacher - lse_teacher
+    q = log_q.exp()
+    p = log_p.exp()
+    zero = log_q.new_zeros(())
+    if divergence == "forward":
+        loss = torch.where(p == 0, zero, p * (log_p - log_q)).sum(-1)
+        grad = (q - p) if compute_grad else None
+    elif divergence == "reverse":
+        scaled_diff = scaled_student - scaled_teacher
+        mean_diff = torch.where(q == 0, zero, q * scaled_diff).sum(-1, keepdim=True)  # E_q[a - b]
+        loss = (mean_diff - lse_student + lse_teacher).squeeze(-1)
+        # q (log q - log p - KL) with the log-sum-exps cancelled (exact for |z| ~ 1e4).
+        grad = torch.where(q == 0, zero, q * (scaled_diff - mean_diff)) if compute_grad else None
+    else:
+        if divergence == "tvd":
+            terms = 0.5 * (p - q).abs()
+            gap = q - p
+            g = torch.where(torch.isnan(gap), gap, 0.5 * torch.sign(gap))  # sign() maps NaN to 0
+        else:
+            # log of the mixture m = c_p p + c_q q, computed in the log domain.
+            c_p = {"jsd": coef, "skew_forward": coef, "skew_reverse": 1.0 - coef}[divergence]
+            log_m = torch.logaddexp(log_p + math.log(c_p), log_q + math.log(1.0 - c_p))
+            if divergence == "jsd":
+                terms = torch.where(p == 0, zero, coef * p * (log_p - log_m))
+                terms = terms + torch.where(q == 0, zero, (1.0 - coef) * q * (log_q - log_m))
+                g = (1.0 - coef) * (log_q - log_m)
+            elif divergence == "skew_forward":
+                terms = torch.where(p == 0, zero, p * (log_p - log_m))
+                g = -(1.0 - coef) * torch.where(p == 0, zero, (log_p - log_m).exp())
+            else:  # skew_reverse
+                terms = torch.where(q == 0, zero, q * (log_q - log_m))
+                g = (log_q - log_m) - coef * torch.where(q == 0, zero, (log_q - log_m).exp())
+        loss = terms.sum(-1)
+        grad = None
+        if compute_grad:
+            s_dot = torch.where(q == 0, zero, q * g).sum(-1, keepdim=True)
+            grad = torch.where(q == 0, zero, q * (g - s_dot))
+    if grad is not None:
+        grad = grad / temperature
+    return loss, grad
+
+
+def kl_div_rows_torch(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Optional[Tensor],
+    *,
+    divergence: str,
+    coef: float,
+    temperature: float,
+    ignore_index: int,
+    compute_grad: bool,
+    upcast: bool = False,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """PyTorch fallback on 2-D rows: per-row loss (fp32, or fp64 with ``upcast``) and dL_row/dz.
+
+    Chunked over rows so temporaries stay bounded; math in fp32 (fp64 with ``upcast=True``, the
+    reference the tests use). The gradient is returned in the student's dtype (fp64 with ``upcast``).
+    """
+    compute_dtype = torch.float64 if upcast else torch.float32
+    num_rows, vocab = student.shape
+    losses = torch.empty(num_rows, dtype=compute_dtype, device=student.device)
+    grad = None
+    if compute_grad:
+        grad = torch.empty((num_rows, vocab), dtype=compute_dtype if upcast else student.dtype, device=student.device)
+    step = row_chunk(num_rows, vocab)
+    for start in range(0, num_rows, step):
+        stop = min(start + step, num_rows)
+        chunk_loss, chunk_grad = _divergence_rows(
+            student[start:stop].to(compute_dtype),
+            teacher[start:stop].to(compute_dtype),
+            divergence,
+            coef,
+            temperature,
+            compute_grad,
+        )
+        if labels is not None:
+            active = (labels[start:stop] != ignore_index).unsqueeze(-1)
+            chunk_loss = torch.where(active.squeeze(-1), chunk_loss, 0.0)
+            if chunk_grad is not None:
+                chunk_grad = torch.where(active, chunk_grad, 0.0)
+        losses[start:stop] = chunk_loss
+        if grad is not None:
+            grad[start:stop] = chunk_grad
+    return losses, grad
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library registration: one op computing (row losses, stored gradient) with both backends.
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("distill_ops::kl_div_rows", mutates_args=())
+def _kl_div_rows_op(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Optional[Tensor],
+    divergence: str,
+    coef: float,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        from .kernels.kl_div import kl_div_forward
+
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
+        loss = kl_div_forward(
+            student,
+            teacher,
+            labels,
+            grad,
+            divergence=divergence,
+            coef=coef,
+            temperature=temperature,
+            ignore_index=ignore_index,
+        )
+    else:
+        loss, grad = kl_div_rows_torch(
+            student,
+            teacher,
+            labels,
+            divergence=divergence,
+            coef=coef,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            compute_grad=compute_grad,
+        )
+    if grad is None:
+        grad = student.new_empty((0,))
+    return loss, grad
+
+
+@_kl_div_rows_op.register_fake
+def _(student, teacher, labels, divergence, coef, temperature, ignore_index, backend, compute_grad):
+    num_rows = student.shape[0]
+    loss = student.new_empty((num_rows,), dtype=torch.float32)
+    grad = student.new_empty(student.shape) if compute_grad else student.new_empty((0,))
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, grad_grad):
+    (stored,) = ctx.saved_tensors
+    # The stored gradient is consumed: scaled in place (fp32 math, stored dtype), so backward
+    # allocates nothing [N, V]-sized. A second backward through the same graph raises autograd's
+    # "modified by an inplace operation" error instead of returning wrong values.
+    return stored.mul_(grad_loss.unsqueeze(-1)), None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("distill_ops::kl_div_rows", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("distill_ops::kl_div_rows_inplace", mutates_args=("student",))
+def _kl_div_rows_inplace_op(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Optional[Tensor],
+    divergence: str,
+    coef: float,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+) -> Tensor:
+    """Like ``kl_div_rows`` but writes dL_row/dz over ``student`` (the caller gave its buffer away)."""
+    if backend == "triton":
+        from .kernels.kl_div import kl_div_forward
+
+        return kl_div_forward(
+            student, teacher, labels, student, divergence=divergence, coef=coef, temperature=temperature,
+            ignore_index=ignore_index,
+        )
+    loss, grad = kl_div_rows_torch(
+        student, teacher, labels, divergence=divergence, coef=coef, temperature=temperature,
+        ignore_index=ignore_index, compute_grad=True,
+    )
+    student.copy_(grad)
+    return loss
+
+
+@_kl_div_rows_inplace_op.register_fake
+def _(student, teacher, labels, divergence, coef, temperature, ignore_index, backend):
+    return student.new_empty((student.shape[0],), dtype=torch.float32)
+
+
+class _KLDivInplaceGradFunction(torch.autograd.Function):
+    """Eager-mode wrapper for ``inplace_grad=True``: the student logits' buffer becomes the gradient."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, divergence, coef, temperature, ignore_index, backend):
+        loss = torch.ops.distill_ops.kl_div_rows_inplace(
+            student, teacher, labels, divergence, coef, temperature, ignore_index, backend
+        )
+        ctx.save_for_backward(student)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (stored,) = ctx.saved_tensors
+        return stored.mul_(grad_loss.unsqueeze(-1)), None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_kl_div_args(
+    student_logits,
+    teacher_logits,
+    divergence,
+    beta,
+    alpha,
+    temperature,
+    labels,
+    reduction,
+    normalizer,
+    vocab_size,
+    dtypes=FLOAT_DTYPES,
+):
+    check_tensor("student_logits", student_logits, dtypes=dtypes, min_dim=1)
+    check_tensor("teacher_logits", teacher_logits, dtypes=dtypes, min_dim=1)
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student_logits and teacher_logits must share leading dims, got {tuple(student_logits.shape)} "
+            f"and {tuple(teacher_logits.shape)}"
+        )
+    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
+    vocab = resolve_vocab(
+        student_logits.shape[-1],
+        teacher_logits.shape[-1],
+        vocab_size,
+        student_name="student_logits",
+        teacher_name="teacher_logits",
+    )
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_number("beta", beta, low=0.0, high=1.0)
+    check_number("alpha", alpha, low=0.0, high=1.0, high_inclusive=False)
+    check_number("temperature", temperature, low=0.0, low_inclusive=False)
+    check_reduction(reduction, normalizer)
+    if labels is not None:
+        check_labels(labels, student_logits.shape[:-1], student_logits.device)
+    return vocab
+
+
+def _canonical_divergence(divergence: str, beta: float, alpha: float) -> tuple[str, float]:
+    """Resolve the JSD / skew endpoints to the KLs they equal, and pick the mixture coefficient."""
+    if divergence == "jsd":
+        if beta == 0.0:
+            return "forward", 0.0
+        if beta == 1.0:
+            return "reverse", 0.0
+        return "jsd", float(beta)
+    if divergence in ("skew_forward", "skew_reverse"):
+        if alpha == 0.0:  # the mixture is the other side itself: plain KL
+            return ("forward" if divergence == "skew_forward" else "reverse"), 0.0
+        return divergence, float(alpha)
+    return divergence, 0.0
+
+
+def kl_div(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    divergence: str = "forward",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: float | Tensor | None = None,
+    vocab_size: int | None = None,
+    inplace_grad: bool = False,
+    impl: str = "auto",
+) -> Tensor:
+    """Divergence between student and teacher token distributions, streamed over the vocabulary.
+
+    Args:
+        student_logits: ``[..., V]`` fp32 / fp16 / bf16. Receives the gradient.
+        teacher_logits: ``[..., Vt]`` fp32 / fp16 / bf16, same leading dims. Treated as a constant.
+        divergence: ``forward`` | ``reverse`` | ``jsd`` | ``skew_forward`` | ``skew_reverse`` | ``tvd``.
+        beta: JSD mixture weight in [0, 1] (0 = forward KL, 1 = reverse KL, as TRL defines it).
+        alpha: skew coefficient in [0, 1) for the skew divergences.
+        temperature: divides both sides' logits; no T^2 factor (multiply by ``temperature**2`` yourself).
+        labels: optional integer ``[...]``; rows equal to ``ignore_index`` contribute nothing.
+        reduction: ``mean`` (over counted rows, 0.0 if none), ``sum`` or ``none`` (shape ``[...]``).
+        normalizer: replaces the row count of ``mean`` (e.g. ``num_items_in_batch``).
+        vocab_size: when V != Vt, read both as their first ``vocab_size`` columns.
+        inplace_grad: write the gradient over ``student_logits``' buffer (eager only; its values are
+            destroyed, and autograd raises if anything else saved them for backward).
+        impl: ``auto`` (Triton on CUDA, PyTorch otherwise), ``triton`` or ``torch``.
+
+    Returns:
+        fp32 scalar (``mean`` / ``sum``) or fp32 ``[...]`` (``none``).
+    """
+    vocab = _check_kl_div_args(
+        student_logits, teacher_logits, divergence, beta, alpha, temperature, labels, reduction, normalizer, vocab_size
+    )
+    backend = resolve_impl(impl, student_logits.device)
+    divergence, coef = _canonical_divergence(divergence, beta, alpha)
+    leading_shape = student_logits.shape[:-1]
+    student_rows = as_rows(student_logits, vocab)
+    teacher_rows = as_rows(teacher_logits.detach(), vocab)
+    label_rows = None if labels is None else labels.reshape(-1).to(torch.int64)
+    temperature = float(temperature)
+    if inplace_grad and student_logits.requires_grad and torch.is_grad_enabled():
+        if student_rows.data_ptr() != student_logits.data_ptr() or not student_logits.is_contiguous():
+            raise ValueError("inplace_grad=True needs contiguous student_logits with no vocab_size truncation")
+        row_loss = _KLDivInplaceGradFunction.apply(
+            student_rows, teacher_rows, label_rows, divergence, coef, temperature, int(ignore_index), backend
+        )
+    else:
+        compute_grad = student_logits.requires_grad and torch.is_grad_enabled()
+        row_loss, _ = torch.ops.distill_ops.kl_div_rows(
+            student_rows, teacher_rows, label_rows, divergence, coef, temperature, int(ignore_index), backend,
+            compute_grad,
+        )
+    active = None if label_rows is None else label_rows != ignore_index
+    return reduce_rows(row_loss, active, reduction, normalizer, leading_shape)
+
+
+def kl_div_reference(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    divergence: str = "forward",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: float | Tensor | None = None,
+    vocab_size: int | None = None,
+    upcast: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """The PyTorch implementation evaluated without autograd: ``(loss, d loss / d student_logits)``.
+
+    With ``upcast=True`` (default) everything is float64: the oracle of the tests. The gradient has
+    the student's full shape (zero beyond ``vocab_size``).
+    """
+    vocab = _check_kl_div_args(
+        student_logits,
+        teacher_logits,
+        divergence,
+        beta,
+        alpha,
+        temperature,
+        labels,
+        reduction,
+        normalizer,
+        vocab_size,
+        dtypes=FLOAT_DTYPES + (torch.float64,),
+    )
+    divergence, coef = _canonical_divergence(divergence, beta, alpha)
+    leading_shape = student_logits.shape[:-1]
+    label_rows = None if labels is None else labels.reshape(-1)
+    row_loss, row_grad = kl_div_rows_torch(
+        as_rows(student_logits.detach(), vocab),
+        as_rows(teacher_logits.detach(), vocab),
+        label_rows,
+        divergence=divergence,
+        coef=coef,
+        temperature=float(temperature),
+        ignore_index=ignore_index,
+        compute_grad=True,
+        upcast=upcast,
+    )
+    active = None if label_rows is None else label_rows != ignore_index
+    row_loss = row_loss.requires_grad_()
+    loss = reduce_rows(row_loss, active, reduction, normalizer, leading_shape)
+    # d loss / d row_loss is the reduction's weight per row: let autograd compute it on [N] only.
+    (row_weight,) = torch.autograd.grad(loss.sum(), row_loss)
+    grad = torch.zeros(student_logits.shape, dtype=row_grad.dtype, device=row_grad.device)
+    grad[..., :vocab] = (row_grad * row_weight.unsqueeze(-1)).reshape(*leading_shape, vocab)
+    return loss.detach(), grad
+
+
+class KLDivLoss(torch.nn.Module):
+    """Module form of :func:`kl_div`; ``forward(student_logits, teacher_logits, labels=None)``."""
+
+    def __init__(
+        self,
+        divergence: str = "forward",
+        beta: float = 0.5,
+        alpha: float = 0.1,
+        temperature: float = 1.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        vocab_size: int | None = None,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_choice("divergence", divergence, DIVERGENCES)
+        check_choice("reduction", reduction, ("mean", "sum", "none"))
+        self.divergence = divergence
+        self.beta = beta
+        self.alpha = alpha
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.vocab_size = vocab_size
+        self.impl = impl
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        labels: Optional[Tensor] = None,
+        normalizer: float | Tensor | None = None,
+    ) -> Tensor:
+        return kl_div(
+            student_logits,
+            teacher_logits,
+            divergence=self.divergence,
+            beta=self.beta,
+            alpha=self.alpha,
+            temperature=self.temperature,
+            labels=labels,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            normalizer=normalizer,
+            vocab_size=self.vocab_size,
+            impl=self.impl,
+        )
+
+    def extra_repr(self) -> str:
+        return f"divergence={self.divergence!r}, temperature={self.temperature}, reduction={self.reduction!r}"

@@ -1,0 +1,284 @@
+"""Vocabulary-streamed divergences between student and teacher logits (one program per row).
+
+Pass 1 streams the row once and keeps per-lane online statistics for both sides: running max and
+sum of exponentials (hence both log-sum-exps) and, for ``forward`` / ``reverse``, the KL itself
+(a weighted sum rescaled with the running max). The other divergences are not expressible as
+online sums of raw logits, so they take a second streaming pass that accumulates the loss and
+S = sum_j q_j g_j. The last pass writes the student gradient dL/dz = q (g - S) / T in the student's
+dtype. Ignored rows (label == ignore_index) get loss 0 and a zero gradient row without reading
+the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Divergence codes (compile-time constants of the kernel).
+FORWARD, REVERSE, JSD, SKEW_FORWARD, SKEW_REVERSE, TVD = range(6)
+DIVERGENCE_CODES = {
+    "forward": FORWARD,
+    "reverse": REVERSE,
+    "jsd": JSD,
+    "skew_forward": SKEW_FORWARD,
+    "skew_reverse": SKEW_REVERSE,
+    "tvd": TVD,
+}
+
+# Default launch configurations (BLOCK_V elements of each side per loop iteration, warps). The
+# plain KLs keep five per-lane accumulators; the mixture divergences evaluate logs and exps per
+# element in two more passes and need fewer elements per thread to stay spill-free on sm_80 /
+# sm_90a (see benchmarks/compile_check.py). The GPU sweep in benchmarks/bench_kl_div.py compares
+# the alternatives.
+KL_CONFIG = (4096, 16)
+MIXTURE_CONFIG = (2048, 16)
+
+
+def default_config(divergence: str) -> tuple[int, int]:
+    return KL_CONFIG if divergence in ("forward", "reverse") else MIXTURE_CONFIG
+
+
+@triton.jit
+def _log_weights(a, b, lse_a, lse_b, mix_log_coef_p, mix_log_coef_q):
+    """log q, log p and log m where m = c_p * p + c_q * q (coefficients given as logs)."""
+    log_q = a - lse_a
+    log_p = b - lse_b
+    x = log_p + mix_log_coef_p
+    y = log_q + mix_log_coef_q
+    hi = tl.maximum(x, y)
+    lo = tl.minimum(x, y)
+    # log(e^x + e^y) without overflow; hi == -inf only when both terms vanish.
+    log_m = tl.where(hi == float("-inf"), float("-inf"), hi + tl.log(1.0 + tl.exp(lo - hi)))
+    return log_q, log_p, log_m
+
+
+@triton.jit
+def _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE: tl.constexpr):
+    """Per-element loss term and g = dL/dq for the mixture / TVD divergences (fp32)."""
+    if DIVERGENCE == 2:  # jsd: beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q
+        log_q, log_p, log_m = _log_weights(a, b, lse_a, lse_b, tl.log(coef), tl.log(1.0 - coef))
+        p = tl.exp(log_p)
+        q = tl.exp(log_q)
+        term = tl.where(p == 0.0, 0.0, coef * p * (log_p - log_m))
+        term += tl.where(q == 0.0, 0.0, (1.0 - coef) * q * (log_q - log_m))
+        g = (1.0 - coef) * (log_q - log_m)
+    elif DIVERGENCE == 3:  # skew_forward: KL(p || alpha p + (1-alpha) q)
+        log_q, log_p, log_m = _log_weights(a, b, lse_a, lse_b, tl.log(coef), tl.log(1.0 - coef))
+        p = tl.exp(log_p)
+        q = tl.exp(log_q)
+        term = tl.where(p == 0.0, 0.0, p * (log_p - log_m))
+        g = -(1.0 - coef) * tl.where(p == 0.0, 0.0, tl.exp(log_p - log_m))
+    elif DIVERGENCE == 4:  # skew_reverse: KL(q || alpha q + (1-alpha) p)
+        log_q, log_p, log_m = _log_weights(a, b, lse_a, lse_b, tl.log(1.0 - coef), tl.log(coef))
+        p = tl.exp(log_p)
+        q = tl.exp(log_q)
+        term = tl.where(q == 0.0, 0.0, q * (log_q - log_m))
+        g = (log_q - log_m) - coef * tl.where(q == 0.0, 0.0, tl.exp(log_q - log_m))
+    else:  # tvd: 0.5 sum |p - q|
+        q = tl.exp(a - lse_a)
+        p = tl.exp(b - lse_b)
+        term = 0.5 * tl.abs(p - q)
+        gap = q - p
+        g = tl.where(gap > 0.0, 0.5, tl.where(gap < 0.0, -0.5, 0.0))
+        g = tl.where(gap != gap, gap, g)  # keep NaN
+    return term, g, q
+
+
+@triton.jit
+def _kl_div_fwd_kernel(
+    student_ptr,
+    teacher_ptr,
+    labels_ptr,
+    loss_ptr,
+    grad_ptr,
+    stride_student,
+    stride_teacher,
+    stride_grad,
+    V,
+    ignore_index,
+    inv_temperature,
+    coef,
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    student_row = student_ptr + row * stride_student
+    teacher_row = teacher_ptr + row * stride_teacher
+    grad_row = grad_ptr + row * stride_grad
+    offsets = tl.arange(0, BLOCK_V)
+
+    active = True
+    if HAS_LABELS:
+        active = tl.load(labels_ptr + row) != ignore_index
+
+    if active:
+        # Pass 1: per-lane online statistics of both sides (and the KL for forward / reverse). The
+        # running maxima start at a finite floor so exp(m_old - m_new) is defined while a lane has
+        # only seen -inf (masked tokens).
+        max_a = tl.full([BLOCK_V], -1.0e30, tl.float32)
+        max_b = tl.full([BLOCK_V], -1.0e30, tl.float32)
+        sum_a = tl.zeros([BLOCK_V], tl.float32)
+        sum_b = tl.zeros([BLOCK_V], tl.float32)
+        acc = tl.zeros([BLOCK_V], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offsets
+            mask = cols < V
+            a = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+            b = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+            new_max_a = tl.maximum(max_a, a)
+            new_max_b = tl.maximum(max_b, b)
+            scale_a = tl.exp(max_a - new_max_a)
+            scale_b = tl.exp(max_b - new_max_b)
+            w_a = tl.exp(a - new_max_a)
+            w_b = tl.exp(b - new_max_b)
+            sum_a = sum_a * scale_a + w_a
+            sum_b = sum_b * scale_b + w_b
+            if DIVERGENCE == 0:  # sum p (b - a), weighted by the teacher's exponentials
+                acc = acc * scale_b + tl.where(w_b == 0.0, 0.0, w_b * (b - a))
+            elif DIVERGENCE == 1:  # sum q (a - b), weighted by the student's exponentials
+                acc = acc * scale_a + tl.where(w_a == 0.0, 0.0, w_a * (a - b))
+            max_a = new_max_a
+            max_b = new_max_b
+        row_max_a = tl.max(max_a, axis=0)
+        row_max_b = tl.max(max_b, axis=0)
+        lane_scale_a = tl.exp(max_a - row_max_a)
+        lane_scale_b = tl.exp(max_b - row_max_b)
+        total_a = tl.sum(sum_a * lane_scale_a, axis=0)
+        total_b = tl.sum(sum_b * lane_scale_b, axis=0)
+        lse_a = row_max_a + tl.log(total_a)
+        lse_b = row_max_b + tl.log(total_b)
+        s_dot = 0.0  # sum_j q_j g_j for the mixture / TVD divergences; E_q[a - b] for reverse
+        if DIVERGENCE == 0:
+            loss = tl.sum(acc * lane_scale_b, axis=0) / total_b - lse_b + lse_a
+        elif DIVERGENCE == 1:
+            s_dot = tl.sum(acc * lane_scale_a, axis=0) / total_a
+            loss = s_dot - lse_a + lse_b
+        else:
+            # Pass 2: the loss and S need both log-sum-exps first.
+            loss_acc = tl.zeros([BLOCK_V], tl.float32)
+            s_acc = tl.zeros([BLOCK_V], tl.float32)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offsets
+                mask = cols < V
+                a = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+                b = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+                term, g, q = _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE)
+                loss_acc += tl.where(mask, term, 0.0)
+                s_acc += tl.where(mask & (q != 0.0), q * g, 0.0)
+            loss = tl.sum(loss_acc, axis=0)
+            s_dot = tl.sum(s_acc, axis=0)
+        tl.store(loss_ptr + row, loss)
+
+        if COMPUTE_GRAD:
+            # Last pass: dL/dz = q (g - S) / T, written in the student's dtype.
+            for start in range(0, V, BLOCK_V):
+                cols = start + offsets
+                mask = cols < V
+                a = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+                b = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+                if DIVERGENCE == 0:
+                    grad = tl.exp(a - lse_a) - tl.exp(b - lse_b)
+                elif DIVERGENCE == 1:
+                    # q (log q - log p - KL) with the log-sum-exps cancelled analytically, so that
+                    # large logits (|z| ~ 1e4) do not lose the gradient to cancellation.
+                    q = tl.exp(a - lse_a)
+                    grad = tl.where(q == 0.0, 0.0, q * ((a - b) - s_dot))
+                else:
+                    term, g, q = _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE)
+                    grad = tl.where(q == 0.0, 0.0, q * (g - s_dot))
+                grad = grad * inv_temperature
+                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(loss_ptr + row, 0.0)
+        if COMPUTE_GRAD:
+            zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offsets
+                tl.store(grad_row + cols, zeros, mask=cols < V)
+
+
+def kl_div_forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+    *,
+    divergence: str,
+    coef: float,
+    temperature: float,
+    ignore_index: int,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Launch the row kernel on 2-D views ``student [N, V]``, ``teacher [N, V]`` (unit column stride).
+
+    Writes dL_row/dz into ``grad_out`` ([N, V], may alias ``student`` for an in-place gradient) when
+    given, and returns the per-row loss (fp32 [N], 0 at ignored rows).
+    """
+    default_block_v, default_num_warps = default_config(divergence)
+    block_v = block_v or default_block_v
+    num_warps = num_warps or default_num_warps
+    num_rows, vocab = student.shape
+    loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
+    if num_rows == 0:
+        return loss
+    grid = (num_rows,)
+    _kl_div_fwd_kernel[grid](
+        student,
+        teacher,
+        labels if labels is not None else loss,
+        loss,
+        grad_out if grad_out is not None else student,
+        student.stride(0),
+        teacher.stride(0),
+        grad_out.stride(0) if grad_out is not None else 0,
+        vocab,
+        ignore_index,
+        1.0 / temperature,
+        coef,
+        DIVERGENCE=DIVERGENCE_CODES[divergence],
+        HAS_LABELS=labels is not None,
+        COMPUTE_GRAD=grad_out is not None,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+    return loss
+
+
+def aot_specs() -> list[dict]:
+    specs = []
+    for name, code in DIVERGENCE_CODES.items():
+        block_v, num_warps = default_config(name)
+        for dtype in ("bf16", "fp32"):
+            specs.append(
+                {
+                    "name": f"kl_div_fwd[{name},{dtype}]",
+                    "fn": _kl_div_fwd_kernel,
+                    "signature": {
+                        "student_ptr": f"*{dtype}",
+                        "teacher_ptr": f"*{dtype}",
+                        "labels_ptr": "*i64",
+                        "loss_ptr": "*fp32",
+                        "grad_ptr": f"*{dtype}",
+                        "stride_student": "i64",
+                        "stride_teacher": "i64",
+                        "stride_grad": "i64",
+                        "V": "i32",
+                        "ignore_index": "i64",
+                        "inv_temperature": "fp32",
+                        "coef": "fp32",
+                    },
+                    "constexprs": {
+                        "DIVERGENCE": code,
+                        "HAS_LABELS": True,
+                        "COMPUTE_GRAD": True,
+                        "BLOCK_V": block_v,
+                    },
+                    "num_warps": num_warps,
+                    "num_stages": 3,
+                }
+            )
+    return specs

@@ -1,0 +1,29 @@
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+_version_text = (Path(__file__).parent / "distill_ops" / "_version.py").read_text()
+VERSION = re.search(r'__version__ = "([^"]+)"', _version_text).group(1)
+
+setup(
+    name="distill-ops",
+    version=VERSION,
+    description="Fused Triton kernels for LLM distillation losses and speculative-decoding tree verification",
+    long_description=(Path(__file__).parent / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # `kernels/` is installed as `distill_ops.kernels`: a top-level `kernels` package would shadow
+    # Hugging Face's `kernels` distribution, which transformers probes for.
+    packages=["distill_ops", "distill_ops.kernels", "distill_ops.integrations"],
+    package_dir={"distill_ops": "distill_ops", "distill_ops.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.6; platform_system == 'Linux'",
+        "numpy",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.48", "matplotlib"],
+        "bench": ["liger-kernel"],
+    },
+)

@@ -1,0 +1,42 @@
+"""Shared test configuration.
+
+Without a CUDA device the Triton kernels run under Triton's CPU interpreter: ``TRITON_INTERPRET``
+must be set before ``triton`` (and so ``distill_ops``) is imported, which is why it happens here.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# Tolerances against the float64 reference, per input dtype; set once here, never loosened per test.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-9, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float16: dict(rtol=2e-2, atol=2e-3),
+    torch.bfloat16: dict(rtol=5e-2, atol=1e-2),
+}
+
+IMPLS = ["torch", "triton"]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, msg: str = "") -> None:
+    """Compare in float64 with the tolerance of ``dtype`` (the dtype of the inputs that produced ``actual``)."""
+    torch.testing.assert_close(
+        actual.detach().to(torch.float64).cpu(),
+        expected.detach().to(torch.float64).cpu(),
+        equal_nan=True,
+        msg=(lambda m: f"{msg}\n{m}") if msg else None,
+        **TOLERANCES[dtype],
+    )
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE

@@ -1,0 +1,42 @@
+"""The static kernel check compiles kernels for sm_90a / sm_80 on the CPU and fails when it should."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_check(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    json_path = tmp_path / "check.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compile_check", "--json", str(json_path), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    report = json.loads(json_path.read_text()) if json_path.exists() else None
+    return proc, report
+
+
+def test_compile_check_reports_registers_and_no_spills(tmp_path):
+    proc, report = _run_check(tmp_path, "--only", "kl_div_fwd[jsd,bf16]")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    targets = {row["target"] for row in report["results"]}
+    assert targets == {"sm_90a", "sm_80"}
+    for row in report["results"]:
+        assert row["ok"] and row["registers"] > 0 and row["spill_bytes"] == 0
+    assert "kl_div_fwd[jsd,bf16]" in proc.stdout
+
+
+def test_compile_check_fails_on_a_kernel_that_does_not_compile(tmp_path):
+    proc, report = _run_check(tmp_path, "--modules", "tests._bad_kernels", "--targets", "90a")
+    assert proc.returncode != 0
+    assert report["results"][0]["ok"] is False
+    assert report["results"][0]["error"]

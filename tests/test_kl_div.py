@@ -1,0 +1,372 @@
+"""kl_div / KLDivLoss: parity with the float64 reference, an independent formulation, edge cases, bad input."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill_ops import DIVERGENCES, KLDivLoss, kl_div, kl_div_reference
+from tests.conftest import DEVICE, IMPLS, TOLERANCES, assert_close
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _logits(shape, dtype, seed, scale=3.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def _run(student, teacher, impl, upstream=None, **kwargs):
+    """Loss and gradient of ``kl_div`` (backward with an upstream gradient that is not 1)."""
+    student = student.detach().clone().requires_grad_(True)
+    loss = kl_div(student, teacher, impl=impl, **kwargs)
+    if upstream is None:
+        upstream = torch.full_like(loss, 1.7)
+    loss.backward(upstream)
+    return loss, student.grad, upstream
+
+
+def _check_against_reference(student, teacher, impl, **kwargs):
+    loss, grad, upstream = _run(student, teacher, impl, **kwargs)
+    ref_loss, ref_grad = kl_div_reference(student, teacher, **kwargs)
+    dtype = student.dtype
+    assert loss.dtype == torch.float32
+    assert loss.shape == ref_loss.shape
+    assert_close(loss, ref_loss, dtype, "loss")
+    upstream64 = upstream.to(torch.float64)
+    if kwargs.get("reduction", "mean") == "none":
+        expected_grad = ref_grad * upstream64.unsqueeze(-1)
+    else:
+        expected_grad = ref_grad * upstream64
+    assert grad.dtype == student.dtype
+    assert_close(grad, expected_grad, dtype, "gradient")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_parity_divergence_reduction_dtype(divergence, reduction, dtype, impl):
+    student = _logits((3, 5, 1000), dtype, seed=1)
+    teacher = _logits((3, 5, 1000), dtype, seed=2)
+    labels = torch.randint(0, 1000, (3, 5), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    labels[0, 1] = -100
+    labels[2, 4] = -100
+    _check_against_reference(
+        student, teacher, impl, divergence=divergence, reduction=reduction, labels=labels, temperature=1.5,
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 32003])
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd", "tvd"])
+def test_parity_vocab_sizes(divergence, vocab, impl):
+    rows = 2 if vocab > 10000 else 4
+    student = _logits((rows, vocab), torch.float32, seed=vocab)
+    teacher = _logits((rows, vocab), torch.float32, seed=vocab + 1)
+    _check_against_reference(student, teacher, impl, divergence=divergence)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", ["skew_forward", "skew_reverse", "jsd"])
+@pytest.mark.parametrize("coef", [0.0, 0.3, 0.9])
+def test_parity_mixture_coefficients(divergence, coef, impl):
+    student = _logits((6, 300), torch.float32, seed=11)
+    teacher = _logits((6, 300), torch.float32, seed=12)
+    kwargs = {"beta": coef} if divergence == "jsd" else {"alpha": coef}
+    _check_against_reference(student, teacher, impl, divergence=divergence, **kwargs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_inputs(impl):
+    base_student = _logits((40, 2, 6), torch.float32, seed=5)
+    base_teacher = _logits((6, 2, 40), torch.float32, seed=6)
+    student = base_student.permute(2, 1, 0)  # [6, 2, 40], vocabulary stride != 1
+    teacher = base_teacher[:, :, :]  # contiguous
+    teacher_strided = _logits((6, 4, 40), torch.float32, seed=7)[:, ::2, :]  # row stride gaps
+    for t in (teacher, teacher_strided):
+        _check_against_reference(student, t, impl, divergence="jsd", reduction="none")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vocab_size_truncation(impl):
+    student = _logits((4, 1000), torch.float32, seed=8)
+    teacher = _logits((4, 1037), torch.float32, seed=9)  # teacher vocabulary padded beyond the student's
+    _check_against_reference(student, teacher, impl, divergence="forward", vocab_size=1000)
+    loss, grad, _ = _run(teacher, student, impl, divergence="reverse", vocab_size=1000)
+    assert torch.all(grad[:, 1000:] == 0)
+    _check_against_reference(teacher, student, impl, divergence="reverse", vocab_size=1000)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mixed_student_teacher_dtypes(impl, dtype):
+    student = _logits((5, 777), dtype, seed=10)
+    teacher = _logits((5, 777), torch.float32 if dtype != torch.float32 else torch.bfloat16, seed=11)
+    _check_against_reference(student, teacher, impl, divergence="jsd")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_normalizer_replaces_count(impl):
+    student = _logits((2, 3, 100), torch.float32, seed=12)
+    teacher = _logits((2, 3, 100), torch.float32, seed=13)
+    total = kl_div(student, teacher, reduction="sum", impl=impl)
+    for normalizer in (7.0, torch.tensor(7.0, device=DEVICE)):
+        loss = kl_div(student, teacher, normalizer=normalizer, impl=impl)
+        assert_close(loss, total / 7.0, torch.float32)
+    _check_against_reference(student, teacher, impl, normalizer=7.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference against an independent formulation (F.kl_div / log_softmax / TRL's JSD)
+# ----------------------------------------------------------------------------------------------
+
+
+def _independent_rows(student, teacher, divergence, beta=0.5, alpha=0.1, temperature=1.0):
+    log_q = F.log_softmax(student.double() / temperature, -1)
+    log_p = F.log_softmax(teacher.double() / temperature, -1)
+    if divergence == "forward":
+        return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    if divergence == "reverse":
+        return F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    if divergence == "jsd":
+        return _trl_style_jsd_rows(log_q, log_p, beta)
+    if divergence == "skew_forward":
+        mix = torch.log(alpha * log_p.exp() + (1 - alpha) * log_q.exp())
+        return F.kl_div(mix, log_p, reduction="none", log_target=True).sum(-1)
+    if divergence == "skew_reverse":
+        mix = torch.log(alpha * log_q.exp() + (1 - alpha) * log_p.exp())
+        return F.kl_div(mix, log_q, reduction="none", log_target=True).sum(-1)
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+def _trl_style_jsd_rows(log_q, log_p, beta):
+    """TRL's generalized JSD, per row: endpoints are plain KLs; otherwise the log-space mixture."""
+    if beta == 0:
+        return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    if beta == 1:
+        return F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    beta_t = torch.tensor(beta, dtype=log_q.dtype)
+    log_mix = torch.logsumexp(torch.stack([log_q + torch.log1p(-beta_t), log_p + torch.log(beta_t)]), dim=0)
+    kl_teacher = F.kl_div(log_mix, log_p, reduction="none", log_target=True).sum(-1)
+    kl_student = F.kl_div(log_mix, log_q, reduction="none", log_target=True).sum(-1)
+    return beta * kl_teacher + (1 - beta) * kl_student
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_reference_matches_independent_formulation(divergence):
+    student = _logits((6, 257), torch.float64, seed=20).cpu()
+    teacher = _logits((6, 257), torch.float64, seed=21).cpu()
+    student.requires_grad_(True)
+    expected = _independent_rows(student, teacher, divergence, temperature=2.0)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), student)
+    loss, grad = kl_div_reference(student, teacher, divergence=divergence, temperature=2.0, reduction="sum")
+    torch.testing.assert_close(loss, expected.sum().detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.5, 1.0])
+def test_jsd_equals_trl_generalized_jsd(beta, impl):
+    student = _logits((2, 4, 500), torch.float32, seed=22)
+    teacher = _logits((2, 4, 500), torch.float32, seed=23)
+    labels = torch.randint(0, 500, (2, 4), generator=torch.Generator().manual_seed(24)).to(DEVICE)
+    labels[1, :2] = -100
+    rows = _trl_style_jsd_rows(
+        F.log_softmax(student.double().cpu() / 2.0, -1), F.log_softmax(teacher.double().cpu() / 2.0, -1), beta
+    )
+    mask = (labels != -100).cpu()
+    expected = rows[mask].sum() / mask.sum()  # TRL's "batchmean" over non-ignored tokens
+    loss = kl_div(student, teacher, divergence="jsd", beta=beta, temperature=2.0, labels=labels, impl=impl)
+    assert_close(loss, expected, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Numerical edge cases
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_all_rows_ignored_gives_zero_loss_and_gradient(divergence, impl):
+    student = _logits((3, 50), torch.float32, seed=30)
+    teacher = _logits((3, 50), torch.float32, seed=31)
+    labels = torch.full((3,), -100, device=DEVICE)
+    loss, grad, _ = _run(student, teacher, impl, divergence=divergence, labels=labels)
+    assert loss.item() == 0.0
+    assert torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_rows_all_minus_inf_but_one(divergence, impl):
+    student = _logits((4, 300), torch.float32, seed=32)
+    teacher = _logits((4, 300), torch.float32, seed=33)
+    # Row 0: both sides a single token (the same). Row 1: masked tokens shared by both sides.
+    student[0] = float("-inf")
+    teacher[0] = float("-inf")
+    student[0, 17] = 1.0
+    teacher[0, 17] = 4.0
+    student[1, 100:] = float("-inf")
+    teacher[1, 100:] = float("-inf")
+    loss, grad, _ = _run(student, teacher, impl, divergence=divergence, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert loss[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert torch.all(grad[1, 100:] == 0)
+    _check_against_reference(student, teacher, impl, divergence=divergence, reduction="none")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_large_magnitude_logits_do_not_overflow(divergence, impl):
+    student = _logits((3, 400), torch.float32, seed=34, scale=1.0) * 1e4
+    teacher = _logits((3, 400), torch.float32, seed=35, scale=1.0) * 1e4
+    loss, grad, _ = _run(student, teacher, impl, divergence=divergence, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    _check_against_reference(student, teacher, impl, divergence=divergence, reduction="none")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_nan_propagates(side, divergence, impl):
+    student = _logits((3, 64), torch.float32, seed=36)
+    teacher = _logits((3, 64), torch.float32, seed=37)
+    (student if side == "student" else teacher)[1, 5] = float("nan")
+    loss, grad, _ = _run(student, teacher, impl, divergence=divergence, reduction="none")
+    assert torch.isnan(loss[1])
+    assert torch.isfinite(loss[[0, 2]]).all()
+    assert torch.isnan(grad[1]).any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_teacher_gets_no_gradient_and_inputs_unchanged(impl):
+    student = _logits((3, 64), torch.float32, seed=38).requires_grad_(True)
+    teacher = _logits((3, 64), torch.float32, seed=39).requires_grad_(True)
+    student_before, teacher_before = student.detach().clone(), teacher.detach().clone()
+    kl_div(student, teacher, divergence="jsd", impl=impl).backward()
+    assert teacher.grad is None
+    assert torch.equal(student.detach(), student_before) and torch.equal(teacher.detach(), teacher_before)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_grad_writes_gradient_over_student_buffer(impl):
+    student = _logits((4, 333), torch.float32, seed=40)
+    teacher = _logits((4, 333), torch.float32, seed=41)
+    ref_loss, ref_grad = kl_div_reference(student, teacher, divergence="reverse")
+    leaf = student.clone().requires_grad_(True)
+    loss = kl_div(leaf, teacher, divergence="reverse", inplace_grad=True, impl=impl)
+    assert_close(loss, ref_loss, torch.float32)
+    # The buffer now holds the per-row gradient dL_row/dz (the mean's 1/4 is applied in backward).
+    assert_close(leaf.detach(), ref_grad * 4, torch.float32)
+    loss.backward(torch.tensor(2.0, device=DEVICE))
+    assert_close(leaf.grad, 2.0 * ref_grad, torch.float32)
+    assert leaf.grad.data_ptr() == leaf.data_ptr()
+
+
+def test_second_backward_through_consumed_gradient_raises():
+    student = _logits((2, 10), torch.float32, seed=42).requires_grad_(True)
+    teacher = _logits((2, 10), torch.float32, seed=43)
+    loss = kl_div(student, teacher, impl="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+def test_no_gradient_requested_computes_loss_only():
+    student = _logits((2, 10), torch.float32, seed=44)
+    teacher = _logits((2, 10), torch.float32, seed=45)
+    with torch.no_grad():
+        loss = kl_div(student, teacher, impl="torch")
+    ref, _ = kl_div_reference(student, teacher)
+    assert_close(loss, ref, torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_module_matches_functional(impl):
+    student = _logits((2, 3, 90), torch.float32, seed=46)
+    teacher = _logits((2, 3, 90), torch.float32, seed=47)
+    labels = torch.tensor([[1, 2, -100], [4, -100, 6]], device=DEVICE)
+    module = KLDivLoss(divergence="skew_reverse", alpha=0.2, temperature=0.7, reduction="sum", impl=impl)
+    expected = kl_div(
+        student, teacher, divergence="skew_reverse", alpha=0.2, temperature=0.7, reduction="sum", labels=labels,
+        impl=impl,
+    )
+    assert_close(module(student, teacher, labels), expected, torch.float32)
+
+
+def test_torch_compile_fullgraph():
+    student = _logits((2, 3, 64), torch.float32, seed=48).cpu().requires_grad_(True)
+    teacher = _logits((2, 3, 64), torch.float32, seed=49).cpu()
+    labels = torch.tensor([[1, 2, -100], [4, 5, 6]])
+
+    def loss_fn(s, t, y):
+        return kl_div(s, t, divergence="jsd", labels=labels, temperature=2.0, impl="torch") * 3.0 + y.sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    y = torch.ones(2, requires_grad=True)
+    loss = compiled(student, teacher, y)
+    loss.backward()
+    ref_loss, ref_grad = kl_div_reference(student, teacher, divergence="jsd", labels=labels, temperature=2.0)
+    assert_close(loss, ref_loss * 3.0 + 2.0, torch.float32)
+    assert_close(student.grad, ref_grad * 3.0, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+
+
+def _bad(match, *args, error=ValueError, **kwargs):
+    with pytest.raises(error, match=match):
+        kl_div(*args, **kwargs)
+
+
+def test_bad_inputs():
+    s = torch.randn(2, 3, 10)
+    t = torch.randn(2, 3, 10)
+    _bad("leading dims", s, torch.randn(2, 4, 10))
+    _bad(r"vocabulary size 10 .* has 12", s, torch.randn(2, 3, 12))
+    _bad("vocab_size must be in", s, torch.randn(2, 3, 12), vocab_size=11)
+    _bad("student_logits must have dtype", torch.randint(0, 5, (2, 3, 10)), t, error=TypeError)
+    _bad("teacher_logits must have dtype", s, t.to(torch.int32), error=TypeError)
+    _bad(r"labels must have shape \(2, 3\)", s, t, labels=torch.zeros(2, 4, dtype=torch.long))
+    _bad("labels must have dtype", s, t, labels=torch.zeros(2, 3), error=TypeError)
+    _bad("divergence must be one of", s, t, divergence="kl")
+    _bad("reduction must be one of", s, t, reduction="batchmean")
+    _bad(r"beta must be in \[0.0, 1.0\], got 1.5", s, t, divergence="jsd", beta=1.5)
+    _bad(r"alpha must be in \[0.0, 1.0\), got 1.0", s, t, divergence="skew_forward", alpha=1.0)
+    _bad("temperature must be in", s, t, temperature=0.0)
+    _bad("temperature must be in", s, t, temperature=-1.0)
+    _bad("impl must be one of", s, t, impl="cuda")
+    _bad("normalizer only applies", s, t, reduction="sum", normalizer=4.0)
+    _bad("student_logits must be a torch.Tensor", s.numpy(), t, error=TypeError)
+
+
+def test_bad_devices():
+    s = torch.randn(2, 10)
+    t = torch.randn(2, 10, device="meta")
+    _bad("teacher_logits is on meta", s, t)
+
+
+def test_triton_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _bad("TRITON_INTERPRET=1", torch.randn(2, 10), torch.randn(2, 10), impl="triton")
+
+
+def test_tolerance_table_is_not_loosened():
+    # Guard against silently widening the shared tolerances: fp32 must stay tight.
+    assert TOLERANCES[torch.float32]["rtol"] <= 1e-4 and TOLERANCES[torch.float32]["atol"] <= 1e-5
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="checks the interpreter wiring on CPU-only machines")
+def test_interpreter_enabled_on_cpu():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert math.isfinite(kl_div(torch.randn(1, 5), torch.randn(1, 5), impl="triton").item())
