@@ -158,6 +158,30 @@ def as_rows(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return rows
 
 
+def reduction_weight(
+    reduction: str,
+    normalizer: float | torch.Tensor | None,
+    active: torch.Tensor | None,
+    num_rows: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The per-row weight a reduction applies, as a one-element fp32 tensor (broadcast to all rows).
+
+    ``mean`` is 1 / (number of counted rows, at least 1), or 1 / ``normalizer``; ``sum`` and
+    ``none`` are 1. Computed on the device: no host synchronisation. Kernels fold this weight into
+    the loss and the stored gradient, so ``loss.backward()`` hands them an incoming gradient of 1.
+    """
+    if reduction != "mean":
+        return torch.ones(1, dtype=torch.float32, device=device)
+    if normalizer is not None:
+        if isinstance(normalizer, torch.Tensor):
+            return normalizer.detach().to(device=device, dtype=torch.float32).reshape(1).reciprocal()
+        return torch.full((1,), 1.0 / float(normalizer), dtype=torch.float32, device=device)
+    if active is None:
+        return torch.full((1,), 1.0 / max(num_rows, 1), dtype=torch.float32, device=device)
+    return active.sum().clamp_min(1).to(torch.float32).reshape(1).reciprocal()
+
+
 def reduce_rows(
     row_values: torch.Tensor,
     active: torch.Tensor | None,
@@ -165,23 +189,17 @@ def reduce_rows(
     normalizer: float | torch.Tensor | None,
     leading_shape: torch.Size,
 ) -> torch.Tensor:
-    """Apply ``reduction`` to per-row fp32 values that are already 0 at ignored rows.
+    """Apply ``reduction`` to unweighted per-row values (0 at ignored rows), for ops whose kernels do
+    not fold :func:`reduction_weight` in themselves."""
+    weight = reduction_weight(reduction, normalizer, active, row_values.numel(), row_values.device)
+    return finish_reduction(row_values * weight, reduction, leading_shape)
 
-    ``mean`` divides by the number of counted rows (or by ``normalizer``); with no counted row it
-    returns 0.0 and a zero gradient, without a host synchronisation.
-    """
+
+def finish_reduction(weighted_rows: torch.Tensor, reduction: str, leading_shape: torch.Size) -> torch.Tensor:
+    """Per-row values that already carry :func:`reduction_weight` → the reduced loss."""
     if reduction == "none":
-        return row_values.reshape(leading_shape)
-    total = row_values.sum()
-    if reduction == "sum":
-        return total
-    if normalizer is not None:
-        return total / normalizer
-    if active is None:
-        count = torch.tensor(float(max(row_values.numel(), 1)), device=row_values.device)
-    else:
-        count = active.sum().clamp_min(1).to(torch.float32)
-    return total / count
+        return weighted_rows.reshape(leading_shape)
+    return weighted_rows.sum()
 
 
 def check_reduction(reduction: str, normalizer: object) -> None:

@@ -15,8 +15,10 @@ tvd             0.5 sum |p - q|
 Temperature divides both sides' logits and no T^2 factor is applied (TRL / Liger convention);
 multiply the loss by ``temperature ** 2`` for Hinton's scaling. The teacher gets no gradient.
 
-Both backends compute the per-row loss and dL_row/dz in one forward call (the gradient is stored;
-backward only scales it by the incoming per-row gradient, in place).
+Both backends compute the per-row loss and its gradient in one forward call, with the reduction's
+weight (1/count for ``mean``) folded in. The gradient is stored; backward scales it in place by the
+incoming gradient, and the Triton path skips rows whose incoming gradient is exactly 1 (decided on
+the device), so a plain ``loss.backward()`` moves no [N, V] bytes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._scale import consume_stored_gradient
 from ._utils import (
     FLOAT_DTYPES,
     as_rows,
@@ -36,13 +39,84 @@ from ._utils import (
     check_reduction,
     check_same_device,
     check_tensor,
-    reduce_rows,
+    finish_reduction,
+    reduction_weight,
     resolve_impl,
     resolve_vocab,
     row_chunk,
 )
 
 DIVERGENCES = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
+
+
+def _divergence_elements(
+    scaled_student: Tensor,
+    scaled_teacher: Tensor,
+    lse_student: Tensor,
+    lse_teacher: Tensor,
+    divergence: str,
+    coef: float,
+) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """Per-element pieces of a divergence over any block of columns, given each row's log-sum-exps.
+
+    ``scaled_*`` are logits already divided by the temperature, ``lse_*`` their full-row log-sum-exps
+    (``[rows, 1]``). Returns ``(terms, dot_terms, q, g)``; every piece is additive over columns, so a
+    caller may sum them chunk by chunk over the vocabulary (``fused_linear_kl_div`` does):
+
+    * the row loss is :func:`_divergence_row_loss` of ``terms.sum(-1)`` and ``dot_terms.sum(-1)``;
+    * the row statistic S = ``dot_terms.sum(-1)`` (E_q[a - b] for ``reverse``, sum_j q_j g_j for the
+      mixture divergences; ``None`` for ``forward``, whose gradient needs none);
+    * dL/dz (times the temperature) is :func:`_divergence_grad` of ``q``, ``g`` and S.
+    """
+    log_q = scaled_student - lse_student
+    log_p = scaled_teacher - lse_teacher
+    q = log_q.exp()
+    p = log_p.exp()
+    zero = log_q.new_zeros(())
+    if divergence == "forward":
+        terms = torch.where(p == 0, zero, p * (log_p - log_q))
+        return terms, None, q, p  # dL/dz = q - p
+    if divergence == "reverse":
+        scaled_diff = scaled_student - scaled_teacher
+        # KL = E_q[a - b] - lse_a + lse_b: the log-sum-exps are kept out of the per-element terms, so
+        # the gradient q (a - b - E_q[a - b]) stays exact for |z| ~ 1e4.
+        dot_terms = torch.where(q == 0, zero, q * scaled_diff)
+        return dot_terms, dot_terms, q, scaled_diff
+    if divergence == "tvd":
+        terms = 0.5 * (p - q).abs()
+        gap = q - p
+        g = torch.where(torch.isnan(gap), gap, 0.5 * torch.sign(gap))  # sign() maps NaN to 0
+    else:
+        # log of the mixture m = c_p p + c_q q, computed in the log domain.
+        c_p = {"jsd": coef, "skew_forward": coef, "skew_reverse": 1.0 - coef}[divergence]
+        log_m = torch.logaddexp(log_p + math.log(c_p), log_q + math.log(1.0 - c_p))
+        if divergence == "jsd":
+            terms = torch.where(p == 0, zero, coef * p * (log_p - log_m))
+            terms = terms + torch.where(q == 0, zero, (1.0 - coef) * q * (log_q - log_m))
+            g = (1.0 - coef) * (log_q - log_m)
+        elif divergence == "skew_forward":
+            terms = torch.where(p == 0, zero, p * (log_p - log_m))
+            g = -(1.0 - coef) * torch.where(p == 0, zero, (log_p - log_m).exp())
+        else:  # skew_reverse
+            terms = torch.where(q == 0, zero, q * (log_q - log_m))
+            g = (log_q - log_m) - coef * torch.where(q == 0, zero, (log_q - log_m).exp())
+    return terms, torch.where(q == 0, zero, q * g), q, g
+
+
+def _divergence_row_loss(
+    term_sum: Tensor, row_dot: Optional[Tensor], lse_student: Tensor, lse_teacher: Tensor, divergence: str
+) -> Tensor:
+    """Row loss from the column sums of :func:`_divergence_elements`' ``terms`` and ``dot_terms``."""
+    if divergence == "reverse":
+        return row_dot - lse_student + lse_teacher
+    return term_sum
+
+
+def _divergence_grad(q: Tensor, g: Tensor, row_dot: Optional[Tensor], divergence: str) -> Tensor:
+    """dL/dz times the temperature: q (g - S) (``forward``: q - p, with ``g`` = p)."""
+    if divergence == "forward":
+        return q - g
+    return torch.where(q == 0, q.new_zeros(()), q * (g - row_dot))
 
 
 def _divergence_rows(
@@ -53,53 +127,20 @@ def _divergence_rows(
     scaled_teacher = teacher / temperature
     lse_student = torch.logsumexp(scaled_student, dim=-1, keepdim=True)
     lse_teacher = torch.logsumexp(scaled_teacher, dim=-1, keepdim=True)
-    log_q = scaled_student - lse_student
-    log_p = scaled_teacher - lse_teacher
-    q = log_q.exp()
-    p = log_p.exp()
-    zero = log_q.new_zeros(())
-    if divergence == "forward":
-        loss = torch.where(p == 0, zero, p * (log_p - log_q)).sum(-1)
-        grad = (q - p) if compute_grad else None
-    elif divergence == "reverse":
-        scaled_diff = scaled_student - scaled_teacher
-        mean_diff = torch.where(q == 0, zero, q * scaled_diff).sum(-1, keepdim=True)  # E_q[a - b]
-        loss = (mean_diff - lse_student + lse_teacher).squeeze(-1)
-        # q (log q - log p - KL) with the log-sum-exps cancelled (exact for |z| ~ 1e4).
-        grad = torch.where(q == 0, zero, q * (scaled_diff - mean_diff)) if compute_grad else None
-    else:
-        if divergence == "tvd":
-            terms = 0.5 * (p - q).abs()
-            gap = q - p
-            g = torch.where(torch.isnan(gap), gap, 0.5 * torch.sign(gap))  # sign() maps NaN to 0
-        else:
-            # log of the mixture m = c_p p + c_q q, computed in the log domain.
-            c_p = {"jsd": coef, "skew_forward": coef, "skew_reverse": 1.0 - coef}[divergence]
-            log_m = torch.logaddexp(log_p + math.log(c_p), log_q + math.log(1.0 - c_p))
-            if divergence == "jsd":
-                terms = torch.where(p == 0, zero, coef * p * (log_p - log_m))
-                terms = terms + torch.where(q == 0, zero, (1.0 - coef) * q * (log_q - log_m))
-                g = (1.0 - coef) * (log_q - log_m)
-            elif divergence == "skew_forward":
-                terms = torch.where(p == 0, zero, p * (log_p - log_m))
-                g = -(1.0 - coef) * torch.where(p == 0, zero, (log_p - log_m).exp())
-            else:  # skew_reverse
-                terms = torch.where(q == 0, zero, q * (log_q - log_m))
-                g = (log_q - log_m) - coef * torch.where(q == 0, zero, (log_q - log_m).exp())
-        loss = terms.sum(-1)
-        grad = None
-        if compute_grad:
-            s_dot = torch.where(q == 0, zero, q * g).sum(-1, keepdim=True)
-            grad = torch.where(q == 0, zero, q * (g - s_dot))
-    if grad is not None:
-        grad = grad / temperature
-    return loss, grad
+    terms, dot_terms, q, g = _divergence_elements(
+        scaled_student, scaled_teacher, lse_student, lse_teacher, divergence, coef
+    )
+    row_dot = None if dot_terms is None else dot_terms.sum(-1, keepdim=True)
+    loss = _divergence_row_loss(terms.sum(-1, keepdim=True), row_dot, lse_student, lse_teacher, divergence)
+    grad = _divergence_grad(q, g, row_dot, divergence) / temperature if compute_grad else None
+    return loss.squeeze(-1), grad
 
 
 def kl_div_rows_torch(
     student: Tensor,
     teacher: Tensor,
     labels: Optional[Tensor],
+    row_weight: Optional[Tensor] = None,
     *,
     divergence: str,
     coef: float,
@@ -108,7 +149,8 @@ def kl_div_rows_torch(
     compute_grad: bool,
     upcast: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """PyTorch fallback on 2-D rows: per-row loss (fp32, or fp64 with ``upcast``) and dL_row/dz.
+    """PyTorch fallback on 2-D rows: per-row loss (fp32, or fp64 with ``upcast``) and dL_row/dz,
+    both multiplied by ``row_weight`` (one element or [N]) when given.
 
     Chunked over rows so temporaries stay bounded; math in fp32 (fp64 with ``upcast=True``, the
     reference the tests use). The gradient is returned in the student's dtype (fp64 with ``upcast``).
@@ -135,6 +177,12 @@ def kl_div_rows_torch(
             chunk_loss = torch.where(active.squeeze(-1), chunk_loss, 0.0)
             if chunk_grad is not None:
                 chunk_grad = torch.where(active, chunk_grad, 0.0)
+        if row_weight is not None:
+            weight = row_weight if row_weight.numel() == 1 else row_weight[start:stop]
+            weight = weight.to(compute_dtype)
+            chunk_loss = chunk_loss * weight
+            if chunk_grad is not None:
+                chunk_grad = chunk_grad * weight.unsqueeze(-1)
         losses[start:stop] = chunk_loss
         if grad is not None:
             grad[start:stop] = chunk_grad
@@ -151,6 +199,7 @@ def _kl_div_rows_op(
     student: Tensor,
     teacher: Tensor,
     labels: Optional[Tensor],
+    row_weight: Tensor,
     divergence: str,
     coef: float,
     temperature: float,
@@ -167,6 +216,7 @@ def _kl_div_rows_op(
             teacher,
             labels,
             grad,
+            row_weight,
             divergence=divergence,
             coef=coef,
             temperature=temperature,
@@ -177,6 +227,7 @@ def _kl_div_rows_op(
             student,
             teacher,
             labels,
+            row_weight,
             divergence=divergence,
             coef=coef,
             temperature=temperature,
@@ -189,7 +240,7 @@ def _kl_div_rows_op(
 
 
 @_kl_div_rows_op.register_fake
-def _(student, teacher, labels, divergence, coef, temperature, ignore_index, backend, compute_grad):
+def _(student, teacher, labels, row_weight, divergence, coef, temperature, ignore_index, backend, compute_grad):
     num_rows = student.shape[0]
     loss = student.new_empty((num_rows,), dtype=torch.float32)
     grad = student.new_empty(student.shape) if compute_grad else student.new_empty((0,))
@@ -197,15 +248,15 @@ def _(student, teacher, labels, divergence, coef, temperature, ignore_index, bac
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.backend = inputs[8]
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # never allocate a zero [N, V] gradient for the second output
     ctx.save_for_backward(output[1])
 
 
 def _backward(ctx, grad_loss, grad_grad):
     (stored,) = ctx.saved_tensors
-    # The stored gradient is consumed: scaled in place (fp32 math, stored dtype), so backward
-    # allocates nothing [N, V]-sized. A second backward through the same graph raises autograd's
-    # "modified by an inplace operation" error instead of returning wrong values.
-    return stored.mul_(grad_loss.unsqueeze(-1)), None, None, None, None, None, None, None, None
+    return consume_stored_gradient(stored, grad_loss, ctx.backend), *([None] * 9)
 
 
 torch.library.register_autograd("distill_ops::kl_div_rows", _backward, setup_context=_setup_context)
@@ -216,22 +267,23 @@ def _kl_div_rows_inplace_op(
     student: Tensor,
     teacher: Tensor,
     labels: Optional[Tensor],
+    row_weight: Tensor,
     divergence: str,
     coef: float,
     temperature: float,
     ignore_index: int,
     backend: str,
 ) -> Tensor:
-    """Like ``kl_div_rows`` but writes dL_row/dz over ``student`` (the caller gave its buffer away)."""
+    """Like ``kl_div_rows`` but writes the gradient over ``student`` (the caller gave its buffer away)."""
     if backend == "triton":
         from .kernels.kl_div import kl_div_forward
 
         return kl_div_forward(
-            student, teacher, labels, student, divergence=divergence, coef=coef, temperature=temperature,
-            ignore_index=ignore_index,
+            student, teacher, labels, student, row_weight, divergence=divergence, coef=coef,
+            temperature=temperature, ignore_index=ignore_index,
         )
     loss, grad = kl_div_rows_torch(
-        student, teacher, labels, divergence=divergence, coef=coef, temperature=temperature,
+        student, teacher, labels, row_weight, divergence=divergence, coef=coef, temperature=temperature,
         ignore_index=ignore_index, compute_grad=True,
     )
     student.copy_(grad)
@@ -239,7 +291,7 @@ def _kl_div_rows_inplace_op(
 
 
 @_kl_div_rows_inplace_op.register_fake
-def _(student, teacher, labels, divergence, coef, temperature, ignore_index, backend):
+def _(student, teacher, labels, row_weight, divergence, coef, temperature, ignore_index, backend):
     return student.new_empty((student.shape[0],), dtype=torch.float32)
 
 
@@ -247,17 +299,18 @@ class _KLDivInplaceGradFunction(torch.autograd.Function):
     """Eager-mode wrapper for ``inplace_grad=True``: the student logits' buffer becomes the gradient."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, divergence, coef, temperature, ignore_index, backend):
+    def forward(ctx, student, teacher, labels, row_weight, divergence, coef, temperature, ignore_index, backend):
         loss = torch.ops.distill_ops.kl_div_rows_inplace(
-            student, teacher, labels, divergence, coef, temperature, ignore_index, backend
+            student, teacher, labels, row_weight, divergence, coef, temperature, ignore_index, backend
         )
+        ctx.backend = backend
         ctx.save_for_backward(student)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         (stored,) = ctx.saved_tensors
-        return stored.mul_(grad_loss.unsqueeze(-1)), None, None, None, None, None, None, None
+        return consume_stored_gradient(stored, grad_loss, ctx.backend), *([None] * 8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,20 +417,22 @@ def kl_div(
     teacher_rows = as_rows(teacher_logits.detach(), vocab)
     label_rows = None if labels is None else labels.reshape(-1).to(torch.int64)
     temperature = float(temperature)
+    active = None if label_rows is None else label_rows != ignore_index
+    row_weight = reduction_weight(reduction, normalizer, active, student_rows.shape[0], student_rows.device)
     if inplace_grad and student_logits.requires_grad and torch.is_grad_enabled():
         if student_rows.data_ptr() != student_logits.data_ptr() or not student_logits.is_contiguous():
             raise ValueError("inplace_grad=True needs contiguous student_logits with no vocab_size truncation")
         row_loss = _KLDivInplaceGradFunction.apply(
-            student_rows, teacher_rows, label_rows, divergence, coef, temperature, int(ignore_index), backend
+            student_rows, teacher_rows, label_rows, row_weight, divergence, coef, temperature, int(ignore_index),
+            backend,
         )
     else:
         compute_grad = student_logits.requires_grad and torch.is_grad_enabled()
         row_loss, _ = torch.ops.distill_ops.kl_div_rows(
-            student_rows, teacher_rows, label_rows, divergence, coef, temperature, int(ignore_index), backend,
-            compute_grad,
+            student_rows, teacher_rows, label_rows, row_weight, divergence, coef, temperature, int(ignore_index),
+            backend, compute_grad,
         )
-    active = None if label_rows is None else label_rows != ignore_index
-    return reduce_rows(row_loss, active, reduction, normalizer, leading_shape)
+    return finish_reduction(row_loss, reduction, leading_shape)
 
 
 def kl_div_reference(
@@ -416,10 +471,14 @@ def kl_div_reference(
     divergence, coef = _canonical_divergence(divergence, beta, alpha)
     leading_shape = student_logits.shape[:-1]
     label_rows = None if labels is None else labels.reshape(-1)
+    active = None if label_rows is None else label_rows != ignore_index
+    num_rows = label_rows.numel() if label_rows is not None else math.prod(leading_shape)
+    row_weight = reduction_weight(reduction, normalizer, active, num_rows, student_logits.device).double()
     row_loss, row_grad = kl_div_rows_torch(
         as_rows(student_logits.detach(), vocab),
         as_rows(teacher_logits.detach(), vocab),
         label_rows,
+        row_weight,
         divergence=divergence,
         coef=coef,
         temperature=float(temperature),
@@ -427,14 +486,9 @@ def kl_div_reference(
         compute_grad=True,
         upcast=upcast,
     )
-    active = None if label_rows is None else label_rows != ignore_index
-    row_loss = row_loss.requires_grad_()
-    loss = reduce_rows(row_loss, active, reduction, normalizer, leading_shape)
-    # d loss / d row_loss is the reduction's weight per row: let autograd compute it on [N] only.
-    (row_weight,) = torch.autograd.grad(loss.sum(), row_loss)
     grad = torch.zeros(student_logits.shape, dtype=row_grad.dtype, device=row_grad.device)
-    grad[..., :vocab] = (row_grad * row_weight.unsqueeze(-1)).reshape(*leading_shape, vocab)
-    return loss.detach(), grad
+    grad[..., :vocab] = row_grad.reshape(*leading_shape, vocab)
+    return finish_reduction(row_loss, reduction, leading_shape), grad
 
 
 class KLDivLoss(torch.nn.Module):

@@ -26,17 +26,12 @@ DIVERGENCE_CODES = {
     "tvd": TVD,
 }
 
-# Default launch configurations (BLOCK_V elements of each side per loop iteration, warps). The
-# plain KLs keep five per-lane accumulators; the mixture divergences evaluate logs and exps per
-# element in two more passes and need fewer elements per thread to stay spill-free on sm_80 /
-# sm_90a (see benchmarks/compile_check.py). The GPU sweep in benchmarks/bench_kl_div.py compares
-# the alternatives.
-KL_CONFIG = (4096, 16)
-MIXTURE_CONFIG = (2048, 16)
-
-
-def default_config(divergence: str) -> tuple[int, int]:
-    return KL_CONFIG if divergence in ("forward", "reverse") else MIXTURE_CONFIG
+# Default launch configuration: BLOCK_V elements of each side per loop iteration, and warps.
+# Measured on an H200 (N=16384, V=131072, bf16; benchmarks/results/): (1024, 4) and (2048, 8) tie
+# for forward KL at 5.65 ms, (1024, 4) is fastest for JSD, and larger blocks were slower; (1024, 4)
+# is spill-free for every divergence on sm_80 / sm_90a (benchmarks/compile_check.py).
+BLOCK_V = 1024
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -92,9 +87,11 @@ def _kl_div_fwd_kernel(
     labels_ptr,
     loss_ptr,
     grad_ptr,
+    weight_ptr,
     stride_student,
     stride_teacher,
     stride_grad,
+    stride_weight,
     V,
     ignore_index,
     inv_temperature,
@@ -170,7 +167,10 @@ def _kl_div_fwd_kernel(
                 s_acc += tl.where(mask & (q != 0.0), q * g, 0.0)
             loss = tl.sum(loss_acc, axis=0)
             s_dot = tl.sum(s_acc, axis=0)
-        tl.store(loss_ptr + row, loss)
+        # The reduction's weight (1/count for "mean") is folded in here, so that backward usually
+        # receives an incoming gradient of exactly 1 and has nothing to scale.
+        row_weight = tl.load(weight_ptr + row * stride_weight)
+        tl.store(loss_ptr + row, loss * row_weight)
 
         if COMPUTE_GRAD:
             # Last pass: dL/dz = q (g - S) / T, written in the student's dtype.
@@ -189,7 +189,7 @@ def _kl_div_fwd_kernel(
                 else:
                     term, g, q = _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE)
                     grad = tl.where(q == 0.0, 0.0, q * (g - s_dot))
-                grad = grad * inv_temperature
+                grad = grad * (inv_temperature * row_weight)
                 tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(loss_ptr + row, 0.0)
@@ -205,6 +205,7 @@ def kl_div_forward(
     teacher: torch.Tensor,
     labels: torch.Tensor | None,
     grad_out: torch.Tensor | None,
+    row_weight: torch.Tensor,
     *,
     divergence: str,
     coef: float,
@@ -215,12 +216,12 @@ def kl_div_forward(
 ) -> torch.Tensor:
     """Launch the row kernel on 2-D views ``student [N, V]``, ``teacher [N, V]`` (unit column stride).
 
-    Writes dL_row/dz into ``grad_out`` ([N, V], may alias ``student`` for an in-place gradient) when
-    given, and returns the per-row loss (fp32 [N], 0 at ignored rows).
+    ``row_weight`` (fp32, [N] or one element broadcast) multiplies each row's loss and gradient.
+    Writes d(weighted row loss)/dz into ``grad_out`` ([N, V], may alias ``student`` for an in-place
+    gradient) when given, and returns the weighted per-row loss (fp32 [N], 0 at ignored rows).
     """
-    default_block_v, default_num_warps = default_config(divergence)
-    block_v = block_v or default_block_v
-    num_warps = num_warps or default_num_warps
+    block_v = block_v or BLOCK_V
+    num_warps = num_warps or NUM_WARPS
     num_rows, vocab = student.shape
     loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     if num_rows == 0:
@@ -232,9 +233,11 @@ def kl_div_forward(
         labels if labels is not None else loss,
         loss,
         grad_out if grad_out is not None else student,
+        row_weight,
         student.stride(0),
         teacher.stride(0),
         grad_out.stride(0) if grad_out is not None else 0,
+        row_weight.stride(0) if row_weight.numel() > 1 else 0,
         vocab,
         ignore_index,
         1.0 / temperature,
@@ -251,7 +254,6 @@ def kl_div_forward(
 def aot_specs() -> list[dict]:
     specs = []
     for name, code in DIVERGENCE_CODES.items():
-        block_v, num_warps = default_config(name)
         for dtype in ("bf16", "fp32"):
             specs.append(
                 {
@@ -263,9 +265,11 @@ def aot_specs() -> list[dict]:
                         "labels_ptr": "*i64",
                         "loss_ptr": "*fp32",
                         "grad_ptr": f"*{dtype}",
+                        "weight_ptr": "*fp32",
                         "stride_student": "i64",
                         "stride_teacher": "i64",
                         "stride_grad": "i64",
+                        "stride_weight": "i64",
                         "V": "i32",
                         "ignore_index": "i64",
                         "inv_temperature": "fp32",
@@ -275,9 +279,9 @@ def aot_specs() -> list[dict]:
                         "DIVERGENCE": code,
                         "HAS_LABELS": True,
                         "COMPUTE_GRAD": True,
-                        "BLOCK_V": block_v,
+                        "BLOCK_V": BLOCK_V,
                     },
-                    "num_warps": num_warps,
+                    "num_warps": NUM_WARPS,
                     "num_stages": 3,
                 }
             )

@@ -264,8 +264,8 @@ def test_inplace_grad_writes_gradient_over_student_buffer(impl):
     leaf = student.clone().requires_grad_(True)
     loss = kl_div(leaf, teacher, divergence="reverse", inplace_grad=True, impl=impl)
     assert_close(loss, ref_loss, torch.float32)
-    # The buffer now holds the per-row gradient dL_row/dz (the mean's 1/4 is applied in backward).
-    assert_close(leaf.detach(), ref_grad * 4, torch.float32)
+    # The buffer now holds the gradient of the loss (the mean's 1/4 folded in).
+    assert_close(leaf.detach(), ref_grad, torch.float32)
     loss.backward(torch.tensor(2.0, device=DEVICE))
     assert_close(leaf.grad, 2.0 * ref_grad, torch.float32)
     assert leaf.grad.data_ptr() == leaf.data_ptr()
@@ -370,3 +370,13 @@ def test_tolerance_table_is_not_loosened():
 def test_interpreter_enabled_on_cpu():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     assert math.isfinite(kl_div(torch.randn(1, 5), torch.randn(1, 5), impl="triton").item())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_scales_only_rows_whose_incoming_gradient_is_not_one(impl):
+    student = _logits((4, 129), torch.float32, seed=50)
+    teacher = _logits((4, 129), torch.float32, seed=51)
+    upstream = torch.tensor([1.0, 2.5, 1.0, -0.5], device=DEVICE)
+    loss, grad, _ = _run(student, teacher, impl, divergence="forward", reduction="none", upstream=upstream)
+    _, ref_grad = kl_div_reference(student, teacher, divergence="forward", reduction="none")
+    assert_close(grad, ref_grad * upstream.double().unsqueeze(-1), torch.float32)

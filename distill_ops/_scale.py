@@ -1,0 +1,38 @@
+"""The shared backward of losses that store their gradient in forward: scale rows in place."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.library.custom_op("distill_ops::scale_rows_", mutates_args=("grad",))
+def scale_rows_(grad: Tensor, upstream: Tensor, backend: str) -> None:
+    """``grad[i, :] *= upstream[i]`` in place; ``grad`` [N, V], ``upstream`` [N] (any stride, fp32).
+
+    The Triton kernel skips rows whose incoming gradient is exactly 1 (decided on the device), so
+    the usual ``loss.backward()`` after a folded ``mean`` / ``sum`` moves no [N, V] bytes.
+    """
+    if backend == "triton":
+        from .kernels.scale_rows import scale_rows_ as scale_rows_kernel
+
+        scale_rows_kernel(grad, upstream.to(torch.float32))
+    else:
+        grad.mul_(upstream.unsqueeze(-1))
+
+
+@scale_rows_.register_fake
+def _(grad, upstream, backend):
+    return None
+
+
+def consume_stored_gradient(stored: Tensor, upstream: Tensor | None, backend: str) -> Tensor | None:
+    """Backward helper: the stored d(loss_row)/dz scaled by the incoming per-row gradient, in place.
+
+    A second backward through the same graph raises autograd's "modified by an inplace operation"
+    error (the stored tensor was saved with ``save_for_backward``) instead of returning wrong values.
+    """
+    if upstream is None:
+        return None
+    torch.ops.distill_ops.scale_rows_(stored, upstream, backend)
+    return stored
