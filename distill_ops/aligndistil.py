@@ -1,0 +1,406 @@
+"""AlignDistil (Zhang et al., ACL 2025): token-adaptive logit extrapolation distillation.
+
+``aligndistil_kl`` / ``AlignDistilLoss``. Per token, with student / DPO / other logits z_s, z_d, z_o:
+
+- ``mode="contrastive"`` (the paper's default): z_o are the reverse-DPO model's, z* = z_d + alpha (z_d - z_o).
+  ``mode="reference"``: z_o are the reference model's, z* = z_o + alpha (z_d - z_o).
+- alpha = r * TVD + eps with TVD = sum_v |softmax(z_d) - softmax(z_o)| at temperature 1, in [0, 2]: there is no
+  1/2, as in the official code; so alpha is in [eps, 2 r + eps]. A fixed ``alpha`` replaces it.
+- loss = (beta0 / alpha) KL(softmax(z_s / T) || softmax(z* / T)), a reverse KL, reduced as in ``kl_div``.
+
+-inf logits: a token that is -inf in the DPO model or in the other model is -inf in the teacher (the teacher's
+support is the intersection of the two models' supports). The literal formula would give NaN (-inf - -inf) or a +inf
+teacher logit (contrastive, token ruled out by the reverse model only) there. A student that puts mass on a token
+the teacher rules out gets an infinite loss, as KL(q || p) demands. A row that is -inf everywhere in one of the
+models (or whose teacher support is empty) gives NaN, unless its label is ``ignore_index``.
+
+Differences from the official implementation (songmzhang/AlignDistil, ``reward_boost_type="aligndistil"`` and
+``"theorem1_adaptive"``): it divides only the teacher by ``kd_temperature`` and keeps the student at temperature 1;
+we divide both (identical at the default T = 1). It sums the loss over each sequence's tokens and averages over
+sequences: ``normalizer=batch_size`` gives that; the default ``mean`` averages over counted tokens.
+
+Both backends compute the per-row loss, its gradient and alpha in one forward call, with the reduction's weight
+(1/count for ``mean``) folded into loss and gradient; backward scales the stored gradient in place (a no-op for the
+usual incoming gradient of 1, on the Triton path). The DPO and other logits get no gradient (alpha depends on them
+only).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._scale import consume_stored_gradient
+from ._utils import (
+    FLOAT_DTYPES,
+    as_rows,
+    check_choice,
+    check_labels,
+    check_number,
+    check_reduction,
+    check_same_device,
+    check_tensor,
+    finish_reduction,
+    reduction_weight,
+    resolve_impl,
+    resolve_vocab,
+    row_chunk,
+)
+from .kl_div import _divergence_rows
+
+MODES = ("contrastive", "reference")
+
+
+def _teacher_rows(dpo: Tensor, other: Tensor, alpha: Tensor, contrastive: bool) -> Tensor:
+    """Extrapolated teacher logits for a chunk of rows; -inf wherever either model is -inf."""
+    masked = (dpo == float("-inf")) | (other == float("-inf"))
+    gap = torch.where(masked, 0.0, dpo - other)
+    base = dpo if contrastive else other
+    return torch.where(masked, float("-inf"), base + alpha * gap)
+
+
+def _tvd_rows(dpo: Tensor, other: Tensor) -> Tensor:
+    """sum_v |softmax(dpo) - softmax(other)| per row (temperature 1, no 1/2), shape [rows, 1]."""
+    return (torch.softmax(dpo, dim=-1) - torch.softmax(other, dim=-1)).abs().sum(-1, keepdim=True)
+
+
+def aligndistil_rows_torch(
+    student: Tensor,
+    dpo: Tensor,
+    other: Tensor,
+    labels: Optional[Tensor],
+    row_weight: Optional[Tensor] = None,
+    *,
+    contrastive: bool,
+    beta0: float,
+    r: float,
+    eps: float,
+    fixed_alpha: Optional[float],
+    temperature: float,
+    ignore_index: int,
+    compute_grad: bool,
+    upcast: bool = False,
+) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """PyTorch fallback on 2-D rows ``[N, V]``: per-row loss, dL_row/dz_s and alpha.
+
+    Loss and gradient are multiplied by ``row_weight`` (one element or [N]) when given. Chunked over rows so
+    temporaries stay bounded; math in fp32 (fp64 with ``upcast=True``). Builds each chunk's teacher logits
+    explicitly and reuses ``kl_div``'s reverse-KL rows. Loss and alpha are fp32 (fp64 with ``upcast``), 0 at
+    ignored rows; the gradient is in the student's dtype (fp64 with ``upcast``).
+    """
+    compute_dtype = torch.float64 if upcast else torch.float32
+    num_rows, vocab = student.shape
+    losses = torch.empty(num_rows, dtype=compute_dtype, device=student.device)
+    alphas = torch.empty(num_rows, dtype=compute_dtype, device=student.device)
+    grad = None
+    if compute_grad:
+        grad = torch.empty((num_rows, vocab), dtype=compute_dtype if upcast else student.dtype, device=student.device)
+    step = row_chunk(num_rows, vocab)
+    for start in range(0, num_rows, step):
+        stop = min(start + step, num_rows)
+        dpo_chunk = dpo[start:stop].to(compute_dtype)
+        other_chunk = other[start:stop].to(compute_dtype)
+        if fixed_alpha is None:
+            alpha = r * _tvd_rows(dpo_chunk, other_chunk) + eps
+        else:
+            alpha = torch.full((stop - start, 1), fixed_alpha, dtype=compute_dtype, device=student.device)
+        teacher = _teacher_rows(dpo_chunk, other_chunk, alpha, contrastive)
+        del dpo_chunk, other_chunk
+        chunk_loss, chunk_grad = _divergence_rows(
+            student[start:stop].to(compute_dtype), teacher, "reverse", 0.0, temperature, compute_grad
+        )
+        loss_scale = beta0 / alpha
+        if row_weight is not None:
+            weight = row_weight if row_weight.numel() == 1 else row_weight[start:stop]
+            loss_scale = loss_scale * weight.to(compute_dtype).reshape(-1, 1)
+        chunk_loss = chunk_loss * loss_scale.squeeze(-1)
+        alpha = alpha.squeeze(-1)
+        if labels is not None:
+            active = labels[start:stop] != ignore_index
+            chunk_loss = torch.where(active, chunk_loss, 0.0)
+            alpha = torch.where(active, alpha, 0.0)
+        losses[start:stop] = chunk_loss
+        alphas[start:stop] = alpha
+        if grad is not None:
+            chunk_grad = chunk_grad * loss_scale
+            if labels is not None:
+                chunk_grad = torch.where(active.unsqueeze(-1), chunk_grad, 0.0)
+            grad[start:stop] = chunk_grad
+    return losses, grad, alphas
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library registration: one op computing (row losses, stored gradient, row alphas) with both backends.
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("distill_ops::aligndistil_rows", mutates_args=())
+def _aligndistil_rows_op(
+    student: Tensor,
+    dpo: Tensor,
+    other: Tensor,
+    labels: Optional[Tensor],
+    row_weight: Tensor,
+    contrastive: bool,
+    beta0: float,
+    r: float,
+    eps: float,
+    fixed_alpha: Optional[float],
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        from .kernels.aligndistil import aligndistil_forward
+
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
+        loss, alpha = aligndistil_forward(
+            student,
+            dpo,
+            other,
+            labels,
+            grad,
+            row_weight,
+            contrastive=contrastive,
+            beta0=beta0,
+            r=r,
+            eps=eps,
+            fixed_alpha=fixed_alpha,
+            temperature=temperature,
+            ignore_index=ignore_index,
+        )
+    else:
+        loss, grad, alpha = aligndistil_rows_torch(
+            student,
+            dpo,
+            other,
+            labels,
+            row_weight,
+            contrastive=contrastive,
+            beta0=beta0,
+            r=r,
+            eps=eps,
+            fixed_alpha=fixed_alpha,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            compute_grad=compute_grad,
+        )
+    if grad is None:
+        grad = student.new_empty((0,))
+    return loss, grad, alpha
+
+
+@_aligndistil_rows_op.register_fake
+def _(student, dpo, other, labels, row_weight, contrastive, beta0, r, eps, fixed_alpha, temperature, ignore_index,
+      backend, compute_grad):
+    num_rows = student.shape[0]
+    loss = student.new_empty((num_rows,), dtype=torch.float32)
+    alpha = student.new_empty((num_rows,), dtype=torch.float32)
+    grad = student.new_empty(student.shape) if compute_grad else student.new_empty((0,))
+    return loss, grad, alpha
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.backend = inputs[12]
+    # alpha depends on the DPO / other logits only, which get no gradient.
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # never allocate a zero [N, V] gradient for the second output
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, grad_grad, grad_alpha):
+    (stored,) = ctx.saved_tensors
+    return consume_stored_gradient(stored, grad_loss, ctx.backend), *([None] * 13)
+
+
+torch.library.register_autograd("distill_ops::aligndistil_rows", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_aligndistil_args(
+    student_logits, dpo_logits, other_logits, mode, beta0, r, eps, alpha, temperature, labels, reduction, normalizer,
+    vocab_size,
+) -> int:
+    check_tensor("student_logits", student_logits, dtypes=FLOAT_DTYPES, min_dim=1)
+    check_tensor("dpo_logits", dpo_logits, dtypes=FLOAT_DTYPES, min_dim=1)
+    check_tensor("other_logits", other_logits, dtypes=FLOAT_DTYPES, min_dim=1)
+    for name, tensor in (("dpo_logits", dpo_logits), ("other_logits", other_logits)):
+        if tensor.shape[:-1] != student_logits.shape[:-1]:
+            raise ValueError(
+                f"student_logits and {name} must share leading dims, got {tuple(student_logits.shape)} "
+                f"and {tuple(tensor.shape)}"
+            )
+    check_same_device(student_logits=student_logits, dpo_logits=dpo_logits, other_logits=other_logits)
+    vocab = resolve_vocab(
+        student_logits.shape[-1], dpo_logits.shape[-1], vocab_size, student_name="student_logits",
+        teacher_name="dpo_logits",
+    )
+    resolve_vocab(
+        student_logits.shape[-1], other_logits.shape[-1], vocab_size, student_name="student_logits",
+        teacher_name="other_logits",
+    )
+    check_choice("mode", mode, MODES)
+    check_number("beta0", beta0, low=0.0, low_inclusive=False)
+    check_number("r", r, low=0.0)
+    check_number("eps", eps, low=0.0, low_inclusive=False)
+    if alpha is not None:
+        check_number("alpha", alpha, low=0.0, low_inclusive=False)
+    check_number("temperature", temperature, low=0.0, low_inclusive=False)
+    check_reduction(reduction, normalizer)
+    if labels is not None:
+        check_labels(labels, student_logits.shape[:-1], student_logits.device)
+    return vocab
+
+
+def aligndistil_kl(
+    student_logits: Tensor,
+    dpo_logits: Tensor,
+    other_logits: Tensor,
+    *,
+    mode: str = "contrastive",
+    beta0: float = 0.1,
+    r: float = 10.0,
+    eps: float = 1e-3,
+    alpha: float | None = None,
+    temperature: float = 1.0,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: float | Tensor | None = None,
+    vocab_size: int | None = None,
+    return_alpha: bool = False,
+    impl: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """AlignDistil's loss: (beta0 / alpha_t) KL(softmax(z_s / T) || softmax(z* / T)) per token, reduced.
+
+    Args:
+        student_logits: ``[..., V]`` fp32 / fp16 / bf16. Receives the gradient.
+        dpo_logits: ``[..., Vd]`` fp32 / fp16 / bf16, same leading dims: the DPO model. Constant.
+        other_logits: ``[..., Vo]``, same leading dims: the reverse-DPO model (``contrastive``) or the reference
+            model (``reference``). Constant.
+        mode: ``contrastive`` (z* = z_d + alpha (z_d - z_o)) or ``reference`` (z* = z_o + alpha (z_d - z_o)).
+        beta0: the loss weight numerator (> 0); tokens are weighted by beta0 / alpha_t.
+        r: alpha_t = r * TVD_t + eps, TVD_t = sum_v |softmax(z_d) - softmax(z_o)| at temperature 1 (no 1/2).
+        eps: > 0, keeps alpha_t and beta0 / alpha_t finite.
+        alpha: a fixed extrapolation strength (> 0) instead of the adaptive one.
+        temperature: divides the student's and the teacher's logits inside the KL (not the TVD).
+        labels: optional integer ``[...]``; rows equal to ``ignore_index`` contribute nothing (alpha 0).
+        reduction: ``mean`` (over counted rows, 0.0 if none), ``sum`` or ``none`` (shape ``[...]``).
+        normalizer: replaces the row count of ``mean`` (e.g. the number of sequences).
+        vocab_size: when the vocabularies differ, read all three as their first ``vocab_size`` columns.
+        return_alpha: also return alpha_t, fp32 ``[...]`` without gradient (0 at ignored rows), for logging.
+        impl: ``auto`` (Triton on CUDA, PyTorch otherwise), ``triton`` or ``torch``.
+
+    Returns:
+        fp32 scalar (``mean`` / ``sum``) or fp32 ``[...]`` (``none``); with ``return_alpha``, ``(loss, alpha)``.
+    """
+    vocab = _check_aligndistil_args(
+        student_logits, dpo_logits, other_logits, mode, beta0, r, eps, alpha, temperature, labels, reduction,
+        normalizer, vocab_size,
+    )
+    backend = resolve_impl(impl, student_logits.device)
+    leading_shape = student_logits.shape[:-1]
+    student_rows = as_rows(student_logits, vocab)
+    label_rows = None if labels is None else labels.reshape(-1).to(torch.int64)
+    active = None if label_rows is None else label_rows != ignore_index
+    row_weight = reduction_weight(reduction, normalizer, active, student_rows.shape[0], student_rows.device)
+    compute_grad = student_logits.requires_grad and torch.is_grad_enabled()
+    row_loss, _, row_alpha = torch.ops.distill_ops.aligndistil_rows(
+        student_rows,
+        as_rows(dpo_logits.detach(), vocab),
+        as_rows(other_logits.detach(), vocab),
+        label_rows,
+        row_weight,
+        mode == "contrastive",
+        float(beta0),
+        float(r),
+        float(eps),
+        None if alpha is None else float(alpha),
+        float(temperature),
+        int(ignore_index),
+        backend,
+        compute_grad,
+    )
+    loss = finish_reduction(row_loss, reduction, leading_shape)
+    if return_alpha:
+        return loss, row_alpha.reshape(leading_shape)
+    return loss
+
+
+class AlignDistilLoss(torch.nn.Module):
+    """Module form of :func:`aligndistil_kl`; ``forward(student_logits, dpo_logits, other_logits, labels=None)``."""
+
+    def __init__(
+        self,
+        mode: str = "contrastive",
+        beta0: float = 0.1,
+        r: float = 10.0,
+        eps: float = 1e-3,
+        alpha: float | None = None,
+        temperature: float = 1.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        vocab_size: int | None = None,
+        return_alpha: bool = False,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_choice("mode", mode, MODES)
+        check_choice("reduction", reduction, ("mean", "sum", "none"))
+        check_number("beta0", beta0, low=0.0, low_inclusive=False)
+        check_number("r", r, low=0.0)
+        check_number("eps", eps, low=0.0, low_inclusive=False)
+        if alpha is not None:
+            check_number("alpha", alpha, low=0.0, low_inclusive=False)
+        self.mode = mode
+        self.beta0 = beta0
+        self.r = r
+        self.eps = eps
+        self.alpha = alpha
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.vocab_size = vocab_size
+        self.return_alpha = return_alpha
+        self.impl = impl
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        dpo_logits: Tensor,
+        other_logits: Tensor,
+        labels: Optional[Tensor] = None,
+        normalizer: float | Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        return aligndistil_kl(
+            student_logits,
+            dpo_logits,
+            other_logits,
+            mode=self.mode,
+            beta0=self.beta0,
+            r=self.r,
+            eps=self.eps,
+            alpha=self.alpha,
+            temperature=self.temperature,
+            labels=labels,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            normalizer=normalizer,
+            vocab_size=self.vocab_size,
+            return_alpha=self.return_alpha,
+            impl=self.impl,
+        )
+
+    def extra_repr(self) -> str:
+        alpha = "adaptive" if self.alpha is None else self.alpha
+        return (
+            f"mode={self.mode!r}, beta0={self.beta0}, r={self.r}, eps={self.eps}, alpha={alpha}, "
+            f"temperature={self.temperature}, reduction={self.reduction!r}"
+        )

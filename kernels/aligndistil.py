@@ -1,0 +1,294 @@
+"""AlignDistil's token-adaptive extrapolated reverse KL, streamed over the vocabulary (one program per row).
+
+Per row, with s / d / o the student / DPO / other logits (``other`` = reverse-DPO in contrastive mode, reference in
+reference mode), ``base`` = d (contrastive) or o (reference), T the temperature:
+
+    alpha = r * sum_j |softmax(d)_j - softmax(o)_j| + eps        (adaptive; or a fixed alpha)
+    teacher z* = base + alpha (d - o)                              (-inf wherever d or o is -inf)
+    loss = (beta0 / alpha) KL(q || p),  q = softmax(s / T),  p = softmax(z* / T)
+
+Pass structure (each pass streams the row in BLOCK_V chunks with per-lane online statistics):
+
+1. (adaptive only) reads d, o: log-sum-exps of both at temperature 1.
+2. reads s, d, o: the TVD (needs pass 1's log-sum-exps, so it cannot share pass 1) and the student's online
+   statistics: its log-sum-exp and the two q-weighted sums E_q[s - base] and E_q[d - o]. Because a - b =
+   ((s - base) - alpha (d - o)) / T is linear in alpha, E_q[a - b] = (E_q[s - base] - alpha E_q[d - o]) / T is
+   known as soon as alpha is, without a pass over the teacher at alpha.
+3. reads s, d, o: writes dL/dz_s = (beta0 / alpha) q ((a - b) - E_q[a - b]) / T (log-sum-exps cancelled, as in
+   ``kl_div``'s reverse KL) and, in the same pass, accumulates the teacher's log-sum-exp at alpha, which only the
+   loss needs: loss = (beta0 / alpha) (E_q[a - b] - lse(a) + lse(b)).
+
+Traffic per row: 9 V elements (adaptive: 2 + 3 + 3 reads and the gradient write) or 7 V (fixed alpha) against 12 V
+for the unfused order (statistics, TVD, teacher statistics, gradient). Ignored rows (label == ignore_index) get loss
+0, alpha 0 and a zero gradient row without reading the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Default launch configuration (BLOCK_V elements of each tensor per loop iteration, warps): kl_div's measured
+# best on an H200 (small blocks, several programs per SM). Pass 2 keeps five per-lane accumulators next to three
+# loaded blocks; spill-free on sm_80 / sm_90a (benchmarks/compile_check.py). benchmarks/bench_aligndistil.py
+# sweeps the alternatives.
+BLOCK_V = 1024
+NUM_WARPS = 4
+
+
+@triton.jit
+def _aligndistil_fwd_kernel(
+    student_ptr,
+    dpo_ptr,
+    other_ptr,
+    labels_ptr,
+    loss_ptr,
+    alpha_ptr,
+    grad_ptr,
+    weight_ptr,
+    stride_student,
+    stride_dpo,
+    stride_other,
+    stride_grad,
+    stride_weight,
+    V,
+    ignore_index,
+    inv_temperature,
+    beta0,
+    r,
+    eps,
+    fixed_alpha,
+    CONTRASTIVE: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    student_row = student_ptr + row * stride_student
+    dpo_row = dpo_ptr + row * stride_dpo
+    other_row = other_ptr + row * stride_other
+    grad_row = grad_ptr + row * stride_grad
+    offsets = tl.arange(0, BLOCK_V)
+
+    active = True
+    if HAS_LABELS:
+        active = tl.load(labels_ptr + row) != ignore_index
+
+    if active:
+        # Running maxima start at a finite floor so exp(m_old - m_new) is defined while a lane has only seen -inf.
+        if ADAPTIVE:
+            # Pass 1: log-sum-exps of the DPO and the other model at temperature 1.
+            max_d = tl.full([BLOCK_V], -1.0e30, tl.float32)
+            max_o = tl.full([BLOCK_V], -1.0e30, tl.float32)
+            sum_d = tl.zeros([BLOCK_V], tl.float32)
+            sum_o = tl.zeros([BLOCK_V], tl.float32)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offsets
+                mask = cols < V
+                d = tl.load(dpo_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                o = tl.load(other_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                new_max_d = tl.maximum(max_d, d)
+                new_max_o = tl.maximum(max_o, o)
+                sum_d = sum_d * tl.exp(max_d - new_max_d) + tl.exp(d - new_max_d)
+                sum_o = sum_o * tl.exp(max_o - new_max_o) + tl.exp(o - new_max_o)
+                max_d = new_max_d
+                max_o = new_max_o
+            row_max_d = tl.max(max_d, axis=0)
+            row_max_o = tl.max(max_o, axis=0)
+            lse_d = row_max_d + tl.log(tl.sum(sum_d * tl.exp(max_d - row_max_d), axis=0))
+            lse_o = row_max_o + tl.log(tl.sum(sum_o * tl.exp(max_o - row_max_o), axis=0))
+
+        # Pass 2: TVD (adaptive) and the student's statistics: lse(a), E_q[s - base], E_q[d - o].
+        tvd_acc = tl.zeros([BLOCK_V], tl.float32)
+        max_a = tl.full([BLOCK_V], -1.0e30, tl.float32)
+        sum_a = tl.zeros([BLOCK_V], tl.float32)
+        acc_shift = tl.zeros([BLOCK_V], tl.float32)  # sum w (s - base), w the student's rescaled exponentials
+        acc_gap = tl.zeros([BLOCK_V], tl.float32)  # sum w (d - o)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offsets
+            mask = cols < V
+            s = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            d = tl.load(dpo_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            o = tl.load(other_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            if ADAPTIVE:
+                tvd_acc += tl.abs(tl.exp(d - lse_d) - tl.exp(o - lse_o))
+            # A token that is -inf in either model is -inf in the teacher: a - b = +inf there (KL is infinite
+            # if the student gives it mass) and the (d - o) term does not apply (it would be -inf - -inf).
+            teacher_masked = (d == float("-inf")) | (o == float("-inf"))
+            if CONTRASTIVE:
+                shift = tl.where(teacher_masked, float("inf"), s - d)
+            else:
+                shift = tl.where(teacher_masked, float("inf"), s - o)
+            gap = tl.where(teacher_masked, 0.0, d - o)
+            a = s * inv_temperature
+            new_max_a = tl.maximum(max_a, a)
+            scale_a = tl.exp(max_a - new_max_a)
+            w_a = tl.exp(a - new_max_a)
+            sum_a = sum_a * scale_a + w_a
+            acc_shift = acc_shift * scale_a + tl.where(w_a == 0.0, 0.0, w_a * shift)
+            acc_gap = acc_gap * scale_a + tl.where(w_a == 0.0, 0.0, w_a * gap)
+            max_a = new_max_a
+        if ADAPTIVE:
+            alpha = r * tl.sum(tvd_acc, axis=0) + eps
+        else:
+            alpha = fixed_alpha
+        row_max_a = tl.max(max_a, axis=0)
+        lane_scale_a = tl.exp(max_a - row_max_a)
+        total_a = tl.sum(sum_a * lane_scale_a, axis=0)
+        lse_a = row_max_a + tl.log(total_a)
+        mean_shift = tl.sum(acc_shift * lane_scale_a, axis=0) / total_a
+        mean_gap = tl.sum(acc_gap * lane_scale_a, axis=0) / total_a
+        mean_diff = (mean_shift - alpha * mean_gap) * inv_temperature  # E_q[a - b]
+        # beta0 / alpha and the reduction's weight (1/count for "mean", folded in so that backward usually
+        # receives an incoming gradient of exactly 1 and has nothing to scale).
+        loss_scale = (beta0 / alpha) * tl.load(weight_ptr + row * stride_weight)
+
+        # Pass 3: the gradient (needs no teacher log-sum-exp) and the teacher's log-sum-exp for the loss.
+        max_b = tl.full([BLOCK_V], -1.0e30, tl.float32)
+        sum_b = tl.zeros([BLOCK_V], tl.float32)
+        grad_scale = loss_scale * inv_temperature
+        for start in range(0, V, BLOCK_V):
+            cols = start + offsets
+            mask = cols < V
+            d = tl.load(dpo_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            o = tl.load(other_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            teacher_masked = (d == float("-inf")) | (o == float("-inf"))
+            gap = tl.where(teacher_masked, 0.0, d - o)
+            if CONTRASTIVE:
+                b = tl.where(teacher_masked, float("-inf"), d + alpha * gap) * inv_temperature
+            else:
+                b = tl.where(teacher_masked, float("-inf"), o + alpha * gap) * inv_temperature
+            new_max_b = tl.maximum(max_b, b)
+            sum_b = sum_b * tl.exp(max_b - new_max_b) + tl.exp(b - new_max_b)
+            max_b = new_max_b
+            if COMPUTE_GRAD:
+                s = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                if CONTRASTIVE:
+                    shift = tl.where(teacher_masked, float("inf"), s - d)
+                else:
+                    shift = tl.where(teacher_masked, float("inf"), s - o)
+                q = tl.exp(s * inv_temperature - lse_a)
+                diff = (shift - alpha * gap) * inv_temperature  # a - b, as accumulated in pass 2
+                grad = tl.where(q == 0.0, 0.0, q * (diff - mean_diff)) * grad_scale
+                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        row_max_b = tl.max(max_b, axis=0)
+        lse_b = row_max_b + tl.log(tl.sum(sum_b * tl.exp(max_b - row_max_b), axis=0))
+        tl.store(loss_ptr + row, loss_scale * (mean_diff - lse_a + lse_b))
+        tl.store(alpha_ptr + row, alpha)
+    else:
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(alpha_ptr + row, 0.0)
+        if COMPUTE_GRAD:
+            zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offsets
+                tl.store(grad_row + cols, zeros, mask=cols < V)
+
+
+def aligndistil_forward(
+    student: torch.Tensor,
+    dpo: torch.Tensor,
+    other: torch.Tensor,
+    labels: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+    row_weight: torch.Tensor,
+    *,
+    contrastive: bool,
+    beta0: float,
+    r: float,
+    eps: float,
+    fixed_alpha: float | None,
+    temperature: float,
+    ignore_index: int,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the row kernel on 2-D views ``[N, V]`` of the three logit tensors (unit column stride).
+
+    ``row_weight`` (fp32, [N] or one element broadcast) multiplies each row's loss and gradient. Writes
+    d(weighted row loss)/dz_s into ``grad_out`` ([N, V], student dtype) when given; returns the weighted per-row
+    loss and the per-row alpha (both fp32 [N], 0 at ignored rows).
+    """
+    block_v = block_v or BLOCK_V
+    num_warps = num_warps or NUM_WARPS
+    num_rows, vocab = student.shape
+    loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
+    alpha = torch.empty(num_rows, dtype=torch.float32, device=student.device)
+    if num_rows == 0:
+        return loss, alpha
+    _aligndistil_fwd_kernel[(num_rows,)](
+        student,
+        dpo,
+        other,
+        labels if labels is not None else loss,
+        loss,
+        alpha,
+        grad_out if grad_out is not None else student,
+        row_weight,
+        student.stride(0),
+        dpo.stride(0),
+        other.stride(0),
+        grad_out.stride(0) if grad_out is not None else 0,
+        row_weight.stride(0) if row_weight.numel() > 1 else 0,
+        vocab,
+        ignore_index,
+        1.0 / temperature,
+        beta0,
+        r,
+        eps,
+        fixed_alpha if fixed_alpha is not None else 0.0,
+        CONTRASTIVE=contrastive,
+        ADAPTIVE=fixed_alpha is None,
+        HAS_LABELS=labels is not None,
+        COMPUTE_GRAD=grad_out is not None,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+    return loss, alpha
+
+
+def aot_specs() -> list[dict]:
+    specs = []
+    for mode, contrastive in (("contrastive", True), ("reference", False)):
+        for adaptive in (True, False):
+            for dtype in ("bf16", "fp32"):
+                specs.append(
+                    {
+                        "name": f"aligndistil_fwd[{mode},{'adaptive' if adaptive else 'fixed'},{dtype}]",
+                        "fn": _aligndistil_fwd_kernel,
+                        "signature": {
+                            "student_ptr": f"*{dtype}",
+                            "dpo_ptr": f"*{dtype}",
+                            "other_ptr": f"*{dtype}",
+                            "labels_ptr": "*i64",
+                            "loss_ptr": "*fp32",
+                            "alpha_ptr": "*fp32",
+                            "grad_ptr": f"*{dtype}",
+                            "weight_ptr": "*fp32",
+                            "stride_student": "i64",
+                            "stride_dpo": "i64",
+                            "stride_other": "i64",
+                            "stride_grad": "i64",
+                            "stride_weight": "i64",
+                            "V": "i32",
+                            "ignore_index": "i64",
+                            "inv_temperature": "fp32",
+                            "beta0": "fp32",
+                            "r": "fp32",
+                            "eps": "fp32",
+                            "fixed_alpha": "fp32",
+                        },
+                        "constexprs": {
+                            "CONTRASTIVE": contrastive,
+                            "ADAPTIVE": adaptive,
+                            "HAS_LABELS": True,
+                            "COMPUTE_GRAD": True,
+                            "BLOCK_V": BLOCK_V,
+                        },
+                        "num_warps": NUM_WARPS,
+                        "num_stages": 3,
+                    }
+                )
+    return specs
