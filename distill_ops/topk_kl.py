@@ -1,0 +1,893 @@
+"""Top-k and clipped divergences: ``topk_kl_div`` / ``TopKKLDivLoss`` (sparse or dense teacher) and ``DACKLLoss``.
+
+The teacher is given either
+
+* **sparse**, as distillation pipelines store it offline: ``teacher_topk_indices [..., k]`` and
+  ``teacher_topk_logprobs [..., k]``, log-probabilities at temperature 1 over the teacher's full
+  vocabulary (entries equal to ``-inf`` are padding and are never kept; indices must be distinct); or
+* **dense**: ``teacher_logits [..., V]`` with ``k`` and/or ``lower`` / ``upper``.
+
+**Kept set.** The teacher's tokens in descending probability; ties are broken by the lower vocabulary
+index first (a stable sort). ``k`` keeps the first k. ``lower`` / ``upper`` (floats, or tensors shaped
+like the leading dims, in [0, 1]) keep the tokens whose cumulative-mass interval [c_before, c_after]
+overlaps [lower, upper] in the open sense: ``c_before < upper and c_after > lower``, with c_after
+clamped to 1 against rounding (top-p is
+``lower=0, upper=p``: tokens are added until their cumulative mass reaches p). Both together: the
+intersection. Tokens with zero teacher probability are never kept. **If nothing is kept** (e.g.
+``upper=0``, or ``lower`` at or above the mass), the teacher's top-1 token is kept: a row is never
+empty.
+
+**Tails** (P = teacher, Q = student distributions over the outcomes, both at temperature T):
+
+* ``renormalize``: both renormalised over the kept set. Gradient on the kept logits only.
+* ``bucket``: the kept tokens plus one rest bucket holding each side's leftover mass (1 - kept mass);
+  the student comes from its full-vocabulary softmax, so every logit gets gradient. When both leftover
+  masses are below 1e-6 (fp32 cannot resolve 1 - kept mass below that, e.g. k = V) the bucket is empty.
+* ``label`` (needs ``labels``): the label token is always kept and gets the teacher mass the other kept
+  tokens leave, 1 - sum of their probabilities (so it keeps its own probability when it is in the top-k
+  and receives the whole tail); both sides are renormalised over the kept set plus the label.
+
+``divergence``: ``forward`` KL(P || Q) or ``reverse`` KL(Q || P) over those outcomes.
+
+**Temperature.** The student is always softmax(z / T) over its full vocabulary (restricted and
+renormalised as the tail says). Dense teacher: p = softmax(teacher_logits / T) over the full
+vocabulary *before* selection (the bounds apply to the tempered masses; top-k does not depend on T).
+Sparse teacher: the kept set is selected from the stored temperature-1 probabilities, then
+re-tempered over the kept set: p_i = M * softmax_kept(log p_i / T), with M the kept mass at T = 1 (so
+``bucket`` / ``label`` keep the temperature-1 leftover 1 - M). At T = 1 a sparse teacher equal to the
+dense teacher's own top-k gives the same loss as the dense path for every tail; at T != 1 they still
+agree for ``renormalize`` with ``k`` only (renormalised tempered probabilities depend only on logit
+differences), while ``bucket`` / ``label`` (the tempered leftover mass is unknown to a sparse teacher)
+and bounds (selected on T = 1 masses instead of tempered ones) differ. No T^2 factor is applied.
+
+**Dense selection.** On CUDA, ``torch.topk`` on the device picks the candidates (PyTorch's CUDA top-k
+fills boundary ties in index order, which is our tie rule; the candidates are then re-sorted by
+(probability desc, index asc) when bounds need their order); elsewhere a row-chunked stable
+``torch.sort``. With bounds and no ``k`` the kept set is searched among the teacher's top
+``max_candidates`` tokens (default 1024): mass beyond them is never kept (it goes to the tail). The
+teacher's normaliser comes from one streaming pass (Triton) or a chunked ``logsumexp``, and is skipped
+for ``renormalize`` with ``k`` only (logit differences suffice). No full sorted copy of the vocabulary
+is ever written on CUDA. Measured on an H200, ``torch.topk`` is nearly all of the dense path's time.
+
+**Bad values** (indices outside [0, V), log-probabilities > 0, bounds outside [0, 1] or lower > upper,
+out-of-range labels with ``tail="label"``) raise ``ValueError`` for CPU tensors; for CUDA tensors they
+are not checked on the host (that would synchronise): the affected rows give NaN loss and gradient.
+
+Both backends compute the per-row loss and dL_row/dz in one forward call; backward scales the stored
+gradient in place. The teacher gets no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._scale import consume_stored_gradient
+from ._utils import (
+    FLOAT_DTYPES,
+    INT_DTYPES,
+    as_rows,
+    check_choice,
+    check_labels,
+    check_number,
+    check_reduction,
+    check_same_device,
+    check_tensor,
+    finish_reduction,
+    reduction_weight,
+    resolve_impl,
+    row_chunk,
+)
+
+TAILS = ("renormalize", "bucket", "label")
+TOPK_DIVERGENCES = ("forward", "reverse")
+DEFAULT_MAX_CANDIDATES = 1024
+# The Triton kernel holds the kept entries of a row in registers (see kernels/topk_kl.py).
+TRITON_MAX_K = 4096
+# Rest-bucket masses below this on both sides make the bucket empty (fp32 cannot resolve 1 - kept mass).
+REST_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------------------------------
+# Differentiable per-row math (the fallback, and DACKL's soft-mask training path)
+# --------------------------------------------------------------------------------------------------
+
+
+def _clipped_divergence_rows(
+    scaled_student: Tensor,
+    indices: Tensor,
+    teacher_logprobs: Tensor,
+    weights: Tensor,
+    labels: Optional[Tensor],
+    tail: str,
+    divergence: str,
+) -> Tensor:
+    """Per-row divergence between the (soft-)clipped teacher and student distributions, differentiable.
+
+    ``scaled_student [n, V]`` = student logits / T; ``indices [n, m]`` (valid columns);
+    ``teacher_logprobs [n, m]`` full-vocabulary teacher log-probabilities at T (-inf = absent);
+    ``weights [n, m]`` membership in [0, 1] (hard 0/1 for the loss, sigmoid for DACKL's training);
+    ``labels [n]`` valid columns (``label`` tail). Outcome c has teacher mass w_c p_c and student mass
+    w_c q_c; ``renormalize`` / ``label`` normalise them, ``bucket`` adds the rest masses 1 - sum.
+    """
+    gathered = scaled_student.gather(-1, indices)
+    log_weights = torch.log(weights)
+    if tail == "label":
+        # The label's own entry moves to the label outcome, which holds 1 - (the others' kept mass).
+        is_label = indices == labels.unsqueeze(-1)
+        log_weights = torch.where(is_label, float("-inf"), log_weights)
+        others_mass = torch.where(is_label, 0.0, weights * teacher_logprobs.exp()).sum(-1, keepdim=True)
+        label_mass = (1.0 - others_mass).clamp_min(0.0)
+        teacher_log_mass = torch.cat([log_weights + teacher_logprobs, torch.log(label_mass)], dim=-1)
+        student_log_mass = torch.cat([log_weights + gathered, scaled_student.gather(-1, labels.unsqueeze(-1))], dim=-1)
+    else:
+        teacher_log_mass = log_weights + teacher_logprobs
+        student_log_mass = log_weights + gathered
+    if tail == "bucket":
+        lse_all = torch.logsumexp(scaled_student, dim=-1, keepdim=True)
+        kept_log_q = student_log_mass - lse_all
+        rest_p = (1.0 - teacher_log_mass.exp().sum(-1, keepdim=True)).clamp_min(0.0)
+        rest_q = (1.0 - (torch.logsumexp(student_log_mass, -1, keepdim=True) - lse_all).exp()).clamp_min(0.0)
+        log_p = torch.cat([teacher_log_mass, torch.log(rest_p)], dim=-1)
+        log_q = torch.cat([kept_log_q, torch.log(rest_q)], dim=-1)
+    else:
+        log_p = teacher_log_mass - torch.logsumexp(teacher_log_mass, -1, keepdim=True)
+        log_q = student_log_mass - torch.logsumexp(student_log_mass, -1, keepdim=True)
+    p = log_p.exp()
+    q = log_q.exp()
+    # The where() on the log-ratio (not on the product) keeps 0 * inf out of both value and gradient.
+    if divergence == "forward":
+        ratio = torch.where(p > 0, log_p - log_q, 0.0)
+        return (p * ratio).sum(-1)
+    ratio = torch.where(q > 0, log_q - log_p, 0.0)
+    return (q * ratio).sum(-1)
+
+
+def _hard_rows_and_grad(
+    scaled_student: Tensor, indices: Tensor, teacher_logprobs: Tensor, labels: Optional[Tensor], tail: str,
+    divergence: str, compute_grad: bool,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-row loss and dL/d(scaled logits) with the hard kept set (-inf teacher entries are not kept).
+
+    The same closed forms as the Triton kernel: with outcome masses P_o, Q_o (student full softmax q_j),
+    dL/dz_j = q_j (g_o - S); forward g_o = -P_o / Q_o, reverse g_o = log Q_o - log P_o + 1.
+    """
+    neg_inf = float("-inf")
+    kept = teacher_logprobs != neg_inf  # NaN entries stay kept: NaN reaches the loss
+    if tail == "label":
+        kept = kept & (indices != labels.unsqueeze(-1))
+    gathered = scaled_student.gather(-1, indices)
+    a = torch.where(kept, teacher_logprobs, neg_inf)
+    b = torch.where(kept, gathered, neg_inf)
+    lse_b = torch.logsumexp(b, -1)
+    leftover_p = 1.0 - torch.where(kept, a.exp(), 0.0).sum(-1)
+    leftover_p = torch.where(leftover_p < 0, 0.0, leftover_p)  # keeps NaN
+    zero = a.new_zeros(())
+    extra_p = extra_q = extra_log_p = extra_log_q = zero
+    if tail == "bucket":
+        lse_all = torch.logsumexp(scaled_student, -1)
+        log_p = a
+        log_q = b - lse_all.unsqueeze(-1)
+        rest_q = 1.0 - (lse_b - lse_all).exp()
+        rest_q = torch.where(rest_q < 0, 0.0, rest_q)
+        # Both rest masses below fp32's resolution of 1 - (kept mass): an empty bucket (e.g. k = V).
+        negligible = (leftover_p < REST_EPS) & (rest_q < REST_EPS)
+        extra_p = torch.where(negligible, 0.0, leftover_p)
+        extra_q = torch.where(negligible, 0.0, rest_q)
+        extra_log_p, extra_log_q = extra_p.log(), extra_q.log()
+    elif tail == "label":
+        z_label = scaled_student.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        extra_a = leftover_p.log()
+        lse_a = torch.logsumexp(torch.cat([a, extra_a.unsqueeze(-1)], -1), -1)
+        lse_b = torch.logsumexp(torch.cat([b, z_label.unsqueeze(-1)], -1), -1)
+        log_p = a - lse_a.unsqueeze(-1)
+        log_q = b - lse_b.unsqueeze(-1)
+        extra_log_p, extra_log_q = extra_a - lse_a, z_label - lse_b
+        extra_p, extra_q = extra_log_p.exp(), extra_log_q.exp()
+    else:
+        log_p = a - torch.logsumexp(a, -1, keepdim=True)
+        log_q = b - lse_b.unsqueeze(-1)
+    p = torch.where(kept, log_p.exp(), 0.0)
+    q = torch.where(kept, log_q.exp(), 0.0)
+    total_p = p.sum(-1) + extra_p
+    total_q = q.sum(-1) + extra_q
+    if divergence == "forward":
+        ratio = torch.where(p > 0, log_p - log_q, 0.0)
+        extra_ratio = torch.where(extra_p > 0, extra_log_p - extra_log_q, 0.0)
+        loss = (p * ratio).sum(-1) + extra_p * extra_ratio
+        grad_kept = q * total_p.unsqueeze(-1) - p
+        extra_coef = torch.where(extra_q > 0, total_p - extra_p / extra_q, 0.0)
+    else:
+        ratio = torch.where(q > 0, log_q - log_p, 0.0)
+        extra_ratio = torch.where(extra_q > 0, extra_log_q - extra_log_p, 0.0)
+        loss = (q * ratio).sum(-1) + extra_q * extra_ratio
+        grad_kept = torch.where(q > 0, q * (ratio + 1.0 - (loss + total_q).unsqueeze(-1)), 0.0)
+        extra_coef = extra_ratio + 1.0 - loss - total_q
+    if not compute_grad:
+        return loss, None
+    if tail == "bucket":
+        q_full = (scaled_student - lse_all.unsqueeze(-1)).exp()
+        grad = torch.where(q_full == 0, 0.0, q_full * extra_coef.unsqueeze(-1))
+    else:
+        grad = torch.zeros_like(scaled_student)
+    grad = grad.scatter(-1, indices, torch.where(kept, grad_kept, grad.gather(-1, indices)))
+    if tail == "label":
+        grad = grad.scatter(-1, labels.unsqueeze(-1), (extra_q * extra_coef).unsqueeze(-1))
+    return loss, grad
+
+
+def topk_kl_rows_torch(
+    student: Tensor,
+    indices: Tensor,
+    teacher_logprobs: Tensor,
+    labels: Optional[Tensor],
+    row_weight: Tensor,
+    *,
+    tail: str,
+    divergence: str,
+    temperature: float,
+    ignore_index: int,
+    compute_grad: bool,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """PyTorch fallback on 2-D rows: per-row loss (fp32) and dL_row/dz (student dtype), chunked over rows,
+    both multiplied by ``row_weight`` (fp32, one element or [N]).
+
+    ``indices [N, K]`` int64 valid columns, ``teacher_logprobs [N, K]`` fp32 (-inf = not kept).
+    """
+    num_rows, vocab = student.shape
+    losses = torch.empty(num_rows, dtype=torch.float32, device=student.device)
+    grad = torch.empty_like(student) if compute_grad else None
+    step = row_chunk(num_rows, vocab)
+    for start in range(0, num_rows, step):
+        stop = min(start + step, num_rows)
+        scaled = student[start:stop].to(torch.float32) / temperature
+        chunk_labels = None
+        active = None
+        if labels is not None:
+            active = labels[start:stop] != ignore_index
+            chunk_labels = torch.where(active, labels[start:stop], 0).clamp(0, vocab - 1)
+        chunk_loss, chunk_grad = _hard_rows_and_grad(
+            scaled, indices[start:stop], teacher_logprobs[start:stop].to(torch.float32), chunk_labels, tail,
+            divergence, compute_grad,
+        )
+        weight = row_weight if row_weight.numel() == 1 else row_weight[start:stop]
+        if active is not None:
+            chunk_loss = torch.where(active, chunk_loss, 0.0)
+        losses[start:stop] = chunk_loss * weight
+        if compute_grad:
+            scale = weight.unsqueeze(-1) / temperature
+            if active is not None:
+                scale = torch.where(active.unsqueeze(-1), scale, 0.0)
+            grad[start:stop] = chunk_grad * scale
+    return losses, grad
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("distill_ops::topk_kl_rows", mutates_args=())
+def _topk_kl_rows_op(
+    student: Tensor,
+    indices: Tensor,
+    teacher_logprobs: Tensor,
+    labels: Optional[Tensor],
+    row_weight: Tensor,
+    tail: str,
+    divergence: str,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        from .kernels.topk_kl import topk_kl_forward
+
+        grad = torch.empty_like(student) if compute_grad else None
+        loss = topk_kl_forward(
+            student, indices, teacher_logprobs, labels, grad, row_weight, tail=tail, divergence=divergence,
+            temperature=temperature, ignore_index=ignore_index,
+        )
+    else:
+        loss, grad = topk_kl_rows_torch(
+            student, indices, teacher_logprobs, labels, row_weight, tail=tail, divergence=divergence, temperature=temperature,
+            ignore_index=ignore_index, compute_grad=compute_grad,
+        )
+    if grad is None:
+        grad = student.new_empty((0,))
+    return loss, grad
+
+
+@_topk_kl_rows_op.register_fake
+def _(student, indices, teacher_logprobs, labels, row_weight, tail, divergence, temperature, ignore_index, backend,
+      compute_grad):
+    loss = student.new_empty((student.shape[0],), dtype=torch.float32)
+    grad = student.new_empty(student.shape) if compute_grad else student.new_empty((0,))
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.backend = inputs[9]
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # never allocate a zero [N, V] gradient for the second output
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, grad_grad):
+    (stored,) = ctx.saved_tensors
+    return consume_stored_gradient(stored, grad_loss, ctx.backend), *([None] * 10)
+
+
+torch.library.register_autograd("distill_ops::topk_kl_rows", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("distill_ops::topk_kl_teacher_lse", mutates_args=())
+def _teacher_lse_op(teacher: Tensor, temperature: float, backend: str) -> Tensor:
+    """fp32 [N] log-sum-exp of ``teacher [N, V] / temperature``."""
+    if backend == "triton":
+        from .kernels.topk_kl import row_logsumexp
+
+        return row_logsumexp(teacher, temperature)
+    out = torch.empty(teacher.shape[0], dtype=torch.float32, device=teacher.device)
+    step = row_chunk(teacher.shape[0], teacher.shape[1])
+    for start in range(0, teacher.shape[0], step):
+        out[start : start + step] = torch.logsumexp(teacher[start : start + step].to(torch.float32) / temperature, -1)
+    return out
+
+
+@_teacher_lse_op.register_fake
+def _(teacher, temperature, backend):
+    return teacher.new_empty((teacher.shape[0],), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Teacher preparation: candidates, kept set, temperature (shared by every backend)
+# --------------------------------------------------------------------------------------------------
+
+
+def _sort_desc_stable(values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Order [N, m] entries by value descending, vocabulary index ascending among ties."""
+    indices, by_index = indices.sort(dim=-1)
+    values = values.gather(-1, by_index)
+    values, by_value = values.sort(dim=-1, descending=True, stable=True)
+    return values, indices.gather(-1, by_value)
+
+
+def dense_candidates(teacher_rows: Tensor, count: int, *, need_order: bool) -> tuple[Tensor, Tensor]:
+    """The teacher's ``count`` most probable tokens per row: ``(logits [N, count], indices [N, count] int64)``.
+
+    Ties: lower vocabulary index first. Sorted by (logit desc, index asc) when ``need_order``.
+    """
+    if teacher_rows.device.type == "cuda":
+        values, indices = torch.topk(teacher_rows, count, dim=-1, largest=True, sorted=False)
+        if need_order:
+            values, indices = _sort_desc_stable(values, indices)
+        return values, indices
+    # Elsewhere topk's tie order is unspecified: a stable sort of row chunks (bounded memory).
+    num_rows, vocab = teacher_rows.shape
+    values = teacher_rows.new_empty((num_rows, count))
+    indices = torch.empty((num_rows, count), dtype=torch.int64, device=teacher_rows.device)
+    step = row_chunk(num_rows, vocab, budget_elements=1 << 20)
+    for start in range(0, num_rows, step):
+        chunk_values, chunk_indices = teacher_rows[start : start + step].sort(dim=-1, descending=True, stable=True)
+        values[start : start + step] = chunk_values[:, :count]
+        indices[start : start + step] = chunk_indices[:, :count]
+    return values, indices
+
+
+def kept_logprobs(sorted_logprobs: Tensor, lower: Optional[Tensor], upper: Optional[Tensor]) -> Tensor:
+    """Apply the bounds to candidates sorted by probability descending: -inf where not kept.
+
+    ``sorted_logprobs [N, m]`` full-vocabulary log-probabilities; ``lower`` / ``upper`` [N] or None.
+    A row that keeps nothing keeps its first (most probable) candidate. NaN entries stay (NaN out).
+    """
+    kept = sorted_logprobs != float("-inf")
+    if lower is not None or upper is not None:
+        probs = sorted_logprobs.exp()
+        mass_after = probs.cumsum(-1).clamp_max(1.0)  # rounding must not push a token past lower = 1
+        mass_before = mass_after - probs
+        if upper is not None:
+            kept = kept & (mass_before < upper.unsqueeze(-1))
+        if lower is not None:
+            kept = kept & (mass_after > lower.unsqueeze(-1))
+        kept = kept | sorted_logprobs.isnan()
+    first = torch.zeros_like(kept)
+    first[:, 0] = True
+    kept = kept | (first & ~kept.any(-1, keepdim=True))
+    return torch.where(kept, sorted_logprobs, float("-inf"))
+
+
+def soft_membership(sorted_logprobs: Tensor, lower: Tensor, upper: Tensor, sharpness: float) -> Tensor:
+    """Differentiable version of the bounds: sigmoid(s (c_after - lower)) * sigmoid(s (upper - c_before)).
+
+    Tends to the hard rule of :func:`kept_logprobs` as ``sharpness`` grows (away from the empty-set case).
+    """
+    probs = sorted_logprobs.exp()
+    mass_after = probs.cumsum(-1).clamp_max(1.0)
+    mass_before = mass_after - probs
+    weights = torch.sigmoid(sharpness * (mass_after - lower.unsqueeze(-1)))
+    weights = weights * torch.sigmoid(sharpness * (upper.unsqueeze(-1) - mass_before))
+    return torch.where(probs > 0, weights, 0.0)
+
+
+def _retemper(kept_logprobs_t1: Tensor, temperature: float) -> Tensor:
+    """Sparse teacher at T: p_i = M softmax_kept(log p_i / T), M = the kept mass at T = 1."""
+    if temperature == 1.0:
+        return kept_logprobs_t1
+    kept_mass = torch.logsumexp(kept_logprobs_t1, -1, keepdim=True)
+    scaled = kept_logprobs_t1 / temperature
+    return scaled - torch.logsumexp(scaled, -1, keepdim=True) + kept_mass
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checking
+# --------------------------------------------------------------------------------------------------
+
+
+def _host_readable(tensor: Tensor) -> bool:
+    """Value checks read CPU tensors only: on CUDA they would synchronise, and tracing cannot branch."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _bound_rows(name: str, bound: object, leading_shape: torch.Size, device: torch.device) -> Optional[Tensor]:
+    """A bound as fp32 [N] (None stays None); Python numbers are checked here, tensors where readable."""
+    if bound is None:
+        return None
+    num_rows = math.prod(leading_shape)
+    if isinstance(bound, Tensor):
+        check_tensor(name, bound, dtypes=FLOAT_DTYPES + (torch.float64,))
+        if bound.dim() != 0 and bound.shape != leading_shape:
+            raise ValueError(
+                f"{name} must be a number or a tensor shaped like the logits' leading dims {tuple(leading_shape)}, "
+                f"got shape {tuple(bound.shape)}"
+            )
+        if bound.device != device:
+            raise ValueError(f"{name} is on {bound.device} but the logits are on {device}")
+        rows = bound.detach().to(torch.float32).reshape(-1).expand(num_rows)
+        if _host_readable(rows) and rows.numel() and not bool(((rows >= 0) & (rows <= 1)).all()):
+            raise ValueError(f"{name} must be in [0, 1], got values from {rows.min().item()} to {rows.max().item()}")
+        return rows
+    value = check_number(name, bound, low=0.0, high=1.0)
+    return torch.full((num_rows,), value, dtype=torch.float32, device=device)
+
+
+def _check_args(
+    student_logits, teacher_logits, k, teacher_topk_indices, teacher_topk_logprobs, lower, upper, tail, divergence,
+    temperature, labels, reduction, normalizer, max_candidates,
+):
+    check_tensor("student_logits", student_logits, min_dim=1)
+    leading_shape = student_logits.shape[:-1]
+    vocab = student_logits.shape[-1]
+    sparse = teacher_topk_indices is not None or teacher_topk_logprobs is not None
+    if teacher_logits is not None and sparse:
+        raise ValueError(
+            "give the teacher either dense (teacher_logits) or sparse (teacher_topk_indices + teacher_topk_logprobs), "
+            "got both"
+        )
+    if teacher_logits is None and not sparse:
+        raise ValueError(
+            "no teacher given: pass teacher_logits (dense) or teacher_topk_indices + teacher_topk_logprobs (sparse)"
+        )
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"k must be an int or None, got {type(k).__name__}")
+        if k <= 0:
+            raise ValueError(f"k must be >= 1, got {k}")
+    if sparse:
+        if teacher_topk_indices is None or teacher_topk_logprobs is None:
+            raise ValueError("a sparse teacher needs both teacher_topk_indices and teacher_topk_logprobs")
+        check_tensor("teacher_topk_indices", teacher_topk_indices, dtypes=INT_DTYPES, min_dim=1)
+        check_tensor("teacher_topk_logprobs", teacher_topk_logprobs, dtypes=FLOAT_DTYPES, min_dim=1)
+        if teacher_topk_indices.shape != teacher_topk_logprobs.shape:
+            raise ValueError(
+                f"teacher_topk_indices and teacher_topk_logprobs must have the same shape, got "
+                f"{tuple(teacher_topk_indices.shape)} and {tuple(teacher_topk_logprobs.shape)}"
+            )
+        if teacher_topk_indices.shape[:-1] != leading_shape:
+            raise ValueError(
+                f"teacher_topk_indices must have the logits' leading dims {tuple(leading_shape)} + [k], got "
+                f"{tuple(teacher_topk_indices.shape)}"
+            )
+        stored_k = teacher_topk_indices.shape[-1]
+        if stored_k == 0:
+            raise ValueError("teacher_topk_indices has k = 0 entries per row; need at least 1")
+        if k is not None and k > stored_k:
+            raise ValueError(f"k must be <= the {stored_k} stored teacher entries per row, got {k}")
+        check_same_device(
+            student_logits=student_logits, teacher_topk_indices=teacher_topk_indices,
+            teacher_topk_logprobs=teacher_topk_logprobs,
+        )
+        if _host_readable(teacher_topk_indices):
+            if teacher_topk_indices.numel() and bool(((teacher_topk_indices < 0) | (teacher_topk_indices >= vocab)).any()):
+                raise ValueError(
+                    f"teacher_topk_indices must be in [0, {vocab}) (the student vocabulary), got values from "
+                    f"{teacher_topk_indices.min().item()} to {teacher_topk_indices.max().item()}"
+                )
+            if bool((teacher_topk_logprobs > 0).any()):
+                raise ValueError(
+                    f"teacher_topk_logprobs must be log-probabilities (<= 0), got a maximum of "
+                    f"{teacher_topk_logprobs.max().item()}"
+                )
+    else:
+        check_tensor("teacher_logits", teacher_logits, min_dim=1)
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(
+                f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, got "
+                f"{tuple(teacher_logits.shape)}"
+            )
+        check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
+        if k is None and lower is None and upper is None:
+            raise ValueError(
+                "a dense teacher needs k and/or lower/upper to select a kept set (use kl_div for the full vocabulary)"
+            )
+        if k is not None and k > vocab:
+            raise ValueError(f"k must be <= the vocabulary size {vocab}, got {k}")
+    check_choice("tail", tail, TAILS)
+    check_choice("divergence", divergence, TOPK_DIVERGENCES)
+    check_number("temperature", temperature, low=0.0, low_inclusive=False)
+    check_reduction(reduction, normalizer)
+    if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
+        raise ValueError(f"max_candidates must be a positive int, got {max_candidates!r}")
+    if labels is not None:
+        check_labels(labels, leading_shape, student_logits.device)
+    if tail == "label":
+        if labels is None:
+            raise ValueError("tail='label' needs labels (the label token receives the teacher's leftover mass)")
+    lower_rows = _bound_rows("lower", lower, leading_shape, student_logits.device)
+    upper_rows = _bound_rows("upper", upper, leading_shape, student_logits.device)
+    if lower_rows is not None and upper_rows is not None:
+        if (not isinstance(lower, Tensor)) and (not isinstance(upper, Tensor)):
+            if lower > upper:
+                raise ValueError(f"lower must be <= upper, got lower={lower} and upper={upper}")
+        elif _host_readable(lower_rows) and bool((lower_rows > upper_rows).any()):
+            raise ValueError("lower must be <= upper in every row, got a row with lower > upper")
+    return lower_rows, upper_rows
+
+
+def _check_label_values(labels: Tensor, ignore_index: int, vocab: int) -> None:
+    if _host_readable(labels):
+        active = labels[labels != ignore_index]
+        if active.numel() and bool(((active < 0) | (active >= vocab)).any()):
+            raise ValueError(
+                f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index} with tail='label', got values "
+                f"from {active.min().item()} to {active.max().item()}"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def _sparse_teacher(
+    indices: Tensor, logprobs: Tensor, k: Optional[int], lower: Optional[Tensor], upper: Optional[Tensor],
+    temperature: float, vocab: int,
+) -> tuple[Tensor, Tensor]:
+    """Kept entries of a stored sparse teacher: ``(indices [N, k'] int64, log-probs at T [N, k'] fp32)``."""
+    indices = indices.to(torch.int64)
+    logprobs = logprobs.to(torch.float32)
+    # Out-of-range entries become NaN (checked on the host for CPU tensors; see the module docstring).
+    bad = (indices < 0) | (indices >= vocab) | (logprobs > 0)
+    logprobs = torch.where(bad, float("nan"), logprobs)
+    indices = torch.where(bad, 0, indices)
+    bounded = lower is not None or upper is not None
+    if bounded or (k is not None and k < indices.shape[-1]):
+        logprobs, indices = _sort_desc_stable(logprobs, indices)
+        if k is not None:
+            logprobs, indices = logprobs[:, :k], indices[:, :k]
+    logprobs = kept_logprobs(logprobs, lower, upper)
+    return indices.contiguous(), _retemper(logprobs, temperature).contiguous()
+
+
+def _dense_teacher(
+    teacher_rows: Tensor, k: Optional[int], lower: Optional[Tensor], upper: Optional[Tensor], temperature: float,
+    max_candidates: int, tail: str, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Kept entries of a dense teacher: ``(indices [N, m] int64, log-probs at T [N, m] fp32)``."""
+    vocab = teacher_rows.shape[-1]
+    bounded = lower is not None or upper is not None
+    count = k if k is not None else min(vocab, max_candidates)
+    values, indices = dense_candidates(teacher_rows, count, need_order=bounded)
+    logprobs = values.to(torch.float32) / temperature
+    if bounded or tail != "renormalize":
+        # The full-vocabulary normaliser (one streaming pass over the teacher) matters for the bounds'
+        # masses and the leftover mass; renormalised top-k only needs logit differences.
+        lse = torch.ops.distill_ops.topk_kl_teacher_lse(teacher_rows, temperature, backend)
+        logprobs = logprobs - lse.unsqueeze(-1)
+    return indices.contiguous(), kept_logprobs(logprobs, lower, upper).contiguous()
+
+
+def topk_kl_div(
+    student_logits: Tensor,
+    teacher_logits: Optional[Tensor] = None,
+    *,
+    k: Optional[int] = None,
+    teacher_topk_indices: Optional[Tensor] = None,
+    teacher_topk_logprobs: Optional[Tensor] = None,
+    lower: float | Tensor | None = None,
+    upper: float | Tensor | None = None,
+    tail: str = "renormalize",
+    divergence: str = "forward",
+    temperature: float = 1.0,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: float | Tensor | None = None,
+    max_candidates: int = DEFAULT_MAX_CANDIDATES,
+    impl: str = "auto",
+) -> Tensor:
+    """Divergence between the student and a top-k / quantile-clipped teacher (see the module docstring).
+
+    Args:
+        student_logits: ``[..., V]`` fp32 / fp16 / bf16. Receives the gradient.
+        teacher_logits: dense teacher ``[..., V]`` fp32 / fp16 / bf16 (with ``k`` and/or bounds), or None.
+        k: keep the teacher's top-k tokens (dense: 1 <= k <= V; sparse: <= the stored entries, default all).
+        teacher_topk_indices: sparse teacher ``[..., k]`` integer token ids in [0, V), distinct per row.
+        teacher_topk_logprobs: sparse teacher ``[..., k]`` fp32 / fp16 / bf16 log-probabilities at T = 1
+            over the full teacher vocabulary; ``-inf`` marks padding.
+        lower, upper: cumulative-mass bounds in [0, 1]: Python numbers or tensors shaped ``[...]``.
+        tail: ``renormalize`` | ``bucket`` | ``label`` (``label`` needs ``labels``).
+        divergence: ``forward`` KL(P || Q) | ``reverse`` KL(Q || P).
+        temperature: divides the student logits and tempers the teacher (rule in the module docstring);
+            no T^2 factor (multiply by ``temperature ** 2`` for Hinton's scaling).
+        labels: optional integer ``[...]``; rows equal to ``ignore_index`` contribute nothing.
+        reduction: ``mean`` (over counted rows, 0.0 if none), ``sum`` or ``none`` (shape ``[...]``).
+        normalizer: replaces the row count of ``mean``.
+        max_candidates: dense teacher with bounds and no ``k``: the bounds search this many top tokens.
+        impl: ``auto`` (Triton on CUDA, PyTorch otherwise), ``triton`` or ``torch``.
+
+    Returns:
+        fp32 scalar (``mean`` / ``sum``) or fp32 ``[...]`` (``none``).
+    """
+    lower_rows, upper_rows = _check_args(
+        student_logits, teacher_logits, k, teacher_topk_indices, teacher_topk_logprobs, lower, upper, tail,
+        divergence, temperature, labels, reduction, normalizer, max_candidates,
+    )
+    backend = resolve_impl(impl, student_logits.device)
+    leading_shape = student_logits.shape[:-1]
+    vocab = student_logits.shape[-1]
+    temperature = float(temperature)
+    if teacher_logits is not None:
+        indices, teacher_logprobs = _dense_teacher(
+            as_rows(teacher_logits.detach(), vocab), k, lower_rows, upper_rows, temperature, max_candidates, tail,
+            backend,
+        )
+    else:
+        stored_k = teacher_topk_indices.shape[-1]
+        indices, teacher_logprobs = _sparse_teacher(
+            teacher_topk_indices.detach().reshape(-1, stored_k), teacher_topk_logprobs.detach().reshape(-1, stored_k),
+            k, lower_rows, upper_rows, temperature, vocab,
+        )
+    if backend == "triton" and indices.shape[-1] > TRITON_MAX_K:
+        raise ValueError(
+            f"impl='triton' supports at most {TRITON_MAX_K} kept candidates per row, got {indices.shape[-1]}; "
+            f"use impl='torch' or a smaller k / max_candidates"
+        )
+    label_rows = None if labels is None else labels.reshape(-1).to(torch.int64)
+    if tail == "label":
+        _check_label_values(label_rows, ignore_index, vocab)
+        bad_label = (label_rows != ignore_index) & ((label_rows < 0) | (label_rows >= vocab))
+        teacher_logprobs = torch.where(bad_label.unsqueeze(-1), float("nan"), teacher_logprobs)
+    return _reduce_op_rows(
+        as_rows(student_logits, vocab), indices, teacher_logprobs, label_rows, tail, divergence, temperature,
+        ignore_index, backend, reduction, normalizer, leading_shape, student_logits.requires_grad,
+    )
+
+
+def _reduce_op_rows(
+    student_rows, indices, teacher_logprobs, label_rows, tail, divergence, temperature, ignore_index, backend,
+    reduction, normalizer, leading_shape, requires_grad,
+) -> Tensor:
+    compute_grad = requires_grad and torch.is_grad_enabled()
+    active = None if label_rows is None else label_rows != ignore_index
+    row_weight = reduction_weight(reduction, normalizer, active, student_rows.shape[0], student_rows.device)
+    row_loss, _ = torch.ops.distill_ops.topk_kl_rows(
+        student_rows, indices, teacher_logprobs, label_rows, row_weight, tail, divergence, temperature,
+        int(ignore_index), backend, compute_grad,
+    )
+    return finish_reduction(row_loss, reduction, leading_shape)
+
+
+class TopKKLDivLoss(torch.nn.Module):
+    """Module form of :func:`topk_kl_div`.
+
+    ``forward(student_logits, teacher_logits=None, labels=None, *, teacher_topk_indices=None,
+    teacher_topk_logprobs=None, lower=None, upper=None, normalizer=None)``; per-call bounds override
+    the module's.
+    """
+
+    def __init__(
+        self,
+        k: Optional[int] = None,
+        lower: Optional[float] = None,
+        upper: Optional[float] = None,
+        tail: str = "renormalize",
+        divergence: str = "forward",
+        temperature: float = 1.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        max_candidates: int = DEFAULT_MAX_CANDIDATES,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_choice("tail", tail, TAILS)
+        check_choice("divergence", divergence, TOPK_DIVERGENCES)
+        check_choice("reduction", reduction, ("mean", "sum", "none"))
+        self.k = k
+        self.lower = lower
+        self.upper = upper
+        self.tail = tail
+        self.divergence = divergence
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.max_candidates = max_candidates
+        self.impl = impl
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        *,
+        teacher_topk_indices: Optional[Tensor] = None,
+        teacher_topk_logprobs: Optional[Tensor] = None,
+        lower: float | Tensor | None = None,
+        upper: float | Tensor | None = None,
+        normalizer: float | Tensor | None = None,
+    ) -> Tensor:
+        return topk_kl_div(
+            student_logits,
+            teacher_logits,
+            k=self.k,
+            teacher_topk_indices=teacher_topk_indices,
+            teacher_topk_logprobs=teacher_topk_logprobs,
+            lower=self.lower if lower is None else lower,
+            upper=self.upper if upper is None else upper,
+            tail=self.tail,
+            divergence=self.divergence,
+            temperature=self.temperature,
+            labels=labels,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            normalizer=normalizer,
+            max_candidates=self.max_candidates,
+            impl=self.impl,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"k={self.k}, lower={self.lower}, upper={self.upper}, tail={self.tail!r}, divergence={self.divergence!r}, "
+            f"temperature={self.temperature}"
+        )
+
+
+class DACKLLoss(torch.nn.Module):
+    """Distribution-adaptive clipped KL: learned per-token bounds + the clipped divergence above.
+
+    Our reading of "distribution-adaptive clipping" (DAC-KL, Multi-Granularity Semantic Revision for
+    LLM Distillation, 2024): a small MLP maps each token's sorted top-m teacher probabilities (at the
+    temperature, detached) to bounds ``upper = sigmoid(u)``, ``lower = upper * sigmoid(l)``, so
+    0 < lower < upper < 1; the teacher is clipped to the tokens whose cumulative-mass interval overlaps
+    [lower, upper] within its top m (the dense-teacher rule of :func:`topk_kl_div` with ``k = m``).
+
+    * ``train()``: the MLP learns through a soft membership weight
+      w = sigmoid(s (c_after - lower)) * sigmoid(s (upper - c_before)) with sharpness s = ``sharpness``
+      (default 50: the weight goes from 0.12 to 0.88 over 0.04 of cumulative mass). Outcome masses are
+      w p and w q (plus the rest / label outcome as the tail says). This path is plain PyTorch autograd
+      (the bounds need gradients); with ``tail="bucket"`` it holds the student's fp32 [N, V] softmax.
+    * ``eval()``: the hard mask and the fused kernel path (``impl``); bounds are not trained.
+
+    The MLP's initial bounds are about [0.0025, 0.98]. Alone, the clipped loss favours narrow kept sets
+    (a single renormalised token gives zero loss), so combine it with the full-vocabulary or hard-label
+    loss, or a bound regulariser, as the training recipe requires.
+
+    ``forward(student_logits [..., V], teacher_logits [..., V], labels=None) -> fp32 loss``.
+    """
+
+    def __init__(
+        self,
+        vocab_top_m: int = 256,
+        hidden: int = 64,
+        tail: str = "renormalize",
+        divergence: str = "forward",
+        temperature: float = 1.0,
+        sharpness: float = 50.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        if isinstance(vocab_top_m, bool) or not isinstance(vocab_top_m, int) or vocab_top_m < 1:
+            raise ValueError(f"vocab_top_m must be a positive int, got {vocab_top_m!r}")
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
+        check_choice("tail", tail, TAILS)
+        check_choice("divergence", divergence, TOPK_DIVERGENCES)
+        check_choice("reduction", reduction, ("mean", "sum", "none"))
+        check_number("temperature", temperature, low=0.0, low_inclusive=False)
+        check_number("sharpness", sharpness, low=0.0, low_inclusive=False)
+        self.vocab_top_m = vocab_top_m
+        self.tail = tail
+        self.divergence = divergence
+        self.temperature = float(temperature)
+        self.sharpness = float(sharpness)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.impl = impl
+        self.bound_net = torch.nn.Sequential(
+            torch.nn.Linear(vocab_top_m, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 2)
+        )
+        with torch.no_grad():
+            self.bound_net[2].weight.mul_(0.1)
+            self.bound_net[2].bias.copy_(torch.tensor([-6.0, 4.0]))  # (l, u): lower ~ 0.0025, upper ~ 0.98
+
+    def _candidates(self, teacher_rows: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+        """Top-m teacher tokens sorted by probability: (indices [N, m], log-probs at T [N, m] fp32)."""
+        count = min(self.vocab_top_m, teacher_rows.shape[-1])
+        values, indices = dense_candidates(teacher_rows, count, need_order=True)
+        lse = torch.ops.distill_ops.topk_kl_teacher_lse(teacher_rows, self.temperature, backend)
+        return indices.contiguous(), values.to(torch.float32) / self.temperature - lse.unsqueeze(-1)
+
+    def _bounds(self, sorted_logprobs: Tensor) -> tuple[Tensor, Tensor]:
+        features = sorted_logprobs.exp()
+        if features.shape[-1] < self.vocab_top_m:  # vocabulary smaller than m: pad with zero mass
+            features = torch.nn.functional.pad(features, (0, self.vocab_top_m - features.shape[-1]))
+        raw = self.bound_net(features.to(self.bound_net[0].weight.dtype)).to(torch.float32)
+        upper = torch.sigmoid(raw[:, 1])
+        lower = upper * torch.sigmoid(raw[:, 0])
+        return lower, upper
+
+    def predict_bounds(self, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The bounds the MLP predicts: ``(lower, upper)``, each fp32 ``[...]`` (the teacher's leading dims)."""
+        check_tensor("teacher_logits", teacher_logits, min_dim=1)
+        backend = resolve_impl(self.impl, teacher_logits.device)
+        rows = as_rows(teacher_logits.detach(), teacher_logits.shape[-1])
+        _, sorted_logprobs = self._candidates(rows, backend)
+        lower, upper = self._bounds(sorted_logprobs)
+        return lower.reshape(teacher_logits.shape[:-1]), upper.reshape(teacher_logits.shape[:-1])
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        _check_args(
+            student_logits, teacher_logits, None, None, None, 0.0, 1.0, self.tail, self.divergence,
+            self.temperature, labels, self.reduction, None, DEFAULT_MAX_CANDIDATES,
+        )
+        backend = resolve_impl(self.impl, student_logits.device)
+        leading_shape = student_logits.shape[:-1]
+        vocab = student_logits.shape[-1]
+        indices, sorted_logprobs = self._candidates(as_rows(teacher_logits.detach(), vocab), backend)
+        lower, upper = self._bounds(sorted_logprobs)
+        label_rows = None if labels is None else labels.reshape(-1).to(torch.int64)
+        if self.tail == "label":
+            _check_label_values(label_rows, self.ignore_index, vocab)
+        student_rows = as_rows(student_logits, vocab)
+        if not self.training:
+            teacher_logprobs = kept_logprobs(sorted_logprobs, lower.detach(), upper.detach()).contiguous()
+            return _reduce_op_rows(
+                student_rows, indices, teacher_logprobs, label_rows, self.tail, self.divergence, self.temperature,
+                self.ignore_index, backend, self.reduction, None, leading_shape, student_logits.requires_grad,
+            )
+        weights = soft_membership(sorted_logprobs, lower, upper, self.sharpness)
+        active = None
+        safe_labels = None
+        if label_rows is not None:
+            active = label_rows != self.ignore_index
+            safe_labels = torch.where(active, label_rows, 0).clamp(0, vocab - 1)
+        rows = _clipped_divergence_rows(
+            student_rows.to(torch.float32) / self.temperature, indices, sorted_logprobs, weights, safe_labels,
+            self.tail, self.divergence,
+        )
+        if active is not None:
+            rows = torch.where(active, rows, 0.0)
+        row_weight = reduction_weight(self.reduction, None, active, rows.shape[0], rows.device)
+        return finish_reduction(rows * row_weight, self.reduction, leading_shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"vocab_top_m={self.vocab_top_m}, tail={self.tail!r}, divergence={self.divergence!r}, "
+            f"temperature={self.temperature}, sharpness={self.sharpness}"
+        )

@@ -1,0 +1,356 @@
+"""Top-k / clipped divergences against a sparse teacher (one program per row), and a row log-sum-exp.
+
+``_topk_kl_fwd_kernel`` receives, per row, the kept teacher entries: ``indices [N, K]`` (int64) and
+``teacher_logprobs [N, K]`` (fp32 log-probabilities with full-vocabulary mass semantics, already at
+the temperature; ``-inf`` marks an entry that is not kept). The K entries are loaded whole (K is
+padded to ``BLOCK_K``, a power of two), the student logits are gathered at their indices, and:
+
+* ``renormalize``: both sides renormalised over the kept set (K outcomes).
+* ``label``: the label token is kept too; it receives the teacher mass that the other kept tokens
+  leave (1 - sum of their probabilities); both sides renormalised over the K + 1 outcomes.
+* ``bucket``: K kept outcomes plus one rest bucket; the student uses its full-vocabulary softmax,
+  so the row is streamed once for its log-sum-exp (online per-lane max / sum).
+
+The gradient pass writes the whole student gradient row: zeros (``renormalize`` / ``label``) or the
+rest bucket's share q_j * c (``bucket``), then, after a CTA barrier so that those stores are visible,
+the kept entries' values are scattered over it. Ignored rows (label == ignore_index) get loss 0 and
+a zero gradient row.
+
+``_row_logsumexp_kernel`` streams a row once for log-sum-exp(x / T) (the dense teacher's normaliser).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+RENORMALIZE, BUCKET, LABEL = range(3)
+TAIL_CODES = {"renormalize": RENORMALIZE, "bucket": BUCKET, "label": LABEL}
+FORWARD, REVERSE = range(2)
+DIVERGENCE_CODES = {"forward": FORWARD, "reverse": REVERSE}
+
+# Streaming block over the vocabulary (gradient pass, bucket log-sum-exp) and warps. The kept
+# entries live in registers: BLOCK_K up to 4096 needs 16 warps to stay spill-free (compile_check).
+# Not yet tuned on a GPU (benchmarks/bench_topk_kl.py times the defaults).
+BLOCK_V = 4096
+MAX_BLOCK_K = 4096
+LSE_BLOCK_V = 4096
+LSE_NUM_WARPS = 8
+
+
+def block_k_for(k: int) -> int:
+    return max(16, triton.next_power_of_2(max(k, 1)))
+
+
+def num_warps_for(block_k: int, tail: str) -> int:
+    # bucket keeps per-lane streaming statistics on top of the kept entries: 16 warps avoid spills.
+    return 16 if block_k >= 2048 or tail == "bucket" else 8
+
+
+@triton.jit
+def _topk_kl_fwd_kernel(
+    student_ptr,
+    indices_ptr,
+    teacher_ptr,
+    labels_ptr,
+    weight_ptr,
+    loss_ptr,
+    grad_ptr,
+    stride_student,
+    stride_indices,
+    stride_teacher,
+    stride_weight,
+    stride_grad,
+    V,
+    K,
+    ignore_index,
+    inv_temperature,
+    TAIL: tl.constexpr,
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    student_row = student_ptr + row * stride_student
+    grad_row = grad_ptr + row * stride_grad
+    offsets_v = tl.arange(0, BLOCK_V)
+
+    active = True
+    label = 0
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        active = label != ignore_index
+
+    if active:
+        offsets_k = tl.arange(0, BLOCK_K)
+        in_k = offsets_k < K
+        log_p = tl.load(teacher_ptr + row * stride_teacher + offsets_k, mask=in_k, other=float("-inf"))
+        index = tl.load(indices_ptr + row * stride_indices + offsets_k, mask=in_k, other=0).to(tl.int64)
+        # NaN teacher entries stay "kept" (NaN != -inf) so that NaN reaches the loss.
+        kept = log_p != float("-inf")
+        if TAIL == 2:
+            # The label's own entry moves to the label outcome (it gets the leftover mass there).
+            kept = kept & (index != label)
+        index_ok = (index >= 0) & (index < V)
+        z = tl.load(student_row + index, mask=kept & index_ok, other=float("-inf")).to(tl.float32) * inv_temperature
+        a = tl.where(kept, log_p, float("-inf"))  # teacher log-mass per kept outcome
+        b = tl.where(kept, z, float("-inf"))  # student scaled logits per kept outcome
+
+        # Extra scalar outcome: the label (label tail) or the rest bucket (bucket tail).
+        max_b = tl.max(b, axis=0)
+        sum_b = tl.sum(tl.exp(b - max_b), axis=0)
+        lse_b = max_b + tl.log(sum_b)  # log-sum-exp of the kept student logits
+        mass_p = tl.sum(tl.where(kept, tl.exp(a), 0.0), axis=0)
+        leftover_p = 1.0 - mass_p
+        leftover_p = tl.where(leftover_p < 0.0, 0.0, leftover_p)  # keeps NaN (NaN < 0 is false)
+
+        lse_all = 0.0
+        if TAIL == 1:
+            # Student full-vocabulary log-sum-exp, streamed once (per-lane online max / sum; the max
+            # starts at a finite floor so exp(m_old - m_new) is defined on lanes that saw only -inf).
+            run_max = tl.full([BLOCK_V], -1.0e30, tl.float32)
+            run_sum = tl.zeros([BLOCK_V], tl.float32)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offsets_v
+                x = tl.load(student_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
+                new_max = tl.maximum(run_max, x)
+                run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(x - new_max)
+                run_max = new_max
+            row_max = tl.max(run_max, axis=0)
+            lse_all = row_max + tl.log(tl.sum(run_sum * tl.exp(run_max - row_max), axis=0))
+            log_q = b - lse_all
+            p = tl.where(kept, tl.exp(a), 0.0)
+            log_p_kept = a
+            # Rest bucket: the teacher's and the student's mass outside the kept set.
+            rest_q = 1.0 - tl.exp(lse_b - lse_all)
+            rest_q = tl.where(rest_q < 0.0, 0.0, rest_q)
+            # Both rest masses below fp32's resolution of 1 - (kept mass): the bucket is empty (e.g. k = V);
+            # otherwise rounding noise on one side against an exact 0 on the other would give inf.
+            negligible = (leftover_p < 1e-6) & (rest_q < 1e-6)  # REST_EPS of distill_ops.topk_kl
+            x_p = tl.where(negligible, 0.0, leftover_p)
+            x_q = tl.where(negligible, 0.0, rest_q)
+            x_log_p = tl.log(x_p)
+            x_log_q = tl.log(x_q)
+        else:
+            if TAIL == 2:
+                label_ok = (label >= 0) & (label < V)
+                z_label = tl.load(student_row + label, mask=label_ok, other=float("nan")).to(tl.float32)
+                z_label = z_label * inv_temperature
+                x_a = tl.log(leftover_p)
+                max_a = tl.maximum(tl.max(a, axis=0), x_a)
+                lse_a = max_a + tl.log(tl.sum(tl.exp(a - max_a), axis=0) + tl.exp(x_a - max_a))
+                max_bl = tl.maximum(max_b, z_label)
+                lse_b = max_bl + tl.log(tl.sum(tl.exp(b - max_bl), axis=0) + tl.exp(z_label - max_bl))
+                x_log_p = x_a - lse_a
+                x_log_q = z_label - lse_b
+                x_p = tl.exp(x_log_p)
+                x_q = tl.exp(x_log_q)
+            else:
+                max_a = tl.max(a, axis=0)
+                lse_a = max_a + tl.log(tl.sum(tl.exp(a - max_a), axis=0))
+                x_p = 0.0
+                x_q = 0.0
+                x_log_p = 0.0
+                x_log_q = 0.0
+            log_p_kept = a - lse_a
+            log_q = b - lse_b
+            p = tl.where(kept, tl.exp(log_p_kept), 0.0)
+        q = tl.where(kept, tl.exp(log_q), 0.0)
+
+        total_p = tl.sum(p, axis=0) + x_p
+        total_q = tl.sum(q, axis=0) + x_q
+        if DIVERGENCE == 0:  # KL(P || Q) over the outcomes
+            ratio = tl.where(p > 0.0, log_p_kept - log_q, 0.0)
+            x_ratio = tl.where(x_p > 0.0, x_log_p - x_log_q, 0.0)
+            loss = tl.sum(p * ratio, axis=0) + x_p * x_ratio
+            # dL/dz_j = q_j (g_o - S), g_o = -P_o / Q_o, S = -sum P.
+            grad_kept = q * total_p - p
+            x_grad_coef = tl.where(x_q > 0.0, total_p - x_p / x_q, 0.0)  # per unit of student mass
+        else:  # KL(Q || P)
+            ratio = tl.where(q > 0.0, log_q - log_p_kept, 0.0)
+            x_ratio = tl.where(x_q > 0.0, x_log_q - x_log_p, 0.0)
+            loss = tl.sum(q * ratio, axis=0) + x_q * x_ratio
+            # g_o = log Q_o - log P_o + 1, S = KL + sum Q.
+            grad_kept = tl.where(q > 0.0, q * (ratio + 1.0 - loss - total_q), 0.0)
+            x_grad_coef = x_ratio + 1.0 - loss - total_q
+        # The reduction's weight (1/count for "mean") is folded into loss and gradient, so that
+        # backward usually receives an incoming gradient of exactly 1 and moves no [N, V] bytes.
+        row_weight = tl.load(weight_ptr + row * stride_weight)
+        tl.store(loss_ptr + row, loss * row_weight)
+        grad_scale = inv_temperature * row_weight
+
+        if COMPUTE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                cols = start + offsets_v
+                mask = cols < V
+                if TAIL == 1:
+                    x = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+                    q_rest = tl.exp(x - lse_all)
+                    values = tl.where(q_rest == 0.0, 0.0, q_rest * x_grad_coef) * grad_scale
+                else:
+                    values = tl.zeros([BLOCK_V], tl.float32)
+                tl.store(grad_row + cols, values.to(grad_ptr.dtype.element_ty), mask=mask)
+            # The kept entries overwrite what the streaming pass wrote at their columns: make those
+            # stores visible to every thread of the CTA first.
+            tl.debug_barrier()
+            tl.store(
+                grad_row + index,
+                (grad_kept * grad_scale).to(grad_ptr.dtype.element_ty),
+                mask=kept & index_ok,
+            )
+            if TAIL == 2:
+                x_grad = x_q * x_grad_coef * grad_scale
+                tl.store(grad_row + label, x_grad.to(grad_ptr.dtype.element_ty), mask=label_ok)
+    else:
+        tl.store(loss_ptr + row, 0.0)
+        if COMPUTE_GRAD:
+            zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offsets_v
+                tl.store(grad_row + cols, zeros, mask=cols < V)
+
+
+@triton.jit
+def _row_logsumexp_kernel(x_ptr, out_ptr, stride_x, V, inv_temperature, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    offsets = tl.arange(0, BLOCK_V)
+    run_max = tl.full([BLOCK_V], -1.0e30, tl.float32)
+    run_sum = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offsets
+        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
+        new_max = tl.maximum(run_max, x)
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(x - new_max)
+        run_max = new_max
+    row_max = tl.max(run_max, axis=0)
+    total = tl.sum(run_sum * tl.exp(run_max - row_max), axis=0)
+    tl.store(out_ptr + row, row_max + tl.log(total))
+
+
+def topk_kl_forward(
+    student: torch.Tensor,
+    indices: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+    row_weight: torch.Tensor,
+    *,
+    tail: str,
+    divergence: str,
+    temperature: float,
+    ignore_index: int,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Launch the sparse-teacher row kernel; returns the per-row loss (fp32 [N], 0 at ignored rows).
+
+    ``student [N, V]`` (unit column stride), ``indices [N, K]`` int64 and ``teacher_logprobs [N, K]``
+    fp32 (unit column stride, -inf = not kept, K <= MAX_BLOCK_K), ``labels [N]`` int64 or None
+    (required for ``tail="label"``). ``row_weight`` (fp32, [N] or one element broadcast) multiplies each
+    row's loss and gradient. Writes d(weighted row loss)/dz into ``grad_out [N, V]`` when given.
+    """
+    num_rows, vocab = student.shape
+    k = indices.shape[1]
+    block_k = block_k_for(k)
+    if block_k > MAX_BLOCK_K:
+        raise ValueError(f"the Triton top-k kernel supports k <= {MAX_BLOCK_K}, got {k}")
+    loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
+    if num_rows == 0:
+        return loss
+    _topk_kl_fwd_kernel[(num_rows,)](
+        student,
+        indices,
+        teacher_logprobs,
+        labels if labels is not None else indices,
+        row_weight,
+        loss,
+        grad_out if grad_out is not None else student,
+        student.stride(0),
+        indices.stride(0),
+        teacher_logprobs.stride(0),
+        row_weight.stride(0) if row_weight.numel() > 1 else 0,
+        grad_out.stride(0) if grad_out is not None else 0,
+        vocab,
+        k,
+        ignore_index,
+        1.0 / temperature,
+        TAIL=TAIL_CODES[tail],
+        DIVERGENCE=DIVERGENCE_CODES[divergence],
+        HAS_LABELS=labels is not None,
+        COMPUTE_GRAD=grad_out is not None,
+        BLOCK_K=block_k,
+        BLOCK_V=block_v or BLOCK_V,
+        num_warps=num_warps or num_warps_for(block_k, tail),
+    )
+    return loss
+
+
+def row_logsumexp(rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 [N] log-sum-exp of ``rows [N, V] / temperature`` (unit column stride), streamed once."""
+    num_rows, vocab = rows.shape
+    out = torch.empty(num_rows, dtype=torch.float32, device=rows.device)
+    if num_rows == 0:
+        return out
+    _row_logsumexp_kernel[(num_rows,)](
+        rows, out, rows.stride(0), vocab, 1.0 / temperature, BLOCK_V=LSE_BLOCK_V, num_warps=LSE_NUM_WARPS
+    )
+    return out
+
+
+def aot_specs() -> list[dict]:
+    specs = []
+    configs = [(tail, divergence, 1024, "bf16") for tail in TAIL_CODES for divergence in DIVERGENCE_CODES]
+    configs += [("bucket", "reverse", MAX_BLOCK_K, "bf16"), ("label", "forward", MAX_BLOCK_K, "fp32"),
+                ("renormalize", "forward", 16, "bf16")]
+    for tail, divergence, block_k, dtype in configs:
+        specs.append(
+            {
+                "name": f"topk_kl_fwd[{tail},{divergence},K{block_k},{dtype}]",
+                "fn": _topk_kl_fwd_kernel,
+                "signature": {
+                    "student_ptr": f"*{dtype}",
+                    "indices_ptr": "*i64",
+                    "teacher_ptr": "*fp32",
+                    "labels_ptr": "*i64",
+                    "weight_ptr": "*fp32",
+                    "loss_ptr": "*fp32",
+                    "grad_ptr": f"*{dtype}",
+                    "stride_student": "i64",
+                    "stride_indices": "i64",
+                    "stride_teacher": "i64",
+                    "stride_weight": "i64",
+                    "stride_grad": "i64",
+                    "V": "i32",
+                    "K": "i32",
+                    "ignore_index": "i64",
+                    "inv_temperature": "fp32",
+                },
+                "constexprs": {
+                    "TAIL": TAIL_CODES[tail],
+                    "DIVERGENCE": DIVERGENCE_CODES[divergence],
+                    "HAS_LABELS": True,
+                    "COMPUTE_GRAD": True,
+                    "BLOCK_K": block_k,
+                    "BLOCK_V": BLOCK_V,
+                },
+                "num_warps": num_warps_for(block_k, tail),
+                "num_stages": 3,
+            }
+        )
+    for dtype in ("bf16", "fp32"):
+        specs.append(
+            {
+                "name": f"topk_kl_row_logsumexp[{dtype}]",
+                "fn": _row_logsumexp_kernel,
+                "signature": {"x_ptr": f"*{dtype}", "out_ptr": "*fp32", "stride_x": "i64", "V": "i32",
+                              "inv_temperature": "fp32"},
+                "constexprs": {"BLOCK_V": LSE_BLOCK_V},
+                "num_warps": LSE_NUM_WARPS,
+                "num_stages": 3,
+            }
+        )
+    return specs

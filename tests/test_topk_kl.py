@@ -1,0 +1,588 @@
+"""topk_kl_div / TopKKLDivLoss / DACKLLoss: parity with an explicit float64 reference, edge cases, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from distill_ops import kl_div
+from distill_ops.topk_kl import DACKLLoss, TopKKLDivLoss, kept_logprobs, topk_kl_div
+from tests.conftest import DEVICE, IMPLS, assert_close
+
+TAILS = ["renormalize", "bucket", "label"]
+DIVERGENCES = ["forward", "reverse"]
+
+
+def _logits(shape, dtype, seed, scale=2.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def _labels(shape, vocab, seed, ignored=()):
+    labels = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+    flat = labels.view(-1)
+    for position in ignored:
+        flat[position] = -100
+    return labels.to(DEVICE)
+
+
+def _sparse_from_dense(teacher, k):
+    """A sparse teacher as pipelines store it: top-k of the temperature-1 log-softmax (shuffled order)."""
+    logprobs = torch.log_softmax(teacher.double(), -1)
+    values, indices = logprobs.topk(k, dim=-1)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(k))
+    return indices[..., perm], values[..., perm].to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The float64 reference: per row, explicit sort / gather, autograd for the gradient
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference_row(student_row, dense_row, sparse_indices, sparse_logprobs, k, lower, upper, tail, divergence,
+                   temperature, label):
+    if dense_row is not None:
+        probs = torch.softmax(dense_row.double() / temperature, -1)
+        # Stable descending sort of the logits: equal logits keep the lower index first.
+        order = torch.sort(dense_row.double(), descending=True, stable=True).indices
+        if k is not None:
+            order = order[:k]
+        tokens, teacher_probs = order.tolist(), probs[order]
+    else:
+        entries = sorted(
+            zip(sparse_logprobs.double().tolist(), sparse_indices.tolist()), key=lambda e: (-e[0], e[1])
+        )
+        if k is not None:
+            entries = entries[:k]
+        tokens = [token for _, token in entries]
+        teacher_probs = torch.tensor([math.exp(lp) for lp, _ in entries], dtype=torch.float64)
+    kept = []
+    mass_before = 0.0
+    for rank, token in enumerate(tokens):
+        p = float(teacher_probs[rank])
+        mass_after = min(mass_before + p, 1.0)
+        inside = p > 0
+        if upper is not None:
+            inside = inside and mass_before < upper
+        if lower is not None:
+            inside = inside and mass_after > lower
+        if inside:
+            kept.append(rank)
+        mass_before = mass_after
+    if not kept:
+        kept = [0]
+    kept_tokens = [tokens[r] for r in kept]
+    kept_p = teacher_probs[kept]
+    if dense_row is None and temperature != 1.0:
+        kept_p = kept_p.sum() * torch.softmax(kept_p.log() / temperature, -1)
+    q_full = torch.softmax(student_row / temperature, -1)
+    if tail == "renormalize":
+        P = kept_p / kept_p.sum()
+        Q = q_full[kept_tokens] / q_full[kept_tokens].sum()
+    elif tail == "bucket":
+        q_kept = q_full[kept_tokens]
+        rest_p, rest_q = (1 - kept_p.sum()).clamp_min(0), (1 - q_kept.sum()).clamp_min(0)
+        if rest_p < 1e-6 and rest_q < 1e-6:  # the documented empty-bucket rule (e.g. k = V)
+            P, Q = kept_p, q_kept
+        else:
+            P, Q = torch.cat([kept_p, rest_p.reshape(1)]), torch.cat([q_kept, rest_q.reshape(1)])
+    else:
+        others = [i for i, t in enumerate(kept_tokens) if t != label]
+        other_p = kept_p[others]
+        P = torch.cat([other_p, (1 - other_p.sum()).clamp_min(0).reshape(1)])
+        Q = q_full[[kept_tokens[i] for i in others] + [label]]
+        P, Q = P / P.sum(), Q / Q.sum()
+    if divergence == "forward":
+        mask = P > 0
+        return (P[mask] * (P[mask].log() - Q[mask].log())).sum()
+    mask = Q > 0
+    return (Q[mask] * (Q[mask].log() - P[mask].log())).sum()
+
+
+def reference(student, teacher_logits=None, *, k=None, teacher_topk_indices=None, teacher_topk_logprobs=None, lower=None,
+              upper=None, tail="renormalize", divergence="forward", temperature=1.0, labels=None, ignore_index=-100,
+              reduction="mean", normalizer=None):
+    """(loss, d loss / d student) in float64, written directly from the definitions."""
+    vocab = student.shape[-1]
+    leading = student.shape[:-1]
+    student64 = student.detach().double().cpu().reshape(-1, vocab).requires_grad_(True)
+    num_rows = student64.shape[0]
+
+    def per_row(bound, row):
+        if bound is None or not isinstance(bound, torch.Tensor):
+            return bound
+        return float(bound.reshape(-1).expand(num_rows)[row])
+
+    rows = []
+    counted = 0
+    for row in range(num_rows):
+        label = None if labels is None else int(labels.reshape(-1)[row])
+        if label == ignore_index:
+            rows.append(student64.new_zeros(()))
+            continue
+        counted += 1
+        rows.append(
+            _reference_row(
+                student64[row],
+                None if teacher_logits is None else teacher_logits.reshape(-1, vocab)[row].cpu(),
+                None if teacher_topk_indices is None else teacher_topk_indices.reshape(num_rows, -1)[row].cpu(),
+                None if teacher_topk_logprobs is None else teacher_topk_logprobs.reshape(num_rows, -1)[row].cpu(),
+                k, per_row(lower, row), per_row(upper, row), tail, divergence, temperature, label,
+            )
+        )
+    row_losses = torch.stack(rows)
+    if reduction == "none":
+        loss = row_losses.reshape(leading)
+    elif reduction == "sum":
+        loss = row_losses.sum()
+    else:
+        denominator = float(normalizer) if normalizer is not None else max(counted if labels is not None else num_rows, 1)
+        loss = row_losses.sum() / denominator
+    return loss, student64, loss
+
+
+def _run_and_compare(student, impl, upstream=None, **kwargs):
+    """Loss and gradient of topk_kl_div (upstream gradient != 1) against the float64 reference."""
+    leaf = student.detach().clone().requires_grad_(True)
+    loss = topk_kl_div(leaf, impl=impl, **kwargs)
+    if upstream is None:
+        upstream = torch.full_like(loss, 1.7)
+    loss.backward(upstream)
+    ref_loss, ref_leaf, _ = reference(student, **kwargs)
+    (ref_grad,) = torch.autograd.grad(ref_loss, ref_leaf, upstream.double().cpu())
+    assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
+    assert_close(loss, ref_loss, student.dtype, "loss")
+    assert leaf.grad.dtype == student.dtype
+    assert_close(leaf.grad, ref_grad.reshape(student.shape), student.dtype, "gradient")
+    return loss.detach(), leaf.grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity: every tail x divergence x teacher form, both impls
+# ----------------------------------------------------------------------------------------------
+
+TEACHER_FORMS = ["dense_k", "dense_bounds", "dense_k_bounds", "sparse", "sparse_k_bounds"]
+
+
+def _teacher_kwargs(form, teacher, seed):
+    if form == "dense_k":
+        return dict(teacher_logits=teacher, k=9)
+    if form == "dense_bounds":
+        return dict(teacher_logits=teacher, lower=0.1, upper=0.6)
+    if form == "dense_k_bounds":
+        lower = torch.rand(teacher.shape[:-1], generator=torch.Generator().manual_seed(seed)) * 0.3
+        return dict(teacher_logits=teacher, k=12, lower=lower.to(DEVICE), upper=0.7)
+    indices, logprobs = _sparse_from_dense(teacher, 16)
+    logprobs[0, 3] = float("-inf")  # padding entry: never kept
+    if form == "sparse":
+        return dict(teacher_topk_indices=indices, teacher_topk_logprobs=logprobs)
+    return dict(teacher_topk_indices=indices, teacher_topk_logprobs=logprobs, k=12, lower=0.05, upper=0.8)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("form", TEACHER_FORMS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("tail", TAILS)
+def test_parity_tail_divergence_teacher_form(tail, divergence, form, impl):
+    student = _logits((6, 301), torch.float32, seed=1)
+    teacher = _logits((6, 301), torch.float32, seed=2, scale=2.5)
+    labels = _labels((6,), 301, seed=3, ignored=(2,))
+    kwargs = _teacher_kwargs(form, teacher, seed=4)
+    if tail == "label":
+        # One label inside the teacher's top tokens, one outside: both label cases.
+        labels[0] = int(teacher[0].argmax())
+    _run_and_compare(student, impl, tail=tail, divergence=divergence, labels=labels, temperature=1.3, **kwargs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_leading_dims_and_upstream(reduction, impl):
+    student = _logits((2, 3, 150), torch.float32, seed=5)
+    teacher = _logits((2, 3, 150), torch.float32, seed=6)
+    upstream = None
+    if reduction == "none":
+        upstream = torch.linspace(-1.0, 2.0, 6, device=DEVICE).reshape(2, 3)
+    labels = _labels((2, 3), 150, seed=7, ignored=(4,))
+    _run_and_compare(
+        student, impl, upstream=upstream, teacher_logits=teacher, k=10, tail="bucket", divergence="reverse", labels=labels,
+        reduction=reduction,
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_normalizer(impl):
+    student = _logits((4, 50), torch.float32, seed=8)
+    teacher = _logits((4, 50), torch.float32, seed=9)
+    _run_and_compare(student, impl, teacher_logits=teacher, k=5, normalizer=7.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("vocab,k", [(1000, 40), (32003, 100), (7, 7)])
+@pytest.mark.parametrize("tail", TAILS)
+def test_odd_vocab_sizes(tail, vocab, k, impl):
+    rows = 2 if vocab > 10000 else 3
+    student = _logits((rows, vocab), torch.float32, seed=vocab)
+    teacher = _logits((rows, vocab), torch.float32, seed=vocab + 1)
+    labels = _labels((rows,), vocab, seed=vocab + 2)
+    _run_and_compare(student, impl, teacher_logits=teacher, k=k, tail=tail, divergence="forward", labels=labels)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("tail", TAILS)
+def test_half_precision(tail, dtype, impl):
+    student = _logits((5, 400), dtype, seed=10)
+    teacher = _logits((5, 400), dtype, seed=11)
+    labels = _labels((5,), 400, seed=12, ignored=(1,))
+    _run_and_compare(student, impl, teacher_logits=teacher, k=20, tail=tail, divergence="reverse", labels=labels)
+    indices, logprobs = _sparse_from_dense(teacher, 20)
+    _run_and_compare(
+        student, impl, teacher_topk_indices=indices, teacher_topk_logprobs=logprobs.to(dtype), tail=tail,
+        labels=labels,
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_inputs(impl):
+    student = _logits((90, 4), torch.float32, seed=13).t()  # [4, 90], vocabulary stride 4
+    teacher = _logits((4, 2, 90), torch.float32, seed=14)[:, 0, :]  # row stride gaps
+    _run_and_compare(student, impl, teacher_logits=teacher, k=6, tail="bucket")
+    indices, logprobs = _sparse_from_dense(teacher, 8)
+    _run_and_compare(student, impl, teacher_topk_indices=indices.t().contiguous().t(),
+                     teacher_topk_logprobs=logprobs.t().contiguous().t(), tail="renormalize", divergence="reverse")
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection rules and edge cases
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("form", ["dense", "sparse"])
+def test_ties_keep_the_lower_index(form, impl):
+    vocab = 64
+    student = _logits((2, vocab), torch.float32, seed=15)
+    teacher = torch.zeros((2, vocab), device=DEVICE)
+    teacher[0, [5, 9, 20, 33, 40]] = 3.0  # five tied tokens: k = 3 keeps 5, 9, 20
+    teacher[1, [50, 2, 7]] = 1.0  # three tied tokens after the top one
+    teacher[1, 60] = 4.0
+    if form == "dense":
+        teacher_kwargs = dict(teacher_logits=teacher)
+    else:
+        indices, logprobs = _sparse_from_dense(teacher, 10)
+        teacher_kwargs = dict(teacher_topk_indices=indices, teacher_topk_logprobs=logprobs)
+    _, grad = _run_and_compare(student, impl, reduction="none", k=3, **teacher_kwargs)
+    assert set(grad[0].nonzero().flatten().tolist()) == {5, 9, 20}
+    assert set(grad[1].nonzero().flatten().tolist()) == {60, 2, 7}
+    # Row 1: p(60) = 0.445, each tied token 0.022; upper = 0.455 reaches into the first tied token only.
+    _, grad = _run_and_compare(student, impl, reduction="none", upper=0.455, **teacher_kwargs)
+    assert set(grad[1].nonzero().flatten().tolist()) == {60, 2}
+    assert set(grad[0].nonzero().flatten().tolist()) == {5, 9, 20, 33}
+    _run_and_compare(student, impl, tail="bucket", upper=0.455, **teacher_kwargs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_cumulative_bounds_rule(divergence, impl):
+    # Teacher probabilities 0.4, 0.3, 0.2, 0.1: [lower, upper] = [0.5, 0.75] overlaps ranks 1 and 2 only.
+    teacher = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3]], dtype=torch.float64)).to(torch.float32).to(DEVICE)
+    student = _logits((1, 4), torch.float32, seed=16)
+    _, grad = _run_and_compare(student, impl, teacher_logits=teacher, lower=0.5, upper=0.75, divergence=divergence)
+    assert set(grad[0].nonzero().flatten().tolist()) == {3, 2}
+    # top-p = 0.5: tokens are added until their cumulative mass reaches 0.5 (0.4, then 0.3).
+    _, grad = _run_and_compare(student, impl, teacher_logits=teacher, upper=0.5, divergence=divergence)
+    assert set(grad[0].nonzero().flatten().tolist()) == {1, 3}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("tail", TAILS)
+def test_k_equals_one_and_vocab(tail, impl):
+    student = _logits((4, 33), torch.float32, seed=17)
+    teacher = _logits((4, 33), torch.float32, seed=18)
+    labels = _labels((4,), 33, seed=19)
+    for k, divergence in ((1, "forward"), (33, "reverse")):
+        _run_and_compare(student, impl, teacher_logits=teacher, k=k, tail=tail, divergence=divergence, labels=labels,
+                         temperature=0.8)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_k_equals_vocab_is_the_full_kl(tail, divergence, impl):
+    student = _logits((3, 2, 77), torch.float32, seed=20)
+    teacher = _logits((3, 2, 77), torch.float32, seed=21)
+    full = kl_div(student, teacher, divergence=divergence, temperature=1.5, reduction="none", impl=impl)
+    clipped = topk_kl_div(student, teacher, k=77, tail=tail, divergence=divergence, temperature=1.5,
+                          reduction="none", impl=impl)
+    assert_close(clipped, full, torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_bounds_keeping_nothing_keep_the_top_token(tail, impl):
+    student = _logits((3, 50), torch.float32, seed=22)
+    teacher = _logits((3, 50), torch.float32, seed=23)
+    top1 = topk_kl_div(student, teacher, k=1, tail=tail, reduction="none", impl=impl)
+    for bounds in (dict(upper=0.0), dict(lower=1.0), dict(lower=0.0, upper=0.0)):
+        empty = topk_kl_div(student, teacher, tail=tail, reduction="none", impl=impl, **bounds)
+        assert_close(empty, top1, torch.float32)
+    _run_and_compare(student, impl, teacher_logits=teacher, tail=tail, upper=0.0)
+    if tail == "renormalize":
+        assert torch.all(top1 == 0)  # one token renormalised on both sides: identical distributions
+
+
+def test_kept_logprobs_rule_directly():
+    logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.6, 0.4, 0.0, 0.0]]))
+    kept = kept_logprobs(logprobs, torch.tensor([0.55, 0.99]), torch.tensor([0.9, 1.0]))
+    assert torch.isfinite(kept[0]).tolist() == [False, True, True, False]
+    assert torch.isfinite(kept[1]).tolist() == [False, True, False, False]
+    kept = kept_logprobs(logprobs, None, torch.tensor([0.0, 0.0]))
+    assert torch.isfinite(kept).tolist() == [[True, False, False, False], [True, False, False, False]]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("tail", TAILS)
+def test_minus_inf_teacher_logits_are_never_kept(tail, impl):
+    student = _logits((3, 40), torch.float32, seed=24)
+    teacher = _logits((3, 40), torch.float32, seed=25)
+    teacher[0, 5:] = float("-inf")  # 5 finite tokens, k = 8
+    teacher[1, ::2] = float("-inf")
+    labels = torch.tensor([2, 3, 7], device=DEVICE)
+    for divergence in DIVERGENCES:
+        if divergence == "reverse" and tail == "bucket":
+            continue  # the student has mass where the teacher has none: KL(Q || P) = inf, as for kl_div
+        loss, grad = _run_and_compare(student, impl, teacher_logits=teacher, k=8, tail=tail, divergence=divergence,
+                                      labels=labels, reduction="none")
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        if tail == "renormalize":
+            assert torch.all(grad[0, 5:] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_rows_ignored(impl):
+    student = _logits((3, 30), torch.float32, seed=26).requires_grad_(True)
+    teacher = _logits((3, 30), torch.float32, seed=27)
+    labels = torch.full((3,), -100, device=DEVICE)
+    for tail in TAILS:
+        loss = topk_kl_div(student, teacher, k=4, tail=tail, labels=labels, impl=impl)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.all(student.grad == 0)
+        student.grad = None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("tail", TAILS)
+def test_sparse_and_dense_agree_on_the_teachers_own_top_k(tail, divergence, impl):
+    student = _logits((2, 3, 100), torch.float32, seed=28)
+    teacher = _logits((2, 3, 100), torch.float32, seed=29)
+    labels = _labels((2, 3), 100, seed=30, ignored=(1,))
+    labels[1, 2] = int(teacher[1, 2].argmax())
+    indices, logprobs = _sparse_from_dense(teacher, 24)
+    common = dict(tail=tail, divergence=divergence, labels=labels, reduction="none", impl=impl)
+    for extra in (dict(), dict(lower=0.05, upper=0.7)):
+        dense = topk_kl_div(student, teacher, k=24, **common, **extra)
+        sparse = topk_kl_div(student, teacher_topk_indices=indices, teacher_topk_logprobs=logprobs, **common, **extra)
+        assert_close(sparse, dense, torch.float32)
+    if tail == "renormalize":  # at T != 1 only the renormalised top-k agrees (module docstring)
+        dense = topk_kl_div(student, teacher, k=24, temperature=2.0, **common)
+        sparse = topk_kl_div(student, teacher_topk_indices=indices, teacher_topk_logprobs=logprobs,
+                             temperature=2.0, **common)
+        assert_close(sparse, dense, torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_propagates(impl):
+    student = _logits((3, 40), torch.float32, seed=31)
+    teacher = _logits((3, 40), torch.float32, seed=32)
+    teacher[1, 3] = float("nan")
+    student_nan = student.clone()
+    student_nan[2, int(teacher[2].argmax())] = float("nan")
+    for tail in TAILS:
+        labels = torch.tensor([1, 2, 3], device=DEVICE)
+        loss = topk_kl_div(student_nan, teacher, k=5, tail=tail, labels=labels, reduction="none", impl=impl)
+        assert torch.isnan(loss[1]) and torch.isnan(loss[2]) and torch.isfinite(loss[0])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inputs_unchanged_and_teacher_gets_no_gradient(impl):
+    student = _logits((3, 40), torch.float32, seed=33).requires_grad_(True)
+    teacher = _logits((3, 40), torch.float32, seed=34).requires_grad_(True)
+    indices, logprobs = _sparse_from_dense(teacher.detach(), 6)
+    logprobs.requires_grad_(True)
+    before = [x.detach().clone() for x in (student, teacher, indices, logprobs)]
+    topk_kl_div(student, teacher, k=5, upper=0.9, impl=impl).backward()
+    topk_kl_div(student, teacher_topk_indices=indices, teacher_topk_logprobs=logprobs, lower=0.1, impl=impl).backward()
+    assert teacher.grad is None and logprobs.grad is None
+    for x, b in zip((student, teacher, indices, logprobs), before):
+        assert torch.equal(x.detach(), b)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_module_matches_functional(impl):
+    student = _logits((2, 3, 60), torch.float32, seed=35)
+    teacher = _logits((2, 3, 60), torch.float32, seed=36)
+    labels = _labels((2, 3), 60, seed=37, ignored=(2,))
+    module = TopKKLDivLoss(k=7, upper=0.8, tail="label", divergence="reverse", temperature=0.7, reduction="sum",
+                           impl=impl)
+    expected = topk_kl_div(student, teacher, k=7, upper=0.8, tail="label", divergence="reverse", temperature=0.7,
+                           reduction="sum", labels=labels, impl=impl)
+    assert_close(module(student, teacher, labels), expected, torch.float32)
+
+
+def test_torch_compile_fullgraph():
+    student = _logits((2, 3, 64), torch.float32, seed=38).cpu().requires_grad_(True)
+    teacher = _logits((2, 3, 64), torch.float32, seed=39).cpu()
+    indices, logprobs = _sparse_from_dense(teacher, 8)
+    labels = torch.tensor([[1, 2, -100], [4, 5, 6]])
+
+    def loss_fn(s, t):
+        dense = topk_kl_div(s, t, k=6, upper=0.9, tail="bucket", labels=labels, temperature=2.0, impl="torch")
+        sparse = topk_kl_div(s, teacher_topk_indices=indices, teacher_topk_logprobs=logprobs, tail="label",
+                             labels=labels, impl="torch")
+        return dense * 3.0 + sparse
+
+    loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(student, teacher)
+    loss.backward()
+    ref_dense, ref_leaf, _ = reference(student, teacher, k=6, upper=0.9, tail="bucket", labels=labels,
+                                       temperature=2.0)
+    ref_sparse, ref_leaf2, _ = reference(student, teacher_topk_indices=indices, teacher_topk_logprobs=logprobs,
+                                         tail="label", labels=labels)
+    (g1,) = torch.autograd.grad(ref_dense, ref_leaf)
+    (g2,) = torch.autograd.grad(ref_sparse, ref_leaf2)
+    assert_close(loss, ref_dense * 3.0 + ref_sparse, torch.float32)
+    assert_close(student.grad, (g1 * 3.0 + g2).reshape(student.shape), torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# DACKLLoss
+# ----------------------------------------------------------------------------------------------
+
+
+def _dackl_inputs(seed, rows=8, vocab=120):
+    student = _logits((rows, vocab), torch.float32, seed=seed)
+    teacher = _logits((rows, vocab), torch.float32, seed=seed + 1, scale=3.0)
+    return student, teacher
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_dackl_mlp_receives_gradients_in_training(tail):
+    torch.manual_seed(0)
+    loss_fn = DACKLLoss(vocab_top_m=32, hidden=16, tail=tail, impl="torch").to(DEVICE)
+    student, teacher = _dackl_inputs(40)
+    student.requires_grad_(True)
+    labels = _labels((8,), 120, seed=41, ignored=(0,))
+    loss_fn(student, teacher, labels).backward()
+    for name, parameter in loss_fn.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert student.grad.abs().sum() > 0
+    lower, upper = loss_fn.predict_bounds(teacher)
+    assert torch.all((0 < lower) & (lower < upper) & (upper < 1))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("tail,divergence", [("renormalize", "reverse"), ("bucket", "forward"), ("label", "reverse")])
+def test_dackl_eval_uses_the_hard_kernel_path(tail, divergence, impl):
+    torch.manual_seed(1)
+    loss_fn = DACKLLoss(vocab_top_m=16, hidden=8, tail=tail, divergence=divergence, temperature=1.2, impl=impl)
+    loss_fn = loss_fn.to(DEVICE).eval()
+    student, teacher = _dackl_inputs(42)
+    labels = _labels((8,), 120, seed=43)
+    lower, upper = loss_fn.predict_bounds(teacher)
+    expected = topk_kl_div(student, teacher, k=16, lower=lower.detach(), upper=upper.detach(), tail=tail,
+                           divergence=divergence, temperature=1.2, labels=labels, impl=impl)
+    assert_close(loss_fn(student, teacher, labels), expected, torch.float32)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("tail", TAILS)
+def test_dackl_soft_mask_tends_to_the_hard_mask(tail, divergence):
+    torch.manual_seed(2)
+    loss_fn = DACKLLoss(vocab_top_m=32, hidden=16, tail=tail, divergence=divergence, impl="torch").to(DEVICE)
+    with torch.no_grad():  # bounds inside the distribution, so the mask really clips
+        loss_fn.bound_net[2].bias.copy_(torch.tensor([-1.0, 1.0]))
+    student, teacher = _dackl_inputs(44)
+    labels = _labels((8,), 120, seed=45)
+    hard = loss_fn.eval()(student, teacher, labels)
+    loss_fn.train()
+    gaps = []
+    for sharpness in (30.0, 300.0, 1e5):
+        loss_fn.sharpness = sharpness
+        gaps.append((loss_fn(student, teacher, labels) - hard).abs().item())
+    assert gaps[-1] < 1e-4 * max(1.0, hard.abs().item())
+    assert gaps[0] > gaps[-1]
+
+
+def test_dackl_short_optimisation_moves_the_bounds():
+    torch.manual_seed(3)
+    loss_fn = DACKLLoss(vocab_top_m=32, hidden=16, tail="bucket", impl="torch").to(DEVICE)
+    student, teacher = _dackl_inputs(46)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=0.05)
+    lower0, upper0 = (b.detach().clone() for b in loss_fn.predict_bounds(teacher))
+    losses = []
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss = loss_fn(student, teacher)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    lower1, upper1 = loss_fn.predict_bounds(teacher)
+    moved = torch.maximum((lower1 - lower0).abs(), (upper1 - upper0).abs())
+    assert moved.min() > 0.01
+    assert losses[-1] < losses[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+
+
+def _bad(match, *args, error=ValueError, **kwargs):
+    with pytest.raises(error, match=match):
+        topk_kl_div(*args, **kwargs)
+
+
+def test_bad_inputs():
+    s = torch.randn(2, 3, 10)
+    t = torch.randn(2, 3, 10)
+    idx = torch.randint(0, 10, (2, 3, 4))
+    lp = -torch.rand(2, 3, 4)
+    _bad("no teacher given", s)
+    _bad("got both", s, t, teacher_topk_indices=idx, teacher_topk_logprobs=lp)
+    _bad("needs both", s, teacher_topk_indices=idx)
+    _bad("needs k and/or lower/upper", s, t)
+    _bad("k must be >= 1, got 0", s, t, k=0)
+    _bad("k must be >= 1, got -2", s, t, k=-2)
+    _bad("k must be an int", s, t, k=2.0, error=TypeError)
+    _bad(r"k must be <= the vocabulary size 10, got 11", s, t, k=11)
+    _bad(r"k must be <= the 4 stored", s, teacher_topk_indices=idx, teacher_topk_logprobs=lp, k=5)
+    bad_idx = idx.clone()
+    bad_idx[0, 0, 0] = 10
+    _bad(r"teacher_topk_indices must be in \[0, 10\)", s, teacher_topk_indices=bad_idx, teacher_topk_logprobs=lp)
+    bad_idx[0, 0, 0] = -1
+    _bad(r"teacher_topk_indices must be in \[0, 10\)", s, teacher_topk_indices=bad_idx, teacher_topk_logprobs=lp)
+    _bad("same shape", s, teacher_topk_indices=idx, teacher_topk_logprobs=lp[..., :3])
+    _bad("leading dims", s, teacher_topk_indices=idx[:1], teacher_topk_logprobs=lp[:1])
+    bad_lp = lp.clone()
+    bad_lp[1, 2, 3] = 0.5
+    _bad(r"log-probabilities \(<= 0\)", s, teacher_topk_indices=idx, teacher_topk_logprobs=bad_lp)
+    _bad("teacher_topk_indices must have dtype", s, teacher_topk_indices=idx.float(), teacher_topk_logprobs=lp,
+         error=TypeError)
+    _bad("lower must be <= upper", s, t, lower=0.6, upper=0.4)
+    _bad("lower must be <= upper in every row", s, t, lower=torch.full((2, 3), 0.6), upper=torch.full((2, 3), 0.4))
+    _bad(r"upper must be in \[0.0, 1.0\], got 1.5", s, t, upper=1.5)
+    _bad(r"lower must be in \[0.0, 1.0\], got -0.1", s, t, lower=-0.1)
+    _bad(r"upper must be in \[0, 1\]", s, t, upper=torch.full((2, 3), 1.2))
+    _bad("upper must be a number or a tensor shaped like", s, t, upper=torch.full((4,), 0.5))
+    _bad("tail='label' needs labels", s, t, k=3, tail="label")
+    _bad(r"labels must be in \[0, 10\)", s, t, k=3, tail="label", labels=torch.full((2, 3), 12))
+    _bad("tail must be one of", s, t, k=3, tail="drop")
+    _bad("divergence must be one of", s, t, k=3, divergence="jsd")
+    _bad("temperature must be in", s, t, k=3, temperature=0.0)
+    _bad("teacher_logits must have the student's shape", s, torch.randn(2, 3, 12), k=3)
+    _bad("reduction must be one of", s, t, k=3, reduction="batchmean")
+    _bad("impl must be one of", s, t, k=3, impl="cuda")
+    with pytest.raises(ValueError, match="vocab_top_m must be a positive int"):
+        DACKLLoss(vocab_top_m=0)
+    with pytest.raises(ValueError, match="tail must be one of"):
+        DACKLLoss(tail="drop")
