@@ -19,3 +19,21 @@ __all__ = [
     "TopKKLDivLoss",
     "topk_kl_div",
 ]
+
+from .tree import TreeSpec, build_tree, paths_from_tree, tree_from_paths, tree_from_retrieve, tree_to_retrieve
+from .tree_attention import tree_attention
+from .verify import VerifyResult, compact_kv_cache, verify_greedy, verify_sampling
+
+__all__ += [
+    "TreeSpec",
+    "build_tree",
+    "tree_from_paths",
+    "paths_from_tree",
+    "tree_to_retrieve",
+    "tree_from_retrieve",
+    "tree_attention",
+    "VerifyResult",
+    "verify_greedy",
+    "verify_sampling",
+    "compact_kv_cache",
+]

@@ -1,0 +1,283 @@
+"""Draft-tree utilities for speculative decoding (EAGLE / EAGLE-2 / FSPAD trees).
+
+A draft tree of ``T`` nodes is a parent array: node 0 is the root (the last committed token, not yet in
+the KV cache), ``parents[0] == -1`` and ``0 <= parents[i] < i`` for ``i > 0``. Everything the attention
+and verification ops need is derived once from it by :func:`build_tree` into a :class:`TreeSpec`.
+
+These functions are *setup code*: they read the parent array on the host (one device-to-host copy when
+it lives on a GPU) to validate it and to compute host-side sizes (``max_depth``, leaf count). Build the
+tree once per tree shape, not inside the decoding step; the ops that take a ``TreeSpec`` never
+synchronise with the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ._utils import INT_DTYPES, check_tensor
+
+#: Largest tree the ops accept. The ancestor bitmask is packed in 64-bit words; up to 64 nodes use
+#: one word (the common case pays nothing for the multi-word support).
+MAX_TREE_NODES = 256
+BITS_PER_WORD = 64
+
+
+def _bit_value(bit: int) -> int:
+    """The int64 value with only ``bit`` (0..63) set; bit 63 is the sign bit."""
+    return -(1 << 63) if bit == 63 else 1 << bit
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """A validated batch of draft trees (one per sequence, or one shared by every sequence).
+
+    Tensors have a leading tree-batch dim ``Bt`` (1 when built from a 1-D parent array: the tree is
+    then shared by every sequence of a batch).
+
+    Attributes:
+        parents: int64 ``[Bt, T]``, ``-1`` at the root.
+        depth: int64 ``[Bt, T]``, 0 at the root (position id = cache length + depth).
+        ancestor_mask: int64 ``[Bt, T, W]`` with ``W = ceil(T / 64)``: bit ``j % 64`` of word ``j // 64``
+            of row ``i`` is set iff ``j == i`` or ``j`` is an ancestor of ``i``.
+        first_child, next_sibling: int64 ``[Bt, T]``, ``-1`` when none; siblings in node-index order.
+        leaf_paths: int64 ``[Bt, num_leaves, max_depth + 1]``: node indices root → leaf, ``-1`` padded
+            (rows of ``-1`` pad trees with fewer leaves).
+        max_depth: deepest node's depth over the batch (host int).
+        max_children: largest number of children of one node over the batch (host int).
+    """
+
+    parents: torch.Tensor
+    depth: torch.Tensor
+    ancestor_mask: torch.Tensor
+    first_child: torch.Tensor
+    next_sibling: torch.Tensor
+    leaf_paths: torch.Tensor
+    max_depth: int
+    max_children: int
+
+    @property
+    def num_nodes(self) -> int:
+        return self.parents.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.parents.shape[0]
+
+    @property
+    def num_words(self) -> int:
+        return self.ancestor_mask.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.parents.device
+
+    def to(self, device: torch.device | str) -> "TreeSpec":
+        tensors = {
+            name: getattr(self, name).to(device)
+            for name in ("parents", "depth", "ancestor_mask", "first_child", "next_sibling", "leaf_paths")
+        }
+        return TreeSpec(**tensors, max_depth=self.max_depth, max_children=self.max_children)
+
+    def dense_ancestors(self) -> torch.Tensor:
+        """bool ``[Bt, T, T]``: entry ``[b, i, j]`` is bit ``j`` of row ``i`` of the ancestor mask."""
+        return unpack_ancestor_mask(self.ancestor_mask, self.num_nodes)
+
+
+def unpack_ancestor_mask(ancestor_mask: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """Expand packed int64 words ``[..., T, W]`` to a bool matrix ``[..., T, num_nodes]`` (device-side)."""
+    columns = torch.arange(num_nodes, device=ancestor_mask.device)
+    words = ancestor_mask[..., columns // BITS_PER_WORD]
+    return ((words >> (columns % BITS_PER_WORD)) & 1).bool()
+
+
+def _validate_parents(parents: object) -> torch.Tensor:
+    check_tensor("parents", parents, dtypes=INT_DTYPES)
+    if parents.dim() not in (1, 2):
+        raise ValueError(f"parents must have shape [T] or [B, T], got {tuple(parents.shape)}")
+    host = parents.detach().to("cpu", torch.int64)
+    host = host.unsqueeze(0) if host.dim() == 1 else host
+    batch, num_nodes = host.shape
+    if batch < 1 or num_nodes < 1:
+        raise ValueError(f"parents must hold at least one tree of at least one node, got shape {tuple(parents.shape)}")
+    if num_nodes > MAX_TREE_NODES:
+        raise ValueError(f"trees may have at most {MAX_TREE_NODES} nodes, got T={num_nodes}")
+    if (host[:, 0] != -1).any():
+        bad = int((host[:, 0] != -1).nonzero()[0, 0])
+        raise ValueError(f"parents[..., 0] must be -1 (node 0 is the root), got {int(host[bad, 0])} in tree {bad}")
+    index = torch.arange(num_nodes)
+    invalid = (host[:, 1:] < 0) | (host[:, 1:] >= index[1:])
+    if invalid.any():
+        tree_idx, node = (int(x) for x in invalid.nonzero()[0])
+        raise ValueError(
+            f"parents[{node + 1}] must be in [0, {node + 1}) (a parent precedes its child, which also rules out "
+            f"cycles), got {int(host[tree_idx, node + 1])} in tree {tree_idx}"
+        )
+    return host
+
+
+def build_tree(parents: torch.Tensor, *, device: torch.device | str | None = None) -> TreeSpec:
+    """Validate a parent array and derive everything the tree ops need.
+
+    Args:
+        parents: integer tensor ``[T]`` (one tree, shared by the batch) or ``[B, T]`` (one per sequence);
+            ``parents[..., 0] == -1`` and ``0 <= parents[..., i] < i``. At most ``MAX_TREE_NODES`` nodes.
+        device: where the spec's tensors live (default: ``parents.device``).
+
+    Host-side setup code (see the module docstring). Raises ``ValueError`` / ``TypeError`` on an invalid tree.
+    """
+    host = _validate_parents(parents)
+    device = parents.device if device is None else torch.device(device)
+    batch, num_nodes = host.shape
+    num_words = (num_nodes + BITS_PER_WORD - 1) // BITS_PER_WORD
+    rows = torch.arange(batch)
+
+    depth = torch.zeros(batch, num_nodes, dtype=torch.int64)
+    ancestor_mask = torch.zeros(batch, num_nodes, num_words, dtype=torch.int64)
+    ancestor_mask[:, 0, 0] = 1
+    for node in range(1, num_nodes):
+        parent = host[:, node]
+        depth[:, node] = depth[rows, parent] + 1
+        ancestor_mask[:, node] = ancestor_mask[rows, parent]
+        ancestor_mask[:, node, node // BITS_PER_WORD] |= _bit_value(node % BITS_PER_WORD)
+
+    first_child = torch.full((batch, num_nodes), -1, dtype=torch.int64)
+    next_sibling = torch.full((batch, num_nodes), -1, dtype=torch.int64)
+    last_child = torch.full((batch, num_nodes), -1, dtype=torch.int64)
+    num_children = torch.zeros(batch, num_nodes, dtype=torch.int64)
+    for tree_idx in range(batch):
+        for node in range(1, num_nodes):
+            parent = int(host[tree_idx, node])
+            if last_child[tree_idx, parent] < 0:
+                first_child[tree_idx, parent] = node
+            else:
+                next_sibling[tree_idx, int(last_child[tree_idx, parent])] = node
+            last_child[tree_idx, parent] = node
+            num_children[tree_idx, parent] += 1
+
+    max_depth = int(depth.max())
+    is_leaf = num_children == 0
+    num_leaves = int(is_leaf.sum(1).max())
+    leaf_paths = torch.full((batch, num_leaves, max_depth + 1), -1, dtype=torch.int64)
+    for tree_idx in range(batch):
+        leaves = is_leaf[tree_idx].nonzero().flatten().tolist()
+        for slot, leaf in enumerate(leaves):
+            node = leaf
+            while node >= 0:
+                leaf_paths[tree_idx, slot, int(depth[tree_idx, node])] = node
+                node = int(host[tree_idx, node])
+
+    return TreeSpec(
+        parents=host.to(device),
+        depth=depth.to(device),
+        ancestor_mask=ancestor_mask.to(device),
+        first_child=first_child.to(device),
+        next_sibling=next_sibling.to(device),
+        leaf_paths=leaf_paths.to(device),
+        max_depth=max_depth,
+        max_children=int(num_children.max()),
+    )
+
+
+def tree_from_paths(paths: Sequence[Sequence[int]]) -> torch.Tensor:
+    """EAGLE-style tree choices → parent array (int64 ``[T]``, ``T = len(paths) + 1``), breadth-first.
+
+    Each path is a list of child ranks from the root, e.g. ``[[0], [1], [0, 0], [0, 1]]``; a rank orders
+    siblings (smaller rank = earlier node). Nodes are numbered by (depth, path): the root is node 0, then
+    the depth-1 nodes in rank order, and so on. Every proper prefix of a path must itself be a path.
+    """
+    if not isinstance(paths, (list, tuple)):
+        raise TypeError(f"paths must be a list of lists of ints, got {type(paths).__name__}")
+    keys = []
+    for path in paths:
+        if not isinstance(path, (list, tuple)) or len(path) == 0:
+            raise ValueError(f"each path must be a non-empty list of child ranks, got {path!r}")
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in path):
+            raise ValueError(f"child ranks must be non-negative ints, got {path!r}")
+        keys.append(tuple(path))
+    if len(set(keys)) != len(keys):
+        raise ValueError("paths must be distinct")
+    ordered = sorted(keys, key=lambda p: (len(p), p))
+    index = {(): 0}
+    parents = [-1]
+    for path in ordered:
+        if path[:-1] not in index:
+            raise ValueError(f"path {list(path)} has no parent path {list(path[:-1])} in paths")
+        index[path] = len(parents)
+        parents.append(index[path[:-1]])
+    if len(parents) > MAX_TREE_NODES:
+        raise ValueError(f"trees may have at most {MAX_TREE_NODES} nodes, got T={len(parents)}")
+    return torch.tensor(parents, dtype=torch.int64)
+
+
+def _single_tree_parents(tree: TreeSpec | torch.Tensor, batch_index: int) -> list[int]:
+    if isinstance(tree, TreeSpec):
+        return tree.parents[batch_index].tolist()
+    host = _validate_parents(tree)
+    return host[batch_index].tolist()
+
+
+def paths_from_tree(tree: TreeSpec | torch.Tensor, batch_index: int = 0) -> list[list[int]]:
+    """Inverse of :func:`tree_from_paths`: the child-rank path of every non-root node, in node order.
+
+    A node's rank is its position among its parent's children in node-index order. For a tree that is
+    already breadth-first with rank-ordered siblings, ``tree_from_paths(paths_from_tree(p))`` equals ``p``.
+    """
+    parents = _single_tree_parents(tree, batch_index)
+    paths: list[list[int]] = [[]]
+    children_seen = [0] * len(parents)
+    for node in range(1, len(parents)):
+        parent = parents[node]
+        paths.append(paths[parent] + [children_seen[parent]])
+        children_seen[parent] += 1
+    return paths[1:]
+
+
+def tree_to_retrieve(tree: TreeSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SGLang-style retrieve arrays ``(retrive_index, retrive_next_token, retrive_next_sibling)``, each
+    int64 ``[Bt, T]``: the flat index ``b * T + i`` of each draft token, each node's first child and each
+    node's next sibling (``-1`` when none; siblings in node-index order). Device-side, no host sync."""
+    batch, num_nodes = tree.parents.shape
+    index = torch.arange(batch * num_nodes, device=tree.device, dtype=torch.int64).view(batch, num_nodes)
+    return index, tree.first_child.clone(), tree.next_sibling.clone()
+
+
+def tree_from_retrieve(retrive_next_token: torch.Tensor, retrive_next_sibling: torch.Tensor) -> torch.Tensor:
+    """Parent array (int64, same shape) from SGLang's first-child / next-sibling arrays ``[T]`` or ``[B, T]``.
+
+    Host-side setup code. The sibling chains may list children in any order; the parent array (and so
+    the verification order, which is node-index order) does not depend on it.
+    """
+    check_tensor("retrive_next_token", retrive_next_token, dtypes=INT_DTYPES)
+    check_tensor("retrive_next_sibling", retrive_next_sibling, dtypes=INT_DTYPES)
+    if retrive_next_token.shape != retrive_next_sibling.shape or retrive_next_token.dim() not in (1, 2):
+        raise ValueError(
+            "retrive_next_token and retrive_next_sibling must both have shape [T] or [B, T], got "
+            f"{tuple(retrive_next_token.shape)} and {tuple(retrive_next_sibling.shape)}"
+        )
+    first = retrive_next_token.detach().to("cpu", torch.int64)
+    sibling = retrive_next_sibling.detach().to("cpu", torch.int64)
+    squeeze = first.dim() == 1
+    first, sibling = (first.unsqueeze(0), sibling.unsqueeze(0)) if squeeze else (first, sibling)
+    batch, num_nodes = first.shape
+    parents = torch.full((batch, num_nodes), -2, dtype=torch.int64)
+    for tree_idx in range(batch):
+        parents[tree_idx, 0] = -1
+        for node in range(num_nodes):
+            child = int(first[tree_idx, node])
+            steps = 0
+            while child != -1:
+                if not 0 < child < num_nodes or parents[tree_idx, child] != -2 or steps > num_nodes:
+                    raise ValueError(
+                        f"retrieve arrays of tree {tree_idx} do not describe a tree (node {child} reached "
+                        f"twice or out of [1, {num_nodes}))"
+                    )
+                parents[tree_idx, child] = node
+                child = int(sibling[tree_idx, child])
+                steps += 1
+    if (parents == -2).any():
+        raise ValueError("retrieve arrays leave some nodes unreachable from the root")
+    _validate_parents(parents)
+    return parents[0] if squeeze else parents

@@ -1,0 +1,179 @@
+"""Tree attention: the target model scores a whole draft tree in one forward pass.
+
+For sequence ``b`` the KV cache holds the prefix at positions ``[0, cache_lens[b])`` and the tree nodes
+at ``[cache_lens[b], cache_lens[b] + T)`` in node order. Tree node ``i`` attends to the whole prefix and
+to the tree nodes set in its ancestor bitmask (itself and its ancestors).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._utils import FLOAT_DTYPES, INT_DTYPES, check_same_device, check_tensor, resolve_impl
+from .tree import TreeSpec, unpack_ancestor_mask
+
+_TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+# float64 runs on the PyTorch path only (it is the tests' reference precision).
+_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def tree_attention_mask(ancestor_mask: torch.Tensor, cache_lens: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Dense boolean mask ``[B, T, S]`` (True = visible) of tree attention; device-side, no host sync.
+
+    ``ancestor_mask`` int64 ``[Bt, T, W]`` (Bt 1 or B), ``cache_lens`` int ``[B]``.
+    """
+    num_nodes = ancestor_mask.shape[1]
+    ancestors = unpack_ancestor_mask(ancestor_mask, num_nodes).expand(cache_lens.shape[0], -1, -1)
+    positions = torch.arange(kv_len, device=cache_lens.device)
+    relative = positions[None, :] - cache_lens.to(torch.int64)[:, None]  # [B, S]
+    in_prefix = relative < 0
+    in_tree = (relative >= 0) & (relative < num_nodes)
+    index = relative.clamp(0, num_nodes - 1)[:, None, :].expand(-1, num_nodes, -1)
+    tree_visible = torch.gather(ancestors, 2, index) & in_tree[:, None, :]
+    return in_prefix[:, None, :] | tree_visible
+
+
+def tree_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ancestor_mask: torch.Tensor,
+    cache_lens: torch.Tensor,
+    sm_scale: float,
+    *,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """PyTorch tree attention with a dense boolean mask (the CPU path and the test/benchmark reference).
+
+    Computes in float32 (float64 for float64 inputs) when ``upcast``; one sequence at a time so the
+    ``[Hq, T, S]`` score matrix of only one sequence is alive. Returns q's dtype, ``[B, Hq, T, D]``.
+    """
+    batch, num_heads, num_nodes, _ = q.shape
+    group = num_heads // k.shape[1]
+    compute = torch.float64 if q.dtype == torch.float64 else (torch.float32 if upcast else q.dtype)
+    mask = tree_attention_mask(ancestor_mask, cache_lens, k.shape[2])
+    out = torch.empty_like(q)
+    for b in range(batch):
+        keys = k[b].to(compute).repeat_interleave(group, dim=0)
+        values = v[b].to(compute).repeat_interleave(group, dim=0)
+        scores = torch.matmul(q[b].to(compute), keys.transpose(-1, -2)) * sm_scale
+        scores = scores.masked_fill(~mask[b][None], float("-inf"))
+        out[b] = torch.matmul(torch.softmax(scores, dim=-1), values).to(q.dtype)
+    return out
+
+
+def _check_cache_lens_values(cache_lens: torch.Tensor, num_nodes: int, kv_len: int) -> None:
+    """Value checks, only where they cost no host synchronisation (``cache_lens`` in host memory).
+
+    On a GPU the kernel stays memory-safe regardless (it never reads past ``S``)."""
+    if cache_lens.device.type != "cpu" or cache_lens.numel() == 0:
+        return
+    if bool((cache_lens < 0).any()):
+        raise ValueError(f"cache_lens must be >= 0, got {cache_lens.tolist()}")
+    if bool((cache_lens.to(torch.int64) + num_nodes > kv_len).any()):
+        raise ValueError(
+            f"cache_lens + T must be <= S (the KV cache must hold the tree after the prefix): "
+            f"T={num_nodes}, S={kv_len}, max(cache_lens)={int(cache_lens.max())}"
+        )
+
+
+@torch.library.custom_op("distill_ops::tree_attention", mutates_args=())
+def _tree_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ancestor_mask: torch.Tensor,
+    cache_lens: torch.Tensor,
+    sm_scale: float,
+    num_kv_splits: int,
+    impl: str,
+) -> torch.Tensor:
+    _check_cache_lens_values(cache_lens, q.shape[2], k.shape[2])
+    if impl == "torch":
+        return tree_attention_ref(q, k, v, ancestor_mask, cache_lens, sm_scale)
+    from .kernels.tree_attention import tree_attention_forward
+
+    return tree_attention_forward(
+        q, k, v, ancestor_mask.contiguous(), cache_lens.to(torch.int32), sm_scale,
+        None if num_kv_splits <= 0 else num_kv_splits,
+    )
+
+
+@_tree_attention_op.register_fake
+def _(q, k, v, ancestor_mask, cache_lens, sm_scale, num_kv_splits, impl):
+    return torch.empty_like(q)
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tree: TreeSpec,
+    cache_lens: torch.Tensor,
+    *,
+    sm_scale: float | None = None,
+    num_kv_splits: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Attention of the draft-tree queries over a KV cache holding the prefix then the tree nodes.
+
+    Args:
+        q: ``[B, Hq, T, D]`` queries of the tree nodes (fp32 / fp16 / bf16; fp64 with the torch impl).
+        k, v: ``[B, Hkv, S, D]``, same dtype, ``Hq % Hkv == 0``. For sequence ``b``, positions
+            ``[0, cache_lens[b])`` are the prefix and ``[cache_lens[b], cache_lens[b] + T)`` the tree nodes
+            in node order; ``S >= max(cache_lens) + T``.
+        tree: a :class:`TreeSpec` of ``T`` nodes, one tree (shared) or ``B`` trees, on q's device.
+        cache_lens: integer ``[B]`` prefix lengths (ragged across the batch).
+        sm_scale: score scale, default ``1 / sqrt(D)``.
+        num_kv_splits: Triton only: number of prefix chunks of split-KV mode (1 = no split); ``None``
+            applies the heuristic of ``distill_ops.kernels.tree_attention.choose_num_splits`` (split only
+            when ``B · Hkv`` row blocks cannot fill the GPU and the prefix is long).
+        impl: ``"auto"`` | ``"triton"`` | ``"torch"``.
+
+    Returns ``[B, Hq, T, D]`` in q's dtype. Node ``i`` attends to the whole prefix and to the tree nodes
+    set in its ancestor bitmask. ``cache_lens`` values are checked only when they live on the CPU (a
+    check on a GPU would synchronise); the kernel never reads outside ``[0, S)``.
+    """
+    check_tensor("q", q, dtypes=_DTYPES, ndim=4)
+    check_tensor("k", k, dtypes=_DTYPES, ndim=4)
+    check_tensor("v", v, dtypes=_DTYPES, ndim=4)
+    if not isinstance(tree, TreeSpec):
+        raise TypeError(f"tree must be a TreeSpec (see distill_ops.tree.build_tree), got {type(tree).__name__}")
+    check_tensor("cache_lens", cache_lens, dtypes=INT_DTYPES, ndim=1)
+    device = check_same_device(q=q, k=k, v=v, cache_lens=cache_lens, tree=tree.ancestor_mask)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    batch, num_heads, num_nodes, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k must have shape [B={batch}, Hkv, S, D={head_dim}] to match q {tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    num_kv_heads, kv_len = k.shape[1], k.shape[2]
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"the number of query heads ({num_heads}) must be a multiple of the KV heads ({num_kv_heads})")
+    if tree.num_nodes != num_nodes:
+        raise ValueError(f"tree has {tree.num_nodes} nodes but q has T={num_nodes} (q.shape[2])")
+    if tree.batch_size not in (1, batch):
+        raise ValueError(f"tree must hold 1 or B={batch} trees, got {tree.batch_size}")
+    if cache_lens.shape[0] != batch:
+        raise ValueError(f"cache_lens must have shape [B={batch}], got {tuple(cache_lens.shape)}")
+    if kv_len < num_nodes:
+        raise ValueError(f"k/v length S={kv_len} must be >= T={num_nodes} (cache_lens + T <= S)")
+    if num_kv_splits is not None and (isinstance(num_kv_splits, bool) or not isinstance(num_kv_splits, int)
+                                      or num_kv_splits < 1):
+        raise ValueError(f"num_kv_splits must be None or an int >= 1, got {num_kv_splits!r}")
+    backend = resolve_impl(impl, device)
+    if backend == "triton" and q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"impl='triton' needs q/k/v in float32, float16 or bfloat16, got {q.dtype}")
+    if backend == "triton" and head_dim not in _TRITON_HEAD_DIMS:
+        raise ValueError(f"impl='triton' needs a head dim D in {_TRITON_HEAD_DIMS}, got D={head_dim}")
+    if backend == "triton" and max(k.stride(2), v.stride(2), head_dim) * kv_len >= 2**31:
+        raise ValueError(f"impl='triton' needs S * k.stride(2) < 2**31 (int32 key offsets), got S={kv_len}")
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    return _tree_attention_op(
+        q, k, v, tree.ancestor_mask, cache_lens, scale, 0 if num_kv_splits is None else num_kv_splits, backend
+    )

@@ -1,0 +1,370 @@
+"""Draft-tree verification for speculative decoding, and KV-cache compaction after it.
+
+``draft_tokens[b, i]`` is the token of tree node ``i`` (``draft_tokens[:, 0]`` the root, already
+decided); ``target_logits[b, i]`` is the target model's prediction for the token *after* node ``i``.
+
+* Greedy: accept the deepest node whose whole root path matches the target argmax (EAGLE's "longest
+  matching path"; with distinct sibling tokens this is exactly "follow the child whose token is the
+  argmax, stop when none is"; ties between equally deep paths go to the smaller node index). The bonus
+  token is the argmax at the last accepted node.
+* Sampling, lossless: target distribution ``p = softmax(logits / temperature)`` after top-k then top-p.
+  From the root, the children of the current node are tried in node-index order. Without
+  ``draft_probs`` the drafts are deterministic: child ``x`` is accepted with the residual probability
+  ``r(x)``, otherwise ``x`` is zeroed in the residual and it is renormalised. With ``draft_probs`` (the
+  children of node ``i`` drawn i.i.d. from ``draft_probs[:, i]``) SpecInfer's multi-round rejection:
+  accept with ``min(1, r(x) / q(x))``, otherwise ``r <- normalise(max(r - q, 0))``. When no child is
+  accepted the bonus token is drawn from the residual (inverse CDF). Randomness: ``uniforms[b, j]``
+  decides child ``j`` and ``uniforms[b, 0]`` the bonus token, all drawn up front with
+  ``torch.rand(generator=...)``, so one generator state gives the same result on every impl.
+* Top-k keeps the tokens whose logit is >= the k-th largest; top-p then keeps the smallest
+  descending-probability prefix whose mass reaches ``top_p`` (ties at either cut are kept). The cut is
+  computed with PyTorch ops on the device (a sort over V) on both impls; the kernels apply it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._utils import FLOAT_DTYPES, INT_DTYPES, check_number, check_same_device, check_tensor, resolve_impl, row_chunk
+from .tree import TreeSpec
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of verifying one draft tree per sequence (all int64, on the logits' device).
+
+    Attributes:
+        accepted_nodes: ``[B, max_depth + 1]`` accepted node indices, root first, ``-1`` padded.
+        accept_len: ``[B]`` accepted draft tokens (root excluded).
+        next_tokens: ``[B]`` the bonus token chosen at the last accepted node.
+        emitted_tokens: ``[B, max_depth + 1]`` accepted draft tokens then the bonus token, ``-1`` padded.
+    """
+
+    accepted_nodes: torch.Tensor
+    accept_len: torch.Tensor
+    next_tokens: torch.Tensor
+    emitted_tokens: torch.Tensor
+
+
+def _check_verify_inputs(tree: object, draft_tokens: object, target_logits: object) -> tuple[int, int, int]:
+    if not isinstance(tree, TreeSpec):
+        raise TypeError(f"tree must be a TreeSpec (see distill_ops.tree.build_tree), got {type(tree).__name__}")
+    check_tensor("draft_tokens", draft_tokens, dtypes=INT_DTYPES, ndim=2)
+    check_tensor("target_logits", target_logits, dtypes=FLOAT_DTYPES, ndim=3)
+    check_same_device(target_logits=target_logits, draft_tokens=draft_tokens, tree=tree.parents)
+    batch, num_nodes, vocab = target_logits.shape
+    if draft_tokens.shape != (batch, num_nodes):
+        raise ValueError(
+            f"draft_tokens must have shape [B, T] = {[batch, num_nodes]} (target_logits' leading dims), "
+            f"got {tuple(draft_tokens.shape)}"
+        )
+    if tree.num_nodes != num_nodes:
+        raise ValueError(f"tree has {tree.num_nodes} nodes but target_logits has T={num_nodes}")
+    if tree.batch_size not in (1, batch):
+        raise ValueError(f"tree must hold 1 or B={batch} trees, got {tree.batch_size}")
+    if vocab < 1:
+        raise ValueError("target_logits must have a non-empty vocabulary dim")
+    # Value check only where it costs no host synchronisation; on a GPU the kernels treat an
+    # out-of-range token as one the target gives probability 0 (never accepted).
+    if draft_tokens.device.type == "cpu" and bool(((draft_tokens < 0) | (draft_tokens >= vocab)).any()):
+        raise ValueError(f"draft_tokens must be token ids in [0, V={vocab}), got values outside it")
+    return batch, num_nodes, vocab
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _empty_result(batch: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.full((batch, width + 1), -1, dtype=torch.int64, device=device),
+            torch.full((batch, width + 1), -1, dtype=torch.int64, device=device))
+
+
+def verify_greedy_ref(tree: TreeSpec, draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> VerifyResult:
+    """PyTorch greedy verification (the CPU path and the reference); device-side, no host sync."""
+    batch, num_nodes, _ = target_logits.shape
+    device = target_logits.device
+    argmax = target_logits.argmax(-1)
+    parents = tree.parents.expand(batch, -1)
+    depth = tree.depth.expand(batch, -1)
+    nodes = torch.arange(num_nodes, device=device)
+    match = draft_tokens.to(torch.int64) == argmax.gather(1, parents.clamp_min(0))
+    match = match | (nodes == 0)
+    ancestors = tree.dense_ancestors().expand(batch, -1, -1)
+    on_path = ~(ancestors & ~match[:, None, :]).any(-1)
+    key = torch.where(on_path, depth * num_nodes + (num_nodes - 1 - nodes), -1)
+    best = key.amax(-1)
+    final = num_nodes - 1 - best % num_nodes
+    final_depth = best // num_nodes
+    return _finish(tree, draft_tokens, ancestors, depth, final, final_depth, argmax.gather(1, final[:, None])[:, 0])
+
+
+def _finish(tree, draft_tokens, ancestors, depth, final, final_depth, bonus) -> VerifyResult:
+    """Result tensors from the final node of each sequence (path = the final node's ancestors)."""
+    batch, num_nodes = draft_tokens.shape
+    width = tree.max_depth + 1
+    nodes = torch.arange(num_nodes, device=draft_tokens.device).expand(batch, -1)
+    in_path = ancestors.gather(1, final[:, None, None].expand(-1, 1, num_nodes))[:, 0]
+    accepted, emitted = _empty_result(batch, width, draft_tokens.device)
+    # Column `width` is a dump slot for the nodes off the path.
+    accepted.scatter_(1, torch.where(in_path, depth, width), nodes)
+    emitted.scatter_(1, torch.where(in_path & (nodes > 0), depth - 1, width), draft_tokens.to(torch.int64))
+    emitted.scatter_(1, final_depth[:, None], bonus[:, None].to(torch.int64))
+    return VerifyResult(accepted[:, :width], final_depth.to(torch.int64), bonus.to(torch.int64), emitted[:, :width])
+
+
+def verify_greedy(
+    tree: TreeSpec, draft_tokens: torch.Tensor, target_logits: torch.Tensor, *, impl: str = "auto"
+) -> VerifyResult:
+    """Greedy verification of one draft tree per sequence.
+
+    Args:
+        tree: :class:`TreeSpec` of ``T`` nodes (1 shared tree or ``B`` trees) on the logits' device.
+        draft_tokens: integer ``[B, T]`` token of each node (column 0: the root).
+        target_logits: ``[B, T, V]`` fp32 / fp16 / bf16; row ``i`` predicts the token after node ``i``.
+        impl: ``"auto"`` | ``"triton"`` | ``"torch"``.
+
+    Returns a :class:`VerifyResult`. No host synchronisation; the logits never leave the device.
+    """
+    batch, num_nodes, _ = _check_verify_inputs(tree, draft_tokens, target_logits)
+    if resolve_impl(impl, target_logits.device) == "torch":
+        return verify_greedy_ref(tree, draft_tokens, target_logits)
+    from .kernels.tree_verify import verify_greedy_forward
+
+    return VerifyResult(*verify_greedy_forward(
+        tree.parents, tree.depth, tree.ancestor_mask, draft_tokens.to(torch.int64).contiguous(),
+        _rows(target_logits), tree.max_depth + 1,
+    ))
+
+
+def filter_thresholds(
+    target_logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
+) -> torch.Tensor | None:
+    """Per-node raw-logit cut ``[B, T]`` (fp32) of top-k then top-p: a token is kept iff its logit is >=
+    the cut. ``None`` when nothing is filtered. PyTorch ops on the device (a sort over V for top-p), one
+    chunk of rows at a time to bound memory; no host synchronisation."""
+    vocab = target_logits.shape[-1]
+    use_k = top_k is not None and top_k < vocab
+    use_p = top_p is not None and top_p < 1.0
+    if not (use_k or use_p):
+        return None
+    rows = target_logits.reshape(-1, vocab)
+    cuts = []
+    # Row chunks bound the sort's temporaries (values + int64 indices) to a few million elements.
+    for start in range(0, rows.shape[0], row_chunk(rows.shape[0], vocab)):
+        logits = rows[start : start + row_chunk(rows.shape[0], vocab)].float()
+        cut = torch.full(logits.shape[:-1], float("-inf"), device=logits.device)
+        if use_k:
+            cut = torch.topk(logits, top_k, dim=-1).values[..., -1]
+        if use_p:
+            values = torch.sort(logits, dim=-1, descending=True).values
+            scaled = torch.where(values >= cut[..., None], values / temperature, float("-inf"))
+            probs = torch.softmax(scaled, dim=-1)
+            mass_before = torch.cumsum(probs, dim=-1) - probs
+            last_kept = ((mass_before < top_p) & (probs > 0)).sum(-1, keepdim=True).clamp_min(1) - 1
+            cut = torch.maximum(cut, values.gather(-1, last_kept)[..., 0])
+        cuts.append(cut)
+    return torch.cat(cuts).view(target_logits.shape[:-1])
+
+
+def verify_sampling_ref(
+    tree: TreeSpec,
+    draft_tokens: torch.Tensor,
+    target_logits: torch.Tensor,
+    thresholds: torch.Tensor | None,
+    draft_probs: torch.Tensor | None,
+    uniforms: torch.Tensor,
+    temperature: float,
+) -> VerifyResult:
+    """PyTorch lossless sampling verification with explicit uniforms ``[B, T]`` (see the module doc).
+
+    Materialises the fp32 probabilities ``[B, T, V]``; device-side, no host sync."""
+    batch, num_nodes, vocab = target_logits.shape
+    device = target_logits.device
+    logits = target_logits.float()
+    kept = torch.ones_like(logits, dtype=torch.bool) if thresholds is None else logits >= thresholds[..., None]
+    scaled = torch.where(kept, logits * (1.0 / temperature), float("-inf"))
+    row_max = scaled.amax(-1, keepdim=True)
+    probs = torch.exp(scaled - row_max)
+    probs = probs / probs.sum(-1, keepdim=True)
+    argmax = scaled.argmax(-1)
+    parents = tree.parents.expand(batch, -1)
+    tokens = draft_tokens.to(torch.int64)
+    rows = torch.arange(batch, device=device)
+    nodes = torch.arange(num_nodes, device=device)
+
+    if draft_probs is not None:
+        q_all = draft_probs.float()
+        round_c = [torch.zeros(batch, num_nodes, device=device)]
+        round_n = [torch.ones(batch, num_nodes, device=device)]
+        for _ in range(tree.max_children):
+            round_c.append(round_c[-1] + round_n[-1])
+            round_n.append(torch.relu(probs - round_c[-1][..., None] * q_all).sum(-1))
+        round_c, round_n = torch.stack(round_c, -1), torch.stack(round_n, -1)
+
+    cur = torch.zeros(batch, dtype=torch.int64, device=device)
+    depth = torch.zeros_like(cur)
+    rnd = torch.zeros_like(cur)
+    det_mass = torch.ones(batch, device=device)
+    excluded = torch.zeros(batch, num_nodes, dtype=torch.bool, device=device)
+    for j in range(1, num_nodes):
+        token = tokens[:, j]
+        is_child = parents[:, j] == cur
+        p = probs[rows, cur, token.clamp(0, vocab - 1)]
+        u = uniforms[:, j]
+        if draft_probs is not None:
+            q = q_all[rows, cur, token.clamp(0, vocab - 1)]
+            c = round_c[rows, cur, rnd]
+            mass = round_n[rows, cur, rnd]
+            accept = is_child & (u * q * mass < torch.clamp_min(p - c * q, 0.0))
+            rnd = torch.where(accept, 0, torch.where(is_child, rnd + 1, rnd))
+        else:
+            dup = ((parents == cur[:, None]) & (nodes < j) & (tokens == token[:, None])).any(-1)
+            resid = torch.where(dup, 0.0, p)
+            accept = is_child & (u * det_mass < resid)
+            reject = is_child & ~accept
+            det_mass = torch.where(accept, 1.0, torch.where(reject, torch.clamp_min(det_mass - resid, 0.0), det_mass))
+            excluded = torch.where(accept[:, None], False, excluded | ((reject & ~dup)[:, None] & (nodes == j)))
+        cur = torch.where(accept, j, cur)
+        depth = depth + accept.long()
+
+    residual = probs[rows, cur]
+    if draft_probs is not None:
+        residual = torch.relu(residual - round_c[rows, cur, rnd][:, None] * q_all[rows, cur])
+        total = round_n[rows, cur, rnd]
+    else:
+        dump = torch.full_like(tokens, vocab)
+        residual = torch.cat([residual, residual.new_zeros(batch, 1)], 1)
+        residual = residual.scatter(1, torch.where(excluded, tokens.clamp(0, vocab - 1), dump), 0.0)[:, :vocab]
+        total = det_mass
+    cdf = torch.cumsum(residual, -1)
+    hit = (cdf > (uniforms[:, 0] * total)[:, None]) & (residual > 0)
+    positive = residual > 0
+    last_positive = vocab - 1 - positive.flip(-1).int().argmax(-1)
+    bonus = torch.where(hit.any(-1), hit.int().argmax(-1), last_positive)
+    bonus = torch.where(positive.any(-1), bonus, argmax[rows, cur])
+    ancestors = tree.dense_ancestors().expand(batch, -1, -1)
+    return _finish(tree, draft_tokens, ancestors, tree.depth.expand(batch, -1), cur, depth, bonus)
+
+
+def draw_uniforms(batch: int, num_nodes: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """fp32 ``[B, T]`` uniforms in [0, 1) from ``generator`` (drawn on the generator's device), moved to
+    ``device``. Column ``j > 0`` decides child ``j``, column 0 the bonus token."""
+    source = generator.device if generator is not None else device
+    return torch.rand((batch, num_nodes), generator=generator, device=source, dtype=torch.float32).to(device)
+
+
+def verify_sampling(
+    tree: TreeSpec,
+    draft_tokens: torch.Tensor,
+    target_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    draft_probs: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    impl: str = "auto",
+) -> VerifyResult:
+    """Lossless speculative-sampling verification of one draft tree per sequence.
+
+    Args:
+        tree, draft_tokens, target_logits: as in :func:`verify_greedy`.
+        temperature: > 0; top_k: int >= 1 or None; top_p: in (0, 1] or None (applied after top-k).
+        draft_probs: ``[B, T, V]`` float draft distributions (children of node ``i`` sampled i.i.d. from
+            ``draft_probs[:, i]``), or None for deterministic (top-k) drafts.
+        generator: the only source of randomness (``torch.rand`` on its device; default generator of the
+            logits' device when None).
+        impl: ``"auto"`` | ``"triton"`` | ``"torch"``.
+
+    Returns a :class:`VerifyResult` whose emitted tokens are distributed exactly as autoregressive
+    sampling from the (filtered, tempered) target. No host synchronisation.
+    """
+    batch, num_nodes, vocab = _check_verify_inputs(tree, draft_tokens, target_logits)
+    temperature = check_number("temperature", temperature, low=0.0, low_inclusive=False)
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int):
+            raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None:
+        top_p = check_number("top_p", top_p, low=0.0, high=1.0, low_inclusive=False)
+    if draft_probs is not None:
+        check_tensor("draft_probs", draft_probs, dtypes=FLOAT_DTYPES, ndim=3)
+        if draft_probs.shape != target_logits.shape:
+            raise ValueError(
+                f"draft_probs must have the shape of target_logits {tuple(target_logits.shape)}, "
+                f"got {tuple(draft_probs.shape)}"
+            )
+        check_same_device(target_logits=target_logits, draft_probs=draft_probs)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    backend = resolve_impl(impl, target_logits.device)
+    uniforms = draw_uniforms(batch, num_nodes, target_logits.device, generator)
+    thresholds = filter_thresholds(target_logits, temperature, top_k, top_p)
+    if backend == "torch":
+        return verify_sampling_ref(tree, draft_tokens, target_logits, thresholds, draft_probs, uniforms, temperature)
+    from .kernels.tree_verify import verify_sampling_forward
+
+    return VerifyResult(*verify_sampling_forward(
+        tree.parents, draft_tokens.to(torch.int64).contiguous(), _rows(target_logits),
+        None if thresholds is None else thresholds.contiguous(),
+        None if draft_probs is None else _rows(draft_probs), uniforms, temperature, tree.max_depth + 1,
+    ))
+
+
+def compact_kv_cache_ref(k: torch.Tensor, v: torch.Tensor, cache_lens: torch.Tensor, accepted: torch.Tensor) -> None:
+    """PyTorch in-place compaction: gather the accepted rows, then scatter them to their new slots."""
+    batch, num_heads, _, head_dim = k.shape
+    width = accepted.shape[1]
+    slots = torch.arange(width, device=k.device)
+    start = cache_lens.to(torch.int64)[:, None]
+    source = start + torch.where(accepted >= 0, accepted, slots)  # padding slots copy onto themselves
+    dest = (start + slots)[:, None, :, None].expand(batch, num_heads, width, head_dim)
+    source = source[:, None, :, None].expand(batch, num_heads, width, head_dim)
+    for cache in (k, v):
+        cache.scatter_(2, dest, cache.gather(2, source))
+
+
+def compact_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, cache_lens: torch.Tensor, result: VerifyResult, *, impl: str = "auto"
+) -> torch.Tensor:
+    """Move the accepted nodes' K/V rows in place to positions ``cache_lens[b] + 0 .. accept_len[b]``.
+
+    Args:
+        k, v: ``[B, H, S, D]`` KV cache holding the prefix then the tree nodes (as for tree attention).
+        cache_lens: integer ``[B]`` prefix lengths before the tree.
+        result: the :class:`VerifyResult` of this step.
+        impl: ``"auto"`` | ``"triton"`` | ``"torch"``.
+
+    Returns the new cache lengths ``cache_lens + accept_len + 1`` (the root and the accepted drafts;
+    the bonus token is not in the cache yet). No host synchronisation.
+    """
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4)
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=4)
+    check_tensor("cache_lens", cache_lens, dtypes=INT_DTYPES, ndim=1)
+    if not isinstance(result, VerifyResult):
+        raise TypeError(f"result must be a VerifyResult, got {type(result).__name__}")
+    device = check_same_device(k=k, v=v, cache_lens=cache_lens, accepted_nodes=result.accepted_nodes)
+    if k.shape != v.shape or k.dtype != v.dtype:
+        raise ValueError(f"k and v must match, got {tuple(k.shape)} {k.dtype} and {tuple(v.shape)} {v.dtype}")
+    batch, _, kv_len, _ = k.shape
+    accepted = result.accepted_nodes
+    if cache_lens.shape[0] != batch or accepted.dim() != 2 or accepted.shape[0] != batch:
+        raise ValueError(
+            f"cache_lens [B] and result.accepted_nodes [B, W] must match k's batch B={batch}, got "
+            f"{tuple(cache_lens.shape)} and {tuple(accepted.shape)}"
+        )
+    if cache_lens.device.type == "cpu" and bool((cache_lens.to(torch.int64) + accepted.shape[1] > kv_len).any()):
+        raise ValueError(f"cache_lens + max_depth + 1 must be <= S={kv_len}, got max(cache_lens)={int(cache_lens.max())}")
+    if resolve_impl(impl, device) == "torch":
+        compact_kv_cache_ref(k, v, cache_lens, accepted)
+    else:
+        from .kernels.tree_verify import compact_kv_forward
+
+        if k.stride(-1) != 1 or v.stride(-1) != 1:
+            raise ValueError("impl='triton' compacts in place and needs k and v with unit stride along D")
+        compact_kv_forward(k, v, accepted.to(torch.int64).contiguous(), cache_lens)
+    return cache_lens + result.accept_len.to(cache_lens.dtype) + 1

@@ -1,0 +1,335 @@
+"""Tree attention for speculative-decoding verification: Triton kernels and launchers.
+
+One program owns one (sequence, KV head) pair and a block of ``BLOCK_M`` query rows, where a row is a
+(query head of that KV group, tree node) pair: the ``Hq / Hkv`` query heads that share a KV head are
+processed together, so each K/V tile is loaded once for all of them. The program streams the prefix
+``[0, cache_len)`` with no mask, then the ``T`` tree keys at ``[cache_len, cache_len + T)`` under the
+packed ancestor bitmask, in one online softmax (base 2). In split-KV mode the prefix is cut into
+``num_splits`` chunks, each program writes a normalised partial output and its log-sum-exp, split 0
+also covers the tree block, and a second kernel merges the partials.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+BITS_PER_WORD = 64
+# Split-KV heuristic (see ``choose_num_splits``).
+MIN_SPLIT_LEN = 512
+MAX_SPLITS = 32
+DEFAULT_SM_COUNT = 132
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _online_softmax_step(scores, m_i, l_i, acc, v_tile, FP32_DOT: tl.constexpr):
+    """Fold one tile of base-2 scores (``-inf`` where masked) into the running max / sum / output."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    # A row whose every key so far is masked has m_new == -inf: shift by 0 so it stays exactly 0.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(scores - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if FP32_DOT:
+        acc = acc * alpha[:, None] + tl.dot(p, v_tile.to(tl.float32), input_precision="tf32x3")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def tree_attention_fwd_kernel(
+    Q, K, V, ANC, CACHE_LENS, OUT, LSE,
+    sm_scale_log2,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os, stride_ot,
+    stride_lb, stride_lh, stride_ls,
+    stride_anc_b,
+    num_kv_heads, num_nodes, num_words, kv_len, split_len,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    # The launcher guarantees every stride is a multiple of 16 elements (vectorised 16-byte loads).
+    stride_qb = tl.multiple_of(stride_qb, 16)
+    stride_qh = tl.multiple_of(stride_qh, 16)
+    stride_qt = tl.multiple_of(stride_qt, 16)
+    stride_kb = tl.multiple_of(stride_kb, 16)
+    stride_kh = tl.multiple_of(stride_kh, 16)
+    stride_ks = tl.multiple_of(stride_ks, 16)
+    stride_vb = tl.multiple_of(stride_vb, 16)
+    stride_vh = tl.multiple_of(stride_vh, 16)
+    stride_vs = tl.multiple_of(stride_vs, 16)
+    stride_ob = tl.multiple_of(stride_ob, 16)
+    stride_oh = tl.multiple_of(stride_oh, 16)
+    stride_os = tl.multiple_of(stride_os, 16)
+    stride_ot = tl.multiple_of(stride_ot, 16)
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    batch = pid_bh // num_kv_heads
+    kv_head = pid_bh % num_kv_heads
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < GROUP * num_nodes
+    node = rows % num_nodes
+    head = kv_head * GROUP + rows // num_nodes
+    dims = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_N)
+
+    q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh
+              + node.to(tl.int64)[:, None] * stride_qt + dims[None, :])
+    q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
+    if FP32_DOT:
+        q = q.to(tl.float32)
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    cache_len = tl.load(CACHE_LENS + batch).to(tl.int32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # Prefix: every query row sees every key, so the only mask is the tile's tail.
+    if SPLIT:
+        lo = split * split_len
+        hi = tl.minimum(lo + split_len, cache_len)
+    else:
+        lo = 0
+        hi = cache_len
+    hi = tl.minimum(hi, kv_len)
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + cols
+        key_valid = keys < hi
+        k_tile = tl.load(k_base + keys[:, None] * stride_ks + dims[None, :],
+                         mask=key_valid[:, None], other=0.0)
+        if FP32_DOT:
+            scores = tl.dot(q, tl.trans(k_tile.to(tl.float32)), input_precision="tf32x3")
+        else:
+            scores = tl.dot(q, tl.trans(k_tile))
+        scores = tl.where(key_valid[None, :], scores * sm_scale_log2, float("-inf"))
+        v_tile = tl.load(v_base + keys[:, None] * stride_vs + dims[None, :],
+                         mask=key_valid[:, None], other=0.0)
+        m_i, l_i, acc = _online_softmax_step(scores, m_i, l_i, acc, v_tile, FP32_DOT)
+
+    # Tree block (split 0 only): key j of the block is visible to row i iff bit j of i's ancestor mask.
+    # BLOCK_N divides 64, so one tile never straddles two mask words.
+    tree_hi = tl.where(split == 0, num_nodes, 0)
+    anc_rows = ANC + batch.to(tl.int64) * stride_anc_b + node.to(tl.int64) * num_words
+    for start in range(0, tree_hi, BLOCK_N):
+        tree_cols = start + cols
+        keys = cache_len + tree_cols
+        key_valid = (tree_cols < num_nodes) & (keys < kv_len)
+        words = tl.load(anc_rows + start // 64, mask=row_valid, other=0)
+        bits = (words[:, None] >> (tree_cols % 64).to(tl.int64)[None, :]) & 1
+        visible = (bits != 0) & key_valid[None, :]
+        k_tile = tl.load(k_base + keys[:, None] * stride_ks + dims[None, :],
+                         mask=key_valid[:, None], other=0.0)
+        if FP32_DOT:
+            scores = tl.dot(q, tl.trans(k_tile.to(tl.float32)), input_precision="tf32x3")
+        else:
+            scores = tl.dot(q, tl.trans(k_tile))
+        scores = tl.where(visible, scores * sm_scale_log2, float("-inf"))
+        v_tile = tl.load(v_base + keys[:, None] * stride_vs + dims[None, :],
+                         mask=key_valid[:, None], other=0.0)
+        m_i, l_i, acc = _online_softmax_step(scores, m_i, l_i, acc, v_tile, FP32_DOT)
+
+    has_mass = l_i > 0.0
+    out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
+    out_ptrs = (OUT + batch.to(tl.int64) * stride_ob + head.to(tl.int64)[:, None] * stride_oh
+                + split.to(tl.int64) * stride_os + node.to(tl.int64)[:, None] * stride_ot + dims[None, :])
+    if SPLIT:
+        tl.store(out_ptrs, out, mask=row_valid[:, None])
+        lse = tl.where(has_mass, m_i + tl.log2(tl.where(has_mass, l_i, 1.0)), float("-inf"))
+        lse_ptrs = (LSE + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
+                    + split.to(tl.int64) * stride_ls + node)
+        tl.store(lse_ptrs, lse, mask=row_valid)
+    else:
+        tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit
+def tree_attention_merge_kernel(
+    PART, LSE, OUT,
+    stride_pb, stride_ph, stride_ps, stride_pt,
+    stride_lb, stride_lh, stride_ls,
+    stride_ob, stride_oh, stride_ot,
+    num_heads, num_nodes, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Combine the per-split normalised outputs with their base-2 log-sum-exps."""
+    pid_bh = tl.program_id(0)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    nodes = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    node_valid = nodes < num_nodes
+    dims = tl.arange(0, HEAD_DIM)
+    part_base = PART + batch.to(tl.int64) * stride_pb + head.to(tl.int64) * stride_ph
+    lse_base = LSE + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
+
+    m_i = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_T], tl.float32)
+    acc = tl.zeros([BLOCK_T, HEAD_DIM], tl.float32)
+    for split in range(0, num_splits):
+        lse = tl.load(lse_base + split * stride_ls + nodes, mask=node_valid, other=float("-inf"))
+        part = tl.load(part_base + split * stride_ps + nodes.to(tl.int64)[:, None] * stride_pt + dims[None, :],
+                       mask=node_valid[:, None], other=0.0)
+        m_new = tl.maximum(m_i, lse)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        weight = tl.exp2(lse - m_shift)
+        l_i = l_i * alpha + weight
+        acc = acc * alpha[:, None] + weight[:, None] * part
+        m_i = m_new
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    out_ptrs = (OUT + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+                + nodes.to(tl.int64)[:, None] * stride_ot + dims[None, :])
+    tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=node_valid[:, None])
+
+
+def _block_config(rows_per_group: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): the fixed configurations listed in ``aot_specs`` (the largest tiles
+    that compile without register spills on sm_80 / sm_90a)."""
+    block_m = 32 if rows_per_group <= 32 else 64
+    block_n = 32 if head_dim > 64 or dtype == torch.float32 else 64
+    num_warps = 4 if block_m == 32 else 8
+    return block_m, block_n, num_warps
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SM_COUNT
+
+
+def choose_num_splits(base_programs: int, max_prefix: int, device: torch.device) -> int:
+    """Split-KV heuristic: split the prefix only when the unsplit grid (B · Hkv · row blocks) cannot fill
+    the GPU, into as many chunks as make about two programs per SM, each chunk at least ``MIN_SPLIT_LEN``
+    keys (at most ``MAX_SPLITS``). Long prefixes at small batch split; large batches or short prefixes
+    do not. Uses only host-known sizes (``max_prefix = S - T``), never ``cache_lens`` values."""
+    target = 2 * _sm_count(device)
+    if base_programs >= target or max_prefix < 2 * MIN_SPLIT_LEN:
+        return 1
+    return max(1, min(triton.cdiv(target, base_programs), max_prefix // MIN_SPLIT_LEN, MAX_SPLITS))
+
+
+def tree_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ancestor_mask: torch.Tensor,
+    cache_lens: torch.Tensor,
+    sm_scale: float,
+    num_kv_splits: int | None = None,
+) -> torch.Tensor:
+    """Launch tree attention. q ``[B, Hq, T, D]``, k/v ``[B, Hkv, S, D]`` (``S * stride(2) < 2**31``: key
+    offsets within one head are int32), ancestor_mask int64 ``[Bt, T, W]`` (Bt 1 or B, contiguous),
+    cache_lens int32 ``[B]``."""
+    # The kernel promises the compiler 16-element-aligned strides (vectorised loads); copy otherwise.
+    q, k, v = (t if t.stride(-1) == 1 and all(st % 16 == 0 for st in t.stride()[:-1]) else t.contiguous()
+               for t in (q, k, v))
+    batch, num_heads, num_nodes, head_dim = q.shape
+    num_kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    block_m, block_n, num_warps = _block_config(group * num_nodes, head_dim, q.dtype)
+    row_blocks = triton.cdiv(group * num_nodes, block_m)
+    max_prefix = kv_len - num_nodes
+    if num_kv_splits is None:
+        num_kv_splits = choose_num_splits(batch * num_kv_heads * row_blocks, max_prefix, q.device)
+    split_len = triton.cdiv(triton.cdiv(max(max_prefix, 1), num_kv_splits), block_n) * block_n
+    num_kv_splits = max(1, triton.cdiv(max(max_prefix, 1), split_len))
+    anc_stride_b = 0 if ancestor_mask.shape[0] == 1 else ancestor_mask.stride(0)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    # FP32_DOT: fp32-accurate products (3xTF32 on tensor cores) for fp32 inputs; also bf16 under the CPU
+    # interpreter, whose bf16
+    # tl.dot is wrong in triton 3.6 (it multiplies the raw uint16 storage).
+    fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
+    common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+                  FP32_DOT=fp32_dot, num_warps=num_warps, num_stages=2)
+    grid = (batch * num_kv_heads, row_blocks, num_kv_splits)
+    scale_log2 = sm_scale * _LOG2E
+    if num_kv_splits == 1:
+        tree_attention_fwd_kernel[grid](
+            q, k, v, ancestor_mask, cache_lens, out, out,
+            scale_log2,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), 0, out.stride(2),
+            0, 0, 0,
+            anc_stride_b,
+            num_kv_heads, num_nodes, ancestor_mask.shape[2], kv_len, split_len,
+            SPLIT=False, **common,
+        )
+        return out
+    partial = torch.empty(batch, num_heads, num_kv_splits, num_nodes, head_dim, device=q.device, dtype=torch.float32)
+    lse = torch.empty(batch, num_heads, num_kv_splits, num_nodes, device=q.device, dtype=torch.float32)
+    tree_attention_fwd_kernel[grid](
+        q, k, v, ancestor_mask, cache_lens, partial, lse,
+        scale_log2,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        anc_stride_b,
+        num_kv_heads, num_nodes, ancestor_mask.shape[2], kv_len, split_len,
+        SPLIT=True, **common,
+    )
+    merge_block_t = 16 if head_dim <= 64 else 8
+    tree_attention_merge_kernel[(batch * num_heads, triton.cdiv(num_nodes, merge_block_t))](
+        partial, lse, out,
+        partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        num_heads, num_nodes, num_kv_splits,
+        HEAD_DIM=head_dim, BLOCK_T=merge_block_t, num_warps=4, num_stages=1,
+    )
+    return out
+
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def aot_specs() -> list[dict]:
+    """Every configuration the launchers use: D ∈ {64, 128}, the three dtypes, the three row blocks,
+    split and unsplit (GROUP is a specialisation value; 4 = Hq/Hkv 32/8 stands for all)."""
+    specs = []
+    for dtype, ty in _TRITON_TYPES.items():
+        for head_dim in (64, 128):
+            for rows in (32, 64):
+                block_m, block_n, num_warps = _block_config(rows, head_dim, dtype)
+                for split in (False, True):
+                    out_ty = "fp32" if split else ty
+                    signature = {
+                        "Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "ANC": "*i64", "CACHE_LENS": "*i32",
+                        "OUT": f"*{out_ty}", "LSE": "*fp32", "sm_scale_log2": "fp32",
+                    }
+                    for name in ("stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_ks",
+                                 "stride_vb", "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_os",
+                                 "stride_ot", "stride_lb", "stride_lh", "stride_ls", "stride_anc_b",
+                                 "num_kv_heads", "num_nodes", "num_words", "kv_len", "split_len"):
+                        signature[name] = "i32"
+                    specs.append({
+                        "name": f"tree_attention_fwd_{ty}_d{head_dim}_m{block_m}{'_split' if split else ''}",
+                        "fn": tree_attention_fwd_kernel,
+                        "signature": signature,
+                        "constexprs": {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                                       "SPLIT": split, "FP32_DOT": dtype == torch.float32},
+                        "num_warps": num_warps,
+                        "num_stages": 2,
+                    })
+            signature = {"PART": "*fp32", "LSE": "*fp32", "OUT": f"*{ty}"}
+            for name in ("stride_pb", "stride_ph", "stride_ps", "stride_pt", "stride_lb", "stride_lh", "stride_ls",
+                         "stride_ob", "stride_oh", "stride_ot", "num_heads", "num_nodes", "num_splits"):
+                signature[name] = "i32"
+            specs.append({
+                "name": f"tree_attention_merge_{ty}_d{head_dim}",
+                "fn": tree_attention_merge_kernel,
+                "signature": signature,
+                "constexprs": {"HEAD_DIM": head_dim, "BLOCK_T": 16 if head_dim <= 64 else 8},
+                "num_warps": 4,
+                "num_stages": 1,
+            })
+    return specs

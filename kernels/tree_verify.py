@@ -1,0 +1,477 @@
+"""Draft-tree verification (greedy and lossless sampling) and KV compaction: Triton kernels and launchers.
+
+Each mode is two launches: a wide per-node kernel (grid ``B * T``) that streams the target logits once
+and reduces every row to a few statistics, then a per-sequence kernel (grid ``B``) that walks the tree
+with O(1) work per node and writes the result. The ``[B, T, V]`` logits never leave the device.
+
+Sampling statistics per node ``i`` (``x = logit / temperature`` over the tokens kept by top-k / top-p,
+``p = softmax(x)``): the max ``m`` and sum ``s`` of ``exp(x - m)``, the argmax (degenerate fallback)
+and, with draft probabilities ``q``, the SpecInfer residual masses: after ``k`` rejected children the
+residual is ``max(p - c_k q, 0) / N_k`` with ``c_0 = 0, N_0 = 1, c_{k+1} = c_k + N_k``; the sequence
+does not depend on the random outcomes, so it is computed per node in the wide kernel.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+VERIFY_BLOCK_V = 1024
+COMPACT_NUM_WARPS = 4
+
+
+@triton.jit
+def node_argmax_kernel(LOGITS, ARGMAX, stride_lb, stride_lt, num_nodes, vocab, BLOCK_V: tl.constexpr):
+    """ARGMAX[row] = first index of the max of LOGITS[b, i, :] (row = b * T + i)."""
+    row = tl.program_id(0)
+    batch = row // num_nodes
+    node = row % num_nodes
+    base = LOGITS + batch.to(tl.int64) * stride_lb + node.to(tl.int64) * stride_lt
+    offs = tl.arange(0, BLOCK_V)
+    best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    best_idx = offs
+    for start in range(0, vocab, BLOCK_V):
+        cols = start + offs
+        x = tl.load(base + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        better = x > best  # strict: an earlier chunk wins ties, as torch.argmax's first occurrence
+        best_idx = tl.where(better, cols, best_idx)
+        best = tl.where(better, x, best)
+    top = tl.max(best, axis=0)
+    first = tl.min(tl.where(best == top, best_idx, vocab), axis=0)
+    tl.store(ARGMAX + row, tl.where(first < vocab, first, 0).to(tl.int64))
+
+
+@triton.jit
+def greedy_walk_kernel(
+    PARENTS, DEPTH, ANC, TOKENS, ARGMAX, ACCEPTED, ACCEPT_LEN, NEXT_TOKENS, EMITTED,
+    stride_tree_b, stride_anc_b, stride_tok_b, num_nodes, num_words, out_width,
+    BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Accept the deepest node whose whole root path matches the target argmax (EAGLE's longest
+    matching path; ties to the smallest node index), vectorised over nodes with the ancestor bitmask."""
+    batch = tl.program_id(0)
+    nodes = tl.arange(0, BLOCK_T)
+    valid = nodes < num_nodes
+    tree_base = batch.to(tl.int64) * stride_tree_b
+    parents = tl.load(PARENTS + tree_base + nodes, mask=valid, other=-1)
+    depth = tl.load(DEPTH + tree_base + nodes, mask=valid, other=0)
+    tokens = tl.load(TOKENS + batch.to(tl.int64) * stride_tok_b + nodes, mask=valid, other=-1)
+    argmax_base = ARGMAX + batch.to(tl.int64) * num_nodes
+    parent_target = tl.load(argmax_base + parents, mask=valid & (parents >= 0), other=-2)
+    match = valid & ((tokens == parent_target) | (nodes == 0))
+    anc_base = ANC + batch.to(tl.int64) * stride_anc_b
+    on_path = valid
+    one = tl.full([BLOCK_T], 1, tl.int64)
+    for word in range(0, num_words):
+        in_word = (nodes // 64) == word
+        packed = tl.sum(tl.where(match & in_word, one << (nodes % 64).to(tl.int64), 0), axis=0)
+        anc = tl.load(anc_base + nodes.to(tl.int64) * num_words + word, mask=valid, other=0)
+        on_path = on_path & ((anc & ~packed) == 0)
+    key = tl.where(on_path, depth * BLOCK_T + (BLOCK_T - 1 - nodes), -1)
+    best = tl.max(key, axis=0)
+    final = BLOCK_T - 1 - best % BLOCK_T
+    final_depth = best // BLOCK_T
+    bonus = tl.load(argmax_base + final)
+
+    final_words = tl.load(anc_base + final.to(tl.int64) * num_words + nodes // 64, mask=valid, other=0)
+    in_path = valid & (((final_words >> (nodes % 64).to(tl.int64)) & 1) != 0)
+    out_base = batch.to(tl.int64) * out_width
+    slots = tl.arange(0, BLOCK_W)
+    tail = (slots > final_depth) & (slots < out_width)
+    # Disjoint addresses: path slots by node depth, the bonus slot, then the -1 tail.
+    tl.store(ACCEPTED + out_base + depth, nodes.to(tl.int64), mask=in_path)
+    tl.store(ACCEPTED + out_base + slots, tl.full([BLOCK_W], -1, tl.int64), mask=tail)
+    tl.store(EMITTED + out_base + depth - 1, tokens.to(tl.int64), mask=in_path & (nodes > 0))
+    tl.store(EMITTED + out_base + final_depth, bonus)
+    tl.store(EMITTED + out_base + slots, tl.full([BLOCK_W], -1, tl.int64), mask=tail)
+    tl.store(ACCEPT_LEN + batch, final_depth.to(tl.int64))
+    tl.store(NEXT_TOKENS + batch, bonus)
+
+
+@triton.jit
+def _node_probs(row_ptr, cols, vocab, threshold, inv_temp, row_max, row_sum):
+    """Filtered target probabilities of one node at ``cols`` (0 outside the kept set)."""
+    in_vocab = (cols >= 0) & (cols < vocab)
+    logit = tl.load(row_ptr + cols, mask=in_vocab, other=float("-inf")).to(tl.float32)
+    kept = in_vocab & (logit >= threshold)
+    return tl.where(kept, tl.exp(logit * inv_temp - row_max) / row_sum, 0.0)
+
+
+@triton.jit
+def sampling_stats_kernel(
+    LOGITS, THRESH, DRAFT_PROBS, PARENTS, ROW_MAX, ROW_SUM, ARGMAX, ROUND_C, ROUND_N,
+    stride_lb, stride_lt, stride_qb, stride_qt, stride_tree_b, num_nodes, vocab, inv_temp,
+    HAS_THRESH: tl.constexpr, HAS_DRAFT_PROBS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0)
+    batch = row // num_nodes
+    node = row % num_nodes
+    row_ptr = LOGITS + batch.to(tl.int64) * stride_lb + node.to(tl.int64) * stride_lt
+    if HAS_THRESH:
+        threshold = tl.load(THRESH + row)
+    else:
+        threshold = float("-inf")
+    offs = tl.arange(0, BLOCK_V)
+    # Per-lane online max / sum / argmax, reduced across lanes at the end.
+    lane_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    lane_sum = tl.zeros([BLOCK_V], tl.float32)
+    lane_idx = offs
+    for start in range(0, vocab, BLOCK_V):
+        cols = start + offs
+        logit = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        x = tl.where((cols < vocab) & (logit >= threshold), logit * inv_temp, float("-inf"))
+        better = x > lane_max
+        new_max = tl.maximum(lane_max, x)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(x - shift)
+        lane_idx = tl.where(better, cols, lane_idx)
+        lane_max = new_max
+    row_max = tl.max(lane_max, axis=0)
+    row_sum = tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0)
+    first = tl.min(tl.where(lane_max == row_max, lane_idx, vocab), axis=0)
+    tl.store(ROW_MAX + row, row_max)
+    tl.store(ROW_SUM + row, row_sum)
+    tl.store(ARGMAX + row, tl.where(first < vocab, first, 0).to(tl.int64))
+    if HAS_DRAFT_PROBS:
+        nodes = tl.arange(0, BLOCK_T)
+        parents = tl.load(PARENTS + batch.to(tl.int64) * stride_tree_b + nodes, mask=nodes < num_nodes, other=-1)
+        num_children = tl.sum(tl.where(parents == node, 1, 0), axis=0)
+        q_ptr = DRAFT_PROBS + batch.to(tl.int64) * stride_qb + node.to(tl.int64) * stride_qt
+        round_base = row.to(tl.int64) * num_nodes
+        c = tl.full([], 0.0, tl.float32)
+        mass = tl.full([], 1.0, tl.float32)
+        tl.store(ROUND_C + round_base, c)
+        tl.store(ROUND_N + round_base, mass)
+        for rnd in range(1, num_children + 1):
+            c = c + mass
+            lane_mass = tl.zeros([BLOCK_V], tl.float32)
+            for start in range(0, vocab, BLOCK_V):
+                cols = start + offs
+                logit = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+                p = tl.where((cols < vocab) & (logit >= threshold), tl.exp(logit * inv_temp - row_max) / row_sum, 0.0)
+                q = tl.load(q_ptr + cols, mask=cols < vocab, other=0.0).to(tl.float32)
+                lane_mass += tl.maximum(p - c * q, 0.0)
+            mass = tl.sum(lane_mass, axis=0)
+            tl.store(ROUND_C + round_base + rnd, c)
+            tl.store(ROUND_N + round_base + rnd, mass)
+
+
+@triton.jit
+def _residual(row_ptr, q_ptr, cols, vocab, threshold, inv_temp, row_max, row_sum, c,
+              HAS_DRAFT_PROBS: tl.constexpr):
+    p = _node_probs(row_ptr, cols, vocab, threshold, inv_temp, row_max, row_sum)
+    if HAS_DRAFT_PROBS:
+        q = tl.load(q_ptr + cols, mask=(cols >= 0) & (cols < vocab), other=0.0).to(tl.float32)
+        p = tl.maximum(p - c * q, 0.0)
+    return p
+
+
+@triton.jit
+def sampling_walk_kernel(
+    LOGITS, THRESH, DRAFT_PROBS, PARENTS, TOKENS, UNIFORMS, ROW_MAX, ROW_SUM, ARGMAX, ROUND_C, ROUND_N,
+    ACCEPTED, ACCEPT_LEN, NEXT_TOKENS, EMITTED,
+    stride_lb, stride_lt, stride_qb, stride_qt, stride_tree_b, stride_tok_b, stride_ub,
+    num_nodes, vocab, out_width, inv_temp,
+    HAS_THRESH: tl.constexpr, HAS_DRAFT_PROBS: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Walk one sequence's tree in node order (children of the current node are tried in index order,
+    child j with uniform ``UNIFORMS[b, j]``), then sample the bonus token from the final residual by
+    inverse CDF with ``UNIFORMS[b, 0]``."""
+    batch = tl.program_id(0)
+    nodes = tl.arange(0, BLOCK_T)
+    valid = nodes < num_nodes
+    tree_base = PARENTS + batch.to(tl.int64) * stride_tree_b
+    token_base = TOKENS + batch.to(tl.int64) * stride_tok_b
+    uniform_base = UNIFORMS + batch.to(tl.int64) * stride_ub
+    logits_base = LOGITS + batch.to(tl.int64) * stride_lb
+    q_base = DRAFT_PROBS + batch.to(tl.int64) * stride_qb
+    parents = tl.load(tree_base + nodes, mask=valid, other=-1)
+    tokens = tl.load(token_base + nodes, mask=valid, other=-1)
+    slots = tl.arange(0, BLOCK_W)
+    accepted = tl.where(slots == 0, 0, -1).to(tl.int64)
+    emitted = tl.full([BLOCK_W], -1, tl.int64)
+
+    cur = tl.full([], 0, tl.int32)
+    depth = tl.full([], 0, tl.int32)
+    rnd = tl.full([], 0, tl.int32)
+    det_mass = tl.full([], 1.0, tl.float32)
+    excluded = tl.zeros([BLOCK_T], tl.int32)
+    for j in range(1, num_nodes):
+        parent = tl.load(tree_base + j)
+        token = tl.load(token_base + j)
+        is_child = parent == cur
+        row = batch * num_nodes + cur
+        if HAS_THRESH:
+            threshold = tl.load(THRESH + row)
+        else:
+            threshold = float("-inf")
+        # _node_probs inlined: a jit helper called in a loop is slow under the CPU interpreter.
+        in_vocab = (token >= 0) & (token < vocab)
+        logit = tl.load(logits_base + cur.to(tl.int64) * stride_lt + token, mask=in_vocab,
+                        other=float("-inf")).to(tl.float32)
+        p = tl.where(in_vocab & (logit >= threshold),
+                     tl.exp(logit * inv_temp - tl.load(ROW_MAX + row)) / tl.load(ROW_SUM + row), 0.0)
+        u = tl.load(uniform_base + j)
+        if HAS_DRAFT_PROBS:
+            q = tl.load(q_base + cur.to(tl.int64) * stride_qt + token, mask=in_vocab, other=0.0).to(tl.float32)
+            c = tl.load(ROUND_C + row.to(tl.int64) * num_nodes + rnd)
+            mass = tl.load(ROUND_N + row.to(tl.int64) * num_nodes + rnd)
+            accept = is_child & (u * q * mass < tl.maximum(p - c * q, 0.0))
+            rnd = tl.where(accept, 0, tl.where(is_child, rnd + 1, rnd))
+        else:
+            # A sibling repeating an already rejected token has residual probability 0.
+            dup = tl.sum(tl.where((parents == cur) & (nodes < j) & (tokens == token), 1, 0), axis=0) > 0
+            resid = tl.where(dup, 0.0, p)
+            accept = is_child & (u * det_mass < resid)
+            reject = is_child & (accept == 0)
+            det_mass = tl.where(accept, 1.0, tl.where(reject, tl.maximum(det_mass - resid, 0.0), det_mass))
+            excluded = tl.where(accept, 0, tl.where(reject & (dup == 0) & (nodes == j), 1, excluded))
+        cur = tl.where(accept, j, cur)
+        depth = tl.where(accept, depth + 1, depth)
+        accepted = tl.where(accept & (slots == depth), j, accepted)
+        emitted = tl.where(accept & (slots == depth - 1), token, emitted)
+
+    # Bonus token from the residual at the last accepted node.
+    row = batch * num_nodes + cur
+    row_ptr = logits_base + cur.to(tl.int64) * stride_lt
+    q_ptr = q_base + cur.to(tl.int64) * stride_qt
+    if HAS_THRESH:
+        threshold = tl.load(THRESH + row)
+    else:
+        threshold = float("-inf")
+    row_max = tl.load(ROW_MAX + row)
+    row_sum = tl.load(ROW_SUM + row)
+    if HAS_DRAFT_PROBS:
+        c = tl.load(ROUND_C + row.to(tl.int64) * num_nodes + rnd)
+        total = tl.load(ROUND_N + row.to(tl.int64) * num_nodes + rnd)
+    else:
+        c = 0.0
+        total = det_mass
+    excluded_tokens = tl.where(excluded != 0, tokens, -1)
+    excluded_probs = _node_probs(row_ptr, excluded_tokens, vocab, threshold, inv_temp, row_max, row_sum)
+    target = tl.load(uniform_base) * total
+    offs = tl.arange(0, BLOCK_V)
+    cum = tl.full([], 0.0, tl.float32)
+    sel_start = tl.full([], -1, tl.int32)
+    sel_target = tl.full([], 0.0, tl.float32)
+    last_start = tl.full([], -1, tl.int32)
+    last_mass = tl.full([], 0.0, tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        resid = _residual(row_ptr, q_ptr, start + offs, vocab, threshold, inv_temp, row_max, row_sum, c,
+                          HAS_DRAFT_PROBS)
+        in_chunk = (excluded_tokens >= start) & (excluded_tokens < start + BLOCK_V)
+        mass = tl.maximum(tl.sum(resid, axis=0) - tl.sum(tl.where(in_chunk, excluded_probs, 0.0), axis=0), 0.0)
+        cross = (sel_start < 0) & (cum + mass > target)
+        sel_target = tl.where(cross, target - cum, sel_target)
+        sel_start = tl.where(cross, start, sel_start)
+        last_mass = tl.where(mass > 0.0, mass, last_mass)
+        last_start = tl.where(mass > 0.0, start, last_start)
+        cum += mass
+    # Rounding can leave the target just past the total: take the last token with mass.
+    no_cross = sel_start < 0
+    sel_target = tl.where(no_cross, last_mass, sel_target)
+    sel_start = tl.where(no_cross, last_start, sel_start)
+    cols = tl.maximum(sel_start, 0) + offs
+    resid = _residual(row_ptr, q_ptr, cols, vocab, threshold, inv_temp, row_max, row_sum, c, HAS_DRAFT_PROBS)
+    if not HAS_DRAFT_PROBS:
+        for jj in range(1, num_nodes):
+            is_excluded = tl.sum(tl.where(nodes == jj, excluded, 0), axis=0) != 0
+            resid = tl.where(is_excluded & (cols == tl.load(token_base + jj)), 0.0, resid)
+    cdf = tl.cumsum(resid, axis=0)
+    hit = (cdf > sel_target) & (resid > 0.0)
+    first = tl.min(tl.where(hit, cols, vocab), axis=0)
+    last_positive = tl.max(tl.where(resid > 0.0, cols, -1), axis=0)
+    bonus = tl.where(first < vocab, first, last_positive).to(tl.int64)
+    bonus = tl.where((sel_start < 0) | (bonus < 0), tl.load(ARGMAX + row), bonus)
+
+    emitted = tl.where(slots == depth, bonus, emitted)
+    out_base = batch.to(tl.int64) * out_width
+    tl.store(ACCEPTED + out_base + slots, accepted, mask=slots < out_width)
+    tl.store(EMITTED + out_base + slots, emitted, mask=slots < out_width)
+    tl.store(ACCEPT_LEN + batch, depth.to(tl.int64))
+    tl.store(NEXT_TOKENS + batch, bonus)
+
+
+@triton.jit
+def compact_kv_kernel(
+    K, V, ACCEPTED, CACHE_LENS,
+    stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ab,
+    num_heads, out_width, head_dim,
+    BLOCK_D: tl.constexpr,
+):
+    """Move row ``cache_len + accepted[d]`` to ``cache_len + d`` for each accepted slot d, in increasing d.
+    In order this is safe in place: ``accepted[d] >= d`` (a node's index is at least its depth), so no
+    row is overwritten before it is read."""
+    pid = tl.program_id(0)
+    batch = pid // num_heads
+    head = pid % num_heads
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    cache_len = tl.load(CACHE_LENS + batch).to(tl.int64)
+    k_base = K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh + dims
+    v_base = V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh + dims
+    for slot in range(1, out_width):
+        node = tl.load(ACCEPTED + batch.to(tl.int64) * stride_ab + slot).to(tl.int64)
+        move = dim_ok & (node > 0)
+        src = cache_len + node
+        dst = cache_len + slot
+        tl.store(k_base + dst * stride_ks, tl.load(k_base + src * stride_ks, mask=move), mask=move)
+        tl.store(v_base + dst * stride_vs, tl.load(v_base + src * stride_vs, mask=move), mask=move)
+
+
+def _pow2(n: int) -> int:
+    return max(triton.next_power_of_2(n), 16)
+
+
+def _block_v(vocab: int) -> int:
+    """``min(VERIFY_BLOCK_V, next_pow2(V))``: real vocabularies always use the cap."""
+    return min(VERIFY_BLOCK_V, _pow2(vocab))
+
+
+def verify_greedy_forward(
+    parents: torch.Tensor, depth: torch.Tensor, ancestor_mask: torch.Tensor, draft_tokens: torch.Tensor,
+    target_logits: torch.Tensor, out_width: int,
+):
+    """Launch greedy verification. Tree tensors ``[Bt, T(, W)]`` contiguous (Bt 1 or B), draft_tokens
+    ``[B, T]``, target_logits ``[B, T, V]`` with unit stride along V. Returns the four result tensors."""
+    batch, num_nodes, vocab = target_logits.shape
+    device = target_logits.device
+    argmax = torch.empty(batch * num_nodes, device=device, dtype=torch.int64)
+    node_argmax_kernel[(batch * num_nodes,)](
+        target_logits, argmax, target_logits.stride(0), target_logits.stride(1), num_nodes, vocab,
+        BLOCK_V=_block_v(vocab), num_warps=4,
+    )
+    accepted = torch.empty(batch, out_width, device=device, dtype=torch.int64)
+    emitted = torch.empty_like(accepted)
+    accept_len = torch.empty(batch, device=device, dtype=torch.int64)
+    next_tokens = torch.empty_like(accept_len)
+    tree_stride = 0 if parents.shape[0] == 1 else parents.stride(0)
+    anc_stride = 0 if ancestor_mask.shape[0] == 1 else ancestor_mask.stride(0)
+    greedy_walk_kernel[(batch,)](
+        parents, depth, ancestor_mask, draft_tokens, argmax, accepted, accept_len, next_tokens, emitted,
+        tree_stride, anc_stride, draft_tokens.stride(0), num_nodes, ancestor_mask.shape[2], out_width,
+        BLOCK_T=_pow2(num_nodes), BLOCK_W=_pow2(out_width), num_warps=1,
+    )
+    return accepted, accept_len, next_tokens, emitted
+
+
+def verify_sampling_forward(
+    parents: torch.Tensor, draft_tokens: torch.Tensor, target_logits: torch.Tensor,
+    thresholds: torch.Tensor | None, draft_probs: torch.Tensor | None, uniforms: torch.Tensor,
+    temperature: float, out_width: int,
+):
+    """Launch sampling verification. ``thresholds`` fp32 ``[B, T]`` (raw-logit cut of top-k / top-p, or
+    None), ``draft_probs`` ``[B, T, V]`` unit stride along V (or None), ``uniforms`` fp32 ``[B, T]``."""
+    batch, num_nodes, vocab = target_logits.shape
+    device = target_logits.device
+    rows = batch * num_nodes
+    row_max = torch.empty(rows, device=device, dtype=torch.float32)
+    row_sum = torch.empty_like(row_max)
+    argmax = torch.empty(rows, device=device, dtype=torch.int64)
+    has_draft = draft_probs is not None
+    rounds = (rows * num_nodes) if has_draft else 1
+    round_c = torch.empty(rounds, device=device, dtype=torch.float32)
+    round_n = torch.empty_like(round_c)
+    thresh = thresholds if thresholds is not None else row_max
+    q = draft_probs if has_draft else target_logits
+    tree_stride = 0 if parents.shape[0] == 1 else parents.stride(0)
+    flags = dict(HAS_THRESH=thresholds is not None, HAS_DRAFT_PROBS=has_draft, BLOCK_V=_block_v(vocab))
+    inv_temp = 1.0 / temperature
+    sampling_stats_kernel[(rows,)](
+        target_logits, thresh, q, parents, row_max, row_sum, argmax, round_c, round_n,
+        target_logits.stride(0), target_logits.stride(1), q.stride(0), q.stride(1), tree_stride,
+        num_nodes, vocab, inv_temp, BLOCK_T=_pow2(num_nodes), num_warps=4, **flags,
+    )
+    accepted = torch.empty(batch, out_width, device=device, dtype=torch.int64)
+    emitted = torch.empty_like(accepted)
+    accept_len = torch.empty(batch, device=device, dtype=torch.int64)
+    next_tokens = torch.empty_like(accept_len)
+    sampling_walk_kernel[(batch,)](
+        target_logits, thresh, q, parents, draft_tokens, uniforms, row_max, row_sum, argmax, round_c, round_n,
+        accepted, accept_len, next_tokens, emitted,
+        target_logits.stride(0), target_logits.stride(1), q.stride(0), q.stride(1), tree_stride,
+        draft_tokens.stride(0), uniforms.stride(0), num_nodes, vocab, out_width, inv_temp,
+        BLOCK_T=_pow2(num_nodes), BLOCK_W=_pow2(out_width), num_warps=4, **flags,
+    )
+    return accepted, accept_len, next_tokens, emitted
+
+
+def compact_kv_forward(k: torch.Tensor, v: torch.Tensor, accepted: torch.Tensor, cache_lens: torch.Tensor) -> None:
+    """In place on k/v ``[B, H, S, D]`` (unit stride along D); accepted ``[B, W]`` int64 (-1 padded)."""
+    batch, num_heads, _, head_dim = k.shape
+    compact_kv_kernel[(batch * num_heads,)](
+        k, v, accepted, cache_lens,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), accepted.stride(0),
+        num_heads, accepted.shape[1], head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=COMPACT_NUM_WARPS,
+    )
+
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def aot_specs() -> list[dict]:
+    """The launch configurations above, per logits dtype, at real vocabulary sizes (``BLOCK_V`` at its cap)
+    and T = 64 (``BLOCK_T``); tiny test vocabularies run the same kernels with smaller blocks."""
+    specs = []
+    for dtype, ty in _TRITON_TYPES.items():
+        specs.append({
+            "name": f"tree_verify_argmax_{ty}",
+            "fn": node_argmax_kernel,
+            "signature": {"LOGITS": f"*{ty}", "ARGMAX": "*i64", "stride_lb": "i32", "stride_lt": "i32",
+                          "num_nodes": "i32", "vocab": "i32"},
+            "constexprs": {"BLOCK_V": VERIFY_BLOCK_V},
+            "num_warps": 4, "num_stages": 3,
+        })
+        for has_thresh in (False, True):
+            for has_draft in (False, True):
+                suffix = f"{ty}{'_filtered' if has_thresh else ''}{'_draftprobs' if has_draft else ''}"
+                flags = {"HAS_THRESH": has_thresh, "HAS_DRAFT_PROBS": has_draft, "BLOCK_V": VERIFY_BLOCK_V,
+                         "BLOCK_T": 64}
+                specs.append({
+                    "name": f"tree_verify_sampling_stats_{suffix}",
+                    "fn": sampling_stats_kernel,
+                    "signature": {
+                        "LOGITS": f"*{ty}", "THRESH": "*fp32", "DRAFT_PROBS": f"*{ty}", "PARENTS": "*i64",
+                        "ROW_MAX": "*fp32", "ROW_SUM": "*fp32", "ARGMAX": "*i64", "ROUND_C": "*fp32",
+                        "ROUND_N": "*fp32", "stride_lb": "i32", "stride_lt": "i32", "stride_qb": "i32",
+                        "stride_qt": "i32", "stride_tree_b": "i32", "num_nodes": "i32", "vocab": "i32",
+                        "inv_temp": "fp32",
+                    },
+                    "constexprs": flags, "num_warps": 4, "num_stages": 3,
+                })
+                specs.append({
+                    "name": f"tree_verify_sampling_walk_{suffix}",
+                    "fn": sampling_walk_kernel,
+                    "signature": {
+                        "LOGITS": f"*{ty}", "THRESH": "*fp32", "DRAFT_PROBS": f"*{ty}", "PARENTS": "*i64",
+                        "TOKENS": "*i64", "UNIFORMS": "*fp32", "ROW_MAX": "*fp32", "ROW_SUM": "*fp32",
+                        "ARGMAX": "*i64", "ROUND_C": "*fp32", "ROUND_N": "*fp32", "ACCEPTED": "*i64",
+                        "ACCEPT_LEN": "*i64", "NEXT_TOKENS": "*i64", "EMITTED": "*i64",
+                        "stride_lb": "i32", "stride_lt": "i32", "stride_qb": "i32", "stride_qt": "i32",
+                        "stride_tree_b": "i32", "stride_tok_b": "i32", "stride_ub": "i32", "num_nodes": "i32",
+                        "vocab": "i32", "out_width": "i32", "inv_temp": "fp32",
+                    },
+                    "constexprs": {**flags, "BLOCK_W": 64}, "num_warps": 4, "num_stages": 3,
+                })
+        specs.append({
+            "name": f"tree_verify_compact_kv_{ty}_d128",
+            "fn": compact_kv_kernel,
+            "signature": {"K": f"*{ty}", "V": f"*{ty}", "ACCEPTED": "*i64", "CACHE_LENS": "*i64",
+                          "stride_kb": "i32", "stride_kh": "i32", "stride_ks": "i32", "stride_vb": "i32",
+                          "stride_vh": "i32", "stride_vs": "i32", "stride_ab": "i32", "num_heads": "i32",
+                          "out_width": "i32", "head_dim": "i32"},
+            "constexprs": {"BLOCK_D": 128}, "num_warps": COMPACT_NUM_WARPS, "num_stages": 3,
+        })
+    specs.append({
+        "name": "tree_verify_greedy_walk",
+        "fn": greedy_walk_kernel,
+        "signature": {
+            "PARENTS": "*i64", "DEPTH": "*i64", "ANC": "*i64", "TOKENS": "*i64", "ARGMAX": "*i64",
+            "ACCEPTED": "*i64", "ACCEPT_LEN": "*i64", "NEXT_TOKENS": "*i64", "EMITTED": "*i64",
+            "stride_tree_b": "i32", "stride_anc_b": "i32", "stride_tok_b": "i32", "num_nodes": "i32",
+            "num_words": "i32", "out_width": "i32",
+        },
+        "constexprs": {"BLOCK_T": 64, "BLOCK_W": 64}, "num_warps": 1, "num_stages": 3,
+    })
+    return specs

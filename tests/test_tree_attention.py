@@ -1,0 +1,193 @@
+"""Tree attention vs a float64 dense-mask SDPA reference and a per-node path oracle."""
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import DEVICE, IMPLS, assert_close
+from distill_ops.tree import build_tree
+from distill_ops.tree_attention import tree_attention
+
+
+def random_parents(num_nodes: int, seed: int) -> torch.Tensor:
+    rng = random.Random(seed)
+    return torch.tensor([-1] + [rng.randrange(max(0, i - 4), i) for i in range(1, num_nodes)])
+
+
+def ancestor_chain(parents: list[int], node: int) -> list[int]:
+    chain = [node]
+    while parents[chain[-1]] >= 0:
+        chain.append(parents[chain[-1]])
+    return chain[::-1]
+
+
+def sdpa_reference(q, k, v, parents, cache_lens, scale):
+    """float64 SDPA with a dense boolean mask built by brute force from the parent arrays."""
+    batch, num_heads, num_nodes, _ = q.shape
+    kv_len, group = k.shape[2], num_heads // k.shape[1]
+    mask = torch.zeros(batch, 1, num_nodes, kv_len, dtype=torch.bool)
+    for b in range(batch):
+        plist = parents[min(b, parents.shape[0] - 1)].tolist()
+        start = int(cache_lens[b])
+        mask[b, :, :, :start] = True
+        for i in range(num_nodes):
+            for j in ancestor_chain(plist, i):
+                mask[b, 0, i, start + j] = True
+    k64 = k.double().cpu().repeat_interleave(group, 1)
+    v64 = v.double().cpu().repeat_interleave(group, 1)
+    return F.scaled_dot_product_attention(q.double().cpu(), k64, v64, attn_mask=mask, scale=scale)
+
+
+def path_oracle(q, k, v, parents, cache_lens, scale):
+    """Each node: plain softmax attention over the prefix followed by its ancestor chain, nothing else."""
+    batch, num_heads, num_nodes, _ = q.shape
+    group = num_heads // k.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for b in range(batch):
+        plist = parents[min(b, parents.shape[0] - 1)].tolist()
+        start = int(cache_lens[b])
+        for i in range(num_nodes):
+            positions = list(range(start)) + [start + j for j in ancestor_chain(plist, i)]
+            for h in range(num_heads):
+                keys = k[b, h // group, positions].double().cpu()
+                values = v[b, h // group, positions].double().cpu()
+                weights = torch.softmax(keys @ q[b, h, i].double().cpu() * scale, 0)
+                out[b, h, i] = weights @ values
+    return out
+
+
+def make_case(batch, num_heads, num_kv_heads, num_nodes, head_dim, cache_lens, dtype, *, per_seq_tree, seed,
+              extra_kv=3):
+    gen = torch.Generator().manual_seed(seed)
+    kv_len = max(cache_lens) + num_nodes + extra_kv
+    q = torch.randn(batch, num_heads, num_nodes, head_dim, generator=gen)
+    k = torch.randn(batch, num_kv_heads, kv_len, head_dim, generator=gen)
+    v = torch.randn(batch, num_kv_heads, kv_len, head_dim, generator=gen)
+    trees = batch if per_seq_tree else 1
+    parents = torch.stack([random_parents(num_nodes, seed + t) for t in range(trees)])
+    q, k, v = (t.to(DEVICE, dtype) for t in (q, k, v))
+    return q, k, v, parents, torch.tensor(cache_lens, device=DEVICE, dtype=torch.int32)
+
+
+# (B, Hq, Hkv, T, D, cache_lens, per-sequence trees): small for the interpreter, awkward on purpose.
+CASES = {
+    "T1-mha": (1, 2, 2, 1, 64, [5], False),
+    "T7-gqa-ragged": (3, 4, 2, 7, 64, [0, 9, 70], True),
+    "T26-gqa4-ragged": (2, 8, 2, 26, 64, [33, 3], False),
+    "T26-mqa-d128": (2, 4, 1, 26, 128, [17, 40], True),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_tree_attention_vs_reference(case, dtype, impl):
+    batch, hq, hkv, num_nodes, head_dim, cache_lens, per_seq = CASES[case]
+    q, k, v, parents, lens = make_case(batch, hq, hkv, num_nodes, head_dim, cache_lens, dtype,
+                                       per_seq_tree=per_seq, seed=len(case))
+    tree = build_tree(parents.to(DEVICE))
+    out = tree_attention(q, k, v, tree, lens, impl=impl)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close(out, sdpa_reference(q, k, v, parents, lens.cpu(), 1 / math.sqrt(head_dim)), dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tree_attention_path_oracle_and_fp64_fallback(impl):
+    q, k, v, parents, lens = make_case(2, 4, 2, 9, 64, [4, 12], torch.float32, per_seq_tree=True, seed=3)
+    tree = build_tree(parents.to(DEVICE))
+    oracle = path_oracle(q, k, v, parents, lens.cpu(), 0.3)
+    assert_close(tree_attention(q, k, v, tree, lens, sm_scale=0.3, impl=impl), oracle, torch.float32)
+    fp64 = tree_attention(q.double(), k.double(), v.double(), tree, lens, sm_scale=0.3, impl="torch")
+    assert_close(fp64, oracle, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_nodes, head_dim", [(64, 128), (64, 64), (7, 128)])
+def test_tree_attention_large_shapes_torch(num_nodes, head_dim, dtype):
+    q, k, v, parents, lens = make_case(2, 4, 2, num_nodes, head_dim, [50, 0], dtype, per_seq_tree=True, seed=5)
+    tree = build_tree(parents.to(DEVICE))
+    expected = sdpa_reference(q, k, v, parents, lens.cpu(), 1 / math.sqrt(head_dim))
+    assert_close(tree_attention(q, k, v, tree, lens, impl="torch"), expected, dtype)
+
+
+def test_tree_attention_t64_d128_triton():
+    q, k, v, parents, lens = make_case(1, 2, 1, 64, 128, [21], torch.bfloat16, per_seq_tree=False, seed=11)
+    tree = build_tree(parents.to(DEVICE))
+    expected = sdpa_reference(q, k, v, parents, lens.cpu(), 1 / math.sqrt(128))
+    assert_close(tree_attention(q, k, v, tree, lens, impl="triton"), expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("num_kv_splits", [1, 3, 8])
+def test_split_kv_matches(num_kv_splits):
+    # Ragged: sequence 1 has an empty prefix, so some splits see no key at all.
+    q, k, v, parents, lens = make_case(2, 4, 2, 7, 64, [150, 0], torch.float32, per_seq_tree=True, seed=7)
+    tree = build_tree(parents.to(DEVICE))
+    out = tree_attention(q, k, v, tree, lens, num_kv_splits=num_kv_splits, impl="triton")
+    assert_close(out, sdpa_reference(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64)), torch.float32)
+
+
+def test_split_heuristic():
+    from distill_ops.kernels.tree_attention import choose_num_splits
+
+    cpu = torch.device("cpu")
+    assert choose_num_splits(base_programs=8, max_prefix=4096, device=cpu) > 1  # B=1, long prefix
+    assert choose_num_splits(base_programs=8, max_prefix=200, device=cpu) == 1  # short prefix
+    assert choose_num_splits(base_programs=512, max_prefix=16384, device=cpu) == 1  # big batch
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_kv(impl):
+    q, k, v, parents, lens = make_case(2, 4, 2, 7, 64, [5, 11], torch.float32, per_seq_tree=False, seed=9)
+    # A [B, S, H, D] cache viewed as [B, H, S, D].
+    k_bshd, v_bshd = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    tree = build_tree(parents.to(DEVICE))
+    out = tree_attention(q, k_bshd.transpose(1, 2), v_bshd.transpose(1, 2), tree, lens, impl=impl)
+    assert_close(out, sdpa_reference(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64)), torch.float32)
+
+
+def test_torch_compile_fullgraph():
+    q, k, v, parents, lens = make_case(2, 4, 2, 7, 64, [5, 11], torch.float32, per_seq_tree=True, seed=1)
+    tree = build_tree(parents.to(DEVICE))
+
+    def step(q, k, v, lens):
+        return tree_attention(q, k, v, tree, lens, impl="torch") * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    assert_close(compiled(q, k, v, lens), step(q, k, v, lens), torch.float32)
+
+
+def test_bad_inputs():
+    q, k, v, parents, lens = make_case(2, 4, 2, 7, 64, [5, 11], torch.float32, per_seq_tree=False, seed=1)
+    tree = build_tree(parents.to(DEVICE))
+    with pytest.raises(ValueError, match="multiple of the KV heads"):
+        tree_attention(q[:, :3], k, v, tree, lens, impl="torch")
+    with pytest.raises(ValueError, match="tree has 7 nodes but q has T=6"):
+        tree_attention(q[:, :, :6], k, v, tree, lens, impl="torch")
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        tree_attention(q, k, v[:, :, :-1], tree, lens, impl="torch")
+    with pytest.raises(ValueError, match=r"k must have shape \[B=2, Hkv, S, D=64\]"):
+        tree_attention(q, k[..., :32], v[..., :32], tree, lens, impl="torch")
+    with pytest.raises(TypeError, match="share a dtype"):
+        tree_attention(q, k.half(), v.half(), tree, lens, impl="torch")
+    with pytest.raises(ValueError, match="cache_lens must have shape"):
+        tree_attention(q, k, v, tree, lens[:1], impl="torch")
+    with pytest.raises(TypeError, match="cache_lens must have dtype"):
+        tree_attention(q, k, v, tree, lens.float(), impl="torch")
+    with pytest.raises(TypeError, match="tree must be a TreeSpec"):
+        tree_attention(q, k, v, parents, lens, impl="torch")
+    with pytest.raises(ValueError, match="1 or B=2 trees"):
+        tree_attention(q, k, v, build_tree(torch.stack([parents[0]] * 3).to(DEVICE)), lens, impl="torch")
+    too_long = torch.tensor([5, k.shape[2] - 6], device=DEVICE)
+    if DEVICE.type == "cpu":
+        for impl in IMPLS:
+            with pytest.raises(ValueError, match=r"cache_lens \+ T must be <= S"):
+                tree_attention(q, k, v, tree, too_long, impl=impl)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        tree_attention(q, k, v, tree, lens, impl="cuda")
+    with pytest.raises(ValueError, match="num_kv_splits"):
+        tree_attention(q, k, v, tree, lens, num_kv_splits=0, impl="triton")
+    with pytest.raises(ValueError, match="head dim"):
+        tree_attention(q[..., :48], k[..., :48], v[..., :48], tree, lens, impl="triton")

@@ -1,0 +1,311 @@
+"""Greedy / lossless-sampling verification and KV compaction."""
+
+import random
+
+import pytest
+import torch
+
+from tests.conftest import DEVICE, IMPLS
+from distill_ops.tree import build_tree
+from distill_ops.verify import VerifyResult, compact_kv_cache, verify_greedy, verify_sampling
+
+
+def random_tree_and_tokens(num_nodes, vocab, logits, rng):
+    """A random tree whose siblings carry distinct tokens; each child copies its parent's target argmax
+    with probability 0.6 so that long accepted paths occur."""
+    batch = logits.shape[0]
+    argmax = logits.argmax(-1)
+    parents = [-1] + [rng.randrange(max(0, i - 5), i) for i in range(1, num_nodes)]
+    tokens = torch.zeros(batch, num_nodes, dtype=torch.int64)
+    for b in range(batch):
+        tokens[b, 0] = rng.randrange(vocab)
+        used = {}
+        for i in range(1, num_nodes):
+            taken = used.setdefault(parents[i], set())
+            wanted = int(argmax[b, parents[i]])
+            token = wanted if wanted not in taken and rng.random() < 0.6 else rng.choice(
+                [t for t in range(vocab) if t not in taken and t != wanted])
+            taken.add(token)
+            tokens[b, i] = token
+    return torch.tensor(parents), tokens
+
+
+def brute_force_greedy(parents, tokens, logits):
+    """EAGLE's rule: over every leaf path, the longest prefix whose tokens equal the target argmax."""
+    argmax = logits.double().argmax(-1)
+    num_nodes = len(parents)
+    children = [[j for j in range(num_nodes) if parents[j] == i] for i in range(num_nodes)]
+    rows = []
+    for b in range(tokens.shape[0]):
+        best = [0]
+        for leaf in (i for i in range(num_nodes) if not children[i]):
+            path = [leaf]
+            while parents[path[-1]] >= 0:
+                path.append(parents[path[-1]])
+            path = path[::-1]
+            n = 1
+            while n < len(path) and int(tokens[b, path[n]]) == int(argmax[b, path[n - 1]]):
+                n += 1
+            if n > len(best):
+                best = path[:n]
+        rows.append((best, int(argmax[b, best[-1]])))
+    return rows
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_nodes, vocab", [(1, 50), (7, 50), (26, 1000), (64, 37)])
+def test_greedy_vs_brute_force(num_nodes, vocab, dtype, impl):
+    rng = random.Random(num_nodes * 7 + vocab)
+    gen = torch.Generator().manual_seed(num_nodes)
+    batch = 5
+    logits = (torch.randn(batch, num_nodes, vocab, generator=gen) * 4).to(dtype)
+    parents, tokens = random_tree_and_tokens(num_nodes, vocab, logits.float(), rng)
+    tree = build_tree(parents.to(DEVICE))
+    result = verify_greedy(tree, tokens.to(DEVICE), logits.to(DEVICE), impl=impl)
+    width = tree.max_depth + 1
+    for b, (path, bonus) in enumerate(brute_force_greedy(parents.tolist(), tokens, logits.float())):
+        assert result.accepted_nodes[b].tolist() == path + [-1] * (width - len(path))
+        assert result.accept_len[b].item() == len(path) - 1
+        assert result.next_tokens[b].item() == bonus
+        emitted = [int(tokens[b, n]) for n in path[1:]] + [bonus]
+        assert result.emitted_tokens[b].tolist() == emitted + [-1] * (width - len(emitted))
+
+
+def test_greedy_per_sequence_trees_and_non_contiguous_logits():
+    rng = random.Random(0)
+    batch, num_nodes, vocab = 3, 12, 40
+    logits = torch.randn(batch, vocab, num_nodes).transpose(1, 2) * 4  # stride along V is not 1
+    trees, token_rows = [], []
+    for b in range(batch):
+        parents, tokens = random_tree_and_tokens(num_nodes, vocab, logits[b:b + 1], rng)
+        trees.append(parents)
+        token_rows.append(tokens)
+    tree = build_tree(torch.stack(trees).to(DEVICE))
+    tokens = torch.cat(token_rows).to(DEVICE)
+    results = [verify_greedy(tree, tokens, logits.to(DEVICE), impl=impl) for impl in IMPLS]
+    for b in range(batch):
+        (path, bonus), = brute_force_greedy(trees[b].tolist(), token_rows[b], logits[b:b + 1])
+        for result in results:
+            assert result.accepted_nodes[b, : len(path)].tolist() == path and result.next_tokens[b] == bonus
+
+
+# ---------------------------------------------------------------- lossless sampling
+# Tree: root -> nodes 1, 2, 3 (depth 1); 4, 5 children of 1; 6 child of 2. A fixed two-step "target
+# model": P1 at the root, P2[x] after the first token x (the logits of a depth-1 node are P2[its token]).
+PARENTS = [-1, 0, 0, 0, 1, 1, 2]
+VOCAB = 5
+_gen = torch.Generator().manual_seed(1234)
+LOGITS_1 = torch.randn(VOCAB, generator=_gen, dtype=torch.float64) * 1.5
+LOGITS_2 = torch.randn(VOCAB, VOCAB, generator=_gen, dtype=torch.float64) * 1.5
+DRAFT_Q = torch.softmax(torch.randn(VOCAB + 1, VOCAB, generator=_gen, dtype=torch.float64), -1)
+
+
+def filtered_probs(logits, temperature, top_k, top_p):
+    """float64 target distribution with the documented top-k then top-p semantics (ties kept)."""
+    logits = logits.clone()
+    if top_k is not None:
+        kth = torch.sort(logits, descending=True).values[..., top_k - 1 : top_k]
+        logits = torch.where(logits >= kth, logits, float("-inf"))
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p is not None:
+        values, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(values, -1) - values
+        keep_sorted = before < top_p
+        cut = torch.where(keep_sorted, values, float("inf")).amin(-1, keepdim=True)
+        probs = torch.where(probs >= cut, probs, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def make_sampling_batch(num_samples, with_draft_probs, seed):
+    """Per-sample drafts: fixed top-k-style tokens, or tokens sampled i.i.d. from the draft rows."""
+    gen = torch.Generator().manual_seed(seed)
+    num_nodes = len(PARENTS)
+    tokens = torch.zeros(num_samples, num_nodes, dtype=torch.int64)
+    draft_probs = None
+    if with_draft_probs:
+        # Row i's children are drawn from DRAFT_Q[row]: the root's row is VOCAB, a depth-1 node's row its token.
+        for i in range(1, num_nodes):
+            parent = PARENTS[i]
+            row = torch.full((num_samples,), VOCAB) if parent == 0 else tokens[:, parent]
+            tokens[:, i] = torch.multinomial(DRAFT_Q[row], 1, generator=gen)[:, 0]
+        rows = torch.where(torch.tensor(PARENTS) == -1, VOCAB, 0).expand(num_samples, -1).clone()
+        rows[:, 1:4] = tokens[:, 1:4]
+        rows[:, 4:] = tokens[:, [1, 1, 2]]  # unused rows: nodes 4-6 have no children
+        draft_probs = DRAFT_Q[rows].float()
+    else:
+        tokens[:, 1:] = torch.tensor([2, 0, 4, 1, 3, 2])
+    logits = torch.empty(num_samples, num_nodes, VOCAB, dtype=torch.float64)
+    logits[:, 0] = LOGITS_1
+    logits[:, 1:4] = LOGITS_2[tokens[:, 1:4]]
+    logits[:, 4:] = torch.randn(num_samples, 3, VOCAB, generator=gen, dtype=torch.float64)
+    return tokens, logits.float(), draft_probs
+
+
+def first_two_tokens(result, temperature, top_k, top_p, seed):
+    """(e1, e2): when only one token is emitted, the next step would sample e2 from the target itself."""
+    e1 = result.emitted_tokens[:, 0].cpu()
+    e2 = result.emitted_tokens[:, 1].cpu()
+    p2 = filtered_probs(LOGITS_2, temperature, top_k, top_p)
+    fresh = torch.multinomial(p2[e1], 1, generator=torch.Generator().manual_seed(seed))[:, 0]
+    return e1, torch.where(result.accept_len.cpu() == 0, fresh, e2)
+
+
+def chi_square_pvalue(e1, e2, expected_probs):
+    counts = torch.bincount(e1 * VOCAB + e2, minlength=VOCAB * VOCAB).double()
+    expected = expected_probs.flatten() * counts.sum()
+    assert counts[expected == 0].sum() == 0, "a token pair of target probability 0 was emitted"
+    keep = expected > 0
+    stat = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), stat / 2).item()
+
+
+SAMPLING_CASES = {
+    "deterministic": dict(draft=False, temperature=1.0, top_k=None, top_p=None),
+    "deterministic-filtered": dict(draft=False, temperature=0.7, top_k=4, top_p=0.9),
+    "draft_probs": dict(draft=True, temperature=1.0, top_k=None, top_p=None),
+    "draft_probs-filtered": dict(draft=True, temperature=1.3, top_k=3, top_p=0.8),
+}
+NUM_SAMPLES = 20000
+
+
+def mutated_verify(tree, tokens, logits, draft_probs, temperature, top_k, top_p, generator):
+    """A wrong verifier: accepts child x with the plain target probability p(x) (deterministic drafts)
+    or min(1, p/q) (sampled drafts) at every round, never using the residual."""
+    probs = filtered_probs(logits.double(), temperature, top_k, top_p)
+    uniforms = torch.rand(tokens.shape, generator=generator)
+    rows = torch.arange(tokens.shape[0])
+    cur = torch.zeros(tokens.shape[0], dtype=torch.int64)
+    depth = torch.zeros_like(cur)
+    emitted = torch.full((tokens.shape[0], 3), -1)
+    for j in range(1, tokens.shape[1]):
+        p = probs[rows, cur, tokens[:, j]]
+        ratio = p if draft_probs is None else p / draft_probs[rows, cur, tokens[:, j]].double()
+        accept = (torch.tensor(PARENTS[j]) == cur) & (uniforms[:, j] < ratio)
+        emitted[rows[accept], depth[accept]] = tokens[accept, j]
+        cur = torch.where(accept, j, cur)
+        depth += accept.long()
+    bonus = torch.multinomial(probs[rows, cur], 1, generator=generator)[:, 0]
+    emitted[rows, depth] = bonus
+    return VerifyResult(None, depth, bonus, emitted)
+
+
+@pytest.mark.parametrize("case", list(SAMPLING_CASES), ids=list(SAMPLING_CASES))
+def test_sampling_is_lossless_chi_square(case):
+    cfg = SAMPLING_CASES[case]
+    filters = dict(temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"])
+    tokens, logits, draft_probs = make_sampling_batch(NUM_SAMPLES, cfg["draft"], seed=len(case))
+    tree = build_tree(torch.tensor(PARENTS, device=DEVICE))
+    p1 = filtered_probs(LOGITS_1, **filters)
+    p2 = filtered_probs(LOGITS_2, **filters)
+    expected = p1[:, None] * p2
+    result = verify_sampling(
+        tree, tokens.to(DEVICE), logits.to(DEVICE), draft_probs=None if draft_probs is None else draft_probs.to(DEVICE),
+        generator=torch.Generator(DEVICE).manual_seed(7), impl="torch", **filters,
+    )
+    e1, e2 = first_two_tokens(result, seed=99, **filters)
+    assert chi_square_pvalue(e1, e2, expected) > 1e-3
+    # Some drafts must actually be accepted, or the test says nothing about the acceptance rule.
+    assert (result.accept_len > 0).float().mean() > 0.2
+
+    wrong = mutated_verify(tree, tokens, logits, draft_probs, generator=torch.Generator().manual_seed(7), **filters)
+    e1, e2 = first_two_tokens(wrong, seed=99, **filters)
+    assert chi_square_pvalue(e1, e2, expected) < 1e-6
+
+
+@pytest.mark.parametrize("case", list(SAMPLING_CASES), ids=list(SAMPLING_CASES))
+def test_sampling_triton_equals_torch(case):
+    """Same generator state → the same decisions on both impls (so the Triton path inherits the
+    chi-square test above); the interpreter is slow, hence few sequences."""
+    cfg = SAMPLING_CASES[case]
+    filters = dict(temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"])
+    tokens, logits, draft_probs = make_sampling_batch(12, cfg["draft"], seed=3)
+    tree = build_tree(torch.tensor(PARENTS, device=DEVICE))
+    results = [
+        verify_sampling(tree, tokens.to(DEVICE), logits.to(DEVICE),
+                        draft_probs=None if draft_probs is None else draft_probs.to(DEVICE),
+                        generator=torch.Generator(DEVICE).manual_seed(5), impl=impl, **filters)
+        for impl in IMPLS
+    ]
+    for field in ("accepted_nodes", "accept_len", "next_tokens", "emitted_tokens"):
+        assert torch.equal(getattr(results[0], field), getattr(results[1], field)), field
+    assert results[0].accept_len.sum() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sampling_random_tree_large_vocab_consistency(impl):
+    """A random 26-node tree, V = 2,000 (two vocabulary blocks), duplicate sibling tokens, bf16 logits:
+    outputs are well formed and identical across impls for one generator state."""
+    rng = random.Random(4)
+    batch, num_nodes, vocab = 3, 26, 2000
+    logits = (torch.randn(batch, num_nodes, vocab, generator=torch.Generator().manual_seed(4)) * 3).bfloat16()
+    parents, tokens = random_tree_and_tokens(num_nodes, vocab, logits.float(), rng)
+    tokens[:, 2] = tokens[:, 1]  # a duplicated draft
+    parents[2] = parents[1]
+    tree = build_tree(parents.to(DEVICE))
+    args = (tree, tokens.to(DEVICE), logits.to(DEVICE))
+    ours = verify_sampling(*args, temperature=0.8, top_p=0.95, generator=torch.Generator(DEVICE).manual_seed(1),
+                           impl=impl)
+    ref = verify_sampling(*args, temperature=0.8, top_p=0.95, generator=torch.Generator(DEVICE).manual_seed(1),
+                          impl="torch")
+    assert torch.equal(ours.emitted_tokens, ref.emitted_tokens) and torch.equal(ours.accepted_nodes, ref.accepted_nodes)
+    assert ((ours.next_tokens >= 0) & (ours.next_tokens < vocab)).all()
+
+
+# ---------------------------------------------------------------- KV compaction
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compact_kv_cache_vs_gather(impl):
+    parents = torch.tensor([-1, 0, 0, 1, 1, 3, 2, 5])  # max_depth 4
+    tree = build_tree(parents)
+    batch, heads, kv_len, head_dim = 4, 2, 30, 24
+    cache_lens = torch.tensor([3, 0, 10, 22], device=DEVICE)
+    accepted = torch.tensor([[0, 1, 3, 5, 7], [0, -1, -1, -1, -1], [0, 2, 6, -1, -1], [0, 1, 4, -1, -1]])
+    accept_len = torch.tensor([4, 0, 2, 2])
+    result = VerifyResult(accepted.to(DEVICE), accept_len.to(DEVICE), torch.zeros(4, dtype=torch.int64, device=DEVICE),
+                          accepted.to(DEVICE))
+    assert tree.max_depth + 1 == accepted.shape[1]
+    k = torch.randn(batch, heads, kv_len, head_dim, device=DEVICE)
+    v = torch.randn(batch, heads, kv_len, head_dim, device=DEVICE)
+    k_ref, v_ref = k.clone(), v.clone()
+    for b in range(batch):
+        for slot, node in enumerate(accepted[b].tolist()):
+            if node >= 0:
+                k_ref[b, :, cache_lens[b] + slot] = k[b, :, cache_lens[b] + node]
+                v_ref[b, :, cache_lens[b] + slot] = v[b, :, cache_lens[b] + node]
+    new_lens = compact_kv_cache(k, v, cache_lens, result, impl=impl)
+    assert new_lens.tolist() == [8, 1, 13, 25]
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
+# ---------------------------------------------------------------- bad inputs
+def test_verify_bad_inputs():
+    tree = build_tree(torch.tensor(PARENTS))
+    tokens, logits, draft_probs = make_sampling_batch(2, True, seed=0)
+    with pytest.raises(ValueError, match=r"draft_tokens must be token ids in \[0, V=5\)"):
+        verify_greedy(tree, tokens + 5, logits, impl="torch")
+    with pytest.raises(ValueError, match=r"draft_tokens must have shape \[B, T\]"):
+        verify_greedy(tree, tokens[:, :-1], logits, impl="torch")
+    with pytest.raises(ValueError, match="tree has 7 nodes but target_logits has T=6"):
+        verify_greedy(tree, tokens[:, :-1], logits[:, :-1], impl="torch")
+    with pytest.raises(TypeError, match="target_logits must have dtype"):
+        verify_greedy(tree, tokens, logits.long(), impl="torch")
+    with pytest.raises(ValueError, match="temperature must be in"):
+        verify_sampling(tree, tokens, logits, temperature=0.0, impl="torch")
+    with pytest.raises(ValueError, match="top_p must be in"):
+        verify_sampling(tree, tokens, logits, top_p=1.5, impl="torch")
+    with pytest.raises(ValueError, match="top_p must be in"):
+        verify_sampling(tree, tokens, logits, top_p=0.0, impl="torch")
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        verify_sampling(tree, tokens, logits, top_k=0, impl="torch")
+    with pytest.raises(ValueError, match="draft_probs must have the shape"):
+        verify_sampling(tree, tokens, logits, draft_probs=draft_probs[:, :, :3], impl="torch")
+    with pytest.raises(TypeError, match="generator"):
+        verify_sampling(tree, tokens, logits, generator=7, impl="torch")
+    k = torch.zeros(2, 1, 9, 8)
+    result = verify_greedy(tree, tokens, logits, impl="torch")
+    with pytest.raises(ValueError, match="cache_lens \\+ max_depth \\+ 1 must be <= S=9"):
+        compact_kv_cache(k, k.clone(), torch.tensor([0, 7]), result, impl="torch")
+    with pytest.raises(TypeError, match="result must be a VerifyResult"):
+        compact_kv_cache(k, k.clone(), torch.tensor([0, 1]), (1, 2), impl="torch")
