@@ -51,20 +51,6 @@ def tree_attention_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    # The launcher guarantees every stride is a multiple of 16 elements (vectorised 16-byte loads).
-    stride_qb = tl.multiple_of(stride_qb, 16)
-    stride_qh = tl.multiple_of(stride_qh, 16)
-    stride_qt = tl.multiple_of(stride_qt, 16)
-    stride_kb = tl.multiple_of(stride_kb, 16)
-    stride_kh = tl.multiple_of(stride_kh, 16)
-    stride_ks = tl.multiple_of(stride_ks, 16)
-    stride_vb = tl.multiple_of(stride_vb, 16)
-    stride_vh = tl.multiple_of(stride_vh, 16)
-    stride_vs = tl.multiple_of(stride_vs, 16)
-    stride_ob = tl.multiple_of(stride_ob, 16)
-    stride_oh = tl.multiple_of(stride_oh, 16)
-    stride_os = tl.multiple_of(stride_os, 16)
-    stride_ot = tl.multiple_of(stride_ot, 16)
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -78,13 +64,17 @@ def tree_attention_fwd_kernel(
     dims = tl.arange(0, HEAD_DIM)
     cols = tl.arange(0, BLOCK_N)
 
-    q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh
-              + node.to(tl.int64)[:, None] * stride_qt + dims[None, :])
-    q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
+    # The launcher guarantees 16-element-aligned strides. The hints go on computed offsets: triton 3.6
+    # silently drops tl.multiple_of on a scalar kernel argument, which left every K/V element with its own
+    # scalar load and 64-bit pointer (255 registers, spills). With them each 2-D load / store moves 16 bytes
+    # per lane and each row costs one 64-bit base offset.
+    q_rows = tl.multiple_of(head.to(tl.int64) * stride_qh + node.to(tl.int64) * stride_qt, 16)
+    q_base = Q + tl.multiple_of(batch.to(tl.int64) * stride_qb, 16)
+    q = tl.load(q_base + q_rows[:, None] + dims[None, :], mask=row_valid[:, None], other=0.0)
     if FP32_DOT:
         q = q.to(tl.float32)
-    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    k_base = K + tl.multiple_of(batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh, 16)
+    v_base = V + tl.multiple_of(batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh, 16)
     cache_len = tl.load(CACHE_LENS + batch).to(tl.int32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -102,43 +92,49 @@ def tree_attention_fwd_kernel(
     for start in range(lo, hi, BLOCK_N):
         keys = start + cols
         key_valid = keys < hi
-        k_tile = tl.load(k_base + keys[:, None] * stride_ks + dims[None, :],
-                         mask=key_valid[:, None], other=0.0)
+        k_rows = tl.multiple_of(keys * stride_ks, 16)
+        k_tile = tl.load(k_base + k_rows[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
         if FP32_DOT:
             scores = tl.dot(q, tl.trans(k_tile.to(tl.float32)), input_precision="tf32x3")
         else:
             scores = tl.dot(q, tl.trans(k_tile))
         scores = tl.where(key_valid[None, :], scores * sm_scale_log2, float("-inf"))
-        v_tile = tl.load(v_base + keys[:, None] * stride_vs + dims[None, :],
-                         mask=key_valid[:, None], other=0.0)
+        v_rows = tl.multiple_of(keys * stride_vs, 16)
+        v_tile = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
         m_i, l_i, acc = _online_softmax_step(scores, m_i, l_i, acc, v_tile, FP32_DOT)
 
     # Tree block (split 0 only): key j of the block is visible to row i iff bit j of i's ancestor mask.
     # BLOCK_N divides 64, so one tile never straddles two mask words.
     tree_hi = tl.where(split == 0, num_nodes, 0)
-    anc_rows = ANC + batch.to(tl.int64) * stride_anc_b + node.to(tl.int64) * num_words
-    for start in range(0, tree_hi, BLOCK_N):
+    anc_rows = ANC + batch.to(tl.int64) * stride_anc_b + node * num_words
+    # At most T / BLOCK_N tiles: software pipelining would only add buffers and registers.
+    for start in tl.range(0, tree_hi, BLOCK_N, num_stages=1):
         tree_cols = start + cols
         keys = cache_len + tree_cols
         key_valid = (tree_cols < num_nodes) & (keys < kv_len)
-        words = tl.load(anc_rows + start // 64, mask=row_valid, other=0)
-        bits = (words[:, None] >> (tree_cols % 64).to(tl.int64)[None, :]) & 1
+        # Shift the row's word once (1-D) so the tile test is a narrow shift by the column in the tile.
+        words = tl.load(anc_rows + start // 64, mask=row_valid, other=0) >> (start % 64)
+        if BLOCK_N <= 32:
+            bits = (words.to(tl.int32)[:, None] >> cols[None, :]) & 1
+        else:
+            bits = (words[:, None] >> cols.to(tl.int64)[None, :]) & 1
         visible = (bits != 0) & key_valid[None, :]
-        k_tile = tl.load(k_base + keys[:, None] * stride_ks + dims[None, :],
-                         mask=key_valid[:, None], other=0.0)
+        k_rows = tl.multiple_of(keys * stride_ks, 16)
+        k_tile = tl.load(k_base + k_rows[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
         if FP32_DOT:
             scores = tl.dot(q, tl.trans(k_tile.to(tl.float32)), input_precision="tf32x3")
         else:
             scores = tl.dot(q, tl.trans(k_tile))
         scores = tl.where(visible, scores * sm_scale_log2, float("-inf"))
-        v_tile = tl.load(v_base + keys[:, None] * stride_vs + dims[None, :],
-                         mask=key_valid[:, None], other=0.0)
+        v_rows = tl.multiple_of(keys * stride_vs, 16)
+        v_tile = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
         m_i, l_i, acc = _online_softmax_step(scores, m_i, l_i, acc, v_tile, FP32_DOT)
 
     has_mass = l_i > 0.0
     out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
-    out_ptrs = (OUT + batch.to(tl.int64) * stride_ob + head.to(tl.int64)[:, None] * stride_oh
-                + split.to(tl.int64) * stride_os + node.to(tl.int64)[:, None] * stride_ot + dims[None, :])
+    out_rows = tl.multiple_of(head.to(tl.int64) * stride_oh + node.to(tl.int64) * stride_ot, 16)
+    out_base = OUT + tl.multiple_of(batch.to(tl.int64) * stride_ob + split.to(tl.int64) * stride_os, 16)
+    out_ptrs = out_base + out_rows[:, None] + dims[None, :]
     if SPLIT:
         tl.store(out_ptrs, out, mask=row_valid[:, None])
         lse = tl.where(has_mass, m_i + tl.log2(tl.where(has_mass, l_i, 1.0)), float("-inf"))
@@ -189,10 +185,17 @@ def tree_attention_merge_kernel(
 
 
 def _block_config(rows_per_group: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): the fixed configurations listed in ``aot_specs`` (the largest tiles
-    that compile without register spills on sm_80 / sm_90a)."""
+    """(BLOCK_M, BLOCK_N, num_warps): the fixed configurations listed in ``aot_specs``, every one
+    spill-free on both sm_80 and sm_90a (``python -m benchmarks.compile_check --only tree_attention``).
+
+    fp32 inputs take 3xTF32 products, whose operands are split into a high and a low TF32 half (four
+    times the register footprint of a bf16 fragment), so they get 16-row (D=128) / 32-row (D=64) tiles
+    whatever the number of rows. bf16 / fp16 use 64-row tiles (one wgmma warpgroup on sm_90a) unless
+    the whole KV group fits in 32 rows."""
+    if dtype == torch.float32:
+        return (16, 64, 8) if head_dim > 64 else (32, 64, 8)
     block_m = 32 if rows_per_group <= 32 else 64
-    block_n = 32 if head_dim > 64 or dtype == torch.float32 else 64
+    block_n = 32 if head_dim > 64 else 64
     num_warps = 4 if block_m == 32 else 8
     return block_m, block_n, num_warps
 
@@ -293,13 +296,14 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 
 def aot_specs() -> list[dict]:
-    """Every configuration the launchers use: D ∈ {64, 128}, the three dtypes, the three row blocks,
-    split and unsplit (GROUP is a specialisation value; 4 = Hq/Hkv 32/8 stands for all)."""
+    """Every configuration the launchers use: D ∈ {64, 128}, the three dtypes, each distinct
+    ``_block_config`` (rows per KV group <= 32 and > 32), split and unsplit (GROUP is a specialisation
+    value; 4 = Hq/Hkv 32/8 stands for all)."""
     specs = []
     for dtype, ty in _TRITON_TYPES.items():
         for head_dim in (64, 128):
-            for rows in (32, 64):
-                block_m, block_n, num_warps = _block_config(rows, head_dim, dtype)
+            configs = sorted({_block_config(rows, head_dim, dtype) for rows in (32, 64)})
+            for block_m, block_n, num_warps in configs:
                 for split in (False, True):
                     out_ty = "fp32" if split else ty
                     signature = {

@@ -137,6 +137,8 @@ def sampling_stats_kernel(
         num_children = tl.sum(tl.where(parents == node, 1, 0), axis=0)
         q_ptr = DRAFT_PROBS + batch.to(tl.int64) * stride_qb + node.to(tl.int64) * stride_qt
         round_base = row.to(tl.int64) * num_nodes
+        # One reciprocal per row: a division per element costs range-check predicates in the hot loop.
+        inv_sum = 1.0 / row_sum
         c = tl.full([], 0.0, tl.float32)
         mass = tl.full([], 1.0, tl.float32)
         tl.store(ROUND_C + round_base, c)
@@ -147,7 +149,7 @@ def sampling_stats_kernel(
             for start in range(0, vocab, BLOCK_V):
                 cols = start + offs
                 logit = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-                p = tl.where((cols < vocab) & (logit >= threshold), tl.exp(logit * inv_temp - row_max) / row_sum, 0.0)
+                p = tl.where((cols < vocab) & (logit >= threshold), tl.exp(logit * inv_temp - row_max) * inv_sum, 0.0)
                 q = tl.load(q_ptr + cols, mask=cols < vocab, other=0.0).to(tl.float32)
                 lane_mass += tl.maximum(p - c * q, 0.0)
             mass = tl.sum(lane_mass, axis=0)
@@ -259,8 +261,13 @@ def sampling_walk_kernel(
     for start in range(0, vocab, BLOCK_V):
         resid = _residual(row_ptr, q_ptr, start + offs, vocab, threshold, inv_temp, row_max, row_sum, c,
                           HAS_DRAFT_PROBS)
-        in_chunk = (excluded_tokens >= start) & (excluded_tokens < start + BLOCK_V)
-        mass = tl.maximum(tl.sum(resid, axis=0) - tl.sum(tl.where(in_chunk, excluded_probs, 0.0), axis=0), 0.0)
+        mass = tl.sum(resid, axis=0)
+        if not HAS_DRAFT_PROBS:
+            # Siblings already rejected at this node leave the residual (with draft probabilities the
+            # round's c q term removes them instead and nothing is excluded).
+            in_chunk = (excluded_tokens >= start) & (excluded_tokens < start + BLOCK_V)
+            mass = mass - tl.sum(tl.where(in_chunk, excluded_probs, 0.0), axis=0)
+        mass = tl.maximum(mass, 0.0)
         cross = (sel_start < 0) & (cum + mass > target)
         sel_target = tl.where(cross, target - cum, sel_target)
         sel_start = tl.where(cross, start, sel_start)
