@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# GPU validation in one go: the test suite on CUDA (compiled kernels, no interpreter), then the GPU
+# benchmarks, everything written into OUTDIR.
+#
+#   benchmarks/gpu_check.sh OUTDIR
+#
+# Made for the GPU machines we validate on: torch + triton preinstalled, python3, no network. Wheels
+# that are not installed there (liger-kernel for the baseline, pytest if missing, matplotlib for the
+# plots) are brought along in .whl/ and installed into a temporary folder put on PYTHONPATH.
+# Whole run: under 8 minutes on an H100 (GPU_CHECK_BUDGET_S, default 450 s; the test suite gets at
+# most GPU_CHECK_TEST_TIMEOUT_S, default 210 s; the benchmarks get what is left, and record what they
+# could not run in time as skipped). GPU_CHECK_PYTEST_ARGS replaces the pytest arguments.
+#
+# OUTDIR receives few files on purpose (the GPU runner returns at most 8): setup.log, tests.log,
+# bench.log, results.json, report.md, plots.png, nvidia-smi.txt.
+# Exit status: non-zero when the tests or the benchmark run failed.
+set -uo pipefail
+
+if [ $# -ne 1 ]; then
+  echo "usage: benchmarks/gpu_check.sh OUTDIR" >&2
+  exit 2
+fi
+mkdir -p "$1"
+OUT="$(cd "$1" && pwd)"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO" || exit 2
+
+BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
+TEST_TIMEOUT_S="${GPU_CHECK_TEST_TIMEOUT_S:-210}"
+# One GPU run has to show every failure: stopping at the first (-x) would leave the rest of the suite
+# unchecked until another run, and GPU time is scarce.
+PYTEST_ARGS="${GPU_CHECK_PYTEST_ARGS:-tests -q -rfE --maxfail=25 -p no:cacheprovider}"
+START=$(date +%s)
+elapsed() { echo $(($(date +%s) - START)); }
+SETUP_LOG="$OUT/setup.log"
+: >"$SETUP_LOG"
+log() { echo "[gpu_check $(elapsed)s] $*" | tee -a "$SETUP_LOG"; }
+
+log "repo $REPO, output $OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$SETUP_LOG" 2>&1 || log "nvidia-smi failed"
+
+# 1. Wheels brought along, into a temporary site folder (never into the machine's Python).
+SITE="$(mktemp -d /tmp/distill_ops_site.XXXXXX)"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  if python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl >>"$SETUP_LOG" 2>&1; then
+    log "installed wheels: $(cd .whl && ls *.whl | tr '\n' ' ')"
+  else
+    log "installing .whl/*.whl failed (see above); continuing without them"
+  fi
+fi
+
+# 2. Make `distill_ops` and `distill_ops.kernels` (mapped from kernels/ by setup.py) importable from
+# the repo. An editable install needs no network with --no-build-isolation when setuptools is
+# present; otherwise a sitecustomize hook in the temporary site folder does the same mapping.
+import_check() {
+  (cd "$1" && python3 -c "import distill_ops, distill_ops.kernels.kl_div as k; print(k.__file__)") 2>>"$SETUP_LOG"
+}
+if timeout 120 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$SETUP_LOG" 2>&1 &&
+  [ "$(import_check /tmp)" = "$REPO/kernels/kl_div.py" ]; then
+  log "distill_ops: editable install"
+else
+  log "distill_ops: editable install unavailable, using a sitecustomize import hook"
+  cat >"$SITE/sitecustomize.py" <<EOF
+"""Map distill_ops.kernels to $REPO/kernels (what setup.py's package_dir does) without installing."""
+import importlib.util
+import sys
+
+
+class _DistillOpsKernelsFinder:
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        if fullname != "distill_ops.kernels":
+            return None
+        return importlib.util.spec_from_file_location(
+            fullname, "$REPO/kernels/__init__.py", submodule_search_locations=["$REPO/kernels"]
+        )
+
+
+sys.meta_path.append(_DistillOpsKernelsFinder)
+EOF
+  export PYTHONPATH="$SITE:$REPO${PYTHONPATH#"$SITE"}"
+fi
+for where in /tmp "$REPO"; do
+  found="$(import_check "$where")"
+  if [ "$found" != "$REPO/kernels/kl_div.py" ]; then
+    log "FATAL: distill_ops.kernels does not import from $where (got '$found')"
+    exit 3
+  fi
+done
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" >>"$SETUP_LOG" 2>&1
+unset TRITON_INTERPRET  # compiled kernels only
+
+# 3. The test suite on CUDA.
+if python3 -c "import pytest" 2>/dev/null; then
+  log "pytest $PYTEST_ARGS (timeout ${TEST_TIMEOUT_S}s)"
+  # SIGINT first: pytest then prints its summary of what failed so far.
+  # shellcheck disable=SC2086
+  timeout -s INT -k 20 "$TEST_TIMEOUT_S" python3 -m pytest $PYTEST_ARGS >"$OUT/tests.log" 2>&1
+  TEST_RC=$?
+else
+  echo "pytest is not installed on this machine: bring its wheel (and pluggy, iniconfig) in .whl/" >"$OUT/tests.log"
+  TEST_RC=127
+fi
+log "tests exit code $TEST_RC: $(tail -n 1 "$OUT/tests.log")"
+
+# 4. The benchmarks, with what is left of the budget (keep ~40 s for the last measurement and report).
+REMAINING=$((BUDGET_S - $(elapsed)))
+BENCH_BUDGET=$((REMAINING - 40))
+[ "$BENCH_BUDGET" -lt 30 ] && BENCH_BUDGET=30
+[ "$REMAINING" -lt 60 ] && REMAINING=60
+log "python3 -m benchmarks (measurement budget ${BENCH_BUDGET}s, hard timeout ${REMAINING}s)"
+# SIGTERM makes the runner stop and still write results.json and report.md.
+timeout -s TERM -k 30 "$REMAINING" python3 -m benchmarks --out "$OUT" --budget-s "$BENCH_BUDGET" >"$OUT/bench.log" 2>&1
+BENCH_RC=$?
+log "benchmarks exit code $BENCH_RC: $(tail -n 1 "$OUT/bench.log")"
+
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
+log "done in $(elapsed)s: tests $TEST_RC, benchmarks $BENCH_RC"
+[ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]

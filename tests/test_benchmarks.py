@@ -1,0 +1,210 @@
+"""The benchmark harness end to end on a tiny CPU case, and the kl_div benchmark's baselines."""
+
+from __future__ import annotations
+
+import io
+import json
+import textwrap
+import time
+
+import pytest
+import torch
+
+from benchmarks import bench_kl_div
+from benchmarks.harness import Case, device_peaks, environment, run_benchmarks, run_impl
+from distill_ops import kl_div
+
+from tests.conftest import DEVICE, assert_close
+
+# The tiny benchmark module: two cases (V varies, so a plot is drawn), an impl that works, one that
+# raises, one declared unavailable; the V=128 case measures CPU memory in a subprocess, with a pass
+# that allocates a known 64 MiB temporary on top of 32 MiB of inputs.
+TINY_MODULE = textwrap.dedent(
+    '''
+    import torch
+    from benchmarks.harness import Case
+
+    TEMP_ELEMENTS = 16 * 2**20   # 64 MiB of fp32
+    INPUT_ELEMENTS = 8 * 2**20   # 32 MiB of fp32
+
+    def _setup(vocab, fail=False, forward=False, big=False):
+        def setup():
+            x = torch.randn(64, vocab, requires_grad=True)
+            held = torch.ones(INPUT_ELEMENTS) if big else None
+            def run():
+                if fail:
+                    raise RuntimeError("deliberate failure")
+                loss = (x.exp() * 2).sum()
+                if big:
+                    loss = loss + torch.ones(TEMP_ELEMENTS).sum() + held[0]
+                if not forward:
+                    loss.backward()
+                    x.grad = None
+                return loss
+            return run
+        return setup
+
+    def cases(device, quick):
+        return [
+            Case(
+                op="tiny",
+                params={"N": 64, "V": vocab},
+                impls={"good": _setup(vocab, big=vocab == 128), "bad": _setup(vocab, fail=True)},
+                forward_impls={"good": _setup(vocab, forward=True)},
+                bytes_moved=3 * 64 * vocab * 4,
+                skipped={"absent": "not installed here"},
+                measure_cpu_memory=vocab == 128,
+                memory_floor_bytes=4 * INPUT_ELEMENTS,
+            )
+            for vocab in (64, 128)
+        ]
+    '''
+)
+
+
+@pytest.fixture
+def tiny_module(tmp_path):
+    path = tmp_path / "bench_tiny.py"
+    path.write_text(TINY_MODULE)
+    return str(path)
+
+
+def test_harness_end_to_end_on_a_tiny_cpu_case(tmp_path, tiny_module):
+    out_dir = tmp_path / "out"
+    progress = io.StringIO()
+    document = run_benchmarks(out_dir, device="cpu", sources=[tiny_module], stream=progress)
+
+    written = json.loads((out_dir / "results.json").read_text())
+    assert written == json.loads(json.dumps(document))
+    meta = written["meta"]
+    assert meta["complete"] and meta["device"] == "cpu" and meta["torch"] == torch.__version__
+    for key in ("triton", "python", "git", "utc_time", "device_name"):
+        assert key in meta
+
+    results = {(r["params"]["V"], r["impl"]): r for r in written["results"]}
+    assert sorted(results) == [(64, "absent"), (64, "bad"), (64, "good"), (128, "absent"), (128, "bad"), (128, "good")]
+    for vocab in (64, 128):
+        good = results[(vocab, "good")]
+        assert good["skipped"] is None
+        assert good["full_ms"] > 0 and good["forward_ms"] > 0
+        assert good["backward_ms"] == pytest.approx(good["full_ms"] - good["forward_ms"])
+        assert good["achieved_gb_per_s"] == pytest.approx(good["bytes_moved"] / (good["full_ms"] * 1e-3) / 1e9)
+        assert good["hbm_fraction"] is None  # no roofline peak for a CPU
+        assert results[(vocab, "bad")]["skipped"] == "failed: RuntimeError: deliberate failure"
+        assert results[(vocab, "bad")]["full_ms"] is None
+        assert results[(vocab, "absent")]["skipped"] == "not installed here"
+
+    # Memory only where asked (subprocesses are slow), and it sees the pass's 64 MiB temporary.
+    assert results[(64, "good")]["extra_memory_bytes"] is None
+    measured = results[(128, "good")]
+    mib = 2**20
+    assert 60 * mib <= measured["extra_memory_bytes"] <= 64 * mib + 48 * mib, measured
+    assert measured["case_memory_bytes"] >= measured["extra_memory_bytes"] + 28 * mib, measured
+    assert measured["case_memory_over_floor"] == pytest.approx(measured["case_memory_bytes"] / (32 * mib))
+
+    printed = progress.getvalue()
+    assert "[1/6] tiny N=64 V=64 good ..." in printed and "[6/6]" in printed
+    assert "skipped: failed: RuntimeError: deliberate failure" in printed
+
+    report = (out_dir / "report.md").read_text()
+    assert "## tiny" in report and "| 128 | good |" in report
+    assert "deliberate failure" in report and "not installed here" in report
+    assert (out_dir / "plots.png").stat().st_size > 1000 and "plots.png" in report
+
+
+def test_time_budget_records_the_rest_as_skipped(tmp_path, tiny_module):
+    document = run_benchmarks(tmp_path, device="cpu", sources=[tiny_module], budget_s=0.0, stream=io.StringIO())
+    reasons = [(r["impl"], r["skipped"]) for r in document["results"]]
+    assert len(reasons) == 6 and all(
+        reason == "not installed here" if impl == "absent" else reason.startswith("time budget") for impl, reason in reasons
+    ), reasons
+    assert "time budget" in (tmp_path / "report.md").read_text()
+
+
+def test_a_measurement_past_its_time_limit_is_stopped_and_recorded():
+    def slow_setup():
+        def slow_pass():
+            time.sleep(30)
+
+        return slow_pass
+
+    case = Case(op="slow", params={"N": 1}, impls={"slow": slow_setup})
+    started = time.monotonic()
+    result = run_impl(case, "slow", "cpu", True, 5, 20, environment("cpu"), timeout_s=0.5)
+    assert time.monotonic() - started < 10
+    assert result["skipped"].startswith("failed: MeasurementTimeout: stopped after") and result["full_ms"] is None
+    time.sleep(0.6)  # the alarm is disarmed: nothing fires after the measurement
+
+
+def test_a_module_that_fails_to_load_is_reported(tmp_path, tiny_module):
+    broken = tmp_path / "bench_broken.py"
+    broken.write_text("raise ImportError('missing dependency')\n")
+    document = run_benchmarks(
+        tmp_path / "out", device="cpu", sources=[str(broken), tiny_module], budget_s=0.0, stream=io.StringIO()
+    )
+    assert document["meta"]["broken_sources"][0]["reason"] == "failed: ImportError: missing dependency"
+    assert "missing dependency" in (tmp_path / "out" / "report.md").read_text()
+    assert len(document["results"]) == 6
+
+
+def test_device_peak_table():
+    assert device_peaks("NVIDIA H100 80GB HBM3") == (3.35e12, 989e12)
+    assert device_peaks("NVIDIA H100 PCIe")[0] == 2.0e12
+    assert device_peaks("NVIDIA H200") == (4.8e12, 989e12)
+    assert device_peaks("NVIDIA A100-SXM4-80GB") == (2.0e12, 312e12)
+    assert device_peaks("Tesla T4") == (None, None)
+
+
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
+def test_eager_baselines_compute_our_loss_and_gradient(divergence):
+    """The baselines the report compares against must compute the same thing as kl_div."""
+    generator = torch.Generator().manual_seed(3)
+    student = torch.randn(6, 257, generator=generator).mul_(3).requires_grad_()
+    teacher = torch.randn(6, 257, generator=generator).mul_(3)
+    expected = kl_div(student, teacher, divergence=divergence, beta=bench_kl_div.JSD_BETA, impl="torch")
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    actual = bench_kl_div.EAGER_LOSSES[divergence](student, teacher)
+    (actual_grad,) = torch.autograd.grad(actual, student)
+    assert_close(actual, expected, torch.float32)
+    assert_close(actual_grad, expected_grad, torch.float32)
+
+
+def test_kl_div_cases_cpu_and_gpu_lists():
+    cpu_cases = bench_kl_div.cases("cpu", quick=True)
+    assert all(c.params["dtype"] == "fp32" for c in cpu_cases)
+    assert all(c.params["N"] <= 1024 and c.params["V"] <= 32000 for c in cpu_cases if not c.measure_cpu_memory)
+    timed = next(c for c in cpu_cases if not c.measure_cpu_memory)
+    assert "ours_triton" in timed.skipped and "liger" in timed.skipped and set(timed.impls) == {"ours_torch", "eager"}
+    for name, setup in timed.impls.items():  # each setup builds inputs and runs a full pass
+        full_pass = setup()
+        assert full_pass() is None, name
+    memory_case = [c for c in cpu_cases if c.measure_cpu_memory]
+    assert len(memory_case) == 1 and set(memory_case[0].impls) == {"ours_torch", "eager"}
+    assert not memory_case[0].time_passes  # its passes take seconds: memory only
+
+    gpu_cases = bench_kl_div.cases("cuda", quick=False)  # built lazily: nothing is allocated here
+    main = [c for c in gpu_cases if c.op == "kl_div"]
+    sweeps = [c for c in gpu_cases if c.op == "kl_div_block_sweep"]
+    assert (main[0].params["N"], main[0].params["V"]) == bench_kl_div.TARGET_SHAPE
+    assert {(c.params["N"], c.params["V"], c.params["divergence"]) for c in main} == {
+        (n, v, d) for n in (4096, 16384) for v in (32768, 131072, 262144) for d in ("forward", "jsd")
+    }
+    assert all(c.params["dtype"] == "bf16" for c in main)
+    n, v = bench_kl_div.TARGET_SHAPE
+    assert main[0].bytes_moved == 6 * n * v and main[0].bytes_models == {"two-pass": 10 * n * v}
+    assert main[0].output_bytes == 2 * n * v
+    for case in main:  # the fallback at the smaller N only, torch.compile at the target V only
+        assert ("ours_torch" in case.skipped) == (case.params["N"] > 4096)
+        assert ("torch_compile" in case.skipped) == (case.params["V"] != 131072)
+    assert len(sweeps) == 2 and all(len(c.impls) == 5 and c.forward_only for c in sweeps)
+    assert sum("(default)" in name for name in sweeps[0].impls) == 1
+
+
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
+def test_block_sweep_launches_compute_the_loss(divergence):
+    """Every swept (BLOCK_V, num_warps) launch gives kl_div's per-row loss (Triton interpreter on CPU)."""
+    case = bench_kl_div.sweep_case(2, 300, torch.float32, divergence, DEVICE.type)
+    student, teacher = bench_kl_div.make_logits(2, 300, torch.float32, DEVICE.type)
+    expected = kl_div(student, teacher, divergence=divergence, beta=bench_kl_div.JSD_BETA, reduction="none", impl="torch")
+    for name, setup in case.impls.items():
+        assert_close(setup()(), expected, torch.float32, msg=name)
