@@ -22,7 +22,7 @@ if [ $# -ne 1 ]; then
 fi
 mkdir -p "$1"
 OUT="$(cd "$1" && pwd)"
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 cd "$REPO" || exit 2
 
 BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
@@ -52,33 +52,17 @@ fi
 
 # 2. Make `distill_ops` and `distill_ops.kernels` (mapped from kernels/ by setup.py) importable from
 # the repo. An editable install needs no network with --no-build-isolation when setuptools is
-# present; otherwise a sitecustomize hook in the temporary site folder does the same mapping.
+# present; otherwise a symlink in the (throwaway) copy does the same mapping.
 import_check() {
-  (cd "$1" && python3 -c "import distill_ops, distill_ops.kernels.kl_div as k; print(k.__file__)") 2>>"$SETUP_LOG"
+  (cd "$1" && python3 -c "import os, distill_ops, distill_ops.kernels.kl_div as k; print(os.path.realpath(k.__file__))") 2>>"$SETUP_LOG"
 }
 if timeout 120 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$SETUP_LOG" 2>&1 &&
   [ "$(import_check /tmp)" = "$REPO/kernels/kl_div.py" ]; then
   log "distill_ops: editable install"
 else
-  log "distill_ops: editable install unavailable, using a sitecustomize import hook"
-  cat >"$SITE/sitecustomize.py" <<EOF
-"""Map distill_ops.kernels to $REPO/kernels (what setup.py's package_dir does) without installing."""
-import importlib.util
-import sys
-
-
-class _DistillOpsKernelsFinder:
-    @classmethod
-    def find_spec(cls, fullname, path=None, target=None):
-        if fullname != "distill_ops.kernels":
-            return None
-        return importlib.util.spec_from_file_location(
-            fullname, "$REPO/kernels/__init__.py", submodule_search_locations=["$REPO/kernels"]
-        )
-
-
-sys.meta_path.append(_DistillOpsKernelsFinder)
-EOF
+  # This is a throwaway copy of the repo on the GPU machine: a symlink does what package_dir does.
+  log "distill_ops: editable install unavailable, linking distill_ops/kernels -> ../kernels"
+  ln -sfn ../kernels "$REPO/distill_ops/kernels"
   export PYTHONPATH="$SITE:$REPO${PYTHONPATH#"$SITE"}"
 fi
 for where in /tmp "$REPO"; do
