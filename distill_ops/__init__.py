@@ -2,6 +2,8 @@
 
 from ._version import __version__
 from .aligndistil import AlignDistilLoss, aligndistil_kl
+from .fspad_loss import fspad_draft_loss
+from .fused_linear import FusedLinearKLDivLoss, fused_linear_kl_div
 from .kl_div import DIVERGENCES, KLDivLoss, kl_div, kl_div_reference
 from .topk_kl import TAILS, TOPK_DIVERGENCES, DACKLLoss, TopKKLDivLoss, topk_kl_div
 
@@ -18,6 +20,9 @@ __all__ = [
     "DACKLLoss",
     "TopKKLDivLoss",
     "topk_kl_div",
+    "FusedLinearKLDivLoss",
+    "fused_linear_kl_div",
+    "fspad_draft_loss",
 ]
 
 from .tree import TreeSpec, build_tree, paths_from_tree, tree_from_paths, tree_from_retrieve, tree_to_retrieve

@@ -145,7 +145,9 @@ def resolve_vocab(
 
 def as_rows(tensor: torch.Tensor, width: int) -> torch.Tensor:
     """View ``tensor[..., :width]`` as 2-D rows with unit stride along the last dim (copy only if needed)."""
-    rows = tensor[..., :width]
+    # Slice only when truncating: autograd records even a full-width slice, and its backward would
+    # allocate a zero-filled copy of the whole gradient.
+    rows = tensor[..., :width] if width < tensor.shape[-1] else tensor
     if rows.dim() == 1:
         rows = rows.unsqueeze(0)
     if rows.stride(-1) != 1:

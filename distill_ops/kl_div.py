@@ -422,8 +422,10 @@ def kl_div(
     if inplace_grad and student_logits.requires_grad and torch.is_grad_enabled():
         if student_rows.data_ptr() != student_logits.data_ptr() or not student_logits.is_contiguous():
             raise ValueError("inplace_grad=True needs contiguous student_logits with no vocab_size truncation")
+        # Hand autograd a view, not the leaf itself: AccumulateGrad then keeps the returned buffer as
+        # .grad instead of cloning a gradient that aliases the variable.
         row_loss = _KLDivInplaceGradFunction.apply(
-            student_rows, teacher_rows, label_rows, row_weight, divergence, coef, temperature, int(ignore_index),
+            student_rows.view(student_rows.shape), teacher_rows, label_rows, row_weight, divergence, coef, temperature, int(ignore_index),
             backend,
         )
     else:

@@ -1,0 +1,194 @@
+"""Benchmarks of ``distill_ops.fused_linear_kl_div`` (distillation from hidden states, no logits).
+
+Impls per case (a full pass is loss forward + backward to the student's hidden states and LM head):
+
+* ``ours_triton``: ``fused_linear_kl_div(..., impl="triton")`` (CUDA only).
+* ``ours_torch``: the chunked PyTorch fallback.
+* ``eager``: what a user writes: both logits materialised (``h @ W.T`` in the input dtype), fp32
+  log-softmax of both, the divergence, the mean (:func:`eager_loss`).
+* ``torch_compile``: ``torch.compile`` of that formula.
+* ``liger``: Liger-Kernel's ``LigerFusedLinearJSDLoss`` (chunked over tokens, logits materialised per
+  chunk) when installed; JSD only, so every case uses ``divergence="jsd"``, beta = 0.5.
+
+FLOPs of a full pass (for the fraction of bf16 tensor-core peak): forward 2·N·V·(Hs+Ht) (student and
+teacher logits; the mixture divergences recompute them once more: another 2·N·V·(Hs+Ht)), backward
+2·N·V·(Hs+Ht) to recompute the tiles plus 2·2·N·V·Hs for the two gradients. The *model* counts the
+work any implementation must do: 2·N·V·(Hs+Ht) + 4·N·V·Hs (logits once, two gradient GEMMs).
+
+GPU shapes: from N ∈ {4096, 8192, 16384}, H ∈ {2048, 4096} (student = teacher width), V ∈ {131072, 262144},
+bf16, three points (the issue's target N=8192, H=4096, V=131072 first; then 4096/2048/128k and
+16384/4096/256k, where the materialised-logits baselines are skipped: 16 GiB per fp32 [N, V] tensor). CPU: small
+fp32 shapes and the memory case N=2048, V=65536, H=256 (ours_torch vs eager, peak RSS in a subprocess).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Callable
+
+import torch
+
+from benchmarks.harness import Case
+from distill_ops.fused_linear import fused_linear_kl_div
+
+OP = "fused_linear_kl_div"
+JSD_BETA = 0.5
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+TARGET_SHAPE = (8192, 4096, 131072)  # (N, H, V): the issue's >= 50 % tensor-core target
+# Trimmed to about 1.5 minutes of GPU time: the target, a small and the largest corner of the grid.
+GPU_SHAPES = (TARGET_SHAPE, (4096, 2048, 131072), (16384, 4096, 262144))
+GPU_QUICK_SHAPES = ((4096, 2048, 131072),)
+CPU_TIME_SHAPES = ((256, 128, 8192), (512, 256, 16384))
+CPU_QUICK_TIME_SHAPES = ((128, 64, 4096),)
+CPU_MEMORY_SHAPE = (2048, 256, 65536)
+CPU_QUICK_MEMORY_SHAPE = (512, 256, 32768)
+# Eager / torch.compile at the largest GPU shapes materialise tens of GiB of fp32 logits.
+EAGER_MAX_ELEMENTS = 16384 * 131072
+
+NOTES = (
+    "Distillation from hidden states: student h_s [N, H] @ W_s [V, H].T vs teacher h_t [N, H] @ W_t [V, H].T, "
+    f"divergence jsd (beta={JSD_BETA}), gradients to h_s and W_s. FLOPs: forward 2·N·V·(Hs+Ht) per sweep "
+    "(jsd sweeps twice), backward 2·N·V·(Hs+Ht) recompute + 4·N·V·Hs; *model* = 2·N·V·(Hs+Ht) + 4·N·V·Hs. "
+    "Memory *floor* = inputs + gradients of h_s and W_s; [N, V] fp32 = 4·N·V bytes is the reference for the "
+    "extra-memory target (< 2 %)."
+)
+
+
+def eager_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, beta: float = JSD_BETA):
+    """mean over rows of beta KL(p || m) + (1 - beta) KL(q || m), logits materialised (TRL's formula)."""
+    log_q = torch.log_softmax((student_hidden @ student_weight.T).float(), dim=-1)
+    with torch.no_grad():
+        log_p = torch.log_softmax((teacher_hidden @ teacher_weight.T).float(), dim=-1)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
+    kl_teacher = (log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_student = (log_q.exp() * (log_q - log_m)).sum(-1)
+    return (beta * kl_teacher + (1 - beta) * kl_student).mean()
+
+
+_COMPILED: list[Callable] = []
+
+
+def compiled_loss() -> Callable:
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(eager_loss, dynamic=False))
+    return _COMPILED[0]
+
+
+def ours_loss(impl: str) -> Callable:
+    def loss(student_hidden, student_weight, teacher_hidden, teacher_weight):
+        return fused_linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                   divergence="jsd", beta=JSD_BETA, impl=impl)
+
+    return loss
+
+
+def liger_loss() -> Callable:
+    from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSDLoss
+
+    # beta = 0.5: the symmetric JSD, whichever side each library's beta weighs.
+    module = LigerFusedLinearJSDLoss(jsd_beta=JSD_BETA, temperature=1.0)
+
+    def loss(student_hidden, student_weight, teacher_hidden, teacher_weight):
+        return module(student_hidden, student_weight, teacher_hidden, teacher_weight)
+
+    return loss
+
+
+def make_inputs(rows: int, hidden: int, vocab: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """h ~ N(0, 1), W ~ N(0, 4 / H): logits of std ~2 on both sides."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    scale = 2.0 / math.sqrt(hidden)
+    student_hidden = torch.randn(rows, hidden, device=device, dtype=dtype, generator=generator)
+    student_weight = torch.randn(vocab, hidden, device=device, dtype=dtype, generator=generator).mul_(scale)
+    teacher_hidden = torch.randn(rows, hidden, device=device, dtype=dtype, generator=generator)
+    teacher_weight = torch.randn(vocab, hidden, device=device, dtype=dtype, generator=generator).mul_(scale)
+    return student_hidden, student_weight, teacher_hidden, teacher_weight
+
+
+def _pass_setup(make_loss, rows, hidden, vocab, dtype, device, *, forward_only: bool):
+    def setup() -> Callable[[], object]:
+        loss_fn = make_loss()
+        student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs(rows, hidden, vocab, dtype, device)
+        student_hidden.requires_grad_(True)
+        student_weight.requires_grad_(True)
+
+        def forward_pass():
+            return loss_fn(student_hidden, student_weight, teacher_hidden, teacher_weight)
+
+        def full_pass():
+            loss_fn(student_hidden, student_weight, teacher_hidden, teacher_weight).backward()
+            student_hidden.grad = None
+            student_weight.grad = None
+
+        return forward_pass if forward_only else full_pass
+
+    return setup
+
+
+def _unavailable(device: str) -> dict[str, str]:
+    skipped = {}
+    if device != "cuda":
+        skipped["ours_triton"] = "needs CUDA (the Triton interpreter is a test path, not a benchmark)"
+        skipped["liger"] = "Liger-Kernel needs CUDA"
+    elif importlib.util.find_spec("liger_kernel") is None:
+        skipped["liger"] = "liger_kernel not installed (pip install liger-kernel, the `bench` extra)"
+    return skipped
+
+
+def fused_linear_case(rows, hidden, vocab, dtype, device, *, impls, skipped=None, measure_cpu_memory=False) -> Case:
+    skipped = {**_unavailable(device), **(skipped or {})}
+    makers = {
+        "ours_triton": lambda: ours_loss("triton"),
+        "ours_torch": lambda: ours_loss("torch"),
+        "eager": lambda: eager_loss,
+        "torch_compile": compiled_loss,
+        "liger": liger_loss,
+    }
+    runnable = [name for name in impls if name not in skipped]
+    itemsize = torch.finfo(dtype).bits // 8
+    logits_flops = 2 * rows * vocab * (2 * hidden)
+    grad_flops = 4 * rows * vocab * hidden
+    inputs_bytes = (2 * rows * hidden + 2 * vocab * hidden) * itemsize
+    grads_bytes = (rows * hidden + vocab * hidden) * itemsize
+    return Case(
+        op=OP,
+        params={"N": rows, "H": hidden, "V": vocab, "dtype": DTYPE_NAMES[dtype], "divergence": "jsd"},
+        impls={name: _pass_setup(makers[name], rows, hidden, vocab, dtype, device, forward_only=False)
+               for name in runnable},
+        forward_impls={name: _pass_setup(makers[name], rows, hidden, vocab, dtype, device, forward_only=True)
+                       for name in runnable},
+        # ours: two forward sweeps (jsd) + recompute + two gradient GEMMs.
+        flops=2 * logits_flops + logits_flops + grad_flops,
+        bytes_moved=inputs_bytes + grads_bytes,
+        memory_floor_bytes=inputs_bytes + grads_bytes,
+        output_bytes=4 * rows * vocab,  # extra_memory_over_output = extra / one [N, V] fp32 tensor
+        measure_cpu_memory=measure_cpu_memory,
+        skipped={name: reason for name, reason in skipped.items() if name in impls},
+        notes=NOTES,
+    )
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    """fused_linear_kl_div cases for ``device`` (CPU always gets its small shapes)."""
+    all_impls = ("ours_triton", "ours_torch", "eager", "torch_compile", "liger")
+    if device == "cuda":
+        result = []
+        for rows, hidden, vocab in GPU_QUICK_SHAPES if quick else GPU_SHAPES:
+            skipped = {"ours_torch": "fallback is a correctness path: not timed at GPU shapes (time budget)"}
+            if (rows, hidden, vocab) != TARGET_SHAPE or quick:
+                skipped["torch_compile"] = "compiled at the target shape only (compile time, GPU time budget)"
+            if rows * vocab > EAGER_MAX_ELEMENTS:
+                skipped["eager"] = skipped["torch_compile"] = "materialised logits exceed the memory budget"
+            result.append(fused_linear_case(rows, hidden, vocab, torch.bfloat16, device, impls=all_impls,
+                                            skipped=skipped))
+        return result
+    result = [
+        fused_linear_case(rows, hidden, vocab, torch.float32, device, impls=("ours_torch", "eager"))
+        for rows, hidden, vocab in (CPU_QUICK_TIME_SHAPES if quick else CPU_TIME_SHAPES)
+    ]
+    rows, hidden, vocab = CPU_QUICK_MEMORY_SHAPE if quick else CPU_MEMORY_SHAPE
+    result.append(fused_linear_case(rows, hidden, vocab, torch.float32, device, impls=("ours_torch", "eager"),
+                                    measure_cpu_memory=True))
+    return result

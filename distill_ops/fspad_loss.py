@@ -1,0 +1,109 @@
+"""FSPAD's partial-alignment distillation loss for a feature-level draft head: ``fspad_draft_loss``."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._utils import check_choice, check_number, check_tensor, reduce_rows
+from .fused_linear import fused_linear_kl_div
+
+
+def fspad_draft_loss(
+    draft_regress: Tensor,
+    draft_predict: Tensor,
+    target_next_features: Tensor,
+    lm_head_weight: Tensor,
+    *,
+    regress_weight: float = 1.0,
+    logit_weight: float = 0.1,
+    lm_head_bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    smooth_l1_beta: float = 1.0,
+    loss_mask: Optional[Tensor] = None,
+    reduction: str = "mean",
+    include_teacher_entropy: bool = True,
+    impl: str = "auto",
+) -> Tensor:
+    """FSPAD partial alignment: ``regress_weight * SmoothL1 + logit_weight * soft cross-entropy``, per token.
+
+    * regression: ``SmoothL1(draft_regress, target_next_features)`` averaged over the feature dim;
+    * logits: ``-sum_v p_v log q_v`` with p = softmax(lm_head(target_next_features) / T) and
+      q = softmax(lm_head(draft_predict) / T) through the frozen LM head, computed by
+      :func:`distill_ops.fused_linear_kl_div` (no [N, V] logits) as KL(p || q) + H(p). H(p) does not
+      depend on the draft; ``include_teacher_entropy=False`` skips the extra (no-grad, teacher-only)
+      pass that computes it and returns the KL instead (same gradient, value lower by H(p)).
+
+    Args:
+        draft_regress: ``[..., d]`` the head's regression half (receives a gradient).
+        draft_predict: ``[..., d]`` the head's prediction half (receives a gradient through the LM head).
+        target_next_features: ``[..., d]`` the target's next-position features (a constant).
+        lm_head_weight: ``[V, d]`` the target's LM head (frozen: gets no gradient); ``lm_head_bias``
+            optional ``[V]``. Cast to ``draft_predict``'s dtype for the draft side if they differ.
+        loss_mask: optional ``[...]`` bool / integer, nonzero where a token counts.
+        reduction: ``mean`` (over counted tokens), ``sum`` or ``none`` (shape ``[...]``).
+        impl: backend of the logit term, as in :func:`distill_ops.fused_linear_kl_div`.
+
+    Returns:
+        fp32 scalar (``mean`` / ``sum``) or fp32 ``[...]``.
+    """
+    check_tensor("draft_regress", draft_regress, min_dim=1)
+    check_tensor("draft_predict", draft_predict, min_dim=1)
+    check_tensor("target_next_features", target_next_features, min_dim=1)
+    check_tensor("lm_head_weight", lm_head_weight, ndim=2)
+    for name, tensor in (("draft_regress", draft_regress), ("draft_predict", draft_predict)):
+        if tensor.shape != target_next_features.shape:
+            raise ValueError(
+                f"{name} must have the shape of target_next_features {tuple(target_next_features.shape)}, "
+                f"got {tuple(tensor.shape)}"
+            )
+    check_number("regress_weight", regress_weight, low=0.0)
+    check_number("logit_weight", logit_weight, low=0.0)
+    check_number("smooth_l1_beta", smooth_l1_beta, low=0.0)
+    check_choice("reduction", reduction, ("mean", "sum", "none"))
+    leading_shape = draft_regress.shape[:-1]
+    labels = None
+    if loss_mask is not None:
+        check_tensor("loss_mask", loss_mask, dtypes=None)
+        if loss_mask.shape != leading_shape:
+            raise ValueError(f"loss_mask must have shape {tuple(leading_shape)}, got {tuple(loss_mask.shape)}")
+        labels = torch.where(loss_mask.bool(), 0, -100).to(torch.int64)
+
+    target = target_next_features.detach()
+    head_weight = lm_head_weight.detach()
+    head_bias = None if lm_head_bias is None else lm_head_bias.detach()
+    draft_weight = head_weight.to(draft_predict.dtype)
+    logit_rows = fused_linear_kl_div(
+        draft_predict, draft_weight, target.to(head_weight.dtype), head_weight,
+        student_bias=None if head_bias is None else head_bias.to(draft_predict.dtype), teacher_bias=head_bias,
+        divergence="forward", temperature=temperature, labels=labels, reduction="none", impl=impl,
+    )
+    if include_teacher_entropy:
+        logit_rows = logit_rows + _teacher_entropy(target.to(head_weight.dtype), head_weight, head_bias, temperature,
+                                                   labels, impl)
+    regression_rows = F.smooth_l1_loss(
+        draft_regress.float(), target.float(), reduction="none", beta=smooth_l1_beta
+    ).mean(-1)
+    active = None if labels is None else labels.reshape(-1) != -100
+    if active is not None:
+        regression_rows = torch.where(active.reshape(leading_shape), regression_rows, 0.0)
+    rows = regress_weight * regression_rows + logit_weight * logit_rows
+    return reduce_rows(rows.reshape(-1), active, reduction, None, leading_shape)
+
+
+@torch.no_grad()
+def _teacher_entropy(features, weight, bias, temperature, labels, impl) -> Tensor:
+    """H(p) per row as log V - KL(p || uniform): the fused op against a zero-width student (logits 0)."""
+    vocab = weight.shape[0]
+    zero_hidden = features.new_zeros((*features.shape[:-1], 1))
+    zero_weight = weight.new_zeros((vocab, 1))
+    to_uniform = fused_linear_kl_div(
+        zero_hidden, zero_weight, features, weight, teacher_bias=bias, divergence="forward",
+        temperature=temperature, labels=labels, reduction="none", impl=impl,
+    )
+    entropy = math.log(vocab) - to_uniform
+    return entropy if labels is None else torch.where(labels != -100, entropy, 0.0)

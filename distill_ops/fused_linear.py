@@ -1,0 +1,679 @@
+"""Fused linear divergence: ``fused_linear_kl_div`` / ``FusedLinearKLDivLoss``.
+
+Distillation straight from hidden states: student logits ``z = h_s @ W_s.T (+ b_s)`` and teacher
+logits ``h_t @ W_t.T (+ b_t)`` (or given densely) are computed tile by tile and folded into per-row
+statistics; no [N, V] logits, probabilities or gradient ever exist. Per row (token):
+
+    loss = kl_weight * D(p || q) + ce_weight * CE(z, label)
+
+with D any divergence of :func:`distill_ops.kl_div` (same definitions, same temperature
+convention: T divides both sides' logits, no T^2 factor) and CE the hard-label cross-entropy of the
+student at temperature 1.
+
+Backends:
+
+* ``triton``: a statistics kernel (plus a second sweep for the mixture divergences), then in backward
+  a kernel that recomputes the logits of one vocabulary chunk and writes dL/dz for that chunk only
+  (``[N, chunk]``, chunk <= V / 4 and <= 2^24 elements); cuBLAS turns it into ``d_hidden`` (fp32
+  accumulator across chunks) and that chunk's rows of ``d_weight`` (written once, fp32 accumulation
+  over all tokens inside the GEMM). Deterministic: no atomics.
+* ``torch``: the same algorithm chunked over tokens and over the vocabulary (at most 2^18 fp32
+  elements per logits chunk), fp32 math, using the divergence pieces of :mod:`distill_ops.kl_div`.
+
+The loss is computed in forward with only [N]-sized statistics saved; backward recomputes the logits
+(a per-row upstream gradient, ``reduction="none"`` included, is applied exactly).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._utils import (
+    as_rows,
+    check_choice,
+    check_labels,
+    check_number,
+    check_reduction,
+    check_same_device,
+    check_tensor,
+    reduce_rows,
+    resolve_impl,
+    resolve_vocab,
+)
+from .kl_div import (
+    DIVERGENCES,
+    _canonical_divergence,
+    _divergence_elements,
+    _divergence_grad,
+    _divergence_row_loss,
+)
+
+# PyTorch fallback: fp32 elements of one [token chunk, vocabulary chunk] logits block.
+TORCH_CHUNK_ELEMENTS = 1 << 18
+TORCH_VOCAB_CHUNK = 4096
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch fallback (chunked over tokens and vocabulary; never holds [N, V])
+# --------------------------------------------------------------------------------------------------
+
+
+def _torch_chunks(num_rows: int, vocab: int) -> tuple[int, int]:
+    vocab_chunk = min(vocab, TORCH_VOCAB_CHUNK)
+    return max(1, TORCH_CHUNK_ELEMENTS // vocab_chunk), vocab_chunk
+
+
+def _linear_chunk(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], start: int, stop: int) -> Tensor:
+    """``hidden @ weight[start:stop].T (+ bias)`` in ``hidden``'s (compute) dtype."""
+    logits = hidden @ weight[start:stop].to(hidden.dtype).T
+    if bias is not None:
+        logits = logits + bias[start:stop].to(hidden.dtype)
+    return logits
+
+
+class _Inputs:
+    """The 2-D operands of one call, with chunk accessors for the PyTorch fallback."""
+
+    def __init__(self, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits):
+        self.s_hidden, self.s_weight, self.s_bias = s_hidden, s_weight, s_bias
+        self.t_hidden, self.t_weight, self.t_bias, self.t_logits = t_hidden, t_weight, t_bias, t_logits
+        self.compute_dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
+
+    def hidden_chunk(self, start: int, stop: int) -> tuple[Tensor, Optional[Tensor]]:
+        student = self.s_hidden[start:stop].to(self.compute_dtype)
+        teacher = None if self.t_hidden is None else self.t_hidden[start:stop].to(self.compute_dtype)
+        return student, teacher
+
+    def teacher_chunk(self, teacher_hidden: Optional[Tensor], rows: slice, start: int, stop: int) -> Tensor:
+        if self.t_logits is not None:
+            return self.t_logits[rows, start:stop].to(self.compute_dtype)
+        return _linear_chunk(teacher_hidden, self.t_weight, self.t_bias, start, stop)
+
+
+def fused_linear_stats_torch(
+    inputs: _Inputs, labels: Optional[Tensor], *, divergence: str, coef: float, temperature: float, has_ce: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(divergence [N], cross_entropy [N], row_stats [4, N])``, as ``kernels.fused_linear.fused_linear_stats``."""
+    num_rows, vocab = inputs.s_hidden.shape[0], inputs.s_weight.shape[0]
+    dtype = inputs.compute_dtype
+    device = inputs.s_hidden.device
+    row_stats = torch.zeros(4, num_rows, dtype=dtype, device=device)
+    divergence_rows = torch.zeros(num_rows, dtype=dtype, device=device)
+    ce_rows = torch.zeros(num_rows, dtype=dtype, device=device)
+    row_step, vocab_step = _torch_chunks(num_rows, vocab)
+    for row_start in range(0, num_rows, row_step):
+        rows = slice(row_start, min(row_start + row_step, num_rows))
+        student_hidden, teacher_hidden = inputs.hidden_chunk(rows.start, rows.stop)
+        count = student_hidden.shape[0]
+        lse_s = torch.full((count,), float("-inf"), dtype=dtype, device=device)
+        lse_t = lse_s.clone()
+        lse_z = lse_s.clone()
+        label_logit = torch.zeros(count, dtype=dtype, device=device)
+        # Pass 1: both log-sum-exps (and the cross-entropy's), streamed over the vocabulary.
+        for start in range(0, vocab, vocab_step):
+            stop = min(start + vocab_step, vocab)
+            chunk_lse_s, chunk_lse_t, chunk_lse_z, chunk_label = _lse_chunk(
+                inputs, student_hidden, teacher_hidden, rows, start, stop, temperature, labels if has_ce else None
+            )
+            lse_s = torch.logaddexp(lse_s, chunk_lse_s)
+            lse_t = torch.logaddexp(lse_t, chunk_lse_t)
+            if has_ce:
+                lse_z = torch.logaddexp(lse_z, chunk_lse_z)
+                label_logit += chunk_label
+        # Pass 2: the divergence's per-element terms and row statistic, given the log-sum-exps.
+        term_sum = torch.zeros(count, 1, dtype=dtype, device=device)
+        dot_sum = torch.zeros(count, 1, dtype=dtype, device=device)
+        for start in range(0, vocab, vocab_step):
+            stop = min(start + vocab_step, vocab)
+            chunk_terms, chunk_dots = _terms_chunk(
+                inputs, student_hidden, teacher_hidden, rows, start, stop, temperature, lse_s, lse_t, divergence, coef
+            )
+            term_sum += chunk_terms
+            if chunk_dots is not None:
+                dot_sum += chunk_dots
+        divergence_rows[rows] = _divergence_row_loss(
+            term_sum, dot_sum, lse_s[:, None], lse_t[:, None], divergence
+        ).squeeze(-1)
+        row_stats[0, rows] = lse_s
+        row_stats[1, rows] = lse_t
+        row_stats[2, rows] = dot_sum.squeeze(-1)
+        if has_ce:
+            row_stats[3, rows] = lse_z
+            ce_rows[rows] = lse_z - label_logit
+    return divergence_rows, ce_rows, row_stats
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    return logits if temperature == 1.0 else logits / temperature
+
+
+# The per-chunk steps live in functions so that a chunk's temporaries are freed before the next chunk's
+# are allocated (peak memory = one chunk's working set).
+
+
+def _lse_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, temperature, labels):
+    z = _linear_chunk(student_hidden, inputs.s_weight, inputs.s_bias, start, stop)
+    t = inputs.teacher_chunk(teacher_hidden, rows, start, stop)
+    lse_s = torch.logsumexp(_scaled(z, temperature), dim=-1)
+    lse_t = torch.logsumexp(_scaled(t, temperature), dim=-1)
+    if labels is None:
+        return lse_s, lse_t, None, None
+    return lse_s, lse_t, torch.logsumexp(z, dim=-1), _label_logits(z, labels[rows], start, stop)
+
+
+def _terms_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, temperature, lse_s, lse_t, divergence,
+                 coef):
+    z = _linear_chunk(student_hidden, inputs.s_weight, inputs.s_bias, start, stop)
+    t = inputs.teacher_chunk(teacher_hidden, rows, start, stop)
+    terms, dot_terms, _, _ = _divergence_elements(
+        _scaled(z, temperature), _scaled(t, temperature), lse_s[:, None], lse_t[:, None], divergence, coef
+    )
+    return terms.sum(-1, keepdim=True), None if dot_terms is None else dot_terms.sum(-1, keepdim=True)
+
+
+def _grad_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, labels, row_stats, kl_scale, ce_scale,
+                divergence, coef, temperature):
+    """dL/dz of one [token chunk, vocabulary chunk] block, scaled per row."""
+    z = _linear_chunk(student_hidden, inputs.s_weight, inputs.s_bias, start, stop)
+    t = inputs.teacher_chunk(teacher_hidden, rows, start, stop)
+    _, _, q, g = _divergence_elements(
+        _scaled(z, temperature), _scaled(t, temperature), row_stats[0, rows, None], row_stats[1, rows, None],
+        divergence, coef,
+    )
+    grad = _divergence_grad(q, g, row_stats[2, rows, None], divergence)
+    del q, g
+    zero = grad.new_zeros(())
+    scale = kl_scale[rows, None]
+    grad = torch.where(scale == 0, zero, grad * scale)
+    if ce_scale is not None:
+        columns = torch.arange(start, stop, device=z.device)
+        ce_grad = torch.exp(z - row_stats[3, rows, None]) - (columns[None, :] == labels[rows, None]).to(z.dtype)
+        scale = ce_scale[rows, None]
+        grad = grad + torch.where(scale == 0, zero, ce_grad * scale)
+    return grad
+
+
+def _label_logits(z: Tensor, labels: Tensor, start: int, stop: int) -> Tensor:
+    """z[label] for rows whose label falls in columns [start, stop), 0 otherwise (like the kernel)."""
+    in_chunk = (labels >= start) & (labels < stop)
+    index = (labels - start).clamp(0, stop - start - 1).unsqueeze(-1)
+    return torch.where(in_chunk, z.gather(-1, index).squeeze(-1), 0.0)
+
+
+def fused_linear_backward_torch(
+    inputs: _Inputs,
+    labels: Optional[Tensor],
+    row_stats: Tensor,
+    kl_scale: Tensor,
+    ce_scale: Optional[Tensor],
+    *,
+    divergence: str,
+    coef: float,
+    temperature: float,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(d_hidden [N, Hs], d_weight [V, Hs] or None, d_bias [V] or None)`` in the compute dtype.
+
+    The vocabulary chunk is the outer loop so each chunk's weight-gradient rows are accumulated over
+    all tokens in a small buffer and written once.
+    """
+    num_rows, vocab = inputs.s_hidden.shape[0], inputs.s_weight.shape[0]
+    dtype = inputs.compute_dtype
+    device = inputs.s_hidden.device
+    row_step, vocab_step = _torch_chunks(num_rows, vocab)
+    d_hidden = torch.zeros(num_rows, inputs.s_hidden.shape[1], dtype=dtype, device=device)
+    d_weight = torch.zeros(vocab, inputs.s_weight.shape[1], dtype=dtype, device=device) if need_weight_grad else None
+    d_bias = torch.zeros(vocab, dtype=dtype, device=device) if need_bias_grad else None
+    for start in range(0, vocab, vocab_step):
+        stop = min(start + vocab_step, vocab)
+        weight_chunk = inputs.s_weight[start:stop].to(dtype)
+        for row_start in range(0, num_rows, row_step):
+            rows = slice(row_start, min(row_start + row_step, num_rows))
+            student_hidden, teacher_hidden = inputs.hidden_chunk(rows.start, rows.stop)
+            grad = _grad_chunk(
+                inputs, student_hidden, teacher_hidden, rows, start, stop, labels, row_stats, kl_scale, ce_scale,
+                divergence, coef, temperature,
+            )
+            d_hidden[rows] += grad @ weight_chunk
+            if d_weight is not None:
+                d_weight[start:stop] += grad.T @ student_hidden
+            if d_bias is not None:
+                d_bias[start:stop] += grad.sum(0)
+    return d_hidden, d_weight, d_bias
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton backward: dL/dz chunk by chunk, the two gradient GEMMs in cuBLAS
+# --------------------------------------------------------------------------------------------------
+
+
+def _accumulate_mm(accumulator: Tensor, left: Tensor, right: Tensor) -> None:
+    """``accumulator (fp32) += left @ right`` with fp32 accumulation whatever the operands' dtype."""
+    if left.dtype == accumulator.dtype:
+        accumulator.addmm_(left, right)
+    elif accumulator.is_cuda:
+        # cuBLAS with bf16/fp16 operands and an fp32 C matrix (beta = 1): no fp32 copies of the operands.
+        torch.ops.aten.addmm.dtype_out(accumulator, left, right, accumulator.dtype, out=accumulator)
+    else:  # the interpreter path on CPU
+        accumulator.addmm_(left.to(accumulator.dtype), right.to(accumulator.dtype))
+
+
+def fused_linear_backward_triton(
+    inputs: _Inputs,
+    labels: Optional[Tensor],
+    row_stats: Tensor,
+    kl_scale: Tensor,
+    ce_scale: Optional[Tensor],
+    *,
+    divergence: str,
+    coef: float,
+    temperature: float,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Triton dL/dz per vocabulary chunk + cuBLAS GEMMs; ``d_hidden`` in fp32, ``d_weight`` in the weight's dtype."""
+    from .kernels.fused_linear import default_config, fused_linear_grad_logits, grad_chunk_columns
+
+    s_hidden, s_weight = inputs.s_hidden, inputs.s_weight
+    num_rows, vocab = s_hidden.shape[0], s_weight.shape[0]
+    device = s_hidden.device
+    block_v = default_config(s_hidden.dtype, "grad", divergence)[1]
+    chunk = min(grad_chunk_columns(num_rows, vocab, block_v), vocab)
+    # dL/dz in the operands' dtype: what the GEMMs take (as every bf16 training step does).
+    grad_buffer = torch.empty(num_rows, chunk, dtype=s_hidden.dtype, device=device)
+    d_hidden = torch.zeros(num_rows, s_hidden.shape[1], dtype=torch.float32, device=device)
+    d_weight = torch.empty_like(s_weight) if need_weight_grad else None
+    d_bias = torch.empty(vocab, dtype=torch.float32, device=device) if need_bias_grad else None
+    for start in range(0, vocab, chunk):
+        stop = min(start + chunk, vocab)
+        grad_chunk = grad_buffer[:, : stop - start]
+        fused_linear_grad_logits(
+            s_hidden, s_weight, inputs.s_bias, inputs.t_hidden, inputs.t_weight, inputs.t_bias, inputs.t_logits,
+            labels, row_stats, kl_scale, ce_scale, grad_chunk, start,
+            divergence=divergence, coef=coef, temperature=temperature,
+        )
+        _accumulate_mm(d_hidden, grad_chunk, s_weight[start:stop])
+        if d_weight is not None:
+            torch.mm(grad_chunk.T, s_hidden, out=d_weight[start:stop])
+        if d_bias is not None:
+            torch.sum(grad_chunk, dim=0, dtype=torch.float32, out=d_bias[start:stop])
+    return d_hidden, d_weight, d_bias
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------------------
+
+
+def _active_rows(labels: Optional[Tensor], ignore_index: int) -> Optional[Tensor]:
+    return None if labels is None else labels != ignore_index
+
+
+@torch.library.custom_op("distill_ops::fused_linear_kl_div_rows", mutates_args=())
+def _fused_linear_rows_op(
+    s_hidden: Tensor,
+    s_weight: Tensor,
+    s_bias: Optional[Tensor],
+    t_hidden: Optional[Tensor],
+    t_weight: Optional[Tensor],
+    t_bias: Optional[Tensor],
+    t_logits: Optional[Tensor],
+    labels: Optional[Tensor],
+    divergence: str,
+    coef: float,
+    temperature: float,
+    ignore_index: int,
+    kl_weight: float,
+    ce_weight: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss (fp32 [N], 0 at ignored rows) and the [4, N] statistics backward needs."""
+    has_ce = ce_weight != 0.0
+    if backend == "triton":
+        from .kernels.fused_linear import fused_linear_stats
+
+        divergence_rows, ce_rows, row_stats = fused_linear_stats(
+            s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels,
+            divergence=divergence, coef=coef, temperature=temperature, has_ce=has_ce,
+        )
+    else:
+        inputs = _Inputs(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits)
+        divergence_rows, ce_rows, row_stats = fused_linear_stats_torch(
+            inputs, labels, divergence=divergence, coef=coef, temperature=temperature, has_ce=has_ce
+        )
+    row_loss = kl_weight * divergence_rows
+    if has_ce:
+        row_loss = row_loss + ce_weight * ce_rows
+    active = _active_rows(labels, ignore_index)
+    if active is not None:
+        row_loss = torch.where(active, row_loss, 0.0)
+    return row_loss.to(torch.float32), row_stats.to(torch.float32)
+
+
+@_fused_linear_rows_op.register_fake
+def _(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels, divergence, coef, temperature,
+      ignore_index, kl_weight, ce_weight, backend):
+    num_rows = s_hidden.shape[0]
+    return (
+        s_hidden.new_empty((num_rows,), dtype=torch.float32),
+        s_hidden.new_empty((4, num_rows), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("distill_ops::fused_linear_kl_div_backward", mutates_args=())
+def _fused_linear_backward_op(
+    grad_rows: Tensor,
+    row_stats: Tensor,
+    s_hidden: Tensor,
+    s_weight: Tensor,
+    s_bias: Optional[Tensor],
+    t_hidden: Optional[Tensor],
+    t_weight: Optional[Tensor],
+    t_bias: Optional[Tensor],
+    t_logits: Optional[Tensor],
+    labels: Optional[Tensor],
+    divergence: str,
+    coef: float,
+    temperature: float,
+    ignore_index: int,
+    kl_weight: float,
+    ce_weight: float,
+    backend: str,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d_hidden, d_weight or empty, d_bias or empty)`` for an upstream gradient per row."""
+    grad_rows = grad_rows.to(torch.float32)
+    active = _active_rows(labels, ignore_index)
+    if active is not None:
+        grad_rows = torch.where(active, grad_rows, 0.0)
+    kl_scale = grad_rows * (kl_weight / temperature)
+    ce_scale = grad_rows * ce_weight if ce_weight != 0.0 else None
+    inputs = _Inputs(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits)
+    run = fused_linear_backward_triton if backend == "triton" else fused_linear_backward_torch
+    d_hidden, d_weight, d_bias = run(
+        inputs, labels, row_stats, kl_scale, ce_scale, divergence=divergence, coef=coef, temperature=temperature,
+        need_weight_grad=need_weight_grad, need_bias_grad=need_bias_grad,
+    )
+    return (
+        d_hidden.to(s_hidden.dtype),
+        s_hidden.new_empty((0,)) if d_weight is None else d_weight.to(s_weight.dtype),
+        s_hidden.new_empty((0,)) if d_bias is None else d_bias.to(s_bias.dtype),
+    )
+
+
+@_fused_linear_backward_op.register_fake
+def _(grad_rows, row_stats, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels, divergence,
+      coef, temperature, ignore_index, kl_weight, ce_weight, backend, need_weight_grad, need_bias_grad):
+    return (
+        torch.empty_like(s_hidden),
+        torch.empty_like(s_weight) if need_weight_grad else s_hidden.new_empty((0,)),
+        torch.empty_like(s_bias) if need_bias_grad else s_hidden.new_empty((0,)),
+    )
+
+
+_OPTIONS = ("divergence", "coef", "temperature", "ignore_index", "kl_weight", "ce_weight", "backend")
+
+
+def _setup_context(ctx, inputs, output):
+    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels = inputs[:8]
+    ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels, output[1])
+    ctx.options = inputs[8:]
+
+
+def _backward(ctx, grad_rows, grad_stats):
+    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels, row_stats = ctx.saved_tensors
+    need_weight_grad = bool(ctx.needs_input_grad[1])
+    need_bias_grad = s_bias is not None and bool(ctx.needs_input_grad[2])
+    d_hidden, d_weight, d_bias = torch.ops.distill_ops.fused_linear_kl_div_backward(
+        grad_rows, row_stats, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels,
+        *ctx.options, need_weight_grad, need_bias_grad,
+    )
+    return (
+        d_hidden,
+        d_weight if need_weight_grad else None,
+        d_bias if need_bias_grad else None,
+    ) + (None,) * (5 + len(_OPTIONS))
+
+
+torch.library.register_autograd("distill_ops::fused_linear_kl_div_rows", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_linear_side(side: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    check_tensor(f"{side}_hidden", hidden, min_dim=1)
+    check_tensor(f"{side}_weight", weight, ndim=2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{side}_weight must have shape [vocab, {hidden.shape[-1]}] to match {side}_hidden's width "
+            f"{hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"{side}_hidden and {side}_weight must share a dtype, got {hidden.dtype} and {weight.dtype}"
+        )
+    if bias is not None:
+        check_tensor(f"{side}_bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"{side}_bias must have shape [{weight.shape[0]}] (the rows of {side}_weight), got {tuple(bias.shape)}"
+            )
+
+
+def _weight_rows(weight: Tensor, vocab: int) -> Tensor:
+    # Slice only when needed: autograd records even a full-size slice, and its backward would
+    # allocate a zero-filled copy of the whole weight gradient.
+    rows = weight if vocab == weight.shape[0] else weight[:vocab]
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _hidden_rows(hidden: Tensor) -> Tensor:
+    """``[..., H]`` as ``[N, H]`` with unit stride along H (a view when possible; no recorded slice)."""
+    if hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def fused_linear_kl_div(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Optional[Tensor] = None,
+    teacher_weight: Optional[Tensor] = None,
+    *,
+    teacher_logits: Optional[Tensor] = None,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    divergence: str = "forward",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    kl_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    reduction: str = "mean",
+    normalizer: float | Tensor | None = None,
+    vocab_size: int | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    """Distillation loss from hidden states, without materialising logits.
+
+    ``loss_row = kl_weight * D(softmax(t / T) || softmax(z / T)) + ce_weight * CE(z, label)`` with
+    ``z = student_hidden @ student_weight.T (+ student_bias)`` and ``t`` the teacher's logits; D is the
+    divergence of :func:`distill_ops.kl_div` named by ``divergence`` (same definitions and defaults),
+    CE the hard-label cross-entropy of the student at temperature 1.
+
+    Args:
+        student_hidden: ``[..., Hs]`` fp32 / fp16 / bf16. Receives a gradient.
+        student_weight: ``[V, Hs]``, same dtype as ``student_hidden`` (e.g. ``lm_head.weight``).
+            Receives a gradient (fp32-accumulated over all tokens, returned in its dtype).
+        teacher_hidden: ``[..., Ht]`` (same leading dims; Ht may differ from Hs), with
+        teacher_weight: ``[Vt, Ht]`` of the same dtype. Or, instead of both,
+        teacher_logits: dense ``[..., Vt]``. The teacher gets no gradient.
+        student_bias: optional ``[V]`` (receives a gradient); teacher_bias: optional ``[Vt]``.
+        divergence, beta, alpha, temperature: as in :func:`distill_ops.kl_div` (no T^2 factor).
+        labels: integer ``[...]``: rows equal to ``ignore_index`` contribute nothing; the targets of
+            the cross-entropy term (required when ``ce_weight > 0``; must lie in [0, V) elsewhere).
+            Not shifted (see :mod:`distill_ops.integrations.hf` for causal-LM shifting).
+        kl_weight, ce_weight: non-negative weights of the two terms.
+        reduction: ``mean`` (over counted rows, 0.0 if none), ``sum`` or ``none`` (shape ``[...]``).
+        normalizer: replaces the row count of ``mean`` (e.g. ``num_items_in_batch``).
+        vocab_size: when V != Vt, compare (and take the cross-entropy over) the first ``vocab_size``
+            rows of both weights / columns of ``teacher_logits``; other weight rows get zero gradient.
+        impl: ``auto`` (Triton on CUDA, PyTorch otherwise), ``triton`` or ``torch``.
+
+    Returns:
+        fp32 scalar (``mean`` / ``sum``) or fp32 ``[...]`` (``none``).
+    """
+    _check_linear_side("student", student_hidden, student_weight, student_bias)
+    leading_shape = student_hidden.shape[:-1]
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
+            raise ValueError(
+                "the teacher was given twice: pass either teacher_logits or (teacher_hidden, teacher_weight"
+                "[, teacher_bias]), not both"
+            )
+        check_tensor("teacher_logits", teacher_logits, min_dim=1)
+        if teacher_logits.shape[:-1] != leading_shape:
+            raise ValueError(
+                f"teacher_logits must have leading dims {tuple(leading_shape)} (student_hidden's tokens), got "
+                f"shape {tuple(teacher_logits.shape)}"
+            )
+        teacher_vocab, teacher_name = teacher_logits.shape[-1], "teacher_logits"
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            missing = "teacher_hidden" if teacher_hidden is None else "teacher_weight"
+            raise ValueError(
+                f"no teacher: {missing} is None; pass (teacher_hidden, teacher_weight) or teacher_logits"
+            )
+        _check_linear_side("teacher", teacher_hidden, teacher_weight, teacher_bias)
+        if teacher_hidden.shape[:-1] != leading_shape:
+            raise ValueError(
+                f"teacher_hidden must have leading dims {tuple(leading_shape)} (student_hidden's tokens), got "
+                f"shape {tuple(teacher_hidden.shape)}"
+            )
+        teacher_vocab, teacher_name = teacher_weight.shape[0], "teacher_weight"
+    device = check_same_device(
+        student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias,
+        teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+        teacher_logits=teacher_logits,
+    )
+    vocab = resolve_vocab(
+        student_weight.shape[0], teacher_vocab, vocab_size, student_name="student_weight", teacher_name=teacher_name
+    )
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_number("beta", beta, low=0.0, high=1.0)
+    check_number("alpha", alpha, low=0.0, high=1.0, high_inclusive=False)
+    check_number("temperature", temperature, low=0.0, low_inclusive=False)
+    kl_weight = check_number("kl_weight", kl_weight, low=0.0)
+    ce_weight = check_number("ce_weight", ce_weight, low=0.0)
+    check_reduction(reduction, normalizer)
+    if labels is not None:
+        check_labels(labels, leading_shape, device)
+    elif ce_weight > 0.0:
+        raise ValueError(f"ce_weight={ce_weight} > 0 needs labels (the cross-entropy targets), got labels=None")
+    backend = resolve_impl(impl, device)
+    divergence, coef = _canonical_divergence(divergence, beta, alpha)
+
+    s_hidden = _hidden_rows(student_hidden)
+    s_weight = _weight_rows(student_weight, vocab)
+    s_bias = student_bias
+    if student_bias is not None and vocab != student_bias.shape[0]:
+        s_bias = student_bias[:vocab]
+    t_hidden = t_weight = t_bias = t_logits = None
+    if teacher_logits is not None:
+        t_logits = as_rows(teacher_logits.detach(), vocab)
+    else:
+        t_hidden = _hidden_rows(teacher_hidden.detach())
+        t_weight = _weight_rows(teacher_weight.detach(), vocab)
+        t_bias = None if teacher_bias is None else teacher_bias.detach()[:vocab]
+    label_rows = None if labels is None else labels.reshape(-1).to(torch.int64)
+    row_loss, _ = torch.ops.distill_ops.fused_linear_kl_div_rows(
+        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, label_rows,
+        divergence, coef, float(temperature), int(ignore_index), kl_weight, ce_weight, backend,
+    )
+    active = _active_rows(label_rows, ignore_index)
+    return reduce_rows(row_loss, active, reduction, normalizer, leading_shape)
+
+
+class FusedLinearKLDivLoss(torch.nn.Module):
+    """Module form of :func:`fused_linear_kl_div`.
+
+    ``forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
+    teacher_logits=None, student_bias=None, teacher_bias=None, normalizer=None)``.
+    """
+
+    def __init__(
+        self,
+        divergence: str = "forward",
+        beta: float = 0.5,
+        alpha: float = 0.1,
+        temperature: float = 1.0,
+        ignore_index: int = -100,
+        kl_weight: float = 1.0,
+        ce_weight: float = 0.0,
+        reduction: str = "mean",
+        vocab_size: int | None = None,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_choice("divergence", divergence, DIVERGENCES)
+        check_choice("reduction", reduction, ("mean", "sum", "none"))
+        self.divergence = divergence
+        self.beta = beta
+        self.alpha = alpha
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.kl_weight = kl_weight
+        self.ce_weight = ce_weight
+        self.reduction = reduction
+        self.vocab_size = vocab_size
+        self.impl = impl
+
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_hidden: Optional[Tensor] = None,
+        teacher_weight: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        teacher_logits: Optional[Tensor] = None,
+        student_bias: Optional[Tensor] = None,
+        teacher_bias: Optional[Tensor] = None,
+        normalizer: float | Tensor | None = None,
+    ) -> Tensor:
+        return fused_linear_kl_div(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            teacher_logits=teacher_logits,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            divergence=self.divergence,
+            beta=self.beta,
+            alpha=self.alpha,
+            temperature=self.temperature,
+            labels=labels,
+            ignore_index=self.ignore_index,
+            kl_weight=self.kl_weight,
+            ce_weight=self.ce_weight,
+            reduction=self.reduction,
+            normalizer=normalizer,
+            vocab_size=self.vocab_size,
+            impl=self.impl,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"divergence={self.divergence!r}, temperature={self.temperature}, kl_weight={self.kl_weight}, "
+            f"ce_weight={self.ce_weight}, reduction={self.reduction!r}"
+        )

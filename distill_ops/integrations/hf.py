@@ -1,0 +1,182 @@
+"""Hugging Face ``transformers`` integration: distillation between causal LMs without logits.
+
+Each model runs its body (``model.get_decoder()``) to the last hidden state; the loss takes the
+``lm_head`` weight / bias and computes :func:`distill_ops.fused_linear_kl_div`, so neither model ever
+produces [B, L, V] logits. Labels are shifted as ``transformers``' causal-LM loss shifts them: the
+hidden state at position t is scored against the token at t + 1.
+
+Use in a ``transformers.Trainer`` subclass (the teacher frozen, in eval mode, on the student's device)::
+
+    from transformers import Trainer
+    from distill_ops.integrations.hf import causal_lm_distillation_loss
+
+    class DistillationTrainer(Trainer):
+        def __init__(self, *args, teacher_model, distill_kwargs=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.teacher_model = teacher_model.eval().requires_grad_(False)
+            self.distill_kwargs = distill_kwargs or {}   # divergence=, temperature=, ce_weight=, ...
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = causal_lm_distillation_loss(
+                model, self.teacher_model, inputs["input_ids"], labels=inputs.get("labels"),
+                attention_mask=inputs.get("attention_mask"), normalizer=num_items_in_batch,
+                **self.distill_kwargs,
+            )
+            return (loss, None) if return_outputs else loss
+
+``normalizer=num_items_in_batch`` makes the mean over gradient-accumulation micro-batches exact, as
+the Trainer's own loss does. :class:`FusedDistillationTrainer` is this subclass, ready to use.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..fused_linear import fused_linear_kl_div
+
+
+def causal_lm_hidden_states(
+    model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **model_kwargs: Any
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(last hidden state [B, L, H], lm_head weight [V, H], lm_head bias [V] or None)`` of a causal LM.
+
+    Runs ``model.get_decoder()`` (the transformer body, final norm included) instead of the full model,
+    so no logits are computed. Models whose logits are not a plain linear map of that hidden state
+    (final logit soft-capping, e.g. Gemma-2) are refused.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        raise ValueError(
+            f"{type(model).__name__} soft-caps its logits (final_logit_softcapping="
+            f"{config.final_logit_softcapping}): its logits are not linear in the hidden state"
+        )
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"{type(model).__name__}'s output embedding must be an nn.Linear, got {type(head).__name__}")
+    outputs = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    return hidden, head.weight, head.bias
+
+
+def shift_labels(
+    input_ids: Tensor, labels: Optional[Tensor], attention_mask: Optional[Tensor], ignore_index: int = -100
+) -> Tensor:
+    """Targets of positions 0 .. L-2 (``[B, L-1]``): ``labels[:, 1:]``, as ``transformers`` shifts them.
+
+    Without ``labels`` the targets are ``input_ids[:, 1:]`` with padding (``attention_mask == 0``)
+    ignored, which is what a data collator for causal LM would have produced.
+    """
+    if labels is None:
+        labels = input_ids
+        if attention_mask is not None:
+            labels = torch.where(attention_mask.bool(), input_ids, ignore_index)
+    return labels[:, 1:]
+
+
+def causal_lm_distillation_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    input_ids: Tensor,
+    labels: Optional[Tensor] = None,
+    attention_mask: Optional[Tensor] = None,
+    *,
+    teacher_input_ids: Optional[Tensor] = None,
+    divergence: str = "forward",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    kl_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: float | Tensor | None = None,
+    vocab_size: int | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    """Distillation loss between two ``transformers`` causal LMs, from hidden states (no logits).
+
+    Args:
+        student, teacher: ``*ForCausalLM`` models (``get_decoder()`` / ``get_output_embeddings()``).
+            The teacher runs under ``torch.no_grad()``.
+        input_ids: ``[B, L]`` tokens; ``teacher_input_ids`` if the teacher tokenizes identically but
+            needs its own ids (same shape), otherwise the same ids feed both.
+        labels: ``[B, L]`` as for ``transformers`` causal-LM training (``ignore_index`` where no loss);
+            shifted here. ``None``: ``input_ids`` with padding ignored.
+        attention_mask: ``[B, L]``, passed to both models.
+        divergence, beta, alpha, temperature, kl_weight, ce_weight, reduction, normalizer, vocab_size,
+            impl: as in :func:`distill_ops.fused_linear_kl_div` (``normalizer``: the Trainer's
+            ``num_items_in_batch``). ``vocab_size`` compares the first k tokens when the two LM heads
+            differ in size (e.g. padded Qwen vocabularies).
+
+    Returns:
+        fp32 loss: ``kl_weight * divergence + ce_weight * cross-entropy`` over the shifted targets.
+    """
+    student_hidden, student_weight, student_bias = causal_lm_hidden_states(student, input_ids, attention_mask)
+    with torch.no_grad():
+        teacher_hidden, teacher_weight, teacher_bias = causal_lm_hidden_states(
+            teacher, input_ids if teacher_input_ids is None else teacher_input_ids, attention_mask
+        )
+    targets = shift_labels(input_ids, labels, attention_mask, ignore_index)
+    return fused_linear_kl_div(
+        student_hidden[:, :-1],
+        student_weight,
+        teacher_hidden[:, :-1].to(teacher_weight.dtype),
+        teacher_weight.detach(),
+        student_bias=student_bias,
+        teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
+        divergence=divergence,
+        beta=beta,
+        alpha=alpha,
+        temperature=temperature,
+        labels=targets,
+        ignore_index=ignore_index,
+        kl_weight=kl_weight,
+        ce_weight=ce_weight,
+        reduction=reduction,
+        normalizer=normalizer,
+        vocab_size=vocab_size,
+        impl=impl,
+    )
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class FusedDistillationTrainer(Trainer):
+        """``transformers.Trainer`` whose loss is :func:`causal_lm_distillation_loss` against ``teacher_model``.
+
+        ``FusedDistillationTrainer(model=student, teacher_model=teacher, args=..., train_dataset=...,
+        distill_kwargs={"divergence": "jsd", "temperature": 2.0, "ce_weight": 0.5})``. The teacher is
+        frozen and put in eval mode; move it to the student's device yourself.
+        """
+
+        def __init__(self, *args: Any, teacher_model: nn.Module, distill_kwargs: Optional[dict] = None, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.teacher_model = teacher_model.eval().requires_grad_(False)
+            self.distill_kwargs = dict(distill_kwargs or {})
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = causal_lm_distillation_loss(
+                model,
+                self.teacher_model,
+                inputs["input_ids"],
+                labels=inputs.get("labels"),
+                attention_mask=inputs.get("attention_mask"),
+                normalizer=num_items_in_batch,
+                **self.distill_kwargs,
+            )
+            return (loss, None) if return_outputs else loss
+
+    return FusedDistillationTrainer
+
+
+def __getattr__(name: str):
+    # transformers is imported on first use only (importing it takes seconds).
+    if name == "FusedDistillationTrainer":
+        trainer = _trainer_class()
+        globals()[name] = trainer
+        return trainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

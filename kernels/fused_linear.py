@@ -1,0 +1,685 @@
+"""Fused linear divergence: student (and teacher) logits computed tile by tile, never written to HBM.
+
+Student logits are ``z = h_s @ W_s.T (+ b_s)``; teacher logits ``h_t @ W_t.T (+ b_t)`` or a dense
+``teacher_logits`` matrix. Every program owns a [BLOCK_N tokens x BLOCK_V vocabulary] tile at a
+time, computes its logits with ``tl.dot`` over the hidden dimension (fp32 accumulators) and folds
+them into per-row statistics. Three launches:
+
+* ``_fused_linear_stats_kernel`` (PASS 1): per (token block, vocabulary split), online running max /
+  sum of exponentials of both sides, the forward / reverse KL accumulator, the hard-label
+  cross-entropy's log-sum-exp (temperature 1) and label logit. Writes only ``[stats, splits, N]``
+  partials; :func:`fused_linear_stats` merges them (a log-sum-exp merge, as flash-decoding does).
+* the same kernel with PASS 2 (mixture divergences and TVD only): the loss terms and
+  S = sum_j q_j g_j need both log-sum-exps first, so the tiles are recomputed once more.
+* ``_fused_linear_grad_logits_kernel`` (backward): recomputes one vocabulary chunk of tiles and writes
+  dL/dz for that chunk, ``[N, chunk]`` with ``chunk`` <= V / 4 and a fixed element budget, never
+  [N, V]. The two gradient GEMMs (``d_hidden += dz @ W_chunk``, ``d_weight[chunk] = dz.T @ h``) run in
+  cuBLAS on that chunk (see :func:`fused_linear_backward`).
+
+Tiles are visited in a grouped order (GROUP_N token blocks per group, all splits / vocabulary tiles
+of the group, as in Triton's matmul tutorial) so the hidden-state blocks and weight tiles that run
+concurrently share L2.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .kl_div import DIVERGENCE_CODES, _divergence_terms
+
+# Per-row partial statistics written by PASS 1 (index into the first dim of the partial buffer).
+STAT_MAX_S, STAT_SUM_S, STAT_MAX_T, STAT_SUM_T, STAT_KL, STAT_MAX_Z, STAT_SUM_Z, STAT_LABEL = range(8)
+NUM_PASS1_STATS = 8
+# PASS 2 writes the loss and S.
+NUM_PASS2_STATS = 2
+
+# Default tiles (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages). The statistics kernel keeps both
+# sides' fp32 logits tiles, eight running row statistics and the online-softmax temporaries live at
+# once: 64 x 64 tiles (16 registers per thread per tile at 8 warps). The gradient kernel of the plain
+# KLs has fewer live values and takes 64 x 128; the mixture / TVD gradient evaluates several logs /
+# exps per element and stays at 64 x 64. A dense teacher-logits tile arrives in a load layout, not the
+# dot's: the layout conversions cost registers, so that mode's statistics use 32-token tiles. fp32
+# inputs go through FMA (not tensor cores), whose operands live in registers: small tiles. All
+# spill-free on sm_80 / sm_90a (benchmarks/compile_check.py).
+STATS_CONFIGS = {"16bit": (64, 64, 32, 8, 3), "fp32": (16, 32, 32, 4, 2)}
+LOGITS_STATS_CONFIGS = {"16bit": (32, 32, 32, 4, 3), "fp32": (16, 16, 32, 4, 2)}
+KL_GRAD_CONFIGS = {"16bit": (64, 128, 32, 8, 3), "fp32": (32, 64, 32, 4, 2)}
+GROUP_N = 8
+# Forward launch: the vocabulary is split so that about this many programs run (4 waves on a
+# 132-SM H100); a fixed number, no device query.
+TARGET_PROGRAMS = 528
+# Backward: elements of one dL/dz chunk ([N, chunk]); the chunk is also at most a quarter of V.
+GRAD_CHUNK_ELEMENTS = 1 << 24
+
+
+def default_config(
+    dtype: torch.dtype, kernel: str, divergence: str = "forward", teacher_logits: bool = False
+) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) of ``kernel`` ("stats" | "grad") for ``dtype`` inputs."""
+    if kernel == "grad":
+        configs = STATS_CONFIGS if is_mixture(divergence) else KL_GRAD_CONFIGS
+    else:
+        configs = LOGITS_STATS_CONFIGS if teacher_logits else STATS_CONFIGS
+    return configs["fp32" if dtype == torch.float32 else "16bit"]
+
+
+def is_mixture(divergence: str) -> bool:
+    return divergence not in ("forward", "reverse")
+
+
+@triton.jit
+def _grouped_tile(pid, num_n_blocks, num_inner, GROUP: tl.constexpr):
+    """(token block, inner index) of program ``pid``: GROUP token blocks x all inner indices per group."""
+    per_group = GROUP * num_inner
+    group = pid // per_group
+    first_n = group * GROUP
+    group_n = tl.minimum(num_n_blocks - first_n, GROUP)
+    local = pid % per_group
+    return first_n + local % group_n, local // group_n
+
+
+@triton.jit
+def _logit_tile(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    stride_hidden,
+    stride_weight,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    H,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """fp32 ``hidden[rows] @ weight[cols].T (+ bias[cols])``, [BLOCK_N, BLOCK_V]; H is masked, not padded."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    k_offsets = tl.arange(0, BLOCK_H)
+    hidden_rows = hidden_ptr + rows[:, None] * stride_hidden
+    weight_cols = weight_ptr + cols[None, :] * stride_weight
+    for k_start in range(0, H, BLOCK_H):
+        ks = k_start + k_offsets
+        k_mask = ks < H
+        h = tl.load(hidden_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(weight_cols + ks[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if INPUT_PRECISION == "interpreter_fp32":
+            # Triton 3.6's CPU interpreter multiplies bf16 operands as raw bits: upcast there only.
+            acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, w, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _both_logit_tiles(
+    s_hidden_ptr,
+    s_weight_ptr,
+    s_bias_ptr,
+    t_hidden_ptr,
+    t_weight_ptr,
+    t_bias_ptr,
+    t_logits_ptr,
+    stride_s_hidden,
+    stride_s_weight,
+    stride_t_hidden,
+    stride_t_weight,
+    stride_t_logits,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    Hs,
+    Ht,
+    HAS_S_BIAS: tl.constexpr,
+    TEACHER_LOGITS: tl.constexpr,
+    HAS_T_BIAS: tl.constexpr,
+    S_PRECISION: tl.constexpr,
+    T_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Raw student logits z and teacher logits (both fp32, unscaled; -inf outside the vocabulary)."""
+    z = _logit_tile(
+        s_hidden_ptr, s_weight_ptr, s_bias_ptr, stride_s_hidden, stride_s_weight, rows, cols, row_mask, col_mask,
+        Hs, HAS_S_BIAS, S_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+    )
+    if TEACHER_LOGITS:
+        t = tl.load(
+            t_logits_ptr + rows[:, None] * stride_t_logits + cols[None, :],
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=float("-inf"),
+        ).to(tl.float32)
+    else:
+        t = _logit_tile(
+            t_hidden_ptr, t_weight_ptr, t_bias_ptr, stride_t_hidden, stride_t_weight, rows, cols, row_mask,
+            col_mask, Ht, HAS_T_BIAS, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+        )
+    z = tl.where(col_mask[None, :], z, float("-inf"))
+    t = tl.where(col_mask[None, :], t, float("-inf"))
+    return z, t
+
+
+@triton.jit
+def _fused_linear_stats_kernel(
+    s_hidden_ptr,
+    s_weight_ptr,
+    s_bias_ptr,
+    t_hidden_ptr,
+    t_weight_ptr,
+    t_bias_ptr,
+    t_logits_ptr,
+    labels_ptr,
+    lse_ptr,
+    partial_ptr,
+    stride_s_hidden,
+    stride_s_weight,
+    stride_t_hidden,
+    stride_t_weight,
+    stride_t_logits,
+    N,
+    V,
+    Hs,
+    Ht,
+    num_splits,
+    tiles_per_split,
+    inv_temperature,
+    temperature,
+    coef,
+    DIVERGENCE: tl.constexpr,
+    PASS: tl.constexpr,
+    HAS_S_BIAS: tl.constexpr,
+    TEACHER_LOGITS: tl.constexpr,
+    HAS_T_BIAS: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    S_PRECISION: tl.constexpr,
+    T_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    n_block, split = _grouped_tile(tl.program_id(0), num_n_blocks, num_splits, GROUP)
+    rows = (n_block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    col_offsets = tl.arange(0, BLOCK_V)
+    first_col = split * tiles_per_split * BLOCK_V
+    last_col = tl.minimum(first_col + tiles_per_split * BLOCK_V, V)
+    # [stats, splits, N] partials: stats * splits * N stays far below 2^31.
+    partial_rows = partial_ptr + split * N + rows
+    split_stride = num_splits * N
+
+    if PASS == 1:
+        # Running maxima start at a finite floor so exp(m_old - m_new) is defined while a row has only
+        # seen -inf (masked tokens, padding columns).
+        max_s = tl.full([BLOCK_N], -1.0e30, tl.float32)
+        sum_s = tl.zeros([BLOCK_N], tl.float32)
+        max_t = tl.full([BLOCK_N], -1.0e30, tl.float32)
+        sum_t = tl.zeros([BLOCK_N], tl.float32)
+        kl_acc = tl.zeros([BLOCK_N], tl.float32)
+        max_z = tl.full([BLOCK_N], -1.0e30, tl.float32)
+        sum_z = tl.zeros([BLOCK_N], tl.float32)
+        label_logit = tl.zeros([BLOCK_N], tl.float32)
+        if HAS_CE:
+            labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+        for col_start in range(first_col, last_col, BLOCK_V):
+            cols = (col_start + col_offsets).to(tl.int64)
+            col_mask = cols < last_col
+            z, t = _both_logit_tiles(
+                s_hidden_ptr, s_weight_ptr, s_bias_ptr, t_hidden_ptr, t_weight_ptr, t_bias_ptr, t_logits_ptr,
+                stride_s_hidden, stride_s_weight, stride_t_hidden, stride_t_weight, stride_t_logits,
+                rows, cols, row_mask, col_mask, Hs, Ht, HAS_S_BIAS, TEACHER_LOGITS, HAS_T_BIAS,
+                S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+            )
+            # Sides one after the other, so that few [BLOCK_N, BLOCK_V] temporaries are live at once.
+            a = z * inv_temperature
+            b = t * inv_temperature
+            new_max_s = tl.maximum(max_s, tl.max(a, axis=1))
+            scale_s = tl.exp(max_s - new_max_s)
+            w_s = tl.exp(a - new_max_s[:, None])
+            sum_s = sum_s * scale_s + tl.sum(w_s, axis=1)
+            if DIVERGENCE == 1:  # sum q (a - b), weighted by the student's exponentials
+                kl_acc = kl_acc * scale_s + tl.sum(tl.where(w_s == 0.0, 0.0, w_s * (a - b)), axis=1)
+            max_s = new_max_s
+            new_max_t = tl.maximum(max_t, tl.max(b, axis=1))
+            scale_t = tl.exp(max_t - new_max_t)
+            w_t = tl.exp(b - new_max_t[:, None])
+            sum_t = sum_t * scale_t + tl.sum(w_t, axis=1)
+            if DIVERGENCE == 0:  # sum p (b - a), weighted by the teacher's exponentials
+                kl_acc = kl_acc * scale_t + tl.sum(tl.where(w_t == 0.0, 0.0, w_t * (b - a)), axis=1)
+            max_t = new_max_t
+            if HAS_CE:  # the hard-label term is at temperature 1; z is rebuilt from a (z is dead by now)
+                z = a * temperature
+                new_max_z = tl.maximum(max_z, tl.max(z, axis=1))
+                sum_z = sum_z * tl.exp(max_z - new_max_z) + tl.sum(tl.exp(z - new_max_z[:, None]), axis=1)
+                max_z = new_max_z
+                label_logit += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
+        # Partial layout: the STAT_* indices above (Triton kernels cannot read module globals).
+        tl.store(partial_rows + 0 * split_stride, max_s, mask=row_mask)
+        tl.store(partial_rows + 1 * split_stride, sum_s, mask=row_mask)
+        tl.store(partial_rows + 2 * split_stride, max_t, mask=row_mask)
+        tl.store(partial_rows + 3 * split_stride, sum_t, mask=row_mask)
+        tl.store(partial_rows + 4 * split_stride, kl_acc, mask=row_mask)
+        tl.store(partial_rows + 5 * split_stride, max_z, mask=row_mask)
+        tl.store(partial_rows + 6 * split_stride, sum_z, mask=row_mask)
+        tl.store(partial_rows + 7 * split_stride, label_logit, mask=row_mask)
+    else:
+        # Mixture divergences / TVD: loss terms and S = sum q g, with both log-sum-exps known.
+        lse_s = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        lse_t = tl.load(lse_ptr + N + rows, mask=row_mask, other=0.0)
+        loss_acc = tl.zeros([BLOCK_N], tl.float32)
+        dot_acc = tl.zeros([BLOCK_N], tl.float32)
+        for col_start in range(first_col, last_col, BLOCK_V):
+            cols = (col_start + col_offsets).to(tl.int64)
+            col_mask = cols < last_col
+            z, t = _both_logit_tiles(
+                s_hidden_ptr, s_weight_ptr, s_bias_ptr, t_hidden_ptr, t_weight_ptr, t_bias_ptr, t_logits_ptr,
+                stride_s_hidden, stride_s_weight, stride_t_hidden, stride_t_weight, stride_t_logits,
+                rows, cols, row_mask, col_mask, Hs, Ht, HAS_S_BIAS, TEACHER_LOGITS, HAS_T_BIAS,
+                S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+            )
+            term, g, q = _divergence_terms(
+                z * inv_temperature, t * inv_temperature, lse_s[:, None], lse_t[:, None], coef, DIVERGENCE
+            )
+            valid = col_mask[None, :]
+            loss_acc += tl.sum(tl.where(valid, term, 0.0), axis=1)
+            dot_acc += tl.sum(tl.where(valid & (q != 0.0), q * g, 0.0), axis=1)
+        tl.store(partial_rows, loss_acc, mask=row_mask)
+        tl.store(partial_rows + split_stride, dot_acc, mask=row_mask)
+
+
+@triton.jit
+def _fused_linear_grad_logits_kernel(
+    s_hidden_ptr,
+    s_weight_ptr,
+    s_bias_ptr,
+    t_hidden_ptr,
+    t_weight_ptr,
+    t_bias_ptr,
+    t_logits_ptr,
+    labels_ptr,
+    row_stats_ptr,
+    kl_scale_ptr,
+    ce_scale_ptr,
+    grad_ptr,
+    stride_s_hidden,
+    stride_s_weight,
+    stride_t_hidden,
+    stride_t_weight,
+    stride_t_logits,
+    stride_grad,
+    N,
+    V,
+    Hs,
+    Ht,
+    chunk_start,
+    chunk_cols,
+    inv_temperature,
+    temperature,
+    coef,
+    DIVERGENCE: tl.constexpr,
+    HAS_S_BIAS: tl.constexpr,
+    TEACHER_LOGITS: tl.constexpr,
+    HAS_T_BIAS: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    S_PRECISION: tl.constexpr,
+    T_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    """dL/dz for columns [chunk_start, chunk_start + chunk_cols), times each row's upstream scale."""
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    n_block, v_block = _grouped_tile(tl.program_id(0), num_n_blocks, tl.cdiv(chunk_cols, BLOCK_V), GROUP)
+    rows = (n_block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    local_cols = (v_block * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    cols = chunk_start + local_cols
+    col_mask = (local_cols < chunk_cols) & (cols < V)
+    z, t = _both_logit_tiles(
+        s_hidden_ptr, s_weight_ptr, s_bias_ptr, t_hidden_ptr, t_weight_ptr, t_bias_ptr, t_logits_ptr,
+        stride_s_hidden, stride_s_weight, stride_t_hidden, stride_t_weight, stride_t_logits,
+        rows, cols, row_mask, col_mask, Hs, Ht, HAS_S_BIAS, TEACHER_LOGITS, HAS_T_BIAS,
+        S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+    )
+    # row_stats: [4, N] = lse_s, lse_t (at temperature T), S, lse_z (temperature 1).
+    lse_s = tl.load(row_stats_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    lse_t = tl.load(row_stats_ptr + N + rows, mask=row_mask, other=0.0)[:, None]
+    s_dot = tl.load(row_stats_ptr + 2 * N + rows, mask=row_mask, other=0.0)[:, None]
+    kl_scale = tl.load(kl_scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    a = z * inv_temperature
+    b = t * inv_temperature
+    if DIVERGENCE == 0:
+        grad = tl.exp(a - lse_s) - tl.exp(b - lse_t)
+    elif DIVERGENCE == 1:
+        # q (log q - log p - KL) with the log-sum-exps cancelled analytically (exact for |z| ~ 1e4).
+        q = tl.exp(a - lse_s)
+        grad = tl.where(q == 0.0, 0.0, q * ((a - b) - s_dot))
+    else:
+        term, g, q = _divergence_terms(a, b, lse_s, lse_t, coef, DIVERGENCE)
+        grad = tl.where(q == 0.0, 0.0, q * (g - s_dot))
+    # kl_scale = upstream * kl_weight / T, 0 at ignored rows (whose logits are not looked at).
+    grad = tl.where(kl_scale == 0.0, 0.0, grad * kl_scale)
+    if HAS_CE:
+        lse_z = tl.load(row_stats_ptr + 3 * N + rows, mask=row_mask, other=0.0)[:, None]
+        ce_scale = tl.load(ce_scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+        z = a * temperature  # rebuilt: keeping z live through the divergence costs registers
+        ce_grad = tl.exp(z - lse_z) - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
+        grad += tl.where(ce_scale == 0.0, 0.0, ce_grad * ce_scale)
+    tl.store(
+        grad_ptr + rows[:, None] * stride_grad + local_cols[None, :],
+        grad.to(grad_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _precision(dtype: torch.dtype, interpreter: bool = False) -> str:
+    """``tl.dot`` precision: fp32 inputs must not silently drop to TF32 (10-bit mantissa)."""
+    if dtype == torch.float32:
+        return "ieee"
+    if interpreter and dtype == torch.bfloat16:
+        return "interpreter_fp32"
+    return "tf32"  # ignored by tl.dot for 16-bit operands
+
+
+def _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits):
+    dummy = s_hidden
+    interpreter = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return (
+        (
+            s_hidden,
+            s_weight,
+            s_bias if s_bias is not None else dummy,
+            t_hidden if t_hidden is not None else dummy,
+            t_weight if t_weight is not None else dummy,
+            t_bias if t_bias is not None else dummy,
+            t_logits if t_logits is not None else dummy,
+        ),
+        (
+            s_hidden.stride(0),
+            s_weight.stride(0),
+            t_hidden.stride(0) if t_hidden is not None else 0,
+            t_weight.stride(0) if t_weight is not None else 0,
+            t_logits.stride(0) if t_logits is not None else 0,
+        ),
+        dict(
+            HAS_S_BIAS=s_bias is not None,
+            TEACHER_LOGITS=t_logits is not None,
+            HAS_T_BIAS=t_bias is not None,
+            S_PRECISION=_precision(s_hidden.dtype, interpreter),
+            T_PRECISION=_precision(t_hidden.dtype if t_hidden is not None else s_hidden.dtype, interpreter),
+        ),
+    )
+
+
+def _merge_lse(
+    partial: torch.Tensor, max_index: int, sum_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row max, row sum at that max, per-split rescale factors) from [stats, splits, N] partials."""
+    maxima = partial[max_index]
+    row_max = maxima.max(dim=0).values
+    rescale = torch.exp(maxima - row_max)
+    return row_max, (partial[sum_index] * rescale).sum(dim=0), rescale
+
+
+def fused_linear_stats(
+    s_hidden: torch.Tensor,
+    s_weight: torch.Tensor,
+    s_bias: torch.Tensor | None,
+    t_hidden: torch.Tensor | None,
+    t_weight: torch.Tensor | None,
+    t_bias: torch.Tensor | None,
+    t_logits: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    *,
+    divergence: str,
+    coef: float,
+    temperature: float,
+    has_ce: bool,
+    configs: tuple[tuple[int, int, int, int, int], tuple[int, int, int, int, int]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward statistics on 2-D inputs (unit stride along H / V, ``V = s_weight.shape[0]``).
+
+    Returns ``(divergence [N], cross_entropy [N], row_stats [4, N])``, all fp32, for every row
+    (ignored rows are the caller's business). ``row_stats`` = (lse_s, lse_t at temperature T, S,
+    lse_z at temperature 1): what :func:`fused_linear_grad_logits` needs. ``configs``: the launch
+    configurations of PASS 1 and PASS 2 (defaults: :func:`default_config`).
+    """
+    default = default_config(s_hidden.dtype, "stats", teacher_logits=t_logits is not None)
+    pass1_config, pass2_config = configs or (default, default)
+    num_rows, vocab = s_hidden.shape[0], s_weight.shape[0]
+    device = s_hidden.device
+    row_stats = torch.zeros(4, num_rows, dtype=torch.float32, device=device)
+    divergence_rows = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    ce_rows = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    if num_rows == 0:
+        return divergence_rows, ce_rows, row_stats
+    pointers, strides, flags = _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits)
+    code = DIVERGENCE_CODES[divergence]
+    hidden_widths = (s_hidden.shape[1], t_hidden.shape[1] if t_hidden is not None else 0)
+
+    def launch(pass_index, config, lse, num_stats, has_ce_pass):
+        block_n, block_v, block_h, num_warps, num_stages = config
+        num_n_blocks = triton.cdiv(num_rows, block_n)
+        num_tiles = triton.cdiv(vocab, block_v)
+        num_splits = min(num_tiles, max(1, TARGET_PROGRAMS // num_n_blocks))
+        tiles_per_split = triton.cdiv(num_tiles, num_splits)
+        num_splits = triton.cdiv(num_tiles, tiles_per_split)
+        partial = torch.empty(num_stats, num_splits, num_rows, dtype=torch.float32, device=device)
+        _fused_linear_stats_kernel[(num_n_blocks * num_splits,)](
+            *pointers, labels if labels is not None else row_stats, lse, partial, *strides,
+            num_rows, vocab, *hidden_widths, num_splits, tiles_per_split, 1.0 / temperature, temperature, coef,
+            DIVERGENCE=code, PASS=pass_index, HAS_CE=has_ce_pass, BLOCK_N=block_n, BLOCK_V=block_v,
+            BLOCK_H=block_h, GROUP=GROUP_N, num_warps=num_warps, num_stages=num_stages, **flags,
+        )
+        return partial
+
+    partial = launch(1, pass1_config, row_stats, NUM_PASS1_STATS, has_ce)
+    max_s, sum_s, rescale_s = _merge_lse(partial, STAT_MAX_S, STAT_SUM_S)
+    max_t, sum_t, rescale_t = _merge_lse(partial, STAT_MAX_T, STAT_SUM_T)
+    lse_s = max_s + torch.log(sum_s)
+    lse_t = max_t + torch.log(sum_t)
+    row_stats[0] = lse_s
+    row_stats[1] = lse_t
+    if divergence == "forward":
+        kl_sum = (partial[STAT_KL] * rescale_t).sum(dim=0)
+        divergence_rows = kl_sum / sum_t - lse_t + lse_s
+    elif divergence == "reverse":
+        mean_diff = (partial[STAT_KL] * rescale_s).sum(dim=0) / sum_s  # E_q[a - b]
+        row_stats[2] = mean_diff
+        divergence_rows = mean_diff - lse_s + lse_t
+    else:
+        second = launch(2, pass2_config, row_stats, NUM_PASS2_STATS, False)
+        divergence_rows = second[0].sum(dim=0)
+        row_stats[2] = second[1].sum(dim=0)
+    if has_ce:
+        max_z, sum_z, _ = _merge_lse(partial, STAT_MAX_Z, STAT_SUM_Z)
+        lse_z = max_z + torch.log(sum_z)
+        row_stats[3] = lse_z
+        ce_rows = lse_z - partial[STAT_LABEL].sum(dim=0)
+    return divergence_rows, ce_rows, row_stats
+
+
+def grad_chunk_columns(num_rows: int, vocab: int, block_v: int) -> int:
+    """Columns of one backward dL/dz chunk: a multiple of ``block_v``, at most V / 4 and the element budget."""
+    budget = min(GRAD_CHUNK_ELEMENTS // max(num_rows, 1), triton.cdiv(vocab, 4))
+    return max(block_v, budget // block_v * block_v)
+
+
+def fused_linear_grad_logits(
+    s_hidden: torch.Tensor,
+    s_weight: torch.Tensor,
+    s_bias: torch.Tensor | None,
+    t_hidden: torch.Tensor | None,
+    t_weight: torch.Tensor | None,
+    t_bias: torch.Tensor | None,
+    t_logits: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    row_stats: torch.Tensor,
+    kl_scale: torch.Tensor,
+    ce_scale: torch.Tensor | None,
+    grad_out: torch.Tensor,
+    chunk_start: int,
+    *,
+    divergence: str,
+    coef: float,
+    temperature: float,
+    config: tuple[int, int, int, int, int] | None = None,
+) -> None:
+    """Write dL/dz for student columns [chunk_start, chunk_start + grad_out.shape[1]) into ``grad_out``.
+
+    ``kl_scale`` / ``ce_scale`` ([N] fp32) are each row's upstream gradient times kl_weight / T and
+    ce_weight (0 at ignored rows); ``ce_scale=None`` means no cross-entropy term.
+    """
+    block_n, block_v, block_h, num_warps, num_stages = config or default_config(s_hidden.dtype, "grad", divergence)
+    num_rows, vocab = s_hidden.shape[0], s_weight.shape[0]
+    chunk_cols = grad_out.shape[1]
+    if num_rows == 0 or chunk_cols == 0:
+        return
+    pointers, strides, flags = _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits)
+    grid = (triton.cdiv(num_rows, block_n) * triton.cdiv(chunk_cols, block_v),)
+    _fused_linear_grad_logits_kernel[grid](
+        *pointers,
+        labels if labels is not None else row_stats,
+        row_stats,
+        kl_scale,
+        ce_scale if ce_scale is not None else kl_scale,
+        grad_out,
+        *strides,
+        grad_out.stride(0),
+        num_rows,
+        vocab,
+        s_hidden.shape[1],
+        t_hidden.shape[1] if t_hidden is not None else 0,
+        chunk_start,
+        chunk_cols,
+        1.0 / temperature,
+        temperature,
+        coef,
+        DIVERGENCE=DIVERGENCE_CODES[divergence],
+        HAS_CE=ce_scale is not None,
+        BLOCK_N=block_n,
+        BLOCK_V=block_v,
+        BLOCK_H=block_h,
+        GROUP=GROUP_N,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        **flags,
+    )
+
+
+def aot_specs() -> list[dict]:
+    """Launch configurations for the static check: both kernels, every divergence, bf16 and fp32."""
+    specs = []
+    for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        precision = _precision(dtype)
+        common_signature = {
+            "s_hidden_ptr": f"*{dtype_name}",
+            "s_weight_ptr": f"*{dtype_name}",
+            "s_bias_ptr": f"*{dtype_name}",
+            "t_hidden_ptr": f"*{dtype_name}",
+            "t_weight_ptr": f"*{dtype_name}",
+            "t_bias_ptr": f"*{dtype_name}",
+            "t_logits_ptr": f"*{dtype_name}",
+            "labels_ptr": "*i64",
+            "stride_s_hidden": "i64",
+            "stride_s_weight": "i64",
+            "stride_t_hidden": "i64",
+            "stride_t_weight": "i64",
+            "stride_t_logits": "i64",
+            "N": "i32",
+            "V": "i32",
+            "Hs": "i32",
+            "Ht": "i32",
+            "inv_temperature": "fp32",
+            "coef": "fp32",
+        }
+        stats_signature = {"temperature": "fp32"}
+        common_constexprs = {
+            "HAS_S_BIAS": True,
+            "HAS_T_BIAS": False,
+            "S_PRECISION": precision,
+            "T_PRECISION": precision,
+            "GROUP": GROUP_N,
+        }
+
+        def tiles(kernel, divergence="forward", teacher_logits=False):
+            block_n, block_v, block_h, num_warps, num_stages = default_config(dtype, kernel, divergence, teacher_logits)
+            constexprs = {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h}
+            return constexprs, {"num_warps": num_warps, "num_stages": num_stages}
+        for name, code in DIVERGENCE_CODES.items():
+            passes = (1,) if name in ("forward", "reverse") else (1, 2)
+            for pass_index in passes:
+                for teacher_logits in (False, True):
+                    teacher = "logits" if teacher_logits else "linear"
+                    block_constexprs, launch = tiles("stats", teacher_logits=teacher_logits)
+                    specs.append(
+                        {
+                            "name": f"fused_linear_stats[{name},pass{pass_index},{teacher},{dtype_name}]",
+                            "fn": _fused_linear_stats_kernel,
+                            "signature": {
+                                **common_signature,
+                                "lse_ptr": "*fp32",
+                                "partial_ptr": "*fp32",
+                                "num_splits": "i32",
+                                "tiles_per_split": "i32",
+                                **stats_signature,
+                            },
+                            "constexprs": {
+                                **common_constexprs,
+                                **block_constexprs,
+                                "DIVERGENCE": code,
+                                "PASS": pass_index,
+                                "TEACHER_LOGITS": teacher_logits,
+                                "HAS_CE": pass_index == 1,
+                            },
+                            **launch,
+                        }
+                    )
+            for teacher_logits in (False, True):
+                teacher = "logits" if teacher_logits else "linear"
+                block_constexprs, launch = tiles("grad", name)
+                specs.append(
+                    {
+                        "name": f"fused_linear_grad_logits[{name},{teacher},{dtype_name}]",
+                        "fn": _fused_linear_grad_logits_kernel,
+                        "signature": {
+                            **common_signature,
+                            "row_stats_ptr": "*fp32",
+                            "kl_scale_ptr": "*fp32",
+                            "ce_scale_ptr": "*fp32",
+                            "grad_ptr": f"*{dtype_name}",
+                            "stride_grad": "i64",
+                            "chunk_start": "i32",
+                            "chunk_cols": "i32",
+                            **stats_signature,
+                        },
+                        "constexprs": {
+                            **common_constexprs,
+                            **block_constexprs,
+                            "DIVERGENCE": code,
+                            "TEACHER_LOGITS": teacher_logits,
+                            "HAS_CE": True,
+                        },
+                        **launch,
+                    }
+                )
+    return specs

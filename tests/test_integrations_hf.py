@@ -1,0 +1,152 @@
+"""distill_ops.integrations.hf and fspad_draft_loss against the same losses computed from explicit logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from distill_ops import kl_div  # noqa: E402
+from distill_ops.fspad_loss import fspad_draft_loss  # noqa: E402
+from distill_ops.integrations.hf import causal_lm_distillation_loss  # noqa: E402
+from tests.conftest import IMPLS, assert_close  # noqa: E402
+
+VOCAB = 96
+
+
+def _tiny_models():
+    common = dict(vocab_size=VOCAB, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                  initializer_range=0.2)
+    torch.manual_seed(0)
+    student = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, **common)
+    ).float()
+    teacher = transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(hidden_size=48, intermediate_size=64, num_hidden_layers=2, **common)
+    ).float().eval()
+    return student, teacher
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (2, 11), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -3:] = 0  # right padding
+    labels = torch.where(attention_mask.bool(), input_ids, -100)
+    labels[0, :2] = -100  # a prompt without loss
+    return input_ids, attention_mask, labels
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_helper_equals_loss_from_the_models_own_logits(impl):
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    kwargs = dict(divergence="jsd", beta=0.3, temperature=2.0, ce_weight=0.5)
+
+    loss = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, impl=impl, **kwargs)
+    loss.backward()
+    fused_grads = {name: p.grad.clone() for name, p in student.named_parameters()}
+    student.zero_grad()
+
+    out = student(input_ids=input_ids, attention_mask=attention_mask, labels=labels)  # HF shifts inside
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+    shifted = labels[:, 1:]
+    divergence = kl_div(out.logits[:, :-1], teacher_logits[:, :-1], labels=shifted, divergence="jsd", beta=0.3,
+                        temperature=2.0, impl="torch")
+    expected = divergence + 0.5 * out.loss
+    expected.backward()
+    assert_close(loss, expected, torch.float32, "loss")
+    for name, param in student.named_parameters():
+        assert_close(fused_grads[name], param.grad, torch.float32, name)
+
+
+def test_helper_without_labels_ignores_padding_and_uses_normalizer():
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, _ = _batch()
+    loss = causal_lm_distillation_loss(student, teacher, input_ids, attention_mask=attention_mask,
+                                       reduction="sum", impl="torch")
+    with torch.no_grad():
+        student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+    targets = torch.where(attention_mask.bool(), input_ids, -100)[:, 1:]
+    expected = kl_div(student_logits[:, :-1], teacher_logits[:, :-1], labels=targets, reduction="sum", impl="torch")
+    assert_close(loss, expected, torch.float32)
+    normalized = causal_lm_distillation_loss(student, teacher, input_ids, attention_mask=attention_mask,
+                                             normalizer=7.0, impl="torch")
+    assert_close(normalized, expected / 7.0, torch.float32)
+
+
+def test_trainer_compute_loss():
+    from distill_ops.integrations.hf import FusedDistillationTrainer
+
+    assert issubclass(FusedDistillationTrainer, transformers.Trainer)
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    # Trainer.__init__ needs `accelerate` (TrainingArguments); compute_loss only reads these attributes.
+    trainer = object.__new__(FusedDistillationTrainer)
+    trainer.teacher_model = teacher
+    trainer.distill_kwargs = {"divergence": "reverse", "impl": "torch"}
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    loss = trainer.compute_loss(student, inputs, num_items_in_batch=torch.tensor(5.0))
+    expected = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask,
+                                           divergence="reverse", normalizer=5.0, impl="torch")
+    assert_close(loss, expected, torch.float32)
+    loss_and_outputs = trainer.compute_loss(student, inputs, return_outputs=True)
+    assert isinstance(loss_and_outputs, tuple) and loss_and_outputs[1] is None
+
+
+def test_softcapped_model_is_refused():
+    student, teacher = _tiny_models()
+    teacher.config.final_logit_softcapping = 30.0
+    input_ids, attention_mask, labels = _batch()
+    with pytest.raises(ValueError, match="soft-caps its logits"):
+        causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, impl="torch")
+
+
+# ----------------------------------------------------------------------------------------------
+# FSPAD partial-alignment loss
+# ----------------------------------------------------------------------------------------------
+
+
+def _fspad_reference(regress, predict, target, weight, regress_weight, logit_weight, mask):
+    """The formula written out (EAGLE / FSPAD training code): SmoothL1 + soft cross-entropy, in float64."""
+    regression = F.smooth_l1_loss(regress.double(), target.double(), reduction="none").mean(-1)
+    teacher = torch.softmax(target.double() @ weight.double().T, dim=-1)
+    student = torch.log_softmax(predict.double() @ weight.double().T, dim=-1)
+    rows = regress_weight * regression + logit_weight * -(teacher * student).sum(-1)
+    return rows[mask].sum() / mask.sum()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fspad_draft_loss_matches_formula(impl):
+    generator = torch.Generator().manual_seed(3)
+    regress = torch.randn(2, 9, 40, generator=generator, dtype=torch.float64).float().requires_grad_(True)
+    predict = torch.randn(2, 9, 40, generator=generator, dtype=torch.float64).float().requires_grad_(True)
+    target = torch.randn(2, 9, 40, generator=generator, dtype=torch.float64).float()
+    weight = (torch.randn(150, 40, generator=generator, dtype=torch.float64) * 0.3).float()
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    loss = fspad_draft_loss(regress, predict, target, weight, regress_weight=1.0, logit_weight=0.1,
+                            loss_mask=mask, impl=impl)
+    loss.backward()
+    regress64 = regress.detach().double().requires_grad_(True)
+    predict64 = predict.detach().double().requires_grad_(True)
+    expected = _fspad_reference(regress64, predict64, target, weight, 1.0, 0.1, mask)
+    expected.backward()
+    assert_close(loss, expected, torch.float32, "loss")
+    assert_close(regress.grad, regress64.grad, torch.float32, "regress grad")
+    assert_close(predict.grad, predict64.grad, torch.float32, "predict grad")
+    without_entropy = fspad_draft_loss(regress, predict, target, weight, loss_mask=mask, impl=impl,
+                                       include_teacher_entropy=False)
+    assert without_entropy.item() < loss.item()  # KL = soft CE - H(p), H(p) > 0
+
+
+def test_fspad_bad_inputs():
+    tensor = torch.zeros(2, 3, 8)
+    with pytest.raises(ValueError, match="draft_predict must have the shape"):
+        fspad_draft_loss(tensor, torch.zeros(2, 3, 7), tensor, torch.zeros(10, 8))
+    with pytest.raises(ValueError, match="loss_mask must have shape"):
+        fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), loss_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="logit_weight must be in"):
+        fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), logit_weight=-1.0)
