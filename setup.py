@@ -23,7 +23,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.48", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.56", "matplotlib"],
         "bench": ["liger-kernel"],
     },
 )

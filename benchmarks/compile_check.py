@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -100,6 +101,27 @@ def compile_spec(spec: dict, arch: str) -> dict:
     }
 
 
+_SPECS: list[dict] = []
+
+
+def _compile_job(job: tuple[int, str]) -> dict:
+    index, arch = job
+    spec = _SPECS[index]
+    try:
+        return compile_spec(spec, arch)
+    except Exception as exc:  # a compile failure is a reported result, not a crash
+        traceback.print_exc(file=sys.stderr)
+        return {
+            "kernel": spec["name"],
+            "target": f"sm_{arch}",
+            "registers": -1,
+            "shared_bytes": -1,
+            "spill_bytes": -1,
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+        }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", dest="json_path", default=None)
@@ -108,29 +130,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modules", default=None, help="comma-separated modules to check instead of the package's kernels"
     )
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compilations (default: all cores)")
     args = parser.parse_args(argv)
 
     import triton
 
-    rows = []
     modules = args.modules.split(",") if args.modules else None
-    for spec in collect_specs(args.only, modules):
-        for arch in args.targets.split(","):
-            try:
-                rows.append(compile_spec(spec, arch))
-            except Exception as exc:  # a compile failure is a reported result, not a crash
-                rows.append(
-                    {
-                        "kernel": spec["name"],
-                        "target": f"sm_{arch}",
-                        "registers": -1,
-                        "shared_bytes": -1,
-                        "spill_bytes": -1,
-                        "ok": False,
-                        "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
-                    }
-                )
-                traceback.print_exc(file=sys.stderr)
+    global _SPECS
+    _SPECS = collect_specs(args.only, modules)
+    jobs = [(index, arch) for index in range(len(_SPECS)) for arch in args.targets.split(",")]
+    # Compilation is CPU-bound and independent per (kernel, target): use every core. Forked workers
+    # inherit the collected specs (the jitted functions themselves do not pickle).
+    workers = max(1, min(args.jobs or (os.cpu_count() or 1), len(jobs)))
+    if workers == 1:
+        rows = [_compile_job(job) for job in jobs]
+    else:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            rows = pool.map(_compile_job, jobs, chunksize=1)
     header = f"{'kernel':58s} {'target':8s} {'regs':>5s} {'smem':>8s} {'spill':>6s}  status"
     print(f"triton {triton.__version__}: {len(rows)} compilations")
     print(header)

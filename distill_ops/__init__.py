@@ -42,3 +42,24 @@ __all__ += [
     "verify_sampling",
     "compact_kv_cache",
 ]
+
+from .fspad import FSPADCache, FSPADDraftHead, fspad_training_inputs, target_features
+from .speculative import (
+    SpeculativeDecoder,
+    SpeculativeOutput,
+    TreeAttentionContext,
+    register_tree_attention,
+    tree_spec_from_parents,
+)
+
+__all__ += [
+    "SpeculativeDecoder",
+    "SpeculativeOutput",
+    "TreeAttentionContext",
+    "register_tree_attention",
+    "tree_spec_from_parents",
+    "FSPADDraftHead",
+    "FSPADCache",
+    "fspad_training_inputs",
+    "target_features",
+]

@@ -1,0 +1,968 @@
+"""Lossless speculative decoding for Hugging Face ``transformers`` causal LMs, with draft trees.
+
+Each step drafts a tree of candidate continuations with a cheap draft (a smaller causal LM with the same
+vocabulary, or an :class:`~distill_ops.fspad.FSPADDraftHead` that drafts from the target's last-layer
+features), scores the whole tree with **one** target forward pass, keeps the longest acceptable path
+(greedy, or lossless speculative sampling) plus one bonus token, and compacts the target's KV cache.
+
+How it plugs into ``transformers`` (no model source is patched):
+
+* :func:`register_tree_attention` registers ``"distill_ops_tree"`` in ``transformers.AttentionInterface``
+  (the attention function) and in ``AttentionMaskInterface`` (as SDPA's mask builder). The engine switches
+  the target (and a draft LM) to it for the duration of :meth:`SpeculativeDecoder.generate` and restores
+  the previous implementation afterwards.
+* The engine passes a :class:`TreeAttentionContext` through the model's forward kwargs
+  (``speculative_tree=``); transformers forwards them to every attention call. With a tree in the
+  context the layer's queries are the tree nodes, which sit at the end of the KV the cache returned, and
+  attention runs :func:`~distill_ops.tree_attention.tree_attention` (Triton on CUDA). Without one
+  (prefill, plain causal steps) it is transformers' own SDPA attention, so prefill is bit-identical to
+  the model's default ``sdpa`` implementation.
+* Tree position ids are ``cache length + depth``. After verification the accepted rows of every layer of
+  the model's own ``DynamicCache`` are moved in place with :func:`~distill_ops.verify.compact_kv_cache`
+  and the cache is cropped. Full-attention layers, and sliding-window layers (Mistral) while the whole
+  sequence fits the window; other cache layers (linear attention, quantized) are refused with an error.
+
+Semantics: greedy (``temperature=0``) output equals ``target.generate(do_sample=False)`` token for token
+(up to floating-point ties between the tree pass and the one-token decode pass); sampling draws from the
+same distribution as the target alone (temperature, top-k, top-p applied to the target; drafts are
+deterministic top-k choices, verified with the residual rule of :func:`~distill_ops.verify.verify_sampling`).
+Batch size 1 only. Stops at ``eos_token_id`` / ``max_new_tokens`` exactly like ``generate``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ._utils import INT_DTYPES, check_number, check_tensor
+from .tree import BITS_PER_WORD, MAX_TREE_NODES, TreeSpec, build_tree, tree_from_paths
+from .tree_attention import tree_attention
+from .verify import VerifyResult, compact_kv_cache, verify_greedy, verify_sampling
+
+#: Name under which the tree attention is registered in transformers' attention registries.
+ATTENTION_NAME = "distill_ops_tree"
+#: Forward kwarg that carries the :class:`TreeAttentionContext` to the attention function.
+CONTEXT_KWARG = "speculative_tree"
+
+_SDPA_ATTENTION: Callable | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Tree specs built on the host (the engine's per-step trees)
+# --------------------------------------------------------------------------------------------------
+
+
+def tree_spec_from_parents(parents: Sequence[int], device: torch.device | str) -> TreeSpec:
+    """A :class:`~distill_ops.tree.TreeSpec` of one tree from a host parent list, in one host-to-device copy.
+
+    Equal to ``build_tree(torch.tensor(parents), device=device)`` but computed with Python integers
+    (the engine builds a new tree every step; this is a few microseconds for 64 nodes instead of a loop
+    of small tensor ops). ``parents[0] == -1`` and ``0 <= parents[i] < i``.
+    """
+    num_nodes = len(parents)
+    if num_nodes < 1 or num_nodes > MAX_TREE_NODES:
+        raise ValueError(f"a tree must have 1 to {MAX_TREE_NODES} nodes, got {num_nodes}")
+    if parents[0] != -1 or any(not 0 <= parents[i] < i for i in range(1, num_nodes)):
+        raise ValueError(f"parents must satisfy parents[0] == -1 and 0 <= parents[i] < i, got {list(parents)}")
+    depth = [0] * num_nodes
+    ancestors = [1] + [0] * (num_nodes - 1)
+    first_child = [-1] * num_nodes
+    next_sibling = [-1] * num_nodes
+    last_child = [-1] * num_nodes
+    for node in range(1, num_nodes):
+        parent = parents[node]
+        depth[node] = depth[parent] + 1
+        ancestors[node] = ancestors[parent] | (1 << node)
+        if last_child[parent] < 0:
+            first_child[parent] = node
+        else:
+            next_sibling[last_child[parent]] = node
+        last_child[parent] = node
+    max_depth = max(depth)
+    num_children = [0] * num_nodes
+    for node in range(1, num_nodes):
+        num_children[parents[node]] += 1
+    leaves = [node for node in range(num_nodes) if num_children[node] == 0]
+    leaf_paths = []
+    for leaf in leaves:
+        path = [-1] * (max_depth + 1)
+        node = leaf
+        while node >= 0:
+            path[depth[node]] = node
+            node = parents[node]
+        leaf_paths.extend(path)
+    num_words = (num_nodes + BITS_PER_WORD - 1) // BITS_PER_WORD
+    words = []
+    for mask in ancestors:
+        for word in range(num_words):
+            value = (mask >> (BITS_PER_WORD * word)) & ((1 << 64) - 1)
+            words.append(value - (1 << 64) if value >= 1 << 63 else value)  # int64 two's complement
+    flat = torch.tensor(
+        list(parents) + depth + first_child + next_sibling + words + leaf_paths, dtype=torch.int64
+    ).to(device)
+    sizes = [num_nodes] * 4 + [num_nodes * num_words, len(leaf_paths)]
+    parts = torch.split(flat, sizes)
+    return TreeSpec(
+        parents=parts[0].view(1, num_nodes),
+        depth=parts[1].view(1, num_nodes),
+        first_child=parts[2].view(1, num_nodes),
+        next_sibling=parts[3].view(1, num_nodes),
+        ancestor_mask=parts[4].view(1, num_nodes, num_words),
+        leaf_paths=parts[5].view(1, len(leaves), max_depth + 1),
+        max_depth=max_depth,
+        max_children=max(num_children),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The transformers attention function
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TreeAttentionContext:
+    """What one model forward needs to attend over a draft tree (passed as ``speculative_tree=`` kwarg).
+
+    Attributes:
+        tree: the tree whose ``T`` nodes occupy the **last** ``T`` positions of the KV the cache returns
+            (node order); the positions before them are the prefix every node sees. The layer's queries
+            are the last ``q_len <= T`` nodes (all of them for verification; the newest level while a draft
+            model expands its tree). ``None``: plain causal attention (transformers' SDPA).
+        impl: ``impl`` of :func:`~distill_ops.tree_attention.tree_attention`.
+        calls: attention calls seen (the engine checks that every layer went through this function).
+    """
+
+    tree: TreeSpec | None = None
+    impl: str = "auto"
+    calls: int = 0
+    _cache_lens: torch.Tensor | None = field(default=None, repr=False)
+
+    def cache_lens(self, batch: int, prefix_len: int, device: torch.device) -> torch.Tensor:
+        """The ``[B]`` prefix lengths tensor, created once per forward (every layer has the same prefix)."""
+        lens = self._cache_lens
+        if lens is None or lens.shape[0] != batch or lens.device != device:
+            lens = torch.full((batch,), prefix_len, dtype=torch.int32, device=device)
+            self._cache_lens = lens
+        return lens
+
+
+def tree_attention_tail(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    context: TreeAttentionContext,
+    *,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """Tree attention for queries that are the last ``q_len`` nodes of ``context.tree``.
+
+    ``query`` ``[B, Hq, q_len, D]``; ``key``/``value`` ``[B, Hkv, S, D]`` ending with the ``T`` tree nodes.
+    Returns ``[B, Hq, q_len, D]``. When ``q_len < T`` (a draft expanding one level of its tree) the earlier
+    nodes' query rows are padded with zeros and their outputs dropped: one
+    :func:`~distill_ops.tree_attention.tree_attention` call, whatever the level.
+    """
+    tree = context.tree
+    batch, num_heads, q_len, head_dim = query.shape
+    num_nodes, kv_len = tree.num_nodes, key.shape[2]
+    if q_len > num_nodes or kv_len < num_nodes:
+        raise ValueError(
+            f"tree attention: {q_len} queries and {kv_len} keys do not fit a tree of {num_nodes} nodes at the "
+            f"end of the KV cache"
+        )
+    cache_lens = context.cache_lens(batch, kv_len - num_nodes, query.device)
+    if q_len < num_nodes:
+        padded = query.new_zeros(batch, num_heads, num_nodes, head_dim)
+        padded[:, :, num_nodes - q_len:] = query
+        query = padded
+    out = tree_attention(query, key, value, tree, cache_lens, sm_scale=scaling, impl=context.impl)
+    return out[:, :, num_nodes - q_len:]
+
+
+def _tree_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: tree attention when the forward carries a tree, SDPA otherwise.
+
+    Receives ``query [B, Hq, q, D]`` and ``key``/``value [B, Hkv, S, D]`` already concatenated with the cache
+    by the cache's ``update``; returns ``([B, q, Hq, D], None)`` as transformers' attention functions do.
+    """
+    context = kwargs.get(CONTEXT_KWARG)
+    if context is not None:
+        context.calls += 1
+    if context is None or context.tree is None:
+        return _SDPA_ATTENTION(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if dropout:
+        raise ValueError("tree attention does not support attention dropout: put the model in eval() mode")
+    for unsupported in ("softcap", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"tree attention does not support the model's `{unsupported}` attention option")
+    window = kwargs.get("sliding_window")
+    if window is not None and key.shape[2] > window:
+        raise ValueError(
+            f"tree attention does not support sliding-window attention beyond the window ({key.shape[2]} keys, "
+            f"window {window})"
+        )
+    out = tree_attention_tail(query, key, value, context, scaling=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_tree_attention() -> str:
+    """Register the tree attention in transformers' ``AttentionInterface`` (and SDPA's mask builder under
+    the same name in ``AttentionMaskInterface``); returns the name (``"distill_ops_tree"``). Idempotent.
+
+    A model switched to it (``model.set_attn_implementation(name)``) behaves exactly like ``"sdpa"``
+    unless a forward is given ``speculative_tree=TreeAttentionContext(tree)``.
+    """
+    global _SDPA_ATTENTION
+    if _SDPA_ATTENTION is None:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(ATTENTION_NAME, _tree_attention_forward)
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+        _SDPA_ATTENTION = sdpa_attention_forward
+    return ATTENTION_NAME
+
+
+# --------------------------------------------------------------------------------------------------
+# Model checks and helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_causal_lm(name: str, model: object) -> None:
+    """Clear errors for models the engine cannot drive, naming what is missing."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as exc:  # pragma: no cover - transformers is a dependency of the engine
+        raise ImportError("distill_ops.speculative needs `transformers` (pip install transformers)") from exc
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"{name} must be a transformers PreTrainedModel (a causal LM), got {type(model).__name__}")
+    missing = [attr for attr in ("get_output_embeddings", "set_attn_implementation") if not hasattr(model, attr)]
+    if missing or model.get_output_embeddings() is None:
+        raise TypeError(f"{name} ({type(model).__name__}) is not a causal LM with an output embedding (lm_head)")
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)  # transformers >= 4.56
+    if can_set is not None and not can_set():
+        raise ValueError(
+            f"{name} ({type(model).__name__}) does not dispatch attention through transformers' AttentionInterface, "
+            f"so tree attention cannot be plugged in (unsupported model)"
+        )
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{name} ({type(model).__name__}) is an encoder-decoder model; only decoder-only LMs are supported"
+        )
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """transformers 5 names the forward's cache argument ``cache`` (``past_key_values`` before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _check_dynamic_cache(name: str, model: torch.nn.Module, cache: object, max_length: int) -> None:
+    """The cache's layers can be compacted in place and cropped: full-attention ``DynamicLayer`` s, or
+    sliding-window layers (Mistral, Qwen2 with ``use_sliding_window``) as long as the whole sequence, trees
+    included (``max_length`` tokens), stays shorter than the window, where they hold every token."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    supported = (DynamicLayer, DynamicSlidingWindowLayer)
+    bad = [type(layer).__name__ for layer in layers or [] if type(layer) not in supported]
+    if layers is None or bad:
+        raise ValueError(
+            f"{name} ({type(model).__name__}) uses cache layers the engine cannot compact in place "
+            f"({', '.join(sorted(set(bad))) or type(cache).__name__}); only DynamicCache full-attention or "
+            f"sliding-window layers are supported (no linear-attention, indexed or quantized layers)"
+        )
+    windows = [layer.sliding_window for layer in layers if type(layer) is DynamicSlidingWindowLayer]
+    if windows and max_length > min(windows) - 1:
+        raise ValueError(
+            f"{name} ({type(model).__name__}) has sliding-window attention (window {min(windows)}) but this generation "
+            f"may reach {max_length} tokens (prompt + max_new_tokens + draft tree): sliding-window attention beyond "
+            f"the window is not supported"
+        )
+
+
+@contextmanager
+def _attention_switched(models: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Switch the models to the tree attention, restoring their previous implementation afterwards."""
+    name = register_tree_attention()
+    previous = [model.config._attn_implementation for model in models]
+    try:
+        for model in models:
+            if model.config._attn_implementation != name:
+                model.set_attn_implementation(name)
+        yield
+    finally:
+        for model, old in zip(models, previous):
+            if model.config._attn_implementation != old:
+                model.set_attn_implementation(old)
+
+
+class _Timer:
+    """Accumulates wall-clock seconds per phase; with ``sync`` the CUDA stream is drained at each
+    boundary so that the split is device time, not launch time."""
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.sync = sync and device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------------
+# Drafters: a causal LM, or an FSPAD head on the target's features
+# --------------------------------------------------------------------------------------------------
+
+
+class _ModelDrafter:
+    """A smaller ``transformers`` causal LM with its own ``DynamicCache``.
+
+    The committed cache holds every token through the current root; each drafting level appends the
+    expanded nodes (tree attention over root + expanded nodes) and :meth:`rollback` crops them.
+    """
+
+    needs_features = False
+
+    def __init__(self, model: torch.nn.Module, impl: str):
+        self.model = model
+        self.impl = impl
+        self.cache_kwarg = _cache_kwarg(model)
+        self.keep_last = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+        self.cache = None
+        self.committed = 0
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, context: TreeAttentionContext, **extra):
+        out = self.model(
+            input_ids=tokens, position_ids=positions, use_cache=True,
+            **{self.cache_kwarg: self.cache, CONTEXT_KWARG: context}, **extra,
+        )
+        if context.calls == 0:
+            raise ValueError(
+                f"draft ({type(self.model).__name__}) never called the registered attention function: its attention "
+                f"does not go through transformers' AttentionInterface (unsupported model)"
+            )
+        return out.logits
+
+    def start(self, prompt_ids: torch.Tensor, first_token: torch.Tensor, features: torch.Tensor | None,
+              max_length: int):
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        tokens = torch.cat([prompt_ids, first_token.view(1, 1)], dim=1)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        logits, state = self.advance(tokens, positions, None)
+        _check_dynamic_cache("draft", self.model, self.cache, max_length)
+        return logits, state
+
+    def advance(self, tokens: torch.Tensor, positions: torch.Tensor, features: torch.Tensor | None):
+        """Commit ``tokens [1, n]`` (causal); returns the last token's next-token logits ``[V]`` and no state."""
+        logits = self._forward(tokens, positions, TreeAttentionContext(impl=self.impl), **self.keep_last)
+        self.committed = self.cache.get_seq_length()
+        return logits[0, -1], None
+
+    def expand(self, tokens: torch.Tensor, parent_states, positions: torch.Tensor, tree: TreeSpec):
+        """Append one level of tree nodes (the last ``len(tokens)`` nodes of ``tree``, whose node 0 is the
+        committed root); returns their next-token logits ``[m, V]`` and no state."""
+        logits = self._forward(tokens[None], positions[None], TreeAttentionContext(tree, self.impl))
+        return logits[0], None
+
+    def rollback(self) -> None:
+        extra = self.cache.get_seq_length() - self.committed
+        if extra:
+            self.cache.crop(-extra)
+
+
+class _FSPADDrafter:
+    """An :class:`~distill_ops.fspad.FSPADDraftHead` drafting from the target's features.
+
+    Head entry ``t`` reads (feature of position ``t``, embedding of the token at ``t + 1``) and sits at
+    position ``t + 1``. The committed entries use true target features; a tree node's entry reads the
+    feature its parent's entry predicted (the regression half).
+    """
+
+    needs_features = True
+
+    def __init__(self, head: torch.nn.Module, target: torch.nn.Module, impl: str):
+        self.head = head
+        self.embed = target.get_input_embeddings()
+        self.lm_head = target.get_output_embeddings()
+        self.impl = impl
+        self.cache = None
+
+    def start(self, prompt_ids: torch.Tensor, first_token: torch.Tensor, features: torch.Tensor,
+              max_length: int):
+        self.cache = self.head.new_cache()
+        tokens = torch.cat([prompt_ids[:, 1:], first_token.view(1, 1)], dim=1)
+        positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)[None]
+        return self.advance(tokens, positions, features)
+
+    def advance(self, tokens: torch.Tensor, positions: torch.Tensor, features: torch.Tensor):
+        regress, predict = self.head(features, self.embed(tokens), positions, cache=self.cache)
+        self.cache.commit()
+        return self.lm_head(predict[0, -1]), regress[0, -1]
+
+    def expand(self, tokens: torch.Tensor, parent_states: torch.Tensor, positions: torch.Tensor, tree: TreeSpec):
+        regress, predict = self.head(
+            parent_states[None], self.embed(tokens[None]), positions[None], cache=self.cache,
+            tree=TreeAttentionContext(tree, self.impl),
+        )
+        return self.lm_head(predict[0]), regress[0]
+
+    def rollback(self) -> None:
+        self.cache.rollback()
+
+
+# --------------------------------------------------------------------------------------------------
+# Draft trees
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _StaticPlan:
+    """Everything about a static tree that does not depend on the tokens, prepared once."""
+
+    tree: TreeSpec
+    num_children_max: int
+    root_child_nodes: torch.Tensor  # nodes whose parent is the root
+    root_child_ranks: torch.Tensor
+    # per level d = 1 .. max_depth - 1: (eval nodes, draft-tree spec after appending them,
+    #   appended index of each eval node's parent, child nodes, (row of the parent in this level, rank))
+    levels: list[tuple[torch.Tensor, TreeSpec, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _static_plan(parents: list[int], device: torch.device) -> _StaticPlan:
+    num_nodes = len(parents)
+    depth = [0] * num_nodes
+    children: list[list[int]] = [[] for _ in range(num_nodes)]
+    for node in range(1, num_nodes):
+        depth[node] = depth[parents[node]] + 1
+        children[parents[node]].append(node)
+    rank = [0] * num_nodes
+    for kids in children:
+        for position, kid in enumerate(kids):
+            rank[kid] = position
+    max_depth = max(depth)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
+    appended_index = {0: 0}
+    appended_parents = [-1]
+    levels = []
+    for level in range(1, max_depth):
+        eval_nodes = [n for n in range(num_nodes) if depth[n] == level and children[n]]
+        for node in eval_nodes:
+            appended_index[node] = len(appended_parents)
+            appended_parents.append(appended_index[parents[node]])
+        child_nodes = [kid for node in eval_nodes for kid in children[node]]
+        child_rows = [row for row, node in enumerate(eval_nodes) for _ in children[node]]
+        levels.append((
+            as_tensor(eval_nodes),
+            tree_spec_from_parents(appended_parents, device),
+            as_tensor([appended_index[parents[n]] for n in eval_nodes]),
+            as_tensor(child_nodes),
+            as_tensor(child_rows),
+            as_tensor([rank[kid] for kid in child_nodes]),
+        ))
+    return _StaticPlan(
+        tree=tree_spec_from_parents(parents, device),
+        num_children_max=max(len(kids) for kids in children),
+        root_child_nodes=as_tensor(children[0]),
+        root_child_ranks=as_tensor([rank[kid] for kid in children[0]]),
+        levels=levels,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SpeculativeOutput:
+    """Result of :meth:`SpeculativeDecoder.generate`.
+
+    Attributes:
+        sequences: int64 ``[1, L + new]``: the prompt then the generated tokens (as ``generate`` returns).
+        num_target_forwards: target forward passes (the prefill included).
+        accept_lengths: accepted draft tokens per verification step (the bonus token excluded).
+        timings: seconds per phase: ``prefill`` (target and draft prefill), ``draft`` (draft forwards and
+            tree selection, including ``tree``: building the tree specs), ``target`` (target forwards over
+            the trees), ``verify``, ``compaction`` and ``total``. With ``profile=True`` the CUDA stream is
+            synchronised at phase boundaries (device times); otherwise they are host times.
+        prompt_length: ``L``.
+    """
+
+    sequences: torch.Tensor
+    num_target_forwards: int
+    accept_lengths: list[int]
+    timings: dict[str, float]
+    prompt_length: int = 0
+
+    @property
+    def num_new_tokens(self) -> int:
+        """Generated tokens (the sequence minus the prompt)."""
+        return self.sequences.shape[1] - self.prompt_length
+
+    @property
+    def mean_accept_length(self) -> float:
+        """Mean tokens produced per verification step (accepted drafts + the bonus token)."""
+        return sum(self.accept_lengths) / len(self.accept_lengths) + 1.0 if self.accept_lengths else 0.0
+
+
+class SpeculativeDecoder:
+    """Speculative decoding of a ``transformers`` causal LM with a draft tree verified in one target pass.
+
+    Args:
+        target: a decoder-only ``transformers`` causal LM whose attention goes through the
+            ``AttentionInterface`` (Llama, Qwen2, Mistral families...), in ``eval()`` mode.
+        draft: a smaller ``transformers`` causal LM with the same vocabulary, or an
+            :class:`~distill_ops.fspad.FSPADDraftHead` built for ``target``; same device and dtype.
+        depth, topk, num_nodes: the dynamic (EAGLE-2) tree: ``depth`` draft levels, each expanding the
+            ``topk`` best nodes of the previous level into their ``topk`` most likely children; the tree
+            keeps the root and the ``num_nodes - 1`` candidates with the highest cumulative draft
+            log-probability (``num_nodes <= 256``).
+        tree: a static tree instead: EAGLE-style paths of child ranks (``[[0], [1], [0, 0], ...]``; the node
+            with rank ``r`` under a parent drafts the parent's ``r``-th most likely token) or a parent array
+            (1-D int tensor). ``depth``, ``topk`` and ``num_nodes`` are then unused.
+        impl: ``impl`` of the tree attention, verification and compaction ops.
+        profile: synchronise the CUDA stream at phase boundaries so that ``timings`` are device times.
+    """
+
+    def __init__(
+        self,
+        target: torch.nn.Module,
+        draft: torch.nn.Module,
+        *,
+        depth: int = 5,
+        topk: int = 4,
+        num_nodes: int = 32,
+        tree: Sequence[Sequence[int]] | torch.Tensor | None = None,
+        impl: str = "auto",
+        profile: bool = False,
+    ):
+        from .fspad import FSPADDraftHead
+
+        _check_causal_lm("target", target)
+        for name, value, low in (("depth", depth, 1), ("topk", topk, 1), ("num_nodes", num_nodes, 1)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if num_nodes > MAX_TREE_NODES:
+            raise ValueError(f"num_nodes must be <= {MAX_TREE_NODES} (the tree ops' limit), got {num_nodes}")
+        if 1 + topk * max(depth - 1, 0) > MAX_TREE_NODES:
+            raise ValueError(
+                f"1 + topk * (depth - 1) draft nodes must be <= {MAX_TREE_NODES}, got topk={topk}, depth={depth}"
+            )
+        target_param = next(target.parameters())
+        vocab = _vocab_size(target)
+        if isinstance(draft, FSPADDraftHead):
+            if draft.vocab_size != vocab or draft.hidden_size != target.get_output_embeddings().weight.shape[1]:
+                raise ValueError(
+                    f"draft FSPADDraftHead was built for vocabulary {draft.vocab_size} and hidden size "
+                    f"{draft.hidden_size}, but the target has vocabulary {vocab} and hidden size "
+                    f"{target.get_output_embeddings().weight.shape[1]}"
+                )
+            self._drafter = _FSPADDrafter(draft, target, impl)
+        else:
+            _check_causal_lm("draft", draft)
+            if _vocab_size(draft) != vocab:
+                raise ValueError(
+                    f"draft vocabulary size {_vocab_size(draft)} differs from the target's {vocab}: the draft must "
+                    f"share the target's tokenizer and vocabulary"
+                )
+            self._drafter = _ModelDrafter(draft, impl)
+        draft_param = next(draft.parameters())
+        if draft_param.device != target_param.device:
+            raise ValueError(f"draft is on {draft_param.device} but target is on {target_param.device}")
+        if isinstance(draft, FSPADDraftHead) and draft_param.dtype != target_param.dtype:
+            raise TypeError(f"draft head has dtype {draft_param.dtype} but the target has {target_param.dtype}")
+        self.target = target
+        self.draft = draft
+        self.depth, self.topk, self.num_nodes = depth, topk, num_nodes
+        self.impl = impl
+        self.profile = profile
+        self.device = target_param.device
+        self.vocab_size = vocab
+        self._cache_kwarg = _cache_kwarg(target)
+        self._keep_last = {"logits_to_keep": 1} if _supports_logits_to_keep(target) else {}
+        self._root_tree = tree_spec_from_parents([-1], self.device)
+        self._static = None
+        self.max_tree_nodes = max(num_nodes, 1 + topk * (depth - 1))
+        if tree is not None:
+            if isinstance(tree, torch.Tensor):
+                check_tensor("tree", tree, dtypes=INT_DTYPES, ndim=1)
+                parents = build_tree(tree).parents[0].tolist()
+            else:
+                parents = tree_from_paths(tree).tolist()
+            self._static = _static_plan(parents, self.device)
+            self.max_tree_nodes = len(parents)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+        step_callback: Callable[[torch.Tensor, object], None] | None = None,
+    ) -> SpeculativeOutput:
+        """Generate up to ``max_new_tokens`` tokens after ``input_ids``.
+
+        Args:
+            input_ids: integer ``[1, L]`` (``L >= 1``) prompt on the target's device (batch size 1 only).
+            max_new_tokens: >= 1.
+            temperature: 0 for greedy decoding (identical to ``target.generate(do_sample=False)``), > 0 to
+                sample (the distribution of ``target.generate(do_sample=True, temperature=..., top_k=...,
+                top_p=...)``).
+            top_k, top_p: filters of the target distribution when sampling (ignored when greedy).
+            eos_token_id: token id(s) that end generation (kept in the output); ``None`` uses the target's
+                ``generation_config.eos_token_id`` as ``generate`` does.
+            generator: the only source of randomness when sampling.
+            step_callback: called after the prefill and after each verification step with
+                ``(sequences [1, n], cache)``: the committed tokens (the last one is the next root, not yet
+                in the cache) and the target's ``DynamicCache``.
+
+        Returns a :class:`SpeculativeOutput`.
+        """
+        self._check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p, generator)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        eos = self._eos_ids(eos_token_id)
+        sampling = temperature > 0
+        models = [self.target] if isinstance(self._drafter, _FSPADDrafter) else [self.target, self.draft]
+        timer = _Timer(self.device, self.profile)
+        start = time.perf_counter()
+        with torch.inference_mode(), _attention_switched(models):
+            state = _Generation(self, input_ids.to(self.device), max_new_tokens, eos, sampling, temperature,
+                                top_k, top_p, generator, timer, step_callback)
+            state.run()
+        timings = dict(timer.seconds)
+        timings["total"] = time.perf_counter() - start
+        return SpeculativeOutput(
+            sequences=torch.tensor([state.tokens], dtype=torch.int64, device=self.device),
+            num_target_forwards=state.num_target_forwards,
+            accept_lengths=state.accept_lengths,
+            timings=timings,
+            prompt_length=state.prompt_len,
+        )
+
+    def _check_generate_args(self, input_ids, max_new_tokens, temperature, top_k, top_p, generator) -> None:
+        check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [1, L], got {tuple(input_ids.shape)}")
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"SpeculativeDecoder supports batch size 1 only (each sequence accepts a different number of "
+                f"tokens per step); got input_ids of batch size {input_ids.shape[0]}: loop over the sequences"
+            )
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids must hold at least one token (empty prompt)")
+        if bool(((input_ids < 0) | (input_ids >= self.vocab_size)).any()):
+            raise ValueError(f"input_ids must be token ids in [0, {self.vocab_size})")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_number("temperature", temperature, low=0.0)
+        if temperature > 0:
+            if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+                raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+            if top_p is not None:
+                check_number("top_p", top_p, low=0.0, high=1.0, low_inclusive=False)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+    def _eos_ids(self, eos_token_id) -> set[int]:
+        if eos_token_id is None:
+            eos_token_id = getattr(getattr(self.target, "generation_config", None), "eos_token_id", None)
+        if eos_token_id is None:
+            return set()
+        if isinstance(eos_token_id, torch.Tensor):
+            eos_token_id = eos_token_id.flatten().tolist()
+        if isinstance(eos_token_id, int):
+            eos_token_id = [eos_token_id]
+        return {int(token) for token in eos_token_id}
+
+
+class _Generation:
+    """The state of one ``generate`` call (the engine object itself stays stateless between calls)."""
+
+    def __init__(self, engine: SpeculativeDecoder, input_ids, max_new_tokens, eos, sampling, temperature,
+                 top_k, top_p, generator, timer, step_callback):
+        self.engine = engine
+        self.drafter = engine._drafter
+        self.prompt = input_ids
+        self.tokens: list[int] = input_ids[0].tolist()
+        self.prompt_len = len(self.tokens)
+        self.max_new_tokens = max_new_tokens
+        self.eos = eos
+        self.sampling = sampling
+        self.sample_args = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        self.timer = timer
+        self.step_callback = step_callback
+        self.cache = None
+        self.num_target_forwards = 0
+        self.accept_lengths: list[int] = []
+        self.done = False
+        self.num_layers = 0
+
+    # -- target ----------------------------------------------------------------------------------
+
+    def _target_forward(self, tokens, positions, context, **extra):
+        engine = self.engine
+        out = engine.target(
+            input_ids=tokens, position_ids=positions, use_cache=True,
+            output_hidden_states=self.drafter.needs_features,
+            **{engine._cache_kwarg: self.cache, CONTEXT_KWARG: context}, **extra,
+        )
+        self.num_target_forwards += 1
+        if context.calls == 0 or (self.num_layers and context.calls != self.num_layers):
+            raise ValueError(
+                f"target ({type(engine.target).__name__}) made {context.calls} calls to the registered attention "
+                f"function for {self.num_layers or 'its'} cache layers: its attention does not go through "
+                f"transformers' AttentionInterface (unsupported model)"
+            )
+        features = out.hidden_states[-1] if self.drafter.needs_features else None
+        return out.logits, features
+
+    def _verify(self, tree: TreeSpec, draft_tokens: torch.Tensor, logits: torch.Tensor) -> VerifyResult:
+        impl = self.engine.impl
+        if self.sampling:
+            return verify_sampling(tree, draft_tokens, logits, impl=impl, **self.sample_args)
+        return verify_greedy(tree, draft_tokens, logits, impl=impl)
+
+    def _emit(self, new_tokens: list[int]) -> list[int]:
+        """Append generated tokens, truncated at the first EOS and at ``max_new_tokens`` like ``generate``."""
+        budget = self.max_new_tokens - (len(self.tokens) - self.prompt_len)
+        emitted = []
+        for token in new_tokens[:budget]:
+            emitted.append(token)
+            if token in self.eos:
+                self.done = True
+                break
+        self.tokens.extend(emitted)
+        if len(self.tokens) - self.prompt_len >= self.max_new_tokens:
+            self.done = True
+        return emitted
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        from transformers import DynamicCache
+
+        engine, timer = self.engine, self.timer
+        with timer("prefill"):
+            self.cache = DynamicCache(config=engine.target.config)
+            context = TreeAttentionContext(impl=engine.impl)
+            positions = torch.arange(self.prompt_len, device=engine.device)[None]
+            logits, features = self._target_forward(self.prompt, positions, context, **engine._keep_last)
+            # Longest sequence either model's cache may hold: the output plus a draft tree beyond it.
+            max_length = self.prompt_len + self.max_new_tokens + engine.max_tree_nodes
+            _check_dynamic_cache("target", engine.target, self.cache, max_length)
+            self.num_layers = len(self.cache.layers)
+            # The first token: a one-node tree, so that greedy / sampling follow the verifier's exact rules.
+            root = self.prompt[:, -1:]
+            result = self._verify(engine._root_tree, root, logits[:, -1:].float())
+            first = result.next_tokens
+            self._emit([int(first)])
+            if self.step_callback is not None:
+                self.step_callback(torch.tensor([self.tokens], device=engine.device), self.cache)
+            if self.done:
+                return
+            root_logits, root_state = self.drafter.start(self.prompt, first, features, max_length)
+        root_token = first.view(1)
+        while not self.done:
+            root_pos = len(self.tokens) - 1
+            with timer("draft"):
+                tree, draft_tokens = self._draft(root_token, root_logits, root_state, root_pos)
+                self.drafter.rollback()
+            with timer("target"):
+                context = TreeAttentionContext(tree, engine.impl)
+                positions = tree.depth + root_pos
+                logits, features = self._target_forward(draft_tokens, positions, context)
+            with timer("verify"):
+                result = self._verify(tree, draft_tokens, logits)
+                width = result.accepted_nodes.shape[1]
+                host = torch.cat([result.accepted_nodes, result.emitted_tokens], dim=1)[0].tolist()
+                accepted = [node for node in host[:width] if node >= 0]
+                accept_len = len(accepted) - 1
+                new_tokens = host[width:width + accept_len + 1]
+            with timer("compaction"):
+                self._compact(result, root_pos, accept_len)
+            self.accept_lengths.append(accept_len)
+            self._emit(new_tokens)
+            if self.done and self.cache.get_seq_length() > len(self.tokens) - 1:
+                # Drafts accepted past an EOS / the token budget were cut: keep the cache consistent.
+                self.cache.crop(len(self.tokens) - 1 - self.cache.get_seq_length())
+            if self.step_callback is not None:
+                self.step_callback(torch.tensor([self.tokens], device=engine.device), self.cache)
+            if self.done:
+                break
+            with timer("draft"):
+                path = result.accepted_nodes[0, :accept_len + 1]
+                path_features = features[:, path] if features is not None else None
+                advance_tokens = torch.tensor([new_tokens], dtype=torch.int64, device=engine.device)
+                advance_positions = torch.arange(root_pos + 1, root_pos + accept_len + 2, device=engine.device)[None]
+                root_logits, root_state = self.drafter.advance(advance_tokens, advance_positions, path_features)
+            root_token = advance_tokens[0, -1:]
+
+    def _compact(self, result: VerifyResult, prefix_len: int, accept_len: int) -> None:
+        """Move the accepted rows after the prefix in every layer (in place), then crop the rest."""
+        cache_lens = torch.full((1,), prefix_len, dtype=torch.int64, device=self.engine.device)
+        for layer in self.cache.layers:
+            compact_kv_cache(layer.keys, layer.values, cache_lens, result, impl=self.engine.impl)
+        kept = prefix_len + accept_len + 1
+        self.cache.crop(kept - self.cache.get_seq_length())
+
+    # -- drafting --------------------------------------------------------------------------------
+
+    def _draft(self, root_token, root_logits, root_state, root_pos) -> tuple[TreeSpec, torch.Tensor]:
+        if self.engine._static is not None:
+            return self._draft_static(root_token, root_logits, root_state, root_pos)
+        return self._draft_dynamic(root_token, root_logits, root_state, root_pos)
+
+    def _draft_static(self, root_token, root_logits, root_state, root_pos):
+        """Fill the static tree's tokens level by level; no host synchronisation."""
+        plan: _StaticPlan = self.engine._static
+        device = self.engine.device
+        tokens = torch.empty(plan.tree.num_nodes, dtype=torch.int64, device=device)
+        tokens[0] = root_token[0]
+        if plan.num_children_max == 0:
+            return plan.tree, tokens[None]
+        top = torch.topk(root_logits, plan.num_children_max).indices
+        tokens[plan.root_child_nodes] = top[plan.root_child_ranks]
+        states = None if root_state is None else root_state[None]
+        for level, (eval_nodes, draft_tree, parent_rows, child_nodes, child_rows, child_ranks) in enumerate(
+            plan.levels, start=1
+        ):
+            parent_states = None if states is None else states[parent_rows]
+            positions = torch.full((eval_nodes.shape[0],), root_pos + level, dtype=torch.int64, device=device)
+            logits, new_states = self.drafter.expand(tokens[eval_nodes], parent_states, positions, draft_tree)
+            top = torch.topk(logits, plan.num_children_max, dim=-1).indices
+            tokens[child_nodes] = top[child_rows, child_ranks]
+            if states is not None:
+                states = torch.cat([states, new_states])
+        return plan.tree, tokens[None]
+
+    def _draft_dynamic(self, root_token, root_logits, root_state, root_pos):
+        """EAGLE-2: expand the ``topk`` best nodes of each level into their ``topk`` best children, then keep
+        the ``num_nodes - 1`` candidates with the best cumulative draft log-probability."""
+        engine, timer = self.engine, self.timer
+        device = engine.device
+        builder = _DynamicTree(engine.topk, engine.num_nodes)
+        states = None if root_state is None else root_state[None]
+        logits, expanded = root_logits[None], [-1]
+        for level in range(1, engine.depth + 1 if engine.num_nodes > 1 else 1):
+            k = min(engine.topk, logits.shape[-1])
+            values, indices = torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
+            host = torch.cat([values.double(), indices.double()], dim=-1).cpu().tolist()
+            with timer("tree"):
+                builder.add_children(expanded, host, k, level)
+                if level == engine.depth:
+                    break
+                expanded, appended_parents, parent_rows = builder.expand_best()
+                draft_tree = tree_spec_from_parents(appended_parents, device)
+                tokens = torch.tensor([builder.tokens[c] for c in expanded], dtype=torch.int64, device=device)
+            parent_states = None if states is None else states[torch.tensor(parent_rows, device=device)]
+            positions = torch.full((len(expanded),), root_pos + level, dtype=torch.int64, device=device)
+            logits, new_states = self.drafter.expand(tokens, parent_states, positions, draft_tree)
+            if states is not None:
+                states = torch.cat([states, new_states])
+        with timer("tree"):
+            tree_parents, tree_tokens = builder.select()
+            tree = tree_spec_from_parents(tree_parents, device)
+            draft_tokens = torch.tensor([tree_tokens], dtype=torch.int64, device=device)
+            draft_tokens[0, :1] = root_token
+        return tree, draft_tokens
+
+
+class _DynamicTree:
+    """Host-side bookkeeping of an EAGLE-2 tree: candidates with cumulative draft log-probabilities.
+
+    Candidate ``c`` has ``scores[c]`` (sum of draft log-probs along its path), ``tokens[c]``,
+    ``parents[c]`` (a candidate, ``-1`` for the root) and ``depths[c]``. The draft model's own tree (what
+    its cache holds while drafting) is the root plus the expanded candidates, in expansion order.
+    """
+
+    def __init__(self, topk: int, num_nodes: int):
+        self.topk, self.num_nodes = topk, num_nodes
+        self.scores: list[float] = []
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.depths: list[int] = []
+        self.frontier: list[int] = []
+        self.appended_parents = [-1]  # node 0: the committed root
+        self.appended_of = {-1: 0}  # candidate -> its node in the draft model's tree
+
+    def add_children(self, parent_ids: list[int], rows: list[list[float]], k: int, level: int) -> None:
+        """``rows[i]``: the ``k`` best log-probs then their token ids after candidate ``parent_ids[i]``."""
+        self.frontier = []
+        for row, parent in zip(rows, parent_ids):
+            base = self.scores[parent] if parent >= 0 else 0.0
+            for value, token in zip(row[:k], row[k:]):
+                self.frontier.append(len(self.scores))
+                self.scores.append(base + value)
+                self.tokens.append(int(token))
+                self.parents.append(parent)
+                self.depths.append(level)
+
+    def expand_best(self) -> tuple[list[int], list[int], list[int]]:
+        """The ``topk`` best candidates of the newest level, appended to the draft model's tree; returns them,
+        the draft tree's parent array and each one's parent node in that tree."""
+        expanded = sorted(self.frontier, key=lambda c: (-self.scores[c], c))[: self.topk]
+        parent_rows = [self.appended_of[self.parents[c]] for c in expanded]
+        for cand, parent_row in zip(expanded, parent_rows):
+            self.appended_of[cand] = len(self.appended_parents)
+            self.appended_parents.append(parent_row)
+        return expanded, self.appended_parents, parent_rows
+
+    def select(self) -> tuple[list[int], list[int]]:
+        """The verification tree: the root and the ``num_nodes - 1`` best candidates, breadth-first; returns its
+        parent array and its tokens (entry 0, the root, is a placeholder)."""
+        kept = sorted(range(len(self.scores)), key=lambda c: (-self.scores[c], c))[: self.num_nodes - 1]
+        # A child scores at most its parent (log-probs <= 0) and is created later, so the kept set is closed
+        # under ancestors; breadth-first order (depth, creation) puts every parent before its children.
+        kept.sort(key=lambda c: (self.depths[c], c))
+        node_of = {-1: 0}
+        parents, tokens = [-1], [0]
+        for cand in kept:
+            node_of[cand] = len(parents)
+            parents.append(node_of[self.parents[cand]])
+            tokens.append(self.tokens[cand])
+        return parents, tokens

@@ -1,0 +1,228 @@
+"""The FSPAD draft head: its formulas, its KV cache, its tree attention and its training inputs."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from distill_ops.fspad import FSPADCache, FSPADDraftHead, fspad_training_inputs, target_features
+from distill_ops.speculative import TreeAttentionContext, tree_spec_from_parents
+
+from .conftest import DEVICE, assert_close
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models are dominated by per-op overhead: intra-op threads only add contention on shared CPUs.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    values = dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, initializer_range=0.3, rope_theta=500.0, bos_token_id=None,
+                  eos_token_id=None, pad_token_id=None)
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def make_head(dtype=torch.float32, seed: int = 0, **overrides) -> FSPADDraftHead:
+    torch.manual_seed(seed)
+    head = FSPADDraftHead(tiny_config(**overrides), sampling_size=48).to(DEVICE, dtype).eval()
+    with torch.no_grad():
+        # Break the identity initialisation of the output split so that the two halves differ.
+        head.out_proj.weight.add_(0.05 * torch.randn_like(head.out_proj.weight))
+        for norm in (head.sample_norm, head.input_norm, head.post_attention_norm, head.final_norm):
+            norm.weight.add_(0.1 * torch.randn_like(norm.weight))
+    return head
+
+
+def random_inputs(batch: int, length: int, seed: int = 1, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, length, 64, generator=generator).to(DEVICE, dtype)
+    embeds = torch.randn(batch, length, 64, generator=generator).to(DEVICE, dtype)
+    return features, embeds
+
+
+def reference_head(head: FSPADDraftHead, features, embeds, positions) -> tuple[torch.Tensor, torch.Tensor]:
+    """The issue's formulas, written out in float64 from the head's parameters (causal, no cache)."""
+    p = {name: value.detach().double() for name, value in head.named_parameters()}
+    e, f = embeds.double(), features.double()
+
+    def rms(x, weight, eps=1e-6):
+        return weight * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+    h0 = torch.cat([e, f], -1) @ p["fc.weight"].T + p["fc.bias"]
+    h = h0 + (F.silu(e @ p["sample_gate.weight"].T) * (rms(h0, p["sample_norm.weight"]) @ p["sample_up.weight"].T)) \
+        @ p["sample_down.weight"].T
+    x = rms(h, p["input_norm.weight"])
+    batch, length, _ = x.shape
+    heads, kv_heads, dim = 4, 2, 16
+    q = (x @ p["q_proj.weight"].T).view(batch, length, heads, dim).transpose(1, 2)
+    k = (x @ p["k_proj.weight"].T).view(batch, length, kv_heads, dim).transpose(1, 2)
+    v = (x @ p["v_proj.weight"].T).view(batch, length, kv_heads, dim).transpose(1, 2)
+    inv_freq = 500.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angle = positions.double()[:, None] * inv_freq.to(positions.device)
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+
+    def rope(t):
+        first, second = t[..., : dim // 2], t[..., dim // 2:]
+        return t * cos + torch.cat([-second, first], -1) * sin
+
+    q, k = rope(q), rope(k)
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(dim)
+    causal = torch.ones(length, length, dtype=torch.bool, device=scores.device).tril()
+    attn = torch.softmax(scores.masked_fill(~causal, -math.inf), -1) @ v
+    h = h + attn.transpose(1, 2).reshape(batch, length, heads * dim) @ p["o_proj.weight"].T
+    y = rms(h, p["post_attention_norm.weight"])
+    h = h + (F.silu(y @ p["mlp_gate.weight"].T) * (y @ p["mlp_up.weight"].T)) @ p["mlp_down.weight"].T
+    out = rms(h, p["final_norm.weight"]) @ p["out_proj.weight"].T
+    return out[..., :64], out[..., 64:]
+
+
+def test_forward_matches_the_formulas():
+    head = make_head()
+    features, embeds = random_inputs(2, 9)
+    positions = torch.arange(1, 10, device=DEVICE)
+    regress, predict = head(features, embeds, positions)
+    expected_regress, expected_predict = reference_head(head, features, embeds, positions)
+    assert_close(regress, expected_regress, torch.float32)
+    assert_close(predict, expected_predict, torch.float32)
+    # Default positions: 1 + arange(L) (entry t sits at the position of token t + 1).
+    assert_close(head(features, embeds)[0], regress, torch.float32)
+
+
+def test_output_split_starts_as_two_identities():
+    torch.manual_seed(0)
+    head = FSPADDraftHead(tiny_config()).to(DEVICE)
+    features, embeds = random_inputs(1, 5)
+    regress, predict = head(features, embeds)
+    assert torch.equal(regress, predict)
+
+
+def test_cached_chunks_equal_one_causal_pass():
+    head = make_head()
+    features, embeds = random_inputs(1, 11)
+    full_regress, full_predict = head(features, embeds)
+    cache = FSPADCache()
+    outputs = []
+    for start, stop in ((0, 5), (5, 6), (6, 9), (9, 11)):
+        regress, predict = head(features[:, start:stop], embeds[:, start:stop], cache=cache)
+        cache.commit()
+        outputs.append((regress, predict))
+    assert cache.length == 11 and cache.committed == 11
+    assert_close(torch.cat([o[0] for o in outputs], 1), full_regress, torch.float32)
+    assert_close(torch.cat([o[1] for o in outputs], 1), full_predict, torch.float32)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_tree_entries_equal_their_root_paths(impl):
+    """Entries appended as a tree (all at once, or level by level as the engine drafts) equal a causal pass
+    over the committed prefix followed by each node's ancestor chain."""
+    head = make_head()
+    prefix = 6
+    parents = [-1, 0, 0, 1, 1, 2, 3]  # node 0: the last committed entry (the engine's root)
+    features, embeds = random_inputs(1, prefix - 1 + len(parents), seed=3)
+    committed_f, committed_e = features[:, :prefix], embeds[:, :prefix]
+    tree_f, tree_e = features[:, prefix:], embeds[:, prefix:]  # nodes 1..6
+    tree = tree_spec_from_parents(parents, DEVICE)
+
+    def path_outputs(node):
+        chain = []
+        while node > 0:
+            chain.insert(0, node - 1)
+            node = parents[node]
+        f = torch.cat([committed_f, tree_f[:, chain]], 1)
+        e = torch.cat([committed_e, tree_e[:, chain]], 1)
+        regress, predict = head(f, e)
+        return regress[:, -1], predict[:, -1]
+
+    # All tree nodes in one call.
+    cache = FSPADCache()
+    head(committed_f, committed_e, cache=cache)
+    cache.commit()
+    positions = prefix + torch.tensor([tree.depth[0, n].item() for n in range(1, len(parents))], device=DEVICE)
+    regress, predict = head(tree_f, tree_e, positions, cache=cache, tree=TreeAttentionContext(tree, impl))
+    # The tree context covers node 0 (the root, already the last committed entry) and nodes 1..6.
+    for node in range(1, len(parents)):
+        expected_regress, expected_predict = path_outputs(node)
+        assert_close(regress[:, node - 1], expected_regress, torch.float32, f"node {node}")
+        assert_close(predict[:, node - 1], expected_predict, torch.float32, f"node {node}")
+    cache.rollback()
+    assert cache.length == prefix
+
+    # Level by level (queries = the newest level only): same outputs.
+    levels = [[1, 2], [3, 4, 5], [6]]
+    for level in levels:
+        last = level[-1]
+        sub_tree = tree_spec_from_parents(parents[: last + 1], DEVICE)
+        index = torch.tensor([n - 1 for n in level], device=DEVICE)
+        level_regress, _ = head(tree_f[:, index], tree_e[:, index], positions[index], cache=cache,
+                                tree=TreeAttentionContext(sub_tree, impl))
+        assert_close(level_regress, regress[:, index], torch.float32)
+    cache.rollback()
+    assert cache.length == prefix
+
+
+def test_training_inputs_are_aligned():
+    torch.manual_seed(0)
+    target = LlamaForCausalLM(tiny_config()).eval().to(DEVICE)
+    input_ids = torch.randint(0, 200, (3, 12), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    inputs = fspad_training_inputs(target, input_ids)
+    features, logits = target_features(target, input_ids)
+    # The features are what the LM head consumes: the logits are exactly lm_head(features).
+    assert_close(target.lm_head(features), logits, torch.float32)
+    assert torch.equal(inputs["features"], features[:, :-1])
+    assert torch.equal(inputs["target_next_features"], features[:, 1:])
+    assert torch.equal(inputs["token_embeds"], target.model.embed_tokens(input_ids[:, 1:]))
+    assert torch.equal(inputs["position_ids"], torch.arange(1, 12, device=DEVICE))
+    assert not inputs["features"].requires_grad
+    with pytest.raises(ValueError, match="L >= 2"):
+        fspad_training_inputs(target, input_ids[:, :1])
+
+
+def test_gradients_reach_every_head_parameter():
+    head = make_head()
+    head.train()
+    features, embeds = random_inputs(2, 7)
+    lm_head_weight = torch.randn(200, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    regress, predict = head(features, embeds)
+    loss = F.smooth_l1_loss(regress, features.roll(-1, 1)) + torch.logsumexp(predict @ lm_head_weight.T, -1).mean()
+    loss.backward()
+    for name, parameter in head.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+def test_bf16_forward_is_close_to_fp32():
+    head32 = make_head()
+    head16 = make_head(torch.bfloat16)
+    features, embeds = random_inputs(1, 8)
+    regress32, predict32 = head32(features, embeds)
+    regress16, predict16 = head16(features.bfloat16(), embeds.bfloat16())
+    assert regress16.dtype == torch.bfloat16
+    assert_close(regress16, regress32, torch.bfloat16)
+    assert_close(predict16, predict32, torch.bfloat16)
+
+
+def test_bad_inputs():
+    head = make_head()
+    features, embeds = random_inputs(1, 4)
+    with pytest.raises(ValueError, match="token_embeds"):
+        head(features, embeds[:, :3])
+    with pytest.raises(ValueError, match=r"\[B, L, 64\]"):
+        head(features[..., :32], embeds[..., :32])
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        FSPADDraftHead(tiny_config(num_key_value_heads=3))
+    odd_head_dim = SimpleNamespace(hidden_size=60, num_attention_heads=4, num_key_value_heads=2, head_dim=15,
+                                   intermediate_size=96, vocab_size=200)
+    with pytest.raises(ValueError, match="head_dim"):
+        FSPADDraftHead(odd_head_dim)

@@ -1,0 +1,548 @@
+"""The speculative-decoding engine on tiny random transformers models.
+
+Greedy output must equal ``target.generate(do_sample=False)`` token for token; sampling must follow the
+target's own distribution (chi-square); the KV cache after every step must equal a plain forward's; the
+drafted tokens must be what the draft itself predicts along each tree path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import distill_ops.speculative as speculative
+from distill_ops.fspad import FSPADDraftHead, target_features
+from distill_ops.speculative import (
+    ATTENTION_NAME,
+    SpeculativeDecoder,
+    TreeAttentionContext,
+    register_tree_attention,
+    tree_attention_tail,
+    tree_spec_from_parents,
+)
+from distill_ops.tree import build_tree
+from distill_ops.tree_attention import tree_attention
+
+from .conftest import DEVICE, assert_close
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),  # sliding-window cache layers (window 4096 by default)
+}
+STATIC_TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]]
+DYNAMIC_TREE = dict(depth=4, topk=3, num_nodes=12)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models are dominated by per-op overhead: intra-op threads only add contention on shared CPUs.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def model_config(family: str, vocab: int, layers: int, **overrides):
+    config_cls, _ = FAMILIES[family]
+    return config_cls(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        # Larger-than-default weights give peaked next-token distributions (no near-ties in argmax).
+        initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None, **overrides,
+    )
+
+
+def make_models(family: str = "llama", vocab: int = 256, seed: int = 0):
+    """A 2-layer target and a 1-layer draft LM that shares its embedding, first layer, norm and LM head.
+
+    The target's second layer is damped so that the draft agrees with it often but not always: steps
+    accept paths of varied lengths and reject others."""
+    _, model_cls = FAMILIES[family]
+    torch.manual_seed(seed)
+    target = model_cls(model_config(family, vocab, 2)).eval().to(DEVICE)
+    with torch.no_grad():
+        second = target.model.layers[1]
+        second.self_attn.o_proj.weight.mul_(0.3)
+        second.mlp.down_proj.weight.mul_(0.3)
+    draft = model_cls(model_config(family, vocab, 1)).eval().to(DEVICE)
+    draft.model.embed_tokens.load_state_dict(target.model.embed_tokens.state_dict())
+    draft.model.layers[0].load_state_dict(target.model.layers[0].state_dict())
+    draft.model.norm.load_state_dict(target.model.norm.state_dict())
+    draft.lm_head.load_state_dict(target.lm_head.state_dict())
+    return target, draft
+
+
+def make_head(target, seed: int = 1) -> FSPADDraftHead:
+    torch.manual_seed(seed)
+    return FSPADDraftHead(target.config).eval().to(DEVICE)
+
+
+def reference_generate(target, prompt, max_new_tokens, eos_token_id=None):
+    return target.generate(
+        prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id, pad_token_id=0,
+    )
+
+
+def prompts(vocab: int, lengths, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (1, n), generator=generator).to(DEVICE) for n in lengths]
+
+
+_MODELS = {}
+
+
+def models(family: str):
+    if family not in _MODELS:
+        _MODELS[family] = make_models(family, vocab={"llama": 256, "qwen2": 320, "mistral": 288}[family])
+    return _MODELS[family]
+
+
+# --------------------------------------------------------------------------------------------------
+# Host-built tree specs and the attention plumbing
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_nodes", [1, 2, 9, 64, 65, 150])
+def test_tree_spec_from_parents_equals_build_tree(num_nodes):
+    generator = torch.Generator().manual_seed(num_nodes)
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=generator)) for i in range(1, num_nodes)]
+    fast = tree_spec_from_parents(parents, DEVICE)
+    reference = build_tree(torch.tensor(parents), device=DEVICE)
+    for name in ("parents", "depth", "ancestor_mask", "first_child", "next_sibling", "leaf_paths"):
+        assert torch.equal(getattr(fast, name), getattr(reference, name)), name
+    assert (fast.max_depth, fast.max_children) == (reference.max_depth, reference.max_children)
+
+
+def test_tree_spec_from_parents_rejects_invalid():
+    with pytest.raises(ValueError, match="parents"):
+        tree_spec_from_parents([-1, 1], DEVICE)
+    with pytest.raises(ValueError, match="parents"):
+        tree_spec_from_parents([0, 0], DEVICE)
+    with pytest.raises(ValueError, match="nodes"):
+        tree_spec_from_parents([], DEVICE)
+
+
+def test_tree_attention_tail_is_a_slice_of_full_tree_attention():
+    """Queries for the last nodes only (a draft level) = the same rows of the whole tree's attention."""
+    generator = torch.Generator().manual_seed(0)
+    parents = [-1, 0, 0, 1, 1, 2, 3]
+    tree = tree_spec_from_parents(parents, DEVICE)
+    q = torch.randn(1, 4, 7, 16, generator=generator).to(DEVICE)
+    k, v = (torch.randn(1, 2, 12, 16, generator=generator).to(DEVICE) for _ in range(2))
+    full = tree_attention(q, k, v, tree, torch.tensor([5], device=DEVICE), impl="torch")
+    tail = tree_attention_tail(q[:, :, 4:], k, v, TreeAttentionContext(tree, "torch"))
+    assert_close(tail, full[:, :, 4:], torch.float32)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_registered_attention_without_tree_is_sdpa(family):
+    """Switched to our implementation, a model without a tree context computes exactly what SDPA does."""
+    target, _ = models(family)
+    prompt = prompts(target.config.vocab_size, [9], seed=1)[0]
+    with torch.no_grad():
+        expected = target(prompt).logits
+        name = register_tree_attention()
+        target.set_attn_implementation(name)
+        try:
+            got = target(prompt, **{speculative.CONTEXT_KWARG: TreeAttentionContext()}).logits
+            plain = target(prompt).logits
+        finally:
+            target.set_attn_implementation("sdpa")
+    assert name == ATTENTION_NAME
+    assert torch.equal(got, expected) and torch.equal(plain, expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# Greedy: identical to generate
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tree_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_equals_generate(family, draft_kind, tree_kind):
+    target, draft_lm = models(family)
+    draft = draft_lm if draft_kind == "lm" else make_head(target)
+    tree = dict(tree=STATIC_TREE) if tree_kind == "static" else DYNAMIC_TREE
+    engine = SpeculativeDecoder(target, draft, impl="torch", **tree)
+    vocab = target.config.vocab_size
+    accepted = []
+    # An untrained FSPAD head is rejected at almost every step: shorter runs keep the test fast.
+    lengths, new_tokens = ([1, 4, 11, 6], [1, 9, 24, 13]) if draft_kind == "lm" else ([1, 11, 6], [1, 12, 7])
+    for prompt, max_new_tokens in zip(prompts(vocab, lengths, seed={"llama": 1, "qwen2": 2}[family]), new_tokens):
+        out = engine.generate(prompt, max_new_tokens=max_new_tokens, eos_token_id=[])
+        expected = reference_generate(target, prompt, max_new_tokens)
+        assert torch.equal(out.sequences, expected), (out.sequences, expected)
+        assert out.num_new_tokens == max_new_tokens
+        assert out.num_target_forwards == 1 + len(out.accept_lengths)
+        accepted += out.accept_lengths
+    if draft_kind == "lm":
+        assert max(accepted) >= 2  # the test exercises multi-token acceptance, not only rejections
+
+
+@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
+def test_greedy_equals_generate_mistral_sliding_window(draft_kind):
+    """Mistral's cache layers are sliding-window layers: supported while the sequence fits the window."""
+    target, draft_lm = models("mistral")
+    draft = draft_lm if draft_kind == "lm" else make_head(target)
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    for prompt, max_new_tokens in zip(prompts(288, [3, 9], seed=4), [14, 8]):
+        out = engine.generate(prompt, max_new_tokens=max_new_tokens, eos_token_id=[])
+        assert torch.equal(out.sequences, reference_generate(target, prompt, max_new_tokens))
+
+
+def test_greedy_with_draft_equal_to_target_accepts_whole_chains():
+    """A perfect draft on a chain tree: every step accepts the whole chain (multi-token advance works)."""
+    target, _ = models("llama")
+    engine = SpeculativeDecoder(target, target, tree=[[0] * d for d in range(1, 5)], impl="torch")
+    prompt = prompts(256, [5], seed=3)[0]
+    out = engine.generate(prompt, max_new_tokens=21, eos_token_id=[])
+    assert torch.equal(out.sequences, reference_generate(target, prompt, 21))
+    assert out.accept_lengths == [4] * 4
+    assert out.num_target_forwards == 5
+
+
+@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
+def test_eos_inside_an_accepted_path(draft_kind):
+    target, _ = models("llama")
+    prompt = prompts(256, [4], seed=5)[0]
+    free_run = reference_generate(target, prompt, 12)[0, prompt.shape[1]:].tolist()
+    # An EOS the target emits at its 3rd new token, which a perfect chain draft accepts mid-path.
+    eos = free_run[2]
+    assert eos not in free_run[:2]
+    draft = target if draft_kind == "lm" else make_head(target)
+    tree = [[0] * d for d in range(1, 6)]
+    engine = SpeculativeDecoder(target, draft, tree=tree, impl="torch")
+    out = engine.generate(prompt, max_new_tokens=12, eos_token_id=eos)
+    expected = reference_generate(target, prompt, 12, eos_token_id=eos)
+    assert torch.equal(out.sequences, expected)
+    assert out.sequences[0, -1].item() == eos
+    if draft_kind == "lm":
+        # The first step accepted 5 drafts past the EOS; they were cut like generate cuts them.
+        assert out.accept_lengths == [5] and out.num_new_tokens == 3
+    # eos_token_id=None falls back to the target's generation config, like generate.
+    target.generation_config.eos_token_id = eos
+    try:
+        assert torch.equal(engine.generate(prompt, max_new_tokens=12).sequences, expected)
+    finally:
+        target.generation_config.eos_token_id = None
+
+
+def test_eos_as_first_token_and_max_new_tokens_one():
+    target, draft = models("qwen2")
+    prompt = prompts(320, [3], seed=7)[0]
+    first = reference_generate(target, prompt, 1)[0, -1].item()
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    out = engine.generate(prompt, max_new_tokens=10, eos_token_id=first)
+    assert torch.equal(out.sequences, reference_generate(target, prompt, 10, eos_token_id=first))
+    assert out.num_target_forwards == 1 and out.accept_lengths == []
+    out = engine.generate(prompt, max_new_tokens=1, eos_token_id=[])
+    assert out.sequences.shape[1] == prompt.shape[1] + 1 and out.num_target_forwards == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Caches and drafts
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
+def test_cache_after_each_step_equals_a_plain_forward(draft_kind):
+    target, draft_lm = models("qwen2")
+    draft = draft_lm if draft_kind == "lm" else make_head(target)
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    checked = []
+
+    def check(sequences, cache):
+        committed = sequences[:, :-1]  # the last token is the next root, not in the cache yet
+        with torch.no_grad():
+            out = target(committed, use_cache=True)
+        fresh = out.cache if hasattr(out, "cache") else out.past_key_values
+        assert cache.get_seq_length() == committed.shape[1]
+        for layer, expected in zip(cache.layers, fresh.layers):
+            assert_close(layer.keys, expected.keys, torch.float32)
+            assert_close(layer.values, expected.values, torch.float32)
+        checked.append(committed.shape[1])
+
+    prompt = prompts(320, [6], seed=11)[0]
+    out = engine.generate(prompt, max_new_tokens=20, eos_token_id=[], step_callback=check)
+    assert len(checked) == 1 + len(out.accept_lengths)
+    assert checked[0] == 6 and checked[-1] == out.sequences.shape[1] - 1
+
+
+def _record_drafts(monkeypatch):
+    """Record (committed tokens, tree, draft tokens) of every drafting step."""
+    records = []
+    original = speculative._Generation._draft
+
+    def recording(self, root_token, root_logits, root_state, root_pos):
+        tree, tokens = original(self, root_token, root_logits, root_state, root_pos)
+        records.append((list(self.tokens), tree.parents[0].tolist(), tokens[0].tolist()))
+        return tree, tokens
+
+    monkeypatch.setattr(speculative._Generation, "_draft", recording)
+    return records
+
+
+def _lm_next_logprobs(draft, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(draft(torch.tensor([tokens], device=DEVICE)).logits[0, -1].float(), -1)
+
+
+def _head_next_logprobs(head, target, committed: list[int], path: list[int]) -> torch.Tensor:
+    """The head's distribution after ``committed`` then the tree ``path`` (tokens below the root), computed
+    without cache: true target features for the committed entries, then each entry's predicted feature."""
+    embed, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
+    with torch.no_grad():
+        features, _ = target_features(target, torch.tensor([committed[:-1]], device=DEVICE))
+        tokens = committed[1:]
+        regress, predict = head(features, embed(torch.tensor([tokens], device=DEVICE)))
+        for token in path:
+            features = torch.cat([features, regress[:, -1:]], dim=1)
+            tokens = tokens + [token]
+            regress, predict = head(features, embed(torch.tensor([tokens], device=DEVICE)))
+        return torch.log_softmax(lm_head(predict[0, -1]).float(), -1)
+
+
+@pytest.mark.parametrize("tree_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
+def test_drafted_tokens_are_the_drafts_top_choices_along_each_path(monkeypatch, draft_kind, tree_kind):
+    """Each node's token is one of the ``topk`` best of the draft's own distribution after the node's path
+    (the rank-r token for a static tree): checks the draft caches, tree attention and feature feedback."""
+    target, draft_lm = models("llama")
+    draft = draft_lm if draft_kind == "lm" else make_head(target)
+    tree = dict(tree=STATIC_TREE) if tree_kind == "static" else DYNAMIC_TREE
+    records = _record_drafts(monkeypatch)
+    engine = SpeculativeDecoder(target, draft, impl="torch", **tree)
+    engine.generate(prompts(256, [5], seed=13)[0], max_new_tokens=14, eos_token_id=[])
+    assert len(records) >= 3
+    for committed, parents, tokens in records[:3]:
+        assert tokens[0] == committed[-1]
+        children: dict[int, list[int]] = {}
+        for node in range(1, len(parents)):
+            children.setdefault(parents[node], []).append(node)
+        for parent, kids in children.items():
+            path = []
+            node = parent
+            while node > 0:
+                path.insert(0, tokens[node])
+                node = parents[node]
+            if draft_kind == "lm":
+                logprobs = _lm_next_logprobs(draft, committed + path)
+            else:
+                logprobs = _head_next_logprobs(draft, target, committed, path)
+            order = torch.argsort(logprobs, descending=True).tolist()
+            for rank, kid in enumerate(kids):
+                if tree_kind == "static":
+                    # Allow a float tie between neighbouring ranks, nothing more.
+                    assert abs(logprobs[tokens[kid]] - logprobs[order[rank]]) < 1e-4, (parent, rank)
+                else:
+                    assert logprobs[tokens[kid]] >= logprobs[order[DYNAMIC_TREE["topk"] - 1]] - 1e-4
+            assert len({tokens[kid] for kid in kids}) == len(kids)  # siblings draft distinct tokens
+
+
+def test_dynamic_tree_shape(monkeypatch):
+    """EAGLE-2 tree: num_nodes nodes, depth <= depth, at most topk children per node, parents first."""
+    target, draft = models("llama")
+    records = _record_drafts(monkeypatch)
+    SpeculativeDecoder(target, draft, depth=3, topk=2, num_nodes=6, impl="torch").generate(
+        prompts(256, [4], seed=17)[0], max_new_tokens=8, eos_token_id=[])
+    assert records
+    for _, parents, _ in records:
+        tree = build_tree(torch.tensor(parents))  # validates parents[i] < i
+        assert tree.num_nodes == 6  # 2 + 2*2 + 2*2 = 10 candidates, the best 5 kept
+        assert tree.max_depth <= 3 and tree.max_children <= 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling: lossless
+# --------------------------------------------------------------------------------------------------
+
+
+def _chi_square_pvalue(observed: torch.Tensor, expected_probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Pearson chi-square p-value; bins with too small an expected count are merged into one."""
+    total = observed.sum()
+    expected = expected_probs.double() * total
+    small = expected < min_expected
+    obs = torch.cat([observed[~small].double(), observed[small].double().sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), stat / 2))
+
+
+def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    logits = logits.double()
+    cut = torch.topk(logits, top_k).values[-1]
+    return torch.softmax(torch.where(logits >= cut, logits / temperature, -math.inf), -1)
+
+
+def _target_two_token_distribution(target, prompt, temperature, top_k) -> torch.Tensor:
+    """Exact joint distribution of the first two sampled tokens, flattened ``[V * V]`` (sparse)."""
+    vocab = target.config.vocab_size
+    with torch.no_grad():
+        first = _filtered_probs(target(prompt).logits[0, -1], temperature, top_k)
+        joint = torch.zeros(vocab, vocab, dtype=torch.float64)
+        for token in first.nonzero().flatten().tolist():
+            extended = torch.cat([prompt, torch.tensor([[token]], device=DEVICE)], dim=1)
+            second = _filtered_probs(target(extended).logits[0, -1], temperature, top_k)
+            joint[token] = first[token].cpu() * second.cpu()
+    return joint.flatten()
+
+
+def _sample_two_tokens(engine, prompt, num_samples, temperature, top_k, seed) -> torch.Tensor:
+    vocab = engine.vocab_size
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    counts = torch.zeros(vocab * vocab, dtype=torch.float64)
+    for _ in range(num_samples):
+        out = engine.generate(prompt, max_new_tokens=2, temperature=temperature, top_k=top_k,
+                              eos_token_id=[], generator=generator)
+        first, second = out.sequences[0, -2:].tolist()
+        counts[first * vocab + second] += 1
+    return counts
+
+
+def test_sampling_is_lossless_chi_square(monkeypatch):
+    target, draft = models("llama")
+    prompt = prompts(256, [5], seed=19)[0]
+    # top_k=3 keeps the joint of two tokens to 9 outcomes: a few hundred samples give the test power.
+    temperature, top_k, samples = 1.3, 3, 240
+    expected = _target_two_token_distribution(target, prompt, temperature, top_k)
+    engine = SpeculativeDecoder(target, draft, depth=2, topk=3, num_nodes=6, impl="torch")
+    counts = _sample_two_tokens(engine, prompt, samples, temperature, top_k, seed=0)
+    assert counts.sum() == samples
+    assert _chi_square_pvalue(counts, expected) > 1e-3
+    # The test has power: an off-by-one between tree nodes and logit rows (node i judged by the row of
+    # node i + 1, a classic integration bug) fails it.
+    real = speculative.verify_sampling
+    monkeypatch.setattr(speculative, "verify_sampling",
+                        lambda tree, tokens, logits, **kw: real(tree, tokens, logits.roll(-1, dims=1), **kw))
+    biased = _sample_two_tokens(engine, prompt, samples // 2, temperature, top_k, seed=1)
+    assert _chi_square_pvalue(biased, expected) < 1e-3
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    target, draft = models("qwen2")
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    prompt = prompts(320, [4], seed=23)[0]
+    runs = [
+        engine.generate(prompt, max_new_tokens=12, temperature=0.8, top_p=0.9, eos_token_id=[],
+                        generator=torch.Generator(device=DEVICE).manual_seed(5)).sequences
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0], runs[1]) and runs[0].shape[1] == 16
+
+
+# --------------------------------------------------------------------------------------------------
+# The Triton path (interpreter on CPU)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
+def test_greedy_with_triton_kernels(draft_kind):
+    target, draft_lm = models("llama")
+    draft = draft_lm if draft_kind == "lm" else make_head(target)
+    engine = SpeculativeDecoder(target, draft, tree=[[0], [1], [0, 0]], impl="triton")
+    prompt = prompts(256, [4], seed=29)[0]
+    out = engine.generate(prompt, max_new_tokens=5, eos_token_id=[])
+    assert torch.equal(out.sequences, reference_generate(target, prompt, 5))
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad inputs and unsupported models
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs():
+    target, draft = models("llama")
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    prompt = prompts(256, [4], seed=31)[0]
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate(prompt[:, :0], max_new_tokens=3)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            engine.generate(prompt, max_new_tokens=bad)
+    with pytest.raises(TypeError, match="max_new_tokens"):
+        engine.generate(prompt, max_new_tokens=2.0)
+    with pytest.raises(ValueError, match="batch size 1"):
+        engine.generate(prompt.repeat(2, 1), max_new_tokens=3)
+    with pytest.raises(TypeError, match="input_ids"):
+        engine.generate(prompt.float(), max_new_tokens=3)
+    with pytest.raises(ValueError, match="token ids"):
+        engine.generate(prompt + 1000, max_new_tokens=3)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate(prompt, max_new_tokens=3, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate(prompt, max_new_tokens=3, temperature=1.0, top_p=1.5)
+    with pytest.raises(ValueError, match="top_k"):
+        engine.generate(prompt, max_new_tokens=3, temperature=1.0, top_k=0)
+    with pytest.raises(ValueError, match="num_nodes"):
+        SpeculativeDecoder(target, draft, num_nodes=300)
+    with pytest.raises(ValueError, match="depth"):
+        SpeculativeDecoder(target, draft, depth=0)
+    with pytest.raises(TypeError, match="topk"):
+        SpeculativeDecoder(target, draft, topk=2.5)
+    with pytest.raises(ValueError, match="parent path"):
+        SpeculativeDecoder(target, draft, tree=[[0, 0]])
+    assert target.config._attn_implementation == "sdpa"  # restored even when generate raised
+
+
+def test_vocabulary_mismatch():
+    target, _ = models("llama")
+    other_vocab = make_models("llama", vocab=300)[1]
+    with pytest.raises(ValueError, match="vocabulary size 300 differs from the target's 256"):
+        SpeculativeDecoder(target, other_vocab)
+    head = FSPADDraftHead(model_config("llama", 300, 2)).to(DEVICE)
+    with pytest.raises(ValueError, match="vocabulary 300"):
+        SpeculativeDecoder(target, head)
+
+
+def test_unsupported_models(monkeypatch):
+    target, draft = models("llama")
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        SpeculativeDecoder(torch.nn.Linear(4, 4), draft)
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        SpeculativeDecoder(target, torch.nn.Linear(4, 4))
+    # A model class whose attention does not go through the AttentionInterface.
+    monkeypatch.setattr(type(target), "_can_set_attn_implementation", classmethod(lambda cls: False))
+    with pytest.raises(ValueError, match="AttentionInterface"):
+        SpeculativeDecoder(target, draft)
+    monkeypatch.undo()
+    # Caught at run time too: a forward whose attention never reaches the registered function.
+    monkeypatch.setattr(speculative, "_attention_switched", lambda models: contextlib.nullcontext())
+    with pytest.raises(ValueError, match="registered attention function"):
+        SpeculativeDecoder(target, draft, impl="torch").generate(prompts(256, [3], seed=37)[0], max_new_tokens=4)
+    monkeypatch.undo()
+    # Sliding-window attention beyond the window: the cache no longer holds every token.
+    torch.manual_seed(0)
+    sliding = MistralForCausalLM(model_config("mistral", 288, 2, sliding_window=24)).eval().to(DEVICE)
+    with pytest.raises(ValueError, match="sliding-window attention .window 24."):
+        SpeculativeDecoder(sliding, make_head(sliding), impl="torch", **DYNAMIC_TREE).generate(
+            prompts(288, [3], seed=41)[0], max_new_tokens=10)
+    # Cache layers that cannot be compacted at all (here: a quantized-cache stand-in).
+    monkeypatch.setattr(speculative, "_check_dynamic_cache", _real_check_with_fake_layer)
+    with pytest.raises(ValueError, match="cannot compact"):
+        SpeculativeDecoder(target, draft, impl="torch").generate(prompts(256, [3], seed=43)[0], max_new_tokens=4)
+
+
+_REAL_CHECK = speculative._check_dynamic_cache
+
+
+def _real_check_with_fake_layer(name, model, cache, max_length):
+    """The real check, after turning the first cache layer into a subclass it does not know."""
+    cache.layers[0].__class__ = type("QuantizedLayer", (type(cache.layers[0]),), {})
+    return _REAL_CHECK(name, model, cache, max_length)
+
