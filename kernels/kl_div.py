@@ -43,8 +43,10 @@ def _log_weights(a, b, lse_a, lse_b, mix_log_coef_p, mix_log_coef_q):
     log_p = b - lse_b
     x = log_p + mix_log_coef_p
     y = log_q + mix_log_coef_q
-    hi = tl.maximum(x, y)
-    lo = tl.minimum(x, y)
+    # NaN must reach log m: the GPU's max / min instructions otherwise return the non-NaN operand
+    # (the CPU interpreter propagates it either way).
+    hi = tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
+    lo = tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
     # log(e^x + e^y) without overflow; hi == -inf only when both terms vanish.
     log_m = tl.where(hi == float("-inf"), float("-inf"), hi + tl.log(1.0 + tl.exp(lo - hi)))
     return log_q, log_p, log_m

@@ -348,15 +348,24 @@ _MEMORY_SCRIPT = textwrap.dedent(
     tensors = make(rows, vocab, hidden)
     gc.collect()
     before = rss()
-    try:  # reset the RSS high-water mark (Linux >= 4.0) so that ru_maxrss is this pass's peak
+    def high_water_mark():
+        # VmHWM, not ru_maxrss: ru_maxrss also remembers the parent's size inherited through
+        # fork + exec (a large pytest worker with CUDA libraries loaded), which clear_refs does not reset.
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    try:  # reset the RSS high-water mark (Linux >= 4.0) so that VmHWM is this pass's peak
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         reset = True
     except OSError:
         reset = False
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_before = high_water_mark()
     step(tensors)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = high_water_mark()
     print(json.dumps({"before": before, "peak_before": peak_before, "peak": peak, "reset": reset}))
     """
 )
@@ -400,13 +409,13 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="teacher_weight must have shape"):
         fused_linear_kl_div(hs, w, ht, wt[:, :5])
     with pytest.raises(ValueError, match="given twice"):
-        fused_linear_kl_div(hs, w, ht, wt, teacher_logits=torch.zeros(4, 10))
+        fused_linear_kl_div(hs, w, ht, wt, teacher_logits=torch.zeros(4, 10, device=hs.device))
     with pytest.raises(ValueError, match="no teacher"):
         fused_linear_kl_div(hs, w)
     with pytest.raises(ValueError, match="no teacher: teacher_weight"):
         fused_linear_kl_div(hs, w, ht)
     with pytest.raises(ValueError, match="teacher_logits must have leading dims"):
-        fused_linear_kl_div(hs, w, teacher_logits=torch.zeros(5, 10))
+        fused_linear_kl_div(hs, w, teacher_logits=torch.zeros(5, 10, device=hs.device))
     with pytest.raises(ValueError, match="needs labels"):
         fused_linear_kl_div(hs, w, ht, wt, ce_weight=0.5)
     with pytest.raises(ValueError, match="ce_weight must be in"):
@@ -420,9 +429,9 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="labels must have dtype"):
         fused_linear_kl_div(hs, w, ht, wt, labels=labels.float())
     with pytest.raises(ValueError, match="student_bias must have shape"):
-        fused_linear_kl_div(hs, w, ht, wt, student_bias=torch.zeros(9))
+        fused_linear_kl_div(hs, w, ht, wt, student_bias=torch.zeros(9, device=hs.device))
     with pytest.raises(ValueError, match="vocabulary size 10 but teacher_weight has 12"):
-        fused_linear_kl_div(hs, w, ht, torch.zeros(12, 8))
+        fused_linear_kl_div(hs, w, ht, torch.zeros(12, 8, device=hs.device))
     with pytest.raises(ValueError, match="divergence must be one of"):
         fused_linear_kl_div(hs, w, ht, wt, divergence="kl")
     with pytest.raises(ValueError, match="impl must be one of"):

@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 from distill_ops import kl_div  # noqa: E402
 from distill_ops.fspad_loss import fspad_draft_loss  # noqa: E402
 from distill_ops.integrations.hf import causal_lm_distillation_loss  # noqa: E402
-from tests.conftest import IMPLS, assert_close  # noqa: E402
+from tests.conftest import DEVICE, IMPLS, assert_close  # noqa: E402
 
 VOCAB = 96
 
@@ -24,7 +24,7 @@ def _tiny_models():
     teacher = transformers.Qwen2ForCausalLM(
         transformers.Qwen2Config(hidden_size=48, intermediate_size=64, num_hidden_layers=2, **common)
     ).float().eval()
-    return student, teacher
+    return student.to(DEVICE), teacher.to(DEVICE)
 
 
 def _batch():
@@ -34,7 +34,7 @@ def _batch():
     attention_mask[1, -3:] = 0  # right padding
     labels = torch.where(attention_mask.bool(), input_ids, -100)
     labels[0, :2] = -100  # a prompt without loss
-    return input_ids, attention_mask, labels
+    return input_ids.to(DEVICE), attention_mask.to(DEVICE), labels.to(DEVICE)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -121,11 +121,11 @@ def _fspad_reference(regress, predict, target, weight, regress_weight, logit_wei
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fspad_draft_loss_matches_formula(impl):
     generator = torch.Generator().manual_seed(3)
-    regress = torch.randn(2, 9, 40, generator=generator, dtype=torch.float64).float().requires_grad_(True)
-    predict = torch.randn(2, 9, 40, generator=generator, dtype=torch.float64).float().requires_grad_(True)
-    target = torch.randn(2, 9, 40, generator=generator, dtype=torch.float64).float()
-    weight = (torch.randn(150, 40, generator=generator, dtype=torch.float64) * 0.3).float()
-    mask = torch.ones(2, 9, dtype=torch.bool)
+    regress = torch.randn(2, 9, 40, generator=generator, dtype=torch.float64).float().to(DEVICE).requires_grad_(True)
+    predict = torch.randn(2, 9, 40, generator=generator, dtype=torch.float64).float().to(DEVICE).requires_grad_(True)
+    target = torch.randn(2, 9, 40, generator=generator, dtype=torch.float64).float().to(DEVICE)
+    weight = (torch.randn(150, 40, generator=generator, dtype=torch.float64) * 0.3).float().to(DEVICE)
+    mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
     mask[1, 6:] = False
     loss = fspad_draft_loss(regress, predict, target, weight, regress_weight=1.0, logit_weight=0.1,
                             loss_mask=mask, impl=impl)
