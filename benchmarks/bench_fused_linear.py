@@ -85,13 +85,13 @@ def ours_loss(impl: str) -> Callable:
 
 
 def liger_loss() -> Callable:
-    from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSDLoss
+    from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
 
     # beta = 0.5: the symmetric JSD, whichever side each library's beta weighs.
-    module = LigerFusedLinearJSDLoss(jsd_beta=JSD_BETA, temperature=1.0)
+    module = LigerFusedLinearJSD(jsd_beta=JSD_BETA, temperature=1.0)
 
     def loss(student_hidden, student_weight, teacher_hidden, teacher_weight):
-        return module(student_hidden, student_weight, teacher_hidden, teacher_weight)
+        return module(student_hidden, student_weight, teacher_hidden, teacher_weight, None)
 
     return loss
 
