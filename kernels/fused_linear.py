@@ -45,9 +45,16 @@ NUM_PASS2_STATS = 2
 # dot's: the layout conversions cost registers, so that mode's statistics use 32-token tiles. fp32
 # inputs go through FMA (not tensor cores), whose operands live in registers: small tiles. All
 # spill-free on sm_80 / sm_90a (benchmarks/compile_check.py).
-STATS_CONFIGS = {"16bit": (64, 64, 32, 8, 3), "fp32": (16, 32, 32, 4, 2)}
+# Triton 3.9's code generation needs more registers than 3.6's for some of these, so the tiles below
+# are the ones spill-free under both (the floor and the newest release, both checked in CI): the
+# mixture gradient takes 32-token tiles, the KL gradient with a dense teacher-logits tile 64-wide
+# vocabulary tiles, fp32 smaller tiles, and the fp32 statistics kernel no software pipelining.
+STATS_CONFIGS = {"16bit": (64, 64, 32, 8, 3), "fp32": (16, 32, 32, 4, 1)}
 LOGITS_STATS_CONFIGS = {"16bit": (32, 32, 32, 4, 3), "fp32": (16, 16, 32, 4, 2)}
-KL_GRAD_CONFIGS = {"16bit": (64, 128, 32, 8, 3), "fp32": (32, 64, 32, 4, 2)}
+KL_GRAD_CONFIGS = {"16bit": (64, 128, 32, 8, 3), "fp32": (16, 64, 32, 4, 2)}
+LOGITS_KL_GRAD_CONFIGS = {"16bit": (64, 64, 32, 8, 3), "fp32": (16, 64, 32, 4, 2)}
+MIXTURE_GRAD_CONFIGS = {"16bit": (32, 64, 32, 8, 3), "fp32": (16, 16, 32, 4, 2)}
+LOGITS_MIXTURE_GRAD_CONFIGS = {"16bit": (64, 64, 32, 8, 3), "fp32": (16, 16, 32, 4, 2)}
 GROUP_N = 8
 # Forward launch: the vocabulary is split so that about this many programs run (4 waves on a
 # 132-SM H100); a fixed number, no device query.
@@ -61,7 +68,10 @@ def default_config(
 ) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) of ``kernel`` ("stats" | "grad") for ``dtype`` inputs."""
     if kernel == "grad":
-        configs = STATS_CONFIGS if is_mixture(divergence) else KL_GRAD_CONFIGS
+        if is_mixture(divergence):
+            configs = LOGITS_MIXTURE_GRAD_CONFIGS if teacher_logits else MIXTURE_GRAD_CONFIGS
+        else:
+            configs = LOGITS_KL_GRAD_CONFIGS if teacher_logits else KL_GRAD_CONFIGS
     else:
         configs = LOGITS_STATS_CONFIGS if teacher_logits else STATS_CONFIGS
     return configs["fp32" if dtype == torch.float32 else "16bit"]
@@ -549,7 +559,9 @@ def fused_linear_grad_logits(
     ``kl_scale`` / ``ce_scale`` ([N] fp32) are each row's upstream gradient times kl_weight / T and
     ce_weight (0 at ignored rows); ``ce_scale=None`` means no cross-entropy term.
     """
-    block_n, block_v, block_h, num_warps, num_stages = config or default_config(s_hidden.dtype, "grad", divergence)
+    block_n, block_v, block_h, num_warps, num_stages = config or default_config(
+        s_hidden.dtype, "grad", divergence, teacher_logits=t_logits is not None
+    )
     num_rows, vocab = s_hidden.shape[0], s_weight.shape[0]
     chunk_cols = grad_out.shape[1]
     if num_rows == 0 or chunk_cols == 0:
@@ -656,7 +668,7 @@ def aot_specs() -> list[dict]:
                     )
             for teacher_logits in (False, True):
                 teacher = "logits" if teacher_logits else "linear"
-                block_constexprs, launch = tiles("grad", name)
+                block_constexprs, launch = tiles("grad", name, teacher_logits)
                 specs.append(
                     {
                         "name": f"fused_linear_grad_logits[{name},{teacher},{dtype_name}]",

@@ -44,7 +44,10 @@ def block_k_for(k: int) -> int:
 
 
 def num_warps_for(block_k: int, tail: str) -> int:
-    # bucket keeps per-lane streaming statistics on top of the kept entries: 16 warps avoid spills.
+    # bucket keeps per-lane streaming statistics on top of the kept entries: 16 warps avoid spills,
+    # 32 at BLOCK_K = 4096 (Triton 3.9 spills there at 16).
+    if tail == "bucket" and block_k >= 4096:
+        return 32
     return 16 if block_k >= 2048 or tail == "bucket" else 8
 
 

@@ -17,6 +17,9 @@ import triton.language as tl
 
 VERIFY_BLOCK_V = 1024
 COMPACT_NUM_WARPS = 4
+# The sampling walk scans the vocabulary for the bonus token: 8 warps (at 4 it spilled predicates to local
+# memory under Triton 3.9; checked by benchmarks/compile_check.py under 3.6 and the newest release).
+WALK_NUM_WARPS = 8
 
 
 @triton.jit
@@ -398,7 +401,7 @@ def verify_sampling_forward(
         accepted, accept_len, next_tokens, emitted,
         target_logits.stride(0), target_logits.stride(1), q.stride(0), q.stride(1), tree_stride,
         draft_tokens.stride(0), uniforms.stride(0), num_nodes, vocab, out_width, inv_temp,
-        BLOCK_T=_pow2(num_nodes), BLOCK_W=_pow2(out_width), num_warps=4, **flags,
+        BLOCK_T=_pow2(num_nodes), BLOCK_W=_pow2(out_width), num_warps=WALK_NUM_WARPS, **flags,
     )
     return accepted, accept_len, next_tokens, emitted
 
@@ -459,7 +462,7 @@ def aot_specs() -> list[dict]:
                         "stride_tree_b": "i32", "stride_tok_b": "i32", "stride_ub": "i32", "num_nodes": "i32",
                         "vocab": "i32", "out_width": "i32", "inv_temp": "fp32",
                     },
-                    "constexprs": {**flags, "BLOCK_W": 64}, "num_warps": 4, "num_stages": 3,
+                    "constexprs": {**flags, "BLOCK_W": 64}, "num_warps": WALK_NUM_WARPS, "num_stages": 3,
                 })
         specs.append({
             "name": f"tree_verify_compact_kv_{ty}_d128",
