@@ -223,3 +223,22 @@ def next_power_of_2(n: int) -> int:
 def row_chunk(num_rows: int, width: int, budget_elements: int = 1 << 22) -> int:
     """Rows per chunk for the PyTorch fallbacks: about ``budget_elements`` fp32 values per temporary."""
     return max(1, min(num_rows, budget_elements // max(width, 1)))
+
+
+class LossModule(torch.nn.Module):
+    """``nn.Module`` form of a functional loss: keeps the constructor's options as attributes and hands
+    them to the functional on every call (per-call overrides win)."""
+
+    def __init__(self, **options: object) -> None:
+        super().__init__()
+        self._option_names = tuple(options)
+        for name, value in options.items():
+            setattr(self, name, value)
+
+    def options(self, **overrides: object) -> dict:
+        merged = {name: getattr(self, name) for name in self._option_names}
+        merged.update(overrides)
+        return merged
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in self._option_names)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ._scale import consume_stored_gradient
 from ._utils import (
+    LossModule,
     FLOAT_DTYPES,
     as_rows,
     check_choice,
@@ -334,7 +335,7 @@ def aligndistil_kl(
     return loss
 
 
-class AlignDistilLoss(torch.nn.Module):
+class AlignDistilLoss(LossModule):
     """Module form of :func:`aligndistil_kl`; ``forward(student_logits, dpo_logits, other_logits, labels=None)``."""
 
     def __init__(
@@ -351,7 +352,6 @@ class AlignDistilLoss(torch.nn.Module):
         return_alpha: bool = False,
         impl: str = "auto",
     ) -> None:
-        super().__init__()
         check_choice("mode", mode, MODES)
         check_choice("reduction", reduction, ("mean", "sum", "none"))
         check_number("beta0", beta0, low=0.0, low_inclusive=False)
@@ -359,17 +359,19 @@ class AlignDistilLoss(torch.nn.Module):
         check_number("eps", eps, low=0.0, low_inclusive=False)
         if alpha is not None:
             check_number("alpha", alpha, low=0.0, low_inclusive=False)
-        self.mode = mode
-        self.beta0 = beta0
-        self.r = r
-        self.eps = eps
-        self.alpha = alpha
-        self.temperature = temperature
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.vocab_size = vocab_size
-        self.return_alpha = return_alpha
-        self.impl = impl
+        super().__init__(
+            mode=mode,
+            beta0=beta0,
+            r=r,
+            eps=eps,
+            alpha=alpha,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            vocab_size=vocab_size,
+            return_alpha=return_alpha,
+            impl=impl,
+        )
 
     def forward(
         self,
@@ -380,27 +382,5 @@ class AlignDistilLoss(torch.nn.Module):
         normalizer: float | Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         return aligndistil_kl(
-            student_logits,
-            dpo_logits,
-            other_logits,
-            mode=self.mode,
-            beta0=self.beta0,
-            r=self.r,
-            eps=self.eps,
-            alpha=self.alpha,
-            temperature=self.temperature,
-            labels=labels,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            normalizer=normalizer,
-            vocab_size=self.vocab_size,
-            return_alpha=self.return_alpha,
-            impl=self.impl,
-        )
-
-    def extra_repr(self) -> str:
-        alpha = "adaptive" if self.alpha is None else self.alpha
-        return (
-            f"mode={self.mode!r}, beta0={self.beta0}, r={self.r}, eps={self.eps}, alpha={alpha}, "
-            f"temperature={self.temperature}, reduction={self.reduction!r}"
+            student_logits, dpo_logits, other_logits, labels=labels, normalizer=normalizer, **self.options()
         )

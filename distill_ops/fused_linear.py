@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ._utils import (
+    LossModule,
     as_rows,
     check_choice,
     check_labels,
@@ -604,7 +605,7 @@ def fused_linear_kl_div(
     return reduce_rows(row_loss, active, reduction, normalizer, leading_shape)
 
 
-class FusedLinearKLDivLoss(torch.nn.Module):
+class FusedLinearKLDivLoss(LossModule):
     """Module form of :func:`fused_linear_kl_div`.
 
     ``forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
@@ -624,19 +625,20 @@ class FusedLinearKLDivLoss(torch.nn.Module):
         vocab_size: int | None = None,
         impl: str = "auto",
     ) -> None:
-        super().__init__()
         check_choice("divergence", divergence, DIVERGENCES)
         check_choice("reduction", reduction, ("mean", "sum", "none"))
-        self.divergence = divergence
-        self.beta = beta
-        self.alpha = alpha
-        self.temperature = temperature
-        self.ignore_index = ignore_index
-        self.kl_weight = kl_weight
-        self.ce_weight = ce_weight
-        self.reduction = reduction
-        self.vocab_size = vocab_size
-        self.impl = impl
+        super().__init__(
+            divergence=divergence,
+            beta=beta,
+            alpha=alpha,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            kl_weight=kl_weight,
+            ce_weight=ce_weight,
+            reduction=reduction,
+            vocab_size=vocab_size,
+            impl=impl,
+        )
 
     def forward(
         self,
@@ -658,22 +660,7 @@ class FusedLinearKLDivLoss(torch.nn.Module):
             teacher_logits=teacher_logits,
             student_bias=student_bias,
             teacher_bias=teacher_bias,
-            divergence=self.divergence,
-            beta=self.beta,
-            alpha=self.alpha,
-            temperature=self.temperature,
             labels=labels,
-            ignore_index=self.ignore_index,
-            kl_weight=self.kl_weight,
-            ce_weight=self.ce_weight,
-            reduction=self.reduction,
             normalizer=normalizer,
-            vocab_size=self.vocab_size,
-            impl=self.impl,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"divergence={self.divergence!r}, temperature={self.temperature}, kl_weight={self.kl_weight}, "
-            f"ce_weight={self.ce_weight}, reduction={self.reduction!r}"
+            **self.options(),
         )

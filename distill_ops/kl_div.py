@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ._scale import consume_stored_gradient
 from ._utils import (
+    LossModule,
     FLOAT_DTYPES,
     as_rows,
     check_choice,
@@ -493,8 +494,8 @@ def kl_div_reference(
     return finish_reduction(row_loss, reduction, leading_shape), grad
 
 
-class KLDivLoss(torch.nn.Module):
-    """Module form of :func:`kl_div`; ``forward(student_logits, teacher_logits, labels=None)``."""
+class KLDivLoss(LossModule):
+    """Module form of :func:`kl_div`; ``forward(student_logits, teacher_logits, labels=None, normalizer=None)``."""
 
     def __init__(
         self,
@@ -507,17 +508,18 @@ class KLDivLoss(torch.nn.Module):
         vocab_size: int | None = None,
         impl: str = "auto",
     ) -> None:
-        super().__init__()
         check_choice("divergence", divergence, DIVERGENCES)
         check_choice("reduction", reduction, ("mean", "sum", "none"))
-        self.divergence = divergence
-        self.beta = beta
-        self.alpha = alpha
-        self.temperature = temperature
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.vocab_size = vocab_size
-        self.impl = impl
+        super().__init__(
+            divergence=divergence,
+            beta=beta,
+            alpha=alpha,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            vocab_size=vocab_size,
+            impl=impl,
+        )
 
     def forward(
         self,
@@ -526,20 +528,4 @@ class KLDivLoss(torch.nn.Module):
         labels: Optional[Tensor] = None,
         normalizer: float | Tensor | None = None,
     ) -> Tensor:
-        return kl_div(
-            student_logits,
-            teacher_logits,
-            divergence=self.divergence,
-            beta=self.beta,
-            alpha=self.alpha,
-            temperature=self.temperature,
-            labels=labels,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            normalizer=normalizer,
-            vocab_size=self.vocab_size,
-            impl=self.impl,
-        )
-
-    def extra_repr(self) -> str:
-        return f"divergence={self.divergence!r}, temperature={self.temperature}, reduction={self.reduction!r}"
+        return kl_div(student_logits, teacher_logits, labels=labels, normalizer=normalizer, **self.options())

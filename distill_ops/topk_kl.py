@@ -67,6 +67,7 @@ from torch import Tensor
 
 from ._scale import consume_stored_gradient
 from ._utils import (
+    LossModule,
     FLOAT_DTYPES,
     INT_DTYPES,
     as_rows,
@@ -692,7 +693,7 @@ def _reduce_op_rows(
     return finish_reduction(row_loss, reduction, leading_shape)
 
 
-class TopKKLDivLoss(torch.nn.Module):
+class TopKKLDivLoss(LossModule):
     """Module form of :func:`topk_kl_div`.
 
     ``forward(student_logits, teacher_logits=None, labels=None, *, teacher_topk_indices=None,
@@ -713,20 +714,21 @@ class TopKKLDivLoss(torch.nn.Module):
         max_candidates: int = DEFAULT_MAX_CANDIDATES,
         impl: str = "auto",
     ) -> None:
-        super().__init__()
         check_choice("tail", tail, TAILS)
         check_choice("divergence", divergence, TOPK_DIVERGENCES)
         check_choice("reduction", reduction, ("mean", "sum", "none"))
-        self.k = k
-        self.lower = lower
-        self.upper = upper
-        self.tail = tail
-        self.divergence = divergence
-        self.temperature = temperature
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.max_candidates = max_candidates
-        self.impl = impl
+        super().__init__(
+            k=k,
+            lower=lower,
+            upper=upper,
+            tail=tail,
+            divergence=divergence,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            max_candidates=max_candidates,
+            impl=impl,
+        )
 
     def forward(
         self,
@@ -740,29 +742,15 @@ class TopKKLDivLoss(torch.nn.Module):
         upper: float | Tensor | None = None,
         normalizer: float | Tensor | None = None,
     ) -> Tensor:
+        bounds = {name: value for name, value in (("lower", lower), ("upper", upper)) if value is not None}
         return topk_kl_div(
             student_logits,
             teacher_logits,
-            k=self.k,
             teacher_topk_indices=teacher_topk_indices,
             teacher_topk_logprobs=teacher_topk_logprobs,
-            lower=self.lower if lower is None else lower,
-            upper=self.upper if upper is None else upper,
-            tail=self.tail,
-            divergence=self.divergence,
-            temperature=self.temperature,
             labels=labels,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
             normalizer=normalizer,
-            max_candidates=self.max_candidates,
-            impl=self.impl,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"k={self.k}, lower={self.lower}, upper={self.upper}, tail={self.tail!r}, divergence={self.divergence!r}, "
-            f"temperature={self.temperature}"
+            **self.options(**bounds),
         )
 
 
