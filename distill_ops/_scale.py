@@ -36,3 +36,22 @@ def consume_stored_gradient(stored: Tensor, upstream: Tensor | None, backend: st
         return None
     torch.ops.distill_ops.scale_rows_(stored, upstream, backend)
     return stored
+
+
+def register_stored_gradient_autograd(op_name: str, backend_index: int, num_inputs: int) -> None:
+    """Autograd for a row-loss custom op whose outputs are (weighted row losses, stored d loss / d student,
+    *extra non-differentiable outputs) and whose first input is the student: backward scales the stored
+    gradient by the incoming per-row gradient (:func:`consume_stored_gradient`); other inputs get none.
+    """
+
+    def setup_context(ctx, inputs, output):
+        ctx.backend = inputs[backend_index]
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # never allocate a zero [N, V] gradient for the second output
+        ctx.save_for_backward(output[1])
+
+    def backward(ctx, grad_loss, *unused_output_grads):
+        (stored,) = ctx.saved_tensors
+        return consume_stored_gradient(stored, grad_loss, ctx.backend), *([None] * (num_inputs - 1))
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._scale import consume_stored_gradient
+from ._scale import register_stored_gradient_autograd
 from ._utils import (
     LossModule,
     FLOAT_DTYPES,
@@ -204,20 +204,7 @@ def _(student, dpo, other, labels, row_weight, contrastive, beta0, r, eps, fixed
     return loss, grad, alpha
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.backend = inputs[12]
-    # alpha depends on the DPO / other logits only, which get no gradient.
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.set_materialize_grads(False)  # never allocate a zero [N, V] gradient for the second output
-    ctx.save_for_backward(output[1])
-
-
-def _backward(ctx, grad_loss, grad_grad, grad_alpha):
-    (stored,) = ctx.saved_tensors
-    return consume_stored_gradient(stored, grad_loss, ctx.backend), *([None] * 13)
-
-
-torch.library.register_autograd("distill_ops::aligndistil_rows", _backward, setup_context=_setup_context)
+register_stored_gradient_autograd("distill_ops::aligndistil_rows", backend_index=12, num_inputs=14)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._scale import consume_stored_gradient
+from ._scale import consume_stored_gradient, register_stored_gradient_autograd
 from ._utils import (
     LossModule,
     FLOAT_DTYPES,
@@ -248,19 +248,7 @@ def _(student, teacher, labels, row_weight, divergence, coef, temperature, ignor
     return loss, grad
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.backend = inputs[8]
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # never allocate a zero [N, V] gradient for the second output
-    ctx.save_for_backward(output[1])
-
-
-def _backward(ctx, grad_loss, grad_grad):
-    (stored,) = ctx.saved_tensors
-    return consume_stored_gradient(stored, grad_loss, ctx.backend), *([None] * 9)
-
-
-torch.library.register_autograd("distill_ops::kl_div_rows", _backward, setup_context=_setup_context)
+register_stored_gradient_autograd("distill_ops::kl_div_rows", backend_index=8, num_inputs=10)
 
 
 @torch.library.custom_op("distill_ops::kl_div_rows_inplace", mutates_args=("student",))

@@ -65,7 +65,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._scale import consume_stored_gradient
+from ._scale import register_stored_gradient_autograd
 from ._utils import (
     LossModule,
     FLOAT_DTYPES,
@@ -311,19 +311,7 @@ def _(student, indices, teacher_logprobs, labels, row_weight, tail, divergence, 
     return loss, grad
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.backend = inputs[9]
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # never allocate a zero [N, V] gradient for the second output
-    ctx.save_for_backward(output[1])
-
-
-def _backward(ctx, grad_loss, grad_grad):
-    (stored,) = ctx.saved_tensors
-    return consume_stored_gradient(stored, grad_loss, ctx.backend), *([None] * 10)
-
-
-torch.library.register_autograd("distill_ops::topk_kl_rows", _backward, setup_context=_setup_context)
+register_stored_gradient_autograd("distill_ops::topk_kl_rows", backend_index=9, num_inputs=11)
 
 
 @torch.library.custom_op("distill_ops::topk_kl_teacher_lse", mutates_args=())
