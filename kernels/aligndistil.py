@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .kl_div import zero_fill_row
+
 # Default launch configuration (BLOCK_V elements of each tensor per loop iteration, warps): kl_div's measured
 # best on an H200 (small blocks, several programs per SM). Pass 2 keeps five per-lane accumulators next to three
 # loaded blocks; spill-free on sm_80 / sm_90a (benchmarks/compile_check.py). benchmarks/bench_aligndistil.py
@@ -181,10 +183,7 @@ def _aligndistil_fwd_kernel(
         tl.store(loss_ptr + row, 0.0)
         tl.store(alpha_ptr + row, 0.0)
         if COMPUTE_GRAD:
-            zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
-            for start in range(0, V, BLOCK_V):
-                cols = start + offsets
-                tl.store(grad_row + cols, zeros, mask=cols < V)
+            zero_fill_row(grad_row, V, BLOCK_V)
 
 
 def aligndistil_forward(

@@ -37,6 +37,16 @@ NUM_WARPS_BY_DIVERGENCE = {"skew_reverse": 8}
 
 
 @triton.jit
+def zero_fill_row(grad_row, V, BLOCK_V: tl.constexpr):
+    """Write zeros over one gradient row of V elements (ignored rows read no logits)."""
+    zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_row.dtype.element_ty)
+    offsets = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offsets
+        tl.store(grad_row + cols, zeros, mask=cols < V)
+
+
+@triton.jit
 def _log_weights(a, b, lse_a, lse_b, mix_log_coef_p, mix_log_coef_q):
     """log q, log p and log m where m = c_p * p + c_q * q (coefficients given as logs)."""
     log_q = a - lse_a
@@ -198,10 +208,7 @@ def _kl_div_fwd_kernel(
     else:
         tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:
-            zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
-            for start in range(0, V, BLOCK_V):
-                cols = start + offsets
-                tl.store(grad_row + cols, zeros, mask=cols < V)
+            zero_fill_row(grad_row, V, BLOCK_V)
 
 
 def kl_div_forward(

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .kl_div import zero_fill_row
+
 RENORMALIZE, BUCKET, LABEL = range(3)
 TAIL_CODES = {"renormalize": RENORMALIZE, "bucket": BUCKET, "label": LABEL}
 FORWARD, REVERSE = range(2)
@@ -210,10 +212,7 @@ def _topk_kl_fwd_kernel(
     else:
         tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:
-            zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
-            for start in range(0, V, BLOCK_V):
-                cols = start + offsets_v
-                tl.store(grad_row + cols, zeros, mask=cols < V)
+            zero_fill_row(grad_row, V, BLOCK_V)
 
 
 @triton.jit
