@@ -15,6 +15,12 @@ teacher logits; the mixture divergences recompute them once more: another 2·N·
 2·N·V·(Hs+Ht) to recompute the tiles plus 2·2·N·V·Hs for the two gradients. The *model* counts the
 work any implementation must do: 2·N·V·(Hs+Ht) + 4·N·V·Hs (logits once, two gradient GEMMs).
 
+Block sweep (``fused_linear_block_sweep``, GPU only, at the target shape): forward-only launches of the two Triton
+kernels per launch configuration (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages): the statistics kernel
+(forward KL, PASS 1: the whole forward of the plain KLs) and the dL/dz kernel of one backward chunk. Candidates are
+the configurations the static check finds spill-free in the *aligned* variant on sm_90a (the one that runs at these
+shapes); the defaults in ``kernels/fused_linear.py`` are to be picked from these measurements.
+
 GPU shapes: from N ∈ {4096, 8192, 16384}, H ∈ {2048, 4096} (student = teacher width), V ∈ {131072, 262144},
 bf16, three points (the issue's target N=8192, H=4096, V=131072 first; then 4096/2048/128k and
 16384/4096/256k, where the materialised-logits baselines are skipped: 16 GiB per fp32 [N, V] tensor). CPU: small
@@ -33,6 +39,7 @@ from benchmarks.harness import Case
 from distill_ops.fused_linear import fused_linear_kl_div
 
 OP = "fused_linear_kl_div"
+SWEEP_OP = "fused_linear_block_sweep"
 JSD_BETA = 0.5
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -44,6 +51,9 @@ CPU_TIME_SHAPES = ((256, 128, 8192), (512, 256, 16384))
 CPU_QUICK_TIME_SHAPES = ((128, 64, 4096),)
 CPU_MEMORY_SHAPE = (2048, 256, 65536)
 CPU_QUICK_MEMORY_SHAPE = (512, 256, 32768)
+# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) candidates per kernel, the default first.
+STATS_SWEEP = ((64, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3))
+GRAD_SWEEP = ((64, 128, 32, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 64, 16, 3), (64, 64, 64, 4, 3))
 # Eager / torch.compile at the largest GPU shapes materialise tens of GiB of fp32 logits.
 EAGER_MAX_ELEMENTS = 16384 * 131072
 
@@ -170,6 +180,99 @@ def fused_linear_case(rows, hidden, vocab, dtype, device, *, impls, skipped=None
     )
 
 
+def _config_name(kernel: str, config: tuple[int, ...], default: tuple[int, ...]) -> str:
+    block_n, block_v, block_h, num_warps, num_stages = config
+    name = f"{kernel} {block_n}x{block_v}x{block_h},w{num_warps},s{num_stages}"
+    return name + (" (default)" if config == default else "")
+
+
+def sweep_case(rows: int, hidden: int, vocab: int, dtype: torch.dtype, device: str) -> Case:
+    """Forward-only launches of the statistics kernel (forward KL) and of one backward dL/dz chunk per config."""
+    from distill_ops.kernels import fused_linear as kernels
+
+    def stats_setup(config):
+        def setup() -> Callable[[], object]:
+            student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs(
+                rows, hidden, vocab, dtype, device)
+            return lambda: kernels.fused_linear_stats(
+                student_hidden, student_weight, None, teacher_hidden, teacher_weight, None, None, None,
+                divergence="forward", coef=0.0, temperature=1.0, has_ce=False, configs=(config, config))
+
+        return setup
+
+    def grad_setup(config):
+        def setup() -> Callable[[], object]:
+            student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs(
+                rows, hidden, vocab, dtype, device)
+            _, _, row_stats = kernels.fused_linear_stats(
+                student_hidden, student_weight, None, teacher_hidden, teacher_weight, None, None, None,
+                divergence="forward", coef=0.0, temperature=1.0, has_ce=False)
+            scale = torch.full((rows,), 1.0 / rows, device=device)
+            chunk = min(kernels.grad_chunk_columns(rows, vocab, config[1]), vocab)
+            grad = torch.empty(rows, chunk, device=device, dtype=dtype)
+            def launch() -> torch.Tensor:
+                kernels.fused_linear_grad_logits(
+                    student_hidden, student_weight, None, teacher_hidden, teacher_weight, None, None, None,
+                    row_stats, scale, None, grad, 0, divergence="forward", coef=0.0, temperature=1.0, config=config)
+                return grad
+
+            return launch
+
+        return setup
+
+    # The candidates are 16-bit configurations: mark the 16-bit defaults (also when a CPU test passes fp32).
+    stats_default = kernels.default_config(torch.bfloat16, "stats")
+    grad_default = kernels.default_config(torch.bfloat16, "grad")
+    impls = {_config_name("stats", c, stats_default): stats_setup(c) for c in STATS_SWEEP}
+    impls.update({_config_name("grad chunk", c, grad_default): grad_setup(c) for c in GRAD_SWEEP})
+    return Case(
+        op=SWEEP_OP,
+        params={"N": rows, "H": hidden, "V": vocab, "dtype": DTYPE_NAMES[dtype], "divergence": "forward"},
+        impls=impls,
+        forward_only=True,
+        notes=("Launch-configuration sweep of the two Triton kernels (forward KL): `stats` = the statistics kernel "
+               "over the whole vocabulary (both logits GEMMs: 4·N·V·H FLOPs), `grad chunk` = one backward dL/dz chunk "
+               "(kernels.grad_chunk_columns columns). Config = BLOCK_N x BLOCK_V x BLOCK_H, warps, stages."),
+    )
+
+
+def issue_flops(rows: int, hidden: int, vocab: int) -> int:
+    """The issue's FLOP count of a full pass (Hs = Ht = H): forward 2·N·V·(Hs+Ht), backward the recompute
+    2·N·V·(Hs+Ht) plus the two gradient GEMMs 4·N·V·Hs."""
+    return 2 * rows * vocab * (2 * hidden) * 2 + 4 * rows * vocab * hidden
+
+
+def summarize_results(results: list[dict], meta: dict) -> str:
+    """The issue's three GPU targets at the target shape, from the measured time and memory."""
+    if meta["device"] != "cuda":
+        return ""
+    rows_, hidden_, vocab_ = TARGET_SHAPE
+    params = {"N": rows_, "H": hidden_, "V": vocab_, "dtype": "bf16", "divergence": "jsd"}
+    by_impl = {r["impl"]: r for r in results if r["op"] == OP and r["params"] == params}
+    ours = by_impl.get("ours_triton")
+    lines = [f"**fused_linear_kl_div targets at N={rows_}, H={hidden_}, V={vocab_}, bf16, jsd "
+             f"({meta.get('device_name', meta['device'])})**", "", "| target | measured | status |", "|---|---|---|"]
+    if ours is None or ours.get("full_ms") is None:
+        return "\n".join(lines + ["| all | ours_triton not measured | - |", ""])
+    peak = meta.get("peak_bf16_flops")
+    if peak:
+        fraction = issue_flops(rows_, hidden_, vocab_) / (ours["full_ms"] * 1e-3) / peak
+        status = "met" if fraction >= 0.5 else "**missed**"
+        lines.append(f"| ≥ 50 % of bf16 dense peak (issue FLOPs 12·N·V·H) | {100 * fraction:.1f} % | {status} |")
+    liger = by_impl.get("liger")
+    if liger is not None and liger.get("full_ms") is not None:
+        speedup = liger["full_ms"] / ours["full_ms"]
+        lines.append(f"| ≥ 2× faster than Liger's fused linear JSD | {speedup:.2f}× | "
+                     f"{'met' if speedup >= 2 else '**missed**'} |")
+    else:
+        lines.append("| ≥ 2× faster than Liger's fused linear JSD | not measured | - |")
+    if ours.get("case_memory_bytes") is not None and ours.get("memory_floor_bytes"):
+        over_floor = (ours["case_memory_bytes"] - ours["memory_floor_bytes"]) / (4 * rows_ * vocab_)
+        lines.append(f"| extra peak memory (case − floor) < 2 % of one [N, V] fp32 tensor | {100 * over_floor:.1f} % | "
+                     f"{'met' if over_floor < 0.02 else '**missed**'} |")
+    return "\n".join(lines + [""])
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     """fused_linear_kl_div cases for ``device`` (CPU always gets its small shapes)."""
     all_impls = ("ours_triton", "ours_torch", "eager", "torch_compile", "liger")
@@ -183,6 +286,8 @@ def cases(device: str, quick: bool) -> list[Case]:
                 skipped["eager"] = skipped["torch_compile"] = "materialised logits exceed the memory budget"
             result.append(fused_linear_case(rows, hidden, vocab, torch.bfloat16, device, impls=all_impls,
                                             skipped=skipped))
+            if (rows, hidden, vocab) == TARGET_SHAPE:
+                result.append(sweep_case(rows, hidden, vocab, torch.bfloat16, device))
         return result
     result = [
         fused_linear_case(rows, hidden, vocab, torch.float32, device, impls=("ours_torch", "eager"))

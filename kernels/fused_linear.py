@@ -48,8 +48,11 @@ NUM_PASS2_STATS = 2
 # Triton 3.9's code generation needs more registers than 3.6's for some of these, so the tiles below
 # are the ones spill-free under both (the floor and the newest release, both checked in CI): the
 # mixture gradient takes 32-token tiles, the KL gradient with a dense teacher-logits tile 64-wide
-# vocabulary tiles, fp32 smaller tiles, and the fp32 statistics kernel no software pipelining.
-STATS_CONFIGS = {"16bit": (64, 64, 32, 8, 3), "fp32": (16, 32, 32, 4, 1)}
+# vocabulary tiles, fp32 smaller tiles. The static check also compiles the *aligned* variant (every integer
+# argument a multiple of 16, as the JIT specialises at real shapes, which software-pipelines the H loops): the
+# fp32 statistics kernel takes 16 x 16 tiles with two stages, the only nearby configuration spill-free in both
+# variants under both releases (16 x 32 left ptxas spilling 8 bytes in the mixture pass).
+STATS_CONFIGS = {"16bit": (64, 64, 32, 8, 3), "fp32": (16, 16, 32, 4, 2)}
 LOGITS_STATS_CONFIGS = {"16bit": (32, 32, 32, 4, 3), "fp32": (16, 16, 32, 4, 2)}
 KL_GRAD_CONFIGS = {"16bit": (64, 128, 32, 8, 3), "fp32": (16, 64, 32, 4, 2)}
 LOGITS_KL_GRAD_CONFIGS = {"16bit": (64, 64, 32, 8, 3), "fp32": (16, 64, 32, 4, 2)}
@@ -59,6 +62,10 @@ GROUP_N = 8
 # Forward launch: the vocabulary is split so that about this many programs run (4 waves on a
 # 132-SM H100); a fixed number, no device query.
 TARGET_PROGRAMS = 528
+# Each split covers at least this many vocabulary tiles, which bounds the [stats, splits, N] partials by
+# 8 * N * V / (MIN_TILES_PER_SPLIT * BLOCK_V) fp32 elements (at most N * V / 8 with 16-wide tiles). At real
+# shapes the program target binds first (N = 8192: 4 splits of 512 tiles).
+MIN_TILES_PER_SPLIT = 4
 # Backward: elements of one dL/dz chunk ([N, chunk]); the chunk is also at most a quarter of V.
 GRAD_CHUNK_ELEMENTS = 1 << 24
 
@@ -490,7 +497,7 @@ def fused_linear_stats(
         block_n, block_v, block_h, num_warps, num_stages = config
         num_n_blocks = triton.cdiv(num_rows, block_n)
         num_tiles = triton.cdiv(vocab, block_v)
-        num_splits = min(num_tiles, max(1, TARGET_PROGRAMS // num_n_blocks))
+        num_splits = min(max(1, num_tiles // MIN_TILES_PER_SPLIT), max(1, TARGET_PROGRAMS // num_n_blocks))
         tiles_per_split = triton.cdiv(num_tiles, num_splits)
         num_splits = triton.cdiv(num_tiles, tiles_per_split)
         partial = torch.empty(num_stats, num_splits, num_rows, dtype=torch.float32, device=device)

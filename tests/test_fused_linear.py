@@ -445,3 +445,49 @@ def test_bad_devices():
     meta_weight = torch.empty(10, 8, device="meta")
     with pytest.raises(ValueError, match="student_weight is on meta"):
         fused_linear_kl_div(case["student_hidden"], meta_weight, case["teacher_hidden"], case["teacher_weight"])
+
+
+def test_block_sweep_launches_compute_the_statistics_and_gradient():
+    """Every swept launch configuration of the benchmark gives the forward-KL statistics and dL/dz of the
+    reference (Triton interpreter on CPU; the configurations are the 16-bit GPU candidates)."""
+    from benchmarks import bench_fused_linear as bench
+
+    rows, hidden, vocab = 5, 24, 300
+    case = bench.sweep_case(rows, hidden, vocab, torch.float32, DEVICE.type)
+    assert sum("(default)" in name for name in case.impls) == 2 and case.forward_only
+    s_hidden, s_weight, t_hidden, t_weight = bench.make_inputs(rows, hidden, vocab, torch.float32, DEVICE.type)
+    z = s_hidden.double() @ s_weight.double().T
+    t = t_hidden.double() @ t_weight.double().T
+    expected, _ = kl_div_reference(z, t, reduction="none")
+    _, expected_grad = kl_div_reference(z, t, reduction="mean")  # the sweep scales rows by 1 / N
+    for name, setup in case.impls.items():
+        out = setup()()
+        if name.startswith("stats"):
+            assert_close(out[0], expected, torch.float32, msg=name)
+        else:
+            chunk = out.shape[1]
+            assert_close(out, expected_grad[:, :chunk], torch.float32, msg=name)
+
+
+def test_target_summary_reads_the_issue_definitions():
+    """The target table uses the issue's FLOP count and the memory above the floor (synthetic inputs)."""
+    from benchmarks import bench_fused_linear as bench
+
+    rows, hidden, vocab = bench.TARGET_SHAPE
+    params = {"N": rows, "H": hidden, "V": vocab, "dtype": "bf16", "divergence": "jsd"}
+    flops = bench.issue_flops(rows, hidden, vocab)
+    assert flops == 12 * rows * vocab * hidden
+    floor = 1 << 30
+    results = [
+        {"op": bench.OP, "impl": "ours_triton", "params": params, "full_ms": flops / 0.6e15 * 1e3,
+         "case_memory_bytes": floor + int(0.01 * 4 * rows * vocab), "memory_floor_bytes": floor},
+        {"op": bench.OP, "impl": "liger", "params": params, "full_ms": 3 * flops / 0.6e15 * 1e3},
+    ]
+    meta = {"device": "cuda", "device_name": "test", "peak_bf16_flops": 1.0e15}
+    text = bench.summarize_results(results, meta)
+    assert "60.0 % | met" in text and "3.00× | met" in text and "1.0 % | met" in text
+    results[0]["full_ms"] *= 2
+    results[0]["case_memory_bytes"] = floor + int(0.03 * 4 * rows * vocab)
+    text = bench.summarize_results(results, meta)
+    assert "30.0 % | **missed**" in text and "1.50× | **missed**" in text and "3.0 % | **missed**" in text
+    assert bench.summarize_results(results, {"device": "cpu"}) == ""

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from distill_ops import kl_div
+from distill_ops.kernels import topk_select as topk_select_module
+from distill_ops.kernels.topk_select import topk_select
 from distill_ops.topk_kl import DACKLLoss, TopKKLDivLoss, kept_logprobs, topk_kl_div
 from tests.conftest import DEVICE, IMPLS, assert_close
 
@@ -452,6 +454,122 @@ def test_torch_compile_fullgraph():
     (g2,) = torch.autograd.grad(ref_sparse, ref_leaf2)
     assert_close(loss, ref_dense * 3.0 + ref_sparse, torch.float32)
     assert_close(student.grad, (g1 * 3.0 + g2).reshape(student.shape), torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dense teacher's selection kernel (impl="triton")
+# ----------------------------------------------------------------------------------------------
+
+
+def _selection_rows(dtype, vocab, seed):
+    """One row per rule: random, a handful of tied levels, all equal, -inf entries, signed zeros, NaNs."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randn((6, vocab), generator=generator, dtype=torch.float64) * 3
+    rows[1] = torch.randint(-2, 3, (vocab,), generator=generator).to(torch.float64) * 0.5
+    rows[2] = 1.25
+    rows[3, torch.randperm(vocab, generator=generator)[: vocab // 2]] = float("-inf")
+    zeros = torch.randperm(vocab, generator=generator)[: vocab // 2]
+    rows[4] = -rows[4].abs()
+    rows[4, zeros[::2]] = 0.0
+    rows[4, zeros[1::2]] = -0.0
+    rows[4, 3] = 2.0
+    rows[5, torch.randperm(vocab, generator=generator)[:5]] = float("nan")
+    rows[5, 0] = float("inf")
+    return rows.to(dtype).to(DEVICE)
+
+
+def _check_selection(rows, count, **launch):
+    """Exact match with the first ``count`` entries of a float64 stable descending sort (indices ascending)."""
+    values, indices = topk_select(rows, count, **launch)
+    assert values.dtype == rows.dtype and indices.dtype == torch.int64
+    assert values.shape == indices.shape == (rows.shape[0], count)
+    rows64 = rows.detach().cpu().to(torch.float64)
+    expected = torch.sort(rows64, dim=-1, descending=True, stable=True).indices[:, :count].sort(dim=-1).values
+    assert torch.equal(indices.cpu(), expected)
+    expected_values = rows64.gather(-1, expected)
+    torch.testing.assert_close(values.cpu().to(torch.float64), expected_values, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(values.cpu().to(torch.float64).signbit(), expected_values.signbit())  # the input's own bits
+
+
+# (count, launch overrides): the defaults (one block, candidate list); 64-wide blocks (several blocks;
+# count = V exceeds the block, so no filter); capacity 1 (the list overflows: radix select on the row).
+SELECTION_LAUNCHES = [
+    (1, {}), (7, {}), ("V", {}), (7, dict(block_v=64)), ("V", dict(block_v=64)),
+    (7, dict(block_v=64, capacity=1)), ("V", dict(capacity=1)),
+]
+
+
+@pytest.mark.parametrize("count,launch", SELECTION_LAUNCHES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_selection_kernel_matches_a_stable_sort(dtype, count, launch):
+    vocab = 257
+    rows = _selection_rows(dtype, vocab, seed=50)
+    _check_selection(rows, vocab if count == "V" else count, **launch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_selection_kernel_rules(dtype):
+    # Documented rules, spelled out: NaN of either sign ranks above +inf, ties (and -0.0 == +0.0) go to
+    # the lower index.
+    rows = torch.tensor([[1.0, 0.0, float("inf"), 0.0, 1.0],
+                         [-0.0, 0.0, -1.0, -0.0, float("-inf")]], dtype=dtype)
+    bits = rows.view(torch.int32 if dtype == torch.float32 else torch.int16)
+    bits[0, 1] = -1  # all bits set: a negative NaN
+    bits[0, 3] = torch.tensor(float("nan"), dtype=dtype).view(bits.dtype).abs()  # a positive NaN
+    assert rows[0, 1].isnan() and rows[0, 3].isnan()
+    values, indices = topk_select(rows.to(DEVICE), 3)
+    assert indices.tolist() == [[1, 2, 3], [0, 1, 3]]
+    assert values[1].signbit().tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_selection_kernel_strided_rows_and_a_long_row(dtype):
+    rows = _selection_rows(dtype, 300, seed=51)
+    padded = torch.zeros((6, 340), dtype=dtype, device=DEVICE)
+    padded[:, 17:317] = rows
+    _check_selection(padded[:, 17:317], 9)  # row stride 340, offset start
+    long_rows = _logits((2, 40000), dtype, seed=52)
+    _check_selection(long_rows, 64)  # ten 4096-wide blocks; the lane-maximum filter and the candidate list
+
+
+def test_dense_triton_path_uses_the_selection_kernel(monkeypatch):
+    calls = []
+
+    def counting(rows, count, **launch):
+        calls.append(count)
+        return topk_select(rows, count, **launch)
+
+    monkeypatch.setattr(topk_select_module, "topk_select", counting)
+    student = _logits((3, 50), torch.float32, seed=53)
+    teacher = _logits((3, 50), torch.float32, seed=54)
+    topk_kl_div(student, teacher, k=5, impl="torch")
+    assert calls == []
+    topk_kl_div(student, teacher, k=5, impl="triton")
+    topk_kl_div(student, teacher, upper=0.5, max_candidates=20, impl="triton")
+    DACKLLoss(vocab_top_m=16, hidden=8, impl="triton").to(DEVICE).eval()(student, teacher)
+    assert calls == [5, 20, 16]
+    calls.clear()
+    wide_student, wide_teacher = _logits((1, 5000), torch.float32, seed=55), _logits((1, 5000), torch.float32, seed=56)
+    with pytest.raises(ValueError, match="impl='triton' supports at most 4096 kept candidates per row, got 4097"):
+        topk_kl_div(wide_student, wide_teacher, k=4097, impl="triton")
+    with pytest.raises(ValueError, match="got 5000"):
+        topk_kl_div(wide_student, wide_teacher, upper=0.5, max_candidates=6000, impl="triton")
+    assert calls == []  # raised before any kernel ran
+
+
+def test_torch_compile_fullgraph_dense_triton():
+    student = _logits((2, 3, 64), torch.float32, seed=57).requires_grad_(True)
+    teacher = _logits((2, 3, 64), torch.float32, seed=58)
+
+    def loss_fn(s, t):
+        return topk_kl_div(s, t, k=6, upper=0.9, tail="bucket", impl="triton")
+
+    loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(student, teacher)
+    loss.backward()
+    ref_loss, ref_leaf, _ = reference(student, teacher, k=6, upper=0.9, tail="bucket")
+    (ref_grad,) = torch.autograd.grad(ref_loss, ref_leaf)
+    assert_close(loss, ref_loss, torch.float32)
+    assert_close(student.grad, ref_grad.reshape(student.shape), torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
