@@ -128,8 +128,10 @@ def tree_attention(
         cache_lens: integer ``[B]`` prefix lengths (ragged across the batch).
         sm_scale: score scale, default ``1 / sqrt(D)``.
         num_kv_splits: Triton only: number of prefix chunks of split-KV mode (1 = no split); ``None``
-            applies the heuristic of ``distill_ops.kernels.tree_attention.choose_num_splits`` (split only
-            when ``B · Hkv`` row blocks cannot fill the GPU and the prefix is long).
+            applies the heuristic of ``distill_ops.kernels.tree_attention.choose_num_splits`` (from sizes
+            only: split a prefix of at least 1,024 keys when the ``B · Hkv · row blocks`` programs would
+            leave SMs idle, into as many chunks as give every SM a program in whole waves, counting the
+            partial outputs a split writes).
         impl: ``"auto"`` | ``"triton"`` | ``"torch"``.
 
     Returns ``[B, Hq, T, D]`` in q's dtype. Node ``i`` attends to the whole prefix and to the tree nodes

@@ -2,12 +2,18 @@
 
 One program owns one (sequence, KV head) pair and a block of ``BLOCK_M`` query rows, where a row is a
 (query head of that KV group, tree node) pair: the ``Hq / Hkv`` query heads that share a KV head are
-processed together, so each K/V tile is loaded once for all of them. The program streams the prefix
-``[0, cache_len)`` with no mask, then the ``T`` tree keys at ``[cache_len, cache_len + T)`` under the
-packed ancestor bitmask, in one online softmax (base 2). In split-KV mode the prefix is cut into
-``num_splits`` chunks, each program writes a normalised partial output and its log-sum-exp, split 0
-also covers the tree block, and a second kernel merges the partials.
+processed together, so each K/V tile is loaded once for all of them. With bf16 / fp16 inputs a block holds
+up to 128 rows, so one program covers the whole group (and reads each K/V tile once per sequence, KV head
+and split) whenever ``GROUP * T <= 128``, e.g. Hq/Hkv = 4 up to T = 32; larger groups take several row
+blocks, adjacent in launch order so that their repeated reads can come from L2 (see ``_block_config``).
+The program streams the prefix ``[0, cache_len)`` with no mask, software-pipelined, then the ``T`` tree
+keys at ``[cache_len, cache_len + T)`` under the packed ancestor bitmask, in one online softmax (base 2).
+In split-KV mode (``choose_num_splits``) the prefix is cut into ``num_splits`` chunks, each program writes
+a normalised partial output and its log-sum-exp, split 0 also covers the tree block, and a second kernel
+merges the partials.
 """
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -17,6 +23,8 @@ BITS_PER_WORD = 64
 # Split-KV heuristic (see ``choose_num_splits``).
 MIN_SPLIT_LEN = 512
 MAX_SPLITS = 32
+# Query rows of the largest row block: a whole GQA group of up to 128 (head, node) rows per program.
+MAX_BLOCK_M = 128
 DEFAULT_SM_COUNT = 132
 _LOG2E = 1.4426950408889634
 
@@ -47,13 +55,16 @@ def tree_attention_fwd_kernel(
     stride_ob, stride_oh, stride_os, stride_ot,
     stride_lb, stride_lh, stride_ls,
     stride_anc_b,
-    num_kv_heads, num_nodes, num_words, kv_len, split_len,
+    num_kv_heads, num_row_blocks, num_nodes, num_words, kv_len, split_len,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, FP32_DOT: tl.constexpr,
+    TREE_BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    split = tl.program_id(2)
+    # Row blocks of one KV head are adjacent in launch order, so when a group needs several of them
+    # (GROUP * T > BLOCK_M) they run together and their repeated K/V reads can hit L2.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m = pid % num_row_blocks
+    pid_bh = pid // num_row_blocks
     batch = pid_bh // num_kv_heads
     kv_head = pid_bh % num_kv_heads
 
@@ -104,20 +115,28 @@ def tree_attention_fwd_kernel(
         m_i, l_i, acc = _online_softmax_step(scores, m_i, l_i, acc, v_tile, FP32_DOT)
 
     # Tree block (split 0 only): key j of the block is visible to row i iff bit j of i's ancestor mask.
-    # BLOCK_N divides 64, so one tile never straddles two mask words.
+    # Its own TREE_BLOCK_N-key tiles (32 or 64: never straddling two mask words). 16-bit inputs use 32 whatever
+    # BLOCK_N: 64-key tree tiles cost 50 to 70 more registers per thread on sm_90a, which the 128-row tiles
+    # cannot afford; fp32 keeps BLOCK_N (a second tile shape makes its 3xTF32 products spill).
     tree_hi = tl.where(split == 0, num_nodes, 0)
     anc_rows = ANC + batch.to(tl.int64) * stride_anc_b + node * num_words
-    # At most T / BLOCK_N tiles: software pipelining would only add buffers and registers.
-    for start in tl.range(0, tree_hi, BLOCK_N, num_stages=1):
-        tree_cols = start + cols
+    tree_cols_in_tile = tl.arange(0, TREE_BLOCK_N)
+    # At most T / TREE_BLOCK_N tiles: software pipelining would only add buffers and registers.
+    for start in tl.range(0, tree_hi, TREE_BLOCK_N, num_stages=1):
+        tree_cols = start + tree_cols_in_tile
         keys = cache_len + tree_cols
         key_valid = (tree_cols < num_nodes) & (keys < kv_len)
         # Shift the row's word once (1-D) so the tile test is a narrow shift by the column in the tile.
         words = tl.load(anc_rows + start // 64, mask=row_valid, other=0) >> (start % 64)
-        if BLOCK_N <= 32:
-            bits = (words.to(tl.int32)[:, None] >> cols[None, :]) & 1
+        if TREE_BLOCK_N <= 32:
+            bits = (words.to(tl.int32)[:, None] >> tree_cols_in_tile[None, :]) & 1
         else:
-            bits = (words[:, None] >> cols.to(tl.int64)[None, :]) & 1
+            # Pick each column's 32-bit half of the word, then shift in 32 bits: a 2-D 64-bit shift costs
+            # about 100 more registers per thread.
+            low = words.to(tl.int32)
+            high = (words >> 32).to(tl.int32)
+            half = tl.where(tree_cols_in_tile[None, :] < 32, low[:, None], high[:, None])
+            bits = (half >> (tree_cols_in_tile[None, :] & 31)) & 1
         visible = (bits != 0) & key_valid[None, :]
         k_rows = tl.multiple_of(keys * stride_ks, 16)
         k_tile = tl.load(k_base + k_rows[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
@@ -184,20 +203,53 @@ def tree_attention_merge_kernel(
     tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=node_valid[:, None])
 
 
-def _block_config(rows_per_group: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): the fixed configurations listed in ``aot_specs``, every one
-    spill-free on both sm_80 and sm_90a (``python -m benchmarks.compile_check --only tree_attention``).
+class BlockConfig(NamedTuple):
+    """Launch configuration of ``tree_attention_fwd_kernel``: query rows and keys per prefix tile, keys per
+    tree-block tile, warps, and the software-pipelining depth of the prefix loop."""
 
-    fp32 inputs take 3xTF32 products, whose operands are split into a high and a low TF32 half (four
-    times the register footprint of a bf16 fragment), so they get 16-row (D=128) / 32-row (D=64) tiles
-    whatever the number of rows. bf16 / fp16 use 64-row tiles (one wgmma warpgroup on sm_90a) unless
-    the whole KV group fits in 32 rows."""
+    block_m: int
+    block_n: int
+    tree_block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# bf16 / fp16 configurations, (64 if D <= 64 else 128, BLOCK_M) -> (BLOCK_N, num_warps, num_stages), chosen
+# with the compile check (registers, stack frames) under triton 3.6 and 3.9.
+_HALF_CONFIGS = {
+    (64, 16): (64, 4, 3),
+    (64, 32): (64, 8, 3),  # 4 warps: an 8-byte stack frame on sm_80 (triton 3.6)
+    (64, 64): (64, 8, 3),
+    (64, 128): (64, 8, 3),
+    (128, 16): (32, 4, 3),  # 64 keys: a stack frame on sm_90a (triton 3.6)
+    (128, 32): (32, 4, 3),  # same
+    (128, 64): (64, 8, 3),
+    # 64 keys spill on sm_80: the two chained dots put all 8 warps along the rows, so every warp holds the
+    # whole K and then V tile as mma operands. 32-key tiles streamed 3 ahead instead.
+    (128, 128): (32, 8, 4),
+}
+
+
+def _block_config(rows_per_group: int, head_dim: int, dtype: torch.dtype) -> BlockConfig:
+    """The fixed configurations listed in ``aot_specs``, every one spill-free on sm_80 and sm_90a under
+    triton 3.6 and 3.9 (``python -m benchmarks.compile_check --modules distill_ops.kernels.tree_attention``).
+
+    bf16 / fp16, D <= 128: one row block holds the whole KV group (its ``GROUP * T`` rows rounded up to a
+    power of two, 16 to ``MAX_BLOCK_M``), so each K/V tile is read once per (sequence, KV head, split)
+    whenever ``GROUP * T <= 128`` (Hq/Hkv = 4 up to T = 32); larger groups take several 128-row blocks,
+    adjacent in launch order. 64-key prefix tiles where they compile clean, 32 elsewhere (``_HALF_CONFIGS``),
+    with a 3- or 4-stage pipelined prefix loop. fp32 inputs take 3xTF32 products, whose operands are split
+    into a high and a low TF32 half (four times the register footprint of a bf16 fragment), so they keep
+    16-row (D = 128) / 32-row (D = 64) tiles whatever the number of rows. D > 128 keeps small tiles too (a
+    128 x 256 fp32 accumulator alone would take 128 registers per thread at 8 warps)."""
     if dtype == torch.float32:
-        return (16, 64, 8) if head_dim > 64 else (32, 64, 8)
-    block_m = 32 if rows_per_group <= 32 else 64
-    block_n = 32 if head_dim > 64 else 64
-    num_warps = 4 if block_m == 32 else 8
-    return block_m, block_n, num_warps
+        return BlockConfig(16 if head_dim > 64 else 32, 64, 64, 8, 2)
+    if head_dim > 128:
+        block_m = 32 if rows_per_group <= 32 else 64
+        return BlockConfig(block_m, 32, 32, 4 if block_m == 32 else 8, 2)
+    block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(rows_per_group)))
+    block_n, num_warps, num_stages = _HALF_CONFIGS[64 if head_dim <= 64 else 128, block_m]
+    return BlockConfig(block_m, block_n, 32, num_warps, num_stages)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -206,15 +258,33 @@ def _sm_count(device: torch.device) -> int:
     return DEFAULT_SM_COUNT
 
 
-def choose_num_splits(base_programs: int, max_prefix: int, device: torch.device) -> int:
-    """Split-KV heuristic: split the prefix only when the unsplit grid (B · Hkv · row blocks) cannot fill
-    the GPU, into as many chunks as make about two programs per SM, each chunk at least ``MIN_SPLIT_LEN``
-    keys (at most ``MAX_SPLITS``). Long prefixes at small batch split; large batches or short prefixes
-    do not. Uses only host-known sizes (``max_prefix = S - T``), never ``cache_lens`` values."""
-    target = 2 * _sm_count(device)
-    if base_programs >= target or max_prefix < 2 * MIN_SPLIT_LEN:
-        return 1
-    return max(1, min(triton.cdiv(target, base_programs), max_prefix // MIN_SPLIT_LEN, MAX_SPLITS))
+def choose_num_splits(base_programs: int, max_prefix: int, device: torch.device,
+                      partial_keys: int = 2 * MAX_BLOCK_M) -> int:
+    """Split-KV heuristic, from host-known sizes only (``max_prefix = S - T``, never ``cache_lens`` values).
+
+    ``base_programs`` is the unsplit grid, B * Hkv * row blocks; ``partial_keys`` what one split program
+    adds in traffic (it writes its fp32 partial output, the merge reads it back), counted in prefix keys of
+    K/V bytes: ``rows * 4 / element_size`` (256 keys for a 128-row bf16 block).
+
+    The kernel streams K/V, and a program with the 8-warp 128-row D = 128 tiles (148 to 255 registers per
+    thread, over half the register file) is alone on its SM, so the model is: the grid runs in waves of one program per SM, and a program costs
+    the keys it streams plus, when split, ``partial_keys``. Among 1 to ``min(max_prefix // MIN_SPLIT_LEN,
+    MAX_SPLITS)`` splits take the one with the smallest critical path ``waves * (max_prefix / splits +
+    partial_keys)``, the fewest splits on a tie. Long prefixes at small batch split until every SM has a
+    program (and no more: one more program than SMs is a second wave); a grid that already fills about one
+    wave, or a short prefix, does not split, because splitting adds the partial traffic and can only
+    shorten the last wave. On 132 SMs, Hq/Hkv = 32/8 and ``GROUP * T <= 128`` (one row block): B = 8,
+    L = 4096 -> 64 programs, 2 splits (128 programs); B = 1, L = 16384 -> 8 programs, 16 splits; B = 16 ->
+    128 programs, no split. A model, not a measurement: the constants want a GPU sweep."""
+    sm_count = _sm_count(device)
+    max_splits = max(1, min(max_prefix // MIN_SPLIT_LEN, MAX_SPLITS))
+
+    def critical_path(splits: int) -> tuple[float, int]:
+        waves = triton.cdiv(base_programs * splits, sm_count)
+        keys = max_prefix + (partial_keys * splits if splits > 1 else 0)
+        return waves * keys / splits, splits
+
+    return min(range(1, max_splits + 1), key=critical_path)
 
 
 def tree_attention_forward(
@@ -235,22 +305,24 @@ def tree_attention_forward(
     batch, num_heads, num_nodes, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
-    block_m, block_n, num_warps = _block_config(group * num_nodes, head_dim, q.dtype)
-    row_blocks = triton.cdiv(group * num_nodes, block_m)
+    config = _block_config(group * num_nodes, head_dim, q.dtype)
+    row_blocks = triton.cdiv(group * num_nodes, config.block_m)
     max_prefix = kv_len - num_nodes
     if num_kv_splits is None:
-        num_kv_splits = choose_num_splits(batch * num_kv_heads * row_blocks, max_prefix, q.device)
-    split_len = triton.cdiv(triton.cdiv(max(max_prefix, 1), num_kv_splits), block_n) * block_n
+        rows_per_program = min(group * num_nodes, config.block_m)
+        num_kv_splits = choose_num_splits(batch * num_kv_heads * row_blocks, max_prefix, q.device,
+                                          partial_keys=rows_per_program * 4 // q.element_size())
+    split_len = triton.cdiv(triton.cdiv(max(max_prefix, 1), num_kv_splits), config.block_n) * config.block_n
     num_kv_splits = max(1, triton.cdiv(max(max_prefix, 1), split_len))
     anc_stride_b = 0 if ancestor_mask.shape[0] == 1 else ancestor_mask.stride(0)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     # FP32_DOT: fp32-accurate products (3xTF32 on tensor cores) for fp32 inputs; also bf16 under the CPU
-    # interpreter, whose bf16
-    # tl.dot is wrong in triton 3.6 (it multiplies the raw uint16 storage).
+    # interpreter, whose bf16 tl.dot is wrong in triton 3.6 (it multiplies the raw uint16 storage).
     fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
-    common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                  FP32_DOT=fp32_dot, num_warps=num_warps, num_stages=2)
-    grid = (batch * num_kv_heads, row_blocks, num_kv_splits)
+    common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                  TREE_BLOCK_N=config.tree_block_n, FP32_DOT=fp32_dot, num_warps=config.num_warps,
+                  num_stages=config.num_stages)
+    grid = (batch * num_kv_heads * row_blocks, num_kv_splits)
     scale_log2 = sm_scale * _LOG2E
     if num_kv_splits == 1:
         tree_attention_fwd_kernel[grid](
@@ -262,7 +334,7 @@ def tree_attention_forward(
             out.stride(0), out.stride(1), 0, out.stride(2),
             0, 0, 0,
             anc_stride_b,
-            num_kv_heads, num_nodes, ancestor_mask.shape[2], kv_len, split_len,
+            num_kv_heads, row_blocks, num_nodes, ancestor_mask.shape[2], kv_len, split_len,
             SPLIT=False, **common,
         )
         return out
@@ -277,7 +349,7 @@ def tree_attention_forward(
         partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         anc_stride_b,
-        num_kv_heads, num_nodes, ancestor_mask.shape[2], kv_len, split_len,
+        num_kv_heads, row_blocks, num_nodes, ancestor_mask.shape[2], kv_len, split_len,
         SPLIT=True, **common,
     )
     merge_block_t = 16 if head_dim <= 64 else 8
@@ -293,17 +365,20 @@ def tree_attention_forward(
 
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# Rows per KV group that reach every distinct ``_block_config`` for D <= 128: T = 1 at Hq/Hkv = 4 (16-row
+# blocks), 32, 64 and 128 (larger groups reuse the 128-row blocks).
+_AOT_ROWS = (4, 32, 64, 128)
 
 
 def aot_specs() -> list[dict]:
-    """Every configuration the launchers use: D ∈ {64, 128}, the three dtypes, each distinct
-    ``_block_config`` (rows per KV group <= 32 and > 32), split and unsplit (GROUP is a specialisation
-    value; 4 = Hq/Hkv 32/8 stands for all)."""
+    """Every configuration the launchers use for D in {64, 128}: the three dtypes, each distinct
+    ``_block_config``, split and unsplit (GROUP is a specialisation value; 4 = Hq/Hkv 32/8 stands for
+    all)."""
     specs = []
     for dtype, ty in _TRITON_TYPES.items():
         for head_dim in (64, 128):
-            configs = sorted({_block_config(rows, head_dim, dtype) for rows in (32, 64)})
-            for block_m, block_n, num_warps in configs:
+            configs = sorted({_block_config(rows, head_dim, dtype) for rows in _AOT_ROWS})
+            for config in configs:
                 for split in (False, True):
                     out_ty = "fp32" if split else ty
                     signature = {
@@ -313,16 +388,17 @@ def aot_specs() -> list[dict]:
                     for name in ("stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_ks",
                                  "stride_vb", "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_os",
                                  "stride_ot", "stride_lb", "stride_lh", "stride_ls", "stride_anc_b",
-                                 "num_kv_heads", "num_nodes", "num_words", "kv_len", "split_len"):
+                                 "num_kv_heads", "num_row_blocks", "num_nodes", "num_words", "kv_len", "split_len"):
                         signature[name] = "i32"
                     specs.append({
-                        "name": f"tree_attention_fwd_{ty}_d{head_dim}_m{block_m}{'_split' if split else ''}",
+                        "name": f"tree_attention_fwd_{ty}_d{head_dim}_m{config.block_m}{'_split' if split else ''}",
                         "fn": tree_attention_fwd_kernel,
                         "signature": signature,
-                        "constexprs": {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                        "constexprs": {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_M": config.block_m,
+                                       "BLOCK_N": config.block_n, "TREE_BLOCK_N": config.tree_block_n,
                                        "SPLIT": split, "FP32_DOT": dtype == torch.float32},
-                        "num_warps": num_warps,
-                        "num_stages": 2,
+                        "num_warps": config.num_warps,
+                        "num_stages": config.num_stages,
                     })
             signature = {"PART": "*fp32", "LSE": "*fp32", "OUT": f"*{ty}"}
             for name in ("stride_pb", "stride_ph", "stride_ps", "stride_pt", "stride_lb", "stride_lh", "stride_ls",

@@ -138,6 +138,88 @@ def test_split_heuristic():
     assert choose_num_splits(base_programs=512, max_prefix=16384, device=cpu) == 1  # big batch
 
 
+# Row blocking (B, Hq, Hkv, T, D, cache_lens, per-sequence trees, (BLOCK_M, row blocks) for 16-bit inputs):
+# one row block holds a whole KV group of up to 128 (head, node) rows, more rows take several blocks.
+ROW_BLOCK_CASES = {
+    "rows128-exact-d128": (2, 8, 2, 32, 128, [0, 77], True, (128, 1)),
+    "rows104-T26-gqa4-d128": (2, 8, 2, 26, 128, [64, 31], False, (128, 1)),
+    "rows160-two-blocks-d128": (2, 8, 2, 40, 128, [5, 90], True, (128, 2)),
+    "rows208-T26-gqa8-d64": (1, 16, 2, 26, 64, [129], False, (128, 2)),
+    "rows160-T80-two-words-d64": (1, 4, 2, 80, 64, [45], True, (128, 2)),
+    "rows64-d128": (1, 8, 2, 16, 128, [70], True, (64, 1)),
+    "rows4-T1-gqa4-d128": (2, 8, 2, 1, 128, [3, 40], False, (16, 1)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(ROW_BLOCK_CASES), ids=list(ROW_BLOCK_CASES))
+def test_tree_attention_row_blocks(case, dtype):
+    from distill_ops.kernels.tree_attention import _block_config
+
+    batch, hq, hkv, num_nodes, head_dim, cache_lens, per_seq, (block_m, row_blocks) = ROW_BLOCK_CASES[case]
+    rows = hq // hkv * num_nodes
+    if dtype != torch.float32:  # the case must reach the row blocking it is named after
+        config = _block_config(rows, head_dim, dtype)
+        assert (config.block_m, math.ceil(rows / config.block_m)) == (block_m, row_blocks)
+    q, k, v, parents, lens = make_case(batch, hq, hkv, num_nodes, head_dim, cache_lens, dtype,
+                                       per_seq_tree=per_seq, seed=len(case))
+    tree = build_tree(parents.to(DEVICE))
+    out = tree_attention(q, k, v, tree, lens, num_kv_splits=1, impl="triton")
+    assert_close(out, sdpa_reference(q, k, v, parents, lens.cpu(), 1 / math.sqrt(head_dim)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_kv_splits", [2, 5, 32])
+def test_split_kv_with_row_blocks(num_kv_splits, dtype):
+    # 160 rows (two 128-row blocks for bf16, five 32-row blocks for fp32) times the splits; sequence 1's
+    # prefix is empty, so all its splits but the first (which also holds the tree block) see no key.
+    q, k, v, parents, lens = make_case(2, 8, 2, 40, 64, [300, 0], dtype, per_seq_tree=True, seed=13)
+    tree = build_tree(parents.to(DEVICE))
+    out = tree_attention(q, k, v, tree, lens, num_kv_splits=num_kv_splits, impl="triton")
+    assert_close(out, sdpa_reference(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_kv_chosen_by_heuristic(dtype, monkeypatch):
+    import distill_ops.kernels.tree_attention as kernels
+
+    heuristic = kernels.choose_num_splits
+    chosen = []
+
+    def recording_choose_num_splits(*args, **kwargs):
+        chosen.append(heuristic(*args, **kwargs))
+        return chosen[-1]
+
+    monkeypatch.setattr(kernels, "choose_num_splits", recording_choose_num_splits)
+    # A long ragged prefix at batch 2: the unsplit grid leaves most SMs idle, so the heuristic splits.
+    q, k, v, parents, lens = make_case(2, 8, 2, 26, 64, [1100, 517], dtype, per_seq_tree=True, seed=17)
+    tree = build_tree(parents.to(DEVICE))
+    out = tree_attention(q, k, v, tree, lens, impl="triton")
+    assert len(chosen) == 1 and chosen[0] > 1
+    assert_close(out, sdpa_reference(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64)), dtype)
+
+
+def test_split_heuristic_model():
+    from distill_ops.kernels.tree_attention import MAX_SPLITS, MIN_SPLIT_LEN, choose_num_splits
+
+    cpu = torch.device("cpu")  # DEFAULT_SM_COUNT = 132 SMs
+    # The docstring's examples (Hkv = 8, one 128-row block per KV head, bf16).
+    assert choose_num_splits(base_programs=64, max_prefix=4096, device=cpu) == 2  # B = 8: 128 programs
+    assert choose_num_splits(base_programs=8, max_prefix=16384, device=cpu) == 16  # B = 1: 128 programs
+    assert choose_num_splits(base_programs=128, max_prefix=4096, device=cpu) == 1  # B = 16: one wave
+    # Capped by the chunk length and by MAX_SPLITS.
+    assert choose_num_splits(base_programs=1, max_prefix=3 * MIN_SPLIT_LEN + 5, device=cpu) == 3
+    assert choose_num_splits(base_programs=1, max_prefix=10**6, device=cpu) == MAX_SPLITS
+    assert choose_num_splits(base_programs=1, max_prefix=2 * MIN_SPLIT_LEN - 1, device=cpu) == 1
+    # The partial-output traffic of a split counts: 100 programs (76 % of one wave) split only when the
+    # prefix is long enough for 5 splits (500 programs in 4 waves: 0.8 of the unsplit critical path) to pay
+    # for their partial outputs.
+    assert choose_num_splits(base_programs=100, max_prefix=4096, device=cpu) == 1
+    assert choose_num_splits(base_programs=100, max_prefix=32768, device=cpu) == 5
+    assert choose_num_splits(base_programs=64, max_prefix=1024, device=cpu) == 2
+    assert choose_num_splits(base_programs=64, max_prefix=1024, device=cpu, partial_keys=4096) == 1
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_non_contiguous_kv(impl):
     q, k, v, parents, lens = make_case(2, 4, 2, 7, 64, [5, 11], torch.float32, per_seq_tree=False, seed=9)
