@@ -4,8 +4,8 @@ Impls per case (a full pass is loss forward + backward to the student logits; fo
 
 * ``ours_triton_sparse``: stored sparse teacher (``teacher_topk_indices`` int64 + ``teacher_topk_logprobs``
   fp32), ``impl="triton"`` (CUDA only).
-* ``ours_triton_dense``: dense teacher logits + ``k``; ``torch.topk`` on the device selects the kept set,
-  then the same kernel (CUDA only).
+* ``ours_triton_dense``: dense teacher logits + ``k``; our radix-select kernel (``kernels/topk_select.py``,
+  usually two reads of the teacher row) selects the kept set, then the same loss kernel (CUDA only).
 * ``ours_torch_sparse``: the PyTorch fallback with the sparse teacher.
 * ``eager_sparse`` / ``eager_dense``: what a user writes (DistillKit-style): ``gather`` the student logits at
   the teacher's indices (after ``topk`` of the teacher for the dense form), ``log_softmax`` of both in fp32,
@@ -55,7 +55,7 @@ NOTES = (
     "student row at all (they gather k logits and write the gradient row), so they can exceed that "
     "'roofline'; *write-only* = N·V·itemsize + teacher entries is their floor. The bucket kernel streams the "
     "student twice (log-sum-exp, then gradient): *two-pass* = 3·N·V·itemsize. The dense forms also read the "
-    "teacher (topk): *dense* = 3·N·V·itemsize. eager = gather + fp32 log_softmax (topk of the teacher first "
+    "teacher (our selection kernel reads it about twice; one read in the model): *dense* = 3·N·V·itemsize. eager = gather + fp32 log_softmax (topk of the teacher first "
     "for the dense form), as a user writes it."
 )
 
