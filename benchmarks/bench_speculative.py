@@ -16,6 +16,8 @@ Besides time (tokens/s = new_tokens / pass time), each engine impl is run once m
 ``profile=True`` (CUDA synchronised at phase boundaries) to record target forwards per generated token,
 accepted drafts per step and the time split per step; the summary reports them and checks the engine
 overhead target (tree building + verification + compaction < 10 % of the target forward at T = 32).
+At these sizes that overhead is host time (op and kernel launches): ``python -m benchmarks.engine_overhead``
+counts the ops, launches, host-device copies and synchronisations of each phase per step.
 """
 
 from __future__ import annotations

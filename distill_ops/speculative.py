@@ -18,15 +18,33 @@ How it plugs into ``transformers`` (no model source is patched):
   (prefill, plain causal steps) it is transformers' own SDPA attention, so prefill is bit-identical to
   the model's default ``sdpa`` implementation.
 * Tree position ids are ``cache length + depth``. After verification the accepted rows of every layer of
-  the model's own ``DynamicCache`` are moved in place with :func:`~distill_ops.verify.compact_kv_cache`
-  and the cache is cropped. Full-attention layers, and sliding-window layers (Mistral) while the whole
-  sequence fits the window; other cache layers (linear attention, quantized) are refused with an error.
+  the model's own ``DynamicCache`` are moved in place with one :func:`~distill_ops.verify.compact_kv_cache`
+  call (all layers: one Triton launch) and the cache is cropped. Full-attention layers, and sliding-window
+  layers (Mistral) while the whole sequence fits the window; other cache layers (linear attention,
+  quantized) are refused with an error.
 
 Semantics: greedy (``temperature=0``) output equals ``target.generate(do_sample=False)`` token for token
 (up to floating-point ties between the tree pass and the one-token decode pass); sampling draws from the
 same distribution as the target alone (temperature, top-k, top-p applied to the target; drafts are
 deterministic top-k choices, verified with the residual rule of :func:`~distill_ops.verify.verify_sampling`).
 Batch size 1 only. Stops at ``eos_token_id`` / ``max_new_tokens`` exactly like ``generate``.
+
+Per-step host work. On a GPU at T ~ 32 the engine's own work is host-bound (each small op or Triton
+launch costs microseconds of CPU time whatever its size; ``python -m benchmarks.engine_overhead`` counts
+them per phase), so a step keeps them few:
+
+* Device-to-host reads, each a stream synchronisation, are the only ones: per drafting level of a
+  dynamic tree, the level's top-k log-probs and token ids (EAGLE-2's selection is host bookkeeping:
+  ``depth`` reads per step; a static tree drafts without any); after verification, the emitted tokens
+  (they decide termination, the next root and the cache length). Once per ``generate``: the prompt's
+  value check and the first token. ``profile=True`` adds a synchronisation at each phase boundary.
+* Host-to-device data never synchronises: each tree spec travels with its tokens and position ids, the
+  draft's advance with its positions, the compaction's layer addresses, each in one int64 buffer copied
+  from pinned memory with ``non_blocking=True`` (:func:`~distill_ops.tree.int64_to_device`; a plain
+  ``torch.tensor(..., device="cuda")`` copies from pageable memory and synchronises). Tree specs are
+  computed with Python integers (:class:`_HostTree`; the draft model's tree grows level by level).
+* Verification is two Triton launches (argmax or statistics per node, then the walk); compaction one
+  launch for every layer, the prefix lengths being those the target's tree attention used.
 """
 
 from __future__ import annotations
@@ -40,7 +58,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ._utils import INT_DTYPES, check_number, check_tensor
-from .tree import BITS_PER_WORD, MAX_TREE_NODES, TreeSpec, build_tree, tree_from_paths
+from .tree import BITS_PER_WORD, MAX_TREE_NODES, TreeSpec, build_tree, int64_to_device, tree_from_paths
 from .tree_attention import tree_attention
 from .verify import VerifyResult, compact_kv_cache, verify_greedy, verify_sampling
 
@@ -57,66 +75,111 @@ _SDPA_ATTENTION: Callable | None = None
 # --------------------------------------------------------------------------------------------------
 
 
+class _HostTree:
+    """A tree as host lists of Python integers, grown node by node, made a :class:`TreeSpec` with one copy.
+
+    The engine builds several trees per step (the draft model's tree grows by one level per drafting
+    level, then the verification tree is selected): host integers are cheaper than a loop of small tensor
+    ops, and :meth:`to_device` ships the spec together with the step's other host-built data (tokens,
+    position ids) in a single non-blocking host-to-device copy (:func:`~distill_ops.tree.int64_to_device`).
+    A node's depth, ancestor-mask words and root path never change once it is appended, so they are
+    computed once, in :meth:`append`.
+    """
+
+    def __init__(self):
+        self.parents, self.depth, self.words, self.paths = [-1], [0], [1], [[0]]
+        self.first_child, self.next_sibling, self.last_child, self.num_children = [-1], [-1], [-1], [0]
+        self._ancestors = [1]
+
+    @classmethod
+    def from_parents(cls, parents: Sequence[int]) -> "_HostTree":
+        tree = cls()
+        for parent in parents[1:]:
+            tree.append(parent)
+        return tree
+
+    def append(self, parent: int) -> int:
+        """Add a child of ``parent`` (an existing node); returns its index."""
+        node = len(self.parents)
+        self.parents.append(parent)
+        self.depth.append(self.depth[parent] + 1)
+        self.paths.append(self.paths[parent] + [node])
+        mask = self._ancestors[parent] | (1 << node)
+        self._ancestors.append(mask)
+        if node % BITS_PER_WORD == 0:  # one more 64-bit word per node: rebuild the words
+            self.words = [word for ancestors in self._ancestors for word in self._mask_words(ancestors)]
+        else:
+            self.words += self._mask_words(mask)
+        self.first_child.append(-1)
+        self.next_sibling.append(-1)
+        self.last_child.append(-1)
+        self.num_children.append(0)
+        if self.last_child[parent] < 0:
+            self.first_child[parent] = node
+        else:
+            self.next_sibling[self.last_child[parent]] = node
+        self.last_child[parent] = node
+        self.num_children[parent] += 1
+        return node
+
+    def _mask_words(self, mask: int) -> list[int]:
+        """int64 two's complement of each 64-bit word of an ancestor mask."""
+        words = []
+        for word in range((len(self.parents) + BITS_PER_WORD - 1) // BITS_PER_WORD):
+            value = (mask >> (BITS_PER_WORD * word)) & ((1 << 64) - 1)
+            words.append(value - (1 << 64) if value >> 63 else value)
+        return words
+
+    def to_device(
+        self, device: torch.device, rows: Sequence[Sequence[int]] = (), extras: Sequence[Sequence[int]] = ()
+    ) -> tuple[TreeSpec, list[torch.Tensor], list[torch.Tensor]]:
+        """The :class:`TreeSpec`, each of ``rows`` (``T`` integers) as int64 ``[1, T]`` and each of ``extras``
+        as int64 1-D, all views of one buffer copied to ``device`` at once."""
+        num_nodes = len(self.parents)
+        max_depth = max(self.depth)
+        leaf_paths = []
+        for node, path in enumerate(self.paths):
+            if self.num_children[node] == 0:
+                leaf_paths += path
+                leaf_paths += [-1] * (max_depth + 1 - len(path))
+        flat = self.parents + self.depth + self.first_child + self.next_sibling
+        for row in rows:
+            flat += row
+        flat += self.words
+        flat += leaf_paths
+        for extra in extras:
+            flat += extra
+        num_rows = 4 + len(rows)
+        parts = int64_to_device(flat, device).split(
+            [num_rows * num_nodes, len(self.words), len(leaf_paths), *(len(extra) for extra in extras)]
+        )
+        row_views = parts[0].view(num_rows, 1, num_nodes).unbind(0)
+        spec = TreeSpec(
+            parents=row_views[0],
+            depth=row_views[1],
+            first_child=row_views[2],
+            next_sibling=row_views[3],
+            ancestor_mask=parts[1].view(1, num_nodes, len(self.words) // num_nodes),
+            leaf_paths=parts[2].view(1, len(leaf_paths) // (max_depth + 1), max_depth + 1),
+            max_depth=max_depth,
+            max_children=max(self.num_children),
+        )
+        return spec, list(row_views[4:]), list(parts[3:])
+
+
 def tree_spec_from_parents(parents: Sequence[int], device: torch.device | str) -> TreeSpec:
     """A :class:`~distill_ops.tree.TreeSpec` of one tree from a host parent list, in one host-to-device copy.
 
     Equal to ``build_tree(torch.tensor(parents), device=device)`` but computed with Python integers
-    (the engine builds a new tree every step; this is a few microseconds for 64 nodes instead of a loop
-    of small tensor ops). ``parents[0] == -1`` and ``0 <= parents[i] < i``.
+    (the engine builds new trees every step: this is a few microseconds instead of a loop of small tensor
+    ops) and copied without a host synchronisation. ``parents[0] == -1`` and ``0 <= parents[i] < i``.
     """
     num_nodes = len(parents)
     if num_nodes < 1 or num_nodes > MAX_TREE_NODES:
         raise ValueError(f"a tree must have 1 to {MAX_TREE_NODES} nodes, got {num_nodes}")
     if parents[0] != -1 or any(not 0 <= parents[i] < i for i in range(1, num_nodes)):
         raise ValueError(f"parents must satisfy parents[0] == -1 and 0 <= parents[i] < i, got {list(parents)}")
-    depth = [0] * num_nodes
-    ancestors = [1] + [0] * (num_nodes - 1)
-    first_child = [-1] * num_nodes
-    next_sibling = [-1] * num_nodes
-    last_child = [-1] * num_nodes
-    for node in range(1, num_nodes):
-        parent = parents[node]
-        depth[node] = depth[parent] + 1
-        ancestors[node] = ancestors[parent] | (1 << node)
-        if last_child[parent] < 0:
-            first_child[parent] = node
-        else:
-            next_sibling[last_child[parent]] = node
-        last_child[parent] = node
-    max_depth = max(depth)
-    num_children = [0] * num_nodes
-    for node in range(1, num_nodes):
-        num_children[parents[node]] += 1
-    leaves = [node for node in range(num_nodes) if num_children[node] == 0]
-    leaf_paths = []
-    for leaf in leaves:
-        path = [-1] * (max_depth + 1)
-        node = leaf
-        while node >= 0:
-            path[depth[node]] = node
-            node = parents[node]
-        leaf_paths.extend(path)
-    num_words = (num_nodes + BITS_PER_WORD - 1) // BITS_PER_WORD
-    words = []
-    for mask in ancestors:
-        for word in range(num_words):
-            value = (mask >> (BITS_PER_WORD * word)) & ((1 << 64) - 1)
-            words.append(value - (1 << 64) if value >= 1 << 63 else value)  # int64 two's complement
-    flat = torch.tensor(
-        list(parents) + depth + first_child + next_sibling + words + leaf_paths, dtype=torch.int64
-    ).to(device)
-    sizes = [num_nodes] * 4 + [num_nodes * num_words, len(leaf_paths)]
-    parts = torch.split(flat, sizes)
-    return TreeSpec(
-        parents=parts[0].view(1, num_nodes),
-        depth=parts[1].view(1, num_nodes),
-        first_child=parts[2].view(1, num_nodes),
-        next_sibling=parts[3].view(1, num_nodes),
-        ancestor_mask=parts[4].view(1, num_nodes, num_words),
-        leaf_paths=parts[5].view(1, len(leaves), max_depth + 1),
-        max_depth=max_depth,
-        max_children=max(num_children),
-    )
+    return _HostTree.from_parents(parents).to_device(torch.device(device))[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -806,65 +869,67 @@ class _Generation:
             if self.done:
                 return
             root_logits, root_state = self.drafter.start(self.prompt, first, features, max_length)
-        root_token = first.view(1)
+        device = engine.device
         while not self.done:
-            root_pos = len(self.tokens) - 1
+            root_pos = len(self.tokens) - 1  # the root (last committed token) is not in the caches yet
             with timer("draft"):
-                tree, draft_tokens = self._draft(root_token, root_logits, root_state, root_pos)
+                tree, draft_tokens, positions = self._draft(root_logits, root_state, root_pos)
                 self.drafter.rollback()
             with timer("target"):
                 context = TreeAttentionContext(tree, engine.impl)
-                positions = tree.depth + root_pos
                 logits, features = self._target_forward(draft_tokens, positions, context)
             with timer("verify"):
                 result = self._verify(tree, draft_tokens, logits)
-                width = result.accepted_nodes.shape[1]
-                host = torch.cat([result.accepted_nodes, result.emitted_tokens], dim=1)[0].tolist()
-                accepted = [node for node in host[:width] if node >= 0]
-                accept_len = len(accepted) - 1
-                new_tokens = host[width:width + accept_len + 1]
+                # The step's device-to-host read: accepted drafts then the bonus token, -1 padded.
+                new_tokens = [token for token in result.emitted_tokens[0].tolist() if token >= 0]
+                accept_len = len(new_tokens) - 1
             with timer("compaction"):
-                self._compact(result, root_pos, accept_len)
+                # The prefix lengths the target's tree attention used (root_pos; created once per forward).
+                self._compact(result, context.cache_lens(1, root_pos, device), root_pos, accept_len)
             self.accept_lengths.append(accept_len)
             self._emit(new_tokens)
             if self.done and self.cache.get_seq_length() > len(self.tokens) - 1:
                 # Drafts accepted past an EOS / the token budget were cut: keep the cache consistent.
                 self.cache.crop(len(self.tokens) - 1 - self.cache.get_seq_length())
             if self.step_callback is not None:
-                self.step_callback(torch.tensor([self.tokens], device=engine.device), self.cache)
+                self.step_callback(torch.tensor([self.tokens], device=device), self.cache)
             if self.done:
                 break
             with timer("draft"):
-                path = result.accepted_nodes[0, :accept_len + 1]
-                path_features = features[:, path] if features is not None else None
-                advance_tokens = torch.tensor([new_tokens], dtype=torch.int64, device=engine.device)
-                advance_positions = torch.arange(root_pos + 1, root_pos + accept_len + 2, device=engine.device)[None]
+                path_features = None
+                if features is not None:
+                    path_features = features[:, result.accepted_nodes[0, :accept_len + 1]]
+                count = accept_len + 1
+                advance = int64_to_device(new_tokens + list(range(root_pos + 1, root_pos + count + 1)), device)
+                advance_tokens, advance_positions = advance.view(2, 1, count).unbind(0)
                 root_logits, root_state = self.drafter.advance(advance_tokens, advance_positions, path_features)
-            root_token = advance_tokens[0, -1:]
 
-    def _compact(self, result: VerifyResult, prefix_len: int, accept_len: int) -> None:
-        """Move the accepted rows after the prefix in every layer (in place), then crop the rest."""
-        cache_lens = torch.full((1,), prefix_len, dtype=torch.int64, device=self.engine.device)
-        for layer in self.cache.layers:
-            compact_kv_cache(layer.keys, layer.values, cache_lens, result, impl=self.engine.impl)
+    def _compact(self, result: VerifyResult, cache_lens: torch.Tensor, prefix_len: int, accept_len: int) -> None:
+        """Move the accepted rows after the prefix in every layer (in place, one call for all layers), then
+        crop the rest."""
+        layers = self.cache.layers
+        compact_kv_cache([layer.keys for layer in layers], [layer.values for layer in layers], cache_lens, result,
+                         impl=self.engine.impl)
         kept = prefix_len + accept_len + 1
         self.cache.crop(kept - self.cache.get_seq_length())
 
     # -- drafting --------------------------------------------------------------------------------
 
-    def _draft(self, root_token, root_logits, root_state, root_pos) -> tuple[TreeSpec, torch.Tensor]:
+    def _draft(self, root_logits, root_state, root_pos) -> tuple[TreeSpec, torch.Tensor, torch.Tensor]:
+        """This step's tree, its tokens ``[1, T]`` (node 0: the root) and position ids ``[1, T]``."""
         if self.engine._static is not None:
-            return self._draft_static(root_token, root_logits, root_state, root_pos)
-        return self._draft_dynamic(root_token, root_logits, root_state, root_pos)
+            return self._draft_static(root_logits, root_state, root_pos)
+        return self._draft_dynamic(root_logits, root_state, root_pos)
 
-    def _draft_static(self, root_token, root_logits, root_state, root_pos):
+    def _draft_static(self, root_logits, root_state, root_pos):
         """Fill the static tree's tokens level by level; no host synchronisation."""
         plan: _StaticPlan = self.engine._static
         device = self.engine.device
         tokens = torch.empty(plan.tree.num_nodes, dtype=torch.int64, device=device)
-        tokens[0] = root_token[0]
+        tokens[0].fill_(self.tokens[-1])  # the root, known on the host
+        positions = plan.tree.depth + root_pos
         if plan.num_children_max == 0:
-            return plan.tree, tokens[None]
+            return plan.tree, tokens[None], positions
         top = torch.topk(root_logits, plan.num_children_max).indices
         tokens[plan.root_child_nodes] = top[plan.root_child_ranks]
         states = None if root_state is None else root_state[None]
@@ -872,15 +937,15 @@ class _Generation:
             plan.levels, start=1
         ):
             parent_states = None if states is None else states[parent_rows]
-            positions = torch.full((eval_nodes.shape[0],), root_pos + level, dtype=torch.int64, device=device)
-            logits, new_states = self.drafter.expand(tokens[eval_nodes], parent_states, positions, draft_tree)
+            level_positions = torch.full((eval_nodes.shape[0],), root_pos + level, dtype=torch.int64, device=device)
+            logits, new_states = self.drafter.expand(tokens[eval_nodes], parent_states, level_positions, draft_tree)
             top = torch.topk(logits, plan.num_children_max, dim=-1).indices
             tokens[child_nodes] = top[child_rows, child_ranks]
             if states is not None:
                 states = torch.cat([states, new_states])
-        return plan.tree, tokens[None]
+        return plan.tree, tokens[None], positions
 
-    def _draft_dynamic(self, root_token, root_logits, root_state, root_pos):
+    def _draft_dynamic(self, root_logits, root_state, root_pos):
         """EAGLE-2: expand the ``topk`` best nodes of each level into their ``topk`` best children, then keep
         the ``num_nodes - 1`` candidates with the best cumulative draft log-probability."""
         engine, timer = self.engine, self.timer
@@ -888,28 +953,33 @@ class _Generation:
         builder = _DynamicTree(engine.topk, engine.num_nodes)
         states = None if root_state is None else root_state[None]
         logits, expanded = root_logits[None], [-1]
+        # Token ids travel as float32 with the log-probs when float32 holds them exactly (one cast less).
+        exact_ids = torch.float32 if logits.shape[-1] <= 2**24 else torch.float64
         for level in range(1, engine.depth + 1 if engine.num_nodes > 1 else 1):
             k = min(engine.topk, logits.shape[-1])
             values, indices = torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
-            host = torch.cat([values.double(), indices.double()], dim=-1).cpu().tolist()
+            # The level's device-to-host read (EAGLE-2's selection runs on the host).
+            host = torch.cat([values.to(exact_ids), indices.to(exact_ids)], dim=-1).tolist()
             with timer("tree"):
                 builder.add_children(expanded, host, k, level)
                 if level == engine.depth:
                     break
-                expanded, appended_parents, parent_rows = builder.expand_best()
-                draft_tree = tree_spec_from_parents(appended_parents, device)
-                tokens = torch.tensor([builder.tokens[c] for c in expanded], dtype=torch.int64, device=device)
-            parent_states = None if states is None else states[torch.tensor(parent_rows, device=device)]
-            positions = torch.full((len(expanded),), root_pos + level, dtype=torch.int64, device=device)
-            logits, new_states = self.drafter.expand(tokens, parent_states, positions, draft_tree)
+                expanded, parent_rows = builder.expand_best()
+                extras = [[builder.tokens[c] for c in expanded], [root_pos + level] * len(expanded)]
+                if states is not None:
+                    extras.append(parent_rows)
+                draft_tree, _, level_data = builder.draft_tree.to_device(device, extras=extras)
+            parent_states = None if states is None else states[level_data[2]]
+            logits, new_states = self.drafter.expand(level_data[0], parent_states, level_data[1], draft_tree)
             if states is not None:
                 states = torch.cat([states, new_states])
         with timer("tree"):
             tree_parents, tree_tokens = builder.select()
-            tree = tree_spec_from_parents(tree_parents, device)
-            draft_tokens = torch.tensor([tree_tokens], dtype=torch.int64, device=device)
-            draft_tokens[0, :1] = root_token
-        return tree, draft_tokens
+            host_tree = _HostTree.from_parents(tree_parents)
+            tree_tokens[0] = self.tokens[-1]
+            positions = [root_pos + depth for depth in host_tree.depth]
+            tree, (draft_tokens, positions), _ = host_tree.to_device(device, rows=[tree_tokens, positions])
+        return tree, draft_tokens, positions
 
 
 class _DynamicTree:
@@ -927,8 +997,8 @@ class _DynamicTree:
         self.parents: list[int] = []
         self.depths: list[int] = []
         self.frontier: list[int] = []
-        self.appended_parents = [-1]  # node 0: the committed root
-        self.appended_of = {-1: 0}  # candidate -> its node in the draft model's tree
+        self.draft_tree = _HostTree()  # node 0: the committed root
+        self.node_of = {-1: 0}  # candidate -> its node in the draft model's tree
 
     def add_children(self, parent_ids: list[int], rows: list[list[float]], k: int, level: int) -> None:
         """``rows[i]``: the ``k`` best log-probs then their token ids after candidate ``parent_ids[i]``."""
@@ -942,15 +1012,14 @@ class _DynamicTree:
                 self.parents.append(parent)
                 self.depths.append(level)
 
-    def expand_best(self) -> tuple[list[int], list[int], list[int]]:
-        """The ``topk`` best candidates of the newest level, appended to the draft model's tree; returns them,
-        the draft tree's parent array and each one's parent node in that tree."""
+    def expand_best(self) -> tuple[list[int], list[int]]:
+        """The ``topk`` best candidates of the newest level, appended to the draft model's tree
+        (:attr:`draft_tree`); returns them and each one's parent node in that tree."""
         expanded = sorted(self.frontier, key=lambda c: (-self.scores[c], c))[: self.topk]
-        parent_rows = [self.appended_of[self.parents[c]] for c in expanded]
+        parent_rows = [self.node_of[self.parents[c]] for c in expanded]
         for cand, parent_row in zip(expanded, parent_rows):
-            self.appended_of[cand] = len(self.appended_parents)
-            self.appended_parents.append(parent_row)
-        return expanded, self.appended_parents, parent_rows
+            self.node_of[cand] = self.draft_tree.append(parent_row)
+        return expanded, parent_rows
 
     def select(self) -> tuple[list[int], list[int]]:
         """The verification tree: the root and the ``num_nodes - 1`` best candidates, breadth-first; returns its

@@ -7,11 +7,13 @@ and verification ops need is derived once from it by :func:`build_tree` into a :
 These functions are *setup code*: they read the parent array on the host (one device-to-host copy when
 it lives on a GPU) to validate it and to compute host-side sizes (``max_depth``, leaf count). Build the
 tree once per tree shape, not inside the decoding step; the ops that take a ``TreeSpec`` never
-synchronise with the host.
+synchronise with the host. (The speculative engine, which builds a tree per step from host-side
+bookkeeping, computes specs with Python integers and :func:`int64_to_device` instead.)
 """
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,6 +25,20 @@ from ._utils import INT_DTYPES, check_tensor
 #: one word (the common case pays nothing for the multi-word support).
 MAX_TREE_NODES = 256
 BITS_PER_WORD = 64
+
+
+def int64_to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """int64 ``[len(values)]`` tensor of host integers on ``device`` without a host synchronisation.
+
+    ``torch.tensor(values, device="cuda")`` copies from pageable memory and then synchronises the stream;
+    here the values are packed by ``array`` (no per-element tensor conversion), pinned and copied with
+    ``non_blocking=True`` (the pinned buffer is recycled only after the copy has run). On other devices the
+    tensor shares the packed buffer. ``values`` must not be empty.
+    """
+    host = torch.frombuffer(array("q", values), dtype=torch.int64)
+    if device.type != "cuda":
+        return host if device.type == "cpu" else host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _bit_value(bit: int) -> int:

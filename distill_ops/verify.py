@@ -19,16 +19,22 @@ decided); ``target_logits[b, i]`` is the target model's prediction for the token
 * Top-k keeps the tokens whose logit is >= the k-th largest; top-p then keeps the smallest
   descending-probability prefix whose mass reaches ``top_p`` (ties at either cut are kept). The cut is
   computed with PyTorch ops on the device (a sort over V) on both impls; the kernels apply it.
+
+KV compaction (:func:`compact_kv_cache`) takes one layer's K/V or lists with every layer's: a model's
+whole cache is compacted by one Triton launch (the layers' addresses travel in an int64 table, one
+non-blocking copy), which also writes the new cache lengths; value checks of the inputs run only on CPU
+tensors (on a GPU they would synchronise).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from ._utils import FLOAT_DTYPES, INT_DTYPES, check_number, check_same_device, check_tensor, resolve_impl, row_chunk
-from .tree import TreeSpec
+from .tree import TreeSpec, int64_to_device
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,13 @@ def _check_verify_inputs(tree: object, draft_tokens: object, target_logits: obje
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _int64_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """int64 and contiguous, without a dispatcher call when it already is (the engine's case)."""
+    if tensor.dtype == torch.int64 and tensor.is_contiguous():
+        return tensor
+    return tensor.to(torch.int64).contiguous()
 
 
 def _empty_result(batch: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +147,7 @@ def verify_greedy(
     from .kernels.tree_verify import verify_greedy_forward
 
     return VerifyResult(*verify_greedy_forward(
-        tree.parents, tree.depth, tree.ancestor_mask, draft_tokens.to(torch.int64).contiguous(),
+        tree.parents, tree.depth, tree.ancestor_mask, _int64_rows(draft_tokens),
         _rows(target_logits), tree.max_depth + 1,
     ))
 
@@ -309,48 +322,87 @@ def verify_sampling(
     from .kernels.tree_verify import verify_sampling_forward
 
     return VerifyResult(*verify_sampling_forward(
-        tree.parents, draft_tokens.to(torch.int64).contiguous(), _rows(target_logits),
+        tree.parents, _int64_rows(draft_tokens), _rows(target_logits),
         None if thresholds is None else thresholds.contiguous(),
         None if draft_probs is None else _rows(draft_probs), uniforms, temperature, tree.max_depth + 1,
     ))
 
 
-def compact_kv_cache_ref(k: torch.Tensor, v: torch.Tensor, cache_lens: torch.Tensor, accepted: torch.Tensor) -> None:
-    """PyTorch in-place compaction: gather the accepted rows, then scatter them to their new slots."""
-    batch, num_heads, _, head_dim = k.shape
+def _layer_list(name: str, tensors: object) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    if isinstance(tensors, (list, tuple)) and tensors:
+        return list(tensors)
+    raise TypeError(
+        f"{name} must be a torch.Tensor or a non-empty list of tensors (one per layer), got {tensors!r:.80}"
+    )
+
+
+def compact_kv_cache_ref(
+    k: torch.Tensor | Sequence[torch.Tensor],
+    v: torch.Tensor | Sequence[torch.Tensor],
+    cache_lens: torch.Tensor,
+    accepted: torch.Tensor,
+) -> None:
+    """PyTorch in-place compaction: gather the accepted rows, then scatter them to their new slots (the
+    indices are built once and shared by every layer when ``k`` / ``v`` are per-layer lists)."""
+    keys, values = _layer_list("k", k), _layer_list("v", v)
+    batch, num_heads, _, head_dim = keys[0].shape
     width = accepted.shape[1]
-    slots = torch.arange(width, device=k.device)
+    slots = torch.arange(width, device=keys[0].device)
     start = cache_lens.to(torch.int64)[:, None]
     source = start + torch.where(accepted >= 0, accepted, slots)  # padding slots copy onto themselves
     dest = (start + slots)[:, None, :, None].expand(batch, num_heads, width, head_dim)
     source = source[:, None, :, None].expand(batch, num_heads, width, head_dim)
-    for cache in (k, v):
+    for cache in (*keys, *values):
         cache.scatter_(2, dest, cache.gather(2, source))
 
 
 def compact_kv_cache(
-    k: torch.Tensor, v: torch.Tensor, cache_lens: torch.Tensor, result: VerifyResult, *, impl: str = "auto"
+    k: torch.Tensor | Sequence[torch.Tensor],
+    v: torch.Tensor | Sequence[torch.Tensor],
+    cache_lens: torch.Tensor,
+    result: VerifyResult,
+    *,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Move the accepted nodes' K/V rows in place to positions ``cache_lens[b] + 0 .. accept_len[b]``.
 
     Args:
-        k, v: ``[B, H, S, D]`` KV cache holding the prefix then the tree nodes (as for tree attention).
-        cache_lens: integer ``[B]`` prefix lengths before the tree.
+        k, v: ``[B, H, S, D]`` KV cache holding the prefix then the tree nodes (as for tree attention), or
+            lists with one such tensor per layer (same shape, dtype and device): a whole model's cache in
+            one call, one kernel launch on the Triton path when the layers also share strides (as the
+            layers of a transformers ``DynamicCache`` do; otherwise one launch per set of strides).
+        cache_lens: integer ``[B]`` prefix lengths before the tree (every layer has the same prefix).
         result: the :class:`VerifyResult` of this step.
         impl: ``"auto"`` | ``"triton"`` | ``"torch"``.
 
     Returns the new cache lengths ``cache_lens + accept_len + 1`` (the root and the accepted drafts;
-    the bonus token is not in the cache yet). No host synchronisation.
+    the bonus token is not in the cache yet), in ``cache_lens``' dtype. No host synchronisation: with
+    several layers the Triton path passes their addresses in an int64 table (one non-blocking copy).
     """
-    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4)
-    check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=4)
+    keys, values = _layer_list("k", k), _layer_list("v", v)
+    if len(keys) != len(values):
+        raise ValueError(f"k and v must list the same number of layers, got {len(keys)} and {len(values)}")
+    per_layer = len(keys) > 1 or not isinstance(k, torch.Tensor)
+    for index, (layer_k, layer_v) in enumerate(zip(keys, values)):
+        suffix = f"[{index}]" if per_layer else ""
+        check_tensor(f"k{suffix}", layer_k, dtypes=FLOAT_DTYPES, ndim=4)
+        check_tensor(f"v{suffix}", layer_v, dtypes=FLOAT_DTYPES, ndim=4)
+        if layer_k.shape != keys[0].shape or layer_v.shape != keys[0].shape or layer_k.dtype != keys[0].dtype \
+                or layer_v.dtype != keys[0].dtype:
+            raise ValueError(
+                f"k{suffix} and v{suffix} must match k{'[0]' if per_layer else ''}'s shape {tuple(keys[0].shape)} and "
+                f"dtype {keys[0].dtype}, got {tuple(layer_k.shape)} {layer_k.dtype} and {tuple(layer_v.shape)} "
+                f"{layer_v.dtype}"
+            )
+        if index:
+            check_same_device(**{"k[0]": keys[0], f"k{suffix}": layer_k, f"v{suffix}": layer_v})
     check_tensor("cache_lens", cache_lens, dtypes=INT_DTYPES, ndim=1)
     if not isinstance(result, VerifyResult):
         raise TypeError(f"result must be a VerifyResult, got {type(result).__name__}")
-    device = check_same_device(k=k, v=v, cache_lens=cache_lens, accepted_nodes=result.accepted_nodes)
-    if k.shape != v.shape or k.dtype != v.dtype:
-        raise ValueError(f"k and v must match, got {tuple(k.shape)} {k.dtype} and {tuple(v.shape)} {v.dtype}")
-    batch, _, kv_len, _ = k.shape
+    device = check_same_device(k=keys[0], v=values[0], cache_lens=cache_lens, accepted_nodes=result.accepted_nodes)
+    batch, _, kv_len, _ = keys[0].shape
     accepted = result.accepted_nodes
     if cache_lens.shape[0] != batch or accepted.dim() != 2 or accepted.shape[0] != batch:
         raise ValueError(
@@ -360,11 +412,20 @@ def compact_kv_cache(
     if cache_lens.device.type == "cpu" and bool((cache_lens.to(torch.int64) + accepted.shape[1] > kv_len).any()):
         raise ValueError(f"cache_lens + max_depth + 1 must be <= S={kv_len}, got max(cache_lens)={int(cache_lens.max())}")
     if resolve_impl(impl, device) == "torch":
-        compact_kv_cache_ref(k, v, cache_lens, accepted)
-    else:
-        from .kernels.tree_verify import compact_kv_forward
+        compact_kv_cache_ref(keys, values, cache_lens, accepted)
+        return cache_lens + result.accept_len.to(cache_lens.dtype) + 1
+    from .kernels.tree_verify import compact_kv_forward
 
-        if k.stride(-1) != 1 or v.stride(-1) != 1:
-            raise ValueError("impl='triton' compacts in place and needs k and v with unit stride along D")
-        compact_kv_forward(k, v, accepted.to(torch.int64).contiguous(), cache_lens)
-    return cache_lens + result.accept_len.to(cache_lens.dtype) + 1
+    if any(t.stride(-1) != 1 for t in (*keys, *values)):
+        raise ValueError("impl='triton' compacts in place and needs k and v with unit stride along D")
+    groups: dict[tuple, list[int]] = {}
+    for index, (layer_k, layer_v) in enumerate(zip(keys, values)):
+        groups.setdefault((layer_k.stride(), layer_v.stride()), []).append(index)
+    accepted = _int64_rows(accepted)
+    for members in groups.values():
+        group_k, group_v = [keys[i] for i in members], [values[i] for i in members]
+        table = None
+        if len(members) > 1:
+            table = int64_to_device([t.data_ptr() for pair in zip(group_k, group_v) for t in pair], device)
+        new_lens = compact_kv_forward(group_k, group_v, accepted, cache_lens, table)
+    return new_lens

@@ -9,7 +9,14 @@ Sampling statistics per node ``i`` (``x = logit / temperature`` over the tokens 
 and, with draft probabilities ``q``, the SpecInfer residual masses: after ``k`` rejected children the
 residual is ``max(p - c_k q, 0) / N_k`` with ``c_0 = 0, N_0 = 1, c_{k+1} = c_k + N_k``; the sequence
 does not depend on the random outcomes, so it is computed per node in the wide kernel.
+
+Compaction moves the accepted rows of every layer of a cache in one launch (grid ``B * H`` by layers):
+the layers are separate allocations, so their base addresses come from an int64 table and are cast to
+pointers of K's element type (a transformers ``DynamicCache`` holds one K/V pair per layer: a launch per
+layer would cost the host one launch per layer and step).
 """
+
+from typing import Sequence
 
 import torch
 import triton
@@ -18,8 +25,15 @@ import triton.language as tl
 VERIFY_BLOCK_V = 1024
 COMPACT_NUM_WARPS = 4
 # The sampling walk scans the vocabulary for the bonus token: 8 warps (at 4 it spilled predicates to local
-# memory under Triton 3.9; checked by benchmarks/compile_check.py under 3.6 and the newest release).
+# memory under Triton 3.9), except with both a top-k/top-p cut and draft probabilities, where Triton 3.6's
+# aligned variant leaves 8 bytes of stack at 8 warps and 4 are clean under both releases (checked by
+# benchmarks/compile_check.py under 3.6 and the newest release; no warp count is clean for every variant).
 WALK_NUM_WARPS = 8
+WALK_NUM_WARPS_FILTERED_DRAFT = 4
+
+
+def walk_num_warps(has_thresh: bool, has_draft_probs: bool) -> int:
+    return WALK_NUM_WARPS_FILTERED_DRAFT if has_thresh and has_draft_probs else WALK_NUM_WARPS
 
 
 @triton.jit
@@ -304,29 +318,45 @@ def sampling_walk_kernel(
 
 @triton.jit
 def compact_kv_kernel(
-    K, V, ACCEPTED, CACHE_LENS,
+    K, V, KV_PTRS, ACCEPTED, CACHE_LENS, NEW_LENS,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ab,
     num_heads, out_width, head_dim,
-    BLOCK_D: tl.constexpr,
+    FROM_TABLE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Move row ``cache_len + accepted[d]`` to ``cache_len + d`` for each accepted slot d, in increasing d.
-    In order this is safe in place: ``accepted[d] >= d`` (a node's index is at least its depth), so no
-    row is overwritten before it is read."""
+    """Move row ``cache_len + accepted[d]`` to ``cache_len + d`` for each accepted slot d, in increasing d,
+    for one (sequence, KV head) of layer ``program_id(1)``. In order this is safe in place:
+    ``accepted[d] >= d`` (a node's index is at least its depth), so no row is overwritten before it is read.
+
+    ``FROM_TABLE``: the layer's K / V start at the addresses ``KV_PTRS[2 l]`` / ``KV_PTRS[2 l + 1]`` (every
+    layer of a model's cache in one launch; they share K's and V's dtype and strides, K / V being layer 0);
+    otherwise at K / V. ``NEW_LENS[b] = CACHE_LENS[b] + 1 + accepted drafts``, written by one program."""
     pid = tl.program_id(0)
+    layer = tl.program_id(1)
     batch = pid // num_heads
     head = pid % num_heads
+    if FROM_TABLE:
+        k_layer = tl.load(KV_PTRS + 2 * layer).to(tl.pointer_type(K.dtype.element_ty))
+        v_layer = tl.load(KV_PTRS + 2 * layer + 1).to(tl.pointer_type(V.dtype.element_ty))
+    else:
+        k_layer = K
+        v_layer = V
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
     cache_len = tl.load(CACHE_LENS + batch).to(tl.int64)
-    k_base = K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh + dims
-    v_base = V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh + dims
+    k_base = k_layer + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh + dims
+    v_base = v_layer + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh + dims
+    kept = cache_len + 1
     for slot in range(1, out_width):
         node = tl.load(ACCEPTED + batch.to(tl.int64) * stride_ab + slot).to(tl.int64)
+        kept += tl.where(node > 0, 1, 0).to(tl.int64)
         move = dim_ok & (node > 0)
         src = cache_len + node
         dst = cache_len + slot
         tl.store(k_base + dst * stride_ks, tl.load(k_base + src * stride_ks, mask=move), mask=move)
         tl.store(v_base + dst * stride_vs, tl.load(v_base + src * stride_vs, mask=move), mask=move)
+    # A branch, not a masked store: the predicated scalar store took an 8-byte stack frame on sm_80.
+    if (head == 0) & (layer == 0):
+        tl.store(NEW_LENS + batch, kept.to(NEW_LENS.dtype.element_ty))
 
 
 def _pow2(n: int) -> int:
@@ -379,9 +409,11 @@ def verify_sampling_forward(
     row_sum = torch.empty_like(row_max)
     argmax = torch.empty(rows, device=device, dtype=torch.int64)
     has_draft = draft_probs is not None
-    rounds = (rows * num_nodes) if has_draft else 1
-    round_c = torch.empty(rounds, device=device, dtype=torch.float32)
-    round_n = torch.empty_like(round_c)
+    if has_draft:
+        round_c = torch.empty(rows * num_nodes, device=device, dtype=torch.float32)
+        round_n = torch.empty_like(round_c)
+    else:  # never read or written without draft probabilities
+        round_c = round_n = row_max
     thresh = thresholds if thresholds is not None else row_max
     q = draft_probs if has_draft else target_logits
     tree_stride = 0 if parents.shape[0] == 1 else parents.stride(0)
@@ -401,20 +433,32 @@ def verify_sampling_forward(
         accepted, accept_len, next_tokens, emitted,
         target_logits.stride(0), target_logits.stride(1), q.stride(0), q.stride(1), tree_stride,
         draft_tokens.stride(0), uniforms.stride(0), num_nodes, vocab, out_width, inv_temp,
-        BLOCK_T=_pow2(num_nodes), BLOCK_W=_pow2(out_width), num_warps=WALK_NUM_WARPS, **flags,
+        BLOCK_T=_pow2(num_nodes), BLOCK_W=_pow2(out_width),
+        num_warps=walk_num_warps(flags["HAS_THRESH"], flags["HAS_DRAFT_PROBS"]), **flags,
     )
     return accepted, accept_len, next_tokens, emitted
 
 
-def compact_kv_forward(k: torch.Tensor, v: torch.Tensor, accepted: torch.Tensor, cache_lens: torch.Tensor) -> None:
-    """In place on k/v ``[B, H, S, D]`` (unit stride along D); accepted ``[B, W]`` int64 (-1 padded)."""
-    batch, num_heads, _, head_dim = k.shape
-    compact_kv_kernel[(batch * num_heads,)](
-        k, v, accepted, cache_lens,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), accepted.stride(0),
-        num_heads, accepted.shape[1], head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=COMPACT_NUM_WARPS,
+def compact_kv_forward(
+    keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], accepted: torch.Tensor, cache_lens: torch.Tensor,
+    kv_ptrs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """In place on every layer's k / v ``[B, H, S, D]`` (unit stride along D; the layers share shape, dtype
+    and k's and v's strides); accepted ``[B, W]`` int64 with unit stride along W (-1 padded); cache_lens
+    integer ``[B]``. One launch for all layers: with several, ``kv_ptrs`` is the int64 device tensor of
+    their addresses ``[k_0, v_0, k_1, v_1, ...]``. Returns ``cache_lens + 1 + accepted drafts`` (cache_lens'
+    dtype)."""
+    first_k, first_v = keys[0], values[0]
+    batch, num_heads, _, head_dim = first_k.shape
+    new_lens = torch.empty_like(cache_lens)
+    from_table = len(keys) > 1
+    compact_kv_kernel[(batch * num_heads, len(keys))](
+        first_k, first_v, kv_ptrs if from_table else accepted, accepted, cache_lens, new_lens,
+        first_k.stride(0), first_k.stride(1), first_k.stride(2), first_v.stride(0), first_v.stride(1),
+        first_v.stride(2), accepted.stride(0), num_heads, accepted.shape[1], head_dim,
+        FROM_TABLE=from_table, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=COMPACT_NUM_WARPS,
     )
+    return new_lens
 
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -462,17 +506,20 @@ def aot_specs() -> list[dict]:
                         "stride_tree_b": "i32", "stride_tok_b": "i32", "stride_ub": "i32", "num_nodes": "i32",
                         "vocab": "i32", "out_width": "i32", "inv_temp": "fp32",
                     },
-                    "constexprs": {**flags, "BLOCK_W": 64}, "num_warps": WALK_NUM_WARPS, "num_stages": 3,
+                    "constexprs": {**flags, "BLOCK_W": 64},
+                    "num_warps": walk_num_warps(flags["HAS_THRESH"], flags["HAS_DRAFT_PROBS"]), "num_stages": 3,
                 })
-        specs.append({
-            "name": f"tree_verify_compact_kv_{ty}_d128",
-            "fn": compact_kv_kernel,
-            "signature": {"K": f"*{ty}", "V": f"*{ty}", "ACCEPTED": "*i64", "CACHE_LENS": "*i64",
-                          "stride_kb": "i32", "stride_kh": "i32", "stride_ks": "i32", "stride_vb": "i32",
-                          "stride_vh": "i32", "stride_vs": "i32", "stride_ab": "i32", "num_heads": "i32",
-                          "out_width": "i32", "head_dim": "i32"},
-            "constexprs": {"BLOCK_D": 128}, "num_warps": COMPACT_NUM_WARPS, "num_stages": 3,
-        })
+        for from_table in (False, True):
+            specs.append({
+                "name": f"tree_verify_compact_kv_{ty}_d128{'_layers' if from_table else ''}",
+                "fn": compact_kv_kernel,
+                "signature": {"K": f"*{ty}", "V": f"*{ty}", "KV_PTRS": "*i64", "ACCEPTED": "*i64",
+                              "CACHE_LENS": "*i32", "NEW_LENS": "*i32", "stride_kb": "i32", "stride_kh": "i32",
+                              "stride_ks": "i32", "stride_vb": "i32", "stride_vh": "i32", "stride_vs": "i32",
+                              "stride_ab": "i32", "num_heads": "i32", "out_width": "i32", "head_dim": "i32"},
+                "constexprs": {"FROM_TABLE": from_table, "BLOCK_D": 128}, "num_warps": COMPACT_NUM_WARPS,
+                "num_stages": 3,
+            })
     specs.append({
         "name": "tree_verify_greedy_walk",
         "fn": greedy_walk_kernel,

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from benchmarks import bench_kl_div
+from benchmarks import bench_kl_div, engine_overhead
 from benchmarks.harness import Case, device_peaks, environment, run_benchmarks, run_impl
 from distill_ops import kl_div
 
@@ -208,3 +208,43 @@ def test_block_sweep_launches_compute_the_loss(divergence):
     expected = kl_div(student, teacher, divergence=divergence, beta=bench_kl_div.JSD_BETA, reduction="none", impl="torch")
     for name, setup in case.impls.items():
         assert_close(setup()(), expected, torch.float32, msg=name)
+
+
+# The speculative engine's per-step overhead counts (benchmarks/engine_overhead.py), on a tiny pair.
+TINY_PAIR = dict(vocab=128, hidden=32, layers=3, heads=2, kv_heads=1, intermediate=64, draft_layers=1)
+
+
+@pytest.mark.parametrize("config", ["tree-greedy", "chain-sampling"])
+def test_engine_overhead_counts_every_phase(config):
+    result = engine_overhead.measure(config, impl="torch", new_tokens=6, repeats=1, shape=TINY_PAIR, device=DEVICE.type)
+    counts = result["counts"]
+    assert result["new_tokens"] == 6 and result["steps"] >= 1
+    for phase in engine_overhead.PHASES:
+        row = counts[phase]
+        assert row["aten"] == pytest.approx(row["kernel"] + row["alloc"] + row["meta"]), phase
+    for phase in ("draft", "target", "verify", "compaction"):
+        assert counts[phase]["kernel"] > 0, phase
+    assert counts["verify"]["reads"] >= 1  # the step's read of the emitted tokens
+    if config.startswith("tree"):
+        # One host-built buffer per tree (4 draft levels + the verification tree), never torch.tensor.
+        assert counts["tree"]["h2d"] == 5 and "aten.lift_fresh.default" not in result["ops"]["tree"]
+        assert counts["tree"]["kernel"] == 0
+    else:
+        assert counts["tree"]["aten"] == 0  # static trees are prepared once
+    assert set(result["ms"]) == set(engine_overhead.PHASES) and result["target_ms"] > 0
+    text = engine_overhead.format_results([result], top=3)
+    assert f"### {config}, impl=torch" in text and "| overhead |" in text and "- verify: " in text
+
+
+def test_engine_overhead_triton_launches_per_step():
+    """The GPU path's launch structure (interpreter on CPU): verification is two launches, compaction one
+    for every layer, tree attention one per target layer."""
+    result = engine_overhead.measure("tree-greedy", impl="triton", new_tokens=4, repeats=0, shape=TINY_PAIR,
+                                     device=DEVICE.type)
+    counts = result["counts"]
+    assert counts["verify"]["triton"] == 2
+    assert counts["compaction"]["triton"] == 1 and counts["compaction"]["h2d"] == 1  # the layer-address table
+    assert counts["target"]["triton"] == TINY_PAIR["layers"]
+    assert counts["tree"]["triton"] == 0
+    if DEVICE.type == "cpu":
+        assert result["ms"] is None  # interpreter times mean nothing: not reported

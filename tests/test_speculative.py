@@ -258,11 +258,12 @@ def test_eos_as_first_token_and_max_new_tokens_one():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
-def test_cache_after_each_step_equals_a_plain_forward(draft_kind):
+@pytest.mark.parametrize("draft_kind, impl", [("lm", "torch"), ("fspad", "torch"), ("lm", "triton")])
+def test_cache_after_each_step_equals_a_plain_forward(draft_kind, impl):
+    """Also the Triton path, which compacts every layer in one launch (layer addresses in a table)."""
     target, draft_lm = models("qwen2")
     draft = draft_lm if draft_kind == "lm" else make_head(target)
-    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    engine = SpeculativeDecoder(target, draft, impl=impl, **DYNAMIC_TREE)
     checked = []
 
     def check(sequences, cache):
@@ -277,7 +278,7 @@ def test_cache_after_each_step_equals_a_plain_forward(draft_kind):
         checked.append(committed.shape[1])
 
     prompt = prompts(320, [6], seed=11)[0]
-    out = engine.generate(prompt, max_new_tokens=20, eos_token_id=[], step_callback=check)
+    out = engine.generate(prompt, max_new_tokens=20 if impl == "torch" else 8, eos_token_id=[], step_callback=check)
     assert len(checked) == 1 + len(out.accept_lengths)
     assert checked[0] == 6 and checked[-1] == out.sequences.shape[1] - 1
 
@@ -287,10 +288,11 @@ def _record_drafts(monkeypatch):
     records = []
     original = speculative._Generation._draft
 
-    def recording(self, root_token, root_logits, root_state, root_pos):
-        tree, tokens = original(self, root_token, root_logits, root_state, root_pos)
+    def recording(self, root_logits, root_state, root_pos):
+        tree, tokens, positions = original(self, root_logits, root_state, root_pos)
+        assert torch.equal(positions, tree.depth + root_pos)
         records.append((list(self.tokens), tree.parents[0].tolist(), tokens[0].tolist()))
-        return tree, tokens
+        return tree, tokens, positions
 
     monkeypatch.setattr(speculative._Generation, "_draft", recording)
     return records

@@ -8,6 +8,7 @@ import torch
 from distill_ops.tree import (
     MAX_TREE_NODES,
     build_tree,
+    int64_to_device,
     paths_from_tree,
     tree_from_paths,
     tree_from_retrieve,
@@ -137,3 +138,13 @@ def test_bad_retrieve():
         tree_from_retrieve(torch.tensor([1, 1, -1]), torch.tensor([-1, -1, -1]))
     with pytest.raises(ValueError, match="unreachable"):
         tree_from_retrieve(torch.tensor([1, -1, -1]), torch.tensor([-1, -1, -1]))
+
+
+def test_int64_to_device_round_trip():
+    """Host integers (tree data, 48-bit addresses, negative padding) arrive exactly, as int64."""
+    from tests.conftest import DEVICE
+
+    values = [-1, 0, 7, 2**47 + 12345, -(2**63), 2**63 - 1]
+    out = int64_to_device(values, torch.device(DEVICE))
+    assert out.dtype == torch.int64 and out.device.type == torch.device(DEVICE).type
+    assert out.tolist() == values

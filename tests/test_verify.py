@@ -279,6 +279,37 @@ def test_compact_kv_cache_vs_gather(impl):
     assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compact_kv_cache_every_layer_in_one_call(impl):
+    """Per-layer lists (a model's cache in one call, int32 lengths as the engine passes them) move exactly
+    what one call per layer moves; a layer with other strides (a view into a longer buffer) is compacted too."""
+    generator = torch.Generator().manual_seed(3)
+    batch, heads, kv_len, head_dim = 2, 3, 17, 16
+    accepted = torch.tensor([[0, 2, 5, -1], [0, 1, 3, 6]])
+    result = VerifyResult(accepted.to(DEVICE), torch.tensor([2, 3], device=DEVICE),
+                          torch.zeros(2, dtype=torch.int64, device=DEVICE), accepted.to(DEVICE))
+    cache_lens = torch.tensor([4, 9], dtype=torch.int32, device=DEVICE)
+
+    def layer(longer: bool = False) -> torch.Tensor:
+        full = torch.randn(batch, heads, kv_len + (5 if longer else 0), head_dim, generator=generator).to(DEVICE)
+        return full[:, :, :kv_len]
+
+    keys = [layer(), layer(), layer(longer=True), layer()]
+    values = [layer(), layer(longer=True), layer(), layer()]
+    assert keys[2].stride() != keys[0].stride() and values[1].stride() != values[0].stride()
+    original_k, original_v = [k.clone() for k in keys], [v.clone() for v in values]
+    expected_k, expected_v = [k.clone() for k in keys], [v.clone() for v in values]
+    for k, v in zip(expected_k, expected_v):
+        compact_kv_cache(k, v, cache_lens, result, impl="torch")
+    new_lens = compact_kv_cache(keys, values, cache_lens, result, impl=impl)
+    assert new_lens.dtype == torch.int32 and new_lens.tolist() == [7, 13]
+    for got, expected in zip(keys + values, expected_k + expected_v):
+        assert torch.equal(got, expected)
+    for got, original in zip(keys + values, original_k + original_v):  # sequence 1, slot 3 <- node 6
+        assert torch.equal(got[1, :, 9 + 3], original[1, :, 9 + 6])
+        assert torch.equal(got[0, :, 4 + 3], original[0, :, 4 + 3])  # padding slot untouched
+
+
 # ---------------------------------------------------------------- bad inputs
 def test_verify_bad_inputs():
     tree = build_tree(torch.tensor(PARENTS))
@@ -309,3 +340,12 @@ def test_verify_bad_inputs():
         compact_kv_cache(k, k.clone(), torch.tensor([0, 7]), result, impl="torch")
     with pytest.raises(TypeError, match="result must be a VerifyResult"):
         compact_kv_cache(k, k.clone(), torch.tensor([0, 1]), (1, 2), impl="torch")
+    lens = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="k and v must list the same number of layers, got 2 and 1"):
+        compact_kv_cache([k, k.clone()], [k.clone()], lens, result, impl="torch")
+    with pytest.raises(ValueError, match=r"k\[1\] and v\[1\] must match k\[0\]'s shape \(2, 1, 9, 8\)"):
+        compact_kv_cache([k, k[:, :, :8]], [k.clone(), k.clone()], lens, result, impl="torch")
+    with pytest.raises(TypeError, match="k must be a torch.Tensor or a non-empty list of tensors"):
+        compact_kv_cache([], [], lens, result, impl="torch")
+    with pytest.raises(TypeError, match=r"v\[0\] must have dtype"):
+        compact_kv_cache([k], [k.long()], lens, result, impl="torch")
