@@ -78,6 +78,8 @@ DEVICE_PEAKS: list[tuple[str, float, float]] = [
 # GPU run has a hard time budget; do_bench still runs at least one warm-up and one timed call.
 CUDA_WARMUP_MS = 5
 CUDA_REP_MS = 20
+# CUDA passes at least this long (a warm call) skip do_bench (see time_pass).
+CUDA_LONG_PASS_MS = 200.0
 # CPU timing: one warm-up run, then as many runs as fit in this many seconds (1 to 7 runs).
 CPU_SECONDS_PER_MEASUREMENT = 1.0
 CPU_MAX_RUNS = 7
@@ -228,22 +230,32 @@ def environment(device: str) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
+def _wall_seconds(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
 def time_pass(fn: Callable[[], object], device: str, warmup_ms: float, rep_ms: float) -> float:
-    """Median milliseconds of one call of ``fn``."""
+    """Median milliseconds of one call of ``fn``.
+
+    CUDA: ``triton.testing.do_bench``, except for passes longer than ``CUDA_LONG_PASS_MS`` (e.g. a whole
+    ``generate``): do_bench calls those at least eight times (five of them only to estimate the time), so they
+    are timed like CPU passes instead: a warm-up call, a warm call that decides, then as many synchronised calls
+    as fit in ``CPU_SECONDS_PER_MEASUREMENT`` (1 to ``CPU_MAX_RUNS``), the median.
+    """
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    first = _wall_seconds(fn, sync)  # warm-up: first-call costs (compilation, allocator growth) are not measured
     if device == "cuda":
         from triton.testing import do_bench
 
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    start = time.perf_counter()
-    fn()  # warm-up: first-call costs (compilation, allocator growth) are not measured
-    first = time.perf_counter() - start
+        first = _wall_seconds(fn, sync)  # a warm call decides which way to time
+        if first * 1e3 < CUDA_LONG_PASS_MS:
+            return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     runs = max(1, min(CPU_MAX_RUNS, int(CPU_SECONDS_PER_MEASUREMENT / max(first, 1e-6))))
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
+    return statistics.median(_wall_seconds(fn, sync) for _ in range(runs)) * 1e3
 
 
 def _free_device_memory(device: str) -> None:
