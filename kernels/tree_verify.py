@@ -23,6 +23,10 @@ import triton
 import triton.language as tl
 
 VERIFY_BLOCK_V = 1024
+# Greedy argmax: programs to aim for (about 4 per SM on a 132-SM H100 / H200; a fixed number, no device
+# query) and the smallest slice of a row one program scans, in BLOCK_V blocks.
+ARGMAX_TARGET_PROGRAMS = 512
+ARGMAX_MIN_SPLIT_BLOCKS = 4
 COMPACT_NUM_WARPS = 4
 # The sampling walk scans the vocabulary for the bonus token: 8 warps (at 4 it spilled predicates to local
 # memory under Triton 3.9), except with both a top-k/top-p cut and draft probabilities, where Triton 3.6's
@@ -37,34 +41,45 @@ def walk_num_warps(has_thresh: bool, has_draft_probs: bool) -> int:
 
 
 @triton.jit
-def node_argmax_kernel(LOGITS, ARGMAX, stride_lb, stride_lt, num_nodes, vocab, BLOCK_V: tl.constexpr):
-    """ARGMAX[row] = first index of the max of LOGITS[b, i, :] (row = b * T + i)."""
+def node_argmax_kernel(LOGITS, PART_VAL, PART_IDX, stride_lb, stride_lt, num_nodes, vocab, split_len,
+                       BLOCK_V: tl.constexpr):
+    """Partial argmax of one slice of a node's logits row: program (row, split) scans columns
+    [split * split_len, (split + 1) * split_len) of LOGITS[b, i, :] (row = b * T + i) and writes the slice's
+    max (fp32, -inf when empty) and the first index reaching it to PART_VAL / PART_IDX[row, split]."""
     row = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
     batch = row // num_nodes
     node = row % num_nodes
     base = LOGITS + batch.to(tl.int64) * stride_lb + node.to(tl.int64) * stride_lt
     offs = tl.arange(0, BLOCK_V)
+    first_col = split * split_len
+    last_col = tl.minimum(first_col + split_len, vocab)
     best = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    best_idx = offs
-    for start in range(0, vocab, BLOCK_V):
+    best_idx = first_col + offs
+    for start in range(first_col, last_col, BLOCK_V):
         cols = start + offs
-        x = tl.load(base + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        x = tl.load(base + cols, mask=cols < last_col, other=float("-inf")).to(tl.float32)
         better = x > best  # strict: an earlier chunk wins ties, as torch.argmax's first occurrence
         best_idx = tl.where(better, cols, best_idx)
         best = tl.where(better, x, best)
     top = tl.max(best, axis=0)
     first = tl.min(tl.where(best == top, best_idx, vocab), axis=0)
-    tl.store(ARGMAX + row, tl.where(first < vocab, first, 0).to(tl.int64))
+    out = row.to(tl.int64) * num_splits + split
+    tl.store(PART_VAL + out, top)
+    tl.store(PART_IDX + out, first)
 
 
 @triton.jit
 def greedy_walk_kernel(
-    PARENTS, DEPTH, ANC, TOKENS, ARGMAX, ACCEPTED, ACCEPT_LEN, NEXT_TOKENS, EMITTED,
-    stride_tree_b, stride_anc_b, stride_tok_b, num_nodes, num_words, out_width,
+    PARENTS, DEPTH, ANC, TOKENS, PART_VAL, PART_IDX, ARGMAX, ACCEPTED, ACCEPT_LEN, NEXT_TOKENS, EMITTED,
+    stride_tree_b, stride_anc_b, stride_tok_b, num_nodes, num_words, out_width, num_splits, vocab,
     BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """Accept the deepest node whose whole root path matches the target argmax (EAGLE's longest
-    matching path; ties to the smallest node index), vectorised over nodes with the ancestor bitmask."""
+    """Merge the partial argmaxes of this sequence's nodes into ARGMAX (the largest value, the smallest index
+    among equal values: torch.argmax's first occurrence), then accept the deepest node whose whole root path
+    matches the target argmax (EAGLE's longest matching path; ties to the smallest node index), vectorised
+    over nodes with the ancestor bitmask."""
     batch = tl.program_id(0)
     nodes = tl.arange(0, BLOCK_T)
     valid = nodes < num_nodes
@@ -73,6 +88,20 @@ def greedy_walk_kernel(
     depth = tl.load(DEPTH + tree_base + nodes, mask=valid, other=0)
     tokens = tl.load(TOKENS + batch.to(tl.int64) * stride_tok_b + nodes, mask=valid, other=-1)
     argmax_base = ARGMAX + batch.to(tl.int64) * num_nodes
+    part_rows = (batch.to(tl.int64) * num_nodes + nodes) * num_splits
+    best = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    best_idx = tl.full([BLOCK_T], 0, tl.int32)
+    found = tl.zeros([BLOCK_T], tl.int32)
+    for split in range(0, num_splits):  # splits in column order: strict > keeps the first occurrence
+        value = tl.load(PART_VAL + part_rows + split, mask=valid, other=float("-inf"))
+        index = tl.load(PART_IDX + part_rows + split, mask=valid, other=vocab)
+        better = (value > best) | ((found == 0) & (index < vocab))
+        best = tl.where(better, value, best)
+        best_idx = tl.where(better, index, best_idx)
+        found = found | (index < vocab).to(tl.int32)
+    tl.store(argmax_base + nodes, best_idx.to(tl.int64), mask=valid)
+    # The argmaxes are read back by other threads below (parents' and the final node's).
+    tl.debug_barrier()
     parent_target = tl.load(argmax_base + parents, mask=valid & (parents >= 0), other=-2)
     match = valid & ((tokens == parent_target) | (nodes == 0))
     anc_base = ANC + batch.to(tl.int64) * stride_anc_b
@@ -368,18 +397,38 @@ def _block_v(vocab: int) -> int:
     return min(VERIFY_BLOCK_V, _pow2(vocab))
 
 
+def argmax_splits(rows: int, vocab: int, block_v: int) -> int:
+    """Slices per logits row for the greedy argmax: enough programs for about ``ARGMAX_TARGET_PROGRAMS`` (a
+    row per program leaves most SMs idle at B = 1, T = 64, and one program cannot keep enough loads in flight
+    to stream a 128k-entry row at HBM speed), each slice at least ``ARGMAX_MIN_SPLIT_BLOCKS`` blocks."""
+    max_splits = max(1, triton.cdiv(vocab, block_v * ARGMAX_MIN_SPLIT_BLOCKS))
+    return max(1, min(triton.cdiv(ARGMAX_TARGET_PROGRAMS, rows), max_splits))
+
+
 def verify_greedy_forward(
     parents: torch.Tensor, depth: torch.Tensor, ancestor_mask: torch.Tensor, draft_tokens: torch.Tensor,
-    target_logits: torch.Tensor, out_width: int,
+    target_logits: torch.Tensor, out_width: int, num_splits: int | None = None, block_v: int | None = None,
 ):
     """Launch greedy verification. Tree tensors ``[Bt, T(, W)]`` contiguous (Bt 1 or B), draft_tokens
-    ``[B, T]``, target_logits ``[B, T, V]`` with unit stride along V. Returns the four result tensors."""
+    ``[B, T]``, target_logits ``[B, T, V]`` with unit stride along V. Returns the four result tensors.
+
+    Two launches: partial argmaxes over ``num_splits`` column slices per node row (default
+    :func:`argmax_splits`), then one program per sequence merges them and walks the tree. ``block_v``
+    overrides the argmax block (tests use small blocks to split small vocabularies)."""
     batch, num_nodes, vocab = target_logits.shape
     device = target_logits.device
-    argmax = torch.empty(batch * num_nodes, device=device, dtype=torch.int64)
-    node_argmax_kernel[(batch * num_nodes,)](
-        target_logits, argmax, target_logits.stride(0), target_logits.stride(1), num_nodes, vocab,
-        BLOCK_V=_block_v(vocab), num_warps=4,
+    rows = batch * num_nodes
+    block_v = block_v or _block_v(vocab)
+    if num_splits is None:
+        num_splits = argmax_splits(rows, vocab, block_v)
+    split_len = triton.cdiv(triton.cdiv(vocab, num_splits), block_v) * block_v
+    num_splits = triton.cdiv(vocab, split_len)
+    part_val = torch.empty(rows * num_splits, device=device, dtype=torch.float32)
+    part_idx = torch.empty(rows * num_splits, device=device, dtype=torch.int32)
+    argmax = torch.empty(rows, device=device, dtype=torch.int64)
+    node_argmax_kernel[(rows, num_splits)](
+        target_logits, part_val, part_idx, target_logits.stride(0), target_logits.stride(1), num_nodes, vocab,
+        split_len, BLOCK_V=block_v, num_warps=4,
     )
     accepted = torch.empty(batch, out_width, device=device, dtype=torch.int64)
     emitted = torch.empty_like(accepted)
@@ -388,9 +437,9 @@ def verify_greedy_forward(
     tree_stride = 0 if parents.shape[0] == 1 else parents.stride(0)
     anc_stride = 0 if ancestor_mask.shape[0] == 1 else ancestor_mask.stride(0)
     greedy_walk_kernel[(batch,)](
-        parents, depth, ancestor_mask, draft_tokens, argmax, accepted, accept_len, next_tokens, emitted,
-        tree_stride, anc_stride, draft_tokens.stride(0), num_nodes, ancestor_mask.shape[2], out_width,
-        BLOCK_T=_pow2(num_nodes), BLOCK_W=_pow2(out_width), num_warps=1,
+        parents, depth, ancestor_mask, draft_tokens, part_val, part_idx, argmax, accepted, accept_len, next_tokens,
+        emitted, tree_stride, anc_stride, draft_tokens.stride(0), num_nodes, ancestor_mask.shape[2], out_width,
+        num_splits, vocab, BLOCK_T=_pow2(num_nodes), BLOCK_W=_pow2(out_width), num_warps=1,
     )
     return accepted, accept_len, next_tokens, emitted
 
@@ -472,8 +521,8 @@ def aot_specs() -> list[dict]:
         specs.append({
             "name": f"tree_verify_argmax_{ty}",
             "fn": node_argmax_kernel,
-            "signature": {"LOGITS": f"*{ty}", "ARGMAX": "*i64", "stride_lb": "i32", "stride_lt": "i32",
-                          "num_nodes": "i32", "vocab": "i32"},
+            "signature": {"LOGITS": f"*{ty}", "PART_VAL": "*fp32", "PART_IDX": "*i32", "stride_lb": "i32",
+                          "stride_lt": "i32", "num_nodes": "i32", "vocab": "i32", "split_len": "i32"},
             "constexprs": {"BLOCK_V": VERIFY_BLOCK_V},
             "num_warps": 4, "num_stages": 3,
         })
@@ -524,10 +573,10 @@ def aot_specs() -> list[dict]:
         "name": "tree_verify_greedy_walk",
         "fn": greedy_walk_kernel,
         "signature": {
-            "PARENTS": "*i64", "DEPTH": "*i64", "ANC": "*i64", "TOKENS": "*i64", "ARGMAX": "*i64",
-            "ACCEPTED": "*i64", "ACCEPT_LEN": "*i64", "NEXT_TOKENS": "*i64", "EMITTED": "*i64",
-            "stride_tree_b": "i32", "stride_anc_b": "i32", "stride_tok_b": "i32", "num_nodes": "i32",
-            "num_words": "i32", "out_width": "i32",
+            "PARENTS": "*i64", "DEPTH": "*i64", "ANC": "*i64", "TOKENS": "*i64", "PART_VAL": "*fp32",
+            "PART_IDX": "*i32", "ARGMAX": "*i64", "ACCEPTED": "*i64", "ACCEPT_LEN": "*i64", "NEXT_TOKENS": "*i64",
+            "EMITTED": "*i64", "stride_tree_b": "i32", "stride_anc_b": "i32", "stride_tok_b": "i32",
+            "num_nodes": "i32", "num_words": "i32", "out_width": "i32", "num_splits": "i32", "vocab": "i32",
         },
         "constexprs": {"BLOCK_T": 64, "BLOCK_W": 64}, "num_warps": 1, "num_stages": 3,
     })

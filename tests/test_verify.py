@@ -349,3 +349,47 @@ def test_verify_bad_inputs():
         compact_kv_cache([], [], lens, result, impl="torch")
     with pytest.raises(TypeError, match=r"v\[0\] must have dtype"):
         compact_kv_cache([k], [k.long()], lens, result, impl="torch")
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 64])
+def test_greedy_split_argmax_keeps_the_first_maximum(num_splits):
+    """The Triton greedy path splits each logits row into column slices and merges their partial argmaxes:
+    with heavily tied logits (ties across slice boundaries), rows that are all -inf and maxima in the last
+    column, it must still pick torch.argmax's first occurrence everywhere (checked through the result)."""
+    from distill_ops.kernels.tree_verify import verify_greedy_forward
+    from distill_ops.verify import verify_greedy_ref
+
+    rng = random.Random(num_splits)
+    gen = torch.Generator().manual_seed(num_splits)
+    batch, num_nodes, vocab = 3, 20, 301
+    logits = torch.randint(0, 3, (batch, num_nodes, vocab), generator=gen).float()  # three levels: many ties
+    logits[0, 3] = float("-inf")
+    logits[1, 5, -1] = 10.0  # the maximum in the very last column
+    logits[2, 0, 290:] = 5.0  # tied maxima inside the last slice only
+    parents, tokens = random_tree_and_tokens(num_nodes, vocab, logits, rng)
+    tree = build_tree(parents.to(DEVICE))
+    logits, tokens = logits.to(DEVICE), tokens.to(DEVICE)
+    expected = verify_greedy_ref(tree, tokens, logits)
+    actual = VerifyResult(*verify_greedy_forward(
+        tree.parents, tree.depth, tree.ancestor_mask, tokens, logits, tree.max_depth + 1,
+        num_splits=num_splits, block_v=16,
+    ))
+    for field in ("accepted_nodes", "accept_len", "next_tokens", "emitted_tokens"):
+        assert torch.equal(getattr(actual, field), getattr(expected, field)), field
+
+
+def test_greedy_splits_large_vocabularies_by_default():
+    """At V = 20000 the default splits each row (several programs per node) and matches the reference."""
+    from distill_ops.kernels.tree_verify import VERIFY_BLOCK_V, argmax_splits
+    from distill_ops.verify import verify_greedy_ref
+
+    batch, num_nodes, vocab = 2, 9, 20000
+    assert argmax_splits(batch * num_nodes, vocab, VERIFY_BLOCK_V) > 1
+    rng = random.Random(5)
+    logits = torch.randn(batch, num_nodes, vocab, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    parents, tokens = random_tree_and_tokens(num_nodes, vocab, logits.float(), rng)
+    tree = build_tree(parents.to(DEVICE))
+    expected = verify_greedy_ref(tree, tokens.to(DEVICE), logits.to(DEVICE))
+    actual = verify_greedy(tree, tokens.to(DEVICE), logits.to(DEVICE), impl="triton")
+    for field in ("accepted_nodes", "accept_len", "next_tokens", "emitted_tokens"):
+        assert torch.equal(getattr(actual, field), getattr(expected, field)), field
