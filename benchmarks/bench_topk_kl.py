@@ -196,6 +196,34 @@ ALL_IMPLS = (
 )
 
 
+SELECT_OP = "topk_select"
+
+
+def select_case(rows: int, vocab: int, k: int, dtype: torch.dtype, device: str) -> Case:
+    """The dense teacher's selection alone: our radix-select kernel vs ``torch.topk`` (forward only)."""
+    from distill_ops.kernels.topk_select import topk_select
+
+    def setup(impl: str):
+        def make() -> Callable[[], object]:
+            _, teacher, _, _ = make_inputs(rows, vocab, k, dtype, device)
+            if impl == "ours_triton":
+                return lambda: topk_select(teacher, k)
+            return lambda: torch.topk(teacher, k, dim=-1, sorted=False)
+
+        return make
+
+    itemsize = torch.finfo(dtype).bits // 8
+    return Case(
+        op=SELECT_OP,
+        params={"N": rows, "V": vocab, "k": k, "dtype": DTYPE_NAMES[dtype]},
+        impls={"ours_triton": setup("ours_triton"), "torch_topk": setup("torch_topk")},
+        forward_only=True,
+        bytes_moved=rows * vocab * itemsize,  # one read of the teacher (ours usually reads it twice)
+        notes="Selection of the dense teacher's top-k alone: `distill_ops.kernels.topk_select.topk_select` (radix "
+              "select, rows in ascending index order) vs `torch.topk(sorted=False)`. % HBM: one read of the teacher.",
+    )
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     """topk_kl_div benchmark cases for ``device`` (``"cuda"`` or ``"cpu"``; CPU always gets its small shapes)."""
     if device == "cuda":
@@ -220,6 +248,9 @@ def cases(device: str, quick: bool) -> list[Case]:
             skipped["torch_compile_sparse"] = reason
             skipped["torch_compile_dense"] = reason
         result.append(topk_case(rows, vocab, k, tail, dtype, device, ALL_IMPLS, skipped))
+    if device == "cuda":
+        rows, vocab, k, _ = shapes[0]
+        result.append(select_case(rows, vocab, k, dtype, device))
     return result
 
 

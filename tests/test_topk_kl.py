@@ -704,3 +704,17 @@ def test_bad_inputs():
         DACKLLoss(vocab_top_m=0)
     with pytest.raises(ValueError, match="tail must be one of"):
         DACKLLoss(tail="drop")
+
+
+def test_selection_benchmark_case_selects_the_top_k():
+    """The benchmark's selection-only case (GPU) runs our kernel and torch.topk on the same teacher: on CPU under
+    the interpreter both select the same set."""
+    from benchmarks import bench_topk_kl as bench
+
+    case = bench.select_case(3, 700, 9, torch.float32, DEVICE.type)
+    assert set(case.impls) == {"ours_triton", "torch_topk"} and case.forward_only
+    ours_values, ours_indices = case.impls["ours_triton"]()()
+    torch_values, torch_indices = case.impls["torch_topk"]()()
+    assert torch.equal(ours_indices.sort(-1).values, torch_indices.sort(-1).values)
+    assert torch.equal(ours_values.sort(-1).values, torch_values.sort(-1).values)
+    assert any(c.op == bench.SELECT_OP for c in bench.cases("cuda", quick=True))
