@@ -17,6 +17,11 @@ Backends:
   (``[N, chunk]``, chunk <= V / 4 and <= 2^24 elements); cuBLAS turns it into ``d_hidden`` (fp32
   accumulator across chunks) and that chunk's rows of ``d_weight`` (written once, fp32 accumulation
   over all tokens inside the GEMM). Deterministic: no atomics.
+  ``TRITON_STRATEGY = "gemm"`` (a module setting, default ``"tiles"``) keeps the same kernels and algorithm
+  but lets cuBLAS compute each vocabulary chunk of both sides' logits into fp32 ``[N, chunk]`` buffers
+  (``GEMM_CHUNK_ELEMENTS`` each, bf16 operands, fp32 accumulation and output), which the kernels read
+  instead of multiplying: logits do reach HBM, one chunk at a time, in exchange for cuBLAS's GEMM speed.
+  Which one is faster is for the GPU benchmark to say (not measured yet).
 * ``torch``: the same algorithm chunked over tokens and over the vocabulary (at most 2^18 fp32
   elements per logits chunk), fp32 math, using the divergence pieces of :mod:`distill_ops.kl_div`.
 
@@ -275,15 +280,33 @@ def fused_linear_backward_triton(
     temperature: float,
     need_weight_grad: bool,
     need_bias_grad: bool,
+    strategy: str = "tiles",
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Triton dL/dz per vocabulary chunk + cuBLAS GEMMs; ``d_hidden`` in fp32, ``d_weight`` in the weight's dtype."""
-    from .kernels.fused_linear import default_config, fused_linear_grad_logits, grad_chunk_columns
+    """Triton dL/dz per vocabulary chunk + cuBLAS GEMMs; ``d_hidden`` in fp32, ``d_weight`` in the weight's dtype.
 
+    ``strategy="gemm"``: each chunk's logits come from cuBLAS into fp32 buffers (see
+    :data:`distill_ops.kernels.fused_linear.STRATEGIES`) and the dL/dz kernel reads them."""
+    from .kernels.fused_linear import (
+        GEMM_CHUNK_CONFIG,
+        _GemmChunks,
+        check_strategy,
+        default_config,
+        fused_linear_grad_logits,
+        grad_chunk_columns,
+    )
+
+    check_strategy(strategy)
     s_hidden, s_weight = inputs.s_hidden, inputs.s_weight
     num_rows, vocab = s_hidden.shape[0], s_weight.shape[0]
     device = s_hidden.device
-    block_v = default_config(s_hidden.dtype, "grad", divergence)[1]
-    chunk = min(grad_chunk_columns(num_rows, vocab, block_v), vocab)
+    chunks = None
+    if strategy == "gemm":
+        chunks = _GemmChunks(s_hidden, s_weight, inputs.t_hidden, inputs.t_weight, inputs.t_logits,
+                             GEMM_CHUNK_CONFIG[1])
+        chunk = min(chunks.columns, vocab)
+    else:
+        block_v = default_config(s_hidden.dtype, "grad", divergence)[1]
+        chunk = min(grad_chunk_columns(num_rows, vocab, block_v), vocab)
     # dL/dz in the operands' dtype: what the GEMMs take (as every bf16 training step does).
     grad_buffer = torch.empty(num_rows, chunk, dtype=s_hidden.dtype, device=device)
     d_hidden = torch.zeros(num_rows, s_hidden.shape[1], dtype=torch.float32, device=device)
@@ -292,10 +315,11 @@ def fused_linear_backward_triton(
     for start in range(0, vocab, chunk):
         stop = min(start + chunk, vocab)
         grad_chunk = grad_buffer[:, : stop - start]
+        s_logits, t_logits = chunks.logits(start, stop) if chunks is not None else (None, inputs.t_logits)
         fused_linear_grad_logits(
-            s_hidden, s_weight, inputs.s_bias, inputs.t_hidden, inputs.t_weight, inputs.t_bias, inputs.t_logits,
+            s_hidden, s_weight, inputs.s_bias, inputs.t_hidden, inputs.t_weight, inputs.t_bias, t_logits,
             labels, row_stats, kl_scale, ce_scale, grad_chunk, start,
-            divergence=divergence, coef=coef, temperature=temperature,
+            divergence=divergence, coef=coef, temperature=temperature, s_logits=s_logits,
         )
         _accumulate_mm(d_hidden, grad_chunk, s_weight[start:stop])
         if d_weight is not None:
@@ -308,6 +332,17 @@ def fused_linear_backward_triton(
 # --------------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------------
+
+
+# The Triton path's strategy (``distill_ops.kernels.fused_linear.STRATEGIES``): "tiles" (the default: logit
+# tiles with tl.dot inside the kernels, never written) or "gemm" (cuBLAS logits chunks read by the same
+# kernels). Read when the op is called (a torch.compile'd graph keeps the value it was traced with). Which is
+# faster is for the GPU benchmark to say (`fused_linear_kl_div` cases ours_triton / ours_triton_gemm).
+TRITON_STRATEGY = "tiles"
+
+
+def _strategy(backend: str) -> str:
+    return "gemm" if backend == "triton_gemm" else "tiles"
 
 
 def _active_rows(labels: Optional[Tensor], ignore_index: int) -> Optional[Tensor]:
@@ -334,12 +369,13 @@ def _fused_linear_rows_op(
 ) -> tuple[Tensor, Tensor]:
     """Per-row loss (fp32 [N], 0 at ignored rows) and the [4, N] statistics backward needs."""
     has_ce = ce_weight != 0.0
-    if backend == "triton":
+    if backend.startswith("triton"):
         from .kernels.fused_linear import fused_linear_stats
 
         divergence_rows, ce_rows, row_stats = fused_linear_stats(
             s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels,
             divergence=divergence, coef=coef, temperature=temperature, has_ce=has_ce,
+            strategy=_strategy(backend),
         )
     else:
         inputs = _Inputs(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits)
@@ -395,11 +431,14 @@ def _fused_linear_backward_op(
     kl_scale = grad_rows * (kl_weight / temperature)
     ce_scale = grad_rows * ce_weight if ce_weight != 0.0 else None
     inputs = _Inputs(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits)
-    run = fused_linear_backward_triton if backend == "triton" else fused_linear_backward_torch
-    d_hidden, d_weight, d_bias = run(
-        inputs, labels, row_stats, kl_scale, ce_scale, divergence=divergence, coef=coef, temperature=temperature,
-        need_weight_grad=need_weight_grad, need_bias_grad=need_bias_grad,
-    )
+    options = dict(divergence=divergence, coef=coef, temperature=temperature, need_weight_grad=need_weight_grad,
+                   need_bias_grad=need_bias_grad)
+    if backend.startswith("triton"):
+        d_hidden, d_weight, d_bias = fused_linear_backward_triton(
+            inputs, labels, row_stats, kl_scale, ce_scale, strategy=_strategy(backend), **options)
+    else:
+        d_hidden, d_weight, d_bias = fused_linear_backward_torch(inputs, labels, row_stats, kl_scale, ce_scale,
+                                                                 **options)
     return (
         d_hidden.to(s_hidden.dtype),
         s_hidden.new_empty((0,)) if d_weight is None else d_weight.to(s_weight.dtype),
@@ -582,6 +621,10 @@ def fused_linear_kl_div(
     elif ce_weight > 0.0:
         raise ValueError(f"ce_weight={ce_weight} > 0 needs labels (the cross-entropy targets), got labels=None")
     backend = resolve_impl(impl, device)
+    if backend == "triton":
+        check_choice("distill_ops.fused_linear.TRITON_STRATEGY", TRITON_STRATEGY, ("tiles", "gemm"))
+        if TRITON_STRATEGY == "gemm":
+            backend = "triton_gemm"
     divergence, coef = _canonical_divergence(divergence, beta, alpha)
 
     s_hidden = _hidden_rows(student_hidden)

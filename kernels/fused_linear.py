@@ -42,18 +42,18 @@ NUM_PASS2_STATS = 2
 # once: 64 x 64 tiles (16 registers per thread per tile at 8 warps). The gradient kernel of the plain
 # KLs has fewer live values and takes 64 x 128; the mixture / TVD gradient evaluates several logs /
 # exps per element and stays at 64 x 64. A dense teacher-logits tile arrives in a load layout, not the
-# dot's: the layout conversions cost registers, so that mode's statistics use 32-token tiles. fp32
-# inputs go through FMA (not tensor cores), whose operands live in registers: small tiles. All
+# dot's: the layout conversions cost registers, so that mode's statistics use 16-token tiles (32 left
+# Triton 3.9 spilling 8 bytes in the TVD pass). fp32 inputs go through FMA (not tensor cores), whose operands live in registers: small tiles. All
 # spill-free on sm_80 / sm_90a (benchmarks/compile_check.py).
 # Triton 3.9's code generation needs more registers than 3.6's for some of these, so the tiles below
 # are the ones spill-free under both (the floor and the newest release, both checked in CI): the
 # mixture gradient takes 32-token tiles, the KL gradient with a dense teacher-logits tile 64-wide
 # vocabulary tiles, fp32 smaller tiles. The static check also compiles the *aligned* variant (every integer
 # argument a multiple of 16, as the JIT specialises at real shapes, which software-pipelines the H loops): the
-# fp32 statistics kernel takes 16 x 16 tiles with two stages, the only nearby configuration spill-free in both
-# variants under both releases (16 x 32 left ptxas spilling 8 bytes in the mixture pass).
-STATS_CONFIGS = {"16bit": (64, 64, 32, 8, 3), "fp32": (16, 16, 32, 4, 2)}
-LOGITS_STATS_CONFIGS = {"16bit": (32, 32, 32, 4, 3), "fp32": (16, 16, 32, 4, 2)}
+# fp32 statistics kernel takes 16 x 16 tiles, BLOCK_H 16, two stages: the only nearby configuration spill-free in
+# both variants under both releases (wider tiles, BLOCK_H 32 or other warp counts left ptxas spilling 8 bytes).
+STATS_CONFIGS = {"16bit": (64, 64, 32, 8, 3), "fp32": (16, 16, 16, 4, 2)}
+LOGITS_STATS_CONFIGS = {"16bit": (16, 32, 32, 4, 3), "fp32": (16, 16, 32, 4, 2)}
 KL_GRAD_CONFIGS = {"16bit": (64, 128, 32, 8, 3), "fp32": (16, 64, 32, 4, 2)}
 LOGITS_KL_GRAD_CONFIGS = {"16bit": (64, 64, 32, 8, 3), "fp32": (16, 64, 32, 4, 2)}
 MIXTURE_GRAD_CONFIGS = {"16bit": (32, 64, 32, 8, 3), "fp32": (16, 16, 32, 4, 2)}
@@ -68,6 +68,64 @@ TARGET_PROGRAMS = 528
 MIN_TILES_PER_SPLIT = 4
 # Backward: elements of one dL/dz chunk ([N, chunk]); the chunk is also at most a quarter of V.
 GRAD_CHUNK_ELEMENTS = 1 << 24
+
+
+# Strategies of the Triton path (``fused_linear_kl_div``'s ``distill_ops.fused_linear.TRITON_STRATEGY``):
+# * "tiles": the kernels compute logit tiles with tl.dot and never write logits (the design's kernel).
+# * "gemm": cuBLAS computes one vocabulary chunk of both sides' logits at a time into fp32 [N, chunk]
+#   buffers (bf16 operands, fp32 accumulation and output, GEMM_CHUNK_ELEMENTS each) and the same kernels
+#   read them (STUDENT_LOGITS / TEACHER_LOGITS) instead of multiplying: the GEMMs run at cuBLAS speed,
+#   the price is 16 bytes per logit of chunk traffic and two chunk buffers of memory.
+STRATEGIES = ("tiles", "gemm")
+GEMM_CHUNK_ELEMENTS = 1 << 23
+# Elementwise launches over logits buffers (no tl.dot; BLOCK_H unused): 16 x 64 tiles, the widest spill-free
+# in the generic variant, where an unknown row alignment scalarises the loads (32 x 64 and 16 x 128 spill).
+GEMM_CHUNK_CONFIG = (16, 64, 16, 4, 1)
+
+
+def check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+def gemm_chunk_columns(num_rows: int, vocab: int, block_v: int) -> int:
+    """Columns of one GEMM-strategy logits chunk: a multiple of ``block_v`` within the element budget."""
+    budget = min(GEMM_CHUNK_ELEMENTS // max(num_rows, 1), vocab)
+    return max(block_v, budget // block_v * block_v)
+
+
+def logits_chunk(hidden: torch.Tensor, weight: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    """``hidden @ weight[start:stop].T`` into ``out[:, :stop - start]`` in fp32 (fp32 accumulation; on CUDA
+    cuBLAS takes the 16-bit operands directly and writes fp32)."""
+    dest = out[:, : stop - start]
+    rows = weight[start:stop].T
+    if hidden.dtype == torch.float32:
+        torch.mm(hidden, rows, out=dest)
+    elif hidden.is_cuda:
+        torch.ops.aten.addmm.dtype_out(dest, hidden, rows, torch.float32, beta=0, out=dest)
+    else:  # the interpreter path on CPU
+        torch.mm(hidden.float(), rows.float(), out=dest)
+    return dest
+
+
+class _GemmChunks:
+    """The GEMM strategy's two fp32 [N, columns] logits buffers (the teacher's only for a hidden teacher)."""
+
+    def __init__(self, s_hidden, s_weight, t_hidden, t_weight, t_logits, block_v: int):
+        num_rows, vocab = s_hidden.shape[0], s_weight.shape[0]
+        self.columns = gemm_chunk_columns(num_rows, vocab, block_v)
+        self.s_hidden, self.s_weight, self.t_hidden, self.t_weight, self.t_logits = (
+            s_hidden, s_weight, t_hidden, t_weight, t_logits)
+        width = min(self.columns, vocab)
+        self.s_buffer = torch.empty(num_rows, width, dtype=torch.float32, device=s_hidden.device)
+        self.t_buffer = None if t_logits is not None else torch.empty_like(self.s_buffer)
+
+    def logits(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student, teacher) logits of columns [start, stop): views of the buffers, or of teacher_logits."""
+        student = logits_chunk(self.s_hidden, self.s_weight, start, stop, self.s_buffer)
+        if self.t_logits is not None:
+            return student, self.t_logits[:, start:stop]
+        return student, logits_chunk(self.t_hidden, self.t_weight, start, stop, self.t_buffer)
 
 
 def default_config(
@@ -138,6 +196,18 @@ def _logit_tile(
 
 
 @triton.jit
+def _stored_logits(logits_ptr, stride, bias_ptr, rows, cols, row_mask, col_mask, col_offset, HAS_BIAS: tl.constexpr):
+    """fp32 logits tile read from a matrix whose column 0 is vocabulary column ``col_offset`` (+ bias)."""
+    tile = tl.load(
+        logits_ptr + rows[:, None] * stride + (cols - col_offset)[None, :],
+        mask=row_mask[:, None] & col_mask[None, :], other=float("-inf"),
+    ).to(tl.float32)
+    if HAS_BIAS:
+        tile += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return tile
+
+
+@triton.jit
 def _both_logit_tiles(
     s_hidden_ptr,
     s_weight_ptr,
@@ -157,7 +227,9 @@ def _both_logit_tiles(
     col_mask,
     Hs,
     Ht,
+    logits_col_offset,
     HAS_S_BIAS: tl.constexpr,
+    STUDENT_LOGITS: tl.constexpr,
     TEACHER_LOGITS: tl.constexpr,
     HAS_T_BIAS: tl.constexpr,
     S_PRECISION: tl.constexpr,
@@ -166,17 +238,23 @@ def _both_logit_tiles(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """Raw student logits z and teacher logits (both fp32, unscaled; -inf outside the vocabulary)."""
-    z = _logit_tile(
-        s_hidden_ptr, s_weight_ptr, s_bias_ptr, stride_s_hidden, stride_s_weight, rows, cols, row_mask, col_mask,
-        Hs, HAS_S_BIAS, S_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
-    )
+    """Raw student logits z and teacher logits (both fp32, unscaled; -inf outside the vocabulary).
+
+    STUDENT_LOGITS / TEACHER_LOGITS: that side's logits are read from a matrix (``s_hidden_ptr`` /
+    ``t_logits_ptr`` with row strides ``stride_s_hidden`` / ``stride_t_logits``) whose column 0 is vocabulary
+    column ``logits_col_offset`` (a chunk buffer of the GEMM strategy), plus the bias if that side has one;
+    otherwise they are computed with ``tl.dot``."""
+    if STUDENT_LOGITS:
+        z = _stored_logits(s_hidden_ptr, stride_s_hidden, s_bias_ptr, rows, cols, row_mask, col_mask,
+                           logits_col_offset, HAS_S_BIAS)
+    else:
+        z = _logit_tile(
+            s_hidden_ptr, s_weight_ptr, s_bias_ptr, stride_s_hidden, stride_s_weight, rows, cols, row_mask,
+            col_mask, Hs, HAS_S_BIAS, S_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+        )
     if TEACHER_LOGITS:
-        t = tl.load(
-            t_logits_ptr + rows[:, None] * stride_t_logits + cols[None, :],
-            mask=row_mask[:, None] & col_mask[None, :],
-            other=float("-inf"),
-        ).to(tl.float32)
+        t = _stored_logits(t_logits_ptr, stride_t_logits, t_bias_ptr, rows, cols, row_mask, col_mask,
+                           logits_col_offset, HAS_T_BIAS)
     else:
         t = _logit_tile(
             t_hidden_ptr, t_weight_ptr, t_bias_ptr, stride_t_hidden, stride_t_weight, rows, cols, row_mask,
@@ -208,14 +286,18 @@ def _fused_linear_stats_kernel(
     V,
     Hs,
     Ht,
+    col_start,
     num_splits,
     tiles_per_split,
+    split_base,
+    partial_splits,
     inv_temperature,
     temperature,
     coef,
     DIVERGENCE: tl.constexpr,
     PASS: tl.constexpr,
     HAS_S_BIAS: tl.constexpr,
+    STUDENT_LOGITS: tl.constexpr,
     TEACHER_LOGITS: tl.constexpr,
     HAS_T_BIAS: tl.constexpr,
     HAS_CE: tl.constexpr,
@@ -231,11 +313,13 @@ def _fused_linear_stats_kernel(
     rows = (n_block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
     col_offsets = tl.arange(0, BLOCK_V)
-    first_col = split * tiles_per_split * BLOCK_V
+    # Columns [col_start, V) are split among the programs of this launch; logits buffers (STUDENT_LOGITS /
+    # TEACHER_LOGITS) start at vocabulary column col_start.
+    first_col = col_start + split * tiles_per_split * BLOCK_V
     last_col = tl.minimum(first_col + tiles_per_split * BLOCK_V, V)
-    # [stats, splits, N] partials: stats * splits * N stays far below 2^31.
-    partial_rows = partial_ptr + split * N + rows
-    split_stride = num_splits * N
+    # [stats, partial_splits, N] partials, this launch's splits from slot split_base: far below 2^31 entries.
+    partial_rows = partial_ptr + (split_base + split) * N + rows
+    split_stride = partial_splits * N
 
     if PASS == 1:
         # Running maxima start at a finite floor so exp(m_old - m_new) is defined while a row has only
@@ -250,14 +334,14 @@ def _fused_linear_stats_kernel(
         label_logit = tl.zeros([BLOCK_N], tl.float32)
         if HAS_CE:
             labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-        for col_start in range(first_col, last_col, BLOCK_V):
-            cols = (col_start + col_offsets).to(tl.int64)
+        for tile_start in range(first_col, last_col, BLOCK_V):
+            cols = (tile_start + col_offsets).to(tl.int64)
             col_mask = cols < last_col
             z, t = _both_logit_tiles(
                 s_hidden_ptr, s_weight_ptr, s_bias_ptr, t_hidden_ptr, t_weight_ptr, t_bias_ptr, t_logits_ptr,
                 stride_s_hidden, stride_s_weight, stride_t_hidden, stride_t_weight, stride_t_logits,
-                rows, cols, row_mask, col_mask, Hs, Ht, HAS_S_BIAS, TEACHER_LOGITS, HAS_T_BIAS,
-                S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+                rows, cols, row_mask, col_mask, Hs, Ht, col_start, HAS_S_BIAS, STUDENT_LOGITS, TEACHER_LOGITS,
+                HAS_T_BIAS, S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
             )
             # Sides one after the other, so that few [BLOCK_N, BLOCK_V] temporaries are live at once.
             a = z * inv_temperature
@@ -297,14 +381,14 @@ def _fused_linear_stats_kernel(
         lse_t = tl.load(lse_ptr + N + rows, mask=row_mask, other=0.0)
         loss_acc = tl.zeros([BLOCK_N], tl.float32)
         dot_acc = tl.zeros([BLOCK_N], tl.float32)
-        for col_start in range(first_col, last_col, BLOCK_V):
-            cols = (col_start + col_offsets).to(tl.int64)
+        for tile_start in range(first_col, last_col, BLOCK_V):
+            cols = (tile_start + col_offsets).to(tl.int64)
             col_mask = cols < last_col
             z, t = _both_logit_tiles(
                 s_hidden_ptr, s_weight_ptr, s_bias_ptr, t_hidden_ptr, t_weight_ptr, t_bias_ptr, t_logits_ptr,
                 stride_s_hidden, stride_s_weight, stride_t_hidden, stride_t_weight, stride_t_logits,
-                rows, cols, row_mask, col_mask, Hs, Ht, HAS_S_BIAS, TEACHER_LOGITS, HAS_T_BIAS,
-                S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+                rows, cols, row_mask, col_mask, Hs, Ht, col_start, HAS_S_BIAS, STUDENT_LOGITS, TEACHER_LOGITS,
+                HAS_T_BIAS, S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
             )
             term, g, q = _divergence_terms(
                 z * inv_temperature, t * inv_temperature, lse_s[:, None], lse_t[:, None], coef, DIVERGENCE
@@ -342,11 +426,13 @@ def _fused_linear_grad_logits_kernel(
     Ht,
     chunk_start,
     chunk_cols,
+    logits_col_offset,
     inv_temperature,
     temperature,
     coef,
     DIVERGENCE: tl.constexpr,
     HAS_S_BIAS: tl.constexpr,
+    STUDENT_LOGITS: tl.constexpr,
     TEACHER_LOGITS: tl.constexpr,
     HAS_T_BIAS: tl.constexpr,
     HAS_CE: tl.constexpr,
@@ -368,8 +454,8 @@ def _fused_linear_grad_logits_kernel(
     z, t = _both_logit_tiles(
         s_hidden_ptr, s_weight_ptr, s_bias_ptr, t_hidden_ptr, t_weight_ptr, t_bias_ptr, t_logits_ptr,
         stride_s_hidden, stride_s_weight, stride_t_hidden, stride_t_weight, stride_t_logits,
-        rows, cols, row_mask, col_mask, Hs, Ht, HAS_S_BIAS, TEACHER_LOGITS, HAS_T_BIAS,
-        S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+        rows, cols, row_mask, col_mask, Hs, Ht, logits_col_offset, HAS_S_BIAS, STUDENT_LOGITS, TEACHER_LOGITS,
+        HAS_T_BIAS, S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
     )
     # row_stats: [4, N] = lse_s, lse_t (at temperature T), S, lse_z (temperature 1).
     lse_s = tl.load(row_stats_ptr + rows, mask=row_mask, other=0.0)[:, None]
@@ -417,9 +503,19 @@ def _precision(dtype: torch.dtype, interpreter: bool = False) -> str:
     return "tf32"  # ignored by tl.dot for 16-bit operands
 
 
-def _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits):
+def _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, s_logits=None):
+    """Kernel pointers, strides and flags. ``s_logits`` (GEMM strategy): the student's logits chunk, read in
+    place of ``h_s @ W_s.T``; ``t_logits`` is then the teacher's chunk (its bias still added in-kernel)."""
     dummy = s_hidden
     interpreter = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if s_logits is not None:
+        return (
+            (s_logits, s_weight, s_bias if s_bias is not None else dummy, dummy, dummy,
+             t_bias if t_bias is not None else dummy, t_logits),
+            (s_logits.stride(0), s_weight.stride(0), 0, 0, t_logits.stride(0)),
+            dict(HAS_S_BIAS=s_bias is not None, STUDENT_LOGITS=True, TEACHER_LOGITS=True, HAS_T_BIAS=t_bias is not None,
+                 S_PRECISION=_precision(s_hidden.dtype, interpreter), T_PRECISION=_precision(s_hidden.dtype, interpreter)),
+        )
     return (
         (
             s_hidden,
@@ -439,6 +535,7 @@ def _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logit
         ),
         dict(
             HAS_S_BIAS=s_bias is not None,
+            STUDENT_LOGITS=False,
             TEACHER_LOGITS=t_logits is not None,
             HAS_T_BIAS=t_bias is not None,
             S_PRECISION=_precision(s_hidden.dtype, interpreter),
@@ -472,15 +569,19 @@ def fused_linear_stats(
     temperature: float,
     has_ce: bool,
     configs: tuple[tuple[int, int, int, int, int], tuple[int, int, int, int, int]] | None = None,
+    strategy: str = "tiles",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward statistics on 2-D inputs (unit stride along H / V, ``V = s_weight.shape[0]``).
 
     Returns ``(divergence [N], cross_entropy [N], row_stats [4, N])``, all fp32, for every row
     (ignored rows are the caller's business). ``row_stats`` = (lse_s, lse_t at temperature T, S,
     lse_z at temperature 1): what :func:`fused_linear_grad_logits` needs. ``configs``: the launch
-    configurations of PASS 1 and PASS 2 (defaults: :func:`default_config`).
+    configurations of PASS 1 and PASS 2 (defaults: :func:`default_config`). ``strategy``: ``"tiles"``
+    (logits with ``tl.dot`` in the kernel) or ``"gemm"`` (see :data:`STRATEGIES`).
     """
-    default = default_config(s_hidden.dtype, "stats", teacher_logits=t_logits is not None)
+    check_strategy(strategy)
+    gemm = strategy == "gemm"
+    default = GEMM_CHUNK_CONFIG if gemm else default_config(s_hidden.dtype, "stats", teacher_logits=t_logits is not None)
     pass1_config, pass2_config = configs or (default, default)
     num_rows, vocab = s_hidden.shape[0], s_weight.shape[0]
     device = s_hidden.device
@@ -489,24 +590,37 @@ def fused_linear_stats(
     ce_rows = torch.zeros(num_rows, dtype=torch.float32, device=device)
     if num_rows == 0:
         return divergence_rows, ce_rows, row_stats
-    pointers, strides, flags = _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits)
     code = DIVERGENCE_CODES[divergence]
     hidden_widths = (s_hidden.shape[1], t_hidden.shape[1] if t_hidden is not None else 0)
+    chunks = _GemmChunks(s_hidden, s_weight, t_hidden, t_weight, t_logits, pass1_config[1]) if gemm else None
 
     def launch(pass_index, config, lse, num_stats, has_ce_pass):
         block_n, block_v, block_h, num_warps, num_stages = config
         num_n_blocks = triton.cdiv(num_rows, block_n)
-        num_tiles = triton.cdiv(vocab, block_v)
+        # Columns per launch: the whole vocabulary (tiles), or one chunk of logits (gemm).
+        span = chunks.columns if gemm else vocab
+        num_tiles = triton.cdiv(span, block_v)
         num_splits = min(max(1, num_tiles // MIN_TILES_PER_SPLIT), max(1, TARGET_PROGRAMS // num_n_blocks))
         tiles_per_split = triton.cdiv(num_tiles, num_splits)
         num_splits = triton.cdiv(num_tiles, tiles_per_split)
-        partial = torch.empty(num_stats, num_splits, num_rows, dtype=torch.float32, device=device)
-        _fused_linear_stats_kernel[(num_n_blocks * num_splits,)](
-            *pointers, labels if labels is not None else row_stats, lse, partial, *strides,
-            num_rows, vocab, *hidden_widths, num_splits, tiles_per_split, 1.0 / temperature, temperature, coef,
-            DIVERGENCE=code, PASS=pass_index, HAS_CE=has_ce_pass, BLOCK_N=block_n, BLOCK_V=block_v,
-            BLOCK_H=block_h, GROUP=GROUP_N, num_warps=num_warps, num_stages=num_stages, **flags,
-        )
+        starts = range(0, vocab, span)
+        partial = torch.empty(num_stats, num_splits * len(starts), num_rows, dtype=torch.float32, device=device)
+        for index, start in enumerate(starts):
+            stop = min(start + span, vocab)
+            if gemm:
+                s_logits, t_chunk = chunks.logits(start, stop)
+                pointers, strides, flags = _common_args(
+                    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_chunk, s_logits=s_logits)
+            else:
+                pointers, strides, flags = _common_args(
+                    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits)
+            _fused_linear_stats_kernel[(num_n_blocks * num_splits,)](
+                *pointers, labels if labels is not None else row_stats, lse, partial, *strides,
+                num_rows, stop, *hidden_widths, start, num_splits, tiles_per_split, index * num_splits,
+                partial.shape[1], 1.0 / temperature, temperature, coef,
+                DIVERGENCE=code, PASS=pass_index, HAS_CE=has_ce_pass, BLOCK_N=block_n, BLOCK_V=block_v,
+                BLOCK_H=block_h, GROUP=GROUP_N, num_warps=num_warps, num_stages=num_stages, **flags,
+            )
         return partial
 
     partial = launch(1, pass1_config, row_stats, NUM_PASS1_STATS, has_ce)
@@ -560,20 +674,24 @@ def fused_linear_grad_logits(
     coef: float,
     temperature: float,
     config: tuple[int, int, int, int, int] | None = None,
+    s_logits: torch.Tensor | None = None,
 ) -> None:
     """Write dL/dz for student columns [chunk_start, chunk_start + grad_out.shape[1]) into ``grad_out``.
 
     ``kl_scale`` / ``ce_scale`` ([N] fp32) are each row's upstream gradient times kl_weight / T and
-    ce_weight (0 at ignored rows); ``ce_scale=None`` means no cross-entropy term.
+    ce_weight (0 at ignored rows); ``ce_scale=None`` means no cross-entropy term. ``s_logits`` (GEMM
+    strategy): this chunk's student logits, with ``t_logits`` this chunk's teacher logits (both [N, chunk]).
     """
-    block_n, block_v, block_h, num_warps, num_stages = config or default_config(
-        s_hidden.dtype, "grad", divergence, teacher_logits=t_logits is not None
+    block_n, block_v, block_h, num_warps, num_stages = config or (
+        GEMM_CHUNK_CONFIG if s_logits is not None
+        else default_config(s_hidden.dtype, "grad", divergence, teacher_logits=t_logits is not None)
     )
     num_rows, vocab = s_hidden.shape[0], s_weight.shape[0]
     chunk_cols = grad_out.shape[1]
     if num_rows == 0 or chunk_cols == 0:
         return
-    pointers, strides, flags = _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits)
+    pointers, strides, flags = _common_args(
+        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, s_logits=s_logits)
     grid = (triton.cdiv(num_rows, block_n) * triton.cdiv(chunk_cols, block_v),)
     _fused_linear_grad_logits_kernel[grid](
         *pointers,
@@ -590,6 +708,7 @@ def fused_linear_grad_logits(
         t_hidden.shape[1] if t_hidden is not None else 0,
         chunk_start,
         chunk_cols,
+        chunk_start if s_logits is not None else 0,
         1.0 / temperature,
         temperature,
         coef,
@@ -606,99 +725,88 @@ def fused_linear_grad_logits(
 
 
 def aot_specs() -> list[dict]:
-    """Launch configurations for the static check: both kernels, every divergence, bf16 and fp32."""
+    """Launch configurations for the static check: both kernels, every divergence, bf16 and fp32, with the
+    teacher as hidden states + weight ("linear"), as dense logits ("logits"), and the GEMM strategy's launches
+    over fp32 logits chunks of both sides ("gemm", teacher bias added in-kernel)."""
     specs = []
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         precision = _precision(dtype)
-        common_signature = {
-            "s_hidden_ptr": f"*{dtype_name}",
-            "s_weight_ptr": f"*{dtype_name}",
-            "s_bias_ptr": f"*{dtype_name}",
-            "t_hidden_ptr": f"*{dtype_name}",
-            "t_weight_ptr": f"*{dtype_name}",
-            "t_bias_ptr": f"*{dtype_name}",
-            "t_logits_ptr": f"*{dtype_name}",
-            "labels_ptr": "*i64",
-            "stride_s_hidden": "i64",
-            "stride_s_weight": "i64",
-            "stride_t_hidden": "i64",
-            "stride_t_weight": "i64",
-            "stride_t_logits": "i64",
-            "N": "i32",
-            "V": "i32",
-            "Hs": "i32",
-            "Ht": "i32",
-            "inv_temperature": "fp32",
-            "coef": "fp32",
-        }
-        stats_signature = {"temperature": "fp32"}
-        common_constexprs = {
-            "HAS_S_BIAS": True,
-            "HAS_T_BIAS": False,
-            "S_PRECISION": precision,
-            "T_PRECISION": precision,
-            "GROUP": GROUP_N,
-        }
 
-        def tiles(kernel, divergence="forward", teacher_logits=False):
-            block_n, block_v, block_h, num_warps, num_stages = default_config(dtype, kernel, divergence, teacher_logits)
-            constexprs = {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h}
-            return constexprs, {"num_warps": num_warps, "num_stages": num_stages}
-        for name, code in DIVERGENCE_CODES.items():
+        def signature(mode: str, **extra: str) -> dict:
+            logits_type = "*fp32" if mode == "gemm" else f"*{dtype_name}"
+            return {
+                "s_hidden_ptr": logits_type,
+                "s_weight_ptr": f"*{dtype_name}",
+                "s_bias_ptr": f"*{dtype_name}",
+                "t_hidden_ptr": f"*{dtype_name}",
+                "t_weight_ptr": f"*{dtype_name}",
+                "t_bias_ptr": f"*{dtype_name}",
+                "t_logits_ptr": logits_type,
+                "labels_ptr": "*i64",
+                **{key: value for key, value in extra.items() if key.endswith("_ptr")},
+                "stride_s_hidden": "i64",
+                "stride_s_weight": "i64",
+                "stride_t_hidden": "i64",
+                "stride_t_weight": "i64",
+                "stride_t_logits": "i64",
+                **{key: value for key, value in extra.items() if key.startswith("stride_")},
+                "N": "i32",
+                "V": "i32",
+                "Hs": "i32",
+                "Ht": "i32",
+                **{key: value for key, value in extra.items() if not key.endswith("_ptr") and not key.startswith("stride_")},
+                "inv_temperature": "fp32",
+                "temperature": "fp32",
+                "coef": "fp32",
+            }
+
+        def constexprs(kernel: str, mode: str, divergence: str, **extra) -> tuple[dict, dict]:
+            if mode == "gemm":
+                config = GEMM_CHUNK_CONFIG
+            else:
+                config = default_config(dtype, kernel, divergence, mode == "logits")
+            block_n, block_v, block_h, num_warps, num_stages = config
+            values = {
+                "HAS_S_BIAS": True,
+                "STUDENT_LOGITS": mode == "gemm",
+                "TEACHER_LOGITS": mode != "linear",
+                "HAS_T_BIAS": mode == "gemm",
+                "S_PRECISION": precision,
+                "T_PRECISION": precision,
+                "GROUP": GROUP_N,
+                "BLOCK_N": block_n,
+                "BLOCK_V": block_v,
+                "BLOCK_H": block_h,
+                "DIVERGENCE": DIVERGENCE_CODES[divergence],
+                **extra,
+            }
+            return values, {"num_warps": num_warps, "num_stages": num_stages}
+
+        for name in DIVERGENCE_CODES:
             passes = (1,) if name in ("forward", "reverse") else (1, 2)
-            for pass_index in passes:
-                for teacher_logits in (False, True):
-                    teacher = "logits" if teacher_logits else "linear"
-                    block_constexprs, launch = tiles("stats", teacher_logits=teacher_logits)
-                    specs.append(
-                        {
-                            "name": f"fused_linear_stats[{name},pass{pass_index},{teacher},{dtype_name}]",
-                            "fn": _fused_linear_stats_kernel,
-                            "signature": {
-                                **common_signature,
-                                "lse_ptr": "*fp32",
-                                "partial_ptr": "*fp32",
-                                "num_splits": "i32",
-                                "tiles_per_split": "i32",
-                                **stats_signature,
-                            },
-                            "constexprs": {
-                                **common_constexprs,
-                                **block_constexprs,
-                                "DIVERGENCE": code,
-                                "PASS": pass_index,
-                                "TEACHER_LOGITS": teacher_logits,
-                                "HAS_CE": pass_index == 1,
-                            },
-                            **launch,
-                        }
-                    )
-            for teacher_logits in (False, True):
-                teacher = "logits" if teacher_logits else "linear"
-                block_constexprs, launch = tiles("grad", name, teacher_logits)
-                specs.append(
-                    {
-                        "name": f"fused_linear_grad_logits[{name},{teacher},{dtype_name}]",
-                        "fn": _fused_linear_grad_logits_kernel,
-                        "signature": {
-                            **common_signature,
-                            "row_stats_ptr": "*fp32",
-                            "kl_scale_ptr": "*fp32",
-                            "ce_scale_ptr": "*fp32",
-                            "grad_ptr": f"*{dtype_name}",
-                            "stride_grad": "i64",
-                            "chunk_start": "i32",
-                            "chunk_cols": "i32",
-                            **stats_signature,
-                        },
-                        "constexprs": {
-                            **common_constexprs,
-                            **block_constexprs,
-                            "DIVERGENCE": code,
-                            "TEACHER_LOGITS": teacher_logits,
-                            "HAS_CE": True,
-                        },
+            for mode in ("linear", "logits", "gemm"):
+                for pass_index in passes:
+                    values, launch = constexprs("stats", mode, name, PASS=pass_index, HAS_CE=pass_index == 1)
+                    specs.append({
+                        "name": f"fused_linear_stats[{name},pass{pass_index},{mode},{dtype_name}]",
+                        "fn": _fused_linear_stats_kernel,
+                        "signature": signature(
+                            mode, lse_ptr="*fp32", partial_ptr="*fp32", col_start="i32", num_splits="i32",
+                            tiles_per_split="i32", split_base="i32", partial_splits="i32",
+                        ),
+                        "constexprs": values,
                         **launch,
-                    }
-                )
+                    })
+                values, launch = constexprs("grad", mode, name, HAS_CE=True)
+                specs.append({
+                    "name": f"fused_linear_grad_logits[{name},{mode},{dtype_name}]",
+                    "fn": _fused_linear_grad_logits_kernel,
+                    "signature": signature(
+                        mode, row_stats_ptr="*fp32", kl_scale_ptr="*fp32", ce_scale_ptr="*fp32",
+                        grad_ptr=f"*{dtype_name}", stride_grad="i64", chunk_start="i32", chunk_cols="i32",
+                        logits_col_offset="i32",
+                    ),
+                    "constexprs": values,
+                    **launch,
+                })
     return specs
