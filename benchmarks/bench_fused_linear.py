@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from benchmarks.harness import Case
-from distill_ops.fused_linear import fused_linear_kl_div
+from distill_ops.fused_linear import fused_linear_kl_div, triton_strategy
 
 OP = "fused_linear_kl_div"
 SWEEP_OP = "fused_linear_block_sweep"
@@ -89,15 +89,10 @@ def compiled_loss() -> Callable:
 
 
 def ours_loss(impl: str, strategy: str = "tiles") -> Callable:
-    import distill_ops.fused_linear as module
-
     def loss(student_hidden, student_weight, teacher_hidden, teacher_weight):
-        saved, module.TRITON_STRATEGY = module.TRITON_STRATEGY, strategy
-        try:
+        with triton_strategy(strategy):
             return fused_linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                        divergence="jsd", beta=JSD_BETA, impl=impl)
-        finally:
-            module.TRITON_STRATEGY = saved
 
     return loss
 

@@ -17,7 +17,8 @@ Backends:
   (``[N, chunk]``, chunk <= V / 4 and <= 2^24 elements); cuBLAS turns it into ``d_hidden`` (fp32
   accumulator across chunks) and that chunk's rows of ``d_weight`` (written once, fp32 accumulation
   over all tokens inside the GEMM). Deterministic: no atomics.
-  ``TRITON_STRATEGY = "gemm"`` (a module setting, default ``"tiles"``) keeps the same kernels and algorithm
+  ``TRITON_STRATEGY = "gemm"`` (a module setting, default ``"tiles"``; ``with triton_strategy("gemm"):`` for a
+  block) keeps the same kernels and algorithm
   but lets cuBLAS compute each vocabulary chunk of both sides' logits into fp32 ``[N, chunk]`` buffers
   (``GEMM_CHUNK_ELEMENTS`` each, bf16 operands, fp32 accumulation and output), which the kernels read
   instead of multiplying: logits do reach HBM, one chunk at a time, in exchange for cuBLAS's GEMM speed.
@@ -31,7 +32,8 @@ The loss is computed in forward with only [N]-sized statistics saved; backward r
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -339,6 +341,19 @@ def fused_linear_backward_triton(
 # kernels). Read when the op is called (a torch.compile'd graph keeps the value it was traced with). Which is
 # faster is for the GPU benchmark to say (`fused_linear_kl_div` cases ours_triton / ours_triton_gemm).
 TRITON_STRATEGY = "tiles"
+TRITON_STRATEGIES = ("tiles", "gemm")  # = distill_ops.kernels.fused_linear.STRATEGIES (importing it needs triton)
+
+
+@contextlib.contextmanager
+def triton_strategy(strategy: str) -> Iterator[None]:
+    """Run the Triton path with ``strategy`` ("tiles" or "gemm") inside the block, then restore the setting."""
+    check_choice("strategy", strategy, TRITON_STRATEGIES)
+    global TRITON_STRATEGY
+    saved, TRITON_STRATEGY = TRITON_STRATEGY, strategy
+    try:
+        yield
+    finally:
+        TRITON_STRATEGY = saved
 
 
 def _strategy(backend: str) -> str:
@@ -622,7 +637,7 @@ def fused_linear_kl_div(
         raise ValueError(f"ce_weight={ce_weight} > 0 needs labels (the cross-entropy targets), got labels=None")
     backend = resolve_impl(impl, device)
     if backend == "triton":
-        check_choice("distill_ops.fused_linear.TRITON_STRATEGY", TRITON_STRATEGY, ("tiles", "gemm"))
+        check_choice("distill_ops.fused_linear.TRITON_STRATEGY", TRITON_STRATEGY, TRITON_STRATEGIES)
         if TRITON_STRATEGY == "gemm":
             backend = "triton_gemm"
     divergence, coef = _canonical_divergence(divergence, beta, alpha)

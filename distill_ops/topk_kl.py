@@ -361,10 +361,12 @@ def _(teacher, count):
 # --------------------------------------------------------------------------------------------------
 
 
-def _sort_desc_stable(values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
-    """Order [N, m] entries by value descending, vocabulary index ascending among ties."""
-    indices, by_index = indices.sort(dim=-1)
-    values = values.gather(-1, by_index)
+def _sort_desc_stable(values: Tensor, indices: Tensor, *, index_sorted: bool = False) -> tuple[Tensor, Tensor]:
+    """Order [N, m] entries by value descending, vocabulary index ascending among ties (``index_sorted``: the
+    entries already come in ascending index order, so one stable sort by value does it)."""
+    if not index_sorted:
+        indices, by_index = indices.sort(dim=-1)
+        values = values.gather(-1, by_index)
     values, by_value = values.sort(dim=-1, descending=True, stable=True)
     return values, indices.gather(-1, by_value)
 
@@ -377,10 +379,8 @@ def dense_candidates(teacher_rows: Tensor, count: int, *, need_order: bool, back
     """
     if backend == "triton":
         values, indices = torch.ops.distill_ops.topk_kl_dense_select(teacher_rows, count)
-        if need_order:
-            # The kernel returns index order: a stable sort by value alone gives (value desc, index asc).
-            values, by_value = values.sort(dim=-1, descending=True, stable=True)
-            indices = indices.gather(-1, by_value)
+        if need_order:  # the kernel returns index order
+            values, indices = _sort_desc_stable(values, indices, index_sorted=True)
         return values, indices
     if teacher_rows.device.type == "cuda":
         values, indices = torch.topk(teacher_rows, count, dim=-1, largest=True, sorted=False)

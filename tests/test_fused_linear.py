@@ -67,13 +67,14 @@ def _strategy(impl):
     if impl != "triton_gemm":
         yield impl
         return
-    saved = fused_linear_module.TRITON_STRATEGY, fused_linear_kernels.GEMM_CHUNK_ELEMENTS
+    saved = fused_linear_kernels.GEMM_CHUNK_ELEMENTS
     # 37 * 128 elements: 128-column chunks of two 64-wide tiles at N = 37, several chunks at every test shape.
-    fused_linear_module.TRITON_STRATEGY, fused_linear_kernels.GEMM_CHUNK_ELEMENTS = "gemm", 37 * 128
+    fused_linear_kernels.GEMM_CHUNK_ELEMENTS = 37 * 128
     try:
-        yield "triton"
+        with fused_linear_module.triton_strategy("gemm"):
+            yield "triton"
     finally:
-        fused_linear_module.TRITON_STRATEGY, fused_linear_kernels.GEMM_CHUNK_ELEMENTS = saved
+        fused_linear_kernels.GEMM_CHUNK_ELEMENTS = saved
 
 
 def _run(case, impl, upstream_seed=7, **kwargs):
