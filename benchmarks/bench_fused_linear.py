@@ -5,6 +5,8 @@ Impls per case (a full pass is loss forward + backward to the student's hidden s
 * ``ours_triton``: ``fused_linear_kl_div(..., impl="triton")`` (CUDA only), the default "tiles" strategy.
 * ``ours_triton_gemm``: the same with ``distill_ops.fused_linear.TRITON_STRATEGY = "gemm"`` (cuBLAS logits chunks
   read by the same kernels; CUDA only).
+* ``ours_triton_fp32acc``: the default strategy with ``GRAD_HIDDEN_ACCUMULATION = "fp32"`` (d_hidden through
+  cuBLAS into an fp32 accumulator instead of the compensated bf16 pair: 2·N·H bytes more, CUDA only).
 * ``ours_torch``: the chunked PyTorch fallback.
 * ``eager``: what a user writes: both logits materialised (``h @ W.T`` in the input dtype), fp32
   log-softmax of both, the divergence, the mean (:func:`eager_loss`).
@@ -21,7 +23,9 @@ Block sweep (``fused_linear_block_sweep``, GPU only, at the target shape): forwa
 kernels per launch configuration (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages): the statistics kernel
 (forward KL, PASS 1: the whole forward of the plain KLs) and the dL/dz kernel of one backward chunk. Candidates are
 the configurations the static check finds spill-free in the *aligned* variant on sm_90a (the one that runs at these
-shapes); the defaults in ``kernels/fused_linear.py`` are to be picked from these measurements.
+shapes); the defaults in ``kernels/fused_linear.py`` are to be picked from these measurements. Also one chunk's
+d_hidden accumulation: the compensated Triton GEMM per configuration (GRAD_HIDDEN_SWEEP) and cuBLAS into fp32
+(``addmm`` with an fp32 C matrix, what ``"fp32"`` accumulation runs).
 
 GPU shapes: from N ∈ {4096, 8192, 16384}, H ∈ {2048, 4096} (student = teacher width), V ∈ {131072, 262144},
 bf16, three points (the issue's target N=8192, H=4096, V=131072 first; then 4096/2048/128k and
@@ -56,6 +60,8 @@ CPU_QUICK_MEMORY_SHAPE = (512, 256, 32768)
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) candidates per kernel, the default first.
 STATS_SWEEP = ((64, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3))
 GRAD_SWEEP = ((64, 128, 32, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 64, 16, 3), (64, 64, 64, 4, 3))
+# (BLOCK_N, BLOCK_H, BLOCK_K, num_warps, num_stages) of the compensated d_hidden accumulation (aligned tiles).
+GRAD_HIDDEN_SWEEP = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 64, 32, 8, 2))
 # Eager / torch.compile at the largest GPU shapes materialise tens of GiB of fp32 logits.
 EAGER_MAX_ELEMENTS = 16384 * 131072
 
@@ -88,9 +94,9 @@ def compiled_loss() -> Callable:
     return _COMPILED[0]
 
 
-def ours_loss(impl: str, strategy: str = "tiles") -> Callable:
+def ours_loss(impl: str, strategy: str = "tiles", accumulation: str = "compensated") -> Callable:
     def loss(student_hidden, student_weight, teacher_hidden, teacher_weight):
-        with triton_strategy(strategy):
+        with triton_strategy(strategy, accumulation=accumulation):
             return fused_linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                        divergence="jsd", beta=JSD_BETA, impl=impl)
 
@@ -144,7 +150,7 @@ def _unavailable(device: str) -> dict[str, str]:
     skipped = {}
     if device != "cuda":
         skipped["ours_triton"] = "needs CUDA (the Triton interpreter is a test path, not a benchmark)"
-        skipped["ours_triton_gemm"] = skipped["ours_triton"]
+        skipped["ours_triton_gemm"] = skipped["ours_triton_fp32acc"] = skipped["ours_triton"]
         skipped["liger"] = "Liger-Kernel needs CUDA"
     elif importlib.util.find_spec("liger_kernel") is None:
         skipped["liger"] = "liger_kernel not installed (pip install liger-kernel, the `bench` extra)"
@@ -156,6 +162,7 @@ def fused_linear_case(rows, hidden, vocab, dtype, device, *, impls, skipped=None
     makers = {
         "ours_triton": lambda: ours_loss("triton"),
         "ours_triton_gemm": lambda: ours_loss("triton", "gemm"),
+        "ours_triton_fp32acc": lambda: ours_loss("triton", accumulation="fp32"),
         "ours_torch": lambda: ours_loss("torch"),
         "eager": lambda: eager_loss,
         "torch_compile": compiled_loss,
@@ -225,11 +232,45 @@ def sweep_case(rows: int, hidden: int, vocab: int, dtype: torch.dtype, device: s
 
         return setup
 
+    def accumulate_setup(config):
+        """One chunk's d_hidden update (not the first, not the last): the compensated Triton GEMM with
+        ``config``, or (``None``) cuBLAS into an fp32 accumulator."""
+        def setup() -> Callable[[], object]:
+            from distill_ops.fused_linear import _accumulate_mm
+
+            student_hidden, student_weight, _, _ = make_inputs(rows, hidden, vocab, dtype, device)
+            chunk = min(kernels.grad_chunk_columns(rows, vocab, kernels.default_config(dtype, "grad")[1]), vocab)
+            grad = student_hidden.new_empty(rows, chunk).normal_(0.0, 1e-4)
+            weight_chunk = student_weight[:chunk]
+            # Each launch returns (running sum, its bf16 error half or None, the chunk's dz, its weight rows).
+            if config is None:
+                accumulator = torch.zeros(rows, hidden, dtype=torch.float32, device=device)
+
+                def launch_cublas():
+                    _accumulate_mm(accumulator, grad, weight_chunk)
+                    return accumulator, None, grad, weight_chunk
+
+                return launch_cublas
+            hi = torch.zeros(rows, hidden, dtype=dtype, device=device)
+            lo = torch.zeros(rows, hidden, dtype=torch.bfloat16, device=device)
+
+            def launch_compensated():
+                kernels.accumulate_grad_hidden(hi, lo, grad, weight_chunk, first=False, last=False, config=config)
+                return hi, lo, grad, weight_chunk
+
+            return launch_compensated
+
+        return setup
+
     # The candidates are 16-bit configurations: mark the 16-bit defaults (also when a CPU test passes fp32).
     stats_default = kernels.default_config(torch.bfloat16, "stats")
     grad_default = kernels.default_config(torch.bfloat16, "grad")
     impls = {_config_name("stats", c, stats_default): stats_setup(c) for c in STATS_SWEEP}
     impls.update({_config_name("grad chunk", c, grad_default): grad_setup(c) for c in GRAD_SWEEP})
+    accumulate_default = kernels.GRAD_HIDDEN_CONFIGS["aligned"]
+    impls.update({_config_name("d_hidden chunk", c, accumulate_default): accumulate_setup(c)
+                  for c in GRAD_HIDDEN_SWEEP})
+    impls["d_hidden chunk cuBLAS fp32"] = accumulate_setup(None)
     return Case(
         op=SWEEP_OP,
         params={"N": rows, "H": hidden, "V": vocab, "dtype": DTYPE_NAMES[dtype], "divergence": "forward"},
@@ -237,7 +278,9 @@ def sweep_case(rows: int, hidden: int, vocab: int, dtype: torch.dtype, device: s
         forward_only=True,
         notes=("Launch-configuration sweep of the two Triton kernels (forward KL): `stats` = the statistics kernel "
                "over the whole vocabulary (both logits GEMMs: 4·N·V·H FLOPs), `grad chunk` = one backward dL/dz chunk "
-               "(kernels.grad_chunk_columns columns). Config = BLOCK_N x BLOCK_V x BLOCK_H, warps, stages."),
+               "(kernels.grad_chunk_columns columns). Config = BLOCK_N x BLOCK_V x BLOCK_H, warps, stages. "
+               "`d_hidden chunk` = that chunk's d_hidden update (2·N·chunk·H FLOPs): the compensated Triton GEMM "
+               "(BLOCK_N x BLOCK_H x BLOCK_K) or cuBLAS into fp32."),
     )
 
 
@@ -258,7 +301,7 @@ def summarize_results(results: list[dict], meta: dict) -> str:
              f"({meta.get('device_name', meta['device'])})**", "", "| impl | target | measured | status |",
              "|---|---|---|---|"]
     liger = by_impl.get("liger")
-    for impl in ("ours_triton", "ours_triton_gemm"):
+    for impl in ("ours_triton", "ours_triton_gemm", "ours_triton_fp32acc"):
         ours = by_impl.get(impl)
         if ours is None or ours.get("full_ms") is None:
             lines.append(f"| {impl} | all | not measured | - |")
@@ -284,7 +327,8 @@ def summarize_results(results: list[dict], meta: dict) -> str:
 
 def cases(device: str, quick: bool) -> list[Case]:
     """fused_linear_kl_div cases for ``device`` (CPU always gets its small shapes)."""
-    all_impls = ("ours_triton", "ours_triton_gemm", "ours_torch", "eager", "torch_compile", "liger")
+    all_impls = ("ours_triton", "ours_triton_gemm", "ours_triton_fp32acc", "ours_torch", "eager", "torch_compile",
+                 "liger")
     if device == "cuda":
         result = []
         for rows, hidden, vocab in GPU_QUICK_SHAPES if quick else GPU_SHAPES:

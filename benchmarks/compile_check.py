@@ -89,11 +89,15 @@ def compile_spec(spec: dict, arch: str, variant: str = "generic") -> dict:
         signature[name] = "constexpr"
     # Declare what the launchers guarantee at run time: 16-byte aligned pointers; for the aligned variant also
     # what the JIT infers from integer values that are multiples of 16 (see the module docstring).
+    # A spec's ``unaligned`` names integer arguments its launcher never assumes divisible (e.g. a row count used
+    # only in masks), ``variants`` restricts the specialisations it runs in (a config the launcher picks only
+    # for aligned arguments).
     aligned = variant == "aligned"
+    unaligned = set(spec.get("unaligned", ()))
     attrs = {
         (fn.arg_names.index(name),): [["tt.divisibility", 16]]
         for name, ty in signature.items()
-        if ty.startswith("*") or (aligned and re.fullmatch(r"[iu]\d+", ty))
+        if ty.startswith("*") or (aligned and re.fullmatch(r"[iu]\d+", ty) and name not in unaligned)
     }
     source = ASTSource(fn, signature={n: signature[n] for n in fn.arg_names}, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", TARGETS[arch], 32)
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     jobs = [(index, arch, variant) for index in range(len(_SPECS)) for arch in args.targets.split(",")
-            for variant in variants]
+            for variant in variants if variant in _SPECS[index].get("variants", VARIANTS)]
     # Compilation is CPU-bound and independent per (kernel, target): use every core. Forked workers
     # inherit the collected specs (the jitted functions themselves do not pickle).
     workers = max(1, min(args.jobs or (os.cpu_count() or 1), len(jobs)))

@@ -23,6 +23,7 @@ concurrently share L2.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -66,8 +67,19 @@ TARGET_PROGRAMS = 528
 # 8 * N * V / (MIN_TILES_PER_SPLIT * BLOCK_V) fp32 elements (at most N * V / 8 with 16-wide tiles). At real
 # shapes the program target binds first (N = 8192: 4 splits of 512 tiles).
 MIN_TILES_PER_SPLIT = 4
-# Backward: elements of one dL/dz chunk ([N, chunk]); the chunk is also at most a quarter of V.
-GRAD_CHUNK_ELEMENTS = 1 << 24
+# Backward: elements of one dL/dz chunk ([N, chunk]); the chunk is also at most a quarter of V. 2^23 16-bit
+# elements (16 MiB): with the compensated d_hidden pair (2·N·H bytes beyond the gradient) the backward's extra memory
+# at the issue's target shape (N = 8192, H = 4096, V = 128k) is (2·N·H + 2·N·1024) / (4·N·V) = 1.95 % of one fp32
+# [N, V] tensor (target: < 2 %). Each chunk's d_hidden GEMM has K = 1024 against 8 bytes of accumulator traffic per
+# output element: 256 FLOP/byte, above an H100/H200's bf16 ridge (~200-300 FLOP/byte).
+GRAD_CHUNK_ELEMENTS = 1 << 23
+# The compensated d_hidden accumulation (``accumulate_grad_hidden``, 16-bit inputs): (BLOCK_N tokens, BLOCK_H
+# hidden columns per program, BLOCK_K chunk columns per step, warps, stages). A GEMM tile with a 16-bit pair
+# epilogue. "aligned": when every stride, K and H are multiples of 16 (the JIT then vectorises and pipelines; the
+# row count only masks); 128 x 128 tiles there, spill-free (<= 206 registers at 8 warps). "generic" (odd sizes,
+# where loads are scalarised): 128 x 128 spills ~1 KiB, 64 x 64 x 32 at 8 warps does not (benchmarks/compile_check.py,
+# Triton 3.6 and 3.9, sm_80 and sm_90a).
+GRAD_HIDDEN_CONFIGS = {"aligned": (128, 128, 64, 8, 3), "generic": (64, 64, 32, 8, 2)}
 
 
 # Strategies of the Triton path (``fused_linear_kl_div``'s ``distill_ops.fused_linear.TRITON_STRATEGY``):
@@ -489,6 +501,62 @@ def _fused_linear_grad_logits_kernel(
     )
 
 
+@triton.jit
+def _grad_hidden_accumulate_kernel(
+    grad_ptr,
+    weight_ptr,
+    hi_ptr,
+    lo_ptr,
+    stride_grad,
+    stride_weight,
+    stride_out,
+    N,
+    K,
+    H,
+    FIRST: tl.constexpr,
+    LAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    """``d_hidden += dz @ W_chunk`` into a compensated 16-bit pair: ``hi + lo`` is the running fp32 sum.
+
+    ``dz`` [N, K] (one dL/dz chunk), ``W_chunk`` [K, H] (that chunk's weight rows). The tile's product is
+    accumulated in fp32, added to ``hi + lo`` (exact in fp32: ``|lo| <= ulp(hi) / 2``), and split again:
+    ``hi`` = the sum rounded to the output dtype, ``lo`` = the rounding error in bf16. FIRST: no previous
+    sum (nothing read); LAST: ``hi`` alone, the correctly rounded final value (``lo`` not written)."""
+    n_block, h_block = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(H, BLOCK_H), GROUP)
+    rows = (n_block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = h_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < N
+    col_mask = cols < H
+    k_offsets = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        ks = k_start + k_offsets
+        k_mask = ks < K
+        a = tl.load(grad_ptr + rows[:, None] * stride_grad + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        b = tl.load(weight_ptr + ks[:, None].to(tl.int64) * stride_weight + cols[None, :],
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if PRECISION == "interpreter_fp32":
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    out_offsets = rows[:, None] * stride_out + cols[None, :]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if not FIRST:
+        previous = tl.load(hi_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
+        previous += tl.load(lo_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
+        acc += previous
+    hi = acc.to(hi_ptr.dtype.element_ty)
+    tl.store(hi_ptr + out_offsets, hi, mask=out_mask)
+    if not LAST:
+        tl.store(lo_ptr + out_offsets, (acc - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty), mask=out_mask)
+
+
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
@@ -655,6 +723,43 @@ def grad_chunk_columns(num_rows: int, vocab: int, block_v: int) -> int:
     return max(block_v, budget // block_v * block_v)
 
 
+def accumulate_grad_hidden(
+    hi: torch.Tensor,
+    lo: torch.Tensor | None,
+    grad_chunk: torch.Tensor,
+    weight_chunk: torch.Tensor,
+    *,
+    first: bool,
+    last: bool,
+    config: tuple[int, int, int, int, int] | None = None,
+) -> None:
+    """``hi + lo += grad_chunk @ weight_chunk`` (fp32 accumulation; see ``_grad_hidden_accumulate_kernel``).
+
+    ``hi`` [N, H] (the 16-bit d_hidden, written in place), ``lo`` [N, H] bf16 (its rounding error; ``None`` when
+    ``first and last``), ``grad_chunk`` [N, K], ``weight_chunk`` [K, H], all row-major with unit inner stride.
+    ``first``: ``hi`` / ``lo`` are not read (no zero fill needed); ``last``: ``hi`` gets the correctly rounded sum
+    and ``lo`` is not written."""
+    num_rows, hidden = hi.shape
+    strides = (grad_chunk.stride(0), weight_chunk.stride(0), hi.stride(0), grad_chunk.shape[1], hidden)
+    aligned = all(value % 16 == 0 for value in strides)
+    block_n, block_h, block_k, num_warps, num_stages = config or GRAD_HIDDEN_CONFIGS[
+        "aligned" if aligned else "generic"]
+    if lo is None and not (first and last):
+        raise ValueError("accumulate_grad_hidden: lo is required unless first and last")
+    if num_rows == 0 or hidden == 0:
+        return
+    interpreter = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    grid = (triton.cdiv(num_rows, block_n) * triton.cdiv(hidden, block_h),)
+    _grad_hidden_accumulate_kernel[grid](
+        grad_chunk, weight_chunk, hi, lo if lo is not None else hi,
+        grad_chunk.stride(0), weight_chunk.stride(0), hi.stride(0),
+        num_rows, grad_chunk.shape[1], hidden,
+        FIRST=first, LAST=last, PRECISION=_precision(hi.dtype, interpreter),
+        BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_K=block_k, GROUP=GROUP_N,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
 def fused_linear_grad_logits(
     s_hidden: torch.Tensor,
     s_weight: torch.Tensor,
@@ -727,7 +832,8 @@ def fused_linear_grad_logits(
 def aot_specs() -> list[dict]:
     """Launch configurations for the static check: both kernels, every divergence, bf16 and fp32, with the
     teacher as hidden states + weight ("linear"), as dense logits ("logits"), and the GEMM strategy's launches
-    over fp32 logits chunks of both sides ("gemm", teacher bias added in-kernel)."""
+    over fp32 logits chunks of both sides ("gemm", teacher bias added in-kernel); the compensated d_hidden
+    accumulation for 16-bit inputs (every first / last combination in bf16, the general step in fp16)."""
     specs = []
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         precision = _precision(dtype)
@@ -809,4 +915,23 @@ def aot_specs() -> list[dict]:
                     "constexprs": values,
                     **launch,
                 })
+    steps = [("bf16", first, last) for first in (False, True) for last in (False, True)] + [("fp16", False, False)]
+    for (dtype_name, first, last), layout in itertools.product(steps, GRAD_HIDDEN_CONFIGS):
+        block_n, block_h, block_k, num_warps, num_stages = GRAD_HIDDEN_CONFIGS[layout]
+        specs.append({
+            "name": f"grad_hidden_accumulate[{dtype_name},first={first},last={last},{layout}]",
+            "fn": _grad_hidden_accumulate_kernel,
+            "signature": {
+                "grad_ptr": f"*{dtype_name}", "weight_ptr": f"*{dtype_name}", "hi_ptr": f"*{dtype_name}",
+                "lo_ptr": "*bf16", "stride_grad": "i64", "stride_weight": "i64", "stride_out": "i64",
+                "N": "i32", "K": "i32", "H": "i32",
+            },
+            "constexprs": {"FIRST": first, "LAST": last, "PRECISION": "tf32", "BLOCK_N": block_n, "BLOCK_H": block_h,
+                           "BLOCK_K": block_k, "GROUP": GROUP_N},
+            "num_warps": num_warps,
+            "num_stages": num_stages,
+            # The launcher picks the aligned tiles only when strides, K and H are multiples of 16; N only masks.
+            "variants": ("aligned",) if layout == "aligned" else ("generic", "aligned"),
+            "unaligned": ("N",),
+        })
     return specs

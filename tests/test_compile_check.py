@@ -53,3 +53,19 @@ def test_compile_check_compiles_the_aligned_variant_the_jit_runs(tmp_path):
     rows = {row["variant"]: row for row in report["results"]}
     assert set(rows) == {"generic", "aligned"}
     assert rows["aligned"]["shared_bytes"] > rows["generic"]["shared_bytes"]
+
+
+def test_spec_variants_and_unaligned_arguments(tmp_path):
+    """A spec may restrict its variants (the compensated d_hidden GEMM's 128-wide tiles run only for aligned strides)
+    and name integer arguments its launcher never assumes divisible (the row count, used only in masks)."""
+    from distill_ops.kernels.fused_linear import aot_specs
+
+    specs = {spec["name"]: spec for spec in aot_specs() if spec["name"].startswith("grad_hidden_accumulate[bf16")}
+    aligned_only = specs["grad_hidden_accumulate[bf16,first=False,last=False,aligned]"]
+    assert aligned_only["variants"] == ("aligned",) and aligned_only["unaligned"] == ("N",)
+    proc, report = _run_check(
+        tmp_path, "--only", "grad_hidden_accumulate[bf16,first=False,last=False,", "--targets", "90a"
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    compiled = sorted((row["kernel"].rsplit(",", 1)[1], row["variant"]) for row in report["results"])
+    assert compiled == [("aligned]", "aligned"), ("generic]", "aligned"), ("generic]", "generic")]
