@@ -17,7 +17,9 @@ proxy on any machine: it decodes with the tiny synthetic pair of ``benchmarks/be
   ``int64_to_device`` copies from pinned memory without synchronising);
 * ``reads``: host reads of tensor values (``tolist``, ``item``, ``bool``, ``int``, ``float``): one
   device synchronisation each on a GPU. On CPU the ops' own CPU-only value checks are included
-  (``verify`` / ``compact_kv_cache`` validate token ids and cache lengths only on CPU tensors);
+  (``tree_attention``, ``verify`` and ``compact_kv_cache`` validate cache lengths and token ids only on
+  CPU tensors); each read is also attributed to the function that made it (``read_sites``, listed with
+  ``--top``), which separates those checks from the engine's own reads;
 * ``ms``: host milliseconds per step (the engine's ``timings``, median of ``--repeats`` runs without the
   counters).
 
@@ -41,6 +43,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 from unittest import mock
 
@@ -61,6 +64,18 @@ CONFIGS = {
 _ALLOC_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 _META_OPS = {"detach", "detach_", "lift_fresh", "resolve_conj", "resolve_neg", "alias", "_local_scalar_dense"}
 _READ_METHODS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
+_TORCH_DIR = str(Path(torch.__file__).parent)
+
+
+def _read_site() -> str:
+    """``module:function`` of the innermost caller outside torch and this file (who read a tensor)."""
+    frame = sys._getframe(2)
+    while frame is not None and (frame.f_code.co_filename.startswith(_TORCH_DIR)
+                                 or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    return f"{frame.f_globals.get('__name__', '?')}:{frame.f_code.co_name}"
 
 
 def _same_tensor(out: object, source: object) -> bool:
@@ -77,6 +92,7 @@ class _OpCounter(TorchDispatchMode):
         self.stack: list[str] = ["outside"]
         self.counts: dict[str, dict[str, int]] = {}
         self.op_names: dict[str, collections.Counter] = {}
+        self.read_sites: dict[str, collections.Counter] = {}
         self.paused = 0
 
     def add(self, kind: str, amount: int = 1) -> None:
@@ -138,6 +154,8 @@ def _counting(counter: _OpCounter) -> Iterator[None]:
 
     def counted_read(original):
         def read(self, *args, **kwargs):
+            if not counter.paused:
+                counter.read_sites.setdefault(counter.stack[-1], collections.Counter())[_read_site()] += 1
             counter.add("reads")
             counter.paused += 1
             try:
@@ -185,7 +203,8 @@ def measure(
     """Counts and host times per step and phase of one engine configuration (see the module docstring).
 
     Returns ``{"config", "impl", "steps", "new_tokens", "accepted_per_step", "counts": {phase: {kind: per
-    step}}, "prefill_counts", "ms": {phase: per step} or None, "overhead_ms", "target_ms"}``.
+    step}}, "prefill_counts", "ops": {phase: {ATen op: per step}}, "read_sites": {phase: {"module:function":
+    reads per step}}, "ms": {phase: per step} or None, "overhead_ms", "target_ms"}``.
     """
     from benchmarks.bench_speculative import CPU_SHAPE, PROMPT_LEN, _one_thread_on_cpu, build_pair
     from distill_ops.speculative import SpeculativeDecoder
@@ -219,6 +238,8 @@ def measure(
         "counts": per_step, "prefill_counts": counter.counts.get("prefill", {}), "ms": None,
         "ops": {phase: {name: count / steps for name, count in counter.op_names.get(phase, {}).items()}
                 for phase in PHASES},
+        "read_sites": {phase: {site: count / steps for site, count in counter.read_sites.get(phase, {}).items()}
+                       for phase in PHASES},
         "overhead_ms": None, "target_ms": None,
     }
     timed = impl == "torch" or device == "cuda"
@@ -237,7 +258,8 @@ def measure(
 
 def format_results(results: list[dict], top: int = 0) -> str:
     """A Markdown table per result: counts per step and phase, host ms per step when measured; with
-    ``top`` the ``top`` most frequent ATen ops per step of each overhead phase."""
+    ``top`` the ``top`` most frequent ATen ops per step of each overhead phase and where each phase's
+    host reads come from."""
     lines = []
     for res in results:
         where = "CPU host" if res["device"] == "cpu" else f"{res['device']} host"
@@ -262,6 +284,10 @@ def format_results(results: list[dict], top: int = 0) -> str:
             ranked = sorted(res["ops"][phase].items(), key=lambda item: -item[1])[:top]
             if ranked:
                 lines.append(f"- {phase}: " + ", ".join(f"{name} {count:.1f}" for name, count in ranked))
+        for phase in PHASES if top else ():
+            sites = sorted(res["read_sites"][phase].items(), key=lambda item: -item[1])
+            if sites:
+                lines.append(f"- {phase} reads: " + ", ".join(f"{site} {count:.1f}" for site, count in sites))
         if top:
             lines.append("")
     return "\n".join(lines)

@@ -327,7 +327,7 @@ def fused_linear_backward_triton(
     grad_buffer = torch.empty(num_rows, chunk, dtype=s_hidden.dtype, device=device)
     compensated = s_hidden.dtype != torch.float32 and GRAD_HIDDEN_ACCUMULATION == "compensated"
     if compensated:  # d_hidden in the output dtype plus a bf16 rounding-error half (see the module docstring)
-        d_hidden = torch.empty_like(s_hidden)
+        d_hidden = torch.empty(s_hidden.shape, dtype=s_hidden.dtype, device=device)  # row-major
         d_hidden_lo = torch.empty(s_hidden.shape, dtype=torch.bfloat16, device=device) if chunk < vocab else None
     else:
         d_hidden = torch.zeros(num_rows, s_hidden.shape[1], dtype=torch.float32, device=device)

@@ -31,18 +31,30 @@ Batch size 1 only. Stops at ``eos_token_id`` / ``max_new_tokens`` exactly like `
 
 Per-step host work. On a GPU at T ~ 32 the engine's own work is host-bound (each small op or Triton
 launch costs microseconds of CPU time whatever its size; ``python -m benchmarks.engine_overhead`` counts
-them per phase), so a step keeps them few:
+them per phase), and every device-to-host read drains the stream, exposing each launch's latency. So:
 
-* Device-to-host reads, each a stream synchronisation, are the only ones: per drafting level of a
-  dynamic tree, the level's top-k log-probs and token ids (EAGLE-2's selection is host bookkeeping:
-  ``depth`` reads per step; a static tree drafts without any); after verification, the emitted tokens
-  (they decide termination, the next root and the cache length). Once per ``generate``: the prompt's
-  value check and the first token. ``profile=True`` adds a synchronisation at each phase boundary.
-* Host-to-device data never synchronises: each tree spec travels with its tokens and position ids, the
-  draft's advance with its positions, the compaction's layer addresses, each in one int64 buffer copied
-  from pinned memory with ``non_blocking=True`` (:func:`~distill_ops.tree.int64_to_device`; a plain
-  ``torch.tensor(..., device="cuda")`` copies from pageable memory and synchronises). Tree specs are
-  computed with Python integers (:class:`_HostTree`; the draft model's tree grows level by level).
+* One device-to-host read per step, whatever the tree: the emitted tokens after verification (they
+  decide termination, the next root and the cache length). Drafting reads nothing back, static or
+  dynamic tree. Once per ``generate``: the prompt's value check and the first token. ``profile=True``
+  adds a synchronisation at each phase boundary.
+* Dynamic (EAGLE-2) trees are drafted on the device with static shapes (:class:`_DynamicPlan`): per
+  level, the cumulative scores of the level's candidates, a stable sort that picks the ``topk`` to
+  expand (score descending, then creation order, exactly the host rule it replaced), the draft model's
+  tree grown by those nodes and its :class:`~distill_ops.tree.TreeSpec` built by
+  :func:`~distill_ops.tree.tree_spec_from_parents_tensor`; then the ``num_nodes - 1`` best candidates,
+  breadth-first, and the verification spec. Every size is a host integer fixed by ``depth``, ``topk``,
+  ``num_nodes`` and the vocabulary; ``max_depth`` / ``max_children`` of these specs are bounds
+  (``min(depth, T - 1)``, ``min(topk, V, T - 1)``), so the verification result is ``-1`` padded to
+  ``min(depth, T - 1) + 1`` columns. The price is device ops instead of host bookkeeping: a spec (about
+  30 small ops) per drafting level and one for the final tree, plus about 10 ops of selection per level
+  (``python -m benchmarks.engine_overhead`` counts them). What it buys: no stream drain while drafting,
+  and a drafting step made of the same ops on the same shapes every time.
+* Static trees are planned once (:func:`_static_plan`: specs computed with Python integers,
+  :class:`_HostTree`); each step only fills their tokens, by ``topk`` over each level's logits.
+* Host-to-device data never synchronises: the draft's advance (accepted tokens and positions) and the
+  compaction's layer addresses are each one int64 buffer copied from pinned memory with
+  ``non_blocking=True`` (:func:`~distill_ops.tree.int64_to_device`; a plain
+  ``torch.tensor(..., device="cuda")`` copies from pageable memory and synchronises).
 * Verification is two Triton launches (argmax or statistics per node, then the walk); compaction one
   launch for every layer, the prefix lengths being those the target's tree attention used.
 """
@@ -58,7 +70,15 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ._utils import INT_DTYPES, check_number, check_tensor
-from .tree import BITS_PER_WORD, MAX_TREE_NODES, TreeSpec, build_tree, int64_to_device, tree_from_paths
+from .tree import (
+    BITS_PER_WORD,
+    MAX_TREE_NODES,
+    TreeSpec,
+    build_tree,
+    int64_to_device,
+    tree_from_paths,
+    tree_spec_from_parents_tensor,
+)
 from .tree_attention import tree_attention
 from .verify import VerifyResult, compact_kv_cache, verify_greedy, verify_sampling
 
@@ -71,17 +91,16 @@ _SDPA_ATTENTION: Callable | None = None
 
 
 # --------------------------------------------------------------------------------------------------
-# Tree specs built on the host (the engine's per-step trees)
+# Tree specs built on the host (static trees, prepared once)
 # --------------------------------------------------------------------------------------------------
 
 
 class _HostTree:
     """A tree as host lists of Python integers, grown node by node, made a :class:`TreeSpec` with one copy.
 
-    The engine builds several trees per step (the draft model's tree grows by one level per drafting
-    level, then the verification tree is selected): host integers are cheaper than a loop of small tensor
-    ops, and :meth:`to_device` ships the spec together with the step's other host-built data (tokens,
-    position ids) in a single non-blocking host-to-device copy (:func:`~distill_ops.tree.int64_to_device`).
+    Static trees (the engine's ``tree=`` plan, the one-node root tree) are built once, with Python
+    integers (a few microseconds instead of a loop of small tensor ops), and :meth:`to_device` ships the
+    whole spec in a single non-blocking host-to-device copy (:func:`~distill_ops.tree.int64_to_device`).
     A node's depth, ancestor-mask words and root path never change once it is appended, so they are
     computed once, in :meth:`append`.
     """
@@ -130,11 +149,8 @@ class _HostTree:
             words.append(value - (1 << 64) if value >> 63 else value)
         return words
 
-    def to_device(
-        self, device: torch.device, rows: Sequence[Sequence[int]] = (), extras: Sequence[Sequence[int]] = ()
-    ) -> tuple[TreeSpec, list[torch.Tensor], list[torch.Tensor]]:
-        """The :class:`TreeSpec`, each of ``rows`` (``T`` integers) as int64 ``[1, T]`` and each of ``extras``
-        as int64 1-D, all views of one buffer copied to ``device`` at once."""
+    def to_device(self, device: torch.device) -> TreeSpec:
+        """The :class:`TreeSpec`, its tensors views of one buffer copied to ``device`` at once."""
         num_nodes = len(self.parents)
         max_depth = max(self.depth)
         leaf_paths = []
@@ -142,44 +158,35 @@ class _HostTree:
             if self.num_children[node] == 0:
                 leaf_paths += path
                 leaf_paths += [-1] * (max_depth + 1 - len(path))
-        flat = self.parents + self.depth + self.first_child + self.next_sibling
-        for row in rows:
-            flat += row
-        flat += self.words
-        flat += leaf_paths
-        for extra in extras:
-            flat += extra
-        num_rows = 4 + len(rows)
-        parts = int64_to_device(flat, device).split(
-            [num_rows * num_nodes, len(self.words), len(leaf_paths), *(len(extra) for extra in extras)]
-        )
-        row_views = parts[0].view(num_rows, 1, num_nodes).unbind(0)
-        spec = TreeSpec(
-            parents=row_views[0],
-            depth=row_views[1],
-            first_child=row_views[2],
-            next_sibling=row_views[3],
-            ancestor_mask=parts[1].view(1, num_nodes, len(self.words) // num_nodes),
-            leaf_paths=parts[2].view(1, len(leaf_paths) // (max_depth + 1), max_depth + 1),
+        flat = self.parents + self.depth + self.first_child + self.next_sibling + self.words + leaf_paths
+        rows, words, paths = int64_to_device(flat, device).split([4 * num_nodes, len(self.words), len(leaf_paths)])
+        parents, depth, first_child, next_sibling = rows.view(4, 1, num_nodes).unbind(0)
+        return TreeSpec(
+            parents=parents,
+            depth=depth,
+            first_child=first_child,
+            next_sibling=next_sibling,
+            ancestor_mask=words.view(1, num_nodes, len(self.words) // num_nodes),
+            leaf_paths=paths.view(1, len(leaf_paths) // (max_depth + 1), max_depth + 1),
             max_depth=max_depth,
             max_children=max(self.num_children),
         )
-        return spec, list(row_views[4:]), list(parts[3:])
 
 
 def tree_spec_from_parents(parents: Sequence[int], device: torch.device | str) -> TreeSpec:
     """A :class:`~distill_ops.tree.TreeSpec` of one tree from a host parent list, in one host-to-device copy.
 
-    Equal to ``build_tree(torch.tensor(parents), device=device)`` but computed with Python integers
-    (the engine builds new trees every step: this is a few microseconds instead of a loop of small tensor
-    ops) and copied without a host synchronisation. ``parents[0] == -1`` and ``0 <= parents[i] < i``.
+    Equal to ``build_tree(torch.tensor(parents), device=device)`` but computed with Python integers (a
+    few microseconds instead of a loop of small tensor ops) and copied without a host synchronisation.
+    ``parents[0] == -1`` and ``0 <= parents[i] < i``. For a parent array computed on the device, see
+    :func:`~distill_ops.tree.tree_spec_from_parents_tensor` (no host read at all).
     """
     num_nodes = len(parents)
     if num_nodes < 1 or num_nodes > MAX_TREE_NODES:
         raise ValueError(f"a tree must have 1 to {MAX_TREE_NODES} nodes, got {num_nodes}")
     if parents[0] != -1 or any(not 0 <= parents[i] < i for i in range(1, num_nodes)):
         raise ValueError(f"parents must satisfy parents[0] == -1 and 0 <= parents[i] < i, got {list(parents)}")
-    return _HostTree.from_parents(parents).to_device(torch.device(device))[0]
+    return _HostTree.from_parents(parents).to_device(torch.device(device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -563,6 +570,114 @@ def _static_plan(parents: list[int], device: torch.device) -> _StaticPlan:
     )
 
 
+class _DynamicPlan:
+    """EAGLE-2 drafting on the device: the static sizes and index tables of a dynamic tree, prepared once.
+
+    Every drafted token is a *candidate*, numbered in creation order: 0 is the root (score 0, the highest
+    possible: log-probabilities are <= 0, and the lowest index, so always kept first), then level
+    1's ``k = min(topk, V)`` children of the root, then each level's rows (one row per node expanded at
+    the previous level, in expansion order: that node's ``k`` best children as ``torch.topk`` returns
+    them). A candidate's score is its parent's plus its draft log-probability (float64, the sum the
+    host bookkeeping used to compute in Python floats). Ranking is always "score descending, then
+    candidate index ascending" (a stable descending sort: ``torch.topk`` promises no order among ties).
+
+    Level ``l < depth`` expands its ``E_l = min(topk, F_l)`` best candidates (``F_l`` of them: ``k``
+    at level 1, ``E_{l-1} k`` after): they become nodes ``b_l .. b_l + E_l - 1`` of the draft model's own
+    tree (node 0 the committed root; what its cache holds while drafting), whose parents are
+    ``b_{l-1} + position // k`` (a candidate's row is its parent's rank at the previous level). The
+    verification tree keeps the ``T - 1`` best candidates after the root; ascending candidate index is
+    breadth-first order (candidates are created level by level), and a kept candidate's parent, a kept
+    candidate too (a child never outranks its parent: its log-probability is <= 0 and its index is
+    larger), is found by a binary search among the kept indices.
+
+    Every size is a host integer known here (``V`` included), so each step runs the same device ops on
+    the same shapes and reads nothing back: the parent arrays are device tensors and the specs come from
+    :func:`~distill_ops.tree.tree_spec_from_parents_tensor`, with ``max_depth`` / ``max_children``
+    bounds (``min(depth, T - 1)`` / ``min(k, T - 1)``).
+    """
+
+    def __init__(self, topk: int, depth: int, num_nodes: int, vocab: int, device: torch.device):
+        self.k = min(topk, vocab)
+        self.depth = depth if num_nodes > 1 else 0  # a one-node tree drafts nothing
+        level_sizes, self.expanded = [self.k], []
+        for _ in range(1, self.depth):
+            self.expanded.append(min(topk, level_sizes[-1]))
+            level_sizes.append(self.expanded[-1] * self.k)
+        num_candidates = 1 + sum(level_sizes[: self.depth])
+        self.num_tree_nodes = min(num_nodes, num_candidates)
+        self.max_depth = min(self.depth, self.num_tree_nodes - 1)
+        self.max_children = min(self.k, self.num_tree_nodes - 1)
+        # First draft-tree node of each level (b_0 = 0: the root) and first candidate of each level.
+        self.node_bases = [0]
+        for count in [1] + self.expanded:
+            self.node_bases.append(self.node_bases[-1] + count)
+        level_starts = [1]
+        for size in level_sizes[:-1]:
+            level_starts.append(level_starts[-1] + size)
+        # expanded ids = [-1 (the root's parent), 0 (the root), the expanded candidates level by level]:
+        # each candidate's parent is entry parent_slot[c]; the expanded entries are each level's ranks
+        # plus the level's first candidate index (expanded_offsets).
+        expanded_offsets = [0, 0]
+        for level, count in enumerate(self.expanded, start=1):
+            expanded_offsets += [level_starts[level - 1]] * count
+        parent_slot = [0] + [1] * level_sizes[0]
+        first_slot = 2
+        for level in range(2, self.depth + 1):
+            parent_slot += [first_slot + position // self.k for position in range(level_sizes[level - 1])]
+            first_slot += self.expanded[level - 2]
+        static = int64_to_device([-1] + [-1, 0] + expanded_offsets + parent_slot, device)
+        self.root_parent, self.expanded_head, self.expanded_offsets, self.parent_slot = static.split(
+            [1, 2, len(expanded_offsets), len(parent_slot)]
+        )
+        self.root_score = torch.zeros(1, dtype=torch.float64, device=device)
+
+    def draft(self, drafter, root_logits: torch.Tensor, root_state: torch.Tensor | None, root_token: int,
+              root_pos: int, timer: Callable) -> tuple[TreeSpec, torch.Tensor]:
+        """Draft one tree: the verification :class:`TreeSpec` and its tokens ``[T]`` (node 0: ``root_token``).
+
+        ``drafter.expand(tokens [E], parent_states, positions [E], draft_tree)`` runs the draft on each
+        level's expanded nodes (the last ``E`` nodes of ``draft_tree``) and returns their next-token logits
+        ``[E, V]`` and states (``None`` for a draft LM; FSPAD's predicted features otherwise). Device ops
+        only; ``timer("tree")`` wraps the candidate bookkeeping and the specs.
+        """
+        device = root_logits.device
+        scores = [self.root_score]
+        tokens = [torch.full((1,), root_token, dtype=torch.int64, device=device)]
+        ranks = []  # each expanded level's chosen positions among its candidates
+        states = None if root_state is None else root_state[None]
+        logits, parent_scores, draft_parents = root_logits[None], None, self.root_parent
+        for level in range(1, self.depth + 1):
+            values, indices = torch.topk(torch.log_softmax(logits.float(), dim=-1), self.k, dim=-1)
+            with timer("tree"):
+                # float64 (type promotion of the float32 log-probs): the sums the host rule used.
+                level_scores = values.double() if parent_scores is None else parent_scores[:, None] + values
+                level_scores, level_tokens = level_scores.flatten(), indices.flatten()
+                scores.append(level_scores)
+                tokens.append(level_tokens)
+                if level == self.depth:
+                    break
+                best = torch.sort(level_scores, descending=True, stable=True).indices[: self.expanded[level - 1]]
+                ranks.append(best)
+                parent_scores = level_scores[best]
+                parent_nodes = best // self.k + self.node_bases[level - 1]
+                draft_parents = torch.cat([draft_parents, parent_nodes])
+                draft_tree = tree_spec_from_parents_tensor(draft_parents, level, self.k)
+                expanded_tokens = level_tokens[best]
+                expanded_positions = torch.full_like(best, root_pos + level)
+            parent_states = None if states is None else states[parent_nodes]
+            logits, new_states = drafter.expand(expanded_tokens, parent_states, expanded_positions, draft_tree)
+            if states is not None:
+                states = torch.cat([states, new_states])
+        with timer("tree"):
+            all_scores, all_tokens = torch.cat(scores), torch.cat(tokens)
+            order = torch.sort(all_scores, descending=True, stable=True).indices
+            kept = order[: self.num_tree_nodes].sort().values  # breadth-first: candidate order is level order
+            expanded_ids = torch.cat([self.expanded_head, *ranks]) + self.expanded_offsets
+            parents = torch.searchsorted(kept, expanded_ids[self.parent_slot[kept]], right=True) - 1
+            tree = tree_spec_from_parents_tensor(parents, self.max_depth, self.max_children)
+            return tree, all_tokens[kept]
+
+
 # --------------------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------------------
@@ -678,9 +793,11 @@ class SpeculativeDecoder:
         self._cache_kwarg = _cache_kwarg(target)
         self._keep_last = {"logits_to_keep": 1} if _supports_logits_to_keep(target) else {}
         self._root_tree = tree_spec_from_parents([-1], self.device)
-        self._static = None
+        self._static = self._dynamic = None
         self.max_tree_nodes = max(num_nodes, 1 + topk * (depth - 1))
-        if tree is not None:
+        if tree is None:
+            self._dynamic = _DynamicPlan(topk, depth, num_nodes, vocab, self.device)
+        else:
             if isinstance(tree, torch.Tensor):
                 check_tensor("tree", tree, dtypes=INT_DTYPES, ndim=1)
                 parents = build_tree(tree).parents[0].tolist()
@@ -946,92 +1063,7 @@ class _Generation:
         return plan.tree, tokens[None], positions
 
     def _draft_dynamic(self, root_logits, root_state, root_pos):
-        """EAGLE-2: expand the ``topk`` best nodes of each level into their ``topk`` best children, then keep
-        the ``num_nodes - 1`` candidates with the best cumulative draft log-probability."""
-        engine, timer = self.engine, self.timer
-        device = engine.device
-        builder = _DynamicTree(engine.topk, engine.num_nodes)
-        states = None if root_state is None else root_state[None]
-        logits, expanded = root_logits[None], [-1]
-        # Token ids travel as float32 with the log-probs when float32 holds them exactly (one cast less).
-        exact_ids = torch.float32 if logits.shape[-1] <= 2**24 else torch.float64
-        for level in range(1, engine.depth + 1 if engine.num_nodes > 1 else 1):
-            k = min(engine.topk, logits.shape[-1])
-            values, indices = torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
-            # The level's device-to-host read (EAGLE-2's selection runs on the host).
-            host = torch.cat([values.to(exact_ids), indices.to(exact_ids)], dim=-1).tolist()
-            with timer("tree"):
-                builder.add_children(expanded, host, k, level)
-                if level == engine.depth:
-                    break
-                expanded, parent_rows = builder.expand_best()
-                extras = [[builder.tokens[c] for c in expanded], [root_pos + level] * len(expanded)]
-                if states is not None:
-                    extras.append(parent_rows)
-                draft_tree, _, level_data = builder.draft_tree.to_device(device, extras=extras)
-            parent_states = None if states is None else states[level_data[2]]
-            logits, new_states = self.drafter.expand(level_data[0], parent_states, level_data[1], draft_tree)
-            if states is not None:
-                states = torch.cat([states, new_states])
-        with timer("tree"):
-            tree_parents, tree_tokens = builder.select()
-            host_tree = _HostTree.from_parents(tree_parents)
-            tree_tokens[0] = self.tokens[-1]
-            positions = [root_pos + depth for depth in host_tree.depth]
-            tree, (draft_tokens, positions), _ = host_tree.to_device(device, rows=[tree_tokens, positions])
-        return tree, draft_tokens, positions
-
-
-class _DynamicTree:
-    """Host-side bookkeeping of an EAGLE-2 tree: candidates with cumulative draft log-probabilities.
-
-    Candidate ``c`` has ``scores[c]`` (sum of draft log-probs along its path), ``tokens[c]``,
-    ``parents[c]`` (a candidate, ``-1`` for the root) and ``depths[c]``. The draft model's own tree (what
-    its cache holds while drafting) is the root plus the expanded candidates, in expansion order.
-    """
-
-    def __init__(self, topk: int, num_nodes: int):
-        self.topk, self.num_nodes = topk, num_nodes
-        self.scores: list[float] = []
-        self.tokens: list[int] = []
-        self.parents: list[int] = []
-        self.depths: list[int] = []
-        self.frontier: list[int] = []
-        self.draft_tree = _HostTree()  # node 0: the committed root
-        self.node_of = {-1: 0}  # candidate -> its node in the draft model's tree
-
-    def add_children(self, parent_ids: list[int], rows: list[list[float]], k: int, level: int) -> None:
-        """``rows[i]``: the ``k`` best log-probs then their token ids after candidate ``parent_ids[i]``."""
-        self.frontier = []
-        for row, parent in zip(rows, parent_ids):
-            base = self.scores[parent] if parent >= 0 else 0.0
-            for value, token in zip(row[:k], row[k:]):
-                self.frontier.append(len(self.scores))
-                self.scores.append(base + value)
-                self.tokens.append(int(token))
-                self.parents.append(parent)
-                self.depths.append(level)
-
-    def expand_best(self) -> tuple[list[int], list[int]]:
-        """The ``topk`` best candidates of the newest level, appended to the draft model's tree
-        (:attr:`draft_tree`); returns them and each one's parent node in that tree."""
-        expanded = sorted(self.frontier, key=lambda c: (-self.scores[c], c))[: self.topk]
-        parent_rows = [self.node_of[self.parents[c]] for c in expanded]
-        for cand, parent_row in zip(expanded, parent_rows):
-            self.node_of[cand] = self.draft_tree.append(parent_row)
-        return expanded, parent_rows
-
-    def select(self) -> tuple[list[int], list[int]]:
-        """The verification tree: the root and the ``num_nodes - 1`` best candidates, breadth-first; returns its
-        parent array and its tokens (entry 0, the root, is a placeholder)."""
-        kept = sorted(range(len(self.scores)), key=lambda c: (-self.scores[c], c))[: self.num_nodes - 1]
-        # A child scores at most its parent (log-probs <= 0) and is created later, so the kept set is closed
-        # under ancestors; breadth-first order (depth, creation) puts every parent before its children.
-        kept.sort(key=lambda c: (self.depths[c], c))
-        node_of = {-1: 0}
-        parents, tokens = [-1], [0]
-        for cand in kept:
-            node_of[cand] = len(parents)
-            parents.append(node_of[self.parents[cand]])
-            tokens.append(self.tokens[cand])
-        return parents, tokens
+        """EAGLE-2 on the device (:class:`_DynamicPlan`): no host read, no host-to-device copy."""
+        tree, tokens = self.engine._dynamic.draft(self.drafter, root_logits, root_state, self.tokens[-1], root_pos,
+                                                  self.timer)
+        return tree, tokens[None], tree.depth + root_pos

@@ -4,11 +4,21 @@ A draft tree of ``T`` nodes is a parent array: node 0 is the root (the last comm
 the KV cache), ``parents[0] == -1`` and ``0 <= parents[i] < i`` for ``i > 0``. Everything the attention
 and verification ops need is derived once from it by :func:`build_tree` into a :class:`TreeSpec`.
 
-These functions are *setup code*: they read the parent array on the host (one device-to-host copy when
-it lives on a GPU) to validate it and to compute host-side sizes (``max_depth``, leaf count). Build the
-tree once per tree shape, not inside the decoding step; the ops that take a ``TreeSpec`` never
-synchronise with the host. (The speculative engine, which builds a tree per step from host-side
-bookkeeping, computes specs with Python integers and :func:`int64_to_device` instead.)
+:func:`build_tree` and the converters are *setup code*: they read the parent array on the host (one
+device-to-host copy when it lives on a GPU) to validate it and to compute host-side sizes (``max_depth``,
+leaf count). Build such a tree once per tree shape, not inside the decoding step; the ops that take a
+``TreeSpec`` never synchronise with the host.
+
+:func:`tree_spec_from_parents_tensor` is the per-step builder for trees whose parent array is computed on
+the device (the speculative engine's EAGLE-2 trees): device ops only, no host read, static shapes. It
+cannot know the tree's exact depth, fan-out or leaf count without reading it, so the caller passes
+upper bounds (``max_depth``, ``max_children``) and the spec is padded to them (see :class:`TreeSpec`:
+every op accepts such a spec). Its ancestor matrix comes from one unit lower-triangular solve: with
+``P[i, parents[i]] = 1`` (strictly below the diagonal: parents precede children), ``X = (I + P)^-1 =
+I - P + P^2 - ...`` has ``X[i, j] = (-1)^(depth i - depth j)`` when ``j`` is ``i`` or one of its ancestors
+and 0 otherwise. Forward substitution only ever adds or subtracts a row of ``X`` (entries -1, 0, 1), so
+float32 is exact, and it is one ``solve_triangular`` launch whatever the depth (pointer doubling would
+take ``2 log2(depth)`` gathers).
 """
 
 from __future__ import annotations
@@ -59,10 +69,17 @@ class TreeSpec:
         ancestor_mask: int64 ``[Bt, T, W]`` with ``W = ceil(T / 64)``: bit ``j % 64`` of word ``j // 64``
             of row ``i`` is set iff ``j == i`` or ``j`` is an ancestor of ``i``.
         first_child, next_sibling: int64 ``[Bt, T]``, ``-1`` when none; siblings in node-index order.
-        leaf_paths: int64 ``[Bt, num_leaves, max_depth + 1]``: node indices root → leaf, ``-1`` padded
-            (rows of ``-1`` pad trees with fewer leaves).
-        max_depth: deepest node's depth over the batch (host int).
-        max_children: largest number of children of one node over the batch (host int).
+        leaf_paths: int64 ``[Bt, L, max_depth + 1]``, ``L >=`` the number of leaves: the leaves' node
+            indices root → leaf, one row per leaf in node-index order, then rows of ``-1`` (trees with
+            fewer leaves; :func:`tree_spec_from_parents_tensor` always has ``L = T``); ``-1`` padded
+            columns after each path.
+        max_depth: deepest node's depth over the batch (host int), or an upper bound on it
+            (:func:`tree_spec_from_parents_tensor`). Every consumer accepts a bound: the verifiers'
+            results are ``[B, max_depth + 1]`` and ``-1`` padded past the accepted path either way, and
+            KV compaction skips ``-1`` slots.
+        max_children: largest number of children of one node over the batch (host int), or an upper
+            bound on it; only sampling verification with ``draft_probs`` reads it (as the number of
+            rejection rounds it tabulates; extra rounds are never reached).
     """
 
     parents: torch.Tensor
@@ -194,6 +211,86 @@ def build_tree(parents: torch.Tensor, *, device: torch.device | str | None = Non
         leaf_paths=leaf_paths.to(device),
         max_depth=max_depth,
         max_children=int(num_children.max()),
+    )
+
+
+def tree_spec_from_parents_tensor(parents: torch.Tensor, max_depth: int, max_children: int) -> TreeSpec:
+    """A :class:`TreeSpec` from a parent array that lives on the device, without reading it on the host.
+
+    Args:
+        parents: int64 ``[T]`` (one tree, shared by the batch) or ``[Bt, T]``, ``1 <= T <=
+            MAX_TREE_NODES``, satisfying ``parents[..., 0] == -1`` and ``0 <= parents[..., i] < i``.
+            The values are *not* validated (that would read them): an invalid array gives an invalid but
+            memory-safe spec. Use :func:`build_tree` for untrusted input.
+        max_depth: host int ``>=`` the deepest node's depth, ``<= T - 1``; the spec's ``max_depth`` and
+            ``leaf_paths`` width (``max_depth + 1``) are this bound. The ops trust it (the verifiers write
+            one result slot per depth): it must not understate the depth.
+        max_children: host int ``>=`` the largest number of children of one node, ``<= T - 1``.
+
+    Returns a spec on ``parents``' device whose tensors equal :func:`build_tree`'s up to padding:
+    ``leaf_paths`` has ``T`` rows (the leaves' paths in node order, then ``-1`` rows) and ``max_depth + 1``
+    columns. About 30 device ops plus views, the same for every tree of ``T`` nodes; no host
+    synchronisation, no host-to-device copy; traceable by ``torch.compile(fullgraph=True)``.
+    """
+    check_tensor("parents", parents, dtypes=(torch.int64,))
+    if parents.dim() not in (1, 2):
+        raise ValueError(f"parents must have shape [T] or [Bt, T], got {tuple(parents.shape)}")
+    tree_parents = parents.unsqueeze(0) if parents.dim() == 1 else parents
+    batch, num_nodes = tree_parents.shape
+    if batch < 1 or not 1 <= num_nodes <= MAX_TREE_NODES:
+        raise ValueError(
+            f"parents must hold at least one tree of 1 to {MAX_TREE_NODES} nodes, got shape {tuple(parents.shape)}"
+        )
+    for name, bound in (("max_depth", max_depth), ("max_children", max_children)):
+        if isinstance(bound, bool) or not isinstance(bound, int):
+            raise TypeError(f"{name} must be an int, got {type(bound).__name__}")
+        if not 0 <= bound <= num_nodes - 1:
+            raise ValueError(f"{name} must be in [0, T - 1 = {num_nodes - 1}] for T={num_nodes} nodes, got {bound}")
+    device = tree_parents.device
+    nodes = torch.arange(num_nodes, device=device)
+    child_of = tree_parents[:, None, :] == nodes[:, None]  # [Bt, parent, child]
+
+    # Ancestors (self included): X = (I + P)^-1, nonzero exactly at them (see the module docstring).
+    parent_matrix = child_of.transpose(1, 2).to(torch.float32)  # [Bt, node, parent]
+    identity = torch.eye(num_nodes, device=device).expand(batch, -1, -1)
+    solution = torch.linalg.solve_triangular(parent_matrix, identity, upper=False, unitriangular=True)
+    ancestors = solution != 0  # [Bt, node, ancestor]
+    depth = ancestors.sum(-1) - 1
+
+    # Distinct bits: their int64 sum is their bitwise or (bit 63 is the sign bit, -2**63).
+    num_words = (num_nodes + BITS_PER_WORD - 1) // BITS_PER_WORD
+    if num_words == 1:
+        ancestor_mask = (ancestors * torch.bitwise_left_shift(1, nodes)).sum(-1, keepdim=True)
+    else:
+        padded = torch.nn.functional.pad(ancestors, (0, num_words * BITS_PER_WORD - num_nodes))
+        bit_values = torch.bitwise_left_shift(1, torch.arange(BITS_PER_WORD, device=device))
+        ancestor_mask = (padded.view(batch, num_nodes, num_words, BITS_PER_WORD) * bit_values).sum(-1)
+
+    # First child and next sibling: the smallest qualifying node index (num_nodes for none, then -1).
+    later_sibling = (tree_parents[:, :, None] == tree_parents[:, None, :]) & (nodes > nodes[:, None])
+    links = torch.where(torch.stack([child_of, later_sibling]), nodes, num_nodes).amin(-1)
+    links = torch.where(links == num_nodes, -1, links)
+
+    # Every node's root path (the ancestor at each depth), then the leaves' paths moved to the top rows.
+    # Non-ancestors (and, for a max_depth too small, anything deeper) go to a dump column / row.
+    dump_column = max_depth + 1
+    column = torch.where(ancestors, depth[:, None, :], dump_column).clamp_max(dump_column)
+    paths = torch.full((batch, num_nodes, max_depth + 2), -1, dtype=torch.int64, device=device)
+    paths.scatter_(2, column, nodes.expand(batch, num_nodes, num_nodes))
+    is_leaf = links[0] < 0
+    row = torch.where(is_leaf, is_leaf.cumsum(1) - 1, num_nodes)
+    leaf_paths = torch.full((batch, num_nodes + 1, max_depth + 1), -1, dtype=torch.int64, device=device)
+    leaf_paths.scatter_(1, row[:, :, None].expand(-1, -1, max_depth + 1), paths[:, :, : max_depth + 1])
+
+    return TreeSpec(
+        parents=tree_parents,
+        depth=depth,
+        ancestor_mask=ancestor_mask,
+        first_child=links[0],
+        next_sibling=links[1],
+        leaf_paths=leaf_paths[:, :num_nodes],
+        max_depth=max_depth,
+        max_children=max_children,
     )
 
 

@@ -226,14 +226,40 @@ def test_engine_overhead_counts_every_phase(config):
         assert counts[phase]["kernel"] > 0, phase
     assert counts["verify"]["reads"] >= 1  # the step's read of the emitted tokens
     if config.startswith("tree"):
-        # One host-built buffer per tree (4 draft levels + the verification tree), never torch.tensor.
-        assert counts["tree"]["h2d"] == 5 and "aten.lift_fresh.default" not in result["ops"]["tree"]
-        assert counts["tree"]["kernel"] == 0
+        # EAGLE-2 trees are built on the device: ops, but no host-built data and no read.
+        assert counts["tree"]["kernel"] > 0 and counts["tree"]["h2d"] == 0 and counts["tree"]["reads"] == 0
+        assert "aten.lift_fresh.default" not in result["ops"]["tree"]
     else:
         assert counts["tree"]["aten"] == 0  # static trees are prepared once
     assert set(result["ms"]) == set(engine_overhead.PHASES) and result["target_ms"] > 0
     text = engine_overhead.format_results([result], top=3)
     assert f"### {config}, impl=torch" in text and "| overhead |" in text and "- verify: " in text
+    verify_reads = next(line for line in text.splitlines() if line.startswith("- verify reads: "))
+    assert "distill_ops.speculative:run 1.0" in verify_reads
+
+
+# What only a CPU run reads: the ops' value checks of CPU tensors (skipped for CUDA tensors).
+CPU_ONLY_CHECKS = {
+    "distill_ops.tree_attention:_check_cache_lens_values",
+    "distill_ops.verify:_check_verify_inputs",
+    "distill_ops.verify:compact_kv_cache",
+}
+
+
+@pytest.mark.parametrize("config", ["tree-greedy", "tree-sampling", "chain-greedy"])
+def test_engine_reads_the_device_once_per_step(config):
+    """Drafting reads nothing back, dynamic (EAGLE-2) trees included: the engine's one device-to-host read
+    per step is the verification result (emitted tokens); every other read is a CPU-only value check."""
+    result = engine_overhead.measure(config, impl="torch", new_tokens=8, repeats=0, shape=TINY_PAIR,
+                                     device=DEVICE.type)
+    sites = result["read_sites"]
+    assert sites["verify"].get("distill_ops.speculative:run") == 1.0
+    for phase in engine_overhead.PHASES:
+        others = {site for site in sites[phase] if site != "distill_ops.speculative:run" or phase != "verify"}
+        assert others <= CPU_ONLY_CHECKS, (phase, others)
+    if DEVICE.type == "cpu":
+        # The counter sees reads: the tree ops' checks read once per draft level (4 of them).
+        assert sites["draft"]["distill_ops.tree_attention:_check_cache_lens_values"] == 8.0
 
 
 def test_engine_overhead_triton_launches_per_step():

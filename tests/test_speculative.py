@@ -35,6 +35,7 @@ from distill_ops.tree import build_tree
 from distill_ops.tree_attention import tree_attention
 
 from .conftest import DEVICE, assert_close
+from .test_tree import assert_spec_matches
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -366,6 +367,165 @@ def test_dynamic_tree_shape(monkeypatch):
         tree = build_tree(torch.tensor(parents))  # validates parents[i] < i
         assert tree.num_nodes == 6  # 2 + 2*2 + 2*2 = 10 candidates, the best 5 kept
         assert tree.max_depth <= 3 and tree.max_children <= 2
+
+
+# --------------------------------------------------------------------------------------------------
+# EAGLE-2 drafting on the device vs the host bookkeeping it replaced
+# --------------------------------------------------------------------------------------------------
+
+
+class _DynamicTree:
+    """The engine's former host-side EAGLE-2 bookkeeping (one device-to-host read per level), kept as the
+    reference of :class:`distill_ops.speculative._DynamicPlan`.
+
+    Candidate ``c`` has ``scores[c]`` (sum of draft log-probs along its path, Python floats),
+    ``tokens[c]``, ``parents[c]`` (a candidate, ``-1`` for the root) and ``depths[c]``. The draft model's
+    own tree is the root plus the expanded candidates, in expansion order (``draft_parents``).
+    """
+
+    def __init__(self, topk: int, num_nodes: int):
+        self.topk, self.num_nodes = topk, num_nodes
+        self.scores: list[float] = []
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.depths: list[int] = []
+        self.frontier: list[int] = []
+        self.draft_parents = [-1]  # node 0: the committed root
+        self.node_of = {-1: 0}  # candidate -> its node in the draft model's tree
+
+    def add_children(self, parent_ids: list[int], values: list[list[float]], tokens: list[list[int]],
+                     level: int) -> None:
+        """``values[i]`` / ``tokens[i]``: the ``k`` best log-probs and their tokens after ``parent_ids[i]``."""
+        self.frontier = []
+        for row_values, row_tokens, parent in zip(values, tokens, parent_ids):
+            base = self.scores[parent] if parent >= 0 else 0.0
+            for value, token in zip(row_values, row_tokens):
+                self.frontier.append(len(self.scores))
+                self.scores.append(base + value)
+                self.tokens.append(token)
+                self.parents.append(parent)
+                self.depths.append(level)
+
+    def expand_best(self) -> tuple[list[int], list[int]]:
+        """The ``topk`` best candidates of the newest level, appended to the draft model's tree; returns
+        them and each one's parent node in that tree."""
+        expanded = sorted(self.frontier, key=lambda c: (-self.scores[c], c))[: self.topk]
+        parent_rows = [self.node_of[self.parents[c]] for c in expanded]
+        for cand, parent_row in zip(expanded, parent_rows):
+            self.node_of[cand] = len(self.draft_parents)
+            self.draft_parents.append(parent_row)
+        return expanded, parent_rows
+
+    def select(self) -> tuple[list[int], list[int]]:
+        """The verification tree: the root and the ``num_nodes - 1`` best candidates, breadth-first; returns
+        its parent array and its tokens (entry 0, the root, is a placeholder)."""
+        kept = sorted(range(len(self.scores)), key=lambda c: (-self.scores[c], c))[: self.num_nodes - 1]
+        kept.sort(key=lambda c: (self.depths[c], c))
+        node_of = {-1: 0}
+        parents, tokens = [-1], [0]
+        for cand in kept:
+            node_of[cand] = len(parents)
+            parents.append(node_of[self.parents[cand]])
+            tokens.append(self.tokens[cand])
+        return parents, tokens
+
+
+class _RecordingDrafter:
+    """A fake drafter: random logits for each expanded level (few distinct values: exact ties), states that
+    identify a node (its token; the root's is -1) so that the parent states given back can be checked."""
+
+    def __init__(self, vocab: int, kind: str, seed: int):
+        self.vocab, self.kind = vocab, kind
+        self.generator = torch.Generator().manual_seed(seed)
+        self.calls = []
+
+    def logits(self, rows: int) -> torch.Tensor:
+        if self.kind == "ties":  # log-probs repeat within and across rows, so do cumulative scores
+            logits = torch.randint(0, 3, (rows, self.vocab), generator=self.generator).float()
+        elif self.kind == "peaked":  # the top token has log-prob exactly 0: a child ties its parent's score
+            logits = torch.randint(0, 3, (rows, self.vocab), generator=self.generator).float()
+            top = torch.randint(0, self.vocab, (rows, 1), generator=self.generator)
+            logits.scatter_(1, top, 200.0)
+        else:  # "masked": most tokens impossible (-inf log-probs once the finite ones are used up)
+            logits = torch.randint(0, 2, (rows, self.vocab), generator=self.generator).float()
+            logits[:, 2:] = float("-inf")
+        return logits.to(DEVICE)
+
+    def expand(self, tokens, parent_states, positions, tree):
+        logits = self.logits(tokens.shape[0])
+        self.calls.append((tokens.tolist(), positions.tolist(), parent_states[:, 0].tolist(), tree, logits))
+        return logits, tokens.to(torch.float32)[:, None]
+
+
+def _host_eagle2(root_logits, level_logits, topk, depth, num_nodes):
+    """The former engine loop: host reads of each level's top-k, :class:`_DynamicTree` bookkeeping."""
+    builder = _DynamicTree(topk, num_nodes)
+    logits, expanded, levels = root_logits[None], [-1], []
+    for level in range(1, depth + 1 if num_nodes > 1 else 1):
+        k = min(topk, logits.shape[-1])
+        values, indices = torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
+        builder.add_children(expanded, values.tolist(), indices.tolist(), level)
+        if level == depth:
+            break
+        expanded, parent_rows = builder.expand_best()
+        levels.append(([builder.tokens[c] for c in expanded], parent_rows, list(builder.draft_parents)))
+        logits = level_logits[level - 1]
+    parents, tokens = builder.select()
+    return levels, parents, tokens
+
+
+@pytest.mark.parametrize(
+    "depth, topk, num_nodes, vocab, kind",
+    [
+        (5, 4, 32, 50, "ties"),  # the engine's default shape
+        (4, 3, 12, 40, "peaked"),
+        (6, 16, 200, 64, "ties"),  # draft tree of 81 nodes and verification tree of 200: two and four words
+        (3, 8, 100, 30, "masked"),
+        (4, 5, 40, 3, "ties"),  # vocabulary smaller than topk: k = 3, later levels expand 5 nodes
+        (2, 2, 50, 20, "ties"),  # num_nodes larger than the 6 candidates: all kept
+        (1, 4, 8, 20, "peaked"),  # one level: no draft forward
+        (3, 2, 1, 20, "ties"),  # a one-node tree: nothing drafted
+    ],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_device_eagle2_tree_equals_host_bookkeeping(depth, topk, num_nodes, vocab, kind, seed):
+    """Trees (draft model's per level and verification), tokens, positions, parent states and every spec
+    field equal the host reference, with exact ties in draft log-probs and cumulative scores."""
+    drafter = _RecordingDrafter(vocab, kind, seed)
+    plan = speculative._DynamicPlan(topk, depth, num_nodes, vocab, DEVICE)
+    root_logits = drafter.logits(1)[0]
+    root_token, root_pos = 7, 11
+    timer = speculative._Timer(DEVICE, sync=False)
+    tree, tokens = plan.draft(drafter, root_logits, torch.full((1,), -1.0, device=DEVICE), root_token, root_pos,
+                              timer)
+    levels, parents, expected_tokens = _host_eagle2(root_logits, [call[4] for call in drafter.calls], topk, depth,
+                                                    num_nodes)
+    assert len(drafter.calls) == len(levels) == (depth - 1 if num_nodes > 1 else 0)
+    expected_tokens[0] = root_token
+    node_tokens = [-1]
+    for level, ((level_tokens, positions, parent_states, draft_tree, _), (ref_tokens, parent_rows, draft_parents)) in \
+            enumerate(zip(drafter.calls, levels), start=1):
+        assert level_tokens == ref_tokens and positions == [root_pos + level] * len(ref_tokens)
+        assert parent_states == [float(node_tokens[row]) for row in parent_rows]
+        node_tokens += ref_tokens
+        assert_spec_matches(draft_tree, build_tree(torch.tensor(draft_parents)))
+        assert draft_tree.max_depth == level
+    assert tokens.tolist() == expected_tokens
+    assert_spec_matches(tree, build_tree(torch.tensor(parents)))
+
+
+def test_device_eagle2_tree_comparison_has_power(monkeypatch):
+    """An unstable sort (torch.topk's arbitrary order among tied scores) is caught by the reference."""
+    real_sort = torch.sort
+
+    def unstable_last_index_first(values, *args, stable=False, **kwargs):
+        # Ties broken by the *higher* candidate index: what the rule must not do.
+        flipped = real_sort(values.flip(-1), *args, stable=True, **kwargs)
+        return torch.return_types.sort((flipped.values, values.shape[-1] - 1 - flipped.indices))
+
+    monkeypatch.setattr(torch, "sort", unstable_last_index_first)
+    with pytest.raises(AssertionError):
+        test_device_eagle2_tree_equals_host_bookkeeping(5, 4, 32, 50, "ties", 0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,18 +7,38 @@ import torch
 
 from distill_ops.tree import (
     MAX_TREE_NODES,
+    TreeSpec,
     build_tree,
     int64_to_device,
     paths_from_tree,
     tree_from_paths,
     tree_from_retrieve,
+    tree_spec_from_parents_tensor,
     tree_to_retrieve,
 )
+from tests.conftest import DEVICE
+
+_HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
 
 
 def random_parents(num_nodes: int, seed: int) -> torch.Tensor:
     rng = random.Random(seed)
     return torch.tensor([-1] + [rng.randrange(i) for i in range(1, num_nodes)])
+
+
+def assert_spec_matches(spec: TreeSpec, reference: TreeSpec) -> None:
+    """``spec`` (possibly padded to bounds, as :func:`tree_spec_from_parents_tensor` builds it) describes
+    the same trees as ``reference`` (:func:`build_tree`): equal tensors, ``leaf_paths`` equal once its
+    extra ``-1`` rows and columns are dropped, bounds no smaller than the exact values."""
+    reference = reference.to(spec.device)
+    for name in ("parents", "depth", "ancestor_mask", "first_child", "next_sibling"):
+        assert torch.equal(getattr(spec, name), getattr(reference, name)), name
+    assert reference.max_depth <= spec.max_depth <= spec.num_nodes - 1
+    assert reference.max_children <= spec.max_children <= max(spec.num_nodes - 1, 0)
+    assert spec.leaf_paths.shape[2] == spec.max_depth + 1
+    num_leaves, width = reference.leaf_paths.shape[1:]
+    assert torch.equal(spec.leaf_paths[:, :num_leaves, :width], reference.leaf_paths)
+    assert (spec.leaf_paths[:, num_leaves:] == -1).all() and (spec.leaf_paths[:, :, width:] == -1).all()
 
 
 def ancestors_of(parents: list[int], node: int) -> set[int]:
@@ -148,3 +168,103 @@ def test_int64_to_device_round_trip():
     out = int64_to_device(values, torch.device(DEVICE))
     assert out.dtype == torch.int64 and out.device.type == torch.device(DEVICE).type
     assert out.tolist() == values
+
+
+# --------------------------------------------------------------------------------------------------
+# tree_spec_from_parents_tensor: the device-side builder (no host read)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Any read of tensor values on the host fails the test."""
+
+    def forbidden(name):
+        def read(*args, **kwargs):
+            raise AssertionError(f"host read Tensor.{name}")
+
+        return read
+
+    for name in _HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("num_nodes", [1, 2, 7, 64, 65, 130, MAX_TREE_NODES])
+def test_spec_from_parents_tensor_equals_build_tree(num_nodes, batch):
+    parents = torch.stack([random_parents(num_nodes, 300 + b) for b in range(batch)])
+    reference = build_tree(parents)
+    parents = parents.to(DEVICE)
+    exact = tree_spec_from_parents_tensor(parents, reference.max_depth, reference.max_children)
+    assert_spec_matches(exact, reference)
+    loose = tree_spec_from_parents_tensor(parents, num_nodes - 1, num_nodes - 1)  # bounds, not exact values
+    assert_spec_matches(loose, reference)
+    assert loose.leaf_paths.shape == (batch, num_nodes, num_nodes)
+    if batch == 1:
+        assert_spec_matches(tree_spec_from_parents_tensor(parents[0], reference.max_depth, reference.max_children),
+                            reference)
+
+
+@pytest.mark.parametrize(
+    "parents",
+    [
+        torch.arange(-1, MAX_TREE_NODES - 1),  # a chain: depth 255, every word's sign bit
+        torch.tensor([-1] + [0] * (MAX_TREE_NODES - 1)),  # a star: 255 children of the root
+        torch.tensor([-1] + [i // 2 for i in range(1, 200)]),  # a binary heap across four words
+    ],
+    ids=["chain", "star", "heap"],
+)
+def test_spec_from_parents_tensor_extreme_shapes(parents):
+    reference = build_tree(parents)
+    spec = tree_spec_from_parents_tensor(parents.to(DEVICE), reference.max_depth, reference.max_children)
+    assert_spec_matches(spec, reference)
+
+
+def test_spec_from_parents_tensor_reads_nothing_on_the_host(no_host_reads):
+    parents = random_parents(70, 5).to(DEVICE)
+    spec = tree_spec_from_parents_tensor(parents, 69, 69)
+    assert spec.num_nodes == 70 and spec.num_words == 2
+    with pytest.raises(AssertionError, match="host read"):  # the fixture has power: build_tree reads
+        build_tree(parents)
+
+
+def test_spec_from_parents_tensor_torch_compile_fullgraph():
+    """No graph break (no host read, no data-dependent shape): the builder can live in a captured graph."""
+
+    def fields(parents):
+        spec = tree_spec_from_parents_tensor(parents, 5, 4)
+        return spec.parents, spec.depth, spec.ancestor_mask, spec.first_child, spec.next_sibling, spec.leaf_paths
+
+    parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 3, 0, 5], device=DEVICE)
+    compiled = torch.compile(fields, fullgraph=True)(parents)
+    for got, expected in zip(compiled, fields(parents)):
+        assert torch.equal(got, expected)
+
+
+def test_spec_from_parents_tensor_detects_a_wrong_builder():
+    """The comparison has power: a parent array off by one node differs from the reference."""
+    parents = random_parents(40, 9)
+    reference = build_tree(parents)
+    moved = parents.clone()
+    moved[-1] = (moved[-1] + 1) % 39
+    spec = tree_spec_from_parents_tensor(moved.to(DEVICE), 39, 39)
+    with pytest.raises(AssertionError):
+        assert_spec_matches(spec, reference)
+
+
+def test_spec_from_parents_tensor_bad_inputs():
+    parents = torch.tensor([-1, 0, 0])
+    with pytest.raises(TypeError, match="parents must have dtype"):
+        tree_spec_from_parents_tensor(parents.to(torch.int32), 1, 2)
+    with pytest.raises(ValueError, match=r"parents must have shape \[T\] or \[Bt, T\]"):
+        tree_spec_from_parents_tensor(parents.view(1, 1, 3), 1, 2)
+    with pytest.raises(ValueError, match="1 to 256 nodes"):
+        tree_spec_from_parents_tensor(torch.arange(-1, MAX_TREE_NODES), 1, 1)
+    with pytest.raises(ValueError, match="1 to 256 nodes"):
+        tree_spec_from_parents_tensor(torch.zeros(1, 0, dtype=torch.int64), 0, 0)
+    with pytest.raises(ValueError, match=r"max_depth must be in \[0, T - 1 = 2\] for T=3 nodes, got 3"):
+        tree_spec_from_parents_tensor(parents, 3, 2)
+    with pytest.raises(ValueError, match="max_children must be in"):
+        tree_spec_from_parents_tensor(parents, 1, -1)
+    with pytest.raises(TypeError, match="max_depth must be an int, got bool"):
+        tree_spec_from_parents_tensor(parents, True, 2)
