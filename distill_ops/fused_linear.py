@@ -17,7 +17,7 @@ Backends:
   (``[N, chunk]``, chunk <= V / 4 and <= 2^23 elements). cuBLAS turns it into that chunk's rows of
   ``d_weight`` (written once, fp32 accumulation over all tokens inside the GEMM), and a Triton GEMM adds
   its contribution to ``d_hidden``. Deterministic: no atomics.
-  ``d_hidden`` sums over every chunk, so it needs a running sum of [N, H]. For bf16 / fp16 inputs that sum
+  ``d_hidden`` sums over every chunk, so it needs a running sum of [N, H]. For bf16 inputs that sum
   is kept *compensated* (:data:`GRAD_HIDDEN_ACCUMULATION` = ``"compensated"``, the default): the gradient
   tensor itself holds the sum rounded to its dtype (``hi``) and a bf16 buffer holds the rounding error
   (``lo``); each chunk's GEMM epilogue forms ``hi + lo + partial`` in fp32 and splits it again, the last
@@ -28,7 +28,8 @@ Backends:
   converted at the end), which at N = 8192, H = 4096, V = 128k puts the backward's extra memory at
   1.95 % of one fp32 [N, V] tensor instead of 3.9 % (the issue's target: < 2 %). Which of the two is
   faster is for the GPU benchmark to say (``ours_triton`` vs ``ours_triton_fp32acc``; not measured yet).
-  fp32 inputs accumulate in their fp32 gradient directly (cuBLAS), no extra buffer.
+  fp32 inputs accumulate in their fp32 gradient directly (cuBLAS), no extra buffer. fp16 inputs keep the
+  fp32 accumulator: an fp16 ``hi`` could overflow (65504) on a partial sum whose final value fits.
   ``TRITON_STRATEGY = "gemm"`` (a module setting, default ``"tiles"``; ``with triton_strategy("gemm"):`` for a
   block) keeps the same kernels and algorithm
   but lets cuBLAS compute each vocabulary chunk of both sides' logits into fp32 ``[N, chunk]`` buffers
@@ -325,7 +326,8 @@ def fused_linear_backward_triton(
         chunk = min(grad_chunk_columns(num_rows, vocab, block_v), vocab)
     # dL/dz in the operands' dtype: what the GEMMs take (as every bf16 training step does).
     grad_buffer = torch.empty(num_rows, chunk, dtype=s_hidden.dtype, device=device)
-    compensated = s_hidden.dtype != torch.float32 and GRAD_HIDDEN_ACCUMULATION == "compensated"
+    # bf16 only: an fp16 running sum could overflow where the final gradient fits (fp16 keeps the fp32 accumulator).
+    compensated = s_hidden.dtype == torch.bfloat16 and GRAD_HIDDEN_ACCUMULATION == "compensated"
     if compensated:  # d_hidden in the output dtype plus a bf16 rounding-error half (see the module docstring)
         d_hidden = torch.empty(s_hidden.shape, dtype=s_hidden.dtype, device=device)  # row-major
         d_hidden_lo = torch.empty(s_hidden.shape, dtype=torch.bfloat16, device=device) if chunk < vocab else None
@@ -365,8 +367,8 @@ def fused_linear_backward_triton(
 # faster is for the GPU benchmark to say (`fused_linear_kl_div` cases ours_triton / ours_triton_gemm).
 TRITON_STRATEGY = "tiles"
 TRITON_STRATEGIES = ("tiles", "gemm")  # = distill_ops.kernels.fused_linear.STRATEGIES (importing it needs triton)
-# How the Triton backward accumulates d_hidden across vocabulary chunks for bf16 / fp16 inputs (fp32 inputs
-# accumulate in their fp32 gradient directly): "compensated" (the default: the gradient itself holds the running
+# How the Triton backward accumulates d_hidden across vocabulary chunks for bf16 inputs (fp32 inputs accumulate in
+# their fp32 gradient directly, fp16 inputs in an fp32 accumulator): "compensated" (the default: the gradient itself holds the running
 # sum rounded to its dtype and a bf16 buffer the rounding error, updated in the epilogue of a Triton GEMM; 2·N·H
 # bytes beyond the gradient) or "fp32" (a cuBLAS GEMM into an fp32 [N, H] accumulator, converted at the end; 4·N·H
 # bytes). Read when backward runs.
