@@ -596,7 +596,8 @@ class _DynamicPlan:
     bounds (``min(depth, T - 1)`` / ``min(k, T - 1)``).
     """
 
-    def __init__(self, topk: int, depth: int, num_nodes: int, vocab: int, device: torch.device):
+    def __init__(self, topk: int, depth: int, num_nodes: int, vocab: int, device: torch.device, impl: str = "auto"):
+        self.impl = impl  # the specs' builder: one Triton launch each on the engine's Triton path
         self.k = min(topk, vocab)
         self.depth = depth if num_nodes > 1 else 0  # a one-node tree drafts nothing
         level_sizes, self.expanded = [self.k], []
@@ -661,7 +662,7 @@ class _DynamicPlan:
                 parent_scores = level_scores[best]
                 parent_nodes = best // self.k + self.node_bases[level - 1]
                 draft_parents = torch.cat([draft_parents, parent_nodes])
-                draft_tree = tree_spec_from_parents_tensor(draft_parents, level, self.k)
+                draft_tree = tree_spec_from_parents_tensor(draft_parents, level, self.k, impl=self.impl)
                 expanded_tokens = level_tokens[best]
                 expanded_positions = torch.full_like(best, root_pos + level)
             parent_states = None if states is None else states[parent_nodes]
@@ -674,7 +675,7 @@ class _DynamicPlan:
             kept = order[: self.num_tree_nodes].sort().values  # breadth-first: candidate order is level order
             expanded_ids = torch.cat([self.expanded_head, *ranks]) + self.expanded_offsets
             parents = torch.searchsorted(kept, expanded_ids[self.parent_slot[kept]], right=True) - 1
-            tree = tree_spec_from_parents_tensor(parents, self.max_depth, self.max_children)
+            tree = tree_spec_from_parents_tensor(parents, self.max_depth, self.max_children, impl=self.impl)
             return tree, all_tokens[kept]
 
 
@@ -796,7 +797,7 @@ class SpeculativeDecoder:
         self._static = self._dynamic = None
         self.max_tree_nodes = max(num_nodes, 1 + topk * (depth - 1))
         if tree is None:
-            self._dynamic = _DynamicPlan(topk, depth, num_nodes, vocab, self.device)
+            self._dynamic = _DynamicPlan(topk, depth, num_nodes, vocab, self.device, impl)
         else:
             if isinstance(tree, torch.Tensor):
                 check_tensor("tree", tree, dtypes=INT_DTYPES, ndim=1)

@@ -18,7 +18,10 @@ every op accepts such a spec). Its ancestor matrix comes from one unit lower-tri
 I - P + P^2 - ...`` has ``X[i, j] = (-1)^(depth i - depth j)`` when ``j`` is ``i`` or one of its ancestors
 and 0 otherwise. Forward substitution only ever adds or subtracts a row of ``X`` (entries -1, 0, 1), so
 float32 is exact, and it is one ``solve_triangular`` launch whatever the depth (pointer doubling would
-take ``2 log2(depth)`` gathers).
+take ``2 log2(depth)`` gathers). That PyTorch path is still about 30 device ops per spec, each one a few
+microseconds of host time on a GPU, so on CUDA tensors (``impl="auto"``) the builder is one Triton launch
+into one allocation instead (``distill_ops.kernels.tree_spec``: a lockstep walk up the tree per node);
+the PyTorch path stays as the CPU path and the kernel's reference, and the two return equal tensors.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from ._utils import INT_DTYPES, check_tensor
+from ._utils import INT_DTYPES, check_tensor, resolve_impl
 
 #: Largest tree the ops accept. The ancestor bitmask is packed in 64-bit words; up to 64 nodes use
 #: one word (the common case pays nothing for the multi-word support).
@@ -214,7 +217,24 @@ def build_tree(parents: torch.Tensor, *, device: torch.device | str | None = Non
     )
 
 
-def tree_spec_from_parents_tensor(parents: torch.Tensor, max_depth: int, max_children: int) -> TreeSpec:
+@torch.library.custom_op("distill_ops::tree_spec", mutates_args=())
+def _tree_spec_op(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """The Triton spec buffer as an opaque op, for ``torch.compile`` (``kernels/tree_spec.py``)."""
+    from .kernels.tree_spec import tree_spec_forward
+
+    return tree_spec_forward(parents, max_depth)
+
+
+@_tree_spec_op.register_fake
+def _(parents, max_depth):
+    from .kernels.tree_spec import section_sizes
+
+    return parents.new_empty(sum(section_sizes(*parents.shape, max_depth)))
+
+
+def tree_spec_from_parents_tensor(
+    parents: torch.Tensor, max_depth: int, max_children: int, *, impl: str = "auto"
+) -> TreeSpec:
     """A :class:`TreeSpec` from a parent array that lives on the device, without reading it on the host.
 
     Args:
@@ -226,11 +246,15 @@ def tree_spec_from_parents_tensor(parents: torch.Tensor, max_depth: int, max_chi
             ``leaf_paths`` width (``max_depth + 1``) are this bound. The ops trust it (the verifiers write
             one result slot per depth): it must not understate the depth.
         max_children: host int ``>=`` the largest number of children of one node, ``<= T - 1``.
+        impl: ``"triton"`` (one kernel launch and one allocation per call; CUDA tensors, or CPU tensors
+            under ``TRITON_INTERPRET=1``), ``"torch"`` (about 30 device ops) or ``"auto"`` (Triton on CUDA
+            tensors, PyTorch otherwise). Both return the same tensors.
 
     Returns a spec on ``parents``' device whose tensors equal :func:`build_tree`'s up to padding:
     ``leaf_paths`` has ``T`` rows (the leaves' paths in node order, then ``-1`` rows) and ``max_depth + 1``
-    columns. About 30 device ops plus views, the same for every tree of ``T`` nodes; no host
-    synchronisation, no host-to-device copy; traceable by ``torch.compile(fullgraph=True)``.
+    columns. The same work for every tree of ``T`` nodes; no host synchronisation, no host-to-device
+    copy; traceable by ``torch.compile(fullgraph=True)`` (the Triton launch as one opaque op). On the
+    Triton path the derived tensors are views of one buffer.
     """
     check_tensor("parents", parents, dtypes=(torch.int64,))
     if parents.dim() not in (1, 2):
@@ -246,6 +270,26 @@ def tree_spec_from_parents_tensor(parents: torch.Tensor, max_depth: int, max_chi
             raise TypeError(f"{name} must be an int, got {type(bound).__name__}")
         if not 0 <= bound <= num_nodes - 1:
             raise ValueError(f"{name} must be in [0, T - 1 = {num_nodes - 1}] for T={num_nodes} nodes, got {bound}")
+    if resolve_impl(impl, tree_parents.device) == "triton":
+        from .kernels.tree_spec import split_tree_spec, tree_spec_forward
+
+        # Eager calls launch directly: the custom op that makes the launch traceable costs a dispatcher
+        # round trip of host time (several ATen ops' worth), which this builder exists to save.
+        launch = _tree_spec_op if torch.compiler.is_compiling() else tree_spec_forward
+        buffer = launch(tree_parents, max_depth)
+        depth, ancestor_mask, first_child, next_sibling, leaf_paths = split_tree_spec(
+            buffer, batch, num_nodes, max_depth
+        )
+        return TreeSpec(
+            parents=tree_parents,
+            depth=depth,
+            ancestor_mask=ancestor_mask,
+            first_child=first_child,
+            next_sibling=next_sibling,
+            leaf_paths=leaf_paths,
+            max_depth=max_depth,
+            max_children=max_children,
+        )
     device = tree_parents.device
     nodes = torch.arange(num_nodes, device=device)
     child_of = tree_parents[:, None, :] == nodes[:, None]  # [Bt, parent, child]

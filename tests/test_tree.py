@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from distill_ops.kernels import tree_spec as tree_spec_kernels
 from distill_ops.tree import (
     MAX_TREE_NODES,
     TreeSpec,
@@ -16,9 +17,10 @@ from distill_ops.tree import (
     tree_spec_from_parents_tensor,
     tree_to_retrieve,
 )
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, IMPLS
 
 _HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+_SPEC_FIELDS = ("parents", "depth", "ancestor_mask", "first_child", "next_sibling", "leaf_paths")
 
 
 def random_parents(num_nodes: int, seed: int) -> torch.Tensor:
@@ -189,20 +191,30 @@ def no_host_reads(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, forbidden(name))
 
 
+def assert_specs_equal(spec: TreeSpec, expected: TreeSpec) -> None:
+    """Identical specs: every tensor (shape, dtype, values) and both bounds."""
+    for name in _SPEC_FIELDS:
+        got, want = getattr(spec, name), getattr(expected, name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    assert (spec.max_depth, spec.max_children) == (expected.max_depth, expected.max_children)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("num_nodes", [1, 2, 7, 64, 65, 130, MAX_TREE_NODES])
-def test_spec_from_parents_tensor_equals_build_tree(num_nodes, batch):
+@pytest.mark.parametrize("num_nodes", [1, 2, 7, 63, 64, 65, 130, MAX_TREE_NODES])
+def test_spec_from_parents_tensor_equals_build_tree(num_nodes, batch, impl):
     parents = torch.stack([random_parents(num_nodes, 300 + b) for b in range(batch)])
     reference = build_tree(parents)
     parents = parents.to(DEVICE)
-    exact = tree_spec_from_parents_tensor(parents, reference.max_depth, reference.max_children)
-    assert_spec_matches(exact, reference)
-    loose = tree_spec_from_parents_tensor(parents, num_nodes - 1, num_nodes - 1)  # bounds, not exact values
-    assert_spec_matches(loose, reference)
-    assert loose.leaf_paths.shape == (batch, num_nodes, num_nodes)
+    for max_depth, max_children in ((reference.max_depth, reference.max_children), (num_nodes - 1, num_nodes - 1)):
+        spec = tree_spec_from_parents_tensor(parents, max_depth, max_children, impl=impl)
+        assert_spec_matches(spec, reference)
+        assert spec.leaf_paths.shape == (batch, num_nodes, max_depth + 1)
+        if impl == "triton":  # the kernel returns exactly the PyTorch path's tensors, padding included
+            assert_specs_equal(spec, tree_spec_from_parents_tensor(parents, max_depth, max_children, impl="torch"))
     if batch == 1:
-        assert_spec_matches(tree_spec_from_parents_tensor(parents[0], reference.max_depth, reference.max_children),
-                            reference)
+        shared = tree_spec_from_parents_tensor(parents[0], reference.max_depth, reference.max_children, impl=impl)
+        assert_spec_matches(shared, reference)
 
 
 @pytest.mark.parametrize(
@@ -214,9 +226,10 @@ def test_spec_from_parents_tensor_equals_build_tree(num_nodes, batch):
     ],
     ids=["chain", "star", "heap"],
 )
-def test_spec_from_parents_tensor_extreme_shapes(parents):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_spec_from_parents_tensor_extreme_shapes(parents, impl):
     reference = build_tree(parents)
-    spec = tree_spec_from_parents_tensor(parents.to(DEVICE), reference.max_depth, reference.max_children)
+    spec = tree_spec_from_parents_tensor(parents.to(DEVICE), reference.max_depth, reference.max_children, impl=impl)
     assert_spec_matches(spec, reference)
 
 
@@ -268,3 +281,145 @@ def test_spec_from_parents_tensor_bad_inputs():
         tree_spec_from_parents_tensor(parents, 1, -1)
     with pytest.raises(TypeError, match="max_depth must be an int, got bool"):
         tree_spec_from_parents_tensor(parents, True, 2)
+
+
+# The Triton path (tree_spec kernel): one launch, one allocation, no host read
+
+
+_ORIGINAL_READS = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+
+
+class _RecordingKernel:
+    """Stands in for ``tree_spec_kernel``: records each launch's grid and runs the real kernel with host reads
+    allowed (the CPU interpreter reads the tensors it simulates; a GPU launch reads nothing)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids, self.running = kernel, [], False
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.grids.append(grid)
+            forbidden = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+            for name, method in _ORIGINAL_READS.items():
+                setattr(torch.Tensor, name, method)
+            self.running = True
+            try:
+                return self.kernel[grid](*args, **kwargs)
+            finally:
+                self.running = False
+                for name, method in forbidden.items():
+                    setattr(torch.Tensor, name, method)
+
+        return launch
+
+
+@pytest.fixture
+def recorded_launches(monkeypatch):
+    recorder = _RecordingKernel(tree_spec_kernels.tree_spec_kernel)
+    monkeypatch.setattr(tree_spec_kernels, "tree_spec_kernel", recorder)
+    return recorder
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """ATen ops dispatched outside the recorded kernel launches (the interpreter's own tensor work is
+    the simulated device's)."""
+
+    def __init__(self, recorder: _RecordingKernel):
+        super().__init__()
+        self.recorder, self.ops = recorder, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.recorder.running:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_spec_triton_one_launch_one_allocation_no_host_read(no_host_reads, recorded_launches):
+    parents = torch.stack([random_parents(70, 40 + b) for b in range(3)]).to(DEVICE)
+    with _OpLog(recorded_launches) as log:
+        spec = tree_spec_from_parents_tensor(parents, 69, 69, impl="triton")
+    assert recorded_launches.grids == [(3,)]  # one program per tree
+    # One allocation; the rest are views of it (no copy, no fill, no other device op).
+    assert log.ops == ["empty", "split_with_sizes"] + ["view"] * 5
+    buffer = spec.depth.untyped_storage()
+    for name in _SPEC_FIELDS[1:]:
+        assert getattr(spec, name).untyped_storage().data_ptr() == buffer.data_ptr(), name
+    assert spec.parents is parents
+    with pytest.raises(AssertionError, match="host read"):  # the fixtures have power: a read outside the launch
+        spec.depth.tolist()
+    assert_specs_equal(spec, tree_spec_from_parents_tensor(parents, 69, 69, impl="torch"))  # torch.equal reads nothing
+
+
+def test_spec_triton_mixed_batch_and_strided_parents():
+    """Trees of one batch are independent programs: a chain (depth 255, every word's sign bit), a star
+    (255 children of the root) and a heap in one launch, from a non-contiguous parent array."""
+    num_nodes = MAX_TREE_NODES
+    trees = [
+        torch.arange(-1, num_nodes - 1),
+        torch.tensor([-1] + [0] * (num_nodes - 1)),
+        torch.tensor([-1] + [i // 2 for i in range(1, num_nodes)]),
+    ]
+    reference = build_tree(torch.stack(trees))
+    strided = torch.stack(trees, dim=1).to(DEVICE).t()  # [3, T] with strides (1, 3)
+    assert not strided.is_contiguous()
+    spec = tree_spec_from_parents_tensor(strided, num_nodes - 1, num_nodes - 1, impl="triton")
+    assert_spec_matches(spec, reference)
+    assert_specs_equal(spec, tree_spec_from_parents_tensor(strided, num_nodes - 1, num_nodes - 1, impl="torch"))
+
+
+@pytest.mark.parametrize("section", range(5), ids=list(_SPEC_FIELDS[1:]))
+def test_spec_triton_detects_a_wrong_kernel(monkeypatch, section):
+    """The comparisons have power: one wrong entry in any section of the kernel's buffer is caught (the
+    last entry of the section: bit 63 of the last ancestor word, the last leaf-path cell, ...)."""
+    parents = random_parents(70, 11).to(DEVICE)
+    launch = tree_spec_kernels.tree_spec_forward
+
+    def faulty(tree_parents, max_depth):
+        buffer = launch(tree_parents, max_depth)
+        sizes = tree_spec_kernels.section_sizes(*tree_parents.shape, max_depth)
+        buffer[sum(sizes[: section + 1]) - 1] ^= -(2**63) if section == 1 else 1
+        return buffer
+
+    monkeypatch.setattr(tree_spec_kernels, "tree_spec_forward", faulty)
+    spec = tree_spec_from_parents_tensor(parents, 69, 69, impl="triton")
+    with pytest.raises(AssertionError, match=_SPEC_FIELDS[section + 1]):
+        assert_specs_equal(spec, tree_spec_from_parents_tensor(parents, 69, 69, impl="torch"))
+    with pytest.raises(AssertionError):
+        assert_spec_matches(spec, build_tree(parents))
+
+
+def test_spec_triton_torch_compile_fullgraph():
+    """The launch is one opaque op under ``torch.compile`` (no graph break)."""
+
+    def fields(parents):
+        spec = tree_spec_from_parents_tensor(parents, 5, 4, impl="triton")
+        return tuple(getattr(spec, name) for name in _SPEC_FIELDS)
+
+    parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 3, 0, 5], device=DEVICE)
+    compiled = torch.compile(fields, fullgraph=True, backend="aot_eager")(parents)
+    expected = tree_spec_from_parents_tensor(parents, 5, 4, impl="torch")
+    for got, name in zip(compiled, _SPEC_FIELDS):
+        assert torch.equal(got, getattr(expected, name)), name
+
+
+def test_spec_triton_bad_inputs_raise_before_the_kernel(recorded_launches):
+    parents = torch.tensor([-1, 0, 0], device=DEVICE)
+    with pytest.raises(TypeError, match="parents must have dtype"):
+        tree_spec_from_parents_tensor(parents.to(torch.int32), 1, 2, impl="triton")
+    with pytest.raises(ValueError, match=r"max_depth must be in \[0, T - 1 = 2\] for T=3 nodes, got 3"):
+        tree_spec_from_parents_tensor(parents, 3, 2, impl="triton")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        tree_spec_from_parents_tensor(parents, 1, 2, impl="cuda")
+    assert recorded_launches.grids == []
+
+
+def test_spec_triton_broken_contract_stays_in_bounds():
+    """Unvalidated input (the builder does not read it): parents out of range, a cycle, a depth bound
+    below the true depth. The spec is meaningless but every index in it is a node or -1."""
+    parents = torch.tensor([[-1, 7, 1, 2, 99, -5, 3, 6], [-1, 0, 1, 2, 3, 4, 5, 6]], device=DEVICE)
+    spec = tree_spec_from_parents_tensor(parents, 2, 2, impl="triton")
+    for name in ("first_child", "next_sibling", "leaf_paths"):
+        values = getattr(spec, name)
+        assert ((values >= -1) & (values < 8)).all(), name
+    assert ((spec.depth >= 0) & (spec.depth <= 2)).all()
+    assert spec.depth[1].tolist() == [0, 1, 2, 2, 2, 2, 2, 2]  # the chain's walk stops at the bound
