@@ -25,7 +25,15 @@ __all__ = [
     "fspad_draft_loss",
 ]
 
-from .tree import TreeSpec, build_tree, paths_from_tree, tree_from_paths, tree_from_retrieve, tree_to_retrieve
+from .tree import (
+    TreeSpec,
+    build_tree,
+    paths_from_tree,
+    tree_from_paths,
+    tree_from_retrieve,
+    tree_spec_from_parents_tensor,
+    tree_to_retrieve,
+)
 from .tree_attention import tree_attention
 from .verify import VerifyResult, compact_kv_cache, verify_greedy, verify_sampling
 
@@ -36,6 +44,7 @@ __all__ += [
     "paths_from_tree",
     "tree_to_retrieve",
     "tree_from_retrieve",
+    "tree_spec_from_parents_tensor",
     "tree_attention",
     "VerifyResult",
     "verify_greedy",
