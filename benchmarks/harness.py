@@ -120,6 +120,8 @@ class Case:
         time_passes: False to measure memory only (e.g. a CPU memory case whose passes take seconds).
         skipped: impl name -> reason, for impls that cannot run here at all.
         notes: one line about the op's cases, printed under the op's heading in the report.
+        budget_weight: the module's share of a time-budgeted run is proportional to the largest weight of
+            its cases (1 by default; e.g. whole ``generate`` calls that compile kernels on first use need more).
     """
 
     op: str
@@ -136,6 +138,7 @@ class Case:
     time_passes: bool = True
     skipped: dict[str, str] = field(default_factory=dict)
     notes: str = ""
+    budget_weight: float = 1.0
     # Set by discovery: where the case came from, so a subprocess can rebuild it.
     source: Optional[str] = None
     index: Optional[int] = None
@@ -236,6 +239,12 @@ def _wall_seconds(fn: Callable[[], object], sync: Callable[[], None]) -> float:
     fn()
     sync()
     return time.perf_counter() - start
+
+
+def module_share(weights: dict[str, float], left: list[str]) -> float:
+    """Fraction of the remaining time budget for ``left[0]``, the module about to run: its weight (the largest
+    ``Case.budget_weight`` of its cases) over the weights of every module still to run."""
+    return weights[left[0]] / sum(weights[source] for source in left)
 
 
 def time_pass(fn: Callable[[], object], device: str, warmup_ms: float, rep_ms: float) -> float:
@@ -698,15 +707,18 @@ def run_benchmarks(
         except ValueError:  # not the main thread
             previous_handler = None
         sources = list(dict.fromkeys(case.source for case, _ in pairs))
+        weights: dict[str, float] = {}
+        for case, _ in pairs:
+            weights[case.source] = max(weights.get(case.source, 0.0), case.budget_weight)
         source_deadline, current_source = float("inf"), None
         for number, (case, impl) in enumerate(pairs, 1):
             now = time.monotonic()
             if budget_s is not None and case.source != current_source:
-                # Each module gets an even share of what is left, so a slow module early in the
+                # Each module gets its weighted share of what is left, so a slow module early in the
                 # order cannot starve the others; time a module does not use rolls over.
                 current_source = case.source
                 left = sources[sources.index(current_source):]
-                source_deadline = now + max(0.0, start + budget_s - now) / len(left)
+                source_deadline = now + max(0.0, start + budget_s - now) * module_share(weights, left)
             print(f"[{number}/{len(pairs)}] {case.label()} {impl} ...", end="", file=stream, flush=True)
             if now >= source_deadline and impl not in case.skipped:
                 result = empty_result(case, impl)
