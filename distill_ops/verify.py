@@ -17,8 +17,11 @@ decided); ``target_logits[b, i]`` is the target model's prediction for the token
   decides child ``j`` and ``uniforms[b, 0]`` the bonus token, all drawn up front with
   ``torch.rand(generator=...)``, so one generator state gives the same result on every impl.
 * Top-k keeps the tokens whose logit is >= the k-th largest; top-p then keeps the smallest
-  descending-probability prefix whose mass reaches ``top_p`` (ties at either cut are kept). The cut is
-  computed with PyTorch ops on the device (a sort over V) on both impls; the kernels apply it.
+  descending-probability prefix whose mass reaches ``top_p`` (ties at either cut are kept). The torch
+  impl computes the cut with PyTorch ops (:func:`filter_thresholds`, a sort over V); the Triton impl's
+  statistics kernel finds the same cut per row by bisection over the fp32 key space (counting passes for
+  top-k, mass passes for top-p, at most 32 each; no sort, no extra launch). The two can differ only where
+  a descending-order mass lies within fp32 rounding of ``top_p`` (sums in different orders).
 
 KV compaction (:func:`compact_kv_cache`) takes one layer's K/V or lists with every layer's: a model's
 whole cache is compacted by one Triton launch (the layers' addresses travel in an int64 table, one
@@ -316,14 +319,16 @@ def verify_sampling(
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     backend = resolve_impl(impl, target_logits.device)
     uniforms = draw_uniforms(batch, num_nodes, target_logits.device, generator)
-    thresholds = filter_thresholds(target_logits, temperature, top_k, top_p)
     if backend == "torch":
+        thresholds = filter_thresholds(target_logits, temperature, top_k, top_p)
         return verify_sampling_ref(tree, draft_tokens, target_logits, thresholds, draft_probs, uniforms, temperature)
     from .kernels.tree_verify import verify_sampling_forward
 
+    # The stats kernel finds each row's top-k / top-p cut itself (bisection, no sort).
     return VerifyResult(*verify_sampling_forward(
         tree.parents, _int64_rows(draft_tokens), _rows(target_logits),
-        None if thresholds is None else thresholds.contiguous(),
+        top_k if top_k is not None and top_k < vocab else None,
+        top_p if top_p is not None and top_p < 1.0 else None,
         None if draft_probs is None else _rows(draft_probs), uniforms, temperature, tree.max_depth + 1,
     ))
 

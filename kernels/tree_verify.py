@@ -4,6 +4,11 @@ Each mode is two launches: a wide per-node kernel (grid ``B * T``) that streams 
 and reduces every row to a few statistics, then a per-sequence kernel (grid ``B``) that walks the tree
 with O(1) work per node and writes the result. The ``[B, T, V]`` logits never leave the device.
 
+Top-k / top-p: the sampling statistics kernel first finds the node's raw-logit cut itself, by bisection over
+the fp32 key space (``_filter_cut``: passes counting the entries >= a candidate cut for top-k, passes summing
+the tempered mass above it for top-p, at most 32 each, each a stream over the row; no sort, no scratch, no
+extra launch), writes it for the walk, then computes the statistics over the kept tokens. Not timed on a GPU.
+
 Sampling statistics per node ``i`` (``x = logit / temperature`` over the tokens kept by top-k / top-p,
 ``p = softmax(x)``): the max ``m`` and sum ``s`` of ``exp(x - m)``, the argmax (degenerate fallback)
 and, with draft probabilities ``q``, the SpecInfer residual masses: after ``k`` rejected children the
@@ -143,17 +148,109 @@ def _node_probs(row_ptr, cols, vocab, threshold, inv_temp, row_max, row_sum):
 
 
 @triton.jit
+def _float_key(x):
+    """int32 with the order of the fp32 values (a negative value's magnitude bits flipped)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _key_float(key):
+    """Inverse of :func:`_float_key`."""
+    bits = tl.where(key < 0, key ^ 0x7FFFFFFF, key)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _count_at_least(row_ptr, vocab, value, BLOCK_V: tl.constexpr):
+    """Entries of the row >= ``value``."""
+    offs = tl.arange(0, BLOCK_V)
+    count = tl.zeros([BLOCK_V], tl.int32)
+    for start in range(0, vocab, BLOCK_V):
+        cols = start + offs
+        logit = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        count += ((cols < vocab) & (logit >= value)).to(tl.int32)
+    return tl.sum(count, axis=0)
+
+
+@triton.jit
+def _mass_above(row_ptr, vocab, value, floor, shift, inv_temp, BLOCK_V: tl.constexpr):
+    """Sum of ``exp(logit / T - shift)`` over the entries > ``value`` and >= ``floor``."""
+    offs = tl.arange(0, BLOCK_V)
+    mass = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        cols = start + offs
+        logit = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        kept = (cols < vocab) & (logit > value) & (logit >= floor)
+        mass += tl.where(kept, tl.exp(logit * inv_temp - shift), 0.0)
+    return tl.sum(mass, axis=0)
+
+
+@triton.jit
+def _filter_cut(row_ptr, vocab, top_k, top_p, inv_temp, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
+                BLOCK_V: tl.constexpr):
+    """The raw-logit cut of top-k then top-p for one row (a token is kept iff its logit is >= the cut), found by
+    bisection over the fp32 key space: no sort, no scratch, at most 32 passes over the row per filter.
+
+    Top-k: the largest key ``t`` with ``#{logit >= t} >= k`` (the k-th largest logit; ties at the cut kept).
+    Top-p (over the top-k set, at temperature T): the smallest key ``t`` whose strictly larger kept entries hold
+    less than ``top_p`` of the kept mass, i.e. the smallest logit whose descending-order mass before it is
+    ``< top_p`` (ties at the cut kept): :func:`distill_ops.verify.filter_thresholds`'s rule, which sorts."""
+    offs = tl.arange(0, BLOCK_V)
+    lane_min = tl.full([BLOCK_V], float("inf"), tl.float32)
+    lane_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        cols = start + offs
+        logit = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        lane_min = tl.minimum(lane_min, tl.where(cols < vocab, logit, float("inf")))
+        lane_max = tl.maximum(lane_max, logit)
+    row_min = tl.min(lane_min, axis=0)
+    row_max = tl.max(lane_max, axis=0)
+    cut = row_min
+    if HAS_TOPK:
+        # count(>= value(lo)) >= k > count(>= value(hi)); keys in int64 (hi - lo can exceed 2^31).
+        lo = _float_key(row_min).to(tl.int64)
+        hi = _float_key(row_max).to(tl.int64) + 1
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            if _count_at_least(row_ptr, vocab, _key_float(mid.to(tl.int32)), BLOCK_V) >= top_k:
+                lo = mid
+            else:
+                hi = mid
+        cut = _key_float(lo.to(tl.int32))
+    if HAS_TOPP:
+        if (row_max > float("-inf")) & (row_max < float("inf")):
+            shift = row_max * inv_temp
+            target = top_p * _mass_above(row_ptr, vocab, float("-inf"), cut, shift, inv_temp, BLOCK_V)
+            # mass(> value(lo)) >= target > mass(> value(hi)); lo = key(cut) - 1 stands for "everything kept".
+            lo = _float_key(cut).to(tl.int64) - 1
+            hi = _float_key(row_max).to(tl.int64)
+            while hi - lo > 1:
+                mid = lo + (hi - lo) // 2
+                if _mass_above(row_ptr, vocab, _key_float(mid.to(tl.int32)), cut, shift, inv_temp, BLOCK_V) < target:
+                    hi = mid
+                else:
+                    lo = mid
+            cut = _key_float(hi.to(tl.int32))
+    return cut
+
+
+@triton.jit
 def sampling_stats_kernel(
     LOGITS, THRESH, DRAFT_PROBS, PARENTS, ROW_MAX, ROW_SUM, ARGMAX, ROUND_C, ROUND_N,
-    stride_lb, stride_lt, stride_qb, stride_qt, stride_tree_b, num_nodes, vocab, inv_temp,
-    HAS_THRESH: tl.constexpr, HAS_DRAFT_PROBS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr,
+    stride_lb, stride_lt, stride_qb, stride_qt, stride_tree_b, num_nodes, vocab, inv_temp, top_k, top_p,
+    HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, HAS_DRAFT_PROBS: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
+    """Per node row: the top-k / top-p cut (written to THRESH, read by the walk), then the filtered softmax
+    statistics (and the SpecInfer residual masses with draft probabilities)."""
     row = tl.program_id(0)
     batch = row // num_nodes
     node = row % num_nodes
     row_ptr = LOGITS + batch.to(tl.int64) * stride_lb + node.to(tl.int64) * stride_lt
-    if HAS_THRESH:
-        threshold = tl.load(THRESH + row)
+    if HAS_TOPK or HAS_TOPP:
+        threshold = _filter_cut(row_ptr, vocab, top_k, top_p, inv_temp, HAS_TOPK, HAS_TOPP, BLOCK_V)
+        tl.store(THRESH + row, threshold)
     else:
         threshold = float("-inf")
     offs = tl.arange(0, BLOCK_V)
@@ -444,45 +541,60 @@ def verify_greedy_forward(
     return accepted, accept_len, next_tokens, emitted
 
 
-def verify_sampling_forward(
-    parents: torch.Tensor, draft_tokens: torch.Tensor, target_logits: torch.Tensor,
-    thresholds: torch.Tensor | None, draft_probs: torch.Tensor | None, uniforms: torch.Tensor,
-    temperature: float, out_width: int,
-):
-    """Launch sampling verification. ``thresholds`` fp32 ``[B, T]`` (raw-logit cut of top-k / top-p, or
-    None), ``draft_probs`` ``[B, T, V]`` unit stride along V (or None), ``uniforms`` fp32 ``[B, T]``."""
+def sampling_stats(
+    parents: torch.Tensor, target_logits: torch.Tensor, top_k: int | None, top_p: float | None,
+    draft_probs: torch.Tensor | None, temperature: float,
+) -> dict:
+    """Launch the per-node statistics kernel; returns its outputs by name (``thresh``: each row's raw-logit cut,
+    ``[B * T]`` fp32, only when ``top_k`` (< V) or ``top_p`` (< 1) is given)."""
     batch, num_nodes, vocab = target_logits.shape
     device = target_logits.device
     rows = batch * num_nodes
-    row_max = torch.empty(rows, device=device, dtype=torch.float32)
-    row_sum = torch.empty_like(row_max)
-    argmax = torch.empty(rows, device=device, dtype=torch.int64)
-    has_draft = draft_probs is not None
-    if has_draft:
-        round_c = torch.empty(rows * num_nodes, device=device, dtype=torch.float32)
-        round_n = torch.empty_like(round_c)
+    has_topk, has_topp = top_k is not None, top_p is not None
+    out = {"row_max": torch.empty(rows, device=device, dtype=torch.float32)}
+    out["row_sum"] = torch.empty_like(out["row_max"])
+    out["argmax"] = torch.empty(rows, device=device, dtype=torch.int64)
+    if draft_probs is not None:
+        out["round_c"] = torch.empty(rows * num_nodes, device=device, dtype=torch.float32)
+        out["round_n"] = torch.empty_like(out["round_c"])
     else:  # never read or written without draft probabilities
-        round_c = round_n = row_max
-    thresh = thresholds if thresholds is not None else row_max
-    q = draft_probs if has_draft else target_logits
-    tree_stride = 0 if parents.shape[0] == 1 else parents.stride(0)
-    flags = dict(HAS_THRESH=thresholds is not None, HAS_DRAFT_PROBS=has_draft, BLOCK_V=_block_v(vocab))
-    inv_temp = 1.0 / temperature
+        out["round_c"] = out["round_n"] = out["row_max"]
+    # Written by the stats kernel when filtering; otherwise a placeholder that is never read.
+    out["thresh"] = torch.empty_like(out["row_max"]) if has_topk or has_topp else out["row_max"]
+    q = draft_probs if draft_probs is not None else target_logits
     sampling_stats_kernel[(rows,)](
-        target_logits, thresh, q, parents, row_max, row_sum, argmax, round_c, round_n,
-        target_logits.stride(0), target_logits.stride(1), q.stride(0), q.stride(1), tree_stride,
-        num_nodes, vocab, inv_temp, BLOCK_T=_pow2(num_nodes), num_warps=4, **flags,
+        target_logits, out["thresh"], q, parents, out["row_max"], out["row_sum"], out["argmax"], out["round_c"],
+        out["round_n"], target_logits.stride(0), target_logits.stride(1), q.stride(0), q.stride(1),
+        0 if parents.shape[0] == 1 else parents.stride(0), num_nodes, vocab, 1.0 / temperature,
+        top_k if has_topk else 0, top_p if has_topp else 1.0, HAS_TOPK=has_topk, HAS_TOPP=has_topp,
+        HAS_DRAFT_PROBS=draft_probs is not None, BLOCK_V=_block_v(vocab), BLOCK_T=_pow2(num_nodes), num_warps=4,
     )
+    return out
+
+
+def verify_sampling_forward(
+    parents: torch.Tensor, draft_tokens: torch.Tensor, target_logits: torch.Tensor,
+    top_k: int | None, top_p: float | None, draft_probs: torch.Tensor | None, uniforms: torch.Tensor,
+    temperature: float, out_width: int,
+):
+    """Launch sampling verification. ``top_k`` (< V) / ``top_p`` (< 1) or None: the stats kernel finds each
+    row's cut itself; ``draft_probs`` ``[B, T, V]`` unit stride along V (or None), ``uniforms`` fp32 ``[B, T]``."""
+    batch, num_nodes, vocab = target_logits.shape
+    device = target_logits.device
+    stats = sampling_stats(parents, target_logits, top_k, top_p, draft_probs, temperature)
+    q = draft_probs if draft_probs is not None else target_logits
+    flags = dict(HAS_THRESH=top_k is not None or top_p is not None, HAS_DRAFT_PROBS=draft_probs is not None,
+                 BLOCK_V=_block_v(vocab))
     accepted = torch.empty(batch, out_width, device=device, dtype=torch.int64)
     emitted = torch.empty_like(accepted)
     accept_len = torch.empty(batch, device=device, dtype=torch.int64)
     next_tokens = torch.empty_like(accept_len)
     sampling_walk_kernel[(batch,)](
-        target_logits, thresh, q, parents, draft_tokens, uniforms, row_max, row_sum, argmax, round_c, round_n,
-        accepted, accept_len, next_tokens, emitted,
-        target_logits.stride(0), target_logits.stride(1), q.stride(0), q.stride(1), tree_stride,
-        draft_tokens.stride(0), uniforms.stride(0), num_nodes, vocab, out_width, inv_temp,
-        BLOCK_T=_pow2(num_nodes), BLOCK_W=_pow2(out_width),
+        target_logits, stats["thresh"], q, parents, draft_tokens, uniforms, stats["row_max"], stats["row_sum"],
+        stats["argmax"], stats["round_c"], stats["round_n"], accepted, accept_len, next_tokens, emitted,
+        target_logits.stride(0), target_logits.stride(1), q.stride(0), q.stride(1),
+        0 if parents.shape[0] == 1 else parents.stride(0), draft_tokens.stride(0), uniforms.stride(0), num_nodes,
+        vocab, out_width, 1.0 / temperature, BLOCK_T=_pow2(num_nodes), BLOCK_W=_pow2(out_width),
         num_warps=walk_num_warps(flags["HAS_THRESH"], flags["HAS_DRAFT_PROBS"]), **flags,
     )
     return accepted, accept_len, next_tokens, emitted
@@ -531,18 +643,23 @@ def aot_specs() -> list[dict]:
                 suffix = f"{ty}{'_filtered' if has_thresh else ''}{'_draftprobs' if has_draft else ''}"
                 flags = {"HAS_THRESH": has_thresh, "HAS_DRAFT_PROBS": has_draft, "BLOCK_V": VERIFY_BLOCK_V,
                          "BLOCK_T": 64}
-                specs.append({
-                    "name": f"tree_verify_sampling_stats_{suffix}",
-                    "fn": sampling_stats_kernel,
-                    "signature": {
-                        "LOGITS": f"*{ty}", "THRESH": "*fp32", "DRAFT_PROBS": f"*{ty}", "PARENTS": "*i64",
-                        "ROW_MAX": "*fp32", "ROW_SUM": "*fp32", "ARGMAX": "*i64", "ROUND_C": "*fp32",
-                        "ROUND_N": "*fp32", "stride_lb": "i32", "stride_lt": "i32", "stride_qb": "i32",
-                        "stride_qt": "i32", "stride_tree_b": "i32", "num_nodes": "i32", "vocab": "i32",
-                        "inv_temp": "fp32",
-                    },
-                    "constexprs": flags, "num_warps": 4, "num_stages": 3,
-                })
+                # Filtered: the stats kernel finds the cut of top-k, top-p or both.
+                for has_topk, has_topp in ((True, False), (False, True), (True, True)) if has_thresh else ((False, False),):
+                    filters = ("_topk" if has_topk else "") + ("_topp" if has_topp else "")
+                    specs.append({
+                        "name": f"tree_verify_sampling_stats_{ty}{filters}{'_draftprobs' if has_draft else ''}",
+                        "fn": sampling_stats_kernel,
+                        "signature": {
+                            "LOGITS": f"*{ty}", "THRESH": "*fp32", "DRAFT_PROBS": f"*{ty}", "PARENTS": "*i64",
+                            "ROW_MAX": "*fp32", "ROW_SUM": "*fp32", "ARGMAX": "*i64", "ROUND_C": "*fp32",
+                            "ROUND_N": "*fp32", "stride_lb": "i32", "stride_lt": "i32", "stride_qb": "i32",
+                            "stride_qt": "i32", "stride_tree_b": "i32", "num_nodes": "i32", "vocab": "i32",
+                            "inv_temp": "fp32", "top_k": "i32", "top_p": "fp32",
+                        },
+                        "constexprs": {"HAS_TOPK": has_topk, "HAS_TOPP": has_topp, "HAS_DRAFT_PROBS": has_draft,
+                                       "BLOCK_V": VERIFY_BLOCK_V, "BLOCK_T": 64},
+                        "num_warps": 4, "num_stages": 3,
+                    })
                 specs.append({
                     "name": f"tree_verify_sampling_walk_{suffix}",
                     "fn": sampling_walk_kernel,

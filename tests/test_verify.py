@@ -393,3 +393,27 @@ def test_greedy_splits_large_vocabularies_by_default():
     actual = verify_greedy(tree, tokens.to(DEVICE), logits.to(DEVICE), impl="triton")
     for field in ("accepted_nodes", "accept_len", "next_tokens", "emitted_tokens"):
         assert torch.equal(getattr(actual, field), getattr(expected, field)), field
+
+
+@pytest.mark.parametrize("top_k, top_p, vocab, dtype", [  # vocab 50: one block of the stats kernel, 3000: three
+    (5, None, 50, torch.float32), (1, None, 3000, torch.bfloat16), (None, 0.9, 50, torch.bfloat16),
+    (None, 0.05, 3000, torch.float32), (7, 0.8, 50, torch.float32), (7, 0.8, 50, torch.bfloat16),
+    (40, 0.99, 3000, torch.float32),
+], ids=str)
+def test_triton_filter_cut_equals_filter_thresholds(top_k, top_p, vocab, dtype):
+    """The statistics kernel's in-kernel cut (bisection over fp32 keys) equals the sort-based
+    ``filter_thresholds`` exactly: heavy ties (logits on a 1/4 grid), -inf entries, negative and positive
+    values, temperature != 1."""
+    from distill_ops.kernels.tree_verify import sampling_stats
+    from distill_ops.verify import filter_thresholds
+
+    generator = torch.Generator().manual_seed(vocab + (top_k or 0))
+    batch, num_nodes = 2, 7
+    logits = torch.randint(-24, 24, (batch, num_nodes, vocab), generator=generator).double() / 4
+    logits[0, 1, ::3] = float("-inf")
+    logits[1, 2] = torch.randn(vocab, generator=generator, dtype=torch.float64) * 3  # no ties
+    logits = logits.to(dtype).to(DEVICE)
+    parents = build_tree(torch.tensor([-1, 0, 0, 1, 1, 2, 3])).parents.to(DEVICE)
+    expected = filter_thresholds(logits, 0.7, top_k, top_p)
+    got = sampling_stats(parents, logits, top_k, top_p, None, 0.7)["thresh"].view(batch, num_nodes)
+    assert torch.equal(got.cpu(), expected.cpu()), (got, expected)
