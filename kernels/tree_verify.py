@@ -638,6 +638,8 @@ def aot_specs() -> list[dict]:
             "constexprs": {"BLOCK_V": VERIFY_BLOCK_V},
             "num_warps": 4, "num_stages": 3,
         })
+        # The pointers both sampling kernels take first.
+        row_inputs = {"LOGITS": f"*{ty}", "THRESH": "*fp32", "DRAFT_PROBS": f"*{ty}", "PARENTS": "*i64"}
         for has_thresh in (False, True):
             for has_draft in (False, True):
                 suffix = f"{ty}{'_filtered' if has_thresh else ''}{'_draftprobs' if has_draft else ''}"
@@ -650,11 +652,10 @@ def aot_specs() -> list[dict]:
                         "name": f"tree_verify_sampling_stats_{ty}{filters}{'_draftprobs' if has_draft else ''}",
                         "fn": sampling_stats_kernel,
                         "signature": {
-                            "LOGITS": f"*{ty}", "THRESH": "*fp32", "DRAFT_PROBS": f"*{ty}", "PARENTS": "*i64",
-                            "ROW_MAX": "*fp32", "ROW_SUM": "*fp32", "ARGMAX": "*i64", "ROUND_C": "*fp32",
-                            "ROUND_N": "*fp32", "stride_lb": "i32", "stride_lt": "i32", "stride_qb": "i32",
-                            "stride_qt": "i32", "stride_tree_b": "i32", "num_nodes": "i32", "vocab": "i32",
-                            "inv_temp": "fp32", "top_k": "i32", "top_p": "fp32",
+                            **row_inputs, "ROW_MAX": "*fp32", "ROW_SUM": "*fp32", "ARGMAX": "*i64",
+                            "ROUND_C": "*fp32", "ROUND_N": "*fp32", "stride_lb": "i32", "stride_lt": "i32",
+                            "stride_qb": "i32", "stride_qt": "i32", "stride_tree_b": "i32", "num_nodes": "i32",
+                            "vocab": "i32", "inv_temp": "fp32", "top_k": "i32", "top_p": "fp32",
                         },
                         "constexprs": {"HAS_TOPK": has_topk, "HAS_TOPP": has_topp, "HAS_DRAFT_PROBS": has_draft,
                                        "BLOCK_V": VERIFY_BLOCK_V, "BLOCK_T": 64},
@@ -664,8 +665,7 @@ def aot_specs() -> list[dict]:
                     "name": f"tree_verify_sampling_walk_{suffix}",
                     "fn": sampling_walk_kernel,
                     "signature": {
-                        "LOGITS": f"*{ty}", "THRESH": "*fp32", "DRAFT_PROBS": f"*{ty}", "PARENTS": "*i64",
-                        "TOKENS": "*i64", "UNIFORMS": "*fp32", "ROW_MAX": "*fp32", "ROW_SUM": "*fp32",
+                        **row_inputs, "TOKENS": "*i64", "UNIFORMS": "*fp32", "ROW_MAX": "*fp32", "ROW_SUM": "*fp32",
                         "ARGMAX": "*i64", "ROUND_C": "*fp32", "ROUND_N": "*fp32", "ACCEPTED": "*i64",
                         "ACCEPT_LEN": "*i64", "NEXT_TOKENS": "*i64", "EMITTED": "*i64",
                         "stride_lb": "i32", "stride_lt": "i32", "stride_qb": "i32", "stride_qt": "i32",
