@@ -23,7 +23,13 @@ Block sweep (``fused_linear_block_sweep``, GPU only, at the target shape): forwa
 kernels per launch configuration (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages): the statistics kernel
 (forward KL, PASS 1: the whole forward of the plain KLs) and the dL/dz kernel of one backward chunk. Candidates are
 the configurations the static check finds spill-free in the *aligned* variant on sm_90a (the one that runs at these
-shapes); the defaults in ``kernels/fused_linear.py`` are to be picked from these measurements. Also one chunk's
+shapes), plus one that is not: the statistics kernel at 128 x 128 tiles, 16 warps (136 bytes of spills under
+Triton 3.6; every 128 x 128 statistics configuration tried spills, the two sides' fp32 accumulators alone take 64
+registers per thread at 16 warps). It is there to measure a hypothesis: at 64 x 64 tiles a program does 32 FLOP per
+byte of operand tiles it loads (2·64·64·BLOCK_H FLOP per side for 2·(64+64)·BLOCK_H bytes), so 132 SMs at the
+bf16 peak would need ~30 TB/s from L2, several times what L2 delivers, which would explain the ~120 TFLOP/s the
+H200 measured; 128 x 128 tiles double the FLOP per byte (an estimate, not a measurement). The defaults in
+``kernels/fused_linear.py`` are to be picked from these measurements. Also one chunk's
 d_hidden accumulation: the compensated Triton GEMM per configuration (GRAD_HIDDEN_SWEEP) and cuBLAS into fp32
 (``addmm`` with an fp32 C matrix, what ``"fp32"`` accumulation runs).
 
@@ -58,7 +64,8 @@ CPU_QUICK_TIME_SHAPES = ((128, 64, 4096),)
 CPU_MEMORY_SHAPE = (2048, 256, 65536)
 CPU_QUICK_MEMORY_SHAPE = (512, 256, 32768)
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) candidates per kernel, the default first.
-STATS_SWEEP = ((64, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3))
+STATS_SWEEP = ((64, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3),
+               (128, 128, 32, 16, 2))  # the last spills (see the module docstring): a measured hypothesis
 GRAD_SWEEP = ((64, 128, 32, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 64, 16, 3), (64, 64, 64, 4, 3))
 # (BLOCK_N, BLOCK_H, BLOCK_K, num_warps, num_stages) of the compensated d_hidden accumulation (aligned tiles).
 GRAD_HIDDEN_SWEEP = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 64, 32, 8, 2))

@@ -104,6 +104,7 @@ def compile_spec(spec: dict, arch: str, variant: str = "generic") -> dict:
     options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
     compiled = triton.compile(source, target=target, options=options)
     regs, spills = _cubin_usage(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
     return {
         "kernel": spec["name"],
         "target": f"sm_{arch}",
@@ -115,6 +116,9 @@ def compile_spec(spec: dict, arch: str, variant: str = "generic") -> dict:
         "num_stages": options["num_stages"],
         "ok": spills == 0,
         "error": None,
+        # Tensor-core instructions in the PTX (JSON only): Hopper's asynchronous wgmma, or Ampere-style mma.sync.
+        "wgmma": ptx.count("wgmma.mma_async"),
+        "mma_sync": ptx.count("mma.sync"),
     }
 
 
