@@ -45,10 +45,14 @@ them per phase), and every device-to-host read drains the stream, exposing each 
   breadth-first, and the verification spec. Every size is a host integer fixed by ``depth``, ``topk``,
   ``num_nodes`` and the vocabulary; ``max_depth`` / ``max_children`` of these specs are bounds
   (``min(depth, T - 1)``, ``min(topk, V, T - 1)``), so the verification result is ``-1`` padded to
-  ``min(depth, T - 1) + 1`` columns. The price is device ops instead of host bookkeeping: a spec (about
-  30 small ops) per drafting level and one for the final tree, plus about 10 ops of selection per level
-  (``python -m benchmarks.engine_overhead`` counts them). What it buys: no stream drain while drafting,
-  and a drafting step made of the same ops on the same shapes every time.
+  ``min(depth, T - 1) + 1`` columns. On the PyTorch path (CPU) that is a spec of about 30 small ops per
+  drafting level and for the final tree plus about 10 ops of selection per level. On the Triton path the
+  candidate bookkeeping is one launch per expanding level and one for the final selection
+  (:mod:`distill_ops.kernels.eagle_tree`: exact pairwise ranks, no sort, into workspaces allocated once
+  per plan) and each spec one launch (:mod:`distill_ops.kernels.tree_spec`): 10 launches and no ATen
+  device kernel per step at depth 5 (``python -m benchmarks.engine_overhead --impl triton`` counts them).
+  What it buys: no stream drain while drafting, and a drafting step made of the same launches on the
+  same shapes every time.
 * Static trees are planned once (:func:`_static_plan`: specs computed with Python integers,
   :class:`_HostTree`); each step only fills their tokens, by ``topk`` over each level's logits.
 * Host-to-device data never synchronises: the draft's advance (accepted tokens and positions) and the
@@ -69,7 +73,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ._utils import INT_DTYPES, check_number, check_tensor
+from ._utils import INT_DTYPES, check_number, check_tensor, resolve_impl
 from .tree import (
     BITS_PER_WORD,
     MAX_TREE_NODES,
@@ -570,6 +574,34 @@ def _static_plan(parents: list[int], device: torch.device) -> _StaticPlan:
     )
 
 
+@torch.library.custom_op("distill_ops::eagle_level", mutates_args=("floats", "ints"))
+def _eagle_level_op(values: torch.Tensor, indices: torch.Tensor, floats: torch.Tensor, ints: torch.Tensor,
+                    layout: list[int], row_base: int, node_base: int, num_expand: int, position: int) -> None:
+    """:class:`_DynamicPlan`'s level launch as an opaque op, for ``torch.compile`` (``kernels/eagle_tree.py``)."""
+    from .kernels.eagle_tree import eagle_level_forward
+
+    eagle_level_forward(values, indices, floats, ints, tuple(layout), row_base, node_base, num_expand, position)
+
+
+@_eagle_level_op.register_fake
+def _(values, indices, floats, ints, layout, row_base, node_base, num_expand, position):
+    return None
+
+
+@torch.library.custom_op("distill_ops::eagle_select", mutates_args=("floats", "ints"))
+def _eagle_select_op(values: torch.Tensor, indices: torch.Tensor, floats: torch.Tensor, ints: torch.Tensor,
+                     layout: list[int], num_rows: int, last_row_base: int, root_token: int) -> None:
+    """:class:`_DynamicPlan`'s final selection as an opaque op, for ``torch.compile``."""
+    from .kernels.eagle_tree import eagle_select_forward
+
+    eagle_select_forward(values, indices, floats, ints, tuple(layout), num_rows, last_row_base, root_token)
+
+
+@_eagle_select_op.register_fake
+def _(values, indices, floats, ints, layout, num_rows, last_row_base, root_token):
+    return None
+
+
 class _DynamicPlan:
     """EAGLE-2 drafting on the device: the static sizes and index tables of a dynamic tree, prepared once.
 
@@ -594,10 +626,30 @@ class _DynamicPlan:
     the same shapes and reads nothing back: the parent arrays are device tensors and the specs come from
     :func:`~distill_ops.tree.tree_spec_from_parents_tensor`, with ``max_depth`` / ``max_children``
     bounds (``min(depth, T - 1)`` / ``min(k, T - 1)``).
+
+    Two paths, chosen by ``impl`` like the specs' builder, with identical results (trees, tokens,
+    positions, the parent states gathered for an FSPAD head):
+
+    * PyTorch (CPU, and the reference): per level float64 scores, a stable sort, slices, gathers and a
+      ``cat`` of the draft tree's parents; at the end concatenations, sorts and a ``searchsorted``.
+    * Triton (the engine's GPU path; ``kernels/eagle_tree.py``): one launch per expanding level and one
+      for the final tree, into two workspaces allocated here (float64 scores, int64 tokens / nodes /
+      trees), so a step allocates nothing for the bookkeeping: the draft tree's parent array is a
+      growing prefix of one buffer, the expanded tokens and position ids and the verification tree's
+      parents and tokens are views of it, made here once. Ranks are exact pairwise counts (no sort);
+      the final launch also scores the last level, which needs no launch of its own. A step's tree
+      phase is ``2 (depth - 1) + 2`` launches (each level's and the final one, each followed by its
+      spec): 10 at ``depth=5``. The workspaces are rewritten by the next :meth:`draft`: the returned
+      tree and tokens are valid until then (the engine uses them within the step). On the engine's tiny
+      tree-greedy pair (depth 5, T = 32; ``python -m benchmarks.engine_overhead --impl triton``, CPU
+      counts under the interpreter) the tree phase of a step went from 103 ATen ops (43 kernels, 5
+      allocations, 5 launches) to 40 (no device kernel: the five specs' allocations and views) and 10
+      launches. GPU time not measured.
     """
 
     def __init__(self, topk: int, depth: int, num_nodes: int, vocab: int, device: torch.device, impl: str = "auto"):
         self.impl = impl  # the specs' builder: one Triton launch each on the engine's Triton path
+        self.triton = resolve_impl(impl, device) == "triton"
         self.k = min(topk, vocab)
         self.depth = depth if num_nodes > 1 else 0  # a one-node tree drafts nothing
         level_sizes, self.expanded = [self.k], []
@@ -612,6 +664,9 @@ class _DynamicPlan:
         self.node_bases = [0]
         for count in [1] + self.expanded:
             self.node_bases.append(self.node_bases[-1] + count)
+        if self.triton:
+            self._init_workspaces(device)
+            return
         level_starts = [1]
         for size in level_sizes[:-1]:
             level_starts.append(level_starts[-1] + size)
@@ -632,6 +687,39 @@ class _DynamicPlan:
         )
         self.root_score = torch.zeros(1, dtype=torch.float64, device=device)
 
+    def _init_workspaces(self, device: torch.device) -> None:
+        """The Triton path's workspaces and their views (``kernels/eagle_tree.py``): candidates are rows of
+        ``k`` after the root, one row per draft-tree node (``node_bases[depth]`` of them)."""
+        from .kernels.eagle_tree import section_offsets
+
+        self.num_rows = self.node_bases[self.depth] if self.depth else 0
+        self.last_row_base = self.node_bases[self.depth - 1] if self.depth else 0
+        num_draft_nodes = max(self.num_rows, 1)
+        self.layout = (1 + self.num_rows * self.k, num_draft_nodes, self.num_tree_nodes)
+        float_offsets, int_offsets, float_size, int_size = section_offsets(*self.layout)
+        # Node 0, the root: score 0 (a zero workspace), candidate 0 and parent -1, written once here.
+        self.floats = torch.zeros(float_size, dtype=torch.float64, device=device)
+        initial = [0] * int_size
+        initial[int_offsets["node_parents"]] = -1
+        self.ints = int64_to_device(initial, device)
+        self.int_offsets = int_offsets
+        # Per expanding level: the draft tree's parents (a prefix) and the expanded nodes' parents, tokens
+        # and position ids; then the verification tree's parents and tokens. Made once (eager calls).
+        self.view_bounds = [
+            (("node_parents", 0, first + count), ("node_parents", first, first + count),
+             ("node_tokens", first, first + count), ("node_positions", first, first + count))
+            for first, count in zip(self.node_bases[1:], self.expanded)
+        ]
+        self.view_bounds.append((("tree_parents", 0, self.num_tree_nodes), ("tree_tokens", 0, self.num_tree_nodes)))
+        self.views = self._workspace_views()
+        # The one-node tree has no last level: the final launch reads nothing from these.
+        self.no_level = (torch.zeros(1, 1, device=device), torch.zeros(1, 1, dtype=torch.int64, device=device))
+
+    def _workspace_views(self) -> list[tuple[torch.Tensor, ...]]:
+        """The views of ``view_bounds``: slices of the int64 workspace."""
+        return [tuple(self.ints[self.int_offsets[name] + start: self.int_offsets[name] + stop]
+                      for name, start, stop in bounds) for bounds in self.view_bounds]
+
     def draft(self, drafter, root_logits: torch.Tensor, root_state: torch.Tensor | None, root_token: int,
               root_pos: int, timer: Callable) -> tuple[TreeSpec, torch.Tensor]:
         """Draft one tree: the verification :class:`TreeSpec` and its tokens ``[T]`` (node 0: ``root_token``).
@@ -641,6 +729,8 @@ class _DynamicPlan:
         ``[E, V]`` and states (``None`` for a draft LM; FSPAD's predicted features otherwise). Device ops
         only; ``timer("tree")`` wraps the candidate bookkeeping and the specs.
         """
+        if self.triton:
+            return self._draft_triton(drafter, root_logits, root_state, root_token, root_pos, timer)
         device = root_logits.device
         scores = [self.root_score]
         tokens = [torch.full((1,), root_token, dtype=torch.int64, device=device)]
@@ -677,6 +767,42 @@ class _DynamicPlan:
             parents = torch.searchsorted(kept, expanded_ids[self.parent_slot[kept]], right=True) - 1
             tree = tree_spec_from_parents_tensor(parents, self.max_depth, self.max_children, impl=self.impl)
             return tree, all_tokens[kept]
+
+    def _draft_triton(self, drafter, root_logits, root_state, root_token, root_pos, timer):
+        """:meth:`draft` on the Triton path: one launch per expanding level, one for the final tree."""
+        from .kernels.eagle_tree import eagle_level_forward, eagle_select_forward
+
+        # Eager calls launch directly: the custom ops that make the launches traceable cost a dispatcher
+        # round trip of host time each (see distill_ops.tree.tree_spec_from_parents_tensor).
+        compiling = torch.compiler.is_compiling()
+        level_launch = _eagle_level_op if compiling else eagle_level_forward
+        select_launch = _eagle_select_op if compiling else eagle_select_forward
+        layout = list(self.layout) if compiling else self.layout
+        # Traced code slices the workspace itself: outputs that are views of views made outside the graph
+        # do not survive functionalization.
+        views = self._workspace_views() if compiling else self.views
+        states = None if root_state is None else root_state[None]
+        logits = root_logits[None]
+        values, indices = self.no_level
+        for level in range(1, self.depth + 1):
+            values, indices = torch.topk(torch.log_softmax(logits.float(), dim=-1), self.k, dim=-1)
+            if level == self.depth:
+                break  # the final launch scores the last level
+            with timer("tree"):
+                draft_parents, parent_nodes, expanded_tokens, expanded_positions = views[level - 1]
+                level_launch(values, indices, self.floats, self.ints, layout, self.node_bases[level - 1],
+                             self.node_bases[level], self.expanded[level - 1], root_pos + level)
+                draft_tree = tree_spec_from_parents_tensor(draft_parents, level, self.k, impl=self.impl)
+            parent_states = None if states is None else states[parent_nodes]
+            logits, new_states = drafter.expand(expanded_tokens, parent_states, expanded_positions, draft_tree)
+            if states is not None:
+                states = torch.cat([states, new_states])
+        with timer("tree"):
+            select_launch(values, indices, self.floats, self.ints, layout, self.num_rows, self.last_row_base,
+                          root_token)
+            tree_parents, tree_tokens = views[-1]
+            tree = tree_spec_from_parents_tensor(tree_parents, self.max_depth, self.max_children, impl=self.impl)
+            return tree, tree_tokens
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,5 +6,5 @@ consumed by ``benchmarks/compile_check.py`` (ahead-of-time compile for sm_90a / 
 
 KERNEL_MODULES = [
     "kl_div", "scale_rows", "tree_attention", "tree_verify", "aligndistil", "fused_linear", "topk_kl", "topk_select",
-    "tree_spec",
+    "tree_spec", "eagle_tree",
 ]

@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -35,7 +37,7 @@ from distill_ops.tree import build_tree
 from distill_ops.tree_attention import tree_attention
 
 from .conftest import DEVICE, assert_close
-from .test_tree import assert_spec_matches
+from .test_tree import _RecordingKernel, assert_spec_matches, assert_specs_equal, no_host_reads  # noqa: F401
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -488,11 +490,13 @@ def _host_eagle2(root_logits, level_logits, topk, depth, num_nodes):
     ],
 )
 @pytest.mark.parametrize("seed", [0, 1])
-def test_device_eagle2_tree_equals_host_bookkeeping(depth, topk, num_nodes, vocab, kind, seed):
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_device_eagle2_tree_equals_host_bookkeeping(depth, topk, num_nodes, vocab, kind, seed, impl):
     """Trees (draft model's per level and verification), tokens, positions, parent states and every spec
-    field equal the host reference, with exact ties in draft log-probs and cumulative scores."""
+    field equal the host reference, with exact ties in draft log-probs and cumulative scores, on both
+    paths (PyTorch ops; the Triton bookkeeping kernels and spec launches)."""
     drafter = _RecordingDrafter(vocab, kind, seed)
-    plan = speculative._DynamicPlan(topk, depth, num_nodes, vocab, DEVICE)
+    plan = speculative._DynamicPlan(topk, depth, num_nodes, vocab, DEVICE, impl)
     root_logits = drafter.logits(1)[0]
     root_token, root_pos = 7, 11
     timer = speculative._Timer(DEVICE, sync=False)
@@ -525,7 +529,118 @@ def test_device_eagle2_tree_comparison_has_power(monkeypatch):
 
     monkeypatch.setattr(torch, "sort", unstable_last_index_first)
     with pytest.raises(AssertionError):
-        test_device_eagle2_tree_equals_host_bookkeeping(5, 4, 32, 50, "ties", 0)
+        test_device_eagle2_tree_equals_host_bookkeeping(5, 4, 32, 50, "ties", 0, "torch")
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="patches a kernel helper: only the interpreter sees it")
+def test_device_eagle2_triton_comparison_has_power(monkeypatch):
+    """Kernels that break score ties by the *higher* candidate index are caught by the reference."""
+    from distill_ops.kernels import eagle_tree
+
+    @triton.jit
+    def last_index_first(score_j, cand_j, score_i, cand_i):
+        same = score_j[None, :] == score_i[:, None]
+        return tl.where(same, cand_j[None, :] > cand_i[:, None], score_j[None, :] > score_i[:, None])
+
+    monkeypatch.setattr(eagle_tree, "_beats", last_index_first)
+    with pytest.raises(AssertionError):
+        test_device_eagle2_tree_equals_host_bookkeeping(5, 4, 32, 50, "ties", 0, "triton")
+
+
+class _ReplayDrafter:
+    """A drafter that reads nothing on the host: each level's logits were drawn beforehand; it keeps what
+    it was given (tokens, positions, parent states, draft tree) as device tensors."""
+
+    def __init__(self, level_logits):
+        self.level_logits, self.calls = list(level_logits), []
+
+    def expand(self, tokens, parent_states, positions, tree):
+        self.calls.append((tokens.clone(), positions.clone(), parent_states.clone(), tree))
+        logits = self.level_logits[len(self.calls) - 1]
+        return logits, tokens.to(torch.float32)[:, None]
+
+
+def _draft_with_both_paths(depth, topk, num_nodes, vocab, seed, timer):
+    """The Triton path's draft and the PyTorch path's draft of the same logits."""
+    source = _RecordingDrafter(vocab, "ties", seed)
+    root_logits, level_logits = source.logits(1)[0], [source.logits(topk) for _ in range(depth)]
+    results = []
+    for impl in ("triton", "torch"):
+        drafter = _ReplayDrafter(level_logits)
+        plan = speculative._DynamicPlan(topk, depth, num_nodes, vocab, DEVICE, impl)
+        tree, tokens = plan.draft(drafter, root_logits, torch.full((1,), -1.0, device=DEVICE), 7, 11,
+                                  timer if impl == "triton" else speculative._Timer(DEVICE, sync=False))
+        results.append((tree, tokens, drafter.calls))
+    return results
+
+
+def test_device_eagle2_triton_launches_per_step(no_host_reads, monkeypatch):
+    """The Triton path's tree phase: per expanding level one bookkeeping launch and its spec, then the final
+    selection and the verification spec; no host read, and no allocation but the specs' buffers."""
+    from distill_ops.kernels import eagle_tree
+    from distill_ops.kernels import tree_spec as tree_spec_kernels
+
+    launches = []
+    for module, name in ((eagle_tree, "eagle_level_kernel"), (eagle_tree, "eagle_select_kernel"),
+                         (tree_spec_kernels, "tree_spec_kernel")):
+        recorder = _RecordingKernel(getattr(module, name))
+        monkeypatch.setattr(module, name, recorder)
+        launches.append((name, recorder))
+    ops = []
+
+    class TreeOps(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if in_tree and not any(recorder.running for _, recorder in launches):
+                ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    in_tree = False
+
+    @contextlib.contextmanager
+    def tree_timer(phase):
+        nonlocal in_tree
+        assert phase == "tree"
+        in_tree = True
+        try:
+            yield
+        finally:
+            in_tree = False
+
+    depth = 5
+    with TreeOps():
+        (tree, tokens, calls), (ref_tree, ref_tokens, ref_calls) = _draft_with_both_paths(
+            depth, 4, 32, 50, 3, tree_timer)
+    assert [len(recorder.grids) for _, recorder in launches] == [depth - 1, 1, depth]
+    assert all(grid == (1,) for _, recorder in launches for grid in recorder.grids)
+    # Per spec: its buffer, the launch, its views; the bookkeeping itself allocates nothing and runs no op.
+    assert ops.count("empty") == depth and set(ops) == {"unsqueeze", "empty", "split_with_sizes", "view"}
+    assert_specs_equal(tree, ref_tree) and torch.equal(tokens, ref_tokens)
+    for (got, want) in zip(calls, ref_calls):
+        assert all(torch.equal(a, b) for a, b in zip(got[:3], want[:3]))
+        assert_specs_equal(got[3], want[3])
+
+
+def test_device_eagle2_triton_torch_compile_fullgraph():
+    """The bookkeeping launches are opaque ops under ``torch.compile`` (no graph break), same results."""
+    source = _RecordingDrafter(30, "ties", 5)
+    root_logits, level_logits = source.logits(1)[0], source.logits(3)
+    plan = speculative._DynamicPlan(3, 2, 8, 30, DEVICE, "triton")
+    eager = speculative._DynamicPlan(3, 2, 8, 30, DEVICE, "torch")
+
+    class Drafter:
+        def expand(self, tokens, parent_states, positions, tree):
+            return self.logits + tokens[:, None], None
+
+    drafter = Drafter()
+    drafter.logits = level_logits
+
+    def draft(drafter_plan, root_logits):
+        tree, tokens = drafter_plan.draft(drafter, root_logits, None, 7, 11, lambda phase: contextlib.nullcontext())
+        return tree.parents, tree.depth, tree.ancestor_mask, tree.leaf_paths, tokens
+
+    compiled = torch.compile(draft, fullgraph=True, backend="aot_eager")(plan, root_logits)
+    for got, want in zip(compiled, draft(eager, root_logits)):
+        assert torch.equal(got, want)
 
 
 # --------------------------------------------------------------------------------------------------
