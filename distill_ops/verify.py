@@ -19,9 +19,10 @@ decided); ``target_logits[b, i]`` is the target model's prediction for the token
 * Top-k keeps the tokens whose logit is >= the k-th largest; top-p then keeps the smallest
   descending-probability prefix whose mass reaches ``top_p`` (ties at either cut are kept). The torch
   impl computes the cut with PyTorch ops (:func:`filter_thresholds`, a sort over V); the Triton impl's
-  statistics kernel finds the same cut per row by bisection over the fp32 key space (counting passes for
-  top-k, mass passes for top-p, at most 32 each; no sort, no extra launch). The two can differ only where
-  a descending-order mass lies within fp32 rounding of ``top_p`` (sums in different orders).
+  statistics kernel finds the same cut per row by a search over the fp32 key space (15 pivots per pass over
+  the row, counting for top-k, summing mass for top-p: at most 9 passes each; no sort, no extra launch).
+  The two can differ only where a descending-order mass lies within fp32 rounding of ``top_p`` (sums in
+  different orders).
 
 KV compaction (:func:`compact_kv_cache`) takes one layer's K/V or lists with every layer's: a model's
 whole cache is compacted by one Triton launch (the layers' addresses travel in an int64 table, one

@@ -5,9 +5,10 @@ and reduces every row to a few statistics, then a per-sequence kernel (grid ``B`
 with O(1) work per node and writes the result. The ``[B, T, V]`` logits never leave the device.
 
 Top-k / top-p: the sampling statistics kernel first finds the node's raw-logit cut itself, by bisection over
-the fp32 key space (``_filter_cut``: passes counting the entries >= a candidate cut for top-k, passes summing
-the tempered mass above it for top-p, at most 32 each, each a stream over the row; no sort, no scratch, no
-extra launch), writes it for the walk, then computes the statistics over the kept tokens. Not timed on a GPU.
+the fp32 key space (``_filter_cut``: each pass streams the row once and evaluates 15 pivot cuts, counting
+the entries >= each for top-k or summing the tempered mass above each for top-p, so the key interval shrinks
+about 16-fold per pass: at most 9 passes per filter; no sort, no scratch, no extra launch), writes it for the walk,
+then computes the statistics over the kept tokens. Not timed on a GPU.
 
 Sampling statistics per node ``i`` (``x = logit / temperature`` over the tokens kept by top-k / top-p,
 ``p = softmax(x)``): the max ``m`` and sum ``s`` of ``exp(x - m)``, the argmax (degenerate fallback)
@@ -21,6 +22,7 @@ pointers of K's element type (a transformers ``DynamicCache`` holds one K/V pair
 layer would cost the host one launch per layer and step).
 """
 
+import os
 from typing import Sequence
 
 import torch
@@ -38,6 +40,10 @@ COMPACT_NUM_WARPS = 4
 # aligned variant leaves 8 bytes of stack at 8 warps and 4 are clean under both releases (checked by
 # benchmarks/compile_check.py under 3.6 and the newest release; no warp count is clean for every variant).
 WALK_NUM_WARPS = 8
+# Entries per step of a top-k / top-p search pass ([16 pivots, SEARCH_BLOCK] comparison tiles): 128 is the only
+# size tried (128 to 1024) that Triton 3.6 compiles without stack spills for every filter variant. Triton's CPU
+# interpreter takes the vocabulary block instead (same results up to fp32 summation order; its cost is per step).
+SEARCH_BLOCK = 128
 WALK_NUM_WARPS_FILTERED_DRAFT = 4
 
 
@@ -162,40 +168,49 @@ def _key_float(key):
 
 
 @triton.jit
-def _count_at_least(row_ptr, vocab, value, BLOCK_V: tl.constexpr):
-    """Entries of the row >= ``value``."""
-    offs = tl.arange(0, BLOCK_V)
-    count = tl.zeros([BLOCK_V], tl.int32)
-    for start in range(0, vocab, BLOCK_V):
-        cols = start + offs
-        logit = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-        count += ((cols < vocab) & (logit >= value)).to(tl.int32)
-    return tl.sum(count, axis=0)
+def _pivots(lo, hi, NUM_PIVOTS: tl.constexpr):
+    """Up to NUM_PIVOTS - 1 keys strictly inside (lo, hi), evenly spaced, and which of them exist."""
+    step = tl.maximum((hi - lo) // NUM_PIVOTS, 1)
+    keys = lo + (tl.arange(0, NUM_PIVOTS) + 1).to(tl.int64) * step
+    return keys, keys < hi
 
 
 @triton.jit
-def _mass_above(row_ptr, vocab, value, floor, shift, inv_temp, BLOCK_V: tl.constexpr):
-    """Sum of ``exp(logit / T - shift)`` over the entries > ``value`` and >= ``floor``."""
-    offs = tl.arange(0, BLOCK_V)
-    mass = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, vocab, BLOCK_V):
+def _search_pass(row_ptr, vocab, pivot_values, floor, shift, inv_temp, MASS: tl.constexpr,
+                 SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
+    """One stream over the row, every pivot at once: ``#{logit >= pivot}`` (not MASS), or the tempered mass
+    ``sum exp(logit / T - shift)`` of the entries ``> pivot`` and ``>= floor`` (MASS)."""
+    offs = tl.arange(0, SEARCH_BLOCK)
+    totals = tl.zeros([NUM_PIVOTS], tl.float32)
+    for start in range(0, vocab, SEARCH_BLOCK):
         cols = start + offs
         logit = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-        kept = (cols < vocab) & (logit > value) & (logit >= floor)
-        mass += tl.where(kept, tl.exp(logit * inv_temp - shift), 0.0)
-    return tl.sum(mass, axis=0)
+        if MASS:
+            weight = tl.where((cols < vocab) & (logit >= floor), tl.exp(logit * inv_temp - shift), 0.0)
+            above = logit[None, :] > pivot_values[:, None]
+        else:
+            weight = tl.where(cols < vocab, 1.0, 0.0)
+            above = logit[None, :] >= pivot_values[:, None]
+        totals += tl.sum(tl.where(above, weight[None, :], 0.0), axis=1)
+    return totals
 
 
 @triton.jit
 def _filter_cut(row_ptr, vocab, top_k, top_p, inv_temp, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
-                BLOCK_V: tl.constexpr):
+                BLOCK_V: tl.constexpr, SEARCH_BLOCK: tl.constexpr):
     """The raw-logit cut of top-k then top-p for one row (a token is kept iff its logit is >= the cut), found by
-    bisection over the fp32 key space: no sort, no scratch, at most 32 passes over the row per filter.
+    a search over the fp32 key space (monotone int32 keys): each pass streams the row once and evaluates 15
+    evenly spaced pivots, so an interval of I keys becomes at most max(I // 16, I - 15 (I // 16)): 2^32 + 1 keys
+    close in 9 passes. A static loop of MAX_PASSES = 10 whose passes are skipped once the interval is closed (a
+    ``while`` loop left ptxas a few bytes of stack under Triton 3.6); no sort, no scratch.
 
-    Top-k: the largest key ``t`` with ``#{logit >= t} >= k`` (the k-th largest logit; ties at the cut kept).
-    Top-p (over the top-k set, at temperature T): the smallest key ``t`` whose strictly larger kept entries hold
-    less than ``top_p`` of the kept mass, i.e. the smallest logit whose descending-order mass before it is
-    ``< top_p`` (ties at the cut kept): :func:`distill_ops.verify.filter_thresholds`'s rule, which sorts."""
+    Top-k: the largest key ``t`` with ``#{logit >= t} >= k`` (the k-th largest logit; ties at the cut kept;
+    counts are exact in fp32 below 2^24 entries). Top-p (over the top-k set, at temperature T): the smallest
+    key ``t`` whose strictly larger kept entries hold less than ``top_p`` of the kept mass, i.e. the smallest
+    logit whose descending-order mass before it is ``< top_p`` (ties at the cut kept):
+    :func:`distill_ops.verify.filter_thresholds`'s rule, which sorts."""
+    NUM_PIVOTS: tl.constexpr = 16
+    MAX_PASSES: tl.constexpr = 10
     offs = tl.arange(0, BLOCK_V)
     lane_min = tl.full([BLOCK_V], float("inf"), tl.float32)
     lane_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
@@ -211,26 +226,32 @@ def _filter_cut(row_ptr, vocab, top_k, top_p, inv_temp, HAS_TOPK: tl.constexpr, 
         # count(>= value(lo)) >= k > count(>= value(hi)); keys in int64 (hi - lo can exceed 2^31).
         lo = _float_key(row_min).to(tl.int64)
         hi = _float_key(row_max).to(tl.int64) + 1
-        while hi - lo > 1:
-            mid = lo + (hi - lo) // 2
-            if _count_at_least(row_ptr, vocab, _key_float(mid.to(tl.int32)), BLOCK_V) >= top_k:
-                lo = mid
-            else:
-                hi = mid
+        for _ in range(MAX_PASSES):
+            if hi - lo > 1:
+                keys, exists = _pivots(lo, hi, NUM_PIVOTS)
+                counts = _search_pass(row_ptr, vocab, _key_float(keys.to(tl.int32)), 0.0, 0.0, 1.0, False,
+                                      SEARCH_BLOCK, NUM_PIVOTS)
+                enough = exists & (counts >= top_k)
+                lo = tl.max(tl.where(enough, keys, lo), axis=0)
+                hi = tl.min(tl.where(exists & (~enough), keys, hi), axis=0)
         cut = _key_float(lo.to(tl.int32))
     if HAS_TOPP:
         if (row_max > float("-inf")) & (row_max < float("inf")):
             shift = row_max * inv_temp
-            target = top_p * _mass_above(row_ptr, vocab, float("-inf"), cut, shift, inv_temp, BLOCK_V)
+            everything = tl.full([NUM_PIVOTS], float("-inf"), tl.float32)
+            target = top_p * tl.max(_search_pass(row_ptr, vocab, everything, cut, shift, inv_temp, True,
+                                                 SEARCH_BLOCK, NUM_PIVOTS), axis=0)
             # mass(> value(lo)) >= target > mass(> value(hi)); lo = key(cut) - 1 stands for "everything kept".
             lo = _float_key(cut).to(tl.int64) - 1
             hi = _float_key(row_max).to(tl.int64)
-            while hi - lo > 1:
-                mid = lo + (hi - lo) // 2
-                if _mass_above(row_ptr, vocab, _key_float(mid.to(tl.int32)), cut, shift, inv_temp, BLOCK_V) < target:
-                    hi = mid
-                else:
-                    lo = mid
+            for _ in range(MAX_PASSES):
+                if hi - lo > 1:
+                    keys, exists = _pivots(lo, hi, NUM_PIVOTS)
+                    mass = _search_pass(row_ptr, vocab, _key_float(keys.to(tl.int32)), cut, shift, inv_temp, True,
+                                        SEARCH_BLOCK, NUM_PIVOTS)
+                    below = exists & (mass < target)
+                    hi = tl.min(tl.where(below, keys, hi), axis=0)
+                    lo = tl.max(tl.where(exists & (~below), keys, lo), axis=0)
             cut = _key_float(hi.to(tl.int32))
     return cut
 
@@ -240,7 +261,7 @@ def sampling_stats_kernel(
     LOGITS, THRESH, DRAFT_PROBS, PARENTS, ROW_MAX, ROW_SUM, ARGMAX, ROUND_C, ROUND_N,
     stride_lb, stride_lt, stride_qb, stride_qt, stride_tree_b, num_nodes, vocab, inv_temp, top_k, top_p,
     HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, HAS_DRAFT_PROBS: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
 ):
     """Per node row: the top-k / top-p cut (written to THRESH, read by the walk), then the filtered softmax
     statistics (and the SpecInfer residual masses with draft probabilities)."""
@@ -249,7 +270,7 @@ def sampling_stats_kernel(
     node = row % num_nodes
     row_ptr = LOGITS + batch.to(tl.int64) * stride_lb + node.to(tl.int64) * stride_lt
     if HAS_TOPK or HAS_TOPP:
-        threshold = _filter_cut(row_ptr, vocab, top_k, top_p, inv_temp, HAS_TOPK, HAS_TOPP, BLOCK_V)
+        threshold = _filter_cut(row_ptr, vocab, top_k, top_p, inv_temp, HAS_TOPK, HAS_TOPP, BLOCK_V, SEARCH_BLOCK)
         tl.store(THRESH + row, threshold)
     else:
         threshold = float("-inf")
@@ -485,6 +506,10 @@ def compact_kv_kernel(
         tl.store(NEW_LENS + batch, kept.to(NEW_LENS.dtype.element_ty))
 
 
+def _interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _pow2(n: int) -> int:
     return max(triton.next_power_of_2(n), 16)
 
@@ -567,7 +592,8 @@ def sampling_stats(
         out["round_n"], target_logits.stride(0), target_logits.stride(1), q.stride(0), q.stride(1),
         0 if parents.shape[0] == 1 else parents.stride(0), num_nodes, vocab, 1.0 / temperature,
         top_k if has_topk else 0, top_p if has_topp else 1.0, HAS_TOPK=has_topk, HAS_TOPP=has_topp,
-        HAS_DRAFT_PROBS=draft_probs is not None, BLOCK_V=_block_v(vocab), BLOCK_T=_pow2(num_nodes), num_warps=4,
+        HAS_DRAFT_PROBS=draft_probs is not None, BLOCK_V=_block_v(vocab), BLOCK_T=_pow2(num_nodes),
+        SEARCH_BLOCK=_block_v(vocab) if _interpreter() else SEARCH_BLOCK, num_warps=4,
     )
     return out
 
@@ -658,7 +684,7 @@ def aot_specs() -> list[dict]:
                             "vocab": "i32", "inv_temp": "fp32", "top_k": "i32", "top_p": "fp32",
                         },
                         "constexprs": {"HAS_TOPK": has_topk, "HAS_TOPP": has_topp, "HAS_DRAFT_PROBS": has_draft,
-                                       "BLOCK_V": VERIFY_BLOCK_V, "BLOCK_T": 64},
+                                       "BLOCK_V": VERIFY_BLOCK_V, "BLOCK_T": 64, "SEARCH_BLOCK": SEARCH_BLOCK},
                         "num_warps": 4, "num_stages": 3,
                     })
                 specs.append({
