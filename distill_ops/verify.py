@@ -325,7 +325,7 @@ def verify_sampling(
         return verify_sampling_ref(tree, draft_tokens, target_logits, thresholds, draft_probs, uniforms, temperature)
     from .kernels.tree_verify import verify_sampling_forward
 
-    # The stats kernel finds each row's top-k / top-p cut itself (bisection, no sort).
+    # The stats kernel finds each row's top-k / top-p cut itself (a pivot search over the keys, no sort).
     return VerifyResult(*verify_sampling_forward(
         tree.parents, _int64_rows(draft_tokens), _rows(target_logits),
         top_k if top_k is not None and top_k < vocab else None,

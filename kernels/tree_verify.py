@@ -4,7 +4,7 @@ Each mode is two launches: a wide per-node kernel (grid ``B * T``) that streams 
 and reduces every row to a few statistics, then a per-sequence kernel (grid ``B``) that walks the tree
 with O(1) work per node and writes the result. The ``[B, T, V]`` logits never leave the device.
 
-Top-k / top-p: the sampling statistics kernel first finds the node's raw-logit cut itself, by bisection over
+Top-k / top-p: the sampling statistics kernel first finds the node's raw-logit cut itself, by a search over
 the fp32 key space (``_filter_cut``: each pass streams the row once and evaluates 15 pivot cuts, counting
 the entries >= each for top-k or summing the tempered mass above each for top-p, so the key interval shrinks
 about 16-fold per pass: at most 9 passes per filter; no sort, no scratch, no extra launch), writes it for the walk,
