@@ -32,6 +32,7 @@ from .tree import (
     tree_from_paths,
     tree_from_retrieve,
     tree_spec_from_parents_tensor,
+    tree_spec_in_place,
     tree_to_retrieve,
 )
 from .tree_attention import tree_attention
@@ -45,6 +46,7 @@ __all__ += [
     "tree_to_retrieve",
     "tree_from_retrieve",
     "tree_spec_from_parents_tensor",
+    "tree_spec_in_place",
     "tree_attention",
     "VerifyResult",
     "verify_greedy",

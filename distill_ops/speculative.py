@@ -49,8 +49,10 @@ them per phase), and every device-to-host read drains the stream, exposing each 
   drafting level and for the final tree plus about 10 ops of selection per level. On the Triton path the
   candidate bookkeeping is one launch per expanding level and one for the final selection
   (:mod:`distill_ops.kernels.eagle_tree`: exact pairwise ranks, no sort, into workspaces allocated once
-  per plan) and each spec one launch (:mod:`distill_ops.kernels.tree_spec`): 10 launches and no ATen
-  device kernel per step at depth 5 (``python -m benchmarks.engine_overhead --impl triton`` counts them).
+  per plan) and each spec one launch rebuilding it in place over a buffer the plan allocated once
+  (:func:`~distill_ops.tree.tree_spec_in_place`): 10 launches and no ATen op per step at depth 5
+  (``python -m benchmarks.engine_overhead --impl triton`` counts them; traced under ``torch.compile``, the
+  specs are built anew).
   What it buys: no stream drain while drafting, and a drafting step made of the same launches on the
   same shapes every time.
 * Static trees are planned once (:func:`_static_plan`: specs computed with Python integers,
@@ -82,6 +84,7 @@ from .tree import (
     int64_to_device,
     tree_from_paths,
     tree_spec_from_parents_tensor,
+    tree_spec_in_place,
 )
 from .tree_attention import tree_attention
 from .verify import VerifyResult, compact_kv_cache, verify_greedy, verify_sampling
@@ -712,6 +715,10 @@ class _DynamicPlan:
         ]
         self.view_bounds.append((("tree_parents", 0, self.num_tree_nodes), ("tree_tokens", 0, self.num_tree_nodes)))
         self.views = self._workspace_views()
+        # Eager steps rebuild each spec in place over these parent views (one launch, nothing allocated).
+        self.specs = [tree_spec_in_place(level_views[0], level, self.k)
+                      for level, level_views in enumerate(self.views[:-1], start=1)]
+        self.specs.append(tree_spec_in_place(self.views[-1][0], self.max_depth, self.max_children))
         # The one-node tree has no last level: the final launch reads nothing from these.
         self.no_level = (torch.zeros(1, 1, device=device), torch.zeros(1, 1, dtype=torch.int64, device=device))
 
@@ -792,7 +799,7 @@ class _DynamicPlan:
                 draft_parents, parent_nodes, expanded_tokens, expanded_positions = views[level - 1]
                 level_launch(values, indices, self.floats, self.ints, layout, self.node_bases[level - 1],
                              self.node_bases[level], self.expanded[level - 1], root_pos + level)
-                draft_tree = tree_spec_from_parents_tensor(draft_parents, level, self.k, impl=self.impl)
+                draft_tree = self._spec(level - 1, draft_parents, level, self.k, compiling)
             parent_states = None if states is None else states[parent_nodes]
             logits, new_states = drafter.expand(expanded_tokens, parent_states, expanded_positions, draft_tree)
             if states is not None:
@@ -801,8 +808,17 @@ class _DynamicPlan:
             select_launch(values, indices, self.floats, self.ints, layout, self.num_rows, self.last_row_base,
                           root_token)
             tree_parents, tree_tokens = views[-1]
-            tree = tree_spec_from_parents_tensor(tree_parents, self.max_depth, self.max_children, impl=self.impl)
+            tree = self._spec(-1, tree_parents, self.max_depth, self.max_children, compiling)
             return tree, tree_tokens
+
+    def _spec(self, index: int, parents: torch.Tensor, max_depth: int, max_children: int, compiling: bool):
+        """The spec of ``parents``: eager, rebuilt in place over the plan's buffer ``index``; traced, built anew
+        (the in-place buffers are views made outside the graph)."""
+        if compiling:
+            return tree_spec_from_parents_tensor(parents, max_depth, max_children, impl=self.impl)
+        spec, rebuild = self.specs[index]
+        rebuild()
+        return spec
 
 
 # --------------------------------------------------------------------------------------------------

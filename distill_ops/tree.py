@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -232,6 +232,53 @@ def _(parents, max_depth):
     return parents.new_empty(sum(section_sizes(*parents.shape, max_depth)))
 
 
+def _check_device_parents(parents: object, max_depth: object, max_children: object) -> torch.Tensor:
+    """The checks of :func:`tree_spec_from_parents_tensor` (no value is read); returns ``parents`` as ``[Bt, T]``."""
+    check_tensor("parents", parents, dtypes=(torch.int64,))
+    if parents.dim() not in (1, 2):
+        raise ValueError(f"parents must have shape [T] or [Bt, T], got {tuple(parents.shape)}")
+    tree_parents = parents.unsqueeze(0) if parents.dim() == 1 else parents
+    batch, num_nodes = tree_parents.shape
+    if batch < 1 or not 1 <= num_nodes <= MAX_TREE_NODES:
+        raise ValueError(
+            f"parents must hold at least one tree of 1 to {MAX_TREE_NODES} nodes, got shape {tuple(parents.shape)}"
+        )
+    for name, bound in (("max_depth", max_depth), ("max_children", max_children)):
+        if isinstance(bound, bool) or not isinstance(bound, int):
+            raise TypeError(f"{name} must be an int, got {type(bound).__name__}")
+        if not 0 <= bound <= num_nodes - 1:
+            raise ValueError(f"{name} must be in [0, T - 1 = {num_nodes - 1}] for T={num_nodes} nodes, got {bound}")
+    return tree_parents
+
+
+def tree_spec_in_place(
+    parents: torch.Tensor, max_depth: int, max_children: int
+) -> tuple[TreeSpec, Callable[[], None]]:
+    """A :class:`TreeSpec` over a buffer allocated once, and a function that rebuilds it in place (one Triton
+    launch, nothing allocated, no view made) from the current values of ``parents``.
+
+    For trees whose parent array is rewritten in place every step (the speculative engine's EAGLE-2 plan):
+    the spec's tensors are views of the buffer, valid until the next rebuild, and ``spec.parents`` is
+    ``parents`` itself. Same arguments and checks as :func:`tree_spec_from_parents_tensor`; the Triton path
+    only (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``). The spec is undefined until the first
+    rebuild."""
+    tree_parents = _check_device_parents(parents, max_depth, max_children)
+    resolve_impl("triton", tree_parents.device)  # raises for CPU tensors without the interpreter
+    from .kernels.tree_spec import section_sizes, split_tree_spec, tree_spec_forward
+
+    batch, num_nodes = tree_parents.shape
+    buffer = torch.empty(sum(section_sizes(batch, num_nodes, max_depth)), dtype=torch.int64,
+                         device=tree_parents.device)
+    depth, ancestor_mask, first_child, next_sibling, leaf_paths = split_tree_spec(buffer, batch, num_nodes, max_depth)
+    spec = TreeSpec(parents=tree_parents, depth=depth, ancestor_mask=ancestor_mask, first_child=first_child,
+                    next_sibling=next_sibling, leaf_paths=leaf_paths, max_depth=max_depth, max_children=max_children)
+
+    def rebuild() -> None:
+        tree_spec_forward(tree_parents, max_depth, out=buffer)
+
+    return spec, rebuild
+
+
 def tree_spec_from_parents_tensor(
     parents: torch.Tensor, max_depth: int, max_children: int, *, impl: str = "auto"
 ) -> TreeSpec:
@@ -256,20 +303,8 @@ def tree_spec_from_parents_tensor(
     copy; traceable by ``torch.compile(fullgraph=True)`` (the Triton launch as one opaque op). On the
     Triton path the derived tensors are views of one buffer.
     """
-    check_tensor("parents", parents, dtypes=(torch.int64,))
-    if parents.dim() not in (1, 2):
-        raise ValueError(f"parents must have shape [T] or [Bt, T], got {tuple(parents.shape)}")
-    tree_parents = parents.unsqueeze(0) if parents.dim() == 1 else parents
+    tree_parents = _check_device_parents(parents, max_depth, max_children)
     batch, num_nodes = tree_parents.shape
-    if batch < 1 or not 1 <= num_nodes <= MAX_TREE_NODES:
-        raise ValueError(
-            f"parents must hold at least one tree of 1 to {MAX_TREE_NODES} nodes, got shape {tuple(parents.shape)}"
-        )
-    for name, bound in (("max_depth", max_depth), ("max_children", max_children)):
-        if isinstance(bound, bool) or not isinstance(bound, int):
-            raise TypeError(f"{name} must be an int, got {type(bound).__name__}")
-        if not 0 <= bound <= num_nodes - 1:
-            raise ValueError(f"{name} must be in [0, T - 1 = {num_nodes - 1}] for T={num_nodes} nodes, got {bound}")
     if resolve_impl(impl, tree_parents.device) == "triton":
         from .kernels.tree_spec import split_tree_spec, tree_spec_forward
 

@@ -164,13 +164,14 @@ def section_sizes(batch: int, num_nodes: int, max_depth: int) -> list[int]:
     return [nodes, nodes * ((num_nodes + BITS_PER_WORD - 1) // BITS_PER_WORD), nodes, nodes, nodes * (max_depth + 1)]
 
 
-def tree_spec_forward(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
+def tree_spec_forward(parents: torch.Tensor, max_depth: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The int64 buffer of the spec of ``parents [Bt, T]`` (int64, any strides, ``1 <= T <= 256``, a valid
-    parent array: not checked here) for the depth bound ``max_depth``: one ``torch.empty`` and one launch.
+    parent array: not checked here) for the depth bound ``max_depth``: one ``torch.empty`` (none with ``out``,
+    a buffer of ``sum(section_sizes(...))`` elements rewritten in place) and one launch.
     :func:`split_tree_spec` views it as the spec's tensors (module docstring)."""
     batch, num_nodes = parents.shape
     sizes = section_sizes(batch, num_nodes, max_depth)
-    buffer = torch.empty(sum(sizes), dtype=torch.int64, device=parents.device)
+    buffer = torch.empty(sum(sizes), dtype=torch.int64, device=parents.device) if out is None else out
     offsets = [sum(sizes[:section]) for section in range(1, len(sizes))]
     num_words = (num_nodes + BITS_PER_WORD - 1) // BITS_PER_WORD
     block_t, block_w, chunk = block_sizes(num_nodes)

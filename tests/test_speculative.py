@@ -584,7 +584,7 @@ def _draft_with_both_paths(depth, topk, num_nodes, vocab, seed, timer):
 
 def test_device_eagle2_triton_launches_per_step(no_host_reads, monkeypatch):
     """The Triton path's tree phase: per expanding level one bookkeeping launch and its spec, then the final
-    selection and the verification spec; no host read, and no allocation but the specs' buffers."""
+    selection and the verification spec; no host read, no allocation, no other op."""
     from distill_ops.kernels import eagle_tree
     from distill_ops.kernels import tree_spec as tree_spec_kernels
 
@@ -620,8 +620,9 @@ def test_device_eagle2_triton_launches_per_step(no_host_reads, monkeypatch):
             depth, 4, 32, 50, 3, tree_timer)
     assert [len(recorder.grids) for _, recorder in launches] == [depth - 1, 1, depth]
     assert all(grid == (1,) for _, recorder in launches for grid in recorder.grids)
-    # Per spec: its buffer, the launch, its views; the bookkeeping itself allocates nothing and runs no op.
-    assert ops.count("empty") == depth and set(ops) == {"unsqueeze", "empty", "split_with_sizes", "view"}
+    # Bookkeeping and specs write into buffers the plan allocated once, and the specs' views were made then too:
+    # the tree phase of a step is its launches and nothing else.
+    assert ops == [], ops
     assert_specs_equal(tree, ref_tree) and torch.equal(tokens, ref_tokens)
     for (got, want) in zip(calls, ref_calls):
         assert all(torch.equal(a, b) for a, b in zip(got[:3], want[:3]))

@@ -15,6 +15,7 @@ from distill_ops.tree import (
     tree_from_paths,
     tree_from_retrieve,
     tree_spec_from_parents_tensor,
+    tree_spec_in_place,
     tree_to_retrieve,
 )
 from tests.conftest import DEVICE, IMPLS
@@ -423,3 +424,21 @@ def test_spec_triton_broken_contract_stays_in_bounds():
         assert ((values >= -1) & (values < 8)).all(), name
     assert ((spec.depth >= 0) & (spec.depth <= 2)).all()
     assert spec.depth[1].tolist() == [0, 1, 2, 2, 2, 2, 2, 2]  # the chain's walk stops at the bound
+
+
+def test_spec_in_place_rebuilds_over_one_buffer():
+    """``tree_spec_in_place``: the same spec object and buffer every step; after each in-place rewrite of the
+    parent array, one rebuild gives exactly the spec ``tree_spec_from_parents_tensor`` builds anew."""
+    num_nodes, max_depth = 70, 69
+    parents = random_parents(num_nodes, 11).to(DEVICE)
+    spec, rebuild = tree_spec_in_place(parents, max_depth, num_nodes - 1)
+    assert spec.parents.data_ptr() == parents.data_ptr()
+    pointers = [t.data_ptr() for t in (spec.depth, spec.ancestor_mask, spec.leaf_paths)]
+    for seed in (11, 12, 13):
+        parents.copy_(random_parents(num_nodes, seed).to(DEVICE))  # the engine rewrites its views in place
+        rebuild()
+        expected = tree_spec_from_parents_tensor(parents, max_depth, num_nodes - 1, impl="torch")
+        assert_specs_equal(spec, expected)
+        assert [t.data_ptr() for t in (spec.depth, spec.ancestor_mask, spec.leaf_paths)] == pointers
+    with pytest.raises(ValueError, match="max_depth must be in"):
+        tree_spec_in_place(parents, num_nodes, 1)
