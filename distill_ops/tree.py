@@ -264,19 +264,26 @@ def tree_spec_in_place(
     rebuild."""
     tree_parents = _check_device_parents(parents, max_depth, max_children)
     resolve_impl("triton", tree_parents.device)  # raises for CPU tensors without the interpreter
-    from .kernels.tree_spec import section_sizes, split_tree_spec, tree_spec_forward
+    from .kernels.tree_spec import section_sizes, tree_spec_forward
 
     batch, num_nodes = tree_parents.shape
     buffer = torch.empty(sum(section_sizes(batch, num_nodes, max_depth)), dtype=torch.int64,
                          device=tree_parents.device)
-    depth, ancestor_mask, first_child, next_sibling, leaf_paths = split_tree_spec(buffer, batch, num_nodes, max_depth)
-    spec = TreeSpec(parents=tree_parents, depth=depth, ancestor_mask=ancestor_mask, first_child=first_child,
-                    next_sibling=next_sibling, leaf_paths=leaf_paths, max_depth=max_depth, max_children=max_children)
 
     def rebuild() -> None:
         tree_spec_forward(tree_parents, max_depth, out=buffer)
 
-    return spec, rebuild
+    return _spec_over_buffer(tree_parents, buffer, max_depth, max_children), rebuild
+
+
+def _spec_over_buffer(tree_parents: torch.Tensor, buffer: torch.Tensor, max_depth: int, max_children: int) -> TreeSpec:
+    """The :class:`TreeSpec` whose derived tensors are views of the tree-spec kernel's int64 ``buffer``."""
+    from .kernels.tree_spec import split_tree_spec
+
+    batch, num_nodes = tree_parents.shape
+    depth, ancestor_mask, first_child, next_sibling, leaf_paths = split_tree_spec(buffer, batch, num_nodes, max_depth)
+    return TreeSpec(parents=tree_parents, depth=depth, ancestor_mask=ancestor_mask, first_child=first_child,
+                    next_sibling=next_sibling, leaf_paths=leaf_paths, max_depth=max_depth, max_children=max_children)
 
 
 def tree_spec_from_parents_tensor(
@@ -306,25 +313,12 @@ def tree_spec_from_parents_tensor(
     tree_parents = _check_device_parents(parents, max_depth, max_children)
     batch, num_nodes = tree_parents.shape
     if resolve_impl(impl, tree_parents.device) == "triton":
-        from .kernels.tree_spec import split_tree_spec, tree_spec_forward
+        from .kernels.tree_spec import tree_spec_forward
 
         # Eager calls launch directly: the custom op that makes the launch traceable costs a dispatcher
         # round trip of host time (several ATen ops' worth), which this builder exists to save.
         launch = _tree_spec_op if torch.compiler.is_compiling() else tree_spec_forward
-        buffer = launch(tree_parents, max_depth)
-        depth, ancestor_mask, first_child, next_sibling, leaf_paths = split_tree_spec(
-            buffer, batch, num_nodes, max_depth
-        )
-        return TreeSpec(
-            parents=tree_parents,
-            depth=depth,
-            ancestor_mask=ancestor_mask,
-            first_child=first_child,
-            next_sibling=next_sibling,
-            leaf_paths=leaf_paths,
-            max_depth=max_depth,
-            max_children=max_children,
-        )
+        return _spec_over_buffer(tree_parents, launch(tree_parents, max_depth), max_depth, max_children)
     device = tree_parents.device
     nodes = torch.arange(num_nodes, device=device)
     child_of = tree_parents[:, None, :] == nodes[:, None]  # [Bt, parent, child]

@@ -156,6 +156,12 @@ def verify_greedy(
     ))
 
 
+def active_filters(vocab: int, top_k: int | None, top_p: float | None) -> tuple[int | None, float | None]:
+    """``(top_k, top_p)`` with ``None`` for a filter that keeps everything (``top_k >= V``, ``top_p == 1``)."""
+    return (top_k if top_k is not None and top_k < vocab else None,
+            top_p if top_p is not None and top_p < 1.0 else None)
+
+
 def filter_thresholds(
     target_logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
 ) -> torch.Tensor | None:
@@ -163,9 +169,8 @@ def filter_thresholds(
     the cut. ``None`` when nothing is filtered. PyTorch ops on the device (a sort over V for top-p), one
     chunk of rows at a time to bound memory; no host synchronisation."""
     vocab = target_logits.shape[-1]
-    use_k = top_k is not None and top_k < vocab
-    use_p = top_p is not None and top_p < 1.0
-    if not (use_k or use_p):
+    top_k, top_p = active_filters(vocab, top_k, top_p)
+    if top_k is None and top_p is None:
         return None
     rows = target_logits.reshape(-1, vocab)
     cuts = []
@@ -173,9 +178,9 @@ def filter_thresholds(
     for start in range(0, rows.shape[0], row_chunk(rows.shape[0], vocab)):
         logits = rows[start : start + row_chunk(rows.shape[0], vocab)].float()
         cut = torch.full(logits.shape[:-1], float("-inf"), device=logits.device)
-        if use_k:
+        if top_k is not None:
             cut = torch.topk(logits, top_k, dim=-1).values[..., -1]
-        if use_p:
+        if top_p is not None:
             values = torch.sort(logits, dim=-1, descending=True).values
             scaled = torch.where(values >= cut[..., None], values / temperature, float("-inf"))
             probs = torch.softmax(scaled, dim=-1)
@@ -328,8 +333,7 @@ def verify_sampling(
     # The stats kernel finds each row's top-k / top-p cut itself (a pivot search over the keys, no sort).
     return VerifyResult(*verify_sampling_forward(
         tree.parents, _int64_rows(draft_tokens), _rows(target_logits),
-        top_k if top_k is not None and top_k < vocab else None,
-        top_p if top_p is not None and top_p < 1.0 else None,
+        *active_filters(vocab, top_k, top_p),
         None if draft_probs is None else _rows(draft_probs), uniforms, temperature, tree.max_depth + 1,
     ))
 
