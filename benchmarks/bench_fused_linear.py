@@ -27,9 +27,13 @@ shapes), plus one that is not: the statistics kernel at 128 x 128 tiles, 16 warp
 Triton 3.6; every 128 x 128 statistics configuration tried spills, the two sides' fp32 accumulators alone take 64
 registers per thread at 16 warps). It is there to measure a hypothesis: at 64 x 64 tiles a program does 32 FLOP per
 byte of operand tiles it loads (2·64·64·BLOCK_H FLOP per side for 2·(64+64)·BLOCK_H bytes), so 132 SMs at the
-bf16 peak would need ~30 TB/s from L2, several times what L2 delivers, which would explain the ~120 TFLOP/s the
-H200 measured; 128 x 128 tiles double the FLOP per byte (an estimate, not a measurement). The defaults in
-``kernels/fused_linear.py`` are to be picked from these measurements. Also one chunk's
+bf16 peak would need ~30 TB/s from L2, several times what L2 delivers; 128 x 128 tiles double the FLOP per byte
+(an estimate, not a measurement). That bounds every schedule; it does not explain why the H200 measured the
+statistics kernel at ~120 TFLOP/s while the backward, whose dL/dz kernel then ran the same 64 x 64 tile code,
+reached ~390 TFLOP/s with its cuBLAS GEMMs. The statistics kernel's schedule does: under the previous split rule
+its resident programs kept about a whole L2 of hidden-state blocks in flight (see ``kernels.fused_linear.
+STATS_SPLITS``), so the ``splits=...,group=...`` rows time the default tiles under that rule and around the new
+default. The defaults in ``kernels/fused_linear.py`` are to be picked from these measurements. Also one chunk's
 d_hidden accumulation: the compensated Triton GEMM per configuration (GRAD_HIDDEN_SWEEP) and cuBLAS into fp32
 (``addmm`` with an fp32 C matrix, what ``"fp32"`` accumulation runs).
 
@@ -66,6 +70,10 @@ CPU_QUICK_MEMORY_SHAPE = (512, 256, 32768)
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) candidates per kernel, the default first.
 STATS_SWEEP = ((64, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3),
                (128, 128, 32, 16, 2))  # the last spills (see the module docstring): a measured hypothesis
+# The statistics kernel's (vocabulary splits per token block, token blocks per group) against the default rule
+# (kernels.stats_schedule: 32 splits, groups of 8 at this shape): the rule before it, and two neighbours.
+STATS_SCHEDULE_SWEEP = {"splits=4,group=8 (the previous rule)": (4, 8), "splits=16,group=8": (16, 8),
+                        "splits=32,group=16": (32, 16), "splits=128,group=8": (128, 8)}
 GRAD_SWEEP = ((64, 128, 32, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 64, 16, 3), (64, 64, 64, 4, 3))
 # (BLOCK_N, BLOCK_H, BLOCK_K, num_warps, num_stages) of the compensated d_hidden accumulation (aligned tiles).
 GRAD_HIDDEN_SWEEP = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 64, 32, 8, 2))
@@ -209,13 +217,14 @@ def sweep_case(rows: int, hidden: int, vocab: int, dtype: torch.dtype, device: s
     """Forward-only launches of the statistics kernel (forward KL) and of one backward dL/dz chunk per config."""
     from distill_ops.kernels import fused_linear as kernels
 
-    def stats_setup(config):
+    def stats_setup(config, schedule=None):
         def setup() -> Callable[[], object]:
             student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs(
                 rows, hidden, vocab, dtype, device)
             return lambda: kernels.fused_linear_stats(
                 student_hidden, student_weight, None, teacher_hidden, teacher_weight, None, None, None,
-                divergence="forward", coef=0.0, temperature=1.0, has_ce=False, configs=(config, config))
+                divergence="forward", coef=0.0, temperature=1.0, has_ce=False, configs=(config, config),
+                schedule=schedule)
 
         return setup
 
@@ -273,6 +282,8 @@ def sweep_case(rows: int, hidden: int, vocab: int, dtype: torch.dtype, device: s
     stats_default = kernels.default_config(torch.bfloat16, "stats")
     grad_default = kernels.default_config(torch.bfloat16, "grad")
     impls = {_config_name("stats", c, stats_default): stats_setup(c) for c in STATS_SWEEP}
+    impls.update({f"stats {name} (default tiles)": stats_setup(stats_default, schedule)
+                  for name, schedule in STATS_SCHEDULE_SWEEP.items()})
     impls.update({_config_name("grad chunk", c, grad_default): grad_setup(c) for c in GRAD_SWEEP})
     accumulate_default = kernels.GRAD_HIDDEN_CONFIGS["aligned"]
     impls.update({_config_name("d_hidden chunk", c, accumulate_default): accumulate_setup(c)
@@ -284,7 +295,8 @@ def sweep_case(rows: int, hidden: int, vocab: int, dtype: torch.dtype, device: s
         impls=impls,
         forward_only=True,
         notes=("Launch-configuration sweep of the two Triton kernels (forward KL): `stats` = the statistics kernel "
-               "over the whole vocabulary (both logits GEMMs: 4·N·V·H FLOPs), `grad chunk` = one backward dL/dz chunk "
+               "over the whole vocabulary (both logits GEMMs: 4·N·V·H FLOPs; `splits=...,group=...` rows: the default "
+               "tiles under another schedule of vocabulary splits per token block and token blocks per group), `grad chunk` = one backward dL/dz chunk "
                "(kernels.grad_chunk_columns columns). Config = BLOCK_N x BLOCK_V x BLOCK_H, warps, stages. "
                "`d_hidden chunk` = that chunk's d_hidden update (2·N·chunk·H FLOPs): the compensated Triton GEMM "
                "(BLOCK_N x BLOCK_H x BLOCK_K) or cuBLAS into fp32."),

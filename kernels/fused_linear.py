@@ -16,9 +16,9 @@ them into per-row statistics. Three launches:
   [N, V]. The two gradient GEMMs (``d_hidden += dz @ W_chunk``, ``d_weight[chunk] = dz.T @ h``) run in
   cuBLAS on that chunk (see :func:`fused_linear_backward`).
 
-Tiles are visited in a grouped order (GROUP_N token blocks per group, all splits / vocabulary tiles
-of the group, as in Triton's matmul tutorial) so the hidden-state blocks and weight tiles that run
-concurrently share L2.
+Tiles are visited in a grouped order (a group = some token blocks x all splits / vocabulary tiles of the
+group, as in Triton's matmul tutorial) so the hidden-state blocks and weight tiles that run concurrently
+share L2; :func:`stats_schedule` explains the statistics kernel's choice.
 """
 
 from __future__ import annotations
@@ -59,13 +59,29 @@ KL_GRAD_CONFIGS = {"16bit": (64, 128, 32, 8, 3), "fp32": (16, 64, 32, 4, 2)}
 LOGITS_KL_GRAD_CONFIGS = {"16bit": (64, 64, 32, 8, 3), "fp32": (16, 64, 32, 4, 2)}
 MIXTURE_GRAD_CONFIGS = {"16bit": (32, 64, 32, 8, 3), "fp32": (16, 16, 32, 4, 2)}
 LOGITS_MIXTURE_GRAD_CONFIGS = {"16bit": (64, 64, 32, 8, 3), "fp32": (16, 16, 32, 4, 2)}
+# Token blocks per group of the grouped program order (``_grouped_tile``: consecutive programs take the
+# group's token blocks first, then the next split / vocabulary tile), for both kernels.
 GROUP_N = 8
-# Forward launch: the vocabulary is split so that about this many programs run (4 waves on a
-# 132-SM H100); a fixed number, no device query.
+# The statistics kernel's vocabulary splits per token block (:func:`stats_schedule`). Each program walks
+# ``tiles_per_split`` vocabulary tiles of one token block, and every tile re-streams that block's hidden states
+# (BLOCK_N x (Hs + Ht) x 2 bytes: 1 MiB at 64 tokens and H = 4096) besides a new weight tile of the same size,
+# so the hidden blocks of the resident programs should stay in L2 from one tile to the next. The 64 x 64
+# bf16 configuration takes 169 registers per thread at 8 warps (sm_90a, aligned): one program per SM, R = 132
+# resident on an H100/H200. With 32 splits a group is 8 x 32 = 256 programs, more than R: the resident programs
+# hold 8 (at a group boundary 16) hidden blocks, re-read every tile, and about R / 8 = 17 weight tiles, each read
+# from HBM once and by 8 programs at about the same time: ~25 MiB touched between two reads of a hidden block.
+# The previous rule (about TARGET_PROGRAMS programs in all: 4 splits at N = 8192, groups of 32 programs) had
+# R spanning ~4 groups: 33 hidden blocks + 16 weight tiles, ~49 MiB between two reads of a hidden block, about
+# the whole 50 MB L2. That would fit what the H200 measured at commit 3680b54 with that rule: the statistics
+# kernel at ~120 TFLOP/s (two sweeps, 294 ms), the backward at ~390 TFLOP/s (91 ms for the dL/dz kernel, then
+# the same tile code and configuration, one tile per program in groups of 8 token blocks x a whole chunk, plus
+# two cuBLAS GEMMs). A model, not a measurement: ``fused_linear_block_sweep`` times both rules.
+STATS_SPLITS = 32
+# Small N: at least this many programs (4 waves of one program per SM on a 132-SM H100), more splits.
 TARGET_PROGRAMS = 528
 # Each split covers at least this many vocabulary tiles, which bounds the [stats, splits, N] partials by
-# 8 * N * V / (MIN_TILES_PER_SPLIT * BLOCK_V) fp32 elements (at most N * V / 8 with 16-wide tiles). At real
-# shapes the program target binds first (N = 8192: 4 splits of 512 tiles).
+# 8 * N * V / (MIN_TILES_PER_SPLIT * BLOCK_V) fp32 elements (at most N * V / 8 with 16-wide tiles); at the target
+# shape (N = 8192, V = 128k, 64-wide tiles) they are 8 x 32 x N fp32 = 8 MiB, freed before the backward.
 MIN_TILES_PER_SPLIT = 4
 # Backward: elements of one dL/dz chunk ([N, chunk]); the chunk is also at most a quarter of V. 2^23 16-bit
 # elements (16 MiB): with the compensated d_hidden pair (2·N·H bytes beyond the gradient) the backward's extra memory
@@ -612,6 +628,27 @@ def _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logit
     )
 
 
+def stats_schedule(num_n_blocks: int, num_tiles: int,
+                   schedule: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """``(splits, tiles_per_split, group)`` of one statistics launch over ``num_tiles`` vocabulary tiles.
+
+    Splits per token block: :data:`STATS_SPLITS`, or more when the token blocks are too few for
+    :data:`TARGET_PROGRAMS` programs, never with fewer than :data:`MIN_TILES_PER_SPLIT` tiles each; groups of
+    :data:`GROUP_N` token blocks (see :data:`STATS_SPLITS` for the L2 model). ``schedule = (splits, group)``
+    overrides both (splits capped at one tile each)."""
+    if schedule is None:
+        wanted = max(STATS_SPLITS, triton.cdiv(TARGET_PROGRAMS, num_n_blocks))
+        splits = min(max(1, num_tiles // MIN_TILES_PER_SPLIT), wanted)
+        group = GROUP_N
+    else:
+        splits, group = schedule
+        if splits < 1 or group < 1:
+            raise ValueError(f"schedule must be (splits >= 1, group >= 1), got {schedule}")
+        splits = min(splits, num_tiles)
+    tiles_per_split = triton.cdiv(num_tiles, splits)
+    return triton.cdiv(num_tiles, tiles_per_split), tiles_per_split, group
+
+
 def _merge_lse(
     partial: torch.Tensor, max_index: int, sum_index: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -638,6 +675,7 @@ def fused_linear_stats(
     has_ce: bool,
     configs: tuple[tuple[int, int, int, int, int], tuple[int, int, int, int, int]] | None = None,
     strategy: str = "tiles",
+    schedule: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward statistics on 2-D inputs (unit stride along H / V, ``V = s_weight.shape[0]``).
 
@@ -645,7 +683,8 @@ def fused_linear_stats(
     (ignored rows are the caller's business). ``row_stats`` = (lse_s, lse_t at temperature T, S,
     lse_z at temperature 1): what :func:`fused_linear_grad_logits` needs. ``configs``: the launch
     configurations of PASS 1 and PASS 2 (defaults: :func:`default_config`). ``strategy``: ``"tiles"``
-    (logits with ``tl.dot`` in the kernel) or ``"gemm"`` (see :data:`STRATEGIES`).
+    (logits with ``tl.dot`` in the kernel) or ``"gemm"`` (see :data:`STRATEGIES`). ``schedule``: ``(splits,
+    group)`` instead of :func:`stats_schedule`'s choice (the block sweep; any value gives the same result).
     """
     check_strategy(strategy)
     gemm = strategy == "gemm"
@@ -668,9 +707,7 @@ def fused_linear_stats(
         # Columns per launch: the whole vocabulary (tiles), or one chunk of logits (gemm).
         span = chunks.columns if gemm else vocab
         num_tiles = triton.cdiv(span, block_v)
-        num_splits = min(max(1, num_tiles // MIN_TILES_PER_SPLIT), max(1, TARGET_PROGRAMS // num_n_blocks))
-        tiles_per_split = triton.cdiv(num_tiles, num_splits)
-        num_splits = triton.cdiv(num_tiles, tiles_per_split)
+        num_splits, tiles_per_split, group = stats_schedule(num_n_blocks, num_tiles, schedule)
         starts = range(0, vocab, span)
         partial = torch.empty(num_stats, num_splits * len(starts), num_rows, dtype=torch.float32, device=device)
         for index, start in enumerate(starts):
@@ -687,7 +724,7 @@ def fused_linear_stats(
                 num_rows, stop, *hidden_widths, start, num_splits, tiles_per_split, index * num_splits,
                 partial.shape[1], 1.0 / temperature, temperature, coef,
                 DIVERGENCE=code, PASS=pass_index, HAS_CE=has_ce_pass, BLOCK_N=block_n, BLOCK_V=block_v,
-                BLOCK_H=block_h, GROUP=GROUP_N, num_warps=num_warps, num_stages=num_stages, **flags,
+                BLOCK_H=block_h, GROUP=group, num_warps=num_warps, num_stages=num_stages, **flags,
             )
         return partial
 

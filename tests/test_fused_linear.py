@@ -410,6 +410,54 @@ def test_triton_path_allocates_no_n_by_v_tensor(divergence):
     assert recorder.largest <= rows * vocab * 4 // 4, (recorder.largest, recorder.largest_op)
 
 
+def test_stats_schedule_rule():
+    """The statistics kernel's (splits, tiles per split, group): the L2 rule of kernels.fused_linear.STATS_SPLITS."""
+    from distill_ops.kernels.fused_linear import GROUP_N, STATS_SPLITS, stats_schedule
+
+    # The target shape (N = 8192, V = 131072, 64 x 64 tiles): 128 token blocks x 2048 vocabulary tiles.
+    assert stats_schedule(128, 2048) == (STATS_SPLITS, 2048 // STATS_SPLITS, GROUP_N) == (32, 64, 8)
+    # A group (GROUP_N token blocks x all splits) outnumbers the programs resident on a 132-SM GPU.
+    assert GROUP_N * STATS_SPLITS > 132
+    assert stats_schedule(2, 2048) == (256, 8, GROUP_N)  # few token blocks: more splits (>= ~TARGET_PROGRAMS)
+    assert stats_schedule(128, 10) == (2, 5, GROUP_N)  # narrow vocabulary: >= MIN_TILES_PER_SPLIT tiles a split
+    assert stats_schedule(128, 3) == (1, 3, GROUP_N)
+    assert stats_schedule(128, 2048, (4, 8)) == (4, 512, 8)  # the previous rule at the target shape
+    assert stats_schedule(5, 3, (7, 2)) == (3, 1, 2)
+    with pytest.raises(ValueError, match="schedule"):
+        stats_schedule(4, 4, (0, 8))
+
+
+@pytest.fixture(scope="module")
+def schedule_case():
+    """fp32 tiles 16 x 16: 5 token blocks x 13 vocabulary tiles; the default schedule's statistics."""
+    from distill_ops.kernels.fused_linear import fused_linear_stats
+
+    rows, vocab, hidden = 70, 200, 24
+    case = _case((rows,), hidden, vocab, torch.float32, seed=40)
+    args = (case["student_hidden"], case["student_weight"], None, case["teacher_hidden"], case["teacher_weight"],
+            None, None, _labels((rows,), vocab, 41))
+    options = dict(divergence="jsd", coef=0.3, temperature=1.5, has_ce=True)
+    return case, args, options, fused_linear_stats(*args, **options)
+
+
+@pytest.mark.parametrize("schedule", [(1, 1), (3, 2), (13, 3), (2, 64)])
+def test_stats_schedule_does_not_change_the_statistics(schedule, schedule_case):
+    """Any (splits, group), including groups that do not divide the token blocks and splits that do not divide
+    the tiles, gives the default schedule's statistics and the float64 log-sum-exps."""
+    from distill_ops.kernels.fused_linear import fused_linear_stats
+
+    case, args, options, default = schedule_case
+    scheduled = fused_linear_stats(*args, **options, schedule=schedule)
+    for got, want in zip(scheduled, default):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    z = case["student_hidden"].double() @ case["student_weight"].double().T
+    t = case["teacher_hidden"].double() @ case["teacher_weight"].double().T
+    row_stats = scheduled[2].double()
+    torch.testing.assert_close(row_stats[0], torch.logsumexp(z / 1.5, dim=-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(row_stats[1], torch.logsumexp(t / 1.5, dim=-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(row_stats[3], torch.logsumexp(z, dim=-1), rtol=1e-5, atol=1e-5)
+
+
 class _NewStorages(TorchDispatchMode):
     """Bytes of every storage the ops create, once each. In-place ops (``set_``, ``copy_``, ...) create none and are
     left out: through them Triton's CPU interpreter wraps each kernel argument in a host tensor of its own and
