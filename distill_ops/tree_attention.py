@@ -15,6 +15,9 @@ from ._utils import FLOAT_DTYPES, INT_DTYPES, check_same_device, check_tensor, r
 from .tree import TreeSpec, unpack_ancestor_mask
 
 _TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+# float32 D = 256 has no Triton configuration that is spill-free and fits an A100's shared memory (its 3xTF32
+# operands take four times a 16-bit fragment's registers): impl="auto" runs it on the PyTorch path.
+_TRITON_FP32_MAX_HEAD_DIM = 128
 # float64 runs on the PyTorch path only (it is the tests' reference precision).
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
 
@@ -96,7 +99,7 @@ def _tree_attention_op(
     from .kernels.tree_attention import tree_attention_forward
 
     return tree_attention_forward(
-        q, k, v, ancestor_mask.contiguous(), cache_lens.to(torch.int32), sm_scale,
+        q, k, v, ancestor_mask.contiguous(), cache_lens.to(torch.int32).contiguous(), sm_scale,
         None if num_kv_splits <= 0 else num_kv_splits,
     )
 
@@ -173,6 +176,13 @@ def tree_attention(
         raise TypeError(f"impl='triton' needs q/k/v in float32, float16 or bfloat16, got {q.dtype}")
     if backend == "triton" and head_dim not in _TRITON_HEAD_DIMS:
         raise ValueError(f"impl='triton' needs a head dim D in {_TRITON_HEAD_DIMS}, got D={head_dim}")
+    if backend == "triton" and q.dtype == torch.float32 and head_dim > _TRITON_FP32_MAX_HEAD_DIM:
+        if impl != "auto":
+            raise ValueError(
+                f"impl='triton' runs float32 q/k/v up to D={_TRITON_FP32_MAX_HEAD_DIM}, got D={head_dim}: use "
+                f"bfloat16/float16, or impl='torch' (impl='auto' picks it)"
+            )
+        backend = "torch"
     if backend == "triton" and max(k.stride(2), v.stride(2), head_dim) * kv_len >= 2**31:
         raise ValueError(f"impl='triton' needs S * k.stride(2) < 2**31 (int32 key offsets), got S={kv_len}")
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)

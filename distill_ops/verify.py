@@ -87,6 +87,12 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
+def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    """The kernels index tree tensors as contiguous ``[Bt, T(, W)]`` (one batch stride for parents and depth);
+    a :class:`TreeSpec` may hold views (e.g. parents sliced from a wider buffer)."""
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+
 def _int64_rows(tensor: torch.Tensor) -> torch.Tensor:
     """int64 and contiguous, without a dispatcher call when it already is (the engine's case)."""
     if tensor.dtype == torch.int64 and tensor.is_contiguous():
@@ -151,7 +157,7 @@ def verify_greedy(
     from .kernels.tree_verify import verify_greedy_forward
 
     return VerifyResult(*verify_greedy_forward(
-        tree.parents, tree.depth, tree.ancestor_mask, _int64_rows(draft_tokens),
+        _contiguous(tree.parents), _contiguous(tree.depth), _contiguous(tree.ancestor_mask), _int64_rows(draft_tokens),
         _rows(target_logits), tree.max_depth + 1,
     ))
 
@@ -332,7 +338,7 @@ def verify_sampling(
 
     # The stats kernel finds each row's top-k / top-p cut itself (a pivot search over the keys, no sort).
     return VerifyResult(*verify_sampling_forward(
-        tree.parents, _int64_rows(draft_tokens), _rows(target_logits),
+        _contiguous(tree.parents), _int64_rows(draft_tokens), _rows(target_logits),
         *active_filters(vocab, top_k, top_p),
         None if draft_probs is None else _rows(draft_probs), uniforms, temperature, tree.max_depth + 1,
     ))

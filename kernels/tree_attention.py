@@ -258,6 +258,12 @@ def _sm_count(device: torch.device) -> int:
     return DEFAULT_SM_COUNT
 
 
+def _merge_block_t(head_dim: int) -> int:
+    """Nodes per merge program: a [BLOCK_T, D] fp32 accumulator of at most 1024 elements (D = 256 at 8 nodes
+    left 8 bytes of spills on sm_90a under Triton 3.6)."""
+    return max(1, min(16, 1024 // head_dim))
+
+
 def choose_num_splits(base_programs: int, max_prefix: int, device: torch.device,
                       partial_keys: int = 2 * MAX_BLOCK_M) -> int:
     """Split-KV heuristic, from host-known sizes only (``max_prefix = S - T``, never ``cache_lens`` values).
@@ -352,7 +358,7 @@ def tree_attention_forward(
         num_kv_heads, row_blocks, num_nodes, ancestor_mask.shape[2], kv_len, split_len,
         SPLIT=True, **common,
     )
-    merge_block_t = 16 if head_dim <= 64 else 8
+    merge_block_t = _merge_block_t(head_dim)
     tree_attention_merge_kernel[(batch * num_heads, triton.cdiv(num_nodes, merge_block_t))](
         partial, lse, out,
         partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
@@ -371,12 +377,12 @@ _AOT_ROWS = (4, 32, 64, 128)
 
 
 def aot_specs() -> list[dict]:
-    """Every configuration the launchers use for D in {64, 128}: the three dtypes, each distinct
-    ``_block_config``, split and unsplit (GROUP is a specialisation value; 4 = Hq/Hkv 32/8 stands for
-    all)."""
+    """Every configuration the launchers use for D in {64, 128} (the three dtypes) and D = 256 (16-bit; fp32
+    D > 128 runs on the PyTorch path, see ``distill_ops.tree_attention``): each distinct ``_block_config``,
+    split and unsplit (GROUP is a specialisation value; 4 = Hq/Hkv 32/8 stands for all)."""
     specs = []
     for dtype, ty in _TRITON_TYPES.items():
-        for head_dim in (64, 128):
+        for head_dim in (64, 128) if dtype == torch.float32 else (64, 128, 256):
             configs = sorted({_block_config(rows, head_dim, dtype) for rows in _AOT_ROWS})
             for config in configs:
                 for split in (False, True):
@@ -408,7 +414,7 @@ def aot_specs() -> list[dict]:
                 "name": f"tree_attention_merge_{ty}_d{head_dim}",
                 "fn": tree_attention_merge_kernel,
                 "signature": signature,
-                "constexprs": {"HEAD_DIM": head_dim, "BLOCK_T": 16 if head_dim <= 64 else 8},
+                "constexprs": {"HEAD_DIM": head_dim, "BLOCK_T": _merge_block_t(head_dim)},
                 "num_warps": 4,
                 "num_stages": 1,
             })

@@ -467,7 +467,7 @@ def sampling_walk_kernel(
 def compact_kv_kernel(
     K, V, KV_PTRS, ACCEPTED, CACHE_LENS, NEW_LENS,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ab,
-    num_heads, out_width, head_dim,
+    num_heads, out_width, head_dim, kv_len,
     FROM_TABLE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Move row ``cache_len + accepted[d]`` to ``cache_len + d`` for each accepted slot d, in increasing d,
@@ -476,7 +476,10 @@ def compact_kv_kernel(
 
     ``FROM_TABLE``: the layer's K / V start at the addresses ``KV_PTRS[2 l]`` / ``KV_PTRS[2 l + 1]`` (every
     layer of a model's cache in one launch; they share K's and V's dtype and strides, K / V being layer 0);
-    otherwise at K / V. ``NEW_LENS[b] = CACHE_LENS[b] + 1 + accepted drafts``, written by one program."""
+    otherwise at K / V. ``NEW_LENS[b] = CACHE_LENS[b] + 1 + accepted drafts``, written by one program.
+    Rows at or past ``kv_len`` (S) are neither read nor written: the caller's ``cache_lens + W <= S`` is
+    checked on the host only for CPU tensors (on a GPU the check would synchronise), so a broken contract
+    leaves rows unmoved instead of writing into the next head or allocation."""
     pid = tl.program_id(0)
     layer = tl.program_id(1)
     batch = pid // num_heads
@@ -496,9 +499,9 @@ def compact_kv_kernel(
     for slot in range(1, out_width):
         node = tl.load(ACCEPTED + batch.to(tl.int64) * stride_ab + slot).to(tl.int64)
         kept += tl.where(node > 0, 1, 0).to(tl.int64)
-        move = dim_ok & (node > 0)
         src = cache_len + node
         dst = cache_len + slot
+        move = dim_ok & (node > 0) & (src < kv_len) & (dst < kv_len)
         tl.store(k_base + dst * stride_ks, tl.load(k_base + src * stride_ks, mask=move), mask=move)
         tl.store(v_base + dst * stride_vs, tl.load(v_base + src * stride_vs, mask=move), mask=move)
     # A branch, not a masked store: the predicated scalar store took an 8-byte stack frame on sm_80.
@@ -637,12 +640,13 @@ def compact_kv_forward(
     dtype)."""
     first_k, first_v = keys[0], values[0]
     batch, num_heads, _, head_dim = first_k.shape
+    cache_lens = cache_lens if cache_lens.is_contiguous() else cache_lens.contiguous()  # read at CACHE_LENS + b
     new_lens = torch.empty_like(cache_lens)
     from_table = len(keys) > 1
     compact_kv_kernel[(batch * num_heads, len(keys))](
         first_k, first_v, kv_ptrs if from_table else accepted, accepted, cache_lens, new_lens,
         first_k.stride(0), first_k.stride(1), first_k.stride(2), first_v.stride(0), first_v.stride(1),
-        first_v.stride(2), accepted.stride(0), num_heads, accepted.shape[1], head_dim,
+        first_v.stride(2), accepted.stride(0), num_heads, accepted.shape[1], head_dim, first_k.shape[2],
         FROM_TABLE=from_table, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=COMPACT_NUM_WARPS,
     )
     return new_lens
@@ -708,7 +712,7 @@ def aot_specs() -> list[dict]:
                 "signature": {"K": f"*{ty}", "V": f"*{ty}", "KV_PTRS": "*i64", "ACCEPTED": "*i64",
                               "CACHE_LENS": "*i32", "NEW_LENS": "*i32", "stride_kb": "i32", "stride_kh": "i32",
                               "stride_ks": "i32", "stride_vb": "i32", "stride_vh": "i32", "stride_vs": "i32",
-                              "stride_ab": "i32", "num_heads": "i32", "out_width": "i32", "head_dim": "i32"},
+                              "stride_ab": "i32", "num_heads": "i32", "out_width": "i32", "head_dim": "i32", "kv_len": "i32"},
                 "constexprs": {"FROM_TABLE": from_table, "BLOCK_D": 128}, "num_warps": COMPACT_NUM_WARPS,
                 "num_stages": 3,
             })

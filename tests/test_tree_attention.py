@@ -273,3 +273,17 @@ def test_bad_inputs():
         tree_attention(q, k, v, tree, lens, num_kv_splits=0, impl="triton")
     with pytest.raises(ValueError, match="head dim"):
         tree_attention(q[..., :48], k[..., :48], v[..., :48], tree, lens, impl="triton")
+
+
+def test_float32_head_dim_256_runs_on_the_torch_path():
+    """No fp32 D = 256 Triton configuration is spill-free and fits an A100's shared memory: impl="triton" refuses
+    it with the reason, 16-bit D = 256 stays on Triton, and the torch path computes it."""
+    q, k, v, parents, lens = make_case(1, 2, 1, 5, 256, [3], torch.float32, per_seq_tree=False, seed=2)
+    tree = build_tree(parents.to(DEVICE))
+    with pytest.raises(ValueError, match=r"float32 q/k/v up to D=128, got D=256"):
+        tree_attention(q, k, v, tree, lens, impl="triton")
+    out = tree_attention(q, k, v, tree, lens, impl="auto")
+    assert_close(out, sdpa_reference(q, k, v, parents, lens.cpu(), 1 / 16), torch.float32)
+    half = [t.to(torch.bfloat16) for t in (q, k, v)]
+    out = tree_attention(*half, tree, lens, impl="triton")
+    assert_close(out, sdpa_reference(*half, parents, lens.cpu(), 1 / 16), torch.bfloat16)

@@ -90,6 +90,59 @@ def test_greedy_per_sequence_trees_and_non_contiguous_logits():
             assert result.accepted_nodes[b, : len(path)].tolist() == path and result.next_tokens[b] == bonus
 
 
+def test_verify_trees_held_as_views():
+    """A TreeSpec may hold views: parents sliced from a wider buffer (tree_spec_from_parents_tensor keeps them),
+    next to a depth tensor with another batch stride. Both verifiers must read each tree's own rows."""
+    from distill_ops.tree import tree_spec_from_parents_tensor
+
+    rng = random.Random(3)
+    batch, num_nodes, vocab = 2, 6, 16
+    logits = torch.randn(batch, num_nodes, vocab, generator=torch.Generator().manual_seed(3)) * 4
+    trees, token_rows = [], []
+    for b in range(batch):
+        parents, tokens = random_tree_and_tokens(num_nodes, vocab, logits[b:b + 1], rng)
+        trees.append(parents)
+        token_rows.append(tokens)
+    wide = torch.full((batch, num_nodes + 5), -1, dtype=torch.int64)
+    wide[:, :num_nodes] = torch.stack(trees)
+    tokens = torch.cat(token_rows).to(DEVICE)
+    logits = logits.to(DEVICE)
+    want = [verify_greedy(build_tree(torch.stack(trees).to(DEVICE)), tokens, logits, impl="torch")]
+    for impl in ("torch", "triton"):
+        spec = tree_spec_from_parents_tensor(wide.to(DEVICE)[:, :num_nodes], num_nodes - 1, num_nodes - 1, impl=impl)
+        assert not spec.parents.is_contiguous()
+        for verify in (verify_greedy, verify_sampling):
+            kwargs = {} if verify is verify_greedy else {"generator": torch.Generator(DEVICE).manual_seed(5)}
+            got = [verify(spec, tokens, logits, impl=impl, **kwargs) for impl in IMPLS]
+            for result in got[1:]:
+                for name in ("accepted_nodes", "accept_len", "next_tokens", "emitted_tokens"):
+                    assert torch.equal(getattr(result, name), getattr(got[0], name)), (verify.__name__, name)
+            if verify is verify_greedy:
+                for name in ("accepted_nodes", "accept_len", "next_tokens"):
+                    width = want[0].accepted_nodes.shape[1]
+                    ours = getattr(got[0], name)
+                    ours = ours[:, :width] if ours.dim() == 2 else ours
+                    assert torch.equal(ours, getattr(want[0], name)), name
+
+
+def test_compact_kv_kernel_never_writes_past_the_cache():
+    """On a GPU the cache_lens + W <= S check is skipped (it would synchronise): the kernel itself must not read
+    or write rows at or past S. K/V are views of longer buffers whose extra rows must stay untouched."""
+    from distill_ops.kernels.tree_verify import compact_kv_forward
+
+    heads, kv_len, dim = 2, 10, 8
+    big_k = torch.randn(1, heads, kv_len + 4, dim, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    big_v = torch.randn(1, heads, kv_len + 4, dim, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    before_k, before_v = big_k.clone(), big_v.clone()
+    k, v = big_k[:, :, :kv_len], big_v[:, :, :kv_len]
+    # cache_len 8, path root -> node 1 -> node 3: slot 2 would move row 11 to row 10, both past S = 10.
+    accepted = torch.tensor([[0, 1, 3]], dtype=torch.int64, device=DEVICE)
+    cache_lens = torch.tensor([8], dtype=torch.int32, device=DEVICE)
+    new_lens = compact_kv_forward([k], [v], accepted, cache_lens)
+    assert new_lens.tolist() == [11]
+    assert torch.equal(big_k, before_k) and torch.equal(big_v, before_v)
+
+
 # ---------------------------------------------------------------- lossless sampling
 # Tree: root -> nodes 1, 2, 3 (depth 1); 4, 5 children of 1; 6 child of 2. A fixed two-step "target
 # model": P1 at the root, P2[x] after the first token x (the logits of a depth-1 node are P2[its token]).
