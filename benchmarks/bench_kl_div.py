@@ -40,6 +40,11 @@ GPU_ROWS = (4096, 16384)
 GPU_VOCABS = (32768, 131072, 262144)
 TARGET_SHAPE = (16384, 131072)  # the performance target: N=16k, V=128k, bf16
 SWEEP_CONFIGS = ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))  # (BLOCK_V, num_warps)
+# (programs, BLOCK_V, num_warps) of the persistent grid (kernels.kl_div.kl_div_forward's ``programs``): few rows in
+# flight, so that a row's second read may come from L2 (66 rows of 512 KiB in bf16 at V = 128k: 33 MiB), against
+# enough programs to draw the HBM bandwidth. An experiment, forward KL only; the configurations are in the static
+# check (kernels.kl_div.PERSISTENT_AOT_CONFIGS).
+PERSISTENT_SWEEP = ((66, 4096, 16), (132, 4096, 16), (132, 2048, 8), (264, 2048, 8))
 # The fallback on a GPU is a correctness path, not a performance one: time it at the smaller N only.
 GPU_FALLBACK_ROWS = 4096
 # torch.compile costs tens of seconds per graph (one per divergence and V, rows are dynamic) out of
@@ -63,7 +68,8 @@ NOTES = (
 )
 SWEEP_NOTES = (
     "Block-size sweep: forward-only launches of `distill_ops.kernels.kl_div.kl_div_forward` writing loss and "
-    "gradient (into a preallocated buffer), i.e. the whole fused kernel, per (BLOCK_V, num_warps)."
+    "gradient (into a preallocated buffer), i.e. the whole fused kernel, per (BLOCK_V, num_warps); `persistent` "
+    "rows: a grid of that many programs looping over the rows (fewer rows in flight, an L2-reuse experiment)."
 )
 
 
@@ -240,14 +246,15 @@ def sweep_case(rows: int, vocab: int, dtype: torch.dtype, divergence: str, devic
     default = (kernel_module.BLOCK_V, warps_by_divergence.get(divergence, kernel_module.NUM_WARPS))
     coef = JSD_BETA if divergence == "jsd" else 0.0
 
-    def launch_setup(block_v: int, num_warps: int) -> Callable[[], Callable[[], object]]:
+    def launch_setup(block_v: int, num_warps: int, programs: int | None = None) -> Callable[[], Callable[[], object]]:
         def setup() -> Callable[[], object]:
             student, teacher = make_logits(rows, vocab, dtype, device)
             grad = torch.empty_like(student)
             row_weight = torch.ones(1, dtype=torch.float32, device=device)
+            extra = {} if programs is None else {"programs": programs}
             return lambda: kernel_module.kl_div_forward(
                 student, teacher, None, grad, row_weight=row_weight, divergence=divergence, coef=coef,
-                temperature=1.0, ignore_index=-100, block_v=block_v, num_warps=num_warps,
+                temperature=1.0, ignore_index=-100, block_v=block_v, num_warps=num_warps, **extra,
             )
 
         return setup
@@ -258,6 +265,9 @@ def sweep_case(rows: int, vocab: int, dtype: torch.dtype, divergence: str, devic
     for block_v, num_warps in SWEEP_CONFIGS:
         name = f"BLOCK_V={block_v},warps={num_warps}" + (" (default)" if (block_v, num_warps) == default else "")
         impls[name] = launch_setup(block_v, num_warps)
+    for programs, block_v, num_warps in PERSISTENT_SWEEP if divergence == "forward" else ():
+        impls[f"persistent {programs} programs,BLOCK_V={block_v},warps={num_warps}"] = launch_setup(
+            block_v, num_warps, programs)
     return Case(
         op=SWEEP_OP,
         params={"N": rows, "V": vocab, "dtype": DTYPE_NAMES[dtype], "divergence": divergence},

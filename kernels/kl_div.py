@@ -110,105 +110,112 @@ def _kl_div_fwd_kernel(
     ignore_index,
     inv_temperature,
     coef,
+    num_rows,
     DIVERGENCE: tl.constexpr,
     HAS_LABELS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    PERSISTENT: tl.constexpr = False,
 ):
+    """One row per program (a grid of ``num_rows``: the loop runs once); PERSISTENT marks a grid of fewer programs,
+    each taking rows pid, pid + grid, ..."""
     row = tl.program_id(0).to(tl.int64)
-    student_row = student_ptr + row * stride_student
-    teacher_row = teacher_ptr + row * stride_teacher
-    grad_row = grad_ptr + row * stride_grad
-    offsets = tl.arange(0, BLOCK_V)
+    step = tl.num_programs(0) if PERSISTENT else num_rows
+    while row < num_rows:
+        student_row = student_ptr + row * stride_student
+        teacher_row = teacher_ptr + row * stride_teacher
+        grad_row = grad_ptr + row * stride_grad
+        offsets = tl.arange(0, BLOCK_V)
 
-    active = True
-    if HAS_LABELS:
-        active = tl.load(labels_ptr + row) != ignore_index
+        active = True
+        if HAS_LABELS:
+            active = tl.load(labels_ptr + row) != ignore_index
 
-    if active:
-        # Pass 1: per-lane online statistics of both sides (and the KL for forward / reverse). The
-        # running maxima start at a finite floor so exp(m_old - m_new) is defined while a lane has
-        # only seen -inf (masked tokens).
-        max_a = tl.full([BLOCK_V], -1.0e30, tl.float32)
-        max_b = tl.full([BLOCK_V], -1.0e30, tl.float32)
-        sum_a = tl.zeros([BLOCK_V], tl.float32)
-        sum_b = tl.zeros([BLOCK_V], tl.float32)
-        acc = tl.zeros([BLOCK_V], tl.float32)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offsets
-            mask = cols < V
-            a = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-            b = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-            new_max_a = tl.maximum(max_a, a)
-            new_max_b = tl.maximum(max_b, b)
-            scale_a = tl.exp(max_a - new_max_a)
-            scale_b = tl.exp(max_b - new_max_b)
-            w_a = tl.exp(a - new_max_a)
-            w_b = tl.exp(b - new_max_b)
-            sum_a = sum_a * scale_a + w_a
-            sum_b = sum_b * scale_b + w_b
-            if DIVERGENCE == 0:  # sum p (b - a), weighted by the teacher's exponentials
-                acc = acc * scale_b + tl.where(w_b == 0.0, 0.0, w_b * (b - a))
-            elif DIVERGENCE == 1:  # sum q (a - b), weighted by the student's exponentials
-                acc = acc * scale_a + tl.where(w_a == 0.0, 0.0, w_a * (a - b))
-            max_a = new_max_a
-            max_b = new_max_b
-        row_max_a = tl.max(max_a, axis=0)
-        row_max_b = tl.max(max_b, axis=0)
-        lane_scale_a = tl.exp(max_a - row_max_a)
-        lane_scale_b = tl.exp(max_b - row_max_b)
-        total_a = tl.sum(sum_a * lane_scale_a, axis=0)
-        total_b = tl.sum(sum_b * lane_scale_b, axis=0)
-        lse_a = row_max_a + tl.log(total_a)
-        lse_b = row_max_b + tl.log(total_b)
-        s_dot = 0.0  # sum_j q_j g_j for the mixture / TVD divergences; E_q[a - b] for reverse
-        if DIVERGENCE == 0:
-            loss = tl.sum(acc * lane_scale_b, axis=0) / total_b - lse_b + lse_a
-        elif DIVERGENCE == 1:
-            s_dot = tl.sum(acc * lane_scale_a, axis=0) / total_a
-            loss = s_dot - lse_a + lse_b
-        else:
-            # Pass 2: the loss and S need both log-sum-exps first.
-            loss_acc = tl.zeros([BLOCK_V], tl.float32)
-            s_acc = tl.zeros([BLOCK_V], tl.float32)
+        if active:
+            # Pass 1: per-lane online statistics of both sides (and the KL for forward / reverse). The
+            # running maxima start at a finite floor so exp(m_old - m_new) is defined while a lane has
+            # only seen -inf (masked tokens).
+            max_a = tl.full([BLOCK_V], -1.0e30, tl.float32)
+            max_b = tl.full([BLOCK_V], -1.0e30, tl.float32)
+            sum_a = tl.zeros([BLOCK_V], tl.float32)
+            sum_b = tl.zeros([BLOCK_V], tl.float32)
+            acc = tl.zeros([BLOCK_V], tl.float32)
             for start in range(0, V, BLOCK_V):
                 cols = start + offsets
                 mask = cols < V
                 a = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
                 b = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-                term, g, q = _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE)
-                loss_acc += tl.where(mask, term, 0.0)
-                s_acc += tl.where(mask & (q != 0.0), q * g, 0.0)
-            loss = tl.sum(loss_acc, axis=0)
-            s_dot = tl.sum(s_acc, axis=0)
-        # The reduction's weight (1/count for "mean") is folded in here, so that backward usually
-        # receives an incoming gradient of exactly 1 and has nothing to scale.
-        row_weight = tl.load(weight_ptr + row * stride_weight)
-        tl.store(loss_ptr + row, loss * row_weight)
-
-        if COMPUTE_GRAD:
-            # Last pass: dL/dz = q (g - S) / T, written in the student's dtype.
-            for start in range(0, V, BLOCK_V):
-                cols = start + offsets
-                mask = cols < V
-                a = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-                b = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-                if DIVERGENCE == 0:
-                    grad = tl.exp(a - lse_a) - tl.exp(b - lse_b)
-                elif DIVERGENCE == 1:
-                    # q (log q - log p - KL) with the log-sum-exps cancelled analytically, so that
-                    # large logits (|z| ~ 1e4) do not lose the gradient to cancellation.
-                    q = tl.exp(a - lse_a)
-                    grad = tl.where(q == 0.0, 0.0, q * ((a - b) - s_dot))
-                else:
+                new_max_a = tl.maximum(max_a, a)
+                new_max_b = tl.maximum(max_b, b)
+                scale_a = tl.exp(max_a - new_max_a)
+                scale_b = tl.exp(max_b - new_max_b)
+                w_a = tl.exp(a - new_max_a)
+                w_b = tl.exp(b - new_max_b)
+                sum_a = sum_a * scale_a + w_a
+                sum_b = sum_b * scale_b + w_b
+                if DIVERGENCE == 0:  # sum p (b - a), weighted by the teacher's exponentials
+                    acc = acc * scale_b + tl.where(w_b == 0.0, 0.0, w_b * (b - a))
+                elif DIVERGENCE == 1:  # sum q (a - b), weighted by the student's exponentials
+                    acc = acc * scale_a + tl.where(w_a == 0.0, 0.0, w_a * (a - b))
+                max_a = new_max_a
+                max_b = new_max_b
+            row_max_a = tl.max(max_a, axis=0)
+            row_max_b = tl.max(max_b, axis=0)
+            lane_scale_a = tl.exp(max_a - row_max_a)
+            lane_scale_b = tl.exp(max_b - row_max_b)
+            total_a = tl.sum(sum_a * lane_scale_a, axis=0)
+            total_b = tl.sum(sum_b * lane_scale_b, axis=0)
+            lse_a = row_max_a + tl.log(total_a)
+            lse_b = row_max_b + tl.log(total_b)
+            s_dot = 0.0  # sum_j q_j g_j for the mixture / TVD divergences; E_q[a - b] for reverse
+            if DIVERGENCE == 0:
+                loss = tl.sum(acc * lane_scale_b, axis=0) / total_b - lse_b + lse_a
+            elif DIVERGENCE == 1:
+                s_dot = tl.sum(acc * lane_scale_a, axis=0) / total_a
+                loss = s_dot - lse_a + lse_b
+            else:
+                # Pass 2: the loss and S need both log-sum-exps first.
+                loss_acc = tl.zeros([BLOCK_V], tl.float32)
+                s_acc = tl.zeros([BLOCK_V], tl.float32)
+                for start in range(0, V, BLOCK_V):
+                    cols = start + offsets
+                    mask = cols < V
+                    a = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+                    b = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
                     term, g, q = _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE)
-                    grad = tl.where(q == 0.0, 0.0, q * (g - s_dot))
-                grad = grad * (inv_temperature * row_weight)
-                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(loss_ptr + row, 0.0)
-        if COMPUTE_GRAD:
-            zero_fill_row(grad_row, V, BLOCK_V)
+                    loss_acc += tl.where(mask, term, 0.0)
+                    s_acc += tl.where(mask & (q != 0.0), q * g, 0.0)
+                loss = tl.sum(loss_acc, axis=0)
+                s_dot = tl.sum(s_acc, axis=0)
+            # The reduction's weight (1/count for "mean") is folded in here, so that backward usually
+            # receives an incoming gradient of exactly 1 and has nothing to scale.
+            row_weight = tl.load(weight_ptr + row * stride_weight)
+            tl.store(loss_ptr + row, loss * row_weight)
+
+            if COMPUTE_GRAD:
+                # Last pass: dL/dz = q (g - S) / T, written in the student's dtype.
+                for start in range(0, V, BLOCK_V):
+                    cols = start + offsets
+                    mask = cols < V
+                    a = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+                    b = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+                    if DIVERGENCE == 0:
+                        grad = tl.exp(a - lse_a) - tl.exp(b - lse_b)
+                    elif DIVERGENCE == 1:
+                        # q (log q - log p - KL) with the log-sum-exps cancelled analytically, so that
+                        # large logits (|z| ~ 1e4) do not lose the gradient to cancellation.
+                        q = tl.exp(a - lse_a)
+                        grad = tl.where(q == 0.0, 0.0, q * ((a - b) - s_dot))
+                    else:
+                        term, g, q = _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE)
+                        grad = tl.where(q == 0.0, 0.0, q * (g - s_dot))
+                    grad = grad * (inv_temperature * row_weight)
+                    tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(loss_ptr + row, 0.0)
+            if COMPUTE_GRAD:
+                zero_fill_row(grad_row, V, BLOCK_V)
+        row += step
 
 
 def kl_div_forward(
@@ -224,8 +231,16 @@ def kl_div_forward(
     ignore_index: int,
     block_v: int | None = None,
     num_warps: int | None = None,
+    programs: int | None = None,
 ) -> torch.Tensor:
     """Launch the row kernel on 2-D views ``student [N, V]``, ``teacher [N, V]`` (unit column stride).
+
+    ``programs``: a persistent grid of at most that many programs, each taking every ``programs``-th row
+    (default: one program per row). An experiment for the GPU block sweep, not a default: the two or three
+    passes over a row re-read it right after the first, and with few rows in flight (~64 rows of 512 KiB at
+    V = 128k in bf16, both sides, against a 50 MB L2) the re-reads could come from L2, the HBM traffic
+    dropping from 10·N·V to 6·N·V bytes for the forward KL, if so few programs can still draw the HBM
+    bandwidth (not measured).
 
     ``row_weight`` (fp32, [N] or one element broadcast) multiplies each row's loss and gradient.
     Writes d(weighted row loss)/dz into ``grad_out`` ([N, V], may alias ``student`` for an in-place
@@ -237,7 +252,7 @@ def kl_div_forward(
     loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     if num_rows == 0:
         return loss
-    grid = (num_rows,)
+    grid = (num_rows if programs is None else max(1, min(programs, num_rows)),)
     _kl_div_fwd_kernel[grid](
         student,
         teacher,
@@ -253,47 +268,42 @@ def kl_div_forward(
         ignore_index,
         1.0 / temperature,
         coef,
+        num_rows,
         DIVERGENCE=DIVERGENCE_CODES[divergence],
         HAS_LABELS=labels is not None,
         COMPUTE_GRAD=grad_out is not None,
         BLOCK_V=block_v,
+        PERSISTENT=programs is not None,
         num_warps=num_warps,
     )
     return loss
 
 
+# The persistent variants the GPU block sweep launches (benchmarks/bench_kl_div.py PERSISTENT_SWEEP): (BLOCK_V,
+# num_warps), bf16, forward KL (the roofline target's case). Spill-free under Triton 3.6 and 3.9 on sm_80 / sm_90a;
+# 8192 x 16 spills (generic variant), and the JSD at these two spills on sm_80 under 3.9, so the sweep leaves it out.
+PERSISTENT_AOT_CONFIGS = ((4096, 16), (2048, 8))
+
+
 def aot_specs() -> list[dict]:
+    configs = [(name, dtype, BLOCK_V, NUM_WARPS_BY_DIVERGENCE.get(name, NUM_WARPS), False)
+               for name in DIVERGENCE_CODES for dtype in ("bf16", "fp32")]
+    configs += [("forward", "bf16", block_v, num_warps, True) for block_v, num_warps in PERSISTENT_AOT_CONFIGS]
     specs = []
-    for name, code in DIVERGENCE_CODES.items():
-        for dtype in ("bf16", "fp32"):
-            specs.append(
-                {
-                    "name": f"kl_div_fwd[{name},{dtype}]",
-                    "fn": _kl_div_fwd_kernel,
-                    "signature": {
-                        "student_ptr": f"*{dtype}",
-                        "teacher_ptr": f"*{dtype}",
-                        "labels_ptr": "*i64",
-                        "loss_ptr": "*fp32",
-                        "grad_ptr": f"*{dtype}",
-                        "weight_ptr": "*fp32",
-                        "stride_student": "i64",
-                        "stride_teacher": "i64",
-                        "stride_grad": "i64",
-                        "stride_weight": "i64",
-                        "V": "i32",
-                        "ignore_index": "i64",
-                        "inv_temperature": "fp32",
-                        "coef": "fp32",
-                    },
-                    "constexprs": {
-                        "DIVERGENCE": code,
-                        "HAS_LABELS": True,
-                        "COMPUTE_GRAD": True,
-                        "BLOCK_V": BLOCK_V,
-                    },
-                    "num_warps": NUM_WARPS_BY_DIVERGENCE.get(name, NUM_WARPS),
-                    "num_stages": 3,
-                }
-            )
+    for name, dtype, block_v, num_warps, persistent in configs:
+        suffix = f",persistent,{block_v}x{num_warps}" if persistent else ""
+        specs.append({
+            "name": f"kl_div_fwd[{name},{dtype}{suffix}]",
+            "fn": _kl_div_fwd_kernel,
+            "signature": {
+                "student_ptr": f"*{dtype}", "teacher_ptr": f"*{dtype}", "labels_ptr": "*i64", "loss_ptr": "*fp32",
+                "grad_ptr": f"*{dtype}", "weight_ptr": "*fp32", "stride_student": "i64", "stride_teacher": "i64",
+                "stride_grad": "i64", "stride_weight": "i64", "V": "i32", "ignore_index": "i64",
+                "inv_temperature": "fp32", "coef": "fp32", "num_rows": "i32",
+            },
+            "constexprs": {"DIVERGENCE": DIVERGENCE_CODES[name], "HAS_LABELS": True, "COMPUTE_GRAD": True,
+                           "BLOCK_V": block_v, "PERSISTENT": persistent},
+            "num_warps": num_warps,
+            "num_stages": 3,
+        })
     return specs

@@ -380,3 +380,29 @@ def test_backward_scales_only_rows_whose_incoming_gradient_is_not_one(impl):
     loss, grad, _ = _run(student, teacher, impl, divergence="forward", reduction="none", upstream=upstream)
     _, ref_grad = kl_div_reference(student, teacher, divergence="forward", reduction="none")
     assert_close(grad, ref_grad * upstream.double().unsqueeze(-1), torch.float32)
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_persistent_grid_equals_one_program_per_row(divergence):
+    """kernels.kl_div.kl_div_forward(programs=...): fewer programs than rows, each looping over rows pid, pid +
+    grid, ...; (7 rows, 3 programs: uneven), ignored rows included. Same loss and gradient as the default grid."""
+    from distill_ops.kernels.kl_div import kl_div_forward
+
+    gen = torch.Generator().manual_seed(11)
+    student = (torch.randn(7, 300, generator=gen) * 3).to(DEVICE)
+    teacher = (torch.randn(7, 300, generator=gen) * 3).to(DEVICE)
+    labels = torch.tensor([1, -100, 5, 7, -100, 2, 3], device=DEVICE)
+    weight = torch.full((7,), 0.25, device=DEVICE)
+    results = []
+    for programs in (None, 3, 1, 100):
+        grad = torch.full_like(student, float("nan"))
+        loss = kl_div_forward(student, teacher, labels, grad, weight, divergence=divergence, coef=0.3,
+                              temperature=1.5, ignore_index=-100, block_v=128, num_warps=4, programs=programs)
+        results.append((loss, grad))
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+    assert not torch.isnan(results[0][1]).any() and bool((results[0][1][1] == 0).all())
+    ref_loss, ref_grad = kl_div_reference(student.double(), teacher.double(), divergence=divergence, beta=0.3,
+                                          temperature=1.5, labels=labels, reduction="none")
+    torch.testing.assert_close(results[0][0].double(), 0.25 * ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1].double(), 0.25 * ref_grad, rtol=1e-5, atol=1e-6)
