@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import warnings
 
 import torch
 import triton
@@ -123,15 +122,6 @@ def gemm_chunk_columns(num_rows: int, vocab: int, block_v: int) -> int:
     return max(block_v, budget // block_v * block_v)
 
 
-_WARNED: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
 def logits_chunk(hidden: torch.Tensor, weight: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
     """``hidden @ weight[start:stop].T`` into ``out[:, :stop - start]`` in fp32 (fp32 accumulation; on CUDA
     cuBLAS takes the 16-bit operands directly and writes fp32)."""
@@ -141,14 +131,8 @@ def logits_chunk(hidden: torch.Tensor, weight: torch.Tensor, start: int, stop: i
         torch.mm(hidden, rows, out=dest)
     elif hidden.is_cuda:
         # 16-bit operands, fp32 accumulation and output (cuBLAS). mm's out-dtype overload has no `self` operand
-        # (addmm's must match the out dtype in some releases). CUDA only, so never run by the CPU tests: if this
-        # torch lacks it, fall back to an fp32 GEMM on upcast operands (same values, slower) and say so once.
-        try:
-            torch.ops.aten.mm.dtype_out(hidden, rows, torch.float32, out=dest)
-        except (RuntimeError, NotImplementedError, AttributeError) as error:
-            _warn_once("logits_chunk", f"aten.mm.dtype_out unavailable ({error}); the gemm strategy's logits "
-                                       f"use an fp32 GEMM on upcast operands")
-            torch.mm(hidden.float(), rows.float(), out=dest)
+        # (addmm's must match the out dtype in some releases). CUDA only: never run by the CPU tests.
+        torch.ops.aten.mm.dtype_out(hidden, rows, torch.float32, out=dest)
     else:  # the interpreter path on CPU
         torch.mm(hidden.float(), rows.float(), out=dest)
     return dest
