@@ -242,3 +242,9 @@ class LossModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={getattr(self, name)!r}" for name in self._option_names)
+
+
+def host_readable(tensor: torch.Tensor) -> bool:
+    """Whether a value check may read ``tensor``'s contents on the host: eager CPU tensors only (on a GPU
+    the read would synchronise; under ``torch.compile`` it would be a data-dependent branch)."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()

@@ -86,6 +86,7 @@ from ._utils import (
     check_same_device,
     check_tensor,
     finish_reduction,
+    host_readable,
     reduction_weight,
     resolve_impl,
     row_chunk,
@@ -448,11 +449,6 @@ def _retemper(kept_logprobs_t1: Tensor, temperature: float) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _host_readable(tensor: Tensor) -> bool:
-    """Value checks read CPU tensors only: on CUDA they would synchronise, and tracing cannot branch."""
-    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def _bound_rows(name: str, bound: object, leading_shape: torch.Size, device: torch.device) -> Optional[Tensor]:
     """A bound as fp32 [N] (None stays None); Python numbers are checked here, tensors where readable."""
     if bound is None:
@@ -468,7 +464,7 @@ def _bound_rows(name: str, bound: object, leading_shape: torch.Size, device: tor
         if bound.device != device:
             raise ValueError(f"{name} is on {bound.device} but the logits are on {device}")
         rows = bound.detach().to(torch.float32).reshape(-1).expand(num_rows)
-        if _host_readable(rows) and rows.numel() and not bool(((rows >= 0) & (rows <= 1)).all()):
+        if host_readable(rows) and rows.numel() and not bool(((rows >= 0) & (rows <= 1)).all()):
             raise ValueError(f"{name} must be in [0, 1], got values from {rows.min().item()} to {rows.max().item()}")
         return rows
     value = check_number(name, bound, low=0.0, high=1.0)
@@ -521,7 +517,7 @@ def _check_args(
             student_logits=student_logits, teacher_topk_indices=teacher_topk_indices,
             teacher_topk_logprobs=teacher_topk_logprobs,
         )
-        if _host_readable(teacher_topk_indices):
+        if host_readable(teacher_topk_indices):
             if teacher_topk_indices.numel() and bool(((teacher_topk_indices < 0) | (teacher_topk_indices >= vocab)).any()):
                 raise ValueError(
                     f"teacher_topk_indices must be in [0, {vocab}) (the student vocabulary), got values from "
@@ -563,13 +559,13 @@ def _check_args(
         if (not isinstance(lower, Tensor)) and (not isinstance(upper, Tensor)):
             if lower > upper:
                 raise ValueError(f"lower must be <= upper, got lower={lower} and upper={upper}")
-        elif _host_readable(lower_rows) and bool((lower_rows > upper_rows).any()):
+        elif host_readable(lower_rows) and bool((lower_rows > upper_rows).any()):
             raise ValueError("lower must be <= upper in every row, got a row with lower > upper")
     return lower_rows, upper_rows
 
 
 def _check_label_values(labels: Tensor, ignore_index: int, vocab: int) -> None:
-    if _host_readable(labels):
+    if host_readable(labels):
         active = labels[labels != ignore_index]
         if active.numel() and bool(((active < 0) | (active >= vocab)).any()):
             raise ValueError(

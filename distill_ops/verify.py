@@ -37,7 +37,9 @@ from typing import Sequence
 
 import torch
 
-from ._utils import FLOAT_DTYPES, INT_DTYPES, check_number, check_same_device, check_tensor, resolve_impl, row_chunk
+from ._utils import (
+    FLOAT_DTYPES, INT_DTYPES, check_number, check_same_device, check_tensor, host_readable, resolve_impl, row_chunk,
+)
 from .tree import TreeSpec, int64_to_device
 
 
@@ -76,9 +78,9 @@ def _check_verify_inputs(tree: object, draft_tokens: object, target_logits: obje
         raise ValueError(f"tree must hold 1 or B={batch} trees, got {tree.batch_size}")
     if vocab < 1:
         raise ValueError("target_logits must have a non-empty vocabulary dim")
-    # Value check only where it costs no host synchronisation; on a GPU the kernels treat an
-    # out-of-range token as one the target gives probability 0 (never accepted).
-    if draft_tokens.device.type == "cpu" and bool(((draft_tokens < 0) | (draft_tokens >= vocab)).any()):
+    # On a GPU and under torch.compile the kernels treat an out-of-range token as one the target gives
+    # probability 0 (never accepted).
+    if host_readable(draft_tokens) and bool(((draft_tokens < 0) | (draft_tokens >= vocab)).any()):
         raise ValueError(f"draft_tokens must be token ids in [0, V={vocab}), got values outside it")
     return batch, num_nodes, vocab
 
@@ -103,6 +105,67 @@ def _int64_rows(tensor: torch.Tensor) -> torch.Tensor:
 def _empty_result(batch: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.full((batch, width + 1), -1, dtype=torch.int64, device=device),
             torch.full((batch, width + 1), -1, dtype=torch.int64, device=device))
+
+
+# The Triton paths as custom ops, so that torch.compile(fullgraph=True) treats each as one opaque call
+# (dynamo cannot trace the launches: the greedy path computes its grid from the vocabulary, the compaction
+# reads the layers' addresses). Eager calls skip the dispatcher and launch directly: the speculative
+# engine calls these once per step, and the custom-op dispatch would add host time to every step.
+@torch.library.custom_op("distill_ops::verify_greedy", mutates_args=())
+def _verify_greedy_op(
+    parents: torch.Tensor, depth: torch.Tensor, ancestor_mask: torch.Tensor, draft_tokens: torch.Tensor,
+    target_logits: torch.Tensor, out_width: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .kernels.tree_verify import verify_greedy_forward
+
+    return verify_greedy_forward(parents, depth, ancestor_mask, draft_tokens, target_logits, out_width)
+
+
+@torch.library.custom_op("distill_ops::verify_sampling", mutates_args=())
+def _verify_sampling_op(
+    parents: torch.Tensor, draft_tokens: torch.Tensor, target_logits: torch.Tensor, top_k: int | None,
+    top_p: float | None, draft_probs: torch.Tensor | None, uniforms: torch.Tensor, temperature: float,
+    out_width: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .kernels.tree_verify import verify_sampling_forward
+
+    return verify_sampling_forward(
+        parents, draft_tokens, target_logits, top_k, top_p, draft_probs, uniforms, temperature, out_width
+    )
+
+
+def _fake_result(draft_tokens: torch.Tensor, out_width: int) -> tuple[torch.Tensor, ...]:
+    batch = draft_tokens.shape[0]
+    table = draft_tokens.new_empty((batch, out_width), dtype=torch.int64)
+    lengths = draft_tokens.new_empty((batch,), dtype=torch.int64)
+    return table, lengths, torch.empty_like(lengths), torch.empty_like(table)
+
+
+@_verify_greedy_op.register_fake
+def _(parents, depth, ancestor_mask, draft_tokens, target_logits, out_width):
+    return _fake_result(draft_tokens, out_width)
+
+
+@_verify_sampling_op.register_fake
+def _(parents, draft_tokens, target_logits, top_k, top_p, draft_probs, uniforms, temperature, out_width):
+    return _fake_result(draft_tokens, out_width)
+
+
+@torch.library.custom_op("distill_ops::compact_kv_cache", mutates_args=("keys", "values"))
+def _compact_kv_op(
+    keys: list[torch.Tensor], values: list[torch.Tensor], accepted: torch.Tensor, cache_lens: torch.Tensor
+) -> torch.Tensor:
+    return _compact_kv_triton(keys, values, accepted, cache_lens)
+
+
+@_compact_kv_op.register_fake
+def _(keys, values, accepted, cache_lens):
+    return torch.empty_like(cache_lens)
+
+
+def _launch(op, direct, *args):
+    """``op(*args)`` (the custom op) while torch.compile traces, ``direct(*args)`` otherwise."""
+    return op(*args) if torch.compiler.is_compiling() else direct(*args)
 
 
 def verify_greedy_ref(tree: TreeSpec, draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> VerifyResult:
@@ -156,9 +219,9 @@ def verify_greedy(
         return verify_greedy_ref(tree, draft_tokens, target_logits)
     from .kernels.tree_verify import verify_greedy_forward
 
-    return VerifyResult(*verify_greedy_forward(
-        _contiguous(tree.parents), _contiguous(tree.depth), _contiguous(tree.ancestor_mask), _int64_rows(draft_tokens),
-        _rows(target_logits), tree.max_depth + 1,
+    return VerifyResult(*_launch(
+        _verify_greedy_op, verify_greedy_forward, _contiguous(tree.parents), _contiguous(tree.depth),
+        _contiguous(tree.ancestor_mask), _int64_rows(draft_tokens), _rows(target_logits), tree.max_depth + 1,
     ))
 
 
@@ -337,8 +400,9 @@ def verify_sampling(
     from .kernels.tree_verify import verify_sampling_forward
 
     # The stats kernel finds each row's top-k / top-p cut itself (a pivot search over the keys, no sort).
-    return VerifyResult(*verify_sampling_forward(
-        _contiguous(tree.parents), _int64_rows(draft_tokens), _rows(target_logits),
+    return VerifyResult(*_launch(
+        _verify_sampling_op, verify_sampling_forward, _contiguous(tree.parents), _int64_rows(draft_tokens),
+        _rows(target_logits),
         *active_filters(vocab, top_k, top_p),
         None if draft_probs is None else _rows(draft_probs), uniforms, temperature, tree.max_depth + 1,
     ))
@@ -425,23 +489,29 @@ def compact_kv_cache(
             f"cache_lens [B] and result.accepted_nodes [B, W] must match k's batch B={batch}, got "
             f"{tuple(cache_lens.shape)} and {tuple(accepted.shape)}"
         )
-    if cache_lens.device.type == "cpu" and bool((cache_lens.to(torch.int64) + accepted.shape[1] > kv_len).any()):
+    if host_readable(cache_lens) and bool((cache_lens.to(torch.int64) + accepted.shape[1] > kv_len).any()):
         raise ValueError(f"cache_lens + max_depth + 1 must be <= S={kv_len}, got max(cache_lens)={int(cache_lens.max())}")
     if resolve_impl(impl, device) == "torch":
         compact_kv_cache_ref(keys, values, cache_lens, accepted)
         return cache_lens + result.accept_len.to(cache_lens.dtype) + 1
-    from .kernels.tree_verify import compact_kv_forward
-
     if any(t.stride(-1) != 1 for t in (*keys, *values)):
         raise ValueError("impl='triton' compacts in place and needs k and v with unit stride along D")
+    return _launch(_compact_kv_op, _compact_kv_triton, keys, values, _int64_rows(accepted), cache_lens)
+
+
+def _compact_kv_triton(
+    keys: list[torch.Tensor], values: list[torch.Tensor], accepted: torch.Tensor, cache_lens: torch.Tensor
+) -> torch.Tensor:
+    """One compaction launch per set of layer strides (one in all for a transformers cache)."""
+    from .kernels.tree_verify import compact_kv_forward
+
     groups: dict[tuple, list[int]] = {}
     for index, (layer_k, layer_v) in enumerate(zip(keys, values)):
         groups.setdefault((layer_k.stride(), layer_v.stride()), []).append(index)
-    accepted = _int64_rows(accepted)
     for members in groups.values():
         group_k, group_v = [keys[i] for i in members], [values[i] for i in members]
         table = None
         if len(members) > 1:
-            table = int64_to_device([t.data_ptr() for pair in zip(group_k, group_v) for t in pair], device)
+            table = int64_to_device([t.data_ptr() for pair in zip(group_k, group_v) for t in pair], keys[0].device)
         new_lens = compact_kv_forward(group_k, group_v, accepted, cache_lens, table)
     return new_lens

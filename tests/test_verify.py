@@ -470,3 +470,51 @@ def test_triton_filter_cut_equals_filter_thresholds(top_k, top_p, vocab, dtype):
     expected = filter_thresholds(logits, 0.7, top_k, top_p)
     got = sampling_stats(parents, logits, top_k, top_p, None, 0.7)["thresh"].view(batch, num_nodes)
     assert torch.equal(got.cpu(), expected.cpu()), (got, expected)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_torch_compile_fullgraph(impl):
+    """Verification and compaction (one layer and a list of layers) trace as one graph and give what the
+    eager calls give: greedy against the brute-force rule, sampling with the same global seed (a
+    torch.Generator argument cannot be traced, so compiled callers use the default generator)."""
+    rng = random.Random(3)  # accept lengths 3 and 1: rows move in the caches
+    batch, num_nodes, vocab = 2, 9, 40
+    logits = torch.randn(batch, num_nodes, vocab, generator=torch.Generator().manual_seed(3))
+    parents, tokens = random_tree_and_tokens(num_nodes, vocab, logits, rng)
+    tree = build_tree(parents.to(DEVICE))
+    logits, tokens = logits.to(DEVICE), tokens.to(DEVICE)
+    layers = [torch.randn(batch, 2, 24, 8, device=DEVICE) for _ in range(4)]
+    cache_lens = torch.tensor([3, 11], dtype=torch.int32, device=DEVICE)
+
+    def step(tokens, logits, keys, values, cache_lens):
+        greedy = verify_greedy(tree, tokens, logits, impl=impl)
+        sampled = verify_sampling(tree, tokens, logits, temperature=0.7, top_k=12, top_p=0.9, impl=impl)
+        one = compact_kv_cache(keys[0], values[0], cache_lens, greedy, impl=impl)
+        every = compact_kv_cache(keys[1:], values[1:], cache_lens, greedy, impl=impl)
+        return greedy, sampled, one, every
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    outputs = {}
+    for name, fn in (("compiled", compiled), ("eager", step)):
+        caches = [t.clone() for t in layers]
+        torch.manual_seed(11)
+        outputs[name] = fn(tokens, logits, caches[:2], caches[2:], cache_lens), caches
+    (greedy, sampled, one, every), caches = outputs["compiled"]
+    (greedy_e, sampled_e, one_e, every_e), caches_e = outputs["eager"]
+    for b, (path, bonus) in enumerate(brute_force_greedy(parents.tolist(), tokens.cpu(), logits.cpu())):
+        assert greedy.accepted_nodes[b, : len(path)].tolist() == path and int(greedy.next_tokens[b]) == bonus
+    for field in ("accepted_nodes", "accept_len", "next_tokens", "emitted_tokens"):
+        assert torch.equal(getattr(greedy, field), getattr(greedy_e, field)), field
+        assert torch.equal(getattr(sampled, field), getattr(sampled_e, field)), field
+    assert torch.equal(one, one_e) and torch.equal(every, every_e)
+    assert torch.equal(one, cache_lens + greedy.accept_len.to(torch.int32) + 1)
+    assert all(torch.equal(a, b) for a, b in zip(caches, caches_e))
+    for cache, before in zip(caches, layers):  # the gather reference
+        expected = before.clone()
+        for b in range(batch):
+            start = int(cache_lens[b])
+            for slot, node in enumerate(greedy.accepted_nodes[b].tolist()):
+                if node >= 0:
+                    expected[b, :, start + slot] = before[b, :, start + node]
+        assert torch.equal(cache, expected)
+    assert not all(torch.equal(a, b) for a, b in zip(caches, layers))  # something moved
