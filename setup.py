@@ -23,7 +23,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.56,<=5.25.0", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.56,<=5.25.0", "accelerate", "matplotlib"],
         "bench": ["liger-kernel"],
     },
 )

@@ -96,6 +96,37 @@ def test_trainer_compute_loss():
     assert isinstance(loss_and_outputs, tuple) and loss_and_outputs[1] is None
 
 
+def test_trainer_trains_with_the_fused_loss(tmp_path):
+    """A real ``transformers.Trainer`` step: the logged loss is the distillation loss of the batch, the
+    student's update is exactly one SGD step on its gradient, and the teacher does not move."""
+    from distill_ops.integrations.hf import FusedDistillationTrainer
+
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    distill_kwargs = {"divergence": "jsd", "beta": 0.3, "ce_weight": 0.5}
+    student.zero_grad()
+    expected = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, **distill_kwargs)
+    expected.backward()
+    lr = 0.05
+    expected_weights = {name: (p - lr * p.grad).detach().clone() for name, p in student.named_parameters()}
+    student.zero_grad(set_to_none=True)
+    teacher_before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, learning_rate=lr, optim="sgd",
+        lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, logging_steps=1, report_to="none",
+        save_strategy="no", use_cpu=DEVICE.type == "cpu", dataloader_pin_memory=False,
+    )
+    rows = [{"input_ids": input_ids[i], "attention_mask": attention_mask[i], "labels": labels[i]} for i in range(2)]
+    trainer = FusedDistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows,
+                                       distill_kwargs=distill_kwargs)
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 1 and logged[0] == pytest.approx(float(expected), rel=1e-5)
+    for name, p in student.named_parameters():
+        assert_close(p, expected_weights[name], torch.float32, msg=name)
+    assert all(torch.equal(p, teacher_before[name]) for name, p in teacher.named_parameters())
+
+
 def test_softcapped_model_is_refused():
     student, teacher = _tiny_models()
     teacher.config.final_logit_softcapping = 30.0

@@ -1,0 +1,176 @@
+"""The README's Python examples run as written.
+
+Every ```python block of README.md is executed verbatim (only the device string ``"cuda"`` is replaced by
+this machine's device) after a prelude that defines the names the block takes as given (tensors, tiny
+random models), and the names it produces are then checked. A block without a prelude here fails the
+test, so a new README example cannot go unchecked.
+"""
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.conftest import DEVICE
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+V = 300  # DACKLLoss(vocab_top_m=256) needs at least 256 tokens
+
+
+def readme_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def _logits(*shape, grad=False):
+    return torch.randn(*shape, device=DEVICE).requires_grad_(grad)
+
+
+def _labels(rows):
+    labels = torch.randint(0, V, (rows,), device=DEVICE)
+    labels[1] = -100
+    return labels
+
+
+def _tiny_llama(layers, seed, init=0.02):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                                      initializer_range=init)
+    return transformers.LlamaForCausalLM(config).float().eval().to(DEVICE)
+
+
+def _kl_div():
+    return dict(student_logits=_logits(6, V, grad=True), teacher_logits=_logits(6, V), labels=_labels(6))
+
+
+def _fused_linear():
+    head = lambda hidden: SimpleNamespace(lm_head=torch.nn.Linear(hidden, V, bias=False).to(DEVICE))  # noqa: E731
+    student, teacher = head(16), head(24)
+    student.lm_head.weight.requires_grad_(True)
+    return dict(student=student, teacher=teacher, student_hidden=_logits(2, 3, 16, grad=True),
+                teacher_hidden=_logits(2, 3, 24), labels=_labels(6).view(2, 3))
+
+
+def _hf_trainer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    student, teacher = _tiny_llama(1, 0).train(), _tiny_llama(2, 1)
+    input_ids = torch.randint(0, V, (2, 7), device=DEVICE)
+    attention_mask = torch.ones_like(input_ids)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none", save_strategy="no",
+                                          use_cpu=DEVICE.type == "cpu", dataloader_pin_memory=False)
+    ds = [{"input_ids": row, "attention_mask": mask, "labels": row} for row, mask in zip(input_ids, attention_mask)]
+    return dict(student=student, teacher=teacher, input_ids=input_ids, labels=input_ids.clone(),
+                attention_mask=attention_mask, args=args, ds=ds)
+
+
+def _topk():
+    teacher_logits = _logits(6, V)
+    logp, idx = torch.log_softmax(teacher_logits, -1).topk(16, dim=-1)
+    return dict(student_logits=_logits(6, V, grad=True), teacher_logits=teacher_logits, idx=idx, logp=logp,
+                labels=_labels(6))
+
+
+def _aligndistil():
+    return dict(student_logits=_logits(6, V, grad=True), dpo_logits=_logits(6, V), reverse_dpo_logits=_logits(6, V),
+                labels=_labels(6))
+
+
+def _tree():
+    batch, heads, kv_heads, nodes, dim = 2, 4, 2, 6, 16
+    cache_lens = torch.tensor([5, 9], device=DEVICE)
+    return dict(q=_logits(batch, heads, nodes, dim), k=_logits(batch, kv_heads, 20, dim),
+                v=_logits(batch, kv_heads, 20, dim), cache_lens=cache_lens,
+                draft_tokens=torch.randint(0, V, (batch, nodes), device=DEVICE), target_logits=_logits(batch, nodes, V))
+
+
+def _engine():
+    # The target drafts for itself, with large random weights (peaked distributions): drafts are then
+    # mostly accepted, greedy and sampled, so the example's 256 tokens take few steps on the CPU. Its
+    # config's EOS (id 2) may end a sequence early, as it would end generate's.
+    target = _tiny_llama(2, 0, init=1.0)
+    return dict(target=target, draft=target, input_ids=torch.randint(0, V, (1, 5), device=DEVICE),
+                g=torch.Generator(DEVICE).manual_seed(0))
+
+
+def _loss_ok(ns, name="loss"):
+    loss = ns[name]
+    assert loss.dim() == 0 and torch.isfinite(loss), name
+
+
+def _check_kl_div(ns, given):
+    _loss_ok(ns)
+    assert given["student_logits"].grad is not None and torch.isfinite(given["student_logits"].grad).all()
+
+
+def _check_fused_linear(ns, given):
+    _loss_ok(ns)
+    assert given["student_hidden"].grad is not None and given["student"].lm_head.weight.grad is not None
+
+
+def _check_hf_trainer(ns, given):
+    _loss_ok(ns)
+    assert ns["trainer"].teacher_model is given["teacher"] and ns["trainer"].distill_kwargs["divergence"] == "jsd"
+
+
+def _check_topk(ns, given):
+    _loss_ok(ns)
+    assert sum(p.numel() for p in ns["dackl"].parameters()) > 0
+
+
+def _check_aligndistil(ns, given):
+    _loss_ok(ns)
+    assert ns["alpha"].shape == (6,) and given["student_logits"].grad is not None
+
+
+def _check_tree(ns, given):
+    assert ns["out"].shape == given["q"].shape and torch.isfinite(ns["out"]).all()
+    assert ns["tree"].num_nodes == 6
+    expected_lens = given["cache_lens"] + ns["res"].accept_len + 1
+    assert torch.equal(ns["cache_lens"], expected_lens.to(ns["cache_lens"].dtype))
+
+
+def _check_engine(ns, given):
+    out, prompt = ns["out"], given["input_ids"]  # the sampled run (the block's last generate)
+    new_tokens = out.sequences.shape[1] - prompt.shape[1]
+    assert 1 <= new_tokens <= 256 and torch.equal(out.sequences[:, : prompt.shape[1]], prompt)
+    ended_early = new_tokens < 256
+    assert not ended_early or int(out.sequences[0, -1]) == given["target"].config.eos_token_id
+    assert len(out.accept_lengths) == out.num_target_forwards - 1  # the prefill verifies nothing
+    assert new_tokens <= sum(int(n) + 1 for n in out.accept_lengths) + 1
+
+
+# First import line of each README block -> (prelude, check).
+EXAMPLES = {
+    "from distill_ops import kl_div, KLDivLoss": (_kl_div, _check_kl_div),
+    "from distill_ops import fused_linear_kl_div": (_fused_linear, _check_fused_linear),
+    "from distill_ops.integrations.hf import causal_lm_distillation_loss, FusedDistillationTrainer":
+        (_hf_trainer, _check_hf_trainer),
+    "from distill_ops import topk_kl_div, DACKLLoss": (_topk, _check_topk),
+    "from distill_ops import aligndistil_kl": (_aligndistil, _check_aligndistil),
+    "from distill_ops import build_tree, tree_from_paths, tree_attention, verify_sampling, compact_kv_cache":
+        (_tree, _check_tree),
+    "from distill_ops import SpeculativeDecoder": (_engine, _check_engine),
+}
+
+
+def _key(block: str) -> str:
+    return next(line for line in block.splitlines() if line.startswith("from distill_ops"))
+
+
+def test_every_readme_example_is_checked():
+    keys = [_key(block) for block in readme_blocks()]
+    assert len(keys) == len(set(keys)), "two README examples start with the same import"
+    assert sorted(keys) == sorted(EXAMPLES), "README examples and tests/test_readme.py disagree"
+
+
+@pytest.mark.parametrize("block", readme_blocks(), ids=lambda block: _key(block).split(" import ")[1][:40])
+def test_readme_example_runs(block, tmp_path):
+    prelude, check = EXAMPLES[_key(block)]
+    torch.manual_seed(0)
+    given = prelude(tmp_path) if prelude is _hf_trainer else prelude()
+    namespace = dict(given)
+    exec(compile(block.replace('"cuda"', repr(DEVICE.type)), str(README), "exec"), namespace)
+    check(namespace, given)
