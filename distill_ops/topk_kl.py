@@ -224,7 +224,9 @@ def _hard_rows_and_grad(
         grad = torch.where(q_full == 0, 0.0, q_full * extra_coef.unsqueeze(-1))
     else:
         grad = torch.zeros_like(scaled_student)
-    grad = grad.scatter(-1, indices, torch.where(kept, grad_kept, grad.gather(-1, indices)))
+    # Added, not overwritten: a column stored twice (a kept token and a padding entry that reuses its index,
+    # e.g. index 0 with log-prob -inf) must not let the padding entry's write win.
+    grad = grad.scatter_add(-1, indices, torch.where(kept, grad_kept - grad.gather(-1, indices), 0.0))
     if tail == "label":
         grad = grad.scatter(-1, labels.unsqueeze(-1), (extra_q * extra_coef).unsqueeze(-1))
     return loss, grad
@@ -269,10 +271,10 @@ def topk_kl_rows_torch(
             chunk_loss = torch.where(active, chunk_loss, 0.0)
         losses[start:stop] = chunk_loss * weight
         if compute_grad:
-            scale = weight.unsqueeze(-1) / temperature
-            if active is not None:
-                scale = torch.where(active.unsqueeze(-1), scale, 0.0)
-            grad[start:stop] = chunk_grad * scale
+            chunk_grad = chunk_grad * (weight.unsqueeze(-1) / temperature)
+            if active is not None:  # a select, not a product: an ignored row may hold NaN / inf
+                chunk_grad = torch.where(active.unsqueeze(-1), chunk_grad, 0.0)
+            grad[start:stop] = chunk_grad
     return losses, grad
 
 
@@ -412,7 +414,9 @@ def kept_logprobs(sorted_logprobs: Tensor, lower: Optional[Tensor], upper: Optio
         mass_after = probs.cumsum(-1).clamp_max(1.0)  # rounding must not push a token past lower = 1
         mass_before = mass_after - probs
         if upper is not None:
-            kept = kept & (mass_before < upper.unsqueeze(-1))
+            # upper >= 1 keeps everything: once the fp32 running sum has rounded to 1, the mass before each
+            # later token reads exactly 1 and `< 1` would drop tokens that have probability.
+            kept = kept & ((mass_before < upper.unsqueeze(-1)) | (upper.unsqueeze(-1) >= 1.0))
         if lower is not None:
             kept = kept & (mass_after > lower.unsqueeze(-1))
         kept = kept | sorted_logprobs.isnan()
@@ -869,12 +873,20 @@ class DACKLLoss(torch.nn.Module):
         backend = resolve_impl(self.impl, student_logits.device)
         leading_shape = student_logits.shape[:-1]
         vocab = student_logits.shape[-1]
-        indices, sorted_logprobs = self._candidates(as_rows(teacher_logits.detach(), vocab), backend)
-        lower, upper = self._bounds(sorted_logprobs)
         label_rows = None if labels is None else labels.reshape(-1).to(torch.int64)
         if self.tail == "label":
             _check_label_values(label_rows, self.ignore_index, vocab)
+        active = None if label_rows is None else label_rows != self.ignore_index
+        teacher_rows = as_rows(teacher_logits.detach(), vocab)
         student_rows = as_rows(student_logits, vocab)
+        if self.training and active is not None:
+            # Ignored rows (padding) may hold anything, NaN included; in the autograd path below a NaN there
+            # would reach the bound network's and the student's gradients through 0 * NaN, so they are
+            # replaced by zeros before anything is computed from them.
+            teacher_rows = torch.where(active.unsqueeze(-1), teacher_rows, 0.0)
+            student_rows = torch.where(active.unsqueeze(-1), student_rows, 0.0)
+        indices, sorted_logprobs = self._candidates(teacher_rows, backend)
+        lower, upper = self._bounds(sorted_logprobs)
         if not self.training:
             teacher_logprobs = kept_logprobs(sorted_logprobs, lower.detach(), upper.detach()).contiguous()
             return _reduce_op_rows(
@@ -882,10 +894,8 @@ class DACKLLoss(torch.nn.Module):
                 self.ignore_index, backend, self.reduction, None, leading_shape, student_logits.requires_grad,
             )
         weights = soft_membership(sorted_logprobs, lower, upper, self.sharpness)
-        active = None
         safe_labels = None
         if label_rows is not None:
-            active = label_rows != self.ignore_index
             safe_labels = torch.where(active, label_rows, 0).clamp(0, vocab - 1)
         rows = _clipped_divergence_rows(
             student_rows.to(torch.float32) / self.temperature, indices, sorted_logprobs, weights, safe_labels,

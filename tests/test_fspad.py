@@ -16,13 +16,7 @@ from distill_ops.speculative import TreeAttentionContext, tree_spec_from_parents
 from .conftest import DEVICE, assert_close
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are dominated by per-op overhead: intra-op threads only add contention on shared CPUs.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def tiny_config(**overrides) -> LlamaConfig:

@@ -48,13 +48,7 @@ STATIC_TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 
 DYNAMIC_TREE = dict(depth=4, topk=3, num_nodes=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are dominated by per-op overhead: intra-op threads only add contention on shared CPUs.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def model_config(family: str, vocab: int, layers: int, **overrides):
