@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._utils import FLOAT_DTYPES, INT_DTYPES, check_same_device, check_tensor, resolve_impl
+from ._utils import FLOAT_DTYPES, INT_DTYPES, check_number, check_same_device, check_tensor, resolve_impl
 from .tree import TreeSpec, unpack_ancestor_mask
 
 _TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -47,8 +47,10 @@ def tree_attention_ref(
     sm_scale: float,
     *,
     upcast: bool = True,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """PyTorch tree attention with a dense boolean mask (the CPU path and the test/benchmark reference).
+    ``softcap``: scores ``softcap * tanh(sm_scale * q.k / softcap)`` (Gemma-2's attention soft-capping).
 
     Computes in float32 (float64 for float64 inputs) when ``upcast``; one sequence at a time so the
     ``[Hq, T, S]`` score matrix of only one sequence is alive. Returns q's dtype, ``[B, Hq, T, D]``.
@@ -62,6 +64,8 @@ def tree_attention_ref(
         keys = k[b].to(compute).repeat_interleave(group, dim=0)
         values = v[b].to(compute).repeat_interleave(group, dim=0)
         scores = torch.matmul(q[b].to(compute), keys.transpose(-1, -2)) * sm_scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         scores = scores.masked_fill(~mask[b][None], float("-inf"))
         out[b] = torch.matmul(torch.softmax(scores, dim=-1), values).to(q.dtype)
     return out
@@ -92,20 +96,21 @@ def _tree_attention_op(
     sm_scale: float,
     num_kv_splits: int,
     impl: str,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     _check_cache_lens_values(cache_lens, q.shape[2], k.shape[2])
     if impl == "torch":
-        return tree_attention_ref(q, k, v, ancestor_mask, cache_lens, sm_scale)
+        return tree_attention_ref(q, k, v, ancestor_mask, cache_lens, sm_scale, softcap=softcap)
     from .kernels.tree_attention import tree_attention_forward
 
     return tree_attention_forward(
         q, k, v, ancestor_mask.contiguous(), cache_lens.to(torch.int32).contiguous(), sm_scale,
-        None if num_kv_splits <= 0 else num_kv_splits,
+        None if num_kv_splits <= 0 else num_kv_splits, softcap,
     )
 
 
 @_tree_attention_op.register_fake
-def _(q, k, v, ancestor_mask, cache_lens, sm_scale, num_kv_splits, impl):
+def _(q, k, v, ancestor_mask, cache_lens, sm_scale, num_kv_splits, impl, softcap=None):
     return torch.empty_like(q)
 
 
@@ -118,6 +123,7 @@ def tree_attention(
     *,
     sm_scale: float | None = None,
     num_kv_splits: int | None = None,
+    softcap: float | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Attention of the draft-tree queries over a KV cache holding the prefix then the tree nodes.
@@ -135,6 +141,8 @@ def tree_attention(
             only: split a prefix of at least 1,024 keys when the ``B · Hkv · row blocks`` programs would
             leave SMs idle, into as many chunks as give every SM a program in whole waves, counting the
             partial outputs a split writes).
+        softcap: attention logit soft-capping (Gemma-2's ``attn_logit_softcapping``): each score becomes
+            ``softcap * tanh(sm_scale * q.k / softcap)`` before the softmax; ``None`` (default) for none.
         impl: ``"auto"`` | ``"triton"`` | ``"torch"``.
 
     Returns ``[B, Hq, T, D]`` in q's dtype. Node ``i`` attends to the whole prefix and to the tree nodes
@@ -171,6 +179,8 @@ def tree_attention(
     if num_kv_splits is not None and (isinstance(num_kv_splits, bool) or not isinstance(num_kv_splits, int)
                                       or num_kv_splits < 1):
         raise ValueError(f"num_kv_splits must be None or an int >= 1, got {num_kv_splits!r}")
+    if softcap is not None:
+        softcap = check_number("softcap", softcap, low=0.0, low_inclusive=False)
     backend = resolve_impl(impl, device)
     if backend == "triton" and q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"impl='triton' needs q/k/v in float32, float16 or bfloat16, got {q.dtype}")
@@ -187,5 +197,6 @@ def tree_attention(
         raise ValueError(f"impl='triton' needs S * k.stride(2) < 2**31 (int32 key offsets), got S={kv_len}")
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     return _tree_attention_op(
-        q, k, v, tree.ancestor_mask, cache_lens, scale, 0 if num_kv_splits is None else num_kv_splits, backend
+        q, k, v, tree.ancestor_mask, cache_lens, scale, 0 if num_kv_splits is None else num_kv_splits, backend,
+        softcap,
     )

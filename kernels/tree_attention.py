@@ -13,6 +13,7 @@ a normalised partial output and its log-sum-exp, split 0 also covers the tree bl
 merges the partials.
 """
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -46,9 +47,21 @@ def _online_softmax_step(scores, m_i, l_i, acc, v_tile, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _base2_scores(raw, score_scale, softcap_log2, SOFTCAP: tl.constexpr):
+    """Base-2 softmax scores of raw ``q . k`` products. Without soft-capping ``score_scale`` is
+    ``sm_scale * log2(e)``. With it (Gemma-2) the score is ``cap * tanh(x)``, ``x = sm_scale * raw / cap``,
+    computed as ``cap * (2 sigmoid(2x) - 1)`` (saturates to -cap / +cap at either end; ``score_scale =
+    2 sm_scale / cap``, ``softcap_log2 = cap log2(e)``). The other forms we compiled (an explicit exp2 and
+    division, IEEE or approximate) left 8-byte stack frames in several configurations."""
+    if SOFTCAP:
+        return (2.0 * softcap_log2) * tl.sigmoid(raw * score_scale) - softcap_log2
+    return raw * score_scale
+
+
+@triton.jit
 def tree_attention_fwd_kernel(
     Q, K, V, ANC, CACHE_LENS, OUT, LSE,
-    sm_scale_log2,
+    score_scale, softcap_log2,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -57,7 +70,7 @@ def tree_attention_fwd_kernel(
     stride_anc_b,
     num_kv_heads, num_row_blocks, num_nodes, num_words, kv_len, split_len,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TREE_BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP32_DOT: tl.constexpr,
+    TREE_BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP32_DOT: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # Row blocks of one KV head are adjacent in launch order, so when a group needs several of them
     # (GROUP * T > BLOCK_M) they run together and their repeated K/V reads can hit L2.
@@ -109,7 +122,7 @@ def tree_attention_fwd_kernel(
             scores = tl.dot(q, tl.trans(k_tile.to(tl.float32)), input_precision="tf32x3")
         else:
             scores = tl.dot(q, tl.trans(k_tile))
-        scores = tl.where(key_valid[None, :], scores * sm_scale_log2, float("-inf"))
+        scores = tl.where(key_valid[None, :], _base2_scores(scores, score_scale, softcap_log2, SOFTCAP), float("-inf"))
         v_rows = tl.multiple_of(keys * stride_vs, 16)
         v_tile = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
         m_i, l_i, acc = _online_softmax_step(scores, m_i, l_i, acc, v_tile, FP32_DOT)
@@ -144,7 +157,7 @@ def tree_attention_fwd_kernel(
             scores = tl.dot(q, tl.trans(k_tile.to(tl.float32)), input_precision="tf32x3")
         else:
             scores = tl.dot(q, tl.trans(k_tile))
-        scores = tl.where(visible, scores * sm_scale_log2, float("-inf"))
+        scores = tl.where(visible, _base2_scores(scores, score_scale, softcap_log2, SOFTCAP), float("-inf"))
         v_rows = tl.multiple_of(keys * stride_vs, 16)
         v_tile = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
         m_i, l_i, acc = _online_softmax_step(scores, m_i, l_i, acc, v_tile, FP32_DOT)
@@ -230,7 +243,7 @@ _HALF_CONFIGS = {
 }
 
 
-def _block_config(rows_per_group: int, head_dim: int, dtype: torch.dtype) -> BlockConfig:
+def _block_config(rows_per_group: int, head_dim: int, dtype: torch.dtype, softcap: bool = False) -> BlockConfig:
     """The fixed configurations listed in ``aot_specs``, every one spill-free on sm_80 and sm_90a under
     triton 3.6 and 3.9 (``python -m benchmarks.compile_check --modules distill_ops.kernels.tree_attention``).
 
@@ -241,7 +254,16 @@ def _block_config(rows_per_group: int, head_dim: int, dtype: torch.dtype) -> Blo
     with a 3- or 4-stage pipelined prefix loop. fp32 inputs take 3xTF32 products, whose operands are split
     into a high and a low TF32 half (four times the register footprint of a bf16 fragment), so they keep
     16-row (D = 128) / 32-row (D = 64) tiles whatever the number of rows. D > 128 keeps small tiles too (a
-    128 x 256 fp32 accumulator alone would take 128 registers per thread at 8 warps)."""
+    128 x 256 fp32 accumulator alone would take 128 registers per thread at 8 warps). With soft-capping the
+    32-row D = 128 configuration takes 8 warps: at 4 its split variant has an 8-byte stack frame on sm_80
+    (triton 3.6)."""
+    config = _base_block_config(rows_per_group, head_dim, dtype)
+    if softcap and head_dim == 128 and config.block_m == 32:
+        return config._replace(num_warps=8)
+    return config
+
+
+def _base_block_config(rows_per_group: int, head_dim: int, dtype: torch.dtype) -> BlockConfig:
     if dtype == torch.float32:
         return BlockConfig(16 if head_dim > 64 else 32, 64, 64, 8, 2)
     if head_dim > 128:
@@ -301,17 +323,18 @@ def tree_attention_forward(
     cache_lens: torch.Tensor,
     sm_scale: float,
     num_kv_splits: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Launch tree attention. q ``[B, Hq, T, D]``, k/v ``[B, Hkv, S, D]`` (``S * stride(2) < 2**31``: key
     offsets within one head are int32), ancestor_mask int64 ``[Bt, T, W]`` (Bt 1 or B, contiguous),
-    cache_lens int32 ``[B]``."""
+    cache_lens int32 ``[B]``; ``softcap`` > 0 or None: scores ``softcap * tanh(sm_scale * q.k / softcap)``."""
     # The kernel promises the compiler 16-element-aligned strides (vectorised loads); copy otherwise.
     q, k, v = (t if t.stride(-1) == 1 and all(st % 16 == 0 for st in t.stride()[:-1]) else t.contiguous()
                for t in (q, k, v))
     batch, num_heads, num_nodes, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
-    config = _block_config(group * num_nodes, head_dim, q.dtype)
+    config = _block_config(group * num_nodes, head_dim, q.dtype, softcap is not None)
     row_blocks = triton.cdiv(group * num_nodes, config.block_m)
     max_prefix = kv_len - num_nodes
     if num_kv_splits is None:
@@ -326,14 +349,18 @@ def tree_attention_forward(
     # interpreter, whose bf16 tl.dot is wrong in triton 3.6 (it multiplies the raw uint16 storage).
     fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
     common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                  TREE_BLOCK_N=config.tree_block_n, FP32_DOT=fp32_dot, num_warps=config.num_warps,
+                  TREE_BLOCK_N=config.tree_block_n, FP32_DOT=fp32_dot, SOFTCAP=softcap is not None,
+                  num_warps=config.num_warps,
                   num_stages=config.num_stages)
     grid = (batch * num_kv_heads * row_blocks, num_kv_splits)
-    scale_log2 = sm_scale * _LOG2E
+    if softcap is None:
+        scale_args = (sm_scale * _LOG2E, 0.0)
+    else:
+        scale_args = (2.0 * sm_scale / softcap, softcap * _LOG2E)
     if num_kv_splits == 1:
         tree_attention_fwd_kernel[grid](
             q, k, v, ancestor_mask, cache_lens, out, out,
-            scale_log2,
+            *scale_args,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -348,7 +375,7 @@ def tree_attention_forward(
     lse = torch.empty(batch, num_heads, num_kv_splits, num_nodes, device=q.device, dtype=torch.float32)
     tree_attention_fwd_kernel[grid](
         q, k, v, ancestor_mask, cache_lens, partial, lse,
-        scale_log2,
+        *scale_args,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -384,28 +411,31 @@ def aot_specs() -> list[dict]:
     for dtype, ty in _TRITON_TYPES.items():
         for head_dim in (64, 128) if dtype == torch.float32 else (64, 128, 256):
             configs = sorted({_block_config(rows, head_dim, dtype) for rows in _AOT_ROWS})
-            for config in configs:
-                for split in (False, True):
-                    out_ty = "fp32" if split else ty
-                    signature = {
-                        "Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "ANC": "*i64", "CACHE_LENS": "*i32",
-                        "OUT": f"*{out_ty}", "LSE": "*fp32", "sm_scale_log2": "fp32",
-                    }
-                    for name in ("stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_ks",
-                                 "stride_vb", "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_os",
-                                 "stride_ot", "stride_lb", "stride_lh", "stride_ls", "stride_anc_b",
-                                 "num_kv_heads", "num_row_blocks", "num_nodes", "num_words", "kv_len", "split_len"):
-                        signature[name] = "i32"
-                    specs.append({
-                        "name": f"tree_attention_fwd_{ty}_d{head_dim}_m{config.block_m}{'_split' if split else ''}",
-                        "fn": tree_attention_fwd_kernel,
-                        "signature": signature,
-                        "constexprs": {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_M": config.block_m,
-                                       "BLOCK_N": config.block_n, "TREE_BLOCK_N": config.tree_block_n,
-                                       "SPLIT": split, "FP32_DOT": dtype == torch.float32},
-                        "num_warps": config.num_warps,
-                        "num_stages": config.num_stages,
-                    })
+            # Soft-capping (Gemma-2: 16-bit, D = 256 or 128) adds a tanh per score: compiled for bf16 there.
+            softcaps = (False, True) if dtype == torch.bfloat16 and head_dim >= 128 else (False,)
+            for config, split, softcap in itertools.product(configs, (False, True), softcaps):
+                config = _block_config(config.block_m, head_dim, dtype, softcap) if softcap else config
+                out_ty = "fp32" if split else ty
+                signature = {
+                    "Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "ANC": "*i64", "CACHE_LENS": "*i32",
+                    "OUT": f"*{out_ty}", "LSE": "*fp32", "score_scale": "fp32", "softcap_log2": "fp32",
+                }
+                for name in ("stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_ks",
+                             "stride_vb", "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_os",
+                             "stride_ot", "stride_lb", "stride_lh", "stride_ls", "stride_anc_b",
+                             "num_kv_heads", "num_row_blocks", "num_nodes", "num_words", "kv_len", "split_len"):
+                    signature[name] = "i32"
+                specs.append({
+                    "name": (f"tree_attention_fwd_{ty}_d{head_dim}_m{config.block_m}{'_split' if split else ''}"
+                             f"{'_softcap' if softcap else ''}"),
+                    "fn": tree_attention_fwd_kernel,
+                    "signature": signature,
+                    "constexprs": {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_M": config.block_m,
+                                   "BLOCK_N": config.block_n, "TREE_BLOCK_N": config.tree_block_n,
+                                   "SPLIT": split, "FP32_DOT": dtype == torch.float32, "SOFTCAP": softcap},
+                    "num_warps": config.num_warps,
+                    "num_stages": config.num_stages,
+                })
             signature = {"PART": "*fp32", "LSE": "*fp32", "OUT": f"*{ty}"}
             for name in ("stride_pb", "stride_ph", "stride_ps", "stride_pt", "stride_lb", "stride_lh", "stride_ls",
                          "stride_ob", "stride_oh", "stride_ot", "num_heads", "num_nodes", "num_splits"):

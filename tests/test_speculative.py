@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -43,7 +45,11 @@ FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),  # sliding-window cache layers (window 4096 by default)
+    # Attention logit soft-capping (small, so that it changes the scores), final-logit soft-capping, and
+    # alternating sliding-window layers.
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
 }
+FAMILY_OVERRIDES = {"gemma2": dict(head_dim=16, attn_logit_softcapping=3.0)}
 STATIC_TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]]
 DYNAMIC_TREE = dict(depth=4, topk=3, num_nodes=12)
 
@@ -57,7 +63,8 @@ def model_config(family: str, vocab: int, layers: int, **overrides):
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
         # Larger-than-default weights give peaked next-token distributions (no near-ties in argmax).
-        initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None, **overrides,
+        initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        **{**FAMILY_OVERRIDES.get(family, {}), **overrides},
     )
 
 
@@ -103,7 +110,7 @@ _MODELS = {}
 
 def models(family: str):
     if family not in _MODELS:
-        _MODELS[family] = make_models(family, vocab={"llama": 256, "qwen2": 320, "mistral": 288}[family])
+        _MODELS[family] = make_models(family, vocab={"llama": 256, "qwen2": 320, "mistral": 288, "gemma2": 192}[family])
     return _MODELS[family]
 
 
@@ -199,6 +206,54 @@ def test_greedy_equals_generate_mistral_sliding_window(draft_kind):
     for prompt, max_new_tokens in zip(prompts(288, [3, 9], seed=4), [14, 8]):
         out = engine.generate(prompt, max_new_tokens=max_new_tokens, eos_token_id=[])
         assert torch.equal(out.sequences, reference_generate(target, prompt, max_new_tokens))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_greedy_equals_generate_gemma2_softcap(impl):
+    """Gemma-2: attention soft-capping in the tree attention (both impls) and in the engine's own causal
+    forwards (SDPA cannot soft-cap); the reference is transformers' eager attention."""
+    target, draft = models("gemma2")
+    assert target.config.attn_logit_softcapping == 3.0 and target.config._attn_implementation == "eager"
+    engine = SpeculativeDecoder(target, draft, impl=impl, **DYNAMIC_TREE)
+    accepted = []
+    for prompt, max_new_tokens in zip(prompts(192, [2, 9], seed=6), [15, 10]):
+        out = engine.generate(prompt, max_new_tokens=max_new_tokens, eos_token_id=[])
+        assert torch.equal(out.sequences, reference_generate(target, prompt, max_new_tokens))
+        accepted += out.accept_lengths
+    assert max(accepted) >= 1
+
+
+@pytest.mark.parametrize("family", ["Qwen3", "Phi3", "Gemma3", "Olmo2", "Mixtral", "GPTNeoX", "Cohere"])
+def test_greedy_equals_generate_more_families(family):
+    """Other transformers families whose attention goes through the AttentionInterface (q/k norms, partial
+    rotary, mixture-of-experts MLPs, parallel blocks): greedy output equals generate's."""
+    import transformers
+
+    config_cls = getattr(transformers, f"{family}TextConfig", None) or getattr(transformers, f"{family}Config")
+    model_cls = getattr(transformers, f"{family}ForCausalLM")
+    config = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  tie_word_embeddings=False, initializer_range=0.3, bos_token_id=None, eos_token_id=None,
+                  pad_token_id=None)
+    torch.manual_seed(0)
+    target = model_cls(config_cls(num_hidden_layers=2, **config)).eval().to(DEVICE)
+    # The target drafts for itself: whole paths are accepted, so deep tree rows decide the output too.
+    engine = SpeculativeDecoder(target, target, impl="torch", depth=3, topk=2, num_nodes=8)
+    for prompt in prompts(160, [1, 7], seed=8):
+        out = engine.generate(prompt, max_new_tokens=12, eos_token_id=[])
+        assert torch.equal(out.sequences, reference_generate(target, prompt, 12))
+        assert max(out.accept_lengths) == 3
+
+
+def test_unsupported_attention_is_refused():
+    """StableLM's attention does not go through transformers' AttentionInterface: refused, naming why."""
+    import transformers
+
+    config = transformers.StableLmConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.StableLmForCausalLM(config).eval().to(DEVICE)
+    engine = SpeculativeDecoder(model, model, impl="torch", depth=2, topk=2, num_nodes=4)
+    with pytest.raises(ValueError, match="does not go through transformers' AttentionInterface"):
+        engine.generate(prompts(64, [3], seed=9)[0], max_new_tokens=4)
 
 
 def test_greedy_with_draft_equal_to_target_accepts_whole_chains():

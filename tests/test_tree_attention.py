@@ -41,8 +41,9 @@ def sdpa_reference(q, k, v, parents, cache_lens, scale):
     return F.scaled_dot_product_attention(q.double().cpu(), k64, v64, attn_mask=mask, scale=scale)
 
 
-def path_oracle(q, k, v, parents, cache_lens, scale):
-    """Each node: plain softmax attention over the prefix followed by its ancestor chain, nothing else."""
+def path_oracle(q, k, v, parents, cache_lens, scale, softcap=None):
+    """Each node: plain softmax attention over the prefix followed by its ancestor chain, nothing else
+    (scores soft-capped to ``softcap * tanh(score / softcap)`` when ``softcap`` is given)."""
     batch, num_heads, num_nodes, _ = q.shape
     group = num_heads // k.shape[1]
     out = torch.empty(q.shape, dtype=torch.float64)
@@ -54,7 +55,10 @@ def path_oracle(q, k, v, parents, cache_lens, scale):
             for h in range(num_heads):
                 keys = k[b, h // group, positions].double().cpu()
                 values = v[b, h // group, positions].double().cpu()
-                weights = torch.softmax(keys @ q[b, h, i].double().cpu() * scale, 0)
+                scores = keys @ q[b, h, i].double().cpu() * scale
+                if softcap is not None:
+                    scores = softcap * torch.tanh(scores / softcap)
+                weights = torch.softmax(scores, 0)
                 out[b, h, i] = weights @ values
     return out
 
@@ -102,6 +106,21 @@ def test_tree_attention_path_oracle_and_fp64_fallback(impl):
     assert_close(tree_attention(q, k, v, tree, lens, sm_scale=0.3, impl=impl), oracle, torch.float32)
     fp64 = tree_attention(q.double(), k.double(), v.double(), tree, lens, sm_scale=0.3, impl="torch")
     assert_close(fp64, oracle, torch.float64)
+
+
+@pytest.mark.parametrize("impl, num_kv_splits", [("torch", None), ("triton", 1), ("triton", 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_softcap_vs_path_oracle(dtype, impl, num_kv_splits):
+    """Gemma-2's attention soft-capping: scores cap * tanh(score / cap), in the prefix and the tree block,
+    unsplit and split-KV. The queries are scaled up so that the cap changes the result."""
+    q, k, v, parents, lens = make_case(2, 4, 2, 9, 64, [40, 3], dtype, per_seq_tree=True, seed=13)
+    q = q * 4
+    tree = build_tree(parents.to(DEVICE))
+    out = tree_attention(q, k, v, tree, lens, softcap=5.0, num_kv_splits=num_kv_splits, impl=impl)
+    expected = path_oracle(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64), softcap=5.0)
+    assert_close(out, expected, dtype)
+    uncapped = path_oracle(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64))
+    assert (expected - uncapped).abs().max() > 0.1  # the cap matters at these scores
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -254,6 +273,9 @@ def test_bad_inputs():
         tree_attention(q, k[..., :32], v[..., :32], tree, lens, impl="torch")
     with pytest.raises(TypeError, match="share a dtype"):
         tree_attention(q, k.half(), v.half(), tree, lens, impl="torch")
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="softcap"):
+            tree_attention(q, k, v, tree, lens, softcap=bad, impl="torch")
     with pytest.raises(ValueError, match="cache_lens must have shape"):
         tree_attention(q, k, v, tree, lens[:1], impl="torch")
     with pytest.raises(TypeError, match="cache_lens must have dtype"):
