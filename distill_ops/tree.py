@@ -122,6 +122,27 @@ class TreeSpec:
         return unpack_ancestor_mask(self.ancestor_mask, self.num_nodes)
 
 
+def check_tree_spec(tree: object, name: str = "tree") -> TreeSpec:
+    """``tree`` if it is a :class:`TreeSpec` whose kernel-facing tensors agree: int64 ``parents`` and
+    ``depth`` ``[Bt, T]`` and ``ancestor_mask`` ``[Bt, T, ceil(T / 64)]``. Shapes and dtypes only (no host
+    read of values); a hand-assembled spec with a short mask would otherwise be read past its end."""
+    if not isinstance(tree, TreeSpec):
+        raise TypeError(f"{name} must be a TreeSpec (see distill_ops.tree.build_tree), got {type(tree).__name__}")
+    if tree.parents.dim() != 2:
+        raise ValueError(f"{name}.parents must be [Bt, T], got shape {tuple(tree.parents.shape)}")
+    batch, num_nodes = tree.parents.shape
+    expected = {"parents": (batch, num_nodes), "depth": (batch, num_nodes),
+                "ancestor_mask": (batch, num_nodes, (num_nodes + BITS_PER_WORD - 1) // BITS_PER_WORD)}
+    for field, shape in expected.items():
+        tensor = getattr(tree, field)
+        if tensor.dtype != torch.int64 or tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{name}.{field} must be int64 of shape {list(shape)} (from {name}.parents [Bt, T]), got "
+                f"{tensor.dtype} {tuple(tensor.shape)}"
+            )
+    return tree
+
+
 def unpack_ancestor_mask(ancestor_mask: torch.Tensor, num_nodes: int) -> torch.Tensor:
     """Expand packed int64 words ``[..., T, W]`` to a bool matrix ``[..., T, num_nodes]`` (device-side)."""
     columns = torch.arange(num_nodes, device=ancestor_mask.device)

@@ -12,7 +12,7 @@ import math
 import torch
 
 from ._utils import FLOAT_DTYPES, INT_DTYPES, check_number, check_same_device, check_tensor, resolve_impl
-from .tree import TreeSpec, unpack_ancestor_mask
+from .tree import TreeSpec, check_tree_spec, unpack_ancestor_mask
 
 _TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 # float32 D = 256 has no Triton configuration that is spill-free and fits an A100's shared memory (its 3xTF32
@@ -152,8 +152,7 @@ def tree_attention(
     check_tensor("q", q, dtypes=_DTYPES, ndim=4)
     check_tensor("k", k, dtypes=_DTYPES, ndim=4)
     check_tensor("v", v, dtypes=_DTYPES, ndim=4)
-    if not isinstance(tree, TreeSpec):
-        raise TypeError(f"tree must be a TreeSpec (see distill_ops.tree.build_tree), got {type(tree).__name__}")
+    check_tree_spec(tree)
     check_tensor("cache_lens", cache_lens, dtypes=INT_DTYPES, ndim=1)
     device = check_same_device(q=q, k=k, v=v, cache_lens=cache_lens, tree=tree.ancestor_mask)
     if k.dtype != q.dtype or v.dtype != q.dtype:

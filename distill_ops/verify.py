@@ -40,7 +40,7 @@ import torch
 from ._utils import (
     FLOAT_DTYPES, INT_DTYPES, check_number, check_same_device, check_tensor, host_readable, resolve_impl, row_chunk,
 )
-from .tree import TreeSpec, int64_to_device
+from .tree import TreeSpec, check_tree_spec, int64_to_device
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,7 @@ class VerifyResult:
 
 
 def _check_verify_inputs(tree: object, draft_tokens: object, target_logits: object) -> tuple[int, int, int]:
-    if not isinstance(tree, TreeSpec):
-        raise TypeError(f"tree must be a TreeSpec (see distill_ops.tree.build_tree), got {type(tree).__name__}")
+    check_tree_spec(tree)
     check_tensor("draft_tokens", draft_tokens, dtypes=INT_DTYPES, ndim=2)
     check_tensor("target_logits", target_logits, dtypes=FLOAT_DTYPES, ndim=3)
     check_same_device(target_logits=target_logits, draft_tokens=draft_tokens, tree=tree.parents)
