@@ -8,7 +8,9 @@ statistics; no [N, V] logits, probabilities or gradient ever exist. Per row (tok
 
 with D any divergence of :func:`distill_ops.kl_div` (same definitions, same temperature
 convention: T divides both sides' logits, no T^2 factor) and CE the hard-label cross-entropy of the
-student at temperature 1.
+student at temperature 1. ``student_softcap`` / ``teacher_softcap`` soft-cap that side's logits as Gemma-2
+does (``cap * tanh(logits / cap)``, after the bias, before the temperature); the cross-entropy sees the capped
+student logits and backward applies the cap's derivative ``1 - tanh^2`` to dL/dz.
 
 Backends:
 
@@ -46,6 +48,7 @@ The loss is computed in forward with only [N]-sized statistics saved; backward r
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Optional
 
 import torch
@@ -95,12 +98,20 @@ def _linear_chunk(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], start:
     return logits
 
 
-class _Inputs:
-    """The 2-D operands of one call, with chunk accessors for the PyTorch fallback."""
+def _softcapped(logits: Tensor, softcap: Optional[float]) -> Tensor:
+    """``softcap * tanh(logits / softcap)`` (Gemma-2's final-logit soft-capping), or ``logits`` when None."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
-    def __init__(self, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits):
+
+class _Inputs:
+    """The 2-D operands of one call, with chunk accessors for the PyTorch fallback. ``s_softcap`` / ``t_softcap``:
+    each side's logit soft-cap (None: none; never set with ``t_logits``)."""
+
+    def __init__(self, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, s_softcap=None,
+                 t_softcap=None):
         self.s_hidden, self.s_weight, self.s_bias = s_hidden, s_weight, s_bias
         self.t_hidden, self.t_weight, self.t_bias, self.t_logits = t_hidden, t_weight, t_bias, t_logits
+        self.s_softcap, self.t_softcap = s_softcap, t_softcap
         self.compute_dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
 
     def hidden_chunk(self, start: int, stop: int) -> tuple[Tensor, Optional[Tensor]]:
@@ -108,10 +119,14 @@ class _Inputs:
         teacher = None if self.t_hidden is None else self.t_hidden[start:stop].to(self.compute_dtype)
         return student, teacher
 
+    def student_chunk(self, student_hidden: Tensor, start: int, stop: int) -> Tensor:
+        """The student's (soft-capped) logits of columns [start, stop)."""
+        return _softcapped(_linear_chunk(student_hidden, self.s_weight, self.s_bias, start, stop), self.s_softcap)
+
     def teacher_chunk(self, teacher_hidden: Optional[Tensor], rows: slice, start: int, stop: int) -> Tensor:
         if self.t_logits is not None:
             return self.t_logits[rows, start:stop].to(self.compute_dtype)
-        return _linear_chunk(teacher_hidden, self.t_weight, self.t_bias, start, stop)
+        return _softcapped(_linear_chunk(teacher_hidden, self.t_weight, self.t_bias, start, stop), self.t_softcap)
 
 
 def fused_linear_stats_torch(
@@ -176,7 +191,7 @@ def _scaled(logits: Tensor, temperature: float) -> Tensor:
 
 
 def _lse_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, temperature, labels):
-    z = _linear_chunk(student_hidden, inputs.s_weight, inputs.s_bias, start, stop)
+    z = inputs.student_chunk(student_hidden, start, stop)
     t = inputs.teacher_chunk(teacher_hidden, rows, start, stop)
     lse_s = torch.logsumexp(_scaled(z, temperature), dim=-1)
     lse_t = torch.logsumexp(_scaled(t, temperature), dim=-1)
@@ -187,7 +202,7 @@ def _lse_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, temper
 
 def _terms_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, temperature, lse_s, lse_t, divergence,
                  coef):
-    z = _linear_chunk(student_hidden, inputs.s_weight, inputs.s_bias, start, stop)
+    z = inputs.student_chunk(student_hidden, start, stop)
     t = inputs.teacher_chunk(teacher_hidden, rows, start, stop)
     terms, dot_terms, _, _ = _divergence_elements(
         _scaled(z, temperature), _scaled(t, temperature), lse_s[:, None], lse_t[:, None], divergence, coef
@@ -197,8 +212,14 @@ def _terms_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, temp
 
 def _grad_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, labels, row_stats, kl_scale, ce_scale,
                 divergence, coef, temperature):
-    """dL/dz of one [token chunk, vocabulary chunk] block, scaled per row."""
+    """dL/dz of one [token chunk, vocabulary chunk] block (of the raw logits when soft-capped), scaled per row."""
     z = _linear_chunk(student_hidden, inputs.s_weight, inputs.s_bias, start, stop)
+    cap_grad = None
+    if inputs.s_softcap is not None:
+        tanh = torch.tanh(z / inputs.s_softcap)
+        z = inputs.s_softcap * tanh
+        cap_grad = 1.0 - tanh * tanh  # d capped / d raw
+        del tanh
     t = inputs.teacher_chunk(teacher_hidden, rows, start, stop)
     _, _, q, g = _divergence_elements(
         _scaled(z, temperature), _scaled(t, temperature), row_stats[0, rows, None], row_stats[1, rows, None],
@@ -214,7 +235,7 @@ def _grad_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, label
         ce_grad = torch.exp(z - row_stats[3, rows, None]) - (columns[None, :] == labels[rows, None]).to(z.dtype)
         scale = ce_scale[rows, None]
         grad = grad + torch.where(scale == 0, zero, ce_grad * scale)
-    return grad
+    return grad if cap_grad is None else grad * cap_grad
 
 
 def _label_logits(z: Tensor, labels: Tensor, start: int, stop: int) -> Tensor:
@@ -322,7 +343,8 @@ def fused_linear_backward_triton(
                              GEMM_CHUNK_CONFIG[1])
         chunk = min(chunks.columns, vocab)
     else:
-        block_v = default_config(s_hidden.dtype, "grad", divergence)[1]
+        block_v = default_config(s_hidden.dtype, "grad", divergence,
+                                 softcap=inputs.s_softcap is not None or inputs.t_softcap is not None)[1]
         chunk = min(grad_chunk_columns(num_rows, vocab, block_v), vocab)
     # dL/dz in the operands' dtype: what the GEMMs take (as every bf16 training step does).
     grad_buffer = torch.empty(num_rows, chunk, dtype=s_hidden.dtype, device=device)
@@ -343,6 +365,7 @@ def fused_linear_backward_triton(
             s_hidden, s_weight, inputs.s_bias, inputs.t_hidden, inputs.t_weight, inputs.t_bias, t_logits,
             labels, row_stats, kl_scale, ce_scale, grad_chunk, start,
             divergence=divergence, coef=coef, temperature=temperature, s_logits=s_logits,
+            s_softcap=inputs.s_softcap, t_softcap=inputs.t_softcap,
         )
         if compensated:
             accumulate_grad_hidden(d_hidden, d_hidden_lo, grad_chunk, s_weight[start:stop], first=start == 0,
@@ -419,6 +442,8 @@ def _fused_linear_rows_op(
     kl_weight: float,
     ce_weight: float,
     backend: str,
+    s_softcap: Optional[float],
+    t_softcap: Optional[float],
 ) -> tuple[Tensor, Tensor]:
     """Per-row loss (fp32 [N], 0 at ignored rows) and the [4, N] statistics backward needs."""
     has_ce = ce_weight != 0.0
@@ -428,10 +453,10 @@ def _fused_linear_rows_op(
         divergence_rows, ce_rows, row_stats = fused_linear_stats(
             s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels,
             divergence=divergence, coef=coef, temperature=temperature, has_ce=has_ce,
-            strategy=_strategy(backend),
+            strategy=_strategy(backend), s_softcap=s_softcap, t_softcap=t_softcap,
         )
     else:
-        inputs = _Inputs(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits)
+        inputs = _Inputs(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, s_softcap, t_softcap)
         divergence_rows, ce_rows, row_stats = fused_linear_stats_torch(
             inputs, labels, divergence=divergence, coef=coef, temperature=temperature, has_ce=has_ce
         )
@@ -446,7 +471,7 @@ def _fused_linear_rows_op(
 
 @_fused_linear_rows_op.register_fake
 def _(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels, divergence, coef, temperature,
-      ignore_index, kl_weight, ce_weight, backend):
+      ignore_index, kl_weight, ce_weight, backend, s_softcap, t_softcap):
     num_rows = s_hidden.shape[0]
     return (
         s_hidden.new_empty((num_rows,), dtype=torch.float32),
@@ -473,6 +498,8 @@ def _fused_linear_backward_op(
     kl_weight: float,
     ce_weight: float,
     backend: str,
+    s_softcap: Optional[float],
+    t_softcap: Optional[float],
     need_weight_grad: bool,
     need_bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -483,7 +510,7 @@ def _fused_linear_backward_op(
         grad_rows = torch.where(active, grad_rows, 0.0)
     kl_scale = grad_rows * (kl_weight / temperature)
     ce_scale = grad_rows * ce_weight if ce_weight != 0.0 else None
-    inputs = _Inputs(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits)
+    inputs = _Inputs(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, s_softcap, t_softcap)
     options = dict(divergence=divergence, coef=coef, temperature=temperature, need_weight_grad=need_weight_grad,
                    need_bias_grad=need_bias_grad)
     if backend.startswith("triton"):
@@ -501,7 +528,8 @@ def _fused_linear_backward_op(
 
 @_fused_linear_backward_op.register_fake
 def _(grad_rows, row_stats, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels, divergence,
-      coef, temperature, ignore_index, kl_weight, ce_weight, backend, need_weight_grad, need_bias_grad):
+      coef, temperature, ignore_index, kl_weight, ce_weight, backend, s_softcap, t_softcap, need_weight_grad,
+      need_bias_grad):
     return (
         torch.empty_like(s_hidden),
         torch.empty_like(s_weight) if need_weight_grad else s_hidden.new_empty((0,)),
@@ -509,7 +537,8 @@ def _(grad_rows, row_stats, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bi
     )
 
 
-_OPTIONS = ("divergence", "coef", "temperature", "ignore_index", "kl_weight", "ce_weight", "backend")
+_OPTIONS = ("divergence", "coef", "temperature", "ignore_index", "kl_weight", "ce_weight", "backend", "s_softcap",
+            "t_softcap")
 
 
 def _setup_context(ctx, inputs, output):
@@ -561,6 +590,18 @@ def _check_linear_side(side: str, hidden: Tensor, weight: Tensor, bias: Optional
             )
 
 
+def _check_softcap(name: str, value: object) -> Optional[float]:
+    """None, or a finite real number > 0 (a logit soft-cap), as a float."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be None or a finite number > 0 (the logit soft-cap), got {value!r} of type "
+                        f"{type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be None or a finite number > 0 (the logit soft-cap), got {value!r}")
+    return float(value)
+
+
 def _weight_rows(weight: Tensor, vocab: int) -> Tensor:
     # Slice only when needed: autograd records even a full-size slice, and its backward would
     # allocate a zero-filled copy of the whole weight gradient.
@@ -595,6 +636,8 @@ def fused_linear_kl_div(
     reduction: str = "mean",
     normalizer: float | Tensor | None = None,
     vocab_size: int | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
     impl: str = "auto",
 ) -> Tensor:
     """Distillation loss from hidden states, without materialising logits.
@@ -621,6 +664,11 @@ def fused_linear_kl_div(
         normalizer: replaces the row count of ``mean`` (e.g. ``num_items_in_batch``).
         vocab_size: when V != Vt, compare (and take the cross-entropy over) the first ``vocab_size``
             rows of both weights / columns of ``teacher_logits``; other weight rows get zero gradient.
+        student_softcap, teacher_softcap: final-logit soft-capping (Gemma-2's
+            ``config.final_logit_softcapping``): that side's logits become ``cap * tanh(logits / cap)``, applied
+            after the bias and before the temperature; the cross-entropy term uses the capped student logits,
+            and the gradients go through the cap. ``None`` (default): no capping. ``teacher_softcap`` must be
+            ``None`` with ``teacher_logits`` (those are final logits).
         impl: ``auto`` (Triton on CUDA, PyTorch otherwise), ``triton`` or ``torch``.
 
     Returns:
@@ -669,6 +717,13 @@ def fused_linear_kl_div(
     kl_weight = check_number("kl_weight", kl_weight, low=0.0)
     ce_weight = check_number("ce_weight", ce_weight, low=0.0)
     check_reduction(reduction, normalizer)
+    student_softcap = _check_softcap("student_softcap", student_softcap)
+    teacher_softcap = _check_softcap("teacher_softcap", teacher_softcap)
+    if teacher_softcap is not None and teacher_logits is not None:
+        raise ValueError(
+            f"teacher_softcap={teacher_softcap} was given with teacher_logits: dense teacher logits are final "
+            "(cap them before passing them); teacher_softcap applies to teacher_hidden @ teacher_weight.T only"
+        )
     if labels is not None:
         check_labels(labels, leading_shape, device)
     elif ce_weight > 0.0:
@@ -697,14 +752,16 @@ def fused_linear_kl_div(
     label_rows = None if labels is None else labels.reshape(-1).to(torch.int64)
     row_loss, _ = torch.ops.distill_ops.fused_linear_kl_div_rows(
         s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, label_rows,
-        divergence, coef, float(temperature), int(ignore_index), kl_weight, ce_weight, backend,
+        divergence, coef, float(temperature), int(ignore_index), kl_weight, ce_weight, backend, student_softcap,
+        teacher_softcap,
     )
     active = _active_rows(label_rows, ignore_index)
     return reduce_rows(row_loss, active, reduction, normalizer, leading_shape)
 
 
 class FusedLinearKLDivLoss(LossModule):
-    """Module form of :func:`fused_linear_kl_div`.
+    """Module form of :func:`fused_linear_kl_div` (the constructor takes its options, ``student_softcap`` /
+    ``teacher_softcap`` included).
 
     ``forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
     teacher_logits=None, student_bias=None, teacher_bias=None, normalizer=None)``.
@@ -721,10 +778,14 @@ class FusedLinearKLDivLoss(LossModule):
         ce_weight: float = 0.0,
         reduction: str = "mean",
         vocab_size: int | None = None,
+        student_softcap: float | None = None,
+        teacher_softcap: float | None = None,
         impl: str = "auto",
     ) -> None:
         check_choice("divergence", divergence, DIVERGENCES)
         check_choice("reduction", reduction, ("mean", "sum", "none"))
+        _check_softcap("student_softcap", student_softcap)
+        _check_softcap("teacher_softcap", teacher_softcap)
         super().__init__(
             divergence=divergence,
             beta=beta,
@@ -735,6 +796,8 @@ class FusedLinearKLDivLoss(LossModule):
             ce_weight=ce_weight,
             reduction=reduction,
             vocab_size=vocab_size,
+            student_softcap=student_softcap,
+            teacher_softcap=teacher_softcap,
             impl=impl,
         )
 

@@ -16,6 +16,10 @@ them into per-row statistics. Three launches:
   [N, V]. The two gradient GEMMs (``d_hidden += dz @ W_chunk``, ``d_weight[chunk] = dz.T @ h``) run in
   cuBLAS on that chunk (see :func:`fused_linear_backward`).
 
+Final-logit soft-capping (Gemma-2; ``s_softcap`` / ``t_softcap`` of the launchers): each side's tile becomes
+``cap * tanh(tile / cap)`` right after it is formed (:func:`_both_logit_tiles`), and the dL/dz kernel multiplies by
+``1 - tanh^2``; a compile-time branch, absent from uncapped launches.
+
 Tiles are visited in a grouped order (a group = some token blocks x all splits / vocabulary tiles of the
 group, as in Triton's matmul tutorial) so the hidden-state blocks and weight tiles that run concurrently
 share L2; :func:`stats_schedule` explains the statistics kernel's choice.
@@ -59,6 +63,15 @@ KL_GRAD_CONFIGS = {"16bit": (64, 128, 32, 8, 3), "fp32": (16, 64, 32, 4, 2)}
 LOGITS_KL_GRAD_CONFIGS = {"16bit": (64, 64, 32, 8, 3), "fp32": (16, 64, 32, 4, 2)}
 MIXTURE_GRAD_CONFIGS = {"16bit": (32, 64, 32, 8, 3), "fp32": (16, 16, 32, 4, 2)}
 LOGITS_MIXTURE_GRAD_CONFIGS = {"16bit": (64, 64, 32, 8, 3), "fp32": (16, 16, 32, 4, 2)}
+# Soft-capped logits (either side) take the configurations above, except the mixture / TVD statistics sweep (PASS 2)
+# with a hidden-state teacher in 16 bits: with three stages Triton 3.6 left skew_forward's sm_80 aligned build
+# spilling 16 bytes (ptxas held it to 128 registers); two stages keep the 64 x 64 tile spill-free in every capped
+# PASS 2 build under both releases (32 x 64 tiles were spill-free too, but halve the tokens per weight tile).
+CAPPED_MIXTURE_STATS_CONFIGS = {"16bit": (64, 64, 32, 8, 2), "fp32": STATS_CONFIGS["fp32"]}
+# The logit soft-cap the static check compiles the capped variants with (Gemma-2's final_logit_softcapping; the cap
+# is a constexpr, see _common_args). Capping adds a sigmoid and two multiply-adds per logit; the capped launches take
+# the configurations above but CAPPED_MIXTURE_STATS_CONFIGS (default_config).
+SPEC_SOFTCAP = 30.0
 # Token blocks per group of the grouped program order (``_grouped_tile``: consecutive programs take the
 # group's token blocks first, then the next split / vocabulary tile), for both kernels.
 GROUP_N = 8
@@ -159,10 +172,13 @@ class _GemmChunks:
 
 
 def default_config(
-    dtype: torch.dtype, kernel: str, divergence: str = "forward", teacher_logits: bool = False
+    dtype: torch.dtype, kernel: str, divergence: str = "forward", teacher_logits: bool = False, softcap: bool = False
 ) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) of ``kernel`` ("stats" | "grad") for ``dtype`` inputs."""
-    if kernel == "grad":
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) of ``kernel`` ("stats" | "stats_pass2" | "grad") for
+    ``dtype`` inputs (``softcap``: either side's logits soft-capped)."""
+    if kernel == "stats_pass2" and softcap and not teacher_logits:
+        configs = CAPPED_MIXTURE_STATS_CONFIGS
+    elif kernel == "grad":
         if is_mixture(divergence):
             configs = LOGITS_MIXTURE_GRAD_CONFIGS if teacher_logits else MIXTURE_GRAD_CONFIGS
         else:
@@ -238,6 +254,14 @@ def _stored_logits(logits_ptr, stride, bias_ptr, rows, cols, row_mask, col_mask,
 
 
 @triton.jit
+def _softcapped(logits, CAP: tl.constexpr):
+    """``CAP * tanh(logits / CAP)`` (Gemma-2's final-logit soft-capping), written ``CAP * (2 sigmoid(2 logits /
+    CAP) - 1)`` as ``_base2_scores`` in tree_attention.py does: the other forms compiled there left ptxas stack
+    frames. Saturates to -CAP / +CAP (a -inf logit becomes -CAP, as the model's own tanh makes it)."""
+    return (2.0 * CAP) * tl.sigmoid(logits * (2.0 / CAP)) - CAP
+
+
+@triton.jit
 def _both_logit_tiles(
     s_hidden_ptr,
     s_weight_ptr,
@@ -264,16 +288,19 @@ def _both_logit_tiles(
     HAS_T_BIAS: tl.constexpr,
     S_PRECISION: tl.constexpr,
     T_PRECISION: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """Raw student logits z and teacher logits (both fp32, unscaled; -inf outside the vocabulary).
+    """Student logits z and teacher logits (both fp32, before the temperature; -inf outside the vocabulary).
 
     STUDENT_LOGITS / TEACHER_LOGITS: that side's logits are read from a matrix (``s_hidden_ptr`` /
     ``t_logits_ptr`` with row strides ``stride_s_hidden`` / ``stride_t_logits``) whose column 0 is vocabulary
     column ``logits_col_offset`` (a chunk buffer of the GEMM strategy), plus the bias if that side has one;
-    otherwise they are computed with ``tl.dot``."""
+    otherwise they are computed with ``tl.dot``. S_SOFTCAP / T_SOFTCAP (0.0: none): that side's logits are
+    soft-capped, ``cap * tanh(logits / cap)``, after the bias."""
     if STUDENT_LOGITS:
         z = _stored_logits(s_hidden_ptr, stride_s_hidden, s_bias_ptr, rows, cols, row_mask, col_mask,
                            logits_col_offset, HAS_S_BIAS)
@@ -282,6 +309,8 @@ def _both_logit_tiles(
             s_hidden_ptr, s_weight_ptr, s_bias_ptr, stride_s_hidden, stride_s_weight, rows, cols, row_mask,
             col_mask, Hs, HAS_S_BIAS, S_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )
+    if S_SOFTCAP > 0.0:
+        z = _softcapped(z, S_SOFTCAP)
     if TEACHER_LOGITS:
         t = _stored_logits(t_logits_ptr, stride_t_logits, t_bias_ptr, rows, cols, row_mask, col_mask,
                            logits_col_offset, HAS_T_BIAS)
@@ -290,6 +319,8 @@ def _both_logit_tiles(
             t_hidden_ptr, t_weight_ptr, t_bias_ptr, stride_t_hidden, stride_t_weight, rows, cols, row_mask,
             col_mask, Ht, HAS_T_BIAS, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )
+    if T_SOFTCAP > 0.0:
+        t = _softcapped(t, T_SOFTCAP)
     z = tl.where(col_mask[None, :], z, float("-inf"))
     t = tl.where(col_mask[None, :], t, float("-inf"))
     return z, t
@@ -333,6 +364,8 @@ def _fused_linear_stats_kernel(
     HAS_CE: tl.constexpr,
     S_PRECISION: tl.constexpr,
     T_PRECISION: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -371,7 +404,7 @@ def _fused_linear_stats_kernel(
                 s_hidden_ptr, s_weight_ptr, s_bias_ptr, t_hidden_ptr, t_weight_ptr, t_bias_ptr, t_logits_ptr,
                 stride_s_hidden, stride_s_weight, stride_t_hidden, stride_t_weight, stride_t_logits,
                 rows, cols, row_mask, col_mask, Hs, Ht, col_start, HAS_S_BIAS, STUDENT_LOGITS, TEACHER_LOGITS,
-                HAS_T_BIAS, S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+                HAS_T_BIAS, S_PRECISION, T_PRECISION, S_SOFTCAP, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
             )
             # Sides one after the other, so that few [BLOCK_N, BLOCK_V] temporaries are live at once.
             a = z * inv_temperature
@@ -418,7 +451,7 @@ def _fused_linear_stats_kernel(
                 s_hidden_ptr, s_weight_ptr, s_bias_ptr, t_hidden_ptr, t_weight_ptr, t_bias_ptr, t_logits_ptr,
                 stride_s_hidden, stride_s_weight, stride_t_hidden, stride_t_weight, stride_t_logits,
                 rows, cols, row_mask, col_mask, Hs, Ht, col_start, HAS_S_BIAS, STUDENT_LOGITS, TEACHER_LOGITS,
-                HAS_T_BIAS, S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+                HAS_T_BIAS, S_PRECISION, T_PRECISION, S_SOFTCAP, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
             )
             term, g, q = _divergence_terms(
                 z * inv_temperature, t * inv_temperature, lse_s[:, None], lse_t[:, None], coef, DIVERGENCE
@@ -468,6 +501,8 @@ def _fused_linear_grad_logits_kernel(
     HAS_CE: tl.constexpr,
     S_PRECISION: tl.constexpr,
     T_PRECISION: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -485,7 +520,7 @@ def _fused_linear_grad_logits_kernel(
         s_hidden_ptr, s_weight_ptr, s_bias_ptr, t_hidden_ptr, t_weight_ptr, t_bias_ptr, t_logits_ptr,
         stride_s_hidden, stride_s_weight, stride_t_hidden, stride_t_weight, stride_t_logits,
         rows, cols, row_mask, col_mask, Hs, Ht, logits_col_offset, HAS_S_BIAS, STUDENT_LOGITS, TEACHER_LOGITS,
-        HAS_T_BIAS, S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+        HAS_T_BIAS, S_PRECISION, T_PRECISION, S_SOFTCAP, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
     )
     # row_stats: [4, N] = lse_s, lse_t (at temperature T), S, lse_z (temperature 1).
     lse_s = tl.load(row_stats_ptr + rows, mask=row_mask, other=0.0)[:, None]
@@ -512,6 +547,12 @@ def _fused_linear_grad_logits_kernel(
         z = a * temperature  # rebuilt: keeping z live through the divergence costs registers
         ce_grad = tl.exp(z - lse_z) - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
         grad += tl.where(ce_scale == 0.0, 0.0, ce_grad * ce_scale)
+    if S_SOFTCAP > 0.0:
+        # Chain rule through the cap: d capped / d raw = 1 - tanh(raw / cap)^2, and tanh(raw / cap) = capped / cap,
+        # the tanh this launch recomputed from the raw tile; rebuilt from a (T * a = capped) because keeping a
+        # tile live through the divergence costs registers.
+        tanh = a * (temperature / S_SOFTCAP)
+        grad = grad * (1.0 - tanh * tanh)
     tl.store(
         grad_ptr + rows[:, None] * stride_grad + local_cols[None, :],
         grad.to(grad_ptr.dtype.element_ty),
@@ -589,18 +630,23 @@ def _precision(dtype: torch.dtype, interpreter: bool = False) -> str:
     return "tf32"  # ignored by tl.dot for 16-bit operands
 
 
-def _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, s_logits=None):
+def _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, s_logits=None, s_softcap=None,
+                 t_softcap=None):
     """Kernel pointers, strides and flags. ``s_logits`` (GEMM strategy): the student's logits chunk, read in
-    place of ``h_s @ W_s.T``; ``t_logits`` is then the teacher's chunk (its bias still added in-kernel)."""
+    place of ``h_s @ W_s.T``; ``t_logits`` is then the teacher's chunk (its bias still added in-kernel).
+    ``s_softcap`` / ``t_softcap``: each side's logit soft-cap or None. The cap is a compile-time constant (a model
+    fixes it in its config, Gemma-2's is 30.0): ``2 / cap`` folds, and uncapped launches compile as before."""
     dummy = s_hidden
     interpreter = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    softcaps = dict(S_SOFTCAP=float(s_softcap or 0.0), T_SOFTCAP=float(t_softcap or 0.0))
     if s_logits is not None:
         return (
             (s_logits, s_weight, s_bias if s_bias is not None else dummy, dummy, dummy,
              t_bias if t_bias is not None else dummy, t_logits),
             (s_logits.stride(0), s_weight.stride(0), 0, 0, t_logits.stride(0)),
             dict(HAS_S_BIAS=s_bias is not None, STUDENT_LOGITS=True, TEACHER_LOGITS=True, HAS_T_BIAS=t_bias is not None,
-                 S_PRECISION=_precision(s_hidden.dtype, interpreter), T_PRECISION=_precision(s_hidden.dtype, interpreter)),
+                 S_PRECISION=_precision(s_hidden.dtype, interpreter), T_PRECISION=_precision(s_hidden.dtype, interpreter),
+                 **softcaps),
         )
     return (
         (
@@ -626,6 +672,7 @@ def _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logit
             HAS_T_BIAS=t_bias is not None,
             S_PRECISION=_precision(s_hidden.dtype, interpreter),
             T_PRECISION=_precision(t_hidden.dtype if t_hidden is not None else s_hidden.dtype, interpreter),
+            **softcaps,
         ),
     )
 
@@ -678,6 +725,8 @@ def fused_linear_stats(
     configs: tuple[tuple[int, int, int, int, int], tuple[int, int, int, int, int]] | None = None,
     strategy: str = "tiles",
     schedule: tuple[int, int] | None = None,
+    s_softcap: float | None = None,
+    t_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward statistics on 2-D inputs (unit stride along H / V, ``V = s_weight.shape[0]``).
 
@@ -687,11 +736,17 @@ def fused_linear_stats(
     configurations of PASS 1 and PASS 2 (defaults: :func:`default_config`). ``strategy``: ``"tiles"``
     (logits with ``tl.dot`` in the kernel) or ``"gemm"`` (see :data:`STRATEGIES`). ``schedule``: ``(splits,
     group)`` instead of :func:`stats_schedule`'s choice (the block sweep; any value gives the same result).
+    ``s_softcap`` / ``t_softcap``: soft-cap that side's logits (``cap * tanh(logits / cap)``, after the bias and
+    before the temperature; the cross-entropy sees the capped student logits), None for none.
     """
     check_strategy(strategy)
     gemm = strategy == "gemm"
-    default = GEMM_CHUNK_CONFIG if gemm else default_config(s_hidden.dtype, "stats", teacher_logits=t_logits is not None)
-    pass1_config, pass2_config = configs or (default, default)
+    if gemm:
+        defaults = (GEMM_CHUNK_CONFIG, GEMM_CHUNK_CONFIG)
+    else:
+        defaults = tuple(default_config(s_hidden.dtype, kernel, teacher_logits=t_logits is not None,
+                                        softcap=bool(s_softcap or t_softcap)) for kernel in ("stats", "stats_pass2"))
+    pass1_config, pass2_config = configs or defaults
     num_rows, vocab = s_hidden.shape[0], s_weight.shape[0]
     device = s_hidden.device
     row_stats = torch.zeros(4, num_rows, dtype=torch.float32, device=device)
@@ -717,10 +772,12 @@ def fused_linear_stats(
             if gemm:
                 s_logits, t_chunk = chunks.logits(start, stop)
                 pointers, strides, flags = _common_args(
-                    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_chunk, s_logits=s_logits)
+                    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_chunk, s_logits=s_logits,
+                    s_softcap=s_softcap, t_softcap=t_softcap)
             else:
                 pointers, strides, flags = _common_args(
-                    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits)
+                    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, s_softcap=s_softcap,
+                    t_softcap=t_softcap)
             _fused_linear_stats_kernel[(num_n_blocks * num_splits,)](
                 *pointers, labels if labels is not None else row_stats, lse, partial, *strides,
                 num_rows, stop, *hidden_widths, start, num_splits, tiles_per_split, index * num_splits,
@@ -819,23 +876,29 @@ def fused_linear_grad_logits(
     temperature: float,
     config: tuple[int, int, int, int, int] | None = None,
     s_logits: torch.Tensor | None = None,
+    s_softcap: float | None = None,
+    t_softcap: float | None = None,
 ) -> None:
     """Write dL/dz for student columns [chunk_start, chunk_start + grad_out.shape[1]) into ``grad_out``.
 
     ``kl_scale`` / ``ce_scale`` ([N] fp32) are each row's upstream gradient times kl_weight / T and
     ce_weight (0 at ignored rows); ``ce_scale=None`` means no cross-entropy term. ``s_logits`` (GEMM
     strategy): this chunk's student logits, with ``t_logits`` this chunk's teacher logits (both [N, chunk]).
+    ``s_softcap`` / ``t_softcap``: as in :func:`fused_linear_stats`; ``grad_out`` is then dL/dz of the raw
+    (uncapped) student logits.
     """
     block_n, block_v, block_h, num_warps, num_stages = config or (
         GEMM_CHUNK_CONFIG if s_logits is not None
-        else default_config(s_hidden.dtype, "grad", divergence, teacher_logits=t_logits is not None)
+        else default_config(s_hidden.dtype, "grad", divergence, teacher_logits=t_logits is not None,
+                            softcap=bool(s_softcap or t_softcap))
     )
     num_rows, vocab = s_hidden.shape[0], s_weight.shape[0]
     chunk_cols = grad_out.shape[1]
     if num_rows == 0 or chunk_cols == 0:
         return
     pointers, strides, flags = _common_args(
-        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, s_logits=s_logits)
+        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, s_logits=s_logits, s_softcap=s_softcap,
+        t_softcap=t_softcap)
     grid = (triton.cdiv(num_rows, block_n) * triton.cdiv(chunk_cols, block_v),)
     _fused_linear_grad_logits_kernel[grid](
         *pointers,
@@ -905,11 +968,11 @@ def aot_specs() -> list[dict]:
                 "coef": "fp32",
             }
 
-        def constexprs(kernel: str, mode: str, divergence: str, **extra) -> tuple[dict, dict]:
+        def constexprs(kernel: str, mode: str, divergence: str, softcap: bool, **extra) -> tuple[dict, dict]:
             if mode == "gemm":
                 config = GEMM_CHUNK_CONFIG
             else:
-                config = default_config(dtype, kernel, divergence, mode == "logits")
+                config = default_config(dtype, kernel, divergence, mode == "logits", softcap)
             block_n, block_v, block_h, num_warps, num_stages = config
             values = {
                 "HAS_S_BIAS": True,
@@ -923,37 +986,43 @@ def aot_specs() -> list[dict]:
                 "BLOCK_V": block_v,
                 "BLOCK_H": block_h,
                 "DIVERGENCE": DIVERGENCE_CODES[divergence],
+                # Gemma-2's cap; a dense teacher's logits are final (never capped).
+                "S_SOFTCAP": SPEC_SOFTCAP if softcap else 0.0,
+                "T_SOFTCAP": SPEC_SOFTCAP if softcap and mode != "logits" else 0.0,
                 **extra,
             }
             return values, {"num_warps": num_warps, "num_stages": num_stages}
 
-        for name in DIVERGENCE_CODES:
+        # Soft-capped logits (Gemma-2): the 16-bit configurations only (fp32 students are not capped models').
+        softcaps = (False, True) if dtype == torch.bfloat16 else (False,)
+        for name, mode, softcap in itertools.product(DIVERGENCE_CODES, ("linear", "logits", "gemm"), softcaps):
             passes = (1,) if name in ("forward", "reverse") else (1, 2)
-            for mode in ("linear", "logits", "gemm"):
-                for pass_index in passes:
-                    values, launch = constexprs("stats", mode, name, PASS=pass_index, HAS_CE=pass_index == 1)
-                    specs.append({
-                        "name": f"fused_linear_stats[{name},pass{pass_index},{mode},{dtype_name}]",
-                        "fn": _fused_linear_stats_kernel,
-                        "signature": signature(
-                            mode, lse_ptr="*fp32", partial_ptr="*fp32", col_start="i32", num_splits="i32",
-                            tiles_per_split="i32", split_base="i32", partial_splits="i32",
-                        ),
-                        "constexprs": values,
-                        **launch,
-                    })
-                values, launch = constexprs("grad", mode, name, HAS_CE=True)
+            suffix = ",softcap" if softcap else ""
+            for pass_index in passes:
+                kernel = "stats" if pass_index == 1 else "stats_pass2"
+                values, launch = constexprs(kernel, mode, name, softcap, PASS=pass_index, HAS_CE=pass_index == 1)
                 specs.append({
-                    "name": f"fused_linear_grad_logits[{name},{mode},{dtype_name}]",
-                    "fn": _fused_linear_grad_logits_kernel,
+                    "name": f"fused_linear_stats[{name},pass{pass_index},{mode},{dtype_name}{suffix}]",
+                    "fn": _fused_linear_stats_kernel,
                     "signature": signature(
-                        mode, row_stats_ptr="*fp32", kl_scale_ptr="*fp32", ce_scale_ptr="*fp32",
-                        grad_ptr=f"*{dtype_name}", stride_grad="i64", chunk_start="i32", chunk_cols="i32",
-                        logits_col_offset="i32",
+                        mode, lse_ptr="*fp32", partial_ptr="*fp32", col_start="i32", num_splits="i32",
+                        tiles_per_split="i32", split_base="i32", partial_splits="i32",
                     ),
                     "constexprs": values,
                     **launch,
                 })
+            values, launch = constexprs("grad", mode, name, softcap, HAS_CE=True)
+            specs.append({
+                "name": f"fused_linear_grad_logits[{name},{mode},{dtype_name}{suffix}]",
+                "fn": _fused_linear_grad_logits_kernel,
+                "signature": signature(
+                    mode, row_stats_ptr="*fp32", kl_scale_ptr="*fp32", ce_scale_ptr="*fp32",
+                    grad_ptr=f"*{dtype_name}", stride_grad="i64", chunk_start="i32", chunk_cols="i32",
+                    logits_col_offset="i32",
+                ),
+                "constexprs": values,
+                **launch,
+            })
     steps = [("bf16", first, last) for first in (False, True) for last in (False, True)]
     for (dtype_name, first, last), layout in itertools.product(steps, GRAD_HIDDEN_CONFIGS):
         block_n, block_h, block_k, num_warps, num_stages = GRAD_HIDDEN_CONFIGS[layout]

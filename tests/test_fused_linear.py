@@ -99,8 +99,9 @@ def _run(case, impl, upstream_seed=7, **kwargs):
 
 
 def _reference(case, upstream, *, kl_weight=1.0, ce_weight=0.0, reduction="mean", normalizer=None, vocab_size=None,
-               labels=None, ignore_index=-100, **divergence_kwargs):
-    """float64: explicit logits, kl_div_reference, autograd cross-entropy, the chain rule to each input."""
+               labels=None, ignore_index=-100, student_softcap=None, teacher_softcap=None, **divergence_kwargs):
+    """float64: explicit logits (soft-capped: ``cap * tanh(logits / cap)``), kl_div_reference, autograd
+    cross-entropy, the chain rule to each input (through the cap: ``1 - tanh^2``)."""
     hidden = case["student_hidden"].double().cpu()
     weight = case["student_weight"].double().cpu()
     vocab = vocab_size or weight.shape[0]
@@ -108,12 +109,18 @@ def _reference(case, upstream, *, kl_weight=1.0, ce_weight=0.0, reduction="mean"
     student_logits = hidden @ weight[:vocab].T
     if "student_bias" in case:
         student_logits = student_logits + case["student_bias"].double().cpu()[:vocab]
+    cap_grad = 1.0
+    if student_softcap is not None:
+        tanh = torch.tanh(student_logits / student_softcap)
+        student_logits, cap_grad = student_softcap * tanh, (1.0 - tanh**2).reshape(-1, vocab)
     if "teacher_logits" in case:
         teacher_logits = case["teacher_logits"].double().cpu()[..., :vocab]
     else:
         teacher_logits = case["teacher_hidden"].double().cpu() @ case["teacher_weight"].double().cpu()[:vocab].T
         if "teacher_bias" in case:
             teacher_logits = teacher_logits + case["teacher_bias"].double().cpu()[:vocab]
+        if teacher_softcap is not None:
+            teacher_logits = teacher_softcap * torch.tanh(teacher_logits / teacher_softcap)
     labels = None if labels is None else labels.cpu()
     kl_rows, kl_grad = kl_div_reference(
         student_logits, teacher_logits, reduction="none", labels=labels, ignore_index=ignore_index,
@@ -133,7 +140,7 @@ def _reference(case, upstream, *, kl_weight=1.0, ce_weight=0.0, reduction="mean"
     row_leaf = rows.reshape(-1).detach().requires_grad_(True)
     loss = reduce_rows(row_leaf, active, reduction, normalizer, leading)
     (row_weight,) = torch.autograd.grad((loss * upstream.double().cpu()).sum(), row_leaf)
-    grad_logits = (grad_logits.reshape(-1, vocab) * row_weight[:, None])
+    grad_logits = grad_logits.reshape(-1, vocab) * row_weight[:, None] * cap_grad
     grads = {
         "student_hidden": (grad_logits @ weight[:vocab]).reshape(hidden.shape),
         "student_weight": torch.zeros_like(weight),
@@ -220,6 +227,63 @@ def test_masked_vocabulary_minus_inf_bias(divergence, impl):
     loss, grads, _ = _run(case, impl, divergence=divergence, labels=labels, ce_weight=0.5)
     assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads.values())
     _check(case, impl, divergence=divergence, labels=labels, ce_weight=0.5)
+
+
+# Final-logit soft-capping (Gemma-2). Small caps (1.5, 2.0) against logits of std ~2 (biases add ~1): most logits
+# sit in tanh's curved part or beyond, so the cap changes the loss and every gradient (test_softcap_changes_the_loss).
+SOFTCAPS = {"student": dict(student_softcap=1.5), "teacher": dict(teacher_softcap=1.5),
+            "both": dict(student_softcap=1.5, teacher_softcap=2.0)}
+
+
+@pytest.mark.parametrize("impl", FL_IMPLS)
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("caps", SOFTCAPS)
+def test_softcap_parity(caps, divergence, impl):
+    """Odd N / V / Hs / Ht, biases, ignored rows, ce_weight = 0.5 (on the capped student logits), T = 1.3."""
+    case = _case((13,), 21, 75, torch.float32, ht=19, biases=True, seed=40)
+    _check(case, impl, divergence=divergence, temperature=1.3, labels=_labels((13,), 75, 41), ce_weight=0.5,
+           beta=0.3, **SOFTCAPS[caps])
+
+
+@pytest.mark.parametrize("impl", FL_IMPLS)
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_softcap_parity_bf16(divergence, impl):
+    case = _case((2, 9), 24, 75, torch.bfloat16, ht=19, biases=True, seed=42)
+    _check(case, impl, divergence=divergence, labels=_labels((2, 9), 75, 43), ce_weight=0.5, **SOFTCAPS["both"])
+
+
+@pytest.mark.parametrize("impl", FL_IMPLS)
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
+def test_softcap_student_with_teacher_logits(divergence, impl):
+    """A capped student against dense (final) teacher logits, the teacher vocabulary padded."""
+    case = _case((11,), 20, 75, torch.float32, teacher_vocab=80, teacher_logits=True, biases=True, seed=44)
+    _check(case, impl, divergence=divergence, vocab_size=75, labels=_labels((11,), 75, 45), ce_weight=0.5,
+           student_softcap=2.0)
+
+
+def test_softcap_changes_the_loss():
+    """The parity cases' caps matter: each moves the divergence and every gradient by over 10 % (no CE term here,
+    which a teacher cap would not move), far beyond the tolerances a wrong cap or derivative could hide in."""
+    case = _case((13,), 21, 75, torch.float32, ht=19, biases=True, seed=40)
+    kwargs = dict(divergence="jsd", beta=0.3)
+    plain, plain_grads, _ = _run(case, "torch", **kwargs)
+    for caps in SOFTCAPS.values():
+        capped, capped_grads, _ = _run(case, "torch", **kwargs, **caps)
+        assert abs(capped.item() - plain.item()) > 0.1 * plain.item(), caps
+        for name, grad in capped_grads.items():
+            assert (grad - plain_grads[name]).norm() > 0.1 * plain_grads[name].norm(), (caps, name)
+
+
+def test_softcap_module_and_none():
+    case = _case((7,), 16, 40, torch.float32, seed=46)
+    args = (case["student_hidden"], case["student_weight"], case["teacher_hidden"], case["teacher_weight"])
+    module = FusedLinearKLDivLoss(divergence="reverse", student_softcap=3.0, teacher_softcap=2.5, impl="torch")
+    assert "student_softcap=3.0" in repr(module)
+    functional = fused_linear_kl_div(*args, divergence="reverse", student_softcap=3.0, teacher_softcap=2.5,
+                                     impl="torch")
+    assert torch.equal(module(*args), functional)
+    assert torch.equal(fused_linear_kl_div(*args, student_softcap=None, teacher_softcap=None, impl="torch"),
+                       fused_linear_kl_div(*args, impl="torch"))
 
 
 def test_mixture_endpoints_equal_plain_kls():
@@ -642,6 +706,29 @@ def test_bad_inputs():
         fused_linear_kl_div(hs, w, ht, wt, impl="cuda")
     with pytest.raises(TypeError, match="teacher_hidden must be a torch.Tensor"):
         fused_linear_kl_div(hs, w, ht.tolist(), wt)
+
+
+@pytest.mark.parametrize("name", ["student_softcap", "teacher_softcap"])
+def test_bad_softcaps(name, monkeypatch):
+    case = _case((4,), 8, 10, torch.float32, seed=25)
+    args = (case["student_hidden"], case["student_weight"], case["teacher_hidden"], case["teacher_weight"])
+
+    def no_kernel(*_, **__):
+        raise AssertionError("a kernel ran before the arguments were checked")
+
+    monkeypatch.setattr(fused_linear_module, "fused_linear_stats_torch", no_kernel)
+    for value, shown in ((0.0, "got 0.0"), (-30.0, "got -30.0"), (float("inf"), "got inf"), (float("nan"), "got nan")):
+        with pytest.raises(ValueError, match=f"{name} must be None or a finite number > 0.*{shown}"):
+            fused_linear_kl_div(*args, impl="torch", **{name: value})
+        with pytest.raises(ValueError, match=f"{name} must be None or a finite number > 0.*{shown}"):
+            FusedLinearKLDivLoss(**{name: value})
+    for value, shown in (("30", "got '30' of type str"), (True, "got True of type bool"),
+                         (torch.tensor(30.0), "got tensor\\(30.\\) of type Tensor")):
+        with pytest.raises(TypeError, match=f"{name} must be None or a finite number > 0.*{shown}"):
+            fused_linear_kl_div(*args, impl="torch", **{name: value})
+    with pytest.raises(ValueError, match="teacher_softcap=30.0 was given with teacher_logits"):
+        fused_linear_kl_div(case["student_hidden"], case["student_weight"], teacher_logits=torch.zeros(4, 10),
+                            teacher_softcap=30.0, impl="torch")
 
 
 def test_bad_devices():

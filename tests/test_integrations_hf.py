@@ -127,12 +127,51 @@ def test_trainer_trains_with_the_fused_loss(tmp_path):
     assert all(torch.equal(p, teacher_before[name]) for name, p in teacher.named_parameters())
 
 
-def test_softcapped_model_is_refused():
-    student, teacher = _tiny_models()
-    teacher.config.final_logit_softcapping = 30.0
+def _tiny_gemma2_models(student_cap, teacher_cap):
+    """Gemma-2 pair (tied embeddings, logit soft-capping): caps far below 30 so that they matter at this size."""
+    common = dict(vocab_size=VOCAB, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                  max_position_embeddings=64, initializer_range=0.2, attn_implementation="eager")
+    torch.manual_seed(2)
+    student = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, final_logit_softcapping=student_cap, **common,
+    )).float()
+    teacher = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        hidden_size=48, intermediate_size=64, num_hidden_layers=2, final_logit_softcapping=teacher_cap, **common,
+    )).float().eval()
+    return student.to(DEVICE), teacher.to(DEVICE)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softcapped_gemma2_equals_loss_from_the_models_own_logits(impl):
+    """Gemma-2 soft-caps its logits (config.final_logit_softcapping): the helper passes each model's cap to the
+    fused loss, which then equals the loss (and gradients) computed from the models' own capped logits."""
+    student, teacher = _tiny_gemma2_models(student_cap=2.0, teacher_cap=1.5)
     input_ids, attention_mask, labels = _batch()
-    with pytest.raises(ValueError, match="soft-caps its logits"):
-        causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, impl="torch")
+    kwargs = dict(divergence="jsd", beta=0.3, temperature=2.0)
+
+    loss = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, ce_weight=0.5,
+                                       impl=impl, **kwargs)
+    loss.backward()
+    fused_grads = {name: p.grad.clone() for name, p in student.named_parameters()}
+    student.zero_grad()
+
+    out = student(input_ids=input_ids, attention_mask=attention_mask, labels=labels)  # capped logits, HF's CE
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert out.logits.abs().max() < 2.0 and teacher_logits.abs().max() < 1.5
+    divergence = kl_div(out.logits[:, :-1], teacher_logits[:, :-1], labels=labels[:, 1:], impl="torch", **kwargs)
+    expected = divergence + 0.5 * out.loss
+    expected.backward()
+    assert_close(loss, expected, torch.float32, "loss")
+    for name, param in student.named_parameters():
+        assert_close(fused_grads[name], param.grad, torch.float32, name)
+
+    # The caps matter here: without them the divergence moves by far more than the tolerance.
+    capped = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, impl="torch", **kwargs)
+    student.config.final_logit_softcapping = teacher.config.final_logit_softcapping = None
+    uncapped = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, impl="torch",
+                                           **kwargs)
+    assert abs(uncapped.item() - capped.item()) > 0.05 * capped.item()
 
 
 # ----------------------------------------------------------------------------------------------

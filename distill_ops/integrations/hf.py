@@ -44,21 +44,21 @@ def causal_lm_hidden_states(
     """``(last hidden state [B, L, H], lm_head weight [V, H], lm_head bias [V] or None)`` of a causal LM.
 
     Runs ``model.get_decoder()`` (the transformer body, final norm included) instead of the full model,
-    so no logits are computed. Models whose logits are not a plain linear map of that hidden state
-    (final logit soft-capping, e.g. Gemma-2) are refused.
+    so no logits are computed. A model that soft-caps its logits (Gemma-2) applies the cap after this
+    linear map: see :func:`logit_softcap`.
     """
-    config = getattr(model, "config", None)
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        raise ValueError(
-            f"{type(model).__name__} soft-caps its logits (final_logit_softcapping="
-            f"{config.final_logit_softcapping}): its logits are not linear in the hidden state"
-        )
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise TypeError(f"{type(model).__name__}'s output embedding must be an nn.Linear, got {type(head).__name__}")
     outputs = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     return hidden, head.weight, head.bias
+
+
+def logit_softcap(model: nn.Module) -> Optional[float]:
+    """The model's final-logit soft-cap (``config.final_logit_softcapping``, Gemma-2: 30.0), or None."""
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return None if cap is None else float(cap)
 
 
 def shift_labels(
@@ -111,6 +111,10 @@ def causal_lm_distillation_loss(
             ``num_items_in_batch``). ``vocab_size`` compares the first k tokens when the two LM heads
             differ in size (e.g. padded Qwen vocabularies).
 
+    Models that soft-cap their logits (``config.final_logit_softcapping``, Gemma-2) are scored on the
+    capped logits, as their own forward computes them (``student_softcap`` / ``teacher_softcap`` of
+    :func:`distill_ops.fused_linear_kl_div`).
+
     Returns:
         fp32 loss: ``kl_weight * divergence + ce_weight * cross-entropy`` over the shifted targets.
     """
@@ -138,6 +142,8 @@ def causal_lm_distillation_loss(
         reduction=reduction,
         normalizer=normalizer,
         vocab_size=vocab_size,
+        student_softcap=logit_softcap(student),
+        teacher_softcap=logit_softcap(teacher),
         impl=impl,
     )
 
