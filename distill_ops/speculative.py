@@ -19,9 +19,10 @@ How it plugs into ``transformers`` (no model source is patched):
   the model's default ``sdpa`` implementation.
 * Tree position ids are ``cache length + depth``. After verification the accepted rows of every layer of
   the model's own ``DynamicCache`` are moved in place with one :func:`~distill_ops.verify.compact_kv_cache`
-  call (all layers: one Triton launch) and the cache is cropped. Full-attention layers, and sliding-window
-  layers (Mistral) while the whole sequence fits the window; other cache layers (linear attention,
-  quantized) are refused with an error.
+  call (all layers: one Triton launch) and the cache is cropped. The engine builds that cache with full layers
+  only: sliding-window layers (Mistral, Gemma-2/3 local layers) keep the whole sequence too, and the window is
+  applied by the attention (transformers' masks on causal forwards, ``tree_attention(sliding_window=)`` on
+  trees), so generations run past the window; other cache layers (linear attention, quantized) are refused.
 
 Semantics: greedy (``temperature=0``) output equals ``target.generate(do_sample=False)`` token for token
 (up to floating-point ties between the tree pass and the one-token decode pass); sampling draws from the
@@ -236,6 +237,7 @@ def tree_attention_tail(
     *,
     scaling: float | None = None,
     softcap: float | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Tree attention for queries that are the last ``q_len`` nodes of ``context.tree``.
 
@@ -257,7 +259,8 @@ def tree_attention_tail(
         padded = query.new_zeros(batch, num_heads, num_nodes, head_dim)
         padded[:, :, num_nodes - q_len:] = query
         query = padded
-    out = tree_attention(query, key, value, tree, cache_lens, sm_scale=scaling, softcap=softcap, impl=context.impl)
+    out = tree_attention(query, key, value, tree, cache_lens, sm_scale=scaling, softcap=softcap,
+                         sliding_window=sliding_window, impl=context.impl)
     return out[:, :, num_nodes - q_len:]
 
 
@@ -318,13 +321,8 @@ def _tree_attention_forward(
         raise ValueError("tree attention does not support attention dropout: put the model in eval() mode")
     if kwargs.get("s_aux") is not None:
         raise ValueError("tree attention does not support the model's `s_aux` attention option (attention sinks)")
-    window = kwargs.get("sliding_window")
-    if window is not None and key.shape[2] > window:
-        raise ValueError(
-            f"tree attention does not support sliding-window attention beyond the window ({key.shape[2]} keys, "
-            f"window {window})"
-        )
-    out = tree_attention_tail(query, key, value, context, scaling=scaling, softcap=softcap)
+    out = tree_attention_tail(query, key, value, context, scaling=scaling, softcap=softcap,
+                              sliding_window=kwargs.get("sliding_window"))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -388,28 +386,27 @@ def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def _check_dynamic_cache(name: str, model: torch.nn.Module, cache: object, max_length: int) -> None:
-    """The cache's layers can be compacted in place and cropped: full-attention ``DynamicLayer`` s, or
-    sliding-window layers (Mistral, Qwen2 with ``use_sliding_window``) as long as the whole sequence, trees
-    included (``max_length`` tokens), stays shorter than the window, where they hold every token."""
+def _full_cache(name: str, model: torch.nn.Module):
+    """A ``DynamicCache`` of full layers for ``model``, which every layer can compact in place and crop.
+
+    transformers would give sliding-window layers (Mistral, Gemma-2/3 local layers) a cache that keeps only the
+    last ``window - 1`` tokens and cannot be rolled back past them; here every layer keeps the whole sequence
+    and the window is applied by the attention instead (transformers' sliding-window masks on the causal
+    forwards, ``tree_attention(sliding_window=)`` on the tree forwards). The layer types the model's own
+    cache would have are checked first: other kinds (linear attention, indexed or quantized layers) are refused.
+    """
+    from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    layers = getattr(cache, "layers", None)
     supported = (DynamicLayer, DynamicSlidingWindowLayer)
-    bad = [type(layer).__name__ for layer in layers or [] if type(layer) not in supported]
-    if layers is None or bad:
+    bad = [type(layer).__name__ for layer in DynamicCache(config=model.config).layers if type(layer) not in supported]
+    if bad:
         raise ValueError(
             f"{name} ({type(model).__name__}) uses cache layers the engine cannot compact in place "
-            f"({', '.join(sorted(set(bad))) or type(cache).__name__}); only DynamicCache full-attention or "
-            f"sliding-window layers are supported (no linear-attention, indexed or quantized layers)"
+            f"({', '.join(sorted(set(bad)))}); only full-attention and sliding-window attention layers are "
+            f"supported (no linear-attention, indexed or quantized layers)"
         )
-    windows = [layer.sliding_window for layer in layers if type(layer) is DynamicSlidingWindowLayer]
-    if windows and max_length > min(windows) - 1:
-        raise ValueError(
-            f"{name} ({type(model).__name__}) has sliding-window attention (window {min(windows)}) but this generation "
-            f"may reach {max_length} tokens (prompt + max_new_tokens + draft tree): sliding-window attention beyond "
-            f"the window is not supported"
-        )
+    return DynamicCache()
 
 
 @contextmanager
@@ -485,14 +482,10 @@ class _ModelDrafter:
 
     def start(self, prompt_ids: torch.Tensor, first_token: torch.Tensor, features: torch.Tensor | None,
               max_length: int):
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=self.model.config)
+        self.cache = _full_cache("draft", self.model)
         tokens = torch.cat([prompt_ids, first_token.view(1, 1)], dim=1)
         positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
-        logits, state = self.advance(tokens, positions, None)
-        _check_dynamic_cache("draft", self.model, self.cache, max_length)
-        return logits, state
+        return self.advance(tokens, positions, None)
 
     def advance(self, tokens: torch.Tensor, positions: torch.Tensor, features: torch.Tensor | None):
         """Commit ``tokens [1, n]`` (causal); returns the last token's next-token logits ``[V]`` and no state."""
@@ -1140,17 +1133,14 @@ class _Generation:
     # -- the loop --------------------------------------------------------------------------------
 
     def run(self) -> None:
-        from transformers import DynamicCache
-
         engine, timer = self.engine, self.timer
         with timer("prefill"):
-            self.cache = DynamicCache(config=engine.target.config)
+            self.cache = _full_cache("target", engine.target)
             context = TreeAttentionContext(impl=engine.impl)
             positions = torch.arange(self.prompt_len, device=engine.device)[None]
             logits, features = self._target_forward(self.prompt, positions, context, **engine._keep_last)
             # Longest sequence either model's cache may hold: the output plus a draft tree beyond it.
             max_length = self.prompt_len + self.max_new_tokens + engine.max_tree_nodes
-            _check_dynamic_cache("target", engine.target, self.cache, max_length)
             self.num_layers = len(self.cache.layers)
             # The first token: a one-node tree, so that greedy / sampling follow the verifier's exact rules.
             root = self.prompt[:, -1:]

@@ -22,10 +22,18 @@ _TRITON_FP32_MAX_HEAD_DIM = 128
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
-def tree_attention_mask(ancestor_mask: torch.Tensor, cache_lens: torch.Tensor, kv_len: int) -> torch.Tensor:
+def tree_attention_mask(
+    ancestor_mask: torch.Tensor,
+    cache_lens: torch.Tensor,
+    kv_len: int,
+    depth: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
     """Dense boolean mask ``[B, T, S]`` (True = visible) of tree attention; device-side, no host sync.
 
-    ``ancestor_mask`` int64 ``[Bt, T, W]`` (Bt 1 or B), ``cache_lens`` int ``[B]``.
+    ``ancestor_mask`` int64 ``[Bt, T, W]`` (Bt 1 or B), ``cache_lens`` int ``[B]``. With ``sliding_window``
+    (and the nodes' ``depth`` ``[Bt, T]``), node ``i`` at position ``cache_len + depth_i`` sees only the prefix
+    keys ``k`` with ``(cache_len + depth_i) - k < sliding_window`` (transformers' sliding-window rule).
     """
     num_nodes = ancestor_mask.shape[1]
     ancestors = unpack_ancestor_mask(ancestor_mask, num_nodes).expand(cache_lens.shape[0], -1, -1)
@@ -35,7 +43,17 @@ def tree_attention_mask(ancestor_mask: torch.Tensor, cache_lens: torch.Tensor, k
     in_tree = (relative >= 0) & (relative < num_nodes)
     index = relative.clamp(0, num_nodes - 1)[:, None, :].expand(-1, num_nodes, -1)
     tree_visible = torch.gather(ancestors, 2, index) & in_tree[:, None, :]
-    return in_prefix[:, None, :] | tree_visible
+    prefix_visible = in_prefix[:, None, :]
+    if sliding_window is not None:
+        # Key positions: prefix key k sits at position k, tree node j at cache_len + depth_j.
+        node_depth = depth.expand(cache_lens.shape[0], -1)  # [B, T]
+        node_pos = cache_lens.to(torch.int64)[:, None] + node_depth
+        key_pos = torch.where(in_tree, cache_lens.to(torch.int64)[:, None] + node_depth.gather(1, index[:, 0]),
+                              positions[None, :])  # [B, S]
+        in_window = (node_pos[:, :, None] - key_pos[:, None, :]) < sliding_window
+        prefix_visible = prefix_visible & in_window
+        tree_visible = tree_visible & in_window
+    return prefix_visible | tree_visible
 
 
 def tree_attention_ref(
@@ -48,6 +66,8 @@ def tree_attention_ref(
     *,
     upcast: bool = True,
     softcap: float | None = None,
+    depth: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """PyTorch tree attention with a dense boolean mask (the CPU path and the test/benchmark reference).
     ``softcap``: scores ``softcap * tanh(sm_scale * q.k / softcap)`` (Gemma-2's attention soft-capping).
@@ -58,7 +78,7 @@ def tree_attention_ref(
     batch, num_heads, num_nodes, _ = q.shape
     group = num_heads // k.shape[1]
     compute = torch.float64 if q.dtype == torch.float64 else (torch.float32 if upcast else q.dtype)
-    mask = tree_attention_mask(ancestor_mask, cache_lens, k.shape[2])
+    mask = tree_attention_mask(ancestor_mask, cache_lens, k.shape[2], depth, sliding_window)
     out = torch.empty_like(q)
     for b in range(batch):
         keys = k[b].to(compute).repeat_interleave(group, dim=0)
@@ -97,20 +117,25 @@ def _tree_attention_op(
     num_kv_splits: int,
     impl: str,
     softcap: float | None = None,
+    depth: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     _check_cache_lens_values(cache_lens, q.shape[2], k.shape[2])
     if impl == "torch":
-        return tree_attention_ref(q, k, v, ancestor_mask, cache_lens, sm_scale, softcap=softcap)
+        return tree_attention_ref(q, k, v, ancestor_mask, cache_lens, sm_scale, softcap=softcap, depth=depth,
+                                  sliding_window=sliding_window)
     from .kernels.tree_attention import tree_attention_forward
 
     return tree_attention_forward(
         q, k, v, ancestor_mask.contiguous(), cache_lens.to(torch.int32).contiguous(), sm_scale,
         None if num_kv_splits <= 0 else num_kv_splits, softcap,
+        None if depth is None else depth.contiguous(), sliding_window,
     )
 
 
 @_tree_attention_op.register_fake
-def _(q, k, v, ancestor_mask, cache_lens, sm_scale, num_kv_splits, impl, softcap=None):
+def _(q, k, v, ancestor_mask, cache_lens, sm_scale, num_kv_splits, impl, softcap=None, depth=None,
+      sliding_window=None):
     return torch.empty_like(q)
 
 
@@ -124,6 +149,7 @@ def tree_attention(
     sm_scale: float | None = None,
     num_kv_splits: int | None = None,
     softcap: float | None = None,
+    sliding_window: int | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Attention of the draft-tree queries over a KV cache holding the prefix then the tree nodes.
@@ -143,6 +169,11 @@ def tree_attention(
             partial outputs a split writes).
         softcap: attention logit soft-capping (Gemma-2's ``attn_logit_softcapping``): each score becomes
             ``softcap * tanh(sm_scale * q.k / softcap)`` before the softmax; ``None`` (default) for none.
+        sliding_window: transformers' sliding-window rule (Mistral, Gemma-2/3 local layers): node ``i`` at
+            position ``cache_lens[b] + depth_i`` sees only keys whose position ``p`` has ``pos_i - p <
+            sliding_window`` (prefix key ``k`` sits at position ``k``, tree node ``j`` at ``cache_lens[b] +
+            depth_j``); ``None`` (default) for none. The Triton path starts each program's prefix at its
+            window, so keys far behind are never read.
         impl: ``"auto"`` | ``"triton"`` | ``"torch"``.
 
     Returns ``[B, Hq, T, D]`` in q's dtype. Node ``i`` attends to the whole prefix and to the tree nodes
@@ -180,6 +211,9 @@ def tree_attention(
         raise ValueError(f"num_kv_splits must be None or an int >= 1, got {num_kv_splits!r}")
     if softcap is not None:
         softcap = check_number("softcap", softcap, low=0.0, low_inclusive=False)
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                       or sliding_window < 1):
+        raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
     backend = resolve_impl(impl, device)
     if backend == "triton" and q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"impl='triton' needs q/k/v in float32, float16 or bfloat16, got {q.dtype}")
@@ -197,5 +231,5 @@ def tree_attention(
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     return _tree_attention_op(
         q, k, v, tree.ancestor_mask, cache_lens, scale, 0 if num_kv_splits is None else num_kv_splits, backend,
-        softcap,
+        softcap, None if sliding_window is None else tree.depth, sliding_window,
     )

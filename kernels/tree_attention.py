@@ -60,17 +60,18 @@ def _base2_scores(raw, score_scale, softcap_log2, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def tree_attention_fwd_kernel(
-    Q, K, V, ANC, CACHE_LENS, OUT, LSE,
+    Q, K, V, ANC, CACHE_LENS, OUT, LSE, DEPTH,
     score_scale, softcap_log2,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os, stride_ot,
     stride_lb, stride_lh, stride_ls,
-    stride_anc_b,
-    num_kv_heads, num_row_blocks, num_nodes, num_words, kv_len, split_len,
+    stride_anc_b, stride_depth_b,
+    num_kv_heads, num_row_blocks, num_nodes, num_words, kv_len, split_len, sliding_window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TREE_BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP32_DOT: tl.constexpr, SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     # Row blocks of one KV head are adjacent in launch order, so when a group needs several of them
     # (GROUP * T > BLOCK_M) they run together and their repeated K/V reads can hit L2.
@@ -113,6 +114,13 @@ def tree_attention_fwd_kernel(
         lo = 0
         hi = cache_len
     hi = tl.minimum(hi, kv_len)
+    if WINDOW:
+        # Sliding window: node i (position cache_len + depth_i) sees positions > its position - window. Every
+        # row's window starts at or after cache_len - window + 1, so the keys before it are never read.
+        depth_base = DEPTH + batch.to(tl.int64) * stride_depth_b
+        node_depth = tl.load(depth_base + node, mask=row_valid, other=0).to(tl.int32)
+        lowest = cache_len + node_depth - sliding_window + 1
+        lo = tl.maximum(lo, cache_len - sliding_window + 1)
     for start in range(lo, hi, BLOCK_N):
         keys = start + cols
         key_valid = keys < hi
@@ -122,7 +130,10 @@ def tree_attention_fwd_kernel(
             scores = tl.dot(q, tl.trans(k_tile.to(tl.float32)), input_precision="tf32x3")
         else:
             scores = tl.dot(q, tl.trans(k_tile))
-        scores = tl.where(key_valid[None, :], _base2_scores(scores, score_scale, softcap_log2, SOFTCAP), float("-inf"))
+        visible = key_valid[None, :]
+        if WINDOW:
+            visible = visible & (keys[None, :] >= lowest[:, None])
+        scores = tl.where(visible, _base2_scores(scores, score_scale, softcap_log2, SOFTCAP), float("-inf"))
         v_rows = tl.multiple_of(keys * stride_vs, 16)
         v_tile = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
         m_i, l_i, acc = _online_softmax_step(scores, m_i, l_i, acc, v_tile, FP32_DOT)
@@ -151,6 +162,9 @@ def tree_attention_fwd_kernel(
             half = tl.where(tree_cols_in_tile[None, :] < 32, low[:, None], high[:, None])
             bits = (half >> (tree_cols_in_tile[None, :] & 31)) & 1
         visible = (bits != 0) & key_valid[None, :]
+        if WINDOW:  # tree node j sits at position cache_len + depth_j
+            key_depth = tl.load(depth_base + tree_cols, mask=tree_cols < num_nodes, other=0).to(tl.int32)
+            visible = visible & ((node_depth[:, None] - key_depth[None, :]) < sliding_window)
         k_rows = tl.multiple_of(keys * stride_ks, 16)
         k_tile = tl.load(k_base + k_rows[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
         if FP32_DOT:
@@ -243,7 +257,8 @@ _HALF_CONFIGS = {
 }
 
 
-def _block_config(rows_per_group: int, head_dim: int, dtype: torch.dtype, softcap: bool = False) -> BlockConfig:
+def _block_config(rows_per_group: int, head_dim: int, dtype: torch.dtype, softcap: bool = False,
+                  window: bool = False) -> BlockConfig:
     """The fixed configurations listed in ``aot_specs``, every one spill-free on sm_80 and sm_90a under
     triton 3.6 and 3.9 (``python -m benchmarks.compile_check --modules distill_ops.kernels.tree_attention``).
 
@@ -256,8 +271,15 @@ def _block_config(rows_per_group: int, head_dim: int, dtype: torch.dtype, softca
     16-row (D = 128) / 32-row (D = 64) tiles whatever the number of rows. D > 128 keeps small tiles too (a
     128 x 256 fp32 accumulator alone would take 128 registers per thread at 8 warps). With soft-capping the
     32-row D = 128 configuration takes 8 warps: at 4 its split variant has an 8-byte stack frame on sm_80
-    (triton 3.6)."""
+    (triton 3.6). With a sliding window the 16- and 32-row 16-bit D = 128 configurations pipeline 2 stages (16
+    rows: 32-key tiles; 32 rows: 64-key tiles), and with soft-capping as well they take 16-row blocks: the
+    other settings we compiled (2 to 8 warps, 1 to 3 stages, 32 or 64 keys) left 8 to 24-byte stack frames
+    under triton 3.6 or 3.9."""
     config = _base_block_config(rows_per_group, head_dim, dtype)
+    if window and dtype != torch.float32 and head_dim == 128 and config.block_m <= 32:
+        if softcap:
+            return BlockConfig(16, 32, 32, 4, 2)
+        return config._replace(num_stages=2, block_n=32 if config.block_m == 16 else 64)
     if softcap and head_dim == 128 and config.block_m == 32:
         return config._replace(num_warps=8)
     return config
@@ -324,17 +346,20 @@ def tree_attention_forward(
     sm_scale: float,
     num_kv_splits: int | None = None,
     softcap: float | None = None,
+    depth: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Launch tree attention. q ``[B, Hq, T, D]``, k/v ``[B, Hkv, S, D]`` (``S * stride(2) < 2**31``: key
     offsets within one head are int32), ancestor_mask int64 ``[Bt, T, W]`` (Bt 1 or B, contiguous),
-    cache_lens int32 ``[B]``; ``softcap`` > 0 or None: scores ``softcap * tanh(sm_scale * q.k / softcap)``."""
+    cache_lens int32 ``[B]``; ``softcap`` > 0 or None: scores ``softcap * tanh(sm_scale * q.k / softcap)``;
+    ``sliding_window`` with the nodes' ``depth`` int64 ``[Bt, T]`` (contiguous): transformers' sliding window."""
     # The kernel promises the compiler 16-element-aligned strides (vectorised loads); copy otherwise.
     q, k, v = (t if t.stride(-1) == 1 and all(st % 16 == 0 for st in t.stride()[:-1]) else t.contiguous()
                for t in (q, k, v))
     batch, num_heads, num_nodes, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
-    config = _block_config(group * num_nodes, head_dim, q.dtype, softcap is not None)
+    config = _block_config(group * num_nodes, head_dim, q.dtype, softcap is not None, sliding_window is not None)
     row_blocks = triton.cdiv(group * num_nodes, config.block_m)
     max_prefix = kv_len - num_nodes
     if num_kv_splits is None:
@@ -350,39 +375,45 @@ def tree_attention_forward(
     fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
     common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                   TREE_BLOCK_N=config.tree_block_n, FP32_DOT=fp32_dot, SOFTCAP=softcap is not None,
+                  WINDOW=sliding_window is not None,
                   num_warps=config.num_warps,
                   num_stages=config.num_stages)
     grid = (batch * num_kv_heads * row_blocks, num_kv_splits)
+    # (DEPTH pointer, its batch stride, the window); the pointer is a placeholder never read without a window.
+    if sliding_window is None:
+        window_args = (cache_lens, 0, 0)
+    else:
+        window_args = (depth, 0 if depth.shape[0] == 1 else depth.stride(0), sliding_window)
     if softcap is None:
         scale_args = (sm_scale * _LOG2E, 0.0)
     else:
         scale_args = (2.0 * sm_scale / softcap, softcap * _LOG2E)
     if num_kv_splits == 1:
         tree_attention_fwd_kernel[grid](
-            q, k, v, ancestor_mask, cache_lens, out, out,
+            q, k, v, ancestor_mask, cache_lens, out, out, window_args[0],
             *scale_args,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), 0, out.stride(2),
             0, 0, 0,
-            anc_stride_b,
-            num_kv_heads, row_blocks, num_nodes, ancestor_mask.shape[2], kv_len, split_len,
+            anc_stride_b, window_args[1],
+            num_kv_heads, row_blocks, num_nodes, ancestor_mask.shape[2], kv_len, split_len, window_args[2],
             SPLIT=False, **common,
         )
         return out
     partial = torch.empty(batch, num_heads, num_kv_splits, num_nodes, head_dim, device=q.device, dtype=torch.float32)
     lse = torch.empty(batch, num_heads, num_kv_splits, num_nodes, device=q.device, dtype=torch.float32)
     tree_attention_fwd_kernel[grid](
-        q, k, v, ancestor_mask, cache_lens, partial, lse,
+        q, k, v, ancestor_mask, cache_lens, partial, lse, window_args[0],
         *scale_args,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        anc_stride_b,
-        num_kv_heads, row_blocks, num_nodes, ancestor_mask.shape[2], kv_len, split_len,
+        anc_stride_b, window_args[1],
+        num_kv_heads, row_blocks, num_nodes, ancestor_mask.shape[2], kv_len, split_len, window_args[2],
         SPLIT=True, **common,
     )
     merge_block_t = _merge_block_t(head_dim)
@@ -411,28 +442,38 @@ def aot_specs() -> list[dict]:
     for dtype, ty in _TRITON_TYPES.items():
         for head_dim in (64, 128) if dtype == torch.float32 else (64, 128, 256):
             configs = sorted({_block_config(rows, head_dim, dtype) for rows in _AOT_ROWS})
-            # Soft-capping (Gemma-2: 16-bit, D = 256 or 128) adds a tanh per score: compiled for bf16 there.
-            softcaps = (False, True) if dtype == torch.bfloat16 and head_dim >= 128 else (False,)
-            for config, split, softcap in itertools.product(configs, (False, True), softcaps):
-                config = _block_config(config.block_m, head_dim, dtype, softcap) if softcap else config
+            # Soft-capping (Gemma-2) and sliding windows (Mistral, Gemma-2/3 local layers): 16-bit models with
+            # D = 128 or 256; compiled for bf16 there, alone and together.
+            options = [(False, False)]
+            if dtype == torch.bfloat16 and head_dim >= 128:
+                options += [(True, False), (False, True), (True, True)]
+            for config, split, (softcap, window) in itertools.product(configs, (False, True), options):
+                if softcap or window:
+                    config = _block_config(config.block_m, head_dim, dtype, softcap, window)
                 out_ty = "fp32" if split else ty
                 signature = {
                     "Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "ANC": "*i64", "CACHE_LENS": "*i32",
-                    "OUT": f"*{out_ty}", "LSE": "*fp32", "score_scale": "fp32", "softcap_log2": "fp32",
+                    "OUT": f"*{out_ty}", "LSE": "*fp32", "DEPTH": "*i64", "score_scale": "fp32",
+                    "softcap_log2": "fp32",
                 }
                 for name in ("stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_ks",
                              "stride_vb", "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_os",
-                             "stride_ot", "stride_lb", "stride_lh", "stride_ls", "stride_anc_b",
-                             "num_kv_heads", "num_row_blocks", "num_nodes", "num_words", "kv_len", "split_len"):
+                             "stride_ot", "stride_lb", "stride_lh", "stride_ls", "stride_anc_b", "stride_depth_b",
+                             "num_kv_heads", "num_row_blocks", "num_nodes", "num_words", "kv_len", "split_len",
+                             "sliding_window"):
                     signature[name] = "i32"
+                name = (f"tree_attention_fwd_{ty}_d{head_dim}_m{config.block_m}{'_split' if split else ''}"
+                        f"{'_softcap' if softcap else ''}{'_window' if window else ''}")
+                if any(spec["name"] == name for spec in specs):  # two row counts mapped to one configuration
+                    continue
                 specs.append({
-                    "name": (f"tree_attention_fwd_{ty}_d{head_dim}_m{config.block_m}{'_split' if split else ''}"
-                             f"{'_softcap' if softcap else ''}"),
+                    "name": name,
                     "fn": tree_attention_fwd_kernel,
                     "signature": signature,
                     "constexprs": {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_M": config.block_m,
                                    "BLOCK_N": config.block_n, "TREE_BLOCK_N": config.tree_block_n,
-                                   "SPLIT": split, "FP32_DOT": dtype == torch.float32, "SOFTCAP": softcap},
+                                   "SPLIT": split, "FP32_DOT": dtype == torch.float32, "SOFTCAP": softcap,
+                                   "WINDOW": window},
                     "num_warps": config.num_warps,
                     "num_stages": config.num_stages,
                 })

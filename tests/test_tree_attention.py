@@ -41,9 +41,11 @@ def sdpa_reference(q, k, v, parents, cache_lens, scale):
     return F.scaled_dot_product_attention(q.double().cpu(), k64, v64, attn_mask=mask, scale=scale)
 
 
-def path_oracle(q, k, v, parents, cache_lens, scale, softcap=None):
+def path_oracle(q, k, v, parents, cache_lens, scale, softcap=None, window=None):
     """Each node: plain softmax attention over the prefix followed by its ancestor chain, nothing else
-    (scores soft-capped to ``softcap * tanh(score / softcap)`` when ``softcap`` is given)."""
+    (scores soft-capped to ``softcap * tanh(score / softcap)`` when ``softcap`` is given; with ``window`` only
+    the keys whose position is within ``window - 1`` of the node's, prefix key p at position p and node j at
+    cache_len + depth_j)."""
     batch, num_heads, num_nodes, _ = q.shape
     group = num_heads // k.shape[1]
     out = torch.empty(q.shape, dtype=torch.float64)
@@ -51,7 +53,13 @@ def path_oracle(q, k, v, parents, cache_lens, scale, softcap=None):
         plist = parents[min(b, parents.shape[0] - 1)].tolist()
         start = int(cache_lens[b])
         for i in range(num_nodes):
-            positions = list(range(start)) + [start + j for j in ancestor_chain(plist, i)]
+            chain = ancestor_chain(plist, i)
+            positions = list(range(start)) + [start + j for j in chain]
+            if window is not None:  # the chain lists depths 0 .. depth_i; node i sits at start + depth_i
+                depth_of = {j: d for d, j in enumerate(chain)}
+                pos_i = start + len(chain) - 1
+                positions = [p for p in range(start) if pos_i - p < window] + [
+                    start + j for j in chain if pos_i - (start + depth_of[j]) < window]
             for h in range(num_heads):
                 keys = k[b, h // group, positions].double().cpu()
                 values = v[b, h // group, positions].double().cpu()
@@ -121,6 +129,38 @@ def test_softcap_vs_path_oracle(dtype, impl, num_kv_splits):
     assert_close(out, expected, dtype)
     uncapped = path_oracle(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64))
     assert (expected - uncapped).abs().max() > 0.1  # the cap matters at these scores
+
+
+@pytest.mark.parametrize("impl, num_kv_splits", [("torch", None), ("triton", 1), ("triton", 3)])
+@pytest.mark.parametrize("window", [1, 3, 12, 1000])
+def test_sliding_window_vs_path_oracle(window, impl, num_kv_splits):
+    """transformers' sliding window (node at position p sees keys at positions > p - window), in the prefix
+    and inside the tree (deep nodes lose their far ancestors when the window is short), ragged prefixes,
+    split-KV; with soft-capping too for one window."""
+    q, k, v, parents, lens = make_case(2, 4, 2, 9, 64, [40, 3], torch.float32, per_seq_tree=True, seed=17)
+    tree = build_tree(parents.to(DEVICE))
+    assert tree.max_depth >= 3
+    out = tree_attention(q, k, v, tree, lens, sliding_window=window, num_kv_splits=num_kv_splits, impl=impl)
+    expected = path_oracle(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64), window=window)
+    assert_close(out, expected, torch.float32)
+    if window == 12:
+        out = tree_attention(q, k, v, tree, lens, sliding_window=window, softcap=2.0, num_kv_splits=num_kv_splits,
+                             impl=impl)
+        expected = path_oracle(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64), softcap=2.0, window=window)
+        assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("num_nodes", [4, 8])
+def test_sliding_window_bf16_d128_configurations(num_nodes, softcap):
+    """The 16-bit D = 128 window configurations (16 / 32 rows per KV group at Hq/Hkv = 4; with soft-capping
+    the 32 rows take two 16-row blocks), against the float64 path oracle."""
+    q, k, v, parents, lens = make_case(2, 8, 2, num_nodes, 128, [21, 6], torch.bfloat16, per_seq_tree=True,
+                                       seed=19)
+    tree = build_tree(parents.to(DEVICE))
+    out = tree_attention(q, k, v, tree, lens, sliding_window=5, softcap=softcap, impl="triton")
+    expected = path_oracle(q, k, v, parents, lens.cpu(), 1 / math.sqrt(128), softcap=softcap, window=5)
+    assert_close(out, expected, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -276,6 +316,9 @@ def test_bad_inputs():
     for bad in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="softcap"):
             tree_attention(q, k, v, tree, lens, softcap=bad, impl="torch")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="sliding_window must be None or an int >= 1"):
+            tree_attention(q, k, v, tree, lens, sliding_window=bad, impl="torch")
     with pytest.raises(ValueError, match="cache_lens must have shape"):
         tree_attention(q, k, v, tree, lens[:1], impl="torch")
     with pytest.raises(TypeError, match="cache_lens must have dtype"):
