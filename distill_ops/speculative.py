@@ -238,6 +238,7 @@ def tree_attention_tail(
     scaling: float | None = None,
     softcap: float | None = None,
     sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tree attention for queries that are the last ``q_len`` nodes of ``context.tree``.
 
@@ -260,29 +261,31 @@ def tree_attention_tail(
         padded[:, :, num_nodes - q_len:] = query
         query = padded
     out = tree_attention(query, key, value, tree, cache_lens, sm_scale=scaling, softcap=softcap,
-                         sliding_window=sliding_window, impl=context.impl)
+                         sliding_window=sliding_window, sinks=sinks, impl=context.impl)
     return out[:, :, num_nodes - q_len:]
 
 
-def _softcapped_causal_attention(
+def _dense_causal_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float | None,
-    softcap: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Causal attention with logit soft-capping (Gemma-2), for the forwards without a tree (prefill, the
-    bonus token): SDPA cannot soft-cap. ``attention_mask`` as SDPA's mask builder makes it: None (plain
-    causal; queries are the last ``q_len`` positions), boolean (True = visible) or additive. Dense scores,
-    as transformers' eager attention; returns ``[B, q, Hq, D]``."""
+    """Causal attention with logit soft-capping (Gemma-2) and / or attention sinks (gpt-oss), for the forwards
+    without a tree (prefill, the bonus token): SDPA can do neither. ``attention_mask`` as SDPA's mask builder
+    makes it: None (plain causal; queries are the last ``q_len`` positions), boolean (True = visible) or
+    additive. Dense scores, as transformers' eager attention; returns ``[B, q, Hq, D]``."""
     group = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(group, dim=1)
     value = value.repeat_interleave(group, dim=1)
     q_len, kv_len = query.shape[2], key.shape[2]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is None:
         visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
         scores = scores.masked_fill(~visible, float("-inf"))
@@ -290,8 +293,12 @@ def _softcapped_causal_attention(
         scores = scores.masked_fill(~attention_mask[..., :kv_len], float("-inf"))
     else:
         scores = scores + attention_mask[..., :kv_len]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous()
+    if sinks is not None:
+        sink_column = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(scores.shape[0], -1, q_len, 1)
+        probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    return torch.matmul(probs.to(query.dtype), value).transpose(1, 2).contiguous()
 
 
 def _tree_attention_forward(
@@ -312,17 +319,15 @@ def _tree_attention_forward(
     context = kwargs.get(CONTEXT_KWARG)
     if context is not None:
         context.calls += 1
-    softcap = kwargs.get("softcap")
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     if context is None or context.tree is None:
-        if softcap is not None and not dropout:
-            return _softcapped_causal_attention(query, key, value, attention_mask, scaling, softcap), None
+        if (softcap is not None or sinks is not None) and not dropout:
+            return _dense_causal_attention(query, key, value, attention_mask, scaling, softcap, sinks), None
         return _SDPA_ATTENTION(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError("tree attention does not support attention dropout: put the model in eval() mode")
-    if kwargs.get("s_aux") is not None:
-        raise ValueError("tree attention does not support the model's `s_aux` attention option (attention sinks)")
     out = tree_attention_tail(query, key, value, context, scaling=scaling, softcap=softcap,
-                              sliding_window=kwargs.get("sliding_window"))
+                              sliding_window=kwargs.get("sliding_window"), sinks=sinks)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -68,8 +68,10 @@ def tree_attention_ref(
     softcap: float | None = None,
     depth: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch tree attention with a dense boolean mask (the CPU path and the test/benchmark reference).
+    ``sinks`` ``[Hq]``: one attention-sink logit per query head, in the softmax's denominator only (gpt-oss).
     ``softcap``: scores ``softcap * tanh(sm_scale * q.k / softcap)`` (Gemma-2's attention soft-capping).
 
     Computes in float32 (float64 for float64 inputs) when ``upcast``; one sequence at a time so the
@@ -87,7 +89,12 @@ def tree_attention_ref(
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
         scores = scores.masked_fill(~mask[b][None], float("-inf"))
-        out[b] = torch.matmul(torch.softmax(scores, dim=-1), values).to(q.dtype)
+        if sinks is not None:
+            sink_column = sinks.to(compute)[:, None, None].expand(-1, num_nodes, 1)
+            probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        out[b] = torch.matmul(probs, values).to(q.dtype)
     return out
 
 
@@ -119,23 +126,25 @@ def _tree_attention_op(
     softcap: float | None = None,
     depth: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     _check_cache_lens_values(cache_lens, q.shape[2], k.shape[2])
     if impl == "torch":
         return tree_attention_ref(q, k, v, ancestor_mask, cache_lens, sm_scale, softcap=softcap, depth=depth,
-                                  sliding_window=sliding_window)
+                                  sliding_window=sliding_window, sinks=sinks)
     from .kernels.tree_attention import tree_attention_forward
 
     return tree_attention_forward(
         q, k, v, ancestor_mask.contiguous(), cache_lens.to(torch.int32).contiguous(), sm_scale,
         None if num_kv_splits <= 0 else num_kv_splits, softcap,
         None if depth is None else depth.contiguous(), sliding_window,
+        None if sinks is None else sinks.to(torch.float32).contiguous(),
     )
 
 
 @_tree_attention_op.register_fake
 def _(q, k, v, ancestor_mask, cache_lens, sm_scale, num_kv_splits, impl, softcap=None, depth=None,
-      sliding_window=None):
+      sliding_window=None, sinks=None):
     return torch.empty_like(q)
 
 
@@ -150,6 +159,7 @@ def tree_attention(
     num_kv_splits: int | None = None,
     softcap: float | None = None,
     sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Attention of the draft-tree queries over a KV cache holding the prefix then the tree nodes.
@@ -174,6 +184,8 @@ def tree_attention(
             sliding_window`` (prefix key ``k`` sits at position ``k``, tree node ``j`` at ``cache_lens[b] +
             depth_j``); ``None`` (default) for none. The Triton path starts each program's prefix at its
             window, so keys far behind are never read.
+        sinks: float ``[Hq]`` attention-sink logits (gpt-oss's ``sinks``): each query head's softmax gets one
+            extra logit ``sinks[h]`` (not scaled, no value vector) in its denominator; ``None`` (default) for none.
         impl: ``"auto"`` | ``"triton"`` | ``"torch"``.
 
     Returns ``[B, Hq, T, D]`` in q's dtype. Node ``i`` attends to the whole prefix and to the tree nodes
@@ -214,6 +226,11 @@ def tree_attention(
     if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
                                        or sliding_window < 1):
         raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
+    if sinks is not None:
+        check_tensor("sinks", sinks, dtypes=_DTYPES, ndim=1)
+        check_same_device(q=q, sinks=sinks)
+        if sinks.shape[0] != q.shape[1]:
+            raise ValueError(f"sinks must have shape [Hq={q.shape[1]}] (one per query head), got {tuple(sinks.shape)}")
     backend = resolve_impl(impl, device)
     if backend == "triton" and q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"impl='triton' needs q/k/v in float32, float16 or bfloat16, got {q.dtype}")
@@ -232,4 +249,5 @@ def tree_attention(
     return _tree_attention_op(
         q, k, v, tree.ancestor_mask, cache_lens, scale, 0 if num_kv_splits is None else num_kv_splits, backend,
         softcap, None if sliding_window is None else tree.depth, sliding_window,
+        None if sinks is None else sinks.detach(),
     )

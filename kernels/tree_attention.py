@@ -60,7 +60,7 @@ def _base2_scores(raw, score_scale, softcap_log2, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def tree_attention_fwd_kernel(
-    Q, K, V, ANC, CACHE_LENS, OUT, LSE, DEPTH,
+    Q, K, V, ANC, CACHE_LENS, OUT, LSE, DEPTH, SINKS,
     score_scale, softcap_log2,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_ks,
@@ -71,7 +71,7 @@ def tree_attention_fwd_kernel(
     num_kv_heads, num_row_blocks, num_nodes, num_words, kv_len, split_len, sliding_window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TREE_BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP32_DOT: tl.constexpr, SOFTCAP: tl.constexpr,
-    WINDOW: tl.constexpr,
+    WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     # Row blocks of one KV head are adjacent in launch order, so when a group needs several of them
     # (GROUP * T > BLOCK_M) they run together and their repeated K/V reads can hit L2.
@@ -105,6 +105,12 @@ def tree_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if HAS_SINKS:
+        # Attention sinks (gpt-oss): one extra logit per query head in the softmax's denominator and no value.
+        # Split 0 starts from it (running max = the sink, sum = 1); the merge weighs the splits by their LSEs.
+        sink = tl.load(SINKS + head, mask=row_valid, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_i = tl.where(split == 0, sink, m_i)
+        l_i = tl.where(split == 0, 1.0, l_i)
 
     # Prefix: every query row sees every key, so the only mask is the tile's tail.
     if SPLIT:
@@ -348,11 +354,13 @@ def tree_attention_forward(
     softcap: float | None = None,
     depth: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch tree attention. q ``[B, Hq, T, D]``, k/v ``[B, Hkv, S, D]`` (``S * stride(2) < 2**31``: key
     offsets within one head are int32), ancestor_mask int64 ``[Bt, T, W]`` (Bt 1 or B, contiguous),
     cache_lens int32 ``[B]``; ``softcap`` > 0 or None: scores ``softcap * tanh(sm_scale * q.k / softcap)``;
-    ``sliding_window`` with the nodes' ``depth`` int64 ``[Bt, T]`` (contiguous): transformers' sliding window."""
+    ``sliding_window`` with the nodes' ``depth`` int64 ``[Bt, T]`` (contiguous): transformers' sliding window;
+    ``sinks`` fp32 ``[Hq]`` (contiguous) or None: one attention-sink logit per query head (gpt-oss)."""
     # The kernel promises the compiler 16-element-aligned strides (vectorised loads); copy otherwise.
     q, k, v = (t if t.stride(-1) == 1 and all(st % 16 == 0 for st in t.stride()[:-1]) else t.contiguous()
                for t in (q, k, v))
@@ -375,7 +383,7 @@ def tree_attention_forward(
     fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
     common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                   TREE_BLOCK_N=config.tree_block_n, FP32_DOT=fp32_dot, SOFTCAP=softcap is not None,
-                  WINDOW=sliding_window is not None,
+                  WINDOW=sliding_window is not None, HAS_SINKS=sinks is not None,
                   num_warps=config.num_warps,
                   num_stages=config.num_stages)
     grid = (batch * num_kv_heads * row_blocks, num_kv_splits)
@@ -390,7 +398,7 @@ def tree_attention_forward(
         scale_args = (2.0 * sm_scale / softcap, softcap * _LOG2E)
     if num_kv_splits == 1:
         tree_attention_fwd_kernel[grid](
-            q, k, v, ancestor_mask, cache_lens, out, out, window_args[0],
+            q, k, v, ancestor_mask, cache_lens, out, out, window_args[0], cache_lens if sinks is None else sinks,
             *scale_args,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -405,7 +413,7 @@ def tree_attention_forward(
     partial = torch.empty(batch, num_heads, num_kv_splits, num_nodes, head_dim, device=q.device, dtype=torch.float32)
     lse = torch.empty(batch, num_heads, num_kv_splits, num_nodes, device=q.device, dtype=torch.float32)
     tree_attention_fwd_kernel[grid](
-        q, k, v, ancestor_mask, cache_lens, partial, lse, window_args[0],
+        q, k, v, ancestor_mask, cache_lens, partial, lse, window_args[0], cache_lens if sinks is None else sinks,
         *scale_args,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -443,17 +451,20 @@ def aot_specs() -> list[dict]:
         for head_dim in (64, 128) if dtype == torch.float32 else (64, 128, 256):
             configs = sorted({_block_config(rows, head_dim, dtype) for rows in _AOT_ROWS})
             # Soft-capping (Gemma-2) and sliding windows (Mistral, Gemma-2/3 local layers): 16-bit models with
-            # D = 128 or 256; compiled for bf16 there, alone and together.
-            options = [(False, False)]
+            # D = 128 or 256; compiled for bf16 there, alone and together. Attention sinks (gpt-oss: D = 64,
+            # alternating full and sliding-window layers): bf16 D = 64, with and without the window.
+            options = [(False, False, False)]
             if dtype == torch.bfloat16 and head_dim >= 128:
-                options += [(True, False), (False, True), (True, True)]
-            for config, split, (softcap, window) in itertools.product(configs, (False, True), options):
+                options += [(True, False, False), (False, True, False), (True, True, False)]
+            if dtype == torch.bfloat16 and head_dim == 64:
+                options += [(False, False, True), (False, True, True)]
+            for config, split, (softcap, window, sinks) in itertools.product(configs, (False, True), options):
                 if softcap or window:
                     config = _block_config(config.block_m, head_dim, dtype, softcap, window)
                 out_ty = "fp32" if split else ty
                 signature = {
                     "Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "ANC": "*i64", "CACHE_LENS": "*i32",
-                    "OUT": f"*{out_ty}", "LSE": "*fp32", "DEPTH": "*i64", "score_scale": "fp32",
+                    "OUT": f"*{out_ty}", "LSE": "*fp32", "DEPTH": "*i64", "SINKS": "*fp32", "score_scale": "fp32",
                     "softcap_log2": "fp32",
                 }
                 for name in ("stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_ks",
@@ -463,7 +474,7 @@ def aot_specs() -> list[dict]:
                              "sliding_window"):
                     signature[name] = "i32"
                 name = (f"tree_attention_fwd_{ty}_d{head_dim}_m{config.block_m}{'_split' if split else ''}"
-                        f"{'_softcap' if softcap else ''}{'_window' if window else ''}")
+                        f"{'_softcap' if softcap else ''}{'_window' if window else ''}{'_sinks' if sinks else ''}")
                 if any(spec["name"] == name for spec in specs):  # two row counts mapped to one configuration
                     continue
                 specs.append({
@@ -473,7 +484,7 @@ def aot_specs() -> list[dict]:
                     "constexprs": {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_M": config.block_m,
                                    "BLOCK_N": config.block_n, "TREE_BLOCK_N": config.tree_block_n,
                                    "SPLIT": split, "FP32_DOT": dtype == torch.float32, "SOFTCAP": softcap,
-                                   "WINDOW": window},
+                                   "WINDOW": window, "HAS_SINKS": sinks},
                     "num_warps": config.num_warps,
                     "num_stages": config.num_stages,
                 })

@@ -284,6 +284,31 @@ def test_greedy_equals_generate_beyond_the_sliding_window(family, extra, impl):
         assert max(out.accept_lengths) == 3
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_greedy_equals_generate_gpt_oss_sinks(impl):
+    """gpt-oss: attention sinks (one logit per head; strong ones here, so that they change the output),
+    alternating sliding-window (4 tokens) and full layers, mixture-of-experts MLPs; the sequences run far
+    past the window. The reference is transformers' eager attention."""
+    import transformers
+
+    config = transformers.GptOssConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        tie_word_embeddings=False, initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    torch.manual_seed(0)
+    target = transformers.GptOssForCausalLM(config).eval().to(DEVICE)
+    with torch.no_grad():
+        for layer in target.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)
+    assert target.config.layer_types == ["sliding_attention", "full_attention"]
+    engine = SpeculativeDecoder(target, target, impl=impl, depth=3, topk=2, num_nodes=8)
+    for prompt in prompts(128, [7], seed=11):
+        out = engine.generate(prompt, max_new_tokens=16, eos_token_id=[])
+        assert torch.equal(out.sequences, reference_generate(target, prompt, 16))
+        assert max(out.accept_lengths) == 3
+
+
 def test_greedy_with_draft_equal_to_target_accepts_whole_chains():
     """A perfect draft on a chain tree: every step accepts the whole chain (multi-token advance works)."""
     target, _ = models("llama")

@@ -41,11 +41,11 @@ def sdpa_reference(q, k, v, parents, cache_lens, scale):
     return F.scaled_dot_product_attention(q.double().cpu(), k64, v64, attn_mask=mask, scale=scale)
 
 
-def path_oracle(q, k, v, parents, cache_lens, scale, softcap=None, window=None):
+def path_oracle(q, k, v, parents, cache_lens, scale, softcap=None, window=None, sinks=None):
     """Each node: plain softmax attention over the prefix followed by its ancestor chain, nothing else
     (scores soft-capped to ``softcap * tanh(score / softcap)`` when ``softcap`` is given; with ``window`` only
     the keys whose position is within ``window - 1`` of the node's, prefix key p at position p and node j at
-    cache_len + depth_j)."""
+    cache_len + depth_j; ``sinks [Hq]``: one extra logit per head in the softmax's denominator)."""
     batch, num_heads, num_nodes, _ = q.shape
     group = num_heads // k.shape[1]
     out = torch.empty(q.shape, dtype=torch.float64)
@@ -66,7 +66,9 @@ def path_oracle(q, k, v, parents, cache_lens, scale, softcap=None, window=None):
                 scores = keys @ q[b, h, i].double().cpu() * scale
                 if softcap is not None:
                     scores = softcap * torch.tanh(scores / softcap)
-                weights = torch.softmax(scores, 0)
+                if sinks is not None:
+                    scores = torch.cat([scores, sinks[h].double().cpu().view(1)])
+                weights = torch.softmax(scores, 0)[: len(positions)]
                 out[b, h, i] = weights @ values
     return out
 
@@ -121,7 +123,7 @@ def test_tree_attention_path_oracle_and_fp64_fallback(impl):
 def test_softcap_vs_path_oracle(dtype, impl, num_kv_splits):
     """Gemma-2's attention soft-capping: scores cap * tanh(score / cap), in the prefix and the tree block,
     unsplit and split-KV. The queries are scaled up so that the cap changes the result."""
-    q, k, v, parents, lens = make_case(2, 4, 2, 9, 64, [40, 3], dtype, per_seq_tree=True, seed=13)
+    q, k, v, parents, lens = make_case(2, 4, 2, 9, 64, [150, 3], dtype, per_seq_tree=True, seed=13)
     q = q * 4
     tree = build_tree(parents.to(DEVICE))
     out = tree_attention(q, k, v, tree, lens, softcap=5.0, num_kv_splits=num_kv_splits, impl=impl)
@@ -137,7 +139,7 @@ def test_sliding_window_vs_path_oracle(window, impl, num_kv_splits):
     """transformers' sliding window (node at position p sees keys at positions > p - window), in the prefix
     and inside the tree (deep nodes lose their far ancestors when the window is short), ragged prefixes,
     split-KV; with soft-capping too for one window."""
-    q, k, v, parents, lens = make_case(2, 4, 2, 9, 64, [40, 3], torch.float32, per_seq_tree=True, seed=17)
+    q, k, v, parents, lens = make_case(2, 4, 2, 9, 64, [150, 3], torch.float32, per_seq_tree=True, seed=17)
     tree = build_tree(parents.to(DEVICE))
     assert tree.max_depth >= 3
     out = tree_attention(q, k, v, tree, lens, sliding_window=window, num_kv_splits=num_kv_splits, impl=impl)
@@ -148,6 +150,23 @@ def test_sliding_window_vs_path_oracle(window, impl, num_kv_splits):
                              impl=impl)
         expected = path_oracle(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64), softcap=2.0, window=window)
         assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("impl, num_kv_splits", [("torch", None), ("triton", 1), ("triton", 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_sinks_vs_path_oracle(dtype, impl, num_kv_splits):
+    """gpt-oss's attention sinks: one logit per query head in the softmax's denominator (no value), with and
+    without a sliding window, unsplit and split-KV (the sink enters once, in split 0)."""
+    q, k, v, parents, lens = make_case(2, 4, 2, 9, 64, [150, 3], dtype, per_seq_tree=True, seed=23)
+    sinks = torch.tensor([2.5, -1.0, 0.0, 4.0], device=DEVICE)
+    tree = build_tree(parents.to(DEVICE))
+    for window in (None, 6):
+        out = tree_attention(q, k, v, tree, lens, sinks=sinks, sliding_window=window, num_kv_splits=num_kv_splits,
+                             impl=impl)
+        expected = path_oracle(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64), window=window, sinks=sinks)
+        assert_close(out, expected, dtype)
+        without = path_oracle(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64), window=window)
+        assert (expected - without).abs().max() > 0.05  # the sinks matter at these logits
 
 
 @pytest.mark.parametrize("softcap", [None, 2.0])
@@ -319,6 +338,10 @@ def test_bad_inputs():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="sliding_window must be None or an int >= 1"):
             tree_attention(q, k, v, tree, lens, sliding_window=bad, impl="torch")
+    with pytest.raises(ValueError, match=r"sinks must have shape \[Hq=4\]"):
+        tree_attention(q, k, v, tree, lens, sinks=torch.zeros(2, device=DEVICE), impl="torch")
+    with pytest.raises(TypeError, match="sinks"):
+        tree_attention(q, k, v, tree, lens, sinks=torch.zeros(4, dtype=torch.int64, device=DEVICE), impl="torch")
     with pytest.raises(ValueError, match="cache_lens must have shape"):
         tree_attention(q, k, v, tree, lens[:1], impl="torch")
     with pytest.raises(TypeError, match="cache_lens must have dtype"):
