@@ -248,3 +248,17 @@ def host_readable(tensor: torch.Tensor) -> bool:
     """Whether a value check may read ``tensor``'s contents on the host: eager CPU tensors only (on a GPU
     the read would synchronise; under ``torch.compile`` it would be a data-dependent branch)."""
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``softcap * tanh(logits / softcap)`` (Gemma-2's logit soft-capping), or ``logits`` when None."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def sink_softmax(scores: torch.Tensor, sinks: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax over the last dim of ``scores [..., Hq, q, S]`` in ``dtype``; with ``sinks [Hq]`` (gpt-oss's
+    attention sinks) each head's denominator also holds ``exp(sinks[h])`` (the sink has no value)."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1, dtype=dtype)
+    column = sinks.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, column], dim=-1), dim=-1, dtype=dtype)[..., :-1]

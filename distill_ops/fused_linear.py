@@ -66,6 +66,7 @@ from ._utils import (
     reduce_rows,
     resolve_impl,
     resolve_vocab,
+    softcapped,
 )
 from .kl_div import (
     DIVERGENCES,
@@ -98,11 +99,6 @@ def _linear_chunk(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], start:
     return logits
 
 
-def _softcapped(logits: Tensor, softcap: Optional[float]) -> Tensor:
-    """``softcap * tanh(logits / softcap)`` (Gemma-2's final-logit soft-capping), or ``logits`` when None."""
-    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
-
-
 class _Inputs:
     """The 2-D operands of one call, with chunk accessors for the PyTorch fallback. ``s_softcap`` / ``t_softcap``:
     each side's logit soft-cap (None: none; never set with ``t_logits``)."""
@@ -121,12 +117,12 @@ class _Inputs:
 
     def student_chunk(self, student_hidden: Tensor, start: int, stop: int) -> Tensor:
         """The student's (soft-capped) logits of columns [start, stop)."""
-        return _softcapped(_linear_chunk(student_hidden, self.s_weight, self.s_bias, start, stop), self.s_softcap)
+        return softcapped(_linear_chunk(student_hidden, self.s_weight, self.s_bias, start, stop), self.s_softcap)
 
     def teacher_chunk(self, teacher_hidden: Optional[Tensor], rows: slice, start: int, stop: int) -> Tensor:
         if self.t_logits is not None:
             return self.t_logits[rows, start:stop].to(self.compute_dtype)
-        return _softcapped(_linear_chunk(teacher_hidden, self.t_weight, self.t_bias, start, stop), self.t_softcap)
+        return softcapped(_linear_chunk(teacher_hidden, self.t_weight, self.t_bias, start, stop), self.t_softcap)
 
 
 def fused_linear_stats_torch(

@@ -76,7 +76,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ._utils import INT_DTYPES, check_number, check_tensor, resolve_impl
+from ._utils import INT_DTYPES, check_number, check_tensor, resolve_impl, sink_softmax, softcapped
 from .tree import (
     BITS_PER_WORD,
     MAX_TREE_NODES,
@@ -283,9 +283,7 @@ def _dense_causal_attention(
     value = value.repeat_interleave(group, dim=1)
     q_len, kv_len = query.shape[2], key.shape[2]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(2, 3)) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+    scores = softcapped(torch.matmul(query, key.transpose(2, 3)) * scale, softcap)
     if attention_mask is None:
         visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
         scores = scores.masked_fill(~visible, float("-inf"))
@@ -293,11 +291,7 @@ def _dense_causal_attention(
         scores = scores.masked_fill(~attention_mask[..., :kv_len], float("-inf"))
     else:
         scores = scores + attention_mask[..., :kv_len]
-    if sinks is not None:
-        sink_column = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(scores.shape[0], -1, q_len, 1)
-        probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
-    else:
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    probs = sink_softmax(scores, sinks, torch.float32)
     return torch.matmul(probs.to(query.dtype), value).transpose(1, 2).contiguous()
 
 

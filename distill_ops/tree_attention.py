@@ -11,7 +11,9 @@ import math
 
 import torch
 
-from ._utils import FLOAT_DTYPES, INT_DTYPES, check_number, check_same_device, check_tensor, resolve_impl
+from ._utils import (
+    FLOAT_DTYPES, INT_DTYPES, check_number, check_same_device, check_tensor, resolve_impl, sink_softmax, softcapped,
+)
 from .tree import TreeSpec, check_tree_spec, unpack_ancestor_mask
 
 _TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -86,15 +88,8 @@ def tree_attention_ref(
         keys = k[b].to(compute).repeat_interleave(group, dim=0)
         values = v[b].to(compute).repeat_interleave(group, dim=0)
         scores = torch.matmul(q[b].to(compute), keys.transpose(-1, -2)) * sm_scale
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        scores = scores.masked_fill(~mask[b][None], float("-inf"))
-        if sinks is not None:
-            sink_column = sinks.to(compute)[:, None, None].expand(-1, num_nodes, 1)
-            probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)[..., :-1]
-        else:
-            probs = torch.softmax(scores, dim=-1)
-        out[b] = torch.matmul(probs, values).to(q.dtype)
+        scores = softcapped(scores, softcap).masked_fill(~mask[b][None], float("-inf"))
+        out[b] = torch.matmul(sink_softmax(scores, sinks, compute), values).to(q.dtype)
     return out
 
 
@@ -138,7 +133,7 @@ def _tree_attention_op(
         q, k, v, ancestor_mask.contiguous(), cache_lens.to(torch.int32).contiguous(), sm_scale,
         None if num_kv_splits <= 0 else num_kv_splits, softcap,
         None if depth is None else depth.contiguous(), sliding_window,
-        None if sinks is None else sinks.to(torch.float32).contiguous(),
+        None if sinks is None else sinks.contiguous(),  # any float dtype: the kernel reads it as fp32
     )
 
 

@@ -360,7 +360,8 @@ def tree_attention_forward(
     offsets within one head are int32), ancestor_mask int64 ``[Bt, T, W]`` (Bt 1 or B, contiguous),
     cache_lens int32 ``[B]``; ``softcap`` > 0 or None: scores ``softcap * tanh(sm_scale * q.k / softcap)``;
     ``sliding_window`` with the nodes' ``depth`` int64 ``[Bt, T]`` (contiguous): transformers' sliding window;
-    ``sinks`` fp32 ``[Hq]`` (contiguous) or None: one attention-sink logit per query head (gpt-oss)."""
+    ``sinks`` float ``[Hq]`` (contiguous, any float dtype: no host-side cast per layer) or None: one
+    attention-sink logit per query head (gpt-oss)."""
     # The kernel promises the compiler 16-element-aligned strides (vectorised loads); copy otherwise.
     q, k, v = (t if t.stride(-1) == 1 and all(st % 16 == 0 for st in t.stride()[:-1]) else t.contiguous()
                for t in (q, k, v))
@@ -464,7 +465,7 @@ def aot_specs() -> list[dict]:
                 out_ty = "fp32" if split else ty
                 signature = {
                     "Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "ANC": "*i64", "CACHE_LENS": "*i32",
-                    "OUT": f"*{out_ty}", "LSE": "*fp32", "DEPTH": "*i64", "SINKS": "*fp32", "score_scale": "fp32",
+                    "OUT": f"*{out_ty}", "LSE": "*fp32", "DEPTH": "*i64", "SINKS": f"*{ty}", "score_scale": "fp32",
                     "softcap_log2": "fp32",
                 }
                 for name in ("stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_ks",
