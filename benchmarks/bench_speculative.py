@@ -7,6 +7,10 @@ there is no backward). Impls:
 * ``engine_tree``: our engine with a dynamic EAGLE-2 tree (depth 5, topk 4, 32 nodes: T = 32).
 * ``engine_chain``: our engine with a chain of 5 drafts (classic speculative decoding).
 
+A second case decodes a batch of ``BATCH`` prompts of different lengths (left padded, with their attention
+mask) with each impl: ``generate`` on the padded batch, the engine on the same batch (each sequence keeps
+its own length; see ``distill_ops.speculative._Generation``). Its tokens/s counts every sequence's tokens.
+
 The pair is synthetic (random weights): a Llama target whose layers after the first ``draft_layers`` are
 damped, and a draft LM made of the target's first layers (shared embedding, norm, LM head), so that the
 draft agrees with the target often, as a trained draft would. GPU: a Llama-3.2-1B-shaped target (hidden
@@ -36,6 +40,7 @@ GPU_SHAPE = dict(vocab=128256, hidden=2048, layers=16, heads=32, kv_heads=8, int
 CPU_SHAPE = dict(vocab=512, hidden=64, layers=4, heads=4, kv_heads=2, intermediate=128, draft_layers=1)
 DAMPING = 0.3
 PROMPT_LEN = 64
+BATCH = 4  # the batched case: prompts of PROMPT_LEN, PROMPT_LEN - 8, ... tokens
 NOTES = (
     "Greedy decoding of new_tokens tokens per pass; tokens/s = new_tokens / pass time. Synthetic pair: random "
     f"Llama target with the layers after the draft's damped ×{DAMPING}, draft = the target's first layers "
@@ -100,17 +105,21 @@ def _one_thread_on_cpu(device: str, fn: Callable[[], object]) -> Callable[[], ob
     return run
 
 
-def _prompt(vocab: int, device: str) -> torch.Tensor:
-    return torch.randint(0, vocab, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0)).to(device)
+def _prompt(vocab: int, device: str, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts and their attention mask: ``PROMPT_LEN - 8 b`` tokens in row ``b``, left padded."""
+    prompt = torch.randint(0, vocab, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(prompt)
+    for row in range(batch):
+        mask[row, : 8 * row] = 0
+    return prompt, mask
 
 
 def _setup_generate(
-    shape: dict, device: str, dtype: torch.dtype, new_tokens: int
+    shape: dict, device: str, dtype: torch.dtype, new_tokens: int, batch: int = 1
 ) -> Callable[[], Callable[[], object]]:
     def setup() -> Callable[[], object]:
         target, _ = build_pair(shape, device, dtype)
-        prompt = _prompt(shape["vocab"], device)
-        mask = torch.ones_like(prompt)
+        prompt, mask = _prompt(shape["vocab"], device, batch)
 
         def run():
             with torch.inference_mode():
@@ -123,23 +132,24 @@ def _setup_generate(
 
 
 def _setup_engine(label: str, impl: str, shape: dict, device: str, dtype: torch.dtype, new_tokens: int,
-                  tree: dict) -> Callable[[], Callable[[], object]]:
+                  tree: dict, batch: int = 1) -> Callable[[], Callable[[], object]]:
     def setup() -> Callable[[], object]:
         target, draft = build_pair(shape, device, dtype)
-        prompt = _prompt(shape["vocab"], device)
+        prompt, mask = _prompt(shape["vocab"], device, batch)
+        kwargs = dict(attention_mask=mask, eos_token_id=[])
         profiled = SpeculativeDecoder(target, draft, profile=True, **tree)
-        _one_thread_on_cpu(device, lambda: profiled.generate(prompt, max_new_tokens=8, eos_token_id=[]))()  # warm-up
-        out = _one_thread_on_cpu(device, lambda: profiled.generate(prompt, max_new_tokens=new_tokens,
-                                                                    eos_token_id=[]))()
-        steps = max(len(out.accept_lengths), 1)
+        _one_thread_on_cpu(device, lambda: profiled.generate(prompt, max_new_tokens=8, **kwargs))()  # warm-up
+        out = _one_thread_on_cpu(device, lambda: profiled.generate(prompt, max_new_tokens=new_tokens, **kwargs))()
+        steps = max(out.num_target_forwards - 1, 1)  # verification steps (a batch shares them)
         _STATS[(label, impl)] = {
+            # per token of one sequence (a batch's sequences share each forward)
             "target_forwards_per_token": out.num_target_forwards / out.num_new_tokens,
-            "accepted_per_step": sum(out.accept_lengths) / steps,
+            "accepted_per_step": sum(out.accept_lengths) / max(len(out.accept_lengths), 1),
             "per_step_ms": {phase: 1e3 * seconds / steps for phase, seconds in out.timings.items()
                             if phase not in ("total", "prefill")},
         }
         engine = SpeculativeDecoder(target, draft, **tree)
-        return _one_thread_on_cpu(device, lambda: engine.generate(prompt, max_new_tokens=new_tokens, eos_token_id=[]))
+        return _one_thread_on_cpu(device, lambda: engine.generate(prompt, max_new_tokens=new_tokens, **kwargs))
 
     return setup
 
@@ -159,7 +169,13 @@ def cases(device: str, quick: bool) -> list[Case]:
     case.impls["generate"] = _setup_generate(shape, device, dtype, new_tokens)
     case.impls["engine_tree"] = _setup_engine(label, "engine_tree", shape, device, dtype, new_tokens, TREE)
     case.impls["engine_chain"] = _setup_engine(label, "engine_chain", shape, device, dtype, new_tokens, CHAIN)
-    return [case]
+    batched = Case(op=OP, params={**params, "batch": BATCH}, impls={}, forward_only=True, notes=NOTES,
+                   budget_weight=2.0)
+    label = batched.label()
+    batched.impls["generate"] = _setup_generate(shape, device, dtype, new_tokens, BATCH)
+    for impl, tree in (("engine_tree", TREE), ("engine_chain", CHAIN)):
+        batched.impls[impl] = _setup_engine(label, impl, shape, device, dtype, new_tokens, tree, BATCH)
+    return [case, batched]
 
 
 def summarize_results(results: list[dict], meta: dict) -> str:
@@ -167,7 +183,7 @@ def summarize_results(results: list[dict], meta: dict) -> str:
     lines = []
     for result in [r for r in results if r["op"] == OP and r["impl"] == "generate"]:
         label = f"{OP} " + " ".join(f"{k}={v}" for k, v in result["params"].items())
-        new_tokens = result["params"]["new_tokens"]
+        new_tokens = result["params"]["new_tokens"] * result["params"].get("batch", 1)  # every sequence's
         base_ms = result["forward_ms"]
         lines += [f"**{label}** ({meta.get('device_name', meta['device'])})", "",
                   "| impl | tokens/s | speedup | target forwards / token | accepted / step | "

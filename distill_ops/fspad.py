@@ -76,8 +76,12 @@ class FSPADCache:
             self.values = torch.cat([self.values, values], dim=2)
         return self.keys, self.values
 
-    def commit(self) -> None:
-        """Everything appended so far is committed (true target features)."""
+    def commit(self, length: int | None = None) -> None:
+        """Everything appended so far is committed (true target features); with ``length``, the first
+        ``length`` entries are, and the rest is dropped."""
+        if length is not None and self.keys is not None and self.length > length:
+            self.keys = self.keys[:, :, :length]
+            self.values = self.values[:, :, :length]
         self.committed = self.length
 
     def rollback(self) -> None:

@@ -13,8 +13,10 @@ How it plugs into ``transformers`` (no model source is patched):
   the previous implementation afterwards.
 * The engine passes a :class:`TreeAttentionContext` through the model's forward kwargs
   (``speculative_tree=``); transformers forwards them to every attention call. With a tree in the
-  context the layer's queries are the tree nodes, which sit at the end of the KV the cache returned, and
-  attention runs :func:`~distill_ops.tree_attention.tree_attention` (Triton on CUDA). Without one
+  context the layer's queries are the tree nodes, which sit at the end of the KV the cache returned (in a
+  batch of sequences of different lengths the attention first moves them, per sequence, right after that
+  sequence's prefix: :attr:`TreeAttentionContext.starts`), and attention runs
+  :func:`~distill_ops.tree_attention.tree_attention` (Triton on CUDA). Without one
   (prefill, plain causal steps) it is transformers' own SDPA attention, so prefill is bit-identical to
   the model's default ``sdpa`` implementation.
 * Tree position ids are ``cache length + depth``. After verification the accepted rows of every layer of
@@ -28,7 +30,8 @@ Semantics: greedy (``temperature=0``) output equals ``target.generate(do_sample=
 (up to floating-point ties between the tree pass and the one-token decode pass); sampling draws from the
 same distribution as the target alone (temperature, top-k, top-p applied to the target; drafts are
 deterministic top-k choices, verified with the residual rule of :func:`~distill_ops.verify.verify_sampling`).
-Batch size 1 only. Stops at ``eos_token_id`` / ``max_new_tokens`` exactly like ``generate``.
+Batches of sequences of any lengths: each sequence is decoded exactly as it would be alone (see
+:class:`_Generation`). Stops at ``eos_token_id`` / ``max_new_tokens`` exactly like ``generate``.
 
 Per-step host work. On a GPU at T ~ 32 the engine's own work is host-bound (each small op or Triton
 launch costs microseconds of CPU time whatever its size; ``python -m benchmarks.engine_overhead`` counts
@@ -213,12 +216,21 @@ class TreeAttentionContext:
             model expands its tree). ``None``: plain causal attention (transformers' SDPA).
         impl: ``impl`` of :func:`~distill_ops.tree_attention.tree_attention`.
         calls: attention calls seen (the engine checks that every layer went through this function).
+        starts: ragged batches (the engine at batch size > 1): int64 ``[B]``, the KV position of node 0 of
+            each sequence's tree. The cache appends this forward's ``q_len`` rows at the end of the KV
+            (the same position for every sequence); each layer moves them, in place, to positions
+            ``starts[b] + T - q_len ..`` of sequence ``b`` (right after its own prefix and the earlier tree
+            nodes), and the tree attention reads ``starts`` as the prefix lengths. Requires
+            ``starts[b] + T <= S``. Rows of a sequence beyond ``starts[b] + T`` are left as they are (stale).
+            ``None``: every sequence's tree is the last ``T`` positions of the KV.
     """
 
     tree: TreeSpec | None = None
     impl: str = "auto"
     calls: int = 0
+    starts: torch.Tensor | None = None
     _cache_lens: torch.Tensor | None = field(default=None, repr=False)
+    _slots: torch.Tensor | None = field(default=None, repr=False)
 
     def cache_lens(self, batch: int, prefix_len: int, device: torch.device) -> torch.Tensor:
         """The ``[B]`` prefix lengths tensor, created once per forward (every layer has the same prefix)."""
@@ -227,6 +239,19 @@ class TreeAttentionContext:
             lens = torch.full((batch,), prefix_len, dtype=torch.int32, device=device)
             self._cache_lens = lens
         return lens
+
+    def place_new_rows(self, key: torch.Tensor, value: torch.Tensor, q_len: int) -> None:
+        """Move the last ``q_len`` rows of ``key`` / ``value`` ``[B, Hkv, S, D]`` (in place) to positions
+        ``starts[b] + T - q_len + i`` of each sequence (see ``starts``); the index is made once per forward."""
+        slots = self._slots
+        if slots is None or slots.shape[1] != q_len:
+            offsets = torch.arange(self.tree.num_nodes - q_len, self.tree.num_nodes, device=key.device)
+            slots = self.starts.to(device=key.device, dtype=torch.int64)[:, None] + offsets
+            self._slots = slots
+        batch, heads, kv_len, head_dim = key.shape
+        index = slots[:, None, :, None].expand(batch, heads, q_len, head_dim)
+        for cache in (key, value):
+            cache.scatter_(2, index, cache[:, :, kv_len - q_len:].clone())
 
 
 def tree_attention_tail(
@@ -243,7 +268,8 @@ def tree_attention_tail(
     """Tree attention for queries that are the last ``q_len`` nodes of ``context.tree``.
 
     ``query`` ``[B, Hq, q_len, D]``; ``key``/``value`` ``[B, Hkv, S, D]`` ending with the ``T`` tree nodes.
-    Returns ``[B, Hq, q_len, D]``. When ``q_len < T`` (a draft expanding one level of its tree) the earlier
+    With ``context.starts`` (ragged batches) the new rows are first moved to each sequence's own tree
+    positions. Returns ``[B, Hq, q_len, D]``. When ``q_len < T`` (a draft expanding one level of its tree) the earlier
     nodes' query rows are padded with zeros and their outputs dropped: one
     :func:`~distill_ops.tree_attention.tree_attention` call, whatever the level.
     """
@@ -255,7 +281,11 @@ def tree_attention_tail(
             f"tree attention: {q_len} queries and {kv_len} keys do not fit a tree of {num_nodes} nodes at the "
             f"end of the KV cache"
         )
-    cache_lens = context.cache_lens(batch, kv_len - num_nodes, query.device)
+    if context.starts is None:
+        cache_lens = context.cache_lens(batch, kv_len - num_nodes, query.device)
+    else:
+        context.place_new_rows(key, value, q_len)
+        cache_lens = context.starts
     if q_len < num_nodes:
         padded = query.new_zeros(batch, num_heads, num_nodes, head_dim)
         padded[:, :, num_nodes - q_len:] = query
@@ -450,7 +480,80 @@ class _Timer:
 # --------------------------------------------------------------------------------------------------
 
 
-class _ModelDrafter:
+class _DrafterRows:
+    """What both drafters keep about a ragged batch (``generate`` at batch size > 1): the host length of each
+    sequence's committed cache, the tree starts that follow from it, and the chain trees of the advances.
+
+    At batch size 1 (``lens`` unused, ``tree_starts`` None) the draft tree is the end of the cache and the
+    advance is a plain causal forward. In a ragged batch each sequence's committed entries are the first
+    ``lens[b]`` rows of the cache; a draft tree starts at the sequence's last committed entry (``lens[b] - 1``,
+    the root) and an advance is a chain tree that starts at ``lens[b]`` (``TreeAttentionContext.starts``).
+    """
+
+    impl: str
+
+    def _rows_init(self) -> None:
+        self.lens: list[int] = []
+        self.tree_starts: torch.Tensor | None = None
+        self._chains: dict[int, TreeSpec] = {}
+
+    def _start_rows(self, lens: list[int], ragged: bool, device: torch.device) -> None:
+        """A new ``generate``: committed lengths after the prefill (kept only for a ragged batch)."""
+        if ragged:
+            self._set_lens(lens, device)
+        else:
+            self.lens, self.tree_starts = [], None
+
+    def _set_lens(self, lens: list[int], device: torch.device) -> None:
+        self.lens = lens
+        self.tree_starts = int64_to_device([n - 1 for n in lens], device).to(torch.int32)
+
+    def _chain(self, counts: list[int], device: torch.device) -> tuple[TreeAttentionContext, torch.Tensor]:
+        """The context of an advance by ``counts[b]`` entries per sequence (``max(counts)`` nodes; a sequence's
+        nodes past its count are padding, written past its committed rows), and the index ``[B]`` of each
+        sequence's last entry. Updates ``lens``."""
+        width = max(counts)
+        chain = self._chains.get(width)
+        if chain is None:
+            chain = self._chains[width] = tree_spec_from_parents(list(range(-1, width - 1)), device)
+        batch = len(counts)
+        index = int64_to_device(self.lens + [max(count - 1, 0) for count in counts], device)
+        context = TreeAttentionContext(chain, self.impl, starts=index[:batch].to(torch.int32))
+        self._set_lens([n + count for n, count in zip(self.lens, counts)], device)
+        return context, index[batch:]
+
+    def _tree_context(self, tree: TreeSpec) -> TreeAttentionContext:
+        return TreeAttentionContext(tree, self.impl, starts=self.tree_starts)
+
+
+def _append_per_row(tokens: torch.Tensor, lengths: list[int], values: torch.Tensor) -> torch.Tensor:
+    """``tokens [B, W]`` right-padded (row b holds ``lengths[b]`` tokens) with ``values[b]`` put at column
+    ``lengths[b]``: ``[B, W + 1]``."""
+    columns = int64_to_device(lengths, tokens.device)[:, None]
+    return torch.cat([tokens, tokens[:, :1]], dim=1).scatter_(1, columns, values.view(-1, 1))
+
+
+def _row_ends(lengths: list[int], width: int, logits_to_keep: bool, device: torch.device):
+    """For a right-padded forward (row b holds ``lengths[b]`` of ``width`` positions): forward kwargs that keep
+    only the logits needed (each row's last position) and the index of each row's in the returned sequence
+    dimension (``None``: the last, every row full)."""
+    if all(length == width for length in lengths):
+        return ({"logits_to_keep": 1} if logits_to_keep else {}), None
+    if not logits_to_keep:
+        return {}, int64_to_device([length - 1 for length in lengths], device)
+    keep = sorted({length - 1 for length in lengths})
+    index = int64_to_device(keep + [keep.index(length - 1) for length in lengths], device)
+    return {"logits_to_keep": index[:len(keep)]}, index[len(keep):]
+
+
+def _pick_rows(values: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """``values [B, n, ...]`` -> ``[B, ...]``: entry ``index[b]`` of each row (the last when ``index`` is None)."""
+    if index is None:
+        return values[:, -1]
+    return values[torch.arange(values.shape[0], device=values.device), index]
+
+
+class _ModelDrafter(_DrafterRows):
     """A smaller ``transformers`` causal LM with its own ``DynamicCache``.
 
     The committed cache holds every token through the current root; each drafting level appends the
@@ -463,9 +566,11 @@ class _ModelDrafter:
         self.model = model
         self.impl = impl
         self.cache_kwarg = _cache_kwarg(model)
-        self.keep_last = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+        self.logits_to_keep = _supports_logits_to_keep(model)
+        self.keep_last = {"logits_to_keep": 1} if self.logits_to_keep else {}
         self.cache = None
         self.committed = 0
+        self._rows_init()
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, context: TreeAttentionContext, **extra):
         out = self.model(
@@ -479,24 +584,41 @@ class _ModelDrafter:
             )
         return out.logits
 
-    def start(self, prompt_ids: torch.Tensor, first_token: torch.Tensor, features: torch.Tensor | None,
-              max_length: int):
+    def start(self, prompt: torch.Tensor, lengths: list[int], first_tokens: torch.Tensor,
+              features: torch.Tensor | None, ragged: bool):
+        """Commit each prompt (``prompt [B, W]`` right-padded, row b holding ``lengths[b]`` tokens) and its
+        first generated token; returns the next-token logits ``[B, V]`` and no state."""
         self.cache = _full_cache("draft", self.model)
-        tokens = torch.cat([prompt_ids, first_token.view(1, 1)], dim=1)
-        positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
-        return self.advance(tokens, positions, None)
-
-    def advance(self, tokens: torch.Tensor, positions: torch.Tensor, features: torch.Tensor | None):
-        """Commit ``tokens [1, n]`` (causal); returns the last token's next-token logits ``[V]`` and no state."""
-        logits = self._forward(tokens, positions, TreeAttentionContext(impl=self.impl), **self.keep_last)
+        tokens = _append_per_row(prompt, lengths, first_tokens)
+        batch, width = tokens.shape
+        positions = torch.arange(width, device=tokens.device)[None].expand(batch, width)
+        lens = [length + 1 for length in lengths]
+        keep, ends = _row_ends(lens, width, self.logits_to_keep, tokens.device)
+        logits = self._forward(tokens, positions, TreeAttentionContext(impl=self.impl), **keep)
         self.committed = self.cache.get_seq_length()
-        return logits[0, -1], None
+        self._start_rows(lens, ragged, tokens.device)
+        return _pick_rows(logits, ends), None
+
+    def advance(self, tokens: torch.Tensor, positions: torch.Tensor, features: torch.Tensor | None,
+                counts: list[int] | None = None):
+        """Commit ``tokens [B, n]``; returns each sequence's next-token logits ``[B, V]`` and no state.
+
+        ``counts`` None (batch size 1): a causal forward of all ``n``. Otherwise sequence ``b`` commits its
+        first ``counts[b]`` tokens (a chain tree from its own end, see :class:`_DrafterRows`)."""
+        if counts is None:
+            logits = self._forward(tokens, positions, TreeAttentionContext(impl=self.impl), **self.keep_last)
+            self.committed = self.cache.get_seq_length()
+            return logits[:, -1], None
+        context, last = self._chain(counts, tokens.device)
+        logits = self._forward(tokens, positions, context)
+        self.committed = max(self.lens)
+        self.rollback()  # the padding of the longest advance beyond every sequence's entries
+        return _pick_rows(logits, last), None
 
     def expand(self, tokens: torch.Tensor, parent_states, positions: torch.Tensor, tree: TreeSpec):
-        """Append one level of tree nodes (the last ``len(tokens)`` nodes of ``tree``, whose node 0 is the
-        committed root); returns their next-token logits ``[m, V]`` and no state."""
-        logits = self._forward(tokens[None], positions[None], TreeAttentionContext(tree, self.impl))
-        return logits[0], None
+        """Append one level of tree nodes (``tokens [B, m]``: the last ``m`` nodes of ``tree``, whose node 0 is
+        the committed root); returns their next-token logits ``[B, m, V]`` and no state."""
+        return self._forward(tokens, positions, self._tree_context(tree)), None
 
     def rollback(self) -> None:
         extra = self.cache.get_seq_length() - self.committed
@@ -504,7 +626,7 @@ class _ModelDrafter:
             self.cache.crop(-extra)
 
 
-class _FSPADDrafter:
+class _FSPADDrafter(_DrafterRows):
     """An :class:`~distill_ops.fspad.FSPADDraftHead` drafting from the target's features.
 
     Head entry ``t`` reads (feature of position ``t``, embedding of the token at ``t + 1``) and sits at
@@ -520,25 +642,37 @@ class _FSPADDrafter:
         self.lm_head = target.get_output_embeddings()
         self.impl = impl
         self.cache = None
+        self._rows_init()
 
-    def start(self, prompt_ids: torch.Tensor, first_token: torch.Tensor, features: torch.Tensor,
-              max_length: int):
+    def start(self, prompt: torch.Tensor, lengths: list[int], first_tokens: torch.Tensor,
+              features: torch.Tensor, ragged: bool):
         self.cache = self.head.new_cache()
-        tokens = torch.cat([prompt_ids[:, 1:], first_token.view(1, 1)], dim=1)
-        positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)[None]
-        return self.advance(tokens, positions, features)
-
-    def advance(self, tokens: torch.Tensor, positions: torch.Tensor, features: torch.Tensor):
-        regress, predict = self.head(features, self.embed(tokens), positions, cache=self.cache)
+        tokens = _append_per_row(prompt, lengths, first_tokens)[:, 1:]
+        batch, width = tokens.shape
+        positions = torch.arange(1, width + 1, device=tokens.device)[None].expand(batch, width)
+        regress, predict = self.head(features[:, :width], self.embed(tokens), positions, cache=self.cache)
         self.cache.commit()
-        return self.lm_head(predict[0, -1]), regress[0, -1]
+        _, ends = _row_ends(lengths, width, False, tokens.device)
+        self._start_rows(list(lengths), ragged, tokens.device)
+        return self.lm_head(_pick_rows(predict, ends)), _pick_rows(regress, ends)
+
+    def advance(self, tokens: torch.Tensor, positions: torch.Tensor, features: torch.Tensor,
+                counts: list[int] | None = None):
+        """As :meth:`_ModelDrafter.advance`; returns the logits ``[B, V]`` and predicted features ``[B, d]``."""
+        if counts is None:
+            regress, predict = self.head(features, self.embed(tokens), positions, cache=self.cache)
+            self.cache.commit()
+            return self.lm_head(predict[:, -1]), regress[:, -1]
+        context, last = self._chain(counts, tokens.device)
+        regress, predict = self.head(features, self.embed(tokens), positions, cache=self.cache, tree=context)
+        self.cache.commit(max(self.lens))
+        return self.lm_head(_pick_rows(predict, last)), _pick_rows(regress, last)
 
     def expand(self, tokens: torch.Tensor, parent_states: torch.Tensor, positions: torch.Tensor, tree: TreeSpec):
-        regress, predict = self.head(
-            parent_states[None], self.embed(tokens[None]), positions[None], cache=self.cache,
-            tree=TreeAttentionContext(tree, self.impl),
-        )
-        return self.lm_head(predict[0]), regress[0]
+        """``tokens [B, m]``, ``parent_states [B, m, d]``; returns logits ``[B, m, V]`` and states ``[B, m, d]``."""
+        regress, predict = self.head(parent_states, self.embed(tokens), positions, cache=self.cache,
+                                     tree=self._tree_context(tree))
+        return self.lm_head(predict), regress
 
     def rollback(self) -> None:
         self.cache.rollback()
@@ -694,7 +828,7 @@ class _DynamicPlan:
             self.node_bases.append(self.node_bases[-1] + count)
         if self.triton:
             self._init_workspaces(device)
-            return
+        # The PyTorch path's tables (also the Triton path's at batch size > 1).
         level_starts = [1]
         for size in level_sizes[:-1]:
             level_starts.append(level_starts[-1] + size)
@@ -752,53 +886,68 @@ class _DynamicPlan:
         return [tuple(self.ints[self.int_offsets[name] + start: self.int_offsets[name] + stop]
                       for name, start, stop in bounds) for bounds in self.view_bounds]
 
-    def draft(self, drafter, root_logits: torch.Tensor, root_state: torch.Tensor | None, root_token: int,
-              root_pos: int, timer: Callable) -> tuple[TreeSpec, torch.Tensor]:
-        """Draft one tree: the verification :class:`TreeSpec` and its tokens ``[T]`` (node 0: ``root_token``).
+    def draft(self, drafter, root_logits: torch.Tensor, root_state: torch.Tensor | None,
+              root_token: int | torch.Tensor, root_pos: int | torch.Tensor, timer: Callable
+              ) -> tuple[TreeSpec, torch.Tensor]:
+        """Draft one tree per sequence: the verification :class:`TreeSpec` and its tokens ``[B, T]`` (node 0:
+        the root token).
 
-        ``drafter.expand(tokens [E], parent_states, positions [E], draft_tree)`` runs the draft on each
-        level's expanded nodes (the last ``E`` nodes of ``draft_tree``) and returns their next-token logits
-        ``[E, V]`` and states (``None`` for a draft LM; FSPAD's predicted features otherwise). Device ops
-        only; ``timer("tree")`` wraps the candidate bookkeeping and the specs.
+        ``root_logits [B, V]`` and ``root_state [B, d]`` (or None) are the draft's outputs at the roots;
+        ``root_token`` / ``root_pos``: host integers at batch size 1, else int64 ``[B]`` / ``[B, 1]`` tensors.
+        ``drafter.expand(tokens [B, E], parent_states [B, E, d], positions [B, E], draft_tree)`` runs the
+        draft on each level's expanded nodes (the last ``E`` nodes of ``draft_tree``) and returns their
+        next-token logits ``[B, E, V]`` and states (``None`` for a draft LM; FSPAD's predicted features
+        otherwise). Device ops only; ``timer("tree")`` wraps the candidate bookkeeping and the specs. The
+        Triton bookkeeping kernels draft one sequence: a batch takes the PyTorch path (same trees).
         """
-        if self.triton:
-            return self._draft_triton(drafter, root_logits, root_state, root_token, root_pos, timer)
-        device = root_logits.device
-        scores = [self.root_score]
-        tokens = [torch.full((1,), root_token, dtype=torch.int64, device=device)]
+        if self.triton and root_logits.shape[0] == 1:
+            return self._draft_triton(drafter, root_logits[0], None if root_state is None else root_state[0],
+                                      root_token, root_pos, timer)
+        batch, device = root_logits.shape[0], root_logits.device
+        scores = [self.root_score.expand(batch, 1)]
+        if isinstance(root_token, int):
+            tokens = [torch.full((batch, 1), root_token, dtype=torch.int64, device=device)]
+        else:
+            tokens = [root_token.view(batch, 1)]
         ranks = []  # each expanded level's chosen positions among its candidates
-        states = None if root_state is None else root_state[None]
-        logits, parent_scores, draft_parents = root_logits[None], None, self.root_parent
+        states = None if root_state is None else root_state[:, None]
+        logits, parent_scores, draft_parents = root_logits[:, None], None, self.root_parent.expand(batch, 1)
         for level in range(1, self.depth + 1):
             values, indices = torch.topk(torch.log_softmax(logits.float(), dim=-1), self.k, dim=-1)
             with timer("tree"):
                 # float64 (type promotion of the float32 log-probs): the sums the host rule used.
-                level_scores = values.double() if parent_scores is None else parent_scores[:, None] + values
-                level_scores, level_tokens = level_scores.flatten(), indices.flatten()
+                level_scores = values.double() if parent_scores is None else parent_scores[:, :, None] + values
+                level_scores, level_tokens = level_scores.flatten(1), indices.flatten(1)
                 scores.append(level_scores)
                 tokens.append(level_tokens)
                 if level == self.depth:
                     break
-                best = torch.sort(level_scores, descending=True, stable=True).indices[: self.expanded[level - 1]]
+                best = torch.sort(level_scores, dim=1, descending=True, stable=True).indices
+                best = best[:, : self.expanded[level - 1]]
                 ranks.append(best)
-                parent_scores = level_scores[best]
+                parent_scores = level_scores.gather(1, best)
                 parent_nodes = best // self.k + self.node_bases[level - 1]
-                draft_parents = torch.cat([draft_parents, parent_nodes])
+                draft_parents = torch.cat([draft_parents, parent_nodes], dim=1)
                 draft_tree = tree_spec_from_parents_tensor(draft_parents, level, self.k, impl=self.impl)
-                expanded_tokens = level_tokens[best]
-                expanded_positions = torch.full_like(best, root_pos + level)
-            parent_states = None if states is None else states[parent_nodes]
+                expanded_tokens = level_tokens.gather(1, best)
+                if isinstance(root_pos, int):
+                    expanded_positions = torch.full_like(best, root_pos + level)
+                else:
+                    expanded_positions = (root_pos + level).expand_as(best)
+            parent_states = None
+            if states is not None:
+                parent_states = states.gather(1, parent_nodes[:, :, None].expand(-1, -1, states.shape[-1]))
             logits, new_states = drafter.expand(expanded_tokens, parent_states, expanded_positions, draft_tree)
             if states is not None:
-                states = torch.cat([states, new_states])
+                states = torch.cat([states, new_states], dim=1)
         with timer("tree"):
-            all_scores, all_tokens = torch.cat(scores), torch.cat(tokens)
-            order = torch.sort(all_scores, descending=True, stable=True).indices
-            kept = order[: self.num_tree_nodes].sort().values  # breadth-first: candidate order is level order
-            expanded_ids = torch.cat([self.expanded_head, *ranks]) + self.expanded_offsets
-            parents = torch.searchsorted(kept, expanded_ids[self.parent_slot[kept]], right=True) - 1
+            all_scores, all_tokens = torch.cat(scores, dim=1), torch.cat(tokens, dim=1)
+            order = torch.sort(all_scores, dim=1, descending=True, stable=True).indices
+            kept = order[:, : self.num_tree_nodes].sort(dim=1).values  # breadth-first: candidates in level order
+            expanded_ids = torch.cat([self.expanded_head.expand(batch, 2), *ranks], dim=1) + self.expanded_offsets
+            parents = torch.searchsorted(kept, expanded_ids.gather(1, self.parent_slot[kept]), right=True) - 1
             tree = tree_spec_from_parents_tensor(parents, self.max_depth, self.max_children, impl=self.impl)
-            return tree, all_tokens[kept]
+            return tree, all_tokens.gather(1, kept)
 
     def _draft_triton(self, drafter, root_logits, root_state, root_token, root_pos, timer):
         """:meth:`draft` on the Triton path: one launch per expanding level, one for the final tree."""
@@ -825,16 +974,18 @@ class _DynamicPlan:
                 level_launch(values, indices, self.floats, self.ints, layout, self.node_bases[level - 1],
                              self.node_bases[level], self.expanded[level - 1], root_pos + level)
                 draft_tree = self._spec(level - 1, draft_parents, level, self.k, compiling)
-            parent_states = None if states is None else states[parent_nodes]
-            logits, new_states = drafter.expand(expanded_tokens, parent_states, expanded_positions, draft_tree)
+            parent_states = None if states is None else states[parent_nodes][None]
+            logits, new_states = drafter.expand(expanded_tokens[None], parent_states, expanded_positions[None],
+                                                draft_tree)
+            logits = logits[0]
             if states is not None:
-                states = torch.cat([states, new_states])
+                states = torch.cat([states, new_states[0]])
         with timer("tree"):
             select_launch(values, indices, self.floats, self.ints, layout, self.num_rows, self.last_row_base,
                           root_token)
             tree_parents, tree_tokens = views[-1]
             tree = self._spec(-1, tree_parents, self.max_depth, self.max_children, compiling)
-            return tree, tree_tokens
+        return tree, tree_tokens[None]
 
     def _spec(self, index: int, parents: torch.Tensor, max_depth: int, max_children: int, compiling: bool):
         """The spec of ``parents``: eager, rebuilt in place over the plan's buffer ``index``; traced, built anew
@@ -856,14 +1007,17 @@ class SpeculativeOutput:
     """Result of :meth:`SpeculativeDecoder.generate`.
 
     Attributes:
-        sequences: int64 ``[1, L + new]``: the prompt then the generated tokens (as ``generate`` returns).
-        num_target_forwards: target forward passes (the prefill included).
-        accept_lengths: accepted draft tokens per verification step (the bonus token excluded).
+        sequences: int64 ``[B, L + new]``: each input row as given (padding included), then its generated
+            tokens, then ``pad_token_id`` up to the longest (as ``generate`` returns).
+        num_target_forwards: target forward passes (the prefill included; a batch shares them).
+        accept_lengths: accepted draft tokens per verification step (the bonus token excluded); in a batch,
+            every sequence's steps while it was unfinished, sequence after sequence.
         timings: seconds per phase: ``prefill`` (target and draft prefill), ``draft`` (draft forwards and
             tree selection, including ``tree``: building the tree specs), ``target`` (target forwards over
             the trees), ``verify``, ``compaction`` and ``total``. With ``profile=True`` the CUDA stream is
             synchronised at phase boundaries (device times); otherwise they are host times.
         prompt_length: ``L``.
+        row_accept_lengths: ``accept_lengths`` of each sequence.
     """
 
     sequences: torch.Tensor
@@ -871,6 +1025,7 @@ class SpeculativeOutput:
     accept_lengths: list[int]
     timings: dict[str, float]
     prompt_length: int = 0
+    row_accept_lengths: list[list[int]] = field(default_factory=list)
 
     @property
     def num_new_tokens(self) -> int:
@@ -986,12 +1141,14 @@ class SpeculativeDecoder:
         top_p: float | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pad_token_id: int | None = None,
         step_callback: Callable[[torch.Tensor, object], None] | None = None,
     ) -> SpeculativeOutput:
-        """Generate up to ``max_new_tokens`` tokens after ``input_ids``.
+        """Generate up to ``max_new_tokens`` tokens after each prompt of ``input_ids``.
 
         Args:
-            input_ids: integer ``[1, L]`` (``L >= 1``) prompt on the target's device (batch size 1 only).
+            input_ids: integer ``[B, L]`` (or ``[L]``) prompts on the target's device, ``L >= 1``.
             max_new_tokens: >= 1.
             temperature: 0 for greedy decoding (identical to ``target.generate(do_sample=False)``), > 0 to
                 sample (the distribution of ``target.generate(do_sample=True, temperature=..., top_k=...,
@@ -1000,49 +1157,61 @@ class SpeculativeDecoder:
             eos_token_id: token id(s) that end generation (kept in the output); ``None`` uses the target's
                 ``generation_config.eos_token_id`` as ``generate`` does.
             generator: the only source of randomness when sampling.
+            attention_mask: ``[B, L]`` of 0 / 1 for prompts of different lengths (1 = token; each row's
+                tokens contiguous, as left padding makes them). ``None``: every position is a token.
+            pad_token_id: fills a finished sequence up to the longest one (batch size > 1, as ``generate``
+                pads); ``None`` uses the target's ``generation_config.pad_token_id``, else the first EOS id.
             step_callback: called after the prefill and after each verification step with
-                ``(sequences [1, n], cache)``: the committed tokens (the last one is the next root, not yet
-                in the cache) and the target's ``DynamicCache``.
+                ``(sequences, cache)``: the committed tokens (the last one is the next root, not yet in the
+                cache), ``[1, n]`` at batch size 1 and a list of one ``[1, n_b]`` tensor per sequence in a
+                batch (sequence ``b``'s cache entries are the first ``n_b - 1`` positions of row ``b``), and
+                the target's ``DynamicCache``.
 
-        Returns a :class:`SpeculativeOutput`.
+        Each sequence is decoded as if it were alone (see :class:`_Generation` for how a batch shares the
+        forwards). Returns a :class:`SpeculativeOutput`.
         """
-        self._check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p, generator)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+        rows = self._check_generate_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                                         generator)
         eos = self._eos_ids(eos_token_id)
+        if pad_token_id is None:
+            pad_token_id = getattr(getattr(self.target, "generation_config", None), "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = eos[0] if eos else 0
         sampling = temperature > 0
         models = [self.target] if isinstance(self._drafter, _FSPADDrafter) else [self.target, self.draft]
         timer = _Timer(self.device, self.profile)
         start = time.perf_counter()
         with torch.inference_mode(), _attention_switched(models):
-            state = _Generation(self, input_ids.to(self.device), max_new_tokens, eos, sampling, temperature,
-                                top_k, top_p, generator, timer, step_callback)
+            state = _Generation(self, rows, max_new_tokens, set(eos), sampling, temperature, top_k, top_p,
+                                generator, timer, step_callback)
             state.run()
         timings = dict(timer.seconds)
         timings["total"] = time.perf_counter() - start
+        given = input_ids.tolist()
+        new = [row[length:] for row, length in zip(state.rows, state.prompt_lens)]
+        width = max(len(tokens) for tokens in new)
+        sequences = [prompt + tokens + [pad_token_id] * (width - len(tokens)) for prompt, tokens in zip(given, new)]
         return SpeculativeOutput(
-            sequences=torch.tensor([state.tokens], dtype=torch.int64, device=self.device),
+            sequences=torch.tensor(sequences, dtype=torch.int64, device=self.device),
             num_target_forwards=state.num_target_forwards,
-            accept_lengths=state.accept_lengths,
+            accept_lengths=[length for lengths in state.accept_lengths for length in lengths],
             timings=timings,
-            prompt_length=state.prompt_len,
+            prompt_length=input_ids.shape[1],
+            row_accept_lengths=state.accept_lengths,
         )
 
-    def _check_generate_args(self, input_ids, max_new_tokens, temperature, top_k, top_p, generator) -> None:
+    def _check_generate_args(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                             generator) -> list[list[int]]:
+        """Checks; returns each sequence's prompt tokens (one host read of the prompts, once per call)."""
         check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape [1, L], got {tuple(input_ids.shape)}")
-        if input_ids.shape[0] != 1:
-            raise ValueError(
-                f"SpeculativeDecoder supports batch size 1 only (each sequence accepts a different number of "
-                f"tokens per step); got input_ids of batch size {input_ids.shape[0]}: loop over the sequences"
-            )
+            raise ValueError(f"input_ids must have shape [B, L] or [L], got {tuple(input_ids.shape)}")
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids must hold at least one sequence, got batch size 0")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids must hold at least one token (empty prompt)")
-        if bool(((input_ids < 0) | (input_ids >= self.vocab_size)).any()):
-            raise ValueError(f"input_ids must be token ids in [0, {self.vocab_size})")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
             raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
         if max_new_tokens <= 0:
@@ -1055,29 +1224,71 @@ class SpeculativeDecoder:
                 check_number("top_p", top_p, low=0.0, high=1.0, low_inclusive=False)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        tokens = input_ids.tolist()
+        if attention_mask is None:
+            rows = tokens
+        else:
+            check_tensor("attention_mask", attention_mask, dtypes=(*INT_DTYPES, torch.bool))
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
+                    f"{tuple(attention_mask.shape)}"
+                )
+            rows = []
+            for index, (row, mask) in enumerate(zip(tokens, attention_mask.to(torch.int64).tolist())):
+                kept = [position for position, value in enumerate(mask) if value]
+                if any(value not in (0, 1) for value in mask):
+                    raise ValueError(f"attention_mask must hold 0 and 1 only, got row {index}: {mask}")
+                if not kept:
+                    raise ValueError(f"attention_mask row {index} masks every token (empty prompt)")
+                if kept[-1] - kept[0] + 1 != len(kept):
+                    raise ValueError(
+                        f"attention_mask row {index} must mark one contiguous run of tokens (left or right "
+                        f"padding), got {mask}"
+                    )
+                rows.append(row[kept[0]: kept[-1] + 1])
+        for index, row in enumerate(rows):
+            bad = [token for token in row if not 0 <= token < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"input_ids must be token ids in [0, {self.vocab_size}), got {bad[0]} in sequence {index}"
+                )
+        return rows
 
-    def _eos_ids(self, eos_token_id) -> set[int]:
+    def _eos_ids(self, eos_token_id) -> list[int]:
         if eos_token_id is None:
             eos_token_id = getattr(getattr(self.target, "generation_config", None), "eos_token_id", None)
         if eos_token_id is None:
-            return set()
+            return []
         if isinstance(eos_token_id, torch.Tensor):
             eos_token_id = eos_token_id.flatten().tolist()
         if isinstance(eos_token_id, int):
             eos_token_id = [eos_token_id]
-        return {int(token) for token in eos_token_id}
+        return [int(token) for token in eos_token_id]
 
 
 class _Generation:
-    """The state of one ``generate`` call (the engine object itself stays stateless between calls)."""
+    """The state of one ``generate`` call (the engine object itself stays stateless between calls).
 
-    def __init__(self, engine: SpeculativeDecoder, input_ids, max_new_tokens, eos, sampling, temperature,
-                 top_k, top_p, generator, timer, step_callback):
+    A batch of ``B`` sequences shares every forward, verification and compaction; each sequence keeps its
+    own length. The target's cache holds sequence ``b``'s committed tokens (all but its root) in the first
+    ``lens[b]`` positions of row ``b``; the rest of the row is stale. The prefill is one right-padded causal
+    forward (a right-padded row's tokens see only earlier tokens: exactly the unpadded forward); each tree
+    forward appends the ``T`` nodes at the end, the attention moves them to ``lens[b] ..`` of each row
+    (:attr:`TreeAttentionContext.starts`), and compaction writes the accepted rows after ``lens[b]``. A
+    finished sequence stays in the batch with its length frozen (its drafts and verifications are
+    discarded) until every sequence has finished. At batch size 1 none of this is needed: the tree is the
+    end of the cache, the draft advances are plain causal forwards.
+    """
+
+    def __init__(self, engine: SpeculativeDecoder, rows: list[list[int]], max_new_tokens, eos, sampling,
+                 temperature, top_k, top_p, generator, timer, step_callback):
         self.engine = engine
         self.drafter = engine._drafter
-        self.prompt = input_ids
-        self.tokens: list[int] = input_ids[0].tolist()
-        self.prompt_len = len(self.tokens)
+        self.rows = [list(row) for row in rows]
+        self.prompt_lens = [len(row) for row in rows]
+        self.batch = len(rows)
+        self.ragged = self.batch > 1
         self.max_new_tokens = max_new_tokens
         self.eos = eos
         self.sampling = sampling
@@ -1086,8 +1297,8 @@ class _Generation:
         self.step_callback = step_callback
         self.cache = None
         self.num_target_forwards = 0
-        self.accept_lengths: list[int] = []
-        self.done = False
+        self.accept_lengths: list[list[int]] = [[] for _ in rows]
+        self.done = [False] * self.batch
         self.num_layers = 0
 
     # -- target ----------------------------------------------------------------------------------
@@ -1115,120 +1326,166 @@ class _Generation:
             return verify_sampling(tree, draft_tokens, logits, impl=impl, **self.sample_args)
         return verify_greedy(tree, draft_tokens, logits, impl=impl)
 
-    def _emit(self, new_tokens: list[int]) -> list[int]:
-        """Append generated tokens, truncated at the first EOS and at ``max_new_tokens`` like ``generate``."""
-        budget = self.max_new_tokens - (len(self.tokens) - self.prompt_len)
+    def _emit(self, row: int, new_tokens: list[int]) -> list[int]:
+        """Append generated tokens to sequence ``row``, truncated at the first EOS and at ``max_new_tokens``
+        like ``generate``."""
+        tokens = self.rows[row]
+        budget = self.max_new_tokens - (len(tokens) - self.prompt_lens[row])
         emitted = []
         for token in new_tokens[:budget]:
             emitted.append(token)
             if token in self.eos:
-                self.done = True
+                self.done[row] = True
                 break
-        self.tokens.extend(emitted)
-        if len(self.tokens) - self.prompt_len >= self.max_new_tokens:
-            self.done = True
+        tokens.extend(emitted)
+        if len(tokens) - self.prompt_lens[row] >= self.max_new_tokens:
+            self.done[row] = True
         return emitted
+
+    def _callback(self) -> None:
+        if self.step_callback is None:
+            return
+        device = self.engine.device
+        if self.ragged:
+            self.step_callback([torch.tensor([row], device=device) for row in self.rows], self.cache)
+        else:
+            self.step_callback(torch.tensor(self.rows, device=device), self.cache)
 
     # -- the loop --------------------------------------------------------------------------------
 
     def run(self) -> None:
-        engine, timer = self.engine, self.timer
+        engine, timer, device = self.engine, self.timer, self.engine.device
         with timer("prefill"):
             self.cache = _full_cache("target", engine.target)
-            context = TreeAttentionContext(impl=engine.impl)
-            positions = torch.arange(self.prompt_len, device=engine.device)[None]
-            logits, features = self._target_forward(self.prompt, positions, context, **engine._keep_last)
-            # Longest sequence either model's cache may hold: the output plus a draft tree beyond it.
-            max_length = self.prompt_len + self.max_new_tokens + engine.max_tree_nodes
+            width = max(self.prompt_lens)
+            prompt = int64_to_device([token for row in self.rows for token in row + [0] * (width - len(row))],
+                                     device).view(self.batch, width)
+            positions = torch.arange(width, device=device)[None].expand(self.batch, width)
+            keep, ends = _row_ends(self.prompt_lens, width, bool(engine._keep_last), device)
+            logits, features = self._target_forward(prompt, positions, TreeAttentionContext(impl=engine.impl),
+                                                    **keep)
             self.num_layers = len(self.cache.layers)
             # The first token: a one-node tree, so that greedy / sampling follow the verifier's exact rules.
-            root = self.prompt[:, -1:]
-            result = self._verify(engine._root_tree, root, logits[:, -1:].float())
+            roots = int64_to_device([row[-1] for row in self.rows], device).view(self.batch, 1)
+            result = self._verify(engine._root_tree, roots, _pick_rows(logits, ends)[:, None].float())
             first = result.next_tokens
-            self._emit([int(first)])
-            if self.step_callback is not None:
-                self.step_callback(torch.tensor([self.tokens], device=engine.device), self.cache)
-            if self.done:
+            for row, token in enumerate(first.tolist()):
+                self._emit(row, [token])
+            self._callback()
+            if all(self.done):
                 return
-            root_logits, root_state = self.drafter.start(self.prompt, first, features, max_length)
-        device = engine.device
-        while not self.done:
-            root_pos = len(self.tokens) - 1  # the root (last committed token) is not in the caches yet
+            root_logits, root_state = self.drafter.start(prompt, self.prompt_lens, first, features, self.ragged)
+        while not all(self.done):
+            # The roots (last committed tokens) are not in the caches yet: a sequence's cache length is root_pos.
+            root_pos = [len(row) - 1 for row in self.rows]
+            if self.ragged:
+                step = int64_to_device([row[-1] for row in self.rows] + root_pos, device)
+                roots, tree_pos = step[: self.batch], step[self.batch:].view(self.batch, 1)
+                starts = tree_pos.view(self.batch).to(torch.int32)
+            else:
+                roots, tree_pos, starts = self.rows[0][-1], root_pos[0], None
             with timer("draft"):
-                tree, draft_tokens, positions = self._draft(root_logits, root_state, root_pos)
+                tree, draft_tokens, positions = self._draft(root_logits, root_state, roots, tree_pos)
                 self.drafter.rollback()
             with timer("target"):
-                context = TreeAttentionContext(tree, engine.impl)
+                context = TreeAttentionContext(tree, engine.impl, starts=starts)
                 logits, features = self._target_forward(draft_tokens, positions, context)
             with timer("verify"):
                 result = self._verify(tree, draft_tokens, logits)
                 # The step's device-to-host read: accepted drafts then the bonus token, -1 padded.
-                new_tokens = [token for token in result.emitted_tokens[0].tolist() if token >= 0]
-                accept_len = len(new_tokens) - 1
+                new_tokens = [[token for token in row if token >= 0] for row in result.emitted_tokens.tolist()]
             with timer("compaction"):
-                # The prefix lengths the target's tree attention used (root_pos; created once per forward).
-                self._compact(result, context.cache_lens(1, root_pos, device), root_pos, accept_len)
-            self.accept_lengths.append(accept_len)
-            self._emit(new_tokens)
-            if self.done and self.cache.get_seq_length() > len(self.tokens) - 1:
+                # The prefix lengths the target's tree attention used (created once per forward).
+                cache_lens = starts if self.ragged else context.cache_lens(1, root_pos[0], device)
+                self._compact(result, cache_lens, root_pos, new_tokens)
+            counts = []
+            for row, tokens in enumerate(new_tokens):
+                active = not self.done[row]
+                if active:
+                    self.accept_lengths[row].append(len(tokens) - 1)
+                    self._emit(row, tokens)
+                counts.append(len(tokens) if active and not self.done[row] else 0)
+            if not self.ragged and self.done[0] and self.cache.get_seq_length() > len(self.rows[0]) - 1:
                 # Drafts accepted past an EOS / the token budget were cut: keep the cache consistent.
-                self.cache.crop(len(self.tokens) - 1 - self.cache.get_seq_length())
-            if self.step_callback is not None:
-                self.step_callback(torch.tensor([self.tokens], device=device), self.cache)
-            if self.done:
+                self.cache.crop(len(self.rows[0]) - 1 - self.cache.get_seq_length())
+            self._callback()
+            if all(self.done):
                 break
             with timer("draft"):
-                path_features = None
-                if features is not None:
-                    path_features = features[:, result.accepted_nodes[0, :accept_len + 1]]
-                count = accept_len + 1
-                advance = int64_to_device(new_tokens + list(range(root_pos + 1, root_pos + count + 1)), device)
-                advance_tokens, advance_positions = advance.view(2, 1, count).unbind(0)
-                root_logits, root_state = self.drafter.advance(advance_tokens, advance_positions, path_features)
+                root_logits, root_state = self._advance(result, features, root_pos, new_tokens, counts)
 
-    def _compact(self, result: VerifyResult, cache_lens: torch.Tensor, prefix_len: int, accept_len: int) -> None:
-        """Move the accepted rows after the prefix in every layer (in place, one call for all layers), then
-        crop the rest."""
+    def _advance(self, result: VerifyResult, features, root_pos: list[int], new_tokens: list[list[int]],
+                 counts: list[int]):
+        """Commit each sequence's accepted tokens and bonus token to the drafter (``counts[b]`` of them; 0 for
+        a finished sequence); returns the drafter's outputs at the new roots."""
+        device = self.engine.device
+        width = max(counts)
+        flat_tokens, flat_positions = [], []
+        for tokens, pos in zip(new_tokens, root_pos):
+            flat_tokens += (tokens + [0] * width)[:width]
+            flat_positions += range(pos + 1, pos + 1 + width)
+        advance = int64_to_device(flat_tokens + flat_positions, device)
+        advance_tokens, advance_positions = advance.view(2, self.batch, width).unbind(0)
+        path_features = None
+        if features is not None:
+            nodes = result.accepted_nodes[:, :width]
+            if self.ragged:
+                nodes = nodes.clamp(min=0)  # a sequence's padding entries: any node
+                path_features = features.gather(1, nodes[:, :, None].expand(-1, -1, features.shape[-1]))
+            else:
+                path_features = features[:, nodes[0]]
+        return self.drafter.advance(advance_tokens, advance_positions, path_features,
+                                    counts if self.ragged else None)
+
+    def _compact(self, result: VerifyResult, cache_lens: torch.Tensor, root_pos: list[int],
+                 new_tokens: list[list[int]]) -> None:
+        """Move the accepted rows after each prefix in every layer (in place, one call for all layers), then
+        crop what no sequence needs."""
         layers = self.cache.layers
         compact_kv_cache([layer.keys for layer in layers], [layer.values for layer in layers], cache_lens, result,
                          impl=self.engine.impl)
-        kept = prefix_len + accept_len + 1
+        kept = max(pos + (0 if done else len(tokens)) for pos, tokens, done in zip(root_pos, new_tokens, self.done))
         self.cache.crop(kept - self.cache.get_seq_length())
 
     # -- drafting --------------------------------------------------------------------------------
 
-    def _draft(self, root_logits, root_state, root_pos) -> tuple[TreeSpec, torch.Tensor, torch.Tensor]:
-        """This step's tree, its tokens ``[1, T]`` (node 0: the root) and position ids ``[1, T]``."""
+    def _draft(self, root_logits, root_state, roots, root_pos) -> tuple[TreeSpec, torch.Tensor, torch.Tensor]:
+        """This step's trees, their tokens ``[B, T]`` (node 0: the root) and position ids ``[B, T]``.
+        ``roots`` / ``root_pos``: host integers at batch size 1, ``[B]`` / ``[B, 1]`` tensors otherwise."""
         if self.engine._static is not None:
-            return self._draft_static(root_logits, root_state, root_pos)
-        return self._draft_dynamic(root_logits, root_state, root_pos)
+            return self._draft_static(root_logits, root_state, roots, root_pos)
+        tree, tokens = self.engine._dynamic.draft(self.drafter, root_logits, root_state, roots, root_pos,
+                                                  self.timer)
+        return tree, tokens, tree.depth + root_pos
 
-    def _draft_static(self, root_logits, root_state, root_pos):
+    def _draft_static(self, root_logits, root_state, roots, root_pos):
         """Fill the static tree's tokens level by level; no host synchronisation."""
         plan: _StaticPlan = self.engine._static
-        device = self.engine.device
-        tokens = torch.empty(plan.tree.num_nodes, dtype=torch.int64, device=device)
-        tokens[0].fill_(self.tokens[-1])  # the root, known on the host
+        device, batch = self.engine.device, self.batch
+        tokens = torch.empty(batch, plan.tree.num_nodes, dtype=torch.int64, device=device)
+        if isinstance(roots, int):
+            tokens[:, 0].fill_(roots)  # the root, known on the host
+        else:
+            tokens[:, 0] = roots
         positions = plan.tree.depth + root_pos
         if plan.num_children_max == 0:
-            return plan.tree, tokens[None], positions
+            return plan.tree, tokens, positions
         top = torch.topk(root_logits, plan.num_children_max).indices
-        tokens[plan.root_child_nodes] = top[plan.root_child_ranks]
-        states = None if root_state is None else root_state[None]
+        tokens[:, plan.root_child_nodes] = top[:, plan.root_child_ranks]
+        states = None if root_state is None else root_state[:, None]
         for level, (eval_nodes, draft_tree, parent_rows, child_nodes, child_rows, child_ranks) in enumerate(
             plan.levels, start=1
         ):
-            parent_states = None if states is None else states[parent_rows]
-            level_positions = torch.full((eval_nodes.shape[0],), root_pos + level, dtype=torch.int64, device=device)
-            logits, new_states = self.drafter.expand(tokens[eval_nodes], parent_states, level_positions, draft_tree)
+            parent_states = None if states is None else states[:, parent_rows]
+            if isinstance(root_pos, int):
+                level_positions = torch.full((batch, eval_nodes.shape[0]), root_pos + level, dtype=torch.int64,
+                                             device=device)
+            else:
+                level_positions = (root_pos + level).expand(batch, eval_nodes.shape[0])
+            logits, new_states = self.drafter.expand(tokens[:, eval_nodes], parent_states, level_positions,
+                                                     draft_tree)
             top = torch.topk(logits, plan.num_children_max, dim=-1).indices
-            tokens[child_nodes] = top[child_rows, child_ranks]
+            tokens[:, child_nodes] = top[:, child_rows, child_ranks]
             if states is not None:
-                states = torch.cat([states, new_states])
-        return plan.tree, tokens[None], positions
-
-    def _draft_dynamic(self, root_logits, root_state, root_pos):
-        """EAGLE-2 on the device (:class:`_DynamicPlan`): no host read, no host-to-device copy."""
-        tree, tokens = self.engine._dynamic.draft(self.drafter, root_logits, root_state, self.tokens[-1], root_pos,
-                                                  self.timer)
-        return tree, tokens[None], tree.depth + root_pos
+                states = torch.cat([states, new_states], dim=1)
+        return plan.tree, tokens, positions

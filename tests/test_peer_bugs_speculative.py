@@ -374,8 +374,8 @@ def test_draft_cache_holds_exactly_the_committed_tokens_before_each_draft(monkey
     original = speculative._Generation._draft
     checked = []
 
-    def checking(self, root_logits, root_state, root_pos):
-        committed = torch.tensor([self.tokens], device=DEVICE)  # through the root
+    def checking(self, root_logits, root_state, roots, root_pos):
+        committed = torch.tensor(self.rows, device=DEVICE)  # through the root
         cache = self.drafter.cache
         assert cache.get_seq_length() == committed.shape[1] == root_pos + 1
         with torch.no_grad():
@@ -383,9 +383,9 @@ def test_draft_cache_holds_exactly_the_committed_tokens_before_each_draft(monkey
         for layer, expected in zip(cache.layers, fresh.past_key_values.layers):
             assert_close(layer.keys, expected.keys, torch.float32)
             assert_close(layer.values, expected.values, torch.float32)
-        assert_close(root_logits, fresh.logits[0, -1], torch.float32)
-        checked.append(self.tokens[-1])
-        return original(self, root_logits, root_state, root_pos)
+        assert_close(root_logits, fresh.logits[:, -1], torch.float32)
+        checked.append(self.rows[0][-1])
+        return original(self, root_logits, root_state, roots, root_pos)
 
     monkeypatch.setattr(speculative._Generation, "_draft", checking)
     prompt = prompts(96, [5], seed=7)[0]

@@ -91,8 +91,11 @@ def _engine():
     # mostly accepted, greedy and sampled, so the example's 256 tokens take few steps on the CPU. Its
     # config's EOS (id 2) may end a sequence early, as it would end generate's.
     target = _tiny_llama(2, 0, init=1.0)
+    batch_ids = torch.randint(0, V, (2, 6), device=DEVICE)
+    batch_mask = torch.ones_like(batch_ids)
+    batch_mask[1, :4] = 0  # a 2-token prompt, left padded as a tokenizer pads for generation
     return dict(target=target, draft=target, input_ids=torch.randint(0, V, (1, 5), device=DEVICE),
-                g=torch.Generator(DEVICE).manual_seed(0))
+                g=torch.Generator(DEVICE).manual_seed(0), batch_ids=batch_ids, batch_mask=batch_mask)
 
 
 def _loss_ok(ns, name="loss"):
@@ -140,6 +143,12 @@ def _check_engine(ns, given):
     assert not ended_early or int(out.sequences[0, -1]) == given["target"].config.eos_token_id
     assert len(out.accept_lengths) == out.num_target_forwards - 1  # the prefill verifies nothing
     assert new_tokens <= sum(int(n) + 1 for n in out.accept_lengths) + 1
+    batch, ids, mask = ns["batch"], given["batch_ids"], given["batch_mask"]
+    assert batch.sequences.shape[0] == 2 and torch.equal(batch.sequences[:, :6], ids)
+    for row in range(2):  # each sequence as generated alone (greedy)
+        alone = ns["engine"].generate(ids[row:row + 1, mask[row].bool()], max_new_tokens=64)
+        new = alone.sequences[0, int(mask[row].sum()):]
+        assert torch.equal(batch.sequences[row, 6: 6 + new.shape[0]], new)
 
 
 # First import line of each README block -> (prelude, check).

@@ -257,6 +257,32 @@ def test_unsupported_attention_is_refused():
         engine.generate(prompts(64, [3], seed=9)[0], max_new_tokens=4)
 
 
+def tiny_model(family: str, **extra):
+    """A 2-layer random model of a ``transformers`` family (``{family}Config`` / ``{family}ForCausalLM``,
+    ``Text`` dropped for the model class), vocabulary 128, peaked distributions."""
+    import transformers
+
+    config_cls = getattr(transformers, f"{family}Config")
+    model_cls = getattr(transformers, f"{family.removesuffix('Text')}ForCausalLM")
+    config = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.3, bos_token_id=None,
+                  eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    return model_cls(config_cls(**{**config, **extra})).eval().to(DEVICE)
+
+
+def gpt_oss_with_sinks():
+    """gpt-oss with strong attention sinks (so that they change the output), alternating 4-token sliding-window
+    and full layers, mixture-of-experts MLPs."""
+    target = tiny_model("GptOss", intermediate_size=64, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                        sliding_window=4)
+    with torch.no_grad():
+        for layer in target.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)
+    assert target.config.layer_types == ["sliding_attention", "full_attention"]
+    return target
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("family, extra", [
     ("Gemma3Text", dict(sliding_window=4, head_dim=16)),  # local layers + global layers
@@ -268,15 +294,7 @@ def test_greedy_equals_generate_beyond_the_sliding_window(family, extra, impl):
     every layer's whole sequence and applies the window in the attention (transformers' masks on causal
     forwards, tree_attention(sliding_window=) on the trees), so greedy output equals generate's, whose own
     cache keeps only the window."""
-    import transformers
-
-    config_cls = getattr(transformers, f"{family}Config")
-    model_cls = getattr(transformers, f"{family.removesuffix('Text')}ForCausalLM")
-    config = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                  tie_word_embeddings=False, initializer_range=0.3, bos_token_id=None, eos_token_id=None,
-                  pad_token_id=None, **extra)
-    torch.manual_seed(0)
-    target = model_cls(config_cls(num_hidden_layers=2, **config)).eval().to(DEVICE)
+    target = tiny_model(family, **extra)
     engine = SpeculativeDecoder(target, target, impl=impl, depth=3, topk=2, num_nodes=8)
     for prompt in prompts(128, [7], seed=10):
         out = engine.generate(prompt, max_new_tokens=19, eos_token_id=[])
@@ -289,19 +307,7 @@ def test_greedy_equals_generate_gpt_oss_sinks(impl):
     """gpt-oss: attention sinks (one logit per head; strong ones here, so that they change the output),
     alternating sliding-window (4 tokens) and full layers, mixture-of-experts MLPs; the sequences run far
     past the window. The reference is transformers' eager attention."""
-    import transformers
-
-    config = transformers.GptOssConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
-        tie_word_embeddings=False, initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-    torch.manual_seed(0)
-    target = transformers.GptOssForCausalLM(config).eval().to(DEVICE)
-    with torch.no_grad():
-        for layer in target.model.layers:
-            layer.self_attn.sinks.normal_(0.0, 2.0)
-    assert target.config.layer_types == ["sliding_attention", "full_attention"]
+    target = gpt_oss_with_sinks()
     engine = SpeculativeDecoder(target, target, impl=impl, depth=3, topk=2, num_nodes=8)
     for prompt in prompts(128, [7], seed=11):
         out = engine.generate(prompt, max_new_tokens=16, eos_token_id=[])
@@ -393,10 +399,10 @@ def _record_drafts(monkeypatch):
     records = []
     original = speculative._Generation._draft
 
-    def recording(self, root_logits, root_state, root_pos):
-        tree, tokens, positions = original(self, root_logits, root_state, root_pos)
+    def recording(self, root_logits, root_state, roots, root_pos):
+        tree, tokens, positions = original(self, root_logits, root_state, roots, root_pos)
         assert torch.equal(positions, tree.depth + root_pos)
-        records.append((list(self.tokens), tree.parents[0].tolist(), tokens[0].tolist()))
+        records.append((list(self.rows[0]), tree.parents[0].tolist(), tokens[0].tolist()))
         return tree, tokens, positions
 
     monkeypatch.setattr(speculative._Generation, "_draft", recording)
@@ -423,6 +429,34 @@ def _head_next_logprobs(head, target, committed: list[int], path: list[int]) -> 
         return torch.log_softmax(lm_head(predict[0, -1]).float(), -1)
 
 
+def check_draft_choices(draft, target, committed: list[int], parents: list[int], tokens: list[int], static: bool):
+    """Each child of a node drafts the rank-r token (static trees) or one of the ``topk`` best tokens (dynamic
+    trees) of the draft's own distribution after ``committed`` and the node's path, computed without cache (a
+    draft LM, or an FSPAD head on ``target``'s features)."""
+    assert tokens[0] == committed[-1]
+    children: dict[int, list[int]] = {}
+    for node in range(1, len(parents)):
+        children.setdefault(parents[node], []).append(node)
+    for parent, kids in children.items():
+        path = []
+        node = parent
+        while node > 0:
+            path.insert(0, tokens[node])
+            node = parents[node]
+        if isinstance(draft, FSPADDraftHead):
+            logprobs = _head_next_logprobs(draft, target, committed, path)
+        else:
+            logprobs = _lm_next_logprobs(draft, committed + path)
+        order = torch.argsort(logprobs, descending=True).tolist()
+        for rank, kid in enumerate(kids):
+            if static:
+                # Allow a float tie between neighbouring ranks, nothing more.
+                assert abs(logprobs[tokens[kid]] - logprobs[order[rank]]) < 1e-4, (parent, rank)
+            else:
+                assert logprobs[tokens[kid]] >= logprobs[order[DYNAMIC_TREE["topk"] - 1]] - 1e-4
+        assert len({tokens[kid] for kid in kids}) == len(kids)  # siblings draft distinct tokens
+
+
 @pytest.mark.parametrize("tree_kind", ["dynamic", "static"])
 @pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
 def test_drafted_tokens_are_the_drafts_top_choices_along_each_path(monkeypatch, draft_kind, tree_kind):
@@ -436,28 +470,7 @@ def test_drafted_tokens_are_the_drafts_top_choices_along_each_path(monkeypatch, 
     engine.generate(prompts(256, [5], seed=13)[0], max_new_tokens=14, eos_token_id=[])
     assert len(records) >= 3
     for committed, parents, tokens in records[:3]:
-        assert tokens[0] == committed[-1]
-        children: dict[int, list[int]] = {}
-        for node in range(1, len(parents)):
-            children.setdefault(parents[node], []).append(node)
-        for parent, kids in children.items():
-            path = []
-            node = parent
-            while node > 0:
-                path.insert(0, tokens[node])
-                node = parents[node]
-            if draft_kind == "lm":
-                logprobs = _lm_next_logprobs(draft, committed + path)
-            else:
-                logprobs = _head_next_logprobs(draft, target, committed, path)
-            order = torch.argsort(logprobs, descending=True).tolist()
-            for rank, kid in enumerate(kids):
-                if tree_kind == "static":
-                    # Allow a float tie between neighbouring ranks, nothing more.
-                    assert abs(logprobs[tokens[kid]] - logprobs[order[rank]]) < 1e-4, (parent, rank)
-                else:
-                    assert logprobs[tokens[kid]] >= logprobs[order[DYNAMIC_TREE["topk"] - 1]] - 1e-4
-            assert len({tokens[kid] for kid in kids}) == len(kids)  # siblings draft distinct tokens
+        check_draft_choices(draft, target, committed, parents, tokens, static=tree_kind == "static")
 
 
 def test_dynamic_tree_shape(monkeypatch):
@@ -555,10 +568,10 @@ class _RecordingDrafter:
             logits[:, 2:] = float("-inf")
         return logits.to(DEVICE)
 
-    def expand(self, tokens, parent_states, positions, tree):
-        logits = self.logits(tokens.shape[0])
-        self.calls.append((tokens.tolist(), positions.tolist(), parent_states[:, 0].tolist(), tree, logits))
-        return logits, tokens.to(torch.float32)[:, None]
+    def expand(self, tokens, parent_states, positions, tree):  # one sequence: [1, E]
+        logits = self.logits(tokens.shape[1])
+        self.calls.append((tokens[0].tolist(), positions[0].tolist(), parent_states[0, :, 0].tolist(), tree, logits))
+        return logits[None], tokens.to(torch.float32)[..., None]
 
 
 def _host_eagle2(root_logits, level_logits, topk, depth, num_nodes):
@@ -610,8 +623,8 @@ def test_device_eagle2_tree_equals_host_bookkeeping(depth, topk, num_nodes, voca
     root_logits = drafter.logits(1)[0]
     root_token, root_pos = 7, 11
     timer = speculative._Timer(DEVICE, sync=False)
-    tree, tokens = plan.draft(drafter, root_logits, torch.full((1,), -1.0, device=DEVICE), root_token, root_pos,
-                              timer)
+    tree, tokens = plan.draft(drafter, root_logits[None], torch.full((1, 1), -1.0, device=DEVICE), root_token,
+                              root_pos, timer)
     levels, parents, expected_tokens = _host_eagle2(root_logits, [call[4] for call in drafter.calls], topk, depth,
                                                     num_nodes)
     assert len(drafter.calls) == len(levels) == (depth - 1 if num_nodes > 1 else 0)
@@ -624,7 +637,7 @@ def test_device_eagle2_tree_equals_host_bookkeeping(depth, topk, num_nodes, voca
         node_tokens += ref_tokens
         assert_spec_matches(draft_tree, build_tree(torch.tensor(draft_parents)))
         assert draft_tree.max_depth == level
-    assert tokens.tolist() == expected_tokens
+    assert tokens.tolist() == [expected_tokens]
     assert_spec_matches(tree, build_tree(torch.tensor(parents)))
 
 
@@ -664,10 +677,10 @@ class _ReplayDrafter:
     def __init__(self, level_logits):
         self.level_logits, self.calls = list(level_logits), []
 
-    def expand(self, tokens, parent_states, positions, tree):
+    def expand(self, tokens, parent_states, positions, tree):  # one sequence: [1, E]
         self.calls.append((tokens.clone(), positions.clone(), parent_states.clone(), tree))
         logits = self.level_logits[len(self.calls) - 1]
-        return logits, tokens.to(torch.float32)[:, None]
+        return logits[None], tokens.to(torch.float32)[..., None]
 
 
 def _draft_with_both_paths(depth, topk, num_nodes, vocab, seed, timer):
@@ -678,7 +691,7 @@ def _draft_with_both_paths(depth, topk, num_nodes, vocab, seed, timer):
     for impl in ("triton", "torch"):
         drafter = _ReplayDrafter(level_logits)
         plan = speculative._DynamicPlan(topk, depth, num_nodes, vocab, DEVICE, impl)
-        tree, tokens = plan.draft(drafter, root_logits, torch.full((1,), -1.0, device=DEVICE), 7, 11,
+        tree, tokens = plan.draft(drafter, root_logits[None], torch.full((1, 1), -1.0, device=DEVICE), 7, 11,
                                   timer if impl == "triton" else speculative._Timer(DEVICE, sync=False))
         results.append((tree, tokens, drafter.calls))
     return results
@@ -740,13 +753,14 @@ def test_device_eagle2_triton_torch_compile_fullgraph():
 
     class Drafter:
         def expand(self, tokens, parent_states, positions, tree):
-            return self.logits + tokens[:, None], None
+            return (self.logits + tokens[0, :, None])[None], None
 
     drafter = Drafter()
     drafter.logits = level_logits
 
     def draft(drafter_plan, root_logits):
-        tree, tokens = drafter_plan.draft(drafter, root_logits, None, 7, 11, lambda phase: contextlib.nullcontext())
+        tree, tokens = drafter_plan.draft(drafter, root_logits[None], None, 7, 11,
+                                          lambda phase: contextlib.nullcontext())
         return tree.parents, tree.depth, tree.ancestor_mask, tree.leaf_paths, tokens
 
     compiled = torch.compile(draft, fullgraph=True, backend="aot_eager")(plan, root_logits)
@@ -865,8 +879,6 @@ def test_bad_inputs():
             engine.generate(prompt, max_new_tokens=bad)
     with pytest.raises(TypeError, match="max_new_tokens"):
         engine.generate(prompt, max_new_tokens=2.0)
-    with pytest.raises(ValueError, match="batch size 1"):
-        engine.generate(prompt.repeat(2, 1), max_new_tokens=3)
     with pytest.raises(TypeError, match="input_ids"):
         engine.generate(prompt.float(), max_new_tokens=3)
     with pytest.raises(ValueError, match="token ids"):

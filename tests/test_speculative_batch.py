@@ -1,0 +1,357 @@
+"""The speculative-decoding engine on batches of prompts of different lengths.
+
+Each sequence of a batch must be decoded exactly as it would be alone: greedy output equals
+``target.generate`` on the sequence alone and on the same left-padded batch; sampling follows the target's
+own distribution; each sequence's cache rows equal a plain forward's after every step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import distill_ops.speculative as speculative
+from distill_ops.speculative import SpeculativeDecoder, TreeAttentionContext, tree_attention_tail
+from distill_ops.tree import build_tree
+from distill_ops.tree_attention import tree_attention
+from distill_ops.verify import VerifyResult
+
+from .conftest import DEVICE, assert_close
+from .test_speculative import (
+    DYNAMIC_TREE,
+    STATIC_TREE,
+    _chi_square_pvalue,
+    _target_two_token_distribution,
+    check_draft_choices,
+    gpt_oss_with_sinks,
+    make_head,
+    models,
+    prompts,
+    reference_generate,
+    tiny_model,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
+
+
+def left_padded(rows: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, L]`` input ids and attention mask of 1-row prompts, left padded like a tokenizer does for
+    generation."""
+    width = max(row.shape[1] for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.int64, device=DEVICE)
+    mask = torch.zeros_like(ids)
+    for index, row in enumerate(rows):
+        ids[index, width - row.shape[1]:] = row[0]
+        mask[index, width - row.shape[1]:] = 1
+    return ids, mask
+
+
+def expected_rows(target, rows, ids, max_new_tokens, eos=None, pad=0) -> torch.Tensor:
+    """Each prompt generated alone by ``target.generate``, laid out as a batched ``generate`` returns it."""
+    alone = [reference_generate(target, row, max_new_tokens, eos_token_id=eos)[0, row.shape[1]:] for row in rows]
+    width = max(len(new) for new in alone)
+    out = torch.full((len(rows), ids.shape[1] + width), pad, dtype=torch.int64, device=DEVICE)
+    out[:, : ids.shape[1]] = ids
+    for index, new in enumerate(alone):
+        out[index, ids.shape[1]: ids.shape[1] + len(new)] = new
+    return out
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_tree_attention_tail_places_each_sequences_tree_after_its_own_prefix(impl):
+    """``starts``: the new rows, appended at the end of the KV, are moved to each sequence's tree slots; the
+    result equals tree attention over a cache laid out per sequence."""
+    torch.manual_seed(0)
+    tree = build_tree(torch.tensor([-1, 0, 0, 1, 1, 2]), device=DEVICE)
+    batch, heads, kv_heads, dim, nodes = 3, 4, 2, 16, 6
+    lens = [5, 9, 2]
+    width = max(lens)
+    q = torch.randn(batch, heads, nodes, dim, device=DEVICE)
+    k = torch.randn(batch, kv_heads, width + nodes, dim, device=DEVICE)
+    v = torch.randn(batch, kv_heads, width + nodes, dim, device=DEVICE)
+    # Reference layout: sequence b's tree right after its prefix (stale rows after it).
+    k_ref, v_ref = k.clone(), v.clone()
+    for b, n in enumerate(lens):
+        k_ref[b, :, n: n + nodes] = k[b, :, width:]
+        v_ref[b, :, n: n + nodes] = v[b, :, width:]
+    starts = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    expected = tree_attention(q, k_ref, v_ref, tree, starts, impl="torch")
+    # A draft expanding its last level: the earlier nodes were placed by earlier forwards.
+    k_tail, v_tail = k_ref[:, :, : width + nodes - 2].clone(), v_ref[:, :, : width + nodes - 2].clone()
+    k_tail = torch.cat([k_tail, k[:, :, -2:]], dim=2)
+    v_tail = torch.cat([v_tail, v[:, :, -2:]], dim=2)
+    out = tree_attention_tail(q[:, :, -2:], k_tail, v_tail, TreeAttentionContext(tree, impl, starts=starts))
+    assert_close(out, expected[:, :, -2:], torch.float32)
+    for b, n in enumerate(lens):  # moved in place, prefixes untouched
+        assert torch.equal(k_tail[b, :, : n + nodes], k_ref[b, :, : n + nodes])
+    out = tree_attention_tail(q, k.clone(), v.clone(), TreeAttentionContext(tree, impl, starts=starts))
+    assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("tree_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
+def test_batch_greedy_equals_generate(draft_kind, tree_kind):
+    """Prompts of lengths 3, 9, 1 and 6, left padded: each row equals ``generate`` on that prompt alone and
+    ``generate`` on the same padded batch."""
+    target, draft_lm = models("llama")
+    draft = draft_lm if draft_kind == "lm" else make_head(target)
+    tree = dict(tree=STATIC_TREE) if tree_kind == "static" else DYNAMIC_TREE
+    engine = SpeculativeDecoder(target, draft, impl="torch", **tree)
+    rows = prompts(256, [3, 9, 1, 6], seed=41)
+    ids, mask = left_padded(rows)
+    max_new = 16 if draft_kind == "lm" else 9
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=[])
+    expected = expected_rows(target, rows, ids, max_new)
+    assert torch.equal(out.sequences, expected), (out.sequences, expected)
+    batched = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new, pad_token_id=0)
+    assert torch.equal(out.sequences, batched)
+    steps = [len(lengths) for lengths in out.row_accept_lengths]
+    assert out.num_target_forwards == 1 + max(steps)
+    assert out.accept_lengths == [n for lengths in out.row_accept_lengths for n in lengths]
+    for lengths in out.row_accept_lengths:  # each row emitted exactly its tokens (the first one from the prefill)
+        assert sum(lengths) + len(lengths) >= max_new - 1
+    if draft_kind == "lm":
+        assert max(out.accept_lengths) >= 2 and len(set(steps)) > 1  # rows advanced at different speeds
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_batch_draft_equal_to_target_accepts_whole_chains(impl):
+    """A perfect draft on a chain tree: every step of every sequence accepts the whole chain, whatever the
+    sequences' lengths (the draft's ragged advances and trees are right)."""
+    target, _ = models("llama")
+    engine = SpeculativeDecoder(target, target, tree=[[0] * d for d in range(1, 5)], impl=impl)
+    rows = prompts(256, [5, 1, 3], seed=3)
+    ids, mask = left_padded(rows)
+    new = 21 if impl == "torch" else 11
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
+    assert torch.equal(out.sequences, expected_rows(target, rows, ids, new))
+    assert out.row_accept_lengths == [[4] * ((new - 1 + 4) // 5)] * 3
+
+
+@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
+def test_batch_drafts_are_each_sequences_own_top_choices(monkeypatch, draft_kind):
+    """Each node's token is the rank-r token of the draft's own distribution after that sequence's committed
+    tokens and the node's path: the drafter's ragged caches, tree starts and feature feedback are right."""
+    target, draft_lm = models("llama")
+    draft = draft_lm if draft_kind == "lm" else make_head(target)
+    records = []
+    original = speculative._Generation._draft
+
+    def recording(self, root_logits, root_state, roots, root_pos):
+        tree, tokens, positions = original(self, root_logits, root_state, roots, root_pos)
+        records.append(([list(row) for row in self.rows], list(self.done), tree.parents[0].tolist(), tokens.tolist()))
+        return tree, tokens, positions
+
+    monkeypatch.setattr(speculative._Generation, "_draft", recording)
+    engine = SpeculativeDecoder(target, draft, tree=STATIC_TREE, impl="torch")
+    rows = prompts(256, [5, 2, 8], seed=13)
+    ids, mask = left_padded(rows)
+    engine.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
+    assert len(records) >= 3
+    for committed_rows, done, parents, token_rows in records[:3]:
+        for committed, finished, tokens in zip(committed_rows, done, token_rows):
+            if not finished:
+                check_draft_choices(draft, target, committed, parents, tokens, static=True)
+
+
+def _forced_verify(tree, draft_tokens, logits, **kwargs) -> VerifyResult:
+    """Accept the first-child chain of ``root token % 4`` nodes whatever the target says (a rule of the
+    sequence's content, not of its row), then the target's argmax: each sequence accepts different lengths,
+    so a drafter's ragged advance, its feature gathering and each sequence's tree positions are exercised
+    even with an untrained draft."""
+    batch, width = draft_tokens.shape[0], tree.max_depth + 1
+    first_child = tree.first_child.expand(batch, -1).tolist()
+    accepted = torch.full((batch, width), -1, dtype=torch.int64, device=logits.device)
+    emitted = accepted.clone()
+    for b, tokens in enumerate(draft_tokens.tolist()):
+        nodes = [0]
+        while len(nodes) <= tokens[0] % 4 and first_child[b][nodes[-1]] >= 0:
+            nodes.append(first_child[b][nodes[-1]])
+        accepted[b, : len(nodes)] = torch.tensor(nodes)
+        emitted[b, : len(nodes) - 1] = torch.tensor([tokens[node] for node in nodes[1:]], dtype=torch.int64)
+        emitted[b, len(nodes) - 1] = logits[b, nodes[-1]].argmax()
+    accept_len = (accepted >= 0).sum(1) - 1
+    return VerifyResult(accepted, accept_len, emitted.gather(1, accept_len[:, None])[:, 0], emitted)
+
+
+@pytest.mark.parametrize("tree_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
+def test_batch_drafts_equal_drafting_each_sequence_alone(monkeypatch, draft_kind, tree_kind):
+    """Under a verification that accepts different lengths per sequence, every tree drafted for a sequence of a
+    batch (tokens and shape, step after step) is the tree drafted for that sequence alone."""
+    target, draft_lm = models("llama")
+    draft = draft_lm if draft_kind == "lm" else make_head(target)
+    tree = dict(tree=STATIC_TREE) if tree_kind == "static" else DYNAMIC_TREE
+    engine = SpeculativeDecoder(target, draft, impl="torch", **tree)
+    monkeypatch.setattr(speculative, "verify_greedy", _forced_verify)
+    drafts = []
+    original = speculative._Generation._draft
+
+    def recording(self, root_logits, root_state, roots, root_pos):
+        tree, tokens, positions = original(self, root_logits, root_state, roots, root_pos)
+        parents = tree.parents.expand(tokens.shape[0], -1)
+        drafts.append([(parents[b].tolist(), tokens[b].tolist(), positions[b].tolist()) if not self.done[b] else None
+                       for b in range(tokens.shape[0])])
+        return tree, tokens, positions
+
+    monkeypatch.setattr(speculative._Generation, "_draft", recording)
+    rows = prompts(256, [5, 2, 8, 3], seed=29)
+    ids, mask = left_padded(rows)
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    batched = [[step[b] for step in drafts if step[b] is not None] for b in range(len(rows))]
+    lengths = out.row_accept_lengths
+    assert len({tuple(row) for row in lengths}) > 1 and max(map(max, lengths)) >= 2
+    for b, row in enumerate(rows):
+        drafts.clear()
+        alone = engine.generate(row, max_new_tokens=12, eos_token_id=[])
+        assert alone.sequences[0].tolist() == out.sequences[b, ids.shape[1] - row.shape[1]:].tolist()
+        assert alone.accept_lengths == lengths[b]
+        assert [step[0] for step in drafts] == batched[b], b
+
+
+@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
+def test_batch_greedy_with_triton_kernels(draft_kind):
+    """The Triton path at batch size > 1: tree attention with ragged prefixes, batched verification,
+    compaction of every layer at ragged lengths; dynamic trees are bookkept by the PyTorch path."""
+    target, draft_lm = models("qwen2")
+    draft = draft_lm if draft_kind == "lm" else make_head(target)
+    engine = SpeculativeDecoder(target, draft, impl="triton", **DYNAMIC_TREE)
+    rows = prompts(320, [2, 7, 4], seed=43)
+    ids, mask = left_padded(rows)
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(out.sequences, expected_rows(target, rows, ids, 6))
+
+
+@pytest.mark.parametrize("family, impl", [("gemma2", "torch"), ("mistral", "torch"), ("gpt_oss", "torch"),
+                                          ("gemma2", "triton"), ("gpt_oss", "triton")])
+def test_batch_sliding_window_softcap_and_sinks(family, impl):
+    """Batches past a 4-token sliding window (windows count each sequence's own positions), with attention
+    soft-capping (Gemma-2) or attention sinks (gpt-oss)."""
+    if family == "gpt_oss":
+        target = gpt_oss_with_sinks()
+    elif family == "gemma2":
+        target = tiny_model("Gemma2", sliding_window=4, head_dim=16, attn_logit_softcapping=3.0)
+    else:
+        target = tiny_model("Mistral", sliding_window=4)
+    engine = SpeculativeDecoder(target, target, impl=impl, depth=3, topk=2, num_nodes=8)
+    rows = prompts(128, [7, 2, 5], seed=10)
+    ids, mask = left_padded(rows)
+    new = 14 if impl == "torch" else 8
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
+    assert torch.equal(out.sequences, expected_rows(target, rows, ids, new))
+
+
+def test_batch_stops_each_sequence_at_its_eos_and_pads():
+    """Sequences end at different steps (an EOS that only some rows emit, one inside an accepted path);
+    finished rows are padded with ``pad_token_id``; the others go on as if alone."""
+    target, _ = models("llama")
+    rows = prompts(256, [4, 2, 7], seed=5)
+    free_run = reference_generate(target, rows[0], 12)[0, 4:].tolist()
+    eos = free_run[2]  # row 0 ends at its third new token (test_speculative's EOS case)
+    engine = SpeculativeDecoder(target, target, tree=[[0] * d for d in range(1, 6)], impl="torch")
+    ids, mask = left_padded(rows, pad=7)
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=3)
+    expected = expected_rows(target, rows, ids, 12, eos=eos, pad=3)
+    assert torch.equal(out.sequences, expected), (out.sequences, expected)
+    assert out.sequences[0, ids.shape[1] + 2].item() == eos and (out.sequences[0, ids.shape[1] + 3:] == 3).all()
+    assert out.row_accept_lengths[0] == [5]  # a perfect chain draft: 5 accepted, cut after the EOS
+    # Without pad_token_id and without one in the generation config, the first EOS id pads (as generate).
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[eos, 1])
+    assert torch.equal(out.sequences, expected_rows(target, rows, ids, 12, eos=[eos, 1], pad=eos))
+
+
+@pytest.mark.parametrize("draft_kind, impl", [("lm", "torch"), ("fspad", "torch"), ("lm", "triton")])
+def test_batch_cache_after_each_step_equals_a_plain_forward(draft_kind, impl):
+    """Row b of every layer holds, in its first ``n_b - 1`` positions, the cache a plain forward of the
+    sequence's committed tokens builds (finished or not)."""
+    target, draft_lm = models("qwen2")
+    draft = draft_lm if draft_kind == "lm" else make_head(target)
+    engine = SpeculativeDecoder(target, draft, impl=impl, **DYNAMIC_TREE)
+    rows = prompts(320, [6, 2, 9], seed=11)
+    ids, mask = left_padded(rows)
+    checked = []
+
+    def check(sequences, cache):
+        assert isinstance(sequences, list) and len(sequences) == len(rows)
+        width = cache.get_seq_length()
+        assert width >= max(row.shape[1] for row in sequences) - 1
+        for b, row in enumerate(sequences):
+            committed = row[:, :-1]
+            with torch.no_grad():
+                out = target(committed, use_cache=True)
+            fresh = out.cache if hasattr(out, "cache") else out.past_key_values
+            n = committed.shape[1]
+            for layer, expected in zip(cache.layers, fresh.layers):
+                assert_close(layer.keys[b:b + 1, :, :n], expected.keys, torch.float32)
+                assert_close(layer.values[b:b + 1, :, :n], expected.values, torch.float32)
+        checked.append([row.shape[1] for row in sequences])
+
+    new = 10 if impl == "torch" else 5
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[], step_callback=check)
+    assert len(checked) == out.num_target_forwards
+    assert checked[0] == [7, 3, 10] and checked[-1] == [n + new for n in (6, 2, 9)]
+
+
+def _sample_first_two(engine, batch_rows, sample_rows, calls, temperature, top_k, seed) -> torch.Tensor:
+    """Counts of the first two sampled tokens of rows ``sample_rows`` over ``calls`` batched generations."""
+    vocab = engine.vocab_size
+    ids, mask = left_padded(batch_rows)
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    counts = torch.zeros(vocab * vocab, dtype=torch.float64)
+    for _ in range(calls):
+        out = engine.generate(ids, attention_mask=mask, max_new_tokens=2, temperature=temperature, top_k=top_k,
+                              eos_token_id=[], generator=generator)
+        for b in sample_rows:
+            first, second = out.sequences[b, ids.shape[1]:].tolist()
+            counts[first * vocab + second] += 1
+    return counts
+
+
+def test_batch_sampling_is_lossless_chi_square(monkeypatch):
+    """Three copies of a prompt sampled in one batch with two prompts of other lengths: the copies' first two
+    tokens follow the target's own distribution (and the copies are independent samples)."""
+    target, draft = models("llama")
+    prompt = prompts(256, [5], seed=19)[0]
+    others = prompts(256, [2, 8], seed=20)
+    batch_rows, sample_rows = [others[0], prompt, prompt, others[1], prompt], [1, 2, 4]
+    temperature, top_k, calls = 1.3, 3, 80
+    expected = _target_two_token_distribution(target, prompt, temperature, top_k)
+    engine = SpeculativeDecoder(target, draft, depth=2, topk=3, num_nodes=6, impl="torch")
+    counts = _sample_first_two(engine, batch_rows, sample_rows, calls, temperature, top_k, seed=0)
+    assert counts.sum() == calls * len(sample_rows)
+    assert _chi_square_pvalue(counts, expected) > 1e-3
+    # Power: tree nodes judged by the next node's logits fail it.
+    real = speculative.verify_sampling
+    monkeypatch.setattr(speculative, "verify_sampling",
+                        lambda tree, tokens, logits, **kw: real(tree, tokens, logits.roll(-1, dims=1), **kw))
+    biased = _sample_first_two(engine, batch_rows, sample_rows, calls // 2, temperature, top_k, seed=1)
+    assert _chi_square_pvalue(biased, expected) < 1e-3
+
+
+def test_batch_bad_inputs():
+    target, draft = models("llama")
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    ids, mask = left_padded(prompts(256, [3, 5], seed=3))
+    with pytest.raises(ValueError, match=r"attention_mask must have input_ids' shape \(2, 5\), got \(2, 4\)"):
+        engine.generate(ids, attention_mask=mask[:, 1:], max_new_tokens=3)
+    with pytest.raises(ValueError, match="0 and 1 only"):
+        engine.generate(ids, attention_mask=mask * 2, max_new_tokens=3)
+    with pytest.raises(ValueError, match="row 0 masks every token"):
+        engine.generate(ids, attention_mask=torch.cat([mask[:1] * 0, mask[1:]]), max_new_tokens=3)
+    holes = mask.clone()
+    holes[1, 2] = 0
+    with pytest.raises(ValueError, match="row 1 must mark one contiguous run"):
+        engine.generate(ids, attention_mask=holes, max_new_tokens=3)
+    with pytest.raises(TypeError, match="attention_mask"):
+        engine.generate(ids, attention_mask=mask.float(), max_new_tokens=3)
+    with pytest.raises(ValueError, match=r"shape \[B, L\] or \[L\]"):
+        engine.generate(ids[None], max_new_tokens=3)
+    bad = ids.clone()
+    bad[1, -1] = 1000
+    with pytest.raises(ValueError, match="got 1000 in sequence 1"):
+        engine.generate(bad, attention_mask=mask, max_new_tokens=3)
+    # Padding positions may hold any value (only the tokens are checked).
+    padded = ids.clone()
+    padded[0, 0] = -1
+    out = engine.generate(padded, attention_mask=mask, max_new_tokens=2, eos_token_id=[])
+    assert out.sequences[0, 0].item() == -1 and out.sequences.shape == (2, 7)
