@@ -738,30 +738,47 @@ def _static_plan(parents: list[int], device: torch.device) -> _StaticPlan:
 
 @torch.library.custom_op("distill_ops::eagle_level", mutates_args=("floats", "ints"))
 def _eagle_level_op(values: torch.Tensor, indices: torch.Tensor, floats: torch.Tensor, ints: torch.Tensor,
-                    layout: list[int], row_base: int, node_base: int, num_expand: int, position: int) -> None:
+                    layout: list[int], row_base: int, node_base: int, num_expand: int, position: int,
+                    row_positions: torch.Tensor | None) -> None:
     """:class:`_DynamicPlan`'s level launch as an opaque op, for ``torch.compile`` (``kernels/eagle_tree.py``)."""
     from .kernels.eagle_tree import eagle_level_forward
 
-    eagle_level_forward(values, indices, floats, ints, tuple(layout), row_base, node_base, num_expand, position)
+    eagle_level_forward(values, indices, floats, ints, tuple(layout), row_base, node_base, num_expand, position,
+                        row_positions)
 
 
 @_eagle_level_op.register_fake
-def _(values, indices, floats, ints, layout, row_base, node_base, num_expand, position):
+def _(values, indices, floats, ints, layout, row_base, node_base, num_expand, position, row_positions):
     return None
 
 
 @torch.library.custom_op("distill_ops::eagle_select", mutates_args=("floats", "ints"))
 def _eagle_select_op(values: torch.Tensor, indices: torch.Tensor, floats: torch.Tensor, ints: torch.Tensor,
-                     layout: list[int], num_rows: int, last_row_base: int, root_token: int) -> None:
+                     layout: list[int], num_rows: int, last_row_base: int, root_token: int,
+                     root_tokens: torch.Tensor | None) -> None:
     """:class:`_DynamicPlan`'s final selection as an opaque op, for ``torch.compile``."""
     from .kernels.eagle_tree import eagle_select_forward
 
-    eagle_select_forward(values, indices, floats, ints, tuple(layout), num_rows, last_row_base, root_token)
+    eagle_select_forward(values, indices, floats, ints, tuple(layout), num_rows, last_row_base, root_token,
+                         root_tokens)
 
 
 @_eagle_select_op.register_fake
-def _(values, indices, floats, ints, layout, num_rows, last_row_base, root_token):
+def _(values, indices, floats, ints, layout, num_rows, last_row_base, root_token, root_tokens):
     return None
+
+
+@dataclass
+class _Workspace:
+    """The Triton path's buffers for a batch of ``B`` sequences (``kernels/eagle_tree.py``), allocated once:
+    float64 ``[B, F]`` and int64 ``[B, I]`` workspaces, the views the engine hands on (``[B, n]`` slices),
+    the specs rebuilt in place over the parent views, and the empty last level of the one-node tree."""
+
+    floats: torch.Tensor
+    ints: torch.Tensor
+    views: list[tuple[torch.Tensor, ...]]
+    specs: list[tuple[TreeSpec, Callable[[], None]]]
+    no_level: tuple[torch.Tensor, torch.Tensor]
 
 
 class _DynamicPlan:
@@ -806,7 +823,9 @@ class _DynamicPlan:
       tree-greedy pair (depth 5, T = 32; ``python -m benchmarks.engine_overhead --impl triton``, CPU
       counts under the interpreter) the tree phase of a step went from 103 ATen ops (43 kernels, 5
       allocations, 5 launches) to 40 (no device kernel: the five specs' allocations and views) and 10
-      launches. GPU time not measured.
+      launches. GPU time not measured. A batch of ``B`` sequences runs the same launches with one program
+      per sequence (``[B, size]`` workspaces, made at the first step of that batch size; each sequence's
+      position ids and root token read from ``[B]`` tensors).
     """
 
     def __init__(self, topk: int, depth: int, num_nodes: int, vocab: int, device: torch.device, impl: str = "auto"):
@@ -828,7 +847,7 @@ class _DynamicPlan:
             self.node_bases.append(self.node_bases[-1] + count)
         if self.triton:
             self._init_workspaces(device)
-        # The PyTorch path's tables (also the Triton path's at batch size > 1).
+        # The PyTorch path's tables.
         level_starts = [1]
         for size in level_sizes[:-1]:
             level_starts.append(level_starts[-1] + size)
@@ -850,40 +869,49 @@ class _DynamicPlan:
         self.root_score = torch.zeros(1, dtype=torch.float64, device=device)
 
     def _init_workspaces(self, device: torch.device) -> None:
-        """The Triton path's workspaces and their views (``kernels/eagle_tree.py``): candidates are rows of
-        ``k`` after the root, one row per draft-tree node (``node_bases[depth]`` of them)."""
+        """The Triton path's layout (``kernels/eagle_tree.py``): candidates are rows of ``k`` after the root,
+        one row per draft-tree node (``node_bases[depth]`` of them); and the workspace of one sequence (the
+        engine's batch size 1), made here so that no step allocates."""
         from .kernels.eagle_tree import section_offsets
 
         self.num_rows = self.node_bases[self.depth] if self.depth else 0
         self.last_row_base = self.node_bases[self.depth - 1] if self.depth else 0
         num_draft_nodes = max(self.num_rows, 1)
         self.layout = (1 + self.num_rows * self.k, num_draft_nodes, self.num_tree_nodes)
-        float_offsets, int_offsets, float_size, int_size = section_offsets(*self.layout)
-        # Node 0, the root: score 0 (a zero workspace), candidate 0 and parent -1, written once here.
-        self.floats = torch.zeros(float_size, dtype=torch.float64, device=device)
-        initial = [0] * int_size
-        initial[int_offsets["node_parents"]] = -1
-        self.ints = int64_to_device(initial, device)
-        self.int_offsets = int_offsets
+        _, self.int_offsets, self.float_size, self.int_size = section_offsets(*self.layout)
         # Per expanding level: the draft tree's parents (a prefix) and the expanded nodes' parents, tokens
-        # and position ids; then the verification tree's parents and tokens. Made once (eager calls).
+        # and position ids; then the verification tree's parents and tokens.
         self.view_bounds = [
             (("node_parents", 0, first + count), ("node_parents", first, first + count),
              ("node_tokens", first, first + count), ("node_positions", first, first + count))
             for first, count in zip(self.node_bases[1:], self.expanded)
         ]
         self.view_bounds.append((("tree_parents", 0, self.num_tree_nodes), ("tree_tokens", 0, self.num_tree_nodes)))
-        self.views = self._workspace_views()
-        # Eager steps rebuild each spec in place over these parent views (one launch, nothing allocated).
-        self.specs = [tree_spec_in_place(level_views[0], level, self.k)
-                      for level, level_views in enumerate(self.views[:-1], start=1)]
-        self.specs.append(tree_spec_in_place(self.views[-1][0], self.max_depth, self.max_children))
-        # The one-node tree has no last level: the final launch reads nothing from these.
-        self.no_level = (torch.zeros(1, 1, device=device), torch.zeros(1, 1, dtype=torch.int64, device=device))
+        self.workspaces: dict[int, _Workspace] = {}
+        self._workspace(1, device)
 
-    def _workspace_views(self) -> list[tuple[torch.Tensor, ...]]:
-        """The views of ``view_bounds``: slices of the int64 workspace."""
-        return [tuple(self.ints[self.int_offsets[name] + start: self.int_offsets[name] + stop]
+    def _workspace(self, batch: int, device: torch.device) -> _Workspace:
+        """The workspace of ``batch`` sequences, made at its first use (batch size 1: at construction)."""
+        workspace = self.workspaces.get(batch)
+        if workspace is not None:
+            return workspace
+        # Node 0, the root: score 0 (a zero workspace), candidate 0 and parent -1, written once here.
+        floats = torch.zeros(batch, self.float_size, dtype=torch.float64, device=device)
+        initial = [0] * self.int_size
+        initial[self.int_offsets["node_parents"]] = -1
+        ints = int64_to_device(initial * batch, device).view(batch, self.int_size)
+        views = self._workspace_views(ints)
+        # Eager steps rebuild each spec in place over these parent views (one launch, nothing allocated).
+        specs = [tree_spec_in_place(level_views[0], level, self.k) for level, level_views in enumerate(views[:-1], 1)]
+        specs.append(tree_spec_in_place(views[-1][0], self.max_depth, self.max_children))
+        # The one-node tree has no last level: the final launch reads nothing from these.
+        no_level = (torch.zeros(batch, 1, 1, device=device), torch.zeros(batch, 1, 1, dtype=torch.int64, device=device))
+        workspace = self.workspaces[batch] = _Workspace(floats, ints, views, specs, no_level)
+        return workspace
+
+    def _workspace_views(self, ints: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """The views of ``view_bounds``: ``[B, n]`` slices of the int64 workspace."""
+        return [tuple(ints[:, self.int_offsets[name] + start: self.int_offsets[name] + stop]
                       for name, start, stop in bounds) for bounds in self.view_bounds]
 
     def draft(self, drafter, root_logits: torch.Tensor, root_state: torch.Tensor | None,
@@ -897,12 +925,10 @@ class _DynamicPlan:
         ``drafter.expand(tokens [B, E], parent_states [B, E, d], positions [B, E], draft_tree)`` runs the
         draft on each level's expanded nodes (the last ``E`` nodes of ``draft_tree``) and returns their
         next-token logits ``[B, E, V]`` and states (``None`` for a draft LM; FSPAD's predicted features
-        otherwise). Device ops only; ``timer("tree")`` wraps the candidate bookkeeping and the specs. The
-        Triton bookkeeping kernels draft one sequence: a batch takes the PyTorch path (same trees).
+        otherwise). Device ops only; ``timer("tree")`` wraps the candidate bookkeeping and the specs.
         """
-        if self.triton and root_logits.shape[0] == 1:
-            return self._draft_triton(drafter, root_logits[0], None if root_state is None else root_state[0],
-                                      root_token, root_pos, timer)
+        if self.triton:
+            return self._draft_triton(drafter, root_logits, root_state, root_token, root_pos, timer)
         batch, device = root_logits.shape[0], root_logits.device
         scores = [self.root_score.expand(batch, 1)]
         if isinstance(root_token, int):
@@ -950,9 +976,12 @@ class _DynamicPlan:
             return tree, all_tokens.gather(1, kept)
 
     def _draft_triton(self, drafter, root_logits, root_state, root_token, root_pos, timer):
-        """:meth:`draft` on the Triton path: one launch per expanding level, one for the final tree."""
+        """:meth:`draft` on the Triton path: one launch per expanding level, one for the final tree (one
+        program per sequence of a batch)."""
         from .kernels.eagle_tree import eagle_level_forward, eagle_select_forward
 
+        batch = root_logits.shape[0]
+        workspace = self._workspace(batch, root_logits.device)
         # Eager calls launch directly: the custom ops that make the launches traceable cost a dispatcher
         # round trip of host time each (see distill_ops.tree.tree_spec_from_parents_tensor).
         compiling = torch.compiler.is_compiling()
@@ -961,38 +990,48 @@ class _DynamicPlan:
         layout = list(self.layout) if compiling else self.layout
         # Traced code slices the workspace itself: outputs that are views of views made outside the graph
         # do not survive functionalization.
-        views = self._workspace_views() if compiling else self.views
-        states = None if root_state is None else root_state[None]
-        logits = root_logits[None]
-        values, indices = self.no_level
+        views = self._workspace_views(workspace.ints) if compiling else workspace.views
+        # Position ids and root tokens: host integers for one sequence, each sequence's own in a batch.
+        if isinstance(root_pos, int):
+            base_pos, row_positions = root_pos, None
+        else:
+            base_pos, row_positions = 0, root_pos.view(batch)
+        if isinstance(root_token, int):
+            base_token, root_tokens = root_token, None
+        else:
+            base_token, root_tokens = 0, root_token.view(batch)
+        states = None if root_state is None else root_state[:, None]
+        logits = root_logits[:, None]
+        values, indices = workspace.no_level
         for level in range(1, self.depth + 1):
             values, indices = torch.topk(torch.log_softmax(logits.float(), dim=-1), self.k, dim=-1)
             if level == self.depth:
                 break  # the final launch scores the last level
             with timer("tree"):
                 draft_parents, parent_nodes, expanded_tokens, expanded_positions = views[level - 1]
-                level_launch(values, indices, self.floats, self.ints, layout, self.node_bases[level - 1],
-                             self.node_bases[level], self.expanded[level - 1], root_pos + level)
-                draft_tree = self._spec(level - 1, draft_parents, level, self.k, compiling)
-            parent_states = None if states is None else states[parent_nodes][None]
-            logits, new_states = drafter.expand(expanded_tokens[None], parent_states, expanded_positions[None],
-                                                draft_tree)
-            logits = logits[0]
+                level_launch(values, indices, workspace.floats, workspace.ints, layout, self.node_bases[level - 1],
+                             self.node_bases[level], self.expanded[level - 1], base_pos + level, row_positions)
+                draft_tree = self._spec(workspace, level - 1, draft_parents, level, self.k, compiling)
+            parent_states = None
             if states is not None:
-                states = torch.cat([states, new_states[0]])
+                parent_states = states.gather(1, parent_nodes[:, :, None].expand(-1, -1, states.shape[-1]))
+            logits, new_states = drafter.expand(expanded_tokens, parent_states, expanded_positions, draft_tree)
+            if states is not None:
+                states = torch.cat([states, new_states], dim=1)
         with timer("tree"):
-            select_launch(values, indices, self.floats, self.ints, layout, self.num_rows, self.last_row_base,
-                          root_token)
+            select_launch(values, indices, workspace.floats, workspace.ints, layout, self.num_rows,
+                          self.last_row_base, base_token, root_tokens)
             tree_parents, tree_tokens = views[-1]
-            tree = self._spec(-1, tree_parents, self.max_depth, self.max_children, compiling)
-        return tree, tree_tokens[None]
+            tree = self._spec(workspace, -1, tree_parents, self.max_depth, self.max_children, compiling)
+            return tree, tree_tokens
 
-    def _spec(self, index: int, parents: torch.Tensor, max_depth: int, max_children: int, compiling: bool):
-        """The spec of ``parents``: eager, rebuilt in place over the plan's buffer ``index``; traced, built anew
-        (the in-place buffers are views made outside the graph)."""
+    def _spec(self, workspace: _Workspace, index: int, parents: torch.Tensor, max_depth: int, max_children: int,
+              compiling: bool):
+        """The spec of ``parents``: eager, rebuilt in place over the workspace's buffer ``index``; traced, built
+        anew (the in-place buffers are views made outside the graph)."""
         if compiling:
             return tree_spec_from_parents_tensor(parents, max_depth, max_children, impl=self.impl)
-        spec, rebuild = self.specs[index]
+        spec, rebuild = workspace.specs[index]
         rebuild()
         return spec
 

@@ -48,11 +48,17 @@ contenders, so that contender cannot place either (this relies on ``torch.topk``
 So ``E * min(k, m)`` candidates are ranked per level (``1 + N * min(k, T - 1)`` at the end):
 ``O(contenders^2)`` comparisons, ``69^2`` at the engine's default ``depth=5, topk=4, num_nodes=32``.
 
-**Compilations.** One per kernel: ``[BLOCK_I, BLOCK_J] = [64, 32]`` comparison tiles (2048 entries;
-64 x 64 tiles made the final kernel spill for sm_90a under Triton 3.6), loops over the sizes, which are runtime
-arguments excluded from value specialisation (``do_not_specialize``) with the offsets, the position and
-the root token. 4 warps, no spills, Triton 3.6 and 3.9, sm_80 and sm_90a (``benchmarks/compile_check.py``):
-level kernel 80-96 registers, final kernel 152-164.
+**Batches.** One program per sequence (``grid = (B,)``): the level inputs are ``[B, E, k]``, the
+workspaces ``[B, size]`` (program ``b`` offsets every pointer by its row's strides), and with ``PER_ROW``
+each sequence's position ids and root token are the scalar argument plus its own entry of an int64 ``[B]``
+tensor (the engine's sequences have different lengths and roots). Without ``PER_ROW`` (one sequence) they are
+host integers: the engine's batch-size-1 step copies nothing to the device for them.
+
+**Compilations.** Two per kernel (``PER_ROW`` off and on): ``[BLOCK_I, BLOCK_J] = [64, 32]`` comparison tiles
+(2048 entries; 64 x 64 tiles made the final kernel spill for sm_90a under Triton 3.6), loops over the sizes,
+which are runtime arguments excluded from value specialisation (``do_not_specialize``) with the strides, the
+offsets, the position and the root token. 4 warps, no spills, Triton 3.6 and 3.9, sm_80 and sm_90a
+(``benchmarks/compile_check.py``): level kernel 80-96 registers, final kernel 128-164.
 
 **Host cost** (what these kernels are for; CPU counts of ``benchmarks/engine_overhead.py --impl triton``,
 tiny tree-greedy and tree-sampling pairs, depth 5, T = 32, under the interpreter): the tree phase of an
@@ -100,16 +106,32 @@ def _level_contender(q, valid, keep, k, row_base, VALUES, stride_v, NODE_SCORES)
 
 
 # Sizes, offsets and the position change with every level and plan: one compilation (module docstring).
-@triton.jit(do_not_specialize=["stride_v", "stride_i", "num_rows", "k", "num_expand", "keep", "row_base", "node_base",
-                               "position", "off_scores", "off_node_scores", "off_tokens", "off_node_cand",
-                               "off_parents", "off_node_tokens", "off_positions"])
+@triton.jit
+def _sequence(VALUES, INDICES, FLOATS, INTS, stride_vb, stride_ib, float_stride, int_stride, ROW_VALUES, scalar,
+              PER_ROW: tl.constexpr):
+    """Program ``b``'s sequence of a batch: its level inputs and workspace rows, and ``scalar`` plus its own
+    ``ROW_VALUES[b]`` when ``PER_ROW`` (position ids, root tokens)."""
+    b = tl.program_id(0)
+    if PER_ROW:
+        scalar = scalar + tl.load(ROW_VALUES + b)
+    return (VALUES + b * stride_vb, INDICES + b * stride_ib, FLOATS + b * float_stride, INTS + b * int_stride,
+            scalar)
+
+
+@triton.jit(do_not_specialize=["stride_vb", "stride_v", "stride_ib", "stride_i", "float_stride", "int_stride",
+                               "num_rows", "k", "num_expand", "keep", "row_base", "node_base", "position",
+                               "off_scores", "off_node_scores", "off_tokens", "off_node_cand", "off_parents",
+                               "off_node_tokens", "off_positions"])
 def eagle_level_kernel(
-    VALUES, INDICES, FLOATS, INTS, stride_v, stride_i, num_rows, k, num_expand, keep, row_base, node_base, position,
+    VALUES, INDICES, FLOATS, INTS, ROW_POSITIONS, stride_vb, stride_v, stride_ib, stride_i, float_stride, int_stride,
+    num_rows, k, num_expand, keep, row_base, node_base, position,
     off_scores, off_node_scores, off_tokens, off_node_cand, off_parents, off_node_tokens, off_positions,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, PER_ROW: tl.constexpr,
 ):
-    """One drafting level: its candidates' scores and tokens, then its ``num_expand`` best as draft-tree
-    nodes ``node_base ..`` (module docstring)."""
+    """One drafting level of sequence ``program_id(0)``: its candidates' scores and tokens, then its
+    ``num_expand`` best as draft-tree nodes ``node_base ..`` (module docstring)."""
+    VALUES, INDICES, FLOATS, INTS, position = _sequence(VALUES, INDICES, FLOATS, INTS, stride_vb, stride_ib,
+                                                        float_stride, int_stride, ROW_POSITIONS, position, PER_ROW)
     node_scores = FLOATS + off_node_scores
     cand_base = 1 + row_base * k
     offsets_i = tl.arange(0, BLOCK_I)
@@ -177,16 +199,20 @@ def _at_least(score, cand, threshold_score, threshold_cand):
     return (score > threshold_score) | ((score == threshold_score) & (cand <= threshold_cand))
 
 
-@triton.jit(do_not_specialize=["stride_v", "stride_i", "num_rows", "last_row_base", "k", "keep", "num_keep",
-                               "root_token", "off_scores", "off_node_scores", "off_tokens", "off_node_cand",
-                               "off_tree_parents", "off_tree_tokens"])
+@triton.jit(do_not_specialize=["stride_vb", "stride_v", "stride_ib", "stride_i", "float_stride", "int_stride",
+                               "num_rows", "last_row_base", "k", "keep", "num_keep", "root_token", "off_scores",
+                               "off_node_scores", "off_tokens", "off_node_cand", "off_tree_parents",
+                               "off_tree_tokens"])
 def eagle_select_kernel(
-    VALUES, INDICES, FLOATS, INTS, stride_v, stride_i, num_rows, last_row_base, k, keep, num_keep, root_token,
+    VALUES, INDICES, FLOATS, INTS, ROOT_TOKENS, stride_vb, stride_v, stride_ib, stride_i, float_stride, int_stride,
+    num_rows, last_row_base, k, keep, num_keep, root_token,
     off_scores, off_node_scores, off_tokens, off_node_cand, off_tree_parents, off_tree_tokens,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, PER_ROW: tl.constexpr,
 ):
-    """The verification tree: the ``num_keep`` best candidates, breadth-first, as parents and tokens
-    (module docstring)."""
+    """The verification tree of sequence ``program_id(0)``: the ``num_keep`` best candidates, breadth-first,
+    as parents and tokens (module docstring)."""
+    VALUES, INDICES, FLOATS, INTS, root_token = _sequence(VALUES, INDICES, FLOATS, INTS, stride_vb, stride_ib,
+                                                          float_stride, int_stride, ROOT_TOKENS, root_token, PER_ROW)
     scores = FLOATS + off_scores
     node_scores = FLOATS + off_node_scores
     offsets_i = tl.arange(0, BLOCK_I)
@@ -243,65 +269,82 @@ def section_offsets(num_candidates: int, num_nodes: int, num_tree_nodes: int) ->
     return float_offsets, int_offsets, sum(float_sizes), sum(int_sizes)
 
 
+def _batch_args(values: torch.Tensor, indices: torch.Tensor, floats: torch.Tensor, ints: torch.Tensor,
+                per_row: torch.Tensor | None) -> tuple[tuple[int, ...], tuple, bool]:
+    """Grid, pointer-and-stride arguments and ``PER_ROW`` of a launch over one sequence (``values [E, k]``,
+    1-D workspaces) or a batch (``values [B, E, k]``, workspaces ``[B, size]``, one program per sequence).
+    Read from shapes and strides only: no tensor op (the engine's tree phase runs none)."""
+    batched = values.dim() == 3
+    args = (values, indices, floats, ints, ints if per_row is None else per_row,
+            values.stride(0) if batched else 0, values.stride(-2), indices.stride(0) if batched else 0,
+            indices.stride(-2), floats.stride(0) if floats.dim() == 2 else 0, ints.stride(0) if ints.dim() == 2 else 0)
+    return (values.shape[0] if batched else 1,), args, per_row is not None
+
+
 def eagle_level_forward(
     values: torch.Tensor, indices: torch.Tensor, floats: torch.Tensor, ints: torch.Tensor,
     layout: tuple[int, int, int], row_base: int, node_base: int, num_expand: int, position: int,
+    row_positions: torch.Tensor | None = None,
 ) -> None:
     """One launch for one drafting level (module docstring): ``values [E, k]`` float32 (rows sorted
     descending) and ``indices [E, k]`` int64, unit column stride, for draft-tree nodes ``row_base ..
-    row_base + E - 1``; the ``num_expand`` best become nodes ``node_base ..`` at ``position``. Writes
-    the float64 / int64 workspaces ``floats`` / ``ints`` of :func:`section_offsets` (``layout``: its
-    arguments); allocates nothing."""
+    row_base + E - 1``; the ``num_expand`` best become nodes ``node_base ..`` at position id ``position``.
+    Writes the float64 / int64 workspaces ``floats`` / ``ints`` of :func:`section_offsets` (``layout``: its
+    arguments); allocates nothing. A batch: ``values`` / ``indices`` ``[B, E, k]``, workspaces ``[B, size]``
+    (one program per sequence), and the position ids ``position + row_positions[b]`` (int64 ``[B]``)."""
     float_offsets, int_offsets, _, _ = section_offsets(*layout)
-    num_rows, k = values.shape
-    eagle_level_kernel[(1,)](
-        values, indices, floats, ints, values.stride(0), indices.stride(0), num_rows, k, num_expand,
-        min(k, num_expand), row_base, node_base, position,
+    num_rows, k = values.shape[-2:]
+    grid, args, per_row = _batch_args(values, indices, floats, ints, row_positions)
+    eagle_level_kernel[grid](
+        *args, num_rows, k, num_expand, min(k, num_expand), row_base, node_base, position,
         float_offsets["candidate_scores"], float_offsets["node_scores"], int_offsets["candidate_tokens"],
         int_offsets["node_candidates"], int_offsets["node_parents"], int_offsets["node_tokens"],
         int_offsets["node_positions"],
-        BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, num_warps=NUM_WARPS,
+        BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, PER_ROW=per_row, num_warps=NUM_WARPS,
     )
 
 
 def eagle_select_forward(
     values: torch.Tensor, indices: torch.Tensor, floats: torch.Tensor, ints: torch.Tensor,
     layout: tuple[int, int, int], num_rows: int, last_row_base: int, root_token: int,
+    root_tokens: torch.Tensor | None = None,
 ) -> None:
     """One launch for the verification tree (module docstring): the last level's ``values [E, k]`` /
     ``indices [E, k]`` (rows ``last_row_base .. num_rows - 1``; with ``num_rows == 0`` nothing is read
-    from them), the ``T`` best candidates into the ``tree_parents`` / ``tree_tokens`` sections."""
+    from them), the ``T`` best candidates into the ``tree_parents`` / ``tree_tokens`` sections. A batch
+    as for :func:`eagle_level_forward`, each sequence's root token ``root_token + root_tokens[b]``."""
     float_offsets, int_offsets, _, _ = section_offsets(*layout)
     num_keep = layout[2]
-    k = values.shape[1]
+    k = values.shape[-1]
+    grid, args, per_row = _batch_args(values, indices, floats, ints, root_tokens)
     # keep >= 1 (no division by zero) also for the one-node tree, whose only contender is the root.
-    eagle_select_kernel[(1,)](
-        values, indices, floats, ints, values.stride(0), indices.stride(0), num_rows, last_row_base, k,
-        max(1, min(k, num_keep - 1)), num_keep, root_token,
+    eagle_select_kernel[grid](
+        *args, num_rows, last_row_base, k, max(1, min(k, num_keep - 1)), num_keep, root_token,
         float_offsets["candidate_scores"], float_offsets["node_scores"], int_offsets["candidate_tokens"],
         int_offsets["node_candidates"], int_offsets["tree_parents"], int_offsets["tree_tokens"],
-        BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, num_warps=NUM_WARPS,
+        BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, PER_ROW=per_row, num_warps=NUM_WARPS,
     )
 
 
 def aot_specs() -> list[dict]:
     """Every compilation the launchers make: one per kernel."""
-    level_ints = ("stride_v", "stride_i", "num_rows", "k", "num_expand", "keep", "row_base", "node_base", "position",
-                  "off_scores", "off_node_scores", "off_tokens", "off_node_cand", "off_parents", "off_node_tokens",
-                  "off_positions")
-    select_ints = ("stride_v", "stride_i", "num_rows", "last_row_base", "k", "keep", "num_keep", "root_token",
-                   "off_scores", "off_node_scores", "off_tokens", "off_node_cand", "off_tree_parents",
-                   "off_tree_tokens")
+    strides = ("stride_vb", "stride_v", "stride_ib", "stride_i", "float_stride", "int_stride")
+    level_ints = strides + ("num_rows", "k", "num_expand", "keep", "row_base", "node_base", "position", "off_scores",
+                            "off_node_scores", "off_tokens", "off_node_cand", "off_parents", "off_node_tokens",
+                            "off_positions")
+    select_ints = strides + ("num_rows", "last_row_base", "k", "keep", "num_keep", "root_token", "off_scores",
+                             "off_node_scores", "off_tokens", "off_node_cand", "off_tree_parents", "off_tree_tokens")
     pointers = {"VALUES": "*fp32", "INDICES": "*i64", "FLOATS": "*fp64", "INTS": "*i64"}
     return [
         {
-            "name": name,
+            "name": f"{name}{'_batch' if per_row else ''}",
             "fn": fn,
-            "signature": {**pointers, **dict.fromkeys(ints, "i32")},
-            "constexprs": {"BLOCK_I": BLOCK_I, "BLOCK_J": BLOCK_J},
+            "signature": {**pointers, row_pointer: "*i64", **dict.fromkeys(ints, "i32")},
+            "constexprs": {"BLOCK_I": BLOCK_I, "BLOCK_J": BLOCK_J, "PER_ROW": per_row},
             "num_warps": NUM_WARPS,
             "num_stages": 3,
         }
-        for name, fn, ints in (("eagle_level", eagle_level_kernel, level_ints),
-                               ("eagle_select", eagle_select_kernel, select_ints))
+        for name, fn, row_pointer, ints in (("eagle_level", eagle_level_kernel, "ROW_POSITIONS", level_ints),
+                                            ("eagle_select", eagle_select_kernel, "ROOT_TOKENS", select_ints))
+        for per_row in (False, True)
     ]

@@ -17,8 +17,11 @@ from distill_ops.tree_attention import tree_attention
 from distill_ops.verify import VerifyResult
 
 from .conftest import DEVICE, assert_close
+from .test_tree import assert_specs_equal
 from .test_speculative import (
+    _EAGLE2_CASES,
     DYNAMIC_TREE,
+    _RecordingDrafter,
     STATIC_TREE,
     _chi_square_pvalue,
     _target_two_token_distribution,
@@ -86,6 +89,54 @@ def test_tree_attention_tail_places_each_sequences_tree_after_its_own_prefix(imp
         assert torch.equal(k_tail[b, :, : n + nodes], k_ref[b, :, : n + nodes])
     out = tree_attention_tail(q, k.clone(), v.clone(), TreeAttentionContext(tree, impl, starts=starts))
     assert_close(out, expected, torch.float32)
+
+
+class _BatchReplayDrafter:
+    """A batched fake drafter: each level's logits ``[B, E, V]`` drawn beforehand (few distinct values: exact
+    ties); states identify a node by its token; it keeps what it was given."""
+
+    def __init__(self, level_logits):
+        self.level_logits, self.calls = level_logits, []
+
+    def expand(self, tokens, parent_states, positions, tree):
+        self.calls.append((tokens.clone(), positions.clone(), parent_states.clone(), tree))
+        return self.level_logits[len(self.calls) - 1][:, : tokens.shape[1]], tokens.to(torch.float32)[..., None]
+
+
+# Without the 200-node case (about 100 s under the interpreter at batch 3) and the all-kept one.
+@pytest.mark.parametrize("depth, topk, num_nodes, vocab, kind", [case for case in _EAGLE2_CASES if case[2] <= 100
+                                                                 and case[:3] != (2, 2, 50)])
+def test_batched_eagle2_kernels_equal_the_pytorch_path(depth, topk, num_nodes, vocab, kind):
+    """The Triton bookkeeping with one program per sequence (each sequence's own root token and position ids)
+    gives every sequence the trees, tokens, positions and parent states of the PyTorch path, which is the
+    host-bookkeeping reference at batch size 1 (tests/test_speculative.py)."""
+    batch = 3
+    source = _RecordingDrafter(vocab, kind, seed=depth)
+    root_logits = torch.stack([source.logits(1)[0] for _ in range(batch)])
+    level_logits = [torch.stack([source.logits(topk) for _ in range(batch)]) for _ in range(depth)]
+    roots = torch.tensor([7, 0, vocab - 1], device=DEVICE)
+    root_pos = torch.tensor([[11], [3], [40]], device=DEVICE)
+    root_state = roots.to(torch.float32)[:, None]
+    results = []
+    for impl in ("triton", "torch"):
+        drafter = _BatchReplayDrafter(level_logits)
+        plan = speculative._DynamicPlan(topk, depth, num_nodes, vocab, DEVICE, impl)
+        for _ in range(2):  # the second draft reuses the batch's workspace
+            drafter.calls.clear()
+            tree, tokens = plan.draft(drafter, root_logits, root_state, roots, root_pos,
+                                      speculative._Timer(DEVICE, sync=False))
+        results.append((tree, tokens, drafter.calls))
+    (tree, tokens, calls), (ref_tree, ref_tokens, ref_calls) = results
+    assert tokens.shape == (batch, tree.num_nodes) and tree.batch_size == batch
+    assert torch.equal(tokens, ref_tokens) and torch.equal(tokens[:, 0], roots)
+    assert_specs_equal(tree, ref_tree)
+    assert len(calls) == len(ref_calls) == (depth - 1 if num_nodes > 1 else 0)
+    for level, (got, want) in enumerate(zip(calls, ref_calls), start=1):
+        assert all(torch.equal(a, b) for a, b in zip(got[:3], want[:3]))
+        assert torch.equal(got[1], (root_pos + level).expand_as(got[1]))
+        assert_specs_equal(got[3], want[3])
+    # Sequences differ (the comparison is not of identical rows).
+    assert not torch.equal(tokens[0], tokens[1]) or num_nodes == 1
 
 
 @pytest.mark.parametrize("tree_kind", ["dynamic", "static"])
