@@ -68,9 +68,13 @@ LOGITS_MIXTURE_GRAD_CONFIGS = {"16bit": (64, 64, 32, 8, 3), "fp32": (16, 16, 32,
 # spilling 16 bytes (ptxas held it to 128 registers); two stages keep the 64 x 64 tile spill-free in every capped
 # PASS 2 build under both releases (32 x 64 tiles were spill-free too, but halve the tokens per weight tile).
 CAPPED_MIXTURE_STATS_CONFIGS = {"16bit": (64, 64, 32, 8, 2), "fp32": STATS_CONFIGS["fp32"]}
+# And the plain-KL gradient with a hidden-state teacher in fp32: BLOCK_H 32 left Triton 3.9's reverse-KL sm_80 aligned
+# build with a 16-byte stack frame; BLOCK_H 16 (as the fp32 statistics take) is spill-free in every capped fp32 KL
+# gradient build under both releases, and keeps BLOCK_V (the backward's chunk width).
+CAPPED_KL_GRAD_CONFIGS = {"16bit": KL_GRAD_CONFIGS["16bit"], "fp32": (16, 64, 16, 4, 2)}
 # The logit soft-cap the static check compiles the capped variants with (Gemma-2's final_logit_softcapping; the cap
 # is a constexpr, see _common_args). Capping adds a sigmoid and two multiply-adds per logit; the capped launches take
-# the configurations above but CAPPED_MIXTURE_STATS_CONFIGS (default_config).
+# the configurations above but CAPPED_MIXTURE_STATS_CONFIGS / CAPPED_KL_GRAD_CONFIGS (default_config).
 SPEC_SOFTCAP = 30.0
 # Token blocks per group of the grouped program order (``_grouped_tile``: consecutive programs take the
 # group's token blocks first, then the next split / vocabulary tile), for both kernels.
@@ -181,8 +185,10 @@ def default_config(
     elif kernel == "grad":
         if is_mixture(divergence):
             configs = LOGITS_MIXTURE_GRAD_CONFIGS if teacher_logits else MIXTURE_GRAD_CONFIGS
+        elif teacher_logits:
+            configs = LOGITS_KL_GRAD_CONFIGS
         else:
-            configs = LOGITS_KL_GRAD_CONFIGS if teacher_logits else KL_GRAD_CONFIGS
+            configs = CAPPED_KL_GRAD_CONFIGS if softcap else KL_GRAD_CONFIGS
     else:
         configs = LOGITS_STATS_CONFIGS if teacher_logits else STATS_CONFIGS
     return configs["fp32" if dtype == torch.float32 else "16bit"]
@@ -934,10 +940,11 @@ def fused_linear_grad_logits(
 def aot_specs() -> list[dict]:
     """Launch configurations for the static check: both kernels, every divergence, bf16 and fp32, with the
     teacher as hidden states + weight ("linear"), as dense logits ("logits"), and the GEMM strategy's launches
-    over fp32 logits chunks of both sides ("gemm", teacher bias added in-kernel); the compensated d_hidden
-    accumulation of bf16 inputs (every first / last combination, both tile layouts)."""
+    over fp32 logits chunks of both sides ("gemm", teacher bias added in-kernel); the soft-capped variants of all
+    of them in bf16, fp16 and fp32; the compensated d_hidden accumulation of bf16 inputs (every first / last
+    combination, both tile layouts)."""
     specs = []
-    for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         precision = _precision(dtype)
 
         def signature(mode: str, **extra: str) -> dict:
@@ -993,8 +1000,9 @@ def aot_specs() -> list[dict]:
             }
             return values, {"num_warps": num_warps, "num_stages": num_stages}
 
-        # Soft-capped logits (Gemma-2): the 16-bit configurations only (fp32 students are not capped models').
-        softcaps = (False, True) if dtype == torch.bfloat16 else (False,)
+        # Soft-capped logits (Gemma-2): every dtype the launchers take them in, with default_config's capped tiles (fp16
+        # the 16-bit ones). fp16: the capped launches only (its uncapped ones, on the bf16 tiles, are not in the check).
+        softcaps = (True,) if dtype == torch.float16 else (False, True)
         for name, mode, softcap in itertools.product(DIVERGENCE_CODES, ("linear", "logits", "gemm"), softcaps):
             passes = (1,) if name in ("forward", "reverse") else (1, 2)
             suffix = ",softcap" if softcap else ""

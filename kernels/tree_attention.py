@@ -264,7 +264,7 @@ _HALF_CONFIGS = {
 
 
 def _block_config(rows_per_group: int, head_dim: int, dtype: torch.dtype, softcap: bool = False,
-                  window: bool = False) -> BlockConfig:
+                  window: bool = False, sinks: bool = False) -> BlockConfig:
     """The fixed configurations listed in ``aot_specs``, every one spill-free on sm_80 and sm_90a under
     triton 3.6 and 3.9 (``python -m benchmarks.compile_check --modules distill_ops.kernels.tree_attention``).
 
@@ -280,8 +280,12 @@ def _block_config(rows_per_group: int, head_dim: int, dtype: torch.dtype, softca
     (triton 3.6). With a sliding window the 16- and 32-row 16-bit D = 128 configurations pipeline 2 stages (16
     rows: 32-key tiles; 32 rows: 64-key tiles), and with soft-capping as well they take 16-row blocks: the
     other settings we compiled (2 to 8 warps, 1 to 3 stages, 32 or 64 keys) left 8 to 24-byte stack frames
-    under triton 3.6 or 3.9."""
+    under triton 3.6 or 3.9. fp32 D <= 64 with a sliding window or sinks takes 32-key tiles (prefix and tree
+    block): with 64 keys its window / sink builds reached 255 registers and 40 to 64-byte stack frames on sm_80
+    and sm_90a (triton 3.9); 16-row blocks spilled too, one stage compiled clean at up to 200 registers."""
     config = _base_block_config(rows_per_group, head_dim, dtype)
+    if dtype == torch.float32 and head_dim <= 64 and (window or sinks):
+        return config._replace(block_n=32, tree_block_n=32)
     if window and dtype != torch.float32 and head_dim == 128 and config.block_m <= 32:
         if softcap:
             return BlockConfig(16, 32, 32, 4, 2)
@@ -368,7 +372,8 @@ def tree_attention_forward(
     batch, num_heads, num_nodes, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
-    config = _block_config(group * num_nodes, head_dim, q.dtype, softcap is not None, sliding_window is not None)
+    config = _block_config(group * num_nodes, head_dim, q.dtype, softcap is not None, sliding_window is not None,
+                           sinks is not None)
     row_blocks = triton.cdiv(group * num_nodes, config.block_m)
     max_prefix = kv_len - num_nodes
     if num_kv_splits is None:
@@ -451,17 +456,18 @@ def aot_specs() -> list[dict]:
     for dtype, ty in _TRITON_TYPES.items():
         for head_dim in (64, 128) if dtype == torch.float32 else (64, 128, 256):
             configs = sorted({_block_config(rows, head_dim, dtype) for rows in _AOT_ROWS})
-            # Soft-capping (Gemma-2) and sliding windows (Mistral, Gemma-2/3 local layers): 16-bit models with
-            # D = 128 or 256; compiled for bf16 there, alone and together. Attention sinks (gpt-oss: D = 64,
-            # alternating full and sliding-window layers): bf16 D = 64, with and without the window.
+            # Soft-capping (Gemma-2) and sliding windows (Mistral, Gemma-2/3 local layers): models with D = 128 or
+            # 256, alone and together. Attention sinks (gpt-oss: D = 64, alternating full and sliding-window
+            # layers): D = 64, with and without the window. Every dtype the launcher takes them in (fp32: D = 128
+            # only for the soft-cap / window), each with its own _block_config.
             options = [(False, False, False)]
-            if dtype == torch.bfloat16 and head_dim >= 128:
+            if head_dim >= 128:
                 options += [(True, False, False), (False, True, False), (True, True, False)]
-            if dtype == torch.bfloat16 and head_dim == 64:
+            if head_dim == 64:
                 options += [(False, False, True), (False, True, True)]
             for config, split, (softcap, window, sinks) in itertools.product(configs, (False, True), options):
-                if softcap or window:
-                    config = _block_config(config.block_m, head_dim, dtype, softcap, window)
+                if softcap or window or sinks:
+                    config = _block_config(config.block_m, head_dim, dtype, softcap, window, sinks)
                 out_ty = "fp32" if split else ty
                 signature = {
                     "Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "ANC": "*i64", "CACHE_LENS": "*i32",
