@@ -84,6 +84,11 @@ class FSPADCache:
             self.values = self.values[:, :, :length]
         self.committed = self.length
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows ``index`` (int64 ``[B']``)."""
+        if self.keys is not None:
+            self.keys, self.values = self.keys[index], self.values[index]
+
     def rollback(self) -> None:
         """Drop the entries appended since the last :meth:`commit` (the draft tree)."""
         if self.keys is not None and self.length > self.committed:

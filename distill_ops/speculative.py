@@ -438,6 +438,13 @@ def _full_cache(name: str, model: torch.nn.Module):
     return DynamicCache()
 
 
+def _select_cache_rows(cache, index: torch.Tensor) -> None:
+    """Keep only the batch rows ``index`` (int64 ``[B']``) of every layer of a ``DynamicCache``."""
+    for layer in cache.layers:
+        if isinstance(getattr(layer, "keys", None), torch.Tensor):
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+
+
 @contextmanager
 def _attention_switched(models: Sequence[torch.nn.Module]) -> Iterator[None]:
     """Switch the models to the tree attention, restoring their previous implementation afterwards."""
@@ -524,6 +531,12 @@ class _DrafterRows:
 
     def _tree_context(self, tree: TreeSpec) -> TreeAttentionContext:
         return TreeAttentionContext(tree, self.impl, starts=self.tree_starts)
+
+    def select_rows(self, keep: list[int], index: torch.Tensor) -> None:
+        """Keep only the sequences ``keep`` (``index``: the same as an int64 tensor) of a ragged batch: their
+        cache rows and lengths; the cache is cropped to the longest of them."""
+        self._set_lens([self.lens[i] for i in keep], index.device)
+        self._select_cache(index, max(self.lens))
 
 
 def _append_per_row(tokens: torch.Tensor, lengths: list[int], values: torch.Tensor) -> torch.Tensor:
@@ -625,6 +638,11 @@ class _ModelDrafter(_DrafterRows):
         if extra:
             self.cache.crop(-extra)
 
+    def _select_cache(self, index: torch.Tensor, length: int) -> None:
+        _select_cache_rows(self.cache, index)
+        self.committed = length
+        self.rollback()
+
 
 class _FSPADDrafter(_DrafterRows):
     """An :class:`~distill_ops.fspad.FSPADDraftHead` drafting from the target's features.
@@ -676,6 +694,10 @@ class _FSPADDrafter(_DrafterRows):
 
     def rollback(self) -> None:
         self.cache.rollback()
+
+    def _select_cache(self, index: torch.Tensor, length: int) -> None:
+        self.cache.select_rows(index)
+        self.cache.commit(length)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1202,9 +1224,10 @@ class SpeculativeDecoder:
                 pads); ``None`` uses the target's ``generation_config.pad_token_id``, else the first EOS id.
             step_callback: called after the prefill and after each verification step with
                 ``(sequences, cache)``: the committed tokens (the last one is the next root, not yet in the
-                cache), ``[1, n]`` at batch size 1 and a list of one ``[1, n_b]`` tensor per sequence in a
-                batch (sequence ``b``'s cache entries are the first ``n_b - 1`` positions of row ``b``), and
-                the target's ``DynamicCache``.
+                cache), ``[1, n]`` at batch size 1 and, for a batch, a list of one ``[1, n_b]`` tensor per
+                sequence still in the batch, in input order (entry ``b``'s cache entries are the first
+                ``n_b - 1`` positions of cache row ``b``; a sequence is listed up to the step it finished in,
+                then leaves the batch while the others go on), and the target's ``DynamicCache``.
 
         Each sequence is decoded as if it were alone (see :class:`_Generation` for how a batch shares the
         forwards). Returns a :class:`SpeculativeOutput`.
@@ -1315,9 +1338,11 @@ class _Generation:
     forward (a right-padded row's tokens see only earlier tokens: exactly the unpadded forward); each tree
     forward appends the ``T`` nodes at the end, the attention moves them to ``lens[b] ..`` of each row
     (:attr:`TreeAttentionContext.starts`), and compaction writes the accepted rows after ``lens[b]``. A
-    finished sequence stays in the batch with its length frozen (its drafts and verifications are
-    discarded) until every sequence has finished. At batch size 1 none of this is needed: the tree is the
-    end of the cache, the draft advances are plain causal forwards.
+    sequence that finishes while others go on leaves the batch at the end of that step (after the step
+    callback): its rows of the target's and the drafter's caches are dropped (``active`` lists the input
+    index of each remaining row), so no later forward, drafting level or verification computes it. At batch
+    size 1 none of this is needed: the tree is the end of the cache, the draft advances are plain causal
+    forwards.
     """
 
     def __init__(self, engine: SpeculativeDecoder, rows: list[list[int]], max_new_tokens, eos, sampling,
@@ -1328,6 +1353,7 @@ class _Generation:
         self.prompt_lens = [len(row) for row in rows]
         self.batch = len(rows)
         self.ragged = self.batch > 1
+        self.active = list(range(self.batch))  # input index of each batch row still decoding
         self.max_new_tokens = max_new_tokens
         self.eos = eos
         self.sampling = sampling
@@ -1386,7 +1412,7 @@ class _Generation:
             return
         device = self.engine.device
         if self.ragged:
-            self.step_callback([torch.tensor([row], device=device) for row in self.rows], self.cache)
+            self.step_callback([torch.tensor([self.rows[row]], device=device) for row in self.active], self.cache)
         else:
             self.step_callback(torch.tensor(self.rows, device=device), self.cache)
 
@@ -1411,14 +1437,22 @@ class _Generation:
             for row, token in enumerate(first.tolist()):
                 self._emit(row, [token])
             self._callback()
+            kept = self._drop_finished()
             if all(self.done):
                 return
-            root_logits, root_state = self.drafter.start(prompt, self.prompt_lens, first, features, self.ragged)
+            prompt_lens = self.prompt_lens
+            if kept is not None:
+                keep = kept[1]
+                prompt, first = prompt[keep], first[keep]
+                features = None if features is None else features[keep]
+                prompt_lens = [prompt_lens[row] for row in self.active]
+            root_logits, root_state = self.drafter.start(prompt, prompt_lens, first, features, self.ragged)
         while not all(self.done):
             # The roots (last committed tokens) are not in the caches yet: a sequence's cache length is root_pos.
-            root_pos = [len(row) - 1 for row in self.rows]
+            rows = [self.rows[row] for row in self.active]
+            root_pos = [len(row) - 1 for row in rows]
             if self.ragged:
-                step = int64_to_device([row[-1] for row in self.rows] + root_pos, device)
+                step = int64_to_device([row[-1] for row in rows] + root_pos, device)
                 roots, tree_pos = step[: self.batch], step[self.batch:].view(self.batch, 1)
                 starts = tree_pos.view(self.batch).to(torch.int32)
             else:
@@ -1437,27 +1471,51 @@ class _Generation:
                 # The prefix lengths the target's tree attention used (created once per forward).
                 cache_lens = starts if self.ragged else context.cache_lens(1, root_pos[0], device)
                 self._compact(result, cache_lens, root_pos, new_tokens)
-            counts = []
-            for row, tokens in enumerate(new_tokens):
-                active = not self.done[row]
-                if active:
-                    self.accept_lengths[row].append(len(tokens) - 1)
-                    self._emit(row, tokens)
-                counts.append(len(tokens) if active and not self.done[row] else 0)
+            for row, tokens in zip(self.active, new_tokens):
+                self.accept_lengths[row].append(len(tokens) - 1)
+                self._emit(row, tokens)
             if not self.ragged and self.done[0] and self.cache.get_seq_length() > len(self.rows[0]) - 1:
                 # Drafts accepted past an EOS / the token budget were cut: keep the cache consistent.
                 self.cache.crop(len(self.rows[0]) - 1 - self.cache.get_seq_length())
             self._callback()
+            accepted_nodes = result.accepted_nodes
+            kept = self._drop_finished()
+            if kept is not None:
+                keep, index = kept
+                self.drafter.select_rows(keep, index)
+                accepted_nodes = accepted_nodes[index]
+                features = None if features is None else features[index]
+                root_pos = [root_pos[i] for i in keep]
+                new_tokens = [new_tokens[i] for i in keep]
             if all(self.done):
                 break
             with timer("draft"):
-                root_logits, root_state = self._advance(result, features, root_pos, new_tokens, counts)
+                root_logits, root_state = self._advance(accepted_nodes, features, root_pos, new_tokens)
 
-    def _advance(self, result: VerifyResult, features, root_pos: list[int], new_tokens: list[list[int]],
-                 counts: list[int]):
-        """Commit each sequence's accepted tokens and bonus token to the drafter (``counts[b]`` of them; 0 for
-        a finished sequence); returns the drafter's outputs at the new roots."""
+    def _drop_finished(self) -> tuple[list[int], torch.Tensor] | None:
+        """Remove the sequences that have finished from the batch while others go on (a ragged batch only):
+        the target cache keeps the other rows (cropped to the longest of them), ``active`` and ``batch``
+        follow. Returns the kept batch rows (host list and int64 tensor), or None when the batch is
+        unchanged."""
+        if not self.ragged or all(self.done):
+            return None
+        keep = [i for i, row in enumerate(self.active) if not self.done[row]]
+        if len(keep) == len(self.active):
+            return None
+        index = int64_to_device(keep, self.engine.device)
+        self.active = [self.active[i] for i in keep]
+        self.batch = len(self.active)
+        _select_cache_rows(self.cache, index)
+        committed = max(len(self.rows[row]) - 1 for row in self.active)
+        if self.cache.get_seq_length() > committed:
+            self.cache.crop(committed - self.cache.get_seq_length())
+        return keep, index
+
+    def _advance(self, accepted_nodes: torch.Tensor, features, root_pos: list[int], new_tokens: list[list[int]]):
+        """Commit each sequence's accepted tokens and bonus token to the drafter (all of ``new_tokens[b]``: the
+        batch holds only unfinished sequences); returns the drafter's outputs at the new roots."""
         device = self.engine.device
+        counts = [len(tokens) for tokens in new_tokens]
         width = max(counts)
         flat_tokens, flat_positions = [], []
         for tokens, pos in zip(new_tokens, root_pos):
@@ -1467,7 +1525,7 @@ class _Generation:
         advance_tokens, advance_positions = advance.view(2, self.batch, width).unbind(0)
         path_features = None
         if features is not None:
-            nodes = result.accepted_nodes[:, :width]
+            nodes = accepted_nodes[:, :width]
             if self.ragged:
                 nodes = nodes.clamp(min=0)  # a sequence's padding entries: any node
                 path_features = features.gather(1, nodes[:, :, None].expand(-1, -1, features.shape[-1]))
@@ -1483,7 +1541,7 @@ class _Generation:
         layers = self.cache.layers
         compact_kv_cache([layer.keys for layer in layers], [layer.values for layer in layers], cache_lens, result,
                          impl=self.engine.impl)
-        kept = max(pos + (0 if done else len(tokens)) for pos, tokens, done in zip(root_pos, new_tokens, self.done))
+        kept = max(pos + len(tokens) for pos, tokens in zip(root_pos, new_tokens))
         self.cache.crop(kept - self.cache.get_seq_length())
 
     # -- drafting --------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def test_batch_drafts_are_each_sequences_own_top_choices(monkeypatch, draft_kind
 
     def recording(self, root_logits, root_state, roots, root_pos):
         tree, tokens, positions = original(self, root_logits, root_state, roots, root_pos)
-        records.append(([list(row) for row in self.rows], list(self.done), tree.parents[0].tolist(), tokens.tolist()))
+        records.append(([list(self.rows[row]) for row in self.active], tree.parents[0].tolist(), tokens.tolist()))
         return tree, tokens, positions
 
     monkeypatch.setattr(speculative._Generation, "_draft", recording)
@@ -199,10 +199,9 @@ def test_batch_drafts_are_each_sequences_own_top_choices(monkeypatch, draft_kind
     ids, mask = left_padded(rows)
     engine.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
     assert len(records) >= 3
-    for committed_rows, done, parents, token_rows in records[:3]:
-        for committed, finished, tokens in zip(committed_rows, done, token_rows):
-            if not finished:
-                check_draft_choices(draft, target, committed, parents, tokens, static=True)
+    for committed_rows, parents, token_rows in records[:3]:
+        for committed, tokens in zip(committed_rows, token_rows, strict=True):
+            check_draft_choices(draft, target, committed, parents, tokens, static=True)
 
 
 def _forced_verify(tree, draft_tokens, logits, **kwargs) -> VerifyResult:
@@ -241,15 +240,17 @@ def test_batch_drafts_equal_drafting_each_sequence_alone(monkeypatch, draft_kind
     def recording(self, root_logits, root_state, roots, root_pos):
         tree, tokens, positions = original(self, root_logits, root_state, roots, root_pos)
         parents = tree.parents.expand(tokens.shape[0], -1)
-        drafts.append([(parents[b].tolist(), tokens[b].tolist(), positions[b].tolist()) if not self.done[b] else None
-                       for b in range(tokens.shape[0])])
+        assert not any(self.done[row] for row in self.active)  # finished sequences have left the batch
+        drafts.append({row: (parents[i].tolist(), tokens[i].tolist(), positions[i].tolist())
+                       for i, row in enumerate(self.active)})
         return tree, tokens, positions
 
     monkeypatch.setattr(speculative._Generation, "_draft", recording)
     rows = prompts(256, [5, 2, 8, 3], seed=29)
     ids, mask = left_padded(rows)
     out = engine.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
-    batched = [[step[b] for step in drafts if step[b] is not None] for b in range(len(rows))]
+    batched = [[step[b] for step in drafts if b in step] for b in range(len(rows))]
+    assert len(drafts[-1]) < len(rows)  # sequences that finished earlier were no longer drafted
     lengths = out.row_accept_lengths
     assert len({tuple(row) for row in lengths}) > 1 and max(map(max, lengths)) >= 2
     for b, row in enumerate(rows):
@@ -314,7 +315,8 @@ def test_batch_stops_each_sequence_at_its_eos_and_pads():
 @pytest.mark.parametrize("draft_kind, impl", [("lm", "torch"), ("fspad", "torch"), ("lm", "triton")])
 def test_batch_cache_after_each_step_equals_a_plain_forward(draft_kind, impl):
     """Row b of every layer holds, in its first ``n_b - 1`` positions, the cache a plain forward of the
-    sequence's committed tokens builds (finished or not)."""
+    sequence's committed tokens builds, for every sequence still in the batch; a sequence leaves the batch (its
+    cache rows dropped) only once it has finished."""
     target, draft_lm = models("qwen2")
     draft = draft_lm if draft_kind == "lm" else make_head(target)
     engine = SpeculativeDecoder(target, draft, impl=impl, **DYNAMIC_TREE)
@@ -323,7 +325,8 @@ def test_batch_cache_after_each_step_equals_a_plain_forward(draft_kind, impl):
     checked = []
 
     def check(sequences, cache):
-        assert isinstance(sequences, list) and len(sequences) == len(rows)
+        assert isinstance(sequences, list) and 1 <= len(sequences) <= len(rows)
+        assert all(layer.keys.shape[0] == len(sequences) for layer in cache.layers)
         width = cache.get_seq_length()
         assert width >= max(row.shape[1] for row in sequences) - 1
         for b, row in enumerate(sequences):
@@ -335,12 +338,27 @@ def test_batch_cache_after_each_step_equals_a_plain_forward(draft_kind, impl):
             for layer, expected in zip(cache.layers, fresh.layers):
                 assert_close(layer.keys[b:b + 1, :, :n], expected.keys, torch.float32)
                 assert_close(layer.values[b:b + 1, :, :n], expected.values, torch.float32)
-        checked.append([row.shape[1] for row in sequences])
+        # Which input sequence each batch row is (the prompts differ), in input order, and its length.
+        which = [next(i for i, prompt in enumerate(rows) if torch.equal(row[:, :prompt.shape[1]], prompt))
+                 for row in sequences]
+        assert which == sorted(which)
+        checked.append({i: row.shape[1] for i, row in zip(which, sequences)})
 
     new = 10 if impl == "torch" else 5
     out = engine.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[], step_callback=check)
     assert len(checked) == out.num_target_forwards
-    assert checked[0] == [7, 3, 10] and checked[-1] == [n + new for n in (6, 2, 9)]
+    assert checked[0] == {0: 7, 1: 3, 2: 10}
+    final = {i: n + new for i, n in enumerate((6, 2, 9))}
+    for before, after in zip(checked, checked[1:]):
+        assert set(after) <= set(before)
+        # Only finished sequences leave, after the step they finished in; the others stay until every one has.
+        assert all(before[i] == final[i] for i in set(before) - set(after))
+        assert all(before[i] < final[i] for i in after)
+    assert all(lengths[i] == final[i] for lengths in checked[-1:] for i in lengths)
+    last_seen = {i: next(step[i] for step in reversed(checked) if i in step) for i in final}
+    assert last_seen == final
+    if impl == "torch":
+        assert len(checked[-1]) < len(rows)  # here the sequences finish at different steps
 
 
 def _sample_first_two(engine, batch_rows, sample_rows, calls, temperature, top_k, seed) -> torch.Tensor:
