@@ -23,7 +23,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.56,<=5.25.0", "accelerate", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.56,<=5.25.0", "accelerate", "matplotlib",
+                "trl<=1.16.0"],
         "bench": ["liger-kernel"],
     },
 )

@@ -92,8 +92,8 @@ def test_trainer_compute_loss():
     expected = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask,
                                            divergence="reverse", normalizer=5.0, impl="torch")
     assert_close(loss, expected, torch.float32)
-    loss_and_outputs = trainer.compute_loss(student, inputs, return_outputs=True)
-    assert isinstance(loss_and_outputs, tuple) and loss_and_outputs[1] is None
+    loss, outputs = trainer.compute_loss(student, inputs, return_outputs=True)
+    assert outputs.keys() == {"loss"} and outputs["loss"] is loss  # no logits to return
 
 
 def test_trainer_trains_with_the_fused_loss(tmp_path):
@@ -125,6 +125,12 @@ def test_trainer_trains_with_the_fused_loss(tmp_path):
     for name, p in student.named_parameters():
         assert_close(p, expected_weights[name], torch.float32, msg=name)
     assert all(torch.equal(p, teacher_before[name]) for name, p in teacher.named_parameters())
+    # Evaluation (the Trainer asks compute_loss for outputs and reads logits from them; there are none).
+    expected = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, **distill_kwargs)
+    for loss_only in (True, False):
+        trainer.args.prediction_loss_only = loss_only
+        metrics = trainer.evaluate(eval_dataset=rows)
+        assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
 def _tiny_gemma2_models(student_cap, teacher_cap):

@@ -98,6 +98,32 @@ def _engine():
                 g=torch.Generator(DEVICE).manual_seed(0), batch_ids=batch_ids, batch_mask=batch_mask)
 
 
+def _trl(tmp_path):
+    pytest.importorskip("trl")
+    import datasets
+
+    from tests.test_integrations_trl import gkd_config_class, tiny_tokenizer
+
+    student, teacher = _tiny_llama(1, 0).train(), _tiny_llama(2, 1)
+    gkd_config = gkd_config_class()(output_dir=str(tmp_path), max_steps=1, report_to="none", save_strategy="no",
+                                    use_cpu=DEVICE.type == "cpu", dataloader_pin_memory=False)
+    ds = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "t5 t6"},
+                                                   {"role": "assistant", "content": "t7"}]}])
+    return dict(student=student, teacher=teacher, student_logits=_logits(2, 4, V, grad=True),
+                teacher_logits=_logits(2, 4, V), labels=_labels(8).view(2, 4), gkd_config=gkd_config, ds=ds,
+                tokenizer=tiny_tokenizer(V))
+
+
+def _check_trl(ns, given):
+    from distill_ops.integrations.trl import _gkd_base
+
+    _loss_ok(ns)
+    expected = _gkd_base().generalized_jsd_loss(given["student_logits"].detach().double(),
+                                                given["teacher_logits"].double(), given["labels"], beta=0.5)
+    assert abs(ns["loss"].item() - expected.item()) < 1e-5
+    assert isinstance(ns["trainer"], _gkd_base()) and ns["trainer"].teacher_model is given["teacher"]
+
+
 def _loss_ok(ns, name="loss"):
     loss = ns[name]
     assert loss.dim() == 0 and torch.isfinite(loss), name
@@ -157,6 +183,7 @@ EXAMPLES = {
     "from distill_ops import fused_linear_kl_div": (_fused_linear, _check_fused_linear),
     "from distill_ops.integrations.hf import causal_lm_distillation_loss, FusedDistillationTrainer":
         (_hf_trainer, _check_hf_trainer),
+    "from distill_ops.integrations.trl import FusedGKDTrainer, generalized_jsd_loss": (_trl, _check_trl),
     "from distill_ops import topk_kl_div, DACKLLoss": (_topk, _check_topk),
     "from distill_ops import aligndistil_kl": (_aligndistil, _check_aligndistil),
     "from distill_ops import build_tree, tree_from_paths, tree_attention, verify_sampling, compact_kv_cache":
@@ -179,7 +206,7 @@ def test_every_readme_example_is_checked():
 def test_readme_example_runs(block, tmp_path):
     prelude, check = EXAMPLES[_key(block)]
     torch.manual_seed(0)
-    given = prelude(tmp_path) if prelude is _hf_trainer else prelude()
+    given = prelude(tmp_path) if prelude in (_hf_trainer, _trl) else prelude()
     namespace = dict(given)
     exec(compile(block.replace('"cuda"', repr(DEVICE.type)), str(README), "exec"), namespace)
     check(namespace, given)

@@ -22,7 +22,8 @@ Use in a ``transformers.Trainer`` subclass (the teacher frozen, in eval mode, on
                 attention_mask=inputs.get("attention_mask"), normalizer=num_items_in_batch,
                 **self.distill_kwargs,
             )
-            return (loss, None) if return_outputs else loss
+            # Trainer.evaluate reads logits from the outputs' other entries: a dict, never None.
+            return (loss, {"loss": loss}) if return_outputs else loss
 
 ``normalizer=num_items_in_batch`` makes the mean over gradient-accumulation micro-batches exact, as
 the Trainer's own loss does. :class:`FusedDistillationTrainer` is this subclass, ready to use.
@@ -165,18 +166,30 @@ def _trainer_class():
             self.distill_kwargs = dict(distill_kwargs or {})
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = causal_lm_distillation_loss(
-                model,
-                self.teacher_model,
-                inputs["input_ids"],
-                labels=inputs.get("labels"),
-                attention_mask=inputs.get("attention_mask"),
-                normalizer=num_items_in_batch,
-                **self.distill_kwargs,
-            )
-            return (loss, None) if return_outputs else loss
+            return trainer_loss(model, self.teacher_model, inputs, return_outputs, num_items_in_batch,
+                                **self.distill_kwargs)
 
     return FusedDistillationTrainer
+
+
+def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_outputs: bool = False,
+                 num_items_in_batch: float | Tensor | None = None, **distill_kwargs: Any):
+    """A ``Trainer.compute_loss`` body: :func:`causal_lm_distillation_loss` on a collated batch
+    (``input_ids``, optional ``labels`` / ``attention_mask``) with ``normalizer=num_items_in_batch``.
+
+    With ``return_outputs`` returns ``(loss, {"loss": loss})``: no logits exist to return, and the Trainer's
+    evaluation reads the outputs' other entries as its logits (none here; ``None`` in their place fails
+    ``Trainer.evaluate``)."""
+    loss = causal_lm_distillation_loss(
+        student,
+        teacher,
+        inputs["input_ids"],
+        labels=inputs.get("labels"),
+        attention_mask=inputs.get("attention_mask"),
+        normalizer=num_items_in_batch,
+        **distill_kwargs,
+    )
+    return (loss, {"loss": loss}) if return_outputs else loss
 
 
 def __getattr__(name: str):

@@ -1,0 +1,196 @@
+"""distill_ops.integrations.trl against TRL's own GKD loss and trainer (the installed ``trl``)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+transformers = pytest.importorskip("transformers")
+trl = pytest.importorskip("trl")
+
+from distill_ops.integrations.hf import causal_lm_distillation_loss  # noqa: E402
+from distill_ops.integrations.trl import _gkd_base, generalized_jsd_loss  # noqa: E402
+from tests.conftest import DEVICE, IMPLS, assert_close  # noqa: E402
+from tests.test_integrations_hf import VOCAB, _batch, _tiny_models  # noqa: E402
+
+GKDTrainer = _gkd_base()
+
+
+def gkd_config_class():
+    try:
+        from trl.experimental.gkd import GKDConfig
+    except ImportError:
+        from trl import GKDConfig
+    return GKDConfig
+
+
+def _logits(shape, seed, scale=3.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(DEVICE)
+
+
+def _labels(shape, seed):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, VOCAB, shape, generator=generator)
+    labels[0, :3] = -100  # a prompt
+    labels[-1, -2:] = -100  # padding
+    return labels.to(DEVICE)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("beta, temperature", [(0.0, 1.0), (0.3, 1.0), (0.5, 2.0), (1.0, 0.7)])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_generalized_jsd_loss_equals_trl(impl, beta, temperature, reduction, with_labels):
+    """Loss and student gradient equal TRL's ``GKDTrainer.generalized_jsd_loss`` in float64."""
+    shape = (3, 7, VOCAB + 5)
+    student, teacher = _logits(shape, 0), _logits(shape, 1, scale=4.0)
+    labels = _labels(shape[:2], 2) if with_labels else None
+    reference_input = student.clone().requires_grad_(True)
+    expected = GKDTrainer.generalized_jsd_loss(reference_input, teacher, labels=labels, beta=beta,
+                                               temperature=temperature, reduction=reduction)
+    expected.backward()
+    ours_input = student.float().requires_grad_(True)
+    loss = generalized_jsd_loss(ours_input, teacher.float(), labels=labels, beta=beta, temperature=temperature,
+                                reduction=reduction, impl=impl)
+    loss.backward()
+    assert_close(loss, expected, torch.float32)
+    assert_close(ours_input.grad, reference_input.grad, torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_generalized_jsd_loss_num_items_in_batch_and_all_ignored(impl):
+    shape = (2, 5, VOCAB)
+    student, teacher = _logits(shape, 3), _logits(shape, 4)
+    labels = _labels(shape[:2], 5)
+    for items in (7, torch.tensor(7.0, device=DEVICE)):
+        expected = GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=0.2,
+                                                   num_items_in_batch=items)
+        loss = generalized_jsd_loss(student.float(), teacher.float(), labels=labels, beta=0.2,
+                                    num_items_in_batch=items, impl=impl)
+        assert_close(loss, expected, torch.float32)
+    # Every token ignored: 0 for batchmean (as TRL) and for mean (TRL: NaN), with a zero gradient.
+    ignored = torch.full_like(labels, -100)
+    for reduction in ("batchmean", "mean", "sum"):
+        ours_input = student.float().requires_grad_(True)
+        loss = generalized_jsd_loss(ours_input, teacher.float(), labels=ignored, reduction=reduction, impl=impl)
+        loss.backward()
+        assert loss.item() == 0.0 and not ours_input.grad.any()
+
+
+def test_generalized_jsd_loss_bad_inputs():
+    student, teacher = _logits((2, 3, 8), 0).float(), _logits((2, 3, 8), 1).float()
+    with pytest.raises(ValueError, match="reduction.*'none'"):
+        generalized_jsd_loss(student, teacher, reduction="none")
+    with pytest.raises(ValueError, match="beta"):
+        generalized_jsd_loss(student, teacher, beta=1.5)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        generalized_jsd_loss(student, teacher[:, :2])
+
+
+def _gkd_attributes(cls, teacher, beta, **extra):
+    """A trainer of ``cls`` with only what ``compute_loss`` reads (``Trainer.__init__`` is exercised below)."""
+    trainer = object.__new__(cls)
+    trainer.teacher_model = teacher
+    trainer.beta = beta
+    for name, value in extra.items():
+        setattr(trainer, name, value)
+    return trainer
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_gkd_compute_loss_equals_trls(impl):
+    """``FusedGKDTrainer.compute_loss`` (hidden states + LM heads, no logits) equals TRL's own
+    ``GKDTrainer.compute_loss`` (both models' logits): loss and every student gradient."""
+    from distill_ops.integrations.trl import FusedGKDTrainer as fused_cls
+
+    assert issubclass(fused_cls, GKDTrainer)
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    for beta, items in ((0.5, None), (0.1, torch.tensor(6.0))):
+        student.zero_grad(set_to_none=True)
+        expected = GKDTrainer.compute_loss(_gkd_attributes(GKDTrainer, teacher, beta), student, inputs,
+                                           num_items_in_batch=items)
+        expected.backward()
+        expected_grads = {name: p.grad.clone() for name, p in student.named_parameters()}
+        student.zero_grad(set_to_none=True)
+        fused = _gkd_attributes(fused_cls, teacher, beta, fused_loss_kwargs={"impl": impl})
+        loss, outputs = fused.compute_loss(student, inputs, return_outputs=True, num_items_in_batch=items)
+        loss.backward()
+        assert outputs == {"loss": loss}
+        assert_close(loss, expected, torch.float32)
+        for name, p in student.named_parameters():
+            assert_close(p.grad, expected_grads[name], torch.float32, msg=name)
+
+
+def test_fused_gkd_compute_loss_is_the_hf_helpers():
+    from distill_ops.integrations.trl import FusedGKDTrainer
+
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    loss = _gkd_attributes(FusedGKDTrainer, teacher, 0.4).compute_loss(student, inputs)
+    expected = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, divergence="jsd",
+                                           beta=0.4)
+    assert torch.equal(loss, expected)
+    assert FusedGKDTrainer.generalized_jsd_loss is generalized_jsd_loss
+
+
+def tiny_tokenizer(vocab: int = VOCAB):
+    """A word-level tokenizer over a tiny model's vocabulary, built in memory (TRL's trainers need one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t2"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1",
+                                                unk_token="t2")
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 1.0])
+def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda):
+    """One real training step of ``FusedGKDTrainer`` and of TRL's ``GKDTrainer`` from the same student: the same
+    logged loss and the same updated weights, off-policy (``lmbda=0``) and on-policy (``lmbda=1``: the student
+    samples completions of the prompts, the same ones under the same seed); the teacher does not move."""
+    import copy
+
+    import datasets
+
+    from distill_ops.integrations.trl import FusedGKDTrainer
+
+    trl_config = gkd_config_class()
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    dataset = datasets.Dataset.from_dict({
+        "input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(), "labels": labels.tolist(),
+        "prompts": input_ids[:, :3].tolist(), "prompt_attention_mask": attention_mask[:, :3].tolist(),
+    })
+
+    def collate(examples):
+        return {key: torch.tensor([example[key] for example in examples]) for key in examples[0]}
+
+    teacher_before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
+    results = []
+    for cls in (GKDTrainer, FusedGKDTrainer):
+        model = copy.deepcopy(student)
+        args = trl_config(
+            output_dir=str(tmp_path / cls.__name__), max_steps=1, per_device_train_batch_size=2, learning_rate=0.05,
+            optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, logging_steps=1,
+            report_to="none", save_strategy="no", use_cpu=DEVICE.type == "cpu", dataloader_pin_memory=False,
+            lmbda=lmbda, beta=0.3, max_new_tokens=4, temperature=0.9, seed=7,
+            # GKDConfig defaults to bf16 autocast (on the CPU too): fp32 here, so that both losses see the same
+            # student (TRL's bf16 logits and our fp32 head GEMM would differ at bf16's precision).
+            bf16=False,
+        )
+        trainer = cls(model=model, teacher_model=teacher, args=args, train_dataset=dataset, data_collator=collate,
+                      processing_class=tiny_tokenizer())
+        trainer.train()
+        logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        results.append((logged, dict(model.named_parameters())))
+    (expected_loss, expected_weights), (loss, weights) = results
+    assert len(loss) == 1 and loss[0] == pytest.approx(expected_loss[0], rel=1e-5)
+    for name, p in weights.items():
+        assert_close(p, expected_weights[name], torch.float32, msg=name)
+    assert not torch.equal(weights["lm_head.weight"], student.lm_head.weight)  # the step moved the student
+    assert all(torch.equal(p, teacher_before[name]) for name, p in teacher.named_parameters())
