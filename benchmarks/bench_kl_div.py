@@ -10,6 +10,8 @@ Impls per case (a full pass is loss forward + backward to the student logits):
   GPU at V=131072 only, not on the CPU (compile time).
 * ``liger``: Liger-Kernel's ``LigerKLDIVLoss`` (forward KL) / ``LigerJSD`` (jsd) when installed; they
   take log-probabilities, so the log-softmax of both sides is part of their timed pass.
+* ``trl``: TRL's own ``GKDTrainer.generalized_jsd_loss`` (jsd only) when ``trl`` is installed (the dev
+  extra); its drop-in is ``distill_ops.integrations.trl.generalized_jsd_loss`` (= ``ours_*``).
 
 GPU: N in {4096, 16384}, V in {32768, 131072, 262144}, bf16, divergences forward and jsd, plus a
 (BLOCK_V, num_warps) sweep of our kernel at N=16384, V=131072 (forward-only launches of
@@ -176,6 +178,22 @@ def _pass_setup(
     return setup
 
 
+def trl_loss(divergence: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """TRL's GKD loss as TRL calls it (``batchmean`` over the rows of ``[N, V]`` logits: the per-row mean)."""
+    from distill_ops.integrations.trl import _gkd_base
+
+    gkd_loss = _gkd_base().generalized_jsd_loss
+    return lambda student, teacher: gkd_loss(student, teacher, beta=JSD_BETA)
+
+
+def _trl_unavailable(divergence: str) -> str | None:
+    if divergence != "jsd":
+        return "TRL's GKD loss is the generalized JSD only"
+    if importlib.util.find_spec("trl") is None:
+        return "trl not installed (the `dev` extra)"
+    return None
+
+
 def _liger_unavailable(device: str) -> str | None:
     if device != "cuda":
         return "Liger-Kernel needs CUDA"
@@ -207,12 +225,16 @@ def kl_div_case(
         "eager": (lambda: EAGER_LOSSES[divergence], False),
         "torch_compile": (lambda: compiled_loss(divergence), True),
         "liger": (lambda: liger_loss(divergence), False),
+        "trl": (lambda: trl_loss(divergence), False),
     }
     if device != "cuda" and "ours_triton" not in skipped:
         skipped["ours_triton"] = "needs CUDA (the Triton interpreter is a test path, not a benchmark)"
     liger_reason = _liger_unavailable(device)
     if liger_reason and "liger" not in skipped:
         skipped["liger"] = liger_reason
+    trl_reason = _trl_unavailable(divergence)
+    if trl_reason and "trl" not in skipped:
+        skipped["trl"] = trl_reason
     runnable = [name for name in impls if name not in skipped]
     itemsize = torch.finfo(dtype).bits // 8
     elements = rows * vocab
@@ -280,7 +302,7 @@ def sweep_case(rows: int, vocab: int, dtype: torch.dtype, divergence: str, devic
 
 
 def _gpu_cases(device: str, quick: bool) -> list[Case]:
-    all_impls = ("ours_triton", "ours_torch", "eager", "torch_compile", "liger")
+    all_impls = ("ours_triton", "ours_torch", "eager", "torch_compile", "liger", "trl")
     dtype = torch.bfloat16
     if quick:
         shapes = [(4096, 32768), (4096, 131072)]
@@ -305,7 +327,7 @@ def _gpu_cases(device: str, quick: bool) -> list[Case]:
 
 def _cpu_cases(device: str, quick: bool) -> list[Case]:
     dtype = torch.float32
-    cpu_impls = ("ours_triton", "ours_torch", "eager", "torch_compile", "liger")
+    cpu_impls = ("ours_triton", "ours_torch", "eager", "torch_compile", "liger", "trl")
     # Inductor's C++ compile of this graph takes about a minute on two cores: more than this module's
     # share of a CPU run. torch.compile is measured on the GPU.
     skipped = {"torch_compile": "torch.compile is not timed on CPU (about a minute of compile time per graph)"}

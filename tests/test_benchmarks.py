@@ -163,10 +163,14 @@ def test_eager_baselines_compute_our_loss_and_gradient(divergence):
     teacher = torch.randn(6, 257, generator=generator).mul_(3)
     expected = kl_div(student, teacher, divergence=divergence, beta=bench_kl_div.JSD_BETA, impl="torch")
     (expected_grad,) = torch.autograd.grad(expected, student)
-    actual = bench_kl_div.EAGER_LOSSES[divergence](student, teacher)
-    (actual_grad,) = torch.autograd.grad(actual, student)
-    assert_close(actual, expected, torch.float32)
-    assert_close(actual_grad, expected_grad, torch.float32)
+    baselines = [bench_kl_div.EAGER_LOSSES[divergence]]
+    if divergence == "jsd":
+        baselines.append(bench_kl_div.trl_loss(divergence))  # TRL's own GKD loss
+    for baseline in baselines:
+        actual = baseline(student, teacher)
+        (actual_grad,) = torch.autograd.grad(actual, student)
+        assert_close(actual, expected, torch.float32)
+        assert_close(actual_grad, expected_grad, torch.float32)
 
 
 def test_kl_div_cases_cpu_and_gpu_lists():
@@ -175,6 +179,10 @@ def test_kl_div_cases_cpu_and_gpu_lists():
     assert all(c.params["N"] <= 1024 and c.params["V"] <= 32000 for c in cpu_cases if not c.measure_cpu_memory)
     timed = next(c for c in cpu_cases if not c.measure_cpu_memory)
     assert "ours_triton" in timed.skipped and "liger" in timed.skipped and set(timed.impls) == {"ours_torch", "eager"}
+    assert "trl" in timed.skipped  # forward KL: TRL's GKD loss is the JSD only
+    jsd = next(c for c in cpu_cases if c.params["divergence"] == "jsd")
+    assert set(jsd.impls) == {"ours_torch", "eager", "trl"}  # trl: a dev dependency
+    assert jsd.impls["trl"]()() is None
     for name, setup in timed.impls.items():  # each setup builds inputs and runs a full pass
         full_pass = setup()
         assert full_pass() is None, name
