@@ -226,3 +226,72 @@ def test_fspad_bad_inputs():
         fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), loss_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="logit_weight must be in"):
         fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), logit_weight=-1.0)
+
+
+def _scaled_model(kind: str, hidden: int, layers: int, seed: int):
+    """Tiny causal LMs whose logits are scaled: Cohere multiplies by ``logit_scale``, Granite divides by
+    ``logits_scaling``, HyperCLOVA X multiplies by it (scales that are not powers of two)."""
+    common = dict(vocab_size=VOCAB, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                  initializer_range=0.2, hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers)
+    torch.manual_seed(seed)
+    if kind == "cohere":
+        model = transformers.CohereForCausalLM(transformers.CohereConfig(logit_scale=0.3, **common))
+    elif kind == "granite":
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(logits_scaling=3.0, **common))
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(transformers.HyperCLOVAXConfig(logits_scaling=0.7,
+                                                                                             **common))
+    return model.float().to(DEVICE)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("student_kind, teacher_kind", [("cohere", "granite"), ("granite", "hyperclovax")])
+def test_scaled_logits_equal_loss_from_the_models_own_logits(impl, student_kind, teacher_kind):
+    """Models that scale their LM head's output (TRL's chunked loss reads the same config fields; a helper that
+    ignored them scored different distributions): loss and student gradients equal those of the models' own
+    logits."""
+    from distill_ops.integrations.hf import logit_scale
+
+    student = _scaled_model(student_kind, 32, 1, 0)
+    teacher = _scaled_model(teacher_kind, 48, 2, 1).eval()
+    expected_scales = {"cohere": 0.3, "granite": 1 / 3.0, "hyperclovax": 0.7}
+    assert logit_scale(student) == pytest.approx(expected_scales[student_kind], rel=1e-12)
+    assert logit_scale(teacher) == pytest.approx(expected_scales[teacher_kind], rel=1e-12)
+    input_ids, attention_mask, labels = _batch()
+    loss = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, divergence="reverse",
+                                       temperature=1.5, ce_weight=0.5, impl=impl)
+    loss.backward()
+    fused_grads = {name: p.grad.clone() for name, p in student.named_parameters()}
+    student.zero_grad()
+    out = student(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+    expected = kl_div(out.logits[:, :-1], teacher_logits[:, :-1], labels=labels[:, 1:], divergence="reverse",
+                      temperature=1.5, impl="torch") + 0.5 * out.loss
+    expected.backward()
+    assert_close(loss, expected, torch.float32, "loss")
+    for name, param in student.named_parameters():
+        assert_close(fused_grads[name], param.grad, torch.float32, name)
+    assert student.training and not teacher.training  # the probe restored each mode
+
+
+def test_logit_scale_is_probed_once_and_refuses_other_transforms():
+    from distill_ops.integrations.hf import logit_scale
+
+    student, _ = _tiny_models()
+    calls = []
+    handle = student.register_forward_hook(lambda *args: calls.append(1))
+    assert logit_scale(student) == 1.0 and logit_scale(student) == 1.0
+    handle.remove()
+    assert len(calls) == 1  # cached per model
+
+    class OffsetLogits(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits + 1.0  # not softcap(scale * lm_head(hidden))
+            return out
+
+    torch.manual_seed(0)
+    odd = OffsetLogits(student.config).to(DEVICE)
+    with pytest.raises(ValueError, match="OffsetLogits's logits are not its LM head's output"):
+        causal_lm_distillation_loss(odd, odd, _batch()[0], impl="torch")

@@ -31,9 +31,12 @@ the Trainer's own loss does. :class:`FusedDistillationTrainer` is this subclass,
 
 from __future__ import annotations
 
+import math
+import weakref
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..fused_linear import fused_linear_kl_div
@@ -56,10 +59,80 @@ def causal_lm_hidden_states(
     return hidden, head.weight, head.bias
 
 
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config() if callable(get_text_config) else config
+
+
 def logit_softcap(model: nn.Module) -> Optional[float]:
     """The model's final-logit soft-cap (``config.final_logit_softcapping``, Gemma-2: 30.0), or None."""
-    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    cap = getattr(_text_config(model), "final_logit_softcapping", None)
     return None if cap is None else float(cap)
+
+
+# Config attributes that models multiply or divide their LM head's output by (Cohere's ``logit_scale``,
+# Granite's ``logits_scaling`` which divides and HyperCLOVA X's which multiplies, Falcon-H1's
+# ``lm_head_multiplier``, Muse-Glimmer's ``output_multiplier``): candidates only; the probe decides.
+_SCALE_ATTRIBUTES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+_LOGIT_SCALES: "weakref.WeakKeyDictionary[nn.Module, float]" = weakref.WeakKeyDictionary()
+
+
+def logit_scale(model: nn.Module) -> float:
+    """The factor a causal LM multiplies its LM head's output by before any soft-cap: 1.0 for most models,
+    Cohere's ``logit_scale``, ``1 / logits_scaling`` for Granite, ...
+
+    Found once per model (cached) by a probe: a two-token forward of the model itself in eval mode, without
+    gradient, compared with the LM head applied to :func:`causal_lm_hidden_states` under each candidate (1 and
+    the scale-like config attributes and their inverses), soft-capped as the config says. The best candidate
+    must reproduce the model's own logits; a model whose logits are any other function of the LM head's output
+    (an offset, a vocabulary slice, ...) gets a ``ValueError`` instead of a silently different loss. The probe
+    reads its comparison back to the host (once per model).
+    """
+    cached = _LOGIT_SCALES.get(model)
+    if cached is not None:
+        return cached
+    config = _text_config(model)
+    candidates = [1.0]
+    for name in _SCALE_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value != 0:
+            candidates += [float(value), 1.0 / float(value)]
+    cap = logit_softcap(model)
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    ids = (torch.arange(2, device=head.weight.device) % vocab).view(1, 2)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            own = model(input_ids=ids, use_cache=False).logits.float()
+            hidden, weight, bias = causal_lm_hidden_states(model, ids)
+            raw = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    finally:
+        model.train(was_training)
+    if own.shape != raw.shape:
+        raise ValueError(
+            f"{type(model).__name__}'s logits have shape {tuple(own.shape)}, its LM head gives {tuple(raw.shape)}: "
+            f"the fused loss cannot reproduce them"
+        )
+    errors = []
+    for scale in candidates:
+        predicted = raw * scale
+        if cap is not None:
+            predicted = cap * torch.tanh(predicted / cap)
+        errors.append(float((predicted - own).abs().max()))
+    best = min(range(len(candidates)), key=errors.__getitem__)
+    # The model's own head runs in its dtype: allow its rounding, not a different scale.
+    tolerance = 1e-2 * float(own.abs().max()) + 1e-5
+    if errors[best] > tolerance:
+        raise ValueError(
+            f"{type(model).__name__}'s logits are not its LM head's output times one of {candidates} "
+            f"(soft-capped: {cap}): max difference {errors[best]:.3g} > {tolerance:.3g}; the fused loss supports "
+            f"logits = softcap(scale * lm_head(hidden)) only"
+        )
+    _LOGIT_SCALES[model] = candidates[best]
+    return candidates[best]
 
 
 def shift_labels(
@@ -114,16 +187,26 @@ def causal_lm_distillation_loss(
 
     Models that soft-cap their logits (``config.final_logit_softcapping``, Gemma-2) are scored on the
     capped logits, as their own forward computes them (``student_softcap`` / ``teacher_softcap`` of
-    :func:`distill_ops.fused_linear_kl_div`).
+    :func:`distill_ops.fused_linear_kl_div`). Models that scale them (Cohere's ``logit_scale``, Granite's
+    ``logits_scaling``, ...: :func:`logit_scale`, probed once per model) get their hidden states (and LM-head
+    bias) multiplied by the scale first, in their dtype: exact for power-of-two scales, otherwise rounded as
+    the model's own scaled 16-bit logits are.
 
     Returns:
         fp32 loss: ``kl_weight * divergence + ce_weight * cross-entropy`` over the shifted targets.
     """
+    student_scale, teacher_scale = logit_scale(student), logit_scale(teacher)
     student_hidden, student_weight, student_bias = causal_lm_hidden_states(student, input_ids, attention_mask)
     with torch.no_grad():
         teacher_hidden, teacher_weight, teacher_bias = causal_lm_hidden_states(
             teacher, input_ids if teacher_input_ids is None else teacher_input_ids, attention_mask
         )
+    if student_scale != 1.0:  # scale * (h W^T + b) = (scale * h) W^T + scale * b
+        student_hidden = student_hidden * student_scale
+        student_bias = None if student_bias is None else student_bias * student_scale
+    if teacher_scale != 1.0:
+        teacher_hidden = teacher_hidden * teacher_scale
+        teacher_bias = None if teacher_bias is None else teacher_bias * teacher_scale
     targets = shift_labels(input_ids, labels, attention_mask, ignore_index)
     return fused_linear_kl_div(
         student_hidden[:, :-1],
