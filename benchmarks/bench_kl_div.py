@@ -338,7 +338,12 @@ def _cpu_cases(device: str, quick: bool) -> list[Case]:
         kl_div_case(
             rows, vocab, dtype, "forward", device, impls=("ours_torch", "eager"), measure_cpu_memory=True,
             time_passes=False,
-        )
+        ),
+        # The same for the JSD against TRL's own GKD loss (and its eager formula): memory only.
+        kl_div_case(
+            rows, vocab, dtype, "jsd", device, impls=("ours_torch", "eager", "trl"), measure_cpu_memory=True,
+            time_passes=False,
+        ),
     ]
     time_shapes = CPU_QUICK_TIME_SHAPES if quick else CPU_TIME_SHAPES
     for rows, vocab in time_shapes:
@@ -410,6 +415,11 @@ def summarize_results(results: list[dict], meta: dict) -> str:
              _status(ratio, ratio is not None and ratio <= 1.5))
         )
         rows.append(("eager formula (expected ≈ 2.3×)", _ratio_or_dash(eager_ratio), "reference"))
+        for impl, label in (("ours_torch", "JSD: fallback"), ("eager", "JSD: eager formula"),
+                            ("trl", "JSD: TRL's GKDTrainer.generalized_jsd_loss")):
+            measured = _find(results, OP, impl, **dict(shape, divergence="jsd"))
+            rows.append((f"{label} (same measure)",
+                         _ratio_or_dash(measured["case_memory_over_floor"] if measured else None), "reference"))
         title = f"kl_div CPU memory target at N={n}, V={v}, fp32 (peak RSS above the pre-setup level)"
         sweep_lines = []
     lines = [f"**{title}**", "", "| target | measured | status |", "|---|---|---|"]

@@ -186,9 +186,10 @@ def test_kl_div_cases_cpu_and_gpu_lists():
     for name, setup in timed.impls.items():  # each setup builds inputs and runs a full pass
         full_pass = setup()
         assert full_pass() is None, name
-    memory_case = [c for c in cpu_cases if c.measure_cpu_memory]
-    assert len(memory_case) == 1 and set(memory_case[0].impls) == {"ours_torch", "eager"}
-    assert not memory_case[0].time_passes  # its passes take seconds: memory only
+    memory_cases = [c for c in cpu_cases if c.measure_cpu_memory]
+    assert [(c.params["divergence"], set(c.impls)) for c in memory_cases] == [
+        ("forward", {"ours_torch", "eager"}), ("jsd", {"ours_torch", "eager", "trl"})]
+    assert not any(c.time_passes for c in memory_cases)  # their passes take seconds: memory only
 
     gpu_cases = bench_kl_div.cases("cuda", quick=False)  # built lazily: nothing is allocated here
     main = [c for c in gpu_cases if c.op == "kl_div"]

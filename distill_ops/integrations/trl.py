@@ -23,6 +23,7 @@ already returns 0 there in TRL.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 from torch import Tensor
@@ -85,10 +86,13 @@ def generalized_jsd_loss(
 
 
 def _gkd_base():
-    try:
-        from trl.experimental.gkd import GKDTrainer
-    except ImportError:
-        from trl import GKDTrainer
+    with warnings.catch_warnings():
+        # TRL 1.x warns on every import from trl.experimental (where GKD lives); the user chose GKD.
+        warnings.filterwarnings("ignore", message=r".*trl\.experimental")
+        try:
+            from trl.experimental.gkd import GKDTrainer
+        except ImportError:
+            from trl import GKDTrainer
     return GKDTrainer
 
 
