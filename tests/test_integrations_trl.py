@@ -194,3 +194,24 @@ def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda):
         assert_close(p, expected_weights[name], torch.float32, msg=name)
     assert not torch.equal(weights["lm_head.weight"], student.lm_head.weight)  # the step moved the student
     assert all(torch.equal(p, teacher_before[name]) for name, p in teacher.named_parameters())
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "mean"])
+def test_generalized_jsd_loss_traces_as_one_graph(reduction):
+    """The drop-in traces under ``torch.compile(fullgraph=True)`` (its normalisers are tensor / shape math)."""
+    shape = (2, 4, 32)
+    student = _logits(shape, 6).float().cpu().requires_grad_(True)
+    teacher = _logits(shape, 7).float().cpu()
+    labels = _labels(shape[:2], 8).cpu()
+
+    def loss_fn(s, t, y):
+        return generalized_jsd_loss(s, t, y, beta=0.4, reduction=reduction, impl="torch")
+
+    loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(student, teacher, labels)
+    loss.backward()
+    reference = student.detach().double().requires_grad_(True)
+    expected = GKDTrainer.generalized_jsd_loss(reference, teacher.double(), labels=labels, beta=0.4,
+                                               reduction=reduction)
+    expected.backward()
+    assert_close(loss, expected, torch.float32)
+    assert_close(student.grad, reference.grad, torch.float32)
