@@ -13,6 +13,9 @@ Impls per case (a full pass is loss forward + backward to the student's hidden s
 * ``torch_compile``: ``torch.compile`` of that formula.
 * ``liger``: Liger-Kernel's ``LigerFusedLinearJSDLoss`` (chunked over tokens, logits materialised per
   chunk) when installed; JSD only, so every case uses ``divergence="jsd"``, beta = 0.5.
+* ``trl_chunked``: TRL's own loss of its ``DistillationTrainer`` (``trl.trainer.distillation_trainer.
+  _chunked_divergence_loss``: fp32 logits tiles of 4096 tokens x 32768 vocabulary entries from cuBLAS, folded by
+  Triton kernels on CUDA, by PyTorch elsewhere; it also sums the student's entropy) when ``trl`` is installed.
 
 FLOPs of a full pass (for the fraction of bf16 tensor-core peak): forward 2·N·V·(Hs+Ht) (student and
 teacher logits; the mixture divergences recompute them once more: another 2·N·V·(Hs+Ht)), backward
@@ -130,6 +133,29 @@ def liger_loss() -> Callable:
     return loss
 
 
+def trl_chunked_loss() -> Callable:
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    def loss(student_hidden, student_weight, teacher_hidden, teacher_weight):
+        mask = torch.ones(1, student_hidden.shape[0], device=student_hidden.device)
+        return _chunked_divergence_loss(student_hidden[None], teacher_hidden[None], student_weight, teacher_weight,
+                                        mask, JSD_BETA)[0]
+
+    return loss
+
+
+def _trl_chunked_unavailable() -> str | None:
+    if importlib.util.find_spec("trl") is None:
+        return "trl not installed (the `dev` extra)"
+    try:
+        module = importlib.import_module("trl.trainer.distillation_trainer")
+    except ImportError as error:
+        return f"this trl has no DistillationTrainer ({error})"
+    if not hasattr(module, "_chunked_divergence_loss"):
+        return "this trl's DistillationTrainer has no _chunked_divergence_loss"
+    return None
+
+
 def make_inputs(rows: int, hidden: int, vocab: int, dtype: torch.dtype, device: str, seed: int = 0):
     """h ~ N(0, 1), W ~ N(0, 4 / H): logits of std ~2 on both sides."""
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -169,10 +195,14 @@ def _unavailable(device: str) -> dict[str, str]:
         skipped["liger"] = "Liger-Kernel needs CUDA"
     elif importlib.util.find_spec("liger_kernel") is None:
         skipped["liger"] = "liger_kernel not installed (pip install liger-kernel, the `bench` extra)"
+    trl_reason = _trl_chunked_unavailable()
+    if trl_reason:
+        skipped["trl_chunked"] = trl_reason
     return skipped
 
 
-def fused_linear_case(rows, hidden, vocab, dtype, device, *, impls, skipped=None, measure_cpu_memory=False) -> Case:
+def fused_linear_case(rows, hidden, vocab, dtype, device, *, impls, skipped=None, measure_cpu_memory=False,
+                      time_passes=True) -> Case:
     skipped = {**_unavailable(device), **(skipped or {})}
     makers = {
         "ours_triton": lambda: ours_loss("triton"),
@@ -182,6 +212,7 @@ def fused_linear_case(rows, hidden, vocab, dtype, device, *, impls, skipped=None
         "eager": lambda: eager_loss,
         "torch_compile": compiled_loss,
         "liger": liger_loss,
+        "trl_chunked": trl_chunked_loss,
     }
     runnable = [name for name in impls if name not in skipped]
     itemsize = torch.finfo(dtype).bits // 8
@@ -202,6 +233,7 @@ def fused_linear_case(rows, hidden, vocab, dtype, device, *, impls, skipped=None
         memory_floor_bytes=inputs_bytes + grads_bytes,
         output_bytes=4 * rows * vocab,  # extra_memory_over_output = extra / one [N, V] fp32 tensor
         measure_cpu_memory=measure_cpu_memory,
+        time_passes=time_passes,
         skipped={name: reason for name, reason in skipped.items() if name in impls},
         notes=NOTES,
     )
@@ -347,7 +379,7 @@ def summarize_results(results: list[dict], meta: dict) -> str:
 def cases(device: str, quick: bool) -> list[Case]:
     """fused_linear_kl_div cases for ``device`` (CPU always gets its small shapes)."""
     all_impls = ("ours_triton", "ours_triton_gemm", "ours_triton_fp32acc", "ours_torch", "eager", "torch_compile",
-                 "liger")
+                 "liger", "trl_chunked")
     if device == "cuda":
         result = []
         for rows, hidden, vocab in GPU_QUICK_SHAPES if quick else GPU_SHAPES:
@@ -363,10 +395,12 @@ def cases(device: str, quick: bool) -> list[Case]:
                 result.append(sweep_case(rows, hidden, vocab, torch.bfloat16, device))
         return result
     result = [
-        fused_linear_case(rows, hidden, vocab, torch.float32, device, impls=("ours_torch", "eager"))
+        fused_linear_case(rows, hidden, vocab, torch.float32, device, impls=("ours_torch", "eager", "trl_chunked"))
         for rows, hidden, vocab in (CPU_QUICK_TIME_SHAPES if quick else CPU_TIME_SHAPES)
     ]
     rows, hidden, vocab = CPU_QUICK_MEMORY_SHAPE if quick else CPU_MEMORY_SHAPE
-    result.append(fused_linear_case(rows, hidden, vocab, torch.float32, device, impls=("ours_torch", "eager"),
-                                    measure_cpu_memory=True))
+    # Memory only: its passes take 10 to 20 s each on two cores (the smaller cases are timed).
+    result.append(fused_linear_case(rows, hidden, vocab, torch.float32, device,
+                                    impls=("ours_torch", "eager", "trl_chunked"), measure_cpu_memory=True,
+                                    time_passes=False))
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import textwrap
@@ -287,3 +288,29 @@ def test_engine_overhead_triton_launches_per_step():
     assert counts["tree"]["triton"] == 10 and counts["tree"]["aten"] == 0
     if DEVICE.type == "cpu":
         assert result["ms"] is None  # interpreter times mean nothing: not reported
+
+
+def test_fused_linear_baselines_compute_our_loss_and_gradients():
+    """The fused-linear benchmark's baselines (the eager formula; TRL's DistillationTrainer chunked loss, when
+    this trl has it) compute our loss and both student gradients; the CPU cases time them."""
+    from benchmarks import bench_fused_linear as bench
+    from distill_ops import fused_linear_kl_div
+
+    inputs = bench.make_inputs(6, 24, 300, torch.float32, "cpu")
+    student_hidden, student_weight = (tensor.requires_grad_() for tensor in inputs[:2])
+    expected = fused_linear_kl_div(student_hidden, student_weight, *inputs[2:], divergence="jsd",
+                                   beta=bench.JSD_BETA, impl="torch")
+    expected_grads = torch.autograd.grad(expected, (student_hidden, student_weight))
+    baselines = {"eager": bench.eager_loss}
+    if bench._trl_chunked_unavailable() is None:
+        baselines["trl_chunked"] = bench.trl_chunked_loss()
+    else:
+        assert importlib.util.find_spec("trl") is None  # the dev extra's trl (1.16) has it
+    for name, baseline in baselines.items():
+        loss = baseline(student_hidden, student_weight, *inputs[2:])
+        grads = torch.autograd.grad(loss, (student_hidden, student_weight))
+        assert_close(loss, expected, torch.float32, msg=name)
+        for grad, expected_grad in zip(grads, expected_grads):
+            assert_close(grad, expected_grad, torch.float32, msg=name)
+    timed = bench.cases("cpu", quick=True)[0]
+    assert set(timed.impls) == {"ours_torch", "eager"} | set(baselines)
