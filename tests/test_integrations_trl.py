@@ -215,3 +215,30 @@ def test_generalized_jsd_loss_traces_as_one_graph(reduction):
     expected.backward()
     assert_close(loss, expected, torch.float32)
     assert_close(student.grad, reference.grad, torch.float32)
+
+
+def test_fused_gkd_scores_every_completion_token_whatever_the_prompt_lengths():
+    """Peer bug (TRL's GKDTrainer before its labels-only masking): the completion was sliced after the batch's
+    longest prompt, so a row with a shorter prompt lost its first completion tokens. Ours scores exactly the
+    labelled tokens of each row."""
+    from distill_ops.integrations.trl import FusedGKDTrainer
+
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, _ = _batch()
+    labels = input_ids.clone()
+    labels[0, :2] = -100  # a 2-token prompt
+    labels[1, :6] = -100  # a 6-token prompt
+    labels[1, -3:] = -100  # padding
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    loss = _gkd_attributes(FusedGKDTrainer, teacher, 0.5, fused_loss_kwargs={"impl": "torch"}).compute_loss(
+        student, inputs)
+    with torch.no_grad():
+        student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].double()
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].double()
+    shifted = labels[:, 1:]
+    expected = GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=shifted, beta=0.5)
+    assert_close(loss, expected, torch.float32)
+    sliced = shifted.clone()
+    sliced[:, :5] = -100  # what slicing after the longest prompt (6 tokens) keeps
+    truncated = GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=sliced, beta=0.5)
+    assert abs(loss.item() - truncated.item()) > 1e-3  # the tokens it dropped count
