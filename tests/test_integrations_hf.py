@@ -295,3 +295,37 @@ def test_logit_scale_is_probed_once_and_refuses_other_transforms():
     odd = OffsetLogits(student.config).to(DEVICE)
     with pytest.raises(ValueError, match="OffsetLogits's logits are not its LM head's output"):
         causal_lm_distillation_loss(odd, odd, _batch()[0], impl="torch")
+
+
+def test_trainer_loss_runs_inside_a_ddp_wrapper(tmp_path):
+    """Under data parallelism the Trainer passes ``DistributedDataParallel(student)``: the loss is computed from
+    the wrapped model inside DDP's forward (which prepares DDP's gradient reduction), with the same loss and
+    gradients as the bare model (one-process gloo group on the CPU)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from distill_ops.integrations.hf import trainer_loss, unwrap_model
+
+    student, teacher = (model.cpu() for model in _tiny_models())  # gloo: CPU tensors
+    inputs = dict(zip(("input_ids", "attention_mask", "labels"), (tensor.cpu() for tensor in _batch())))
+    kwargs = dict(divergence="jsd", beta=0.3, impl="torch")
+    expected = trainer_loss(student, teacher, inputs, num_items_in_batch=9.0, **kwargs)
+    expected.backward()
+    expected_grads = {name: p.grad.clone() for name, p in student.named_parameters()}
+    student.zero_grad(set_to_none=True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(student)
+        assert unwrap_model(wrapped) is student
+        calls = []
+        wrapped.register_forward_pre_hook(lambda *args: calls.append(1))
+        loss, outputs = trainer_loss(wrapped, teacher, inputs, return_outputs=True, num_items_in_batch=9.0,
+                                     **kwargs)
+        loss.backward()
+    finally:
+        dist.destroy_process_group()
+    assert calls == [1] and "forward" not in student.__dict__  # DDP's forward ran; the model's own is back
+    assert outputs == {"loss": loss}
+    assert_close(loss, expected, torch.float32)
+    for name, p in student.named_parameters():
+        assert_close(p.grad, expected_grads[name], torch.float32, msg=name)

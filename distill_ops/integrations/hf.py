@@ -255,17 +255,59 @@ def _trainer_class():
     return FusedDistillationTrainer
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The causal LM inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (their ``.module``), or the
+    model itself."""
+    while not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def run_inside_forward(wrapper: nn.Module, fn, *args: Any, **kwargs: Any):
+    """``fn(*args, **kwargs)`` called from within ``wrapper``'s forward when ``wrapper`` wraps the model
+    (``DistributedDataParallel``): the wrapper's forward does what it does for a forward (DDP prepares its
+    gradient reduction for the returned loss), while ``fn`` runs the model's body and the fused loss instead of the
+    model's own forward. Without a wrapper, ``fn`` is called directly."""
+    module = unwrap_model(wrapper)
+    if module is wrapper:
+        return fn(*args, **kwargs)
+    own = module.__dict__.get("forward")
+
+    def forward(*_: Any, **__: Any):
+        _restore_forward(module, own)
+        return fn(*args, **kwargs)
+
+    module.forward = forward
+    try:
+        return wrapper()
+    finally:
+        _restore_forward(module, own)
+
+
+def _restore_forward(module: nn.Module, own) -> None:
+    if own is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = own
+
+
 def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_outputs: bool = False,
                  num_items_in_batch: float | Tensor | None = None, **distill_kwargs: Any):
     """A ``Trainer.compute_loss`` body: :func:`causal_lm_distillation_loss` on a collated batch
     (``input_ids``, optional ``labels`` / ``attention_mask``) with ``normalizer=num_items_in_batch``.
 
+    Models wrapped by the Trainer for data parallelism (``DistributedDataParallel``) are unwrapped, and the loss
+    is computed inside the student wrapper's forward (:func:`run_inside_forward`), so that DDP reduces the
+    gradients as after its own forward. (FSDP and DeepSpeed are not tested.)
+
     With ``return_outputs`` returns ``(loss, {"loss": loss})``: no logits exist to return, and the Trainer's
     evaluation reads the outputs' other entries as its logits (none here; ``None`` in their place fails
     ``Trainer.evaluate``)."""
-    loss = causal_lm_distillation_loss(
+    loss = run_inside_forward(
         student,
-        teacher,
+        causal_lm_distillation_loss,
+        unwrap_model(student),
+        unwrap_model(teacher),
         inputs["input_ids"],
         labels=inputs.get("labels"),
         attention_mask=inputs.get("attention_mask"),
