@@ -329,3 +329,19 @@ def test_trainer_loss_runs_inside_a_ddp_wrapper(tmp_path):
     assert_close(loss, expected, torch.float32)
     for name, p in student.named_parameters():
         assert_close(p.grad, expected_grads[name], torch.float32, msg=name)
+
+
+def test_trainer_loss_unwraps_data_parallel_without_running_its_forward():
+    """``DataParallel`` (the Trainer's choice for several GPUs in one process) would replicate the model and run
+    the loss once per device inside its forward: the loss is computed once, on the unwrapped model."""
+    from distill_ops.integrations.hf import trainer_loss
+
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    expected = trainer_loss(student, teacher, inputs, impl="torch")
+    wrapped = torch.nn.DataParallel(student, device_ids=[])  # any device list: its forward must not run
+    calls = []
+    wrapped.register_forward_pre_hook(lambda *args: calls.append(1))
+    assert_close(trainer_loss(wrapped, teacher, inputs, impl="torch"), expected, torch.float32)
+    assert calls == []

@@ -264,12 +264,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def run_inside_forward(wrapper: nn.Module, fn, *args: Any, **kwargs: Any):
-    """``fn(*args, **kwargs)`` called from within ``wrapper``'s forward when ``wrapper`` wraps the model
-    (``DistributedDataParallel``): the wrapper's forward does what it does for a forward (DDP prepares its
-    gradient reduction for the returned loss), while ``fn`` runs the model's body and the fused loss instead of the
-    model's own forward. Without a wrapper, ``fn`` is called directly."""
+    """``fn(*args, **kwargs)`` called from within ``wrapper``'s forward when ``wrapper`` is a
+    ``DistributedDataParallel``: DDP's forward does what it does for a forward (it prepares its gradient
+    reduction for the returned loss), while ``fn`` runs the model's body and the fused loss instead of the
+    model's own forward. Otherwise (a bare model, or ``DataParallel``, whose forward would replicate the model
+    and run ``fn`` once per device) ``fn`` is called directly."""
+    from torch.nn.parallel import DistributedDataParallel
+
     module = unwrap_model(wrapper)
-    if module is wrapper:
+    if module is wrapper or not isinstance(wrapper, DistributedDataParallel):
         return fn(*args, **kwargs)
     own = module.__dict__.get("forward")
 
