@@ -345,3 +345,48 @@ def test_trainer_loss_unwraps_data_parallel_without_running_its_forward():
     wrapped.register_forward_pre_hook(lambda *args: calls.append(1))
     assert_close(trainer_loss(wrapped, teacher, inputs, impl="torch"), expected, torch.float32)
     assert calls == []
+
+
+def _ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    """One rank of ``test_ddp_averages_the_fused_loss_gradients_across_ranks``: row ``rank`` of the batch."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from distill_ops.integrations.hf import trainer_loss
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        student, teacher = (model.cpu() for model in _tiny_models())
+        batch = [tensor.cpu()[rank:rank + 1] for tensor in _batch()]
+        inputs = dict(zip(("input_ids", "attention_mask", "labels"), batch))
+        wrapped = DistributedDataParallel(student)
+        trainer_loss(wrapped, teacher, inputs, num_items_in_batch=15.0, divergence="reverse", impl="torch").backward()
+        torch.save({name: p.grad for name, p in student.named_parameters()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_averages_the_fused_loss_gradients_across_ranks(tmp_path):
+    """Two gloo ranks on the CPU, one sequence each: after backward through the DDP-wrapped student, both ranks
+    hold the average of the two sequences' gradients (DDP's reduction ran for a loss computed by the fused path
+    inside its forward)."""
+    import torch.multiprocessing as mp
+
+    from distill_ops.integrations.hf import trainer_loss
+
+    mp.start_processes(_ddp_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    student, teacher = (model.cpu() for model in _tiny_models())
+    batch = [tensor.cpu() for tensor in _batch()]
+    expected = {name: torch.zeros_like(p) for name, p in student.named_parameters()}
+    for row in range(2):
+        inputs = dict(zip(("input_ids", "attention_mask", "labels"), (tensor[row:row + 1] for tensor in batch)))
+        student.zero_grad(set_to_none=True)
+        trainer_loss(student, teacher, inputs, num_items_in_batch=15.0, divergence="reverse", impl="torch").backward()
+        for name, p in student.named_parameters():
+            expected[name] += p.grad / 2
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, grad in grads.items():
+            assert_close(grad, expected[name], torch.float32, msg=f"rank {rank} {name}")
