@@ -390,3 +390,44 @@ def test_ddp_averages_the_fused_loss_gradients_across_ranks(tmp_path):
         grads = torch.load(tmp_path / f"rank{rank}.pt")
         for name, grad in grads.items():
             assert_close(grad, expected[name], torch.float32, msg=f"rank {rank} {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_skip_ignored_scores_only_labelled_positions(impl, monkeypatch):
+    """Only the scored positions reach the fused op (prompt and padding rows skipped): the same loss and
+    gradients as sending every row; every row ignored gives 0 and zero gradients; ``reduction="none"`` keeps
+    ``[B, L-1]``."""
+    import distill_ops.integrations.hf as hf_integration
+
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    kwargs = dict(divergence="jsd", beta=0.3, ce_weight=0.5, impl=impl)
+    rows_seen = []
+    original = hf_integration.fused_linear_kl_div
+
+    def recording(student_hidden, *args, **kw):
+        rows_seen.append(student_hidden.shape[:-1])
+        return original(student_hidden, *args, **kw)
+
+    monkeypatch.setattr(hf_integration, "fused_linear_kl_div", recording)
+    results = []
+    for skip in (True, False):
+        student.zero_grad(set_to_none=True)
+        loss = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, skip_ignored=skip,
+                                           **kwargs)
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in student.named_parameters()}))
+    scored = int((labels[:, 1:] != -100).sum())
+    assert rows_seen == [(scored,), (2, labels.shape[1] - 1)] and scored < 2 * (labels.shape[1] - 1)
+    (loss, grads), (expected, expected_grads) = results
+    assert_close(loss, expected, torch.float32)
+    for name, grad in grads.items():
+        assert_close(grad, expected_grads[name], torch.float32, msg=name)
+    per_token = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, reduction="none",
+                                            **kwargs)
+    assert per_token.shape == (2, labels.shape[1] - 1)
+    student.zero_grad(set_to_none=True)
+    nothing = causal_lm_distillation_loss(student, teacher, input_ids, torch.full_like(labels, -100), attention_mask,
+                                          **kwargs)
+    nothing.backward()
+    assert nothing.item() == 0.0 and not any(p.grad.any() for p in student.parameters() if p.grad is not None)

@@ -169,6 +169,7 @@ def causal_lm_distillation_loss(
     normalizer: float | Tensor | None = None,
     vocab_size: int | None = None,
     impl: str = "auto",
+    skip_ignored: bool = True,
 ) -> Tensor:
     """Distillation loss between two ``transformers`` causal LMs, from hidden states (no logits).
 
@@ -184,6 +185,10 @@ def causal_lm_distillation_loss(
             impl: as in :func:`distill_ops.fused_linear_kl_div` (``normalizer``: the Trainer's
             ``num_items_in_batch``). ``vocab_size`` compares the first k tokens when the two LM heads
             differ in size (e.g. padded Qwen vocabularies).
+        skip_ignored: only the positions whose target is not ``ignore_index`` go through the LM heads and the
+            loss (the others contribute nothing either way; with prompts masked this is often half the work).
+            It costs one host synchronisation (the count of scored positions). Ignored with
+            ``reduction="none"``, which returns ``[B, L-1]``.
 
     Models that soft-cap their logits (``config.final_logit_softcapping``, Gemma-2) are scored on the
     capped logits, as their own forward computes them (``student_softcap`` / ``teacher_softcap`` of
@@ -208,10 +213,16 @@ def causal_lm_distillation_loss(
         teacher_hidden = teacher_hidden * teacher_scale
         teacher_bias = None if teacher_bias is None else teacher_bias * teacher_scale
     targets = shift_labels(input_ids, labels, attention_mask, ignore_index)
+    student_hidden, teacher_hidden = student_hidden[:, :-1], teacher_hidden[:, :-1]
+    if skip_ignored and reduction != "none":
+        # Only the scored positions go through the LM heads (prompts and padding are often half the tokens).
+        # Boolean indexing: one host synchronisation for the count.
+        scored = targets != ignore_index
+        student_hidden, teacher_hidden, targets = student_hidden[scored], teacher_hidden[scored], targets[scored]
     return fused_linear_kl_div(
-        student_hidden[:, :-1],
+        student_hidden,
         student_weight,
-        teacher_hidden[:, :-1].to(teacher_weight.dtype),
+        teacher_hidden.to(teacher_weight.dtype),
         teacher_weight.detach(),
         student_bias=student_bias,
         teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
