@@ -431,3 +431,37 @@ def test_skip_ignored_scores_only_labelled_positions(impl, monkeypatch):
                                           **kwargs)
     nothing.backward()
     assert nothing.item() == 0.0 and not any(p.grad.any() for p in student.parameters() if p.grad is not None)
+
+
+def test_trainer_normalizer_undoes_ddp_averaging_like_the_trainers_own_loss():
+    """With ``average_tokens_across_devices`` the Trainer's count covers every data-parallel rank and its own
+    ``compute_loss`` multiplies the loss by the number of ranks (DDP averages gradients): ours divides the count
+    by it (so W ranks get W times the loss of a bare normalizer); DataParallel's per-GPU copies of the count give
+    the count; no TrainingArguments or no count: unchanged."""
+    from types import SimpleNamespace
+
+    from distill_ops.integrations.hf import FusedDistillationTrainer, trainer_normalizer
+
+    def trainer(processes=1, n_gpu=1, average=True, tp=1):
+        return SimpleNamespace(args=SimpleNamespace(average_tokens_across_devices=average, n_gpu=n_gpu),
+                               accelerator=SimpleNamespace(num_processes=processes), get_tp_size=lambda: tp)
+
+    count = torch.tensor(12.0)
+    assert trainer_normalizer(trainer(processes=4), count).item() == 3.0
+    assert trainer_normalizer(trainer(processes=4, tp=2), count).item() == 6.0
+    assert trainer_normalizer(trainer(processes=4, average=False), count) is count
+    assert trainer_normalizer(trainer(processes=1), count) is count
+    assert trainer_normalizer(trainer(n_gpu=2), count.expand(2, 1)).item() == 12.0
+    assert trainer_normalizer(trainer(processes=4), None) is None
+    assert trainer_normalizer(SimpleNamespace(), count) is count
+    # The Trainer subclass applies it: 2 ranks, the same count -> twice the single-process loss.
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    losses = []
+    for processes in (1, 2):
+        fused = object.__new__(FusedDistillationTrainer)
+        fused.__dict__.update(vars(trainer(processes=processes)), teacher_model=teacher,
+                              distill_kwargs={"impl": "torch"})
+        losses.append(fused.compute_loss(student, inputs, num_items_in_batch=torch.tensor(7.0)))
+    assert_close(losses[1], 2 * losses[0], torch.float32)

@@ -242,3 +242,22 @@ def test_fused_gkd_scores_every_completion_token_whatever_the_prompt_lengths():
     sliced[:, :5] = -100  # what slicing after the longest prompt (6 tokens) keeps
     truncated = GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=sliced, beta=0.5)
     assert abs(loss.item() - truncated.item()) > 1e-3  # the tokens it dropped count
+
+
+def test_fused_gkd_compute_loss_uses_the_trainer_normalizer():
+    """Two data-parallel ranks: the GKD loss is twice the single-process one for the same global count (DDP then
+    averages the two ranks' gradients), as TRL's trainers scale theirs."""
+    from types import SimpleNamespace
+
+    from distill_ops.integrations.trl import FusedGKDTrainer
+
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    losses = []
+    for processes in (1, 2):
+        fused = _gkd_attributes(FusedGKDTrainer, teacher, 0.5, fused_loss_kwargs={"impl": "torch"},
+                                args=SimpleNamespace(average_tokens_across_devices=True, n_gpu=1),
+                                accelerator=SimpleNamespace(num_processes=processes), get_tp_size=lambda: 1)
+        losses.append(fused.compute_loss(student, inputs, num_items_in_batch=torch.tensor(9.0)))
+    assert_close(losses[1], 2 * losses[0], torch.float32)

@@ -19,14 +19,15 @@ Use in a ``transformers.Trainer`` subclass (the teacher frozen, in eval mode, on
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = causal_lm_distillation_loss(
                 model, self.teacher_model, inputs["input_ids"], labels=inputs.get("labels"),
-                attention_mask=inputs.get("attention_mask"), normalizer=num_items_in_batch,
-                **self.distill_kwargs,
+                attention_mask=inputs.get("attention_mask"),
+                normalizer=trainer_normalizer(self, num_items_in_batch), **self.distill_kwargs,
             )
             # Trainer.evaluate reads logits from the outputs' other entries: a dict, never None.
             return (loss, {"loss": loss}) if return_outputs else loss
 
-``normalizer=num_items_in_batch`` makes the mean over gradient-accumulation micro-batches exact, as
-the Trainer's own loss does. :class:`FusedDistillationTrainer` is this subclass, ready to use.
+``normalizer=trainer_normalizer(self, num_items_in_batch)`` makes the mean over gradient-accumulation
+micro-batches and data-parallel ranks exact, as the Trainer's own loss does (the Trainer's count covers every
+rank; DDP averages the ranks' gradients). :class:`FusedDistillationTrainer` is this subclass, ready to use.
 """
 
 from __future__ import annotations
@@ -260,8 +261,8 @@ def _trainer_class():
             self.distill_kwargs = dict(distill_kwargs or {})
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return trainer_loss(model, self.teacher_model, inputs, return_outputs, num_items_in_batch,
-                                **self.distill_kwargs)
+            return trainer_loss(model, self.teacher_model, inputs, return_outputs,
+                                trainer_normalizer(self, num_items_in_batch), **self.distill_kwargs)
 
     return FusedDistillationTrainer
 
@@ -303,6 +304,27 @@ def _restore_forward(module: nn.Module, own) -> None:
         module.__dict__.pop("forward", None)
     else:
         module.forward = own
+
+
+def trainer_normalizer(trainer, num_items_in_batch: float | Tensor | None) -> float | Tensor | None:
+    """What a ``transformers.Trainer`` subclass's fused loss divides its sum by, given the ``num_items_in_batch``
+    the Trainer passes to ``compute_loss`` (``None`` stays ``None``: a per-batch mean).
+
+    With ``average_tokens_across_devices`` (the default) the Trainer counts the scored tokens of every
+    data-parallel rank, and its own ``compute_loss`` multiplies each rank's loss by the number of ranks, because
+    DDP averages the ranks' gradients: the count is divided by that number here (``num_processes`` over the
+    tensor-parallel size, as the Trainer does). Under ``DataParallel`` (several GPUs, one process) the Trainer
+    hands one count per GPU; the fused loss runs once on the whole batch, so it divides by that count as is."""
+    args = getattr(trainer, "args", None)
+    if num_items_in_batch is None or args is None:  # no TrainingArguments: not a Trainer's call
+        return num_items_in_batch
+    if torch.is_tensor(num_items_in_batch) and num_items_in_batch.dim() > 0:
+        num_items_in_batch = num_items_in_batch.reshape(-1)[0]  # DataParallel: the count repeated per GPU
+    if not getattr(args, "average_tokens_across_devices", False) or getattr(args, "n_gpu", 1) > 1:
+        return num_items_in_batch
+    get_tp_size = getattr(trainer, "get_tp_size", None)
+    ranks = trainer.accelerator.num_processes // (get_tp_size() if callable(get_tp_size) else 1)
+    return num_items_in_batch / ranks if ranks > 1 else num_items_in_batch
 
 
 def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_outputs: bool = False,

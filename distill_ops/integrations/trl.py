@@ -29,7 +29,7 @@ from typing import Any, Optional
 from torch import Tensor
 
 from ..kl_div import kl_div
-from .hf import trainer_loss
+from .hf import trainer_loss, trainer_normalizer
 
 _REDUCTIONS = ("batchmean", "sum", "mean")
 
@@ -113,8 +113,9 @@ def _trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.teacher_model.eval()
-            return trainer_loss(model, self.teacher_model, inputs, return_outputs, num_items_in_batch,
-                                divergence="jsd", beta=self.beta, **self.fused_loss_kwargs)
+            return trainer_loss(model, self.teacher_model, inputs, return_outputs,
+                                trainer_normalizer(self, num_items_in_batch), divergence="jsd", beta=self.beta,
+                                **self.fused_loss_kwargs)
 
     return FusedGKDTrainer
 
