@@ -465,3 +465,30 @@ def test_trainer_normalizer_undoes_ddp_averaging_like_the_trainers_own_loss():
                               distill_kwargs={"impl": "torch"})
         losses.append(fused.compute_loss(student, inputs, num_items_in_batch=torch.tensor(7.0)))
     assert_close(losses[1], 2 * losses[0], torch.float32)
+
+
+def test_trainer_gradient_accumulation_equals_one_batch(tmp_path):
+    """Two micro-batches of one sequence each, accumulated (``gradient_accumulation_steps=2``), give the SGD update
+    of the token mean over both sequences: the Trainer's ``num_items_in_batch`` reaches the fused loss and the
+    Trainer does not divide the loss again (sequences with different numbers of scored tokens)."""
+    from distill_ops.integrations.hf import FusedDistillationTrainer
+
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    assert (labels[0, 1:] != -100).sum() != (labels[1, 1:] != -100).sum()
+    distill_kwargs = {"divergence": "reverse", "impl": "torch"}
+    lr = 0.05
+    student.zero_grad()
+    causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, **distill_kwargs).backward()
+    expected = {name: (p - lr * p.grad).detach().clone() for name, p in student.named_parameters()}
+    student.zero_grad(set_to_none=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+        learning_rate=lr, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
+        report_to="none", save_strategy="no", use_cpu=DEVICE.type == "cpu", dataloader_pin_memory=False,
+    )
+    rows = [{"input_ids": input_ids[i], "attention_mask": attention_mask[i], "labels": labels[i]} for i in range(2)]
+    FusedDistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows,
+                             distill_kwargs=distill_kwargs).train()
+    for name, p in student.named_parameters():
+        assert_close(p, expected[name], torch.float32, msg=name)
