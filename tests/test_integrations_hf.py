@@ -492,3 +492,26 @@ def test_trainer_gradient_accumulation_equals_one_batch(tmp_path):
                              distill_kwargs=distill_kwargs).train()
     for name, p in student.named_parameters():
         assert_close(p, expected[name], torch.float32, msg=name)
+
+
+def test_module_docstring_trainer_equals_fused_distillation_trainer():
+    """The subclass the module docstring shows, executed as written, computes FusedDistillationTrainer's loss."""
+    import textwrap
+
+    import distill_ops.integrations.hf as hf_integration
+
+    doc = hf_integration.__doc__
+    start = doc.index("    from transformers import Trainer")
+    code = textwrap.dedent(doc[start:doc.index("\n:func:`trainer_loss`", start)])
+    namespace: dict = {}
+    exec(compile(code, "distill_ops/integrations/hf.py docstring", "exec"), namespace)
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    losses = []
+    for cls in (namespace["DistillationTrainer"], hf_integration.FusedDistillationTrainer):
+        trainer = object.__new__(cls)
+        trainer.teacher_model, trainer.distill_kwargs = teacher, {"divergence": "jsd", "impl": "torch"}
+        losses.append(trainer.compute_loss(student, inputs, return_outputs=True, num_items_in_batch=8.0))
+    (loss, outputs), (expected, _) = losses
+    assert torch.equal(loss, expected) and outputs == {"loss": loss}

@@ -8,7 +8,7 @@ hidden state at position t is scored against the token at t + 1.
 Use in a ``transformers.Trainer`` subclass (the teacher frozen, in eval mode, on the student's device)::
 
     from transformers import Trainer
-    from distill_ops.integrations.hf import causal_lm_distillation_loss
+    from distill_ops.integrations.hf import trainer_loss, trainer_normalizer
 
     class DistillationTrainer(Trainer):
         def __init__(self, *args, teacher_model, distill_kwargs=None, **kwargs):
@@ -17,17 +17,15 @@ Use in a ``transformers.Trainer`` subclass (the teacher frozen, in eval mode, on
             self.distill_kwargs = distill_kwargs or {}   # divergence=, temperature=, ce_weight=, ...
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = causal_lm_distillation_loss(
-                model, self.teacher_model, inputs["input_ids"], labels=inputs.get("labels"),
-                attention_mask=inputs.get("attention_mask"),
-                normalizer=trainer_normalizer(self, num_items_in_batch), **self.distill_kwargs,
-            )
-            # Trainer.evaluate reads logits from the outputs' other entries: a dict, never None.
-            return (loss, {"loss": loss}) if return_outputs else loss
+            return trainer_loss(model, self.teacher_model, inputs, return_outputs,
+                                trainer_normalizer(self, num_items_in_batch), **self.distill_kwargs)
 
-``normalizer=trainer_normalizer(self, num_items_in_batch)`` makes the mean over gradient-accumulation
-micro-batches and data-parallel ranks exact, as the Trainer's own loss does (the Trainer's count covers every
-rank; DDP averages the ranks' gradients). :class:`FusedDistillationTrainer` is this subclass, ready to use.
+:func:`trainer_loss` is :func:`causal_lm_distillation_loss` on the collated batch, computed inside DDP's
+forward when the Trainer wrapped the model, returning ``(loss, {"loss": loss})`` for ``return_outputs``
+(``Trainer.evaluate`` reads logits from the outputs' other entries: a dict, never None).
+:func:`trainer_normalizer` makes the mean over gradient-accumulation micro-batches and data-parallel ranks
+exact, as the Trainer's own loss does (the Trainer's count covers every rank; DDP averages the ranks'
+gradients). :class:`FusedDistillationTrainer` is this subclass, ready to use.
 """
 
 from __future__ import annotations
