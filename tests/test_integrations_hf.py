@@ -1,5 +1,7 @@
 """distill_ops.integrations.hf and fspad_draft_loss against the same losses computed from explicit logits."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -515,3 +517,48 @@ def test_module_docstring_trainer_equals_fused_distillation_trainer():
         losses.append(trainer.compute_loss(student, inputs, return_outputs=True, num_items_in_batch=8.0))
     (loss, outputs), (expected, _) = losses
     assert torch.equal(loss, expected) and outputs == {"loss": loss}
+
+
+def _trainer_ddp_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank of ``test_trainer_on_two_ddp_ranks_equals_one_process``: a real Trainer under DDP (gloo)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from distill_ops.integrations.hf import FusedDistillationTrainer
+
+    student, teacher = (model.cpu() for model in _tiny_models())
+    input_ids, attention_mask, labels = (tensor.cpu() for tensor in _batch())
+    rows = [{"input_ids": input_ids[i], "attention_mask": attention_mask[i], "labels": labels[i]} for i in range(2)]
+    args = transformers.TrainingArguments(
+        output_dir=out_dir, max_steps=1, per_device_train_batch_size=1, learning_rate=0.05, optim="sgd",
+        lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to="none", save_strategy="no",
+        use_cpu=True, dataloader_pin_memory=False, ddp_backend="gloo",
+    )
+    trainer = FusedDistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows,
+                                       distill_kwargs={"divergence": "reverse", "impl": "torch"})
+    assert trainer.args.world_size == world
+    trainer.train()
+    torch.save({name: p.detach() for name, p in student.named_parameters()}, f"{out_dir}/weights{rank}.pt")
+
+
+def test_trainer_on_two_ddp_ranks_equals_one_process(tmp_path):
+    """A real ``transformers.Trainer`` on two DDP ranks (gloo, CPU), one sequence per rank: both ranks end with the
+    SGD update of the token mean over both sequences, as one process with the whole batch. (With the Trainer's
+    all-rank count passed unscaled, the update was half of it.)"""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.start_processes(_trainer_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    student, teacher = (model.cpu() for model in _tiny_models())
+    input_ids, attention_mask, labels = (tensor.cpu() for tensor in _batch())
+    causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, divergence="reverse",
+                                impl="torch").backward()
+    for rank in range(2):
+        weights = torch.load(tmp_path / f"weights{rank}.pt")
+        for name, p in student.named_parameters():
+            assert_close(weights[name], p - 0.05 * p.grad, torch.float32, msg=f"rank {rank} {name}")
+            assert not torch.equal(weights[name], p.detach()) or p.grad.abs().max() == 0, name
