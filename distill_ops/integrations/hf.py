@@ -205,12 +205,6 @@ def causal_lm_distillation_loss(
         teacher_hidden, teacher_weight, teacher_bias = causal_lm_hidden_states(
             teacher, input_ids if teacher_input_ids is None else teacher_input_ids, attention_mask
         )
-    if student_scale != 1.0:  # scale * (h W^T + b) = (scale * h) W^T + scale * b
-        student_hidden = student_hidden * student_scale
-        student_bias = None if student_bias is None else student_bias * student_scale
-    if teacher_scale != 1.0:
-        teacher_hidden = teacher_hidden * teacher_scale
-        teacher_bias = None if teacher_bias is None else teacher_bias * teacher_scale
     targets = shift_labels(input_ids, labels, attention_mask, ignore_index)
     student_hidden, teacher_hidden = student_hidden[:, :-1], teacher_hidden[:, :-1]
     if skip_ignored and reduction != "none":
@@ -218,6 +212,14 @@ def causal_lm_distillation_loss(
         # Boolean indexing: one host synchronisation for the count.
         scored = targets != ignore_index
         student_hidden, teacher_hidden, targets = student_hidden[scored], teacher_hidden[scored], targets[scored]
+    # Scaled logits (after the selection: only the kept rows are scaled): scale * (h W^T + b) = (scale * h) W^T
+    # + scale * b.
+    if student_scale != 1.0:
+        student_hidden = student_hidden * student_scale
+        student_bias = None if student_bias is None else student_bias * student_scale
+    if teacher_scale != 1.0:
+        teacher_hidden = teacher_hidden * teacher_scale
+        teacher_bias = None if teacher_bias is None else teacher_bias * teacher_scale
     return fused_linear_kl_div(
         student_hidden,
         student_weight,
