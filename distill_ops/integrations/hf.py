@@ -20,8 +20,8 @@ Use in a ``transformers.Trainer`` subclass (the teacher frozen, in eval mode, on
             return trainer_loss(model, self.teacher_model, inputs, return_outputs,
                                 trainer_normalizer(self, num_items_in_batch), **self.distill_kwargs)
 
-:func:`trainer_loss` is :func:`causal_lm_distillation_loss` on the collated batch, computed inside DDP's
-forward when the Trainer wrapped the model, returning ``(loss, {"loss": loss})`` for ``return_outputs``
+:func:`trainer_loss` is :func:`causal_lm_distillation_loss` on the collated batch, computed inside the
+wrapper's forward when the Trainer wrapped the model (DDP) or sharded it (FSDP1 / FSDP2), returning ``(loss, {"loss": loss})`` for ``return_outputs``
 (``Trainer.evaluate`` reads logits from the outputs' other entries: a dict, never None).
 :func:`trainer_normalizer` makes the mean over gradient-accumulation micro-batches and data-parallel ranks
 exact, as the Trainer's own loss does (the Trainer's count covers every rank; DDP averages the ranks'
@@ -105,7 +105,9 @@ def logit_scale(model: nn.Module) -> float:
     try:
         model.eval()
         with torch.no_grad():
-            own = model(input_ids=ids, use_cache=False).logits.float()
+            # Inside run_inside_forward an FSDP2 root's parameters are gathered: its hooks must not run again.
+            call = model.forward if model in _INSIDE_FORWARD else model
+            own = call(input_ids=ids, use_cache=False).logits.float()
             hidden, weight, bias = causal_lm_hidden_states(model, ids)
             raw = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
     finally:
@@ -174,7 +176,12 @@ def causal_lm_distillation_loss(
 
     Args:
         student, teacher: ``*ForCausalLM`` models (``get_decoder()`` / ``get_output_embeddings()``).
-            The teacher runs under ``torch.no_grad()``.
+            The teacher runs under ``torch.no_grad()``. Either may be wrapped: ``DistributedDataParallel``
+            and FSDP (``FullyShardedDataParallel`` or ``fully_shard``) models compute inside their forward
+            (:func:`run_inside_forward`: DDP prepares its gradient reduction, FSDP gathers the root's
+            parameters and hooks their backward); a sharded teacher's LM head is copied there (one ``[V, H]``
+            copy per call). ``DataParallel`` is only unwrapped. DeepSpeed ZeRO-3 (a partitioned LM head) is
+            refused with ``NotImplementedError``.
         input_ids: ``[B, L]`` tokens; ``teacher_input_ids`` if the teacher tokenizes identically but
             needs its own ids (same shape), otherwise the same ids feed both.
         labels: ``[B, L]`` as for ``transformers`` causal-LM training (``ignore_index`` where no loss);
@@ -199,15 +206,49 @@ def causal_lm_distillation_loss(
     Returns:
         fp32 loss: ``kl_weight * divergence + ce_weight * cross-entropy`` over the shifted targets.
     """
-    student_scale, teacher_scale = logit_scale(student), logit_scale(teacher)
-    student_hidden, student_weight, student_bias = causal_lm_hidden_states(student, input_ids, attention_mask)
+    options = dict(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature, ignore_index=ignore_index,
+                   kl_weight=kl_weight, ce_weight=ce_weight, reduction=reduction, normalizer=normalizer,
+                   vocab_size=vocab_size, impl=impl)
+    teacher_ids = input_ids if teacher_input_ids is None else teacher_input_ids
+    return run_inside_forward(student, _distillation_loss, unwrap_model(student), teacher, input_ids, labels,
+                              attention_mask, teacher_ids, skip_ignored, options)
+
+
+def _frozen_head_inputs(teacher: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor]):
+    """``(scale, hidden, weight, bias)`` of the teacher (no gradient), computed inside its forward when it is
+    sharded; a sharded teacher's LM head weight and bias are then copied, because FSDP frees its gathered
+    parameters after that forward (no backward hook re-gathers a frozen model's) while the fused loss's backward
+    reads them. A ``fully_shard``-ed teacher is resharded after the copy."""
+    module = unwrap_model(teacher)
+    _refuse_zero3(module)
+    sharded = is_sharded(teacher)
+
+    def run():
+        hidden, weight, bias = causal_lm_hidden_states(module, input_ids, attention_mask)
+        if sharded:
+            weight, bias = weight.clone(), None if bias is None else bias.clone()
+        return logit_scale(module), hidden, weight, bias
+
     with torch.no_grad():
-        teacher_hidden, teacher_weight, teacher_bias = causal_lm_hidden_states(
-            teacher, input_ids if teacher_input_ids is None else teacher_input_ids, attention_mask
-        )
+        outputs = run_inside_forward(teacher, run)
+    if _is_fsdp2(teacher):
+        teacher.reshard()  # the root's parameters stay gathered after a forward without backward
+    return outputs
+
+
+def _distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: Tensor, labels: Optional[Tensor],
+                       attention_mask: Optional[Tensor], teacher_input_ids: Tensor, skip_ignored: bool,
+                       options: dict) -> Tensor:
+    _refuse_zero3(student)
+    student_scale = logit_scale(student)
+    student_hidden, student_weight, student_bias = causal_lm_hidden_states(student, input_ids, attention_mask)
+    teacher_scale, teacher_hidden, teacher_weight, teacher_bias = _frozen_head_inputs(
+        teacher, teacher_input_ids, attention_mask
+    )
+    ignore_index = options["ignore_index"]
     targets = shift_labels(input_ids, labels, attention_mask, ignore_index)
     student_hidden, teacher_hidden = student_hidden[:, :-1], teacher_hidden[:, :-1]
-    if skip_ignored and reduction != "none":
+    if skip_ignored and options["reduction"] != "none":
         # Only the scored positions go through the LM heads (prompts and padding are often half the tokens).
         # Boolean indexing: one host synchronisation for the count.
         scored = targets != ignore_index
@@ -227,20 +268,10 @@ def causal_lm_distillation_loss(
         teacher_weight.detach(),
         student_bias=student_bias,
         teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
-        divergence=divergence,
-        beta=beta,
-        alpha=alpha,
-        temperature=temperature,
         labels=targets,
-        ignore_index=ignore_index,
-        kl_weight=kl_weight,
-        ce_weight=ce_weight,
-        reduction=reduction,
-        normalizer=normalizer,
-        vocab_size=vocab_size,
         student_softcap=logit_softcap(student),
-        teacher_softcap=logit_softcap(teacher),
-        impl=impl,
+        teacher_softcap=logit_softcap(unwrap_model(teacher)),
+        **options,
     )
 
 
@@ -267,30 +298,86 @@ def _trainer_class():
     return FusedDistillationTrainer
 
 
+def _fsdp1_class():
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed support
+        return None
+    return FullyShardedDataParallel
+
+
+def _is_fsdp2(model: nn.Module) -> bool:
+    """``fully_shard``-ed (FSDP2): the module itself gathers its parameters in forward pre-hooks."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _is_fsdp1(model: nn.Module) -> bool:
+    fsdp = _fsdp1_class()
+    return fsdp is not None and isinstance(model, fsdp)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The causal LM inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (their ``.module``), or the
-    model itself."""
-    while not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), nn.Module):
+    """The causal LM inside ``DistributedDataParallel`` / ``DataParallel`` / ``FullyShardedDataParallel``
+    wrappers (their ``.module``), or the model itself (an FSDP2 ``fully_shard``-ed model is not wrapped)."""
+    while _is_fsdp1(model) or (
+        not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), nn.Module)
+    ):
         model = model.module
     return model
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s own parameters are only whole inside its forward: an FSDP root
+    (``FullyShardedDataParallel`` wrapper, or a ``fully_shard``-ed module)."""
+    return _is_fsdp1(model) or _is_fsdp2(model)
+
+
+def _refuse_zero3(model: nn.Module) -> None:
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is not None and hasattr(weight, "ds_status"):
+        raise NotImplementedError(
+            f"{type(model).__name__}'s LM head weight is partitioned by DeepSpeed ZeRO-3 (shape "
+            f"{tuple(weight.shape)}, full {tuple(getattr(weight, 'ds_shape', ()))}); the fused loss needs the whole "
+            f"weight outside the head's forward: use ZeRO-1/2 or FSDP (FullyShardedDataParallel or fully_shard)"
+        )
+
+
+# The FSDP2 modules whose forward is running through run_inside_forward (their parameters are gathered).
+_INSIDE_FORWARD: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
 def run_inside_forward(wrapper: nn.Module, fn, *args: Any, **kwargs: Any):
-    """``fn(*args, **kwargs)`` called from within ``wrapper``'s forward when ``wrapper`` is a
-    ``DistributedDataParallel``: DDP's forward does what it does for a forward (it prepares its gradient
-    reduction for the returned loss), while ``fn`` runs the model's body and the fused loss instead of the
-    model's own forward. Otherwise (a bare model, or ``DataParallel``, whose forward would replicate the model
-    and run ``fn`` once per device) ``fn`` is called directly."""
+    """``fn(*args, **kwargs)`` called from within ``wrapper``'s forward when ``wrapper`` does its work there:
+
+    - ``DistributedDataParallel``: DDP's forward prepares its gradient reduction for the returned loss;
+    - ``FullyShardedDataParallel`` (FSDP1) and a ``fully_shard``-ed module (FSDP2): the forward gathers the root's
+      parameters (embeddings, final norm, LM head; the decoder layers gather theirs when called) and registers
+      the hooks that gather them again for backward and reduce-scatter their gradients.
+
+    ``fn`` runs the model's body and the fused loss instead of the model's own forward, and the model's forward is
+    restored before ``fn`` runs. Otherwise (a bare model, or ``DataParallel``, whose forward would replicate the
+    model and run ``fn`` once per device) ``fn`` is called directly."""
     from torch.nn.parallel import DistributedDataParallel
 
     module = unwrap_model(wrapper)
-    if module is wrapper or not isinstance(wrapper, DistributedDataParallel):
+    if _is_fsdp2(wrapper):
+        module = wrapper
+    elif module is wrapper or not (isinstance(wrapper, DistributedDataParallel) or _is_fsdp1(wrapper)):
         return fn(*args, **kwargs)
     own = module.__dict__.get("forward")
 
     def forward(*_: Any, **__: Any):
         _restore_forward(module, own)
-        return fn(*args, **kwargs)
+        _INSIDE_FORWARD.add(module)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _INSIDE_FORWARD.discard(module)
 
     module.forward = forward
     try:
@@ -332,18 +419,15 @@ def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_ou
     """A ``Trainer.compute_loss`` body: :func:`causal_lm_distillation_loss` on a collated batch
     (``input_ids``, optional ``labels`` / ``attention_mask``) with ``normalizer=num_items_in_batch``.
 
-    Models wrapped by the Trainer for data parallelism (``DistributedDataParallel``) are unwrapped, and the loss
-    is computed inside the student wrapper's forward (:func:`run_inside_forward`), so that DDP reduces the
-    gradients as after its own forward. (FSDP and DeepSpeed are not tested.)
+    Models wrapped by the Trainer for data parallelism (``DistributedDataParallel``) or sharded (FSDP1 / FSDP2)
+    are handled by :func:`causal_lm_distillation_loss`.
 
     With ``return_outputs`` returns ``(loss, {"loss": loss})``: no logits exist to return, and the Trainer's
     evaluation reads the outputs' other entries as its logits (none here; ``None`` in their place fails
     ``Trainer.evaluate``)."""
-    loss = run_inside_forward(
+    loss = causal_lm_distillation_loss(
         student,
-        causal_lm_distillation_loss,
-        unwrap_model(student),
-        unwrap_model(teacher),
+        teacher,
         inputs["input_ids"],
         labels=inputs.get("labels"),
         attention_mask=inputs.get("attention_mask"),

@@ -1,0 +1,141 @@
+"""distill_ops.integrations.hf under FSDP: the student (and the teacher) sharded by ``FullyShardedDataParallel``
+(FSDP1, flat or original parameters) or ``fully_shard`` (FSDP2), two gloo ranks on the CPU, one sequence each.
+
+Each rank computes ``trainer_loss`` on its sequence, backpropagates and takes an SGD step (lr 1) for two steps;
+the whole-model weights after each step (gathered with ``get_model_state_dict``) must be one process's weights
+after the same steps with the average of the two sequences' gradients, as DDP would give. Before FSDP support the
+loss read the LM head weight outside the sharded forward (a flat shard or a ``DTensor``) and failed or trained on
+the wrong weights."""
+
+import datetime
+import functools
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():
+    pytest.skip("torch built without distributed support", allow_module_level=True)
+
+from tests.conftest import assert_close  # noqa: E402
+from tests.test_integrations_hf import _batch, _tiny_models  # noqa: E402
+
+STEPS = 2
+LOSS_KWARGS = dict(num_items_in_batch=15.0, divergence="reverse", ce_weight=0.5, impl="torch")
+
+
+def _layer_classes(model):
+    return {type(layer) for layer in model.get_decoder().layers}
+
+
+def _shard(model, how: str):
+    """``model`` sharded over the process group: each decoder layer its own unit, the rest in the root."""
+    if how == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.get_decoder().layers:
+            fully_shard(layer)
+        return fully_shard(model)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=_layer_classes(model))
+    return FullyShardedDataParallel(model, auto_wrap_policy=policy, device_id=torch.device("cpu"),
+                                    use_orig_params=how == "fsdp1")
+
+
+def _full_weights(model) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {name: tensor.detach().clone() for name, tensor in state.items()}
+
+
+def _fsdp_rank(rank: int, world: int, rendezvous: str, out_dir: str, student_how: str, teacher_how) -> None:
+    from distill_ops.integrations.hf import trainer_loss
+
+    torch.set_num_threads(1)
+    # A rank that fails makes the other wait in a collective: a minute, not gloo's default half hour.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        student, teacher = (model.cpu() for model in _tiny_models())
+        inputs = dict(zip(("input_ids", "attention_mask", "labels"), (t.cpu()[rank:rank + 1] for t in _batch())))
+        student = _shard(student, student_how)
+        if teacher_how is not None:
+            teacher = _shard(teacher.requires_grad_(False), teacher_how)
+        optimizer = torch.optim.SGD(student.parameters(), lr=1.0)
+        record = {"losses": [], "weights": []}
+        for _ in range(STEPS):
+            optimizer.zero_grad(set_to_none=True)
+            loss = trainer_loss(student, teacher, inputs, **LOSS_KWARGS)
+            loss.backward()
+            optimizer.step()
+            record["losses"].append(loss.detach())
+            record["weights"].append(_full_weights(student))
+        if teacher_how == "fsdp2":  # the frozen teacher is resharded after each use
+            record["teacher_head_is_shard"] = type(teacher.lm_head.weight).__name__ == "DTensor"
+        torch.save(record, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "student_how, teacher_how",
+    [("fsdp1", None), ("fsdp1-flat", "fsdp1-flat"), ("fsdp2", "fsdp2"), ("fsdp2", None)],
+)
+def test_sharded_student_trains_like_one_process_with_the_averaged_gradient(tmp_path, student_how, teacher_how):
+    import torch.multiprocessing as mp
+
+    from distill_ops.integrations.hf import trainer_loss
+
+    mp.start_processes(_fsdp_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), student_how, teacher_how),
+                       nprocs=2, start_method="spawn")
+    student, teacher = (model.cpu() for model in _tiny_models())
+    batch = [tensor.cpu() for tensor in _batch()]
+    records = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for step in range(STEPS):
+        grads = {name: torch.zeros_like(p) for name, p in student.named_parameters()}
+        for row in range(2):
+            inputs = dict(zip(("input_ids", "attention_mask", "labels"), (t[row:row + 1] for t in batch)))
+            student.zero_grad(set_to_none=True)
+            loss = trainer_loss(student, teacher, inputs, **LOSS_KWARGS)
+            loss.backward()
+            assert_close(records[row]["losses"][step], loss, torch.float32, msg=f"step {step} rank {row} loss")
+            for name, p in student.named_parameters():
+                grads[name] += p.grad / 2
+        with torch.no_grad():
+            for name, p in student.named_parameters():
+                p -= grads[name]
+        for rank, record in enumerate(records):
+            weights = record["weights"][step]
+            assert set(weights) == {name for name, _ in student.named_parameters()}
+            for name, p in student.named_parameters():
+                assert grads[name].abs().max() > 0, name  # every weight moves: the check can fail
+                assert_close(weights[name], p, torch.float32, msg=f"step {step} rank {rank} {name}")
+    if teacher_how == "fsdp2":
+        assert all(record["teacher_head_is_shard"] for record in records)
+
+
+def test_deepspeed_zero3_partitioned_head_is_refused():
+    """A ZeRO-3 partitioned LM head (DeepSpeed marks its parameters with ``ds_status``; an empty local tensor) is
+    refused with an error naming ZeRO-3, before any forward."""
+    from distill_ops.integrations.hf import causal_lm_distillation_loss
+
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    for partitioned in (student, teacher):
+        weight = partitioned.lm_head.weight
+        weight.ds_status, weight.ds_shape = "NOT_AVAILABLE", tuple(weight.shape)
+        calls = []
+        handle = partitioned.register_forward_pre_hook(lambda *args: calls.append(1))
+        try:
+            with pytest.raises(NotImplementedError, match="ZeRO-3"):
+                causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, impl="torch")
+        finally:
+            handle.remove()
+            del weight.ds_status, weight.ds_shape
+        assert calls == []
+
