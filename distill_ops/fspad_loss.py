@@ -27,6 +27,8 @@ def fspad_draft_loss(
     loss_mask: Optional[Tensor] = None,
     reduction: str = "mean",
     include_teacher_entropy: bool = True,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
     impl: str = "auto",
 ) -> Tensor:
     """FSPAD partial alignment: ``regress_weight * SmoothL1 + logit_weight * soft cross-entropy``, per token.
@@ -46,6 +48,11 @@ def fspad_draft_loss(
             optional ``[V]``. Cast to ``draft_predict``'s dtype for the draft side if they differ.
         loss_mask: optional ``[...]`` bool / integer, nonzero where a token counts.
         reduction: ``mean`` (over counted tokens), ``sum`` or ``none`` (shape ``[...]``).
+        logit_scale, softcap: the target's logits are ``softcap(logit_scale * lm_head(feature))`` (Cohere's
+            ``logit_scale``, Granite's ``1 / logits_scaling``; Gemma-2's ``final_logit_softcapping``): both
+            sides go through the same map, so the head learns the target's own distribution (and drafts
+            with it in :class:`~distill_ops.speculative.SpeculativeDecoder`). For a ``transformers`` target:
+            ``distill_ops.integrations.hf.logit_scale(target)`` / ``logit_softcap(target)``.
         impl: backend of the logit term, as in :func:`distill_ops.fused_linear_kl_div`.
 
     Returns:
@@ -65,6 +72,9 @@ def fspad_draft_loss(
     check_number("logit_weight", logit_weight, low=0.0)
     check_number("smooth_l1_beta", smooth_l1_beta, low=0.0)
     check_choice("reduction", reduction, ("mean", "sum", "none"))
+    check_number("logit_scale", logit_scale, low=0.0, low_inclusive=False)
+    if softcap is not None:
+        check_number("softcap", softcap, low=0.0, low_inclusive=False)
     leading_shape = draft_regress.shape[:-1]
     labels = None
     if loss_mask is not None:
@@ -77,14 +87,21 @@ def fspad_draft_loss(
     head_weight = lm_head_weight.detach()
     head_bias = None if lm_head_bias is None else lm_head_bias.detach()
     draft_weight = head_weight.to(draft_predict.dtype)
+    draft_bias = None if head_bias is None else head_bias.to(draft_predict.dtype)
+    teacher = target.to(head_weight.dtype)
+    # scale * (h W^T + b) = (scale * h) W^T + scale * b: the scale goes into the hidden states and the bias.
+    if logit_scale != 1.0:
+        draft_predict, teacher = draft_predict * logit_scale, teacher * logit_scale
+        draft_bias = None if draft_bias is None else draft_bias * logit_scale
+        head_bias = None if head_bias is None else head_bias * logit_scale
     logit_rows = fused_linear_kl_div(
-        draft_predict, draft_weight, target.to(head_weight.dtype), head_weight,
-        student_bias=None if head_bias is None else head_bias.to(draft_predict.dtype), teacher_bias=head_bias,
-        divergence="forward", temperature=temperature, labels=labels, reduction="none", impl=impl,
+        draft_predict, draft_weight, teacher, head_weight, student_bias=draft_bias, teacher_bias=head_bias,
+        divergence="forward", temperature=temperature, labels=labels, reduction="none",
+        student_softcap=softcap, teacher_softcap=softcap, impl=impl,
     )
     if include_teacher_entropy:
-        logit_rows = logit_rows + _teacher_entropy(target.to(head_weight.dtype), head_weight, head_bias, temperature,
-                                                   labels, impl)
+        logit_rows = logit_rows + _teacher_entropy(teacher, head_weight, head_bias, temperature, labels, softcap,
+                                                   impl)
     regression_rows = F.smooth_l1_loss(
         draft_regress.float(), target.float(), reduction="none", beta=smooth_l1_beta
     ).mean(-1)
@@ -96,14 +113,14 @@ def fspad_draft_loss(
 
 
 @torch.no_grad()
-def _teacher_entropy(features, weight, bias, temperature, labels, impl) -> Tensor:
+def _teacher_entropy(features, weight, bias, temperature, labels, softcap, impl) -> Tensor:
     """H(p) per row as log V - KL(p || uniform): the fused op against a zero-width student (logits 0)."""
     vocab = weight.shape[0]
     zero_hidden = features.new_zeros((*features.shape[:-1], 1))
     zero_weight = weight.new_zeros((vocab, 1))
     to_uniform = fused_linear_kl_div(
         zero_hidden, zero_weight, features, weight, teacher_bias=bias, divergence="forward",
-        temperature=temperature, labels=labels, reduction="none", impl=impl,
+        temperature=temperature, labels=labels, reduction="none", teacher_softcap=softcap, impl=impl,
     )
     entropy = math.log(vocab) - to_uniform
     return entropy if labels is None else torch.where(labels != -100, entropy, 0.0)

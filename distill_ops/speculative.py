@@ -644,6 +644,20 @@ class _ModelDrafter(_DrafterRows):
         self.rollback()
 
 
+def _target_logit_map(target: torch.nn.Module) -> tuple[float, float | None]:
+    """``(scale, softcap)`` with which ``target`` maps its last features to logits (``softcap(scale * lm_head)``;
+    :func:`distill_ops.integrations.hf.logit_scale`, probed once). A target whose logits are some other map of
+    its LM head's output drafts with the raw LM head: drafting only proposes tokens, and verification uses the
+    target's own logits, so the output is unchanged either way."""
+    from .integrations.hf import logit_scale, logit_softcap
+
+    try:
+        scale = logit_scale(target)
+    except ValueError:
+        scale = 1.0
+    return scale, logit_softcap(target)
+
+
 class _FSPADDrafter(_DrafterRows):
     """An :class:`~distill_ops.fspad.FSPADDraftHead` drafting from the target's features.
 
@@ -658,9 +672,15 @@ class _FSPADDrafter(_DrafterRows):
         self.head = head
         self.embed = target.get_input_embeddings()
         self.lm_head = target.get_output_embeddings()
+        self.logit_scale, self.softcap = _target_logit_map(target)
         self.impl = impl
         self.cache = None
         self._rows_init()
+
+    def _logits(self, predict: torch.Tensor) -> torch.Tensor:
+        """The target's logit map on the head's predicted features: ``softcap(scale * lm_head(predict))``."""
+        logits = self.lm_head(predict)
+        return softcapped(logits if self.logit_scale == 1.0 else logits * self.logit_scale, self.softcap)
 
     def start(self, prompt: torch.Tensor, lengths: list[int], first_tokens: torch.Tensor,
               features: torch.Tensor, ragged: bool):
@@ -672,7 +692,7 @@ class _FSPADDrafter(_DrafterRows):
         self.cache.commit()
         _, ends = _row_ends(lengths, width, False, tokens.device)
         self._start_rows(list(lengths), ragged, tokens.device)
-        return self.lm_head(_pick_rows(predict, ends)), _pick_rows(regress, ends)
+        return self._logits(_pick_rows(predict, ends)), _pick_rows(regress, ends)
 
     def advance(self, tokens: torch.Tensor, positions: torch.Tensor, features: torch.Tensor,
                 counts: list[int] | None = None):
@@ -680,17 +700,17 @@ class _FSPADDrafter(_DrafterRows):
         if counts is None:
             regress, predict = self.head(features, self.embed(tokens), positions, cache=self.cache)
             self.cache.commit()
-            return self.lm_head(predict[:, -1]), regress[:, -1]
+            return self._logits(predict[:, -1]), regress[:, -1]
         context, last = self._chain(counts, tokens.device)
         regress, predict = self.head(features, self.embed(tokens), positions, cache=self.cache, tree=context)
         self.cache.commit(max(self.lens))
-        return self.lm_head(_pick_rows(predict, last)), _pick_rows(regress, last)
+        return self._logits(_pick_rows(predict, last)), _pick_rows(regress, last)
 
     def expand(self, tokens: torch.Tensor, parent_states: torch.Tensor, positions: torch.Tensor, tree: TreeSpec):
         """``tokens [B, m]``, ``parent_states [B, m, d]``; returns logits ``[B, m, V]`` and states ``[B, m, d]``."""
         regress, predict = self.head(parent_states, self.embed(tokens), positions, cache=self.cache,
                                      tree=self._tree_context(tree))
-        return self.lm_head(predict), regress
+        return self._logits(predict), regress
 
     def rollback(self) -> None:
         self.cache.rollback()

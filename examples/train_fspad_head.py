@@ -27,6 +27,7 @@ from distill_ops.fspad import FSPADDraftHead, fspad_training_inputs
 from distill_ops.speculative import SpeculativeDecoder
 
 from distill_ops.fspad_loss import fspad_draft_loss
+from distill_ops.integrations.hf import logit_scale, logit_softcap
 
 
 def build_target(vocab_size: int, hidden_size: int, num_layers: int, seed: int):
@@ -64,6 +65,9 @@ def train(head, target, sequences, *, steps: int, batch_size: int, lr: float, lo
           feature_noise: float, seed: int) -> list[float]:
     inputs = fspad_training_inputs(target, sequences)
     lm_head_weight = target.get_output_embeddings().weight.detach()
+    # The target's logits are softcap(scale * lm_head(feature)) (scale 1, no cap for Llama; Cohere, Granite and
+    # Gemma-2 differ): the loss scores the head's predictions through the same map.
+    logit_map = dict(logit_scale=logit_scale(target), softcap=logit_softcap(target))
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
@@ -77,7 +81,7 @@ def train(head, target, sequences, *, steps: int, batch_size: int, lr: float, lo
             features = features + feature_noise * torch.randn(features.shape, generator=generator)
         regress, predict = head(features, inputs["token_embeds"][rows], inputs["position_ids"])
         loss = fspad_draft_loss(regress, predict, inputs["target_next_features"][rows], lm_head_weight,
-                                regress_weight=1.0, logit_weight=logit_weight)
+                                regress_weight=1.0, logit_weight=logit_weight, **logit_map)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)

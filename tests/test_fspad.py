@@ -224,3 +224,34 @@ def test_bad_inputs():
                                    intermediate_size=96, vocab_size=200)
     with pytest.raises(ValueError, match="head_dim"):
         FSPADDraftHead(odd_head_dim)
+
+
+@pytest.mark.parametrize("family, extra", [
+    ("Llama", {}),
+    ("Gemma2", dict(final_logit_softcapping=2.0, head_dim=16)),  # a small cap, so that it changes the logits
+    ("Cohere", dict(logit_scale=0.25)),
+    ("Granite", dict(logits_scaling=4.0)),  # divides
+], ids=["llama", "gemma2-softcap", "cohere-scale", "granite-scale"])
+def test_drafter_maps_predicted_features_to_logits_as_the_target_does(family, extra):
+    """The engine's FSPAD drafter turns the head's predicted features into logits with the target's own map
+    (``softcap(scale * lm_head(feature))``): on the target's true last features it gives the target's logits.
+    Before this, Gemma-2, Cohere and Granite heads drafted from the raw LM head output (unscaled, uncapped), a
+    different distribution from the one they were trained to match."""
+    import transformers
+
+    from distill_ops.speculative import _FSPADDrafter
+
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.3, tie_word_embeddings=False, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None, **extra)
+    torch.manual_seed(0)
+    target = getattr(transformers, f"{family}ForCausalLM")(config).eval().to(DEVICE)
+    drafter = _FSPADDrafter(FSPADDraftHead(config).to(DEVICE), target, "torch")
+    ids = torch.randint(0, 120, (2, 7), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with torch.no_grad():
+        features, logits = target_features(target, ids)
+        raw = target.get_output_embeddings()(features)
+        assert_close(drafter._logits(features), logits, torch.float32)
+    if extra:
+        assert (raw - logits).abs().max() > 0.1  # the map matters here: the raw LM head would fail the check

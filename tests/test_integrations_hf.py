@@ -187,17 +187,23 @@ def test_softcapped_gemma2_equals_loss_from_the_models_own_logits(impl):
 # ----------------------------------------------------------------------------------------------
 
 
-def _fspad_reference(regress, predict, target, weight, regress_weight, logit_weight, mask):
-    """The formula written out (EAGLE / FSPAD training code): SmoothL1 + soft cross-entropy, in float64."""
+def _fspad_reference(regress, predict, target, weight, regress_weight, logit_weight, mask, scale=1.0, cap=None):
+    """The formula written out (EAGLE / FSPAD training code): SmoothL1 + soft cross-entropy, in float64, with the
+    target's logits ``cap * tanh(scale * lm_head(h) / cap)``."""
+    def logits(hidden):
+        z = scale * (hidden.double() @ weight.double().T)
+        return z if cap is None else cap * torch.tanh(z / cap)
+
     regression = F.smooth_l1_loss(regress.double(), target.double(), reduction="none").mean(-1)
-    teacher = torch.softmax(target.double() @ weight.double().T, dim=-1)
-    student = torch.log_softmax(predict.double() @ weight.double().T, dim=-1)
+    teacher = torch.softmax(logits(target), dim=-1)
+    student = torch.log_softmax(logits(predict), dim=-1)
     rows = regress_weight * regression + logit_weight * -(teacher * student).sum(-1)
     return rows[mask].sum() / mask.sum()
 
 
+@pytest.mark.parametrize("scale, cap", [(1.0, None), (0.25, None), (3.0, 2.5)])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_fspad_draft_loss_matches_formula(impl):
+def test_fspad_draft_loss_matches_formula(impl, scale, cap):
     generator = torch.Generator().manual_seed(3)
     regress = torch.randn(2, 9, 40, generator=generator, dtype=torch.float64).float().to(DEVICE).requires_grad_(True)
     predict = torch.randn(2, 9, 40, generator=generator, dtype=torch.float64).float().to(DEVICE).requires_grad_(True)
@@ -205,18 +211,19 @@ def test_fspad_draft_loss_matches_formula(impl):
     weight = (torch.randn(150, 40, generator=generator, dtype=torch.float64) * 0.3).float().to(DEVICE)
     mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
     mask[1, 6:] = False
+    transform = dict(logit_scale=scale, softcap=cap)
     loss = fspad_draft_loss(regress, predict, target, weight, regress_weight=1.0, logit_weight=0.1,
-                            loss_mask=mask, impl=impl)
+                            loss_mask=mask, impl=impl, **transform)
     loss.backward()
     regress64 = regress.detach().double().requires_grad_(True)
     predict64 = predict.detach().double().requires_grad_(True)
-    expected = _fspad_reference(regress64, predict64, target, weight, 1.0, 0.1, mask)
+    expected = _fspad_reference(regress64, predict64, target, weight, 1.0, 0.1, mask, scale, cap)
     expected.backward()
     assert_close(loss, expected, torch.float32, "loss")
     assert_close(regress.grad, regress64.grad, torch.float32, "regress grad")
     assert_close(predict.grad, predict64.grad, torch.float32, "predict grad")
     without_entropy = fspad_draft_loss(regress, predict, target, weight, loss_mask=mask, impl=impl,
-                                       include_teacher_entropy=False)
+                                       include_teacher_entropy=False, **transform)
     assert without_entropy.item() < loss.item()  # KL = soft CE - H(p), H(p) > 0
 
 
@@ -228,6 +235,10 @@ def test_fspad_bad_inputs():
         fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), loss_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="logit_weight must be in"):
         fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), logit_weight=-1.0)
+    with pytest.raises(ValueError, match="logit_scale must be in"):
+        fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), logit_scale=0.0)
+    with pytest.raises(ValueError, match="softcap must be in"):
+        fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), softcap=-30.0)
 
 
 def _scaled_model(kind: str, hidden: int, layers: int, seed: int):
