@@ -25,6 +25,16 @@ STEPS = 2
 LOSS_KWARGS = dict(num_items_in_batch=15.0, divergence="reverse", ce_weight=0.5, impl="torch")
 
 
+def _models(tied: bool):
+    """The tiny student / teacher pair; ``tied``: a student whose LM head is its input embedding (Llama-3.2-1B,
+    Qwen2.5-0.5B, Gemma: the usual small students), the same weights otherwise."""
+    student, teacher = (model.cpu() for model in _tiny_models())
+    if tied:
+        student.config.tie_word_embeddings = True
+        student.lm_head.weight = student.get_input_embeddings().weight
+    return student, teacher
+
+
 def _layer_classes(model):
     return {type(layer) for layer in model.get_decoder().layers}
 
@@ -52,7 +62,8 @@ def _full_weights(model) -> dict:
     return {name: tensor.detach().clone() for name, tensor in state.items()}
 
 
-def _fsdp_rank(rank: int, world: int, rendezvous: str, out_dir: str, student_how: str, teacher_how) -> None:
+def _fsdp_rank(rank: int, world: int, rendezvous: str, out_dir: str, student_how: str, teacher_how,
+               tied: bool) -> None:
     from distill_ops.integrations.hf import trainer_loss
 
     torch.set_num_threads(1)
@@ -60,7 +71,7 @@ def _fsdp_rank(rank: int, world: int, rendezvous: str, out_dir: str, student_how
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        student, teacher = (model.cpu() for model in _tiny_models())
+        student, teacher = _models(tied)
         inputs = dict(zip(("input_ids", "attention_mask", "labels"), (t.cpu()[rank:rank + 1] for t in _batch())))
         student = _shard(student, student_how)
         if teacher_how is not None:
@@ -83,17 +94,19 @@ def _fsdp_rank(rank: int, world: int, rendezvous: str, out_dir: str, student_how
 
 
 @pytest.mark.parametrize(
-    "student_how, teacher_how",
-    [("fsdp1", None), ("fsdp1-flat", "fsdp1-flat"), ("fsdp2", "fsdp2"), ("fsdp2", None)],
+    "student_how, teacher_how, tied",
+    [("fsdp1", None, False), ("fsdp1-flat", "fsdp1-flat", False), ("fsdp2", "fsdp2", False), ("fsdp2", None, False),
+     ("fsdp1", None, True), ("fsdp2", "fsdp2", True)],
 )
-def test_sharded_student_trains_like_one_process_with_the_averaged_gradient(tmp_path, student_how, teacher_how):
+def test_sharded_student_trains_like_one_process_with_the_averaged_gradient(tmp_path, student_how, teacher_how,
+                                                                            tied):
     import torch.multiprocessing as mp
 
     from distill_ops.integrations.hf import trainer_loss
 
-    mp.start_processes(_fsdp_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), student_how, teacher_how),
-                       nprocs=2, start_method="spawn")
-    student, teacher = (model.cpu() for model in _tiny_models())
+    mp.start_processes(_fsdp_rank, nprocs=2, start_method="spawn",
+                       args=(2, str(tmp_path / "rendezvous"), str(tmp_path), student_how, teacher_how, tied))
+    student, teacher = _models(tied)
     batch = [tensor.cpu() for tensor in _batch()]
     records = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for step in range(STEPS):
@@ -109,11 +122,14 @@ def test_sharded_student_trains_like_one_process_with_the_averaged_gradient(tmp_
         with torch.no_grad():
             for name, p in student.named_parameters():
                 p -= grads[name]
+        # Every name, tied ones included (a tied LM head is listed under both names and moved once).
+        names = dict(student.named_parameters(remove_duplicate=False))
+        assert ("lm_head.weight" in dict(student.named_parameters())) != tied
         for rank, record in enumerate(records):
             weights = record["weights"][step]
-            assert set(weights) == {name for name, _ in student.named_parameters()}
-            for name, p in student.named_parameters():
-                assert grads[name].abs().max() > 0, name  # every weight moves: the check can fail
+            assert set(weights) == set(names)
+            for name, p in names.items():
+                assert p.grad.abs().max() > 0, name  # every weight moves: the check can fail
                 assert_close(weights[name], p, torch.float32, msg=f"step {step} rank {rank} {name}")
     if teacher_how == "fsdp2":
         assert all(record["teacher_head_is_shard"] for record in records)
