@@ -23,7 +23,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.56,<=5.25.0", "accelerate", "matplotlib",
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.56,<=5.25.0", "accelerate", "peft<=0.21.2", "matplotlib",
                 "trl<=1.16.0"],
         "bench": ["liger-kernel"],
     },

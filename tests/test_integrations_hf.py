@@ -573,3 +573,83 @@ def test_trainer_on_two_ddp_ranks_equals_one_process(tmp_path):
         for name, p in student.named_parameters():
             assert_close(weights[name], p - 0.05 * p.grad, torch.float32, msg=f"rank {rank} {name}")
             assert not torch.equal(weights[name], p.detach()) or p.grad.abs().max() == 0, name
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT students (LoRA adapters; a trainable copy of the LM head; LoRA on the LM head)
+# ----------------------------------------------------------------------------------------------
+
+PEFT_CASES = {  # LoraConfig arguments
+    "lora-body": dict(target_modules=["q_proj", "v_proj"], lora_dropout=0.1),  # dropout in the body is fine
+    "modules-to-save-head": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    "lora-head": dict(target_modules=["q_proj", "lm_head"]),
+    "lora-head-two-adapters": dict(target_modules=["lm_head"]),
+}
+
+
+def _peft_student(case: str):
+    peft = pytest.importorskip("peft")
+    student, teacher = _tiny_models()
+    model = peft.get_peft_model(student, peft.LoraConfig(r=4, lora_alpha=8, **PEFT_CASES[case]))
+    if case == "lora-head-two-adapters":  # two active adapters on the head: their deltas add
+        model.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["lm_head"]))
+        model.base_model.set_adapter(["default", "second"])
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero (no change, no gradient to A): move it
+                param.normal_(0.0, 0.2)
+            elif "modules_to_save" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model, teacher
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_peft_student_equals_loss_from_its_own_logits(impl, case):
+    """A PEFT-wrapped student (what TRL builds from ``peft_config``): the loss and every trainable parameter's
+    gradient equal those from the PeftModel's own logits, for LoRA in the body, a trainable copy of the LM head
+    (``modules_to_save``) and LoRA on the LM head (one or two active adapters). Before this the last two
+    failed with a TypeError (the head is not an ``nn.Linear``)."""
+    model, teacher = _peft_student(case)
+    model.train()  # LoRA dropout in the body: the same draw both ways (fixed seed below)
+    input_ids, attention_mask, labels = _batch()
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in name or "modules_to_save" in name for name in trainable)
+    torch.manual_seed(11)
+    loss = causal_lm_distillation_loss(model, teacher, input_ids, labels, attention_mask, divergence="jsd",
+                                       impl=impl)
+    fused = torch.autograd.grad(loss, list(trainable.values()))
+    torch.manual_seed(11)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+    expected = kl_div(logits[:, :-1], teacher_logits[:, :-1], labels=labels[:, 1:], divergence="jsd", impl="torch")
+    reference = torch.autograd.grad(expected, list(trainable.values()))
+    assert_close(loss, expected, torch.float32, "loss")
+    head_grads = 0
+    for (name, _), got, want in zip(trainable.items(), fused, reference):
+        assert_close(got, want, torch.float32, name)
+        head_grads += "lm_head" in name and want.abs().max() > 0
+    # The head's trainable tensors all get a gradient: none, its copy, A and B, A and B of both adapters.
+    assert head_grads == {"lora-body": 0, "modules-to-save-head": 1, "lora-head": 2, "lora-head-two-adapters": 4}[case]
+
+
+def test_peft_head_that_is_not_a_linear_map_is_refused():
+    """LoRA dropout on the LM head in training mode drops hidden-state entries before ``lora_A``: not a linear map
+    of the hidden state, refused with an error naming it (in eval mode the same model is a linear map and
+    works); so is a DoRA head."""
+    peft = pytest.importorskip("peft")
+    input_ids, attention_mask, labels = _batch()
+    student, teacher = _tiny_models()
+    model = peft.get_peft_model(student, peft.LoraConfig(r=4, target_modules=["lm_head"], lora_dropout=0.1))
+    with pytest.raises(ValueError, match="lora_dropout=0.1"):
+        causal_lm_distillation_loss(model.train(), teacher, input_ids, labels, attention_mask, impl="torch")
+    causal_lm_distillation_loss(model.eval(), teacher, input_ids, labels, attention_mask, impl="torch")
+    student, teacher = _tiny_models()
+    model = peft.get_peft_model(student, peft.LoraConfig(r=4, target_modules=["lm_head"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA"):
+        causal_lm_distillation_loss(model, teacher, input_ids, labels, attention_mask, impl="torch")
+    with pytest.raises(TypeError, match="must be an nn.Linear .* got Embedding"):
+        from distill_ops.integrations.hf import linear_head
+        linear_head(torch.nn.Embedding(4, 4))

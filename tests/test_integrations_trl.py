@@ -148,11 +148,13 @@ def tiny_tokenizer(vocab: int = VOCAB):
                                                 unk_token="t2")
 
 
-@pytest.mark.parametrize("lmbda", [0.0, 1.0])
-def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda):
+@pytest.mark.parametrize("lmbda, lora", [(0.0, False), (1.0, False), (0.0, True)], ids=["off", "on", "off-lora"])
+def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora):
     """One real training step of ``FusedGKDTrainer`` and of TRL's ``GKDTrainer`` from the same student: the same
     logged loss and the same updated weights, off-policy (``lmbda=0``) and on-policy (``lmbda=1``: the student
-    samples completions of the prompts, the same ones under the same seed); the teacher does not move."""
+    samples completions of the prompts, the same ones under the same seed); the teacher does not move. With
+    ``peft_config`` (LoRA on the attention, a trainable copy of the LM head: TRL refuses LoRA on the head) TRL wraps
+    the student in a ``PeftModel``: the same adapter and head-copy weights after the step."""
     import copy
 
     import datasets
@@ -183,16 +185,32 @@ def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda):
             # student (TRL's bf16 logits and our fp32 head GEMM would differ at bf16's precision).
             bf16=False,
         )
+        peft = {}
+        if lora:
+            peft_module = pytest.importorskip("peft")
+            # init_lora_weights=False: B starts random too, so that every adapter tensor moves in the step.
+            peft["peft_config"] = peft_module.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                         modules_to_save=["lm_head"], init_lora_weights=False)
+            torch.manual_seed(3)  # the adapters' initialisation
         trainer = cls(model=model, teacher_model=teacher, args=args, train_dataset=dataset, data_collator=collate,
-                      processing_class=tiny_tokenizer())
+                      processing_class=tiny_tokenizer(), **peft)
         trainer.train()
         logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        results.append((logged, dict(model.named_parameters())))
-    (expected_loss, expected_weights), (loss, weights) = results
+        results.append((logged, dict(trainer.model.named_parameters()), trainer.model))
+    (expected_loss, expected_weights, _), (loss, weights, trained) = results
     assert len(loss) == 1 and loss[0] == pytest.approx(expected_loss[0], rel=1e-5)
+    assert set(weights) == set(expected_weights)
     for name, p in weights.items():
         assert_close(p, expected_weights[name], torch.float32, msg=name)
-    assert not torch.equal(weights["lm_head.weight"], student.lm_head.weight)  # the step moved the student
+    if lora:  # the adapters moved (TRL's initial ones equal ours: same seed), the base weights did not
+        assert isinstance(trained, peft_module.PeftModel)
+        adapters = [name for name in weights if "lora_" in name]
+        assert adapters and all(weights[name].requires_grad for name in adapters)
+        assert torch.equal(trained.get_base_model().lm_head.original_module.weight, student.lm_head.weight)
+        head_copy = next(name for name in weights if "lm_head.modules_to_save" in name)
+        assert not torch.equal(weights[head_copy], student.lm_head.weight)
+    else:
+        assert not torch.equal(weights["lm_head.weight"], student.lm_head.weight)  # the step moved the student
     assert all(torch.equal(p, teacher_before[name]) for name, p in teacher.named_parameters())
 
 

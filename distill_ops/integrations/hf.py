@@ -51,11 +51,73 @@ def causal_lm_hidden_states(
     linear map: see :func:`logit_softcap`.
     """
     head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        raise TypeError(f"{type(model).__name__}'s output embedding must be an nn.Linear, got {type(head).__name__}")
+    try:
+        weight, bias = linear_head(head)
+    except TypeError as error:
+        raise TypeError(f"{type(model).__name__}'s output embedding: {error}") from None
     outputs = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-    return hidden, head.weight, head.bias
+    return hidden, weight, bias
+
+
+def _peft_active_adapters(wrapper: nn.Module) -> list:
+    return [] if wrapper.disable_adapters else list(wrapper.active_adapters)
+
+
+def linear_head(head: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+    """``(weight [V, H], bias [V] or None)`` of an output embedding that maps hidden states linearly, as its
+    forward computes them (gradients flow to the trainable tensors they are built from):
+
+    - ``nn.Linear``;
+    - PEFT's ``ModulesToSaveWrapper`` (``modules_to_save=["lm_head"]``): the active adapter's trainable copy, or
+      the original head when adapters are disabled;
+    - PEFT's LoRA layer on the head (``target_modules`` including ``lm_head``): ``W + scaling * B @ A`` summed
+      over the active adapters (``B``'s bias too with ``lora_bias``), built per call (one ``[V, H]`` tensor;
+      the fused loss's weight gradient reaches ``A`` and ``B`` through it); ``W`` alone when merged or disabled.
+      Refused (``ValueError``): LoRA dropout active in training mode (dropout of the hidden state is not a linear
+      map), LoRA variants (DoRA, ...), ``fan_in_fan_out``, and a merged-and-disabled layer.
+    """
+    if isinstance(head, nn.Linear):
+        return head.weight, head.bias
+    if isinstance(getattr(head, "original_module", None), nn.Module) and isinstance(
+        getattr(head, "modules_to_save", None), nn.ModuleDict
+    ):
+        active = _peft_active_adapters(head)
+        known = getattr(head, "_adapters", head.modules_to_save.keys())
+        if not active or any(name not in known for name in active) or active[0] not in head.modules_to_save:
+            return linear_head(head.original_module)
+        return linear_head(head.modules_to_save[active[0]])
+    if all(isinstance(getattr(head, name, None), nn.Module) for name in ("base_layer", "lora_A", "lora_B")):
+        return _lora_head(head)
+    raise TypeError(
+        f"must be an nn.Linear (or PEFT's LoRA / modules_to_save wrapper of one), got {type(head).__name__}"
+    )
+
+
+def _lora_head(head: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+    weight, bias = linear_head(head.base_layer)
+    if head.merged:
+        if head.disable_adapters:
+            raise ValueError("the LoRA LM head is merged but its adapters are disabled (PEFT unmerges it in its "
+                             "next forward): call unmerge_adapter() or enable the adapters first")
+        return weight, bias
+    if getattr(head, "fan_in_fan_out", False):
+        raise ValueError("a LoRA LM head with fan_in_fan_out=True is not supported (an nn.Linear head has False)")
+    for name in _peft_active_adapters(head):
+        if name not in head.lora_A:
+            continue
+        if name in getattr(head, "lora_variant", {}) or getattr(head, "use_dora", {}).get(name, False):
+            raise ValueError(f"LoRA adapter {name!r} on the LM head is a variant (DoRA, ...): only plain LoRA "
+                             f"is a linear map of the hidden state")
+        dropout = head.lora_dropout[name]
+        if dropout.training and getattr(dropout, "p", 0.0) > 0:
+            raise ValueError(f"LoRA adapter {name!r} on the LM head has lora_dropout={dropout.p} and is in training "
+                             f"mode: dropout of the hidden state is not a linear map; use lora_dropout=0 for the head")
+        a, b, scaling = head.lora_A[name].weight, head.lora_B[name], head.scaling[name]
+        weight = weight + (scaling * (b.weight @ a.to(b.weight.dtype))).to(weight.dtype)
+        if b.bias is not None:
+            bias = (scaling * b.bias) if bias is None else bias + (scaling * b.bias).to(bias.dtype)
+    return weight, bias
 
 
 def _text_config(model: nn.Module):
