@@ -653,3 +653,37 @@ def test_peft_head_that_is_not_a_linear_map_is_refused():
     with pytest.raises(TypeError, match="must be an nn.Linear .* got Embedding"):
         from distill_ops.integrations.hf import linear_head
         linear_head(torch.nn.Embedding(4, 4))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_packed_sequences_equal_each_sequence_alone(impl):
+    """A batch packed by ``transformers.DataCollatorWithFlattening`` (three sequences in one row, positions
+    restarting at each, ``-100`` at each sequence's first label, no attention mask): ``trainer_loss`` passes the
+    ``position_ids`` to both models, so the loss and gradients are those of the three sequences scored alone (their
+    token mean). Before this the position ids were dropped and the packed sequences attended to each other."""
+    from distill_ops.integrations.hf import trainer_loss
+
+    student, teacher = _tiny_models()
+    generator = torch.Generator().manual_seed(4)
+    sequences = [torch.randint(0, VOCAB, (length,), generator=generator) for length in (5, 4, 6)]
+    packed = transformers.DataCollatorWithFlattening(return_position_ids=True)(
+        [{"input_ids": sequence.tolist()} for sequence in sequences])
+    packed = {key: value.to(DEVICE) for key, value in packed.items()}
+    assert packed["input_ids"].shape == (1, 15) and "attention_mask" not in packed
+    loss = trainer_loss(student, teacher, packed, divergence="jsd", beta=0.3, ce_weight=0.5, impl=impl)
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+
+    total = 0.0
+    for sequence in sequences:
+        ids = sequence[None].to(DEVICE)
+        total = total + causal_lm_distillation_loss(student, teacher, ids, divergence="jsd", beta=0.3, ce_weight=0.5,
+                                                    reduction="sum", impl="torch")
+    expected = total / sum(len(sequence) - 1 for sequence in sequences)
+    expected_grads = torch.autograd.grad(expected, list(student.parameters()))
+    assert_close(loss, expected, torch.float32, "loss")
+    for (name, _), got, want in zip(student.named_parameters(), grads, expected_grads):
+        assert_close(got, want, torch.float32, name)
+    # Without the position ids the sequences see each other: a different loss (the check can fail).
+    unpacked = {key: value for key, value in packed.items() if key != "position_ids"}
+    assert abs(float(trainer_loss(student, teacher, unpacked, impl="torch")) - float(
+        trainer_loss(student, teacher, packed, impl="torch"))) > 1e-3

@@ -233,6 +233,7 @@ def causal_lm_distillation_loss(
     vocab_size: int | None = None,
     impl: str = "auto",
     skip_ignored: bool = True,
+    model_kwargs: Optional[dict] = None,
 ) -> Tensor:
     """Distillation loss between two ``transformers`` causal LMs, from hidden states (no logits).
 
@@ -253,6 +254,9 @@ def causal_lm_distillation_loss(
             impl: as in :func:`distill_ops.fused_linear_kl_div` (``normalizer``: the Trainer's
             ``num_items_in_batch``). ``vocab_size`` compares the first k tokens when the two LM heads
             differ in size (e.g. padded Qwen vocabularies).
+        model_kwargs: more keyword arguments of both models' bodies: ``position_ids`` and the flash-attention
+            boundaries of packed sequences (``transformers.DataCollatorWithFlattening``: several sequences in
+            one row, each restarting its positions; the separator label ``-100`` keeps the loss inside each).
         skip_ignored: only the positions whose target is not ``ignore_index`` go through the LM heads and the
             loss (the others contribute nothing either way; with prompts masked this is often half the work).
             It costs one host synchronisation (the count of scored positions). Ignored with
@@ -273,10 +277,10 @@ def causal_lm_distillation_loss(
                    vocab_size=vocab_size, impl=impl)
     teacher_ids = input_ids if teacher_input_ids is None else teacher_input_ids
     return run_inside_forward(student, _distillation_loss, unwrap_model(student), teacher, input_ids, labels,
-                              attention_mask, teacher_ids, skip_ignored, options)
+                              attention_mask, teacher_ids, skip_ignored, dict(model_kwargs or {}), options)
 
 
-def _frozen_head_inputs(teacher: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor]):
+def _frozen_head_inputs(teacher: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor], model_kwargs: dict):
     """``(scale, hidden, weight, bias)`` of the teacher (no gradient), computed inside its forward when it is
     sharded; a sharded teacher's LM head weight and bias are then copied, because FSDP frees its gathered
     parameters after that forward (no backward hook re-gathers a frozen model's) while the fused loss's backward
@@ -286,7 +290,7 @@ def _frozen_head_inputs(teacher: nn.Module, input_ids: Tensor, attention_mask: O
     sharded = is_sharded(teacher)
 
     def run():
-        hidden, weight, bias = causal_lm_hidden_states(module, input_ids, attention_mask)
+        hidden, weight, bias = causal_lm_hidden_states(module, input_ids, attention_mask, **model_kwargs)
         if sharded:
             weight, bias = weight.clone(), None if bias is None else bias.clone()
         return logit_scale(module), hidden, weight, bias
@@ -300,12 +304,13 @@ def _frozen_head_inputs(teacher: nn.Module, input_ids: Tensor, attention_mask: O
 
 def _distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: Tensor, labels: Optional[Tensor],
                        attention_mask: Optional[Tensor], teacher_input_ids: Tensor, skip_ignored: bool,
-                       options: dict) -> Tensor:
+                       model_kwargs: dict, options: dict) -> Tensor:
     _refuse_zero3(student)
     student_scale = logit_scale(student)
-    student_hidden, student_weight, student_bias = causal_lm_hidden_states(student, input_ids, attention_mask)
+    student_hidden, student_weight, student_bias = causal_lm_hidden_states(student, input_ids, attention_mask,
+                                                                           **model_kwargs)
     teacher_scale, teacher_hidden, teacher_weight, teacher_bias = _frozen_head_inputs(
-        teacher, teacher_input_ids, attention_mask
+        teacher, teacher_input_ids, attention_mask, model_kwargs
     )
     ignore_index = options["ignore_index"]
     targets = shift_labels(input_ids, labels, attention_mask, ignore_index)
@@ -476,10 +481,17 @@ def trainer_normalizer(trainer, num_items_in_batch: float | Tensor | None) -> fl
     return num_items_in_batch / ranks if ranks > 1 else num_items_in_batch
 
 
+# The entries of a collated batch that describe packed sequences (``transformers.DataCollatorWithFlattening``):
+# passed to both models' bodies by trainer_loss.
+PACKING_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
 def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_outputs: bool = False,
                  num_items_in_batch: float | Tensor | None = None, **distill_kwargs: Any):
     """A ``Trainer.compute_loss`` body: :func:`causal_lm_distillation_loss` on a collated batch
-    (``input_ids``, optional ``labels`` / ``attention_mask``) with ``normalizer=num_items_in_batch``.
+    (``input_ids``, optional ``labels`` / ``attention_mask``, and the packed-sequence entries of
+    :data:`PACKING_KEYS`: ``position_ids``, flash-attention boundaries) with ``normalizer=num_items_in_batch``.
+    Other entries are not passed to the models.
 
     Models wrapped by the Trainer for data parallelism (``DistributedDataParallel``) or sharded (FSDP1 / FSDP2)
     are handled by :func:`causal_lm_distillation_loss`.
@@ -494,6 +506,7 @@ def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_ou
         labels=inputs.get("labels"),
         attention_mask=inputs.get("attention_mask"),
         normalizer=num_items_in_batch,
+        model_kwargs={key: inputs[key] for key in PACKING_KEYS if key in inputs},
         **distill_kwargs,
     )
     return (loss, {"loss": loss}) if return_outputs else loss
