@@ -6,9 +6,10 @@ they look at shapes, dtypes, devices and Python scalars only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Literal, Optional, Sequence
 
 import torch
 
@@ -262,3 +263,25 @@ def sink_softmax(scores: torch.Tensor, sinks: torch.Tensor | None, dtype: torch.
         return torch.softmax(scores, dim=-1, dtype=dtype)
     column = sinks.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
     return torch.softmax(torch.cat([scores, column], dim=-1), dim=-1, dtype=dtype)[..., :-1]
+
+
+def autocast_linear_inputs(*tensors: Optional[torch.Tensor]) -> tuple[tuple, Optional[str]]:
+    """Under ``torch.autocast`` for the tensors' device type: ``(tensors with every fp32 one cast to the autocast
+    dtype, device type)``, as autocast casts a linear layer's inputs; otherwise ``(tensors, None)``. Non-tensors
+    and ``None`` pass unchanged (validation names them later)."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None:
+        return tensors, None
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors, None
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t for t in tensors
+    )
+    return cast, device_type
+
+
+def autocast_off(device_type: Optional[str]):
+    """A context that disables autocast for ``device_type`` (a no-op context for None)."""
+    return contextlib.nullcontext() if device_type is None else torch.autocast(device_type, enabled=False)

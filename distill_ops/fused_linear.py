@@ -57,6 +57,8 @@ from torch import Tensor
 from ._utils import (
     LossModule,
     as_rows,
+    autocast_linear_inputs,
+    autocast_off,
     check_choice,
     check_labels,
     check_number,
@@ -547,10 +549,12 @@ def _backward(ctx, grad_rows, grad_stats):
     s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels, row_stats = ctx.saved_tensors
     need_weight_grad = bool(ctx.needs_input_grad[1])
     need_bias_grad = s_bias is not None and bool(ctx.needs_input_grad[2])
-    d_hidden, d_weight, d_bias = torch.ops.distill_ops.fused_linear_kl_div_backward(
-        grad_rows, row_stats, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels,
-        *ctx.options, need_weight_grad, need_bias_grad,
-    )
+    # A backward run inside an autocast region (loss.backward() within it) keeps its fp32 accumulations fp32.
+    with autocast_off(s_hidden.device.type):
+        d_hidden, d_weight, d_bias = torch.ops.distill_ops.fused_linear_kl_div_backward(
+            grad_rows, row_stats, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels,
+            *ctx.options, need_weight_grad, need_bias_grad,
+        )
     return (
         d_hidden,
         d_weight if need_weight_grad else None,
@@ -667,9 +671,17 @@ def fused_linear_kl_div(
             ``None`` with ``teacher_logits`` (those are final logits).
         impl: ``auto`` (Triton on CUDA, PyTorch otherwise), ``triton`` or ``torch``.
 
+    Under ``torch.autocast`` (e.g. ``transformers.Trainer(bf16=True)`` with fp32 weights) the fp32 hidden states,
+    weights and biases of both sides are cast to the autocast dtype, as autocast casts ``F.linear``'s inputs, so
+    the logit tiles are 16-bit GEMMs; the gradients reach the fp32 tensors through the casts. The op itself then
+    runs with autocast off: its fp32 statistics and accumulations stay fp32 on both impls.
+
     Returns:
         fp32 scalar (``mean`` / ``sum``) or fp32 ``[...]`` (``none``).
     """
+    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+     teacher_bias), autocast_device = autocast_linear_inputs(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
     _check_linear_side("student", student_hidden, student_weight, student_bias)
     leading_shape = student_hidden.shape[:-1]
     if teacher_logits is not None:
@@ -746,11 +758,12 @@ def fused_linear_kl_div(
         t_weight = _weight_rows(teacher_weight.detach(), vocab)
         t_bias = None if teacher_bias is None else teacher_bias.detach()[:vocab]
     label_rows = None if labels is None else labels.reshape(-1).to(torch.int64)
-    row_loss, _ = torch.ops.distill_ops.fused_linear_kl_div_rows(
-        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, label_rows,
-        divergence, coef, float(temperature), int(ignore_index), kl_weight, ce_weight, backend, student_softcap,
-        teacher_softcap,
-    )
+    with autocast_off(autocast_device):
+        row_loss, _ = torch.ops.distill_ops.fused_linear_kl_div_rows(
+            s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, label_rows,
+            divergence, coef, float(temperature), int(ignore_index), kl_weight, ce_weight, backend, student_softcap,
+            teacher_softcap,
+        )
     active = _active_rows(label_rows, ignore_index)
     return reduce_rows(row_loss, active, reduction, normalizer, leading_shape)
 
