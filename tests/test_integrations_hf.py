@@ -135,6 +135,38 @@ def test_trainer_trains_with_the_fused_loss(tmp_path):
         assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU bf16 autocast: the CUDA run is covered by the fp32 tests")
+def test_trainer_bf16_runs_the_loss_under_the_trainers_autocast(tmp_path):
+    """``bf16=True``: accelerate applies the Trainer's autocast by wrapping the model's own forward, which the fused
+    loss never calls. The trainer enters it itself: both models' layers run in bf16, and the logged loss is the one
+    computed under ``torch.autocast(bf16)``. Before this a ``bf16=True`` run computed everything in fp32 (a
+    different loss, 7e-4 relative on this pair, and no mixed-precision speed)."""
+    from distill_ops.integrations.hf import FusedDistillationTrainer
+
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, impl="torch")
+    fp32 = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, impl="torch")
+    assert abs(float(fp32) - float(expected)) > 1e-4 * float(expected)  # the check can tell them apart
+    dtypes = []
+    hooks = [model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda module, args, output: dtypes.append(output.dtype)) for model in (student, teacher)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, learning_rate=0.0, optim="sgd",
+        logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, dataloader_pin_memory=False, bf16=True,
+    )
+    rows = [{"input_ids": input_ids[i], "attention_mask": attention_mask[i], "labels": labels[i]} for i in range(2)]
+    trainer = FusedDistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows,
+                                       distill_kwargs={"impl": "torch"})
+    trainer.train()
+    for hook in hooks:
+        hook.remove()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(dtypes) >= 2 and set(dtypes) == {torch.bfloat16}
+    assert len(logged) == 1 and logged[0] == pytest.approx(float(expected), rel=1e-5)
+
+
 def _tiny_gemma2_models(student_cap, teacher_cap):
     """Gemma-2 pair (tied embeddings, logit soft-capping): caps far below 30 so that they matter at this size."""
     common = dict(vocab_size=VOCAB, num_attention_heads=2, num_key_value_heads=1, head_dim=16,

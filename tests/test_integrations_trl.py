@@ -11,7 +11,7 @@ trl = pytest.importorskip("trl")
 
 from distill_ops.integrations.hf import causal_lm_distillation_loss  # noqa: E402
 from distill_ops.integrations.trl import _gkd_base, generalized_jsd_loss  # noqa: E402
-from tests.conftest import DEVICE, IMPLS, assert_close  # noqa: E402
+from tests.conftest import DEVICE, IMPLS, TOLERANCES, assert_close  # noqa: E402
 from tests.test_integrations_hf import VOCAB, _batch, _tiny_models  # noqa: E402
 
 GKDTrainer = _gkd_base()
@@ -148,13 +148,17 @@ def tiny_tokenizer(vocab: int = VOCAB):
                                                 unk_token="t2")
 
 
-@pytest.mark.parametrize("lmbda, lora", [(0.0, False), (1.0, False), (0.0, True)], ids=["off", "on", "off-lora"])
-def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora):
+@pytest.mark.parametrize("lmbda, lora, bf16", [(0.0, False, False), (1.0, False, False), (0.0, True, False),
+                                              (0.0, False, True)], ids=["off", "on", "off-lora", "off-bf16"])
+def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora, bf16):
     """One real training step of ``FusedGKDTrainer`` and of TRL's ``GKDTrainer`` from the same student: the same
     logged loss and the same updated weights, off-policy (``lmbda=0``) and on-policy (``lmbda=1``: the student
     samples completions of the prompts, the same ones under the same seed); the teacher does not move. With
     ``peft_config`` (LoRA on the attention, a trainable copy of the LM head: TRL refuses LoRA on the head) TRL wraps
-    the student in a ``PeftModel``: the same adapter and head-copy weights after the step."""
+    the student in a ``PeftModel``: the same adapter and head-copy weights after the step. With ``bf16=True``
+    (GKDConfig's default) both trainers run every layer of both models under the Trainer's bf16 autocast (before,
+    ours ran in fp32: accelerate's autocast wraps the model's own forward, which the fused loss does not call); the
+    losses then differ by bf16 rounding only (TRL's logits are bf16, ours fp32 from bf16 GEMM inputs)."""
     import copy
 
     import datasets
@@ -174,6 +178,7 @@ def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora):
 
     teacher_before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
     results = []
+    dtypes = {}
     for cls in (GKDTrainer, FusedGKDTrainer):
         model = copy.deepcopy(student)
         args = trl_config(
@@ -181,9 +186,9 @@ def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora):
             optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, logging_steps=1,
             report_to="none", save_strategy="no", use_cpu=DEVICE.type == "cpu", dataloader_pin_memory=False,
             lmbda=lmbda, beta=0.3, max_new_tokens=4, temperature=0.9, seed=7,
-            # GKDConfig defaults to bf16 autocast (on the CPU too): fp32 here, so that both losses see the same
-            # student (TRL's bf16 logits and our fp32 head GEMM would differ at bf16's precision).
-            bf16=False,
+            # GKDConfig defaults to bf16 autocast (on the CPU too): fp32 unless testing it, so that both losses see
+            # the same student (TRL's bf16 logits and our fp32 head GEMM differ at bf16's precision).
+            bf16=bf16,
         )
         peft = {}
         if lora:
@@ -194,14 +199,22 @@ def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora):
             torch.manual_seed(3)  # the adapters' initialisation
         trainer = cls(model=model, teacher_model=teacher, args=args, train_dataset=dataset, data_collator=collate,
                       processing_class=tiny_tokenizer(), **peft)
+        seen = dtypes.setdefault(cls.__name__, set())
+        hooks = [layer.register_forward_hook(lambda module, args, output: seen.add(output.dtype))
+                 for layer in (model.model.layers[0].self_attn.q_proj, teacher.model.layers[0].self_attn.q_proj)]
         trainer.train()
+        for hook in hooks:
+            hook.remove()
         logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         results.append((logged, dict(trainer.model.named_parameters()), trainer.model))
     (expected_loss, expected_weights, _), (loss, weights, trained) = results
-    assert len(loss) == 1 and loss[0] == pytest.approx(expected_loss[0], rel=1e-5)
+    precision = torch.bfloat16 if bf16 else torch.float32
+    assert all(seen == {precision} for seen in dtypes.values()), dtypes
+    assert len(loss) == 1 and loss[0] == pytest.approx(expected_loss[0], **{"rel": 1e-5} if not bf16 else {
+        "rel": TOLERANCES[torch.bfloat16]["rtol"]})
     assert set(weights) == set(expected_weights)
     for name, p in weights.items():
-        assert_close(p, expected_weights[name], torch.float32, msg=name)
+        assert_close(p, expected_weights[name], precision, msg=name)
     if lora:  # the adapters moved (TRL's initial ones equal ours: same seed), the base weights did not
         assert isinstance(trained, peft_module.PeftModel)
         adapters = [name for name in weights if "lora_" in name]

@@ -8,7 +8,7 @@ hidden state at position t is scored against the token at t + 1.
 Use in a ``transformers.Trainer`` subclass (the teacher frozen, in eval mode, on the student's device)::
 
     from transformers import Trainer
-    from distill_ops.integrations.hf import trainer_loss, trainer_normalizer
+    from distill_ops.integrations.hf import trainer_autocast, trainer_loss, trainer_normalizer
 
     class DistillationTrainer(Trainer):
         def __init__(self, *args, teacher_model, distill_kwargs=None, **kwargs):
@@ -17,19 +17,23 @@ Use in a ``transformers.Trainer`` subclass (the teacher frozen, in eval mode, on
             self.distill_kwargs = distill_kwargs or {}   # divergence=, temperature=, ce_weight=, ...
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return trainer_loss(model, self.teacher_model, inputs, return_outputs,
-                                trainer_normalizer(self, num_items_in_batch), **self.distill_kwargs)
+            with trainer_autocast(self):  # the Trainer's bf16 / fp16 mixed precision
+                return trainer_loss(model, self.teacher_model, inputs, return_outputs,
+                                    trainer_normalizer(self, num_items_in_batch), **self.distill_kwargs)
 
 :func:`trainer_loss` is :func:`causal_lm_distillation_loss` on the collated batch, computed inside the
 wrapper's forward when the Trainer wrapped the model (DDP) or sharded it (FSDP1 / FSDP2), returning ``(loss, {"loss": loss})`` for ``return_outputs``
 (``Trainer.evaluate`` reads logits from the outputs' other entries: a dict, never None).
 :func:`trainer_normalizer` makes the mean over gradient-accumulation micro-batches and data-parallel ranks
 exact, as the Trainer's own loss does (the Trainer's count covers every rank; DDP averages the ranks'
-gradients). :class:`FusedDistillationTrainer` is this subclass, ready to use.
+gradients). :func:`trainer_autocast` applies the Trainer's mixed precision (``bf16=True`` / ``fp16=True``), which
+accelerate attaches to the model's own forward, never called here. :class:`FusedDistillationTrainer` is this
+subclass, ready to use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from typing import Any, Optional
@@ -359,8 +363,9 @@ def _trainer_class():
             self.distill_kwargs = dict(distill_kwargs or {})
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return trainer_loss(model, self.teacher_model, inputs, return_outputs,
-                                trainer_normalizer(self, num_items_in_batch), **self.distill_kwargs)
+            with trainer_autocast(self):
+                return trainer_loss(model, self.teacher_model, inputs, return_outputs,
+                                    trainer_normalizer(self, num_items_in_batch), **self.distill_kwargs)
 
     return FusedDistillationTrainer
 
@@ -458,6 +463,18 @@ def _restore_forward(module: nn.Module, own) -> None:
         module.__dict__.pop("forward", None)
     else:
         module.forward = own
+
+
+def trainer_autocast(trainer):
+    """The ``transformers.Trainer``'s mixed-precision context (``trainer.accelerator.autocast()``: bf16 / fp16
+    autocast with ``bf16=True`` / ``fp16=True``, nothing otherwise), or a no-op context for an object without an
+    accelerator.
+
+    accelerate applies the Trainer's autocast by wrapping the model's own ``forward``; the fused loss runs the
+    models' bodies and LM heads without that forward (and inside DDP / FSDP the wrapper's forward is replaced for the
+    call), so a ``compute_loss`` override must enter it itself. Without it a ``bf16=True`` run computes in fp32."""
+    accelerator = getattr(trainer, "accelerator", None)
+    return contextlib.nullcontext() if accelerator is None else accelerator.autocast()
 
 
 def trainer_normalizer(trainer, num_items_in_batch: float | Tensor | None) -> float | Tensor | None:

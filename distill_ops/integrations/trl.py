@@ -29,7 +29,7 @@ from typing import Any, Optional
 from torch import Tensor
 
 from ..kl_div import kl_div
-from .hf import trainer_loss, trainer_normalizer
+from .hf import trainer_autocast, trainer_loss, trainer_normalizer
 
 _REDUCTIONS = ("batchmean", "sum", "mean")
 
@@ -113,9 +113,10 @@ def _trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.teacher_model.eval()
-            return trainer_loss(model, self.teacher_model, inputs, return_outputs,
-                                trainer_normalizer(self, num_items_in_batch), divergence="jsd", beta=self.beta,
-                                **self.fused_loss_kwargs)
+            with trainer_autocast(self):
+                return trainer_loss(model, self.teacher_model, inputs, return_outputs,
+                                    trainer_normalizer(self, num_items_in_batch), divergence="jsd", beta=self.beta,
+                                    **self.fused_loss_kwargs)
 
     return FusedGKDTrainer
 
