@@ -76,6 +76,7 @@ from .kl_div import (
     _divergence_elements,
     _divergence_grad,
     _divergence_row_loss,
+    normalized_row_dot,
 )
 
 # PyTorch fallback: fp32 elements of one [token chunk, vocabulary chunk] logits block.
@@ -160,14 +161,17 @@ def fused_linear_stats_torch(
         # Pass 2: the divergence's per-element terms and row statistic, given the log-sum-exps.
         term_sum = torch.zeros(count, 1, dtype=dtype, device=device)
         dot_sum = torch.zeros(count, 1, dtype=dtype, device=device)
+        q_sum = torch.zeros(count, 1, dtype=dtype, device=device)
         for start in range(0, vocab, vocab_step):
             stop = min(start + vocab_step, vocab)
-            chunk_terms, chunk_dots = _terms_chunk(
+            chunk_terms, chunk_dots, chunk_q = _terms_chunk(
                 inputs, student_hidden, teacher_hidden, rows, start, stop, temperature, lse_s, lse_t, divergence, coef
             )
             term_sum += chunk_terms
+            q_sum += chunk_q
             if chunk_dots is not None:
                 dot_sum += chunk_dots
+        dot_sum = normalized_row_dot(dot_sum, q_sum)
         divergence_rows[rows] = _divergence_row_loss(
             term_sum, dot_sum, lse_s[:, None], lse_t[:, None], divergence
         ).squeeze(-1)
@@ -202,10 +206,11 @@ def _terms_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, temp
                  coef):
     z = inputs.student_chunk(student_hidden, start, stop)
     t = inputs.teacher_chunk(teacher_hidden, rows, start, stop)
-    terms, dot_terms, _, _ = _divergence_elements(
+    terms, dot_terms, q, _ = _divergence_elements(
         _scaled(z, temperature), _scaled(t, temperature), lse_s[:, None], lse_t[:, None], divergence, coef
     )
-    return terms.sum(-1, keepdim=True), None if dot_terms is None else dot_terms.sum(-1, keepdim=True)
+    return terms.sum(-1, keepdim=True), None if dot_terms is None else dot_terms.sum(-1, keepdim=True), q.sum(
+        -1, keepdim=True)
 
 
 def _grad_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, labels, row_stats, kl_scale, ce_scale,

@@ -88,9 +88,10 @@ def _divergence_elements(
         gap = q - p
         g = torch.where(torch.isnan(gap), gap, 0.5 * torch.sign(gap))  # sign() maps NaN to 0
     else:
-        # log of the mixture m = c_p p + c_q q, computed in the log domain.
-        c_p = {"jsd": coef, "skew_forward": coef, "skew_reverse": 1.0 - coef}[divergence]
-        log_m = torch.logaddexp(log_p + math.log(c_p), log_q + math.log(1.0 - c_p))
+        # log of the mixture m = c_p p + c_q q, computed in the log domain. Each weight's log is taken from
+        # the coefficient it is made of: 1 - (1 - alpha) is 0 in floating point for alpha < 2^-53.
+        c_p, c_q = (1.0 - coef, coef) if divergence == "skew_reverse" else (coef, 1.0 - coef)
+        log_m = torch.logaddexp(log_p + _log_weight(c_p), log_q + _log_weight(c_q))
         if divergence == "jsd":
             terms = torch.where(p == 0, zero, coef * p * (log_p - log_m))
             terms = terms + torch.where(q == 0, zero, (1.0 - coef) * q * (log_q - log_m))
@@ -104,6 +105,10 @@ def _divergence_elements(
     return terms, torch.where(q == 0, zero, q * g), q, g
 
 
+def _log_weight(weight: float) -> float:
+    return math.log(weight) if weight > 0.0 else -math.inf
+
+
 def _divergence_row_loss(
     term_sum: Tensor, row_dot: Optional[Tensor], lse_student: Tensor, lse_teacher: Tensor, divergence: str
 ) -> Tensor:
@@ -111,6 +116,13 @@ def _divergence_row_loss(
     if divergence == "reverse":
         return row_dot - lse_student + lse_teacher
     return term_sum
+
+
+def normalized_row_dot(dot_sum: Tensor, q_sum: Tensor) -> Tensor:
+    """S = sum_j q_j g_j / sum_j q_j. With q from an fp32 log-sum-exp, sum q misses 1 by ~|lse| eps, and an
+    unnormalised S is off by ~|lse| |S| eps: enough to flip the sign of a dominant token's q (g - S) (reverse KL at
+    logits ~ 20). Dividing by the same sum makes sum_j q_j (g_j - S) vanish, as the kernels do."""
+    return dot_sum / q_sum
 
 
 def _divergence_grad(q: Tensor, g: Tensor, row_dot: Optional[Tensor], divergence: str) -> Tensor:
@@ -131,7 +143,9 @@ def _divergence_rows(
     terms, dot_terms, q, g = _divergence_elements(
         scaled_student, scaled_teacher, lse_student, lse_teacher, divergence, coef
     )
-    row_dot = None if dot_terms is None else dot_terms.sum(-1, keepdim=True)
+    row_dot = None
+    if dot_terms is not None:
+        row_dot = normalized_row_dot(dot_terms.sum(-1, keepdim=True), q.sum(-1, keepdim=True))
     loss = _divergence_row_loss(terms.sum(-1, keepdim=True), row_dot, lse_student, lse_teacher, divergence)
     grad = _divergence_grad(q, g, row_dot, divergence) / temperature if compute_grad else None
     return loss.squeeze(-1), grad
@@ -358,6 +372,7 @@ def _canonical_divergence(divergence: str, beta: float, alpha: float) -> tuple[s
             return ("forward" if divergence == "skew_forward" else "reverse"), 0.0
         return divergence, float(alpha)
     return divergence, 0.0
+
 
 
 def kl_div(

@@ -210,7 +210,9 @@ def _kl_div_fwd_kernel(
                         term, g, q = _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE)
                         grad = tl.where(q == 0.0, 0.0, q * (g - s_dot))
                     grad = grad * (inv_temperature * row_weight)
-                    tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+                    # Through fp32 (a no-op for fp32 math): a mixture coefficient below 2^-126 makes Triton type
+                    # it, and so the math, fp64, whose direct cast to bf16 the CPU interpreter gets wrong.
+                    tl.store(grad_row + cols, grad.to(tl.float32).to(grad_ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(loss_ptr + row, 0.0)
             if COMPUTE_GRAD:
