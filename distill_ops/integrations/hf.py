@@ -467,14 +467,14 @@ def _restore_forward(module: nn.Module, own) -> None:
 
 def trainer_autocast(trainer):
     """The ``transformers.Trainer``'s mixed-precision context (``trainer.accelerator.autocast()``: bf16 / fp16
-    autocast with ``bf16=True`` / ``fp16=True``, nothing otherwise), or a no-op context for an object without an
-    accelerator.
+    autocast with ``bf16=True`` / ``fp16=True``, nothing otherwise), or a no-op context for an object whose
+    accelerator has no ``autocast``.
 
     accelerate applies the Trainer's autocast by wrapping the model's own ``forward``; the fused loss runs the
     models' bodies and LM heads without that forward (and inside DDP / FSDP the wrapper's forward is replaced for the
     call), so a ``compute_loss`` override must enter it itself. Without it a ``bf16=True`` run computes in fp32."""
-    accelerator = getattr(trainer, "accelerator", None)
-    return contextlib.nullcontext() if accelerator is None else accelerator.autocast()
+    autocast = getattr(getattr(trainer, "accelerator", None), "autocast", None)
+    return autocast() if callable(autocast) else contextlib.nullcontext()
 
 
 def trainer_normalizer(trainer, num_items_in_batch: float | Tensor | None) -> float | Tensor | None:
