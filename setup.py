@@ -23,8 +23,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.56,<=5.25.0", "accelerate", "peft<=0.21.2", "matplotlib",
-                "trl<=1.16.0"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.56,<=5.25.0", "accelerate", "matplotlib",
+                "trl<=1.16.0", "peft<=0.21.2"],
         "bench": ["liger-kernel"],
     },
 )

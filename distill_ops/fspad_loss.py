@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._utils import check_choice, check_number, check_tensor, reduce_rows
-from .fused_linear import fused_linear_kl_div
+from .fused_linear import fused_linear_kl_div, scale_linear_inputs
 
 
 def fspad_draft_loss(
@@ -88,12 +88,8 @@ def fspad_draft_loss(
     head_bias = None if lm_head_bias is None else lm_head_bias.detach()
     draft_weight = head_weight.to(draft_predict.dtype)
     draft_bias = None if head_bias is None else head_bias.to(draft_predict.dtype)
-    teacher = target.to(head_weight.dtype)
-    # scale * (h W^T + b) = (scale * h) W^T + scale * b: the scale goes into the hidden states and the bias.
-    if logit_scale != 1.0:
-        draft_predict, teacher = draft_predict * logit_scale, teacher * logit_scale
-        draft_bias = None if draft_bias is None else draft_bias * logit_scale
-        head_bias = None if head_bias is None else head_bias * logit_scale
+    draft_predict, draft_bias = scale_linear_inputs(draft_predict, draft_bias, logit_scale)
+    teacher, head_bias = scale_linear_inputs(target.to(head_weight.dtype), head_bias, logit_scale)
     logit_rows = fused_linear_kl_div(
         draft_predict, draft_weight, teacher, head_weight, student_bias=draft_bias, teacher_bias=head_bias,
         divergence="forward", temperature=temperature, labels=labels, reduction="none",

@@ -209,8 +209,8 @@ def _terms_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, temp
     terms, dot_terms, q, _ = _divergence_elements(
         _scaled(z, temperature), _scaled(t, temperature), lse_s[:, None], lse_t[:, None], divergence, coef
     )
-    return terms.sum(-1, keepdim=True), None if dot_terms is None else dot_terms.sum(-1, keepdim=True), q.sum(
-        -1, keepdim=True)
+    dots = None if dot_terms is None else dot_terms.sum(-1, keepdim=True)
+    return terms.sum(-1, keepdim=True), dots, q.sum(-1, keepdim=True)
 
 
 def _grad_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, labels, row_stats, kl_scale, ce_scale,
@@ -573,6 +573,15 @@ torch.library.register_autograd("distill_ops::fused_linear_kl_div_rows", _backwa
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
+
+
+def scale_linear_inputs(hidden: Tensor, bias: Optional[Tensor], scale: float) -> tuple[Tensor, Optional[Tensor]]:
+    """``(scale * hidden, scale * bias)``: logits ``scale * (h W^T + b)`` (Cohere's ``logit_scale``, Granite's
+    ``1 / logits_scaling``) as the linear map of the scaled inputs, for :func:`fused_linear_kl_div`. Unchanged
+    for ``scale == 1``."""
+    if scale == 1.0:
+        return hidden, bias
+    return hidden * scale, None if bias is None else bias * scale
 
 
 def _check_linear_side(side: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:

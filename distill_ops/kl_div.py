@@ -374,7 +374,6 @@ def _canonical_divergence(divergence: str, beta: float, alpha: float) -> tuple[s
     return divergence, 0.0
 
 
-
 def kl_div(
     student_logits: Tensor,
     teacher_logits: Tensor,

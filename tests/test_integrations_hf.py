@@ -135,7 +135,6 @@ def test_trainer_trains_with_the_fused_loss(tmp_path):
         assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU bf16 autocast: the CUDA run is covered by the fp32 tests")
 def test_trainer_bf16_runs_the_loss_under_the_trainers_autocast(tmp_path):
     """``bf16=True``: accelerate applies the Trainer's autocast by wrapping the model's own forward, which the fused
     loss never calls. The trainer enters it itself: both models' layers run in bf16, and the logged loss is the one
@@ -145,7 +144,7 @@ def test_trainer_bf16_runs_the_loss_under_the_trainers_autocast(tmp_path):
 
     student, teacher = _tiny_models()
     input_ids, attention_mask, labels = _batch()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         expected = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, impl="torch")
     fp32 = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, impl="torch")
     assert abs(float(fp32) - float(expected)) > 1e-4 * float(expected)  # the check can tell them apart
@@ -154,7 +153,8 @@ def test_trainer_bf16_runs_the_loss_under_the_trainers_autocast(tmp_path):
         lambda module, args, output: dtypes.append(output.dtype)) for model in (student, teacher)]
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, learning_rate=0.0, optim="sgd",
-        logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, dataloader_pin_memory=False, bf16=True,
+        logging_steps=1, report_to="none", save_strategy="no", use_cpu=DEVICE.type == "cpu",
+        dataloader_pin_memory=False, bf16=True,
     )
     rows = [{"input_ids": input_ids[i], "attention_mask": attention_mask[i], "labels": labels[i]} for i in range(2)]
     trainer = FusedDistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows,

@@ -22,8 +22,9 @@ Use in a ``transformers.Trainer`` subclass (the teacher frozen, in eval mode, on
                                     trainer_normalizer(self, num_items_in_batch), **self.distill_kwargs)
 
 :func:`trainer_loss` is :func:`causal_lm_distillation_loss` on the collated batch, computed inside the
-wrapper's forward when the Trainer wrapped the model (DDP) or sharded it (FSDP1 / FSDP2), returning ``(loss, {"loss": loss})`` for ``return_outputs``
-(``Trainer.evaluate`` reads logits from the outputs' other entries: a dict, never None).
+wrapper's forward when the Trainer wrapped the model (DDP) or sharded it (FSDP1 / FSDP2), returning
+``(loss, {"loss": loss})`` for ``return_outputs`` (``Trainer.evaluate`` reads logits from the outputs' other
+entries: a dict, never None).
 :func:`trainer_normalizer` makes the mean over gradient-accumulation micro-batches and data-parallel ranks
 exact, as the Trainer's own loss does (the Trainer's count covers every rank; DDP averages the ranks'
 gradients). :func:`trainer_autocast` applies the Trainer's mixed precision (``bf16=True`` / ``fp16=True``), which
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..fused_linear import fused_linear_kl_div
+from ..fused_linear import fused_linear_kl_div, scale_linear_inputs
 
 
 def causal_lm_hidden_states(
@@ -324,14 +325,9 @@ def _distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: Tensor
         # Boolean indexing: one host synchronisation for the count.
         scored = targets != ignore_index
         student_hidden, teacher_hidden, targets = student_hidden[scored], teacher_hidden[scored], targets[scored]
-    # Scaled logits (after the selection: only the kept rows are scaled): scale * (h W^T + b) = (scale * h) W^T
-    # + scale * b.
-    if student_scale != 1.0:
-        student_hidden = student_hidden * student_scale
-        student_bias = None if student_bias is None else student_bias * student_scale
-    if teacher_scale != 1.0:
-        teacher_hidden = teacher_hidden * teacher_scale
-        teacher_bias = None if teacher_bias is None else teacher_bias * teacher_scale
+    # Scaled logits, after the selection: only the kept rows are scaled.
+    student_hidden, student_bias = scale_linear_inputs(student_hidden, student_bias, student_scale)
+    teacher_hidden, teacher_bias = scale_linear_inputs(teacher_hidden, teacher_bias, teacher_scale)
     return fused_linear_kl_div(
         student_hidden,
         student_weight,
@@ -370,14 +366,6 @@ def _trainer_class():
     return FusedDistillationTrainer
 
 
-def _fsdp1_class():
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # a torch built without distributed support
-        return None
-    return FullyShardedDataParallel
-
-
 def _is_fsdp2(model: nn.Module) -> bool:
     """``fully_shard``-ed (FSDP2): the module itself gathers its parameters in forward pre-hooks."""
     try:
@@ -388,8 +376,12 @@ def _is_fsdp2(model: nn.Module) -> bool:
 
 
 def _is_fsdp1(model: nn.Module) -> bool:
-    fsdp = _fsdp1_class()
-    return fsdp is not None and isinstance(model, fsdp)
+    """A ``FullyShardedDataParallel`` (FSDP1) wrapper."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(model, FullyShardedDataParallel)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
