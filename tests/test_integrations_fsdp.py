@@ -5,7 +5,8 @@ Each rank computes ``trainer_loss`` on its sequence, backpropagates and takes an
 the whole-model weights after each step (gathered with ``get_model_state_dict``) must be one process's weights
 after the same steps with the average of the two sequences' gradients, as DDP would give. Before FSDP support the
 loss read the LM head weight outside the sharded forward (a flat shard or a ``DTensor``) and failed or trained on
-the wrong weights."""
+the wrong weights. Under FSDP's bf16 mixed-precision policy each rank's loss and gradient shards are compared with
+those of the loss computed from the sharded models' own (bf16) logits."""
 
 import datetime
 import functools
@@ -18,7 +19,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch built without distributed support", allow_module_level=True)
 
-from tests.conftest import assert_close  # noqa: E402
+from tests.conftest import TOLERANCES, assert_close  # noqa: E402
 from tests.test_integrations_hf import _batch, _tiny_models  # noqa: E402
 
 STEPS = 2
@@ -39,20 +40,25 @@ def _layer_classes(model):
     return {type(layer) for layer in model.get_decoder().layers}
 
 
-def _shard(model, how: str):
-    """``model`` sharded over the process group: each decoder layer its own unit, the rest in the root."""
+def _shard(model, how: str, bf16: bool = False):
+    """``model`` sharded over the process group: each decoder layer its own unit, the rest in the root.
+    ``bf16``: the usual mixed-precision policy (bf16 parameters in forward and backward, fp32 gradient reduction and
+    fp32 sharded master weights)."""
     if how == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        kwargs = {"mp_policy": policy} if bf16 else {}
         for layer in model.get_decoder().layers:
-            fully_shard(layer)
-        return fully_shard(model)
-    from torch.distributed.fsdp import FullyShardedDataParallel
+            fully_shard(layer, **kwargs)
+        return fully_shard(model, **kwargs)
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=_layer_classes(model))
+    precision = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     return FullyShardedDataParallel(model, auto_wrap_policy=policy, device_id=torch.device("cpu"),
-                                    use_orig_params=how == "fsdp1")
+                                    use_orig_params=how == "fsdp1", mixed_precision=precision)
 
 
 def _full_weights(model) -> dict:
@@ -133,6 +139,78 @@ def test_sharded_student_trains_like_one_process_with_the_averaged_gradient(tmp_
                 assert_close(weights[name], p, torch.float32, msg=f"step {step} rank {rank} {name}")
     if teacher_how == "fsdp2":
         assert all(record["teacher_head_is_shard"] for record in records)
+
+
+def _local_grads(model) -> dict:
+    """This rank's shard of each gradient (a ``DTensor``'s local part under FSDP2), in fp32."""
+    return {name: (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).detach().float().clone()
+            for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _mixed_precision_rank(rank: int, world: int, rendezvous: str, out_dir: str, how: str,
+                          shard_teacher: bool) -> None:
+    from distill_ops import kl_div
+    from distill_ops.integrations.hf import trainer_loss
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        student, teacher = _models(tied=False)
+        input_ids, attention_mask, labels = (t.cpu()[rank:rank + 1] for t in _batch())
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        student = _shard(student, how, bf16=True)
+        if shard_teacher:
+            teacher = _shard(teacher.requires_grad_(False), how, bf16=True)
+        record = {}
+        loss = trainer_loss(student, teacher, inputs, **LOSS_KWARGS)
+        loss.backward()
+        record["fused"] = (loss.detach(), _local_grads(student))
+        student.zero_grad(set_to_none=True)
+
+        # The same loss from the logits the sharded student itself returns (bf16 under the policy), upcast to fp32
+        # as Hugging Face's own loss does.
+        logits = student(input_ids=input_ids, attention_mask=attention_mask).logits
+        record["logits_dtype"] = logits.dtype
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+        student_logits, targets = logits[:, :-1].float(), labels[:, 1:]
+        kwargs = {key: value for key, value in LOSS_KWARGS.items() if key not in ("num_items_in_batch", "ce_weight")}
+        divergence = kl_div(student_logits, teacher_logits[:, :-1], labels=targets, reduction="sum", **kwargs)
+        ce = torch.nn.functional.cross_entropy(student_logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        expected = (divergence + LOSS_KWARGS["ce_weight"] * ce) / LOSS_KWARGS["num_items_in_batch"]
+        expected.backward()
+        record["logits"] = (expected.detach(), _local_grads(student))
+        torch.save(record, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("how, shard_teacher", [("fsdp1", False), ("fsdp1-flat", True), ("fsdp2", True)])
+def test_bf16_mixed_precision_student_matches_the_loss_from_its_own_logits(tmp_path, how, shard_teacher):
+    """FSDP's usual bf16 mixed-precision policy (on the student, and on a sharded teacher): the fused loss sees the
+    bf16 hidden states and LM heads FSDP gathers for the forward, and gives the loss and (reduced, fp32) gradient
+    shards that the loss computed from the models' own bf16 logits gives, to bf16 tolerance."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_mixed_precision_rank, nprocs=2, start_method="spawn",
+                       args=(2, str(tmp_path / "rendezvous"), str(tmp_path), how, shard_teacher))
+    for rank in range(2):
+        record = torch.load(tmp_path / f"rank{rank}.pt")
+        assert record["logits_dtype"] == torch.bfloat16  # the policy is in force
+        (loss, grads), (expected, expected_grads) = record["fused"], record["logits"]
+        assert_close(loss, expected, torch.bfloat16, msg=f"rank {rank} loss")
+        assert set(grads) == set(expected_grads) and grads
+        assert sum(grad.abs().sum() for grad in expected_grads.values()) > 0
+        for name, grad in grads.items():
+            expected_grad = expected_grads[name]
+            assert_close(grad, expected_grad, torch.bfloat16, msg=f"rank {rank} {name}")
+            # The gradients are ~0.1 here, so the absolute tolerance alone says little: the error relative to the
+            # whole tensor must be within the bf16 relative tolerance too (measured: about 1 %, both paths being
+            # bf16 backward passes that round differently).
+            relative = (grad - expected_grad).norm() / expected_grad.norm()
+            assert relative <= TOLERANCES[torch.bfloat16]["rtol"], (rank, name, relative.item())
 
 
 def test_deepspeed_zero3_partitioned_head_is_refused():
