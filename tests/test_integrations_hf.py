@@ -719,3 +719,54 @@ def test_packed_sequences_equal_each_sequence_alone(impl):
     unpacked = {key: value for key, value in packed.items() if key != "position_ids"}
     assert abs(float(trainer_loss(student, teacher, unpacked, impl="torch")) - float(
         trainer_loss(student, teacher, packed, impl="torch"))) > 1e-3
+
+
+def _counting(forward, calls: list):
+    def counted(hidden_states, *args, **kwargs):
+        calls.append(hidden_states.shape[:2])
+        return forward(hidden_states, *args, **kwargs)
+
+    return counted
+
+
+@pytest.mark.parametrize("peft_case", [None, "lora-body"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_student_equals_the_same_student_without(reentrant, peft_case):
+    """Activation checkpointing on the student (``activation_checkpointing_enable``, formerly
+    ``gradient_checkpointing_enable``; reentrant or not; with a LoRA student the usual recipe adds
+    ``enable_input_require_grads`` for the reentrant form): the fused loss runs the checkpointed body, whose layers
+    run again in backward, and gives the loss and trainable gradients of the same student without checkpointing."""
+    input_ids, attention_mask, labels = _batch()
+
+    def loss_and_grads(checkpointing: bool):
+        model, teacher = _peft_student(peft_case) if peft_case else _tiny_models()
+        model.train()
+        if checkpointing:
+            # transformers 5 renamed it (the old name warns); older versions have only the old one.
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            if peft_case and reentrant:
+                model.enable_input_require_grads()
+        calls = []
+        layers = model.get_base_model().get_decoder().layers if peft_case else model.get_decoder().layers
+        # MLP runs on the batch (the one-time logit-scale probe of a new model runs the layers on a 2-token input).
+        # Counted in ``forward`` itself: forward hooks do not fire when non-reentrant checkpointing recomputes.
+        for layer in layers:
+            layer.mlp.forward = _counting(layer.mlp.forward, calls)
+        torch.manual_seed(11)  # LoRA dropout in the body: the same draw both ways (checkpointing replays it)
+        loss = causal_lm_distillation_loss(model, teacher, input_ids, labels, attention_mask, ce_weight=0.5,
+                                           impl="torch")
+        loss.backward()  # reentrant checkpointing does not support autograd.grad
+        grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        return loss, grads, calls.count(input_ids.shape) // len(layers)
+
+    loss, grads, runs = loss_and_grads(checkpointing=True)
+    expected, expected_grads, expected_runs = loss_and_grads(checkpointing=False)
+    assert (runs, expected_runs) == (2, 1)  # checkpointed layers are recomputed in backward
+    assert_close(loss, expected, torch.float32, "loss")
+    assert set(grads) == set(expected_grads)
+    for name, grad in grads.items():
+        assert expected_grads[name].abs().max() > 0, name
+        assert_close(grad, expected_grads[name], torch.float32, name)
