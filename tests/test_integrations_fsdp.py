@@ -5,7 +5,8 @@ Each rank computes ``trainer_loss`` on its sequence, backpropagates and takes an
 the whole-model weights after each step (gathered with ``get_model_state_dict``) must be one process's weights
 after the same steps with the average of the two sequences' gradients, as DDP would give. Before FSDP support the
 loss read the LM head weight outside the sharded forward (a flat shard or a ``DTensor``) and failed or trained on
-the wrong weights. Under FSDP's bf16 mixed-precision policy each rank's loss and gradient shards are compared with
+the wrong weights. The same holds when the sharded model is then ``torch.compile``-d (accelerate's order). Under
+FSDP's bf16 mixed-precision policy each rank's loss and gradient shards are compared with
 those of the loss computed from the sharded models' own (bf16) logits."""
 
 import datetime
@@ -43,7 +44,10 @@ def _layer_classes(model):
 def _shard(model, how: str, bf16: bool = False):
     """``model`` sharded over the process group: each decoder layer its own unit, the rest in the root.
     ``bf16``: the usual mixed-precision policy (bf16 parameters in forward and backward, fp32 gradient reduction and
-    fp32 sharded master weights)."""
+    fp32 sharded master weights). ``how`` ending in ``+compile``: then ``torch.compile``-d, as accelerate does last
+    for ``TrainingArguments(torch_compile=True)``."""
+    if how.endswith("+compile"):
+        return torch.compile(_shard(model, how.removesuffix("+compile"), bf16), backend="eager")
     if how == "fsdp2":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -102,7 +106,8 @@ def _fsdp_rank(rank: int, world: int, rendezvous: str, out_dir: str, student_how
 @pytest.mark.parametrize(
     "student_how, teacher_how, tied",
     [("fsdp1", None, False), ("fsdp1-flat", "fsdp1-flat", False), ("fsdp2", "fsdp2", False), ("fsdp2", None, False),
-     ("fsdp1", None, True), ("fsdp2", "fsdp2", True)],
+     ("fsdp1", None, True), ("fsdp2", "fsdp2", True), ("fsdp1+compile", None, False),
+     ("fsdp2+compile", "fsdp2+compile", False)],
 )
 def test_sharded_student_trains_like_one_process_with_the_averaged_gradient(tmp_path, student_how, teacher_how,
                                                                             tied):

@@ -392,8 +392,89 @@ def test_trainer_loss_unwraps_data_parallel_without_running_its_forward():
     assert calls == []
 
 
-def _ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
-    """One rank of ``test_ddp_averages_the_fused_loss_gradients_across_ranks``: row ``rank`` of the batch."""
+class _GraphRecorder:
+    """A ``torch.compile`` backend that records the FX graphs dynamo hands it and runs them as they are."""
+
+    def __init__(self):
+        self.graphs, self.shapes = [], set()
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs.append(graph_module)
+        self.shapes |= {tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)}
+        return graph_module.forward
+
+    def targets(self) -> str:
+        return " ".join(str(node.target) for graph in self.graphs for node in graph.graph.nodes)
+
+    def output_shapes(self) -> list:
+        """Shapes of every tensor the graphs return (logits would end with the vocabulary)."""
+        outputs = [node.args[0] for graph in self.graphs for node in graph.graph.nodes if node.op == "output"]
+        values = [getattr(arg, "meta", {}).get("example_value") for args in outputs
+                  for arg in (args if isinstance(args, (tuple, list)) else (args,))]
+        return [tuple(value.shape) for value in values if isinstance(value, torch.Tensor)]
+
+
+@pytest.mark.parametrize("where", ["student", "student-and-teacher", "inside-ddp", "regional"])
+def test_compiled_models_run_their_bodies_compiled(tmp_path, where):
+    """A ``torch.compile``-d student (and teacher; or a compiled student inside a DDP wrapper; or accelerate's
+    regional compilation, which compiles each decoder layer and the LM head apart): the fused loss runs each body
+    through the compile wrapper's own backend (here one that records the graphs), never the LM head, and gives the
+    loss and gradients of the eager models. Before this the bodies ran eagerly (and a regionally compiled head
+    was refused as not an ``nn.Linear``)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from distill_ops.integrations.hf import trainer_loss, unwrap_model
+
+    torch._dynamo.reset()
+    student, teacher = (model.cpu() for model in _tiny_models())
+    inputs = dict(zip(("input_ids", "attention_mask", "labels"), (tensor.cpu() for tensor in _batch())))
+    kwargs = dict(divergence="jsd", ce_weight=0.5, impl="torch")
+    student_backend, teacher_backend = _GraphRecorder(), _GraphRecorder()
+    if where == "regional":
+        from accelerate.utils import compile_regions
+
+        compiled = compile_regions(student, backend=student_backend)  # a copy sharing the parameters
+    else:
+        compiled = torch.compile(student, backend=student_backend)
+    compiled_teacher = torch.compile(teacher, backend=teacher_backend) if where == "student-and-teacher" else teacher
+    if where == "inside-ddp":
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+        compiled = DistributedDataParallel(compiled)
+    runs = []
+    try:
+        assert (unwrap_model(compiled) is student) != (where == "regional")
+        for _ in range(2):  # the second call reuses the compiled bodies
+            student.zero_grad(set_to_none=True)
+            loss = trainer_loss(compiled, compiled_teacher, inputs, **kwargs)
+            loss.backward()
+            runs.append((loss.detach(), {name: p.grad.clone() for name, p in student.named_parameters()},
+                         len(student_backend.graphs), len(teacher_backend.graphs)))
+    finally:
+        if where == "inside-ddp":
+            dist.destroy_process_group()
+    student.zero_grad(set_to_none=True)
+    expected = trainer_loss(student, teacher, inputs, **kwargs)
+    expected.backward()
+    for loss, grads, student_graphs, teacher_graphs in runs:
+        assert_close(loss, expected, torch.float32)
+        for name, p in student.named_parameters():
+            assert_close(grads[name], p.grad, torch.float32, msg=name)
+        assert student_graphs >= 1 and (teacher_graphs >= 1) == (where == "student-and-teacher")
+    assert runs[0][2:] == runs[1][2:]  # nothing recompiled
+    # The bodies' graphs only: no logits (a regionally compiled head is compiled apart and never called).
+    shapes = student_backend.output_shapes() + teacher_backend.output_shapes()
+    assert shapes and not [shape for shape in shapes if shape[-1] == VOCAB]
+    assert "embedding" in student_backend.targets() and "rsqrt" in student_backend.targets()
+    # The one-time logit-scale probe (a [1, 2] input, in the first call) runs eagerly: no graph for it.
+    assert (2, 11) in student_backend.shapes and (1, 2) not in student_backend.shapes | teacher_backend.shapes
+    torch._dynamo.reset()
+
+
+def _ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str, compiled: bool = False) -> None:
+    """One rank of ``test_ddp_averages_the_fused_loss_gradients_across_ranks``: row ``rank`` of the batch;
+    ``compiled``: ``torch.compile(DistributedDataParallel(student))``, what accelerate builds for
+    ``TrainingArguments(torch_compile=True)`` (the compile wrapper goes on last)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -406,21 +487,24 @@ def _ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
         batch = [tensor.cpu()[rank:rank + 1] for tensor in _batch()]
         inputs = dict(zip(("input_ids", "attention_mask", "labels"), batch))
         wrapped = DistributedDataParallel(student)
+        if compiled:
+            wrapped = torch.compile(wrapped, backend="eager")
         trainer_loss(wrapped, teacher, inputs, num_items_in_batch=15.0, divergence="reverse", impl="torch").backward()
         torch.save({name: p.grad for name, p in student.named_parameters()}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_averages_the_fused_loss_gradients_across_ranks(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_ddp_averages_the_fused_loss_gradients_across_ranks(tmp_path, compiled):
     """Two gloo ranks on the CPU, one sequence each: after backward through the DDP-wrapped student, both ranks
     hold the average of the two sequences' gradients (DDP's reduction ran for a loss computed by the fused path
-    inside its forward)."""
+    inside its forward), also when the DDP wrapper is itself ``torch.compile``-d."""
     import torch.multiprocessing as mp
 
     from distill_ops.integrations.hf import trainer_loss
 
-    mp.start_processes(_ddp_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2,
+    mp.start_processes(_ddp_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), compiled), nprocs=2,
                        start_method="spawn")
     student, teacher = (model.cpu() for model in _tiny_models())
     batch = [tensor.cpu() for tensor in _batch()]

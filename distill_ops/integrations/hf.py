@@ -52,15 +52,18 @@ def causal_lm_hidden_states(
     """``(last hidden state [B, L, H], lm_head weight [V, H], lm_head bias [V] or None)`` of a causal LM.
 
     Runs ``model.get_decoder()`` (the transformer body, final norm included) instead of the full model,
-    so no logits are computed. A model that soft-caps its logits (Gemma-2) applies the cap after this
-    linear map: see :func:`logit_softcap`.
+    so no logits are computed; compiled as the model was when :func:`causal_lm_distillation_loss` was given a
+    ``torch.compile``-d model (see ``_strip_compile``). A model that soft-caps its logits (Gemma-2) applies the
+    cap after this linear map: see :func:`logit_softcap`.
     """
     head = model.get_output_embeddings()
     try:
         weight, bias = linear_head(head)
     except TypeError as error:
         raise TypeError(f"{type(model).__name__}'s output embedding: {error}") from None
-    outputs = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+    body = _COMPILED_BODIES.get(model, (None, None))[1]
+    body = model.get_decoder() if body is None else body
+    outputs = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     return hidden, weight, bias
 
@@ -73,7 +76,7 @@ def linear_head(head: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
     """``(weight [V, H], bias [V] or None)`` of an output embedding that maps hidden states linearly, as its
     forward computes them (gradients flow to the trainable tensors they are built from):
 
-    - ``nn.Linear``;
+    - ``nn.Linear`` (or a ``torch.compile`` wrapper of one or of what follows);
     - PEFT's ``ModulesToSaveWrapper`` (``modules_to_save=["lm_head"]``): the active adapter's trainable copy, or
       the original head when adapters are disabled;
     - PEFT's LoRA layer on the head (``target_modules`` including ``lm_head``): ``W + scaling * B @ A`` summed
@@ -84,6 +87,8 @@ def linear_head(head: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
     """
     if isinstance(head, nn.Linear):
         return head.weight, head.bias
+    if _is_compiled(head):  # a compiled head (accelerate's regional compilation compiles it apart)
+        return linear_head(head._orig_mod)
     if isinstance(getattr(head, "original_module", None), nn.Module) and isinstance(
         getattr(head, "modules_to_save", None), nn.ModuleDict
     ):
@@ -171,7 +176,8 @@ def logit_scale(model: nn.Module) -> float:
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        # Eager: compiled bodies or layers (regional compilation) would compile once more for this 2-token input.
+        with torch.no_grad(), _force_eager():
             # Inside run_inside_forward an FSDP2 root's parameters are gathered: its hooks must not run again.
             call = model.forward if model in _INSIDE_FORWARD else model
             own = call(input_ids=ids, use_cache=False).logits.float()
@@ -249,7 +255,9 @@ def causal_lm_distillation_loss(
             (:func:`run_inside_forward`: DDP prepares its gradient reduction, FSDP gathers the root's
             parameters and hooks their backward); a sharded teacher's LM head is copied there (one ``[V, H]``
             copy per call). ``DataParallel`` is only unwrapped. DeepSpeed ZeRO-3 (a partitioned LM head) is
-            refused with ``NotImplementedError``.
+            refused with ``NotImplementedError``. A ``torch.compile``-d model (or wrapper, as accelerate builds
+            for ``TrainingArguments(torch_compile=True)``) runs its body (never its LM head) compiled with
+            the same settings; sharded models run theirs eagerly.
         input_ids: ``[B, L]`` tokens; ``teacher_input_ids`` if the teacher tokenizes identically but
             needs its own ids (same shape), otherwise the same ids feed both.
         labels: ``[B, L]`` as for ``transformers`` causal-LM training (``ignore_index`` where no loss);
@@ -281,6 +289,7 @@ def causal_lm_distillation_loss(
                    kl_weight=kl_weight, ce_weight=ce_weight, reduction=reduction, normalizer=normalizer,
                    vocab_size=vocab_size, impl=impl)
     teacher_ids = input_ids if teacher_input_ids is None else teacher_input_ids
+    student, teacher = _strip_compile(student), _strip_compile(teacher)
     return run_inside_forward(student, _distillation_loss, unwrap_model(student), teacher, input_ids, labels,
                               attention_mask, teacher_ids, skip_ignored, dict(model_kwargs or {}), options)
 
@@ -386,11 +395,59 @@ def _is_fsdp1(model: nn.Module) -> bool:
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The causal LM inside ``DistributedDataParallel`` / ``DataParallel`` / ``FullyShardedDataParallel``
-    wrappers (their ``.module``), or the model itself (an FSDP2 ``fully_shard``-ed model is not wrapped)."""
-    while _is_fsdp1(model) or (
-        not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), nn.Module)
-    ):
-        model = model.module
+    wrappers (their ``.module``) and ``torch.compile`` wrappers (their ``_orig_mod``), or the model itself (an
+    FSDP2 ``fully_shard``-ed model is not wrapped)."""
+    while True:
+        if _is_compiled(model):
+            model = model._orig_mod
+        elif _is_fsdp1(model) or (
+            not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), nn.Module)
+        ):
+            model = model.module
+        else:
+            return model
+
+
+def _force_eager():
+    """Compiled modules run their original code inside (``torch.compiler.set_stance``, torch >= 2.6)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """A ``torch.compile`` wrapper of a module (``OptimizedModule``: it forwards attribute reads to
+    ``_orig_mod``, so it passes for the module it wraps everywhere except its forward)."""
+    return isinstance(getattr(model, "_orig_mod", None), nn.Module) and hasattr(model, "dynamo_ctx")
+
+
+# model -> (the compile context it was seen with, its body compiled with that context)
+_COMPILED_BODIES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _strip_compile(model: nn.Module) -> nn.Module:
+    """``model`` without its outer ``torch.compile`` wrappers; when a compile wrapper was found (outside or
+    inside a DDP wrapper), the causal LM's body (``get_decoder()``) is compiled with that wrapper's settings
+    (backend, mode, options), once per model and settings, and :func:`causal_lm_hidden_states` runs it.
+
+    The fused loss never calls the model's own forward (it computes logits), so without this a compiled
+    student's body ran eagerly; and a compiled DDP wrapper was not recognised as DDP, so the loss ran outside
+    DDP's forward and the ranks' gradients were never averaged. Sharded (FSDP) models are unwrapped but their
+    body runs eagerly (compiling around FSDP's hooks is not attempted). Regional compilation (accelerate's
+    ``compile_regions``: each decoder layer and the LM head compiled apart) leaves no outer wrapper and needs
+    nothing here: the body calls the compiled layers, and :func:`linear_head` reads through the compiled head."""
+    context, inner = None, model
+    while True:
+        if _is_compiled(inner):
+            context, inner = context or inner.dynamo_ctx, inner._orig_mod
+        elif isinstance(getattr(inner, "module", None), nn.Module) and not hasattr(inner, "get_output_embeddings"):
+            inner = inner.module
+        else:
+            break
+    while _is_compiled(model):
+        model = model._orig_mod
+    module = unwrap_model(model)
+    if context is not None and not is_sharded(model) and _COMPILED_BODIES.get(module, (None,))[0] is not context:
+        _COMPILED_BODIES[module] = (context, context(module.get_decoder()))
     return model
 
 
@@ -428,10 +485,13 @@ def run_inside_forward(wrapper: nn.Module, fn, *args: Any, **kwargs: Any):
     model and run ``fn`` once per device) ``fn`` is called directly."""
     from torch.nn.parallel import DistributedDataParallel
 
-    module = unwrap_model(wrapper)
+    while _is_compiled(wrapper):  # the compiled forward would trace fn: call what it wraps
+        wrapper = wrapper._orig_mod
     if _is_fsdp2(wrapper):
         module = wrapper
-    elif module is wrapper or not (isinstance(wrapper, DistributedDataParallel) or _is_fsdp1(wrapper)):
+    elif isinstance(wrapper, DistributedDataParallel) or _is_fsdp1(wrapper):
+        module = wrapper.module  # what the wrapper's forward calls (a compile wrapper included: fn runs as is)
+    else:
         return fn(*args, **kwargs)
     own = module.__dict__.get("forward")
 
