@@ -471,6 +471,32 @@ def test_compiled_models_run_their_bodies_compiled(tmp_path, where):
     torch._dynamo.reset()
 
 
+def test_trainer_torch_compile_runs_the_compiled_body(tmp_path):
+    """``TrainingArguments(torch_compile=True)``: accelerate compiles the student; the fused Trainer's loss runs the
+    student's body compiled with that backend and logs the eager models' loss."""
+    from distill_ops.integrations import hf as hf_integration
+
+    torch._dynamo.reset()
+    student, teacher = (model.cpu() for model in _tiny_models())
+    input_ids, attention_mask, labels = (tensor.cpu() for tensor in _batch())
+    expected = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, impl="torch")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, learning_rate=0.05, optim="sgd",
+        logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, dataloader_pin_memory=False,
+        torch_compile=True, torch_compile_backend="eager",
+    )
+    rows = [{"input_ids": input_ids[i], "attention_mask": attention_mask[i], "labels": labels[i]} for i in range(2)]
+    trainer = hf_integration.FusedDistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                                      train_dataset=rows, distill_kwargs={"impl": "torch"})
+    trainer.train()
+    assert hf_integration._is_compiled(trainer.model_wrapped)
+    context, body = hf_integration._COMPILED_BODIES[student]
+    assert context is trainer.model_wrapped.dynamo_ctx and body._orig_mod is student.get_decoder()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == [pytest.approx(float(expected), rel=1e-5)]
+    torch._dynamo.reset()
+
+
 def _ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str, compiled: bool = False) -> None:
     """One rank of ``test_ddp_averages_the_fused_loss_gradients_across_ranks``: row ``rank`` of the batch;
     ``compiled``: ``torch.compile(DistributedDataParallel(student))``, what accelerate builds for
