@@ -880,3 +880,79 @@ def test_gradient_checkpointing_student_equals_the_same_student_without(reentran
     for name, grad in grads.items():
         assert expected_grads[name].abs().max() > 0, name
         assert_close(grad, expected_grads[name], torch.float32, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# MoE students: the router load-balancing loss their own forward adds
+# ----------------------------------------------------------------------------------------------
+
+
+def _moe_student(kind: str, output_router_logits: bool = True):
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, num_experts_per_tok=2, output_router_logits=output_router_logits,
+                  router_aux_loss_coef=0.5, initializer_range=0.2, max_position_embeddings=64)
+    torch.manual_seed(3)
+    if kind == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(num_local_experts=4, **common))
+    else:
+        model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=24, **common))
+    return model.float().to(DEVICE)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_moe_student_adds_its_router_load_balancing_loss(impl, kind):
+    """An MoE student with ``output_router_logits=True`` (Mixtral, Qwen2-MoE): its own forward adds
+    ``router_aux_loss_coef`` times the load-balancing loss to its loss; the fused loss adds the same term, so KL + CE
+    equals the KL of its own logits plus its own loss, gradients included (the routers' among them). Before this the
+    term was dropped: the routers trained without load balancing. ``router_aux_loss=False`` leaves it out."""
+    student = _moe_student(kind)
+    _, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    params = dict(student.named_parameters())
+    loss = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, ce_weight=1.0, impl=impl)
+    grads = torch.autograd.grad(loss, list(params.values()))
+
+    out = student(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+    expected = kl_div(out.logits[:, :-1], teacher_logits[:, :-1], labels=labels[:, 1:], impl="torch") + out.loss
+    expected_grads = torch.autograd.grad(expected, list(params.values()))
+    assert out.aux_loss > 0.1  # the term is not negligible here
+    assert_close(loss, expected, torch.float32, "loss")
+    for name, got, want in zip(params, grads, expected_grads):
+        assert_close(got, want, torch.float32, name)
+
+    without = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, ce_weight=1.0,
+                                          impl=impl, router_aux_loss=False)
+    assert_close(without, expected - 0.5 * out.aux_loss, torch.float32, "without the term")
+    router_grads = [grad for name, grad in zip(params, grads) if name.endswith("mlp.gate.weight")]
+    router_grads_without = [grad for name, grad in zip(params, torch.autograd.grad(without, list(params.values())))
+                            if name.endswith("mlp.gate.weight")]
+    assert router_grads and not any(torch.allclose(a, b) for a, b in zip(router_grads, router_grads_without))
+
+
+def test_router_aux_loss_follows_the_config_and_refuses_what_it_cannot_reproduce():
+    """The term follows ``output_router_logits`` unless ``router_aux_loss`` says otherwise; asking for it on a dense
+    model, or with ``reduction="none"``, is a ``ValueError``; a model flagged for a load-balancing loss of another
+    form is refused (``NotImplementedError``) rather than trained without it."""
+    from distill_ops.integrations.hf import router_aux_loss_function
+
+    student, teacher = _moe_student("mixtral", output_router_logits=False), _tiny_models()[1]
+    input_ids, attention_mask, labels = _batch()
+    args = (student, teacher, input_ids, labels, attention_mask)
+    plain = causal_lm_distillation_loss(*args, impl="torch")
+    forced = causal_lm_distillation_loss(*args, impl="torch", router_aux_loss=True)
+    aux = student(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True).aux_loss
+    assert_close(forced - plain, 0.5 * aux, torch.float32)
+    assert router_aux_loss_function(student) is None and router_aux_loss_function(student, True) is not None
+    with pytest.raises(ValueError, match="reduction='none'"):
+        causal_lm_distillation_loss(*args, impl="torch", router_aux_loss=True, reduction="none")
+    dense, _ = _tiny_models()
+    with pytest.raises(ValueError, match="LlamaForCausalLM is not a transformers MoE"):
+        causal_lm_distillation_loss(dense, teacher, input_ids, labels, attention_mask, router_aux_loss=True)
+    dense.config.output_router_logits = True  # flagged, but no load-balancing function of the known form
+    with pytest.raises(NotImplementedError, match="router_aux_loss=False"):
+        causal_lm_distillation_loss(dense, teacher, input_ids, labels, attention_mask, impl="torch")
+    causal_lm_distillation_loss(dense, teacher, input_ids, labels, attention_mask, impl="torch", router_aux_loss=False)

@@ -56,6 +56,13 @@ def causal_lm_hidden_states(
     ``torch.compile``-d model (see ``_strip_compile``). A model that soft-caps its logits (Gemma-2) applies the
     cap after this linear map: see :func:`logit_softcap`.
     """
+    outputs, weight, bias = _body_outputs(model, input_ids, attention_mask, **model_kwargs)
+    return _last_hidden_state(outputs), weight, bias
+
+
+def _body_outputs(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor], **model_kwargs: Any):
+    """``(the body's outputs, lm_head weight, lm_head bias)``: :func:`causal_lm_hidden_states` with every output of
+    the body (an MoE body's ``router_logits`` with ``output_router_logits=True``)."""
     head = model.get_output_embeddings()
     try:
         weight, bias = linear_head(head)
@@ -64,8 +71,52 @@ def causal_lm_hidden_states(
     body = _COMPILED_BODIES.get(model, (None, None))[1]
     body = model.get_decoder() if body is None else body
     outputs = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
-    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-    return hidden, weight, bias
+    return outputs, weight, bias
+
+
+def _last_hidden_state(outputs) -> Tensor:
+    return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+
+
+# The signature of transformers' Switch-style MoE load-balancing loss (Mixtral, Qwen2/3-MoE, OLMoE, gpt-oss, ...).
+_AUX_LOSS_PARAMETERS = ("gate_logits", "num_experts", "top_k", "attention_mask")
+_AUX_LOSS_ATTRIBUTES = ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")
+
+
+def router_aux_loss_function(model: nn.Module, requested: Optional[bool] = None):
+    """The MoE load-balancing term the model's own forward adds to its loss, as a function
+    ``(router_logits, attention_mask) -> router_aux_loss_coef * load_balancing_loss``, or None when none applies.
+
+    ``requested=None`` follows the model's config: the term applies when ``output_router_logits`` is set, as in the
+    model's own forward (``MixtralForCausalLM`` and the other ``transformers`` MoE causal LMs add
+    ``router_aux_loss_coef`` times their module's ``load_balancing_loss_func`` to the loss when labels are given).
+    ``True`` asks for it whatever the config says (``ValueError`` for a model without one), ``False`` never adds it.
+    A model whose term has another form gets a ``NotImplementedError`` naming what is missing, rather than a loss
+    without its load balancing."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # PEFT
+    if requested is False or (requested is None and not getattr(_text_config(base), "output_router_logits", False)):
+        return None
+    import inspect
+    import sys
+
+    function = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
+    missing = [name for name in _AUX_LOSS_ATTRIBUTES if not hasattr(base, name)]
+    if function is None and requested:
+        raise ValueError(f"router_aux_loss=True, but {type(base).__name__} is not a transformers MoE causal LM "
+                         f"(its module has no load_balancing_loss_func)")
+    if function is None or missing or tuple(inspect.signature(function).parameters)[:4] != _AUX_LOSS_PARAMETERS:
+        raise NotImplementedError(
+            f"{type(base).__name__} adds a router load-balancing loss (output_router_logits=True) of a form the fused "
+            f"loss does not reproduce (needs load_balancing_loss_func{_AUX_LOSS_PARAMETERS} and the attributes "
+            f"{_AUX_LOSS_ATTRIBUTES}; missing: {missing or 'the function or its signature'}); pass "
+            f"router_aux_loss=False to train without it"
+        )
+
+    def aux_loss(router_logits, attention_mask: Optional[Tensor]) -> Tensor:
+        return base.router_aux_loss_coef * function(router_logits, base.num_experts, base.num_experts_per_tok,
+                                                    attention_mask)
+
+    return aux_loss
 
 
 def _peft_active_adapters(wrapper: nn.Module) -> list:
@@ -245,6 +296,7 @@ def causal_lm_distillation_loss(
     impl: str = "auto",
     skip_ignored: bool = True,
     model_kwargs: Optional[dict] = None,
+    router_aux_loss: Optional[bool] = None,
 ) -> Tensor:
     """Distillation loss between two ``transformers`` causal LMs, from hidden states (no logits).
 
@@ -274,6 +326,11 @@ def causal_lm_distillation_loss(
             loss (the others contribute nothing either way; with prompts masked this is often half the work).
             It costs one host synchronisation (the count of scored positions). Ignored with
             ``reduction="none"``, which returns ``[B, L-1]``.
+        router_aux_loss: an MoE student's load-balancing loss (``router_aux_loss_coef`` times its
+            ``load_balancing_loss_func`` over the router logits, with ``attention_mask``) is added to the loss as the
+            student's own forward adds it to its loss: by default when its config sets ``output_router_logits``
+            (see :func:`router_aux_loss_function`); ``True`` / ``False`` force it on / off. Not added with
+            ``reduction="none"`` (a per-batch term; ``True`` then raises ``ValueError``).
 
     Models that soft-cap their logits (``config.final_logit_softcapping``, Gemma-2) are scored on the
     capped logits, as their own forward computes them (``student_softcap`` / ``teacher_softcap`` of
@@ -290,8 +347,11 @@ def causal_lm_distillation_loss(
                    vocab_size=vocab_size, impl=impl)
     teacher_ids = input_ids if teacher_input_ids is None else teacher_input_ids
     student, teacher = _strip_compile(student), _strip_compile(teacher)
+    if router_aux_loss and reduction == "none":
+        raise ValueError("router_aux_loss=True needs a scalar reduction ('mean' or 'sum'), got reduction='none'")
+    aux_loss = None if reduction == "none" else router_aux_loss_function(unwrap_model(student), router_aux_loss)
     return run_inside_forward(student, _distillation_loss, unwrap_model(student), teacher, input_ids, labels,
-                              attention_mask, teacher_ids, skip_ignored, dict(model_kwargs or {}), options)
+                              attention_mask, teacher_ids, skip_ignored, dict(model_kwargs or {}), options, aux_loss)
 
 
 def _frozen_head_inputs(teacher: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor], model_kwargs: dict):
@@ -318,11 +378,13 @@ def _frozen_head_inputs(teacher: nn.Module, input_ids: Tensor, attention_mask: O
 
 def _distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: Tensor, labels: Optional[Tensor],
                        attention_mask: Optional[Tensor], teacher_input_ids: Tensor, skip_ignored: bool,
-                       model_kwargs: dict, options: dict) -> Tensor:
+                       model_kwargs: dict, options: dict, aux_loss) -> Tensor:
     _refuse_zero3(student)
     student_scale = logit_scale(student)
-    student_hidden, student_weight, student_bias = causal_lm_hidden_states(student, input_ids, attention_mask,
-                                                                           **model_kwargs)
+    student_kwargs = model_kwargs if aux_loss is None else dict(model_kwargs, output_router_logits=True)
+    student_outputs, student_weight, student_bias = _body_outputs(student, input_ids, attention_mask,
+                                                                  **student_kwargs)
+    student_hidden = _last_hidden_state(student_outputs)
     teacher_scale, teacher_hidden, teacher_weight, teacher_bias = _frozen_head_inputs(
         teacher, teacher_input_ids, attention_mask, model_kwargs
     )
@@ -337,7 +399,7 @@ def _distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: Tensor
     # Scaled logits, after the selection: only the kept rows are scaled.
     student_hidden, student_bias = scale_linear_inputs(student_hidden, student_bias, student_scale)
     teacher_hidden, teacher_bias = scale_linear_inputs(teacher_hidden, teacher_bias, teacher_scale)
-    return fused_linear_kl_div(
+    loss = fused_linear_kl_div(
         student_hidden,
         student_weight,
         teacher_hidden.to(teacher_weight.dtype),
@@ -349,6 +411,9 @@ def _distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: Tensor
         teacher_softcap=logit_softcap(unwrap_model(teacher)),
         **options,
     )
+    if aux_loss is not None:  # the MoE student's load-balancing term, as its own forward adds it
+        loss = loss + aux_loss(student_outputs.router_logits, attention_mask).to(loss.dtype)
+    return loss
 
 
 def _trainer_class():
