@@ -314,12 +314,13 @@ def _complement_mass(log_probs, kept):
     return torch.logsumexp(log_probs[outside], dim=-1).exp()
 
 
-def _topk_row(log_q, kept, log_p_kept, rest_p, tail, divergence, label):
-    """One row of the top-k divergence, from the docstring's outcome definitions.
+def _topk_outcomes(log_q, kept, log_p_kept, rest_p, tail, label):
+    """The outcome distributions of one row of the top-k divergence, from the docstring's definitions.
 
     ``log_q [V]``: student log-probabilities at T (differentiable); ``kept``: kept token ids; ``log_p_kept``: the
     teacher's (full-vocabulary) log-masses of those tokens; ``rest_p``: the teacher mass outside the kept set.
-    Returns ``(loss, conditioned)``; ``conditioned`` is False when a rest / label mass is near fp32's noise floor.
+    Returns ``(log_P, log_Q, conditioned)``; ``conditioned`` is False when a rest / label mass is near fp32's noise
+    floor.
     """
     conditioned = True
     if tail == "renormalize":
@@ -341,6 +342,12 @@ def _topk_row(log_q, kept, log_p_kept, rest_p, tail, divergence, label):
         log_P = torch.cat([log_p_kept[others], torch.log(label_mass).reshape(1)])
         log_Q = torch.cat([log_q[kept[others]], log_q[label].reshape(1)])
         log_Q = log_Q - torch.logsumexp(log_Q, -1)
+    return log_P, log_Q, conditioned
+
+
+def _topk_row(log_q, kept, log_p_kept, rest_p, tail, divergence, label):
+    """One row of the top-k divergence: ``(loss, conditioned)`` (see :func:`_topk_outcomes`)."""
+    log_P, log_Q, conditioned = _topk_outcomes(log_q, kept, log_p_kept, rest_p, tail, label)
     loss = _kl_rows(log_P, log_Q) if divergence == "forward" else _kl_rows(log_Q, log_P)
     return loss, conditioned
 
