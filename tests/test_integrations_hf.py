@@ -956,3 +956,25 @@ def test_router_aux_loss_follows_the_config_and_refuses_what_it_cannot_reproduce
     with pytest.raises(NotImplementedError, match="router_aux_loss=False"):
         causal_lm_distillation_loss(dense, teacher, input_ids, labels, attention_mask, impl="torch")
     causal_lm_distillation_loss(dense, teacher, input_ids, labels, attention_mask, impl="torch", router_aux_loss=False)
+
+
+def test_trainer_loss_refuses_batch_entries_it_would_silently_drop():
+    """Entries the fused loss does not pass to the models but that would change what they compute (multimodal
+    inputs: the language body would score image placeholders as text; pre-shifted ``shift_labels``) are refused
+    with an error naming them, before any forward; other entries (a collator's ``completion_mask``) are ignored."""
+    from distill_ops.integrations.hf import trainer_loss
+
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    calls = []
+    for model in (student, teacher):
+        model.register_forward_pre_hook(lambda *args: calls.append(1))
+    for key, value in [("pixel_values", torch.zeros(2, 3, 8, 8)), ("image_grid_thw", torch.ones(2, 3)),
+                       ("input_features", torch.zeros(2, 4)), ("shift_labels", labels[:, 1:])]:
+        with pytest.raises(ValueError, match=f"also holds \\['{key}'\\]"):
+            trainer_loss(student, teacher, {**inputs, key: value}, impl="torch")
+    assert calls == []
+    expected = trainer_loss(student, teacher, inputs, impl="torch")
+    extra = trainer_loss(student, teacher, {**inputs, "completion_mask": attention_mask}, impl="torch")
+    assert_close(extra, expected, torch.float32)

@@ -620,12 +620,21 @@ def trainer_normalizer(trainer, num_items_in_batch: float | Tensor | None) -> fl
 PACKING_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
+# Batch entries trainer_loss refuses rather than drops (see its docstring): inputs of multimodal models.
+_REFUSED_INPUT_PREFIXES = ("pixel_values", "pixel_attention_mask", "image_", "video_", "input_features", "audio",
+                           "inputs_embeds", "mm_token_type_ids", "second_per_grid_ts")
+
+
 def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_outputs: bool = False,
                  num_items_in_batch: float | Tensor | None = None, **distill_kwargs: Any):
     """A ``Trainer.compute_loss`` body: :func:`causal_lm_distillation_loss` on a collated batch
     (``input_ids``, optional ``labels`` / ``attention_mask``, and the packed-sequence entries of
     :data:`PACKING_KEYS`: ``position_ids``, flash-attention boundaries) with ``normalizer=num_items_in_batch``.
-    Other entries are not passed to the models.
+    Other entries are not passed to the models, and entries that would change what the models compute if they
+    were are refused with a ``ValueError`` naming them, rather than silently left out: multimodal inputs
+    (``pixel_values*``, ``image_*``, ``video_*``, ``input_features``, ``audio*``, ``inputs_embeds``, ...; the fused
+    loss runs the language model's body on ``input_ids`` only) and ``shift_labels`` (pre-shifted labels, as
+    context-parallel training passes them; the fused loss shifts ``labels`` itself).
 
     Models wrapped by the Trainer for data parallelism (``DistributedDataParallel``) or sharded (FSDP1 / FSDP2)
     are handled by :func:`causal_lm_distillation_loss`.
@@ -633,6 +642,13 @@ def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_ou
     With ``return_outputs`` returns ``(loss, {"loss": loss})``: no logits exist to return, and the Trainer's
     evaluation reads the outputs' other entries as its logits (none here; ``None`` in their place fails
     ``Trainer.evaluate``)."""
+    refused = [key for key in inputs if key == "shift_labels" or key.startswith(_REFUSED_INPUT_PREFIXES)]
+    if refused:
+        raise ValueError(
+            f"trainer_loss passes only input_ids, labels, attention_mask and {PACKING_KEYS} to the models' language "
+            f"bodies; the batch also holds {refused}, which would change what they compute (multimodal inputs and "
+            f"pre-shifted labels are not supported): remove them from the batch if they are not needed"
+        )
     loss = causal_lm_distillation_loss(
         student,
         teacher,
