@@ -978,3 +978,32 @@ def test_trainer_loss_refuses_batch_entries_it_would_silently_drop():
     expected = trainer_loss(student, teacher, inputs, impl="torch")
     extra = trainer_loss(student, teacher, {**inputs, "completion_mask": attention_mask}, impl="torch")
     assert_close(extra, expected, torch.float32)
+
+
+@pytest.mark.parametrize("family, extra", [
+    ("Qwen3", {}), ("Gemma3Text", dict(head_dim=16)), ("Olmo2", {}), ("Mistral", {}), ("Exaone4", {}),
+    ("StableLm", {}), ("GptOss", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16)),
+    ("FalconH1", dict(lm_head_multiplier=0.37, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
+                      mamba_chunk_size=8)),
+], ids=lambda value: value if isinstance(value, str) else "")
+def test_more_families_equal_loss_from_their_own_logits(family, extra):
+    """Students of other ``transformers`` families (q/k norms, Gemma-3's scaled embeddings and local layers, a
+    mixture-of-experts MLP, Falcon-H1's hybrid Mamba body and ``lm_head_multiplier``): the loss from hidden states
+    equals the loss from the model's own logits."""
+    config_cls = getattr(transformers, f"{family}Config")
+    model_cls = getattr(transformers, f"{family.removesuffix('Text')}ForCausalLM")
+    config = config_cls(**{**dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                                  tie_word_embeddings=False), **extra})
+    torch.manual_seed(0)
+    student = model_cls(config).float().to(DEVICE)
+    _, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    loss = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, divergence="reverse",
+                                       impl="torch")
+    logits = student(input_ids=input_ids, attention_mask=attention_mask).logits
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+    expected = kl_div(logits[:, :-1], teacher_logits[:, :-1], labels=labels[:, 1:], divergence="reverse",
+                      impl="torch")
+    assert_close(loss, expected, torch.float32)
