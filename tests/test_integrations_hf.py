@@ -936,7 +936,8 @@ def test_moe_student_adds_its_router_load_balancing_loss(impl, kind):
 def test_router_aux_loss_follows_the_config_and_refuses_what_it_cannot_reproduce():
     """The term follows ``output_router_logits`` unless ``router_aux_loss`` says otherwise; asking for it on a dense
     model, or with ``reduction="none"``, is a ``ValueError``; a model flagged for a load-balancing loss of another
-    form is refused (``NotImplementedError``) rather than trained without it."""
+    form, or a z-loss on its logits (Bamba's ``z_loss_coefficient``), is refused (``NotImplementedError``) rather than
+    trained without it."""
     from distill_ops.integrations.hf import router_aux_loss_function
 
     student, teacher = _moe_student("mixtral", output_router_logits=False), _tiny_models()[1]
@@ -952,6 +953,10 @@ def test_router_aux_loss_follows_the_config_and_refuses_what_it_cannot_reproduce
     dense, _ = _tiny_models()
     with pytest.raises(ValueError, match="LlamaForCausalLM is not a transformers MoE"):
         causal_lm_distillation_loss(dense, teacher, input_ids, labels, attention_mask, router_aux_loss=True)
+    dense.z_loss_coefficient = 0.1  # Bamba's z-loss on its own logits: refused, not dropped
+    with pytest.raises(NotImplementedError, match="z_loss_coefficient=0.1"):
+        causal_lm_distillation_loss(dense, teacher, input_ids, labels, attention_mask, impl="torch")
+    dense.z_loss_coefficient = 0.0
     dense.config.output_router_logits = True  # flagged, but no load-balancing function of the known form
     with pytest.raises(NotImplementedError, match="router_aux_loss=False"):
         causal_lm_distillation_loss(dense, teacher, input_ids, labels, attention_mask, impl="torch")

@@ -347,6 +347,12 @@ def causal_lm_distillation_loss(
                    vocab_size=vocab_size, impl=impl)
     teacher_ids = input_ids if teacher_input_ids is None else teacher_input_ids
     student, teacher = _strip_compile(student), _strip_compile(teacher)
+    z_loss = getattr(unwrap_model(student), "z_loss_coefficient", 0.0)
+    if isinstance(z_loss, (int, float)) and z_loss > 0:  # Bamba: + coef * mean(logsumexp(logits)^2) in its forward
+        raise NotImplementedError(
+            f"{type(unwrap_model(student)).__name__} adds a z-loss (z_loss_coefficient={z_loss}) to its own loss, "
+            f"which the fused loss does not compute: set z_loss_coefficient=0 to train without it"
+        )
     if router_aux_loss and reduction == "none":
         raise ValueError("router_aux_loss=True needs a scalar reduction ('mean' or 'sum'), got reduction='none'")
     aux_loss = None if reduction == "none" else router_aux_loss_function(unwrap_model(student), router_aux_loss)
