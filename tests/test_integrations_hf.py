@@ -1012,3 +1012,17 @@ def test_more_families_equal_loss_from_their_own_logits(family, extra):
     expected = kl_div(logits[:, :-1], teacher_logits[:, :-1], labels=labels[:, 1:], divergence="reverse",
                       impl="torch")
     assert_close(loss, expected, torch.float32)
+
+
+def test_fused_trainer_refuses_label_smoothing_with_a_cross_entropy_term(tmp_path):
+    """The Trainer's ``label_smoothing_factor`` smooths its own cross-entropy; the fused hard-label term is not
+    smoothed, so asking for both is refused (naming the setting) instead of silently training unsmoothed. Without a
+    cross-entropy term (``ce_weight=0``) the setting has nothing to act on and the trainer builds."""
+    from distill_ops.integrations.hf import FusedDistillationTrainer
+
+    student, teacher = _tiny_models()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to="none",
+                                          use_cpu=DEVICE.type == "cpu")
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1"):
+        FusedDistillationTrainer(model=student, teacher_model=teacher, args=args, distill_kwargs={"ce_weight": 0.5})
+    FusedDistillationTrainer(model=student, teacher_model=teacher, args=args, distill_kwargs={"divergence": "jsd"})

@@ -437,6 +437,14 @@ def _trainer_class():
             super().__init__(*args, **kwargs)
             self.teacher_model = teacher_model.eval().requires_grad_(False)
             self.distill_kwargs = dict(distill_kwargs or {})
+            smoothing = getattr(self.args, "label_smoothing_factor", 0.0)
+            if smoothing and self.distill_kwargs.get("ce_weight", 0.0) > 0:
+                # The Trainer smooths its own cross-entropy; the fused hard-label term has no smoothing.
+                raise ValueError(
+                    f"TrainingArguments(label_smoothing_factor={smoothing}) with distill_kwargs ce_weight="
+                    f"{self.distill_kwargs['ce_weight']}: the fused cross-entropy term is not label-smoothed; set "
+                    f"label_smoothing_factor=0 (or ce_weight=0)"
+                )
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             with trainer_autocast(self):
