@@ -672,10 +672,19 @@ def test_module_docstring_trainer_equals_fused_distillation_trainer():
     assert torch.equal(loss, expected) and outputs == {"loss": loss}
 
 
-def _trainer_ddp_rank(rank: int, world: int, port: int, out_dir: str) -> None:
-    """One rank of ``test_trainer_on_two_ddp_ranks_equals_one_process``: a real Trainer under DDP (gloo)."""
+def _trainer_ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    """One rank of ``test_trainer_on_two_ddp_ranks_equals_one_process``: a real Trainer under DDP (gloo).
+
+    The process group is set up here through a file (accelerate uses an initialised group as it is): no TCP port to
+    pick, none to lose to another process between picking and binding."""
+    import datetime
+
+    import torch.distributed as dist
+
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="1")  # never bound: the group exists already
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
     from distill_ops.integrations.hf import FusedDistillationTrainer
 
@@ -698,14 +707,10 @@ def test_trainer_on_two_ddp_ranks_equals_one_process(tmp_path):
     """A real ``transformers.Trainer`` on two DDP ranks (gloo, CPU), one sequence per rank: both ranks end with the
     SGD update of the token mean over both sequences, as one process with the whole batch. (With the Trainer's
     all-rank count passed unscaled, the update was half of it.)"""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.start_processes(_trainer_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_trainer_ddp_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
     student, teacher = (model.cpu() for model in _tiny_models())
     input_ids, attention_mask, labels = (tensor.cpu() for tensor in _batch())
     causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, divergence="reverse",
