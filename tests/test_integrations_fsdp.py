@@ -21,7 +21,7 @@ if not dist.is_available():
     pytest.skip("torch built without distributed support", allow_module_level=True)
 
 from tests.conftest import TOLERANCES, assert_close  # noqa: E402
-from tests.test_integrations_hf import _batch, _tiny_models  # noqa: E402
+from tests.test_integrations_hf import _batch, _destroy_group, _tiny_models  # noqa: E402
 
 STEPS = 2
 LOSS_KWARGS = dict(num_items_in_batch=15.0, divergence="reverse", ce_weight=0.5, impl="torch")
@@ -99,8 +99,8 @@ def _fsdp_rank(rank: int, world: int, rendezvous: str, out_dir: str, student_how
             record["teacher_head_is_shard"] = type(teacher.lm_head.weight).__name__ == "DTensor"
         torch.save(record, f"{out_dir}/rank{rank}.pt")
     finally:
-        dist.barrier()
-        dist.destroy_process_group()
+        student = teacher = optimizer = None  # the sharded models go while their group is alive
+        _destroy_group()
 
 
 @pytest.mark.parametrize(
@@ -188,8 +188,8 @@ def _mixed_precision_rank(rank: int, world: int, rendezvous: str, out_dir: str, 
         record["logits"] = (expected.detach(), _local_grads(student))
         torch.save(record, f"{out_dir}/rank{rank}.pt")
     finally:
-        dist.barrier()
-        dist.destroy_process_group()
+        student = teacher = None  # the sharded models go while their group is alive
+        _destroy_group()
 
 
 @pytest.mark.parametrize("how, shard_teacher", [("fsdp1", False), ("fsdp1-flat", True), ("fsdp2", True)])

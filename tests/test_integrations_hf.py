@@ -1,5 +1,6 @@
 """distill_ops.integrations.hf and fspad_draft_loss against the same losses computed from explicit logits."""
 
+import datetime
 import os
 
 import pytest
@@ -342,6 +343,19 @@ def test_logit_scale_is_probed_once_and_refuses_other_transforms():
         causal_lm_distillation_loss(odd, odd, _batch()[0], impl="torch")
 
 
+def _destroy_group() -> None:
+    """Tear down the default process group once the DDP wrappers on it are gone (the caller drops its references
+    first): a DDP reducer freed after ``destroy_process_group`` destroys the gloo group itself, joining its worker
+    threads while holding the GIL, which hung one CI run."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    dist.barrier()  # the group's queued work is done
+    dist.destroy_process_group()
+
+
 def test_trainer_loss_runs_inside_a_ddp_wrapper(tmp_path):
     """Under data parallelism the Trainer passes ``DistributedDataParallel(student)``: the loss is computed from
     the wrapped model inside DDP's forward (which prepares DDP's gradient reduction), with the same loss and
@@ -368,7 +382,8 @@ def test_trainer_loss_runs_inside_a_ddp_wrapper(tmp_path):
                                      **kwargs)
         loss.backward()
     finally:
-        dist.destroy_process_group()
+        wrapped = None
+        _destroy_group()
     assert calls == [1] and "forward" not in student.__dict__  # DDP's forward ran; the model's own is back
     assert outputs == {"loss": loss}
     assert_close(loss, expected, torch.float32)
@@ -452,7 +467,8 @@ def test_compiled_models_run_their_bodies_compiled(tmp_path, where):
                          len(student_backend.graphs), len(teacher_backend.graphs)))
     finally:
         if where == "inside-ddp":
-            dist.destroy_process_group()
+            compiled = None
+            _destroy_group()
     student.zero_grad(set_to_none=True)
     expected = trainer_loss(student, teacher, inputs, **kwargs)
     expected.backward()
@@ -507,7 +523,9 @@ def _ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str, compiled: bo
     from distill_ops.integrations.hf import trainer_loss
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    # A rank that fails makes the other wait in the teardown's barrier: a minute, not gloo's default half hour.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         student, teacher = (model.cpu() for model in _tiny_models())
         batch = [tensor.cpu()[rank:rank + 1] for tensor in _batch()]
@@ -518,7 +536,8 @@ def _ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str, compiled: bo
         trainer_loss(wrapped, teacher, inputs, num_items_in_batch=15.0, divergence="reverse", impl="torch").backward()
         torch.save({name: p.grad for name, p in student.named_parameters()}, f"{out_dir}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        wrapped = None
+        _destroy_group()
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -677,8 +696,6 @@ def _trainer_ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str) -> N
 
     The process group is set up here through a file (accelerate uses an initialised group as it is): no TCP port to
     pick, none to lose to another process between picking and binding."""
-    import datetime
-
     import torch.distributed as dist
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
