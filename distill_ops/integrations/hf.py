@@ -35,7 +35,9 @@ subclass, ready to use.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
+import sys
 import weakref
 from typing import Any, Optional
 
@@ -96,9 +98,6 @@ def router_aux_loss_function(model: nn.Module, requested: Optional[bool] = None)
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # PEFT
     if requested is False or (requested is None and not getattr(_text_config(base), "output_router_logits", False)):
         return None
-    import inspect
-    import sys
-
     function = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
     missing = [name for name in _AUX_LOSS_ATTRIBUTES if not hasattr(base, name)]
     if function is None and requested:
@@ -347,16 +346,17 @@ def causal_lm_distillation_loss(
                    vocab_size=vocab_size, impl=impl)
     teacher_ids = input_ids if teacher_input_ids is None else teacher_input_ids
     student, teacher = _strip_compile(student), _strip_compile(teacher)
-    z_loss = getattr(unwrap_model(student), "z_loss_coefficient", 0.0)
+    module = unwrap_model(student)
+    z_loss = getattr(module, "z_loss_coefficient", 0.0)
     if isinstance(z_loss, (int, float)) and z_loss > 0:  # Bamba: + coef * mean(logsumexp(logits)^2) in its forward
         raise NotImplementedError(
-            f"{type(unwrap_model(student)).__name__} adds a z-loss (z_loss_coefficient={z_loss}) to its own loss, "
+            f"{type(module).__name__} adds a z-loss (z_loss_coefficient={z_loss}) to its own loss, "
             f"which the fused loss does not compute: set z_loss_coefficient=0 to train without it"
         )
     if router_aux_loss and reduction == "none":
         raise ValueError("router_aux_loss=True needs a scalar reduction ('mean' or 'sum'), got reduction='none'")
-    aux_loss = None if reduction == "none" else router_aux_loss_function(unwrap_model(student), router_aux_loss)
-    return run_inside_forward(student, _distillation_loss, unwrap_model(student), teacher, input_ids, labels,
+    aux_loss = None if reduction == "none" else router_aux_loss_function(module, router_aux_loss)
+    return run_inside_forward(student, _distillation_loss, module, teacher, input_ids, labels,
                               attention_mask, teacher_ids, skip_ignored, dict(model_kwargs or {}), options, aux_loss)
 
 
@@ -476,15 +476,29 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """The causal LM inside ``DistributedDataParallel`` / ``DataParallel`` / ``FullyShardedDataParallel``
     wrappers (their ``.module``) and ``torch.compile`` wrappers (their ``_orig_mod``), or the model itself (an
     FSDP2 ``fully_shard``-ed model is not wrapped)."""
+    return _unwrap(model)[0]
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, Any]:
+    """``(unwrap_model(model), the settings (dynamo context) of the outermost compile wrapper on the way, or
+    None)``."""
+    context = None
     while True:
         if _is_compiled(model):
-            model = model._orig_mod
+            context, model = context or model.dynamo_ctx, model._orig_mod
         elif _is_fsdp1(model) or (
             not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), nn.Module)
         ):
             model = model.module
         else:
-            return model
+            return model, context
+
+
+def _without_compile(model: nn.Module) -> nn.Module:
+    """``model`` without its outer ``torch.compile`` wrappers."""
+    while _is_compiled(model):
+        model = model._orig_mod
+    return model
 
 
 def _force_eager():
@@ -514,17 +528,8 @@ def _strip_compile(model: nn.Module) -> nn.Module:
     body runs eagerly (compiling around FSDP's hooks is not attempted). Regional compilation (accelerate's
     ``compile_regions``: each decoder layer and the LM head compiled apart) leaves no outer wrapper and needs
     nothing here: the body calls the compiled layers, and :func:`linear_head` reads through the compiled head."""
-    context, inner = None, model
-    while True:
-        if _is_compiled(inner):
-            context, inner = context or inner.dynamo_ctx, inner._orig_mod
-        elif isinstance(getattr(inner, "module", None), nn.Module) and not hasattr(inner, "get_output_embeddings"):
-            inner = inner.module
-        else:
-            break
-    while _is_compiled(model):
-        model = model._orig_mod
-    module = unwrap_model(model)
+    module, context = _unwrap(model)
+    model = _without_compile(model)
     if context is not None and not is_sharded(model) and _COMPILED_BODIES.get(module, (None,))[0] is not context:
         _COMPILED_BODIES[module] = (context, context(module.get_decoder()))
     return model
@@ -564,8 +569,7 @@ def run_inside_forward(wrapper: nn.Module, fn, *args: Any, **kwargs: Any):
     model and run ``fn`` once per device) ``fn`` is called directly."""
     from torch.nn.parallel import DistributedDataParallel
 
-    while _is_compiled(wrapper):  # the compiled forward would trace fn: call what it wraps
-        wrapper = wrapper._orig_mod
+    wrapper = _without_compile(wrapper)  # the compiled forward would trace fn: call what it wraps
     if _is_fsdp2(wrapper):
         module = wrapper
     elif isinstance(wrapper, DistributedDataParallel) or _is_fsdp1(wrapper):
