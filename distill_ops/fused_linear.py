@@ -129,13 +129,15 @@ class _Inputs:
 
 
 def fused_linear_stats_torch(
-    inputs: _Inputs, labels: Optional[Tensor], *, divergence: str, coef: float, temperature: float, has_ce: bool
+    inputs: _Inputs, labels: Optional[Tensor], *, divergence: str, coef: float, temperature: float, has_ce: bool,
+    entropy: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(divergence [N], cross_entropy [N], row_stats [4, N])``, as ``kernels.fused_linear.fused_linear_stats``."""
+    """``(divergence [N], cross_entropy [N], row_stats [4 (+ 1 with entropy), N])``, as
+    ``kernels.fused_linear.fused_linear_stats``."""
     num_rows, vocab = inputs.s_hidden.shape[0], inputs.s_weight.shape[0]
     dtype = inputs.compute_dtype
     device = inputs.s_hidden.device
-    row_stats = torch.zeros(4, num_rows, dtype=dtype, device=device)
+    row_stats = torch.zeros(4 + entropy, num_rows, dtype=dtype, device=device)
     divergence_rows = torch.zeros(num_rows, dtype=dtype, device=device)
     ce_rows = torch.zeros(num_rows, dtype=dtype, device=device)
     row_step, vocab_step = _torch_chunks(num_rows, vocab)
@@ -162,15 +164,19 @@ def fused_linear_stats_torch(
         term_sum = torch.zeros(count, 1, dtype=dtype, device=device)
         dot_sum = torch.zeros(count, 1, dtype=dtype, device=device)
         q_sum = torch.zeros(count, 1, dtype=dtype, device=device)
+        mean_logit = torch.zeros(count, 1, dtype=dtype, device=device)  # E_q[z / T], for the entropy
         for start in range(0, vocab, vocab_step):
             stop = min(start + vocab_step, vocab)
-            chunk_terms, chunk_dots, chunk_q = _terms_chunk(
-                inputs, student_hidden, teacher_hidden, rows, start, stop, temperature, lse_s, lse_t, divergence, coef
+            chunk_terms, chunk_dots, chunk_q, chunk_mean = _terms_chunk(
+                inputs, student_hidden, teacher_hidden, rows, start, stop, temperature, lse_s, lse_t, divergence, coef,
+                entropy,
             )
             term_sum += chunk_terms
             q_sum += chunk_q
             if chunk_dots is not None:
                 dot_sum += chunk_dots
+            if entropy:
+                mean_logit += chunk_mean
         dot_sum = normalized_row_dot(dot_sum, q_sum)
         divergence_rows[rows] = _divergence_row_loss(
             term_sum, dot_sum, lse_s[:, None], lse_t[:, None], divergence
@@ -178,6 +184,8 @@ def fused_linear_stats_torch(
         row_stats[0, rows] = lse_s
         row_stats[1, rows] = lse_t
         row_stats[2, rows] = dot_sum.squeeze(-1)
+        if entropy:
+            row_stats[4, rows] = lse_s - mean_logit.squeeze(-1)
         if has_ce:
             row_stats[3, rows] = lse_z
             ce_rows[rows] = lse_z - label_logit
@@ -203,14 +211,17 @@ def _lse_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, temper
 
 
 def _terms_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, temperature, lse_s, lse_t, divergence,
-                 coef):
-    z = inputs.student_chunk(student_hidden, start, stop)
+                 coef, entropy=False):
+    a = _scaled(inputs.student_chunk(student_hidden, start, stop), temperature)
     t = inputs.teacher_chunk(teacher_hidden, rows, start, stop)
     terms, dot_terms, q, _ = _divergence_elements(
-        _scaled(z, temperature), _scaled(t, temperature), lse_s[:, None], lse_t[:, None], divergence, coef
+        a, _scaled(t, temperature), lse_s[:, None], lse_t[:, None], divergence, coef
     )
     dots = None if dot_terms is None else dot_terms.sum(-1, keepdim=True)
-    return terms.sum(-1, keepdim=True), dots, q.sum(-1, keepdim=True)
+    mean = None
+    if entropy:  # sum q a over the chunk (q = 0 where a = -inf contributes 0, not NaN)
+        mean = torch.where(q == 0, 0.0, q * a).sum(-1, keepdim=True)
+    return terms.sum(-1, keepdim=True), dots, q.sum(-1, keepdim=True), mean
 
 
 def _grad_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, labels, row_stats, kl_scale, ce_scale,
@@ -447,8 +458,10 @@ def _fused_linear_rows_op(
     backend: str,
     s_softcap: Optional[float],
     t_softcap: Optional[float],
+    entropy: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row loss (fp32 [N], 0 at ignored rows) and the [4, N] statistics backward needs."""
+    """Per-row loss (fp32 [N], 0 at ignored rows) and the [4, N] statistics backward needs (with ``entropy``
+    [5, N], the last row the student's entropy at temperature T, 0 at ignored rows)."""
     has_ce = ce_weight != 0.0
     if backend.startswith("triton"):
         from .kernels.fused_linear import fused_linear_stats
@@ -456,12 +469,12 @@ def _fused_linear_rows_op(
         divergence_rows, ce_rows, row_stats = fused_linear_stats(
             s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels,
             divergence=divergence, coef=coef, temperature=temperature, has_ce=has_ce,
-            strategy=_strategy(backend), s_softcap=s_softcap, t_softcap=t_softcap,
+            strategy=_strategy(backend), s_softcap=s_softcap, t_softcap=t_softcap, entropy=entropy,
         )
     else:
         inputs = _Inputs(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, s_softcap, t_softcap)
         divergence_rows, ce_rows, row_stats = fused_linear_stats_torch(
-            inputs, labels, divergence=divergence, coef=coef, temperature=temperature, has_ce=has_ce
+            inputs, labels, divergence=divergence, coef=coef, temperature=temperature, has_ce=has_ce, entropy=entropy
         )
     row_loss = kl_weight * divergence_rows
     if has_ce:
@@ -469,16 +482,18 @@ def _fused_linear_rows_op(
     active = _active_rows(labels, ignore_index)
     if active is not None:
         row_loss = torch.where(active, row_loss, 0.0)
+        if entropy:
+            row_stats[4] = torch.where(active, row_stats[4], 0.0)
     return row_loss.to(torch.float32), row_stats.to(torch.float32)
 
 
 @_fused_linear_rows_op.register_fake
 def _(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels, divergence, coef, temperature,
-      ignore_index, kl_weight, ce_weight, backend, s_softcap, t_softcap):
+      ignore_index, kl_weight, ce_weight, backend, s_softcap, t_softcap, entropy=False):
     num_rows = s_hidden.shape[0]
     return (
         s_hidden.new_empty((num_rows,), dtype=torch.float32),
-        s_hidden.new_empty((4, num_rows), dtype=torch.float32),
+        s_hidden.new_empty((4 + entropy, num_rows), dtype=torch.float32),
     )
 
 
@@ -547,7 +562,7 @@ _OPTIONS = ("divergence", "coef", "temperature", "ignore_index", "kl_weight", "c
 def _setup_context(ctx, inputs, output):
     s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels = inputs[:8]
     ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels, output[1])
-    ctx.options = inputs[8:]
+    ctx.options = inputs[8:8 + len(_OPTIONS)]  # not the trailing ``entropy`` flag (backward reads rows 0-3)
 
 
 def _backward(ctx, grad_rows, grad_stats):
@@ -564,7 +579,7 @@ def _backward(ctx, grad_rows, grad_stats):
         d_hidden,
         d_weight if need_weight_grad else None,
         d_bias if need_bias_grad else None,
-    ) + (None,) * (5 + len(_OPTIONS))
+    ) + (None,) * (5 + len(_OPTIONS) + 1)
 
 
 torch.library.register_autograd("distill_ops::fused_linear_kl_div_rows", _backward, setup_context=_setup_context)
@@ -653,7 +668,8 @@ def fused_linear_kl_div(
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     impl: str = "auto",
-) -> Tensor:
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Distillation loss from hidden states, without materialising logits.
 
     ``loss_row = kl_weight * D(softmax(t / T) || softmax(z / T)) + ce_weight * CE(z, label)`` with
@@ -684,6 +700,10 @@ def fused_linear_kl_div(
             and the gradients go through the cap. ``None`` (default): no capping. ``teacher_softcap`` must be
             ``None`` with ``teacher_logits`` (those are final logits).
         impl: ``auto`` (Triton on CUDA, PyTorch otherwise), ``triton`` or ``torch``.
+        return_entropy: also return the entropy of each row's student distribution at ``temperature``
+            (``H(softmax(z / T))`` of the logits the divergence sees: soft-capped, in nats), a training metric
+            computed in the same pass (one more running sum next to the student's log-sum-exp), as TRL's
+            ``DistillationTrainer`` logs it. fp32 ``[...]`` (the tokens' shape), 0 at ignored rows, no gradient.
 
     Under ``torch.autocast`` (e.g. ``transformers.Trainer(bf16=True)`` with fp32 weights) the fp32 hidden states,
     weights and biases of both sides are cast to the autocast dtype, as autocast casts ``F.linear``'s inputs, so
@@ -691,7 +711,8 @@ def fused_linear_kl_div(
     runs with autocast off: its fp32 statistics and accumulations stay fp32 on both impls.
 
     Returns:
-        fp32 scalar (``mean`` / ``sum``) or fp32 ``[...]`` (``none``).
+        fp32 scalar (``mean`` / ``sum``) or fp32 ``[...]`` (``none``); with ``return_entropy`` the pair
+        ``(loss, entropy)``.
     """
     (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
      teacher_bias), autocast_device = autocast_linear_inputs(
@@ -739,6 +760,7 @@ def fused_linear_kl_div(
     kl_weight = check_number("kl_weight", kl_weight, low=0.0)
     ce_weight = check_number("ce_weight", ce_weight, low=0.0)
     check_reduction(reduction, normalizer)
+    check_choice("return_entropy", return_entropy, (False, True))
     student_softcap = _check_softcap("student_softcap", student_softcap)
     teacher_softcap = _check_softcap("teacher_softcap", teacher_softcap)
     if teacher_softcap is not None and teacher_logits is not None:
@@ -773,13 +795,16 @@ def fused_linear_kl_div(
         t_bias = None if teacher_bias is None else teacher_bias.detach()[:vocab]
     label_rows = None if labels is None else labels.reshape(-1).to(torch.int64)
     with autocast_off(autocast_device):
-        row_loss, _ = torch.ops.distill_ops.fused_linear_kl_div_rows(
+        row_loss, row_stats = torch.ops.distill_ops.fused_linear_kl_div_rows(
             s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, label_rows,
             divergence, coef, float(temperature), int(ignore_index), kl_weight, ce_weight, backend, student_softcap,
-            teacher_softcap,
+            teacher_softcap, bool(return_entropy),
         )
     active = _active_rows(label_rows, ignore_index)
-    return reduce_rows(row_loss, active, reduction, normalizer, leading_shape)
+    loss = reduce_rows(row_loss, active, reduction, normalizer, leading_shape)
+    if return_entropy:
+        return loss, row_stats[4].detach().reshape(leading_shape)
+    return loss
 
 
 class FusedLinearKLDivLoss(LossModule):

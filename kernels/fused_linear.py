@@ -37,8 +37,8 @@ import triton.language as tl
 from .kl_div import DIVERGENCE_CODES, _divergence_terms
 
 # Per-row partial statistics written by PASS 1 (index into the first dim of the partial buffer).
-STAT_MAX_S, STAT_SUM_S, STAT_MAX_T, STAT_SUM_T, STAT_KL, STAT_MAX_Z, STAT_SUM_Z, STAT_LABEL = range(8)
-NUM_PASS1_STATS = 8
+STAT_MAX_S, STAT_SUM_S, STAT_MAX_T, STAT_SUM_T, STAT_KL, STAT_MAX_Z, STAT_SUM_Z, STAT_LABEL, STAT_ENTROPY = range(9)
+NUM_PASS1_STATS = 8  # one more (STAT_ENTROPY) when the student's entropy is asked for
 # PASS 2 writes the loss and S.
 NUM_PASS2_STATS = 2
 
@@ -376,6 +376,7 @@ def _fused_linear_stats_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     GROUP: tl.constexpr,
+    ENTROPY: tl.constexpr = False,
 ):
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     n_block, split = _grouped_tile(tl.program_id(0), num_n_blocks, num_splits, GROUP)
@@ -401,6 +402,7 @@ def _fused_linear_stats_kernel(
         max_z = tl.full([BLOCK_N], -1.0e30, tl.float32)
         sum_z = tl.zeros([BLOCK_N], tl.float32)
         label_logit = tl.zeros([BLOCK_N], tl.float32)
+        entropy_acc = tl.zeros([BLOCK_N], tl.float32)
         if HAS_CE:
             labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
         for tile_start in range(first_col, last_col, BLOCK_V):
@@ -421,6 +423,8 @@ def _fused_linear_stats_kernel(
             sum_s = sum_s * scale_s + tl.sum(w_s, axis=1)
             if DIVERGENCE == 1:  # sum q (a - b), weighted by the student's exponentials
                 kl_acc = kl_acc * scale_s + tl.sum(tl.where(w_s == 0.0, 0.0, w_s * (a - b)), axis=1)
+            if ENTROPY:  # sum q a, weighted by the student's exponentials: H = lse_s - E_q[a]
+                entropy_acc = entropy_acc * scale_s + tl.sum(tl.where(w_s == 0.0, 0.0, w_s * a), axis=1)
             max_s = new_max_s
             new_max_t = tl.maximum(max_t, tl.max(b, axis=1))
             scale_t = tl.exp(max_t - new_max_t)
@@ -444,6 +448,8 @@ def _fused_linear_stats_kernel(
         tl.store(partial_rows + 5 * split_stride, max_z, mask=row_mask)
         tl.store(partial_rows + 6 * split_stride, sum_z, mask=row_mask)
         tl.store(partial_rows + 7 * split_stride, label_logit, mask=row_mask)
+        if ENTROPY:
+            tl.store(partial_rows + 8 * split_stride, entropy_acc, mask=row_mask)
     else:
         # Mixture divergences / TVD: loss terms and S = sum q g, with both log-sum-exps known.
         lse_s = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
@@ -733,6 +739,7 @@ def fused_linear_stats(
     schedule: tuple[int, int] | None = None,
     s_softcap: float | None = None,
     t_softcap: float | None = None,
+    entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward statistics on 2-D inputs (unit stride along H / V, ``V = s_weight.shape[0]``).
 
@@ -743,7 +750,9 @@ def fused_linear_stats(
     (logits with ``tl.dot`` in the kernel) or ``"gemm"`` (see :data:`STRATEGIES`). ``schedule``: ``(splits,
     group)`` instead of :func:`stats_schedule`'s choice (the block sweep; any value gives the same result).
     ``s_softcap`` / ``t_softcap``: soft-cap that side's logits (``cap * tanh(logits / cap)``, after the bias and
-    before the temperature; the cross-entropy sees the capped student logits), None for none.
+    before the temperature; the cross-entropy sees the capped student logits), None for none. ``entropy``:
+    ``row_stats`` gets a fifth row, the entropy of the student's distribution at temperature T
+    (``lse_s - E_q[z / T]``, accumulated in PASS 1 next to its log-sum-exp; a compile-time branch).
     """
     check_strategy(strategy)
     gemm = strategy == "gemm"
@@ -755,7 +764,7 @@ def fused_linear_stats(
     pass1_config, pass2_config = configs or defaults
     num_rows, vocab = s_hidden.shape[0], s_weight.shape[0]
     device = s_hidden.device
-    row_stats = torch.zeros(4, num_rows, dtype=torch.float32, device=device)
+    row_stats = torch.zeros(4 + entropy, num_rows, dtype=torch.float32, device=device)
     divergence_rows = torch.zeros(num_rows, dtype=torch.float32, device=device)
     ce_rows = torch.zeros(num_rows, dtype=torch.float32, device=device)
     if num_rows == 0:
@@ -764,7 +773,7 @@ def fused_linear_stats(
     hidden_widths = (s_hidden.shape[1], t_hidden.shape[1] if t_hidden is not None else 0)
     chunks = _GemmChunks(s_hidden, s_weight, t_hidden, t_weight, t_logits, pass1_config[1]) if gemm else None
 
-    def launch(pass_index, config, lse, num_stats, has_ce_pass):
+    def launch(pass_index, config, lse, num_stats, has_ce_pass, has_entropy=False):
         block_n, block_v, block_h, num_warps, num_stages = config
         num_n_blocks = triton.cdiv(num_rows, block_n)
         # Columns per launch: the whole vocabulary (tiles), or one chunk of logits (gemm).
@@ -789,17 +798,20 @@ def fused_linear_stats(
                 num_rows, stop, *hidden_widths, start, num_splits, tiles_per_split, index * num_splits,
                 partial.shape[1], 1.0 / temperature, temperature, coef,
                 DIVERGENCE=code, PASS=pass_index, HAS_CE=has_ce_pass, BLOCK_N=block_n, BLOCK_V=block_v,
-                BLOCK_H=block_h, GROUP=group, num_warps=num_warps, num_stages=num_stages, **flags,
+                BLOCK_H=block_h, GROUP=group, ENTROPY=has_entropy, num_warps=num_warps, num_stages=num_stages,
+                **flags,
             )
         return partial
 
-    partial = launch(1, pass1_config, row_stats, NUM_PASS1_STATS, has_ce)
+    partial = launch(1, pass1_config, row_stats, NUM_PASS1_STATS + entropy, has_ce, entropy)
     max_s, sum_s, rescale_s = _merge_lse(partial, STAT_MAX_S, STAT_SUM_S)
     max_t, sum_t, rescale_t = _merge_lse(partial, STAT_MAX_T, STAT_SUM_T)
     lse_s = max_s + torch.log(sum_s)
     lse_t = max_t + torch.log(sum_t)
     row_stats[0] = lse_s
     row_stats[1] = lse_t
+    if entropy:
+        row_stats[4] = lse_s - (partial[STAT_ENTROPY] * rescale_s).sum(dim=0) / sum_s
     if divergence == "forward":
         kl_sum = (partial[STAT_KL] * rescale_t).sum(dim=0)
         divergence_rows = kl_sum / sum_t - lse_t + lse_s
@@ -941,8 +953,8 @@ def aot_specs() -> list[dict]:
     """Launch configurations for the static check: both kernels, every divergence, bf16 and fp32, with the
     teacher as hidden states + weight ("linear"), as dense logits ("logits"), and the GEMM strategy's launches
     over fp32 logits chunks of both sides ("gemm", teacher bias added in-kernel); the soft-capped variants of all
-    of them in bf16, fp16 and fp32; the compensated d_hidden accumulation of bf16 inputs (every first / last
-    combination, both tile layouts)."""
+    of them in bf16, fp16 and fp32; PASS 1 with the student's entropy (forward, reverse, JSD); the compensated
+    d_hidden accumulation of bf16 inputs (every first / last combination, both tile layouts)."""
     specs = []
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         precision = _precision(dtype)
@@ -1006,11 +1018,16 @@ def aot_specs() -> list[dict]:
         for name, mode, softcap in itertools.product(DIVERGENCE_CODES, ("linear", "logits", "gemm"), softcaps):
             passes = (1,) if name in ("forward", "reverse") else (1, 2)
             suffix = ",softcap" if softcap else ""
-            for pass_index in passes:
+            # PASS 1 also with the student's entropy (return_entropy, TRL's DistillationTrainer metric). PASS 1
+            # depends on the divergence only through forward / reverse / the rest: those three suffice.
+            with_entropy = [(1, True)] if name in ("forward", "reverse", "jsd") else []
+            for pass_index, entropy in [(index, False) for index in passes] + with_entropy:
                 kernel = "stats" if pass_index == 1 else "stats_pass2"
-                values, launch = constexprs(kernel, mode, name, softcap, PASS=pass_index, HAS_CE=pass_index == 1)
+                values, launch = constexprs(kernel, mode, name, softcap, PASS=pass_index, HAS_CE=pass_index == 1,
+                                            ENTROPY=entropy)
                 specs.append({
-                    "name": f"fused_linear_stats[{name},pass{pass_index},{mode},{dtype_name}{suffix}]",
+                    "name": (f"fused_linear_stats[{name},pass{pass_index},{mode},{dtype_name}{suffix}"
+                             f"{',entropy' if entropy else ''}]"),
                     "fn": _fused_linear_stats_kernel,
                     "signature": signature(
                         mode, lse_ptr="*fp32", partial_ptr="*fp32", col_start="i32", num_splits="i32",

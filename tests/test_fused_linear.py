@@ -351,6 +351,88 @@ def test_module_matches_functional():
     assert torch.equal(from_module, functional)
 
 
+# ----------------------------------------------------------------------------------------------
+# return_entropy: the student's entropy at temperature T, a metric of the same pass
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference_entropy(case, temperature, labels, student_softcap=None):
+    """float64 H(softmax(z / T)) per row of the explicit (soft-capped) student logits, 0 at ignored rows."""
+    logits = case["student_hidden"].double().cpu() @ case["student_weight"].double().cpu().T
+    if "student_bias" in case:
+        logits = logits + case["student_bias"].double().cpu()
+    if student_softcap is not None:
+        logits = student_softcap * torch.tanh(logits / student_softcap)
+    log_q = torch.log_softmax(logits / temperature, dim=-1)
+    entropy = -(log_q.exp() * log_q).sum(-1)
+    return torch.where(labels.cpu() != -100, entropy, 0.0)
+
+
+ENTROPY_CASES = {
+    "linear_biases_ce": (dict(biases=True), dict(ce_weight=0.5)),
+    "teacher_logits": (dict(teacher_logits=True), {}),
+    "softcap": (dict(biases=True), dict(student_softcap=1.5, teacher_softcap=2.0)),
+}
+
+
+@pytest.mark.parametrize("impl", FL_IMPLS)
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd", "tvd"])
+@pytest.mark.parametrize("mode", ENTROPY_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_return_entropy(dtype, mode, divergence, impl):
+    case_options, loss_options = ENTROPY_CASES[mode]
+    case = _case((3, 7), 24, 70, dtype, seed=31, **case_options)
+    labels = _labels((3, 7), 70, 32, ignored=((0,), (4,), (20,)))
+    options = dict(divergence=divergence, temperature=1.7, labels=labels, **loss_options)
+    loss, grads, upstream = _run(case, impl, **options)
+    with _strategy(impl) as backend:
+        pair_inputs = {k: v.detach().clone().requires_grad_(k in GRAD_INPUTS) for k, v in case.items()}
+        pair_loss, entropy = fused_linear_kl_div(
+            pair_inputs["student_hidden"], pair_inputs["student_weight"], pair_inputs.get("teacher_hidden"),
+            pair_inputs.get("teacher_weight"), teacher_logits=pair_inputs.get("teacher_logits"),
+            student_bias=pair_inputs.get("student_bias"), teacher_bias=pair_inputs.get("teacher_bias"),
+            impl=backend, return_entropy=True, **options,
+        )
+        pair_loss.backward(upstream)
+    # The metric changes neither the loss nor any gradient.
+    assert torch.equal(pair_loss, loss)
+    for name, grad in grads.items():
+        assert torch.equal(pair_inputs[name].grad, grad), name
+    assert entropy.shape == labels.shape and entropy.dtype == torch.float32 and not entropy.requires_grad
+    expected = _reference_entropy(case, 1.7, labels, loss_options.get("student_softcap"))
+    assert_close(entropy, expected, dtype, "entropy")
+    assert (entropy.cpu()[labels.cpu() == -100] == 0).all()
+    assert (expected[labels.cpu() != -100] > 0.5).all()  # far from the ignored rows' 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_return_entropy_without_labels_and_reductions(impl):
+    case = _case((2, 5), 16, 40, torch.float32, seed=33)
+    args = (case["student_hidden"], case["student_weight"], case["teacher_hidden"], case["teacher_weight"])
+    expected = _reference_entropy(case, 1.0, torch.zeros(2, 5, dtype=torch.long))
+    for reduction in ("mean", "sum", "none"):
+        loss, entropy = fused_linear_kl_div(*args, reduction=reduction, return_entropy=True, impl=impl)
+        assert_close(loss, fused_linear_kl_div(*args, reduction=reduction, impl=impl), torch.float32)
+        assert_close(entropy, expected, torch.float32, reduction)
+
+
+def test_return_entropy_traces_as_one_graph():
+    case = _case((12,), 16, 40, torch.float32, seed=34)
+
+    def loss_fn(hidden, weight, teacher_hidden, teacher_weight):
+        return fused_linear_kl_div(hidden, weight, teacher_hidden, teacher_weight, divergence="jsd", temperature=2.0,
+                                   impl="torch", return_entropy=True)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    hidden = case["student_hidden"].clone().requires_grad_(True)
+    loss, entropy = compiled(hidden, case["student_weight"], case["teacher_hidden"], case["teacher_weight"])
+    loss.backward()
+    expected_loss, expected = _reference(case, torch.ones(()), divergence="jsd", temperature=2.0)
+    assert_close(loss, expected_loss, torch.float32)
+    assert_close(hidden.grad, expected["student_hidden"], torch.float32)
+    assert_close(entropy, _reference_entropy(case, 2.0, torch.zeros(12, dtype=torch.long)), torch.float32)
+
+
 def test_torch_compile_fullgraph():
     case = _case((12,), 16, 40, torch.float32, seed=19)
 
@@ -749,6 +831,8 @@ def test_bad_inputs():
         fused_linear_kl_div(hs, w, ht, wt, impl="cuda")
     with pytest.raises(TypeError, match="teacher_hidden must be a torch.Tensor"):
         fused_linear_kl_div(hs, w, ht.tolist(), wt)
+    with pytest.raises(ValueError, match="return_entropy must be one of"):
+        fused_linear_kl_div(hs, w, ht, wt, return_entropy="yes")
 
 
 @pytest.mark.parametrize("name", ["student_softcap", "teacher_softcap"])

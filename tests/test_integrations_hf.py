@@ -64,6 +64,27 @@ def test_helper_equals_loss_from_the_models_own_logits(impl):
         assert_close(fused_grads[name], param.grad, torch.float32, name)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("skip_ignored, reduction", [(True, "mean"), (False, "mean"), (True, "none")])
+def test_helper_returns_the_students_entropy(impl, skip_ignored, reduction):
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    kwargs = dict(divergence="jsd", beta=0.3, temperature=2.0, impl=impl, skip_ignored=skip_ignored,
+                  reduction=reduction)
+    loss, entropy = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask,
+                                                return_entropy=True, **kwargs)
+    assert_close(loss, causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, **kwargs),
+                 torch.float32, "loss")
+    with torch.no_grad():
+        logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].double()
+    log_q = torch.log_softmax(logits / 2.0, dim=-1)
+    scored = labels[:, 1:] != -100
+    expected = torch.where(scored, -(log_q.exp() * log_q).sum(-1), 0.0)
+    assert entropy.shape == scored.shape and not entropy.requires_grad
+    assert_close(entropy, expected, torch.float32, "entropy")
+    assert (expected[scored] > 1.0).all()
+
+
 def test_helper_without_labels_ignores_padding_and_uses_normalizer():
     student, teacher = _tiny_models()
     input_ids, attention_mask, _ = _batch()

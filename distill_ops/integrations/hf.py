@@ -296,7 +296,8 @@ def causal_lm_distillation_loss(
     skip_ignored: bool = True,
     model_kwargs: Optional[dict] = None,
     router_aux_loss: Optional[bool] = None,
-) -> Tensor:
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Distillation loss between two ``transformers`` causal LMs, from hidden states (no logits).
 
     Args:
@@ -330,6 +331,9 @@ def causal_lm_distillation_loss(
             student's own forward adds it to its loss: by default when its config sets ``output_router_logits``
             (see :func:`router_aux_loss_function`); ``True`` / ``False`` force it on / off. Not added with
             ``reduction="none"`` (a per-batch term; ``True`` then raises ``ValueError``).
+        return_entropy: also return the student's per-position entropy at ``temperature`` (``[B, L-1]`` fp32, 0
+            where the shifted target is ignored, no gradient; :func:`distill_ops.fused_linear_kl_div`'s
+            ``return_entropy``, computed in the same pass).
 
     Models that soft-cap their logits (``config.final_logit_softcapping``, Gemma-2) are scored on the
     capped logits, as their own forward computes them (``student_softcap`` / ``teacher_softcap`` of
@@ -339,11 +343,12 @@ def causal_lm_distillation_loss(
     the model's own scaled 16-bit logits are.
 
     Returns:
-        fp32 loss: ``kl_weight * divergence + ce_weight * cross-entropy`` over the shifted targets.
+        fp32 loss: ``kl_weight * divergence + ce_weight * cross-entropy`` over the shifted targets; with
+        ``return_entropy`` the pair ``(loss, entropy)``.
     """
     options = dict(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature, ignore_index=ignore_index,
                    kl_weight=kl_weight, ce_weight=ce_weight, reduction=reduction, normalizer=normalizer,
-                   vocab_size=vocab_size, impl=impl)
+                   vocab_size=vocab_size, impl=impl, return_entropy=return_entropy)
     teacher_ids = input_ids if teacher_input_ids is None else teacher_input_ids
     student, teacher = _strip_compile(student), _strip_compile(teacher)
     module = unwrap_model(student)
@@ -397,6 +402,7 @@ def _distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: Tensor
     ignore_index = options["ignore_index"]
     targets = shift_labels(input_ids, labels, attention_mask, ignore_index)
     student_hidden, teacher_hidden = student_hidden[:, :-1], teacher_hidden[:, :-1]
+    scored = None
     if skip_ignored and options["reduction"] != "none":
         # Only the scored positions go through the LM heads (prompts and padding are often half the tokens).
         # Boolean indexing: one host synchronisation for the count.
@@ -417,9 +423,14 @@ def _distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: Tensor
         teacher_softcap=logit_softcap(unwrap_model(teacher)),
         **options,
     )
+    entropy = None
+    if options["return_entropy"]:
+        loss, entropy = loss
+        if scored is not None:  # back to [B, L-1], 0 at the skipped positions (no host synchronisation)
+            entropy = entropy.new_zeros(scored.shape).masked_scatter_(scored, entropy)
     if aux_loss is not None:  # the MoE student's load-balancing term, as its own forward adds it
         loss = loss + aux_loss(student_outputs.router_logits, attention_mask).to(loss.dtype)
-    return loss
+    return loss if entropy is None else (loss, entropy)
 
 
 def _trainer_class():
