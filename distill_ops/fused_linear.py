@@ -809,7 +809,7 @@ def fused_linear_kl_div(
 
 class FusedLinearKLDivLoss(LossModule):
     """Module form of :func:`fused_linear_kl_div` (the constructor takes its options, ``student_softcap`` /
-    ``teacher_softcap`` included).
+    ``teacher_softcap`` and ``return_entropy`` included: with it ``forward`` returns ``(loss, entropy)``).
 
     ``forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
     teacher_logits=None, student_bias=None, teacher_bias=None, normalizer=None)``.
@@ -829,9 +829,11 @@ class FusedLinearKLDivLoss(LossModule):
         student_softcap: float | None = None,
         teacher_softcap: float | None = None,
         impl: str = "auto",
+        return_entropy: bool = False,
     ) -> None:
         check_choice("divergence", divergence, DIVERGENCES)
         check_choice("reduction", reduction, ("mean", "sum", "none"))
+        check_choice("return_entropy", return_entropy, (False, True))
         _check_softcap("student_softcap", student_softcap)
         _check_softcap("teacher_softcap", teacher_softcap)
         super().__init__(
@@ -847,6 +849,7 @@ class FusedLinearKLDivLoss(LossModule):
             student_softcap=student_softcap,
             teacher_softcap=teacher_softcap,
             impl=impl,
+            return_entropy=return_entropy,
         )
 
     def forward(
@@ -860,7 +863,7 @@ class FusedLinearKLDivLoss(LossModule):
         student_bias: Optional[Tensor] = None,
         teacher_bias: Optional[Tensor] = None,
         normalizer: float | Tensor | None = None,
-    ) -> Tensor:
+    ) -> Tensor | tuple[Tensor, Tensor]:
         return fused_linear_kl_div(
             student_hidden,
             student_weight,

@@ -1,4 +1,4 @@
-"""Distil a tiny random teacher into a smaller student with the fused losses, three ways.
+"""Distil a tiny random teacher into a smaller student with the fused losses, four ways.
 
     python examples/distill_causal_lm.py              # about 10 s on a CPU (one thread)
     python examples/distill_causal_lm.py --steps 10   # seconds
@@ -8,6 +8,9 @@
 2. ``transformers.Trainer``: ``FusedDistillationTrainer`` (the same loss as its ``compute_loss``).
 3. TRL's GKD: ``FusedGKDTrainer``, on-policy half of the time (the student samples completions of the prompts,
    the teacher scores them), when ``trl`` is installed.
+4. TRL's on-policy ``DistillationTrainer``: ``integrations.trl.FusedDistillationTrainer`` (every step the student
+   completes the prompts; it also logs the student's entropy, computed in the loss's pass), when ``trl`` is
+   installed.
 
 The data are sequences sampled from the teacher itself. Each run starts from the same student; the held-out
 score is the forward KL(teacher || student) per token, computed from both models' own logits by ``kl_div`` (a
@@ -141,6 +144,27 @@ def train_gkd(student, teacher, sequences, steps: int, batch_size: int, lr: floa
     return _logged_losses(trainer)
 
 
+def train_trl_distillation(student, teacher, sequences, steps: int, batch_size: int, lr: float,
+                           prompt_length: int) -> list[float]:
+    import datasets
+    from trl import DistillationConfig
+
+    from distill_ops.integrations.trl import FusedDistillationTrainer
+
+    prompts = [" ".join(f"t{token}" for token in row) for row in sequences[:, :prompt_length].tolist()]
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = _training_args(DistillationConfig, output_dir, steps, batch_size, lr, beta=0.5, temperature=1.0,
+                              max_completion_length=sequences.shape[1] - prompt_length, bf16=False,
+                              gradient_checkpointing=False)
+        trainer = FusedDistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                           train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+                                           processing_class=word_level_tokenizer(student.config.vocab_size))
+        trainer.train()
+    entropy = [entry["entropy"] for entry in trainer.state.log_history if "entropy" in entry]
+    print(f"trl_distillation: logged student entropy {entropy[0]:.3f} -> {entropy[-1]:.3f} nats per token")
+    return _logged_losses(trainer)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab-size", type=int, default=256)
@@ -165,8 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
     if importlib.util.find_spec("trl") is not None:
         runs["trl_gkd"] = lambda student: train_gkd(student, teacher, train, args.steps, args.batch_size, args.lr,
                                                     prompt_length=args.seq_len // 3)
+        runs["trl_distillation"] = lambda student: train_trl_distillation(
+            student, teacher, train, args.steps, args.batch_size, args.lr, prompt_length=args.seq_len // 3)
     else:
-        print("trl not installed: the GKD run is skipped")
+        print("trl not installed: the GKD and DistillationTrainer runs are skipped")
     for name, run in runs.items():
         student = copy.deepcopy(initial).train()
         losses = run(student)

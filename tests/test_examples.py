@@ -48,10 +48,12 @@ def test_speculative_decode_example(capsys, chain):
 
 
 def test_distill_causal_lm_example(capsys):
-    """The three training loops (plain PyTorch, transformers.Trainer, TRL's GKD when trl is installed) each bring
-    the student closer to the teacher on held-out sequences, scored from both models' own logits."""
+    """The four training loops (plain PyTorch, transformers.Trainer, TRL's GKD and DistillationTrainer when trl is
+    installed) each bring the student closer to the teacher on held-out sequences, scored from both models' own
+    logits."""
     report = load_example("distill_causal_lm").main(["--steps", "15", "--sequences", "48"])
-    runs = ["plain_pytorch", "hf_trainer"] + (["trl_gkd"] if importlib.util.find_spec("trl") else [])
+    runs = ["plain_pytorch", "hf_trainer"] + (["trl_gkd", "trl_distillation"] if importlib.util.find_spec("trl")
+                                              else [])
     assert "held-out KL" in capsys.readouterr().out
     for name in runs:
         assert report[name]["loss_last"] < 0.8 * report[name]["loss_first"], name

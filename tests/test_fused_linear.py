@@ -414,6 +414,11 @@ def test_return_entropy_without_labels_and_reductions(impl):
         loss, entropy = fused_linear_kl_div(*args, reduction=reduction, return_entropy=True, impl=impl)
         assert_close(loss, fused_linear_kl_div(*args, reduction=reduction, impl=impl), torch.float32)
         assert_close(entropy, expected, torch.float32, reduction)
+    module_loss, module_entropy = FusedLinearKLDivLoss(return_entropy=True, impl=impl)(*args)
+    assert_close(module_loss, fused_linear_kl_div(*args, impl=impl), torch.float32)
+    assert_close(module_entropy, expected, torch.float32, "module")
+    with pytest.raises(ValueError, match="return_entropy must be one of"):
+        FusedLinearKLDivLoss(return_entropy=None)
 
 
 def test_return_entropy_traces_as_one_graph():

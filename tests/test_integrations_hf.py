@@ -712,11 +712,10 @@ def test_module_docstring_trainer_equals_fused_distillation_trainer():
     assert torch.equal(loss, expected) and outputs == {"loss": loss}
 
 
-def _trainer_ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
-    """One rank of ``test_trainer_on_two_ddp_ranks_equals_one_process``: a real Trainer under DDP (gloo).
-
-    The process group is set up here through a file (accelerate uses an initialised group as it is): no TCP port to
-    pick, none to lose to another process between picking and binding."""
+def trainer_rank_group(rank: int, world: int, rendezvous: str) -> None:
+    """The gloo group of one rank of a real Trainer run, set up through a file (accelerate uses an initialised group
+    as it is, with the environment a launcher sets): no TCP port to pick, none to lose to another process between
+    picking and binding. One intra-op thread per rank."""
     import torch.distributed as dist
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
@@ -724,6 +723,11 @@ def _trainer_ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str) -> N
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
+
+
+def _trainer_ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    """One rank of ``test_trainer_on_two_ddp_ranks_equals_one_process``: a real Trainer under DDP (gloo)."""
+    trainer_rank_group(rank, world, rendezvous)
     from distill_ops.integrations.hf import FusedDistillationTrainer
 
     student, teacher = (model.cpu() for model in _tiny_models())

@@ -1,5 +1,6 @@
 """distill_ops.integrations.trl against TRL's own GKD loss and trainer (the installed ``trl``)."""
 
+import inspect
 import os
 
 import pytest
@@ -9,7 +10,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
 
-from distill_ops.integrations.hf import causal_lm_distillation_loss  # noqa: E402
+from distill_ops.integrations.hf import causal_lm_distillation_loss, logit_scale  # noqa: E402
 from distill_ops.integrations.trl import _gkd_base, generalized_jsd_loss  # noqa: E402
 from tests.conftest import DEVICE, IMPLS, TOLERANCES, assert_close  # noqa: E402
 from tests.test_integrations_hf import VOCAB, _batch, _tiny_models  # noqa: E402
@@ -292,3 +293,207 @@ def test_fused_gkd_compute_loss_uses_the_trainer_normalizer():
                                 accelerator=SimpleNamespace(num_processes=processes), get_tp_size=lambda: 1)
         losses.append(fused.compute_loss(student, inputs, num_items_in_batch=torch.tensor(9.0)))
     assert_close(losses[1], 2 * losses[0], torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# FusedDistillationTrainer: TRL's on-policy DistillationTrainer with the fused loss
+# ----------------------------------------------------------------------------------------------
+
+
+def _generated_batch(tool_mask=False):
+    """A batch as TRL's DistillationTrainer builds it after generation: prompts left-padded, completions
+    right-padded (the second completion ended early)."""
+    generator = torch.Generator().manual_seed(11)
+    prompt_ids = torch.randint(3, VOCAB, (2, 5), generator=generator)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[1, :2] = 0
+    prompt_ids[1, :2] = 0  # left padding
+    completion_ids = torch.randint(3, VOCAB, (2, 6), generator=generator)
+    completion_mask = torch.ones_like(completion_ids)
+    completion_mask[1, -2:] = 0
+    completion_ids[1, -2:] = 0  # right padding
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+             "completion_mask": completion_mask}
+    if tool_mask:  # a tool's output inside the first completion: not the student's tokens, not scored
+        batch["tool_mask"] = torch.ones_like(completion_mask)
+        batch["tool_mask"][0, 2:4] = 0
+    return {key: value.to(DEVICE) for key, value in batch.items()}
+
+
+def _distillation_attributes(cls, student, teacher, beta, temperature, processes=1, **extra):
+    """A trainer of ``cls`` with only what ``compute_loss`` reads (``Trainer.__init__`` is exercised below)."""
+    import collections
+    from types import SimpleNamespace
+
+    from trl.models.utils import _ForwardRedirection
+
+    trainer = object.__new__(cls)
+    trainer.teacher_model, trainer.beta, trainer.temperature, trainer.model = teacher, beta, temperature, student
+    trainer.accelerator = SimpleNamespace(unwrap_model=lambda model: model, is_main_process=True,
+                                          num_processes=processes, gather_for_metrics=lambda tensor: tensor)
+    trainer._forward_redirection = _ForwardRedirection()
+    trainer._metrics = collections.defaultdict(lambda: collections.defaultdict(list))
+    trainer.model_kwarg_keys = set(inspect.signature(student.forward).parameters)
+    trainer._is_vlm = False
+    for name, value in extra.items():
+        setattr(trainer, name, value)
+    return trainer
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("beta, temperature, items, tool_mask", [
+    (1.0, 1.0, None, False), (0.0, 0.8, 5.0, False), (0.5, 2.0, None, True), (0.3, 1.0, 7.0, True)])
+def test_fused_distillation_compute_loss_equals_trls(impl, beta, temperature, items, tool_mask):
+    """``FusedDistillationTrainer.compute_loss`` (our fused loss) equals TRL's own ``DistillationTrainer.compute_loss``
+    (its chunked divergence): the loss, every student gradient and the logged mean entropy, for TRL's three
+    divergences (beta 1 = its default reverse KL, 0, 0.5 and another mixture), its generated-token count as the
+    normaliser on two processes, and a tool's tokens left out."""
+    from trl import DistillationTrainer
+
+    from distill_ops.integrations.trl import FusedDistillationTrainer
+
+    assert issubclass(FusedDistillationTrainer, DistillationTrainer)
+    student, teacher = _tiny_models()
+    inputs = _generated_batch(tool_mask)
+    if items is not None:
+        inputs["num_items_in_batch"] = torch.tensor(items)
+    results = []
+    for cls, extra in ((DistillationTrainer, {}), (FusedDistillationTrainer, {"fused_loss_kwargs": {"impl": impl}})):
+        student.zero_grad(set_to_none=True)
+        trainer = _distillation_attributes(cls, student, teacher, beta, temperature, processes=2, **extra)
+        loss = trainer.compute_loss(student, inputs)
+        loss.backward()
+        results.append((loss, trainer._metrics["train"]["entropy"],
+                        {name: p.grad.clone() for name, p in student.named_parameters()}))
+    (expected, expected_entropy, expected_grads), (loss, entropy, grads) = results
+    assert_close(loss, expected, torch.float32, "loss")
+    assert len(entropy) == len(expected_entropy) == 1 and entropy[0] == pytest.approx(expected_entropy[0], rel=1e-5)
+    assert entropy[0] > 1.0
+    for name, grad in grads.items():
+        assert_close(grad, expected_grads[name], torch.float32, name)
+    if items is not None:  # the normaliser: TRL's count over the two processes
+        scored = int((inputs["completion_mask"] * inputs.get("tool_mask", 1)).sum())
+        unnormalised = FusedDistillationTrainer.compute_loss(
+            _distillation_attributes(FusedDistillationTrainer, student, teacher, beta, temperature,
+                                     fused_loss_kwargs={"impl": impl}), student,
+            {key: value for key, value in inputs.items() if key != "num_items_in_batch"})
+        assert_close(loss, unnormalised * scored / (items / 2), torch.float32, "normaliser")
+
+
+def test_fused_distillation_refuses_multimodal_batches_and_a_missing_teacher():
+    from distill_ops.integrations.trl import FusedDistillationTrainer
+
+    student, teacher = _tiny_models()
+    trainer = _distillation_attributes(FusedDistillationTrainer, student, teacher, 0.5, 1.0)
+    for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids", "token_type_ids"):
+        with pytest.raises(ValueError, match=f"multimodal inputs \\['{key}'\\]"):
+            trainer.compute_loss(student, dict(_generated_batch(), **{key: torch.zeros(2, 3)}))
+    trainer.teacher_model = None
+    with pytest.raises(NotImplementedError, match="needs a local teacher_model"):
+        trainer.compute_loss(student, _generated_batch())
+
+
+def _prompt_dataset():
+    import datasets
+
+    return datasets.Dataset.from_dict({"prompt": ["t5 t9 t11", "t20 t3", "t7 t8 t9 t10", "t40"]})
+
+
+@pytest.mark.parametrize("bf16, accumulation", [(False, 1), (True, 2)], ids=["fp32", "bf16-accumulation"])
+def test_fused_distillation_trainer_step_equals_trls(tmp_path, bf16, accumulation):
+    """Real training steps of ``FusedDistillationTrainer`` and of TRL's ``DistillationTrainer`` from the same
+    student, with the config's defaults where they matter (beta = 1, gradient checkpointing on, and ``bf16=True``,
+    under which TRL generates in bf16 but its loss runs the fp32 models in fp32, as ours does): the student
+    generates the same
+    completions under the same seed, and both log the same loss and entropy and end with the same weights; with
+    gradient accumulation TRL's normaliser counts the generated tokens of the accumulated batches."""
+    import copy
+
+    from trl import DistillationConfig, DistillationTrainer
+
+    from distill_ops.integrations.trl import FusedDistillationTrainer
+
+    student, teacher = _tiny_models()
+    teacher_before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
+    results, dtypes = [], {}
+    for cls in (DistillationTrainer, FusedDistillationTrainer):
+        model = copy.deepcopy(student)
+        args = DistillationConfig(
+            output_dir=str(tmp_path / cls.__name__), max_steps=2, per_device_train_batch_size=2,
+            gradient_accumulation_steps=accumulation, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant",
+            max_grad_norm=0.0, weight_decay=0.0, logging_steps=1, report_to="none", save_strategy="no",
+            use_cpu=DEVICE.type == "cpu", dataloader_pin_memory=False, max_completion_length=5, temperature=0.9,
+            seed=7, bf16=bf16,
+        )
+        trainer = cls(model=model, teacher_model=teacher, args=args, train_dataset=_prompt_dataset(),
+                      processing_class=tiny_tokenizer())
+        logit_scale(model)  # our one-time probe (a no-grad forward), before the hook that tells generation apart
+        seen = dtypes.setdefault(cls.__name__, set())  # (generating or scoring, dtype) of the student's layer
+        hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(
+            lambda module, args, output: seen.add(("scoring" if torch.is_grad_enabled() else "generating",
+                                                   output.dtype)))
+        trainer.train()
+        hook.remove()
+        logged = [(entry["loss"], entry["entropy"]) for entry in trainer.state.log_history if "loss" in entry]
+        results.append((logged, dict(trainer.model.named_parameters())))
+    (expected_logs, expected_weights), (logs, weights) = results
+    generation = torch.bfloat16 if bf16 else torch.float32  # TRL generates under the Trainer's autocast
+    assert all(seen == {("generating", generation), ("scoring", torch.float32)} for seen in dtypes.values()), dtypes
+    assert len(logs) == len(expected_logs) == 2
+    for (loss, entropy), (expected_loss, expected_entropy) in zip(logs, expected_logs):
+        assert loss == pytest.approx(expected_loss, rel=1e-5) and entropy == pytest.approx(expected_entropy, rel=1e-5)
+        assert entropy > 1.0
+    for name, p in weights.items():
+        assert_close(p, expected_weights[name], torch.float32, msg=name)
+    assert not torch.equal(weights["lm_head.weight"], student.lm_head.weight)  # the steps moved the student
+    assert all(torch.equal(p, teacher_before[name]) for name, p in teacher.named_parameters())
+
+
+def _distillation_ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    """One rank of ``test_fused_distillation_trainer_on_two_ddp_ranks_equals_trls``: TRL's trainer, then ours, from
+    the same student, under DDP (gloo; the group set up through a file, as in the HF Trainer's two-rank test)."""
+    import copy
+
+    from trl import DistillationConfig, DistillationTrainer
+
+    from distill_ops.integrations.trl import FusedDistillationTrainer
+    from tests.test_integrations_hf import trainer_rank_group
+
+    trainer_rank_group(rank, world, rendezvous)
+    student, teacher = (model.cpu() for model in _tiny_models())
+    weights = {}
+    for cls in (DistillationTrainer, FusedDistillationTrainer):
+        model = copy.deepcopy(student)
+        args = DistillationConfig(
+            output_dir=f"{out_dir}/{cls.__name__}", max_steps=1, per_device_train_batch_size=2, learning_rate=0.05,
+            optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to="none",
+            save_strategy="no", use_cpu=True, dataloader_pin_memory=False, ddp_backend="gloo", bf16=False,
+            max_completion_length=4, temperature=0.9, seed=7, beta=0.5,
+        )
+        trainer = cls(model=model, teacher_model=teacher, args=args, train_dataset=_prompt_dataset(),
+                      processing_class=tiny_tokenizer())
+        assert trainer.args.world_size == world
+        if cls is FusedDistillationTrainer:
+            trainer.fused_loss_kwargs = {"impl": "torch"}
+        trainer.train()
+        weights[cls.__name__] = {name: p.detach().clone() for name, p in model.named_parameters()}
+        del trainer
+    torch.save(weights, f"{out_dir}/weights{rank}.pt")
+
+
+def test_fused_distillation_trainer_on_two_ddp_ranks_equals_trls(tmp_path):
+    """Both trainers on two DDP ranks (gloo, CPU), each rank generating its own completions: ours routes the loss
+    through the DDP wrapper itself, so the ranks' gradients are averaged as TRL's are: the same weights as TRL's
+    trainer on each rank, and the same on both ranks."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_distillation_ddp_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    student, _ = _tiny_models()
+    ranks = [torch.load(tmp_path / f"weights{rank}.pt") for rank in range(2)]
+    for rank, weights in enumerate(ranks):
+        for name, p in weights["FusedDistillationTrainer"].items():
+            assert_close(p, weights["DistillationTrainer"][name], torch.float32, msg=f"rank {rank} {name}")
+            assert_close(p, ranks[0]["FusedDistillationTrainer"][name], torch.float32, msg=f"rank {rank} {name}")
+    moved = ranks[0]["FusedDistillationTrainer"]["lm_head.weight"]
+    assert not torch.equal(moved, student.lm_head.weight.cpu())

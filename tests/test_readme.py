@@ -124,6 +124,30 @@ def _check_trl(ns, given):
     assert isinstance(ns["trainer"], _gkd_base()) and ns["trainer"].teacher_model is given["teacher"]
 
 
+def _trl_distillation(tmp_path):
+    pytest.importorskip("trl")
+    from trl import DistillationConfig
+
+    from tests.test_integrations_trl import _prompt_dataset, tiny_tokenizer
+
+    student, teacher = _tiny_llama(1, 0).train(), _tiny_llama(2, 1)
+    config = DistillationConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to="none",
+                                save_strategy="no", use_cpu=DEVICE.type == "cpu", dataloader_pin_memory=False,
+                                max_completion_length=3, logging_steps=1)
+    return dict(student=student, teacher=teacher, distillation_config=config, prompts=_prompt_dataset(),
+                tokenizer=tiny_tokenizer(V))
+
+
+def _check_trl_distillation(ns, given):
+    from trl import DistillationTrainer
+
+    trainer = ns["trainer"]
+    assert isinstance(trainer, DistillationTrainer) and trainer.teacher_model is given["teacher"]
+    trainer.train()  # one on-policy step: generation, the fused loss, the entropy metric
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 1 and logged[0]["entropy"] > 0 and logged[0]["loss"] == logged[0]["loss"]
+
+
 def _loss_ok(ns, name="loss"):
     loss = ns[name]
     assert loss.dim() == 0 and torch.isfinite(loss), name
@@ -184,6 +208,7 @@ EXAMPLES = {
     "from distill_ops.integrations.hf import causal_lm_distillation_loss, FusedDistillationTrainer":
         (_hf_trainer, _check_hf_trainer),
     "from distill_ops.integrations.trl import FusedGKDTrainer, generalized_jsd_loss": (_trl, _check_trl),
+    "from distill_ops.integrations.trl import FusedDistillationTrainer": (_trl_distillation, _check_trl_distillation),
     "from distill_ops import topk_kl_div, DACKLLoss": (_topk, _check_topk),
     "from distill_ops import aligndistil_kl": (_aligndistil, _check_aligndistil),
     "from distill_ops import build_tree, tree_from_paths, tree_attention, verify_sampling, compact_kv_cache":
@@ -206,7 +231,7 @@ def test_every_readme_example_is_checked():
 def test_readme_example_runs(block, tmp_path):
     prelude, check = EXAMPLES[_key(block)]
     torch.manual_seed(0)
-    given = prelude(tmp_path) if prelude in (_hf_trainer, _trl) else prelude()
+    given = prelude(tmp_path) if prelude in (_hf_trainer, _trl, _trl_distillation) else prelude()
     namespace = dict(given)
     exec(compile(block.replace('"cuda"', repr(DEVICE.type)), str(README), "exec"), namespace)
     check(namespace, given)

@@ -1,8 +1,8 @@
-"""TRL integration: GKD (generalized knowledge distillation) with our fused losses.
+"""TRL integration: GKD and on-policy distillation (``DistillationTrainer``) with our fused losses.
 
 TRL's ``GKDTrainer`` scores the student against the teacher with ``generalized_jsd_loss`` over both models'
 ``[B, L, V]`` logits, computed eagerly: a log-softmax of each side, their mixture, two element-wise KL
-tensors, each ``[B, L, V]``. Two drop-ins:
+tensors, each ``[B, L, V]``; TRL's ``DistillationTrainer`` has its own chunked loss. Three drop-ins:
 
 * :func:`generalized_jsd_loss`: the same signature and the same numbers (``beta`` on the teacher side,
   ``temperature`` dividing both logits, ``labels == -100`` ignored, ``reduction`` ``"batchmean"`` / ``"sum"`` /
@@ -14,6 +14,21 @@ tensors, each ``[B, L, V]``. Two drop-ins:
   (``divergence="jsd"``, ``beta=self.beta``; labels shifted as TRL shifts them; ``num_items_in_batch`` as
   TRL's normalizer). Needs ``trl`` (``GKDTrainer`` from ``trl.experimental.gkd``, or ``trl`` before it moved
   there).
+* ``FusedDistillationTrainer``: TRL's ``DistillationTrainer`` (on-policy distillation: the student generates the
+  completions of the dataset's prompts, then matches the teacher's next-token distribution over them with the
+  generalized JSD of ``beta``) with :func:`~distill_ops.integrations.hf.causal_lm_distillation_loss` in place of
+  TRL's chunked divergence (``_chunked_divergence_loss``: cuBLAS logit tiles of both models in fp32 and TRL's
+  statistics kernels). Generation, batching, the normaliser (``num_items_in_batch`` counted over the generated
+  completions, divided by the number of processes) and the logged ``entropy`` metric are TRL's; the metric comes from
+  ``causal_lm_distillation_loss(return_entropy=True)``, in the same pass (the student's entropy at
+  ``temperature``). The student, bare or wrapped (DDP / FSDP), is routed by that helper as in
+  :mod:`distill_ops.integrations.hf`. Scored tokens: the completion tokens (``completion_mask``, times
+  ``tool_mask`` when present), as TRL scores them; ``beta``, ``temperature``, logit scaling and soft-capping as
+  TRL applies them. Like TRL's, the loss does not enter the Trainer's autocast (``bf16=True``, the config's
+  default, leaves fp32 models in fp32 there). Multimodal batches (vision-language students) are refused with a
+  ``ValueError``, a trainer without a local ``teacher_model`` (TRL's server-teacher subclasses) with a
+  ``NotImplementedError``. This ``FusedDistillationTrainer`` is TRL's on-policy trainer; the one of
+  :mod:`distill_ops.integrations.hf` is a ``transformers.Trainer`` on a labelled dataset.
 
 TRL's ``reduction="none"`` returns the element-wise ``[..., V]`` divergence terms, which a streamed loss never
 forms: it is refused (``distill_ops.kl_div(..., divergence="jsd", reduction="none")`` gives per-token values).
@@ -26,10 +41,12 @@ from __future__ import annotations
 import warnings
 from typing import Any, Optional
 
+import torch
 from torch import Tensor
 
 from ..kl_div import kl_div
-from .hf import trainer_autocast, trainer_loss, trainer_normalizer
+from .hf import _REFUSED_INPUT_PREFIXES, causal_lm_distillation_loss, trainer_autocast, trainer_loss, \
+    trainer_normalizer
 
 _REDUCTIONS = ("batchmean", "sum", "mean")
 
@@ -121,10 +138,78 @@ def _trainer_class():
     return FusedGKDTrainer
 
 
+def distillation_trainer_loss(trainer, student, inputs: dict, num_items_in_batch, **fused_loss_kwargs):
+    """``(loss, entropy sum, scored-token count)`` of one generated batch of TRL's ``DistillationTrainer`` (its
+    ``prompt_ids`` / ``prompt_mask`` left-padded, ``completion_ids`` / ``completion_mask`` right-padded, optional
+    ``tool_mask``): :func:`~distill_ops.integrations.hf.causal_lm_distillation_loss` of ``student`` (bare or wrapped
+    for DDP / FSDP: the helper routes it) against ``trainer.teacher_model``."""
+    refused = [key for key in inputs
+               if key.startswith(_REFUSED_INPUT_PREFIXES) or key in ("spatial_shapes", "token_type_ids", "num_images",
+                                                                     "num_tiles")]
+    if refused:
+        raise ValueError(
+            f"FusedDistillationTrainer runs the models' language bodies on token ids only; the batch holds multimodal "
+            f"inputs {refused} (a vision-language student): use TRL's DistillationTrainer for those"
+        )
+    if trainer.teacher_model is None:
+        raise NotImplementedError(
+            "FusedDistillationTrainer needs a local teacher_model (its hidden states and LM head); this trainer has "
+            "none (a teacher served remotely gives no hidden states)"
+        )
+    prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+    scored = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+    # Labels: none on the prompt, the completion tokens where scored (position i's target is token i + 1).
+    labels = torch.cat([torch.full_like(prompt_ids, -100), torch.where(scored.bool(), completion_ids, -100)], dim=1)
+    trainer.teacher_model.eval()
+    loss, entropy = causal_lm_distillation_loss(
+        student, trainer.teacher_model, torch.cat([prompt_ids, completion_ids], dim=1), labels,
+        torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1), divergence="jsd", beta=trainer.beta,
+        temperature=trainer.temperature, normalizer=num_items_in_batch, return_entropy=True, **fused_loss_kwargs,
+    )
+    return loss, entropy.sum(), (labels[:, 1:] != -100).sum()
+
+
+def _distillation_trainer_class():
+    try:
+        from trl import DistillationTrainer
+    except ImportError as error:
+        raise ImportError(f"FusedDistillationTrainer needs trl's DistillationTrainer (trl >= 1.0): {error}") from None
+
+    class FusedDistillationTrainer(DistillationTrainer):
+        """TRL's ``DistillationTrainer`` with the fused loss (see the module docstring); constructed exactly like
+        it. ``fused_loss_kwargs`` (an instance or class attribute, default empty) adds keyword arguments of
+        :func:`~distill_ops.integrations.hf.causal_lm_distillation_loss` (``impl``, ``vocab_size``, ...).
+
+        ``compute_loss`` is TRL's, with the loss computed by :func:`distillation_trainer_loss` on the Trainer's
+        (possibly wrapped) model: the normaliser is the count of generated tokens TRL puts in the batch, divided
+        by the number of processes (DDP averages the gradients), and the mean entropy over the scored tokens of
+        every process is logged as TRL logs it."""
+
+        fused_loss_kwargs: dict = {}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.model.training and inputs.get("num_items_in_batch") is not None:
+                # transformers counted the dataset's tokens, before generation; TRL counts the completions.
+                num_items_in_batch = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            loss, entropy_sum, count = distillation_trainer_loss(self, model, inputs, num_items_in_batch,
+                                                                 **self.fused_loss_kwargs)
+            # The metric's collectives run after the loss (never inside a wrapper's forward).
+            count = self.accelerator.gather_for_metrics(count).sum()
+            entropy_sum = self.accelerator.gather_for_metrics(entropy_sum.detach()).sum()
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["entropy"].append((entropy_sum / count).item() if count > 0 else 0.0)
+            return (loss, None) if return_outputs else loss
+
+    return FusedDistillationTrainer
+
+
+_TRAINERS = {"FusedGKDTrainer": _trainer_class, "FusedDistillationTrainer": _distillation_trainer_class}
+
+
 def __getattr__(name: str) -> Any:
     # trl (and transformers) are imported on first use only.
-    if name == "FusedGKDTrainer":
-        trainer = _trainer_class()
+    if name in _TRAINERS:
+        trainer = _TRAINERS[name]()
         globals()[name] = trainer
         return trainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
