@@ -399,14 +399,17 @@ def _prompt_dataset():
     return datasets.Dataset.from_dict({"prompt": ["t5 t9 t11", "t20 t3", "t7 t8 t9 t10", "t40"]})
 
 
-@pytest.mark.parametrize("bf16, accumulation", [(False, 1), (True, 2)], ids=["fp32", "bf16-accumulation"])
-def test_fused_distillation_trainer_step_equals_trls(tmp_path, bf16, accumulation):
+@pytest.mark.parametrize("bf16, accumulation, lora", [(False, 1, False), (True, 2, False), (False, 1, True)],
+                         ids=["fp32", "bf16-accumulation", "lora"])
+def test_fused_distillation_trainer_step_equals_trls(tmp_path, bf16, accumulation, lora):
     """Real training steps of ``FusedDistillationTrainer`` and of TRL's ``DistillationTrainer`` from the same
     student, with the config's defaults where they matter (beta = 1, gradient checkpointing on, and ``bf16=True``,
     under which TRL generates in bf16 but its loss runs the fp32 models in fp32, as ours does): the student
     generates the same
     completions under the same seed, and both log the same loss and entropy and end with the same weights; with
-    gradient accumulation TRL's normaliser counts the generated tokens of the accumulated batches."""
+    gradient accumulation TRL's normaliser counts the generated tokens of the accumulated batches; with
+    ``peft_config`` (LoRA on the attention and a trainable copy of the LM head; TRL refuses LoRA on the head) the
+    same adapter and head-copy weights."""
     import copy
 
     from trl import DistillationConfig, DistillationTrainer
@@ -425,11 +428,18 @@ def test_fused_distillation_trainer_step_equals_trls(tmp_path, bf16, accumulatio
             use_cpu=DEVICE.type == "cpu", dataloader_pin_memory=False, max_completion_length=5, temperature=0.9,
             seed=7, bf16=bf16,
         )
+        peft = {}
+        if lora:
+            peft_module = pytest.importorskip("peft")
+            peft["peft_config"] = peft_module.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                         modules_to_save=["lm_head"], init_lora_weights=False)
+            torch.manual_seed(3)  # the adapters' initialisation
         trainer = cls(model=model, teacher_model=teacher, args=args, train_dataset=_prompt_dataset(),
-                      processing_class=tiny_tokenizer())
+                      processing_class=tiny_tokenizer(), **peft)
+        model = trainer.model
         logit_scale(model)  # our one-time probe (a no-grad forward), before the hook that tells generation apart
         seen = dtypes.setdefault(cls.__name__, set())  # (generating or scoring, dtype) of the student's layer
-        hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        hook = model.get_decoder().layers[0].self_attn.q_proj.register_forward_hook(
             lambda module, args, output: seen.add(("scoring" if torch.is_grad_enabled() else "generating",
                                                    output.dtype)))
         trainer.train()
@@ -443,9 +453,13 @@ def test_fused_distillation_trainer_step_equals_trls(tmp_path, bf16, accumulatio
     for (loss, entropy), (expected_loss, expected_entropy) in zip(logs, expected_logs):
         assert loss == pytest.approx(expected_loss, rel=1e-5) and entropy == pytest.approx(expected_entropy, rel=1e-5)
         assert entropy > 1.0
+    assert set(weights) == set(expected_weights)
     for name, p in weights.items():
         assert_close(p, expected_weights[name], torch.float32, msg=name)
-    assert not torch.equal(weights["lm_head.weight"], student.lm_head.weight)  # the steps moved the student
+    head = next(name for name in weights if name.endswith("lm_head.weight") or "lm_head.modules_to_save" in name)
+    assert not torch.equal(weights[head], student.lm_head.weight)  # the steps moved the student (its head copy)
+    if lora:
+        assert any("lora_" in name for name in weights)
     assert all(torch.equal(p, teacher_before[name]) for name, p in teacher.named_parameters())
 
 
