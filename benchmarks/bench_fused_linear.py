@@ -8,6 +8,8 @@ Impls per case (a full pass is loss forward + backward to the student's hidden s
 * ``ours_triton_fp32acc``: the default strategy with ``GRAD_HIDDEN_ACCUMULATION = "fp32"`` (d_hidden through
   cuBLAS into an fp32 accumulator instead of the compensated bf16 pair: 2·N·H bytes more, CUDA only).
 * ``ours_torch``: the chunked PyTorch fallback.
+* ``ours_triton_entropy`` / ``ours_torch_entropy``: the same with ``return_entropy=True`` (the student's entropy,
+  which TRL's loss below always computes; the Triton one at the target shape only).
 * ``eager``: what a user writes: both logits materialised (``h @ W.T`` in the input dtype), fp32
   log-softmax of both, the divergence, the mean (:func:`eager_loss`).
 * ``torch_compile``: ``torch.compile`` of that formula.
@@ -112,11 +114,13 @@ def compiled_loss() -> Callable:
     return _COMPILED[0]
 
 
-def ours_loss(impl: str, strategy: str = "tiles", accumulation: str = "compensated") -> Callable:
+def ours_loss(impl: str, strategy: str = "tiles", accumulation: str = "compensated",
+              entropy: bool = False) -> Callable:
     def loss(student_hidden, student_weight, teacher_hidden, teacher_weight):
         with triton_strategy(strategy, accumulation=accumulation):
-            return fused_linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                       divergence="jsd", beta=JSD_BETA, impl=impl)
+            result = fused_linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                         divergence="jsd", beta=JSD_BETA, impl=impl, return_entropy=entropy)
+        return result[0] if entropy else result  # the entropy as TRL's loss also computes it
 
     return loss
 
@@ -192,6 +196,7 @@ def _unavailable(device: str) -> dict[str, str]:
     if device != "cuda":
         skipped["ours_triton"] = "needs CUDA (the Triton interpreter is a test path, not a benchmark)"
         skipped["ours_triton_gemm"] = skipped["ours_triton_fp32acc"] = skipped["ours_triton"]
+        skipped["ours_triton_entropy"] = skipped["ours_triton"]
         skipped["liger"] = "Liger-Kernel needs CUDA"
     elif importlib.util.find_spec("liger_kernel") is None:
         skipped["liger"] = "liger_kernel not installed (pip install liger-kernel, the `bench` extra)"
@@ -209,6 +214,8 @@ def fused_linear_case(rows, hidden, vocab, dtype, device, *, impls, skipped=None
         "ours_triton_gemm": lambda: ours_loss("triton", "gemm"),
         "ours_triton_fp32acc": lambda: ours_loss("triton", accumulation="fp32"),
         "ours_torch": lambda: ours_loss("torch"),
+        "ours_triton_entropy": lambda: ours_loss("triton", entropy=True),
+        "ours_torch_entropy": lambda: ours_loss("torch", entropy=True),
         "eager": lambda: eager_loss,
         "torch_compile": compiled_loss,
         "liger": liger_loss,
@@ -378,8 +385,8 @@ def summarize_results(results: list[dict], meta: dict) -> str:
 
 def cases(device: str, quick: bool) -> list[Case]:
     """fused_linear_kl_div cases for ``device`` (CPU always gets its small shapes)."""
-    all_impls = ("ours_triton", "ours_triton_gemm", "ours_triton_fp32acc", "ours_torch", "eager", "torch_compile",
-                 "liger", "trl_chunked")
+    all_impls = ("ours_triton", "ours_triton_gemm", "ours_triton_fp32acc", "ours_triton_entropy", "ours_torch", "eager",
+                 "torch_compile", "liger", "trl_chunked")
     if device == "cuda":
         result = []
         for rows, hidden, vocab in GPU_QUICK_SHAPES if quick else GPU_SHAPES:
@@ -387,6 +394,7 @@ def cases(device: str, quick: bool) -> list[Case]:
             if (rows, hidden, vocab) != TARGET_SHAPE or quick:
                 skipped["torch_compile"] = "compiled at the target shape only (compile time, GPU time budget)"
                 skipped["ours_triton_fp32acc"] = "the fp32 d_hidden accumulator is compared at the target shape only"
+                skipped["ours_triton_entropy"] = "the entropy variant is compared at the target shape only"
             if rows * vocab > EAGER_MAX_ELEMENTS:
                 skipped["eager"] = skipped["torch_compile"] = "materialised logits exceed the memory budget"
             result.append(fused_linear_case(rows, hidden, vocab, torch.bfloat16, device, impls=all_impls,
@@ -395,7 +403,8 @@ def cases(device: str, quick: bool) -> list[Case]:
                 result.append(sweep_case(rows, hidden, vocab, torch.bfloat16, device))
         return result
     result = [
-        fused_linear_case(rows, hidden, vocab, torch.float32, device, impls=("ours_torch", "eager", "trl_chunked"))
+        fused_linear_case(rows, hidden, vocab, torch.float32, device,
+                          impls=("ours_torch", "ours_torch_entropy", "eager", "trl_chunked"))
         for rows, hidden, vocab in (CPU_QUICK_TIME_SHAPES if quick else CPU_TIME_SHAPES)
     ]
     rows, hidden, vocab = CPU_QUICK_MEMORY_SHAPE if quick else CPU_MEMORY_SHAPE

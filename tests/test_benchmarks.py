@@ -292,7 +292,7 @@ def test_engine_overhead_triton_launches_per_step():
 
 def test_fused_linear_baselines_compute_our_loss_and_gradients():
     """The fused-linear benchmark's baselines (the eager formula; TRL's DistillationTrainer chunked loss, when
-    this trl has it) compute our loss and both student gradients; the CPU cases time them."""
+    this trl has it) and our entropy variant compute our loss and both student gradients; the CPU cases time them."""
     from benchmarks import bench_fused_linear as bench
     from distill_ops import fused_linear_kl_div
 
@@ -301,7 +301,7 @@ def test_fused_linear_baselines_compute_our_loss_and_gradients():
     expected = fused_linear_kl_div(student_hidden, student_weight, *inputs[2:], divergence="jsd",
                                    beta=bench.JSD_BETA, impl="torch")
     expected_grads = torch.autograd.grad(expected, (student_hidden, student_weight))
-    baselines = {"eager": bench.eager_loss}
+    baselines = {"eager": bench.eager_loss, "ours_torch_entropy": bench.ours_loss("torch", entropy=True)}
     if bench._trl_chunked_unavailable() is None:
         baselines["trl_chunked"] = bench.trl_chunked_loss()
     else:
