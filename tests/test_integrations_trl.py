@@ -405,8 +405,8 @@ def test_fused_distillation_trainer_step_equals_trls(tmp_path, bf16, accumulatio
     """Real training steps of ``FusedDistillationTrainer`` and of TRL's ``DistillationTrainer`` from the same
     student, with the config's defaults where they matter (beta = 1, gradient checkpointing on, and ``bf16=True``,
     under which TRL generates in bf16 but its loss runs the fp32 models in fp32, as ours does): the student
-    generates the same
-    completions under the same seed, and both log the same loss and entropy and end with the same weights; with
+    generates the same completions under the same seed, both log the same loss and entropy, end with the same
+    weights and report the same evaluation loss and entropy (``evaluate``: the mean over generated tokens); with
     gradient accumulation TRL's normaliser counts the generated tokens of the accumulated batches; with
     ``peft_config`` (LoRA on the attention and a trainable copy of the LM head; TRL refuses LoRA on the head) the
     same adapter and head-copy weights."""
@@ -435,7 +435,7 @@ def test_fused_distillation_trainer_step_equals_trls(tmp_path, bf16, accumulatio
                                                          modules_to_save=["lm_head"], init_lora_weights=False)
             torch.manual_seed(3)  # the adapters' initialisation
         trainer = cls(model=model, teacher_model=teacher, args=args, train_dataset=_prompt_dataset(),
-                      processing_class=tiny_tokenizer(), **peft)
+                      eval_dataset=_prompt_dataset(), processing_class=tiny_tokenizer(), **peft)
         model = trainer.model
         logit_scale(model)  # our one-time probe (a no-grad forward), before the hook that tells generation apart
         seen = dtypes.setdefault(cls.__name__, set())  # (generating or scoring, dtype) of the student's layer
@@ -445,11 +445,13 @@ def test_fused_distillation_trainer_step_equals_trls(tmp_path, bf16, accumulatio
         trainer.train()
         hook.remove()
         logged = [(entry["loss"], entry["entropy"]) for entry in trainer.state.log_history if "loss" in entry]
+        evaluated = trainer.evaluate()  # prediction_step -> compute_loss on freshly generated completions
+        logged.append((evaluated["eval_loss"], evaluated["eval_entropy"]))
         results.append((logged, dict(trainer.model.named_parameters())))
     (expected_logs, expected_weights), (logs, weights) = results
     generation = torch.bfloat16 if bf16 else torch.float32  # TRL generates under the Trainer's autocast
     assert all(seen == {("generating", generation), ("scoring", torch.float32)} for seen in dtypes.values()), dtypes
-    assert len(logs) == len(expected_logs) == 2
+    assert len(logs) == len(expected_logs) == 3  # two training steps, one evaluation
     for (loss, entropy), (expected_loss, expected_entropy) in zip(logs, expected_logs):
         assert loss == pytest.approx(expected_loss, rel=1e-5) and entropy == pytest.approx(expected_entropy, rel=1e-5)
         assert entropy > 1.0
