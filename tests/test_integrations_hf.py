@@ -143,18 +143,33 @@ def test_trainer_trains_with_the_fused_loss(tmp_path):
     rows = [{"input_ids": input_ids[i], "attention_mask": attention_mask[i], "labels": labels[i]} for i in range(2)]
     trainer = FusedDistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows,
                                        distill_kwargs=distill_kwargs)
+    expected_entropy = _mean_entropy(student, input_ids, attention_mask, labels)
     trainer.train()
-    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logged) == 1 and logged[0] == pytest.approx(float(expected), rel=1e-5)
+    logged = [(entry["loss"], entry["entropy"]) for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 1 and logged[0][0] == pytest.approx(float(expected), rel=1e-5)
+    assert logged[0][1] == pytest.approx(expected_entropy, rel=1e-5)  # the step's student, before its update
     for name, p in student.named_parameters():
         assert_close(p, expected_weights[name], torch.float32, msg=name)
     assert all(torch.equal(p, teacher_before[name]) for name, p in teacher.named_parameters())
     # Evaluation (the Trainer asks compute_loss for outputs and reads logits from them; there are none).
     expected = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, **distill_kwargs)
+    expected_entropy = _mean_entropy(student, input_ids, attention_mask, labels)
     for loss_only in (True, False):
         trainer.args.prediction_loss_only = loss_only
         metrics = trainer.evaluate(eval_dataset=rows)
         assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
+        assert metrics["eval_entropy"] == pytest.approx(expected_entropy, rel=1e-5)
+    trainer.log_entropy = False
+    assert "eval_entropy" not in trainer.evaluate(eval_dataset=rows)
+
+
+def _mean_entropy(student, input_ids, attention_mask, labels, temperature=1.0) -> float:
+    """The student's mean entropy per scored (shifted-label) position, from its own logits (float64)."""
+    with torch.no_grad():
+        logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].double()
+    log_q = torch.log_softmax(logits / temperature, dim=-1)
+    scored = labels[:, 1:] != -100
+    return float((-(log_q.exp() * log_q).sum(-1))[scored].mean())
 
 
 def test_trainer_bf16_runs_the_loss_under_the_trainers_autocast(tmp_path):
@@ -736,25 +751,32 @@ def _trainer_ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str) -> N
     args = transformers.TrainingArguments(
         output_dir=out_dir, max_steps=1, per_device_train_batch_size=1, learning_rate=0.05, optim="sgd",
         lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to="none", save_strategy="no",
-        use_cpu=True, dataloader_pin_memory=False, ddp_backend="gloo",
+        use_cpu=True, dataloader_pin_memory=False, ddp_backend="gloo", logging_steps=1,
     )
     trainer = FusedDistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows,
                                        distill_kwargs={"divergence": "reverse", "impl": "torch"})
     assert trainer.args.world_size == world
     trainer.train()
+    entropy = [entry["entropy"] for entry in trainer.state.log_history if "entropy" in entry]
     torch.save({name: p.detach() for name, p in student.named_parameters()}, f"{out_dir}/weights{rank}.pt")
+    torch.save(entropy, f"{out_dir}/entropy{rank}.pt")
 
 
 def test_trainer_on_two_ddp_ranks_equals_one_process(tmp_path):
     """A real ``transformers.Trainer`` on two DDP ranks (gloo, CPU), one sequence per rank: both ranks end with the
     SGD update of the token mean over both sequences, as one process with the whole batch. (With the Trainer's
-    all-rank count passed unscaled, the update was half of it.)"""
+    all-rank count passed unscaled, the update was half of it.) Both log the mean entropy over both sequences'
+    scored tokens."""
     import torch.multiprocessing as mp
 
     mp.start_processes(_trainer_ddp_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2,
                        start_method="spawn")
     student, teacher = (model.cpu() for model in _tiny_models())
     input_ids, attention_mask, labels = (tensor.cpu() for tensor in _batch())
+    expected_entropy = _mean_entropy(student, input_ids, attention_mask, labels)
+    for rank in range(2):
+        entropy = torch.load(tmp_path / f"entropy{rank}.pt")
+        assert len(entropy) == 1 and entropy[0] == pytest.approx(expected_entropy, rel=1e-5), rank
     causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, divergence="reverse",
                                 impl="torch").backward()
     for rank in range(2):

@@ -442,7 +442,14 @@ def _trainer_class():
         ``FusedDistillationTrainer(model=student, teacher_model=teacher, args=..., train_dataset=...,
         distill_kwargs={"divergence": "jsd", "temperature": 2.0, "ce_weight": 0.5})``. The teacher is
         frozen and put in eval mode; move it to the student's device yourself.
+
+        Besides the loss it logs ``entropy`` (``eval_entropy`` in evaluation): the student's mean entropy per
+        scored token at the loss's temperature, over the steps since the last log and every process, computed in
+        the loss's own pass (as TRL's ``DistillationTrainer`` logs it; the sums stay on the device until the
+        Trainer logs). ``log_entropy = False`` (class or instance attribute) turns it off.
         """
+
+        log_entropy: bool = True
 
         def __init__(self, *args: Any, teacher_model: nn.Module, distill_kwargs: Optional[dict] = None, **kwargs: Any):
             super().__init__(*args, **kwargs)
@@ -458,9 +465,24 @@ def _trainer_class():
                 )
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            totals = None
+            if self.log_entropy:
+                totals = self.__dict__.setdefault("_entropy_totals", {}).setdefault(
+                    "train" if model.training else "eval",
+                    torch.zeros(2, dtype=torch.float32, device=inputs["input_ids"].device))
             with trainer_autocast(self):
                 return trainer_loss(model, self.teacher_model, inputs, return_outputs,
-                                    trainer_normalizer(self, num_items_in_batch), **self.distill_kwargs)
+                                    trainer_normalizer(self, num_items_in_batch), totals, **self.distill_kwargs)
+
+        def log(self, logs: dict, start_time: Optional[float] = None) -> None:
+            evaluation = any(key.startswith("eval_") for key in logs)
+            totals = self.__dict__.get("_entropy_totals", {}).pop("eval" if evaluation else "train", None)
+            if totals is not None:
+                # Every process logs at the same steps (the Trainer gathers its loss there too): sum over them.
+                entropy_sum, count = self.accelerator.reduce(totals, reduction="sum").tolist()
+                if count > 0:  # in place: evaluate() returns the dict it logs
+                    logs["eval_entropy" if evaluation else "entropy"] = entropy_sum / count
+            super().log(logs, start_time)
 
     return FusedDistillationTrainer
 
@@ -655,7 +677,8 @@ _REFUSED_INPUT_PREFIXES = ("pixel_values", "pixel_attention_mask", "image_", "vi
 
 
 def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_outputs: bool = False,
-                 num_items_in_batch: float | Tensor | None = None, **distill_kwargs: Any):
+                 num_items_in_batch: float | Tensor | None = None, entropy_totals: Optional[Tensor] = None,
+                 **distill_kwargs: Any):
     """A ``Trainer.compute_loss`` body: :func:`causal_lm_distillation_loss` on a collated batch
     (``input_ids``, optional ``labels`` / ``attention_mask``, and the packed-sequence entries of
     :data:`PACKING_KEYS`: ``position_ids``, flash-attention boundaries) with ``normalizer=num_items_in_batch``.
@@ -670,7 +693,11 @@ def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_ou
 
     With ``return_outputs`` returns ``(loss, {"loss": loss})``: no logits exist to return, and the Trainer's
     evaluation reads the outputs' other entries as its logits (none here; ``None`` in their place fails
-    ``Trainer.evaluate``)."""
+    ``Trainer.evaluate``).
+
+    ``entropy_totals``: a float ``[2]`` tensor on the loss's device; when given, the student's entropy at the
+    loss's temperature is computed in the same pass (``return_entropy``) and its sum over the scored positions and
+    their count are added to it in place (no host synchronisation), for the Trainer to log."""
     refused = [key for key in inputs if key == "shift_labels" or key.startswith(_REFUSED_INPUT_PREFIXES)]
     if refused:
         raise ValueError(
@@ -686,8 +713,15 @@ def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_ou
         attention_mask=inputs.get("attention_mask"),
         normalizer=num_items_in_batch,
         model_kwargs={key: inputs[key] for key in PACKING_KEYS if key in inputs},
+        return_entropy=entropy_totals is not None,
         **distill_kwargs,
     )
+    if entropy_totals is not None:
+        loss, entropy = loss
+        ignore_index = distill_kwargs.get("ignore_index", -100)
+        scored = shift_labels(inputs["input_ids"], inputs.get("labels"), inputs.get("attention_mask"),
+                              ignore_index) != ignore_index
+        entropy_totals += torch.stack([entropy.sum(), scored.sum().to(entropy.dtype)]).to(entropy_totals.device)
     return (loss, {"loss": loss}) if return_outputs else loss
 
 
