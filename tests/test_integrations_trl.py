@@ -149,6 +149,17 @@ def tiny_tokenizer(vocab: int = VOCAB):
                                                 unk_token="t2")
 
 
+def _lora_head_copy() -> dict:
+    """``peft_config`` of the trainer tests: LoRA on the attention and a trainable copy of the LM head (TRL refuses
+    LoRA on the head), initialised under a fixed seed."""
+    peft = pytest.importorskip("peft")
+    # init_lora_weights=False: B starts random too, so that every adapter tensor moves in the step.
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                             init_lora_weights=False)
+    torch.manual_seed(3)  # the adapters' initialisation
+    return {"peft_config": config}
+
+
 @pytest.mark.parametrize("lmbda, lora, bf16", [(0.0, False, False), (1.0, False, False), (0.0, True, False),
                                               (0.0, False, True)], ids=["off", "on", "off-lora", "off-bf16"])
 def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora, bf16):
@@ -191,13 +202,7 @@ def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora, bf16):
             # the same student (TRL's bf16 logits and our fp32 head GEMM differ at bf16's precision).
             bf16=bf16,
         )
-        peft = {}
-        if lora:
-            peft_module = pytest.importorskip("peft")
-            # init_lora_weights=False: B starts random too, so that every adapter tensor moves in the step.
-            peft["peft_config"] = peft_module.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                         modules_to_save=["lm_head"], init_lora_weights=False)
-            torch.manual_seed(3)  # the adapters' initialisation
+        peft = _lora_head_copy() if lora else {}
         trainer = cls(model=model, teacher_model=teacher, args=args, train_dataset=dataset, data_collator=collate,
                       processing_class=tiny_tokenizer(), **peft)
         seen = dtypes.setdefault(cls.__name__, set())
@@ -217,7 +222,9 @@ def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora, bf16):
     for name, p in weights.items():
         assert_close(p, expected_weights[name], precision, msg=name)
     if lora:  # the adapters moved (TRL's initial ones equal ours: same seed), the base weights did not
-        assert isinstance(trained, peft_module.PeftModel)
+        import peft
+
+        assert isinstance(trained, peft.PeftModel)
         adapters = [name for name in weights if "lora_" in name]
         assert adapters and all(weights[name].requires_grad for name in adapters)
         assert torch.equal(trained.get_base_model().lm_head.original_module.weight, student.lm_head.weight)
@@ -367,6 +374,7 @@ def test_fused_distillation_compute_loss_equals_trls(impl, beta, temperature, it
                         {name: p.grad.clone() for name, p in student.named_parameters()}))
     (expected, expected_entropy, expected_grads), (loss, entropy, grads) = results
     assert_close(loss, expected, torch.float32, "loss")
+    entropy = [float(value) for value in entropy]  # ours stays a device tensor until the Trainer logs
     assert len(entropy) == len(expected_entropy) == 1 and entropy[0] == pytest.approx(expected_entropy[0], rel=1e-5)
     assert entropy[0] > 1.0
     for name, grad in grads.items():
@@ -428,12 +436,7 @@ def test_fused_distillation_trainer_step_equals_trls(tmp_path, bf16, accumulatio
             use_cpu=DEVICE.type == "cpu", dataloader_pin_memory=False, max_completion_length=5, temperature=0.9,
             seed=7, bf16=bf16,
         )
-        peft = {}
-        if lora:
-            peft_module = pytest.importorskip("peft")
-            peft["peft_config"] = peft_module.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                         modules_to_save=["lm_head"], init_lora_weights=False)
-            torch.manual_seed(3)  # the adapters' initialisation
+        peft = _lora_head_copy() if lora else {}
         trainer = cls(model=model, teacher_model=teacher, args=args, train_dataset=_prompt_dataset(),
                       eval_dataset=_prompt_dataset(), processing_class=tiny_tokenizer(), **peft)
         model = trainer.model

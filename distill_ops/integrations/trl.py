@@ -183,7 +183,7 @@ def _distillation_trainer_class():
         ``compute_loss`` is TRL's, with the loss computed by :func:`distillation_trainer_loss` on the Trainer's
         (possibly wrapped) model: the normaliser is the count of generated tokens TRL puts in the batch, divided
         by the number of processes (DDP averages the gradients), and the mean entropy over the scored tokens of
-        every process is logged as TRL logs it."""
+        every process is logged as TRL logs it (each step's value stays on the device until ``log``)."""
 
         fused_loss_kwargs: dict = {}
 
@@ -197,8 +197,16 @@ def _distillation_trainer_class():
             count = self.accelerator.gather_for_metrics(count).sum()
             entropy_sum = self.accelerator.gather_for_metrics(entropy_sum.detach()).sum()
             mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["entropy"].append((entropy_sum / count).item() if count > 0 else 0.0)
+            # Kept on the device (no host read per step): log() reads the step values once.
+            self._metrics[mode]["entropy"].append(torch.where(count > 0, entropy_sum / count.clamp(min=1), 0.0))
             return (loss, None) if return_outputs else loss
+
+        def log(self, logs, start_time=None):
+            for metrics in self._metrics.values():
+                values = metrics.get("entropy")
+                if values and torch.is_tensor(values[0]):
+                    metrics["entropy"] = torch.stack(values).tolist()  # TRL's log averages floats
+            super().log(logs, start_time)
 
     return FusedDistillationTrainer
 
