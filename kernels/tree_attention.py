@@ -297,6 +297,8 @@ def _block_config(rows_per_group: int, head_dim: int, dtype: torch.dtype, softca
 
 def _base_block_config(rows_per_group: int, head_dim: int, dtype: torch.dtype) -> BlockConfig:
     if dtype == torch.float32:
+        if head_dim == 32:  # 64-key tiles left an 8-byte stack frame on sm_80 and sm_90a (triton 3.6)
+            return BlockConfig(32, 32, 32, 8, 2)
         return BlockConfig(16 if head_dim > 64 else 32, 64, 64, 8, 2)
     if head_dim > 128:
         block_m = 32 if rows_per_group <= 32 else 64
@@ -449,12 +451,13 @@ _AOT_ROWS = (4, 32, 64, 128)
 
 
 def aot_specs() -> list[dict]:
-    """Every configuration the launchers use for D in {64, 128} (the three dtypes) and D = 256 (16-bit; fp32
-    D > 128 runs on the PyTorch path, see ``distill_ops.tree_attention``): each distinct ``_block_config``,
-    split and unsplit (GROUP is a specialisation value; 4 = Hq/Hkv 32/8 stands for all)."""
+    """Every configuration the launchers use for D in {16, 32, 64, 128} (the three dtypes) and D = 256 (16-bit;
+    fp32 D > 128 runs on the PyTorch path, see ``distill_ops.tree_attention``): each distinct ``_block_config``,
+    split and unsplit (GROUP is a specialisation value; 4 = Hq/Hkv 32/8 stands for all). D = 16 and 32 are the
+    small heads of tiny test models and draft layers, plain attention only."""
     specs = []
     for dtype, ty in _TRITON_TYPES.items():
-        for head_dim in (64, 128) if dtype == torch.float32 else (64, 128, 256):
+        for head_dim in (16, 32, 64, 128) if dtype == torch.float32 else (16, 32, 64, 128, 256):
             configs = sorted({_block_config(rows, head_dim, dtype) for rows in _AOT_ROWS})
             # Soft-capping (Gemma-2) and sliding windows (Mistral, Gemma-2/3 local layers): models with D = 128 or
             # 256, alone and together. Attention sinks (gpt-oss: D = 64, alternating full and sliding-window

@@ -92,6 +92,8 @@ CASES = {
     "T7-gqa-ragged": (3, 4, 2, 7, 64, [0, 9, 70], True),
     "T26-gqa4-ragged": (2, 8, 2, 26, 64, [33, 3], False),
     "T26-mqa-d128": (2, 4, 1, 26, 128, [17, 40], True),
+    "T9-gqa-d32": (2, 4, 2, 9, 32, [0, 70], True),  # fp32 D = 32: 32-key tiles, several of them
+    "T5-mqa-d16": (1, 2, 1, 5, 16, [65], False),
 }
 
 
