@@ -7,7 +7,6 @@ they look at shapes, dtypes, devices and Python scalars only.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Iterable, Literal, Optional, Sequence
 
@@ -98,7 +97,9 @@ def check_number(
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    ok = math.isfinite(value)
+    # x - x == 0 exactly for finite x (NaN for inf and NaN); unlike math.isfinite it also traces when
+    # torch.compile(dynamic=True) makes a float argument symbolic.
+    ok = value - value == 0
     if ok and low is not None:
         ok = value >= low if low_inclusive else value > low
     if ok and high is not None:
@@ -121,6 +122,11 @@ def check_labels(labels: object, leading_shape: torch.Size, device: torch.device
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but the logits are on {device}")
     return labels
+
+
+def flat_labels(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Labels ``[...]`` as contiguous int64 ``[N]`` (the kernels index them by row; a strided view is copied)."""
+    return None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
 
 
 def resolve_vocab(

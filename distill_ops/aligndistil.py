@@ -44,6 +44,7 @@ from ._utils import (
     check_same_device,
     check_tensor,
     finish_reduction,
+    flat_labels,
     reduction_weight,
     resolve_impl,
     resolve_vocab,
@@ -296,7 +297,7 @@ def aligndistil_kl(
     backend = resolve_impl(impl, student_logits.device)
     leading_shape = student_logits.shape[:-1]
     student_rows = as_rows(student_logits, vocab)
-    label_rows = None if labels is None else labels.reshape(-1).to(torch.int64)
+    label_rows = flat_labels(labels)
     active = None if label_rows is None else label_rows != ignore_index
     row_weight = reduction_weight(reduction, normalizer, active, student_rows.shape[0], student_rows.device)
     compute_grad = student_logits.requires_grad and torch.is_grad_enabled()

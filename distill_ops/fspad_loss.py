@@ -68,6 +68,18 @@ def fspad_draft_loss(
                 f"{name} must have the shape of target_next_features {tuple(target_next_features.shape)}, "
                 f"got {tuple(tensor.shape)}"
             )
+    if lm_head_weight.shape[1] != target_next_features.shape[-1]:
+        raise ValueError(
+            f"lm_head_weight must have shape [V, {target_next_features.shape[-1]}] (the features' width), "
+            f"got {tuple(lm_head_weight.shape)}"
+        )
+    if lm_head_bias is not None:
+        check_tensor("lm_head_bias", lm_head_bias, ndim=1)
+        if lm_head_bias.shape[0] != lm_head_weight.shape[0]:
+            raise ValueError(
+                f"lm_head_bias must have shape [{lm_head_weight.shape[0]}] (lm_head_weight's rows), "
+                f"got {tuple(lm_head_bias.shape)}"
+            )
     check_number("regress_weight", regress_weight, low=0.0)
     check_number("logit_weight", logit_weight, low=0.0)
     check_number("smooth_l1_beta", smooth_l1_beta, low=0.0)

@@ -65,6 +65,7 @@ from ._utils import (
     check_reduction,
     check_same_device,
     check_tensor,
+    flat_labels,
     reduce_rows,
     resolve_impl,
     resolve_vocab,
@@ -607,6 +608,8 @@ def _check_linear_side(side: str, hidden: Tensor, weight: Tensor, bias: Optional
             f"{side}_weight must have shape [vocab, {hidden.shape[-1]}] to match {side}_hidden's width "
             f"{hidden.shape[-1]}, got {tuple(weight.shape)}"
         )
+    if weight.shape[0] == 0:
+        raise ValueError(f"{side}_weight must have at least one row (a vocabulary of V >= 1), got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(
             f"{side}_hidden and {side}_weight must share a dtype, got {hidden.dtype} and {weight.dtype}"
@@ -636,6 +639,15 @@ def _weight_rows(weight: Tensor, vocab: int) -> Tensor:
     # allocate a zero-filled copy of the whole weight gradient.
     rows = weight if vocab == weight.shape[0] else weight[:vocab]
     return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _bias_rows(bias: Optional[Tensor], vocab: int) -> Optional[Tensor]:
+    """The first ``vocab`` entries with unit stride (the kernels index the bias by column; a strided view, e.g. one
+    column of a packed parameter, is copied)."""
+    if bias is None:
+        return None
+    rows = bias if vocab == bias.shape[0] else bias[:vocab]
+    return rows if rows.stride(0) == 1 else rows.contiguous()
 
 
 def _hidden_rows(hidden: Tensor) -> Tensor:
@@ -783,17 +795,15 @@ def fused_linear_kl_div(
 
     s_hidden = _hidden_rows(student_hidden)
     s_weight = _weight_rows(student_weight, vocab)
-    s_bias = student_bias
-    if student_bias is not None and vocab != student_bias.shape[0]:
-        s_bias = student_bias[:vocab]
+    s_bias = _bias_rows(student_bias, vocab)
     t_hidden = t_weight = t_bias = t_logits = None
     if teacher_logits is not None:
         t_logits = as_rows(teacher_logits.detach(), vocab)
     else:
         t_hidden = _hidden_rows(teacher_hidden.detach())
         t_weight = _weight_rows(teacher_weight.detach(), vocab)
-        t_bias = None if teacher_bias is None else teacher_bias.detach()[:vocab]
-    label_rows = None if labels is None else labels.reshape(-1).to(torch.int64)
+        t_bias = None if teacher_bias is None else _bias_rows(teacher_bias.detach(), vocab)
+    label_rows = flat_labels(labels)
     with autocast_off(autocast_device):
         row_loss, row_stats = torch.ops.distill_ops.fused_linear_kl_div_rows(
             s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, label_rows,

@@ -41,6 +41,7 @@ from ._utils import (
     check_same_device,
     check_tensor,
     finish_reduction,
+    flat_labels,
     reduction_weight,
     resolve_impl,
     resolve_vocab,
@@ -418,7 +419,7 @@ def kl_div(
     leading_shape = student_logits.shape[:-1]
     student_rows = as_rows(student_logits, vocab)
     teacher_rows = as_rows(teacher_logits.detach(), vocab)
-    label_rows = None if labels is None else labels.reshape(-1).to(torch.int64)
+    label_rows = flat_labels(labels)
     temperature = float(temperature)
     active = None if label_rows is None else label_rows != ignore_index
     row_weight = reduction_weight(reduction, normalizer, active, student_rows.shape[0], student_rows.device)

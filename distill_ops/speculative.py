@@ -86,6 +86,7 @@ from .tree import (
     TreeSpec,
     build_tree,
     int64_to_device,
+    ordered_paths,
     tree_from_paths,
     tree_spec_from_parents_tensor,
     tree_spec_in_place,
@@ -730,7 +731,7 @@ class _StaticPlan:
     """Everything about a static tree that does not depend on the tokens, prepared once."""
 
     tree: TreeSpec
-    num_children_max: int
+    num_children_max: int  # how many of a parent's most likely tokens the drafter takes (the largest rank + 1)
     root_child_nodes: torch.Tensor  # nodes whose parent is the root
     root_child_ranks: torch.Tensor
     # per level d = 1 .. max_depth - 1: (eval nodes, draft-tree spec after appending them,
@@ -738,7 +739,9 @@ class _StaticPlan:
     levels: list[tuple[torch.Tensor, TreeSpec, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _static_plan(parents: list[int], device: torch.device) -> _StaticPlan:
+def _static_plan(parents: list[int], device: torch.device, ranks: list[int] | None = None) -> _StaticPlan:
+    """``ranks[i]``: node i drafts its parent's ``ranks[i]``-th most likely token (EAGLE paths' last entries);
+    by default its position among its siblings in node order."""
     num_nodes = len(parents)
     depth = [0] * num_nodes
     children: list[list[int]] = [[] for _ in range(num_nodes)]
@@ -748,7 +751,7 @@ def _static_plan(parents: list[int], device: torch.device) -> _StaticPlan:
     rank = [0] * num_nodes
     for kids in children:
         for position, kid in enumerate(kids):
-            rank[kid] = position
+            rank[kid] = position if ranks is None else ranks[kid]
     max_depth = max(depth)
     as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
     appended_index = {0: 0}
@@ -771,7 +774,7 @@ def _static_plan(parents: list[int], device: torch.device) -> _StaticPlan:
         ))
     return _StaticPlan(
         tree=tree_spec_from_parents(parents, device),
-        num_children_max=max(len(kids) for kids in children),
+        num_children_max=max((rank[node] + 1 for node in range(1, num_nodes)), default=0),
         root_child_nodes=as_tensor(children[0]),
         root_child_ranks=as_tensor([rank[kid] for kid in children[0]]),
         levels=levels,
@@ -1202,12 +1205,19 @@ class SpeculativeDecoder:
         if tree is None:
             self._dynamic = _DynamicPlan(topk, depth, num_nodes, vocab, self.device, impl)
         else:
+            ranks = None
             if isinstance(tree, torch.Tensor):
                 check_tensor("tree", tree, dtypes=INT_DTYPES, ndim=1)
                 parents = build_tree(tree).parents[0].tolist()
             else:
                 parents = tree_from_paths(tree).tolist()
-            self._static = _static_plan(parents, self.device)
+                ranks = [0] + [path[-1] for path in ordered_paths(tree)]
+            self._static = _static_plan(parents, self.device, ranks)
+            if self._static.num_children_max > vocab:
+                raise ValueError(
+                    f"tree drafts a node's top-{self._static.num_children_max} tokens, more than the vocabulary "
+                    f"of {vocab} tokens has"
+                )
             self.max_tree_nodes = len(parents)
 
     # ---------------------------------------------------------------------------------------------

@@ -86,6 +86,7 @@ from ._utils import (
     check_same_device,
     check_tensor,
     finish_reduction,
+    flat_labels,
     host_readable,
     reduction_weight,
     resolve_impl,
@@ -256,7 +257,7 @@ def topk_kl_rows_torch(
     step = row_chunk(num_rows, vocab)
     for start in range(0, num_rows, step):
         stop = min(start + step, num_rows)
-        scaled = student[start:stop].to(torch.float32) / temperature
+        scaled = _shifted_student(student[start:stop], indices[start:stop], teacher_logprobs[start:stop], temperature)
         chunk_labels = None
         active = None
         if labels is not None:
@@ -328,21 +329,46 @@ register_stored_gradient_autograd("distill_ops::topk_kl_rows", backend_index=9, 
 
 @torch.library.custom_op("distill_ops::topk_kl_teacher_lse", mutates_args=())
 def _teacher_lse_op(teacher: Tensor, temperature: float, backend: str) -> Tensor:
-    """fp32 [N] log-sum-exp of ``teacher [N, V] / temperature``."""
+    """fp32 ``[2, N]``: each row's max m of ``teacher [N, V]`` and log-sum-exp((teacher - m) / temperature)."""
     if backend == "triton":
         from .kernels.topk_kl import row_logsumexp
 
         return row_logsumexp(teacher, temperature)
-    out = torch.empty(teacher.shape[0], dtype=torch.float32, device=teacher.device)
+    out = torch.empty(2, teacher.shape[0], dtype=torch.float32, device=teacher.device)
     step = row_chunk(teacher.shape[0], teacher.shape[1])
     for start in range(0, teacher.shape[0], step):
-        out[start : start + step] = torch.logsumexp(teacher[start : start + step].to(torch.float32) / temperature, -1)
+        rows = teacher[start : start + step].to(torch.float32)
+        row_max = rows.amax(-1, keepdim=True)
+        out[0, start : start + step] = row_max.squeeze(-1)
+        out[1, start : start + step] = torch.logsumexp((rows - _finite_or_zero(row_max)) / temperature, -1)
     return out
 
 
 @_teacher_lse_op.register_fake
 def _(teacher, temperature, backend):
-    return teacher.new_empty((teacher.shape[0],), dtype=torch.float32)
+    return teacher.new_empty((2, teacher.shape[0]), dtype=torch.float32)
+
+
+def _finite_or_zero(shift: Tensor) -> Tensor:
+    """A per-row shift made safe: 0 where it is not finite (an all -inf row, or NaN, which then stays in the row)."""
+    return torch.where(torch.isfinite(shift), shift, 0.0)
+
+
+def _teacher_logprobs(values: Tensor, stats: Tensor, temperature: float) -> Tensor:
+    """Full-vocabulary teacher log-probabilities at T of the candidate logits ``values [N, m]``, from the
+    :func:`_teacher_lse_op` statistics: ``(x - max) / T - log-sum``, differences of raw logits first, so they
+    stay accurate for logits far from 0 (|x| ~ 1e4, where ``x / T - lse`` lost about 5e-4 to rounding)."""
+    row_max = _finite_or_zero(stats[0]).unsqueeze(-1)
+    return (values.to(torch.float32) - row_max) / temperature - stats[1].unsqueeze(-1)
+
+
+def _shifted_student(student: Tensor, indices: Tensor, teacher_logprobs: Tensor, temperature: float) -> Tensor:
+    """``(z - c) / T`` in fp32, c the row's largest student logit among the kept entries (``teacher_logprobs``
+    not -inf): every divergence here depends on logit differences only, and at |z| ~ 1e4 the unshifted
+    ``z / T`` minus a log-sum-exp lost the small rest masses to rounding (a rest of 4e-4 rounded to 0)."""
+    raw = student.to(torch.float32)
+    kept_max = torch.where(teacher_logprobs != float("-inf"), raw.gather(-1, indices), float("-inf")).amax(-1)
+    return (raw - _finite_or_zero(kept_max).detach().unsqueeze(-1)) / temperature
 
 
 @torch.library.custom_op("distill_ops::topk_kl_dense_select", mutates_args=())
@@ -612,12 +638,14 @@ def _dense_teacher(
     bounded = lower is not None or upper is not None
     count = k if k is not None else min(vocab, max_candidates)
     values, indices = dense_candidates(teacher_rows, count, need_order=bounded, backend=backend)
-    logprobs = values.to(torch.float32) / temperature
     if bounded or tail != "renormalize":
         # The full-vocabulary normaliser (one streaming pass over the teacher) matters for the bounds'
         # masses and the leftover mass; renormalised top-k only needs logit differences.
-        lse = torch.ops.distill_ops.topk_kl_teacher_lse(teacher_rows, temperature, backend)
-        logprobs = logprobs - lse.unsqueeze(-1)
+        stats = torch.ops.distill_ops.topk_kl_teacher_lse(teacher_rows, temperature, backend)
+        logprobs = _teacher_logprobs(values, stats, temperature)
+    else:
+        values = values.to(torch.float32)
+        logprobs = (values - _finite_or_zero(values.amax(-1, keepdim=True))) / temperature
     return indices.contiguous(), kept_logprobs(logprobs, lower, upper).contiguous()
 
 
@@ -694,7 +722,7 @@ def topk_kl_div(
             teacher_topk_indices.detach().reshape(-1, stored_k), teacher_topk_logprobs.detach().reshape(-1, stored_k),
             k, lower_rows, upper_rows, temperature, vocab,
         )
-    label_rows = None if labels is None else labels.reshape(-1).to(torch.int64)
+    label_rows = flat_labels(labels)
     if tail == "label":
         _check_label_values(label_rows, ignore_index, vocab)
         bad_label = (label_rows != ignore_index) & ((label_rows < 0) | (label_rows >= vocab))
@@ -844,8 +872,8 @@ class DACKLLoss(torch.nn.Module):
         """Top-m teacher tokens sorted by probability: (indices [N, m], log-probs at T [N, m] fp32)."""
         count = min(self.vocab_top_m, teacher_rows.shape[-1])
         values, indices = dense_candidates(teacher_rows, count, need_order=True, backend=backend)
-        lse = torch.ops.distill_ops.topk_kl_teacher_lse(teacher_rows, self.temperature, backend)
-        return indices.contiguous(), values.to(torch.float32) / self.temperature - lse.unsqueeze(-1)
+        stats = torch.ops.distill_ops.topk_kl_teacher_lse(teacher_rows, self.temperature, backend)
+        return indices.contiguous(), _teacher_logprobs(values, stats, self.temperature)
 
     def _bounds(self, sorted_logprobs: Tensor) -> tuple[Tensor, Tensor]:
         features = sorted_logprobs.exp()
@@ -873,7 +901,7 @@ class DACKLLoss(torch.nn.Module):
         backend = resolve_impl(self.impl, student_logits.device)
         leading_shape = student_logits.shape[:-1]
         vocab = student_logits.shape[-1]
-        label_rows = None if labels is None else labels.reshape(-1).to(torch.int64)
+        label_rows = flat_labels(labels)
         if self.tail == "label":
             _check_label_values(label_rows, self.ignore_index, vocab)
         active = None if label_rows is None else label_rows != self.ignore_index
@@ -898,8 +926,8 @@ class DACKLLoss(torch.nn.Module):
         if label_rows is not None:
             safe_labels = torch.where(active, label_rows, 0).clamp(0, vocab - 1)
         rows = _clipped_divergence_rows(
-            student_rows.to(torch.float32) / self.temperature, indices, sorted_logprobs, weights, safe_labels,
-            self.tail, self.divergence,
+            _shifted_student(student_rows, indices, sorted_logprobs, self.temperature), indices, sorted_logprobs,
+            weights, safe_labels, self.tail, self.divergence,
         )
         if active is not None:
             rows = torch.where(active, rows, 0.0)

@@ -395,6 +395,22 @@ def tree_from_paths(paths: Sequence[Sequence[int]]) -> torch.Tensor:
     siblings (smaller rank = earlier node). Nodes are numbered by (depth, path): the root is node 0, then
     the depth-1 nodes in rank order, and so on. Every proper prefix of a path must itself be a path.
     """
+    index = {(): 0}
+    parents = [-1]
+    for path in ordered_paths(paths):
+        if path[:-1] not in index:
+            raise ValueError(f"path {list(path)} has no parent path {list(path[:-1])} in paths")
+        index[path] = len(parents)
+        parents.append(index[path[:-1]])
+    if len(parents) > MAX_TREE_NODES:
+        raise ValueError(f"trees may have at most {MAX_TREE_NODES} nodes, got T={len(parents)}")
+    return torch.tensor(parents, dtype=torch.int64)
+
+
+def ordered_paths(paths: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """The validated paths as tuples in :func:`tree_from_paths`' node order (node ``i + 1`` is entry ``i``): by
+    depth, then by path. A node's rank, ``path[-1]``, picks the parent's ``rank``-th most likely token when a
+    drafter fills the tree (ranks may skip values: ``[[0], [2]]`` drafts the top-1 and top-3 tokens)."""
     if not isinstance(paths, (list, tuple)):
         raise TypeError(f"paths must be a list of lists of ints, got {type(paths).__name__}")
     keys = []
@@ -406,17 +422,7 @@ def tree_from_paths(paths: Sequence[Sequence[int]]) -> torch.Tensor:
         keys.append(tuple(path))
     if len(set(keys)) != len(keys):
         raise ValueError("paths must be distinct")
-    ordered = sorted(keys, key=lambda p: (len(p), p))
-    index = {(): 0}
-    parents = [-1]
-    for path in ordered:
-        if path[:-1] not in index:
-            raise ValueError(f"path {list(path)} has no parent path {list(path[:-1])} in paths")
-        index[path] = len(parents)
-        parents.append(index[path[:-1]])
-    if len(parents) > MAX_TREE_NODES:
-        raise ValueError(f"trees may have at most {MAX_TREE_NODES} nodes, got T={len(parents)}")
-    return torch.tensor(parents, dtype=torch.int64)
+    return sorted(keys, key=lambda p: (len(p), p))
 
 
 def _single_tree_parents(tree: TreeSpec | torch.Tensor, batch_index: int) -> list[int]:

@@ -488,6 +488,8 @@ def compact_kv_cache(
             f"cache_lens [B] and result.accepted_nodes [B, W] must match k's batch B={batch}, got "
             f"{tuple(cache_lens.shape)} and {tuple(accepted.shape)}"
         )
+    if host_readable(cache_lens) and bool((cache_lens < 0).any()):
+        raise ValueError(f"cache_lens must be >= 0, got {cache_lens.tolist()}")
     if host_readable(cache_lens) and bool((cache_lens.to(torch.int64) + accepted.shape[1] > kv_len).any()):
         raise ValueError(f"cache_lens + max_depth + 1 must be <= S={kv_len}, got max(cache_lens)={int(cache_lens.max())}")
     if resolve_impl(impl, device) == "torch":

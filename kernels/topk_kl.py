@@ -16,7 +16,14 @@ rest bucket's share q_j * c (``bucket``), then, after a CTA barrier so that thos
 the kept entries' values are scattered over it. Ignored rows (label == ignore_index) get loss 0 and
 a zero gradient row.
 
-``_row_logsumexp_kernel`` streams a row once for log-sum-exp(x / T) (the dense teacher's normaliser).
+``_row_logsumexp_kernel`` streams a row once for its max m and log-sum-exp((x - m) / T) (the dense
+teacher's normaliser).
+
+Logits far from 0 (|z| ~ 1e4, where one fp32 step is 1e-3): every log-probability is formed from differences
+of raw logits taken before the temperature divides them, never as (z / T) - lse of two large numbers; the
+student side is shifted by its largest kept logit c (``(z - c) / T``), the teacher's log-probabilities come as
+``(x - m) / T - log-sum``. With the plain form the rounding of lse (about 5e-4) exceeded small leftover masses,
+which then rounded to 0 and made a reverse or forward KL infinite.
 """
 
 from __future__ import annotations
@@ -102,7 +109,11 @@ def _topk_kl_fwd_kernel(
             # The label's own entry moves to the label outcome (it gets the leftover mass there).
             kept = kept & (index != label)
         index_ok = (index >= 0) & (index < V)
-        z = tl.load(student_row + index, mask=kept & index_ok, other=float("-inf")).to(tl.float32) * inv_temperature
+        z_raw = tl.load(student_row + index, mask=kept & index_ok, other=float("-inf")).to(tl.float32)
+        # Shift: the largest kept logit (0 when none is finite; NaN stays in z and so reaches the loss).
+        shift = tl.max(z_raw, axis=0)
+        shift = tl.where((shift > float("-inf")) & (shift < float("inf")), shift, 0.0)
+        z = (z_raw - shift) * inv_temperature
         a = tl.where(kept, log_p, float("-inf"))  # teacher log-mass per kept outcome
         b = tl.where(kept, z, float("-inf"))  # student scaled logits per kept outcome
 
@@ -122,7 +133,8 @@ def _topk_kl_fwd_kernel(
             run_sum = tl.zeros([BLOCK_V], tl.float32)
             for start in range(0, V, BLOCK_V):
                 cols = start + offsets_v
-                x = tl.load(student_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
+                x = tl.load(student_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                x = (x - shift) * inv_temperature
                 new_max = tl.maximum(run_max, x)
                 run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(x - new_max)
                 run_max = new_max
@@ -145,7 +157,7 @@ def _topk_kl_fwd_kernel(
             if TAIL == 2:
                 label_ok = (label >= 0) & (label < V)
                 z_label = tl.load(student_row + label, mask=label_ok, other=float("nan")).to(tl.float32)
-                z_label = z_label * inv_temperature
+                z_label = (z_label - shift) * inv_temperature
                 x_a = tl.log(leftover_p)
                 max_a = tl.maximum(tl.max(a, axis=0), x_a)
                 lse_a = max_a + tl.log(tl.sum(tl.exp(a - max_a), axis=0) + tl.exp(x_a - max_a))
@@ -194,8 +206,8 @@ def _topk_kl_fwd_kernel(
                 cols = start + offsets_v
                 mask = cols < V
                 if TAIL == 1:
-                    x = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-                    q_rest = tl.exp(x - lse_all)
+                    x = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                    q_rest = tl.exp((x - shift) * inv_temperature - lse_all)
                     values = tl.where(q_rest == 0.0, 0.0, q_rest * x_grad_coef) * grad_scale
                 else:
                     values = tl.zeros([BLOCK_V], tl.float32)
@@ -218,21 +230,23 @@ def _topk_kl_fwd_kernel(
 
 
 @triton.jit
-def _row_logsumexp_kernel(x_ptr, out_ptr, stride_x, V, inv_temperature, BLOCK_V: tl.constexpr):
+def _row_logsumexp_kernel(x_ptr, max_ptr, logsum_ptr, stride_x, V, inv_temperature, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     offsets = tl.arange(0, BLOCK_V)
+    # Per-lane max of the raw logits (T > 0 keeps the order) and sum of exp((x - max) / T).
     run_max = tl.full([BLOCK_V], -1.0e30, tl.float32)
     run_sum = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + offsets
-        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
+        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(run_max, x)
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(x - new_max)
+        run_sum = run_sum * tl.exp((run_max - new_max) * inv_temperature) + tl.exp((x - new_max) * inv_temperature)
         run_max = new_max
     row_max = tl.max(run_max, axis=0)
-    total = tl.sum(run_sum * tl.exp(run_max - row_max), axis=0)
-    tl.store(out_ptr + row, row_max + tl.log(total))
+    total = tl.sum(run_sum * tl.exp((run_max - row_max) * inv_temperature), axis=0)
+    tl.store(max_ptr + row, row_max)
+    tl.store(logsum_ptr + row, tl.log(total))
 
 
 def topk_kl_forward(
@@ -294,13 +308,15 @@ def topk_kl_forward(
 
 
 def row_logsumexp(rows: torch.Tensor, temperature: float) -> torch.Tensor:
-    """fp32 [N] log-sum-exp of ``rows [N, V] / temperature`` (unit column stride), streamed once."""
+    """fp32 ``[2, N]``: each row's max m of ``rows [N, V]`` (unit column stride) and log-sum-exp((x - m) / T),
+    streamed once; log-sum-exp(x / T) = m / T + that, kept apart for accuracy at large |x|."""
     num_rows, vocab = rows.shape
-    out = torch.empty(num_rows, dtype=torch.float32, device=rows.device)
+    out = torch.empty(2, num_rows, dtype=torch.float32, device=rows.device)
     if num_rows == 0:
         return out
     _row_logsumexp_kernel[(num_rows,)](
-        rows, out, rows.stride(0), vocab, 1.0 / temperature, BLOCK_V=LSE_BLOCK_V, num_warps=LSE_NUM_WARPS
+        rows, out[0], out[1], rows.stride(0), vocab, 1.0 / temperature, BLOCK_V=LSE_BLOCK_V,
+        num_warps=LSE_NUM_WARPS,
     )
     return out
 
@@ -350,8 +366,8 @@ def aot_specs() -> list[dict]:
             {
                 "name": f"topk_kl_row_logsumexp[{dtype}]",
                 "fn": _row_logsumexp_kernel,
-                "signature": {"x_ptr": f"*{dtype}", "out_ptr": "*fp32", "stride_x": "i64", "V": "i32",
-                              "inv_temperature": "fp32"},
+                "signature": {"x_ptr": f"*{dtype}", "max_ptr": "*fp32", "logsum_ptr": "*fp32", "stride_x": "i64",
+                              "V": "i32", "inv_temperature": "fp32"},
                 "constexprs": {"BLOCK_V": LSE_BLOCK_V},
                 "num_warps": LSE_NUM_WARPS,
                 "num_stages": 3,

@@ -477,9 +477,10 @@ def compact_kv_kernel(
     ``FROM_TABLE``: the layer's K / V start at the addresses ``KV_PTRS[2 l]`` / ``KV_PTRS[2 l + 1]`` (every
     layer of a model's cache in one launch; they share K's and V's dtype and strides, K / V being layer 0);
     otherwise at K / V. ``NEW_LENS[b] = CACHE_LENS[b] + 1 + accepted drafts``, written by one program.
-    Rows at or past ``kv_len`` (S) are neither read nor written: the caller's ``cache_lens + W <= S`` is
-    checked on the host only for CPU tensors (on a GPU the check would synchronise), so a broken contract
-    leaves rows unmoved instead of writing into the next head or allocation."""
+    Rows at or past ``kv_len`` (S) are neither read nor written, nor is anything of a sequence whose cache_len is
+    negative: the caller's ``0 <= cache_lens``, ``cache_lens + W <= S`` are checked on the host only for CPU
+    tensors (on a GPU the check would synchronise), so a broken contract leaves rows unmoved instead of writing
+    into another sequence, head or allocation."""
     pid = tl.program_id(0)
     layer = tl.program_id(1)
     batch = pid // num_heads
@@ -501,7 +502,7 @@ def compact_kv_kernel(
         kept += tl.where(node > 0, 1, 0).to(tl.int64)
         src = cache_len + node
         dst = cache_len + slot
-        move = dim_ok & (node > 0) & (src < kv_len) & (dst < kv_len)
+        move = dim_ok & (node > 0) & (cache_len >= 0) & (src < kv_len) & (dst < kv_len)
         tl.store(k_base + dst * stride_ks, tl.load(k_base + src * stride_ks, mask=move), mask=move)
         tl.store(v_base + dst * stride_vs, tl.load(v_base + src * stride_vs, mask=move), mask=move)
     # A branch, not a masked store: the predicated scalar store took an 8-byte stack frame on sm_80.

@@ -177,6 +177,34 @@ def test_parity_linear_teacher_with_biases_and_ce(divergence, impl):
 
 
 @pytest.mark.parametrize("impl", FL_IMPLS)
+def test_strided_biases_and_labels(impl):
+    """Biases that are one column of a packed [V, 2] tensor and int64 labels that are one column of an [N, 2]
+    tensor are read with their strides (the kernels indexed both as contiguous and read the wrong entries)."""
+    case = _case((37,), 48, 203, torch.float32, ht=40, biases=True, seed=11)
+    labels = _labels((37,), 203, 12)
+    packed_labels = torch.stack([labels, torch.zeros_like(labels)], 1)
+    student_packed = torch.stack([case["student_bias"], torch.zeros_like(case["student_bias"])], 1)
+    student_packed.requires_grad_(True)
+    teacher_packed = torch.stack([case["teacher_bias"], torch.ones_like(case["teacher_bias"])], 1)
+    hidden = case["student_hidden"].clone().requires_grad_(True)
+    weight = case["student_weight"].clone().requires_grad_(True)
+    upstream = (0.5 + torch.rand(37, generator=torch.Generator().manual_seed(13))).to(DEVICE)
+    with _strategy(impl) as backend:
+        loss = fused_linear_kl_div(
+            hidden, weight, case["teacher_hidden"], case["teacher_weight"], student_bias=student_packed[:, 0],
+            teacher_bias=teacher_packed[:, 0], labels=packed_labels[:, 0], ce_weight=0.5, reduction="none",
+            impl=backend,
+        )
+        loss.backward(upstream)
+    expected_loss, expected = _reference(case, upstream, labels=labels, ce_weight=0.5, reduction="none")
+    assert_close(loss, expected_loss, torch.float32, "loss")
+    assert_close(hidden.grad, expected["student_hidden"], torch.float32, "student_hidden")
+    assert_close(weight.grad, expected["student_weight"], torch.float32, "student_weight")
+    assert_close(student_packed.grad[:, 0], expected["student_bias"], torch.float32, "student_bias")
+    assert torch.all(student_packed.grad[:, 1] == 0)
+
+
+@pytest.mark.parametrize("impl", FL_IMPLS)
 @pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd", "tvd"])
 def test_parity_teacher_logits_vocab_size_reduction_none(divergence, impl):
     """Dense teacher logits padded beyond the student vocabulary, leading dims [3, 7], no bias, no CE."""
@@ -453,6 +481,29 @@ def test_torch_compile_fullgraph():
     assert_close(loss, expected_loss, torch.float32)
     assert_close(hidden.grad, expected["student_hidden"], torch.float32)
     assert_close(weight.grad, expected["student_weight"], torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_torch_compile_dynamic_shapes(impl):
+    """``dynamic=True`` makes the float options symbolic too: the argument checks must still trace (they called
+    ``math.isfinite`` on the temperature, which dynamo refused), and two token counts reuse one graph."""
+    torch._dynamo.reset()
+
+    def loss_fn(hidden, weight, teacher_logits):
+        return fused_linear_kl_div(hidden, weight, teacher_logits=teacher_logits, divergence="jsd", beta=0.3,
+                                   temperature=1.7, impl=impl)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for tokens, seed in ((12, 23), (9, 24)):
+        case = _case((tokens,), 16, 40, torch.float32, teacher_logits=True, seed=seed)
+        hidden = case["student_hidden"].clone().requires_grad_(True)
+        weight = case["student_weight"].clone().requires_grad_(True)
+        loss = compiled(hidden, weight, case["teacher_logits"])
+        loss.backward()
+        expected_loss, expected = _reference(case, torch.ones(()), divergence="jsd", beta=0.3, temperature=1.7)
+        assert_close(loss, expected_loss, torch.float32)
+        assert_close(hidden.grad, expected["student_hidden"], torch.float32)
+        assert_close(weight.grad, expected["student_weight"], torch.float32)
 
 
 @pytest.mark.parametrize("impl", FL_IMPLS)
@@ -838,6 +889,8 @@ def test_bad_inputs():
         fused_linear_kl_div(hs, w, ht.tolist(), wt)
     with pytest.raises(ValueError, match="return_entropy must be one of"):
         fused_linear_kl_div(hs, w, ht, wt, return_entropy="yes")
+    with pytest.raises(ValueError, match="student_weight must have at least one row"):  # was a ZeroDivisionError
+        fused_linear_kl_div(hs, w[:0], teacher_logits=torch.zeros(4, 0, device=hs.device))
 
 
 @pytest.mark.parametrize("name", ["student_softcap", "teacher_softcap"])

@@ -308,6 +308,27 @@ def test_fspad_bad_inputs():
         fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), logit_scale=0.0)
     with pytest.raises(ValueError, match="softcap must be in"):
         fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), softcap=-30.0)
+    # The LM head's own names (they were reported as fused_linear_kl_div's student_weight / student_bias).
+    with pytest.raises(ValueError, match=r"lm_head_weight must have shape \[V, 8\]"):
+        fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 9))
+    with pytest.raises(ValueError, match=r"lm_head_bias must have shape \[10\]"):
+        fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), lm_head_bias=torch.zeros(9))
+
+
+def test_helper_refuses_labels_and_teacher_ids_of_another_shape_before_any_forward():
+    """Labels or teacher ids not shaped like ``input_ids`` are a ``ValueError`` naming them, raised before either
+    model runs (they failed later inside a boolean-mask index, after both forwards)."""
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    calls = []
+    handle = student.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=r"labels must have the shape of input_ids \(2, 11\), got \(2, 10\)"):
+        causal_lm_distillation_loss(student, teacher, input_ids, labels[:, 1:], attention_mask)
+    with pytest.raises(ValueError, match=r"teacher_input_ids must have the shape of input_ids"):
+        causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask,
+                                    teacher_input_ids=input_ids[:, :-1])
+    handle.remove()
+    assert not calls
 
 
 def _scaled_model(kind: str, hidden: int, layers: int, seed: int):

@@ -406,3 +406,27 @@ def test_persistent_grid_equals_one_program_per_row(divergence):
                                           temperature=1.5, labels=labels, reduction="none")
     torch.testing.assert_close(results[0][0].double(), 0.25 * ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[0][1].double(), 0.25 * ref_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", ["kl_div", "aligndistil_kl", "topk_kl_div"])
+def test_strided_int64_labels_are_read_with_their_stride(op, impl):
+    """int64 labels that are one column of an [N, 2] tensor (a view with stride 2): every loss from logits gives
+    what the same labels give contiguous. The kernels indexed them as contiguous and read the other column."""
+    import distill_ops
+
+    student = _logits((6, 50), torch.float32, seed=51)
+    teacher = _logits((6, 50), torch.float32, seed=52)
+    other = _logits((6, 50), torch.float32, seed=53)
+    labels = torch.tensor([1, -100, 3, 4, -100, 6], device=DEVICE)
+    packed = torch.stack([labels, torch.full_like(labels, -100)], 1)
+    calls = {
+        "kl_div": lambda rows: distill_ops.kl_div(student, teacher, labels=rows, reduction="none", impl=impl),
+        "aligndistil_kl": lambda rows: distill_ops.aligndistil_kl(student, teacher, other, labels=rows,
+                                                                  reduction="none", impl=impl),
+        "topk_kl_div": lambda rows: distill_ops.topk_kl_div(student, teacher, k=5, tail="label", labels=rows,
+                                                            reduction="none", impl=impl),
+    }
+    expected = calls[op](labels)
+    assert torch.all(expected[labels != -100] != 0)
+    assert torch.equal(calls[op](packed[:, 0]), expected)

@@ -900,6 +900,30 @@ def test_bad_inputs():
     assert target.config._attn_implementation == "sdpa"  # restored even when generate raised
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_static_tree_ranks_pick_the_parents_rank_th_token(impl, monkeypatch):
+    """EAGLE paths with gaps in the ranks: node [2] drafts the root's third most likely token and [2, 1] the
+    second most likely after it (the ranks were read as sibling positions: [2] drafted the second)."""
+    target, draft = models("llama")
+    prompt = prompts(256, [5], seed=41)[0]
+    trees = []
+    real_verify = speculative.verify_greedy
+    monkeypatch.setattr(speculative, "verify_greedy",
+                        lambda tree, tokens, logits, **kw: trees.append(tokens.clone()) or real_verify(tree, tokens,
+                                                                                                      logits, **kw))
+    engine = SpeculativeDecoder(target, draft, tree=[[0], [2], [2, 1]], impl=impl)
+    out = engine.generate(prompt, max_new_tokens=2, eos_token_id=[])
+    tokens = next(t for t in trees if t.shape[1] == 4)[0].tolist()  # the first step's tree (after the prefill)
+    context = torch.cat([prompt, out.sequences[:, prompt.shape[1]:prompt.shape[1] + 1]], 1)
+    with torch.no_grad():
+        ranking = draft(context).logits[0, -1].topk(3).indices.tolist()
+        after = draft(torch.cat([context, torch.tensor([[ranking[2]]], device=DEVICE)], 1)).logits[0, -1]
+    assert tokens[1:] == [ranking[0], ranking[2], after.topk(2).indices[1].item()]
+    with pytest.raises(ValueError, match="top-9 tokens, more than the vocabulary of 8"):
+        tiny = make_models("llama", vocab=8)
+        SpeculativeDecoder(tiny[0], tiny[1], tree=[[rank] for rank in range(9)])
+
+
 def test_vocabulary_mismatch():
     target, _ = models("llama")
     other_vocab = make_models("llama", vocab=300)[1]

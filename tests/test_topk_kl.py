@@ -407,6 +407,37 @@ def test_nan_propagates(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("form", ["dense_k", "dense_bounds", "sparse"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("tail", TAILS)
+def test_logits_far_from_zero_keep_fp32_accuracy(tail, divergence, form, impl):
+    """Logits offset by +-1e4 (one fp32 step there is 1e-3): loss and gradient match the float64 reference of the
+    same fp32 values at the fp32 tolerance. Before the log-probabilities were formed from raw-logit differences,
+    z / T - lse rounded by about 5e-4 and small leftover masses rounded to 0 (a reverse / forward KL of inf)."""
+    student = _logits((4, 301), torch.float32, seed=41)
+    teacher = _logits((4, 301), torch.float32, seed=42, scale=3.0)
+    labels = _labels((4,), 301, seed=43)
+    labels[0] = int(teacher[0].argmax())
+    for student_offset, teacher_offset in [(0.0, 1e4), (1e4, 0.0), (-1e4, 1e4)]:
+        kwargs = _teacher_kwargs(form, teacher + teacher_offset, seed=44)
+        _run_and_compare(student + student_offset, impl, tail=tail, divergence=divergence, labels=labels,
+                         temperature=0.7, **kwargs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("tail", ["bucket", "label"])
+def test_small_leftover_mass_at_large_logits_stays_finite(tail, divergence, impl):
+    """The top-1 token of [0, -9, -9, -9] leaves 3.7e-4 of teacher mass; shifted by 1e4 it used to round to 0."""
+    student = torch.zeros(1, 4, device=DEVICE)
+    labels = torch.tensor([2], device=DEVICE)
+    for offset in (0.0, 1e4):
+        teacher = torch.tensor([[0.0, -9.0, -9.0, -9.0]], device=DEVICE) + offset
+        _run_and_compare(student + offset, impl, teacher_logits=teacher, k=1, tail=tail, divergence=divergence,
+                         labels=labels)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_inputs_unchanged_and_teacher_gets_no_gradient(impl):
     student = _logits((3, 40), torch.float32, seed=33).requires_grad_(True)
     teacher = _logits((3, 40), torch.float32, seed=34).requires_grad_(True)

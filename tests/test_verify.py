@@ -143,6 +143,28 @@ def test_compact_kv_kernel_never_writes_past_the_cache():
     assert torch.equal(big_k, before_k) and torch.equal(big_v, before_v)
 
 
+def test_compact_kv_kernel_moves_nothing_for_a_negative_cache_len():
+    """A negative cache_len (unchecked on a GPU) leaves that sequence's rows, and every other sequence's, as they
+    were: the kernel moved its row cache_len + node to cache_len + slot, which for cache_len = -3 lands in
+    another sequence's rows, or before the tensor's start for the first sequence of a view."""
+    from distill_ops.kernels.tree_verify import compact_kv_forward
+
+    heads, kv_len, dim = 2, 10, 8
+    big_k = torch.randn(3, heads, kv_len, dim, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    big_v = torch.randn(3, heads, kv_len, dim, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    before_k, before_v = big_k.clone(), big_v.clone()
+    k, v = big_k[1:], big_v[1:]  # the negative sequence is the view's first: row -1 would be big_k[0]'s last
+    accepted = torch.tensor([[0, 2, 3], [0, 2, 3]], dtype=torch.int64, device=DEVICE)
+    cache_lens = torch.tensor([-3, 2], dtype=torch.int32, device=DEVICE)
+    compact_kv_forward([k], [v], accepted, cache_lens)
+    for moved in (big_k, big_v):
+        before = before_k if moved is big_k else before_v
+        assert torch.equal(moved[:2], before[:2])
+        expected = before[2].clone()
+        expected[:, 3:5] = before[2][:, [4, 5]]
+        assert torch.equal(moved[2], expected)
+
+
 # ---------------------------------------------------------------- lossless sampling
 # Tree: root -> nodes 1, 2, 3 (depth 1); 4, 5 children of 1; 6 child of 2. A fixed two-step "target
 # model": P1 at the root, P2[x] after the first token x (the logits of a depth-1 node are P2[its token]).
@@ -391,6 +413,9 @@ def test_verify_bad_inputs():
     result = verify_greedy(tree, tokens, logits, impl="torch")
     with pytest.raises(ValueError, match="cache_lens \\+ max_depth \\+ 1 must be <= S=9"):
         compact_kv_cache(k, k.clone(), torch.tensor([0, 7]), result, impl="torch")
+    for impl in IMPLS:  # the PyTorch path failed with an index error, the kernel moved rows of the next sequence
+        with pytest.raises(ValueError, match=r"cache_lens must be >= 0, got \[2, -3\]"):
+            compact_kv_cache(k, k.clone(), torch.tensor([2, -3]), result, impl=impl)
     with pytest.raises(TypeError, match="result must be a VerifyResult"):
         compact_kv_cache(k, k.clone(), torch.tensor([0, 1]), (1, 2), impl="torch")
     lens = torch.tensor([0, 1])

@@ -349,6 +349,10 @@ def causal_lm_distillation_loss(
     options = dict(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature, ignore_index=ignore_index,
                    kl_weight=kl_weight, ce_weight=ce_weight, reduction=reduction, normalizer=normalizer,
                    vocab_size=vocab_size, impl=impl, return_entropy=return_entropy)
+    for name, value in (("labels", labels), ("teacher_input_ids", teacher_input_ids)):
+        if value is not None and (not isinstance(value, Tensor) or value.shape != input_ids.shape):
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
     teacher_ids = input_ids if teacher_input_ids is None else teacher_input_ids
     student, teacher = _strip_compile(student), _strip_compile(teacher)
     module = unwrap_model(student)
