@@ -112,6 +112,14 @@ def check_number(
     return value
 
 
+def check_index(name: str, value: object) -> object:
+    """An integer: a Python or NumPy int, or a symbolic one under ``torch.compile`` (not a bool, float or tensor)."""
+    integral = isinstance(value, (int, torch.SymInt)) or hasattr(type(value), "__index__")
+    if not integral or isinstance(value, (bool, torch.Tensor)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+    return value
+
+
 def check_labels(labels: object, leading_shape: torch.Size, device: torch.device) -> torch.Tensor:
     """``labels`` is an integer tensor shaped like the logits' leading dims, on their device."""
     check_tensor("labels", labels, dtypes=INT_DTYPES)

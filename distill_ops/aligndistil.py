@@ -38,6 +38,7 @@ from ._utils import (
     FLOAT_DTYPES,
     as_rows,
     check_choice,
+    check_index,
     check_labels,
     check_number,
     check_reduction,
@@ -290,6 +291,7 @@ def aligndistil_kl(
     Returns:
         fp32 scalar (``mean`` / ``sum``) or fp32 ``[...]`` (``none``); with ``return_alpha``, ``(loss, alpha)``.
     """
+    check_index("ignore_index", ignore_index)
     vocab = _check_aligndistil_args(
         student_logits, dpo_logits, other_logits, mode, beta0, r, eps, alpha, temperature, labels, reduction,
         normalizer, vocab_size,

@@ -60,6 +60,7 @@ from ._utils import (
     autocast_linear_inputs,
     autocast_off,
     check_choice,
+    check_index,
     check_labels,
     check_number,
     check_reduction,
@@ -729,6 +730,7 @@ def fused_linear_kl_div(
     (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
      teacher_bias), autocast_device = autocast_linear_inputs(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+    check_index("ignore_index", ignore_index)
     _check_linear_side("student", student_hidden, student_weight, student_bias)
     leading_shape = student_hidden.shape[:-1]
     if teacher_logits is not None:

@@ -35,6 +35,7 @@ from ._utils import (
     FLOAT_DTYPES,
     as_rows,
     check_choice,
+    check_index,
     check_labels,
     check_number,
     check_reduction,
@@ -411,6 +412,7 @@ def kl_div(
     Returns:
         fp32 scalar (``mean`` / ``sum``) or fp32 ``[...]`` (``none``).
     """
+    check_index("ignore_index", ignore_index)
     vocab = _check_kl_div_args(
         student_logits, teacher_logits, divergence, beta, alpha, temperature, labels, reduction, normalizer, vocab_size
     )
@@ -461,6 +463,7 @@ def kl_div_reference(
     With ``upcast=True`` (default) everything is float64: the oracle of the tests. The gradient has
     the student's full shape (zero beyond ``vocab_size``).
     """
+    check_index("ignore_index", ignore_index)
     vocab = _check_kl_div_args(
         student_logits,
         teacher_logits,

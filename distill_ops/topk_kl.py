@@ -80,6 +80,7 @@ from ._utils import (
     INT_DTYPES,
     as_rows,
     check_choice,
+    check_index,
     check_labels,
     check_number,
     check_reduction,
@@ -691,6 +692,7 @@ def topk_kl_div(
     Returns:
         fp32 scalar (``mean`` / ``sum``) or fp32 ``[...]`` (``none``).
     """
+    check_index("ignore_index", ignore_index)
     lower_rows, upper_rows = _check_args(
         student_logits, teacher_logits, k, teacher_topk_indices, teacher_topk_logprobs, lower, upper, tail,
         divergence, temperature, labels, reduction, normalizer, max_candidates,
@@ -894,6 +896,7 @@ class DACKLLoss(torch.nn.Module):
         return lower.reshape(teacher_logits.shape[:-1]), upper.reshape(teacher_logits.shape[:-1])
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        check_index("ignore_index", self.ignore_index)
         _check_args(
             student_logits, teacher_logits, None, None, None, 0.0, 1.0, self.tail, self.divergence,
             self.temperature, labels, self.reduction, None, DEFAULT_MAX_CANDIDATES,

@@ -430,3 +430,38 @@ def test_strided_int64_labels_are_read_with_their_stride(op, impl):
     expected = calls[op](labels)
     assert torch.all(expected[labels != -100] != 0)
     assert torch.equal(calls[op](packed[:, 0]), expected)
+
+
+@pytest.mark.parametrize("op", ["kl_div", "aligndistil_kl", "topk_kl_div", "fused_linear_kl_div", "DACKLLoss"])
+def test_ignore_index_must_be_an_int(op):
+    """A string, float, bool or tensor ``ignore_index`` is a TypeError naming it (a string crashed inside with an
+    AttributeError; a float was compared with the int labels). NumPy ints are accepted."""
+    import numpy as np
+
+    import distill_ops
+
+    student = _logits((3, 20), torch.float32, seed=61)
+    teacher = _logits((3, 20), torch.float32, seed=62)
+    labels = torch.tensor([1, -100, 3], device=DEVICE)
+    weight = _logits((20, 8), torch.float32, seed=63)
+    torch.manual_seed(64)
+    dackl = distill_ops.DACKLLoss(vocab_top_m=8).to(DEVICE)
+
+    def dackl_loss(index):
+        dackl.ignore_index = index
+        return dackl(student, teacher, labels)
+
+    calls = {
+        "kl_div": lambda index: distill_ops.kl_div(student, teacher, labels=labels, ignore_index=index),
+        "aligndistil_kl": lambda index: distill_ops.aligndistil_kl(student, teacher, teacher + 1, labels=labels,
+                                                                   ignore_index=index),
+        "topk_kl_div": lambda index: distill_ops.topk_kl_div(student, teacher, k=4, labels=labels,
+                                                             ignore_index=index),
+        "fused_linear_kl_div": lambda index: distill_ops.fused_linear_kl_div(
+            student[:, :8], weight, teacher_logits=teacher, labels=labels, ignore_index=index),
+        "DACKLLoss": dackl_loss,
+    }
+    for bad in ("x", -100.0, True, torch.tensor(-100)):
+        with pytest.raises(TypeError, match="ignore_index must be an int"):
+            calls[op](bad)
+    assert torch.equal(calls[op](np.int64(-100)), calls[op](-100))
