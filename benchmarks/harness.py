@@ -630,8 +630,9 @@ def summarize(result: dict) -> str:
     return ", ".join(parts)
 
 
-class _Terminated(Exception):
-    pass
+class _Terminated(BaseException):
+    """SIGTERM (the GPU check's timeout): a BaseException, so that no ``except Exception`` around one
+    measurement records it as a failed impl and goes on; it reaches the runner, which writes the report."""
 
 
 def _raise_terminated(signum, frame):

@@ -51,8 +51,14 @@ def _shard(model, how: str, bf16: bool = False):
     if how == "fsdp2":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        from torch.distributed.device_mesh import init_device_mesh
+
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-        kwargs = {"mp_policy": policy} if bf16 else {}
+        # A CPU mesh named explicitly: fully_shard's default mesh is the accelerator's, so on a CUDA machine these
+        # gloo ranks would move the student to cuda:0 while the batch and the teacher stay on the CPU.
+        kwargs = {"mesh": init_device_mesh("cpu", (dist.get_world_size(),))}
+        if bf16:
+            kwargs["mp_policy"] = policy
         for layer in model.get_decoder().layers:
             fully_shard(layer, **kwargs)
         return fully_shard(model, **kwargs)

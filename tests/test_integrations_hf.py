@@ -159,8 +159,46 @@ def test_trainer_trains_with_the_fused_loss(tmp_path):
         metrics = trainer.evaluate(eval_dataset=rows)
         assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
         assert metrics["eval_entropy"] == pytest.approx(expected_entropy, rel=1e-5)
+    # predict() and an evaluate() under another prefix report their own loop's entropy and leave nothing for the
+    # next evaluate() (their sums used to stay behind, predict() never logging, and joined the next eval_entropy).
+    flipped = input_ids.flip(-1)
+    other_rows = [{"input_ids": flipped[i], "attention_mask": torch.ones_like(flipped[i]), "labels": flipped[i]}
+                  for i in range(2)]
+    other_entropy = _mean_entropy(student, flipped, torch.ones_like(flipped), flipped)
+    assert abs(other_entropy - expected_entropy) > 1e-3
+    assert trainer.predict(other_rows).metrics["test_entropy"] == pytest.approx(other_entropy, rel=1e-5)
+    other_metrics = trainer.evaluate(eval_dataset=other_rows, metric_key_prefix="other")
+    assert other_metrics["other_entropy"] == pytest.approx(other_entropy, rel=1e-5)
+    assert trainer.evaluate(eval_dataset=rows)["eval_entropy"] == pytest.approx(expected_entropy, rel=1e-5)
+    assert not any("entropy" in entry for entry in trainer.state.log_history if "train_loss" in entry)
     trainer.log_entropy = False
     assert "eval_entropy" not in trainer.evaluate(eval_dataset=rows)
+
+
+def test_trainer_counts_shifted_labels_for_a_student_without_a_causal_lm_loss_type(tmp_path):
+    """A GPT-2 student (``loss_type`` None): transformers counts its labels unshifted, position 0 included, while
+    the fused loss scores the shifted ones; the trainer makes the Trainer count those, so the logged loss is the
+    loss of the batch (it was smaller by the ratio of the two counts, 17/18 on this batch)."""
+    from distill_ops.integrations.hf import FusedDistillationTrainer
+
+    _, teacher = _tiny_models()
+    torch.manual_seed(3)
+    student = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0)).to(DEVICE)
+    input_ids, attention_mask, labels = _batch()
+    assert (labels[:, 0] != -100).any() and student.loss_type is None
+    expected = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, impl="torch")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, learning_rate=0.0, logging_steps=1,
+        report_to="none", save_strategy="no", use_cpu=DEVICE.type == "cpu", dataloader_pin_memory=False,
+    )
+    rows = [{"input_ids": input_ids[i], "attention_mask": attention_mask[i], "labels": labels[i]} for i in range(2)]
+    trainer = FusedDistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows,
+                                       distill_kwargs={"impl": "torch"})
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == [pytest.approx(float(expected), rel=1e-5)]
 
 
 def _mean_entropy(student, input_ids, attention_mask, labels, temperature=1.0) -> float:
@@ -683,6 +721,9 @@ def test_trainer_normalizer_undoes_ddp_averaging_like_the_trainers_own_loss():
     assert trainer_normalizer(trainer(processes=4, average=False), count) is count
     assert trainer_normalizer(trainer(processes=1), count) is count
     assert trainer_normalizer(trainer(n_gpu=2), count.expand(2, 1)).item() == 12.0
+    # DataParallel without averaging: the Trainer hands each GPU's share, count // n_gpu (it was used as is, so the
+    # whole batch's sum was divided by half its count).
+    assert trainer_normalizer(trainer(n_gpu=2, average=False), (count // 2).expand(2, 1)).item() == 12.0
     assert trainer_normalizer(trainer(processes=4), None) is None
     assert trainer_normalizer(SimpleNamespace(), count) is count
     # The Trainer subclass applies it: 2 ranks, the same count -> twice the single-process loss.

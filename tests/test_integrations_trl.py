@@ -120,7 +120,9 @@ def test_fused_gkd_compute_loss_equals_trls(impl):
         fused = _gkd_attributes(fused_cls, teacher, beta, fused_loss_kwargs={"impl": impl})
         loss, outputs = fused.compute_loss(student, inputs, return_outputs=True, num_items_in_batch=items)
         loss.backward()
-        assert outputs == {"loss": loss}
+        with torch.no_grad():  # the student's outputs, as GKDTrainer returns them (predictions read their logits)
+            assert_close(outputs.logits, student(input_ids=input_ids, attention_mask=attention_mask).logits,
+                         torch.float32)
         assert_close(loss, expected, torch.float32)
         for name, p in student.named_parameters():
             assert_close(p.grad, expected_grads[name], torch.float32, msg=name)
@@ -160,6 +162,47 @@ def _lora_head_copy() -> dict:
     return {"peft_config": config}
 
 
+def _gkd_data():
+    """The tiny batch as a GKD dataset (prompts: the first three tokens) and a collator of whole tensors."""
+    import datasets
+
+    input_ids, attention_mask, labels = _batch()
+    dataset = datasets.Dataset.from_dict({
+        "input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(), "labels": labels.tolist(),
+        "prompts": input_ids[:, :3].tolist(), "prompt_attention_mask": attention_mask[:, :3].tolist(),
+    })
+
+    def collate(examples):
+        return {key: torch.tensor([example[key] for example in examples]) for key in examples[0]}
+
+    return dataset, collate
+
+
+def test_fused_gkd_predict_and_compute_metrics_equal_trls(tmp_path):
+    """``predict()`` and ``evaluate()`` with ``compute_metrics`` ask ``compute_loss`` for outputs and read their
+    logits (TRL's ``prediction_step``): ours returns the student's outputs as ``GKDTrainer`` does, so both give
+    TRL's loss, predictions and metrics (they failed with ``'dict' object has no attribute 'logits'``)."""
+    from distill_ops.integrations.trl import FusedGKDTrainer
+
+    student, teacher = _tiny_models()
+    dataset, collate = _gkd_data()
+    results = []
+    for cls in (GKDTrainer, FusedGKDTrainer):
+        args = gkd_config_class()(output_dir=str(tmp_path / cls.__name__), report_to="none", bf16=False,
+                                  use_cpu=DEVICE.type == "cpu", per_device_eval_batch_size=2,
+                                  dataloader_pin_memory=False)
+        trainer = cls(model=student, teacher_model=teacher, args=args, train_dataset=dataset, eval_dataset=dataset,
+                      data_collator=collate, processing_class=tiny_tokenizer(),
+                      compute_metrics=lambda prediction: {"mean_logit": float(prediction.predictions.mean())})
+        prediction = trainer.predict(dataset)
+        results.append((prediction.metrics["test_loss"], prediction.predictions, trainer.evaluate()))
+    (expected_loss, expected_logits, expected_metrics), (loss, logits, metrics) = results
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert_close(torch.as_tensor(logits), torch.as_tensor(expected_logits), torch.float32)
+    assert metrics["eval_loss"] == pytest.approx(expected_metrics["eval_loss"], rel=1e-5)
+    assert metrics["eval_mean_logit"] == pytest.approx(expected_metrics["eval_mean_logit"], rel=1e-5)
+
+
 @pytest.mark.parametrize("lmbda, lora, bf16", [(0.0, False, False), (1.0, False, False), (0.0, True, False),
                                               (0.0, False, True)], ids=["off", "on", "off-lora", "off-bf16"])
 def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora, bf16):
@@ -173,21 +216,11 @@ def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora, bf16):
     losses then differ by bf16 rounding only (TRL's logits are bf16, ours fp32 from bf16 GEMM inputs)."""
     import copy
 
-    import datasets
-
     from distill_ops.integrations.trl import FusedGKDTrainer
 
     trl_config = gkd_config_class()
     student, teacher = _tiny_models()
-    input_ids, attention_mask, labels = _batch()
-    dataset = datasets.Dataset.from_dict({
-        "input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(), "labels": labels.tolist(),
-        "prompts": input_ids[:, :3].tolist(), "prompt_attention_mask": attention_mask[:, :3].tolist(),
-    })
-
-    def collate(examples):
-        return {key: torch.tensor([example[key] for example in examples]) for key in examples[0]}
-
+    dataset, collate = _gkd_data()
     teacher_before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
     results = []
     dtypes = {}

@@ -13,6 +13,9 @@ Use in a ``transformers.Trainer`` subclass (the teacher frozen, in eval mode, on
     class DistillationTrainer(Trainer):
         def __init__(self, *args, teacher_model, distill_kwargs=None, **kwargs):
             super().__init__(*args, **kwargs)
+            # The fused loss always shifts the labels, so the Trainer's count must be of the shifted ones
+            # (transformers counts them unshifted for students without a causal-LM loss_type, e.g. GPT-2).
+            self._loss_shifts_labels = True
             self.teacher_model = teacher_model.eval().requires_grad_(False)
             self.distill_kwargs = distill_kwargs or {}   # divergence=, temperature=, ce_weight=, ...
 
@@ -447,16 +450,20 @@ def _trainer_class():
         distill_kwargs={"divergence": "jsd", "temperature": 2.0, "ce_weight": 0.5})``. The teacher is
         frozen and put in eval mode; move it to the student's device yourself.
 
-        Besides the loss it logs ``entropy`` (``eval_entropy`` in evaluation): the student's mean entropy per
-        scored token at the loss's temperature, over the steps since the last log and every process, computed in
-        the loss's own pass (as TRL's ``DistillationTrainer`` logs it; the sums stay on the device until the
-        Trainer logs). ``log_entropy = False`` (class or instance attribute) turns it off.
+        Besides the loss it logs ``entropy``: the student's mean entropy per scored token at the loss's
+        temperature, over the training steps since the last log and every process, computed in the loss's own
+        pass (as TRL's ``DistillationTrainer`` logs it; the sums stay on the device until the Trainer logs).
+        ``evaluate()`` / ``predict()`` report ``{metric_key_prefix}_entropy`` (``eval_entropy``, ``test_entropy``)
+        over that loop's tokens. ``log_entropy = False`` (class or instance attribute) turns it off.
         """
 
         log_entropy: bool = True
 
         def __init__(self, *args: Any, teacher_model: nn.Module, distill_kwargs: Optional[dict] = None, **kwargs: Any):
             super().__init__(*args, **kwargs)
+            # The fused loss always shifts the labels, so the Trainer's count must be of the shifted ones
+            # (transformers counts them unshifted for students without a causal-LM loss_type, e.g. GPT-2).
+            self._loss_shifts_labels = True
             self.teacher_model = teacher_model.eval().requires_grad_(False)
             self.distill_kwargs = dict(distill_kwargs or {})
             smoothing = getattr(self.args, "label_smoothing_factor", 0.0)
@@ -478,14 +485,32 @@ def _trainer_class():
                 return trainer_loss(model, self.teacher_model, inputs, return_outputs,
                                     trainer_normalizer(self, num_items_in_batch), totals, **self.distill_kwargs)
 
+        def _mean_entropy(self, split: str) -> Optional[float]:
+            """The mean over every process of the entropy sums kept for ``split`` since they were last read."""
+            totals = self.__dict__.get("_entropy_totals", {}).pop(split, None)
+            if totals is None:
+                return None
+            # Every process reads at the same points (the Trainer gathers its loss there too): sum over them.
+            entropy_sum, count = self.accelerator.reduce(totals, reduction="sum").tolist()
+            return entropy_sum / count if count > 0 else None
+
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                            metric_key_prefix="eval"):
+            """The Trainer's loop (``evaluate()`` and ``predict()``), with ``{metric_key_prefix}_entropy`` in its
+            metrics: the entropy of this loop's tokens only (sums from an earlier loop are dropped first)."""
+            self.__dict__.get("_entropy_totals", {}).pop("eval", None)
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            entropy = self._mean_entropy("eval")
+            if entropy is not None and output.metrics is not None:
+                output.metrics[f"{metric_key_prefix}_entropy"] = entropy
+            return output
+
         def log(self, logs: dict, start_time: Optional[float] = None) -> None:
-            evaluation = any(key.startswith("eval_") for key in logs)
-            totals = self.__dict__.get("_entropy_totals", {}).pop("eval" if evaluation else "train", None)
-            if totals is not None:
-                # Every process logs at the same steps (the Trainer gathers its loss there too): sum over them.
-                entropy_sum, count = self.accelerator.reduce(totals, reduction="sum").tolist()
-                if count > 0:  # in place: evaluate() returns the dict it logs
-                    logs["eval_entropy" if evaluation else "entropy"] = entropy_sum / count
+            if "loss" in logs:  # a training log (not an evaluation's, nor train()'s final summary)
+                entropy = self._mean_entropy("train")
+                if entropy is not None:
+                    logs["entropy"] = entropy
             super().log(logs, start_time)
 
     return FusedDistillationTrainer
@@ -657,13 +682,19 @@ def trainer_normalizer(trainer, num_items_in_batch: float | Tensor | None) -> fl
     data-parallel rank, and its own ``compute_loss`` multiplies each rank's loss by the number of ranks, because
     DDP averages the ranks' gradients: the count is divided by that number here (``num_processes`` over the
     tensor-parallel size, as the Trainer does). Under ``DataParallel`` (several GPUs, one process) the Trainer
-    hands one count per GPU; the fused loss runs once on the whole batch, so it divides by that count as is."""
+    hands one count per GPU: the whole batch's with ``average_tokens_across_devices``, else that count floor-divided
+    by the number of GPUs (each replica's share); the fused loss runs once on the whole batch, so it divides by the
+    whole count: the first as is, the second times the number of GPUs (the sum over replicas of the Trainer's own
+    per-replica normaliser)."""
     args = getattr(trainer, "args", None)
     if num_items_in_batch is None or args is None:  # no TrainingArguments: not a Trainer's call
         return num_items_in_batch
     if torch.is_tensor(num_items_in_batch) and num_items_in_batch.dim() > 0:
         num_items_in_batch = num_items_in_batch.reshape(-1)[0]  # DataParallel: the count repeated per GPU
-    if not getattr(args, "average_tokens_across_devices", False) or getattr(args, "n_gpu", 1) > 1:
+    n_gpu = getattr(args, "n_gpu", 1)
+    if n_gpu > 1:
+        return num_items_in_batch if getattr(args, "average_tokens_across_devices", False) else num_items_in_batch * n_gpu
+    if not getattr(args, "average_tokens_across_devices", False):
         return num_items_in_batch
     get_tp_size = getattr(trainer, "get_tp_size", None)
     ranks = trainer.accelerator.num_processes // (get_tp_size() if callable(get_tp_size) else 1)

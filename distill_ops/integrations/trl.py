@@ -131,9 +131,16 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.teacher_model.eval()
             with trainer_autocast(self):
-                return trainer_loss(model, self.teacher_model, inputs, return_outputs,
-                                    trainer_normalizer(self, num_items_in_batch), divergence="jsd", beta=self.beta,
-                                    **self.fused_loss_kwargs)
+                loss = trainer_loss(model, self.teacher_model, inputs, False, trainer_normalizer(self, num_items_in_batch),
+                                    divergence="jsd", beta=self.beta, **self.fused_loss_kwargs)
+                if not return_outputs:
+                    return loss
+                # Asked for outputs only when predictions are wanted (predict(), compute_metrics): TRL's
+                # prediction_step reads their logits, and GKDTrainer returns the student's outputs, so the
+                # student runs its full forward here (and only here: never in training).
+                with torch.no_grad():
+                    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+            return loss, outputs
 
     return FusedGKDTrainer
 
