@@ -245,6 +245,13 @@ class LossModule(torch.nn.Module):
     them to the functional on every call (per-call overrides win)."""
 
     def __init__(self, **options: object) -> None:
+        # The options every loss shares are checked here, when the module is built, not at its first call.
+        if "temperature" in options:
+            check_number("temperature", options["temperature"], low=0.0, low_inclusive=False)
+        if "ignore_index" in options:
+            check_index("ignore_index", options["ignore_index"])
+        if "impl" in options and options["impl"] not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {options['impl']!r}")
         super().__init__()
         self._option_names = tuple(options)
         for name, value in options.items():

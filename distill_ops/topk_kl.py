@@ -77,6 +77,7 @@ from ._scale import register_stored_gradient_autograd
 from ._utils import (
     LossModule,
     FLOAT_DTYPES,
+    IMPLS,
     INT_DTYPES,
     as_rows,
     check_choice,
@@ -855,6 +856,8 @@ class DACKLLoss(torch.nn.Module):
         check_choice("reduction", reduction, ("mean", "sum", "none"))
         check_number("temperature", temperature, low=0.0, low_inclusive=False)
         check_number("sharpness", sharpness, low=0.0, low_inclusive=False)
+        check_index("ignore_index", ignore_index)
+        check_choice("impl", impl, IMPLS)
         self.vocab_top_m = vocab_top_m
         self.tail = tail
         self.divergence = divergence

@@ -465,3 +465,20 @@ def test_ignore_index_must_be_an_int(op):
         with pytest.raises(TypeError, match="ignore_index must be an int"):
             calls[op](bad)
     assert torch.equal(calls[op](np.int64(-100)), calls[op](-100))
+
+
+@pytest.mark.parametrize("module", ["KLDivLoss", "AlignDistilLoss", "TopKKLDivLoss", "FusedLinearKLDivLoss",
+                                    "DACKLLoss"])
+def test_modules_check_the_shared_options_when_built(module):
+    """A bad temperature, ignore_index or impl is an error naming it when the module is built (they were only
+    caught at the first call)."""
+    import distill_ops
+
+    cls = getattr(distill_ops, module)
+    with pytest.raises(ValueError, match="temperature must be in"):
+        cls(temperature=-1.0)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        cls(ignore_index="x")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        cls(impl="gpu")
+    assert cls(temperature=2.0, ignore_index=-1, impl="torch").temperature == 2.0
