@@ -119,8 +119,9 @@ def _trainer_class():
     class FusedGKDTrainer(base):
         """TRL's ``GKDTrainer`` with the fused loss (see the module docstring); constructed exactly like it.
 
-        ``compute_loss`` returns ``(loss, {"loss": loss})`` with ``return_outputs``: there are no student logits
-        to return. ``generalized_jsd_loss`` is :func:`distill_ops.integrations.trl.generalized_jsd_loss`.
+        ``compute_loss`` with ``return_outputs`` (asked only when predictions are wanted: ``predict()``,
+        ``compute_metrics``) returns ``(loss, the student's outputs)``, as ``GKDTrainer`` does; only then does the
+        student run its full forward. ``generalized_jsd_loss`` is :func:`distill_ops.integrations.trl.generalized_jsd_loss`.
         ``fused_loss_kwargs`` (an instance or class attribute, default empty) adds keyword arguments of
         :func:`~distill_ops.integrations.hf.causal_lm_distillation_loss` (``impl``, ``vocab_size``, ...).
         """
