@@ -630,6 +630,9 @@ def summarize(result: dict) -> str:
     return ", ".join(parts)
 
 
+BUDGET_SKIP = "time budget exhausted"
+
+
 class _Terminated(BaseException):
     """SIGTERM (the GPU check's timeout): a BaseException, so that no ``except Exception`` around one
     measurement records it as a failed impl and goes on; it reaches the runner, which writes the report."""
@@ -723,7 +726,7 @@ def run_benchmarks(
             print(f"[{number}/{len(pairs)}] {case.label()} {impl} ...", end="", file=stream, flush=True)
             if now >= source_deadline and impl not in case.skipped:
                 result = empty_result(case, impl)
-                result["skipped"] = f"time budget exhausted (run budget {budget_s:.0f} s, shared between modules)"
+                result["skipped"] = f"{BUDGET_SKIP} (run budget {budget_s:.0f} s, shared between modules)"
             else:
                 # A single measurement may overrun its module's share by MIN_MEASUREMENT_S at most.
                 timeout_s = None if budget_s is None else max(source_deadline - now, MIN_MEASUREMENT_S)
@@ -731,12 +734,32 @@ def run_benchmarks(
             document["results"].append(result)
             print(f" {summarize(result)} ({time.monotonic() - start:.0f} s)", file=stream, flush=True)
             save()
+        if budget_s is not None:
+            # Time the later modules left unused goes back, in order, to the measurements skipped for the budget or
+            # stopped at their share (a module's share is fixed when it starts: an early module that ran out never
+            # got it back).
+            for position, (case, impl) in enumerate(pairs):
+                reason = str(document["results"][position].get("skipped") or "")
+                if not reason.startswith((BUDGET_SKIP, f"failed: {MeasurementTimeout.__name__}")):
+                    continue
+                left = start + budget_s - time.monotonic()
+                if left < MIN_MEASUREMENT_S:
+                    break
+                print(f"[{position + 1}/{len(pairs)}, second pass] {case.label()} {impl} ...", end="", file=stream,
+                      flush=True)
+                result = run_impl(case, impl, device, quick, warmup_ms, rep_ms, env, left)
+                document["results"][position] = result
+                print(f" {summarize(result)} ({time.monotonic() - start:.0f} s)", file=stream, flush=True)
+                save()
         document["meta"]["complete"] = True
     except (KeyboardInterrupt, _Terminated) as exc:
         print(f"\ninterrupted ({type(exc).__name__} {exc}): writing partial results", file=stream, flush=True)
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+        document["meta"]["budget_skipped"] = sum(
+            str(r.get("skipped") or "").startswith(BUDGET_SKIP) for r in document["results"])
+        document["meta"]["load_average_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         document["summaries"] = collect_summaries(cases, document)
         save()
         report_path = write_report(document, out_dir)

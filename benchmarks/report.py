@@ -100,7 +100,8 @@ def op_table(results: list[dict], peak_bandwidth: Optional[float]) -> str:
     if any_value("forward_ms"):
         columns.append(("fwd ms", lambda r: _ms(r["forward_ms"])))
     if any_value("backward_ms"):
-        columns.append(("bwd ms", lambda r: _ms(r["backward_ms"])))
+        # full - fwd of two separate medians: below 0 it is noise around a backward of about 0.
+        columns.append(("bwd ms", lambda r: "≈0" if (r["backward_ms"] or 0.0) < 0 else _ms(r["backward_ms"])))
     if any_value("full_ms"):
         columns.append(("full ms", lambda r: _ms(r["full_ms"])))
     if reference:
@@ -262,11 +263,15 @@ def render_markdown(document: dict, plot: Optional[str]) -> str:
         f"# Benchmark report: {meta['device_name']}",
         "",
         f"- device: **{meta['device_name']}** ({meta['device']}; {peaks}; {meta['cpu_threads']} torch threads, "
-        f"{meta.get('cpu_count')} CPUs, load average {meta.get('load_average_1min')} at the start)",
+        f"{meta.get('cpu_count')} CPUs, load average {meta.get('load_average_1min')} at the start, "
+        f"{meta.get('load_average_1min_end', '-')} at the end: on CPU, a load above the torch threads' spare cores "
+        f"makes timings unreliable)",
         f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, Python {meta['python']}",
         f"- commit {commit}, {meta['utc_time']}, mode {'quick' if meta['quick'] else 'full'}"
         + (f", only `{meta['only']}`" if meta.get("only") else "")
-        + f", {meta['elapsed_s']} s" + ("" if meta.get("complete") else " (**incomplete run**)"),
+        + f", {meta['elapsed_s']} s" + ("" if meta.get("complete") else " (**incomplete run**)")
+        + (f", **{meta['budget_skipped']} measurements skipped: time budget exhausted**"
+           if meta.get("budget_skipped") else ""),
         f"- timing: {meta['timing']}",
         "",
         "How to read: *fwd* is the forward call with autograd enabled, as in training (our losses compute "

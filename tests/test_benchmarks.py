@@ -120,6 +120,41 @@ def test_time_budget_records_the_rest_as_skipped(tmp_path, tiny_module):
         reason == "not installed here" if impl == "absent" else reason.startswith("time budget") for impl, reason in reasons
     ), reasons
     assert "time budget" in (tmp_path / "report.md").read_text()
+    assert document["meta"]["budget_skipped"] == 4 and "4 measurements skipped" in (tmp_path / "report.md").read_text()
+
+
+def test_time_left_at_the_end_goes_back_to_budget_skipped_measurements(tmp_path):
+    """A module whose share ran out early gets the time later modules left unused: its budget-skipped measurements
+    run in a second pass (on the CPU run kl_div's timings were all skipped while 180 s of the budget went unused)."""
+    source = """
+import time
+from benchmarks.harness import Case
+
+def _setup(seconds):
+    def setup():
+        def run():
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                pass
+        return run
+    return setup
+
+def cases(device, quick):
+    return [Case(op=OP, params={"i": i}, impls={"a": _setup(SECONDS)}, forward_only=True, budget_weight=WEIGHT)
+            for i in range(COUNT)]
+"""
+    first, second = tmp_path / "bench_first.py", tmp_path / "bench_second.py"
+    # The first module's share is 1 % of the budget: its first case overruns it, the other two are skipped.
+    first.write_text(source.replace("OP", "'first'").replace("SECONDS", "0.05").replace("WEIGHT", "0.01")
+                     .replace("COUNT", "3"))
+    second.write_text(source.replace("OP", "'second'").replace("SECONDS", "0.001").replace("WEIGHT", "1.0")
+                      .replace("COUNT", "1"))
+    progress = io.StringIO()
+    document = run_benchmarks(tmp_path / "out", device="cpu", sources=[str(first), str(second)], budget_s=40.0,
+                              stream=progress)
+    assert "second pass" in progress.getvalue(), progress.getvalue()
+    assert all(r["skipped"] is None and r["forward_ms"] > 0 for r in document["results"]), document["results"]
+    assert document["meta"]["budget_skipped"] == 0
 
 
 def test_a_measurement_past_its_time_limit_is_stopped_and_recorded():
