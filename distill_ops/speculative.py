@@ -92,7 +92,7 @@ from .tree import (
     tree_spec_in_place,
 )
 from .tree_attention import tree_attention
-from .verify import VerifyResult, compact_kv_cache, verify_greedy, verify_sampling
+from .verify import MIN_SAMPLING_TEMPERATURE, VerifyResult, compact_kv_cache, verify_greedy, verify_sampling
 
 #: Name under which the tree attention is registered in transformers' attention registries.
 ATTENTION_NAME = "distill_ops_tree"
@@ -1309,6 +1309,11 @@ class SpeculativeDecoder:
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         check_number("temperature", temperature, low=0.0)
+        if 0 < temperature < MIN_SAMPLING_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be 0 (greedy) or >= {MIN_SAMPLING_TEMPERATURE} (sampling), got {temperature}: "
+                f"below that fp32 logits / temperature can overflow"
+            )
         if temperature > 0:
             if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
                 raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")

@@ -42,6 +42,10 @@ from ._utils import (
 )
 from .tree import TreeSpec, check_tree_spec, int64_to_device
 
+# The smallest temperature verify_sampling takes: logits / T must stay finite in fp32 (|logit| up to 1e4 gives
+# 1e10 here; at T ~ 1e-39, 1 / T alone overflows).
+MIN_SAMPLING_TEMPERATURE = 1e-6
+
 
 @dataclass(frozen=True)
 class VerifyResult:
@@ -362,7 +366,9 @@ def verify_sampling(
 
     Args:
         tree, draft_tokens, target_logits: as in :func:`verify_greedy`.
-        temperature: > 0; top_k: int >= 1 or None; top_p: in (0, 1] or None (applied after top-k).
+        temperature: >= ``MIN_SAMPLING_TEMPERATURE`` (1e-6): below it fp32 logits / temperature can overflow to
+            inf and the probabilities turn NaN (use :func:`verify_greedy` for greedy decoding, temperature 0);
+            top_k: int >= 1 or None; top_p: in (0, 1] or None (applied after top-k).
         draft_probs: ``[B, T, V]`` float draft distributions (children of node ``i`` sampled i.i.d. from
             ``draft_probs[:, i]``), or None for deterministic (top-k) drafts.
         generator: the only source of randomness (``torch.rand`` on its device; default generator of the
@@ -373,7 +379,7 @@ def verify_sampling(
     sampling from the (filtered, tempered) target. No host synchronisation.
     """
     batch, num_nodes, vocab = _check_verify_inputs(tree, draft_tokens, target_logits)
-    temperature = check_number("temperature", temperature, low=0.0, low_inclusive=False)
+    temperature = check_number("temperature", temperature, low=MIN_SAMPLING_TEMPERATURE)
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, int):
             raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")

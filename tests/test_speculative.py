@@ -885,6 +885,8 @@ def test_bad_inputs():
         engine.generate(prompt + 1000, max_new_tokens=3)
     with pytest.raises(ValueError, match="temperature"):
         engine.generate(prompt, max_new_tokens=3, temperature=-1.0)
+    with pytest.raises(ValueError, match="temperature must be 0 \\(greedy\\) or >= 1e-06"):
+        engine.generate(prompt, max_new_tokens=3, temperature=1e-9)
     with pytest.raises(ValueError, match="top_p"):
         engine.generate(prompt, max_new_tokens=3, temperature=1.0, top_p=1.5)
     with pytest.raises(ValueError, match="top_k"):
