@@ -498,6 +498,12 @@ def compact_kv_cache(
         raise ValueError(f"cache_lens must be >= 0, got {cache_lens.tolist()}")
     if host_readable(cache_lens) and bool((cache_lens.to(torch.int64) + accepted.shape[1] > kv_len).any()):
         raise ValueError(f"cache_lens + max_depth + 1 must be <= S={kv_len}, got max(cache_lens)={int(cache_lens.max())}")
+    if host_readable(accepted) and bool((cache_lens.to(torch.int64)[:, None] + accepted >= kv_len).any()):
+        # An accepted node's row past S: the cache does not hold the whole tree (the kernel would skip the row).
+        raise ValueError(
+            f"k and v must hold every accepted tree node at cache_lens + node < S={kv_len}, got cache_lens "
+            f"{cache_lens.tolist()} and accepted nodes {accepted.tolist()}"
+        )
     if resolve_impl(impl, device) == "torch":
         compact_kv_cache_ref(keys, values, cache_lens, accepted)
         return cache_lens + result.accept_len.to(cache_lens.dtype) + 1

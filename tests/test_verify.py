@@ -417,6 +417,17 @@ def test_verify_bad_inputs():
     result = verify_greedy(tree, tokens, logits, impl="torch")
     with pytest.raises(ValueError, match="cache_lens \\+ max_depth \\+ 1 must be <= S=9"):
         compact_kv_cache(k, k.clone(), torch.tensor([0, 7]), result, impl="torch")
+    # A cache that holds the accepted width but not the accepted node's row (S < cache_len + node): the PyTorch
+    # path failed with an index error, the kernel skipped the row and still returned the new length.
+    star = build_tree(torch.tensor([-1, 0, 0, 0, 0, 0, 0, 0]))
+    star_logits = torch.zeros(1, 8, 4)
+    star_logits[0, 0, 1] = 1.0
+    star_result = verify_greedy(star, torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1]]), star_logits, impl="torch")
+    assert star_result.accepted_nodes.tolist() == [[0, 7]]
+    for impl in IMPLS:
+        short = torch.zeros(1, 1, 5, 8)
+        with pytest.raises(ValueError, match="must hold every accepted tree node"):
+            compact_kv_cache(short, short.clone(), torch.tensor([3]), star_result, impl=impl)
     for impl in IMPLS:  # the PyTorch path failed with an index error, the kernel moved rows of the next sequence
         with pytest.raises(ValueError, match=r"cache_lens must be >= 0, got \[2, -3\]"):
             compact_kv_cache(k, k.clone(), torch.tensor([2, -3]), result, impl=impl)
