@@ -822,6 +822,10 @@ def _trainer_ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str) -> N
     entropy = [entry["entropy"] for entry in trainer.state.log_history if "entropy" in entry]
     torch.save({name: p.detach() for name, p in student.named_parameters()}, f"{out_dir}/weights{rank}.pt")
     torch.save(entropy, f"{out_dir}/entropy{rank}.pt")
+    # The group torn down before the process exits: left to the interpreter's teardown, gloo's worker threads
+    # once ended rank 0 in std::terminate (SIGABRT) after the test's work was done.
+    del trainer
+    _destroy_group()
 
 
 def test_trainer_on_two_ddp_ranks_equals_one_process(tmp_path):

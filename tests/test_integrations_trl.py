@@ -509,7 +509,7 @@ def _distillation_ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str)
     from trl import DistillationConfig, DistillationTrainer
 
     from distill_ops.integrations.trl import FusedDistillationTrainer
-    from tests.test_integrations_hf import trainer_rank_group
+    from tests.test_integrations_hf import _destroy_group, trainer_rank_group
 
     trainer_rank_group(rank, world, rendezvous)
     student, teacher = (model.cpu() for model in _tiny_models())
@@ -531,6 +531,7 @@ def _distillation_ddp_rank(rank: int, world: int, rendezvous: str, out_dir: str)
         weights[cls.__name__] = {name: p.detach().clone() for name, p in model.named_parameters()}
         del trainer
     torch.save(weights, f"{out_dir}/weights{rank}.pt")
+    _destroy_group()  # before the process exits (see the HF Trainer's two-rank test)
 
 
 def test_fused_distillation_trainer_on_two_ddp_ranks_equals_trls(tmp_path):
