@@ -233,7 +233,8 @@ def fused_linear_case(rows, hidden, vocab, dtype, device, *, impls, skipped=None
         forward_impls={name: _pass_setup(makers[name], rows, hidden, vocab, dtype, device, forward_only=True)
                        for name in runnable},
         # One count for every impl, the issue's (12·N·V·H), as the Targets section uses it: a common unit of useful
-        # work (ours does more: two forward sweeps for the JSD, 16·N·V·H; eager and compile keep the logits, 8·N·V·H).
+        # work (ours does more: two forward sweeps for the JSD, 16·N·V·H; eager and compile keep the logits,
+        # 8·N·V·H).
         flops=issue_flops(rows, hidden, vocab),
         bytes_moved=inputs_bytes + grads_bytes,
         memory_floor_bytes=inputs_bytes + grads_bytes,

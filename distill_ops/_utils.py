@@ -114,8 +114,7 @@ def check_number(
 
 def check_index(name: str, value: object) -> object:
     """An integer: a Python or NumPy int, or a symbolic one under ``torch.compile`` (not a bool, float or tensor)."""
-    integral = isinstance(value, (int, torch.SymInt)) or hasattr(type(value), "__index__")
-    if not integral or isinstance(value, (bool, torch.Tensor)):
+    if isinstance(value, (bool, torch.Tensor)) or not hasattr(type(value), "__index__"):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
     return value
 
@@ -250,8 +249,8 @@ class LossModule(torch.nn.Module):
             check_number("temperature", options["temperature"], low=0.0, low_inclusive=False)
         if "ignore_index" in options:
             check_index("ignore_index", options["ignore_index"])
-        if "impl" in options and options["impl"] not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {options['impl']!r}")
+        if "impl" in options:
+            check_choice("impl", options["impl"], IMPLS)
         super().__init__()
         self._option_names = tuple(options)
         for name, value in options.items():

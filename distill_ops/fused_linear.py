@@ -610,7 +610,9 @@ def _check_linear_side(side: str, hidden: Tensor, weight: Tensor, bias: Optional
             f"{hidden.shape[-1]}, got {tuple(weight.shape)}"
         )
     if weight.shape[0] == 0:
-        raise ValueError(f"{side}_weight must have at least one row (a vocabulary of V >= 1), got {tuple(weight.shape)}")
+        raise ValueError(
+            f"{side}_weight must have at least one row (a vocabulary of V >= 1), got {tuple(weight.shape)}"
+        )
     if weight.dtype != hidden.dtype:
         raise TypeError(
             f"{side}_hidden and {side}_weight must share a dtype, got {hidden.dtype} and {weight.dtype}"
@@ -636,19 +638,13 @@ def _check_softcap(name: str, value: object) -> Optional[float]:
 
 
 def _weight_rows(weight: Tensor, vocab: int) -> Tensor:
+    """The first ``vocab`` rows of an LM head weight ``[V, H]`` or entries of its bias ``[V]``, with unit stride along
+    the last dim (the kernels index it so; a strided view, e.g. a bias that is one column of a packed parameter, is
+    copied)."""
     # Slice only when needed: autograd records even a full-size slice, and its backward would
     # allocate a zero-filled copy of the whole weight gradient.
     rows = weight if vocab == weight.shape[0] else weight[:vocab]
     return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
-def _bias_rows(bias: Optional[Tensor], vocab: int) -> Optional[Tensor]:
-    """The first ``vocab`` entries with unit stride (the kernels index the bias by column; a strided view, e.g. one
-    column of a packed parameter, is copied)."""
-    if bias is None:
-        return None
-    rows = bias if vocab == bias.shape[0] else bias[:vocab]
-    return rows if rows.stride(0) == 1 else rows.contiguous()
 
 
 def _hidden_rows(hidden: Tensor) -> Tensor:
@@ -797,14 +793,14 @@ def fused_linear_kl_div(
 
     s_hidden = _hidden_rows(student_hidden)
     s_weight = _weight_rows(student_weight, vocab)
-    s_bias = _bias_rows(student_bias, vocab)
+    s_bias = None if student_bias is None else _weight_rows(student_bias, vocab)
     t_hidden = t_weight = t_bias = t_logits = None
     if teacher_logits is not None:
         t_logits = as_rows(teacher_logits.detach(), vocab)
     else:
         t_hidden = _hidden_rows(teacher_hidden.detach())
         t_weight = _weight_rows(teacher_weight.detach(), vocab)
-        t_bias = None if teacher_bias is None else _bias_rows(teacher_bias.detach(), vocab)
+        t_bias = None if teacher_bias is None else _weight_rows(teacher_bias.detach(), vocab)
     label_rows = flat_labels(labels)
     with autocast_off(autocast_device):
         row_loss, row_stats = torch.ops.distill_ops.fused_linear_kl_div_rows(

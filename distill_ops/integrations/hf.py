@@ -693,7 +693,8 @@ def trainer_normalizer(trainer, num_items_in_batch: float | Tensor | None) -> fl
         num_items_in_batch = num_items_in_batch.reshape(-1)[0]  # DataParallel: the count repeated per GPU
     n_gpu = getattr(args, "n_gpu", 1)
     if n_gpu > 1:
-        return num_items_in_batch if getattr(args, "average_tokens_across_devices", False) else num_items_in_batch * n_gpu
+        averaged = getattr(args, "average_tokens_across_devices", False)
+        return num_items_in_batch if averaged else num_items_in_batch * n_gpu
     if not getattr(args, "average_tokens_across_devices", False):
         return num_items_in_batch
     get_tp_size = getattr(trainer, "get_tp_size", None)

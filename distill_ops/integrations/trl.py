@@ -121,7 +121,8 @@ def _trainer_class():
 
         ``compute_loss`` with ``return_outputs`` (asked only when predictions are wanted: ``predict()``,
         ``compute_metrics``) returns ``(loss, the student's outputs)``, as ``GKDTrainer`` does; only then does the
-        student run its full forward. ``generalized_jsd_loss`` is :func:`distill_ops.integrations.trl.generalized_jsd_loss`.
+        student run its full forward. ``generalized_jsd_loss`` is
+        :func:`distill_ops.integrations.trl.generalized_jsd_loss`.
         ``fused_loss_kwargs`` (an instance or class attribute, default empty) adds keyword arguments of
         :func:`~distill_ops.integrations.hf.causal_lm_distillation_loss` (``impl``, ``vocab_size``, ...).
         """
@@ -132,8 +133,9 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.teacher_model.eval()
             with trainer_autocast(self):
-                loss = trainer_loss(model, self.teacher_model, inputs, False, trainer_normalizer(self, num_items_in_batch),
-                                    divergence="jsd", beta=self.beta, **self.fused_loss_kwargs)
+                loss = trainer_loss(model, self.teacher_model, inputs, False,
+                                    trainer_normalizer(self, num_items_in_batch), divergence="jsd", beta=self.beta,
+                                    **self.fused_loss_kwargs)
                 if not return_outputs:
                     return loss
                 # Asked for outputs only when predictions are wanted (predict(), compute_metrics): TRL's
