@@ -23,6 +23,8 @@ decided); ``target_logits[b, i]`` is the target model's prediction for the token
   the row, counting for top-k, summing mass for top-p: at most 9 passes each; no sort, no extra launch).
   The two can differ only where a descending-order mass lies within fp32 rounding of ``top_p`` (sums in
   different orders).
+* NaN in ``target_logits`` reads as ``-inf`` on every impl: that token is never the argmax and has
+  probability 0 (a row of NaN is then a row of ``-inf``; ``torch.argmax`` alone would rank NaN first).
 
 KV compaction (:func:`compact_kv_cache`) takes one layer's K/V or lists with every layer's: a model's
 whole cache is compacted by one Triton launch (the layers' addresses travel in an int64 table, one
@@ -171,11 +173,16 @@ def _launch(op, direct, *args):
     return op(*args) if torch.compiler.is_compiling() else direct(*args)
 
 
+def nan_as_neg_inf(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` with NaN read as ``-inf`` (the Triton kernels' rule: their comparisons exclude NaN)."""
+    return torch.where(torch.isnan(logits), float("-inf"), logits)
+
+
 def verify_greedy_ref(tree: TreeSpec, draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> VerifyResult:
     """PyTorch greedy verification (the CPU path and the reference); device-side, no host sync."""
     batch, num_nodes, _ = target_logits.shape
     device = target_logits.device
-    argmax = target_logits.argmax(-1)
+    argmax = nan_as_neg_inf(target_logits).argmax(-1)
     parents = tree.parents.expand(batch, -1)
     depth = tree.depth.expand(batch, -1)
     nodes = torch.arange(num_nodes, device=device)
@@ -248,7 +255,7 @@ def filter_thresholds(
     cuts = []
     # Row chunks bound the sort's temporaries (values + int64 indices) to a few million elements.
     for start in range(0, rows.shape[0], row_chunk(rows.shape[0], vocab)):
-        logits = rows[start : start + row_chunk(rows.shape[0], vocab)].float()
+        logits = nan_as_neg_inf(rows[start : start + row_chunk(rows.shape[0], vocab)].float())
         cut = torch.full(logits.shape[:-1], float("-inf"), device=logits.device)
         if top_k is not None:
             cut = torch.topk(logits, top_k, dim=-1).values[..., -1]
@@ -277,7 +284,7 @@ def verify_sampling_ref(
     Materialises the fp32 probabilities ``[B, T, V]``; device-side, no host sync."""
     batch, num_nodes, vocab = target_logits.shape
     device = target_logits.device
-    logits = target_logits.float()
+    logits = nan_as_neg_inf(target_logits.float())
     kept = torch.ones_like(logits, dtype=torch.bool) if thresholds is None else logits >= thresholds[..., None]
     scaled = torch.where(kept, logits * (1.0 / temperature), float("-inf"))
     row_max = scaled.amax(-1, keepdim=True)

@@ -185,6 +185,7 @@ def _search_pass(row_ptr, vocab, pivot_values, floor, shift, inv_temp, MASS: tl.
     for start in range(0, vocab, SEARCH_BLOCK):
         cols = start + offs
         logit = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        logit = tl.where(logit == logit, logit, float("-inf"))  # NaN reads as -inf
         if MASS:
             weight = tl.where((cols < vocab) & (logit >= floor), tl.exp(logit * inv_temp - shift), 0.0)
             above = logit[None, :] > pivot_values[:, None]
@@ -217,6 +218,7 @@ def _filter_cut(row_ptr, vocab, top_k, top_p, inv_temp, HAS_TOPK: tl.constexpr, 
     for start in range(0, vocab, BLOCK_V):
         cols = start + offs
         logit = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        logit = tl.where(logit == logit, logit, float("-inf"))  # NaN reads as -inf (min / max ignore it)
         lane_min = tl.minimum(lane_min, tl.where(cols < vocab, logit, float("inf")))
         lane_max = tl.maximum(lane_max, logit)
     row_min = tl.min(lane_min, axis=0)

@@ -495,8 +495,8 @@ def test_greedy_splits_large_vocabularies_by_default():
 ], ids=str)
 def test_triton_filter_cut_equals_filter_thresholds(top_k, top_p, vocab, dtype):
     """The statistics kernel's in-kernel cut (bisection over fp32 keys) equals the sort-based
-    ``filter_thresholds`` exactly: heavy ties (logits on a 1/4 grid), -inf entries, negative and positive
-    values, temperature != 1."""
+    ``filter_thresholds`` exactly: heavy ties (logits on a 1/4 grid), -inf and NaN entries, negative and
+    positive values, temperature != 1."""
     from distill_ops.kernels.tree_verify import sampling_stats
     from distill_ops.verify import filter_thresholds
 
@@ -505,6 +505,7 @@ def test_triton_filter_cut_equals_filter_thresholds(top_k, top_p, vocab, dtype):
     logits = torch.randint(-24, 24, (batch, num_nodes, vocab), generator=generator).double() / 4
     logits[0, 1, ::3] = float("-inf")
     logits[1, 2] = torch.randn(vocab, generator=generator, dtype=torch.float64) * 3  # no ties
+    logits[1, 3, 1::4] = float("nan")  # read as -inf
     logits = logits.to(dtype).to(DEVICE)
     parents = build_tree(torch.tensor([-1, 0, 0, 1, 1, 2, 3])).parents.to(DEVICE)
     expected = filter_thresholds(logits, 0.7, top_k, top_p)
@@ -558,3 +559,41 @@ def test_torch_compile_fullgraph(impl):
                     expected[b, :, start + slot] = before[b, :, start + node]
         assert torch.equal(cache, expected)
     assert not all(torch.equal(a, b) for a, b in zip(caches, layers))  # something moved
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["greedy", "sampling", "top_k", "top_p", "draft_probs"])
+def test_nan_target_logits_read_as_neg_inf(mode, impl):
+    """NaN in ``target_logits`` reads as -inf on every impl (``torch.argmax`` alone would rank it first): the
+    result equals that of the same logits with NaN replaced by -inf, on the PyTorch reference path. Rows hold
+    scattered NaN (at their argmax too) and one row is entirely NaN."""
+    rng = random.Random(11)
+    batch, num_nodes, vocab = 3, 12, 40
+    gen = torch.Generator().manual_seed(11)
+    clean = torch.randn(batch, num_nodes, vocab, generator=gen) * 3
+    parents, tokens = random_tree_and_tokens(num_nodes, vocab, clean, rng)
+    logits = clean.clone()
+    logits[torch.rand(logits.shape, generator=gen) < 0.15] = float("nan")
+    logits[:, :, 7] = float("nan")
+    logits[1, 0] = float("nan")
+    tree = build_tree(parents.to(DEVICE))
+    as_inf = torch.where(logits.isnan(), float("-inf"), logits)
+    draft_probs = None
+    if mode == "draft_probs":
+        draft_probs = torch.softmax(torch.randn(batch, num_nodes, vocab, generator=gen), -1).to(DEVICE)
+
+    def run(values, which):
+        if mode == "greedy":
+            return verify_greedy(tree, tokens.to(DEVICE), values.to(DEVICE), impl=which)
+        filters = {"top_k": dict(top_k=5), "top_p": dict(top_p=0.7)}.get(mode, {})
+        return verify_sampling(tree, tokens.to(DEVICE), values.to(DEVICE), temperature=0.9, draft_probs=draft_probs,
+                               generator=torch.Generator(DEVICE).manual_seed(2), impl=which, **filters)
+
+    got, expected = run(logits, impl), run(as_inf, "torch")
+    for field in ("accepted_nodes", "accept_len", "next_tokens", "emitted_tokens"):
+        assert torch.equal(getattr(got, field).cpu(), getattr(expected, field).cpu()), field
+    assert ((got.next_tokens >= 0) & (got.next_tokens < vocab)).all()
+    assert not torch.equal(logits.isnan(), torch.zeros_like(logits, dtype=torch.bool))
+    if mode == "greedy":
+        for b, (path, bonus) in enumerate(brute_force_greedy(parents.tolist(), tokens, as_inf)):
+            assert got.accepted_nodes[b].tolist()[:len(path)] == path and got.next_tokens[b].item() == bonus
