@@ -475,6 +475,13 @@ def tree_from_retrieve(retrive_next_token: torch.Tensor, retrive_next_sibling: t
     squeeze = first.dim() == 1
     first, sibling = (first.unsqueeze(0), sibling.unsqueeze(0)) if squeeze else (first, sibling)
     batch, num_nodes = first.shape
+    root_siblings = sibling[:, 0]
+    if (root_siblings != -1).any():
+        tree_idx = int((root_siblings != -1).nonzero()[0, 0])
+        raise ValueError(
+            f"retrive_next_sibling of tree {tree_idx}: the root (node 0) has no siblings, so its entry must be -1, "
+            f"got {int(root_siblings[tree_idx])}"
+        )
     parents = torch.full((batch, num_nodes), -2, dtype=torch.int64)
     for tree_idx in range(batch):
         parents[tree_idx, 0] = -1

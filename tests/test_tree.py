@@ -161,6 +161,9 @@ def test_bad_retrieve():
         tree_from_retrieve(torch.tensor([1, 1, -1]), torch.tensor([-1, -1, -1]))
     with pytest.raises(ValueError, match="unreachable"):
         tree_from_retrieve(torch.tensor([1, -1, -1]), torch.tensor([-1, -1, -1]))
+    # The root's next sibling (node 2, also reached as node 1's child) was ignored.
+    with pytest.raises(ValueError, match=r"tree 1: the root \(node 0\) has no siblings.*got 2"):
+        tree_from_retrieve(torch.tensor([[1, -1, -1], [1, 2, -1]]), torch.tensor([[-1, -1, -1], [2, -1, -1]]))
 
 
 def test_int64_to_device_round_trip():
