@@ -140,6 +140,11 @@ def resolve_vocab(
     student_vocab: int, teacher_vocab: int, vocab_size: int | None, *, student_name: str, teacher_name: str
 ) -> int:
     """The number of vocabulary columns both sides are read over (the design's ``vocab_size`` rule)."""
+    if min(student_vocab, teacher_vocab) < 1:
+        raise ValueError(
+            f"{student_name} and {teacher_name} must have a vocabulary of V >= 1 (a non-empty last dim), got "
+            f"{student_vocab} and {teacher_vocab}"
+        )
     if vocab_size is None:
         if student_vocab != teacher_vocab:
             raise ValueError(
@@ -206,9 +211,13 @@ def reduce_rows(
     leading_shape: torch.Size,
 ) -> torch.Tensor:
     """Apply ``reduction`` to unweighted per-row values (0 at ignored rows), for ops whose kernels do
-    not fold :func:`reduction_weight` in themselves."""
+    not fold :func:`reduction_weight` in themselves. Ignored rows are selected to 0 after the weight: a zero
+    tensor ``normalizer`` (every row ignored) makes it inf, and inf * 0 would be NaN."""
     weight = reduction_weight(reduction, normalizer, active, row_values.numel(), row_values.device)
-    return finish_reduction(row_values * weight, reduction, leading_shape)
+    weighted = row_values * weight
+    if active is not None:
+        weighted = torch.where(active, weighted, 0.0)
+    return finish_reduction(weighted, reduction, leading_shape)
 
 
 def finish_reduction(weighted_rows: torch.Tensor, reduction: str, leading_shape: torch.Size) -> torch.Tensor:
@@ -305,3 +314,15 @@ def autocast_linear_inputs(*tensors: Optional[torch.Tensor]) -> tuple[tuple, Opt
 def autocast_off(device_type: Optional[str]):
     """A context that disables autocast for ``device_type`` (a no-op context for None)."""
     return contextlib.nullcontext() if device_type is None else torch.autocast(device_type, enabled=False)
+
+
+def text_config(model: object):
+    """A transformers model's text config (``config.get_text_config()`` for multimodal configs), or None."""
+    config = getattr(model, "config", None)
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config() if callable(get_text_config) else config
+
+
+def finite_or_zero(shift: torch.Tensor) -> torch.Tensor:
+    """A per-row shift made safe: 0 where it is not finite (an all -inf row, or NaN, which then stays in the row)."""
+    return torch.where(torch.isfinite(shift), shift, 0.0)

@@ -88,10 +88,12 @@ from ._utils import (
     check_same_device,
     check_tensor,
     finish_reduction,
+    finite_or_zero,
     flat_labels,
     host_readable,
     reduction_weight,
     resolve_impl,
+    resolve_vocab,
     row_chunk,
 )
 
@@ -270,9 +272,10 @@ def topk_kl_rows_torch(
             divergence, compute_grad,
         )
         weight = row_weight if row_weight.numel() == 1 else row_weight[start:stop]
-        if active is not None:
+        chunk_loss = chunk_loss * weight
+        if active is not None:  # after the weight: a zero tensor normalizer makes it inf (inf * 0 is NaN)
             chunk_loss = torch.where(active, chunk_loss, 0.0)
-        losses[start:stop] = chunk_loss * weight
+        losses[start:stop] = chunk_loss
         if compute_grad:
             chunk_grad = chunk_grad * (weight.unsqueeze(-1) / temperature)
             if active is not None:  # a select, not a product: an ignored row may hold NaN / inf
@@ -342,7 +345,7 @@ def _teacher_lse_op(teacher: Tensor, temperature: float, backend: str) -> Tensor
         rows = teacher[start : start + step].to(torch.float32)
         row_max = rows.amax(-1, keepdim=True)
         out[0, start : start + step] = row_max.squeeze(-1)
-        out[1, start : start + step] = torch.logsumexp((rows - _finite_or_zero(row_max)) / temperature, -1)
+        out[1, start : start + step] = torch.logsumexp((rows - finite_or_zero(row_max)) / temperature, -1)
     return out
 
 
@@ -351,16 +354,11 @@ def _(teacher, temperature, backend):
     return teacher.new_empty((2, teacher.shape[0]), dtype=torch.float32)
 
 
-def _finite_or_zero(shift: Tensor) -> Tensor:
-    """A per-row shift made safe: 0 where it is not finite (an all -inf row, or NaN, which then stays in the row)."""
-    return torch.where(torch.isfinite(shift), shift, 0.0)
-
-
 def _teacher_logprobs(values: Tensor, stats: Tensor, temperature: float) -> Tensor:
     """Full-vocabulary teacher log-probabilities at T of the candidate logits ``values [N, m]``, from the
     :func:`_teacher_lse_op` statistics: ``(x - max) / T - log-sum``, differences of raw logits first, so they
     stay accurate for logits far from 0 (|x| ~ 1e4, where ``x / T - lse`` lost about 5e-4 to rounding)."""
-    row_max = _finite_or_zero(stats[0]).unsqueeze(-1)
+    row_max = finite_or_zero(stats[0]).unsqueeze(-1)
     return (values.to(torch.float32) - row_max) / temperature - stats[1].unsqueeze(-1)
 
 
@@ -370,7 +368,7 @@ def _shifted_student(student: Tensor, indices: Tensor, teacher_logprobs: Tensor,
     ``z / T`` minus a log-sum-exp lost the small rest masses to rounding (a rest of 4e-4 rounded to 0)."""
     raw = student.to(torch.float32)
     kept_max = torch.where(teacher_logprobs != float("-inf"), raw.gather(-1, indices), float("-inf")).amax(-1)
-    return (raw - _finite_or_zero(kept_max).detach().unsqueeze(-1)) / temperature
+    return (raw - finite_or_zero(kept_max).detach().unsqueeze(-1)) / temperature
 
 
 @torch.library.custom_op("distill_ops::topk_kl_dense_select", mutates_args=())
@@ -505,8 +503,10 @@ def _bound_rows(name: str, bound: object, leading_shape: torch.Size, device: tor
 
 def _check_args(
     student_logits, teacher_logits, k, teacher_topk_indices, teacher_topk_logprobs, lower, upper, tail, divergence,
-    temperature, labels, reduction, normalizer, max_candidates,
+    temperature, labels, reduction, normalizer, max_candidates, vocab_size=None,
 ):
+    """Argument checks; returns ``(lower rows, upper rows, vocab)``, vocab the number of columns read (the
+    ``vocab_size`` rule of :func:`~distill_ops.kl_div`; a sparse teacher's vocabulary is the student's)."""
     check_tensor("student_logits", student_logits, min_dim=1)
     leading_shape = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
@@ -526,6 +526,7 @@ def _check_args(
         if k <= 0:
             raise ValueError(f"k must be >= 1, got {k}")
     if sparse:
+        vocab = resolve_vocab(vocab, vocab, vocab_size, student_name="student_logits", teacher_name="student_logits")
         if teacher_topk_indices is None or teacher_topk_logprobs is None:
             raise ValueError("a sparse teacher needs both teacher_topk_indices and teacher_topk_logprobs")
         check_tensor("teacher_topk_indices", teacher_topk_indices, dtypes=INT_DTYPES, min_dim=1)
@@ -562,11 +563,13 @@ def _check_args(
                 )
     else:
         check_tensor("teacher_logits", teacher_logits, min_dim=1)
-        if teacher_logits.shape != student_logits.shape:
+        if teacher_logits.shape[:-1] != leading_shape:
             raise ValueError(
-                f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, got "
+                f"teacher_logits must have the student's leading dims {tuple(leading_shape)}, got "
                 f"{tuple(teacher_logits.shape)}"
             )
+        vocab = resolve_vocab(vocab, teacher_logits.shape[-1], vocab_size, student_name="student_logits",
+                              teacher_name="teacher_logits")
         check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
         if k is None and lower is None and upper is None:
             raise ValueError(
@@ -593,7 +596,7 @@ def _check_args(
                 raise ValueError(f"lower must be <= upper, got lower={lower} and upper={upper}")
         elif host_readable(lower_rows) and bool((lower_rows > upper_rows).any()):
             raise ValueError("lower must be <= upper in every row, got a row with lower > upper")
-    return lower_rows, upper_rows
+    return lower_rows, upper_rows, vocab
 
 
 def _check_label_values(labels: Tensor, ignore_index: int, vocab: int) -> None:
@@ -647,7 +650,7 @@ def _dense_teacher(
         logprobs = _teacher_logprobs(values, stats, temperature)
     else:
         values = values.to(torch.float32)
-        logprobs = (values - _finite_or_zero(values.amax(-1, keepdim=True))) / temperature
+        logprobs = (values - finite_or_zero(values.amax(-1, keepdim=True))) / temperature
     return indices.contiguous(), kept_logprobs(logprobs, lower, upper).contiguous()
 
 
@@ -668,6 +671,7 @@ def topk_kl_div(
     reduction: str = "mean",
     normalizer: float | Tensor | None = None,
     max_candidates: int = DEFAULT_MAX_CANDIDATES,
+    vocab_size: Optional[int] = None,
     impl: str = "auto",
 ) -> Tensor:
     """Divergence between the student and a top-k / quantile-clipped teacher (see the module docstring).
@@ -688,19 +692,21 @@ def topk_kl_div(
         reduction: ``mean`` (over counted rows, 0.0 if none), ``sum`` or ``none`` (shape ``[...]``).
         normalizer: replaces the row count of ``mean``.
         max_candidates: dense teacher with bounds and no ``k``: the bounds search this many top tokens.
+        vocab_size: read only the first ``vocab_size`` columns of the student (and of a dense teacher): a
+            dense teacher of another width is refused without it (:func:`~distill_ops.kl_div`'s rule); sparse
+            indices must then be below it. The other columns get no gradient.
         impl: ``auto`` (Triton on CUDA, PyTorch otherwise), ``triton`` or ``torch``.
 
     Returns:
         fp32 scalar (``mean`` / ``sum``) or fp32 ``[...]`` (``none``).
     """
     check_index("ignore_index", ignore_index)
-    lower_rows, upper_rows = _check_args(
+    lower_rows, upper_rows, vocab = _check_args(
         student_logits, teacher_logits, k, teacher_topk_indices, teacher_topk_logprobs, lower, upper, tail,
-        divergence, temperature, labels, reduction, normalizer, max_candidates,
+        divergence, temperature, labels, reduction, normalizer, max_candidates, vocab_size,
     )
     backend = resolve_impl(impl, student_logits.device)
     leading_shape = student_logits.shape[:-1]
-    vocab = student_logits.shape[-1]
     temperature = float(temperature)
     if backend == "triton":
         if k is not None:
@@ -769,6 +775,7 @@ class TopKKLDivLoss(LossModule):
         ignore_index: int = -100,
         reduction: str = "mean",
         max_candidates: int = DEFAULT_MAX_CANDIDATES,
+        vocab_size: Optional[int] = None,
         impl: str = "auto",
     ) -> None:
         check_choice("tail", tail, TAILS)
@@ -784,6 +791,7 @@ class TopKKLDivLoss(LossModule):
             ignore_index=ignore_index,
             reduction=reduction,
             max_candidates=max_candidates,
+            vocab_size=vocab_size,
             impl=impl,
         )
 
@@ -844,6 +852,7 @@ class DACKLLoss(torch.nn.Module):
         sharpness: float = 50.0,
         ignore_index: int = -100,
         reduction: str = "mean",
+        vocab_size: Optional[int] = None,
         impl: str = "auto",
     ) -> None:
         super().__init__()
@@ -865,6 +874,7 @@ class DACKLLoss(torch.nn.Module):
         self.sharpness = float(sharpness)
         self.ignore_index = ignore_index
         self.reduction = reduction
+        self.vocab_size = vocab_size
         self.impl = impl
         self.bound_net = torch.nn.Sequential(
             torch.nn.Linear(vocab_top_m, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 2)
@@ -893,20 +903,20 @@ class DACKLLoss(torch.nn.Module):
         """The bounds the MLP predicts: ``(lower, upper)``, each fp32 ``[...]`` (the teacher's leading dims)."""
         check_tensor("teacher_logits", teacher_logits, min_dim=1)
         backend = resolve_impl(self.impl, teacher_logits.device)
-        rows = as_rows(teacher_logits.detach(), teacher_logits.shape[-1])
+        width = teacher_logits.shape[-1] if self.vocab_size is None else min(self.vocab_size, teacher_logits.shape[-1])
+        rows = as_rows(teacher_logits.detach(), width)
         _, sorted_logprobs = self._candidates(rows, backend)
         lower, upper = self._bounds(sorted_logprobs)
         return lower.reshape(teacher_logits.shape[:-1]), upper.reshape(teacher_logits.shape[:-1])
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         check_index("ignore_index", self.ignore_index)
-        _check_args(
+        _, _, vocab = _check_args(
             student_logits, teacher_logits, None, None, None, 0.0, 1.0, self.tail, self.divergence,
-            self.temperature, labels, self.reduction, None, DEFAULT_MAX_CANDIDATES,
+            self.temperature, labels, self.reduction, None, DEFAULT_MAX_CANDIDATES, self.vocab_size,
         )
         backend = resolve_impl(self.impl, student_logits.device)
         leading_shape = student_logits.shape[:-1]
-        vocab = student_logits.shape[-1]
         label_rows = flat_labels(labels)
         if self.tail == "label":
             _check_label_values(label_rows, self.ignore_index, vocab)

@@ -129,7 +129,8 @@ def _aligndistil_fwd_kernel(
             scale_a = tl.exp(max_a - new_max_a)
             w_a = tl.exp(a - new_max_a)
             sum_a = sum_a * scale_a + w_a
-            acc_shift = acc_shift * scale_a + tl.where(w_a == 0.0, 0.0, w_a * shift)
+            # A rescale that underflows to 0 drops the old terms, +inf shifts included (0 * inf would be NaN).
+            acc_shift = tl.where(scale_a == 0.0, 0.0, acc_shift * scale_a) + tl.where(w_a == 0.0, 0.0, w_a * shift)
             acc_gap = acc_gap * scale_a + tl.where(w_a == 0.0, 0.0, w_a * gap)
             max_a = new_max_a
         if ADAPTIVE:
@@ -140,7 +141,10 @@ def _aligndistil_fwd_kernel(
         lane_scale_a = tl.exp(max_a - row_max_a)
         total_a = tl.sum(sum_a * lane_scale_a, axis=0)
         lse_a = row_max_a + tl.log(total_a)
-        mean_shift = tl.sum(acc_shift * lane_scale_a, axis=0) / total_a
+        mean_shift = tl.sum(acc_shift * lane_scale_a, axis=0)
+        if mean_shift != mean_shift:  # a lane holding +inf whose scale underflowed to 0: drop it (0 * inf is NaN)
+            mean_shift = tl.sum(tl.where(lane_scale_a == 0.0, 0.0, acc_shift * lane_scale_a), axis=0)
+        mean_shift = mean_shift / total_a
         mean_gap = tl.sum(acc_gap * lane_scale_a, axis=0) / total_a
         mean_diff = (mean_shift - alpha * mean_gap) * inv_temperature  # E_q[a - b]
         # beta0 / alpha and the reduction's weight (1/count for "mean", folded in so that backward usually

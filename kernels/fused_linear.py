@@ -422,7 +422,9 @@ def _fused_linear_stats_kernel(
             w_s = tl.exp(a - new_max_s[:, None])
             sum_s = sum_s * scale_s + tl.sum(w_s, axis=1)
             if DIVERGENCE == 1:  # sum q (a - b), weighted by the student's exponentials
-                kl_acc = kl_acc * scale_s + tl.sum(tl.where(w_s == 0.0, 0.0, w_s * (a - b)), axis=1)
+                # A rescale that underflows to 0 drops the old terms, +inf ones included (0 * inf is NaN).
+                kl_acc = tl.where(scale_s == 0.0, 0.0, kl_acc * scale_s) + tl.sum(
+                    tl.where(w_s == 0.0, 0.0, w_s * (a - b)), axis=1)
             if ENTROPY:  # sum q a, weighted by the student's exponentials: H = lse_s - E_q[a]
                 entropy_acc = entropy_acc * scale_s + tl.sum(tl.where(w_s == 0.0, 0.0, w_s * a), axis=1)
             max_s = new_max_s
@@ -431,7 +433,8 @@ def _fused_linear_stats_kernel(
             w_t = tl.exp(b - new_max_t[:, None])
             sum_t = sum_t * scale_t + tl.sum(w_t, axis=1)
             if DIVERGENCE == 0:  # sum p (b - a), weighted by the teacher's exponentials
-                kl_acc = kl_acc * scale_t + tl.sum(tl.where(w_t == 0.0, 0.0, w_t * (b - a)), axis=1)
+                kl_acc = tl.where(scale_t == 0.0, 0.0, kl_acc * scale_t) + tl.sum(
+                    tl.where(w_t == 0.0, 0.0, w_t * (b - a)), axis=1)
             max_t = new_max_t
             if HAS_CE:  # the hard-label term is at temperature 1; z is rebuilt from a (z is dead by now)
                 z = a * temperature
@@ -710,6 +713,11 @@ def stats_schedule(num_n_blocks: int, num_tiles: int,
     return triton.cdiv(num_tiles, tiles_per_split), tiles_per_split, group
 
 
+def _rescaled(partial: torch.Tensor, rescale: torch.Tensor) -> torch.Tensor:
+    """``partial * rescale`` with 0 where the rescale underflowed to 0 (a split's +inf sum dropped, not NaN)."""
+    return torch.where(rescale == 0.0, 0.0, partial * rescale)
+
+
 def _merge_lse(
     partial: torch.Tensor, max_index: int, sum_index: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -813,10 +821,10 @@ def fused_linear_stats(
     if entropy:
         row_stats[4] = lse_s - (partial[STAT_ENTROPY] * rescale_s).sum(dim=0) / sum_s
     if divergence == "forward":
-        kl_sum = (partial[STAT_KL] * rescale_t).sum(dim=0)
+        kl_sum = _rescaled(partial[STAT_KL], rescale_t).sum(dim=0)
         divergence_rows = kl_sum / sum_t - lse_t + lse_s
     elif divergence == "reverse":
-        mean_diff = (partial[STAT_KL] * rescale_s).sum(dim=0) / sum_s  # E_q[a - b]
+        mean_diff = _rescaled(partial[STAT_KL], rescale_s).sum(dim=0) / sum_s  # E_q[a - b]
         row_stats[2] = mean_diff
         divergence_rows = mean_diff - lse_s + lse_t
     else:

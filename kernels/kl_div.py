@@ -153,10 +153,12 @@ def _kl_div_fwd_kernel(
                 w_b = tl.exp(b - new_max_b)
                 sum_a = sum_a * scale_a + w_a
                 sum_b = sum_b * scale_b + w_b
+                # A rescale that underflows to 0 drops the old terms, +inf ones included (0 * inf would be NaN):
+                # their weights are 0 in fp32 against the new max, as p = exp(b - lse_b) is in the last pass.
                 if DIVERGENCE == 0:  # sum p (b - a), weighted by the teacher's exponentials
-                    acc = acc * scale_b + tl.where(w_b == 0.0, 0.0, w_b * (b - a))
+                    acc = tl.where(scale_b == 0.0, 0.0, acc * scale_b) + tl.where(w_b == 0.0, 0.0, w_b * (b - a))
                 elif DIVERGENCE == 1:  # sum q (a - b), weighted by the student's exponentials
-                    acc = acc * scale_a + tl.where(w_a == 0.0, 0.0, w_a * (a - b))
+                    acc = tl.where(scale_a == 0.0, 0.0, acc * scale_a) + tl.where(w_a == 0.0, 0.0, w_a * (a - b))
                 max_a = new_max_a
                 max_b = new_max_b
             row_max_a = tl.max(max_a, axis=0)
@@ -169,9 +171,17 @@ def _kl_div_fwd_kernel(
             lse_b = row_max_b + tl.log(total_b)
             s_dot = 0.0  # sum_j q_j g_j for the mixture / TVD divergences; E_q[a - b] for reverse
             if DIVERGENCE == 0:
-                loss = tl.sum(acc * lane_scale_b, axis=0) / total_b - lse_b + lse_a
+                # A lane holding +inf whose scale underflowed to 0 is dropped (0 * inf is NaN). In a branch taken
+                # only then: the select over every lane costs registers (8 bytes of spill on sm_80).
+                kl_sum = tl.sum(acc * lane_scale_b, axis=0)
+                if kl_sum != kl_sum:
+                    kl_sum = tl.sum(tl.where(lane_scale_b == 0.0, 0.0, acc * lane_scale_b), axis=0)
+                loss = kl_sum / total_b - lse_b + lse_a
             elif DIVERGENCE == 1:
-                s_dot = tl.sum(acc * lane_scale_a, axis=0) / total_a
+                s_dot = tl.sum(acc * lane_scale_a, axis=0)
+                if s_dot != s_dot:
+                    s_dot = tl.sum(tl.where(lane_scale_a == 0.0, 0.0, acc * lane_scale_a), axis=0)
+                s_dot = s_dot / total_a
                 loss = s_dot - lse_a + lse_b
             else:
                 # Pass 2: the loss and S need both log-sum-exps first.

@@ -120,7 +120,8 @@ def _topk_kl_fwd_kernel(
         # Extra scalar outcome: the label (label tail) or the rest bucket (bucket tail).
         max_b = tl.max(b, axis=0)
         sum_b = tl.sum(tl.exp(b - max_b), axis=0)
-        lse_b = max_b + tl.log(sum_b)  # log-sum-exp of the kept student logits
+        # The log-sum-exp of the kept student logits: -inf when nothing is kept (a row of padding), not NaN.
+        lse_b = tl.where(max_b == float("-inf"), float("-inf"), max_b + tl.log(sum_b))
         mass_p = tl.sum(tl.where(kept, tl.exp(a), 0.0), axis=0)
         leftover_p = 1.0 - mass_p
         leftover_p = tl.where(leftover_p < 0.0, 0.0, leftover_p)  # keeps NaN (NaN < 0 is false)

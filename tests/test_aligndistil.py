@@ -407,6 +407,7 @@ def test_bad_inputs():
     _bad(r"student_logits has vocabulary size 10 but dpo_logits has 12", s, torch.randn(2, 3, 12), o)
     _bad(r"student_logits has vocabulary size 10 but other_logits has 9", s, d, torch.randn(2, 3, 9))
     _bad("vocab_size must be in", s, d, torch.randn(2, 3, 9), vocab_size=10)
+    _bad(r"vocabulary of V >= 1", s[..., :0], d[..., :0], o[..., :0])  # was NaN
     _bad("other_logits must have dtype", s, d, o.to(torch.int32), error=TypeError)
     _bad("dpo_logits must be a torch.Tensor", s, d.numpy(), o, error=TypeError)
     _bad("mode must be one of", s, d, o, mode="reverse")
@@ -444,3 +445,16 @@ def test_interpreter_enabled_on_cpu():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     loss = aligndistil_kl(torch.randn(1, 5), torch.randn(1, 5), torch.randn(1, 5), impl="triton")
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_columns_against_far_negative_student_logits(impl):
+    """Padding columns: -inf in both teachers, -1e4 in the student (probability 0 even in float64). The online
+    E_q[shift] sum held +inf there and was rescaled by exp(lane max - row max) == 0: NaN (0 * inf)."""
+    student, dpo, other = _triple((3, 64), seed=50, scale=1.0)
+    dpo[:, 56:] = float("-inf")
+    other[:, 56:] = float("-inf")
+    student[:, 56:] = -1e4
+    loss, grad, _, _ = _run(student, dpo, other, impl, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    _check(student, dpo, other, impl, reduction="none")

@@ -257,6 +257,20 @@ def test_masked_vocabulary_minus_inf_bias(divergence, impl):
     _check(case, impl, divergence=divergence, labels=labels, ce_weight=0.5)
 
 
+@pytest.mark.parametrize("impl", FL_IMPLS)
+@pytest.mark.parametrize("divergence, masked", [("forward", "student"), ("reverse", "teacher")])
+def test_masked_columns_against_far_negative_logits(divergence, masked, impl):
+    """The first 128 columns (whole vocabulary tiles and splits) are -inf on one side (bias) and -1e4 on the other:
+    probability 0 on both sides, so the loss is finite. The online KL sum held +inf for them and was rescaled by
+    exp(old max - new max) == 0, in the tile loop and in the split merge: NaN (0 * inf)."""
+    case = _case((9,), 32, 300, torch.float32, biases=True, seed=13)
+    case[f"{masked}_bias"][:128] = float("-inf")
+    case[f"{'teacher' if masked == 'student' else 'student'}_bias"][:128] = -1e4
+    loss, grads, _ = _run(case, impl, divergence=divergence, reduction="none")
+    assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads.values())
+    _check(case, impl, divergence=divergence, reduction="none")
+
+
 # Final-logit soft-capping (Gemma-2). Small caps (1.5, 2.0) against logits of std ~2 (biases add ~1): most logits
 # sit in tanh's curved part or beyond, so the cap changes the loss and every gradient (test_softcap_changes_the_loss).
 SOFTCAPS = {"student": dict(student_softcap=1.5), "teacher": dict(teacher_softcap=1.5),

@@ -225,6 +225,55 @@ def test_rows_all_minus_inf_but_one(divergence, impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("masked", ["student", "teacher"])
+def test_masked_columns_against_far_negative_logits(masked, divergence, impl):
+    """Padding columns: one side -inf, the other finite at -1e4 (probability 0 even in float64). The kernels'
+    per-lane KL sums held +inf there and were rescaled by exp(lane max - row max) == 0: NaN (0 * inf) where
+    the loss is finite."""
+    student = _logits((3, 64), torch.float32, seed=38, scale=1.0)
+    teacher = _logits((3, 64), torch.float32, seed=39, scale=1.0)
+    (student if masked == "student" else teacher)[:, 56:] = float("-inf")
+    (teacher if masked == "student" else student)[:, 56:] = -1e4
+    loss, grad, _ = _run(student, teacher, impl, divergence=divergence, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    _check_against_reference(student, teacher, impl, divergence=divergence, reduction="none")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_support_mismatch_gives_inf_not_nan(impl):
+    """Reverse KL with a one-hot teacher at T = 0.05: the student's mass off the teacher's token makes the loss
+    +inf, on both impls (the kernel's lane merge gave NaN)."""
+    student = _logits((2, 64), torch.float32, seed=40)
+    teacher = torch.full((2, 64), float("-inf"), device=DEVICE)
+    teacher[:, 7] = 2.0
+    loss = kl_div(student, teacher, divergence="reverse", temperature=0.05, reduction="none", impl=impl)
+    assert torch.equal(loss, torch.full_like(loss, float("inf")))
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_torch_path_shifts_by_the_row_max_before_the_temperature(divergence):
+    """The PyTorch path at logits offset by +-1e4 (fp32) and fp16 logits near the fp16 max at T = 0.05: z / T was
+    rounded at that magnitude (forward KL 7e-4 off at 1e4, 5.5 % in fp16); shifted by the row max first it matches
+    the float64 formula of the same values at the fp32 tolerance. (The Triton kernels compute z / T - lse in fp32:
+    about 4e-4 relative at 1e4, documented in the README.)"""
+    generator = torch.Generator().manual_seed(41)
+    teacher = 1e4 + torch.randn(4, 32, generator=generator) * 2
+    teacher[:, :3] = 1e4 + 5.0
+    student = -1e4 + torch.randn(4, 32, generator=generator) * 2
+    half_teacher = torch.tensor([[60064.0, 60064.0, 60000.0, 59968.0]], dtype=torch.float16)
+    half_student = torch.tensor([[60000.0, 60000.0, 60064.0, 59968.0]], dtype=torch.float16)
+    cases = [(student, teacher, 1.0)]
+    if not divergence.startswith("skew"):  # the independent skew formula is NaN where p or q underflow to 0
+        cases.append((half_student, half_teacher, 0.05))
+    for s, t, temperature in cases:
+        kwargs = dict(divergence=divergence, temperature=temperature, reduction="none")
+        loss = kl_div(s.to(DEVICE), t.to(DEVICE), impl="torch", **kwargs)
+        expected = _independent_rows(s, t, divergence, temperature=temperature)
+        assert_close(loss.cpu(), expected, torch.float32, f"loss at T={temperature}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_large_magnitude_logits_do_not_overflow(divergence, impl):
     student = _logits((3, 400), torch.float32, seed=34, scale=1.0) * 1e4
     teacher = _logits((3, 400), torch.float32, seed=35, scale=1.0) * 1e4
@@ -335,6 +384,7 @@ def test_bad_inputs():
     _bad("leading dims", s, torch.randn(2, 4, 10))
     _bad(r"vocabulary size 10 .* has 12", s, torch.randn(2, 3, 12))
     _bad("vocab_size must be in", s, torch.randn(2, 3, 12), vocab_size=11)
+    _bad(r"vocabulary of V >= 1 \(a non-empty last dim\), got 0 and 0", s[..., :0], t[..., :0])  # was 0 or NaN
     _bad("student_logits must have dtype", torch.randint(0, 5, (2, 3, 10)), t, error=TypeError)
     _bad("teacher_logits must have dtype", s, t.to(torch.int32), error=TypeError)
     _bad(r"labels must have shape \(2, 3\)", s, t, labels=torch.zeros(2, 4, dtype=torch.long))

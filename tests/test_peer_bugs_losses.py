@@ -305,6 +305,33 @@ def test_normalizer_makes_micro_batches_add_up_to_the_full_batch(impl):
         assert_close(grad, x64.grad, torch.float32, f"{name} gradient")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_tensor_normalizer_with_every_row_ignored_is_zero_not_nan(impl):
+    """Under gradient accumulation transformers passes ``num_items_in_batch`` as a tensor; when a batch counts no
+    token (every label -100) it is 0. A tensor cannot be checked without a host sync, so the mean's weight is
+    1 / 0 = inf: the PyTorch paths multiplied the ignored rows' zeros by it (NaN), fused_linear_kl_div on both
+    impls. The loss must be 0 with zero gradients, as when nothing counts without a normalizer."""
+    labels = torch.full((2, 3), -100, device=DEVICE)
+    zero = torch.tensor(0.0, device=DEVICE)
+    student, teacher, other = (_randn((2, 3, 20), seed=s) for s in (60, 61, 62))
+    hidden, weight = _randn((2, 3, 8), seed=63), _randn((20, 8), seed=64)
+    cases = {
+        "kl_div": (student, lambda x: distill_ops.kl_div(x, teacher, labels=labels, normalizer=zero, impl=impl)),
+        "topk_kl_div": (student, lambda x: distill_ops.topk_kl_div(x, teacher, k=5, labels=labels, normalizer=zero,
+                                                                   impl=impl)),
+        "aligndistil_kl": (student, lambda x: distill_ops.aligndistil_kl(x, teacher, other, labels=labels,
+                                                                         normalizer=zero, impl=impl)),
+        "fused_linear_kl_div": (hidden, lambda x: distill_ops.fused_linear_kl_div(
+            x, weight, teacher_logits=teacher, labels=labels, ce_weight=0.5, normalizer=zero, impl=impl)),
+    }
+    for name, (leaf, run) in cases.items():
+        x = _leaf(leaf)
+        loss = run(x)
+        loss.backward()
+        assert loss.item() == 0.0, name
+        assert torch.equal(x.grad, torch.zeros_like(x)), name
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. Liger: reduction="none" with a per-row upstream gradient scaled everything by grad_output[0]
 # ----------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def _reference_row(student_row, dense_row, sparse_indices, sparse_logprobs, k, l
         if inside:
             kept.append(rank)
         mass_before = mass_after
-    if not kept:
+    if not kept and float(teacher_probs[0]) > 0:  # bounds that keep nothing keep the top token; padding never
         kept = [0]
     kept_tokens = [tokens[r] for r in kept]
     kept_p = teacher_probs[kept]
@@ -691,6 +691,48 @@ def _bad(match, *args, error=ValueError, **kwargs):
         topk_kl_div(*args, **kwargs)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("form", ["dense_k", "dense_bounds", "sparse"])
+def test_vocab_size_reads_the_shared_columns(form, impl):
+    """vocab_size=k (kl_div's rule): a student and a dense teacher of other widths (padded vocabularies) are both
+    read as their first k columns, whose loss and gradient equal those of the sliced tensors; the student's
+    other columns get zero gradient. The teacher's padding holds large logits: read, they would change the loss."""
+    vocab = 40
+    student = _logits((15, vocab + 6), torch.float32, seed=70)
+    teacher = _logits((15, vocab + 3), torch.float32, seed=71)
+    teacher[..., vocab:] = 9.0
+    sliced = _teacher_kwargs(form, teacher[..., :vocab], seed=72)
+    given = dict(sliced, teacher_logits=teacher) if "teacher_logits" in sliced else sliced
+    leaf = student.detach().clone().requires_grad_(True)
+    loss = topk_kl_div(leaf, impl=impl, vocab_size=vocab, tail="bucket", **given)
+    loss.backward()
+    expected, expected_grad = _run_and_compare(student[..., :vocab].contiguous(), impl, upstream=torch.ones(()),
+                                               tail="bucket", **sliced)
+    assert_close(loss, expected.double(), torch.float32, "loss")
+    assert_close(leaf.grad[..., :vocab], expected_grad.double(), torch.float32, "gradient")
+    assert torch.equal(leaf.grad[..., vocab:], torch.zeros_like(leaf.grad[..., vocab:]))
+    module = TopKKLDivLoss(tail="bucket", vocab_size=vocab, impl=impl, **{n: v for n, v in sliced.items()
+                                                                          if n in ("k", "lower", "upper")})
+    if "teacher_logits" in sliced:
+        assert_close(module(student, teacher), expected.double(), torch.float32, "module loss")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("tail", TAILS)
+def test_sparse_row_of_padding_only_keeps_nothing(tail, divergence, impl):
+    """A stored row whose entries are all padding (-inf) keeps nothing: the teacher has no kept token, so every
+    tail's loss is 0 there (bucket: both rest masses are 1) and the other rows are unaffected. The bucket kernel
+    gave NaN: the log-sum-exp of no kept student logits was -inf - -inf."""
+    student = _logits((4, 30), torch.float32, seed=80)
+    indices, logprobs = _sparse_from_dense(_logits((4, 30), torch.float32, seed=81), 6)
+    logprobs[2] = float("-inf")
+    labels = _labels((4,), 30, seed=82) if tail == "label" else None
+    loss, _ = _run_and_compare(student, impl, teacher_topk_indices=indices, teacher_topk_logprobs=logprobs,
+                               tail=tail, divergence=divergence, labels=labels, reduction="none")
+    assert loss[2].item() == 0.0 and torch.isfinite(loss).all()
+
+
 def test_bad_inputs():
     s = torch.randn(2, 3, 10)
     t = torch.randn(2, 3, 10)
@@ -705,6 +747,11 @@ def test_bad_inputs():
     _bad("k must be an int", s, t, k=2.0, error=TypeError)
     _bad(r"k must be <= the vocabulary size 10, got 11", s, t, k=11)
     _bad(r"k must be <= the 4 stored", s, teacher_topk_indices=idx, teacher_topk_logprobs=lp, k=5)
+    _bad(r"vocabulary size 10 but teacher_logits has 12; pass vocab_size", s, torch.randn(2, 3, 12), k=3)
+    _bad(r"vocab_size must be in \[1, min\(student_logits vocab 10, teacher_logits vocab 12\)\], got 11", s,
+         torch.randn(2, 3, 12), k=3, vocab_size=11)
+    _bad(r"teacher_topk_indices must be in \[0, 8\)", s, teacher_topk_indices=idx + 4, teacher_topk_logprobs=lp,
+         vocab_size=8)
     bad_idx = idx.clone()
     bad_idx[0, 0, 0] = 10
     _bad(r"teacher_topk_indices must be in \[0, 10\)", s, teacher_topk_indices=bad_idx, teacher_topk_logprobs=lp)
@@ -728,7 +775,7 @@ def test_bad_inputs():
     _bad("tail must be one of", s, t, k=3, tail="drop")
     _bad("divergence must be one of", s, t, k=3, divergence="jsd")
     _bad("temperature must be in", s, t, k=3, temperature=0.0)
-    _bad("teacher_logits must have the student's shape", s, torch.randn(2, 3, 12), k=3)
+    _bad("teacher_logits must have the student's leading dims", s, torch.randn(2, 4, 10), k=3)
     _bad("reduction must be one of", s, t, k=3, reduction="batchmean")
     _bad("impl must be one of", s, t, k=3, impl="cuda")
     with pytest.raises(ValueError, match="vocab_top_m must be a positive int"):
