@@ -79,7 +79,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ._utils import INT_DTYPES, check_number, check_tensor, resolve_impl, sink_softmax, softcapped
+from ._utils import INT_DTYPES, check_number, check_tensor, resolve_impl, sink_softmax, softcapped, text_config
 from .tree import (
     BITS_PER_WORD,
     MAX_TREE_NODES,
@@ -401,6 +401,44 @@ def _check_causal_lm(name: str, model: object) -> None:
         raise ValueError(
             f"{name} ({type(model).__name__}) is an encoder-decoder model; only decoder-only LMs are supported"
         )
+    config = text_config(model)
+    value_dim = getattr(config, "v_head_dim", None)
+    key_dim = getattr(config, "qk_head_dim", None)
+    if key_dim is None and getattr(config, "qk_nope_head_dim", None) is not None:
+        key_dim = config.qk_nope_head_dim + getattr(config, "qk_rope_head_dim", 0)
+    if value_dim is not None and key_dim is not None and value_dim != key_dim:
+        raise ValueError(
+            f"{name} ({type(model).__name__}) has value heads of dim {value_dim} and query/key heads of dim {key_dim} "
+            f"(multi-head latent attention): tree attention and the KV compaction need one head dim for K and V"
+        )
+
+
+def _position_limit(model: torch.nn.Module) -> tuple[str, int] | None:
+    """``(what, limit)``: the length a sequence plus the tree depth must stay within for the engine to compute
+    what ``generate`` computes, or None when there is no such limit.
+
+    * RoPE whose frequencies depend on the largest position id of a forward (``dynamic`` NTK scaling,
+      ``longrope``): transformers switches them once positions pass the original context length, and the tree
+      forwards reach ``depth`` positions further than ``generate``'s one-token steps, so past that length the two
+      would use different frequencies (and Phi-3 re-runs its prompt at the switch).
+    * Chunked attention (Llama-4's ``chunked_attention`` layers): tree attention applies no chunk mask, which is
+      the plain causal mask while every position is in the first chunk.
+    """
+    config = text_config(model)
+    found: list[tuple[str, int]] = []
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if isinstance(params, dict) and params:
+        entries = list(params.values()) if all(isinstance(v, dict) for v in params.values()) else [params]
+        for entry in entries:
+            kind = str(entry.get("rope_type", entry.get("type", "default")))
+            if "dynamic" in kind or kind == "longrope":
+                limits = [entry.get("original_max_position_embeddings"),
+                          getattr(config, "original_max_position_embeddings", None),
+                          getattr(config, "max_position_embeddings", None)]
+                found.append((f"rope_type {kind!r}", min(int(value) for value in limits if value is not None)))
+    if "chunked_attention" in (getattr(config, "layer_types", None) or []):
+        found.append(("chunked_attention layers", int(config.attention_chunk_size)))
+    return min(found, key=lambda item: item[1]) if found else None
 
 
 def _vocab_size(model: torch.nn.Module) -> int:
@@ -429,6 +467,14 @@ def _full_cache(name: str, model: torch.nn.Module):
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     supported = (DynamicLayer, DynamicSlidingWindowLayer)
+    layer_types = getattr(text_config(model), "layer_types", None) or []
+    # chunked_attention (Llama-4): in the first chunk only, a limit generate() checks (_position_limit).
+    other = sorted(set(layer_types) - {"full_attention", "sliding_attention", "chunked_attention"})
+    if other:
+        raise ValueError(
+            f"{name} ({type(model).__name__}) has attention layers of type {', '.join(other)}; only full-attention "
+            f"and sliding-window attention layers are supported"
+        )
     bad = [type(layer).__name__ for layer in DynamicCache(config=model.config).layers if type(layer) not in supported]
     if bad:
         raise ValueError(
@@ -1129,7 +1175,8 @@ class SpeculativeDecoder:
         target: a decoder-only ``transformers`` causal LM whose attention goes through the
             ``AttentionInterface`` (Llama, Qwen2, Mistral families...), in ``eval()`` mode.
         draft: a smaller ``transformers`` causal LM with the same vocabulary, or an
-            :class:`~distill_ops.fspad.FSPADDraftHead` built for ``target``; same device and dtype.
+            :class:`~distill_ops.fspad.FSPADDraftHead` built for ``target``; on the target's device (a head
+            also in its dtype; a draft LM may have another dtype).
         depth, topk, num_nodes: the dynamic (EAGLE-2) tree: ``depth`` draft levels, each expanding the
             ``topk`` best nodes of the previous level into their ``topk`` most likely children; the tree
             keeps the root and the ``num_nodes - 1`` candidates with the highest cumulative draft
@@ -1138,6 +1185,9 @@ class SpeculativeDecoder:
             with rank ``r`` under a parent drafts the parent's ``r``-th most likely token) or a parent array
             (1-D int tensor). ``depth``, ``topk`` and ``num_nodes`` are then unused.
         impl: ``impl`` of the tree attention, verification and compaction ops.
+            Targets with ``dynamic`` / ``longrope`` RoPE or chunked attention layers are limited to sequences
+            (prompt + ``max_new_tokens`` + tree depth) within their original context / first chunk, and models
+            with multi-head latent attention are refused (see :func:`_position_limit`).
         profile: synchronise the CUDA stream at phase boundaries so that ``timings`` are device times.
     """
 
@@ -1198,6 +1248,7 @@ class SpeculativeDecoder:
         self.device = target_param.device
         self.vocab_size = vocab
         self._cache_kwarg = _cache_kwarg(target)
+        self._position_limit = _position_limit(target)
         self._keep_last = {"logits_to_keep": 1} if _supports_logits_to_keep(target) else {}
         self._root_tree = tree_spec_from_parents([-1], self.device)
         self._static = self._dynamic = None
@@ -1219,6 +1270,7 @@ class SpeculativeDecoder:
                     f"of {vocab} tokens has"
                 )
             self.max_tree_nodes = len(parents)
+        self.tree_depth = self._dynamic.max_depth if tree is None else self._static.tree.max_depth
 
     # ---------------------------------------------------------------------------------------------
 
@@ -1266,6 +1318,15 @@ class SpeculativeDecoder:
             input_ids = input_ids[None]
         rows = self._check_generate_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
                                          generator)
+        if self._position_limit is not None:
+            what, limit = self._position_limit
+            longest = max(len(row) for row in rows)
+            if longest + max_new_tokens + self.tree_depth > limit:
+                raise ValueError(
+                    f"the target's {what} give the same result as transformers' generate only while the prompt, "
+                    f"the new tokens and the tree depth stay within {limit} positions, got {longest} + "
+                    f"max_new_tokens={max_new_tokens} + depth {self.tree_depth}: lower max_new_tokens"
+                )
         eos = self._eos_ids(eos_token_id)
         if pad_token_id is None:
             pad_token_id = getattr(getattr(self.target, "generation_config", None), "pad_token_id", None)

@@ -227,17 +227,20 @@ def tree_attention(
         if sinks.shape[0] != q.shape[1]:
             raise ValueError(f"sinks must have shape [Hq={q.shape[1]}] (one per query head), got {tuple(sinks.shape)}")
     backend = resolve_impl(impl, device)
+    if backend == "triton" and impl == "auto" and (
+        q.dtype not in FLOAT_DTYPES or head_dim not in _TRITON_HEAD_DIMS
+        or (q.dtype == torch.float32 and head_dim > _TRITON_FP32_MAX_HEAD_DIM)
+    ):
+        backend = "torch"  # what the kernel does not cover (float64, D = 24, 80, 96, ...) takes the PyTorch path
     if backend == "triton" and q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"impl='triton' needs q/k/v in float32, float16 or bfloat16, got {q.dtype}")
     if backend == "triton" and head_dim not in _TRITON_HEAD_DIMS:
         raise ValueError(f"impl='triton' needs a head dim D in {_TRITON_HEAD_DIMS}, got D={head_dim}")
     if backend == "triton" and q.dtype == torch.float32 and head_dim > _TRITON_FP32_MAX_HEAD_DIM:
-        if impl != "auto":
-            raise ValueError(
-                f"impl='triton' runs float32 q/k/v up to D={_TRITON_FP32_MAX_HEAD_DIM}, got D={head_dim}: use "
-                f"bfloat16/float16, or impl='torch' (impl='auto' picks it)"
-            )
-        backend = "torch"
+        raise ValueError(
+            f"impl='triton' runs float32 q/k/v up to D={_TRITON_FP32_MAX_HEAD_DIM}, got D={head_dim}: use "
+            f"bfloat16/float16, or impl='torch' (impl='auto' picks it)"
+        )
     if backend == "triton" and max(k.stride(2), v.stride(2), head_dim) * kv_len >= 2**31:
         raise ValueError(f"impl='triton' needs S * k.stride(2) < 2**31 (int32 key offsets), got S={kv_len}")
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)

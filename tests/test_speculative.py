@@ -257,6 +257,44 @@ def test_unsupported_attention_is_refused():
         engine.generate(prompts(64, [3], seed=9)[0], max_new_tokens=4)
 
 
+def test_multi_head_latent_attention_is_refused():
+    """DeepSeek-V2/V3's MLA has value heads narrower than its query/key heads: the engine was built, ran the
+    prefill, then failed inside tree_attention's shape check. Refused when built now, naming the reason."""
+    target = tiny_model("DeepseekV3", num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=16, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1)
+    with pytest.raises(ValueError, match="value heads of dim 8 and query/key heads of dim 24"):
+        SpeculativeDecoder(target, target, impl="torch", depth=2, topk=2, num_nodes=4)
+
+
+POSITION_LIMITED = {  # (family, config): each computes what generate does only up to 16 positions
+    "phi3-longrope": ("Phi3", dict(max_position_embeddings=64, original_max_position_embeddings=16, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 8, long_factor=[4.0] * 8,
+        original_max_position_embeddings=16))),
+    "llama-dynamic": ("Llama", dict(max_position_embeddings=16, rope_parameters=dict(rope_type="dynamic",
+                                                                                   rope_theta=10000.0, factor=4.0))),
+    "llama4-chunked": ("Llama4Text", dict(intermediate_size_mlp=128, head_dim=16, num_local_experts=2,
+                                          interleave_moe_layer_step=1, attention_chunk_size=16, no_rope_layers=[1, 0],
+                                          attn_temperature_tuning=False)),
+}
+
+
+@pytest.mark.parametrize("case", list(POSITION_LIMITED))
+def test_position_dependent_models_run_within_their_limit_and_are_refused_past_it(case):
+    """dynamic / longrope RoPE switch frequencies with a forward's largest position, and chunked attention masks
+    across chunks: the tree forwards reach `depth` positions beyond generate's, and gave other tokens once the
+    sequence passed the original context / the first chunk. Within it the engine equals generate; past it a
+    ValueError says why, before any forward."""
+    family, extra = POSITION_LIMITED[case]
+    target = tiny_model(family, **extra)
+    engine = SpeculativeDecoder(target, target, impl="torch", depth=3, topk=2, num_nodes=8)
+    prompt = prompts(128, [5], seed=12)[0]
+    out = engine.generate(prompt, max_new_tokens=8, eos_token_id=[])  # 5 + 8 + depth 3 = 16
+    assert torch.equal(out.sequences, reference_generate(target, prompt, 8))
+    with pytest.raises(ValueError, match=r"within 16 positions, got 5 \+ max_new_tokens=9 \+ depth 3"):
+        engine.generate(prompt, max_new_tokens=9, eos_token_id=[])
+
+
 def tiny_model(family: str, **extra):
     """A 2-layer random model of a ``transformers`` family (``{family}Config`` / ``{family}ForCausalLM``,
     ``Text`` dropped for the model class), vocabulary 128, peaked distributions."""

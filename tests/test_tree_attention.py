@@ -377,3 +377,21 @@ def test_float32_head_dim_256_runs_on_the_torch_path():
     half = [t.to(torch.bfloat16) for t in (q, k, v)]
     out = tree_attention(*half, tree, lens, impl="triton")
     assert_close(out, sdpa_reference(*half, parents, lens.cpu(), 1 / 16), torch.bfloat16)
+
+
+@pytest.mark.parametrize("head_dim, dtype", [(24, torch.float32), (96, torch.bfloat16), (64, torch.float64)], ids=str)
+def test_auto_takes_the_torch_path_for_what_the_kernel_does_not_cover(head_dim, dtype, monkeypatch):
+    """On CUDA impl="auto" resolves to Triton, which raised for D outside {16, 32, 64, 128, 256} (Phi-3-mini's and
+    GPT-NeoX-20B's 96, Phi-2's 80) and for float64, after the engine's prefill. CUDA's resolution is emulated here
+    (the module's resolve_impl answers "triton"); "auto" must run such inputs on the PyTorch path."""
+    import sys
+
+    module = sys.modules["distill_ops.tree_attention"]
+    monkeypatch.setattr(module, "resolve_impl", lambda impl, device: "torch" if impl == "torch" else "triton")
+    q, k, v, parents, lens = make_case(2, 4, 2, 6, head_dim, [3, 5], dtype, per_seq_tree=False, seed=3)
+    tree = build_tree(parents.to(DEVICE))
+    if dtype != torch.float64:
+        with pytest.raises((ValueError, TypeError), match="impl='triton' needs"):
+            tree_attention(q, k, v, tree, lens, impl="triton")
+    out = tree_attention(q, k, v, tree, lens, impl="auto")
+    assert_close(out, sdpa_reference(q, k, v, parents, lens.cpu(), head_dim**-0.5), dtype)

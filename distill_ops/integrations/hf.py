@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._utils import text_config
 from ..fused_linear import fused_linear_kl_div, scale_linear_inputs
 
 
@@ -99,7 +100,7 @@ def router_aux_loss_function(model: nn.Module, requested: Optional[bool] = None)
     A model whose term has another form gets a ``NotImplementedError`` naming what is missing, rather than a loss
     without its load balancing."""
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # PEFT
-    if requested is False or (requested is None and not getattr(_text_config(base), "output_router_logits", False)):
+    if requested is False or (requested is None and not getattr(text_config(base), "output_router_logits", False)):
         return None
     function = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
     missing = [name for name in _AUX_LOSS_ATTRIBUTES if not hasattr(base, name)]
@@ -183,15 +184,9 @@ def _lora_head(head: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
     return weight, bias
 
 
-def _text_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    get_text_config = getattr(config, "get_text_config", None)
-    return get_text_config() if callable(get_text_config) else config
-
-
 def logit_softcap(model: nn.Module) -> Optional[float]:
     """The model's final-logit soft-cap (``config.final_logit_softcapping``, Gemma-2: 30.0), or None."""
-    cap = getattr(_text_config(model), "final_logit_softcapping", None)
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
     return None if cap is None else float(cap)
 
 
@@ -216,7 +211,7 @@ def logit_scale(model: nn.Module) -> float:
     cached = _LOGIT_SCALES.get(model)
     if cached is not None:
         return cached
-    config = _text_config(model)
+    config = text_config(model)
     candidates = [1.0]
     for name in _SCALE_ATTRIBUTES:
         value = getattr(config, name, None)
