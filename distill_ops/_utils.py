@@ -233,6 +233,9 @@ def check_reduction(reduction: str, normalizer: object) -> None:
         if isinstance(normalizer, torch.Tensor):
             if normalizer.numel() != 1:
                 raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
+            # 0 stays legal for a tensor (num_items_in_batch of a batch that counts nothing: the loss is then 0).
+            if host_readable(normalizer) and not bool(normalizer.detach() >= 0):
+                raise ValueError(f"normalizer must be >= 0 (a count of tokens), got {normalizer.item()}")
         else:
             check_number("normalizer", normalizer, low=0.0, low_inclusive=False)
         if reduction != "mean":

@@ -470,17 +470,23 @@ def _full_cache(name: str, model: torch.nn.Module):
     layer_types = getattr(text_config(model), "layer_types", None) or []
     # chunked_attention (Llama-4): in the first chunk only, a limit generate() checks (_position_limit).
     other = sorted(set(layer_types) - {"full_attention", "sliding_attention", "chunked_attention"})
-    if other:
-        raise ValueError(
-            f"{name} ({type(model).__name__}) has attention layers of type {', '.join(other)}; only full-attention "
-            f"and sliding-window attention layers are supported"
-        )
-    bad = [type(layer).__name__ for layer in DynamicCache(config=model.config).layers if type(layer) not in supported]
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except KeyError:
+        if not other:
+            raise
+        layers = []  # a layer type transformers' cache does not know: refused below, by name
+    bad = [type(layer).__name__ for layer in layers if type(layer) not in supported]
     if bad:
         raise ValueError(
             f"{name} ({type(model).__name__}) uses cache layers the engine cannot compact in place "
             f"({', '.join(sorted(set(bad)))}); only full-attention and sliding-window attention layers are "
             f"supported (no linear-attention, indexed or quantized layers)"
+        )
+    if other:
+        raise ValueError(
+            f"{name} ({type(model).__name__}) has attention layers of type {', '.join(other)}; only full-attention "
+            f"and sliding-window attention layers are supported"
         )
     return DynamicCache()
 

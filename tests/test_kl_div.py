@@ -397,6 +397,8 @@ def test_bad_inputs():
     _bad("temperature must be in", s, t, temperature=-1.0)
     _bad("impl must be one of", s, t, impl="cuda")
     _bad("normalizer only applies", s, t, reduction="sum", normalizer=4.0)
+    _bad(r"normalizer must be >= 0 \(a count of tokens\), got -2.0", s, t, normalizer=torch.tensor(-2.0))
+    _bad(r"normalizer must be >= 0 \(a count of tokens\), got nan", s, t, normalizer=torch.tensor([float("nan")]))
     _bad("student_logits must be a torch.Tensor", s.numpy(), t, error=TypeError)
 
 

@@ -994,4 +994,8 @@ def test_unsupported_models(monkeypatch):
     monkeypatch.setattr(target.config, "layer_types", ["linear_attention", "full_attention"], raising=False)
     with pytest.raises(ValueError, match=r"cannot compact in place \(LinearAttentionLayer\)"):
         SpeculativeDecoder(target, draft, impl="torch").generate(prompts(256, [3], seed=43)[0], max_new_tokens=4)
+    # A layer type whose cache is a plain one but whose mask tree attention does not apply.
+    monkeypatch.setattr(target.config, "layer_types", ["full_attention", "window_attention"], raising=False)
+    with pytest.raises(ValueError, match=r"attention layers of type window_attention; only full-attention"):
+        SpeculativeDecoder(target, draft, impl="torch").generate(prompts(256, [3], seed=43)[0], max_new_tokens=4)
 
