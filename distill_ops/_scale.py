@@ -31,9 +31,17 @@ def consume_stored_gradient(stored: Tensor, upstream: Tensor | None, backend: st
 
     A second backward through the same graph raises autograd's "modified by an inplace operation"
     error (the stored tensor was saved with ``save_for_backward``) instead of returning wrong values.
+    The stored gradient is a constant, so a backward with ``create_graph=True`` (grad mode is on inside
+    backward only then) raises instead of returning a gradient without its graph, which silently dropped the
+    loss's curvature from, e.g., a gradient penalty.
     """
     if upstream is None:
         return None
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "distill_ops losses compute their gradient in the forward pass and are not twice differentiable: "
+            "backward with create_graph=True (double backward, gradient penalties) is not supported"
+        )
     torch.ops.distill_ops.scale_rows_(stored, upstream, backend)
     return stored
 

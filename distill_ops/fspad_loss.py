@@ -110,8 +110,10 @@ def fspad_draft_loss(
     if include_teacher_entropy:
         logit_rows = logit_rows + _teacher_entropy(teacher, head_weight, head_bias, temperature, labels, softcap,
                                                    impl)
+    # Of the difference, so that autograd saves no target tensor (an inference-mode target cannot be saved).
+    difference = draft_regress.float() - target.float()
     regression_rows = F.smooth_l1_loss(
-        draft_regress.float(), target.float(), reduction="none", beta=smooth_l1_beta
+        difference, torch.zeros_like(difference), reduction="none", beta=smooth_l1_beta
     ).mean(-1)
     active = None if labels is None else labels.reshape(-1) != -100
     if active is not None:

@@ -562,13 +562,20 @@ _OPTIONS = ("divergence", "coef", "temperature", "ignore_index", "kl_weight", "c
 
 
 def _setup_context(ctx, inputs, output):
-    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels = inputs[:8]
-    ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels, output[1])
+    tensors = inputs[:8]  # student hidden, weight, bias; teacher hidden, weight, bias, logits; labels
+    # A frozen teacher (or LM head) is often run under torch.inference_mode(), and inference tensors cannot be
+    # saved for backward: those (never ones that need a gradient) are kept as plain references, without the
+    # version check; the others are saved as usual.
+    ctx.inference_inputs = [t if t is not None and t.is_inference() else None for t in tensors]
+    ctx.save_for_backward(*[None if t is not None and t.is_inference() else t for t in tensors], output[1])
     ctx.options = inputs[8:8 + len(_OPTIONS)]  # not the trailing ``entropy`` flag (backward reads rows 0-3)
 
 
 def _backward(ctx, grad_rows, grad_stats):
-    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels, row_stats = ctx.saved_tensors
+    *saved, row_stats = ctx.saved_tensors
+    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels = [
+        kept if kept is not None else tensor for kept, tensor in zip(ctx.inference_inputs, saved)
+    ]
     need_weight_grad = bool(ctx.needs_input_grad[1])
     need_bias_grad = s_bias is not None and bool(ctx.needs_input_grad[2])
     # A backward run inside an autocast region (loss.backward() within it) keeps its fp32 accumulations fp32.

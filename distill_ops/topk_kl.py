@@ -867,6 +867,11 @@ class DACKLLoss(torch.nn.Module):
         check_number("sharpness", sharpness, low=0.0, low_inclusive=False)
         check_index("ignore_index", ignore_index)
         check_choice("impl", impl, IMPLS)
+        if vocab_size is not None:
+            if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+                raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+            if vocab_size < 1:
+                raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         self.vocab_top_m = vocab_top_m
         self.tail = tail
         self.divergence = divergence
@@ -903,7 +908,8 @@ class DACKLLoss(torch.nn.Module):
         """The bounds the MLP predicts: ``(lower, upper)``, each fp32 ``[...]`` (the teacher's leading dims)."""
         check_tensor("teacher_logits", teacher_logits, min_dim=1)
         backend = resolve_impl(self.impl, teacher_logits.device)
-        width = teacher_logits.shape[-1] if self.vocab_size is None else min(self.vocab_size, teacher_logits.shape[-1])
+        width = teacher_logits.shape[-1]
+        width = resolve_vocab(width, width, self.vocab_size, student_name="teacher_logits", teacher_name="itself")
         rows = as_rows(teacher_logits.detach(), width)
         _, sorted_logprobs = self._candidates(rows, backend)
         lower, upper = self._bounds(sorted_logprobs)
@@ -953,5 +959,6 @@ class DACKLLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"vocab_top_m={self.vocab_top_m}, tail={self.tail!r}, divergence={self.divergence!r}, "
-            f"temperature={self.temperature}, sharpness={self.sharpness}"
+            f"temperature={self.temperature}, sharpness={self.sharpness}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}, vocab_size={self.vocab_size}, impl={self.impl!r}"
         )

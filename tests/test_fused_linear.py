@@ -344,6 +344,34 @@ def test_mixture_endpoints_equal_plain_kls():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("impl", FL_IMPLS)
+@pytest.mark.parametrize("teacher_form", ["linear", "logits"])
+def test_teacher_and_labels_made_under_inference_mode(teacher_form, impl):
+    """A frozen teacher run under torch.inference_mode() (and labels made there): its tensors cannot be saved for
+    backward, and the op raised "Inference tensors cannot be saved for backward". Same loss and gradients as
+    with ordinary tensors."""
+    case = _case((11,), 32, 90, torch.float32, biases=True, teacher_logits=teacher_form == "logits", seed=17)
+    labels = _labels((11,), 90, 18)
+    expected_loss, expected_grads, _ = _run(case, impl, labels=labels, ce_weight=0.5)
+    with torch.inference_mode():
+        frozen = {name: (value.clone() if not name.startswith("student") else value) for name, value in case.items()}
+        frozen_labels = labels.clone()
+    assert frozen_labels.is_inference() and all(v.is_inference() for n, v in frozen.items() if n.startswith("teacher"))
+    student = {k: v.detach().clone().requires_grad_(True) for k, v in frozen.items() if k in GRAD_INPUTS}
+    with _strategy(impl) as backend:  # not _run: its clones would be ordinary tensors
+        loss = fused_linear_kl_div(
+            student["student_hidden"], student["student_weight"], frozen.get("teacher_hidden"),
+            frozen.get("teacher_weight"), teacher_logits=frozen.get("teacher_logits"),
+            student_bias=student["student_bias"], teacher_bias=frozen.get("teacher_bias"), impl=backend,
+            labels=frozen_labels, ce_weight=0.5,
+        )
+        upstream = 0.5 + torch.rand(loss.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        loss.backward(upstream.to(torch.float32).to(DEVICE))
+    assert torch.equal(loss, expected_loss)
+    for name in GRAD_INPUTS:
+        assert torch.equal(student[name].grad, expected_grads[name]), name
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_frozen_weight_gets_no_gradient_and_inputs_unchanged(impl):
     case = _case((11,), 24, 70, torch.float32, biases=True, seed=14)

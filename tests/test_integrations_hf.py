@@ -334,6 +334,27 @@ def test_fspad_draft_loss_matches_formula(impl, scale, cap):
     assert without_entropy.item() < loss.item()  # KL = soft CE - H(p), H(p) > 0
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fspad_draft_loss_with_a_target_made_under_inference_mode(impl):
+    """The target model's features and LM head are usually produced under torch.inference_mode(): inference tensors
+    cannot be saved for backward, and the loss raised (SmoothL1 saved the target, the fused op the head). Same loss
+    and gradients as with ordinary tensors."""
+    generator = torch.Generator().manual_seed(5)
+    regress, predict, target = (torch.randn(2, 7, 32, generator=generator).to(DEVICE) for _ in range(3))
+    weight = (torch.randn(90, 32, generator=generator) * 0.3).to(DEVICE)
+    with torch.inference_mode():
+        frozen_target, frozen_weight = target.clone(), weight.clone()
+    results = []
+    for t, w in ((target, weight), (frozen_target, frozen_weight)):
+        leaves = [regress.clone().requires_grad_(True), predict.clone().requires_grad_(True)]
+        loss = fspad_draft_loss(*leaves, t, w, impl=impl)
+        loss.backward()
+        results.append((loss.detach(), *(leaf.grad for leaf in leaves)))
+    assert frozen_target.is_inference() and frozen_weight.is_inference()
+    for got, expected in zip(results[1], results[0]):
+        assert torch.equal(got, expected)
+
+
 def test_fspad_bad_inputs():
     tensor = torch.zeros(2, 3, 8)
     with pytest.raises(ValueError, match="draft_predict must have the shape"):

@@ -782,6 +782,15 @@ def test_bad_inputs():
         DACKLLoss(vocab_top_m=0)
     with pytest.raises(ValueError, match="tail must be one of"):
         DACKLLoss(tail="drop")
+    # vocab_size was checked only at the first forward, and predict_bounds not at all (IndexError / TypeError).
+    with pytest.raises(ValueError, match="vocab_size must be >= 1, got 0"):
+        DACKLLoss(vocab_size=0)
+    with pytest.raises(TypeError, match="vocab_size must be an int or None, got str"):
+        DACKLLoss(vocab_size="a")
+    with pytest.raises(ValueError, match=r"vocab_size must be in \[1, min\(teacher_logits vocab 10"):
+        DACKLLoss(vocab_top_m=4, vocab_size=12).predict_bounds(t)
+    options = repr(DACKLLoss(vocab_size=8, reduction="sum", ignore_index=-1, impl="torch"))
+    assert all(text in options for text in ("vocab_size=8", "reduction='sum'", "ignore_index=-1", "impl='torch'"))
 
 
 def test_selection_benchmark_case_selects_the_top_k():
