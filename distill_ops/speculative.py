@@ -1300,9 +1300,14 @@ class SpeculativeDecoder:
             input_ids: integer ``[B, L]`` (or ``[L]``) prompts on the target's device, ``L >= 1``.
             max_new_tokens: >= 1.
             temperature: 0 for greedy decoding (identical to ``target.generate(do_sample=False)``), > 0 to
-                sample (the distribution of ``target.generate(do_sample=True, temperature=..., top_k=...,
-                top_p=...)``).
-            top_k, top_p: filters of the target distribution when sampling (ignored when greedy).
+                sample: the distribution of ``target.generate(do_sample=True, temperature=..., top_k=...,
+                top_p=...)`` with the same three values passed explicitly (``None`` disables a filter), up to
+                exact ties at the top-p cut: all kept here (:func:`~distill_ops.verify.verify_sampling`'s rule),
+                where transformers' top-p keeps a sorted prefix and so drops some of them.
+            top_k, top_p: filters of the target distribution when sampling (ignored when greedy). Only these
+                arguments count: the target's ``generation_config`` sampling fields (``do_sample``,
+                ``temperature``, ``top_k``, ``top_p``) are not read, and ``top_k=None`` means no top-k, where
+                ``generate`` left to its defaults applies ``top_k=50``.
             eos_token_id: token id(s) that end generation (kept in the output); ``None`` uses the target's
                 ``generation_config.eos_token_id`` as ``generate`` does.
             generator: the only source of randomness when sampling.
