@@ -436,8 +436,9 @@ def _position_limit(model: torch.nn.Module) -> tuple[str, int] | None:
                           getattr(config, "original_max_position_embeddings", None),
                           getattr(config, "max_position_embeddings", None)]
                 found.append((f"rope_type {kind!r}", min(int(value) for value in limits if value is not None)))
-    if "chunked_attention" in (getattr(config, "layer_types", None) or []):
-        found.append(("chunked_attention layers", int(config.attention_chunk_size)))
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk and "chunked_attention" in (getattr(config, "layer_types", None) or []):
+        found.append(("chunked_attention layers", int(chunk)))
     return min(found, key=lambda item: item[1]) if found else None
 
 
@@ -1334,7 +1335,7 @@ class SpeculativeDecoder:
             longest = max(len(row) for row in rows)
             if longest + max_new_tokens + self.tree_depth > limit:
                 raise ValueError(
-                    f"the target's {what} give the same result as transformers' generate only while the prompt, "
+                    f"the target ({what}) matches transformers' generate only while the prompt, "
                     f"the new tokens and the tree depth stay within {limit} positions, got {longest} + "
                     f"max_new_tokens={max_new_tokens} + depth {self.tree_depth}: lower max_new_tokens"
                 )
