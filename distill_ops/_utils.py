@@ -136,6 +136,16 @@ def flat_labels(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
 
 
+def check_vocab_size(vocab_size: object) -> None:
+    """``vocab_size`` is None or an int >= 1 (its upper bound depends on the inputs: :func:`resolve_vocab`)."""
+    if vocab_size is None:
+        return
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+
+
 def resolve_vocab(
     student_vocab: int, teacher_vocab: int, vocab_size: int | None, *, student_name: str, teacher_name: str
 ) -> int:
@@ -152,9 +162,8 @@ def resolve_vocab(
                 f"pass vocab_size=k to compare their first k columns"
             )
         return student_vocab
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
-    if vocab_size < 1 or vocab_size > min(student_vocab, teacher_vocab):
+    check_vocab_size(vocab_size)
+    if vocab_size > min(student_vocab, teacher_vocab):
         raise ValueError(
             f"vocab_size must be in [1, min({student_name} vocab {student_vocab}, {teacher_name} vocab "
             f"{teacher_vocab})], got {vocab_size}"

@@ -87,6 +87,7 @@ from ._utils import (
     check_reduction,
     check_same_device,
     check_tensor,
+    check_vocab_size,
     finish_reduction,
     finite_or_zero,
     flat_labels,
@@ -867,11 +868,7 @@ class DACKLLoss(torch.nn.Module):
         check_number("sharpness", sharpness, low=0.0, low_inclusive=False)
         check_index("ignore_index", ignore_index)
         check_choice("impl", impl, IMPLS)
-        if vocab_size is not None:
-            if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-                raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
-            if vocab_size < 1:
-                raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        check_vocab_size(vocab_size)
         self.vocab_top_m = vocab_top_m
         self.tail = tail
         self.divergence = divergence
