@@ -273,8 +273,9 @@ def fused_linear_backward_torch(
     temperature: float,
     need_weight_grad: bool,
     need_bias_grad: bool,
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """``(d_hidden [N, Hs], d_weight [V, Hs] or None, d_bias [V] or None)`` in the compute dtype.
+    need_hidden_grad: bool = True,
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(d_hidden [N, Hs] or None, d_weight [V, Hs] or None, d_bias [V] or None)`` in the compute dtype.
 
     The vocabulary chunk is the outer loop so each chunk's weight-gradient rows are accumulated over
     all tokens in a small buffer and written once.
@@ -283,7 +284,7 @@ def fused_linear_backward_torch(
     dtype = inputs.compute_dtype
     device = inputs.s_hidden.device
     row_step, vocab_step = _torch_chunks(num_rows, vocab)
-    d_hidden = torch.zeros(num_rows, inputs.s_hidden.shape[1], dtype=dtype, device=device)
+    d_hidden = torch.zeros(num_rows, inputs.s_hidden.shape[1], dtype=dtype, device=device) if need_hidden_grad else None
     d_weight = torch.zeros(vocab, inputs.s_weight.shape[1], dtype=dtype, device=device) if need_weight_grad else None
     d_bias = torch.zeros(vocab, dtype=dtype, device=device) if need_bias_grad else None
     for start in range(0, vocab, vocab_step):
@@ -296,7 +297,8 @@ def fused_linear_backward_torch(
                 inputs, student_hidden, teacher_hidden, rows, start, stop, labels, row_stats, kl_scale, ce_scale,
                 divergence, coef, temperature,
             )
-            d_hidden[rows] += grad @ weight_chunk
+            if d_hidden is not None:
+                d_hidden[rows] += grad @ weight_chunk
             if d_weight is not None:
                 d_weight[start:stop] += grad.T @ student_hidden
             if d_bias is not None:
@@ -332,8 +334,9 @@ def fused_linear_backward_triton(
     temperature: float,
     need_weight_grad: bool,
     need_bias_grad: bool,
+    need_hidden_grad: bool = True,
     strategy: str = "tiles",
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Triton dL/dz per vocabulary chunk, then ``d_hidden`` (the compensated 16-bit pair of
     :data:`GRAD_HIDDEN_ACCUMULATION`, or fp32 via cuBLAS) and ``d_weight`` (cuBLAS, the weight's dtype).
 
@@ -366,7 +369,9 @@ def fused_linear_backward_triton(
     grad_buffer = torch.empty(num_rows, chunk, dtype=s_hidden.dtype, device=device)
     # bf16 only: an fp16 running sum could overflow where the final gradient fits (fp16 keeps the fp32 accumulator).
     compensated = s_hidden.dtype == torch.bfloat16 and GRAD_HIDDEN_ACCUMULATION == "compensated"
-    if compensated:  # d_hidden in the output dtype plus a bf16 rounding-error half (see the module docstring)
+    if not need_hidden_grad:  # a frozen body (e.g. only the LM head trained): no d_hidden GEMM at all
+        d_hidden = None
+    elif compensated:  # d_hidden in the output dtype plus a bf16 rounding-error half (see the module docstring)
         d_hidden = torch.empty(s_hidden.shape, dtype=s_hidden.dtype, device=device)  # row-major
         d_hidden_lo = torch.empty(s_hidden.shape, dtype=torch.bfloat16, device=device) if chunk < vocab else None
     else:
@@ -383,7 +388,9 @@ def fused_linear_backward_triton(
             divergence=divergence, coef=coef, temperature=temperature, s_logits=s_logits,
             s_softcap=inputs.s_softcap, t_softcap=inputs.t_softcap,
         )
-        if compensated:
+        if d_hidden is None:
+            pass
+        elif compensated:
             accumulate_grad_hidden(d_hidden, d_hidden_lo, grad_chunk, s_weight[start:stop], first=start == 0,
                                    last=stop == vocab)
         else:
@@ -522,8 +529,9 @@ def _fused_linear_backward_op(
     t_softcap: Optional[float],
     need_weight_grad: bool,
     need_bias_grad: bool,
+    need_hidden_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(d_hidden, d_weight or empty, d_bias or empty)`` for an upstream gradient per row."""
+    """``(d_hidden or empty, d_weight or empty, d_bias or empty)`` for an upstream gradient per row."""
     grad_rows = grad_rows.to(torch.float32)
     active = _active_rows(labels, ignore_index)
     if active is not None:
@@ -532,7 +540,7 @@ def _fused_linear_backward_op(
     ce_scale = grad_rows * ce_weight if ce_weight != 0.0 else None
     inputs = _Inputs(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, s_softcap, t_softcap)
     options = dict(divergence=divergence, coef=coef, temperature=temperature, need_weight_grad=need_weight_grad,
-                   need_bias_grad=need_bias_grad)
+                   need_bias_grad=need_bias_grad, need_hidden_grad=need_hidden_grad)
     if backend.startswith("triton"):
         d_hidden, d_weight, d_bias = fused_linear_backward_triton(
             inputs, labels, row_stats, kl_scale, ce_scale, strategy=_strategy(backend), **options)
@@ -540,7 +548,7 @@ def _fused_linear_backward_op(
         d_hidden, d_weight, d_bias = fused_linear_backward_torch(inputs, labels, row_stats, kl_scale, ce_scale,
                                                                  **options)
     return (
-        d_hidden.to(s_hidden.dtype),
+        s_hidden.new_empty((0,)) if d_hidden is None else d_hidden.to(s_hidden.dtype),
         s_hidden.new_empty((0,)) if d_weight is None else d_weight.to(s_weight.dtype),
         s_hidden.new_empty((0,)) if d_bias is None else d_bias.to(s_bias.dtype),
     )
@@ -549,9 +557,9 @@ def _fused_linear_backward_op(
 @_fused_linear_backward_op.register_fake
 def _(grad_rows, row_stats, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels, divergence,
       coef, temperature, ignore_index, kl_weight, ce_weight, backend, s_softcap, t_softcap, need_weight_grad,
-      need_bias_grad):
+      need_bias_grad, need_hidden_grad=True):
     return (
-        torch.empty_like(s_hidden),
+        torch.empty_like(s_hidden) if need_hidden_grad else s_hidden.new_empty((0,)),
         torch.empty_like(s_weight) if need_weight_grad else s_hidden.new_empty((0,)),
         torch.empty_like(s_bias) if need_bias_grad else s_hidden.new_empty((0,)),
     )
@@ -576,16 +584,17 @@ def _backward(ctx, grad_rows, grad_stats):
     s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels = [
         kept if kept is not None else tensor for kept, tensor in zip(ctx.inference_inputs, saved)
     ]
+    need_hidden_grad = bool(ctx.needs_input_grad[0])
     need_weight_grad = bool(ctx.needs_input_grad[1])
     need_bias_grad = s_bias is not None and bool(ctx.needs_input_grad[2])
     # A backward run inside an autocast region (loss.backward() within it) keeps its fp32 accumulations fp32.
     with autocast_off(s_hidden.device.type):
         d_hidden, d_weight, d_bias = torch.ops.distill_ops.fused_linear_kl_div_backward(
             grad_rows, row_stats, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels,
-            *ctx.options, need_weight_grad, need_bias_grad,
+            *ctx.options, need_weight_grad, need_bias_grad, need_hidden_grad,
         )
     return (
-        d_hidden,
+        d_hidden if need_hidden_grad else None,
         d_weight if need_weight_grad else None,
         d_bias if need_bias_grad else None,
     ) + (None,) * (5 + len(_OPTIONS) + 1)
@@ -697,6 +706,8 @@ def fused_linear_kl_div(
         student_hidden: ``[..., Hs]`` fp32 / fp16 / bf16. Receives a gradient.
         student_weight: ``[V, Hs]``, same dtype as ``student_hidden`` (e.g. ``lm_head.weight``).
             Receives a gradient (fp32-accumulated over all tokens, returned in its dtype).
+            Backward computes only the gradients autograd asks for: a frozen LM head costs no weight GEMM,
+            a frozen body (hidden without ``requires_grad``, only the head trained) no hidden GEMM.
         teacher_hidden: ``[..., Ht]`` (same leading dims; Ht may differ from Hs), with
         teacher_weight: ``[Vt, Ht]`` of the same dtype. Or, instead of both,
         teacher_logits: dense ``[..., Vt]``. The teacher gets no gradient.

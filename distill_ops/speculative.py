@@ -1308,7 +1308,8 @@ class SpeculativeDecoder:
             top_k, top_p: filters of the target distribution when sampling (ignored when greedy). Only these
                 arguments count: the target's ``generation_config`` sampling fields (``do_sample``,
                 ``temperature``, ``top_k``, ``top_p``) are not read, and ``top_k=None`` means no top-k, where
-                ``generate`` left to its defaults applies ``top_k=50``.
+                ``generate`` left to its defaults applies ``top_k=50``. ``top_k=0`` also means no top-k, as in
+                ``generate``.
             eos_token_id: token id(s) that end generation (kept in the output); ``None`` uses the target's
                 ``generation_config.eos_token_id`` as ``generate`` does.
             generator: the only source of randomness when sampling.
@@ -1328,6 +1329,8 @@ class SpeculativeDecoder:
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+        if type(top_k) is int and top_k == 0:  # transformers' "no top-k" (its TopKLogitsWarper is skipped)
+            top_k = None
         rows = self._check_generate_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
                                          generator)
         if self._position_limit is not None:
@@ -1389,7 +1392,7 @@ class SpeculativeDecoder:
             )
         if temperature > 0:
             if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-                raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+                raise ValueError(f"top_k must be None, 0 (no top-k) or an int >= 1, got {top_k!r}")
             if top_p is not None:
                 check_number("top_p", top_p, low=0.0, high=1.0, low_inclusive=False)
         if generator is not None and not isinstance(generator, torch.Generator):

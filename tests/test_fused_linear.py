@@ -390,6 +390,41 @@ def test_frozen_weight_gets_no_gradient_and_inputs_unchanged(impl):
         assert torch.equal(value, originals[name]), name
 
 
+class _RecordShapes(TorchDispatchMode):
+    """Records the output shapes of every op run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", FL_IMPLS)
+def test_frozen_hidden_computes_no_hidden_gradient(impl, dtype):
+    """Only the LM head trained (a frozen body): the weight and bias gradients are right, and backward
+    produces no ``[N, Hs]`` tensor at all (no d_hidden GEMM, accumulator or buffer)."""
+    num_rows, hs = 13, 40
+    case = _case((num_rows,), hs, 70, dtype, biases=True, seed=21)
+    weight = case["student_weight"].clone().requires_grad_(True)
+    bias = case["student_bias"].clone().requires_grad_(True)
+    with _strategy(impl) as backend:
+        loss = fused_linear_kl_div(
+            case["student_hidden"], weight, case["teacher_hidden"], case["teacher_weight"], student_bias=bias,
+            teacher_bias=case["teacher_bias"], divergence="jsd", impl=backend,
+        )
+        with _RecordShapes() as recorder:
+            loss.backward()
+    assert recorder.shapes and (num_rows, hs) not in recorder.shapes
+    _, expected = _reference(case, torch.ones(()), divergence="jsd")
+    assert_close(weight.grad, expected["student_weight"], dtype)
+    assert_close(bias.grad, expected["student_bias"], dtype)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_all_rows_ignored_gives_zero(impl):
     case = _case((6,), 16, 50, torch.float32, seed=15)

@@ -928,7 +928,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="top_p"):
         engine.generate(prompt, max_new_tokens=3, temperature=1.0, top_p=1.5)
     with pytest.raises(ValueError, match="top_k"):
-        engine.generate(prompt, max_new_tokens=3, temperature=1.0, top_k=0)
+        engine.generate(prompt, max_new_tokens=3, temperature=1.0, top_k=-1)
     with pytest.raises(ValueError, match="num_nodes"):
         SpeculativeDecoder(target, draft, num_nodes=300)
     with pytest.raises(ValueError, match="depth"):
@@ -938,6 +938,22 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="parent path"):
         SpeculativeDecoder(target, draft, tree=[[0, 0]])
     assert target.config._attn_implementation == "sdpa"  # restored even when generate raised
+
+
+def test_top_k_zero_means_no_top_k():
+    """``top_k=0`` is transformers' "no top-k": the same draws as ``top_k=None`` (it was refused), and unlike
+    ``top_k=1`` (which is greedy)."""
+    target, draft = models("llama")
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    prompt = prompts(256, [4], seed=32)[0]
+    outs = {
+        top_k: engine.generate(prompt, max_new_tokens=8, temperature=1.5, top_k=top_k, eos_token_id=[],
+                               generator=torch.Generator(DEVICE).manual_seed(5)).sequences
+        for top_k in (0, None, 1)
+    }
+    assert torch.equal(outs[0], outs[None])
+    assert torch.equal(outs[1], reference_generate(target, prompt, 8))
+    assert not torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
