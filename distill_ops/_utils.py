@@ -205,7 +205,9 @@ def reduction_weight(
         return torch.ones(1, dtype=torch.float32, device=device)
     if normalizer is not None:
         if isinstance(normalizer, torch.Tensor):
-            return normalizer.detach().to(device=device, dtype=torch.float32).reshape(1).reciprocal()
+            # A CPU normalizer (e.g. a token count made on the host) beside GPU logits: no synchronising copy.
+            normalizer = to_device_async(normalizer.detach(), torch.device(device))
+            return normalizer.to(dtype=torch.float32).reshape(1).reciprocal()
         return torch.full((1,), 1.0 / float(normalizer), dtype=torch.float32, device=device)
     if active is None:
         return torch.full((1,), 1.0 / max(num_rows, 1), dtype=torch.float32, device=device)
@@ -284,6 +286,18 @@ class LossModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={getattr(self, name)!r}" for name in self._option_names)
+
+
+def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor.to(device)`` without a host synchronisation when a CPU tensor goes to a GPU.
+
+    A copy from pageable host memory synchronises the stream; here the tensor is first copied into pinned memory
+    (a fresh buffer: later changes to ``tensor`` do not race the copy, and the caching host allocator recycles it
+    only after the copy has run) and moved with ``non_blocking=True``. Other moves are plain ``.to(device)``.
+    """
+    if tensor.device.type == "cpu" and device.type == "cuda" and not torch.compiler.is_compiling():
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def host_readable(tensor: torch.Tensor) -> bool:

@@ -1523,9 +1523,10 @@ class _Generation:
             return
         device = self.engine.device
         if self.ragged:
-            self.step_callback([torch.tensor([self.rows[row]], device=device) for row in self.active], self.cache)
+            self.step_callback([int64_to_device(self.rows[row], device).view(1, -1) for row in self.active],
+                               self.cache)
         else:
-            self.step_callback(torch.tensor(self.rows, device=device), self.cache)
+            self.step_callback(int64_to_device(self.rows[0], device).view(1, -1), self.cache)
 
     # -- the loop --------------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ._utils import INT_DTYPES, check_tensor, resolve_impl
+from ._utils import INT_DTYPES, check_tensor, resolve_impl, to_device_async
 
 #: Largest tree the ops accept. The ancestor bitmask is packed in 64-bit words; up to 64 nodes use
 #: one word (the common case pays nothing for the multi-word support).
@@ -49,9 +49,7 @@ def int64_to_device(values: Sequence[int], device: torch.device) -> torch.Tensor
     tensor shares the packed buffer. ``values`` must not be empty.
     """
     host = torch.frombuffer(array("q", values), dtype=torch.int64)
-    if device.type != "cuda":
-        return host if device.type == "cpu" else host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    return host if device.type == "cpu" else to_device_async(host, device)
 
 
 def _bit_value(bit: int) -> int:

@@ -41,6 +41,7 @@ import torch
 
 from ._utils import (
     FLOAT_DTYPES, INT_DTYPES, check_number, check_same_device, check_tensor, host_readable, resolve_impl, row_chunk,
+    to_device_async,
 )
 from .tree import TreeSpec, check_tree_spec, int64_to_device
 
@@ -352,9 +353,11 @@ def verify_sampling_ref(
 
 def draw_uniforms(batch: int, num_nodes: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
     """fp32 ``[B, T]`` uniforms in [0, 1) from ``generator`` (drawn on the generator's device), moved to
-    ``device``. Column ``j > 0`` decides child ``j``, column 0 the bonus token."""
+    ``device`` (from a CPU generator to a GPU without a host synchronisation). Column ``j > 0`` decides child
+    ``j``, column 0 the bonus token."""
     source = generator.device if generator is not None else device
-    return torch.rand((batch, num_nodes), generator=generator, device=source, dtype=torch.float32).to(device)
+    uniforms = torch.rand((batch, num_nodes), generator=generator, device=source, dtype=torch.float32)
+    return to_device_async(uniforms, torch.device(device))
 
 
 def verify_sampling(
