@@ -203,9 +203,10 @@ def test_fused_gkd_predict_and_compute_metrics_equal_trls(tmp_path):
     assert metrics["eval_mean_logit"] == pytest.approx(expected_metrics["eval_mean_logit"], rel=1e-5)
 
 
-@pytest.mark.parametrize("lmbda, lora, bf16", [(0.0, False, False), (1.0, False, False), (0.0, True, False),
-                                              (0.0, False, True)], ids=["off", "on", "off-lora", "off-bf16"])
-def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora, bf16):
+@pytest.mark.parametrize("lmbda, lora, bf16, accumulation", [
+    (0.0, False, False, 1), (1.0, False, False, 1), (1.0, False, False, 2), (0.0, True, False, 1),
+    (0.0, False, True, 1)], ids=["off", "on", "on-accumulated", "off-lora", "off-bf16"])
+def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora, bf16, accumulation):
     """One real training step of ``FusedGKDTrainer`` and of TRL's ``GKDTrainer`` from the same student: the same
     logged loss and the same updated weights, off-policy (``lmbda=0``) and on-policy (``lmbda=1``: the student
     samples completions of the prompts, the same ones under the same seed); the teacher does not move. With
@@ -213,7 +214,13 @@ def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora, bf16):
     the student in a ``PeftModel``: the same adapter and head-copy weights after the step. With ``bf16=True``
     (GKDConfig's default) both trainers run every layer of both models under the Trainer's bf16 autocast (before,
     ours ran in fp32: accelerate's autocast wraps the model's own forward, which the fused loss does not call); the
-    losses then differ by bf16 rounding only (TRL's logits are bf16, ours fp32 from bf16 GEMM inputs)."""
+    losses then differ by bf16 rounding only (TRL's logits are bf16, ours fp32 from bf16 GEMM inputs).
+
+    On-policy, the token count differs on purpose: transformers counts ``num_items_in_batch`` from the dataset's
+    labels before TRL replaces them with the generated completion (trl#4719); ours counts the generated tokens
+    it scores. With plain SGD the step is linear in the loss, so ours is TRL's scaled by the ratio of the counts
+    (the loss, and the weights' move from where they started). With gradient accumulation (two micro-batches of
+    one sequence) the count covers both micro-batches' completions."""
     import copy
 
     from distill_ops.integrations.trl import FusedGKDTrainer
@@ -227,7 +234,8 @@ def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora, bf16):
     for cls in (GKDTrainer, FusedGKDTrainer):
         model = copy.deepcopy(student)
         args = trl_config(
-            output_dir=str(tmp_path / cls.__name__), max_steps=1, per_device_train_batch_size=2, learning_rate=0.05,
+            output_dir=str(tmp_path / cls.__name__), max_steps=1, per_device_train_batch_size=2 // accumulation,
+            gradient_accumulation_steps=accumulation, learning_rate=0.05,
             optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, logging_steps=1,
             report_to="none", save_strategy="no", use_cpu=DEVICE.type == "cpu", dataloader_pin_memory=False,
             lmbda=lmbda, beta=0.3, max_new_tokens=4, temperature=0.9, seed=7,
@@ -239,14 +247,31 @@ def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora, bf16):
         trainer = cls(model=model, teacher_model=teacher, args=args, train_dataset=dataset, data_collator=collate,
                       processing_class=tiny_tokenizer(), **peft)
         seen = dtypes.setdefault(cls.__name__, set())
+        counts = []  # (num_items_in_batch, tokens the loss scores) of each compute_loss call
+
+        def counting(model, inputs, *args, _real=trainer.compute_loss, _counts=counts, **kwargs):
+            items = kwargs.get("num_items_in_batch", args[1] if len(args) > 1 else None)
+            _counts.append((float(items), int((inputs["labels"][:, 1:] != -100).sum())))
+            return _real(model, inputs, *args, **kwargs)
+
+        trainer.compute_loss = counting
         hooks = [layer.register_forward_hook(lambda module, args, output: seen.add(output.dtype))
                  for layer in (model.model.layers[0].self_attn.q_proj, teacher.model.layers[0].self_attn.q_proj)]
         trainer.train()
         for hook in hooks:
             hook.remove()
         logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        results.append((logged, dict(trainer.model.named_parameters()), trainer.model))
-    (expected_loss, expected_weights, _), (loss, weights, trained) = results
+        results.append((logged, dict(trainer.model.named_parameters()), trainer.model, counts))
+    (expected_loss, trl_weights, _, trl_counts), (loss, weights, trained, counts) = results
+    assert len(counts) == len(trl_counts) == accumulation
+    # Ours divides every micro-batch by the tokens scored over the accumulation window.
+    assert all(items == sum(scored for _, scored in counts) for items, _ in counts)
+    ratio = trl_counts[0][0] / counts[0][0]
+    assert (ratio != 1.0) == (lmbda == 1.0)  # this data's completions are shorter than its labelled spans
+    expected_loss, expected_weights = [value * ratio for value in expected_loss], trl_weights
+    if ratio != 1.0:  # on-policy, no LoRA: parameter names are the student's
+        start = dict(student.named_parameters())
+        expected_weights = {name: start[name] + ratio * (p - start[name]) for name, p in trl_weights.items()}
     precision = torch.bfloat16 if bf16 else torch.float32
     assert all(seen == {precision} for seen in dtypes.values()), dtypes
     assert len(loss) == 1 and loss[0] == pytest.approx(expected_loss[0], **{"rel": 1e-5} if not bf16 else {

@@ -12,7 +12,8 @@ tensors, each ``[B, L, V]``; TRL's ``DistillationTrainer`` has its own chunked l
   whose ``compute_loss`` never computes logits: both models run their bodies to the last hidden state and
   :func:`distill_ops.integrations.hf.causal_lm_distillation_loss` takes the LM heads' weights
   (``divergence="jsd"``, ``beta=self.beta``; labels shifted as TRL shifts them; ``num_items_in_batch`` as
-  TRL's normalizer). Needs ``trl`` (``GKDTrainer`` from ``trl.experimental.gkd``, or ``trl`` before it moved
+  TRL's normalizer, except that on on-policy / ``seq_kd`` steps it counts the generated tokens, which TRL's
+  does not: see ``FusedGKDTrainer.get_batch_samples``). Needs ``trl`` (``GKDTrainer`` from ``trl.experimental.gkd``, or ``trl`` before it moved
   there).
 * ``FusedDistillationTrainer``: TRL's ``DistillationTrainer`` (on-policy distillation: the student generates the
   completions of the dataset's prompts, then matches the teacher's next-token distribution over them with the
@@ -115,8 +116,20 @@ def _gkd_base():
 
 def _trainer_class():
     base = _gkd_base()
+    after_gkd = base.__mro__[1]  # SFTTrainer: where GKDTrainer.training_step hands over after generating
 
-    class FusedGKDTrainer(base):
+    class _StopAfterGeneration(after_gkd):
+        """Placed between ``GKDTrainer`` and its parent in ``FusedGKDTrainer``'s MRO: while ``_generating_only``,
+        GKD's ``training_step`` stops once it has put its completions (on-policy or ``seq_kd``) in ``inputs``."""
+
+        _generating_only = False
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self._generating_only:
+                return None
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    class FusedGKDTrainer(base, _StopAfterGeneration):
         """TRL's ``GKDTrainer`` with the fused loss (see the module docstring); constructed exactly like it.
 
         ``compute_loss`` with ``return_outputs`` (asked only when predictions are wanted: ``predict()``,
@@ -129,6 +142,35 @@ def _trainer_class():
 
         generalized_jsd_loss = staticmethod(generalized_jsd_loss)
         fused_loss_kwargs: dict = {}
+        _generated_batches: list = []
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            """The accumulation window's batches, their completions already generated, and the Trainer's token
+            count over those completions.
+
+            transformers counts ``num_items_in_batch`` here, from the dataset's labels; TRL's ``training_step``
+            then replaces the labels of an on-policy (or ``seq_kd``) micro-batch with a generated completion, so
+            its loss divides a sum over the generated tokens by a count of other tokens (trl#4719: the on-policy
+            loss and gradient scale with dataset length / completion length). Here TRL's own ``training_step``
+            generates first (same random draw, same generation code), stopped before its step, and the count is
+            taken over the labels that are scored."""
+            batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+            recount = getattr(self, "_get_num_items_in_batch", None)
+            if num_items_in_batch is None or recount is None:
+                return batch_samples, num_items_in_batch
+            self._generating_only = True
+            try:
+                for inputs in batch_samples:
+                    base.training_step(self, self.model_wrapped, inputs)
+            finally:
+                self._generating_only = False
+            self._generated_batches = batch_samples
+            return batch_samples, recount(batch_samples, device)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if any(inputs is batch for batch in self._generated_batches):  # generated in get_batch_samples
+                return after_gkd.training_step(self, model, inputs, num_items_in_batch)
+            return super().training_step(model, inputs, num_items_in_batch)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.teacher_model.eval()
