@@ -8,11 +8,13 @@ from torch import Tensor
 
 @torch.library.custom_op("distill_ops::scale_rows_", mutates_args=("grad",))
 def scale_rows_(grad: Tensor, upstream: Tensor, backend: str) -> None:
-    """``grad[i, :] *= upstream[i]`` in place; ``grad`` [N, V], ``upstream`` [N] (any stride, fp32).
+    """``grad[i, :] *= upstream[i]`` in place; ``grad`` [N, V] or contiguous row groups [G, R, V] (N = G·R),
+    ``upstream`` [N] (any stride, fp32).
 
     The Triton kernel skips rows whose incoming gradient is exactly 1 (decided on the device), so
     the usual ``loss.backward()`` after a folded ``mean`` / ``sum`` moves no [N, V] bytes.
     """
+    grad = grad.view(-1, grad.shape[-1]) if grad.dim() == 3 else grad
     if backend == "triton":
         from .kernels.scale_rows import scale_rows_ as scale_rows_kernel
 

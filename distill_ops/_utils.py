@@ -7,6 +7,7 @@ they look at shapes, dtypes, devices and Python scalars only.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Iterable, Literal, Optional, Sequence
 
@@ -181,11 +182,43 @@ def as_rows(tensor: torch.Tensor, width: int) -> torch.Tensor:
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if rows.dim() > 2:
-        try:
-            rows = rows.view(-1, width)
-        except RuntimeError:
-            rows = rows.reshape(-1, width)
+        rows = rows.view(-1, width) if _mergeable(rows, rows.dim() - 1) else rows.reshape(-1, width)
     return rows
+
+
+def _mergeable(tensor: torch.Tensor, dims: int) -> bool:
+    """Whether ``tensor``'s first ``dims`` dims merge into one without a copy (each stride is the next one's
+    stride times its size, size-1 dims aside). Decided from sizes and strides, not by trying ``view``: under
+    ``torch.compile`` a failed view is not an exception the traced code can catch."""
+    inner = None
+    for size, stride in zip(reversed(tensor.shape[:dims]), reversed(tensor.stride()[:dims])):
+        if size == 1:
+            continue
+        if inner is not None and stride != inner:
+            return False
+        inner = stride * size
+    return True
+
+
+def as_row_groups(tensors: Sequence[torch.Tensor], width: int) -> list[torch.Tensor]:
+    """Views ``[G, R, width]`` (unit stride along the last dim) of tensors ``[..., >= width]`` that share their
+    leading dims, for kernels that address row ``i`` as ``(i // R, i % R)`` with two strides.
+
+    ``G = 1`` (plain rows) when every tensor's leading dims flatten without a copy. Otherwise the last leading dim
+    is kept apart: a batch of shifted logits ``logits[:, :-1]`` ([B, L, V] whose rows are not evenly spaced) is
+    read in place as B groups of L rows, where flattening it would copy all of it. Only a tensor that even this
+    layout cannot express (e.g. a slice along two leading dims) is copied.
+    """
+    rows = []
+    for tensor in tensors:
+        # Slice only when truncating (see as_rows); a last dim with a stride other than 1 is copied.
+        view = tensor[..., :width] if width < tensor.shape[-1] else tensor
+        rows.append(view if view.stride(-1) == 1 else view.contiguous())
+    leading = rows[0].dim() - 1
+    if all(_mergeable(view, leading) for view in rows):
+        return [view.view(1, -1, width) for view in rows]
+    shape = (math.prod(rows[0].shape[:-2]), rows[0].shape[-2], width)
+    return [view.view(shape) if _mergeable(view, leading - 1) else view.reshape(shape) for view in rows]
 
 
 def reduction_weight(

@@ -33,6 +33,7 @@ from ._scale import consume_stored_gradient, register_stored_gradient_autograd
 from ._utils import (
     LossModule,
     FLOAT_DTYPES,
+    as_row_groups,
     as_rows,
     check_choice,
     check_index,
@@ -170,25 +171,39 @@ def kl_div_rows_torch(
     ignore_index: int,
     compute_grad: bool,
     upcast: bool = False,
+    out: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """PyTorch fallback on 2-D rows: per-row loss (fp32, or fp64 with ``upcast``) and dL_row/dz,
-    both multiplied by ``row_weight`` (one element or [N]) when given.
+    """PyTorch fallback on rows ``[N, V]`` or row groups ``[G, R, V]`` (see
+    :func:`~distill_ops._utils.as_row_groups`): per-row loss (fp32, or fp64 with ``upcast``) and dL_row/dz
+    (the student's shape), both multiplied by ``row_weight`` (one element or [N]) when given.
 
     Chunked over rows so temporaries stay bounded; math in fp32 (fp64 with ``upcast=True``, the
-    reference the tests use). The gradient is returned in the student's dtype (fp64 with ``upcast``).
+    reference the tests use). The gradient is returned in the student's dtype (fp64 with ``upcast``), written
+    into ``out`` when given (e.g. the student's own buffer: each chunk is read before its rows are written).
     """
     compute_dtype = torch.float64 if upcast else torch.float32
-    num_rows, vocab = student.shape
+    vocab = student.shape[-1]
+    num_rows = math.prod(student.shape[:-1])
+    rows_per_group = student.shape[1] if student.dim() == 3 else num_rows
     losses = torch.empty(num_rows, dtype=compute_dtype, device=student.device)
-    grad = None
-    if compute_grad:
-        grad = torch.empty((num_rows, vocab), dtype=compute_dtype if upcast else student.dtype, device=student.device)
-    step = row_chunk(num_rows, vocab)
-    for start in range(0, num_rows, step):
-        stop = min(start + step, num_rows)
+    grad = out
+    if compute_grad and grad is None:
+        grad = torch.empty(student.shape, dtype=compute_dtype if upcast else student.dtype, device=student.device)
+    if student.dim() == 3:  # chunks never cross a group: each is a 2-D view of one group's rows
+        student_rows = [student[g] for g in range(student.shape[0])]
+        teacher_rows = [teacher[g] for g in range(teacher.shape[0])]
+        grad_rows = None if grad is None else [grad[g] for g in range(grad.shape[0])]
+    else:
+        student_rows, teacher_rows, grad_rows = [student], [teacher], None if grad is None else [grad]
+    step = row_chunk(rows_per_group, vocab)
+    start = 0
+    while start < num_rows:
+        group, first = divmod(start, rows_per_group)
+        stop = min(start + step, (group + 1) * rows_per_group)
+        rows = slice(first, first + stop - start)
         chunk_loss, chunk_grad = _divergence_rows(
-            student[start:stop].to(compute_dtype),
-            teacher[start:stop].to(compute_dtype),
+            student_rows[group][rows].to(compute_dtype),
+            teacher_rows[group][rows].to(compute_dtype),
             divergence,
             coef,
             temperature,
@@ -208,8 +223,9 @@ def kl_div_rows_torch(
             if chunk_grad is not None:
                 chunk_grad = torch.where(active, chunk_grad, 0.0)
         losses[start:stop] = chunk_loss
-        if grad is not None:
-            grad[start:stop] = chunk_grad
+        if grad_rows is not None:
+            grad_rows[group][rows] = chunk_grad
+        start = stop
     return losses, grad
 
 
@@ -265,7 +281,7 @@ def _kl_div_rows_op(
 
 @_kl_div_rows_op.register_fake
 def _(student, teacher, labels, row_weight, divergence, coef, temperature, ignore_index, backend, compute_grad):
-    num_rows = student.shape[0]
+    num_rows = math.prod(student.shape[:-1])
     loss = student.new_empty((num_rows,), dtype=torch.float32)
     grad = student.new_empty(student.shape) if compute_grad else student.new_empty((0,))
     return loss, grad
@@ -294,11 +310,10 @@ def _kl_div_rows_inplace_op(
             student, teacher, labels, student, row_weight, divergence=divergence, coef=coef,
             temperature=temperature, ignore_index=ignore_index,
         )
-    loss, grad = kl_div_rows_torch(
+    loss, _ = kl_div_rows_torch(
         student, teacher, labels, row_weight, divergence=divergence, coef=coef, temperature=temperature,
-        ignore_index=ignore_index, compute_grad=True,
+        ignore_index=ignore_index, compute_grad=True, out=student,
     )
-    student.copy_(grad)
     return loss
 
 
@@ -426,13 +441,13 @@ def kl_div(
     backend = resolve_impl(impl, student_logits.device)
     divergence, coef = _canonical_divergence(divergence, beta, alpha)
     leading_shape = student_logits.shape[:-1]
-    student_rows = as_rows(student_logits, vocab)
-    teacher_rows = as_rows(teacher_logits.detach(), vocab)
     label_rows = flat_labels(labels)
     temperature = float(temperature)
     active = None if label_rows is None else label_rows != ignore_index
-    row_weight = reduction_weight(reduction, normalizer, active, student_rows.shape[0], student_rows.device)
+    row_weight = reduction_weight(reduction, normalizer, active, math.prod(leading_shape), student_logits.device)
     if inplace_grad and student_logits.requires_grad and torch.is_grad_enabled():
+        student_rows = as_rows(student_logits, vocab)
+        teacher_rows = as_rows(teacher_logits.detach(), vocab)
         if student_rows.data_ptr() != student_logits.data_ptr() or not student_logits.is_contiguous():
             raise ValueError("inplace_grad=True needs contiguous student_logits with no vocab_size truncation")
         # Hand autograd a view, not the leaf itself: AccumulateGrad then keeps the returned buffer as
@@ -442,6 +457,8 @@ def kl_div(
             backend,
         )
     else:
+        # Row groups, not rows: shifted logits of a batch (logits[:, :-1]) are read in place, not copied.
+        student_rows, teacher_rows = as_row_groups((student_logits, teacher_logits.detach()), vocab)
         compute_grad = student_logits.requires_grad and torch.is_grad_enabled()
         row_loss, _ = torch.ops.distill_ops.kl_div_rows(
             student_rows, teacher_rows, label_rows, row_weight, divergence, coef, temperature, int(ignore_index),

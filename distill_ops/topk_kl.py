@@ -114,23 +114,42 @@ REST_EPS = 1e-6
 
 
 def _clipped_divergence_rows(
-    scaled_student: Tensor,
+    student: Tensor,
     indices: Tensor,
     teacher_logprobs: Tensor,
     weights: Tensor,
     labels: Optional[Tensor],
     tail: str,
     divergence: str,
+    temperature: float,
+    active: Optional[Tensor] = None,
 ) -> Tensor:
     """Per-row divergence between the (soft-)clipped teacher and student distributions, differentiable.
 
-    ``scaled_student [n, V]`` = student logits / T; ``indices [n, m]`` (valid columns);
+    ``student [n, V]`` raw student logits (any float dtype); ``indices [n, m]`` (valid columns);
     ``teacher_logprobs [n, m]`` full-vocabulary teacher log-probabilities at T (-inf = absent);
     ``weights [n, m]`` membership in [0, 1] (hard 0/1 for the loss, sigmoid for DACKL's training);
-    ``labels [n]`` valid columns (``label`` tail). Outcome c has teacher mass w_c p_c and student mass
+    ``labels [n]`` valid columns (``label`` tail); ``active [n]``: rows that count (the others may hold anything,
+    NaN included, and give a finite value and a zero gradient). Outcome c has teacher mass w_c p_c and student mass
     w_c q_c; ``renormalize`` / ``label`` normalise them, ``bucket`` adds the rest masses 1 - sum.
+
+    The student's logits enter as ``(z - c) / T`` in fp32 (c as in :func:`_shifted_student`), taken after the
+    gather: ``renormalize`` and ``label`` touch only the m kept columns (and the label's), so autograd keeps no
+    [n, V] tensor beyond the gradient itself; ``bucket`` needs the full row's log-sum-exp (fp32 [n, V] temporaries).
     """
-    gathered = scaled_student.gather(-1, indices)
+    # One gather (one scatter in backward) for the kept columns and, with the label tail, the label's.
+    columns = torch.cat([indices, labels.unsqueeze(-1)], dim=-1) if tail == "label" else indices
+    raw = student.gather(-1, columns).to(torch.float32)
+    if active is not None:
+        raw = torch.where(active.unsqueeze(-1), raw, 0.0)
+    raw_kept = raw[:, : indices.shape[-1]]
+    shift = torch.where(teacher_logprobs != float("-inf"), raw_kept, float("-inf")).amax(-1, keepdim=True)
+    shift = finite_or_zero(shift).detach()
+
+    def scaled(values: Tensor) -> Tensor:
+        return (values.to(torch.float32) - shift) / temperature
+
+    gathered = scaled(raw_kept)
     log_weights = torch.log(weights)
     if tail == "label":
         # The label's own entry moves to the label outcome, which holds 1 - (the others' kept mass).
@@ -139,12 +158,13 @@ def _clipped_divergence_rows(
         others_mass = torch.where(is_label, 0.0, weights * teacher_logprobs.exp()).sum(-1, keepdim=True)
         label_mass = (1.0 - others_mass).clamp_min(0.0)
         teacher_log_mass = torch.cat([log_weights + teacher_logprobs, torch.log(label_mass)], dim=-1)
-        student_log_mass = torch.cat([log_weights + gathered, scaled_student.gather(-1, labels.unsqueeze(-1))], dim=-1)
+        student_log_mass = torch.cat([log_weights + gathered, scaled(raw[:, indices.shape[-1]:])], dim=-1)
     else:
         teacher_log_mass = log_weights + teacher_logprobs
         student_log_mass = log_weights + gathered
     if tail == "bucket":
-        lse_all = torch.logsumexp(scaled_student, dim=-1, keepdim=True)
+        full_row = student if active is None else torch.where(active.unsqueeze(-1), student, 0.0)
+        lse_all = torch.logsumexp(scaled(full_row), dim=-1, keepdim=True)
         kept_log_q = student_log_mass - lse_all
         rest_p = (1.0 - teacher_log_mass.exp().sum(-1, keepdim=True)).clamp_min(0.0)
         rest_q = (1.0 - (torch.logsumexp(student_log_mass, -1, keepdim=True) - lse_all).exp()).clamp_min(0.0)
@@ -833,7 +853,9 @@ class DACKLLoss(torch.nn.Module):
       w = sigmoid(s (c_after - lower)) * sigmoid(s (upper - c_before)) with sharpness s = ``sharpness``
       (default 50: the weight goes from 0.12 to 0.88 over 0.04 of cumulative mass). Outcome masses are
       w p and w q (plus the rest / label outcome as the tail says). This path is plain PyTorch autograd
-      (the bounds need gradients); with ``tail="bucket"`` it holds the student's fp32 [N, V] softmax.
+      (the bounds need gradients). The ``renormalize`` and ``label`` tails gather the student's kept
+      columns before any arithmetic (no [N, V] tensor but the gradient; with labels, one zero-filled copy
+      of the teacher rows masks ignored rows); ``tail="bucket"`` holds the student's fp32 [N, V] softmax.
     * ``eval()``: the hard mask and the fused kernel path (``impl``); bounds are not trained.
 
     The MLP's initial bounds are about [0.0025, 0.98]. Alone, the clipped loss favours narrow kept sets
@@ -928,10 +950,10 @@ class DACKLLoss(torch.nn.Module):
         student_rows = as_rows(student_logits, vocab)
         if self.training and active is not None:
             # Ignored rows (padding) may hold anything, NaN included; in the autograd path below a NaN there
-            # would reach the bound network's and the student's gradients through 0 * NaN, so they are
-            # replaced by zeros before anything is computed from them.
+            # would reach the bound network's and the student's gradients through 0 * NaN, so the teacher's are
+            # replaced by zeros before anything is computed from them (the student's where they are read, by
+            # _clipped_divergence_rows).
             teacher_rows = torch.where(active.unsqueeze(-1), teacher_rows, 0.0)
-            student_rows = torch.where(active.unsqueeze(-1), student_rows, 0.0)
         indices, sorted_logprobs = self._candidates(teacher_rows, backend)
         lower, upper = self._bounds(sorted_logprobs)
         if not self.training:
@@ -945,8 +967,8 @@ class DACKLLoss(torch.nn.Module):
         if label_rows is not None:
             safe_labels = torch.where(active, label_rows, 0).clamp(0, vocab - 1)
         rows = _clipped_divergence_rows(
-            _shifted_student(student_rows, indices, sorted_logprobs, self.temperature), indices, sorted_logprobs,
-            weights, safe_labels, self.tail, self.divergence,
+            student_rows, indices, sorted_logprobs, weights, safe_labels, self.tail, self.divergence, self.temperature,
+            active,
         )
         if active is not None:
             rows = torch.where(active, rows, 0.0)

@@ -106,6 +106,10 @@ def _kl_div_fwd_kernel(
     stride_teacher,
     stride_grad,
     stride_weight,
+    rows_per_group,
+    stride_student_group,
+    stride_teacher_group,
+    stride_grad_group,
     V,
     ignore_index,
     inv_temperature,
@@ -118,13 +122,16 @@ def _kl_div_fwd_kernel(
     PERSISTENT: tl.constexpr = False,
 ):
     """One row per program (a grid of ``num_rows``: the loop runs once); PERSISTENT marks a grid of fewer programs,
-    each taking rows pid, pid + grid, ..."""
+    each taking rows pid, pid + grid, ... Row ``i`` of the logits and gradient is row ``i % rows_per_group`` of
+    group ``i // rows_per_group`` (two strides: e.g. ``logits[:, :-1]`` of a batch, read in place)."""
     row = tl.program_id(0).to(tl.int64)
     step = tl.num_programs(0) if PERSISTENT else num_rows
     while row < num_rows:
-        student_row = student_ptr + row * stride_student
-        teacher_row = teacher_ptr + row * stride_teacher
-        grad_row = grad_ptr + row * stride_grad
+        group = row // rows_per_group
+        in_group = row - group * rows_per_group
+        student_row = student_ptr + group * stride_student_group + in_group * stride_student
+        teacher_row = teacher_ptr + group * stride_teacher_group + in_group * stride_teacher
+        grad_row = grad_ptr + group * stride_grad_group + in_group * stride_grad
         offsets = tl.arange(0, BLOCK_V)
 
         active = True
@@ -245,7 +252,9 @@ def kl_div_forward(
     num_warps: int | None = None,
     programs: int | None = None,
 ) -> torch.Tensor:
-    """Launch the row kernel on 2-D views ``student [N, V]``, ``teacher [N, V]`` (unit column stride).
+    """Launch the row kernel on ``student [N, V]``, ``teacher [N, V]`` (unit column stride), or on row groups
+    ``[G, R, V]`` of both (N = G·R rows; see :func:`distill_ops._utils.as_row_groups`); ``grad_out`` has the
+    student's shape.
 
     ``programs``: a persistent grid of at most that many programs, each taking every ``programs``-th row
     (default: one program per row). An experiment for the GPU block sweep, not a default: the two or three
@@ -260,7 +269,11 @@ def kl_div_forward(
     """
     block_v = block_v or BLOCK_V
     num_warps = num_warps or NUM_WARPS_BY_DIVERGENCE.get(divergence, NUM_WARPS)
-    num_rows, vocab = student.shape
+    if student.dim() == 2:
+        student, teacher = student.unsqueeze(0), teacher.unsqueeze(0)
+        grad_out = None if grad_out is None else grad_out.unsqueeze(0)
+    groups, rows_per_group, vocab = student.shape
+    num_rows = groups * rows_per_group
     loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     if num_rows == 0:
         return loss
@@ -272,10 +285,14 @@ def kl_div_forward(
         loss,
         grad_out if grad_out is not None else student,
         row_weight,
+        student.stride(1),
+        teacher.stride(1),
+        grad_out.stride(1) if grad_out is not None else 0,
+        row_weight.stride(0) if row_weight.numel() > 1 else 0,
+        rows_per_group,
         student.stride(0),
         teacher.stride(0),
         grad_out.stride(0) if grad_out is not None else 0,
-        row_weight.stride(0) if row_weight.numel() > 1 else 0,
         vocab,
         ignore_index,
         1.0 / temperature,
@@ -310,7 +327,8 @@ def aot_specs() -> list[dict]:
             "signature": {
                 "student_ptr": f"*{dtype}", "teacher_ptr": f"*{dtype}", "labels_ptr": "*i64", "loss_ptr": "*fp32",
                 "grad_ptr": f"*{dtype}", "weight_ptr": "*fp32", "stride_student": "i64", "stride_teacher": "i64",
-                "stride_grad": "i64", "stride_weight": "i64", "V": "i32", "ignore_index": "i64",
+                "stride_grad": "i64", "stride_weight": "i64", "rows_per_group": "i32", "stride_student_group": "i64",
+                "stride_teacher_group": "i64", "stride_grad_group": "i64", "V": "i32", "ignore_index": "i64",
                 "inv_temperature": "fp32", "coef": "fp32", "num_rows": "i32",
             },
             "constexprs": {"DIVERGENCE": DIVERGENCE_CODES[name], "HAS_LABELS": True, "COMPUTE_GRAD": True,

@@ -4,6 +4,7 @@ Without a CUDA device the Triton kernels run under Triton's CPU interpreter: ``T
 must be set before ``triton`` (and so ``distill_ops``) is imported, which is why it happens here.
 """
 
+import math
 import os
 
 import torch
@@ -50,3 +51,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+class RecordTensorOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records ``(op name, output shape)`` of every ATen op that returns a new tensor (views and in-place ops
+    are left out), stepping into ``distill_ops`` custom ops: a dispatch mode otherwise sees such an op as one
+    call, not the allocations and copies its implementation makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._library.custom_ops import OPDEFS
+
+        kwargs = kwargs or {}
+        opdef = OPDEFS.get(func._schema.name) if func.namespace == "distill_ops" else None
+        if opdef is not None:
+            with self:
+                return opdef._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if not (func._schema.is_mutable or any(r.alias_info is not None for r in func._schema.returns)):
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            self.records += [(str(func), tuple(t.shape)) for t in outs if isinstance(t, torch.Tensor)]
+        return out
+
+    def ops_with_numel(self, numel: int) -> list[str]:
+        return [name for name, shape in self.records if math.prod(shape) == numel]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from distill_ops import DIVERGENCES, KLDivLoss, kl_div, kl_div_reference
-from tests.conftest import DEVICE, IMPLS, TOLERANCES, assert_close
+from tests.conftest import DEVICE, IMPLS, TOLERANCES, RecordTensorOps, assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -93,6 +93,51 @@ def test_non_contiguous_inputs(impl):
     teacher_strided = _logits((6, 4, 40), torch.float32, seed=7)[:, ::2, :]  # row stride gaps
     for t in (teacher, teacher_strided):
         _check_against_reference(student, t, impl, divergence="jsd", reduction="none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_shifted_batch_logits_are_read_in_place(impl, dtype, monkeypatch):
+    """``student[:, :-1]`` / ``teacher[:, 1:]`` of a batch (the usual label shift; rows not evenly spaced, so not
+    viewable as [N, V]) are read where they lie: the forward allocates one [N, V] tensor, the gradient (both inputs
+    were copied whole before). Loss and gradient equal those of contiguous copies exactly; the torch path's row
+    chunks (forced to 2 rows) stop at each sequence's end."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["distill_ops.kl_div"], "row_chunk", lambda rows, vocab: 2)
+    batch, length, vocab = 3, 7, 301
+    student_full = _logits((batch, length + 1, vocab), dtype, seed=50)
+    teacher_full = _logits((batch, length + 1, vocab), dtype, seed=51)
+    labels = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(52)).to(DEVICE)
+    labels[1, 3] = -100
+    for divergence, reduction in (("forward", "mean"), ("jsd", "none")):
+        leaf = student_full.clone().requires_grad_(True)
+        with RecordTensorOps() as recorder:
+            loss = kl_div(leaf[:, :-1], teacher_full[:, 1:], divergence=divergence, labels=labels,
+                          reduction=reduction, impl=impl)
+        assert recorder.ops_with_numel(batch * length * vocab) == ["aten.empty.memory_format"], recorder.records
+        loss.backward(torch.ones_like(loss))
+        expected, expected_grad, _ = _run(student_full[:, :-1].contiguous(), teacher_full[:, 1:].contiguous(), impl,
+                                          upstream=torch.ones_like(loss), divergence=divergence, labels=labels,
+                                          reduction=reduction)
+        assert torch.equal(loss, expected)
+        assert torch.equal(leaf.grad[:, :-1], expected_grad)
+        assert torch.count_nonzero(leaf.grad[:, -1]) == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_grad_allocates_no_gradient(impl, monkeypatch):
+    """``inplace_grad=True`` writes the gradient straight over the student: no [N, V] buffer on either impl (the
+    torch path allocated one and copied it over the student; its row chunks are forced to 2 rows here, so that its
+    temporaries are smaller than [N, V])."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["distill_ops.kl_div"], "row_chunk", lambda rows, vocab: 2)
+    student = _logits((5, 211), torch.float32, seed=53).requires_grad_(True)
+    teacher = _logits((5, 211), torch.float32, seed=54)
+    with RecordTensorOps() as recorder:
+        kl_div(student, teacher, divergence="jsd", inplace_grad=True, impl=impl)
+    assert recorder.ops_with_numel(5 * 211) == [], recorder.records
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -366,6 +411,25 @@ def test_torch_compile_fullgraph():
     ref_loss, ref_grad = kl_div_reference(student, teacher, divergence="jsd", labels=labels, temperature=2.0)
     assert_close(loss, ref_loss * 3.0 + 2.0, torch.float32)
     assert_close(student.grad, ref_grad * 3.0, torch.float32)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_fullgraph_with_shifted_batch_logits(dynamic):
+    """``logits[:, :-1]`` / ``logits[:, 1:]`` of a batch traced with ``fullgraph=True``: whether the rows flatten
+    without a copy is decided from strides (the traced code could not catch a failed ``view``, and every loss
+    failed to trace on such inputs)."""
+    student = _logits((3, 6, 64), torch.float32, seed=55).cpu().requires_grad_(True)
+    teacher = _logits((3, 6, 64), torch.float32, seed=56).cpu()
+
+    def loss_fn(s, t):
+        return kl_div(s[:, :-1], t[:, 1:], divergence="jsd", temperature=2.0, impl="torch")
+
+    loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager", dynamic=dynamic)(student, teacher)
+    loss.backward()
+    ref_loss, ref_grad = kl_div_reference(student[:, :-1], teacher[:, 1:], divergence="jsd", temperature=2.0)
+    assert_close(loss, ref_loss, torch.float32)
+    assert_close(student.grad[:, :-1], ref_grad, torch.float32)
+    assert torch.count_nonzero(student.grad[:, -1]) == 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from distill_ops import kl_div
 from distill_ops.kernels import topk_select as topk_select_module
 from distill_ops.kernels.topk_select import topk_select
 from distill_ops.topk_kl import DACKLLoss, TopKKLDivLoss, kept_logprobs, topk_kl_div
-from tests.conftest import DEVICE, IMPLS, assert_close
+from tests.conftest import DEVICE, IMPLS, RecordTensorOps, assert_close
 
 TAILS = ["renormalize", "bucket", "label"]
 DIVERGENCES = ["forward", "reverse"]
@@ -627,6 +627,35 @@ def test_dackl_mlp_receives_gradients_in_training(tail):
     assert student.grad.abs().sum() > 0
     lower, upper = loss_fn.predict_bounds(teacher)
     assert torch.all((0 < lower) & (lower < upper) & (upper < 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tail", ["renormalize", "label"])
+def test_dackl_training_keeps_no_scaled_copy_of_the_student(tail, dtype):
+    """Training with the renormalize / label tails reads the student at its kept columns only: autograd saves no
+    [N, V] tensor but the student itself, and backward allocates only the gradient (zeros + one scatter). An fp32
+    [N, V] copy of the scaled student was built, saved and scaled again in backward (and, with labels, a
+    NaN-masked copy of the student), where the bucket tail alone needs the full row."""
+    rows, vocab = 13, 397
+    torch.manual_seed(3)
+    loss_fn = DACKLLoss(vocab_top_m=16, hidden=8, tail=tail, impl="torch").to(DEVICE).train()
+    student, teacher = (t.to(dtype) for t in _dackl_inputs(46, rows=rows, vocab=vocab))
+    student.requires_grad_(True)
+    labels = _labels((rows,), vocab, seed=47, ignored=(2,))
+    saved = []
+
+    def pack(tensor):
+        if tensor.numel() == rows * vocab:
+            saved.append(tensor.data_ptr() == student.data_ptr() and tensor.dtype == dtype)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_fn(student, teacher, labels)
+    with RecordTensorOps() as recorder:
+        loss.backward()
+    assert saved and all(saved), saved
+    assert recorder.ops_with_numel(rows * vocab) == ["aten.new_zeros.default", "aten.scatter_add.default"]
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("impl", IMPLS)
