@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Iterable, Literal, Optional, Sequence
+from typing import Iterable, Iterator, Literal, Optional, Sequence
 
 import torch
 
@@ -219,6 +219,22 @@ def as_row_groups(tensors: Sequence[torch.Tensor], width: int) -> list[torch.Ten
         return [view.view(1, -1, width) for view in rows]
     shape = (math.prod(rows[0].shape[:-2]), rows[0].shape[-2], width)
     return [view.view(shape) if _mergeable(view, leading - 1) else view.reshape(shape) for view in rows]
+
+
+def row_group_chunks(
+    tensors: Sequence[Optional[torch.Tensor]], step: int
+) -> Iterator[tuple[slice, list[Optional[torch.Tensor]]]]:
+    """Chunks of at most ``step`` rows of tensors ``[N, ...]`` or row groups ``[G, R, ...]`` (all laid out alike;
+    ``None`` entries stay ``None``): yields ``(rows, chunks)``, ``rows`` the chunk's slice of the N = G·R flattened
+    rows and ``chunks`` each tensor's view of them. A chunk never crosses a group, so each view is 2-D."""
+    first = next(tensor for tensor in tensors if tensor is not None)
+    groups, per_group = (first.shape[0], first.shape[1]) if first.dim() == 3 else (1, first.shape[0])
+    for group in range(groups):
+        for start in range(0, per_group, step):
+            stop = min(start + step, per_group)
+            chunks = [None if t is None else (t[group, start:stop] if t.dim() == 3 else t[start:stop])
+                      for t in tensors]
+            yield slice(group * per_group + start, group * per_group + stop), chunks
 
 
 def reduction_weight(

@@ -27,6 +27,7 @@ only).
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -36,7 +37,7 @@ from ._scale import register_stored_gradient_autograd
 from ._utils import (
     LossModule,
     FLOAT_DTYPES,
-    as_rows,
+    as_row_groups,
     check_choice,
     check_index,
     check_labels,
@@ -50,6 +51,7 @@ from ._utils import (
     resolve_impl,
     resolve_vocab,
     row_chunk,
+    row_group_chunks,
 )
 from .kl_div import _divergence_rows
 
@@ -86,7 +88,8 @@ def aligndistil_rows_torch(
     compute_grad: bool,
     upcast: bool = False,
 ) -> tuple[Tensor, Optional[Tensor], Tensor]:
-    """PyTorch fallback on 2-D rows ``[N, V]``: per-row loss, dL_row/dz_s and alpha.
+    """PyTorch fallback on rows ``[N, V]`` or row groups ``[G, R, V]`` (all three alike; see
+    :func:`~distill_ops._utils.as_row_groups`): per-row loss, dL_row/dz_s (the student's shape) and alpha.
 
     Loss and gradient are multiplied by ``row_weight`` (one element or [N]) when given. Chunked over rows so
     temporaries stay bounded; math in fp32 (fp64 with ``upcast=True``). Builds each chunk's teacher logits
@@ -94,43 +97,45 @@ def aligndistil_rows_torch(
     ignored rows; the gradient is in the student's dtype (fp64 with ``upcast``).
     """
     compute_dtype = torch.float64 if upcast else torch.float32
-    num_rows, vocab = student.shape
+    vocab = student.shape[-1]
+    num_rows = math.prod(student.shape[:-1])
     losses = torch.empty(num_rows, dtype=compute_dtype, device=student.device)
     alphas = torch.empty(num_rows, dtype=compute_dtype, device=student.device)
     grad = None
     if compute_grad:
-        grad = torch.empty((num_rows, vocab), dtype=compute_dtype if upcast else student.dtype, device=student.device)
-    step = row_chunk(num_rows, vocab)
-    for start in range(0, num_rows, step):
-        stop = min(start + step, num_rows)
-        dpo_chunk = dpo[start:stop].to(compute_dtype)
-        other_chunk = other[start:stop].to(compute_dtype)
+        grad = torch.empty(student.shape, dtype=compute_dtype if upcast else student.dtype, device=student.device)
+    step = row_chunk(student.shape[-2], vocab)
+    for rows, (student_chunk, dpo_chunk, other_chunk, grad_chunk) in row_group_chunks(
+        (student, dpo, other, grad), step
+    ):
+        dpo_chunk = dpo_chunk.to(compute_dtype)
+        other_chunk = other_chunk.to(compute_dtype)
         if fixed_alpha is None:
             alpha = r * _tvd_rows(dpo_chunk, other_chunk) + eps
         else:
-            alpha = torch.full((stop - start, 1), fixed_alpha, dtype=compute_dtype, device=student.device)
+            alpha = torch.full((rows.stop - rows.start, 1), fixed_alpha, dtype=compute_dtype, device=student.device)
         teacher = _teacher_rows(dpo_chunk, other_chunk, alpha, contrastive)
         del dpo_chunk, other_chunk
         chunk_loss, chunk_grad = _divergence_rows(
-            student[start:stop].to(compute_dtype), teacher, "reverse", 0.0, temperature, compute_grad
+            student_chunk.to(compute_dtype), teacher, "reverse", 0.0, temperature, compute_grad
         )
         loss_scale = beta0 / alpha
         if row_weight is not None:
-            weight = row_weight if row_weight.numel() == 1 else row_weight[start:stop]
+            weight = row_weight if row_weight.numel() == 1 else row_weight[rows]
             loss_scale = loss_scale * weight.to(compute_dtype).reshape(-1, 1)
         chunk_loss = chunk_loss * loss_scale.squeeze(-1)
         alpha = alpha.squeeze(-1)
         if labels is not None:
-            active = labels[start:stop] != ignore_index
+            active = labels[rows] != ignore_index
             chunk_loss = torch.where(active, chunk_loss, 0.0)
             alpha = torch.where(active, alpha, 0.0)
-        losses[start:stop] = chunk_loss
-        alphas[start:stop] = alpha
-        if grad is not None:
+        losses[rows] = chunk_loss
+        alphas[rows] = alpha
+        if grad_chunk is not None:
             chunk_grad = chunk_grad * loss_scale
             if labels is not None:
                 chunk_grad = torch.where(active.unsqueeze(-1), chunk_grad, 0.0)
-            grad[start:stop] = chunk_grad
+            grad_chunk.copy_(chunk_grad)
     return losses, grad, alphas
 
 
@@ -199,7 +204,7 @@ def _aligndistil_rows_op(
 @_aligndistil_rows_op.register_fake
 def _(student, dpo, other, labels, row_weight, contrastive, beta0, r, eps, fixed_alpha, temperature, ignore_index,
       backend, compute_grad):
-    num_rows = student.shape[0]
+    num_rows = math.prod(student.shape[:-1])
     loss = student.new_empty((num_rows,), dtype=torch.float32)
     alpha = student.new_empty((num_rows,), dtype=torch.float32)
     grad = student.new_empty(student.shape) if compute_grad else student.new_empty((0,))
@@ -298,15 +303,18 @@ def aligndistil_kl(
     )
     backend = resolve_impl(impl, student_logits.device)
     leading_shape = student_logits.shape[:-1]
-    student_rows = as_rows(student_logits, vocab)
+    # Row groups: shifted logits of a batch (logits[:, :-1]) are read in place, not copied.
+    student_rows, dpo_rows, other_rows = as_row_groups(
+        (student_logits, dpo_logits.detach(), other_logits.detach()), vocab
+    )
     label_rows = flat_labels(labels)
     active = None if label_rows is None else label_rows != ignore_index
-    row_weight = reduction_weight(reduction, normalizer, active, student_rows.shape[0], student_rows.device)
+    row_weight = reduction_weight(reduction, normalizer, active, math.prod(leading_shape), student_rows.device)
     compute_grad = student_logits.requires_grad and torch.is_grad_enabled()
     row_loss, _, row_alpha = torch.ops.distill_ops.aligndistil_rows(
         student_rows,
-        as_rows(dpo_logits.detach(), vocab),
-        as_rows(other_logits.detach(), vocab),
+        dpo_rows,
+        other_rows,
         label_rows,
         row_weight,
         mode == "contrastive",

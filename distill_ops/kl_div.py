@@ -49,6 +49,7 @@ from ._utils import (
     resolve_impl,
     resolve_vocab,
     row_chunk,
+    row_group_chunks,
 )
 
 DIVERGENCES = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
@@ -184,26 +185,15 @@ def kl_div_rows_torch(
     compute_dtype = torch.float64 if upcast else torch.float32
     vocab = student.shape[-1]
     num_rows = math.prod(student.shape[:-1])
-    rows_per_group = student.shape[1] if student.dim() == 3 else num_rows
     losses = torch.empty(num_rows, dtype=compute_dtype, device=student.device)
     grad = out
     if compute_grad and grad is None:
         grad = torch.empty(student.shape, dtype=compute_dtype if upcast else student.dtype, device=student.device)
-    if student.dim() == 3:  # chunks never cross a group: each is a 2-D view of one group's rows
-        student_rows = [student[g] for g in range(student.shape[0])]
-        teacher_rows = [teacher[g] for g in range(teacher.shape[0])]
-        grad_rows = None if grad is None else [grad[g] for g in range(grad.shape[0])]
-    else:
-        student_rows, teacher_rows, grad_rows = [student], [teacher], None if grad is None else [grad]
-    step = row_chunk(rows_per_group, vocab)
-    start = 0
-    while start < num_rows:
-        group, first = divmod(start, rows_per_group)
-        stop = min(start + step, (group + 1) * rows_per_group)
-        rows = slice(first, first + stop - start)
+    step = row_chunk(student.shape[-2], vocab)
+    for rows, (student_chunk, teacher_chunk, grad_chunk) in row_group_chunks((student, teacher, grad), step):
         chunk_loss, chunk_grad = _divergence_rows(
-            student_rows[group][rows].to(compute_dtype),
-            teacher_rows[group][rows].to(compute_dtype),
+            student_chunk.to(compute_dtype),
+            teacher_chunk.to(compute_dtype),
             divergence,
             coef,
             temperature,
@@ -212,20 +202,19 @@ def kl_div_rows_torch(
         # Weight, then mask (a select): a zero tensor normalizer makes the weight inf, and inf * 0 at an
         # ignored row would be NaN.
         if row_weight is not None:
-            weight = row_weight if row_weight.numel() == 1 else row_weight[start:stop]
+            weight = row_weight if row_weight.numel() == 1 else row_weight[rows]
             weight = weight.to(compute_dtype)
             chunk_loss = chunk_loss * weight
             if chunk_grad is not None:
                 chunk_grad = chunk_grad * weight.unsqueeze(-1)
         if labels is not None:
-            active = (labels[start:stop] != ignore_index).unsqueeze(-1)
+            active = (labels[rows] != ignore_index).unsqueeze(-1)
             chunk_loss = torch.where(active.squeeze(-1), chunk_loss, 0.0)
             if chunk_grad is not None:
                 chunk_grad = torch.where(active, chunk_grad, 0.0)
-        losses[start:stop] = chunk_loss
-        if grad_rows is not None:
-            grad_rows[group][rows] = chunk_grad
-        start = stop
+        losses[rows] = chunk_loss
+        if grad_chunk is not None:
+            grad_chunk.copy_(chunk_grad)
     return losses, grad
 
 

@@ -54,6 +54,11 @@ def _aligndistil_fwd_kernel(
     stride_other,
     stride_grad,
     stride_weight,
+    rows_per_group,
+    stride_student_group,
+    stride_dpo_group,
+    stride_other_group,
+    stride_grad_group,
     V,
     ignore_index,
     inv_temperature,
@@ -68,10 +73,13 @@ def _aligndistil_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    student_row = student_ptr + row * stride_student
-    dpo_row = dpo_ptr + row * stride_dpo
-    other_row = other_ptr + row * stride_other
-    grad_row = grad_ptr + row * stride_grad
+    # Row i is row i % rows_per_group of group i // rows_per_group (e.g. logits[:, :-1] of a batch, in place).
+    group = row // rows_per_group
+    in_group = row - group * rows_per_group
+    student_row = student_ptr + group * stride_student_group + in_group * stride_student
+    dpo_row = dpo_ptr + group * stride_dpo_group + in_group * stride_dpo
+    other_row = other_ptr + group * stride_other_group + in_group * stride_other
+    grad_row = grad_ptr + group * stride_grad_group + in_group * stride_grad
     offsets = tl.arange(0, BLOCK_V)
 
     active = True
@@ -208,7 +216,9 @@ def aligndistil_forward(
     block_v: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the row kernel on 2-D views ``[N, V]`` of the three logit tensors (unit column stride).
+    """Launch the row kernel on ``[N, V]`` views of the three logit tensors (unit column stride), or on row groups
+    ``[G, R, V]`` of all three (N = G·R; see :func:`distill_ops._utils.as_row_groups`); ``grad_out`` has the
+    student's shape.
 
     ``row_weight`` (fp32, [N] or one element broadcast) multiplies each row's loss and gradient. Writes
     d(weighted row loss)/dz_s into ``grad_out`` ([N, V], student dtype) when given; returns the weighted per-row
@@ -216,7 +226,11 @@ def aligndistil_forward(
     """
     block_v = block_v or BLOCK_V
     num_warps = num_warps or NUM_WARPS
-    num_rows, vocab = student.shape
+    if student.dim() == 2:
+        student, dpo, other = student.unsqueeze(0), dpo.unsqueeze(0), other.unsqueeze(0)
+        grad_out = None if grad_out is None else grad_out.unsqueeze(0)
+    groups, rows_per_group, vocab = student.shape
+    num_rows = groups * rows_per_group
     loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     alpha = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     if num_rows == 0:
@@ -230,11 +244,16 @@ def aligndistil_forward(
         alpha,
         grad_out if grad_out is not None else student,
         row_weight,
+        student.stride(1),
+        dpo.stride(1),
+        other.stride(1),
+        grad_out.stride(1) if grad_out is not None else 0,
+        row_weight.stride(0) if row_weight.numel() > 1 else 0,
+        rows_per_group,
         student.stride(0),
         dpo.stride(0),
         other.stride(0),
         grad_out.stride(0) if grad_out is not None else 0,
-        row_weight.stride(0) if row_weight.numel() > 1 else 0,
         vocab,
         ignore_index,
         1.0 / temperature,
@@ -275,6 +294,11 @@ def aot_specs() -> list[dict]:
                             "stride_other": "i64",
                             "stride_grad": "i64",
                             "stride_weight": "i64",
+                            "rows_per_group": "i32",
+                            "stride_student_group": "i64",
+                            "stride_dpo_group": "i64",
+                            "stride_other_group": "i64",
+                            "stride_grad_group": "i64",
                             "V": "i32",
                             "ignore_index": "i64",
                             "inv_temperature": "fp32",

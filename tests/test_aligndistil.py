@@ -8,7 +8,7 @@ import torch
 
 from distill_ops import kl_div
 from distill_ops.aligndistil import AlignDistilLoss, aligndistil_kl, aligndistil_rows_torch
-from tests.conftest import DEVICE, IMPLS, TOLERANCES, assert_close
+from tests.conftest import DEVICE, IMPLS, TOLERANCES, RecordTensorOps, assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MODES = ["contrastive", "reference"]
@@ -168,6 +168,35 @@ def test_non_contiguous_inputs(impl):
     other = _logits((6, 2, 80), torch.float32, seed=15)[..., ::2]  # vocab stride 2
     for mode in MODES:
         _check(student, dpo, other, impl, mode=mode, reduction="none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_shifted_batch_logits_are_read_in_place(impl, dtype, monkeypatch):
+    """``[:, :-1]`` / ``[:, 1:]`` views of a batch (rows not evenly spaced) are read where they lie: the forward
+    allocates one [N, V] tensor, the gradient (the three inputs were copied whole before); loss, alpha and
+    gradient equal those of contiguous copies exactly; the torch path's chunks (forced to 2 rows) stop at each
+    sequence's end."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["distill_ops.aligndistil"], "row_chunk", lambda rows, vocab: 2)
+    batch, length, vocab = 3, 5, 257
+    student_full, dpo_full, other_full = _triple((batch, length + 1, vocab), dtype, seed=60)
+    labels = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(63)).to(DEVICE)
+    labels[2, 0] = -100
+    leaf = student_full.clone().requires_grad_(True)
+    with RecordTensorOps() as recorder:
+        loss, alpha = aligndistil_kl(leaf[:, :-1], dpo_full[:, 1:], other_full[:, :-1], labels=labels,
+                                     reduction="none", return_alpha=True, impl=impl)
+    assert recorder.ops_with_numel(batch * length * vocab) == ["aten.empty.memory_format"], recorder.records
+    loss.sum().backward()
+    student = student_full[:, :-1].contiguous().requires_grad_(True)
+    expected, expected_alpha = aligndistil_kl(student, dpo_full[:, 1:].contiguous(), other_full[:, :-1].contiguous(),
+                                              labels=labels, reduction="none", return_alpha=True, impl=impl)
+    expected.sum().backward()
+    assert torch.equal(loss, expected) and torch.equal(alpha, expected_alpha)
+    assert torch.equal(leaf.grad[:, :-1], student.grad)
+    assert torch.count_nonzero(leaf.grad[:, -1]) == 0
 
 
 @pytest.mark.parametrize("impl", IMPLS)
