@@ -270,8 +270,10 @@ def tree_attention_tail(
 
     ``query`` ``[B, Hq, q_len, D]``; ``key``/``value`` ``[B, Hkv, S, D]`` ending with the ``T`` tree nodes.
     With ``context.starts`` (ragged batches) the new rows are first moved to each sequence's own tree
-    positions. Returns ``[B, Hq, q_len, D]``. When ``q_len < T`` (a draft expanding one level of its tree) the earlier
-    nodes' query rows are padded with zeros and their outputs dropped: one
+    positions. Returns ``[B, Hq, q_len, D]``, a transposed view of a ``[B, q_len..T, Hq, D]`` buffer the kernel writes
+    (transposing it back to the ``[B, q_len, Hq, D]`` that transformers' attention functions return is then free:
+    contiguous when ``q_len == T`` or ``B == 1``). When ``q_len < T`` (a draft expanding one level of its tree) the
+    earlier nodes' query rows are padded with zeros and their outputs dropped: one
     :func:`~distill_ops.tree_attention.tree_attention` call, whatever the level.
     """
     tree = context.tree
@@ -291,8 +293,9 @@ def tree_attention_tail(
         padded = query.new_zeros(batch, num_heads, num_nodes, head_dim)
         padded[:, :, num_nodes - q_len:] = query
         query = padded
+    out = query.new_empty(batch, num_nodes, num_heads, head_dim).transpose(1, 2)
     out = tree_attention(query, key, value, tree, cache_lens, sm_scale=scaling, softcap=softcap,
-                         sliding_window=sliding_window, sinks=sinks, impl=context.impl)
+                         sliding_window=sliding_window, sinks=sinks, impl=context.impl, out=out)
     return out[:, :, num_nodes - q_len:]
 
 

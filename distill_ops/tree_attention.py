@@ -108,8 +108,39 @@ def _check_cache_lens_values(cache_lens: torch.Tensor, num_nodes: int, kv_len: i
         )
 
 
-@torch.library.custom_op("distill_ops::tree_attention", mutates_args=())
-def _tree_attention_op(
+def _tree_attention_body(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ancestor_mask: torch.Tensor,
+    cache_lens: torch.Tensor,
+    sm_scale: float,
+    num_kv_splits: int,
+    impl: str,
+    softcap: float | None = None,
+    depth: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The op's body; with ``out`` (eager calls only), the result is written there (the kernel stores into it)."""
+    _check_cache_lens_values(cache_lens, q.shape[2], k.shape[2])
+    if impl == "torch":
+        result = tree_attention_ref(q, k, v, ancestor_mask, cache_lens, sm_scale, softcap=softcap, depth=depth,
+                                    sliding_window=sliding_window, sinks=sinks)
+        return result if out is None else out.copy_(result)
+    from .kernels.tree_attention import tree_attention_forward
+
+    return tree_attention_forward(
+        q, k, v, ancestor_mask.contiguous(), cache_lens.to(torch.int32).contiguous(), sm_scale,
+        None if num_kv_splits <= 0 else num_kv_splits, softcap,
+        None if depth is None else depth.contiguous(), sliding_window,
+        None if sinks is None else sinks.contiguous(),  # any float dtype: the kernel reads it as fp32
+        out,
+    )
+
+
+def _tree_attention_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -123,18 +154,11 @@ def _tree_attention_op(
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _check_cache_lens_values(cache_lens, q.shape[2], k.shape[2])
-    if impl == "torch":
-        return tree_attention_ref(q, k, v, ancestor_mask, cache_lens, sm_scale, softcap=softcap, depth=depth,
-                                  sliding_window=sliding_window, sinks=sinks)
-    from .kernels.tree_attention import tree_attention_forward
+    return _tree_attention_body(q, k, v, ancestor_mask, cache_lens, sm_scale, num_kv_splits, impl, softcap, depth,
+                                sliding_window, sinks)
 
-    return tree_attention_forward(
-        q, k, v, ancestor_mask.contiguous(), cache_lens.to(torch.int32).contiguous(), sm_scale,
-        None if num_kv_splits <= 0 else num_kv_splits, softcap,
-        None if depth is None else depth.contiguous(), sliding_window,
-        None if sinks is None else sinks.contiguous(),  # any float dtype: the kernel reads it as fp32
-    )
+
+_tree_attention_op = torch.library.custom_op("distill_ops::tree_attention", _tree_attention_impl, mutates_args=())
 
 
 @_tree_attention_op.register_fake
@@ -156,6 +180,7 @@ def tree_attention(
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
     impl: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the draft-tree queries over a KV cache holding the prefix then the tree nodes.
 
@@ -182,8 +207,12 @@ def tree_attention(
         sinks: float ``[Hq]`` attention-sink logits (gpt-oss's ``sinks``): each query head's softmax gets one
             extra logit ``sinks[h]`` (not scaled, no value vector) in its denominator; ``None`` (default) for none.
         impl: ``"auto"`` | ``"triton"`` | ``"torch"``.
+        out: optional ``[B, Hq, T, D]`` tensor of q's dtype and device, with a unit last stride, that receives
+            the result (the Triton kernel stores straight into it) and is returned: e.g. the transpose of a
+            ``[B, T, Hq, D]`` buffer, the layout transformers' attention functions return, so that no copy
+            follows. It must not overlap q, k or v.
 
-    Returns ``[B, Hq, T, D]`` in q's dtype. Node ``i`` attends to the whole prefix and to the tree nodes
+    Returns ``[B, Hq, T, D]`` in q's dtype (``out`` when given). Node ``i`` attends to the whole prefix and to the tree nodes
     set in its ancestor bitmask. ``cache_lens`` values are checked only when they live on the CPU (a
     check on a GPU would synchronise); the kernel never reads outside ``[0, S)``.
     """
@@ -243,9 +272,22 @@ def tree_attention(
         )
     if backend == "triton" and max(k.stride(2), v.stride(2), head_dim) * kv_len >= 2**31:
         raise ValueError(f"impl='triton' needs S * k.stride(2) < 2**31 (int32 key offsets), got S={kv_len}")
+    if out is not None:
+        check_tensor("out", out, dtypes=(q.dtype,), ndim=4)
+        check_same_device(q=q, out=out)
+        if out.shape != q.shape or out.stride(-1) != 1:
+            raise ValueError(f"out must have q's shape {tuple(q.shape)} and a unit last stride, got shape "
+                             f"{tuple(out.shape)} and strides {out.stride()}")
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
-    return _tree_attention_op(
+    args = (
         q, k, v, tree.ancestor_mask, cache_lens, scale, 0 if num_kv_splits is None else num_kv_splits, backend,
         softcap, None if sliding_window is None else tree.depth, sliding_window,
         None if sinks is None else sinks.detach(),
     )
+    # The custom op while torch.compile traces (and where autograd could record); otherwise its body directly:
+    # the dispatcher's per-call cost (about 13 us of host time in a CPU measurement) would be paid in every
+    # layer of every forward of a speculative decoder.
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        result = _tree_attention_op(*args)
+        return result if out is None else out.copy_(result)
+    return _tree_attention_body(*args, out=out)

@@ -361,8 +361,10 @@ def tree_attention_forward(
     depth: torch.Tensor | None = None,
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch tree attention. q ``[B, Hq, T, D]``, k/v ``[B, Hkv, S, D]`` (``S * stride(2) < 2**31``: key
+    """Launch tree attention into ``out`` (``[B, Hq, T, D]``, any strides with a unit last one; default a new
+    contiguous tensor) and return it. q ``[B, Hq, T, D]``, k/v ``[B, Hkv, S, D]`` (``S * stride(2) < 2**31``: key
     offsets within one head are int32), ancestor_mask int64 ``[Bt, T, W]`` (Bt 1 or B, contiguous),
     cache_lens int32 ``[B]``; ``softcap`` > 0 or None: scores ``softcap * tanh(sm_scale * q.k / softcap)``;
     ``sliding_window`` with the nodes' ``depth`` int64 ``[Bt, T]`` (contiguous): transformers' sliding window;
@@ -385,7 +387,8 @@ def tree_attention_forward(
     split_len = triton.cdiv(triton.cdiv(max(max_prefix, 1), num_kv_splits), config.block_n) * config.block_n
     num_kv_splits = max(1, triton.cdiv(max(max_prefix, 1), split_len))
     anc_stride_b = 0 if ancestor_mask.shape[0] == 1 else ancestor_mask.stride(0)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
     # FP32_DOT: fp32-accurate products (3xTF32 on tensor cores) for fp32 inputs; also bf16 under the CPU
     # interpreter, whose bf16 tl.dot is wrong in triton 3.6 (it multiplies the raw uint16 storage).
     fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")

@@ -151,6 +151,33 @@ def test_tree_attention_tail_is_a_slice_of_full_tree_attention():
     assert_close(tail, full[:, :, 4:], torch.float32)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_registered_attention_returns_the_kernels_buffer_without_a_copy(impl):
+    """The attention function hands transformers ``[B, q, Hq, D]``: the kernel's own output buffer in that layout,
+    contiguous for the target's whole tree (q = T) and for a draft level at batch size 1, with no copy after the
+    attention (a transpose-and-copy ran in every layer of every forward)."""
+    generator = torch.Generator().manual_seed(1)
+    tree = tree_spec_from_parents([-1, 0, 0, 1, 1, 2, 3], DEVICE)
+    k, v = (torch.randn(1, 2, 12, 16, generator=generator).to(DEVICE) for _ in range(2))
+    for q_len in (7, 3):
+        query = torch.randn(1, 4, q_len, 16, generator=generator).to(DEVICE)
+        context = TreeAttentionContext(tree, impl)
+        names = []
+
+        class _Names(torch.utils._python_dispatch.TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                names.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        with torch.inference_mode(), _Names():
+            out, _ = speculative._tree_attention_forward(None, query, k, v, None, scaling=0.25,
+                                                         **{speculative.CONTEXT_KWARG: context})
+        expected = tree_attention_tail(query, k, v, TreeAttentionContext(tree, impl), scaling=0.25)
+        assert out.shape == (1, q_len, 4, 16) and out.is_contiguous()
+        assert torch.equal(out, expected.transpose(1, 2))
+        assert not {"aten.clone.default", "aten.contiguous.default"} & set(names), names
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_registered_attention_without_tree_is_sdpa(family):
     """Switched to our implementation, a model without a tree context computes exactly what SDPA does."""

@@ -321,6 +321,52 @@ def test_torch_compile_fullgraph():
     assert_close(compiled(q, k, v, lens), step(q, k, v, lens), torch.float32)
 
 
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_eager_calls_skip_the_dispatcher(impl):
+    """Eager calls with nothing to differentiate (a decoder's forwards) run the op's body directly, not the
+    ``distill_ops::tree_attention`` custom op (whose dispatch costs host time in every layer); where autograd could
+    record (q requiring a gradient), and under torch.compile (test above), the custom op runs. Same outputs."""
+    q, k, v, parents, lens = make_case(2, 4, 2, 7, 64, [5, 11], torch.float32, per_seq_tree=False, seed=3)
+    tree = build_tree(parents.to(DEVICE))
+    with torch.inference_mode(), _OpNames() as eager:
+        direct = tree_attention(q, k, v, tree, lens, impl=impl)
+    with _OpNames() as recorded:
+        through_op = tree_attention(q.clone().requires_grad_(True), k, v, tree, lens, impl=impl)
+    assert "distill_ops.tree_attention.default" not in eager.names
+    assert "distill_ops.tree_attention.default" in recorded.names
+    assert torch.equal(direct, through_op.detach())
+
+
+@pytest.mark.parametrize("num_kv_splits", [1, 2])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_out_buffer_in_the_layout_transformers_returns(impl, num_kv_splits):
+    """``out=`` a transposed ``[B, T, Hq, D]`` buffer: the same values as a plain call, written into it (split-KV's
+    merge too), so ``out.transpose(1, 2)`` is the contiguous ``[B, T, Hq, D]`` an attention function returns."""
+    q, k, v, parents, lens = make_case(2, 4, 2, 7, 64, [40, 11], torch.float32, per_seq_tree=True, seed=4)
+    tree = build_tree(parents.to(DEVICE))
+    splits = dict(num_kv_splits=num_kv_splits) if impl == "triton" else {}
+    expected = tree_attention(q, k, v, tree, lens, impl=impl, **splits)
+    buffer = torch.full((2, 7, 4, 64), float("nan"), device=DEVICE)
+    with torch.inference_mode():
+        out = tree_attention(q, k, v, tree, lens, impl=impl, out=buffer.transpose(1, 2), **splits)
+    assert out.data_ptr() == buffer.data_ptr() and out.transpose(1, 2).is_contiguous()
+    assert torch.equal(buffer.transpose(1, 2), expected)
+    with pytest.raises(ValueError, match="out must have q's shape"):
+        tree_attention(q, k, v, tree, lens, impl=impl, out=buffer)
+    with pytest.raises(TypeError, match="out"):
+        tree_attention(q, k, v, tree, lens, impl=impl, out=buffer.transpose(1, 2).double())
+
+
 def test_bad_inputs():
     q, k, v, parents, lens = make_case(2, 4, 2, 7, 64, [5, 11], torch.float32, per_seq_tree=False, seed=1)
     tree = build_tree(parents.to(DEVICE))
