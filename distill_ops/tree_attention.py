@@ -140,25 +140,12 @@ def _tree_attention_body(
     )
 
 
-def _tree_attention_impl(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    ancestor_mask: torch.Tensor,
-    cache_lens: torch.Tensor,
-    sm_scale: float,
-    num_kv_splits: int,
-    impl: str,
-    softcap: float | None = None,
-    depth: torch.Tensor | None = None,
-    sliding_window: int | None = None,
-    sinks: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return _tree_attention_body(q, k, v, ancestor_mask, cache_lens, sm_scale, num_kv_splits, impl, softcap, depth,
-                                sliding_window, sinks)
-
-
-_tree_attention_op = torch.library.custom_op("distill_ops::tree_attention", _tree_attention_impl, mutates_args=())
+# The op is the body without ``out`` (its schema states the arguments; ``out`` is for eager calls only).
+_tree_attention_op = torch.library.custom_op(
+    "distill_ops::tree_attention", _tree_attention_body, mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor ancestor_mask, Tensor cache_lens, float sm_scale, int num_kv_splits, "
+           "str impl, float? softcap=None, Tensor? depth=None, int? sliding_window=None, Tensor? sinks=None) -> Tensor",
+)
 
 
 @_tree_attention_op.register_fake
