@@ -215,7 +215,7 @@ def as_row_groups(tensors: Sequence[torch.Tensor], width: int) -> list[torch.Ten
         view = tensor[..., :width] if width < tensor.shape[-1] else tensor
         rows.append(view if view.stride(-1) == 1 else view.contiguous())
     leading = rows[0].dim() - 1
-    if all(_mergeable(view, leading) for view in rows):
+    if rows[0].numel() == 0 or all(_mergeable(view, leading) for view in rows):  # (an empty tensor views as any)
         return [view.view(1, -1, width) for view in rows]
     shape = (math.prod(rows[0].shape[:-2]), rows[0].shape[-2], width)
     return [view.view(shape) if _mergeable(view, leading - 1) else view.reshape(shape) for view in rows]

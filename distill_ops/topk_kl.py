@@ -79,6 +79,7 @@ from ._utils import (
     FLOAT_DTYPES,
     IMPLS,
     INT_DTYPES,
+    as_row_groups,
     as_rows,
     check_choice,
     check_index,
@@ -96,6 +97,7 @@ from ._utils import (
     resolve_impl,
     resolve_vocab,
     row_chunk,
+    row_group_chunks,
 )
 
 TAILS = ("renormalize", "bucket", "label")
@@ -271,37 +273,37 @@ def topk_kl_rows_torch(
     ignore_index: int,
     compute_grad: bool,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """PyTorch fallback on 2-D rows: per-row loss (fp32) and dL_row/dz (student dtype), chunked over rows,
-    both multiplied by ``row_weight`` (fp32, one element or [N]).
+    """PyTorch fallback on rows ``[N, V]`` or row groups ``[G, R, V]`` (see
+    :func:`~distill_ops._utils.as_row_groups`): per-row loss (fp32) and dL_row/dz (student dtype and shape),
+    chunked over rows, both multiplied by ``row_weight`` (fp32, one element or [N]).
 
     ``indices [N, K]`` int64 valid columns, ``teacher_logprobs [N, K]`` fp32 (-inf = not kept).
     """
-    num_rows, vocab = student.shape
-    losses = torch.empty(num_rows, dtype=torch.float32, device=student.device)
-    grad = torch.empty_like(student) if compute_grad else None
-    step = row_chunk(num_rows, vocab)
-    for start in range(0, num_rows, step):
-        stop = min(start + step, num_rows)
-        scaled = _shifted_student(student[start:stop], indices[start:stop], teacher_logprobs[start:stop], temperature)
+    vocab = student.shape[-1]
+    losses = torch.empty(math.prod(student.shape[:-1]), dtype=torch.float32, device=student.device)
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format) if compute_grad else None
+    step = row_chunk(student.shape[-2], vocab)
+    for rows, (student_chunk, grad_chunk) in row_group_chunks((student, grad), step):
+        scaled = _shifted_student(student_chunk, indices[rows], teacher_logprobs[rows], temperature)
         chunk_labels = None
         active = None
         if labels is not None:
-            active = labels[start:stop] != ignore_index
-            chunk_labels = torch.where(active, labels[start:stop], 0).clamp(0, vocab - 1)
+            active = labels[rows] != ignore_index
+            chunk_labels = torch.where(active, labels[rows], 0).clamp(0, vocab - 1)
         chunk_loss, chunk_grad = _hard_rows_and_grad(
-            scaled, indices[start:stop], teacher_logprobs[start:stop].to(torch.float32), chunk_labels, tail,
+            scaled, indices[rows], teacher_logprobs[rows].to(torch.float32), chunk_labels, tail,
             divergence, compute_grad,
         )
-        weight = row_weight if row_weight.numel() == 1 else row_weight[start:stop]
+        weight = row_weight if row_weight.numel() == 1 else row_weight[rows]
         chunk_loss = chunk_loss * weight
         if active is not None:  # after the weight: a zero tensor normalizer makes it inf (inf * 0 is NaN)
             chunk_loss = torch.where(active, chunk_loss, 0.0)
-        losses[start:stop] = chunk_loss
+        losses[rows] = chunk_loss
         if compute_grad:
             chunk_grad = chunk_grad * (weight.unsqueeze(-1) / temperature)
             if active is not None:  # a select, not a product: an ignored row may hold NaN / inf
                 chunk_grad = torch.where(active.unsqueeze(-1), chunk_grad, 0.0)
-            grad[start:stop] = chunk_grad
+            grad_chunk.copy_(chunk_grad)
     return losses, grad
 
 
@@ -327,11 +329,17 @@ def _topk_kl_rows_op(
     if backend == "triton":
         from .kernels.topk_kl import topk_kl_forward
 
-        grad = torch.empty_like(student) if compute_grad else None
-        loss = topk_kl_forward(
-            student, indices, teacher_logprobs, labels, grad, row_weight, tail=tail, divergence=divergence,
-            temperature=temperature, ignore_index=ignore_index,
-        )
+        grad = torch.empty_like(student, memory_format=torch.contiguous_format) if compute_grad else None
+        # Row groups [G, R, V] (shifted logits of a batch, read in place): one launch per group, on its 2-D view.
+        losses = []
+        for rows, (student_rows, grad_rows) in row_group_chunks((student, grad), student.shape[-2] or 1):
+            losses.append(topk_kl_forward(
+                student_rows, indices[rows], teacher_logprobs[rows], None if labels is None else labels[rows],
+                grad_rows, row_weight if row_weight.numel() == 1 else row_weight[rows], tail=tail,
+                divergence=divergence, temperature=temperature, ignore_index=ignore_index,
+            ))
+        loss = losses[0] if len(losses) == 1 else torch.cat(losses) if losses else student.new_empty(
+            (0,), dtype=torch.float32)
     else:
         loss, grad = topk_kl_rows_torch(
             student, indices, teacher_logprobs, labels, row_weight, tail=tail, divergence=divergence, temperature=temperature,
@@ -345,7 +353,7 @@ def _topk_kl_rows_op(
 @_topk_kl_rows_op.register_fake
 def _(student, indices, teacher_logprobs, labels, row_weight, tail, divergence, temperature, ignore_index, backend,
       compute_grad):
-    loss = student.new_empty((student.shape[0],), dtype=torch.float32)
+    loss = student.new_empty((math.prod(student.shape[:-1]),), dtype=torch.float32)
     grad = student.new_empty(student.shape) if compute_grad else student.new_empty((0,))
     return loss, grad
 
@@ -659,7 +667,18 @@ def _dense_teacher(
     teacher_rows: Tensor, k: Optional[int], lower: Optional[Tensor], upper: Optional[Tensor], temperature: float,
     max_candidates: int, tail: str, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Kept entries of a dense teacher: ``(indices [N, m] int64, log-probs at T [N, m] fp32)``."""
+    """Kept entries of a dense teacher ``[N, V]`` or row groups ``[G, R, V]`` (one group at a time, each a 2-D
+    view read in place): ``(indices [N, m] int64, log-probs at T [N, m] fp32)``."""
+    if teacher_rows.dim() == 3:
+        per_group = teacher_rows.shape[1]
+        kept = [
+            _dense_teacher(
+                teacher_rows[g], k, *(None if b is None else b[g * per_group:(g + 1) * per_group] for b in (lower, upper)),
+                temperature, max_candidates, tail, backend,
+            )
+            for g in range(teacher_rows.shape[0])
+        ]
+        return torch.cat([i for i, _ in kept]), torch.cat([p for _, p in kept])
     vocab = teacher_rows.shape[-1]
     bounded = lower is not None or upper is not None
     count = k if k is not None else min(vocab, max_candidates)
@@ -741,12 +760,14 @@ def topk_kl_div(
                 f"impl='triton' supports at most {TRITON_MAX_K} kept candidates per row, got {kept_columns}; "
                 f"use impl='torch' or a smaller k / max_candidates"
             )
+    # Row groups: shifted logits of a batch (logits[:, :-1]) are read in place, not copied.
     if teacher_logits is not None:
+        student_rows, teacher_rows = as_row_groups((student_logits, teacher_logits.detach()), vocab)
         indices, teacher_logprobs = _dense_teacher(
-            as_rows(teacher_logits.detach(), vocab), k, lower_rows, upper_rows, temperature, max_candidates, tail,
-            backend,
+            teacher_rows, k, lower_rows, upper_rows, temperature, max_candidates, tail, backend,
         )
     else:
+        (student_rows,) = as_row_groups((student_logits,), vocab)
         stored_k = teacher_topk_indices.shape[-1]
         indices, teacher_logprobs = _sparse_teacher(
             teacher_topk_indices.detach().reshape(-1, stored_k), teacher_topk_logprobs.detach().reshape(-1, stored_k),
@@ -758,7 +779,7 @@ def topk_kl_div(
         bad_label = (label_rows != ignore_index) & ((label_rows < 0) | (label_rows >= vocab))
         teacher_logprobs = torch.where(bad_label.unsqueeze(-1), float("nan"), teacher_logprobs)
     return _reduce_op_rows(
-        as_rows(student_logits, vocab), indices, teacher_logprobs, label_rows, tail, divergence, temperature,
+        student_rows, indices, teacher_logprobs, label_rows, tail, divergence, temperature,
         ignore_index, backend, reduction, normalizer, leading_shape, student_logits.requires_grad,
     )
 
@@ -769,7 +790,7 @@ def _reduce_op_rows(
 ) -> Tensor:
     compute_grad = requires_grad and torch.is_grad_enabled()
     active = None if label_rows is None else label_rows != ignore_index
-    row_weight = reduction_weight(reduction, normalizer, active, student_rows.shape[0], student_rows.device)
+    row_weight = reduction_weight(reduction, normalizer, active, math.prod(leading_shape), student_rows.device)
     row_loss, _ = torch.ops.distill_ops.topk_kl_rows(
         student_rows, indices, teacher_logprobs, label_rows, row_weight, tail, divergence, temperature,
         int(ignore_index), backend, compute_grad,

@@ -603,6 +603,41 @@ def test_torch_compile_fullgraph_dense_triton():
     assert_close(student.grad, ref_grad.reshape(student.shape), torch.float32)
 
 
+@pytest.mark.parametrize("teacher", ["dense-k", "dense-bounds-bucket", "dense-label", "sparse"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_shifted_batch_logits_are_read_in_place(impl, teacher):
+    """``student[:, :-1]`` / ``teacher[:, 1:]`` of a batch (rows not evenly spaced) are read where they lie, one
+    group (sequence) at a time: the forward allocates one [N, V] tensor, the gradient (both inputs were copied
+    whole before); loss and gradient equal those of contiguous copies exactly."""
+    batch, length, vocab = 3, 5, 257
+    student_full = _logits((batch, length + 1, vocab), torch.float32, seed=70)
+    teacher_full = _logits((batch, length + 1, vocab), torch.float32, seed=71, scale=3.0)
+    labels = _labels((batch, length), vocab, seed=72, ignored=((1,), (7,)))
+    options = {"dense-k": dict(k=7), "dense-bounds-bucket": dict(k=9, upper=0.8, tail="bucket"),
+               "dense-label": dict(k=5, tail="label"), "sparse": {}}[teacher]
+    generator = torch.Generator().manual_seed(73)
+    indices = torch.randperm(vocab, generator=generator)[:batch * length * 4].reshape(batch, length, 4).to(DEVICE)
+    logprobs = (torch.log_softmax(torch.randn(batch, length, 4, generator=generator), -1) - 1.0).to(DEVICE)
+
+    def run(student, teacher_logits):
+        if teacher == "sparse":
+            return topk_kl_div(student, teacher_topk_indices=indices, teacher_topk_logprobs=logprobs, labels=labels,
+                               reduction="none", impl=impl)
+        return topk_kl_div(student, teacher_logits, labels=labels, reduction="none", impl=impl, **options)
+
+    leaf = student_full.clone().requires_grad_(True)
+    with RecordTensorOps() as recorder:
+        loss = run(leaf[:, :-1], teacher_full[:, 1:])
+    assert recorder.ops_with_numel(batch * length * vocab) == ["aten.empty_like.default"], recorder.records
+    loss.sum().backward()
+    student = student_full[:, :-1].contiguous().requires_grad_(True)
+    expected = run(student, teacher_full[:, 1:].contiguous())
+    expected.sum().backward()
+    assert torch.equal(loss, expected)
+    assert torch.equal(leaf.grad[:, :-1], student.grad)
+    assert torch.count_nonzero(leaf.grad[:, -1]) == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # DACKLLoss
 # ----------------------------------------------------------------------------------------------
