@@ -226,9 +226,18 @@ def row_group_chunks(
 ) -> Iterator[tuple[slice, list[Optional[torch.Tensor]]]]:
     """Chunks of at most ``step`` rows of tensors ``[N, ...]`` or row groups ``[G, R, ...]`` (all laid out alike;
     ``None`` entries stay ``None``): yields ``(rows, chunks)``, ``rows`` the chunk's slice of the N = G·R flattened
-    rows and ``chunks`` each tensor's view of them. A chunk never crosses a group, so each view is 2-D."""
+    rows and ``chunks`` each tensor's rows, 2-D. A chunk lies within one group, or, when a group is shorter than
+    ``step``, spans whole groups: their rows flattened (a copy of at most ``step`` rows for an input whose groups do
+    not flatten; a tensor written through its chunks must be contiguous, so that they are views of it)."""
     first = next(tensor for tensor in tensors if tensor is not None)
     groups, per_group = (first.shape[0], first.shape[1]) if first.dim() == 3 else (1, first.shape[0])
+    if groups > 1 and 0 < per_group < step:  # many short sequences: whole groups per chunk, not one each
+        per_chunk = step // per_group
+        for start in range(0, groups, per_chunk):
+            stop = min(start + per_chunk, groups)
+            chunks = [None if t is None else t[start:stop].reshape(-1, *t.shape[2:]) for t in tensors]
+            yield slice(start * per_group, stop * per_group), chunks
+        return
     for group in range(groups):
         for start in range(0, per_group, step):
             stop = min(start + step, per_group)
@@ -340,12 +349,14 @@ class LossModule(torch.nn.Module):
 def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``tensor.to(device)`` without a host synchronisation when a CPU tensor goes to a GPU.
 
-    A copy from pageable host memory synchronises the stream; here the tensor is first copied into pinned memory
-    (a fresh buffer: later changes to ``tensor`` do not race the copy, and the caching host allocator recycles it
-    only after the copy has run) and moved with ``non_blocking=True``. Other moves are plain ``.to(device)``.
+    A copy from pageable host memory synchronises the stream; here the tensor is first copied into a fresh pinned
+    buffer (also when it is pinned already: later changes to ``tensor`` do not race the copy, and the caching host
+    allocator recycles the buffer only after the copy has run) and moved with ``non_blocking=True``. Other moves
+    are plain ``.to(device)``.
     """
     if tensor.device.type == "cpu" and device.type == "cuda" and not torch.compiler.is_compiling():
-        return tensor.pin_memory().to(device, non_blocking=True)
+        staging = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return staging.copy_(tensor).to(device, non_blocking=True)
     return tensor.to(device)
 
 

@@ -282,7 +282,7 @@ def topk_kl_rows_torch(
     vocab = student.shape[-1]
     losses = torch.empty(math.prod(student.shape[:-1]), dtype=torch.float32, device=student.device)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if compute_grad else None
-    step = row_chunk(student.shape[-2], vocab)
+    step = row_chunk(math.prod(student.shape[:-1]), vocab)
     for rows, (student_chunk, grad_chunk) in row_group_chunks((student, grad), step):
         scaled = _shifted_student(student_chunk, indices[rows], teacher_logprobs[rows], temperature)
         chunk_labels = None
@@ -671,11 +671,13 @@ def _dense_teacher(
     view read in place): ``(indices [N, m] int64, log-probs at T [N, m] fp32)``."""
     if teacher_rows.dim() == 3:
         per_group = teacher_rows.shape[1]
+
+        def group_rows(bound: Optional[Tensor], g: int) -> Optional[Tensor]:
+            return None if bound is None else bound[g * per_group:(g + 1) * per_group]
+
         kept = [
-            _dense_teacher(
-                teacher_rows[g], k, *(None if b is None else b[g * per_group:(g + 1) * per_group] for b in (lower, upper)),
-                temperature, max_candidates, tail, backend,
-            )
+            _dense_teacher(teacher_rows[g], k, group_rows(lower, g), group_rows(upper, g), temperature, max_candidates,
+                           tail, backend)
             for g in range(teacher_rows.shape[0])
         ]
         return torch.cat([i for i, _ in kept]), torch.cat([p for _, p in kept])

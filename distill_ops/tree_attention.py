@@ -131,13 +131,16 @@ def _tree_attention_body(
         return result if out is None else out.copy_(result)
     from .kernels.tree_attention import tree_attention_forward
 
-    return tree_attention_forward(
+    # The kernel assumes 16-element-aligned output strides (vectorised stores): another ``out`` gets a copy.
+    aligned = out is None or all(stride % 16 == 0 for stride in out.stride()[:-1])
+    result = tree_attention_forward(
         q, k, v, ancestor_mask.contiguous(), cache_lens.to(torch.int32).contiguous(), sm_scale,
         None if num_kv_splits <= 0 else num_kv_splits, softcap,
         None if depth is None else depth.contiguous(), sliding_window,
         None if sinks is None else sinks.contiguous(),  # any float dtype: the kernel reads it as fp32
-        out,
+        out if aligned else None,
     )
+    return result if aligned else out.copy_(result)
 
 
 # The op is the body without ``out`` (its schema states the arguments; ``out`` is for eager calls only).
@@ -199,8 +202,8 @@ def tree_attention(
             ``[B, T, Hq, D]`` buffer, the layout transformers' attention functions return, so that no copy
             follows. It must not overlap q, k or v.
 
-    Returns ``[B, Hq, T, D]`` in q's dtype (``out`` when given). Node ``i`` attends to the whole prefix and to the tree nodes
-    set in its ancestor bitmask. ``cache_lens`` values are checked only when they live on the CPU (a
+    Returns ``[B, Hq, T, D]`` in q's dtype (``out`` when given). Node ``i`` attends to the whole prefix and to the
+    tree nodes set in its ancestor bitmask. ``cache_lens`` values are checked only when they live on the CPU (a
     check on a GPU would synchronise); the kernel never reads outside ``[0, S)``.
     """
     check_tensor("q", q, dtypes=_DTYPES, ndim=4)

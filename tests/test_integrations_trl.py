@@ -293,6 +293,35 @@ def test_fused_gkd_trainer_step_equals_trls(tmp_path, lmbda, lora, bf16, accumul
     assert all(torch.equal(p, teacher_before[name]) for name, p in teacher.named_parameters())
 
 
+def test_fused_gkd_trainer_resumes_reproducibly(tmp_path):
+    """A run resumed from a checkpoint logs what the uninterrupted run logged (lmbda = 0.5: the on-policy draws and
+    the sampled completions come from the RNG state the Trainer restores; generating inside get_batch_samples, before
+    that restore, shifted every later window's draws)."""
+    import copy
+
+    from distill_ops.integrations.trl import FusedGKDTrainer
+
+    student, teacher = _tiny_models()
+    dataset, collate = _gkd_data()
+
+    def trainer():
+        args = gkd_config_class()(
+            output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=1, learning_rate=0.05, optim="sgd",
+            lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1, report_to="none",
+            save_strategy="steps", save_steps=1, use_cpu=DEVICE.type == "cpu", dataloader_pin_memory=False,
+            lmbda=0.5, beta=0.3, max_new_tokens=4, temperature=0.9, seed=7, bf16=False,
+        )
+        return FusedGKDTrainer(model=copy.deepcopy(student), teacher_model=teacher, args=args, train_dataset=dataset,
+                               data_collator=collate, processing_class=tiny_tokenizer())
+
+    full = trainer()
+    full.train()
+    resumed = trainer()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    losses = [[entry["loss"] for entry in run.state.log_history if "loss" in entry] for run in (full, resumed)]
+    assert len(losses[0]) == 3 and losses[1] == losses[0], losses  # the resumed history holds the first step too
+
+
 @pytest.mark.parametrize("reduction", ["batchmean", "mean"])
 def test_generalized_jsd_loss_traces_as_one_graph(reduction):
     """The drop-in traces under ``torch.compile(fullgraph=True)`` (its normalisers are tensor / shape math)."""

@@ -101,16 +101,17 @@ def test_shifted_batch_logits_are_read_in_place(impl, dtype, monkeypatch):
     """``student[:, :-1]`` / ``teacher[:, 1:]`` of a batch (the usual label shift; rows not evenly spaced, so not
     viewable as [N, V]) are read where they lie: the forward allocates one [N, V] tensor, the gradient (both inputs
     were copied whole before). Loss and gradient equal those of contiguous copies exactly; the torch path's row
-    chunks (forced to 2 rows) stop at each sequence's end."""
+    chunks stop at each sequence's end (forced to 2 rows) or, for sequences shorter than a chunk (16 rows), take
+    whole sequences (two per chunk here)."""
     import sys
 
-    monkeypatch.setattr(sys.modules["distill_ops.kl_div"], "row_chunk", lambda rows, vocab: 2)
     batch, length, vocab = 3, 7, 301
     student_full = _logits((batch, length + 1, vocab), dtype, seed=50)
     teacher_full = _logits((batch, length + 1, vocab), dtype, seed=51)
     labels = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(52)).to(DEVICE)
     labels[1, 3] = -100
-    for divergence, reduction in (("forward", "mean"), ("jsd", "none")):
+    for divergence, reduction, step in (("forward", "mean", 2), ("jsd", "none", 2), ("reverse", "none", 16)):
+        monkeypatch.setattr(sys.modules["distill_ops.kl_div"], "row_chunk", lambda rows, vocab, step=step: step)
         leaf = student_full.clone().requires_grad_(True)
         with RecordTensorOps() as recorder:
             loss = kl_div(leaf[:, :-1], teacher_full[:, 1:], divergence=divergence, labels=labels,

@@ -605,10 +605,14 @@ def test_torch_compile_fullgraph_dense_triton():
 
 @pytest.mark.parametrize("teacher", ["dense-k", "dense-bounds-bucket", "dense-label", "sparse"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_shifted_batch_logits_are_read_in_place(impl, teacher):
+def test_shifted_batch_logits_are_read_in_place(impl, teacher, monkeypatch):
     """``student[:, :-1]`` / ``teacher[:, 1:]`` of a batch (rows not evenly spaced) are read where they lie, one
     group (sequence) at a time: the forward allocates one [N, V] tensor, the gradient (both inputs were copied
-    whole before); loss and gradient equal those of contiguous copies exactly."""
+    whole before); loss and gradient equal those of contiguous copies exactly. (The torch path's row chunks are
+    forced to 2 rows: chunks of whole short sequences copy their rows, up to the chunk's bounded size.)"""
+    import sys
+
+    monkeypatch.setattr(sys.modules["distill_ops.topk_kl"], "row_chunk", lambda rows, vocab, **kw: 2)
     batch, length, vocab = 3, 5, 257
     student_full = _logits((batch, length + 1, vocab), torch.float32, seed=70)
     teacher_full = _logits((batch, length + 1, vocab), torch.float32, seed=71, scale=3.0)

@@ -361,6 +361,12 @@ def test_out_buffer_in_the_layout_transformers_returns(impl, num_kv_splits):
         out = tree_attention(q, k, v, tree, lens, impl=impl, out=buffer.transpose(1, 2), **splits)
     assert out.data_ptr() == buffer.data_ptr() and out.transpose(1, 2).is_contiguous()
     assert torch.equal(buffer.transpose(1, 2), expected)
+    # Strides that are not multiples of 16 elements (the kernel's store assumption): written through a copy.
+    padded = torch.full((2, 4, 7, 72), float("nan"), device=DEVICE)
+    with torch.inference_mode():
+        out = tree_attention(q, k, v, tree, lens, impl=impl, out=padded[..., 3:67], **splits)
+    assert out.data_ptr() == padded[..., 3:67].data_ptr() and torch.equal(out, expected)
+    assert torch.isnan(padded[..., :3]).all() and torch.isnan(padded[..., 67:]).all()
     with pytest.raises(ValueError, match="out must have q's shape"):
         tree_attention(q, k, v, tree, lens, impl=impl, out=buffer)
     with pytest.raises(TypeError, match="out"):

@@ -13,8 +13,8 @@ tensors, each ``[B, L, V]``; TRL's ``DistillationTrainer`` has its own chunked l
   :func:`distill_ops.integrations.hf.causal_lm_distillation_loss` takes the LM heads' weights
   (``divergence="jsd"``, ``beta=self.beta``; labels shifted as TRL shifts them; ``num_items_in_batch`` as
   TRL's normalizer, except that on on-policy / ``seq_kd`` steps it counts the generated tokens, which TRL's
-  does not: see ``FusedGKDTrainer.get_batch_samples``). Needs ``trl`` (``GKDTrainer`` from ``trl.experimental.gkd``, or ``trl`` before it moved
-  there).
+  does not: see ``FusedGKDTrainer.training_step``). Needs ``trl`` (``GKDTrainer`` from
+  ``trl.experimental.gkd``, or ``trl`` before it moved there).
 * ``FusedDistillationTrainer``: TRL's ``DistillationTrainer`` (on-policy distillation: the student generates the
   completions of the dataset's prompts, then matches the teacher's next-token distribution over them with the
   generalized JSD of ``beta``) with :func:`~distill_ops.integrations.hf.causal_lm_distillation_loss` in place of
@@ -142,35 +142,41 @@ def _trainer_class():
 
         generalized_jsd_loss = staticmethod(generalized_jsd_loss)
         fused_loss_kwargs: dict = {}
-        _generated_batches: list = []
+        _window: list = []  # this accumulation window's batches, until its completions are generated
+        _window_count = None  # the token count over them, once generated
 
         def get_batch_samples(self, epoch_iterator, num_batches, device):
-            """The accumulation window's batches, their completions already generated, and the Trainer's token
-            count over those completions.
-
-            transformers counts ``num_items_in_batch`` here, from the dataset's labels; TRL's ``training_step``
-            then replaces the labels of an on-policy (or ``seq_kd``) micro-batch with a generated completion, so
-            its loss divides a sum over the generated tokens by a count of other tokens (trl#4719: the on-policy
-            loss and gradient scale with dataset length / completion length). Here TRL's own ``training_step``
-            generates first (same random draw, same generation code), stopped before its step, and the count is
-            taken over the labels that are scored."""
+            """The accumulation window's batches (see ``training_step``, which generates and counts them)."""
             batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-            recount = getattr(self, "_get_num_items_in_batch", None)
-            if num_items_in_batch is None or recount is None:
-                return batch_samples, num_items_in_batch
-            self._generating_only = True
-            try:
-                for inputs in batch_samples:
-                    base.training_step(self, self.model_wrapped, inputs)
-            finally:
-                self._generating_only = False
-            self._generated_batches = batch_samples
-            return batch_samples, recount(batch_samples, device)
+            counted = num_items_in_batch is not None and hasattr(self, "_get_num_items_in_batch")
+            self._window, self._window_count = (list(batch_samples) if counted else []), None
+            return batch_samples, num_items_in_batch
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            if any(inputs is batch for batch in self._generated_batches):  # generated in get_batch_samples
-                return after_gkd.training_step(self, model, inputs, num_items_in_batch)
-            return super().training_step(model, inputs, num_items_in_batch)
+            """TRL's step, with the Trainer's token count taken over the tokens the loss scores.
+
+            transformers counts ``num_items_in_batch`` in ``get_batch_samples``, from the dataset's labels; TRL's
+            ``training_step`` then replaces the labels of an on-policy (or ``seq_kd``) micro-batch with a generated
+            completion, so its loss divides a sum over the generated tokens by a count of other tokens (trl#4719:
+            the on-policy loss and gradient scale with dataset length / completion length). Here the window's
+            first step runs TRL's own ``training_step`` on every batch of the window, stopped after generation
+            (the same ``lmbda`` draws and generation code, after the Trainer has restored its RNG state on a
+            resume), counts the labels that are scored as transformers counts, and every step of the window
+            divides by that count."""
+            if not any(inputs is batch for batch in self._window):
+                return super().training_step(model, inputs, num_items_in_batch)
+            if self._window_count is None:
+                self._generating_only = True
+                try:
+                    for batch in self._window:
+                        base.training_step(self, model, batch)
+                finally:
+                    self._generating_only = False
+                self._window_count = self._get_num_items_in_batch(self._window, self.args.device)
+            count = self._window_count
+            if inputs is self._window[-1]:  # the window's last step: drop the references
+                self._window, self._window_count = [], None
+            return after_gkd.training_step(self, model, inputs, count)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.teacher_model.eval()
