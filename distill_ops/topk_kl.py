@@ -128,7 +128,8 @@ def _clipped_divergence_rows(
 ) -> Tensor:
     """Per-row divergence between the (soft-)clipped teacher and student distributions, differentiable.
 
-    ``student [n, V]`` raw student logits (any float dtype); ``indices [n, m]`` (valid columns);
+    ``student [n, V]`` raw student logits (any float dtype), or row groups ``[G, R, V]`` with n = G·R (see
+    :func:`~distill_ops._utils.as_row_groups`); ``indices [n, m]`` (valid columns);
     ``teacher_logprobs [n, m]`` full-vocabulary teacher log-probabilities at T (-inf = absent);
     ``weights [n, m]`` membership in [0, 1] (hard 0/1 for the loss, sigmoid for DACKL's training);
     ``labels [n]`` valid columns (``label`` tail); ``active [n]``: rows that count (the others may hold anything,
@@ -141,7 +142,7 @@ def _clipped_divergence_rows(
     """
     # One gather (one scatter in backward) for the kept columns and, with the label tail, the label's.
     columns = torch.cat([indices, labels.unsqueeze(-1)], dim=-1) if tail == "label" else indices
-    raw = student.gather(-1, columns).to(torch.float32)
+    raw = student.gather(-1, columns.view(*student.shape[:-1], -1)).reshape(columns.shape).to(torch.float32)
     if active is not None:
         raw = torch.where(active.unsqueeze(-1), raw, 0.0)
     raw_kept = raw[:, : indices.shape[-1]]
@@ -165,8 +166,10 @@ def _clipped_divergence_rows(
         teacher_log_mass = log_weights + teacher_logprobs
         student_log_mass = log_weights + gathered
     if tail == "bucket":
-        full_row = student if active is None else torch.where(active.unsqueeze(-1), student, 0.0)
-        lse_all = torch.logsumexp(scaled(full_row), dim=-1, keepdim=True)
+        row_shape = (*student.shape[:-1], 1)
+        full_row = student if active is None else torch.where(active.view(row_shape), student, 0.0)
+        full_row = (full_row.to(torch.float32) - shift.view(row_shape)) / temperature
+        lse_all = torch.logsumexp(full_row, dim=-1, keepdim=True).view(-1, 1)
         kept_log_q = student_log_mass - lse_all
         rest_p = (1.0 - teacher_log_mass.exp().sum(-1, keepdim=True)).clamp_min(0.0)
         rest_q = (1.0 - (torch.logsumexp(student_log_mass, -1, keepdim=True) - lse_all).exp()).clamp_min(0.0)
@@ -931,7 +934,11 @@ class DACKLLoss(torch.nn.Module):
             self.bound_net[2].bias.copy_(torch.tensor([-6.0, 4.0]))  # (l, u): lower ~ 0.0025, upper ~ 0.98
 
     def _candidates(self, teacher_rows: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-        """Top-m teacher tokens sorted by probability: (indices [N, m], log-probs at T [N, m] fp32)."""
+        """Top-m teacher tokens sorted by probability: (indices [N, m], log-probs at T [N, m] fp32), from rows
+        ``[N, V]`` or row groups ``[G, R, V]`` (one group at a time, each a 2-D view read in place)."""
+        if teacher_rows.dim() == 3:
+            kept = [self._candidates(group, backend) for group in teacher_rows]
+            return torch.cat([i for i, _ in kept]), torch.cat([p for _, p in kept])
         count = min(self.vocab_top_m, teacher_rows.shape[-1])
         values, indices = dense_candidates(teacher_rows, count, need_order=True, backend=backend)
         stats = torch.ops.distill_ops.topk_kl_teacher_lse(teacher_rows, self.temperature, backend)
@@ -969,14 +976,14 @@ class DACKLLoss(torch.nn.Module):
         if self.tail == "label":
             _check_label_values(label_rows, self.ignore_index, vocab)
         active = None if label_rows is None else label_rows != self.ignore_index
-        teacher_rows = as_rows(teacher_logits.detach(), vocab)
-        student_rows = as_rows(student_logits, vocab)
+        # Row groups: shifted logits of a batch (logits[:, :-1]) are read in place, not copied.
+        student_rows, teacher_rows = as_row_groups((student_logits, teacher_logits.detach()), vocab)
         if self.training and active is not None:
             # Ignored rows (padding) may hold anything, NaN included; in the autograd path below a NaN there
             # would reach the bound network's and the student's gradients through 0 * NaN, so the teacher's are
             # replaced by zeros before anything is computed from them (the student's where they are read, by
             # _clipped_divergence_rows).
-            teacher_rows = torch.where(active.unsqueeze(-1), teacher_rows, 0.0)
+            teacher_rows = torch.where(active.view(*teacher_rows.shape[:-1], 1), teacher_rows, 0.0)
         indices, sorted_logprobs = self._candidates(teacher_rows, backend)
         lower, upper = self._bounds(sorted_logprobs)
         if not self.training:

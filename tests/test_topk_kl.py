@@ -698,6 +698,46 @@ def test_dackl_training_keeps_no_scaled_copy_of_the_student(tail, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("tail", TAILS)
+def test_dackl_reads_shifted_batch_logits_in_place(tail, training, impl, monkeypatch):
+    """``student[:, :-1]`` / ``teacher[:, 1:]`` of a batch: the same loss, gradients (student and bound network) as
+    contiguous copies, exactly, and no copy of either input (the forward allocates no [N, V] tensor but, with
+    labels in training, the teacher's masked copy, and the bucket tail's full rows; row chunks forced to 2 rows so that the PyTorch path's bounded
+    temporaries are smaller than [N, V])."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["distill_ops.topk_kl"], "row_chunk", lambda rows, vocab, **kw: 2)
+    batch, length, vocab = 3, 5, 131
+    student_full = _logits((batch, length + 1, vocab), torch.float32, seed=80)
+    teacher_full = _logits((batch, length + 1, vocab), torch.float32, seed=81, scale=3.0)
+    labels = _labels((batch, length), vocab, seed=82, ignored=((4,),)) if tail == "label" else None
+    results = []
+    for shifted in (True, False):
+        torch.manual_seed(4)
+        loss_fn = DACKLLoss(vocab_top_m=12, hidden=8, tail=tail, impl=impl).to(DEVICE).train(training)
+        leaf = student_full.clone().requires_grad_(True)
+        student, teacher = leaf[:, :-1], teacher_full[:, 1:]
+        if not shifted:
+            student, teacher = student.contiguous(), teacher.contiguous()
+        with RecordTensorOps() as recorder:
+            loss = loss_fn(student, teacher, labels)
+        loss.backward()
+        big = recorder.ops_with_numel(batch * length * vocab)
+        results.append((loss, leaf.grad, [p.grad for p in loss_fn.parameters()], big))
+    (loss, grad, net_grads, big), (expected, expected_grad, expected_net_grads, _) = results
+    assert torch.equal(loss, expected) and torch.equal(grad, expected_grad)
+    if training:
+        assert all(torch.equal(a, b) for a, b in zip(net_grads, expected_net_grads))
+    allowed = ["aten.where.self"] if training and labels is not None else []  # the teacher's masked copy
+    if training and tail == "bucket":  # its rest bucket: the scaled full rows (documented)
+        allowed += ["aten.sub.Tensor", "aten.div.Tensor"]
+    if not training:  # the hard path's stored gradient
+        allowed = ["aten.empty_like.default"]
+    assert big == allowed, big
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("tail,divergence", [("renormalize", "reverse"), ("bucket", "forward"), ("label", "reverse")])
 def test_dackl_eval_uses_the_hard_kernel_path(tail, divergence, impl):
     torch.manual_seed(1)
