@@ -173,17 +173,9 @@ def resolve_vocab(
 
 
 def as_rows(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """View ``tensor[..., :width]`` as 2-D rows with unit stride along the last dim (copy only if needed)."""
-    # Slice only when truncating: autograd records even a full-width slice, and its backward would
-    # allocate a zero-filled copy of the whole gradient.
-    rows = tensor[..., :width] if width < tensor.shape[-1] else tensor
-    if rows.dim() == 1:
-        rows = rows.unsqueeze(0)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    if rows.dim() > 2:
-        rows = rows.view(-1, width) if _mergeable(rows, rows.dim() - 1) else rows.reshape(-1, width)
-    return rows
+    """View ``tensor[..., :width]`` as 2-D rows with unit stride along the last dim (copy only if needed: row
+    groups of :func:`as_row_groups` that do not flatten)."""
+    return as_row_groups((tensor,), width)[0].reshape(-1, width)
 
 
 def _mergeable(tensor: torch.Tensor, dims: int) -> bool:
@@ -211,7 +203,8 @@ def as_row_groups(tensors: Sequence[torch.Tensor], width: int) -> list[torch.Ten
     """
     rows = []
     for tensor in tensors:
-        # Slice only when truncating (see as_rows); a last dim with a stride other than 1 is copied.
+        # Slice only when truncating: autograd records even a full-width slice, and its backward would allocate
+        # a zero-filled copy of the whole gradient. A last dim with a stride other than 1 is copied.
         view = tensor[..., :width] if width < tensor.shape[-1] else tensor
         rows.append(view if view.stride(-1) == 1 else view.contiguous())
     leading = rows[0].dim() - 1

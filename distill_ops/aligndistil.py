@@ -104,7 +104,7 @@ def aligndistil_rows_torch(
     grad = None
     if compute_grad:
         grad = torch.empty(student.shape, dtype=compute_dtype if upcast else student.dtype, device=student.device)
-    step = row_chunk(math.prod(student.shape[:-1]), vocab)
+    step = row_chunk(num_rows, vocab)
     for rows, (student_chunk, dpo_chunk, other_chunk, grad_chunk) in row_group_chunks(
         (student, dpo, other, grad), step
     ):

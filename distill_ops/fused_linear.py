@@ -388,12 +388,10 @@ def fused_linear_backward_triton(
             divergence=divergence, coef=coef, temperature=temperature, s_logits=s_logits,
             s_softcap=inputs.s_softcap, t_softcap=inputs.t_softcap,
         )
-        if d_hidden is None:
-            pass
-        elif compensated:
+        if d_hidden is not None and compensated:
             accumulate_grad_hidden(d_hidden, d_hidden_lo, grad_chunk, s_weight[start:stop], first=start == 0,
                                    last=stop == vocab)
-        else:
+        elif d_hidden is not None:
             _accumulate_mm(d_hidden, grad_chunk, s_weight[start:stop])
         if d_weight is not None:
             torch.mm(grad_chunk.T, s_hidden, out=d_weight[start:stop])

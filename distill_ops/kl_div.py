@@ -189,7 +189,7 @@ def kl_div_rows_torch(
     grad = out
     if compute_grad and grad is None:
         grad = torch.empty(student.shape, dtype=compute_dtype if upcast else student.dtype, device=student.device)
-    step = row_chunk(math.prod(student.shape[:-1]), vocab)
+    step = row_chunk(num_rows, vocab)
     for rows, (student_chunk, teacher_chunk, grad_chunk) in row_group_chunks((student, teacher, grad), step):
         chunk_loss, chunk_grad = _divergence_rows(
             student_chunk.to(compute_dtype),

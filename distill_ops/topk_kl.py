@@ -68,7 +68,7 @@ gradient in place. The teacher gets no gradient.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -283,9 +283,10 @@ def topk_kl_rows_torch(
     ``indices [N, K]`` int64 valid columns, ``teacher_logprobs [N, K]`` fp32 (-inf = not kept).
     """
     vocab = student.shape[-1]
-    losses = torch.empty(math.prod(student.shape[:-1]), dtype=torch.float32, device=student.device)
+    num_rows = math.prod(student.shape[:-1])
+    losses = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if compute_grad else None
-    step = row_chunk(math.prod(student.shape[:-1]), vocab)
+    step = row_chunk(num_rows, vocab)
     for rows, (student_chunk, grad_chunk) in row_group_chunks((student, grad), step):
         scaled = _shifted_student(student_chunk, indices[rows], teacher_logprobs[rows], temperature)
         chunk_labels = None
@@ -341,8 +342,7 @@ def _topk_kl_rows_op(
                 grad_rows, row_weight if row_weight.numel() == 1 else row_weight[rows], tail=tail,
                 divergence=divergence, temperature=temperature, ignore_index=ignore_index,
             ))
-        loss = losses[0] if len(losses) == 1 else torch.cat(losses) if losses else student.new_empty(
-            (0,), dtype=torch.float32)
+        loss = torch.cat(losses) if losses else student.new_empty((0,), dtype=torch.float32)
     else:
         loss, grad = topk_kl_rows_torch(
             student, indices, teacher_logprobs, labels, row_weight, tail=tail, divergence=divergence, temperature=temperature,
@@ -666,6 +666,16 @@ def _sparse_teacher(
     return indices.contiguous(), _retemper(logprobs, temperature).contiguous()
 
 
+def _per_row_group(
+    teacher_rows: Tensor, select: Callable[[Tensor, slice], tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor]:
+    """``select(group [R, V], its slice of the N rows)`` on each group of ``teacher_rows [G, R, V]`` (a 2-D view,
+    read in place), its ``(indices, log-probs)`` concatenated over the groups."""
+    per_group = teacher_rows.shape[1]
+    kept = [select(group, slice(g * per_group, (g + 1) * per_group)) for g, group in enumerate(teacher_rows)]
+    return torch.cat([indices for indices, _ in kept]), torch.cat([logprobs for _, logprobs in kept])
+
+
 def _dense_teacher(
     teacher_rows: Tensor, k: Optional[int], lower: Optional[Tensor], upper: Optional[Tensor], temperature: float,
     max_candidates: int, tail: str, backend: str,
@@ -673,17 +683,9 @@ def _dense_teacher(
     """Kept entries of a dense teacher ``[N, V]`` or row groups ``[G, R, V]`` (one group at a time, each a 2-D
     view read in place): ``(indices [N, m] int64, log-probs at T [N, m] fp32)``."""
     if teacher_rows.dim() == 3:
-        per_group = teacher_rows.shape[1]
-
-        def group_rows(bound: Optional[Tensor], g: int) -> Optional[Tensor]:
-            return None if bound is None else bound[g * per_group:(g + 1) * per_group]
-
-        kept = [
-            _dense_teacher(teacher_rows[g], k, group_rows(lower, g), group_rows(upper, g), temperature, max_candidates,
-                           tail, backend)
-            for g in range(teacher_rows.shape[0])
-        ]
-        return torch.cat([i for i, _ in kept]), torch.cat([p for _, p in kept])
+        return _per_row_group(teacher_rows, lambda group, rows: _dense_teacher(
+            group, k, None if lower is None else lower[rows], None if upper is None else upper[rows], temperature,
+            max_candidates, tail, backend))
     vocab = teacher_rows.shape[-1]
     bounded = lower is not None or upper is not None
     count = k if k is not None else min(vocab, max_candidates)
@@ -937,8 +939,7 @@ class DACKLLoss(torch.nn.Module):
         """Top-m teacher tokens sorted by probability: (indices [N, m], log-probs at T [N, m] fp32), from rows
         ``[N, V]`` or row groups ``[G, R, V]`` (one group at a time, each a 2-D view read in place)."""
         if teacher_rows.dim() == 3:
-            kept = [self._candidates(group, backend) for group in teacher_rows]
-            return torch.cat([i for i, _ in kept]), torch.cat([p for _, p in kept])
+            return _per_row_group(teacher_rows, lambda group, rows: self._candidates(group, backend))
         count = min(self.vocab_top_m, teacher_rows.shape[-1])
         values, indices = dense_candidates(teacher_rows, count, need_order=True, backend=backend)
         stats = torch.ops.distill_ops.topk_kl_teacher_lse(teacher_rows, self.temperature, backend)
