@@ -214,6 +214,21 @@ def as_row_groups(tensors: Sequence[torch.Tensor], width: int) -> list[torch.Ten
     return [view.view(shape) if _mergeable(view, leading - 1) else view.reshape(shape) for view in rows]
 
 
+def group_rows(tensor: torch.Tensor, rows: slice, columns: slice = slice(None)) -> torch.Tensor:
+    """``rows`` (a slice of the N = G·R flattened rows) and ``columns`` of ``tensor`` [N, W] or of its row groups
+    [G, R, W], 2-D: a view when the rows lie within one group, otherwise a copy of just those rows and columns."""
+    if tensor.dim() == 2:
+        return tensor[rows, columns]
+    per_group = tensor.shape[1]
+    first, last = rows.start // per_group, max(rows.stop - 1, rows.start) // per_group
+    if first == last:
+        return tensor[first, rows.start - first * per_group:rows.stop - first * per_group, columns]
+    return torch.cat([
+        tensor[group, max(rows.start - group * per_group, 0):min(rows.stop - group * per_group, per_group), columns]
+        for group in range(first, last + 1)
+    ])
+
+
 def row_group_chunks(
     tensors: Sequence[Optional[torch.Tensor]], step: int
 ) -> Iterator[tuple[slice, list[Optional[torch.Tensor]]]]:

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from ._utils import (
     LossModule,
-    as_rows,
+    as_row_groups,
     autocast_linear_inputs,
     autocast_off,
     check_choice,
@@ -67,6 +67,7 @@ from ._utils import (
     check_same_device,
     check_tensor,
     flat_labels,
+    group_rows,
     reduce_rows,
     resolve_impl,
     resolve_vocab,
@@ -126,7 +127,7 @@ class _Inputs:
 
     def teacher_chunk(self, teacher_hidden: Optional[Tensor], rows: slice, start: int, stop: int) -> Tensor:
         if self.t_logits is not None:
-            return self.t_logits[rows, start:stop].to(self.compute_dtype)
+            return group_rows(self.t_logits, rows, slice(start, stop)).to(self.compute_dtype)
         return softcapped(_linear_chunk(teacher_hidden, self.t_weight, self.t_bias, start, stop), self.t_softcap)
 
 
@@ -812,7 +813,8 @@ def fused_linear_kl_div(
     s_bias = None if student_bias is None else _weight_rows(student_bias, vocab)
     t_hidden = t_weight = t_bias = t_logits = None
     if teacher_logits is not None:
-        t_logits = as_rows(teacher_logits.detach(), vocab)
+        # Row groups [G, R, V]: a batch of shifted logits (logits[:, :-1]) is read in place, not copied.
+        t_logits = as_row_groups((teacher_logits.detach(),), vocab)[0]
     else:
         t_hidden = _hidden_rows(teacher_hidden.detach())
         t_weight = _weight_rows(teacher_weight.detach(), vocab)

@@ -518,24 +518,39 @@ def _attention_switched(models: Sequence[torch.nn.Module]) -> Iterator[None]:
                 model.set_attn_implementation(old)
 
 
+def _model_device(name: str, model: torch.nn.Module) -> torch.device:
+    """The one device holding all of ``model``'s parameters and buffers. A model split over devices
+    (``device_map="auto"``) is refused: one step's tree, cache lengths and KV compaction live on one device.
+    On a device that is not the current one the engine runs as on the current one (every kernel launches
+    on its inputs' device)."""
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    if len(devices) != 1:
+        raise ValueError(
+            f"{name} must sit on one device, got parameters and buffers on {sorted(map(str, devices))} (a model "
+            "split with device_map): the engine runs the target and the draft on a single device"
+        )
+    return devices.pop()
+
+
 class _Timer:
     """Accumulates wall-clock seconds per phase; with ``sync`` the CUDA stream is drained at each
     boundary so that the split is device time, not launch time."""
 
     def __init__(self, device: torch.device, sync: bool):
         self.sync = sync and device.type == "cuda"
+        self.device = device  # the models' device, which need not be the current one
         self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
         if self.sync:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         try:
             yield
         finally:
             if self.sync:
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(self.device)
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
@@ -1245,9 +1260,10 @@ class SpeculativeDecoder:
                     f"share the target's tokenizer and vocabulary"
                 )
             self._drafter = _ModelDrafter(draft, impl)
+        target_device, draft_device = _model_device("target", target), _model_device("draft", draft)
+        if draft_device != target_device:
+            raise ValueError(f"draft is on {draft_device} but target is on {target_device}")
         draft_param = next(draft.parameters())
-        if draft_param.device != target_param.device:
-            raise ValueError(f"draft is on {draft_param.device} but target is on {target_param.device}")
         if isinstance(draft, FSPADDraftHead) and draft_param.dtype != target_param.dtype:
             raise TypeError(f"draft head has dtype {draft_param.dtype} but the target has {target_param.dtype}")
         self.target = target

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
 from .kl_div import zero_fill_row
 
 # Default launch configuration (BLOCK_V elements of each tensor per loop iteration, warps): kl_div's measured
@@ -198,6 +199,7 @@ def _aligndistil_fwd_kernel(
             zero_fill_row(grad_row, V, BLOCK_V)
 
 
+@on_input_device
 def aligndistil_forward(
     student: torch.Tensor,
     dpo: torch.Tensor,

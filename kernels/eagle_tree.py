@@ -77,6 +77,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
+
 BLOCK_I = 64
 BLOCK_J = 32
 NUM_WARPS = 4
@@ -281,6 +283,7 @@ def _batch_args(values: torch.Tensor, indices: torch.Tensor, floats: torch.Tenso
     return (values.shape[0] if batched else 1,), args, per_row is not None
 
 
+@on_input_device
 def eagle_level_forward(
     values: torch.Tensor, indices: torch.Tensor, floats: torch.Tensor, ints: torch.Tensor,
     layout: tuple[int, int, int], row_base: int, node_base: int, num_expand: int, position: int,
@@ -304,6 +307,7 @@ def eagle_level_forward(
     )
 
 
+@on_input_device
 def eagle_select_forward(
     values: torch.Tensor, indices: torch.Tensor, floats: torch.Tensor, ints: torch.Tensor,
     layout: tuple[int, int, int], num_rows: int, last_row_base: int, root_token: int,

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
 from .kl_div import DIVERGENCE_CODES, _divergence_terms
 
 # Per-row partial statistics written by PASS 1 (index into the first dim of the partial buffer).
@@ -171,7 +172,7 @@ class _GemmChunks:
         """(student, teacher) logits of columns [start, stop): views of the buffers, or of teacher_logits."""
         student = logits_chunk(self.s_hidden, self.s_weight, start, stop, self.s_buffer)
         if self.t_logits is not None:
-            return student, self.t_logits[:, start:stop]
+            return student, self.t_logits[..., start:stop]
         return student, logits_chunk(self.t_hidden, self.t_weight, start, stop, self.t_buffer)
 
 
@@ -248,10 +249,11 @@ def _logit_tile(
 
 
 @triton.jit
-def _stored_logits(logits_ptr, stride, bias_ptr, rows, cols, row_mask, col_mask, col_offset, HAS_BIAS: tl.constexpr):
-    """fp32 logits tile read from a matrix whose column 0 is vocabulary column ``col_offset`` (+ bias)."""
+def _stored_logits(logits_ptr, row_offsets, bias_ptr, cols, row_mask, col_mask, col_offset, HAS_BIAS: tl.constexpr):
+    """fp32 logits tile read from rows (element offsets ``row_offsets``) whose column 0 is vocabulary column
+    ``col_offset`` (+ bias)."""
     tile = tl.load(
-        logits_ptr + rows[:, None] * stride + (cols - col_offset)[None, :],
+        logits_ptr + row_offsets[:, None] + (cols - col_offset)[None, :],
         mask=row_mask[:, None] & col_mask[None, :], other=float("-inf"),
     ).to(tl.float32)
     if HAS_BIAS:
@@ -268,6 +270,17 @@ def _softcapped(logits, CAP: tl.constexpr):
 
 
 @triton.jit
+def _teacher_row_offsets(rows, stride_t_logits, t_rows_per_group, stride_t_group, TEACHER_LOGITS: tl.constexpr):
+    """Element offsets of the teacher logits' rows: row i is row i % R of group i // R (a batch of shifted logits
+    read in place; R = N for plain rows). Computed once per program, before its vocabulary loop (32-bit division:
+    rows < 2^31)."""
+    if TEACHER_LOGITS:
+        group = rows.to(tl.int32) // t_rows_per_group
+        return group.to(tl.int64) * stride_t_group + (rows - group * t_rows_per_group) * stride_t_logits
+    return rows
+
+
+@triton.jit
 def _both_logit_tiles(
     s_hidden_ptr,
     s_weight_ptr,
@@ -280,7 +293,7 @@ def _both_logit_tiles(
     stride_s_weight,
     stride_t_hidden,
     stride_t_weight,
-    stride_t_logits,
+    t_row_offsets,
     rows,
     cols,
     row_mask,
@@ -303,12 +316,12 @@ def _both_logit_tiles(
     """Student logits z and teacher logits (both fp32, before the temperature; -inf outside the vocabulary).
 
     STUDENT_LOGITS / TEACHER_LOGITS: that side's logits are read from a matrix (``s_hidden_ptr`` /
-    ``t_logits_ptr`` with row strides ``stride_s_hidden`` / ``stride_t_logits``) whose column 0 is vocabulary
+    ``t_logits_ptr``, at rows ``rows * stride_s_hidden`` / ``t_row_offsets``) whose column 0 is vocabulary
     column ``logits_col_offset`` (a chunk buffer of the GEMM strategy), plus the bias if that side has one;
     otherwise they are computed with ``tl.dot``. S_SOFTCAP / T_SOFTCAP (0.0: none): that side's logits are
     soft-capped, ``cap * tanh(logits / cap)``, after the bias."""
     if STUDENT_LOGITS:
-        z = _stored_logits(s_hidden_ptr, stride_s_hidden, s_bias_ptr, rows, cols, row_mask, col_mask,
+        z = _stored_logits(s_hidden_ptr, rows * stride_s_hidden, s_bias_ptr, cols, row_mask, col_mask,
                            logits_col_offset, HAS_S_BIAS)
     else:
         z = _logit_tile(
@@ -318,8 +331,8 @@ def _both_logit_tiles(
     if S_SOFTCAP > 0.0:
         z = _softcapped(z, S_SOFTCAP)
     if TEACHER_LOGITS:
-        t = _stored_logits(t_logits_ptr, stride_t_logits, t_bias_ptr, rows, cols, row_mask, col_mask,
-                           logits_col_offset, HAS_T_BIAS)
+        t = _stored_logits(t_logits_ptr, t_row_offsets, t_bias_ptr, cols, row_mask, col_mask, logits_col_offset,
+                           HAS_T_BIAS)
     else:
         t = _logit_tile(
             t_hidden_ptr, t_weight_ptr, t_bias_ptr, stride_t_hidden, stride_t_weight, rows, cols, row_mask,
@@ -349,6 +362,8 @@ def _fused_linear_stats_kernel(
     stride_t_hidden,
     stride_t_weight,
     stride_t_logits,
+    t_rows_per_group,
+    stride_t_group,
     N,
     V,
     Hs,
@@ -382,6 +397,7 @@ def _fused_linear_stats_kernel(
     n_block, split = _grouped_tile(tl.program_id(0), num_n_blocks, num_splits, GROUP)
     rows = (n_block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
+    t_row_offsets = _teacher_row_offsets(rows, stride_t_logits, t_rows_per_group, stride_t_group, TEACHER_LOGITS)
     col_offsets = tl.arange(0, BLOCK_V)
     # Columns [col_start, V) are split among the programs of this launch; logits buffers (STUDENT_LOGITS /
     # TEACHER_LOGITS) start at vocabulary column col_start.
@@ -410,9 +426,10 @@ def _fused_linear_stats_kernel(
             col_mask = cols < last_col
             z, t = _both_logit_tiles(
                 s_hidden_ptr, s_weight_ptr, s_bias_ptr, t_hidden_ptr, t_weight_ptr, t_bias_ptr, t_logits_ptr,
-                stride_s_hidden, stride_s_weight, stride_t_hidden, stride_t_weight, stride_t_logits,
-                rows, cols, row_mask, col_mask, Hs, Ht, col_start, HAS_S_BIAS, STUDENT_LOGITS, TEACHER_LOGITS,
-                HAS_T_BIAS, S_PRECISION, T_PRECISION, S_SOFTCAP, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
+                stride_s_hidden, stride_s_weight, stride_t_hidden, stride_t_weight, t_row_offsets,
+                rows, cols, row_mask, col_mask, Hs, Ht, col_start, HAS_S_BIAS,
+                STUDENT_LOGITS, TEACHER_LOGITS, HAS_T_BIAS, S_PRECISION, T_PRECISION, S_SOFTCAP, T_SOFTCAP, BLOCK_N,
+                BLOCK_V, BLOCK_H,
             )
             # Sides one after the other, so that few [BLOCK_N, BLOCK_V] temporaries are live at once.
             a = z * inv_temperature
@@ -464,9 +481,10 @@ def _fused_linear_stats_kernel(
             col_mask = cols < last_col
             z, t = _both_logit_tiles(
                 s_hidden_ptr, s_weight_ptr, s_bias_ptr, t_hidden_ptr, t_weight_ptr, t_bias_ptr, t_logits_ptr,
-                stride_s_hidden, stride_s_weight, stride_t_hidden, stride_t_weight, stride_t_logits,
-                rows, cols, row_mask, col_mask, Hs, Ht, col_start, HAS_S_BIAS, STUDENT_LOGITS, TEACHER_LOGITS,
-                HAS_T_BIAS, S_PRECISION, T_PRECISION, S_SOFTCAP, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
+                stride_s_hidden, stride_s_weight, stride_t_hidden, stride_t_weight, t_row_offsets,
+                rows, cols, row_mask, col_mask, Hs, Ht, col_start, HAS_S_BIAS,
+                STUDENT_LOGITS, TEACHER_LOGITS, HAS_T_BIAS, S_PRECISION, T_PRECISION, S_SOFTCAP, T_SOFTCAP, BLOCK_N,
+                BLOCK_V, BLOCK_H,
             )
             term, g, q = _divergence_terms(
                 z * inv_temperature, t * inv_temperature, lse_s[:, None], lse_t[:, None], coef, DIVERGENCE
@@ -497,6 +515,8 @@ def _fused_linear_grad_logits_kernel(
     stride_t_hidden,
     stride_t_weight,
     stride_t_logits,
+    t_rows_per_group,
+    stride_t_group,
     stride_grad,
     N,
     V,
@@ -528,14 +548,16 @@ def _fused_linear_grad_logits_kernel(
     n_block, v_block = _grouped_tile(tl.program_id(0), num_n_blocks, tl.cdiv(chunk_cols, BLOCK_V), GROUP)
     rows = (n_block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
+    t_row_offsets = _teacher_row_offsets(rows, stride_t_logits, t_rows_per_group, stride_t_group, TEACHER_LOGITS)
     local_cols = (v_block * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     cols = chunk_start + local_cols
     col_mask = (local_cols < chunk_cols) & (cols < V)
     z, t = _both_logit_tiles(
         s_hidden_ptr, s_weight_ptr, s_bias_ptr, t_hidden_ptr, t_weight_ptr, t_bias_ptr, t_logits_ptr,
-        stride_s_hidden, stride_s_weight, stride_t_hidden, stride_t_weight, stride_t_logits,
-        rows, cols, row_mask, col_mask, Hs, Ht, logits_col_offset, HAS_S_BIAS, STUDENT_LOGITS, TEACHER_LOGITS,
-        HAS_T_BIAS, S_PRECISION, T_PRECISION, S_SOFTCAP, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
+        stride_s_hidden, stride_s_weight, stride_t_hidden, stride_t_weight, t_row_offsets,
+        rows, cols, row_mask, col_mask, Hs, Ht, logits_col_offset, HAS_S_BIAS,
+        STUDENT_LOGITS, TEACHER_LOGITS, HAS_T_BIAS, S_PRECISION, T_PRECISION, S_SOFTCAP, T_SOFTCAP, BLOCK_N,
+        BLOCK_V, BLOCK_H,
     )
     # row_stats: [4, N] = lse_s, lse_t (at temperature T), S, lse_z (temperature 1).
     lse_s = tl.load(row_stats_ptr + rows, mask=row_mask, other=0.0)[:, None]
@@ -645,6 +667,16 @@ def _precision(dtype: torch.dtype, interpreter: bool = False) -> str:
     return "tf32"  # ignored by tl.dot for 16-bit operands
 
 
+def _teacher_rows_layout(t_logits: torch.Tensor | None, num_rows: int) -> tuple[int, int, int]:
+    """``(row stride, rows per group, group stride)`` of teacher logits given as rows ``[N, V]`` or as row groups
+    ``[G, R, V]`` (row i is row i % R of group i // R: shifted batch logits read in place)."""
+    if t_logits is None:
+        return 0, 1, 0
+    if t_logits.dim() == 2:
+        return t_logits.stride(0), max(num_rows, 1), 0
+    return t_logits.stride(1), max(t_logits.shape[1], 1), t_logits.stride(0)
+
+
 def _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, s_logits=None, s_softcap=None,
                  t_softcap=None):
     """Kernel pointers, strides and flags. ``s_logits`` (GEMM strategy): the student's logits chunk, read in
@@ -654,11 +686,12 @@ def _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logit
     dummy = s_hidden
     interpreter = os.environ.get("TRITON_INTERPRET", "0") == "1"
     softcaps = dict(S_SOFTCAP=float(s_softcap or 0.0), T_SOFTCAP=float(t_softcap or 0.0))
+    t_layout = _teacher_rows_layout(t_logits, s_hidden.shape[0])
     if s_logits is not None:
         return (
             (s_logits, s_weight, s_bias if s_bias is not None else dummy, dummy, dummy,
              t_bias if t_bias is not None else dummy, t_logits),
-            (s_logits.stride(0), s_weight.stride(0), 0, 0, t_logits.stride(0)),
+            (s_logits.stride(0), s_weight.stride(0), 0, 0, *t_layout),
             dict(HAS_S_BIAS=s_bias is not None, STUDENT_LOGITS=True, TEACHER_LOGITS=True, HAS_T_BIAS=t_bias is not None,
                  S_PRECISION=_precision(s_hidden.dtype, interpreter), T_PRECISION=_precision(s_hidden.dtype, interpreter),
                  **softcaps),
@@ -678,7 +711,7 @@ def _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logit
             s_weight.stride(0),
             t_hidden.stride(0) if t_hidden is not None else 0,
             t_weight.stride(0) if t_weight is not None else 0,
-            t_logits.stride(0) if t_logits is not None else 0,
+            *t_layout,
         ),
         dict(
             HAS_S_BIAS=s_bias is not None,
@@ -728,6 +761,7 @@ def _merge_lse(
     return row_max, (partial[sum_index] * rescale).sum(dim=0), rescale
 
 
+@on_input_device
 def fused_linear_stats(
     s_hidden: torch.Tensor,
     s_weight: torch.Tensor,
@@ -749,7 +783,8 @@ def fused_linear_stats(
     t_softcap: float | None = None,
     entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward statistics on 2-D inputs (unit stride along H / V, ``V = s_weight.shape[0]``).
+    """Forward statistics on 2-D inputs (unit stride along H / V, ``V = s_weight.shape[0]``); ``t_logits`` may
+    also be row groups ``[G, R, V]`` with ``G * R = N`` (see :func:`_teacher_rows_layout`).
 
     Returns ``(divergence [N], cross_entropy [N], row_stats [4, N])``, all fp32, for every row
     (ignored rows are the caller's business). ``row_stats`` = (lse_s, lse_t at temperature T, S,
@@ -845,6 +880,7 @@ def grad_chunk_columns(num_rows: int, vocab: int, block_v: int) -> int:
     return max(block_v, budget // block_v * block_v)
 
 
+@on_input_device
 def accumulate_grad_hidden(
     hi: torch.Tensor,
     lo: torch.Tensor | None,
@@ -882,6 +918,7 @@ def accumulate_grad_hidden(
     )
 
 
+@on_input_device
 def fused_linear_grad_logits(
     s_hidden: torch.Tensor,
     s_weight: torch.Tensor,
@@ -984,6 +1021,8 @@ def aot_specs() -> list[dict]:
                 "stride_t_hidden": "i64",
                 "stride_t_weight": "i64",
                 "stride_t_logits": "i64",
+                "t_rows_per_group": "i32",
+                "stride_t_group": "i64",
                 **{key: value for key, value in extra.items() if key.startswith("stride_")},
                 "N": "i32",
                 "V": "i32",

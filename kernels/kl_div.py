@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
+
 # Divergence codes (compile-time constants of the kernel).
 FORWARD, REVERSE, JSD, SKEW_FORWARD, SKEW_REVERSE, TVD = range(6)
 DIVERGENCE_CODES = {
@@ -237,6 +239,7 @@ def _kl_div_fwd_kernel(
         row += step
 
 
+@on_input_device
 def kl_div_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,

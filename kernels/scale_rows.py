@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
+
 BLOCK_V = 4096
 NUM_WARPS = 8
 
@@ -30,6 +32,7 @@ def _scale_rows_kernel(grad_ptr, upstream_ptr, stride_grad, stride_upstream, V, 
             tl.store(grad_row + cols, (values * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+@on_input_device
 def scale_rows_(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
     """``grad[i, :] *= upstream[i]`` in place (``grad`` [N, V] unit column stride, ``upstream`` [N] any stride)."""
     num_rows, vocab = grad.shape

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
 from .kl_div import zero_fill_row
 
 RENORMALIZE, BUCKET, LABEL = range(3)
@@ -250,6 +251,7 @@ def _row_logsumexp_kernel(x_ptr, max_ptr, logsum_ptr, stride_x, V, inv_temperatu
     tl.store(logsum_ptr + row, tl.log(total))
 
 
+@on_input_device
 def topk_kl_forward(
     student: torch.Tensor,
     indices: torch.Tensor,
@@ -308,6 +310,7 @@ def topk_kl_forward(
     return loss
 
 
+@on_input_device
 def row_logsumexp(rows: torch.Tensor, temperature: float) -> torch.Tensor:
     """fp32 ``[2, N]``: each row's max m of ``rows [N, V]`` (unit column stride) and log-sum-exp((x - m) / T),
     streamed once; log-sum-exp(x / T) = m / T + that, kept apart for accuracy at large |x|."""

@@ -56,6 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
+
 BLOCK_V = 4096
 CANDIDATE_BLOCK = 1024
 NUM_WARPS = 16
@@ -259,6 +261,7 @@ def default_capacity(count: int, vocab: int) -> int:
     return min(vocab, max(CAPACITY_FACTOR * count, MIN_CAPACITY))
 
 
+@on_input_device
 def topk_select(
     rows: torch.Tensor,
     count: int,

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
+
 BITS_PER_WORD = 64
 # Split-KV heuristic (see ``choose_num_splits``).
 MIN_SPLIT_LEN = 512
@@ -349,6 +351,7 @@ def choose_num_splits(base_programs: int, max_prefix: int, device: torch.device,
     return min(range(1, max_splits + 1), key=critical_path)
 
 
+@on_input_device
 def tree_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,

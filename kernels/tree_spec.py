@@ -56,6 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
+
 BITS_PER_WORD = 64
 BLOCK_T_SIZES = (64, 128, 256)
 TILE_ENTRIES = 4096
@@ -164,6 +166,7 @@ def section_sizes(batch: int, num_nodes: int, max_depth: int) -> list[int]:
     return [nodes, nodes * ((num_nodes + BITS_PER_WORD - 1) // BITS_PER_WORD), nodes, nodes, nodes * (max_depth + 1)]
 
 
+@on_input_device
 def tree_spec_forward(parents: torch.Tensor, max_depth: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The int64 buffer of the spec of ``parents [Bt, T]`` (int64, any strides, ``1 <= T <= 256``, a valid
     parent array: not checked here) for the depth bound ``max_depth``: one ``torch.empty`` (none with ``out``,

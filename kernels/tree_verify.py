@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
+
 VERIFY_BLOCK_V = 1024
 # Greedy argmax: programs to aim for (about 4 per SM on a 132-SM H100 / H200; a fixed number, no device
 # query) and the smallest slice of a row one program scans, in BLOCK_V blocks.
@@ -533,6 +535,7 @@ def argmax_splits(rows: int, vocab: int, block_v: int) -> int:
     return max(1, min(triton.cdiv(ARGMAX_TARGET_PROGRAMS, rows), max_splits))
 
 
+@on_input_device
 def verify_greedy_forward(
     parents: torch.Tensor, depth: torch.Tensor, ancestor_mask: torch.Tensor, draft_tokens: torch.Tensor,
     target_logits: torch.Tensor, out_width: int, num_splits: int | None = None, block_v: int | None = None,
@@ -572,6 +575,7 @@ def verify_greedy_forward(
     return accepted, accept_len, next_tokens, emitted
 
 
+@on_input_device
 def sampling_stats(
     parents: torch.Tensor, target_logits: torch.Tensor, top_k: int | None, top_p: float | None,
     draft_probs: torch.Tensor | None, temperature: float,
@@ -604,6 +608,7 @@ def sampling_stats(
     return out
 
 
+@on_input_device
 def verify_sampling_forward(
     parents: torch.Tensor, draft_tokens: torch.Tensor, target_logits: torch.Tensor,
     top_k: int | None, top_p: float | None, draft_probs: torch.Tensor | None, uniforms: torch.Tensor,
@@ -632,6 +637,7 @@ def verify_sampling_forward(
     return accepted, accept_len, next_tokens, emitted
 
 
+@on_input_device
 def compact_kv_forward(
     keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], accepted: torch.Tensor, cache_lens: torch.Tensor,
     kv_ptrs: torch.Tensor | None = None,

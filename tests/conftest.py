@@ -78,3 +78,47 @@ class RecordTensorOps(torch.utils._python_dispatch.TorchDispatchMode):
 
     def ops_with_numel(self, numel: int) -> list[str]:
         return [name for name, shape in self.records if math.prod(shape) == numel]
+
+
+# --------------------------------------------------------------------------------------------------
+# Every launch of one of our kernels, in every test, runs on the device of its tensors
+# --------------------------------------------------------------------------------------------------
+# Triton launches on the current device whatever device the tensors are on, so each launcher of
+# distill_ops.kernels makes its inputs' device current (kernels/_device.py). Checked here at each launch, for
+# the whole suite: the device the innermost launcher chose must be the device of every tensor argument (and, on
+# CUDA, the current device). A launcher left unwrapped has chosen none and fails whichever test reaches it.
+LAUNCHES_CHECKED = [0]
+
+
+def _checked_launch(run):
+    def checked_run(self, *args, **kwargs):
+        module = getattr(getattr(self, "fn", None), "__module__", "") or ""
+        if module.startswith("distill_ops.kernels") and not kwargs.get("warmup", False):
+            from distill_ops.kernels._device import launch_device
+
+            chosen = launch_device()
+            devices = {arg.device for arg in (*args, *kwargs.values()) if isinstance(arg, torch.Tensor)}
+            current = torch.cuda.current_device() if chosen is not None and chosen.type == "cuda" else None
+            if chosen is None or devices - {chosen} or (current is not None and current != chosen.index):
+                raise AssertionError(
+                    f"{module}.{self.fn.__name__} launched with tensors on {sorted(map(str, devices))} while the "
+                    f"launcher chose device {chosen} (current CUDA device {current}): every launcher must be "
+                    "wrapped by kernels._device.on_input_device"
+                )
+            LAUNCHES_CHECKED[0] += 1
+        return run(self, *args, **kwargs)
+
+    checked_run.__wrapped__ = run
+    return checked_run
+
+
+def _check_launch_devices() -> None:
+    import triton.runtime.interpreter as interpreter
+    import triton.runtime.jit as jit
+
+    for cls in (interpreter.InterpretedFunction, jit.JITFunction):
+        if not hasattr(cls.run, "__wrapped__"):
+            cls.run = _checked_launch(cls.run)
+
+
+_check_launch_devices()

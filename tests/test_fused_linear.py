@@ -18,7 +18,7 @@ import distill_ops.kernels.fused_linear as fused_linear_kernels
 from distill_ops._utils import reduce_rows
 from distill_ops.fused_linear import FusedLinearKLDivLoss, _Inputs, fused_linear_backward_triton, fused_linear_kl_div
 from distill_ops.kl_div import DIVERGENCES, kl_div_reference
-from tests.conftest import DEVICE, IMPLS, assert_close
+from tests.conftest import DEVICE, IMPLS, RecordTensorOps, assert_close
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -423,6 +423,39 @@ def test_frozen_hidden_computes_no_hidden_gradient(impl, dtype):
     _, expected = _reference(case, torch.ones(()), divergence="jsd")
     assert_close(weight.grad, expected["student_weight"], dtype)
     assert_close(bias.grad, expected["student_bias"], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", FL_IMPLS)
+def test_shifted_teacher_logits_are_read_in_place(impl, dtype, monkeypatch):
+    """Teacher logits given as a batch's shifted logits (``logits[:, 1:]``: rows not evenly spaced, so not viewable
+    as [N, V]) are read where they lie, as B groups of L rows, by every path: no tensor of the view's size is made in
+    forward or backward (they were copied whole, and the copy kept alive until backward). Loss and gradients equal
+    those of a contiguous copy exactly. The torch path's chunks are forced small (5 rows, 64 columns), so that some
+    span two sequences and others end inside one."""
+    batch, length, hs, vocab = 3, 7, 24, 301
+    case = _case((batch, length), hs, vocab, dtype, biases=True, seed=31)
+    full = _randn((batch, length + 1, vocab), dtype, 32, scale=2.0)
+    labels = _labels((batch, length), vocab, seed=33)
+    monkeypatch.setattr(fused_linear_module, "_torch_chunks", lambda rows, vocab: (5, 64))
+
+    def run(teacher_logits, record):
+        leaves = {name: case[name].clone().requires_grad_(True) for name in GRAD_INPUTS}
+        with _strategy(impl) as backend, RecordTensorOps() as recorder:
+            loss = fused_linear_kl_div(
+                leaves["student_hidden"], leaves["student_weight"], teacher_logits=teacher_logits,
+                student_bias=leaves["student_bias"], labels=labels, ce_weight=0.5, divergence="jsd", impl=backend,
+            )
+            loss.backward()
+        if record:
+            assert recorder.records and recorder.ops_with_numel(batch * length * vocab) == [], recorder.records
+        return loss, {name: leaf.grad for name, leaf in leaves.items()}
+
+    loss, grads = run(full[:, 1:], record=True)
+    expected_loss, expected_grads = run(full[:, 1:].contiguous(), record=False)
+    assert torch.equal(loss, expected_loss)
+    for name in GRAD_INPUTS:
+        assert torch.equal(grads[name], expected_grads[name]), name
 
 
 @pytest.mark.parametrize("impl", IMPLS)

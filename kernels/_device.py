@@ -1,0 +1,63 @@
+"""Every launcher runs its kernels on the device of its inputs.
+
+Triton launches a kernel on the *current* CUDA device and that device's current stream, whatever device
+the tensors it is given live on. Under a model split over GPUs (``device_map="auto"``) a layer's tensors
+sit on ``cuda:1`` while ``cuda:0`` is current: the kernel then runs on GPU 0's stream, unordered with the
+work on GPU 1 that produces its inputs (it can read them before they are written, or fault on the
+address). Peers have shipped this bug (Liger-Kernel issues 593 and 1303). Each launcher in
+``distill_ops.kernels`` is therefore wrapped by :func:`on_input_device`: the device of its first tensor
+argument is made current for the duration of the call (and restored after). When that device is already
+current, as in the single-GPU case, the wrapper costs one device query.
+
+:func:`launch_device` tells which device the innermost running launcher chose, on every device type: the
+test suite checks each kernel launch against it (``tests/conftest.py``), so a launcher left unwrapped
+fails the tests on the CPU too.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Callable, TypeVar
+
+import torch
+
+_F = TypeVar("_F", bound=Callable)
+_state = threading.local()
+
+
+def launch_device() -> torch.device | None:
+    """The device the innermost running launcher made current (``None`` outside launchers)."""
+    return getattr(_state, "device", None)
+
+
+def _first_device(args: tuple, kwargs: dict) -> torch.device | None:
+    """The device of the first tensor among the arguments, looking one level into lists and tuples
+    (``compact_kv_forward`` takes one tensor per layer)."""
+    for arg in (*args, *kwargs.values()):
+        if isinstance(arg, torch.Tensor):
+            return arg.device
+        if isinstance(arg, (list, tuple)):
+            for item in arg:
+                if isinstance(item, torch.Tensor):
+                    return item.device
+    return None
+
+
+def on_input_device(launcher: _F) -> _F:
+    """Wrap a launcher so that its kernels run on the device of its first tensor argument."""
+
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        device = _first_device(args, kwargs)
+        previous = getattr(_state, "device", None)
+        _state.device = device
+        try:
+            if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
+                with torch.cuda.device(device):
+                    return launcher(*args, **kwargs)
+            return launcher(*args, **kwargs)
+        finally:
+            _state.device = previous
+
+    return run  # type: ignore[return-value]
