@@ -219,6 +219,8 @@ def group_rows(tensor: torch.Tensor, rows: slice, columns: slice = slice(None)) 
     [G, R, W], 2-D: a view when the rows lie within one group, otherwise a copy of just those rows and columns."""
     if tensor.dim() == 2:
         return tensor[rows, columns]
+    if rows.start >= rows.stop:
+        return tensor[0, :0, columns]
     per_group = tensor.shape[1]
     first, last = rows.start // per_group, max(rows.stop - 1, rows.start) // per_group
     if first == last:

@@ -106,8 +106,16 @@ DEFAULT_MAX_CANDIDATES = 1024
 # The Triton loss kernel holds the kept entries of a row in registers (see kernels/topk_kl.py); the
 # selection kernel's candidate filter covers up to its BLOCK_V = 4096 (kernels/topk_select.py).
 TRITON_MAX_K = 4096
-# Rest-bucket masses below this on both sides make the bucket empty (fp32 cannot resolve 1 - kept mass).
+# Leftover masses (1 - kept mass, formed in fp32) below this are not resolved: the bucket is empty when both sides'
+# rest masses are below it (e.g. k = V); otherwise a rest mass, or the label tail's teacher mass, below it reads as
+# REST_EPS, a constant (zero gradient through it). fp32 rounds 1 - (kept mass) to 0 below ~6e-8, which made the
+# forward KL of a confident student, or the reverse KL against a confident teacher, infinite.
 REST_EPS = 1e-6
+
+
+def _floored(mass: Tensor) -> Tensor:
+    """``mass`` with values below :data:`REST_EPS` read as ``REST_EPS`` (NaN kept)."""
+    return torch.where(mass < REST_EPS, REST_EPS, mass)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,7 +167,7 @@ def _clipped_divergence_rows(
         is_label = indices == labels.unsqueeze(-1)
         log_weights = torch.where(is_label, float("-inf"), log_weights)
         others_mass = torch.where(is_label, 0.0, weights * teacher_logprobs.exp()).sum(-1, keepdim=True)
-        label_mass = (1.0 - others_mass).clamp_min(0.0)
+        label_mass = _floored(1.0 - others_mass)
         teacher_log_mass = torch.cat([log_weights + teacher_logprobs, torch.log(label_mass)], dim=-1)
         student_log_mass = torch.cat([log_weights + gathered, scaled(raw[:, indices.shape[-1]:])], dim=-1)
     else:
@@ -171,8 +179,9 @@ def _clipped_divergence_rows(
         full_row = (full_row.to(torch.float32) - shift.view(row_shape)) / temperature
         lse_all = torch.logsumexp(full_row, dim=-1, keepdim=True).view(-1, 1)
         kept_log_q = student_log_mass - lse_all
-        rest_p = (1.0 - teacher_log_mass.exp().sum(-1, keepdim=True)).clamp_min(0.0)
-        rest_q = (1.0 - (torch.logsumexp(student_log_mass, -1, keepdim=True) - lse_all).exp()).clamp_min(0.0)
+        # Floored (both floored: a zero term with zero gradient, as the hard path's empty bucket).
+        rest_p = _floored(1.0 - teacher_log_mass.exp().sum(-1, keepdim=True))
+        rest_q = _floored(1.0 - (torch.logsumexp(student_log_mass, -1, keepdim=True) - lse_all).exp())
         log_p = torch.cat([teacher_log_mass, torch.log(rest_p)], dim=-1)
         log_q = torch.cat([kept_log_q, torch.log(rest_q)], dim=-1)
     else:
@@ -215,14 +224,16 @@ def _hard_rows_and_grad(
         log_q = b - lse_all.unsqueeze(-1)
         rest_q = 1.0 - (lse_b - lse_all).exp()
         rest_q = torch.where(rest_q < 0, 0.0, rest_q)
-        # Both rest masses below fp32's resolution of 1 - (kept mass): an empty bucket (e.g. k = V).
+        # Both rest masses below fp32's resolution of 1 - (kept mass): an empty bucket (e.g. k = V). Otherwise a
+        # side below it reads as REST_EPS; a floored student mass is a constant (no gradient through it).
         negligible = (leftover_p < REST_EPS) & (rest_q < REST_EPS)
-        extra_p = torch.where(negligible, 0.0, leftover_p)
-        extra_q = torch.where(negligible, 0.0, rest_q)
+        q_floored = ~negligible & (rest_q < REST_EPS)
+        extra_p = torch.where(negligible, 0.0, _floored(leftover_p))
+        extra_q = torch.where(negligible, 0.0, _floored(rest_q))
         extra_log_p, extra_log_q = extra_p.log(), extra_q.log()
     elif tail == "label":
         z_label = scaled_student.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        extra_a = leftover_p.log()
+        extra_a = _floored(leftover_p).log()
         lse_a = torch.logsumexp(torch.cat([a, extra_a.unsqueeze(-1)], -1), -1)
         lse_b = torch.logsumexp(torch.cat([b, z_label.unsqueeze(-1)], -1), -1)
         log_p = a - lse_a.unsqueeze(-1)
@@ -234,20 +245,24 @@ def _hard_rows_and_grad(
         log_q = b - lse_b.unsqueeze(-1)
     p = torch.where(kept, log_p.exp(), 0.0)
     q = torch.where(kept, log_q.exp(), 0.0)
-    total_p = p.sum(-1) + extra_p
-    total_q = q.sum(-1) + extra_q
+    # The gradient leaves a floored student rest mass out (a constant outcome): its terms enter the loss only.
+    live = 1.0 if tail != "bucket" else torch.where(q_floored, 0.0, 1.0)
     if divergence == "forward":
+        total_p = p.sum(-1) + live * extra_p
         ratio = torch.where(p > 0, log_p - log_q, 0.0)
         extra_ratio = torch.where(extra_p > 0, extra_log_p - extra_log_q, 0.0)
         loss = (p * ratio).sum(-1) + extra_p * extra_ratio
         grad_kept = q * total_p.unsqueeze(-1) - p
-        extra_coef = torch.where(extra_q > 0, total_p - extra_p / extra_q, 0.0)
+        extra_coef = torch.where(extra_q > 0, total_p - live * extra_p / extra_q, 0.0)
     else:
         ratio = torch.where(q > 0, log_q - log_p, 0.0)
         extra_ratio = torch.where(extra_q > 0, extra_log_q - extra_log_p, 0.0)
-        loss = (q * ratio).sum(-1) + extra_q * extra_ratio
-        grad_kept = torch.where(q > 0, q * (ratio + 1.0 - (loss + total_q).unsqueeze(-1)), 0.0)
-        extra_coef = extra_ratio + 1.0 - loss - total_q
+        extra_term = extra_q * extra_ratio
+        loss = (q * ratio).sum(-1) + extra_term
+        # S = sum over the live outcomes of Q_o g_o, g_o = log Q_o - log P_o + 1.
+        s = (q * ratio).sum(-1) + live * extra_term + q.sum(-1) + live * extra_q
+        grad_kept = torch.where(q > 0, q * (ratio + 1.0 - s.unsqueeze(-1)), 0.0)
+        extra_coef = live * (extra_ratio + 1.0) - s
     if not compute_grad:
         return loss, None
     if tail == "bucket":

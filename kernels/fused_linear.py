@@ -674,7 +674,7 @@ def _teacher_rows_layout(t_logits: torch.Tensor | None, num_rows: int) -> tuple[
         return 0, 1, 0
     if t_logits.dim() == 2:
         return t_logits.stride(0), max(num_rows, 1), 0
-    return t_logits.stride(1), max(t_logits.shape[1], 1), t_logits.stride(0)
+    return t_logits.stride(1), max(t_logits.shape[1], 1), t_logits.stride(0) if t_logits.shape[0] > 1 else 0
 
 
 def _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, s_logits=None, s_softcap=None,

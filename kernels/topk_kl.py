@@ -47,6 +47,8 @@ BLOCK_V = 4096
 MAX_BLOCK_K = 4096
 LSE_BLOCK_V = 4096
 LSE_NUM_WARPS = 8
+# Leftover masses below this are not resolved in fp32: distill_ops.topk_kl.REST_EPS (the same value; a test checks).
+REST_EPS = tl.constexpr(1e-6)
 
 
 def block_k_for(k: int) -> int:
@@ -128,6 +130,7 @@ def _topk_kl_fwd_kernel(
         leftover_p = tl.where(leftover_p < 0.0, 0.0, leftover_p)  # keeps NaN (NaN < 0 is false)
 
         lse_all = 0.0
+        live = 1.0  # 0.0: the bucket's student mass is floored, a constant the gradient leaves out
         if TAIL == 1:
             # Student full-vocabulary log-sum-exp, streamed once (per-lane online max / sum; the max
             # starts at a finite floor so exp(m_old - m_new) is defined on lanes that saw only -inf).
@@ -149,10 +152,12 @@ def _topk_kl_fwd_kernel(
             rest_q = 1.0 - tl.exp(lse_b - lse_all)
             rest_q = tl.where(rest_q < 0.0, 0.0, rest_q)
             # Both rest masses below fp32's resolution of 1 - (kept mass): the bucket is empty (e.g. k = V);
-            # otherwise rounding noise on one side against an exact 0 on the other would give inf.
-            negligible = (leftover_p < 1e-6) & (rest_q < 1e-6)  # REST_EPS of distill_ops.topk_kl
-            x_p = tl.where(negligible, 0.0, leftover_p)
-            x_q = tl.where(negligible, 0.0, rest_q)
+            # otherwise a side below it reads as REST_EPS (rounding noise, or an exact 0, against the other side's
+            # mass gave inf), and a floored student mass is a constant: the gradient leaves it out (``live``).
+            negligible = (leftover_p < REST_EPS) & (rest_q < REST_EPS)
+            live = tl.where(negligible, 1.0, tl.where(rest_q < REST_EPS, 0.0, 1.0))
+            x_p = tl.where(negligible, 0.0, tl.where(leftover_p < REST_EPS, REST_EPS, leftover_p))
+            x_q = tl.where(negligible, 0.0, tl.where(rest_q < REST_EPS, REST_EPS, rest_q))
             x_log_p = tl.log(x_p)
             x_log_q = tl.log(x_q)
         else:
@@ -160,7 +165,7 @@ def _topk_kl_fwd_kernel(
                 label_ok = (label >= 0) & (label < V)
                 z_label = tl.load(student_row + label, mask=label_ok, other=float("nan")).to(tl.float32)
                 z_label = (z_label - shift) * inv_temperature
-                x_a = tl.log(leftover_p)
+                x_a = tl.log(tl.where(leftover_p < REST_EPS, REST_EPS, leftover_p))  # floored, as the bucket's
                 max_a = tl.maximum(tl.max(a, axis=0), x_a)
                 lse_a = max_a + tl.log(tl.sum(tl.exp(a - max_a), axis=0) + tl.exp(x_a - max_a))
                 max_bl = tl.maximum(max_b, z_label)
@@ -181,22 +186,23 @@ def _topk_kl_fwd_kernel(
             p = tl.where(kept, tl.exp(log_p_kept), 0.0)
         q = tl.where(kept, tl.exp(log_q), 0.0)
 
-        total_p = tl.sum(p, axis=0) + x_p
-        total_q = tl.sum(q, axis=0) + x_q
         if DIVERGENCE == 0:  # KL(P || Q) over the outcomes
+            total_p = tl.sum(p, axis=0) + live * x_p
             ratio = tl.where(p > 0.0, log_p_kept - log_q, 0.0)
             x_ratio = tl.where(x_p > 0.0, x_log_p - x_log_q, 0.0)
             loss = tl.sum(p * ratio, axis=0) + x_p * x_ratio
-            # dL/dz_j = q_j (g_o - S), g_o = -P_o / Q_o, S = -sum P.
+            # dL/dz_j = q_j (g_o - S) over the live outcomes, g_o = -P_o / Q_o, S = -sum P.
             grad_kept = q * total_p - p
-            x_grad_coef = tl.where(x_q > 0.0, total_p - x_p / x_q, 0.0)  # per unit of student mass
+            x_grad_coef = tl.where(x_q > 0.0, total_p - live * x_p / x_q, 0.0)  # per unit of student mass
         else:  # KL(Q || P)
             ratio = tl.where(q > 0.0, log_q - log_p_kept, 0.0)
             x_ratio = tl.where(x_q > 0.0, x_log_q - x_log_p, 0.0)
-            loss = tl.sum(q * ratio, axis=0) + x_q * x_ratio
-            # g_o = log Q_o - log P_o + 1, S = KL + sum Q.
-            grad_kept = tl.where(q > 0.0, q * (ratio + 1.0 - loss - total_q), 0.0)
-            x_grad_coef = x_ratio + 1.0 - loss - total_q
+            kept_sum = tl.sum(q * ratio, axis=0)
+            loss = kept_sum + x_q * x_ratio
+            # g_o = log Q_o - log P_o + 1, S = sum over the live outcomes of Q_o g_o.
+            s = kept_sum + live * x_q * x_ratio + tl.sum(q, axis=0) + live * x_q
+            grad_kept = tl.where(q > 0.0, q * (ratio + 1.0 - s), 0.0)
+            x_grad_coef = live * (x_ratio + 1.0) - s
         # The reduction's weight (1/count for "mean") is folded into loss and gradient, so that
         # backward usually receives an incoming gradient of exactly 1 and moves no [N, V] bytes.
         row_weight = tl.load(weight_ptr + row * stride_weight)

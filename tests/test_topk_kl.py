@@ -86,12 +86,13 @@ def _reference_row(student_row, dense_row, sparse_indices, sparse_logprobs, k, l
         rest_p, rest_q = (1 - kept_p.sum()).clamp_min(0), (1 - q_kept.sum()).clamp_min(0)
         if rest_p < 1e-6 and rest_q < 1e-6:  # the documented empty-bucket rule (e.g. k = V)
             P, Q = kept_p, q_kept
-        else:
-            P, Q = torch.cat([kept_p, rest_p.reshape(1)]), torch.cat([q_kept, rest_q.reshape(1)])
+        else:  # documented: a rest mass below 1e-6 reads as 1e-6 (a constant: clamp_min's gradient there is 0)
+            P = torch.cat([kept_p, rest_p.clamp_min(1e-6).reshape(1)])
+            Q = torch.cat([q_kept, rest_q.clamp_min(1e-6).reshape(1)])
     else:
         others = [i for i, t in enumerate(kept_tokens) if t != label]
         other_p = kept_p[others]
-        P = torch.cat([other_p, (1 - other_p.sum()).clamp_min(0).reshape(1)])
+        P = torch.cat([other_p, (1 - other_p.sum()).clamp_min(1e-6).reshape(1)])  # documented floor
         Q = q_full[[kept_tokens[i] for i in others] + [label]]
         P, Q = P / P.sum(), Q / Q.sum()
     if divergence == "forward":
@@ -435,6 +436,44 @@ def test_small_leftover_mass_at_large_logits_stays_finite(tail, divergence, impl
         teacher = torch.tensor([[0.0, -9.0, -9.0, -9.0]], device=DEVICE) + offset
         _run_and_compare(student + offset, impl, teacher_logits=teacher, k=1, tail=tail, divergence=divergence,
                          labels=labels)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unresolved_leftover_masses_read_as_the_floor(impl):
+    """A leftover mass (1 - kept mass, formed in fp32) below fp32's resolution rounded to 0 against the other
+    side's mass: a confident student's rest bucket made the forward KL infinite, a confident teacher's rest or
+    label mass made the reverse KL infinite with NaN gradients (and the Triton kernel returned rounding noise: 15.9
+    where both impls now give the floored 13.8). Such a mass now reads as the documented ``REST_EPS`` (a constant:
+    no gradient through it); loss and gradient match the float64 reference of that rule on both impls, finite.
+    Found by a review of verl's top-k KL fix (verl PR 7855, which clamps the student's tail mass)."""
+    from distill_ops.kernels.topk_kl import REST_EPS as KERNEL_REST_EPS
+    from distill_ops.topk_kl import REST_EPS
+
+    assert KERNEL_REST_EPS == REST_EPS == 1e-6
+    vocab, k = 1000, 4
+    # A: sparse teacher keeping 0.999, student with ~9e-9 outside the teacher's top-4 (forward KL, bucket).
+    confident = torch.zeros(1, vocab)
+    confident[0, :k] = torch.tensor([25.0, 24.0, 23.0, 22.0])
+    indices = torch.arange(k)[None].to(DEVICE)
+    logprobs = torch.tensor([[0.6, 0.2, 0.15, 0.049]], dtype=torch.float64).log().float().to(DEVICE)
+    loss, grad = _run_and_compare(confident.to(DEVICE), impl, teacher_topk_indices=indices,
+                                  teacher_topk_logprobs=logprobs, tail="bucket", divergence="forward")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    # B: dense teacher holding all but ~1e-10 on its top-4, unsure student (reverse KL, bucket).
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(1, vocab, generator=generator)
+    student[0, :k] += 1.0
+    teacher = torch.randn(1, vocab, generator=generator)
+    teacher[0, :k] += 30.0
+    _run_and_compare(student.to(DEVICE), impl, teacher_logits=teacher.to(DEVICE), k=k, tail="bucket",
+                     divergence="reverse")
+    # C: label tail, the teacher's top-4 holding 1 - 1e-8 and the label outside it (reverse KL).
+    student = torch.randn(2, 64, generator=generator)
+    probs = torch.tensor([[0.7, 0.2, 0.05, 0.05]] * 2, dtype=torch.float64) * (1 - 1e-8)
+    for divergence in ("forward", "reverse"):
+        _run_and_compare(student.to(DEVICE), impl, teacher_topk_indices=torch.arange(k).expand(2, k).to(DEVICE),
+                         teacher_topk_logprobs=probs.log().float().to(DEVICE), tail="label",
+                         labels=torch.tensor([40, 2]).to(DEVICE), divergence=divergence)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
