@@ -178,12 +178,12 @@ def as_rows(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return as_row_groups((tensor,), width)[0].reshape(-1, width)
 
 
-def _mergeable(tensor: torch.Tensor, dims: int) -> bool:
-    """Whether ``tensor``'s first ``dims`` dims merge into one without a copy (each stride is the next one's
+def _mergeable(tensor: torch.Tensor, stop: int, start: int = 0) -> bool:
+    """Whether ``tensor``'s dims ``[start, stop)`` merge into one without a copy (each stride is the next one's
     stride times its size, size-1 dims aside). Decided from sizes and strides, not by trying ``view``: under
     ``torch.compile`` a failed view is not an exception the traced code can catch."""
     inner = None
-    for size, stride in zip(reversed(tensor.shape[:dims]), reversed(tensor.stride()[:dims])):
+    for size, stride in zip(reversed(tensor.shape[start:stop]), reversed(tensor.stride()[start:stop])):
         if size == 1:
             continue
         if inner is not None and stride != inner:
@@ -196,10 +196,11 @@ def as_row_groups(tensors: Sequence[torch.Tensor], width: int) -> list[torch.Ten
     """Views ``[G, R, width]`` (unit stride along the last dim) of tensors ``[..., >= width]`` that share their
     leading dims, for kernels that address row ``i`` as ``(i // R, i % R)`` with two strides.
 
-    ``G = 1`` (plain rows) when every tensor's leading dims flatten without a copy. Otherwise the last leading dim
-    is kept apart: a batch of shifted logits ``logits[:, :-1]`` ([B, L, V] whose rows are not evenly spaced) is
-    read in place as B groups of L rows, where flattening it would copy all of it. Only a tensor that even this
-    layout cannot express (e.g. a slice along two leading dims) is copied.
+    ``G = 1`` (plain rows) when every tensor's leading dims flatten without a copy. Otherwise the leading dims are
+    split in two, G outer and R inner rows, at the innermost split where both parts of every tensor merge: a batch
+    of shifted logits ``logits[:, :-1]`` ([B, L, V] whose rows are not evenly spaced) is read in place as B groups
+    of L rows, where flattening it would copy all of it, and ``logits[:, 1:]`` of ``[A, B + 1, L, V]`` as A groups
+    of B·L rows. Only a tensor that no split can express (e.g. a slice along two leading dims) is copied.
     """
     rows = []
     for tensor in tensors:
@@ -210,8 +211,17 @@ def as_row_groups(tensors: Sequence[torch.Tensor], width: int) -> list[torch.Ten
     leading = rows[0].dim() - 1
     if rows[0].numel() == 0 or all(_mergeable(view, leading) for view in rows):  # (an empty tensor views as any)
         return [view.view(1, -1, width) for view in rows]
-    shape = (math.prod(rows[0].shape[:-2]), rows[0].shape[-2], width)
-    return [view.view(shape) if _mergeable(view, leading - 1) else view.reshape(shape) for view in rows]
+
+    def splits_at(view: torch.Tensor, split: int) -> bool:
+        return _mergeable(view, split) and _mergeable(view, leading, split)
+
+    split = leading - 1
+    for candidate in range(leading - 1, 0, -1):  # a plain loop: torch.compile traces it
+        if all(splits_at(view, candidate) for view in rows):
+            split = candidate
+            break
+    shape = (math.prod(rows[0].shape[:split]), math.prod(rows[0].shape[split:leading]), width)
+    return [view.view(shape) if splits_at(view, split) else view.reshape(shape) for view in rows]
 
 
 def group_rows(tensor: torch.Tensor, rows: slice, columns: slice = slice(None)) -> torch.Tensor:

@@ -28,36 +28,44 @@ _state = threading.local()
 
 def launch_device() -> torch.device | None:
     """The device the innermost running launcher made current (``None`` outside launchers)."""
-    return getattr(_state, "device", None)
+    tensor = getattr(_state, "tensor", None)
+    return None if tensor is None else tensor.device
 
 
-def _first_device(args: tuple, kwargs: dict) -> torch.device | None:
-    """The device of the first tensor among the arguments, looking one level into lists and tuples
-    (``compact_kv_forward`` takes one tensor per layer)."""
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The first tensor among the arguments, looking one level into lists and tuples (``compact_kv_forward``
+    takes one tensor per layer)."""
     for arg in (*args, *kwargs.values()):
         if isinstance(arg, torch.Tensor):
-            return arg.device
+            return arg
         if isinstance(arg, (list, tuple)):
             for item in arg:
                 if isinstance(item, torch.Tensor):
-                    return item.device
+                    return item
     return None
 
 
 def on_input_device(launcher: _F) -> _F:
-    """Wrap a launcher so that its kernels run on the device of its first tensor argument."""
+    """Wrap a launcher so that its kernels run on the device of its first tensor argument.
+
+    Host cost, measured on the 2-core development CPU with CPU tensors: 0.6 µs per call (1.6 µs in the first
+    version, which built ``torch.device`` objects and compared their ``.type`` strings: tensor attributes only now).
+    On CUDA add one current-device query."""
 
     @functools.wraps(launcher)
     def run(*args, **kwargs):
-        device = _first_device(args, kwargs)
-        previous = getattr(_state, "device", None)
-        _state.device = device
+        first = args[0] if args else None
+        if not isinstance(first, torch.Tensor):
+            first = _first_tensor(args, kwargs)
+        state = _state
+        previous = getattr(state, "tensor", None)
+        state.tensor = first
         try:
-            if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
-                with torch.cuda.device(device):
+            if first is not None and first.is_cuda and first.get_device() != torch.cuda.current_device():
+                with torch.cuda.device(first.get_device()):
                     return launcher(*args, **kwargs)
             return launcher(*args, **kwargs)
         finally:
-            _state.device = previous
+            state.tensor = previous
 
     return run  # type: ignore[return-value]

@@ -127,6 +127,30 @@ def test_shifted_batch_logits_are_read_in_place(impl, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_shift_along_an_outer_leading_dim_is_read_in_place(impl, monkeypatch):
+    """``logits[:, 1:]`` of ``[A, B + 1, L, V]`` (the leading dims merge only as A groups of B·L rows): read in place,
+    as for the last-dim shift; it was copied whole, the row groups being formed only by splitting off the last
+    leading dim (found by the review of the fused-linear teacher-logits change). Loss and gradient equal those of
+    contiguous copies exactly. The torch path's row chunks are forced to 5 rows (smaller than [N, V])."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["distill_ops.kl_div"], "row_chunk", lambda rows, vocab: 5)
+    outer, inner, length, vocab = 2, 3, 4, 129
+    student_full = _logits((outer, inner + 1, length, vocab), torch.float32, seed=55)
+    teacher_full = _logits((outer, inner + 1, length, vocab), torch.float32, seed=56)
+    leaf = student_full.clone().requires_grad_(True)
+    with RecordTensorOps() as recorder:
+        loss = kl_div(leaf[:, 1:], teacher_full[:, 1:], divergence="jsd", impl=impl)
+    assert recorder.ops_with_numel(outer * inner * length * vocab) == ["aten.empty.memory_format"], recorder.records
+    loss.backward()
+    expected, expected_grad, _ = _run(student_full[:, 1:].contiguous(), teacher_full[:, 1:].contiguous(), impl,
+                                      upstream=torch.ones_like(loss), divergence="jsd")
+    assert torch.equal(loss, expected)
+    assert torch.equal(leaf.grad[:, 1:], expected_grad)
+    assert torch.count_nonzero(leaf.grad[:, 0]) == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_inplace_grad_allocates_no_gradient(impl, monkeypatch):
     """``inplace_grad=True`` writes the gradient straight over the student: no [N, V] buffer on either impl (the
     torch path allocated one and copied it over the student; its row chunks are forced to 2 rows here, so that its
