@@ -232,7 +232,7 @@ def group_rows(tensor: torch.Tensor, rows: slice, columns: slice = slice(None)) 
     if rows.start >= rows.stop:
         return tensor[0, :0, columns]
     per_group = tensor.shape[1]
-    first, last = rows.start // per_group, max(rows.stop - 1, rows.start) // per_group
+    first, last = rows.start // per_group, (rows.stop - 1) // per_group
     if first == last:
         return tensor[first, rows.start - first * per_group:rows.stop - first * per_group, columns]
     return torch.cat([

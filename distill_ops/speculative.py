@@ -1271,7 +1271,7 @@ class SpeculativeDecoder:
         self.depth, self.topk, self.num_nodes = depth, topk, num_nodes
         self.impl = impl
         self.profile = profile
-        self.device = target_param.device
+        self.device = target_device
         self.vocab_size = vocab
         self._cache_kwarg = _cache_kwarg(target)
         self._position_limit = _position_limit(target)
