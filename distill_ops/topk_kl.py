@@ -106,16 +106,31 @@ DEFAULT_MAX_CANDIDATES = 1024
 # The Triton loss kernel holds the kept entries of a row in registers (see kernels/topk_kl.py); the
 # selection kernel's candidate filter covers up to its BLOCK_V = 4096 (kernels/topk_select.py).
 TRITON_MAX_K = 4096
-# Leftover masses (1 - kept mass, formed in fp32) below this are not resolved: the bucket is empty when both sides'
-# rest masses are below it (e.g. k = V); otherwise a rest mass, or the label tail's teacher mass, below it reads as
-# REST_EPS, a constant (zero gradient through it). fp32 rounds 1 - (kept mass) to 0 below ~6e-8, which made the
-# forward KL of a confident student, or the reverse KL against a confident teacher, infinite.
+# The teacher's leftover mass is 1 - (its kept mass), formed in fp32 from the given probabilities: not resolved below
+# REST_EPS. The bucket is empty when both sides' rest masses are below it (e.g. k = V); otherwise a teacher leftover,
+# or the label tail's teacher mass, below it reads as REST_EPS, a constant (zero gradient through it). fp32 rounds
+# 1 - (kept mass) to 0 below ~6e-8, which made the reverse KL against a confident teacher infinite.
 REST_EPS = 1e-6
+# The student's rest mass is its total minus its kept mass, both summed in fp64 over the same fp32 terms (not
+# 1 - (kept mass) in fp32): resolved to ~1e-15 of the row's mass. Below this floor (above that rounding) it reads as
+# the floor, a constant: a 0 against the teacher's leftover made the forward KL infinite.
+REST_Q_FLOOR = 1e-13
 
 
-def _floored(mass: Tensor) -> Tensor:
-    """``mass`` with values below :data:`REST_EPS` read as ``REST_EPS`` (NaN kept)."""
-    return torch.where(mass < REST_EPS, REST_EPS, mass)
+def _floored(mass: Tensor, floor: float = REST_EPS) -> Tensor:
+    """``mass`` with values below ``floor`` read as ``floor`` (NaN kept)."""
+    return torch.where(mass < floor, floor, mass)
+
+
+def _outside_mass(probs: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """The mass of ``probs [n, V]`` outside the (soft) kept set whose columns ``indices [n, m]`` hold
+    ``weights [n, m]`` of their mass: ``(sum_j p_j - sum_i w_i p_{indices_i}) / sum_j p_j``, both sums in fp64 over the
+    same fp32 terms, so resolved to fp64 rounding where 1 - (kept mass) in fp32 rounds to 0 (a column kept twice
+    counts twice; nothing kept gives exactly 1). ``[n, 1]`` in ``probs``' dtype, clamped at 0 (NaN kept)."""
+    total = probs.sum(-1, keepdim=True, dtype=torch.float64)
+    inside = (probs.gather(-1, indices).to(torch.float64) * weights.to(torch.float64)).sum(-1, keepdim=True)
+    rest = ((total - inside) / total).to(probs.dtype)
+    return torch.where(rest < 0, 0.0, rest)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,11 +194,17 @@ def _clipped_divergence_rows(
         full_row = (full_row.to(torch.float32) - shift.view(row_shape)) / temperature
         lse_all = torch.logsumexp(full_row, dim=-1, keepdim=True).view(-1, 1)
         kept_log_q = student_log_mass - lse_all
-        # Floored (both floored: a zero term with zero gradient, as the hard path's empty bucket).
-        rest_p = _floored(1.0 - teacher_log_mass.exp().sum(-1, keepdim=True))
-        rest_q = _floored(1.0 - (torch.logsumexp(student_log_mass, -1, keepdim=True) - lse_all).exp())
-        log_p = torch.cat([teacher_log_mass, torch.log(rest_p)], dim=-1)
-        log_q = torch.cat([kept_log_q, torch.log(rest_q)], dim=-1)
+        # The hard path's rule (see _hard_rows_and_grad): an empty bucket when both rest masses are below REST_EPS.
+        rest_p = 1.0 - teacher_log_mass.exp().sum(-1, keepdim=True)
+        in_set = torch.where(teacher_logprobs != float("-inf"), weights, 0.0)
+        if active is not None:
+            in_set = torch.where(active.unsqueeze(-1), in_set, 0.0)
+        rest_q = _outside_mass(torch.softmax(full_row, -1).view(lse_all.shape[0], -1), indices, in_set)
+        negligible = (rest_p < REST_EPS) & (rest_q < REST_EPS)
+        log_rest_p = torch.where(negligible, float("-inf"), torch.log(_floored(rest_p)))
+        log_rest_q = torch.where(negligible, float("-inf"), torch.log(_floored(rest_q, REST_Q_FLOOR)))
+        log_p = torch.cat([teacher_log_mass, log_rest_p], dim=-1)
+        log_q = torch.cat([kept_log_q, log_rest_q], dim=-1)
     else:
         log_p = teacher_log_mass - torch.logsumexp(teacher_log_mass, -1, keepdim=True)
         log_q = student_log_mass - torch.logsumexp(student_log_mass, -1, keepdim=True)
@@ -220,16 +241,17 @@ def _hard_rows_and_grad(
     extra_p = extra_q = extra_log_p = extra_log_q = zero
     if tail == "bucket":
         lse_all = torch.logsumexp(scaled_student, -1)
+        q_full = (scaled_student - lse_all.unsqueeze(-1)).exp()
         log_p = a
         log_q = b - lse_all.unsqueeze(-1)
-        rest_q = 1.0 - (lse_b - lse_all).exp()
-        rest_q = torch.where(rest_q < 0, 0.0, rest_q)
-        # Both rest masses below fp32's resolution of 1 - (kept mass): an empty bucket (e.g. k = V). Otherwise a
-        # side below it reads as REST_EPS; a floored student mass is a constant (no gradient through it).
+        rest_q = _outside_mass(q_full, indices, kept).squeeze(-1)
+        # Both rest masses below REST_EPS (the teacher's is not resolved below it): an empty bucket (e.g. k = V).
+        # Otherwise the teacher's reads as at least REST_EPS, the student's as at least REST_Q_FLOOR; a floored
+        # student mass is a constant (no gradient through it).
         negligible = (leftover_p < REST_EPS) & (rest_q < REST_EPS)
-        q_floored = ~negligible & (rest_q < REST_EPS)
+        q_floored = ~negligible & (rest_q < REST_Q_FLOOR)
         extra_p = torch.where(negligible, 0.0, _floored(leftover_p))
-        extra_q = torch.where(negligible, 0.0, _floored(rest_q))
+        extra_q = torch.where(negligible, 0.0, _floored(rest_q, REST_Q_FLOOR))
         extra_log_p, extra_log_q = extra_p.log(), extra_q.log()
     elif tail == "label":
         z_label = scaled_student.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
@@ -266,13 +288,16 @@ def _hard_rows_and_grad(
     if not compute_grad:
         return loss, None
     if tail == "bucket":
-        q_full = (scaled_student - lse_all.unsqueeze(-1)).exp()
         grad = torch.where(q_full == 0, 0.0, q_full * extra_coef.unsqueeze(-1))
     else:
         grad = torch.zeros_like(scaled_student)
-    # Added, not overwritten: a column stored twice (a kept token and a padding entry that reuses its index,
-    # e.g. index 0 with log-prob -inf) must not let the padding entry's write win.
-    grad = grad.scatter_add(-1, indices, torch.where(kept, grad_kept - grad.gather(-1, indices), 0.0))
+    # The kept columns' bucket share is zeroed (a product: a padding entry that reuses a kept token's index, e.g.
+    # index 0 with log-prob -inf, multiplies by 1 and adds 0, so it cannot win over the kept entry), then their
+    # values are added. Adding (value - share) instead lost the value where the share was large (a student rest
+    # mass far below the teacher's makes the bucket's coefficient large).
+    if tail == "bucket":
+        grad = grad.scatter_reduce(-1, indices, torch.where(kept, 0.0, 1.0), reduce="prod")
+    grad = grad.scatter_add(-1, indices, torch.where(kept, grad_kept, 0.0))
     if tail == "label":
         grad = grad.scatter(-1, labels.unsqueeze(-1), (extra_q * extra_coef).unsqueeze(-1))
     return loss, grad

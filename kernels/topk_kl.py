@@ -9,7 +9,8 @@ padded to ``BLOCK_K``, a power of two), the student logits are gathered at their
 * ``label``: the label token is kept too; it receives the teacher mass that the other kept tokens
   leave (1 - sum of their probabilities); both sides renormalised over the K + 1 outcomes.
 * ``bucket``: K kept outcomes plus one rest bucket; the student uses its full-vocabulary softmax,
-  so the row is streamed once for its log-sum-exp (online per-lane max / sum).
+  so the row is streamed once for its sum of exponentials relative to the largest kept logit (compensated
+  per-lane sums, combined in fp64: the rest mass is that total minus the kept terms, bit-identical ones).
 
 The gradient pass writes the whole student gradient row: zeros (``renormalize`` / ``label``) or the
 rest bucket's share q_j * c (``bucket``), then, after a CTA barrier so that those stores are visible,
@@ -47,8 +48,11 @@ BLOCK_V = 4096
 MAX_BLOCK_K = 4096
 LSE_BLOCK_V = 4096
 LSE_NUM_WARPS = 8
-# Leftover masses below this are not resolved in fp32: distill_ops.topk_kl.REST_EPS (the same value; a test checks).
+# The teacher's leftover mass (1 - its kept mass) is not resolved below REST_EPS; the student's rest mass is resolved
+# to fp64 rounding (~1e-15 of the row's mass) and floored at REST_Q_FLOOR: distill_ops.topk_kl's constants (the same
+# values; a test checks).
 REST_EPS = tl.constexpr(1e-6)
+REST_Q_FLOOR = tl.constexpr(1e-13)
 
 
 def block_k_for(k: int) -> int:
@@ -132,32 +136,55 @@ def _topk_kl_fwd_kernel(
         lse_all = 0.0
         live = 1.0  # 0.0: the bucket's student mass is floored, a constant the gradient leaves out
         if TAIL == 1:
-            # Student full-vocabulary log-sum-exp, streamed once (per-lane online max / sum; the max
-            # starts at a finite floor so exp(m_old - m_new) is defined on lanes that saw only -inf).
-            run_max = tl.full([BLOCK_V], -1.0e30, tl.float32)
+            # Student full-vocabulary sum of exp(x), streamed once. The reference is the largest kept scaled
+            # logit (x = 0 there), not a running max: each term exp(x) is then bit-identical to the same column's
+            # term among the kept entries, so the rest mass is the difference of two sums of the same fp32 terms,
+            # resolved to fp64 rounding (per-lane compensated sums, combined in fp64): ~1e-15 of the row's mass,
+            # where 1 - (kept mass) in fp32 lost rest masses below ~1e-6. One exp per element (the running max
+            # took two).
             run_sum = tl.zeros([BLOCK_V], tl.float32)
+            run_comp = tl.zeros([BLOCK_V], tl.float32)  # Kahan: the lane's sum is run_sum - run_comp
             for start in range(0, V, BLOCK_V):
                 cols = start + offsets_v
                 x = tl.load(student_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-                x = (x - shift) * inv_temperature
-                new_max = tl.maximum(run_max, x)
-                run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(x - new_max)
-                run_max = new_max
-            row_max = tl.max(run_max, axis=0)
-            lse_all = row_max + tl.log(tl.sum(run_sum * tl.exp(run_max - row_max), axis=0))
+                term = tl.exp((x - shift) * inv_temperature) - run_comp
+                new_sum = run_sum + term
+                run_comp = (new_sum - run_sum) - term
+                run_sum = new_sum
+            total = tl.sum(run_sum.to(tl.float64) - run_comp.to(tl.float64), axis=0)
+            if total < 1.0e38:  # below fp32's overflow, so that lse_all is finite
+                kept_total = tl.sum(tl.exp(b).to(tl.float64), axis=0)
+                lse_all = tl.log(total.to(tl.float32))
+                rest_q = ((total - kept_total) / total).to(tl.float32)
+            else:
+                # exp overflowed (a logit ~88·T above every kept one; the kept set then holds less than K·e^-88 of
+                # the mass, so 1 - that is exact), or the row holds NaN / inf: the sum again, relative to the row's
+                # max.
+                run_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
+                for start in range(0, V, BLOCK_V):
+                    cols = start + offsets_v
+                    x = tl.load(student_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                    run_max = tl.maximum(run_max, (x - shift) * inv_temperature)
+                row_max = tl.max(run_max, axis=0)
+                run_sum = tl.zeros([BLOCK_V], tl.float32)
+                for start in range(0, V, BLOCK_V):
+                    cols = start + offsets_v
+                    x = tl.load(student_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                    run_sum += tl.exp((x - shift) * inv_temperature - row_max)
+                lse_all = row_max + tl.log(tl.sum(run_sum, axis=0))
+                rest_q = 1.0 - tl.exp(lse_b - lse_all)
             log_q = b - lse_all
             p = tl.where(kept, tl.exp(a), 0.0)
             log_p_kept = a
-            # Rest bucket: the teacher's and the student's mass outside the kept set.
-            rest_q = 1.0 - tl.exp(lse_b - lse_all)
-            rest_q = tl.where(rest_q < 0.0, 0.0, rest_q)
-            # Both rest masses below fp32's resolution of 1 - (kept mass): the bucket is empty (e.g. k = V);
-            # otherwise a side below it reads as REST_EPS (rounding noise, or an exact 0, against the other side's
-            # mass gave inf), and a floored student mass is a constant: the gradient leaves it out (``live``).
+            rest_q = tl.where(rest_q < 0.0, 0.0, rest_q)  # keeps NaN
+            # Both rest masses below REST_EPS (the teacher's is 1 - its kept mass, unresolved below it): the bucket
+            # is empty (e.g. k = V). Otherwise the teacher's reads as at least REST_EPS and the student's as at
+            # least REST_Q_FLOOR (above fp64's rounding; a 0 against the other side's mass gave inf); a floored
+            # student mass is a constant: the gradient leaves it out (``live``).
             negligible = (leftover_p < REST_EPS) & (rest_q < REST_EPS)
-            live = tl.where(negligible, 1.0, tl.where(rest_q < REST_EPS, 0.0, 1.0))
+            live = tl.where(negligible, 1.0, tl.where(rest_q < REST_Q_FLOOR, 0.0, 1.0))
             x_p = tl.where(negligible, 0.0, tl.where(leftover_p < REST_EPS, REST_EPS, leftover_p))
-            x_q = tl.where(negligible, 0.0, tl.where(rest_q < REST_EPS, REST_EPS, rest_q))
+            x_q = tl.where(negligible, 0.0, tl.where(rest_q < REST_Q_FLOOR, REST_Q_FLOOR, rest_q))
             x_log_p = tl.log(x_p)
             x_log_q = tl.log(x_q)
         else:

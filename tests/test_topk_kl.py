@@ -83,12 +83,14 @@ def _reference_row(student_row, dense_row, sparse_indices, sparse_logprobs, k, l
         Q = q_full[kept_tokens] / q_full[kept_tokens].sum()
     elif tail == "bucket":
         q_kept = q_full[kept_tokens]
-        rest_p, rest_q = (1 - kept_p.sum()).clamp_min(0), (1 - q_kept.sum()).clamp_min(0)
+        outside = torch.ones_like(q_full, dtype=torch.bool)
+        outside[kept_tokens] = False
+        rest_p, rest_q = (1 - kept_p.sum()).clamp_min(0), q_full[outside].sum()
         if rest_p < 1e-6 and rest_q < 1e-6:  # the documented empty-bucket rule (e.g. k = V)
             P, Q = kept_p, q_kept
-        else:  # documented: a rest mass below 1e-6 reads as 1e-6 (a constant: clamp_min's gradient there is 0)
+        else:  # documented floors: 1e-6 for the teacher, 1e-13 for the student (constants: clamp_min's gradient is 0)
             P = torch.cat([kept_p, rest_p.clamp_min(1e-6).reshape(1)])
-            Q = torch.cat([q_kept, rest_q.clamp_min(1e-6).reshape(1)])
+            Q = torch.cat([q_kept, rest_q.clamp_min(1e-13).reshape(1)])
     else:
         others = [i for i, t in enumerate(kept_tokens) if t != label]
         other_p = kept_p[others]
@@ -439,41 +441,66 @@ def test_small_leftover_mass_at_large_logits_stays_finite(tail, divergence, impl
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_unresolved_leftover_masses_read_as_the_floor(impl):
-    """A leftover mass (1 - kept mass, formed in fp32) below fp32's resolution rounded to 0 against the other
-    side's mass: a confident student's rest bucket made the forward KL infinite, a confident teacher's rest or
-    label mass made the reverse KL infinite with NaN gradients (and the Triton kernel returned rounding noise: 15.9
-    where both impls now give the floored 13.8). Such a mass now reads as the documented ``REST_EPS`` (a constant:
-    no gradient through it); loss and gradient match the float64 reference of that rule on both impls, finite.
-    Found by a review of verl's top-k KL fix (verl PR 7855, which clamps the student's tail mass)."""
-    from distill_ops.kernels.topk_kl import REST_EPS as KERNEL_REST_EPS
-    from distill_ops.topk_kl import REST_EPS
+def test_unresolved_teacher_leftover_reads_as_the_floor(impl):
+    """The teacher's leftover mass (1 - its kept mass, formed in fp32) below fp32's resolution rounded to 0 against
+    the student's mass: a confident teacher's rest or label mass made the reverse KL infinite with NaN gradients.
+    Such a mass reads as the documented ``REST_EPS`` (a constant: no gradient through it); loss and gradient match
+    the float64 reference of that rule on both impls, finite. Found by a review of verl's top-k KL fix (verl PR
+    7855, which clamps the tail mass)."""
+    from distill_ops.kernels.topk_kl import REST_EPS as KERNEL_REST_EPS, REST_Q_FLOOR as KERNEL_REST_Q_FLOOR
+    from distill_ops.topk_kl import REST_EPS, REST_Q_FLOOR
 
-    assert KERNEL_REST_EPS == REST_EPS == 1e-6
+    assert KERNEL_REST_EPS == REST_EPS == 1e-6 and KERNEL_REST_Q_FLOOR == REST_Q_FLOOR == 1e-13
     vocab, k = 1000, 4
-    # A: sparse teacher keeping 0.999, student with ~9e-9 outside the teacher's top-4 (forward KL, bucket).
-    confident = torch.zeros(1, vocab)
-    confident[0, :k] = torch.tensor([25.0, 24.0, 23.0, 22.0])
-    indices = torch.arange(k)[None].to(DEVICE)
-    logprobs = torch.tensor([[0.6, 0.2, 0.15, 0.049]], dtype=torch.float64).log().float().to(DEVICE)
-    loss, grad = _run_and_compare(confident.to(DEVICE), impl, teacher_topk_indices=indices,
-                                  teacher_topk_logprobs=logprobs, tail="bucket", divergence="forward")
-    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    # B: dense teacher holding all but ~1e-10 on its top-4, unsure student (reverse KL, bucket).
+    # Dense teacher holding all but ~1e-10 on its top-4, unsure student (reverse KL, bucket).
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(1, vocab, generator=generator)
     student[0, :k] += 1.0
     teacher = torch.randn(1, vocab, generator=generator)
     teacher[0, :k] += 30.0
-    _run_and_compare(student.to(DEVICE), impl, teacher_logits=teacher.to(DEVICE), k=k, tail="bucket",
-                     divergence="reverse")
-    # C: label tail, the teacher's top-4 holding 1 - 1e-8 and the label outside it (reverse KL).
+    loss, grad = _run_and_compare(student.to(DEVICE), impl, teacher_logits=teacher.to(DEVICE), k=k, tail="bucket",
+                                  divergence="reverse")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    # Label tail, the teacher's top-4 holding 1 - 1e-8 and the label outside it.
     student = torch.randn(2, 64, generator=generator)
     probs = torch.tensor([[0.7, 0.2, 0.05, 0.05]] * 2, dtype=torch.float64) * (1 - 1e-8)
     for divergence in ("forward", "reverse"):
         _run_and_compare(student.to(DEVICE), impl, teacher_topk_indices=torch.arange(k).expand(2, k).to(DEVICE),
                          teacher_topk_logprobs=probs.log().float().to(DEVICE), tail="label",
                          labels=torch.tensor([40, 2]).to(DEVICE), divergence=divergence)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_student_rest_mass_is_exact(divergence, impl):
+    """The bucket's student rest mass is total minus kept mass in fp64 over the same fp32 terms, not 1 - (kept mass)
+    in fp32: a confident student's 9e-9 (or 6e-11) of rest mass used to read as the floor 1e-6, a constant, so the
+    loss was a bound (the forward KL 0.0329 for 0.0376) and the student got no gradient towards the teacher's
+    leftover 1e-3. Now loss and gradient match the float64 reference at the fp32 tolerance, and every column
+    outside the kept set gets the gradient that raises it (forward KL). Also: a student logit far above the kept
+    ones (the kernel's second sweep, relative to the row's max); rest masses below the 1e-13 floor (6e-24, and
+    non-kept terms that underflow in fp32), which read as the floor."""
+    vocab, k = 1000, 4
+    indices = torch.arange(k)[None].to(DEVICE)
+    logprobs = torch.tensor([[0.6, 0.2, 0.15, 0.049]], dtype=torch.float64).log().float().to(DEVICE)
+    sparse = dict(teacher_topk_indices=indices, teacher_topk_logprobs=logprobs, tail="bucket", divergence=divergence)
+    for top, temperature in ((25.0, 1.0), (30.0, 1.0), (14.0, 0.5)):
+        confident = torch.zeros(1, vocab)
+        confident[0, :k] = torch.tensor([0.0, -1.0, -2.0, -3.0]) + top
+        loss, grad = _run_and_compare(confident.to(DEVICE), impl, temperature=temperature, **sparse)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        if divergence == "forward":
+            assert (grad[0, k:] < 0).all()  # descent raises every outside logit
+    far = torch.zeros(1, vocab)
+    far[0, :k] = torch.tensor([0.0, -1.0, -2.0, -3.0])
+    far[0, 700] = 80.0
+    for temperature in (1.0, 0.5):  # scaled gaps 80 and 160, above the kernel's 64
+        _run_and_compare(far.to(DEVICE), impl, temperature=temperature, **sparse)
+    for outside in (-60.0, -200.0):
+        floored = torch.full((1, vocab), outside)
+        floored[0, :k] = torch.tensor([0.0, -1.0, -2.0, -3.0])
+        loss, grad = _run_and_compare(floored.to(DEVICE), impl, **sparse)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -769,8 +796,8 @@ def test_dackl_reads_shifted_batch_logits_in_place(tail, training, impl, monkeyp
     if training:
         assert all(torch.equal(a, b) for a, b in zip(net_grads, expected_net_grads))
     allowed = ["aten.where.self"] if training and labels is not None else []  # the teacher's masked copy
-    if training and tail == "bucket":  # its rest bucket: the scaled full rows (documented)
-        allowed += ["aten.sub.Tensor", "aten.div.Tensor"]
+    if training and tail == "bucket":  # its rest bucket: the scaled full rows and their softmax (documented)
+        allowed += ["aten.sub.Tensor", "aten.div.Tensor", "aten._softmax.default"]
     if not training:  # the hard path's stored gradient
         allowed = ["aten.empty_like.default"]
     assert big == allowed, big
