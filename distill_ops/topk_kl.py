@@ -106,20 +106,42 @@ DEFAULT_MAX_CANDIDATES = 1024
 # The Triton loss kernel holds the kept entries of a row in registers (see kernels/topk_kl.py); the
 # selection kernel's candidate filter covers up to its BLOCK_V = 4096 (kernels/topk_select.py).
 TRITON_MAX_K = 4096
-# The teacher's leftover mass is 1 - (its kept mass), formed in fp32 from the given probabilities: not resolved below
-# REST_EPS. The bucket is empty when both sides' rest masses are below it (e.g. k = V); otherwise a teacher leftover,
-# or the label tail's teacher mass, below it reads as REST_EPS, a constant (zero gradient through it). fp32 rounds
-# 1 - (kept mass) to 0 below ~6e-8, which made the reverse KL against a confident teacher infinite.
-REST_EPS = 1e-6
-# The student's rest mass is its total minus its kept mass, both summed in fp64 over the same fp32 terms (not
-# 1 - (kept mass) in fp32): resolved to ~1e-15 of the row's mass. Below this floor (above that rounding) it reads as
-# the floor, a constant: a 0 against the teacher's leftover made the forward KL infinite.
+# Leftover masses. The teacher's, 1 - (its kept mass), is formed in fp64 from the fp32 log-probabilities (a confident
+# teacher's top log-probability -1e-10 is exact in fp32, its mass 1 - 1e-10 was not): resolved down to their own
+# rounding, 2^-24 |log p| each; below TEACHER_RESOLUTION * sum p |log p| over the kept entries it reads as that floor,
+# a constant (zero gradient through it); so does the label tail's teacher mass. The student's rest mass is its total
+# minus its kept mass, both summed in fp64 over the same fp32 terms (not 1 - (kept mass) in fp32): resolved to
+# ~1e-15 of the row's mass. Every floor is at least REST_Q_FLOOR (above fp64's rounding); the bucket is empty when
+# both sides are below their floors (e.g. k = V). A 0 against the other side's mass made the forward KL of a
+# confident student, or the reverse KL against a confident teacher, infinite; the fp32 forms floored at 1e-6.
+TEACHER_RESOLUTION = 2.0**-20
 REST_Q_FLOOR = 1e-13
 
 
-def _floored(mass: Tensor, floor: float = REST_EPS) -> Tensor:
+def _floored(mass: Tensor, floor: float | Tensor) -> Tensor:
     """``mass`` with values below ``floor`` read as ``floor`` (NaN kept)."""
     return torch.where(mass < floor, floor, mass)
+
+
+def _fine_logsumexp(values: Tensor) -> Tensor:
+    """log-sum-exp over the last dim (kept), as max + log1p(the other terms' sum): the max's own term (1) is kept
+    apart, so a sum 1 + s with s below fp32's step at 1 is resolved (``torch.logsumexp`` returns max + 0 there, and
+    a confident teacher's leftover mass 1e-10 was lost). Rows whose max is not finite give the max (NaN kept)."""
+    top = values.amax(-1, keepdim=True)
+    terms = (values - finite_or_zero(top)).exp().scatter(-1, values.argmax(-1, keepdim=True), 0.0)
+    return torch.where(top.isfinite(), top + torch.log1p(terms.sum(-1, keepdim=True)), top)
+
+
+def _teacher_leftover(log_mass: Tensor, logprobs: Tensor) -> tuple[Tensor, Tensor]:
+    """``(1 - sum exp(log_mass), floor)`` per row, ``[n, 1]`` fp32: the teacher's leftover mass summed in fp64
+    (differentiable), and the floor below which it is not resolved (a constant, see ``TEACHER_RESOLUTION``): the
+    masses' sum of ``p |logprobs|`` times TEACHER_RESOLUTION, at least REST_Q_FLOOR."""
+    probs = log_mass.to(torch.float64).exp()
+    leftover = (1.0 - probs.sum(-1, keepdim=True)).to(torch.float32)
+    with torch.no_grad():
+        spread = torch.where(probs > 0, probs * logprobs.to(torch.float64).abs(), 0.0).sum(-1, keepdim=True)
+        floor = (TEACHER_RESOLUTION * spread).clamp_min(REST_Q_FLOOR).to(torch.float32)
+    return torch.where(leftover < 0, 0.0, leftover), floor  # keeps NaN
 
 
 def _outside_mass(probs: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
@@ -181,8 +203,7 @@ def _clipped_divergence_rows(
         # The label's own entry moves to the label outcome, which holds 1 - (the others' kept mass).
         is_label = indices == labels.unsqueeze(-1)
         log_weights = torch.where(is_label, float("-inf"), log_weights)
-        others_mass = torch.where(is_label, 0.0, weights * teacher_logprobs.exp()).sum(-1, keepdim=True)
-        label_mass = _floored(1.0 - others_mass)
+        label_mass = _floored(*_teacher_leftover(log_weights + teacher_logprobs, teacher_logprobs))
         teacher_log_mass = torch.cat([log_weights + teacher_logprobs, torch.log(label_mass)], dim=-1)
         student_log_mass = torch.cat([log_weights + gathered, scaled(raw[:, indices.shape[-1]:])], dim=-1)
     else:
@@ -194,14 +215,14 @@ def _clipped_divergence_rows(
         full_row = (full_row.to(torch.float32) - shift.view(row_shape)) / temperature
         lse_all = torch.logsumexp(full_row, dim=-1, keepdim=True).view(-1, 1)
         kept_log_q = student_log_mass - lse_all
-        # The hard path's rule (see _hard_rows_and_grad): an empty bucket when both rest masses are below REST_EPS.
-        rest_p = 1.0 - teacher_log_mass.exp().sum(-1, keepdim=True)
+        # The hard path's rules (see _hard_rows_and_grad): floors, and an empty bucket when both are below theirs.
+        rest_p, floor_p = _teacher_leftover(teacher_log_mass, teacher_logprobs)
         in_set = torch.where(teacher_logprobs != float("-inf"), weights, 0.0)
         if active is not None:
             in_set = torch.where(active.unsqueeze(-1), in_set, 0.0)
         rest_q = _outside_mass(torch.softmax(full_row, -1).view(lse_all.shape[0], -1), indices, in_set)
-        negligible = (rest_p < REST_EPS) & (rest_q < REST_EPS)
-        log_rest_p = torch.where(negligible, float("-inf"), torch.log(_floored(rest_p)))
+        negligible = (rest_p < floor_p) & (rest_q < REST_Q_FLOOR)
+        log_rest_p = torch.where(negligible, float("-inf"), torch.log(_floored(rest_p, floor_p)))
         log_rest_q = torch.where(negligible, float("-inf"), torch.log(_floored(rest_q, REST_Q_FLOOR)))
         log_p = torch.cat([teacher_log_mass, log_rest_p], dim=-1)
         log_q = torch.cat([kept_log_q, log_rest_q], dim=-1)
@@ -235,8 +256,7 @@ def _hard_rows_and_grad(
     a = torch.where(kept, teacher_logprobs, neg_inf)
     b = torch.where(kept, gathered, neg_inf)
     lse_b = torch.logsumexp(b, -1)
-    leftover_p = 1.0 - torch.where(kept, a.exp(), 0.0).sum(-1)
-    leftover_p = torch.where(leftover_p < 0, 0.0, leftover_p)  # keeps NaN
+    leftover_p, floor_p = (x.squeeze(-1) for x in _teacher_leftover(a, a))
     zero = a.new_zeros(())
     extra_p = extra_q = extra_log_p = extra_log_q = zero
     if tail == "bucket":
@@ -245,17 +265,16 @@ def _hard_rows_and_grad(
         log_p = a
         log_q = b - lse_all.unsqueeze(-1)
         rest_q = _outside_mass(q_full, indices, kept).squeeze(-1)
-        # Both rest masses below REST_EPS (the teacher's is not resolved below it): an empty bucket (e.g. k = V).
-        # Otherwise the teacher's reads as at least REST_EPS, the student's as at least REST_Q_FLOOR; a floored
-        # student mass is a constant (no gradient through it).
-        negligible = (leftover_p < REST_EPS) & (rest_q < REST_EPS)
+        # Both rest masses below their floors: an empty bucket (e.g. k = V). Otherwise each reads as at least its
+        # floor; a floored student mass is a constant (no gradient through it).
+        negligible = (leftover_p < floor_p) & (rest_q < REST_Q_FLOOR)
         q_floored = ~negligible & (rest_q < REST_Q_FLOOR)
-        extra_p = torch.where(negligible, 0.0, _floored(leftover_p))
+        extra_p = torch.where(negligible, 0.0, _floored(leftover_p, floor_p))
         extra_q = torch.where(negligible, 0.0, _floored(rest_q, REST_Q_FLOOR))
         extra_log_p, extra_log_q = extra_p.log(), extra_q.log()
     elif tail == "label":
         z_label = scaled_student.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        extra_a = _floored(leftover_p).log()
+        extra_a = _floored(leftover_p, floor_p).log()
         lse_a = torch.logsumexp(torch.cat([a, extra_a.unsqueeze(-1)], -1), -1)
         lse_b = torch.logsumexp(torch.cat([b, z_label.unsqueeze(-1)], -1), -1)
         log_p = a - lse_a.unsqueeze(-1)
@@ -417,7 +436,7 @@ def _teacher_lse_op(teacher: Tensor, temperature: float, backend: str) -> Tensor
         rows = teacher[start : start + step].to(torch.float32)
         row_max = rows.amax(-1, keepdim=True)
         out[0, start : start + step] = row_max.squeeze(-1)
-        out[1, start : start + step] = torch.logsumexp((rows - finite_or_zero(row_max)) / temperature, -1)
+        out[1, start : start + step] = _fine_logsumexp((rows - finite_or_zero(row_max)) / temperature).squeeze(-1)
     return out
 
 
@@ -541,9 +560,9 @@ def _retemper(kept_logprobs_t1: Tensor, temperature: float) -> Tensor:
     """Sparse teacher at T: p_i = M softmax_kept(log p_i / T), M = the kept mass at T = 1."""
     if temperature == 1.0:
         return kept_logprobs_t1
-    kept_mass = torch.logsumexp(kept_logprobs_t1, -1, keepdim=True)
+    kept_mass = _fine_logsumexp(kept_logprobs_t1)
     scaled = kept_logprobs_t1 / temperature
-    return scaled - torch.logsumexp(scaled, -1, keepdim=True) + kept_mass
+    return scaled - _fine_logsumexp(scaled) + kept_mass
 
 
 # --------------------------------------------------------------------------------------------------

@@ -48,10 +48,10 @@ BLOCK_V = 4096
 MAX_BLOCK_K = 4096
 LSE_BLOCK_V = 4096
 LSE_NUM_WARPS = 8
-# The teacher's leftover mass (1 - its kept mass) is not resolved below REST_EPS; the student's rest mass is resolved
-# to fp64 rounding (~1e-15 of the row's mass) and floored at REST_Q_FLOOR: distill_ops.topk_kl's constants (the same
-# values; a test checks).
-REST_EPS = tl.constexpr(1e-6)
+# Floors of the leftover masses: the teacher's (1 - its kept mass) at TEACHER_RESOLUTION * sum p |log p| over its
+# kept entries (the rounding of fp32 log-probabilities), the student's (resolved to fp64 rounding, ~1e-15 of the
+# row's mass) and both at least REST_Q_FLOOR: distill_ops.topk_kl's constants (the same values; a test checks).
+TEACHER_RESOLUTION = tl.constexpr(2.0**-20)
 REST_Q_FLOOR = tl.constexpr(1e-13)
 
 
@@ -67,6 +67,25 @@ def num_warps_for(block_k: int, tail: str) -> int:
     if tail == "bucket":
         return 32
     return 16 if block_k >= 2048 else 8
+
+
+@triton.jit
+def _teacher_leftover(a, kept):
+    """(leftover, floor) of the teacher's kept log-masses ``a`` (-inf where not ``kept``): 1 - sum p as (1 - p_top) in
+    fp64 minus the other kept masses, so that a confident teacher's leftover (p_top = 1 - 1e-10, its log-probability
+    -1e-10 exact in fp32) is resolved, not rounded to 0; and its floor, the log-probabilities' own fp32 rounding
+    (2^-24 |log p| each): TEACHER_RESOLUTION times sum p |log p| over the kept entries, at least REST_Q_FLOOR."""
+    p_all = tl.where(kept, tl.exp(a), 0.0)
+    a_top = tl.max(a, axis=0)
+    # The masses below the top one, and the top one's ties past the first.
+    others = tl.sum(tl.where(a < a_top, p_all, 0.0), axis=0)
+    others += (tl.sum(tl.where(a == a_top, 1.0, 0.0), axis=0) - 1.0) * tl.exp(a_top)
+    leftover = ((1.0 - tl.exp(a_top.to(tl.float64))) - others.to(tl.float64)).to(tl.float32)
+    mass = tl.sum(p_all, axis=0)
+    leftover = tl.where(mass == mass, leftover, mass)  # a NaN entry reaches the loss, wherever it is
+    leftover = tl.where(leftover < 0.0, 0.0, leftover)  # keeps NaN (NaN < 0 is false)
+    floor = tl.maximum(TEACHER_RESOLUTION * tl.sum(tl.where(kept, p_all * tl.abs(a), 0.0), axis=0), REST_Q_FLOOR)
+    return leftover, floor
 
 
 @triton.jit
@@ -129,9 +148,6 @@ def _topk_kl_fwd_kernel(
         sum_b = tl.sum(tl.exp(b - max_b), axis=0)
         # The log-sum-exp of the kept student logits: -inf when nothing is kept (a row of padding), not NaN.
         lse_b = tl.where(max_b == float("-inf"), float("-inf"), max_b + tl.log(sum_b))
-        mass_p = tl.sum(tl.where(kept, tl.exp(a), 0.0), axis=0)
-        leftover_p = 1.0 - mass_p
-        leftover_p = tl.where(leftover_p < 0.0, 0.0, leftover_p)  # keeps NaN (NaN < 0 is false)
 
         lse_all = 0.0
         live = 1.0  # 0.0: the bucket's student mass is floored, a constant the gradient leaves out
@@ -155,7 +171,8 @@ def _topk_kl_fwd_kernel(
             if total < 1.0e38:  # below fp32's overflow, so that lse_all is finite
                 kept_total = tl.sum(tl.exp(b).to(tl.float64), axis=0)
                 lse_all = tl.log(total.to(tl.float32))
-                rest_q = ((total - kept_total) / total).to(tl.float32)
+                # The difference in fp64, the ratio in fp32 (fp64 division is a subroutine call: a stack frame).
+                rest_q = (total - kept_total).to(tl.float32) / total.to(tl.float32)
             else:
                 # exp overflowed (a logit ~88·T above every kept one; the kept set then holds less than K·e^-88 of
                 # the mass, so 1 - that is exact), or the row holds NaN / inf: the sum again, relative to the row's
@@ -177,13 +194,13 @@ def _topk_kl_fwd_kernel(
             p = tl.where(kept, tl.exp(a), 0.0)
             log_p_kept = a
             rest_q = tl.where(rest_q < 0.0, 0.0, rest_q)  # keeps NaN
-            # Both rest masses below REST_EPS (the teacher's is 1 - its kept mass, unresolved below it): the bucket
-            # is empty (e.g. k = V). Otherwise the teacher's reads as at least REST_EPS and the student's as at
-            # least REST_Q_FLOOR (above fp64's rounding; a 0 against the other side's mass gave inf); a floored
-            # student mass is a constant: the gradient leaves it out (``live``).
-            negligible = (leftover_p < REST_EPS) & (rest_q < REST_EPS)
+            leftover_p, floor_p = _teacher_leftover(a, kept)
+            # Both rest masses below their floors: the bucket is empty (e.g. k = V). Otherwise each reads as at
+            # least its floor (a 0 against the other side's mass gave inf); a floored student mass is a constant:
+            # the gradient leaves it out (``live``).
+            negligible = (leftover_p < floor_p) & (rest_q < REST_Q_FLOOR)
             live = tl.where(negligible, 1.0, tl.where(rest_q < REST_Q_FLOOR, 0.0, 1.0))
-            x_p = tl.where(negligible, 0.0, tl.where(leftover_p < REST_EPS, REST_EPS, leftover_p))
+            x_p = tl.where(negligible, 0.0, tl.where(leftover_p < floor_p, floor_p, leftover_p))
             x_q = tl.where(negligible, 0.0, tl.where(rest_q < REST_Q_FLOOR, REST_Q_FLOOR, rest_q))
             x_log_p = tl.log(x_p)
             x_log_q = tl.log(x_q)
@@ -192,7 +209,8 @@ def _topk_kl_fwd_kernel(
                 label_ok = (label >= 0) & (label < V)
                 z_label = tl.load(student_row + label, mask=label_ok, other=float("nan")).to(tl.float32)
                 z_label = (z_label - shift) * inv_temperature
-                x_a = tl.log(tl.where(leftover_p < REST_EPS, REST_EPS, leftover_p))  # floored, as the bucket's
+                leftover_p, floor_p = _teacher_leftover(a, kept)
+                x_a = tl.log(tl.where(leftover_p < floor_p, floor_p, leftover_p))  # floored, as the bucket's
                 max_a = tl.maximum(tl.max(a, axis=0), x_a)
                 lse_a = max_a + tl.log(tl.sum(tl.exp(a - max_a), axis=0) + tl.exp(x_a - max_a))
                 max_bl = tl.maximum(max_b, z_label)
@@ -269,19 +287,27 @@ def _row_logsumexp_kernel(x_ptr, max_ptr, logsum_ptr, stride_x, V, inv_temperatu
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     offsets = tl.arange(0, BLOCK_V)
-    # Per-lane max of the raw logits (T > 0 keeps the order) and sum of exp((x - max) / T).
+    # Per lane: the max of the raw logits (T > 0 keeps the order) and the sum of exp((x - max) / T) over the lane's
+    # other elements, the max's own term (exactly 1) kept apart, so that log-sum = log(1 + rest) resolves a rest far
+    # below fp32's step at 1 (a confident teacher's top log-probability -1e-10 read 0 and its leftover mass 0). One
+    # exp per element. The max starts at a finite floor: a lane that sees only -inf adds nothing.
     run_max = tl.full([BLOCK_V], -1.0e30, tl.float32)
-    run_sum = tl.zeros([BLOCK_V], tl.float32)
+    run_rest = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + offsets
         x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(run_max, x)
-        run_sum = run_sum * tl.exp((run_max - new_max) * inv_temperature) + tl.exp((x - new_max) * inv_temperature)
-        run_max = new_max
+        step = tl.exp(-tl.abs(x - run_max) * inv_temperature)
+        above = x > run_max
+        run_rest = tl.where(above, (run_rest + 1.0) * step, run_rest + step)
+        run_max = tl.where(above, x, run_max)
     row_max = tl.max(run_max, axis=0)
-    total = tl.sum(run_sum * tl.exp((run_max - row_max) * inv_temperature), axis=0)
+    lane_scale = tl.exp((run_max - row_max) * inv_temperature)
+    # Every lane's rest, and every lane's max but one lane holding the row's (its term is the 1).
+    rest = tl.sum(run_rest * lane_scale, axis=0)
+    rest += tl.sum(tl.where(offsets != tl.argmax(run_max, axis=0), lane_scale, 0.0), axis=0)
+    logsum = tl.log(1.0 + rest.to(tl.float64)).to(tl.float32)
     tl.store(max_ptr + row, row_max)
-    tl.store(logsum_ptr + row, tl.log(total))
+    tl.store(logsum_ptr + row, tl.where(row_max > -1.0e30, logsum, float("-inf")))  # a row of -inf: log 0
 
 
 @on_input_device

@@ -24,9 +24,8 @@ Domain restrictions (precision, not semantics), each stated where it is applied:
   Exact touching (a bound equal to a cumulative mass) is therefore only exercised where it is exact in fp32 too: the
   bounds 0 and 1, which are drawn often (``upper=0``, ``lower=0``, ``upper=1`` also after the fp32 running sum has
   rounded to 1, ``lower=1``, ``lower == upper``; a test of its own draws only those, on peaked teachers).
-* ``bucket`` / ``label`` tails: leftover masses ``1 - kept mass`` are formed in fp32; every rest / label mass is
-  either negligible on both sides (below the documented 1e-6, e.g. everything kept) or at least ``MIN_MASS``
-  (as in ``tests/test_properties_losses.py``).
+* ``bucket`` / ``label`` tails: every rest / label mass is either negligible on both sides (below the documented
+  floors, e.g. everything kept) or at least ``MIN_MASS`` (as in ``tests/test_properties_losses.py``).
 * Reverse KL: the gradient Q_o (log Q_o - log P_o - KL) cancels on the student's dominant outcomes, leaving an fp32
   error of a few eps Q_o (|log P_o| + |log Q_o| + KL). Reverse top-k examples keep ``scale / temperature`` at most
   ``REVERSE_MAX_SCALE`` and, since a lower bound keeps tail tokens whose log-masses lie far below the top-k ones,
@@ -69,7 +68,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = torch.float64
 NEG_INF = float("-inf")
-REST_EPS = 1e-6  # topk_kl_div: both rest masses below this make the bucket empty (documented)
 MIN_MASS = 1e-2  # smallest rest / label mass the top-k examples use (module docstring)
 BOUND_MARGIN = 1e-4  # no cumulative mass this close to a bound in (0, 1) (module docstring)
 REVERSE_MAX_SCALE = 4.0  # largest scale / temperature of reverse top-k examples (module docstring)

@@ -1,5 +1,6 @@
 """topk_kl_div / TopKKLDivLoss / DACKLLoss: parity with an explicit float64 reference, edge cases, bad input."""
 
+import itertools
 import math
 
 import pytest
@@ -39,6 +40,11 @@ def _sparse_from_dense(teacher, k):
 # ----------------------------------------------------------------------------------------------
 # The float64 reference: per row, explicit sort / gather, autograd for the gradient
 # ----------------------------------------------------------------------------------------------
+
+
+def _teacher_floor(kept_p):
+    """The documented floor of the teacher's leftover mass: 2^-20 * sum p |log p| over its kept masses, >= 1e-13."""
+    return max(float((kept_p * kept_p.log().abs()).nan_to_num(0.0).sum()) * 2.0**-20, 1e-13)
 
 
 def _reference_row(student_row, dense_row, sparse_indices, sparse_logprobs, k, lower, upper, tail, divergence,
@@ -86,15 +92,16 @@ def _reference_row(student_row, dense_row, sparse_indices, sparse_logprobs, k, l
         outside = torch.ones_like(q_full, dtype=torch.bool)
         outside[kept_tokens] = False
         rest_p, rest_q = (1 - kept_p.sum()).clamp_min(0), q_full[outside].sum()
-        if rest_p < 1e-6 and rest_q < 1e-6:  # the documented empty-bucket rule (e.g. k = V)
+        floor_p = _teacher_floor(kept_p)
+        if rest_p < floor_p and rest_q < 1e-13:  # the documented empty-bucket rule (e.g. k = V)
             P, Q = kept_p, q_kept
-        else:  # documented floors: 1e-6 for the teacher, 1e-13 for the student (constants: clamp_min's gradient is 0)
-            P = torch.cat([kept_p, rest_p.clamp_min(1e-6).reshape(1)])
+        else:  # documented floors (constants: clamp_min's gradient is 0 there)
+            P = torch.cat([kept_p, rest_p.clamp_min(floor_p).reshape(1)])
             Q = torch.cat([q_kept, rest_q.clamp_min(1e-13).reshape(1)])
     else:
         others = [i for i, t in enumerate(kept_tokens) if t != label]
         other_p = kept_p[others]
-        P = torch.cat([other_p, (1 - other_p.sum()).clamp_min(1e-6).reshape(1)])  # documented floor
+        P = torch.cat([other_p, (1 - other_p.sum()).clamp_min(_teacher_floor(other_p)).reshape(1)])  # documented
         Q = q_full[[kept_tokens[i] for i in others] + [label]]
         P, Q = P / P.sum(), Q / Q.sum()
     if divergence == "forward":
@@ -441,33 +448,41 @@ def test_small_leftover_mass_at_large_logits_stays_finite(tail, divergence, impl
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_unresolved_teacher_leftover_reads_as_the_floor(impl):
-    """The teacher's leftover mass (1 - its kept mass, formed in fp32) below fp32's resolution rounded to 0 against
-    the student's mass: a confident teacher's rest or label mass made the reverse KL infinite with NaN gradients.
-    Such a mass reads as the documented ``REST_EPS`` (a constant: no gradient through it); loss and gradient match
-    the float64 reference of that rule on both impls, finite. Found by a review of verl's top-k KL fix (verl PR
-    7855, which clamps the tail mass)."""
-    from distill_ops.kernels.topk_kl import REST_EPS as KERNEL_REST_EPS, REST_Q_FLOOR as KERNEL_REST_Q_FLOOR
-    from distill_ops.topk_kl import REST_EPS, REST_Q_FLOOR
+def test_teacher_leftover_is_resolved_down_to_its_inputs(impl):
+    """The teacher's leftover mass (1 - its kept mass) was formed in fp32 and floored at 1e-6: a confident dense
+    teacher's 1e-10 read as 1e-6 (its bucket's reverse KL 13.75 for 13.81). Now it is summed in fp64 from the fp32
+    log-probabilities (the dense teacher's normaliser as log(1 + rest), the sparse teacher's re-tempering likewise),
+    and only a leftover below those log-probabilities' own rounding (2^-20 sum p |log p|) reads as that floor, a
+    constant. Loss and gradient match the float64 reference of those rules on both impls: confident dense and
+    sparse teachers (T = 1 and 2, bucket and label tails), and an unsure teacher whose 1e-8 stays floored. Found
+    by a review of verl's top-k KL fix (verl PR 7855, which clamps the tail mass)."""
+    from distill_ops import topk_kl as torch_side
+    from distill_ops.kernels import topk_kl as kernel_side
 
-    assert KERNEL_REST_EPS == REST_EPS == 1e-6 and KERNEL_REST_Q_FLOOR == REST_Q_FLOOR == 1e-13
+    assert kernel_side.TEACHER_RESOLUTION == torch_side.TEACHER_RESOLUTION == 2.0**-20
+    assert kernel_side.REST_Q_FLOOR == torch_side.REST_Q_FLOOR == 1e-13
     vocab, k = 1000, 4
-    # Dense teacher holding all but ~1e-10 on its top-4, unsure student (reverse KL, bucket).
+    # Dense teacher holding all but ~1e-10 on its top-4, unsure student.
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(1, vocab, generator=generator)
     student[0, :k] += 1.0
     teacher = torch.randn(1, vocab, generator=generator)
     teacher[0, :k] += 30.0
-    loss, grad = _run_and_compare(student.to(DEVICE), impl, teacher_logits=teacher.to(DEVICE), k=k, tail="bucket",
-                                  divergence="reverse")
-    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    # Label tail, the teacher's top-4 holding 1 - 1e-8 and the label outside it.
+    for divergence in DIVERGENCES:
+        loss, grad = _run_and_compare(student.to(DEVICE), impl, teacher_logits=teacher.to(DEVICE), k=k, tail="bucket",
+                                      divergence=divergence)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    # Sparse teachers: a confident one (leftover 2e-11) and an unsure one (leftover 1e-8, below its resolution).
     student = torch.randn(2, 64, generator=generator)
-    probs = torch.tensor([[0.7, 0.2, 0.05, 0.05]] * 2, dtype=torch.float64) * (1 - 1e-8)
-    for divergence in ("forward", "reverse"):
-        _run_and_compare(student.to(DEVICE), impl, teacher_topk_indices=torch.arange(k).expand(2, k).to(DEVICE),
-                         teacher_topk_logprobs=probs.log().float().to(DEVICE), tail="label",
-                         labels=torch.tensor([40, 2]).to(DEVICE), divergence=divergence)
+    confident = torch.tensor([[1 - 1.5e-10, 1e-10, 2e-11, 1e-11]] * 2, dtype=torch.float64)
+    unsure = torch.tensor([[0.7, 0.2, 0.05, 0.05]] * 2, dtype=torch.float64) * (1 - 1e-8)
+    indices = torch.arange(k).expand(2, k).to(DEVICE)
+    labels = torch.tensor([40, 2]).to(DEVICE)
+    for probs in (confident, unsure):
+        logprobs = probs.log().float().to(DEVICE)
+        for tail, temperature, divergence in itertools.product(("bucket", "label"), (1.0, 2.0), DIVERGENCES):
+            _run_and_compare(student.to(DEVICE), impl, teacher_topk_indices=indices, teacher_topk_logprobs=logprobs,
+                             tail=tail, labels=labels, divergence=divergence, temperature=temperature)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
