@@ -22,7 +22,7 @@ empty.
 * ``renormalize``: both renormalised over the kept set. Gradient on the kept logits only.
 * ``bucket``: the kept tokens plus one rest bucket holding each side's leftover mass (1 - kept mass);
   the student comes from its full-vocabulary softmax, so every logit gets gradient. When both leftover
-  masses are below 1e-6 (fp32 cannot resolve 1 - kept mass below that, e.g. k = V) the bucket is empty.
+  masses are below their floors (see ``TEACHER_RESOLUTION`` / ``REST_Q_FLOOR``, e.g. k = V) the bucket is empty.
 * ``label`` (needs ``labels``): the label token is always kept and gets the teacher mass the other kept
   tokens leave, 1 - sum of their probabilities (so it keeps its own probability when it is in the top-k
   and receives the whole tail); both sides are renormalised over the kept set plus the label.
@@ -110,12 +110,13 @@ TRITON_MAX_K = 4096
 # teacher's top log-probability -1e-10 is exact in fp32, its mass 1 - 1e-10 was not): resolved down to their own
 # rounding, 2^-24 |log p| each; below TEACHER_RESOLUTION * sum p |log p| over the kept entries it reads as that floor,
 # a constant (zero gradient through it); so does the label tail's teacher mass. The student's rest mass is its total
-# minus its kept mass, both summed in fp64 over the same fp32 terms (not 1 - (kept mass) in fp32): resolved to
-# ~1e-15 of the row's mass. Every floor is at least REST_Q_FLOOR (above fp64's rounding); the bucket is empty when
+# minus its kept mass, both summed in fp64 over the same fp32 terms (not 1 - (kept mass) in fp32): ~1e-15 of the
+# row's mass of absolute error, so every floor is at least REST_Q_FLOOR (relative error below ~1e-5 above it; at
+# 1e-13 it reached 5e-3 in the gradient); the bucket is empty when
 # both sides are below their floors (e.g. k = V). A 0 against the other side's mass made the forward KL of a
 # confident student, or the reverse KL against a confident teacher, infinite; the fp32 forms floored at 1e-6.
 TEACHER_RESOLUTION = 2.0**-20
-REST_Q_FLOOR = 1e-13
+REST_Q_FLOOR = 1e-10
 
 
 def _floored(mass: Tensor, floor: float | Tensor) -> Tensor:
@@ -562,7 +563,8 @@ def _retemper(kept_logprobs_t1: Tensor, temperature: float) -> Tensor:
         return kept_logprobs_t1
     kept_mass = _fine_logsumexp(kept_logprobs_t1)
     scaled = kept_logprobs_t1 / temperature
-    return scaled - _fine_logsumexp(scaled) + kept_mass
+    # Padding stays -inf (a row of padding only gave -inf - -inf = NaN, which counts as kept).
+    return torch.where(scaled == float("-inf"), scaled, scaled - _fine_logsumexp(scaled) + kept_mass)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -49,10 +49,10 @@ MAX_BLOCK_K = 4096
 LSE_BLOCK_V = 4096
 LSE_NUM_WARPS = 8
 # Floors of the leftover masses: the teacher's (1 - its kept mass) at TEACHER_RESOLUTION * sum p |log p| over its
-# kept entries (the rounding of fp32 log-probabilities), the student's (resolved to fp64 rounding, ~1e-15 of the
-# row's mass) and both at least REST_Q_FLOOR: distill_ops.topk_kl's constants (the same values; a test checks).
+# kept entries (the rounding of fp32 log-probabilities), the student's (fp64 rounding leaves ~1e-15 of the row's
+# mass) and both at least REST_Q_FLOOR: distill_ops.topk_kl's constants (the same values; a test checks).
 TEACHER_RESOLUTION = tl.constexpr(2.0**-20)
-REST_Q_FLOOR = tl.constexpr(1e-13)
+REST_Q_FLOOR = tl.constexpr(1e-10)
 
 
 def block_k_for(k: int) -> int:
@@ -168,15 +168,16 @@ def _topk_kl_fwd_kernel(
                 run_comp = (new_sum - run_sum) - term
                 run_sum = new_sum
             total = tl.sum(run_sum.to(tl.float64) - run_comp.to(tl.float64), axis=0)
-            if total < 1.0e38:  # below fp32's overflow, so that lse_all is finite
+            # A finite, non-zero total (0: no kept logit is finite and every term underflowed; a row of padding).
+            if (total > 0.0) & (total < 1.0e38):
                 kept_total = tl.sum(tl.exp(b).to(tl.float64), axis=0)
                 lse_all = tl.log(total.to(tl.float32))
                 # The difference in fp64, the ratio in fp32 (fp64 division is a subroutine call: a stack frame).
                 rest_q = (total - kept_total).to(tl.float32) / total.to(tl.float32)
             else:
                 # exp overflowed (a logit ~88·T above every kept one; the kept set then holds less than K·e^-88 of
-                # the mass, so 1 - that is exact), or the row holds NaN / inf: the sum again, relative to the row's
-                # max.
+                # the mass, so 1 - that is exact) or underflowed to 0, or the row holds NaN / inf: the sum again,
+                # relative to the row's max.
                 run_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
                 for start in range(0, V, BLOCK_V):
                     cols = start + offsets_v
