@@ -165,7 +165,7 @@ def _clipped_divergence_rows(
     student: Tensor,
     indices: Tensor,
     teacher_logprobs: Tensor,
-    weights: Tensor,
+    log_weights: Tensor,
     labels: Optional[Tensor],
     tail: str,
     divergence: str,
@@ -177,7 +177,7 @@ def _clipped_divergence_rows(
     ``student [n, V]`` raw student logits (any float dtype), or row groups ``[G, R, V]`` with n = G·R (see
     :func:`~distill_ops._utils.as_row_groups`); ``indices [n, m]`` (valid columns);
     ``teacher_logprobs [n, m]`` full-vocabulary teacher log-probabilities at T (-inf = absent);
-    ``weights [n, m]`` membership in [0, 1] (hard 0/1 for the loss, sigmoid for DACKL's training);
+    ``log_weights [n, m]`` log of the membership in [0, 1] (DACKL's training: :func:`log_soft_membership`);
     ``labels [n]`` valid columns (``label`` tail); ``active [n]``: rows that count (the others may hold anything,
     NaN included, and give a finite value and a zero gradient). Outcome c has teacher mass w_c p_c and student mass
     w_c q_c; ``renormalize`` / ``label`` normalise them, ``bucket`` adds the rest masses 1 - sum.
@@ -199,7 +199,6 @@ def _clipped_divergence_rows(
         return (values.to(torch.float32) - shift) / temperature
 
     gathered = scaled(raw_kept)
-    log_weights = torch.log(weights)
     if tail == "label":
         # The label's own entry moves to the label outcome, which holds 1 - (the others' kept mass).
         is_label = indices == labels.unsqueeze(-1)
@@ -218,7 +217,7 @@ def _clipped_divergence_rows(
         kept_log_q = student_log_mass - lse_all
         # The hard path's rules (see _hard_rows_and_grad): floors, and an empty bucket when both are below theirs.
         rest_p, floor_p = _teacher_leftover(teacher_log_mass, teacher_logprobs)
-        in_set = torch.where(teacher_logprobs != float("-inf"), weights, 0.0)
+        in_set = torch.where(teacher_logprobs != float("-inf"), log_weights.exp(), 0.0)
         if active is not None:
             in_set = torch.where(active.unsqueeze(-1), in_set, 0.0)
         rest_q = _outside_mass(torch.softmax(full_row, -1).view(lse_all.shape[0], -1), indices, in_set)
@@ -544,17 +543,17 @@ def kept_logprobs(sorted_logprobs: Tensor, lower: Optional[Tensor], upper: Optio
     return torch.where(kept, sorted_logprobs, float("-inf"))
 
 
-def soft_membership(sorted_logprobs: Tensor, lower: Tensor, upper: Tensor, sharpness: float) -> Tensor:
-    """Differentiable version of the bounds: sigmoid(s (c_after - lower)) * sigmoid(s (upper - c_before)).
-
-    Tends to the hard rule of :func:`kept_logprobs` as ``sharpness`` grows (away from the empty-set case).
-    """
+def log_soft_membership(sorted_logprobs: Tensor, lower: Tensor, upper: Tensor, sharpness: float) -> Tensor:
+    """Differentiable version of the bounds, as a log: log sigmoid(s (c_after - lower)) + log sigmoid(s (upper -
+    c_before)) (-inf for tokens without mass). Tends to the hard rule of :func:`kept_logprobs` as ``sharpness``
+    grows (away from the empty-set case). In log space because a weight that underflows to 0 (a confident teacher's
+    tail at high sharpness) made log(weight) -inf and the bound network's gradient NaN (inf * 0)."""
     probs = sorted_logprobs.exp()
     mass_after = probs.cumsum(-1).clamp_max(1.0)
     mass_before = mass_after - probs
-    weights = torch.sigmoid(sharpness * (mass_after - lower.unsqueeze(-1)))
-    weights = weights * torch.sigmoid(sharpness * (upper.unsqueeze(-1) - mass_before))
-    return torch.where(probs > 0, weights, 0.0)
+    log_weights = torch.nn.functional.logsigmoid(sharpness * (mass_after - lower.unsqueeze(-1)))
+    log_weights = log_weights + torch.nn.functional.logsigmoid(sharpness * (upper.unsqueeze(-1) - mass_before))
+    return torch.where(probs > 0, log_weights, float("-inf"))
 
 
 def _retemper(kept_logprobs_t1: Tensor, temperature: float) -> Tensor:
@@ -1054,13 +1053,13 @@ class DACKLLoss(torch.nn.Module):
                 student_rows, indices, teacher_logprobs, label_rows, self.tail, self.divergence, self.temperature,
                 self.ignore_index, backend, self.reduction, None, leading_shape, student_logits.requires_grad,
             )
-        weights = soft_membership(sorted_logprobs, lower, upper, self.sharpness)
+        log_weights = log_soft_membership(sorted_logprobs, lower, upper, self.sharpness)
         safe_labels = None
         if label_rows is not None:
             safe_labels = torch.where(active, label_rows, 0).clamp(0, vocab - 1)
         rows = _clipped_divergence_rows(
-            student_rows, indices, sorted_logprobs, weights, safe_labels, self.tail, self.divergence, self.temperature,
-            active,
+            student_rows, indices, sorted_logprobs, log_weights, safe_labels, self.tail, self.divergence,
+            self.temperature, active,
         )
         if active is not None:
             rows = torch.where(active, rows, 0.0)

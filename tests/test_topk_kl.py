@@ -856,6 +856,25 @@ def test_dackl_soft_mask_tends_to_the_hard_mask(tail, divergence):
     assert gaps[0] > gaps[-1]
 
 
+@pytest.mark.parametrize("tail", TAILS)
+def test_dackl_sharp_mask_keeps_the_bound_gradients_finite(tail):
+    """At a high sharpness a confident teacher's tail weights underflow to 0: log(weight) was -inf and the bound
+    network's gradients NaN (inf * 0), for every tail. The membership is now computed as a log-sigmoid sum (found by
+    a review of this session's top-k changes): every gradient is finite (here 0 for the bound network: at this
+    sharpness every sigmoid is saturated)."""
+    torch.manual_seed(5)
+    student, teacher = torch.randn(4, 300) * 2, torch.randn(4, 300) * 2
+    teacher[0, 0] = 30.0
+    labels = torch.tensor([3, 4, -100, 6])
+    loss_fn = DACKLLoss(vocab_top_m=16, hidden=8, tail=tail, temperature=0.9, sharpness=1e4, impl="torch").train()
+    leaf = student.clone().requires_grad_(True)
+    loss = loss_fn(leaf, teacher, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(leaf.grad).all()
+    grads = [p.grad for p in loss_fn.bound_net.parameters()]
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 def test_dackl_short_optimisation_moves_the_bounds():
     torch.manual_seed(3)
     loss_fn = DACKLLoss(vocab_top_m=32, hidden=16, tail="bucket", impl="torch").to(DEVICE)
