@@ -177,7 +177,7 @@ def _clipped_divergence_rows(
     ``student [n, V]`` raw student logits (any float dtype), or row groups ``[G, R, V]`` with n = G·R (see
     :func:`~distill_ops._utils.as_row_groups`); ``indices [n, m]`` (valid columns);
     ``teacher_logprobs [n, m]`` full-vocabulary teacher log-probabilities at T (-inf = absent);
-    ``log_weights [n, m]`` log of the membership in [0, 1] (DACKL's training: :func:`log_soft_membership`);
+    ``log_weights [n, m]`` log of the membership in [0, 1], -inf at padding (:func:`log_soft_membership`);
     ``labels [n]`` valid columns (``label`` tail); ``active [n]``: rows that count (the others may hold anything,
     NaN included, and give a finite value and a zero gradient). Outcome c has teacher mass w_c p_c and student mass
     w_c q_c; ``renormalize`` / ``label`` normalise them, ``bucket`` adds the rest masses 1 - sum.
@@ -217,7 +217,7 @@ def _clipped_divergence_rows(
         kept_log_q = student_log_mass - lse_all
         # The hard path's rules (see _hard_rows_and_grad): floors, and an empty bucket when both are below theirs.
         rest_p, floor_p = _teacher_leftover(teacher_log_mass, teacher_logprobs)
-        in_set = torch.where(teacher_logprobs != float("-inf"), log_weights.exp(), 0.0)
+        in_set = log_weights.exp()  # 0 at padding: its log-weight is -inf (log_soft_membership)
         if active is not None:
             in_set = torch.where(active.unsqueeze(-1), in_set, 0.0)
         rest_q = _outside_mass(torch.softmax(full_row, -1).view(lse_all.shape[0], -1), indices, in_set)
