@@ -108,8 +108,9 @@ def check_number(
     if not ok:
         lo = "-inf" if low is None else f"{low}"
         hi = "inf" if high is None else f"{high}"
-        interval = ("[" if low_inclusive else "(") + f"{lo}, {hi}" + ("]" if high_inclusive else ")")
-        raise ValueError(f"{name} must be in {interval}, got {value}")
+        opening = "[" if low_inclusive and low is not None else "("
+        closing = "]" if high_inclusive and high is not None else ")"
+        raise ValueError(f"{name} must be in {opening}{lo}, {hi}{closing}, got {value}")
     return value
 
 

@@ -74,8 +74,8 @@ from ._utils import (
     softcapped,
 )
 from .kl_div import (
-    DIVERGENCES,
     _canonical_divergence,
+    check_divergence_options,
     _divergence_elements,
     _divergence_grad,
     _divergence_row_loss,
@@ -484,7 +484,9 @@ def _fused_linear_rows_op(
         divergence_rows, ce_rows, row_stats = fused_linear_stats_torch(
             inputs, labels, divergence=divergence, coef=coef, temperature=temperature, has_ce=has_ce, entropy=entropy
         )
-    row_loss = kl_weight * divergence_rows
+    # kl_weight = 0 drops the term, as backward does: 0 * D would be NaN where D is +inf (a -inf teacher logit
+    # against student mass in the reverse KL) or NaN (a NaN teacher input).
+    row_loss = kl_weight * divergence_rows if kl_weight != 0.0 else torch.zeros_like(divergence_rows)
     if has_ce:
         row_loss = row_loss + ce_weight * ce_rows
     active = _active_rows(labels, ignore_index)
@@ -628,6 +630,8 @@ def _check_linear_side(side: str, hidden: Tensor, weight: Tensor, bias: Optional
         raise ValueError(
             f"{side}_weight must have at least one row (a vocabulary of V >= 1), got {tuple(weight.shape)}"
         )
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"{side}_hidden must have a width of at least 1, got shape {tuple(hidden.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(
             f"{side}_hidden and {side}_weight must share a dtype, got {hidden.dtype} and {weight.dtype}"
@@ -715,7 +719,9 @@ def fused_linear_kl_div(
         labels: integer ``[...]``: rows equal to ``ignore_index`` contribute nothing; the targets of
             the cross-entropy term (required when ``ce_weight > 0``; must lie in [0, V) elsewhere).
             Not shifted (see :mod:`distill_ops.integrations.hf` for causal-LM shifting).
-        kl_weight, ce_weight: non-negative weights of the two terms.
+        kl_weight, ce_weight: non-negative weights of the two terms. A weight of 0 drops its term (the loss
+            stays finite where that term would be +inf or NaN, e.g. ``kl_weight=0`` with a reverse KL
+            against a teacher's ``-inf`` logits: cross-entropy only).
         reduction: ``mean`` (over counted rows, 0.0 if none), ``sum`` or ``none`` (shape ``[...]``).
         normalizer: replaces the row count of ``mean`` (e.g. ``num_items_in_batch``).
         vocab_size: when V != Vt, compare (and take the cross-entropy over) the first ``vocab_size``
@@ -780,9 +786,7 @@ def fused_linear_kl_div(
     vocab = resolve_vocab(
         student_weight.shape[0], teacher_vocab, vocab_size, student_name="student_weight", teacher_name=teacher_name
     )
-    check_choice("divergence", divergence, DIVERGENCES)
-    check_number("beta", beta, low=0.0, high=1.0)
-    check_number("alpha", alpha, low=0.0, high=1.0, high_inclusive=False)
+    check_divergence_options(divergence, beta, alpha)
     check_number("temperature", temperature, low=0.0, low_inclusive=False)
     kl_weight = check_number("kl_weight", kl_weight, low=0.0)
     ce_weight = check_number("ce_weight", ce_weight, low=0.0)
@@ -857,7 +861,9 @@ class FusedLinearKLDivLoss(LossModule):
         impl: str = "auto",
         return_entropy: bool = False,
     ) -> None:
-        check_choice("divergence", divergence, DIVERGENCES)
+        check_divergence_options(divergence, beta, alpha)
+        check_number("kl_weight", kl_weight, low=0.0)
+        check_number("ce_weight", ce_weight, low=0.0)
         check_choice("reduction", reduction, ("mean", "sum", "none"))
         check_choice("return_entropy", return_entropy, (False, True))
         _check_softcap("student_softcap", student_softcap)

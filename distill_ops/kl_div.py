@@ -362,14 +362,19 @@ def _check_kl_div_args(
         student_name="student_logits",
         teacher_name="teacher_logits",
     )
-    check_choice("divergence", divergence, DIVERGENCES)
-    check_number("beta", beta, low=0.0, high=1.0)
-    check_number("alpha", alpha, low=0.0, high=1.0, high_inclusive=False)
+    check_divergence_options(divergence, beta, alpha)
     check_number("temperature", temperature, low=0.0, low_inclusive=False)
     check_reduction(reduction, normalizer)
     if labels is not None:
         check_labels(labels, student_logits.shape[:-1], student_logits.device)
     return vocab
+
+
+def check_divergence_options(divergence: object, beta: object, alpha: object) -> None:
+    """The divergence's name and mixture coefficients (checked whichever divergence uses them)."""
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_number("beta", beta, low=0.0, high=1.0)
+    check_number("alpha", alpha, low=0.0, high=1.0, high_inclusive=False)
 
 
 def _canonical_divergence(divergence: str, beta: float, alpha: float) -> tuple[str, float]:
@@ -527,7 +532,7 @@ class KLDivLoss(LossModule):
         vocab_size: int | None = None,
         impl: str = "auto",
     ) -> None:
-        check_choice("divergence", divergence, DIVERGENCES)
+        check_divergence_options(divergence, beta, alpha)
         check_choice("reduction", reduction, ("mean", "sum", "none"))
         super().__init__(
             divergence=divergence,

@@ -244,6 +244,25 @@ def test_parity_cross_entropy_only_and_normalizer(impl):
 
 
 @pytest.mark.parametrize("impl", FL_IMPLS)
+@pytest.mark.parametrize("divergence", ["reverse", "forward"])
+def test_zero_kl_weight_drops_an_infinite_or_nan_divergence(divergence, impl):
+    """kl_weight = 0 is cross-entropy only: the loss must not be 0 * D where D is +inf (the reverse KL against a
+    teacher's -inf logits, where the student has mass) or NaN (a NaN teacher logit). The forward pass gave NaN
+    while backward already dropped the term."""
+    case = _case((11,), 24, 70, torch.float32, teacher_logits=True, seed=15)
+    masked = dict(case, teacher_logits=case["teacher_logits"].clone())
+    masked["teacher_logits"][:, :5] = float("-inf")
+    masked["teacher_logits"][4, 9] = float("nan")
+    labels = _labels((11,), 70, 16)
+    kwargs = dict(divergence=divergence, kl_weight=0.0, ce_weight=1.0, labels=labels, reduction="none")
+    loss, grads, upstream = _run(masked, impl, **kwargs)
+    expected_loss, expected_grads = _reference(case, upstream, **kwargs)  # the teacher does not enter it
+    assert_close(loss, expected_loss, torch.float32, "loss")
+    for name, expected in expected_grads.items():
+        assert_close(grads[name], expected, torch.float32, name)
+
+
+@pytest.mark.parametrize("impl", FL_IMPLS)
 @pytest.mark.parametrize("divergence", ["forward", "jsd"])
 def test_masked_vocabulary_minus_inf_bias(divergence, impl):
     """-inf biases (masked tokens) contribute exactly 0 and produce no NaN."""
@@ -1001,6 +1020,10 @@ def test_bad_inputs():
         fused_linear_kl_div(hs, w, ht, wt, return_entropy="yes")
     with pytest.raises(ValueError, match="student_weight must have at least one row"):  # was a ZeroDivisionError
         fused_linear_kl_div(hs, w[:0], teacher_logits=torch.zeros(4, 0, device=hs.device))
+    with pytest.raises(ValueError, match="student_hidden must have a width of at least 1"):  # was a RuntimeError
+        fused_linear_kl_div(hs[:, :0], w[:, :0], teacher_logits=torch.zeros(4, 10, device=hs.device))
+    with pytest.raises(ValueError, match="teacher_hidden must have a width of at least 1"):
+        fused_linear_kl_div(hs, w, ht[:, :0], wt[:, :0])
 
 
 @pytest.mark.parametrize("name", ["student_softcap", "teacher_softcap"])

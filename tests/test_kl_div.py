@@ -623,3 +623,23 @@ def test_modules_check_the_shared_options_when_built(module):
     with pytest.raises(ValueError, match="impl must be one of"):
         cls(impl="gpu")
     assert cls(temperature=2.0, ignore_index=-1, impl="torch").temperature == 2.0
+    with pytest.raises(ValueError, match=r"temperature must be in \(0.0, inf\), got inf"):
+        cls(temperature=float("inf"))  # the message said "(0.0, inf]"
+
+
+@pytest.mark.parametrize("module", ["KLDivLoss", "FusedLinearKLDivLoss"])
+def test_divergence_modules_check_their_coefficients_when_built(module):
+    """beta / alpha (and the fused-linear term weights) are errors naming them when the module is built, as the
+    functionals check them (the modules accepted them until their first call)."""
+    import distill_ops
+
+    cls = getattr(distill_ops, module)
+    with pytest.raises(ValueError, match=r"beta must be in \[0.0, 1.0\], got 2.0"):
+        cls(divergence="jsd", beta=2.0)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0.0, 1.0\), got 1.0"):
+        cls(divergence="skew_forward", alpha=1.0)
+    if module == "FusedLinearKLDivLoss":
+        for name in ("kl_weight", "ce_weight"):
+            with pytest.raises(ValueError, match=f"{name} must be in"):
+                cls(**{name: -1.0})
+    assert cls(divergence="jsd", beta=0.25).beta == 0.25

@@ -401,7 +401,7 @@ def test_verify_bad_inputs():
         verify_sampling(tree, tokens, logits, temperature=0.0, impl="torch")
     # Below 1e-6 fp32 logits / temperature could overflow (at 1e-39 the argmax draft was rejected on both impls).
     for impl in IMPLS:
-        with pytest.raises(ValueError, match=r"temperature must be in \[1e-06, inf\]"):
+        with pytest.raises(ValueError, match=r"temperature must be in \[1e-06, inf\)"):
             verify_sampling(tree, tokens, logits, temperature=1e-39, impl=impl)
     with pytest.raises(ValueError, match="top_p must be in"):
         verify_sampling(tree, tokens, logits, top_p=1.5, impl="torch")
