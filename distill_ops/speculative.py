@@ -1165,8 +1165,10 @@ class SpeculativeOutput:
         sequences: int64 ``[B, L + new]``: each input row as given (padding included), then its generated
             tokens, then ``pad_token_id`` up to the longest (as ``generate`` returns).
         num_target_forwards: target forward passes (the prefill included; a batch shares them).
-        accept_lengths: accepted draft tokens per verification step (the bonus token excluded); in a batch,
-            every sequence's steps while it was unfinished, sequence after sequence.
+        accept_lengths: accepted draft tokens per verification step (the bonus token excluded), as the
+            verifier accepted them: on a sequence's last step, before the cut at EOS / ``max_new_tokens``
+            (a measure of the draft, which can exceed what that step emitted); in a batch, every sequence's
+            steps while it was unfinished, sequence after sequence.
         timings: seconds per phase: ``prefill`` (target and draft prefill), ``draft`` (draft forwards and
             tree selection, including ``tree``: building the tree specs), ``target`` (target forwards over
             the trees), ``verify``, ``compaction`` and ``total``. With ``profile=True`` the CUDA stream is
@@ -1189,7 +1191,8 @@ class SpeculativeOutput:
 
     @property
     def mean_accept_length(self) -> float:
-        """Mean tokens produced per verification step (accepted drafts + the bonus token)."""
+        """Mean accepted draft tokens per verification step plus the bonus token (from ``accept_lengths``:
+        the last step counts what the verifier accepted, also beyond a cut at EOS / ``max_new_tokens``)."""
         return sum(self.accept_lengths) / len(self.accept_lengths) + 1.0 if self.accept_lengths else 0.0
 
 
