@@ -235,6 +235,8 @@ def tree_attention(
     if num_kv_splits is not None and (isinstance(num_kv_splits, bool) or not isinstance(num_kv_splits, int)
                                       or num_kv_splits < 1):
         raise ValueError(f"num_kv_splits must be None or an int >= 1, got {num_kv_splits!r}")
+    if sm_scale is not None:
+        sm_scale = check_number("sm_scale", sm_scale)
     if softcap is not None:
         softcap = check_number("softcap", softcap, low=0.0, low_inclusive=False)
     if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)

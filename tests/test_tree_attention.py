@@ -389,6 +389,11 @@ def test_bad_inputs():
     for bad in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="softcap"):
             tree_attention(q, k, v, tree, lens, softcap=bad, impl="torch")
+    for bad in (float("nan"), float("inf")):  # both gave a NaN output
+        with pytest.raises(ValueError, match=r"sm_scale must be in \(-inf, inf\)"):
+            tree_attention(q, k, v, tree, lens, sm_scale=bad, impl="torch")
+    with pytest.raises(TypeError, match="sm_scale must be a real number"):
+        tree_attention(q, k, v, tree, lens, sm_scale="0.1", impl="torch")
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="sliding_window must be None or an int >= 1"):
             tree_attention(q, k, v, tree, lens, sliding_window=bad, impl="torch")
