@@ -11,6 +11,10 @@
 # most GPU_CHECK_TEST_TIMEOUT_S, default 210 s; the benchmarks get what is left, and record what they
 # could not run in time as skipped). GPU_CHECK_PYTEST_ARGS replaces the pytest arguments.
 #
+# The copy on a GPU machine usually has no .git: pass the commit for the report, e.g.
+#   BENCH_GIT_COMMIT=<the hash of this checkout> bash benchmarks/gpu_check.sh "$OUT"
+# (otherwise results.json and report.md say the commit is unknown).
+#
 # OUTDIR receives few files on purpose (the GPU runner returns at most 8): setup.log, tests.log,
 # bench.log, results.json, report.md, plots.png, nvidia-smi.txt.
 # Exit status: non-zero when the tests or the benchmark run failed.
@@ -44,7 +48,7 @@ SETUP_LOG="$OUT/setup.log"
 : >"$SETUP_LOG"
 log() { echo "[gpu_check $(elapsed)s] $*" | tee -a "$SETUP_LOG"; }
 
-log "repo $REPO, output $OUT"
+log "repo $REPO, output $OUT, commit ${BENCH_GIT_COMMIT:-unknown (BENCH_GIT_COMMIT not set)}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$SETUP_LOG" 2>&1 || log "nvidia-smi failed"
 
 # 1. Wheels brought along, into a temporary site folder (never into the machine's Python).
@@ -64,7 +68,9 @@ fi
 import_check() {
   (cd "$1" && python3 -c "import os, distill_ops, distill_ops.kernels.kl_div as k; print(os.path.realpath(k.__file__))") 2>>"$SETUP_LOG"
 }
-if timeout 120 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$SETUP_LOG" 2>&1 &&
+# PIP_NO_INDEX: a pip that setuptools starts in turn would otherwise retry the network (11 s in the H200 run).
+if PIP_NO_INDEX=1 timeout 120 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+    >>"$SETUP_LOG" 2>&1 &&
   [ "$(import_check /tmp)" = "$REPO/kernels/kl_div.py" ]; then
   log "distill_ops: editable install"
 else

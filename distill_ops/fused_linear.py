@@ -337,9 +337,10 @@ def fused_linear_backward_triton(
     need_bias_grad: bool,
     need_hidden_grad: bool = True,
     strategy: str = "tiles",
+    accumulation: str = "compensated",
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Triton dL/dz per vocabulary chunk, then ``d_hidden`` (the compensated 16-bit pair of
-    :data:`GRAD_HIDDEN_ACCUMULATION`, or fp32 via cuBLAS) and ``d_weight`` (cuBLAS, the weight's dtype).
+    """Triton dL/dz per vocabulary chunk, then ``d_hidden`` (``accumulation``: the compensated 16-bit pair, or
+    fp32 via cuBLAS; see :data:`GRAD_HIDDEN_ACCUMULATION`) and ``d_weight`` (cuBLAS, the weight's dtype).
 
     ``strategy="gemm"``: each chunk's logits come from cuBLAS into fp32 buffers (see
     :data:`distill_ops.kernels.fused_linear.STRATEGIES`) and the dL/dz kernel reads them."""
@@ -369,7 +370,7 @@ def fused_linear_backward_triton(
     # dL/dz in the operands' dtype: what the GEMMs take (as every bf16 training step does).
     grad_buffer = torch.empty(num_rows, chunk, dtype=s_hidden.dtype, device=device)
     # bf16 only: an fp16 running sum could overflow where the final gradient fits (fp16 keeps the fp32 accumulator).
-    compensated = s_hidden.dtype == torch.bfloat16 and GRAD_HIDDEN_ACCUMULATION == "compensated"
+    compensated = s_hidden.dtype == torch.bfloat16 and accumulation == "compensated"
     if not need_hidden_grad:  # a frozen body (e.g. only the LM head trained): no d_hidden GEMM at all
         d_hidden = None
     elif compensated:  # d_hidden in the output dtype plus a bf16 rounding-error half (see the module docstring)
@@ -416,7 +417,7 @@ TRITON_STRATEGIES = ("tiles", "gemm")  # = distill_ops.kernels.fused_linear.STRA
 # their fp32 gradient directly, fp16 inputs in an fp32 accumulator): "compensated" (the default: the gradient itself holds the running
 # sum rounded to its dtype and a bf16 buffer the rounding error, updated in the epilogue of a Triton GEMM; 2·N·H
 # bytes beyond the gradient) or "fp32" (a cuBLAS GEMM into an fp32 [N, H] accumulator, converted at the end; 4·N·H
-# bytes). Read when backward runs.
+# bytes). Read when the op is called, like TRITON_STRATEGY: backward uses the setting its forward ran with.
 GRAD_HIDDEN_ACCUMULATION = "compensated"
 GRAD_HIDDEN_ACCUMULATIONS = ("compensated", "fp32")
 
@@ -440,7 +441,12 @@ def triton_strategy(strategy: Optional[str] = None, *, accumulation: Optional[st
 
 
 def _strategy(backend: str) -> str:
-    return "gemm" if backend == "triton_gemm" else "tiles"
+    """The Triton strategy a backend name carries ("triton[_gemm][_fp32acc]", see the public API)."""
+    return "gemm" if backend.startswith("triton_gemm") else "tiles"
+
+
+def _accumulation(backend: str) -> str:
+    return "fp32" if backend.endswith("_fp32acc") else "compensated"
 
 
 def _active_rows(labels: Optional[Tensor], ignore_index: int) -> Optional[Tensor]:
@@ -544,7 +550,8 @@ def _fused_linear_backward_op(
                    need_bias_grad=need_bias_grad, need_hidden_grad=need_hidden_grad)
     if backend.startswith("triton"):
         d_hidden, d_weight, d_bias = fused_linear_backward_triton(
-            inputs, labels, row_stats, kl_scale, ce_scale, strategy=_strategy(backend), **options)
+            inputs, labels, row_stats, kl_scale, ce_scale, strategy=_strategy(backend),
+            accumulation=_accumulation(backend), **options)
     else:
         d_hidden, d_weight, d_bias = fused_linear_backward_torch(inputs, labels, row_stats, kl_scale, ce_scale,
                                                                  **options)
@@ -808,8 +815,9 @@ def fused_linear_kl_div(
         check_choice("distill_ops.fused_linear.TRITON_STRATEGY", TRITON_STRATEGY, TRITON_STRATEGIES)
         check_choice("distill_ops.fused_linear.GRAD_HIDDEN_ACCUMULATION", GRAD_HIDDEN_ACCUMULATION,
                      GRAD_HIDDEN_ACCUMULATIONS)
-        if TRITON_STRATEGY == "gemm":
-            backend = "triton_gemm"
+        # The module settings travel with the call (as the backend's name), so backward uses its forward's.
+        backend += "_gemm" if TRITON_STRATEGY == "gemm" else ""
+        backend += "_fp32acc" if GRAD_HIDDEN_ACCUMULATION == "fp32" else ""
     divergence, coef = _canonical_divergence(divergence, beta, alpha)
 
     s_hidden = _hidden_rows(student_hidden)

@@ -11,7 +11,7 @@ def test_gpu_cases_time_graph_replays_and_one_read():
     attention = [c for c in cases if c.op == "tree_attention"]
     verify = [c for c in cases if c.op == "verify_greedy"]
     assert attention and verify
-    assert all("ours_triton_graph" in c.impls for c in attention)
+    assert all({"ours_triton_graph", "sdpa_dense_mask_graph"} <= set(c.impls) for c in attention)
     assert all({"ours_triton_graph", "one_read_graph"} <= set(c.impls) for c in verify)
 
 
@@ -37,17 +37,28 @@ def _row(op, impl, params, ms, hbm=None):
 def test_summary_marks_targets_met_and_missed():
     attn = {"B": 8, "L": 4096, "T": 32, "Hq": 32, "Hkv": 8, "D": 128, "dtype": "bfloat16"}
     ver = {"B": 8, "T": 64, "V": 131072}
+    attn_b1, ver_b1 = dict(attn, B=1), dict(ver, B=1)
     results = [
         _row("tree_attention", "ours_triton", attn, 0.1, hbm=0.85),
         _row("tree_attention", "ours_triton_graph", attn, 0.2, hbm=0.5),
         _row("tree_attention", "sdpa_dense_mask", attn, 0.4),
+        _row("tree_attention", "sdpa_dense_mask_graph", attn, 0.3),
+        _row("tree_attention", "ours_triton", attn_b1, None),  # skipped for the budget
+        _row("tree_attention", "ours_triton_graph", attn_b1, 0.05, hbm=0.3),
+        _row("tree_attention", "sdpa_dense_mask", attn_b1, 0.2),
         _row("verify_greedy", "ours_triton", ver, 0.06),
         _row("verify_greedy", "ours_triton_graph", ver, 0.03),
         _row("verify_greedy", "one_read_graph", ver, 0.025),
+        _row("verify_greedy", "ours_triton", ver_b1, 0.05),
     ]
     text = bench_tree.summarize_results(results, {"device": "cuda", "device_name": "test"})
     assert "| 8 | 32 | ours_triton | 85 % met | 4.00× met |" in text
-    assert "| 8 | 32 | ours_triton_graph | 50 % **missed** | 2.00× **missed** |" in text
+    # The graph replay against SDPA's graph replay (0.3 ms), not against SDPA's eager call (0.4 ms).
+    assert "| 8 | 32 | ours_triton_graph | 50 % **missed** | 1.50× **missed** |" in text
     assert "| 8 | 64 | 131072 | ours_triton | 2.40× **missed** |" in text
     assert "| 8 | 64 | 131072 | ours_triton_graph | 1.20× met |" in text
+    # A missing measurement (ours, or the reference it is compared with) is said, not left out.
+    assert "| 1 | 32 | ours_triton | not measured | not measured |" in text
+    assert "| 1 | 32 | ours_triton_graph | 30 % **missed** | not measured |" in text
+    assert "| 1 | 64 | 131072 | ours_triton | not measured |" in text
     assert bench_tree.summarize_results(results, {"device": "cpu"}) == ""

@@ -189,6 +189,8 @@ def test_device_peak_table():
     assert device_peaks("NVIDIA H200") == (4.8e12, 989e12)
     assert device_peaks("NVIDIA A100-SXM4-80GB") == (2.0e12, 312e12)
     assert device_peaks("Tesla T4") == (None, None)
+    assert device_peaks("NVIDIA H200 NVL") == (4.8e12, 835e12)  # matched "H200" (989 TFLOP/s) before
+    assert device_peaks("NVIDIA GH200 480GB") == (None, None)
 
 
 @pytest.mark.parametrize("divergence", ["forward", "jsd"])

@@ -222,6 +222,41 @@ def test_parity_bf16(divergence, impl):
     _check(case, impl, divergence=divergence, labels=_labels((2, 19), 203, 6), ce_weight=0.5, alpha=0.2)
 
 
+@pytest.mark.parametrize("accumulation", ["fp32", "compensated"])
+def test_backward_uses_the_strategy_its_forward_ran_with(accumulation, monkeypatch):
+    """triton_strategy() around the forward call only (as a benchmark or a training step that calls backward
+    outside the block): the backward runs that strategy and accumulation. The accumulation was read when
+    backward ran, so the benchmark's ours_triton_fp32acc measured the compensated path."""
+    from distill_ops.kernels import fused_linear as kernels
+
+    calls = {"compensated": 0, "strategies": []}
+    accumulate = kernels.accumulate_grad_hidden
+
+    def counting_accumulate(*args, **kwargs):
+        calls["compensated"] += 1
+        return accumulate(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "accumulate_grad_hidden", counting_accumulate)
+    monkeypatch.setattr(kernels, "GEMM_CHUNK_ELEMENTS", 37 * 128)
+    case = _case((37,), 48, 203, torch.bfloat16, seed=24)
+    inputs = {k: v.detach().clone().requires_grad_(k in GRAD_INPUTS) for k, v in case.items()}
+    with fused_linear_module.triton_strategy("gemm", accumulation=accumulation):
+        loss = fused_linear_kl_div(inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"],
+                                   inputs["teacher_weight"], impl="triton")
+    monkeypatch.setattr(kernels, "_GemmChunks", _recording(kernels._GemmChunks, calls["strategies"]))
+    loss.backward()
+    assert (calls["compensated"] > 0) == (accumulation == "compensated"), calls  # bf16: compensated by default
+    assert calls["strategies"], "backward ran the tiles strategy, its forward the gemm one"
+
+
+def _recording(cls, log):
+    def build(*args, **kwargs):
+        log.append(cls.__name__)
+        return cls(*args, **kwargs)
+
+    return build
+
+
 @pytest.mark.parametrize("impl", FL_IMPLS)
 def test_parity_fp16(impl):
     """fp16 inputs (their d_hidden goes through the fp32 accumulator on the Triton path)."""
@@ -878,10 +913,10 @@ def test_triton_backward_extra_memory_16bit(dtype, accumulation):
     block_v = default_config(torch.bfloat16, "grad")[1]
     chunk = grad_chunk_columns(rows, vocab, block_v)
     existing = [*case.values(), row_stats, scale]
-    with fused_linear_module.triton_strategy(accumulation=accumulation), _NewStorages(existing) as recorder:
+    with _NewStorages(existing) as recorder:
         d_hidden, d_weight, _ = fused_linear_backward_triton(
             inputs, None, row_stats, scale, None, divergence="forward", coef=0.0, temperature=1.0,
-            need_weight_grad=True, need_bias_grad=False,
+            need_weight_grad=True, need_bias_grad=False, accumulation=accumulation,
         )
         # What the custom op returns to autograd: the gradients in the inputs' dtype.
         d_hidden = d_hidden.to(dtype)
