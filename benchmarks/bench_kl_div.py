@@ -401,7 +401,8 @@ def summarize_results(results: list[dict], meta: dict) -> str:
             )
         extra = ours["extra_memory_over_output"] if ours_ms else None
         rows.append(
-            ("peak extra memory ≤ one [N, V] gradient (input dtype)", f"{extra:.3f}× gradient" if extra else "-",
+            ("peak extra memory ≤ one [N, V] gradient (input dtype)",
+             "-" if extra is None else f"{extra:.3f}× gradient",
              _status(extra, extra is not None and extra <= 1.01))
         )
         title = f"kl_div targets at N={n}, V={v}, bf16, forward KL ({meta['device_name']})"

@@ -1139,6 +1139,8 @@ def test_target_summary_reads_the_issue_definitions():
     results[0]["case_memory_bytes"] = floor + int(0.03 * 4 * rows * vocab)
     text = bench.summarize_results(results, meta)
     assert "30.0 % | **missed**" in text and "1.50× | **missed**" in text and "3.0 % | **missed**" in text
+    text = bench.summarize_results(results, {"device": "cuda", "device_name": "an unknown GPU"})
+    assert "| ours_triton | ≥ 50 % of bf16 dense peak (issue FLOPs 12·N·V·H) | not measured" in text  # was left out
     assert bench.summarize_results(results, {"device": "cpu"}) == ""
 
 
