@@ -13,7 +13,8 @@ like the leading dims, in [0, 1]) keep the tokens whose cumulative-mass interval
 overlaps [lower, upper] in the open sense: ``c_before < upper and c_after > lower``, with c_after
 clamped to 1 against rounding (top-p is
 ``lower=0, upper=p``: tokens are added until their cumulative mass reaches p). Both together: the
-intersection. Tokens with zero teacher probability are never kept. **If nothing is kept** (e.g.
+intersection. Tokens with zero teacher probability are never kept (zero in fp32: -inf, or a logit or log-probability
+masked with a large finite negative such as -1e4 or ``finfo.min``). **If nothing is kept** (e.g.
 ``upper=0``, or ``lower`` at or above the mass), the teacher's top-1 token is kept: a row is never
 empty.
 
@@ -188,7 +189,8 @@ def _clipped_divergence_rows(
     """
     # One gather (one scatter in backward) for the kept columns and, with the label tail, the label's.
     columns = torch.cat([indices, labels.unsqueeze(-1)], dim=-1) if tail == "label" else indices
-    raw = student.gather(-1, columns.view(*student.shape[:-1], -1)).reshape(columns.shape).to(torch.float32)
+    raw = student.gather(-1, columns.view(*student.shape[:-1], columns.shape[-1])).reshape(columns.shape)
+    raw = raw.to(torch.float32)
     if active is not None:
         raw = torch.where(active.unsqueeze(-1), raw, 0.0)
     raw_kept = raw[:, : indices.shape[-1]]
@@ -220,7 +222,7 @@ def _clipped_divergence_rows(
         in_set = log_weights.exp()  # 0 at padding: its log-weight is -inf (log_soft_membership)
         if active is not None:
             in_set = torch.where(active.unsqueeze(-1), in_set, 0.0)
-        rest_q = _outside_mass(torch.softmax(full_row, -1).view(lse_all.shape[0], -1), indices, in_set)
+        rest_q = _outside_mass(torch.softmax(full_row, -1).view(lse_all.shape[0], student.shape[-1]), indices, in_set)
         negligible = (rest_p < floor_p) & (rest_q < REST_Q_FLOOR)
         log_rest_p = torch.where(negligible, float("-inf"), torch.log(_floored(rest_p, floor_p)))
         log_rest_q = torch.where(negligible, float("-inf"), torch.log(_floored(rest_q, REST_Q_FLOOR)))
@@ -524,7 +526,11 @@ def kept_logprobs(sorted_logprobs: Tensor, lower: Optional[Tensor], upper: Optio
 
     ``sorted_logprobs [N, m]`` full-vocabulary log-probabilities; ``lower`` / ``upper`` [N] or None.
     A row that keeps nothing keeps its first (most probable) candidate. NaN entries stay (NaN out).
+    Entries of probability 0 in fp32 (exp underflows: masked with -1e4 or ``finfo.min`` rather than -inf, or
+    padding written that way) are -inf, never kept: kept with a finite value, renormalisation gave them student
+    mass and gradient (and a padding entry that repeats a real index counted that column twice).
     """
+    sorted_logprobs = torch.where(sorted_logprobs.exp() == 0, float("-inf"), sorted_logprobs)
     kept = sorted_logprobs != float("-inf")
     if lower is not None or upper is not None:
         probs = sorted_logprobs.exp()
@@ -593,6 +599,31 @@ def _bound_rows(name: str, bound: object, leading_shape: torch.Size, device: tor
     return torch.full((num_rows,), value, dtype=torch.float32, device=device)
 
 
+def _check_triton_kept(kept_columns: int, remedy: str) -> None:
+    if kept_columns > TRITON_MAX_K:
+        raise ValueError(
+            f"impl='triton' supports at most {TRITON_MAX_K} kept candidates per row, got {kept_columns}; "
+            f"use impl='torch' or {remedy}"
+        )
+
+
+def _check_static_options(k: object, lower: object, upper: object, max_candidates: object) -> None:
+    """The options that need no tensor to check: by :func:`topk_kl_div`, and when ``TopKKLDivLoss`` is built."""
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"k must be an int or None, got {type(k).__name__}")
+        if k <= 0:
+            raise ValueError(f"k must be >= 1, got {k}")
+    if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
+        raise ValueError(f"max_candidates must be a positive int, got {max_candidates!r}")
+    numbers = {name: value for name, value in (("lower", lower), ("upper", upper))
+               if value is not None and not isinstance(value, Tensor)}
+    for name, value in numbers.items():
+        check_number(name, value, low=0.0, high=1.0)
+    if len(numbers) == 2 and lower > upper:
+        raise ValueError(f"lower must be <= upper, got lower={lower} and upper={upper}")
+
+
 def _check_args(
     student_logits, teacher_logits, k, teacher_topk_indices, teacher_topk_logprobs, lower, upper, tail, divergence,
     temperature, labels, reduction, normalizer, max_candidates, vocab_size=None,
@@ -612,11 +643,7 @@ def _check_args(
         raise ValueError(
             "no teacher given: pass teacher_logits (dense) or teacher_topk_indices + teacher_topk_logprobs (sparse)"
         )
-    if k is not None:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k must be an int or None, got {type(k).__name__}")
-        if k <= 0:
-            raise ValueError(f"k must be >= 1, got {k}")
+    _check_static_options(k, lower, upper, max_candidates)
     if sparse:
         vocab = resolve_vocab(vocab, vocab, vocab_size, student_name="student_logits", teacher_name="student_logits")
         if teacher_topk_indices is None or teacher_topk_logprobs is None:
@@ -673,8 +700,6 @@ def _check_args(
     check_choice("divergence", divergence, TOPK_DIVERGENCES)
     check_number("temperature", temperature, low=0.0, low_inclusive=False)
     check_reduction(reduction, normalizer)
-    if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
-        raise ValueError(f"max_candidates must be a positive int, got {max_candidates!r}")
     if labels is not None:
         check_labels(labels, leading_shape, student_logits.device)
     if tail == "label":
@@ -682,11 +707,8 @@ def _check_args(
             raise ValueError("tail='label' needs labels (the label token receives the teacher's leftover mass)")
     lower_rows = _bound_rows("lower", lower, leading_shape, student_logits.device)
     upper_rows = _bound_rows("upper", upper, leading_shape, student_logits.device)
-    if lower_rows is not None and upper_rows is not None:
-        if (not isinstance(lower, Tensor)) and (not isinstance(upper, Tensor)):
-            if lower > upper:
-                raise ValueError(f"lower must be <= upper, got lower={lower} and upper={upper}")
-        elif host_readable(lower_rows) and bool((lower_rows > upper_rows).any()):
+    if lower_rows is not None and upper_rows is not None and (isinstance(lower, Tensor) or isinstance(upper, Tensor)):
+        if host_readable(lower_rows) and bool((lower_rows > upper_rows).any()):
             raise ValueError("lower must be <= upper in every row, got a row with lower > upper")
     return lower_rows, upper_rows, vocab
 
@@ -822,11 +844,7 @@ def topk_kl_div(
             kept_columns = min(vocab, max_candidates)
         else:
             kept_columns = teacher_topk_indices.shape[-1]
-        if kept_columns > TRITON_MAX_K:
-            raise ValueError(
-                f"impl='triton' supports at most {TRITON_MAX_K} kept candidates per row, got {kept_columns}; "
-                f"use impl='torch' or a smaller k / max_candidates"
-            )
+        _check_triton_kept(kept_columns, "a smaller k / max_candidates")
     # Row groups: shifted logits of a batch (logits[:, :-1]) are read in place, not copied.
     if teacher_logits is not None:
         student_rows, teacher_rows = as_row_groups((student_logits, teacher_logits.detach()), vocab)
@@ -890,6 +908,8 @@ class TopKKLDivLoss(LossModule):
         check_choice("tail", tail, TAILS)
         check_choice("divergence", divergence, TOPK_DIVERGENCES)
         check_choice("reduction", reduction, ("mean", "sum", "none"))
+        _check_static_options(k, lower, upper, max_candidates)
+        check_vocab_size(vocab_size)
         super().__init__(
             k=k,
             lower=lower,
@@ -939,7 +959,8 @@ class DACKLLoss(torch.nn.Module):
 
     * ``train()``: the MLP learns through a soft membership weight
       w = sigmoid(s (c_after - lower)) * sigmoid(s (upper - c_before)) with sharpness s = ``sharpness``
-      (default 50: the weight goes from 0.12 to 0.88 over 0.04 of cumulative mass). Outcome masses are
+      (default 50: each factor goes from 0.12 to 0.88 over 0.08 of cumulative mass, ±0.04 around its
+      bound). Outcome masses are
       w p and w q (plus the rest / label outcome as the tail says). This path is plain PyTorch autograd
       (the bounds need gradients). The ``renormalize`` and ``label`` tails gather the student's kept
       columns before any arithmetic (no [N, V] tensor but the gradient; with labels, one zero-filled copy
@@ -1032,6 +1053,8 @@ class DACKLLoss(torch.nn.Module):
             self.temperature, labels, self.reduction, None, DEFAULT_MAX_CANDIDATES, self.vocab_size,
         )
         backend = resolve_impl(self.impl, student_logits.device)
+        if backend == "triton" and not self.training:  # the hard mask's kernel (training runs PyTorch autograd)
+            _check_triton_kept(min(self.vocab_top_m, vocab), "a smaller vocab_top_m")
         leading_shape = student_logits.shape[:-1]
         label_rows = flat_labels(labels)
         if self.tail == "label":

@@ -371,6 +371,49 @@ def test_minus_inf_teacher_logits_are_never_kept(tail, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("tail", TAILS)
+def test_zero_probability_tokens_masked_with_finite_values_are_never_kept(tail, impl):
+    """Teacher tokens masked with a large finite negative (-1e4, finfo.min: probability exactly 0 in fp32) are not
+    kept, as -inf ones are not: kept, renormalisation gave them student mass and gradient (k reaching into the
+    masked columns, k = V, upper = 1). A sparse row padded with -1e4 at an index that is also a real entry counted
+    that column twice (and the two impls disagreed)."""
+    student = _logits((3, 40), torch.float32, seed=26)
+    teacher = _logits((3, 40), torch.float32, seed=27)
+    labels = torch.tensor([2, 3, 7], device=DEVICE)
+    masked = teacher.clone()
+    masked[:, 30:] = float("-inf")
+    for fill in (-1e4, torch.finfo(torch.float32).min):
+        finite = teacher.clone()
+        finite[:, 30:] = fill
+        for selection in (dict(k=40), dict(k=35), dict(upper=1.0)):
+            kwargs = dict(tail=tail, labels=labels, reduction="none", impl=impl, **selection)
+            loss, grad = _loss_and_grad(student, teacher_logits=finite, **kwargs)
+            expected, expected_grad = _loss_and_grad(student, teacher_logits=masked, **kwargs)
+            assert_close(loss, expected, torch.float32, f"loss {fill} {selection}")
+            assert_close(grad, expected_grad, torch.float32, f"grad {fill} {selection}")
+            if tail == "renormalize":
+                assert torch.all(grad[:, 30:] == 0)
+    indices, logprobs = _sparse_from_dense(teacher[:, :30], 6)
+    indices, logprobs = torch.cat([indices, indices[:, :2]], -1), torch.cat([logprobs, logprobs[:, :2]], -1)
+    for pad in (float("-inf"), -1e4):  # two padding entries repeating the top two indices
+        padded = logprobs.clone()
+        padded[:, 6:] = pad
+        loss, grad = _loss_and_grad(student, teacher_topk_indices=indices, teacher_topk_logprobs=padded, tail=tail,
+                                    labels=labels, reduction="none", impl=impl)
+        if pad == float("-inf"):
+            expected, expected_grad = loss, grad
+    assert_close(loss, expected, torch.float32, "sparse loss")
+    assert_close(grad, expected_grad, torch.float32, "sparse grad")
+
+
+def _loss_and_grad(student, **kwargs):
+    student = student.detach().clone().requires_grad_(True)
+    loss = topk_kl_div(student, **kwargs)
+    loss.sum().backward()
+    return loss.detach(), student.grad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_all_rows_ignored(impl):
     student = _logits((3, 30), torch.float32, seed=26).requires_grad_(True)
     teacher = _logits((3, 30), torch.float32, seed=27)
@@ -856,6 +899,35 @@ def test_dackl_soft_mask_tends_to_the_hard_mask(tail, divergence):
     assert gaps[0] > gaps[-1]
 
 
+def test_dackl_train_and_eval_agree_on_finitely_masked_teachers():
+    """A teacher masked with finfo.min gives the loss of -inf masking in both modes: the soft mask (training)
+    dropped those tokens, the hard mask (eval) kept them (a 48 % larger loss in the review's case)."""
+    torch.manual_seed(3)
+    loss_fn = DACKLLoss(vocab_top_m=32, hidden=16, sharpness=1e5, impl="torch").to(DEVICE)
+    with torch.no_grad():
+        loss_fn.bound_net[2].bias.copy_(torch.tensor([-8.0, 30.0]))  # bounds ~[0.0003, 1.0]: keep every token
+    student, teacher = _dackl_inputs(46, vocab=40)
+    masked = teacher.clone()
+    masked[:, 10:] = float("-inf")
+    teacher[:, 10:] = torch.finfo(torch.float32).min
+    hard = loss_fn.eval()(student, teacher)
+    assert_close(hard, loss_fn(student, masked), torch.float32, "eval: finfo.min vs -inf masking")
+    soft = loss_fn.train()(student, teacher)
+    assert_close(soft, loss_fn(student, masked), torch.float32, "train: finfo.min vs -inf masking")
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("training", [True, False])
+def test_dackl_empty_batch(tail, training):
+    """No rows (shifted logits of length-1 sequences): 0, as topk_kl_div gives (training raised a reshape error)."""
+    loss_fn = DACKLLoss(vocab_top_m=8, hidden=8, tail=tail, impl="torch").to(DEVICE).train(training)
+    student = torch.randn(2, 0, 20, device=DEVICE, requires_grad=True)
+    labels = torch.zeros(2, 0, dtype=torch.long, device=DEVICE)
+    loss = loss_fn(student, torch.randn(2, 0, 20, device=DEVICE), labels)
+    loss.backward()
+    assert loss.item() == 0.0 and student.grad.shape == student.shape
+
+
 @pytest.mark.parametrize("tail", TAILS)
 def test_dackl_sharp_mask_keeps_the_bound_gradients_finite(tail):
     """At a high sharpness a confident teacher's tail weights underflow to 0: log(weight) was -inf and the bound
@@ -1008,6 +1080,20 @@ def test_bad_inputs():
         DACKLLoss(vocab_size="a")
     with pytest.raises(ValueError, match=r"vocab_size must be in \[1, min\(teacher_logits vocab 10"):
         DACKLLoss(vocab_top_m=4, vocab_size=12).predict_bounds(t)
+    # The Triton hard mask keeps at most TRITON_MAX_K candidates: an error naming vocab_top_m before any kernel
+    # (it came from the loss kernel's launcher, after the selection kernel had run).
+    wide = DACKLLoss(vocab_top_m=4100, impl="triton").eval()
+    with pytest.raises(ValueError, match="at most 4096 kept candidates per row, got 4100; use impl='torch' or a "
+                                         "smaller vocab_top_m"):
+        wide(torch.randn(2, 5000), torch.randn(2, 5000))
+    # TopKKLDivLoss checks its selection options when built (they were only checked at the first call).
+    for bad, match, error in ((dict(k=0), "k must be >= 1", ValueError), (dict(k=2.5), "k must be an int", TypeError),
+                              (dict(upper=2.0), r"upper must be in \[0.0, 1.0\]", ValueError),
+                              (dict(lower=0.6, upper=0.4), "lower must be <= upper", ValueError),
+                              (dict(max_candidates=0), "max_candidates must be a positive int", ValueError),
+                              (dict(vocab_size=0), "vocab_size must be >= 1", ValueError)):
+        with pytest.raises(error, match=match):
+            TopKKLDivLoss(**bad)
     options = repr(DACKLLoss(vocab_size=8, reduction="sum", ignore_index=-1, impl="torch"))
     assert all(text in options for text in ("vocab_size=8", "reduction='sum'", "ignore_index=-1", "impl='torch'"))
 
