@@ -497,5 +497,12 @@ def tree_from_retrieve(retrive_next_token: torch.Tensor, retrive_next_sibling: t
                 steps += 1
     if (parents == -2).any():
         raise ValueError("retrieve arrays leave some nodes unreachable from the root")
+    child_first = parents >= torch.arange(num_nodes)
+    if child_first.any():
+        tree_idx, node = (int(i) for i in child_first.nonzero()[0])
+        raise ValueError(
+            f"retrieve arrays of tree {tree_idx}: node {node} is a child of node {int(parents[tree_idx, node])}; "
+            f"nodes must be numbered with every parent before its children (a parent array has parents[i] < i)"
+        )
     _validate_parents(parents)
     return parents[0] if squeeze else parents

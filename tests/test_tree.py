@@ -164,6 +164,10 @@ def test_bad_retrieve():
     # The root's next sibling (node 2, also reached as node 1's child) was ignored.
     with pytest.raises(ValueError, match=r"tree 1: the root \(node 0\) has no siblings.*got 2"):
         tree_from_retrieve(torch.tensor([[1, -1, -1], [1, 2, -1]]), torch.tensor([[-1, -1, -1], [2, -1, -1]]))
+    # A tree whose child comes before its parent (0 -> 2 -> 1): the error said "parents[1] must be in [0, 1)".
+    with pytest.raises(ValueError, match=r"tree 0: node 1 is a child of node 2; nodes must be numbered with every "
+                                         r"parent before its children"):
+        tree_from_retrieve(torch.tensor([2, -1, 1]), torch.tensor([-1, -1, -1]))
 
 
 def test_int64_to_device_round_trip():
