@@ -28,6 +28,15 @@ def _(grad, upstream, backend):
     return None
 
 
+def refuse_double_backward() -> None:
+    """A clear error for ``create_graph=True`` in a loss's backward (no autograd formula for the backward itself)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "distill_ops losses compute their gradient in the forward pass and are not twice differentiable: "
+            "backward with create_graph=True (double backward, gradient penalties) is not supported"
+        )
+
+
 def consume_stored_gradient(stored: Tensor, upstream: Tensor | None, backend: str) -> Tensor | None:
     """Backward helper: the stored d(loss_row)/dz scaled by the incoming per-row gradient, in place.
 
@@ -39,11 +48,7 @@ def consume_stored_gradient(stored: Tensor, upstream: Tensor | None, backend: st
     """
     if upstream is None:
         return None
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        raise RuntimeError(
-            "distill_ops losses compute their gradient in the forward pass and are not twice differentiable: "
-            "backward with create_graph=True (double backward, gradient penalties) is not supported"
-        )
+    refuse_double_backward()
     torch.ops.distill_ops.scale_rows_(stored, upstream, backend)
     return stored
 

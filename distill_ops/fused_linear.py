@@ -35,7 +35,8 @@ Backends:
   ``TRITON_STRATEGY = "gemm"`` (a module setting, default ``"tiles"``; ``with triton_strategy("gemm"):`` for a
   block) keeps the same kernels and algorithm
   but lets cuBLAS compute each vocabulary chunk of both sides' logits into fp32 ``[N, chunk]`` buffers
-  (``GEMM_CHUNK_ELEMENTS`` each, bf16 operands, fp32 accumulation and output), which the kernels read
+  (``GEMM_CHUNK_ELEMENTS`` each, at least ~sqrt(4 V) columns: see ``gemm_chunk_columns``; bf16 operands,
+  fp32 accumulation and output), which the kernels read
   instead of multiplying: logits do reach HBM, one chunk at a time, in exchange for cuBLAS's GEMM speed.
   Which one is faster is for the GPU benchmark to say (not measured yet).
 * ``torch``: the same algorithm chunked over tokens and over the vocabulary (at most 2^18 fp32
@@ -73,6 +74,7 @@ from ._utils import (
     resolve_vocab,
     softcapped,
 )
+from ._scale import refuse_double_backward
 from .kl_div import (
     _canonical_divergence,
     check_divergence_options,
@@ -588,6 +590,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_rows, grad_stats):
+    # The backward op has no autograd formula: create_graph=True failed only at the second backward, generically.
+    refuse_double_backward()
     *saved, row_stats = ctx.saved_tensors
     s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, labels = [
         kept if kept is not None else tensor for kept, tensor in zip(ctx.inference_inputs, saved)

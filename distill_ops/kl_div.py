@@ -439,6 +439,8 @@ def kl_div(
     temperature = float(temperature)
     active = None if label_rows is None else label_rows != ignore_index
     row_weight = reduction_weight(reduction, normalizer, active, math.prod(leading_shape), student_logits.device)
+    if inplace_grad and torch.compiler.is_compiling():
+        raise ValueError("inplace_grad=True is for eager mode: under torch.compile leave it False (the default)")
     if inplace_grad and student_logits.requires_grad and torch.is_grad_enabled():
         student_rows = as_rows(student_logits, vocab)
         teacher_rows = as_rows(teacher_logits.detach(), vocab)

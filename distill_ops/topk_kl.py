@@ -509,7 +509,11 @@ def dense_candidates(teacher_rows: Tensor, count: int, *, need_order: bool, back
         if need_order:
             values, indices = _sort_desc_stable(values, indices)
         return values, indices
-    # Elsewhere topk's tie order is unspecified: a stable sort of row chunks (bounded memory).
+    # Elsewhere topk's tie order is unspecified: a stable sort of row chunks (bounded memory); one sort of all rows
+    # under torch.compile (the chunk loop fixed N: one recompilation per row count).
+    if torch.compiler.is_compiling():
+        values, indices = teacher_rows.sort(dim=-1, descending=True, stable=True)
+        return values[:, :count], indices[:, :count]
     num_rows, vocab = teacher_rows.shape
     values = teacher_rows.new_empty((num_rows, count))
     indices = torch.empty((num_rows, count), dtype=torch.int64, device=teacher_rows.device)
@@ -752,7 +756,12 @@ def _per_row_group(
     teacher_rows: Tensor, select: Callable[[Tensor, slice], tuple[Tensor, Tensor]]
 ) -> tuple[Tensor, Tensor]:
     """``select(group [R, V], its slice of the N rows)`` on each group of ``teacher_rows [G, R, V]`` (a 2-D view,
-    read in place), its ``(indices, log-probs)`` concatenated over the groups."""
+    read in place), its ``(indices, log-probs)`` concatenated over the groups.
+
+    Under ``torch.compile`` the groups are flattened into one ``[N, V]`` copy instead: a Python loop over them is
+    unrolled into the graph, one recompilation per batch size (``fullgraph=True`` failed at the recompile limit)."""
+    if torch.compiler.is_compiling():
+        return select(teacher_rows.reshape(-1, teacher_rows.shape[-1]), slice(None))
     per_group = teacher_rows.shape[1]
     kept = [select(group, slice(g * per_group, (g + 1) * per_group)) for g, group in enumerate(teacher_rows)]
     return torch.cat([indices for indices, _ in kept]), torch.cat([logprobs for _, logprobs in kept])

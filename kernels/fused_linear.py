@@ -28,6 +28,7 @@ share L2; :func:`stats_schedule` explains the statistics kernel's choice.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 
 import torch
@@ -135,9 +136,15 @@ def check_strategy(strategy: str) -> None:
 
 
 def gemm_chunk_columns(num_rows: int, vocab: int, block_v: int) -> int:
-    """Columns of one GEMM-strategy logits chunk: a multiple of ``block_v`` within the element budget."""
-    budget = min(GEMM_CHUNK_ELEMENTS // max(num_rows, 1), vocab)
-    return max(block_v, budget // block_v * block_v)
+    """Columns of one GEMM-strategy logits chunk: a multiple of ``block_v`` within the element budget, and at
+    least ~sqrt(4 V).
+
+    Each chunk adds its own [stats, N] partial statistics (one set per split; a narrow chunk has one split), so
+    the partials hold about 36 N V / columns bytes against the chunk buffers' 8 N columns: with the element budget
+    alone (2^23 / N columns) they grew as N^2 V (2 GiB at N = 65536, V = 128k). About sqrt(4 V) columns balance
+    the two, O(N sqrt(V)) in all; at the issue's shape (N = 8192, V = 128k) the budget's 1024 columns are wider."""
+    columns = max(min(GEMM_CHUNK_ELEMENTS // max(num_rows, 1), vocab), math.isqrt(4 * vocab))
+    return max(block_v, columns // block_v * block_v)
 
 
 def logits_chunk(hidden: torch.Tensor, weight: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
@@ -403,9 +410,15 @@ def _fused_linear_stats_kernel(
     # TEACHER_LOGITS) start at vocabulary column col_start.
     first_col = col_start + split * tiles_per_split * BLOCK_V
     last_col = tl.minimum(first_col + tiles_per_split * BLOCK_V, V)
-    # [stats, partial_splits, N] partials, this launch's splits from slot split_base: far below 2^31 entries.
-    partial_rows = partial_ptr + (split_base + split) * N + rows
-    split_stride = partial_splits * N
+    # [stats, partial_splits, N] partials, this launch's splits from slot split_base. The gemm strategy's many chunks
+    # can take the buffer past 2^31 entries: int64 offsets there; the tiles strategy's stay far below (int32 keeps
+    # its register budget: the int64 stride spilled the bf16 skew-forward pass 2 on sm_80).
+    if STUDENT_LOGITS:
+        partial_rows = partial_ptr + (split_base + split).to(tl.int64) * N + rows
+        split_stride = partial_splits.to(tl.int64) * N
+    else:
+        partial_rows = partial_ptr + (split_base + split) * N + rows
+        split_stride = partial_splits * N
 
     if PASS == 1:
         # Running maxima start at a finite floor so exp(m_old - m_new) is defined while a row has only
@@ -725,16 +738,17 @@ def _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logit
     )
 
 
-def stats_schedule(num_n_blocks: int, num_tiles: int,
-                   schedule: tuple[int, int] | None = None) -> tuple[int, int, int]:
+def stats_schedule(num_n_blocks: int, num_tiles: int, schedule: tuple[int, int] | None = None, *,
+                   min_splits: int = STATS_SPLITS) -> tuple[int, int, int]:
     """``(splits, tiles_per_split, group)`` of one statistics launch over ``num_tiles`` vocabulary tiles.
 
-    Splits per token block: :data:`STATS_SPLITS`, or more when the token blocks are too few for
+    Splits per token block: ``min_splits`` (:data:`STATS_SPLITS`, the L2 model of the tiles strategy; the gemm
+    strategy, which reads each logit once, passes 1), or more when the token blocks are too few for
     :data:`TARGET_PROGRAMS` programs, never with fewer than :data:`MIN_TILES_PER_SPLIT` tiles each; groups of
     :data:`GROUP_N` token blocks (see :data:`STATS_SPLITS` for the L2 model). ``schedule = (splits, group)``
     overrides both (splits capped at one tile each)."""
     if schedule is None:
-        wanted = max(STATS_SPLITS, triton.cdiv(TARGET_PROGRAMS, num_n_blocks))
+        wanted = max(min_splits, triton.cdiv(TARGET_PROGRAMS, num_n_blocks))
         splits = min(max(1, num_tiles // MIN_TILES_PER_SPLIT), wanted)
         group = GROUP_N
     else:
@@ -822,7 +836,9 @@ def fused_linear_stats(
         # Columns per launch: the whole vocabulary (tiles), or one chunk of logits (gemm).
         span = chunks.columns if gemm else vocab
         num_tiles = triton.cdiv(span, block_v)
-        num_splits, tiles_per_split, group = stats_schedule(num_n_blocks, num_tiles, schedule)
+        # gemm: every chunk launch adds its splits' partials, so it splits only for parallelism.
+        num_splits, tiles_per_split, group = stats_schedule(num_n_blocks, num_tiles, schedule,
+                                                            min_splits=1 if gemm else STATS_SPLITS)
         starts = range(0, vocab, span)
         partial = torch.empty(num_stats, num_splits * len(starts), num_rows, dtype=torch.float32, device=device)
         for index, start in enumerate(starts):

@@ -26,6 +26,7 @@ BITS_PER_WORD = 64
 # Split-KV heuristic (see ``choose_num_splits``).
 MIN_SPLIT_LEN = 512
 MAX_SPLITS = 32
+MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second dimension
 # Query rows of the largest row block: a whole GQA group of up to 128 (head, node) rows per program.
 MAX_BLOCK_M = 128
 DEFAULT_SM_COUNT = 132
@@ -102,7 +103,9 @@ def tree_attention_fwd_kernel(
         q = q.to(tl.float32)
     k_base = K + tl.multiple_of(batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh, 16)
     v_base = V + tl.multiple_of(batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh, 16)
-    cache_len = tl.load(CACHE_LENS + batch).to(tl.int32)
+    # Clamped at 0: values are checked only on the CPU, and a negative one (or an int64 >= 2^31 wrapped by the
+    # launcher's int32 cast) must not address keys before the sequence's rows.
+    cache_len = tl.maximum(tl.load(CACHE_LENS + batch).to(tl.int32), 0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -387,6 +390,7 @@ def tree_attention_forward(
         rows_per_program = min(group * num_nodes, config.block_m)
         num_kv_splits = choose_num_splits(batch * num_kv_heads * row_blocks, max_prefix, q.device,
                                           partial_keys=rows_per_program * 4 // q.element_size())
+    num_kv_splits = min(num_kv_splits, MAX_GRID_Y)  # a caller's count goes on the grid's second dimension
     split_len = triton.cdiv(triton.cdiv(max(max_prefix, 1), num_kv_splits), config.block_n) * config.block_n
     num_kv_splits = max(1, triton.cdiv(max(max_prefix, 1), split_len))
     anc_stride_b = 0 if ancestor_mask.shape[0] == 1 else ancestor_mask.stride(0)

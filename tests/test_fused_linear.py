@@ -834,6 +834,28 @@ def test_stats_schedule_rule():
     assert stats_schedule(5, 3, (7, 2)) == (3, 1, 2)
     with pytest.raises(ValueError, match="schedule"):
         stats_schedule(4, 4, (0, 8))
+    # The gemm strategy splits a chunk only for parallelism (each chunk adds its splits' partials).
+    assert stats_schedule(512, 16, min_splits=1) == (2, 8, GROUP_N)
+    assert stats_schedule(4096, 11, min_splits=1) == (1, 11, GROUP_N)
+
+
+def test_gemm_strategy_partials_stay_small_at_large_n():
+    """The gemm strategy's [stats, splits, N] partials (one set per split of every logits chunk): with chunks of
+    2^23 / N columns alone they grew as N^2 V, 2 GiB at N = 65536, V = 128k, past 2^31 entries at N = 131072,
+    V = 152k (int32 offsets in the kernel, now int64). Chunks of at least ~sqrt(4 V) columns and no L2 splits keep
+    partials + chunk buffers at a few % of one fp32 [N, V] tensor; the issue's shape keeps 1024-column chunks."""
+    import triton
+
+    from distill_ops.kernels.fused_linear import GEMM_CHUNK_CONFIG, gemm_chunk_columns, stats_schedule
+
+    block_n, block_v = GEMM_CHUNK_CONFIG[:2]
+    assert gemm_chunk_columns(8192, 131072, block_v) == 1024
+    for rows, vocab in ((65536, 131072), (131072, 151936), (98304, 262144)):
+        columns = gemm_chunk_columns(rows, vocab, block_v)
+        splits = stats_schedule(triton.cdiv(rows, block_n), triton.cdiv(columns, block_v), min_splits=1)[0]
+        partial_entries = 9 * splits * triton.cdiv(vocab, columns) * rows
+        assert partial_entries < 2**31 / 8, (rows, vocab, partial_entries)
+        assert 4 * partial_entries + 8 * rows * columns < 0.03 * 4 * rows * vocab, (rows, vocab, columns)
 
 
 @pytest.fixture(scope="module")

@@ -390,6 +390,16 @@ def test_inplace_grad_writes_gradient_over_student_buffer(impl):
     assert leaf.grad.data_ptr() == leaf.data_ptr()
 
 
+def test_inplace_grad_under_torch_compile_says_it_is_eager_only():
+    """Under torch.compile the option's data-pointer check failed with dynamo's 'Data pointer comparison'."""
+    student = _logits((2, 10), torch.float32, seed=44).cpu().requires_grad_(True)
+    teacher = _logits((2, 10), torch.float32, seed=45).cpu()
+    compiled = torch.compile(lambda s, t: kl_div(s, t, inplace_grad=True, impl="torch"), fullgraph=True,
+                             backend="aot_eager")
+    with pytest.raises(Exception, match="inplace_grad=True is for eager mode"):
+        compiled(student, teacher)
+
+
 def test_second_backward_through_consumed_gradient_raises():
     student = _logits((2, 10), torch.float32, seed=42).requires_grad_(True)
     teacher = _logits((2, 10), torch.float32, seed=43)

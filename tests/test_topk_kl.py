@@ -732,6 +732,30 @@ def test_torch_compile_fullgraph_dense_triton():
     assert_close(student.grad, ref_grad.reshape(student.shape), torch.float32)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_torch_compile_dynamic_traces_once_for_every_batch_size(impl):
+    """A dense teacher under torch.compile(fullgraph=True, dynamic=True), shifted batch logits of several batch
+    sizes and lengths: one graph. The loop over the row groups (every impl) and the CPU sort's loop over row chunks
+    were unrolled, one recompilation per size, and fullgraph=True failed at dynamo's recompile limit."""
+    import torch._dynamo
+
+    def loss_fn(s, t):
+        return topk_kl_div(s[:, :-1], t[:, 1:], k=6, upper=0.9, tail="bucket", impl=impl)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for batch, length in ((2, 4), (3, 6), (4, 3)):
+            student = _logits((batch, length, 64), torch.float32, seed=59 + batch).requires_grad_(True)
+            teacher = _logits((batch, length, 64), torch.float32, seed=62 + batch)
+            loss = compiled(student, teacher)
+            loss.backward()
+            ref_loss, ref_leaf, _ = reference(student[:, :-1], teacher[:, 1:], k=6, upper=0.9, tail="bucket")
+            assert_close(loss, ref_loss, torch.float32)
+            (ref_grad,) = torch.autograd.grad(ref_loss, ref_leaf)
+            assert_close(student.grad[:, :-1], ref_grad.reshape(batch, length - 1, 64), torch.float32)
+
+
 @pytest.mark.parametrize("teacher", ["dense-k", "dense-bounds-bucket", "dense-label", "sparse"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_shifted_batch_logits_are_read_in_place(impl, teacher, monkeypatch):
