@@ -58,8 +58,8 @@ per row (``k`` or ``max_candidates``; ``ValueError`` before any kernel runs othe
 H200 before the kernel (N=16384, V=131072, k=64, bf16), ``torch.topk`` took 17.6 of the dense path's
 18.9 ms; the kernel's time is not measured yet.
 
-**Bad values** (indices outside [0, V), log-probabilities > 0, bounds outside [0, 1] or lower > upper,
-out-of-range labels with ``tail="label"``) raise ``ValueError`` for CPU tensors; for CUDA tensors they
+**Bad values** (indices outside [0, V) or repeated among the entries with probability, log-probabilities > 0,
+bounds outside [0, 1] or lower > upper, out-of-range labels with ``tail="label"``) raise ``ValueError`` for CPU tensors; for CUDA tensors they
 are not checked on the host (that would synchronise): the affected rows give NaN loss and gradient.
 
 Both backends compute the per-row loss and dL_row/dz in one forward call; backward scales the stored
@@ -717,6 +717,26 @@ def _check_args(
     return lower_rows, upper_rows, vocab
 
 
+def _check_distinct_indices(indices: Tensor, logprobs: Tensor, labels: Optional[Tensor], ignore_index: int) -> None:
+    """A sparse teacher's entries with probability are distinct in every counted row (checked where readable;
+    padding, -inf or of zero probability, may repeat an index; ignored rows may hold anything)."""
+    if not host_readable(indices) or indices.numel() == 0:
+        return
+    stored_k = indices.shape[-1]
+    real = logprobs.exp() > 0
+    if labels is not None:
+        real = real & (labels != ignore_index).unsqueeze(-1)
+    sentinel = -1 - torch.arange(stored_k, device=indices.device)  # distinct, below every index
+    ordered = torch.where(real, indices.to(torch.int64), sentinel).sort(dim=-1).values
+    repeated = ordered[:, 1:] == ordered[:, :-1]
+    if bool(repeated.any()):
+        row = int(repeated.any(-1).nonzero()[0, 0])
+        raise ValueError(
+            f"teacher_topk_indices must be distinct within a row (padding aside), got index "
+            f"{int(ordered[row, 1:][repeated[row]][0])} twice in row {row} (of the rows flattened)"
+        )
+
+
 def _check_label_values(labels: Tensor, ignore_index: int, vocab: int) -> None:
     if host_readable(labels):
         active = labels[labels != ignore_index]
@@ -863,9 +883,11 @@ def topk_kl_div(
     else:
         (student_rows,) = as_row_groups((student_logits,), vocab)
         stored_k = teacher_topk_indices.shape[-1]
+        stored_indices = teacher_topk_indices.detach().reshape(-1, stored_k)
+        stored_logprobs = teacher_topk_logprobs.detach().reshape(-1, stored_k)
+        _check_distinct_indices(stored_indices, stored_logprobs, flat_labels(labels), ignore_index)
         indices, teacher_logprobs = _sparse_teacher(
-            teacher_topk_indices.detach().reshape(-1, stored_k), teacher_topk_logprobs.detach().reshape(-1, stored_k),
-            k, lower_rows, upper_rows, temperature, vocab,
+            stored_indices, stored_logprobs, k, lower_rows, upper_rows, temperature, vocab,
         )
     label_rows = flat_labels(labels)
     if tail == "label":

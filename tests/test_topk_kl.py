@@ -1079,6 +1079,14 @@ def test_bad_inputs():
     _bad(r"log-probabilities \(<= 0\)", s, teacher_topk_indices=idx, teacher_topk_logprobs=bad_lp)
     _bad("teacher_topk_indices must have dtype", s, teacher_topk_indices=idx.float(), teacher_topk_logprobs=lp,
          error=TypeError)
+    distinct = torch.tensor([3, 1, 4, 0]).expand(2, 3, 4)
+    repeated = distinct.clone()
+    repeated[1, 2, 3] = 4
+    _bad(r"must be distinct within a row \(padding aside\), got index 4 twice in row 5", s,
+         teacher_topk_indices=repeated, teacher_topk_logprobs=lp)
+    padded = lp.clone()
+    padded[1, 2, 3] = -1e4  # padding (zero probability) may repeat an index
+    assert torch.isfinite(topk_kl_div(s, teacher_topk_indices=repeated, teacher_topk_logprobs=padded))
     _bad("lower must be <= upper", s, t, lower=0.6, upper=0.4)
     _bad("lower must be <= upper in every row", s, t, lower=torch.full((2, 3), 0.6), upper=torch.full((2, 3), 0.4))
     _bad(r"upper must be in \[0.0, 1.0\], got 1.5", s, t, upper=1.5)
