@@ -59,8 +59,9 @@ H200 before the kernel (N=16384, V=131072, k=64, bf16), ``torch.topk`` took 17.6
 18.9 ms; the kernel's time is not measured yet.
 
 **Bad values** (indices outside [0, V) or repeated among the entries with probability, log-probabilities > 0,
-bounds outside [0, 1] or lower > upper, out-of-range labels with ``tail="label"``) raise ``ValueError`` for CPU tensors; for CUDA tensors they
-are not checked on the host (that would synchronise): the affected rows give NaN loss and gradient.
+bounds outside [0, 1] or lower > upper, out-of-range labels with ``tail="label"``) raise ``ValueError`` for CPU
+tensors; for CUDA tensors they are not checked on the host (that would synchronise): the affected rows give NaN
+loss and gradient.
 
 Both backends compute the per-row loss and dL_row/dz in one forward call; backward scales the stored
 gradient in place. The teacher gets no gradient.

@@ -278,7 +278,8 @@ def tree_spec_in_place(
 
     For trees whose parent array is rewritten in place every step (the speculative engine's EAGLE-2 plan):
     the spec's tensors are views of the buffer, valid until the next rebuild, and ``spec.parents`` is
-    ``parents`` itself (its ``[1, T]`` view for a 1-D ``parents``). Same arguments and checks as :func:`tree_spec_from_parents_tensor`; the Triton path
+    ``parents`` itself (its ``[1, T]`` view for a 1-D ``parents``). Same arguments and checks as
+    :func:`tree_spec_from_parents_tensor`; the Triton path
     only (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``). The spec is undefined until the first
     rebuild."""
     tree_parents = _check_device_parents(parents, max_depth, max_children)
