@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from benchmarks.harness import Case
+from benchmarks.harness import target_status as _status
 from distill_ops.aligndistil import aligndistil_kl
 
 OP = "aligndistil"
@@ -273,10 +274,6 @@ def _find(results: list[dict], op: str, impl: str, **params) -> dict | None:
 
 def _timed(result: dict | None) -> float | None:
     return result["full_ms"] if result and not result["skipped"] and result["full_ms"] else None
-
-
-def _status(value: float | None, ok: bool) -> str:
-    return "not measured" if value is None else ("met" if ok else "**missed**")
 
 
 def summarize_results(results: list[dict], meta: dict) -> str:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import Case
+from benchmarks.harness import target_status as _status
 from distill_ops import kl_div
 
 OP = "kl_div"
@@ -372,10 +373,6 @@ def _find(results: list[dict], op: str, impl: str, **params) -> dict | None:
         if result["op"] == op and result["impl"] == impl and all(result["params"].get(k) == v for k, v in params.items()):
             return result
     return None
-
-
-def _status(value: float | None, ok: bool) -> str:
-    return "not measured" if value is None else ("met" if ok else "**missed**")
 
 
 def summarize_results(results: list[dict], meta: dict) -> str:

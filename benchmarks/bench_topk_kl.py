@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from benchmarks.harness import Case
+from benchmarks.harness import target_status as _status
 from distill_ops.topk_kl import topk_kl_div
 
 OP = "topk_kl_div"
@@ -268,10 +269,6 @@ def _find(results: list[dict], impl: str, **params) -> dict | None:
 
 def _ms(result: dict | None) -> float | None:
     return result["full_ms"] if result and not result.get("skipped") and result.get("full_ms") else None
-
-
-def _status(value: float | None, ok: bool) -> str:
-    return "not measured" if value is None else ("met" if ok else "**missed**")
 
 
 def summarize_results(results: list[dict], meta: dict) -> str:

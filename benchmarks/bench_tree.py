@@ -20,6 +20,7 @@ import random
 import torch
 import torch.nn.functional as F
 
+from benchmarks.harness import measured_status
 from distill_ops.tree import build_tree, tree_from_paths
 from distill_ops.tree_attention import tree_attention, tree_attention_mask
 from distill_ops.verify import verify_greedy, verify_greedy_ref
@@ -214,8 +215,8 @@ def summarize_results(results: list[dict], meta: dict) -> str:
         ratio = sdpa["forward_ms"] / ours_ms if ours_ms and sdpa and sdpa["forward_ms"] else None
         lines.append(
             f"| {row['params']['B']} | {row['params']['T']} | {row['impl']} | "
-            f"{_NOT_MEASURED if fraction is None else f'{100 * fraction:.0f} % ' + _verdict(fraction >= 0.8)} | "
-            f"{_NOT_MEASURED if ratio is None else f'{ratio:.2f}× ' + _verdict(ratio >= 3)} |"
+            f"{measured_status(None if fraction is None else 100 * fraction, '{:.0f} %', lambda v: v >= 80)} | "
+            f"{measured_status(ratio, '{:.2f}×', lambda v: v >= 3)} |"
         )
     lines += ["", f"**greedy verification target: within 1.5× of one read of the logits ({device})**", "",
               "| B | T | V | impl | time / one read |", "|---|---|---|---|---|"]
@@ -227,12 +228,5 @@ def summarize_results(results: list[dict], meta: dict) -> str:
         ratio = (row["forward_ms"] / read["forward_ms"]
                  if row["forward_ms"] and read is not None and read["forward_ms"] else None)
         lines.append(f"| {row['params']['B']} | {row['params']['T']} | {row['params']['V']} | {row['impl']} | "
-                     f"{_NOT_MEASURED if ratio is None else f'{ratio:.2f}× ' + _verdict(ratio <= 1.5)} |")
+                     f"{measured_status(ratio, '{:.2f}×', lambda v: v <= 1.5)} |")
     return "\n".join(lines + [""])
-
-
-_NOT_MEASURED = "not measured"
-
-
-def _verdict(met: bool) -> str:
-    return "met" if met else "**missed**"

@@ -182,6 +182,16 @@ def device_slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
 
 
+def target_status(value: Optional[float], ok: bool) -> str:
+    """A target's verdict in a report: ``not measured`` (no value), ``met`` or ``**missed**``."""
+    return "not measured" if value is None else ("met" if ok else "**missed**")
+
+
+def measured_status(value: Optional[float], fmt: str, ok: Callable[[float], bool]) -> str:
+    """The value formatted by ``fmt`` and its verdict (``ok(value)``), or ``not measured``."""
+    return target_status(None, False) if value is None else f"{fmt.format(value)} {target_status(value, ok(value))}"
+
+
 def device_peaks(name: str) -> tuple[Optional[float], Optional[float]]:
     """(peak HBM bytes/s, peak dense bf16 FLOP/s) for a CUDA device name, or (None, None)."""
     for key, bandwidth, flops in DEVICE_PEAKS:

@@ -535,10 +535,10 @@ def kept_logprobs(sorted_logprobs: Tensor, lower: Optional[Tensor], upper: Optio
     padding written that way) are -inf, never kept: kept with a finite value, renormalisation gave them student
     mass and gradient (and a padding entry that repeats a real index counted that column twice).
     """
-    sorted_logprobs = torch.where(sorted_logprobs.exp() == 0, float("-inf"), sorted_logprobs)
+    probs = sorted_logprobs.exp()
+    sorted_logprobs = torch.where(probs == 0, float("-inf"), sorted_logprobs)
     kept = sorted_logprobs != float("-inf")
     if lower is not None or upper is not None:
-        probs = sorted_logprobs.exp()
         mass_after = probs.cumsum(-1).clamp_max(1.0)  # rounding must not push a token past lower = 1
         mass_before = mass_after - probs
         if upper is not None:
@@ -583,7 +583,8 @@ def _retemper(kept_logprobs_t1: Tensor, temperature: float) -> Tensor:
 
 
 def _bound_rows(name: str, bound: object, leading_shape: torch.Size, device: torch.device) -> Optional[Tensor]:
-    """A bound as fp32 [N] (None stays None); Python numbers are checked here, tensors where readable."""
+    """A bound as fp32 [N] (None stays None); tensors are checked here where readable, Python numbers by
+    :func:`_check_static_options`."""
     if bound is None:
         return None
     num_rows = math.prod(leading_shape)
@@ -600,8 +601,7 @@ def _bound_rows(name: str, bound: object, leading_shape: torch.Size, device: tor
         if host_readable(rows) and rows.numel() and not bool(((rows >= 0) & (rows <= 1)).all()):
             raise ValueError(f"{name} must be in [0, 1], got values from {rows.min().item()} to {rows.max().item()}")
         return rows
-    value = check_number(name, bound, low=0.0, high=1.0)
-    return torch.full((num_rows,), value, dtype=torch.float32, device=device)
+    return torch.full((num_rows,), float(bound), dtype=torch.float32, device=device)
 
 
 def _check_triton_kept(kept_columns: int, remedy: str) -> None:
@@ -875,6 +875,7 @@ def topk_kl_div(
         else:
             kept_columns = teacher_topk_indices.shape[-1]
         _check_triton_kept(kept_columns, "a smaller k / max_candidates")
+    label_rows = flat_labels(labels)
     # Row groups: shifted logits of a batch (logits[:, :-1]) are read in place, not copied.
     if teacher_logits is not None:
         student_rows, teacher_rows = as_row_groups((student_logits, teacher_logits.detach()), vocab)
@@ -886,11 +887,10 @@ def topk_kl_div(
         stored_k = teacher_topk_indices.shape[-1]
         stored_indices = teacher_topk_indices.detach().reshape(-1, stored_k)
         stored_logprobs = teacher_topk_logprobs.detach().reshape(-1, stored_k)
-        _check_distinct_indices(stored_indices, stored_logprobs, flat_labels(labels), ignore_index)
+        _check_distinct_indices(stored_indices, stored_logprobs, label_rows, ignore_index)
         indices, teacher_logprobs = _sparse_teacher(
             stored_indices, stored_logprobs, k, lower_rows, upper_rows, temperature, vocab,
         )
-    label_rows = flat_labels(labels)
     if tail == "label":
         _check_label_values(label_rows, ignore_index, vocab)
         bad_label = (label_rows != ignore_index) & ((label_rows < 0) | (label_rows >= vocab))
