@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
 from typing import Iterable, Iterator, Literal, Optional, Sequence
 
@@ -121,6 +122,23 @@ def check_index(name: str, value: object) -> object:
     return value
 
 
+def check_int(name: str, value: object, *, low: int | None = None, optional: bool = False) -> int | None:
+    """A Python or NumPy integer (not a bool, float or tensor), at least ``low``, returned as a Python int.
+
+    ``None`` passes when ``optional``. Every integer option of the package goes through here, so that
+    ``k=np.int64(8)`` (a size read from a NumPy array or a config) means what ``k=8`` means.
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, (bool, torch.Tensor)) or not hasattr(type(value), "__index__"):
+        expected = "an int or None" if optional else "an int"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}: {value!r}")
+    value = operator.index(value)
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
 def check_labels(labels: object, leading_shape: torch.Size, device: torch.device) -> torch.Tensor:
     """``labels`` is an integer tensor shaped like the logits' leading dims, on their device."""
     check_tensor("labels", labels, dtypes=INT_DTYPES)
@@ -138,14 +156,9 @@ def flat_labels(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
 
 
-def check_vocab_size(vocab_size: object) -> None:
+def check_vocab_size(vocab_size: object) -> int | None:
     """``vocab_size`` is None or an int >= 1 (its upper bound depends on the inputs: :func:`resolve_vocab`)."""
-    if vocab_size is None:
-        return
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
-    if vocab_size < 1:
-        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    return check_int("vocab_size", vocab_size, low=1, optional=True)
 
 
 def resolve_vocab(
@@ -164,7 +177,7 @@ def resolve_vocab(
                 f"pass vocab_size=k to compare their first k columns"
             )
         return student_vocab
-    check_vocab_size(vocab_size)
+    vocab_size = check_vocab_size(vocab_size)
     if vocab_size > min(student_vocab, teacher_vocab):
         raise ValueError(
             f"vocab_size must be in [1, min({student_name} vocab {student_vocab}, {teacher_name} vocab "

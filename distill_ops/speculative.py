@@ -79,7 +79,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ._utils import INT_DTYPES, check_number, check_tensor, resolve_impl, sink_softmax, softcapped, text_config
+from ._utils import (
+    INT_DTYPES, check_int, check_number, check_tensor, resolve_impl, sink_softmax, softcapped, text_config,
+)
 from .tree import (
     BITS_PER_WORD,
     MAX_TREE_NODES,
@@ -1234,11 +1236,8 @@ class SpeculativeDecoder:
         from .fspad import FSPADDraftHead
 
         _check_causal_lm("target", target)
-        for name, value, low in (("depth", depth, 1), ("topk", topk, 1), ("num_nodes", num_nodes, 1)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
+        depth, topk, num_nodes = (check_int(name, value, low=1) for name, value in
+                                  (("depth", depth), ("topk", topk), ("num_nodes", num_nodes)))
         if num_nodes > MAX_TREE_NODES:
             raise ValueError(f"num_nodes must be <= {MAX_TREE_NODES} (the tree ops' limit), got {num_nodes}")
         if 1 + topk * max(depth - 1, 0) > MAX_TREE_NODES:
@@ -1349,12 +1348,12 @@ class SpeculativeDecoder:
         Each sequence is decoded as if it were alone (see :class:`_Generation` for how a batch shares the
         forwards). Returns a :class:`SpeculativeOutput`.
         """
+        check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        if type(top_k) is int and top_k == 0:  # transformers' "no top-k" (its TopKLogitsWarper is skipped)
-            top_k = None
-        rows = self._check_generate_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
-                                         generator)
+        rows, max_new_tokens, top_k = self._check_generate_args(
+            input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, generator
+        )
         if self._position_limit is not None:
             what, limit = self._position_limit
             longest = max(len(row) for row in rows)
@@ -1394,18 +1393,16 @@ class SpeculativeDecoder:
 
     def _check_generate_args(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
                              generator) -> list[list[int]]:
-        """Checks; returns each sequence's prompt tokens (one host read of the prompts, once per call)."""
-        check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
+        """Checks; returns each sequence's prompt tokens (one host read of the prompts, once per call), and
+        ``max_new_tokens`` and ``top_k`` as Python ints (``top_k`` 0 is None: transformers' "no top-k", its
+        TopKLogitsWarper is skipped)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [B, L] or [L], got {tuple(input_ids.shape)}")
         if input_ids.shape[0] == 0:
             raise ValueError("input_ids must hold at least one sequence, got batch size 0")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids must hold at least one token (empty prompt)")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-            raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
         check_number("temperature", temperature, low=0.0)
         if 0 < temperature < MIN_SAMPLING_TEMPERATURE:
             raise ValueError(
@@ -1413,8 +1410,7 @@ class SpeculativeDecoder:
                 f"below that fp32 logits / temperature can overflow"
             )
         if temperature > 0:
-            if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-                raise ValueError(f"top_k must be None, 0 (no top-k) or an int >= 1, got {top_k!r}")
+            top_k = check_int("top_k", top_k, low=0, optional=True) or None
             if top_p is not None:
                 check_number("top_p", top_p, low=0.0, high=1.0, low_inclusive=False)
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -1448,7 +1444,7 @@ class SpeculativeDecoder:
                 raise ValueError(
                     f"input_ids must be token ids in [0, {self.vocab_size}), got {bad[0]} in sequence {index}"
                 )
-        return rows
+        return rows, max_new_tokens, top_k
 
     def _eos_ids(self, eos_token_id) -> list[int]:
         if eos_token_id is None:

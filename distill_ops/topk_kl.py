@@ -85,6 +85,7 @@ from ._utils import (
     as_rows,
     check_choice,
     check_index,
+    check_int,
     check_labels,
     check_number,
     check_reduction,
@@ -612,21 +613,20 @@ def _check_triton_kept(kept_columns: int, remedy: str) -> None:
         )
 
 
-def _check_static_options(k: object, lower: object, upper: object, max_candidates: object) -> None:
-    """The options that need no tensor to check: by :func:`topk_kl_div`, and when ``TopKKLDivLoss`` is built."""
-    if k is not None:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k must be an int or None, got {type(k).__name__}")
-        if k <= 0:
-            raise ValueError(f"k must be >= 1, got {k}")
-    if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
-        raise ValueError(f"max_candidates must be a positive int, got {max_candidates!r}")
+def _check_static_options(
+    k: object, lower: object, upper: object, max_candidates: object
+) -> tuple[int | None, int]:
+    """The options that need no tensor to check: by :func:`topk_kl_div`, and when ``TopKKLDivLoss`` is built.
+    Returns ``k`` and ``max_candidates`` as Python ints (NumPy integers are accepted)."""
+    k = check_int("k", k, low=1, optional=True)
+    max_candidates = check_int("max_candidates", max_candidates, low=1)
     numbers = {name: value for name, value in (("lower", lower), ("upper", upper))
                if value is not None and not isinstance(value, Tensor)}
     for name, value in numbers.items():
         check_number(name, value, low=0.0, high=1.0)
     if len(numbers) == 2 and lower > upper:
         raise ValueError(f"lower must be <= upper, got lower={lower} and upper={upper}")
+    return k, max_candidates
 
 
 def _check_args(
@@ -648,7 +648,6 @@ def _check_args(
         raise ValueError(
             "no teacher given: pass teacher_logits (dense) or teacher_topk_indices + teacher_topk_logprobs (sparse)"
         )
-    _check_static_options(k, lower, upper, max_candidates)
     if sparse:
         vocab = resolve_vocab(vocab, vocab, vocab_size, student_name="student_logits", teacher_name="student_logits")
         if teacher_topk_indices is None or teacher_topk_logprobs is None:
@@ -860,6 +859,7 @@ def topk_kl_div(
         fp32 scalar (``mean`` / ``sum``) or fp32 ``[...]`` (``none``).
     """
     check_index("ignore_index", ignore_index)
+    k, max_candidates = _check_static_options(k, lower, upper, max_candidates)
     lower_rows, upper_rows, vocab = _check_args(
         student_logits, teacher_logits, k, teacher_topk_indices, teacher_topk_logprobs, lower, upper, tail,
         divergence, temperature, labels, reduction, normalizer, max_candidates, vocab_size,
@@ -940,8 +940,8 @@ class TopKKLDivLoss(LossModule):
         check_choice("tail", tail, TAILS)
         check_choice("divergence", divergence, TOPK_DIVERGENCES)
         check_choice("reduction", reduction, ("mean", "sum", "none"))
-        _check_static_options(k, lower, upper, max_candidates)
-        check_vocab_size(vocab_size)
+        k, max_candidates = _check_static_options(k, lower, upper, max_candidates)
+        vocab_size = check_vocab_size(vocab_size)
         super().__init__(
             k=k,
             lower=lower,
@@ -1020,10 +1020,8 @@ class DACKLLoss(torch.nn.Module):
         impl: str = "auto",
     ) -> None:
         super().__init__()
-        if isinstance(vocab_top_m, bool) or not isinstance(vocab_top_m, int) or vocab_top_m < 1:
-            raise ValueError(f"vocab_top_m must be a positive int, got {vocab_top_m!r}")
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
+        vocab_top_m = check_int("vocab_top_m", vocab_top_m, low=1)
+        hidden = check_int("hidden", hidden, low=1)
         check_choice("tail", tail, TAILS)
         check_choice("divergence", divergence, TOPK_DIVERGENCES)
         check_choice("reduction", reduction, ("mean", "sum", "none"))
@@ -1031,7 +1029,7 @@ class DACKLLoss(torch.nn.Module):
         check_number("sharpness", sharpness, low=0.0, low_inclusive=False)
         check_index("ignore_index", ignore_index)
         check_choice("impl", impl, IMPLS)
-        check_vocab_size(vocab_size)
+        vocab_size = check_vocab_size(vocab_size)
         self.vocab_top_m = vocab_top_m
         self.tail = tail
         self.divergence = divergence

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ._utils import INT_DTYPES, check_tensor, resolve_impl, to_device_async
+from ._utils import INT_DTYPES, check_int, check_tensor, resolve_impl, to_device_async
 
 #: Largest tree the ops accept. The ancestor bitmask is packed in 64-bit words; up to 64 nodes use
 #: one word (the common case pays nothing for the multi-word support).
@@ -251,8 +251,11 @@ def _(parents, max_depth):
     return parents.new_empty(sum(section_sizes(*parents.shape, max_depth)))
 
 
-def _check_device_parents(parents: object, max_depth: object, max_children: object) -> torch.Tensor:
-    """The checks of :func:`tree_spec_from_parents_tensor` (no value is read); returns ``parents`` as ``[Bt, T]``."""
+def _check_device_parents(
+    parents: object, max_depth: object, max_children: object
+) -> tuple[torch.Tensor, int, int]:
+    """The checks of :func:`tree_spec_from_parents_tensor` (no value is read); returns ``parents`` as ``[Bt, T]``,
+    and the two bounds as Python ints."""
     check_tensor("parents", parents, dtypes=(torch.int64,))
     if parents.dim() not in (1, 2):
         raise ValueError(f"parents must have shape [T] or [Bt, T], got {tuple(parents.shape)}")
@@ -262,12 +265,12 @@ def _check_device_parents(parents: object, max_depth: object, max_children: obje
         raise ValueError(
             f"parents must hold at least one tree of 1 to {MAX_TREE_NODES} nodes, got shape {tuple(parents.shape)}"
         )
+    bounds = []
     for name, bound in (("max_depth", max_depth), ("max_children", max_children)):
-        if isinstance(bound, bool) or not isinstance(bound, int):
-            raise TypeError(f"{name} must be an int, got {type(bound).__name__}")
-        if not 0 <= bound <= num_nodes - 1:
+        bounds.append(check_int(name, bound))
+        if not 0 <= bounds[-1] <= num_nodes - 1:
             raise ValueError(f"{name} must be in [0, T - 1 = {num_nodes - 1}] for T={num_nodes} nodes, got {bound}")
-    return tree_parents
+    return tree_parents, *bounds
 
 
 def tree_spec_in_place(
@@ -282,7 +285,7 @@ def tree_spec_in_place(
     :func:`tree_spec_from_parents_tensor`; the Triton path
     only (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``). The spec is undefined until the first
     rebuild."""
-    tree_parents = _check_device_parents(parents, max_depth, max_children)
+    tree_parents, max_depth, max_children = _check_device_parents(parents, max_depth, max_children)
     resolve_impl("triton", tree_parents.device)  # raises for CPU tensors without the interpreter
     from .kernels.tree_spec import section_sizes, tree_spec_forward
 
@@ -330,7 +333,7 @@ def tree_spec_from_parents_tensor(
     copy; traceable by ``torch.compile(fullgraph=True)`` (the Triton launch as one opaque op). On the
     Triton path the derived tensors are views of one buffer.
     """
-    tree_parents = _check_device_parents(parents, max_depth, max_children)
+    tree_parents, max_depth, max_children = _check_device_parents(parents, max_depth, max_children)
     batch, num_nodes = tree_parents.shape
     if resolve_impl(impl, tree_parents.device) == "triton":
         from .kernels.tree_spec import tree_spec_forward
@@ -416,9 +419,10 @@ def ordered_paths(paths: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
     for path in paths:
         if not isinstance(path, (list, tuple)) or len(path) == 0:
             raise ValueError(f"each path must be a non-empty list of child ranks, got {path!r}")
-        if any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in path):
-            raise ValueError(f"child ranks must be non-negative ints, got {path!r}")
-        keys.append(tuple(path))
+        try:
+            keys.append(tuple(check_int("child rank", rank, low=0) for rank in path))
+        except (TypeError, ValueError):
+            raise ValueError(f"child ranks must be non-negative ints, got {path!r}") from None
     if len(set(keys)) != len(keys):
         raise ValueError("paths must be distinct")
     return sorted(keys, key=lambda p: (len(p), p))

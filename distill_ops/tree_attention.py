@@ -12,7 +12,8 @@ import math
 import torch
 
 from ._utils import (
-    FLOAT_DTYPES, INT_DTYPES, check_number, check_same_device, check_tensor, resolve_impl, sink_softmax, softcapped,
+    FLOAT_DTYPES, INT_DTYPES, check_int, check_number, check_same_device, check_tensor, resolve_impl, sink_softmax,
+    softcapped,
 )
 from .tree import TreeSpec, check_tree_spec, unpack_ancestor_mask
 
@@ -232,16 +233,12 @@ def tree_attention(
         raise ValueError(f"cache_lens must have shape [B={batch}], got {tuple(cache_lens.shape)}")
     if kv_len < num_nodes:
         raise ValueError(f"k/v length S={kv_len} must be >= T={num_nodes} (cache_lens + T <= S)")
-    if num_kv_splits is not None and (isinstance(num_kv_splits, bool) or not isinstance(num_kv_splits, int)
-                                      or num_kv_splits < 1):
-        raise ValueError(f"num_kv_splits must be None or an int >= 1, got {num_kv_splits!r}")
+    num_kv_splits = check_int("num_kv_splits", num_kv_splits, low=1, optional=True)
     if sm_scale is not None:
         sm_scale = check_number("sm_scale", sm_scale)
     if softcap is not None:
         softcap = check_number("softcap", softcap, low=0.0, low_inclusive=False)
-    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
-                                       or sliding_window < 1):
-        raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
+    sliding_window = check_int("sliding_window", sliding_window, low=1, optional=True)
     if sinks is not None:
         check_tensor("sinks", sinks, dtypes=_DTYPES, ndim=1)
         check_same_device(q=q, sinks=sinks)

@@ -40,8 +40,8 @@ from typing import Sequence
 import torch
 
 from ._utils import (
-    FLOAT_DTYPES, INT_DTYPES, check_number, check_same_device, check_tensor, host_readable, resolve_impl, row_chunk,
-    to_device_async,
+    FLOAT_DTYPES, INT_DTYPES, check_int, check_number, check_same_device, check_tensor, host_readable, resolve_impl,
+    row_chunk, to_device_async,
 )
 from .tree import TreeSpec, check_tree_spec, int64_to_device
 
@@ -390,11 +390,7 @@ def verify_sampling(
     """
     batch, num_nodes, vocab = _check_verify_inputs(tree, draft_tokens, target_logits)
     temperature = check_number("temperature", temperature, low=MIN_SAMPLING_TEMPERATURE)
-    if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int):
-            raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+    top_k = check_int("top_k", top_k, low=1, optional=True)
     if top_p is not None:
         top_p = check_number("top_p", top_p, low=0.0, high=1.0, low_inclusive=False)
     if draft_probs is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -964,6 +965,16 @@ def test_bad_inputs():
         SpeculativeDecoder(target, draft, topk=2.5)
     with pytest.raises(ValueError, match="parent path"):
         SpeculativeDecoder(target, draft, tree=[[0, 0]])
+    # NumPy integers (read from a config array) mean what Python ints mean (they were a TypeError).
+    numpy_engine = SpeculativeDecoder(target, draft, impl="torch", depth=np.int64(4), topk=np.int32(3),
+                                      num_nodes=np.int64(12))
+    for top_k in (0, 2):
+        outs = [
+            decoder.generate(prompt, max_new_tokens=new, temperature=1.5, top_k=k,
+                             generator=torch.Generator(DEVICE).manual_seed(1))
+            for decoder, new, k in ((engine, 6, top_k), (numpy_engine, np.int64(6), np.int64(top_k)))
+        ]
+        assert torch.equal(outs[0].sequences, outs[1].sequences), top_k
     assert target.config._attn_implementation == "sdpa"  # restored even when generate raised
 
 

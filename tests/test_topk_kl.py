@@ -3,6 +3,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -1101,7 +1102,7 @@ def test_bad_inputs():
     _bad("teacher_logits must have the student's leading dims", s, torch.randn(2, 4, 10), k=3)
     _bad("reduction must be one of", s, t, k=3, reduction="batchmean")
     _bad("impl must be one of", s, t, k=3, impl="cuda")
-    with pytest.raises(ValueError, match="vocab_top_m must be a positive int"):
+    with pytest.raises(ValueError, match="vocab_top_m must be >= 1, got 0"):
         DACKLLoss(vocab_top_m=0)
     with pytest.raises(ValueError, match="tail must be one of"):
         DACKLLoss(tail="drop")
@@ -1122,12 +1123,38 @@ def test_bad_inputs():
     for bad, match, error in ((dict(k=0), "k must be >= 1", ValueError), (dict(k=2.5), "k must be an int", TypeError),
                               (dict(upper=2.0), r"upper must be in \[0.0, 1.0\]", ValueError),
                               (dict(lower=0.6, upper=0.4), "lower must be <= upper", ValueError),
-                              (dict(max_candidates=0), "max_candidates must be a positive int", ValueError),
+                              (dict(max_candidates=0), "max_candidates must be >= 1", ValueError),
                               (dict(vocab_size=0), "vocab_size must be >= 1", ValueError)):
         with pytest.raises(error, match=match):
             TopKKLDivLoss(**bad)
     options = repr(DACKLLoss(vocab_size=8, reduction="sum", ignore_index=-1, impl="torch"))
     assert all(text in options for text in ("vocab_size=8", "reduction='sum'", "ignore_index=-1", "impl='torch'"))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_numpy_integer_options_mean_what_python_ints_mean(impl):
+    """``k``, ``max_candidates``, ``vocab_size`` and ``DACKLLoss``'s ``vocab_top_m`` / ``hidden`` read from a NumPy
+    array or config: the same loss as Python ints (they were a TypeError or ValueError)."""
+    student = torch.randn(3, 20, device=DEVICE)
+    teacher = torch.randn(3, 24, device=DEVICE)
+    for options in (dict(k=5), dict(upper=0.7, max_candidates=6)):
+        expected = topk_kl_div(student, teacher, vocab_size=20, impl=impl, **options)
+        as_numpy = {name: np.int64(value) if name in ("k", "max_candidates") else value
+                    for name, value in options.items()}
+        got = topk_kl_div(student, teacher, vocab_size=np.int32(20), impl=impl, **as_numpy)
+        assert torch.equal(got, expected), options
+        module = TopKKLDivLoss(vocab_size=np.int16(20), impl=impl, **as_numpy)
+        assert torch.equal(module(student, teacher), expected), options
+    assert torch.equal(kl_div(student, teacher, vocab_size=np.int64(20), impl=impl),
+                       kl_div(student, teacher, vocab_size=20, impl=impl))
+    torch.manual_seed(3)
+    dackl = DACKLLoss(vocab_top_m=np.int64(8), hidden=np.int32(4), vocab_size=np.int64(20), impl=impl).eval()
+    assert dackl.vocab_top_m == 8 and type(dackl.vocab_top_m) is int and dackl.bound_net[0].out_features == 4
+    torch.manual_seed(3)
+    plain = DACKLLoss(vocab_top_m=8, hidden=4, vocab_size=20, impl=impl).eval()
+    assert torch.equal(dackl(student, teacher), plain(student, teacher))
+    with pytest.raises(TypeError, match="k must be an int or None, got float64"):
+        topk_kl_div(student, teacher[:, :20], k=np.float64(5.0), impl=impl)
 
 
 def test_selection_benchmark_case_selects_the_top_k():

@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,6 +155,11 @@ def test_bad_paths():
         tree_from_paths([[0], [0]])
     with pytest.raises(ValueError, match="child ranks"):
         tree_from_paths([[-1]])
+    with pytest.raises(ValueError, match="child ranks"):
+        tree_from_paths([[1.0]])
+    # NumPy ranks (paths read from an array without .tolist()) are the Python ints' tree (they were refused).
+    assert torch.equal(tree_from_paths([[np.int64(0)], [np.int32(1)], [0, np.int64(0)]]),
+                       tree_from_paths([[0], [1], [0, 0]]))
 
 
 def test_bad_retrieve():
@@ -289,6 +295,10 @@ def test_spec_from_parents_tensor_bad_inputs():
         tree_spec_from_parents_tensor(parents, 1, -1)
     with pytest.raises(TypeError, match="max_depth must be an int, got bool"):
         tree_spec_from_parents_tensor(parents, True, 2)
+    for impl in IMPLS:  # NumPy bounds: the Python ints' spec, its max_depth a Python int (they were refused)
+        spec = tree_spec_from_parents_tensor(parents, np.int64(2), np.int32(2), impl=impl)
+        assert type(spec.max_depth) is int
+        assert_specs_equal(spec, tree_spec_from_parents_tensor(parents, 2, 2, impl=impl))
 
 
 # The Triton path (tree_spec kernel): one launch, one allocation, no host read

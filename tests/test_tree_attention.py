@@ -3,6 +3,7 @@
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -209,6 +210,19 @@ def test_split_kv_matches(num_kv_splits):
     assert_close(out, sdpa_reference(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64)), torch.float32)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_numpy_integer_options(impl):
+    """``num_kv_splits`` and ``sliding_window`` as NumPy integers (read from a config array): the same output as
+    Python ints (they were refused)."""
+    q, k, v, parents, lens = make_case(2, 4, 2, 7, 16, [9, 3], torch.float32, per_seq_tree=True, seed=8)
+    tree = build_tree(parents.to(DEVICE))
+    splits = dict(num_kv_splits=2) if impl == "triton" else {}
+    expected = tree_attention(q, k, v, tree, lens, sliding_window=5, impl=impl, **splits)
+    as_numpy = {name: np.int64(value) for name, value in splits.items()}
+    got = tree_attention(q, k, v, tree, lens, sliding_window=np.int32(5), impl=impl, **as_numpy)
+    assert torch.equal(got, expected)
+
+
 def test_split_heuristic():
     from distill_ops.kernels.tree_attention import choose_num_splits
 
@@ -394,8 +408,11 @@ def test_bad_inputs():
             tree_attention(q, k, v, tree, lens, sm_scale=bad, impl="torch")
     with pytest.raises(TypeError, match="sm_scale must be a real number"):
         tree_attention(q, k, v, tree, lens, sm_scale="0.1", impl="torch")
-    for bad in (0, -3, 2.5, True):
-        with pytest.raises(ValueError, match="sliding_window must be None or an int >= 1"):
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"sliding_window must be >= 1, got {bad}"):
+            tree_attention(q, k, v, tree, lens, sliding_window=bad, impl="torch")
+    for bad in (2.5, True):
+        with pytest.raises(TypeError, match="sliding_window must be an int or None"):
             tree_attention(q, k, v, tree, lens, sliding_window=bad, impl="torch")
     with pytest.raises(ValueError, match=r"sinks must have shape \[Hq=4\]"):
         tree_attention(q, k, v, tree, lens, sinks=torch.zeros(2, device=DEVICE), impl="torch")

@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -409,6 +410,10 @@ def test_verify_bad_inputs():
         verify_sampling(tree, tokens, logits, top_p=0.0, impl="torch")
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         verify_sampling(tree, tokens, logits, top_k=0, impl="torch")
+    for impl in IMPLS:  # a NumPy top_k (read from a config array) means what the Python int means (it was refused)
+        draws = [verify_sampling(tree, tokens, logits, top_k=top_k, generator=torch.Generator(DEVICE).manual_seed(4),
+                                 impl=impl).emitted_tokens for top_k in (2, np.int64(2))]
+        assert torch.equal(*draws)
     with pytest.raises(ValueError, match="draft_probs must have the shape"):
         verify_sampling(tree, tokens, logits, draft_probs=draft_probs[:, :, :3], impl="torch")
     with pytest.raises(TypeError, match="generator"):
