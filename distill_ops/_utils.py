@@ -119,6 +119,8 @@ def check_index(name: str, value: object) -> object:
     """An integer: a Python or NumPy int, or a symbolic one under ``torch.compile`` (not a bool, float or tensor)."""
     if isinstance(value, (bool, torch.Tensor)) or not hasattr(type(value), "__index__"):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:  # compared with int64 labels
+        raise ValueError(f"{name} must fit in int64, got {value}")
     return value
 
 
@@ -139,6 +141,13 @@ def check_int(name: str, value: object, *, low: int | None = None, optional: boo
     return value
 
 
+def check_flag(name: str, value: object) -> bool:
+    """A bool option (``1`` or ``"yes"`` would read as True and hide a misplaced argument)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
+    return value
+
+
 def check_labels(labels: object, leading_shape: torch.Size, device: torch.device) -> torch.Tensor:
     """``labels`` is an integer tensor shaped like the logits' leading dims, on their device."""
     check_tensor("labels", labels, dtypes=INT_DTYPES)
@@ -149,6 +158,18 @@ def check_labels(labels: object, leading_shape: torch.Size, device: torch.device
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but the logits are on {device}")
     return labels
+
+
+def check_label_values(labels: torch.Tensor, ignore_index: int, vocab: int, when: str) -> None:
+    """Labels used as class indices lie in ``[0, vocab)`` or equal ``ignore_index``: checked where the values can
+    be read without a synchronisation (:func:`host_readable`); ``when`` says why they must (in the message)."""
+    if host_readable(labels):
+        active = labels[labels != ignore_index]
+        if active.numel() and bool(((active < 0) | (active >= vocab)).any()):
+            raise ValueError(
+                f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index} {when}, got values "
+                f"from {active.min().item()} to {active.max().item()}"
+            )
 
 
 def flat_labels(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -286,24 +307,26 @@ def reduction_weight(
     active: torch.Tensor | None,
     num_rows: int,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The per-row weight a reduction applies, as a one-element fp32 tensor (broadcast to all rows).
+    """The per-row weight a reduction applies, as a one-element fp32 tensor (broadcast to all rows; ``dtype``
+    float64 for the float64 reference).
 
     ``mean`` is 1 / (number of counted rows, at least 1), or 1 / ``normalizer``; ``sum`` and
     ``none`` are 1. Computed on the device: no host synchronisation. Kernels fold this weight into
     the loss and the stored gradient, so ``loss.backward()`` hands them an incoming gradient of 1.
     """
     if reduction != "mean":
-        return torch.ones(1, dtype=torch.float32, device=device)
+        return torch.ones(1, dtype=dtype, device=device)
     if normalizer is not None:
         if isinstance(normalizer, torch.Tensor):
             # A CPU normalizer (e.g. a token count made on the host) beside GPU logits: no synchronising copy.
             normalizer = to_device_async(normalizer.detach(), torch.device(device))
-            return normalizer.to(dtype=torch.float32).reshape(1).reciprocal()
-        return torch.full((1,), 1.0 / float(normalizer), dtype=torch.float32, device=device)
+            return normalizer.to(dtype=dtype).reshape(1).reciprocal()
+        return torch.full((1,), 1.0 / float(normalizer), dtype=dtype, device=device)
     if active is None:
-        return torch.full((1,), 1.0 / max(num_rows, 1), dtype=torch.float32, device=device)
-    return active.sum().clamp_min(1).to(torch.float32).reshape(1).reciprocal()
+        return torch.full((1,), 1.0 / max(num_rows, 1), dtype=dtype, device=device)
+    return active.sum().clamp_min(1).to(dtype).reshape(1).reciprocal()
 
 
 def reduce_rows(
@@ -336,9 +359,14 @@ def check_reduction(reduction: str, normalizer: object) -> None:
         if isinstance(normalizer, torch.Tensor):
             if normalizer.numel() != 1:
                 raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
+            if normalizer.dtype == torch.bool or normalizer.is_complex():
+                raise TypeError(
+                    f"normalizer must be a real number or a one-element real tensor, got {normalizer.dtype}"
+                )
             # 0 stays legal for a tensor (num_items_in_batch of a batch that counts nothing: the loss is then 0).
-            if host_readable(normalizer) and not bool(normalizer.detach() >= 0):
-                raise ValueError(f"normalizer must be >= 0 (a count of tokens), got {normalizer.item()}")
+            value = normalizer.detach()
+            if host_readable(normalizer) and not bool((value >= 0) & (value < float("inf"))):
+                raise ValueError(f"normalizer must be finite and >= 0 (a count of tokens), got {value.item()}")
         else:
             check_number("normalizer", normalizer, low=0.0, low_inclusive=False)
         if reduction != "mean":
@@ -366,6 +394,8 @@ class LossModule(torch.nn.Module):
             check_index("ignore_index", options["ignore_index"])
         if "impl" in options:
             check_choice("impl", options["impl"], IMPLS)
+        if "vocab_size" in options:
+            options["vocab_size"] = check_vocab_size(options["vocab_size"])
         super().__init__()
         self._option_names = tuple(options)
         for name, value in options.items():

@@ -39,6 +39,7 @@ from ._utils import (
     FLOAT_DTYPES,
     as_row_groups,
     check_choice,
+    check_flag,
     check_index,
     check_labels,
     check_number,
@@ -297,6 +298,7 @@ def aligndistil_kl(
         fp32 scalar (``mean`` / ``sum``) or fp32 ``[...]`` (``none``); with ``return_alpha``, ``(loss, alpha)``.
     """
     check_index("ignore_index", ignore_index)
+    check_flag("return_alpha", return_alpha)
     vocab = _check_aligndistil_args(
         student_logits, dpo_logits, other_logits, mode, beta0, r, eps, alpha, temperature, labels, reduction,
         normalizer, vocab_size,
@@ -352,6 +354,7 @@ class AlignDistilLoss(LossModule):
     ) -> None:
         check_choice("mode", mode, MODES)
         check_choice("reduction", reduction, ("mean", "sum", "none"))
+        check_flag("return_alpha", return_alpha)
         check_number("beta0", beta0, low=0.0, low_inclusive=False)
         check_number("r", r, low=0.0)
         check_number("eps", eps, low=0.0, low_inclusive=False)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import check_choice, check_number, check_tensor, reduce_rows
+from ._utils import INT_DTYPES, check_choice, check_flag, check_number, check_same_device, check_tensor, reduce_rows
 from .fused_linear import fused_linear_kl_div, scale_linear_inputs
 
 
@@ -84,13 +84,17 @@ def fspad_draft_loss(
     check_number("logit_weight", logit_weight, low=0.0)
     check_number("smooth_l1_beta", smooth_l1_beta, low=0.0)
     check_choice("reduction", reduction, ("mean", "sum", "none"))
+    check_flag("include_teacher_entropy", include_teacher_entropy)
     check_number("logit_scale", logit_scale, low=0.0, low_inclusive=False)
     if softcap is not None:
         check_number("softcap", softcap, low=0.0, low_inclusive=False)
+    check_same_device(target_next_features=target_next_features, draft_regress=draft_regress,
+                      draft_predict=draft_predict, lm_head_weight=lm_head_weight, lm_head_bias=lm_head_bias,
+                      loss_mask=loss_mask)
     leading_shape = draft_regress.shape[:-1]
     labels = None
     if loss_mask is not None:
-        check_tensor("loss_mask", loss_mask, dtypes=None)
+        check_tensor("loss_mask", loss_mask, dtypes=(*INT_DTYPES, torch.bool))
         if loss_mask.shape != leading_shape:
             raise ValueError(f"loss_mask must have shape {tuple(leading_shape)}, got {tuple(loss_mask.shape)}")
         labels = torch.where(loss_mask.bool(), 0, -100).to(torch.int64)

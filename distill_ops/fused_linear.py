@@ -61,7 +61,9 @@ from ._utils import (
     autocast_linear_inputs,
     autocast_off,
     check_choice,
+    check_flag,
     check_index,
+    check_label_values,
     check_labels,
     check_number,
     check_reduction,
@@ -728,7 +730,8 @@ def fused_linear_kl_div(
         student_bias: optional ``[V]`` (receives a gradient); teacher_bias: optional ``[Vt]``.
         divergence, beta, alpha, temperature: as in :func:`distill_ops.kl_div` (no T^2 factor).
         labels: integer ``[...]``: rows equal to ``ignore_index`` contribute nothing; the targets of
-            the cross-entropy term (required when ``ce_weight > 0``; must lie in [0, V) elsewhere).
+            the cross-entropy term (required when ``ce_weight > 0``; must then lie in [0, V) elsewhere: a
+            ``ValueError`` on CPU tensors, a NaN row loss where the values are not read (CUDA, compile)).
             Not shifted (see :mod:`distill_ops.integrations.hf` for causal-LM shifting).
         kl_weight, ce_weight: non-negative weights of the two terms. A weight of 0 drops its term (the loss
             stays finite where that term would be +inf or NaN, e.g. ``kl_weight=0`` with a reverse KL
@@ -802,7 +805,7 @@ def fused_linear_kl_div(
     kl_weight = check_number("kl_weight", kl_weight, low=0.0)
     ce_weight = check_number("ce_weight", ce_weight, low=0.0)
     check_reduction(reduction, normalizer)
-    check_choice("return_entropy", return_entropy, (False, True))
+    check_flag("return_entropy", return_entropy)
     student_softcap = _check_softcap("student_softcap", student_softcap)
     teacher_softcap = _check_softcap("teacher_softcap", teacher_softcap)
     if teacher_softcap is not None and teacher_logits is not None:
@@ -843,6 +846,12 @@ def fused_linear_kl_div(
             teacher_softcap, bool(return_entropy),
         )
     active = _active_rows(label_rows, ignore_index)
+    if ce_weight > 0.0:
+        check_label_values(label_rows, ignore_index, vocab, "when ce_weight > 0")
+        # Where the values cannot be read (CUDA, compile), a row with an out-of-range label gets a NaN loss on
+        # every impl (the kernel found no label logit (+inf), the PyTorch path took 0 for it).
+        bad_label = active & ((label_rows < 0) | (label_rows >= vocab))
+        row_loss = torch.where(bad_label, float("nan"), row_loss)
     loss = reduce_rows(row_loss, active, reduction, normalizer, leading_shape)
     if return_entropy:
         return loss, row_stats[4].detach().reshape(leading_shape)
@@ -877,7 +886,7 @@ class FusedLinearKLDivLoss(LossModule):
         check_number("kl_weight", kl_weight, low=0.0)
         check_number("ce_weight", ce_weight, low=0.0)
         check_choice("reduction", reduction, ("mean", "sum", "none"))
-        check_choice("return_entropy", return_entropy, (False, True))
+        check_flag("return_entropy", return_entropy)
         _check_softcap("student_softcap", student_softcap)
         _check_softcap("teacher_softcap", teacher_softcap)
         super().__init__(

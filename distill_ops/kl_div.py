@@ -36,6 +36,7 @@ from ._utils import (
     as_row_groups,
     as_rows,
     check_choice,
+    check_flag,
     check_index,
     check_labels,
     check_number,
@@ -439,6 +440,7 @@ def kl_div(
     temperature = float(temperature)
     active = None if label_rows is None else label_rows != ignore_index
     row_weight = reduction_weight(reduction, normalizer, active, math.prod(leading_shape), student_logits.device)
+    check_flag("inplace_grad", inplace_grad)
     if inplace_grad and torch.compiler.is_compiling():
         raise ValueError("inplace_grad=True is for eager mode: under torch.compile leave it False (the default)")
     if inplace_grad and student_logits.requires_grad and torch.is_grad_enabled():
@@ -502,7 +504,8 @@ def kl_div_reference(
     label_rows = None if labels is None else labels.reshape(-1)
     active = None if label_rows is None else label_rows != ignore_index
     num_rows = label_rows.numel() if label_rows is not None else math.prod(leading_shape)
-    row_weight = reduction_weight(reduction, normalizer, active, num_rows, student_logits.device).double()
+    row_weight = reduction_weight(reduction, normalizer, active, num_rows, student_logits.device,
+                                  torch.float64 if upcast else torch.float32)
     row_loss, row_grad = kl_div_rows_torch(
         as_rows(student_logits.detach(), vocab),
         as_rows(teacher_logits.detach(), vocab),

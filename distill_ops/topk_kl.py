@@ -86,6 +86,7 @@ from ._utils import (
     check_choice,
     check_index,
     check_int,
+    check_label_values,
     check_labels,
     check_number,
     check_reduction,
@@ -737,16 +738,6 @@ def _check_distinct_indices(indices: Tensor, logprobs: Tensor, labels: Optional[
         )
 
 
-def _check_label_values(labels: Tensor, ignore_index: int, vocab: int) -> None:
-    if host_readable(labels):
-        active = labels[labels != ignore_index]
-        if active.numel() and bool(((active < 0) | (active >= vocab)).any()):
-            raise ValueError(
-                f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index} with tail='label', got values "
-                f"from {active.min().item()} to {active.max().item()}"
-            )
-
-
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
@@ -892,7 +883,7 @@ def topk_kl_div(
             stored_indices, stored_logprobs, k, lower_rows, upper_rows, temperature, vocab,
         )
     if tail == "label":
-        _check_label_values(label_rows, ignore_index, vocab)
+        check_label_values(label_rows, ignore_index, vocab, "with tail='label'")
         bad_label = (label_rows != ignore_index) & ((label_rows < 0) | (label_rows >= vocab))
         teacher_logprobs = torch.where(bad_label.unsqueeze(-1), float("nan"), teacher_logprobs)
     return _reduce_op_rows(
@@ -941,7 +932,6 @@ class TopKKLDivLoss(LossModule):
         check_choice("divergence", divergence, TOPK_DIVERGENCES)
         check_choice("reduction", reduction, ("mean", "sum", "none"))
         k, max_candidates = _check_static_options(k, lower, upper, max_candidates)
-        vocab_size = check_vocab_size(vocab_size)
         super().__init__(
             k=k,
             lower=lower,
@@ -1088,7 +1078,7 @@ class DACKLLoss(torch.nn.Module):
         leading_shape = student_logits.shape[:-1]
         label_rows = flat_labels(labels)
         if self.tail == "label":
-            _check_label_values(label_rows, self.ignore_index, vocab)
+            check_label_values(label_rows, self.ignore_index, vocab, "with tail='label'")
         active = None if label_rows is None else label_rows != self.ignore_index
         # Row groups: shifted logits of a batch (logits[:, :-1]) are read in place, not copied.
         student_rows, teacher_rows = as_row_groups((student_logits, teacher_logits.detach()), vocab)

@@ -428,11 +428,12 @@ def ordered_paths(paths: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
     return sorted(keys, key=lambda p: (len(p), p))
 
 
-def _single_tree_parents(tree: TreeSpec | torch.Tensor, batch_index: int) -> list[int]:
-    if isinstance(tree, TreeSpec):
-        return tree.parents[batch_index].tolist()
-    host = _validate_parents(tree)
-    return host[batch_index].tolist()
+def _single_tree_parents(tree: TreeSpec | torch.Tensor, batch_index: object) -> list[int]:
+    trees = tree.parents if isinstance(tree, TreeSpec) else _validate_parents(tree)
+    batch_index = check_int("batch_index", batch_index, low=0)
+    if batch_index >= trees.shape[0]:
+        raise ValueError(f"batch_index must be in [0, {trees.shape[0]}) (the number of trees), got {batch_index}")
+    return trees[batch_index].tolist()
 
 
 def paths_from_tree(tree: TreeSpec | torch.Tensor, batch_index: int = 0) -> list[list[int]]:
@@ -440,6 +441,7 @@ def paths_from_tree(tree: TreeSpec | torch.Tensor, batch_index: int = 0) -> list
 
     A node's rank is its position among its parent's children in node-index order. For a tree that is
     already breadth-first with rank-ordered siblings, ``tree_from_paths(paths_from_tree(p))`` equals ``p``.
+    ``batch_index`` picks one tree of a batch: an int in ``[0, number of trees)``.
     """
     parents = _single_tree_parents(tree, batch_index)
     paths: list[list[int]] = [[]]

@@ -216,6 +216,8 @@ def tree_attention(
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     batch, num_heads, num_nodes, head_dim = q.shape
+    if head_dim == 0:
+        raise ValueError(f"q must have a head dim D >= 1 (q.shape[3]), got shape {tuple(q.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != batch or k.shape[3] != head_dim:

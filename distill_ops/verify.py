@@ -489,6 +489,14 @@ def compact_kv_cache(
             )
         if index:
             check_same_device(**{"k[0]": keys[0], f"k{suffix}": layer_k, f"v{suffix}": layer_v})
+        for name, tensor in ((f"k{suffix}", layer_k), (f"v{suffix}", layer_v)):
+            if any(stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride())):
+                # An expand()ed cache: rows of several sequences or heads share memory, so moving one sequence's
+                # rows moves the others' (the Triton path did so silently, the PyTorch path failed inside).
+                raise ValueError(
+                    f"{name} is compacted in place and must not have overlapping elements (a stride of 0 over a "
+                    f"dim of size > 1, as from expand()), got shape {tuple(tensor.shape)} strides {tensor.stride()}"
+                )
     check_tensor("cache_lens", cache_lens, dtypes=INT_DTYPES, ndim=1)
     if not isinstance(result, VerifyResult):
         raise TypeError(f"result must be a VerifyResult, got {type(result).__name__}")

@@ -142,8 +142,10 @@ def _kl_div_fwd_kernel(
 
         if active:
             # Pass 1: per-lane online statistics of both sides (and the KL for forward / reverse). The
-            # running maxima start at a finite floor so exp(m_old - m_new) is defined while a lane has
-            # only seen -inf (masked tokens).
+            # running maxima (of the raw logits z) start at a finite floor so exp(m_old - m_new) is defined
+            # while a lane has only seen -inf (masked tokens). Exponents are raw differences scaled after,
+            # ((z - m) / T): z - m is exact near the max, where the mass is, so logits far from 0 keep fp32
+            # precision at any T (z / T - m / T rounds each term at |z / T|: 4e-4 relative at 1e4, 10 % at 1e7).
             max_a = tl.full([BLOCK_V], -1.0e30, tl.float32)
             max_b = tl.full([BLOCK_V], -1.0e30, tl.float32)
             sum_a = tl.zeros([BLOCK_V], tl.float32)
@@ -152,46 +154,51 @@ def _kl_div_fwd_kernel(
             for start in range(0, V, BLOCK_V):
                 cols = start + offsets
                 mask = cols < V
-                a = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-                b = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-                new_max_a = tl.maximum(max_a, a)
-                new_max_b = tl.maximum(max_b, b)
-                scale_a = tl.exp(max_a - new_max_a)
-                scale_b = tl.exp(max_b - new_max_b)
-                w_a = tl.exp(a - new_max_a)
-                w_b = tl.exp(b - new_max_b)
+                za = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                zb = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                new_max_a = tl.maximum(max_a, za)
+                new_max_b = tl.maximum(max_b, zb)
+                scale_a = tl.exp((max_a - new_max_a) * inv_temperature)
+                scale_b = tl.exp((max_b - new_max_b) * inv_temperature)
+                w_a = tl.exp((za - new_max_a) * inv_temperature)
+                w_b = tl.exp((zb - new_max_b) * inv_temperature)
                 sum_a = sum_a * scale_a + w_a
                 sum_b = sum_b * scale_b + w_b
                 # A rescale that underflows to 0 drops the old terms, +inf ones included (0 * inf would be NaN):
-                # their weights are 0 in fp32 against the new max, as p = exp(b - lse_b) is in the last pass.
-                if DIVERGENCE == 0:  # sum p (b - a), weighted by the teacher's exponentials
-                    acc = tl.where(scale_b == 0.0, 0.0, acc * scale_b) + tl.where(w_b == 0.0, 0.0, w_b * (b - a))
-                elif DIVERGENCE == 1:  # sum q (a - b), weighted by the student's exponentials
-                    acc = tl.where(scale_a == 0.0, 0.0, acc * scale_a) + tl.where(w_a == 0.0, 0.0, w_a * (a - b))
+                # their weights are 0 in fp32 against the new max, as p = exp(log p) is in the last pass.
+                if DIVERGENCE == 0:  # sum p (zb - za) / T, weighted by the teacher's exponentials
+                    acc = tl.where(scale_b == 0.0, 0.0, acc * scale_b) + tl.where(
+                        w_b == 0.0, 0.0, w_b * ((zb - za) * inv_temperature))
+                elif DIVERGENCE == 1:  # sum q (za - zb) / T, weighted by the student's exponentials
+                    acc = tl.where(scale_a == 0.0, 0.0, acc * scale_a) + tl.where(
+                        w_a == 0.0, 0.0, w_a * ((za - zb) * inv_temperature))
                 max_a = new_max_a
                 max_b = new_max_b
             row_max_a = tl.max(max_a, axis=0)
             row_max_b = tl.max(max_b, axis=0)
-            lane_scale_a = tl.exp(max_a - row_max_a)
-            lane_scale_b = tl.exp(max_b - row_max_b)
+            lane_scale_a = tl.exp((max_a - row_max_a) * inv_temperature)
+            lane_scale_b = tl.exp((max_b - row_max_b) * inv_temperature)
             total_a = tl.sum(sum_a * lane_scale_a, axis=0)
             total_b = tl.sum(sum_b * lane_scale_b, axis=0)
-            lse_a = row_max_a + tl.log(total_a)
-            lse_b = row_max_b + tl.log(total_b)
-            s_dot = 0.0  # sum_j q_j g_j for the mixture / TVD divergences; E_q[a - b] for reverse
+            # log q_j = (z_j - row_max_a) / T - log_total_a (and log p likewise); lse_a - lse_b is
+            # (row_max_a - row_max_b) / T + log_total_a - log_total_b, the first term rounded once.
+            log_total_a = tl.log(total_a)
+            log_total_b = tl.log(total_b)
+            lse_gap = (row_max_a - row_max_b) * inv_temperature + (log_total_a - log_total_b)
+            s_dot = 0.0  # sum_j q_j g_j for the mixture / TVD divergences; E_q[za - zb] / T for reverse
             if DIVERGENCE == 0:
                 # A lane holding +inf whose scale underflowed to 0 is dropped (0 * inf is NaN). In a branch taken
                 # only then: the select over every lane costs registers (8 bytes of spill on sm_80).
                 kl_sum = tl.sum(acc * lane_scale_b, axis=0)
                 if kl_sum != kl_sum:
                     kl_sum = tl.sum(tl.where(lane_scale_b == 0.0, 0.0, acc * lane_scale_b), axis=0)
-                loss = kl_sum / total_b - lse_b + lse_a
+                loss = kl_sum / total_b + lse_gap
             elif DIVERGENCE == 1:
                 s_dot = tl.sum(acc * lane_scale_a, axis=0)
                 if s_dot != s_dot:
                     s_dot = tl.sum(tl.where(lane_scale_a == 0.0, 0.0, acc * lane_scale_a), axis=0)
                 s_dot = s_dot / total_a
-                loss = s_dot - lse_a + lse_b
+                loss = s_dot - lse_gap
             else:
                 # Pass 2: the loss and S need both log-sum-exps first.
                 loss_acc = tl.zeros([BLOCK_V], tl.float32)
@@ -199,9 +206,11 @@ def _kl_div_fwd_kernel(
                 for start in range(0, V, BLOCK_V):
                     cols = start + offsets
                     mask = cols < V
-                    a = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-                    b = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-                    term, g, q = _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE)
+                    za = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                    zb = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                    a = (za - row_max_a) * inv_temperature
+                    b = (zb - row_max_b) * inv_temperature
+                    term, g, q = _divergence_terms(a, b, log_total_a, log_total_b, coef, DIVERGENCE)
                     loss_acc += tl.where(mask, term, 0.0)
                     s_acc += tl.where(mask & (q != 0.0), q * g, 0.0)
                 loss = tl.sum(loss_acc, axis=0)
@@ -216,17 +225,19 @@ def _kl_div_fwd_kernel(
                 for start in range(0, V, BLOCK_V):
                     cols = start + offsets
                     mask = cols < V
-                    a = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-                    b = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+                    za = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                    zb = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                    a = (za - row_max_a) * inv_temperature
+                    b = (zb - row_max_b) * inv_temperature
                     if DIVERGENCE == 0:
-                        grad = tl.exp(a - lse_a) - tl.exp(b - lse_b)
+                        grad = tl.exp(a - log_total_a) - tl.exp(b - log_total_b)
                     elif DIVERGENCE == 1:
                         # q (log q - log p - KL) with the log-sum-exps cancelled analytically, so that
                         # large logits (|z| ~ 1e4) do not lose the gradient to cancellation.
-                        q = tl.exp(a - lse_a)
-                        grad = tl.where(q == 0.0, 0.0, q * ((a - b) - s_dot))
+                        q = tl.exp(a - log_total_a)
+                        grad = tl.where(q == 0.0, 0.0, q * ((za - zb) * inv_temperature - s_dot))
                     else:
-                        term, g, q = _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE)
+                        term, g, q = _divergence_terms(a, b, log_total_a, log_total_b, coef, DIVERGENCE)
                         grad = tl.where(q == 0.0, 0.0, q * (g - s_dot))
                     grad = grad * (inv_temperature * row_weight)
                     # Through fp32 (a no-op for fp32 math): a mixture coefficient below 2^-126 makes Triton type

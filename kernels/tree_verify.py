@@ -532,7 +532,7 @@ def argmax_splits(rows: int, vocab: int, block_v: int) -> int:
     row per program leaves most SMs idle at B = 1, T = 64, and one program cannot keep enough loads in flight
     to stream a 128k-entry row at HBM speed), each slice at least ``ARGMAX_MIN_SPLIT_BLOCKS`` blocks."""
     max_splits = max(1, triton.cdiv(vocab, block_v * ARGMAX_MIN_SPLIT_BLOCKS))
-    return max(1, min(triton.cdiv(ARGMAX_TARGET_PROGRAMS, rows), max_splits))
+    return max(1, min(triton.cdiv(ARGMAX_TARGET_PROGRAMS, max(rows, 1)), max_splits))  # rows = 0: an empty batch
 
 
 @on_input_device

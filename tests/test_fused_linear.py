@@ -609,7 +609,7 @@ def test_return_entropy_without_labels_and_reductions(impl):
     module_loss, module_entropy = FusedLinearKLDivLoss(return_entropy=True, impl=impl)(*args)
     assert_close(module_loss, fused_linear_kl_div(*args, impl=impl), torch.float32)
     assert_close(module_entropy, expected, torch.float32, "module")
-    with pytest.raises(ValueError, match="return_entropy must be one of"):
+    with pytest.raises(TypeError, match="return_entropy must be a bool, got NoneType"):
         FusedLinearKLDivLoss(return_entropy=None)
 
 
@@ -1073,14 +1073,34 @@ def test_bad_inputs():
         fused_linear_kl_div(hs, w, ht, wt, impl="cuda")
     with pytest.raises(TypeError, match="teacher_hidden must be a torch.Tensor"):
         fused_linear_kl_div(hs, w, ht.tolist(), wt)
-    with pytest.raises(ValueError, match="return_entropy must be one of"):
-        fused_linear_kl_div(hs, w, ht, wt, return_entropy="yes")
+    for flag in ("yes", 1):  # 1 == True passed the old check
+        with pytest.raises(TypeError, match=f"return_entropy must be a bool, got {type(flag).__name__}"):
+            fused_linear_kl_div(hs, w, ht, wt, return_entropy=flag)
     with pytest.raises(ValueError, match="student_weight must have at least one row"):  # was a ZeroDivisionError
         fused_linear_kl_div(hs, w[:0], teacher_logits=torch.zeros(4, 0, device=hs.device))
     with pytest.raises(ValueError, match="student_hidden must have a width of at least 1"):  # was a RuntimeError
         fused_linear_kl_div(hs[:, :0], w[:, :0], teacher_logits=torch.zeros(4, 10, device=hs.device))
     with pytest.raises(ValueError, match="teacher_hidden must have a width of at least 1"):
         fused_linear_kl_div(hs, w, ht[:, :0], wt[:, :0])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cross_entropy_labels_out_of_range(impl, monkeypatch):
+    """A counted label outside [0, V) with ce_weight > 0: a ValueError on CPU tensors; where the values are not
+    read (CUDA, compile: simulated by making them unreadable) the row's loss is NaN on every impl. It was a silent
+    loss: the PyTorch path took 0 for the missing label logit, the kernel +inf (for labels >= V)."""
+    case = _case((4,), 8, 10, torch.float32, seed=24)
+    for bad in (10, -3):
+        labels = torch.tensor([1, 2, bad, -100], device=DEVICE)
+        with pytest.raises(ValueError, match=rf"labels must be in \[0, 10\) or equal ignore_index=-100 when "
+                                             rf"ce_weight > 0, got values from {min(bad, 1)} to {max(bad, 2)}"):
+            fused_linear_kl_div(**case, labels=labels, ce_weight=0.5, impl=impl)
+        # Only the cross-entropy reads them as classes: with ce_weight=0 they only mark ignored rows.
+        assert torch.isfinite(fused_linear_kl_div(**case, labels=labels, impl=impl))
+        monkeypatch.setattr(sys.modules["distill_ops._utils"], "host_readable", lambda tensor: False)
+        rows = fused_linear_kl_div(**case, labels=labels, ce_weight=0.5, reduction="none", impl=impl)
+        monkeypatch.undo()
+        assert rows[2].isnan() and torch.isfinite(rows[:2]).all() and rows[3] == 0
 
 
 @pytest.mark.parametrize("name", ["student_softcap", "teacher_softcap"])

@@ -360,7 +360,7 @@ def test_fspad_bad_inputs():
     with pytest.raises(ValueError, match="draft_predict must have the shape"):
         fspad_draft_loss(tensor, torch.zeros(2, 3, 7), tensor, torch.zeros(10, 8))
     with pytest.raises(ValueError, match="loss_mask must have shape"):
-        fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), loss_mask=torch.ones(2, 4))
+        fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), loss_mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="logit_weight must be in"):
         fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), logit_weight=-1.0)
     with pytest.raises(ValueError, match="logit_scale must be in"):
@@ -372,6 +372,19 @@ def test_fspad_bad_inputs():
         fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 9))
     with pytest.raises(ValueError, match=r"lm_head_bias must have shape \[10\]"):
         fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), lm_head_bias=torch.zeros(9))
+    # Every tensor on one device (draft_regress and loss_mask were unchecked: a device error deep in the loss,
+    # after the logit term's kernel had run); a float loss_mask (0.5 read as True) is refused.
+    elsewhere = torch.zeros(2, 3, 8, device="meta")
+    for name, call in (("draft_regress", lambda: fspad_draft_loss(elsewhere, tensor, tensor, torch.zeros(10, 8))),
+                       ("loss_mask", lambda: fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8),
+                                                              loss_mask=torch.ones(2, 3, dtype=torch.bool,
+                                                                                   device="meta")))):
+        with pytest.raises(ValueError, match=f"{name} is on meta but target_next_features is on cpu"):
+            call()
+    with pytest.raises(TypeError, match="include_teacher_entropy must be a bool, got str"):
+        fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), include_teacher_entropy="no")  # read as True
+    with pytest.raises(TypeError, match=r"loss_mask must have dtype in \(int64, .*bool\), got torch.float32"):
+        fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), loss_mask=torch.full((2, 3), 0.5))
 
 
 def test_helper_refuses_labels_and_teacher_ids_of_another_shape_before_any_forward():

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_ops import DIVERGENCES, KLDivLoss, kl_div, kl_div_reference
+from distill_ops import DIVERGENCES, AlignDistilLoss, FusedLinearKLDivLoss, KLDivLoss, kl_div, kl_div_reference
+from tests._definitions import divergence_rows, reduce_rows
 from tests.conftest import DEVICE, IMPLS, TOLERANCES, RecordTensorOps, assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -28,18 +29,33 @@ def _run(student, teacher, impl, upstream=None, **kwargs):
     return loss, student.grad, upstream
 
 
+def independent_reference(student, teacher, upstream, *, divergence="forward", beta=0.5, alpha=0.1, temperature=1.0,
+                          labels=None, ignore_index=-100, reduction="mean", normalizer=None, vocab_size=None):
+    """``(loss, d (loss . upstream) / d student)`` in float64, written from the definitions with autograd: no
+    package code (``kl_div_reference`` runs the PyTorch path's own helpers, so it cannot be the torch impl's
+    oracle)."""
+    vocab = student.shape[-1] if vocab_size is None else vocab_size
+    student64 = student.detach().double().cpu().requires_grad_(True)
+    rows = divergence_rows(student64[..., :vocab], teacher.detach().double().cpu()[..., :vocab], divergence, beta,
+                           alpha, temperature)
+    active = None if labels is None else labels.cpu() != ignore_index
+    if active is not None:
+        rows = torch.where(active, rows, 0.0)
+    flat_active = None if active is None else active.reshape(-1)
+    loss = reduce_rows(rows.reshape(-1), flat_active, reduction, None if normalizer is None else float(normalizer))
+    if reduction == "none":
+        loss = loss.reshape(rows.shape)
+    (grad,) = torch.autograd.grad((loss * upstream.detach().double().cpu()).sum(), student64)
+    return loss.detach(), grad
+
+
 def _check_against_reference(student, teacher, impl, **kwargs):
     loss, grad, upstream = _run(student, teacher, impl, **kwargs)
-    ref_loss, ref_grad = kl_div_reference(student, teacher, **kwargs)
+    ref_loss, expected_grad = independent_reference(student, teacher, upstream, **kwargs)
     dtype = student.dtype
     assert loss.dtype == torch.float32
     assert loss.shape == ref_loss.shape
     assert_close(loss, ref_loss, dtype, "loss")
-    upstream64 = upstream.to(torch.float64)
-    if kwargs.get("reduction", "mean") == "none":
-        expected_grad = ref_grad * upstream64.unsqueeze(-1)
-    else:
-        expected_grad = ref_grad * upstream64
     assert grad.dtype == student.dtype
     assert_close(grad, expected_grad, dtype, "gradient")
 
@@ -240,6 +256,18 @@ def test_reference_matches_independent_formulation(divergence):
     loss, grad = kl_div_reference(student, teacher, divergence=divergence, temperature=2.0, reduction="sum")
     torch.testing.assert_close(loss, expected.sum().detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-10)
+    # kl_div_reference is the oracle of other tests here and of the fused-linear tests: it equals the definitions
+    # (independent_reference) for every reduction, labels, normalizer, vocab_size and mixture coefficient too.
+    labels = torch.tensor([3, -100, 5, 7, -100, 1])
+    coefficient = dict(beta=0.3) if divergence == "jsd" else dict(alpha=0.6) if divergence.startswith("skew") else {}
+    for options in (dict(reduction="mean", labels=labels), dict(reduction="none", labels=labels, ignore_index=5),
+                    dict(reduction="mean", normalizer=4.5, vocab_size=200), dict(reduction="sum", temperature=0.7)):
+        kwargs = dict(divergence=divergence, **coefficient, **options)
+        loss, grad = kl_div_reference(student, teacher, **kwargs)
+        upstream = torch.ones_like(loss, dtype=torch.float64)
+        expected, expected_grad = independent_reference(student, teacher, upstream, **kwargs)
+        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12, msg=str(options))
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-10, msg=str(options))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -350,6 +378,23 @@ def test_large_magnitude_logits_do_not_overflow(divergence, impl):
     loss, grad, _ = _run(student, teacher, impl, divergence=divergence, reduction="none")
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     _check_against_reference(student, teacher, impl, divergence=divergence, reduction="none")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_offset_logits_at_small_temperatures(divergence, impl):
+    """Rows of logits offset far from 0 (every logit near 1e4 or 6e4) at T = 1e-3 to 0.05: |z / T| up to 1e7 (fp16
+    at T = 0.05: at 1e-3 the true reverse-KL gradient, 1e5, overflows fp16 on every impl). The
+    kernel divided each logit by T before subtracting the row max, rounding z / T at its magnitude: the loss was
+    10-15 % off (JSD, TVD, skew reverse) and tied bf16 rows got a gradient of -1.8 where it is 0. It now scales
+    z - max, exact near the max, as the PyTorch path always did."""
+    generator = torch.Generator().manual_seed(42)
+    for dtype, offset, temperature in ((torch.float16, 1e4, 0.05), (torch.float16, 6e4, 0.05),
+                                       (torch.float32, 1e4, 1e-3), (torch.bfloat16, 1e4, 1e-3)):
+        student, teacher = ((torch.randn(3, 37, generator=generator, dtype=torch.float64) * 3 + offset).to(dtype)
+                            for _ in range(2))
+        _check_against_reference(student.to(DEVICE), teacher.to(DEVICE), impl, divergence=divergence,
+                                 temperature=temperature, reduction="none")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -496,8 +541,19 @@ def test_bad_inputs():
     _bad("temperature must be in", s, t, temperature=-1.0)
     _bad("impl must be one of", s, t, impl="cuda")
     _bad("normalizer only applies", s, t, reduction="sum", normalizer=4.0)
-    _bad(r"normalizer must be >= 0 \(a count of tokens\), got -2.0", s, t, normalizer=torch.tensor(-2.0))
-    _bad(r"normalizer must be >= 0 \(a count of tokens\), got nan", s, t, normalizer=torch.tensor([float("nan")]))
+    for bad in (-2.0, float("nan"), float("inf")):  # inf gave a silent loss of 0
+        _bad(rf"normalizer must be finite and >= 0 \(a count of tokens\), got {bad}", s, t,
+             normalizer=torch.tensor([bad]))
+    _bad("normalizer must be a real number or a one-element real tensor, got torch.bool", s, t,
+         normalizer=torch.tensor(True), error=TypeError)
+    _bad("inplace_grad must be a bool, got int", s, t, inplace_grad=1, error=TypeError)
+    _bad(f"ignore_index must fit in int64, got {2**70}", s, t, ignore_index=2**70)  # was an OverflowError
+    # The modules check vocab_size when built (it was first checked at the first call).
+    for module in (KLDivLoss, FusedLinearKLDivLoss, AlignDistilLoss):
+        with pytest.raises(ValueError, match="vocab_size must be >= 1, got 0"):
+            module(vocab_size=0)
+        with pytest.raises(TypeError, match="vocab_size must be an int or None, got str"):
+            module(vocab_size="a")
     _bad("student_logits must be a torch.Tensor", s.numpy(), t, error=TypeError)
 
 

@@ -26,8 +26,6 @@ impls: a ``skew_reverse`` alpha below 2^-53 (``log(0)`` on the PyTorch path), a 
 normalised by its own sum of q (a wrong-sign gradient at logits ~20).
 """
 
-import math
-
 import pytest
 import torch
 
@@ -39,6 +37,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from distill_ops import fused_linear_kl_div, kl_div, topk_kl_div  # noqa: E402
 from distill_ops.kl_div import DIVERGENCES  # noqa: E402
+from tests._definitions import divergence_rows, kl_rows, reduce_rows  # noqa: E402
 from tests.conftest import DEVICE, IMPLS, assert_close  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,58 +102,6 @@ def _upstream(generator, kind, shape):
     values = torch.where(pick < 0.2, 1.0, values)
     values = torch.where((pick >= 0.2) & (pick < 0.3), 0.0, values)
     return values.to(torch.float32)
-
-
-def _reduce(rows, active, reduction, normalizer):
-    """``rows [N]`` float64 (0 at ignored rows) reduced as documented: mean over counted rows (1 if none)."""
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    if normalizer is not None:
-        return rows.sum() / normalizer
-    count = rows.numel() if active is None else int(active.sum())
-    return rows.sum() / max(count, 1)
-
-
-def _kl_rows(log_a, log_b):
-    """KL(a || b) per row from log-probabilities, 0 log 0 = 0; no NaN in value or gradient where a = 0."""
-    support = log_a > NEG_INF
-    safe_a = torch.where(support, log_a, 0.0)
-    safe_b = torch.where(support, log_b, 0.0)
-    return torch.where(support, safe_a.exp() * (safe_a - safe_b), 0.0).sum(-1)
-
-
-def _log_mixture(log_a, log_b, c):
-    """log(c a + (1 - c) b) for 0 <= c < 1; -inf (with a zero gradient) where a = b = 0."""
-    either = (log_a > NEG_INF) | (log_b > NEG_INF)
-    safe_a = torch.where(either, log_a, 0.0)
-    safe_b = torch.where(either, log_b, 0.0)
-    log_c = math.log(c) if c > 0 else NEG_INF
-    mixed = torch.logaddexp(safe_a + log_c, safe_b + math.log(1.0 - c))
-    return torch.where(either, mixed, NEG_INF)
-
-
-def _divergence_rows(student, teacher, divergence, beta, alpha, temperature):
-    """Per-row divergence of float64 ``student`` / ``teacher`` logits, as the ``kl_div`` docstring defines it."""
-    log_q = torch.log_softmax(student / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher / temperature, dim=-1)
-    if divergence == "jsd" and beta in (0.0, 1.0):  # the documented endpoints (TRL's convention)
-        divergence = "forward" if beta == 0.0 else "reverse"
-    if divergence == "forward":
-        return _kl_rows(log_p, log_q)
-    if divergence == "reverse":
-        return _kl_rows(log_q, log_p)
-    if divergence == "jsd":
-        log_m = _log_mixture(log_p, log_q, beta)
-        return beta * _kl_rows(log_p, log_m) + (1.0 - beta) * _kl_rows(log_q, log_m)
-    if divergence == "skew_forward":
-        return _kl_rows(log_p, _log_mixture(log_p, log_q, alpha))
-    if divergence == "skew_reverse":
-        return _kl_rows(log_q, _log_mixture(log_q, log_p, alpha))
-    if divergence == "tvd":
-        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
-    raise AssertionError(divergence)
 
 
 def _reverse_like(divergence, beta, alpha):
@@ -286,14 +233,14 @@ def test_kl_div_matches_float64_reference(impl, divergence, data):
     )
 
     student64 = student.to(F64).detach().requires_grad_(True)
-    rows = _divergence_rows(
+    rows = divergence_rows(
         student64.reshape(-1, vocab), teacher.to(F64).reshape(-1, vocab), case["divergence"], case["beta"],
         case["alpha"], case["temperature"],
     )
     active = None if labels is None else labels.reshape(-1) != case["ignore_index"]
     if active is not None:
         rows = torch.where(active, rows, 0.0)
-    expected = _reduce(rows, active, case["reduction"], case["normalizer"]).reshape(loss.shape)
+    expected = reduce_rows(rows, active, case["reduction"], case["normalizer"]).reshape(loss.shape)
     assert torch.isfinite(expected).all()  # the reference itself stays in the domain we meant to test
     upstream = _upstream(generator, case["upstream"], tuple(loss.shape))
     _check_loss_and_grads(loss, expected, upstream, (student_in,), (student64,), student_dtype, f"kl_div {case}")
@@ -354,7 +301,7 @@ def _topk_outcomes(log_q, kept, log_p_kept, rest_p, tail, label):
 def _topk_row(log_q, kept, log_p_kept, rest_p, tail, divergence, label):
     """One row of the top-k divergence: ``(loss, conditioned)`` (see :func:`_topk_outcomes`)."""
     log_P, log_Q, conditioned = _topk_outcomes(log_q, kept, log_p_kept, rest_p, tail, label)
-    loss = _kl_rows(log_P, log_Q) if divergence == "forward" else _kl_rows(log_Q, log_P)
+    loss = kl_rows(log_P, log_Q) if divergence == "forward" else kl_rows(log_Q, log_P)
     return loss, conditioned
 
 
@@ -463,7 +410,7 @@ def _check_topk(student, labels, case, student_in, loss, kept_rows, log_p_rows, 
     active = None if label_rows is None else label_rows != -100
     rows, conditioned = _topk_reference(student64.reshape(-1, vocab), kept_rows, log_p_rows, rest_rows, label_rows, active, case)
     assume(conditioned)  # rest masses resolvable in fp32 (module docstring)
-    expected = _reduce(rows, active, case["reduction"], case["normalizer"]).reshape(loss.shape)
+    expected = reduce_rows(rows, active, case["reduction"], case["normalizer"]).reshape(loss.shape)
     assert torch.isfinite(expected).all()
     upstream = _upstream(generator, case["upstream"], tuple(loss.shape))
     _check_loss_and_grads(
@@ -666,7 +613,7 @@ def test_fused_linear_kl_div_matches_float64_logits(impl, divergence, data):
             teacher_logits = teacher_softcap * torch.tanh(teacher_logits / teacher_softcap)
     if case["student_softcap"] is not None:  # the CE term sees the capped logits too
         student_logits = case["student_softcap"] * torch.tanh(student_logits / case["student_softcap"])
-    rows = case["kl_weight"] * _divergence_rows(
+    rows = case["kl_weight"] * divergence_rows(
         student_logits, teacher_logits, case["divergence"], case["beta"], case["alpha"], case["temperature"]
     )
     active = None
@@ -678,7 +625,7 @@ def test_fused_linear_kl_div_matches_float64_logits(impl, divergence, data):
             cross_entropy = torch.logsumexp(student_logits, -1) - student_logits.gather(-1, safe[:, None])[:, 0]
             rows = rows + case["ce_weight"] * cross_entropy
         rows = torch.where(active, rows, 0.0)
-    expected = _reduce(rows, active, case["reduction"], case["normalizer"]).reshape(loss.shape)
+    expected = reduce_rows(rows, active, case["reduction"], case["normalizer"]).reshape(loss.shape)
     assert torch.isfinite(expected).all()
     upstream = _upstream(generator, case["upstream"], tuple(loss.shape))
     _check_loss_and_grads(
@@ -695,7 +642,7 @@ def test_fused_linear_kl_div_matches_float64_logits(impl, divergence, data):
 def _reference_loss_and_grad(student, teacher, divergence, alpha=0.1, beta=0.5):
     """Mean over rows of the float64 divergence at T = 1, and its gradient with respect to ``student``."""
     student64 = student.detach().to(F64).cpu().requires_grad_(True)
-    loss = _divergence_rows(student64, teacher.detach().to(F64).cpu(), divergence, beta, alpha, 1.0).mean()
+    loss = divergence_rows(student64, teacher.detach().to(F64).cpu(), divergence, beta, alpha, 1.0).mean()
     loss.backward()
     return loss.detach(), student64.grad
 

@@ -157,6 +157,15 @@ def test_bad_paths():
         tree_from_paths([[-1]])
     with pytest.raises(ValueError, match="child ranks"):
         tree_from_paths([[1.0]])
+    # paths_from_tree's batch_index: one of the trees (5 was an IndexError, 1.0 another, -1 the last tree).
+    batch = torch.tensor([[-1, 0, 0], [-1, 0, 1]])
+    for trees in (batch, build_tree(batch)):
+        assert paths_from_tree(trees, np.int64(1)) == [[0], [0, 0]]
+        for bad, error, match in ((2, ValueError, r"batch_index must be in \[0, 2\) \(the number of trees\), got 2"),
+                                  (-1, ValueError, "batch_index must be >= 0, got -1"),
+                                  (1.0, TypeError, "batch_index must be an int, got float")):
+            with pytest.raises(error, match=match):
+                paths_from_tree(trees, bad)
     # NumPy ranks (paths read from an array without .tolist()) are the Python ints' tree (they were refused).
     assert torch.equal(tree_from_paths([[np.int64(0)], [np.int32(1)], [0, np.int64(0)]]),
                        tree_from_paths([[0], [1], [0, 0]]))

@@ -408,6 +408,9 @@ def test_bad_inputs():
             tree_attention(q, k, v, tree, lens, sm_scale=bad, impl="torch")
     with pytest.raises(TypeError, match="sm_scale must be a real number"):
         tree_attention(q, k, v, tree, lens, sm_scale="0.1", impl="torch")
+    for impl in IMPLS:  # D = 0 (a ZeroDivisionError in the default scale on the PyTorch path)
+        with pytest.raises(ValueError, match=r"q must have a head dim D >= 1 \(q.shape\[3\]\)"):
+            tree_attention(q[..., :0], k[..., :0], v[..., :0], tree, lens, impl=impl)
     for bad in (0, -3):
         with pytest.raises(ValueError, match=f"sliding_window must be >= 1, got {bad}"):
             tree_attention(q, k, v, tree, lens, sliding_window=bad, impl="torch")

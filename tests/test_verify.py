@@ -310,10 +310,11 @@ def test_sampling_triton_equals_torch(case):
     assert results[0].accept_len.sum() > 0
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_sampling_random_tree_large_vocab_consistency(impl):
+def test_sampling_random_tree_large_vocab_consistency():
     """A random 26-node tree, V = 2,000 (two vocabulary blocks), duplicate sibling tokens, bf16 logits:
-    outputs are well formed and identical across impls for one generator state."""
+    outputs are identical across impls for one generator state, and well formed: the accepted nodes are a
+    root path of the tree, the emitted tokens are their drafts then the bonus token, and every emitted token
+    lies in the top-p set of its node's float64 filtered distribution (so a dropped top_p shows)."""
     rng = random.Random(4)
     batch, num_nodes, vocab = 3, 26, 2000
     logits = (torch.randn(batch, num_nodes, vocab, generator=torch.Generator().manual_seed(4)) * 3).bfloat16()
@@ -322,12 +323,20 @@ def test_sampling_random_tree_large_vocab_consistency(impl):
     parents[2] = parents[1]
     tree = build_tree(parents.to(DEVICE))
     args = (tree, tokens.to(DEVICE), logits.to(DEVICE))
-    ours = verify_sampling(*args, temperature=0.8, top_p=0.95, generator=torch.Generator(DEVICE).manual_seed(1),
-                           impl=impl)
-    ref = verify_sampling(*args, temperature=0.8, top_p=0.95, generator=torch.Generator(DEVICE).manual_seed(1),
-                          impl="torch")
-    assert torch.equal(ours.emitted_tokens, ref.emitted_tokens) and torch.equal(ours.accepted_nodes, ref.accepted_nodes)
-    assert ((ours.next_tokens >= 0) & (ours.next_tokens < vocab)).all()
+    for top_p in (0.95, 0.3):
+        ours, ref = (verify_sampling(*args, temperature=0.8, top_p=top_p, impl=impl,
+                                     generator=torch.Generator(DEVICE).manual_seed(1)) for impl in ("triton", "torch"))
+        assert torch.equal(ours.emitted_tokens, ref.emitted_tokens)
+        assert torch.equal(ours.accepted_nodes, ref.accepted_nodes)
+        support = filtered_probs(logits.double(), 0.8, None, top_p) > 0  # [B, T, V]
+        for b in range(batch):
+            path = [node for node in ref.accepted_nodes[b].tolist() if node >= 0]
+            assert path[0] == 0 and all(parents[child] == parent for parent, child in zip(path, path[1:]))
+            assert ref.accept_len[b].item() == len(path) - 1
+            emitted = [tokens[b, node].item() for node in path[1:]] + [ref.next_tokens[b].item()]
+            assert ref.emitted_tokens[b, : len(emitted)].tolist() == emitted
+            assert (ref.emitted_tokens[b, len(emitted):] == -1).all()
+            assert all(support[b, node, token] for node, token in zip(path, emitted)), (top_p, b, path, emitted)
 
 
 # ---------------------------------------------------------------- KV compaction
@@ -387,6 +396,23 @@ def test_compact_kv_cache_every_layer_in_one_call(impl):
 
 
 # ---------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch(impl):
+    """B = 0: empty results of the documented shapes on every impl (the greedy kernel's split count divided by the
+    number of rows: a ZeroDivisionError on the Triton path only)."""
+    tree = build_tree(torch.tensor([-1, 0, 0, 1], device=DEVICE))
+    tokens = torch.zeros(0, 4, dtype=torch.int64, device=DEVICE)
+    logits = torch.randn(0, 4, 10, device=DEVICE)
+    for verify in (verify_greedy, verify_sampling):
+        result = verify(tree, tokens, logits, impl=impl)
+        shapes = [tuple(t.shape) for t in (result.accepted_nodes, result.accept_len, result.next_tokens,
+                                          result.emitted_tokens)]
+        assert shapes == [(0, 3), (0,), (0,), (0, 3)], verify.__name__
+    cache = torch.zeros(0, 2, 8, 4, device=DEVICE)
+    assert compact_kv_cache(cache, cache.clone(), torch.zeros(0, dtype=torch.int64, device=DEVICE), result,
+                            impl=impl).shape == (0,)
+
+
 def test_verify_bad_inputs():
     tree = build_tree(torch.tensor(PARENTS))
     tokens, logits, draft_probs = make_sampling_batch(2, True, seed=0)
@@ -447,6 +473,15 @@ def test_verify_bad_inputs():
         compact_kv_cache([], [], lens, result, impl="torch")
     with pytest.raises(TypeError, match=r"v\[0\] must have dtype"):
         compact_kv_cache([k], [k.long()], lens, result, impl="torch")
+    # An expand()ed cache shares rows between sequences: the kernel moved both through one buffer silently, the
+    # PyTorch path failed inside an in-place copy.
+    shared = torch.zeros(1, 1, 9, 8).expand(2, 1, 9, 8)
+    for impl in IMPLS:
+        with pytest.raises(ValueError, match=r"v is compacted in place and must not have overlapping elements .* "
+                                             r"strides \(0, 72, 8, 1\)"):
+            compact_kv_cache(k.clone(), shared, lens, result, impl=impl)
+        with pytest.raises(ValueError, match=r"k\[1\] is compacted in place"):
+            compact_kv_cache([k.clone(), shared], [k.clone(), k.clone()], lens, result, impl=impl)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 64])
