@@ -300,6 +300,9 @@ def _hard_rows_and_grad(
         loss = (p * ratio).sum(-1) + extra_p * extra_ratio
         grad_kept = q * total_p.unsqueeze(-1) - p
         extra_coef = torch.where(extra_q > 0, total_p - live * extra_p / extra_q, 0.0)
+        # The label outcome's gradient as Q total_p - P, like the kept entries': Q (total_p - P / Q) was 0 or
+        # -inf once the student's label mass underflowed (Q denormal or 0), where the gradient is -P.
+        extra_grad = extra_q * total_p - live * extra_p
     else:
         ratio = torch.where(q > 0, log_q - log_p, 0.0)
         extra_ratio = torch.where(extra_q > 0, extra_log_q - extra_log_p, 0.0)
@@ -309,6 +312,7 @@ def _hard_rows_and_grad(
         s = (q * ratio).sum(-1) + live * extra_term + q.sum(-1) + live * extra_q
         grad_kept = torch.where(q > 0, q * (ratio + 1.0 - s.unsqueeze(-1)), 0.0)
         extra_coef = live * (extra_ratio + 1.0) - s
+        extra_grad = extra_q * extra_coef
     if not compute_grad:
         return loss, None
     if tail == "bucket":
@@ -323,7 +327,7 @@ def _hard_rows_and_grad(
         grad = grad.scatter_reduce(-1, indices, torch.where(kept, 0.0, 1.0), reduce="prod")
     grad = grad.scatter_add(-1, indices, torch.where(kept, grad_kept, 0.0))
     if tail == "label":
-        grad = grad.scatter(-1, labels.unsqueeze(-1), (extra_q * extra_coef).unsqueeze(-1))
+        grad = grad.scatter(-1, labels.unsqueeze(-1), extra_grad.unsqueeze(-1))
     return loss, grad
 
 
@@ -574,7 +578,9 @@ def _retemper(kept_logprobs_t1: Tensor, temperature: float) -> Tensor:
     if temperature == 1.0:
         return kept_logprobs_t1
     kept_mass = _fine_logsumexp(kept_logprobs_t1)
-    scaled = kept_logprobs_t1 / temperature
+    # Shifted by the top log-probability before the division (the softmax does not change): log p / T rounded at
+    # |log p / T| (3e-5 at 500, amplified by 1/T in the gradient) where log p - top is exact near the top.
+    scaled = (kept_logprobs_t1 - finite_or_zero(kept_logprobs_t1.amax(-1, keepdim=True))) / temperature
     # Padding stays -inf (a row of padding only gave -inf - -inf = NaN, which counts as kept).
     return torch.where(scaled == float("-inf"), scaled, scaled - _fine_logsumexp(scaled) + kept_mass)
 

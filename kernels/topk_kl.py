@@ -71,16 +71,14 @@ def num_warps_for(block_k: int, tail: str) -> int:
 
 @triton.jit
 def _teacher_leftover(a, kept):
-    """(leftover, floor) of the teacher's kept log-masses ``a`` (-inf where not ``kept``): 1 - sum p as (1 - p_top) in
-    fp64 minus the other kept masses, so that a confident teacher's leftover (p_top = 1 - 1e-10, its log-probability
-    -1e-10 exact in fp32) is resolved, not rounded to 0; and its floor, the log-probabilities' own fp32 rounding
-    (2^-24 |log p| each): TEACHER_RESOLUTION times sum p |log p| over the kept entries, at least REST_Q_FLOOR."""
+    """(leftover, floor) of the teacher's kept log-masses ``a`` (-inf where not ``kept``): 1 - sum p with every p
+    exponentiated and summed in fp64 (as the PyTorch path does), so that a confident teacher's leftover (p_top =
+    1 - 1e-10, its log-probability -1e-10 exact in fp32) is resolved, not rounded to 0, and carries no fp32
+    rounding of the other masses (a 1.25e-6 leftover was 1.7e-4 off in a reverse bucket loss when they were summed
+    in fp32); and its floor, the log-probabilities' own fp32 rounding (2^-24 |log p| each): TEACHER_RESOLUTION
+    times sum p |log p| over the kept entries, at least REST_Q_FLOOR."""
     p_all = tl.where(kept, tl.exp(a), 0.0)
-    a_top = tl.max(a, axis=0)
-    # The masses below the top one, and the top one's ties past the first.
-    others = tl.sum(tl.where(a < a_top, p_all, 0.0), axis=0)
-    others += (tl.sum(tl.where(a == a_top, 1.0, 0.0), axis=0) - 1.0) * tl.exp(a_top)
-    leftover = ((1.0 - tl.exp(a_top.to(tl.float64))) - others.to(tl.float64)).to(tl.float32)
+    leftover = (1.0 - tl.sum(tl.where(kept, tl.exp(a.to(tl.float64)), 0.0), axis=0)).to(tl.float32)
     mass = tl.sum(p_all, axis=0)
     leftover = tl.where(mass == mass, leftover, mass)  # a NaN entry reaches the loss, wherever it is
     leftover = tl.where(leftover < 0.0, 0.0, leftover)  # keeps NaN (NaN < 0 is false)
@@ -240,6 +238,8 @@ def _topk_kl_fwd_kernel(
             # dL/dz_j = q_j (g_o - S) over the live outcomes, g_o = -P_o / Q_o, S = -sum P.
             grad_kept = q * total_p - p
             x_grad_coef = tl.where(x_q > 0.0, total_p - live * x_p / x_q, 0.0)  # per unit of student mass
+            # The label's gradient as Q total_p - P (x_q times the coefficient was 0 or -inf once x_q underflowed).
+            x_grad_mass = x_q * total_p - live * x_p
         else:  # KL(Q || P)
             ratio = tl.where(q > 0.0, log_q - log_p_kept, 0.0)
             x_ratio = tl.where(x_q > 0.0, x_log_q - x_log_p, 0.0)
@@ -249,6 +249,7 @@ def _topk_kl_fwd_kernel(
             s = kept_sum + live * x_q * x_ratio + tl.sum(q, axis=0) + live * x_q
             grad_kept = tl.where(q > 0.0, q * (ratio + 1.0 - s), 0.0)
             x_grad_coef = live * (x_ratio + 1.0) - s
+            x_grad_mass = x_q * x_grad_coef
         # The reduction's weight (1/count for "mean") is folded into loss and gradient, so that
         # backward usually receives an incoming gradient of exactly 1 and moves no [N, V] bytes.
         row_weight = tl.load(weight_ptr + row * stride_weight)
@@ -275,7 +276,7 @@ def _topk_kl_fwd_kernel(
                 mask=kept & index_ok,
             )
             if TAIL == 2:
-                x_grad = x_q * x_grad_coef * grad_scale
+                x_grad = x_grad_mass * grad_scale
                 tl.store(grad_row + label, x_grad.to(grad_ptr.dtype.element_ty), mask=label_ok)
     else:
         tl.store(loss_ptr + row, 0.0)

@@ -57,9 +57,10 @@ from hypothesis import assume, event, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from distill_ops import AlignDistilLoss, aligndistil_kl, topk_kl_div  # noqa: E402
+from tests._definitions import kl_rows, reduce_rows  # noqa: E402
 from tests.conftest import DEVICE, IMPLS, TOLERANCES, assert_close  # noqa: E402
 from tests.test_properties_losses import (  # noqa: E402  (the helpers both property files use)
-    _complement_mass, _events, _kl_rows, _labels, _randn, _reduce, _settings, _stable_order, _topk_outcomes,
+    _complement_mass, _events, _labels, _randn, _settings, _stable_order, _topk_outcomes,
     _check_loss_and_grads, _topk_inputs, _upstream, top_k,
     vocab_sizes,
 )
@@ -126,7 +127,7 @@ def _aligndistil_rows(student, dpo, other, case):
     base = safe_dpo if case["mode"] == "contrastive" else safe_other
     teacher = torch.where(masked, NEG_INF, base + alpha.unsqueeze(-1) * (safe_dpo - safe_other))
     temperature = case["temperature"]
-    kl = _kl_rows(torch.log_softmax(student / temperature, -1), torch.log_softmax(teacher / temperature, -1))
+    kl = kl_rows(torch.log_softmax(student / temperature, -1), torch.log_softmax(teacher / temperature, -1))
     return case["beta0"] / alpha * kl, alpha, teacher
 
 
@@ -267,7 +268,7 @@ def _aligndistil_example(impl, data):
         rows = torch.where(active, rows, 0.0)
         alpha = torch.where(active, alpha, 0.0)
     normalizer = _normalizer(case["normalizer"], case["normalizer_value"])
-    expected = _reduce(rows, active, case["reduction"], normalizer)
+    expected = reduce_rows(rows, active, case["reduction"], normalizer)
     expected = expected.reshape(leading) if case["reduction"] == "none" else expected
     assert torch.isfinite(expected).all()  # the reference itself stays in the domain we meant to test
 
@@ -345,7 +346,7 @@ def _clipped_row(log_q, kept, log_p_kept, rest_p, tail, divergence, label):
     resolution (module docstring).
     """
     log_P, log_Q, conditioned = _topk_outcomes(log_q, kept, log_p_kept, rest_p, tail, label)
-    loss = _kl_rows(log_P, log_Q) if divergence == "forward" else _kl_rows(log_Q, log_P)
+    loss = kl_rows(log_P, log_Q) if divergence == "forward" else kl_rows(log_Q, log_P)
     if divergence == "reverse":  # fp32 cancellation of the reverse gradient (module docstring)
         log_P, log_Q = log_P.detach(), log_Q.detach()
         noise = log_Q.exp() * (log_P.abs() + log_Q.abs() + float(loss.detach()))
@@ -495,7 +496,7 @@ def _clipped_expected(student, labels, case, kept_rows, log_p_rows, rest_rows):
         rows.append(loss)
     rows = torch.stack(rows)
     normalizer = _normalizer(case["normalizer"], case["normalizer_value"])
-    expected = _reduce(rows, active, case["reduction"], normalizer)
+    expected = reduce_rows(rows, active, case["reduction"], normalizer)
     expected = expected.reshape(case["leading"]) if case["reduction"] == "none" else expected
     assert torch.isfinite(expected).all()
     return student64, expected, normalizer

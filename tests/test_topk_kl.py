@@ -458,6 +458,19 @@ def test_nan_propagates(impl):
         labels = torch.tensor([1, 2, 3], device=DEVICE)
         loss = topk_kl_div(student_nan, teacher, k=5, tail=tail, labels=labels, reduction="none", impl=impl)
         assert torch.isnan(loss[1]) and torch.isnan(loss[2]) and torch.isfinite(loss[0])
+    # A NaN student logit outside the kept set (and not the label): renormalize and label never read it (the loss
+    # is the clean one), bucket reads the whole row (NaN), as the README says.
+    outside = student.clone()
+    column = next(c for c in teacher[0].argsort().tolist() if c != 1)  # the teacher's least likely, not the label
+    outside[0, column] = float("nan")
+    for tail in TAILS:
+        labels = torch.tensor([1, 2, 3], device=DEVICE)
+        clean, dirty = (topk_kl_div(s, teacher, k=5, tail=tail, labels=labels, reduction="none", impl=impl)
+                        for s in (student, outside))
+        if tail == "bucket":
+            assert torch.isnan(dirty[0]) and torch.equal(dirty[1:].isnan(), clean[1:].isnan()), tail
+        else:
+            torch.testing.assert_close(dirty, clean, equal_nan=True, rtol=0, atol=0, msg=tail)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -905,11 +918,17 @@ def test_dackl_eval_uses_the_hard_kernel_path(tail, divergence, impl):
     assert_close(loss_fn(student, teacher, labels), expected, torch.float32)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("tail", TAILS)
-def test_dackl_soft_mask_tends_to_the_hard_mask(tail, divergence):
+def test_dackl_soft_mask_tends_to_the_hard_mask(tail, divergence, temperature):
+    """Training's soft mask tends to eval's hard mask (whose kernel and PyTorch paths have float64 references) as
+    the sharpness grows, at T = 1 and T = 0.7 (a training path that ignored the temperature passed at T = 1 only;
+    found by a test review). The documented default sharpness is 50."""
+    assert DACKLLoss().sharpness == 50.0
     torch.manual_seed(2)
-    loss_fn = DACKLLoss(vocab_top_m=32, hidden=16, tail=tail, divergence=divergence, impl="torch").to(DEVICE)
+    loss_fn = DACKLLoss(vocab_top_m=32, hidden=16, tail=tail, divergence=divergence, temperature=temperature,
+                        impl="torch").to(DEVICE)
     with torch.no_grad():  # bounds inside the distribution, so the mask really clips
         loss_fn.bound_net[2].bias.copy_(torch.tensor([-1.0, 1.0]))
     student, teacher = _dackl_inputs(44)
@@ -1129,6 +1148,86 @@ def test_bad_inputs():
             TopKKLDivLoss(**bad)
     options = repr(DACKLLoss(vocab_size=8, reduction="sum", ignore_index=-1, impl="torch"))
     assert all(text in options for text in ("vocab_size=8", "reduction='sum'", "ignore_index=-1", "impl='torch'"))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_label_gradient_when_the_students_label_mass_underflows(impl):
+    """tail='label', forward KL: the label's gradient is Q_label total_P - P_label. It was computed as
+    Q (total_P - P / Q), which gave -inf once Q was denormal (the label ~90 T below the kept logits) and 0 once Q
+    underflowed (~104 T), where the gradient is -P_label: exactly when the student rules out the gold token."""
+    indices = torch.tensor([[0, 1, 2]], device=DEVICE)
+    logprobs = torch.tensor([[-0.5, -1.5, -2.5]], device=DEVICE)  # leftover 0.08 goes to the label outcome
+    labels = torch.tensor([5], device=DEVICE)
+    for gap in (50.0, 95.0, 120.0):
+        student = torch.zeros(1, 8, dtype=torch.float64)
+        student[0, 5] = -gap
+        # float64 reference from the definition: outcomes = kept tokens + the label, both sides renormalised.
+        leaf = student.clone().requires_grad_(True)
+        log_q = torch.log_softmax(leaf[0], 0)
+        teacher = logprobs[0].cpu().double()
+        log_p = torch.cat([teacher, torch.log1p(-teacher.exp().sum()).reshape(1)])
+        outcome_q = torch.cat([log_q[:3], log_q[5:6]])
+        outcome_q = outcome_q - torch.logsumexp(outcome_q, 0)
+        expected = (log_p.exp() * (log_p - outcome_q)).sum()
+        (expected_grad,) = torch.autograd.grad(expected, leaf)
+        got = student.float().to(DEVICE).requires_grad_(True)
+        loss = topk_kl_div(got, teacher_topk_indices=indices, teacher_topk_logprobs=logprobs, tail="label",
+                           labels=labels, impl=impl)
+        loss.backward()
+        assert_close(loss, expected, torch.float32, f"gap {gap}")
+        assert_close(got.grad, expected_grad, torch.float32, f"gap {gap}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_small_sparse_teacher_leftover_in_the_bucket(impl):
+    """A confident sparse teacher whose leftover (1.25e-6) is above its floor: the bucket's reverse KL matches the
+    float64 reference. The kernel summed the other kept masses in fp32 (about 4e-9 of error against the leftover:
+    the loss 1.7e-4 off, the gradient 11 times the fp32 tolerance); it now sums them in fp64, as the PyTorch path."""
+    vocab, kept = 60, 8
+    teacher = torch.randn(4, vocab, generator=torch.Generator().manual_seed(3)) * 12.0
+    values, order = torch.log_softmax(teacher.double(), -1).sort(-1, descending=True)
+    logprobs, indices = values[1:2, :kept].float(), order[1:2, :kept]
+    student = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))[1:2] * 2
+    leaf = student.double().requires_grad_(True)
+    log_q = torch.log_softmax(leaf[0], 0)
+    outside = torch.ones(vocab, dtype=torch.bool)
+    outside[indices[0]] = False
+    outcome_q = torch.cat([log_q[indices[0]], torch.logsumexp(log_q[outside], 0).reshape(1)])
+    teacher_t1 = logprobs[0].double()
+    outcome_p = torch.cat([teacher_t1, torch.log1p(-teacher_t1.exp().sum()).reshape(1)])
+    expected = (outcome_q.exp() * (outcome_q - outcome_p)).sum()
+    (expected_grad,) = torch.autograd.grad(expected, leaf)
+    got = student.to(DEVICE).requires_grad_(True)
+    loss = topk_kl_div(got, teacher_topk_indices=indices.to(DEVICE), teacher_topk_logprobs=logprobs.to(DEVICE),
+                       tail="bucket", divergence="reverse", impl=impl)
+    loss.backward()
+    assert_close(loss, expected, torch.float32)
+    assert_close(got.grad, expected_grad, torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sparse_teacher_retempered_at_a_small_temperature(impl):
+    """A sparse teacher at T = 0.02 with the student equal to it on the kept set: the loss and gradient are 0. The
+    stored log-probabilities (~ -5.3) were divided by T before the shift (|log p / T| ~ 265, rounded at that
+    magnitude and amplified by 1/T in the gradient: 1.7e-4 off); they are shifted by their top one first now."""
+    generator = torch.Generator().manual_seed(0)
+    vocab, temperature = 200, 0.02
+    teacher = torch.randn(2, vocab, generator=generator, dtype=torch.float64) * 0.02
+    teacher[:, 1] += 0.01
+    logprobs, indices = torch.log_softmax(teacher, -1).topk(4, -1)
+    logprobs = logprobs.float()  # stored in fp32, as offline
+    student = torch.full((2, vocab), -30.0).scatter(1, indices, logprobs)
+    leaf = student.double().requires_grad_(True)
+    teacher_kept = torch.softmax(logprobs.double() / temperature, -1)
+    log_q = torch.log_softmax(leaf.gather(1, indices) / temperature, -1)
+    expected = (teacher_kept * (teacher_kept.log() - log_q)).sum(-1)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
+    got = student.to(DEVICE).requires_grad_(True)
+    loss = topk_kl_div(got, teacher_topk_indices=indices.to(DEVICE), teacher_topk_logprobs=logprobs.to(DEVICE),
+                       temperature=temperature, reduction="none", impl=impl)
+    loss.sum().backward()
+    assert_close(loss, expected, torch.float32)
+    assert_close(got.grad, expected_grad, torch.float32)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
