@@ -47,6 +47,7 @@ from ._utils import (
     check_same_device,
     check_tensor,
     finish_reduction,
+    finite_or_zero,
     flat_labels,
     reduction_weight,
     resolve_impl,
@@ -60,10 +61,13 @@ MODES = ("contrastive", "reference")
 
 
 def _teacher_rows(dpo: Tensor, other: Tensor, alpha: Tensor, contrastive: bool) -> Tensor:
-    """Extrapolated teacher logits for a chunk of rows; -inf wherever either model is -inf."""
+    """Extrapolated teacher logits for a chunk of rows, less a per-row constant (the base model's row max: the
+    softmax does not change, and base - max is exact near the max, where base + alpha * gap would be rounded at
+    |base|, e.g. 1e-3 at 1e4); -inf wherever either model is -inf."""
     masked = (dpo == float("-inf")) | (other == float("-inf"))
     gap = torch.where(masked, 0.0, dpo - other)
     base = dpo if contrastive else other
+    base = base - finite_or_zero(base.amax(-1, keepdim=True))
     return torch.where(masked, float("-inf"), base + alpha * gap)
 
 

@@ -223,6 +223,19 @@ def test_large_magnitude_logits(impl):
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("alpha", ALPHAS, ids=["adaptive", "fixed"])
+@pytest.mark.parametrize("mode", MODES)
+def test_offset_logits(mode, alpha, impl):
+    """Rows offset far from 0 (all three models near +-1e4, fp32), at T = 1 and T = 0.5: the kernel rounded
+    z / T and each log-sum-exp at their magnitude (alpha 3e-4 off through the TVD's exp(d - lse_d), the loss 3.5e-4
+    with a fixed alpha; a numerics review); it now scales z - max, exact near the max, as kl_div's kernel."""
+    student, dpo, other = _triple((3, 300), seed=23, scale=3.0)
+    for offset, temperature in ((1e4, 1.0), (-1e4, 0.5)):
+        _check(student + offset, dpo + offset, other + offset, impl, mode=mode, alpha=alpha, reduction="none",
+               temperature=temperature)
+
+
 def test_fallback_float64_matches_official_formulas():
     # The fallback's own math in float64 (upcast) against the oracle, at float64 tolerance.
     student, dpo, other = (t.double().cpu() for t in _triple((6, 333), seed=23))
