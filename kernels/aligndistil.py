@@ -134,11 +134,10 @@ def _aligndistil_fwd_kernel(
             else:
                 shift = tl.where(teacher_masked, float("inf"), s - o)
             gap = tl.where(teacher_masked, 0.0, d - o)
-            # The student's running max is of the raw logits, and exponents are scaled after the subtraction
-            # ((s - m) / T, exact near the max, as in kl_div's kernel; s / T - m / T rounded at |s / T|).
-            new_max_a = tl.maximum(max_a, s)
-            scale_a = tl.exp((max_a - new_max_a) * inv_temperature)
-            w_a = tl.exp((s - new_max_a) * inv_temperature)
+            a = s * inv_temperature
+            new_max_a = tl.maximum(max_a, a)
+            scale_a = tl.exp(max_a - new_max_a)
+            w_a = tl.exp(a - new_max_a)
             sum_a = sum_a * scale_a + w_a
             # A rescale that underflows to 0 drops the old terms, +inf shifts included (0 * inf would be NaN).
             acc_shift = tl.where(scale_a == 0.0, 0.0, acc_shift * scale_a) + tl.where(w_a == 0.0, 0.0, w_a * shift)
@@ -149,9 +148,9 @@ def _aligndistil_fwd_kernel(
         else:
             alpha = fixed_alpha
         row_max_a = tl.max(max_a, axis=0)
-        lane_scale_a = tl.exp((max_a - row_max_a) * inv_temperature)
+        lane_scale_a = tl.exp(max_a - row_max_a)
         total_a = tl.sum(sum_a * lane_scale_a, axis=0)
-        log_total_a = tl.log(total_a)
+        lse_a = row_max_a + tl.log(total_a)
         mean_shift = tl.sum(acc_shift * lane_scale_a, axis=0)
         if mean_shift != mean_shift:  # a lane holding +inf whose scale underflowed to 0: drop it (0 * inf is NaN)
             mean_shift = tl.sum(tl.where(lane_scale_a == 0.0, 0.0, acc_shift * lane_scale_a), axis=0)
@@ -173,12 +172,12 @@ def _aligndistil_fwd_kernel(
             o = tl.load(other_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
             teacher_masked = (d == float("-inf")) | (o == float("-inf"))
             gap = tl.where(teacher_masked, 0.0, d - o)
-            if CONTRASTIVE:  # the teacher's raw logits z*, scaled by 1/T after the max is subtracted
-                b = tl.where(teacher_masked, float("-inf"), d + alpha * gap)
+            if CONTRASTIVE:
+                b = tl.where(teacher_masked, float("-inf"), d + alpha * gap) * inv_temperature
             else:
-                b = tl.where(teacher_masked, float("-inf"), o + alpha * gap)
+                b = tl.where(teacher_masked, float("-inf"), o + alpha * gap) * inv_temperature
             new_max_b = tl.maximum(max_b, b)
-            sum_b = sum_b * tl.exp((max_b - new_max_b) * inv_temperature) + tl.exp((b - new_max_b) * inv_temperature)
+            sum_b = sum_b * tl.exp(max_b - new_max_b) + tl.exp(b - new_max_b)
             max_b = new_max_b
             if COMPUTE_GRAD:
                 s = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
@@ -186,15 +185,13 @@ def _aligndistil_fwd_kernel(
                     shift = tl.where(teacher_masked, float("inf"), s - d)
                 else:
                     shift = tl.where(teacher_masked, float("inf"), s - o)
-                q = tl.exp((s - row_max_a) * inv_temperature - log_total_a)
+                q = tl.exp(s * inv_temperature - lse_a)
                 diff = (shift - alpha * gap) * inv_temperature  # a - b, as accumulated in pass 2
                 grad = tl.where(q == 0.0, 0.0, q * (diff - mean_diff)) * grad_scale
                 tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
         row_max_b = tl.max(max_b, axis=0)
-        log_total_b = tl.log(tl.sum(sum_b * tl.exp((max_b - row_max_b) * inv_temperature), axis=0))
-        # lse_a - lse_b, the raw maxima's difference scaled once.
-        lse_gap = (row_max_a - row_max_b) * inv_temperature + (log_total_a - log_total_b)
-        tl.store(loss_ptr + row, loss_scale * (mean_diff - lse_gap))
+        lse_b = row_max_b + tl.log(tl.sum(sum_b * tl.exp(max_b - row_max_b), axis=0))
+        tl.store(loss_ptr + row, loss_scale * (mean_diff - lse_a + lse_b))
         tl.store(alpha_ptr + row, alpha)
     else:
         tl.store(loss_ptr + row, 0.0)
