@@ -53,6 +53,8 @@ LSE_NUM_WARPS = 8
 # mass) and both at least REST_Q_FLOOR: distill_ops.topk_kl's constants (the same values; a test checks).
 TEACHER_RESOLUTION = tl.constexpr(2.0**-20)
 REST_Q_FLOOR = tl.constexpr(1e-10)
+# Kept-set widths whose teacher leftover is summed from fp64 exponentials (see _teacher_leftover).
+FP64_LEFTOVER_MAX_K = tl.constexpr(2048)
 
 
 def block_k_for(k: int) -> int:
@@ -78,7 +80,15 @@ def _teacher_leftover(a, kept):
     in fp32); and its floor, the log-probabilities' own fp32 rounding (2^-24 |log p| each): TEACHER_RESOLUTION
     times sum p |log p| over the kept entries, at least REST_Q_FLOOR."""
     p_all = tl.where(kept, tl.exp(a), 0.0)
-    leftover = (1.0 - tl.sum(tl.where(kept, tl.exp(a.to(tl.float64)), 0.0), axis=0)).to(tl.float32)
+    if a.shape[0] <= FP64_LEFTOVER_MAX_K:
+        leftover = (1.0 - tl.sum(tl.where(kept, tl.exp(a.to(tl.float64)), 0.0), axis=0)).to(tl.float32)
+    else:
+        # 4096 kept entries: fp64 exponentials of all of them spilled registers (the bucket tail under Triton 3.9);
+        # the top mass in fp64, the others (the fp32 exponentials' rounding, ~2^-24 of their sum) in fp32.
+        a_top = tl.max(a, axis=0)
+        others = tl.sum(tl.where(a < a_top, p_all, 0.0), axis=0)
+        others += (tl.sum(tl.where(a == a_top, 1.0, 0.0), axis=0) - 1.0) * tl.exp(a_top)
+        leftover = ((1.0 - tl.exp(a_top.to(tl.float64))) - others.to(tl.float64)).to(tl.float32)
     mass = tl.sum(p_all, axis=0)
     leftover = tl.where(mass == mass, leftover, mass)  # a NaN entry reaches the loss, wherever it is
     leftover = tl.where(leftover < 0.0, 0.0, leftover)  # keeps NaN (NaN < 0 is false)

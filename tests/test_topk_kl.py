@@ -1182,7 +1182,8 @@ def test_label_gradient_when_the_students_label_mass_underflows(impl):
 def test_small_sparse_teacher_leftover_in_the_bucket(impl):
     """A confident sparse teacher whose leftover (1.25e-6) is above its floor: the bucket's reverse KL matches the
     float64 reference. The kernel summed the other kept masses in fp32 (about 4e-9 of error against the leftover:
-    the loss 1.7e-4 off, the gradient 11 times the fp32 tolerance); it now sums them in fp64, as the PyTorch path."""
+    the loss 1.7e-4 off, the gradient 11 times the fp32 tolerance); it now sums them in fp64, as the PyTorch path
+    (kept sets up to 2048 entries)."""
     vocab, kept = 60, 8
     teacher = torch.randn(4, vocab, generator=torch.Generator().manual_seed(3)) * 12.0
     values, order = torch.log_softmax(teacher.double(), -1).sort(-1, descending=True)
