@@ -270,6 +270,9 @@ def tree_attention(
             raise ValueError(f"out must have q's shape {tuple(q.shape)} and a unit last stride, got shape "
                              f"{tuple(out.shape)} and strides {out.stride()}")
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    if softcap is not None and not abs(2.0 * scale / softcap) <= torch.finfo(torch.float32).max:
+        # The kernel folds 2 * sm_scale / softcap into one fp32 argument: an inf there made 0-scores NaN.
+        raise ValueError(f"softcap={softcap} is too small for sm_scale={scale}: 2 * sm_scale / softcap overflows fp32")
     args = (
         q, k, v, tree.ancestor_mask, cache_lens, scale, 0 if num_kv_splits is None else num_kv_splits, backend,
         softcap, None if sliding_window is None else tree.depth, sliding_window,

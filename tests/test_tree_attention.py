@@ -408,6 +408,9 @@ def test_bad_inputs():
             tree_attention(q, k, v, tree, lens, sm_scale=bad, impl="torch")
     with pytest.raises(TypeError, match="sm_scale must be a real number"):
         tree_attention(q, k, v, tree, lens, sm_scale="0.1", impl="torch")
+    for impl in IMPLS:  # a cap whose 2 * scale / cap overflows fp32 (the kernel made zero scores NaN)
+        with pytest.raises(ValueError, match="softcap=1e-40 is too small for sm_scale"):
+            tree_attention(q, k, v, tree, lens, softcap=1e-40, impl=impl)
     for impl in IMPLS:  # D = 0 (a ZeroDivisionError in the default scale on the PyTorch path)
         with pytest.raises(ValueError, match=r"q must have a head dim D >= 1 \(q.shape\[3\]\)"):
             tree_attention(q[..., :0], k[..., :0], v[..., :0], tree, lens, impl=impl)
