@@ -115,9 +115,14 @@ def check_number(
     return value
 
 
+def _integer_like(value: object) -> bool:
+    """Python and NumPy integers (anything with ``__index__``), not bools or tensors."""
+    return not isinstance(value, (bool, torch.Tensor)) and hasattr(type(value), "__index__")
+
+
 def check_index(name: str, value: object) -> object:
     """An integer: a Python or NumPy int, or a symbolic one under ``torch.compile`` (not a bool, float or tensor)."""
-    if isinstance(value, (bool, torch.Tensor)) or not hasattr(type(value), "__index__"):
+    if not _integer_like(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
     if isinstance(value, int) and not -(2**63) <= value < 2**63:  # compared with int64 labels
         raise ValueError(f"{name} must fit in int64, got {value}")
@@ -132,7 +137,7 @@ def check_int(name: str, value: object, *, low: int | None = None, optional: boo
     """
     if value is None and optional:
         return None
-    if isinstance(value, (bool, torch.Tensor)) or not hasattr(type(value), "__index__"):
+    if not _integer_like(value):
         expected = "an int or None" if optional else "an int"
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__}: {value!r}")
     value = operator.index(value)
