@@ -165,9 +165,11 @@ def check_labels(labels: object, leading_shape: torch.Size, device: torch.device
     return labels
 
 
-def check_label_values(labels: torch.Tensor, ignore_index: int, vocab: int, when: str) -> None:
+def check_label_values(labels: torch.Tensor, ignore_index: int, vocab: int, when: str) -> torch.Tensor:
     """Labels used as class indices lie in ``[0, vocab)`` or equal ``ignore_index``: checked where the values can
-    be read without a synchronisation (:func:`host_readable`); ``when`` says why they must (in the message)."""
+    be read without a synchronisation (:func:`host_readable`); ``when`` says why they must (in the message).
+    Returns the counted rows whose label is out of range (a device mask, for callers that make those rows NaN
+    where the values were not read)."""
     if host_readable(labels):
         active = labels[labels != ignore_index]
         if active.numel() and bool(((active < 0) | (active >= vocab)).any()):
@@ -175,6 +177,7 @@ def check_label_values(labels: torch.Tensor, ignore_index: int, vocab: int, when
                 f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index} {when}, got values "
                 f"from {active.min().item()} to {active.max().item()}"
             )
+    return (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
 
 
 def flat_labels(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -839,6 +839,9 @@ def fused_linear_kl_div(
         t_weight = _weight_rows(teacher_weight.detach(), vocab)
         t_bias = None if teacher_bias is None else _weight_rows(teacher_bias.detach(), vocab)
     label_rows = flat_labels(labels)
+    # Checked before any kernel runs; where the values cannot be read (CUDA, compile), a row with an out-of-range
+    # label gets a NaN loss on every impl (the kernel found no label logit (+inf), the PyTorch path took 0 for it).
+    bad_label = check_label_values(label_rows, ignore_index, vocab, "when ce_weight > 0") if ce_weight > 0.0 else None
     with autocast_off(autocast_device):
         row_loss, row_stats = torch.ops.distill_ops.fused_linear_kl_div_rows(
             s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, label_rows,
@@ -846,11 +849,7 @@ def fused_linear_kl_div(
             teacher_softcap, bool(return_entropy),
         )
     active = _active_rows(label_rows, ignore_index)
-    if ce_weight > 0.0:
-        check_label_values(label_rows, ignore_index, vocab, "when ce_weight > 0")
-        # Where the values cannot be read (CUDA, compile), a row with an out-of-range label gets a NaN loss on
-        # every impl (the kernel found no label logit (+inf), the PyTorch path took 0 for it).
-        bad_label = active & ((label_rows < 0) | (label_rows >= vocab))
+    if bad_label is not None:
         row_loss = torch.where(bad_label, float("nan"), row_loss)
     loss = reduce_rows(row_loss, active, reduction, normalizer, leading_shape)
     if return_entropy:

@@ -873,6 +873,8 @@ def topk_kl_div(
             kept_columns = teacher_topk_indices.shape[-1]
         _check_triton_kept(kept_columns, "a smaller k / max_candidates")
     label_rows = flat_labels(labels)
+    # Checked before the selection kernel runs; rows the check cannot read (CUDA) give NaN (below).
+    bad_label = check_label_values(label_rows, ignore_index, vocab, "with tail='label'") if tail == "label" else None
     # Row groups: shifted logits of a batch (logits[:, :-1]) are read in place, not copied.
     if teacher_logits is not None:
         student_rows, teacher_rows = as_row_groups((student_logits, teacher_logits.detach()), vocab)
@@ -888,9 +890,7 @@ def topk_kl_div(
         indices, teacher_logprobs = _sparse_teacher(
             stored_indices, stored_logprobs, k, lower_rows, upper_rows, temperature, vocab,
         )
-    if tail == "label":
-        check_label_values(label_rows, ignore_index, vocab, "with tail='label'")
-        bad_label = (label_rows != ignore_index) & ((label_rows < 0) | (label_rows >= vocab))
+    if bad_label is not None:
         teacher_logprobs = torch.where(bad_label.unsqueeze(-1), float("nan"), teacher_logprobs)
     return _reduce_op_rows(
         student_rows, indices, teacher_logprobs, label_rows, tail, divergence, temperature,

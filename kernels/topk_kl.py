@@ -74,11 +74,11 @@ def num_warps_for(block_k: int, tail: str) -> int:
 @triton.jit
 def _teacher_leftover(a, kept):
     """(leftover, floor) of the teacher's kept log-masses ``a`` (-inf where not ``kept``): 1 - sum p with every p
-    exponentiated and summed in fp64 (as the PyTorch path does), so that a confident teacher's leftover (p_top =
-    1 - 1e-10, its log-probability -1e-10 exact in fp32) is resolved, not rounded to 0, and carries no fp32
-    rounding of the other masses (a 1.25e-6 leftover was 1.7e-4 off in a reverse bucket loss when they were summed
-    in fp32); and its floor, the log-probabilities' own fp32 rounding (2^-24 |log p| each): TEACHER_RESOLUTION
-    times sum p |log p| over the kept entries, at least REST_Q_FLOOR."""
+    exponentiated and summed in fp64 (as the PyTorch path does; up to FP64_LEFTOVER_MAX_K entries), so that a
+    confident teacher's leftover (p_top = 1 - 1e-10, its log-probability -1e-10 exact in fp32) is resolved, not
+    rounded to 0, and carries no fp32 rounding of the other masses (a 1.25e-6 leftover was 1.7e-4 off in a reverse
+    bucket loss when they were summed in fp32); and its floor, the log-probabilities' own fp32 rounding
+    (2^-24 |log p| each): TEACHER_RESOLUTION times sum p |log p| over the kept entries, at least REST_Q_FLOOR."""
     p_all = tl.where(kept, tl.exp(a), 0.0)
     if a.shape[0] <= FP64_LEFTOVER_MAX_K:
         leftover = (1.0 - tl.sum(tl.where(kept, tl.exp(a.to(tl.float64)), 0.0), axis=0)).to(tl.float32)
