@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import operator
 import os
 from typing import Iterable, Iterator, Literal, Optional, Sequence
@@ -95,9 +96,12 @@ def check_number(
     low_inclusive: bool = True,
     high_inclusive: bool = True,
 ) -> float:
-    """A finite real Python number within the given bounds."""
+    """A finite real Python number within the given bounds (NumPy float64 is a Python float; other NumPy
+    scalars are refused with the conversion to use, as are bools and tensors)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        kind = f"{type(value).__module__}.{type(value).__name__}".replace("builtins.", "")
+        hint = " (convert it with float())" if isinstance(value, numbers.Real) and not isinstance(value, bool) else ""
+        raise TypeError(f"{name} must be a Python int or float, got {kind}: {value!r}{hint}")
     value = float(value)
     # x - x == 0 exactly for finite x (NaN for inf and NaN); unlike math.isfinite it also traces when
     # torch.compile(dynamic=True) makes a float argument symbolic.

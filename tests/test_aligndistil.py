@@ -467,7 +467,7 @@ def test_bad_inputs():
     _bad(r"alpha must be in", s, d, o, alpha=-2.0)
     _bad(r"beta0 must be in \(0.0, inf\), got 0.0", s, d, o, beta0=0.0)
     _bad(r"beta0 must be in", s, d, o, beta0=-0.1)
-    _bad("alpha must be a real number", s, d, o, alpha="0.5", error=TypeError)
+    _bad("alpha must be a Python int or float", s, d, o, alpha="0.5", error=TypeError)
     _bad("return_alpha must be a bool, got str", s, d, o, return_alpha="yes", error=TypeError)  # read as True
     with pytest.raises(TypeError, match="return_alpha must be a bool, got int"):
         AlignDistilLoss(return_alpha=1)

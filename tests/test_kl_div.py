@@ -674,6 +674,26 @@ def test_ignore_index_must_be_an_int(op):
     assert torch.equal(calls[op](np.int64(-100)), calls[op](-100))
 
 
+def test_float_options_name_the_type_and_the_conversion():
+    """A float option given as a NumPy float32 / int64, a bool or a tensor is a TypeError that names the option,
+    the received type and (for NumPy scalars) the conversion; NumPy float64 is a Python float and is accepted."""
+    import numpy as np
+
+    import distill_ops
+
+    student = _logits((3, 20), torch.float32, seed=65)
+    teacher = _logits((3, 20), torch.float32, seed=66)
+    for bad, shown in ((np.float32(2.0), "numpy.float32"), (np.int64(2), "numpy.int64")):
+        with pytest.raises(TypeError, match=rf"temperature must be a Python int or float, got {shown}: .*float\(\)"):
+            distill_ops.kl_div(student, teacher, temperature=bad)
+    for bad, shown in ((True, "bool"), (torch.tensor(2.0), "torch.Tensor")):
+        with pytest.raises(TypeError, match=rf"temperature must be a Python int or float, got {shown}") as info:
+            distill_ops.kl_div(student, teacher, temperature=bad)
+        assert "float()" not in str(info.value)
+    assert torch.equal(distill_ops.kl_div(student, teacher, temperature=np.float64(2.0)),
+                       distill_ops.kl_div(student, teacher, temperature=2.0))
+
+
 @pytest.mark.parametrize("module", ["KLDivLoss", "AlignDistilLoss", "TopKKLDivLoss", "FusedLinearKLDivLoss",
                                     "DACKLLoss"])
 def test_modules_check_the_shared_options_when_built(module):
