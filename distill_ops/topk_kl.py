@@ -186,7 +186,7 @@ def _clipped_divergence_rows(
     NaN included, and give a finite value and a zero gradient). Outcome c has teacher mass w_c p_c and student mass
     w_c q_c; ``renormalize`` / ``label`` normalise them, ``bucket`` adds the rest masses 1 - sum.
 
-    The student's logits enter as ``(z - c) / T`` in fp32 (c as in :func:`_shifted_student`), taken after the
+    The student's logits enter as ``(z - c) / T`` in fp32 (c as in :func:`_student_shift`), taken after the
     gather: ``renormalize`` and ``label`` touch only the m kept columns (and the label's), so autograd keeps no
     [n, V] tensor beyond the gradient itself; ``bucket`` needs the full row's log-sum-exp (fp32 [n, V] temporaries).
     """
@@ -245,19 +245,31 @@ def _clipped_divergence_rows(
 
 
 def _hard_rows_and_grad(
-    scaled_student: Tensor, indices: Tensor, teacher_logprobs: Tensor, labels: Optional[Tensor], tail: str,
-    divergence: str, compute_grad: bool,
-) -> tuple[Tensor, Optional[Tensor]]:
-    """Per-row loss and dL/d(scaled logits) with the hard kept set (-inf teacher entries are not kept).
+    student: Tensor, indices: Tensor, teacher_logprobs: Tensor, labels: Optional[Tensor], tail: str,
+    divergence: str, temperature: float, compute_grad: bool,
+) -> tuple[Tensor, Optional[tuple[Optional[Tensor], Tensor, Optional[Tensor]]]]:
+    """Per-row loss and dL/d(scaled logits) with the hard kept set (-inf teacher entries are not kept), from the
+    raw student rows ``[n, V]``.
 
     The same closed forms as the Triton kernel: with outcome masses P_o, Q_o (student full softmax q_j),
     dL/dz_j = q_j (g_o - S); forward g_o = -P_o / Q_o, reverse g_o = log Q_o - log P_o + 1.
+
+    The gradient comes in parts, ``(full, kept, label)``: ``full [n, V]`` the bucket tail's rest-outcome term on
+    every column (None for the other tails, whose gradient is zero outside the kept columns), ``kept [n, m]`` the
+    kept entries' gradient (0 at entries that are not kept; the bucket's ``full`` is to be zeroed at the kept
+    columns before they are added), ``label [n]`` the label outcome's (``label`` tail). ``renormalize`` and
+    ``label`` thus never form an [n, V] temporary: they read the m kept logits (and the label's).
     """
     neg_inf = float("-inf")
     kept = teacher_logprobs != neg_inf  # NaN entries stay kept: NaN reaches the loss
     if tail == "label":
         kept = kept & (indices != labels.unsqueeze(-1))
-    gathered = scaled_student.gather(-1, indices)
+    shift = _student_shift(student, indices, teacher_logprobs)
+
+    def scaled(values: Tensor) -> Tensor:
+        return (values.to(torch.float32) - shift) / temperature
+
+    gathered = scaled(student.gather(-1, indices))
     a = torch.where(kept, teacher_logprobs, neg_inf)
     b = torch.where(kept, gathered, neg_inf)
     lse_b = torch.logsumexp(b, -1)
@@ -265,6 +277,7 @@ def _hard_rows_and_grad(
     zero = a.new_zeros(())
     extra_p = extra_q = extra_log_p = extra_log_q = zero
     if tail == "bucket":
+        scaled_student = scaled(student)
         lse_all = torch.logsumexp(scaled_student, -1)
         q_full = (scaled_student - lse_all.unsqueeze(-1)).exp()
         log_p = a
@@ -278,7 +291,7 @@ def _hard_rows_and_grad(
         extra_q = torch.where(negligible, 0.0, _floored(rest_q, REST_Q_FLOOR))
         extra_log_p, extra_log_q = extra_p.log(), extra_q.log()
     elif tail == "label":
-        z_label = scaled_student.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        z_label = scaled(student.gather(-1, labels.unsqueeze(-1))).squeeze(-1)
         extra_a = _floored(leftover_p, floor_p).log()
         lse_a = torch.logsumexp(torch.cat([a, extra_a.unsqueeze(-1)], -1), -1)
         lse_b = torch.logsumexp(torch.cat([b, z_label.unsqueeze(-1)], -1), -1)
@@ -315,20 +328,15 @@ def _hard_rows_and_grad(
         extra_grad = extra_q * extra_coef
     if not compute_grad:
         return loss, None
+    full = None
     if tail == "bucket":
-        grad = torch.where(q_full == 0, 0.0, q_full * extra_coef.unsqueeze(-1))
-    else:
-        grad = torch.zeros_like(scaled_student)
-    # The kept columns' bucket share is zeroed (a product: a padding entry that reuses a kept token's index, e.g.
-    # index 0 with log-prob -inf, multiplies by 1 and adds 0, so it cannot win over the kept entry), then their
-    # values are added. Adding (value - share) instead lost the value where the share was large (a student rest
-    # mass far below the teacher's makes the bucket's coefficient large).
-    if tail == "bucket":
-        grad = grad.scatter_reduce(-1, indices, torch.where(kept, 0.0, 1.0), reduce="prod")
-    grad = grad.scatter_add(-1, indices, torch.where(kept, grad_kept, 0.0))
-    if tail == "label":
-        grad = grad.scatter(-1, labels.unsqueeze(-1), extra_grad.unsqueeze(-1))
-    return loss, grad
+        full = torch.where(q_full == 0, 0.0, q_full * extra_coef.unsqueeze(-1))
+        # The kept columns' bucket share is zeroed (a product: a padding entry that reuses a kept token's index,
+        # e.g. index 0 with log-prob -inf, multiplies by 1, so it cannot win over the kept entry); their values are
+        # added afterwards. Adding (value - share) instead lost the value where the share was large (a student rest
+        # mass far below the teacher's makes the bucket's coefficient large).
+        full = full.scatter_reduce(-1, indices, torch.where(kept, 0.0, 1.0), reduce="prod")
+    return loss, (full, torch.where(kept, grad_kept, 0.0), extra_grad if tail == "label" else None)
 
 
 def topk_kl_rows_torch(
@@ -356,15 +364,15 @@ def topk_kl_rows_torch(
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if compute_grad else None
     step = row_chunk(num_rows, vocab)
     for rows, (student_chunk, grad_chunk) in row_group_chunks((student, grad), step):
-        scaled = _shifted_student(student_chunk, indices[rows], teacher_logprobs[rows], temperature)
+        chunk_indices = indices[rows]
         chunk_labels = None
         active = None
         if labels is not None:
             active = labels[rows] != ignore_index
             chunk_labels = torch.where(active, labels[rows], 0).clamp(0, vocab - 1)
-        chunk_loss, chunk_grad = _hard_rows_and_grad(
-            scaled, indices[rows], teacher_logprobs[rows].to(torch.float32), chunk_labels, tail,
-            divergence, compute_grad,
+        chunk_loss, parts = _hard_rows_and_grad(
+            student_chunk, chunk_indices, teacher_logprobs[rows].to(torch.float32), chunk_labels, tail,
+            divergence, temperature, compute_grad,
         )
         weight = row_weight if row_weight.numel() == 1 else row_weight[rows]
         chunk_loss = chunk_loss * weight
@@ -372,10 +380,24 @@ def topk_kl_rows_torch(
             chunk_loss = torch.where(active, chunk_loss, 0.0)
         losses[rows] = chunk_loss
         if compute_grad:
-            chunk_grad = chunk_grad * (weight.unsqueeze(-1) / temperature)
-            if active is not None:  # a select, not a product: an ignored row may hold NaN / inf
-                chunk_grad = torch.where(active.unsqueeze(-1), chunk_grad, 0.0)
-            grad_chunk.copy_(chunk_grad)
+            scale = weight.reshape(-1, 1) / temperature
+
+            def finish(values: Tensor) -> Tensor:
+                values = values * scale
+                if active is not None:  # a select, not a product: an ignored row may hold NaN / inf
+                    values = torch.where(active.unsqueeze(-1), values, 0.0)
+                return values.to(grad_chunk.dtype)
+
+            full, kept_grad, label_grad = parts
+            if full is None:
+                grad_chunk.zero_()
+            else:
+                grad_chunk.copy_(finish(full))
+            # Kept columns are distinct (padding entries add 0) and hold 0 in grad_chunk: adding the rounded values
+            # gives what rounding the fp32 sums gave.
+            grad_chunk.scatter_add_(-1, chunk_indices, finish(kept_grad))
+            if label_grad is not None:
+                grad_chunk.scatter_(-1, chunk_labels.unsqueeze(-1), finish(label_grad.unsqueeze(-1)))
     return losses, grad
 
 
@@ -462,13 +484,14 @@ def _teacher_logprobs(values: Tensor, stats: Tensor, temperature: float) -> Tens
     return (values.to(torch.float32) - row_max) / temperature - stats[1].unsqueeze(-1)
 
 
-def _shifted_student(student: Tensor, indices: Tensor, teacher_logprobs: Tensor, temperature: float) -> Tensor:
-    """``(z - c) / T`` in fp32, c the row's largest student logit among the kept entries (``teacher_logprobs``
-    not -inf): every divergence here depends on logit differences only, and at |z| ~ 1e4 the unshifted
-    ``z / T`` minus a log-sum-exp lost the small rest masses to rounding (a rest of 4e-4 rounded to 0)."""
-    raw = student.to(torch.float32)
-    kept_max = torch.where(teacher_logprobs != float("-inf"), raw.gather(-1, indices), float("-inf")).amax(-1)
-    return (raw - finite_or_zero(kept_max).detach().unsqueeze(-1)) / temperature
+def _student_shift(student: Tensor, indices: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """``c [n, 1]`` fp32, the row's largest student logit among the kept entries (``teacher_logprobs`` not -inf; 0
+    where none is finite): the student enters as ``(z - c) / T``. Every divergence here depends on logit differences
+    only, and at |z| ~ 1e4 the unshifted ``z / T`` minus a log-sum-exp lost the small rest masses to rounding (a rest
+    of 4e-4 rounded to 0)."""
+    kept_raw = torch.where(teacher_logprobs != float("-inf"), student.gather(-1, indices).to(torch.float32),
+                           float("-inf"))
+    return finite_or_zero(kept_raw.amax(-1, keepdim=True)).detach()
 
 
 @torch.library.custom_op("distill_ops::topk_kl_dense_select", mutates_args=())
