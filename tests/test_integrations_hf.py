@@ -175,6 +175,38 @@ def test_trainer_trains_with_the_fused_loss(tmp_path):
     assert "eval_entropy" not in trainer.evaluate(eval_dataset=rows)
 
 
+def test_trainer_evaluates_a_dataset_without_labels_with_the_fused_loss(tmp_path):
+    """Without a labels column the fused loss takes its targets from input_ids and the attention mask (as in
+    training): evaluate() reports that loss and predict() collects no logits (the Trainer's own step reported no
+    eval_loss for such a batch and ran the student's plain forward, collecting its [B, L, V] logits). A teacher given
+    by name is a TypeError (it failed with an AttributeError)."""
+    from distill_ops.integrations.hf import FusedDistillationTrainer
+
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, _ = _batch()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to="none", use_cpu=DEVICE.type == "cpu",
+        dataloader_pin_memory=False,
+    )
+    rows = [{"input_ids": input_ids[i], "attention_mask": attention_mask[i]} for i in range(2)]
+    with pytest.raises(TypeError, match="teacher_model must be a loaded causal LM .* got str: 'Qwen/Qwen2-0.5B'"):
+        FusedDistillationTrainer(model=student, teacher_model="Qwen/Qwen2-0.5B", args=args)
+    trainer = FusedDistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                       distill_kwargs={"divergence": "reverse"})
+    expected = causal_lm_distillation_loss(student, teacher, input_ids, None, attention_mask, divergence="reverse")
+    expected_entropy = _mean_entropy(student, input_ids, attention_mask,
+                                     torch.where(attention_mask.bool(), input_ids, -100))
+    calls = []
+    student.register_forward_pre_hook(lambda *args: calls.append(1))  # the plain forward (logits) never runs
+    metrics = trainer.evaluate(eval_dataset=rows)
+    assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert metrics["eval_entropy"] == pytest.approx(expected_entropy, rel=1e-5)
+    output = trainer.predict(rows)
+    assert output.predictions is None and output.label_ids is None
+    assert output.metrics["test_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert calls == []
+
+
 def test_trainer_counts_shifted_labels_for_a_student_without_a_causal_lm_loss_type(tmp_path):
     """A GPT-2 student (``loss_type`` None): transformers counts its labels unshifted, position 0 included, while
     the fused loss scores the shifted ones; the trainer makes the Trainer count those, so the logged loss is the
@@ -1132,6 +1164,44 @@ def test_router_aux_loss_follows_the_config_and_refuses_what_it_cannot_reproduce
     causal_lm_distillation_loss(dense, teacher, input_ids, labels, attention_mask, impl="torch", router_aux_loss=False)
 
 
+def test_offloaded_lm_head_is_refused_before_any_forward(tmp_path):
+    """A model loaded with accelerate offloading its LM head (``device_map``; the weight is on the meta device
+    outside the head's forward) is refused with an error naming the offloading, before any forward (the logit-scale
+    probe failed inside accelerate with "Cannot copy out of meta tensor")."""
+    pytest.importorskip("accelerate")
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    teacher.cpu().save_pretrained(tmp_path / "teacher")
+    offloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "teacher", device_map={"model": "cpu", "lm_head": "disk"}, offload_folder=str(tmp_path / "off"),
+        dtype=torch.float32).eval()
+    assert offloaded.lm_head.weight.device.type == "meta"
+    calls = []
+    offloaded.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    student.cpu()
+    with pytest.raises(NotImplementedError, match="meta device \\(offloaded by accelerate"):
+        causal_lm_distillation_loss(student, offloaded, input_ids.cpu(), labels.cpu(), attention_mask.cpu(),
+                                    impl="torch")
+    with pytest.raises(NotImplementedError, match="Qwen2ForCausalLM's LM head weight is on the meta device"):
+        causal_lm_distillation_loss(offloaded, student, input_ids.cpu(), labels.cpu(), attention_mask.cpu(),
+                                    impl="torch")
+    assert calls == []
+
+
+def test_logit_scale_probe_keeps_each_submodules_mode():
+    """The one-time logit-scale probe runs the model in eval mode and restores every submodule's own mode (it
+    restored the root's mode on all of them: a part kept in eval mode was switched to training)."""
+    from distill_ops.integrations.hf import logit_scale
+
+    student, _ = _tiny_models()
+    student.train()
+    student.model.embed_tokens.eval()
+    student.lm_head.eval()
+    modes = {name: module.training for name, module in student.named_modules()}
+    assert logit_scale(student) == 1.0
+    assert {name: module.training for name, module in student.named_modules()} == modes
+
+
 def test_trainer_loss_refuses_batch_entries_it_would_silently_drop():
     """Entries the fused loss does not pass to the models but that would change what they compute (multimodal
     inputs: the language body would score image placeholders as text; pre-shifted ``shift_labels``) are refused
@@ -1145,7 +1215,8 @@ def test_trainer_loss_refuses_batch_entries_it_would_silently_drop():
     for model in (student, teacher):
         model.register_forward_pre_hook(lambda *args: calls.append(1))
     for key, value in [("pixel_values", torch.zeros(2, 3, 8, 8)), ("image_grid_thw", torch.ones(2, 3)),
-                       ("input_features", torch.zeros(2, 4)), ("shift_labels", labels[:, 1:])]:
+                       ("input_features", torch.zeros(2, 4)), ("shift_labels", labels[:, 1:]),
+                       ("token_type_ids", torch.zeros_like(input_ids))]:
         with pytest.raises(ValueError, match=f"also holds \\['{key}'\\]"):
             trainer_loss(student, teacher, {**inputs, key: value}, impl="torch")
     assert calls == []

@@ -219,9 +219,11 @@ def logit_scale(model: nn.Module) -> float:
             candidates += [float(value), 1.0 / float(value)]
     cap = logit_softcap(model)
     head = model.get_output_embeddings()
+    _refuse_unreadable_head(model)
     vocab = head.weight.shape[0]
     ids = (torch.arange(2, device=head.weight.device) % vocab).view(1, 2)
-    was_training = model.training
+    # Each submodule's own mode is restored (model.train(mode) would set the root's on all of them).
+    modes = [(module, module.training) for module in model.modules()]
     try:
         model.eval()
         # Eager: compiled bodies or layers (regional compilation) would compile once more for this 2-token input.
@@ -232,7 +234,8 @@ def logit_scale(model: nn.Module) -> float:
             hidden, weight, bias = causal_lm_hidden_states(model, ids)
             raw = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     if own.shape != raw.shape:
         raise ValueError(
             f"{type(model).__name__}'s logits have shape {tuple(own.shape)}, its LM head gives {tuple(raw.shape)}: "
@@ -373,7 +376,7 @@ def _frozen_head_inputs(teacher: nn.Module, input_ids: Tensor, attention_mask: O
     parameters after that forward (no backward hook re-gathers a frozen model's) while the fused loss's backward
     reads them. A ``fully_shard``-ed teacher is resharded after the copy."""
     module = unwrap_model(teacher)
-    _refuse_zero3(module)
+    _refuse_unreadable_head(module)
     sharded = is_sharded(teacher)
 
     def run():
@@ -392,7 +395,7 @@ def _frozen_head_inputs(teacher: nn.Module, input_ids: Tensor, attention_mask: O
 def _distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: Tensor, labels: Optional[Tensor],
                        attention_mask: Optional[Tensor], teacher_input_ids: Tensor, skip_ignored: bool,
                        model_kwargs: dict, options: dict, aux_loss) -> Tensor:
-    _refuse_zero3(student)
+    _refuse_unreadable_head(student)
     student_scale = logit_scale(student)
     student_kwargs = model_kwargs if aux_loss is None else dict(model_kwargs, output_router_logits=True)
     student_outputs, student_weight, student_bias = _body_outputs(student, input_ids, attention_mask,
@@ -455,6 +458,11 @@ def _trainer_class():
         log_entropy: bool = True
 
         def __init__(self, *args: Any, teacher_model: nn.Module, distill_kwargs: Optional[dict] = None, **kwargs: Any):
+            if not isinstance(teacher_model, nn.Module):
+                raise TypeError(
+                    f"teacher_model must be a loaded causal LM (an nn.Module, e.g. "
+                    f"AutoModelForCausalLM.from_pretrained(name)), got {type(teacher_model).__name__}: {teacher_model!r}"
+                )
             super().__init__(*args, **kwargs)
             # The fused loss always shifts the labels, so the Trainer's count must be of the shifted ones
             # (transformers counts them unshifted for students without a causal-LM loss_type, e.g. GPT-2).
@@ -479,6 +487,18 @@ def _trainer_class():
             with trainer_autocast(self):
                 return trainer_loss(model, self.teacher_model, inputs, return_outputs,
                                     trainer_normalizer(self, num_items_in_batch), totals, **self.distill_kwargs)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            """The Trainer's step where the batch has its label columns. Without them (the fused loss then takes its
+            targets from ``input_ids`` and the attention mask, as in training) the Trainer's own step would report
+            no loss and run the student's plain forward, collecting its full [B, L, V] logits: here it computes the
+            fused loss instead (a per-batch mean, as in training) and returns ``(loss, None, None)``."""
+            if self.label_names and all(inputs.get(name) is not None for name in self.label_names):
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach().mean(), None, None
 
         def _mean_entropy(self, split: str) -> Optional[float]:
             """The mean over every process of the entropy sums kept for ``split`` since they were last read."""
@@ -598,14 +618,24 @@ def is_sharded(model: nn.Module) -> bool:
     return _is_fsdp1(model) or _is_fsdp2(model)
 
 
-def _refuse_zero3(model: nn.Module) -> None:
-    head = model.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    if weight is not None and hasattr(weight, "ds_status"):
+def _refuse_unreadable_head(model: nn.Module) -> None:
+    """A clear error, before any forward, for an LM head whose whole weight is not in memory outside the head's
+    forward (the fused loss reads the weight itself): partitioned by DeepSpeed ZeRO-3, or on the meta device
+    (accelerate's CPU / disk offloading with ``device_map``, or a model never loaded)."""
+    weight = getattr(model.get_output_embeddings(), "weight", None)
+    if weight is None:
+        return
+    if hasattr(weight, "ds_status"):
         raise NotImplementedError(
             f"{type(model).__name__}'s LM head weight is partitioned by DeepSpeed ZeRO-3 (shape "
             f"{tuple(weight.shape)}, full {tuple(getattr(weight, 'ds_shape', ()))}); the fused loss needs the whole "
             f"weight outside the head's forward: use ZeRO-1/2 or FSDP (FullyShardedDataParallel or fully_shard)"
+        )
+    if weight.device.type == "meta":
+        raise NotImplementedError(
+            f"{type(model).__name__}'s LM head weight is on the meta device (offloaded by accelerate's device_map, "
+            f"or not loaded): the fused loss needs the weight itself outside the head's forward; load the model "
+            f"without offloading its lm_head (device_map placing 'lm_head' on a GPU or on 'cpu')"
         )
 
 
@@ -703,8 +733,10 @@ PACKING_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q"
 
 
 # Batch entries trainer_loss refuses rather than drops (see its docstring): inputs of multimodal models.
+# token_type_ids: GPT-2-family bodies add an embedding of them to the hidden states (a tokenizer that lists them in
+# model_input_names puts them in the batch, and the Trainer keeps them for a model whose forward takes them).
 _REFUSED_INPUT_PREFIXES = ("pixel_values", "pixel_attention_mask", "image_", "video_", "input_features", "audio",
-                           "inputs_embeds", "mm_token_type_ids", "second_per_grid_ts")
+                           "inputs_embeds", "mm_token_type_ids", "second_per_grid_ts", "token_type_ids")
 
 
 def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_outputs: bool = False,
@@ -716,8 +748,9 @@ def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_ou
     Other entries are not passed to the models, and entries that would change what the models compute if they
     were are refused with a ``ValueError`` naming them, rather than silently left out: multimodal inputs
     (``pixel_values*``, ``image_*``, ``video_*``, ``input_features``, ``audio*``, ``inputs_embeds``, ...; the fused
-    loss runs the language model's body on ``input_ids`` only) and ``shift_labels`` (pre-shifted labels, as
-    context-parallel training passes them; the fused loss shifts ``labels`` itself).
+    loss runs the language model's body on ``input_ids`` only), ``token_type_ids`` (GPT-2-family bodies embed them)
+    and ``shift_labels`` (pre-shifted labels, as context-parallel training passes them; the fused loss shifts
+    ``labels`` itself).
 
     Models wrapped by the Trainer for data parallelism (``DistributedDataParallel``) or sharded (FSDP1 / FSDP2)
     are handled by :func:`causal_lm_distillation_loss`.
@@ -733,8 +766,9 @@ def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_ou
     if refused:
         raise ValueError(
             f"trainer_loss passes only input_ids, labels, attention_mask and {PACKING_KEYS} to the models' language "
-            f"bodies; the batch also holds {refused}, which would change what they compute (multimodal inputs and "
-            f"pre-shifted labels are not supported): remove them from the batch if they are not needed"
+            f"bodies; the batch also holds {refused}, which would change what they compute (multimodal inputs, "
+            f"token_type_ids and pre-shifted labels are not supported): remove them from the batch if they are not "
+            f"needed"
         )
     loss = causal_lm_distillation_loss(
         student,

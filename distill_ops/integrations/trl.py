@@ -202,7 +202,7 @@ def distillation_trainer_loss(trainer, student, inputs: dict, num_items_in_batch
     ``tool_mask``): :func:`~distill_ops.integrations.hf.causal_lm_distillation_loss` of ``student`` (bare or wrapped
     for DDP / FSDP: the helper routes it) against ``trainer.teacher_model``."""
     refused = [key for key in inputs
-               if key.startswith(_REFUSED_INPUT_PREFIXES) or key in ("spatial_shapes", "token_type_ids", "num_images",
+               if key.startswith(_REFUSED_INPUT_PREFIXES) or key in ("spatial_shapes", "num_images",
                                                                      "num_tiles")]
     if refused:
         raise ValueError(
