@@ -534,6 +534,9 @@ def _model_device(name: str, model: torch.nn.Module) -> torch.device:
     return devices.pop()
 
 
+TIMED_PHASES = ("prefill", "draft", "tree", "target", "verify", "compaction")
+
+
 class _Timer:
     """Accumulates wall-clock seconds per phase; with ``sync`` the CUDA stream is drained at each
     boundary so that the split is device time, not launch time."""
@@ -541,7 +544,8 @@ class _Timer:
     def __init__(self, device: torch.device, sync: bool):
         self.sync = sync and device.type == "cuda"
         self.device = device  # the models' device, which need not be the current one
-        self.seconds: dict[str, float] = {}
+        # Every phase is listed, 0 where it did not run (max_new_tokens=1; a static tree builds no tree specs).
+        self.seconds: dict[str, float] = dict.fromkeys(TIMED_PHASES, 0.0)
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
@@ -1331,8 +1335,8 @@ class SpeculativeDecoder:
                 ``temperature``, ``top_k``, ``top_p``) are not read, and ``top_k=None`` means no top-k, where
                 ``generate`` left to its defaults applies ``top_k=50``. ``top_k=0`` also means no top-k, as in
                 ``generate``.
-            eos_token_id: token id(s) that end generation (kept in the output); ``None`` uses the target's
-                ``generation_config.eos_token_id`` as ``generate`` does.
+            eos_token_id: token id(s) that end generation (kept in the output; Python or NumPy ints); ``None``
+                uses the target's ``generation_config.eos_token_id`` as ``generate`` does.
             generator: the only source of randomness when sampling.
             attention_mask: ``[B, L]`` of 0 / 1 for prompts of different lengths (1 = token; each row's
                 tokens contiguous, as left padding makes them). ``None``: every position is a token.
@@ -1347,6 +1351,12 @@ class SpeculativeDecoder:
 
         Each sequence is decoded as if it were alone (see :class:`_Generation` for how a batch shares the
         forwards). Returns a :class:`SpeculativeOutput`.
+
+        The target's ``generation_config`` fields that ``generate`` turns into logits processors even when greedy
+        (``repetition_penalty``, ``no_repeat_ngram_size``, ``suppress_tokens``, ``min_new_tokens``, ...; see
+        ``_GENERATION_FIELDS``), beam search and guidance, and when sampling its other warpers (``min_p``,
+        ``typical_p``, ...) are not applied by the engine: a target whose config sets one is a ``ValueError``
+        naming it (its output would silently differ from ``generate``'s).
         """
         check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
         if input_ids.dim() == 1:
@@ -1363,6 +1373,7 @@ class SpeculativeDecoder:
                     f"the new tokens and the tree depth stay within {limit} positions, got {longest} + "
                     f"max_new_tokens={max_new_tokens} + depth {self.tree_depth}: lower max_new_tokens"
                 )
+        _check_generation_config(self.target, temperature > 0)
         eos = self._eos_ids(eos_token_id)
         if pad_token_id is None:
             pad_token_id = getattr(getattr(self.target, "generation_config", None), "pad_token_id", None)
@@ -1453,9 +1464,43 @@ class SpeculativeDecoder:
             return []
         if isinstance(eos_token_id, torch.Tensor):
             eos_token_id = eos_token_id.flatten().tolist()
-        if isinstance(eos_token_id, int):
+        if not isinstance(eos_token_id, (list, tuple)):  # one id: a Python or NumPy int
             eos_token_id = [eos_token_id]
-        return [int(token) for token in eos_token_id]
+        return [check_int("eos_token_id", token, low=0) for token in eos_token_id]
+
+
+# generation_config fields with which target.generate's output is not the plain argmax / filtered sampling that the
+# engine reproduces: logits processors (greedy and sampling), beam search / guidance, and the warpers generate
+# applies when sampling besides temperature / top-k / top-p. Each maps to its neutral value (None, 0, an empty
+# list and False are neutral for all).
+_GENERATION_FIELDS = {
+    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "min_length": 0, "min_new_tokens": 0, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None, "num_beams": 1,
+    "guidance_scale": 1.0, "watermarking_config": None,
+}
+_SAMPLING_FIELDS = {"min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
+
+
+def _check_generation_config(target: torch.nn.Module, sampling: bool) -> None:
+    """A ``ValueError`` naming the target's ``generation_config`` fields that would make ``target.generate``'s
+    output differ from the engine's (which applies none of them), e.g. the ``repetition_penalty`` some instruct
+    checkpoints ship: generate applies them even with ``do_sample=False``."""
+    config = getattr(target, "generation_config", None)
+    if config is None:
+        return
+    fields = dict(_GENERATION_FIELDS, **(_SAMPLING_FIELDS if sampling else {}))
+    active = {name: getattr(config, name, None) for name in fields}
+    active = {name: value for name, value in active.items()
+              if value not in (None, 0, False) and value != [] and value != fields[name]}
+    if active:
+        settings = ", ".join(f"{name}={value!r}" for name, value in active.items())
+        raise ValueError(
+            f"the target's generation_config sets {settings}: target.generate applies "
+            f"{'it' if len(active) == 1 else 'them'} (also when greedy), the speculative engine does not, so its "
+            f"output would differ; set {'it' if len(active) == 1 else 'them'} to the neutral value on "
+            f"target.generation_config (e.g. repetition_penalty=1.0, others None) to decode without"
+        )
 
 
 class _Generation:

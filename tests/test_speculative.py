@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 
 import numpy as np
 import pytest
@@ -428,6 +429,53 @@ def test_eos_as_first_token_and_max_new_tokens_one():
     assert out.num_target_forwards == 1 and out.accept_lengths == []
     out = engine.generate(prompt, max_new_tokens=1, eos_token_id=[])
     assert out.sequences.shape[1] == prompt.shape[1] + 1 and out.num_target_forwards == 1
+    # Every phase is in timings, 0 where it did not run (a KeyError before for a run with no verification step).
+    assert set(out.timings) == {"prefill", "draft", "tree", "target", "verify", "compaction", "total"}
+    assert out.timings["verify"] == 0.0 and out.timings["prefill"] > 0.0
+    # A NumPy id is an id, as in generate (it was iterated: TypeError).
+    out = engine.generate(prompt, max_new_tokens=10, eos_token_id=np.int64(first))
+    assert torch.equal(out.sequences, reference_generate(target, prompt, 10, eos_token_id=first))
+    with pytest.raises(TypeError, match="eos_token_id must be an int, got float"):
+        engine.generate(prompt, max_new_tokens=10, eos_token_id=[first, 2.0])
+
+
+@pytest.mark.parametrize("field, value, sampling", [
+    ("repetition_penalty", 1.5, False), ("suppress_tokens", [3], False), ("min_new_tokens", 4, False),
+    ("no_repeat_ngram_size", 2, False), ("num_beams", 2, False), ("min_p", 0.05, True),
+])
+def test_generation_config_processors_the_engine_does_not_apply_are_refused(field, value, sampling):
+    """generate applies these generation_config fields (the first five even with do_sample=False: Qwen2.5-Instruct
+    ships repetition_penalty=1.05), the engine does not: a ValueError naming the field, instead of an output that
+    silently differed from generate's. Neutral values are accepted, and a sampling-only field does not stop greedy
+    decoding."""
+    target, draft = models("qwen2")
+    prompt = prompts(320, [5], seed=8)[0]
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    kwargs = dict(temperature=1.0, generator=generator) if sampling else {}
+    before = getattr(target.generation_config, field)
+    setattr(target.generation_config, field, value)
+    try:
+        if field == "repetition_penalty":  # it changes generate's greedy output on this model
+            changed = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                      max_new_tokens=16, pad_token_id=0)
+            setattr(target.generation_config, field, before)
+            assert not torch.equal(changed, reference_generate(target, prompt, 16))
+            setattr(target.generation_config, field, value)
+        message = re.escape(f"generation_config sets {field}={value!r}: target.generate applies it")
+        with pytest.raises(ValueError, match=message):
+            engine.generate(prompt, max_new_tokens=8, **kwargs)
+        if sampling:  # greedy decoding is not affected by a sampling warper
+            assert torch.equal(engine.generate(prompt, max_new_tokens=8).sequences,
+                               reference_generate(target, prompt, 8))
+    finally:
+        setattr(target.generation_config, field, before)
+    neutral = {"repetition_penalty": 1.0, "suppress_tokens": [], "num_beams": 1}.get(field, 0)
+    setattr(target.generation_config, field, neutral)
+    try:
+        assert torch.equal(engine.generate(prompt, max_new_tokens=8).sequences, reference_generate(target, prompt, 8))
+    finally:
+        setattr(target.generation_config, field, before)
 
 
 # --------------------------------------------------------------------------------------------------
