@@ -352,6 +352,31 @@ def test_selection_with_ties_is_consistent_across_k():
             assert indices.tolist() == [[0, 2], [0, 1]]
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_torch_dense_candidates_follow_the_stable_order(compiled):
+    """The PyTorch path's selection (topk for the cut value, the ties at the cut taken by index; it was a full stable
+    sort of the vocabulary) returns the first ``count`` entries of a stable descending order for every count: heavy
+    ties, ±inf, NaN (the largest, as in a descending sort), in several row chunks, eager and under torch.compile."""
+    from distill_ops.topk_kl import dense_candidates
+
+    generator = torch.Generator().manual_seed(120)
+    rows = torch.randint(-2, 3, (1600, 700), generator=generator).to(torch.float32)  # two chunks of 2^20 entries
+    rows[0, [3, 500]] = float("inf")
+    rows[1, 10:20] = float("-inf")
+    rows[2, [7, 650]] = float("nan")
+    rows[3] = 1.0
+    select = dense_candidates
+    if compiled:
+        select = torch.compile(dense_candidates, fullgraph=True, dynamic=False)
+        rows = rows[:8]
+    for count in (2, 50) if compiled else (1, 2, 50, 699, 700):  # each count compiles anew
+        values, indices = select(rows, count, need_order=False, backend="torch")
+        assert torch.equal(indices.sort(-1).values, _expected_selection(rows, count)), count
+        assert torch.allclose(values, rows.gather(-1, indices), rtol=0, atol=0, equal_nan=True)
+        values, indices = select(rows, count, need_order=True, backend="torch")
+        assert torch.equal(indices, _stable_order(rows)[:, :count]), count
+
+
 @pytest.mark.parametrize("launch", [{}, dict(capacity=64), dict(block_v=1024)], ids=str)
 def test_selection_of_long_periodic_bf16_rows(launch):
     """https://github.com/flashinfer-ai/flashinfer/issues/2604: flashinfer.top_k's filtered algorithm returned wrong
