@@ -653,9 +653,15 @@ class _ModelDrafter(_DrafterRows):
 
     needs_features = False
 
-    def __init__(self, model: torch.nn.Module, impl: str):
+    def __init__(self, model: torch.nn.Module, impl: str, shared_vocab: int | None = None,
+                 target_vocab: int | None = None):
         self.model = model
         self.impl = impl
+        # A draft whose embedding matrices are padded to another size than the target's (one tokenizer): its
+        # logits are cut to the shared_vocab ids and padded with -inf to the target's size; a committed id beyond
+        # its input embedding reaches it as id 0 (its guesses suffer there, never the output).
+        self.shared_vocab, self.target_vocab = shared_vocab, target_vocab
+        self.input_rows = model.get_input_embeddings().weight.shape[0]
         self.cache_kwarg = _cache_kwarg(model)
         self.logits_to_keep = _supports_logits_to_keep(model)
         self.keep_last = {"logits_to_keep": 1} if self.logits_to_keep else {}
@@ -664,6 +670,8 @@ class _ModelDrafter(_DrafterRows):
         self._rows_init()
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, context: TreeAttentionContext, **extra):
+        if self.target_vocab is not None and self.target_vocab > self.input_rows:
+            tokens = torch.where(tokens < self.input_rows, tokens, 0)
         out = self.model(
             input_ids=tokens, position_ids=positions, use_cache=True,
             **{self.cache_kwarg: self.cache, CONTEXT_KWARG: context}, **extra,
@@ -673,7 +681,10 @@ class _ModelDrafter(_DrafterRows):
                 f"draft ({type(self.model).__name__}) never called the registered attention function: its attention "
                 f"does not go through transformers' AttentionInterface (unsupported model)"
             )
-        return out.logits
+        if self.shared_vocab is None:
+            return out.logits
+        return torch.nn.functional.pad(out.logits[..., : self.shared_vocab],
+                                       (0, self.target_vocab - self.shared_vocab), value=float("-inf"))
 
     def start(self, prompt: torch.Tensor, lengths: list[int], first_tokens: torch.Tensor,
               features: torch.Tensor | None, ragged: bool):
@@ -1219,10 +1230,17 @@ class SpeculativeDecoder:
             with rank ``r`` under a parent drafts the parent's ``r``-th most likely token) or a parent array
             (1-D int tensor). ``depth``, ``topk`` and ``num_nodes`` are then unused.
         impl: ``impl`` of the tree attention, verification and compaction ops.
-            Targets with ``dynamic`` / ``longrope`` RoPE or chunked attention layers are limited to sequences
-            (prompt + ``max_new_tokens`` + tree depth) within their original context / first chunk, and models
-            with multi-head latent attention are refused (see :func:`_position_limit`).
+        vocab_size: for a draft LM whose embedding matrices are padded to another size than the target's while
+            both use one tokenizer (Qwen2.5-0.5B has 151936 rows, Qwen2.5-7B 152064): the number of token ids
+            they share, at most both sizes. The draft then proposes only ids below it (its other logits are
+            masked) and a committed id it has no embedding row for reaches it as id 0 (only its guesses suffer).
+            The target's logits are untouched: the output is the target's exactly as with equal sizes. ``None``:
+            the sizes must be equal.
         profile: synchronise the CUDA stream at phase boundaries so that ``timings`` are device times.
+
+    Targets with ``dynamic`` / ``longrope`` RoPE or chunked attention layers are limited to sequences (prompt +
+    ``max_new_tokens`` + tree depth) within their original context / first chunk, and models with multi-head latent
+    attention are refused (see :func:`_position_limit`).
     """
 
     def __init__(
@@ -1236,6 +1254,7 @@ class SpeculativeDecoder:
         tree: Sequence[Sequence[int]] | torch.Tensor | None = None,
         impl: str = "auto",
         profile: bool = False,
+        vocab_size: int | None = None,
     ):
         from .fspad import FSPADDraftHead
 
@@ -1251,6 +1270,8 @@ class SpeculativeDecoder:
         target_param = next(target.parameters())
         vocab = _vocab_size(target)
         if isinstance(draft, FSPADDraftHead):
+            if vocab_size is not None:
+                raise ValueError("vocab_size applies to a draft LM; an FSPADDraftHead drafts with the target's LM head")
             if draft.vocab_size != vocab or draft.hidden_size != target.get_output_embeddings().weight.shape[1]:
                 raise ValueError(
                     f"draft FSPADDraftHead was built for vocabulary {draft.vocab_size} and hidden size "
@@ -1260,12 +1281,20 @@ class SpeculativeDecoder:
             self._drafter = _FSPADDrafter(draft, target, impl)
         else:
             _check_causal_lm("draft", draft)
-            if _vocab_size(draft) != vocab:
+            draft_vocab = _vocab_size(draft)
+            vocab_size = check_int("vocab_size", vocab_size, low=1, optional=True)
+            if vocab_size is None and draft_vocab != vocab:
                 raise ValueError(
-                    f"draft vocabulary size {_vocab_size(draft)} differs from the target's {vocab}: the draft must "
-                    f"share the target's tokenizer and vocabulary"
+                    f"draft vocabulary size {draft_vocab} differs from the target's {vocab}: the draft must share the "
+                    f"target's tokenizer; if both are padded to different sizes (one tokenizer), pass vocab_size= the "
+                    f"number of token ids they share"
                 )
-            self._drafter = _ModelDrafter(draft, impl)
+            if vocab_size is not None and vocab_size > min(draft_vocab, vocab):
+                raise ValueError(
+                    f"vocab_size must be <= both models' vocabulary sizes (draft {draft_vocab}, target {vocab}), "
+                    f"got {vocab_size}"
+                )
+            self._drafter = _ModelDrafter(draft, impl, vocab_size, None if vocab_size is None else vocab)
         target_device, draft_device = _model_device("target", target), _model_device("draft", draft)
         if draft_device != target_device:
             raise ValueError(f"draft is on {draft_device} but target is on {target_device}")

@@ -1076,6 +1076,50 @@ def test_vocabulary_mismatch():
         SpeculativeDecoder(target, head)
 
 
+def _padded(model, rows: int, scale: float):
+    """A copy of ``model`` with its embedding matrices padded to ``rows`` (new LM-head rows random, times ``scale``)."""
+    import copy
+
+    padded = copy.deepcopy(model)
+    padded.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        head = padded.get_output_embeddings().weight
+        old = model.get_output_embeddings().weight.shape[0]
+        generator = torch.Generator().manual_seed(rows)
+        head[old:] = torch.randn(head[old:].shape, generator=generator).to(head) * scale
+    return padded
+
+
+@pytest.mark.parametrize("padded_side", ["draft", "target"])
+def test_padded_vocabularies_with_vocab_size(padded_side):
+    """One tokenizer, embedding matrices padded to other sizes (Qwen2.5-0.5B's 151936 rows against Qwen2.5-7B's
+    152064): refused without ``vocab_size``; with it the output is still generate's exactly. A padded draft's
+    extra logits (made large here) are masked: it drafts what the unpadded draft drafts (the same acceptance); a
+    padded target emits ids the draft has no row for (random extra rows), which reach the draft as id 0."""
+    target, draft = models("llama")
+    if padded_side == "draft":
+        big_target, big_draft = target, _padded(draft, 300, scale=5.0)
+    else:
+        big_target, big_draft = _padded(target, 300, scale=1.0), draft
+    with pytest.raises(ValueError, match="pass vocab_size= the number of token ids they share"):
+        SpeculativeDecoder(big_target, big_draft)
+    with pytest.raises(ValueError, match="vocab_size must be <= both models' vocabulary sizes"):
+        SpeculativeDecoder(big_target, big_draft, vocab_size=257)
+    with pytest.raises(ValueError, match="vocab_size applies to a draft LM"):
+        SpeculativeDecoder(target, make_head(target), vocab_size=256)
+    engine = SpeculativeDecoder(big_target, big_draft, vocab_size=256, impl="torch", **DYNAMIC_TREE)
+    emitted_beyond = False
+    for prompt in prompts(256, [3, 6], seed=31):
+        out = engine.generate(prompt, max_new_tokens=24)
+        expected = reference_generate(big_target, prompt, 24)
+        assert torch.equal(out.sequences, expected)
+        emitted_beyond |= bool((expected >= 256).any())
+        if padded_side == "draft":
+            plain = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE).generate(prompt, max_new_tokens=24)
+            assert out.accept_lengths == plain.accept_lengths
+    assert emitted_beyond or padded_side == "draft"
+
+
 def test_unsupported_models(monkeypatch):
     target, draft = models("llama")
     with pytest.raises(TypeError, match="PreTrainedModel"):
