@@ -179,7 +179,7 @@ def test_trainer_evaluates_a_dataset_without_labels_with_the_fused_loss(tmp_path
     """Without a labels column the fused loss takes its targets from input_ids and the attention mask (as in
     training): evaluate() reports that loss and predict() collects no logits (the Trainer's own step reported no
     eval_loss for such a batch and ran the student's plain forward, collecting its [B, L, V] logits). A teacher given
-    by name is a TypeError (it failed with an AttributeError)."""
+    by name is a TypeError (it failed with an AttributeError), a compute_loss_func a ValueError (it was unused)."""
     from distill_ops.integrations.hf import FusedDistillationTrainer
 
     student, teacher = _tiny_models()
@@ -191,6 +191,8 @@ def test_trainer_evaluates_a_dataset_without_labels_with_the_fused_loss(tmp_path
     rows = [{"input_ids": input_ids[i], "attention_mask": attention_mask[i]} for i in range(2)]
     with pytest.raises(TypeError, match="teacher_model must be a loaded causal LM .* got str: 'Qwen/Qwen2-0.5B'"):
         FusedDistillationTrainer(model=student, teacher_model="Qwen/Qwen2-0.5B", args=args)
+    with pytest.raises(ValueError, match="compute_loss_func must be None"):  # it was silently unused
+        FusedDistillationTrainer(model=student, teacher_model=teacher, args=args, compute_loss_func=lambda *a, **k: 0)
     trainer = FusedDistillationTrainer(model=student, teacher_model=teacher, args=args,
                                        distill_kwargs={"divergence": "reverse"})
     expected = causal_lm_distillation_loss(student, teacher, input_ids, None, attention_mask, divergence="reverse")

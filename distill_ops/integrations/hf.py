@@ -463,6 +463,8 @@ def _trainer_class():
                     f"teacher_model must be a loaded causal LM (an nn.Module, e.g. "
                     f"AutoModelForCausalLM.from_pretrained(name)), got {type(teacher_model).__name__}: {teacher_model!r}"
                 )
+            if kwargs.get("compute_loss_func") is not None:  # the Trainer would also rescale the loss for it
+                raise ValueError("FusedDistillationTrainer computes its own loss: compute_loss_func must be None")
             super().__init__(*args, **kwargs)
             # The fused loss always shifts the labels, so the Trainer's count must be of the shifted ones
             # (transformers counts them unshifted for students without a causal-LM loss_type, e.g. GPT-2).
