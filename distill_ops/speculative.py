@@ -1402,7 +1402,7 @@ class SpeculativeDecoder:
                     f"the new tokens and the tree depth stay within {limit} positions, got {longest} + "
                     f"max_new_tokens={max_new_tokens} + depth {self.tree_depth}: lower max_new_tokens"
                 )
-        _check_generation_config(self.target, temperature > 0)
+        _check_generation_config(self.target, temperature > 0, min(len(row) for row in rows))
         eos = self._eos_ids(eos_token_id)
         if pad_token_id is None:
             pad_token_id = getattr(getattr(self.target, "generation_config", None), "pad_token_id", None)
@@ -1500,28 +1500,32 @@ class SpeculativeDecoder:
 
 # generation_config fields with which target.generate's output is not the plain argmax / filtered sampling that the
 # engine reproduces: logits processors (greedy and sampling), beam search / guidance, and the warpers generate
-# applies when sampling besides temperature / top-k / top-p. Each maps to its neutral value (None, 0, an empty
-# list and False are neutral for all).
+# applies when sampling besides temperature / top-k / top-p. Each maps to its neutral value (None and empty lists
+# are neutral for all).
 _GENERATION_FIELDS = {
     "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None,
-    "begin_suppress_tokens": None, "min_length": 0, "min_new_tokens": 0, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None, "num_beams": 1,
-    "guidance_scale": 1.0, "watermarking_config": None,
+    "begin_suppress_tokens": None, "min_length": 0, "min_new_tokens": 0, "forced_eos_token_id": None,
+    "sequence_bias": None, "exponential_decay_length_penalty": None, "num_beams": 1, "guidance_scale": 1.0,
+    "watermarking_config": None,
 }
 _SAMPLING_FIELDS = {"min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
 
 
-def _check_generation_config(target: torch.nn.Module, sampling: bool) -> None:
+def _check_generation_config(target: torch.nn.Module, sampling: bool, shortest_prompt: int) -> None:
     """A ``ValueError`` naming the target's ``generation_config`` fields that would make ``target.generate``'s
     output differ from the engine's (which applies none of them), e.g. the ``repetition_penalty`` some instruct
-    checkpoints ship: generate applies them even with ``do_sample=False``."""
+    checkpoints ship: generate applies them even with ``do_sample=False``. ``forced_bos_token_id`` only acts on
+    a one-token prompt (generate forces the token after it)."""
     config = getattr(target, "generation_config", None)
     if config is None:
         return
     fields = dict(_GENERATION_FIELDS, **(_SAMPLING_FIELDS if sampling else {}))
+    if shortest_prompt == 1:
+        fields["forced_bos_token_id"] = None
     active = {name: getattr(config, name, None) for name in fields}
-    active = {name: value for name, value in active.items()
-              if value not in (None, 0, False) and value != [] and value != fields[name]}
+    active = {name: value for name, value in active.items()  # a token id of 0 is a setting, not neutral
+              if value is not None and value != fields[name] and not (isinstance(value, (list, tuple, dict))
+                                                                     and len(value) == 0)}
     if active:
         settings = ", ".join(f"{name}={value!r}" for name, value in active.items())
         raise ValueError(

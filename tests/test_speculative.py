@@ -442,14 +442,16 @@ def test_eos_as_first_token_and_max_new_tokens_one():
 @pytest.mark.parametrize("field, value, sampling", [
     ("repetition_penalty", 1.5, False), ("suppress_tokens", [3], False), ("min_new_tokens", 4, False),
     ("no_repeat_ngram_size", 2, False), ("num_beams", 2, False), ("min_p", 0.05, True),
+    ("forced_eos_token_id", 0, False), ("forced_bos_token_id", 0, False),
 ])
 def test_generation_config_processors_the_engine_does_not_apply_are_refused(field, value, sampling):
     """generate applies these generation_config fields (the first five even with do_sample=False: Qwen2.5-Instruct
     ships repetition_penalty=1.05), the engine does not: a ValueError naming the field, instead of an output that
     silently differed from generate's. Neutral values are accepted, and a sampling-only field does not stop greedy
-    decoding."""
+    decoding. A token id of 0 is a setting, not a neutral value; forced_bos_token_id acts (and is refused) on a
+    one-token prompt only."""
     target, draft = models("qwen2")
-    prompt = prompts(320, [5], seed=8)[0]
+    prompt = prompts(320, [1 if field == "forced_bos_token_id" else 5], seed=8)[0]
     engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
     generator = torch.Generator(device=DEVICE).manual_seed(0)
     kwargs = dict(temperature=1.0, generator=generator) if sampling else {}
@@ -470,12 +472,20 @@ def test_generation_config_processors_the_engine_does_not_apply_are_refused(fiel
                                reference_generate(target, prompt, 8))
     finally:
         setattr(target.generation_config, field, before)
-    neutral = {"repetition_penalty": 1.0, "suppress_tokens": [], "num_beams": 1}.get(field, 0)
+    neutral = {"repetition_penalty": 1.0, "suppress_tokens": [], "num_beams": 1}.get(field, None)
     setattr(target.generation_config, field, neutral)
     try:
         assert torch.equal(engine.generate(prompt, max_new_tokens=8).sequences, reference_generate(target, prompt, 8))
     finally:
         setattr(target.generation_config, field, before)
+    if field == "forced_bos_token_id":  # it does not act on a longer prompt: accepted, and equal to generate
+        longer = prompts(320, [4], seed=9)[0]
+        setattr(target.generation_config, field, value)
+        try:
+            assert torch.equal(engine.generate(longer, max_new_tokens=8).sequences,
+                               reference_generate(target, longer, 8))
+        finally:
+            setattr(target.generation_config, field, before)
 
 
 # --------------------------------------------------------------------------------------------------
