@@ -116,12 +116,14 @@ def fspad_draft_loss(
                                                    impl)
     # Of the difference, so that autograd saves no target tensor (an inference-mode target cannot be saved).
     difference = draft_regress.float() - target.float()
+    active = None if labels is None else labels.reshape(-1) != -100
+    if active is not None:
+        # Masked rows are selected out before the loss, not after: smooth L1's backward at a NaN / inf difference
+        # times their zero gradient was NaN (a select passes exact zeros back).
+        difference = torch.where(active.reshape(*leading_shape, 1), difference, 0.0)
     regression_rows = F.smooth_l1_loss(
         difference, torch.zeros_like(difference), reduction="none", beta=smooth_l1_beta
     ).mean(-1)
-    active = None if labels is None else labels.reshape(-1) != -100
-    if active is not None:
-        regression_rows = torch.where(active.reshape(leading_shape), regression_rows, 0.0)
     rows = regress_weight * regression_rows + logit_weight * logit_rows
     return reduce_rows(rows.reshape(-1), active, reduction, None, leading_shape)
 

@@ -521,6 +521,32 @@ def test_all_rows_ignored_gives_zero(impl):
     assert all(torch.count_nonzero(g) == 0 for g in grads.values())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_finite_hidden_in_ignored_rows_leaves_every_gradient_alone(impl, dtype):
+    """An ignored row may hold anything (a left-padding position whose attention saw no key gives NaN hidden states):
+    loss and every gradient equal those with that row zeroed. The weight gradient (dL/dz^T h over every row) was NaN:
+    the ignored row's zero gradient times its NaN hidden state."""
+    case = _case((7,), 16, 45, dtype, biases=True, seed=19)
+    labels = _labels((7,), 45, 20)  # rows 0 and 3 ignored
+    clean = dict(case, student_hidden=case["student_hidden"].clone())
+    clean["student_hidden"][[0, 3]] = 0.0
+    expected_loss, expected_grads, _ = _run(clean, impl, labels=labels, ce_weight=0.5)
+    for bad in (float("nan"), float("inf")):
+        dirty = dict(case, student_hidden=case["student_hidden"].clone())
+        dirty["student_hidden"][0, 2] = bad
+        dirty["student_hidden"][3] = -bad
+        loss, grads, _ = _run(dirty, impl, labels=labels, ce_weight=0.5)
+        assert torch.equal(loss, expected_loss)
+        for name in GRAD_INPUTS:
+            assert torch.isfinite(grads[name]).all(), (name, bad)
+            if name == "student_hidden":
+                assert torch.equal(grads[name][[0, 3]], torch.zeros_like(grads[name][[0, 3]]))
+                assert torch.equal(grads[name][[1, 2, 4, 5, 6]], expected_grads[name][[1, 2, 4, 5, 6]])
+            else:
+                assert torch.equal(grads[name], expected_grads[name]), name
+
+
 def test_no_grad_computes_loss_only():
     case = _case((8,), 16, 40, torch.float32, seed=16)
     with torch.no_grad():

@@ -342,6 +342,33 @@ def _fspad_reference(regress, predict, target, weight, regress_weight, logit_wei
     return rows[mask].sum() / mask.sum()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fspad_draft_loss_masked_rows_may_hold_anything(impl):
+    """Rows with loss_mask False may hold NaN / inf in any input: loss and gradients equal those with finite values
+    there (the regression term's gradient was NaN: smooth L1's backward at a NaN difference times the masked row's
+    zero gradient)."""
+    generator = torch.Generator().manual_seed(4)
+    shapes = {"regress": (5, 12), "predict": (5, 12), "target": (5, 12)}
+    clean = {name: torch.randn(shape, generator=generator).to(DEVICE) for name, shape in shapes.items()}
+    weight = (0.3 * torch.randn(30, 12, generator=generator)).to(DEVICE)
+    mask = torch.tensor([True, False, True, True, False], device=DEVICE)
+
+    def run(values):
+        regress, predict = (values[name].clone().requires_grad_(True) for name in ("regress", "predict"))
+        loss = fspad_draft_loss(regress, predict, values["target"], weight, loss_mask=mask, impl=impl)
+        loss.backward()
+        return loss, regress.grad, predict.grad
+
+    expected = run(clean)
+    for bad in (float("nan"), float("inf")):
+        for name in shapes:
+            dirty = dict(clean, **{name: clean[name].clone()})
+            dirty[name][1, 3] = bad
+            dirty[name][4] = -bad
+            for got, want in zip(run(dirty), expected):
+                assert torch.equal(got, want), (name, bad)
+
+
 @pytest.mark.parametrize("scale, cap", [(1.0, None), (0.25, None), (3.0, 2.5)])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fspad_draft_loss_matches_formula(impl, scale, cap):
