@@ -7,10 +7,13 @@ they look at shapes, dtypes, devices and Python scalars only.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 import math
 import numbers
 import operator
 import os
+import re
 from typing import Iterable, Iterator, Literal, Optional, Sequence
 
 import torch
@@ -26,25 +29,52 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _minor_version(text: str) -> tuple[int, int]:
+    major, minor = (re.match(r"(\d+)\.(\d+)", text) or re.match(r"(\d+)()", text + ".0")).groups()
+    return int(major), int(minor or 0)
+
+
+def _triton_problem() -> Optional[str]:
+    """Why the Triton backend cannot run here (checked once, at import, without importing Triton), or None."""
+    if importlib.util.find_spec("triton") is None:
+        return ("Triton is not installed (it has wheels for Linux only: pip install 'triton>=3.6'); impl='auto' "
+                "uses the PyTorch implementations without it")
+    try:
+        triton_version = importlib.metadata.version("triton")
+        import numpy
+    except (importlib.metadata.PackageNotFoundError, ImportError):
+        return None
+    if (_minor_version(triton_version) == (3, 6) and _minor_version(numpy.__version__) >= (2, 4)
+            and triton_interpreter_enabled()):
+        return (f"Triton {triton_version}'s CPU interpreter fails with NumPy {numpy.__version__} (a TypeError inside "
+                f"the interpreter): pip install 'numpy<2.4', or a newer Triton")
+    return None
+
+
+TRITON_PROBLEM = _triton_problem()
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     """Map ``impl`` to the backend that will run: ``"triton"`` or ``"torch"``.
 
-    ``auto`` is Triton on CUDA tensors and PyTorch otherwise. ``triton`` on non-CUDA tensors is
-    only possible under Triton's interpreter (``TRITON_INTERPRET=1``, set before import).
+    ``auto`` is Triton on CUDA tensors and PyTorch otherwise (also on CUDA when Triton is not installed:
+    Windows and macOS have no Triton wheels). ``triton`` on non-CUDA tensors is only possible under Triton's
+    interpreter (``TRITON_INTERPRET=1``, set before import). ``triton`` where it cannot run (see
+    ``TRITON_PROBLEM``) is an error saying why.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "torch":
         return "torch"
-    if device.type == "cuda":
-        return "triton"
     if impl == "auto":
-        return "torch"
-    if not triton_interpreter_enabled():
+        return "triton" if device.type == "cuda" and TRITON_PROBLEM is None else "torch"
+    if device.type != "cuda" and not triton_interpreter_enabled():
         raise ValueError(
             f"impl='triton' needs CUDA tensors or Triton's CPU interpreter (set TRITON_INTERPRET=1 before "
             f"importing distill_ops); got tensors on device {device}"
         )
+    if TRITON_PROBLEM is not None:
+        raise RuntimeError(f"impl='triton': {TRITON_PROBLEM}")
     return "triton"
 
 

@@ -55,3 +55,60 @@ def test_transformers_imports_from_a_checkout():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
+
+
+NO_TRITON_PROBE = """
+import sys, torch
+sys.modules["triton"] = None  # as on Windows / macOS: no Triton wheel
+import importlib.util
+importlib.util.find_spec = (lambda find: lambda name, *a: None if name == "triton" else find(name, *a))(
+    importlib.util.find_spec)
+import distill_ops
+from distill_ops._utils import TRITON_PROBLEM, resolve_impl
+print(resolve_impl("auto", torch.device("cuda")), resolve_impl("auto", torch.device("cpu")))
+try:
+    resolve_impl("triton", torch.device("cuda"))
+except RuntimeError as error:
+    print("error:", error)
+s, t = torch.randn(3, 10), torch.randn(3, 10)
+print(float(distill_ops.kl_div(s, t)) == float(distill_ops.kl_div(s, t, impl="torch")))
+"""
+
+
+def test_without_triton_auto_runs_pytorch_and_triton_says_why():
+    """No Triton installed (no wheels for Windows / macOS, where CUDA torch exists): ``impl="auto"`` picks the PyTorch
+    implementations on CUDA tensors too (it picked Triton and failed with ModuleNotFoundError), and ``impl="triton"``
+    is an error naming the missing package. Run in a fresh interpreter where importing triton fails."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", NO_TRITON_PROBE], cwd=REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "torch torch"
+    assert lines[1].startswith("error: impl='triton': Triton is not installed (it has wheels for Linux only")
+    assert lines[2] == "True"
+
+
+def test_triton_3_6_interpreter_with_numpy_2_4_is_named():
+    """Triton 3.6's CPU interpreter fails inside with NumPy >= 2.4 (a TypeError deep in the interpreter): the reason
+    is found at import and named by impl='triton' on CPU tensors."""
+    probe = """
+import importlib.metadata, numpy
+importlib.metadata.version = lambda name: "3.6.0" if name == "triton" else "0"
+numpy.__version__ = "2.4.1"
+import torch
+from distill_ops._utils import TRITON_PROBLEM, resolve_impl
+try:
+    resolve_impl("triton", torch.device("cpu"))
+except RuntimeError as error:
+    print(error)
+print(resolve_impl("auto", torch.device("cpu")))
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == ("impl='triton': Triton 3.6.0's CPU interpreter fails with NumPy 2.4.1 (a TypeError inside the "
+                        "interpreter): pip install 'numpy<2.4', or a newer Triton")
+    assert lines[1] == "torch"
