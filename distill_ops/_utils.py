@@ -30,8 +30,9 @@ def triton_interpreter_enabled() -> bool:
 
 
 def _minor_version(text: str) -> tuple[int, int]:
-    major, minor = (re.match(r"(\d+)\.(\d+)", text) or re.match(r"(\d+)()", text + ".0")).groups()
-    return int(major), int(minor or 0)
+    """``(major, minor)`` of a version string; ``(0, 0)`` for one that does not start with a number."""
+    match = re.match(r"(\d+)(?:\.(\d+))?", text)
+    return (int(match.group(1)), int(match.group(2) or 0)) if match else (0, 0)
 
 
 def _triton_problem() -> Optional[str]:
