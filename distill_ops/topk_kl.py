@@ -197,8 +197,7 @@ def _clipped_divergence_rows(
     if active is not None:
         raw = torch.where(active.unsqueeze(-1), raw, 0.0)
     raw_kept = raw[:, : indices.shape[-1]]
-    shift = torch.where(teacher_logprobs != float("-inf"), raw_kept, float("-inf")).amax(-1, keepdim=True)
-    shift = finite_or_zero(shift).detach()
+    shift = _student_shift(raw_kept, teacher_logprobs)
 
     def scaled(values: Tensor) -> Tensor:
         return (values.to(torch.float32) - shift) / temperature
@@ -264,12 +263,13 @@ def _hard_rows_and_grad(
     kept = teacher_logprobs != neg_inf  # NaN entries stay kept: NaN reaches the loss
     if tail == "label":
         kept = kept & (indices != labels.unsqueeze(-1))
-    shift = _student_shift(student, indices, teacher_logprobs)
+    raw_kept = student.gather(-1, indices)  # one gather for the shift and the kept logits
+    shift = _student_shift(raw_kept, teacher_logprobs)
 
     def scaled(values: Tensor) -> Tensor:
         return (values.to(torch.float32) - shift) / temperature
 
-    gathered = scaled(student.gather(-1, indices))
+    gathered = scaled(raw_kept)
     a = torch.where(kept, teacher_logprobs, neg_inf)
     b = torch.where(kept, gathered, neg_inf)
     lse_b = torch.logsumexp(b, -1)
@@ -484,14 +484,13 @@ def _teacher_logprobs(values: Tensor, stats: Tensor, temperature: float) -> Tens
     return (values.to(torch.float32) - row_max) / temperature - stats[1].unsqueeze(-1)
 
 
-def _student_shift(student: Tensor, indices: Tensor, teacher_logprobs: Tensor) -> Tensor:
-    """``c [n, 1]`` fp32, the row's largest student logit among the kept entries (``teacher_logprobs`` not -inf; 0
-    where none is finite): the student enters as ``(z - c) / T``. Every divergence here depends on logit differences
-    only, and at |z| ~ 1e4 the unshifted ``z / T`` minus a log-sum-exp lost the small rest masses to rounding (a rest
-    of 4e-4 rounded to 0)."""
-    kept_raw = torch.where(teacher_logprobs != float("-inf"), student.gather(-1, indices).to(torch.float32),
-                           float("-inf"))
-    return finite_or_zero(kept_raw.amax(-1, keepdim=True)).detach()
+def _student_shift(candidate_logits: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """``c [n, 1]`` fp32 from the student's logits at the teacher's entries (``candidate_logits [n, m]``): the
+    largest among the kept entries (``teacher_logprobs`` not -inf; 0 where none is finite). The student enters as
+    ``(z - c) / T``: every divergence here depends on logit differences only, and at |z| ~ 1e4 the unshifted
+    ``z / T`` minus a log-sum-exp lost the small rest masses to rounding (a rest of 4e-4 rounded to 0)."""
+    kept = torch.where(teacher_logprobs != float("-inf"), candidate_logits.to(torch.float32), float("-inf"))
+    return finite_or_zero(kept.amax(-1, keepdim=True)).detach()
 
 
 @torch.library.custom_op("distill_ops::topk_kl_dense_select", mutates_args=())
