@@ -29,7 +29,9 @@ How it plugs into ``transformers`` (no model source is patched):
 Semantics: greedy (``temperature=0``) output equals ``target.generate(do_sample=False)`` token for token
 (up to floating-point ties between the tree pass and the one-token decode pass); sampling draws from the
 same distribution as the target alone (temperature, top-k, top-p applied to the target; drafts are
-deterministic top-k choices, verified with the residual rule of :func:`~distill_ops.verify.verify_sampling`).
+deterministic top-k choices, verified with the residual rule of :func:`~distill_ops.verify.verify_sampling`);
+a ``repetition_penalty`` is applied to the target's logits at every tree node as ``generate`` applies it
+(:func:`repetition_penalized`).
 Batches of sequences of any lengths: each sequence is decoded exactly as it would be alone (see
 :class:`_Generation`). Stops at ``eos_token_id`` / ``max_new_tokens`` exactly like ``generate``.
 
@@ -1343,6 +1345,7 @@ class SpeculativeDecoder:
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        repetition_penalty: float | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -1364,6 +1367,13 @@ class SpeculativeDecoder:
                 ``temperature``, ``top_k``, ``top_p``) are not read, and ``top_k=None`` means no top-k, where
                 ``generate`` left to its defaults applies ``top_k=50``. ``top_k=0`` also means no top-k, as in
                 ``generate``.
+            repetition_penalty: transformers' repetition penalty (> 0; 1 = none), greedy or sampling, applied
+                to the target's logits exactly as ``generate`` does: at each tree node, each token the sequence
+                holds up to that node (its prompt, its generated tokens, the drafts on the node's path) has its
+                fp32 logit divided by the penalty where positive, multiplied where negative, once, before
+                temperature / top-k / top-p. ``None`` uses the target's ``generation_config.repetition_penalty``
+                as ``generate`` does (Qwen2.5-Instruct checkpoints ship 1.05). The drafts are not penalised
+                (they only change how many drafts are accepted, never the output).
             eos_token_id: token id(s) that end generation (kept in the output; Python or NumPy ints); ``None``
                 uses the target's ``generation_config.eos_token_id`` as ``generate`` does.
             generator: the only source of randomness when sampling.
@@ -1382,10 +1392,10 @@ class SpeculativeDecoder:
         forwards). Returns a :class:`SpeculativeOutput`.
 
         The target's ``generation_config`` fields that ``generate`` turns into logits processors even when greedy
-        (``repetition_penalty``, ``no_repeat_ngram_size``, ``suppress_tokens``, ``min_new_tokens``, ...; see
-        ``_GENERATION_FIELDS``), beam search and guidance, and when sampling its other warpers (``min_p``,
-        ``typical_p``, ...) are not applied by the engine: a target whose config sets one is a ``ValueError``
-        naming it (its output would silently differ from ``generate``'s).
+        (``no_repeat_ngram_size``, ``suppress_tokens``, ``min_new_tokens``, ...; see ``_GENERATION_FIELDS``;
+        ``repetition_penalty`` is applied, above), beam search and guidance, and when sampling its other warpers
+        (``min_p``, ``typical_p``, ...) are not applied by the engine: a target whose config sets one is a
+        ``ValueError`` naming it (its output would silently differ from ``generate``'s).
         """
         check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
         if input_ids.dim() == 1:
@@ -1403,6 +1413,7 @@ class SpeculativeDecoder:
                     f"max_new_tokens={max_new_tokens} + depth {self.tree_depth}: lower max_new_tokens"
                 )
         _check_generation_config(self.target, temperature > 0, min(len(row) for row in rows))
+        penalty = self._repetition_penalty(repetition_penalty)
         eos = self._eos_ids(eos_token_id)
         if pad_token_id is None:
             pad_token_id = getattr(getattr(self.target, "generation_config", None), "pad_token_id", None)
@@ -1414,7 +1425,7 @@ class SpeculativeDecoder:
         start = time.perf_counter()
         with torch.inference_mode(), _attention_switched(models):
             state = _Generation(self, rows, max_new_tokens, set(eos), sampling, temperature, top_k, top_p,
-                                generator, timer, step_callback)
+                                generator, timer, step_callback, penalty)
             state.run()
         timings = dict(timer.seconds)
         timings["total"] = time.perf_counter() - start
@@ -1486,6 +1497,18 @@ class SpeculativeDecoder:
                 )
         return rows, max_new_tokens, top_k
 
+    def _repetition_penalty(self, penalty) -> float | None:
+        """The penalty to apply (``None`` for none): the argument, else the target's generation config's."""
+        if penalty is None:
+            penalty = getattr(getattr(self.target, "generation_config", None), "repetition_penalty", None)
+            if penalty is None:
+                return None
+            name = "target.generation_config.repetition_penalty"
+        else:
+            name = "repetition_penalty"
+        penalty = check_number(name, penalty, low=0.0, low_inclusive=False)
+        return None if penalty == 1.0 else penalty
+
     def _eos_ids(self, eos_token_id) -> list[int]:
         if eos_token_id is None:
             eos_token_id = getattr(getattr(self.target, "generation_config", None), "eos_token_id", None)
@@ -1499,11 +1522,13 @@ class SpeculativeDecoder:
 
 
 # generation_config fields with which target.generate's output is not the plain argmax / filtered sampling that the
-# engine reproduces: logits processors (greedy and sampling), beam search / guidance, and the warpers generate
+# engine reproduces (repetition_penalty excepted: the engine applies it): logits processors (greedy and sampling;
+# the encoder_* ones act on a decoder-only model's prompt), beam search / guidance, and the warpers generate
 # applies when sampling besides temperature / top-k / top-p. Each maps to its neutral value (None and empty lists
 # are neutral for all).
 _GENERATION_FIELDS = {
-    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None,
+    "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "no_repeat_ngram_size": 0,
+    "bad_words_ids": None, "suppress_tokens": None,
     "begin_suppress_tokens": None, "min_length": 0, "min_new_tokens": 0, "forced_eos_token_id": None,
     "sequence_bias": None, "exponential_decay_length_penalty": None, "num_beams": 1, "guidance_scale": 1.0,
     "watermarking_config": None,
@@ -1511,11 +1536,38 @@ _GENERATION_FIELDS = {
 _SAMPLING_FIELDS = {"min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
 
 
+def repetition_penalized(logits: torch.Tensor, penalty: float, seen: torch.Tensor, tree: TreeSpec | None = None,
+                         tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' repetition penalty (``RepetitionPenaltyLogitsProcessor``) on every node row of a tree's
+    target logits ``[B, T, V]``, in fp32 as ``generate`` applies it; a new tensor, no host read.
+
+    The token after node ``i`` is penalised for each token its sequence holds up to node ``i``: the committed
+    ones (``seen [B, V]`` bool, the root included) and the draft ``tokens [B, T]`` of node ``i``'s ancestors and
+    of ``i`` itself (from ``tree``'s ancestor mask). A held token's logit is divided by ``penalty`` when
+    positive, multiplied by it when negative, once however often it is held."""
+    def penalize(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x < 0, x * penalty, x / penalty)
+
+    logits = logits.float()
+    out = torch.where(seen[:, None, :], penalize(logits), logits)
+    if tree is None or tokens.shape[1] == 1:
+        return out
+    on_path = tree.dense_ancestors()  # [Bt, T, T]: node j is node i or one of its ancestors
+    same = tokens[:, :, None] == tokens[:, None, :]
+    # held[b, i, j]: node j's token is held on node i's path (by j itself or by another node with that token), so
+    # every write below of a token's column in a row carries the same value.
+    held = (on_path[:, :, :, None] & same[:, None, :, :]).any(2)
+    columns = tokens[:, None, :].expand_as(held)
+    values = out.gather(2, columns)
+    fresh = held & ~seen.gather(1, tokens)[:, None, :]
+    return out.scatter(2, columns, torch.where(fresh, penalize(values), values))
+
+
 def _check_generation_config(target: torch.nn.Module, sampling: bool, shortest_prompt: int) -> None:
     """A ``ValueError`` naming the target's ``generation_config`` fields that would make ``target.generate``'s
-    output differ from the engine's (which applies none of them), e.g. the ``repetition_penalty`` some instruct
-    checkpoints ship: generate applies them even with ``do_sample=False``. ``forced_bos_token_id`` only acts on
-    a one-token prompt (generate forces the token after it)."""
+    output differ from the engine's (which applies none of them), e.g. ``no_repeat_ngram_size``: generate applies
+    them even with ``do_sample=False``. ``forced_bos_token_id`` only acts on a one-token prompt (generate forces
+    the token after it)."""
     config = getattr(target, "generation_config", None)
     if config is None:
         return
@@ -1532,7 +1584,7 @@ def _check_generation_config(target: torch.nn.Module, sampling: bool, shortest_p
             f"the target's generation_config sets {settings}: target.generate applies "
             f"{'it' if len(active) == 1 else 'them'} (also when greedy), the speculative engine does not, so its "
             f"output would differ; set {'it' if len(active) == 1 else 'them'} to the neutral value on "
-            f"target.generation_config (e.g. repetition_penalty=1.0, others None) to decode without"
+            f"target.generation_config (e.g. no_repeat_ngram_size=0, others None) to decode without"
         )
 
 
@@ -1553,7 +1605,7 @@ class _Generation:
     """
 
     def __init__(self, engine: SpeculativeDecoder, rows: list[list[int]], max_new_tokens, eos, sampling,
-                 temperature, top_k, top_p, generator, timer, step_callback):
+                 temperature, top_k, top_p, generator, timer, step_callback, penalty=None):
         self.engine = engine
         self.drafter = engine._drafter
         self.rows = [list(row) for row in rows]
@@ -1572,6 +1624,12 @@ class _Generation:
         self.accept_lengths: list[list[int]] = [[] for _ in rows]
         self.done = [False] * self.batch
         self.num_layers = 0
+        # The repetition penalty: seen[b, v] says whether token v is among sequence b's committed tokens.
+        self.penalty = penalty
+        self.seen = None
+        if penalty is not None:
+            self.seen = torch.zeros(self.batch, engine.vocab_size, dtype=torch.bool, device=engine.device)
+            self._see(self.rows)
 
     # -- target ----------------------------------------------------------------------------------
 
@@ -1592,8 +1650,16 @@ class _Generation:
         features = out.hidden_states[-1] if self.drafter.needs_features else None
         return out.logits, features
 
+    def _see(self, tokens: list[list[int]]) -> None:
+        """Mark each batch row's ``tokens`` (host ints, one list per row of ``seen``) as held by its sequence."""
+        rows = [row for row, row_tokens in enumerate(tokens) for _ in row_tokens]
+        flat = int64_to_device(rows + [token for row_tokens in tokens for token in row_tokens], self.engine.device)
+        self.seen[flat[: len(rows)], flat[len(rows):]] = True
+
     def _verify(self, tree: TreeSpec, draft_tokens: torch.Tensor, logits: torch.Tensor) -> VerifyResult:
         impl = self.engine.impl
+        if self.penalty is not None:
+            logits = repetition_penalized(logits, self.penalty, self.seen, tree, draft_tokens)
         if self.sampling:
             return verify_sampling(tree, draft_tokens, logits, impl=impl, **self.sample_args)
         return verify_greedy(tree, draft_tokens, logits, impl=impl)
@@ -1642,8 +1708,11 @@ class _Generation:
             roots = int64_to_device([row[-1] for row in self.rows], device).view(self.batch, 1)
             result = self._verify(engine._root_tree, roots, _pick_rows(logits, ends)[:, None].float())
             first = result.next_tokens
-            for row, token in enumerate(first.tolist()):
-                self._emit(row, [token])
+            first_tokens = [[token] for token in first.tolist()]
+            for row, tokens in enumerate(first_tokens):
+                self._emit(row, tokens)
+            if self.penalty is not None:
+                self._see(first_tokens)
             self._callback()
             kept = self._drop_finished()
             if all(self.done):
@@ -1682,6 +1751,8 @@ class _Generation:
             for row, tokens in zip(self.active, new_tokens):
                 self.accept_lengths[row].append(len(tokens) - 1)
                 self._emit(row, tokens)
+            if self.penalty is not None:
+                self._see(new_tokens)
             if not self.ragged and self.done[0] and self.cache.get_seq_length() > len(self.rows[0]) - 1:
                 # Drafts accepted past an EOS / the token budget were cut: keep the cache consistent.
                 self.cache.crop(len(self.rows[0]) - 1 - self.cache.get_seq_length())
@@ -1713,6 +1784,8 @@ class _Generation:
         index = int64_to_device(keep, self.engine.device)
         self.active = [self.active[i] for i in keep]
         self.batch = len(self.active)
+        if self.seen is not None:
+            self.seen = self.seen[index]
         _select_cache_rows(self.cache, index)
         committed = max(len(self.rows[row]) - 1 for row in self.active)
         if self.cache.get_seq_length() > committed:

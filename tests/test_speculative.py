@@ -440,16 +440,16 @@ def test_eos_as_first_token_and_max_new_tokens_one():
 
 
 @pytest.mark.parametrize("field, value, sampling", [
-    ("repetition_penalty", 1.5, False), ("suppress_tokens", [3], False), ("min_new_tokens", 4, False),
+    ("encoder_repetition_penalty", 1.5, False), ("suppress_tokens", [3], False), ("min_new_tokens", 4, False),
     ("no_repeat_ngram_size", 2, False), ("num_beams", 2, False), ("min_p", 0.05, True),
-    ("forced_eos_token_id", 0, False), ("forced_bos_token_id", 0, False),
+    ("forced_eos_token_id", 0, False), ("forced_bos_token_id", 0, False), ("encoder_no_repeat_ngram_size", 2, False),
 ])
 def test_generation_config_processors_the_engine_does_not_apply_are_refused(field, value, sampling):
-    """generate applies these generation_config fields (the first five even with do_sample=False: Qwen2.5-Instruct
-    ships repetition_penalty=1.05), the engine does not: a ValueError naming the field, instead of an output that
-    silently differed from generate's. Neutral values are accepted, and a sampling-only field does not stop greedy
-    decoding. A token id of 0 is a setting, not a neutral value; forced_bos_token_id acts (and is refused) on a
-    one-token prompt only."""
+    """generate applies these generation_config fields (all but min_p even with do_sample=False; the encoder_* ones
+    act on a decoder-only model's prompt), the engine does not: a ValueError naming the field, instead of an output
+    that silently differed from generate's. Neutral values are accepted, and a sampling-only field does not stop
+    greedy decoding. A token id of 0 is a setting, not a neutral value; forced_bos_token_id acts (and is refused)
+    on a one-token prompt only. (repetition_penalty is applied: see the repetition-penalty tests.)"""
     target, draft = models("qwen2")
     prompt = prompts(320, [1 if field == "forced_bos_token_id" else 5], seed=8)[0]
     engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
@@ -458,7 +458,7 @@ def test_generation_config_processors_the_engine_does_not_apply_are_refused(fiel
     before = getattr(target.generation_config, field)
     setattr(target.generation_config, field, value)
     try:
-        if field == "repetition_penalty":  # it changes generate's greedy output on this model
+        if field == "encoder_repetition_penalty":  # it changes generate's greedy output on this model
             changed = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                       max_new_tokens=16, pad_token_id=0)
             setattr(target.generation_config, field, before)
@@ -472,7 +472,7 @@ def test_generation_config_processors_the_engine_does_not_apply_are_refused(fiel
                                reference_generate(target, prompt, 8))
     finally:
         setattr(target.generation_config, field, before)
-    neutral = {"repetition_penalty": 1.0, "suppress_tokens": [], "num_beams": 1}.get(field, None)
+    neutral = {"encoder_repetition_penalty": 1.0, "suppress_tokens": [], "num_beams": 1}.get(field, None)
     setattr(target.generation_config, field, neutral)
     try:
         assert torch.equal(engine.generate(prompt, max_new_tokens=8).sequences, reference_generate(target, prompt, 8))
@@ -486,6 +486,114 @@ def test_generation_config_processors_the_engine_does_not_apply_are_refused(fiel
                                reference_generate(target, longer, 8))
         finally:
             setattr(target.generation_config, field, before)
+
+
+# --------------------------------------------------------------------------------------------------
+# Repetition penalty: applied as generate applies it
+# --------------------------------------------------------------------------------------------------
+
+
+def hf_penalized(logits_row: torch.Tensor, held: list[int], penalty: float) -> torch.Tensor:
+    """transformers' own processor on one row (fp32, as generate applies it) for a sequence holding ``held``."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    processor = RepetitionPenaltyLogitsProcessor(float(penalty))
+    return processor(torch.tensor([held], dtype=torch.int64), logits_row.detach().float().cpu()[None].clone())[0]
+
+
+def _node_path(parents: list[int], node: int) -> list[int]:
+    path = [node]
+    while parents[path[-1]] >= 0:
+        path.append(parents[path[-1]])
+    return path[::-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("penalty", [0.5, 1.7])
+def test_repetition_penalized_equals_transformers_processor_at_every_node(penalty, dtype):
+    """Every node row equals transformers' RepetitionPenaltyLogitsProcessor on the sequence up to that node: the
+    committed tokens (the root included) and the drafts on the node's path. A vocabulary of 6 makes tokens repeat
+    along paths, among the committed tokens and between the two; one tree per sequence and one shared tree."""
+    generator = torch.Generator().manual_seed(0)
+    vocab, batch = 6, 3
+
+    def draw(high, size=()):
+        return torch.randint(0, high, size, generator=generator)
+
+    for trial in range(12):
+        num_nodes = int(draw(20)) + 1
+        parents = [[-1] + [int(draw(i)) for i in range(1, num_nodes)] for _ in range(1 if trial % 2 else batch)]
+        tree = build_tree(torch.tensor(parents), device=DEVICE)
+        tokens = draw(vocab, (batch, num_nodes))
+        committed = [draw(vocab, (int(draw(4)),)).tolist() + [int(tokens[b, 0])] for b in range(batch)]
+        seen = torch.zeros(batch, vocab, dtype=torch.bool)
+        for b, row in enumerate(committed):
+            seen[b, row] = True
+        logits = (torch.randn(batch, num_nodes, vocab, generator=generator) * 3).to(dtype).to(DEVICE)
+        given = logits.clone()
+        got = speculative.repetition_penalized(logits, penalty, seen.to(DEVICE), tree, tokens.to(DEVICE))
+        assert got.dtype == torch.float32 and torch.equal(logits, given)
+        for b in range(batch):
+            for node in range(num_nodes):
+                path = _node_path(parents[b % len(parents)], node)
+                held = committed[b] + [int(tokens[b, j]) for j in path[1:]]
+                assert torch.equal(got[b, node].cpu(), hf_penalized(logits[b, node], held, penalty)), (trial, b, node)
+
+
+@pytest.mark.parametrize("tree_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
+def test_greedy_with_repetition_penalty_equals_generate(draft_kind, tree_kind):
+    """``repetition_penalty`` given to generate (> 1 penalises, < 1 rewards repetition) or read from the target's
+    generation_config (as generate reads it): token for token ``generate``'s output with that penalty, which
+    differs from the output without it. Without the drafts on each node's path in the penalty, 2 of the draft
+    LM's 5 prompts at 1.3 go wrong."""
+    target, draft_lm = models("llama")
+    draft = draft_lm if draft_kind == "lm" else make_head(target)
+    tree = dict(tree=STATIC_TREE) if tree_kind == "static" else dict(depth=4, topk=4, num_nodes=16)
+    engine = SpeculativeDecoder(target, draft, impl="torch", **tree)
+    lengths, max_new = ([1, 3, 5, 9, 12], 24) if draft_kind == "lm" else ([1, 9], 12)
+    changed = 0
+    for penalty in (1.3, 0.6, "generation_config"):
+        for prompt in prompts(256, lengths, seed=3):
+            if penalty == "generation_config":
+                target.generation_config.repetition_penalty = 1.3
+                try:
+                    out = engine.generate(prompt, max_new_tokens=max_new, eos_token_id=[])
+                    expected = reference_generate(target, prompt, max_new)
+                finally:
+                    target.generation_config.repetition_penalty = 1.0
+            else:
+                out = engine.generate(prompt, max_new_tokens=max_new, eos_token_id=[], repetition_penalty=penalty)
+                expected = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                           max_new_tokens=max_new, pad_token_id=0, repetition_penalty=penalty)
+            assert torch.equal(out.sequences, expected), (penalty, out.sequences, expected)
+            changed += not torch.equal(expected, reference_generate(target, prompt, max_new))
+    assert changed >= len(lengths)
+    # 1 (no penalty) and the config's own neutral value leave the output as it is without the argument.
+    prompt = prompts(256, [5], seed=4)[0]
+    assert torch.equal(engine.generate(prompt, max_new_tokens=8, repetition_penalty=1).sequences,
+                       reference_generate(target, prompt, 8))
+
+
+def test_repetition_penalty_with_triton_kernels_and_bad_values():
+    target, draft = models("qwen2")
+    engine = SpeculativeDecoder(target, draft, tree=[[0], [1], [0, 0], [0, 0, 0]], impl="triton")
+    prompt = prompts(320, [6], seed=5)[0]
+    out = engine.generate(prompt, max_new_tokens=8, eos_token_id=[], repetition_penalty=1.4)
+    expected = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=8,
+                               pad_token_id=0, repetition_penalty=1.4)
+    assert torch.equal(out.sequences, expected)
+    for bad in (0, -1.0, math.inf):
+        with pytest.raises(ValueError, match=r"repetition_penalty must be in \(0.0, inf\), got"):
+            engine.generate(prompt, max_new_tokens=3, repetition_penalty=bad)
+    with pytest.raises(TypeError, match="repetition_penalty must be a Python int or float"):
+        engine.generate(prompt, max_new_tokens=3, repetition_penalty=torch.tensor(1.2))
+    target.generation_config.repetition_penalty = -0.5
+    try:
+        with pytest.raises(ValueError, match=r"target.generation_config.repetition_penalty must be in"):
+            engine.generate(prompt, max_new_tokens=3)
+    finally:
+        target.generation_config.repetition_penalty = 1.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -916,26 +1024,33 @@ def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int) -> tor
     return torch.softmax(torch.where(logits >= cut, logits / temperature, -math.inf), -1)
 
 
-def _target_two_token_distribution(target, prompt, temperature, top_k) -> torch.Tensor:
-    """Exact joint distribution of the first two sampled tokens, flattened ``[V * V]`` (sparse)."""
+def _target_two_token_distribution(target, prompt, temperature, top_k, penalty=None) -> torch.Tensor:
+    """Exact joint distribution of the first two sampled tokens, flattened ``[V * V]`` (sparse); with transformers'
+    repetition ``penalty`` applied first when given."""
     vocab = target.config.vocab_size
+
+    def next_probs(tokens):
+        logits = target(tokens).logits[0, -1]
+        if penalty is not None:
+            logits = hf_penalized(logits, tokens[0].tolist(), penalty)
+        return _filtered_probs(logits, temperature, top_k).cpu()
+
     with torch.no_grad():
-        first = _filtered_probs(target(prompt).logits[0, -1], temperature, top_k)
+        first = next_probs(prompt)
         joint = torch.zeros(vocab, vocab, dtype=torch.float64)
         for token in first.nonzero().flatten().tolist():
             extended = torch.cat([prompt, torch.tensor([[token]], device=DEVICE)], dim=1)
-            second = _filtered_probs(target(extended).logits[0, -1], temperature, top_k)
-            joint[token] = first[token].cpu() * second.cpu()
+            joint[token] = first[token] * next_probs(extended)
     return joint.flatten()
 
 
-def _sample_two_tokens(engine, prompt, num_samples, temperature, top_k, seed) -> torch.Tensor:
+def _sample_two_tokens(engine, prompt, num_samples, temperature, top_k, seed, **kwargs) -> torch.Tensor:
     vocab = engine.vocab_size
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
     counts = torch.zeros(vocab * vocab, dtype=torch.float64)
     for _ in range(num_samples):
         out = engine.generate(prompt, max_new_tokens=2, temperature=temperature, top_k=top_k,
-                              eos_token_id=[], generator=generator)
+                              eos_token_id=[], generator=generator, **kwargs)
         first, second = out.sequences[0, -2:].tolist()
         counts[first * vocab + second] += 1
     return counts
@@ -958,6 +1073,56 @@ def test_sampling_is_lossless_chi_square(monkeypatch):
                         lambda tree, tokens, logits, **kw: real(tree, tokens, logits.roll(-1, dims=1), **kw))
     biased = _sample_two_tokens(engine, prompt, samples // 2, temperature, top_k, seed=1)
     assert _chi_square_pvalue(biased, expected) < 1e-3
+
+
+def _penalized_sequence_distribution(target, prompt, length, temperature, top_k, penalty) -> dict:
+    """Exact distribution of the first ``length`` sampled tokens (tuples) under transformers' repetition penalty."""
+    outcomes = {(): 1.0}
+    with torch.no_grad():
+        for _ in range(length):
+            grown = {}
+            for tokens, mass in outcomes.items():
+                held = prompt[0].tolist() + list(tokens)
+                logits = target(torch.tensor([held], device=DEVICE)).logits[0, -1]
+                probs = _filtered_probs(hf_penalized(logits, held, penalty), temperature, top_k).cpu()
+                for token in probs.nonzero().flatten().tolist():
+                    grown[tokens + (token,)] = mass * float(probs[token])
+            outcomes = grown
+    return outcomes
+
+
+def _penalized_sampling_pvalue(engine, prompt, expected: dict, num_samples, temperature, top_k, penalty, seed):
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    keys = sorted(expected)
+    counts = torch.zeros(len(keys), dtype=torch.float64)
+    length = len(keys[0])
+    for _ in range(num_samples):
+        out = engine.generate(prompt, max_new_tokens=length, temperature=temperature, top_k=top_k,
+                              repetition_penalty=penalty, eos_token_id=[], generator=generator)
+        drawn = tuple(out.sequences[0, -length:].tolist())
+        if drawn not in expected:
+            return 0.0  # an outcome the target cannot produce
+        counts[keys.index(drawn)] += 1
+    return _chi_square_pvalue(counts, torch.tensor([expected[key] for key in keys], dtype=torch.float64))
+
+
+def test_sampling_with_repetition_penalty_is_lossless_chi_square(monkeypatch):
+    """Sampling with a repetition penalty draws from generate's distribution with that penalty (applied before
+    temperature and top-k): the first three tokens (the first comes from the prefill, the third from an accepted
+    draft's row when the second was one). The draft is the target itself; a penalty below 1 rewards repetition,
+    which here moves most of the third token's mass. Without the drafts on a node's path in the penalty, the
+    test fails."""
+    target, _ = models("llama")
+    prompt = prompts(256, [2], seed=36)[0]
+    temperature, top_k, samples, penalty = 1.3, 3, 240, 0.3
+    expected = _penalized_sequence_distribution(target, prompt, 3, temperature, top_k, penalty)
+    engine = SpeculativeDecoder(target, target, depth=2, topk=3, num_nodes=6, impl="torch")
+    assert _penalized_sampling_pvalue(engine, prompt, expected, samples, temperature, top_k, penalty, seed=0) > 1e-3
+    real = speculative.repetition_penalized
+    monkeypatch.setattr(speculative, "repetition_penalized",
+                        lambda logits, penalty, seen, *tree: real(logits, penalty, seen))
+    biased = _penalized_sampling_pvalue(engine, prompt, expected, samples // 2, temperature, top_k, penalty, seed=1)
+    assert biased < 1e-3
 
 
 def test_sampling_is_reproducible_with_a_generator():

@@ -7,8 +7,11 @@ own distribution; each sequence's cache rows equal a plain forward's after every
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
+from transformers import GenerationMixin
 
 import distill_ops.speculative as speculative
 from distill_ops.speculative import SpeculativeDecoder, TreeAttentionContext, tree_attention_tail
@@ -310,6 +313,37 @@ def test_batch_stops_each_sequence_at_its_eos_and_pads():
     # Without pad_token_id and without one in the generation config, the first EOS id pads (as generate).
     out = engine.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[eos, 1])
     assert torch.equal(out.sequences, expected_rows(target, rows, ids, 12, eos=[eos, 1], pad=eos))
+
+
+@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
+def test_batch_repetition_penalty_equals_generate(draft_kind):
+    """The target's ``generation_config.repetition_penalty`` (read as generate reads it): each row equals generate
+    on its prompt alone, and on the same left-padded batch (transformers leaves the left padding out of the
+    penalty where its generate passes the padding lengths, as 5.x does; the pad id 5 is a token of another row's
+    prompt). An EOS ends one sequence early: the others keep
+    their own penalised token sets."""
+    target, draft_lm = models("llama")
+    draft = draft_lm if draft_kind == "lm" else make_head(target)
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    rows = prompts(256, [3, 9, 1, 6], seed=41)
+    ids, mask = left_padded(rows, pad=5)
+    max_new = 16 if draft_kind == "lm" else 9
+    target.generation_config.repetition_penalty = 1.3
+    try:
+        eos = reference_generate(target, rows[2], max_new)[0, 3].item()  # row 2's third new token
+        expected = expected_rows(target, rows, ids, max_new, eos=eos, pad=0)
+        out = engine.generate(ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=0)
+        assert torch.equal(out.sequences, expected), (out.sequences, expected)
+        if "padding_lengths" in inspect.getsource(GenerationMixin._get_logits_processor):  # transformers >= 5
+            batched = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
+                                      pad_token_id=0, eos_token_id=eos)
+            assert torch.equal(out.sequences[:, : batched.shape[1]], batched)
+    finally:
+        target.generation_config.repetition_penalty = 1.0
+    plain = expected_rows(target, rows, ids, max_new, eos=eos, pad=0)
+    assert not torch.equal(plain, expected)  # the penalty changes the output
+    steps = [len(lengths) for lengths in out.row_accept_lengths]
+    assert steps[2] < max(steps)  # row 2 left the batch while others went on
 
 
 @pytest.mark.parametrize("draft_kind, impl", [("lm", "torch"), ("fspad", "torch"), ("lm", "triton")])
