@@ -1270,7 +1270,8 @@ def test_padded_vocabularies_with_vocab_size(padded_side):
     """One tokenizer, embedding matrices padded to other sizes (Qwen2.5-0.5B's 151936 rows against Qwen2.5-7B's
     152064): refused without ``vocab_size``; with it the output is still generate's exactly. A padded draft's
     extra logits (made large here) are masked: it drafts what the unpadded draft drafts (the same acceptance); a
-    padded target emits ids the draft has no row for (random extra rows), which reach the draft as id 0."""
+    padded target emits ids the draft has no row for (random extra rows), which reach the draft as id 0; a
+    repetition penalty covers them."""
     target, draft = models("llama")
     if padded_side == "draft":
         big_target, big_draft = target, _padded(draft, 300, scale=5.0)
@@ -1289,6 +1290,11 @@ def test_padded_vocabularies_with_vocab_size(padded_side):
         expected = reference_generate(big_target, prompt, 24)
         assert torch.equal(out.sequences, expected)
         emitted_beyond |= bool((expected >= 256).any())
+        # The repetition penalty covers the whole (padded) target vocabulary.
+        penalized = engine.generate(prompt, max_new_tokens=24, repetition_penalty=1.3).sequences
+        assert torch.equal(penalized, big_target.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                                          do_sample=False, max_new_tokens=24, pad_token_id=0,
+                                                          repetition_penalty=1.3))
         if padded_side == "draft":
             plain = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE).generate(prompt, max_new_tokens=24)
             assert out.accept_lengths == plain.accept_lengths
