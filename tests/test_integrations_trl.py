@@ -475,6 +475,31 @@ def test_fused_distillation_compute_loss_equals_trls(impl, beta, temperature, it
         assert_close(loss, unnormalised * scored / (items / 2), torch.float32, "normaliser")
 
 
+def test_fused_trainers_refuse_loss_kwargs_they_set_themselves():
+    """``fused_loss_kwargs`` may not set what the trainer sets from its own config (GKD's ``beta``, the on-policy
+    trainer's ``temperature``), nor name an argument the loss does not have: a ValueError naming the key and where
+    the trainer takes its value (Python's "got multiple values for keyword argument" did not say)."""
+    from distill_ops.integrations.trl import FusedDistillationTrainer, FusedGKDTrainer
+
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    gkd = _gkd_attributes(FusedGKDTrainer, teacher, 0.3, fused_loss_kwargs={"impl": "torch", "beta": 0.9})
+    with pytest.raises(ValueError, match=r"fused_loss_kwargs sets \['beta'\], which FusedGKDTrainer sets itself: "
+                                         r"beta from GKDConfig.beta \(0.3\)"):
+        gkd.compute_loss(student, inputs)
+    gkd.fused_loss_kwargs = {"impl": "torch", "temperature": 2.0}  # GKD's loss has no temperature of its own
+    assert torch.isfinite(gkd.compute_loss(student, inputs))
+    trainer = _distillation_attributes(FusedDistillationTrainer, student, teacher, 0.5, 1.5,
+                                       fused_loss_kwargs={"temperature": 1.0})
+    with pytest.raises(ValueError, match=r"sets \['temperature'\], which FusedDistillationTrainer sets itself: "
+                                         r"temperature from the config's temperature \(1.5\)"):
+        trainer.compute_loss(student, _generated_batch())
+    trainer.fused_loss_kwargs = {"betta": 0.1}
+    with pytest.raises(ValueError, match=r"fused_loss_kwargs has \['betta'\], not keyword arguments"):
+        trainer.compute_loss(student, _generated_batch())
+
+
 def test_fused_distillation_refuses_multimodal_batches_and_a_missing_teacher():
     from distill_ops.integrations.trl import FusedDistillationTrainer
 

@@ -470,7 +470,8 @@ def _trainer_class():
             # (transformers counts them unshifted for students without a causal-LM loss_type, e.g. GPT-2).
             self._loss_shifts_labels = True
             self.teacher_model = teacher_model.eval().requires_grad_(False)
-            self.distill_kwargs = dict(distill_kwargs or {})
+            self.distill_kwargs = checked_loss_kwargs("distill_kwargs", distill_kwargs or {},
+                                                      "FusedDistillationTrainer", TRAINER_LOSS_ARGUMENTS)
             smoothing = getattr(self.args, "label_smoothing_factor", 0.0)
             if smoothing and self.distill_kwargs.get("ce_weight", 0.0) > 0:
                 # The Trainer smooths its own cross-entropy; the fused hard-label term has no smoothing.
@@ -741,6 +742,36 @@ _REFUSED_INPUT_PREFIXES = ("pixel_values", "pixel_attention_mask", "image_", "vi
                            "inputs_embeds", "mm_token_type_ids", "second_per_grid_ts", "token_type_ids")
 
 
+def checked_loss_kwargs(name: str, kwargs: Any, owner: str, set_by_owner: dict[str, str]) -> dict:
+    """``kwargs`` (a trainer's ``name``: keyword arguments it adds to :func:`causal_lm_distillation_loss`) as a
+    dict, after a ``ValueError`` for a key that is not one of that function's keyword-only arguments (a typo would
+    otherwise surface as a ``TypeError`` at the first training step) or that ``owner`` sets itself
+    (``set_by_owner``: each such argument and where its value comes from; Python's "got multiple values for
+    keyword argument" did not say)."""
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"{name} must be a dict of keyword arguments, got {type(kwargs).__name__}")
+    unknown = sorted(key for key in kwargs if key not in _LOSS_KEYWORDS)
+    if unknown:
+        raise ValueError(
+            f"{name} has {unknown}, not keyword arguments of causal_lm_distillation_loss; they are: "
+            f"{', '.join(_LOSS_KEYWORDS)}"
+        )
+    taken = [key for key in kwargs if key in set_by_owner]
+    if taken:
+        raise ValueError(
+            f"{name} sets {taken}, which {owner} sets itself: "
+            + "; ".join(f"{key} from {set_by_owner[key]}" for key in taken)
+        )
+    return dict(kwargs)
+
+
+# What the trainers built on trainer_loss set themselves (from the Trainer's count of tokens, the batch, log_entropy).
+TRAINER_LOSS_ARGUMENTS = {
+    "normalizer": "the Trainer's num_items_in_batch", "model_kwargs": "the batch's packed-sequence entries",
+    "return_entropy": "log_entropy",
+}
+
+
 def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_outputs: bool = False,
                  num_items_in_batch: float | Tensor | None = None, entropy_totals: Optional[Tensor] = None,
                  **distill_kwargs: Any):
@@ -790,6 +821,10 @@ def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_ou
                               ignore_index) != ignore_index
         entropy_totals += torch.stack([entropy.sum(), scored.sum().to(entropy.dtype)]).to(entropy_totals.device)
     return (loss, {"loss": loss}) if return_outputs else loss
+
+
+_LOSS_KEYWORDS = tuple(name for name, parameter in inspect.signature(causal_lm_distillation_loss).parameters.items()
+                       if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 def __getattr__(name: str):

@@ -46,8 +46,15 @@ import torch
 from torch import Tensor
 
 from ..kl_div import kl_div
-from .hf import _REFUSED_INPUT_PREFIXES, causal_lm_distillation_loss, trainer_autocast, trainer_loss, \
-    trainer_normalizer
+from .hf import (
+    _REFUSED_INPUT_PREFIXES,
+    TRAINER_LOSS_ARGUMENTS,
+    causal_lm_distillation_loss,
+    checked_loss_kwargs,
+    trainer_autocast,
+    trainer_loss,
+    trainer_normalizer,
+)
 
 _REDUCTIONS = ("batchmean", "sum", "mean")
 
@@ -181,9 +188,12 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.teacher_model.eval()
             with trainer_autocast(self):
+                extra = checked_loss_kwargs("fused_loss_kwargs", self.fused_loss_kwargs, "FusedGKDTrainer", {
+                    **TRAINER_LOSS_ARGUMENTS, "divergence": "GKD's loss ('jsd')",
+                    "beta": f"GKDConfig.beta ({self.beta})", "return_entropy": "the trainer (it logs no entropy)"})
                 loss = trainer_loss(model, self.teacher_model, inputs, False,
                                     trainer_normalizer(self, num_items_in_batch), divergence="jsd", beta=self.beta,
-                                    **self.fused_loss_kwargs)
+                                    **extra)
                 if not return_outputs:
                     return loss
                 # Asked for outputs only when predictions are wanted (predict(), compute_metrics): TRL's
@@ -249,8 +259,11 @@ def _distillation_trainer_class():
             if self.model.training and inputs.get("num_items_in_batch") is not None:
                 # transformers counted the dataset's tokens, before generation; TRL counts the completions.
                 num_items_in_batch = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            loss, entropy_sum, count = distillation_trainer_loss(self, model, inputs, num_items_in_batch,
-                                                                 **self.fused_loss_kwargs)
+            extra = checked_loss_kwargs("fused_loss_kwargs", self.fused_loss_kwargs, "FusedDistillationTrainer", {
+                "divergence": "the generalized JSD ('jsd')", "beta": f"the config's beta ({self.beta})",
+                "temperature": f"the config's temperature ({self.temperature})",
+                "normalizer": "TRL's count of generated tokens", "return_entropy": "the entropy metric"})
+            loss, entropy_sum, count = distillation_trainer_loss(self, model, inputs, num_items_in_batch, **extra)
             # The metric's collectives run after the loss (never inside a wrapper's forward).
             count = self.accelerator.gather_for_metrics(count).sum()
             entropy_sum = self.accelerator.gather_for_metrics(entropy_sum.detach()).sum()
