@@ -1351,6 +1351,7 @@ class SpeculativeDecoder:
         attention_mask: torch.Tensor | None = None,
         pad_token_id: int | None = None,
         step_callback: Callable[[torch.Tensor, object], None] | None = None,
+        streamer: object | None = None,
     ) -> SpeculativeOutput:
         """Generate up to ``max_new_tokens`` tokens after each prompt of ``input_ids``.
 
@@ -1387,6 +1388,11 @@ class SpeculativeDecoder:
                 sequence still in the batch, in input order (entry ``b``'s cache entries are the first
                 ``n_b - 1`` positions of cache row ``b``; a sequence is listed up to the step it finished in,
                 then leaves the batch while the others go on), and the target's ``DynamicCache``.
+            streamer: a transformers streamer (``TextStreamer``, ``TextIteratorStreamer``, any object with
+                ``put`` and ``end``), batch size 1 as for ``generate``: ``put`` gets the prompt (``input_ids`` on
+                the CPU), then each step's emitted tokens as one ``[1, n]`` CPU tensor (as transformers' assisted
+                decoding puts them; up to ``depth + 1`` tokens per step), and ``end()`` is called once the last
+                token is out.
 
         Each sequence is decoded as if it were alone (see :class:`_Generation` for how a batch shares the
         forwards). Returns a :class:`SpeculativeOutput`.
@@ -1400,6 +1406,14 @@ class SpeculativeDecoder:
         check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+        if streamer is not None:
+            missing = [name for name in ("put", "end") if not callable(getattr(streamer, name, None))]
+            if missing:
+                raise TypeError(f"streamer must have put() and end() (a transformers streamer), "
+                                f"{type(streamer).__name__} lacks {' and '.join(name + '()' for name in missing)}")
+            if input_ids.dim() == 2 and input_ids.shape[0] != 1:
+                raise ValueError(f"streamer streams one sequence (batch size 1, as transformers' streamers), got "
+                                 f"input_ids of batch size {input_ids.shape[0]}")
         rows, max_new_tokens, top_k = self._check_generate_args(
             input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, generator
         )
@@ -1423,10 +1437,14 @@ class SpeculativeDecoder:
         models = [self.target] if isinstance(self._drafter, _FSPADDrafter) else [self.target, self.draft]
         timer = _Timer(self.device, self.profile)
         start = time.perf_counter()
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
         with torch.inference_mode(), _attention_switched(models):
             state = _Generation(self, rows, max_new_tokens, set(eos), sampling, temperature, top_k, top_p,
-                                generator, timer, step_callback, penalty)
+                                generator, timer, step_callback, penalty, streamer)
             state.run()
+        if streamer is not None:
+            streamer.end()
         timings = dict(timer.seconds)
         timings["total"] = time.perf_counter() - start
         given = input_ids.tolist()
@@ -1605,7 +1623,7 @@ class _Generation:
     """
 
     def __init__(self, engine: SpeculativeDecoder, rows: list[list[int]], max_new_tokens, eos, sampling,
-                 temperature, top_k, top_p, generator, timer, step_callback, penalty=None):
+                 temperature, top_k, top_p, generator, timer, step_callback, penalty=None, streamer=None):
         self.engine = engine
         self.drafter = engine._drafter
         self.rows = [list(row) for row in rows]
@@ -1619,6 +1637,7 @@ class _Generation:
         self.sample_args = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         self.timer = timer
         self.step_callback = step_callback
+        self.streamer = streamer
         self.cache = None
         self.num_target_forwards = 0
         self.accept_lengths: list[list[int]] = [[] for _ in rows]
@@ -1678,6 +1697,8 @@ class _Generation:
         tokens.extend(emitted)
         if len(tokens) - self.prompt_lens[row] >= self.max_new_tokens:
             self.done[row] = True
+        if self.streamer is not None and emitted:
+            self.streamer.put(torch.tensor([emitted], dtype=torch.int64))
         return emitted
 
     def _callback(self) -> None:

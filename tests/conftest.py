@@ -27,6 +27,18 @@ TOLERANCES = {
 IMPLS = ["torch", "triton"]
 
 
+def word_tokenizer(vocab: int):
+    """A word-level ``transformers`` tokenizer over ids ``0 .. vocab - 1`` (words ``t0``, ``t1``, ...; pad ``t0``,
+    EOS ``t1``, unknown ``t2``), built in memory: no download."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t2"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1",
+                                                unk_token="t2")
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, msg: str = "") -> None:
     """Compare in float64 with the tolerance of ``dtype`` (the dtype of the inputs that produced ``actual``)."""
     torch.testing.assert_close(

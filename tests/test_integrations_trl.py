@@ -12,7 +12,7 @@ trl = pytest.importorskip("trl")
 
 from distill_ops.integrations.hf import causal_lm_distillation_loss, logit_scale  # noqa: E402
 from distill_ops.integrations.trl import _gkd_base, generalized_jsd_loss  # noqa: E402
-from tests.conftest import DEVICE, IMPLS, TOLERANCES, assert_close  # noqa: E402
+from tests.conftest import DEVICE, IMPLS, TOLERANCES, assert_close, word_tokenizer  # noqa: E402
 from tests.test_integrations_hf import VOCAB, _batch, _tiny_models  # noqa: E402
 
 GKDTrainer = _gkd_base()
@@ -143,12 +143,7 @@ def test_fused_gkd_compute_loss_is_the_hf_helpers():
 
 def tiny_tokenizer(vocab: int = VOCAB):
     """A word-level tokenizer over a tiny model's vocabulary, built in memory (TRL's trainers need one)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t2"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1",
-                                                unk_token="t2")
+    return word_tokenizer(vocab)
 
 
 def _lora_head_copy() -> dict:

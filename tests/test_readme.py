@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, word_tokenizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 V = 300  # DACKLLoss(vocab_top_m=256) needs at least 256 tokens
@@ -95,7 +95,8 @@ def _engine():
     batch_mask = torch.ones_like(batch_ids)
     batch_mask[1, :4] = 0  # a 2-token prompt, left padded as a tokenizer pads for generation
     return dict(target=target, draft=target, input_ids=torch.randint(0, V, (1, 5), device=DEVICE),
-                g=torch.Generator(DEVICE).manual_seed(0), batch_ids=batch_ids, batch_mask=batch_mask)
+                g=torch.Generator(DEVICE).manual_seed(0), batch_ids=batch_ids, batch_mask=batch_mask,
+                tokenizer=word_tokenizer(V))
 
 
 def _trl(tmp_path):
@@ -193,6 +194,11 @@ def _check_engine(ns, given):
     assert not ended_early or int(out.sequences[0, -1]) == given["target"].config.eos_token_id
     assert len(out.accept_lengths) == out.num_target_forwards - 1  # the prefill verifies nothing
     assert new_tokens <= sum(int(n) + 1 for n in out.accept_lengths) + 1
+    target = given["target"]
+    for name, extra in (("penalized", dict(repetition_penalty=1.1)), ("streamed", {})):  # as generate decodes
+        expected = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=32,
+                                   pad_token_id=0, **extra)
+        assert torch.equal(ns[name].sequences, expected), name
     batch, ids, mask = ns["batch"], given["batch_ids"], given["batch_mask"]
     assert batch.sequences.shape[0] == 2 and torch.equal(batch.sequences[:, :6], ids)
     for row in range(2):  # each sequence as generated alone (greedy)

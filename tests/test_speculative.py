@@ -40,7 +40,7 @@ from distill_ops.speculative import (
 from distill_ops.tree import build_tree
 from distill_ops.tree_attention import tree_attention
 
-from .conftest import DEVICE, assert_close
+from .conftest import DEVICE, assert_close, word_tokenizer
 from .test_tree import _RecordingKernel, assert_spec_matches, assert_specs_equal, no_host_reads  # noqa: F401
 
 FAMILIES = {
@@ -417,6 +417,53 @@ def test_eos_inside_an_accepted_path(draft_kind):
         assert torch.equal(engine.generate(prompt, max_new_tokens=12).sequences, expected)
     finally:
         target.generation_config.eos_token_id = None
+
+
+def test_streamer_gets_the_prompt_then_each_steps_tokens(capsys):
+    """A transformers streamer gets what generate gives it: the prompt, the new tokens (several per step, as
+    transformers' assisted decoding puts them, cut at an EOS inside an accepted path), then end(); a TextStreamer
+    prints generate's text. A batch is refused, as transformers' streamers refuse it."""
+    from transformers import TextStreamer
+    from transformers.generation.streamers import BaseStreamer
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.events = []
+
+        def put(self, value):
+            self.events.append(value.clone())
+
+        def end(self):
+            self.events.append("end")
+
+    target, _ = models("llama")
+    prompt = prompts(256, [4], seed=5)[0]
+    eos = reference_generate(target, prompt, 12)[0, 4 + 2].item()  # the 3rd new token, as in the EOS test
+    engine = SpeculativeDecoder(target, target, tree=[[0] * d for d in range(1, 6)], impl="torch")
+    ours, theirs = Recorder(), Recorder()
+    out = engine.generate(prompt, max_new_tokens=12, eos_token_id=eos, streamer=ours)
+    target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=12,
+                    eos_token_id=eos, pad_token_id=0, streamer=theirs)
+    assert torch.equal(ours.events[0], prompt.cpu()) and ours.events[1:].count("end") == 1
+    assert ours.events[-1] == "end" and theirs.events[-1] == "end"
+    new = ours.events[1:-1]
+    assert all(put.device.type == "cpu" and put.dim() == 2 and put.shape[0] == 1 for put in new)
+    assert len(new) == out.num_target_forwards == 2  # the prefill's token, then the step's two (cut at the EOS)
+    streamed = torch.cat(new, dim=1)
+    assert torch.equal(streamed, out.sequences[:, prompt.shape[1]:].cpu())
+    assert torch.equal(streamed, torch.cat([put.view(1, -1) for put in theirs.events[1:-1]], dim=1))
+    tokenizer = word_tokenizer(256)
+    capsys.readouterr()
+    longer = prompts(256, [6], seed=6)[0]
+    engine.generate(longer, max_new_tokens=15, eos_token_id=[], streamer=TextStreamer(tokenizer))
+    printed = capsys.readouterr().out
+    target.generate(longer, attention_mask=torch.ones_like(longer), do_sample=False, max_new_tokens=15,
+                    pad_token_id=0, streamer=TextStreamer(tokenizer))
+    assert printed == capsys.readouterr().out and len(printed.split()) == 6 + 15
+    with pytest.raises(ValueError, match="streamer streams one sequence .* batch size 2"):
+        engine.generate(torch.cat([prompt, prompt]), max_new_tokens=3, streamer=Recorder())
+    with pytest.raises(TypeError, match="streamer must have put\\(\\) and end\\(\\).* lacks put\\(\\) and end\\(\\)"):
+        engine.generate(prompt, max_new_tokens=3, streamer=print)
 
 
 def test_eos_as_first_token_and_max_new_tokens_one():
