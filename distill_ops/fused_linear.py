@@ -84,6 +84,7 @@ from .kl_div import (
     _divergence_grad,
     _divergence_row_loss,
     normalized_row_dot,
+    temperature_scaled,
 )
 
 # PyTorch fallback: fp32 elements of one [token chunk, vocabulary chunk] logits block.
@@ -199,10 +200,6 @@ def fused_linear_stats_torch(
     return divergence_rows, ce_rows, row_stats
 
 
-def _scaled(logits: Tensor, temperature: float) -> Tensor:
-    return logits if temperature == 1.0 else logits / temperature
-
-
 # The per-chunk steps live in functions so that a chunk's temporaries are freed before the next chunk's
 # are allocated (peak memory = one chunk's working set).
 
@@ -210,8 +207,8 @@ def _scaled(logits: Tensor, temperature: float) -> Tensor:
 def _lse_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, temperature, labels):
     z = inputs.student_chunk(student_hidden, start, stop)
     t = inputs.teacher_chunk(teacher_hidden, rows, start, stop)
-    lse_s = torch.logsumexp(_scaled(z, temperature), dim=-1)
-    lse_t = torch.logsumexp(_scaled(t, temperature), dim=-1)
+    lse_s = torch.logsumexp(temperature_scaled(z, temperature), dim=-1)
+    lse_t = torch.logsumexp(temperature_scaled(t, temperature), dim=-1)
     if labels is None:
         return lse_s, lse_t, None, None
     return lse_s, lse_t, torch.logsumexp(z, dim=-1), _label_logits(z, labels[rows], start, stop)
@@ -219,10 +216,10 @@ def _lse_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, temper
 
 def _terms_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, temperature, lse_s, lse_t, divergence,
                  coef, entropy=False):
-    a = _scaled(inputs.student_chunk(student_hidden, start, stop), temperature)
+    a = temperature_scaled(inputs.student_chunk(student_hidden, start, stop), temperature)
     t = inputs.teacher_chunk(teacher_hidden, rows, start, stop)
     terms, dot_terms, q, _ = _divergence_elements(
-        a, _scaled(t, temperature), lse_s[:, None], lse_t[:, None], divergence, coef
+        a, temperature_scaled(t, temperature), lse_s[:, None], lse_t[:, None], divergence, coef
     )
     dots = None if dot_terms is None else dot_terms.sum(-1, keepdim=True)
     mean = None
@@ -243,7 +240,7 @@ def _grad_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, label
         del tanh
     t = inputs.teacher_chunk(teacher_hidden, rows, start, stop)
     _, _, q, g = _divergence_elements(
-        _scaled(z, temperature), _scaled(t, temperature), row_stats[0, rows, None], row_stats[1, rows, None],
+        temperature_scaled(z, temperature), temperature_scaled(t, temperature), row_stats[0, rows, None], row_stats[1, rows, None],
         divergence, coef,
     )
     grad = _divergence_grad(q, g, row_stats[2, rows, None], divergence)

@@ -111,6 +111,11 @@ def _divergence_elements(
     return terms, torch.where(q == 0, zero, q * g), q, g
 
 
+def temperature_scaled(values: Tensor, temperature: float) -> Tensor:
+    """``values / temperature``, without the pass over the values at temperature 1."""
+    return values if temperature == 1.0 else values / temperature
+
+
 def _log_weight(weight: float) -> float:
     return math.log(weight) if weight > 0.0 else -math.inf
 
@@ -146,10 +151,12 @@ def _divergence_rows(
     Each side is shifted by its row max before the division by T: the softmax does not change, and the shift is
     exact where the logits are large (|z| ~ 1e4, or fp16 logits near its max at T = 0.05), while ``z / T`` would be
     rounded at that magnitude and the log-probabilities with it (up to 5 % of the loss in a reviewer's case)."""
-    scaled_student = (student - finite_or_zero(student.amax(-1, keepdim=True))) / temperature
-    scaled_teacher = (teacher - finite_or_zero(teacher.amax(-1, keepdim=True))) / temperature
-    lse_student = torch.logsumexp(scaled_student, dim=-1, keepdim=True)
-    lse_teacher = torch.logsumexp(scaled_teacher, dim=-1, keepdim=True)
+    scaled_student = temperature_scaled(student - finite_or_zero(student.amax(-1, keepdim=True)), temperature)
+    scaled_teacher = temperature_scaled(teacher - finite_or_zero(teacher.amax(-1, keepdim=True)), temperature)
+    # Each row's max is now 0 (or the row is all -inf, or holds +inf / NaN): the log of the sum of exps is the
+    # log-sum-exp, as torch.logsumexp computes it, without its own max and shift passes.
+    lse_student = scaled_student.exp().sum(-1, keepdim=True).log()
+    lse_teacher = scaled_teacher.exp().sum(-1, keepdim=True).log()
     terms, dot_terms, q, g = _divergence_elements(
         scaled_student, scaled_teacher, lse_student, lse_teacher, divergence, coef
     )
@@ -157,7 +164,7 @@ def _divergence_rows(
     if dot_terms is not None:
         row_dot = normalized_row_dot(dot_terms.sum(-1, keepdim=True), q.sum(-1, keepdim=True))
     loss = _divergence_row_loss(terms.sum(-1, keepdim=True), row_dot, lse_student, lse_teacher, divergence)
-    grad = _divergence_grad(q, g, row_dot, divergence) / temperature if compute_grad else None
+    grad = temperature_scaled(_divergence_grad(q, g, row_dot, divergence), temperature) if compute_grad else None
     return loss.squeeze(-1), grad
 
 
