@@ -735,6 +735,31 @@ class _ModelDrafter(_DrafterRows):
         self.rollback()
 
 
+class _PenalizedDrafter:
+    """A drafter whose next-token logits get the generation's repetition penalty over each sequence's committed
+    tokens (the drafts on a node's path are left out: a cheaper rule that still makes the drafts follow the
+    penalised target more often; the verification alone decides the output). Everything else is the drafter's."""
+
+    def __init__(self, drafter, penalize: Callable[[torch.Tensor], torch.Tensor]):
+        self._drafter = drafter
+        self._penalize = penalize
+
+    def __getattr__(self, name: str):
+        return getattr(self._drafter, name)
+
+    def start(self, *args):
+        logits, state = self._drafter.start(*args)
+        return self._penalize(logits), state
+
+    def advance(self, *args):
+        logits, state = self._drafter.advance(*args)
+        return self._penalize(logits), state
+
+    def expand(self, *args):
+        logits, state = self._drafter.expand(*args)
+        return self._penalize(logits), state
+
+
 def _target_logit_map(target: torch.nn.Module) -> tuple[float, float | None]:
     """``(scale, softcap)`` with which ``target`` maps its last features to logits (``softcap(scale * lm_head)``;
     :func:`distill_ops.integrations.hf.logit_scale`, probed once). A target whose logits are some other map of
@@ -1373,8 +1398,9 @@ class SpeculativeDecoder:
                 holds up to that node (its prompt, its generated tokens, the drafts on the node's path) has its
                 fp32 logit divided by the penalty where positive, multiplied where negative, once, before
                 temperature / top-k / top-p. ``None`` uses the target's ``generation_config.repetition_penalty``
-                as ``generate`` does (Qwen2.5-Instruct checkpoints ship 1.05). The drafts are not penalised
-                (they only change how many drafts are accepted, never the output).
+                as ``generate`` does (Qwen2.5-Instruct checkpoints ship 1.05). The drafts are ranked with the
+                penalty on the committed tokens only (:class:`_PenalizedDrafter`; drafts only change how many
+                tokens are accepted, never the output).
             eos_token_id: token id(s) that end generation (kept in the output; Python or NumPy ints); ``None``
                 uses the target's ``generation_config.eos_token_id`` as ``generate`` does.
             generator: the only source of randomness when sampling.
@@ -1567,18 +1593,16 @@ def repetition_penalized(logits: torch.Tensor, penalty: float, seen: torch.Tenso
         return torch.where(x < 0, x * penalty, x / penalty)
 
     logits = logits.float()
-    out = torch.where(seen[:, None, :], penalize(logits), logits)
     if tree is None or tokens.shape[1] == 1:
-        return out
+        return torch.where(seen[:, None, :], penalize(logits), logits)
+    batch, num_nodes, vocab = logits.shape
+    # held[b, i, v]: sequence b holds token v up to node i. One extra column takes the (ignored) writes of the
+    # nodes off node i's path; O(B T V + B T^2) work.
+    held = torch.zeros(batch, num_nodes, vocab + 1, dtype=torch.bool, device=logits.device)
+    held[..., :vocab] = seen[:, None, :]
     on_path = tree.dense_ancestors()  # [Bt, T, T]: node j is node i or one of its ancestors
-    same = tokens[:, :, None] == tokens[:, None, :]
-    # held[b, i, j]: node j's token is held on node i's path (by j itself or by another node with that token), so
-    # every write below of a token's column in a row carries the same value.
-    held = (on_path[:, :, :, None] & same[:, None, :, :]).any(2)
-    columns = tokens[:, None, :].expand_as(held)
-    values = out.gather(2, columns)
-    fresh = held & ~seen.gather(1, tokens)[:, None, :]
-    return out.scatter(2, columns, torch.where(fresh, penalize(values), values))
+    held.scatter_(2, torch.where(on_path, tokens[:, None, :], vocab), True)
+    return torch.where(held[..., :vocab], penalize(logits), logits)
 
 
 def _check_generation_config(target: torch.nn.Module, sampling: bool, shortest_prompt: int) -> None:
@@ -1649,6 +1673,7 @@ class _Generation:
         if penalty is not None:
             self.seen = torch.zeros(self.batch, engine.vocab_size, dtype=torch.bool, device=engine.device)
             self._see(self.rows)
+            self.drafter = _PenalizedDrafter(self.drafter, self._penalize_draft)
 
     # -- target ----------------------------------------------------------------------------------
 
@@ -1668,6 +1693,12 @@ class _Generation:
             )
         features = out.hidden_states[-1] if self.drafter.needs_features else None
         return out.logits, features
+
+    def _penalize_draft(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft logits ``[B, V]`` or ``[B, m, V]`` with the penalty on each sequence's committed tokens (in their
+        dtype: they only rank the drafts)."""
+        seen = self.seen.view(self.seen.shape[0], *([1] * (logits.dim() - 2)), -1)
+        return torch.where(seen, torch.where(logits < 0, logits * self.penalty, logits / self.penalty), logits)
 
     def _see(self, tokens: list[list[int]]) -> None:
         """Mark each batch row's ``tokens`` (host ints, one list per row of ``seen``) as held by its sequence."""
@@ -1698,7 +1729,8 @@ class _Generation:
         if len(tokens) - self.prompt_lens[row] >= self.max_new_tokens:
             self.done[row] = True
         if self.streamer is not None and emitted:
-            self.streamer.put(torch.tensor([emitted], dtype=torch.int64))
+            with torch.inference_mode(False):  # an ordinary tensor, as generate streams (not an inference tensor)
+                self.streamer.put(torch.tensor([emitted], dtype=torch.int64))
         return emitted
 
     def _callback(self) -> None:

@@ -2,6 +2,7 @@
 
 import inspect
 import os
+import types
 
 import pytest
 import torch
@@ -490,8 +491,13 @@ def test_fused_trainers_refuse_loss_kwargs_they_set_themselves():
     with pytest.raises(ValueError, match=r"sets \['temperature'\], which FusedDistillationTrainer sets itself: "
                                          r"temperature from the config's temperature \(1.5\)"):
         trainer.compute_loss(student, _generated_batch())
+    trainer.fused_loss_kwargs = {"ignore_index": -1}  # it would score the prompt and padding it labels -100
+    with pytest.raises(ValueError, match=r"sets \['ignore_index'\], which FusedDistillationTrainer sets itself"):
+        trainer.compute_loss(student, _generated_batch())
+    trainer.fused_loss_kwargs = types.MappingProxyType({"impl": "torch"})  # any mapping
+    assert torch.isfinite(trainer.compute_loss(student, _generated_batch()))
     trainer.fused_loss_kwargs = {"betta": 0.1}
-    with pytest.raises(ValueError, match=r"fused_loss_kwargs has \['betta'\], not keyword arguments"):
+    with pytest.raises(ValueError, match=r"fused_loss_kwargs has \['betta'\], not among the keyword-only"):
         trainer.compute_loss(student, _generated_batch())
 
 

@@ -448,6 +448,7 @@ def test_streamer_gets_the_prompt_then_each_steps_tokens(capsys):
     assert ours.events[-1] == "end" and theirs.events[-1] == "end"
     new = ours.events[1:-1]
     assert all(put.device.type == "cpu" and put.dim() == 2 and put.shape[0] == 1 for put in new)
+    assert not any(put.is_inference() for put in new)  # a streamer may update them in place, as generate's
     assert len(new) == out.num_target_forwards == 2  # the prefill's token, then the step's two (cut at the EOS)
     streamed = torch.cat(new, dim=1)
     assert torch.equal(streamed, out.sequences[:, prompt.shape[1]:].cpu())
@@ -620,6 +621,28 @@ def test_greedy_with_repetition_penalty_equals_generate(draft_kind, tree_kind):
     prompt = prompts(256, [5], seed=4)[0]
     assert torch.equal(engine.generate(prompt, max_new_tokens=8, repetition_penalty=1).sequences,
                        reference_generate(target, prompt, 8))
+
+
+def test_drafts_follow_the_penalty_on_committed_tokens(monkeypatch):
+    """The drafts are ranked with the penalty on each sequence's committed tokens: with the target as its own draft
+    on a chain, the root's child is then the target's own penalised choice, so every step accepts at least one
+    draft (the drafts below it leave the path's tokens out of their penalty and may be rejected). Unpenalised
+    drafts miss it wherever the penalty moves the target's choice."""
+    target, _ = models("llama")
+    chain = [[0] * depth for depth in range(1, 5)]
+
+    def accepted(prompt):
+        engine = SpeculativeDecoder(target, target, tree=chain, impl="torch")
+        out = engine.generate(prompt, max_new_tokens=40, eos_token_id=[], repetition_penalty=1.3)
+        expected = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=40,
+                                   pad_token_id=0, repetition_penalty=1.3)
+        assert torch.equal(out.sequences, expected)
+        return out.accept_lengths[:-1]  # the last step may be cut by the token budget
+
+    rows = prompts(256, [1, 4, 9], seed=11)
+    assert all(min(accepted(prompt)) >= 1 for prompt in rows)
+    monkeypatch.setattr(speculative, "_PenalizedDrafter", lambda drafter, penalize: drafter)
+    assert any(min(accepted(prompt)) == 0 for prompt in rows)
 
 
 def test_repetition_penalty_with_triton_kernels_and_bad_values():

@@ -42,6 +42,7 @@ import inspect
 import math
 import sys
 import weakref
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -748,13 +749,13 @@ def checked_loss_kwargs(name: str, kwargs: Any, owner: str, set_by_owner: dict[s
     otherwise surface as a ``TypeError`` at the first training step) or that ``owner`` sets itself
     (``set_by_owner``: each such argument and where its value comes from; Python's "got multiple values for
     keyword argument" did not say)."""
-    if not isinstance(kwargs, dict):
-        raise TypeError(f"{name} must be a dict of keyword arguments, got {type(kwargs).__name__}")
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"{name} must be a mapping of keyword arguments, got {type(kwargs).__name__}")
     unknown = sorted(key for key in kwargs if key not in _LOSS_KEYWORDS)
     if unknown:
         raise ValueError(
-            f"{name} has {unknown}, not keyword arguments of causal_lm_distillation_loss; they are: "
-            f"{', '.join(_LOSS_KEYWORDS)}"
+            f"{name} has {unknown}, not among the keyword-only arguments of causal_lm_distillation_loss it can pass "
+            f"on (the models, ids, labels and attention mask come from the batch): {', '.join(_LOSS_KEYWORDS)}"
         )
     taken = [key for key in kwargs if key in set_by_owner]
     if taken:

@@ -262,7 +262,8 @@ def _distillation_trainer_class():
             extra = checked_loss_kwargs("fused_loss_kwargs", self.fused_loss_kwargs, "FusedDistillationTrainer", {
                 "divergence": "the generalized JSD ('jsd')", "beta": f"the config's beta ({self.beta})",
                 "temperature": f"the config's temperature ({self.temperature})",
-                "normalizer": "TRL's count of generated tokens", "return_entropy": "the entropy metric"})
+                "normalizer": "TRL's count of generated tokens", "return_entropy": "the entropy metric",
+                "ignore_index": "the labels it builds (-100 outside the scored completion tokens)"})
             loss, entropy_sum, count = distillation_trainer_loss(self, model, inputs, num_items_in_batch, **extra)
             # The metric's collectives run after the loss (never inside a wrapper's forward).
             count = self.accelerator.gather_for_metrics(count).sum()
