@@ -30,8 +30,8 @@ Semantics: greedy (``temperature=0``) output equals ``target.generate(do_sample=
 (up to floating-point ties between the tree pass and the one-token decode pass); sampling draws from the
 same distribution as the target alone (temperature, top-k, top-p applied to the target; drafts are
 deterministic top-k choices, verified with the residual rule of :func:`~distill_ops.verify.verify_sampling`);
-a ``repetition_penalty`` is applied to the target's logits at every tree node as ``generate`` applies it
-(:func:`repetition_penalized`).
+a ``repetition_penalty`` (:func:`repetition_penalized`), ``min_new_tokens`` / ``min_length`` and suppressed
+tokens are applied to the target's logits at every tree node as ``generate`` applies them (``_Generation._banned``).
 Batches of sequences of any lengths: each sequence is decoded exactly as it would be alone (see
 :class:`_Generation`). Stops at ``eos_token_id`` / ``max_new_tokens`` exactly like ``generate``.
 
@@ -74,6 +74,7 @@ them per phase), and every device-to-host read drains the stream, exposing each 
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -1371,6 +1372,7 @@ class SpeculativeDecoder:
         top_k: int | None = None,
         top_p: float | None = None,
         repetition_penalty: float | None = None,
+        min_new_tokens: int | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -1401,6 +1403,11 @@ class SpeculativeDecoder:
                 as ``generate`` does (Qwen2.5-Instruct checkpoints ship 1.05). The drafts are ranked with the
                 penalty on the committed tokens only (:class:`_PenalizedDrafter`; drafts only change how many
                 tokens are accepted, never the output).
+            min_new_tokens: no EOS before this many new tokens (the EOS logits are -inf until then, as
+                ``generate``'s processor sets them), ``None``: the target's ``generation_config.min_new_tokens``.
+                The generation config's ``min_length`` (prompt included, each sequence's own prompt), and its
+                ``suppress_tokens`` (never generated) and ``begin_suppress_tokens`` (not as the first new token)
+                are applied too, as ``generate`` applies them.
             eos_token_id: token id(s) that end generation (kept in the output; Python or NumPy ints); ``None``
                 uses the target's ``generation_config.eos_token_id`` as ``generate`` does.
             generator: the only source of randomness when sampling.
@@ -1424,8 +1431,9 @@ class SpeculativeDecoder:
         forwards). Returns a :class:`SpeculativeOutput`.
 
         The target's ``generation_config`` fields that ``generate`` turns into logits processors even when greedy
-        (``no_repeat_ngram_size``, ``suppress_tokens``, ``min_new_tokens``, ...; see ``_GENERATION_FIELDS``;
-        ``repetition_penalty`` is applied, above), beam search and guidance, and when sampling its other warpers
+        (``no_repeat_ngram_size``, ``bad_words_ids``, ``forced_eos_token_id``, ...; see ``_GENERATION_FIELDS``;
+        ``repetition_penalty``, ``min_new_tokens``, ``min_length``, ``suppress_tokens`` and
+        ``begin_suppress_tokens`` are applied, above), beam search and guidance, and when sampling its other warpers
         (``min_p``, ``typical_p``, ...) are not applied by the engine: a target whose config sets one is a
         ``ValueError`` naming it (its output would silently differ from ``generate``'s).
         """
@@ -1454,6 +1462,7 @@ class SpeculativeDecoder:
                 )
         _check_generation_config(self.target, temperature > 0, min(len(row) for row in rows))
         penalty = self._repetition_penalty(repetition_penalty)
+        rules = self._logit_rules(min_new_tokens)
         eos = self._eos_ids(eos_token_id)
         if pad_token_id is None:
             pad_token_id = getattr(getattr(self.target, "generation_config", None), "pad_token_id", None)
@@ -1467,7 +1476,7 @@ class SpeculativeDecoder:
             streamer.put(input_ids.cpu())
         with torch.inference_mode(), _attention_switched(models):
             state = _Generation(self, rows, max_new_tokens, set(eos), sampling, temperature, top_k, top_p,
-                                generator, timer, step_callback, penalty, streamer)
+                                generator, timer, step_callback, penalty, streamer, rules)
             state.run()
         if streamer is not None:
             streamer.end()
@@ -1553,6 +1562,31 @@ class SpeculativeDecoder:
         penalty = check_number(name, penalty, low=0.0, low_inclusive=False)
         return None if penalty == 1.0 else penalty
 
+    def _logit_rules(self, min_new_tokens) -> tuple[int | None, int, list[int], list[int]]:
+        """``(min_new_tokens, min_length, suppress_tokens, begin_suppress_tokens)``: the argument, else the target's
+        generation config (None, 0 and empty lists where unset)."""
+        config = getattr(self.target, "generation_config", None)
+
+        def field(name, default):
+            value = getattr(config, name, None)
+            return default if value is None else value
+
+        if min_new_tokens is None:
+            min_new_tokens = check_int("target.generation_config.min_new_tokens", field("min_new_tokens", None),
+                                       low=0, optional=True)
+        else:
+            min_new_tokens = check_int("min_new_tokens", min_new_tokens, low=0)
+        min_length = check_int("target.generation_config.min_length", field("min_length", 0), low=0)
+        suppress = []
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            ids = [check_int(f"target.generation_config.{name}", token, low=0) for token in field(name, [])]
+            bad = [token for token in ids if token >= self.vocab_size]
+            if bad:
+                raise ValueError(f"target.generation_config.{name} must hold token ids in [0, {self.vocab_size}), "
+                                 f"got {bad[0]}")
+            suppress.append(ids)
+        return min_new_tokens, min_length, *suppress
+
     def _eos_ids(self, eos_token_id) -> list[int]:
         if eos_token_id is None:
             eos_token_id = getattr(getattr(self.target, "generation_config", None), "eos_token_id", None)
@@ -1566,14 +1600,14 @@ class SpeculativeDecoder:
 
 
 # generation_config fields with which target.generate's output is not the plain argmax / filtered sampling that the
-# engine reproduces (repetition_penalty excepted: the engine applies it): logits processors (greedy and sampling;
+# engine reproduces (repetition_penalty, min_new_tokens, min_length, suppress_tokens and begin_suppress_tokens
+# excepted: the engine applies them): logits processors (greedy and sampling;
 # the encoder_* ones act on a decoder-only model's prompt), beam search / guidance, and the warpers generate
 # applies when sampling besides temperature / top-k / top-p. Each maps to its neutral value (None and empty lists
 # are neutral for all).
 _GENERATION_FIELDS = {
     "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "no_repeat_ngram_size": 0,
-    "bad_words_ids": None, "suppress_tokens": None,
-    "begin_suppress_tokens": None, "min_length": 0, "min_new_tokens": 0, "forced_eos_token_id": None,
+    "bad_words_ids": None, "forced_eos_token_id": None,
     "sequence_bias": None, "exponential_decay_length_penalty": None, "num_beams": 1, "guidance_scale": 1.0,
     "watermarking_config": None,
 }
@@ -1647,7 +1681,8 @@ class _Generation:
     """
 
     def __init__(self, engine: SpeculativeDecoder, rows: list[list[int]], max_new_tokens, eos, sampling,
-                 temperature, top_k, top_p, generator, timer, step_callback, penalty=None, streamer=None):
+                 temperature, top_k, top_p, generator, timer, step_callback, penalty=None, streamer=None,
+                 rules=(None, 0, [], [])):
         self.engine = engine
         self.drafter = engine._drafter
         self.rows = [list(row) for row in rows]
@@ -1674,6 +1709,18 @@ class _Generation:
             self.seen = torch.zeros(self.batch, engine.vocab_size, dtype=torch.bool, device=engine.device)
             self._see(self.rows)
             self.drafter = _PenalizedDrafter(self.drafter, self._penalize_draft)
+        # Banned tokens: EOS at positions before eos_until[b] (min_new_tokens / min_length), the suppressed ids
+        # everywhere, the begin-suppressed ids at the first new token.
+        min_new_tokens, min_length, suppress, begin_suppress = rules
+        device = engine.device
+        # generate: a min_new_tokens that is set (0 included) replaces min_length by prompt length + min_new_tokens.
+        until = [length - 1 + (min_length - length if min_new_tokens is None else min_new_tokens)
+                 for length in self.prompt_lens]
+        needed = eos and any(end > length - 1 for end, length in zip(until, self.prompt_lens))
+        self.eos_until = int64_to_device(until, device) if needed else None
+        self.eos_ids = int64_to_device(sorted(eos), device) if needed else None
+        self.suppress = int64_to_device(suppress, device) if suppress else None
+        self.begin_suppress = int64_to_device(begin_suppress, device) if begin_suppress else None
 
     # -- target ----------------------------------------------------------------------------------
 
@@ -1706,10 +1753,30 @@ class _Generation:
         flat = int64_to_device(rows + [token for row_tokens in tokens for token in row_tokens], self.engine.device)
         self.seen[flat[: len(rows)], flat[len(rows):]] = True
 
-    def _verify(self, tree: TreeSpec, draft_tokens: torch.Tensor, logits: torch.Tensor) -> VerifyResult:
+    def _banned(self, logits: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """``logits [B, T, V]`` with the banned tokens at -inf: the suppressed ids, the begin-suppressed ids at the
+        first new token (the prefill: ``positions`` None), EOS at nodes whose position ``[B, T]`` is before
+        ``eos_until`` (fewer new tokens than required before the one this node predicts)."""
+        if self.suppress is not None:
+            logits = logits.index_fill(-1, self.suppress, -math.inf)
+        if positions is None and self.begin_suppress is not None:
+            logits = logits.index_fill(-1, self.begin_suppress, -math.inf)
+        if self.eos_until is not None:
+            if positions is None:  # the prefill's root: the prompt's last position
+                positions = int64_to_device([len(self.rows[row]) - 1 for row in self.active], self.engine.device)
+                positions = positions.view(-1, 1)
+            early = positions < self.eos_until[:, None]
+            eos = logits.index_select(-1, self.eos_ids).masked_fill(early[..., None], -math.inf)
+            logits = logits.index_copy(-1, self.eos_ids, eos)
+        return logits
+
+    def _verify(self, tree: TreeSpec, draft_tokens: torch.Tensor, logits: torch.Tensor,
+                positions: torch.Tensor | None = None) -> VerifyResult:
+        """Verify a step's tree (the prefill's one-node tree when ``positions`` is None)."""
         impl = self.engine.impl
         if self.penalty is not None:
             logits = repetition_penalized(logits, self.penalty, self.seen, tree, draft_tokens)
+        logits = self._banned(logits, positions)
         if self.sampling:
             return verify_sampling(tree, draft_tokens, logits, impl=impl, **self.sample_args)
         return verify_greedy(tree, draft_tokens, logits, impl=impl)
@@ -1794,7 +1861,7 @@ class _Generation:
                 context = TreeAttentionContext(tree, engine.impl, starts=starts)
                 logits, features = self._target_forward(draft_tokens, positions, context)
             with timer("verify"):
-                result = self._verify(tree, draft_tokens, logits)
+                result = self._verify(tree, draft_tokens, logits, positions)
                 # The step's device-to-host read: accepted drafts then the bonus token, -1 padded.
                 new_tokens = [[token for token in row if token >= 0] for row in result.emitted_tokens.tolist()]
             with timer("compaction"):
@@ -1839,6 +1906,8 @@ class _Generation:
         self.batch = len(self.active)
         if self.seen is not None:
             self.seen = self.seen[index]
+        if self.eos_until is not None:
+            self.eos_until = self.eos_until[index]
         _select_cache_rows(self.cache, index)
         committed = max(len(self.rows[row]) - 1 for row in self.active)
         if self.cache.get_seq_length() > committed:

@@ -488,7 +488,7 @@ def test_eos_as_first_token_and_max_new_tokens_one():
 
 
 @pytest.mark.parametrize("field, value, sampling", [
-    ("encoder_repetition_penalty", 1.5, False), ("suppress_tokens", [3], False), ("min_new_tokens", 4, False),
+    ("encoder_repetition_penalty", 1.5, False), ("bad_words_ids", [[3]], False), ("sequence_bias", [[[3], 1.0]], False),
     ("no_repeat_ngram_size", 2, False), ("num_beams", 2, False), ("min_p", 0.05, True),
     ("forced_eos_token_id", 0, False), ("forced_bos_token_id", 0, False), ("encoder_no_repeat_ngram_size", 2, False),
 ])
@@ -520,7 +520,7 @@ def test_generation_config_processors_the_engine_does_not_apply_are_refused(fiel
                                reference_generate(target, prompt, 8))
     finally:
         setattr(target.generation_config, field, before)
-    neutral = {"encoder_repetition_penalty": 1.0, "suppress_tokens": [], "num_beams": 1}.get(field, None)
+    neutral = {"encoder_repetition_penalty": 1.0, "num_beams": 1}.get(field, None)
     setattr(target.generation_config, field, neutral)
     try:
         assert torch.equal(engine.generate(prompt, max_new_tokens=8).sequences, reference_generate(target, prompt, 8))
@@ -643,6 +643,130 @@ def test_drafts_follow_the_penalty_on_committed_tokens(monkeypatch):
     assert all(min(accepted(prompt)) >= 1 for prompt in rows)
     monkeypatch.setattr(speculative, "_PenalizedDrafter", lambda drafter, penalize: drafter)
     assert any(min(accepted(prompt)) == 0 for prompt in rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# min_new_tokens / min_length, suppress_tokens / begin_suppress_tokens: applied as generate applies them
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tree_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
+def test_min_new_tokens_and_suppressed_tokens_equal_generate(draft_kind, tree_kind):
+    """An EOS the target emits as its 3rd new token: ``min_new_tokens`` (argument or generation config) and the
+    config's ``min_length`` hold it back exactly as long as generate does (then the output goes on past it); the
+    config's ``suppress_tokens`` and ``begin_suppress_tokens`` change the output as they change generate's."""
+    target, draft_lm = models("llama")
+    draft = draft_lm if draft_kind == "lm" else make_head(target)
+    tree = dict(tree=STATIC_TREE) if tree_kind == "static" else DYNAMIC_TREE
+    engine = SpeculativeDecoder(target, draft, impl="torch", **tree)
+    prompt = prompts(256, [4], seed=5)[0]
+    free_run = reference_generate(target, prompt, 20)[0, 4:].tolist()
+    eos = free_run[2]
+    cases = [({"min_new_tokens": n}, {"min_new_tokens": n}) for n in (2, 3, 7)] + [
+        ({}, {"config": {"min_new_tokens": 5}}), ({}, {"config": {"min_length": 4 + 6}}),
+        ({}, {"config": {"suppress_tokens": free_run[:2]}}), ({}, {"config": {"begin_suppress_tokens": free_run[:1]}}),
+        ({}, {"config": {"begin_suppress_tokens": free_run[1:2]}}),  # only the first new token: output unchanged
+        ({"min_new_tokens": 0}, {"config": {"min_new_tokens": 5}, "min_new_tokens": 0}),  # the argument wins
+        # A min_new_tokens that is set (0 too) replaces min_length, in generate and here.
+        ({}, {"config": {"min_new_tokens": 0, "min_length": 4 + 6}}),
+        ({"min_new_tokens": 1}, {"config": {"min_length": 4 + 6}, "min_new_tokens": 1}),
+    ]
+    lengths = set()
+    for ours, theirs in cases:
+        config = theirs.pop("config", {})
+        before = {name: getattr(target.generation_config, name) for name in config}
+        for name, value in config.items():
+            setattr(target.generation_config, name, value)
+        try:
+            out = engine.generate(prompt, max_new_tokens=20, eos_token_id=eos, **ours)
+            expected = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                       max_new_tokens=20, eos_token_id=eos, pad_token_id=0, **theirs)
+        finally:
+            for name, value in before.items():
+                setattr(target.generation_config, name, value)
+        assert torch.equal(out.sequences, expected), (ours, config, out.sequences, expected)
+        lengths.add(out.num_new_tokens)
+        if "suppress_tokens" in config or config.get("begin_suppress_tokens") == free_run[:1]:
+            assert not torch.equal(expected[0, 4:5], torch.tensor(free_run[:1], device=DEVICE))
+    assert {3, 20} <= lengths  # an EOS let through (min 2, 3) and one held back to the token budget
+
+
+def test_min_new_tokens_in_a_batch_and_when_sampling(monkeypatch):
+    """A left-padded batch: each row holds its EOS back for ``min_new_tokens`` as generate does alone and batched,
+    and ``min_length`` counts each row's own prompt. Sampling: the first three tokens follow generate's
+    distribution with EOS (here the likeliest first token) banned from the first two; banning it at the prefill
+    only (not at tree nodes) fails the test."""
+    from .test_speculative_batch import expected_rows, left_padded
+
+    target, draft = models("llama")
+    rows = prompts(256, [3, 9, 1, 6], seed=41)
+    ids, mask = left_padded(rows)
+    eos = reference_generate(target, rows[2], 8)[0, 3].item()  # row 2's third new token
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    for name, value in (("min_new_tokens", 5), ("min_length", 9)):
+        before = getattr(target.generation_config, name)
+        setattr(target.generation_config, name, value)
+        try:
+            out = engine.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+            expected = expected_rows(target, rows, ids, 12, eos=eos, pad=0)
+            assert torch.equal(out.sequences, expected), (name, out.sequences, expected)
+            if name == "min_new_tokens":  # generate's batch counts new tokens alike in every row
+                batched = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                                          pad_token_id=0, eos_token_id=eos)
+                assert torch.equal(out.sequences[:, : batched.shape[1]], batched)
+        finally:
+            setattr(target.generation_config, name, before)
+
+    prompt = prompts(256, [5], seed=20)[0]
+    temperature, top_k, samples = 1.3, 3, 240
+
+    def ban(logits, held, step):
+        return logits.index_fill(0, torch.tensor([eos]), -math.inf) if step < 2 else logits
+
+    def second_token_mass(candidate):  # P(the 2nd token is candidate | it was banned from the 1st)
+        outcomes = _sequence_distribution(target, prompt, 2, temperature, top_k,
+                                          lambda logits, held, step: ban(logits, held, 1 + step))
+        return sum(mass for tokens, mass in outcomes.items() if tokens[1] == candidate)
+
+    with torch.no_grad():  # EOS: of the likeliest first tokens, the likeliest second token once banned first
+        candidates = torch.topk(target(prompt).logits[0, -1], 6).indices.tolist()
+    masses = {}
+    for eos in candidates:
+        masses[eos] = second_token_mass(eos)
+    eos = max(masses, key=masses.get)
+    assert masses[eos] > 0.1  # the mutation below then ends a third of its samples early
+    expected = _sequence_distribution(target, prompt, 3, temperature, top_k, ban)
+    chain = SpeculativeDecoder(target, target, depth=2, topk=3, num_nodes=6, impl="torch")
+    kwargs = dict(eos_token_id=eos, min_new_tokens=2)
+    assert _sequence_sampling_pvalue(chain, prompt, expected, samples, temperature, top_k, seed=0, **kwargs) > 1e-3
+    real = speculative._Generation._banned
+    monkeypatch.setattr(speculative._Generation, "_banned",
+                        lambda self, logits, positions: logits if positions is not None else real(self, logits, None))
+    assert _sequence_sampling_pvalue(chain, prompt, expected, samples // 2, temperature, top_k, seed=1, **kwargs) < 1e-3
+
+
+def test_min_new_tokens_with_triton_kernels_and_bad_values():
+    target, draft = models("qwen2")
+    engine = SpeculativeDecoder(target, draft, tree=[[0], [1], [0, 0], [0, 0, 0]], impl="triton")
+    prompt = prompts(320, [6], seed=5)[0]
+    eos = reference_generate(target, prompt, 4)[0, 6 + 1].item()  # the 2nd new token
+    out = engine.generate(prompt, max_new_tokens=8, eos_token_id=eos, min_new_tokens=4)
+    expected = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=8,
+                               pad_token_id=0, eos_token_id=eos, min_new_tokens=4)
+    assert torch.equal(out.sequences, expected) and out.num_new_tokens > 2
+    with pytest.raises(ValueError, match="min_new_tokens must be >= 0, got -1"):
+        engine.generate(prompt, max_new_tokens=3, min_new_tokens=-1)
+    with pytest.raises(TypeError, match="min_new_tokens must be"):
+        engine.generate(prompt, max_new_tokens=3, min_new_tokens=2.0)
+    before = target.generation_config.suppress_tokens
+    target.generation_config.suppress_tokens = [5, 320]
+    try:
+        with pytest.raises(ValueError, match=r"generation_config.suppress_tokens must hold token ids in \[0, 320\), "
+                                             r"got 320"):
+            engine.generate(prompt, max_new_tokens=3)
+    finally:
+        target.generation_config.suppress_tokens = before
 
 
 def test_repetition_penalty_with_triton_kernels_and_bad_values():
@@ -1145,30 +1269,34 @@ def test_sampling_is_lossless_chi_square(monkeypatch):
     assert _chi_square_pvalue(biased, expected) < 1e-3
 
 
-def _penalized_sequence_distribution(target, prompt, length, temperature, top_k, penalty) -> dict:
-    """Exact distribution of the first ``length`` sampled tokens (tuples) under transformers' repetition penalty."""
+def _sequence_distribution(target, prompt, length, temperature, top_k, process) -> dict:
+    """Exact distribution of the first ``length`` sampled tokens (tuples), the logits of each step (fp32) passed
+    through ``process(logits, held tokens, new-token index)`` before temperature and top-k, as generate's
+    processors."""
     outcomes = {(): 1.0}
     with torch.no_grad():
-        for _ in range(length):
+        for step in range(length):
             grown = {}
             for tokens, mass in outcomes.items():
                 held = prompt[0].tolist() + list(tokens)
-                logits = target(torch.tensor([held], device=DEVICE)).logits[0, -1]
-                probs = _filtered_probs(hf_penalized(logits, held, penalty), temperature, top_k).cpu()
+                logits = target(torch.tensor([held], device=DEVICE)).logits[0, -1].float().cpu()
+                probs = _filtered_probs(process(logits, held, step), temperature, top_k).cpu()
                 for token in probs.nonzero().flatten().tolist():
                     grown[tokens + (token,)] = mass * float(probs[token])
             outcomes = grown
     return outcomes
 
 
-def _penalized_sampling_pvalue(engine, prompt, expected: dict, num_samples, temperature, top_k, penalty, seed):
+def _sequence_sampling_pvalue(engine, prompt, expected: dict, num_samples, temperature, top_k, seed, **kwargs):
+    """Chi-square p-value of the engine's first tokens (``generate(**kwargs)``) against ``expected``."""
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
     keys = sorted(expected)
     counts = torch.zeros(len(keys), dtype=torch.float64)
     length = len(keys[0])
+    kwargs.setdefault("eos_token_id", [])
     for _ in range(num_samples):
         out = engine.generate(prompt, max_new_tokens=length, temperature=temperature, top_k=top_k,
-                              repetition_penalty=penalty, eos_token_id=[], generator=generator)
+                              generator=generator, **kwargs)
         drawn = tuple(out.sequences[0, -length:].tolist())
         if drawn not in expected:
             return 0.0  # an outcome the target cannot produce
@@ -1185,13 +1313,17 @@ def test_sampling_with_repetition_penalty_is_lossless_chi_square(monkeypatch):
     target, _ = models("llama")
     prompt = prompts(256, [2], seed=36)[0]
     temperature, top_k, samples, penalty = 1.3, 3, 240, 0.3
-    expected = _penalized_sequence_distribution(target, prompt, 3, temperature, top_k, penalty)
+    expected = _sequence_distribution(target, prompt, 3, temperature, top_k,
+                                      lambda logits, held, step: hf_penalized(logits, held, penalty))
     engine = SpeculativeDecoder(target, target, depth=2, topk=3, num_nodes=6, impl="torch")
-    assert _penalized_sampling_pvalue(engine, prompt, expected, samples, temperature, top_k, penalty, seed=0) > 1e-3
+    pvalue = _sequence_sampling_pvalue(engine, prompt, expected, samples, temperature, top_k, seed=0,
+                                       repetition_penalty=penalty)
+    assert pvalue > 1e-3
     real = speculative.repetition_penalized
     monkeypatch.setattr(speculative, "repetition_penalized",
                         lambda logits, penalty, seen, *tree: real(logits, penalty, seen))
-    biased = _penalized_sampling_pvalue(engine, prompt, expected, samples // 2, temperature, top_k, penalty, seed=1)
+    biased = _sequence_sampling_pvalue(engine, prompt, expected, samples // 2, temperature, top_k, seed=1,
+                                       repetition_penalty=penalty)
     assert biased < 1e-3
 
 
