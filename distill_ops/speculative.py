@@ -1717,6 +1717,7 @@ class _Generation:
         until = [length - 1 + (min_length - length if min_new_tokens is None else min_new_tokens)
                  for length in self.prompt_lens]
         needed = eos and any(end > length - 1 for end, length in zip(until, self.prompt_lens))
+        self.eos_until_rows = until  # per input sequence, on the host: the ban stops once every root passed it
         self.eos_until = int64_to_device(until, device) if needed else None
         self.eos_ids = int64_to_device(sorted(eos), device) if needed else None
         self.suppress = int64_to_device(suppress, device) if suppress else None
@@ -1754,20 +1755,21 @@ class _Generation:
         self.seen[flat[: len(rows)], flat[len(rows):]] = True
 
     def _banned(self, logits: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        """``logits [B, T, V]`` with the banned tokens at -inf: the suppressed ids, the begin-suppressed ids at the
-        first new token (the prefill: ``positions`` None), EOS at nodes whose position ``[B, T]`` is before
-        ``eos_until`` (fewer new tokens than required before the one this node predicts)."""
+        """``logits [B, T, V]`` (this step's own tensor: written in place) with the banned tokens at -inf: the
+        suppressed ids, the begin-suppressed ids at the first new token (the prefill: ``positions`` None), EOS at
+        nodes whose position ``[B, T]`` is before ``eos_until`` (fewer new tokens than required before the one this
+        node predicts; skipped once every sequence's root is past its bound, known on the host)."""
         if self.suppress is not None:
-            logits = logits.index_fill(-1, self.suppress, -math.inf)
+            logits.index_fill_(-1, self.suppress, -math.inf)
         if positions is None and self.begin_suppress is not None:
-            logits = logits.index_fill(-1, self.begin_suppress, -math.inf)
-        if self.eos_until is not None:
+            logits.index_fill_(-1, self.begin_suppress, -math.inf)
+        roots = [len(self.rows[row]) - 1 for row in self.active]
+        if self.eos_until is not None and any(root < self.eos_until_rows[row] for root, row in zip(roots, self.active)):
             if positions is None:  # the prefill's root: the prompt's last position
-                positions = int64_to_device([len(self.rows[row]) - 1 for row in self.active], self.engine.device)
-                positions = positions.view(-1, 1)
+                positions = int64_to_device(roots, self.engine.device).view(-1, 1)
             early = positions < self.eos_until[:, None]
-            eos = logits.index_select(-1, self.eos_ids).masked_fill(early[..., None], -math.inf)
-            logits = logits.index_copy(-1, self.eos_ids, eos)
+            eos = logits.index_select(-1, self.eos_ids).masked_fill_(early[..., None], -math.inf)
+            logits.index_copy_(-1, self.eos_ids, eos)
         return logits
 
     def _verify(self, tree: TreeSpec, draft_tokens: torch.Tensor, logits: torch.Tensor,

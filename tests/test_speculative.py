@@ -664,6 +664,12 @@ def test_min_new_tokens_and_suppressed_tokens_equal_generate(draft_kind, tree_ki
     free_run = reference_generate(target, prompt, 20)[0, 4:].tolist()
     eos = free_run[2]
     cases = [({"min_new_tokens": n}, {"min_new_tokens": n}) for n in (2, 3, 7)] + [
+        # EOS as the first new token (banned at the prefill), and a list of EOS ids banned together.
+        ({"min_new_tokens": 1, "eos_token_id": free_run[0]}, {"min_new_tokens": 1, "eos_token_id": free_run[0]}),
+        ({"min_new_tokens": 4, "eos_token_id": [eos, free_run[0]]},
+         {"min_new_tokens": 4, "eos_token_id": [eos, free_run[0]]}),
+        # A suppressed id the free run emits later (at a tree node, not at the prefill; no EOS to stop before).
+        ({"eos_token_id": None}, {"config": {"suppress_tokens": free_run[3:4]}, "eos_token_id": None}),
         ({}, {"config": {"min_new_tokens": 5}}), ({}, {"config": {"min_length": 4 + 6}}),
         ({}, {"config": {"suppress_tokens": free_run[:2]}}), ({}, {"config": {"begin_suppress_tokens": free_run[:1]}}),
         ({}, {"config": {"begin_suppress_tokens": free_run[1:2]}}),  # only the first new token: output unchanged
@@ -679,16 +685,19 @@ def test_min_new_tokens_and_suppressed_tokens_equal_generate(draft_kind, tree_ki
         for name, value in config.items():
             setattr(target.generation_config, name, value)
         try:
-            out = engine.generate(prompt, max_new_tokens=20, eos_token_id=eos, **ours)
+            out = engine.generate(prompt, max_new_tokens=20, **{"eos_token_id": eos, **ours})
             expected = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                       max_new_tokens=20, eos_token_id=eos, pad_token_id=0, **theirs)
+                                       max_new_tokens=20, pad_token_id=0, **{"eos_token_id": eos, **theirs})
         finally:
             for name, value in before.items():
                 setattr(target.generation_config, name, value)
         assert torch.equal(out.sequences, expected), (ours, config, out.sequences, expected)
         lengths.add(out.num_new_tokens)
-        if "suppress_tokens" in config or config.get("begin_suppress_tokens") == free_run[:1]:
+        if config.get("suppress_tokens") == free_run[:2] or config.get("begin_suppress_tokens") == free_run[:1]:
             assert not torch.equal(expected[0, 4:5], torch.tensor(free_run[:1], device=DEVICE))
+        if config.get("suppress_tokens") == free_run[3:4]:
+            assert torch.equal(expected[0, 4:7], torch.tensor(free_run[:3], device=DEVICE))
+            assert free_run[3] not in expected[0, 4:].tolist()
     assert {3, 20} <= lengths  # an EOS let through (min 2, 3) and one held back to the token budget
 
 
@@ -704,7 +713,8 @@ def test_min_new_tokens_in_a_batch_and_when_sampling(monkeypatch):
     ids, mask = left_padded(rows)
     eos = reference_generate(target, rows[2], 8)[0, 3].item()  # row 2's third new token
     engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
-    for name, value in (("min_new_tokens", 5), ("min_length", 9)):
+    # min_new_tokens 2 lets row 2's EOS (its 3rd new token) through; counted from the longest prompt it would not.
+    for name, value in (("min_new_tokens", 2), ("min_new_tokens", 5), ("min_length", 9)):
         before = getattr(target.generation_config, name)
         setattr(target.generation_config, name, value)
         try:
