@@ -1228,33 +1228,26 @@ def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int) -> tor
     return torch.softmax(torch.where(logits >= cut, logits / temperature, -math.inf), -1)
 
 
-def _target_two_token_distribution(target, prompt, temperature, top_k, penalty=None) -> torch.Tensor:
-    """Exact joint distribution of the first two sampled tokens, flattened ``[V * V]`` (sparse); with transformers'
-    repetition ``penalty`` applied first when given."""
+def _target_two_token_distribution(target, prompt, temperature, top_k) -> torch.Tensor:
+    """Exact joint distribution of the first two sampled tokens, flattened ``[V * V]`` (sparse)."""
     vocab = target.config.vocab_size
-
-    def next_probs(tokens):
-        logits = target(tokens).logits[0, -1]
-        if penalty is not None:
-            logits = hf_penalized(logits, tokens[0].tolist(), penalty)
-        return _filtered_probs(logits, temperature, top_k).cpu()
-
     with torch.no_grad():
-        first = next_probs(prompt)
+        first = _filtered_probs(target(prompt).logits[0, -1], temperature, top_k)
         joint = torch.zeros(vocab, vocab, dtype=torch.float64)
         for token in first.nonzero().flatten().tolist():
             extended = torch.cat([prompt, torch.tensor([[token]], device=DEVICE)], dim=1)
-            joint[token] = first[token] * next_probs(extended)
+            second = _filtered_probs(target(extended).logits[0, -1], temperature, top_k)
+            joint[token] = first[token].cpu() * second.cpu()
     return joint.flatten()
 
 
-def _sample_two_tokens(engine, prompt, num_samples, temperature, top_k, seed, **kwargs) -> torch.Tensor:
+def _sample_two_tokens(engine, prompt, num_samples, temperature, top_k, seed) -> torch.Tensor:
     vocab = engine.vocab_size
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
     counts = torch.zeros(vocab * vocab, dtype=torch.float64)
     for _ in range(num_samples):
         out = engine.generate(prompt, max_new_tokens=2, temperature=temperature, top_k=top_k,
-                              eos_token_id=[], generator=generator, **kwargs)
+                              eos_token_id=[], generator=generator)
         first, second = out.sequences[0, -2:].tolist()
         counts[first * vocab + second] += 1
     return counts
