@@ -1465,7 +1465,7 @@ class SpeculativeDecoder:
         rules = self._logit_rules(min_new_tokens)
         eos = self._eos_ids(eos_token_id)
         if pad_token_id is None:
-            pad_token_id = getattr(getattr(self.target, "generation_config", None), "pad_token_id", None)
+            pad_token_id = self._config_value("pad_token_id")
         if pad_token_id is None:
             pad_token_id = eos[0] if eos else 0
         sampling = temperature > 0
@@ -1550,10 +1550,14 @@ class SpeculativeDecoder:
                 )
         return rows, max_new_tokens, top_k
 
+    def _config_value(self, name: str):
+        """The target's ``generation_config.<name>`` (None when unset or without a generation config)."""
+        return getattr(getattr(self.target, "generation_config", None), name, None)
+
     def _repetition_penalty(self, penalty) -> float | None:
         """The penalty to apply (``None`` for none): the argument, else the target's generation config's."""
         if penalty is None:
-            penalty = getattr(getattr(self.target, "generation_config", None), "repetition_penalty", None)
+            penalty = self._config_value("repetition_penalty")
             if penalty is None:
                 return None
             name = "target.generation_config.repetition_penalty"
@@ -1565,21 +1569,16 @@ class SpeculativeDecoder:
     def _logit_rules(self, min_new_tokens) -> tuple[int | None, int, list[int], list[int]]:
         """``(min_new_tokens, min_length, suppress_tokens, begin_suppress_tokens)``: the argument, else the target's
         generation config (None, 0 and empty lists where unset)."""
-        config = getattr(self.target, "generation_config", None)
-
-        def field(name, default):
-            value = getattr(config, name, None)
-            return default if value is None else value
-
         if min_new_tokens is None:
-            min_new_tokens = check_int("target.generation_config.min_new_tokens", field("min_new_tokens", None),
-                                       low=0, optional=True)
+            min_new_tokens = check_int("target.generation_config.min_new_tokens",
+                                       self._config_value("min_new_tokens"), low=0, optional=True)
         else:
             min_new_tokens = check_int("min_new_tokens", min_new_tokens, low=0)
-        min_length = check_int("target.generation_config.min_length", field("min_length", 0), low=0)
+        min_length = check_int("target.generation_config.min_length", self._config_value("min_length") or 0, low=0)
         suppress = []
         for name in ("suppress_tokens", "begin_suppress_tokens"):
-            ids = [check_int(f"target.generation_config.{name}", token, low=0) for token in field(name, [])]
+            ids = [check_int(f"target.generation_config.{name}", token, low=0)
+                   for token in self._config_value(name) or []]
             bad = [token for token in ids if token >= self.vocab_size]
             if bad:
                 raise ValueError(f"target.generation_config.{name} must hold token ids in [0, {self.vocab_size}), "
@@ -1589,7 +1588,7 @@ class SpeculativeDecoder:
 
     def _eos_ids(self, eos_token_id) -> list[int]:
         if eos_token_id is None:
-            eos_token_id = getattr(getattr(self.target, "generation_config", None), "eos_token_id", None)
+            eos_token_id = self._config_value("eos_token_id")
         if eos_token_id is None:
             return []
         if isinstance(eos_token_id, torch.Tensor):
@@ -1614,6 +1613,11 @@ _GENERATION_FIELDS = {
 _SAMPLING_FIELDS = {"min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
 
 
+def _penalized_values(x: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition-penalty rule on every value: divided by ``penalty`` if positive, else multiplied."""
+    return torch.where(x < 0, x * penalty, x / penalty)
+
+
 def repetition_penalized(logits: torch.Tensor, penalty: float, seen: torch.Tensor, tree: TreeSpec | None = None,
                          tokens: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' repetition penalty (``RepetitionPenaltyLogitsProcessor``) on every node row of a tree's
@@ -1623,12 +1627,9 @@ def repetition_penalized(logits: torch.Tensor, penalty: float, seen: torch.Tenso
     ones (``seen [B, V]`` bool, the root included) and the draft ``tokens [B, T]`` of node ``i``'s ancestors and
     of ``i`` itself (from ``tree``'s ancestor mask). A held token's logit is divided by ``penalty`` when
     positive, multiplied by it when negative, once however often it is held."""
-    def penalize(x: torch.Tensor) -> torch.Tensor:
-        return torch.where(x < 0, x * penalty, x / penalty)
-
     logits = logits.float()
     if tree is None or tokens.shape[1] == 1:
-        return torch.where(seen[:, None, :], penalize(logits), logits)
+        return torch.where(seen[:, None, :], _penalized_values(logits, penalty), logits)
     batch, num_nodes, vocab = logits.shape
     # held[b, i, v]: sequence b holds token v up to node i. One extra column takes the (ignored) writes of the
     # nodes off node i's path; O(B T V + B T^2) work.
@@ -1636,7 +1637,7 @@ def repetition_penalized(logits: torch.Tensor, penalty: float, seen: torch.Tenso
     held[..., :vocab] = seen[:, None, :]
     on_path = tree.dense_ancestors()  # [Bt, T, T]: node j is node i or one of its ancestors
     held.scatter_(2, torch.where(on_path, tokens[:, None, :], vocab), True)
-    return torch.where(held[..., :vocab], penalize(logits), logits)
+    return torch.where(held[..., :vocab], _penalized_values(logits, penalty), logits)
 
 
 def _check_generation_config(target: torch.nn.Module, sampling: bool, shortest_prompt: int) -> None:
@@ -1746,7 +1747,7 @@ class _Generation:
         """Draft logits ``[B, V]`` or ``[B, m, V]`` with the penalty on each sequence's committed tokens (in their
         dtype: they only rank the drafts)."""
         seen = self.seen.view(self.seen.shape[0], *([1] * (logits.dim() - 2)), -1)
-        return torch.where(seen, torch.where(logits < 0, logits * self.penalty, logits / self.penalty), logits)
+        return torch.where(seen, _penalized_values(logits, self.penalty), logits)
 
     def _see(self, tokens: list[list[int]]) -> None:
         """Mark each batch row's ``tokens`` (host ints, one list per row of ``seen``) as held by its sequence."""
@@ -1763,8 +1764,10 @@ class _Generation:
             logits.index_fill_(-1, self.suppress, -math.inf)
         if positions is None and self.begin_suppress is not None:
             logits.index_fill_(-1, self.begin_suppress, -math.inf)
+        if self.eos_until is None:
+            return logits
         roots = [len(self.rows[row]) - 1 for row in self.active]
-        if self.eos_until is not None and any(root < self.eos_until_rows[row] for root, row in zip(roots, self.active)):
+        if any(root < self.eos_until_rows[row] for root, row in zip(roots, self.active)):
             if positions is None:  # the prefill's root: the prompt's last position
                 positions = int64_to_device(roots, self.engine.device).view(-1, 1)
             early = positions < self.eos_until[:, None]
