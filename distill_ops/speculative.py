@@ -85,6 +85,7 @@ import torch
 from ._utils import (
     INT_DTYPES, check_int, check_number, check_tensor, resolve_impl, sink_softmax, softcapped, text_config,
 )
+from .generation_rules import TokenSequenceRules, ban_repeated_ngrams, check_ngram_size, node_tails
 from .tree import (
     BITS_PER_WORD,
     MAX_TREE_NODES,
@@ -1373,6 +1374,10 @@ class SpeculativeDecoder:
         top_p: float | None = None,
         repetition_penalty: float | None = None,
         min_new_tokens: int | None = None,
+        no_repeat_ngram_size: int | None = None,
+        bad_words_ids: Sequence[Sequence[int]] | None = None,
+        sequence_bias: Sequence | dict | None = None,
+        forced_eos_token_id: int | Sequence[int] | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -1408,6 +1413,16 @@ class SpeculativeDecoder:
                 The generation config's ``min_length`` (prompt included, each sequence's own prompt), and its
                 ``suppress_tokens`` (never generated) and ``begin_suppress_tokens`` (not as the first new token)
                 are applied too, as ``generate`` applies them.
+            no_repeat_ngram_size, bad_words_ids, sequence_bias, forced_eos_token_id: ``generate``'s options of
+                these names (``None``: the target's ``generation_config`` value), applied at every tree node from
+                the sequence up to that node (:mod:`distill_ops.generation_rules`), greedy or sampling: no n-gram
+                of ``no_repeat_ngram_size`` tokens twice (the prompt included); each ``bad_words_ids`` entry's last
+                token banned after its other tokens (a one-token entry everywhere, except an EOS id, which
+                ``generate`` drops); each ``sequence_bias`` entry (``[[ids, bias], ...]`` or ``{tuple: bias}``)
+                adds its bias to its last token's logit after its other tokens, before the repetition penalty;
+                ``forced_eos_token_id`` (one id or a list) is the only token allowed (logit 0) as the
+                ``max_new_tokens``-th new token. The drafts are not ranked by these rules (only acceptance
+                changes).
             eos_token_id: token id(s) that end generation (kept in the output; Python or NumPy ints); ``None``
                 uses the target's ``generation_config.eos_token_id`` as ``generate`` does.
             generator: the only source of randomness when sampling.
@@ -1430,11 +1445,10 @@ class SpeculativeDecoder:
         Each sequence is decoded as if it were alone (see :class:`_Generation` for how a batch shares the
         forwards). Returns a :class:`SpeculativeOutput`.
 
-        The target's ``generation_config`` fields that ``generate`` turns into logits processors even when greedy
-        (``no_repeat_ngram_size``, ``bad_words_ids``, ``forced_eos_token_id``, ...; see ``_GENERATION_FIELDS``;
-        ``repetition_penalty``, ``min_new_tokens``, ``min_length``, ``suppress_tokens`` and
-        ``begin_suppress_tokens`` are applied, above), beam search and guidance, and when sampling its other warpers
-        (``min_p``, ``typical_p``, ...) are not applied by the engine: a target whose config sets one is a
+        The target's other ``generation_config`` fields that ``generate`` turns into logits processors even when
+        greedy (``encoder_repetition_penalty``, ``exponential_decay_length_penalty``, ...; see
+        ``_GENERATION_FIELDS``; the ones above are applied), beam search and guidance, and when sampling its other
+        warpers (``min_p``, ``typical_p``, ...) are not applied by the engine: a target whose config sets one is a
         ``ValueError`` naming it (its output would silently differ from ``generate``'s).
         """
         check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
@@ -1462,8 +1476,9 @@ class SpeculativeDecoder:
                 )
         _check_generation_config(self.target, temperature > 0, min(len(row) for row in rows))
         penalty = self._repetition_penalty(repetition_penalty)
-        rules = self._logit_rules(min_new_tokens)
         eos = self._eos_ids(eos_token_id)
+        rules = self._logit_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids, sequence_bias,
+                                  forced_eos_token_id, eos)
         if pad_token_id is None:
             pad_token_id = self._config_value("pad_token_id")
         if pad_token_id is None:
@@ -1566,7 +1581,26 @@ class SpeculativeDecoder:
         penalty = check_number(name, penalty, low=0.0, low_inclusive=False)
         return None if penalty == 1.0 else penalty
 
-    def _logit_rules(self, min_new_tokens) -> tuple[int | None, int, list[int], list[int]]:
+    def _logit_rules(self, min_new_tokens, no_repeat_ngram_size=None, bad_words_ids=None, sequence_bias=None,
+                     forced_eos_token_id=None, eos=()) -> "_LogitRules":
+        """The logits processors to apply: each argument, else the target's generation config's value."""
+        def config(name, value):  # (name for errors, value): the argument, else the generation config's
+            if value is None:
+                return f"target.generation_config.{name}", self._config_value(name)
+            return name, value
+
+        ngram = check_ngram_size(*config("no_repeat_ngram_size", no_repeat_ngram_size))
+        bias_name, bias = config("sequence_bias", sequence_bias)
+        bad_name, bad = config("bad_words_ids", bad_words_ids)
+        tokens = None
+        if bias or bad:
+            tokens = TokenSequenceRules(bias, bad, eos, self.vocab_size, self.device, bias_name, bad_name)
+            tokens = tokens if tokens.biases or tokens.bans else None
+        forced_name, forced = config("forced_eos_token_id", forced_eos_token_id)
+        forced = self._token_list(forced_name, forced)
+        return _LogitRules(*self._eos_bounds(min_new_tokens), ngram, tokens, forced)
+
+    def _eos_bounds(self, min_new_tokens) -> tuple[int | None, int, list[int], list[int]]:
         """``(min_new_tokens, min_length, suppress_tokens, begin_suppress_tokens)``: the argument, else the target's
         generation config (None, 0 and empty lists where unset)."""
         if min_new_tokens is None:
@@ -1589,25 +1623,49 @@ class SpeculativeDecoder:
     def _eos_ids(self, eos_token_id) -> list[int]:
         if eos_token_id is None:
             eos_token_id = self._config_value("eos_token_id")
-        if eos_token_id is None:
+        return self._token_list("eos_token_id", eos_token_id, vocab_bound=False)
+
+    def _token_list(self, name: str, ids, vocab_bound: bool = True) -> list[int]:
+        """One token id or a list (or tensor) of them, as a list (``None``: empty)."""
+        if ids is None:
             return []
-        if isinstance(eos_token_id, torch.Tensor):
-            eos_token_id = eos_token_id.flatten().tolist()
-        if not isinstance(eos_token_id, (list, tuple)):  # one id: a Python or NumPy int
-            eos_token_id = [eos_token_id]
-        return [check_int("eos_token_id", token, low=0) for token in eos_token_id]
+        if isinstance(ids, torch.Tensor):
+            ids = ids.flatten().tolist()
+        if not isinstance(ids, (list, tuple)):  # one id: a Python or NumPy int
+            ids = [ids]
+        ids = [check_int(name, token, low=0) for token in ids]
+        if vocab_bound and any(token >= self.vocab_size for token in ids):
+            raise ValueError(f"{name} must hold token ids in [0, {self.vocab_size}), got {max(ids)}")
+        return ids
+
+
+@dataclass
+class _LogitRules:
+    """The logits processors ``generate`` would apply besides the repetition penalty (see ``generate``)."""
+    min_new_tokens: int | None = None
+    min_length: int = 0
+    suppress: list[int] = field(default_factory=list)
+    begin_suppress: list[int] = field(default_factory=list)
+    no_repeat_ngram_size: int = 0
+    token_sequences: TokenSequenceRules | None = None
+    forced_eos: list[int] = field(default_factory=list)
+
+    @property
+    def tail_width(self) -> int:
+        """How many of each node's last tokens the rules read (0: none)."""
+        return max(self.no_repeat_ngram_size, 0 if self.token_sequences is None else self.token_sequences.width)
 
 
 # generation_config fields with which target.generate's output is not the plain argmax / filtered sampling that the
-# engine reproduces (repetition_penalty, min_new_tokens, min_length, suppress_tokens and begin_suppress_tokens
-# excepted: the engine applies them): logits processors (greedy and sampling;
+# engine reproduces (repetition_penalty, min_new_tokens, min_length, suppress_tokens, begin_suppress_tokens,
+# no_repeat_ngram_size, bad_words_ids, sequence_bias and forced_eos_token_id excepted: the engine applies them):
+# logits processors (greedy and sampling;
 # the encoder_* ones act on a decoder-only model's prompt), beam search / guidance, and the warpers generate
 # applies when sampling besides temperature / top-k / top-p. Each maps to its neutral value (None and empty lists
 # are neutral for all).
 _GENERATION_FIELDS = {
-    "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "no_repeat_ngram_size": 0,
-    "bad_words_ids": None, "forced_eos_token_id": None,
-    "sequence_bias": None, "exponential_decay_length_penalty": None, "num_beams": 1, "guidance_scale": 1.0,
+    "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
+    "exponential_decay_length_penalty": None, "num_beams": 1, "guidance_scale": 1.0,
     "watermarking_config": None,
 }
 _SAMPLING_FIELDS = {"min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
@@ -1642,9 +1700,9 @@ def repetition_penalized(logits: torch.Tensor, penalty: float, seen: torch.Tenso
 
 def _check_generation_config(target: torch.nn.Module, sampling: bool, shortest_prompt: int) -> None:
     """A ``ValueError`` naming the target's ``generation_config`` fields that would make ``target.generate``'s
-    output differ from the engine's (which applies none of them), e.g. ``no_repeat_ngram_size``: generate applies
-    them even with ``do_sample=False``. ``forced_bos_token_id`` only acts on a one-token prompt (generate forces
-    the token after it)."""
+    output differ from the engine's (which applies none of them), e.g. ``exponential_decay_length_penalty``:
+    generate applies them even with ``do_sample=False``. ``forced_bos_token_id`` only acts on a one-token prompt
+    (generate forces the token after it)."""
     config = getattr(target, "generation_config", None)
     if config is None:
         return
@@ -1661,7 +1719,7 @@ def _check_generation_config(target: torch.nn.Module, sampling: bool, shortest_p
             f"the target's generation_config sets {settings}: target.generate applies "
             f"{'it' if len(active) == 1 else 'them'} (also when greedy), the speculative engine does not, so its "
             f"output would differ; set {'it' if len(active) == 1 else 'them'} to the neutral value on "
-            f"target.generation_config (e.g. no_repeat_ngram_size=0, others None) to decode without"
+            f"target.generation_config (e.g. encoder_repetition_penalty=1.0, others None) to decode without"
         )
 
 
@@ -1683,7 +1741,7 @@ class _Generation:
 
     def __init__(self, engine: SpeculativeDecoder, rows: list[list[int]], max_new_tokens, eos, sampling,
                  temperature, top_k, top_p, generator, timer, step_callback, penalty=None, streamer=None,
-                 rules=(None, 0, [], [])):
+                 rules: _LogitRules | None = None):
         self.engine = engine
         self.drafter = engine._drafter
         self.rows = [list(row) for row in rows]
@@ -1703,17 +1761,25 @@ class _Generation:
         self.accept_lengths: list[list[int]] = [[] for _ in rows]
         self.done = [False] * self.batch
         self.num_layers = 0
+        rules = _LogitRules() if rules is None else rules
+        self.rules = rules
+        device = engine.device
         # The repetition penalty: seen[b, v] says whether token v is among sequence b's committed tokens.
         self.penalty = penalty
         self.seen = None
         if penalty is not None:
-            self.seen = torch.zeros(self.batch, engine.vocab_size, dtype=torch.bool, device=engine.device)
-            self._see(self.rows)
+            self.seen = torch.zeros(self.batch, engine.vocab_size, dtype=torch.bool, device=device)
             self.drafter = _PenalizedDrafter(self.drafter, self._penalize_draft)
+        # no_repeat_ngram_size: history[b] holds sequence b's committed tokens, -1 after them.
+        self.history = None
+        if rules.no_repeat_ngram_size:
+            capacity = max(self.prompt_lens) + max_new_tokens + engine.tree_depth + 1
+            self.history = torch.full((self.batch, capacity), -1, dtype=torch.int64, device=device)
+        self._commit([0] * self.batch, self.rows)
         # Banned tokens: EOS at positions before eos_until[b] (min_new_tokens / min_length), the suppressed ids
-        # everywhere, the begin-suppressed ids at the first new token.
-        min_new_tokens, min_length, suppress, begin_suppress = rules
-        device = engine.device
+        # everywhere, the begin-suppressed ids at the first new token; forced EOS at position forced_at[b].
+        min_new_tokens, min_length, suppress, begin_suppress = (rules.min_new_tokens, rules.min_length,
+                                                                rules.suppress, rules.begin_suppress)
         # generate: a min_new_tokens that is set (0 included) replaces min_length by prompt length + min_new_tokens.
         until = [length - 1 + (min_length - length if min_new_tokens is None else min_new_tokens)
                  for length in self.prompt_lens]
@@ -1723,6 +1789,11 @@ class _Generation:
         self.eos_ids = int64_to_device(sorted(eos), device) if needed else None
         self.suppress = int64_to_device(suppress, device) if suppress else None
         self.begin_suppress = int64_to_device(begin_suppress, device) if begin_suppress else None
+        # generate forces the EOS ids at max_length - 1 = prompt + max_new_tokens - 1 tokens: the node at position
+        # prompt + max_new_tokens - 2 predicts the max_new_tokens-th new token.
+        self.forced_at_rows = [length + max_new_tokens - 2 for length in self.prompt_lens]
+        self.forced_at = int64_to_device(self.forced_at_rows, device) if rules.forced_eos else None
+        self.forced_eos = int64_to_device(rules.forced_eos, device) if rules.forced_eos else None
 
     # -- target ----------------------------------------------------------------------------------
 
@@ -1749,39 +1820,74 @@ class _Generation:
         seen = self.seen.view(self.seen.shape[0], *([1] * (logits.dim() - 2)), -1)
         return torch.where(seen, _penalized_values(logits, self.penalty), logits)
 
-    def _see(self, tokens: list[list[int]]) -> None:
-        """Mark each batch row's ``tokens`` (host ints, one list per row of ``seen``) as held by its sequence."""
+    def _commit(self, starts: list[int], tokens: list[list[int]]) -> None:
+        """Record each batch row's new committed ``tokens`` (host ints, one list per batch row, the first at
+        position ``starts[row]``) in the device state the rules read (``seen``, ``history``): one copy."""
+        if self.seen is None and self.history is None:
+            return
         rows = [row for row, row_tokens in enumerate(tokens) for _ in row_tokens]
-        flat = int64_to_device(rows + [token for row_tokens in tokens for token in row_tokens], self.engine.device)
-        self.seen[flat[: len(rows)], flat[len(rows):]] = True
+        positions = [start + k for start, row_tokens in zip(starts, tokens) for k in range(len(row_tokens))]
+        flat = int64_to_device(rows + positions + [token for row_tokens in tokens for token in row_tokens],
+                               self.engine.device)
+        rows, positions, values = flat.view(3, -1).unbind(0)
+        if self.seen is not None:
+            self.seen[rows, values] = True
+        if self.history is not None:
+            self.history[rows, positions] = values
 
-    def _banned(self, logits: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        """``logits [B, T, V]`` (this step's own tensor: written in place) with the banned tokens at -inf: the
-        suppressed ids, the begin-suppressed ids at the first new token (the prefill: ``positions`` None), EOS at
-        nodes whose position ``[B, T]`` is before ``eos_until`` (fewer new tokens than required before the one this
-        node predicts; skipped once every sequence's root is past its bound, known on the host)."""
-        if self.suppress is not None:
-            logits.index_fill_(-1, self.suppress, -math.inf)
-        if positions is None and self.begin_suppress is not None:
-            logits.index_fill_(-1, self.begin_suppress, -math.inf)
-        if self.eos_until is None:
-            return logits
+    def _tails(self, tree: TreeSpec, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The last tokens of every node's sequence that the rules read (:func:`node_tails`), or None."""
+        width = self.rules.tail_width
+        if not width:
+            return None
+        committed = [([-1] * width + self.rows[row])[-width:] for row in self.active]
+        committed = int64_to_device([token for row in committed for token in row], self.engine.device)
+        return node_tails(tree, tokens, committed.view(self.batch, width), width)
+
+    def _banned(self, logits: torch.Tensor, positions: torch.Tensor | None, tree: TreeSpec, tokens: torch.Tensor,
+                tails: torch.Tensor | None) -> torch.Tensor:
+        """``logits [B, T, V]`` (this step's own tensor: written in place) with the banned tokens at -inf, in
+        ``generate``'s order: repeated n-grams, bad words, EOS at nodes whose position ``[B, T]`` is before
+        ``eos_until`` (fewer new tokens than required before the one this node predicts), the forced EOS at
+        ``forced_at`` (every other token -inf, the EOS ids 0), the suppressed ids, the begin-suppressed ids at the
+        first new token (the prefill: ``positions`` None). The position rules are skipped on the host when no node
+        can reach their bound."""
         roots = [len(self.rows[row]) - 1 for row in self.active]
-        if any(root < self.eos_until_rows[row] for root, row in zip(roots, self.active)):
-            if positions is None:  # the prefill's root: the prompt's last position
-                positions = int64_to_device(roots, self.engine.device).view(-1, 1)
+        prefill = positions is None
+        if prefill and (self.eos_until is not None or self.forced_at is not None):  # the prompt's last position
+            positions = int64_to_device(roots, self.engine.device).view(-1, 1)
+        if self.rules.no_repeat_ngram_size:
+            history = self.history[:, : max(roots) + 1]
+            ban_repeated_ngrams(logits, self.rules.no_repeat_ngram_size, tails, history, tree, tokens)
+        if self.rules.token_sequences is not None and self.rules.token_sequences.bans:
+            self.rules.token_sequences.ban(logits, tails)
+        if self.eos_until is not None and any(root < self.eos_until_rows[row]
+                                              for root, row in zip(roots, self.active)):
             early = positions < self.eos_until[:, None]
             eos = logits.index_select(-1, self.eos_ids).masked_fill_(early[..., None], -math.inf)
             logits.index_copy_(-1, self.eos_ids, eos)
+        if self.forced_at is not None and any(root + tree.max_depth >= self.forced_at_rows[row]
+                                              for root, row in zip(roots, self.active)):
+            forced = positions == self.forced_at[:, None]
+            eos = logits.index_select(-1, self.forced_eos).masked_fill_(forced[..., None], 0.0)
+            logits.masked_fill_(forced[..., None], -math.inf).index_copy_(-1, self.forced_eos, eos)
+        if self.suppress is not None:
+            logits.index_fill_(-1, self.suppress, -math.inf)
+        if prefill and self.begin_suppress is not None:
+            logits.index_fill_(-1, self.begin_suppress, -math.inf)
         return logits
 
     def _verify(self, tree: TreeSpec, draft_tokens: torch.Tensor, logits: torch.Tensor,
                 positions: torch.Tensor | None = None) -> VerifyResult:
         """Verify a step's tree (the prefill's one-node tree when ``positions`` is None)."""
         impl = self.engine.impl
+        tails = self._tails(tree, draft_tokens)
+        sequences = self.rules.token_sequences
+        if sequences is not None and sequences.biases:
+            logits = sequences.biased(logits, tails)
         if self.penalty is not None:
             logits = repetition_penalized(logits, self.penalty, self.seen, tree, draft_tokens)
-        logits = self._banned(logits, positions)
+        logits = self._banned(logits, positions, tree, draft_tokens, tails)
         if self.sampling:
             return verify_sampling(tree, draft_tokens, logits, impl=impl, **self.sample_args)
         return verify_greedy(tree, draft_tokens, logits, impl=impl)
@@ -1834,10 +1940,9 @@ class _Generation:
             result = self._verify(engine._root_tree, roots, _pick_rows(logits, ends)[:, None].float())
             first = result.next_tokens
             first_tokens = [[token] for token in first.tolist()]
+            self._commit(self.prompt_lens, first_tokens)
             for row, tokens in enumerate(first_tokens):
                 self._emit(row, tokens)
-            if self.penalty is not None:
-                self._see(first_tokens)
             self._callback()
             kept = self._drop_finished()
             if all(self.done):
@@ -1873,11 +1978,10 @@ class _Generation:
                 # The prefix lengths the target's tree attention used (created once per forward).
                 cache_lens = starts if self.ragged else context.cache_lens(1, root_pos[0], device)
                 self._compact(result, cache_lens, root_pos, new_tokens)
+            self._commit([pos + 1 for pos in root_pos], new_tokens)
             for row, tokens in zip(self.active, new_tokens):
                 self.accept_lengths[row].append(len(tokens) - 1)
                 self._emit(row, tokens)
-            if self.penalty is not None:
-                self._see(new_tokens)
             if not self.ragged and self.done[0] and self.cache.get_seq_length() > len(self.rows[0]) - 1:
                 # Drafts accepted past an EOS / the token budget were cut: keep the cache consistent.
                 self.cache.crop(len(self.rows[0]) - 1 - self.cache.get_seq_length())
@@ -1911,8 +2015,12 @@ class _Generation:
         self.batch = len(self.active)
         if self.seen is not None:
             self.seen = self.seen[index]
+        if self.history is not None:
+            self.history = self.history[index]
         if self.eos_until is not None:
             self.eos_until = self.eos_until[index]
+        if self.forced_at is not None:
+            self.forced_at = self.forced_at[index]
         _select_cache_rows(self.cache, index)
         committed = max(len(self.rows[row]) - 1 for row in self.active)
         if self.cache.get_seq_length() > committed:

@@ -195,7 +195,8 @@ def _check_engine(ns, given):
     assert len(out.accept_lengths) == out.num_target_forwards - 1  # the prefill verifies nothing
     assert new_tokens <= sum(int(n) + 1 for n in out.accept_lengths) + 1
     target = given["target"]
-    for name, extra in (("penalized", dict(repetition_penalty=1.1)), ("streamed", {})):  # as generate decodes
+    no_repeats = dict(no_repeat_ngram_size=2, bad_words_ids=[[7, 8]])
+    for name, extra in (("penalized", dict(repetition_penalty=1.1)), ("streamed", {}), ("no_repeats", no_repeats)):
         expected = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=32,
                                    pad_token_id=0, **extra)
         assert torch.equal(ns[name].sequences, expected), name

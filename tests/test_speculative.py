@@ -488,16 +488,17 @@ def test_eos_as_first_token_and_max_new_tokens_one():
 
 
 @pytest.mark.parametrize("field, value, sampling", [
-    ("encoder_repetition_penalty", 1.5, False), ("bad_words_ids", [[3]], False), ("sequence_bias", [[[3], 1.0]], False),
-    ("no_repeat_ngram_size", 2, False), ("num_beams", 2, False), ("min_p", 0.05, True),
-    ("forced_eos_token_id", 0, False), ("forced_bos_token_id", 0, False), ("encoder_no_repeat_ngram_size", 2, False),
+    ("encoder_repetition_penalty", 1.5, False), ("exponential_decay_length_penalty", (2, 1.5), False),
+    ("num_beams", 2, False), ("min_p", 0.05, True), ("forced_bos_token_id", 0, False),
+    ("encoder_no_repeat_ngram_size", 2, False),
 ])
 def test_generation_config_processors_the_engine_does_not_apply_are_refused(field, value, sampling):
     """generate applies these generation_config fields (all but min_p even with do_sample=False; the encoder_* ones
     act on a decoder-only model's prompt), the engine does not: a ValueError naming the field, instead of an output
     that silently differed from generate's. Neutral values are accepted, and a sampling-only field does not stop
     greedy decoding. A token id of 0 is a setting, not a neutral value; forced_bos_token_id acts (and is refused)
-    on a one-token prompt only. (repetition_penalty is applied: see the repetition-penalty tests.)"""
+    on a one-token prompt only. (repetition_penalty, no_repeat_ngram_size, bad_words_ids, sequence_bias, ... are
+    applied: see their tests.)"""
     target, draft = models("qwen2")
     prompt = prompts(320, [1 if field == "forced_bos_token_id" else 5], seed=8)[0]
     engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
@@ -752,7 +753,8 @@ def test_min_new_tokens_in_a_batch_and_when_sampling(monkeypatch):
     assert _sequence_sampling_pvalue(chain, prompt, expected, samples, temperature, top_k, seed=0, **kwargs) > 1e-3
     real = speculative._Generation._banned
     monkeypatch.setattr(speculative._Generation, "_banned",
-                        lambda self, logits, positions: logits if positions is not None else real(self, logits, None))
+                        lambda self, logits, positions, *tree: logits if positions is not None
+                        else real(self, logits, None, *tree))
     assert _sequence_sampling_pvalue(chain, prompt, expected, samples // 2, temperature, top_k, seed=1, **kwargs) < 1e-3
 
 

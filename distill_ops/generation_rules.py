@@ -1,0 +1,209 @@
+"""transformers' token-sequence logits processors at every node of a draft tree.
+
+``generate`` applies ``no_repeat_ngram_size``, ``bad_words_ids`` and ``sequence_bias`` from the sequence a token
+would extend. In a verification step, node ``i`` of the tree predicts the token after its own sequence: the
+committed tokens (the root is the last of them) and then the drafts on the path from the root to ``i``. These
+helpers apply each processor to every node row of the target's ``[B, T, V]`` logits from that node's sequence, on
+the device, with no host read: a node's last ``width`` tokens come from its ancestors (``tree.parents``) and, past
+the root, from each sequence's last committed tokens.
+
+Costs per step: O(B·T·width) for the node tails, O(B·T·(L + T)·n) for the n-gram rule over ``L`` committed tokens,
+O(B·T·E·m) for ``E`` biased sequences of ``m`` tokens, and one ``[B, T, V + 1]`` bool (n-grams) or fp32 ``[B, T, V]``
+(multi-token biases) buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ._utils import check_int, check_number
+from .tree import TreeSpec
+
+
+def node_tails(tree: TreeSpec, tokens: torch.Tensor, committed_tail: torch.Tensor, width: int) -> torch.Tensor:
+    """The last ``width`` tokens of every node's sequence, ``[B, T, width]`` int64, oldest first, ``-1`` before the
+    sequence's start.
+
+    ``tokens [B, T]``: the tree's tokens (node 0, the root, is the last committed token). ``committed_tail
+    [B, width]``: each sequence's last ``width`` committed tokens, oldest first, ``-1`` padded on the left."""
+    batch, num_nodes = tokens.shape
+    parents = tree.parents.expand(batch, num_nodes)
+    depth = tree.depth.expand(batch, num_nodes)
+    node = torch.arange(num_nodes, device=tokens.device).expand(batch, num_nodes)
+    columns = []
+    for distance in range(width):  # the token `distance` places before the node's own one
+        on_tree = tokens.gather(1, node.clamp(min=0))
+        # Past the root: committed token root - (distance - depth), at column width - 1 - (distance - depth) >= 0.
+        before_root = committed_tail.gather(1, (width - 1 - distance + depth).clamp(max=width - 1))
+        columns.append(torch.where(depth >= distance, on_tree, before_root))
+        node = parents.gather(1, node.clamp(min=0))
+    return torch.stack(columns[::-1], dim=-1)
+
+
+def ban_repeated_ngrams(logits: torch.Tensor, size: int, tails: torch.Tensor, history: torch.Tensor,
+                        tree: TreeSpec, tokens: torch.Tensor) -> torch.Tensor:
+    """transformers' ``NoRepeatNGramLogitsProcessor`` at every node: the token after node ``i`` is -inf where it
+    would complete an n-gram (``n = size``) that node ``i``'s sequence already holds. In place on ``logits
+    [B, T, V]``.
+
+    ``history [B, L]``: the committed tokens, ``-1`` past each sequence's length. ``tails``: :func:`node_tails` of
+    width >= ``size``. A window that reaches before a sequence's start or past its committed end holds a ``-1``:
+    it matches no node's n-gram prefix (a node of ``size - 1`` tokens or more has none; a shorter one has fewer
+    ``-1`` in its prefix than such a window), so a sequence of fewer than ``size`` tokens bans nothing, as in
+    ``generate``."""
+    batch, num_nodes, vocab = logits.shape
+    width = tails.shape[-1]
+    suffix = tails[..., width - size + 1:]  # [B, T, n - 1]: the n-gram prefix that the next token would complete
+    banned = torch.zeros(batch, num_nodes, vocab + 1, dtype=torch.bool, device=logits.device)
+    if history.shape[1] >= size:  # the n-grams among the committed tokens
+        windows = history.unfold(1, size, 1)  # [B, W, n]
+        match = (windows[:, None, :, :-1] == suffix[:, :, None, :]).all(-1)
+        last = windows[..., -1]
+        banned.scatter_(2, torch.where(match & (last >= 0)[:, None, :], last[:, None, :], vocab), True)
+    if num_nodes > 1:  # the n-grams that end at a draft on the node's path (the root's one is committed)
+        windows = tails[..., width - size:]  # [B, T, n]: the n-gram ending at each node
+        match = (windows[:, None, :, :-1] == suffix[:, :, None, :]).all(-1)
+        match &= tree.dense_ancestors() & (tree.depth > 0)[:, None, :]
+        banned.scatter_(2, torch.where(match, tokens[:, None, :], vocab), True)
+    return logits.masked_fill_(banned[..., :vocab], -math.inf)
+
+
+@dataclass
+class _Group:
+    """The biased sequences of one length ``m + 1``: their first ``m`` tokens, last tokens and biases."""
+    prefixes: torch.Tensor  # int64 [E, m]
+    last: torch.Tensor  # int64 [E]
+    bias: torch.Tensor  # fp32 [E]
+
+
+class TokenSequenceRules:
+    """``sequence_bias`` and ``bad_words_ids`` as ``generate`` applies them (``SequenceBiasLogitsProcessor``, then,
+    after the repetition penalty, ``NoBadWordsLogitsProcessor``), at every tree node.
+
+    A one-token entry acts on every node; a longer one on the nodes whose sequence ends with its first tokens.
+    ``sequence_bias``: a list of ``[token ids, bias]`` pairs or a dict ``{tuple of ids: bias}``; biases on the same
+    last token add up. ``bad_words_ids``: a list of id lists, each banned (-inf) as its last token after the others;
+    a one-token entry equal to an EOS id is dropped, as ``generate`` drops it."""
+
+    def __init__(self, sequence_bias, bad_words_ids, eos: Sequence[int], vocab: int, device: torch.device,
+                 sequence_bias_name: str = "sequence_bias", bad_words_name: str = "bad_words_ids"):
+        biases = _sequence_bias_entries(sequence_bias_name, sequence_bias, vocab)
+        bad = [tuple(ids) for ids in _token_lists(bad_words_name, bad_words_ids, vocab)
+               if not (len(ids) == 1 and ids[0] in eos)]
+        self.device = device
+        self.bias_single = None
+        single = [(ids[0], value) for ids, value in biases.items() if len(ids) == 1]
+        if single:
+            self.bias_single = torch.zeros(vocab, dtype=torch.float32)
+            self.bias_single[[token for token, _ in single]] = torch.tensor([value for _, value in single])
+            self.bias_single = self.bias_single.to(device)
+        self.bias_groups = _groups([(ids, value) for ids, value in biases.items() if len(ids) > 1], device)
+        single_bad = sorted({ids[0] for ids in bad if len(ids) == 1})
+        self.bad_single = torch.tensor(single_bad, dtype=torch.int64, device=device) if single_bad else None
+        self.bad_groups = _groups([(ids, -math.inf) for ids in dict.fromkeys(bad) if len(ids) > 1], device)
+        lengths = [group.prefixes.shape[1] for group in self.bias_groups + self.bad_groups]
+        self.width = max(lengths, default=0)  # the node tail the longer entries need
+
+    @property
+    def biases(self) -> bool:
+        return self.bias_single is not None or bool(self.bias_groups)
+
+    @property
+    def bans(self) -> bool:
+        return self.bad_single is not None or bool(self.bad_groups)
+
+    def biased(self, logits: torch.Tensor, tails: torch.Tensor | None) -> torch.Tensor:
+        """fp32 ``logits [B, T, V]`` plus the sequence biases that apply at each node (a new tensor); ``generate``
+        adds one bias tensor, the sum of the entries that apply."""
+        if not self.bias_groups:
+            return logits.float() + self.bias_single
+        bias = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+        if self.bias_single is not None:
+            bias += self.bias_single
+        for group in self.bias_groups:
+            match = _matches(group, tails)
+            bias.index_add_(2, group.last, torch.where(match, group.bias, 0.0))
+        return logits.float() + bias
+
+    def ban(self, logits: torch.Tensor, tails: torch.Tensor | None) -> torch.Tensor:
+        """``logits`` with each bad word's last token at -inf where the node's sequence ends with its other tokens
+        (in place)."""
+        if self.bad_single is not None:
+            logits.index_fill_(-1, self.bad_single, -math.inf)
+        for group in self.bad_groups:
+            match = _matches(group, tails)  # [B, T, E]
+            hit = torch.zeros(*match.shape[:2], logits.shape[-1] + 1, dtype=torch.bool, device=logits.device)
+            hit.scatter_(2, torch.where(match, group.last, logits.shape[-1]), True)
+            logits.masked_fill_(hit[..., :-1], -math.inf)
+        return logits
+
+
+def _matches(group: _Group, tails: torch.Tensor) -> torch.Tensor:
+    """``[B, T, E]``: node ``i``'s sequence ends with the group's entry ``e`` prefix."""
+    length = group.prefixes.shape[1]
+    return (tails[..., tails.shape[-1] - length:][:, :, None, :] == group.prefixes).all(-1)
+
+
+def _groups(entries: list[tuple[tuple[int, ...], float]], device: torch.device) -> list[_Group]:
+    """Entries of two or more tokens grouped by length, in first-seen order (``generate``'s)."""
+    by_length: dict[int, list[tuple[tuple[int, ...], float]]] = {}
+    for ids, value in entries:
+        by_length.setdefault(len(ids), []).append((ids, value))
+    return [
+        _Group(
+            prefixes=torch.tensor([ids[:-1] for ids, _ in group], dtype=torch.int64, device=device),
+            last=torch.tensor([ids[-1] for ids, _ in group], dtype=torch.int64, device=device),
+            bias=torch.tensor([value for _, value in group], dtype=torch.float32, device=device),
+        )
+        for group in by_length.values()
+    ]
+
+
+def _token_ids(name: str, ids, vocab: int) -> tuple[int, ...]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or len(ids) == 0:
+        raise ValueError(f"{name} must be a non-empty list of token ids, got {ids!r}")
+    ids = tuple(check_int(name, token, low=0) for token in ids)
+    if max(ids) >= vocab:
+        raise ValueError(f"{name} must hold token ids in [0, {vocab}) (the target's vocabulary), got {max(ids)}")
+    return ids
+
+
+def _token_lists(name: str, value, vocab: int) -> list[tuple[int, ...]]:
+    """``bad_words_ids``: a list of non-empty token id lists (``None`` or empty: none)."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a list of token id lists, got {type(value).__name__}")
+    return [_token_ids(f"{name}[{index}]", ids, vocab) for index, ids in enumerate(value)]
+
+
+def _sequence_bias_entries(name: str, value, vocab: int) -> dict[tuple[int, ...], float]:
+    """``sequence_bias`` as a dict ``{ids: bias}`` (the last of repeated sequences wins, as in ``generate``)."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        pairs = []
+        for index, pair in enumerate(value):
+            if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+                raise ValueError(f"{name}[{index}] must be a [token ids, bias] pair, got {pair!r}")
+            pairs.append(tuple(pair))
+    else:
+        raise TypeError(f"{name} must be a list of [token ids, bias] pairs or a dict {{tuple of ids: bias}}, got "
+                        f"{type(value).__name__}")
+    entries = {}
+    for index, (ids, bias) in enumerate(pairs):
+        key = _token_ids(f"{name}[{index}] token ids", ids, vocab)
+        infinite = isinstance(bias, float) and bias in (math.inf, -math.inf)  # -inf bans, as in generate
+        entries[key] = bias if infinite else check_number(f"{name}[{index}] bias", bias)
+    return entries
+
+
+def check_ngram_size(name: str, value) -> int:
+    """``no_repeat_ngram_size``: an int >= 0 (0 and ``None``: off)."""
+    return check_int(name, 0 if value is None else value, low=0)

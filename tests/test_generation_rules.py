@@ -1,0 +1,237 @@
+"""no_repeat_ngram_size, bad_words_ids, sequence_bias and forced_eos_token_id in the speculative engine: each tree
+node's row equals transformers' own processor on that node's sequence, and greedy / sampled decoding equals
+``generate`` with the same options."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+)
+
+from distill_ops import SpeculativeDecoder
+from distill_ops.generation_rules import TokenSequenceRules, ban_repeated_ngrams, node_tails
+from distill_ops.tree import build_tree
+
+from .conftest import DEVICE
+from .test_speculative import (
+    DYNAMIC_TREE,
+    STATIC_TREE,
+    _node_path,
+    _sequence_distribution,
+    _sequence_sampling_pvalue,
+    make_head,
+    models,
+    prompts,
+    reference_generate,
+)
+
+
+def _random_trees(generator, vocab: int, batch: int, trials: int):
+    """Random trees (one per sequence, or shared) with random tokens and committed prefixes of 1 to 6 tokens (the
+    root last), over a small vocabulary so that n-grams and biased sequences repeat."""
+    def draw(high, size=()):
+        return torch.randint(0, high, size, generator=generator)
+
+    for trial in range(trials):
+        num_nodes = int(draw(16)) + 1
+        parents = [[-1] + [int(draw(i)) for i in range(1, num_nodes)] for _ in range(1 if trial % 2 else batch)]
+        tokens = draw(vocab, (batch, num_nodes))
+        committed = [draw(vocab, (int(draw(6)),)).tolist() + [int(tokens[b, 0])] for b in range(batch)]
+        sequences = [[committed[b] + [int(tokens[b, j]) for j in _node_path(parents[b % len(parents)], node)[1:]]
+                      for node in range(num_nodes)] for b in range(batch)]
+        logits = torch.randn(batch, num_nodes, vocab, generator=generator) * 3
+        yield build_tree(torch.tensor(parents), device=DEVICE), tokens.to(DEVICE), committed, sequences, logits
+
+
+def _tails(tree, tokens, committed, width):
+    rows = [([-1] * width + row)[-width:] for row in committed]
+    return node_tails(tree, tokens, torch.tensor(rows, device=DEVICE), width)
+
+
+def _processed(processor, sequence, row):
+    return processor(torch.tensor([sequence]), row.clone()[None])[0]
+
+
+def test_node_tails_are_the_last_tokens_of_each_nodes_sequence():
+    generator = torch.Generator().manual_seed(0)
+    for tree, tokens, committed, sequences, _ in _random_trees(generator, 5, 3, 10):
+        for width in (1, 3, 9):
+            tails = _tails(tree, tokens, committed, width).cpu()
+            for b, rows in enumerate(sequences):
+                for node, sequence in enumerate(rows):
+                    expected = ([-1] * width + sequence)[-width:]
+                    assert tails[b, node].tolist() == expected, (b, node, width)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_repeated_ngrams_ban_equals_transformers_processor_at_every_node(size):
+    """Every node row equals NoRepeatNGramLogitsProcessor on the node's sequence: n-grams among the committed
+    tokens, through the root, and along the node's path (a vocabulary of 4 makes all three kinds occur), none
+    banned below ``size`` tokens."""
+    generator = torch.Generator().manual_seed(size)
+    processor = NoRepeatNGramLogitsProcessor(size)
+    banned_somewhere = 0
+    for tree, tokens, committed, sequences, logits in _random_trees(generator, 4, 3, 40):
+        width = max(size, 2)
+        history = torch.full((len(committed), max(map(len, committed))), -1, dtype=torch.int64)
+        for b, row in enumerate(committed):
+            history[b, : len(row)] = torch.tensor(row)
+        got = logits.to(DEVICE)
+        ban_repeated_ngrams(got, size, _tails(tree, tokens, committed, width), history.to(DEVICE), tree, tokens)
+        got = got.cpu()
+        for b, rows in enumerate(sequences):
+            for node, sequence in enumerate(rows):
+                expected = _processed(processor, sequence, logits[b, node])
+                assert torch.equal(got[b, node], expected), (b, node, sequence)
+                banned_somewhere += bool(torch.isinf(expected).any())
+    assert banned_somewhere > 20
+
+
+def test_sequence_bias_and_bad_words_equal_transformers_processors_at_every_node():
+    """Every node row equals SequenceBiasLogitsProcessor then NoBadWordsLogitsProcessor on the node's sequence:
+    one-token entries everywhere, longer ones where the sequence ends with their first tokens (one to three
+    tokens back, across the root), biases on one last token adding up; a one-token bad word equal to an EOS id is
+    dropped as generate drops it."""
+    vocab, eos = 5, 4
+    bias = [[[1], 2.5], [[2, 3], -1.5], [[0, 2, 3], 4.0], [[3, 3], 0.75], [[1, 0, 3], -2.0], [[0, 0, 0, 1], 1.25]]
+    bad = [[2], [4], [0, 1], [3, 2, 1], [1, 1]]
+    rules = TokenSequenceRules(bias, bad, [eos], vocab, torch.device(DEVICE))
+    assert rules.width == 3
+    biaser = SequenceBiasLogitsProcessor(bias)
+    banner = NoBadWordsLogitsProcessor(bad, eos_token_id=eos)
+    generator = torch.Generator().manual_seed(1)
+    matched = set()
+    for tree, tokens, committed, sequences, logits in _random_trees(generator, vocab, 3, 16):
+        tails = _tails(tree, tokens, committed, rules.width)
+        got = rules.ban(rules.biased(logits.to(DEVICE), tails), tails).cpu()
+        for b, rows in enumerate(sequences):
+            for node, sequence in enumerate(rows):
+                expected = _processed(banner, sequence, _processed(biaser, sequence, logits[b, node]))
+                assert torch.equal(got[b, node], expected), (b, node, sequence)
+                matched.update(tuple(entry[0]) for entry in bias if sequence[-len(entry[0]) + 1:] == entry[0][:-1]
+                               and len(entry[0]) > 1 and len(sequence) >= len(entry[0]) - 1)
+    assert len(matched) == 5  # every multi-token bias applied somewhere
+
+
+def _generate_both(engine, target, prompt, max_new, ours=None, theirs=None, config=None):
+    """The engine's and generate's greedy output with the given options (``config``: set on the target's
+    generation_config for both)."""
+    config = config or {}
+    before = {name: getattr(target.generation_config, name) for name in config}
+    for name, value in config.items():
+        setattr(target.generation_config, name, value)
+    try:
+        out = engine.generate(prompt, max_new_tokens=max_new, **(ours or {}))
+        expected = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                   max_new_tokens=max_new, pad_token_id=0, **(theirs or {}))
+    finally:
+        for name, value in before.items():
+            setattr(target.generation_config, name, value)
+    return out, expected
+
+
+@pytest.mark.parametrize("tree_kind", ["dynamic", "static", "chain"])
+@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
+def test_greedy_with_sequence_rules_equals_generate(draft_kind, tree_kind):
+    """Each option, as an argument and from the target's generation_config: token for token generate's output,
+    which differs from the output without it. The chain tree drafts with the target itself (``lm``), so whole
+    paths are accepted and every rule acts at deep tree nodes."""
+    target, draft_lm = models("llama")
+    draft = draft_lm if draft_kind == "lm" else make_head(target)
+    if tree_kind == "chain":
+        draft = target if draft_kind == "lm" else draft
+        tree = dict(tree=[[0] * depth for depth in range(1, 6)])
+    else:
+        tree = dict(tree=STATIC_TREE) if tree_kind == "static" else DYNAMIC_TREE
+    engine = SpeculativeDecoder(target, draft, impl="torch", **tree)
+    max_new = 24
+    changed = 0
+    # Prompts whose free run repeats a 2-gram and a 3-gram within the budget (the tiny target rarely does).
+    for prompt in [prompts(256, [length], seed=seed)[0] for length, seed in ((2, 17), (7, 25), (12, 29))]:
+        free = reference_generate(target, prompt, max_new, eos_token_id=[])[0, prompt.shape[1]:].tolist()
+        options = [
+            {"no_repeat_ngram_size": 1}, {"no_repeat_ngram_size": 2}, {"no_repeat_ngram_size": 3},
+            {"bad_words_ids": [[free[3]], free[5:7], free[8:11]]},
+            {"sequence_bias": [[[free[2]], -6.0], [free[4:6], -8.0], [free[9:12], 9.0], [[free[1], 7], 30.0]]},
+            {"sequence_bias": {tuple(free[6:8]): -10.0}, "repetition_penalty": 1.4},  # bias, then penalty
+            {"forced_eos_token_id": free[0]}, {"forced_eos_token_id": [free[0], 17]},
+        ]
+        for option in options:
+            for source in ("argument", "config"):
+                kwargs = {"eos_token_id": []}
+                if source == "argument":
+                    out, expected = _generate_both(engine, target, prompt, max_new, {**kwargs, **option},
+                                                   {**kwargs, **option})
+                else:
+                    out, expected = _generate_both(engine, target, prompt, max_new, kwargs, kwargs, option)
+                assert torch.equal(out.sequences, expected), (option, source, out.sequences, expected)
+            changed += expected[0, prompt.shape[1]:].tolist() != free
+    assert changed == 3 * len(options)
+
+
+def test_sequence_rules_with_triton_kernels_in_a_batch_and_bad_values():
+    """A left-padded batch with the Triton kernels: each row as generate alone; bad values are refused before
+    any forward, naming the option."""
+    from .test_speculative_batch import left_padded
+
+    target, draft = models("qwen2")
+    rows = prompts(320, [3, 9, 1, 6], seed=43)
+    ids, mask = left_padded(rows)
+    engine = SpeculativeDecoder(target, draft, impl="triton", **DYNAMIC_TREE)
+    options = dict(no_repeat_ngram_size=2, bad_words_ids=[[5, 6], [7]], sequence_bias=[[[8, 9], 3.0]],
+                   forced_eos_token_id=11, eos_token_id=[11])
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=14, pad_token_id=0, **options)
+    for b, prompt in enumerate(rows):
+        alone = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                max_new_tokens=14, pad_token_id=0, **options)[0, prompt.shape[1]:]
+        new = out.sequences[b, ids.shape[1]:]
+        assert torch.equal(new[: alone.shape[0]], alone), (b, new, alone)
+        assert alone[-1].item() == 11 and alone.shape[0] == 14  # the forced EOS ends every row at the budget
+    prompt = rows[0]
+    bad = [
+        (dict(no_repeat_ngram_size=-1), ValueError, "no_repeat_ngram_size must be >= 0, got -1"),
+        (dict(no_repeat_ngram_size=2.0), TypeError, "no_repeat_ngram_size must be an int"),
+        (dict(bad_words_ids=[[1], []]), ValueError, "bad_words_ids[1] must be a non-empty list of token ids"),
+        (dict(bad_words_ids=[[1, 320]]), ValueError, "bad_words_ids[0] must hold token ids in [0, 320)"),
+        (dict(bad_words_ids=5), TypeError, "bad_words_ids must be a list of token id lists, got int"),
+        (dict(sequence_bias=[[[1], 1.0, 2]]), ValueError, "sequence_bias[0] must be a [token ids, bias] pair"),
+        (dict(sequence_bias=[[[1], float("nan")]]), ValueError, "sequence_bias[0] bias must be"),
+        (dict(sequence_bias={(1, -2): 1.0}), ValueError, "sequence_bias[0] token ids must be >= 0, got -2"),
+        (dict(sequence_bias="ab"), TypeError, "sequence_bias must be a list of [token ids, bias] pairs"),
+        (dict(forced_eos_token_id=[3, 400]), ValueError, "forced_eos_token_id must hold token ids in [0, 320)"),
+    ]
+    for kwargs, error, message in bad:
+        with pytest.raises(error, match=re.escape(message)):
+            engine.generate(prompt, max_new_tokens=4, **kwargs)
+    target.generation_config.bad_words_ids = [[400]]
+    try:
+        with pytest.raises(ValueError, match=re.escape("target.generation_config.bad_words_ids[0] must hold")):
+            engine.generate(prompt, max_new_tokens=4)
+    finally:
+        target.generation_config.bad_words_ids = None
+
+
+def test_sampling_with_sequence_rules_is_lossless_chi_square(monkeypatch):
+    """Sampling with ``no_repeat_ngram_size=1`` (no token twice) and a two-token sequence bias: the first three
+    tokens follow generate's distribution with the same processors (exact, by enumeration of the target's
+    processed distributions); leaving out the n-grams that end at a node's path drafts fails the test."""
+    target, draft = models("llama")
+    prompt = prompts(256, [3], seed=5)[0]
+    first = reference_generate(target, prompt, 2, eos_token_id=[])[0, 3:].tolist()
+    options = dict(no_repeat_ngram_size=1, sequence_bias=[[first, 2.0]])
+    processors = [SequenceBiasLogitsProcessor([[first, 2.0]]), NoRepeatNGramLogitsProcessor(1)]
+
+    def process(logits, held, step):
+        for processor in processors:
+            logits = processor(torch.tensor([held]), logits[None])[0]
+        return logits
+
+    expected = _sequence_distribution(target, prompt, 3, 1.0, 4, process)
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    assert _sequence_sampling_pvalue(engine, prompt, expected, 1500, 1.0, 4, 0, eos_token_id=[], **options) > 1e-3
