@@ -69,8 +69,9 @@ def test_node_tails_are_the_last_tokens_of_each_nodes_sequence():
                     assert tails[b, node].tolist() == expected, (b, node, width)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
-def test_repeated_ngrams_ban_equals_transformers_processor_at_every_node(size):
+def test_repeated_ngrams_ban_equals_transformers_processor_at_every_node(size, dtype):
     """Every node row equals NoRepeatNGramLogitsProcessor on the node's sequence: n-grams among the committed
     tokens, through the root, and along the node's path (a vocabulary of 4 makes all three kinds occur), none
     banned below ``size`` tokens."""
@@ -82,7 +83,8 @@ def test_repeated_ngrams_ban_equals_transformers_processor_at_every_node(size):
         history = torch.full((len(committed), max(map(len, committed))), -1, dtype=torch.int64)
         for b, row in enumerate(committed):
             history[b, : len(row)] = torch.tensor(row)
-        got = logits.to(DEVICE)
+        logits = logits.to(dtype)
+        got = logits.to(DEVICE, copy=True)
         ban_repeated_ngrams(got, size, _tails(tree, tokens, committed, width), history.to(DEVICE), tree, tokens)
         got = got.cpu()
         for b, rows in enumerate(sequences):
@@ -93,13 +95,18 @@ def test_repeated_ngrams_ban_equals_transformers_processor_at_every_node(size):
     assert banned_somewhere > 20
 
 
-def test_sequence_bias_and_bad_words_equal_transformers_processors_at_every_node():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("one_token_biases", [True, False])
+def test_sequence_bias_and_bad_words_equal_transformers_processors_at_every_node(one_token_biases, dtype):
     """Every node row equals SequenceBiasLogitsProcessor then NoBadWordsLogitsProcessor on the node's sequence:
     one-token entries everywhere, longer ones where the sequence ends with their first tokens (one to three
-    tokens back, across the root), biases on one last token adding up; a one-token bad word equal to an EOS id is
-    dropped as generate drops it."""
+    tokens back, across the root), biases on one last token (3 ends four entries, 1 a one-token and a longer one)
+    adding up in generate's order; a one-token bad word equal to an EOS id is dropped as generate drops it. The
+    input logits are not modified; the result is fp32, as generate's processors see them."""
     vocab, eos = 5, 4
-    bias = [[[1], 2.5], [[2, 3], -1.5], [[0, 2, 3], 4.0], [[3, 3], 0.75], [[1, 0, 3], -2.0], [[0, 0, 0, 1], 1.25]]
+    bias = [[[1], 2.5], [[2, 3], -1.5], [[0, 2, 3], 4.0], [[3, 3], 0.75], [[1, 0, 3], -2.0], [[0, 0, 0, 1], 1.25],
+            [[4], 0.3]]
+    bias = bias if one_token_biases else [entry for entry in bias if len(entry[0]) > 1]
     bad = [[2], [4], [0, 1], [3, 2, 1], [1, 1]]
     rules = TokenSequenceRules(bias, bad, [eos], vocab, torch.device(DEVICE))
     assert rules.width == 3
@@ -109,10 +116,13 @@ def test_sequence_bias_and_bad_words_equal_transformers_processors_at_every_node
     matched = set()
     for tree, tokens, committed, sequences, logits in _random_trees(generator, vocab, 3, 16):
         tails = _tails(tree, tokens, committed, rules.width)
-        got = rules.ban(rules.biased(logits.to(DEVICE), tails), tails).cpu()
+        given = logits.to(dtype).to(DEVICE)
+        got = rules.ban(rules.biased(given, tails), tails).cpu()
+        assert got.dtype == torch.float32 and torch.equal(given.cpu(), logits.to(dtype))
         for b, rows in enumerate(sequences):
             for node, sequence in enumerate(rows):
-                expected = _processed(banner, sequence, _processed(biaser, sequence, logits[b, node]))
+                row = logits[b, node].to(dtype).float()
+                expected = _processed(banner, sequence, _processed(biaser, sequence, row))
                 assert torch.equal(got[b, node], expected), (b, node, sequence)
                 matched.update(tuple(entry[0]) for entry in bias if sequence[-len(entry[0]) + 1:] == entry[0][:-1]
                                and len(entry[0]) > 1 and len(sequence) >= len(entry[0]) - 1)
