@@ -1384,6 +1384,9 @@ class SpeculativeDecoder:
         pad_token_id: int | None = None,
         step_callback: Callable[[torch.Tensor, object], None] | None = None,
         streamer: object | None = None,
+        stopping_criteria: Sequence[Callable] | None = None,
+        stop_strings: str | Sequence[str] | None = None,
+        tokenizer: object | None = None,
     ) -> SpeculativeOutput:
         """Generate up to ``max_new_tokens`` tokens after each prompt of ``input_ids``.
 
@@ -1441,6 +1444,15 @@ class SpeculativeDecoder:
                 the CPU), then each step's emitted tokens as one ``[1, n]`` CPU tensor (as transformers' assisted
                 decoding puts them; up to ``depth + 1`` tokens per step), and ``end()`` is called once the last
                 token is out.
+            stopping_criteria: transformers stopping criteria (a ``StoppingCriteriaList`` or a list of
+                ``StoppingCriteria`` / callables ``(input_ids, scores) -> bool tensor``), checked as ``generate``
+                checks them: after every new token, on the sequence so far (``[1, n]`` on the target's device, each
+                sequence alone; ``scores`` is None). A sequence ends with the first token after which one holds,
+                that token kept, also inside an accepted path (transformers' assisted decoding checks once per
+                step, after all of the step's tokens). Costs one device-to-host read per step and sequence.
+            stop_strings, tokenizer: ``generate``'s stop strings (``None``: the target's
+                ``generation_config.stop_strings``), checked as above with transformers' ``StopStringCriteria``,
+                which needs the ``tokenizer``.
 
         Each sequence is decoded as if it were alone (see :class:`_Generation` for how a batch shares the
         forwards). Returns a :class:`SpeculativeOutput`.
@@ -1485,13 +1497,14 @@ class SpeculativeDecoder:
             pad_token_id = eos[0] if eos else 0
         sampling = temperature > 0
         models = [self.target] if isinstance(self._drafter, _FSPADDrafter) else [self.target, self.draft]
+        criteria = _stopping_criteria(stopping_criteria, stop_strings, tokenizer, self._config_value("stop_strings"))
         timer = _Timer(self.device, self.profile)
         start = time.perf_counter()
         if streamer is not None:
             streamer.put(input_ids.cpu())
         with torch.inference_mode(), _attention_switched(models):
             state = _Generation(self, rows, max_new_tokens, set(eos), sampling, temperature, top_k, top_p,
-                                generator, timer, step_callback, penalty, streamer, rules)
+                                generator, timer, step_callback, penalty, streamer, rules, criteria)
             state.run()
         if streamer is not None:
             streamer.end()
@@ -1671,6 +1684,32 @@ _GENERATION_FIELDS = {
 _SAMPLING_FIELDS = {"min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
 
 
+def _stopping_criteria(criteria, stop_strings, tokenizer, config_stop_strings):
+    """transformers' ``StoppingCriteriaList`` of the given criteria and, for ``stop_strings`` (else the generation
+    config's), a ``StopStringCriteria``; None when there are none."""
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    if criteria is None:
+        criteria = []
+    if isinstance(criteria, (str, bytes)) or not isinstance(criteria, Sequence):
+        raise TypeError(f"stopping_criteria must be a StoppingCriteriaList or a list of stopping criteria, got "
+                        f"{type(criteria).__name__}")
+    for index, item in enumerate(criteria):
+        if not callable(item):
+            raise TypeError(f"stopping_criteria[{index}] must be callable (a transformers StoppingCriteria), got "
+                            f"{type(item).__name__}")
+    criteria = StoppingCriteriaList(criteria)
+    name = "stop_strings"
+    if stop_strings is None:
+        name, stop_strings = "target.generation_config.stop_strings", config_stop_strings
+    if stop_strings:
+        if tokenizer is None:
+            raise ValueError(f"{name} needs the target's tokenizer: pass tokenizer= to generate (as to "
+                             f"transformers' generate)")
+        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+    return criteria if criteria else None
+
+
 def _penalized_values(x: torch.Tensor, penalty: float) -> torch.Tensor:
     """transformers' repetition-penalty rule on every value: divided by ``penalty`` if positive, else multiplied."""
     return torch.where(x < 0, x * penalty, x / penalty)
@@ -1741,7 +1780,7 @@ class _Generation:
 
     def __init__(self, engine: SpeculativeDecoder, rows: list[list[int]], max_new_tokens, eos, sampling,
                  temperature, top_k, top_p, generator, timer, step_callback, penalty=None, streamer=None,
-                 rules: _LogitRules | None = None):
+                 rules: _LogitRules | None = None, criteria=None):
         self.engine = engine
         self.drafter = engine._drafter
         self.rows = [list(row) for row in rows]
@@ -1756,6 +1795,7 @@ class _Generation:
         self.timer = timer
         self.step_callback = step_callback
         self.streamer = streamer
+        self.criteria = criteria
         self.cache = None
         self.num_target_forwards = 0
         self.accept_lengths: list[list[int]] = [[] for _ in rows]
@@ -1893,8 +1933,8 @@ class _Generation:
         return verify_greedy(tree, draft_tokens, logits, impl=impl)
 
     def _emit(self, row: int, new_tokens: list[int]) -> list[int]:
-        """Append generated tokens to sequence ``row``, truncated at the first EOS and at ``max_new_tokens``
-        like ``generate``."""
+        """Append generated tokens to sequence ``row``, truncated at the first EOS, at ``max_new_tokens`` and after
+        the first token at which a stopping criterion holds, like ``generate``."""
         tokens = self.rows[row]
         budget = self.max_new_tokens - (len(tokens) - self.prompt_lens[row])
         emitted = []
@@ -1903,6 +1943,11 @@ class _Generation:
             if token in self.eos:
                 self.done[row] = True
                 break
+        if self.criteria is not None and emitted:
+            stop = self._first_stop(tokens, emitted)
+            if stop is not None:
+                emitted = emitted[: stop + 1]
+                self.done[row] = True
         tokens.extend(emitted)
         if len(tokens) - self.prompt_lens[row] >= self.max_new_tokens:
             self.done[row] = True
@@ -1910,6 +1955,15 @@ class _Generation:
             with torch.inference_mode(False):  # an ordinary tensor, as generate streams (not an inference tensor)
                 self.streamer.put(torch.tensor([emitted], dtype=torch.int64))
         return emitted
+
+    def _first_stop(self, tokens: list[int], emitted: list[int]) -> int | None:
+        """The index of the first of ``emitted`` after which the stopping criteria hold on ``tokens + emitted[:i +
+        1]`` (one criteria call per token, each on a view of one device copy; one device-to-host read), or None."""
+        device = self.engine.device
+        ids = int64_to_device(tokens + emitted, device).view(1, -1)
+        flags = [self.criteria(ids[:, : len(tokens) + index + 1], None) for index in range(len(emitted))]
+        flags = torch.stack([torch.as_tensor(flag, device=device).reshape(-1).any() for flag in flags]).tolist()
+        return flags.index(True) if True in flags else None
 
     def _callback(self) -> None:
         if self.step_callback is None:
