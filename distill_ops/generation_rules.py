@@ -45,10 +45,11 @@ def node_tails(tree: TreeSpec, tokens: torch.Tensor, committed_tail: torch.Tenso
 
 
 def ban_repeated_ngrams(logits: torch.Tensor, size: int, tails: torch.Tensor, history: torch.Tensor,
-                        tree: TreeSpec, tokens: torch.Tensor) -> torch.Tensor:
+                        tree: TreeSpec | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' ``NoRepeatNGramLogitsProcessor`` at every node: the token after node ``i`` is -inf where it
     would complete an n-gram (``n = size``) that node ``i``'s sequence already holds. In place on ``logits
-    [B, T, V]``.
+    [B, T, V]``. Without ``tree``: only the n-grams of ``history`` (``EncoderNoRepeatNGramLogitsProcessor``, whose
+    "encoder input" is a decoder-only model's prompt, when ``history`` is the prompt).
 
     ``history [B, L]``: the committed tokens, ``-1`` past each sequence's length. ``tails``: :func:`node_tails` of
     width >= ``size``. A window that reaches before a sequence's start or past its committed end holds a ``-1``:
@@ -62,12 +63,21 @@ def ban_repeated_ngrams(logits: torch.Tensor, size: int, tails: torch.Tensor, hi
         last = windows[:, None, :, -1]
         match = (windows[:, None, :, :-1] == suffix[:, :, None, :]).all(-1) & (last >= 0)  # -1: past the end
         _ban_where(logits, match, last)
-    if tokens.shape[1] > 1:  # the n-grams that end at a draft on the node's path (the root's one is committed)
+    if tree is not None and tokens.shape[1] > 1:  # n-grams ending at a draft on the node's path (the root's: above)
         windows = tails[..., width - size:]  # [B, T, n]: the n-gram ending at each node
         match = (windows[:, None, :, :-1] == suffix[:, :, None, :]).all(-1)
         match &= tree.dense_ancestors() & (tree.depth > 0)[:, None, :]
         _ban_where(logits, match, tokens[:, None, :])
     return logits
+
+
+def decay_eos(logits: torch.Tensor, eos_ids: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """transformers' ``ExponentialDecayLengthPenalty`` at every node: each EOS logit ``x`` becomes
+    ``x + |x| * factors[b, i]`` where finite (``factors [B, T]`` fp32: ``decay ** (length - start) - 1`` for the
+    node's sequence length past the start, 0 before it). In place on fp32 ``logits [B, T, V]``."""
+    eos = logits.index_select(-1, eos_ids)
+    penalty = (eos.abs() * factors[..., None]).masked_fill_(~torch.isfinite(eos), 0.0)
+    return logits.index_copy_(-1, eos_ids, eos + penalty)
 
 
 def _ban_where(logits: torch.Tensor, match: torch.Tensor, ids: torch.Tensor) -> None:
@@ -109,16 +119,28 @@ class TokenSequenceRules:
             self.bias_single[[token for token, _ in single]] = torch.tensor([value for _, value in single])
             self.bias_single = self.bias_single.to(device)
         self.bias_groups = _groups([(ids, value) for ids, value in biases.items() if len(ids) > 1], device)
-        # The distinct last tokens of the longer biased entries, and each group's entries' slots among them.
-        ends = list(dict.fromkeys(token for group in self.bias_groups for token in group.last_ids))
-        self.bias_ends = torch.tensor(ends, dtype=torch.int64, device=device)
-        self.bias_slots = [torch.tensor([ends.index(token) for token in group.last_ids], dtype=torch.int64,
-                                        device=device) for group in self.bias_groups]
         single_bad = sorted({ids[0] for ids in bad if len(ids) == 1})
         self.bad_single = torch.tensor(single_bad, dtype=torch.int64, device=device) if single_bad else None
         self.bad_groups = _groups([(ids, -math.inf) for ids in dict.fromkeys(bad) if len(ids) > 1], device)
+        self._index_groups()
+
+    def _index_groups(self) -> None:
+        """The node tail the longer entries need (``width``), the distinct last tokens of the longer biased entries
+        (``bias_ends``) and each bias group's entries' slots among them."""
         lengths = [group.prefixes.shape[1] for group in self.bias_groups + self.bad_groups]
-        self.width = max(lengths, default=0)  # the node tail the longer entries need
+        self.width = max(lengths, default=0)
+        ends = list(dict.fromkeys(token for group in self.bias_groups for token in group.last_ids))
+        self.bias_ends = torch.tensor(ends, dtype=torch.int64, device=self.device)
+        self.bias_slots = [torch.tensor([ends.index(token) for token in group.last_ids], dtype=torch.int64,
+                                        device=self.device) for group in self.bias_groups]
+
+    def within(self, longest: int) -> "TokenSequenceRules | None":
+        """These rules (changed in place) without the entries whose first tokens are longer than ``longest`` (no
+        sequence ends with them); None when nothing is left."""
+        self.bias_groups, self.bad_groups = [[group for group in groups if group.prefixes.shape[1] <= longest]
+                                             for groups in (self.bias_groups, self.bad_groups)]
+        self._index_groups()
+        return self if self.biases or self.bans else None
 
     @property
     def biases(self) -> bool:
@@ -219,6 +241,16 @@ def _sequence_bias_entries(name: str, value, vocab: int) -> dict[tuple[int, ...]
         infinite = isinstance(bias, float) and bias in (math.inf, -math.inf)  # -inf bans, as in generate
         entries[key] = bias if infinite else check_number(f"{name}[{index}] bias", bias)
     return entries
+
+
+def check_decay(name: str, value) -> tuple[int, float] | None:
+    """``exponential_decay_length_penalty``: ``(start_index, decay_factor)``, an int >= 0 and a number > 0."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ValueError(f"{name} must be a (start_index, decay_factor) pair, got {value!r}")
+    return check_int(f"{name}[0]", value[0], low=0), check_number(f"{name}[1]", value[1], low=0.0,
+                                                                    low_inclusive=False)
 
 
 def check_ngram_size(name: str, value) -> int:

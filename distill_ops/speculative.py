@@ -77,6 +77,7 @@ import inspect
 import math
 import time
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -84,8 +85,11 @@ import torch
 
 from ._utils import (
     INT_DTYPES, check_int, check_number, check_tensor, resolve_impl, sink_softmax, softcapped, text_config,
+    to_device_async,
 )
-from .generation_rules import TokenSequenceRules, ban_repeated_ngrams, check_ngram_size, node_tails
+from .generation_rules import (
+    TokenSequenceRules, ban_repeated_ngrams, check_decay, check_ngram_size, decay_eos, node_tails,
+)
 from .tree import (
     BITS_PER_WORD,
     MAX_TREE_NODES,
@@ -1378,6 +1382,9 @@ class SpeculativeDecoder:
         bad_words_ids: Sequence[Sequence[int]] | None = None,
         sequence_bias: Sequence | dict | None = None,
         forced_eos_token_id: int | Sequence[int] | None = None,
+        encoder_repetition_penalty: float | None = None,
+        encoder_no_repeat_ngram_size: int | None = None,
+        exponential_decay_length_penalty: tuple[int, float] | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -1426,6 +1433,13 @@ class SpeculativeDecoder:
                 ``forced_eos_token_id`` (one id or a list) is the only token allowed (logit 0) as the
                 ``max_new_tokens``-th new token. The drafts are not ranked by these rules (only acceptance
                 changes).
+            encoder_repetition_penalty, encoder_no_repeat_ngram_size, exponential_decay_length_penalty:
+                ``generate``'s options (``None``: the generation config's), which on a decoder-only model act on
+                the prompt (its "encoder input"), applied at every tree node as ``generate`` applies them: the
+                prompt's tokens have their fp32 logits multiplied by the penalty where positive, divided where
+                negative; no token that completes an n-gram of the prompt; from ``start_index`` new tokens on,
+                the EOS logits grow by ``|logit| * (decay_factor ** (new tokens - start_index) - 1)``. In a batch
+                each sequence's own prompt counts (``generate`` would count left padding).
             eos_token_id: token id(s) that end generation (kept in the output; Python or NumPy ints); ``None``
                 uses the target's ``generation_config.eos_token_id`` as ``generate`` does.
             generator: the only source of randomness when sampling.
@@ -1490,7 +1504,8 @@ class SpeculativeDecoder:
         penalty = self._repetition_penalty(repetition_penalty)
         eos = self._eos_ids(eos_token_id)
         rules = self._logit_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids, sequence_bias,
-                                  forced_eos_token_id, eos)
+                                  forced_eos_token_id, eos, encoder_repetition_penalty,
+                                  encoder_no_repeat_ngram_size, exponential_decay_length_penalty)
         if pad_token_id is None:
             pad_token_id = self._config_value("pad_token_id")
         if pad_token_id is None:
@@ -1582,20 +1597,21 @@ class SpeculativeDecoder:
         """The target's ``generation_config.<name>`` (None when unset or without a generation config)."""
         return getattr(getattr(self.target, "generation_config", None), name, None)
 
-    def _repetition_penalty(self, penalty) -> float | None:
+    def _repetition_penalty(self, penalty, field: str = "repetition_penalty") -> float | None:
         """The penalty to apply (``None`` for none): the argument, else the target's generation config's."""
         if penalty is None:
-            penalty = self._config_value("repetition_penalty")
+            penalty = self._config_value(field)
             if penalty is None:
                 return None
-            name = "target.generation_config.repetition_penalty"
+            name = f"target.generation_config.{field}"
         else:
-            name = "repetition_penalty"
+            name = field
         penalty = check_number(name, penalty, low=0.0, low_inclusive=False)
         return None if penalty == 1.0 else penalty
 
     def _logit_rules(self, min_new_tokens, no_repeat_ngram_size=None, bad_words_ids=None, sequence_bias=None,
-                     forced_eos_token_id=None, eos=()) -> "_LogitRules":
+                     forced_eos_token_id=None, eos=(), encoder_repetition_penalty=None,
+                     encoder_no_repeat_ngram_size=None, exponential_decay_length_penalty=None) -> "_LogitRules":
         """The logits processors to apply: each argument, else the target's generation config's value."""
         def config(name, value):  # (name for errors, value): the argument, else the generation config's
             if value is None:
@@ -1606,12 +1622,23 @@ class SpeculativeDecoder:
         bias_name, bias = config("sequence_bias", sequence_bias)
         bad_name, bad = config("bad_words_ids", bad_words_ids)
         tokens = None
-        if bias or bad:
+        if bias is not None or bad is not None:  # (checked by TokenSequenceRules: an array is a named TypeError)
             tokens = TokenSequenceRules(bias, bad, eos, self.vocab_size, self.device, bias_name, bad_name)
             tokens = tokens if tokens.biases or tokens.bans else None
         forced_name, forced = config("forced_eos_token_id", forced_eos_token_id)
         forced = self._token_list(forced_name, forced)
-        return _LogitRules(*self._eos_bounds(min_new_tokens), ngram, tokens, forced)
+        bounds = self._eos_bounds(min_new_tokens)
+        if forced and set(forced) <= set(bounds[2]):  # transformers' GenerationConfig.validate refuses it too
+            raise ValueError(f"every token of {forced_name} ({sorted(set(forced))}) is also in "
+                             f"target.generation_config.suppress_tokens: all logits would be -inf where the EOS is "
+                             f"forced; remove the overlap (min_new_tokens= holds an EOS back)")
+        decay = check_decay(*config("exponential_decay_length_penalty", exponential_decay_length_penalty))
+        return _LogitRules(
+            *bounds, ngram, tokens, forced,
+            self._repetition_penalty(encoder_repetition_penalty, "encoder_repetition_penalty"),
+            check_ngram_size(*config("encoder_no_repeat_ngram_size", encoder_no_repeat_ngram_size)),
+            decay if eos else None,  # generate's decay acts on the EOS ids: none, no effect
+        )
 
     def _eos_bounds(self, min_new_tokens) -> tuple[int | None, int, list[int], list[int]]:
         """``(min_new_tokens, min_length, suppress_tokens, begin_suppress_tokens)``: the argument, else the target's
@@ -1642,7 +1669,7 @@ class SpeculativeDecoder:
         """One token id or a list (or tensor) of them, as a list (``None``: empty)."""
         if ids is None:
             return []
-        if isinstance(ids, torch.Tensor):
+        if isinstance(ids, torch.Tensor) or getattr(ids, "ndim", 0) >= 1:  # a tensor or a NumPy array
             ids = ids.flatten().tolist()
         if not isinstance(ids, (list, tuple)):  # one id: a Python or NumPy int
             ids = [ids]
@@ -1662,25 +1689,39 @@ class _LogitRules:
     no_repeat_ngram_size: int = 0
     token_sequences: TokenSequenceRules | None = None
     forced_eos: list[int] = field(default_factory=list)
+    encoder_penalty: float | None = None
+    encoder_ngram_size: int = 0
+    decay: tuple[int, float] | None = None
 
     @property
     def tail_width(self) -> int:
         """How many of each node's last tokens the rules read (0: none)."""
-        return max(self.no_repeat_ngram_size, 0 if self.token_sequences is None else self.token_sequences.width)
+        sequences = 0 if self.token_sequences is None else self.token_sequences.width
+        return max(self.no_repeat_ngram_size, self.encoder_ngram_size, sequences)
+
+    def within(self, prompt_length: int, longest: int) -> "_LogitRules":
+        """These rules for sequences of at most ``longest`` tokens and prompts of at most ``prompt_length``: an
+        n-gram size or a biased / banned entry longer than that can never act and is dropped."""
+        sequences = self.token_sequences
+        return dataclasses.replace(
+            self,
+            no_repeat_ngram_size=self.no_repeat_ngram_size if self.no_repeat_ngram_size <= longest else 0,
+            encoder_ngram_size=self.encoder_ngram_size if self.encoder_ngram_size <= prompt_length else 0,
+            token_sequences=None if sequences is None else sequences.within(longest),
+        )
+
+    @property
+    def needs_fp32(self) -> bool:
+        """Rules whose arithmetic ``generate`` does in fp32 on the logits (the bans work in any dtype)."""
+        sequences = self.token_sequences is not None and self.token_sequences.biases
+        return sequences or self.encoder_penalty is not None or self.decay is not None
 
 
 # generation_config fields with which target.generate's output is not the plain argmax / filtered sampling that the
-# engine reproduces (repetition_penalty, min_new_tokens, min_length, suppress_tokens, begin_suppress_tokens,
-# no_repeat_ngram_size, bad_words_ids, sequence_bias and forced_eos_token_id excepted: the engine applies them):
-# logits processors (greedy and sampling;
-# the encoder_* ones act on a decoder-only model's prompt), beam search / guidance, and the warpers generate
-# applies when sampling besides temperature / top-k / top-p. Each maps to its neutral value (None and empty lists
-# are neutral for all).
-_GENERATION_FIELDS = {
-    "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
-    "exponential_decay_length_penalty": None, "num_beams": 1, "guidance_scale": 1.0,
-    "watermarking_config": None,
-}
+# engine reproduces (every logits processor generate applies to a decoder-only model's greedy decoding is applied by
+# the engine, see generate): beam search, guidance, watermarking, and the warpers generate applies when sampling
+# besides temperature / top-k / top-p. Each maps to its neutral value (None and empty lists are neutral for all).
+_GENERATION_FIELDS = {"num_beams": 1, "guidance_scale": 1.0, "watermarking_config": None}
 _SAMPLING_FIELDS = {"min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
 
 
@@ -1801,7 +1842,10 @@ class _Generation:
         self.accept_lengths: list[list[int]] = [[] for _ in rows]
         self.done = [False] * self.batch
         self.num_layers = 0
-        rules = _LogitRules() if rules is None else rules
+        # Rules no sequence of this call can trigger (an n-gram or an entry longer than the longest node's
+        # sequence) are dropped: their cost grows with their length.
+        longest = max(self.prompt_lens) + max_new_tokens + engine.tree_depth + 1
+        rules = _LogitRules() if rules is None else rules.within(max(self.prompt_lens), longest)
         self.rules = rules
         device = engine.device
         # The repetition penalty: seen[b, v] says whether token v is among sequence b's committed tokens.
@@ -1816,6 +1860,13 @@ class _Generation:
             capacity = max(self.prompt_lens) + max_new_tokens + engine.tree_depth + 1
             self.history = torch.full((self.batch, capacity), -1, dtype=torch.int64, device=device)
         self._commit([0] * self.batch, self.rows)
+        # The prompt's rules ("encoder input" of a decoder-only model): its tokens as a set and as a sequence.
+        prompt = self._prompt_tensor() if rules.encoder_penalty is not None or rules.encoder_ngram_size else None
+        self.prompt_held = None
+        if rules.encoder_penalty is not None:
+            held = torch.zeros(self.batch, engine.vocab_size + 1, dtype=torch.bool, device=device)
+            self.prompt_held = held.scatter_(1, torch.where(prompt >= 0, prompt, engine.vocab_size), True)[:, :-1]
+        self.prompt_tokens = prompt if rules.encoder_ngram_size else None
         # Banned tokens: EOS at positions before eos_until[b] (min_new_tokens / min_length), the suppressed ids
         # everywhere, the begin-suppressed ids at the first new token; forced EOS at position forced_at[b].
         min_new_tokens, min_length, suppress, begin_suppress = (rules.min_new_tokens, rules.min_length,
@@ -1834,6 +1885,13 @@ class _Generation:
         self.forced_at_rows = [length + max_new_tokens - 2 for length in self.prompt_lens]
         self.forced_at = int64_to_device(self.forced_at_rows, device) if rules.forced_eos else None
         self.forced_eos = int64_to_device(rules.forced_eos, device) if rules.forced_eos else None
+        self.decay_eos = int64_to_device(sorted(eos), device) if rules.decay is not None else None
+
+    def _prompt_tensor(self) -> torch.Tensor:
+        """``[B, max prompt length]`` int64: each prompt, ``-1`` after it."""
+        width = max(self.prompt_lens)
+        flat = [token for row in self.rows for token in row + [-1] * (width - len(row))]
+        return int64_to_device(flat, self.engine.device).view(self.batch, width)
 
     # -- target ----------------------------------------------------------------------------------
 
@@ -1899,6 +1957,8 @@ class _Generation:
         if self.rules.no_repeat_ngram_size:
             history = self.history[:, : max(roots) + 1]
             ban_repeated_ngrams(logits, self.rules.no_repeat_ngram_size, tails, history, tree, tokens)
+        if self.prompt_tokens is not None:
+            ban_repeated_ngrams(logits, self.rules.encoder_ngram_size, tails, self.prompt_tokens)
         if self.rules.token_sequences is not None and self.rules.token_sequences.bans:
             self.rules.token_sequences.ban(logits, tails)
         if self.eos_until is not None and any(root < self.eos_until_rows[row]
@@ -1911,11 +1971,27 @@ class _Generation:
             forced = positions == self.forced_at[:, None]
             eos = logits.index_select(-1, self.forced_eos).masked_fill_(forced[..., None], 0.0)
             logits.masked_fill_(forced[..., None], -math.inf).index_copy_(-1, self.forced_eos, eos)
+        if self.decay_eos is not None:
+            self._decay(logits, tree, roots)
         if self.suppress is not None:
             logits.index_fill_(-1, self.suppress, -math.inf)
         if prefill and self.begin_suppress is not None:
             logits.index_fill_(-1, self.begin_suppress, -math.inf)
         return logits
+
+    def _decay(self, logits: torch.Tensor, tree: TreeSpec, roots: list[int]) -> None:
+        """``exponential_decay_length_penalty`` at the nodes whose sequence is longer than the prompt plus
+        ``start_index`` tokens. The factors are computed on the host, per sequence and depth, with Python's ``pow``
+        as ``generate`` computes them (one small copy; none when no node reaches the start)."""
+        start, factor = self.rules.decay
+        starts = [start + self.prompt_lens[row] for row in self.active]
+        if all(root + tree.max_depth + 1 <= begin for root, begin in zip(roots, starts)):
+            return
+        table = [[pow(factor, root + depth + 1 - begin) - 1 if root + depth + 1 > begin else 0.0
+                  for depth in range(tree.max_depth + 1)] for root, begin in zip(roots, starts)]
+        table = to_device_async(torch.tensor(table, dtype=torch.float32), self.engine.device)
+        depth = tree.depth.expand(self.batch, -1)
+        decay_eos(logits, self.decay_eos, table.gather(1, depth))
 
     def _verify(self, tree: TreeSpec, draft_tokens: torch.Tensor, logits: torch.Tensor,
                 positions: torch.Tensor | None = None) -> VerifyResult:
@@ -1923,8 +1999,13 @@ class _Generation:
         impl = self.engine.impl
         tails = self._tails(tree, draft_tokens)
         sequences = self.rules.token_sequences
+        if self.rules.needs_fp32:
+            logits = logits.float()  # the step's own tensor (or a copy): written in place below
         if sequences is not None and sequences.biases:
             logits = sequences.biased(logits, tails)
+        if self.prompt_held is not None:  # the prompt's tokens: 1 / penalty, as transformers' encoder processor
+            rewarded = _penalized_values(logits, 1 / self.rules.encoder_penalty)
+            logits = torch.where(self.prompt_held[:, None, :], rewarded, logits)
         if self.penalty is not None:
             logits = repetition_penalized(logits, self.penalty, self.seen, tree, draft_tokens)
         logits = self._banned(logits, positions, tree, draft_tokens, tails)
@@ -2067,14 +2148,9 @@ class _Generation:
         index = int64_to_device(keep, self.engine.device)
         self.active = [self.active[i] for i in keep]
         self.batch = len(self.active)
-        if self.seen is not None:
-            self.seen = self.seen[index]
-        if self.history is not None:
-            self.history = self.history[index]
-        if self.eos_until is not None:
-            self.eos_until = self.eos_until[index]
-        if self.forced_at is not None:
-            self.forced_at = self.forced_at[index]
+        for name in ("seen", "history", "eos_until", "forced_at", "prompt_held", "prompt_tokens"):  # per-row state
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name)[index])
         _select_cache_rows(self.cache, index)
         committed = max(len(self.rows[row]) - 1 for row in self.active)
         if self.cache.get_seq_length() > committed:

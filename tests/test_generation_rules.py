@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (
+    EncoderNoRepeatNGramLogitsProcessor,
+    ExponentialDecayLengthPenalty,
     NoBadWordsLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     SequenceBiasLogitsProcessor,
 )
 
 from distill_ops import SpeculativeDecoder
-from distill_ops.generation_rules import TokenSequenceRules, ban_repeated_ngrams, node_tails
+from distill_ops.generation_rules import TokenSequenceRules, ban_repeated_ngrams, decay_eos, node_tails
 from distill_ops.tree import build_tree
 
 from .conftest import DEVICE
@@ -95,6 +98,40 @@ def test_repeated_ngrams_ban_equals_transformers_processor_at_every_node(size, d
     assert banned_somewhere > 20
 
 
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_prompt_ngram_ban_and_eos_decay_equal_transformers_processors_at_every_node(size):
+    """Every node row equals EncoderNoRepeatNGramLogitsProcessor with the sequence's prompt as its "encoder input"
+    (``ban_repeated_ngrams`` without a tree: the prompt's n-grams only), and ExponentialDecayLengthPenalty (two EOS
+    ids, one of them -inf somewhere) on the node's sequence, with the factors the engine computes."""
+    generator = torch.Generator().manual_seed(10 + size)
+    eos, start, decay = [1, 3], 2, 1.7
+    banned_somewhere = decayed_somewhere = 0
+    for tree, tokens, committed, sequences, logits in _random_trees(generator, 4, 3, 40):
+        prompt_lens = [max(1, len(row) - 2) for row in committed]  # the prompt: all but the last two committed
+        prompts_ = torch.full((len(committed), max(prompt_lens)), -1, dtype=torch.int64)
+        for b, row in enumerate(committed):
+            prompts_[b, : prompt_lens[b]] = torch.tensor(row[: prompt_lens[b]])
+        logits[0, -1, eos[0]] = -float("inf")
+        got = logits.to(DEVICE, copy=True)
+        ban_repeated_ngrams(got, size, _tails(tree, tokens, committed, max(size, 2)), prompts_.to(DEVICE))
+        depth = tree.depth.expand(len(committed), -1).cpu()
+        factors = torch.tensor([[pow(decay, len(committed[b]) + int(d) - (start + prompt_lens[b])) - 1
+                                 if len(committed[b]) + int(d) > start + prompt_lens[b] else 0.0
+                                 for d in depth[b]] for b in range(len(committed))], dtype=torch.float32)
+        decay_eos(got, torch.tensor(eos, device=DEVICE), factors.to(DEVICE))
+        got = got.cpu()
+        for b, rows in enumerate(sequences):
+            prompt = prompts_[b, : prompt_lens[b]][None]
+            banner = EncoderNoRepeatNGramLogitsProcessor(size, prompt)
+            decayer = ExponentialDecayLengthPenalty((start, decay), eos, prompt_lens[b])
+            for node, sequence in enumerate(rows):
+                expected = _processed(decayer, sequence, _processed(banner, sequence, logits[b, node]))
+                assert torch.equal(got[b, node], expected), (b, node, sequence)
+                banned_somewhere += bool(torch.isinf(expected).sum() > (b == 0 and node == len(rows) - 1))
+                decayed_somewhere += not torch.equal(expected[eos[1]], logits[b, node, eos[1]])
+    assert banned_somewhere > 20 and decayed_somewhere > 20
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("one_token_biases", [True, False])
 def test_sequence_bias_and_bad_words_equal_transformers_processors_at_every_node(one_token_biases, dtype):
@@ -129,6 +166,23 @@ def test_sequence_bias_and_bad_words_equal_transformers_processors_at_every_node
     assert len(matched) == 5  # every multi-token bias applied somewhere
 
 
+def test_rules_longer_than_any_sequence_are_dropped():
+    """An n-gram size, or a biased / banned entry, longer than the longest sequence of a call can never act: the
+    engine drops it (its cost grows with its length) and keeps the rest."""
+    from distill_ops.speculative import _LogitRules
+
+    device = torch.device(DEVICE)
+    sequences = TokenSequenceRules([[[1, 2], 1.0], [[3] * 9, 2.0]], [[4, 5], [6] * 12], [], 10, device)
+    rules = _LogitRules(no_repeat_ngram_size=8, encoder_ngram_size=4, token_sequences=sequences).within(3, 8)
+    assert (rules.no_repeat_ngram_size, rules.encoder_ngram_size, rules.tail_width) == (8, 0, 8)
+    assert [group.prefixes.shape[1] for group in rules.token_sequences.bias_groups] == [1, 8]
+    assert [group.prefixes.shape[1] for group in rules.token_sequences.bad_groups] == [1]
+    rules = rules.within(3, 7)
+    assert (rules.no_repeat_ngram_size, rules.tail_width) == (0, 1)
+    assert rules.token_sequences.bias_ends.tolist() == [2]
+    assert TokenSequenceRules(None, [[6] * 12], [], 10, device).within(5) is None
+
+
 def _generate_both(engine, target, prompt, max_new, ours=None, theirs=None, config=None):
     """The engine's and generate's greedy output with the given options (``config``: set on the target's
     generation_config for both)."""
@@ -146,8 +200,8 @@ def _generate_both(engine, target, prompt, max_new, ours=None, theirs=None, conf
     return out, expected
 
 
-@pytest.mark.parametrize("tree_kind", ["dynamic", "static", "chain"])
-@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
+@pytest.mark.parametrize("draft_kind, tree_kind", [("lm", "dynamic"), ("lm", "static"), ("lm", "chain"),
+                                                   ("fspad", "dynamic")])
 def test_greedy_with_sequence_rules_equals_generate(draft_kind, tree_kind):
     """Each option, as an argument and from the target's generation_config: token for token generate's output,
     which differs from the output without it. The chain tree drafts with the target itself (``lm``), so whole
@@ -161,28 +215,40 @@ def test_greedy_with_sequence_rules_equals_generate(draft_kind, tree_kind):
         tree = dict(tree=STATIC_TREE) if tree_kind == "static" else DYNAMIC_TREE
     engine = SpeculativeDecoder(target, draft, impl="torch", **tree)
     max_new = 24
-    changed = 0
+    changed = {}
     # Prompts whose free run repeats a 2-gram and a 3-gram within the budget (the tiny target rarely does).
     for prompt in [prompts(256, [length], seed=seed)[0] for length, seed in ((2, 17), (7, 25), (12, 29))]:
         free = reference_generate(target, prompt, max_new, eos_token_id=[])[0, prompt.shape[1]:].tolist()
+        # The prompt rules ("encoder" ones) on the prompt extended by the first 4 free tokens: its free run (the
+        # rest) repeats some of them, which those rules then act on.
+        extended = torch.cat([prompt, torch.tensor([free[:4]], device=DEVICE)], dim=1)
+        free_extended = reference_generate(target, extended, max_new, eos_token_id=[])[0, extended.shape[1]:].tolist()
         options = [
             {"no_repeat_ngram_size": 1}, {"no_repeat_ngram_size": 2}, {"no_repeat_ngram_size": 3},
             {"bad_words_ids": [[free[3]], free[5:7], free[8:11]]},
             {"sequence_bias": [[[free[2]], -6.0], [free[4:6], -8.0], [free[9:12], 9.0], [[free[1], 7], 30.0]]},
             {"sequence_bias": {tuple(free[6:8]): -10.0}, "repetition_penalty": 1.4},  # bias, then penalty
             {"forced_eos_token_id": free[0]}, {"forced_eos_token_id": [free[0], 17]},
+            {"exponential_decay_length_penalty": (3, 1.8), "eos_token_id": free[12]},  # EOS 13th, here earlier
+            {"encoder_repetition_penalty": 1.6, "prompt": extended},
+            {"encoder_repetition_penalty": 0.5, "prompt": extended},
+            {"encoder_no_repeat_ngram_size": 1, "prompt": extended},
+            {"encoder_no_repeat_ngram_size": 2, "no_repeat_ngram_size": 3, "prompt": extended},
         ]
-        for option in options:
+        for index, case in enumerate(options):
+            option = dict(case)
+            kwargs = {"eos_token_id": option.pop("eos_token_id", [])}
+            given = option.pop("prompt", prompt)
+            base = free if given is prompt else free_extended
             for source in ("argument", "config"):
-                kwargs = {"eos_token_id": []}
                 if source == "argument":
-                    out, expected = _generate_both(engine, target, prompt, max_new, {**kwargs, **option},
+                    out, expected = _generate_both(engine, target, given, max_new, {**kwargs, **option},
                                                    {**kwargs, **option})
                 else:
-                    out, expected = _generate_both(engine, target, prompt, max_new, kwargs, kwargs, option)
+                    out, expected = _generate_both(engine, target, given, max_new, kwargs, kwargs, option)
                 assert torch.equal(out.sequences, expected), (option, source, out.sequences, expected)
-            changed += expected[0, prompt.shape[1]:].tolist() != free
-    assert changed == 3 * len(options)
+            changed[index] = changed.get(index, 0) + (expected[0, given.shape[1]:].tolist() != base)
+    assert all(count == 3 for count in changed.values()), changed
 
 
 def test_sequence_rules_with_triton_kernels_in_a_batch_and_bad_values():
@@ -195,14 +261,15 @@ def test_sequence_rules_with_triton_kernels_in_a_batch_and_bad_values():
     ids, mask = left_padded(rows)
     engine = SpeculativeDecoder(target, draft, impl="triton", **DYNAMIC_TREE)
     options = dict(no_repeat_ngram_size=2, bad_words_ids=[[5, 6], [7]], sequence_bias=[[[8, 9], 3.0]],
-                   forced_eos_token_id=11, eos_token_id=[11])
+                   forced_eos_token_id=11, eos_token_id=[11], encoder_repetition_penalty=1.3,
+                   encoder_no_repeat_ngram_size=2, exponential_decay_length_penalty=(6, 1.2))
     out = engine.generate(ids, attention_mask=mask, max_new_tokens=14, pad_token_id=0, **options)
     for b, prompt in enumerate(rows):
         alone = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                 max_new_tokens=14, pad_token_id=0, **options)[0, prompt.shape[1]:]
         new = out.sequences[b, ids.shape[1]:]
         assert torch.equal(new[: alone.shape[0]], alone), (b, new, alone)
-        assert alone[-1].item() == 11 and alone.shape[0] == 14  # the forced EOS ends every row at the budget
+        assert alone[-1].item() == 11
     prompt = rows[0]
     bad = [
         (dict(no_repeat_ngram_size=-1), ValueError, "no_repeat_ngram_size must be >= 0, got -1"),
@@ -215,10 +282,31 @@ def test_sequence_rules_with_triton_kernels_in_a_batch_and_bad_values():
         (dict(sequence_bias={(1, -2): 1.0}), ValueError, "sequence_bias[0] token ids must be >= 0, got -2"),
         (dict(sequence_bias="ab"), TypeError, "sequence_bias must be a list of [token ids, bias] pairs"),
         (dict(forced_eos_token_id=[3, 400]), ValueError, "forced_eos_token_id must hold token ids in [0, 320)"),
+        (dict(encoder_repetition_penalty=0.0), ValueError, "encoder_repetition_penalty must be in (0.0, inf)"),
+        (dict(encoder_no_repeat_ngram_size=-2), ValueError, "encoder_no_repeat_ngram_size must be >= 0, got -2"),
+        (dict(exponential_decay_length_penalty=(3,)), ValueError,
+         "exponential_decay_length_penalty must be a (start_index, decay_factor) pair"),
+        (dict(exponential_decay_length_penalty=(3, -1.0)), ValueError, "exponential_decay_length_penalty[1] must be"),
+        (dict(bad_words_ids=torch.tensor([[1, 2]])), TypeError, "bad_words_ids must be a list of token id lists"),
+        (dict(sequence_bias=np.array([1.0, 2.0])), TypeError, "sequence_bias must be a list of [token ids, bias]"),
     ]
     for kwargs, error, message in bad:
         with pytest.raises(error, match=re.escape(message)):
             engine.generate(prompt, max_new_tokens=4, **kwargs)
+    # A forced EOS that is also suppressed: every logit would be -inf (transformers refuses it as well).
+    target.generation_config.suppress_tokens = [7, 9]
+    try:
+        with pytest.raises(ValueError, match=re.escape("every token of forced_eos_token_id ([7]) is also in")):
+            engine.generate(prompt, max_new_tokens=4, forced_eos_token_id=np.array([7, 7]))
+        out = engine.generate(prompt, max_new_tokens=4, forced_eos_token_id=np.array([7, 8]), eos_token_id=[])
+        assert out.sequences[0, -1].item() == 8  # 7 suppressed: 8 is the one forced token left
+    finally:
+        target.generation_config.suppress_tokens = None
+    # An n-gram size or an entry longer than any sequence of the call can never act: same output, no cost.
+    plain = engine.generate(prompt, max_new_tokens=6).sequences
+    huge = engine.generate(prompt, max_new_tokens=6, no_repeat_ngram_size=5000, encoder_no_repeat_ngram_size=50,
+                           bad_words_ids=[[i % 300 for i in range(3000)]], sequence_bias=[[[5] * 3000, 5.0]])
+    assert torch.equal(huge.sequences, plain)
     target.generation_config.bad_words_ids = [[400]]
     try:
         with pytest.raises(ValueError, match=re.escape("target.generation_config.bad_words_ids[0] must hold")):
