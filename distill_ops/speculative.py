@@ -1376,6 +1376,11 @@ class SpeculativeDecoder:
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        min_p: float | None = None,
+        typical_p: float | None = None,
+        epsilon_cutoff: float | None = None,
+        eta_cutoff: float | None = None,
+        top_h: float | None = None,
         repetition_penalty: float | None = None,
         min_new_tokens: int | None = None,
         no_repeat_ngram_size: int | None = None,
@@ -1405,6 +1410,12 @@ class SpeculativeDecoder:
                 top_p=...)`` with the same three values passed explicitly (``None`` disables a filter), up to
                 exact ties at the top-p cut: all kept here (:func:`~distill_ops.verify.verify_sampling`'s rule),
                 where transformers' top-p keeps a sorted prefix and so drops some of them.
+            min_p, typical_p, epsilon_cutoff, eta_cutoff, top_h: transformers' other sampling warpers (ignored
+                when greedy; ``None``: the target's ``generation_config`` value, as ``generate`` reads them). When
+                one is active the engine builds ``generate``'s own warper list (temperature, top-h, top-k, top-p,
+                min-p, typical, epsilon, eta, in its order) and applies it to every node row of the target's
+                logits before lossless verification at temperature 1: the distribution is ``generate``'s, top-p's
+                ties included (a sort of each node row: O(B·T·V log V) per step).
             top_k, top_p: filters of the target distribution when sampling (ignored when greedy). Only these
                 arguments count: the target's ``generation_config`` sampling fields (``do_sample``,
                 ``temperature``, ``top_k``, ``top_p``) are not read, and ``top_k=None`` means no top-k, where
@@ -1471,11 +1482,10 @@ class SpeculativeDecoder:
         Each sequence is decoded as if it were alone (see :class:`_Generation` for how a batch shares the
         forwards). Returns a :class:`SpeculativeOutput`.
 
-        The target's other ``generation_config`` fields that ``generate`` turns into logits processors even when
-        greedy (``encoder_repetition_penalty``, ``exponential_decay_length_penalty``, ...; see
-        ``_GENERATION_FIELDS``; the ones above are applied), beam search and guidance, and when sampling its other
-        warpers (``min_p``, ``typical_p``, ...) are not applied by the engine: a target whose config sets one is a
-        ``ValueError`` naming it (its output would silently differ from ``generate``'s).
+        The target's ``generation_config`` fields for beam search, guidance and watermarking (``_GENERATION_FIELDS``)
+        and ``forced_bos_token_id`` on a one-token prompt are not applied by the engine: a target whose config sets
+        one is a ``ValueError`` naming it (its output would silently differ from ``generate``'s). Every logits
+        processor and warper ``generate`` builds from the rest of the config is applied (above).
         """
         check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
         if input_ids.dim() == 1:
@@ -1491,6 +1501,10 @@ class SpeculativeDecoder:
         rows, max_new_tokens, top_k = self._check_generate_args(
             input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, generator
         )
+        warpers = None
+        if temperature > 0:
+            warpers = self._warpers(temperature, top_k, top_p, min_p=min_p, typical_p=typical_p,
+                                    epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_h=top_h)
         if self._position_limit is not None:
             what, limit = self._position_limit
             longest = max(len(row) for row in rows)
@@ -1500,7 +1514,7 @@ class SpeculativeDecoder:
                     f"the new tokens and the tree depth stay within {limit} positions, got {longest} + "
                     f"max_new_tokens={max_new_tokens} + depth {self.tree_depth}: lower max_new_tokens"
                 )
-        _check_generation_config(self.target, temperature > 0, min(len(row) for row in rows))
+        _check_generation_config(self.target, min(len(row) for row in rows))
         penalty = self._repetition_penalty(repetition_penalty)
         eos = self._eos_ids(eos_token_id)
         rules = self._logit_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids, sequence_bias,
@@ -1519,7 +1533,7 @@ class SpeculativeDecoder:
             streamer.put(input_ids.cpu())
         with torch.inference_mode(), _attention_switched(models):
             state = _Generation(self, rows, max_new_tokens, set(eos), sampling, temperature, top_k, top_p,
-                                generator, timer, step_callback, penalty, streamer, rules, criteria)
+                                generator, timer, step_callback, penalty, streamer, rules, criteria, warpers)
             state.run()
         if streamer is not None:
             streamer.end()
@@ -1596,6 +1610,47 @@ class SpeculativeDecoder:
     def _config_value(self, name: str):
         """The target's ``generation_config.<name>`` (None when unset or without a generation config)."""
         return getattr(getattr(self.target, "generation_config", None), name, None)
+
+    def _warpers(self, temperature, top_k, top_p, **extra):
+        """transformers' sampling warper list, as ``generate`` builds it, when one of ``extra`` (``min_p``,
+        ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff``, ``top_h``; each ``None``: the generation config's) is
+        active; None otherwise (the verifiers then filter with ``temperature`` / ``top_k`` / ``top_p``)."""
+        from transformers.generation import logits_process as processors
+
+        values = {}
+        for name, value in extra.items():
+            source = name
+            if value is None:
+                source, value = f"target.generation_config.{name}", self._config_value(name)
+            if value is None:
+                continue
+            low, high, neutral = _WARPER_RANGES[name]
+            value = check_number(source, value, low=low[0], high=high[0], low_inclusive=low[1],
+                                 high_inclusive=high[1])
+            if value != neutral:
+                values[name] = value
+        if not values:
+            return None
+        warpers = processors.LogitsProcessorList()
+        if temperature != 1.0:
+            warpers.append(processors.TemperatureLogitsWarper(float(temperature)))
+        if "top_h" in values:
+            if not hasattr(processors, "TopHLogitsWarper"):
+                raise ValueError("top_h needs a transformers version with TopHLogitsWarper (this one has none)")
+            warpers.append(processors.TopHLogitsWarper(top_h=values["top_h"]))
+        if top_k:
+            warpers.append(processors.TopKLogitsWarper(top_k=top_k))
+        if top_p is not None and top_p < 1.0:
+            warpers.append(processors.TopPLogitsWarper(top_p=float(top_p)))
+        if "min_p" in values:
+            warpers.append(processors.MinPLogitsWarper(min_p=values["min_p"]))
+        if "typical_p" in values:
+            warpers.append(processors.TypicalLogitsWarper(mass=values["typical_p"]))
+        if "epsilon_cutoff" in values:
+            warpers.append(processors.EpsilonLogitsWarper(epsilon=values["epsilon_cutoff"]))
+        if "eta_cutoff" in values:
+            warpers.append(processors.EtaLogitsWarper(epsilon=values["eta_cutoff"], device=self.device))
+        return warpers
 
     def _repetition_penalty(self, penalty, field: str = "repetition_penalty") -> float | None:
         """The penalty to apply (``None`` for none): the argument, else the target's generation config's."""
@@ -1717,12 +1772,17 @@ class _LogitRules:
         return sequences or self.encoder_penalty is not None or self.decay is not None
 
 
-# generation_config fields with which target.generate's output is not the plain argmax / filtered sampling that the
-# engine reproduces (every logits processor generate applies to a decoder-only model's greedy decoding is applied by
-# the engine, see generate): beam search, guidance, watermarking, and the warpers generate applies when sampling
-# besides temperature / top-k / top-p. Each maps to its neutral value (None and empty lists are neutral for all).
+# generation_config fields with which target.generate's output is not what the engine reproduces (every other
+# logits processor and warper generate builds from the config is applied by the engine, see generate): beam search,
+# guidance, watermarking. Each maps to its neutral value (None and empty lists are neutral for all).
 _GENERATION_FIELDS = {"num_beams": 1, "guidance_scale": 1.0, "watermarking_config": None}
-_SAMPLING_FIELDS = {"min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
+# The sampling warpers the engine applies through transformers' own classes (see SpeculativeDecoder._warpers):
+# ((low, inclusive), (high, inclusive), neutral value), as generate accepts them.
+_WARPER_RANGES = {
+    "min_p": ((0.0, True), (1.0, True), 0.0), "typical_p": ((0.0, False), (1.0, True), 1.0),
+    "epsilon_cutoff": ((0.0, True), (1.0, False), 0.0), "eta_cutoff": ((0.0, True), (1.0, False), 0.0),
+    "top_h": ((0.0, False), (1.0, True), None),
+}
 
 
 def _stopping_criteria(criteria, stop_strings, tokenizer, config_stop_strings):
@@ -1778,15 +1838,14 @@ def repetition_penalized(logits: torch.Tensor, penalty: float, seen: torch.Tenso
     return torch.where(held[..., :vocab], _penalized_values(logits, penalty), logits)
 
 
-def _check_generation_config(target: torch.nn.Module, sampling: bool, shortest_prompt: int) -> None:
+def _check_generation_config(target: torch.nn.Module, shortest_prompt: int) -> None:
     """A ``ValueError`` naming the target's ``generation_config`` fields that would make ``target.generate``'s
-    output differ from the engine's (which applies none of them), e.g. ``exponential_decay_length_penalty``:
-    generate applies them even with ``do_sample=False``. ``forced_bos_token_id`` only acts on a one-token prompt
-    (generate forces the token after it)."""
+    output differ from the engine's (which applies none of them): beam search, guidance, watermarking.
+    ``forced_bos_token_id`` only acts on a one-token prompt (generate forces the token after it)."""
     config = getattr(target, "generation_config", None)
     if config is None:
         return
-    fields = dict(_GENERATION_FIELDS, **(_SAMPLING_FIELDS if sampling else {}))
+    fields = dict(_GENERATION_FIELDS)
     if shortest_prompt == 1:
         fields["forced_bos_token_id"] = None
     active = {name: getattr(config, name, None) for name in fields}
@@ -1799,7 +1858,7 @@ def _check_generation_config(target: torch.nn.Module, sampling: bool, shortest_p
             f"the target's generation_config sets {settings}: target.generate applies "
             f"{'it' if len(active) == 1 else 'them'} (also when greedy), the speculative engine does not, so its "
             f"output would differ; set {'it' if len(active) == 1 else 'them'} to the neutral value on "
-            f"target.generation_config (e.g. encoder_repetition_penalty=1.0, others None) to decode without"
+            f"target.generation_config (e.g. num_beams=1, others None) to decode without"
         )
 
 
@@ -1821,7 +1880,7 @@ class _Generation:
 
     def __init__(self, engine: SpeculativeDecoder, rows: list[list[int]], max_new_tokens, eos, sampling,
                  temperature, top_k, top_p, generator, timer, step_callback, penalty=None, streamer=None,
-                 rules: _LogitRules | None = None, criteria=None):
+                 rules: _LogitRules | None = None, criteria=None, warpers=None):
         self.engine = engine
         self.drafter = engine._drafter
         self.rows = [list(row) for row in rows]
@@ -1833,6 +1892,9 @@ class _Generation:
         self.eos = eos
         self.sampling = sampling
         self.sample_args = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        self.warpers = warpers
+        if warpers is not None:  # generate's warper list filters the logits; verification samples at temperature 1
+            self.sample_args = dict(temperature=1.0, top_k=None, top_p=None, generator=generator)
         self.timer = timer
         self.step_callback = step_callback
         self.streamer = streamer
@@ -2010,6 +2072,9 @@ class _Generation:
             logits = repetition_penalized(logits, self.penalty, self.seen, tree, draft_tokens)
         logits = self._banned(logits, positions, tree, draft_tokens, tails)
         if self.sampling:
+            if self.warpers is not None:
+                rows = logits.float().reshape(-1, logits.shape[-1])
+                logits = self.warpers(rows.new_empty(rows.shape[0], 0, dtype=torch.int64), rows).view(logits.shape)
             return verify_sampling(tree, draft_tokens, logits, impl=impl, **self.sample_args)
         return verify_greedy(tree, draft_tokens, logits, impl=impl)
 
