@@ -119,8 +119,9 @@ class TokenSequenceRules:
             self.bias_single[[token for token, _ in single]] = torch.tensor([value for _, value in single])
             self.bias_single = self.bias_single.to(device)
         self.bias_groups = _groups([(ids, value) for ids, value in biases.items() if len(ids) > 1], device)
-        single_bad = sorted({ids[0] for ids in bad if len(ids) == 1})
-        self.bad_single = torch.tensor(single_bad, dtype=torch.int64, device=device) if single_bad else None
+        self.bad_single_ids = sorted({ids[0] for ids in bad if len(ids) == 1})
+        self.bad_single = (torch.tensor(self.bad_single_ids, dtype=torch.int64, device=device)
+                           if self.bad_single_ids else None)
         self.bad_groups = _groups([(ids, -math.inf) for ids in dict.fromkeys(bad) if len(ids) > 1], device)
         self._index_groups()
 

@@ -744,7 +744,8 @@ class _ModelDrafter(_DrafterRows):
 class _PenalizedDrafter:
     """A drafter whose next-token logits get the generation's repetition penalty over each sequence's committed
     tokens (the drafts on a node's path are left out: a cheaper rule that still makes the drafts follow the
-    penalised target more often; the verification alone decides the output). Everything else is the drafter's."""
+    penalised target more often) and -inf at the tokens the target never takes (suppressed ids, one-token bad
+    words); the verification alone decides the output. Everything else is the drafter's."""
 
     def __init__(self, drafter, penalize: Callable[[torch.Tensor], torch.Tensor]):
         self._drafter = drafter
@@ -1442,8 +1443,8 @@ class SpeculativeDecoder:
                 ``generate`` drops); each ``sequence_bias`` entry (``[[ids, bias], ...]`` or ``{tuple: bias}``)
                 adds its bias to its last token's logit after its other tokens, before the repetition penalty;
                 ``forced_eos_token_id`` (one id or a list) is the only token allowed (logit 0) as the
-                ``max_new_tokens``-th new token. The drafts are not ranked by these rules (only acceptance
-                changes).
+                ``max_new_tokens``-th new token. The drafts skip the suppressed ids and one-token bad words; the
+                other rules do not rank them (only acceptance would change).
             encoder_repetition_penalty, encoder_no_repeat_ngram_size, exponential_decay_length_penalty:
                 ``generate``'s options (``None``: the generation config's), which on a decoder-only model act on
                 the prompt (its "encoder input"), applied at every tree node as ``generate`` applies them: the
@@ -1915,6 +1916,11 @@ class _Generation:
         self.seen = None
         if penalty is not None:
             self.seen = torch.zeros(self.batch, engine.vocab_size, dtype=torch.bool, device=device)
+        # Tokens the target never takes at any node (suppressed, one-token bad words): the drafts skip them too.
+        bad = [] if rules.token_sequences is None else rules.token_sequences.bad_single_ids
+        self.draft_bans = sorted(set(rules.suppress) | set(bad))
+        self._draft_ban_ids: dict[int, torch.Tensor | None] = {}
+        if penalty is not None or self.draft_bans:
             self.drafter = _PenalizedDrafter(self.drafter, self._penalize_draft)
         # no_repeat_ngram_size: history[b] holds sequence b's committed tokens, -1 after them.
         self.history = None
@@ -1975,10 +1981,17 @@ class _Generation:
         return out.logits, features
 
     def _penalize_draft(self, logits: torch.Tensor) -> torch.Tensor:
-        """Draft logits ``[B, V]`` or ``[B, m, V]`` with the penalty on each sequence's committed tokens (in their
-        dtype: they only rank the drafts)."""
-        seen = self.seen.view(self.seen.shape[0], *([1] * (logits.dim() - 2)), -1)
-        return torch.where(seen, _penalized_values(logits, self.penalty), logits)
+        """Draft logits ``[B, V]`` or ``[B, m, V]`` with the penalty on each sequence's committed tokens and the
+        tokens the target never takes at -inf (in their dtype: they only rank the drafts)."""
+        if self.penalty is not None:
+            seen = self.seen.view(self.seen.shape[0], *([1] * (logits.dim() - 2)), -1)
+            logits = torch.where(seen, _penalized_values(logits, self.penalty), logits)
+        width = logits.shape[-1]
+        if width not in self._draft_ban_ids:  # once per call and width: ids the draft's vocabulary has
+            ids = [token for token in self.draft_bans if token < width]
+            self._draft_ban_ids[width] = int64_to_device(ids, self.engine.device) if ids else None
+        bans = self._draft_ban_ids[width]
+        return logits if bans is None else logits.index_fill(-1, bans, -math.inf)
 
     def _commit(self, starts: list[int], tokens: list[list[int]]) -> None:
         """Record each batch row's new committed ``tokens`` (host ints, one list per batch row, the first at

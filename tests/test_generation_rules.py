@@ -183,6 +183,29 @@ def test_rules_longer_than_any_sequence_are_dropped():
     assert TokenSequenceRules(None, [[6] * 12], [], 10, device).within(5) is None
 
 
+def test_drafts_skip_the_tokens_the_target_never_takes(monkeypatch):
+    """Suppressed ids and one-token bad words are -inf at every node, so the drafts skip them too: with the target
+    as its own chain draft, every step then accepts drafts, and the output equals generate's. Drafts that propose
+    them get those steps rejected."""
+    from distill_ops import speculative
+
+    target, _ = models("llama")
+    prompt = prompts(256, [4], seed=3)[0]
+    free = reference_generate(target, prompt, 24, eos_token_id=[])[0, 4:].tolist()
+    options = dict(bad_words_ids=[[free[2]], [free[5]]], eos_token_id=[])
+
+    def accepted():
+        engine = SpeculativeDecoder(target, target, tree=[[0] * depth for depth in range(1, 5)], impl="torch")
+        out, expected = _generate_both(engine, target, prompt, 24, options, options,
+                                       {"suppress_tokens": [free[0], free[9]]})
+        assert torch.equal(out.sequences, expected)
+        return out.accept_lengths[:-1]  # the last step may be cut by the token budget
+
+    assert min(accepted()) >= 1
+    monkeypatch.setattr(speculative, "_PenalizedDrafter", lambda drafter, penalize: drafter)
+    assert min(accepted()) == 0
+
+
 def _generate_both(engine, target, prompt, max_new, ours=None, theirs=None, config=None):
     """The engine's and generate's greedy output with the given options (``config``: set on the target's
     generation_config for both)."""
