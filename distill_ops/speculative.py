@@ -1475,7 +1475,10 @@ class SpeculativeDecoder:
                 checks them: after every new token, on the sequence so far (``[1, n]`` on the target's device, each
                 sequence alone; ``scores`` is None). A sequence ends with the first token after which one holds,
                 that token kept, also inside an accepted path (transformers' assisted decoding checks once per
-                step, after all of the step's tokens). Costs one device-to-host read per step and sequence.
+                step, after all of the step's tokens). Costs one device-to-host read per step and sequence: the
+                criteria are called for each of the step's tokens before the read, so a stateful criterion also
+                sees the tokens after the first stop of a step (their results are discarded). In a batch each
+                sequence is checked alone, on ``[1, n]`` (``generate`` passes ``[B, n]`` once per step).
             stop_strings, tokenizer: ``generate``'s stop strings (``None``: the target's
                 ``generation_config.stop_strings``), checked as above with transformers' ``StopStringCriteria``,
                 which needs the ``tokenizer``.
