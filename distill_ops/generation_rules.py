@@ -1,7 +1,8 @@
 """transformers' token-sequence logits processors at every node of a draft tree.
 
 ``generate`` applies ``no_repeat_ngram_size``, ``bad_words_ids`` and ``sequence_bias`` from the sequence a token
-would extend. In a verification step, node ``i`` of the tree predicts the token after its own sequence: the
+would extend (``encoder_no_repeat_ngram_size`` from the prompt, ``exponential_decay_length_penalty`` from its
+length: :func:`ban_repeated_ngrams` without a tree, :func:`decay_eos`). In a verification step, node ``i`` of the tree predicts the token after its own sequence: the
 committed tokens (the root is the last of them) and then the drafts on the path from the root to ``i``. These
 helpers apply each processor to every node row of the target's ``[B, T, V]`` logits from that node's sequence, on
 the device, with no host read: a node's last ``width`` tokens come from its ancestors (``tree.parents``) and, past
