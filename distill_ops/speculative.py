@@ -1475,7 +1475,7 @@ class SpeculativeDecoder:
                 checks them: after every new token, on the sequence so far (``[1, n]`` on the target's device, each
                 sequence alone; ``scores`` is None). A sequence ends with the first token after which one holds,
                 that token kept, also inside an accepted path (transformers' assisted decoding checks once per
-                step, after all of the step's tokens). Costs one device-to-host read per step and sequence: the
+                step, after all of the step's tokens). Costs one device-to-host read per step (whole batch): the
                 criteria are called for each of the step's tokens before the read, so a stateful criterion also
                 sees the tokens after the first stop of a step (their results are discarded). In a batch each
                 sequence is checked alone, on ``[1, n]`` (``generate`` passes ``[B, n]`` once per step).
@@ -2094,38 +2094,46 @@ class _Generation:
             return verify_sampling(tree, draft_tokens, logits, impl=impl, **self.sample_args)
         return verify_greedy(tree, draft_tokens, logits, impl=impl)
 
-    def _emit(self, row: int, new_tokens: list[int]) -> list[int]:
-        """Append generated tokens to sequence ``row``, truncated at the first EOS, at ``max_new_tokens`` and after
-        the first token at which a stopping criterion holds, like ``generate``."""
-        tokens = self.rows[row]
-        budget = self.max_new_tokens - (len(tokens) - self.prompt_lens[row])
-        emitted = []
-        for token in new_tokens[:budget]:
-            emitted.append(token)
-            if token in self.eos:
-                self.done[row] = True
-                break
-        if self.criteria is not None and emitted:
-            stop = self._first_stop(tokens, emitted)
+    def _emit(self, rows: list[int], new_tokens: list[list[int]]) -> None:
+        """Append each sequence's generated tokens (``rows``: their input indices), truncated at the first EOS, at
+        ``max_new_tokens`` and after the first token at which a stopping criterion holds, like ``generate``."""
+        cuts = []
+        for row, row_tokens in zip(rows, new_tokens):
+            budget = self.max_new_tokens - (len(self.rows[row]) - self.prompt_lens[row])
+            emitted = row_tokens[:budget]
+            ends = [index for index, token in enumerate(emitted) if token in self.eos]
+            cuts.append(emitted[: ends[0] + 1] if ends else emitted)
+        stops = self._first_stops(rows, cuts) if self.criteria is not None else [None] * len(rows)
+        for row, emitted, stop in zip(rows, cuts, stops):
+            tokens = self.rows[row]
             if stop is not None:
                 emitted = emitted[: stop + 1]
+            tokens.extend(emitted)
+            if (stop is not None or (emitted and emitted[-1] in self.eos)
+                    or len(tokens) - self.prompt_lens[row] >= self.max_new_tokens):
                 self.done[row] = True
-        tokens.extend(emitted)
-        if len(tokens) - self.prompt_lens[row] >= self.max_new_tokens:
-            self.done[row] = True
-        if self.streamer is not None and emitted:
-            with torch.inference_mode(False):  # an ordinary tensor, as generate streams (not an inference tensor)
-                self.streamer.put(torch.tensor([emitted], dtype=torch.int64))
-        return emitted
+            if self.streamer is not None and emitted:
+                with torch.inference_mode(False):  # an ordinary tensor, as generate streams (not an inference one)
+                    self.streamer.put(torch.tensor([emitted], dtype=torch.int64))
 
-    def _first_stop(self, tokens: list[int], emitted: list[int]) -> int | None:
-        """The index of the first of ``emitted`` after which the stopping criteria hold on ``tokens + emitted[:i +
-        1]`` (one criteria call per token, each on a view of one device copy; one device-to-host read), or None."""
+    def _first_stops(self, rows: list[int], emitted: list[list[int]]) -> list[int | None]:
+        """For each sequence, the index of the first of its ``emitted`` tokens after which the stopping criteria
+        hold on the sequence up to that token, or None: one criteria call per token (on a view of one device copy
+        of the sequence), one device-to-host read for the whole batch."""
         device = self.engine.device
-        ids = int64_to_device(tokens + emitted, device).view(1, -1)
-        flags = [self.criteria(ids[:, : len(tokens) + index + 1], None) for index in range(len(emitted))]
-        flags = torch.stack([torch.as_tensor(flag, device=device).reshape(-1).any() for flag in flags]).tolist()
-        return flags.index(True) if True in flags else None
+        flags = []
+        for row, row_emitted in zip(rows, emitted):
+            tokens = self.rows[row]
+            ids = int64_to_device(tokens + row_emitted, device).view(1, -1) if row_emitted else None
+            flags += [torch.as_tensor(self.criteria(ids[:, : len(tokens) + index + 1], None), device=device)
+                      .reshape(-1).any() for index in range(len(row_emitted))]
+        flags = torch.stack(flags).tolist() if flags else []
+        stops, start = [], 0
+        for row_emitted in emitted:
+            row_flags = flags[start: start + len(row_emitted)]
+            start += len(row_emitted)
+            stops.append(row_flags.index(True) if True in row_flags else None)
+        return stops
 
     def _callback(self) -> None:
         if self.step_callback is None:
@@ -2157,8 +2165,7 @@ class _Generation:
             first = result.next_tokens
             first_tokens = [[token] for token in first.tolist()]
             self._commit(self.prompt_lens, first_tokens)
-            for row, tokens in enumerate(first_tokens):
-                self._emit(row, tokens)
+            self._emit(list(range(self.batch)), first_tokens)
             self._callback()
             kept = self._drop_finished()
             if all(self.done):
@@ -2197,7 +2204,7 @@ class _Generation:
             self._commit([pos + 1 for pos in root_pos], new_tokens)
             for row, tokens in zip(self.active, new_tokens):
                 self.accept_lengths[row].append(len(tokens) - 1)
-                self._emit(row, tokens)
+            self._emit(self.active, new_tokens)
             if not self.ragged and self.done[0] and self.cache.get_seq_length() > len(self.rows[0]) - 1:
                 # Drafts accepted past an EOS / the token budget were cut: keep the cache consistent.
                 self.cache.crop(len(self.rows[0]) - 1 - self.cache.get_seq_length())
