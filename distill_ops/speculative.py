@@ -1948,7 +1948,8 @@ class _Generation:
         needed = eos and any(end > length - 1 for end, length in zip(until, self.prompt_lens))
         self.eos_until_rows = until  # per input sequence, on the host: the ban stops once every root passed it
         self.eos_until = int64_to_device(until, device) if needed else None
-        self.eos_ids = int64_to_device(sorted(eos), device) if needed else None
+        eos_ids = int64_to_device(sorted(eos), device) if eos and (needed or rules.decay is not None) else None
+        self.eos_ids = eos_ids if needed else None
         self.suppress = int64_to_device(suppress, device) if suppress else None
         self.begin_suppress = int64_to_device(begin_suppress, device) if begin_suppress else None
         # generate forces the EOS ids at max_length - 1 = prompt + max_new_tokens - 1 tokens: the node at position
@@ -1956,7 +1957,7 @@ class _Generation:
         self.forced_at_rows = [length + max_new_tokens - 2 for length in self.prompt_lens]
         self.forced_at = int64_to_device(self.forced_at_rows, device) if rules.forced_eos else None
         self.forced_eos = int64_to_device(rules.forced_eos, device) if rules.forced_eos else None
-        self.decay_eos = int64_to_device(sorted(eos), device) if rules.decay is not None else None
+        self.decay_eos = eos_ids if rules.decay is not None else None
 
     def _prompt_tensor(self) -> torch.Tensor:
         """``[B, max prompt length]`` int64: each prompt, ``-1`` after it."""
@@ -2077,10 +2078,10 @@ class _Generation:
         impl = self.engine.impl
         tails = self._tails(tree, draft_tokens)
         sequences = self.rules.token_sequences
-        if self.rules.needs_fp32:
-            logits = logits.float()  # the step's own tensor (or a copy): written in place below
         if sequences is not None and sequences.biases:
-            logits = sequences.biased(logits, tails)
+            logits = sequences.biased(logits, tails)  # a new fp32 tensor
+        elif self.rules.needs_fp32:
+            logits = logits.float()  # the step's own tensor (or a copy): written in place below
         if self.prompt_held is not None:  # the prompt's tokens: 1 / penalty, as transformers' encoder processor
             rewarded = _penalized_values(logits, 1 / self.rules.encoder_penalty)
             logits = torch.where(self.prompt_held[:, None, :], rewarded, logits)
