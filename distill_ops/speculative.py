@@ -1400,6 +1400,7 @@ class SpeculativeDecoder:
         stopping_criteria: Sequence[Callable] | None = None,
         stop_strings: str | Sequence[str] | None = None,
         tokenizer: object | None = None,
+        generation_config: object | None = None,
     ) -> SpeculativeOutput:
         """Generate up to ``max_new_tokens`` tokens after each prompt of ``input_ids``.
 
@@ -1420,8 +1421,8 @@ class SpeculativeDecoder:
             top_k, top_p: filters of the target distribution when sampling (ignored when greedy). Only these
                 arguments count: the target's ``generation_config`` sampling fields (``do_sample``,
                 ``temperature``, ``top_k``, ``top_p``) are not read, and ``top_k=None`` means no top-k, where
-                ``generate`` left to its defaults applies ``top_k=50``. ``top_k=0`` also means no top-k, as in
-                ``generate``.
+                ``generate`` left to its defaults applies ``top_k=50`` (:meth:`hf_generate` applies those defaults).
+                ``top_k=0`` also means no top-k, as in ``generate``.
             repetition_penalty: transformers' repetition penalty (> 0; 1 = none), greedy or sampling, applied
                 to the target's logits exactly as ``generate`` does: at each tree node, each token the sequence
                 holds up to that node (its prompt, its generated tokens, the drafts on the node's path) has its
@@ -1482,6 +1483,11 @@ class SpeculativeDecoder:
             stop_strings, tokenizer: ``generate``'s stop strings (``None``: the target's
                 ``generation_config.stop_strings``), checked as above with transformers' ``StopStringCriteria``,
                 which needs the ``tokenizer``.
+            generation_config: a transformers ``GenerationConfig`` read instead of the target's
+                ``generation_config`` wherever an option above is ``None`` ("the target's ``generation_config``"
+                above then means this one; errors name ``generation_config.<field>``). Its ``do_sample``,
+                ``temperature``, ``top_k``, ``top_p`` and length fields are not read either: :meth:`hf_generate`
+                resolves a config and keyword options exactly as ``target.generate`` does.
 
         Each sequence is decoded as if it were alone (see :class:`_Generation` for how a batch shares the
         forwards). Returns a :class:`SpeculativeOutput`.
@@ -1505,9 +1511,13 @@ class SpeculativeDecoder:
         rows, max_new_tokens, top_k = self._check_generate_args(
             input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, generator
         )
+        if generation_config is None:
+            defaults = _ConfigDefaults(getattr(self.target, "generation_config", None), "target.generation_config")
+        else:
+            defaults = _ConfigDefaults(_checked_generation_config(generation_config), "generation_config")
         warpers = None
         if temperature > 0:
-            warpers = self._warpers(temperature, top_k, top_p, min_p=min_p, typical_p=typical_p,
+            warpers = self._warpers(defaults, temperature, top_k, top_p, min_p=min_p, typical_p=typical_p,
                                     epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_h=top_h)
         if self._position_limit is not None:
             what, limit = self._position_limit
@@ -1518,19 +1528,19 @@ class SpeculativeDecoder:
                     f"the new tokens and the tree depth stay within {limit} positions, got {longest} + "
                     f"max_new_tokens={max_new_tokens} + depth {self.tree_depth}: lower max_new_tokens"
                 )
-        _check_generation_config(self.target, min(len(row) for row in rows))
-        penalty = self._repetition_penalty(repetition_penalty)
-        eos = self._eos_ids(eos_token_id)
-        rules = self._logit_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids, sequence_bias,
+        _check_generation_config(defaults, min(len(row) for row in rows))
+        penalty = self._repetition_penalty(defaults, repetition_penalty)
+        eos = self._eos_ids(defaults, eos_token_id)
+        rules = self._logit_rules(defaults, min_new_tokens, no_repeat_ngram_size, bad_words_ids, sequence_bias,
                                   forced_eos_token_id, eos, encoder_repetition_penalty,
                                   encoder_no_repeat_ngram_size, exponential_decay_length_penalty)
         if pad_token_id is None:
-            pad_token_id = self._config_value("pad_token_id")
+            pad_token_id = defaults.get("pad_token_id")
         if pad_token_id is None:
             pad_token_id = eos[0] if eos else 0
         sampling = temperature > 0
         models = [self.target] if isinstance(self._drafter, _FSPADDrafter) else [self.target, self.draft]
-        criteria = _stopping_criteria(stopping_criteria, stop_strings, tokenizer, self._config_value("stop_strings"))
+        criteria = _stopping_criteria(stopping_criteria, stop_strings, tokenizer, defaults)
         timer = _Timer(self.device, self.profile)
         start = time.perf_counter()
         if streamer is not None:
@@ -1554,6 +1564,113 @@ class SpeculativeDecoder:
             timings=timings,
             prompt_length=input_ids.shape[1],
             row_accept_lengths=state.accept_lengths,
+        )
+
+    def hf_generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: object | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        streamer: object | None = None,
+        stopping_criteria: Sequence[Callable] | None = None,
+        tokenizer: object | None = None,
+        step_callback: Callable[[torch.Tensor, object], None] | None = None,
+        **kwargs,
+    ) -> SpeculativeOutput:
+        """:meth:`generate` called the way ``target.generate`` is: its options resolved as transformers resolves them.
+
+        ``generation_config`` (a ``GenerationConfig``, else the target's) merged with ``kwargs`` (any of its fields:
+        ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ...) by the
+        target's own ``_prepare_generation_config``, so unset fields take the target's generation config and then
+        transformers' global defaults (``max_length=20``, ``top_k=50``, ``temperature=1.0``, ...). Then, as
+        ``generate``: ``do_sample=False`` decodes greedily and ignores the sampling fields; ``do_sample=True``
+        samples with the config's ``temperature``, ``top_k`` and ``top_p`` and every other warper; ``max_new_tokens``
+        wins over ``max_length`` (which counts the padded prompt; unset: 20 new tokens, capped at the model's
+        ``max_position_embeddings``); ``min_new_tokens`` wins over ``min_length``; ``max_time`` adds transformers'
+        ``MaxTimeCriteria``; ``num_return_sequences`` (sampling) repeats each prompt that often, adjacent in the
+        output; a ``bos_token_id`` prompt of batch size 1 when no prompt is given. ``inputs`` or ``input_ids`` and
+        ``attention_mask`` are the prompt (``**tokenizer(...)`` works); the other keywords are :meth:`generate`'s.
+
+        Refused with a ``ValueError`` naming them: decoding modes other than greedy and sampling (beam search and
+        its variants, DoLa, contrastive search: :meth:`generate`'s refusals), ``output_scores`` / ``output_logits``
+        / ``output_attentions`` / ``output_hidden_states`` (the engine has no per-step scores), and keywords that
+        are neither a generation option nor one of the above (model inputs such as ``token_type_ids``, or
+        ``generate``'s ``logits_processor``, ``prefix_allowed_tokens_fn``, ``assistant_model``, ...). Ignored, as
+        they do not change the output: ``return_dict_in_generate`` (a :class:`SpeculativeOutput` is returned),
+        ``use_cache``, ``cache_implementation``, ``prompt_lookup_num_tokens``, ``renormalize_logits``,
+        ``remove_invalid_values``. The output equals ``target.generate``'s as :meth:`generate` documents it (greedy
+        token for token; sampling in distribution, top-p's exact ties aside).
+        """
+        from transformers.generation import MaxTimeCriteria, StoppingCriteriaList
+
+        prepare = getattr(self.target, "_prepare_generation_config", None)
+        if prepare is None:
+            raise TypeError(f"hf_generate resolves options with the target's transformers generation support "
+                            f"(GenerationMixin._prepare_generation_config), which {type(self.target).__name__} "
+                            f"lacks: call generate() with explicit options")
+        if generation_config is not None:
+            _checked_generation_config(generation_config)
+        if inputs is not None and input_ids is not None:
+            raise ValueError("hf_generate takes the prompt as inputs or as input_ids, got both")
+        prompt = inputs if inputs is not None else input_ids
+        explicit_max_length = kwargs.get("max_length") is not None
+        config, unused = prepare(generation_config, **kwargs)
+        if unused:
+            raise ValueError(f"hf_generate does not take {', '.join(sorted(unused))}: neither a generation option nor "
+                             f"a model input the engine passes on (input_ids and attention_mask are)")
+        outputs = [name for name in ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
+                   if getattr(config, name, False)]
+        if outputs:
+            raise ValueError(f"the generation options set {', '.join(outputs)}: the speculative engine returns "
+                             f"sequences only (no per-step scores, logits, attentions or hidden states)")
+        config.validate()
+        mode = str(getattr(config.get_generation_mode(), "value", config.get_generation_mode()))
+        if mode not in ("greedy_search", "sample", "assisted_generation"):
+            raise ValueError(f"the generation options select transformers' {mode!r} decoding (num_beams="
+                             f"{config.num_beams}); the speculative engine decodes greedily or samples: set "
+                             f"num_beams=1 (and penalty_alpha / dola_layers to None)")
+        if prompt is None:
+            if config.bos_token_id is None:
+                raise ValueError("hf_generate needs a prompt (inputs or input_ids) or a bos_token_id to start from")
+            prompt = torch.full((1, 1), int(config.bos_token_id), dtype=torch.int64, device=self.device)
+        check_tensor("input_ids", prompt, dtypes=INT_DTYPES)
+        if prompt.dim() == 1:
+            prompt = prompt[None]
+            if attention_mask is not None and attention_mask.dim() == 1:
+                attention_mask = attention_mask[None]
+        copies = config.num_return_sequences or 1
+        if copies > 1:  # generate's expansion: each prompt repeated, adjacent (greedy refused by validate())
+            prompt = prompt.repeat_interleave(copies, dim=0)
+            attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(copies, dim=0)
+        length = prompt.shape[-1]
+        max_new_tokens = config.max_new_tokens
+        if max_new_tokens is None:
+            max_length = config.max_length
+            if _default_max_length(config, generation_config, self.target, explicit_max_length):
+                max_length = max_length + length  # generate's default: 20 new tokens, within the model's positions
+                positions = getattr(getattr(self.target, "config", None), "max_position_embeddings", None)
+                max_length = max_length if positions is None else min(max_length, positions)
+            max_new_tokens = max_length - length
+            if max_new_tokens <= 0:
+                raise ValueError(f"input_ids has length {length}, but max_length is {max_length}: nothing to "
+                                 f"generate; set max_new_tokens (as transformers' generate asks)")
+        criteria = StoppingCriteriaList(list(stopping_criteria or []))
+        if config.max_time is not None:
+            criteria.append(MaxTimeCriteria(max_time=config.max_time))
+        temperature, top_k, top_p = 0.0, None, None
+        if config.do_sample:
+            temperature, top_k, top_p = config.temperature, config.top_k, config.top_p
+            if temperature is None or temperature <= 0:
+                raise ValueError(f"do_sample=True needs a temperature > 0 (transformers' temperature warper "
+                                 f"refuses {temperature}), got temperature={temperature}")
+            top_p = None if top_p is None or top_p >= 1.0 else top_p
+        return self.generate(
+            prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            generator=generator, attention_mask=attention_mask, step_callback=step_callback, streamer=streamer,
+            stopping_criteria=criteria, tokenizer=tokenizer, generation_config=config,
         )
 
     def _check_generate_args(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
@@ -1611,11 +1728,7 @@ class SpeculativeDecoder:
                 )
         return rows, max_new_tokens, top_k
 
-    def _config_value(self, name: str):
-        """The target's ``generation_config.<name>`` (None when unset or without a generation config)."""
-        return getattr(getattr(self.target, "generation_config", None), name, None)
-
-    def _warpers(self, temperature, top_k, top_p, **extra):
+    def _warpers(self, defaults: "_ConfigDefaults", temperature, top_k, top_p, **extra):
         """transformers' sampling warper list, as ``generate`` builds it, when one of ``extra`` (``min_p``,
         ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff``, ``top_h``; each ``None``: the generation config's) is
         active; None otherwise (the verifiers then filter with ``temperature`` / ``top_k`` / ``top_p``)."""
@@ -1623,9 +1736,7 @@ class SpeculativeDecoder:
 
         values = {}
         for name, value in extra.items():
-            source = name
-            if value is None:
-                source, value = f"target.generation_config.{name}", self._config_value(name)
+            source, value = defaults.option(name, value)
             if value is None:
                 continue
             low, high, neutral = _WARPER_RANGES[name]
@@ -1656,27 +1767,21 @@ class SpeculativeDecoder:
             warpers.append(processors.EtaLogitsWarper(epsilon=values["eta_cutoff"], device=self.device))
         return warpers
 
-    def _repetition_penalty(self, penalty, field: str = "repetition_penalty") -> float | None:
-        """The penalty to apply (``None`` for none): the argument, else the target's generation config's."""
+    @staticmethod
+    def _repetition_penalty(defaults: "_ConfigDefaults", penalty, field: str = "repetition_penalty") -> float | None:
+        """The penalty to apply (``None`` for none): the argument, else the generation config's."""
+        name, penalty = defaults.option(field, penalty)
         if penalty is None:
-            penalty = self._config_value(field)
-            if penalty is None:
-                return None
-            name = f"target.generation_config.{field}"
-        else:
-            name = field
+            return None
         penalty = check_number(name, penalty, low=0.0, low_inclusive=False)
         return None if penalty == 1.0 else penalty
 
-    def _logit_rules(self, min_new_tokens, no_repeat_ngram_size=None, bad_words_ids=None, sequence_bias=None,
-                     forced_eos_token_id=None, eos=(), encoder_repetition_penalty=None,
-                     encoder_no_repeat_ngram_size=None, exponential_decay_length_penalty=None) -> "_LogitRules":
-        """The logits processors to apply: each argument, else the target's generation config's value."""
-        def config(name, value):  # (name for errors, value): the argument, else the generation config's
-            if value is None:
-                return f"target.generation_config.{name}", self._config_value(name)
-            return name, value
-
+    def _logit_rules(self, defaults: "_ConfigDefaults", min_new_tokens, no_repeat_ngram_size=None,
+                     bad_words_ids=None, sequence_bias=None, forced_eos_token_id=None, eos=(),
+                     encoder_repetition_penalty=None, encoder_no_repeat_ngram_size=None,
+                     exponential_decay_length_penalty=None) -> "_LogitRules":
+        """The logits processors to apply: each argument, else the generation config's value."""
+        config = defaults.option
         ngram = check_ngram_size(*config("no_repeat_ngram_size", no_repeat_ngram_size))
         bias_name, bias = config("sequence_bias", sequence_bias)
         bad_name, bad = config("bad_words_ids", bad_words_ids)
@@ -1686,43 +1791,36 @@ class SpeculativeDecoder:
             tokens = tokens if tokens.biases or tokens.bans else None
         forced_name, forced = config("forced_eos_token_id", forced_eos_token_id)
         forced = self._token_list(forced_name, forced)
-        bounds = self._eos_bounds(min_new_tokens)
+        bounds = self._eos_bounds(defaults, min_new_tokens)
         if forced and set(forced) <= set(bounds[2]):  # transformers' GenerationConfig.validate refuses it too
             raise ValueError(f"every token of {forced_name} ({sorted(set(forced))}) is also in "
-                             f"target.generation_config.suppress_tokens: all logits would be -inf where the EOS is "
+                             f"{defaults.label}.suppress_tokens: all logits would be -inf where the EOS is "
                              f"forced; remove the overlap (min_new_tokens= holds an EOS back)")
         decay = check_decay(*config("exponential_decay_length_penalty", exponential_decay_length_penalty))
         return _LogitRules(
             *bounds, ngram, tokens, forced,
-            self._repetition_penalty(encoder_repetition_penalty, "encoder_repetition_penalty"),
+            self._repetition_penalty(defaults, encoder_repetition_penalty, "encoder_repetition_penalty"),
             check_ngram_size(*config("encoder_no_repeat_ngram_size", encoder_no_repeat_ngram_size)),
             decay if eos else None,  # generate's decay acts on the EOS ids: none, no effect
         )
 
-    def _eos_bounds(self, min_new_tokens) -> tuple[int | None, int, list[int], list[int]]:
-        """``(min_new_tokens, min_length, suppress_tokens, begin_suppress_tokens)``: the argument, else the target's
+    def _eos_bounds(self, defaults: "_ConfigDefaults", min_new_tokens) -> tuple[int | None, int, list[int], list[int]]:
+        """``(min_new_tokens, min_length, suppress_tokens, begin_suppress_tokens)``: the argument, else the
         generation config (None, 0 and empty lists where unset)."""
-        if min_new_tokens is None:
-            min_new_tokens = check_int("target.generation_config.min_new_tokens",
-                                       self._config_value("min_new_tokens"), low=0, optional=True)
-        else:
-            min_new_tokens = check_int("min_new_tokens", min_new_tokens, low=0)
-        min_length = check_int("target.generation_config.min_length", self._config_value("min_length") or 0, low=0)
+        min_new_tokens = check_int(*defaults.option("min_new_tokens", min_new_tokens), low=0, optional=True)
+        min_length = check_int(f"{defaults.label}.min_length", defaults.get("min_length") or 0, low=0)
         suppress = []
         for name in ("suppress_tokens", "begin_suppress_tokens"):
-            ids = [check_int(f"target.generation_config.{name}", token, low=0)
-                   for token in self._config_value(name) or []]
+            label = f"{defaults.label}.{name}"
+            ids = [check_int(label, token, low=0) for token in defaults.get(name) or []]
             bad = [token for token in ids if token >= self.vocab_size]
             if bad:
-                raise ValueError(f"target.generation_config.{name} must hold token ids in [0, {self.vocab_size}), "
-                                 f"got {bad[0]}")
+                raise ValueError(f"{label} must hold token ids in [0, {self.vocab_size}), got {bad[0]}")
             suppress.append(ids)
         return min_new_tokens, min_length, *suppress
 
-    def _eos_ids(self, eos_token_id) -> list[int]:
-        if eos_token_id is None:
-            eos_token_id = self._config_value("eos_token_id")
-        return self._token_list("eos_token_id", eos_token_id, vocab_bound=False)
+    def _eos_ids(self, defaults: "_ConfigDefaults", eos_token_id) -> list[int]:
+        return self._token_list(*defaults.option("eos_token_id", eos_token_id), vocab_bound=False)
 
     def _token_list(self, name: str, ids, vocab_bound: bool = True) -> list[int]:
         """One token id or a list (or tensor) of them, as a list (``None``: empty)."""
@@ -1776,6 +1874,24 @@ class _LogitRules:
         return sequences or self.encoder_penalty is not None or self.decay is not None
 
 
+@dataclass(frozen=True)
+class _ConfigDefaults:
+    """Where ``generate`` reads the options it is not given: a transformers generation config (None: none) and
+    the name errors give it (``target.generation_config``, or ``generation_config`` for a caller's own)."""
+    config: object | None
+    label: str
+
+    def get(self, name: str):
+        """The config's ``name`` (None when unset or without a config)."""
+        return getattr(self.config, name, None)
+
+    def option(self, name: str, value) -> tuple[str, object]:
+        """``(name for errors, value)``: the argument when given, else the config's value."""
+        if value is None:
+            return f"{self.label}.{name}", self.get(name)
+        return name, value
+
+
 # generation_config fields with which target.generate's output is not what the engine reproduces (every other
 # logits processor and warper generate builds from the config is applied by the engine, see generate): beam search,
 # guidance, watermarking. Each maps to its neutral value (None and empty lists are neutral for all).
@@ -1789,7 +1905,7 @@ _WARPER_RANGES = {
 }
 
 
-def _stopping_criteria(criteria, stop_strings, tokenizer, config_stop_strings):
+def _stopping_criteria(criteria, stop_strings, tokenizer, defaults: _ConfigDefaults):
     """transformers' ``StoppingCriteriaList`` of the given criteria and, for ``stop_strings`` (else the generation
     config's), a ``StopStringCriteria``; None when there are none."""
     from transformers import StoppingCriteriaList, StopStringCriteria
@@ -1804,9 +1920,7 @@ def _stopping_criteria(criteria, stop_strings, tokenizer, config_stop_strings):
             raise TypeError(f"stopping_criteria[{index}] must be callable (a transformers StoppingCriteria), got "
                             f"{type(item).__name__}")
     criteria = StoppingCriteriaList(criteria)
-    name = "stop_strings"
-    if stop_strings is None:
-        name, stop_strings = "target.generation_config.stop_strings", config_stop_strings
+    name, stop_strings = defaults.option("stop_strings", stop_strings)
     if stop_strings:
         if tokenizer is None:
             raise ValueError(f"{name} needs the target's tokenizer: pass tokenizer= to generate (as to "
@@ -1842,11 +1956,35 @@ def repetition_penalized(logits: torch.Tensor, penalty: float, seen: torch.Tenso
     return torch.where(held[..., :vocab], _penalized_values(logits, penalty), logits)
 
 
-def _check_generation_config(target: torch.nn.Module, shortest_prompt: int) -> None:
-    """A ``ValueError`` naming the target's ``generation_config`` fields that would make ``target.generate``'s
+def _checked_generation_config(config: object) -> object:
+    """``config`` when it is a transformers ``GenerationConfig``; a ``TypeError`` naming what it is otherwise."""
+    from transformers import GenerationConfig
+
+    if not isinstance(config, GenerationConfig):
+        raise TypeError(f"generation_config must be a transformers GenerationConfig or None, got "
+                        f"{type(config).__name__}")
+    return config
+
+
+def _default_max_length(config, given, target, explicit: bool) -> bool:
+    """Whether transformers' ``generate`` reads ``config.max_length`` as its default (20 new tokens after the prompt)
+    rather than a length set by the caller or the model: transformers 5 asks whether any config set it (its fields
+    default to None), transformers 4 whether it still equals ``GenerationConfig().max_length``."""
+    from transformers import GenerationConfig
+
+    if explicit:
+        return False
+    if hasattr(GenerationConfig, "_get_default_generation_params"):  # transformers 5
+        model_config = getattr(target, "generation_config", None)
+        return all(getattr(source, "max_length", None) is None for source in (given, model_config))
+    return config.max_length == GenerationConfig().max_length
+
+
+def _check_generation_config(defaults: _ConfigDefaults, shortest_prompt: int) -> None:
+    """A ``ValueError`` naming the generation config's fields that would make ``target.generate``'s
     output differ from the engine's (which applies none of them): beam search, guidance, watermarking.
     ``forced_bos_token_id`` only acts on a one-token prompt (generate forces the token after it)."""
-    config = getattr(target, "generation_config", None)
+    config = defaults.config
     if config is None:
         return
     fields = dict(_GENERATION_FIELDS)
@@ -1859,10 +1997,10 @@ def _check_generation_config(target: torch.nn.Module, shortest_prompt: int) -> N
     if active:
         settings = ", ".join(f"{name}={value!r}" for name, value in active.items())
         raise ValueError(
-            f"the target's generation_config sets {settings}: target.generate applies "
+            f"{defaults.label} sets {settings}: target.generate applies "
             f"{'it' if len(active) == 1 else 'them'} (also when greedy), the speculative engine does not, so its "
             f"output would differ; set {'it' if len(active) == 1 else 'them'} to the neutral value on "
-            f"target.generation_config (e.g. num_beams=1, others None) to decode without"
+            f"{defaults.label} (e.g. num_beams=1, others None) to decode without"
         )
 
 

@@ -96,7 +96,7 @@ def _engine():
     batch_mask[1, :4] = 0  # a 2-token prompt, left padded as a tokenizer pads for generation
     return dict(target=target, draft=target, input_ids=torch.randint(0, V, (1, 5), device=DEVICE),
                 g=torch.Generator(DEVICE).manual_seed(0), batch_ids=batch_ids, batch_mask=batch_mask,
-                tokenizer=word_tokenizer(V))
+                tokenizer=word_tokenizer(V), text="t5 t9 t30")
 
 
 def _trl(tmp_path):
@@ -206,6 +206,8 @@ def _check_engine(ns, given):
         alone = ns["engine"].generate(ids[row:row + 1, mask[row].bool()], max_new_tokens=64)
         new = alone.sequences[0, int(mask[row].sum()):]
         assert torch.equal(batch.sequences[row, 6: 6 + new.shape[0]], new)
+    hf_like = ns["hf_like"].sequences  # sampled, from the tokenized text
+    assert hf_like.shape[0] == 1 and 4 <= hf_like.shape[1] <= 3 + 64 and hf_like[0, :3].tolist() == [5, 9, 30]
 
 
 # First import line of each README block -> (prelude, check).

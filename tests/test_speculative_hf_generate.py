@@ -1,0 +1,173 @@
+"""``SpeculativeDecoder.hf_generate``: the engine called as ``target.generate`` is, options resolved as
+transformers resolves them (a ``GenerationConfig`` and keyword overrides over the target's config and the global
+defaults), and ``generate(generation_config=...)``, which reads the options it is not given from that config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from distill_ops import SpeculativeDecoder
+
+from .conftest import DEVICE, word_tokenizer
+from .test_speculative import DYNAMIC_TREE, models, prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
+
+
+def _engine(impl: str = "torch") -> SpeculativeDecoder:
+    target, draft = models("llama")
+    return SpeculativeDecoder(target, draft, impl=impl, **DYNAMIC_TREE)
+
+
+@pytest.mark.parametrize("options", [
+    {},  # generate's default: 20 new tokens
+    dict(max_new_tokens=7),
+    dict(max_length=9),  # the prompt counts
+    dict(max_length=30, max_new_tokens=4),  # max_new_tokens wins
+    dict(max_new_tokens=9, repetition_penalty=1.3, no_repeat_ngram_size=2),
+    dict(max_new_tokens=6, eos_token_id=list(range(0, 256, 3)), min_new_tokens=3, pad_token_id=0),
+    dict(max_new_tokens=6, eos_token_id=list(range(0, 256, 3)), min_length=8, pad_token_id=0),
+    # min_new_tokens wins over min_length (the EOS may come after 1 new token, not at 30 tokens)
+    dict(max_new_tokens=6, eos_token_id=list(range(0, 256, 3)), min_length=30, min_new_tokens=1, pad_token_id=0),
+    dict(max_new_tokens=5, top_k=3, temperature=0.5, top_p=0.5),  # sampling fields: ignored when greedy
+])
+def test_greedy_options_resolve_as_generate(options):
+    """Keyword options over the target's (empty) generation config: the same sequences as ``target.generate``."""
+    engine = _engine()
+    for prompt in prompts(256, [1, 5], seed=4):
+        expected = engine.target.generate(prompt, **options)
+        assert torch.equal(engine.hf_generate(prompt, **options).sequences, expected), options
+
+
+def test_generation_config_object_and_the_targets_config():
+    """A ``GenerationConfig`` given to both; fields of the target's own config fill what it leaves unset, and
+    keywords override both. ``generate(generation_config=...)`` reads its unset options from the given config
+    instead of the target's."""
+    engine = _engine()
+    target = engine.target
+    prompt = prompts(256, [6], seed=9)[0]
+    given = GenerationConfig(max_new_tokens=8, repetition_penalty=1.4)
+    plain = target.generate(prompt, generation_config=given)
+    assert torch.equal(engine.hf_generate(prompt, given).sequences, plain)
+    target.generation_config.suppress_tokens = [int(plain[0, 6])]  # the first new token: the output changes
+    try:
+        for options in ({}, dict(suppress_tokens=[]), dict(max_new_tokens=3)):
+            expected = target.generate(prompt, generation_config=given, **options)
+            assert torch.equal(engine.hf_generate(prompt, given, **options).sequences, expected), options
+        unpenalized = engine.hf_generate(prompt, max_new_tokens=8).sequences
+        assert torch.equal(unpenalized, target.generate(prompt, max_new_tokens=8))
+        # generate() with a given config: its repetition penalty and no suppressed tokens, not the target's
+        own = engine.generate(prompt, max_new_tokens=8, generation_config=GenerationConfig(repetition_penalty=1.4))
+        assert torch.equal(own.sequences, plain)
+        assert not torch.equal(own.sequences, target.generate(prompt, max_new_tokens=8, repetition_penalty=1.4))
+    finally:
+        target.generation_config.suppress_tokens = None
+
+
+def test_tokenizer_batch_with_attention_mask_and_bos_start():
+    """``**tokenizer(texts)`` of a left-padded batch (``input_ids`` and ``attention_mask`` keywords), and no prompt
+    at all (``bos_token_id``: a batch of one, as ``generate`` starts)."""
+    engine = _engine()
+    tokenizer = word_tokenizer(256)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["t5 t9 t30 t77", "t3 t200"], padding=True, return_tensors="pt").to(DEVICE)
+    expected = engine.target.generate(**batch, max_new_tokens=6, pad_token_id=0)
+    assert torch.equal(engine.hf_generate(**batch, max_new_tokens=6, pad_token_id=0).sequences, expected)
+    expected = engine.target.generate(bos_token_id=7, max_new_tokens=5)
+    assert torch.equal(engine.hf_generate(bos_token_id=7, max_new_tokens=5).sequences, expected)
+
+
+def test_sampling_maps_do_sample_and_the_global_defaults():
+    """``do_sample=True`` samples with the config's temperature, ``top_k`` (transformers' default 50 when unset)
+    and ``top_p``: the same tokens as ``generate`` given those values and the same generator state, and not those
+    of a run without the default top-k (which the flat temperature makes matter). ``num_return_sequences``
+    repeats each prompt, adjacent."""
+    engine = _engine()
+    first, second = prompts(256, [3, 3], seed=12)
+    ids = torch.cat([first, second])
+
+    def generator():
+        return torch.Generator(device=DEVICE).manual_seed(5)
+
+    options = dict(max_new_tokens=6, temperature=6.0)
+    ours = engine.hf_generate(ids, do_sample=True, generator=generator(), **options).sequences
+    assert torch.equal(ours, engine.generate(ids, top_k=50, generator=generator(), **options).sequences)
+    assert not torch.equal(ours, engine.generate(ids, generator=generator(), **options).sequences)
+    ours = engine.hf_generate(ids, do_sample=True, top_k=0, top_p=0.9, num_return_sequences=3, generator=generator(),
+                              **options).sequences
+    repeated = ids.repeat_interleave(3, dim=0)
+    assert torch.equal(ours[:, :3], repeated)
+    assert torch.equal(ours, engine.generate(repeated, top_p=0.9, generator=generator(), **options).sequences)
+    # temperature 1 (the default) and top_p 1 are no warpers
+    ours = engine.hf_generate(ids, do_sample=True, max_new_tokens=4, top_p=1.0, generator=generator()).sequences
+    assert torch.equal(ours, engine.generate(ids, max_new_tokens=4, temperature=1.0, top_k=50,
+                                             generator=generator()).sequences)
+
+
+def test_max_time_and_stopping_criteria():
+    """``max_time`` adds transformers' ``MaxTimeCriteria`` (0 seconds: one new token, as ``generate``), next to the
+    caller's criteria."""
+    engine = _engine()
+    prompt = prompts(256, [4], seed=3)[0]
+    expected = engine.target.generate(prompt, max_new_tokens=8, max_time=0.0)
+    assert expected.shape[1] == 5
+    assert torch.equal(engine.hf_generate(prompt, max_new_tokens=8, max_time=0.0).sequences, expected)
+
+    def stop_at_seven(input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 7, dtype=torch.bool, device=input_ids.device)
+
+    out = engine.hf_generate(prompt, max_new_tokens=8, stopping_criteria=[stop_at_seven]).sequences
+    assert torch.equal(out, engine.target.generate(prompt, max_new_tokens=8)[:, :7])
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(num_beams=2), ValueError, "beam_search"),
+    (dict(output_scores=True, return_dict_in_generate=True), ValueError, "output_scores"),
+    (dict(token_type_ids=torch.zeros(1, 4, dtype=torch.int64)), ValueError, "token_type_ids"),
+    (dict(logits_processor=[]), ValueError, "logits_processor"),
+    (dict(max_length=3), ValueError, "max_length is 3"),
+    (dict(do_sample=True, temperature=0.0), ValueError, "temperature"),
+    (dict(num_return_sequences=2), ValueError, "num_return_sequences"),
+    (dict(repetition_penalty=-1.0), ValueError, "repetition_penalty"),
+    (dict(generation_config={"max_new_tokens": 3}), TypeError, "GenerationConfig"),
+    (dict(input_ids=torch.zeros(1, 4, dtype=torch.int64)), ValueError, "both"),
+    (dict(inputs=None, bos_token_id=None), ValueError, "bos_token_id"),
+])
+def test_refusals_name_the_option(options, error, match):
+    """Options the engine cannot honour, or bad values, are refused naming them, before any forward."""
+    engine = _engine()
+    prompt = prompts(256, [4], seed=3)[0]
+    calls = []
+    handle = engine.target.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        inputs = options.pop("inputs", prompt)
+        with pytest.raises(error, match=match):
+            engine.hf_generate(inputs, **options)
+    finally:
+        handle.remove()
+    assert not calls
+
+
+def test_generate_generation_config_argument_is_checked_and_named():
+    """``generate(generation_config=...)``: not a ``GenerationConfig`` is a ``TypeError``; a bad field value is a
+    ``ValueError`` naming ``generation_config.<field>`` (not the target's); beam search in it is refused."""
+    engine = _engine()
+    prompt = prompts(256, [4], seed=3)[0]
+    with pytest.raises(TypeError, match="generation_config must be a transformers GenerationConfig"):
+        engine.generate(prompt, max_new_tokens=2, generation_config=dict(repetition_penalty=1.2))
+    config = GenerationConfig()
+    config.repetition_penalty = -2.0
+    with pytest.raises(ValueError, match=r"^generation_config\.repetition_penalty"):
+        engine.generate(prompt, max_new_tokens=2, generation_config=config)
+    with pytest.raises(ValueError, match=r"generation_config sets num_beams=3"):
+        engine.generate(prompt, max_new_tokens=2, generation_config=GenerationConfig(num_beams=3))
+
+
+def test_triton_path():
+    """The same resolution on the Triton kernels (interpreter on CPU)."""
+    engine = _engine("triton")
+    prompt = prompts(256, [5], seed=21)[0]
+    options = dict(max_new_tokens=6, repetition_penalty=1.2)
+    assert torch.equal(engine.hf_generate(prompt, **options).sequences, engine.target.generate(prompt, **options))
