@@ -84,8 +84,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ._utils import (
-    INT_DTYPES, check_int, check_number, check_tensor, resolve_impl, sink_softmax, softcapped, text_config,
-    to_device_async,
+    INT_DTYPES, check_flag, check_int, check_number, check_tensor, resolve_impl, sink_softmax, softcapped,
+    text_config, to_device_async,
 )
 from .generation_rules import (
     TokenSequenceRules, ban_repeated_ngrams, check_decay, check_ngram_size, decay_eos, node_tails,
@@ -1226,6 +1226,11 @@ class SpeculativeOutput:
             synchronised at phase boundaries (device times); otherwise they are host times.
         prompt_length: ``L``.
         row_accept_lengths: ``accept_lengths`` of each sequence.
+        scores: with ``output_scores=True``, per input sequence an fp32 ``[new tokens, V]`` tensor: row ``k`` holds
+            the scores the ``k``-th new token was chosen from, as ``generate``'s ``scores[k][b]`` (the target's
+            logits after every processor, and after the warpers when sampling); None otherwise.
+        logits: with ``output_logits=True``, likewise the target's unprocessed logits (``generate``'s ``logits``,
+            fp32); None otherwise.
     """
 
     sequences: torch.Tensor
@@ -1234,6 +1239,8 @@ class SpeculativeOutput:
     timings: dict[str, float]
     prompt_length: int = 0
     row_accept_lengths: list[list[int]] = field(default_factory=list)
+    scores: list[torch.Tensor] | None = None
+    logits: list[torch.Tensor] | None = None
 
     @property
     def num_new_tokens(self) -> int:
@@ -1401,6 +1408,10 @@ class SpeculativeDecoder:
         stop_strings: str | Sequence[str] | None = None,
         tokenizer: object | None = None,
         generation_config: object | None = None,
+        logits_processor: Sequence[Callable] | None = None,
+        prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], Sequence[int]] | None = None,
+        output_scores: bool = False,
+        output_logits: bool = False,
     ) -> SpeculativeOutput:
         """Generate up to ``max_new_tokens`` tokens after each prompt of ``input_ids``.
 
@@ -1483,6 +1494,27 @@ class SpeculativeDecoder:
             stop_strings, tokenizer: ``generate``'s stop strings (``None``: the target's
                 ``generation_config.stop_strings``), checked as above with transformers' ``StopStringCriteria``,
                 which needs the ``tokenizer``.
+            logits_processor: the caller's logits processors (a transformers ``LogitsProcessorList`` or a list of
+                callables ``(input_ids, scores) -> scores``), applied as ``generate`` applies them: after its own
+                processors, before the warpers, on fp32 scores. At every tree node, on the node's own sequence: each
+                step calls the list once per sequence and tree depth, with ``input_ids [n, length]`` (on the device)
+                holding the sequences of the ``n`` nodes of that depth (the committed tokens, then the drafts on the
+                node's path) and their ``scores [n, V]`` (``generate`` calls it once per token on ``[B, length]``).
+                So a processor must be a function of its arguments (transformers' own are; one that keeps state
+                between calls, expecting one call per token, is not supported). The drafts do not see it: tokens it
+                forbids are rejected by verification (fewer accepted, same output). Costs one device-to-host read
+                of the tree per step.
+            prefix_allowed_tokens_fn: ``generate``'s constrained decoding: ``fn(batch_id, sequence)`` lists the
+                tokens allowed after ``sequence`` (a 1-D device tensor); the others get -inf, where ``generate``
+                applies it (after the minimum-length rules, before the forced EOS). Called at every tree node on
+                the node's sequence, ``batch_id`` the sequence's index in ``input_ids`` (its own tokens, without
+                the left padding ``generate`` would pass); an empty list is a ``ValueError``, as in ``generate``.
+            output_scores, output_logits: fill :class:`SpeculativeOutput`'s ``scores`` (the processed, and when
+                sampling warped, target logits each new token was chosen from, as ``generate`` reports them) and
+                ``logits`` (the unprocessed ones), per sequence ``[new tokens, V]`` fp32. The rows along each
+                accepted path are gathered on the device at every step (``[B, depth + 1, V]``) and kept for the
+                emitted tokens. When sampling, the scores pass through transformers' warpers (top-p keeps its
+                sorted prefix there, where verification keeps exact ties at the cut).
             generation_config: a transformers ``GenerationConfig`` read instead of the target's
                 ``generation_config`` wherever an option above is ``None`` ("the target's ``generation_config``"
                 above then means this one; errors name ``generation_config.<field>``). Its ``do_sample``,
@@ -1534,11 +1566,18 @@ class SpeculativeDecoder:
         rules = self._logit_rules(defaults, min_new_tokens, no_repeat_ngram_size, bad_words_ids, sequence_bias,
                                   forced_eos_token_id, eos, encoder_repetition_penalty,
                                   encoder_no_repeat_ngram_size, exponential_decay_length_penalty)
+        rules = dataclasses.replace(rules, custom=_custom_processors(logits_processor),
+                                    prefix_allowed_tokens_fn=_checked_callable("prefix_allowed_tokens_fn",
+                                                                               prefix_allowed_tokens_fn))
         if pad_token_id is None:
             pad_token_id = defaults.get("pad_token_id")
         if pad_token_id is None:
             pad_token_id = eos[0] if eos else 0
         sampling = temperature > 0
+        outputs = (check_flag("output_scores", output_scores), check_flag("output_logits", output_logits))
+        score_warpers = None
+        if outputs[0] and sampling and warpers is None:  # the scores generate reports: warped (its top-p ties)
+            score_warpers = _warper_list(temperature, top_k, top_p, {}, self.device)
         models = [self.target] if isinstance(self._drafter, _FSPADDrafter) else [self.target, self.draft]
         criteria = _stopping_criteria(stopping_criteria, stop_strings, tokenizer, defaults)
         timer = _Timer(self.device, self.profile)
@@ -1547,7 +1586,8 @@ class SpeculativeDecoder:
             streamer.put(input_ids.cpu())
         with torch.inference_mode(), _attention_switched(models):
             state = _Generation(self, rows, max_new_tokens, set(eos), sampling, temperature, top_k, top_p,
-                                generator, timer, step_callback, penalty, streamer, rules, criteria, warpers)
+                                generator, timer, step_callback, penalty, streamer, rules, criteria, warpers,
+                                outputs, score_warpers)
             state.run()
         if streamer is not None:
             streamer.end()
@@ -1564,6 +1604,8 @@ class SpeculativeDecoder:
             timings=timings,
             prompt_length=input_ids.shape[1],
             row_accept_lengths=state.accept_lengths,
+            scores=state.outputs("scores"),
+            logits=state.outputs("logits"),
         )
 
     def hf_generate(
@@ -1578,6 +1620,8 @@ class SpeculativeDecoder:
         stopping_criteria: Sequence[Callable] | None = None,
         tokenizer: object | None = None,
         step_callback: Callable[[torch.Tensor, object], None] | None = None,
+        logits_processor: Sequence[Callable] | None = None,
+        prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], Sequence[int]] | None = None,
         **kwargs,
     ) -> SpeculativeOutput:
         """:meth:`generate` called the way ``target.generate`` is: its options resolved as transformers resolves them.
@@ -1592,13 +1636,15 @@ class SpeculativeDecoder:
         ``max_position_embeddings``); ``min_new_tokens`` wins over ``min_length``; ``max_time`` adds transformers'
         ``MaxTimeCriteria``; ``num_return_sequences`` (sampling) repeats each prompt that often, adjacent in the
         output; a ``bos_token_id`` prompt of batch size 1 when no prompt is given. ``inputs`` or ``input_ids`` and
-        ``attention_mask`` are the prompt (``**tokenizer(...)`` works); the other keywords are :meth:`generate`'s.
+        ``attention_mask`` are the prompt (``**tokenizer(...)`` works); the other keywords are :meth:`generate`'s
+        (``logits_processor`` and ``prefix_allowed_tokens_fn`` included); ``output_scores`` / ``output_logits``
+        fill :class:`SpeculativeOutput`'s ``scores`` / ``logits``.
 
         Refused with a ``ValueError`` naming them: decoding modes other than greedy and sampling (beam search and
-        its variants, DoLa, contrastive search: :meth:`generate`'s refusals), ``output_scores`` / ``output_logits``
-        / ``output_attentions`` / ``output_hidden_states`` (the engine has no per-step scores), and keywords that
-        are neither a generation option nor one of the above (model inputs such as ``token_type_ids``, or
-        ``generate``'s ``logits_processor``, ``prefix_allowed_tokens_fn``, ``assistant_model``, ...). Ignored, as
+        its variants, DoLa, contrastive search: :meth:`generate`'s refusals), ``output_attentions`` /
+        ``output_hidden_states``, and keywords that are neither a generation option nor one of the above (model
+        inputs such as ``token_type_ids``, or ``generate``'s ``assistant_model``, ``negative_prompt_ids``, ...;
+        such a keyword set to None is ignored, as it is ``generate``'s default). Ignored, as
         they do not change the output: ``return_dict_in_generate`` (a :class:`SpeculativeOutput` is returned),
         ``use_cache``, ``cache_implementation``, ``prompt_lookup_num_tokens``, ``renormalize_logits``,
         ``remove_invalid_values``. The output equals ``target.generate``'s as :meth:`generate` documents it (greedy
@@ -1618,14 +1664,14 @@ class SpeculativeDecoder:
         prompt = inputs if inputs is not None else input_ids
         explicit_max_length = kwargs.get("max_length") is not None
         config, unused = prepare(generation_config, **kwargs)
+        unused = sorted(name for name, value in unused.items() if value is not None)  # None: generate's defaults
         if unused:
-            raise ValueError(f"hf_generate does not take {', '.join(sorted(unused))}: neither a generation option nor "
+            raise ValueError(f"hf_generate does not take {', '.join(unused)}: neither a generation option nor "
                              f"a model input the engine passes on (input_ids and attention_mask are)")
-        outputs = [name for name in ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
-                   if getattr(config, name, False)]
+        outputs = [name for name in ("output_attentions", "output_hidden_states") if getattr(config, name, False)]
         if outputs:
             raise ValueError(f"the generation options set {', '.join(outputs)}: the speculative engine returns "
-                             f"sequences only (no per-step scores, logits, attentions or hidden states)")
+                             f"sequences, scores and logits only (no attentions or hidden states)")
         config.validate()
         mode = str(getattr(config.get_generation_mode(), "value", config.get_generation_mode()))
         if mode not in ("greedy_search", "sample", "assisted_generation"):
@@ -1671,6 +1717,8 @@ class SpeculativeDecoder:
             prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             generator=generator, attention_mask=attention_mask, step_callback=step_callback, streamer=streamer,
             stopping_criteria=criteria, tokenizer=tokenizer, generation_config=config,
+            logits_processor=logits_processor, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+            output_scores=bool(config.output_scores), output_logits=bool(config.output_logits),
         )
 
     def _check_generate_args(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
@@ -1732,8 +1780,6 @@ class SpeculativeDecoder:
         """transformers' sampling warper list, as ``generate`` builds it, when one of ``extra`` (``min_p``,
         ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff``, ``top_h``; each ``None``: the generation config's) is
         active; None otherwise (the verifiers then filter with ``temperature`` / ``top_k`` / ``top_p``)."""
-        from transformers.generation import logits_process as processors
-
         values = {}
         for name, value in extra.items():
             source, value = defaults.option(name, value)
@@ -1746,26 +1792,7 @@ class SpeculativeDecoder:
                 values[name] = value
         if not values:
             return None
-        warpers = processors.LogitsProcessorList()
-        if temperature != 1.0:
-            warpers.append(processors.TemperatureLogitsWarper(float(temperature)))
-        if "top_h" in values:
-            if not hasattr(processors, "TopHLogitsWarper"):
-                raise ValueError("top_h needs a transformers version with TopHLogitsWarper (this one has none)")
-            warpers.append(processors.TopHLogitsWarper(top_h=values["top_h"]))
-        if top_k:
-            warpers.append(processors.TopKLogitsWarper(top_k=top_k))
-        if top_p is not None and top_p < 1.0:
-            warpers.append(processors.TopPLogitsWarper(top_p=float(top_p)))
-        if "min_p" in values:
-            warpers.append(processors.MinPLogitsWarper(min_p=values["min_p"]))
-        if "typical_p" in values:
-            warpers.append(processors.TypicalLogitsWarper(mass=values["typical_p"]))
-        if "epsilon_cutoff" in values:
-            warpers.append(processors.EpsilonLogitsWarper(epsilon=values["epsilon_cutoff"]))
-        if "eta_cutoff" in values:
-            warpers.append(processors.EtaLogitsWarper(epsilon=values["eta_cutoff"], device=self.device))
-        return warpers
+        return _warper_list(temperature, top_k, top_p, values, self.device)
 
     @staticmethod
     def _repetition_penalty(defaults: "_ConfigDefaults", penalty, field: str = "repetition_penalty") -> float | None:
@@ -1849,6 +1876,13 @@ class _LogitRules:
     encoder_penalty: float | None = None
     encoder_ngram_size: int = 0
     decay: tuple[int, float] | None = None
+    prefix_allowed_tokens_fn: Callable | None = None
+    custom: object | None = None  # a transformers LogitsProcessorList of the caller's processors
+
+    @property
+    def per_node(self) -> bool:
+        """Rules that call the caller's code on each node's sequence (built on the host)."""
+        return self.prefix_allowed_tokens_fn is not None or self.custom is not None
 
     @property
     def tail_width(self) -> int:
@@ -1871,7 +1905,7 @@ class _LogitRules:
     def needs_fp32(self) -> bool:
         """Rules whose arithmetic ``generate`` does in fp32 on the logits (the bans work in any dtype)."""
         sequences = self.token_sequences is not None and self.token_sequences.biases
-        return sequences or self.encoder_penalty is not None or self.decay is not None
+        return sequences or self.encoder_penalty is not None or self.decay is not None or self.per_node
 
 
 @dataclass(frozen=True)
@@ -1956,6 +1990,54 @@ def repetition_penalized(logits: torch.Tensor, penalty: float, seen: torch.Tenso
     return torch.where(held[..., :vocab], _penalized_values(logits, penalty), logits)
 
 
+def _warper_list(temperature, top_k, top_p, values: dict, device) -> object:
+    """transformers' sampling warpers in ``generate``'s order: temperature, top-h, top-k, top-p, then ``values``'
+    min-p, typical, epsilon and eta (each only when set, as ``generate`` adds them)."""
+    from transformers.generation import logits_process as processors
+
+    warpers = processors.LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(processors.TemperatureLogitsWarper(float(temperature)))
+    if "top_h" in values:
+        if not hasattr(processors, "TopHLogitsWarper"):
+            raise ValueError("top_h needs a transformers version with TopHLogitsWarper (this one has none)")
+        warpers.append(processors.TopHLogitsWarper(top_h=values["top_h"]))
+    if top_k:
+        warpers.append(processors.TopKLogitsWarper(top_k=top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(processors.TopPLogitsWarper(top_p=float(top_p)))
+    if "min_p" in values:
+        warpers.append(processors.MinPLogitsWarper(min_p=values["min_p"]))
+    if "typical_p" in values:
+        warpers.append(processors.TypicalLogitsWarper(mass=values["typical_p"]))
+    if "epsilon_cutoff" in values:
+        warpers.append(processors.EpsilonLogitsWarper(epsilon=values["epsilon_cutoff"]))
+    if "eta_cutoff" in values:
+        warpers.append(processors.EtaLogitsWarper(epsilon=values["eta_cutoff"], device=device))
+    return warpers
+
+
+def _checked_callable(name: str, fn: object) -> object:
+    """``fn`` when it is None or callable; a ``TypeError`` naming ``name`` otherwise."""
+    if fn is not None and not callable(fn):
+        raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+    return fn
+
+
+def _custom_processors(processors) -> object | None:
+    """The caller's logits processors as a transformers ``LogitsProcessorList`` (None when there are none)."""
+    from transformers import LogitsProcessorList
+
+    if processors is None:
+        return None
+    if isinstance(processors, (str, bytes)) or not isinstance(processors, Sequence):
+        raise TypeError(f"logits_processor must be a LogitsProcessorList or a list of logits processors, got "
+                        f"{type(processors).__name__}")
+    for index, item in enumerate(processors):
+        _checked_callable(f"logits_processor[{index}]", item)
+    return LogitsProcessorList(processors) if len(processors) else None
+
+
 def _checked_generation_config(config: object) -> object:
     """``config`` when it is a transformers ``GenerationConfig``; a ``TypeError`` naming what it is otherwise."""
     from transformers import GenerationConfig
@@ -2022,7 +2104,8 @@ class _Generation:
 
     def __init__(self, engine: SpeculativeDecoder, rows: list[list[int]], max_new_tokens, eos, sampling,
                  temperature, top_k, top_p, generator, timer, step_callback, penalty=None, streamer=None,
-                 rules: _LogitRules | None = None, criteria=None, warpers=None):
+                 rules: _LogitRules | None = None, criteria=None, warpers=None, outputs=(False, False),
+                 score_warpers=None):
         self.engine = engine
         self.drafter = engine._drafter
         self.rows = [list(row) for row in rows]
@@ -2041,6 +2124,10 @@ class _Generation:
         self.step_callback = step_callback
         self.streamer = streamer
         self.criteria = criteria
+        # output_scores / output_logits: per input sequence, the rows each emitted token was chosen from
+        self.kept = {name: [[] for _ in rows] for name, wanted in zip(("scores", "logits"), outputs) if wanted}
+        self.score_warpers = score_warpers
+        self.step_rows: dict[str, torch.Tensor] = {}
         self.cache = None
         self.num_target_forwards = 0
         self.accept_lengths: list[list[int]] = [[] for _ in rows]
@@ -2160,10 +2247,11 @@ class _Generation:
         return node_tails(tree, tokens, committed.view(self.batch, width), width)
 
     def _banned(self, logits: torch.Tensor, positions: torch.Tensor | None, tree: TreeSpec, tokens: torch.Tensor,
-                tails: torch.Tensor | None) -> torch.Tensor:
+                tails: torch.Tensor | None, nodes: list | None = None) -> torch.Tensor:
         """``logits [B, T, V]`` (this step's own tensor: written in place) with the banned tokens at -inf, in
         ``generate``'s order: repeated n-grams, bad words, EOS at nodes whose position ``[B, T]`` is before
-        ``eos_until`` (fewer new tokens than required before the one this node predicts), the forced EOS at
+        ``eos_until`` (fewer new tokens than required before the one this node predicts), the tokens
+        ``prefix_allowed_tokens_fn`` does not allow after each node's sequence (``nodes``), the forced EOS at
         ``forced_at`` (every other token -inf, the EOS ids 0), the suppressed ids, the begin-suppressed ids at the
         first new token (the prefill: ``positions`` None). The position rules are skipped on the host when no node
         can reach their bound."""
@@ -2183,6 +2271,8 @@ class _Generation:
             early = positions < self.eos_until[:, None]
             eos = logits.index_select(-1, self.eos_ids).masked_fill_(early[..., None], -math.inf)
             logits.index_copy_(-1, self.eos_ids, eos)
+        if self.rules.prefix_allowed_tokens_fn is not None:
+            self._prefix_constrained(logits, nodes)
         if self.forced_at is not None and any(root + tree.max_depth >= self.forced_at_rows[row]
                                               for root, row in zip(roots, self.active)):
             forced = positions == self.forced_at[:, None]
@@ -2195,6 +2285,60 @@ class _Generation:
         if prefill and self.begin_suppress is not None:
             logits.index_fill_(-1, self.begin_suppress, -math.inf)
         return logits
+
+    def _node_sequences(self, tree: TreeSpec, tokens: torch.Tensor) -> list[tuple[torch.Tensor, list[int]]]:
+        """Every node's sequence, for the caller's per-node rules: per active row, a device tensor ``[T, n]`` whose
+        row ``i`` starts with node ``i``'s sequence (the committed tokens, root included, then the drafts on its
+        path; 0 after it) and the sequences' lengths. One device-to-host read of the tree's tokens and parents and
+        one host-to-device copy of the committed tokens and the paths (O(L + T depth) host work per sequence)."""
+        batch, num_nodes = tokens.shape
+        host = torch.cat([tokens, tree.parents.expand(batch, -1)], dim=1).tolist()
+        flat, shapes = [], []
+        for b, row in enumerate(self.active):
+            node_tokens, parents = host[b][:num_nodes], host[b][num_nodes:]
+            paths = [[]]
+            for node in range(1, num_nodes):  # a parent comes before its children
+                paths.append(paths[parents[node]] + [node_tokens[node]])
+            deepest = max(len(path) for path in paths)
+            flat += self.rows[row]
+            flat += [token for path in paths for token in path + [0] * (deepest - len(path))]
+            shapes.append((len(self.rows[row]), deepest, [len(path) for path in paths]))
+        flat = int64_to_device(flat, self.engine.device)
+        out, start = [], 0
+        for length, deepest, path_lengths in shapes:
+            committed = flat[start: start + length].expand(num_nodes, length)
+            paths = flat[start + length: start + length + num_nodes * deepest].view(num_nodes, deepest)
+            out.append((torch.cat([committed, paths], dim=1), [length + depth for depth in path_lengths]))
+            start += length + num_nodes * deepest
+        return out
+
+    def _prefix_constrained(self, logits: torch.Tensor, nodes: list) -> None:
+        """transformers' ``PrefixConstrainedLogitsProcessor`` at every node: ``fn(batch_id, sequence)`` (the input
+        row's index, node ``i``'s sequence as a 1-D device tensor) lists the allowed tokens; the others get -inf
+        (added, as transformers adds its mask). In place."""
+        fn = self.rules.prefix_allowed_tokens_fn
+        mask = torch.full_like(logits, -math.inf)
+        for b, (row, (ids, lengths)) in enumerate(zip(self.active, nodes)):
+            for node, length in enumerate(lengths):
+                allowed = fn(row, ids[node, :length])
+                if len(allowed) == 0:
+                    raise ValueError(f"prefix_allowed_tokens_fn returned no token for batch_id {row} (the constraint "
+                                     f"cannot be satisfied), as transformers' generate refuses it")
+                mask[b, node, allowed] = 0.0
+        logits.add_(mask)
+
+    def _custom_processed(self, logits: torch.Tensor, nodes: list) -> None:
+        """The caller's ``logits_processor`` list on every node row, in place: called once per sequence and tree
+        depth with the nodes of that depth (``input_ids [n, length]`` on the device, their fp32 ``scores [n, V]``),
+        as ``generate`` calls it once per token on ``[B, length]``."""
+        for b, (ids, lengths) in enumerate(nodes):
+            groups: dict[int, list[int]] = {}
+            for node, length in enumerate(lengths):
+                groups.setdefault(length, []).append(node)
+            for length, members in groups.items():
+                index = int64_to_device(members, logits.device)
+                scores = logits[b].index_select(0, index)
+                logits[b].index_copy_(0, index, self.rules.custom(ids.index_select(0, index)[:, :length], scores))
 
     def _decay(self, logits: torch.Tensor, tree: TreeSpec, roots: list[int]) -> None:
         """``exponential_decay_length_penalty`` at the nodes whose sequence is longer than the prompt plus
@@ -2214,7 +2358,9 @@ class _Generation:
                 positions: torch.Tensor | None = None) -> VerifyResult:
         """Verify a step's tree (the prefill's one-node tree when ``positions`` is None)."""
         impl = self.engine.impl
+        raw = logits.to(torch.float32, copy=True) if "logits" in self.kept else None  # before in-place rules
         tails = self._tails(tree, draft_tokens)
+        nodes = self._node_sequences(tree, draft_tokens) if self.rules.per_node else None
         sequences = self.rules.token_sequences
         if sequences is not None and sequences.biases:
             logits = sequences.biased(logits, tails)  # a new fp32 tensor
@@ -2225,13 +2371,41 @@ class _Generation:
             logits = torch.where(self.prompt_held[:, None, :], rewarded, logits)
         if self.penalty is not None:
             logits = repetition_penalized(logits, self.penalty, self.seen, tree, draft_tokens)
-        logits = self._banned(logits, positions, tree, draft_tokens, tails)
+        logits = self._banned(logits, positions, tree, draft_tokens, tails, nodes)
+        if self.rules.custom is not None:
+            self._custom_processed(logits, nodes)
         if self.sampling:
             if self.warpers is not None:
                 rows = logits.float().reshape(-1, logits.shape[-1])
                 logits = self.warpers(rows.new_empty(rows.shape[0], 0, dtype=torch.int64), rows).view(logits.shape)
-            return verify_sampling(tree, draft_tokens, logits, impl=impl, **self.sample_args)
-        return verify_greedy(tree, draft_tokens, logits, impl=impl)
+            result = verify_sampling(tree, draft_tokens, logits, impl=impl, **self.sample_args)
+        else:
+            result = verify_greedy(tree, draft_tokens, logits, impl=impl)
+        if self.kept:
+            self._keep_rows(result, logits, raw)
+        return result
+
+    def _keep_rows(self, result: VerifyResult, scores: torch.Tensor, raw: torch.Tensor | None) -> None:
+        """For ``output_scores`` / ``output_logits``: the step's rows along each accepted path ``[B, depth + 1, V]``
+        (row ``k``: the distribution the ``k``-th emitted token was chosen from), kept on the device until
+        ``_emit`` knows how many tokens each sequence emitted. The scores are the processed logits, warped when
+        sampling, as ``generate`` reports them; the logits are the target's, unprocessed, in fp32."""
+        index = result.accepted_nodes.clamp_min(0)[..., None].expand(-1, -1, scores.shape[-1])
+        self.step_rows = {}
+        if "scores" in self.kept:
+            rows = scores.float().gather(1, index)
+            if self.score_warpers is not None:
+                flat = rows.reshape(-1, rows.shape[-1])
+                rows = self.score_warpers(flat.new_empty(flat.shape[0], 0, dtype=torch.int64), flat).view(rows.shape)
+            self.step_rows["scores"] = rows
+        if raw is not None:
+            self.step_rows["logits"] = raw.gather(1, index)
+
+    def outputs(self, name: str) -> list[torch.Tensor] | None:
+        """``scores`` or ``logits`` per input sequence, ``[new tokens, V]`` fp32 (None when not asked for)."""
+        if name not in self.kept:
+            return None
+        return [torch.cat(rows) for rows in self.kept[name]]
 
     def _emit(self, rows: list[int], new_tokens: list[list[int]]) -> None:
         """Append each sequence's generated tokens (``rows``: their input indices), truncated at the first EOS, at
@@ -2243,11 +2417,13 @@ class _Generation:
             ends = [index for index, token in enumerate(emitted) if token in self.eos]
             cuts.append(emitted[: ends[0] + 1] if ends else emitted)
         stops = self._first_stops(rows, cuts) if self.criteria is not None else [None] * len(rows)
-        for row, emitted, stop in zip(rows, cuts, stops):
+        for position, (row, emitted, stop) in enumerate(zip(rows, cuts, stops)):
             tokens = self.rows[row]
             if stop is not None:
                 emitted = emitted[: stop + 1]
             tokens.extend(emitted)
+            for name, kept in self.kept.items():
+                kept[row].append(self.step_rows[name][position, : len(emitted)])
             if (stop is not None or (emitted and emitted[-1] in self.eos)
                     or len(tokens) - self.prompt_lens[row] >= self.max_new_tokens):
                 self.done[row] = True

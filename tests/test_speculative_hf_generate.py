@@ -124,9 +124,10 @@ def test_max_time_and_stopping_criteria():
 
 @pytest.mark.parametrize("options, error, match", [
     (dict(num_beams=2), ValueError, "beam_search"),
-    (dict(output_scores=True, return_dict_in_generate=True), ValueError, "output_scores"),
+    (dict(output_attentions=True, return_dict_in_generate=True), ValueError, "output_attentions"),
     (dict(token_type_ids=torch.zeros(1, 4, dtype=torch.int64)), ValueError, "token_type_ids"),
-    (dict(logits_processor=[]), ValueError, "logits_processor"),
+    (dict(assistant_model=object(), negative_prompt_ids=torch.zeros(1, 2, dtype=torch.int64), synced_gpus=None),
+     ValueError, "take assistant_model, negative_prompt_ids: neither"),  # None: generate's default, ignored
     (dict(max_length=3), ValueError, "max_length is 3"),
     (dict(do_sample=True, temperature=0.0), ValueError, "temperature"),
     (dict(num_return_sequences=2), ValueError, "num_return_sequences"),
