@@ -1635,22 +1635,32 @@ class SpeculativeDecoder:
         wins over ``max_length`` (which counts the padded prompt; unset: 20 new tokens, capped at the model's
         ``max_position_embeddings``); ``min_new_tokens`` wins over ``min_length``; ``max_time`` adds transformers'
         ``MaxTimeCriteria``; ``num_return_sequences`` (sampling) repeats each prompt that often, adjacent in the
-        output; a ``bos_token_id`` prompt of batch size 1 when no prompt is given. ``inputs`` or ``input_ids`` and
+        output; a ``bos_token_id`` prompt of batch size 1 when no prompt is given; without an ``attention_mask``,
+        ``pad_token_id`` positions of the prompt are masked out (unless it is an EOS id); values ``generate`` skips
+        are skipped (epsilon / eta cutoffs outside (0, 1), ``typical_p >= 1``, n-gram sizes below 1, negative EOS
+        ids, suppressed ids outside the vocabulary); ``temperature=None`` samples at 1 and ``top_p=0`` keeps the
+        one most likely token; a caller's ``MaxLengthCriteria`` / ``MaxTimeCriteria`` / ``StopStringCriteria``
+        replaces the one ``generate`` builds from the config. ``inputs`` or ``input_ids`` and
         ``attention_mask`` are the prompt (``**tokenizer(...)`` works); the other keywords are :meth:`generate`'s
         (``logits_processor`` and ``prefix_allowed_tokens_fn`` included); ``output_scores`` / ``output_logits``
         fill :class:`SpeculativeOutput`'s ``scores`` / ``logits``.
 
         Refused with a ``ValueError`` naming them: decoding modes other than greedy and sampling (beam search and
         its variants, DoLa, contrastive search: :meth:`generate`'s refusals), ``output_attentions`` /
-        ``output_hidden_states``, and keywords that are neither a generation option nor one of the above (model
+        ``output_hidden_states``, ``token_healing``, an ``EosTokenCriteria`` in ``stopping_criteria`` (pass
+        ``eos_token_id``), a ``MaxLengthCriteria`` with ``forced_eos_token_id``, a pad token between two tokens of
+        a prompt without a mask, and keywords that are neither a generation option nor one of the above (model
         inputs such as ``token_type_ids``, or ``generate``'s ``assistant_model``, ``negative_prompt_ids``, ...;
         such a keyword set to None is ignored, as it is ``generate``'s default). Ignored, as
         they do not change the output: ``return_dict_in_generate`` (a :class:`SpeculativeOutput` is returned),
         ``use_cache``, ``cache_implementation``, ``prompt_lookup_num_tokens``, ``renormalize_logits``,
         ``remove_invalid_values``. The output equals ``target.generate``'s as :meth:`generate` documents it (greedy
-        token for token; sampling in distribution, top-p's exact ties aside).
+        token for token; sampling in distribution, top-p's exact ties aside). The minimum sampling temperature
+        (``MIN_SAMPLING_TEMPERATURE``) and the per-sequence handling of left-padded batches are :meth:`generate`'s.
         """
-        from transformers.generation import MaxTimeCriteria, StoppingCriteriaList
+        from transformers.generation import (
+            EosTokenCriteria, MaxLengthCriteria, MaxTimeCriteria, StoppingCriteriaList, StopStringCriteria,
+        )
 
         prepare = getattr(self.target, "_prepare_generation_config", None)
         if prepare is None:
@@ -1664,20 +1674,27 @@ class SpeculativeDecoder:
         prompt = inputs if inputs is not None else input_ids
         explicit_max_length = kwargs.get("max_length") is not None
         config, unused = prepare(generation_config, **kwargs)
+        outputs = [name for name in ("output_attentions", "output_hidden_states")
+                   if getattr(config, name, False) or unused.pop(name, None)]  # (prepare moves them to unused)
+        if outputs:
+            raise ValueError(f"the generation options set {', '.join(outputs)}: the speculative engine returns "
+                             f"sequences, scores and logits only (no attentions or hidden states)")
         unused = sorted(name for name, value in unused.items() if value is not None)  # None: generate's defaults
         if unused:
             raise ValueError(f"hf_generate does not take {', '.join(unused)}: neither a generation option nor "
                              f"a model input the engine passes on (input_ids and attention_mask are)")
-        outputs = [name for name in ("output_attentions", "output_hidden_states") if getattr(config, name, False)]
-        if outputs:
-            raise ValueError(f"the generation options set {', '.join(outputs)}: the speculative engine returns "
-                             f"sequences, scores and logits only (no attentions or hidden states)")
+        if getattr(config, "token_healing", False):
+            raise ValueError("the generation options set token_healing=True, which the speculative engine does "
+                             "not apply (it would change the prompt): set it to False")
+        if config.bad_words_ids is not None and len(config.bad_words_ids) == 0:
+            raise ValueError("bad_words_ids must be a non-empty list (as transformers' generate asks), got []")
         config.validate()
         mode = str(getattr(config.get_generation_mode(), "value", config.get_generation_mode()))
         if mode not in ("greedy_search", "sample", "assisted_generation"):
             raise ValueError(f"the generation options select transformers' {mode!r} decoding (num_beams="
                              f"{config.num_beams}); the speculative engine decodes greedily or samples: set "
                              f"num_beams=1 (and penalty_alpha / dola_layers to None)")
+        _as_generate_reads(config, self.vocab_size)
         if prompt is None:
             if config.bos_token_id is None:
                 raise ValueError("hf_generate needs a prompt (inputs or input_ids) or a bos_token_id to start from")
@@ -1687,14 +1704,32 @@ class SpeculativeDecoder:
             prompt = prompt[None]
             if attention_mask is not None and attention_mask.dim() == 1:
                 attention_mask = attention_mask[None]
+        if attention_mask is None and prompt.dim() == 2:
+            attention_mask = _inferred_attention_mask(prompt, config)
         copies = config.num_return_sequences or 1
         if copies > 1:  # generate's expansion: each prompt repeated, adjacent (greedy refused by validate())
             prompt = prompt.repeat_interleave(copies, dim=0)
             attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(copies, dim=0)
         length = prompt.shape[-1]
+        criteria = StoppingCriteriaList(list(stopping_criteria or []))
+        # generate's merge: a caller's criterion replaces the one of its type that generate builds from the config
+        given = {type(criterion) for criterion in criteria}
+        if EosTokenCriteria in given:
+            raise ValueError("stopping_criteria holds an EosTokenCriteria, which would replace the EOS rule "
+                             "generate builds from eos_token_id: pass eos_token_id= instead")
         max_new_tokens = config.max_new_tokens
-        if max_new_tokens is None:
-            max_length = config.max_length
+        if MaxLengthCriteria in given:
+            if config.forced_eos_token_id is not None:
+                raise ValueError("stopping_criteria holds a MaxLengthCriteria, which with forced_eos_token_id would "
+                                 "end at another length than the one the forced EOS is placed for: give the "
+                                 "length as max_new_tokens / max_length instead")
+            max_new_tokens = min(criterion.max_length for criterion in criteria
+                                 if isinstance(criterion, MaxLengthCriteria)) - length
+            if max_new_tokens <= 0:
+                raise ValueError(f"input_ids has length {length}, but stopping_criteria's MaxLengthCriteria ends "
+                                 f"at {max_new_tokens + length}: nothing to generate")
+        elif max_new_tokens is None:
+            max_length = _whole("max_length", config.max_length)
             if _default_max_length(config, generation_config, self.target, explicit_max_length):
                 max_length = max_length + length  # generate's default: 20 new tokens, within the model's positions
                 positions = getattr(getattr(self.target, "config", None), "max_position_embeddings", None)
@@ -1703,20 +1738,24 @@ class SpeculativeDecoder:
             if max_new_tokens <= 0:
                 raise ValueError(f"input_ids has length {length}, but max_length is {max_length}: nothing to "
                                  f"generate; set max_new_tokens (as transformers' generate asks)")
-        criteria = StoppingCriteriaList(list(stopping_criteria or []))
-        if config.max_time is not None:
+        max_new_tokens = _whole("max_new_tokens", max_new_tokens)
+        if config.max_time is not None and MaxTimeCriteria not in given:
             criteria.append(MaxTimeCriteria(max_time=config.max_time))
+        stop_strings = [] if StopStringCriteria in given else None  # the caller's replaces the config's
         temperature, top_k, top_p = 0.0, None, None
         if config.do_sample:
             temperature, top_k, top_p = config.temperature, config.top_k, config.top_p
-            if temperature is None or temperature <= 0:
+            temperature = 1.0 if temperature is None else temperature  # None: no temperature warper
+            if temperature <= 0:
                 raise ValueError(f"do_sample=True needs a temperature > 0 (transformers' temperature warper "
                                  f"refuses {temperature}), got temperature={temperature}")
+            if top_p is not None and top_p <= 0.0:  # transformers' top-p keeps the one most likely token
+                top_k, top_p = 1, None
             top_p = None if top_p is None or top_p >= 1.0 else top_p
         return self.generate(
             prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             generator=generator, attention_mask=attention_mask, step_callback=step_callback, streamer=streamer,
-            stopping_criteria=criteria, tokenizer=tokenizer, generation_config=config,
+            stopping_criteria=criteria, stop_strings=stop_strings, tokenizer=tokenizer, generation_config=config,
             logits_processor=logits_processor, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
             output_scores=bool(config.output_scores), output_logits=bool(config.output_logits),
         )
@@ -2046,6 +2085,61 @@ def _checked_generation_config(config: object) -> object:
         raise TypeError(f"generation_config must be a transformers GenerationConfig or None, got "
                         f"{type(config).__name__}")
     return config
+
+
+def _whole(name: str, value):
+    """An integral number as an int (transformers' generate takes 9.0 for 9); anything else is returned as is, for
+    the checks that name it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _as_generate_reads(config, vocab_size: int) -> None:
+    """In place: the values of ``config`` that transformers' ``generate`` skips (it builds no processor or warper
+    for them) set to their neutral value, so that the engine, which refuses them, skips them too: epsilon / eta
+    cutoffs outside (0, 1), ``typical_p >= 1``, n-gram sizes below 1, negative EOS ids, suppressed ids outside the
+    vocabulary."""
+    for name in ("epsilon_cutoff", "eta_cutoff"):
+        value = getattr(config, name, None)
+        if value is not None and not 0.0 < value < 1.0:
+            setattr(config, name, None)
+    if config.typical_p is not None and config.typical_p >= 1.0:
+        config.typical_p = None
+    for name in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
+        value = getattr(config, name, None)
+        if value is not None and value < 1:
+            setattr(config, name, None)
+    eos = config.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        config.eos_token_id = [token for token in eos if not (isinstance(token, int) and token < 0)]
+    elif isinstance(eos, int) and eos < 0:
+        config.eos_token_id = None
+    for name in ("suppress_tokens", "begin_suppress_tokens"):
+        ids = getattr(config, name, None)
+        if ids is not None:
+            setattr(config, name, [token for token in ids if not (isinstance(token, int)
+                                                                  and not 0 <= token < vocab_size)])
+
+
+def _inferred_attention_mask(prompt: torch.Tensor, config) -> torch.Tensor | None:
+    """transformers' ``generate`` without an attention mask: when the prompt holds ``pad_token_id`` (and it is
+    not an EOS id) those positions are masked out; None (every position a token) otherwise. A pad token between
+    two tokens of a row is a ``ValueError`` (the engine takes one contiguous run of tokens per row)."""
+    pad, eos = config.pad_token_id, config.eos_token_id
+    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if pad is None or pad in eos:
+        return None
+    mask = prompt.ne(pad)
+    if bool(mask.all()):
+        return None
+    for index, row in enumerate(mask.tolist()):
+        kept = [position for position, value in enumerate(row) if value]
+        if kept and kept[-1] - kept[0] + 1 != len(kept):
+            raise ValueError(f"input_ids row {index} holds pad_token_id {pad} between tokens, which generate would "
+                             f"mask out; the speculative engine takes one contiguous run of tokens per row: pass an "
+                             f"attention_mask, or a pad_token_id that is not in the prompt")
+    return mask.to(torch.int64)
 
 
 def _default_max_length(config, given, target, explicit: bool) -> bool:

@@ -172,3 +172,74 @@ def test_triton_path():
     prompt = prompts(256, [5], seed=21)[0]
     options = dict(max_new_tokens=6, repetition_penalty=1.2)
     assert torch.equal(engine.hf_generate(prompt, **options).sequences, engine.target.generate(prompt, **options))
+
+
+def test_review_cases_resolve_as_generate():
+    """Cases a review found: a pad token in a prompt given without a mask (generate masks it out); integral float
+    lengths; the values generate skips rather than refuses (epsilon / eta cutoffs outside (0, 1), typical_p >= 1,
+    n-gram sizes below 1, negative EOS ids, suppressed ids outside the vocabulary)."""
+    engine = _engine()
+    target = engine.target
+    prompt = prompts(256, [5], seed=4)[0]
+    padded = torch.cat([torch.full((1, 2), 7, device=DEVICE), prompt], dim=1)
+    for options in (dict(pad_token_id=7), dict(pad_token_id=7, eos_token_id=[7, 9])):
+        expected = target.generate(padded, max_new_tokens=6, **options)
+        assert torch.equal(engine.hf_generate(padded, max_new_tokens=6, **options).sequences, expected), options
+    with pytest.raises(ValueError, match="holds pad_token_id 7 between tokens"):
+        engine.hf_generate(torch.cat([prompt, padded], dim=1), max_new_tokens=2, pad_token_id=7)
+    for options in (dict(max_length=9.0), dict(max_new_tokens=4.0, min_new_tokens=2, eos_token_id=[3, 5]),
+                    dict(no_repeat_ngram_size=-1, encoder_no_repeat_ngram_size=0, suppress_tokens=[300, 4],
+                         eos_token_id=[-1, 11], max_new_tokens=6),
+                    dict(epsilon_cutoff=1.0, eta_cutoff=-0.1, typical_p=1.5, max_new_tokens=5)):
+        expected = target.generate(prompt, **options)
+        assert torch.equal(engine.hf_generate(prompt, **options).sequences, expected), options
+
+
+def test_review_cases_when_sampling():
+    """``temperature=None`` samples at temperature 1 (no warper), as generate; ``top_p=0`` keeps the one most
+    likely token (generate's top-p keeps at least one): the greedy sequence; skipped cutoffs do not refuse."""
+    engine = _engine()
+    prompt = prompts(256, [3], seed=6)[0]
+
+    def generator():
+        return torch.Generator(device=DEVICE).manual_seed(11)
+
+    ours = engine.hf_generate(prompt, do_sample=True, temperature=None, max_new_tokens=6, epsilon_cutoff=1.0,
+                              generator=generator()).sequences
+    assert torch.equal(ours, engine.generate(prompt, temperature=1.0, top_k=50, max_new_tokens=6,
+                                             generator=generator()).sequences)
+    greedy = engine.target.generate(prompt, max_new_tokens=6)
+    assert torch.equal(engine.hf_generate(prompt, do_sample=True, top_p=0.0, temperature=3.0, max_new_tokens=6,
+                                          generator=generator()).sequences, greedy)
+
+
+def test_callers_criteria_replace_the_configs_of_their_type():
+    """As generate merges them: a caller's ``MaxLengthCriteria`` / ``MaxTimeCriteria`` / ``StopStringCriteria``
+    replaces the one generate builds from ``max_length`` / ``max_time`` / ``stop_strings``; an
+    ``EosTokenCriteria`` (which would replace the EOS rule) is refused."""
+    from transformers import StoppingCriteriaList
+    from transformers.generation import EosTokenCriteria, MaxLengthCriteria, MaxTimeCriteria
+
+    engine = _engine()
+    target = engine.target
+    prompt = prompts(256, [5], seed=4)[0]
+    for criteria, options in (([MaxLengthCriteria(max_length=12)], dict(max_new_tokens=4)),
+                              ([MaxLengthCriteria(max_length=8)], dict(max_new_tokens=6)),
+                              ([MaxTimeCriteria(100.0)], dict(max_new_tokens=4, max_time=0.0))):
+        expected = target.generate(prompt, stopping_criteria=StoppingCriteriaList(criteria), **options)
+        ours = engine.hf_generate(prompt, stopping_criteria=StoppingCriteriaList(criteria), **options).sequences
+        assert torch.equal(ours, expected), criteria
+    with pytest.raises(ValueError, match="EosTokenCriteria"):
+        engine.hf_generate(prompt, max_new_tokens=3, stopping_criteria=[EosTokenCriteria(eos_token_id=3)])
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(output_attentions=True), "output_attentions: the speculative engine"),
+    (dict(output_hidden_states=True, return_dict_in_generate=True), "output_hidden_states: the speculative"),
+    (dict(token_healing=True), "token_healing"),
+    (dict(bad_words_ids=[]), "bad_words_ids must be a non-empty list"),
+])
+def test_more_refusals(options, match):
+    engine = _engine()
+    with pytest.raises(ValueError, match=match):
+        engine.hf_generate(prompts(256, [4], seed=3)[0], max_new_tokens=3, **options)
