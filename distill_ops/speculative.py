@@ -1711,7 +1711,7 @@ class SpeculativeDecoder:
             prompt = prompt.repeat_interleave(copies, dim=0)
             attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(copies, dim=0)
         length = prompt.shape[-1]
-        criteria = StoppingCriteriaList(list(stopping_criteria or []))
+        criteria = StoppingCriteriaList(_callables("stopping_criteria", stopping_criteria, "StoppingCriteria"))
         # generate's merge: a caller's criterion replaces the one of its type that generate builds from the config
         given = {type(criterion) for criterion in criteria}
         if EosTokenCriteria in given:
@@ -1983,16 +1983,7 @@ def _stopping_criteria(criteria, stop_strings, tokenizer, defaults: _ConfigDefau
     config's), a ``StopStringCriteria``; None when there are none."""
     from transformers import StoppingCriteriaList, StopStringCriteria
 
-    if criteria is None:
-        criteria = []
-    if isinstance(criteria, (str, bytes)) or not isinstance(criteria, Sequence):
-        raise TypeError(f"stopping_criteria must be a StoppingCriteriaList or a list of stopping criteria, got "
-                        f"{type(criteria).__name__}")
-    for index, item in enumerate(criteria):
-        if not callable(item):
-            raise TypeError(f"stopping_criteria[{index}] must be callable (a transformers StoppingCriteria), got "
-                            f"{type(item).__name__}")
-    criteria = StoppingCriteriaList(criteria)
+    criteria = StoppingCriteriaList(_callables("stopping_criteria", criteria, "StoppingCriteria"))
     name, stop_strings = defaults.option("stop_strings", stop_strings)
     if stop_strings:
         if tokenizer is None:
@@ -2063,18 +2054,26 @@ def _checked_callable(name: str, fn: object) -> object:
     return fn
 
 
+def _callables(name: str, items, kind: str) -> list:
+    """``items`` (a transformers ``{kind}List`` or a list of callables; None: none) as a list; a ``TypeError``
+    naming ``name`` or the entry otherwise."""
+    if items is None:
+        return []
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise TypeError(f"{name} must be a {kind}List or a list of {kind} objects / callables, got "
+                        f"{type(items).__name__}")
+    for index, item in enumerate(items):
+        if not callable(item):
+            raise TypeError(f"{name}[{index}] must be callable (a transformers {kind}), got {type(item).__name__}")
+    return list(items)
+
+
 def _custom_processors(processors) -> object | None:
     """The caller's logits processors as a transformers ``LogitsProcessorList`` (None when there are none)."""
     from transformers import LogitsProcessorList
 
-    if processors is None:
-        return None
-    if isinstance(processors, (str, bytes)) or not isinstance(processors, Sequence):
-        raise TypeError(f"logits_processor must be a LogitsProcessorList or a list of logits processors, got "
-                        f"{type(processors).__name__}")
-    for index, item in enumerate(processors):
-        _checked_callable(f"logits_processor[{index}]", item)
-    return LogitsProcessorList(processors) if len(processors) else None
+    processors = _callables("logits_processor", processors, "LogitsProcessor")
+    return LogitsProcessorList(processors) if processors else None
 
 
 def _checked_generation_config(config: object) -> object:
