@@ -78,6 +78,7 @@ import math
 import time
 from contextlib import contextmanager
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -1501,7 +1502,10 @@ class SpeculativeDecoder:
                 holding the sequences of the ``n`` nodes of that depth (the committed tokens, then the drafts on the
                 node's path) and their ``scores [n, V]`` (``generate`` calls it once per token on ``[B, length]``).
                 So a processor must be a function of its arguments (transformers' own are; one that keeps state
-                between calls, expecting one call per token, is not supported). The drafts do not see it: tokens it
+                between calls, expecting one call per token, is not supported). One of the class of a processor
+                that an option of the call builds (``RepetitionPenaltyLogitsProcessor`` with ``repetition_penalty``
+                set, ...) is a ``ValueError``: ``generate`` would use it in place of its own; pass the value through
+                the option. Results of another dtype are written back in fp32. The drafts do not see it: tokens it
                 forbids are rejected by verification (fewer accepted, same output). Costs one device-to-host read
                 of the tree per step.
             prefix_allowed_tokens_fn: ``generate``'s constrained decoding: ``fn(batch_id, sequence)`` lists the
@@ -1511,7 +1515,8 @@ class SpeculativeDecoder:
                 the left padding ``generate`` would pass); an empty list is a ``ValueError``, as in ``generate``.
             output_scores, output_logits: fill :class:`SpeculativeOutput`'s ``scores`` (the processed, and when
                 sampling warped, target logits each new token was chosen from, as ``generate`` reports them) and
-                ``logits`` (the unprocessed ones), per sequence ``[new tokens, V]`` fp32. The rows along each
+                ``logits`` (the unprocessed ones; ``generate`` reports a caller's processor's in-place edits there
+                when none of its own ran first), per sequence ``[new tokens, V]`` fp32. The rows along each
                 accepted path are gathered on the device at every step (``[B, depth + 1, V]``) and kept for the
                 emitted tokens. When sampling, the scores pass through transformers' warpers (top-p keeps its
                 sorted prefix there, where verification keeps exact ties at the cut).
@@ -1569,6 +1574,7 @@ class SpeculativeDecoder:
         rules = dataclasses.replace(rules, custom=_custom_processors(logits_processor),
                                     prefix_allowed_tokens_fn=_checked_callable("prefix_allowed_tokens_fn",
                                                                                prefix_allowed_tokens_fn))
+        _check_processor_clashes(rules, penalty, eos)
         if pad_token_id is None:
             pad_token_id = defaults.get("pad_token_id")
         if pad_token_id is None:
@@ -1710,6 +1716,8 @@ class SpeculativeDecoder:
         if copies > 1:  # generate's expansion: each prompt repeated, adjacent (greedy refused by validate())
             prompt = prompt.repeat_interleave(copies, dim=0)
             attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(copies, dim=0)
+            if callable(prefix_allowed_tokens_fn):  # generate passes every copy of prompt i as batch_id i
+                prefix_allowed_tokens_fn = functools.partial(_per_prompt, prefix_allowed_tokens_fn, copies)
         length = prompt.shape[-1]
         criteria = StoppingCriteriaList(_callables("stopping_criteria", stopping_criteria, "StoppingCriteria"))
         # generate's merge: a caller's criterion replaces the one of its type that generate builds from the config
@@ -2068,6 +2076,37 @@ def _callables(name: str, items, kind: str) -> list:
     return list(items)
 
 
+def _check_processor_clashes(rules: _LogitRules, penalty: float | None, eos: list[int]) -> None:
+    """A ``ValueError`` for a caller's logits processor of the class of one the call's options build: transformers'
+    ``generate`` would use it in place of its own, at its own's position in the order; the engine applies its
+    rule at every tree node instead, so the option should carry the value."""
+    from transformers.generation import logits_process as processors
+
+    sequences = rules.token_sequences
+    options = {  # class name -> (option, active in this call)
+        "SequenceBiasLogitsProcessor": ("sequence_bias", sequences is not None and bool(sequences.biases)),
+        "NoBadWordsLogitsProcessor": ("bad_words_ids", sequences is not None and bool(sequences.bans)),
+        "RepetitionPenaltyLogitsProcessor": ("repetition_penalty", penalty is not None),
+        "EncoderRepetitionPenaltyLogitsProcessor": ("encoder_repetition_penalty", rules.encoder_penalty is not None),
+        "NoRepeatNGramLogitsProcessor": ("no_repeat_ngram_size", bool(rules.no_repeat_ngram_size)),
+        "EncoderNoRepeatNGramLogitsProcessor": ("encoder_no_repeat_ngram_size", bool(rules.encoder_ngram_size)),
+        "MinLengthLogitsProcessor": ("min_length", bool(eos) and rules.min_length > 0),
+        "MinNewTokensLengthLogitsProcessor": ("min_new_tokens", bool(eos) and bool(rules.min_new_tokens)),
+        "PrefixConstrainedLogitsProcessor": ("prefix_allowed_tokens_fn", rules.prefix_allowed_tokens_fn is not None),
+        "ForcedEOSTokenLogitsProcessor": ("forced_eos_token_id", bool(rules.forced_eos)),
+        "ExponentialDecayLengthPenalty": ("exponential_decay_length_penalty", rules.decay is not None),
+        "SuppressTokensLogitsProcessor": ("suppress_tokens", bool(rules.suppress)),
+        "SuppressTokensAtBeginLogitsProcessor": ("begin_suppress_tokens", bool(rules.begin_suppress)),
+    }
+    for index, processor in enumerate(rules.custom or []):
+        option, active = options.get(type(processor).__name__, (None, False))
+        if active and type(processor) is getattr(processors, type(processor).__name__, None):
+            raise ValueError(f"logits_processor[{index}] is a {type(processor).__name__}, which transformers' generate "
+                             f"would use in place of the one {option} builds (set in this call or the generation "
+                             f"config): give the value as {option} instead, which the engine applies at every tree "
+                             f"node, or leave {option} unset")
+
+
 def _custom_processors(processors) -> object | None:
     """The caller's logits processors as a transformers ``LogitsProcessorList`` (None when there are none)."""
     from transformers import LogitsProcessorList
@@ -2084,6 +2123,11 @@ def _checked_generation_config(config: object) -> object:
         raise TypeError(f"generation_config must be a transformers GenerationConfig or None, got "
                         f"{type(config).__name__}")
     return config
+
+
+def _per_prompt(fn: Callable, copies: int, batch_id: int, sequence: torch.Tensor):
+    """``fn`` called with the prompt's index for ``batch_id`` of a batch that repeats each prompt ``copies`` times."""
+    return fn(batch_id // copies, sequence)
 
 
 def _whole(name: str, value):
@@ -2431,7 +2475,8 @@ class _Generation:
             for length, members in groups.items():
                 index = int64_to_device(members, logits.device)
                 scores = logits[b].index_select(0, index)
-                logits[b].index_copy_(0, index, self.rules.custom(ids.index_select(0, index)[:, :length], scores))
+                processed = self.rules.custom(ids.index_select(0, index)[:, :length], scores)
+                logits[b].index_copy_(0, index, processed.to(logits.dtype))  # a processor may change the dtype
 
     def _decay(self, logits: torch.Tensor, tree: TreeSpec, roots: list[int]) -> None:
         """``exponential_decay_length_penalty`` at the nodes whose sequence is longer than the prompt plus

@@ -172,3 +172,42 @@ def test_unsatisfiable_prefix_constraint_names_the_row():
     with pytest.raises(ValueError, match="prefix_allowed_tokens_fn returned no token for batch_id 0"):
         engine.generate(prompts(256, [3], seed=1)[0], max_new_tokens=3,
                         prefix_allowed_tokens_fn=lambda batch_id, sequence: [])
+
+
+def test_processor_of_a_builtin_class_is_refused_when_its_option_is_set():
+    """transformers' generate uses a caller's processor in place of its own of the same class (at its own's
+    position): the engine refuses that pairing by name (the option carries the value, applied at every node);
+    the same class without the option is applied as any other processor (equal to generate), and a processor that
+    changes the dtype is written back in fp32."""
+    from transformers.generation import RepetitionPenaltyLogitsProcessor, SuppressTokensLogitsProcessor
+
+    engine = _engines()[0]
+    target = engine.target
+    prompt = prompts(256, [4], seed=11)[0]
+    with pytest.raises(ValueError, match=r"logits_processor\[0\] is a RepetitionPenaltyLogitsProcessor.*"
+                                         r"repetition_penalty"):
+        engine.generate(prompt, max_new_tokens=3, repetition_penalty=5.0,
+                        logits_processor=[RepetitionPenaltyLogitsProcessor(0.3)])
+    target.generation_config.suppress_tokens = [5]
+    try:
+        with pytest.raises(ValueError, match="suppress_tokens"):
+            engine.generate(prompt, max_new_tokens=3, logits_processor=[SuppressTokensLogitsProcessor([7])])
+    finally:
+        target.generation_config.suppress_tokens = None
+    for processors in ([RepetitionPenaltyLogitsProcessor(0.3)], [lambda ids, scores: scores.double() * 1.5],
+                       [lambda ids, scores: scores.to(torch.bfloat16)]):
+        expected = target.generate(prompt, do_sample=False, max_new_tokens=8, logits_processor=processors)
+        assert torch.equal(engine.generate(prompt, max_new_tokens=8, logits_processor=processors).sequences,
+                           expected)
+
+
+def test_hf_generate_copies_share_their_prompts_batch_id():
+    """``num_return_sequences``: generate passes every copy of prompt ``i`` to ``prefix_allowed_tokens_fn`` as
+    ``batch_id`` ``i``."""
+    engine = _engines()[0]
+    ids = torch.cat(prompts(256, [3, 3], seed=2))
+    options = dict(do_sample=True, num_return_sequences=2, max_new_tokens=3, pad_token_id=0,
+                   prefix_allowed_tokens_fn=lambda batch_id, sequence: [10 + batch_id])
+    expected = engine.target.generate(ids, attention_mask=torch.ones_like(ids), **options)
+    assert expected[:, 3:].tolist() == [[10] * 3, [10] * 3, [11] * 3, [11] * 3]
+    assert torch.equal(engine.hf_generate(ids, **options).sequences, expected)
