@@ -172,6 +172,13 @@ def _divergence_rows(
     return loss.squeeze(-1), grad
 
 
+def _distribution_or_nan(sum_exp: Tensor) -> Tensor:
+    """A teacher row's sum of exps S_b, NaN where it is not finite and positive: a row holding +inf or NaN, or -inf
+    only, has no distribution, and the fast paths' zeroing of 0 * inf products must not turn it into a finite or
+    infinite loss (the general path, the kernels and ``F.kl_div`` give a NaN loss there, and a NaN gradient row)."""
+    return torch.where(torch.isfinite(sum_exp) & (sum_exp > 0), sum_exp, math.nan)
+
+
 def _forward_kl_rows(
     scaled_student: Tensor, scaled_teacher: Tensor, temperature: float, compute_grad: bool
 ) -> tuple[Tensor, Optional[Tensor]]:
@@ -186,7 +193,7 @@ def _forward_kl_rows(
     (the caller's shifted copies) are consumed."""
     q = scaled_student.exp()
     p = scaled_teacher.exp()
-    sum_q, sum_p = q.sum(-1, keepdim=True), p.sum(-1, keepdim=True)
+    sum_q, sum_p = q.sum(-1, keepdim=True), _distribution_or_nan(p.sum(-1, keepdim=True))
     q.div_(sum_q)
     p.div_(sum_p)
     dot = scaled_teacher.sub_(scaled_student).mul_(p)  # p (b - a)
@@ -206,10 +213,10 @@ def _reverse_kl_rows(
     q = scaled_student.exp()
     sum_q = q.sum(-1, keepdim=True)
     q.div_(sum_q)
-    log_sum_p = scaled_teacher.exp().sum(-1, keepdim=True).log()
+    log_sum_p = _distribution_or_nan(scaled_teacher.exp().sum(-1, keepdim=True)).log()
     diff = scaled_student.sub_(scaled_teacher)  # a - b
     dot = torch.nan_to_num_(q * diff, nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1, keepdim=True)
-    row_dot = normalized_row_dot(dot, q.sum(-1, keepdim=True))
+    row_dot = normalized_row_dot(dot, q.sum(-1, keepdim=True)) + (log_sum_p - log_sum_p)  # NaN with log S_b
     loss = (row_dot - sum_q.log() + log_sum_p).squeeze(-1)
     grad = None
     if compute_grad:

@@ -411,6 +411,26 @@ def test_nan_propagates(side, divergence, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "all_neg_inf"])
+def test_teacher_row_without_a_distribution_is_nan(bad, divergence, impl):
+    """A teacher row holding NaN or +inf, or -inf only, has no distribution: its loss and its whole gradient row are
+    NaN on every impl, the other rows untouched (the PyTorch fast paths zero 0 * inf products, which once turned such
+    a row's loss into +-inf and left finite gradient entries beside a NaN)."""
+    student = _logits((3, 64), torch.float32, seed=36)
+    teacher = _logits((3, 64), torch.float32, seed=37)
+    if bad == "all_neg_inf":
+        teacher[1] = -float("inf")
+    else:
+        teacher[1, 5] = float(bad)
+    loss, grad, _ = _run(student, teacher, impl, divergence=divergence, reduction="none")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    assert torch.isfinite(grad[[0, 2]]).all() and not torch.isfinite(grad[1]).any()
+    if impl == "torch":  # (the kernel's reverse KL leaves inf beside the NaN of a +inf teacher logit)
+        assert torch.isnan(grad[1]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_teacher_gets_no_gradient_and_inputs_unchanged(impl):
     student = _logits((3, 64), torch.float32, seed=38).requires_grad_(True)
     teacher = _logits((3, 64), torch.float32, seed=39).requires_grad_(True)
