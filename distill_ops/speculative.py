@@ -1804,7 +1804,7 @@ class SpeculativeDecoder:
                 )
             rows = []
             for index, (row, mask) in enumerate(zip(tokens, attention_mask.to(torch.int64).tolist())):
-                kept = [position for position, value in enumerate(mask) if value]
+                kept = _kept_positions(mask)
                 if any(value not in (0, 1) for value in mask):
                     raise ValueError(f"attention_mask must hold 0 and 1 only, got row {index}: {mask}")
                 if not kept:
@@ -2165,6 +2165,11 @@ def _as_generate_reads(config, vocab_size: int) -> None:
                                                                   and not 0 <= token < vocab_size)])
 
 
+def _kept_positions(mask_row: list) -> list[int]:
+    """The positions an attention-mask row keeps (nonzero entries); they must form one run for the engine."""
+    return [position for position, value in enumerate(mask_row) if value]
+
+
 def _inferred_attention_mask(prompt: torch.Tensor, config) -> torch.Tensor | None:
     """transformers' ``generate`` without an attention mask: when the prompt holds ``pad_token_id`` (and it is
     not an EOS id) those positions are masked out; None (every position a token) otherwise. A pad token between
@@ -2174,10 +2179,11 @@ def _inferred_attention_mask(prompt: torch.Tensor, config) -> torch.Tensor | Non
     if pad is None or pad in eos:
         return None
     mask = prompt.ne(pad)
-    if bool(mask.all()):
+    rows = mask.tolist()  # the one host read (hf_generate reads the prompt anyway)
+    if all(all(row) for row in rows):
         return None
-    for index, row in enumerate(mask.tolist()):
-        kept = [position for position, value in enumerate(row) if value]
+    for index, row in enumerate(rows):
+        kept = _kept_positions(row)
         if kept and kept[-1] - kept[0] + 1 != len(kept):
             raise ValueError(f"input_ids row {index} holds pad_token_id {pad} between tokens, which generate would "
                              f"mask out; the speculative engine takes one contiguous run of tokens per row: pass an "
