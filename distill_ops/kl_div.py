@@ -94,10 +94,9 @@ def _divergence_elements(
         gap = q - p
         g = torch.where(torch.isnan(gap), gap, 0.5 * torch.sign(gap))  # sign() maps NaN to 0
     else:
-        # log of the mixture m = c_p p + c_q q, computed in the log domain. Each weight's log is taken from
-        # the coefficient it is made of: 1 - (1 - alpha) is 0 in floating point for alpha < 2^-53.
-        c_p, c_q = (1.0 - coef, coef) if divergence == "skew_reverse" else (coef, 1.0 - coef)
-        log_m = torch.logaddexp(log_p + _log_weight(c_p), log_q + _log_weight(c_q))
+        # log of the mixture m = c_p p + c_q q, computed in the log domain.
+        log_c_p, log_c_q = mixture_log_weights(divergence, coef)
+        log_m = torch.logaddexp(log_p + log_c_p, log_q + log_c_q)
         if divergence == "jsd":
             terms = torch.where(p == 0, zero, coef * p * (log_p - log_m))
             terms = terms + torch.where(q == 0, zero, (1.0 - coef) * q * (log_q - log_m))
@@ -116,8 +115,13 @@ def temperature_scaled(values: Tensor, temperature: float) -> Tensor:
     return values if temperature == 1.0 else values / temperature
 
 
-def _log_weight(weight: float) -> float:
-    return math.log(weight) if weight > 0.0 else -math.inf
+def mixture_log_weights(divergence: str, coef: float) -> tuple[float, float]:
+    """``(log c_p, log c_q)`` of the mixture m = c_p p + c_q q of ``jsd`` / ``skew_forward`` (c_p = coef) and
+    ``skew_reverse`` (c_q = coef), each taken from the coefficient it is made of: 1 - (1 - alpha) is 0 in floating
+    point for alpha < 2^-53, and log(1 - coef) comes from log1p (1 - coef would drop coef's digits below 1e-16)."""
+    log_coef = math.log(coef) if coef > 0.0 else -math.inf
+    log_rest = math.log1p(-coef) if coef < 1.0 else -math.inf
+    return (log_rest, log_coef) if divergence == "skew_reverse" else (log_coef, log_rest)
 
 
 def _divergence_row_loss(
@@ -157,6 +161,8 @@ def _divergence_rows(
         return _forward_kl_rows(scaled_student, scaled_teacher, temperature, compute_grad)
     if divergence == "reverse":
         return _reverse_kl_rows(scaled_student, scaled_teacher, temperature, compute_grad)
+    if divergence != "tvd":
+        return _mixture_rows(scaled_student, scaled_teacher, divergence, coef, temperature, compute_grad)
     # Each row's max is now 0 (or the row is all -inf, or holds +inf / NaN): the log of the sum of exps is the
     # log-sum-exp, as torch.logsumexp computes it, without its own max and shift passes.
     lse_student = scaled_student.exp().sum(-1, keepdim=True).log()
@@ -223,6 +229,97 @@ def _reverse_kl_rows(
         grad = torch.where(q == 0, q.new_zeros(()), diff.sub_(row_dot).mul_(q))
         grad = temperature_scaled(grad, temperature)
     return loss, grad
+
+
+# Below this shifted, scaled logit exp() is 0 in fp32 and in fp64 (it underflows at -104 and -745).
+_NEGLIGIBLE_LOGIT = -1e4
+
+
+def _mixture_rows(
+    scaled_student: Tensor, scaled_teacher: Tensor, divergence: str, coef: float, temperature: float,
+    compute_grad: bool,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """:func:`_divergence_rows` for the mixture divergences (``jsd``, ``skew_forward``, ``skew_reverse``) in
+    fewer passes than the general path's (its log-probabilities, log-domain mixture and masking made the JSD
+    fallback slower than eager PyTorch).
+
+    With a, b the shifted scaled logits, q = e^a / S_a and p = e^b / S_b (one exp each), and the mixture
+    m = c_p p + c_q q, everything is read from the log-ratio of the two sides. Let X be the side whose coefficient
+    is at least 1/2 (p for ``jsd`` with beta >= 1/2 and for ``skew_forward`` with alpha >= 1/2, ...) and Y the
+    other, r = log(x / y), from the logits' difference (b - a + log S_a - log S_b for X = p), K = log(c_x / c_y) >= 0
+    and z = r + K. With t = log1p(e^-|z|):
+
+    * l_x = log(c_x x / m) = logsigmoid(z) = min(z, 0) - t, and l_y = log(c_x y / m) = min(K, -r) - t;
+    * d_x = log(x / m) = l_x - log c_x and d_y = log(y / m) = l_y - log c_x, where |log c_x| <= log 2;
+    * the shares c_x x / m = e^l_x and c_y y / m = -expm1(l_x).
+
+    Each of l_x, l_y is a number near its own size minus t, never a difference of two large ones: no log-probability
+    and no log m is formed (log p - log m, two numbers ~ -log V, lost the digits of a loss of 1e-15 where p ~ q); no
+    large log of a coefficient is added and cancelled (at alpha = 1e-100 it is 230: its rounding was a relative 1e-2
+    of a skew loss in fp32); and where y outweighs x by far (a student token the teacher rules out: r ~ -1e4), l_y is
+    K - t, not l_x - r (whose rounding at |r| was 1e-3 in fp32). With these:
+
+    * ``jsd``: loss = beta sum p d_p + (1 - beta) sum q d_q, dL/da = (1 - beta) q (d_q - mean_q d_q), with
+      mean_q x = sum q x / sum q;
+    * ``skew_forward``: loss = sum p d_p, dL/da = -(p w - q sum p w / sum q), w = c_q q / m (q g = -(1 - alpha) q p
+      / m: p / m alone reaches 1 / alpha and overflows fp32 at alpha ~ 1e-40);
+    * ``skew_reverse``: loss = sum q d_q, dL/da = q (h - mean_q h), h = d_q - c_q q / m.
+
+    (dL/da = q (g - S) as in :func:`_divergence_elements`; S's constants cancel, and the loss takes the constant
+    log c_x times the actual sums of p and q.) Only exp, expm1, log and log1p are used: on the CPU they give each
+    element the same bits wherever it lies in a tensor (sigmoid, softplus and logaddexp do not), so a row's result
+    does not depend on the chunking. The logits are clamped at ``_NEGLIGIBLE_LOGIT``: a -inf logit becomes one
+    whose exp is still 0, so r is finite and no 0 * inf appears, with no masking pass; a token one side rules out
+    gives the same bits whether its logit is -inf or merely far below the row (t is 0 there, l_y is K). NaN passes
+    through the clamp, a teacher row without a distribution gets a NaN S_b (:func:`_distribution_or_nan`), and a
+    student row without one a NaN q, so such rows' loss and gradient are NaN as on the general path. The inputs
+    (the caller's shifted copies) are consumed."""
+    a = scaled_student.clamp_min_(_NEGLIGIBLE_LOGIT)
+    b = scaled_teacher.clamp_min_(_NEGLIGIBLE_LOGIT)
+    q, p = a.exp(), b.exp()
+    sum_q, sum_p = q.sum(-1, keepdim=True), _distribution_or_nan(p.sum(-1, keepdim=True))
+    q.div_(sum_q)
+    p.div_(sum_p)
+    q_sum, p_sum = q.sum(-1, keepdim=True), p.sum(-1, keepdim=True)
+    log_c_p, log_c_q = mixture_log_weights(divergence, coef)
+    p_dominant = log_c_p >= log_c_q
+    log_c_x, log_c_y = (log_c_p, log_c_q) if p_dominant else (log_c_q, log_c_p)
+    if p_dominant:
+        r = b.sub_(a).add_(sum_q.log() - sum_p.log())  # log(p / q)
+    else:
+        r = a.sub_(b).add_(sum_p.log() - sum_q.log())  # log(q / p)
+    shift = log_c_x - log_c_y
+    z = r + shift  # log(c_x x / (c_y y))
+    softplus_tail = z.abs().neg_().exp_().log1p_()  # log1p(e^-|z|)
+    l_x = z.clamp_max_(0.0).sub_(softplus_tail)  # log(c_x x / m) = logsigmoid(z)
+    l_y = r.neg_().clamp_max_(shift).sub_(softplus_tail)  # log(c_x y / m) = d_y + log c_x
+
+    def kl_part(probs: Tensor, shifted_log_ratio: Tensor, probs_sum: Tensor) -> Tensor:
+        return (probs * shifted_log_ratio).sum(-1, keepdim=True) - log_c_x * probs_sum  # sum x log(x / m)
+
+    d_p, d_q = (l_x, l_y) if p_dominant else (l_y, l_x)  # each + log c_x
+
+    def q_share() -> Tensor:  # c_q q / m
+        return torch.expm1(l_x).neg_() if p_dominant else l_x.exp()
+
+    if divergence == "skew_forward":
+        loss = kl_part(p, d_p, p_sum)
+        if not compute_grad:
+            return loss.squeeze(-1), None
+        p_w = q_share().mul_(p)
+        return loss.squeeze(-1), p_w.sub_(q * (p_w.sum(-1, keepdim=True) / q_sum)).mul_(-1.0 / temperature)
+    loss = kl_part(q, d_q, q_sum)
+    if divergence == "jsd":
+        loss = coef * kl_part(p, d_p, p_sum) + (1.0 - coef) * loss
+        centred, scale = d_q, 1.0 - coef
+    else:  # skew_reverse
+        share = q_share()
+        centred, scale = d_q.sub_(share), 1.0
+    grad = None
+    if compute_grad:
+        mean = (q * centred).sum(-1, keepdim=True) / q_sum
+        grad = centred.sub_(mean).mul_(q).mul_(scale / temperature)
+    return loss.squeeze(-1), grad
 
 
 def kl_div_rows_torch(

@@ -35,7 +35,7 @@ def log_mixture(log_a, log_b, c):
     safe_a = torch.where(either, log_a, 0.0)
     safe_b = torch.where(either, log_b, 0.0)
     log_c = math.log(c) if c > 0 else NEG_INF
-    mixed = torch.logaddexp(safe_a + log_c, safe_b + math.log(1.0 - c))
+    mixed = torch.logaddexp(safe_a + log_c, safe_b + math.log1p(-c))  # exact: 1 - c drops c's digits below 1e-16
     return torch.where(either, mixed, NEG_INF)
 
 

@@ -270,6 +270,49 @@ def test_reference_matches_independent_formulation(divergence):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-10, msg=str(options))
 
 
+def _decimal_mixture_rows(student, teacher, divergence, coef):
+    """Mixture divergences per row at 40 significant digits (the ``decimal`` module), from the definitions."""
+    import decimal
+
+    with decimal.localcontext() as context:
+        context.prec = 40
+        coef = decimal.Decimal(coef)
+
+        def softmax(row):
+            exps = [decimal.Decimal(value).exp() for value in row]
+            total = sum(exps)
+            return [value / total for value in exps]
+
+        def kl(a, b):
+            return sum(x * (x / y).ln() for x, y in zip(a, b))
+
+        rows = []
+        for student_row, teacher_row in zip(student.tolist(), teacher.tolist()):
+            q, p = softmax(student_row), softmax(teacher_row)
+            if divergence == "skew_reverse":
+                rows.append(kl(q, [coef * x + (1 - coef) * y for x, y in zip(q, p)]))
+                continue
+            m = [coef * x + (1 - coef) * y for x, y in zip(p, q)]
+            rows.append(coef * kl(p, m) + (1 - coef) * kl(q, m) if divergence == "jsd" else kl(p, m))
+        return torch.tensor([float(row) for row in rows], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("divergence, coef", [("jsd", 1e-12), ("jsd", 0.5), ("skew_forward", 1 - 1e-6),
+                                              ("skew_reverse", 1 - 1e-6), ("skew_reverse", 0.1)])
+def test_reference_keeps_the_digits_of_tiny_mixture_losses(divergence, coef):
+    """Where p ~ q and the mixture is nearly one side, the loss is ~1e-15: a formula through log-probabilities
+    (log p - log m, each ~ -5) loses it to their rounding (the oracle and the fallback were 9-13 % off in float64).
+    The fallback reads the log-ratios from the logits' difference: float64 keeps the digits up to the
+    cancellation of sum p log(c p / m) against log c (relative 1e-6 at c = 1 - 1e-6)."""
+    generator = torch.Generator().manual_seed(5)
+    student = torch.randn(3, 200, generator=generator, dtype=torch.float64) * 0.1
+    teacher = student + torch.randn(3, 200, generator=generator, dtype=torch.float64) * 0.05
+    kwargs = {"beta": coef} if divergence == "jsd" else {"alpha": coef}
+    loss, _ = kl_div_reference(student, teacher, divergence=divergence, reduction="none", **kwargs)
+    expected = _decimal_mixture_rows(student, teacher, divergence, coef)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0.0)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("beta", [0.0, 0.25, 0.5, 1.0])
 def test_jsd_equals_trl_generalized_jsd(beta, impl):
@@ -335,6 +378,35 @@ def test_masked_columns_against_far_negative_logits(masked, divergence, impl):
     loss, grad, _ = _run(student, teacher, impl, divergence=divergence, reduction="none")
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     _check_against_reference(student, teacher, impl, divergence=divergence, reduction="none")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence, coefficient", [("jsd", 0.9), ("jsd", 0.3), ("skew_forward", 0.1),
+                                                     ("skew_reverse", 0.1), ("skew_reverse", 0.9)])
+def test_student_tokens_the_teacher_rules_out(divergence, coefficient, impl):
+    """The student's heaviest tokens ruled out by the teacher (-inf, or -1e30: probability 0): the mixture
+    divergences stay finite and match float64. On the PyTorch path such a token gives the same bits as one whose
+    teacher logit is merely far below the row (300 under its max, e^-300 = 0 in fp32): its log-ratio to the mixture
+    is the constant log(c_x / c_y), not l_x - r with r ~ -1e4 (rounded at 1e-3 in fp32)."""
+    generator = torch.Generator().manual_seed(60)
+    student = (torch.randn(4, 50, generator=generator, dtype=torch.float64) * 2).float().to(DEVICE)
+    teacher = (torch.randn(4, 50, generator=generator, dtype=torch.float64) * 2).float().to(DEVICE)
+    student[:, 3] = 8.0
+    student[:, 11] = 7.5
+    far_below = teacher.clone()
+    far_below[:, [3, 11]] = teacher.amax(-1, keepdim=True) - 300.0
+    teacher[:, [3, 11]] = float("-inf")
+    teacher[1, 3] = -1e30
+    kwargs = {"beta": coefficient} if divergence == "jsd" else {"alpha": coefficient}
+    _check_against_reference(student, teacher, impl, divergence=divergence, reduction="none", **kwargs)
+    loss, grad, _ = _run(student, teacher, impl, divergence=divergence, reduction="none", **kwargs)
+    far_loss, far_grad, _ = _run(student, far_below, impl, divergence=divergence, reduction="none", **kwargs)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    if impl == "torch":
+        assert torch.equal(loss, far_loss) and torch.equal(grad, far_grad)
+    else:
+        assert_close(loss, far_loss, torch.float32)
+        assert_close(grad, far_grad, torch.float32)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -411,7 +483,7 @@ def test_nan_propagates(side, divergence, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd", "skew_forward", "skew_reverse"])
 @pytest.mark.parametrize("bad", ["nan", "inf", "all_neg_inf"])
 def test_teacher_row_without_a_distribution_is_nan(bad, divergence, impl):
     """A teacher row holding NaN or +inf, or -inf only, has no distribution: its loss and its whole gradient row are
