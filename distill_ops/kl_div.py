@@ -94,19 +94,22 @@ def _divergence_elements(
         gap = q - p
         g = torch.where(torch.isnan(gap), gap, 0.5 * torch.sign(gap))  # sign() maps NaN to 0
     else:
-        # log of the mixture m = c_p p + c_q q, computed in the log domain.
-        log_c_p, log_c_q = mixture_log_weights(divergence, coef)
-        log_m = torch.logaddexp(log_p + log_c_p, log_q + log_c_q)
+        # d_p = log(p / m), d_q = log(q / m) of the mixture m = c_p p + c_q q, from the log-ratio of the two sides
+        # (as :func:`_mixture_rows`); the selects keep 0 * -inf (a side's zero) out of the sums.
+        p_dominant, log_c_x, shift = mixture_sides(divergence, coef)
+        l_x, l_y = mixture_log_ratios(log_p - log_q if p_dominant else log_q - log_p, shift)
+        d_p, d_q = ((l_x, l_y) if p_dominant else (l_y, l_x))
+        d_p, d_q = d_p.sub_(log_c_x), d_q.sub_(log_c_x)
         if divergence == "jsd":
-            terms = torch.where(p == 0, zero, coef * p * (log_p - log_m))
-            terms = terms + torch.where(q == 0, zero, (1.0 - coef) * q * (log_q - log_m))
-            g = (1.0 - coef) * (log_q - log_m)
+            terms = torch.where(p == 0, zero, coef * p * d_p)
+            terms = terms + torch.where(q == 0, zero, (1.0 - coef) * q * d_q)
+            g = (1.0 - coef) * d_q
         elif divergence == "skew_forward":
-            terms = torch.where(p == 0, zero, p * (log_p - log_m))
-            g = -(1.0 - coef) * torch.where(p == 0, zero, (log_p - log_m).exp())
+            terms = torch.where(p == 0, zero, p * d_p)
+            g = -(1.0 - coef) * torch.where(p == 0, zero, d_p.exp())
         else:  # skew_reverse
-            terms = torch.where(q == 0, zero, q * (log_q - log_m))
-            g = (log_q - log_m) - coef * torch.where(q == 0, zero, (log_q - log_m).exp())
+            terms = torch.where(q == 0, zero, q * d_q)
+            g = d_q - coef * torch.where(q == 0, zero, d_q.exp())
     return terms, torch.where(q == 0, zero, q * g), q, g
 
 
@@ -115,13 +118,32 @@ def temperature_scaled(values: Tensor, temperature: float) -> Tensor:
     return values if temperature == 1.0 else values / temperature
 
 
-def mixture_log_weights(divergence: str, coef: float) -> tuple[float, float]:
-    """``(log c_p, log c_q)`` of the mixture m = c_p p + c_q q of ``jsd`` / ``skew_forward`` (c_p = coef) and
-    ``skew_reverse`` (c_q = coef), each taken from the coefficient it is made of: 1 - (1 - alpha) is 0 in floating
-    point for alpha < 2^-53, and log(1 - coef) comes from log1p (1 - coef would drop coef's digits below 1e-16)."""
+def mixture_sides(divergence: str, coef: float) -> tuple[bool, float, float]:
+    """``(p_dominant, log c_x, K)`` of a mixture divergence, m = c_p p + c_q q with c_p = coef for ``jsd`` /
+    ``skew_forward`` and c_q = coef for ``skew_reverse``: X is the side whose coefficient is at least 1/2 (p where
+    ``p_dominant``), K = log(c_x / c_y) >= 0 (see :func:`mixture_log_ratios`). Each coefficient's log is taken from
+    the coefficient it is made of (1 - (1 - alpha) is 0 in floating point for alpha < 2^-53), log(1 - coef) from
+    log1p."""
     log_coef = math.log(coef) if coef > 0.0 else -math.inf
     log_rest = math.log1p(-coef) if coef < 1.0 else -math.inf
-    return (log_rest, log_coef) if divergence == "skew_reverse" else (log_coef, log_rest)
+    log_c_p, log_c_q = (log_rest, log_coef) if divergence == "skew_reverse" else (log_coef, log_rest)
+    p_dominant = log_c_p >= log_c_q
+    log_c_x, log_c_y = (log_c_p, log_c_q) if p_dominant else (log_c_q, log_c_p)
+    return p_dominant, log_c_x, log_c_x - log_c_y
+
+
+def mixture_log_ratios(log_ratio: Tensor, shift: float) -> tuple[Tensor, Tensor]:
+    """``(l_x, l_y)`` = (log(c_x x / m), log(c_x y / m)) of the mixture m = c_x x + c_y y, from r = ``log_ratio``
+    = log(x / y) (consumed) and K = ``shift`` = log(c_x / c_y) >= 0. With z = r + K and t = log1p(e^-|z|):
+    l_x = logsigmoid(z) = min(z, 0) - t and l_y = min(K, -r) - t. Each is a number near its own size minus t, never
+    a difference of two large ones: where y outweighs x by far (r ~ -1e4, a token one side rules out), l_y is K - t,
+    not l_x - r (whose rounding at |r| is 1e-3 in fp32), and a tiny coefficient (K = 230 at 1e-100) only enters z,
+    whose rounding then moves l_x by a relative amount. r = -inf gives (-inf, K), r = +inf gives (0, -inf). Only
+    exp, log1p and exact operations: on the CPU they give each element the same bits wherever it lies in a tensor
+    (sigmoid, softplus and logaddexp do not), so a row's result does not depend on the chunking."""
+    z = log_ratio + shift
+    tail = z.abs().neg_().exp_().log1p_()
+    return z.clamp_max_(0.0).sub_(tail), log_ratio.neg_().clamp_max_(shift).sub_(tail)
 
 
 def _divergence_row_loss(
@@ -245,19 +267,17 @@ def _mixture_rows(
 
     With a, b the shifted scaled logits, q = e^a / S_a and p = e^b / S_b (one exp each), and the mixture
     m = c_p p + c_q q, everything is read from the log-ratio of the two sides. Let X be the side whose coefficient
-    is at least 1/2 (p for ``jsd`` with beta >= 1/2 and for ``skew_forward`` with alpha >= 1/2, ...) and Y the
-    other, r = log(x / y), from the logits' difference (b - a + log S_a - log S_b for X = p), K = log(c_x / c_y) >= 0
-    and z = r + K. With t = log1p(e^-|z|):
+    is at least 1/2 (p for ``jsd`` with beta >= 1/2 and for ``skew_forward`` with alpha >= 1/2, ...; see
+    :func:`mixture_sides`) and Y the other, r = log(x / y) from the logits' difference (b - a + log S_a - log S_b for
+    X = p), and K = log(c_x / c_y) >= 0. Then :func:`mixture_log_ratios` gives l_x = log(c_x x / m) and
+    l_y = log(c_x y / m), and:
 
-    * l_x = log(c_x x / m) = logsigmoid(z) = min(z, 0) - t, and l_y = log(c_x y / m) = min(K, -r) - t;
     * d_x = log(x / m) = l_x - log c_x and d_y = log(y / m) = l_y - log c_x, where |log c_x| <= log 2;
     * the shares c_x x / m = e^l_x and c_y y / m = -expm1(l_x).
 
-    Each of l_x, l_y is a number near its own size minus t, never a difference of two large ones: no log-probability
-    and no log m is formed (log p - log m, two numbers ~ -log V, lost the digits of a loss of 1e-15 where p ~ q); no
-    large log of a coefficient is added and cancelled (at alpha = 1e-100 it is 230: its rounding was a relative 1e-2
-    of a skew loss in fp32); and where y outweighs x by far (a student token the teacher rules out: r ~ -1e4), l_y is
-    K - t, not l_x - r (whose rounding at |r| was 1e-3 in fp32). With these:
+    No log-probability and no log m is formed (log p - log m, two numbers ~ -log V, lost the digits of a loss of
+    1e-15 where p ~ q), and no large log of a coefficient is added and cancelled (at alpha = 1e-100 it is 230: its
+    rounding was a relative 1e-2 of a skew loss in fp32). With these:
 
     * ``jsd``: loss = beta sum p d_p + (1 - beta) sum q d_q, dL/da = (1 - beta) q (d_q - mean_q d_q), with
       mean_q x = sum q x / sum q;
@@ -266,9 +286,8 @@ def _mixture_rows(
     * ``skew_reverse``: loss = sum q d_q, dL/da = q (h - mean_q h), h = d_q - c_q q / m.
 
     (dL/da = q (g - S) as in :func:`_divergence_elements`; S's constants cancel, and the loss takes the constant
-    log c_x times the actual sums of p and q.) Only exp, expm1, log and log1p are used: on the CPU they give each
-    element the same bits wherever it lies in a tensor (sigmoid, softplus and logaddexp do not), so a row's result
-    does not depend on the chunking. The logits are clamped at ``_NEGLIGIBLE_LOGIT``: a -inf logit becomes one
+    log c_x times the actual sums of p and q.) Only exp, expm1, log and log1p are used, so a row's result does not
+    depend on the chunking. The logits are clamped at ``_NEGLIGIBLE_LOGIT``: a -inf logit becomes one
     whose exp is still 0, so r is finite and no 0 * inf appears, with no masking pass; a token one side rules out
     gives the same bits whether its logit is -inf or merely far below the row (t is 0 there, l_y is K). NaN passes
     through the clamp, a teacher row without a distribution gets a NaN S_b (:func:`_distribution_or_nan`), and a
@@ -281,18 +300,12 @@ def _mixture_rows(
     q.div_(sum_q)
     p.div_(sum_p)
     q_sum, p_sum = q.sum(-1, keepdim=True), p.sum(-1, keepdim=True)
-    log_c_p, log_c_q = mixture_log_weights(divergence, coef)
-    p_dominant = log_c_p >= log_c_q
-    log_c_x, log_c_y = (log_c_p, log_c_q) if p_dominant else (log_c_q, log_c_p)
+    p_dominant, log_c_x, shift = mixture_sides(divergence, coef)
     if p_dominant:
         r = b.sub_(a).add_(sum_q.log() - sum_p.log())  # log(p / q)
     else:
         r = a.sub_(b).add_(sum_p.log() - sum_q.log())  # log(q / p)
-    shift = log_c_x - log_c_y
-    z = r + shift  # log(c_x x / (c_y y))
-    softplus_tail = z.abs().neg_().exp_().log1p_()  # log1p(e^-|z|)
-    l_x = z.clamp_max_(0.0).sub_(softplus_tail)  # log(c_x x / m) = logsigmoid(z)
-    l_y = r.neg_().clamp_max_(shift).sub_(softplus_tail)  # log(c_x y / m) = d_y + log c_x
+    l_x, l_y = mixture_log_ratios(r, shift)
 
     def kl_part(probs: Tensor, shifted_log_ratio: Tensor, probs_sum: Tensor) -> Tensor:
         return (probs * shifted_log_ratio).sum(-1, keepdim=True) - log_c_x * probs_sum  # sum x log(x / m)

@@ -264,6 +264,24 @@ def test_parity_fp16(impl):
     _check(case, impl, divergence="forward", labels=_labels((2, 19), 203, 9), ce_weight=0.5)
 
 
+@pytest.mark.parametrize("beta", [1e-6, 1 - 1e-6])
+def test_fallback_keeps_the_digits_of_a_small_jsd(beta):
+    """A JSD at beta near 0 or 1 is ~1e-8 where the teacher is close to the student: the PyTorch path reads the
+    log-ratios to the mixture from the two sides' log-ratio (``mixture_log_ratios``), and is within 1e-3 of float64
+    (the log p - log m form, two numbers ~ -log V, was 3-5x off in fp32). The Triton kernels keep that form: their
+    loss carries an absolute error of ~1e-7 per row (README)."""
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(8, 32, generator=generator)
+    weight = torch.randn(300, 32, generator=generator) * 0.5
+    teacher = hidden @ weight.T + torch.randn(8, 300, generator=generator) * 0.3
+    loss = fused_linear_kl_div(hidden.to(DEVICE), weight.to(DEVICE), teacher_logits=teacher.to(DEVICE),
+                               divergence="jsd", beta=beta, reduction="none", impl="torch")
+    expected, _ = kl_div_reference(hidden.double() @ weight.double().T, teacher.double(), divergence="jsd", beta=beta,
+                                   reduction="none")
+    assert expected.abs().max() < 1e-6
+    torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-3, atol=0.0)
+
+
 @pytest.mark.parametrize("impl", FL_IMPLS)
 def test_parity_no_labels_sum_small_hidden(impl):
     """No labels (every row counts), kl_weight != 1, Hs = 20 (not a multiple of 16), one-row and 5-row inputs."""
