@@ -104,12 +104,14 @@ def _divergence_elements(
             terms = torch.where(p == 0, zero, coef * p * d_p)
             terms = terms + torch.where(q == 0, zero, (1.0 - coef) * q * d_q)
             g = (1.0 - coef) * d_q
-        elif divergence == "skew_forward":
+        # The skew KLs' g less a constant (it cancels in g - S): x / m - 1 = expm1(d_x), near 0 where x ~ m, so
+        # S keeps the digits of g's spread (a confident student near its teacher: see :func:`_mixture_rows`).
+        elif divergence == "skew_forward":  # g = -(1 - alpha) p / m
             terms = torch.where(p == 0, zero, p * d_p)
-            g = -(1.0 - coef) * torch.where(p == 0, zero, d_p.exp())
-        else:  # skew_reverse
+            g = -(1.0 - coef) * torch.where(p == 0, -1.0, torch.expm1(d_p))
+        else:  # skew_reverse: g = d_q - alpha q / m
             terms = torch.where(q == 0, zero, q * d_q)
-            g = d_q - coef * torch.where(q == 0, zero, d_q.exp())
+            g = d_q - coef * torch.where(q == 0, -1.0, torch.expm1(d_q))
     return terms, torch.where(q == 0, zero, q * g), q, g
 
 
