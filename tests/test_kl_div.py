@@ -313,15 +313,18 @@ def test_reference_keeps_the_digits_of_tiny_mixture_losses(divergence, coef):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0.0)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("divergence, coefficient", [("jsd", 0.5), ("jsd", 0.1), ("skew_forward", 0.5),
-                                                     ("skew_reverse", 0.5)])
-def test_confident_student_near_its_teacher_keeps_the_gradient(divergence, coefficient):
+                                                     ("skew_forward", 0.1), ("skew_reverse", 0.5),
+                                                     ("skew_reverse", 0.1)])
+def test_confident_student_near_its_teacher_keeps_the_gradient(divergence, coefficient, impl):
     """A confident student (top token ~0.9988) near its teacher, the usual late-training row: the true gradient is
     ~1e-6 while the log-ratios to the mixture are ~log 2, so a constant left in them before the sums and the mean
     costs the gradient its digits (up to 5e-2 of the row's largest entry for the JSD and 0.35 for the skew KLs in
-    the mixture path's first form; 0.19 for the skew KLs on the general path before it). The fallback subtracts the
-    constants per element (and writes the skew KLs' c q / m as c expm1(log(q / m)) + c): within 1e-4 of the row's
-    largest entry, in fp32."""
+    the mixture path's first form; 0.19 for the skew KLs on the general path before it; 1e-2 in the Triton kernel).
+    The fallback subtracts the constants per element, and both impls write the skew KLs' c x / m as
+    c expm1(log(x / m)) + c: within 1e-4 of the row's largest entry in fp32 (1e-3 for the kernel, whose JSD keeps
+    the log p - log m form: 4e-4 at beta = 0.1)."""
     kwargs = {"beta": coefficient} if divergence == "jsd" else {"alpha": coefficient}
     worst = 0.0
     for seed in range(20):
@@ -330,12 +333,12 @@ def test_confident_student_near_its_teacher_keeps_the_gradient(divergence, coeff
         student[0, 0] += 14.0
         teacher = student + 0.3 * torch.randn(1, 1000, generator=generator, dtype=torch.float64)
         student, teacher = student.float(), teacher.float()
-        _, grad, upstream = _run(student.to(DEVICE), teacher.to(DEVICE), "torch", divergence=divergence,
+        _, grad, upstream = _run(student.to(DEVICE), teacher.to(DEVICE), impl, divergence=divergence,
                                  reduction="sum", **kwargs)
         _, expected = independent_reference(student, teacher, upstream, divergence=divergence, reduction="sum",
                                             **kwargs)
         worst = max(worst, ((grad.double().cpu() - expected).abs().max() / expected.abs().max()).item())
-    assert worst < 1e-4, worst
+    assert worst < (1e-4 if impl == "torch" else 1e-3), worst
 
 
 @pytest.mark.parametrize("impl", IMPLS)
