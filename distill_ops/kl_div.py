@@ -98,7 +98,7 @@ def _divergence_elements(
         # (as :func:`_mixture_rows`); the selects keep 0 * -inf (a side's zero) out of the sums.
         p_dominant, log_c_x, shift = mixture_sides(divergence, coef)
         l_x, l_y = mixture_log_ratios(log_p - log_q if p_dominant else log_q - log_p, shift)
-        d_p, d_q = ((l_x, l_y) if p_dominant else (l_y, l_x))
+        d_p, d_q = (l_x, l_y) if p_dominant else (l_y, l_x)
         d_p, d_q = d_p.sub_(log_c_x), d_q.sub_(log_c_x)
         if divergence == "jsd":
             terms = torch.where(p == 0, zero, coef * p * d_p)
@@ -327,7 +327,8 @@ def _mixture_rows(
         loss = (p * d_p).sum(-1, keepdim=True)
         if share is not None:
             p_w = share.mul_(p)
-            return loss.squeeze(-1), p_w.sub_(q * (p_w.sum(-1, keepdim=True) / q_sum)).mul_(-1.0 / temperature)
+            mean = normalized_row_dot(p_w.sum(-1, keepdim=True), q_sum)
+            return loss.squeeze(-1), p_w.sub_(q * mean).mul_(-1.0 / temperature)
         # g = -(1 - alpha) p / m = -(1 - alpha) (expm1(d_p) + 1): the constant drops out
         centred, scale = (torch.expm1(d_p) if compute_grad else None), -(1.0 - coef)
     elif divergence == "jsd":
@@ -338,7 +339,7 @@ def _mixture_rows(
         centred, scale = (d_q - coef * torch.expm1(d_q) if compute_grad else None), 1.0
     grad = None
     if compute_grad:
-        mean = (q * centred).sum(-1, keepdim=True) / q_sum
+        mean = normalized_row_dot((q * centred).sum(-1, keepdim=True), q_sum)
         grad = centred.sub_(mean).mul_(q).mul_(scale / temperature)
     return loss.squeeze(-1), grad
 
