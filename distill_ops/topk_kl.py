@@ -768,7 +768,7 @@ def _check_distinct_indices(indices: Tensor, logprobs: Tensor, labels: Optional[
     if not host_readable(indices) or indices.numel() == 0:
         return
     stored_k = indices.shape[-1]
-    real = logprobs.exp() > 0
+    real = logprobs.float().exp() > 0  # the loss's rule (kept_logprobs, fp32): fp16's exp is 0 below -17.4
     if labels is not None:
         real = real & (labels != ignore_index).unsqueeze(-1)
     sentinel = -1 - torch.arange(stored_k, device=indices.device)  # distinct, below every index

@@ -1107,6 +1107,11 @@ def test_bad_inputs():
     padded = lp.clone()
     padded[1, 2, 3] = -1e4  # padding (zero probability) may repeat an index
     assert torch.isfinite(topk_kl_div(s, teacher_topk_indices=repeated, teacher_topk_logprobs=padded))
+    for dtype, logprob in ((torch.float16, -20.0), (torch.bfloat16, -100.0)):  # 0 after exp in that dtype, not fp32
+        rare = lp.clone()
+        rare[1, 2, 3] = logprob
+        _bad(r"must be distinct within a row \(padding aside\), got index 4 twice in row 5", s,
+             teacher_topk_indices=repeated, teacher_topk_logprobs=rare.to(dtype))
     _bad("lower must be <= upper", s, t, lower=0.6, upper=0.4)
     _bad("lower must be <= upper in every row", s, t, lower=torch.full((2, 3), 0.6), upper=torch.full((2, 3), 0.4))
     _bad(r"upper must be in \[0.0, 1.0\], got 1.5", s, t, upper=1.5)
