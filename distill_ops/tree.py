@@ -457,6 +457,7 @@ def tree_to_retrieve(tree: TreeSpec) -> tuple[torch.Tensor, torch.Tensor, torch.
     """SGLang-style retrieve arrays ``(retrive_index, retrive_next_token, retrive_next_sibling)``, each
     int64 ``[Bt, T]``: the flat index ``b * T + i`` of each draft token, each node's first child and each
     node's next sibling (``-1`` when none; siblings in node-index order). Device-side, no host sync."""
+    check_tree_spec(tree)
     batch, num_nodes = tree.parents.shape
     index = torch.arange(batch * num_nodes, device=tree.device, dtype=torch.int64).view(batch, num_nodes)
     return index, tree.first_child.clone(), tree.next_sibling.clone()
@@ -480,6 +481,11 @@ def tree_from_retrieve(retrive_next_token: torch.Tensor, retrive_next_sibling: t
     squeeze = first.dim() == 1
     first, sibling = (first.unsqueeze(0), sibling.unsqueeze(0)) if squeeze else (first, sibling)
     batch, num_nodes = first.shape
+    if batch == 0 or num_nodes == 0:
+        raise ValueError(
+            "retrive_next_token and retrive_next_sibling must hold at least one tree of at least one node, got "
+            f"shape {tuple(retrive_next_token.shape)}"
+        )
     root_siblings = sibling[:, 0]
     if (root_siblings != -1).any():
         tree_idx = int((root_siblings != -1).nonzero()[0, 0])

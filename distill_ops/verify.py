@@ -429,6 +429,19 @@ def _layer_list(name: str, tensors: object) -> list[torch.Tensor]:
     )
 
 
+def _distinct_caches(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` less repeats of one view (same address, shape and strides: ``v`` that is ``k``, or a layer list
+    that holds a tensor shared across layers), in order: a repeat would be compacted twice, moving rows already
+    moved (disjoint views of one buffer, such as ``kv[0]`` / ``kv[1]``, are distinct)."""
+    seen, distinct = set(), []
+    for tensor in tensors:
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        if key not in seen:
+            seen.add(key)
+            distinct.append(tensor)
+    return distinct
+
+
 def compact_kv_cache_ref(
     k: torch.Tensor | Sequence[torch.Tensor],
     v: torch.Tensor | Sequence[torch.Tensor],
@@ -436,7 +449,8 @@ def compact_kv_cache_ref(
     accepted: torch.Tensor,
 ) -> None:
     """PyTorch in-place compaction: gather the accepted rows, then scatter them to their new slots (the
-    indices are built once and shared by every layer when ``k`` / ``v`` are per-layer lists)."""
+    indices are built once and shared by every layer when ``k`` / ``v`` are per-layer lists; a tensor given
+    more than once is compacted once)."""
     keys, values = _layer_list("k", k), _layer_list("v", v)
     batch, num_heads, _, head_dim = keys[0].shape
     width = accepted.shape[1]
@@ -445,7 +459,7 @@ def compact_kv_cache_ref(
     source = start + torch.where(accepted >= 0, accepted, slots)  # padding slots copy onto themselves
     dest = (start + slots)[:, None, :, None].expand(batch, num_heads, width, head_dim)
     source = source[:, None, :, None].expand(batch, num_heads, width, head_dim)
-    for cache in (*keys, *values):
+    for cache in _distinct_caches((*keys, *values)):
         cache.scatter_(2, dest, cache.gather(2, source))
 
 
@@ -463,7 +477,8 @@ def compact_kv_cache(
         k, v: ``[B, H, S, D]`` KV cache holding the prefix then the tree nodes (as for tree attention), or
             lists with one such tensor per layer (same shape, dtype and device): a whole model's cache in
             one call, one kernel launch on the Triton path when the layers also share strides (as the
-            layers of a transformers ``DynamicCache`` do; otherwise one launch per set of strides).
+            layers of a transformers ``DynamicCache`` do; otherwise one launch per set of strides). A tensor
+            given more than once (``v`` that is ``k``, a layer sharing another's cache) is compacted once.
         cache_lens: integer ``[B]`` prefix lengths before the tree (every layer has the same prefix).
         result: the :class:`VerifyResult` of this step.
         impl: ``"auto"`` | ``"triton"`` | ``"torch"``.
@@ -523,6 +538,12 @@ def compact_kv_cache(
         return cache_lens + result.accept_len.to(cache_lens.dtype) + 1
     if any(t.stride(-1) != 1 for t in (*keys, *values)):
         raise ValueError("impl='triton' compacts in place and needs k and v with unit stride along D")
+    distinct = _distinct_caches((*keys, *values))
+    if len(distinct) < len(keys) + len(values):
+        # Re-paired so that each tensor is moved by one program; an odd one out is paired with itself, which one
+        # program moves correctly (slot by slot it copies K's row, then V's, from a source row that no earlier
+        # slot wrote: the second copy rewrites the same values).
+        keys, values = distinct[0::2], distinct[1::2] + distinct[len(distinct) - len(distinct) % 2:]
     return _launch(_compact_kv_op, _compact_kv_triton, keys, values, _int64_rows(accepted), cache_lens)
 
 

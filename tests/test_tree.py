@@ -183,6 +183,13 @@ def test_bad_retrieve():
     with pytest.raises(ValueError, match=r"tree 0: node 1 is a child of node 2; nodes must be numbered with every "
                                          r"parent before its children"):
         tree_from_retrieve(torch.tensor([2, -1, 1]), torch.tensor([-1, -1, -1]))
+    empty = torch.tensor([], dtype=torch.int64)  # an IndexError before
+    with pytest.raises(ValueError, match=r"must hold at least one tree of at least one node, got shape \(0,\)"):
+        tree_from_retrieve(empty, empty)
+    with pytest.raises(ValueError, match=r"at least one tree of at least one node, got shape \(0, 3\)"):
+        tree_from_retrieve(empty.view(0, 3), empty.view(0, 3))
+    with pytest.raises(TypeError, match="tree must be a TreeSpec .* got Tensor"):  # an AttributeError before
+        tree_to_retrieve(torch.tensor([-1, 0]))
 
 
 def test_int64_to_device_round_trip():

@@ -395,6 +395,33 @@ def test_compact_kv_cache_every_layer_in_one_call(impl):
         assert torch.equal(got[0, :, 4 + 3], original[0, :, 4 + 3])  # padding slot untouched
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compact_kv_cache_moves_a_shared_tensor_once(impl):
+    """A tensor given more than once (v that is k; a layer list holding one tensor for several layers, as caches
+    shared across layers do) is moved once: a second move re-read rows the first had already overwritten (the
+    PyTorch path for both forms, the Triton path for the layer list)."""
+    accepted = torch.tensor([[0, 2, 3, 5], [0, 1, -1, -1]])
+    result = VerifyResult(accepted.to(DEVICE), torch.tensor([3, 1], device=DEVICE),
+                          torch.zeros(2, dtype=torch.int64, device=DEVICE), accepted.to(DEVICE))
+    cache_lens = torch.tensor([1, 4], device=DEVICE)
+    shared = torch.arange(2 * 2 * 10 * 16, dtype=torch.float32, device=DEVICE).view(2, 2, 10, 16)
+    other = torch.randn(2, 2, 10, 16, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    expected_shared, expected_other = shared.clone(), other.clone()
+    compact_kv_cache(expected_shared, expected_other, cache_lens, result, impl="torch")  # each tensor once
+    assert torch.equal(expected_shared[0, :, 1:5], shared[0, :, [1, 3, 4, 6]])
+    for layout in ("k is v", "k, v: [s, o, s], [s, s, o]", "k, v: [s, s], [o, s]"):
+        got_shared, got_other = shared.clone(), other.clone()
+        if layout == "k is v":
+            k_in = v_in = got_shared
+        elif layout.startswith("k, v: [s, o"):
+            k_in, v_in = [got_shared, got_other, got_shared], [got_shared, got_shared, got_other]
+        else:
+            k_in, v_in = [got_shared, got_shared], [got_other, got_shared]
+        compact_kv_cache(k_in, v_in, cache_lens, result, impl=impl)
+        assert torch.equal(got_shared, expected_shared), layout
+        assert torch.equal(got_other, other if layout == "k is v" else expected_other), layout
+
+
 # ---------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("impl", IMPLS)
 def test_empty_batch(impl):
