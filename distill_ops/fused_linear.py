@@ -546,10 +546,12 @@ def _fused_linear_backward_op(
         grad_rows = torch.where(active, grad_rows, 0.0)
     kl_scale = grad_rows * (kl_weight / temperature)
     ce_scale = grad_rows * ce_weight if ce_weight != 0.0 else None
-    if active is not None and need_weight_grad:
+    if active is not None and (need_weight_grad or s_softcap is not None):
         # d_weight sums dL/dz^T h over every row: an ignored row's zero gradient times a NaN / inf hidden state
         # (e.g. a padding position whose attention saw no key) made the whole weight gradient NaN. Its hidden
         # state is read as 0 instead (a transient [N, Hs] copy; ignored rows' dL/dz is 0 whatever their logits).
+        # So under a student soft-cap, whose factor 1 - tanh^2 of a NaN logit turned that zero dL/dz into NaN
+        # (d_hidden's row and d_bias, with a frozen head too, as fspad_draft_loss's).
         s_hidden = torch.where(active.unsqueeze(-1), s_hidden, 0.0)
     inputs = _Inputs(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits, s_softcap, t_softcap)
     options = dict(divergence=divergence, coef=coef, temperature=temperature, need_weight_grad=need_weight_grad,

@@ -81,9 +81,10 @@ def _strategy(impl):
         fused_linear_kernels.GEMM_CHUNK_ELEMENTS = saved
 
 
-def _run(case, impl, upstream_seed=7, **kwargs):
-    """Loss and gradients of the three student inputs, backward with an upstream gradient != 1."""
-    inputs = {k: (v.detach().clone().requires_grad_(k in GRAD_INPUTS)) for k, v in case.items()}
+def _run(case, impl, upstream_seed=7, frozen=(), **kwargs):
+    """Loss and gradients of the three student inputs (but those ``frozen``), backward with an upstream gradient
+    != 1."""
+    inputs = {k: (v.detach().clone().requires_grad_(k in GRAD_INPUTS and k not in frozen)) for k, v in case.items()}
     with _strategy(impl) as backend:
         loss = fused_linear_kl_div(
             inputs["student_hidden"], inputs["student_weight"], inputs.get("teacher_hidden"),
@@ -564,24 +565,28 @@ def test_all_rows_ignored_gives_zero(impl):
     assert all(torch.count_nonzero(g) == 0 for g in grads.values())
 
 
+@pytest.mark.parametrize("softcap, frozen", [(None, ()), (30.0, ()), (30.0, ("student_weight",))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("impl", IMPLS)
-def test_non_finite_hidden_in_ignored_rows_leaves_every_gradient_alone(impl, dtype):
+@pytest.mark.parametrize("impl", FL_IMPLS)
+def test_non_finite_hidden_in_ignored_rows_leaves_every_gradient_alone(impl, dtype, softcap, frozen):
     """An ignored row may hold anything (a left-padding position whose attention saw no key gives NaN hidden states):
     loss and every gradient equal those with that row zeroed. The weight gradient (dL/dz^T h over every row) was NaN:
-    the ignored row's zero gradient times its NaN hidden state."""
+    the ignored row's zero gradient times its NaN hidden state; with a student soft-cap and a frozen head (as
+    fspad_draft_loss's), d_hidden and d_bias were: the cap's factor 1 - tanh^2 of a NaN logit times that zero."""
     case = _case((7,), 16, 45, dtype, biases=True, seed=19)
     labels = _labels((7,), 45, 20)  # rows 0 and 3 ignored
+    options = dict(labels=labels, ce_weight=0.5, student_softcap=softcap, frozen=frozen)
     clean = dict(case, student_hidden=case["student_hidden"].clone())
     clean["student_hidden"][[0, 3]] = 0.0
-    expected_loss, expected_grads, _ = _run(clean, impl, labels=labels, ce_weight=0.5)
+    expected_loss, expected_grads, _ = _run(clean, impl, **options)
     for bad in (float("nan"), float("inf")):
         dirty = dict(case, student_hidden=case["student_hidden"].clone())
         dirty["student_hidden"][0, 2] = bad
         dirty["student_hidden"][3] = -bad
-        loss, grads, _ = _run(dirty, impl, labels=labels, ce_weight=0.5)
+        loss, grads, _ = _run(dirty, impl, **options)
         assert torch.equal(loss, expected_loss)
-        for name in GRAD_INPUTS:
+        assert set(grads) - {name for name in GRAD_INPUTS if grads[name] is not None} == set(frozen)
+        for name in set(GRAD_INPUTS) - set(frozen):
             assert torch.isfinite(grads[name]).all(), (name, bad)
             if name == "student_hidden":
                 assert torch.equal(grads[name][[0, 3]], torch.zeros_like(grads[name][[0, 3]]))
