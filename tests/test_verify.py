@@ -144,6 +144,35 @@ def test_compact_kv_kernel_never_writes_past_the_cache():
     assert torch.equal(big_k, before_k) and torch.equal(big_v, before_v)
 
 
+def test_greedy_walk_never_writes_past_its_rows(monkeypatch):
+    """A spec whose max_depth understates the tree (tree_spec_from_parents_tensor trusts its bound, and an invalid
+    parent array gives depths it does not check) must not make the walk write past its result rows: on a GPU that
+    wrote into other memory. The result tensors are allocated inside guard bands that must stay untouched."""
+    from distill_ops.kernels import tree_verify as tree_verify_module
+
+    tree = build_tree(torch.tensor([-1, 0, 1, 2], device=DEVICE))  # a chain of depth 3
+    tokens = torch.tensor([[5, 1, 2, 3]], device=DEVICE)
+    logits = torch.full((1, 4, 8), -5.0, device=DEVICE)
+    logits[0, torch.arange(4), torch.tensor([1, 2, 3, 4])] = 5.0  # every draft accepted, bonus 4
+    guarded, real_empty = [], torch.empty
+
+    def empty_with_guards(*size, dtype=None, device=None, **kwargs):
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        count = int(np.prod(shape)) if shape else 1
+        buffer = real_empty(count + 16, dtype=dtype, device=device).fill_(-7)
+        guarded.append(buffer)
+        return buffer[:count].view(shape)
+
+    monkeypatch.setattr(tree_verify_module.torch, "empty", empty_with_guards)
+    monkeypatch.setattr(tree_verify_module.torch, "empty_like",
+                        lambda t, **kw: empty_with_guards(t.shape, dtype=t.dtype, device=t.device))
+    accepted, accept_len, next_tokens, emitted = tree_verify_module.verify_greedy_forward(
+        tree.parents, tree.depth, tree.ancestor_mask, tokens, logits, out_width=2)
+    monkeypatch.undo()
+    assert guarded and all(bool((buffer[-16:] == -7).all()) for buffer in guarded)
+    assert accepted.tolist() == [[0, 1]] and emitted.tolist() == [[1, 2]]  # the first slots, truncated
+
+
 def test_compact_kv_kernel_moves_nothing_for_a_negative_cache_len():
     """A negative cache_len (unchecked on a GPU) leaves that sequence's rows, and every other sequence's, as they
     were: the kernel moved its row cache_len + node to cache_len + slot, which for cache_len = -3 lands in
