@@ -500,7 +500,8 @@ def _fused_linear_stats_kernel(
                 BLOCK_V, BLOCK_H,
             )
             term, g, q = _divergence_terms(
-                z * inv_temperature, t * inv_temperature, lse_s[:, None], lse_t[:, None], coef, DIVERGENCE
+                z * inv_temperature, t * inv_temperature, lse_s[:, None], lse_t[:, None], coef, DIVERGENCE,
+                FROM_LOG_RATIO=False,
             )
             valid = col_mask[None, :]
             loss_acc += tl.sum(tl.where(valid, term, 0.0), axis=1)
@@ -586,7 +587,7 @@ def _fused_linear_grad_logits_kernel(
         q = tl.exp(a - lse_s)
         grad = tl.where(q == 0.0, 0.0, q * ((a - b) - s_dot))
     else:
-        term, g, q = _divergence_terms(a, b, lse_s, lse_t, coef, DIVERGENCE)
+        term, g, q = _divergence_terms(a, b, lse_s, lse_t, coef, DIVERGENCE, FROM_LOG_RATIO=False)
         grad = tl.where(q == 0.0, 0.0, q * (g - s_dot))
     # kl_scale = upstream * kl_weight / T, 0 at ignored rows (whose logits are not looked at).
     grad = tl.where(kl_scale == 0.0, 0.0, grad * kl_scale)

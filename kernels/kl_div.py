@@ -69,35 +69,94 @@ def _expm1(x):
     """e^x - 1 with its relative precision where |x| is small (e^x - 1 there loses it: a difference of two numbers
     near 1): a degree-5 Taylor polynomial below |x| = 0.1 (its error, x^6 / 720, is below 2e-9 relative), e^x - 1
     above (relative error at most ~1e-6 there). Plain arithmetic, so it is as precise compiled as interpreted."""
-    poly = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0)))))
-    return tl.where(tl.abs(x) < 0.1, poly, tl.exp(x) - 1.0)
+    return _expm1_given_exp(x, tl.exp(x))
 
 
 @triton.jit
-def _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE: tl.constexpr):
-    """Per-element loss term and g = dL/dq for the mixture / TVD divergences (fp32). The skew KLs' g is formed less
-    a constant (it cancels in g - S): x / m - 1 = expm1(log(x / m)), near 0 where x ~ m, so that S keeps the digits
-    of g's spread (a confident student near its teacher: g ~ -(1 - alpha) everywhere, and the gradient was 1e-2 off
-    of the row's largest entry)."""
+def _expm1_given_exp(x, exp_x):
+    """:func:`_expm1` of ``x`` whose e^x is at hand."""
+    poly = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0)))))
+    return tl.where(tl.abs(x) < 0.1, poly, exp_x - 1.0)
+
+
+@triton.jit
+def _log_ratio(a, b, lse_a, lse_b):
+    """log(p / q) from the scaled logits and log-sum-exps: b - a is exact where the two logits are close."""
+    return (b - a) + (lse_a - lse_b)
+
+
+@triton.jit
+def _mixture_log_ratio(r, c_s, c_o):
+    """``(log(s / m), log(o / m))`` for m = c_s s + c_o o (c_s + c_o = 1, both > 0), read from r = log(s / o) alone,
+    with their relative precision where s ~ o (no log-probability or log m is subtracted: log s - log m rounds at
+    |log m|). log(s / m) = -log(w), w = c_s + c_o e^-r = 1 + u, u = c_o expm1(-r): a degree-8 Taylor polynomial of
+    log1p(u) where |u| < 0.1 (relative error 0.1^8 / 9), log(w) elsewhere (w, a sum of two positive terms, is exact
+    to an ulp or two and |log(w)| > 0.095). r is clamped at -88 (e^88 is finite in fp32): below, s <= e^-88 o is 0 or
+    subnormal and log(s / m), held at its value there, only ever multiplies s. The second value, log(s / m) - r
+    (-log(c_o) below -88, exact for c_o down to ~1e-31 c_s), keeps its relative precision only for a dominant s
+    (c_s >= 1/2: near 0 it is at least half of r in magnitude). One exp and one log per element, as the
+    log p - log m form took."""
+    r_near = tl.maximum(r, -88.0, propagate_nan=tl.PropagateNan.ALL)
+    exp_r = tl.exp(-r_near)
+    u = c_o * _expm1_given_exp(-r_near, exp_r)
+    w = c_s + c_o * exp_r  # = 1 + u, without 1 + u's rounding (which would lose a small c_s's digits)
+    poly = u * (1.0 - u * (0.5 - u * (1.0 / 3.0 - u * (0.25 - u * (0.2 - u * (1.0 / 6.0 - u * (1.0 / 7.0
+                                                                                            - u * 0.125)))))))
+    l_s = -tl.where(tl.abs(u) < 0.1, poly, tl.log(w))
+    return l_s, l_s - r_near
+
+
+@triton.jit
+def _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE: tl.constexpr, FROM_LOG_RATIO: tl.constexpr = True):
+    """Per-element loss term and g = dL/dq for the mixture / TVD divergences (fp32). With ``FROM_LOG_RATIO`` (the
+    ``kl_div`` kernel) the mixtures' log-ratios to m come from r = log(p / q) (:func:`_mixture_log_ratio`), so a JSD
+    of p ~ q keeps its digits; otherwise (the fused-linear tile kernels, where that form's registers left 8-byte
+    stack frames in some of their variants under Triton 3.6 and 3.9) from log p - log m (:func:`_log_weights`), with
+    an absolute error of ~1e-7 per row. The skew KLs' g is formed less a constant (it cancels in g - S):
+    x / m - 1 = expm1(log(x / m)), near 0 where x ~ m, so that S keeps the digits of g's spread (a confident student
+    near its teacher: g ~ -(1 - alpha) everywhere, and the gradient was 1e-2 off of the row's largest entry)."""
     if DIVERGENCE == 2:  # jsd: beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q
-        log_q, log_p, log_m = _log_weights(a, b, lse_a, lse_b, tl.log(coef), tl.log(1.0 - coef))
-        p = tl.exp(log_p)
-        q = tl.exp(log_q)
-        term = tl.where(p == 0.0, 0.0, coef * p * (log_p - log_m))
-        term += tl.where(q == 0.0, 0.0, (1.0 - coef) * q * (log_q - log_m))
-        g = (1.0 - coef) * (log_q - log_m)
+        if FROM_LOG_RATIO:
+            p = tl.exp(b - lse_b)
+            q = tl.exp(a - lse_a)
+            # Both ratios from the dominant side X's (X = p where beta >= 1/2): selects on a scalar condition.
+            p_dominant = coef >= 0.5
+            c_y = tl.minimum(coef, 1.0 - coef)
+            l_x, l_y = _mixture_log_ratio(_log_ratio(a, b, lse_a, lse_b) * tl.where(p_dominant, 1.0, -1.0),
+                                          1.0 - c_y, c_y)
+            l_p = tl.where(p_dominant, l_x, l_y)
+            l_q = tl.where(p_dominant, l_y, l_x)
+        else:
+            log_q, log_p, log_m = _log_weights(a, b, lse_a, lse_b, tl.log(coef), tl.log(1.0 - coef))
+            p = tl.exp(log_p)
+            q = tl.exp(log_q)
+            l_p = log_p - log_m
+            l_q = log_q - log_m
+        term = tl.where(p == 0.0, 0.0, coef * p * l_p)
+        term += tl.where(q == 0.0, 0.0, (1.0 - coef) * q * l_q)
+        g = (1.0 - coef) * l_q
     elif DIVERGENCE == 3:  # skew_forward: KL(p || alpha p + (1-alpha) q)
-        log_q, log_p, log_m = _log_weights(a, b, lse_a, lse_b, tl.log(coef), tl.log(1.0 - coef))
-        p = tl.exp(log_p)
-        q = tl.exp(log_q)
-        term = tl.where(p == 0.0, 0.0, p * (log_p - log_m))
-        g = -(1.0 - coef) * tl.where(p == 0.0, -1.0, _expm1(log_p - log_m))  # -(1 - alpha) (p / m - 1)
+        if FROM_LOG_RATIO:
+            p = tl.exp(b - lse_b)
+            q = tl.exp(a - lse_a)
+            l_p, _ = _mixture_log_ratio(_log_ratio(a, b, lse_a, lse_b), coef, 1.0 - coef)
+        else:
+            log_q, log_p, log_m = _log_weights(a, b, lse_a, lse_b, tl.log(coef), tl.log(1.0 - coef))
+            p = tl.exp(log_p)
+            q = tl.exp(log_q)
+            l_p = log_p - log_m
+        term = tl.where(p == 0.0, 0.0, p * l_p)  # r is NaN where both sides are -inf
+        g = -(1.0 - coef) * tl.where(p == 0.0, -1.0, _expm1(l_p))  # -(1 - alpha) (p / m - 1)
     elif DIVERGENCE == 4:  # skew_reverse: KL(q || alpha q + (1-alpha) p)
-        log_q, log_p, log_m = _log_weights(a, b, lse_a, lse_b, tl.log(1.0 - coef), tl.log(coef))
-        q = tl.exp(log_q)
-        log_ratio = log_q - log_m
-        term = tl.where(q == 0.0, 0.0, q * log_ratio)
-        g = log_ratio - coef * tl.where(q == 0.0, -1.0, _expm1(log_ratio))  # d_q - alpha (q / m - 1)
+        if FROM_LOG_RATIO:
+            l_q, _ = _mixture_log_ratio(-_log_ratio(a, b, lse_a, lse_b), coef, 1.0 - coef)
+            q = tl.exp(a - lse_a)
+        else:
+            log_q, log_p, log_m = _log_weights(a, b, lse_a, lse_b, tl.log(1.0 - coef), tl.log(coef))
+            q = tl.exp(log_q)
+            l_q = log_q - log_m
+        term = tl.where(q == 0.0, 0.0, q * l_q)
+        g = l_q - coef * tl.where(q == 0.0, -1.0, _expm1(l_q))  # d_q - alpha (q / m - 1)
     else:  # tvd: 0.5 sum |p - q|
         q = tl.exp(a - lse_a)
         p = tl.exp(b - lse_b)
