@@ -435,7 +435,9 @@ def _distinct_caches(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     moved (disjoint views of one buffer, such as ``kv[0]`` / ``kv[1]``, are distinct)."""
     seen, distinct = set(), []
     for tensor in tensors:
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        # A dim of size 1 is never stepped over, so its stride does not matter (a view may give it any value).
+        strides = tuple(stride if size > 1 else 0 for size, stride in zip(tensor.shape, tensor.stride()))
+        key = (tensor.data_ptr(), tuple(tensor.shape), strides)
         if key not in seen:
             seen.add(key)
             distinct.append(tensor)

@@ -115,7 +115,8 @@ def greedy_walk_kernel(
     tl.store(argmax_base + nodes, best_idx.to(tl.int64), mask=valid)
     # The argmaxes are read back by other threads below (parents' and the final node's).
     tl.debug_barrier()
-    parent_target = tl.load(argmax_base + parents, mask=valid & (parents >= 0), other=-2)
+    # Bounded reads too: tree_spec_from_parents_tensor does not validate the parent values it is given.
+    parent_target = tl.load(argmax_base + parents, mask=valid & (parents >= 0) & (parents < num_nodes), other=-2)
     match = valid & ((tokens == parent_target) | (nodes == 0))
     anc_base = ANC + batch.to(tl.int64) * stride_anc_b
     on_path = valid
@@ -127,7 +128,7 @@ def greedy_walk_kernel(
         on_path = on_path & ((anc & ~packed) == 0)
     key = tl.where(on_path, depth * BLOCK_T + (BLOCK_T - 1 - nodes), -1)
     best = tl.max(key, axis=0)
-    final = BLOCK_T - 1 - best % BLOCK_T
+    final = tl.minimum(BLOCK_T - 1 - best % BLOCK_T, num_nodes - 1)  # best < 0 only for an invalid spec
     final_depth = best // BLOCK_T
     bonus = tl.load(argmax_base + final)
 

@@ -173,6 +173,27 @@ def test_greedy_walk_never_writes_past_its_rows(monkeypatch):
     assert accepted.tolist() == [[0, 1]] and emitted.tolist() == [[1, 2]]  # the first slots, truncated
 
 
+def test_greedy_walk_of_an_invalid_parent_array_stays_in_bounds():
+    """tree_spec_from_parents_tensor does not validate the values (that would read them): a parent index past the
+    tree made the Triton walk read the argmax buffer a million entries out (the interpreter segfaulted). Run in a
+    subprocess so that a crash fails the test instead of ending the session."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os; os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import torch\n"
+        "from distill_ops import verify_greedy\n"
+        "from distill_ops.tree import tree_spec_from_parents_tensor\n"
+        "spec = tree_spec_from_parents_tensor(torch.tensor([-1, 0, 1000000]), max_depth=1, max_children=1,"
+        " impl='torch')\n"
+        "result = verify_greedy(spec, torch.tensor([[5, 1, 2]]), torch.randn(1, 3, 8), impl='triton')\n"
+        "print('ran', tuple(result.accepted_nodes.shape))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ran (1, 2)" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
 def test_compact_kv_kernel_moves_nothing_for_a_negative_cache_len():
     """A negative cache_len (unchecked on a GPU) leaves that sequence's rows, and every other sequence's, as they
     were: the kernel moved its row cache_len + node to cache_len + slot, which for cache_len = -3 lands in
@@ -438,14 +459,24 @@ def test_compact_kv_cache_moves_a_shared_tensor_once(impl):
     expected_shared, expected_other = shared.clone(), other.clone()
     compact_kv_cache(expected_shared, expected_other, cache_lens, result, impl="torch")  # each tensor once
     assert torch.equal(expected_shared[0, :, 1:5], shared[0, :, [1, 3, 4, 6]])
-    for layout in ("k is v", "k, v: [s, o, s], [s, s, o]", "k, v: [s, s], [o, s]"):
+    for layout in ("k is v", "v is k with another stride on a dim of size 1", "k, v: [s, o, s], [s, s, o]",
+                   "k, v: [s, s], [o, s]"):
         got_shared, got_other = shared.clone(), other.clone()
         if layout == "k is v":
             k_in = v_in = got_shared
+        elif layout.startswith("v is k"):
+            k_in = got_shared[:1]
+            v_in = k_in.as_strided(k_in.shape, (7,) + k_in.stride()[1:])
         elif layout.startswith("k, v: [s, o"):
             k_in, v_in = [got_shared, got_other, got_shared], [got_shared, got_shared, got_other]
         else:
             k_in, v_in = [got_shared, got_shared], [got_other, got_shared]
+        if layout.startswith("v is k"):  # sequence 0 alone
+            first = VerifyResult(result.accepted_nodes[:1], result.accept_len[:1], result.next_tokens[:1],
+                                 result.emitted_tokens[:1])
+            compact_kv_cache(k_in, v_in, cache_lens[:1], first, impl=impl)
+            assert torch.equal(got_shared[:1], expected_shared[:1]), layout
+            continue
         compact_kv_cache(k_in, v_in, cache_lens, result, impl=impl)
         assert torch.equal(got_shared, expected_shared), layout
         assert torch.equal(got_other, other if layout == "k is v" else expected_other), layout
