@@ -504,8 +504,10 @@ def _fused_linear_stats_kernel(
                 FROM_LOG_RATIO=False,
             )
             valid = col_mask[None, :]
-            loss_acc += tl.sum(tl.where(valid, term, 0.0), axis=1)
-            dot_acc += tl.sum(tl.where(valid & (q != 0.0), q * g, 0.0), axis=1)
+            # fp32 sums: a coefficient below 2^-126 is typed fp64, and so are term and g (a loop-carried fp32 turned
+            # fp64 failed to compile).
+            loss_acc += tl.sum(tl.where(valid, term, 0.0), axis=1).to(tl.float32)
+            dot_acc += tl.sum(tl.where(valid & (q != 0.0), q * g, 0.0), axis=1).to(tl.float32)
         tl.store(partial_rows, loss_acc, mask=row_mask)
         tl.store(partial_rows + split_stride, dot_acc, mask=row_mask)
 

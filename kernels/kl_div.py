@@ -111,8 +111,8 @@ def _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE: tl.constexpr, FROM_L
     """Per-element loss term and g = dL/dq for the mixture / TVD divergences (fp32). With ``FROM_LOG_RATIO`` (the
     ``kl_div`` kernel) the mixtures' log-ratios to m come from r = log(p / q) (:func:`_mixture_log_ratio`), so a JSD
     of p ~ q keeps its digits; otherwise (the fused-linear tile kernels, where that form's registers left 8-byte
-    stack frames in some of their variants under Triton 3.6 and 3.9) from log p - log m (:func:`_log_weights`), with
-    an absolute error of ~1e-7 per row. The skew KLs' g is formed less a constant (it cancels in g - S):
+    stack frames in some of their variants under Triton 3.6 and 3.9, and ``kl_div`` at a coefficient below 1e-30)
+    from log p - log m (:func:`_log_weights`), with an absolute error of ~1e-7 per row. The skew KLs' g is formed less a constant (it cancels in g - S):
     x / m - 1 = expm1(log(x / m)), near 0 where x ~ m, so that S keeps the digits of g's spread (a confident student
     near its teacher: g ~ -(1 - alpha) everywhere, and the gradient was 1e-2 off of the row's largest entry)."""
     if DIVERGENCE == 2:  # jsd: beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q
@@ -193,6 +193,7 @@ def _kl_div_fwd_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
     PERSISTENT: tl.constexpr = False,
+    FROM_LOG_RATIO: tl.constexpr = True,
 ):
     """One row per program (a grid of ``num_rows``: the loop runs once); PERSISTENT marks a grid of fewer programs,
     each taking rows pid, pid + grid, ... Row ``i`` of the logits and gradient is row ``i % rows_per_group`` of
@@ -281,9 +282,11 @@ def _kl_div_fwd_kernel(
                     zb = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
                     a = (za - row_max_a) * inv_temperature
                     b = (zb - row_max_b) * inv_temperature
-                    term, g, q = _divergence_terms(a, b, log_total_a, log_total_b, coef, DIVERGENCE)
-                    loss_acc += tl.where(mask, term, 0.0)
-                    s_acc += tl.where(mask & (q != 0.0), q * g, 0.0)
+                    term, g, q = _divergence_terms(a, b, log_total_a, log_total_b, coef, DIVERGENCE, FROM_LOG_RATIO)
+                    # fp32 accumulators: a coefficient below 2^-126 is typed fp64, and so are term and g (a loop-
+                    # carried fp32 turned fp64 failed to compile; the interpreter let it through).
+                    loss_acc += tl.where(mask, term, 0.0).to(tl.float32)
+                    s_acc += tl.where(mask & (q != 0.0), q * g, 0.0).to(tl.float32)
                 loss = tl.sum(loss_acc, axis=0)
                 s_dot = tl.sum(s_acc, axis=0)
             # The reduction's weight (1/count for "mean") is folded in here, so that backward usually
@@ -308,7 +311,8 @@ def _kl_div_fwd_kernel(
                         q = tl.exp(a - log_total_a)
                         grad = tl.where(q == 0.0, 0.0, q * ((za - zb) * inv_temperature - s_dot))
                     else:
-                        term, g, q = _divergence_terms(a, b, log_total_a, log_total_b, coef, DIVERGENCE)
+                        term, g, q = _divergence_terms(a, b, log_total_a, log_total_b, coef, DIVERGENCE,
+                                                       FROM_LOG_RATIO)
                         grad = tl.where(q == 0.0, 0.0, q * (g - s_dot))
                     grad = grad * (inv_temperature * row_weight)
                     # Through fp32 (a no-op for fp32 math): a mixture coefficient below 2^-126 makes Triton type
@@ -388,6 +392,10 @@ def kl_div_forward(
         COMPUTE_GRAD=grad_out is not None,
         BLOCK_V=block_v,
         PERSISTENT=programs is not None,
+        # Below 1e-30 the smaller mixture coefficient (fp64 in the kernel below 2^-126) keeps the log p - log m form,
+        # which works in the coefficient's log: e^-r clamped at 88 would lose it, and at alpha < 3e-39 the skew
+        # KLs' p / m past fp32's range made the gradient inf / NaN.
+        FROM_LOG_RATIO=not 0.0 < min(coef, 1.0 - coef) <= 1e-30,  # coef is 0 for forward / reverse / TVD
         num_warps=num_warps,
     )
     return loss
@@ -400,12 +408,19 @@ PERSISTENT_AOT_CONFIGS = ((4096, 16), (2048, 8))
 
 
 def aot_specs() -> list[dict]:
-    configs = [(name, dtype, BLOCK_V, NUM_WARPS_BY_DIVERGENCE.get(name, NUM_WARPS), False)
+    configs = [(name, dtype, BLOCK_V, NUM_WARPS_BY_DIVERGENCE.get(name, NUM_WARPS), False, "")
                for name in DIVERGENCE_CODES for dtype in ("bf16", "fp32")]
-    configs += [("forward", "bf16", block_v, num_warps, True) for block_v, num_warps in PERSISTENT_AOT_CONFIGS]
+    configs += [("forward", "bf16", block_v, num_warps, True, "") for block_v, num_warps in PERSISTENT_AOT_CONFIGS]
+    # The mixtures at a coefficient below 1e-30 (FROM_LOG_RATIO=False). Below 2^-126 Triton types it fp64 and the
+    # mixture math runs in fp64 (p / m up to 1 / alpha leaves fp32's range): that variant compiles (it did not before
+    # its sums were cast to fp32) but skew_reverse's takes an 8-byte stack frame on sm_80 (aligned; Triton 3.6), so
+    # it is left out of the check (README).
+    configs += [(name, "bf16", BLOCK_V, NUM_WARPS_BY_DIVERGENCE.get(name, NUM_WARPS), False, "fp32")
+                for name in ("jsd", "skew_forward", "skew_reverse")]
     specs = []
-    for name, dtype, block_v, num_warps, persistent in configs:
+    for name, dtype, block_v, num_warps, persistent, tiny_coef in configs:
         suffix = f",persistent,{block_v}x{num_warps}" if persistent else ""
+        suffix += f",coef<1e-30:{tiny_coef}" if tiny_coef else ""
         specs.append({
             "name": f"kl_div_fwd[{name},{dtype}{suffix}]",
             "fn": _kl_div_fwd_kernel,
@@ -414,10 +429,10 @@ def aot_specs() -> list[dict]:
                 "grad_ptr": f"*{dtype}", "weight_ptr": "*fp32", "stride_student": "i64", "stride_teacher": "i64",
                 "stride_grad": "i64", "stride_weight": "i64", "rows_per_group": "i32", "stride_student_group": "i64",
                 "stride_teacher_group": "i64", "stride_grad_group": "i64", "V": "i32", "ignore_index": "i64",
-                "inv_temperature": "fp32", "coef": "fp32", "num_rows": "i32",
+                "inv_temperature": "fp32", "coef": tiny_coef or "fp32", "num_rows": "i32",
             },
             "constexprs": {"DIVERGENCE": DIVERGENCE_CODES[name], "HAS_LABELS": True, "COMPUTE_GRAD": True,
-                           "BLOCK_V": block_v, "PERSISTENT": persistent},
+                           "BLOCK_V": block_v, "PERSISTENT": persistent, "FROM_LOG_RATIO": not tiny_coef},
             "num_warps": num_warps,
             "num_stages": 3,
         })

@@ -674,6 +674,28 @@ def test_subnormal_mixture_coefficient_bf16_gradient(impl):
     assert_close(student.grad, expected_grad, torch.bfloat16)  # expected ~[0.80, -0.80]; the interpreter gives 0
 
 
+def test_kernel_mixtures_at_coefficients_below_1e_30():
+    """Below 1e-30 the kl_div kernel keeps the log p - log m form, which works in the coefficient's log (fp64 below
+    2^-126): its log(p / q) form clamps e^-r at 88 and forms p / m in fp32, past whose range p / m = 1 / alpha goes
+    (at alpha = 2e-39 the skew forward KL's gradient was inf / NaN). Student and teacher 100 logits apart: the
+    gradient is finite and within 5 % of float64 (fp32's floor here: g ~ 1 / alpha against a gradient ~1e-5). Between
+    2^-126 and 1e-30 (fp32-typed) the skew KLs' gradient loses its digits to that cancellation on both forms (README,
+    not changed)."""
+    student = torch.full((2, 8), -50.0, device=DEVICE)
+    teacher = torch.full((2, 8), -50.0, device=DEVICE)
+    student[:, 0] = 50.0
+    teacher[:, 1] = 50.0
+    for divergence, alpha in (("skew_forward", 2e-39),):
+        leaf = student.clone().requires_grad_(True)
+        loss = kl_div(leaf, teacher, divergence=divergence, alpha=alpha, impl="triton")
+        loss.backward()
+        expected_loss, expected_grad = _reference_loss_and_grad(leaf.detach(), teacher, divergence, alpha=alpha)
+        assert torch.isfinite(leaf.grad).all(), (divergence, alpha)
+        torch.testing.assert_close(loss.double().cpu(), expected_loss.double().cpu(), rtol=1e-4, atol=0.0)
+        top = expected_grad.abs().amax()
+        assert ((leaf.grad.double().cpu() - expected_grad.double().cpu()).abs().max() / top).item() < 0.05
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_reverse_kl_gradient_precision(impl):
     """Reverse KL's gradient q (a - b - S): the PyTorch path formed S = sum q (a - b) with q from an fp32 log-sum-exp,
