@@ -12,7 +12,9 @@
 support is the intersection of the two models' supports). The literal formula would give NaN (-inf - -inf) or a +inf
 teacher logit (contrastive, token ruled out by the reverse model only) there. A student that puts mass on a token
 the teacher rules out gets an infinite loss, as KL(q || p) demands. A row that is -inf everywhere in one of the
-models (or whose teacher support is empty) gives NaN, unless its label is ``ignore_index``.
+models (or whose teacher support is empty) gives NaN, unless its label is ``ignore_index``. A mask must be -inf:
+a large finite negative (``torch.finfo(dtype).min``) is a logit like any other, and alpha (d - o) then overflows to
++-inf (a NaN or +inf loss).
 
 Differences from the official implementation (songmzhang/AlignDistil, ``reward_boost_type="aligndistil"`` and
 ``"theorem1_adaptive"``): it divides only the teacher by ``kd_temperature`` and keeps the student at temperature 1;

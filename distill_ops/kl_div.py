@@ -96,10 +96,8 @@ def _divergence_elements(
     else:
         # d_p = log(p / m), d_q = log(q / m) of the mixture m = c_p p + c_q q, from the log-ratio of the two sides
         # (as :func:`_mixture_rows`); the selects keep 0 * -inf (a side's zero) out of the sums.
-        p_dominant, log_c_x, shift = mixture_sides(divergence, coef)
-        l_x, l_y = mixture_log_ratios(log_p - log_q if p_dominant else log_q - log_p, shift)
-        d_p, d_q = (l_x, l_y) if p_dominant else (l_y, l_x)
-        d_p, d_q = d_p.sub_(log_c_x), d_q.sub_(log_c_x)
+        p_dominant = mixture_sides(divergence, coef)[0]
+        d_p, d_q = mixture_log_ratios(log_p - log_q if p_dominant else log_q - log_p, divergence, coef)
         if divergence == "jsd":
             terms = torch.where(p == 0, zero, coef * p * d_p)
             terms = terms + torch.where(q == 0, zero, (1.0 - coef) * q * d_q)
@@ -107,10 +105,10 @@ def _divergence_elements(
         # The skew KLs' g less a constant (it cancels in g - S): x / m - 1 = expm1(d_x), near 0 where x ~ m, so
         # S keeps the digits of g's spread (a confident student near its teacher: see :func:`_mixture_rows`).
         elif divergence == "skew_forward":  # g = -(1 - alpha) p / m
-            terms = torch.where(p == 0, zero, p * d_p)
+            terms = skew_terms(p, d_p, q, 1.0 - coef)
             g = -(1.0 - coef) * torch.where(p == 0, -1.0, torch.expm1(d_p))
         else:  # skew_reverse: g = d_q - alpha q / m
-            terms = torch.where(q == 0, zero, q * d_q)
+            terms = skew_terms(q, d_q, p, 1.0 - coef)
             g = d_q - coef * torch.where(q == 0, -1.0, torch.expm1(d_q))
     return terms, torch.where(q == 0, zero, q * g), q, g
 
@@ -134,18 +132,74 @@ def mixture_sides(divergence: str, coef: float) -> tuple[bool, float, float]:
     return p_dominant, log_c_x, log_c_x - log_c_y
 
 
-def mixture_log_ratios(log_ratio: Tensor, shift: float) -> tuple[Tensor, Tensor]:
-    """``(l_x, l_y)`` = (log(c_x x / m), log(c_x y / m)) of the mixture m = c_x x + c_y y, from r = ``log_ratio``
-    = log(x / y) (consumed) and K = ``shift`` = log(c_x / c_y) >= 0. With z = r + K and t = log1p(e^-|z|):
-    l_x = logsigmoid(z) = min(z, 0) - t and l_y = min(K, -r) - t. Each is a number near its own size minus t, never
-    a difference of two large ones: where y outweighs x by far (r ~ -1e4, a token one side rules out), l_y is K - t,
-    not l_x - r (whose rounding at |r| is 1e-3 in fp32), and a tiny coefficient (K = 230 at 1e-100) only enters z,
-    whose rounding then moves l_x by a relative amount. r = -inf gives (-inf, K), r = +inf gives (0, -inf). Only
-    exp, log1p and exact operations: on the CPU they give each element the same bits wherever it lies in a tensor
-    (sigmoid, softplus and logaddexp do not), so a row's result does not depend on the chunking."""
+# Where |u| = |c_y expm1(-r)| = |m / x - 1| is below this, :func:`mixture_log_ratios` reads d_x as -log1p(u) (the
+# kernel's rule, ``_MIXTURE_NEAR`` in kernels/kl_div.py).
+_MIXTURE_NEAR = 0.1
+
+
+def mixture_log_ratios(log_ratio: Tensor, divergence: str, coef: float) -> tuple[Tensor, Tensor]:
+    """``(d_p, d_q)`` = (log(p / m), log(q / m)) of a mixture divergence's m = c_p p + c_q q (see
+    :func:`mixture_sides`), from r = ``log_ratio`` = log(x / y) (consumed), X the side whose coefficient c_x is at
+    least 1/2 and Y the other, with c_y = 1 - c_x and K = log(c_x / c_y) >= 0.
+
+    * Near x ~ m (u = c_y expm1(-r) = m / x - 1 small): d_x = -log1p(u) and d_y = d_x - r. Each is its own size's
+      rounding: the JSD of p ~ q is second order in r, and the form below, a difference of two numbers ~ log c_x
+      there, carried ~1e-7 per element, 1.6e-4 of a JSD at beta = 1e-6 in fp32 (the kernel's form, now here too).
+    * Elsewhere, with z = r + K and t = log1p(e^-|z|): d_x = logsigmoid(z) - log c_x = min(z, 0) - t - log c_x and
+      d_y = min(K, -r) - t - log c_x. Each is a number near its own size less t, never a difference of two large
+      ones: where y outweighs x by far (r ~ -1e4, a token one side rules out), d_y is K - t - log c_x, not
+      d_x - r (whose rounding at |r| is 1e-3 in fp32), and a tiny coefficient (K = 230 at 1e-100) only enters z,
+      whose rounding then moves d_x by a relative amount. The near form is not used for c_y < 1e-30, whose u
+      would be subnormal in fp32 (the kernel keeps its log p - log m form there).
+
+    log c_x (|log c_x| <= log 2) is subtracted from each element, not from the sums: that difference of two numbers
+    ~ log 2 rounded the loss and, through the mean of d_q, the gradient (a confident student near its teacher:
+    JSD gradient errors of 5e-2 of the row's largest entry). r = -inf gives d_x = -inf, d_y = K - log c_x = -log c_y;
+    r = +inf gives d_x = -log c_x, d_y = -inf. Only exp, expm1, log1p and exact operations: on the CPU they give
+    each element the same bits wherever it lies in a tensor (sigmoid, softplus and logaddexp do not), so a row's
+    result does not depend on the chunking."""
+    p_dominant, log_c_x, shift = mixture_sides(divergence, coef)
+    c_y = min(coef, 1.0 - coef)
+    near_x = near_y = near = None
+    if c_y >= 1e-30:
+        u = torch.expm1(-log_ratio).mul_(c_y)
+        near = u.abs() < _MIXTURE_NEAR
+        near_x = u.log1p_().neg_()
+        near_y = near_x - log_ratio
     z = log_ratio + shift
     tail = z.abs().neg_().exp_().log1p_()
-    return z.clamp_max_(0.0).sub_(tail), log_ratio.neg_().clamp_max_(shift).sub_(tail)
+    d_x = z.clamp_max_(0.0).sub_(tail).sub_(log_c_x)
+    d_y = log_ratio.neg_().clamp_max_(shift).sub_(tail).sub_(log_c_x)
+    if near is not None:
+        d_x, d_y = torch.where(near, near_x, d_x), torch.where(near, near_y, d_y)
+    return (d_x, d_y) if p_dominant else (d_y, d_x)
+
+
+def _excess_series(d: Tensor) -> Tensor:
+    """psi(d) / d^2 for |d| < 0.1, psi(d) = d + e^-d - 1 = sum_{k >= 2} (-d)^k / k!: its Taylor polynomial, to
+    (-d)^7 / 7! in fp32 (the next term is below 1e-9 of psi there) and to (-d)^16 / 16! in fp64."""
+    last = 16 if d.dtype == torch.float64 else 7
+    neg_d = -d
+    acc = neg_d * (1.0 / math.factorial(last)) + 1.0 / math.factorial(last - 1)
+    for k in range(last - 2, 1, -1):
+        acc.mul_(neg_d).add_(1.0 / math.factorial(k))
+    return acc
+
+
+def skew_terms(x: Tensor, d_x: Tensor, other: Tensor, c_o: float) -> Tensor:
+    """Per-element terms of a skew KL, KL(x || m) with m = (1 - c_o) x + c_o y (y = ``other``) and d_x =
+    log(x / m), as x psi(d_x) = x d_x + m - x, psi(d) = d + e^-d - 1 >= 0: each term of sum x d_x is given its
+    m - x, whose sum is 0. The terms are then second order in d_x, not first: the normalisation's rounding (sum q
+    and the log-sum-exps miss by ~1e-7 in fp32, which shifts every log(p / q) alike) no longer enters the loss to
+    first order. In plain sum x d_x it gave a skew KL of p ~ q a relative error of 3e-4 (alpha <= 1/2) to 0.3
+    (alpha = 0.999), and could make it negative. psi(d) is d^2 times :func:`_excess_series` where |d| < 0.1 and
+    d + expm1(-d) elsewhere (>= 0.0048 there: no large cancellation), both read from d_x alone so that they shift
+    together with it; where d_x < -80 (x below e^-80 m: e^-d leaves fp32's range) the term is x d_x + c_o (y - x),
+    and a zero x gives c_o y. ``d_x`` is not modified."""
+    near = d_x.abs() < _MIXTURE_NEAR
+    excess = torch.where(near, _excess_series(d_x).mul_(d_x).mul_(d_x), d_x + torch.expm1(-d_x))
+    ruled_out = torch.where(x == 0, x.new_zeros(()), x * d_x).add_(other - x, alpha=c_o)
+    return torch.where(d_x < -80.0, ruled_out, excess.mul_(x))
 
 
 def _divergence_row_loss(
@@ -271,11 +325,7 @@ def _mixture_rows(
     m = c_p p + c_q q, everything is read from the log-ratio of the two sides. Let X be the side whose coefficient
     is at least 1/2 (p for ``jsd`` with beta >= 1/2 and for ``skew_forward`` with alpha >= 1/2, ...; see
     :func:`mixture_sides`) and Y the other, r = log(x / y) from the logits' difference (b - a + log S_a - log S_b for
-    X = p), and K = log(c_x / c_y) >= 0. Then :func:`mixture_log_ratios` gives l_x = log(c_x x / m) and
-    l_y = log(c_x y / m), and:
-
-    * d_x = log(x / m) = l_x - log c_x and d_y = log(y / m) = l_y - log c_x, where |log c_x| <= log 2;
-    * the shares c_x x / m = e^l_x and c_y y / m = -expm1(l_x).
+    X = p). Then :func:`mixture_log_ratios` gives d_p = log(p / m) and d_q = log(q / m) from r alone.
 
     No log-probability and no log m is formed (log p - log m, two numbers ~ -log V, lost the digits of a loss of
     1e-15 where p ~ q), and no large log of a coefficient is added and cancelled (at alpha = 1e-100 it is 230: its
@@ -292,7 +342,7 @@ def _mixture_rows(
     (dL/da = q (g - S) as in :func:`_divergence_elements`.) Only exp, expm1, log and log1p are used, so a row's
     result does not depend on the chunking. The logits are clamped at ``_NEGLIGIBLE_LOGIT``: a -inf logit becomes
     one whose exp is still 0, so r is finite and no 0 * inf appears, with no masking pass; a token one side rules
-    out gives the same bits whether its logit is -inf or merely far below the row (t is 0 there, l_y is K). NaN
+    out gives the same bits whether its logit is -inf or merely far below the row (its d is the same). NaN
     passes through the clamp, a teacher row without a distribution gets a NaN S_b (:func:`_distribution_or_nan`),
     and a student row without one a NaN q, so such rows' loss and gradient are NaN as on the general path. The
     inputs (the caller's shifted copies) are consumed."""
@@ -303,28 +353,19 @@ def _mixture_rows(
     q.div_(sum_q)
     p.div_(sum_p)
     q_sum = q.sum(-1, keepdim=True)
-    p_dominant, log_c_x, shift = mixture_sides(divergence, coef)
-    if p_dominant:
+    if mixture_sides(divergence, coef)[0]:
         r = b.sub_(a).add_(sum_q.log() - sum_p.log())  # log(p / q)
     else:
         r = a.sub_(b).add_(sum_p.log() - sum_q.log())  # log(q / p)
-    l_x, l_y = mixture_log_ratios(r, shift)
+    d_p, d_q = mixture_log_ratios(r, divergence, coef)
     # skew_forward at alpha <= 1e-30 (p / m reaches 1 / alpha, past fp32's range): its gradient is -(p w - q S')
-    # with w = c_q q / m, from l_x (-expm1 keeps a small share's digits), before the shift below.
+    # with w = c_q q / m = (1 - alpha) e^d_q (q is the side whose coefficient is at least 1/2).
     share = None
     if divergence == "skew_forward" and coef <= 1e-30 and compute_grad:
-        share = torch.expm1(l_x).neg_() if p_dominant else l_x.exp()
-    # d_p, d_q: log c_x is subtracted from each element (exact where l ~ log c_x, as for a confident student near its
-    # teacher), not from the sums: that difference of two numbers ~ log 2 rounded the loss, and, through the mean of
-    # d_q, the gradient (a reviewer's case, top token 0.9988: JSD gradient errors of 5e-2 of the row's largest entry).
-    d_p, d_q = (l_x, l_y) if p_dominant else (l_y, l_x)
-    if divergence != "skew_reverse":
-        d_p.sub_(log_c_x)
-    if divergence != "skew_forward":
-        d_q.sub_(log_c_x)
+        share = d_q.exp().mul_(1.0 - coef)
 
     if divergence == "skew_forward":
-        loss = (p * d_p).sum(-1, keepdim=True)
+        loss = skew_terms(p, d_p, q, 1.0 - coef).sum(-1, keepdim=True)
         if share is not None:
             p_w = share.mul_(p)
             mean = normalized_row_dot(p_w.sum(-1, keepdim=True), q_sum)
@@ -335,7 +376,7 @@ def _mixture_rows(
         loss = coef * (p * d_p).sum(-1, keepdim=True) + (1.0 - coef) * (q * d_q).sum(-1, keepdim=True)
         centred, scale = d_q, 1.0 - coef
     else:  # skew_reverse: h = d_q - c_q q / m = d_q - c_q expm1(d_q) - c_q (the constant drops out)
-        loss = (q * d_q).sum(-1, keepdim=True)
+        loss = skew_terms(q, d_q, p, 1.0 - coef).sum(-1, keepdim=True)
         centred, scale = (d_q - coef * torch.expm1(d_q) if compute_grad else None), 1.0
     grad = None
     if compute_grad:

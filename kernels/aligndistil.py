@@ -112,7 +112,23 @@ def _aligndistil_fwd_kernel(
             log_total_d = tl.log(tl.sum(sum_d * tl.exp(max_d - row_max_d), axis=0))
             log_total_o = tl.log(tl.sum(sum_o * tl.exp(max_o - row_max_o), axis=0))
 
-        # Pass 2: TVD (adaptive) and the student's statistics: lse(a), E_q[s - base], E_q[d - o].
+        # Each side is shifted by a constant before the division by T: the max of its first block (0 if that is
+        # all -inf), c_s for the student and c_b for the teacher's base. Then s - c_s and base - c_b are exact where
+        # the logits are large (rows near 1e4; near the row max, where the mass is, s - c_s is a difference of
+        # close numbers), and the lse's and E_q[a - b] are of shifted logits: lse(a) - lse(b) lost the loss of a
+        # student near its teacher to the rounding of two numbers ~ |z / T| (0 instead of 5e-6 at 1e4), and the
+        # gradient 3e-4 (a review, 2026-12-06). The shifts cancel: a - b = ((s - c_s) - (base - c_b) - alpha gap) / T
+        # up to the constant (c_s - c_b) / T, which leaves the KL and the gradient unchanged.
+        first = offsets < V
+        c_s = tl.max(tl.load(student_row + offsets, mask=first, other=float("-inf")).to(tl.float32), axis=0)
+        if CONTRASTIVE:
+            c_b = tl.max(tl.load(dpo_row + offsets, mask=first, other=float("-inf")).to(tl.float32), axis=0)
+        else:
+            c_b = tl.max(tl.load(other_row + offsets, mask=first, other=float("-inf")).to(tl.float32), axis=0)
+        c_s = tl.where(c_s == float("-inf"), 0.0, c_s)
+        c_b = tl.where(c_b == float("-inf"), 0.0, c_b)
+
+        # Pass 2: TVD (adaptive) and the student's statistics: lse(a), E_q[s' - base'], E_q[d - o] (' = shifted).
         tvd_acc = tl.zeros([BLOCK_V], tl.float32)
         max_a = tl.full([BLOCK_V], -1.0e30, tl.float32)
         sum_a = tl.zeros([BLOCK_V], tl.float32)
@@ -130,11 +146,11 @@ def _aligndistil_fwd_kernel(
             # if the student gives it mass) and the (d - o) term does not apply (it would be -inf - -inf).
             teacher_masked = (d == float("-inf")) | (o == float("-inf"))
             if CONTRASTIVE:
-                shift = tl.where(teacher_masked, float("inf"), s - d)
+                shift = tl.where(teacher_masked, float("inf"), (s - c_s) - (d - c_b))
             else:
-                shift = tl.where(teacher_masked, float("inf"), s - o)
+                shift = tl.where(teacher_masked, float("inf"), (s - c_s) - (o - c_b))
             gap = tl.where(teacher_masked, 0.0, d - o)
-            a = s * inv_temperature
+            a = (s - c_s) * inv_temperature
             new_max_a = tl.maximum(max_a, a)
             scale_a = tl.exp(max_a - new_max_a)
             w_a = tl.exp(a - new_max_a)
@@ -173,19 +189,19 @@ def _aligndistil_fwd_kernel(
             teacher_masked = (d == float("-inf")) | (o == float("-inf"))
             gap = tl.where(teacher_masked, 0.0, d - o)
             if CONTRASTIVE:
-                b = tl.where(teacher_masked, float("-inf"), d + alpha * gap) * inv_temperature
+                b = tl.where(teacher_masked, float("-inf"), (d - c_b) + alpha * gap) * inv_temperature
             else:
-                b = tl.where(teacher_masked, float("-inf"), o + alpha * gap) * inv_temperature
+                b = tl.where(teacher_masked, float("-inf"), (o - c_b) + alpha * gap) * inv_temperature
             new_max_b = tl.maximum(max_b, b)
             sum_b = sum_b * tl.exp(max_b - new_max_b) + tl.exp(b - new_max_b)
             max_b = new_max_b
             if COMPUTE_GRAD:
                 s = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
                 if CONTRASTIVE:
-                    shift = tl.where(teacher_masked, float("inf"), s - d)
+                    shift = tl.where(teacher_masked, float("inf"), (s - c_s) - (d - c_b))
                 else:
-                    shift = tl.where(teacher_masked, float("inf"), s - o)
-                q = tl.exp(s * inv_temperature - lse_a)
+                    shift = tl.where(teacher_masked, float("inf"), (s - c_s) - (o - c_b))
+                q = tl.exp((s - c_s) * inv_temperature - lse_a)
                 diff = (shift - alpha * gap) * inv_temperature  # a - b, as accumulated in pass 2
                 grad = tl.where(q == 0.0, 0.0, q * (diff - mean_diff)) * grad_scale
                 tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
