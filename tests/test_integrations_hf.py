@@ -1163,6 +1163,32 @@ def test_moe_student_adds_its_router_load_balancing_loss(impl, kind):
     assert router_grads and not any(torch.allclose(a, b) for a, b in zip(router_grads, router_grads_without))
 
 
+def test_router_aux_loss_keeps_its_weight_across_data_parallel_ranks():
+    """Under DDP with ``average_tokens_across_devices`` the token-averaged part is scaled by the number of ranks (the
+    count is divided by it; DDP averages the gradients back), the load-balancing term is not: its weight stays
+    ``router_aux_loss_coef`` whatever the world size. transformers' Trainer multiplies the whole loss, the term
+    included, so its router coefficient grows with the ranks (huggingface/transformers#48690, open; a review,
+    2026-12-06, measured the difference at exactly (ranks - 1) * coef * aux)."""
+    from types import SimpleNamespace
+
+    from distill_ops.integrations.hf import FusedDistillationTrainer
+
+    student = _moe_student("mixtral")
+    _, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    losses = []
+    for processes in (1, 2):
+        fused = object.__new__(FusedDistillationTrainer)
+        fused.__dict__.update(args=SimpleNamespace(average_tokens_across_devices=True, n_gpu=1),
+                              accelerator=SimpleNamespace(num_processes=processes), get_tp_size=lambda: 1,
+                              teacher_model=teacher, distill_kwargs={"impl": "torch", "ce_weight": 1.0})
+        losses.append(fused.compute_loss(student, dict(inputs), num_items_in_batch=torch.tensor(7.0)))
+    aux = 0.5 * student(input_ids=input_ids, attention_mask=attention_mask, labels=labels).aux_loss
+    assert aux > 0.05
+    assert_close(losses[1], 2 * losses[0] - aux, torch.float32)
+
+
 def test_router_aux_loss_follows_the_config_and_refuses_what_it_cannot_reproduce():
     """The term follows ``output_router_logits`` unless ``router_aux_loss`` says otherwise; asking for it on a dense
     model, or with ``reduction="none"``, is a ``ValueError``; a model flagged for a load-balancing loss of another
@@ -1259,11 +1285,13 @@ def test_trainer_loss_refuses_batch_entries_it_would_silently_drop():
     ("StableLm", {}), ("GptOss", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16)),
     ("FalconH1", dict(lm_head_multiplier=0.37, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
                       mamba_chunk_size=8)),
+    ("Llama4Text", dict(intermediate_size_mlp=128, head_dim=16)),
 ], ids=lambda value: value if isinstance(value, str) else "")
 def test_more_families_equal_loss_from_their_own_logits(family, extra):
     """Students of other ``transformers`` families (q/k norms, Gemma-3's scaled embeddings and local layers, a
-    mixture-of-experts MLP, Falcon-H1's hybrid Mamba body and ``lm_head_multiplier``): the loss from hidden states
-    equals the loss from the model's own logits."""
+    mixture-of-experts MLP, Falcon-H1's hybrid Mamba body and ``lm_head_multiplier``, the text-only Llama 4, whose
+    ``get_decoder()`` returns the model itself: its body is ``.model``): the loss from hidden states equals the loss
+    from the model's own logits."""
     config_cls = getattr(transformers, f"{family}Config")
     model_cls = getattr(transformers, f"{family.removesuffix('Text')}ForCausalLM")
     config = config_cls(**{**dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -1315,3 +1343,26 @@ def test_fused_trainer_refuses_distill_kwargs_it_cannot_pass(tmp_path):
             FusedDistillationTrainer(model=student, teacher_model=teacher, args=args, distill_kwargs=kwargs)
     with pytest.raises(TypeError, match="distill_kwargs must be a mapping"):
         FusedDistillationTrainer(model=student, teacher_model=teacher, args=args, distill_kwargs=[("beta", 0.1)])
+
+
+def test_a_model_whose_get_decoder_is_itself_and_has_no_body_is_refused():
+    """``get_decoder()`` falls back to the model itself where ``base_model_prefix`` names no attribute: its output
+    would be the logits, not the hidden states. ``.model`` is taken instead where there is one (Llama 4's text
+    model, tested above); otherwise a ``TypeError`` naming the class."""
+    from distill_ops.integrations.hf import causal_lm_body
+
+    class HeadOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(8, VOCAB, bias=False)
+
+        def get_decoder(self):
+            return self
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    with pytest.raises(TypeError, match="HeadOnly: get_decoder\\(\\) returns the model itself"):
+        causal_lm_body(HeadOnly())
+    _, teacher = _tiny_models()
+    assert causal_lm_body(teacher) is teacher.model

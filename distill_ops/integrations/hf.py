@@ -76,9 +76,23 @@ def _body_outputs(model: nn.Module, input_ids: Tensor, attention_mask: Optional[
     except TypeError as error:
         raise TypeError(f"{type(model).__name__}'s output embedding: {error}") from None
     body = _COMPILED_BODIES.get(model, (None, None))[1]
-    body = model.get_decoder() if body is None else body
+    body = causal_lm_body(model) if body is None else body
     outputs = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
     return outputs, weight, bias
+
+
+def causal_lm_body(model: nn.Module) -> nn.Module:
+    """The transformer body of a causal LM: ``model.get_decoder()``, or, where that returns the model itself
+    (transformers' fallback for a class whose ``base_model_prefix`` names no attribute, e.g. the text-only
+    ``Llama4ForCausalLM``, whose body is ``.model``: the body's "hidden states" were then the logits, a review
+    found, 2026-12-06), its ``.model``; a ``TypeError`` naming the class where neither is a separate module."""
+    body = model.get_decoder()
+    if body is model:
+        body = getattr(model, "model", None)
+    if not isinstance(body, nn.Module) or body is model:
+        raise TypeError(f"{type(model).__name__}: get_decoder() returns the model itself and it has no .model body; "
+                        "expected a transformers *ForCausalLM whose get_decoder() is its transformer body")
+    return body
 
 
 def _last_hidden_state(outputs) -> Tensor:
@@ -434,7 +448,10 @@ def _distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: Tensor
         loss, entropy = loss
         if scored is not None:  # back to [B, L-1], 0 at the skipped positions (no host synchronisation)
             entropy = entropy.new_zeros(scored.shape).masked_scatter_(scored, entropy)
-    if aux_loss is not None:  # the MoE student's load-balancing term, as its own forward adds it
+    # The MoE student's load-balancing term, as its own forward adds it. Not scaled by trainer_normalizer's rank
+    # count: its weight is router_aux_loss_coef whatever the world size (the Trainer's own loss multiplies it by the
+    # number of ranks: huggingface/transformers#48690).
+    if aux_loss is not None:
         loss = loss + aux_loss(student_outputs.router_logits, attention_mask).to(loss.dtype)
     return loss if entropy is None else (loss, entropy)
 
@@ -612,7 +629,7 @@ def _strip_compile(model: nn.Module) -> nn.Module:
     module, context = _unwrap(model)
     model = _without_compile(model)
     if context is not None and not is_sharded(model) and _COMPILED_BODIES.get(module, (None,))[0] is not context:
-        _COMPILED_BODIES[module] = (context, context(module.get_decoder()))
+        _COMPILED_BODIES[module] = (context, context(causal_lm_body(module)))
     return model
 
 
@@ -714,7 +731,8 @@ def trainer_normalizer(trainer, num_items_in_batch: float | Tensor | None) -> fl
     hands one count per GPU: the whole batch's with ``average_tokens_across_devices``, else that count floor-divided
     by the number of GPUs (each replica's share); the fused loss runs once on the whole batch, so it divides by the
     whole count: the first as is, the second times the number of GPUs (the sum over replicas of the Trainer's own
-    per-replica normaliser)."""
+    per-replica normaliser). An MoE student's load-balancing term is added after the division and is not scaled: its
+    weight stays ``router_aux_loss_coef`` whatever the number of ranks."""
     args = getattr(trainer, "args", None)
     if num_items_in_batch is None or args is None:  # no TrainingArguments: not a Trainer's call
         return num_items_in_batch
