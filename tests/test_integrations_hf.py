@@ -797,6 +797,26 @@ def test_skip_ignored_scores_only_labelled_positions(impl, monkeypatch):
     assert nothing.item() == 0.0 and not any(p.grad.any() for p in student.parameters() if p.grad is not None)
 
 
+def _losses_on_simulated_ranks(student, distill_kwargs, ranks=(1, 2)):
+    """``FusedDistillationTrainer.compute_loss`` on one batch as each of ``ranks`` data-parallel processes would
+    compute it (``average_tokens_across_devices``, the same count of 7 scored tokens), without a Trainer."""
+    from types import SimpleNamespace
+
+    from distill_ops.integrations.hf import FusedDistillationTrainer
+
+    _, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    losses = []
+    for processes in ranks:
+        fused = object.__new__(FusedDistillationTrainer)
+        fused.__dict__.update(args=SimpleNamespace(average_tokens_across_devices=True, n_gpu=1),
+                              accelerator=SimpleNamespace(num_processes=processes), get_tp_size=lambda: 1,
+                              teacher_model=teacher, distill_kwargs=distill_kwargs)
+        losses.append(fused.compute_loss(student, dict(inputs), num_items_in_batch=torch.tensor(7.0)))
+    return losses
+
+
 def test_trainer_normalizer_undoes_ddp_averaging_like_the_trainers_own_loss():
     """With ``average_tokens_across_devices`` the Trainer's count covers every data-parallel rank and its own
     ``compute_loss`` multiplies the loss by the number of ranks (DDP averages gradients): ours divides the count
@@ -804,7 +824,7 @@ def test_trainer_normalizer_undoes_ddp_averaging_like_the_trainers_own_loss():
     the count; no TrainingArguments or no count: unchanged."""
     from types import SimpleNamespace
 
-    from distill_ops.integrations.hf import FusedDistillationTrainer, trainer_normalizer
+    from distill_ops.integrations.hf import trainer_normalizer
 
     def trainer(processes=1, n_gpu=1, average=True, tp=1):
         return SimpleNamespace(args=SimpleNamespace(average_tokens_across_devices=average, n_gpu=n_gpu),
@@ -822,15 +842,7 @@ def test_trainer_normalizer_undoes_ddp_averaging_like_the_trainers_own_loss():
     assert trainer_normalizer(trainer(processes=4), None) is None
     assert trainer_normalizer(SimpleNamespace(), count) is count
     # The Trainer subclass applies it: 2 ranks, the same count -> twice the single-process loss.
-    student, teacher = _tiny_models()
-    input_ids, attention_mask, labels = _batch()
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    losses = []
-    for processes in (1, 2):
-        fused = object.__new__(FusedDistillationTrainer)
-        fused.__dict__.update(vars(trainer(processes=processes)), teacher_model=teacher,
-                              distill_kwargs={"impl": "torch"})
-        losses.append(fused.compute_loss(student, inputs, num_items_in_batch=torch.tensor(7.0)))
+    losses = _losses_on_simulated_ranks(_tiny_models()[0], {"impl": "torch"})
     assert_close(losses[1], 2 * losses[0], torch.float32)
 
 
@@ -1169,21 +1181,9 @@ def test_router_aux_loss_keeps_its_weight_across_data_parallel_ranks():
     ``router_aux_loss_coef`` whatever the world size. transformers' Trainer multiplies the whole loss, the term
     included, so its router coefficient grows with the ranks (huggingface/transformers#48690, open; a review,
     2026-12-06, measured the difference at exactly (ranks - 1) * coef * aux)."""
-    from types import SimpleNamespace
-
-    from distill_ops.integrations.hf import FusedDistillationTrainer
-
     student = _moe_student("mixtral")
-    _, teacher = _tiny_models()
+    losses = _losses_on_simulated_ranks(student, {"impl": "torch", "ce_weight": 1.0})
     input_ids, attention_mask, labels = _batch()
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    losses = []
-    for processes in (1, 2):
-        fused = object.__new__(FusedDistillationTrainer)
-        fused.__dict__.update(args=SimpleNamespace(average_tokens_across_devices=True, n_gpu=1),
-                              accelerator=SimpleNamespace(num_processes=processes), get_tp_size=lambda: 1,
-                              teacher_model=teacher, distill_kwargs={"impl": "torch", "ce_weight": 1.0})
-        losses.append(fused.compute_loss(student, dict(inputs), num_items_in_batch=torch.tensor(7.0)))
     aux = 0.5 * student(input_ids=input_ids, attention_mask=attention_mask, labels=labels).aux_loss
     assert aux > 0.05
     assert_close(losses[1], 2 * losses[0] - aux, torch.float32)
