@@ -109,7 +109,7 @@ def _divergence_elements(
             g = -(1.0 - coef) * torch.where(p == 0, -1.0, torch.expm1(d_p))
         else:  # skew_reverse: g = d_q - alpha q / m
             terms = skew_terms(q, d_q, p, 1.0 - coef)
-            g = d_q - coef * torch.where(q == 0, -1.0, torch.expm1(d_q))
+            g = skew_reverse_g(d_q, coef, q == 0)
     return terms, torch.where(q == 0, zero, q * g), q, g
 
 
@@ -173,6 +173,21 @@ def mixture_log_ratios(log_ratio: Tensor, divergence: str, coef: float) -> tuple
     if near is not None:
         d_x, d_y = torch.where(near, near_x, d_x), torch.where(near, near_y, d_y)
     return (d_x, d_y) if p_dominant else (d_y, d_x)
+
+
+def skew_reverse_g(d_q: Tensor, alpha: float, q_zero: Optional[Tensor] = None) -> Tensor:
+    """The skew reverse KL's g = d_q - alpha q / m up to a constant (it cancels in g - S), d_q = log(q / m):
+    d_q - alpha expm1(d_q), near 0 where q ~ m, so that the mean keeps the digits of g's spread (a confident student
+    near its teacher); at alpha <= 1e-30, d_q - e^(d_q + log alpha) (q / m reaches 1 / alpha, past fp32's range
+    below 3e-39: alpha expm1(d_q) was alpha * inf, a NaN gradient). ``q_zero`` marks tokens with q = 0 (d_q = -inf
+    there), whose q / m is 0."""
+    if alpha <= 1e-30:
+        share = (d_q + math.log(alpha)).exp_()
+    else:
+        share = torch.expm1(d_q).mul_(alpha)
+        if q_zero is not None:
+            share = torch.where(q_zero, -alpha, share)
+    return d_q - share
 
 
 def _excess_series(d: Tensor) -> Tensor:
@@ -377,7 +392,7 @@ def _mixture_rows(
         centred, scale = d_q, 1.0 - coef
     else:  # skew_reverse: h = d_q - c_q q / m = d_q - c_q expm1(d_q) - c_q (the constant drops out)
         loss = skew_terms(q, d_q, p, 1.0 - coef).sum(-1, keepdim=True)
-        centred, scale = (d_q - coef * torch.expm1(d_q) if compute_grad else None), 1.0
+        centred, scale = (skew_reverse_g(d_q, coef) if compute_grad else None), 1.0
     grad = None
     if compute_grad:
         mean = normalized_row_dot((q * centred).sum(-1, keepdim=True), q_sum)
