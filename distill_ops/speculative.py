@@ -1529,9 +1529,9 @@ class SpeculativeDecoder:
         Each sequence is decoded as if it were alone (see :class:`_Generation` for how a batch shares the
         forwards). Returns a :class:`SpeculativeOutput`.
 
-        The target's ``generation_config`` fields for beam search, guidance and watermarking (``_GENERATION_FIELDS``)
-        and ``forced_bos_token_id`` on a one-token prompt are not applied by the engine: a target whose config sets
-        one is a ``ValueError`` naming it (its output would silently differ from ``generate``'s). Every logits
+        The target's ``generation_config`` fields for beam search, guidance, watermarking, contrastive search and
+        DoLa (``_GENERATION_FIELDS``) and ``forced_bos_token_id`` on a one-token prompt are not applied by the
+        engine: a target whose config sets one is a ``ValueError`` naming it (its output would silently differ from ``generate``'s). Every logits
         processor and warper ``generate`` builds from the rest of the config is applied (above).
         """
         check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
@@ -1976,7 +1976,10 @@ class _ConfigDefaults:
 # generation_config fields with which target.generate's output is not what the engine reproduces (every other
 # logits processor and warper generate builds from the config is applied by the engine, see generate): beam search,
 # guidance, watermarking. Each maps to its neutral value (None and empty lists are neutral for all).
-_GENERATION_FIELDS = {"num_beams": 1, "guidance_scale": 1.0, "watermarking_config": None}
+# penalty_alpha (> 0: contrastive search) and dola_layers (DoLa) switch generate's decoding mode (a review, 2026-12-06:
+# the engine decoded greedily under them, where hf_generate already refused them).
+_GENERATION_FIELDS = {"num_beams": 1, "guidance_scale": 1.0, "watermarking_config": None, "penalty_alpha": None,
+                      "dola_layers": None}
 # The sampling warpers the engine applies through transformers' own classes (see SpeculativeDecoder._warpers):
 # ((low, inclusive), (high, inclusive), neutral value), as generate accepts them.
 _WARPER_RANGES = {
@@ -2207,7 +2210,8 @@ def _default_max_length(config, given, target, explicit: bool) -> bool:
 
 def _check_generation_config(defaults: _ConfigDefaults, shortest_prompt: int) -> None:
     """A ``ValueError`` naming the generation config's fields that would make ``target.generate``'s
-    output differ from the engine's (which applies none of them): beam search, guidance, watermarking.
+    output differ from the engine's (which applies none of them): beam search, guidance, watermarking, contrastive
+    search (``penalty_alpha > 0``) and DoLa (``dola_layers``).
     ``forced_bos_token_id`` only acts on a one-token prompt (generate forces the token after it)."""
     config = defaults.config
     if config is None:
@@ -2218,7 +2222,8 @@ def _check_generation_config(defaults: _ConfigDefaults, shortest_prompt: int) ->
     active = {name: getattr(config, name, None) for name in fields}
     active = {name: value for name, value in active.items()  # a token id of 0 is a setting, not neutral
               if value is not None and value != fields[name] and not (isinstance(value, (list, tuple, dict))
-                                                                     and len(value) == 0)}
+                                                                     and len(value) == 0)
+              and not (name == "penalty_alpha" and not value > 0)}
     if active:
         settings = ", ".join(f"{name}={value!r}" for name, value in active.items())
         raise ValueError(

@@ -489,9 +489,11 @@ def test_eos_as_first_token_and_max_new_tokens_one():
 
 @pytest.mark.parametrize("field, value, sampling", [
     ("num_beams", 2, False), ("num_beams", 2, True), ("guidance_scale", 1.5, False), ("forced_bos_token_id", 0, False),
+    ("penalty_alpha", 0.6, False), ("dola_layers", "low", False),
 ])
 def test_generation_config_processors_the_engine_does_not_apply_are_refused(field, value, sampling):
-    """generate applies these generation_config fields (beam search, guidance, forced_bos_token_id), greedy or
+    """generate applies these generation_config fields (beam search, guidance, forced_bos_token_id, contrastive
+    search's penalty_alpha and DoLa's dola_layers, which the engine ignored until a review, 2026-12-06), greedy or
     sampling, the engine does not: a ValueError naming the field, instead of an output that silently differed from
     generate's. Neutral values are accepted. A token id of 0 is a setting, not a neutral value;
     forced_bos_token_id acts (and is refused) on a one-token prompt only. (Every other logits processor and
