@@ -1529,10 +1529,11 @@ class SpeculativeDecoder:
         Each sequence is decoded as if it were alone (see :class:`_Generation` for how a batch shares the
         forwards). Returns a :class:`SpeculativeOutput`.
 
-        The target's ``generation_config`` fields for beam search, guidance, watermarking, contrastive search and
-        DoLa (``_GENERATION_FIELDS``) and ``forced_bos_token_id`` on a one-token prompt are not applied by the
-        engine: a target whose config sets one is a ``ValueError`` naming it (its output would silently differ from ``generate``'s). Every logits
-        processor and warper ``generate`` builds from the rest of the config is applied (above).
+        The target's ``generation_config`` fields for beam search, guidance, watermarking, contrastive search and DoLa
+        (``_GENERATION_FIELDS``) and ``forced_bos_token_id`` on a one-token prompt are not applied by the engine: a
+        target whose config sets one is a ``ValueError`` naming it (its output would silently differ from
+        ``generate``'s). Every logits processor and warper ``generate`` builds from the rest of the config is applied
+        (above).
         """
         check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
         if input_ids.dim() == 1:
