@@ -105,10 +105,10 @@ def _divergence_elements(
         # The skew KLs' g less a constant (it cancels in g - S): x / m - 1 = expm1(d_x), near 0 where x ~ m, so
         # S keeps the digits of g's spread (a confident student near its teacher: see :func:`_mixture_rows`).
         elif divergence == "skew_forward":  # g = -(1 - alpha) p / m
-            terms = skew_terms(p, d_p, q, 1.0 - coef)
+            terms = torch.where(p == 0, (1.0 - coef) * q, skew_terms(p, d_p, q, 1.0 - coef))
             g = -(1.0 - coef) * torch.where(p == 0, -1.0, torch.expm1(d_p))
         else:  # skew_reverse: g = d_q - alpha q / m
-            terms = skew_terms(q, d_q, p, 1.0 - coef)
+            terms = torch.where(q == 0, (1.0 - coef) * p, skew_terms(q, d_q, p, 1.0 - coef))
             g = skew_reverse_g(d_q, coef, q == 0)
     return terms, torch.where(q == 0, zero, q * g), q, g
 
@@ -132,46 +132,39 @@ def mixture_sides(divergence: str, coef: float) -> tuple[bool, float, float]:
     return p_dominant, log_c_x, log_c_x - log_c_y
 
 
-# Where |u| = |c_y expm1(-r)| = |m / x - 1| is below this, :func:`mixture_log_ratios` reads d_x as -log1p(u) (the
-# kernel's rule, ``_MIXTURE_NEAR`` in kernels/kl_div.py).
-_MIXTURE_NEAR = 0.1
-
-
 def mixture_log_ratios(log_ratio: Tensor, divergence: str, coef: float) -> tuple[Tensor, Tensor]:
     """``(d_p, d_q)`` = (log(p / m), log(q / m)) of a mixture divergence's m = c_p p + c_q q (see
     :func:`mixture_sides`), from r = ``log_ratio`` = log(x / y) (consumed), X the side whose coefficient c_x is at
-    least 1/2 and Y the other, with c_y = 1 - c_x and K = log(c_x / c_y) >= 0.
+    least 1/2 and Y the other, with c_y = 1 - c_x.
 
-    * Near x ~ m (u = c_y expm1(-r) = m / x - 1 small): d_x = -log1p(u) and d_y = d_x - r. Each is its own size's
-      rounding: the JSD of p ~ q is second order in r, and the form below, a difference of two numbers ~ log c_x
-      there, carried ~1e-7 per element, 1.6e-4 of a JSD at beta = 1e-6 in fp32 (the kernel's form, now here too).
-    * Elsewhere, with z = r + K and t = log1p(e^-|z|): d_x = logsigmoid(z) - log c_x = min(z, 0) - t - log c_x and
-      d_y = min(K, -r) - t - log c_x. Each is a number near its own size less t, never a difference of two large
-      ones: where y outweighs x by far (r ~ -1e4, a token one side rules out), d_y is K - t - log c_x, not
-      d_x - r (whose rounding at |r| is 1e-3 in fp32), and a tiny coefficient (K = 230 at 1e-100) only enters z,
-      whose rounding then moves d_x by a relative amount. The near form is not used for c_y < 1e-30, whose u
-      would be subnormal in fp32 (the kernel keeps its log p - log m form there).
+    * d_x = -log(c_x + c_y e^-r) = -log1p(u), u = c_y expm1(-r) = m / x - 1 (the kernel's form): its own size's
+      rounding wherever x ~ m, and log1p of a u >= -c_y >= -1/2 elsewhere. The JSD of p ~ q is second order in r:
+      the logsigmoid form below, a difference of two numbers ~ log c_x there, carried ~1e-7 per element (1.6e-4 of
+      a JSD at beta = 1e-6 in fp32; 2026-12-06).
+    * d_y = d_x - r: no cancellation near 0 (d_x ~ c_y r, c_y <= 1/2) nor where x >> y; where y >> x it rounds at
+      |r|, which is clamped at -80 (x below e^-80 y is 0 or subnormal in fp32, and d_x, held there, only multiplies
+      x; d_y is -log c_y to ~80 eps).
+    * At c_y <= 1e-30 (u would be subnormal in fp32; and e^d_x, which the skew forward KL's gradient reads at such
+      a coefficient, must not be held at the clamp) with z = r + K, K = log(c_x / c_y), t = log1p(e^-|z|):
+      d_x = min(z, 0) - t - log c_x and d_y = min(K, -r) - t - log c_x, where a tiny coefficient (K = 230 at
+      1e-100) only enters z, whose rounding then moves d_x by a relative amount.
 
-    log c_x (|log c_x| <= log 2) is subtracted from each element, not from the sums: that difference of two numbers
-    ~ log 2 rounded the loss and, through the mean of d_q, the gradient (a confident student near its teacher:
-    JSD gradient errors of 5e-2 of the row's largest entry). r = -inf gives d_x = -inf, d_y = K - log c_x = -log c_y;
-    r = +inf gives d_x = -log c_x, d_y = -inf. Only exp, expm1, log1p and exact operations: on the CPU they give
-    each element the same bits wherever it lies in a tensor (sigmoid, softplus and logaddexp do not), so a row's
-    result does not depend on the chunking."""
+    log c_x (|log c_x| <= log 2) is subtracted from each element, never from the sums: that difference of two
+    numbers ~ log 2 rounded the loss and, through the mean of d_q, the gradient (a confident student near its
+    teacher: JSD gradient errors of 5e-2 of the row's largest entry). Only exp, expm1, log1p and exact operations:
+    on the CPU they give each element the same bits wherever it lies in a tensor (sigmoid, softplus and logaddexp
+    do not), so a row's result does not depend on the chunking. NaN passes through."""
     p_dominant, log_c_x, shift = mixture_sides(divergence, coef)
     c_y = min(coef, 1.0 - coef)
-    near_x = near_y = near = None
-    if c_y >= 1e-30:
-        u = torch.expm1(-log_ratio).mul_(c_y)
-        near = u.abs() < _MIXTURE_NEAR
-        near_x = u.log1p_().neg_()
-        near_y = near_x - log_ratio
-    z = log_ratio + shift
-    tail = z.abs().neg_().exp_().log1p_()
-    d_x = z.clamp_max_(0.0).sub_(tail).sub_(log_c_x)
-    d_y = log_ratio.neg_().clamp_max_(shift).sub_(tail).sub_(log_c_x)
-    if near is not None:
-        d_x, d_y = torch.where(near, near_x, d_x), torch.where(near, near_y, d_y)
+    if c_y > 1e-30:
+        r = log_ratio.clamp_min_(-80.0)
+        d_x = torch.neg(r).expm1_().mul_(c_y).log1p_().neg_()
+        d_y = d_x - r
+    else:
+        z = log_ratio + shift
+        tail = z.abs().neg_().exp_().log1p_()
+        d_x = z.clamp_max_(0.0).sub_(tail).sub_(log_c_x)
+        d_y = log_ratio.neg_().clamp_max_(shift).sub_(tail).sub_(log_c_x)
     return (d_x, d_y) if p_dominant else (d_y, d_x)
 
 
@@ -190,15 +183,14 @@ def skew_reverse_g(d_q: Tensor, alpha: float, q_zero: Optional[Tensor] = None) -
     return d_q - share
 
 
-def _excess_series(d: Tensor) -> Tensor:
-    """psi(d) / d^2 for |d| < 0.1, psi(d) = d + e^-d - 1 = sum_{k >= 2} (-d)^k / k!: its Taylor polynomial, to
-    (-d)^7 / 7! in fp32 (the next term is below 1e-9 of psi there) and to (-d)^16 / 16! in fp64."""
-    last = 16 if d.dtype == torch.float64 else 7
-    neg_d = -d
+def _excess_series(d: Tensor, neg_d: Tensor) -> Tensor:
+    """psi(d) for |d| < 0.1, psi(d) = d + e^-d - 1 = sum_{k >= 2} (-d)^k / k!: d^2 times its Taylor polynomial, to
+    (-d)^5 / 5! in fp32 (the next term is below 3e-7 of psi there) and to (-d)^16 / 16! in fp64."""
+    last = 16 if d.dtype == torch.float64 else 5
     acc = neg_d * (1.0 / math.factorial(last)) + 1.0 / math.factorial(last - 1)
     for k in range(last - 2, 1, -1):
         acc.mul_(neg_d).add_(1.0 / math.factorial(k))
-    return acc
+    return acc.mul_(d).mul_(d)
 
 
 def skew_terms(x: Tensor, d_x: Tensor, other: Tensor, c_o: float) -> Tensor:
@@ -207,14 +199,24 @@ def skew_terms(x: Tensor, d_x: Tensor, other: Tensor, c_o: float) -> Tensor:
     m - x, whose sum is 0. The terms are then second order in d_x, not first: the normalisation's rounding (sum q
     and the log-sum-exps miss by ~1e-7 in fp32, which shifts every log(p / q) alike) no longer enters the loss to
     first order. In plain sum x d_x it gave a skew KL of p ~ q a relative error of 3e-4 (alpha <= 1/2) to 0.3
-    (alpha = 0.999), and could make it negative. psi(d) is d^2 times :func:`_excess_series` where |d| < 0.1 and
-    d + expm1(-d) elsewhere (>= 0.0048 there: no large cancellation), both read from d_x alone so that they shift
-    together with it; where d_x < -80 (x below e^-80 m: e^-d leaves fp32's range) the term is x d_x + c_o (y - x),
-    and a zero x gives c_o y. ``d_x`` is not modified."""
-    near = d_x.abs() < _MIXTURE_NEAR
-    excess = torch.where(near, _excess_series(d_x).mul_(d_x).mul_(d_x), d_x + torch.expm1(-d_x))
-    ruled_out = torch.where(x == 0, x.new_zeros(()), x * d_x).add_(other - x, alpha=c_o)
-    return torch.where(d_x < -80.0, ruled_out, excess.mul_(x))
+    (alpha = 0.999), and could make it negative. psi(d) is d + expm1(-d), read from d_x alone so that it shifts
+    with it: within 1.4e-6 of a 40-digit reference at c_o >= 0.1 for p ~ q in fp32, but its cancellation where d_x
+    is near 0 grows as c_o shrinks (d_x ~ c_o log(p / q): 9e-5 at c_o = 1e-3), so below c_o = 0.25 psi is
+    :func:`_excess_series` where |d| < 0.1 (>= 0.0048 elsewhere: no large cancellation). That costs ~10 passes
+    over the chunk, which the usual coefficients (DistiLLM's alpha = 0.1) do without: the skew KL fallback takes
+    1.1-1.5x its time before these terms (fwd + bwd on this CPU), and took 2-3x with the series everywhere. Where
+    d_x < -10 (x below e^-10 m: a token the other side outweighs, whose psi is large) the
+    term is x d_x + c_o (y - x), with m - x from the two sides: e^-d_x may be out of fp32's range there, x may
+    have underflowed to 0 (its term is then c_o y), and :func:`mixture_log_ratios` may have held d_x at its clamp
+    (which only moves x d_x, by less than e^-80 m). ``d_x`` must be finite where x is 0 (a caller whose d_x may
+    be -inf there selects c_o y itself); it is not modified."""
+    neg_d = -d_x
+    series = _excess_series(d_x, neg_d) if c_o < 0.25 else None
+    excess = neg_d.expm1_().add_(d_x)
+    if series is not None:
+        excess = torch.where(d_x.abs() < 0.1, series, excess)
+    ruled_out = torch.mul(other, c_o).addcmul_(x, d_x - c_o)  # x (d_x - c_o) + c_o y
+    return torch.where(d_x < -10.0, ruled_out, excess.mul_(x))
 
 
 def _divergence_row_loss(

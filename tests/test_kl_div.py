@@ -341,7 +341,7 @@ def test_small_mixture_divergences_keep_their_digits_in_fp32(divergence, coeffic
     """Where p ~ q the mixture divergences are second order in log(p / q) (up to 2e-3 here).
     * JSD: the kernel's log p - log m form carried an absolute error of ~1e-7 per row (1.5 % of the loss at
       beta = 1e-3, 16x at 1e-6), and the fallback's log-ratio form, a difference of two numbers ~ log c_x, 1.6e-4 at
-      beta = 1e-6. Both impls read log(x / m) as -log1p(c_y expm1(-r)) near x ~ m.
+      beta = 1e-6. Both impls read log(x / m) as -log1p(c_y expm1(-r)).
     * Skew KLs: sum x log(x / m) is first order in the normalisation's rounding (a common shift of every
       log(p / q) by ~1e-7): 3e-4 relative at alpha <= 1/2, 0.3 at 0.999, on both impls. Each term is now
       x psi, psi = log(x / m) + m / x - 1 >= 0 (the m - x sum to 0), second order.
