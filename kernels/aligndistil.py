@@ -112,25 +112,26 @@ def _aligndistil_fwd_kernel(
             log_total_d = tl.log(tl.sum(sum_d * tl.exp(max_d - row_max_d), axis=0))
             log_total_o = tl.log(tl.sum(sum_o * tl.exp(max_o - row_max_o), axis=0))
 
-        # Each side is shifted by a constant before the division by T: the max of its first block (0 if that is
-        # all -inf), c_s for the student and c_b for the teacher's base. Then s - c_s and base - c_b are exact where
-        # the logits are large (rows near 1e4; near the row max, where the mass is, s - c_s is a difference of
-        # close numbers), and the lse's and E_q[a - b] are of shifted logits: lse(a) - lse(b) lost the loss of a
-        # student near its teacher to the rounding of two numbers ~ |z / T| (0 instead of 5e-6 at 1e4), and the
-        # gradient 3e-4 (a review, 2026-12-06). The shifts cancel: a - b = ((s - c_s) - (base - c_b) - alpha gap) / T
-        # up to the constant (c_s - c_b) / T, which leaves the KL and the gradient unchanged.
-        first = offsets < V
-        c_s = tl.max(tl.load(student_row + offsets, mask=first, other=float("-inf")).to(tl.float32), axis=0)
-        if CONTRASTIVE:
-            c_b = tl.max(tl.load(dpo_row + offsets, mask=first, other=float("-inf")).to(tl.float32), axis=0)
-        else:
-            c_b = tl.max(tl.load(other_row + offsets, mask=first, other=float("-inf")).to(tl.float32), axis=0)
-        c_s = tl.where(c_s == float("-inf"), 0.0, c_s)
-        c_b = tl.where(c_b == float("-inf"), 0.0, c_b)
-
-        # Pass 2: TVD (adaptive) and the student's statistics: lse(a), E_q[s' - base'], E_q[d - o] (' = shifted).
+        # Pass 2: TVD (adaptive) and the student's statistics: lse(a), E_q[s - base], E_q[d - o].
+        # Nothing is divided by T before its row max is subtracted: the student's running max is kept raw, per lane
+        # (w = exp((s - m) / T), as in kl_div's kernel) in fixed mode, c the student's row max; in adaptive mode
+        # both are shifted by c, the base model's row max from pass 1. The teacher is formed from base - c (the
+        # two models' logits share their scale, as distillation has them; a teacher offset from the student by ~1e4
+        # would round base - c at that size). Both lse's are then of logits shifted alike, and
+        # KL = E_q[(s - base) - alpha gap] / T - lse(a') + lse(b'). Scaling first,
+        # lse(a) - lse(b) rounded at |z / T|: a student near its teacher (loss 5e-6) at rows offset to 1e4 lost the
+        # loss, the gradient 3e-4 (a review, 2026-12-06). (A first version shifted by the first block's max, which
+        # a first block masked with -1e9 made useless: the next review.)
         tvd_acc = tl.zeros([BLOCK_V], tl.float32)
-        max_a = tl.full([BLOCK_V], -1.0e30, tl.float32)
+        if ADAPTIVE:
+            # The base model's row max from pass 1: the student is shifted by it before the division, and the
+            # running max is kept in scaled units (the raw one, below, spilled 8 bytes here under Triton 3.9).
+            if CONTRASTIVE:
+                c = row_max_d
+            else:
+                c = row_max_o
+            c = tl.where(c <= -1.0e30, 0.0, c)  # a base row of -inf only: no teacher (NaN), any shift will do
+        max_s = tl.full([BLOCK_V], -1.0e30, tl.float32)  # of (s - c) / T (adaptive), of s (fixed)
         sum_a = tl.zeros([BLOCK_V], tl.float32)
         acc_shift = tl.zeros([BLOCK_V], tl.float32)  # sum w (s - base), w the student's rescaled exponentials
         acc_gap = tl.zeros([BLOCK_V], tl.float32)  # sum w (d - o)
@@ -146,27 +147,38 @@ def _aligndistil_fwd_kernel(
             # if the student gives it mass) and the (d - o) term does not apply (it would be -inf - -inf).
             teacher_masked = (d == float("-inf")) | (o == float("-inf"))
             if CONTRASTIVE:
-                shift = tl.where(teacher_masked, float("inf"), (s - c_s) - (d - c_b))
+                shift = tl.where(teacher_masked, float("inf"), s - d)
             else:
-                shift = tl.where(teacher_masked, float("inf"), (s - c_s) - (o - c_b))
+                shift = tl.where(teacher_masked, float("inf"), s - o)
             gap = tl.where(teacher_masked, 0.0, d - o)
-            a = (s - c_s) * inv_temperature
-            new_max_a = tl.maximum(max_a, a)
-            scale_a = tl.exp(max_a - new_max_a)
-            w_a = tl.exp(a - new_max_a)
+            if ADAPTIVE:
+                a = (s - c) * inv_temperature
+                new_max_s = tl.maximum(max_s, a)
+                scale_a = tl.exp(max_s - new_max_s)
+                w_a = tl.exp(a - new_max_s)
+            else:
+                new_max_s = tl.maximum(max_s, s)
+                scale_a = tl.exp((max_s - new_max_s) * inv_temperature)
+                w_a = tl.exp((s - new_max_s) * inv_temperature)
             sum_a = sum_a * scale_a + w_a
             # A rescale that underflows to 0 drops the old terms, +inf shifts included (0 * inf would be NaN).
             acc_shift = tl.where(scale_a == 0.0, 0.0, acc_shift * scale_a) + tl.where(w_a == 0.0, 0.0, w_a * shift)
             acc_gap = acc_gap * scale_a + tl.where(w_a == 0.0, 0.0, w_a * gap)
-            max_a = new_max_a
+            max_s = new_max_s
         if ADAPTIVE:
             alpha = r * tl.sum(tvd_acc, axis=0) + eps
         else:
             alpha = fixed_alpha
-        row_max_a = tl.max(max_a, axis=0)
-        lane_scale_a = tl.exp(max_a - row_max_a)
-        total_a = tl.sum(sum_a * lane_scale_a, axis=0)
-        lse_a = row_max_a + tl.log(total_a)
+        if ADAPTIVE:
+            row_max_a = tl.max(max_s, axis=0)
+            lane_scale_a = tl.exp(max_s - row_max_a)
+            total_a = tl.sum(sum_a * lane_scale_a, axis=0)
+            lse_a = row_max_a + tl.log(total_a)  # of a' = (s - c) / T
+        else:
+            c = tl.max(max_s, axis=0)  # the student's row max
+            lane_scale_a = tl.exp((max_s - c) * inv_temperature)
+            total_a = tl.sum(sum_a * lane_scale_a, axis=0)
+            lse_a = tl.log(total_a)  # of a' = (s - c) / T
         mean_shift = tl.sum(acc_shift * lane_scale_a, axis=0)
         if mean_shift != mean_shift:  # a lane holding +inf whose scale underflowed to 0: drop it (0 * inf is NaN)
             mean_shift = tl.sum(tl.where(lane_scale_a == 0.0, 0.0, acc_shift * lane_scale_a), axis=0)
@@ -189,24 +201,25 @@ def _aligndistil_fwd_kernel(
             teacher_masked = (d == float("-inf")) | (o == float("-inf"))
             gap = tl.where(teacher_masked, 0.0, d - o)
             if CONTRASTIVE:
-                b = tl.where(teacher_masked, float("-inf"), (d - c_b) + alpha * gap) * inv_temperature
+                b = tl.where(teacher_masked, float("-inf"), (d - c) + alpha * gap) * inv_temperature
             else:
-                b = tl.where(teacher_masked, float("-inf"), (o - c_b) + alpha * gap) * inv_temperature
+                b = tl.where(teacher_masked, float("-inf"), (o - c) + alpha * gap) * inv_temperature
             new_max_b = tl.maximum(max_b, b)
             sum_b = sum_b * tl.exp(max_b - new_max_b) + tl.exp(b - new_max_b)
             max_b = new_max_b
             if COMPUTE_GRAD:
                 s = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
                 if CONTRASTIVE:
-                    shift = tl.where(teacher_masked, float("inf"), (s - c_s) - (d - c_b))
+                    shift = tl.where(teacher_masked, float("inf"), s - d)
                 else:
-                    shift = tl.where(teacher_masked, float("inf"), (s - c_s) - (o - c_b))
-                q = tl.exp((s - c_s) * inv_temperature - lse_a)
+                    shift = tl.where(teacher_masked, float("inf"), s - o)
+                q = tl.exp((s - c) * inv_temperature - lse_a)
                 diff = (shift - alpha * gap) * inv_temperature  # a - b, as accumulated in pass 2
                 grad = tl.where(q == 0.0, 0.0, q * (diff - mean_diff)) * grad_scale
                 tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
         row_max_b = tl.max(max_b, axis=0)
         lse_b = row_max_b + tl.log(tl.sum(sum_b * tl.exp(max_b - row_max_b), axis=0))
+        # E_q[a - b] - lse(a) + lse(b), with a = a' + c / T and b = b' + c / T: the shift cancels.
         tl.store(loss_ptr + row, loss_scale * (mean_diff - lse_a + lse_b))
         tl.store(alpha_ptr + row, alpha)
     else:

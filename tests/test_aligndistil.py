@@ -231,7 +231,7 @@ def test_offset_logits(mode, alpha, impl):
     kernel's TVD read exp(d - lse_d), lse_d rounded at |d| (3e-4 off; a numerics review), and now exp((d - max) -
     log total). Loss and gradient: the PyTorch path formed z* = base + alpha gap rounded at |z*| (its gradient
     exceeded the tolerance), now less the base's row max; the kernel scaled z / T before subtracting anything (its
-    gradient 3e-4 off at |z / T| ~ 1e4), and now shifts the student and the base by their first block's max."""
+    gradient 3e-4 off at |z / T| ~ 1e4), and now subtracts a row max before the division."""
     student, dpo, other = _triple((3, 300), seed=23, scale=3.0)
     for offset, temperature in ((1e4, 1.0), (-1e4, 0.5)):
         inputs = (student + offset, dpo + offset, other + offset)
@@ -259,6 +259,23 @@ def test_student_near_its_teacher_at_large_logits(mode, impl):
         expected = _official_rows(*(x.double().cpu() for x in inputs), **options)[0]
         assert temperature < 1 or expected.max() < 1e-5
         torch.testing.assert_close(loss.double().cpu(), expected, rtol=0.0, atol=tolerance)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("alpha", ALPHAS, ids=["adaptive", "fixed"])
+@pytest.mark.parametrize("mode", MODES)
+def test_rows_whose_first_block_is_masked_with_a_finite_value(mode, alpha, impl):
+    """The first 1024 columns (the kernel's first block) at -1e9 or -1e4 in all three models, a finite mask that
+    is a logit like any other: a first version of the kernel's shift took the first block's max as the row's and
+    lost every digit of the loss (0 instead of 0.24 at -1e9; 5 % off at -1e4; a review, 2026-12-06). Shifted by
+    the base model's row max (adaptive) or the student's running max (fixed), loss, gradient and alpha match
+    float64."""
+    student, dpo, other = _triple((2, 2100), seed=31, scale=2.0)
+    for fill in (-1e9, -1e4):
+        inputs = [x.clone() for x in (student, dpo, other)]
+        for x in inputs:
+            x[:, :1024] = fill
+        _check(*inputs, impl, mode=mode, alpha=alpha, reduction="none")
 
 
 def test_fallback_float64_matches_official_formulas():
