@@ -121,7 +121,21 @@ def _skew_term(s, o, r, l_s, psi, c_o):
 
 
 @triton.jit
-def _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE: tl.constexpr, FROM_LOG_RATIO: tl.constexpr = True):
+def _skew_term_from_log(s, o, l_s, c_o):
+    """:func:`_skew_term` from l_s = log(s / m) of the log p - log m form: s psi(l_s), psi(d) = d + e^-d - 1 by its
+    Taylor polynomial where |d| < 0.1 (to d^6 / 6!: 4e-9 of psi), d + (e^-d - 1) elsewhere; s l_s + c_o (o - s)
+    where l_s < -10 (e^-d may overflow; s may have underflowed); c_o o where s is 0 (0 where both sides are -inf
+    and l_s is NaN). The ``kl_div`` kernel at a coefficient below 1e-30 (``SKEW_PSI``): its skew KL of p ~ q came
+    out at +-1e-7, negative too, where 2e-30 gave 1e-14 (a review, 2026-12-06)."""
+    series = l_s * l_s * (0.5 - l_s * (1.0 / 6.0 - l_s * (1.0 / 24.0 - l_s * (1.0 / 120.0 - l_s * (1.0 / 720.0)))))
+    psi = tl.where(tl.abs(l_s) < 0.1, series, l_s + (tl.exp(-l_s) - 1.0))
+    ruled_out = tl.where(s == 0.0, c_o * o, s * l_s + c_o * (o - s))
+    return tl.where((s == 0.0) | (l_s < -10.0), ruled_out, s * psi)
+
+
+@triton.jit
+def _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE: tl.constexpr, FROM_LOG_RATIO: tl.constexpr = True,
+                      SKEW_PSI: tl.constexpr = False):
     """Per-element loss term and g = dL/dq for the mixture / TVD divergences (fp32). With ``FROM_LOG_RATIO`` (the
     ``kl_div`` kernel) the mixtures' log-ratios to m come from r = log(p / q) (:func:`_mixture_log_ratio`), so a JSD
     of p ~ q keeps its digits; otherwise (the fused-linear tile kernels, where that form's registers left 8-byte
@@ -161,7 +175,10 @@ def _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE: tl.constexpr, FROM_L
             p = tl.exp(log_p)
             q = tl.exp(log_q)
             l_p = log_p - log_m
-            term = tl.where(p == 0.0, 0.0, p * l_p)  # r is NaN where both sides are -inf
+            if SKEW_PSI:
+                term = _skew_term_from_log(p, q, l_p, 1.0 - coef)
+            else:
+                term = tl.where(p == 0.0, 0.0, p * l_p)  # r is NaN where both sides are -inf
         g = -(1.0 - coef) * tl.where(p == 0.0, -1.0, _expm1(l_p))  # -(1 - alpha) (p / m - 1)
     elif DIVERGENCE == 4:  # skew_reverse: KL(q || alpha q + (1-alpha) p)
         if FROM_LOG_RATIO:
@@ -173,7 +190,10 @@ def _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE: tl.constexpr, FROM_L
             log_q, log_p, log_m = _log_weights(a, b, lse_a, lse_b, tl.log(1.0 - coef), tl.log(coef))
             q = tl.exp(log_q)
             l_q = log_q - log_m
-            term = tl.where(q == 0.0, 0.0, q * l_q)
+            if SKEW_PSI:
+                term = _skew_term_from_log(q, tl.exp(log_p), l_q, 1.0 - coef)
+            else:
+                term = tl.where(q == 0.0, 0.0, q * l_q)
         g = l_q - coef * tl.where(q == 0.0, -1.0, _expm1(l_q))  # d_q - alpha (q / m - 1)
     else:  # tvd: 0.5 sum |p - q|
         q = tl.exp(a - lse_a)
@@ -300,7 +320,8 @@ def _kl_div_fwd_kernel(
                     zb = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
                     a = (za - row_max_a) * inv_temperature
                     b = (zb - row_max_b) * inv_temperature
-                    term, g, q = _divergence_terms(a, b, log_total_a, log_total_b, coef, DIVERGENCE, FROM_LOG_RATIO)
+                    term, g, q = _divergence_terms(a, b, log_total_a, log_total_b, coef, DIVERGENCE, FROM_LOG_RATIO,
+                                                   SKEW_PSI=True)
                     # fp32 accumulators: a coefficient below 2^-126 is typed fp64, and so are term and g (a loop-
                     # carried fp32 turned fp64 failed to compile; the interpreter let it through).
                     loss_acc += tl.where(mask, term, 0.0).to(tl.float32)
