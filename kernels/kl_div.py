@@ -126,7 +126,9 @@ def _skew_term_from_log(s, o, l_s, c_o):
     Taylor polynomial where |d| < 0.1 (to d^6 / 6!: 4e-9 of psi), d + (e^-d - 1) elsewhere; s l_s + c_o (o - s)
     where l_s < -10 (e^-d may overflow; s may have underflowed); c_o o where s is 0 (0 where both sides are -inf
     and l_s is NaN). The ``kl_div`` kernel at a coefficient below 1e-30 (``SKEW_PSI``): its skew KL of p ~ q came
-    out at +-1e-7, negative too, where 2e-30 gave 1e-14 (a review, 2026-12-06)."""
+    out at +-1e-7, negative too, where 2e-30 gave 1e-14 (a review, 2026-12-06). Not in the fused-linear stats
+    kernels: there it left 8-16-byte stack frames in 2-3 sm_80 variants (this form, and one reusing the g's
+    expm1), at their 128-register budget."""
     series = l_s * l_s * (0.5 - l_s * (1.0 / 6.0 - l_s * (1.0 / 24.0 - l_s * (1.0 / 120.0 - l_s * (1.0 / 720.0)))))
     psi = tl.where(tl.abs(l_s) < 0.1, series, l_s + (tl.exp(-l_s) - 1.0))
     ruled_out = tl.where(s == 0.0, c_o * o, s * l_s + c_o * (o - s))
