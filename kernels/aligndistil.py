@@ -127,8 +127,8 @@ def _aligndistil_fwd_kernel(
             # The base model's row max from pass 1: the student is shifted by it before the division, and the
             # running max is kept in scaled units (the raw one, below, spilled 8 bytes here under Triton 3.9). It
             # counts the tokens the other model rules out too: a large logit there (a review put 1e4 on one) rounds
-            # the row at that size (1e-3 of the loss at T = 0.05); a max over the teacher's support only spilled 8
-            # bytes under Triton 3.6 on sm_90a.
+            # the row at that size (1e-3 of the loss at T = 0.05); a max over the teacher's support, and even the
+            # scalar min of the two models' row maxima, spilled 8 bytes under Triton 3.6 on sm_90a (bf16, adaptive).
             if CONTRASTIVE:
                 c = row_max_d
             else:
