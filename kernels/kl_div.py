@@ -110,29 +110,26 @@ def _mixture_log_ratio(r, c_s, c_o):
 
 
 @triton.jit
-def _skew_term(s, o, r, l_s, psi, c_o):
+def _skew_term(s, o, l_s, psi, c_o, ruled_out):
     """The term of KL(s || m), m = (1 - c_o) s + c_o o, as s psi = s log(s / m) + m - s (the m - s sum to 0): second
-    order in r = log(s / o) where s ~ o, so the normalisation's rounding (which shifts every r alike by ~1e-7 in
-    fp32) does not enter the loss to first order, as it did in s log(s / m) (3e-4 of a skew KL of p ~ q at
-    alpha <= 1/2, 0.3 at 0.999). Below r = -88, where psi is held at the clamp, s log(s / m) + c_o (o - s); a zero s
-    gives c_o o (0 where both sides are -inf and r is NaN)."""
-    ruled_out = s * l_s + c_o * (o - s)
-    return tl.where(s == 0.0, c_o * o, tl.where(r < -88.0, ruled_out, s * psi))
+    order in log(s / o) where s ~ o, so the normalisation's rounding (which shifts every log(s / o) alike by ~1e-7
+    in fp32) does not enter the loss to first order, as it did in s log(s / m) (3e-4 of a skew KL of p ~ q at
+    alpha <= 1/2, 0.3 at 0.999). Where ``ruled_out`` (o outweighs s so far that the caller's psi is not to be
+    trusted) s log(s / m) + c_o (o - s); a zero s gives c_o o (0 where both sides are -inf and l_s is NaN)."""
+    return tl.where(s == 0.0, c_o * o, tl.where(ruled_out, s * l_s + c_o * (o - s), s * psi))
 
 
 @triton.jit
 def _skew_term_from_log(s, o, l_s, c_o):
-    """:func:`_skew_term` from l_s = log(s / m) of the log p - log m form: s psi(l_s), psi(d) = d + e^-d - 1 by its
-    Taylor polynomial where |d| < 0.1 (to d^6 / 6!: 4e-9 of psi), d + (e^-d - 1) elsewhere; s l_s + c_o (o - s)
-    where l_s < -10 (e^-d may overflow; s may have underflowed); c_o o where s is 0 (0 where both sides are -inf
-    and l_s is NaN). The ``kl_div`` kernel at a coefficient below 1e-30 (``SKEW_PSI``): its skew KL of p ~ q came
+    """:func:`_skew_term` from l_s = log(s / m) of the log p - log m form: psi(d) = d + e^-d - 1 by its Taylor
+    polynomial where |d| < 0.1 (to d^6 / 6!: 4e-9 of psi), d + (e^-d - 1) elsewhere; ruled out where l_s < -10
+    (e^-d may overflow; s may have underflowed). The ``kl_div`` kernel at a coefficient below 1e-30 (``SKEW_PSI``): its skew KL of p ~ q came
     out at +-1e-7, negative too, where 2e-30 gave 1e-14 (a review, 2026-12-06). Not in the fused-linear stats
     kernels: there it left 8-16-byte stack frames in 2-3 sm_80 variants (this form, and one reusing the g's
     expm1), at their 128-register budget."""
     series = l_s * l_s * (0.5 - l_s * (1.0 / 6.0 - l_s * (1.0 / 24.0 - l_s * (1.0 / 120.0 - l_s * (1.0 / 720.0)))))
     psi = tl.where(tl.abs(l_s) < 0.1, series, l_s + (tl.exp(-l_s) - 1.0))
-    ruled_out = tl.where(s == 0.0, c_o * o, s * l_s + c_o * (o - s))
-    return tl.where((s == 0.0) | (l_s < -10.0), ruled_out, s * psi)
+    return _skew_term(s, o, l_s, psi, c_o, l_s < -10.0)
 
 
 @triton.jit
@@ -142,9 +139,11 @@ def _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE: tl.constexpr, FROM_L
     ``kl_div`` kernel) the mixtures' log-ratios to m come from r = log(p / q) (:func:`_mixture_log_ratio`), so a JSD
     of p ~ q keeps its digits; otherwise (the fused-linear tile kernels, where that form's registers left 8-byte
     stack frames in some of their variants under Triton 3.6 and 3.9, and ``kl_div`` at a coefficient below 1e-30)
-    from log p - log m (:func:`_log_weights`), with an absolute error of ~1e-7 per row. The skew KLs' g is formed less a constant (it cancels in g - S):
-    x / m - 1 = expm1(log(x / m)), near 0 where x ~ m, so that S keeps the digits of g's spread (a confident student
-    near its teacher: g ~ -(1 - alpha) everywhere, and the gradient was 1e-2 off of the row's largest entry)."""
+    from log p - log m (:func:`_log_weights`), with an absolute error of ~1e-7 per row; ``SKEW_PSI`` (the
+    ``kl_div`` kernel) gives the skew KLs' terms that form too (:func:`_skew_term_from_log`). The skew KLs' g is
+    formed less a constant (it cancels in g - S): x / m - 1 = expm1(log(x / m)), near 0 where x ~ m, so that S
+    keeps the digits of g's spread (a confident student near its teacher: g ~ -(1 - alpha) everywhere, and the
+    gradient was 1e-2 off of the row's largest entry)."""
     if DIVERGENCE == 2:  # jsd: beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q
         if FROM_LOG_RATIO:
             p = tl.exp(b - lse_b)
@@ -171,7 +170,7 @@ def _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE: tl.constexpr, FROM_L
             q = tl.exp(a - lse_a)
             r = _log_ratio(a, b, lse_a, lse_b)
             l_p, _, psi = _mixture_log_ratio(r, coef, 1.0 - coef)
-            term = _skew_term(p, q, r, l_p, psi, 1.0 - coef)
+            term = _skew_term(p, q, l_p, psi, 1.0 - coef, r < -88.0)  # psi is held at the clamp below -88
         else:
             log_q, log_p, log_m = _log_weights(a, b, lse_a, lse_b, tl.log(coef), tl.log(1.0 - coef))
             p = tl.exp(log_p)
@@ -187,7 +186,7 @@ def _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE: tl.constexpr, FROM_L
             r = -_log_ratio(a, b, lse_a, lse_b)
             l_q, _, psi = _mixture_log_ratio(r, coef, 1.0 - coef)
             q = tl.exp(a - lse_a)
-            term = _skew_term(q, tl.exp(b - lse_b), r, l_q, psi, 1.0 - coef)
+            term = _skew_term(q, tl.exp(b - lse_b), l_q, psi, 1.0 - coef, r < -88.0)
         else:
             log_q, log_p, log_m = _log_weights(a, b, lse_a, lse_b, tl.log(1.0 - coef), tl.log(coef))
             q = tl.exp(log_q)
