@@ -139,9 +139,11 @@ def _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE: tl.constexpr, FROM_L
     ``kl_div`` kernel) the mixtures' log-ratios to m come from r = log(p / q) (:func:`_mixture_log_ratio`), so a JSD
     of p ~ q keeps its digits; otherwise (the fused-linear tile kernels, where that form's registers left 8-byte
     stack frames in some of their variants under Triton 3.6 and 3.9, and ``kl_div`` at a coefficient below 1e-30)
-    from log p - log m (:func:`_log_weights`), with an absolute error of ~1e-7 per row; ``SKEW_PSI`` (the
-    ``kl_div`` kernel) gives the skew KLs' terms that form too (:func:`_skew_term_from_log`). The skew KLs' g is
-    formed less a constant (it cancels in g - S): x / m - 1 = expm1(log(x / m)), near 0 where x ~ m, so that S
+    from log p - log m (:func:`_log_weights`), with an absolute error of ~1e-7 per row; ``SKEW_PSI`` (the ``kl_div``
+    kernel) gives the skew KLs' terms that form too (:func:`_skew_term_from_log`), else (the tile kernels) they are
+    x log(x / m) + (1 - c_x)(y - x), whose second part sums to 0 and takes out the first order of the
+    normalisation's rounding (~10x closer at c_x <= 1/2; log(x / m)'s rounding at |log m| is left). The skew KLs' g
+    is formed less a constant (it cancels in g - S): x / m - 1 = expm1(log(x / m)), near 0 where x ~ m, so that S
     keeps the digits of g's spread (a confident student near its teacher: g ~ -(1 - alpha) everywhere, and the
     gradient was 1e-2 off of the row's largest entry)."""
     if DIVERGENCE == 2:  # jsd: beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q
@@ -178,8 +180,8 @@ def _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE: tl.constexpr, FROM_L
             l_p = log_p - log_m
             if SKEW_PSI:
                 term = _skew_term_from_log(p, q, l_p, 1.0 - coef)
-            else:
-                term = tl.where(p == 0.0, 0.0, p * l_p)  # r is NaN where both sides are -inf
+            else:  # + (m - p), which sums to 0 (docstring); r is NaN where both sides are -inf
+                term = tl.where(p == 0.0, 0.0, p * l_p) + (1.0 - coef) * (q - p)
         g = -(1.0 - coef) * tl.where(p == 0.0, -1.0, _expm1(l_p))  # -(1 - alpha) (p / m - 1)
     elif DIVERGENCE == 4:  # skew_reverse: KL(q || alpha q + (1-alpha) p)
         if FROM_LOG_RATIO:
@@ -194,7 +196,7 @@ def _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE: tl.constexpr, FROM_L
             if SKEW_PSI:
                 term = _skew_term_from_log(q, tl.exp(log_p), l_q, 1.0 - coef)
             else:
-                term = tl.where(q == 0.0, 0.0, q * l_q)
+                term = tl.where(q == 0.0, 0.0, q * l_q) + (1.0 - coef) * (tl.exp(log_p) - q)
         g = l_q - coef * tl.where(q == 0.0, -1.0, _expm1(l_q))  # d_q - alpha (q / m - 1)
     else:  # tvd: 0.5 sum |p - q|
         q = tl.exp(a - lse_a)
