@@ -459,6 +459,56 @@ def test_masked_columns_against_far_negative_logits(masked, divergence, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_forward_kl_drops_an_infinite_term_whose_weight_underflows_later(impl):
+    """A token the student rules out (-inf) where the teacher's logit is 0, and a later tile (V = 2048: columns 0 and
+    1024 share a lane of the kernel's 1024-wide tiles) where the teacher's max rises to 200: that token's p = e^-200
+    is 0 in fp32, so its term p (log p - log q) = 0 * inf is dropped, as the PyTorch path does; the kernel's lane
+    held +inf there until the rescale by e^-200 (0): it must drop it, not form 0 * inf (NaN). Both impls equal
+    float64 with the teacher's token at -inf (p = 0), loss and gradient."""
+    student = torch.zeros(2, 2048, device=DEVICE)
+    teacher = torch.zeros(2, 2048, device=DEVICE)
+    student[0, 0] = float("-inf")
+    teacher[0, 1024] = 200.0
+    loss, grad, upstream = _run(student, teacher, impl, divergence="forward", reduction="none")
+    dropped = teacher.clone()
+    dropped[0, 0] = float("-inf")
+    expected, expected_grad = independent_reference(student, dropped, upstream, divergence="forward",
+                                                    reduction="none")
+    assert torch.isfinite(loss).all() and expected[0] > 1.0
+    assert_close(loss, expected, torch.float32, "loss")
+    assert_close(grad, expected_grad, torch.float32, "gradient")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", ["kl_div", "aligndistil_kl", "topk_kl_div", "fused_linear_kl_div"])
+def test_a_custom_ignore_index(op, impl):
+    """``ignore_index=5`` (a vocabulary id): the rows labelled 5 are ignored and those labelled -100 are not, exactly
+    as the same rows with the labels remapped to the default index. The kernels were tested with -100 only (a
+    kernel that ignored negative labels instead passed every other test)."""
+    import distill_ops
+
+    student = _logits((6, 50), torch.float32, seed=61)
+    teacher = _logits((6, 50), torch.float32, seed=62)
+    other = _logits((6, 50), torch.float32, seed=63)
+    hidden = _logits((6, 16), torch.float32, seed=64, scale=1.0)
+    weight = _logits((50, 16), torch.float32, seed=65, scale=0.3)
+    calls = {
+        "kl_div": lambda rows, **kw: distill_ops.kl_div(student, teacher, labels=rows, **kw),
+        "aligndistil_kl": lambda rows, **kw: distill_ops.aligndistil_kl(student, teacher, other, labels=rows, **kw),
+        "topk_kl_div": lambda rows, **kw: distill_ops.topk_kl_div(student, teacher, k=5, labels=rows, **kw),
+        "fused_linear_kl_div": lambda rows, **kw: distill_ops.fused_linear_kl_div(
+            hidden, weight, teacher_logits=teacher, labels=rows, ce_weight=0.5, **kw),
+    }
+    labels = torch.tensor([5, 2, 5, 7, 0, 5], device=DEVICE)
+    custom = calls[op](labels, ignore_index=5, reduction="none", impl=impl)
+    default = calls[op](torch.where(labels == 5, -100, labels), reduction="none", impl=impl)
+    assert torch.all(custom[labels == 5] == 0) and torch.all(custom[labels != 5] != 0)
+    torch.testing.assert_close(custom, default, rtol=0, atol=0)
+    mean = calls[op](labels, ignore_index=5, impl=impl)
+    torch.testing.assert_close(mean, default.sum() / 3, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("divergence, coefficient", [("jsd", 0.9), ("jsd", 0.3), ("skew_forward", 0.1),
                                                      ("skew_reverse", 0.1), ("skew_reverse", 0.9)])
 def test_student_tokens_the_teacher_rules_out(divergence, coefficient, impl):

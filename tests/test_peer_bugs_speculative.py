@@ -101,6 +101,18 @@ def test_zero_probability_draft_is_never_accepted_at_a_zero_coin(monkeypatch, fi
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_a_coin_on_a_cumulative_mass_boundary_takes_the_next_token(monkeypatch, impl):
+    """The bonus draw is the first token whose cumulative mass exceeds the coin (u in [0, 1): a coin of 0 never
+    lands on a token of no mass). Four equal logits put the cumulative masses at exactly 1/4, 1/2, 3/4: coins 0,
+    1/4, 1/2 and 3/4 draw tokens 0, 1, 2 and 3 on both impls (a kernel with >= in place of > drew 0, 0, 1, 2)."""
+    tree = build_tree(torch.tensor([-1], device=DEVICE))
+    tokens = torch.zeros(4, 1, dtype=torch.int64, device=DEVICE)
+    force_uniforms(monkeypatch, [[0.0], [0.25], [0.5], [0.75]])
+    result = verify_sampling(tree, tokens, torch.zeros(4, 1, 4, device=DEVICE), impl=impl)
+    assert result.next_tokens.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_rejected_mass_that_rounds_to_an_all_zero_residual_still_emits_a_valid_token(monkeypatch, impl):
     """https://github.com/jaymody/speculative-sampling/issues/5 -- when the draft and target distributions are
     equal up to rounding, a rejection leaves the residual max(p - q, 0) all zero and normalising it gave NaNs

@@ -360,6 +360,26 @@ def test_sampling_triton_equals_torch(case):
     assert results[0].accept_len.sum() > 0
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_draft_probs_second_round_divides_by_the_residual_mass(impl):
+    """SpecInfer's second round: the root's children draft token 2 (p = 0: always rejected) then token 0, both from
+    q = [0.4, 0.2, 0.4] with p = [0.6, 0.4, 0]. The residual after the rejection is max(p - q, 0) / N =
+    [0.2, 0.2, 0] / 0.4, so token 0 is accepted with min(1, 0.5 / 0.4) = 1: every sequence accepts node 2. An
+    acceptance test that leaves out N (u q < max(p - q, 0): probability 1/2) passed the chi-square and impl-equality
+    tests, whose batches never needed it."""
+    batch = 64
+    tree = build_tree(torch.tensor([-1, 0, 0], device=DEVICE))
+    tokens = torch.tensor([[1, 2, 0]] * batch, device=DEVICE)
+    logits = torch.tensor([0.6, 0.4, 0.0]).log().expand(batch, 3, 3).contiguous().to(DEVICE)
+    draft_probs = torch.tensor([0.4, 0.2, 0.4]).expand(batch, 3, 3).contiguous().to(DEVICE)
+    result = verify_sampling(tree, tokens, logits, draft_probs=draft_probs, impl=impl,
+                             generator=torch.Generator(DEVICE).manual_seed(0))
+    assert result.accepted_nodes[:, :2].tolist() == [[0, 2]] * batch
+    assert result.accept_len.tolist() == [1] * batch
+    # The bonus at node 2 comes from the target's row there (no draft child): tokens 0 and 1 only.
+    assert set(result.next_tokens.tolist()) <= {0, 1}
+
+
 def test_sampling_random_tree_large_vocab_consistency():
     """A random 26-node tree, V = 2,000 (two vocabulary blocks), duplicate sibling tokens, bf16 logits:
     outputs are identical across impls for one generator state, and well formed: the accepted nodes are a
