@@ -103,6 +103,26 @@ def test_output_split_starts_as_two_identities():
     assert torch.equal(regress, predict)
 
 
+def test_cache_commit_trims_and_rollback_drops_the_tree():
+    """``commit(length)`` keeps the first ``length`` entries and drops the rest (the drafts past the accepted path:
+    a commit that kept them left stale rows that every later step carried), ``commit()`` keeps everything appended,
+    and ``rollback`` drops what came after the last commit."""
+    cache = FSPADCache()
+    entries = torch.arange(2 * 1 * 7 * 3, dtype=torch.float32).view(2, 1, 7, 3)
+    cache.append(entries[:, :, :5], -entries[:, :, :5])
+    cache.commit(3)
+    assert cache.length == cache.committed == 3
+    assert torch.equal(cache.keys, entries[:, :, :3]) and torch.equal(cache.values, -entries[:, :, :3])
+    cache.append(entries[:, :, 3:6], -entries[:, :, 3:6])
+    cache.rollback()
+    assert cache.length == 3 and torch.equal(cache.keys, entries[:, :, :3])
+    cache.append(entries[:, :, 3:7], -entries[:, :, 3:7])
+    cache.commit()
+    assert cache.length == cache.committed == 7 and torch.equal(cache.values, -entries)
+    cache.commit(9)  # longer than the cache: nothing to trim
+    assert cache.length == cache.committed == 7
+
+
 def test_cached_chunks_equal_one_causal_pass():
     head = make_head()
     features, embeds = random_inputs(1, 11)

@@ -120,6 +120,22 @@ def test_trainer_compute_loss():
     assert outputs.keys() == {"loss"} and outputs["loss"] is loss  # no logits to return
 
 
+def test_trainer_loss_entropy_totals_with_a_custom_ignore_index():
+    """``trainer_loss``'s entropy totals (the logged mean entropy's sum and count) count the positions scored under
+    the loss's own ``ignore_index`` (-1 here; a count that compared with -100 took every position)."""
+    from distill_ops.integrations.hf import trainer_loss
+
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    custom = torch.where(labels == -100, -1, labels)
+    totals = torch.zeros(2, dtype=torch.float64, device=DEVICE)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": custom}
+    trainer_loss(student, teacher, inputs, entropy_totals=totals, ignore_index=-1, impl="torch")
+    assert totals[1].item() == int((labels[:, 1:] != -100).sum())
+    expected = _mean_entropy(student, input_ids, attention_mask, labels)
+    assert (totals[0] / totals[1]).item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_trainer_trains_with_the_fused_loss(tmp_path):
     """A real ``transformers.Trainer`` step: the logged loss is the distillation loss of the batch, the
     student's update is exactly one SGD step on its gradient, and the teacher does not move."""
@@ -328,14 +344,15 @@ def test_softcapped_gemma2_equals_loss_from_the_models_own_logits(impl):
 # ----------------------------------------------------------------------------------------------
 
 
-def _fspad_reference(regress, predict, target, weight, regress_weight, logit_weight, mask, scale=1.0, cap=None):
+def _fspad_reference(regress, predict, target, weight, regress_weight, logit_weight, mask, scale=1.0, cap=None,
+                     beta=1.0, temperature=1.0):
     """The formula written out (EAGLE / FSPAD training code): SmoothL1 + soft cross-entropy, in float64, with the
-    target's logits ``cap * tanh(scale * lm_head(h) / cap)``."""
+    target's logits ``cap * tanh(scale * lm_head(h) / cap)`` (over ``temperature``)."""
     def logits(hidden):
         z = scale * (hidden.double() @ weight.double().T)
-        return z if cap is None else cap * torch.tanh(z / cap)
+        return (z if cap is None else cap * torch.tanh(z / cap)) / temperature
 
-    regression = F.smooth_l1_loss(regress.double(), target.double(), reduction="none").mean(-1)
+    regression = F.smooth_l1_loss(regress.double(), target.double(), reduction="none", beta=beta).mean(-1)
     teacher = torch.softmax(logits(target), dim=-1)
     student = torch.log_softmax(logits(predict), dim=-1)
     rows = regress_weight * regression + logit_weight * -(teacher * student).sum(-1)
@@ -369,9 +386,14 @@ def test_fspad_draft_loss_masked_rows_may_hold_anything(impl):
                 assert torch.equal(got, want), (name, bad)
 
 
-@pytest.mark.parametrize("scale, cap", [(1.0, None), (0.25, None), (3.0, 2.5)])
+@pytest.mark.parametrize("scale, cap, options", [
+    (1.0, None, {}), (0.25, None, {}), (3.0, 2.5, {}),
+    # The other weights, SmoothL1's beta and a temperature (every test used the defaults: a loss that ignored them
+    # passed).
+    (1.0, None, dict(regress_weight=2.5, logit_weight=0.3, smooth_l1_beta=0.5, temperature=1.7)),
+])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_fspad_draft_loss_matches_formula(impl, scale, cap):
+def test_fspad_draft_loss_matches_formula(impl, scale, cap, options):
     generator = torch.Generator().manual_seed(3)
     regress = torch.randn(2, 9, 40, generator=generator, dtype=torch.float64).float().to(DEVICE).requires_grad_(True)
     predict = torch.randn(2, 9, 40, generator=generator, dtype=torch.float64).float().to(DEVICE).requires_grad_(True)
@@ -380,18 +402,20 @@ def test_fspad_draft_loss_matches_formula(impl, scale, cap):
     mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
     mask[1, 6:] = False
     transform = dict(logit_scale=scale, softcap=cap)
-    loss = fspad_draft_loss(regress, predict, target, weight, regress_weight=1.0, logit_weight=0.1,
-                            loss_mask=mask, impl=impl, **transform)
+    options = dict(dict(regress_weight=1.0, logit_weight=0.1, smooth_l1_beta=1.0, temperature=1.0), **options)
+    loss = fspad_draft_loss(regress, predict, target, weight, loss_mask=mask, impl=impl, **transform, **options)
     loss.backward()
     regress64 = regress.detach().double().requires_grad_(True)
     predict64 = predict.detach().double().requires_grad_(True)
-    expected = _fspad_reference(regress64, predict64, target, weight, 1.0, 0.1, mask, scale, cap)
+    expected = _fspad_reference(regress64, predict64, target, weight, options["regress_weight"],
+                                options["logit_weight"], mask, scale, cap, options["smooth_l1_beta"],
+                                options["temperature"])
     expected.backward()
     assert_close(loss, expected, torch.float32, "loss")
     assert_close(regress.grad, regress64.grad, torch.float32, "regress grad")
     assert_close(predict.grad, predict64.grad, torch.float32, "predict grad")
     without_entropy = fspad_draft_loss(regress, predict, target, weight, loss_mask=mask, impl=impl,
-                                       include_teacher_entropy=False, **transform)
+                                       include_teacher_entropy=False, **transform, **options)
     assert without_entropy.item() < loss.item()  # KL = soft CE - H(p), H(p) > 0
 
 
@@ -756,16 +780,17 @@ def test_ddp_averages_the_fused_loss_gradients_across_ranks(tmp_path, compiled):
             assert_close(grad, expected[name], torch.float32, msg=f"rank {rank} {name}")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_skip_ignored_scores_only_labelled_positions(impl, monkeypatch):
+@pytest.mark.parametrize("impl, ignore_index", [(impl, -100) for impl in IMPLS] + [("torch", -1)])
+def test_skip_ignored_scores_only_labelled_positions(impl, ignore_index, monkeypatch):
     """Only the scored positions reach the fused op (prompt and padding rows skipped): the same loss and
     gradients as sending every row; every row ignored gives 0 and zero gradients; ``reduction="none"`` keeps
-    ``[B, L-1]``."""
+    ``[B, L-1]``. Also with ``ignore_index=-1`` (a selection that compared with -100 sent every row)."""
     import distill_ops.integrations.hf as hf_integration
 
     student, teacher = _tiny_models()
     input_ids, attention_mask, labels = _batch()
-    kwargs = dict(divergence="jsd", beta=0.3, ce_weight=0.5, impl=impl)
+    labels = torch.where(labels == -100, ignore_index, labels)
+    kwargs = dict(divergence="jsd", beta=0.3, ce_weight=0.5, impl=impl, ignore_index=ignore_index)
     rows_seen = []
     original = hf_integration.fused_linear_kl_div
 
@@ -781,7 +806,7 @@ def test_skip_ignored_scores_only_labelled_positions(impl, monkeypatch):
                                            **kwargs)
         loss.backward()
         results.append((loss.detach(), {name: p.grad.clone() for name, p in student.named_parameters()}))
-    scored = int((labels[:, 1:] != -100).sum())
+    scored = int((labels[:, 1:] != ignore_index).sum())
     assert rows_seen == [(scored,), (2, labels.shape[1] - 1)] and scored < 2 * (labels.shape[1] - 1)
     (loss, grads), (expected, expected_grads) = results
     assert_close(loss, expected, torch.float32)
@@ -791,8 +816,8 @@ def test_skip_ignored_scores_only_labelled_positions(impl, monkeypatch):
                                             **kwargs)
     assert per_token.shape == (2, labels.shape[1] - 1)
     student.zero_grad(set_to_none=True)
-    nothing = causal_lm_distillation_loss(student, teacher, input_ids, torch.full_like(labels, -100), attention_mask,
-                                          **kwargs)
+    nothing = causal_lm_distillation_loss(student, teacher, input_ids, torch.full_like(labels, ignore_index),
+                                          attention_mask, **kwargs)
     nothing.backward()
     assert nothing.item() == 0.0 and not any(p.grad.any() for p in student.parameters() if p.grad is not None)
 

@@ -972,6 +972,28 @@ def test_dackl_empty_batch(tail, training):
     assert loss.item() == 0.0 and student.grad.shape == student.shape
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_dackl_mean_is_over_the_rows_that_count(training):
+    """``reduction="mean"`` divides by the rows whose label is not ignored (here 2 of 4), in both modes, and a batch
+    whose every label is ignored gives 0 with finite gradients (the training path's mean over all rows, or a count
+    of 0 made 1/0 and 0 * inf, passed every other test)."""
+    torch.manual_seed(6)
+    losses = {reduction: DACKLLoss(vocab_top_m=16, hidden=8, reduction=reduction, impl="torch").to(DEVICE)
+              for reduction in ("mean", "none")}
+    losses["none"].load_state_dict(losses["mean"].state_dict())
+    student, teacher = _dackl_inputs(47, rows=4, vocab=60)
+    labels = torch.tensor([1, -100, -100, 4], device=DEVICE)
+    rows = losses["none"].train(training)(student, teacher, labels)
+    assert rows[0] != 0 and rows[3] != 0 and torch.all(rows[1:3] == 0)
+    mean = losses["mean"].train(training)(student, teacher, labels)
+    assert_close(mean, rows.sum() / 2, torch.float32, "mean over the two rows that count")
+    leaf = student.clone().requires_grad_(True)
+    nothing = losses["mean"](leaf, teacher, torch.full_like(labels, -100))
+    nothing.backward()
+    assert nothing.item() == 0.0 and torch.all(leaf.grad == 0)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in losses["mean"].parameters())
+
+
 @pytest.mark.parametrize("tail", TAILS)
 def test_dackl_sharp_mask_keeps_the_bound_gradients_finite(tail):
     """At a high sharpness a confident teacher's tail weights underflow to 0: log(weight) was -inf and the bound
