@@ -177,6 +177,19 @@ def test_parity_linear_teacher_with_biases_and_ce(divergence, impl):
     _check(case, impl, divergence=divergence, temperature=1.5, labels=_labels((37,), 203, 2), ce_weight=0.5)
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_parity_of_the_pytorch_path_over_several_chunks(divergence, monkeypatch):
+    """The case above with the PyTorch path's chunks forced small (16 rows, 64 columns: 3 row chunks, the last
+    partial, and 4 vocabulary chunks), labels at both sides of a chunk edge: every test above runs it in one chunk
+    of each (at its default 2^18 elements and 4096 columns), and a chunk loop that skipped a row, counted a label in
+    two chunks or kept only the last chunk's weight / bias gradient passed them."""
+    monkeypatch.setattr(fused_linear_module, "_torch_chunks", lambda rows, vocab: (16, 64))
+    case = _case((37,), 48, 203, torch.float32, ht=40, biases=True, seed=1)
+    labels = _labels((37,), 203, 2)
+    labels[4:8] = torch.tensor([63, 64, 127, 202])
+    _check(case, "torch", divergence=divergence, temperature=1.5, labels=labels, ce_weight=0.5)
+
+
 @pytest.mark.parametrize("impl", FL_IMPLS)
 def test_strided_biases_and_labels(impl):
     """Biases that are one column of a packed [V, 2] tensor and int64 labels that are one column of an [N, 2]
