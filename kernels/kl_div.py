@@ -209,6 +209,18 @@ def _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE: tl.constexpr, FROM_L
 
 
 @triton.jit
+def _rebased(acc, weight_sum, old_x, new_x, old_y, new_y, inv_temperature):
+    """The forward / reverse KL's per-lane sum acc = sum_j w_j d_j, d_j = ((x_j - old_x) - (y_j - old_y)) / T (x the
+    weighting side), moved to references new_x, new_y: every d_j changes by ((old_x - new_x) - (old_y - new_y)) / T.
+    Logits are taken relative to their running maxima, not as x_j - y_j: that difference rounds at its size, and a
+    teacher offset by 1e4 from its student (the same softmax) lost 1e-3 of the loss and 3x the gradient's fp32
+    tolerance; relative to the maxima they round at the logits' spread. A lane with no weight yet is left alone
+    (its shift may be -1e30 from the running maxima's floor)."""
+    shift = ((old_x - new_x) - (old_y - new_y)) * inv_temperature
+    return tl.where(weight_sum == 0.0, acc, acc + weight_sum * shift)
+
+
+@triton.jit
 def _kl_div_fwd_kernel(
     student_ptr,
     teacher_ptr,
@@ -275,16 +287,18 @@ def _kl_div_fwd_kernel(
                 scale_b = tl.exp((max_b - new_max_b) * inv_temperature)
                 w_a = tl.exp((za - new_max_a) * inv_temperature)
                 w_b = tl.exp((zb - new_max_b) * inv_temperature)
-                sum_a = sum_a * scale_a + w_a
-                sum_b = sum_b * scale_b + w_b
                 # A rescale that underflows to 0 drops the old terms, +inf ones included (0 * inf would be NaN):
                 # their weights are 0 in fp32 against the new max, as p = exp(log p) is in the last pass.
-                if DIVERGENCE == 0:  # sum p (zb - za) / T, weighted by the teacher's exponentials
-                    acc = tl.where(scale_b == 0.0, 0.0, acc * scale_b) + tl.where(
-                        w_b == 0.0, 0.0, w_b * ((zb - za) * inv_temperature))
-                elif DIVERGENCE == 1:  # sum q (za - zb) / T, weighted by the student's exponentials
-                    acc = tl.where(scale_a == 0.0, 0.0, acc * scale_a) + tl.where(
-                        w_a == 0.0, 0.0, w_a * ((za - zb) * inv_temperature))
+                if DIVERGENCE == 0:  # sum p log(p / q) (less the log totals), weighted by the teacher's exponentials
+                    acc = tl.where(scale_b == 0.0, 0.0, _rebased(acc, sum_b, max_b, new_max_b, max_a, new_max_a,
+                                                                  inv_temperature) * scale_b) + tl.where(
+                        w_b == 0.0, 0.0, w_b * (((zb - new_max_b) - (za - new_max_a)) * inv_temperature))
+                elif DIVERGENCE == 1:  # sum q log(q / p) (less the log totals), weighted by the student's exponentials
+                    acc = tl.where(scale_a == 0.0, 0.0, _rebased(acc, sum_a, max_a, new_max_a, max_b, new_max_b,
+                                                                  inv_temperature) * scale_a) + tl.where(
+                        w_a == 0.0, 0.0, w_a * (((za - new_max_a) - (zb - new_max_b)) * inv_temperature))
+                sum_a = sum_a * scale_a + w_a
+                sum_b = sum_b * scale_b + w_b
                 max_a = new_max_a
                 max_b = new_max_b
             row_max_a = tl.max(max_a, axis=0)
@@ -293,25 +307,25 @@ def _kl_div_fwd_kernel(
             lane_scale_b = tl.exp((max_b - row_max_b) * inv_temperature)
             total_a = tl.sum(sum_a * lane_scale_a, axis=0)
             total_b = tl.sum(sum_b * lane_scale_b, axis=0)
-            # log q_j = (z_j - row_max_a) / T - log_total_a (and log p likewise); lse_a - lse_b is
-            # (row_max_a - row_max_b) / T + log_total_a - log_total_b, the first term rounded once.
+            # log q_j = (z_j - row_max_a) / T - log_total_a (and log p likewise).
             log_total_a = tl.log(total_a)
             log_total_b = tl.log(total_b)
-            lse_gap = (row_max_a - row_max_b) * inv_temperature + (log_total_a - log_total_b)
-            s_dot = 0.0  # sum_j q_j g_j for the mixture / TVD divergences; E_q[za - zb] / T for reverse
+            s_dot = 0.0  # sum_j q_j g_j for the mixture / TVD divergences; E_q[a - b] (shifted) for reverse
             if DIVERGENCE == 0:
                 # A lane holding +inf whose scale underflowed to 0 is dropped (0 * inf is NaN). In a branch taken
                 # only then: the select over every lane costs registers (8 bytes of spill on sm_80).
-                kl_sum = tl.sum(acc * lane_scale_b, axis=0)
+                lanes = _rebased(acc, sum_b, max_b, row_max_b, max_a, row_max_a, inv_temperature) * lane_scale_b
+                kl_sum = tl.sum(lanes, axis=0)
                 if kl_sum != kl_sum:
-                    kl_sum = tl.sum(tl.where(lane_scale_b == 0.0, 0.0, acc * lane_scale_b), axis=0)
-                loss = kl_sum / total_b + lse_gap
+                    kl_sum = tl.sum(tl.where(lane_scale_b == 0.0, 0.0, lanes), axis=0)
+                loss = kl_sum / total_b + (log_total_a - log_total_b)
             elif DIVERGENCE == 1:
-                s_dot = tl.sum(acc * lane_scale_a, axis=0)
+                lanes = _rebased(acc, sum_a, max_a, row_max_a, max_b, row_max_b, inv_temperature) * lane_scale_a
+                s_dot = tl.sum(lanes, axis=0)
                 if s_dot != s_dot:
-                    s_dot = tl.sum(tl.where(lane_scale_a == 0.0, 0.0, acc * lane_scale_a), axis=0)
+                    s_dot = tl.sum(tl.where(lane_scale_a == 0.0, 0.0, lanes), axis=0)
                 s_dot = s_dot / total_a
-                loss = s_dot - lse_gap
+                loss = s_dot - (log_total_a - log_total_b)
             else:
                 # Pass 2: the loss and S need both log-sum-exps first.
                 loss_acc = tl.zeros([BLOCK_V], tl.float32)
@@ -351,7 +365,8 @@ def _kl_div_fwd_kernel(
                         # q (log q - log p - KL) with the log-sum-exps cancelled analytically, so that
                         # large logits (|z| ~ 1e4) do not lose the gradient to cancellation.
                         q = tl.exp(a - log_total_a)
-                        grad = tl.where(q == 0.0, 0.0, q * ((za - zb) * inv_temperature - s_dot))
+                        grad = tl.where(q == 0.0, 0.0, q * (((za - row_max_a) - (zb - row_max_b)) * inv_temperature
+                                                            - s_dot))
                     else:
                         term, g, q = _divergence_terms(a, b, log_total_a, log_total_b, coef, DIVERGENCE,
                                                        FROM_LOG_RATIO)

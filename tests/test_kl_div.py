@@ -599,6 +599,21 @@ def test_offset_logits_at_small_temperatures(divergence, impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_a_teacher_offset_from_its_student(divergence, impl):
+    """A teacher whose logits sit 1e4 above its student's (the same softmax as without the offset), over two of the
+    kernel's tiles, the first of which is masked with a finite -1e9 in the student: the forward / reverse KL kernel
+    summed p (z_t - z_s) / T, each difference rounded at 1e4 (1e-3 of the loss, 3x the gradient's tolerance); it
+    now takes both logits relative to their running maxima, as the PyTorch path does relative to its row maxima."""
+    generator = torch.Generator().manual_seed(43)
+    student = torch.randn(3, 2048, generator=generator, dtype=torch.float64) * 2
+    teacher = student + torch.randn(3, 2048, generator=generator, dtype=torch.float64) * 0.5 + 1e4
+    student[0, :1024] = -1e9
+    _check_against_reference(student.float().to(DEVICE), teacher.float().to(DEVICE), impl, divergence=divergence,
+                             reduction="none")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("side", ["student", "teacher"])
 def test_nan_propagates(side, divergence, impl):
     student = _logits((3, 64), torch.float32, seed=36)
