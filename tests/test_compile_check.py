@@ -36,10 +36,30 @@ def test_compile_check_reports_registers_and_no_spills(tmp_path):
 
 
 def test_compile_check_fails_on_a_kernel_that_does_not_compile(tmp_path):
-    proc, report = _run_check(tmp_path, "--modules", "tests._bad_kernels", "--targets", "90a")
+    """One result, and it is the failure (a check that read all but the last result passed with two variants)."""
+    proc, report = _run_check(tmp_path, "--modules", "tests._bad_kernels", "--only", "bad_non_power_of_two_block",
+                              "--targets", "90a", "--variants", "generic")
     assert proc.returncode != 0
+    assert len(report["results"]) == 1
     assert report["results"][0]["ok"] is False
     assert report["results"][0]["error"]
+
+
+def test_compile_check_fails_on_a_kernel_that_spills(tmp_path):
+    """The check's purpose: a kernel that compiles but spills registers fails it (no test compiled one, so a check
+    that called every result ok, or read the spill bytes from the wrong counter, passed)."""
+    proc, report = _run_check(tmp_path, "--modules", "tests._bad_kernels", "--only", "bad_spilling_tile",
+                              "--targets", "90a", "--variants", "generic")
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    (row,) = report["results"]
+    assert row["ok"] is False and row["spill_bytes"] > 0 and not row.get("error")
+    assert "SPILLS" in proc.stdout
+
+
+def test_compile_check_fails_when_nothing_matches(tmp_path):
+    proc, _ = _run_check(tmp_path, "--only", "no_such_kernel_name")
+    assert proc.returncode != 0
+    assert "no kernels found" in proc.stdout + proc.stderr
 
 
 def test_compile_check_compiles_the_aligned_variant_the_jit_runs(tmp_path):

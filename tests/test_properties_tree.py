@@ -230,6 +230,13 @@ def bfs_reference(paths: list[list[int]]) -> tuple[list[int], list[list[int]]]:
     return parents, compact[1:]
 
 
+def test_tree_from_paths_at_the_size_limit():
+    """256 nodes (the root and 255 paths) is the largest tree: it is built; one path more is refused."""
+    assert tree_from_paths([[i] for i in range(255)]).tolist() == [-1] + [0] * 255
+    with pytest.raises(ValueError, match="at most 256 nodes, got T=257"):
+        tree_from_paths([[i] for i in range(256)])
+
+
 @_settings(40)
 @given(paths=eagle_paths(contiguous=True))
 def test_tree_from_paths_round_trip(paths):

@@ -40,7 +40,7 @@ from distill_ops.speculative import (
 from distill_ops.tree import build_tree
 from distill_ops.tree_attention import tree_attention
 
-from .conftest import DEVICE, assert_close, word_tokenizer
+from .conftest import DEVICE, IMPLS, assert_close, word_tokenizer
 from .test_tree import _RecordingKernel, assert_spec_matches, assert_specs_equal, no_host_reads  # noqa: F401
 
 FAMILIES = {
@@ -224,6 +224,19 @@ def test_greedy_equals_generate(family, draft_kind, tree_kind):
         accepted += out.accept_lengths
     if draft_kind == "lm":
         assert max(accepted) >= 2  # the test exercises multi-token acceptance, not only rejections
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_dynamic_tree_with_fewer_nodes_than_its_depth(impl):
+    """``num_nodes`` at most ``depth`` (the default depth 5 with 3 nodes): the tree is cut to what the nodes can
+    reach (a chain of 2 drafts at most), not built to the full depth (a plan that kept depth 5 raised, as a tree
+    spec of 3 nodes cannot be 4 deep). Greedy output equals generate's."""
+    target, draft = models("llama")
+    engine = SpeculativeDecoder(target, draft, impl=impl, depth=5, topk=2, num_nodes=3)
+    prompt = prompts(target.config.vocab_size, [5], seed=3)[0]
+    out = engine.generate(prompt, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(out.sequences, reference_generate(target, prompt, 8))
+    assert max(out.accept_lengths) <= 2
 
 
 @pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
