@@ -262,6 +262,35 @@ def test_student_near_its_teacher_at_large_logits(mode, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_reference_mode_shifts_by_the_reference_models_row_max(impl):
+    """Reference mode, adaptive alpha: the DPO model puts 1e4 on a token the reference model rules out (-inf: the
+    teacher rules it out too), so the two models' row maxima are 1e4 apart. The shift is the base (reference)
+    model's row max; one by the DPO model's row max cancels on paper but rounds every logit at 1e4: the kernel's
+    loss came out 0 (float64: 5e-7), the PyTorch path's 8e-3 off with its gradient 8 % off (a mutation audit). Loss
+    within 1e-3 (measured 1.8e-4: the documented rounding of a large base logit's term) and gradient within 1e-10
+    (measured 1e-11; its largest entry is 2e-6) of float64."""
+    generator = torch.Generator().manual_seed(3)
+    other = torch.randn(2, 300, generator=generator, dtype=torch.float64)
+    dpo = other + 0.01 * torch.randn(2, 300, generator=generator, dtype=torch.float64)
+    dpo[:, 7] = 1e4
+    other[:, 7] = float("-inf")
+    options = dict(mode="reference", temperature=1.0, beta0=0.1)
+    alpha = 10 * (torch.softmax(dpo.float().double(), -1) - torch.softmax(other.float().double(), -1)).abs().sum(
+        -1, keepdim=True) + 1e-3
+    teacher = torch.where(other.isinf(), float("-inf"), other + alpha * (dpo - torch.where(other.isinf(), 0.0, other)))
+    student = (teacher + 0.01 * torch.randn(2, 300, generator=generator, dtype=torch.float64)).float()
+    leaf = student.clone().to(DEVICE).requires_grad_(True)
+    loss = aligndistil_kl(leaf, dpo.float().to(DEVICE), other.float().to(DEVICE), impl=impl, reduction="sum",
+                          **options)
+    loss.backward()
+    student64 = student.double().requires_grad_(True)
+    expected = _official_rows(student64, dpo.float().double(), other.float().double(), **options)[0].sum()
+    expected.backward()
+    torch.testing.assert_close(loss.double().cpu(), expected.detach(), rtol=1e-3, atol=0.0)
+    torch.testing.assert_close(leaf.grad.double().cpu(), student64.grad, rtol=0.0, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("alpha", ALPHAS, ids=["adaptive", "fixed"])
 @pytest.mark.parametrize("mode", MODES)
 def test_rows_whose_first_block_is_masked_with_a_finite_value(mode, alpha, impl):
