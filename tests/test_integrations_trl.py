@@ -471,6 +471,42 @@ def test_fused_distillation_compute_loss_equals_trls(impl, beta, temperature, it
         assert_close(loss, unnormalised * scored / (items / 2), torch.float32, "normaliser")
 
 
+def test_fused_distillation_entropy_of_a_batch_with_nothing_scored():
+    """Every completion token masked (and TRL's count 0): the step's logged mean entropy is 0, as TRL logs it, not
+    0 / 0 (a guard that was dropped passed every other test); the loss is 0."""
+    from distill_ops.integrations.trl import FusedDistillationTrainer
+
+    student, teacher = _tiny_models()
+    inputs = _generated_batch()
+    inputs["completion_mask"] = torch.zeros_like(inputs["completion_mask"])
+    inputs["num_items_in_batch"] = torch.tensor(0.0)
+    trainer = _distillation_attributes(FusedDistillationTrainer, student, teacher, 0.5, 1.0,
+                                       fused_loss_kwargs={"impl": "torch"})
+    loss = trainer.compute_loss(student, inputs)
+    assert loss.item() == 0.0
+    assert [float(value) for value in trainer._metrics["train"]["entropy"]] == [0.0]
+
+
+def test_fused_gkd_compute_loss_runs_the_teacher_in_eval_mode():
+    """A teacher left in training mode (attention dropout 0.5 here) is put in eval mode by ``compute_loss``, as TRL's
+    GKDTrainer does: the loss equals the eval-mode teacher's, draw after draw (the tests' teachers were already in
+    eval mode and had no dropout, so a compute_loss that skipped it passed)."""
+    from distill_ops.integrations.trl import FusedGKDTrainer
+
+    student, teacher = _tiny_models()
+    for layer in teacher.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    input_ids, attention_mask, labels = _batch()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    trainer = _gkd_attributes(FusedGKDTrainer, teacher, 0.5, fused_loss_kwargs={"impl": "torch"})
+    expected = trainer.compute_loss(student, inputs)
+    for seed in range(2):
+        teacher.train()
+        torch.manual_seed(seed)
+        assert trainer.compute_loss(student, inputs).item() == expected.item()
+        assert not teacher.training
+
+
 def test_fused_trainers_refuse_loss_kwargs_they_set_themselves():
     """``fused_loss_kwargs`` may not set what the trainer sets from its own config (GKD's ``beta``, the on-policy
     trainer's ``temperature``), nor name an argument the loss does not have: a ValueError naming the key and where

@@ -226,6 +226,21 @@ def test_greedy_equals_generate(family, draft_kind, tree_kind):
         assert max(accepted) >= 2  # the test exercises multi-token acceptance, not only rejections
 
 
+def test_sampling_with_a_tiny_top_p_is_greedy():
+    """top_p = 0.01 at temperature 3 keeps only each step's most likely token: sampling gives the greedy output
+    whatever the seed (an engine that did not pass top_p to the verifier sampled from the whole tempered
+    distribution; the hf_generate tests compare with the engine itself, so they could not see it)."""
+    target, draft = models("llama")
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    prompt = prompts(target.config.vocab_size, [5], seed=4)[0]
+    greedy = engine.generate(prompt, max_new_tokens=8, eos_token_id=[]).sequences
+    assert torch.equal(greedy, reference_generate(target, prompt, 8))
+    for seed in range(3):
+        sampled = engine.generate(prompt, max_new_tokens=8, temperature=3.0, top_p=0.01, eos_token_id=[],
+                                  generator=torch.Generator().manual_seed(seed)).sequences
+        assert torch.equal(sampled, greedy), seed
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_dynamic_tree_with_fewer_nodes_than_its_depth(impl):
     """``num_nodes`` at most ``depth`` (the default depth 5 with 3 nodes): the tree is cut to what the nodes can

@@ -231,6 +231,62 @@ def test_callers_criteria_replace_the_configs_of_their_type():
         assert torch.equal(ours, expected), criteria
     with pytest.raises(ValueError, match="EosTokenCriteria"):
         engine.hf_generate(prompt, max_new_tokens=3, stopping_criteria=[EosTokenCriteria(eos_token_id=3)])
+    # A caller's StopStringCriteria replaces the config's stop_strings (a merge that kept both stopped at the
+    # config's string, 6 tokens in, where generate goes on to the caller's).
+    from transformers.generation import StopStringCriteria
+
+    from .test_speculative_stopping import _stop_string_tokenizer
+
+    tokenizer = _stop_string_tokenizer()
+    words = tokenizer.convert_ids_to_tokens(engine.generate(prompt, max_new_tokens=12, eos_token_id=[]).sequences[
+        0, 5:].tolist())
+    options = dict(max_new_tokens=12, eos_token_id=None, pad_token_id=0, tokenizer=tokenizer, stop_strings=[words[3]])
+    outputs = []
+    for run in (lambda criteria: target.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                                  stopping_criteria=criteria, **options),
+                lambda criteria: engine.hf_generate(prompt, stopping_criteria=criteria, **options).sequences):
+        outputs.append(run(StoppingCriteriaList([StopStringCriteria(tokenizer=tokenizer, stop_strings=[words[9]])])))
+    assert outputs[0].shape[1] > 5 + 4 and torch.equal(outputs[1], outputs[0])
+
+
+def test_warpers_apply_the_temperature_once():
+    """``min_p`` puts sampling on the warper path (generate's warper list filters the logits, temperature included):
+    the verifier then samples at temperature 1. 400 first tokens at T = 0.5: the share of the most likely one is
+    within 4.5 standard deviations of generate's exact warped distribution (0.883 here; a verifier that applied T
+    again drew it 0.988 of the time)."""
+    from transformers.generation import logits_process
+
+    engine = _engine()
+    target = engine.target
+    prompt = prompts(256, [5], seed=4)[0]
+    with torch.no_grad():
+        logits = target(prompt).logits[0, -1].float()
+    warpers = logits_process.LogitsProcessorList([logits_process.TemperatureLogitsWarper(0.5),
+                                                  logits_process.MinPLogitsWarper(0.05)])
+    exact = torch.softmax(warpers(prompt, logits[None].clone())[0], -1)
+    draws = 400
+    out = engine.generate(prompt.expand(draws, -1), max_new_tokens=1, temperature=0.5, min_p=0.05, eos_token_id=[],
+                          generator=torch.Generator().manual_seed(0))
+    top = float(exact.max())
+    assert 0.5 < top < 0.95
+    count = int((out.sequences[:, -1].cpu() == int(exact.argmax())).sum())
+    assert abs(count - draws * top) < 4.5 * (draws * top * (1 - top)) ** 0.5, (count, draws * top)
+
+
+def test_default_length_is_capped_at_the_models_positions():
+    """No length given: generate's default max_length (20) is capped at the model's max_position_embeddings when
+    that is smaller (12 here: 12 tokens in all, not 25), and the engine caps it alike."""
+    engine = _engine()
+    target = engine.target
+    prompt = prompts(256, [5], seed=4)[0]
+    saved = target.config.max_position_embeddings
+    target.config.max_position_embeddings = 12
+    try:
+        expected = target.generate(prompt)
+        ours = engine.hf_generate(prompt).sequences
+    finally:
+        target.config.max_position_embeddings = saved
+    assert expected.shape[1] == 12 and torch.equal(ours, expected)
 
 
 @pytest.mark.parametrize("options, match", [
