@@ -122,11 +122,11 @@ def _skew_term(s, o, l_s, psi, c_o, ruled_out):
 @triton.jit
 def _skew_term_from_log(s, o, l_s, c_o):
     """:func:`_skew_term` from l_s = log(s / m) of the log p - log m form: psi(d) = d + e^-d - 1 by its Taylor
-    polynomial where |d| < 0.1 (to d^6 / 6!: 4e-9 of psi), d + (e^-d - 1) elsewhere; ruled out where l_s < -10
-    (e^-d may overflow; s may have underflowed). The ``kl_div`` kernel at a coefficient below 1e-30 (``SKEW_PSI``): its skew KL of p ~ q came
-    out at +-1e-7, negative too, where 2e-30 gave 1e-14 (a review, 2026-12-06). Not in the fused-linear stats
-    kernels: there it left 8-16-byte stack frames in 2-3 sm_80 variants (this form, and one reusing the g's
-    expm1), at their 128-register budget."""
+    polynomial where |d| < 0.1 (to d^6 / 6!: 4e-9 of psi), d + (e^-d - 1) elsewhere; ruled out where l_s < -10 (e^-d
+    may overflow; s may have underflowed). The ``kl_div`` kernel at a coefficient below 1e-30 (``SKEW_PSI``): its
+    skew KL of p ~ q came out at +-1e-7, negative too, where 2e-30 gave 1e-14 (a review, 2026-12-06). Not in the
+    fused-linear stats kernels: there it left 8-16-byte stack frames in 2-3 sm_80 variants (this form, and one
+    reusing the g's expm1), at their 128-register budget."""
     series = l_s * l_s * (0.5 - l_s * (1.0 / 6.0 - l_s * (1.0 / 24.0 - l_s * (1.0 / 120.0 - l_s * (1.0 / 720.0)))))
     psi = tl.where(tl.abs(l_s) < 0.1, series, l_s + (tl.exp(-l_s) - 1.0))
     return _skew_term(s, o, l_s, psi, c_o, l_s < -10.0)
@@ -192,11 +192,12 @@ def _divergence_terms(a, b, lse_a, lse_b, coef, DIVERGENCE: tl.constexpr, FROM_L
         else:
             log_q, log_p, log_m = _log_weights(a, b, lse_a, lse_b, tl.log(1.0 - coef), tl.log(coef))
             q = tl.exp(log_q)
+            p = tl.exp(log_p)
             l_q = log_q - log_m
             if SKEW_PSI:
-                term = _skew_term_from_log(q, tl.exp(log_p), l_q, 1.0 - coef)
-            else:
-                term = tl.where(q == 0.0, 0.0, q * l_q) + (1.0 - coef) * (tl.exp(log_p) - q)
+                term = _skew_term_from_log(q, p, l_q, 1.0 - coef)
+            else:  # + (m - q), which sums to 0 (docstring)
+                term = tl.where(q == 0.0, 0.0, q * l_q) + (1.0 - coef) * (p - q)
         g = l_q - coef * tl.where(q == 0.0, -1.0, _expm1(l_q))  # d_q - alpha (q / m - 1)
     else:  # tvd: 0.5 sum |p - q|
         q = tl.exp(a - lse_a)
@@ -285,18 +286,20 @@ def _kl_div_fwd_kernel(
                 new_max_b = tl.maximum(max_b, zb)
                 scale_a = tl.exp((max_a - new_max_a) * inv_temperature)
                 scale_b = tl.exp((max_b - new_max_b) * inv_temperature)
-                w_a = tl.exp((za - new_max_a) * inv_temperature)
-                w_b = tl.exp((zb - new_max_b) * inv_temperature)
+                u_a = (za - new_max_a) * inv_temperature  # the logits relative to their running maxima
+                u_b = (zb - new_max_b) * inv_temperature
+                w_a = tl.exp(u_a)
+                w_b = tl.exp(u_b)
                 # A rescale that underflows to 0 drops the old terms, +inf ones included (0 * inf would be NaN):
                 # their weights are 0 in fp32 against the new max, as p = exp(log p) is in the last pass.
                 if DIVERGENCE == 0:  # sum p log(p / q) (less the log totals), weighted by the teacher's exponentials
                     acc = tl.where(scale_b == 0.0, 0.0, _rebased(acc, sum_b, max_b, new_max_b, max_a, new_max_a,
                                                                   inv_temperature) * scale_b) + tl.where(
-                        w_b == 0.0, 0.0, w_b * (((zb - new_max_b) - (za - new_max_a)) * inv_temperature))
+                        w_b == 0.0, 0.0, w_b * (u_b - u_a))
                 elif DIVERGENCE == 1:  # sum q log(q / p) (less the log totals), weighted by the student's exponentials
                     acc = tl.where(scale_a == 0.0, 0.0, _rebased(acc, sum_a, max_a, new_max_a, max_b, new_max_b,
                                                                   inv_temperature) * scale_a) + tl.where(
-                        w_a == 0.0, 0.0, w_a * (((za - new_max_a) - (zb - new_max_b)) * inv_temperature))
+                        w_a == 0.0, 0.0, w_a * (u_a - u_b))
                 sum_a = sum_a * scale_a + w_a
                 sum_b = sum_b * scale_b + w_b
                 max_a = new_max_a
@@ -365,8 +368,7 @@ def _kl_div_fwd_kernel(
                         # q (log q - log p - KL) with the log-sum-exps cancelled analytically, so that
                         # large logits (|z| ~ 1e4) do not lose the gradient to cancellation.
                         q = tl.exp(a - log_total_a)
-                        grad = tl.where(q == 0.0, 0.0, q * (((za - row_max_a) - (zb - row_max_b)) * inv_temperature
-                                                            - s_dot))
+                        grad = tl.where(q == 0.0, 0.0, q * ((a - b) - s_dot))  # a, b: shifted by the row maxima
                     else:
                         term, g, q = _divergence_terms(a, b, log_total_a, log_total_b, coef, DIVERGENCE,
                                                        FROM_LOG_RATIO)
