@@ -25,7 +25,9 @@ proxy on any machine: it decodes with the tiny synthetic pair of ``benchmarks/be
 
 Phases: ``draft`` (draft-model forwards and the per-level top-k, ``tree`` excluded), ``tree`` (EAGLE-2
 candidate bookkeeping and the tree specs), ``target`` (the target forward over the tree), ``verify``,
-``compaction``; ``overhead = tree + verify + compaction`` (issue 8's target: < 10 % of a target
+``compaction``; every step drafts the full tree here (the engine's cut of its last trees near
+``max_new_tokens`` is switched off: ``python -m benchmarks.engine_tree_cut`` counts what it saves);
+``overhead = tree + verify + compaction`` (issue 8's target: < 10 % of a target
 forward at T = 32 on a GPU). Ops are attributed to the innermost phase.
 
 ``--impl torch`` runs the PyTorch paths (what the CPU runs); ``--impl triton`` runs the Triton kernels
@@ -215,6 +217,9 @@ def measure(
     prompt = torch.randint(0, shape["vocab"], (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
     engine = SpeculativeDecoder(target, draft, impl=impl, **tree)
+    # Every step drafts the whole tree: the engine cuts its last trees near max_new_tokens (_plans_within),
+    # and those smaller steps would be averaged in. The counts are those of a step at the full tree size.
+    engine._plans_within = lambda depth: (engine._static, engine._dynamic)
 
     def generate():
         generator = torch.Generator(device=device).manual_seed(0) if temperature > 0 else None

@@ -1219,8 +1219,9 @@ class SpeculativeOutput:
         num_target_forwards: target forward passes (the prefill included; a batch shares them).
         accept_lengths: accepted draft tokens per verification step (the bonus token excluded), as the
             verifier accepted them: on a sequence's last step, before the cut at EOS / ``max_new_tokens``
-            (a measure of the draft, which can exceed what that step emitted); in a batch, every sequence's
-            steps while it was unfinished, sequence after sequence.
+            (a measure of the draft, which can exceed what that step emitted; trees are cut near
+            ``max_new_tokens`` to the depth the furthest-behind sequence can still keep); in a batch, every
+            sequence's steps while it was unfinished, sequence after sequence.
         timings: seconds per phase: ``prefill`` (target and draft prefill), ``draft`` (draft forwards and
             tree selection, including ``tree``: building the tree specs), ``target`` (target forwards over
             the trees), ``verify``, ``compaction`` and ``total``. With ``profile=True`` the CUDA stream is
@@ -1251,7 +1252,8 @@ class SpeculativeOutput:
     @property
     def mean_accept_length(self) -> float:
         """Mean accepted draft tokens per verification step plus the bonus token (from ``accept_lengths``:
-        the last step counts what the verifier accepted, also beyond a cut at EOS / ``max_new_tokens``)."""
+        the last step counts what the verifier accepted, also beyond a cut at EOS, or at ``max_new_tokens``
+        for a sequence of a batch ahead of another)."""
         return sum(self.accept_lengths) / len(self.accept_lengths) + 1.0 if self.accept_lengths else 0.0
 
 
@@ -1281,8 +1283,10 @@ class SpeculativeDecoder:
         profile: synchronise the CUDA stream at phase boundaries so that ``timings`` are device times.
 
     Targets with ``dynamic`` / ``longrope`` RoPE or chunked attention layers are limited to sequences (prompt +
-    ``max_new_tokens`` + tree depth) within their original context / first chunk, and models with multi-head latent
-    attention are refused (see :func:`_position_limit`).
+    ``max_new_tokens`` - 1, as ``generate``'s last forward; for a batch of several sequences + the tree depth)
+    within their original context / first chunk, and models with multi-head latent attention are refused (see
+    :func:`_position_limit`). Near ``max_new_tokens`` a step's tree is cut to the depth whose drafts could
+    still be kept (:meth:`_plans_within`).
     """
 
     def __init__(
@@ -1367,6 +1371,7 @@ class SpeculativeDecoder:
                 parents = tree_from_paths(tree).tolist()
                 ranks = [0] + [path[-1] for path in ordered_paths(tree)]
             self._static = _static_plan(parents, self.device, ranks)
+            self._static_nodes = (parents, ranks)
             if self._static.num_children_max > vocab:
                 raise ValueError(
                     f"tree drafts a node's top-{self._static.num_children_max} tokens, more than the vocabulary "
@@ -1374,6 +1379,32 @@ class SpeculativeDecoder:
                 )
             self.max_tree_nodes = len(parents)
         self.tree_depth = self._dynamic.max_depth if tree is None else self._static.tree.max_depth
+        self._shallow_plans = [self._shallow_plan(depth) for depth in range(self.tree_depth)]
+
+    def _shallow_plan(self, depth: int) -> tuple[_StaticPlan | None, _DynamicPlan | None]:
+        """The (static, dynamic) plan of the tree cut to ``depth`` levels (see :meth:`_plans_within`)."""
+        if depth == 0:
+            return _static_plan([-1], self.device), None
+        if self._static is None:
+            return None, _DynamicPlan(self.topk, depth, self.num_nodes, self.vocab_size, self.device, self.impl)
+        parents, ranks = self._static_nodes
+        node_depth = [0] * len(parents)
+        for node in range(1, len(parents)):
+            node_depth[node] = node_depth[parents[node]] + 1
+        kept = [node for node in range(len(parents)) if node_depth[node] <= depth]
+        index = {node: row for row, node in enumerate(kept)}
+        return _static_plan([-1] + [index[parents[node]] for node in kept[1:]], self.device,
+                            None if ranks is None else [ranks[node] for node in kept]), None
+
+    def _plans_within(self, depth: int) -> tuple[_StaticPlan | None, _DynamicPlan | None]:
+        """The (static, dynamic) plan of a step whose tree needs no node deeper than ``depth``: a step that
+        may emit at most ``depth + 1`` more tokens (the drafts accepted, then the bonus token) before
+        ``max_new_tokens``. Deeper nodes could only be cut, so near the end the tree is cut to ``depth``
+        levels: a static tree to its nodes at depth <= ``depth`` (node order and ranks kept), a dynamic one
+        drafted ``depth`` levels deep with the same ``topk`` / ``num_nodes``, and at depth 0 the root alone
+        (no drafting). The shorter trees cost fewer draft levels and target rows, and no tree position goes
+        past the last one ``generate`` computes. All are made with the engine (no step prepares a plan)."""
+        return (self._static, self._dynamic) if depth >= self.tree_depth else self._shallow_plans[depth]
 
     # ---------------------------------------------------------------------------------------------
 
@@ -1559,12 +1590,17 @@ class SpeculativeDecoder:
                                     epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_h=top_h)
         if self._position_limit is not None:
             what, limit = self._position_limit
+            # A forward's largest position + 1: generate's last is prompt + max_new_tokens - 1, and so is the
+            # engine's for one sequence (trees are cut near the end, _plans_within); in a batch a sequence
+            # ahead of another still drafts full trees, up to the tree depth further.
             longest = max(len(row) for row in rows)
-            if longest + max_new_tokens + self.tree_depth > limit:
+            depth = self.tree_depth if len(rows) > 1 else 0
+            if longest + max_new_tokens - 1 + depth > limit:
+                in_batch = f" + depth {depth} (a batch)" if depth else ""
                 raise ValueError(
-                    f"the target ({what}) matches transformers' generate only while the prompt, "
-                    f"the new tokens and the tree depth stay within {limit} positions, got {longest} + "
-                    f"max_new_tokens={max_new_tokens} + depth {self.tree_depth}: lower max_new_tokens"
+                    f"the target ({what}) matches transformers' generate only while its forwards stay within "
+                    f"{limit} positions, got {longest} + max_new_tokens={max_new_tokens} - 1{in_batch}: "
+                    f"lower max_new_tokens"
                 )
         _check_generation_config(defaults, min(len(row) for row in rows))
         penalty = self._repetition_penalty(defaults, repetition_penalty)
@@ -2748,15 +2784,16 @@ class _Generation:
     def _draft(self, root_logits, root_state, roots, root_pos) -> tuple[TreeSpec, torch.Tensor, torch.Tensor]:
         """This step's trees, their tokens ``[B, T]`` (node 0: the root) and position ids ``[B, T]``.
         ``roots`` / ``root_pos``: host integers at batch size 1, ``[B]`` / ``[B, 1]`` tensors otherwise."""
-        if self.engine._static is not None:
-            return self._draft_static(root_logits, root_state, roots, root_pos)
-        tree, tokens = self.engine._dynamic.draft(self.drafter, root_logits, root_state, roots, root_pos,
-                                                  self.timer)
+        # At most `left` more tokens are kept (max_new_tokens): drafts deeper than left - 1 would be cut.
+        left = max(self.max_new_tokens - (len(self.rows[row]) - self.prompt_lens[row]) for row in self.active)
+        static, dynamic = self.engine._plans_within(left - 1)
+        if static is not None:
+            return self._draft_static(static, root_logits, root_state, roots, root_pos)
+        tree, tokens = dynamic.draft(self.drafter, root_logits, root_state, roots, root_pos, self.timer)
         return tree, tokens, tree.depth + root_pos
 
-    def _draft_static(self, root_logits, root_state, roots, root_pos):
+    def _draft_static(self, plan: _StaticPlan, root_logits, root_state, roots, root_pos):
         """Fill the static tree's tokens level by level; no host synchronisation."""
-        plan: _StaticPlan = self.engine._static
         device, batch = self.engine.device, self.batch
         tokens = torch.empty(batch, plan.tree.num_nodes, dtype=torch.int64, device=device)
         if isinstance(roots, int):

@@ -287,6 +287,17 @@ def test_engine_overhead_counts_every_phase(config):
     assert "distill_ops.speculative:run 1.0" in verify_reads
 
 
+def test_engine_tree_cut_counts_what_the_cut_saves(capsys):
+    """benchmarks/engine_tree_cut.py: the same tokens with and without the cut (it checks), fewer draft levels
+    and target tree rows with it, as many steps."""
+    from benchmarks import engine_tree_cut
+
+    (row,) = engine_tree_cut.main(["--new-tokens", "5", "--prompts", "2"])
+    assert row["steps_cut"] == row["steps_full"] >= 2
+    assert row["levels_cut"] < row["levels_full"] and row["rows_cut"] < row["rows_full"]
+    assert f"draft levels {row['levels_full']} -> {row['levels_cut']}" in capsys.readouterr().out
+
+
 # What only a CPU run reads: the ops' value checks of CPU tensors (skipped for CUDA tensors).
 CPU_ONLY_CHECKS = {
     "distill_ops.tree_attention:_check_cache_lens_values",

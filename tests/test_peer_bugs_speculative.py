@@ -329,13 +329,18 @@ STOP_CASES = {  # max_new_tokens, index of the EOS in the free run (None: no EOS
 }
 
 
+@pytest.mark.parametrize("cut", [False, True], ids=["full-trees", "cut-trees"])
 @pytest.mark.parametrize("case", list(STOP_CASES), ids=list(STOP_CASES))
-def test_eos_and_max_new_tokens_when_one_step_overshoots_both(case):
+def test_eos_and_max_new_tokens_when_one_step_overshoots_both(case, cut, monkeypatch):
     """https://github.com/sgl-project/sglang/issues/31599 -- SGLang checked the max_new_tokens cap before the
     stop token after appending a whole accepted chunk, so a chunk crossing the cap masked an earlier stop and
     leaked the tokens after it (and a cap-only check let a chunk exceed the budget). With a perfect chain draft
-    every step yields 6 tokens, so the step after the prefill overshoots the cap: the output must equal
-    ``generate``'s, ending at the first EOS or at exactly max_new_tokens, whichever comes first."""
+    and full trees every step yields 6 tokens, so the step after the prefill overshoots the cap: the output must
+    equal ``generate``'s, ending at the first EOS or at exactly max_new_tokens, whichever comes first. The
+    engine cuts one sequence's trees to the tokens it can keep (then the chain ends at the cap), but a batch's
+    sequence ahead of another still gets chunks that cross its cap: full trees are forced for that case."""
+    if not cut:
+        monkeypatch.setattr(SpeculativeDecoder, "_plans_within", lambda self, depth: (self._static, self._dynamic))
     engine, target = perfect_chain_engine()
     prompt = prompts(96, [4], seed=5)[0]
     max_new_tokens, eos_index = STOP_CASES[case]
@@ -346,7 +351,8 @@ def test_eos_and_max_new_tokens_when_one_step_overshoots_both(case):
     expected = reference_generate(target, prompt, max_new_tokens, eos_token_id=eos if eos_index is not None else None)
     assert torch.equal(out.sequences, expected), (out.sequences, expected)
     assert out.num_new_tokens == (max_new_tokens if eos_index is None else min(max_new_tokens, eos_index + 1))
-    assert out.accept_lengths == [5]  # one speculative step, which accepted past the stop
+    # one speculative step, which accepted past the stop (cut: a chain that ends at the cap)
+    assert out.accept_lengths == [max_new_tokens - 2 if cut else 5]
 
 
 def test_cache_is_cut_back_with_the_output_at_an_eos_inside_an_accepted_path():

@@ -339,17 +339,24 @@ POSITION_LIMITED = {  # (family, config): each computes what generate does only 
 @pytest.mark.parametrize("case", list(POSITION_LIMITED))
 def test_position_dependent_models_run_within_their_limit_and_are_refused_past_it(case):
     """dynamic / longrope RoPE switch frequencies with a forward's largest position, and chunked attention masks
-    across chunks: the tree forwards reach `depth` positions beyond generate's, and gave other tokens once the
-    sequence passed the original context / the first chunk. Within it the engine equals generate; past it a
-    ValueError says why, before any forward."""
+    across chunks: full trees reach `depth` positions beyond generate's, and gave other tokens once the
+    sequence passed the original context / the first chunk. One sequence's trees are cut near max_new_tokens,
+    so its forwards end where generate's do (prompt + max_new_tokens - 1 positions); a batch's sequence ahead
+    of another drafts deeper. Within the limit the engine equals generate; past it a ValueError says why,
+    before any forward."""
     family, extra = POSITION_LIMITED[case]
     target = tiny_model(family, **extra)
     engine = SpeculativeDecoder(target, target, impl="torch", depth=3, topk=2, num_nodes=8)
     prompt = prompts(128, [5], seed=12)[0]
-    out = engine.generate(prompt, max_new_tokens=8, eos_token_id=[])  # 5 + 8 + depth 3 = 16
-    assert torch.equal(out.sequences, reference_generate(target, prompt, 8))
-    with pytest.raises(ValueError, match=r"within 16 positions, got 5 \+ max_new_tokens=9 \+ depth 3"):
-        engine.generate(prompt, max_new_tokens=9, eos_token_id=[])
+    out = engine.generate(prompt, max_new_tokens=12, eos_token_id=[])  # 5 + 12 - 1 = 16
+    assert torch.equal(out.sequences, reference_generate(target, prompt, 12))
+    with pytest.raises(ValueError, match=r"within 16 positions, got 5 \+ max_new_tokens=13 - 1: "):
+        engine.generate(prompt, max_new_tokens=13, eos_token_id=[])
+    batch = torch.cat([prompt, prompts(128, [5], seed=13)[0]])
+    out = engine.generate(batch, max_new_tokens=9, eos_token_id=[])  # 5 + 9 - 1 + depth 3 = 16
+    assert torch.equal(out.sequences, torch.cat([reference_generate(target, row[None], 9) for row in batch]))
+    with pytest.raises(ValueError, match=r"got 5 \+ max_new_tokens=10 - 1 \+ depth 3 \(a batch\)"):
+        engine.generate(batch, max_new_tokens=10, eos_token_id=[])
 
 
 def tiny_model(family: str, **extra):
@@ -419,6 +426,26 @@ def test_greedy_with_draft_equal_to_target_accepts_whole_chains():
     assert torch.equal(out.sequences, reference_generate(target, prompt, 21))
     assert out.accept_lengths == [4] * 4
     assert out.num_target_forwards == 5
+
+
+@pytest.mark.parametrize("max_new_tokens, last_parents, last_accepted", [(8, [-1, 0, 0], 1), (7, [-1], 0)])
+def test_a_static_tree_is_cut_to_what_can_still_be_kept(monkeypatch, max_new_tokens, last_parents, last_accepted):
+    """A perfect draft: the prefill's token, then a step that accepts the whole chain (4 drafts + the bonus
+    token) leaves 2 (or 1) tokens to go; the last tree keeps the nodes at depth <= 1 (0) with their ranks, and
+    accepts 1 (0) drafts. Full trees accepted 4 drafts there and cut them, for the same output."""
+    target, _ = models("llama")
+    records = _record_drafts(monkeypatch)
+    engine = SpeculativeDecoder(target, target, tree=[[0], [1], [0, 0], [1, 0], [0, 0, 0], [0, 0, 0, 0]],
+                                impl="torch")
+    prompt = prompts(256, [5], seed=3)[0]
+    out = engine.generate(prompt, max_new_tokens=max_new_tokens, eos_token_id=[])
+    assert torch.equal(out.sequences, reference_generate(target, prompt, max_new_tokens))
+    assert out.accept_lengths == [4, last_accepted]
+    assert out.num_target_forwards == 3
+    assert [parents for _, parents, _ in records] == [[-1, 0, 0, 1, 2, 3, 5], last_parents]
+    committed, _, tokens = records[-1]
+    top = _lm_next_logprobs(target, committed).topk(2).indices.tolist()
+    assert tokens == [committed[-1]] + top[: len(last_parents) - 1]
 
 
 @pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
@@ -931,16 +958,21 @@ def test_drafted_tokens_are_the_drafts_top_choices_along_each_path(monkeypatch, 
 
 
 def test_dynamic_tree_shape(monkeypatch):
-    """EAGLE-2 tree: num_nodes nodes, depth <= depth, at most topk children per node, parents first."""
+    """EAGLE-2 tree: num_nodes nodes, depth <= depth, at most topk children per node, parents first; near
+    max_new_tokens, a step that can keep r more tokens drafts r - 1 levels (fewer candidates)."""
     target, draft = models("llama")
     records = _record_drafts(monkeypatch)
     SpeculativeDecoder(target, draft, depth=3, topk=2, num_nodes=6, impl="torch").generate(
         prompts(256, [4], seed=17)[0], max_new_tokens=8, eos_token_id=[])
     assert records
-    for _, parents, _ in records:
+    levels = []
+    for committed, parents, _ in records:
         tree = build_tree(torch.tensor(parents))  # validates parents[i] < i
-        assert tree.num_nodes == 6  # 2 + 2*2 + 2*2 = 10 candidates, the best 5 kept
-        assert tree.max_depth <= 3 and tree.max_children <= 2
+        levels.append(min(3, 8 - (len(committed) - 4) - 1))
+        # 2 + 2*2 + 2*2 = 10 candidates at 3 levels, the best 5 kept; 2 + 2*2 at 2; 2 at 1 level; none at 0
+        assert tree.num_nodes == [1, 3, 6, 6][levels[-1]]
+        assert tree.max_depth <= levels[-1] and tree.max_children <= 2
+    assert levels[0] == 3 and levels[-1] < 3  # full trees, then the cut
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1266,10 +1298,10 @@ def _sample_two_tokens(engine, prompt, num_samples, temperature, top_k, seed) ->
     vocab = engine.vocab_size
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
     counts = torch.zeros(vocab * vocab, dtype=torch.float64)
-    for _ in range(num_samples):
-        out = engine.generate(prompt, max_new_tokens=2, temperature=temperature, top_k=top_k,
+    for _ in range(num_samples):  # a third token: the second's step then drafts (see _sequence_sampling_pvalue)
+        out = engine.generate(prompt, max_new_tokens=3, temperature=temperature, top_k=top_k,
                               eos_token_id=[], generator=generator)
-        first, second = out.sequences[0, -2:].tolist()
+        first, second = out.sequences[0, prompt.shape[1]:prompt.shape[1] + 2].tolist()
         counts[first * vocab + second] += 1
     return counts
 
@@ -1312,16 +1344,18 @@ def _sequence_distribution(target, prompt, length, temperature, top_k, process) 
 
 
 def _sequence_sampling_pvalue(engine, prompt, expected: dict, num_samples, temperature, top_k, seed, **kwargs):
-    """Chi-square p-value of the engine's first tokens (``generate(**kwargs)``) against ``expected``."""
+    """Chi-square p-value of the engine's first tokens (``generate(**kwargs)``) against ``expected``. One token
+    more is generated than counted: the engine cuts a tree to the tokens it can still keep, so the counted
+    tokens come from trees that reach past them (an accepted draft's row judges the next token)."""
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
     keys = sorted(expected)
     counts = torch.zeros(len(keys), dtype=torch.float64)
     length = len(keys[0])
     kwargs.setdefault("eos_token_id", [])
     for _ in range(num_samples):
-        out = engine.generate(prompt, max_new_tokens=length, temperature=temperature, top_k=top_k,
+        out = engine.generate(prompt, max_new_tokens=length + 1, temperature=temperature, top_k=top_k,
                               generator=generator, **kwargs)
-        drawn = tuple(out.sequences[0, -length:].tolist())
+        drawn = tuple(out.sequences[0, prompt.shape[1]:prompt.shape[1] + length].tolist())
         if drawn not in expected:
             return 0.0  # an outcome the target cannot produce
         counts[keys.index(drawn)] += 1
@@ -1455,7 +1489,7 @@ def test_static_tree_ranks_pick_the_parents_rank_th_token(impl, monkeypatch):
                         lambda tree, tokens, logits, **kw: trees.append(tokens.clone()) or real_verify(tree, tokens,
                                                                                                       logits, **kw))
     engine = SpeculativeDecoder(target, draft, tree=[[0], [2], [2, 1]], impl=impl)
-    out = engine.generate(prompt, max_new_tokens=2, eos_token_id=[])
+    out = engine.generate(prompt, max_new_tokens=4, eos_token_id=[])  # 3 to go at the first step: the whole tree
     tokens = next(t for t in trees if t.shape[1] == 4)[0].tolist()  # the first step's tree (after the prefill)
     context = torch.cat([prompt, out.sequences[:, prompt.shape[1]:prompt.shape[1] + 1]], 1)
     with torch.no_grad():

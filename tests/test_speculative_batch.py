@@ -237,6 +237,9 @@ def test_batch_drafts_equal_drafting_each_sequence_alone(monkeypatch, draft_kind
     tree = dict(tree=STATIC_TREE) if tree_kind == "static" else DYNAMIC_TREE
     engine = SpeculativeDecoder(target, draft, impl="torch", **tree)
     monkeypatch.setattr(speculative, "verify_greedy", _forced_verify)
+    # Full trees at every step: near max_new_tokens a batch's trees are cut for its furthest-behind sequence,
+    # a sequence alone for itself (test_batch_trees_are_cut_for_the_furthest_behind_sequence).
+    monkeypatch.setattr(SpeculativeDecoder, "_plans_within", lambda self, depth: (self._static, self._dynamic))
     drafts = []
     original = speculative._Generation._draft
 
@@ -262,6 +265,31 @@ def test_batch_drafts_equal_drafting_each_sequence_alone(monkeypatch, draft_kind
         assert alone.sequences[0].tolist() == out.sequences[b, ids.shape[1] - row.shape[1]:].tolist()
         assert alone.accept_lengths == lengths[b]
         assert [step[0] for step in drafts] == batched[b], b
+
+
+def test_batch_trees_are_cut_for_the_furthest_behind_sequence(monkeypatch):
+    """Sequences that accept different lengths reach max_new_tokens at different steps: each step's tree keeps
+    the depth the sequence with the most tokens to go can still use (max over the batch of left - 1), a
+    static tree its nodes up to that depth."""
+    target, draft = models("llama")
+    engine = SpeculativeDecoder(target, draft, tree=STATIC_TREE, impl="torch")
+    monkeypatch.setattr(speculative, "verify_greedy", _forced_verify)
+    steps = []
+    original = speculative._Generation._draft
+
+    def recording(self, root_logits, root_state, roots, root_pos):
+        tree, tokens, positions = original(self, root_logits, root_state, roots, root_pos)
+        steps.append(([12 - (len(self.rows[row]) - self.prompt_lens[row]) for row in self.active], tree.num_nodes))
+        return tree, tokens, positions
+
+    monkeypatch.setattr(speculative._Generation, "_draft", recording)
+    rows = prompts(256, [5, 2, 8, 3], seed=29)
+    ids, mask = left_padded(rows)
+    engine.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    nodes_within = [1, 4, 7, 9, 10]  # STATIC_TREE's nodes at depth <= 0, 1, 2, 3, 4
+    assert [num_nodes for _, num_nodes in steps] == [nodes_within[min(4, max(left) - 1)] for left, _ in steps]
+    assert any(min(left) - 1 < 4 and max(left) > min(left) for left, _ in steps)  # a sequence nearer its end
+    assert any(max(left) - 1 < 4 for left, _ in steps)  # and cut trees
 
 
 @pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
@@ -401,11 +429,11 @@ def _sample_first_two(engine, batch_rows, sample_rows, calls, temperature, top_k
     ids, mask = left_padded(batch_rows)
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
     counts = torch.zeros(vocab * vocab, dtype=torch.float64)
-    for _ in range(calls):
-        out = engine.generate(ids, attention_mask=mask, max_new_tokens=2, temperature=temperature, top_k=top_k,
+    for _ in range(calls):  # a third token: the second's step then drafts (the trees are cut to what is kept)
+        out = engine.generate(ids, attention_mask=mask, max_new_tokens=3, temperature=temperature, top_k=top_k,
                               eos_token_id=[], generator=generator)
         for b in sample_rows:
-            first, second = out.sequences[b, ids.shape[1]:].tolist()
+            first, second = out.sequences[b, ids.shape[1]:ids.shape[1] + 2].tolist()
             counts[first * vocab + second] += 1
     return counts
 
