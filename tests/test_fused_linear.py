@@ -1336,3 +1336,26 @@ def test_gemm_strategy_runs_chunked_cublas_logits(monkeypatch):
     assert_close(gemm_loss, tiles_loss, torch.float32)
     for name in tiles_grads:
         assert_close(gemm_grads[name], tiles_grads[name], torch.float32, name)
+
+
+# From a mutation audit of the Triton path: logits far below 0 (the running max must follow them down), and a
+# padded student head with a bias (both cut to vocab_size).
+
+
+@pytest.mark.parametrize("impl", FL_IMPLS)
+def test_student_logits_far_below_zero_keep_their_log_sum_exp(impl):
+    """Every student logit near -120 (a constant shift: softmax, divergence, CE and gradients are unchanged): the
+    statistics kernel's running maximum must follow the logits down. A running max floored at 0 makes every
+    exp(a - max) underflow to 0 in fp32 (log-sum-exp -inf); the suite's logits (std ~2, max > 0) cannot tell."""
+    case = _case((21,), 24, 90, torch.float32, biases=True, seed=50)
+    case["student_bias"] = case["student_bias"] - 120.0
+    _check(case, impl, divergence="forward", labels=_labels((21,), 90, 51), ce_weight=0.5)
+
+
+@pytest.mark.parametrize("impl", FL_IMPLS)
+def test_student_head_and_bias_wider_than_vocab_size(impl):
+    """vocab_size < the student's V with a student bias (a padded LM head with bias, dense teacher logits of the
+    compared width): only the first vocab_size weight rows / bias entries are read, the others get zero gradient,
+    and the bias gradient has the bias's shape. The suite's padded-student case (test_peer_bugs_losses) has no bias."""
+    case = _case((13,), 24, 211, torch.float32, teacher_logits=True, teacher_vocab=203, biases=True, seed=54)
+    _check(case, impl, divergence="jsd", vocab_size=203, labels=_labels((13,), 203, 55), ce_weight=0.5)

@@ -387,6 +387,85 @@ def test_out_buffer_in_the_layout_transformers_returns(impl, num_kv_splits):
         tree_attention(q, k, v, tree, lens, impl=impl, out=buffer.transpose(1, 2).double())
 
 
+# From a mutation audit: K and V of different layouts, a prefix that fills the cache under split-KV, cache lengths
+# the GPU path does not check (negative, past S - T), and one tree shared by a batch under a sliding window.
+
+
+@pytest.mark.parametrize("num_kv_splits", [1, 2])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_k_and_v_with_different_layouts(impl, num_kv_splits):
+    """K a contiguous [B, Hkv, S, D] cache, V a [B, S, Hkv, D] one viewed as [B, Hkv, S, D]: each is read with its
+    own strides (the existing layout test gives K and V the same strides)."""
+    q, k, v, parents, lens = make_case(2, 4, 2, 7, 64, [5, 40], torch.float32, per_seq_tree=True, seed=5)
+    v_view = v.transpose(1, 2).contiguous().transpose(1, 2)
+    assert v_view.stride() != k.stride()
+    tree = build_tree(parents.to(DEVICE))
+    splits = dict(num_kv_splits=num_kv_splits) if impl == "triton" else {}
+    out = tree_attention(q, k, v_view, tree, lens, impl=impl, **splits)
+    assert_close(out, sdpa_reference(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64)), torch.float32)
+
+
+@pytest.mark.parametrize("num_kv_splits", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_kv_covers_a_prefix_that_fills_the_cache(dtype, num_kv_splits):
+    """cache_len = S - T (no slack after the tree) with a prefix one key past a multiple of the split length: the
+    splits must cover the last prefix key (the existing split tests keep 3 spare rows after the tree)."""
+    q, k, v, parents, lens = make_case(1, 4, 2, 5, 64, [129], dtype, per_seq_tree=False, seed=21, extra_kv=0)
+    assert k.shape[2] == 129 + 5
+    tree = build_tree(parents.to(DEVICE))
+    out = tree_attention(q, k, v, tree, lens, num_kv_splits=num_kv_splits, impl="triton")
+    assert_close(out, sdpa_reference(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64)), dtype)
+
+
+@pytest.mark.parametrize("num_kv_splits", [1, 2])
+def test_kernel_reads_a_negative_cache_len_as_zero(num_kv_splits):
+    """A negative cache_len (unchecked on a GPU, where the check would synchronise) is clamped to 0 in the kernel:
+    the tree keys are read from the sequence's own rows 0 .. T-1, never from the rows before it (here the last rows
+    of the previous sequence in the buffer K/V are views of)."""
+    from distill_ops.kernels.tree_attention import tree_attention_forward
+
+    q, k, v, parents, lens = make_case(3, 4, 2, 7, 64, [0, 0, 150], torch.float32, per_seq_tree=True, seed=12)
+    q, k, v, parents = q[1:], k[1:], v[1:], parents[1:]  # K/V views starting one sequence into their buffers
+    tree = build_tree(parents.to(DEVICE))
+    cache_lens = torch.tensor([-3, 150], dtype=torch.int32, device=DEVICE)
+    out = tree_attention_forward(q, k, v, tree.ancestor_mask.contiguous(), cache_lens, 1 / math.sqrt(64),
+                                 num_kv_splits)
+    expected = sdpa_reference(q, k, v, parents, torch.tensor([0, 150]), 1 / math.sqrt(64))
+    assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("num_kv_splits", [1, 2])
+def test_kernel_never_reads_keys_past_the_cache(num_kv_splits):
+    """A cache_len past S - T (unchecked on a GPU) must not make the kernel read rows at or past S: K/V are views of
+    longer buffers whose extra rows are NaN. The prefix is cut at S and the tree keys (all at >= S) are skipped, so
+    every node attends to the S cached keys."""
+    from distill_ops.kernels.tree_attention import tree_attention_forward
+
+    q, k, v, parents, _ = make_case(1, 4, 2, 5, 64, [140], torch.float32, per_seq_tree=False, seed=14, extra_kv=0)
+    kv_len = k.shape[2]
+    big_k, big_v = (torch.cat([t, torch.full_like(t[:, :, :16], float("nan"))], 2) for t in (k, v))
+    tree = build_tree(parents.to(DEVICE))
+    cache_lens = torch.tensor([kv_len + 7], dtype=torch.int32, device=DEVICE)
+    out = tree_attention_forward(q, big_k[:, :, :kv_len], big_v[:, :, :kv_len], tree.ancestor_mask.contiguous(),
+                                 cache_lens, 1 / math.sqrt(64), num_kv_splits)
+    assert torch.isfinite(out).all()
+    k64, v64 = (t.double().cpu().repeat_interleave(2, 1) for t in (k, v))
+    expected = torch.softmax(q.double().cpu() @ k64.transpose(-1, -2) / math.sqrt(64), -1) @ v64
+    assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("impl, num_kv_splits", [("torch", None), ("triton", 1), ("triton", 3)])
+def test_sliding_window_with_one_tree_shared_by_the_batch(impl, num_kv_splits):
+    """A sliding window with one TreeSpec shared by three sequences (depth [1, T]): every sequence reads the shared
+    depths (the existing window tests all use per-sequence trees)."""
+    q, k, v, parents, lens = make_case(3, 4, 2, 9, 64, [150, 3, 20], torch.float32, per_seq_tree=False, seed=17)
+    tree = build_tree(parents.to(DEVICE))
+    assert tree.batch_size == 1 and tree.max_depth >= 3
+    splits = dict(num_kv_splits=num_kv_splits) if impl == "triton" else {}
+    out = tree_attention(q, k, v, tree, lens, sliding_window=3, impl=impl, **splits)
+    assert_close(out, path_oracle(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64), window=3), torch.float32)
+
+
 def test_bad_inputs():
     q, k, v, parents, lens = make_case(2, 4, 2, 7, 64, [5, 11], torch.float32, per_seq_tree=False, seed=1)
     tree = build_tree(parents.to(DEVICE))

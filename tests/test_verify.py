@@ -126,9 +126,11 @@ def test_verify_trees_held_as_views():
                     assert torch.equal(ours, getattr(want[0], name)), name
 
 
-def test_compact_kv_kernel_never_writes_past_the_cache():
+@pytest.mark.parametrize("cache_len", [8, 7])
+def test_compact_kv_kernel_never_writes_past_the_cache(cache_len):
     """On a GPU the cache_lens + W <= S check is skipped (it would synchronise): the kernel itself must not read
-    or write rows at or past S. K/V are views of longer buffers whose extra rows must stay untouched."""
+    or write rows at or past S. K/V are views of longer buffers whose extra rows must stay untouched, and no row
+    inside is overwritten from one past S."""
     from distill_ops.kernels.tree_verify import compact_kv_forward
 
     heads, kv_len, dim = 2, 10, 8
@@ -136,11 +138,12 @@ def test_compact_kv_kernel_never_writes_past_the_cache():
     big_v = torch.randn(1, heads, kv_len + 4, dim, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     before_k, before_v = big_k.clone(), big_v.clone()
     k, v = big_k[:, :, :kv_len], big_v[:, :, :kv_len]
-    # cache_len 8, path root -> node 1 -> node 3: slot 2 would move row 11 to row 10, both past S = 10.
+    # Path root -> node 1 -> node 3: at cache_len 8 slot 2 would move row 11 to row 10, both past S = 10; at
+    # cache_len 7 row 10 (past S) to row 9 (inside).
     accepted = torch.tensor([[0, 1, 3]], dtype=torch.int64, device=DEVICE)
-    cache_lens = torch.tensor([8], dtype=torch.int32, device=DEVICE)
+    cache_lens = torch.tensor([cache_len], dtype=torch.int32, device=DEVICE)
     new_lens = compact_kv_forward([k], [v], accepted, cache_lens)
-    assert new_lens.tolist() == [11]
+    assert new_lens.tolist() == [cache_len + 3]
     assert torch.equal(big_k, before_k) and torch.equal(big_v, before_v)
 
 
