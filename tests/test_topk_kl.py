@@ -580,6 +580,66 @@ def test_student_rest_mass_is_exact(divergence, impl):
         assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
 
 
+# From a mutation audit of the kernels: rows longer than one 4096-wide block (lanes that sum several columns,
+# running maxima rescaled at the temperature), many kept entries, a floored student rest at a small temperature.
+
+
+def _sparse_bucket(student, indices, logprobs, impl, **kwargs):
+    """_run_and_compare of the bucket tail for a sparse teacher, summed, upstream gradient 1."""
+    _run_and_compare(student.to(DEVICE), impl, upstream=torch.tensor(1.0, device=DEVICE), tail="bucket",
+                     teacher_topk_indices=indices.to(DEVICE), teacher_topk_logprobs=logprobs.to(DEVICE),
+                     reduction="sum", **kwargs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+def test_bucket_rest_mass_of_small_terms_behind_a_kept_term_in_the_same_lane(divergence, impl):
+    """V = 40000: each streaming lane sums ~10 columns. The rest mass lives only in the lanes of the kept columns
+    (0..3, logit 0: lane sum 1), as 9 terms of ~5.6e-9 each, below half an fp32 step at 1: a plain fp32 lane sum
+    drops every one (rest 0, floored to 1e-10); the compensated per-lane sums keep the student's rest (~2e-7)."""
+    student = torch.full((1, 40000), -1.0e4, dtype=torch.float32)
+    student[0, :4] = 0.0
+    for column in range(4):
+        student[0, column + 4096 * torch.arange(1, 10)] = -19.0
+    logprobs = torch.full((1, 4), 0.99 / 4).log()  # the teacher's leftover 0.01 goes to the rest bucket
+    _sparse_bucket(student, torch.arange(4).reshape(1, 4), logprobs, impl, divergence=divergence)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bucket_teacher_leftover_with_a_tied_top_among_more_than_2048_entries(impl):
+    """3000 kept entries (the leftover's fp32 branch, its top mass in fp64): two tied top entries of 0.3 each and
+    2998 of 0.3 / 2998, so the leftover is 0.1; both tied tops count in the kept mass."""
+    vocab, kept = 5000, 3000
+    generator = torch.Generator().manual_seed(7)
+    student = (torch.randn((1, vocab), generator=generator, dtype=torch.float64) * 2).to(torch.float32)
+    indices = torch.randperm(vocab, generator=generator)[:kept].reshape(1, kept)
+    probs = torch.full((1, kept), 0.3 / (kept - 2), dtype=torch.float64)
+    probs[0, [5, 1700]] = 0.3
+    _sparse_bucket(student, indices, probs.log().to(torch.float32), impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dense_teacher_normaliser_at_a_temperature_over_several_blocks(impl):
+    """V = 5000 > the row log-sum-exp kernel's 4096-wide block, so its lanes rescale running sums (every rescale
+    and every term at the temperature, T = 2); the bucket tail needs the teacher's full normaliser."""
+    student = _logits((2, 5000), torch.float32, seed=11)
+    teacher = _logits((2, 5000), torch.float32, seed=12, scale=3.0)
+    _run_and_compare(student, impl, teacher_logits=teacher, k=8, tail="bucket", temperature=2.0, reduction="sum")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_reverse_bucket_gradient_leaves_out_a_floored_student_rest(impl):
+    """The student's rest mass (one token, q ~ 3e-11 at T = 1e-5) is below the 1e-10 floor: the bucket reads the
+    constant, so the rest token's gradient is q_j (-S) / T (S = KL + 1 ~ 1.1: ~3.3e-6), without the floored
+    outcome's own log-ratio term (log(1e-10 / 0.1) + 1 ~ -19.7: ~6e-5). One rest token keeps the kept token's
+    gradient (their negated sum, an fp32 cancellation magnified by 1 / T) within the tolerance."""
+    student = torch.full((1, 32), -1.0, dtype=torch.float32)
+    student[0, 0] = 0.0
+    student[0, 5] = -2.413e-4
+    _sparse_bucket(student, torch.tensor([[0]]), torch.tensor([[0.9]]).log(), impl, divergence="reverse",
+                   temperature=1e-5)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_inputs_unchanged_and_teacher_gets_no_gradient(impl):
     student = _logits((3, 40), torch.float32, seed=33).requires_grad_(True)
@@ -704,6 +764,40 @@ def test_selection_kernel_strided_rows_and_a_long_row(dtype):
     _check_selection(padded[:, 17:317], 9)  # row stride 340, offset start
     long_rows = _logits((2, 40000), dtype, seed=52)
     _check_selection(long_rows, 64)  # ten 4096-wide blocks; the lane-maximum filter and the candidate list
+
+
+def test_selection_fp16_nans_of_any_sign_and_payload_rank_first_by_index():
+    """fp16's default NaN (0x7E00, a magnitude below bf16's inf pattern 0x7F80), its negation and other payloads
+    are NaN too: all rank above +inf and tie among themselves (the lower index first). From a mutation audit: the
+    rules test used one NaN pattern, and an fp16 NaN threshold of bf16's passed it."""
+    rows = torch.tensor([[1.0, 0.0, float("inf"), 0.0, 0.0, 0.0, 2.0]], dtype=torch.float16)
+    bits = rows.view(torch.int16)
+    bits[0, 1] = torch.tensor(0xFE00 - 0x10000, dtype=torch.int16)  # -NaN, default payload
+    bits[0, 3] = 0x7D55
+    bits[0, 4] = 0x7E00
+    bits[0, 5] = 0x7C01
+    assert rows[0, [1, 3, 4, 5]].isnan().all()
+    _, indices = topk_select(rows.to(DEVICE), 3)
+    assert indices.tolist() == [[1, 3, 4]]
+    _, indices = topk_select(rows.to(DEVICE), 5)
+    assert indices.tolist() == [[1, 2, 3, 4, 5]]
+
+
+def test_selection_candidate_list_one_over_capacity_falls_back_to_the_row(monkeypatch):
+    """count = 2, capacity = 2: row 2 has exactly capacity + 1 candidates (5 and the two tied 3s), so its list
+    overflows by one and the kernel must select on the row itself, never read a slot past the list. Two rows per
+    launch (the scratch is reused by the next launch): rows 1 and 3 leave a large entry (100 at index 0) in the
+    slot just past row 2's list."""
+    monkeypatch.setattr(topk_select_module, "SCRATCH_BYTES", 2 * 2 * (4 + 4))  # chunks of 2 rows (fp32)
+    rows = torch.zeros((4, 16), dtype=torch.float32)
+    rows[0, [4, 9]] = torch.tensor([2.0, 1.0])
+    rows[1, 0] = rows[3, 0] = 100.0
+    rows[2, :4] = torch.tensor([5.0, 3.0, 3.0, 1.0])
+    values, indices = topk_select(rows.to(DEVICE), 2, capacity=2)
+    expected = torch.sort(rows.double(), dim=-1, descending=True, stable=True).indices[:, :2].sort(dim=-1).values
+    assert torch.equal(indices.cpu(), expected)
+    assert torch.equal(values.cpu(), rows.gather(-1, expected))
+    assert indices[2].tolist() == [0, 1] and values[2].tolist() == [5.0, 3.0]
 
 
 def test_dense_triton_path_uses_the_selection_kernel(monkeypatch):
