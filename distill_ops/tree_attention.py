@@ -78,7 +78,9 @@ def tree_attention_ref(
     ``softcap``: scores ``softcap * tanh(sm_scale * q.k / softcap)`` (Gemma-2's attention soft-capping).
 
     Computes in float32 (float64 for float64 inputs) when ``upcast``; one sequence at a time so the
-    ``[Hq, T, S]`` score matrix of only one sequence is alive. Returns q's dtype, ``[B, Hq, T, D]``.
+    ``[Hq, T, S]`` score matrix of only one sequence is alive. Returns q's dtype, ``[B, Hq, T, D]``. Rows no
+    node sees (past ``cache_len + T``, or before every node's window) are read as zeros, as the kernel never
+    loads them: garbage there (NaN in an uninitialised cache) does not reach the output through 0 * NaN.
     """
     batch, num_heads, num_nodes, _ = q.shape
     group = num_heads // k.shape[1]
@@ -87,7 +89,7 @@ def tree_attention_ref(
     out = torch.empty_like(q)
     for b in range(batch):
         keys = k[b].to(compute).repeat_interleave(group, dim=0)
-        values = v[b].to(compute).repeat_interleave(group, dim=0)
+        values = v[b].to(compute).masked_fill(~mask[b].any(0)[:, None], 0.0).repeat_interleave(group, dim=0)
         scores = torch.matmul(q[b].to(compute), keys.transpose(-1, -2)) * sm_scale
         scores = softcapped(scores, softcap).masked_fill(~mask[b][None], float("-inf"))
         out[b] = torch.matmul(sink_softmax(scores, sinks, compute), values).to(q.dtype)

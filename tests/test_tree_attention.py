@@ -466,6 +466,20 @@ def test_sliding_window_with_one_tree_shared_by_the_batch(impl, num_kv_splits):
     assert_close(out, path_oracle(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64), window=3), torch.float32)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rows_no_node_sees_never_reach_the_output(impl):
+    """K / V rows past each sequence's cache_len + T (ragged lengths: the shorter sequence's padding) filled with
+    NaN, as an uninitialised cache may hold: both impls return the attention over the rows the nodes see (the
+    PyTorch path multiplied those rows' zero weights by NaN: a NaN output)."""
+    q, k, v, parents, lens = make_case(2, 4, 2, 7, 64, [5, 40], torch.float32, per_seq_tree=True, seed=31)
+    expected = sdpa_reference(q, k, v, parents, lens.cpu(), 1 / math.sqrt(64))
+    for b, length in enumerate(lens.tolist()):
+        k[b, :, length + 7:] = float("nan")
+        v[b, :, length + 7:] = float("nan")
+    out = tree_attention(q, k, v, build_tree(parents.to(DEVICE)), lens, impl=impl)
+    assert_close(out, expected, torch.float32)
+
+
 def test_bad_inputs():
     q, k, v, parents, lens = make_case(2, 4, 2, 7, 64, [5, 11], torch.float32, per_seq_tree=False, seed=1)
     tree = build_tree(parents.to(DEVICE))
