@@ -123,6 +123,44 @@ def test_cache_commit_trims_and_rollback_drops_the_tree():
     assert cache.length == cache.committed == 7
 
 
+def test_cache_rollback_of_a_single_draft_entry():
+    """``rollback`` drops every entry appended since the last commit, a single one included (a one-node draft)."""
+    cache = FSPADCache()
+    entries = torch.arange(2 * 1 * 5 * 3, dtype=torch.float32).view(2, 1, 5, 3)
+    cache.append(entries[:, :, :4], -entries[:, :, :4])
+    cache.commit()
+    cache.append(entries[:, :, 4:5], -entries[:, :, 4:5])
+    cache.rollback()
+    assert cache.length == cache.committed == 4
+    assert torch.equal(cache.keys, entries[:, :, :4]) and torch.equal(cache.values, -entries[:, :, :4])
+
+
+def test_training_inputs_carry_no_gradient():
+    """``fspad_training_inputs`` returns tensors without gradients, the token embeddings too (looked up outside
+    ``no_grad`` they kept the target's graph alive and sent the head's loss into the embedding table)."""
+    torch.manual_seed(0)
+    target = LlamaForCausalLM(tiny_config()).eval().to(DEVICE)
+    input_ids = torch.randint(0, 200, (2, 6), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    for name, value in fspad_training_inputs(target, input_ids).items():
+        assert not value.requires_grad and value.grad_fn is None, name
+
+
+def test_norms_apply_the_config_eps():
+    """The head's RMSNorms are x / sqrt(mean x^2 + eps) with the config's ``rms_norm_eps``: an all-zero row stays 0
+    (not NaN), and rows of rms ~ sqrt(eps) are scaled as the float64 formula says."""
+    for eps in (1e-6, 0.25):
+        head = make_head(rms_norm_eps=eps)
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3)) * eps ** 0.5
+        x[1] = 0.0
+        x = x.to(DEVICE)
+        for norm in (head.sample_norm, head.input_norm, head.post_attention_norm, head.final_norm):
+            out = norm(x)
+            x64 = x.double()
+            expected = norm.weight.detach().double() * x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+            assert torch.isfinite(out).all()
+            assert_close(out, expected, torch.float32, f"eps={eps}")
+
+
 def test_cached_chunks_equal_one_causal_pass():
     head = make_head()
     features, embeds = random_inputs(1, 11)

@@ -335,6 +335,20 @@ def test_mixtures_where_one_side_is_far_below_the_other(divergence, coefficient,
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", ["skew_forward", "skew_reverse"])
+def test_skew_kls_below_1e_30_at_a_temperature(divergence, impl):
+    """The skew KLs at a coefficient <= 1e-30 take their own branches (the PyTorch path's skew forward gradient
+    -(p w - q S') with w = c_q q / m): they carry the 1 / T of every other branch. The 1e-39 cases above run at
+    T = 1 (a mutation audit: a skew forward gradient without its 1 / T there passed)."""
+    generator = torch.Generator().manual_seed(61)
+    student = (torch.randn(4, 64, generator=generator, dtype=torch.float64) * 2).float()
+    teacher = (torch.randn(4, 64, generator=generator, dtype=torch.float64) * 2).float()
+    for temperature in (0.5, 2.0):
+        _check_against_reference(student.to(DEVICE), teacher.to(DEVICE), impl, divergence=divergence, alpha=1e-39,
+                                 temperature=temperature, reduction="none")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("divergence, coefficient", [  # the JSD below 1e-30: see the docstring
     (divergence, coefficient) for divergence in ("jsd", "skew_forward", "skew_reverse")
     for coefficient in (1e-45, 1e-30, 1e-6, 1e-3, 0.01, 0.5, 0.9, 1 - 1e-3)
