@@ -574,3 +574,99 @@ def test_masked_columns_against_far_negative_student_logits(impl):
     loss, grad, _, _ = _run(student, dpo, other, impl, reduction="none")
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     _check(student, dpo, other, impl, reduction="none")
+
+
+# From a mutation audit of the kernel and the PyTorch path: several blocks at a temperature (fixed alpha), padding
+# that fills the first block, contrastive mode's row-max shift, no_grad with a student that requires grad, and the
+# module's own option checks.
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["contrastive", "reference"])
+def test_fixed_alpha_several_blocks_at_a_temperature(mode, impl):
+    """Fixed alpha keeps the student's running max raw and rescales by exp((m_old - m_new) / T): with V > BLOCK_V
+    (1024, so each lane sees several columns) and T != 1, a rescale without the 1/T weights every earlier column
+    wrongly. The fixed-alpha multi-block tests ran at T = 1 only, the T != 1 fixed ones at V <= 1000 (one block)."""
+    student, dpo, other = _triple((2, 2100), seed=70)
+    _check(student, dpo, other, impl, mode=mode, alpha=0.7, temperature=0.5, reduction="none")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("alpha", [None, 0.7], ids=["adaptive", "fixed"])
+def test_masked_columns_in_an_earlier_block(alpha, impl):
+    """As test_masked_columns_against_far_negative_student_logits, but the padding (-inf in both teachers, -1e4 in
+    the student) fills the kernel's first block and the real tokens come after it: each lane first holds a +inf
+    shift with weight 1, then its running max jumps and the rescale exp(m_old - m_new) underflows to 0, which must
+    drop the +inf term (0 * inf is NaN). The existing test has V = 64 (one block)."""
+    student, dpo, other = _triple((2, 2100), seed=71, scale=1.0)
+    dpo[:, :1024] = float("-inf")
+    other[:, :1024] = float("-inf")
+    student[:, :1024] = -1e4
+    loss, grad, _ = _check(student, dpo, other, impl, alpha=alpha, temperature=1.3, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_contrastive_mode_shifts_by_the_dpo_models_row_max(impl):
+    """The contrastive twin of test_reference_mode_shifts_by_the_reference_models_row_max: the reverse-DPO (other)
+    model puts 1e4 on a token the DPO model rules out (-inf: the teacher rules it out too), so the two models' row
+    maxima are 1e4 apart. The base is the DPO model and the shift must be its row max; a shift by the other
+    model's row max cancels on paper but rounds every logit at 1e4. The existing test covers reference mode
+    only (a kernel or fallback shifting contrastive rows by the other model's max passed the suite). Tolerances
+    as that test's; the student is 0.1 (not 0.01) from its teacher, a loss of 5e-5, whose fp32 rounding
+    (measured 3e-5 relative on the kernel, 1e-5 on the PyTorch path) sits well inside them (at 0.01, a loss of
+    5e-7, the kernel's fp32 rounding alone is 3e-3 relative even with 10 in place of 1e4)."""
+    generator = torch.Generator().manual_seed(5)
+    dpo = torch.randn(2, 300, generator=generator, dtype=torch.float64)
+    other = dpo + 0.01 * torch.randn(2, 300, generator=generator, dtype=torch.float64)
+    other[:, 7] = 1e4
+    dpo[:, 7] = float("-inf")
+    options = dict(mode="contrastive", temperature=1.0, beta0=0.1)
+    alpha = 10 * (torch.softmax(dpo.float().double(), -1) - torch.softmax(other.float().double(), -1)).abs().sum(
+        -1, keepdim=True) + 1e-3
+    teacher = torch.where(dpo.isinf(), float("-inf"), dpo + alpha * (dpo - torch.where(dpo.isinf(), 0.0, other)))
+    student = (teacher + 0.1 * torch.randn(2, 300, generator=generator, dtype=torch.float64)).float()
+    leaf = student.clone().to(DEVICE).requires_grad_(True)
+    loss = aligndistil_kl(leaf, dpo.float().to(DEVICE), other.float().to(DEVICE), impl=impl, reduction="sum",
+                          **options)
+    loss.backward()
+    student64 = student.double().requires_grad_(True)
+    expected = _official_rows(student64, dpo.float().double(), other.float().double(), **options)[0].sum()
+    expected.backward()
+    torch.testing.assert_close(loss.double().cpu(), expected.detach(), rtol=1e-3, atol=0.0)
+    torch.testing.assert_close(leaf.grad.double().cpu(), student64.grad, rtol=0.0, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_grad_with_a_student_that_requires_grad_computes_no_gradient(impl):
+    """Under torch.no_grad() (evaluation) the student's requires_grad must not matter: nothing is stored for a
+    backward that cannot happen. A forward that computed the gradient whenever the student requires grad
+    (dropping the is_grad_enabled() test) allocated and wrote a [N, V] gradient per call and passed the suite:
+    test_no_gradient_requested_computes_loss_only uses a student that does not require grad."""
+    student, dpo, other = _triple((2, 3, 100), seed=72)
+    records = []
+    for requires_grad in (False, True):
+        leaf = student.detach().clone().requires_grad_(requires_grad)
+        with torch.no_grad(), RecordTensorOps() as recorder:
+            loss, alpha = aligndistil_kl(leaf, dpo, other, labels=None, return_alpha=True, impl=impl)
+        records.append((recorder.records, loss, alpha))
+    (plain_ops, plain_loss, plain_alpha), (leaf_ops, leaf_loss, leaf_alpha) = records
+    assert not leaf_loss.requires_grad
+    assert torch.equal(leaf_loss, plain_loss) and torch.equal(leaf_alpha, plain_alpha)
+    assert leaf_ops == plain_ops, (plain_ops, leaf_ops)
+
+
+def test_module_checks_its_options_when_built():
+    """AlignDistilLoss validates at construction (as test_bad_inputs checks for mode, eps and return_alpha), not
+    first at the forward: a constructor without its alpha / beta0 / r / reduction checks passed the suite."""
+    with pytest.raises(ValueError, match=r"alpha must be in \(0.0, inf\), got 0.0"):
+        AlignDistilLoss(alpha=0.0)
+    with pytest.raises(ValueError, match=r"alpha must be in"):
+        AlignDistilLoss(alpha=-1.0)
+    with pytest.raises(ValueError, match=r"beta0 must be in \(0.0, inf\), got 0.0"):
+        AlignDistilLoss(beta0=0.0)
+    with pytest.raises(ValueError, match=r"r must be in \[0.0, inf\), got -1.0"):
+        AlignDistilLoss(r=-1.0)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        AlignDistilLoss(reduction="batchmean")
+    AlignDistilLoss(alpha=0.5, beta0=0.2, r=0.0)  # valid: r = 0 is allowed (alpha_t = eps)
