@@ -580,6 +580,142 @@ def test_student_rest_mass_is_exact(divergence, impl):
         assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
 
 
+# From a mutation audit of the PyTorch path and DACKLLoss: ignored rows that repeat sparse indices, DACKL's training
+# (soft) mask against the hard rule at a high sharpness where the two must agree, its bound parametrisation and label
+# checks, a sparse teacher's re-tempered kept mass, and k one below the stored entries.
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "label"])
+def test_ignored_rows_may_repeat_sparse_indices(tail):
+    """Ignored rows (label == ignore_index) may hold anything: a padding row that repeats one index with finite
+    log-probabilities is not refused, and counts for nothing."""
+    student = _logits((3, 50), torch.float32, seed=301)
+    indices, logprobs = _sparse_from_dense(_logits((3, 50), torch.float32, seed=302), 5)
+    indices[1] = 0  # the ignored row: index 0 five times, each with probability
+    logprobs[1] = -1.0
+    labels = _labels((3,), 50, seed=303, ignored=(1,))
+    loss, grad = _run_and_compare(student, "torch", teacher_topk_indices=indices, teacher_topk_logprobs=logprobs,
+                                  labels=labels, tail=tail, reduction="none")
+    assert loss[1] == 0 and torch.all(grad[1] == 0)
+
+
+def _dackl_keeping_every_token(tail, divergence="forward", k=32, bias=(-8.0, 30.0), seed=3, inputs=(46, 40)):
+    """A DACKLLoss at sharpness 1e5 whose network outputs the bounds ``sigmoid`` of ``bias`` (default ~[3e-4, 1]:
+    every token kept), and inputs whose teacher is clamped to [-3, 3] (every real token has p > 2e-4: its soft
+    weight is 1), so that the training (soft) mask equals the hard rule."""
+    torch.manual_seed(seed)
+    loss_fn = DACKLLoss(vocab_top_m=k, hidden=16, tail=tail, divergence=divergence, sharpness=1e5,
+                        impl="torch").to(DEVICE)
+    with torch.no_grad():
+        loss_fn.bound_net[2].bias.copy_(torch.tensor(bias))
+    student, teacher = _dackl_inputs(inputs[0], vocab=inputs[1])
+    return loss_fn, student, teacher.clamp(-3.0, 3.0)
+
+
+def _check_dackl_train_and_eval(loss_fn, student, teacher, labels=None):
+    """Training and eval losses against the float64 reference of the hard rule at the network's bounds."""
+    lower, upper = loss_fn.predict_bounds(teacher)
+    expected, _, _ = reference(student, teacher, k=loss_fn.vocab_top_m, lower=lower.detach(), upper=upper.detach(),
+                               tail=loss_fn.tail, divergence=loss_fn.divergence, labels=labels)
+    assert torch.isfinite(expected)
+    assert_close(loss_fn.train()(student, teacher, labels), expected, torch.float32, "train")
+    assert_close(loss_fn.eval()(student, teacher, labels), expected, torch.float32, "eval")
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+def test_dackl_training_label_tail_with_the_label_among_the_kept_tokens(divergence):
+    """tail='label' in training: the label token's own kept entry moves to the label outcome, as in the hard mask.
+    Every label is the teacher's top token (always kept), a case random labels over 120 tokens never reach."""
+    loss_fn, student, teacher = _dackl_keeping_every_token("label", divergence, bias=(-1.0, 1.0), seed=2,
+                                                           inputs=(44, 120))
+    _, teacher = _dackl_inputs(44)  # unclamped: bounds inside the distribution, so the mask really clips
+    _check_dackl_train_and_eval(loss_fn, student, teacher, teacher.argmax(-1))
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "label"])
+def test_dackl_training_never_keeps_tokens_without_teacher_mass(tail):
+    """The soft membership is -inf (weight 0) for tokens of zero teacher probability, as the hard mask never keeps
+    them: -inf teacher logits among the top m give no student mass in training either."""
+    loss_fn, student, teacher = _dackl_keeping_every_token(tail)
+    teacher[:, 10:] = float("-inf")  # 22 of the top 32 candidates have no mass
+    _check_dackl_train_and_eval(loss_fn, student, teacher, _labels((8,), 10, seed=48))
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+def test_dackl_training_bucket_with_one_rest_mass_below_its_floor(divergence):
+    """tail='bucket' in training: the bucket is empty only when both rest masses are below their floors; when only
+    one is, it is floored and the rest outcome stays (as in the hard mask). Reverse: the teacher keeps all its mass
+    while the student has mass outside; forward: the student puts (almost) all its mass on the kept tokens while
+    the teacher leaves some outside."""
+    loss_fn, student, teacher = _dackl_keeping_every_token("bucket", divergence,
+                                                           k=32 if divergence == "reverse" else 10)
+    if divergence == "reverse":
+        teacher[:, 10:] = float("-inf")
+    else:
+        teacher[:, 10:] -= 8.0  # a teacher leftover of ~1e-3 outside its top 10, a student with ~none there
+        student = student.clone()
+        student[:, 10:] -= 40.0
+    _check_dackl_train_and_eval(loss_fn, student, teacher)
+
+
+@pytest.mark.parametrize("tail", ["label", "bucket"])
+def test_dackl_training_reverse_with_a_teacher_that_keeps_all_its_mass(tail):
+    """Training, reverse KL, a teacher whose mass is all on the kept tokens and labels outside them: the teacher's
+    label / rest outcome is floored, as in the hard mask (the loss is finite)."""
+    loss_fn, student, teacher = _dackl_keeping_every_token(tail, "reverse")
+    teacher[:, 10:] = float("-inf")
+    _check_dackl_train_and_eval(loss_fn, student, teacher, 10 + _labels((8,), 30, seed=50))
+
+
+@pytest.mark.parametrize("raw", [(3.0, -1.0), (-2.0, 0.5), (6.0, 6.0)])
+def test_dackl_bounds_follow_the_documented_parametrisation(raw):
+    """upper = sigmoid(u), lower = upper * sigmoid(l): 0 < lower < upper < 1 for every output of the network, also
+    where sigmoid(l) > sigmoid(u) (the default initialisation, l = -6 and u = 4, never reaches that case)."""
+    loss_fn = DACKLLoss(vocab_top_m=16, hidden=8, impl="torch").to(DEVICE)
+    with torch.no_grad():  # the network outputs (l, u) = raw for every row
+        loss_fn.bound_net[2].weight.zero_()
+        loss_fn.bound_net[2].bias.copy_(torch.tensor(raw))
+    lower, upper = loss_fn.predict_bounds(_dackl_inputs(49, rows=4, vocab=60)[1])
+    l, u = (torch.tensor(v, dtype=torch.float64) for v in raw)
+    assert_close(upper, torch.sigmoid(u).expand(4), torch.float32, "upper")
+    assert_close(lower, (torch.sigmoid(u) * torch.sigmoid(l)).expand(4), torch.float32, "lower")
+    assert torch.all((0 < lower) & (lower < upper) & (upper < 1))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dackl_label_tail_refuses_out_of_range_labels(training):
+    """DACKLLoss(tail='label') checks its labels like topk_kl_div (ValueError for CPU tensors): an out-of-range
+    label was otherwise clamped into the vocabulary and silently trained on."""
+    loss_fn = DACKLLoss(vocab_top_m=8, hidden=8, tail="label", impl="torch").train(training)
+    student, teacher = torch.randn(3, 20), torch.randn(3, 20)
+    for bad in (20, -1):
+        with pytest.raises(ValueError, match=r"labels must be in \[0, 20\) or equal ignore_index=-100 with tail='label'"):
+            loss_fn(student, teacher, torch.tensor([1, bad, -100]))
+    assert torch.isfinite(loss_fn(student, teacher, torch.tensor([1, 19, -100])))
+
+
+@pytest.mark.parametrize("temperature", [2.0, 0.5])
+@pytest.mark.parametrize("tail", ["bucket", "label"])
+def test_sparse_retempering_keeps_the_kept_mass_of_small_entries(tail, temperature):
+    """Sparse teacher at T != 1: p_i = M softmax_kept(log p_i / T), M the kept mass at T = 1 summed finely: an entry
+    of 5e-8 behind a top entry of 1 - 1.05e-6 (below half an fp32 step of the top's share) still counts in M, so the
+    leftover is 1e-6, not 1.05e-6. The reverse KL weighs it with the student's large rest (or label) mass."""
+    probs = torch.tensor([[1 - 1.05e-6, 5e-8]] * 2, dtype=torch.float64)
+    _run_and_compare(torch.zeros(2, 8, device=DEVICE), "torch", teacher_topk_indices=torch.arange(2).expand(2, 2).to(
+        DEVICE), teacher_topk_logprobs=probs.log().float().to(DEVICE), tail=tail,
+        labels=torch.tensor([5, 6], device=DEVICE), divergence="reverse", temperature=temperature)
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket", "label"])
+def test_sparse_k_one_below_the_stored_entries_without_bounds(tail):
+    """A sparse teacher with k = (stored entries) - 1 and no bounds keeps its k most probable entries (the other
+    tests take k below the stored count only together with bounds, or k equal to it)."""
+    student = _logits((3, 40), torch.float32, seed=311)
+    indices, logprobs = _sparse_from_dense(_logits((3, 40), torch.float32, seed=312), 10)  # shuffled order
+    _run_and_compare(student, "torch", teacher_topk_indices=indices, teacher_topk_logprobs=logprobs, k=9, tail=tail,
+                     labels=_labels((3,), 40, seed=313))
+
+
 # From a mutation audit of the kernels: rows longer than one 4096-wide block (lanes that sum several columns,
 # running maxima rescaled at the temperature), many kept entries, a floored student rest at a small temperature.
 
