@@ -22,6 +22,7 @@ from distill_ops.generation_rules import TokenSequenceRules, ban_repeated_ngrams
 from distill_ops.tree import build_tree
 
 from .conftest import DEVICE
+from .test_speculative_batch import left_padded
 from .test_speculative import (
     DYNAMIC_TREE,
     STATIC_TREE,
@@ -206,6 +207,12 @@ def test_drafts_skip_the_tokens_the_target_never_takes(monkeypatch):
     assert min(accepted()) == 0
 
 
+def _generate(target, prompt, max_new, **options):
+    """generate's greedy output for one prompt (no padding)."""
+    return target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=max_new,
+                           pad_token_id=0, **options)
+
+
 def _generate_both(engine, target, prompt, max_new, ours=None, theirs=None, config=None):
     """The engine's and generate's greedy output with the given options (``config``: set on the target's
     generation_config for both)."""
@@ -215,8 +222,7 @@ def _generate_both(engine, target, prompt, max_new, ours=None, theirs=None, conf
         setattr(target.generation_config, name, value)
     try:
         out = engine.generate(prompt, max_new_tokens=max_new, **(ours or {}))
-        expected = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                   max_new_tokens=max_new, pad_token_id=0, **(theirs or {}))
+        expected = _generate(target, prompt, max_new, **(theirs or {}))
     finally:
         for name, value in before.items():
             setattr(target.generation_config, name, value)
@@ -356,3 +362,100 @@ def test_sampling_with_sequence_rules_is_lossless_chi_square(monkeypatch):
     expected = _sequence_distribution(target, prompt, 3, 1.0, 4, process)
     engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
     assert _sequence_sampling_pvalue(engine, prompt, expected, 1500, 1.0, 4, 0, eos_token_id=[], **options) > 1e-3
+
+
+# From a mutation audit of the per-node rules: entries exactly as long as the longest sequence, the decay at the
+# deepest node of a step and in a batch after a sequence finished, committed tails per batch row, a prompt n-gram
+# size equal to the prompt's length.
+
+
+def test_entries_as_long_as_the_longest_sequence_still_act():
+    """A sequence_bias / bad_words_ids entry whose first tokens are the whole sequence the last token is chosen
+    after (prompt + max_new_tokens - 1 tokens) acts on that last token, as in generate: the engine must not
+    drop it as "longer than any sequence"."""
+    target, draft = models("llama")
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    max_new = 6
+    prompt = prompts(256, [3], seed=7)[0]
+    free = reference_generate(target, prompt, max_new, eos_token_id=[])[0].tolist()
+    other = (free[-1] + 1) % 256
+    cases = [dict(sequence_bias=[[free[:-1] + [other], 60.0]]), dict(bad_words_ids=[free])]
+    for options in cases:
+        expected = _generate(target, prompt, max_new, eos_token_id=[], **options)
+        assert expected[0, -1].item() != free[-1]  # the entry changes generate's last token
+        out = engine.generate(prompt, max_new_tokens=max_new, eos_token_id=[], **options)
+        assert torch.equal(out.sequences, expected), (options, out.sequences, expected)
+
+
+def test_decay_acts_at_the_deepest_node_of_the_first_step_that_reaches_its_start():
+    """exponential_decay_length_penalty with a large factor makes EOS the first token chosen after
+    prompt + start_index tokens. With the target drafting for itself along a chain of depth 5, the first step's
+    deepest node (sequence length prompt + 6) is that token for start_index 5: the only decayed row of the step,
+    which must not be skipped. Other starts put it at other nodes."""
+    target, _ = models("llama")
+    engine = SpeculativeDecoder(target, target, tree=[[0] * depth for depth in range(1, 6)], impl="torch")
+    prompt = prompts(256, [4], seed=3)[0]
+    free = reference_generate(target, prompt, 16, eos_token_id=[])[0, 4:].tolist()
+    eos = next(token for token in range(256) if token not in free)
+    for start in range(3, 9):
+        options = dict(exponential_decay_length_penalty=(start, 50.0), eos_token_id=eos)
+        expected = _generate(target, prompt, 16, **options)
+        assert expected[0, -1].item() == eos and expected.shape[1] == 4 + start + 2  # EOS right after the start
+        out = engine.generate(prompt, max_new_tokens=16, **options)
+        assert torch.equal(out.sequences, expected), (start, out.sequences, expected)
+
+
+def test_decay_in_a_batch_after_a_sequence_finished_counts_each_sequences_own_prompt():
+    """A left-padded batch whose first sequence stops at its first token (its EOS): the rest of the call decodes
+    the second sequence alone, whose exponential_decay_length_penalty start counts from its own prompt (6 tokens,
+    not the finished one's 2). A large factor makes EOS the first token past the start, as generate alone does."""
+    target, draft = models("llama")
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    rows = prompts(256, [2, 6], seed=11)
+    first = reference_generate(target, rows[0], 1, eos_token_id=[])[0, -1].item()
+    assert first not in reference_generate(target, rows[1], 12, eos_token_id=[])[0, 6:].tolist()
+    ids, mask = left_padded(rows)
+    options = dict(exponential_decay_length_penalty=(3, 50.0), eos_token_id=first)
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, **options)
+    for b, prompt in enumerate(rows):
+        alone = _generate(target, prompt, 12, **options)[0, prompt.shape[1]:]
+        assert alone[-1].item() == first and alone.shape[0] == (1 if b == 0 else 3 + 2)
+        new = out.sequences[b, ids.shape[1]:]
+        assert torch.equal(new[: alone.shape[0]], alone), (b, new, alone)
+
+
+def test_batch_root_rows_read_their_own_sequences_committed_tokens():
+    """In a batch, a node's sequence reaches back past the root into its own sequence's committed tokens: a
+    three-token bad word per sequence made of its prompt's last token and its first two free tokens bans its
+    second new token, which the first step's root row predicts from (prompt's last token, first new token).
+    Each sequence equals generate alone."""
+    target, draft = models("llama")
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    rows = prompts(256, [3, 5], seed=13)
+    frees = [reference_generate(target, row, 2, eos_token_id=[])[0, -2:].tolist() for row in rows]
+    assert rows[0][0, -1].item() != rows[1][0, -1].item()
+    bad = [[row[0, -1].item()] + free for row, free in zip(rows, frees)]
+    ids, mask = left_padded(rows)
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0, eos_token_id=[],
+                          bad_words_ids=bad, no_repeat_ngram_size=3)
+    for b, prompt in enumerate(rows):
+        alone = _generate(target, prompt, 8, eos_token_id=[], bad_words_ids=bad,
+                          no_repeat_ngram_size=3)[0, prompt.shape[1]:]
+        assert alone[1].item() != frees[b][1]  # the bad word acts
+        assert torch.equal(out.sequences[b, ids.shape[1]:], alone), (b, out.sequences[b], alone)
+
+
+def test_prompt_ngram_size_equal_to_the_prompt_length_acts():
+    """encoder_no_repeat_ngram_size equal to the prompt's length (1 here) still acts, as in generate: a
+    one-token prompt whose free run repeats its token no longer does."""
+    target, draft = models("llama")
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    starts = torch.arange(256, device=DEVICE)[:, None]
+    runs = target.generate(starts, attention_mask=torch.ones_like(starts), do_sample=False, max_new_tokens=8,
+                           pad_token_id=0, eos_token_id=[])[:, 1:]
+    token = next(t for t in range(256) if t in runs[t].tolist())  # a prompt token its free run repeats
+    prompt = starts[token: token + 1]
+    expected = _generate(target, prompt, 8, eos_token_id=[], encoder_no_repeat_ngram_size=1)
+    assert token not in expected[0, 1:].tolist()
+    out = engine.generate(prompt, max_new_tokens=8, eos_token_id=[], encoder_no_repeat_ngram_size=1)
+    assert torch.equal(out.sequences, expected), (out.sequences, expected)
