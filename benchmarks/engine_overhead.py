@@ -219,7 +219,7 @@ def measure(
     engine = SpeculativeDecoder(target, draft, impl=impl, **tree)
     # Every step drafts the whole tree: the engine cuts its last trees near max_new_tokens (_plans_within),
     # and those smaller steps would be averaged in. The counts are those of a step at the full tree size.
-    engine._plans_within = lambda depth: (engine._static, engine._dynamic)
+    engine._cut_trees = False
 
     def generate():
         generator = torch.Generator(device=device).manual_seed(0) if temperature > 0 else None

@@ -38,8 +38,7 @@ def count(engine: SpeculativeDecoder, prompts: list[torch.Tensor], new_tokens: i
 
     engine._drafter.expand = counted_expand
     speculative._Generation._target_forward = counted_forward
-    if not cut:
-        engine._plans_within = lambda depth: (engine._static, engine._dynamic)
+    engine._cut_trees = cut
     try:
         sequences = []
         for prompt in prompts:
@@ -49,7 +48,7 @@ def count(engine: SpeculativeDecoder, prompts: list[torch.Tensor], new_tokens: i
     finally:
         del engine._drafter.expand
         speculative._Generation._target_forward = target_forward
-        vars(engine).pop("_plans_within", None)
+        engine._cut_trees = True
     return dict(counts, sequences=sequences)
 
 

@@ -1371,7 +1371,8 @@ class SpeculativeDecoder:
                 parents = tree_from_paths(tree).tolist()
                 ranks = [0] + [path[-1] for path in ordered_paths(tree)]
             self._static = _static_plan(parents, self.device, ranks)
-            self._static_nodes = (parents, ranks)
+            # Host values of the static tree for its cut plans (one read of the depths, at construction).
+            self._static_nodes = (parents, ranks, self._static.tree.depth[0].tolist())
             if self._static.num_children_max > vocab:
                 raise ValueError(
                     f"tree drafts a node's top-{self._static.num_children_max} tokens, more than the vocabulary "
@@ -1380,6 +1381,7 @@ class SpeculativeDecoder:
             self.max_tree_nodes = len(parents)
         self.tree_depth = self._dynamic.max_depth if tree is None else self._static.tree.max_depth
         self._shallow_plans = [self._shallow_plan(depth) for depth in range(self.tree_depth)]
+        self._cut_trees = True  # False: full trees at every step (tests, benchmarks.engine_overhead)
 
     def _shallow_plan(self, depth: int) -> tuple[_StaticPlan | None, _DynamicPlan | None]:
         """The (static, dynamic) plan of the tree cut to ``depth`` levels (see :meth:`_plans_within`)."""
@@ -1387,10 +1389,7 @@ class SpeculativeDecoder:
             return _static_plan([-1], self.device), None
         if self._static is None:
             return None, _DynamicPlan(self.topk, depth, self.num_nodes, self.vocab_size, self.device, self.impl)
-        parents, ranks = self._static_nodes
-        node_depth = [0] * len(parents)
-        for node in range(1, len(parents)):
-            node_depth[node] = node_depth[parents[node]] + 1
+        parents, ranks, node_depth = self._static_nodes
         kept = [node for node in range(len(parents)) if node_depth[node] <= depth]
         index = {node: row for row, node in enumerate(kept)}
         return _static_plan([-1] + [index[parents[node]] for node in kept[1:]], self.device,
@@ -1404,7 +1403,9 @@ class SpeculativeDecoder:
         drafted ``depth`` levels deep with the same ``topk`` / ``num_nodes``, and at depth 0 the root alone
         (no drafting). The shorter trees cost fewer draft levels and target rows, and no tree position goes
         past the last one ``generate`` computes. All are made with the engine (no step prepares a plan)."""
-        return (self._static, self._dynamic) if depth >= self.tree_depth else self._shallow_plans[depth]
+        if depth >= self.tree_depth or not self._cut_trees:
+            return self._static, self._dynamic
+        return self._shallow_plans[depth]
 
     # ---------------------------------------------------------------------------------------------
 

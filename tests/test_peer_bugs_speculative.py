@@ -331,7 +331,7 @@ STOP_CASES = {  # max_new_tokens, index of the EOS in the free run (None: no EOS
 
 @pytest.mark.parametrize("cut", [False, True], ids=["full-trees", "cut-trees"])
 @pytest.mark.parametrize("case", list(STOP_CASES), ids=list(STOP_CASES))
-def test_eos_and_max_new_tokens_when_one_step_overshoots_both(case, cut, monkeypatch):
+def test_eos_and_max_new_tokens_when_one_step_overshoots_both(case, cut):
     """https://github.com/sgl-project/sglang/issues/31599 -- SGLang checked the max_new_tokens cap before the
     stop token after appending a whole accepted chunk, so a chunk crossing the cap masked an earlier stop and
     leaked the tokens after it (and a cap-only check let a chunk exceed the budget). With a perfect chain draft
@@ -339,9 +339,8 @@ def test_eos_and_max_new_tokens_when_one_step_overshoots_both(case, cut, monkeyp
     equal ``generate``'s, ending at the first EOS or at exactly max_new_tokens, whichever comes first. The
     engine cuts one sequence's trees to the tokens it can keep (then the chain ends at the cap), but a batch's
     sequence ahead of another still gets chunks that cross its cap: full trees are forced for that case."""
-    if not cut:
-        monkeypatch.setattr(SpeculativeDecoder, "_plans_within", lambda self, depth: (self._static, self._dynamic))
     engine, target = perfect_chain_engine()
+    engine._cut_trees = cut
     prompt = prompts(96, [4], seed=5)[0]
     max_new_tokens, eos_index = STOP_CASES[case]
     run = free_run(target, prompt, 8)

@@ -239,7 +239,7 @@ def test_batch_drafts_equal_drafting_each_sequence_alone(monkeypatch, draft_kind
     monkeypatch.setattr(speculative, "verify_greedy", _forced_verify)
     # Full trees at every step: near max_new_tokens a batch's trees are cut for its furthest-behind sequence,
     # a sequence alone for itself (test_batch_trees_are_cut_for_the_furthest_behind_sequence).
-    monkeypatch.setattr(SpeculativeDecoder, "_plans_within", lambda self, depth: (self._static, self._dynamic))
+    engine._cut_trees = False
     drafts = []
     original = speculative._Generation._draft
 
