@@ -978,3 +978,39 @@ def test_divergence_modules_check_their_coefficients_when_built(module):
             with pytest.raises(ValueError, match=f"{name} must be in"):
                 cls(**{name: -1.0})
     assert cls(divergence="jsd", beta=0.25).beta == 0.25
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", ["kl_div_rows", "aligndistil_rows", "topk_kl_rows"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_row_ops_apply_a_weight_per_row(op, impl, grouped):
+    """The row ops take a weight of one element (what every public reduction passes) or one per row: row i's loss and
+    stored gradient are then those of a unit weight times weight[i], row groups [G, R, V] included (row i is group
+    i // R). No public option passes [N] weights, so the ops are called directly."""
+    vocab, shape = 37, ((2, 3) if grouped else (6,))
+    student = _logits((*shape, vocab), torch.float32, 0)
+    teacher = _logits((*shape, vocab), torch.float32, 1)
+    labels = torch.tensor([3, -100, 5, 0, 7, 2], device=DEVICE)  # flat [N], as the public ops pass them
+    weights = torch.linspace(0.25, 2.0, 6, device=DEVICE)
+    if op == "kl_div_rows":
+        def call(weight):
+            return torch.ops.distill_ops.kl_div_rows(student, teacher, labels, weight, "jsd", 0.3, 1.5, -100, impl,
+                                                     True)
+    elif op == "aligndistil_rows":
+        other = _logits((*shape, vocab), torch.float32, 2)
+
+        def call(weight):
+            return torch.ops.distill_ops.aligndistil_rows(student, teacher, other, labels, weight, False, 0.1, 10.0,
+                                                          1e-3, None, 1.5, -100, impl, True)[:2]
+    else:
+        logprobs, indices = torch.log_softmax(teacher, -1).topk(5, dim=-1)
+
+        def call(weight):
+            return torch.ops.distill_ops.topk_kl_rows(student, indices.reshape(6, 5), logprobs.reshape(6, 5), labels,
+                                                      weight, "bucket", "reverse", 1.5, -100, impl, True)
+    unit_loss, unit_grad = call(torch.ones(1, device=DEVICE))
+    loss, grad = call(weights)
+    assert unit_loss[labels != -100].abs().min() > 0 and unit_loss[1] == 0  # row 1 is ignored
+    assert_close(loss, unit_loss * weights, torch.float32)
+    assert_close(grad.reshape(6, vocab), unit_grad.reshape(6, vocab) * weights[:, None], torch.float32)
+    assert unit_grad.reshape(6, vocab)[0].abs().sum() > 0
