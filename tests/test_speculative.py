@@ -1089,6 +1089,14 @@ _EAGLE2_CASES = [
     (2, 2, 50, 20, "ties"),  # num_nodes larger than the 6 candidates: all kept
     (1, 4, 8, 20, "peaked"),  # one level: no draft forward
     (3, 2, 1, 20, "ties"),  # a one-node tree: nothing drafted
+    # Fewer nodes after the root than k (T - 1 < k): the final kernel ranks keep = T - 1 contenders per row, so
+    # contender q and candidate 1 + row * k + position differ in stride (elsewhere keep == k).
+    (4, 6, 3, 20, "peaked"),
+    (3, 8, 4, 30, "peaked"),  # every top token scores 0: the last node lies in row 9 of 17
+    # T = depth + 2 with "peaked" logits: the root and the best chain are the T - 1 contenders of score 0, and a
+    # padding lane of the final kernel's tile (score 0, an index past every candidate) also has rank T - 1.
+    (3, 3, 5, 40, "peaked"),
+    (4, 2, 6, 30, "peaked"),
 ]
 
 
@@ -1157,6 +1165,49 @@ def test_device_eagle2_triton_comparison_has_power(monkeypatch):
     monkeypatch.setattr(eagle_tree, "_beats", last_index_first)
     with pytest.raises(AssertionError):
         test_device_eagle2_tree_equals_host_bookkeeping(5, 4, 32, 50, "ties", 0, "triton")
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("num_expand", [1, 2, 3])
+def test_eagle_level_kernel_expands_fewer_nodes_than_k(seed, num_expand):
+    """``eagle_level_forward`` with ``num_expand < k`` ranks ``keep = num_expand`` contenders per row (contender
+    ``q`` is position ``q % keep`` of row ``q // keep``); every output equals a float64 brute force over all
+    ``E * k`` candidates: score = parent node's score + value, "score descending, then candidate index". The engine
+    never expands fewer than k nodes (each level expands min(topk, F_l) >= k), so the kernel is called directly."""
+    from distill_ops.kernels.eagle_tree import eagle_level_forward, section_offsets
+
+    k, num_rows, row_base, node_base, position = 5, 3, 1, 4, 9
+    layout = (1 + (row_base + num_rows) * k, node_base + num_expand, 1)  # candidates, draft nodes, tree nodes
+    float_offsets, int_offsets, float_size, int_size = section_offsets(*layout)
+    generator = torch.Generator().manual_seed(seed)
+    # Few distinct values: exact ties within and across rows, in parent scores and in sums.
+    values = (-torch.randint(0, 3, (num_rows, k), generator=generator).float()).sort(dim=1, descending=True).values
+    indices = torch.randint(0, 1000, (num_rows, k), generator=generator)
+    parent_scores = -torch.randint(0, 3, (num_rows,), generator=generator).double()
+    floats = torch.zeros(float_size, dtype=torch.float64)
+    ints = torch.zeros(int_size, dtype=torch.int64)
+    floats[float_offsets["node_scores"] + row_base: float_offsets["node_scores"] + row_base + num_rows] = parent_scores
+    floats, ints = floats.to(DEVICE), ints.to(DEVICE)
+    eagle_level_forward(values.to(DEVICE), indices.to(DEVICE), floats, ints, layout, row_base, node_base, num_expand,
+                        position)
+    floats, ints = floats.cpu(), ints.cpu()
+
+    candidates = []  # (score, candidate index, row, position) in float64, candidate index 1 + node * k + position
+    for row in range(num_rows):
+        for column in range(k):
+            score = float(parent_scores[row]) + float(values[row, column])
+            candidates.append((score, 1 + (row_base + row) * k + column, row, column))
+    for score, cand, row, column in candidates:
+        assert floats[float_offsets["candidate_scores"] + cand].item() == score
+        assert ints[int_offsets["candidate_tokens"] + cand].item() == indices[row, column].item()
+    best = sorted(candidates, key=lambda c: (-c[0], c[1]))[:num_expand]
+    section = lambda name: ints[int_offsets[name] + node_base: int_offsets[name] + node_base + num_expand].tolist()
+    first_score = float_offsets["node_scores"] + node_base
+    assert floats[first_score: first_score + num_expand].tolist() == [c[0] for c in best]
+    assert section("node_candidates") == [c[1] for c in best]
+    assert section("node_parents") == [row_base + c[2] for c in best]
+    assert section("node_tokens") == [indices[c[2], c[3]].item() for c in best]
+    assert section("node_positions") == [position] * num_expand
 
 
 class _ReplayDrafter:

@@ -183,6 +183,10 @@ def test_bad_retrieve():
     with pytest.raises(ValueError, match=r"tree 0: node 1 is a child of node 2; nodes must be numbered with every "
                                          r"parent before its children"):
         tree_from_retrieve(torch.tensor([2, -1, 1]), torch.tensor([-1, -1, -1]))
+    # A node listed as its own first child: refused in the retrieve arrays' terms, not by the parent-array check
+    # that follows ("parents[1] must be in [0, 1)": an array the caller never passed).
+    with pytest.raises(ValueError, match=r"retrieve arrays of tree 0: node 1 is a child of node 1"):
+        tree_from_retrieve(torch.tensor([-1, 1]), torch.tensor([-1, -1]))
     empty = torch.tensor([], dtype=torch.int64)  # an IndexError before
     with pytest.raises(ValueError, match=r"must hold at least one tree of at least one node, got shape \(0,\)"):
         tree_from_retrieve(empty, empty)
@@ -447,16 +451,45 @@ def test_spec_triton_bad_inputs_raise_before_the_kernel(recorded_launches):
     assert recorded_launches.grids == []
 
 
-def test_spec_triton_broken_contract_stays_in_bounds():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_spec_broken_contract_stays_in_bounds(impl):
     """Unvalidated input (the builder does not read it): parents out of range, a cycle, a depth bound
-    below the true depth. The spec is meaningless but every index in it is a node or -1."""
+    below the true depth. The spec is meaningless but every index in it is a node or -1 (on the PyTorch path the
+    deeper path entries go to a dump column instead of raising an index error)."""
     parents = torch.tensor([[-1, 7, 1, 2, 99, -5, 3, 6], [-1, 0, 1, 2, 3, 4, 5, 6]], device=DEVICE)
-    spec = tree_spec_from_parents_tensor(parents, 2, 2, impl="triton")
+    spec = tree_spec_from_parents_tensor(parents, 2, 2, impl=impl)
+    assert spec.leaf_paths.shape == (2, 8, 3)
     for name in ("first_child", "next_sibling", "leaf_paths"):
         values = getattr(spec, name)
         assert ((values >= -1) & (values < 8)).all(), name
-    assert ((spec.depth >= 0) & (spec.depth <= 2)).all()
-    assert spec.depth[1].tolist() == [0, 1, 2, 2, 2, 2, 2, 2]  # the chain's walk stops at the bound
+    if impl == "triton":  # the kernel's walk up the parents stops at the bound (the PyTorch path counts on)
+        assert ((spec.depth >= 0) & (spec.depth <= 2)).all()
+        assert spec.depth[1].tolist() == [0, 1, 2, 2, 2, 2, 2, 2]
+
+
+def test_spec_triton_parent_equal_to_t_ends_the_walk():
+    """A parent equal to ``T`` (one past the last node) is outside ``[0, T)``: it ends the walk like the root's
+    ``-1``, so nothing past the parent row is read. The row is a view of a wider buffer whose next entry is a
+    valid node: reading it would change the depth and set ancestor bits >= T."""
+    num_nodes = 3
+    specs = []
+    for past_the_row in (1, -1):
+        wide = torch.tensor([[-1, 0, num_nodes, past_the_row]], device=DEVICE)
+        specs.append(tree_spec_from_parents_tensor(wide[:, :num_nodes], num_nodes - 1, num_nodes - 1, impl="triton"))
+    assert specs[0].depth.tolist() == [[0, 1, 0]]  # node 2's walk ends at once: a root of its own
+    assert specs[0].ancestor_mask.tolist() == [[[0b001], [0b011], [0b100]]]  # no bit >= T
+    assert_specs_equal(specs[0], specs[1])  # what lies past the row does not matter
+
+
+def test_retrieve_arrays_do_not_alias_the_spec():
+    """``tree_to_retrieve`` returns new tensors: a consumer that edits its retrieve arrays in place leaves the
+    spec's ``first_child`` / ``next_sibling`` intact."""
+    tree = build_tree(torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, 1]]))
+    first_child, next_sibling = tree.first_child.clone(), tree.next_sibling.clone()
+    for array in tree_to_retrieve(tree):
+        array.fill_(-7)
+    assert torch.equal(tree.first_child, first_child) and torch.equal(tree.next_sibling, next_sibling)
+    assert tree_to_retrieve(tree)[0].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def test_spec_in_place_rebuilds_over_one_buffer():
