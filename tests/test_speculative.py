@@ -8,8 +8,10 @@ drafted tokens must be what the draft itself predicts along each tree path.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import re
+import types
 
 import numpy as np
 import pytest
@@ -1528,10 +1530,12 @@ def test_top_k_zero_means_no_top_k():
     assert not torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("max_new", [4, 3])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_static_tree_ranks_pick_the_parents_rank_th_token(impl, monkeypatch):
+def test_static_tree_ranks_pick_the_parents_rank_th_token(impl, max_new, monkeypatch):
     """EAGLE paths with gaps in the ranks: node [2] drafts the root's third most likely token and [2, 1] the
-    second most likely after it (the ranks were read as sibling positions: [2] drafted the second)."""
+    second most likely after it (the ranks were read as sibling positions: [2] drafted the second). With 2 tokens
+    to go (max_new 3) the tree is cut to its depth-1 nodes, which keep their ranks."""
     target, draft = models("llama")
     prompt = prompts(256, [5], seed=41)[0]
     trees = []
@@ -1540,13 +1544,14 @@ def test_static_tree_ranks_pick_the_parents_rank_th_token(impl, monkeypatch):
                         lambda tree, tokens, logits, **kw: trees.append(tokens.clone()) or real_verify(tree, tokens,
                                                                                                       logits, **kw))
     engine = SpeculativeDecoder(target, draft, tree=[[0], [2], [2, 1]], impl=impl)
-    out = engine.generate(prompt, max_new_tokens=4, eos_token_id=[])  # 3 to go at the first step: the whole tree
-    tokens = next(t for t in trees if t.shape[1] == 4)[0].tolist()  # the first step's tree (after the prefill)
+    out = engine.generate(prompt, max_new_tokens=max_new, eos_token_id=[])  # max_new - 1 to go at the first step
+    assert [t.shape[1] for t in trees][:2] == [1, max_new]  # the prefill's one-node tree, then the first step's
+    tokens = trees[1][0].tolist()
     context = torch.cat([prompt, out.sequences[:, prompt.shape[1]:prompt.shape[1] + 1]], 1)
     with torch.no_grad():
         ranking = draft(context).logits[0, -1].topk(3).indices.tolist()
         after = draft(torch.cat([context, torch.tensor([[ranking[2]]], device=DEVICE)], 1)).logits[0, -1]
-    assert tokens[1:] == [ranking[0], ranking[2], after.topk(2).indices[1].item()]
+    assert tokens[1:] == [ranking[0], ranking[2], after.topk(2).indices[1].item()][:max_new - 1]
     with pytest.raises(ValueError, match="top-9 tokens, more than the vocabulary of 8"):
         tiny = make_models("llama", vocab=8)
         SpeculativeDecoder(tiny[0], tiny[1], tree=[[rank] for rank in range(9)])
@@ -1637,3 +1642,29 @@ def test_unsupported_models(monkeypatch):
     with pytest.raises(ValueError, match=r"attention layers of type window_attention; only full-attention"):
         SpeculativeDecoder(target, draft, impl="torch").generate(prompts(256, [3], seed=43)[0], max_new_tokens=4)
 
+
+def test_timings_add_up_every_step(monkeypatch):
+    """``timings`` sums each phase over the steps: under a clock that advances one second per reading, each
+    step's target forward, verification and compaction add one second each (no clock is read inside them)."""
+    clock = itertools.count()
+    monkeypatch.setattr(speculative, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    target, draft = models("llama")
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    out = engine.generate(prompts(256, [5], seed=13)[0], max_new_tokens=12, eos_token_id=[])
+    steps = len(out.accept_lengths)
+    assert steps >= 3
+    assert out.timings["target"] == out.timings["verify"] == out.timings["compaction"] == steps
+    assert out.timings["prefill"] == 1.0
+    assert out.timings["draft"] >= 2 * steps - 1 + out.timings["tree"] > out.timings["tree"] > 0
+    assert out.timings["total"] > sum(out.timings[phase] for phase in ("prefill", "draft", "target", "verify",
+                                                                        "compaction"))
+
+
+def test_mean_accept_length_counts_the_bonus_token():
+    """A perfect draft on a chain of 4: every step accepts 4 drafts and emits 5 tokens, the mean accept length."""
+    target, _ = models("llama")
+    engine = SpeculativeDecoder(target, target, tree=[[0] * d for d in range(1, 5)], impl="torch")
+    out = engine.generate(prompts(256, [5], seed=3)[0], max_new_tokens=21, eos_token_id=[])
+    assert out.accept_lengths == [4] * 4 and out.num_new_tokens == 21
+    assert out.mean_accept_length == 5.0
+    assert engine.generate(prompts(256, [5], seed=3)[0], max_new_tokens=1).mean_accept_length == 0.0

@@ -14,6 +14,7 @@ import torch
 from transformers import GenerationMixin
 
 import distill_ops.speculative as speculative
+from distill_ops.fspad import FSPADDraftHead
 from distill_ops.speculative import SpeculativeDecoder, TreeAttentionContext, tree_attention_tail
 from distill_ops.tree import build_tree
 from distill_ops.tree_attention import tree_attention
@@ -486,3 +487,79 @@ def test_batch_bad_inputs():
     padded[0, 0] = -1
     out = engine.generate(padded, attention_mask=mask, max_new_tokens=2, eos_token_id=[])
     assert out.sequences[0, 0].item() == -1 and out.sequences.shape == (2, 7)
+
+
+@pytest.mark.parametrize("tree_kind", ["dynamic", "static"])
+def test_batch_fspad_row_that_ends_at_its_first_token(tree_kind):
+    """An FSPAD head in a batch where one sequence (not the last) ends with the prefill's token (its first new
+    token is the EOS): it leaves the batch before the head's prefill, whose prompts, first tokens and target
+    features must then be those of the remaining sequences."""
+    target, _ = models("llama")
+    head = make_head(target)
+    tree = dict(tree=STATIC_TREE) if tree_kind == "static" else DYNAMIC_TREE
+    engine = SpeculativeDecoder(target, head, impl="torch", **tree)
+    rows = prompts(256, [3, 9, 1, 6], seed=41)
+    eos = reference_generate(target, rows[1], 1)[0, -1].item()  # row 1's first new token
+    ids, mask = left_padded(rows)
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=eos, pad_token_id=0)
+    expected = expected_rows(target, rows, ids, 9, eos=eos, pad=0)
+    assert torch.equal(out.sequences, expected), (out.sequences, expected)
+    assert out.row_accept_lengths[1] == []  # row 1 ended at the prefill
+    assert all(len(lengths) > 0 for b, lengths in enumerate(out.row_accept_lengths) if b != 1)
+
+
+@pytest.mark.parametrize("draft_kind", ["lm", "fspad"])
+def test_batch_draft_cache_holds_the_longest_committed_sequence_before_each_draft(monkeypatch, draft_kind):
+    """Before every drafting step of a ragged batch the drafter's cache is as long as its longest committed
+    sequence (a draft LM: the tokens through the root; an FSPAD head: one entry fewer) and, for a draft LM, row b
+    holds the cache a plain draft forward of sequence b builds: the padding of the ragged advances (sequences
+    that accepted fewer tokens than the longest advance) is not kept."""
+    target, draft_lm = models("llama")
+    draft = draft_lm if draft_kind == "lm" else make_head(target)
+    engine = SpeculativeDecoder(target, draft, impl="torch", tree=STATIC_TREE)
+    monkeypatch.setattr(speculative, "verify_greedy", _forced_verify)  # different accepted lengths per sequence
+    original = speculative._Generation._draft
+    checked = []
+
+    def checking(self, root_logits, root_state, roots, root_pos):
+        committed = [self.rows[row] for row in self.active]  # through each root
+        if isinstance(draft, FSPADDraftHead):
+            assert self.drafter.cache.length == max(len(row) for row in committed) - 1
+        else:
+            cache = self.drafter.cache
+            assert cache.get_seq_length() == max(len(row) for row in committed)
+            for b, row in enumerate(committed):
+                with torch.no_grad():
+                    fresh = draft(torch.tensor([row], device=ids.device), use_cache=True).past_key_values
+                for layer, expected in zip(cache.layers, fresh.layers):
+                    assert_close(layer.keys[b:b + 1, :, :len(row)], expected.keys, torch.float32)
+        checked.append(len(committed))
+        return original(self, root_logits, root_state, roots, root_pos)
+
+    monkeypatch.setattr(speculative._Generation, "_draft", checking)
+    rows = prompts(256, [5, 2, 8, 3], seed=29)
+    ids, mask = left_padded(rows)
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    assert len(checked) >= 3 and len({tuple(lengths) for lengths in out.row_accept_lengths}) > 1
+
+
+@pytest.mark.parametrize("rule", [dict(no_repeat_ngram_size=2), dict(forced_eos_token_id=11),
+                                  dict(encoder_repetition_penalty=1.5), dict(encoder_no_repeat_ngram_size=2)],
+                         ids=lambda rule: next(iter(rule)))
+def test_batch_rules_after_an_earlier_row_left(rule):
+    """Rules with per-sequence state in a left-padded batch whose first sequence ends early (an EOS only it
+    emits): the sequences still decoding keep their own n-gram history, forced-EOS position and prompt, each row
+    equal to ``generate`` on its prompt alone."""
+    target, draft = models("llama")
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    rows = prompts(256, [4, 2, 7], seed=5)
+    options = dict(do_sample=False, pad_token_id=0, **rule)
+    eos = target.generate(rows[0], max_new_tokens=12, **options)[0, 4 + 2].item()  # row 0's third new token
+    ids, mask = left_padded(rows)
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0, **rule)
+    new = [len(lengths) for lengths in out.row_accept_lengths]
+    assert new[0] < max(new[1:])  # row 0 left the batch while the others went on
+    for index, row in enumerate(rows):
+        alone = target.generate(row, max_new_tokens=12, eos_token_id=eos, **options)[0, row.shape[1]:].tolist()
+        got = out.sequences[index, ids.shape[1]:].tolist()
+        assert got[: len(alone)] == alone and all(token == 0 for token in got[len(alone):]), index

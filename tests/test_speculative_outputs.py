@@ -9,7 +9,7 @@ import torch
 from distill_ops import SpeculativeDecoder
 
 from .conftest import DEVICE, assert_close
-from .test_speculative import DYNAMIC_TREE, STATIC_TREE, make_head, models, prompts
+from .test_speculative import DYNAMIC_TREE, STATIC_TREE, make_head, models, prompts, reference_generate
 from .test_speculative_batch import left_padded
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
@@ -82,13 +82,20 @@ def test_batch_rows_and_hf_generate():
     ids, mask = left_padded(rows)
     options = dict(max_new_tokens=9, eos_token_id=EOS, pad_token_id=0, output_scores=True, output_logits=True)
     out = engine.hf_generate(ids, attention_mask=mask, return_dict_in_generate=True, **options)
+    counts = _rows_equal_alone(engine, out, rows, options)
+    assert len(set(counts)) > 1  # rows left the batch at different steps
+
+
+def _rows_equal_alone(engine, out, rows, options):
+    """Checks each row's scores and logits in ``out`` against the sequence decoded alone; returns how many steps
+    each sequence took alone."""
     counts = []
     for index, row in enumerate(rows):
         alone = engine.generate(row, **options)
         counts.append(alone.scores[0].shape[0])
         _assert_rows(out.scores[index], alone.scores[0])
         _assert_rows(out.logits[index], alone.logits[0])
-    assert len(set(counts)) > 1  # rows left the batch at different steps
+    return counts
 
 
 def test_triton_path_and_flags_are_checked():
@@ -101,3 +108,17 @@ def test_triton_path_and_flags_are_checked():
     _assert_rows(out.scores[0], torch.stack(expected.scores)[:, 0])
     with pytest.raises(TypeError, match="output_scores"):
         engine.generate(prompt, max_new_tokens=2, output_scores="yes")
+
+
+def test_batch_rows_after_an_earlier_row_left():
+    """The first sequence of a batch ends early (an EOS only it emits) while the others go on: each later step's
+    rows belong to the sequences still in the batch, so every sequence's scores and logits are still those of the
+    sequence decoded alone."""
+    target, draft = models("llama")
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    rows = prompts(256, [4, 2, 7], seed=5)
+    eos = reference_generate(target, rows[0], 12)[0, 4 + 2].item()  # row 0's third new token
+    ids, mask = left_padded(rows)
+    options = dict(max_new_tokens=10, eos_token_id=eos, pad_token_id=0, output_scores=True, output_logits=True)
+    counts = _rows_equal_alone(engine, engine.generate(ids, attention_mask=mask, **options), rows, options)
+    assert counts[0] == 3 and counts[1] > 3 and counts[2] > 3  # row 0 left the batch before the others
