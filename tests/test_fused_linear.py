@@ -1359,3 +1359,55 @@ def test_student_head_and_bias_wider_than_vocab_size(impl):
     and the bias gradient has the bias's shape. The suite's padded-student case (test_peer_bugs_losses) has no bias."""
     case = _case((13,), 24, 211, torch.float32, teacher_logits=True, teacher_vocab=203, biases=True, seed=54)
     _check(case, impl, divergence="jsd", vocab_size=203, labels=_labels((13,), 203, 55), ce_weight=0.5)
+
+
+@pytest.mark.parametrize("impl", FL_IMPLS)
+def test_return_entropy_with_masked_student_columns(impl):
+    """return_entropy with -inf student bias entries (masked tokens, as test_masked_vocabulary_minus_inf_bias): those
+    columns have q = 0 and contribute 0 to H = -sum q log q, not 0 * -inf = NaN. Every ENTROPY_CASES case has finite
+    logits, so an entropy sum of q * (z / T) without the q == 0 guard passed them."""
+    case = _case((2, 5), 24, 70, torch.float32, biases=True, seed=35)
+    for name in ("student_bias", "teacher_bias"):  # masked on both sides: the loss stays finite
+        case[name][::7] = float("-inf")
+    labels = _labels((2, 5), 70, 36)
+    labels[labels % 7 == 0] = 1  # targets are never masked tokens
+    with _strategy(impl) as backend:
+        loss, entropy = fused_linear_kl_div(**case, labels=labels, ce_weight=0.5, temperature=1.7,
+                                            return_entropy=True, impl=backend)
+    logits = case["student_hidden"].double().cpu() @ case["student_weight"].double().cpu().T
+    logits = logits + case["student_bias"].double().cpu()
+    expected = torch.special.entr(torch.softmax(logits / 1.7, dim=-1)).sum(-1)  # entr(0) = 0
+    expected = torch.where(labels.cpu() != -100, expected, 0.0)
+    assert torch.isfinite(loss)
+    assert_close(entropy, expected, torch.float32, "entropy")
+    assert (expected[labels.cpu() != -100] > 0.5).all()
+
+
+def test_bad_inputs_teacher_bias_or_zero_temperature():
+    """Two checks test_bad_inputs does not reach: a teacher_bias beside teacher_logits is the teacher given twice (it
+    was silently dropped when only the bias came with the logits), and temperature 0 is refused as in kl_div (it would
+    divide the logits by 0)."""
+    case = _case((4,), 8, 10, torch.float32, seed=22)
+    hs, w, ht, wt = case["student_hidden"], case["student_weight"], case["teacher_hidden"], case["teacher_weight"]
+    logits = torch.zeros(4, 10, device=hs.device)
+    with pytest.raises(ValueError, match="given twice"):
+        fused_linear_kl_div(hs, w, teacher_logits=logits, teacher_bias=torch.zeros(10, device=hs.device))
+    for temperature in (0.0, -1.0):
+        with pytest.raises(ValueError, match=rf"temperature must be in \(0.0, inf\), got {temperature}"):
+            fused_linear_kl_div(hs, w, ht, wt, temperature=temperature, impl="torch")
+        with pytest.raises(ValueError, match=rf"temperature must be in \(0.0, inf\), got {temperature}"):
+            fused_linear_kl_div(hs, w, teacher_logits=logits, temperature=temperature, impl="torch")
+
+
+def test_bad_reduction_and_normalizer_are_refused():
+    """fused_linear_kl_div checks reduction and normalizer as kl_div does: without the check an unknown reduction
+    ("batchmean") silently summed the rows and a normalizer beside reduction="sum" or <= 0 was silently used or
+    dropped."""
+    case = _case((4,), 8, 10, torch.float32, seed=22)
+    args = (case["student_hidden"], case["student_weight"], case["teacher_hidden"], case["teacher_weight"])
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fused_linear_kl_div(*args, reduction="batchmean", impl="torch")
+    with pytest.raises(ValueError, match="normalizer only applies"):
+        fused_linear_kl_div(*args, reduction="sum", normalizer=4.0, impl="torch")
+    with pytest.raises(ValueError, match=r"normalizer must be in \(0.0, inf\), got -2.0"):
+        fused_linear_kl_div(*args, normalizer=-2.0, impl="torch")

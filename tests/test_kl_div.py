@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_ops import DIVERGENCES, AlignDistilLoss, FusedLinearKLDivLoss, KLDivLoss, kl_div, kl_div_reference
+from distill_ops import (
+    DIVERGENCES,
+    AlignDistilLoss,
+    FusedLinearKLDivLoss,
+    KLDivLoss,
+    fused_linear_kl_div,
+    kl_div,
+    kl_div_reference,
+)
 from tests._definitions import divergence_rows, reduce_rows
 from tests.conftest import DEVICE, IMPLS, TOLERANCES, RecordTensorOps, assert_close
 
@@ -1014,3 +1022,36 @@ def test_row_ops_apply_a_weight_per_row(op, impl, grouped):
     assert_close(loss, unit_loss * weights, torch.float32)
     assert_close(grad.reshape(6, vocab), unit_grad.reshape(6, vocab) * weights[:, None], torch.float32)
     assert unit_grad.reshape(6, vocab)[0].abs().sum() > 0
+
+
+def test_bad_shared_arguments_not_reached_by_test_bad_inputs():
+    """Validation edges of the shared helpers that test_bad_inputs does not reach: labels with the right number of
+    rows in the wrong shape (a [3, 2] label tensor against [2, 3] logits would pair the wrong tokens), a normalizer
+    tensor with no element, a float normalizer of 0 (a Python ZeroDivisionError otherwise) and an ignore_index just
+    past int64, and 0-dim logits (no vocabulary dim)."""
+    s = torch.randn(2, 3, 10)
+    t = torch.randn(2, 3, 10)
+    _bad(r"labels must have shape \(2, 3\) \(the logits' leading dims\), got \(3, 2\)", s, t,
+         labels=torch.zeros(3, 2, dtype=torch.long))
+    _bad(r"normalizer must be a number or a one-element tensor, got shape \(0,\)", s, t, normalizer=torch.zeros(0))
+    _bad(r"normalizer must be in \(0.0, inf\), got 0.0", s, t, normalizer=0.0)
+    _bad(f"ignore_index must fit in int64, got {2**63}", s, t, ignore_index=2**63)
+    assert torch.isfinite(kl_div(s, t, ignore_index=2**63 - 1))  # the largest int64 is accepted
+    _bad(r"student_logits must have at least 1 dims, got shape \(\)", torch.tensor(1.0), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mean_over_no_rows_is_zero(impl):
+    """reduction="mean" over an input with no rows (and no labels) is 0.0 with zero gradients, as documented ("0.0 if
+    none"), for kl_div and fused_linear_kl_div: the row count in the mean's 1 / count is floored at 1 (1 / 0 was a
+    ZeroDivisionError)."""
+    student = torch.zeros(0, 10, device=DEVICE, requires_grad=True)
+    loss = kl_div(student, torch.zeros(0, 10, device=DEVICE), impl=impl)
+    loss.backward()
+    assert loss.item() == 0.0 and student.grad.shape == (0, 10)
+    hidden = torch.zeros(0, 8, device=DEVICE, requires_grad=True)
+    weight = torch.randn(10, 8, device=DEVICE, requires_grad=True)
+    loss = fused_linear_kl_div(hidden, weight, torch.zeros(0, 8, device=DEVICE), torch.randn(10, 8, device=DEVICE),
+                               impl=impl)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(weight.grad) == 0
