@@ -345,18 +345,22 @@ def test_softcapped_gemma2_equals_loss_from_the_models_own_logits(impl):
 
 
 def _fspad_reference(regress, predict, target, weight, regress_weight, logit_weight, mask, scale=1.0, cap=None,
-                     beta=1.0, temperature=1.0):
+                     beta=1.0, temperature=1.0, bias=None, reduction="mean", with_entropy=True):
     """The formula written out (EAGLE / FSPAD training code): SmoothL1 + soft cross-entropy, in float64, with the
-    target's logits ``cap * tanh(scale * lm_head(h) / cap)`` (over ``temperature``)."""
+    target's logits ``cap * tanh(scale * lm_head(h) / cap)`` (over ``temperature``); without the teacher's entropy
+    the logit term is KL(p || q) = soft CE - H(p). ``none`` returns the rows (``mask`` all True)."""
     def logits(hidden):
-        z = scale * (hidden.double() @ weight.double().T)
+        z = scale * (hidden.double() @ weight.double().T + (0.0 if bias is None else bias.double()))
         return (z if cap is None else cap * torch.tanh(z / cap)) / temperature
 
     regression = F.smooth_l1_loss(regress.double(), target.double(), reduction="none", beta=beta).mean(-1)
     teacher = torch.softmax(logits(target), dim=-1)
     student = torch.log_softmax(logits(predict), dim=-1)
-    rows = regress_weight * regression + logit_weight * -(teacher * student).sum(-1)
-    return rows[mask].sum() / mask.sum()
+    logit_term = -(teacher * student).sum(-1) - (0.0 if with_entropy else torch.special.entr(teacher).sum(-1))
+    rows = regress_weight * regression + logit_weight * logit_term
+    if reduction == "none":
+        return rows
+    return rows[mask].sum() / (mask.sum() if reduction == "mean" else 1)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -1391,3 +1395,58 @@ def test_a_model_whose_get_decoder_is_itself_and_has_no_body_is_refused():
         causal_lm_body(HeadOnly())
     _, teacher = _tiny_models()
     assert causal_lm_body(teacher) is teacher.model
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("scale, cap", [(1.0, None), (0.5, 3.0)])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fspad_draft_loss_with_a_bias_every_reduction_and_without_the_entropy(impl, scale, cap, reduction):
+    """lm_head_bias (on both sides, scaled by logit_scale with the features, inside the softcap; in the teacher
+    entropy too), reduction none / sum and no loss_mask, against the formula in float64; with
+    include_teacher_entropy=False the value is KL(p || q) = soft CE - H(p) exactly (every other test passed no bias
+    and checked only that this value is lower)."""
+    generator = torch.Generator().manual_seed(8)
+    regress, predict, target = (torch.randn(2, 5, 24, generator=generator, dtype=torch.float64).float().to(DEVICE)
+                                for _ in range(3))
+    weight = (torch.randn(70, 24, generator=generator, dtype=torch.float64) * 0.3).float().to(DEVICE)
+    bias = (torch.randn(70, generator=generator, dtype=torch.float64) * 2.0).float().to(DEVICE)
+    options = dict(regress_weight=1.5, logit_weight=0.4, smooth_l1_beta=0.7, temperature=1.3)
+    leaves = [t.clone().requires_grad_(True) for t in (regress, predict)]
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (regress, predict)]
+    mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
+    for with_entropy in (True, False):
+        expected = _fspad_reference(*leaves64, target, weight, 1.5, 0.4, mask, scale, cap, 0.7, 1.3, bias=bias,
+                                    reduction=reduction, with_entropy=with_entropy)
+        loss = fspad_draft_loss(*leaves, target, weight, lm_head_bias=bias, logit_scale=scale, softcap=cap,
+                                reduction=reduction, include_teacher_entropy=with_entropy, impl=impl, **options)
+        assert loss.shape == expected.shape
+        assert_close(loss, expected, torch.float32, f"loss, include_teacher_entropy={with_entropy}")
+    upstream = torch.linspace(-1.0, 2.0, 10, dtype=torch.float64, device=DEVICE).reshape(2, 5)
+    if reduction == "sum":
+        upstream = upstream[0, 1]  # one value: the sum's incoming gradient
+    (loss.double() * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    assert_close(leaves[0].grad, leaves64[0].grad, torch.float32, "regress grad")
+    assert_close(leaves[1].grad, leaves64[1].grad, torch.float32, "predict grad")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fspad_draft_loss_with_a_bf16_head_output_and_an_fp32_lm_head(impl):
+    """A bf16 draft head trained against an fp32 target (features and LM head): the LM head is cast to the draft's
+    dtype for the draft side, as documented. Every other test used one dtype throughout: without the cast the loss
+    raised (student_hidden and student_weight must share a dtype)."""
+    generator = torch.Generator().manual_seed(6)
+    regress, predict, target = (torch.randn(2, 5, 24, generator=generator, dtype=torch.float64) for _ in range(3))
+    weight = (torch.randn(70, 24, generator=generator, dtype=torch.float64) * 0.3).float().to(DEVICE)
+    leaves = [t.to(DEVICE, torch.bfloat16).requires_grad_(True) for t in (regress, predict)]
+    loss = fspad_draft_loss(*leaves, target.float().to(DEVICE), weight, impl=impl)
+    loss.backward()
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
+    expected = _fspad_reference(*leaves64, target.float().to(DEVICE), weight, 1.0, 0.1, mask)
+    expected.backward()
+    assert loss.dtype == torch.float32
+    assert_close(loss, expected, torch.bfloat16, "loss")
+    for leaf, leaf64 in zip(leaves, leaves64):
+        assert leaf.grad.dtype == torch.bfloat16
+        assert_close(leaf.grad, leaf64.grad, torch.bfloat16, "gradient")

@@ -838,12 +838,20 @@ def test_interpreter_enabled_on_cpu():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_backward_scales_only_rows_whose_incoming_gradient_is_not_one(impl):
-    student = _logits((4, 129), torch.float32, seed=50)
-    teacher = _logits((4, 129), torch.float32, seed=51)
-    upstream = torch.tensor([1.0, 2.5, 1.0, -0.5], device=DEVICE)
-    loss, grad, _ = _run(student, teacher, impl, divergence="forward", reduction="none", upstream=upstream)
+    """Each row's stored gradient is scaled by its incoming gradient (the Triton kernel skips only rows whose scale
+    is exactly 1; a scale of 0 zeroes its row): contiguous, as a strided view (every other column of a wider tensor)
+    with zero, negative, fractional and unit entries, and as expanded scalars 0.75 and 0 (stride 0, as from
+    loss.sum()). A kernel that also skipped rows of scale 0 (leaving the unscaled gradient there) passed before the
+    zero entries."""
+    student = _logits((6, 129), torch.float32, seed=60)
+    teacher = _logits((6, 129), torch.float32, seed=61)
     _, ref_grad = kl_div_reference(student, teacher, divergence="forward", reduction="none")
-    assert_close(grad, ref_grad * upstream.double().unsqueeze(-1), torch.float32)
+    wide = torch.tensor([[0.0, 1.0, -2.0, 1.0, 0.5, 3.0], [7.0] * 6], device=DEVICE).t()
+    for upstream in (torch.tensor([1.0, 2.5, 1.0, -0.5, 1.0, 1.0], device=DEVICE), wide[:, 0],
+                     torch.tensor(0.75, device=DEVICE).expand(6), torch.zeros((), device=DEVICE).expand(6)):
+        _, grad, _ = _run(student, teacher, impl, divergence="forward", reduction="none", upstream=upstream)
+        assert_close(grad, ref_grad * upstream.double().unsqueeze(-1), torch.float32, str(upstream.stride()))
+    assert torch.equal(grad, torch.zeros_like(grad))
 
 
 @pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])

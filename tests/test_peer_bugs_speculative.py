@@ -8,6 +8,7 @@ cases (a coin of exactly 0, a coin just below 1) are tested directly rather than
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -425,3 +426,33 @@ def test_engine_sampling_with_top_k_one_is_greedy():
         assert torch.equal(out.sequences, reference_generate(target, prompt, 12))
         accepted += sum(out.accept_lengths)
     assert accepted > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_top_p_equal_to_a_prefix_mass_keeps_that_prefix_only(monkeypatch, temperature, impl):
+    """Top-p keeps the smallest descending prefix whose mass *reaches* top_p: logits 2 ln 2, ln 2, 0, 0 (times the
+    temperature) give masses 1/2, 1/4, 1/8, 1/8, exact in fp32, so with top_p = 3/4 the first two tokens reach it
+    and the two tokens of mass 1/8 are dropped (transformers' TopPLogitsWarper drops them too: their ascending
+    cumulative mass is <= 1 - top_p). A cut that also keeps a token whose mass before equals top_p (<= in place of
+    <) kept all four: the random-row tests keep every cumulative mass away from top_p."""
+    row = torch.tensor([2 * math.log(2), math.log(2), 0.0, 0.0, float("-inf")], dtype=torch.float64) * temperature
+    got = our_support(row, temperature, None, 0.75, impl, monkeypatch)
+    assert got.tolist() == [True, True, False, False, False]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_coin_past_the_rounded_total_mass_draws_the_last_token_of_positive_mass(monkeypatch, impl):
+    """Inverse CDF at the top end: the fp32 probabilities of this row sum (cumulatively, in vocabulary order) to
+    less than the largest coin below 1, so no token's cumulative mass exceeds the coin. The draw then falls back to
+    the last token of positive mass (where the CDF ends), not the first one; the token after it has no mass and
+    must not be drawn either. Only the all-zero residual was tested: a fallback to the first positive token passed."""
+    row = torch.randn(6, generator=torch.Generator().manual_seed(11)) * 2
+    row = torch.cat([row, torch.tensor([float("-inf")])])
+    weights = torch.exp(row - row.max())
+    assert torch.cumsum(weights / weights.sum(), -1)[-1].item() < ALMOST_ONE  # the case under test
+    tree = build_tree(torch.tensor([-1], device=DEVICE))
+    force_uniforms(monkeypatch, ALMOST_ONE)
+    result = verify_sampling(tree, torch.zeros(1, 1, dtype=torch.int64, device=DEVICE), row.view(1, 1, -1).to(DEVICE),
+                             impl=impl)
+    assert result.next_tokens.tolist() == [5] and result.emitted_tokens.tolist() == [[5]]

@@ -747,3 +747,57 @@ def test_nan_target_logits_read_as_neg_inf(mode, impl):
     if mode == "greedy":
         for b, (path, bonus) in enumerate(brute_force_greedy(parents.tolist(), tokens, as_inf)):
             assert got.accepted_nodes[b].tolist()[:len(path)] == path and got.next_tokens[b].item() == bonus
+
+
+def test_verify_refuses_a_draft_token_equal_to_the_vocabulary_size():
+    """The token-range check's upper end: a token id of exactly V (one past the last) is refused like any other
+    out-of-range id. Under a check with > in place of >=, the PyTorch path read it as token V - 1 (it clamps the
+    index) and could accept it; the existing check passed tokens + 5, whose other values are all > V."""
+    tree = build_tree(torch.tensor(PARENTS))
+    tokens, logits, _ = make_sampling_batch(2, False, seed=0)
+    for bad in (logits.shape[-1], -1):
+        wrong = tokens.clone()
+        wrong[1, 4] = bad
+        for verify in (verify_greedy, verify_sampling):
+            with pytest.raises(ValueError, match=r"draft_tokens must be token ids in \[0, V=5\)"):
+                verify(tree, wrong, logits, impl="torch")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compact_kv_cache_bounds_are_exact(impl):
+    """The two cache-length checks at their boundaries: cache_lens + W == S (the accepted width exactly fills the
+    cache, every accepted node's row inside) is accepted and compacts; an accepted node whose row is exactly S
+    (cache_lens + node == S) is refused before any row moves (the PyTorch path failed with an index error, the
+    kernel skipped the row)."""
+    chain = build_tree(torch.tensor([-1, 0, 1]))  # W = 3
+    result = VerifyResult(torch.tensor([[0, 1, 2]], device=DEVICE), torch.tensor([2], device=DEVICE),
+                          torch.zeros(1, dtype=torch.int64, device=DEVICE), torch.tensor([[4, 5, 6]], device=DEVICE))
+    assert chain.max_depth + 1 == result.accepted_nodes.shape[1]
+    k = torch.randn(1, 2, 7, 4, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    v = torch.randn(1, 2, 7, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    k_before, v_before = k.clone(), v.clone()
+    assert compact_kv_cache(k, v, torch.tensor([4], device=DEVICE), result, impl=impl).tolist() == [7]
+    assert torch.equal(k, k_before) and torch.equal(v, v_before)  # the accepted rows are already in place
+    # Star: node 7 accepted at depth 1 (W = 2); S = 9 with cache_len 2 puts its row at exactly 9.
+    star = VerifyResult(torch.tensor([[0, 7]], device=DEVICE), torch.tensor([1], device=DEVICE),
+                        torch.zeros(1, dtype=torch.int64, device=DEVICE), torch.tensor([[3, 1]], device=DEVICE))
+    short_k, short_v = torch.randn(1, 1, 9, 4).to(DEVICE), torch.randn(1, 1, 9, 4).to(DEVICE)
+    before = short_k.clone(), short_v.clone()
+    with pytest.raises(ValueError, match="must hold every accepted tree node"):
+        compact_kv_cache(short_k, short_v, torch.tensor([2], device=DEVICE), star, impl=impl)
+    assert torch.equal(short_k, before[0]) and torch.equal(short_v, before[1])
+
+
+def test_verify_refuses_a_tree_batch_that_is_neither_one_nor_b():
+    """TreeSpec holds 1 tree or one per sequence: 2 trees for 3 sequences (or 3 for 2) are refused on every impl with
+    the documented message, before any walk (no test passed a wrong count: without the check the PyTorch path failed
+    inside expand() with a RuntimeError, and the Triton launch was given a tree count it does not check)."""
+    logits = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(0))
+    tokens = torch.zeros(3, 4, dtype=torch.int64)
+    two = build_tree(torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, 2]]))
+    three = build_tree(torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, 2], [-1, 0, 0, 0]]))
+    for tree, batch in ((two, 3), (three, 2)):
+        for impl in IMPLS:
+            for verify in (verify_greedy, verify_sampling):
+                with pytest.raises(ValueError, match=f"tree must hold 1 or B={batch} trees, got {tree.batch_size}"):
+                    verify(tree, tokens[:batch], logits[:batch], impl=impl)
