@@ -405,7 +405,7 @@ def summarize_results(results: list[dict], meta: dict) -> str:
         title = f"kl_div targets at N={n}, V={v}, bf16, forward KL ({meta['device_name']})"
         sweep_lines = _sweep_summary(results)
     else:
-        n, v = CPU_MEMORY_SHAPE
+        n, v = CPU_QUICK_MEMORY_SHAPE if meta.get("quick") else CPU_MEMORY_SHAPE  # the shape the run measured
         shape = dict(N=n, V=v, dtype="fp32", divergence="forward")
         fallback = _find(results, OP, "ours_torch", **shape)
         eager = _find(results, OP, "eager", **shape)

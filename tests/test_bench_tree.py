@@ -62,3 +62,23 @@ def test_summary_marks_targets_met_and_missed():
     assert "| 1 | 32 | ours_triton_graph | 30 % **missed** | not measured |" in text
     assert "| 1 | 64 | 131072 | ours_triton | not measured |" in text
     assert bench_tree.summarize_results(results, {"device": "cpu"}) == ""
+
+
+def test_summary_targets_are_met_at_their_thresholds_and_only_at_l_4096():
+    """Exactly 80 % of the roofline and exactly 3x SDPA are met (the issue says ≥), exactly 1.5x one read too (≤);
+    a case at another L is not a row of the L = 4096 table."""
+    attn = {"B": 8, "L": 4096, "T": 32, "Hq": 32, "Hkv": 8, "D": 128, "dtype": "bfloat16"}
+    short = dict(attn, L=1024, B=2)
+    ver = {"B": 8, "T": 64, "V": 131072}
+    results = [
+        _row("tree_attention", "ours_triton", attn, 0.25, hbm=0.8),
+        _row("tree_attention", "sdpa_dense_mask", attn, 0.75),
+        _row("tree_attention", "ours_triton", short, 0.25, hbm=0.9),
+        _row("tree_attention", "sdpa_dense_mask", short, 0.75),
+        _row("verify_greedy", "ours_triton", ver, 0.375),
+        _row("verify_greedy", "one_read_graph", ver, 0.25),
+    ]
+    text = bench_tree.summarize_results(results, {"device": "cuda", "device_name": "test"})
+    assert "| 8 | 32 | ours_triton | 80 % met | 3.00× met |" in text
+    assert "| 8 | 64 | 131072 | ours_triton | 1.50× met |" in text
+    assert "| 2 | 32 |" not in text  # L = 1024: not a target row
