@@ -481,22 +481,34 @@ def test_masked_columns_against_far_negative_logits(masked, divergence, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_forward_kl_drops_an_infinite_term_whose_weight_underflows_later(impl):
-    """A token the student rules out (-inf) where the teacher's logit is 0, and a later tile (V = 2048: columns 0 and
-    1024 share a lane of the kernel's 1024-wide tiles) where the teacher's max rises to 200: that token's p = e^-200
-    is 0 in fp32, so its term p (log p - log q) = 0 * inf is dropped, as the PyTorch path does; the kernel's lane
-    held +inf there until the rescale by e^-200 (0): it must drop it, not form 0 * inf (NaN). Both impls equal
-    float64 with the teacher's token at -inf (p = 0), loss and gradient."""
+@pytest.mark.parametrize("case", ["forward_weight_rises", "reverse_weight_rises", "forward_lane_far_below"])
+def test_kl_drops_an_infinite_term_whose_weight_underflows(case, impl):
+    """A token one side rules out (-inf) where the other side's logit is 0 (forward KL: the student rules it out and
+    the teacher's p weighs the term; reverse: the other way round). V = 2048: columns 0 and 1024 share a lane of the
+    kernel's 1024-wide tiles. ``*_weight_rises``: a later tile where the weighting side's max rises to 200, so the
+    token's weight e^-200 is 0 in fp32 and its term 0 * inf is dropped, as the PyTorch path does; the kernel's lane
+    held +inf until the rescale by e^-200 (0) and must drop it, not form NaN. ``forward_lane_far_below``: the lane's
+    teacher logits are all -200 while the teacher's row max is 0; the lane's sum holds +inf to the row's end, where
+    the fallback drops the lanes whose teacher scale e^-200 is 0, though their student scale is 1 (column 1024's
+    logit is the student's row max; a fallback keyed on the student's scale kept the NaN). Both impls equal float64
+    with the token's weight at -inf, loss and gradient (mutation audits: the reverse twin and the student-keyed
+    fallback each passed every test before)."""
     student = torch.zeros(2, 2048, device=DEVICE)
     teacher = torch.zeros(2, 2048, device=DEVICE)
-    student[0, 0] = float("-inf")
-    teacher[0, 1024] = 200.0
-    loss, grad, upstream = _run(student, teacher, impl, divergence="forward", reduction="none")
-    dropped = teacher.clone()
-    dropped[0, 0] = float("-inf")
-    expected, expected_grad = independent_reference(student, dropped, upstream, divergence="forward",
+    divergence = "reverse" if case.startswith("reverse") else "forward"
+    ruled_out, weighting = (teacher, student) if divergence == "reverse" else (student, teacher)
+    ruled_out[0, 0] = float("-inf")
+    if case == "forward_lane_far_below":
+        weighting[0, [0, 1024]] = -200.0
+    else:
+        weighting[0, 1024] = 200.0
+    loss, grad, upstream = _run(student, teacher, impl, divergence=divergence, reduction="none")
+    weighting[0, 0] = float("-inf")  # the reference: the token's weight is 0
+    expected, expected_grad = independent_reference(student, teacher, upstream, divergence=divergence,
                                                     reduction="none")
-    assert torch.isfinite(loss).all() and expected[0] > 1.0
+    assert torch.isfinite(loss).all() and torch.isfinite(expected).all()
+    if case == "forward_weight_rises":
+        assert expected[0] > 1.0
     assert_close(loss, expected, torch.float32, "loss")
     assert_close(grad, expected_grad, torch.float32, "gradient")
 
@@ -1063,3 +1075,102 @@ def test_mean_over_no_rows_is_zero(impl):
                                impl=impl)
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(weight.grad) == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("coefficient", [1e-45, 1e-31])
+@pytest.mark.parametrize("divergence", ["skew_forward", "skew_reverse"])
+def test_skew_kls_below_1e_30_stay_second_order_where_the_sides_nearly_agree(divergence, coefficient, impl):
+    """The kernel's skew KLs at a coefficient <= 1e-30 (its log p - log m form) write each term as x psi, second order
+    in log(x / m) (``SKEW_PSI``), not x log(x / m) + c (y - x), first order in the normalisation's rounding. The
+    fp32-rounding test above (log-ratios ~0.05, loss ~1e-3) did not tell the two apart (a mutation audit: every
+    term through the first form passed it); at log-ratios ~0.005 (loss ~1.5e-5) the first form is ~4e-4 off of
+    the 40-digit loss, x psi ~2e-5. Relative to the loss (atol 0: the loss is below the fp32 atol)."""
+    generator = torch.Generator().manual_seed(5)
+    student = torch.randn(3, 200, generator=generator, dtype=torch.float64) * 0.1
+    teacher = student + torch.randn(3, 200, generator=generator, dtype=torch.float64) * 0.005
+    student, teacher = student.float(), teacher.float()
+    loss = kl_div(student.to(DEVICE), teacher.to(DEVICE), divergence=divergence, alpha=coefficient,
+                  reduction="none", impl=impl)
+    expected = _decimal_mixture_rows(student.double(), teacher.double(), divergence, coefficient)
+    assert expected.max() < 1e-4
+    torch.testing.assert_close(loss.double().cpu(), expected, rtol=TOLERANCES[torch.float32]["rtol"], atol=0.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
+def test_row_groups_of_student_and_teacher_with_different_group_strides(divergence, impl):
+    """Shifted logits of a batch on one side only (``student[:, :-1]`` beside a contiguous teacher, and the other way
+    round): both are read as [B, L, V] row groups, whose group strides differ ((L + 1) V against L V). The in-place
+    tests above shift both sides of tensors of one shape, where the two group strides are equal (a mutation audit:
+    a kernel reading the teacher's group with the student's stride, or the student's with the teacher's, passed)."""
+    from distill_ops._utils import as_row_groups
+
+    batch, length, vocab = 3, 5, 130
+    labels = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(72)).to(DEVICE)
+    labels[2, 1] = -100
+    shifted = _logits((batch, length + 1, vocab), torch.float32, seed=70)[:, :-1]
+    contiguous = _logits((batch, length, vocab), torch.float32, seed=71)
+    for student, teacher in ((shifted, contiguous), (contiguous, shifted)):
+        groups = as_row_groups((student, teacher), vocab)
+        assert groups[0].shape[0] == batch and groups[0].stride(0) != groups[1].stride(0)
+        loss, grad, upstream = _run(student, teacher, impl, divergence=divergence, labels=labels, temperature=1.5,
+                                    reduction="none")
+        ref_loss, ref_grad = independent_reference(student, teacher, upstream, divergence=divergence, labels=labels,
+                                                   temperature=1.5, reduction="none")
+        assert_close(loss, ref_loss, torch.float32, "loss")
+        assert_close(grad, ref_grad, torch.float32, "gradient")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("coefficient", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("divergence", ["skew_forward", "skew_reverse"])
+def test_skew_kls_where_one_side_is_between_e_minus_103_and_e_minus_88_of_the_other(divergence, coefficient, impl):
+    """Tokens whose log(x / y) is about -95: below the kernel's clamp of log(x / y) at -88 (psi is held at its
+    value there, so the term is taken as x log(x / m) + c_y (y - x), ~c_y y), yet x (~e^-95, a subnormal fp32) is not
+    0, so the x == 0 branch does not catch it either. The far-below test above puts its tokens at +-60 and +-120,
+    on either side of that window (a mutation audit: a kernel that never took the ruled-out branch there passed)."""
+    generator = torch.Generator().manual_seed(61)
+    student = (torch.randn(4, 64, generator=generator, dtype=torch.float64) * 2).float()
+    teacher = (torch.randn(4, 64, generator=generator, dtype=torch.float64) * 2).float()
+    student[:, 3] += 95.0  # q ~ 1, p ~ e^-95 there (skew forward: log(p / q) ~ -95)
+    teacher[:, 9] += 95.0  # p ~ 1, q ~ e^-95 there (skew reverse: log(q / p) ~ -95)
+    _check_against_reference(student.to(DEVICE), teacher.to(DEVICE), impl, divergence=divergence, alpha=coefficient,
+                             reduction="none")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("coefficient", [1e-45, 1e-31])
+@pytest.mark.parametrize("divergence", ["skew_forward", "skew_reverse"])
+def test_skew_kls_below_1e_30_with_tokens_ruled_out_by_e_minus_10(divergence, coefficient, impl):
+    """The kernel's skew KLs at a coefficient <= 1e-30 take a term whose log(x / m) is below -10 as
+    x log(x / m) + c_y (y - x) (psi's e^-d may overflow there): its - c_y x is e^-10 of c_y y, so 2 % of the mass
+    (4 of 200 tokens) at log(x / y) = -10.2 is 4e-5 of the loss (~0.02), which the fp32 tolerance (1e-4) cannot see;
+    the 40-digit loss at 1e-5, as in the fp32-rounding test above (measured 1.2e-7; a mutation audit: a kernel that
+    dropped that - c_y x passed every test)."""
+    generator = torch.Generator().manual_seed(5)
+    student = torch.randn(3, 200, generator=generator, dtype=torch.float64) * 0.1
+    teacher = student.clone()
+    (teacher if divergence == "skew_forward" else student)[:, :4] -= 10.2  # x = p (forward) or q (reverse)
+    student, teacher = student.float(), teacher.float()
+    loss = kl_div(student.to(DEVICE), teacher.to(DEVICE), divergence=divergence, alpha=coefficient,
+                  reduction="none", impl=impl)
+    expected = _decimal_mixture_rows(student.double(), teacher.double(), divergence, coefficient)
+    torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tvd_subgradient_is_0_at_tokens_where_p_equals_q_in_rows_that_differ(impl):
+    """TVD's documented subgradient is 0 where p = q. Rows that differ elsewhere (two tokens' logits swapped, one of
+    them -inf on each side: the same normalisers, so the other tokens' p and q are equal, bit for bit) with ties at
+    the other tokens: their g = 0 enters S = sum q g and every gradient entry. The suite's ties were whole rows
+    (teacher = student), where g = +-1/2 at every tie cancels in g - S (a mutation audit: a kernel taking g = 1/2 at
+    ties passed every test)."""
+    neg_inf = float("-inf")
+    student = torch.tensor([[0.0, 0.0, 1.5, neg_inf, -0.5], [2.0, -1.0, neg_inf, 0.7, 2.0]], device=DEVICE)
+    teacher = torch.tensor([[0.0, 0.0, neg_inf, 1.5, -0.5], [2.0, -1.0, 0.7, neg_inf, 2.0]], device=DEVICE)
+    loss, grad, upstream = _run(student, teacher, impl, divergence="tvd", reduction="none", temperature=1.3)
+    ref_loss, ref_grad = independent_reference(student, teacher, upstream, divergence="tvd", reduction="none",
+                                               temperature=1.3)
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(grad, ref_grad, torch.float32, "gradient")
