@@ -607,9 +607,7 @@ CUDA_META = {"device": "cuda", "device_name": "test GPU"}
 
 
 def _measured(op, impl, params, full_ms=None, **values):
-    return {"op": op, "impl": impl, "params": params, "full_ms": full_ms, "forward_ms": values.pop("forward_ms", None),
-            "skipped": values.pop("skipped", None), "hbm_fraction": None, "bytes_models": {},
-            "extra_memory_over_output": None, "case_memory_over_floor": None, **values}
+    return _result(op, impl, params, full_ms=full_ms, **values)
 
 
 def _status_cell(text, target):
