@@ -6,7 +6,9 @@ p = softmax(teacher_logits / T), q = softmax(student_logits / T), per row:
 forward         KL(p || q)
 reverse         KL(q || p)
 jsd (beta)      beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q;
-                beta = 0 is ``forward`` and beta = 1 is ``reverse`` (TRL's / Liger's convention)
+                beta = 0 is ``forward`` and beta = 1 is ``reverse`` (TRL's / Liger's convention);
+                the interior formula tends to 0 at both ends (~ beta KL(p || q) as beta -> 0,
+                ~ (1 - beta) KL(q || p) as beta -> 1): beta near an end scales the loss. Not clamped.
 skew_forward    KL(p || alpha p + (1 - alpha) q)   (DistiLLM)
 skew_reverse    KL(q || alpha q + (1 - alpha) p)
 tvd             0.5 sum |p - q|

@@ -666,3 +666,31 @@ def test_cross_entropy_true_class_gradient_survives_bf16_for_confident_predictio
     assert_close(loss, expected, torch.bfloat16, "loss")
     assert_close(h.grad, h64.grad, torch.bfloat16, "d hidden")
     assert_close(w.grad, w64.grad, torch.bfloat16, "d weight")
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. verl / ms-swift: beta = 1 silently clamped to 1 - 1e-6, where the generalized JSD is ~0
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_jsd_endpoints_are_not_clamped_and_near_endpoint_betas_scale_the_loss(impl):
+    """https://github.com/verl-project/verl-recipe/issues/151: the GKD recipe clamped beta to
+    [1e-6, 1 - 1e-6], so ``beta=1.0`` gave a loss of ~1e-6 instead of the reverse KL, with no warning; and
+    https://github.com/modelscope/ms-swift/issues/10078: the generalized JSD tends to 0 at both ends
+    (about beta KL(p || q) as beta -> 0 and (1 - beta) KL(q || p) as beta -> 1), which users read as a
+    direction knob. Our convention is TRL's: the interior formula is the GKD paper's (documented as
+    vanishing at the ends) and beta = 0 / 1 are exactly the forward / reverse KL. Checked: the endpoints
+    equal the KLs, and beta = 1e-4 / 1 - 1e-4 give 1e-4 times them to first order (float64 reference; the
+    second-order term is -beta^2 chi^2(p || q) / 2, 0.04 % of the first here).
+    """
+    student = _randn((6, 200), seed=80)
+    teacher = _randn((6, 200), seed=81)
+    forward = _ref_rows(student, teacher, "forward").mean()
+    reverse = _ref_rows(student, teacher, "reverse").mean()
+    for beta, endpoint_kl in ((0.0, forward), (1.0, reverse), (1e-4, forward), (1.0 - 1e-4, reverse)):
+        loss = distill_ops.kl_div(student, teacher, divergence="jsd", beta=beta, impl=impl)
+        assert_close(loss, _ref_rows(student, teacher, "jsd", beta=beta).mean(), torch.float32, f"beta={beta}")
+        scale = 1.0 if beta in (0.0, 1.0) else 1e-4
+        ratio = loss.item() / (scale * endpoint_kl.item())
+        assert abs(ratio - 1.0) < 0.01, (beta, ratio)
