@@ -1527,3 +1527,148 @@ def test_selection_benchmark_case_selects_the_top_k():
     assert torch.equal(ours_indices.sort(-1).values, torch_indices.sort(-1).values)
     assert torch.equal(ours_values.sort(-1).values, torch_values.sort(-1).values)
     assert any(c.op == bench.SELECT_OP for c in bench.cases("cuda", quick=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# From a topk_select mutation audit (each test fails on a mutant of kernels/topk_select.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def _neighbouring_values(dtype):
+    """Bit patterns of neighbouring representable values where the order key is special, plus NaNs: -inf and the most
+    negative finite values, one-ulp neighbours of -1 and 1, the smallest subnormals of either sign around -0.0 / +0.0,
+    the largest finite values, +inf, and NaNs of either sign with the smallest and the largest payload."""
+    width = 32 if dtype == torch.float32 else 16
+    int_dtype = torch.int32 if width == 32 else torch.int16
+    inf = torch.tensor(float("inf"), dtype=dtype).view(int_dtype).item()
+    one = torch.tensor(1.0, dtype=dtype).view(int_dtype).item()
+    sign = -(1 << (width - 1))  # the sign bit as a signed integer of the width
+    magnitudes = [inf, inf - 1, inf - 2, one + 1, one, one - 1, 2, 1, 0]
+    nans = [inf + 1, (1 << (width - 1)) - 1]
+    patterns = [m for m in magnitudes] + [sign | m for m in magnitudes] + nans + [sign | m for m in nans]
+    return torch.tensor(patterns, dtype=int_dtype).view(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_selection_kernel_orders_neighbouring_bit_patterns(dtype):
+    """Every cut through one-ulp neighbours (negative values, subnormals next to the signed zeros, the largest finite
+    values next to inf) and NaNs of any payload: the kernel's integer key must order all of them as the values are
+    ordered (NaN on top, tied). Two rows, the same entries in opposite index orders (ties go the other way)."""
+    values = _neighbouring_values(dtype)
+    order = torch.randperm(values.numel(), generator=torch.Generator().manual_seed(60))
+    rows = torch.stack([values[order], values[order.flip(0)]]).to(DEVICE)
+    assert rows.isnan().sum().item() == 8 and (rows == 0).sum().item() == 4
+    for count in range(1, values.numel() + 1):
+        _check_selection(rows, count)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_selection_kernel_count_equal_to_the_block(dtype):
+    """count == BLOCK_V, the largest count the lane-maximum filter serves (its count-th largest lane maximum is the
+    smallest lane maximum), over several blocks, with the candidate list and with its overflow."""
+    rows = _selection_rows(dtype, 257, seed=61)
+    _check_selection(rows, 64, block_v=64)
+    _check_selection(rows, 64, block_v=64, capacity=64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_selection_kernel_negative_rows_with_a_partial_last_block(dtype):
+    """Rows whose every value is negative (the lanes past V load 0.0, above all of them) and V one past a multiple
+    of the block, so the padding lanes and the candidate list fit the scratch together: only entries of the row may
+    be selected."""
+    rows = -(_logits((3, 257), torch.float64, seed=62).abs() + 1.0)
+    rows[1, ::3] = float("-inf")
+    rows[2] = -1.5  # one tie group
+    rows = rows.to(dtype)
+    for count in (1, 7, 64):
+        _check_selection(rows, count, block_v=64)
+
+
+class _RecordedLaunches:
+    """Stands in for ``_topk_select_kernel``: records, per launch, the grid size and the rows / outputs / scratch
+    shapes the launcher passes, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(rows, values, indices, scratch_values, scratch_indices, *args, **kwargs):
+            # Checked before launching: a grid larger than its rows reads and writes past them.
+            assert grid[0] == rows.shape[0] == values.shape[0] == indices.shape[0], (grid, rows.shape)
+            self.launches.append(dict(grid=grid[0], scratch=(*scratch_values.shape, *scratch_indices.shape)))
+            return self.kernel[grid](rows, values, indices, scratch_values, scratch_indices, *args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_selection_launches_rows_in_chunks_bounded_by_scratch_bytes(dtype, monkeypatch):
+    """SCRATCH_BYTES bounds the scratch of one launch at capacity * (itemsize + 4) bytes per row (values and int32
+    indices): 3 rows per launch here, so 10 rows take launches of 3, 3, 3 and 1 rows, each grid as large as its rows.
+    Rows that fit launch at once."""
+    capacity = 300  # default_capacity(5, 300): the whole row
+    rows = _selection_rows(dtype, 300, seed=63).repeat(2, 1)[:10]
+    per_row = capacity * (rows.element_size() + 4)
+    recorded = _RecordedLaunches(topk_select_module._topk_select_kernel)
+    monkeypatch.setattr(topk_select_module, "_topk_select_kernel", recorded)
+    _check_selection(rows, 5)
+    assert [launch["grid"] for launch in recorded.launches] == [10]
+    recorded.launches.clear()
+    monkeypatch.setattr(topk_select_module, "SCRATCH_BYTES", 4 * per_row - 1)
+    _check_selection(rows, 5)
+    assert [launch["grid"] for launch in recorded.launches] == [3, 3, 3, 1]
+    assert all(launch["scratch"] == (3, capacity, 3, capacity) for launch in recorded.launches)
+
+
+def _select_with_guards(rows, count, capacity, block_v):
+    """Launch ``_topk_select_kernel`` one row at a time, its output and scratch rows each followed by a guard row of
+    sentinels; returns ``(values, indices, guards intact)``."""
+    from distill_ops.kernels._device import on_input_device
+
+    @on_input_device
+    def launch(row, values, indices, scratch_values, scratch_indices):
+        topk_select_module._topk_select_kernel[(1,)](
+            row, values, indices, scratch_values, scratch_indices, row.stride(0), row.shape[1], count, capacity,
+            KEY_BITS=topk_select_module.KEY_BITS[row.dtype], BLOCK_V=block_v,
+            CANDIDATE_BLOCK=topk_select_module.CANDIDATE_BLOCK, num_warps=topk_select_module.NUM_WARPS)
+
+    # Guards as long as a whole row plus a block: a stray write lands in them, not in memory we do not own.
+    stray = rows.shape[1] + max(block_v, topk_select_module.CANDIDATE_BLOCK)
+    out_rows, scratch_rows = 1 + -(-stray // count), 1 + -(-stray // capacity)
+    out_values, out_indices, intact = [], [], True
+    for row in rows.split(1):
+        values = torch.full((out_rows, count), -7.0, dtype=rows.dtype, device=rows.device)
+        indices = torch.full((out_rows, count), -7, dtype=torch.int64, device=rows.device)
+        scratch_values = torch.full((scratch_rows, capacity), -7.0, dtype=rows.dtype, device=rows.device)
+        scratch_indices = torch.full((scratch_rows, capacity), -7, dtype=torch.int32, device=rows.device)
+        launch(row, values, indices, scratch_values, scratch_indices)
+        intact &= bool((values[1:] == -7.0).all() and (indices[1:] == -7).all())
+        intact &= bool((scratch_values[1:] == -7.0).all() and (scratch_indices[1:] == -7).all())
+        out_values.append(values[:1])
+        out_indices.append(indices[:1])
+    return torch.cat(out_values), torch.cat(out_indices), intact
+
+
+@pytest.mark.parametrize("launch", [dict(capacity=257, block_v=4096), dict(capacity=257, block_v=64),
+                                    dict(capacity=1, block_v=64)], ids=str)
+def test_selection_kernel_writes_nothing_past_its_rows(launch):
+    """Each program writes exactly its row's ``count`` outputs and at most ``capacity`` scratch slots: tied
+    thresholds (taking one tie too many), ties across blocks, thresholds below 0.0 (the lanes past V load 0.0), an
+    overflowing candidate list. Under the interpreter the programs run in order, so through the wrapper an extra
+    write lands in the next row, which then overwrites it: only guard rows show it."""
+    rows = torch.cat([_selection_rows(torch.float32, 257, seed=64), -(_logits((1, 257), torch.float32, seed=65).abs())])
+    rows64 = rows.cpu().double()
+    for count in (7, 257):
+        values, indices, intact = _select_with_guards(rows, count, **launch)
+        assert intact, count
+        expected = torch.sort(rows64, dim=-1, descending=True, stable=True).indices[:, :count].sort(dim=-1).values
+        assert torch.equal(indices.cpu(), expected), count
+        torch.testing.assert_close(values.cpu().double(), rows64.gather(-1, expected), rtol=0, atol=0, equal_nan=True)
+
+
+def test_dense_select_op_passes_opcheck():
+    """The custom op's fake (meta) implementation must give the shapes and dtypes of the kernel's results: under
+    torch.compile the graph is traced with it. All of opcheck's checks, on rows without NaN (its eager-vs-traced
+    comparison counts NaN outputs as different)."""
+    teacher = _selection_rows(torch.bfloat16, 257, seed=66).nan_to_num(nan=0.5)
+    torch.library.opcheck(torch.ops.distill_ops.topk_kl_dense_select.default, (teacher, 7))
