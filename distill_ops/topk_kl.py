@@ -61,7 +61,8 @@ H200 before the kernel (N=16384, V=131072, k=64, bf16), ``torch.topk`` took 17.6
 **Bad values** (indices outside [0, V) or repeated among the entries with probability, log-probabilities > 0,
 bounds outside [0, 1] or lower > upper, out-of-range labels with ``tail="label"``) raise ``ValueError`` for CPU
 tensors; for CUDA tensors they are not checked on the host (that would synchronise): the affected rows give NaN
-loss and gradient.
+loss and gradient. A dense teacher row with no distribution (-inf only, or holding +inf) gives NaN on every
+tail, as in ``kl_div``; so does a NaN teacher logit (NaN ranks first, so it is always kept).
 
 Both backends compute the per-row loss and dL_row/dz in one forward call; backward scales the stored
 gradient in place. The teacher gets no gradient.
@@ -842,8 +843,10 @@ def _dense_teacher(
         stats = torch.ops.distill_ops.topk_kl_teacher_lse(teacher_rows, temperature, backend)
         logprobs = _teacher_logprobs(values, stats, temperature)
     else:
+        # Shifted by the row's max as it is: a row that is -inf only has no distribution and gives NaN (as in
+        # kl_div and the other tails), not an empty kept set's 0.
         values = values.to(torch.float32)
-        logprobs = (values - finite_or_zero(values.amax(-1, keepdim=True))) / temperature
+        logprobs = (values - values.amax(-1, keepdim=True)) / temperature
     return indices.contiguous(), kept_logprobs(logprobs, lower, upper).contiguous()
 
 

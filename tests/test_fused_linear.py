@@ -1445,3 +1445,16 @@ def test_target_summary_thresholds_and_shape():
     assert "| ours_triton | ≥ 50 % of bf16 dense peak (issue FLOPs 12·N·V·H) | 50.0 % | met |" in text
     assert "| ours_triton | ≥ 2× faster than Liger's fused linear JSD | 2.00× | met |" in text
     assert "| ours_triton_gemm | all | not measured | - |" in text
+
+
+def test_weights_and_biases_must_have_exactly_their_dims():
+    """A weight with an extra trailing dim ([V, H, 1]: its width still matches) or a 2-D bias ([1, V]) is an error
+    naming it, its expected number of dims and its shape."""
+    case = _case((4,), 8, 10, torch.float32, seed=26)
+    hs, w, ht, wt = case["student_hidden"], case["student_weight"], case["teacher_hidden"], case["teacher_weight"]
+    with pytest.raises(ValueError, match=r"student_weight must have 2 dims, got shape \(10, 8, 1\)"):
+        fused_linear_kl_div(hs, w.unsqueeze(-1), ht, wt)
+    with pytest.raises(ValueError, match=r"teacher_weight must have 2 dims, got shape \(10, 8, 1\)"):
+        fused_linear_kl_div(hs, w, ht, wt.unsqueeze(-1))
+    with pytest.raises(ValueError, match=r"student_bias must have 1 dims, got shape \(10, 1\)"):
+        fused_linear_kl_div(hs, w, ht, wt, student_bias=torch.zeros(10, 1, device=hs.device))

@@ -1174,3 +1174,106 @@ def test_tvd_subgradient_is_0_at_tokens_where_p_equals_q_in_rows_that_differ(imp
                                                temperature=1.3)
     assert_close(loss, ref_loss, torch.float32, "loss")
     assert_close(grad, ref_grad, torch.float32, "gradient")
+
+
+def test_triton_without_the_interpreter_is_refused_on_every_non_cuda_device(monkeypatch):
+    """impl='triton' off CUDA needs TRITON_INTERPRET=1: unset means off (not only "0"), and a device that is
+    neither CPU nor CUDA (here meta) is refused too, with the device named."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _bad(r"impl='triton' needs CUDA tensors or Triton's CPU interpreter .* got tensors on device cpu",
+         torch.randn(2, 10), torch.randn(2, 10), impl="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    meta = torch.empty(2, 10, device="meta")
+    _bad("impl='triton' needs CUDA tensors or Triton's CPU interpreter .* got tensors on device meta", meta, meta,
+         impl="triton")
+
+
+def test_bad_inputs_name_what_they_received():
+    """The shared checks name the argument and what was received: the dtype, the other tensor's name and device,
+    the refused choice."""
+    s = torch.randn(2, 3, 10)
+    t = torch.randn(2, 3, 10)
+    _bad(r"student_logits must have dtype in \(float32, float16, bfloat16\), got torch.int64",
+         torch.randint(0, 5, (2, 3, 10)), t, error=TypeError)
+    _bad(r"teacher_logits is on meta but student_logits is on cpu: all tensors must share a device", s,
+         torch.empty(2, 3, 10, device="meta"))
+    _bad(r"divergence must be one of \('forward', .*\), got 'kl'", s, t, divergence="kl")
+    _bad(r"reduction must be one of \('mean', 'sum', 'none'\), got 'batchmean'", s, t, reduction="batchmean")
+
+
+def test_bad_labels_and_vocabularies_not_reached_by_the_other_bad_input_tests():
+    """Labels on another device than the logits, bool labels (a mask is not a label tensor), one side with an empty
+    vocabulary beside a non-empty one, and the smallest int64 ignore_index (accepted, as the largest is)."""
+    s = torch.randn(2, 3, 10)
+    t = torch.randn(2, 3, 10)
+    _bad("labels is on meta but the logits are on cpu", s, t,
+         labels=torch.zeros(2, 3, dtype=torch.long, device="meta"))
+    _bad(r"labels must have dtype in \(int64, int32, int16, int8, uint8\), got torch.bool", s, t,
+         labels=torch.ones(2, 3, dtype=torch.bool), error=TypeError)
+    for student, teacher in ((s[..., :0], t), (s, t[..., :0])):
+        _bad(rf"must have a vocabulary of V >= 1 \(a non-empty last dim\), got {student.shape[-1]} and "
+             rf"{teacher.shape[-1]}", student, teacher, vocab_size=5)
+    assert torch.isfinite(kl_div(s, t, labels=torch.zeros(2, 3, dtype=torch.long), ignore_index=-(2**63)))
+
+
+def test_functional_vocab_size_is_checked_like_the_modules():
+    """vocab_size passed to the functional (not only to a module) is an int >= 1, with an error naming it."""
+    s = torch.randn(2, 3, 10)
+    t = torch.randn(2, 3, 12)
+    _bad("vocab_size must be >= 1, got 0", s, t, vocab_size=0)
+    _bad("vocab_size must be >= 1, got -3", s, t, vocab_size=-3)
+    _bad("vocab_size must be an int or None, got float: 4.0", s, t, vocab_size=4.0, error=TypeError)
+    _bad("vocab_size must be an int or None, got bool: True", s, t, vocab_size=True, error=TypeError)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_uint8_labels_are_compared_with_ignore_index_as_integers(impl):
+    """uint8 labels are compared with ignore_index as integers: label 156 is a token, not ignore_index=-100
+    (156 is -100 modulo 256, which a comparison made in uint8 would equate). Same rows as int64 labels."""
+    student = _logits((3, 200), torch.float32, seed=70)
+    teacher = _logits((3, 200), torch.float32, seed=71)
+    labels = torch.tensor([1, 156, -100], device=DEVICE)
+    expected = kl_div(student, teacher, labels=labels, reduction="none", impl=impl)
+    assert expected[1] > 0 and expected[2] == 0
+    small = torch.tensor([1, 156, 7], dtype=torch.uint8, device=DEVICE)
+    assert torch.equal(kl_div(student, teacher, labels=small, reduction="none", impl=impl)[:2], expected[:2])
+
+
+def test_complex_normalizer_is_refused_and_module_vocab_size_is_a_python_int():
+    """A complex one-element normalizer is a TypeError naming it and its dtype (as a bool one is); a module built
+    with a NumPy vocab_size keeps it as a Python int (its repr shows vocab_size=5)."""
+    import numpy as np
+
+    s = torch.randn(2, 3, 10)
+    t = torch.randn(2, 3, 10)
+    _bad("normalizer must be a real number or a one-element real tensor, got torch.complex64", s, t,
+         normalizer=torch.tensor(4.0 + 0.0j), error=TypeError)
+    module = KLDivLoss(vocab_size=np.int64(5))
+    assert type(module.vocab_size) is int and module.vocab_size == 5
+    assert "vocab_size=5" in repr(module)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_allocates_no_gradient_for_the_stored_gradient_output(impl):
+    """The row op's second output (the stored gradient) gets no incoming gradient: backward makes no zero [N, V]
+    tensor for it, and no other [N, V] tensor (the stored gradient is scaled in place and handed on)."""
+    student = _logits((5, 211), torch.float32, seed=72).requires_grad_(True)
+    teacher = _logits((5, 211), torch.float32, seed=73)
+    loss = kl_div(student, teacher, divergence="jsd", impl=impl)
+    with RecordTensorOps() as recorder:
+        loss.backward(torch.tensor(1.5, device=DEVICE))
+    assert recorder.ops_with_numel(5 * 211) == [], recorder.records
+    _, expected = kl_div_reference(student, teacher, divergence="jsd")
+    assert_close(student.grad, 1.5 * expected, torch.float32)
+
+
+def test_reference_divides_by_a_float64_tensor_normalizer_in_float64():
+    """kl_div_reference in float64 divides by a tensor normalizer in float64 (as by a float one): its mean is
+    its sum / normalizer to float64 precision."""
+    student = _logits((4, 50), torch.float64, seed=76)
+    teacher = _logits((4, 50), torch.float64, seed=77)
+    total, total_grad = kl_div_reference(student, teacher, reduction="sum")
+    for normalizer in (3.0, torch.tensor(3.0, dtype=torch.float64), torch.tensor([3.0], dtype=torch.float64)):
+        loss, grad = kl_div_reference(student, teacher, normalizer=normalizer)
+        assert_close(loss, total / 3.0, torch.float64, str(normalizer))
+        assert_close(grad, total_grad / 3.0, torch.float64, str(normalizer))

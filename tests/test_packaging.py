@@ -112,3 +112,28 @@ print(resolve_impl("auto", torch.device("cpu")))
     assert lines[0] == ("impl='triton': Triton 3.6.0's CPU interpreter fails with NumPy 2.4.1 (a TypeError inside the "
                         "interpreter): pip install 'numpy<2.4', or a newer Triton")
     assert lines[1] == "torch"
+
+
+def test_triton_3_6_interpreter_problem_covers_every_numpy_from_2_4(monkeypatch):
+    """The Triton 3.6 interpreter / NumPy problem is found for every NumPy >= 2.4 (2.5, 3.0, a bare "3"), not for
+    NumPy 2.3 or a bare "2", nor for another Triton minor version or with the interpreter off."""
+    import numpy
+
+    from distill_ops import _utils
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for triton_version, numpy_version, found in (("3.6.0", "2.4.1", True), ("3.6.1", "2.5.0", True),
+                                                 ("3.6.0", "3.0.0", True), ("3.6", "3", True),
+                                                 ("3.6.0", "2.3.5", False), ("3.6.0", "2", False),
+                                                 ("3.7.0", "2.4.1", False), ("3", "2.4.1", False)):
+        monkeypatch.setattr(importlib.metadata, "version",
+                            lambda name, v=triton_version: v if name == "triton" else "0")
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        problem = _utils._triton_problem()
+        assert (problem is not None) == found, (triton_version, numpy_version, problem)
+        if found:
+            assert f"Triton {triton_version}'s CPU interpreter fails with NumPy {numpy_version}" in problem
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.6.0" if name == "triton" else "0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _utils._triton_problem() is None  # NumPy 2.4 and Triton 3.6 are fine off the interpreter

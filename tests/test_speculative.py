@@ -1668,3 +1668,12 @@ def test_mean_accept_length_counts_the_bonus_token():
     assert out.accept_lengths == [4] * 4 and out.num_new_tokens == 21
     assert out.mean_accept_length == 5.0
     assert engine.generate(prompts(256, [5], seed=3)[0], max_new_tokens=1).mean_accept_length == 0.0
+
+
+def test_position_limit_reads_the_text_config_of_a_multimodal_config():
+    """A multimodal config (Llama-4's keeps attention_chunk_size and layer_types in its text config) is read
+    through get_text_config(): its chunked-attention limit is found, as for a text-only config."""
+    text = types.SimpleNamespace(attention_chunk_size=8, layer_types=["chunked_attention", "full_attention"])
+    multimodal = types.SimpleNamespace(get_text_config=lambda: text)
+    assert speculative._position_limit(types.SimpleNamespace(config=text)) == ("chunked_attention layers", 8)
+    assert speculative._position_limit(types.SimpleNamespace(config=multimodal)) == ("chunked_attention layers", 8)

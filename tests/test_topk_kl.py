@@ -474,6 +474,25 @@ def test_nan_propagates(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_dense_teacher_rows_without_a_distribution_give_nan_on_every_tail(impl):
+    """A dense teacher row that is -inf only, or holds +inf, has no distribution: NaN on every tail, with k and
+    with bounds, as in kl_div (renormalised top-k shifted an all -inf row by 0 and gave an empty kept set's 0 while
+    bucket and label gave NaN). The other rows keep their loss; the same rows ignored through labels add nothing."""
+    student = _logits((4, 40), torch.float32, seed=33)
+    teacher = _logits((4, 40), torch.float32, seed=34)
+    teacher[1] = float("-inf")
+    teacher[2, 7] = float("inf")
+    labels = torch.tensor([1, 2, 3, 4], device=DEVICE)
+    ignored = torch.tensor([1, -100, -100, 4], device=DEVICE)
+    for tail, bounds in itertools.product(TAILS, (dict(k=5), dict(upper=0.8))):
+        common = dict(tail=tail, reduction="none", impl=impl, **bounds)
+        loss = topk_kl_div(student, teacher, labels=labels, **common)
+        assert torch.isnan(loss[1:3]).all() and torch.isfinite(loss[[0, 3]]).all(), (tail, bounds, loss)
+        clean = topk_kl_div(student, teacher, labels=ignored, **common)
+        assert torch.equal(clean[[0, 3]], loss[[0, 3]]) and torch.equal(clean[1:3], torch.zeros(2, device=DEVICE))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("form", ["dense_k", "dense_bounds", "sparse"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("tail", TAILS)
@@ -1672,3 +1691,23 @@ def test_dense_select_op_passes_opcheck():
     comparison counts NaN outputs as different)."""
     teacher = _selection_rows(torch.bfloat16, 257, seed=66).nan_to_num(nan=0.5)
     torch.library.opcheck(torch.ops.distill_ops.topk_kl_dense_select.default, (teacher, 7))
+
+
+def test_integer_options_that_are_not_optional_refuse_none():
+    """max_candidates has no None form: None is a TypeError naming it, in the functional and in the module."""
+    s = torch.randn(2, 3, 10)
+    t = torch.randn(2, 3, 10)
+    _bad("max_candidates must be an int, got NoneType: None", s, t, lower=0.2, upper=0.8, max_candidates=None,
+         error=TypeError)
+    with pytest.raises(TypeError, match="max_candidates must be an int, got NoneType: None"):
+        TopKKLDivLoss(lower=0.2, upper=0.8, max_candidates=None)
+
+
+def test_module_per_call_bounds_override_the_constructors():
+    """lower / upper given to TopKKLDivLoss's forward win over the constructor's (as the functional with them)."""
+    s = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(80)).to(DEVICE)
+    t = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(81)).to(DEVICE)
+    module = TopKKLDivLoss(lower=0.2, upper=0.5, impl="torch")
+    expected = topk_kl_div(s, t, lower=0.05, upper=0.95, impl="torch")
+    assert not torch.equal(expected, module(s, t))
+    assert torch.equal(module(s, t, lower=0.05, upper=0.95), expected)
