@@ -79,6 +79,10 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return "triton"
 
 
+def _dims(count: int) -> str:
+    return f"{count} dim" if count == 1 else f"{count} dims"
+
+
 def check_tensor(
     name: str,
     tensor: object,
@@ -94,9 +98,9 @@ def check_tensor(
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({allowed}), got {tensor.dtype}")
     if ndim is not None and tensor.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(tensor.shape)}")
+        raise ValueError(f"{name} must have {_dims(ndim)}, got shape {tuple(tensor.shape)}")
     if tensor.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(tensor.shape)}")
+        raise ValueError(f"{name} must have at least {_dims(min_dim)}, got shape {tuple(tensor.shape)}")
     return tensor
 
 
@@ -414,10 +418,6 @@ def check_reduction(reduction: str, normalizer: object) -> None:
             check_number("normalizer", normalizer, low=0.0, low_inclusive=False)
         if reduction != "mean":
             raise ValueError(f"normalizer only applies to reduction='mean', got reduction={reduction!r}")
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 def row_chunk(num_rows: int, width: int, budget_elements: int = 1 << 22) -> int:

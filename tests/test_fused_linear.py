@@ -1456,5 +1456,5 @@ def test_weights_and_biases_must_have_exactly_their_dims():
         fused_linear_kl_div(hs, w.unsqueeze(-1), ht, wt)
     with pytest.raises(ValueError, match=r"teacher_weight must have 2 dims, got shape \(10, 8, 1\)"):
         fused_linear_kl_div(hs, w, ht, wt.unsqueeze(-1))
-    with pytest.raises(ValueError, match=r"student_bias must have 1 dims, got shape \(10, 1\)"):
+    with pytest.raises(ValueError, match=r"student_bias must have 1 dim, got shape \(10, 1\)"):
         fused_linear_kl_div(hs, w, ht, wt, student_bias=torch.zeros(10, 1, device=hs.device))

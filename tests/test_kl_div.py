@@ -1057,7 +1057,7 @@ def test_bad_shared_arguments_not_reached_by_test_bad_inputs():
     _bad(r"normalizer must be in \(0.0, inf\), got 0.0", s, t, normalizer=0.0)
     _bad(f"ignore_index must fit in int64, got {2**63}", s, t, ignore_index=2**63)
     assert torch.isfinite(kl_div(s, t, ignore_index=2**63 - 1))  # the largest int64 is accepted
-    _bad(r"student_logits must have at least 1 dims, got shape \(\)", torch.tensor(1.0), torch.tensor(1.0))
+    _bad(r"student_logits must have at least 1 dim, got shape \(\)", torch.tensor(1.0), torch.tensor(1.0))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
