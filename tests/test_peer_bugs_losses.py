@@ -1,7 +1,7 @@
 """Regression tests for correctness bugs that peer distillation libraries shipped in their losses.
 
 Each test reproduces the situation of one peer bug report (Liger-Kernel, TRL, DistillKit, Apple's Cut
-Cross-Entropy) against our ops and pins our behaviour to a float64 reference written here from first
+Cross-Entropy, verl, ms-swift) against our ops and pins our behaviour to a float64 reference written here from first
 principles (explicit ``log_softmax`` / ``softmax`` compositions, autograd for the gradients), independent
 of ``distill_ops``' own reference code. The tolerances are those of ``tests/conftest.py``.
 """
