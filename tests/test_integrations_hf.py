@@ -1450,3 +1450,262 @@ def test_fspad_draft_loss_with_a_bf16_head_output_and_an_fp32_lm_head(impl):
     for leaf, leaf64 in zip(leaves, leaves64):
         assert leaf.grad.dtype == torch.bfloat16
         assert_close(leaf.grad, leaf64.grad, torch.bfloat16, "gradient")
+
+
+# ----------------------------------------------------------------------------------------------
+# From a mutation audit of distill_ops/integrations/hf.py: each test fails on the mutant named in its docstring
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference_divergence(student, teacher, input_ids, attention_mask, targets, teacher_ids=None, **kwargs):
+    """``kl_div`` of the two models' own logits (the teacher's without gradient) at the shifted ``targets``."""
+    logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids if teacher_ids is None else teacher_ids,
+                                 attention_mask=attention_mask).logits[:, :-1]
+    return kl_div(logits, teacher_logits, labels=targets, impl="torch", **kwargs)
+
+
+def test_helper_feeds_teacher_input_ids_to_the_teacher():
+    """``teacher_input_ids`` are the teacher's ids (the student reads ``input_ids``): the loss equals the one from
+    the teacher's own logits on its ids (mutant: the teacher was run on the student's ids, and only the shape of
+    ``teacher_input_ids`` was ever tested)."""
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    teacher_ids = (input_ids * 7 + 3) % VOCAB
+    kwargs = dict(divergence="jsd", beta=0.3)
+    loss = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask,
+                                       teacher_input_ids=teacher_ids, impl="torch", **kwargs)
+    expected = _reference_divergence(student, teacher, input_ids, attention_mask, labels[:, 1:], teacher_ids, **kwargs)
+    assert_close(loss, expected, torch.float32)
+    same_ids = _reference_divergence(student, teacher, input_ids, attention_mask, labels[:, 1:], **kwargs)
+    assert abs(expected.item() - same_ids.item()) > 1e-3  # the check can tell the two apart
+
+
+def _tiny_phi(hidden: int, layers: int, seed: int):
+    """A tiny Phi causal LM: its LM head has a bias (zero-initialised by transformers; randomised here)."""
+    torch.manual_seed(seed)
+    model = transformers.PhiForCausalLM(transformers.PhiConfig(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=2,
+        max_position_embeddings=64, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0))
+    with torch.no_grad():
+        model.lm_head.bias.normal_(0.0, 1.0)
+    return model.float().to(DEVICE)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lm_head_biases_equal_loss_from_the_models_own_logits(impl):
+    """Phi's LM heads have a bias (every other tested family has none): the student's and the teacher's biases are
+    part of their logits, and the student's bias gets its gradient (mutants: either bias dropped)."""
+    student, teacher = _tiny_phi(32, 1, 0), _tiny_phi(48, 2, 1).eval()
+    assert student.lm_head.bias.abs().max() > 0.5 and teacher.lm_head.bias.abs().max() > 0.5
+    input_ids, attention_mask, labels = _batch()
+    kwargs = dict(divergence="jsd", beta=0.3, temperature=2.0)
+    loss = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, ce_weight=0.5, impl=impl,
+                                       **kwargs)
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+    out = student(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+    expected = kl_div(out.logits[:, :-1], teacher_logits[:, :-1], labels=labels[:, 1:], impl="torch",
+                      **kwargs) + 0.5 * out.loss
+    expected_grads = torch.autograd.grad(expected, list(student.parameters()))
+    assert_close(loss, expected, torch.float32, "loss")
+    for (name, _), got, want in zip(student.named_parameters(), grads, expected_grads):
+        assert_close(got, want, torch.float32, name)
+
+
+def test_teacher_body_runs_without_gradient():
+    """The teacher runs under ``torch.no_grad()`` (documented): its body records no autograd graph, even for a
+    teacher whose parameters require gradients (mutant: the no_grad was dropped; the fused op passes no gradient to
+    the teacher, so the loss and the student's gradients did not change, only the memory the graph held)."""
+    student, teacher = _tiny_models()
+    assert all(p.requires_grad for p in teacher.parameters())
+    input_ids, attention_mask, labels = _batch()
+    grad_enabled = []
+    teacher.model.register_forward_hook(
+        lambda module, args, output: grad_enabled.append((torch.is_grad_enabled(), output[0].requires_grad)))
+    loss = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, impl="torch")
+    loss.backward()
+    assert grad_enabled and all(state == (False, False) for state in grad_enabled), grad_enabled
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_moe_student_reduction_none_has_no_router_term():
+    """``reduction="none"`` returns the per-position divergence only: an MoE student's load-balancing term (a
+    per-batch scalar, added by default to the scalar reductions) is not added to each position (mutant: it was)."""
+    student = _moe_student("mixtral")
+    _, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    per_token = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, reduction="none",
+                                            impl="torch")
+    expected = _reference_divergence(student, teacher, input_ids, attention_mask, labels[:, 1:], reduction="none")
+    assert per_token.shape == expected.shape == labels[:, 1:].shape
+    assert_close(per_token, expected, torch.float32)
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_helper_without_labels_ignores_padding_under_a_custom_ignore_index(ce_weight):
+    """Without labels the targets are ``input_ids`` with padding set to ``ignore_index``, whatever that is (mutant:
+    padding was set to -100, which ``ignore_index=-1`` then scored as a token)."""
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, _ = _batch()
+    kwargs = dict(divergence="jsd", beta=0.3, ce_weight=ce_weight, impl="torch")
+    loss = causal_lm_distillation_loss(student, teacher, input_ids, attention_mask=attention_mask, ignore_index=-1,
+                                       **kwargs)
+    expected = causal_lm_distillation_loss(student, teacher, input_ids, attention_mask=attention_mask, **kwargs)
+    assert_close(loss, expected, torch.float32)
+    with torch.no_grad():
+        own = _reference_divergence(student, teacher, input_ids, attention_mask,
+                                    torch.where(attention_mask.bool(), input_ids, -100)[:, 1:], divergence="jsd",
+                                    beta=0.3)
+    if ce_weight == 0.0:
+        assert_close(loss, own, torch.float32)
+
+
+def _lora_head_student(**lora):
+    """The tiny student with one LoRA adapter on its LM head (``lora``: more ``LoraConfig`` arguments), its ``B``
+    (and ``B``'s bias) moved away from PEFT's zero start."""
+    peft = pytest.importorskip("peft")
+    student, teacher = _tiny_models()
+    model = peft.get_peft_model(student, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], **lora))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    return model, teacher
+
+
+@pytest.mark.parametrize("case", ["merged", "disabled", "lora-bias", "modules-to-save-disabled"])
+def test_peft_head_states_equal_loss_from_the_models_own_logits(case):
+    """A LoRA head merged into its base weight (``merge_adapter()``), adapters disabled (``disable_adapter()``: the
+    base head, also for a ``modules_to_save`` copy), and a LoRA head with ``lora_bias=True``: the loss and the
+    trainable gradients equal those of the PeftModel's own logits (mutants: the merged delta added a second time,
+    disabled adapters still applied, B's bias dropped; none of these states was tested)."""
+    import contextlib
+
+    if case == "modules-to-save-disabled":
+        model, teacher = _peft_student("modules-to-save-head")
+    else:
+        model, teacher = _lora_head_student(**({"lora_bias": True} if case == "lora-bias" else {}))
+    model.eval()
+    head = model.get_base_model().lm_head
+    if case in ("merged", "lora-bias"):  # the adapter's delta (and bias) is not zero: the check can fail
+        assert head.lora_B["default"].weight.abs().max() > 0.1
+        assert case != "lora-bias" or head.lora_B["default"].bias.abs().max() > 0.1
+    if case == "merged":
+        model.merge_adapter()
+    input_ids, attention_mask, labels = _batch()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    context = model.disable_adapter() if case.endswith("disabled") else contextlib.nullcontext()
+    with context:
+        loss = causal_lm_distillation_loss(model, teacher, input_ids, labels, attention_mask, ce_weight=0.5,
+                                           impl="torch")
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+        expected = kl_div(out.logits[:, :-1], teacher_logits[:, :-1], labels=labels[:, 1:], impl="torch")
+        expected = expected + 0.5 * out.loss
+    assert_close(loss, expected, torch.float32, "loss")
+    assert loss.requires_grad == expected.requires_grad  # merged / disabled: no trainable tensor reaches the loss
+    if not expected.requires_grad:
+        return
+    got = torch.autograd.grad(loss, trainable, allow_unused=True)
+    want = torch.autograd.grad(expected, trainable, allow_unused=True)
+    for index, (a, b) in enumerate(zip(got, want)):
+        if b is None:
+            assert a is None or not a.any(), index
+        else:
+            assert_close(a, b, torch.float32, f"trainable {index}")
+
+
+def test_fused_trainer_freezes_the_teacher_and_puts_it_in_eval_mode(tmp_path):
+    """The trainer puts ``teacher_model`` in eval mode and freezes it (documented): a teacher handed over in training
+    mode with dropout gives the eval-mode teacher's loss, draw after draw (mutants: the teacher was left in training
+    mode, or left trainable)."""
+    from distill_ops.integrations.hf import FusedDistillationTrainer
+
+    student, teacher = _tiny_models()
+    for layer in teacher.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    input_ids, attention_mask, labels = _batch()
+    expected = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, impl="torch")
+    teacher.train()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=DEVICE.type == "cpu")
+    trainer = FusedDistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                       distill_kwargs={"impl": "torch"})
+    assert trainer.teacher_model is teacher and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    for seed in range(2):
+        torch.manual_seed(seed)
+        assert_close(trainer.compute_loss(student, inputs), expected, torch.float32)
+
+
+def test_trainer_evaluates_a_dataset_with_nothing_scored(tmp_path):
+    """``evaluate()`` on rows whose labels are all ignored: the loss is 0 and no ``eval_entropy`` is reported (there
+    is no scored token to average over; mutant: the mean was taken anyway and evaluate() raised
+    ZeroDivisionError)."""
+    from distill_ops.integrations.hf import FusedDistillationTrainer
+
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, _ = _batch()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to="none", use_cpu=DEVICE.type == "cpu",
+        dataloader_pin_memory=False,
+    )
+    rows = [{"input_ids": input_ids[i], "attention_mask": attention_mask[i],
+             "labels": torch.full_like(input_ids[i], -100)} for i in range(2)]
+    trainer = FusedDistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                       distill_kwargs={"impl": "torch"})
+    metrics = trainer.evaluate(eval_dataset=rows)
+    assert metrics["eval_loss"] == 0.0 and "eval_entropy" not in metrics
+
+
+def test_trainer_logs_the_entropy_of_every_step_since_the_last_training_log(tmp_path):
+    """The logged ``entropy`` covers the training steps since the last training log: an evaluation in between (its log
+    has ``eval_entropy``) neither takes nor drops them (mutant: every log read the training sums, so the evaluation
+    log after step 1 took step 1's entropy and the training log at step 2 had step 2's only). learning_rate 0: both
+    steps score the same student, whose mean over both sequences is the expected value."""
+    from distill_ops.integrations.hf import FusedDistillationTrainer
+
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=1, per_device_eval_batch_size=2,
+        learning_rate=0.0, optim="sgd", logging_steps=2, eval_strategy="steps", eval_steps=1, report_to="none",
+        save_strategy="no", use_cpu=DEVICE.type == "cpu", dataloader_pin_memory=False,
+    )
+    rows = [{"input_ids": input_ids[i], "attention_mask": attention_mask[i], "labels": labels[i]} for i in range(2)]
+    trainer = FusedDistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows,
+                                       eval_dataset=rows, distill_kwargs={"impl": "torch"})
+    trainer.train()
+    expected = _mean_entropy(student, input_ids, attention_mask, labels)
+    logged = [entry["entropy"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == [pytest.approx(expected, rel=1e-5)]
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert len(evaluations) == 2 and all("entropy" not in entry for entry in evaluations)
+    assert all(entry["eval_entropy"] == pytest.approx(expected, rel=1e-5) for entry in evaluations)
+
+
+def test_trainer_evaluation_entropy_leaves_out_earlier_eval_mode_sums(tmp_path):
+    """``evaluate()`` reports the entropy of its own loop's tokens: sums left by a ``compute_loss`` call in eval mode
+    outside the loop (here on other sequences) are dropped first (mutant: they joined the loop's mean)."""
+    from distill_ops.integrations.hf import FusedDistillationTrainer
+
+    student, teacher = _tiny_models()
+    input_ids, attention_mask, labels = _batch()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to="none", use_cpu=DEVICE.type == "cpu",
+        dataloader_pin_memory=False,
+    )
+    rows = [{"input_ids": input_ids[i], "attention_mask": attention_mask[i], "labels": labels[i]} for i in range(2)]
+    trainer = FusedDistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                       distill_kwargs={"impl": "torch"})
+    flipped = input_ids.flip(-1)
+    student.eval()
+    trainer.compute_loss(student, {"input_ids": flipped, "labels": flipped})  # an eval-mode call outside a loop
+    expected = _mean_entropy(student, input_ids, attention_mask, labels)
+    assert abs(_mean_entropy(student, flipped, torch.ones_like(flipped), flipped) - expected) > 1e-3
+    assert trainer.evaluate(eval_dataset=rows)["eval_entropy"] == pytest.approx(expected, rel=1e-5)

@@ -666,3 +666,77 @@ def test_fused_distillation_trainer_on_two_ddp_ranks_equals_trls(tmp_path):
             assert_close(p, ranks[0]["FusedDistillationTrainer"][name], torch.float32, msg=f"rank {rank} {name}")
     moved = ranks[0]["FusedDistillationTrainer"]["lm_head.weight"]
     assert not torch.equal(moved, student.lm_head.weight.cpu())
+
+
+# ----------------------------------------------------------------------------------------------
+# From a mutation audit of distill_ops/integrations/trl.py: each test fails on the mutant named in its docstring
+# ----------------------------------------------------------------------------------------------
+
+
+def test_fused_distillation_compute_loss_runs_the_teacher_in_eval_mode():
+    """``FusedDistillationTrainer.compute_loss`` puts a teacher left in training mode (attention dropout 0.5 here) in
+    eval mode: the loss equals the eval-mode teacher's, draw after draw, and equals TRL's loss with that teacher
+    (mutant: ``distillation_trainer_loss`` skipped ``teacher_model.eval()``; only the GKD trainer's was tested)."""
+    from trl import DistillationTrainer
+
+    from distill_ops.integrations.trl import FusedDistillationTrainer
+
+    student, teacher = _tiny_models()
+    for layer in teacher.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    inputs = _generated_batch()
+    expected = _distillation_attributes(DistillationTrainer, student, teacher.eval(), 0.5, 1.0).compute_loss(
+        student, inputs)
+    trainer = _distillation_attributes(FusedDistillationTrainer, student, teacher, 0.5, 1.0,
+                                       fused_loss_kwargs={"impl": "torch"})
+    for seed in range(2):
+        teacher.train()
+        torch.manual_seed(seed)
+        assert_close(trainer.compute_loss(student, inputs), expected, torch.float32)
+        assert not teacher.training
+
+
+def test_fused_distillation_evaluation_loss_is_the_batch_mean_as_trls():
+    """In evaluation (the student in eval mode) the batch's generated-token count, gathered over processes, is not the
+    normaliser: TRL's loss is the mean over the batch's own scored tokens, and so is ours, on two processes (mutant: the
+    count was used in evaluation too, scaling the loss by local tokens / (global tokens / processes); every test had
+    one process or training mode there)."""
+    from trl import DistillationTrainer
+
+    from distill_ops.integrations.trl import FusedDistillationTrainer
+
+    student, teacher = _tiny_models()
+    student.eval()
+    inputs = _generated_batch()
+    inputs["num_items_in_batch"] = torch.tensor(13.0)  # this process's 10 completion tokens and another's 3
+    losses = []
+    for cls, extra in ((DistillationTrainer, {}), (FusedDistillationTrainer, {"fused_loss_kwargs": {"impl": "torch"}})):
+        trainer = _distillation_attributes(cls, student, teacher, 0.5, 1.0, processes=2, **extra)
+        with torch.no_grad():
+            losses.append(trainer.compute_loss(student, inputs))
+    expected, loss = losses
+    assert_close(loss, expected, torch.float32)
+    scored = int(inputs["completion_mask"].sum())
+    assert abs(scored / (13.0 / 2) - 1.0) > 0.1  # the check can tell the two normalisers apart
+
+
+def test_fused_distillation_entropy_metric_is_gathered_like_trls():
+    """The logged entropy is the mean over every process's scored tokens: both the entropy sum and the token count are
+    gathered (two processes with the same batch here, through the accelerator's ``gather_for_metrics``), and the
+    value equals TRL's (mutant: only the sum was gathered, doubling the metric on two processes; the two-rank test
+    compares weights only)."""
+    from trl import DistillationTrainer
+
+    from distill_ops.integrations.trl import FusedDistillationTrainer
+
+    student, teacher = _tiny_models()
+    inputs = _generated_batch()
+    metrics = []
+    for cls, extra in ((DistillationTrainer, {}), (FusedDistillationTrainer, {"fused_loss_kwargs": {"impl": "torch"}})):
+        trainer = _distillation_attributes(cls, student, teacher, 0.5, 1.0, processes=2, **extra)
+        trainer.accelerator.gather_for_metrics = lambda tensor: torch.stack([tensor, tensor])  # two equal processes
+        trainer.compute_loss(student, inputs)
+        metrics.append([float(value) for value in trainer._metrics["train"]["entropy"]])
+    expected, entropy = metrics
+    assert len(entropy) == len(expected) == 1 and entropy[0] == pytest.approx(expected[0], rel=1e-5)
+    assert entropy[0] > 1.0
