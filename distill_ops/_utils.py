@@ -359,7 +359,8 @@ def reduction_weight(
     """The per-row weight a reduction applies, as a one-element fp32 tensor (broadcast to all rows; ``dtype``
     float64 for the float64 reference).
 
-    ``mean`` is 1 / (number of counted rows, at least 1), or 1 / ``normalizer``; ``sum`` and
+    ``mean`` is 1 / (number of counted rows, at least 1), or 1 / ``normalizer`` (inf for 0: the losses then give 0
+    where nothing counts, and select rather than multiply at ignored rows); ``sum`` and
     ``none`` are 1. Computed on the device: no host synchronisation. Kernels fold this weight into
     the loss and the stored gradient, so ``loss.backward()`` hands them an incoming gradient of 1.
     """
@@ -370,7 +371,8 @@ def reduction_weight(
             # A CPU normalizer (e.g. a token count made on the host) beside GPU logits: no synchronising copy.
             normalizer = to_device_async(normalizer.detach(), torch.device(device))
             return normalizer.to(dtype=dtype).reshape(1).reciprocal()
-        return torch.full((1,), 1.0 / float(normalizer), dtype=dtype, device=device)
+        inverse = 1.0 / float(normalizer) if normalizer else float("inf")  # inf for 0, as a zero tensor's reciprocal
+        return torch.full((1,), inverse, dtype=dtype, device=device)
     if active is None:
         return torch.full((1,), 1.0 / max(num_rows, 1), dtype=dtype, device=device)
     return active.sum().clamp_min(1).to(dtype).reshape(1).reciprocal()
@@ -415,7 +417,8 @@ def check_reduction(reduction: str, normalizer: object) -> None:
             if host_readable(normalizer) and not bool((value >= 0) & (value < float("inf"))):
                 raise ValueError(f"normalizer must be finite and >= 0 (a count of tokens), got {value.item()}")
         else:
-            check_number("normalizer", normalizer, low=0.0, low_inclusive=False)
+            # 0 is legal as for a tensor: an int num_items_in_batch of a window that counts nothing (loss 0).
+            check_number("normalizer", normalizer, low=0.0)
         if reduction != "mean":
             raise ValueError(f"normalizer only applies to reduction='mean', got reduction={reduction!r}")
 

@@ -1420,7 +1420,7 @@ def test_bad_reduction_and_normalizer_are_refused():
         fused_linear_kl_div(*args, reduction="batchmean", impl="torch")
     with pytest.raises(ValueError, match="normalizer only applies"):
         fused_linear_kl_div(*args, reduction="sum", normalizer=4.0, impl="torch")
-    with pytest.raises(ValueError, match=r"normalizer must be in \(0.0, inf\), got -2.0"):
+    with pytest.raises(ValueError, match=r"normalizer must be in \[0.0, inf\), got -2.0"):
         fused_linear_kl_div(*args, normalizer=-2.0, impl="torch")
 
 

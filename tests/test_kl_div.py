@@ -1047,14 +1047,15 @@ def test_row_ops_apply_a_weight_per_row(op, impl, grouped):
 def test_bad_shared_arguments_not_reached_by_test_bad_inputs():
     """Validation edges of the shared helpers that test_bad_inputs does not reach: labels with the right number of
     rows in the wrong shape (a [3, 2] label tensor against [2, 3] logits would pair the wrong tokens), a normalizer
-    tensor with no element, a float normalizer of 0 (a Python ZeroDivisionError otherwise) and an ignore_index just
-    past int64, and 0-dim logits (no vocabulary dim)."""
+    tensor with no element, a negative float normalizer (0 is legal, as for a tensor: see
+    test_zero_tensor_normalizer_with_every_row_ignored_is_zero_not_nan) and an ignore_index just past int64, and
+    0-dim logits (no vocabulary dim)."""
     s = torch.randn(2, 3, 10)
     t = torch.randn(2, 3, 10)
     _bad(r"labels must have shape \(2, 3\) \(the logits' leading dims\), got \(3, 2\)", s, t,
          labels=torch.zeros(3, 2, dtype=torch.long))
     _bad(r"normalizer must be a number or a one-element tensor, got shape \(0,\)", s, t, normalizer=torch.zeros(0))
-    _bad(r"normalizer must be in \(0.0, inf\), got 0.0", s, t, normalizer=0.0)
+    _bad(r"normalizer must be in \[0.0, inf\), got -1.0", s, t, normalizer=-1.0)
     _bad(f"ignore_index must fit in int64, got {2**63}", s, t, ignore_index=2**63)
     assert torch.isfinite(kl_div(s, t, ignore_index=2**63 - 1))  # the largest int64 is accepted
     _bad(r"student_logits must have at least 1 dim, got shape \(\)", torch.tensor(1.0), torch.tensor(1.0))
