@@ -1271,8 +1271,10 @@ class SpeculativeDecoder:
             keeps the root and the ``num_nodes - 1`` candidates with the highest cumulative draft
             log-probability (``num_nodes <= 256``).
         tree: a static tree instead: EAGLE-style paths of child ranks (``[[0], [1], [0, 0], ...]``; the node
-            with rank ``r`` under a parent drafts the parent's ``r``-th most likely token) or a parent array
-            (1-D int tensor). ``depth``, ``topk`` and ``num_nodes`` are then unused.
+            with rank ``r`` under a parent drafts the parent's ``r``-th most likely token), a parent array
+            (1-D int tensor) or the ``TreeSpec`` of one tree (:func:`~distill_ops.tree.build_tree`); a parent
+            array's children take ranks 0, 1, ... in node order. ``depth``, ``topk`` and ``num_nodes`` are then
+            unused.
         impl: ``impl`` of the tree attention, verification and compaction ops.
         vocab_size: for a draft LM whose embedding matrices are padded to another size than the target's while
             both use one tokenizer (Qwen2.5-0.5B has 151936 rows, Qwen2.5-7B 152064): the number of token ids
@@ -1297,7 +1299,7 @@ class SpeculativeDecoder:
         depth: int = 5,
         topk: int = 4,
         num_nodes: int = 32,
-        tree: Sequence[Sequence[int]] | torch.Tensor | None = None,
+        tree: Sequence[Sequence[int]] | torch.Tensor | TreeSpec | None = None,
         impl: str = "auto",
         profile: bool = False,
         vocab_size: int | None = None,
@@ -1364,6 +1366,10 @@ class SpeculativeDecoder:
             self._dynamic = _DynamicPlan(topk, depth, num_nodes, vocab, self.device, impl)
         else:
             ranks = None
+            if isinstance(tree, TreeSpec):  # one tree (parents [1, T]); its parents read once, at construction
+                if tree.parents.shape[0] != 1:
+                    raise ValueError(f"tree must be one tree, got a TreeSpec of {tree.parents.shape[0]} trees")
+                tree = tree.parents[0]
             if isinstance(tree, torch.Tensor):
                 check_tensor("tree", tree, dtypes=INT_DTYPES, ndim=1)
                 parents = build_tree(tree).parents[0].tolist()

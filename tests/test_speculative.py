@@ -39,7 +39,7 @@ from distill_ops.speculative import (
     tree_attention_tail,
     tree_spec_from_parents,
 )
-from distill_ops.tree import build_tree
+from distill_ops.tree import build_tree, tree_from_paths
 from distill_ops.tree_attention import tree_attention
 
 from .conftest import DEVICE, IMPLS, assert_close, word_tokenizer
@@ -1512,6 +1512,28 @@ def test_bad_inputs():
         ]
         assert torch.equal(outs[0].sequences, outs[1].sequences), top_k
     assert target.config._attn_implementation == "sdpa"  # restored even when generate raised
+
+
+def test_static_tree_as_paths_parents_or_a_tree_spec():
+    """A static tree may be given as EAGLE paths, a parent array or the TreeSpec of one tree (every other op takes a
+    TreeSpec as ``tree``; it failed with "paths must be a list of lists of ints"): the same drafts and outputs,
+    greedy and sampled. A TreeSpec of several trees is refused, naming ``tree``."""
+    target, draft = models("llama")
+    prompt = prompts(256, [5], seed=43)[0]
+    paths = [[0], [1], [0, 0], [0, 1], [0, 0, 0]]
+    parents = tree_from_paths(paths)
+    outputs = []
+    for tree in (paths, parents, build_tree(parents)):
+        engine = SpeculativeDecoder(target, draft, tree=tree, impl="torch")
+        greedy = engine.generate(prompt, max_new_tokens=9, eos_token_id=[])
+        sampled = engine.generate(prompt, max_new_tokens=9, temperature=1.3, eos_token_id=[],
+                                  generator=torch.Generator(DEVICE).manual_seed(3))
+        outputs.append((greedy.sequences, greedy.accept_lengths, sampled.sequences))
+    for other in outputs[1:]:
+        assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(outputs[0], other))
+    assert torch.equal(outputs[0][0], reference_generate(target, prompt, 9))
+    with pytest.raises(ValueError, match="tree must be one tree, got a TreeSpec of 2 trees"):
+        SpeculativeDecoder(target, draft, tree=build_tree(torch.stack([parents, parents])))
 
 
 def test_top_k_zero_means_no_top_k():
