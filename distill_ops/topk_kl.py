@@ -54,7 +54,8 @@ among the teacher's top ``max_candidates`` tokens (default 1024): mass beyond th
 goes to the tail). The teacher's normaliser comes from one streaming pass (Triton) or a chunked
 ``logsumexp``, and is skipped for ``renormalize`` with ``k`` only (logit differences suffice). No full
 sorted copy of the vocabulary is ever written on CUDA. ``impl="triton"`` keeps at most 4096 candidates
-per row (``k`` or ``max_candidates``; ``ValueError`` before any kernel runs otherwise). Measured on an
+per row (``k`` or ``max_candidates``; ``ValueError`` before any kernel runs otherwise; ``impl="auto"`` takes
+the PyTorch path past it, on CUDA as on the CPU). Measured on an
 H200 before the kernel (N=16384, V=131072, k=64, bf16), the dense path's forward took 18.9 ms and the
 sparse path's 1.3 ms: the difference is the teacher's ``torch.topk``. The kernel's time is not measured yet.
 
@@ -651,11 +652,17 @@ def _bound_rows(name: str, bound: object, leading_shape: torch.Size, device: tor
     return torch.full((num_rows,), float(bound), dtype=torch.float32, device=device)
 
 
-def _check_triton_kept(kept_columns: int, remedy: str) -> None:
-    if kept_columns > TRITON_MAX_K:
-        raise ValueError(
+def _kept_backend(impl: str, backend: str, kept_columns: int, remedy: str) -> str:
+    """The backend for ``kept_columns`` candidates per row: past ``TRITON_MAX_K`` the Triton path is refused when
+    asked for by name, and ``impl="auto"`` takes the PyTorch path instead (as on the CPU), so the same call runs on
+    both devices."""
+    if backend != "triton" or kept_columns <= TRITON_MAX_K:
+        return backend
+    if impl == "auto":
+        return "torch"
+    raise ValueError(
             f"impl='triton' supports at most {TRITON_MAX_K} kept candidates per row, got {kept_columns}; "
-            f"use impl='torch' or {remedy}"
+            f"use impl='torch' (or 'auto') or {remedy}"
         )
 
 
@@ -905,14 +912,13 @@ def topk_kl_div(
     backend = resolve_impl(impl, student_logits.device)
     leading_shape = student_logits.shape[:-1]
     temperature = float(temperature)
-    if backend == "triton":
-        if k is not None:
-            kept_columns = k
-        elif teacher_logits is not None:
-            kept_columns = min(vocab, max_candidates)
-        else:
-            kept_columns = teacher_topk_indices.shape[-1]
-        _check_triton_kept(kept_columns, "a smaller k / max_candidates")
+    if k is not None:
+        kept_columns = k
+    elif teacher_logits is not None:
+        kept_columns = min(vocab, max_candidates)
+    else:
+        kept_columns = teacher_topk_indices.shape[-1]
+    backend = _kept_backend(impl, backend, kept_columns, "a smaller k / max_candidates")
     label_rows = flat_labels(labels)
     # Checked before the selection kernel runs; rows the check cannot read (CUDA) give NaN (below).
     bad_label = check_label_values(label_rows, ignore_index, vocab, "with tail='label'") if tail == "label" else None
@@ -1120,8 +1126,8 @@ class DACKLLoss(torch.nn.Module):
             self.temperature, labels, self.reduction, None, DEFAULT_MAX_CANDIDATES, self.vocab_size,
         )
         backend = resolve_impl(self.impl, student_logits.device)
-        if backend == "triton" and not self.training:  # the hard mask's kernel (training runs PyTorch autograd)
-            _check_triton_kept(min(self.vocab_top_m, vocab), "a smaller vocab_top_m")
+        if not self.training:  # the hard mask's kernel (training runs PyTorch autograd)
+            backend = _kept_backend(self.impl, backend, min(self.vocab_top_m, vocab), "a smaller vocab_top_m")
         leading_shape = student_logits.shape[:-1]
         label_rows = flat_labels(labels)
         if self.tail == "label":

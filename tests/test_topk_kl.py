@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import distill_ops.topk_kl as topk_kl_module
 from distill_ops import kl_div
 from distill_ops.kernels import topk_select as topk_select_module
 from distill_ops.kernels.topk_select import topk_select
@@ -979,6 +980,17 @@ def test_dense_triton_path_uses_the_selection_kernel(monkeypatch):
     with pytest.raises(ValueError, match="got 5000"):
         topk_kl_div(wide_student, wide_teacher, upper=0.5, max_candidates=6000, impl="triton")
     assert calls == []  # raised before any kernel ran
+    # impl="auto" (the Triton path on CUDA, simulated here) takes the PyTorch path past the limit instead, as it
+    # does on the CPU: the same call runs on both devices (it raised on CUDA). Within the limit it keeps the kernel.
+    monkeypatch.setattr(topk_kl_module, "resolve_impl", lambda impl, device: "triton" if impl == "auto" else impl)
+    for options in (dict(k=4097), dict(upper=0.5, max_candidates=6000)):
+        auto = topk_kl_div(wide_student, wide_teacher, impl="auto", **options)
+        assert calls == [] and torch.equal(auto, topk_kl_div(wide_student, wide_teacher, impl="torch", **options))
+    dackl = {impl: DACKLLoss(vocab_top_m=4097, hidden=8, impl=impl).to(DEVICE).eval() for impl in ("auto", "torch")}
+    dackl["torch"].load_state_dict(dackl["auto"].state_dict())
+    assert torch.equal(dackl["auto"](wide_student, wide_teacher), dackl["torch"](wide_student, wide_teacher))
+    topk_kl_div(wide_student, wide_teacher, k=7, impl="auto")
+    assert calls == [7]
 
 
 def test_torch_compile_fullgraph_dense_triton():
