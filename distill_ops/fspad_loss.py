@@ -88,13 +88,14 @@ def fspad_draft_loss(
     check_number("logit_scale", logit_scale, low=0.0, low_inclusive=False)
     if softcap is not None:
         check_number("softcap", softcap, low=0.0, low_inclusive=False)
+    if loss_mask is not None:
+        check_tensor("loss_mask", loss_mask, dtypes=(*INT_DTYPES, torch.bool))
     check_same_device(target_next_features=target_next_features, draft_regress=draft_regress,
                       draft_predict=draft_predict, lm_head_weight=lm_head_weight, lm_head_bias=lm_head_bias,
                       loss_mask=loss_mask)
     leading_shape = draft_regress.shape[:-1]
     labels = None
     if loss_mask is not None:
-        check_tensor("loss_mask", loss_mask, dtypes=(*INT_DTYPES, torch.bool))
         if loss_mask.shape != leading_shape:
             raise ValueError(f"loss_mask must have shape {tuple(leading_shape)}, got {tuple(loss_mask.shape)}")
         labels = torch.where(loss_mask.bool(), 0, -100).to(torch.int64)

@@ -85,8 +85,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ._utils import (
-    INT_DTYPES, check_flag, check_int, check_number, check_tensor, resolve_impl, sink_softmax, softcapped,
-    text_config, to_device_async,
+    IMPLS, INT_DTYPES, check_choice, check_flag, check_int, check_number, check_tensor, resolve_impl, sink_softmax,
+    softcapped, text_config, to_device_async,
 )
 from .generation_rules import (
     TokenSequenceRules, ban_repeated_ngrams, check_decay, check_ngram_size, decay_eos, node_tails,
@@ -1307,6 +1307,8 @@ class SpeculativeDecoder:
         from .fspad import FSPADDraftHead
 
         _check_causal_lm("target", target)
+        check_choice("impl", impl, IMPLS)  # at construction for static trees too (a dynamic plan resolves it)
+        check_flag("profile", profile)
         depth, topk, num_nodes = (check_int(name, value, low=1) for name, value in
                                   (("depth", depth), ("topk", topk), ("num_nodes", num_nodes)))
         if num_nodes > MAX_TREE_NODES:

@@ -456,6 +456,8 @@ def test_fspad_bad_inputs():
         fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), logit_scale=0.0)
     with pytest.raises(ValueError, match="softcap must be in"):
         fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), softcap=-30.0)
+    with pytest.raises(TypeError, match="loss_mask must be a torch.Tensor, got list"):  # an AttributeError before
+        fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), loss_mask=[[True] * 3] * 2)
     # The LM head's own names (they were reported as fused_linear_kl_div's student_weight / student_bias).
     with pytest.raises(ValueError, match=r"lm_head_weight must have shape \[V, 8\]"):
         fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 9))
@@ -488,6 +490,13 @@ def test_helper_refuses_labels_and_teacher_ids_of_another_shape_before_any_forwa
     with pytest.raises(ValueError, match=r"teacher_input_ids must have the shape of input_ids"):
         causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask,
                                     teacher_input_ids=input_ids[:, :-1])
+    # Not a tensor: a TypeError, as in the losses (it was a ValueError); bool options must be bools ("no" read as
+    # True turned the MoE router term on).
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor, got list"):
+        causal_lm_distillation_loss(student, teacher, input_ids, labels.tolist(), attention_mask)
+    for option in ("skip_ignored", "router_aux_loss"):
+        with pytest.raises(TypeError, match=f"{option} must be a bool, got str: 'no'"):
+            causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, **{option: "no"})
     handle.remove()
     assert not calls
 

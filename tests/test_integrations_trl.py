@@ -89,6 +89,11 @@ def test_generalized_jsd_loss_bad_inputs():
         generalized_jsd_loss(student, teacher, beta=1.5)
     with pytest.raises(ValueError, match="teacher_logits"):
         generalized_jsd_loss(student, teacher[:, :2])
+    # Lists are a TypeError naming the argument (an AttributeError on .dim() before).
+    with pytest.raises(TypeError, match="student_logits must be a torch.Tensor, got list"):
+        generalized_jsd_loss(student.tolist(), teacher)
+    with pytest.raises(TypeError, match="teacher_logits must be a torch.Tensor, got list"):
+        generalized_jsd_loss(student, teacher.tolist())
 
 
 def _gkd_attributes(cls, teacher, beta, **extra):

@@ -1501,6 +1501,11 @@ def test_bad_inputs():
         SpeculativeDecoder(target, draft, topk=2.5)
     with pytest.raises(ValueError, match="parent path"):
         SpeculativeDecoder(target, draft, tree=[[0, 0]])
+    # Checked at construction with a static tree too (it was first refused by generate), and profile is a bool.
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'triton', 'torch'\), got 'bogus'"):
+        SpeculativeDecoder(target, draft, tree=[[0], [0, 0]], impl="bogus")
+    with pytest.raises(TypeError, match="profile must be a bool, got str: 'yes'"):
+        SpeculativeDecoder(target, draft, profile="yes")
     # NumPy integers (read from a config array) mean what Python ints mean (they were a TypeError).
     numpy_engine = SpeculativeDecoder(target, draft, impl="torch", depth=np.int64(4), topk=np.int32(3),
                                       num_nodes=np.int64(12))
