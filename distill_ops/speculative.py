@@ -76,6 +76,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 from contextlib import contextmanager
 import dataclasses
 import functools
@@ -1623,6 +1624,8 @@ class SpeculativeDecoder:
         _check_processor_clashes(rules, penalty, eos)
         if pad_token_id is None:
             pad_token_id = defaults.get("pad_token_id")
+        if attention_mask is None and pad_token_id is not None and pad_token_id not in eos:
+            _warn_unmasked_padding(input_ids, pad_token_id)
         if pad_token_id is None:
             pad_token_id = eos[0] if eos else 0
         sampling = temperature > 0
@@ -2217,6 +2220,19 @@ def _as_generate_reads(config, vocab_size: int) -> None:
 def _kept_positions(mask_row: list) -> list[int]:
     """The positions an attention-mask row keeps (nonzero entries); they must form one run for the engine."""
     return [position for position, value in enumerate(mask_row) if value]
+
+
+def _warn_unmasked_padding(input_ids: torch.Tensor, pad_token_id: int) -> None:
+    """``generate`` reads every position as a token without an ``attention_mask``, where transformers' ``generate``
+    masks out the prompt's ``pad_token_id`` positions: say so when the prompt holds that id (one host read, per
+    call)."""
+    if bool((input_ids == pad_token_id).any()):
+        warnings.warn(
+            f"input_ids hold pad_token_id {pad_token_id} and no attention_mask was given: generate reads every "
+            f"position as a token, where transformers' generate would mask the padding out; pass attention_mask (or "
+            f"call hf_generate, which infers it as transformers does)",
+            stacklevel=3,
+        )
 
 
 def _inferred_attention_mask(prompt: torch.Tensor, config) -> torch.Tensor | None:

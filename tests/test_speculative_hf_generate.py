@@ -79,6 +79,32 @@ def test_tokenizer_batch_with_attention_mask_and_bos_start():
     assert torch.equal(engine.hf_generate(bos_token_id=7, max_new_tokens=5).sequences, expected)
 
 
+def test_generate_warns_when_a_padded_prompt_comes_without_its_mask():
+    """``generate`` reads every position as a token without an ``attention_mask`` (documented), where transformers'
+    ``generate`` masks the prompt's pad tokens out: a left-padded batch without its mask warns and names the way out
+    (it diverged from ``target.generate`` silently); with the mask, or through ``hf_generate``, it equals
+    ``target.generate`` and does not warn. No pad id in the prompt, or a pad id that is an EOS id: no warning."""
+    import warnings
+
+    engine = _engine()
+    tokenizer = word_tokenizer(256)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["t5 t9 t30 t77", "t3 t200"], padding=True, return_tensors="pt").to(DEVICE)
+    assert (batch["input_ids"] == 0).any()
+    with pytest.warns(UserWarning, match="input_ids hold pad_token_id 0 and no attention_mask was given"):
+        engine.generate(batch["input_ids"], max_new_tokens=4, pad_token_id=0, eos_token_id=[])
+    expected = engine.target.generate(**batch, max_new_tokens=4, pad_token_id=0, eos_token_id=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masked = engine.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4,
+                                 pad_token_id=0, eos_token_id=[])
+        assert torch.equal(masked.sequences, expected)
+        assert torch.equal(engine.hf_generate(**batch, max_new_tokens=4, pad_token_id=0, eos_token_id=None).sequences,
+                           expected)
+        engine.generate(batch["input_ids"][:1], max_new_tokens=2, pad_token_id=0, eos_token_id=[])  # no pad in it
+        engine.generate(batch["input_ids"], max_new_tokens=2, pad_token_id=0, eos_token_id=[0])  # pad is an EOS
+
+
 def test_sampling_maps_do_sample_and_the_global_defaults():
     """``do_sample=True`` samples with the config's temperature, ``top_k`` (transformers' default 50 when unset)
     and ``top_p``: the same tokens as ``generate`` given those values and the same generator state, and not those
