@@ -666,7 +666,8 @@ def kl_div(
         normalizer: replaces the row count of ``mean`` (e.g. ``num_items_in_batch``).
         vocab_size: when V != Vt, read both as their first ``vocab_size`` columns.
         inplace_grad: write the gradient over ``student_logits``' buffer (eager only; its values are
-            destroyed, and autograd raises if anything else saved them for backward).
+            destroyed, and autograd raises if anything else saved them for backward). Compute every other use
+            of the logits first: a cross-entropy term or a metric read after this call reads the gradient.
         impl: ``auto`` (Triton on CUDA, PyTorch otherwise), ``triton`` or ``torch``.
 
     Returns:
