@@ -111,6 +111,8 @@ class FSPADDraftHead(nn.Module):
 
     def __init__(self, config, *, sampling_size: int | None = None):
         super().__init__()
+        if isinstance(config, torch.nn.Module):
+            raise TypeError(f"config must be the target's config (target.config), got a {type(config).__name__} model")
         hidden = int(config.hidden_size)
         num_heads = int(config.num_attention_heads)
         num_kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)

@@ -283,6 +283,8 @@ def test_bad_inputs():
                                    intermediate_size=96, vocab_size=200)
     with pytest.raises(ValueError, match="head_dim"):
         FSPADDraftHead(odd_head_dim)
+    with pytest.raises(TypeError, match=r"config must be the target's config \(target.config\), got a Module model"):
+        FSPADDraftHead(torch.nn.Module())  # the model itself: it was an AttributeError on hidden_size
 
 
 @pytest.mark.parametrize("family, extra", [
