@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import INT_DTYPES, check_choice, check_flag, check_number, check_same_device, check_tensor, reduce_rows
+from ._utils import (
+    INT_DTYPES, check_flag, check_number, check_reduction, check_same_device, check_tensor, reduce_rows,
+)
 from .fused_linear import fused_linear_kl_div, scale_linear_inputs
 
 
@@ -26,6 +28,7 @@ def fspad_draft_loss(
     smooth_l1_beta: float = 1.0,
     loss_mask: Optional[Tensor] = None,
     reduction: str = "mean",
+    normalizer: float | Tensor | None = None,
     include_teacher_entropy: bool = True,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
@@ -48,6 +51,8 @@ def fspad_draft_loss(
             optional ``[V]``. Cast to ``draft_predict``'s dtype for the draft side if they differ.
         loss_mask: optional ``[...]`` bool / integer, nonzero where a token counts.
         reduction: ``mean`` (over counted tokens), ``sum`` or ``none`` (shape ``[...]``).
+        normalizer: replaces the count of ``mean`` (e.g. ``num_items_in_batch`` for gradient accumulation), as
+            in every loss: a number or a one-element tensor, >= 0 (0 where nothing counts gives 0).
         logit_scale, softcap: the target's logits are ``softcap(logit_scale * lm_head(feature))`` (Cohere's
             ``logit_scale``, Granite's ``1 / logits_scaling``; Gemma-2's ``final_logit_softcapping``): both
             sides go through the same map, so the head learns the target's own distribution (and drafts
@@ -83,7 +88,7 @@ def fspad_draft_loss(
     check_number("regress_weight", regress_weight, low=0.0)
     check_number("logit_weight", logit_weight, low=0.0)
     check_number("smooth_l1_beta", smooth_l1_beta, low=0.0)
-    check_choice("reduction", reduction, ("mean", "sum", "none"))
+    check_reduction(reduction, normalizer)
     check_flag("include_teacher_entropy", include_teacher_entropy)
     check_number("logit_scale", logit_scale, low=0.0, low_inclusive=False)
     if softcap is not None:
@@ -126,7 +131,7 @@ def fspad_draft_loss(
         difference, torch.zeros_like(difference), reduction="none", beta=smooth_l1_beta
     ).mean(-1)
     rows = regress_weight * regression_rows + logit_weight * logit_rows
-    return reduce_rows(rows.reshape(-1), active, reduction, None, leading_shape)
+    return reduce_rows(rows.reshape(-1), active, reduction, normalizer, leading_shape)
 
 
 @torch.no_grad()

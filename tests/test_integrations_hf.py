@@ -364,6 +364,43 @@ def _fspad_reference(regress, predict, target, weight, regress_weight, logit_wei
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_fspad_draft_loss_normalizer_makes_micro_batches_add_up(impl):
+    """``normalizer`` (as every loss takes it; fspad_draft_loss had none, so gradient accumulation over micro-batches
+    of different token counts could not be exact): two sequences as micro-batches, each divided by the whole
+    batch's counted tokens, sum to the full-batch mean of the float64 formula, loss and both gradients. A
+    micro-batch that counts nothing with a zero normalizer (tensor or number) gives 0 with zero gradients."""
+    generator = torch.Generator().manual_seed(5)
+    regress, predict, target = (torch.randn(2, 7, 24, generator=generator, dtype=torch.float64).float().to(DEVICE)
+                                for _ in range(3))
+    weight = (torch.randn(90, 24, generator=generator, dtype=torch.float64) * 0.3).float().to(DEVICE)
+    mask = torch.ones(2, 7, dtype=torch.bool, device=DEVICE)
+    mask[0, :4] = False  # 3 counted tokens, then 7
+    total = int(mask.sum())
+    grads, loss_sum = [torch.zeros_like(regress), torch.zeros_like(predict)], 0.0
+    for row in range(2):
+        r, p = regress[row:row + 1].clone().requires_grad_(True), predict[row:row + 1].clone().requires_grad_(True)
+        loss = fspad_draft_loss(r, p, target[row:row + 1], weight, loss_mask=mask[row:row + 1], normalizer=total,
+                                impl=impl)
+        loss.backward()
+        grads[0][row], grads[1][row] = r.grad[0], p.grad[0]
+        loss_sum = loss_sum + loss.detach()
+    regress64, predict64 = (t.detach().double().requires_grad_(True) for t in (regress, predict))
+    expected = _fspad_reference(regress64, predict64, target, weight, 1.0, 0.1, mask, reduction="sum") / total
+    expected.backward()
+    assert_close(loss_sum, expected, torch.float32, "loss")
+    assert_close(grads[0], regress64.grad, torch.float32, "regress grad")
+    assert_close(grads[1], predict64.grad, torch.float32, "predict grad")
+    for zero in (torch.tensor(0.0, device=DEVICE), 0):
+        r = regress.clone().requires_grad_(True)
+        loss = fspad_draft_loss(r, predict, target, weight, loss_mask=torch.zeros_like(mask), normalizer=zero,
+                                impl=impl)
+        loss.backward()
+        assert loss.item() == 0.0 and not r.grad.any()
+    with pytest.raises(ValueError, match="normalizer only applies to reduction='mean'"):
+        fspad_draft_loss(regress, predict, target, weight, reduction="sum", normalizer=total)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_fspad_draft_loss_masked_rows_may_hold_anything(impl):
     """Rows with loss_mask False may hold NaN / inf in any input: loss and gradients equal those with finite values
     there (the regression term's gradient was NaN: smooth L1's backward at a NaN difference times the masked row's
