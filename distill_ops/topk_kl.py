@@ -99,6 +99,7 @@ from ._utils import (
     finite_or_zero,
     flat_labels,
     host_readable,
+    reduce_rows,
     reduction_weight,
     resolve_impl,
     resolve_vocab,
@@ -1046,7 +1047,8 @@ class DACKLLoss(torch.nn.Module):
     (a single renormalised token gives zero loss), so combine it with the full-vocabulary or hard-label
     loss, or a bound regulariser, as the training recipe requires.
 
-    ``forward(student_logits [..., V], teacher_logits [..., V], labels=None) -> fp32 loss``.
+    ``forward(student_logits [..., V], teacher_logits [..., V], labels=None, normalizer=None) -> fp32 loss``
+    (``normalizer`` replaces the count of ``mean``, as in every loss, e.g. ``num_items_in_batch``).
     """
 
     def __init__(
@@ -1119,11 +1121,17 @@ class DACKLLoss(torch.nn.Module):
         lower, upper = self._bounds(sorted_logprobs)
         return lower.reshape(teacher_logits.shape[:-1]), upper.reshape(teacher_logits.shape[:-1])
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        labels: Optional[Tensor] = None,
+        normalizer: float | Tensor | None = None,
+    ) -> Tensor:
         check_index("ignore_index", self.ignore_index)
         _, _, vocab = _check_args(
             student_logits, teacher_logits, None, None, None, 0.0, 1.0, self.tail, self.divergence,
-            self.temperature, labels, self.reduction, None, DEFAULT_MAX_CANDIDATES, self.vocab_size,
+            self.temperature, labels, self.reduction, normalizer, DEFAULT_MAX_CANDIDATES, self.vocab_size,
         )
         backend = resolve_impl(self.impl, student_logits.device)
         if not self.training:  # the hard mask's kernel (training runs PyTorch autograd)
@@ -1147,7 +1155,7 @@ class DACKLLoss(torch.nn.Module):
             teacher_logprobs = kept_logprobs(sorted_logprobs, lower.detach(), upper.detach()).contiguous()
             return _reduce_op_rows(
                 student_rows, indices, teacher_logprobs, label_rows, self.tail, self.divergence, self.temperature,
-                self.ignore_index, backend, self.reduction, None, leading_shape, student_logits.requires_grad,
+                self.ignore_index, backend, self.reduction, normalizer, leading_shape, student_logits.requires_grad,
             )
         log_weights = log_soft_membership(sorted_logprobs, lower, upper, self.sharpness)
         safe_labels = None
@@ -1157,10 +1165,8 @@ class DACKLLoss(torch.nn.Module):
             student_rows, indices, sorted_logprobs, log_weights, safe_labels, self.tail, self.divergence,
             self.temperature, active,
         )
-        if active is not None:
-            rows = torch.where(active, rows, 0.0)
-        row_weight = reduction_weight(self.reduction, None, active, rows.shape[0], rows.device)
-        return finish_reduction(rows * row_weight, self.reduction, leading_shape)
+        # Selected after the weight: a zero normalizer makes it inf, and inf * 0 is NaN.
+        return reduce_rows(rows, active, self.reduction, normalizer, leading_shape)
 
     def extra_repr(self) -> str:
         return (

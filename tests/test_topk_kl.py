@@ -702,6 +702,43 @@ def test_dackl_bounds_follow_the_documented_parametrisation(raw):
     assert torch.all((0 < lower) & (lower < upper) & (upper < 1))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dackl_normalizer_makes_micro_batches_add_up(training, impl):
+    """``DACKLLoss.forward(..., normalizer=)`` as every loss takes it (it had none, so gradient accumulation over
+    micro-batches of different token counts could not be exact): two micro-batches, each divided by the whole
+    batch's counted tokens, sum to the full-batch mean, loss and the student's gradient (and in training the bound
+    network's). A micro-batch that counts nothing with a zero normalizer (tensor or number) gives 0 with zero
+    gradients; with reduction='sum' a normalizer is refused."""
+    loss_fn = DACKLLoss(vocab_top_m=16, hidden=8, tail="bucket", impl=impl).to(DEVICE).train(training)
+    student, teacher = _logits((10, 40), torch.float32, seed=90), _logits((10, 40), torch.float32, seed=91)
+    labels = torch.tensor([1, -100, -100, 4, 5, 6, -100, 8, 9, 10], device=DEVICE)  # 2 of 4, then 5 of 6
+    total = int((labels != -100).sum())
+    params = list(loss_fn.parameters())
+
+    def run(rows, normalizer=None):
+        x = student[rows].clone().requires_grad_(True)
+        loss_fn.zero_grad()
+        loss = loss_fn(x, teacher[rows], labels[rows], normalizer=normalizer)
+        loss.backward()
+        return loss.detach(), x.grad, [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    full_loss, full_grad, full_params = run(slice(None))
+    parts = [run(rows, total) for rows in (slice(0, 4), slice(4, 10))]
+    assert_close(parts[0][0] + parts[1][0], full_loss, torch.float32, "loss")
+    assert_close(torch.cat([parts[0][1], parts[1][1]]), full_grad, torch.float32, "student gradient")
+    for first, second, whole in zip(parts[0][2], parts[1][2], full_params):
+        assert_close(first + second, whole, torch.float32, "bound network gradient")
+    assert training == any(p.abs().max() > 0 for p in full_params)  # the bounds train only in training mode
+    for zero in (torch.tensor(0.0, device=DEVICE), 0):
+        x = student.clone().requires_grad_(True)
+        loss = loss_fn(x, teacher, torch.full_like(labels, -100), normalizer=zero)
+        loss.backward()
+        assert loss.item() == 0.0 and not x.grad.any()
+    with pytest.raises(ValueError, match="normalizer only applies to reduction='mean'"):
+        DACKLLoss(vocab_top_m=16, hidden=8, reduction="sum", impl=impl)(student, teacher, normalizer=total)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_dackl_label_tail_refuses_out_of_range_labels(training):
     """DACKLLoss(tail='label') checks its labels like topk_kl_div (ValueError for CPU tensors): an out-of-range
