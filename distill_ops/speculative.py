@@ -1839,6 +1839,10 @@ class SpeculativeDecoder:
             top_k = check_int("top_k", top_k, low=0, optional=True) or None
             if top_p is not None:
                 check_number("top_p", top_p, low=0.0, high=1.0, low_inclusive=False)
+        elif top_k not in (None, 0) or top_p not in (None, 1, 1.0):
+            # transformers' generate warns likewise when sampling fields come without do_sample.
+            warnings.warn(f"top_k={top_k!r} / top_p={top_p!r} only filter when sampling: temperature=0 decodes "
+                          f"greedily (pass temperature > 0 to sample)", stacklevel=3)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         tokens = input_ids.tolist()

@@ -105,6 +105,29 @@ def test_generate_warns_when_a_padded_prompt_comes_without_its_mask():
         engine.generate(batch["input_ids"], max_new_tokens=2, pad_token_id=0, eos_token_id=[0])  # pad is an EOS
 
 
+def test_generate_warns_when_filters_come_without_a_temperature():
+    """``top_k`` / ``top_p`` only filter when sampling (documented): greedy ``generate`` with them warns, as
+    transformers' ``generate`` does for sampling fields without ``do_sample``, and still decodes greedily. No
+    warning when sampling, without the filters, for the no-op values (``top_k=0``, ``top_p=1``), or through
+    ``hf_generate``, which resolves greedy decoding itself."""
+    import warnings
+
+    engine = _engine()
+    prompt = prompts(256, [5], seed=44)[0]
+    greedy = engine.generate(prompt, max_new_tokens=4, eos_token_id=[]).sequences
+    for filters in (dict(top_k=5), dict(top_p=0.5), dict(top_k=3, top_p=0.9)):
+        with pytest.warns(UserWarning, match="only filter when sampling: temperature=0 decodes greedily"):
+            out = engine.generate(prompt, max_new_tokens=4, eos_token_id=[], **filters)
+        assert torch.equal(out.sequences, greedy), filters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for filters in (dict(top_k=0), dict(top_p=1.0), dict(top_k=None, top_p=None)):
+            engine.generate(prompt, max_new_tokens=2, eos_token_id=[], **filters)
+        engine.generate(prompt, max_new_tokens=2, eos_token_id=[], temperature=1.0, top_k=5, top_p=0.5,
+                        generator=torch.Generator(DEVICE).manual_seed(0))
+        engine.hf_generate(prompt, max_new_tokens=2, do_sample=False, top_k=5, top_p=0.5, eos_token_id=None)
+
+
 def test_sampling_maps_do_sample_and_the_global_defaults():
     """``do_sample=True`` samples with the config's temperature, ``top_k`` (transformers' default 50 when unset)
     and ``top_p``: the same tokens as ``generate`` given those values and the same generator state, and not those
