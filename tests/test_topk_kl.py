@@ -1461,8 +1461,8 @@ def test_bad_inputs():
     # The Triton hard mask keeps at most TRITON_MAX_K candidates: an error naming vocab_top_m before any kernel
     # (it came from the loss kernel's launcher, after the selection kernel had run).
     wide = DACKLLoss(vocab_top_m=4100, impl="triton").eval()
-    with pytest.raises(ValueError, match="at most 4096 kept candidates per row, got 4100; use impl='torch' or a "
-                                         "smaller vocab_top_m"):
+    with pytest.raises(ValueError, match=r"at most 4096 kept candidates per row, got 4100; use impl='torch' \(or "
+                                         r"'auto'\) or a smaller vocab_top_m"):
         wide(torch.randn(2, 5000), torch.randn(2, 5000))
     # TopKKLDivLoss checks its selection options when built (they were only checked at the first call).
     for bad, match, error in ((dict(k=0), "k must be >= 1", ValueError), (dict(k=2.5), "k must be an int", TypeError),
