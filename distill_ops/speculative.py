@@ -1625,7 +1625,7 @@ class SpeculativeDecoder:
         if pad_token_id is None:
             pad_token_id = defaults.get("pad_token_id")
         if attention_mask is None and pad_token_id is not None and pad_token_id not in eos:
-            _warn_unmasked_padding(input_ids, pad_token_id)
+            _warn_unmasked_padding(rows, pad_token_id)
         if pad_token_id is None:
             pad_token_id = eos[0] if eos else 0
         sampling = temperature > 0
@@ -2226,11 +2226,11 @@ def _kept_positions(mask_row: list) -> list[int]:
     return [position for position, value in enumerate(mask_row) if value]
 
 
-def _warn_unmasked_padding(input_ids: torch.Tensor, pad_token_id: int) -> None:
+def _warn_unmasked_padding(rows: list[list[int]], pad_token_id: int) -> None:
     """``generate`` reads every position as a token without an ``attention_mask``, where transformers' ``generate``
-    masks out the prompt's ``pad_token_id`` positions: say so when the prompt holds that id (one host read, per
-    call)."""
-    if bool((input_ids == pad_token_id).any()):
+    masks out the prompt's ``pad_token_id`` positions: say so when the prompt holds that id (``rows``: the prompts
+    already read to the host, whole without a mask)."""
+    if any(pad_token_id in row for row in rows):
         warnings.warn(
             f"input_ids hold pad_token_id {pad_token_id} and no attention_mask was given: generate reads every "
             f"position as a token, where transformers' generate would mask the padding out; pass attention_mask (or "

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import check_flag, text_config
+from .._utils import check_flag, check_tensor, text_config
 from ..fused_linear import fused_linear_kl_div, scale_linear_inputs
 
 
@@ -366,8 +366,8 @@ def causal_lm_distillation_loss(
                    kl_weight=kl_weight, ce_weight=ce_weight, reduction=reduction, normalizer=normalizer,
                    vocab_size=vocab_size, impl=impl, return_entropy=return_entropy)
     for name, value in (("labels", labels), ("teacher_input_ids", teacher_input_ids)):
-        if value is not None and not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value is not None:
+            check_tensor(name, value, dtypes=None)
         if value is not None and value.shape != input_ids.shape:
             expected, received = tuple(input_ids.shape), tuple(value.shape)
             raise ValueError(f"{name} must have the shape of input_ids {expected}, got {received}")

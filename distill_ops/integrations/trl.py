@@ -45,6 +45,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .._utils import check_tensor
 from ..kl_div import kl_div
 from .hf import (
     _REFUSED_INPUT_PREFIXES,
@@ -91,9 +92,8 @@ def generalized_jsd_loss(
             f"reduction must be one of {_REDUCTIONS}, got {reduction!r} (TRL's 'none' returns element-wise [..., V] "
             f"terms, which the fused loss never forms; distill_ops.kl_div(..., reduction='none') gives per-token values)"
         )
-    for name, value in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    check_tensor("student_logits", student_logits, dtypes=None)
+    check_tensor("teacher_logits", teacher_logits, dtypes=None)
     if student_logits.dim() < 1:
         raise ValueError(f"student_logits must be [..., V], got shape {tuple(student_logits.shape)}")
     common = dict(divergence="jsd", beta=beta, temperature=temperature, labels=labels, ignore_index=-100, impl=impl)
