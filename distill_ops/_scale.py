@@ -37,11 +37,33 @@ def refuse_double_backward() -> None:
         )
 
 
+def saved_stored_gradient(ctx) -> Tensor:
+    """The stored gradient saved by ``ctx.save_for_backward`` (its only saved tensor).
+
+    Backward scales it in place, so a second backward through the same graph (``retain_graph=True``) finds it
+    modified: autograd's version check then raises "modified by an inplace operation", whose hint (anomaly
+    detection) points at the caller's code. This names the cause instead, as a ``RuntimeError`` chained to
+    autograd's.
+    """
+    try:
+        (stored,) = ctx.saved_tensors
+    except RuntimeError as error:
+        if "modified by an inplace operation" not in str(error):
+            raise
+        raise RuntimeError(
+            "distill_ops losses store their gradient in the forward pass and the first backward uses it up (scaled in "
+            "place, no [N, V] copy): a second backward through the same loss (retain_graph=True) is not supported, "
+            "recompute the loss instead (with inplace_grad=True the stored gradient is student_logits' buffer: "
+            "writing to it before backward has the same effect)"
+        ) from error
+    return stored
+
+
 def consume_stored_gradient(stored: Tensor, upstream: Tensor | None, backend: str) -> Tensor | None:
     """Backward helper: the stored d(loss_row)/dz scaled by the incoming per-row gradient, in place.
 
-    A second backward through the same graph raises autograd's "modified by an inplace operation"
-    error (the stored tensor was saved with ``save_for_backward``) instead of returning wrong values.
+    A second backward through the same graph raises (:func:`saved_stored_gradient`) instead of returning
+    wrong values.
     The stored gradient is a constant, so a backward with ``create_graph=True`` (grad mode is on inside
     backward only then) raises instead of returning a gradient without its graph, which silently dropped the
     loss's curvature from, e.g., a gradient penalty.
@@ -66,7 +88,6 @@ def register_stored_gradient_autograd(op_name: str, backend_index: int, num_inpu
         ctx.save_for_backward(output[1])
 
     def backward(ctx, grad_loss, *unused_output_grads):
-        (stored,) = ctx.saved_tensors
-        return consume_stored_gradient(stored, grad_loss, ctx.backend), *([None] * (num_inputs - 1))
+        return consume_stored_gradient(saved_stored_gradient(ctx), grad_loss, ctx.backend), *([None] * (num_inputs - 1))
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._scale import consume_stored_gradient, register_stored_gradient_autograd
+from ._scale import consume_stored_gradient, register_stored_gradient_autograd, saved_stored_gradient
 from ._utils import (
     LossModule,
     FLOAT_DTYPES,
@@ -569,8 +569,7 @@ class _KLDivInplaceGradFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (stored,) = ctx.saved_tensors
-        return consume_stored_gradient(stored, grad_loss, ctx.backend), *([None] * 8)
+        return consume_stored_gradient(saved_stored_gradient(ctx), grad_loss, ctx.backend), *([None] * 8)
 
 
 # --------------------------------------------------------------------------------------------------

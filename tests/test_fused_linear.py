@@ -177,6 +177,27 @@ def test_parity_linear_teacher_with_biases_and_ce(divergence, impl):
     _check(case, impl, divergence=divergence, temperature=1.5, labels=_labels((37,), 203, 2), ce_weight=0.5)
 
 
+@pytest.mark.parametrize("impl", FL_IMPLS)
+def test_second_backward_with_retain_graph_adds_the_same_gradients(impl):
+    """Unlike the stored-gradient losses, the fused linear loss recomputes its tiles in backward from the saved
+    row statistics: a second backward through the same graph (retain_graph=True) is supported and accumulates
+    exactly the first one's gradients again (an in-place update of the saved statistics would break that)."""
+    case = _case((11,), 24, 70, torch.float32, ht=20, biases=True, seed=5)
+    inputs = {k: v.detach().clone().requires_grad_(k in GRAD_INPUTS) for k, v in case.items()}
+    with _strategy(impl) as backend:
+        loss = fused_linear_kl_div(
+            inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"], inputs["teacher_weight"],
+            student_bias=inputs["student_bias"], teacher_bias=inputs["teacher_bias"], labels=_labels((11,), 70, 3),
+            ce_weight=0.5, divergence="jsd", impl=backend,
+        )
+        loss.backward(retain_graph=True)
+        first = {k: inputs[k].grad.clone() for k in GRAD_INPUTS}
+        loss.backward(torch.tensor(0.5, device=DEVICE))
+    for name, grad in first.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(inputs[name].grad, 1.5 * grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_parity_of_the_pytorch_path_over_several_chunks(divergence, monkeypatch):
     """The case above with the PyTorch path's chunks forced small (16 rows, 64 columns: 3 row chunks, the last

@@ -12,9 +12,11 @@ from distill_ops import (
     AlignDistilLoss,
     FusedLinearKLDivLoss,
     KLDivLoss,
+    aligndistil_kl,
     fused_linear_kl_div,
     kl_div,
     kl_div_reference,
+    topk_kl_div,
 )
 from tests._definitions import divergence_rows, reduce_rows
 from tests.conftest import DEVICE, IMPLS, TOLERANCES, RecordTensorOps, assert_close
@@ -714,13 +716,27 @@ def test_inplace_grad_under_torch_compile_says_it_is_eager_only():
         compiled(student, teacher)
 
 
-def test_second_backward_through_consumed_gradient_raises():
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("loss_name", ["kl_div", "kl_div inplace_grad", "topk_kl_div", "aligndistil_kl"])
+def test_second_backward_through_consumed_gradient_raises(loss_name, impl):
+    """Every loss that stores its gradient: the first backward uses it up, so a second one (retain_graph=True)
+    raises an error naming that cause, not autograd's bare "modified by an inplace operation" (whose hint sends
+    users after their own in-place ops); it stays chained to autograd's."""
     student = _logits((2, 10), torch.float32, seed=42).requires_grad_(True)
     teacher = _logits((2, 10), torch.float32, seed=43)
-    loss = kl_div(student, teacher, impl="torch")
+    if loss_name == "aligndistil_kl":
+        loss = aligndistil_kl(student, teacher, _logits((2, 10), torch.float32, seed=44), impl=impl)
+    elif loss_name == "topk_kl_div":
+        loss = topk_kl_div(student, teacher, k=3, impl=impl)
+    else:
+        inplace = loss_name == "kl_div inplace_grad"
+        loss = kl_div(student.clone() if inplace else student, teacher, inplace_grad=inplace, impl=impl)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="inplace"):
+    first = student.grad.clone()
+    with pytest.raises(RuntimeError, match=r"second backward through the same loss \(retain_graph=True\)") as error:
         loss.backward()
+    assert "modified by an inplace operation" in str(error.value.__cause__)
+    torch.testing.assert_close(student.grad, first, rtol=0, atol=0)  # nothing was added by the failed backward
 
 
 def test_no_gradient_requested_computes_loss_only():
