@@ -515,6 +515,31 @@ def test_fspad_bad_inputs():
         fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), loss_mask=torch.full((2, 3), 0.5))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_helper_with_a_padded_teacher_vocabulary(impl):
+    """A teacher whose LM head is padded past the shared tokenizer (resize_token_embeddings to a multiple of 64):
+    without vocab_size the error names the two models' LM heads (it named fused_linear_kl_div's student_weight /
+    teacher_weight, arguments the caller never passed); with vocab_size=96 the loss equals kl_div over the first 96
+    columns of the models' own logits."""
+    student, teacher = _tiny_models()
+    teacher.resize_token_embeddings(VOCAB, pad_to_multiple_of=64)
+    assert teacher.get_output_embeddings().weight.shape[0] == 128
+    input_ids, attention_mask, labels = _batch()
+    with pytest.raises(ValueError, match="the student model's LM head has vocabulary size 96 but the teacher model's "
+                                         "LM head has 128; pass vocab_size=k"):
+        causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, impl=impl)
+    with pytest.raises(ValueError, match=r"vocab_size must be in \[1, min\(the student model's LM head vocab 96"):
+        causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, vocab_size=100, impl=impl)
+    loss = causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, vocab_size=VOCAB,
+                                       impl=impl)
+    with torch.no_grad():
+        student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+    expected = kl_div(student_logits[:, :-1], teacher_logits[:, :-1], labels=labels[:, 1:], vocab_size=VOCAB,
+                      impl="torch")
+    assert_close(loss, expected, torch.float32)
+
+
 def test_helper_refuses_labels_and_teacher_ids_of_another_shape_before_any_forward():
     """Labels or teacher ids not shaped like ``input_ids`` are a ``ValueError`` naming them, raised before either
     model runs (they failed later inside a boolean-mask index, after both forwards)."""

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import check_flag, check_tensor, text_config
+from .._utils import check_flag, check_tensor, resolve_vocab, text_config
 from ..fused_linear import fused_linear_kl_div, scale_linear_inputs
 
 
@@ -433,6 +433,9 @@ def _distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: Tensor
         # Boolean indexing: one host synchronisation for the count.
         scored = targets != ignore_index
         student_hidden, teacher_hidden, targets = student_hidden[scored], teacher_hidden[scored], targets[scored]
+    # The vocabulary rule checked here, to name the models' LM heads (not fused_linear_kl_div's argument names).
+    resolve_vocab(student_weight.shape[0], teacher_weight.shape[0], options["vocab_size"],
+                  student_name="the student model's LM head", teacher_name="the teacher model's LM head")
     # Scaled logits, after the selection: only the kept rows are scaled.
     student_hidden, student_bias = scale_linear_inputs(student_hidden, student_bias, student_scale)
     teacher_hidden, teacher_bias = scale_linear_inputs(teacher_hidden, teacher_bias, teacher_scale)
