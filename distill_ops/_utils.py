@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, Literal, Optional, Sequence
 
 import torch
 
+#: The `impl=` argument of every public op, for type checkers and IDEs (`resolve_impl` checks the value at run time).
 Impl = Literal["auto", "triton", "torch"]
 IMPLS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ._scale import register_stored_gradient_autograd
 from ._utils import (
+    Impl,
     LossModule,
     FLOAT_DTYPES,
     as_row_groups,
@@ -278,7 +279,7 @@ def aligndistil_kl(
     normalizer: float | Tensor | None = None,
     vocab_size: int | None = None,
     return_alpha: bool = False,
-    impl: str = "auto",
+    impl: Impl = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """AlignDistil's loss: (beta0 / alpha_t) KL(softmax(z_s / T) || softmax(z* / T)) per token, reduced.
 
@@ -356,7 +357,7 @@ class AlignDistilLoss(LossModule):
         reduction: str = "mean",
         vocab_size: int | None = None,
         return_alpha: bool = False,
-        impl: str = "auto",
+        impl: Impl = "auto",
     ) -> None:
         check_choice("mode", mode, MODES)
         check_choice("reduction", reduction, ("mean", "sum", "none"))

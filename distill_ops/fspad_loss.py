@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._utils import (
+    Impl,
     INT_DTYPES, check_flag, check_number, check_reduction, check_same_device, check_tensor, reduce_rows,
 )
 from .fused_linear import fused_linear_kl_div, scale_linear_inputs
@@ -32,7 +33,7 @@ def fspad_draft_loss(
     include_teacher_entropy: bool = True,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
-    impl: str = "auto",
+    impl: Impl = "auto",
 ) -> Tensor:
     """FSPAD partial alignment: ``regress_weight * SmoothL1 + logit_weight * soft cross-entropy``, per token.
 

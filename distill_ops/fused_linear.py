@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from ._utils import (
+    Impl,
     LossModule,
     as_row_groups,
     autocast_linear_inputs,
@@ -712,7 +713,7 @@ def fused_linear_kl_div(
     vocab_size: int | None = None,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
-    impl: str = "auto",
+    impl: Impl = "auto",
     return_entropy: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Distillation loss from hidden states, without materialising logits.
@@ -882,7 +883,7 @@ class FusedLinearKLDivLoss(LossModule):
         vocab_size: int | None = None,
         student_softcap: float | None = None,
         teacher_softcap: float | None = None,
-        impl: str = "auto",
+        impl: Impl = "auto",
         return_entropy: bool = False,
     ) -> None:
         check_divergence_options(divergence, beta, alpha)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ._scale import consume_stored_gradient, register_stored_gradient_autograd, saved_stored_gradient
 from ._utils import (
+    Impl,
     LossModule,
     FLOAT_DTYPES,
     as_row_groups,
@@ -649,7 +650,7 @@ def kl_div(
     normalizer: float | Tensor | None = None,
     vocab_size: int | None = None,
     inplace_grad: bool = False,
-    impl: str = "auto",
+    impl: Impl = "auto",
 ) -> Tensor:
     """Divergence between student and teacher token distributions, streamed over the vocabulary.
 
@@ -778,7 +779,7 @@ class KLDivLoss(LossModule):
         ignore_index: int = -100,
         reduction: str = "mean",
         vocab_size: int | None = None,
-        impl: str = "auto",
+        impl: Impl = "auto",
     ) -> None:
         check_divergence_options(divergence, beta, alpha)
         check_choice("reduction", reduction, ("mean", "sum", "none"))

@@ -86,6 +86,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ._utils import (
+    Impl,
     IMPLS, INT_DTYPES, check_choice, check_flag, check_int, check_number, check_tensor, resolve_impl, sink_softmax,
     softcapped, text_config, to_device_async,
 )
@@ -239,7 +240,7 @@ class TreeAttentionContext:
     """
 
     tree: TreeSpec | None = None
-    impl: str = "auto"
+    impl: Impl = "auto"
     calls: int = 0
     starts: torch.Tensor | None = None
     _cache_lens: torch.Tensor | None = field(default=None, repr=False)
@@ -997,7 +998,7 @@ class _DynamicPlan:
       position ids and root token read from ``[B]`` tensors).
     """
 
-    def __init__(self, topk: int, depth: int, num_nodes: int, vocab: int, device: torch.device, impl: str = "auto"):
+    def __init__(self, topk: int, depth: int, num_nodes: int, vocab: int, device: torch.device, impl: Impl = "auto"):
         self.impl = impl  # the specs' builder: one Triton launch each on the engine's Triton path
         self.triton = resolve_impl(impl, device) == "triton"
         self.k = min(topk, vocab)
@@ -1301,7 +1302,7 @@ class SpeculativeDecoder:
         topk: int = 4,
         num_nodes: int = 32,
         tree: Sequence[Sequence[int]] | torch.Tensor | TreeSpec | None = None,
-        impl: str = "auto",
+        impl: Impl = "auto",
         profile: bool = False,
         vocab_size: int | None = None,
     ):

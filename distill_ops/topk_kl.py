@@ -79,6 +79,7 @@ from torch import Tensor
 
 from ._scale import register_stored_gradient_autograd
 from ._utils import (
+    Impl,
     LossModule,
     FLOAT_DTYPES,
     IMPLS,
@@ -876,7 +877,7 @@ def topk_kl_div(
     normalizer: float | Tensor | None = None,
     max_candidates: int = DEFAULT_MAX_CANDIDATES,
     vocab_size: Optional[int] = None,
-    impl: str = "auto",
+    impl: Impl = "auto",
 ) -> Tensor:
     """Divergence between the student and a top-k / quantile-clipped teacher (see the module docstring).
 
@@ -980,7 +981,7 @@ class TopKKLDivLoss(LossModule):
         reduction: str = "mean",
         max_candidates: int = DEFAULT_MAX_CANDIDATES,
         vocab_size: Optional[int] = None,
-        impl: str = "auto",
+        impl: Impl = "auto",
     ) -> None:
         check_choice("tail", tail, TAILS)
         check_choice("divergence", divergence, TOPK_DIVERGENCES)
@@ -1062,7 +1063,7 @@ class DACKLLoss(torch.nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
         vocab_size: Optional[int] = None,
-        impl: str = "auto",
+        impl: Impl = "auto",
     ) -> None:
         super().__init__()
         vocab_top_m = check_int("vocab_top_m", vocab_top_m, low=1)

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ._utils import INT_DTYPES, check_int, check_tensor, resolve_impl, to_device_async
+from ._utils import INT_DTYPES, Impl, check_int, check_tensor, resolve_impl, to_device_async
 
 #: Largest tree the ops accept. The ancestor bitmask is packed in 64-bit words; up to 64 nodes use
 #: one word (the common case pays nothing for the multi-word support).
@@ -310,7 +310,7 @@ def _spec_over_buffer(tree_parents: torch.Tensor, buffer: torch.Tensor, max_dept
 
 
 def tree_spec_from_parents_tensor(
-    parents: torch.Tensor, max_depth: int, max_children: int, *, impl: str = "auto"
+    parents: torch.Tensor, max_depth: int, max_children: int, *, impl: Impl = "auto"
 ) -> TreeSpec:
     """A :class:`TreeSpec` from a parent array that lives on the device, without reading it on the host.
 

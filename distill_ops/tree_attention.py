@@ -12,6 +12,7 @@ import math
 import torch
 
 from ._utils import (
+    Impl,
     FLOAT_DTYPES, INT_DTYPES, check_int, check_number, check_same_device, check_tensor, resolve_impl, sink_softmax,
     softcapped,
 )
@@ -172,7 +173,7 @@ def tree_attention(
     softcap: float | None = None,
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
-    impl: str = "auto",
+    impl: Impl = "auto",
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the draft-tree queries over a KV cache holding the prefix then the tree nodes.

@@ -40,6 +40,7 @@ from typing import Sequence
 import torch
 
 from ._utils import (
+    Impl,
     FLOAT_DTYPES, INT_DTYPES, check_int, check_number, check_same_device, check_tensor, host_readable, resolve_impl,
     row_chunk, to_device_async,
 )
@@ -213,7 +214,7 @@ def _finish(tree, draft_tokens, ancestors, depth, final, final_depth, bonus) -> 
 
 
 def verify_greedy(
-    tree: TreeSpec, draft_tokens: torch.Tensor, target_logits: torch.Tensor, *, impl: str = "auto"
+    tree: TreeSpec, draft_tokens: torch.Tensor, target_logits: torch.Tensor, *, impl: Impl = "auto"
 ) -> VerifyResult:
     """Greedy verification of one draft tree per sequence.
 
@@ -370,7 +371,7 @@ def verify_sampling(
     top_p: float | None = None,
     draft_probs: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    impl: str = "auto",
+    impl: Impl = "auto",
 ) -> VerifyResult:
     """Lossless speculative-sampling verification of one draft tree per sequence.
 
@@ -471,7 +472,7 @@ def compact_kv_cache(
     cache_lens: torch.Tensor,
     result: VerifyResult,
     *,
-    impl: str = "auto",
+    impl: Impl = "auto",
 ) -> torch.Tensor:
     """Move the accepted nodes' K/V rows in place to positions ``cache_lens[b] + 0 .. accept_len[b]``.
 

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import check_flag, check_tensor, resolve_vocab, text_config
+from .._utils import Impl, check_flag, check_tensor, resolve_vocab, text_config
 from ..fused_linear import fused_linear_kl_div, scale_linear_inputs
 
 
@@ -308,7 +308,7 @@ def causal_lm_distillation_loss(
     reduction: str = "mean",
     normalizer: float | Tensor | None = None,
     vocab_size: int | None = None,
-    impl: str = "auto",
+    impl: Impl = "auto",
     skip_ignored: bool = True,
     model_kwargs: Optional[dict] = None,
     router_aux_loss: Optional[bool] = None,

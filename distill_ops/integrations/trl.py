@@ -45,7 +45,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .._utils import check_tensor
+from .._utils import Impl, check_tensor
 from ..kl_div import kl_div
 from .hf import (
     _REFUSED_INPUT_PREFIXES,
@@ -69,7 +69,7 @@ def generalized_jsd_loss(
     reduction: str = "batchmean",
     num_items_in_batch: float | Tensor | None = None,
     *,
-    impl: str = "auto",
+    impl: Impl = "auto",
 ) -> Tensor:
     """TRL's ``GKDTrainer.generalized_jsd_loss``, fused: ``beta * KL(teacher || m) + (1 - beta) * KL(student || m)``
     with ``m = beta * teacher + (1 - beta) * student`` (``beta = 0``: forward KL(teacher || student),
