@@ -1511,7 +1511,9 @@ class SpeculativeDecoder:
                 uses the target's ``generation_config.eos_token_id`` as ``generate`` does.
             generator: the only source of randomness when sampling.
             attention_mask: ``[B, L]`` of 0 / 1 for prompts of different lengths (1 = token; each row's
-                tokens contiguous, as left padding makes them). ``None``: every position is a token.
+                tokens contiguous, as left padding makes them). ``None``: every position is a token. Right
+                padding (or a run in the middle) decodes each sequence as alone too; ``sequences`` then holds
+                the input row as given, padding included, before the new tokens.
             pad_token_id: fills a finished sequence up to the longest one (batch size > 1, as ``generate``
                 pads); ``None`` uses the target's ``generation_config.pad_token_id``, else the first EOS id.
             step_callback: called after the prefill and after each verification step with

@@ -169,6 +169,26 @@ def test_batch_greedy_equals_generate(draft_kind, tree_kind):
         assert max(out.accept_lengths) >= 2 and len(set(steps)) > 1  # rows advanced at different speeds
 
 
+def test_right_padded_and_middle_run_prompts_decode_each_sequence_as_alone():
+    """The mask may mark any one contiguous run per row: right padding (transformers' generate warns and decodes
+    such a row after its padding, a different continuation) and a run in the middle. Each sequence's new tokens are
+    those of its prompt alone, laid out as documented: the input row as given, then the new tokens."""
+    target, draft = models("llama")
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    rows = prompts(256, [6, 2, 3], seed=44)
+    ids = torch.zeros((3, 6), dtype=torch.int64, device=DEVICE)
+    mask = torch.zeros_like(ids)
+    for index, (row, start) in enumerate(zip(rows, [0, 0, 2])):  # full, right padded, middle run
+        ids[index, start: start + row.shape[1]] = row[0]
+        mask[index, start: start + row.shape[1]] = 1
+    max_new = 7
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=[])
+    assert torch.equal(out.sequences, expected_rows(target, rows, ids, max_new)), out.sequences
+    # The padded rows really are read without their padding: as tokens, the zeros change the continuation.
+    unmasked = reference_generate(target, ids[1:2], max_new)[0, ids.shape[1]:]
+    assert not torch.equal(out.sequences[1, ids.shape[1]:], unmasked)
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_batch_draft_equal_to_target_accepts_whole_chains(impl):
     """A perfect draft on a chain tree: every step of every sequence accepts the whole chain, whatever the
