@@ -695,8 +695,8 @@ def kl_div(
         # Hand autograd a view, not the leaf itself: AccumulateGrad then keeps the returned buffer as
         # .grad instead of cloning a gradient that aliases the variable.
         row_loss = _KLDivInplaceGradFunction.apply(
-            student_rows.view(student_rows.shape), teacher_rows, label_rows, row_weight, divergence, coef, temperature, int(ignore_index),
-            backend,
+            student_rows.view(student_rows.shape), teacher_rows, label_rows, row_weight, divergence, coef, temperature,
+            int(ignore_index), backend,
         )
     else:
         # Row groups, not rows: shifted logits of a batch (logits[:, :-1]) are read in place, not copied.
@@ -768,7 +768,11 @@ def kl_div_reference(
 
 
 class KLDivLoss(LossModule):
-    """Module form of :func:`kl_div`; ``forward(student_logits, teacher_logits, labels=None, normalizer=None)``."""
+    """Module form of :func:`kl_div`; ``forward(student_logits, teacher_logits, labels=None, normalizer=None)``.
+
+    ``inplace_grad=True`` applies to every call, with :func:`kl_div`'s conditions (eager only; the student logits'
+    values are destroyed by the call).
+    """
 
     def __init__(
         self,
@@ -780,9 +784,11 @@ class KLDivLoss(LossModule):
         reduction: str = "mean",
         vocab_size: int | None = None,
         impl: Impl = "auto",
+        inplace_grad: bool = False,
     ) -> None:
         check_divergence_options(divergence, beta, alpha)
         check_choice("reduction", reduction, ("mean", "sum", "none"))
+        check_flag("inplace_grad", inplace_grad)
         super().__init__(
             divergence=divergence,
             beta=beta,
@@ -792,6 +798,7 @@ class KLDivLoss(LossModule):
             reduction=reduction,
             vocab_size=vocab_size,
             impl=impl,
+            inplace_grad=inplace_grad,
         )
 
     def forward(

@@ -759,6 +759,18 @@ def test_module_matches_functional(impl):
         impl=impl,
     )
     assert_close(module(student, teacher, labels), expected, torch.float32)
+    # inplace_grad as a module option: the same loss, the gradient written over the student's buffer.
+    module = KLDivLoss(divergence="skew_reverse", alpha=0.2, temperature=0.7, reduction="sum", impl=impl,
+                       inplace_grad=True)
+    assert "inplace_grad=True" in repr(module)
+    leaf = student.clone().requires_grad_(True)
+    assert_close(module(leaf, teacher, labels), expected, torch.float32)
+    expected_grad, = torch.autograd.grad(
+        kl_div(student.requires_grad_(True), teacher, divergence="skew_reverse", alpha=0.2, temperature=0.7,
+               reduction="sum", labels=labels, impl=impl), student)
+    assert_close(leaf.detach(), expected_grad, torch.float32)
+    with pytest.raises(TypeError, match="inplace_grad must be a bool, got str"):
+        KLDivLoss(inplace_grad="yes")
 
 
 def test_torch_compile_fullgraph():
@@ -1004,6 +1016,23 @@ def test_modules_check_the_shared_options_when_built(module):
     assert cls(temperature=2.0, ignore_index=-1, impl="torch").temperature == 2.0
     with pytest.raises(ValueError, match=r"temperature must be in \(0.0, inf\), got inf"):
         cls(temperature=float("inf"))  # the message said "(0.0, inf]"
+
+
+@pytest.mark.parametrize("functional, module", [
+    ("kl_div", "KLDivLoss"), ("fused_linear_kl_div", "FusedLinearKLDivLoss"), ("topk_kl_div", "TopKKLDivLoss"),
+    ("aligndistil_kl", "AlignDistilLoss"),
+])
+def test_modules_take_every_option_of_their_functional(functional, module):
+    """Every argument of a functional is a constructor option or a forward argument of its module, and the module
+    has no argument the functional lacks (KLDivLoss had no inplace_grad)."""
+    import inspect
+
+    import distill_ops
+
+    functional_args = set(inspect.signature(getattr(distill_ops, functional)).parameters)
+    cls = getattr(distill_ops, module)
+    module_args = set(inspect.signature(cls.__init__).parameters) | set(inspect.signature(cls.forward).parameters)
+    assert functional_args == module_args - {"self"}
 
 
 @pytest.mark.parametrize("module", ["KLDivLoss", "FusedLinearKLDivLoss"])
