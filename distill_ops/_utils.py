@@ -105,6 +105,16 @@ def check_tensor(
     return tensor
 
 
+def check_leading_dims(name: str, tensor: torch.Tensor, reference: str, leading_shape: torch.Size) -> None:
+    """``tensor`` is ``[*leading_shape, width]``: one row per token of ``reference`` (its own last dim is free)."""
+    if tensor.shape[:-1] != leading_shape:
+        owner = f"{reference}'" if reference.endswith("s") else f"{reference}'s"
+        raise ValueError(
+            f"{name} must have {owner} leading dims {tuple(leading_shape)} (one row per token), got shape "
+            f"{tuple(tensor.shape)}"
+        )
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     """All given (non-None) tensors live on one device; returns it."""
     items = [(n, t) for n, t in tensors.items() if t is not None]

@@ -38,6 +38,7 @@ from torch import Tensor
 from ._scale import register_stored_gradient_autograd
 from ._utils import (
     Impl,
+    check_leading_dims,
     LossModule,
     FLOAT_DTYPES,
     as_row_groups,
@@ -235,11 +236,7 @@ def _check_aligndistil_args(
     check_tensor("dpo_logits", dpo_logits, dtypes=FLOAT_DTYPES, min_dim=1)
     check_tensor("other_logits", other_logits, dtypes=FLOAT_DTYPES, min_dim=1)
     for name, tensor in (("dpo_logits", dpo_logits), ("other_logits", other_logits)):
-        if tensor.shape[:-1] != student_logits.shape[:-1]:
-            raise ValueError(
-                f"student_logits and {name} must share leading dims, got {tuple(student_logits.shape)} "
-                f"and {tuple(tensor.shape)}"
-            )
+        check_leading_dims(name, tensor, "student_logits", student_logits.shape[:-1])
     check_same_device(student_logits=student_logits, dpo_logits=dpo_logits, other_logits=other_logits)
     vocab = resolve_vocab(
         student_logits.shape[-1], dpo_logits.shape[-1], vocab_size, student_name="student_logits",

@@ -57,6 +57,7 @@ from torch import Tensor
 
 from ._utils import (
     Impl,
+    check_leading_dims,
     LossModule,
     as_row_groups,
     autocast_linear_inputs,
@@ -778,11 +779,7 @@ def fused_linear_kl_div(
                 "[, teacher_bias]), not both"
             )
         check_tensor("teacher_logits", teacher_logits, min_dim=1)
-        if teacher_logits.shape[:-1] != leading_shape:
-            raise ValueError(
-                f"teacher_logits must have leading dims {tuple(leading_shape)} (student_hidden's tokens), got "
-                f"shape {tuple(teacher_logits.shape)}"
-            )
+        check_leading_dims("teacher_logits", teacher_logits, "student_hidden", leading_shape)
         teacher_vocab, teacher_name = teacher_logits.shape[-1], "teacher_logits"
     else:
         if teacher_hidden is None or teacher_weight is None:
@@ -791,11 +788,7 @@ def fused_linear_kl_div(
                 f"no teacher: {missing} is None; pass (teacher_hidden, teacher_weight) or teacher_logits"
             )
         _check_linear_side("teacher", teacher_hidden, teacher_weight, teacher_bias)
-        if teacher_hidden.shape[:-1] != leading_shape:
-            raise ValueError(
-                f"teacher_hidden must have leading dims {tuple(leading_shape)} (student_hidden's tokens), got "
-                f"shape {tuple(teacher_hidden.shape)}"
-            )
+        check_leading_dims("teacher_hidden", teacher_hidden, "student_hidden", leading_shape)
         teacher_vocab, teacher_name = teacher_weight.shape[0], "teacher_weight"
     device = check_same_device(
         student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias,

@@ -34,6 +34,7 @@ from torch import Tensor
 from ._scale import consume_stored_gradient, register_stored_gradient_autograd, saved_stored_gradient
 from ._utils import (
     Impl,
+    check_leading_dims,
     LossModule,
     FLOAT_DTYPES,
     as_row_groups,
@@ -593,11 +594,7 @@ def _check_kl_div_args(
 ):
     check_tensor("student_logits", student_logits, dtypes=dtypes, min_dim=1)
     check_tensor("teacher_logits", teacher_logits, dtypes=dtypes, min_dim=1)
-    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-        raise ValueError(
-            f"student_logits and teacher_logits must share leading dims, got {tuple(student_logits.shape)} "
-            f"and {tuple(teacher_logits.shape)}"
-        )
+    check_leading_dims("teacher_logits", teacher_logits, "student_logits", student_logits.shape[:-1])
     check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
     vocab = resolve_vocab(
         student_logits.shape[-1],

@@ -80,6 +80,7 @@ from torch import Tensor
 from ._scale import register_stored_gradient_autograd
 from ._utils import (
     Impl,
+    check_leading_dims,
     LossModule,
     FLOAT_DTYPES,
     IMPLS,
@@ -714,11 +715,7 @@ def _check_args(
                 f"teacher_topk_indices and teacher_topk_logprobs must have the same shape, got "
                 f"{tuple(teacher_topk_indices.shape)} and {tuple(teacher_topk_logprobs.shape)}"
             )
-        if teacher_topk_indices.shape[:-1] != leading_shape:
-            raise ValueError(
-                f"teacher_topk_indices must have the logits' leading dims {tuple(leading_shape)} + [k], got "
-                f"{tuple(teacher_topk_indices.shape)}"
-            )
+        check_leading_dims("teacher_topk_indices", teacher_topk_indices, "student_logits", leading_shape)
         stored_k = teacher_topk_indices.shape[-1]
         if stored_k == 0:
             raise ValueError("teacher_topk_indices has k = 0 entries per row; need at least 1")
@@ -741,11 +738,7 @@ def _check_args(
                 )
     else:
         check_tensor("teacher_logits", teacher_logits, min_dim=1)
-        if teacher_logits.shape[:-1] != leading_shape:
-            raise ValueError(
-                f"teacher_logits must have the student's leading dims {tuple(leading_shape)}, got "
-                f"{tuple(teacher_logits.shape)}"
-            )
+        check_leading_dims("teacher_logits", teacher_logits, "student_logits", leading_shape)
         vocab = resolve_vocab(vocab, teacher_logits.shape[-1], vocab_size, student_name="student_logits",
                               teacher_name="teacher_logits")
         check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)

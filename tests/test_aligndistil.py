@@ -511,8 +511,9 @@ def _bad(match, *args, error=ValueError, **kwargs):
 
 def test_bad_inputs():
     s, d, o = torch.randn(2, 3, 10), torch.randn(2, 3, 10), torch.randn(2, 3, 10)
-    _bad("student_logits and dpo_logits must share leading dims", s, torch.randn(2, 4, 10), o)
-    _bad("student_logits and other_logits must share leading dims", s, d, torch.randn(3, 10))
+    _bad(r"dpo_logits must have student_logits' leading dims \(2, 3\) \(one row per token\), got shape "
+         r"\(2, 4, 10\)", s, torch.randn(2, 4, 10), o)
+    _bad("other_logits must have student_logits' leading dims", s, d, torch.randn(3, 10))
     _bad(r"student_logits has vocabulary size 10 but dpo_logits has 12", s, torch.randn(2, 3, 12), o)
     _bad(r"student_logits has vocabulary size 10 but other_logits has 9", s, d, torch.randn(2, 3, 9))
     _bad("vocab_size must be in", s, d, torch.randn(2, 3, 9), vocab_size=10)

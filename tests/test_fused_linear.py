@@ -1197,7 +1197,7 @@ def test_bad_inputs():
     case = _case((4,), 8, 10, torch.float32, seed=22)
     hs, w, ht, wt = case["student_hidden"], case["student_weight"], case["teacher_hidden"], case["teacher_weight"]
     labels = _labels((4,), 10, 23)
-    with pytest.raises(ValueError, match="teacher_hidden must have leading dims"):
+    with pytest.raises(ValueError, match="teacher_hidden must have student_hidden's leading dims"):
         fused_linear_kl_div(hs, w, ht[:3], wt)
     with pytest.raises(ValueError, match="student_weight must have shape"):
         fused_linear_kl_div(hs, w[:, :5], ht, wt)
@@ -1209,7 +1209,7 @@ def test_bad_inputs():
         fused_linear_kl_div(hs, w)
     with pytest.raises(ValueError, match="no teacher: teacher_weight"):
         fused_linear_kl_div(hs, w, ht)
-    with pytest.raises(ValueError, match="teacher_logits must have leading dims"):
+    with pytest.raises(ValueError, match="teacher_logits must have student_hidden's leading dims"):
         fused_linear_kl_div(hs, w, teacher_logits=torch.zeros(5, 10, device=hs.device))
     with pytest.raises(ValueError, match="needs labels"):
         fused_linear_kl_div(hs, w, ht, wt, ce_weight=0.5)

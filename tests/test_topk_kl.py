@@ -1444,7 +1444,7 @@ def test_bad_inputs():
     _bad("tail must be one of", s, t, k=3, tail="drop")
     _bad("divergence must be one of", s, t, k=3, divergence="jsd")
     _bad("temperature must be in", s, t, k=3, temperature=0.0)
-    _bad("teacher_logits must have the student's leading dims", s, torch.randn(2, 4, 10), k=3)
+    _bad("teacher_logits must have student_logits' leading dims", s, torch.randn(2, 4, 10), k=3)
     _bad("reduction must be one of", s, t, k=3, reduction="batchmean")
     _bad("impl must be one of", s, t, k=3, impl="cuda")
     with pytest.raises(ValueError, match="vocab_top_m must be >= 1, got 0"):
