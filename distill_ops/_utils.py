@@ -406,6 +406,37 @@ def reduce_rows(
     return finish_reduction(weighted, reduction, leading_shape)
 
 
+def split_stored_weight(
+    row_weight: torch.Tensor, reduction: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(folded, deferred)``: the part of :func:`reduction_weight` a stored-gradient kernel folds into the loss and
+    the gradient it stores in the student's dtype, and the part applied after the op (:func:`finish_deferred`).
+
+    fp16 defers a ``mean``'s weight: folded in, 1 / count (or 1 / ``normalizer``, e.g. the batch's token count)
+    pushed the stored fp16 gradient below fp16's range before a loss scale (``torch.amp.GradScaler``) could lift
+    it, since backward applies the scale to what was stored; deferred, the stored gradient is the unweighted
+    d loss_row / dz and backward scales it by weight x loss scale in fp32 and rounds once. The cost is one pass over
+    the stored gradient in backward (the Triton kernel otherwise skips rows whose incoming gradient is exactly 1).
+    fp32 / bf16 (fp32's exponent range) and the other reductions (weight 1) fold everything, as before.
+    """
+    if dtype != torch.float16 or reduction != "mean":
+        return row_weight, None
+    return torch.ones_like(row_weight), row_weight
+
+
+def finish_deferred(
+    row_loss: torch.Tensor, deferred: torch.Tensor | None, active: torch.Tensor | None, reduction: str,
+    leading_shape: torch.Size,
+) -> torch.Tensor:
+    """:func:`finish_reduction` of a stored-gradient op's rows, with the weight :func:`split_stored_weight`
+    deferred (if any) applied first. Ignored rows are selected to 0 after it (inf for a zero ``normalizer``)."""
+    if deferred is not None:
+        row_loss = row_loss * deferred
+        if active is not None:
+            row_loss = torch.where(active, row_loss, 0.0)
+    return finish_reduction(row_loss, reduction, leading_shape)
+
+
 def finish_reduction(weighted_rows: torch.Tensor, reduction: str, leading_shape: torch.Size) -> torch.Tensor:
     """Per-row values that already carry :func:`reduction_weight` → the reduced loss."""
     if reduction == "none":

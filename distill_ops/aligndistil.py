@@ -38,7 +38,6 @@ from torch import Tensor
 from ._scale import register_stored_gradient_autograd
 from ._utils import (
     Impl,
-    check_leading_dims,
     LossModule,
     FLOAT_DTYPES,
     as_row_groups,
@@ -46,11 +45,12 @@ from ._utils import (
     check_flag,
     check_index,
     check_labels,
+    check_leading_dims,
     check_number,
     check_reduction,
     check_same_device,
     check_tensor,
-    finish_reduction,
+    finish_deferred,
     finite_or_zero,
     flat_labels,
     reduction_weight,
@@ -58,6 +58,7 @@ from ._utils import (
     resolve_vocab,
     row_chunk,
     row_group_chunks,
+    split_stored_weight,
 )
 from .kl_div import _divergence_rows
 
@@ -315,7 +316,10 @@ def aligndistil_kl(
     )
     label_rows = flat_labels(labels)
     active = None if label_rows is None else label_rows != ignore_index
-    row_weight = reduction_weight(reduction, normalizer, active, math.prod(leading_shape), student_rows.device)
+    row_weight, deferred = split_stored_weight(
+        reduction_weight(reduction, normalizer, active, math.prod(leading_shape), student_rows.device), reduction,
+        student_rows.dtype,
+    )
     compute_grad = student_logits.requires_grad and torch.is_grad_enabled()
     row_loss, _, row_alpha = torch.ops.distill_ops.aligndistil_rows(
         student_rows,
@@ -333,7 +337,7 @@ def aligndistil_kl(
         backend,
         compute_grad,
     )
-    loss = finish_reduction(row_loss, reduction, leading_shape)
+    loss = finish_deferred(row_loss, deferred, active, reduction, leading_shape)
     if return_alpha:
         return loss, row_alpha.reshape(leading_shape)
     return loss

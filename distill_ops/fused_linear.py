@@ -57,7 +57,6 @@ from torch import Tensor
 
 from ._utils import (
     Impl,
-    check_leading_dims,
     LossModule,
     as_row_groups,
     autocast_linear_inputs,
@@ -67,6 +66,7 @@ from ._utils import (
     check_index,
     check_label_values,
     check_labels,
+    check_leading_dims,
     check_number,
     check_reduction,
     check_same_device,

@@ -34,7 +34,6 @@ from torch import Tensor
 from ._scale import consume_stored_gradient, register_stored_gradient_autograd, saved_stored_gradient
 from ._utils import (
     Impl,
-    check_leading_dims,
     LossModule,
     FLOAT_DTYPES,
     as_row_groups,
@@ -43,10 +42,12 @@ from ._utils import (
     check_flag,
     check_index,
     check_labels,
+    check_leading_dims,
     check_number,
     check_reduction,
     check_same_device,
     check_tensor,
+    finish_deferred,
     finish_reduction,
     finite_or_zero,
     flat_labels,
@@ -55,6 +56,7 @@ from ._utils import (
     resolve_vocab,
     row_chunk,
     row_group_chunks,
+    split_stored_weight,
 )
 
 DIVERGENCES = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
@@ -680,7 +682,10 @@ def kl_div(
     label_rows = flat_labels(labels)
     temperature = float(temperature)
     active = None if label_rows is None else label_rows != ignore_index
-    row_weight = reduction_weight(reduction, normalizer, active, math.prod(leading_shape), student_logits.device)
+    row_weight, deferred = split_stored_weight(
+        reduction_weight(reduction, normalizer, active, math.prod(leading_shape), student_logits.device), reduction,
+        student_logits.dtype,
+    )
     check_flag("inplace_grad", inplace_grad)
     if inplace_grad and torch.compiler.is_compiling():
         raise ValueError("inplace_grad=True is for eager mode: under torch.compile leave it False (the default)")
@@ -703,7 +708,7 @@ def kl_div(
             student_rows, teacher_rows, label_rows, row_weight, divergence, coef, temperature, int(ignore_index),
             backend, compute_grad,
         )
-    return finish_reduction(row_loss, reduction, leading_shape)
+    return finish_deferred(row_loss, deferred, active, reduction, leading_shape)
 
 
 def kl_div_reference(

@@ -80,7 +80,6 @@ from torch import Tensor
 from ._scale import register_stored_gradient_autograd
 from ._utils import (
     Impl,
-    check_leading_dims,
     LossModule,
     FLOAT_DTYPES,
     IMPLS,
@@ -92,12 +91,13 @@ from ._utils import (
     check_int,
     check_label_values,
     check_labels,
+    check_leading_dims,
     check_number,
     check_reduction,
     check_same_device,
     check_tensor,
     check_vocab_size,
-    finish_reduction,
+    finish_deferred,
     finite_or_zero,
     flat_labels,
     host_readable,
@@ -107,6 +107,7 @@ from ._utils import (
     resolve_vocab,
     row_chunk,
     row_group_chunks,
+    split_stored_weight,
 )
 
 TAILS = ("renormalize", "bucket", "label")
@@ -946,12 +947,15 @@ def _reduce_op_rows(
 ) -> Tensor:
     compute_grad = requires_grad and torch.is_grad_enabled()
     active = None if label_rows is None else label_rows != ignore_index
-    row_weight = reduction_weight(reduction, normalizer, active, math.prod(leading_shape), student_rows.device)
+    row_weight, deferred = split_stored_weight(
+        reduction_weight(reduction, normalizer, active, math.prod(leading_shape), student_rows.device), reduction,
+        student_rows.dtype,
+    )
     row_loss, _ = torch.ops.distill_ops.topk_kl_rows(
         student_rows, indices, teacher_logprobs, label_rows, row_weight, tail, divergence, temperature,
         int(ignore_index), backend, compute_grad,
     )
-    return finish_reduction(row_loss, reduction, leading_shape)
+    return finish_deferred(row_loss, deferred, active, reduction, leading_shape)
 
 
 class TopKKLDivLoss(LossModule):
