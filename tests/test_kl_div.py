@@ -746,8 +746,8 @@ def test_fp16_gradient_survives_loss_scaling(loss_name, impl):
     """fp16 logits, mean over a large normalizer (num_items_in_batch of an accumulated batch) and a GradScaler-style
     loss scale: the stored-gradient losses folded 1 / normalizer into the fp16 gradient they store, so it underflowed
     before backward applied the scale (kl_div: 1.2e-2 of the largest entry off, 70 of 512 entries 0; aligndistil_kl
-    0.11, 376 of 512). The mean's weight is now applied in backward, in fp32 with the scale: the gradient is the fp32 run's
-    rounded once to fp16, as plain PyTorch on upcast fp16 logits gives it (3.2e-4 here)."""
+    0.11, 376 of 512). The mean's weight is now applied in backward, in fp32 with the scale: the gradient is the
+    fp32 run's rounded once to fp16, as plain PyTorch on upcast fp16 logits gives it (3.2e-4 here)."""
     import distill_ops
 
     normalizer, loss_scale = 2**18, 65536.0
