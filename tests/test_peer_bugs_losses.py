@@ -696,3 +696,93 @@ def test_jsd_endpoints_are_not_clamped_and_near_endpoint_betas_scale_the_loss(im
         scale = 1.0 if beta in (0.0, 1.0) else 1e-4
         ratio = loss.item() / (scale * endpoint_kl.item())
         assert abs(ratio - 1.0) < 0.01, (beta, ratio)
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. ms-swift: JSD of an fp32 student and a bf16 teacher came out negative
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_jsd_of_an_fp32_student_and_a_bf16_teacher_is_not_negative(impl):
+    """https://github.com/modelscope/ms-swift/issues/10156 (fix: PR 10175): Megatron GKD with an fp32 student and a
+    bf16 teacher reported JSD = -1.7e-4 where float64 gives +5.1e-4 (the teacher was tempered and normalised in
+    bf16). Ours reads each side in fp32: for a student close to its teacher (the case that went negative) every row
+    is >= 0 and the loss and gradient equal float64's on the bf16-rounded teacher."""
+    student = _randn((16, 3000), seed=90, scale=5.0)
+    teacher = (student + _randn((16, 3000), seed=91, scale=0.05)).bfloat16()
+    leaf = student.clone().requires_grad_(True)
+    rows = distill_ops.kl_div(leaf, teacher, divergence="jsd", reduction="none", impl=impl)
+    rows.mean().backward()
+    reference = _leaf64(student)
+    expected = _ref_rows(reference, teacher, "jsd")
+    expected.mean().backward()
+    assert torch.all(rows >= 0)
+    assert_close(rows, expected, torch.float32)
+    assert_close(leaf.grad, reference.grad, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# 14. EasyDeL: identical bf16 logits at a large vocabulary gave a non-zero KL
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_identical_bf16_logits_at_a_large_vocabulary_give_exactly_zero(impl):
+    """https://github.com/erfanzar/EasyDeL/pull/267: bit-identical bf16 student and teacher logits with peaked rows
+    (logits 50-70) at V = 248,320 gave a forward KL of +0.025 (negative on other backends) from bf16 reductions.
+    Here at Llama-3's V = 128,256: every divergence of ours is exactly 0, with an exactly zero gradient."""
+    logits = _randn((2, 128_256), seed=92, scale=4.0, dtype=torch.bfloat16)
+    logits[:, 7], logits[:, 9] = 60.0, 55.0
+    for divergence in distill_ops.DIVERGENCES:
+        leaf = logits.clone().requires_grad_(True)
+        rows = distill_ops.kl_div(leaf, logits, divergence=divergence, reduction="none", impl=impl)
+        rows.sum().backward()
+        assert torch.all(rows == 0), (divergence, rows)
+        assert torch.all(leaf.grad == 0), divergence
+
+
+# ----------------------------------------------------------------------------------------------
+# 15. Liger: a loss summed in the inputs' 16-bit dtype overflows past 65504
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_summed_loss_of_half_precision_inputs_does_not_overflow(impl):
+    """https://github.com/linkedin/Liger-Kernel/pull/300 (review: "torch.sum might overflow when BT size is large"):
+    a loss summed in fp16 is inf past 65504. Ours is fp32 and summed in fp32: 128 fp16 rows of ~1000 nats each
+    sum to ~1.3e5, finite and equal to float64 (and their mean too)."""
+    student = torch.zeros(128, 8, device=DEVICE, dtype=torch.float16)
+    teacher = torch.zeros(128, 8, device=DEVICE, dtype=torch.float16)
+    student[:, 0], teacher[:, 1] = 1000.0, 1000.0
+    rows = _ref_rows(student, teacher, "forward")
+    assert rows.sum() > 65504
+    for reduction, expected in (("sum", rows.sum()), ("mean", rows.mean())):
+        loss = distill_ops.kl_div(student, teacher, reduction=reduction, impl=impl)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert_close(loss, expected, torch.float32, reduction)
+
+
+# ----------------------------------------------------------------------------------------------
+# 16. Liger: fused losses that store their gradient must scale it by a scalar upstream gradient
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_linear_scales_every_gradient_by_a_scalar_upstream_gradient(impl):
+    """Liger's fused linear losses compute the gradient in forward and must multiply it by ``grad_output`` in
+    backward (gradient accumulation and loss scaling multiply the loss by a constant). ``3 * loss`` gives three
+    times the hidden, weight and bias gradients."""
+    hidden, teacher_hidden = _randn((8, 16), seed=93), _randn((8, 16), seed=94)
+    weight, teacher_weight = _randn((100, 16), seed=95, scale=0.1), _randn((100, 16), seed=96, scale=0.1)
+    bias = _randn((100,), seed=97, scale=0.1)
+    grads = []
+    for scale in (1.0, 3.0):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        loss = distill_ops.fused_linear_kl_div(leaves[0], leaves[1], teacher_hidden, teacher_weight,
+                                               student_bias=leaves[2], divergence="jsd", impl=impl)
+        (scale * loss).backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for one, three in zip(*grads):
+        assert one.abs().sum() > 0
+        torch.testing.assert_close(three, 3 * one, rtol=1e-6, atol=1e-9)

@@ -8,6 +8,7 @@ cases (a coin of exactly 0, a coin just below 1) are tested directly rather than
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -456,3 +457,27 @@ def test_a_coin_past_the_rounded_total_mass_draws_the_last_token_of_positive_mas
     result = verify_sampling(tree, torch.zeros(1, 1, dtype=torch.int64, device=DEVICE), row.view(1, 1, -1).to(DEVICE),
                              impl=impl)
     assert result.next_tokens.tolist() == [5] and result.emitted_tokens.tolist() == [[5]]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_deterministic_drafts_are_lossless_on_an_exact_uniform_grid(monkeypatch, impl):
+    """https://github.com/apple/ml-recurrent-drafter/issues/6 and
+    https://github.com/jaymody/speculative-sampling/issues/3: drafts chosen deterministically (beam search, argmax, EAGLE's top-k) must not be accepted with min(1, p / q) of the
+    draft model's q; EAGLE (https://github.com/SafeAILab/EAGLE/issues/183) accepts child x with its residual
+    probability and zeroes x before the next sibling. Every combination of midpoint uniforms on an n-point grid for
+    (bonus draw, child 1, child 2) is one batch row, so the first emitted token's frequency is the target's p up to
+    the grid's resolution (1 / n), also when both children hold the same token: not zeroing a rejected duplicate
+    sibling accepts it twice (frequency off by ~0.29)."""
+    n = 6
+    grid = [(index + 0.5) / n for index in range(n)]
+    combos = torch.tensor(list(itertools.product(grid, repeat=3)), dtype=torch.float32)  # [n^3, 3]
+    force_uniforms(monkeypatch, combos)
+    batch = combos.shape[0]
+    logits = torch.tensor([1.5, 1.0, 0.2, -0.5, -3.0], device=DEVICE)
+    target = torch.softmax(logits.double(), -1).cpu()
+    tree = build_tree(torch.tensor([-1, 0, 0]), device=DEVICE)
+    for children in ([0, 1], [1, 1], [4, 0]):
+        draft = torch.tensor([2] + children, device=DEVICE).expand(batch, 3).contiguous()
+        result = verify_sampling(tree, draft, logits.expand(batch, 3, 5).contiguous(), impl=impl)
+        frequency = torch.bincount(result.emitted_tokens[:, 0].cpu(), minlength=5).double() / batch
+        assert (frequency - target).abs().max() < 1.0 / n, (children, frequency, target)
