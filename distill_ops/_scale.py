@@ -53,8 +53,9 @@ def saved_stored_gradient(ctx) -> Tensor:
         raise RuntimeError(
             "distill_ops losses store their gradient in the forward pass and the first backward uses it up (scaled in "
             "place, no [N, V] copy): a second backward through the same loss (retain_graph=True) is not supported, "
-            "recompute the loss instead (with inplace_grad=True the stored gradient is student_logits' buffer: "
-            "writing to it before backward has the same effect)"
+            "recompute the loss instead (with inplace_grad=True the stored gradient is student_logits' buffer: a "
+            "write to it before backward has the same effect, and so has an activation checkpoint that recomputes "
+            "the loss from those logits, which then hold the gradient: leave such a loss outside the checkpoint)"
         ) from error
     return stored
 

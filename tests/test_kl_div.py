@@ -740,6 +740,27 @@ def test_second_backward_through_consumed_gradient_raises(loss_name, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_grad_inside_an_activation_checkpoint_says_why_it_fails(impl):
+    """A non-reentrant checkpoint recomputes the loss in backward from the logits given to it, which inplace_grad
+    has overwritten with the gradient: autograd's version check stops it, and the error names that cause (it only
+    named a second backward). A checkpoint around the logits' producer and the loss together recomputes the logits
+    too, and works."""
+    from torch.utils.checkpoint import checkpoint
+
+    hidden = _logits((4, 8), torch.float32, seed=73).requires_grad_(True)
+    weight = _logits((12, 8), torch.float32, seed=74)
+    teacher = _logits((4, 12), torch.float32, seed=75)
+    expected, = torch.autograd.grad(kl_div(hidden @ weight.T, teacher, impl=impl), hidden)
+    loss = checkpoint(lambda h: kl_div(h @ weight.T, teacher, inplace_grad=True, impl=impl), hidden,
+                      use_reentrant=False)
+    assert_close(torch.autograd.grad(loss, hidden)[0], expected, torch.float32)
+    logits = hidden @ weight.T
+    loss = checkpoint(lambda z: kl_div(z, teacher, inplace_grad=True, impl=impl), logits, use_reentrant=False)
+    with pytest.raises(RuntimeError, match="an activation checkpoint that recomputes the loss"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("loss_name", ["kl_div", "kl_div inplace_grad", "topk_kl_div bucket", "topk_kl_div sparse",
                                        "aligndistil_kl", "DACKLLoss eval"])
 def test_fp16_gradient_survives_loss_scaling(loss_name, impl):
