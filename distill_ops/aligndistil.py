@@ -344,7 +344,8 @@ def aligndistil_kl(
 
 
 class AlignDistilLoss(LossModule):
-    """Module form of :func:`aligndistil_kl`; ``forward(student_logits, dpo_logits, other_logits, labels=None)``."""
+    """Module form of :func:`aligndistil_kl`; ``forward(student_logits, dpo_logits, other_logits, labels=None,
+    normalizer=None)``."""
 
     def __init__(
         self,

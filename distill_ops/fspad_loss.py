@@ -42,18 +42,24 @@ def fspad_draft_loss(
       q = softmax(lm_head(draft_predict) / T) through the frozen LM head, computed by
       :func:`distill_ops.fused_linear_kl_div` (no [N, V] logits) as KL(p || q) + H(p). H(p) does not
       depend on the draft; ``include_teacher_entropy=False`` skips the extra (no-grad, teacher-only)
-      pass that computes it and returns the KL instead (same gradient, value lower by H(p)).
+      pass that computes it and returns the KL instead (same gradient, value lower by ``logit_weight * H(p)``).
 
     Args:
         draft_regress: ``[..., d]`` the head's regression half (receives a gradient).
         draft_predict: ``[..., d]`` the head's prediction half (receives a gradient through the LM head).
         target_next_features: ``[..., d]`` the target's next-position features (a constant).
+        regress_weight, logit_weight: the weights of the regression and logit terms (>= 0).
+        temperature: divides both sides' logits in the logit term (no T^2 factor, as in every loss).
+        smooth_l1_beta: SmoothL1's ``beta`` (the L2-to-L1 switch point; 0 is L1), as in
+            ``torch.nn.functional.smooth_l1_loss``.
         lm_head_weight: ``[V, d]`` the target's LM head (frozen: gets no gradient); ``lm_head_bias``
             optional ``[V]``. Cast to ``draft_predict``'s dtype for the draft side if they differ.
         loss_mask: optional ``[...]`` bool / integer, nonzero where a token counts.
         reduction: ``mean`` (over counted tokens), ``sum`` or ``none`` (shape ``[...]``).
         normalizer: replaces the count of ``mean`` (e.g. ``num_items_in_batch`` for gradient accumulation), as
             in every loss: a number or a one-element tensor, >= 0 (0 where nothing counts gives 0).
+        include_teacher_entropy: add H(p), so that the logit term is the soft cross-entropy (``True``,
+            default) or leave it out for the KL alone (see above).
         logit_scale, softcap: the target's logits are ``softcap(logit_scale * lm_head(feature))`` (Cohere's
             ``logit_scale``, Granite's ``1 / logits_scaling``; Gemma-2's ``final_logit_softcapping``): both
             sides go through the same map, so the head learns the target's own distribution (and drafts

@@ -664,9 +664,13 @@ def kl_div(
         reduction: ``mean`` (over counted rows, 0.0 if none), ``sum`` or ``none`` (shape ``[...]``).
         normalizer: replaces the row count of ``mean`` (e.g. ``num_items_in_batch``).
         vocab_size: when V != Vt, read both as their first ``vocab_size`` columns.
-        inplace_grad: write the gradient over ``student_logits``' buffer (eager only; its values are
-            destroyed, and autograd raises if anything else saved them for backward). Compute every other use
-            of the logits first: a cross-entropy term or a metric read after this call reads the gradient.
+        inplace_grad: when a gradient is recorded (``student_logits.requires_grad`` with grad mode on), write
+            it over ``student_logits``' buffer (eager only; its values are destroyed, and autograd raises if
+            anything else saved them for backward). Compute every other use of the logits first: a
+            cross-entropy term or a metric read after this call reads the gradient. Needs contiguous
+            ``student_logits`` (``ValueError`` otherwise; with ``vocab_size`` the columns past it keep their
+            values and get a zero gradient); without a recorded gradient the flag does nothing and the logits are
+            left as they are.
         impl: ``auto`` (Triton on CUDA, PyTorch otherwise), ``triton`` or ``torch``.
 
     Returns:
@@ -693,7 +697,10 @@ def kl_div(
         student_rows = as_rows(student_logits, vocab)
         teacher_rows = as_rows(teacher_logits.detach(), vocab)
         if student_rows.data_ptr() != student_logits.data_ptr() or not student_logits.is_contiguous():
-            raise ValueError("inplace_grad=True needs contiguous student_logits with no vocab_size truncation")
+            raise ValueError(
+                f"inplace_grad=True needs contiguous student_logits (the gradient is written over their buffer), "
+                f"got shape {tuple(student_logits.shape)} with strides {student_logits.stride()}"
+            )
         # Hand autograd a view, not the leaf itself: AccumulateGrad then keeps the returned buffer as
         # .grad instead of cloning a gradient that aliases the variable.
         row_loss = _KLDivInplaceGradFunction.apply(

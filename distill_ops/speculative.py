@@ -1271,7 +1271,8 @@ class SpeculativeDecoder:
         depth, topk, num_nodes: the dynamic (EAGLE-2) tree: ``depth`` draft levels, each expanding the
             ``topk`` best nodes of the previous level into their ``topk`` most likely children; the tree
             keeps the root and the ``num_nodes - 1`` candidates with the highest cumulative draft
-            log-probability (``num_nodes <= 256``).
+            log-probability (``num_nodes <= 256``, and ``1 + topk * (depth - 1) <= 256`` too, whatever
+            ``num_nodes``: a ``ValueError`` otherwise).
         tree: a static tree instead: EAGLE-style paths of child ranks (``[[0], [1], [0, 0], ...]``; the node
             with rank ``r`` under a parent drafts the parent's ``r``-th most likely token), a parent array
             (1-D int tensor) or the ``TreeSpec`` of one tree (:func:`~distill_ops.tree.build_tree`); a parent
@@ -1515,7 +1516,8 @@ class SpeculativeDecoder:
                 padding (or a run in the middle) decodes each sequence as alone too; ``sequences`` then holds
                 the input row as given, padding included, before the new tokens.
             pad_token_id: fills a finished sequence up to the longest one (batch size > 1, as ``generate``
-                pads); ``None`` uses the target's ``generation_config.pad_token_id``, else the first EOS id.
+                pads); ``None`` uses the target's ``generation_config.pad_token_id``, else the first EOS id, else
+                0.
             step_callback: called after the prefill and after each verification step with
                 ``(sequences, cache)``: the committed tokens (the last one is the next root, not yet in the
                 cache), ``[1, n]`` at batch size 1 and, for a batch, a list of one ``[1, n_b]`` tensor per
@@ -1567,7 +1569,8 @@ class SpeculativeDecoder:
             generation_config: a transformers ``GenerationConfig`` read instead of the target's
                 ``generation_config`` wherever an option above is ``None`` ("the target's ``generation_config``"
                 above then means this one; errors name ``generation_config.<field>``). Its ``do_sample``,
-                ``temperature``, ``top_k``, ``top_p`` and length fields are not read either: :meth:`hf_generate`
+                ``temperature``, ``top_k``, ``top_p``, ``max_length`` and ``max_new_tokens`` are not read either
+                (``min_length`` / ``min_new_tokens`` are, as above): :meth:`hf_generate`
                 resolves a config and keyword options exactly as ``target.generate`` does.
 
         Each sequence is decoded as if it were alone (see :class:`_Generation` for how a batch shares the

@@ -1028,8 +1028,9 @@ class DACKLLoss(torch.nn.Module):
     Our reading of "distribution-adaptive clipping" (DAC-KL, Multi-Granularity Semantic Revision for
     LLM Distillation, 2024): a small MLP maps each token's sorted top-m teacher probabilities (at the
     temperature, detached) to bounds ``upper = sigmoid(u)``, ``lower = upper * sigmoid(l)``, so
-    0 < lower < upper < 1; the teacher is clipped to the tokens whose cumulative-mass interval overlaps
-    [lower, upper] within its top m (the dense-teacher rule of :func:`topk_kl_div` with ``k = m``).
+    0 <= lower <= upper <= 1 (strictly inside in exact arithmetic; the fp32 sigmoid saturates to 0 or 1 for large
+    outputs, which the kept-set rule accepts); the teacher is clipped to the tokens whose cumulative-mass interval
+    overlaps [lower, upper] within its top m (the dense-teacher rule of :func:`topk_kl_div` with ``k = m``).
 
     * ``train()``: the MLP learns through a soft membership weight
       w = sigmoid(s (c_after - lower)) * sigmoid(s (upper - c_before)) with sharpness s = ``sharpness``
@@ -1047,6 +1048,13 @@ class DACKLLoss(torch.nn.Module):
 
     ``forward(student_logits [..., V], teacher_logits [..., V], labels=None, normalizer=None) -> fp32 loss``
     (``normalizer`` replaces the count of ``mean``, as in every loss, e.g. ``num_items_in_batch``).
+
+    Args:
+        vocab_top_m: m, the number of top teacher probabilities the MLP reads and the most tokens kept per row.
+        hidden: the MLP's hidden width.
+        tail, divergence, temperature, ignore_index, reduction, vocab_size, impl: as in :func:`topk_kl_div`
+            (``impl`` applies in ``eval()``).
+        sharpness: s of the soft membership weight in ``train()`` (above).
     """
 
     def __init__(

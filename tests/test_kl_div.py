@@ -706,6 +706,38 @@ def test_inplace_grad_writes_gradient_over_student_buffer(impl):
     assert leaf.grad.data_ptr() == leaf.data_ptr()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_grad_applies_as_documented(impl):
+    """As the docstring says (a docstring audit found it silent on all three): with no gradient recorded (logits
+    that do not require grad, or grad mode off) the flag does nothing; non-contiguous logits are a ValueError (its
+    text named a vocab_size truncation, which works); with vocab_size the columns past it keep their values."""
+    student = _logits((4, 33), torch.float32, seed=76)
+    teacher = _logits((4, 33), torch.float32, seed=77)
+    expected = kl_div(student, teacher, impl=impl)
+    for leaf, grad_mode in ((student.clone(), True), (student.clone().requires_grad_(True), False)):
+        with torch.set_grad_enabled(grad_mode):
+            loss = kl_div(leaf, teacher, inplace_grad=True, impl=impl)
+        assert torch.equal(leaf.detach(), student) and torch.equal(loss, expected)
+    # With a gradient recorded, non-contiguous logits are refused before anything is written.
+    wide = _logits((4, 40), torch.float32, seed=78).requires_grad_(True)
+    transposed = _logits((33, 4), torch.float32, seed=79).requires_grad_(True).t()
+    for logits in (wide[:, :33], transposed):
+        before = logits.detach().clone()
+        with pytest.raises(ValueError, match=r"inplace_grad=True needs contiguous student_logits .* got shape "
+                                             r"\(4, 33\) with strides"):
+            kl_div(logits, teacher, inplace_grad=True, impl=impl)
+        assert torch.equal(logits.detach(), before)
+    # vocab_size on contiguous logits: the first 33 columns hold the gradient, the rest keep their values and get 0.
+    narrow = wide.detach()[:, :33].clone().requires_grad_(True)
+    expected_grad, = torch.autograd.grad(kl_div(narrow, teacher, impl=impl), narrow)
+    before = wide.detach().clone()
+    padded_teacher = torch.cat([teacher, teacher[:, :7]], 1)
+    kl_div(wide, padded_teacher, vocab_size=33, inplace_grad=True, impl=impl).backward()
+    assert_close(wide.grad[:, :33], expected_grad, torch.float32)
+    assert torch.all(wide.grad[:, 33:] == 0) and torch.equal(wide.detach()[:, 33:], before[:, 33:])
+    assert_close(wide.detach()[:, :33], expected_grad, torch.float32)
+
+
 def test_inplace_grad_under_torch_compile_says_it_is_eager_only():
     """Under torch.compile the option's data-pointer check failed with dynamo's 'Data pointer comparison'."""
     student = _logits((2, 10), torch.float32, seed=44).cpu().requires_grad_(True)

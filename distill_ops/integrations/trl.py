@@ -77,6 +77,8 @@ def generalized_jsd_loss(
 
     Args:
         student_logits, teacher_logits: ``[..., V]`` (TRL: ``[B, L, V]``, already shifted).
+        beta: the mixture weight in [0, 1] (above; TRL's default 0.5).
+        temperature: divides both sides' logits (no T^2 factor, as TRL).
         labels: ``[...]``; positions equal to -100 are ignored.
         reduction: ``"batchmean"``: the sum over kept tokens divided by their number (by the first
             dimension, the batch, without labels), as TRL; ``"sum"``; ``"mean"``: divided by kept tokens × V.
