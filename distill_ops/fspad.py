@@ -241,7 +241,8 @@ def target_features(target: nn.Module, input_ids: torch.Tensor, **forward_kwargs
     """The target's last-layer features (the hidden states its LM head consumes) and logits.
 
     ``input_ids [B, L]`` → ``(features [B, L, d], logits [B, L, V])``. These are the features the engine
-    feeds the head while decoding (``output_hidden_states=True``, last entry).
+    feeds the head while decoding (``output_hidden_states=True``, last entry). ``forward_kwargs`` go to the
+    target's forward as they are (e.g. ``attention_mask``).
     """
     out = target(input_ids=input_ids, output_hidden_states=True, use_cache=False, **forward_kwargs)
     return out.hidden_states[-1], out.logits
