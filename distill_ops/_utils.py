@@ -397,9 +397,12 @@ def reduce_rows(
     leading_shape: torch.Size,
 ) -> torch.Tensor:
     """Apply ``reduction`` to unweighted per-row values (0 at ignored rows), for ops whose kernels do
-    not fold :func:`reduction_weight` in themselves. Ignored rows are selected to 0 after the weight: a zero
-    tensor ``normalizer`` (every row ignored) makes it inf, and inf * 0 would be NaN."""
+    not fold :func:`reduction_weight` in themselves. Ignored rows are selected to 0, in the weight and after
+    it: a zero tensor ``normalizer`` (every row ignored) makes the weight inf, and inf * 0 would be NaN (in the
+    product, or in its backward for whatever produced the rows: DACKLLoss's bound network)."""
     weight = reduction_weight(reduction, normalizer, active, row_values.numel(), row_values.device)
+    if active is not None:  # the weight selected too: backward's 0 (from the select below) * inf would be NaN
+        weight = torch.where(active, weight, 0.0)
     weighted = row_values * weight
     if active is not None:
         weighted = torch.where(active, weighted, 0.0)
@@ -431,6 +434,8 @@ def finish_deferred(
     """:func:`finish_reduction` of a stored-gradient op's rows, with the weight :func:`split_stored_weight`
     deferred (if any) applied first. Ignored rows are selected to 0 after it (inf for a zero ``normalizer``)."""
     if deferred is not None:
+        if active is not None:  # selected before the product too: backward's 0 * inf would be NaN
+            deferred = torch.where(active, deferred, 0.0)
         row_loss = row_loss * deferred
         if active is not None:
             row_loss = torch.where(active, row_loss, 0.0)

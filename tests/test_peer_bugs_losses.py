@@ -306,17 +306,24 @@ def test_normalizer_makes_micro_batches_add_up_to_the_full_batch(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("zero", ["tensor", "int", "float"])
-def test_zero_tensor_normalizer_with_every_row_ignored_is_zero_not_nan(zero, impl):
+def test_zero_tensor_normalizer_with_every_row_ignored_is_zero_not_nan(zero, dtype, impl):
     """Under gradient accumulation transformers passes ``num_items_in_batch`` as a tensor; when a batch counts no
     token (every label -100) it is 0. A tensor cannot be checked without a host sync, so the mean's weight is
     1 / 0 = inf: the PyTorch paths multiplied the ignored rows' zeros by it (NaN), fused_linear_kl_div on both
     impls. The loss must be 0 with zero gradients, as when nothing counts without a normalizer. Some transformers
-    versions hand the count over as a Python int: 0 as a number is the same (it was a ValueError)."""
+    versions hand the count over as a Python int: 0 as a number is the same (it was a ValueError). In every dtype,
+    under a loss scale, and for DACKLLoss's bound network too (a low-precision audit: fp16's deferred mean weight
+    and DACKLLoss's training path selected after multiplying by inf, and backward's 0 * inf was NaN)."""
     labels = torch.full((2, 3), -100, device=DEVICE)
     zero = {"tensor": torch.tensor(0.0, device=DEVICE), "int": 0, "float": 0.0}[zero]
-    student, teacher, other = (_randn((2, 3, 20), seed=s) for s in (60, 61, 62))
-    hidden, weight = _randn((2, 3, 8), seed=63), _randn((20, 8), seed=64)
+    student, teacher, other = (_randn((2, 3, 20), seed=s, dtype=dtype) for s in (60, 61, 62))
+    hidden, weight = _randn((2, 3, 8), seed=63, dtype=dtype), _randn((20, 8), seed=64, dtype=dtype)
+    torch.manual_seed(65)
+    dackl = {mode: distill_ops.DACKLLoss(vocab_top_m=8, hidden=4, tail="bucket", impl=impl).to(DEVICE).to(dtype)
+             for mode in ("train", "eval")}
+    dackl["eval"].eval()
     cases = {
         "kl_div": (student, lambda x: distill_ops.kl_div(x, teacher, labels=labels, normalizer=zero, impl=impl)),
         "topk_kl_div": (student, lambda x: distill_ops.topk_kl_div(x, teacher, k=5, labels=labels, normalizer=zero,
@@ -325,13 +332,17 @@ def test_zero_tensor_normalizer_with_every_row_ignored_is_zero_not_nan(zero, imp
                                                                          normalizer=zero, impl=impl)),
         "fused_linear_kl_div": (hidden, lambda x: distill_ops.fused_linear_kl_div(
             x, weight, teacher_logits=teacher, labels=labels, ce_weight=0.5, normalizer=zero, impl=impl)),
+        "DACKLLoss train": (student, lambda x: dackl["train"](x, teacher, labels, normalizer=zero)),
+        "DACKLLoss eval": (student, lambda x: dackl["eval"](x, teacher, labels, normalizer=zero)),
     }
     for name, (leaf, run) in cases.items():
         x = _leaf(leaf)
         loss = run(x)
-        loss.backward()
+        (loss * 2.0**16).backward()  # a GradScaler's loss scale
         assert loss.item() == 0.0, name
         assert torch.equal(x.grad, torch.zeros_like(x)), name
+    for parameter in dackl["train"].parameters():  # the bound network trains through the soft mask
+        assert torch.equal(parameter.grad, torch.zeros_like(parameter)), parameter.grad
 
 
 @pytest.mark.parametrize("impl", IMPLS)
