@@ -104,7 +104,7 @@ from .tree import (
     tree_spec_from_parents_tensor,
     tree_spec_in_place,
 )
-from .tree_attention import tree_attention
+from .tree_attention import tree_attention, triton_head_dim_problem
 from .verify import MIN_SAMPLING_TEMPERATURE, VerifyResult, compact_kv_cache, verify_greedy, verify_sampling
 
 #: Name under which the tree attention is registered in transformers' attention registries.
@@ -427,6 +427,15 @@ def _check_causal_lm(name: str, model: object) -> None:
             f"{name} ({type(model).__name__}) has value heads of dim {value_dim} and query/key heads of dim {key_dim} "
             f"(multi-head latent attention): tree attention and the KV compaction need one head dim for K and V"
         )
+
+
+def _attention_head_dim(model: torch.nn.Module) -> int:
+    """The head dim of a model's attention (an FSPAD head's, or a ``transformers`` config's ``head_dim``, else
+    ``hidden_size // num_attention_heads``)."""
+    if isinstance(getattr(model, "head_dim", None), int):
+        return model.head_dim
+    config = text_config(model)
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
 def _position_limit(model: torch.nn.Module) -> tuple[str, int] | None:
@@ -1354,6 +1363,13 @@ class SpeculativeDecoder:
         draft_param = next(draft.parameters())
         if isinstance(draft, FSPADDraftHead) and draft_param.dtype != target_param.dtype:
             raise TypeError(f"draft head has dtype {draft_param.dtype} but the target has {target_param.dtype}")
+        if impl == "triton" and resolve_impl(impl, target_device) == "triton":
+            # The tree forwards' kernel limits, when the engine is built (they failed at the first tree forward).
+            for name, model, dtype in (("target", target, target_param.dtype), ("draft", draft, draft_param.dtype)):
+                problem = triton_head_dim_problem(_attention_head_dim(model), dtype)
+                if problem:
+                    raise ValueError(f"impl='triton': the {name} ({type(model).__name__})'s tree attention {problem}; "
+                                     f"impl='auto' runs it on the PyTorch path")
         self.target = target
         self.draft = draft
         self.depth, self.topk, self.num_nodes = depth, topk, num_nodes

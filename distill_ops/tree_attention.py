@@ -26,6 +26,18 @@ _TRITON_FP32_MAX_HEAD_DIM = 128
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
+def triton_head_dim_problem(head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernel cannot run q/k/v of this head dim and (float) dtype, or None when it can; read by
+    :func:`tree_attention` and by the speculative engine, which refuses such a model with ``impl="triton"`` when
+    it is built rather than at its first tree forward."""
+    if head_dim not in _TRITON_HEAD_DIMS:
+        return f"needs a head dim D in {_TRITON_HEAD_DIMS}, got D={head_dim}"
+    if dtype == torch.float32 and head_dim > _TRITON_FP32_MAX_HEAD_DIM:
+        return (f"runs float32 q/k/v up to D={_TRITON_FP32_MAX_HEAD_DIM}, got D={head_dim}: use bfloat16/float16, "
+                f"or impl='torch' (impl='auto' picks it)")
+    return None
+
+
 def tree_attention_mask(
     ancestor_mask: torch.Tensor,
     cache_lens: torch.Tensor,
@@ -250,20 +262,13 @@ def tree_attention(
         if sinks.shape[0] != q.shape[1]:
             raise ValueError(f"sinks must have shape [Hq={q.shape[1]}] (one per query head), got {tuple(sinks.shape)}")
     backend = resolve_impl(impl, device)
-    if backend == "triton" and impl == "auto" and (
-        q.dtype not in FLOAT_DTYPES or head_dim not in _TRITON_HEAD_DIMS
-        or (q.dtype == torch.float32 and head_dim > _TRITON_FP32_MAX_HEAD_DIM)
-    ):
+    problem = triton_head_dim_problem(head_dim, q.dtype) if backend == "triton" else None
+    if backend == "triton" and impl == "auto" and (q.dtype not in FLOAT_DTYPES or problem):
         backend = "torch"  # what the kernel does not cover (float64, D = 24, 80, 96, ...) takes the PyTorch path
     if backend == "triton" and q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"impl='triton' needs q/k/v in float32, float16 or bfloat16, got {q.dtype}")
-    if backend == "triton" and head_dim not in _TRITON_HEAD_DIMS:
-        raise ValueError(f"impl='triton' needs a head dim D in {_TRITON_HEAD_DIMS}, got D={head_dim}")
-    if backend == "triton" and q.dtype == torch.float32 and head_dim > _TRITON_FP32_MAX_HEAD_DIM:
-        raise ValueError(
-            f"impl='triton' runs float32 q/k/v up to D={_TRITON_FP32_MAX_HEAD_DIM}, got D={head_dim}: use "
-            f"bfloat16/float16, or impl='torch' (impl='auto' picks it)"
-        )
+    if backend == "triton" and problem:
+        raise ValueError(f"impl='triton' {problem}")
     if backend == "triton" and max(k.stride(2), v.stride(2), head_dim) * kv_len >= 2**31:
         raise ValueError(f"impl='triton' needs S * k.stride(2) < 2**31 (int32 key offsets), got S={kv_len}")
     if out is not None:

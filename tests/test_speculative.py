@@ -1470,6 +1470,27 @@ def test_greedy_with_triton_kernels(draft_kind):
 # --------------------------------------------------------------------------------------------------
 
 
+def test_triton_engine_refuses_head_dims_its_kernel_cannot_run_when_built():
+    """impl='triton' with a model whose tree attention the kernel cannot run (D = 8; fp32 D = 256) is refused when
+    the engine is built, naming the model and the limit: it was accepted and failed inside generate, at the first
+    tree forward after both prefills (a 16-bit audit). impl='auto' runs such heads on the PyTorch path and decodes
+    as generate does."""
+    small_heads = tiny_model("Llama", hidden_size=32, num_attention_heads=4)  # D = 8
+    wide_heads = tiny_model("Llama", head_dim=256)
+    target = tiny_model("Llama")  # D = 16
+    prompt = prompts(128, [5], seed=40)[0]
+    for bad_target, bad_draft, match in (
+        (small_heads, small_heads, r"the target \(LlamaForCausalLM\)'s tree attention needs a head dim D in .*D=8"),
+        (target, small_heads, r"the draft \(LlamaForCausalLM\)'s tree attention needs a head dim .*D=8"),
+        (wide_heads, wide_heads, r"the target .* runs float32 q/k/v up to D=128, got D=256"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            SpeculativeDecoder(bad_target, bad_draft, impl="triton", tree=[[0], [1]])
+    for model in (small_heads, wide_heads):
+        out = SpeculativeDecoder(model, model, impl="auto", tree=[[0], [1]]).generate(prompt, max_new_tokens=4)
+        assert torch.equal(out.sequences, reference_generate(model, prompt, 4))
+
+
 def test_bad_inputs():
     target, draft = models("llama")
     engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
