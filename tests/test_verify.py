@@ -801,3 +801,82 @@ def test_verify_refuses_a_tree_batch_that_is_neither_one_nor_b():
             for verify in (verify_greedy, verify_sampling):
                 with pytest.raises(ValueError, match=f"tree must hold 1 or B={batch} trees, got {tree.batch_size}"):
                     verify(tree, tokens[:batch], logits[:batch], impl=impl)
+
+
+# --------------------------------------------------------------------------------------------------
+# 16-bit target logits and draft probabilities (a 16-bit audit, 2026-12-06: these held; pinned here)
+# --------------------------------------------------------------------------------------------------
+
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+RESULT_FIELDS = ("accepted_nodes", "accept_len", "next_tokens", "emitted_tokens")
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_16bit_sampling_is_the_same_on_both_impls_for_one_generator_state(dtype):
+    """Heavily tied 16-bit logits (multiples of 0.5), 16-bit or fp32 draft probabilities, temperature with top-k,
+    top-p or both: the Triton path (its statistics kernel's cut and sampling walk) gives the PyTorch path's result
+    for the same generator state."""
+    from distill_ops.tree import tree_from_paths
+
+    tree = build_tree(tree_from_paths([[0], [1], [0, 0], [0, 1], [1, 0]]), device=DEVICE)
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(2):
+        logits = (torch.randint(-6, 6, (2, tree.num_nodes, 64), generator=generator) * 0.5).to(dtype).to(DEVICE)
+        tokens = torch.randint(0, 64, (2, tree.num_nodes), generator=generator).to(DEVICE)
+        q = torch.softmax(torch.randn(2, tree.num_nodes, 64, generator=generator), -1).to(DEVICE)
+        for options in (dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8),
+                        dict(temperature=0.37, top_k=3, top_p=0.95)):
+            for draft_probs in (None, q.to(dtype), q):
+                torch_result, triton_result = (
+                    verify_sampling(tree, tokens, logits, draft_probs=draft_probs, impl=impl,
+                                    generator=torch.Generator(device=DEVICE).manual_seed(trial), **options)
+                    for impl in ("torch", "triton"))
+                for field in RESULT_FIELDS:
+                    assert torch.equal(getattr(torch_result, field), getattr(triton_result, field)), (trial, options)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_16bit_cut_keeps_what_transformers_warpers_keep_plus_only_top_p_ties(dtype):
+    """The top-k / top-p cut of tied 16-bit logits, as the kernel finds it, against transformers' TopKLogitsWarper
+    and TopPLogitsWarper on the same values: top-k keeps exactly their set; top-p keeps theirs plus only tokens
+    exactly tied with the cut value (the documented tie rule)."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from distill_ops.kernels.tree_verify import sampling_stats
+    from distill_ops.verify import filter_thresholds
+
+    generator = torch.Generator().manual_seed(1)
+    parents = torch.tensor([[-1, 0, 0, 1]], device=DEVICE)
+    for trial in range(6):
+        logits = (torch.randint(-4, 4, (1, 4, 50), generator=generator) * 0.5).to(dtype).to(DEVICE)
+        for temperature, top_k, top_p in ((1.0, 5, None), (0.6, None, 0.7), (1.7, 8, 0.5)):
+            cut = filter_thresholds(logits, temperature, top_k, top_p)[0]
+            kernel_cut = sampling_stats(parents, logits, top_k, top_p, None, temperature)["thresh"].view(4)
+            assert torch.equal(cut, kernel_cut)
+            values = logits[0].float().cpu()
+            scores = values / temperature
+            if top_k:
+                scores = TopKLogitsWarper(top_k)(None, scores)
+            if top_p:
+                scores = TopPLogitsWarper(top_p)(None, scores)
+            theirs, ours = scores > float("-inf"), values >= cut.cpu()[:, None]
+            assert not (theirs & ~ours).any()
+            extra = ours & ~theirs
+            assert torch.equal(values[extra], cut.cpu()[:, None].expand_as(values)[extra])
+            if top_p is None:
+                assert torch.equal(theirs, ours)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_16bit_compaction_is_identical_on_both_impls(dtype):
+    accepted = torch.tensor([[0, 1, 3, 6], [0, 2, 5, -1]], device=DEVICE)
+    zeros = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    result = VerifyResult(accepted, torch.tensor([3, 2], device=DEVICE), zeros, accepted)
+    torch.manual_seed(0)
+    caches = [torch.randn(2, 2, 40, 16).to(dtype).to(DEVICE) for _ in range(6)]
+    a, b = [c.clone() for c in caches], [c.clone() for c in caches]
+    lens = torch.tensor([10, 20], device=DEVICE)
+    assert torch.equal(compact_kv_cache(a[:3], a[3:], lens, result, impl="torch"),
+                       compact_kv_cache(b[:3], b[3:], lens, result, impl="triton"))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, c) for x, c in zip(a, caches))  # the compaction moved rows
