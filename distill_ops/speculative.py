@@ -1646,6 +1646,9 @@ class SpeculativeDecoder:
         _check_processor_clashes(rules, penalty, eos)
         if pad_token_id is None:
             pad_token_id = defaults.get("pad_token_id")
+        # Checked before any forward: a str ran the whole generation and failed when the output was built.
+        pad_token_id = check_int("pad_token_id", pad_token_id, optional=True)
+        step_callback = _checked_callable("step_callback", step_callback)
         if attention_mask is None and pad_token_id is not None and pad_token_id not in eos:
             _warn_unmasked_padding(rows, pad_token_id)
         if pad_token_id is None:
@@ -2071,6 +2074,12 @@ def _stopping_criteria(criteria, stop_strings, tokenizer, defaults: _ConfigDefau
 
     criteria = StoppingCriteriaList(_callables("stopping_criteria", criteria, "StoppingCriteria"))
     name, stop_strings = defaults.option("stop_strings", stop_strings)
+    if stop_strings is not None and not (
+        isinstance(stop_strings, str)
+        or (isinstance(stop_strings, (list, tuple)) and all(isinstance(text, str) for text in stop_strings))
+    ):
+        raise TypeError(f"{name} must be a str, a list of str or None, got {type(stop_strings).__name__}: "
+                        f"{stop_strings!r}")
     if stop_strings:
         if tokenizer is None:
             raise ValueError(f"{name} needs the target's tokenizer: pass tokenizer= to generate (as to "

@@ -559,6 +559,26 @@ def test_helper_refuses_labels_and_teacher_ids_of_another_shape_before_any_forwa
     for option in ("skip_ignored", "router_aux_loss"):
         with pytest.raises(TypeError, match=f"{option} must be a bool, got str: 'no'"):
             causal_lm_distillation_loss(student, teacher, input_ids, labels, attention_mask, **{option: "no"})
+    # The ids, the mask, the models and model_kwargs too (an error-message audit: each reached the model's forward,
+    # shift_labels or transformers' mask code, some after a full forward of the other model).
+    bad_calls = (
+        (TypeError, "input_ids must be a torch.Tensor, got list", dict(input_ids=input_ids.tolist())),
+        (TypeError, r"input_ids must have dtype in \(int64", dict(input_ids=input_ids.float())),
+        (ValueError, r"input_ids must have 2 dims, got shape \(11,\)", dict(input_ids=input_ids[0])),
+        (ValueError, r"attention_mask must have the shape of input_ids \(2, 11\), got \(2, 10\)",
+         dict(attention_mask=attention_mask[:, 1:])),
+        (TypeError, "attention_mask must be a torch.Tensor, got list", dict(attention_mask=attention_mask.tolist())),
+        (TypeError, r"teacher_input_ids must have dtype in \(int64", dict(teacher_input_ids=input_ids.float())),
+        (TypeError, r"labels must have dtype in \(int64", dict(labels=labels.float())),
+        (TypeError, "teacher must be a transformers causal LM .* got NoneType", dict(teacher=None)),
+        (TypeError, "student must be a transformers causal LM .* got Linear", dict(student=torch.nn.Linear(2, 2))),
+        (TypeError, "model_kwargs must be a dict of keyword arguments or None, got list", dict(model_kwargs=[1])),
+    )
+    arguments = dict(student=student, teacher=teacher, input_ids=input_ids, labels=labels,
+                     attention_mask=attention_mask)
+    for error, match, change in bad_calls:
+        with pytest.raises(error, match=match):
+            causal_lm_distillation_loss(**{**arguments, **change})
     handle.remove()
     assert not calls
 

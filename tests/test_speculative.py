@@ -1538,6 +1538,18 @@ def test_bad_inputs():
         ]
         assert torch.equal(outs[0].sequences, outs[1].sequences), top_k
     assert target.config._attn_implementation == "sdpa"  # restored even when generate raised
+    # Checked before any forward (an error-message audit): a str pad_token_id ran the whole generation and failed
+    # building the output, a float was truncated, a non-callable step_callback failed after the prefill.
+    forwards = []
+    handle = target.register_forward_pre_hook(lambda *args: forwards.append(1))
+    for bad, match in ((dict(pad_token_id="x"), "pad_token_id must be an int or None, got str: 'x'"),
+                       (dict(pad_token_id=1.5), "pad_token_id must be an int or None, got float: 1.5"),
+                       (dict(step_callback=1), "step_callback must be callable or None, got int"),
+                       (dict(stop_strings=5), "stop_strings must be a str, a list of str or None, got int: 5")):
+        with pytest.raises(TypeError, match=match):
+            engine.generate(prompt, max_new_tokens=3, **bad)
+    handle.remove()
+    assert not forwards
 
 
 def test_static_tree_as_paths_parents_or_a_tree_spec():

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import Impl, check_flag, check_tensor, resolve_vocab, text_config
+from .._utils import FLOAT_DTYPES, INT_DTYPES, Impl, check_flag, check_tensor, resolve_vocab, text_config
 from ..fused_linear import fused_linear_kl_div, scale_linear_inputs
 
 
@@ -365,9 +365,17 @@ def causal_lm_distillation_loss(
     options = dict(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature, ignore_index=ignore_index,
                    kl_weight=kl_weight, ce_weight=ce_weight, reduction=reduction, normalizer=normalizer,
                    vocab_size=vocab_size, impl=impl, return_entropy=return_entropy)
-    for name, value in (("labels", labels), ("teacher_input_ids", teacher_input_ids)):
+    for name, model in (("student", student), ("teacher", teacher)):
+        if not isinstance(model, nn.Module) or not callable(getattr(model, "get_output_embeddings", None)):
+            raise TypeError(f"{name} must be a transformers causal LM (an nn.Module with get_output_embeddings()), "
+                            f"got {type(model).__name__}")
+    check_tensor("input_ids", input_ids, dtypes=INT_DTYPES, ndim=2)
+    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"model_kwargs must be a dict of keyword arguments or None, got {type(model_kwargs).__name__}")
+    for name, value, dtypes in (("labels", labels, INT_DTYPES), ("teacher_input_ids", teacher_input_ids, INT_DTYPES),
+                                ("attention_mask", attention_mask, (*INT_DTYPES, torch.bool, *FLOAT_DTYPES))):
         if value is not None:
-            check_tensor(name, value, dtypes=None)
+            check_tensor(name, value, dtypes=dtypes)
         if value is not None and value.shape != input_ids.shape:
             expected, received = tuple(input_ids.shape), tuple(value.shape)
             raise ValueError(f"{name} must have the shape of input_ids {expected}, got {received}")
