@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._utils import INT_DTYPES, check_int, check_tensor
 from .speculative import TreeAttentionContext, tree_attention_tail
 
 
@@ -96,6 +97,17 @@ class FSPADCache:
             self.values = self.values[:, :, : self.committed]
 
 
+def _config_int(config, name: str, default: int | None = None) -> int:
+    """``config.<name>`` as an int >= 1 (``default`` when the config lacks it or holds None; required otherwise)."""
+    value = getattr(config, name, None)
+    if value is None:
+        if default is None:
+            raise TypeError(f"config must have {name} (the target's transformers config), {type(config).__name__} "
+                            f"has none")
+        return default
+    return check_int(f"config.{name}", value, low=1)
+
+
 class FSPADDraftHead(nn.Module):
     """FSPAD draft head for a target model (see the module docstring for the formulas).
 
@@ -113,11 +125,11 @@ class FSPADDraftHead(nn.Module):
         super().__init__()
         if isinstance(config, torch.nn.Module):
             raise TypeError(f"config must be the target's config (target.config), got a {type(config).__name__} model")
-        hidden = int(config.hidden_size)
-        num_heads = int(config.num_attention_heads)
-        num_kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
-        head_dim = int(getattr(config, "head_dim", None) or hidden // num_heads)
-        intermediate = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+        hidden = _config_int(config, "hidden_size")
+        num_heads = _config_int(config, "num_attention_heads")
+        num_kv_heads = _config_int(config, "num_key_value_heads", num_heads)
+        head_dim = _config_int(config, "head_dim", hidden // num_heads)
+        intermediate = _config_int(config, "intermediate_size", 4 * hidden)
         eps = float(getattr(config, "rms_norm_eps", None) or 1e-6)
         if num_heads % num_kv_heads != 0:
             raise ValueError(
@@ -125,9 +137,9 @@ class FSPADDraftHead(nn.Module):
             )
         if head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even (rotary embedding), got {head_dim}")
-        sampling = hidden if sampling_size is None else int(sampling_size)
+        sampling = hidden if sampling_size is None else check_int("sampling_size", sampling_size, low=1)
         self.hidden_size = hidden
-        self.vocab_size = int(config.vocab_size)
+        self.vocab_size = _config_int(config, "vocab_size")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_theta = _rope_theta(config)
 
@@ -217,12 +229,23 @@ class FSPADDraftHead(nn.Module):
 
         Returns ``(regress, predict)``, each ``[B, L, d]`` in the head's dtype.
         """
+        check_tensor("features", features)
+        check_tensor("token_embeds", token_embeds)
         if features.shape != token_embeds.shape or features.dim() != 3 or features.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"features and token_embeds must both have shape [B, L, {self.hidden_size}], got "
                 f"{tuple(features.shape)} and {tuple(token_embeds.shape)}"
             )
+        dtype = self.fc.weight.dtype
+        if features.dtype != dtype or token_embeds.dtype != dtype:
+            raise TypeError(f"features and token_embeds must have the head's dtype {dtype}, got {features.dtype} "
+                            f"and {token_embeds.dtype}")
         length = features.shape[1]
+        if position_ids is not None:
+            check_tensor("position_ids", position_ids, dtypes=INT_DTYPES)
+            if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != length:
+                raise ValueError(f"position_ids must have shape [L]=[{length}] or [B, L]=[{features.shape[0]}, "
+                                 f"{length}], got {tuple(position_ids.shape)}")
         if position_ids is None:
             start = 1 + (cache.length if cache is not None else 0)
             position_ids = torch.arange(start, start + length, device=features.device)
@@ -256,6 +279,7 @@ def fspad_training_inputs(target: nn.Module, input_ids: torch.Tensor) -> dict[st
     ``target_next_features [B, L-1, d]`` (pass ``regress``, ``predict``, ``target_next_features`` and the
     LM head's weight to ``fspad_draft_loss``).
     """
+    check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must have shape [B, L] with L >= 2, got {tuple(input_ids.shape)}")
     with torch.no_grad():

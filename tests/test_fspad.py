@@ -285,6 +285,26 @@ def test_bad_inputs():
         FSPADDraftHead(odd_head_dim)
     with pytest.raises(TypeError, match=r"config must be the target's config \(target.config\), got a Module model"):
         FSPADDraftHead(torch.nn.Module())  # the model itself: it was an AttributeError on hidden_size
+    # An error-message audit: these reached PyTorch internals (a dtype mismatch in a matmul, a broadcast error, a
+    # negative dimension, ZeroDivisionError, AttributeError) or were silently truncated (sampling_size=2.7).
+    with pytest.raises(TypeError, match="features and token_embeds must have the head's dtype torch.float32, got "
+                                        "torch.float16 and torch.float16"):
+        head(features.half(), embeds.half())
+    with pytest.raises(ValueError, match=r"position_ids must have shape \[L\]=\[4\] or \[B, L\]=\[1, 4\], got \(5,\)"):
+        head(features, embeds, torch.arange(5, device=features.device))
+    with pytest.raises(TypeError, match="features must be a torch.Tensor, got list"):
+        head(features.tolist(), embeds)
+    for bad, error, match in ((-1, ValueError, "sampling_size must be >= 1, got -1"),
+                              (2.7, TypeError, "sampling_size must be an int, got float: 2.7"),
+                              (True, TypeError, "sampling_size must be an int, got bool")):
+        with pytest.raises(error, match=match):
+            FSPADDraftHead(tiny_config(), sampling_size=bad)
+    with pytest.raises(ValueError, match="config.num_attention_heads must be >= 1, got 0"):
+        FSPADDraftHead(SimpleNamespace(hidden_size=64, num_attention_heads=0, vocab_size=200))
+    with pytest.raises(TypeError, match="config must have hidden_size .* SimpleNamespace has none"):
+        FSPADDraftHead(SimpleNamespace(num_attention_heads=4, vocab_size=200))
+    with pytest.raises(TypeError, match="input_ids must be a torch.Tensor, got list"):
+        fspad_training_inputs(torch.nn.Module(), [[1, 2, 3]])
 
 
 @pytest.mark.parametrize("family, extra", [
