@@ -88,7 +88,7 @@ import torch
 from ._utils import (
     Impl,
     IMPLS, INT_DTYPES, check_choice, check_flag, check_int, check_number, check_tensor, resolve_impl, sink_softmax,
-    softcapped, text_config, to_device_async,
+    softcapped, text_config, to_device_async, _integer_like,
 )
 from .generation_rules import (
     TokenSequenceRules, ban_repeated_ngrams, check_decay, check_ngram_size, decay_eos, node_tails,
@@ -204,8 +204,17 @@ def tree_spec_from_parents(parents: Sequence[int], device: torch.device | str) -
     Equal to ``build_tree(torch.tensor(parents), device=device)`` but computed with Python integers (a
     few microseconds instead of a loop of small tensor ops) and copied without a host synchronisation.
     ``parents[0] == -1`` and ``0 <= parents[i] < i``. For a parent array computed on the device, see
-    :func:`~distill_ops.tree.tree_spec_from_parents_tensor` (no host read at all).
+    :func:`~distill_ops.tree.tree_spec_from_parents_tensor` (no host read at all). A 1-D integer tensor is read
+    once on the host.
     """
+    if isinstance(parents, torch.Tensor):
+        check_tensor("parents", parents, dtypes=INT_DTYPES, ndim=1)
+        parents = parents.tolist()
+    elif not isinstance(parents, (list, tuple)):
+        raise TypeError(f"parents must be a list of ints or a 1-D integer tensor, got {type(parents).__name__}")
+    for index, parent in enumerate(parents):  # an int check per node (floats, None and bools were let through)
+        if not _integer_like(parent):
+            raise TypeError(f"parents[{index}] must be an int, got {type(parent).__name__}: {parent!r}")
     num_nodes = len(parents)
     if num_nodes < 1 or num_nodes > MAX_TREE_NODES:
         raise ValueError(f"a tree must have 1 to {MAX_TREE_NODES} nodes, got {num_nodes}")

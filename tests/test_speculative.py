@@ -141,6 +141,18 @@ def test_tree_spec_from_parents_rejects_invalid():
         tree_spec_from_parents([0, 0], DEVICE)
     with pytest.raises(ValueError, match="nodes"):
         tree_spec_from_parents([], DEVICE)
+    # Types too (an error-message audit: floats, None, a bare int and a 2-D tensor reached Python / PyTorch
+    # internals; a bool was read as node 0).
+    for bad, match in (([-1, 0.0], r"parents\[1\] must be an int, got float: 0.0"),
+                       ([-1, None], r"parents\[1\] must be an int, got NoneType"),
+                       ([-1, False], r"parents\[1\] must be an int, got bool"),
+                       (5, "parents must be a list of ints or a 1-D integer tensor, got int"),
+                       (torch.tensor([[-1, 0]]), r"parents must have 1 dim, got shape \(1, 2\)"),
+                       (torch.tensor([-1.0, 0.0]), "parents must have dtype in")):
+        with pytest.raises(TypeError if "dim" not in match else ValueError, match=match):
+            tree_spec_from_parents(bad, DEVICE)
+    parents = torch.tensor([-1, 0, 0])  # a 1-D integer tensor is accepted (read once on the host)
+    assert_specs_equal(tree_spec_from_parents(parents, DEVICE), build_tree(parents, device=DEVICE))
 
 
 def test_tree_attention_tail_is_a_slice_of_full_tree_attention():
