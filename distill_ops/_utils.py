@@ -449,23 +449,25 @@ def finish_reduction(weighted_rows: torch.Tensor, reduction: str, leading_shape:
     return weighted_rows.sum()
 
 
-def check_reduction(reduction: str, normalizer: object) -> None:
+def check_reduction(reduction: str, normalizer: object, name: str = "normalizer") -> None:
+    """``reduction`` and the ``normalizer`` of a mean (``name``: what the caller calls it, e.g. TRL's
+    ``num_items_in_batch``)."""
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     if normalizer is not None:
         if isinstance(normalizer, torch.Tensor):
             if normalizer.numel() != 1:
-                raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
-            if normalizer.dtype == torch.bool or normalizer.is_complex():
-                raise TypeError(
-                    f"normalizer must be a real number or a one-element real tensor, got {normalizer.dtype}"
+                raise ValueError(
+                    f"{name} must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}"
                 )
+            if normalizer.dtype == torch.bool or normalizer.is_complex():
+                raise TypeError(f"{name} must be a real number or a one-element real tensor, got {normalizer.dtype}")
             # 0 stays legal for a tensor (num_items_in_batch of a batch that counts nothing: the loss is then 0).
             value = normalizer.detach()
             if host_readable(normalizer) and not bool((value >= 0) & (value < float("inf"))):
-                raise ValueError(f"normalizer must be finite and >= 0 (a count of tokens), got {value.item()}")
+                raise ValueError(f"{name} must be finite and >= 0 (a count of tokens), got {value.item()}")
         else:
             # 0 is legal as for a tensor: an int num_items_in_batch of a window that counts nothing (loss 0).
-            check_number("normalizer", normalizer, low=0.0)
+            check_number(name, normalizer, low=0.0)
         if reduction != "mean":
             raise ValueError(f"normalizer only applies to reduction='mean', got reduction={reduction!r}")
 

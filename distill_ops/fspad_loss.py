@@ -80,11 +80,14 @@ def fspad_draft_loss(
                 f"{name} must have the shape of target_next_features {tuple(target_next_features.shape)}, "
                 f"got {tuple(tensor.shape)}"
             )
-    if lm_head_weight.shape[1] != target_next_features.shape[-1]:
+    if lm_head_weight.shape[1] != target_next_features.shape[-1] or lm_head_weight.shape[0] < 1:
         raise ValueError(
-            f"lm_head_weight must have shape [V, {target_next_features.shape[-1]}] (the features' width), "
+            f"lm_head_weight must have shape [V >= 1, {target_next_features.shape[-1]}] (the features' width), "
             f"got {tuple(lm_head_weight.shape)}"
         )
+    if target_next_features.shape[-1] < 1:  # named here: fused_linear_kl_div would name its student_hidden
+        raise ValueError(f"target_next_features must have a feature width d >= 1, got shape "
+                         f"{tuple(target_next_features.shape)}")
     if lm_head_bias is not None:
         check_tensor("lm_head_bias", lm_head_bias, ndim=1)
         if lm_head_bias.shape[0] != lm_head_weight.shape[0]:

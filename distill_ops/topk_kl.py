@@ -656,6 +656,16 @@ def _bound_rows(name: str, bound: object, leading_shape: torch.Size, device: tor
     return torch.full((num_rows,), float(bound), dtype=torch.float32, device=device)
 
 
+def _check_own_vocab_size(vocab_size: int | None, vocab: int, name: str) -> int:
+    """``vocab_size`` (None: all ``vocab``) read against one tensor's vocabulary, ``name``'s last dim."""
+    if vocab_size is None:
+        return vocab
+    vocab_size = check_vocab_size(vocab_size)
+    if vocab_size > vocab:
+        raise ValueError(f"vocab_size must be in [1, {vocab}] ({name}' vocabulary), got {vocab_size}")
+    return vocab_size
+
+
 def _kept_backend(impl: str, backend: str, kept_columns: int, remedy: str) -> str:
     """The backend for ``kept_columns`` candidates per row: past ``TRITON_MAX_K`` the Triton path is refused when
     asked for by name, and ``impl="auto"`` takes the PyTorch path instead (as on the CPU), so the same call runs on
@@ -706,7 +716,7 @@ def _check_args(
             "no teacher given: pass teacher_logits (dense) or teacher_topk_indices + teacher_topk_logprobs (sparse)"
         )
     if sparse:
-        vocab = resolve_vocab(vocab, vocab, vocab_size, student_name="student_logits", teacher_name="student_logits")
+        vocab = _check_own_vocab_size(vocab_size, vocab, "student_logits")
         if teacher_topk_indices is None or teacher_topk_logprobs is None:
             raise ValueError("a sparse teacher needs both teacher_topk_indices and teacher_topk_logprobs")
         check_tensor("teacher_topk_indices", teacher_topk_indices, dtypes=INT_DTYPES, min_dim=1)
@@ -1121,7 +1131,7 @@ class DACKLLoss(torch.nn.Module):
         check_tensor("teacher_logits", teacher_logits, min_dim=1)
         backend = resolve_impl(self.impl, teacher_logits.device)
         width = teacher_logits.shape[-1]
-        width = resolve_vocab(width, width, self.vocab_size, student_name="teacher_logits", teacher_name="itself")
+        width = _check_own_vocab_size(self.vocab_size, width, "teacher_logits")
         rows = as_rows(teacher_logits.detach(), width)
         _, sorted_logprobs = self._candidates(rows, backend)
         lower, upper = self._bounds(sorted_logprobs)

@@ -529,7 +529,8 @@ def compact_kv_cache(
     if host_readable(cache_lens) and bool((cache_lens < 0).any()):
         raise ValueError(f"cache_lens must be >= 0, got {cache_lens.tolist()}")
     if host_readable(cache_lens) and bool((cache_lens.to(torch.int64) + accepted.shape[1] > kv_len).any()):
-        raise ValueError(f"cache_lens + max_depth + 1 must be <= S={kv_len}, got max(cache_lens)={int(cache_lens.max())}")
+        raise ValueError(f"cache_lens + W must be <= S={kv_len} (W = result.accepted_nodes.shape[1] = "
+                         f"{accepted.shape[1]}), got max(cache_lens)={int(cache_lens.max())}")
     if host_readable(accepted) and bool((cache_lens.to(torch.int64)[:, None] + accepted >= kv_len).any()):
         # An accepted node's row past S: the cache does not hold the whole tree (the kernel would skip the row).
         raise ValueError(

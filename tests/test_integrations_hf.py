@@ -496,8 +496,13 @@ def test_fspad_bad_inputs():
     with pytest.raises(TypeError, match="loss_mask must be a torch.Tensor, got list"):  # an AttributeError before
         fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), loss_mask=[[True] * 3] * 2)
     # The LM head's own names (they were reported as fused_linear_kl_div's student_weight / student_bias).
-    with pytest.raises(ValueError, match=r"lm_head_weight must have shape \[V, 8\]"):
+    with pytest.raises(ValueError, match=r"lm_head_weight must have shape \[V >= 1, 8\]"):
         fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 9))
+    with pytest.raises(ValueError, match=r"lm_head_weight must have shape \[V >= 1, 8\] .* got \(0, 8\)"):
+        fspad_draft_loss(tensor, tensor, tensor, torch.zeros(0, 8))  # named student_weight (an audit)
+    with pytest.raises(ValueError, match=r"target_next_features must have a feature width d >= 1, got shape"):
+        empty = torch.zeros(2, 3, 0)
+        fspad_draft_loss(empty, empty, empty, torch.zeros(10, 0))  # named student_hidden
     with pytest.raises(ValueError, match=r"lm_head_bias must have shape \[10\]"):
         fspad_draft_loss(tensor, tensor, tensor, torch.zeros(10, 8), lm_head_bias=torch.zeros(9))
     # Every tensor on one device (draft_regress and loss_mask were unchecked: a device error deep in the loss,

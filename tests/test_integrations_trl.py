@@ -94,6 +94,11 @@ def test_generalized_jsd_loss_bad_inputs():
         generalized_jsd_loss(student.tolist(), teacher)
     with pytest.raises(TypeError, match="teacher_logits must be a torch.Tensor, got list"):
         generalized_jsd_loss(student, teacher.tolist())
+    # Named as passed (an error-message audit: "normalizer must be ..."; list labels were an AttributeError).
+    with pytest.raises(ValueError, match=r"num_items_in_batch must be in \[0.0, inf\), got -1"):
+        generalized_jsd_loss(student, teacher, num_items_in_batch=-1)
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor, got list"):
+        generalized_jsd_loss(student, teacher, labels=[[0, 0, 0]] * 2, reduction="mean")
 
 
 def _gkd_attributes(cls, teacher, beta, **extra):

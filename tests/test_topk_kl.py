@@ -1398,6 +1398,8 @@ def test_bad_inputs():
     _bad("got both", s, t, teacher_topk_indices=idx, teacher_topk_logprobs=lp)
     _bad("needs both", s, teacher_topk_indices=idx)
     _bad("needs k and/or lower/upper", s, t)
+    _bad(r"vocab_size must be in \[1, 10\] \(student_logits' vocabulary\), got 11", s,  # it read "min(student_logits
+         teacher_topk_indices=idx, teacher_topk_logprobs=lp, vocab_size=11)  # vocab 10, student_logits vocab 10)"
     _bad("k must be >= 1, got 0", s, t, k=0)
     _bad("k must be >= 1, got -2", s, t, k=-2)
     _bad("k must be an int", s, t, k=2.0, error=TypeError)
@@ -1456,8 +1458,8 @@ def test_bad_inputs():
         DACKLLoss(vocab_size=0)
     with pytest.raises(TypeError, match="vocab_size must be an int or None, got str"):
         DACKLLoss(vocab_size="a")
-    with pytest.raises(ValueError, match=r"vocab_size must be in \[1, min\(teacher_logits vocab 10"):
-        DACKLLoss(vocab_top_m=4, vocab_size=12).predict_bounds(t)
+    with pytest.raises(ValueError, match=r"vocab_size must be in \[1, 10\] \(teacher_logits' vocabulary\), got 12"):
+        DACKLLoss(vocab_top_m=4, vocab_size=12).predict_bounds(t)  # it read "min(..., itself vocab 10)"
     # The Triton hard mask keeps at most TRITON_MAX_K candidates: an error naming vocab_top_m before any kernel
     # (it came from the loss kernel's launcher, after the selection kernel had run).
     wide = DACKLLoss(vocab_top_m=4100, impl="triton").eval()

@@ -556,7 +556,7 @@ def test_verify_bad_inputs():
         verify_sampling(tree, tokens, logits, generator=7, impl="torch")
     k = torch.zeros(2, 1, 9, 8)
     result = verify_greedy(tree, tokens, logits, impl="torch")
-    with pytest.raises(ValueError, match="cache_lens \\+ max_depth \\+ 1 must be <= S=9"):
+    with pytest.raises(ValueError, match=r"cache_lens \+ W must be <= S=9 \(W = result.accepted_nodes.shape\[1\]"):
         compact_kv_cache(k, k.clone(), torch.tensor([0, 7]), result, impl="torch")
     # A cache that holds the accepted width but not the accepted node's row (S < cache_len + node): the PyTorch
     # path failed with an index error, the kernel skipped the row and still returned the new length.

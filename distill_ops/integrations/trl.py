@@ -45,7 +45,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .._utils import Impl, check_tensor
+from .._utils import INT_DTYPES, Impl, check_reduction, check_tensor
 from ..kl_div import kl_div
 from .hf import (
     _REFUSED_INPUT_PREFIXES,
@@ -96,6 +96,10 @@ def generalized_jsd_loss(
         )
     check_tensor("student_logits", student_logits, dtypes=None)
     check_tensor("teacher_logits", teacher_logits, dtypes=None)
+    if labels is not None:  # read here before kl_div checks it (reduction="mean" counts the kept tokens)
+        check_tensor("labels", labels, dtypes=INT_DTYPES)
+    if num_items_in_batch is not None:  # named as the caller passed it (kl_div would say normalizer)
+        check_reduction("mean", num_items_in_batch, name="num_items_in_batch")
     if student_logits.dim() < 1:
         raise ValueError(f"student_logits must be [..., V], got shape {tuple(student_logits.shape)}")
     common = dict(divergence="jsd", beta=beta, temperature=temperature, labels=labels, ignore_index=-100, impl=impl)
