@@ -415,6 +415,11 @@ def kl_div_forward(
     Writes d(weighted row loss)/dz into ``grad_out`` ([N, V], may alias ``student`` for an in-place
     gradient) when given, and returns the weighted per-row loss (fp32 [N], 0 at ignored rows).
     """
+    if teacher.shape != student.shape or (grad_out is not None and grad_out.shape != student.shape):
+        raise ValueError(f"teacher (and grad_out) must have student's shape {tuple(student.shape)}, got "
+                         f"{tuple(teacher.shape)}{'' if grad_out is None else f' and {tuple(grad_out.shape)}'}")
+    if divergence not in DIVERGENCE_CODES:
+        raise ValueError(f"divergence must be one of {tuple(DIVERGENCE_CODES)}, got {divergence!r}")
     block_v = block_v or BLOCK_V
     num_warps = num_warps or NUM_WARPS_BY_DIVERGENCE.get(divergence, NUM_WARPS)
     if student.dim() == 2:

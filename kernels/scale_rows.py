@@ -36,6 +36,8 @@ def _scale_rows_kernel(grad_ptr, upstream_ptr, stride_grad, stride_upstream, V, 
 def scale_rows_(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
     """``grad[i, :] *= upstream[i]`` in place (``grad`` [N, V] unit column stride, ``upstream`` [N] any stride)."""
     num_rows, vocab = grad.shape
+    if upstream.shape != (num_rows,):  # the kernel reads upstream[i] for every row: a short one reads past its end
+        raise ValueError(f"upstream must have shape [{num_rows}] (grad's rows), got {tuple(upstream.shape)}")
     if num_rows > 0 and vocab > 0:
         _scale_rows_kernel[(num_rows,)](
             grad, upstream, grad.stride(0), upstream.stride(0), vocab, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS

@@ -276,7 +276,12 @@ def topk_select(
     ``(values [N, count] rows.dtype, indices [N, count] int64)``. ``capacity`` (scratch slots per
     row), ``block_v`` and ``num_warps`` override the defaults (tests use them to reach every path).
     """
+    if rows.dim() != 2 or rows.dtype not in KEY_BITS:
+        raise ValueError(f"rows must be [N, V] float32 / float16 / bfloat16, got shape {tuple(rows.shape)} and "
+                         f"{rows.dtype}")
     num_rows, vocab = rows.shape
+    if not 1 <= count <= vocab:  # a larger count returned uninitialised memory as indices
+        raise ValueError(f"count must be in [1, {vocab}] (the row width), got {count}")
     values = rows.new_empty((num_rows, count))
     indices = torch.empty((num_rows, count), dtype=torch.int64, device=rows.device)
     if num_rows == 0:

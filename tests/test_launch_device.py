@@ -154,3 +154,27 @@ def test_engine_refuses_a_model_split_over_devices():
     draft.model.layers[0].to("meta")
     with pytest.raises(ValueError, match=r"draft must sit on one device"):
         SpeculativeDecoder(target, draft)
+
+
+def test_launchers_refuse_shapes_that_would_read_or_write_out_of_bounds():
+    """The raw launchers of ``distill_ops.kernels`` trust their callers (the ops check first), but three mistakes
+    read or wrote out of bounds silently (an error-message audit): a short ``upstream`` in ``scale_rows_`` read past
+    its end and wrote garbage into ``grad``; ``topk_select`` with ``count`` > V returned uninitialised memory as
+    indices; ``kl_div_forward`` with fewer teacher rows read rows that do not exist. Each is now a ValueError, with
+    ``grad`` untouched."""
+    from distill_ops.kernels.kl_div import kl_div_forward
+    from distill_ops.kernels.topk_select import topk_select
+
+    grad = torch.ones(3, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"upstream must have shape \[3\] \(grad's rows\), got \(1,\)"):
+        scale_rows_(grad, torch.full((1,), 2.0, device=DEVICE))
+    assert torch.equal(grad, torch.ones_like(grad))
+    rows = torch.randn(3, 16, device=DEVICE)
+    for count in (0, 17):
+        with pytest.raises(ValueError, match=rf"count must be in \[1, 16\] \(the row width\), got {count}"):
+            topk_select(rows, count)
+    options = dict(coef=0.0, temperature=1.0, ignore_index=-100)
+    with pytest.raises(ValueError, match=r"teacher \(and grad_out\) must have student's shape \(3, 16\), got \(1, 16\)"):
+        kl_div_forward(rows, rows[:1], None, None, torch.ones(1, device=DEVICE), divergence="forward", **options)
+    with pytest.raises(ValueError, match="divergence must be one of .* got 'kl'"):  # a bare KeyError before
+        kl_div_forward(rows, rows, None, None, torch.ones(1, device=DEVICE), divergence="kl", **options)
