@@ -174,7 +174,8 @@ def test_launchers_refuse_shapes_that_would_read_or_write_out_of_bounds():
         with pytest.raises(ValueError, match=rf"count must be in \[1, 16\] \(the row width\), got {count}"):
             topk_select(rows, count)
     options = dict(coef=0.0, temperature=1.0, ignore_index=-100)
-    with pytest.raises(ValueError, match=r"teacher \(and grad_out\) must have student's shape \(3, 16\), got \(1, 16\)"):
+    with pytest.raises(ValueError, match=r"teacher \(and grad_out\) must have student's shape \(3, 16\), got "
+                                         r"\(1, 16\)"):
         kl_div_forward(rows, rows[:1], None, None, torch.ones(1, device=DEVICE), divergence="forward", **options)
     with pytest.raises(ValueError, match="divergence must be one of .* got 'kl'"):  # a bare KeyError before
         kl_div_forward(rows, rows, None, None, torch.ones(1, device=DEVICE), divergence="kl", **options)
