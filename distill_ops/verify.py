@@ -518,6 +518,8 @@ def compact_kv_cache(
     check_tensor("cache_lens", cache_lens, dtypes=INT_DTYPES, ndim=1)
     if not isinstance(result, VerifyResult):
         raise TypeError(f"result must be a VerifyResult, got {type(result).__name__}")
+    # A hand-built result: float nodes failed inside gather() on the PyTorch path and passed on the Triton one.
+    check_tensor("result.accepted_nodes", result.accepted_nodes, dtypes=INT_DTYPES, ndim=2)
     device = check_same_device(k=keys[0], v=values[0], cache_lens=cache_lens, accepted_nodes=result.accepted_nodes)
     batch, _, kv_len, _ = keys[0].shape
     accepted = result.accepted_nodes

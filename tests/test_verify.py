@@ -556,6 +556,11 @@ def test_verify_bad_inputs():
         verify_sampling(tree, tokens, logits, generator=7, impl="torch")
     k = torch.zeros(2, 1, 9, 8)
     result = verify_greedy(tree, tokens, logits, impl="torch")
+    hand_built = VerifyResult(result.accepted_nodes.float(), result.accept_len, result.next_tokens,
+                              result.emitted_tokens)
+    for impl in IMPLS:
+        with pytest.raises(TypeError, match=r"result.accepted_nodes must have dtype in \(int64"):
+            compact_kv_cache(k, k.clone(), torch.tensor([0, 1]), hand_built, impl=impl)
     with pytest.raises(ValueError, match=r"cache_lens \+ W must be <= S=9 \(W = result.accepted_nodes.shape\[1\]"):
         compact_kv_cache(k, k.clone(), torch.tensor([0, 7]), result, impl="torch")
     # A cache that holds the accepted width but not the accepted node's row (S < cache_len + node): the PyTorch
