@@ -718,7 +718,9 @@ def _check_args(
     if sparse:
         vocab = _check_own_vocab_size(vocab_size, vocab, "student_logits")
         if teacher_topk_indices is None or teacher_topk_logprobs is None:
-            raise ValueError("a sparse teacher needs both teacher_topk_indices and teacher_topk_logprobs")
+            missing = "teacher_topk_indices" if teacher_topk_indices is None else "teacher_topk_logprobs"
+            raise ValueError(f"a sparse teacher needs both teacher_topk_indices and teacher_topk_logprobs, got "
+                             f"{missing}=None")
         check_tensor("teacher_topk_indices", teacher_topk_indices, dtypes=INT_DTYPES, min_dim=1)
         check_tensor("teacher_topk_logprobs", teacher_topk_logprobs, dtypes=FLOAT_DTYPES, min_dim=1)
         if teacher_topk_indices.shape != teacher_topk_logprobs.shape:
@@ -729,7 +731,8 @@ def _check_args(
         check_leading_dims("teacher_topk_indices", teacher_topk_indices, "student_logits", leading_shape)
         stored_k = teacher_topk_indices.shape[-1]
         if stored_k == 0:
-            raise ValueError("teacher_topk_indices has k = 0 entries per row; need at least 1")
+            raise ValueError(f"teacher_topk_indices must hold k >= 1 entries per row, got shape "
+                             f"{tuple(teacher_topk_indices.shape)}")
         if k is not None and k > stored_k:
             raise ValueError(f"k must be <= the {stored_k} stored teacher entries per row, got {k}")
         check_same_device(
@@ -772,7 +775,9 @@ def _check_args(
     upper_rows = _bound_rows("upper", upper, leading_shape, student_logits.device)
     if lower_rows is not None and upper_rows is not None and (isinstance(lower, Tensor) or isinstance(upper, Tensor)):
         if host_readable(lower_rows) and bool((lower_rows > upper_rows).any()):
-            raise ValueError("lower must be <= upper in every row, got a row with lower > upper")
+            row = int((lower_rows > upper_rows).nonzero()[0, 0])
+            raise ValueError(f"lower must be <= upper in every row, got row {row} with lower "
+                             f"{float(lower_rows[row]):.6g} > upper {float(upper_rows[row]):.6g}")
     return lower_rows, upper_rows, vocab
 
 

@@ -424,7 +424,8 @@ def ordered_paths(paths: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
         except (TypeError, ValueError):
             raise ValueError(f"child ranks must be non-negative ints, got {path!r}") from None
     if len(set(keys)) != len(keys):
-        raise ValueError("paths must be distinct")
+        repeated = next(list(key) for key in keys if keys.count(key) > 1)
+        raise ValueError(f"paths must be distinct, got {repeated} more than once")
     return sorted(keys, key=lambda p: (len(p), p))
 
 

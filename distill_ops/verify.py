@@ -84,11 +84,12 @@ def _check_verify_inputs(tree: object, draft_tokens: object, target_logits: obje
     if tree.batch_size not in (1, batch):
         raise ValueError(f"tree must hold 1 or B={batch} trees, got {tree.batch_size}")
     if vocab < 1:
-        raise ValueError("target_logits must have a non-empty vocabulary dim")
+        raise ValueError(f"target_logits must have a non-empty vocabulary dim, got shape {tuple(target_logits.shape)}")
     # On a GPU and under torch.compile the kernels treat an out-of-range token as one the target gives
     # probability 0 (never accepted).
     if host_readable(draft_tokens) and bool(((draft_tokens < 0) | (draft_tokens >= vocab)).any()):
-        raise ValueError(f"draft_tokens must be token ids in [0, V={vocab}), got values outside it")
+        raise ValueError(f"draft_tokens must be token ids in [0, V={vocab}), got values from "
+                         f"{int(draft_tokens.min())} to {int(draft_tokens.max())}")
     return batch, num_nodes, vocab
 
 

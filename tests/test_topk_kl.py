@@ -1396,7 +1396,11 @@ def test_bad_inputs():
     lp = -torch.rand(2, 3, 4)
     _bad("no teacher given", s)
     _bad("got both", s, t, teacher_topk_indices=idx, teacher_topk_logprobs=lp)
-    _bad("needs both", s, teacher_topk_indices=idx)
+    _bad("needs both .* got teacher_topk_logprobs=None", s, teacher_topk_indices=idx)
+    _bad(r"teacher_topk_indices must hold k >= 1 entries per row, got shape \(2, 3, 0\)", s,
+         teacher_topk_indices=idx[..., :0], teacher_topk_logprobs=lp[..., :0])
+    _bad("lower must be <= upper in every row, got row 4 with lower 0.5 > upper 0.3", s, t,
+         lower=torch.tensor([[0.1] * 3, [0.1, 0.5, 0.1]]), upper=torch.full((2, 3), 0.3))
     _bad("needs k and/or lower/upper", s, t)
     _bad(r"vocab_size must be in \[1, 10\] \(student_logits' vocabulary\), got 11", s,  # it read "min(student_logits
          teacher_topk_indices=idx, teacher_topk_logprobs=lp, vocab_size=11)  # vocab 10, student_logits vocab 10)"

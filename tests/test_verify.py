@@ -764,7 +764,9 @@ def test_verify_refuses_a_draft_token_equal_to_the_vocabulary_size():
         wrong = tokens.clone()
         wrong[1, 4] = bad
         for verify in (verify_greedy, verify_sampling):
-            with pytest.raises(ValueError, match=r"draft_tokens must be token ids in \[0, V=5\)"):
+            low, high = int(wrong.min()), int(wrong.max())
+            with pytest.raises(ValueError, match=rf"draft_tokens must be token ids in \[0, V=5\), got values from "
+                                                 rf"{low} to {high}"):
                 verify(tree, wrong, logits, impl="torch")
 
 
