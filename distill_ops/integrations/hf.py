@@ -366,7 +366,8 @@ def causal_lm_distillation_loss(
                    kl_weight=kl_weight, ce_weight=ce_weight, reduction=reduction, normalizer=normalizer,
                    vocab_size=vocab_size, impl=impl, return_entropy=return_entropy)
     for name, model in (("student", student), ("teacher", teacher)):
-        if not isinstance(model, nn.Module) or not callable(getattr(model, "get_output_embeddings", None)):
+        inner = unwrap_model(model) if isinstance(model, nn.Module) else model  # inside DDP / FSDP / compile
+        if not isinstance(inner, nn.Module) or not callable(getattr(inner, "get_output_embeddings", None)):
             raise TypeError(f"{name} must be a transformers causal LM (an nn.Module with get_output_embeddings()), "
                             f"got {type(model).__name__}")
     check_tensor("input_ids", input_ids, dtypes=INT_DTYPES, ndim=2)
