@@ -27,6 +27,27 @@ TOLERANCES = {
 IMPLS = ["torch", "triton"]
 
 
+def property_settings(max_examples: int, **kwargs):
+    """hypothesis settings of the property tests: ``max_examples`` derandomized examples (the same every run), no
+    example database, no deadline. ``DISTILL_OPS_FUZZ=N`` in the environment runs N times as many examples from a
+    random seed instead (a longer search for new failures; a failure prints the seed and blob that reproduce it)."""
+    from hypothesis import HealthCheck, settings
+
+    fuzz = os.environ.get("DISTILL_OPS_FUZZ", "").strip()
+    if fuzz and (not fuzz.isdigit() or int(fuzz) < 1):
+        raise ValueError(f"DISTILL_OPS_FUZZ must be a positive integer (the examples' multiplier), got {fuzz!r}")
+    factor = int(fuzz) if fuzz else 1
+    return settings(
+        max_examples=max_examples * factor,
+        deadline=None,
+        derandomize=not fuzz,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+        **kwargs,
+    )
+
+
 def word_tokenizer(vocab: int):
     """A word-level ``transformers`` tokenizer over ids ``0 .. vocab - 1`` (words ``t0``, ``t1``, ...; pad ``t0``,
     EOS ``t1``, unknown ``t2``), built in memory: no download."""

@@ -58,9 +58,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 from distill_ops import AlignDistilLoss, aligndistil_kl, topk_kl_div  # noqa: E402
 from tests._definitions import kl_rows, reduce_rows  # noqa: E402
-from tests.conftest import DEVICE, IMPLS, TOLERANCES, assert_close  # noqa: E402
+from tests.conftest import DEVICE, IMPLS, TOLERANCES, assert_close, property_settings as _settings  # noqa: E402
 from tests.test_properties_losses import (  # noqa: E402  (the helpers both property files use)
-    _complement_mass, _events, _labels, _randn, _settings, _stable_order, _topk_outcomes,
+    _complement_mass, _events, _labels, _randn, _stable_order, _topk_outcomes,
     _check_loss_and_grads, _topk_inputs, _upstream, top_k,
     vocab_sizes,
 )

@@ -32,13 +32,13 @@ import torch
 # The dev extra installs hypothesis (CI, make test); a GPU machine without it skips this file instead of
 # stopping the whole run at collection.
 pytest.importorskip("hypothesis")
-from hypothesis import assume, event, given, settings  # noqa: E402
+from hypothesis import assume, event, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from distill_ops import fused_linear_kl_div, kl_div, topk_kl_div  # noqa: E402
 from distill_ops.kl_div import DIVERGENCES  # noqa: E402
 from tests._definitions import divergence_rows, kl_rows, reduce_rows  # noqa: E402
-from tests.conftest import DEVICE, IMPLS, assert_close  # noqa: E402
+from tests.conftest import DEVICE, IMPLS, assert_close, property_settings  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,8 +66,7 @@ def _coefficient_event(case):
         event(f"{case['divergence']} coefficient {kind}")
 
 
-def _settings(max_examples):
-    return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None)
+_settings = property_settings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -708,3 +707,18 @@ def test_reverse_kl_gradient_precision(impl):
     expected_loss, expected_grad = _reference_loss_and_grad(student, teacher, "reverse")
     assert_close(loss, expected_loss, torch.float32)
     assert_close(student.grad, expected_grad, torch.float32)
+
+
+def test_fuzz_knob(monkeypatch):
+    """``DISTILL_OPS_FUZZ=N`` multiplies every property test's examples by N and draws them from a random seed;
+    unset, the counts are the derandomized ones CI runs; anything but a positive integer is refused."""
+    monkeypatch.delenv("DISTILL_OPS_FUZZ", raising=False)
+    plain = property_settings(12)
+    assert (plain.max_examples, plain.derandomize, plain.database) == (12, True, None)
+    monkeypatch.setenv("DISTILL_OPS_FUZZ", "25")
+    fuzz = property_settings(12)
+    assert (fuzz.max_examples, fuzz.derandomize) == (300, False)
+    for bad in ("0", "-3", "x"):
+        monkeypatch.setenv("DISTILL_OPS_FUZZ", bad)
+        with pytest.raises(ValueError, match="DISTILL_OPS_FUZZ"):
+            property_settings(12)

@@ -16,7 +16,7 @@ import torch
 # The dev extra installs hypothesis (CI, make test); a GPU machine without it skips this file instead of
 # stopping the whole run at collection.
 pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, event, given, settings, strategies as st  # noqa: E402
+from hypothesis import assume, event, given, strategies as st  # noqa: E402
 
 from distill_ops.tree import (  # noqa: E402
     build_tree,
@@ -28,20 +28,12 @@ from distill_ops.tree import (  # noqa: E402
 )
 from distill_ops.tree_attention import tree_attention  # noqa: E402
 from distill_ops.verify import VerifyResult, compact_kv_cache, verify_greedy, verify_sampling  # noqa: E402
-from tests.conftest import DEVICE, IMPLS, assert_close  # noqa: E402
+from tests.conftest import DEVICE, IMPLS, assert_close, property_settings  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _settings(max_examples: int) -> settings:
-    return settings(
-        max_examples=max_examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-    )
+_settings = property_settings
 
 
 # ------------------------------------------------------------------------------------------------ strategies
