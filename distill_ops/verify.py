@@ -12,9 +12,11 @@ decided); ``target_logits[b, i]`` is the target model's prediction for the token
   ``draft_probs`` the drafts are deterministic: child ``x`` is accepted with the residual probability
   ``r(x)``, otherwise ``x`` is zeroed in the residual and it is renormalised. With ``draft_probs`` (the
   children of node ``i`` drawn i.i.d. from ``draft_probs[:, i]``) SpecInfer's multi-round rejection:
-  accept with ``min(1, r(x) / q(x))``, otherwise ``r <- normalise(max(r - q, 0))``. When no child is
-  accepted the bonus token is drawn from the residual (inverse CDF). Randomness: ``uniforms[b, j]``
-  decides child ``j`` and ``uniforms[b, 0]`` the bonus token, all drawn up front with
+  accept with ``min(1, r(x) / q(x))``, otherwise ``r <- normalise(max(r - q, 0))``. ``q`` is the draft row
+  divided by its sum, as ``torch.multinomial`` draws from it: a 16-bit row (which misses 1 by its rounding) or a
+  truncated, unnormalised one (top-k draft weights) is verified against the distribution it was sampled from.
+  When no child is accepted the bonus token is drawn from the residual (inverse CDF). Randomness:
+  ``uniforms[b, j]`` decides child ``j`` and ``uniforms[b, 0]`` the bonus token, all drawn up front with
   ``torch.rand(generator=...)``, so one generator state gives the same result on every impl.
 * Top-k keeps the tokens whose logit is >= the k-th largest; top-p then keeps the smallest
   descending-probability prefix whose mass reaches ``top_p`` (ties at either cut are kept). The torch
@@ -301,6 +303,9 @@ def verify_sampling_ref(
 
     if draft_probs is not None:
         q_all = draft_probs.float()
+        # Each row normalised as torch.multinomial does; an all-zero row (a leaf's, never drawn from) stays zero.
+        q_sum = q_all.sum(-1, keepdim=True)
+        q_all = q_all * torch.where(q_sum > 0, 1.0 / q_sum, 0.0)
         round_c = [torch.zeros(batch, num_nodes, device=device)]
         round_n = [torch.ones(batch, num_nodes, device=device)]
         for _ in range(tree.max_children):
@@ -382,7 +387,8 @@ def verify_sampling(
             inf and the probabilities turn NaN (use :func:`verify_greedy` for greedy decoding, temperature 0);
             top_k: int >= 1 or None; top_p: in (0, 1] or None (applied after top-k).
         draft_probs: ``[B, T, V]`` float draft distributions (children of node ``i`` sampled i.i.d. from
-            ``draft_probs[:, i]``), or None for deterministic (top-k) drafts.
+            ``draft_probs[:, i]``), or None for deterministic (top-k) drafts. Non-negative weights: each row
+            of a node with children is normalised by its sum (as ``torch.multinomial`` samples), in fp32.
         generator: the only source of randomness (``torch.rand`` on its device; default generator of the
             logits' device when None).
         impl: ``"auto"`` | ``"triton"`` | ``"torch"``.

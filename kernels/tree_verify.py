@@ -265,13 +265,14 @@ def _filter_cut(row_ptr, vocab, top_k, top_p, inv_temp, HAS_TOPK: tl.constexpr, 
 
 @triton.jit
 def sampling_stats_kernel(
-    LOGITS, THRESH, DRAFT_PROBS, PARENTS, ROW_MAX, ROW_SUM, ARGMAX, ROUND_C, ROUND_N,
+    LOGITS, THRESH, DRAFT_PROBS, PARENTS, ROW_MAX, ROW_SUM, ARGMAX, ROUND_C, ROUND_N, Q_SCALE,
     stride_lb, stride_lt, stride_qb, stride_qt, stride_tree_b, num_nodes, vocab, inv_temp, top_k, top_p,
     HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, HAS_DRAFT_PROBS: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_T: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
 ):
     """Per node row: the top-k / top-p cut (written to THRESH, read by the walk), then the filtered softmax
-    statistics (and the SpecInfer residual masses with draft probabilities)."""
+    statistics (and, with draft probabilities, the draft row's normaliser 1 / sum(q) and the SpecInfer residual
+    masses of the normalised q)."""
     row = tl.program_id(0)
     batch = row // num_nodes
     node = row % num_nodes
@@ -310,6 +311,16 @@ def sampling_stats_kernel(
         round_base = row.to(tl.int64) * num_nodes
         # One reciprocal per row: a division per element costs range-check predicates in the hot loop.
         inv_sum = 1.0 / row_sum
+        # The draft row is normalised as torch.multinomial does (16-bit rows miss 1 by their rounding, a truncated
+        # draft distribution by its cut mass); only rows with children are read (a leaf's q is never used).
+        lane_q = tl.zeros([BLOCK_V], tl.float32)
+        if num_children > 0:
+            for start in range(0, vocab, BLOCK_V):
+                cols = start + offs
+                lane_q += tl.load(q_ptr + cols, mask=cols < vocab, other=0.0).to(tl.float32)
+        q_sum = tl.sum(lane_q, axis=0)
+        q_scale = tl.where(q_sum > 0.0, 1.0 / q_sum, 0.0)
+        tl.store(Q_SCALE + row, q_scale)
         c = tl.full([], 0.0, tl.float32)
         mass = tl.full([], 1.0, tl.float32)
         tl.store(ROUND_C + round_base, c)
@@ -321,7 +332,7 @@ def sampling_stats_kernel(
                 cols = start + offs
                 logit = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
                 p = tl.where((cols < vocab) & (logit >= threshold), tl.exp(logit * inv_temp - row_max) * inv_sum, 0.0)
-                q = tl.load(q_ptr + cols, mask=cols < vocab, other=0.0).to(tl.float32)
+                q = tl.load(q_ptr + cols, mask=cols < vocab, other=0.0).to(tl.float32) * q_scale
                 lane_mass += tl.maximum(p - c * q, 0.0)
             mass = tl.sum(lane_mass, axis=0)
             tl.store(ROUND_C + round_base + rnd, c)
@@ -329,18 +340,18 @@ def sampling_stats_kernel(
 
 
 @triton.jit
-def _residual(row_ptr, q_ptr, cols, vocab, threshold, inv_temp, row_max, row_sum, c,
+def _residual(row_ptr, q_ptr, cols, vocab, threshold, inv_temp, row_max, row_sum, c, q_scale,
               HAS_DRAFT_PROBS: tl.constexpr):
     p = _node_probs(row_ptr, cols, vocab, threshold, inv_temp, row_max, row_sum)
     if HAS_DRAFT_PROBS:
-        q = tl.load(q_ptr + cols, mask=(cols >= 0) & (cols < vocab), other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + cols, mask=(cols >= 0) & (cols < vocab), other=0.0).to(tl.float32) * q_scale
         p = tl.maximum(p - c * q, 0.0)
     return p
 
 
 @triton.jit
 def sampling_walk_kernel(
-    LOGITS, THRESH, DRAFT_PROBS, PARENTS, TOKENS, UNIFORMS, ROW_MAX, ROW_SUM, ARGMAX, ROUND_C, ROUND_N,
+    LOGITS, THRESH, DRAFT_PROBS, PARENTS, TOKENS, UNIFORMS, ROW_MAX, ROW_SUM, ARGMAX, ROUND_C, ROUND_N, Q_SCALE,
     ACCEPTED, ACCEPT_LEN, NEXT_TOKENS, EMITTED,
     stride_lb, stride_lt, stride_qb, stride_qt, stride_tree_b, stride_tok_b, stride_ub,
     num_nodes, vocab, out_width, inv_temp,
@@ -387,6 +398,7 @@ def sampling_walk_kernel(
         u = tl.load(uniform_base + j)
         if HAS_DRAFT_PROBS:
             q = tl.load(q_base + cur.to(tl.int64) * stride_qt + token, mask=in_vocab, other=0.0).to(tl.float32)
+            q = q * tl.load(Q_SCALE + row)
             c = tl.load(ROUND_C + row.to(tl.int64) * num_nodes + rnd)
             mass = tl.load(ROUND_N + row.to(tl.int64) * num_nodes + rnd)
             accept = is_child & (u * q * mass < tl.maximum(p - c * q, 0.0))
@@ -417,9 +429,11 @@ def sampling_walk_kernel(
     if HAS_DRAFT_PROBS:
         c = tl.load(ROUND_C + row.to(tl.int64) * num_nodes + rnd)
         total = tl.load(ROUND_N + row.to(tl.int64) * num_nodes + rnd)
+        q_scale = tl.load(Q_SCALE + row)
     else:
         c = 0.0
         total = det_mass
+        q_scale = 0.0
     excluded_tokens = tl.where(excluded != 0, tokens, -1)
     excluded_probs = _node_probs(row_ptr, excluded_tokens, vocab, threshold, inv_temp, row_max, row_sum)
     target = tl.load(uniform_base) * total
@@ -431,7 +445,7 @@ def sampling_walk_kernel(
     last_mass = tl.full([], 0.0, tl.float32)
     for start in range(0, vocab, BLOCK_V):
         resid = _residual(row_ptr, q_ptr, start + offs, vocab, threshold, inv_temp, row_max, row_sum, c,
-                          HAS_DRAFT_PROBS)
+                          q_scale, HAS_DRAFT_PROBS)
         mass = tl.sum(resid, axis=0)
         if not HAS_DRAFT_PROBS:
             # Siblings already rejected at this node leave the residual (with draft probabilities the
@@ -450,7 +464,8 @@ def sampling_walk_kernel(
     sel_target = tl.where(no_cross, last_mass, sel_target)
     sel_start = tl.where(no_cross, last_start, sel_start)
     cols = tl.maximum(sel_start, 0) + offs
-    resid = _residual(row_ptr, q_ptr, cols, vocab, threshold, inv_temp, row_max, row_sum, c, HAS_DRAFT_PROBS)
+    resid = _residual(row_ptr, q_ptr, cols, vocab, threshold, inv_temp, row_max, row_sum, c, q_scale,
+                      HAS_DRAFT_PROBS)
     if not HAS_DRAFT_PROBS:
         for jj in range(1, num_nodes):
             is_excluded = tl.sum(tl.where(nodes == jj, excluded, 0), axis=0) != 0
@@ -595,14 +610,15 @@ def sampling_stats(
     if draft_probs is not None:
         out["round_c"] = torch.empty(rows * num_nodes, device=device, dtype=torch.float32)
         out["round_n"] = torch.empty_like(out["round_c"])
+        out["q_scale"] = torch.empty_like(out["row_max"])
     else:  # never read or written without draft probabilities
-        out["round_c"] = out["round_n"] = out["row_max"]
+        out["round_c"] = out["round_n"] = out["q_scale"] = out["row_max"]
     # Written by the stats kernel when filtering; otherwise a placeholder that is never read.
     out["thresh"] = torch.empty_like(out["row_max"]) if has_topk or has_topp else out["row_max"]
     q = draft_probs if draft_probs is not None else target_logits
     sampling_stats_kernel[(rows,)](
         target_logits, out["thresh"], q, parents, out["row_max"], out["row_sum"], out["argmax"], out["round_c"],
-        out["round_n"], target_logits.stride(0), target_logits.stride(1), q.stride(0), q.stride(1),
+        out["round_n"], out["q_scale"], target_logits.stride(0), target_logits.stride(1), q.stride(0), q.stride(1),
         0 if parents.shape[0] == 1 else parents.stride(0), num_nodes, vocab, 1.0 / temperature,
         top_k if has_topk else 0, top_p if has_topp else 1.0, HAS_TOPK=has_topk, HAS_TOPP=has_topp,
         HAS_DRAFT_PROBS=draft_probs is not None, BLOCK_V=_block_v(vocab), BLOCK_T=_pow2(num_nodes),
@@ -631,7 +647,8 @@ def verify_sampling_forward(
     next_tokens = torch.empty_like(accept_len)
     sampling_walk_kernel[(batch,)](
         target_logits, stats["thresh"], q, parents, draft_tokens, uniforms, stats["row_max"], stats["row_sum"],
-        stats["argmax"], stats["round_c"], stats["round_n"], accepted, accept_len, next_tokens, emitted,
+        stats["argmax"], stats["round_c"], stats["round_n"], stats["q_scale"], accepted, accept_len, next_tokens,
+        emitted,
         target_logits.stride(0), target_logits.stride(1), q.stride(0), q.stride(1),
         0 if parents.shape[0] == 1 else parents.stride(0), draft_tokens.stride(0), uniforms.stride(0), num_nodes,
         vocab, out_width, 1.0 / temperature, BLOCK_T=_pow2(num_nodes), BLOCK_W=_pow2(out_width),
@@ -695,7 +712,8 @@ def aot_specs() -> list[dict]:
                         "fn": sampling_stats_kernel,
                         "signature": {
                             **row_inputs, "ROW_MAX": "*fp32", "ROW_SUM": "*fp32", "ARGMAX": "*i64",
-                            "ROUND_C": "*fp32", "ROUND_N": "*fp32", "stride_lb": "i32", "stride_lt": "i32",
+                            "ROUND_C": "*fp32", "ROUND_N": "*fp32", "Q_SCALE": "*fp32", "stride_lb": "i32",
+                            "stride_lt": "i32",
                             "stride_qb": "i32", "stride_qt": "i32", "stride_tree_b": "i32", "num_nodes": "i32",
                             "vocab": "i32", "inv_temp": "fp32", "top_k": "i32", "top_p": "fp32",
                         },
@@ -708,7 +726,8 @@ def aot_specs() -> list[dict]:
                     "fn": sampling_walk_kernel,
                     "signature": {
                         **row_inputs, "TOKENS": "*i64", "UNIFORMS": "*fp32", "ROW_MAX": "*fp32", "ROW_SUM": "*fp32",
-                        "ARGMAX": "*i64", "ROUND_C": "*fp32", "ROUND_N": "*fp32", "ACCEPTED": "*i64",
+                        "ARGMAX": "*i64", "ROUND_C": "*fp32", "ROUND_N": "*fp32", "Q_SCALE": "*fp32",
+                        "ACCEPTED": "*i64",
                         "ACCEPT_LEN": "*i64", "NEXT_TOKENS": "*i64", "EMITTED": "*i64",
                         "stride_lb": "i32", "stride_lt": "i32", "stride_qb": "i32", "stride_qt": "i32",
                         "stride_tree_b": "i32", "stride_tok_b": "i32", "stride_ub": "i32", "num_nodes": "i32",

@@ -118,23 +118,25 @@ def test_a_coin_on_a_cumulative_mass_boundary_takes_the_next_token(monkeypatch, 
 def test_rejected_mass_that_rounds_to_an_all_zero_residual_still_emits_a_valid_token(monkeypatch, impl):
     """https://github.com/jaymody/speculative-sampling/issues/5 -- when the draft and target distributions are
     equal up to rounding, a rejection leaves the residual max(p - q, 0) all zero and normalising it gave NaNs
-    (and so no valid token). Here q = p * (1 + 1e-5) everywhere, the coin is just below 1 so the only draft is
-    rejected, and the residual is exactly zero: the bonus must still be a token of positive target mass (the
-    target argmax), not -1, V, or a zero-mass token such as the last one."""
+    (and so no valid token). Here the target puts fp32(1/3) on tokens 4-6; the draft row [1, 1, 1 + 2^-23] on the
+    same tokens sums to 3 in fp32, so normalised (as both impls do) it is [fp32(1/3), fp32(1/3), one ulp more]:
+    the coin just below 1 rejects the draft of token 6, and the residual is exactly zero. The bonus must still be a
+    token of positive target mass (the target argmax, token 4), not -1, V, or a zero-mass token such as the last
+    one."""
     vocab = 12
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(1, 2, vocab, generator=generator) * 2
-    logits[..., -1] = float("-inf")  # the last token has no mass: an inverse CDF falling off the end lands here
-    probs = torch.softmax(logits, -1)
-    draft_probs = probs * (1 + 1e-5)
-    top = int(probs[0, 0].argmax())
+    logits = torch.full((1, 2, vocab), float("-inf"))
+    logits[..., 4:7] = 0.5  # the last token has no mass: an inverse CDF falling off the end lands there
+    draft_probs = torch.zeros(1, 2, vocab)
+    draft_probs[..., 4:7] = torch.tensor([1.0, 1.0, torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)).item()])
+    q = draft_probs[0, 0, 4:7] * (1.0 / draft_probs[0, 0].sum())
+    assert (q >= torch.softmax(logits[0, 0], -1)[4:7]).all() and q[2] > q[0]  # the premise: an all-zero residual
     tree = build_tree(torch.tensor([-1, 0], device=DEVICE))
-    tokens = torch.tensor([[3, top]], device=DEVICE)
+    tokens = torch.tensor([[3, 6]], device=DEVICE)
     force_uniforms(monkeypatch, ALMOST_ONE)
     result = verify_sampling(tree, tokens, logits.to(DEVICE), draft_probs=draft_probs.to(DEVICE), impl=impl)
     assert result.accept_len.tolist() == [0]
-    assert result.next_tokens.tolist() == [top]
-    assert result.emitted_tokens.tolist() == [[top, -1]]
+    assert result.next_tokens.tolist() == [4]
+    assert result.emitted_tokens.tolist() == [[4, -1]]
 
 
 # --------------------------------------------------------------------------------------------------

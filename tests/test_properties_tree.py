@@ -423,8 +423,8 @@ def _softmax(logits: list[float], temperature: float) -> list[float]:
 def sampling_case(draw, max_nodes: int = 7, max_vocab: int = 24, draft_probs: bool | None = None,
                   filtered: bool = False):
     """A small batch of trees, logits (fp32 / fp16 / bf16), draft tokens that are often among the parent's top
-    tokens, optional draft distributions, temperature, top-k and top-p (at least one of them cutting when
-    ``filtered``)."""
+    tokens, optional draft distributions (scaled or 16-bit, so not always summing to 1), temperature, top-k and
+    top-p (at least one of them cutting when ``filtered``)."""
     batch, rows = draw(seq_trees(max_nodes=max_nodes, min_nodes=2))
     vocab = draw(st.integers(2, max_vocab))
     seed = draw(st.integers(0, 2**16))
@@ -448,6 +448,10 @@ def sampling_case(draw, max_nodes: int = 7, max_vocab: int = 24, draft_probs: bo
             probs = probs * (torch.rand(probs.shape, generator=gen) > 0.3)
             probs[..., 0] += 1e-3
             probs = probs / probs.sum(-1, keepdim=True)
+        # Rows that do not sum to 1, which the verification normalises as torch.multinomial does: a scale, or
+        # 16-bit storage (rounding leaves the sum off 1).
+        probs = (probs * draw(st.sampled_from([1.0, 1.0, 0.25, 3.0]))).to(draw(st.sampled_from(
+            [torch.float32, torch.float32, torch.bfloat16, torch.float16])))
     if filtered:
         which = draw(st.sampled_from(["top_k", "top_p", "both"]))
         top_k = draw(st.integers(1, max(1, vocab // 2))) if which != "top_p" else None
@@ -562,7 +566,8 @@ def sampling_reference(case: dict, uniforms: torch.Tensor, margin: float = 1e-5)
                 accept = u[j] < r[x]
                 ambiguous |= abs(u[j] - r[x]) < margin
             else:
-                q = draft[b, cur].double().tolist()
+                q = draft[b, cur].double()
+                q = (q / q.sum()).tolist()
                 accept = u[j] * q[x] < r[x]
                 ambiguous |= abs(u[j] * q[x] - r[x]) < margin and r[x] > 0
             if accept:
