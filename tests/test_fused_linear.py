@@ -897,7 +897,8 @@ def _accumulate(grads, weights, dtype, hidden):
 
 def _rounding_bound(exact, partials, dtype):
     """One ulp of the exact sum in ``dtype`` (the final rounding: a GPU rounds fp32 -> bf16 to nearest, within
-    half an ulp; Triton's CPU interpreter truncates, within one) plus 2^-14 of the summed partials' magnitude
+    half an ulp, and so does the CPU interpreter under tests/conftest.py; one ulp leaves room for the pair's last
+    carried bits) plus 2^-14 of the summed partials' magnitude
     (what ~16 carried bits may add over the chunks); plain 16-bit accumulation errs by ~2^-9 of it."""
     ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(torch.finfo(dtype).tiny))))
     return ulp + 2.0**-14 * sum(p.abs() for p in partials)
