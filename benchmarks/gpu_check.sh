@@ -41,8 +41,8 @@ TEST_TIMEOUT_S="${GPU_CHECK_TEST_TIMEOUT_S:-210}"
 # in priority order (pytest collects them in that order and xdist hands them out in it), the kernels' parity and
 # peer-bug tests first, then the engine and integrations, last the files that test tooling the same on any machine
 # (packaging, README, the benchmark harness, the static compile check). A timeout then cuts the least useful.
-PRIORITY_TESTS="interpreter_numerics kl_div fused_linear topk_kl aligndistil tree_attention verify tree int64_offsets custom_ops
-  peer_bugs_losses peer_bugs_topk peer_bugs_tree_attention launch_device host_sync properties_losses
+PRIORITY_TESTS="interpreter_numerics kl_div fused_linear topk_kl aligndistil tree_attention verify tree int64_offsets
+  custom_ops peer_bugs_losses peer_bugs_topk peer_bugs_tree_attention launch_device host_sync properties_losses
   properties_clipped properties_tree fspad speculative"
 LAST_TESTS="examples benchmarks bench_tree harness_budget readme packaging compile_check"
 ordered_test_files() {
