@@ -24,8 +24,9 @@ def _interpreter_rounds_bf16_to_nearest() -> None:
     to ``cvt.rn.bf16.f32``, within half an ulp. Triton 3.6's interpreter truncates the mantissa instead (up to one
     ulp, always towards zero), and converts fp64 to bf16 as an integer cast. The kernel tests would then measure the
     emulator: a bf16 gradient stored one ulp low before a GEMM whose terms cancel was 0.014 off where the GPU
-    rounding is within 0.004 (a fused-linear weight gradient found by ``DISTILL_OPS_FUZZ``). The conversion here is
-    PyTorch's, which rounds to nearest even like the GPU; every other cast is the interpreter's own."""
+    rounding is within 0.004 (a fused-linear weight gradient found by ``DISTILL_OPS_FUZZ``). The conversion here
+    rounds to nearest even like the GPU and PyTorch (``tests/test_interpreter_numerics.py`` compares it with
+    PyTorch's bit for bit); every other cast is the interpreter's own."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     try:
@@ -41,8 +42,12 @@ def _interpreter_rounds_bf16_to_nearest() -> None:
 
     def cast_impl(self, src, dst_type):
         if dst_type.scalar == tl.bfloat16 and src.dtype.scalar in (tl.float32, tl.float64):
-            values = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
-            return interpreter.TensorHandle(values.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+            # NumPy only (no torch tensor: the memory tests record every allocation). fp64 goes through fp32 as
+            # in PyTorch's conversion; NaN becomes PyTorch's quiet NaN 0x7FC0.
+            values = np.asarray(src.data, dtype=np.float32)
+            bits = values.view(np.uint32).astype(np.uint64)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            return interpreter.TensorHandle(np.where(np.isnan(values), np.uint16(0x7FC0), rounded), tl.bfloat16)
         return original(self, src, dst_type)
 
     cast_impl.rounds_bf16_to_nearest = True
