@@ -524,8 +524,10 @@ def run_impl(
     fn = None
     watchdog = _Watchdog(timeout_s)
     try:
-        watchdog.arm()
+        # Before the watchdog: gc.collect() runs finalizers and weakref callbacks, and an alarm raised inside one of
+        # them is printed and dropped ("Exception ignored in"), so the measurement ran on past its limit unstopped.
         _free_device_memory(device)
+        watchdog.arm()
         allocated_before_setup = torch.cuda.memory_allocated() if device == "cuda" else 0
         if not case.time_passes:
             fn = case.impls[impl]() if device == "cuda" else None

@@ -440,7 +440,16 @@ def _layer_list(name: str, tensors: object) -> list[torch.Tensor]:
 def _distinct_caches(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``tensors`` less repeats of one view (same address, shape and strides: ``v`` that is ``k``, or a layer list
     that holds a tensor shared across layers), in order: a repeat would be compacted twice, moving rows already
-    moved (disjoint views of one buffer, such as ``kv[0]`` / ``kv[1]``, are distinct)."""
+    moved (disjoint views of one buffer, such as ``kv[0]`` / ``kv[1]``, are distinct).
+
+    Under ``torch.compile`` a repeat is the same tensor object: Dynamo cannot hash data pointers (torch 2.11
+    refuses, 2.13 hashes each ``data_ptr()`` call apart, so nothing was found twice) and traces ``is`` only."""
+    if torch.compiler.is_compiling():
+        distinct = []
+        for tensor in tensors:
+            if not any(tensor is other for other in distinct):
+                distinct.append(tensor)
+        return distinct
     seen, distinct = set(), []
     for tensor in tensors:
         # A dim of size 1 is never stepped over, so its stride does not matter (a view may give it any value).

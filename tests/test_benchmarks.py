@@ -184,6 +184,43 @@ def test_a_measurement_past_its_time_limit_is_stopped_and_recorded():
     time.sleep(0.6)  # the alarm is disarmed: nothing fires after the measurement
 
 
+def test_the_time_limit_holds_when_collected_garbage_runs_slow_finalizers():
+    """run_impl collects garbage before each measurement: its finalizers run before the watchdog is armed. Armed
+    first, an alarm raised inside a finalizer was printed and dropped, and the pass ran on past its limit (seen
+    once in a full suite on a loaded machine: a weakref callback during gc.collect() outlasted a 0.5 s limit)."""
+    import gc
+
+    finalized = []
+
+    class SlowFinalizer:
+        def __del__(self):
+            time.sleep(1.0)  # past the 0.5 s limit below
+            finalized.append(True)
+
+    def slow_setup():
+        def slow_pass():
+            time.sleep(20)
+
+        return slow_pass
+
+    case = Case(op="slow", params={"N": 1}, impls={"slow": slow_setup})
+    env = environment("cpu")
+    enabled = gc.isenabled()
+    gc.disable()  # only run_impl's own gc.collect() finds the cycle
+    try:
+        cycle = SlowFinalizer()
+        cycle.self = cycle
+        del cycle
+        started = time.monotonic()
+        result = run_impl(case, "slow", "cpu", True, 5, 20, env, timeout_s=0.5)
+    finally:
+        if enabled:
+            gc.enable()
+    assert time.monotonic() - started < 10
+    assert finalized == [True]  # the finalizer ran whole, unarmed
+    assert result["skipped"].startswith("failed: MeasurementTimeout: stopped after") and result["full_ms"] is None
+
+
 def test_a_module_that_fails_to_load_is_reported(tmp_path, tiny_module):
     broken = tmp_path / "bench_broken.py"
     broken.write_text("raise ImportError('missing dependency')\n")

@@ -476,11 +476,8 @@ def test_compact_kv_cache_every_layer_in_one_call(impl):
         assert torch.equal(got[0, :, 4 + 3], original[0, :, 4 + 3])  # padding slot untouched
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_compact_kv_cache_moves_a_shared_tensor_once(impl):
-    """A tensor given more than once (v that is k; a layer list holding one tensor for several layers, as caches
-    shared across layers do) is moved once: a second move re-read rows the first had already overwritten (the
-    PyTorch path for both forms, the Triton path for the layer list)."""
+def _shared_cache_case():
+    """A verification result, cache lengths, two caches ``shared`` / ``other`` and each compacted once."""
     accepted = torch.tensor([[0, 2, 3, 5], [0, 1, -1, -1]])
     result = VerifyResult(accepted.to(DEVICE), torch.tensor([3, 1], device=DEVICE),
                           torch.zeros(2, dtype=torch.int64, device=DEVICE), accepted.to(DEVICE))
@@ -489,6 +486,15 @@ def test_compact_kv_cache_moves_a_shared_tensor_once(impl):
     other = torch.randn(2, 2, 10, 16, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     expected_shared, expected_other = shared.clone(), other.clone()
     compact_kv_cache(expected_shared, expected_other, cache_lens, result, impl="torch")  # each tensor once
+    return result, cache_lens, shared, other, expected_shared, expected_other
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compact_kv_cache_moves_a_shared_tensor_once(impl):
+    """A tensor given more than once (v that is k; a layer list holding one tensor for several layers, as caches
+    shared across layers do) is moved once: a second move re-read rows the first had already overwritten (the
+    PyTorch path for both forms, the Triton path for the layer list)."""
+    result, cache_lens, shared, other, expected_shared, expected_other = _shared_cache_case()
     assert torch.equal(expected_shared[0, :, 1:5], shared[0, :, [1, 3, 4, 6]])
     for layout in ("k is v", "v is k with another stride on a dim of size 1", "k, v: [s, o, s], [s, s, o]",
                    "k, v: [s, s], [o, s]"):
@@ -511,6 +517,30 @@ def test_compact_kv_cache_moves_a_shared_tensor_once(impl):
         compact_kv_cache(k_in, v_in, cache_lens, result, impl=impl)
         assert torch.equal(got_shared, expected_shared), layout
         assert torch.equal(got_other, other if layout == "k is v" else expected_other), layout
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compact_kv_cache_moves_a_shared_tensor_once_compiled(impl):
+    """Under torch.compile a tensor given more than once (one object: v that is k, a layer list holding it twice,
+    the same tensor passed as two graph inputs) is moved once too: Dynamo cannot hash data pointers (torch 2.11
+    refused the trace, 2.13 hashed each data_ptr() call apart and moved the tensor twice)."""
+    result, cache_lens, shared, other, expected_shared, expected_other = _shared_cache_case()
+    layouts = {
+        "k is v": lambda s, o: compact_kv_cache(s, s, cache_lens, result, impl=impl),
+        "k, v: [s, o, s], [s, s, o]": lambda s, o: compact_kv_cache([s, o, s], [s, s, o], cache_lens, result,
+                                                                    impl=impl),
+        "k, v: [s, s], [o, s]": lambda s, o: compact_kv_cache([s, s], [o, s], cache_lens, result, impl=impl),
+    }
+    for layout, step in layouts.items():
+        got_shared, got_other = shared.clone(), other.clone()
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        compiled(got_shared, got_other)
+        assert torch.equal(got_shared, expected_shared), layout
+        assert torch.equal(got_other, other if layout == "k is v" else expected_other), layout
+    got_shared = shared.clone()  # one tensor as both graph inputs
+    torch.compile(lambda k, v: compact_kv_cache(k, v, cache_lens, result, impl=impl), fullgraph=True,
+                  backend="aot_eager")(got_shared, got_shared)
+    assert torch.equal(got_shared, expected_shared)
 
 
 # ---------------------------------------------------------------- bad inputs
