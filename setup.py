@@ -27,8 +27,11 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.56,<=5.25.0", "accelerate", "matplotlib",
-                "trl<=1.16.0", "peft<=0.21.2"],
+        # Floors: the oldest releases the tests pass with (transformers 5.24: generate's batch_id per prompt; trl 1.15:
+        # DistillationTrainer at the top level, importable without `requests`; peft 0.15: ModulesToSaveWrapper's
+        # active_adapters). Caps: the newest releases CI has run.
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=5.24,<=5.25.0", "accelerate", "matplotlib",
+                "trl>=1.15,<=1.16.0", "peft>=0.15,<=0.21.2"],
         "bench": ["liger-kernel"],
     },
 )

@@ -526,6 +526,14 @@ def _full_cache(name: str, model: torch.nn.Module):
     return DynamicCache()
 
 
+def _crop_cache(cache, length: int) -> None:
+    """Drop a ``DynamicCache``'s positions from ``length`` on, if it holds more. Never calls ``crop(0)``: before
+    transformers 5.14 that emptied the cache instead of keeping it whole."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
 def _select_cache_rows(cache, index: torch.Tensor) -> None:
     """Keep only the batch rows ``index`` (int64 ``[B']``) of every layer of a ``DynamicCache``."""
     for layer in cache.layers:
@@ -752,9 +760,7 @@ class _ModelDrafter(_DrafterRows):
         return self._forward(tokens, positions, self._tree_context(tree)), None
 
     def rollback(self) -> None:
-        extra = self.cache.get_seq_length() - self.committed
-        if extra:
-            self.cache.crop(-extra)
+        _crop_cache(self.cache, self.committed)
 
     def _select_cache(self, index: torch.Tensor, length: int) -> None:
         _select_cache_rows(self.cache, index)
@@ -2775,9 +2781,9 @@ class _Generation:
             for row, tokens in zip(self.active, new_tokens):
                 self.accept_lengths[row].append(len(tokens) - 1)
             self._emit(self.active, new_tokens)
-            if not self.ragged and self.done[0] and self.cache.get_seq_length() > len(self.rows[0]) - 1:
+            if not self.ragged and self.done[0]:
                 # Drafts accepted past an EOS / the token budget were cut: keep the cache consistent.
-                self.cache.crop(len(self.rows[0]) - 1 - self.cache.get_seq_length())
+                _crop_cache(self.cache, len(self.rows[0]) - 1)
             self._callback()
             accepted_nodes = result.accepted_nodes
             kept = self._drop_finished()
@@ -2810,9 +2816,7 @@ class _Generation:
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name)[index])
         _select_cache_rows(self.cache, index)
-        committed = max(len(self.rows[row]) - 1 for row in self.active)
-        if self.cache.get_seq_length() > committed:
-            self.cache.crop(committed - self.cache.get_seq_length())
+        _crop_cache(self.cache, max(len(self.rows[row]) - 1 for row in self.active))
         return keep, index
 
     def _advance(self, accepted_nodes: torch.Tensor, features, root_pos: list[int], new_tokens: list[list[int]]):
@@ -2845,8 +2849,7 @@ class _Generation:
         layers = self.cache.layers
         compact_kv_cache([layer.keys for layer in layers], [layer.values for layer in layers], cache_lens, result,
                          impl=self.engine.impl)
-        kept = max(pos + len(tokens) for pos, tokens in zip(root_pos, new_tokens))
-        self.cache.crop(kept - self.cache.get_seq_length())
+        _crop_cache(self.cache, max(pos + len(tokens) for pos, tokens in zip(root_pos, new_tokens)))
 
     # -- drafting --------------------------------------------------------------------------------
 

@@ -1749,3 +1749,22 @@ def test_position_limit_reads_the_text_config_of_a_multimodal_config():
     multimodal = types.SimpleNamespace(get_text_config=lambda: text)
     assert speculative._position_limit(types.SimpleNamespace(config=text)) == ("chunked_attention layers", 8)
     assert speculative._position_limit(types.SimpleNamespace(config=multimodal)) == ("chunked_attention layers", 8)
+
+
+def test_crop_cache_never_calls_crop_zero():
+    """``_crop_cache`` keeps a cache that is not longer than asked for untouched: ``crop(0)`` emptied a
+    ``DynamicCache`` before transformers 5.14, which the engine would hit whenever a whole path was accepted."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    keys = torch.randn(1, 2, 5, 4)
+    cache.update(keys, keys + 1, 0)
+    calls = []
+    crop = cache.crop
+    cache.crop = lambda max_length: (calls.append(max_length), crop(max_length))
+    for length in (5, 7):
+        speculative._crop_cache(cache, length)
+    assert calls == [] and cache.get_seq_length() == 5
+    speculative._crop_cache(cache, 3)
+    assert calls == [-2] and cache.get_seq_length() == 3
+    assert torch.equal(cache.layers[0].keys, keys[:, :, :3]) and torch.equal(cache.layers[0].values, keys[:, :, :3] + 1)

@@ -250,7 +250,7 @@ def _distillation_trainer_class():
     try:
         from trl import DistillationTrainer
     except ImportError as error:
-        raise ImportError(f"FusedDistillationTrainer needs trl's DistillationTrainer (trl >= 1.0): {error}") from None
+        raise ImportError(f"FusedDistillationTrainer needs trl's DistillationTrainer (trl >= 1.10): {error}") from None
 
     class FusedDistillationTrainer(DistillationTrainer):
         """TRL's ``DistillationTrainer`` with the fused loss (see the module docstring); constructed exactly like
