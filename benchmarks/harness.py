@@ -475,8 +475,12 @@ class _Watchdog:
     """SIGALRM-based time limit for one measurement (main thread, POSIX; otherwise no limit).
 
     The alarm raises only while armed, i.e. inside the measurement's ``try`` block, so it can never
-    escape from the bookkeeping around it.
+    escape from the bookkeeping around it. Once due, it raises again every ``RETRY_S`` until disarmed:
+    an exception raised inside a finalizer or weakref callback (a garbage collection during the pass)
+    is printed and dropped by Python, and a single alarm would let the pass run on unstopped.
     """
+
+    RETRY_S = 0.25
 
     def __init__(self, seconds: Optional[float]):
         self.seconds = seconds
@@ -485,7 +489,7 @@ class _Watchdog:
 
     def _fire(self, signum, frame):
         if self.armed:
-            self.armed = False
+            signal.setitimer(signal.ITIMER_REAL, self.RETRY_S)
             raise MeasurementTimeout(f"stopped after {self.seconds:.0f} s (its share of the time budget)")
 
     def arm(self) -> None:
