@@ -134,7 +134,7 @@ def check_tree_spec(tree: object, name: str = "tree") -> TreeSpec:
     for field, shape in expected.items():
         tensor = getattr(tree, field)
         if tensor.dtype != torch.int64 or tuple(tensor.shape) != shape:
-            raise ValueError(
+            raise (ValueError if tensor.dtype == torch.int64 else TypeError)(
                 f"{name}.{field} must be int64 of shape {list(shape)} (from {name}.parents [Bt, T]), got "
                 f"{tensor.dtype} {tuple(tensor.shape)}"
             )

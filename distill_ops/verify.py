@@ -514,9 +514,9 @@ def compact_kv_cache(
         suffix = f"[{index}]" if per_layer else ""
         check_tensor(f"k{suffix}", layer_k, dtypes=FLOAT_DTYPES, ndim=4)
         check_tensor(f"v{suffix}", layer_v, dtypes=FLOAT_DTYPES, ndim=4)
-        if layer_k.shape != keys[0].shape or layer_v.shape != keys[0].shape or layer_k.dtype != keys[0].dtype \
-                or layer_v.dtype != keys[0].dtype:
-            raise ValueError(
+        mismatch = layer_k.shape != keys[0].shape or layer_v.shape != keys[0].shape
+        if mismatch or layer_k.dtype != keys[0].dtype or layer_v.dtype != keys[0].dtype:
+            raise (ValueError if mismatch else TypeError)(
                 f"k{suffix} and v{suffix} must match k{'[0]' if per_layer else ''}'s shape {tuple(keys[0].shape)} and "
                 f"dtype {keys[0].dtype}, got {tuple(layer_k.shape)} {layer_k.dtype} and {tuple(layer_v.shape)} "
                 f"{layer_v.dtype}"

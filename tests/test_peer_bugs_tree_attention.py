@@ -136,7 +136,7 @@ def test_ancestor_mask_shape_is_validated(impl):
     logits = torch.zeros(1, 9, 11, device=DEVICE)
     with pytest.raises(ValueError, match="tree.ancestor_mask must be int64"):
         verify_greedy(bad, tokens, logits, impl=impl)
-    with pytest.raises(ValueError, match="tree.depth must be int64"):
+    with pytest.raises(TypeError, match="tree.depth must be int64"):  # a dtype: TypeError
         verify_sampling(dataclasses.replace(tree, depth=tree.depth.int()), tokens, logits, impl=impl)
 
 

@@ -622,6 +622,8 @@ def test_verify_bad_inputs():
         compact_kv_cache([k, k.clone()], [k.clone()], lens, result, impl="torch")
     with pytest.raises(ValueError, match=r"k\[1\] and v\[1\] must match k\[0\]'s shape \(2, 1, 9, 8\)"):
         compact_kv_cache([k, k[:, :, :8]], [k.clone(), k.clone()], lens, result, impl="torch")
+    with pytest.raises(TypeError, match=r"k\[1\] and v\[1\] must match k\[0\]'s shape .* and dtype torch.float32"):
+        compact_kv_cache([k, k.half()], [k.clone(), k.clone()], lens, result, impl="torch")
     with pytest.raises(TypeError, match="k must be a torch.Tensor or a non-empty list of tensors"):
         compact_kv_cache([], [], lens, result, impl="torch")
     with pytest.raises(TypeError, match=r"v\[0\] must have dtype"):
