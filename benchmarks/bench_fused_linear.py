@@ -13,7 +13,7 @@ Impls per case (a full pass is loss forward + backward to the student's hidden s
 * ``eager``: what a user writes: both logits materialised (``h @ W.T`` in the input dtype), fp32
   log-softmax of both, the divergence, the mean (:func:`eager_loss`).
 * ``torch_compile``: ``torch.compile`` of that formula.
-* ``liger``: Liger-Kernel's ``LigerFusedLinearJSDLoss`` (chunked over tokens, logits materialised per
+* ``liger``: Liger-Kernel's ``LigerFusedLinearJSD`` (chunked over tokens, logits materialised per
   chunk) when installed; JSD only, so every case uses ``divergence="jsd"``, beta = 0.5.
 * ``trl_chunked``: TRL's own loss of its ``DistillationTrainer`` (``trl.trainer.distillation_trainer.
   _chunked_divergence_loss``: fp32 logits tiles of 4096 tokens x 32768 vocabulary entries from cuBLAS, folded by
