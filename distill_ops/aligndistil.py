@@ -292,7 +292,7 @@ def aligndistil_kl(
         eps: > 0, keeps alpha_t and beta0 / alpha_t finite.
         alpha: a fixed extrapolation strength (> 0) instead of the adaptive one.
         temperature: divides the student's and the teacher's logits inside the KL (not the TVD).
-        labels: optional integer ``[...]``; rows equal to ``ignore_index`` contribute nothing (alpha 0).
+        labels: optional integer ``[...]``; rows equal to ``ignore_index`` (default -100) contribute nothing (alpha 0).
         reduction: ``mean`` (over counted rows, 0.0 if none), ``sum`` or ``none`` (shape ``[...]``).
         normalizer: replaces the row count of ``mean`` (e.g. the number of sequences).
         vocab_size: when the vocabularies differ, read all three as their first ``vocab_size`` columns.

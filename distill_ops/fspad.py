@@ -273,11 +273,13 @@ def target_features(target: nn.Module, input_ids: torch.Tensor, **forward_kwargs
 
 def fspad_training_inputs(target: nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Aligned training tensors for a head on sequences ``input_ids [B, L]`` (``L >= 2``), without gradients.
+    ``target``: the (frozen) ``transformers`` causal LM whose last-layer features the head learns to draft.
 
     Entry ``t = 0 .. L-2`` reads ``(f_t, e_{t+1})`` at position ``t + 1`` and is trained to produce
     ``f_{t+1}``. Returns ``features [B, L-1, d]``, ``token_embeds [B, L-1, d]``, ``position_ids [L-1]`` and
     ``target_next_features [B, L-1, d]`` (pass ``regress``, ``predict``, ``target_next_features`` and the
-    LM head's weight to ``fspad_draft_loss``).
+    LM head's weight to ``fspad_draft_loss``, with ``logit_scale=`` / ``softcap=`` for a target that scales or
+    soft-caps its logits).
     """
     check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:

@@ -735,7 +735,7 @@ def fused_linear_kl_div(
         teacher_logits: dense ``[..., Vt]``. The teacher gets no gradient.
         student_bias: optional ``[V]`` (receives a gradient); teacher_bias: optional ``[Vt]``.
         divergence, beta, alpha, temperature: as in :func:`distill_ops.kl_div` (no T^2 factor).
-        labels: integer ``[...]``: rows equal to ``ignore_index`` contribute nothing; the targets of
+        labels: integer ``[...]``: rows equal to ``ignore_index`` (default -100) contribute nothing; the targets of
             the cross-entropy term (required when ``ce_weight > 0``; must then lie in [0, V) elsewhere: a
             ``ValueError`` on CPU tensors, a NaN row loss where the values are not read (CUDA, compile)).
             Not shifted (see :mod:`distill_ops.integrations.hf` for causal-LM shifting).

@@ -660,7 +660,7 @@ def kl_div(
         beta: JSD mixture weight in [0, 1] (0 = forward KL, 1 = reverse KL, as TRL defines it).
         alpha: skew coefficient in [0, 1) for the skew divergences.
         temperature: divides both sides' logits; no T^2 factor (multiply by ``temperature**2`` yourself).
-        labels: optional integer ``[...]``; rows equal to ``ignore_index`` contribute nothing.
+        labels: optional integer ``[...]``; rows equal to ``ignore_index`` (default -100) contribute nothing.
         reduction: ``mean`` (over counted rows, 0.0 if none), ``sum`` or ``none`` (shape ``[...]``).
         normalizer: replaces the row count of ``mean`` (e.g. ``num_items_in_batch``).
         vocab_size: when V != Vt, read both as their first ``vocab_size`` columns.
@@ -735,8 +735,10 @@ def kl_div_reference(
 ) -> tuple[Tensor, Tensor]:
     """The PyTorch implementation evaluated without autograd: ``(loss, d loss / d student_logits)``.
 
-    With ``upcast=True`` (default) everything is float64: the oracle of the tests. The gradient has
-    the student's full shape (zero beyond ``vocab_size``).
+    The arguments are :func:`kl_div`'s (no ``impl`` / ``inplace_grad``; float64 logits accepted too). With
+    ``upcast=True`` (default) everything is float64: the oracle of the tests; ``False`` is the PyTorch path's
+    own math (fp32, the gradient in the student's dtype). The gradient has the student's full shape (zero beyond
+    ``vocab_size``).
     """
     check_index("ignore_index", ignore_index)
     vocab = _check_kl_div_args(

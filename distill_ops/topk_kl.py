@@ -902,7 +902,7 @@ def topk_kl_div(
         divergence: ``forward`` KL(P || Q) | ``reverse`` KL(Q || P).
         temperature: divides the student logits and tempers the teacher (rule in the module docstring);
             no T^2 factor (multiply by ``temperature ** 2`` for Hinton's scaling).
-        labels: optional integer ``[...]``; rows equal to ``ignore_index`` contribute nothing.
+        labels: optional integer ``[...]``; rows equal to ``ignore_index`` (default -100) contribute nothing.
         reduction: ``mean`` (over counted rows, 0.0 if none), ``sum`` or ``none`` (shape ``[...]``).
         normalizer: replaces the row count of ``mean``.
         max_candidates: dense teacher with bounds and no ``k``: the bounds search this many top tokens.
