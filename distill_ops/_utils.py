@@ -196,6 +196,19 @@ def check_int(name: str, value: object, *, low: int | None = None, optional: boo
     return value
 
 
+def check_device(name: str, device: object) -> torch.device:
+    """A ``torch.device``, a device string (``"cuda:1"``) or a device index, as a ``torch.device`` (an unknown
+    string was PyTorch's RuntimeError, ``None`` or a float its argument-parser TypeError, neither naming ``name``)."""
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, str) or _integer_like(device):
+        try:
+            return torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{name} must name a device (e.g. 'cpu', 'cuda', 'cuda:1'), got {device!r}") from None
+    raise TypeError(f"{name} must be a torch.device, a device string or index, got {type(device).__name__}: {device!r}")
+
+
 def check_flag(name: str, value: object) -> bool:
     """A bool option (``1`` or ``"yes"`` would read as True and hide a misplaced argument)."""
     if not isinstance(value, bool):

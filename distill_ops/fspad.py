@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._utils import INT_DTYPES, check_int, check_tensor
+from ._utils import INT_DTYPES, check_int, check_number, check_tensor, host_readable
 from .speculative import TreeAttentionContext, tree_attention_tail
 
 
@@ -141,7 +141,9 @@ class FSPADDraftHead(nn.Module):
         self.hidden_size = hidden
         self.vocab_size = _config_int(config, "vocab_size")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.rope_theta = _rope_theta(config)
+        # A negative rope theta or a NaN / negative norm epsilon made every output NaN.
+        self.rope_theta = check_number("config.rope_theta", _rope_theta(config), low=0.0, low_inclusive=False)
+        check_number("config.rms_norm_eps", eps, low=0.0)
 
         # Feature sampling.
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)
@@ -243,7 +245,8 @@ class FSPADDraftHead(nn.Module):
         length = features.shape[1]
         if position_ids is not None:
             check_tensor("position_ids", position_ids, dtypes=INT_DTYPES)
-            if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != length:
+            if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != length or (
+                    position_ids.dim() == 2 and position_ids.shape[0] != features.shape[0]):
                 raise ValueError(f"position_ids must have shape [L]=[{length}] or [B, L]=[{features.shape[0]}, "
                                  f"{length}], got {tuple(position_ids.shape)}")
         if position_ids is None:
@@ -260,6 +263,23 @@ class FSPADDraftHead(nn.Module):
         return regress, predict
 
 
+def _check_target_input_ids(target: object, input_ids: object, min_length: int) -> None:
+    """``target`` a model and ``input_ids`` integer ``[B, L]`` with ``L >= min_length``, token ids within the target's
+    embedding rows (values read only where that costs no synchronisation). Unchecked, a float, empty or
+    out-of-range ``input_ids`` failed deep inside the target's embedding or mask code."""
+    if not isinstance(target, nn.Module):
+        raise TypeError(f"target must be a transformers causal LM (an nn.Module), got {type(target).__name__}")
+    check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
+    if input_ids.dim() != 2 or input_ids.shape[1] < min_length:
+        raise ValueError(f"input_ids must have shape [B, L] with L >= {min_length}, got {tuple(input_ids.shape)}")
+    get_embeddings = getattr(target, "get_input_embeddings", None)
+    vocab = getattr(get_embeddings() if callable(get_embeddings) else None, "num_embeddings", None)
+    if isinstance(vocab, int) and host_readable(input_ids) and input_ids.numel():
+        if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
+            raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the target's embedding rows), got values "
+                             f"from {int(input_ids.min())} to {int(input_ids.max())}")
+
+
 def target_features(target: nn.Module, input_ids: torch.Tensor, **forward_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """The target's last-layer features (the hidden states its LM head consumes) and logits.
 
@@ -267,6 +287,7 @@ def target_features(target: nn.Module, input_ids: torch.Tensor, **forward_kwargs
     feeds the head while decoding (``output_hidden_states=True``, last entry). ``forward_kwargs`` go to the
     target's forward as they are (e.g. ``attention_mask``).
     """
+    _check_target_input_ids(target, input_ids, min_length=1)
     out = target(input_ids=input_ids, output_hidden_states=True, use_cache=False, **forward_kwargs)
     return out.hidden_states[-1], out.logits
 
@@ -281,9 +302,7 @@ def fspad_training_inputs(target: nn.Module, input_ids: torch.Tensor) -> dict[st
     LM head's weight to ``fspad_draft_loss``, with ``logit_scale=`` / ``softcap=`` for a target that scales or
     soft-caps its logits).
     """
-    check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
-    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
-        raise ValueError(f"input_ids must have shape [B, L] with L >= 2, got {tuple(input_ids.shape)}")
+    _check_target_input_ids(target, input_ids, min_length=2)
     with torch.no_grad():
         features, _ = target_features(target, input_ids)
         token_embeds = target.get_input_embeddings()(input_ids[:, 1:])

@@ -87,8 +87,8 @@ import torch
 
 from ._utils import (
     Impl,
-    IMPLS, INT_DTYPES, check_choice, check_flag, check_int, check_number, check_tensor, resolve_impl, sink_softmax,
-    softcapped, text_config, to_device_async, _integer_like,
+    IMPLS, INT_DTYPES, check_choice, check_device, check_flag, check_int, check_number, check_tensor, resolve_impl,
+    sink_softmax, softcapped, text_config, to_device_async, _integer_like,
 )
 from .generation_rules import (
     TokenSequenceRules, ban_repeated_ngrams, check_decay, check_ngram_size, decay_eos, node_tails,
@@ -220,7 +220,7 @@ def tree_spec_from_parents(parents: Sequence[int], device: torch.device | str) -
         raise ValueError(f"a tree must have 1 to {MAX_TREE_NODES} nodes, got {num_nodes}")
     if parents[0] != -1 or any(not 0 <= parents[i] < i for i in range(1, num_nodes)):
         raise ValueError(f"parents must satisfy parents[0] == -1 and 0 <= parents[i] < i, got {list(parents)}")
-    return _HostTree.from_parents(parents).to_device(torch.device(device))
+    return _HostTree.from_parents(parents).to_device(check_device("device", device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2099,6 +2099,10 @@ def _stopping_criteria(criteria, stop_strings, tokenizer, defaults: _ConfigDefau
         if tokenizer is None:
             raise ValueError(f"{name} needs the target's tokenizer: pass tokenizer= to generate (as to "
                              f"transformers' generate)")
+        missing = [m for m in ("get_vocab", "convert_tokens_to_string") if not callable(getattr(tokenizer, m, None))]
+        if missing:  # (an AttributeError inside transformers' StopStringCriteria)
+            raise TypeError(f"tokenizer must be the target's transformers tokenizer for {name}, got "
+                            f"{type(tokenizer).__name__}, which lacks {' and '.join(m + '()' for m in missing)}")
         criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
     return criteria if criteria else None
 

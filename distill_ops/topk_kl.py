@@ -658,6 +658,8 @@ def _bound_rows(name: str, bound: object, leading_shape: torch.Size, device: tor
 
 def _check_own_vocab_size(vocab_size: int | None, vocab: int, name: str) -> int:
     """``vocab_size`` (None: all ``vocab``) read against one tensor's vocabulary, ``name``'s last dim."""
+    if vocab < 1:  # (DACKLLoss.predict_bounds failed inside a reshape)
+        raise ValueError(f"{name} must have a vocabulary of V >= 1 (a non-empty last dim), got {vocab}")
     if vocab_size is None:
         return vocab
     vocab_size = check_vocab_size(vocab_size)
@@ -798,6 +800,29 @@ def _check_distinct_indices(indices: Tensor, logprobs: Tensor, labels: Optional[
         raise ValueError(
             f"teacher_topk_indices must be distinct within a row (padding aside), got index "
             f"{int(ordered[row, 1:][repeated[row]][0])} twice in row {row} (of the rows flattened)"
+        )
+
+
+#: How far above 1 a sparse teacher row's stored mass may sum (the rounding of 16-bit log-probabilities: at most
+#: about ln(k) * 2^-9 of the mass, 1.6 % at k = 4096).
+SPARSE_MASS_TOLERANCE = 2**-5
+
+
+def _check_sparse_mass(logprobs: Tensor, labels: Optional[Tensor], ignore_index: int) -> None:
+    """A sparse teacher's stored entries are log-probabilities of one distribution: each counted row's mass sums to
+    at most 1 (checked where readable; ignored rows may hold anything). Unnormalised scores that are all <= 0 (e.g.
+    logits less their row max) passed the sign check, and every tail then read a leftover mass below 0 as its
+    floor: a silently wrong loss."""
+    if not host_readable(logprobs) or logprobs.numel() == 0:
+        return
+    mass = logprobs.double().exp().sum(-1)
+    if labels is not None:
+        mass = torch.where(labels != ignore_index, mass, 0.0)
+    if bool((mass > 1.0 + SPARSE_MASS_TOLERANCE).any()):
+        row = int((mass > 1.0 + SPARSE_MASS_TOLERANCE).nonzero()[0, 0])
+        raise ValueError(
+            f"teacher_topk_logprobs must be log-probabilities of one distribution per row (their probabilities "
+            f"summing to at most 1), got a sum of {float(mass[row]):.6g} in row {row} (of the rows flattened)"
         )
 
 
@@ -945,6 +970,7 @@ def topk_kl_div(
         stored_indices = teacher_topk_indices.detach().reshape(-1, stored_k)
         stored_logprobs = teacher_topk_logprobs.detach().reshape(-1, stored_k)
         _check_distinct_indices(stored_indices, stored_logprobs, label_rows, ignore_index)
+        _check_sparse_mass(stored_logprobs, label_rows, ignore_index)
         indices, teacher_logprobs = _sparse_teacher(
             stored_indices, stored_logprobs, k, lower_rows, upper_rows, temperature, vocab,
         )
@@ -1150,6 +1176,8 @@ class DACKLLoss(torch.nn.Module):
         normalizer: float | Tensor | None = None,
     ) -> Tensor:
         check_index("ignore_index", self.ignore_index)
+        if self.training:  # an attribute set after the module was built (NaN made the loss NaN)
+            check_number("sharpness", self.sharpness, low=0.0, low_inclusive=False)
         _, _, vocab = _check_args(
             student_logits, teacher_logits, None, None, None, 0.0, 1.0, self.tail, self.divergence,
             self.temperature, labels, self.reduction, normalizer, DEFAULT_MAX_CANDIDATES, self.vocab_size,

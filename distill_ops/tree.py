@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ._utils import INT_DTYPES, Impl, check_int, check_tensor, resolve_impl, to_device_async
+from ._utils import INT_DTYPES, Impl, check_device, check_int, check_tensor, resolve_impl, to_device_async
 
 #: Largest tree the ops accept. The ancestor bitmask is packed in 64-bit words; up to 64 nodes use
 #: one word (the common case pays nothing for the multi-word support).
@@ -184,7 +184,7 @@ def build_tree(parents: torch.Tensor, *, device: torch.device | str | None = Non
     Host-side setup code (see the module docstring). Raises ``ValueError`` / ``TypeError`` on an invalid tree.
     """
     host = _validate_parents(parents)
-    device = parents.device if device is None else torch.device(device)
+    device = parents.device if device is None else check_device("device", device)
     batch, num_nodes = host.shape
     num_words = (num_nodes + BITS_PER_WORD - 1) // BITS_PER_WORD
     rows = torch.arange(batch)

@@ -409,6 +409,16 @@ def verify_sampling(
                 f"got {tuple(draft_probs.shape)}"
             )
         check_same_device(target_logits=target_logits, draft_probs=draft_probs)
+        # Read only where it costs no synchronisation: a negative, NaN or infinite weight made the acceptance
+        # test p - c * q meaningless (drafts accepted or rejected silently, on both impls).
+        if host_readable(draft_probs):
+            invalid = ~((draft_probs >= 0) & (draft_probs < float("inf")))
+            if bool(invalid.any()):
+                b, node, token = (int(i) for i in invalid.nonzero()[0])
+                raise ValueError(
+                    f"draft_probs must be finite and >= 0 (the draft's probabilities, or unnormalised weights), got "
+                    f"{float(draft_probs[b, node, token])} at [{b}, {node}, {token}]"
+                )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     backend = resolve_impl(impl, target_logits.device)
@@ -530,6 +540,13 @@ def compact_kv_cache(
                 raise ValueError(
                     f"{name} is compacted in place and must not have overlapping elements (a stride of 0 over a "
                     f"dim of size > 1, as from expand()), got shape {tuple(tensor.shape)} strides {tensor.stride()}"
+                )
+            if tensor.requires_grad and torch.is_grad_enabled():
+                # Moved in place outside autograd on the Triton path (stale history for a non-leaf, a silently
+                # overwritten leaf); the PyTorch path failed inside scatter_ for a leaf.
+                raise ValueError(
+                    f"{name} is compacted in place and must not require grad: pass the cache without "
+                    f"requires_grad (e.g. detach() it), or call under torch.no_grad()"
                 )
     check_tensor("cache_lens", cache_lens, dtypes=INT_DTYPES, ndim=1)
     if not isinstance(result, VerifyResult):

@@ -307,6 +307,39 @@ def test_bad_inputs():
         fspad_training_inputs(torch.nn.Module(), [[1, 2, 3]])
 
 
+def test_bad_inputs_are_refused_before_the_target_runs():
+    """An input-contract audit (2026-12-07): ``target_features`` checked nothing (a float, list or empty
+    ``input_ids`` failed inside the target's embedding or mask code, an out-of-range token id with an
+    ``IndexError``), ``fspad_training_inputs`` passed out-of-range ids to the target likewise, the head's
+    ``position_ids [B', L]`` with the wrong batch failed in a broadcast, and a negative rope theta or a NaN norm
+    epsilon in a hand-made config made every output NaN."""
+    torch.manual_seed(0)
+    target = LlamaForCausalLM(tiny_config()).eval().to(DEVICE)
+    ids = torch.randint(0, 200, (2, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with pytest.raises(TypeError, match=r"input_ids must have dtype in \(int64"):
+        target_features(target, ids.float())
+    with pytest.raises(TypeError, match="input_ids must be a torch.Tensor, got list"):
+        target_features(target, ids.tolist())
+    with pytest.raises(ValueError, match=r"input_ids must have shape \[B, L\] with L >= 1, got \(2, 0\)"):
+        target_features(target, ids[:, :0])
+    with pytest.raises(TypeError, match="target must be a transformers causal LM"):
+        target_features(None, ids)
+    if DEVICE.type == "cpu":  # token values are read on CPU tensors only
+        for call in (target_features, fspad_training_inputs):
+            with pytest.raises(ValueError, match=r"input_ids must be token ids in \[0, 200\) .* from 3 to 200"):
+                call(target, torch.tensor([[3, 200, 7]], device=DEVICE))
+    head = make_head()
+    features, embeds = random_inputs(2, 4)
+    with pytest.raises(ValueError, match=r"position_ids must have shape \[L\]=\[4\] or \[B, L\]=\[2, 4\], got "
+                                         r"\(3, 4\)"):
+        head(features, embeds, torch.arange(4, device=DEVICE).expand(3, 4))
+    for field, value in (("rope_theta", -10000.0), ("rms_norm_eps", float("nan"))):
+        config = SimpleNamespace(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                                 vocab_size=200, **{field: value})
+        with pytest.raises(ValueError, match=f"config.{field} must be in"):
+            FSPADDraftHead(config)
+
+
 @pytest.mark.parametrize("family, extra", [
     ("Llama", {}),
     ("Gemma2", dict(final_logit_softcapping=2.0, head_dim=16)),  # a small cap, so that it changes the logits

@@ -151,6 +151,12 @@ def test_tree_spec_from_parents_rejects_invalid():
                        (torch.tensor([-1.0, 0.0]), "parents must have dtype in")):
         with pytest.raises(TypeError if "dim" not in match else ValueError, match=match):
             tree_spec_from_parents(bad, DEVICE)
+    # The device by name too (an input-contract audit, 2026-12-07: PyTorch's RuntimeError for an unknown string,
+    # its argument-parser TypeError for None).
+    with pytest.raises(ValueError, match="device must name a device .* got 'gpu0'"):
+        tree_spec_from_parents([-1, 0], "gpu0")
+    with pytest.raises(TypeError, match="device must be a torch.device, a device string or index, got NoneType"):
+        tree_spec_from_parents([-1, 0], None)
     parents = torch.tensor([-1, 0, 0])  # a 1-D integer tensor is accepted (read once on the host)
     assert_specs_equal(tree_spec_from_parents(parents, DEVICE), build_tree(parents, device=DEVICE))
 

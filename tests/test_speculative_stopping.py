@@ -123,6 +123,9 @@ def test_stopping_criteria_in_a_batch_and_with_eos_and_bad_values():
         (dict(stopping_criteria=_LastTokenIs(3)), TypeError, "stopping_criteria must be a StoppingCriteriaList"),
         (dict(stopping_criteria=[_LastTokenIs(3), 5]), TypeError, "stopping_criteria[1] must be callable"),
         (dict(stop_strings="t5"), ValueError, "stop_strings needs the target's tokenizer: pass tokenizer="),
+        # Not a tokenizer (an input-contract audit, 2026-12-07: an AttributeError inside StopStringCriteria).
+        (dict(stop_strings="t5", tokenizer=7), TypeError,
+         "tokenizer must be the target's transformers tokenizer for stop_strings, got int, which lacks get_vocab()"),
     ]
     for kwargs, error, message in bad:
         with pytest.raises(error, match=re.escape(message)):

@@ -1393,7 +1393,7 @@ def test_bad_inputs():
     s = torch.randn(2, 3, 10)
     t = torch.randn(2, 3, 10)
     idx = torch.randint(0, 10, (2, 3, 4))
-    lp = -torch.rand(2, 3, 4)
+    lp = -torch.rand(2, 3, 4) - math.log(4)  # log-probabilities: each mass <= 1/4, so a row sums to <= 1
     _bad("no teacher given", s)
     _bad("got both", s, t, teacher_topk_indices=idx, teacher_topk_logprobs=lp)
     _bad("needs both .* got teacher_topk_logprobs=None", s, teacher_topk_indices=idx)
@@ -1746,6 +1746,46 @@ def test_dense_select_op_passes_opcheck():
     comparison counts NaN outputs as different)."""
     teacher = _selection_rows(torch.bfloat16, 257, seed=66).nan_to_num(nan=0.5)
     torch.library.opcheck(torch.ops.distill_ops.topk_kl_dense_select.default, (teacher, 7))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sparse_teacher_whose_masses_sum_past_one_is_refused(impl):
+    """An input-contract audit (2026-12-07): stored entries that are not one distribution's log-probabilities but
+    are all <= 0 (here logits less their row max) passed the sign check, and every tail read the negative leftover
+    as its floor: a finite, silently wrong loss on both impls. Checked on CPU tensors, with room for 16-bit
+    rounding; ignored rows may hold anything."""
+    if DEVICE.type != "cpu":
+        pytest.skip("value checks read CPU tensors only")
+    teacher = _logits((3, 12), torch.float32, seed=5)
+    indices, logprobs = _sparse_from_dense(teacher, 4)
+    student = _logits((3, 12), torch.float32, seed=6)
+    shifted = logprobs - logprobs.max(-1, keepdim=True).values  # top entry 0: the row's mass is above 1
+    for tail in ("renormalize", "bucket"):
+        with pytest.raises(ValueError, match=r"teacher_topk_logprobs must be log-probabilities of one distribution"
+                                             r" .* got a sum of [0-9.]+ in row 0"):
+            topk_kl_div(student, teacher_topk_indices=indices, teacher_topk_logprobs=shifted, tail=tail, impl=impl)
+    labels = torch.tensor([-100, -100, -100])
+    topk_kl_div(student, teacher_topk_indices=indices, teacher_topk_logprobs=shifted, labels=labels, impl=impl)
+    # Rounded to bf16 (mass up to ~ln(k) 2^-9 above 1) a real teacher's top-k still passes.
+    full = torch.log_softmax(torch.zeros(3, 12), -1)[:, :12].to(torch.bfloat16)
+    topk_kl_div(student, teacher_topk_indices=torch.arange(12).expand(3, 12), teacher_topk_logprobs=full, impl=impl)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_dackl_refuses_an_empty_vocabulary_and_a_bad_sharpness_set_after_build(training):
+    """An input-contract audit (2026-12-07): ``predict_bounds`` of a ``[N, 0]`` teacher failed inside a reshape
+    (the loss itself refused V = 0); ``sharpness`` was checked only when the module was built, so one set on the
+    module later (NaN) made the training loss NaN."""
+    dackl = DACKLLoss(vocab_top_m=4, hidden=4).train(training)
+    with pytest.raises(ValueError, match=r"teacher_logits must have a vocabulary of V >= 1 .* got 0"):
+        dackl.predict_bounds(torch.zeros(3, 0, device=DEVICE))
+    dackl.sharpness = float("nan")
+    student, teacher = _logits((3, 12), torch.float32, seed=1), _logits((3, 12), torch.float32, seed=2)
+    if training:
+        with pytest.raises(ValueError, match=r"sharpness must be in \(0.0, inf\), got nan"):
+            dackl(student, teacher)
+    else:  # eval() keeps the hard mask, which does not read the sharpness
+        assert torch.isfinite(dackl(student, teacher))
 
 
 def test_integer_options_that_are_not_optional_refuse_none():

@@ -148,6 +148,17 @@ def test_bad_parents_dtype():
         build_tree(torch.tensor([-1.0, 0.0]))
 
 
+def test_bad_device_is_refused_by_name():
+    """An input-contract audit (2026-12-07): an unknown device string was PyTorch's RuntimeError from
+    ``torch.device`` and a float its argument-parser TypeError, neither naming ``device``."""
+    parents = torch.tensor([-1, 0, 0])
+    with pytest.raises(ValueError, match=r"device must name a device \(e.g. 'cpu', 'cuda', 'cuda:1'\), got 'gpu0'"):
+        build_tree(parents, device="gpu0")
+    with pytest.raises(TypeError, match="device must be a torch.device, a device string or index, got float: 1.5"):
+        build_tree(parents, device=1.5)
+    assert build_tree(parents, device="cpu").parents.device.type == "cpu"
+
+
 def test_bad_paths():
     with pytest.raises(ValueError, match="no parent path"):
         tree_from_paths([[0], [1, 0]])

@@ -387,6 +387,27 @@ def test_out_buffer_in_the_layout_transformers_returns(impl, num_kv_splits):
         tree_attention(q, k, v, tree, lens, impl=impl, out=buffer.transpose(1, 2).double())
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_out_buffers_that_cannot_hold_the_result_are_refused(impl):
+    """An input-contract audit (2026-12-07): an ``expand()``ed ``out`` (rows sharing memory) was stored into
+    silently by the kernel, every sequence's rows overwriting the others' (the PyTorch path failed inside
+    ``copy_``); an ``out`` that requires grad was written outside autograd by the kernel (the PyTorch path failed
+    inside ``copy_`` with autograd's leaf error). Both are refused by name, before anything is written."""
+    q, k, v, parents, lens = make_case(2, 4, 2, 7, 64, [5, 11], torch.float32, per_seq_tree=False, seed=3)
+    tree = build_tree(parents.to(DEVICE))
+    shared = torch.full((1, 4, 7, 64), float("nan"), device=DEVICE)
+    with pytest.raises(ValueError, match=r"out must not have overlapping elements .* strides \(0, 448, 64, 1\)"):
+        tree_attention(q, k, v, tree, lens, impl=impl, out=shared.expand(2, 4, 7, 64))
+    assert torch.isnan(shared).all()
+    leaf = torch.full((2, 4, 7, 64), float("nan"), device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="out must not require grad"):
+        tree_attention(q, k, v, tree, lens, impl=impl, out=leaf)
+    assert torch.isnan(leaf.detach()).all()
+    with torch.no_grad():  # where autograd records nothing, such a buffer is the caller's to overwrite
+        out = tree_attention(q, k, v, tree, lens, impl=impl, out=leaf)
+    assert torch.equal(out.detach(), tree_attention(q, k, v, tree, lens, impl=impl))
+
+
 # From a mutation audit: K and V of different layouts, a prefix that fills the cache under split-KV, cache lengths
 # the GPU path does not check (negative, past S - T), and one tree shared by a batch under a sliding window.
 

@@ -639,6 +639,43 @@ def test_verify_bad_inputs():
             compact_kv_cache([k.clone(), shared], [k.clone(), k.clone()], lens, result, impl=impl)
 
 
+def test_draft_probs_that_are_not_probabilities_are_refused():
+    """An input-contract audit (2026-12-07): negative, NaN or infinite ``draft_probs`` passed on both impls and
+    silently decided the acceptance tests (a negative row accepted its drafts). Read on CPU tensors only, as the
+    token-range check (on a GPU that would synchronise); zero rows stay legal (a leaf's, never drawn from)."""
+    tree = build_tree(torch.tensor(PARENTS))
+    tokens, logits, draft_probs = make_sampling_batch(2, True, seed=0)
+    for impl in IMPLS:
+        for bad, shown in ((-0.25, "-0.25"), (float("nan"), "nan"), (float("inf"), "inf")):
+            probs = draft_probs.clone()
+            probs[1, 2, 3] = bad
+            with pytest.raises(ValueError, match=rf"draft_probs must be finite and >= 0 .* got {shown} at \[1, 2, 3\]"):
+                verify_sampling(tree, tokens, logits, draft_probs=probs, impl=impl)
+        zero_leaves = draft_probs.clone()
+        zero_leaves[:, 3:] = 0.0  # nodes 3..6 have no children: their rows are never read
+        verify_sampling(tree, tokens, logits, draft_probs=zero_leaves, impl=impl)
+
+
+def test_compact_refuses_a_cache_that_requires_grad():
+    """An input-contract audit (2026-12-07): a cache that requires grad was moved in place by the kernel outside
+    autograd (a leaf overwritten silently), while the PyTorch path failed inside ``scatter_``. Refused by name
+    where autograd records; under ``torch.no_grad()`` the move is the caller's, as any in-place update there."""
+    tree = build_tree(torch.tensor(PARENTS))
+    tokens, logits, _ = make_sampling_batch(2, True, seed=0)
+    result = verify_greedy(tree, tokens, logits, impl="torch")
+    lens = torch.tensor([0, 1])
+    for impl in IMPLS:
+        k = torch.randn(2, 1, 9, 8, requires_grad=True)
+        before = k.detach().clone()
+        with pytest.raises(ValueError, match="k is compacted in place and must not require grad"):
+            compact_kv_cache(k, k.detach().clone(), lens, result, impl=impl)
+        assert torch.equal(k.detach(), before)
+        with pytest.raises(ValueError, match=r"v\[1\] is compacted in place and must not require grad"):
+            compact_kv_cache([before.clone()] * 2, [before.clone(), k], lens, result, impl=impl)
+        with torch.no_grad():
+            compact_kv_cache(k, before.clone(), lens, result, impl=impl)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 64])
 def test_greedy_split_argmax_keeps_the_first_maximum(num_splits):
     """The Triton greedy path splits each logits row into column slices and merges their partial argmaxes:
