@@ -92,7 +92,9 @@ def _teacher_leftover(a, kept):
     mass = tl.sum(p_all, axis=0)
     leftover = tl.where(mass == mass, leftover, mass)  # a NaN entry reaches the loss, wherever it is
     leftover = tl.where(leftover < 0.0, 0.0, leftover)  # keeps NaN (NaN < 0 is false)
-    floor = tl.maximum(TEACHER_RESOLUTION * tl.sum(tl.where(kept, p_all * tl.abs(a), 0.0), axis=0), REST_Q_FLOOR)
+    # The tensor on the left: under the CPU interpreter a module-level constexpr on the left of an operator returns a
+    # constexpr wrapping the tensor, which Triton 3.8's tl.maximum refuses ("cannot convert ... to tensor").
+    floor = tl.maximum(tl.sum(tl.where(kept, p_all * tl.abs(a), 0.0), axis=0) * TEACHER_RESOLUTION, REST_Q_FLOOR)
     return leftover, floor
 
 
