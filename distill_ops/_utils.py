@@ -243,6 +243,29 @@ def check_label_values(labels: torch.Tensor, ignore_index: int, vocab: int, when
     return (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
 
 
+def check_token_ids(name: str, ids: torch.Tensor, vocab: int, *, vocab_name: str = "", note: str = "") -> None:
+    """Token ids lie in ``[0, vocab)``: checked where the values can be read without a synchronisation
+    (:func:`host_readable`). ``vocab_name`` prefixes the bound in the message (``V=5``), ``note`` follows it."""
+    if host_readable(ids) and ids.numel() and bool(((ids < 0) | (ids >= vocab)).any()):
+        bound = f"{vocab_name}={vocab}" if vocab_name else str(vocab)
+        raise ValueError(f"{name} must be token ids in [0, {bound}){note}, got values from {int(ids.min())} to "
+                         f"{int(ids.max())}")
+
+
+def check_written_in_place(name: str, tensor: torch.Tensor, role: str = "") -> None:
+    """A tensor an op writes into in place, outside autograd: no two elements may share memory (an ``expand()``ed
+    buffer: one write lands on several elements) and it may not require grad where autograd records. ``role``
+    follows the name in the messages (e.g. " is compacted in place and")."""
+    if any(stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride())):
+        raise ValueError(
+            f"{name}{role} must not have overlapping elements (a stride of 0 over a dim of size > 1, as from "
+            f"expand()), got shape {tuple(tensor.shape)} strides {tensor.stride()}"
+        )
+    if tensor.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name}{role} must not require grad (it is written in place, outside autograd): pass it "
+                         f"without requires_grad (e.g. detach() it), or call under torch.no_grad()")
+
+
 def flat_labels(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Labels ``[...]`` as contiguous int64 ``[N]`` (the kernels index them by row; a strided view is copied)."""
     return None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()

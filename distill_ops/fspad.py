@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._utils import INT_DTYPES, check_int, check_number, check_tensor, host_readable
+from ._utils import INT_DTYPES, check_int, check_number, check_tensor, check_token_ids
 from .speculative import TreeAttentionContext, tree_attention_tail
 
 
@@ -274,10 +274,8 @@ def _check_target_input_ids(target: object, input_ids: object, min_length: int) 
         raise ValueError(f"input_ids must have shape [B, L] with L >= {min_length}, got {tuple(input_ids.shape)}")
     get_embeddings = getattr(target, "get_input_embeddings", None)
     vocab = getattr(get_embeddings() if callable(get_embeddings) else None, "num_embeddings", None)
-    if isinstance(vocab, int) and host_readable(input_ids) and input_ids.numel():
-        if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
-            raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the target's embedding rows), got values "
-                             f"from {int(input_ids.min())} to {int(input_ids.max())}")
+    if isinstance(vocab, int):
+        check_token_ids("input_ids", input_ids, vocab, note=" (the target's embedding rows)")
 
 
 def target_features(target: nn.Module, input_ids: torch.Tensor, **forward_kwargs) -> tuple[torch.Tensor, torch.Tensor]:

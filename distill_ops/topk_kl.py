@@ -818,8 +818,9 @@ def _check_sparse_mass(logprobs: Tensor, labels: Optional[Tensor], ignore_index:
     mass = logprobs.double().exp().sum(-1)
     if labels is not None:
         mass = torch.where(labels != ignore_index, mass, 0.0)
-    if bool((mass > 1.0 + SPARSE_MASS_TOLERANCE).any()):
-        row = int((mass > 1.0 + SPARSE_MASS_TOLERANCE).nonzero()[0, 0])
+    over = mass > 1.0 + SPARSE_MASS_TOLERANCE
+    if bool(over.any()):
+        row = int(over.nonzero()[0, 0])
         raise ValueError(
             f"teacher_topk_logprobs must be log-probabilities of one distribution per row (their probabilities "
             f"summing to at most 1), got a sum of {float(mass[row]):.6g} in row {row} (of the rows flattened)"

@@ -13,8 +13,8 @@ import torch
 
 from ._utils import (
     Impl,
-    FLOAT_DTYPES, INT_DTYPES, check_int, check_number, check_same_device, check_tensor, resolve_impl, sink_softmax,
-    softcapped,
+    FLOAT_DTYPES, INT_DTYPES, check_int, check_number, check_same_device, check_tensor, check_written_in_place,
+    resolve_impl, sink_softmax, softcapped,
 )
 from .tree import TreeSpec, check_tree_spec, unpack_ancestor_mask
 
@@ -277,18 +277,9 @@ def tree_attention(
         if out.shape != q.shape or out.stride(-1) != 1:
             raise ValueError(f"out must have q's shape {tuple(q.shape)} and a unit last stride, got shape "
                              f"{tuple(out.shape)} and strides {out.stride()}")
-        if any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride())):
-            # An expand()ed buffer: several output rows share memory, so all but one are overwritten (the kernel
-            # stored into it silently; the PyTorch path failed inside copy_).
-            raise ValueError(
-                f"out must not have overlapping elements (a stride of 0 over a dim of size > 1, as from expand()), "
-                f"got shape {tuple(out.shape)} strides {out.stride()}"
-            )
-        if out.requires_grad and torch.is_grad_enabled():
-            # The result is stored into out outside autograd (tree_attention has no autograd formula): autograd
-            # would keep out's stale history (the PyTorch path failed inside copy_ for a leaf).
-            raise ValueError("out must not require grad (the result is written into it in place, outside autograd): "
-                             "pass a buffer without requires_grad, or call under torch.no_grad()")
+        # An expand()ed out: all but one of the rows sharing memory are overwritten (the kernel stored into it
+        # silently; the PyTorch path failed inside copy_); one requiring grad would keep stale autograd history.
+        check_written_in_place("out", out)
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     if softcap is not None and not abs(2.0 * scale / softcap) <= torch.finfo(torch.float32).max:
         # The kernel folds 2 * sm_scale / softcap into one fp32 argument: an inf there made 0-scores NaN.

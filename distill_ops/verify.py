@@ -43,8 +43,8 @@ import torch
 
 from ._utils import (
     Impl,
-    FLOAT_DTYPES, INT_DTYPES, check_int, check_number, check_same_device, check_tensor, host_readable, resolve_impl,
-    row_chunk, to_device_async,
+    FLOAT_DTYPES, INT_DTYPES, check_int, check_number, check_same_device, check_tensor, check_token_ids,
+    check_written_in_place, host_readable, resolve_impl, row_chunk, to_device_async,
 )
 from .tree import TreeSpec, check_tree_spec, int64_to_device
 
@@ -89,9 +89,7 @@ def _check_verify_inputs(tree: object, draft_tokens: object, target_logits: obje
         raise ValueError(f"target_logits must have a non-empty vocabulary dim, got shape {tuple(target_logits.shape)}")
     # On a GPU and under torch.compile the kernels treat an out-of-range token as one the target gives
     # probability 0 (never accepted).
-    if host_readable(draft_tokens) and bool(((draft_tokens < 0) | (draft_tokens >= vocab)).any()):
-        raise ValueError(f"draft_tokens must be token ids in [0, V={vocab}), got values from "
-                         f"{int(draft_tokens.min())} to {int(draft_tokens.max())}")
+    check_token_ids("draft_tokens", draft_tokens, vocab, vocab_name="V")
     return batch, num_nodes, vocab
 
 
@@ -534,20 +532,9 @@ def compact_kv_cache(
         if index:
             check_same_device(**{"k[0]": keys[0], f"k{suffix}": layer_k, f"v{suffix}": layer_v})
         for name, tensor in ((f"k{suffix}", layer_k), (f"v{suffix}", layer_v)):
-            if any(stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride())):
-                # An expand()ed cache: rows of several sequences or heads share memory, so moving one sequence's
-                # rows moves the others' (the Triton path did so silently, the PyTorch path failed inside).
-                raise ValueError(
-                    f"{name} is compacted in place and must not have overlapping elements (a stride of 0 over a "
-                    f"dim of size > 1, as from expand()), got shape {tuple(tensor.shape)} strides {tensor.stride()}"
-                )
-            if tensor.requires_grad and torch.is_grad_enabled():
-                # Moved in place outside autograd on the Triton path (stale history for a non-leaf, a silently
-                # overwritten leaf); the PyTorch path failed inside scatter_ for a leaf.
-                raise ValueError(
-                    f"{name} is compacted in place and must not require grad: pass the cache without "
-                    f"requires_grad (e.g. detach() it), or call under torch.no_grad()"
-                )
+            # An expand()ed cache: moving one sequence's rows moved the others' (the Triton path did so silently,
+            # the PyTorch path failed inside); one requiring grad was moved outside autograd.
+            check_written_in_place(name, tensor, " is compacted in place and")
     check_tensor("cache_lens", cache_lens, dtypes=INT_DTYPES, ndim=1)
     if not isinstance(result, VerifyResult):
         raise TypeError(f"result must be a VerifyResult, got {type(result).__name__}")
