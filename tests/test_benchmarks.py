@@ -380,6 +380,7 @@ def test_engine_tree_cut_counts_what_the_cut_saves(capsys):
 
 # What only a CPU run reads: the ops' value checks of CPU tensors (skipped for CUDA tensors).
 CPU_ONLY_CHECKS = {
+    "distill_ops._utils:check_token_ids",  # verify's draft_tokens
     "distill_ops.tree_attention:_check_cache_lens_values",
     "distill_ops.verify:_check_verify_inputs",
     "distill_ops.verify:compact_kv_cache",
