@@ -31,9 +31,19 @@ from ._utils import INT_DTYPES, check_int, check_number, check_tensor, check_tok
 from .speculative import TreeAttentionContext, tree_attention_tail
 
 
-def _rope_theta(config) -> float:
+def _config_value(config, name: str, default):
+    """``config.<name>``, or ``default`` when the config lacks it or holds None (a 0 is a value: it is checked, not
+    replaced by the default)."""
+    value = getattr(config, name, None)
+    return default if value is None else value
+
+
+def _rope_theta(config):
+    """The rope base: ``config.rope_parameters["rope_theta"]`` (transformers 5), else ``config.rope_theta``, else
+    10000."""
     parameters = getattr(config, "rope_parameters", None) or {}
-    return float(parameters.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
+    theta = parameters.get("rope_theta") if isinstance(parameters, dict) else None
+    return _config_value(config, "rope_theta", 10000.0) if theta is None else theta
 
 
 class _RMSNorm(nn.Module):
@@ -130,7 +140,7 @@ class FSPADDraftHead(nn.Module):
         num_kv_heads = _config_int(config, "num_key_value_heads", num_heads)
         head_dim = _config_int(config, "head_dim", hidden // num_heads)
         intermediate = _config_int(config, "intermediate_size", 4 * hidden)
-        eps = float(getattr(config, "rms_norm_eps", None) or 1e-6)
+        eps = check_number("config.rms_norm_eps", _config_value(config, "rms_norm_eps", 1e-6), low=0.0)
         if num_heads % num_kv_heads != 0:
             raise ValueError(
                 f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
@@ -143,7 +153,6 @@ class FSPADDraftHead(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         # A negative rope theta or a NaN / negative norm epsilon made every output NaN.
         self.rope_theta = check_number("config.rope_theta", _rope_theta(config), low=0.0, low_inclusive=False)
-        check_number("config.rms_norm_eps", eps, low=0.0)
 
         # Feature sampling.
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)

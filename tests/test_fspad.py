@@ -159,6 +159,11 @@ def test_norms_apply_the_config_eps():
             expected = norm.weight.detach().double() * x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
             assert torch.isfinite(out).all()
             assert_close(out, expected, torch.float32, f"eps={eps}")
+    # An eps of 0 is the config's value (it was read as unset: 1e-6): a row of rms 1e-4 is scaled to rms 1 exactly.
+    head = make_head(rms_norm_eps=0.0)
+    x = torch.full((1, 64), 1e-4, device=DEVICE)
+    for norm in (head.sample_norm, head.input_norm, head.post_attention_norm, head.final_norm):
+        assert_close(norm(x), norm.weight.detach().double().expand(1, 64), torch.float32, "eps=0")
 
 
 def test_cached_chunks_equal_one_causal_pass():
@@ -333,7 +338,8 @@ def test_bad_inputs_are_refused_before_the_target_runs():
     with pytest.raises(ValueError, match=r"position_ids must have shape \[L\]=\[4\] or \[B, L\]=\[2, 4\], got "
                                          r"\(3, 4\)"):
         head(features, embeds, torch.arange(4, device=DEVICE).expand(3, 4))
-    for field, value in (("rope_theta", -10000.0), ("rms_norm_eps", float("nan"))):
+    # A 0 is the config's value, checked as given (it was read as unset: rope theta 10000, eps 1e-6).
+    for field, value in (("rope_theta", -10000.0), ("rope_theta", 0.0), ("rms_norm_eps", float("nan"))):
         config = SimpleNamespace(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
                                  vocab_size=200, **{field: value})
         with pytest.raises(ValueError, match=f"config.{field} must be in"):
