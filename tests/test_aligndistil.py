@@ -635,3 +635,36 @@ def test_module_checks_its_options_when_built():
     with pytest.raises(ValueError, match="reduction must be one of"):
         AlignDistilLoss(reduction="batchmean")
     AlignDistilLoss(alpha=0.5, beta0=0.2, r=0.0)  # valid: r = 0 is allowed (alpha_t = eps)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_argument_in_every_layout(impl):
+    """A layout audit (2026-12-07): each tensor argument given at a storage offset, as a column slice (padded rows),
+    with stride 2 along the vocabulary, transposed, leading dims permuted, and (the two teachers and labels, shared
+    by the batch) expand()ed with stride 0 over the batch: loss, gradient and alpha are the float64 oracle's, and
+    no input's storage (the view's padding included) is written, in forward or backward."""
+    from tests._layouts import bit_equal, layout_calls
+
+    student = _logits((2, 3, 37), torch.float32, seed=90)
+    dpo, other = (_logits((1, 3, 37), torch.float32, seed=91 + i).expand(2, 3, 37).contiguous() for i in range(2))
+    labels = torch.tensor([[4, -100, 36]], device=DEVICE).expand(2, 3).contiguous()
+    inputs = dict(student=student, dpo=dpo, other=other, labels=labels)
+    upstream = 0.5 + torch.rand((2, 3), generator=torch.Generator().manual_seed(93)).to(DEVICE)
+    expected, expected_grad, expected_alpha = _expected(student, dpo, other, labels=labels, reduction="none",
+                                                        upstream=upstream)
+    for name, layout, args, base, place in layout_calls(inputs, inputs, shared=("dpo", "other", "labels")):
+        before = base.clone()
+        if name == "student":
+            base.requires_grad_(True)
+            args["student"] = place(base)
+            leaf = base
+        else:
+            leaf = args["student"] = student.clone().requires_grad_(True)
+        loss, alpha = aligndistil_kl(args["student"], args["dpo"], args["other"], labels=args["labels"],
+                                     reduction="none", return_alpha=True, impl=impl)
+        loss.backward(upstream)
+        grad = place(leaf.grad) if name == "student" else leaf.grad
+        assert_close(loss, expected, torch.float32, f"{name} {layout}: loss")
+        assert_close(alpha, expected_alpha, torch.float32, f"{name} {layout}: alpha")
+        assert_close(grad, expected_grad, torch.float32, f"{name} {layout}: gradient")
+        assert bit_equal(base.detach(), before), f"{name} {layout}: the input's storage was written"

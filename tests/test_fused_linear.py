@@ -1480,3 +1480,41 @@ def test_weights_and_biases_must_have_exactly_their_dims():
         fused_linear_kl_div(hs, w, ht, wt.unsqueeze(-1))
     with pytest.raises(ValueError, match=r"student_bias must have 1 dim, got shape \(10, 1\)"):
         fused_linear_kl_div(hs, w, ht, wt, student_bias=torch.zeros(10, 1, device=hs.device))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("teacher", ["hidden", "logits"])
+def test_every_argument_in_every_layout(teacher, impl):
+    """A layout audit (2026-12-07): each tensor argument (hidden states, LM-head weights and biases, teacher
+    logits, labels) given at a storage offset, as a column slice (padded rows), with stride 2 along the last dim,
+    transposed, leading dims permuted, and (the teacher's per-token tensors and labels, shared by the batch)
+    expand()ed with stride 0 over the batch: loss and gradients are the float64 reference's, and no input's storage
+    (the view's padding included) is written, in forward or backward."""
+    from tests._layouts import bit_equal, layout_calls
+
+    case = _case((2, 3), 19, 37, torch.float32, biases=teacher == "hidden", teacher_logits=teacher == "logits",
+                 seed=90)
+    for name in ("teacher_hidden", "teacher_logits"):
+        if name in case:
+            case[name] = case[name][:1].expand_as(case[name]).contiguous()
+    labels = torch.tensor([[4, -100, 36]], device=DEVICE).expand(2, 3).contiguous()
+    inputs = dict(case, labels=labels)
+    upstream = 0.5 + torch.rand((2, 3), generator=torch.Generator().manual_seed(93)).to(DEVICE)
+    options = dict(divergence="jsd", ce_weight=0.5, reduction="none")
+    expected, expected_grads = _reference(case, upstream, labels=labels, **options)
+    for name, layout, args, base, place in layout_calls(inputs, inputs, shared=("teacher_hidden", "teacher_logits",
+                                                                                "labels")):
+        before = base.clone()
+        leaves = {k: args[k].detach().clone().requires_grad_(True) for k in GRAD_INPUTS if k in args and k != name}
+        args.update(leaves)
+        if name in GRAD_INPUTS:
+            base.requires_grad_(True)
+            args[name] = place(base)
+        loss = fused_linear_kl_div(args.pop("student_hidden"), args.pop("student_weight"), args.pop("teacher_hidden",
+                                   None), args.pop("teacher_weight", None), **args, **options, impl=impl)
+        loss.backward(upstream)
+        assert_close(loss, expected, torch.float32, f"{name} {layout}: loss")
+        for key, expected_grad in expected_grads.items():
+            grad = place(base.grad) if key == name else leaves[key].grad
+            assert_close(grad, expected_grad, torch.float32, f"{name} {layout}: gradient of {key}")
+        assert bit_equal(base.detach(), before), f"{name} {layout}: the input's storage was written"

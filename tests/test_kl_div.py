@@ -1420,3 +1420,35 @@ def test_reference_divides_by_a_float64_tensor_normalizer_in_float64():
         loss, grad = kl_div_reference(student, teacher, normalizer=normalizer)
         assert_close(loss, total / 3.0, torch.float64, str(normalizer))
         assert_close(grad, total_grad / 3.0, torch.float64, str(normalizer))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_argument_in_every_layout(impl):
+    """A layout audit (2026-12-07): each tensor argument given at a storage offset, as a column slice (padded rows),
+    with stride 2 along the vocabulary, transposed, leading dims permuted, and (the teacher and labels, shared by
+    the batch) expand()ed with stride 0 over the batch: the loss and the gradient are the float64 reference's, and
+    no input's storage (the view's padding included) is written, in forward or backward."""
+    from tests._layouts import bit_equal, layout_calls
+
+    student = _logits((2, 3, 37), torch.float32, seed=90)
+    teacher = _logits((1, 3, 37), torch.float32, seed=91).expand(2, 3, 37).contiguous()
+    labels = torch.tensor([[4, -100, 36]], device=DEVICE).expand(2, 3).contiguous()
+    inputs = dict(student=student, teacher=teacher, labels=labels)
+    upstream = 0.5 + torch.rand((2, 3), generator=torch.Generator().manual_seed(92)).to(DEVICE)
+    expected, expected_grad = independent_reference(student, teacher, upstream, divergence="jsd", labels=labels,
+                                                    reduction="none")
+    for name, layout, args, base, place in layout_calls(inputs, inputs, shared=("teacher", "labels")):
+        before = base.clone()
+        if name == "student":
+            base.requires_grad_(True)
+            args["student"] = place(base)
+            leaf = base
+        else:
+            leaf = args["student"] = student.clone().requires_grad_(True)
+        loss = kl_div(args["student"], args["teacher"], labels=args["labels"], divergence="jsd", reduction="none",
+                      impl=impl)
+        loss.backward(upstream)
+        grad = place(leaf.grad) if name == "student" else leaf.grad
+        assert_close(loss, expected, torch.float32, f"{name} {layout}: loss")
+        assert_close(grad, expected_grad, torch.float32, f"{name} {layout}: gradient")
+        assert bit_equal(base.detach(), before), f"{name} {layout}: the input's storage was written"

@@ -1804,3 +1804,46 @@ def test_module_per_call_bounds_override_the_constructors():
     expected = topk_kl_div(s, t, lower=0.05, upper=0.95, impl="torch")
     assert not torch.equal(expected, module(s, t))
     assert torch.equal(module(s, t, lower=0.05, upper=0.95), expected)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("form", ["dense", "sparse"])
+def test_every_argument_in_every_layout(form, impl):
+    """A layout audit (2026-12-07): each tensor argument (student, dense teacher or sparse indices and
+    log-probabilities, labels, a per-row bound) given at a storage offset, as a column slice (padded rows), with
+    stride 2 along the last dim, transposed, leading dims permuted, and (the teacher's tensors, labels and bound,
+    shared by the batch) expand()ed with stride 0 over the batch: loss and gradient are the float64 reference's,
+    and no input's storage (the view's padding included) is written, in forward or backward."""
+    from tests._layouts import bit_equal, layout_calls
+
+    student = _logits((2, 3, 37), torch.float32, seed=90)
+    teacher = _logits((1, 3, 37), torch.float32, seed=91).expand(2, 3, 37).contiguous()
+    labels = torch.tensor([[4, -100, 36]], device=DEVICE).expand(2, 3).contiguous()
+    upper = torch.tensor([[0.9, 0.5, 0.7]], device=DEVICE).expand(2, 3).contiguous()
+    inputs = dict(student_logits=student, labels=labels, upper=upper)
+    if form == "dense":
+        inputs.update(teacher_logits=teacher, k=6)
+    else:
+        indices, logprobs = _sparse_from_dense(teacher, 6)
+        inputs.update(teacher_topk_indices=indices.contiguous(), teacher_topk_logprobs=logprobs.contiguous())
+    options = dict(tail="bucket", divergence="reverse", reduction="none")
+    upstream = 0.5 + torch.rand((2, 3), generator=torch.Generator().manual_seed(93)).to(DEVICE)
+    ref_loss, ref_leaf, _ = reference(student, **{k: v for k, v in inputs.items() if k != "student_logits"},
+                                      **options)
+    (expected_grad,) = torch.autograd.grad(ref_loss, ref_leaf, upstream.double().cpu())
+    shared = [name for name in inputs if name != "student_logits"]
+    tensors = [name for name, value in inputs.items() if isinstance(value, torch.Tensor)]
+    for name, layout, args, base, place in layout_calls(inputs, tensors, shared=shared):
+        before = base.clone()
+        if name == "student_logits":
+            base.requires_grad_(True)
+            args["student_logits"] = place(base)
+            leaf = base
+        else:
+            leaf = args["student_logits"] = student.clone().requires_grad_(True)
+        loss = topk_kl_div(**args, **options, impl=impl)
+        loss.backward(upstream)
+        grad = place(leaf.grad) if name == "student_logits" else leaf.grad
+        assert_close(loss, ref_loss, torch.float32, f"{name} {layout}: loss")
+        assert_close(grad, expected_grad.reshape(student.shape), torch.float32, f"{name} {layout}: gradient")
+        assert bit_equal(base.detach(), before), f"{name} {layout}: the input's storage was written"

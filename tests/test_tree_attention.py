@@ -589,3 +589,36 @@ def test_auto_takes_the_torch_path_for_what_the_kernel_does_not_cover(head_dim, 
             tree_attention(q, k, v, tree, lens, impl="triton")
     out = tree_attention(q, k, v, tree, lens, impl="auto")
     assert_close(out, sdpa_reference(q, k, v, parents, lens.cpu(), head_dim**-0.5), dtype)
+
+
+@pytest.mark.parametrize("num_kv_splits", [1, 2])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_argument_in_every_layout(impl, num_kv_splits):
+    """A layout audit (2026-12-07): q, k, v, cache_lens, sinks and the spec's ancestor mask and depth given at a
+    storage offset, as a slice of a wider last dim (padded rows), with stride 2 along the last dim, transposed,
+    leading dims permuted, and (the cache, lengths and trees shared by the batch) expand()ed with stride 0 over the
+    batch: the output is the path oracle's, and no input's storage (the view's padding included) is written."""
+    import dataclasses
+
+    from tests._layouts import bit_equal, layout_calls
+
+    if impl == "torch" and num_kv_splits > 1:
+        pytest.skip("num_kv_splits is the Triton path's")
+    gen = torch.Generator().manual_seed(94)
+    q = torch.randn(2, 4, 7, 16, generator=gen).to(DEVICE)
+    k, v = (torch.randn(1, 2, 40, 16, generator=gen).expand(2, 2, 40, 16).contiguous().to(DEVICE) for _ in range(2))
+    parents = random_parents(7, 95).expand(2, 7)
+    tree = build_tree(parents.contiguous().to(DEVICE))
+    lens = torch.tensor([33, 33], device=DEVICE)
+    sinks = torch.randn(4, generator=gen).to(DEVICE)
+    inputs = dict(q=q, k=k, v=v, cache_lens=lens, sinks=sinks, ancestor_mask=tree.ancestor_mask, depth=tree.depth)
+    expected = path_oracle(q, k, v, parents, lens.cpu(), 0.25, window=20, sinks=sinks)
+    splits = dict(num_kv_splits=num_kv_splits) if impl == "triton" else {}
+    for name, layout, args, base, _ in layout_calls(inputs, inputs, shared=("k", "v", "cache_lens", "ancestor_mask",
+                                                                            "depth")):
+        before = base.clone()
+        spec = dataclasses.replace(tree, ancestor_mask=args["ancestor_mask"], depth=args["depth"])
+        out = tree_attention(args["q"], args["k"], args["v"], spec, args["cache_lens"], sinks=args["sinks"],
+                             sliding_window=20, impl=impl, **splits)
+        assert_close(out, expected, torch.float32, f"{name} {layout}")
+        assert bit_equal(base, before), f"{name} {layout}: the input's storage was written"

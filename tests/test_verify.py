@@ -964,3 +964,83 @@ def test_16bit_compaction_is_identical_on_both_impls(dtype):
                        compact_kv_cache(b[:3], b[3:], lens, result, impl="triton"))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, c) for x, c in zip(a, caches))  # the compaction moved rows
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_argument_in_every_layout(impl):
+    """A layout audit (2026-12-07): every tensor argument of verify_greedy and verify_sampling (with draft_probs)
+    (the spec's parents, depth and ancestor mask, draft tokens, target logits) given at a storage offset, as a slice
+    of a wider last dim (padded rows), with stride 2 along the last dim, transposed, leading dims permuted, and (the
+    trees and draft probabilities, shared by the batch) expand()ed with stride 0 over the batch: the same results
+    bit for bit as contiguous inputs (greedy: the brute-force path), and no input's storage is written."""
+    import dataclasses
+
+    from tests._layouts import bit_equal, layout_calls
+
+    rng, gen = random.Random(96), torch.Generator().manual_seed(96)
+    logits = torch.randn(2, 9, 37, generator=gen) * 4
+    parents, tokens = random_tree_and_tokens(9, 37, logits[:1], rng)
+    tokens = torch.cat([tokens, random_tree_and_tokens(9, 37, logits[1:], rng)[1]])  # one tree, two token rows
+    tree = build_tree(parents.expand(2, 9).contiguous().to(DEVICE))
+    probs = torch.softmax(torch.randn(1, 9, 37, generator=gen), -1).expand(2, 9, 37).contiguous()
+    inputs = dict(parents=tree.parents, depth=tree.depth, ancestor_mask=tree.ancestor_mask,
+                  draft_tokens=tokens.to(DEVICE), target_logits=logits.to(DEVICE), draft_probs=probs.to(DEVICE))
+
+    def verify(args):
+        spec = dataclasses.replace(tree, parents=args["parents"], depth=args["depth"],
+                                   ancestor_mask=args["ancestor_mask"])
+        greedy = verify_greedy(spec, args["draft_tokens"], args["target_logits"], impl=impl)
+        sampled = verify_sampling(spec, args["draft_tokens"], args["target_logits"], draft_probs=args["draft_probs"],
+                                  temperature=0.8, generator=torch.Generator(DEVICE).manual_seed(97),
+                                  impl=impl)
+        return [getattr(result, f.name) for result in (greedy, sampled) for f in dataclasses.fields(result)]
+
+    expected = verify(inputs)
+    for b, (path, bonus) in enumerate(brute_force_greedy(parents.tolist(), tokens, logits)):
+        assert expected[0][b, :len(path)].tolist() == path and int(expected[2][b]) == bonus
+    shared = ("parents", "depth", "ancestor_mask", "draft_probs")
+    for name, layout, args, base, _ in layout_calls(inputs, inputs, shared=shared):
+        before = base.clone()
+        for got, want in zip(verify(args), expected):
+            assert torch.equal(got, want), f"{name} {layout}"
+        assert bit_equal(base, before), f"{name} {layout}: the input's storage was written"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compact_kv_cache_every_argument_in_every_layout(impl):
+    """The layout audit (above) of compact_kv_cache: K, V, cache_lens and the accepted nodes in every layout
+    (cache_lens also expand()ed): K / V compacted in place as a gather of the accepted rows, nothing written past
+    the view (impl="triton" refuses K / V without unit stride along D, as documented), no other input written."""
+    import dataclasses
+
+    from tests._layouts import bit_equal, layout_calls
+
+    gen = torch.Generator().manual_seed(98)
+    accepted = torch.tensor([[0, 2, 5, 7], [0, 3, -1, -1]], device=DEVICE)
+    result = VerifyResult(accepted, torch.tensor([3, 1], device=DEVICE), accepted[:, 0], accepted)
+    cache = torch.randn(2, 2, 9 + 12, 8, generator=gen).to(DEVICE)
+    lens = torch.tensor([12, 12], device=DEVICE)
+    gathered = cache.clone()
+    for b in range(2):
+        nodes = result.accepted_nodes[b][result.accepted_nodes[b] >= 0]
+        gathered[b, :, 12:12 + len(nodes)] = cache[b, :, 12 + nodes]
+    inputs = dict(k=cache, v=-cache, cache_lens=lens, accepted_nodes=result.accepted_nodes)
+    for name, layout, args, base, place in layout_calls(inputs, inputs, shared=("cache_lens",)):
+        before = base.clone()
+        call_result = dataclasses.replace(result, accepted_nodes=args["accepted_nodes"])
+        for other in {"k", "v"} - {name}:  # a fresh cache for each call
+            args[other] = args[other].clone()
+        if impl == "triton" and name in ("k", "v") and args[name].stride(-1) != 1:
+            with pytest.raises(ValueError, match="unit stride along D"):
+                compact_kv_cache(args["k"], args["v"], args["cache_lens"], call_result, impl=impl)
+            assert bit_equal(base, before), f"{name} {layout}: refused, but written"
+            continue
+        new_lens = compact_kv_cache(args["k"], args["v"], args["cache_lens"], call_result, impl=impl)
+        assert torch.equal(new_lens, lens + result.accept_len + 1), f"{name} {layout}"
+        assert bit_equal(args["k"], gathered) and bit_equal(args["v"], -gathered), f"{name} {layout}"
+        if name in ("k", "v"):  # moved in place: only the view's elements
+            outside = torch.ones(base.shape, dtype=torch.bool, device=DEVICE)
+            place(outside).fill_(False)
+            assert bit_equal(base[outside], before[outside]), f"{name} {layout}: written past the view"
+        else:
+            assert bit_equal(base, before), f"{name} {layout}: the input's storage was written"
