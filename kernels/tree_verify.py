@@ -136,15 +136,17 @@ def greedy_walk_kernel(
     in_path = valid & (((final_words >> (nodes % 64).to(tl.int64)) & 1) != 0)
     out_base = batch.to(tl.int64) * out_width
     slots = tl.arange(0, BLOCK_W)
-    tail = (slots > final_depth) & (slots < out_width)
-    # Disjoint addresses: path slots by node depth, the bonus slot, then the -1 tail. Only slots < out_width: a
-    # spec whose max_depth understates its depths (tree_spec_from_parents_tensor trusts it) is truncated, not
-    # written past the result rows.
+    # Every slot is written: -1 first, then (after a barrier, other threads store the path) the path slots by node
+    # depth and the bonus slot. A consistent spec's path fills the slots up to final_depth; one whose ancestor mask
+    # disagrees with its parents / depths (a hand-built TreeSpec) left slots of the torch.empty result unwritten.
+    # Only slots < out_width: a spec whose max_depth understates its depths (tree_spec_from_parents_tensor trusts
+    # it) is truncated, not written past the result rows.
+    tl.store(ACCEPTED + out_base + slots, tl.full([BLOCK_W], -1, tl.int64), mask=slots < out_width)
+    tl.store(EMITTED + out_base + slots, tl.full([BLOCK_W], -1, tl.int64), mask=slots < out_width)
+    tl.debug_barrier()
     tl.store(ACCEPTED + out_base + depth, nodes.to(tl.int64), mask=in_path & (depth < out_width))
-    tl.store(ACCEPTED + out_base + slots, tl.full([BLOCK_W], -1, tl.int64), mask=tail)
     tl.store(EMITTED + out_base + depth - 1, tokens.to(tl.int64), mask=in_path & (nodes > 0) & (depth <= out_width))
     tl.store(EMITTED + out_base + final_depth, bonus, mask=final_depth < out_width)
-    tl.store(EMITTED + out_base + slots, tl.full([BLOCK_W], -1, tl.int64), mask=tail)
     tl.store(ACCEPT_LEN + batch, final_depth.to(tl.int64))
     tl.store(NEXT_TOKENS + batch, bonus)
 

@@ -1,5 +1,6 @@
 """Greedy / lossless-sampling verification and KV compaction."""
 
+import dataclasses
 import random
 
 import numpy as np
@@ -151,12 +152,20 @@ def test_greedy_walk_never_writes_past_its_rows(monkeypatch):
     """A spec whose max_depth understates the tree (tree_spec_from_parents_tensor trusts its bound, and an invalid
     parent array gives depths it does not check) must not make the walk write past its result rows: on a GPU that
     wrote into other memory. The result tensors are allocated inside guard bands that must stay untouched."""
-    from distill_ops.kernels import tree_verify as tree_verify_module
-
     tree = build_tree(torch.tensor([-1, 0, 1, 2], device=DEVICE))  # a chain of depth 3
     tokens = torch.tensor([[5, 1, 2, 3]], device=DEVICE)
     logits = torch.full((1, 4, 8), -5.0, device=DEVICE)
     logits[0, torch.arange(4), torch.tensor([1, 2, 3, 4])] = 5.0  # every draft accepted, bonus 4
+    guarded, (accepted, _, _, emitted) = _greedy_walk_in_guarded_buffers(monkeypatch, tree, tokens, logits, 2)
+    assert guarded and all(bool((buffer[-16:] == -7).all()) for buffer in guarded)
+    assert accepted.tolist() == [[0, 1]] and emitted.tolist() == [[1, 2]]  # the first slots, truncated
+
+
+def _greedy_walk_in_guarded_buffers(monkeypatch, tree, tokens, logits, out_width):
+    """The Triton greedy launcher with every torch.empty / empty_like result filled with -7 and followed by a guard
+    band of 16 entries of -7: returns the buffers and the launcher's outputs."""
+    from distill_ops.kernels import tree_verify as tree_verify_module
+
     guarded, real_empty = [], torch.empty
 
     def empty_with_guards(*size, dtype=None, device=None, **kwargs):
@@ -169,11 +178,28 @@ def test_greedy_walk_never_writes_past_its_rows(monkeypatch):
     monkeypatch.setattr(tree_verify_module.torch, "empty", empty_with_guards)
     monkeypatch.setattr(tree_verify_module.torch, "empty_like",
                         lambda t, **kw: empty_with_guards(t.shape, dtype=t.dtype, device=t.device))
-    accepted, accept_len, next_tokens, emitted = tree_verify_module.verify_greedy_forward(
-        tree.parents, tree.depth, tree.ancestor_mask, tokens, logits, out_width=2)
-    monkeypatch.undo()
-    assert guarded and all(bool((buffer[-16:] == -7).all()) for buffer in guarded)
-    assert accepted.tolist() == [[0, 1]] and emitted.tolist() == [[1, 2]]  # the first slots, truncated
+    try:
+        outputs = tree_verify_module.verify_greedy_forward(
+            tree.parents, tree.depth, tree.ancestor_mask, tokens, logits, out_width=out_width)
+    finally:
+        monkeypatch.undo()
+    return guarded, outputs
+
+
+def test_greedy_walk_writes_every_result_slot_of_an_inconsistent_spec(monkeypatch):
+    """A hand-built TreeSpec whose ancestor mask disagrees with its parents (here: every bit set) has no meaningful
+    result, but the walk must still write every slot of its rows: it left slots of the torch.empty outputs unwritten
+    and the results changed from call to call (uninitialised memory). The consistent spec's result is unchanged."""
+    tree = build_tree(torch.tensor([-1, 0, 1], device=DEVICE))
+    tokens = torch.tensor([[0, 3, 3]], device=DEVICE)
+    logits = torch.zeros(1, 3, 8, device=DEVICE)
+    logits[0, :, 3] = 1.0
+    bad = dataclasses.replace(tree, ancestor_mask=torch.ones_like(tree.ancestor_mask))
+    for spec in (bad, tree):
+        _, (accepted, accept_len, _, emitted) = _greedy_walk_in_guarded_buffers(monkeypatch, spec, tokens, logits, 3)
+        assert not bool((accepted == -7).any()) and not bool((emitted == -7).any()), (accepted, emitted)
+        assert bool((accepted >= -1).all() & (accepted < 3).all()), accepted
+    assert accepted.tolist() == [[0, 1, 2]] and emitted.tolist() == [[3, 3, 3]] and accept_len.tolist() == [2]
 
 
 def test_greedy_walk_of_an_invalid_parent_array_stays_in_bounds():
@@ -973,8 +999,6 @@ def test_every_argument_in_every_layout(impl):
     of a wider last dim (padded rows), with stride 2 along the last dim, transposed, leading dims permuted, and (the
     trees and draft probabilities, shared by the batch) expand()ed with stride 0 over the batch: the same results
     bit for bit as contiguous inputs (greedy: the brute-force path), and no input's storage is written."""
-    import dataclasses
-
     from tests._layouts import bit_equal, layout_calls
 
     rng, gen = random.Random(96), torch.Generator().manual_seed(96)
@@ -1011,8 +1035,6 @@ def test_compact_kv_cache_every_argument_in_every_layout(impl):
     """The layout audit (above) of compact_kv_cache: K, V, cache_lens and the accepted nodes in every layout
     (cache_lens also expand()ed): K / V compacted in place as a gather of the accepted rows, nothing written past
     the view (impl="triton" refuses K / V without unit stride along D, as documented), no other input written."""
-    import dataclasses
-
     from tests._layouts import bit_equal, layout_calls
 
     gen = torch.Generator().manual_seed(98)
