@@ -17,6 +17,19 @@ import pytest  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _interpreter_modules():
+    """(``triton.runtime.interpreter``, ``triton.language``) when Triton's CPU interpreter runs the kernels, else
+    (None, None) (no Triton: the PyTorch implementations run)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None, None
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return None, None
+    return interpreter, tl
+
+
 def _interpreter_rounds_bf16_to_nearest() -> None:
     """Make Triton's CPU interpreter convert fp32 / fp64 to bf16 as a GPU does: round to nearest even.
 
@@ -27,13 +40,10 @@ def _interpreter_rounds_bf16_to_nearest() -> None:
     rounding is within 0.004 (a fused-linear weight gradient found by ``DISTILL_OPS_FUZZ``). The conversion here
     rounds to nearest even like the GPU and PyTorch (``tests/test_interpreter_numerics.py`` compares it with
     PyTorch's bit for bit); every other cast is the interpreter's own."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    try:
-        import numpy as np
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:  # no Triton: the PyTorch implementations run
+    import numpy as np
+
+    interpreter, tl = _interpreter_modules()
+    if interpreter is None:
         return
     builder = interpreter.InterpreterBuilder
     if getattr(builder.cast_impl, "rounds_bf16_to_nearest", False):
@@ -55,6 +65,33 @@ def _interpreter_rounds_bf16_to_nearest() -> None:
 
 
 _interpreter_rounds_bf16_to_nearest()
+
+
+def _interpreter_types_comparisons_as_int1() -> None:
+    """Label the results of Triton's CPU interpreter's comparisons ``int1``, as the compiler types them.
+
+    The interpreter computes a comparison as NumPy booleans but labels the result with its operands' type (an
+    ``i32 < i32`` is labelled ``int32``). Triton 3.9's interpreter splats a scalar by its label, so a scalar
+    comparison combined with a block mask (``(cols < V) & (row < n)``) became an int32 block that ``tl.load``
+    refuses ("mask has unsupported dtype"): none of our kernels ran under it. Earlier releases splat by the data.
+    Only the label changes; the values are the interpreter's own."""
+    interpreter, tl = _interpreter_modules()
+    if interpreter is None:
+        return
+    builder = interpreter.InterpreterBuilder
+    for name in dir(builder):
+        compare = getattr(builder, name)
+        if not name.startswith(("create_icmp", "create_fcmp")) or getattr(compare, "labels_int1", False):
+            continue
+
+        def labelled(self, lhs, rhs, compare=compare):
+            return interpreter.TensorHandle(compare(self, lhs, rhs).data, tl.int1)
+
+        labelled.labels_int1 = True
+        setattr(builder, name, labelled)
+
+
+_interpreter_types_comparisons_as_int1()
 
 # Tolerances against the float64 reference, per input dtype; set once here, never loosened per test.
 TOLERANCES = {
