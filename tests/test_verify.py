@@ -1,6 +1,7 @@
 """Greedy / lossless-sampling verification and KV compaction."""
 
 import dataclasses
+import math
 import random
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 from tests.conftest import DEVICE, IMPLS
 from distill_ops.tree import build_tree
-from distill_ops.verify import VerifyResult, compact_kv_cache, verify_greedy, verify_sampling
+from distill_ops.verify import VerifyResult, compact_kv_cache, nan_as_neg_inf, verify_greedy, verify_sampling
 
 
 def random_tree_and_tokens(num_nodes, vocab, logits, rng):
@@ -161,9 +162,9 @@ def test_greedy_walk_never_writes_past_its_rows(monkeypatch):
     assert accepted.tolist() == [[0, 1]] and emitted.tolist() == [[1, 2]]  # the first slots, truncated
 
 
-def _greedy_walk_in_guarded_buffers(monkeypatch, tree, tokens, logits, out_width):
-    """The Triton greedy launcher with every torch.empty / empty_like result filled with -7 and followed by a guard
-    band of 16 entries of -7: returns the buffers and the launcher's outputs."""
+def _guard_result_buffers(patch) -> list:
+    """Make the Triton verify launchers' torch.empty / empty_like results views of -7-filled buffers followed by a
+    guard band of 16 entries of -7 (``patch``: a monkeypatch context); returns the list the buffers go into."""
     from distill_ops.kernels import tree_verify as tree_verify_module
 
     guarded, real_empty = [], torch.empty
@@ -175,14 +176,19 @@ def _greedy_walk_in_guarded_buffers(monkeypatch, tree, tokens, logits, out_width
         guarded.append(buffer)
         return buffer[:count].view(shape)
 
-    monkeypatch.setattr(tree_verify_module.torch, "empty", empty_with_guards)
-    monkeypatch.setattr(tree_verify_module.torch, "empty_like",
-                        lambda t, **kw: empty_with_guards(t.shape, dtype=t.dtype, device=t.device))
-    try:
-        outputs = tree_verify_module.verify_greedy_forward(
-            tree.parents, tree.depth, tree.ancestor_mask, tokens, logits, out_width=out_width)
-    finally:
-        monkeypatch.undo()
+    patch.setattr(tree_verify_module.torch, "empty", empty_with_guards)
+    patch.setattr(tree_verify_module.torch, "empty_like",
+                  lambda t, **kw: empty_with_guards(t.shape, dtype=t.dtype, device=t.device))
+    return guarded
+
+
+def _greedy_walk_in_guarded_buffers(monkeypatch, tree, tokens, logits, out_width):
+    """The Triton greedy launcher with guarded result buffers: returns the buffers and the launcher's outputs."""
+    from distill_ops.kernels.tree_verify import verify_greedy_forward
+
+    with monkeypatch.context() as patch:
+        guarded = _guard_result_buffers(patch)
+        outputs = verify_greedy_forward(tree.parents, tree.depth, tree.ancestor_mask, tokens, logits, out_width)
     return guarded, outputs
 
 
@@ -1066,3 +1072,323 @@ def test_compact_kv_cache_every_argument_in_every_layout(impl):
             assert bit_equal(base[outside], before[outside]), f"{name} {layout}: written past the view"
         else:
             assert bit_equal(base, before), f"{name} {layout}: the input's storage was written"
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton-kernel mutation audit (2026-12-07): inputs the kernels' existing tests left out
+# --------------------------------------------------------------------------------------------------
+
+def test_verify_reads_logits_and_draft_probs_through_their_own_strides():
+    """Row views whose batch / node strides are not those of a contiguous ``[B, T, V]`` tensor reach the kernels as
+    they are (only a unit stride along V is required): logits sliced along T from a taller buffer (batch stride !=
+    T * node stride) and draft weights permuted from a ``[T, B, V + 7]`` buffer (strides unlike the logits'). A
+    kernel that derived one stride from another read other rows: random ones here, so the argmax, the masses and
+    the draft rows' sums (each row at its own scale) differ. Greedy against the brute-force rule; sampling (drafts
+    drawn from their rows, so q decides) against the PyTorch path on contiguous copies for one generator state."""
+    rng = random.Random(8)
+    batch, num_nodes, vocab = 4, 9, 40
+    gen = torch.Generator().manual_seed(8)
+    wide = torch.softmax(torch.randn(num_nodes, batch, vocab + 7, generator=gen) * 2, -1)
+    wide = wide * 10 ** (3 * torch.rand(num_nodes, batch, 1, generator=gen))
+    draft_probs = wide.permute(1, 0, 2)[:, :, :vocab]
+    tall = torch.randn(batch, num_nodes + 4, vocab, generator=gen) * 2
+    tall[:, 2 : 2 + num_nodes] = draft_probs.log() + torch.randn(batch, num_nodes, vocab, generator=gen) * 1.5
+    logits = tall[:, 2 : 2 + num_nodes]  # near the draft rows' logits, so that drafts are accepted
+    assert logits.stride(0) != num_nodes * logits.stride(1) and draft_probs.stride()[:2] != logits.stride()[:2]
+    parents, tokens = random_tree_and_tokens(num_nodes, vocab, logits, rng)
+    tree = build_tree(parents.to(DEVICE))
+    greedy = verify_greedy(tree, tokens.to(DEVICE), logits.to(DEVICE), impl="triton")
+    for b, (path, bonus) in enumerate(brute_force_greedy(parents.tolist(), tokens, logits)):
+        assert greedy.accepted_nodes[b, : len(path)].tolist() == path and greedy.next_tokens[b].item() == bonus
+    assert greedy.accept_len.sum() > 0
+
+    tree = build_tree(torch.tensor(PARENTS, device=DEVICE))  # three children at the root, two at node 1
+    drafts = torch.zeros(batch, len(PARENTS), dtype=torch.int64)
+    for node in range(1, len(PARENTS)):
+        drafts[:, node] = torch.multinomial(draft_probs[:, PARENTS[node]], 1, generator=gen)[:, 0]
+    logits, draft_probs = logits[:, : len(PARENTS)], draft_probs[:, : len(PARENTS)]
+    for probs in (None, draft_probs):
+        results = [verify_sampling(tree, drafts.to(DEVICE), values.to(DEVICE),
+                                   draft_probs=None if probs is None else weights.to(DEVICE),
+                                   generator=torch.Generator(DEVICE).manual_seed(seed), impl=impl)
+                   for seed in range(3)
+                   for values, weights, impl in ((logits, probs, "triton"),
+                                                 (logits.contiguous(), None if probs is None else probs.contiguous(),
+                                                  "torch"))]
+        for ours, ref in zip(results[0::2], results[1::2]):
+            for field in RESULT_FIELDS:
+                assert torch.equal(getattr(ours, field), getattr(ref, field)), (field, probs is None)
+        assert 0 < sum(int(result.accept_len.sum()) for result in results[1::2]) < 3 * batch * 2
+
+
+def test_greedy_checks_ancestors_in_every_64_bit_word():
+    """The ancestor bitmask holds 64 nodes per int64 word; the greedy walk must check, and read the accepted path
+    from, the words past the first. Nodes 1-64 are mismatched children of the root (node 64 opens word 1), so
+    every longer match lies in word 1: a matching chain 0 -> 65 -> 66, and a deeper chain of matches 68 -> 69 -> 70
+    below node 67, whose own token does not match (so that chain must be rejected). The tests above stop at
+    T = 64 (one word) and random trees never match that deep."""
+    num_nodes, vocab = 72, 16
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(1, num_nodes, vocab, generator=gen)
+    argmax = torch.randint(0, vocab, (num_nodes,), generator=gen)
+    logits[0, torch.arange(num_nodes), argmax] = 10.0
+    parents = [-1] + [0] * 65 + [65, 0, 67, 68, 69, 70]
+    tokens = torch.zeros(1, num_nodes, dtype=torch.int64)
+    for node in range(1, num_nodes):
+        tokens[0, node] = (argmax[parents[node]] + (1 if node <= 64 or node == 67 else 0)) % vocab
+    tree = build_tree(torch.tensor(parents, device=DEVICE))
+    assert tree.ancestor_mask.shape[-1] == 2
+    result = verify_greedy(tree, tokens.to(DEVICE), logits.to(DEVICE), impl="triton")
+    (path, bonus), = brute_force_greedy(parents, tokens, logits)
+    assert path == [0, 65, 66]
+    width = tree.max_depth + 1
+    assert result.accepted_nodes[0].tolist() == path + [-1] * (width - len(path))
+    assert result.accept_len.tolist() == [len(path) - 1] and result.next_tokens.tolist() == [bonus]
+    emitted = [int(tokens[0, node]) for node in path[1:]] + [bonus]
+    assert result.emitted_tokens[0].tolist() == emitted + [-1] * (width - len(emitted))
+
+
+@pytest.mark.parametrize("vocab", [64, 1100], ids=["one-full-block", "two-blocks"])
+def test_sampling_bonus_of_a_row_without_mass_is_its_first_token(vocab):
+    """A final node whose row is entirely -inf or NaN has no residual mass: the bonus token is that row's argmax,
+    torch.argmax's first occurrence, token 0 (as on the PyTorch path). The statistics kernel keeps a per-lane argmax
+    across vocabulary blocks: every lane ties here, in a block with no padding lanes (V = 64) and across two blocks
+    (V = 1,100 with 1,024-entry blocks), where a lane index taken from a later block or the largest tied lane would
+    come first. Sequence 0 (a finite row, its own argmax) comes first in the batch. With and without draft
+    probabilities."""
+    gen = torch.Generator().manual_seed(vocab)
+    tree = build_tree(torch.tensor([-1, 0, 0], device=DEVICE))
+    logits = torch.randn(3, 3, vocab, generator=gen)
+    logits[1, 0] = float("-inf")
+    logits[2, 0] = float("nan")
+    tokens = torch.randint(0, vocab, (3, 3), generator=gen).to(DEVICE)
+    draft_probs = torch.softmax(torch.randn(3, 3, vocab, generator=gen), -1).to(DEVICE)
+    first = nan_as_neg_inf(logits[1:, 0]).argmax(-1)
+    for probs in (None, draft_probs):
+        results = [verify_sampling(tree, tokens, logits.to(DEVICE), draft_probs=probs, impl=impl,
+                                   generator=torch.Generator(DEVICE).manual_seed(0)) for impl in ("triton", "torch")]
+        for field in RESULT_FIELDS:
+            assert torch.equal(getattr(results[0], field), getattr(results[1], field)), (field, probs is None)
+        assert torch.equal(results[0].next_tokens[1:].cpu(), first) and results[0].accept_len[1:].tolist() == [0, 0]
+
+
+def test_sampling_walk_never_writes_past_its_rows(monkeypatch):
+    """The sampling walk keeps its result rows in BLOCK_W >= 16 lanes: only the first ``out_width`` may be stored
+    (past them, on a GPU, lie the next sequence's row or other memory). Result tensors inside guard bands that must
+    stay untouched, at the spec's own width (4) and at an understated one (2, a spec whose max_depth is too small:
+    the row is truncated); the rows equal the PyTorch path's, truncated."""
+    import distill_ops.verify as verify_module
+    from distill_ops.kernels import tree_verify as tree_verify_module
+
+    tree = build_tree(torch.tensor([-1, 0, 1, 2], device=DEVICE))  # a chain of depth 3
+    tokens = torch.tensor([[5, 1, 2, 3], [5, 1, 6, 3]], device=DEVICE)
+    logits = torch.full((2, 4, 8), -5.0, device=DEVICE)
+    logits[:, torch.arange(4), torch.tensor([1, 2, 3, 4])] = 20.0  # drafts of probability ~1 (or ~0: token 6)
+    uniforms = torch.full((2, 4), 0.5, device=DEVICE)
+    monkeypatch.setattr(verify_module, "draw_uniforms", lambda *args: uniforms)
+    want = verify_sampling(tree, tokens, logits, impl="torch")
+    for out_width in (4, 2):
+        with monkeypatch.context() as patch:
+            guarded = _guard_result_buffers(patch)
+            accepted, accept_len, next_tokens, emitted = tree_verify_module.verify_sampling_forward(
+                tree.parents, tokens, logits, None, None, None, uniforms, 1.0, out_width)
+        assert guarded and all(bool((buffer[-16:] == -7).all()) for buffer in guarded), out_width
+        assert torch.equal(accepted, want.accepted_nodes[:, :out_width])
+        assert torch.equal(emitted, want.emitted_tokens[:, :out_width])
+    assert want.accept_len.tolist() == [3, 1]
+
+
+@pytest.mark.parametrize("top_k, top_p", [(None, 0.9), (12, 0.5)], ids=str)
+def test_triton_filter_cut_at_a_low_temperature(top_k, top_p):
+    """At a low temperature the tempered logits reach hundreds (logit / T with |logit| up to ~12, T = 0.03): the
+    top-p search must shift by the tempered row maximum, or its exp() overflows to inf and the cut is lost. The
+    kernel's cut equals ``filter_thresholds``' (a sort); logits on a 1/4 grid (ties), distinct ones, and a row of
+    logits within ~0.05 of 10 (many tokens in the top-p set even at this temperature)."""
+    from distill_ops.kernels.tree_verify import sampling_stats
+    from distill_ops.verify import filter_thresholds
+
+    generator = torch.Generator().manual_seed(12)
+    batch, num_nodes, vocab, temperature = 2, 3, 300, 0.03
+    logits = torch.randint(-48, 48, (batch, num_nodes, vocab), generator=generator).double() / 4
+    logits[1, 2] = torch.randn(vocab, generator=generator, dtype=torch.float64) * 4
+    logits[1, 1] = 10 + torch.randn(vocab, generator=generator, dtype=torch.float64) / 50  # close: a wide top-p set
+    logits = logits.float().to(DEVICE)
+    parents = build_tree(torch.tensor([-1, 0, 0])).parents.to(DEVICE)
+    expected = filter_thresholds(logits, temperature, top_k, top_p)
+    got = sampling_stats(parents, logits, top_k, top_p, None, temperature)["thresh"].view(batch, num_nodes)
+    assert torch.equal(got.cpu(), expected.cpu()), (got, expected)
+    assert (got < logits.amax(-1)).any()  # some row keeps more than its maximum
+
+
+def specinfer_reference(parents, tokens, logits, draft_probs, uniforms, temperature):
+    """SpecInfer's multi-round rejection in float64, one sequence: the documented walk with the residual kept as a
+    distribution (normalised after every rejection) and the draft row normalised by its sum; ``draft_probs`` None:
+    deterministic drafts, each a point mass (accepted with probability r(x), then zeroed in the residual). Returns
+    the path, the bonus token, the smallest distance of a decision from its threshold and the most rejections at one
+    node."""
+    probs = torch.softmax(logits.double() / temperature, -1)
+    path, residual, margin, rejections, most = [0], probs[0], math.inf, 0, 0
+    for j in range(1, len(parents)):
+        cur = path[-1]
+        if parents[j] != cur:
+            continue
+        x = int(tokens[j])
+        if draft_probs is None:
+            q = torch.nn.functional.one_hot(torch.tensor(x), probs.shape[-1]).double()
+        else:
+            q = draft_probs[cur].double() / draft_probs[cur].double().sum()
+        r = residual / residual.sum()
+        margin = min(margin, abs(float(uniforms[j]) * float(q[x]) - float(r[x])))
+        if float(uniforms[j]) * q[x] < r[x]:
+            path.append(j)
+            residual, rejections = probs[j], 0
+        else:
+            residual, rejections = torch.clamp_min(r - q, 0.0), rejections + 1
+            most = max(most, rejections)
+    cdf = torch.cumsum(residual, 0)
+    target = float(uniforms[0]) * float(cdf[-1])
+    margin = min(margin, float((cdf - target).abs().min()))
+    bonus = int(((cdf > target) & (residual > 0)).nonzero()[0])
+    return path, bonus, margin, most
+
+
+def test_draft_probs_rounds_match_a_float64_specinfer_walk():
+    """The Triton SpecInfer walk (draft_probs) against :func:`specinfer_reference` for the same uniforms: per-sequence
+    trees (nodes of four and six children, so up to five rejections at a node; a chain of single children), drafts
+    drawn from their rows, a target near the draft (rejections, and round masses N_k well below 1), and draft rows
+    at different scales (normalised as torch.multinomial does). Each round's residual is ``max(p - c_k q, 0) / N_k``
+    with ``c_{k+1} = c_k + N_k``: a wrong round constant, an unnormalised row, or the round table of another
+    sequence's tree changes decisions."""
+    gen = torch.Generator().manual_seed(21)
+    # Sequence 0: six children at the root. 1 and 2: four children at a node that has one or none in tree 0. 3: a chain.
+    trees = [[-1, 0, 0, 0, 0, 0, 0, 1], [-1, 0, 1, 1, 1, 1, 2, 2], [-1, 0, 0, 2, 2, 2, 2, 3], [-1, 0, 1, 2, 3, 4, 5, 6]]
+    batch, num_nodes, vocab, temperature = len(trees), len(trees[0]), 12, 0.9
+    tree = build_tree(torch.tensor(trees, device=DEVICE))
+    draft_probs = torch.softmax(torch.randn(batch, num_nodes, vocab, generator=gen) * 1.5, -1)
+    draft_probs = draft_probs * torch.tensor([0.3, 1.0, 2.5, 7.0])[:, None, None]
+    logits = draft_probs.log() + torch.randn(batch, num_nodes, vocab, generator=gen)  # a target near the draft
+    deepest = 0
+    for seed in range(6):
+        tokens = torch.zeros(batch, num_nodes, dtype=torch.int64)
+        for b, parents in enumerate(trees):
+            for node in range(1, num_nodes):
+                tokens[b, node] = torch.multinomial(draft_probs[b, parents[node]], 1, generator=gen)[0]
+        result = verify_sampling(tree, tokens.to(DEVICE), logits.to(DEVICE), temperature=temperature,
+                                 draft_probs=draft_probs.to(DEVICE), impl="triton",
+                                 generator=torch.Generator(DEVICE).manual_seed(seed))
+        uniforms = torch.rand((batch, num_nodes), generator=torch.Generator().manual_seed(seed))
+        for b, parents in enumerate(trees):
+            path, bonus, margin, most = specinfer_reference(parents, tokens[b], logits[b], draft_probs[b],
+                                                            uniforms[b], temperature)
+            assert margin > 1e-5, "a decision within rounding of its threshold: pick another seed"
+            deepest = max(deepest, most)
+            assert result.accepted_nodes[b, : len(path)].tolist() == path, (seed, b)
+            assert result.accept_len[b].item() == len(path) - 1 and result.next_tokens[b].item() == bonus, (seed, b)
+    assert deepest >= 2  # some node rejected two children: its third round or bonus used c_2
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, None), (None, 0.8), (5, 0.8)], ids=str)
+def test_triton_filter_cut_of_rows_without_finite_values(top_k, top_p):
+    """Rows that are entirely NaN or entirely -inf (NaN reads as -inf), and a row whose only non-NaN entry is finite:
+    the kernel's cut equals ``filter_thresholds``' (-inf for a row without finite values: its min / max pass must read
+    NaN as -inf too, or an all-NaN row's minimum is +inf and so is its cut), and the walk's results equal the PyTorch
+    path's."""
+    from distill_ops.kernels.tree_verify import sampling_stats
+    from distill_ops.verify import filter_thresholds
+
+    generator = torch.Generator().manual_seed(13)
+    logits = torch.randn(2, 3, 40, generator=generator) * 2
+    logits[0, 0] = float("nan")
+    logits[0, 1] = float("-inf")
+    logits[1, 1] = float("nan")
+    logits[1, 1, 17] = 3.0
+    logits[1, 2, ::2] = float("nan")
+    logits = logits.to(DEVICE)
+    parents = build_tree(torch.tensor([-1, 0, 0])).parents.to(DEVICE)
+    expected = filter_thresholds(logits, 0.9, top_k, top_p)
+    got = sampling_stats(parents, logits, top_k, top_p, None, 0.9)["thresh"].view(2, 3)
+    assert torch.equal(got.cpu(), expected.cpu()), (got, expected)
+    tree = build_tree(torch.tensor([-1, 0, 0], device=DEVICE))
+    tokens = torch.randint(0, 40, (2, 3), generator=generator).to(DEVICE)
+    results = [verify_sampling(tree, tokens, logits, temperature=0.9, top_k=top_k, top_p=top_p, impl=impl,
+                               generator=torch.Generator(DEVICE).manual_seed(1)) for impl in ("triton", "torch")]
+    for field in RESULT_FIELDS:
+        assert torch.equal(getattr(results[0], field), getattr(results[1], field)), field
+
+
+def test_deterministic_drafts_match_a_float64_walk():
+    """Deterministic (top-k) drafts on the Triton path against :func:`specinfer_reference` with point-mass drafts for
+    the same uniforms: each of a node's children is tried in order and accepted with its probability under the
+    residual renormalised after the earlier rejections (``u * det_mass < p(x)``), a repeated rejected token never.
+    Nodes of up to six children that draft their parent's top tokens (a repeat among them), per-sequence trees."""
+    gen = torch.Generator().manual_seed(22)
+    trees = [[-1, 0, 0, 0, 0, 0, 0, 1], [-1, 0, 1, 1, 1, 1, 2, 2], [-1, 0, 0, 2, 2, 2, 2, 3]] * 4
+    batch, num_nodes, vocab, temperature = len(trees), len(trees[0]), 12, 0.8
+    tree = build_tree(torch.tensor(trees, device=DEVICE))
+    logits = torch.randn(batch, num_nodes, vocab, generator=gen) * 2
+    tokens = torch.zeros(batch, num_nodes, dtype=torch.int64)
+    for b, parents in enumerate(trees):
+        for node in range(1, num_nodes):
+            rank = sum(parents[n] == parents[node] for n in range(1, node))  # the node's place among its siblings
+            tokens[b, node] = logits[b, parents[node]].topk(6).indices[rank if rank != 3 else 0]  # rank 3 repeats
+    deepest = 0
+    for seed in range(4):
+        result = verify_sampling(tree, tokens.to(DEVICE), logits.to(DEVICE), temperature=temperature, impl="triton",
+                                 generator=torch.Generator(DEVICE).manual_seed(seed))
+        uniforms = torch.rand((batch, num_nodes), generator=torch.Generator().manual_seed(seed))
+        for b, parents in enumerate(trees):
+            path, bonus, margin, most = specinfer_reference(parents, tokens[b], logits[b], None, uniforms[b],
+                                                            temperature)
+            assert margin > 1e-5, "a decision within rounding of its threshold: pick another seed"
+            deepest = max(deepest, most)
+            assert result.accepted_nodes[b, : len(path)].tolist() == path, (seed, b)
+            assert result.accept_len[b].item() == len(path) - 1 and result.next_tokens[b].item() == bonus, (seed, b)
+    assert deepest >= 3
+
+
+@pytest.mark.parametrize("vocab", [9, 1100], ids=["one-block", "empty-last-block"])
+def test_a_coin_past_every_cumulative_mass_draws_the_last_token_of_positive_mass(monkeypatch, vocab):
+    """The bonus draw with the largest coin below 1 over many rows (one batch): where the fp32 masses summed block by
+    block stay at or below coin * total (no block crosses the coin), the walk must fall back to the last token of
+    positive mass, as where the CDF crosses the coin only at that last token (the float64 walk: its mass is large);
+    not the first positive token of the last block with mass, nor (V = 1,100: tokens 9 on are -inf, the second
+    1,024-entry block has no mass) the row's argmax. The -inf entries must not be drawn."""
+    import distill_ops.verify as verify_module
+
+    almost_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()
+    batch = 64
+    logits = torch.full((batch, 1, vocab), float("-inf"))
+    logits[:, 0, :9] = torch.randn(batch, 9, generator=torch.Generator().manual_seed(14)) * 2
+    logits[:, 0, 8] = logits[:, 0].amax(-1) - 1  # the last finite token has a large mass (and is not the argmax)
+    tree = build_tree(torch.tensor([-1], device=DEVICE))
+    uniforms = torch.full((batch, 1), almost_one, device=DEVICE)
+    monkeypatch.setattr(verify_module, "draw_uniforms", lambda *args: uniforms)
+    result = verify_sampling(tree, torch.zeros(batch, 1, dtype=torch.int64, device=DEVICE), logits.to(DEVICE),
+                             impl="triton")
+    probs = torch.softmax(logits[:, 0].double(), -1)
+    cdf = torch.cumsum(probs, -1)
+    expected = ((cdf > almost_one) & (probs > 0)).int().argmax(-1)
+    assert (expected == 8).all()
+    assert result.next_tokens.tolist() == expected.tolist()
+
+
+def test_a_coin_on_a_cumulative_mass_boundary_between_blocks_takes_the_next_blocks_token(monkeypatch):
+    """The inverse CDF picks the first token whose cumulative mass exceeds coin * total, strictly. The walk first
+    finds the vocabulary block where the running mass crosses the target: two tokens of mass exactly 1/2, one in each
+    1,024-entry block (V = 1,100), and a coin of exactly 1/2 put the target on the first block's end, so the token of
+    the second block is drawn (a block test with >= stopped in the first block and drew its last token), as on the
+    PyTorch path."""
+    import distill_ops.verify as verify_module
+
+    vocab = 1100
+    logits = torch.full((2, 1, vocab), float("-inf"))
+    logits[:, 0, [5, 1050]] = 0.0
+    logits[1, 0, 3] = 0.0  # 1/3 each: no boundary, the coin falls inside the first block
+    tree = build_tree(torch.tensor([-1], device=DEVICE))
+    monkeypatch.setattr(verify_module, "draw_uniforms", lambda *args: torch.full((2, 1), 0.5, device=DEVICE))
+    tokens = torch.zeros(2, 1, dtype=torch.int64, device=DEVICE)
+    ours, ref = (verify_sampling(tree, tokens, logits.to(DEVICE), impl=impl) for impl in ("triton", "torch"))
+    probs = torch.softmax(logits[:, 0].double(), -1)
+    expected = ((torch.cumsum(probs, -1) > 0.5) & (probs > 0)).int().argmax(-1)
+    assert expected[0] >= 1024  # the case under test: the boundary between the blocks
+    assert ours.next_tokens.tolist() == expected.tolist() == ref.next_tokens.tolist()
