@@ -37,7 +37,7 @@ TEST_TIMEOUT_S="${GPU_CHECK_TEST_TIMEOUT_S:-210}"
 # H200 run of 2026-11-28 ran its 735 tests that way in 65 s.
 # The FSDP tests run gloo ranks on the CPU, the same on any machine: left to CI, to keep the GPU's minutes for
 # CUDA. --durations names the slowest tests, for the next budget.
-# The suite has grown to ~2550 tests (3.5x that run), so it may not finish inside the timeout: the files are given
+# The suite has grown to ~2670 tests (3.6x that run), so it may not finish inside the timeout: the files are given
 # in priority order (pytest collects them in that order and xdist hands them out in it), the kernels' parity and
 # peer-bug tests first, then the engine and integrations, last the files that test tooling the same on any machine
 # (packaging, README, the benchmark harness, the static compile check). A timeout then cuts the least useful.
