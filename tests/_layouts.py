@@ -85,3 +85,16 @@ def layout_calls(inputs: dict, names, shared=()):
                 continue
             view, base, place = made
             yield name, layout, {**inputs, name: view}, base, place
+
+
+def student_leaf(args: dict, key: str, name: str, student: torch.Tensor, base: torch.Tensor, place):
+    """Make ``args[key]`` (the student) a leaf that requires grad, for one ``layout_calls`` case: the view of
+    ``base`` when the student is the argument ``name`` in a layout, else a fresh contiguous copy of ``student``.
+    Returns a function giving the student's gradient after backward, in the student's logical shape."""
+    if name == key:
+        base.requires_grad_(True)
+        args[key] = place(base)
+        return lambda: place(base.grad)
+    leaf = args[key] = student.clone().requires_grad_(True)
+    return lambda: leaf.grad
+

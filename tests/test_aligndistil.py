@@ -643,7 +643,7 @@ def test_every_argument_in_every_layout(impl):
     with stride 2 along the vocabulary, transposed, leading dims permuted, and (the two teachers and labels, shared
     by the batch) expand()ed with stride 0 over the batch: loss, gradient and alpha are the float64 oracle's, and
     no input's storage (the view's padding included) is written, in forward or backward."""
-    from tests._layouts import bit_equal, layout_calls
+    from tests._layouts import bit_equal, layout_calls, student_leaf
 
     student = _logits((2, 3, 37), torch.float32, seed=90)
     dpo, other = (_logits((1, 3, 37), torch.float32, seed=91 + i).expand(2, 3, 37).contiguous() for i in range(2))
@@ -654,16 +654,11 @@ def test_every_argument_in_every_layout(impl):
                                                         upstream=upstream)
     for name, layout, args, base, place in layout_calls(inputs, inputs, shared=("dpo", "other", "labels")):
         before = base.clone()
-        if name == "student":
-            base.requires_grad_(True)
-            args["student"] = place(base)
-            leaf = base
-        else:
-            leaf = args["student"] = student.clone().requires_grad_(True)
+        student_grad = student_leaf(args, "student", name, student, base, place)
         loss, alpha = aligndistil_kl(args["student"], args["dpo"], args["other"], labels=args["labels"],
                                      reduction="none", return_alpha=True, impl=impl)
         loss.backward(upstream)
-        grad = place(leaf.grad) if name == "student" else leaf.grad
+        grad = student_grad()
         assert_close(loss, expected, torch.float32, f"{name} {layout}: loss")
         assert_close(alpha, expected_alpha, torch.float32, f"{name} {layout}: alpha")
         assert_close(grad, expected_grad, torch.float32, f"{name} {layout}: gradient")

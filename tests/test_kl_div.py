@@ -1428,7 +1428,7 @@ def test_every_argument_in_every_layout(impl):
     with stride 2 along the vocabulary, transposed, leading dims permuted, and (the teacher and labels, shared by
     the batch) expand()ed with stride 0 over the batch: the loss and the gradient are the float64 reference's, and
     no input's storage (the view's padding included) is written, in forward or backward."""
-    from tests._layouts import bit_equal, layout_calls
+    from tests._layouts import bit_equal, layout_calls, student_leaf
 
     student = _logits((2, 3, 37), torch.float32, seed=90)
     teacher = _logits((1, 3, 37), torch.float32, seed=91).expand(2, 3, 37).contiguous()
@@ -1439,16 +1439,11 @@ def test_every_argument_in_every_layout(impl):
                                                     reduction="none")
     for name, layout, args, base, place in layout_calls(inputs, inputs, shared=("teacher", "labels")):
         before = base.clone()
-        if name == "student":
-            base.requires_grad_(True)
-            args["student"] = place(base)
-            leaf = base
-        else:
-            leaf = args["student"] = student.clone().requires_grad_(True)
+        student_grad = student_leaf(args, "student", name, student, base, place)
         loss = kl_div(args["student"], args["teacher"], labels=args["labels"], divergence="jsd", reduction="none",
                       impl=impl)
         loss.backward(upstream)
-        grad = place(leaf.grad) if name == "student" else leaf.grad
+        grad = student_grad()
         assert_close(loss, expected, torch.float32, f"{name} {layout}: loss")
         assert_close(grad, expected_grad, torch.float32, f"{name} {layout}: gradient")
         assert bit_equal(base.detach(), before), f"{name} {layout}: the input's storage was written"

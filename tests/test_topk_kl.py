@@ -1814,7 +1814,7 @@ def test_every_argument_in_every_layout(form, impl):
     stride 2 along the last dim, transposed, leading dims permuted, and (the teacher's tensors, labels and bound,
     shared by the batch) expand()ed with stride 0 over the batch: loss and gradient are the float64 reference's,
     and no input's storage (the view's padding included) is written, in forward or backward."""
-    from tests._layouts import bit_equal, layout_calls
+    from tests._layouts import bit_equal, layout_calls, student_leaf
 
     student = _logits((2, 3, 37), torch.float32, seed=90)
     teacher = _logits((1, 3, 37), torch.float32, seed=91).expand(2, 3, 37).contiguous()
@@ -1835,15 +1835,10 @@ def test_every_argument_in_every_layout(form, impl):
     tensors = [name for name, value in inputs.items() if isinstance(value, torch.Tensor)]
     for name, layout, args, base, place in layout_calls(inputs, tensors, shared=shared):
         before = base.clone()
-        if name == "student_logits":
-            base.requires_grad_(True)
-            args["student_logits"] = place(base)
-            leaf = base
-        else:
-            leaf = args["student_logits"] = student.clone().requires_grad_(True)
+        student_grad = student_leaf(args, "student_logits", name, student, base, place)
         loss = topk_kl_div(**args, **options, impl=impl)
         loss.backward(upstream)
-        grad = place(leaf.grad) if name == "student_logits" else leaf.grad
+        grad = student_grad()
         assert_close(loss, ref_loss, torch.float32, f"{name} {layout}: loss")
         assert_close(grad, expected_grad.reshape(student.shape), torch.float32, f"{name} {layout}: gradient")
         assert bit_equal(base.detach(), before), f"{name} {layout}: the input's storage was written"
