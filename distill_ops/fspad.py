@@ -295,6 +295,11 @@ def target_features(target: nn.Module, input_ids: torch.Tensor, **forward_kwargs
     target's forward as they are (e.g. ``attention_mask``).
     """
     _check_target_input_ids(target, input_ids, min_length=1)
+    return _target_features(target, input_ids, **forward_kwargs)
+
+
+def _target_features(target: nn.Module, input_ids: torch.Tensor, **forward_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`target_features` on inputs already checked."""
     out = target(input_ids=input_ids, output_hidden_states=True, use_cache=False, **forward_kwargs)
     return out.hidden_states[-1], out.logits
 
@@ -311,7 +316,7 @@ def fspad_training_inputs(target: nn.Module, input_ids: torch.Tensor) -> dict[st
     """
     _check_target_input_ids(target, input_ids, min_length=2)
     with torch.no_grad():
-        features, _ = target_features(target, input_ids)
+        features, _ = _target_features(target, input_ids)  # input_ids checked above (min_length 2)
         token_embeds = target.get_input_embeddings()(input_ids[:, 1:])
     length = input_ids.shape[1] - 1
     return {
