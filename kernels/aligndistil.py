@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._launch import LAUNCH_OPTIONS
 from .kl_div import zero_fill_row
 
 # Default launch configuration (BLOCK_V elements of each tensor per loop iteration, warps): kl_div's measured
@@ -301,7 +302,7 @@ def aligndistil_forward(
         HAS_LABELS=labels is not None,
         COMPUTE_GRAD=grad_out is not None,
         BLOCK_V=block_v,
-        num_warps=num_warps,
+        num_warps=num_warps, **LAUNCH_OPTIONS,
     )
     return loss, alpha
 

@@ -78,6 +78,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._launch import LAUNCH_OPTIONS
 
 BLOCK_I = 64
 BLOCK_J = 32
@@ -303,7 +304,7 @@ def eagle_level_forward(
         float_offsets["candidate_scores"], float_offsets["node_scores"], int_offsets["candidate_tokens"],
         int_offsets["node_candidates"], int_offsets["node_parents"], int_offsets["node_tokens"],
         int_offsets["node_positions"],
-        BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, PER_ROW=per_row, num_warps=NUM_WARPS,
+        BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, PER_ROW=per_row, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
     )
 
 
@@ -326,7 +327,7 @@ def eagle_select_forward(
         *args, num_rows, last_row_base, k, max(1, min(k, num_keep - 1)), num_keep, root_token,
         float_offsets["candidate_scores"], float_offsets["node_scores"], int_offsets["candidate_tokens"],
         int_offsets["node_candidates"], int_offsets["tree_parents"], int_offsets["tree_tokens"],
-        BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, PER_ROW=per_row, num_warps=NUM_WARPS,
+        BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, PER_ROW=per_row, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
     )
 
 

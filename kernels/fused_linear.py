@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._launch import LAUNCH_OPTIONS
 from .kl_div import DIVERGENCE_CODES, _divergence_terms
 
 # Per-row partial statistics written by PASS 1 (index into the first dim of the partial buffer).
@@ -861,6 +862,7 @@ def fused_linear_stats(
                 partial.shape[1], 1.0 / temperature, temperature, coef,
                 DIVERGENCE=code, PASS=pass_index, HAS_CE=has_ce_pass, BLOCK_N=block_n, BLOCK_V=block_v,
                 BLOCK_H=block_h, GROUP=group, ENTROPY=has_entropy, num_warps=num_warps, num_stages=num_stages,
+                **LAUNCH_OPTIONS,
                 **flags,
             )
         return partial
@@ -933,7 +935,7 @@ def accumulate_grad_hidden(
         num_rows, grad_chunk.shape[1], hidden,
         FIRST=first, LAST=last, PRECISION=_precision(hi.dtype, interpreter),
         BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_K=block_k, GROUP=GROUP_N,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS,
     )
 
 
@@ -1007,7 +1009,7 @@ def fused_linear_grad_logits(
         BLOCK_V=block_v,
         BLOCK_H=block_h,
         GROUP=GROUP_N,
-        num_warps=num_warps,
+        num_warps=num_warps, **LAUNCH_OPTIONS,
         num_stages=num_stages,
         **flags,
     )

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._launch import LAUNCH_OPTIONS
 
 # Divergence codes (compile-time constants of the kernel).
 FORWARD, REVERSE, JSD, SKEW_FORWARD, SKEW_REVERSE, TVD = range(6)
@@ -460,7 +461,7 @@ def kl_div_forward(
         # which works in the coefficient's log: e^-r clamped at 88 would lose it, and at alpha < 3e-39 the skew
         # KLs' p / m past fp32's range made the gradient inf / NaN.
         FROM_LOG_RATIO=not 0.0 < min(coef, 1.0 - coef) <= 1e-30,  # coef is 0 for forward / reverse / TVD
-        num_warps=num_warps,
+        num_warps=num_warps, **LAUNCH_OPTIONS,
     )
     return loss
 

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._launch import LAUNCH_OPTIONS
 
 BLOCK_V = 4096
 NUM_WARPS = 8
@@ -40,7 +41,8 @@ def scale_rows_(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"upstream must have shape [{num_rows}] (grad's rows), got {tuple(upstream.shape)}")
     if num_rows > 0 and vocab > 0:
         _scale_rows_kernel[(num_rows,)](
-            grad, upstream, grad.stride(0), upstream.stride(0), vocab, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS
+            grad, upstream, grad.stride(0), upstream.stride(0), vocab, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
+            **LAUNCH_OPTIONS,
         )
     return grad
 

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._launch import LAUNCH_OPTIONS
 from .kl_div import zero_fill_row
 
 RENORMALIZE, BUCKET, LABEL = range(3)
@@ -378,7 +379,7 @@ def topk_kl_forward(
         COMPUTE_GRAD=grad_out is not None,
         BLOCK_K=block_k,
         BLOCK_V=block_v or BLOCK_V,
-        num_warps=num_warps or num_warps_for(block_k, tail),
+        num_warps=num_warps or num_warps_for(block_k, tail), **LAUNCH_OPTIONS,
     )
     return loss
 
@@ -393,7 +394,7 @@ def row_logsumexp(rows: torch.Tensor, temperature: float) -> torch.Tensor:
         return out
     _row_logsumexp_kernel[(num_rows,)](
         rows, out[0], out[1], rows.stride(0), vocab, 1.0 / temperature, BLOCK_V=LSE_BLOCK_V,
-        num_warps=LSE_NUM_WARPS,
+        num_warps=LSE_NUM_WARPS, **LAUNCH_OPTIONS,
     )
     return out
 

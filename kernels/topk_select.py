@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._launch import LAUNCH_OPTIONS
 
 BLOCK_V = 4096
 CANDIDATE_BLOCK = 1024
@@ -295,7 +296,7 @@ def topk_select(
         _topk_select_kernel[(stop - start,)](
             rows[start:stop], values[start:stop], indices[start:stop], scratch_values, scratch_indices,
             rows.stride(0), vocab, count, capacity, KEY_BITS=KEY_BITS[rows.dtype], BLOCK_V=block_v or BLOCK_V,
-            CANDIDATE_BLOCK=CANDIDATE_BLOCK, num_warps=num_warps or NUM_WARPS,
+            CANDIDATE_BLOCK=CANDIDATE_BLOCK, num_warps=num_warps or NUM_WARPS, **LAUNCH_OPTIONS,
         )
     return values, indices
 

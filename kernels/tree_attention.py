@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._launch import LAUNCH_OPTIONS
 
 BITS_PER_WORD = 64
 # Split-KV heuristic (see ``choose_num_splits``).
@@ -403,7 +404,7 @@ def tree_attention_forward(
                   TREE_BLOCK_N=config.tree_block_n, FP32_DOT=fp32_dot, SOFTCAP=softcap is not None,
                   WINDOW=sliding_window is not None, HAS_SINKS=sinks is not None,
                   num_warps=config.num_warps,
-                  num_stages=config.num_stages)
+                  num_stages=config.num_stages, **LAUNCH_OPTIONS)
     grid = (batch * num_kv_heads * row_blocks, num_kv_splits)
     # (DEPTH pointer, its batch stride, the window); the pointer is a placeholder never read without a window.
     if sliding_window is None:
@@ -449,7 +450,7 @@ def tree_attention_forward(
         lse.stride(0), lse.stride(1), lse.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         num_heads, num_nodes, num_kv_splits,
-        HEAD_DIM=head_dim, BLOCK_T=merge_block_t, num_warps=4, num_stages=1,
+        HEAD_DIM=head_dim, BLOCK_T=merge_block_t, num_warps=4, num_stages=1, **LAUNCH_OPTIONS,
     )
     return out
 

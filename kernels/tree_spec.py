@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._launch import LAUNCH_OPTIONS
 
 BITS_PER_WORD = 64
 BLOCK_T_SIZES = (64, 128, 256)
@@ -180,7 +181,7 @@ def tree_spec_forward(parents: torch.Tensor, max_depth: int, out: torch.Tensor |
     block_t, block_w, chunk = block_sizes(num_nodes)
     tree_spec_kernel[(batch,)](
         parents, buffer, parents.stride(0), parents.stride(1), num_nodes, num_words, max_depth, *offsets,
-        BLOCK_T=block_t, BLOCK_W=block_w, CHUNK=chunk, num_warps=NUM_WARPS,
+        BLOCK_T=block_t, BLOCK_W=block_w, CHUNK=chunk, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
     )
     return buffer
 

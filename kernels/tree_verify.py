@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._launch import LAUNCH_OPTIONS
 
 VERIFY_BLOCK_V = 1024
 # Greedy argmax: programs to aim for (about 4 per SM on a 132-SM H100 / H200; a fixed number, no device
@@ -579,7 +580,7 @@ def verify_greedy_forward(
     argmax = torch.empty(rows, device=device, dtype=torch.int64)
     node_argmax_kernel[(rows, num_splits)](
         target_logits, part_val, part_idx, target_logits.stride(0), target_logits.stride(1), num_nodes, vocab,
-        split_len, BLOCK_V=block_v, num_warps=4,
+        split_len, BLOCK_V=block_v, num_warps=4, **LAUNCH_OPTIONS,
     )
     accepted = torch.empty(batch, out_width, device=device, dtype=torch.int64)
     emitted = torch.empty_like(accepted)
@@ -590,7 +591,7 @@ def verify_greedy_forward(
     greedy_walk_kernel[(batch,)](
         parents, depth, ancestor_mask, draft_tokens, part_val, part_idx, argmax, accepted, accept_len, next_tokens,
         emitted, tree_stride, anc_stride, draft_tokens.stride(0), num_nodes, ancestor_mask.shape[2], out_width,
-        num_splits, vocab, BLOCK_T=_pow2(num_nodes), BLOCK_W=_pow2(out_width), num_warps=1,
+        num_splits, vocab, BLOCK_T=_pow2(num_nodes), BLOCK_W=_pow2(out_width), num_warps=1, **LAUNCH_OPTIONS,
     )
     return accepted, accept_len, next_tokens, emitted
 
@@ -624,7 +625,7 @@ def sampling_stats(
         0 if parents.shape[0] == 1 else parents.stride(0), num_nodes, vocab, 1.0 / temperature,
         top_k if has_topk else 0, top_p if has_topp else 1.0, HAS_TOPK=has_topk, HAS_TOPP=has_topp,
         HAS_DRAFT_PROBS=draft_probs is not None, BLOCK_V=_block_v(vocab), BLOCK_T=_pow2(num_nodes),
-        SEARCH_BLOCK=_block_v(vocab) if _interpreter() else SEARCH_BLOCK, num_warps=4,
+        SEARCH_BLOCK=_block_v(vocab) if _interpreter() else SEARCH_BLOCK, num_warps=4, **LAUNCH_OPTIONS,
     )
     return out
 
@@ -654,7 +655,7 @@ def verify_sampling_forward(
         target_logits.stride(0), target_logits.stride(1), q.stride(0), q.stride(1),
         0 if parents.shape[0] == 1 else parents.stride(0), draft_tokens.stride(0), uniforms.stride(0), num_nodes,
         vocab, out_width, 1.0 / temperature, BLOCK_T=_pow2(num_nodes), BLOCK_W=_pow2(out_width),
-        num_warps=walk_num_warps(flags["HAS_THRESH"], flags["HAS_DRAFT_PROBS"]), **flags,
+        num_warps=walk_num_warps(flags["HAS_THRESH"], flags["HAS_DRAFT_PROBS"]), **flags, **LAUNCH_OPTIONS,
     )
     return accepted, accept_len, next_tokens, emitted
 
@@ -678,7 +679,7 @@ def compact_kv_forward(
         first_k, first_v, kv_ptrs if from_table else accepted, accepted, cache_lens, new_lens,
         first_k.stride(0), first_k.stride(1), first_k.stride(2), first_v.stride(0), first_v.stride(1),
         first_v.stride(2), accepted.stride(0), num_heads, accepted.shape[1], head_dim, first_k.shape[2],
-        FROM_TABLE=from_table, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=COMPACT_NUM_WARPS,
+        FROM_TABLE=from_table, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=COMPACT_NUM_WARPS, **LAUNCH_OPTIONS,
     )
     return new_lens
 

@@ -196,7 +196,8 @@ class RecordTensorOps(torch.utils._python_dispatch.TorchDispatchMode):
 # Triton launches on the current device whatever device the tensors are on, so each launcher of
 # distill_ops.kernels makes its inputs' device current (kernels/_device.py). Checked here at each launch, for
 # the whole suite: the device the innermost launcher chose must be the device of every tensor argument (and, on
-# CUDA, the current device). A launcher left unwrapped has chosen none and fails whichever test reaches it.
+# CUDA, the current device). A launcher left unwrapped has chosen none and fails whichever test reaches it. Each
+# launch also passes the explicit compiler options of kernels/_launch.py (the interpreter would ignore them unseen).
 LAUNCHES_CHECKED = [0]
 
 
@@ -214,6 +215,14 @@ def _checked_launch(run):
                     f"{module}.{self.fn.__name__} launched with tensors on {sorted(map(str, devices))} while the "
                     f"launcher chose device {chosen} (current CUDA device {current}): every launcher must be "
                     "wrapped by kernels._device.on_input_device"
+                )
+            from distill_ops.kernels._launch import LAUNCH_OPTIONS
+
+            missing = {key: value for key, value in LAUNCH_OPTIONS.items() if kwargs.get(key) != value}
+            if missing:
+                raise AssertionError(
+                    f"{module}.{self.fn.__name__} launched without {missing}: every launch passes "
+                    "kernels._launch.LAUNCH_OPTIONS"
                 )
             LAUNCHES_CHECKED[0] += 1
         return run(self, *args, **kwargs)

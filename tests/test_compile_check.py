@@ -35,6 +35,15 @@ def test_compile_check_reports_registers_and_no_spills(tmp_path):
     assert "kl_div_fwd[jsd,bf16]" in proc.stdout
 
 
+def test_compile_check_builds_for_blackwell_on_request(tmp_path):
+    """--targets 100a compiles for sm_100a (not in the default targets: its stack frames are only reported)."""
+    proc, report = _run_check(tmp_path, "--only", "fused_linear_stats[forward,pass1,linear,bf16]", "--targets", "100a",
+                              "--variants", "aligned")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = [row for row in report["results"] if row["kernel"] == "fused_linear_stats[forward,pass1,linear,bf16]"]
+    assert row["target"] == "sm_100a" and row["ok"] and row["registers"] > 0 and row["spill_bytes"] == 0
+
+
 def test_compile_check_fails_on_a_kernel_that_does_not_compile(tmp_path):
     """One result, and it is the failure (a check that read all but the last result passed with two variants)."""
     proc, report = _run_check(tmp_path, "--modules", "tests._bad_kernels", "--only", "bad_non_power_of_two_block",

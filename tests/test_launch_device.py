@@ -32,6 +32,29 @@ def test_unwrapped_launcher_fails_the_check():
         scale_rows_.__wrapped__(grad, torch.full((3,), 2.0, device=DEVICE))
 
 
+def test_launch_without_the_explicit_options_fails_the_check():
+    # A launch inside the launcher's device choice but without LAUNCH_OPTIONS (FP contraction left to the installed
+    # Triton's default, which 3.10 turns off): the suite-wide check refuses it before the kernel runs.
+    from distill_ops.kernels._launch import LAUNCH_OPTIONS
+    from distill_ops.kernels.scale_rows import BLOCK_V, NUM_WARPS, _scale_rows_kernel
+
+    assert LAUNCH_OPTIONS == {"enable_fp_fusion": True}
+    grad, upstream = torch.ones(3, 5, device=DEVICE), torch.full((3,), 2.0, device=DEVICE)
+
+    @_device.on_input_device
+    def launch(grad, upstream, **options):
+        _scale_rows_kernel[(3,)](grad, upstream, grad.stride(0), upstream.stride(0), 5, BLOCK_V=BLOCK_V,
+                                 num_warps=NUM_WARPS, **options)
+
+    with pytest.raises(AssertionError, match=r"_scale_rows_kernel launched without \{'enable_fp_fusion': True\}"):
+        launch(grad, upstream)
+    with pytest.raises(AssertionError, match="launched without"):
+        launch(grad, upstream, enable_fp_fusion=False)
+    assert torch.equal(grad, torch.ones(3, 5, device=DEVICE))
+    launch(grad, upstream, **LAUNCH_OPTIONS)
+    assert torch.equal(grad, torch.full((3, 5), 2.0, device=DEVICE))
+
+
 def test_launcher_restores_the_device_it_found():
     assert _device.launch_device() is None
     seen = []
