@@ -38,7 +38,7 @@ def test_launch_without_the_explicit_options_fails_the_check():
     from distill_ops.kernels._launch import LAUNCH_OPTIONS
     from distill_ops.kernels.scale_rows import BLOCK_V, NUM_WARPS, _scale_rows_kernel
 
-    assert LAUNCH_OPTIONS == {"enable_fp_fusion": True}
+    assert set(LAUNCH_OPTIONS) == {"enable_fp_fusion"}
     grad, upstream = torch.ones(3, 5, device=DEVICE), torch.full((3,), 2.0, device=DEVICE)
 
     @_device.on_input_device
@@ -46,13 +46,20 @@ def test_launch_without_the_explicit_options_fails_the_check():
         _scale_rows_kernel[(3,)](grad, upstream, grad.stride(0), upstream.stride(0), 5, BLOCK_V=BLOCK_V,
                                  num_warps=NUM_WARPS, **options)
 
-    with pytest.raises(AssertionError, match=r"_scale_rows_kernel launched without \{'enable_fp_fusion': True\}"):
+    with pytest.raises(AssertionError, match=r"_scale_rows_kernel launched without \{'enable_fp_fusion': "):
         launch(grad, upstream)
     with pytest.raises(AssertionError, match="launched without"):
-        launch(grad, upstream, enable_fp_fusion=False)
+        launch(grad, upstream, enable_fp_fusion=not LAUNCH_OPTIONS["enable_fp_fusion"])
     assert torch.equal(grad, torch.ones(3, 5, device=DEVICE))
     launch(grad, upstream, **LAUNCH_OPTIONS)
     assert torch.equal(grad, torch.full((3, 5), 2.0, device=DEVICE))
+
+
+def test_fp_fusion_follows_the_users_triton_setting():
+    from distill_ops.kernels._launch import _fp_fusion
+
+    assert _fp_fusion(None) is True  # unset: on, Triton <= 3.9's default, whatever 3.10 defaults to
+    assert [_fp_fusion(value) for value in ("0", "false", "off", "1", "True", " on ")] == [False] * 3 + [True] * 3
 
 
 def test_launcher_restores_the_device_it_found():
