@@ -1698,13 +1698,15 @@ def _select_with_guards(rows, count, capacity, block_v):
     """Launch ``_topk_select_kernel`` one row at a time, its output and scratch rows each followed by a guard row of
     sentinels; returns ``(values, indices, guards intact)``."""
     from distill_ops.kernels._device import on_input_device
+    from distill_ops.kernels._launch import LAUNCH_OPTIONS
 
     @on_input_device
     def launch(row, values, indices, scratch_values, scratch_indices):
         topk_select_module._topk_select_kernel[(1,)](
             row, values, indices, scratch_values, scratch_indices, row.stride(0), row.shape[1], count, capacity,
             KEY_BITS=topk_select_module.KEY_BITS[row.dtype], BLOCK_V=block_v,
-            CANDIDATE_BLOCK=topk_select_module.CANDIDATE_BLOCK, num_warps=topk_select_module.NUM_WARPS)
+            CANDIDATE_BLOCK=topk_select_module.CANDIDATE_BLOCK, num_warps=topk_select_module.NUM_WARPS,
+            **LAUNCH_OPTIONS)
 
     # Guards as long as a whole row plus a block: a stray write lands in them, not in memory we do not own.
     stray = rows.shape[1] + max(block_v, topk_select_module.CANDIDATE_BLOCK)
