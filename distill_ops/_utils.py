@@ -56,20 +56,37 @@ def _triton_problem() -> Optional[str]:
 TRITON_PROBLEM = _triton_problem()
 
 
+def _rocm_problem(hip_version: str | None) -> str | None:
+    """Why the Triton kernels do not run on this torch's "cuda" devices, or None: a ROCm build (``torch.version.hip``)
+    names AMD GPUs "cuda" too, and the kernels are written, configured and tested for NVIDIA's."""
+    if hip_version is None:
+        return None
+    return (f"the Triton kernels target NVIDIA GPUs and are not supported on ROCm (torch.version.hip = {hip_version}):"
+            " compiled ahead of time for gfx942 (MI300), the fp32 tree attention asks for a dot precision AMD lacks "
+            "(tf32x3) and the 16-bit one at head dim 128 needs 72 KiB of the 64 KiB LDS, and for gfx90a the fused "
+            "linear kernels do not compile either (benchmarks/results/cpu-2026-12-07-compile-check-rocm/); "
+            "impl='auto' runs the PyTorch implementations on ROCm")
+
+
+ROCM_PROBLEM = _rocm_problem(getattr(torch.version, "hip", None))
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     """Map ``impl`` to the backend that will run: ``"triton"`` or ``"torch"``.
 
     ``auto`` is Triton on CUDA tensors and PyTorch otherwise (also on CUDA when Triton is not installed:
-    Windows and macOS have no Triton wheels). ``triton`` on non-CUDA tensors is only possible under Triton's
-    interpreter (``TRITON_INTERPRET=1``, set before import). ``triton`` where it cannot run (see
-    ``TRITON_PROBLEM``) is an error saying why.
+    Windows and macOS have no Triton wheels, and on a ROCm build's AMD GPUs, see ``ROCM_PROBLEM``). ``triton`` on
+    non-CUDA tensors is only possible under Triton's interpreter (``TRITON_INTERPRET=1``, set before import).
+    ``triton`` where it cannot run (see ``TRITON_PROBLEM``, ``ROCM_PROBLEM``) is an error saying why.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "torch":
         return "torch"
     if impl == "auto":
-        return "triton" if device.type == "cuda" and TRITON_PROBLEM is None else "torch"
+        return "triton" if device.type == "cuda" and TRITON_PROBLEM is None and ROCM_PROBLEM is None else "torch"
+    if device.type == "cuda" and ROCM_PROBLEM is not None:
+        raise RuntimeError(f"impl='triton': {ROCM_PROBLEM}")
     if device.type != "cuda" and not triton_interpreter_enabled():
         raise ValueError(
             f"impl='triton' needs CUDA tensors or Triton's CPU interpreter (set TRITON_INTERPRET=1 before "

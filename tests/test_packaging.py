@@ -89,6 +89,32 @@ def test_without_triton_auto_runs_pytorch_and_triton_says_why():
     assert lines[2] == "True"
 
 
+def test_rocm_build_runs_the_pytorch_implementations_and_triton_says_why():
+    """A ROCm torch (``torch.version.hip`` set) calls AMD GPUs "cuda": ``impl="auto"`` picked the Triton kernels there,
+    which target NVIDIA GPUs (for gfx942 the fp32 tree attention does not compile and the 16-bit one at head dim 128
+    overflows the LDS). Now auto runs PyTorch on them and ``impl="triton"`` says why; the CPU interpreter is
+    unaffected. Fresh interpreter, ``torch.version.hip`` set before distill_ops is imported."""
+    probe = """
+import torch
+torch.version.hip = "6.4.43484"
+from distill_ops._utils import resolve_impl
+print(resolve_impl("auto", torch.device("cuda")), resolve_impl("triton", torch.device("cpu")))
+try:
+    resolve_impl("triton", torch.device("cuda"))
+except RuntimeError as error:
+    print(error)
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "torch triton"
+    assert lines[1].startswith("impl='triton': the Triton kernels target NVIDIA GPUs and are not supported on ROCm "
+                               "(torch.version.hip = 6.4.43484): ")
+    assert lines[1].endswith("impl='auto' runs the PyTorch implementations on ROCm")
+
+
 def test_triton_3_6_interpreter_with_numpy_2_4_is_named():
     """Triton 3.6's CPU interpreter fails inside with NumPy >= 2.4 (a TypeError deep in the interpreter): the reason
     is found at import and named by impl='triton' on CPU tensors."""
