@@ -85,10 +85,10 @@ VARIANTS = ("generic", "aligned")
 
 def compile_spec(spec: dict, arch: str, variant: str = "generic") -> dict:
     import triton
-
-    from distill_ops.kernels._launch import LAUNCH_OPTIONS
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from distill_ops.kernels._launch import LAUNCH_OPTIONS
 
     fn = spec["fn"]
     signature = dict(spec["signature"])

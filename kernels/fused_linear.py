@@ -1009,8 +1009,9 @@ def fused_linear_grad_logits(
         BLOCK_V=block_v,
         BLOCK_H=block_h,
         GROUP=GROUP_N,
-        num_warps=num_warps, **LAUNCH_OPTIONS,
+        num_warps=num_warps,
         num_stages=num_stages,
+        **LAUNCH_OPTIONS,
         **flags,
     )
 
