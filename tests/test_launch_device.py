@@ -8,6 +8,10 @@ launcher chose. The tests here show that check bites, and, on a machine with two
 inputs on ``cuda:1`` while ``cuda:0`` is current.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -60,6 +64,17 @@ def test_fp_fusion_follows_the_users_triton_setting():
 
     assert _fp_fusion(None) is True  # unset: on, Triton <= 3.9's default, whatever 3.10 defaults to
     assert [_fp_fusion(value) for value in ("0", "false", "off", "1", "True", " on ")] == [False] * 3 + [True] * 3
+    # Read from the environment when the kernels are imported (fresh interpreters).
+    probe = "from distill_ops.kernels._launch import LAUNCH_OPTIONS; print(LAUNCH_OPTIONS['enable_fp_fusion'])"
+    seen = []
+    for setting in (None, "0", "1"):
+        env = {key: value for key, value in os.environ.items() if key != "TRITON_DEFAULT_FP_FUSION"}
+        if setting is not None:
+            env["TRITON_DEFAULT_FP_FUSION"] = setting
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        seen.append(out.stdout.strip())
+    assert seen == ["True", "False", "True"]
 
 
 def test_launcher_restores_the_device_it_found():
