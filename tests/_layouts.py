@@ -97,4 +97,3 @@ def student_leaf(args: dict, key: str, name: str, student: torch.Tensor, base: t
         return lambda: place(base.grad)
     leaf = args[key] = student.clone().requires_grad_(True)
     return lambda: leaf.grad
-

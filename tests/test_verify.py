@@ -1,13 +1,13 @@
 """Greedy / lossless-sampling verification and KV compaction."""
 
 import dataclasses
-import math
 import random
 
 import numpy as np
 import pytest
 import torch
 
+from tests._verify_reference import sampling_reference
 from tests.conftest import DEVICE, IMPLS
 from distill_ops.tree import build_tree
 from distill_ops.verify import VerifyResult, compact_kv_cache, nan_as_neg_inf, verify_greedy, verify_sampling
@@ -1220,44 +1220,24 @@ def test_triton_filter_cut_at_a_low_temperature(top_k, top_p):
     assert (got < logits.amax(-1)).any()  # some row keeps more than its maximum
 
 
-def specinfer_reference(parents, tokens, logits, draft_probs, uniforms, temperature):
-    """SpecInfer's multi-round rejection in float64, one sequence: the documented walk with the residual kept as a
-    distribution (normalised after every rejection) and the draft row normalised by its sum; ``draft_probs`` None:
-    deterministic drafts, each a point mass (accepted with probability r(x), then zeroed in the residual). Returns
-    the path, the bonus token, the smallest distance of a decision from its threshold and the most rejections at one
-    node."""
-    probs = torch.softmax(logits.double() / temperature, -1)
-    path, residual, margin, rejections, most = [0], probs[0], math.inf, 0, 0
-    for j in range(1, len(parents)):
-        cur = path[-1]
-        if parents[j] != cur:
-            continue
-        x = int(tokens[j])
-        if draft_probs is None:
-            q = torch.nn.functional.one_hot(torch.tensor(x), probs.shape[-1]).double()
-        else:
-            q = draft_probs[cur].double() / draft_probs[cur].double().sum()
-        r = residual / residual.sum()
-        margin = min(margin, abs(float(uniforms[j]) * float(q[x]) - float(r[x])))
-        if float(uniforms[j]) * q[x] < r[x]:
-            path.append(j)
-            residual, rejections = probs[j], 0
-        else:
-            residual, rejections = torch.clamp_min(r - q, 0.0), rejections + 1
-            most = max(most, rejections)
-    cdf = torch.cumsum(residual, 0)
-    target = float(uniforms[0]) * float(cdf[-1])
-    margin = min(margin, float((cdf - target).abs().min()))
-    bonus = int(((cdf > target) & (residual > 0)).nonzero()[0])
-    return path, bonus, margin, most
+def _matches_reference(result, uniforms, seed, **case) -> int:
+    """Assert a Triton sampling walk's paths and bonus tokens equal ``sampling_reference``'s for the same uniforms (no
+    top-k / top-p); returns the most children the reference rejected in a row at one node."""
+    paths, bonuses, ambiguous, most = sampling_reference(
+        dict(case, top_k=None, top_p=None, batch=len(case["rows"])), uniforms)
+    assert not ambiguous, "a decision within rounding of its threshold: pick another seed"
+    for b, (path, bonus) in enumerate(zip(paths, bonuses)):
+        assert result.accepted_nodes[b, : len(path)].tolist() == path, (seed, b)
+        assert result.accept_len[b].item() == len(path) - 1 and result.next_tokens[b].item() == bonus, (seed, b)
+    return most
 
 
 def test_draft_probs_rounds_match_a_float64_specinfer_walk():
-    """The Triton SpecInfer walk (draft_probs) against :func:`specinfer_reference` for the same uniforms: per-sequence
-    trees (nodes of four and six children, so up to five rejections at a node; a chain of single children), drafts
-    drawn from their rows, a target near the draft (rejections, and round masses N_k well below 1), and draft rows
-    at different scales (normalised as torch.multinomial does). Each round's residual is ``max(p - c_k q, 0) / N_k``
-    with ``c_{k+1} = c_k + N_k``: a wrong round constant, an unnormalised row, or the round table of another
+    """The Triton SpecInfer walk (draft_probs) against ``sampling_reference`` (float64) for the same uniforms:
+    per-sequence trees (nodes of four and six children, so up to five rejections at a node; a chain of single children),
+    drafts drawn from their rows, a target near the draft (rejections, and round masses N_k well below 1), and draft
+    rows at different scales (normalised as torch.multinomial does). Each round's residual is ``max(p - c_k q, 0) /
+    N_k`` with ``c_{k+1} = c_k + N_k``: a wrong round constant, an unnormalised row, or the round table of another
     sequence's tree changes decisions."""
     gen = torch.Generator().manual_seed(21)
     # Sequence 0: six children at the root. 1 and 2: four children at a node that has one or none in tree 0. 3: a chain.
@@ -1277,13 +1257,8 @@ def test_draft_probs_rounds_match_a_float64_specinfer_walk():
                                  draft_probs=draft_probs.to(DEVICE), impl="triton",
                                  generator=torch.Generator(DEVICE).manual_seed(seed))
         uniforms = torch.rand((batch, num_nodes), generator=torch.Generator().manual_seed(seed))
-        for b, parents in enumerate(trees):
-            path, bonus, margin, most = specinfer_reference(parents, tokens[b], logits[b], draft_probs[b],
-                                                            uniforms[b], temperature)
-            assert margin > 1e-5, "a decision within rounding of its threshold: pick another seed"
-            deepest = max(deepest, most)
-            assert result.accepted_nodes[b, : len(path)].tolist() == path, (seed, b)
-            assert result.accept_len[b].item() == len(path) - 1 and result.next_tokens[b].item() == bonus, (seed, b)
+        deepest = max(deepest, _matches_reference(result, uniforms, seed, rows=trees, tokens=tokens, logits=logits,
+                                                  draft_probs=draft_probs, temperature=temperature))
     assert deepest >= 2  # some node rejected two children: its third round or bonus used c_2
 
 
@@ -1317,8 +1292,8 @@ def test_triton_filter_cut_of_rows_without_finite_values(top_k, top_p):
 
 
 def test_deterministic_drafts_match_a_float64_walk():
-    """Deterministic (top-k) drafts on the Triton path against :func:`specinfer_reference` with point-mass drafts for
-    the same uniforms: each of a node's children is tried in order and accepted with its probability under the
+    """Deterministic (top-k) drafts on the Triton path against ``sampling_reference`` (float64) for the same
+    uniforms: each of a node's children is tried in order and accepted with its probability under the
     residual renormalised after the earlier rejections (``u * det_mass < p(x)``), a repeated rejected token never.
     Nodes of up to six children that draft their parent's top tokens (a repeat among them), per-sequence trees."""
     gen = torch.Generator().manual_seed(22)
@@ -1336,13 +1311,8 @@ def test_deterministic_drafts_match_a_float64_walk():
         result = verify_sampling(tree, tokens.to(DEVICE), logits.to(DEVICE), temperature=temperature, impl="triton",
                                  generator=torch.Generator(DEVICE).manual_seed(seed))
         uniforms = torch.rand((batch, num_nodes), generator=torch.Generator().manual_seed(seed))
-        for b, parents in enumerate(trees):
-            path, bonus, margin, most = specinfer_reference(parents, tokens[b], logits[b], None, uniforms[b],
-                                                            temperature)
-            assert margin > 1e-5, "a decision within rounding of its threshold: pick another seed"
-            deepest = max(deepest, most)
-            assert result.accepted_nodes[b, : len(path)].tolist() == path, (seed, b)
-            assert result.accept_len[b].item() == len(path) - 1 and result.next_tokens[b].item() == bonus, (seed, b)
+        deepest = max(deepest, _matches_reference(result, uniforms, seed, rows=trees, tokens=tokens, logits=logits,
+                                                  draft_probs=None, temperature=temperature))
     assert deepest >= 3
 
 
