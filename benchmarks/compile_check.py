@@ -83,9 +83,9 @@ def collect_specs(only: str | None = None, modules: list[str] | None = None) -> 
 VARIANTS = ("generic", "aligned")
 
 
-def compile_spec(spec: dict, arch: str, variant: str = "generic") -> dict:
+def build(spec: dict, target, variant: str = "generic"):
+    """Compile one spec for a ``triton.backends.compiler.GPUTarget`` as its launcher runs it; the compiled kernel."""
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from distill_ops.kernels._launch import LAUNCH_OPTIONS
@@ -108,10 +108,15 @@ def compile_spec(spec: dict, arch: str, variant: str = "generic") -> dict:
         if ty.startswith("*") or (aligned and re.fullmatch(r"[iu]\d+", ty) and name not in unaligned)
     }
     source = ASTSource(fn, signature={n: signature[n] for n in fn.arg_names}, constexprs=constexprs, attrs=attrs)
-    target = GPUTarget("cuda", TARGETS[arch], 32)
     # The launchers' explicit options too (kernels/_launch.py), so the check builds what runs on every Triton.
     options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3), **LAUNCH_OPTIONS}
-    compiled = triton.compile(source, target=target, options=options)
+    return triton.compile(source, target=target, options=options)
+
+
+def compile_spec(spec: dict, arch: str, variant: str = "generic") -> dict:
+    from triton.backends.compiler import GPUTarget
+
+    compiled = build(spec, GPUTarget("cuda", TARGETS[arch], 32), variant)
     regs, spills = _cubin_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     return {
@@ -121,8 +126,8 @@ def compile_spec(spec: dict, arch: str, variant: str = "generic") -> dict:
         "registers": regs,
         "shared_bytes": int(getattr(compiled.metadata, "shared", 0)),
         "spill_bytes": spills,
-        "num_warps": options["num_warps"],
-        "num_stages": options["num_stages"],
+        "num_warps": compiled.metadata.num_warps,
+        "num_stages": compiled.metadata.num_stages,
         "ok": spills == 0,
         "error": None,
         # Tensor-core instructions in the PTX (JSON only): Hopper's asynchronous wgmma, Blackwell's tcgen05.mma, or

@@ -12,28 +12,19 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
-from benchmarks.compile_check import collect_specs  # noqa: E402
+from benchmarks.compile_check import build, collect_specs  # noqa: E402
 
 LDS_BYTES = 65536
 SPECS = collect_specs()
 
 
 def compile_for(job: tuple[int, str]) -> str:
-    import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from distill_ops.kernels._launch import LAUNCH_OPTIONS
 
     index, arch = job
     spec = SPECS[index]
-    fn, constexprs = spec["fn"], dict(spec.get("constexprs", {}))
-    signature = {**spec["signature"], **{name: "constexpr" for name in constexprs}}
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items() if ty[0] == "*"}
-    source = ASTSource(fn, signature={n: signature[n] for n in fn.arg_names}, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3), **LAUNCH_OPTIONS}
     try:
-        shared = triton.compile(source, target=GPUTarget("hip", arch, 64), options=options).metadata.shared
+        shared = build(spec, GPUTarget("hip", arch, 64)).metadata.shared
     except Exception as error:  # the innermost cause names what the backend refused
         while error.__cause__ is not None or error.__context__ is not None:
             error = error.__cause__ or error.__context__
