@@ -12,14 +12,18 @@ def scale_rows_(grad: Tensor, upstream: Tensor, backend: str) -> None:
     ``upstream`` [N] (any stride, fp32).
 
     The Triton kernel skips rows whose incoming gradient is exactly 1 (decided on the device), so
-    the usual ``loss.backward()`` after a folded ``mean`` / ``sum`` moves no [N, V] bytes.
+    the usual ``loss.backward()`` after a folded ``mean`` / ``sum`` moves no [N, V] bytes; the PyTorch path
+    skips the whole multiply on CPU tensors when every row's is 1.
     """
     grad = grad.view(-1, grad.shape[-1]) if grad.dim() == 3 else grad
     if backend == "triton":
         from .kernels.scale_rows import scale_rows_ as scale_rows_kernel
 
         scale_rows_kernel(grad, upstream.to(torch.float32))
-    else:
+    elif grad.device.type != "cpu" or not bool((upstream == 1).all()):
+        # On the CPU that check reads no device: the usual backward of a folded mean / sum (every row's incoming
+        # gradient 1) leaves the [N, V] buffer alone, as the kernel does. Elsewhere (a ROCm GPU runs this path)
+        # it would synchronise, so every row is multiplied.
         grad.mul_(upstream.unsqueeze(-1))
 
 

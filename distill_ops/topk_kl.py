@@ -283,12 +283,20 @@ def _hard_rows_and_grad(
     zero = a.new_zeros(())
     extra_p = extra_q = extra_log_p = extra_log_q = zero
     if tail == "bucket":
-        scaled_student = scaled(student)
-        lse_all = torch.logsumexp(scaled_student, -1)
-        q_full = (scaled_student - lse_all.unsqueeze(-1)).exp()
+        # One fp32 [n, V] buffer: e_j = exp((z_j - m) / T) with m the row's max (so e <= 1) and S = sum_j e_j; the
+        # kept columns are then zeroed in place, and the student's rest mass is the sum of what is left, over S:
+        # summed directly, with no cancellation, so resolved to fp32's relative rounding at any size (the test
+        # reference sums the outside columns too). The rest outcome's gradient on column j is q_j c = e_j c / S.
+        row_max = finite_or_zero(student.amax(-1, keepdim=True).to(torch.float32))
+        rest = torch.sub(student, row_max)  # fp32 for every student dtype (row_max is fp32)
+        if temperature != 1.0:
+            rest.div_(temperature)
+        total = rest.exp_().sum(-1)
+        rest.scatter_reduce_(-1, indices, torch.where(kept, 0.0, 1.0), reduce="prod")
+        rest_q = rest.sum(-1) / total
+        lse_all = (row_max - shift).squeeze(-1) / temperature + total.log()  # of the c-shifted scaled logits
         log_p = a
         log_q = b - lse_all.unsqueeze(-1)
-        rest_q = _outside_mass(q_full, indices, kept).squeeze(-1)
         # Both rest masses below their floors: an empty bucket (e.g. k = V). Otherwise each reads as at least its
         # floor; a floored student mass is a constant (no gradient through it).
         negligible = (leftover_p < floor_p) & (rest_q < REST_Q_FLOOR)
@@ -336,12 +344,11 @@ def _hard_rows_and_grad(
         return loss, None
     full = None
     if tail == "bucket":
-        full = torch.where(q_full == 0, 0.0, q_full * extra_coef.unsqueeze(-1))
-        # The kept columns' bucket share is zeroed (a product: a padding entry that reuses a kept token's index,
-        # e.g. index 0 with log-prob -inf, multiplies by 1, so it cannot win over the kept entry); their values are
-        # added afterwards. Adding (value - share) instead lost the value where the share was large (a student rest
-        # mass far below the teacher's makes the bucket's coefficient large).
-        full = full.scatter_reduce(-1, indices, torch.where(kept, 0.0, 1.0), reduce="prod")
+        # The kept columns' bucket share is zero: ``rest`` was zeroed there by a product (a padding entry that reuses
+        # a kept token's index, e.g. index 0 with log-prob -inf, multiplies by 1, so it cannot win over the kept
+        # entry); their values are added afterwards. Adding (value - share) instead lost the value where the share
+        # was large (a student rest mass far below the teacher's makes the bucket's coefficient large).
+        full = rest.mul_((extra_coef / total).unsqueeze(-1))
     return loss, (full, torch.where(kept, grad_kept, 0.0), extra_grad if tail == "label" else None)
 
 
@@ -397,8 +404,11 @@ def topk_kl_rows_torch(
             full, kept_grad, label_grad = parts
             if full is None:
                 grad_chunk.zero_()
-            else:
-                grad_chunk.copy_(finish(full))
+            else:  # in place: the bucket's [n, V] buffer is _hard_rows_and_grad's own
+                full = full.mul_(scale)
+                if active is not None:
+                    full = full.masked_fill_(~active.unsqueeze(-1), 0.0)
+                grad_chunk.copy_(full)
             # Kept columns are distinct (padding entries add 0) and hold 0 in grad_chunk: adding the rounded values
             # gives what rounding the fp32 sums gave.
             grad_chunk.scatter_add_(-1, chunk_indices, finish(kept_grad))

@@ -171,6 +171,7 @@ class RecordTensorOps(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.records = []
+        self.touched = []  # (op name, shape) of every tensor an op reads, writes or returns, in-place ops too
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch._library.custom_ops import OPDEFS
@@ -181,13 +182,20 @@ class RecordTensorOps(torch.utils._python_dispatch.TorchDispatchMode):
             with self:
                 return opdef._init_fn(*args, **kwargs)
         out = func(*args, **kwargs)
-        if not (func._schema.is_mutable or any(r.alias_info is not None for r in func._schema.returns)):
-            outs = out if isinstance(out, (tuple, list)) else [out]
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        is_view = not func._schema.is_mutable and any(r.alias_info is not None for r in func._schema.returns)
+        if not (func._schema.is_mutable or is_view):
             self.records += [(str(func), tuple(t.shape)) for t in outs if isinstance(t, torch.Tensor)]
+        if not is_view:  # views and detach move no data
+            tensors = [t for t in (*args, *kwargs.values(), *outs) if isinstance(t, torch.Tensor)]
+            self.touched += [(str(func), tuple(t.shape)) for t in tensors]
         return out
 
     def ops_with_numel(self, numel: int) -> list[str]:
         return [name for name, shape in self.records if math.prod(shape) == numel]
+
+    def ops_touching_numel(self, numel: int) -> list[str]:
+        return [name for name, shape in self.touched if math.prod(shape) == numel]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import distill_ops
 from distill_ops import (
     DIVERGENCES,
     AlignDistilLoss,
@@ -1408,6 +1409,29 @@ def test_backward_allocates_no_gradient_for_the_stored_gradient_output(impl):
     assert recorder.ops_with_numel(5 * 211) == [], recorder.records
     _, expected = kl_div_reference(student, teacher, divergence="jsd")
     assert_close(student.grad, 1.5 * expected, torch.float32)
+
+
+def test_torch_backward_of_a_folded_mean_touches_no_row_on_cpu():
+    """On the CPU the PyTorch path's backward reads and writes no [N, V] tensor when every row's incoming gradient is
+    1 (``loss.backward()`` after a folded mean; a pass over the gradient that multiplied it by 1 was ~10 % of a
+    small fallback loss), for each stored-gradient loss; with another incoming gradient it scales (and the values
+    are right: the scaling tests above). CPU tensors on purpose: on a GPU the check would synchronise, so every row
+    is multiplied there."""
+    generator = torch.Generator().manual_seed(74)
+    student = torch.randn(5, 211, generator=generator).requires_grad_(True)
+    others = [torch.randn(5, 211, generator=generator) for _ in range(2)]
+    losses = {
+        "kl_div": lambda: kl_div(student, others[0], impl="torch"),
+        "aligndistil_kl": lambda: distill_ops.aligndistil_kl(student, *others, impl="torch"),
+        "topk_kl_div": lambda: distill_ops.topk_kl_div(student, others[0], k=7, tail="bucket", impl="torch"),
+    }
+    for name, make_loss in losses.items():
+        for upstream, expect_pass in ((1.0, False), (0.5, True)):
+            loss = make_loss()
+            with RecordTensorOps() as recorder:
+                loss.backward(torch.tensor(upstream))
+            assert bool(recorder.ops_touching_numel(5 * 211)) == expect_pass, (name, upstream, recorder.touched)
+            student.grad = None
 
 
 def test_reference_divides_by_a_float64_tensor_normalizer_in_float64():
