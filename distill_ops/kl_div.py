@@ -248,16 +248,26 @@ def _divergence_grad(q: Tensor, g: Tensor, row_dot: Optional[Tensor], divergence
     return torch.where(q == 0, q.new_zeros(()), q * (g - row_dot))
 
 
+def _shifted_scaled(values: Tensor, temperature: float, in_place: bool = False) -> Tensor:
+    """``(values - row max) / T`` (a row whose max is not finite is not shifted), in a new buffer, or in ``values``'
+    own when ``in_place`` (a caller's private temporary)."""
+    shift = finite_or_zero(values.amax(-1, keepdim=True))
+    shifted = values.sub_(shift) if in_place else values - shift
+    return shifted if temperature == 1.0 else shifted.div_(temperature)
+
+
 def _divergence_rows(
-    student: Tensor, teacher: Tensor, divergence: str, coef: float, temperature: float, compute_grad: bool
+    student: Tensor, teacher: Tensor, divergence: str, coef: float, temperature: float, compute_grad: bool,
+    own_teacher: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Per-row divergence and dL/dz for one chunk of rows, in the dtype of the inputs (fp32 or fp64).
 
     Each side is shifted by its row max before the division by T: the softmax does not change, and the shift is
     exact where the logits are large (|z| ~ 1e4, or fp16 logits near its max at T = 0.05), while ``z / T`` would be
-    rounded at that magnitude and the log-probabilities with it (up to 5 % of the loss in a reviewer's case)."""
-    scaled_student = temperature_scaled(student - finite_or_zero(student.amax(-1, keepdim=True)), temperature)
-    scaled_teacher = temperature_scaled(teacher - finite_or_zero(teacher.amax(-1, keepdim=True)), temperature)
+    rounded at that magnitude and the log-probabilities with it (up to 5 % of the loss in a reviewer's case).
+    ``own_teacher``: ``teacher`` is the caller's temporary, shifted and scaled in place (and consumed)."""
+    scaled_student = _shifted_scaled(student, temperature)
+    scaled_teacher = _shifted_scaled(teacher, temperature, in_place=own_teacher)
     if divergence == "forward":
         return _forward_kl_rows(scaled_student, scaled_teacher, temperature, compute_grad)
     if divergence == "reverse":
@@ -279,11 +289,20 @@ def _divergence_rows(
     return loss.squeeze(-1), grad
 
 
-def _distribution_or_nan(sum_exp: Tensor) -> Tensor:
-    """A teacher row's sum of exps S_b, NaN where it is not finite and positive: a row holding +inf or NaN, or -inf
-    only, has no distribution, and the fast paths' zeroing of 0 * inf products must not turn it into a finite or
-    infinite loss (the general path, the kernels and ``F.kl_div`` give a NaN loss there, and a NaN gradient row)."""
-    return torch.where(torch.isfinite(sum_exp) & (sum_exp > 0), sum_exp, math.nan)
+def softmax_and_log_sum(rows: Tensor, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """``(softmax(x), log S)`` over the last dim (computed in ``dtype`` when given), with S = sum_j exp(x_j - m) per
+    row ``[n, 1]``, m the row's max (for rows shifted by it, S = sum_j exp(x_j)), read as 1 / (the largest
+    probability): the max's own term is 1.
+
+    ``torch.softmax``, not exp + sum + divide: one fused pass, and on the CPU ``torch.exp`` leaves its vectorized
+    path for arguments below about -87, whose results underflow: 12x slower over a [256, 8192] fp32 block of logits
+    of std 20 shifted by their max (rows spanning more than 87: a low temperature, AlignDistil's extrapolated
+    teacher, masked columns), where softmax's own exponential keeps its speed. A row with no distribution (-inf
+    only, or holding +inf or NaN) comes out NaN in both, so its loss and gradient are NaN (the fast paths' zeroing
+    of 0 * inf products cannot make them finite or infinite; the general path, the kernels and ``F.kl_div`` give NaN
+    there too)."""
+    probs = torch.softmax(rows, dim=-1, dtype=dtype)
+    return probs, probs.amax(-1, keepdim=True).log_().neg_()
 
 
 def _forward_kl_rows(
@@ -292,20 +311,17 @@ def _forward_kl_rows(
     """:func:`_divergence_rows` for the forward KL, in fewer passes over the chunk (it is the most used divergence,
     and the general path's ~20 elementwise passes made the fallback several times slower than eager PyTorch).
 
-    With a = z_s / T and b = z_t / T shifted by their row maxima (so each side's exps are at most 1), q = e^a / S_a
-    and p = e^b / S_b are one exp and one scale each (no second exp of log-probabilities), and
+    With a = z_s / T and b = z_t / T shifted by their row maxima, q = softmax(a) and p = softmax(b) (no second exp
+    of log-probabilities; :func:`softmax_and_log_sum`), and
     KL(p || q) = sum p (b - a) + log S_a - log S_b. The product p (b - a) is NaN where p = 0 and b - a is infinite
     (a -inf logit on a side): 0 there, as in the general path. A NaN input also gives NaN there, which the loss keeps
     through log S (so all of the product's NaN can be zeroed in one pass). Buffers are reused in place; the inputs
     (the caller's shifted copies) are consumed."""
-    q = scaled_student.exp()
-    p = scaled_teacher.exp()
-    sum_q, sum_p = q.sum(-1, keepdim=True), _distribution_or_nan(p.sum(-1, keepdim=True))
-    q.div_(sum_q)
-    p.div_(sum_p)
+    q, log_sum_q = softmax_and_log_sum(scaled_student)
+    p, log_sum_p = softmax_and_log_sum(scaled_teacher)
     dot = scaled_teacher.sub_(scaled_student).mul_(p)  # p (b - a)
     dot = torch.nan_to_num_(dot, nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1, keepdim=True)
-    loss = (dot + sum_q.log() - sum_p.log()).squeeze(-1)
+    loss = (dot + log_sum_q - log_sum_p).squeeze(-1)
     grad = temperature_scaled(q.sub_(p), temperature) if compute_grad else None
     return loss, grad
 
@@ -313,21 +329,20 @@ def _forward_kl_rows(
 def _reverse_kl_rows(
     scaled_student: Tensor, scaled_teacher: Tensor, temperature: float, compute_grad: bool
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """:func:`_divergence_rows` for the reverse KL in fewer passes, as :func:`_forward_kl_rows`: q = e^a / S_a,
+    """:func:`_divergence_rows` for the reverse KL in fewer passes, as :func:`_forward_kl_rows`: q = softmax(a),
     S = sum q (a - b) / sum q (the normalised statistic of :func:`normalized_row_dot`), KL(q || p) =
-    S - log S_a + log S_b, dL/da = q (a - b - S), 0 where q = 0. The teacher's exps only feed log S_b. The product
-    q (a - b) is NaN only where q = 0 (0 there) or where an input is NaN (the loss then is NaN through its sums)."""
-    q = scaled_student.exp()
-    sum_q = q.sum(-1, keepdim=True)
-    q.div_(sum_q)
-    log_sum_p = _distribution_or_nan(scaled_teacher.exp().sum(-1, keepdim=True)).log()
+    S - log S_a + log S_b, dL/da = q (a - b - S), 0 where q = 0. The teacher's softmax only feeds log S_b (its
+    buffer then takes the product). The product q (a - b) is NaN only where q = 0 (0 there) or where an input is NaN
+    (the loss then is NaN through its sums)."""
+    q, log_sum_q = softmax_and_log_sum(scaled_student)
+    product, log_sum_p = softmax_and_log_sum(scaled_teacher)
     diff = scaled_student.sub_(scaled_teacher)  # a - b
-    dot = torch.nan_to_num_(q * diff, nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1, keepdim=True)
-    row_dot = normalized_row_dot(dot, q.sum(-1, keepdim=True)) + (log_sum_p - log_sum_p)  # NaN with log S_b
-    loss = (row_dot - sum_q.log() + log_sum_p).squeeze(-1)
+    dot = torch.nan_to_num_(torch.mul(q, diff, out=product), nan=0.0, posinf=math.inf, neginf=-math.inf)
+    row_dot = normalized_row_dot(dot.sum(-1, keepdim=True), q.sum(-1, keepdim=True)) + (log_sum_p - log_sum_p)
+    loss = (row_dot - log_sum_q + log_sum_p).squeeze(-1)  # (NaN with log S_b: a teacher row without a distribution)
     grad = None
     if compute_grad:
-        grad = torch.where(q == 0, q.new_zeros(()), diff.sub_(row_dot).mul_(q))
+        grad = diff.sub_(row_dot).mul_(q).masked_fill_(q == 0, 0.0)
         grad = temperature_scaled(grad, temperature)
     return loss, grad
 
@@ -344,7 +359,7 @@ def _mixture_rows(
     fewer passes than the general path's (its log-probabilities, log-domain mixture and masking made the JSD
     fallback slower than eager PyTorch).
 
-    With a, b the shifted scaled logits, q = e^a / S_a and p = e^b / S_b (one exp each), and the mixture
+    With a, b the shifted scaled logits, q = softmax(a) and p = softmax(b) (one softmax each), and the mixture
     m = c_p p + c_q q, everything is read from the log-ratio of the two sides. Let X be the side whose coefficient
     is at least 1/2 (p for ``jsd`` with beta >= 1/2 and for ``skew_forward`` with alpha >= 1/2, ...; see
     :func:`mixture_sides`) and Y the other, r = log(x / y) from the logits' difference (b - a + log S_a - log S_b for
@@ -362,24 +377,23 @@ def _mixture_rows(
     * ``skew_reverse``: loss = sum q d_q, dL/da = q (h - mean_q h), h = d_q - c_q q / m, formed as
       d_q - c_q expm1(d_q) (less the constant c_q: near 0 where q ~ m, so the mean keeps the digits of h's spread).
 
-    (dL/da = q (g - S) as in :func:`_divergence_elements`.) Only exp, expm1, log and log1p are used, so a row's
-    result does not depend on the chunking. The logits are clamped at ``_NEGLIGIBLE_LOGIT``: a -inf logit becomes
+    (dL/da = q (g - S) as in :func:`_divergence_elements`.) Only row-wise softmax, exp, expm1, log and log1p are
+    used, so a row's result does not depend on the chunking. The logits are clamped at ``_NEGLIGIBLE_LOGIT`` (after
+    the softmax): a -inf logit becomes
     one whose exp is still 0, so r is finite and no 0 * inf appears, with no masking pass; a token one side rules
     out gives the same bits whether its logit is -inf or merely far below the row (its d is the same). NaN
-    passes through the clamp, a teacher row without a distribution gets a NaN S_b (:func:`_distribution_or_nan`),
-    and a student row without one a NaN q, so such rows' loss and gradient are NaN as on the general path. The
+    passes through the clamp, and a row without a distribution on either side gets a NaN softmax
+    (:func:`softmax_and_log_sum`), so such rows' loss and gradient are NaN as on the general path. The
     inputs (the caller's shifted copies) are consumed."""
+    q, log_sum_q = softmax_and_log_sum(scaled_student)  # before the clamp: a row of -inf has no distribution
+    p, log_sum_p = softmax_and_log_sum(scaled_teacher)
     a = scaled_student.clamp_min_(_NEGLIGIBLE_LOGIT)
     b = scaled_teacher.clamp_min_(_NEGLIGIBLE_LOGIT)
-    q, p = a.exp(), b.exp()
-    sum_q, sum_p = q.sum(-1, keepdim=True), _distribution_or_nan(p.sum(-1, keepdim=True))
-    q.div_(sum_q)
-    p.div_(sum_p)
     q_sum = q.sum(-1, keepdim=True)
     if mixture_sides(divergence, coef)[0]:
-        r = b.sub_(a).add_(sum_q.log() - sum_p.log())  # log(p / q)
+        r = b.sub_(a).add_(log_sum_q - log_sum_p)  # log(p / q)
     else:
-        r = a.sub_(b).add_(sum_p.log() - sum_q.log())  # log(q / p)
+        r = a.sub_(b).add_(log_sum_p - log_sum_q)  # log(q / p)
     d_p, d_q = mixture_log_ratios(r, divergence, coef)
     # skew_forward at alpha <= 1e-30 (p / m reaches 1 / alpha, past fp32's range): its gradient is -(p w - q S')
     # with w = c_q q / m = (1 - alpha) e^d_q (q is the side whose coefficient is at least 1/2).

@@ -109,6 +109,7 @@ from ._utils import (
     row_group_chunks,
     split_stored_weight,
 )
+from .kl_div import softmax_and_log_sum
 
 TAILS = ("renormalize", "bucket", "label")
 TOPK_DIVERGENCES = ("forward", "reverse")
@@ -283,18 +284,19 @@ def _hard_rows_and_grad(
     zero = a.new_zeros(())
     extra_p = extra_q = extra_log_p = extra_log_q = zero
     if tail == "bucket":
-        # One fp32 [n, V] buffer: e_j = exp((z_j - m) / T) with m the row's max (so e <= 1) and S = sum_j e_j; the
-        # kept columns are then zeroed in place, and the student's rest mass is the sum of what is left, over S:
-        # summed directly, with no cancellation, so resolved to fp32's relative rounding at any size (the test
-        # reference sums the outside columns too). The rest outcome's gradient on column j is q_j c = e_j c / S.
+        # The student's full softmax q_j in one fp32 [n, V] buffer (at T != 1 from the row shifted by its max m
+        # first, a second one); its kept columns are then zeroed in place, and the student's rest mass is the sum of
+        # what is left over the sum of all: summed directly, with no cancellation, so resolved to fp32's relative
+        # rounding at any size (the test reference sums the outside columns too). The rest outcome's gradient on
+        # column j is then q_j c, formed in the same buffer.
         row_max = finite_or_zero(student.amax(-1, keepdim=True).to(torch.float32))
-        rest = torch.sub(student, row_max)  # fp32 for every student dtype (row_max is fp32)
-        if temperature != 1.0:
-            rest.div_(temperature)
-        total = rest.exp_().sum(-1)
+        scaled_rows = student if temperature == 1.0 else torch.sub(student, row_max).div_(temperature)
+        rest, log_sum = softmax_and_log_sum(scaled_rows, torch.float32)  # log sum_j exp((z_j - m) / T)
+        del scaled_rows
+        total = rest.sum(-1)
         rest.scatter_reduce_(-1, indices, torch.where(kept, 0.0, 1.0), reduce="prod")
         rest_q = rest.sum(-1) / total
-        lse_all = (row_max - shift).squeeze(-1) / temperature + total.log()  # of the c-shifted scaled logits
+        lse_all = ((row_max - shift) / temperature + log_sum).squeeze(-1)  # of the c-shifted scaled logits
         log_p = a
         log_q = b - lse_all.unsqueeze(-1)
         # Both rest masses below their floors: an empty bucket (e.g. k = V). Otherwise each reads as at least its
@@ -348,7 +350,7 @@ def _hard_rows_and_grad(
         # a kept token's index, e.g. index 0 with log-prob -inf, multiplies by 1, so it cannot win over the kept
         # entry); their values are added afterwards. Adding (value - share) instead lost the value where the share
         # was large (a student rest mass far below the teacher's makes the bucket's coefficient large).
-        full = rest.mul_((extra_coef / total).unsqueeze(-1))
+        full = rest.mul_(extra_coef.unsqueeze(-1))
     return loss, (full, torch.where(kept, grad_kept, 0.0), extra_grad if tail == "label" else None)
 
 

@@ -1108,23 +1108,26 @@ def test_shifted_batch_logits_are_read_in_place(impl, teacher, monkeypatch):
     assert torch.count_nonzero(leaf.grad[:, -1]) == 0
 
 
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bucket_fallback_forms_one_full_row_buffer(dtype):
+def test_bucket_fallback_forms_one_full_row_buffer(dtype, temperature):
     """The PyTorch path of the bucket tail (its gradient is nonzero on every column) forms one fp32 [N, V] tensor
-    besides the gradient: exp((z - max) / T), whose kept columns it zeroes in place to sum the student's rest mass,
-    and which then becomes the rest outcome's gradient in place. It formed ten (the scaled row, its log-sum-exp
-    and exponentials, a float64 copy for the rest mass, the product and its scatter, ...), each a pass over the row:
-    the fallback took 64 ms where the eager formula takes 8 (N=256, V=32000, k=64; benchmarks/results/
-    cpu-2026-12-07-fallbacks). Temperature, labels with an ignored row and an upstream gradient != 1 exercise the
-    in-place steps; loss and gradient match the float64 reference."""
+    besides the gradient: the student's softmax, whose kept columns it zeroes in place to sum the student's rest
+    mass, and which then becomes the rest outcome's gradient in place (at T != 1 also the row shifted by its max and
+    divided by T, which the softmax reads). It formed ten (the scaled row, its log-sum-exp and exponentials, a
+    float64 copy for the rest mass, the product and its scatter, ...), each a pass over the row: the fallback took
+    64 ms where the eager formula takes 8 (N=256, V=32000, k=64; benchmarks/results/cpu-2026-12-07-fallbacks).
+    Labels with an ignored row and an upstream gradient != 1 exercise the in-place steps; loss and gradient match
+    the float64 reference."""
     rows, vocab = 6, 301
     student = _logits((rows, vocab), dtype, seed=74).requires_grad_(True)
     indices, logprobs = _sparse_from_dense(_logits((rows, vocab), torch.float32, seed=75, scale=3.0), 5)
     kwargs = dict(teacher_topk_indices=indices.to(DEVICE), teacher_topk_logprobs=logprobs.to(DEVICE), tail="bucket",
-                  temperature=1.7, labels=_labels((rows,), vocab, seed=76, ignored=(2,)), reduction="none")
+                  temperature=temperature, labels=_labels((rows,), vocab, seed=76, ignored=(2,)), reduction="none")
     with RecordTensorOps() as recorder:
         topk_kl_div(student, impl="torch", **kwargs)
-    assert recorder.ops_with_numel(rows * vocab) == ["aten.empty_like.default", "aten.sub.Tensor"], recorder.records
+    expected = ["aten.empty_like.default", *(["aten.sub.Tensor"] if temperature != 1.0 else []), "aten.softmax.int"]
+    assert recorder.ops_with_numel(rows * vocab) == expected, recorder.records
     _run_and_compare(student, "torch", **kwargs)
 
 
