@@ -49,7 +49,8 @@ radix select runs on that list (on the row itself when it overflows, e.g. heavil
 sort of the vocabulary and no ``torch.topk``; the [N, count] result comes in index order and is
 re-sorted by (logit desc, index asc) only when bounds need the order. ``impl="torch"``:
 ``torch.topk`` on CUDA (PyTorch's CUDA top-k fills boundary ties in index order, our tie rule),
-a row-chunked stable ``torch.sort`` elsewhere. With bounds and no ``k`` the kept set is searched
+elsewhere ``torch.topk`` with the ties at its cut taken by index (on CPU tensors only in the rows where a
+tie crosses the cut: :func:`_largest_by_index`). With bounds and no ``k`` the kept set is searched
 among the teacher's top ``max_candidates`` tokens (default 1024): mass beyond them is never kept (it
 goes to the tail). The teacher's normaliser comes from one streaming pass (Triton) or a chunked
 ``logsumexp``, and is skipped for ``renormalize`` with ``k`` only (logit differences suffice). No full
@@ -566,24 +567,46 @@ def dense_candidates(teacher_rows: Tensor, count: int, *, need_order: bool, back
         values = teacher_rows.new_empty((num_rows, count))
         indices = torch.empty((num_rows, count), dtype=torch.int64, device=teacher_rows.device)
         step = row_chunk(num_rows, vocab, budget_elements=1 << 20)
+        on_host = teacher_rows.device.type == "cpu"
         for start in range(0, num_rows, step):
             values[start : start + step], indices[start : start + step] = _largest_by_index(
-                teacher_rows[start : start + step], count)
+                teacher_rows[start : start + step], count, host_ties=on_host)
     if need_order:
         values, indices = _sort_desc_stable(values, indices, index_sorted=True)
     return values, indices
 
 
-def _largest_by_index(rows: Tensor, count: int) -> tuple[Tensor, Tensor]:
+def _largest_by_index(rows: Tensor, count: int, host_ties: bool = False) -> tuple[Tensor, Tensor]:
     """The ``count`` largest entries of each row of ``rows [n, V]``, ties at the cut broken by lower index (NaN
-    counts as the largest, as in a descending sort): ``(values, indices)`` in ascending index order."""
+    counts as the largest, as in a descending sort): ``(values, indices)`` in ascending index order.
+
+    ``host_ties`` (CPU tensors, read on the host at no cost): ``topk``'s own selection is kept for the rows where
+    it took every entry equal to its cut (it had no choice to make: fp32 logits, as a rule), and only the other
+    rows (ties across the cut, most rows of a bf16 teacher) take their tied entries by index; without it every row
+    takes the rule through a cumulative count of its tied entries (the form ``torch.compile`` traces: no
+    data-dependent split of the rows)."""
     key = torch.nan_to_num(rows, nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+    vocab = rows.shape[-1]
+    column = torch.arange(vocab, device=rows.device)
+    if host_ties:
+        top_values, indices = key.topk(count, dim=-1, sorted=False)
+        cut = top_values.amin(-1, keepdim=True)
+        at_cut = key == cut
+        split = (at_cut.sum(-1) > (top_values == cut).sum(-1)).nonzero().squeeze(-1)
+        if split.numel() > 0:
+            # The entries above the cut (topk's) and the first tied ones by index; the vocabulary size pads.
+            tied = torch.where(at_cut[split], column, vocab).topk(count, dim=-1, largest=False, sorted=True).values
+            above = top_values[split] > cut[split]
+            needed = count - above.sum(-1, keepdim=True)
+            tied = torch.where(torch.arange(count, device=rows.device) < needed, tied, vocab)
+            merged = torch.cat([torch.where(above, indices[split], vocab), tied], dim=-1)
+            indices[split] = merged.sort(dim=-1).values[:, :count]
+        indices = indices.sort(dim=-1).values
+        return rows.gather(-1, indices), indices
     cut = key.topk(count, dim=-1).values[:, -1:]
     above = key > cut
     at_cut = key == cut
     keep = above | (at_cut & (at_cut.cumsum(-1) <= count - above.sum(-1, keepdim=True)))
-    vocab = rows.shape[-1]
-    column = torch.arange(vocab, device=rows.device)
     indices = torch.where(keep, column, vocab).topk(count, dim=-1, largest=False, sorted=True).values
     return rows.gather(-1, indices), indices
 

@@ -2,7 +2,7 @@
 formulas of the benchmark suite, on the CPU: forward + backward, fp32, minimum over repeated runs (the minimum is the
 least disturbed by other load on a shared machine).
 
-    python benchmarks/results/cpu-2026-12-07-fallbacks/measure.py LABEL [topk,aligndistil,kl_div]
+    python benchmarks/results/cpu-2026-12-07-fallbacks/measure.py LABEL [topk,selection,aligndistil,kl_div]
     (from the repository root)
 """
 
@@ -55,6 +55,23 @@ def topk_rows() -> None:
                 print(f"| {rows} | {vocab} | {k} | {form} | {tail} | {ours_ms:.1f} | {eager_ms:.1f} |", flush=True)
 
 
+def selection_rows() -> None:
+    """The dense teacher's selection alone (``dense_candidates``, the PyTorch path on the CPU): fp32 logits (no
+    ties across the cut) and the same rounded to bf16 (~1 % of the rows with ties across it at V=32000)."""
+    from distill_ops.topk_kl import dense_candidates
+
+    print("| N | V | k | teacher | selection (impl=torch) | torch.topk |")
+    print("|---|---|---|---|---|---|")
+    for rows, vocab, k, repeats in ((256, 32000, 64, 15), (1024, 32000, 64, 5), (32, 131072, 64, 15)):
+        teacher = bench_topk_kl.make_inputs(rows, vocab, k, torch.float32, "cpu")[1]
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = teacher.to(dtype)
+            ours_ms = best_ms(lambda: dense_candidates(logits, k, need_order=False, backend="torch"), repeats)
+            topk_ms = best_ms(lambda: logits.topk(k, dim=-1), repeats)
+            name = str(dtype).removeprefix("torch.")
+            print(f"| {rows} | {vocab} | {k} | {name} | {ours_ms:.1f} | {topk_ms:.1f} |", flush=True)
+
+
 def aligndistil_rows() -> None:
     print("| N | V | alpha | ours (impl=torch) | eager (official formula) |")
     print("|---|---|---|---|---|")
@@ -95,4 +112,4 @@ if __name__ == "__main__":
     print(f"# {label}: torch {torch.__version__}, {torch.get_num_threads()} threads; ms, fwd + bwd, min of runs")
     for part in parts:
         print()
-        {"topk": topk_rows, "aligndistil": aligndistil_rows, "kl_div": kl_div_rows}[part]()
+        {"topk": topk_rows, "selection": selection_rows, "aligndistil": aligndistil_rows, "kl_div": kl_div_rows}[part]()
