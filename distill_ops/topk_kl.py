@@ -378,7 +378,9 @@ def topk_kl_rows_torch(
     num_rows = math.prod(student.shape[:-1])
     losses = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if compute_grad else None
-    step = row_chunk(num_rows, vocab)
+    # Only the bucket tail forms [rows, V] temporaries; the others' are [rows, K] (the gradient rows are written in
+    # place), so their chunks are that much longer: fewer iterations of a few dozen small ops each.
+    step = row_chunk(num_rows, vocab if tail == "bucket" else indices.shape[-1] + 2)
     for rows, (student_chunk, grad_chunk) in row_group_chunks((student, grad), step):
         chunk_indices = indices[rows]
         chunk_labels = None
