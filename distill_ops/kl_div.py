@@ -274,10 +274,9 @@ def _divergence_rows(
         return _reverse_kl_rows(scaled_student, scaled_teacher, temperature, compute_grad)
     if divergence != "tvd":
         return _mixture_rows(scaled_student, scaled_teacher, divergence, coef, temperature, compute_grad)
-    # Each row's max is now 0 (or the row is all -inf, or holds +inf / NaN): the log of the sum of exps is the
-    # log-sum-exp, as torch.logsumexp computes it, without its own max and shift passes.
-    lse_student = scaled_student.exp().sum(-1, keepdim=True).log()
-    lse_teacher = scaled_teacher.exp().sum(-1, keepdim=True).log()
+    # Each row's max is now 0 (or the row has no distribution: NaN), so log S is the log-sum-exp.
+    lse_student = softmax_and_log_sum(scaled_student)[1]
+    lse_teacher = softmax_and_log_sum(scaled_teacher)[1]
     terms, dot_terms, q, g = _divergence_elements(
         scaled_student, scaled_teacher, lse_student, lse_teacher, divergence, coef
     )
