@@ -3,14 +3,21 @@ stacked: minimum of 30 calls, a binary tree of T nodes after a prefix of L.
 
     python benchmarks/results/cpu-2026-12-07-fallbacks/tree-attention/measure.py LABEL   (from the repository root)
 """
-import sys, time, torch
-from distill_ops.tree_attention import tree_attention_ref
+import importlib.util
+import pathlib
+import sys
+
+import torch
+
 from distill_ops.tree import build_tree
-def best(f, r=30):
-    f(); ts=[]
-    for _ in range(r):
-        s=time.perf_counter(); f(); ts.append(time.perf_counter()-s)
-    return min(ts)*1e3
+from distill_ops.tree_attention import tree_attention_ref
+
+_spec = importlib.util.spec_from_file_location(  # its best_ms: a warm-up, then the minimum over the repeats
+    "fallback_measure", pathlib.Path(__file__).parents[2] / "cpu-2026-12-06-fallback" / "measure.py"
+)
+_fallback = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_fallback)
+
 torch.manual_seed(0)
 print("#", sys.argv[1], "(ms, fp32)")
 print("| B | Hq | Hkv | T | L | D | ms |")
@@ -22,5 +29,5 @@ for (B, Hq, Hkv, T, L, D) in SHAPES:
     S = L + T
     q = torch.randn(B, Hq, T, D); k = torch.randn(B, Hkv, S, D); v = torch.randn(B, Hkv, S, D)
     lens = torch.full((B,), L)
-    ms = best(lambda: tree_attention_ref(q, k, v, tree.ancestor_mask, lens, D ** -0.5))
+    ms = _fallback.best_ms(lambda: tree_attention_ref(q, k, v, tree.ancestor_mask, lens, D ** -0.5), 30)
     print(f"| {B} | {Hq} | {Hkv} | {T} | {L} | {D} | {ms:.3f} |", flush=True)
