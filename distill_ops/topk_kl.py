@@ -287,9 +287,10 @@ def _hard_rows_and_grad(
     if tail == "bucket":
         # The student's full softmax q_j in one fp32 [n, V] buffer (at T != 1 from the row shifted by its max m
         # first, a second one); its kept columns are then zeroed in place, and the student's rest mass is the sum of
-        # what is left over the sum of all: summed directly, with no cancellation, so resolved to fp32's relative
-        # rounding at any size (the test reference sums the outside columns too). The rest outcome's gradient on
-        # column j is then q_j c, formed in the same buffer.
+        # what is left over the sum of all (exactly 1 where nothing is kept, e.g. a row of padding: its loss is then
+        # exactly 0): summed directly, with no cancellation, so resolved to fp32's relative rounding at any size
+        # (the test reference sums the outside columns too). The rest outcome's gradient on column j is then q_j c,
+        # formed in the same buffer.
         row_max = finite_or_zero(student.amax(-1, keepdim=True).to(torch.float32))
         scaled_rows = student if temperature == 1.0 else torch.sub(student, row_max).div_(temperature)
         rest, log_sum = softmax_and_log_sum(scaled_rows, torch.float32)  # log sum_j exp((z_j - m) / T)
@@ -401,19 +402,17 @@ def topk_kl_rows_torch(
             scale = weight.reshape(-1, 1) / temperature
 
             def finish(values: Tensor) -> Tensor:
-                values = values * scale
+                """Scaled in place: every part is _hard_rows_and_grad's own buffer (the bucket's is [n, V])."""
+                values = values.mul_(scale)
                 if active is not None:  # a select, not a product: an ignored row may hold NaN / inf
-                    values = torch.where(active.unsqueeze(-1), values, 0.0)
+                    values = values.masked_fill_(~active.unsqueeze(-1), 0.0)
                 return values.to(grad_chunk.dtype)
 
             full, kept_grad, label_grad = parts
             if full is None:
                 grad_chunk.zero_()
-            else:  # in place: the bucket's [n, V] buffer is _hard_rows_and_grad's own
-                full = full.mul_(scale)
-                if active is not None:
-                    full = full.masked_fill_(~active.unsqueeze(-1), 0.0)
-                grad_chunk.copy_(full)
+            else:
+                grad_chunk.copy_(finish(full))
             # Kept columns are distinct (padding entries add 0) and hold 0 in grad_chunk: adding the rounded values
             # gives what rounding the fp32 sums gave.
             grad_chunk.scatter_add_(-1, chunk_indices, finish(kept_grad))
