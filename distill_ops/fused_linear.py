@@ -40,7 +40,12 @@ Backends:
   instead of multiplying: logits do reach HBM, one chunk at a time, in exchange for cuBLAS's GEMM speed.
   Which one is faster is for the GPU benchmark to say (not measured yet).
 * ``torch``: the same algorithm chunked over tokens and over the vocabulary (at most 2^18 fp32
-  elements per logits chunk), fp32 math, using the divergence pieces of :mod:`distill_ops.kl_div`.
+  elements per logits chunk), fp32 math, using the divergence pieces of :mod:`distill_ops.kl_div`. Its forward
+  keeps a token chunk's logits (both sides, every vocabulary chunk) from the first sweep for the second when they
+  fit in :data:`TORCH_FORWARD_CACHE_ELEMENTS` (2^23 elements, 32 MiB in fp32: chunks of 64 tokens up to V = 64k,
+  of 32 up to 128k), so each logit is computed once in forward and once in backward, as on the Triton path's
+  forward and reverse KL; past that it multiplies again in the second sweep. Backward forms only dL/dz's pieces of
+  each block, not the loss terms.
 
 The loss is computed in forward with only [N]-sized statistics saved; backward recomputes the logits
 (a per-row upstream gradient, ``reduction="none"`` included, is applied exactly).
@@ -92,6 +97,9 @@ from .kl_div import (
 # PyTorch fallback: fp32 elements of one [token chunk, vocabulary chunk] logits block.
 TORCH_CHUNK_ELEMENTS = 1 << 18
 TORCH_VOCAB_CHUNK = 4096
+# The forward's second sweep reads the first sweep's logits of a token chunk instead of multiplying again when both
+# sides' [rows, V] logits fit in this many elements (32 MiB fp32) with rows at least half the usual token chunk.
+TORCH_FORWARD_CACHE_ELEMENTS = 1 << 23
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,6 +110,15 @@ TORCH_VOCAB_CHUNK = 4096
 def _torch_chunks(num_rows: int, vocab: int) -> tuple[int, int]:
     vocab_chunk = min(vocab, TORCH_VOCAB_CHUNK)
     return max(1, TORCH_CHUNK_ELEMENTS // vocab_chunk), vocab_chunk
+
+
+def _forward_rows(row_step: int, vocab: int) -> tuple[int, bool]:
+    """``(token chunk, keep)`` of the fallback's forward: with ``keep``, each token chunk's logits (both sides, all
+    vocabulary chunks) are computed once and kept for the second sweep, in token chunks of up to ``row_step`` rows
+    and at least half that (each chunk reads the weights once per sweep: half the rows, one sweep, moves the same
+    weight bytes as two sweeps at full rows, with half the multiplications). Otherwise two sweeps of ``row_step``."""
+    rows = min(row_step, TORCH_FORWARD_CACHE_ELEMENTS // (2 * vocab))
+    return (rows, True) if 2 * rows >= row_step else (row_step, False)
 
 
 def _linear_chunk(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], start: int, stop: int) -> Tensor:
@@ -151,6 +168,7 @@ def fused_linear_stats_torch(
     divergence_rows = torch.zeros(num_rows, dtype=dtype, device=device)
     ce_rows = torch.zeros(num_rows, dtype=dtype, device=device)
     row_step, vocab_step = _torch_chunks(num_rows, vocab)
+    row_step, keep = _forward_rows(row_step, vocab)
     for row_start in range(0, num_rows, row_step):
         rows = slice(row_start, min(row_start + row_step, num_rows))
         student_hidden, teacher_hidden = inputs.hidden_chunk(rows.start, rows.stop)
@@ -159,12 +177,17 @@ def fused_linear_stats_torch(
         lse_t = lse_s.clone()
         lse_z = lse_s.clone()
         label_logit = torch.zeros(count, dtype=dtype, device=device)
+        kept = []  # with keep: each vocabulary chunk's (student, teacher) logits, for pass 2
         # Pass 1: both log-sum-exps (and the cross-entropy's), streamed over the vocabulary.
         for start in range(0, vocab, vocab_step):
             stop = min(start + vocab_step, vocab)
+            logits = _logits_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop)
             chunk_lse_s, chunk_lse_t, chunk_lse_z, chunk_label = _lse_chunk(
-                inputs, student_hidden, teacher_hidden, rows, start, stop, temperature, labels if has_ce else None
+                *logits, temperature, labels[rows] if has_ce else None, start, stop
             )
+            if keep:
+                kept.append(logits)
+            del logits
             lse_s = torch.logaddexp(lse_s, chunk_lse_s)
             lse_t = torch.logaddexp(lse_t, chunk_lse_t)
             if has_ce:
@@ -175,12 +198,15 @@ def fused_linear_stats_torch(
         dot_sum = torch.zeros(count, 1, dtype=dtype, device=device)
         q_sum = torch.zeros(count, 1, dtype=dtype, device=device)
         mean_logit = torch.zeros(count, 1, dtype=dtype, device=device)  # E_q[z / T], for the entropy
-        for start in range(0, vocab, vocab_step):
+        for index, start in enumerate(range(0, vocab, vocab_step)):
             stop = min(start + vocab_step, vocab)
+            logits = kept[index] if keep else _logits_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop)
             chunk_terms, chunk_dots, chunk_q, chunk_mean = _terms_chunk(
-                inputs, student_hidden, teacher_hidden, rows, start, stop, temperature, lse_s, lse_t, divergence, coef,
-                entropy,
+                *logits, temperature, lse_s, lse_t, divergence, coef, entropy
             )
+            del logits
+            if keep:
+                kept[index] = None  # freed as soon as it is read
             term_sum += chunk_terms
             q_sum += chunk_q
             if chunk_dots is not None:
@@ -206,20 +232,21 @@ def fused_linear_stats_torch(
 # are allocated (peak memory = one chunk's working set).
 
 
-def _lse_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, temperature, labels):
-    z = inputs.student_chunk(student_hidden, start, stop)
-    t = inputs.teacher_chunk(teacher_hidden, rows, start, stop)
+def _logits_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop) -> tuple[Tensor, Tensor]:
+    """Both sides' logits of columns [start, stop) for the token chunk ``rows``."""
+    return inputs.student_chunk(student_hidden, start, stop), inputs.teacher_chunk(teacher_hidden, rows, start, stop)
+
+
+def _lse_chunk(z, t, temperature, labels, start, stop):
     lse_s = torch.logsumexp(temperature_scaled(z, temperature), dim=-1)
     lse_t = torch.logsumexp(temperature_scaled(t, temperature), dim=-1)
     if labels is None:
         return lse_s, lse_t, None, None
-    return lse_s, lse_t, torch.logsumexp(z, dim=-1), _label_logits(z, labels[rows], start, stop)
+    return lse_s, lse_t, torch.logsumexp(z, dim=-1), _label_logits(z, labels, start, stop)
 
 
-def _terms_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, temperature, lse_s, lse_t, divergence,
-                 coef, entropy=False):
-    a = temperature_scaled(inputs.student_chunk(student_hidden, start, stop), temperature)
-    t = inputs.teacher_chunk(teacher_hidden, rows, start, stop)
+def _terms_chunk(z, t, temperature, lse_s, lse_t, divergence, coef, entropy=False):
+    a = temperature_scaled(z, temperature)
     terms, dot_terms, q, _ = _divergence_elements(
         a, temperature_scaled(t, temperature), lse_s[:, None], lse_t[:, None], divergence, coef
     )
@@ -242,8 +269,8 @@ def _grad_chunk(inputs, student_hidden, teacher_hidden, rows, start, stop, label
         del tanh
     t = inputs.teacher_chunk(teacher_hidden, rows, start, stop)
     _, _, q, g = _divergence_elements(
-        temperature_scaled(z, temperature), temperature_scaled(t, temperature), row_stats[0, rows, None], row_stats[1, rows, None],
-        divergence, coef,
+        temperature_scaled(z, temperature), temperature_scaled(t, temperature), row_stats[0, rows, None],
+        row_stats[1, rows, None], divergence, coef, with_terms=False,
     )
     grad = _divergence_grad(q, g, row_stats[2, rows, None], divergence)
     del q, g
@@ -302,9 +329,9 @@ def fused_linear_backward_torch(
                 divergence, coef, temperature,
             )
             if d_hidden is not None:
-                d_hidden[rows] += grad @ weight_chunk
+                d_hidden[rows].addmm_(grad, weight_chunk)
             if d_weight is not None:
-                d_weight[start:stop] += grad.T @ student_hidden
+                d_weight[start:stop].addmm_(grad.T, student_hidden)
             if d_bias is not None:
                 d_bias[start:stop] += grad.sum(0)
     return d_hidden, d_weight, d_bias

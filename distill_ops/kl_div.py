@@ -69,7 +69,8 @@ def _divergence_elements(
     lse_teacher: Tensor,
     divergence: str,
     coef: float,
-) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    with_terms: bool = True,
+) -> tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor]:
     """Per-element pieces of a divergence over any block of columns, given each row's log-sum-exps.
 
     ``scaled_*`` are logits already divided by the temperature, ``lse_*`` their full-row log-sum-exps
@@ -80,42 +81,53 @@ def _divergence_elements(
     * the row statistic S = ``dot_terms.sum(-1)`` (E_q[a - b] for ``reverse``, sum_j q_j g_j for the
       mixture divergences; ``None`` for ``forward``, whose gradient needs none);
     * dL/dz (times the temperature) is :func:`_divergence_grad` of ``q``, ``g`` and S.
+
+    ``with_terms=False`` (a backward that recomputes the block for its gradient, S already known): ``terms`` and
+    ``dot_terms`` come back None and are not formed, nor p where g does without it (reverse, jsd, skew reverse).
     """
     log_q = scaled_student - lse_student
     log_p = scaled_teacher - lse_teacher
     q = log_q.exp()
-    p = log_p.exp()
+    p = log_p.exp() if with_terms or divergence in ("forward", "tvd", "skew_forward") else None
     zero = log_q.new_zeros(())
+    terms = None
     if divergence == "forward":
-        terms = torch.where(p == 0, zero, p * (log_p - log_q))
+        if with_terms:
+            terms = torch.where(p == 0, zero, p * (log_p - log_q))
         return terms, None, q, p  # dL/dz = q - p
     if divergence == "reverse":
         scaled_diff = scaled_student - scaled_teacher
         # KL = E_q[a - b] - lse_a + lse_b: the log-sum-exps are kept out of the per-element terms, so
         # the gradient q (a - b - E_q[a - b]) stays exact for |z| ~ 1e4.
-        dot_terms = torch.where(q == 0, zero, q * scaled_diff)
+        dot_terms = torch.where(q == 0, zero, q * scaled_diff) if with_terms else None
         return dot_terms, dot_terms, q, scaled_diff
     if divergence == "tvd":
-        terms = 0.5 * (p - q).abs()
         gap = q - p
         g = torch.where(torch.isnan(gap), gap, 0.5 * torch.sign(gap))  # sign() maps NaN to 0
+        if with_terms:
+            terms = 0.5 * gap.abs()
     else:
         # d_p = log(p / m), d_q = log(q / m) of the mixture m = c_p p + c_q q, from the log-ratio of the two sides
         # (as :func:`_mixture_rows`); the selects keep 0 * -inf (a side's zero) out of the sums.
         p_dominant = mixture_sides(divergence, coef)[0]
         d_p, d_q = mixture_log_ratios(log_p - log_q if p_dominant else log_q - log_p, divergence, coef)
         if divergence == "jsd":
-            terms = torch.where(p == 0, zero, coef * p * d_p)
-            terms = terms + torch.where(q == 0, zero, (1.0 - coef) * q * d_q)
+            if with_terms:
+                terms = torch.where(p == 0, zero, coef * p * d_p)
+                terms = terms + torch.where(q == 0, zero, (1.0 - coef) * q * d_q)
             g = (1.0 - coef) * d_q
         # The skew KLs' g less a constant (it cancels in g - S): x / m - 1 = expm1(d_x), near 0 where x ~ m, so
         # S keeps the digits of g's spread (a confident student near its teacher: see :func:`_mixture_rows`).
         elif divergence == "skew_forward":  # g = -(1 - alpha) p / m
-            terms = torch.where(p == 0, (1.0 - coef) * q, skew_terms(p, d_p, q, 1.0 - coef))
+            if with_terms:
+                terms = torch.where(p == 0, (1.0 - coef) * q, skew_terms(p, d_p, q, 1.0 - coef))
             g = -(1.0 - coef) * torch.where(p == 0, -1.0, torch.expm1(d_p))
         else:  # skew_reverse: g = d_q - alpha q / m
-            terms = torch.where(q == 0, (1.0 - coef) * p, skew_terms(q, d_q, p, 1.0 - coef))
+            if with_terms:
+                terms = torch.where(q == 0, (1.0 - coef) * p, skew_terms(q, d_q, p, 1.0 - coef))
             g = skew_reverse_g(d_q, coef, q == 0)
+    if not with_terms:
+        return None, None, q, g
     return terms, torch.where(q == 0, zero, q * g), q, g
 
 

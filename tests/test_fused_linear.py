@@ -198,17 +198,58 @@ def test_second_backward_with_retain_graph_adds_the_same_gradients(impl):
         torch.testing.assert_close(inputs[name].grad, 1.5 * grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("kept", [True, False])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_parity_of_the_pytorch_path_over_several_chunks(divergence, monkeypatch):
+def test_parity_of_the_pytorch_path_over_several_chunks(divergence, kept, monkeypatch):
     """The case above with the PyTorch path's chunks forced small (16 rows, 64 columns: 3 row chunks, the last
     partial, and 4 vocabulary chunks), labels at both sides of a chunk edge: every test above runs it in one chunk
     of each (at its default 2^18 elements and 4096 columns), and a chunk loop that skipped a row, counted a label in
-    two chunks or kept only the last chunk's weight / bias gradient passed them."""
+    two chunks or kept only the last chunk's weight / bias gradient passed them. Both forwards: the second sweep
+    reading the first one's kept logits and (``kept=False``: no room to keep them) multiplying again."""
     monkeypatch.setattr(fused_linear_module, "_torch_chunks", lambda rows, vocab: (16, 64))
+    if not kept:
+        monkeypatch.setattr(fused_linear_module, "TORCH_FORWARD_CACHE_ELEMENTS", 0)
     case = _case((37,), 48, 203, torch.float32, ht=40, biases=True, seed=1)
     labels = _labels((37,), 203, 2)
     labels[4:8] = torch.tensor([63, 64, 127, 202])
     _check(case, "torch", divergence=divergence, temperature=1.5, labels=labels, ce_weight=0.5)
+
+
+@pytest.mark.parametrize("cache_elements, row_chunk, kept", [
+    (1 << 23, 16, True),  # the default: both sides' [16, 203] logits fit
+    (2 * 8 * 203, 8, True),  # room for 8 rows: half the token chunk, one sweep
+    (2 * 8 * 203 - 1, 16, False),  # room for 7: two sweeps of 16 rows
+    (0, 16, False),
+])
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
+def test_torch_forward_multiplies_each_block_once_when_its_logits_fit(divergence, cache_elements, row_chunk, kept,
+                                                                      monkeypatch):
+    """The PyTorch path's forward computes each [token chunk, vocabulary chunk] block of both sides' logits once
+    when the token chunk's logits fit in TORCH_FORWARD_CACHE_ELEMENTS (its second sweep reads them), in token chunks
+    of at least half the usual; otherwise twice, in token chunks of the usual size. The loss is the same either
+    way."""
+    monkeypatch.setattr(fused_linear_module, "_torch_chunks", lambda rows, vocab: (16, 64))
+    case = _case((37,), 48, 203, torch.float32, ht=40, biases=True, seed=1)
+    labels = _labels((37,), 203, 2)
+
+    def forward():
+        return fused_linear_kl_div(
+            case["student_hidden"], case["student_weight"], case["teacher_hidden"], case["teacher_weight"],
+            student_bias=case["student_bias"], teacher_bias=case["teacher_bias"], labels=labels, ce_weight=0.5,
+            divergence=divergence, temperature=1.5, reduction="none", impl="torch",
+        )
+
+    expected = forward()
+    monkeypatch.setattr(fused_linear_module, "TORCH_FORWARD_CACHE_ELEMENTS", cache_elements)
+    with RecordTensorOps() as recorder:
+        loss = forward()
+    # matmul (composite) as the dispatch mode sees it, or the mm beneath it where a build decomposes it first
+    products = [shape for name, shape in recorder.records if name == "aten.matmul.default"] or [
+        shape for name, shape in recorder.records if name == "aten.mm.default"]
+    row_chunks, vocab_chunks = -(-37 // row_chunk), 4
+    assert len(products) == row_chunks * vocab_chunks * 2 * (1 if kept else 2), products
+    assert max(rows for rows, _ in products) == row_chunk
+    assert_close(loss, expected, torch.float32, "loss")
 
 
 @pytest.mark.parametrize("impl", FL_IMPLS)

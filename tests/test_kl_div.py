@@ -1471,3 +1471,31 @@ def test_every_argument_in_every_layout(impl):
         assert_close(loss, expected, torch.float32, f"{name} {layout}: loss")
         assert_close(grad, expected_grad, torch.float32, f"{name} {layout}: gradient")
         assert bit_equal(base.detach(), before), f"{name} {layout}: the input's storage was written"
+
+
+@pytest.mark.parametrize("coef", [0.3, 1e-31])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_divergence_elements_without_terms_give_the_same_gradient_pieces(divergence, coef):
+    """``_divergence_elements(..., with_terms=False)`` (fused_linear_kl_div's backward, which recomputes each block
+    for dL/dz only) returns the same q and g as the full call, bit for bit, -inf logits on either side included
+    (p = 0, q = 0, both), and forms neither the loss terms nor the row statistic's."""
+    from distill_ops.kl_div import _divergence_elements
+
+    generator = torch.Generator().manual_seed(5)
+    student = torch.randn(6, 40, generator=generator) * 3
+    teacher = torch.randn(6, 40, generator=generator) * 3
+    student[0, :5] = float("-inf")
+    teacher[1, 3:9] = float("-inf")
+    student[2, 7], teacher[2, 7] = float("-inf"), float("-inf")
+    lse_s, lse_t = student.logsumexp(-1, keepdim=True), teacher.logsumexp(-1, keepdim=True)
+    terms, dots, q, g = _divergence_elements(student, teacher, lse_s, lse_t, divergence, coef)
+    assert terms is not None
+    with RecordTensorOps() as recorder:
+        no_terms, no_dots, q_only, g_only = _divergence_elements(student, teacher, lse_s, lse_t, divergence, coef,
+                                                                 with_terms=False)
+    assert no_terms is None and no_dots is None
+    torch.testing.assert_close(q_only, q, rtol=0, atol=0)
+    torch.testing.assert_close(g_only, g, rtol=0, atol=0, equal_nan=True)
+    with RecordTensorOps() as full_recorder:
+        _divergence_elements(student, teacher, lse_s, lse_t, divergence, coef)
+    assert len(recorder.records) < len(full_recorder.records)
