@@ -42,8 +42,8 @@ Backends:
 * ``torch``: the same algorithm chunked over tokens and over the vocabulary (at most 2^18 fp32
   elements per logits chunk), fp32 math, using the divergence pieces of :mod:`distill_ops.kl_div`. Its forward
   keeps a token chunk's logits (both sides, every vocabulary chunk) from the first sweep for the second when they
-  fit in :data:`TORCH_FORWARD_CACHE_ELEMENTS` (2^23 elements, 32 MiB in fp32: chunks of 64 tokens up to V = 64k,
-  of 32 up to 128k), so each logit is computed once in forward and once in backward, as on the Triton path's
+  fit in :data:`TORCH_FORWARD_CACHE_ELEMENTS` (2^24 elements, 64 MiB in fp32: chunks of 64 tokens up to V = 128k,
+  of 32 to 64 up to 256k), so each logit is computed once in forward and once in backward, as on the Triton path's
   forward and reverse KL; past that it multiplies again in the second sweep. Backward forms only dL/dz's pieces of
   each block, not the loss terms.
 
@@ -98,12 +98,13 @@ from .kl_div import (
 TORCH_CHUNK_ELEMENTS = 1 << 18
 TORCH_VOCAB_CHUNK = 4096
 # The forward's second sweep reads the first sweep's logits of a token chunk instead of multiplying again when both
-# sides' [rows, V] logits fit in this many elements (32 MiB fp32) with rows at least half the usual token chunk.
-TORCH_FORWARD_CACHE_ELEMENTS = 1 << 23
+# sides' [rows, V] logits fit in this many elements (64 MiB fp32) with rows at least half the usual token chunk. A
+# bound whatever N (at N <= 64 tokens they are all of both sides' logits).
+TORCH_FORWARD_CACHE_ELEMENTS = 1 << 24
 
 
 # --------------------------------------------------------------------------------------------------
-# PyTorch fallback (chunked over tokens and vocabulary; never holds [N, V])
+# PyTorch fallback (chunked over tokens and vocabulary; its memory does not grow with N * V)
 # --------------------------------------------------------------------------------------------------
 
 

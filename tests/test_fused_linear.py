@@ -216,7 +216,7 @@ def test_parity_of_the_pytorch_path_over_several_chunks(divergence, kept, monkey
 
 
 @pytest.mark.parametrize("cache_elements, row_chunk, kept", [
-    (1 << 23, 16, True),  # the default: both sides' [16, 203] logits fit
+    (1 << 24, 16, True),  # the default: both sides' [16, 203] logits fit
     (2 * 8 * 203, 8, True),  # room for 8 rows: half the token chunk, one sweep
     (2 * 8 * 203 - 1, 16, False),  # room for 7: two sweeps of 16 rows
     (0, 16, False),

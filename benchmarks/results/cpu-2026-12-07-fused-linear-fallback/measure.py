@@ -16,7 +16,8 @@ from benchmarks import bench_fused_linear
 from distill_ops import fused_linear as fused_linear_module
 from distill_ops import fused_linear_kl_div
 
-SHAPES = ((256, 128, 8192, 15), (512, 256, 16384, 7), (1024, 256, 32768, 4), (256, 256, 131072, 4))
+SHAPES = ((256, 128, 8192, 15), (512, 256, 16384, 7), (1024, 256, 32768, 4), (256, 256, 131072, 4),
+          (256, 256, 262144, 3))
 KEPT = getattr(fused_linear_module, "TORCH_FORWARD_CACHE_ELEMENTS", None)  # None: a commit before the setting
 
 
