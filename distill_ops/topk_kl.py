@@ -577,36 +577,50 @@ def dense_candidates(teacher_rows: Tensor, count: int, *, need_order: bool, back
     return values, indices
 
 
+def _above_and_at(values: Tensor, cut: Tensor) -> tuple[Tensor, Tensor]:
+    """``(values ranked above cut, values tied with it)`` in the order of a descending sort: NaN above +inf, NaNs
+    tied with each other."""
+    is_nan, nan_cut = values.isnan(), cut.isnan()
+    return (values > cut) | (is_nan & ~nan_cut), (values == cut) | (is_nan & nan_cut)
+
+
 def _largest_by_index(rows: Tensor, count: int, host_ties: bool = False) -> tuple[Tensor, Tensor]:
     """The ``count`` largest entries of each row of ``rows [n, V]``, ties at the cut broken by lower index (NaN
-    counts as the largest, as in a descending sort): ``(values, indices)`` in ascending index order.
+    ranks above +inf, as in a descending sort and in the selection kernel; until 2026-12-07 this path tied the
+    two): ``(values, indices)`` in ascending index order.
 
     ``host_ties`` (CPU tensors, read on the host at no cost): ``topk``'s own selection is kept for the rows where
     it took every entry equal to its cut (it had no choice to make: fp32 logits, as a rule), and only the other
     rows (ties across the cut, most rows of a bf16 teacher) take their tied entries by index; without it every row
     takes the rule through a cumulative count of its tied entries (the form ``torch.compile`` traces: no
-    data-dependent split of the rows)."""
-    key = torch.nan_to_num(rows, nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+    data-dependent split of the rows). A ``topk`` of ``count + 1`` finds the rows with ties across the cut (the
+    extra entry equals the cut); only those rows are read again."""
     vocab = rows.shape[-1]
     column = torch.arange(vocab, device=rows.device)
-    if host_ties:
-        top_values, indices = key.topk(count, dim=-1, sorted=False)
-        cut = top_values.amin(-1, keepdim=True)
-        at_cut = key == cut
-        split = (at_cut.sum(-1) > (top_values == cut).sum(-1)).nonzero().squeeze(-1)
+    if host_ties and count < vocab:
+        # The CPU's topk ranks NaN above +inf, as a sort does; its (count + 1)-th largest entry tells the rows where
+        # entries tied with the cut were left out (it is tied with the cut), without a pass over the vocabulary.
+        top_values, indices = rows.topk(count + 1, dim=-1, sorted=True)
+        cut = top_values[:, count - 1:count]
+        split = _above_and_at(top_values[:, count:], cut)[1].squeeze(-1).nonzero().squeeze(-1)
+        top_values, indices = top_values[:, :count], indices[:, :count]
         if split.numel() > 0:
             # The entries above the cut (topk's) and the first tied ones by index; the vocabulary size pads.
-            tied = torch.where(at_cut[split], column, vocab).topk(count, dim=-1, largest=False, sorted=True).values
-            above = top_values[split] > cut[split]
+            at_cut = _above_and_at(rows[split], cut[split])[1]
+            tied = torch.where(at_cut, column, vocab).topk(count, dim=-1, largest=False, sorted=True).values
+            above = _above_and_at(top_values[split], cut[split])[0]
             needed = count - above.sum(-1, keepdim=True)
             tied = torch.where(torch.arange(count, device=rows.device) < needed, tied, vocab)
             merged = torch.cat([torch.where(above, indices[split], vocab), tied], dim=-1)
             indices[split] = merged.sort(dim=-1).values[:, :count]
         indices = indices.sort(dim=-1).values
         return rows.gather(-1, indices), indices
-    cut = key.topk(count, dim=-1).values[:, -1:]
-    above = key > cut
-    at_cut = key == cut
+    # The cut from a topk that never sees NaN (read as +inf: whatever a device's topk makes of NaN), then NaN itself
+    # where the row holds count NaNs or more.
+    is_nan = rows.isnan()
+    cut = torch.where(is_nan, float("inf"), rows).topk(count, dim=-1).values[:, -1:]
+    cut = torch.where(is_nan.sum(-1, keepdim=True) >= count, float("nan"), cut)
+    above, at_cut = _above_and_at(rows, cut)
     keep = above | (at_cut & (at_cut.cumsum(-1) <= count - above.sum(-1, keepdim=True)))
     indices = torch.where(keep, column, vocab).topk(count, dim=-1, largest=False, sorted=True).values
     return rows.gather(-1, indices), indices

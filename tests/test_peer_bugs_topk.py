@@ -356,7 +356,8 @@ def test_selection_with_ties_is_consistent_across_k():
 def test_torch_dense_candidates_follow_the_stable_order(compiled):
     """The PyTorch path's selection (topk for the cut value, the ties at the cut taken by index; it was a full stable
     sort of the vocabulary) returns the first ``count`` entries of a stable descending order for every count: heavy
-    ties, ±inf, NaN (the largest, as in a descending sort), in several row chunks, eager and under torch.compile.
+    ties, ±inf, NaN (the largest, above +inf, as in a descending sort and the kernel; a row whose cut falls among
+    NaN and +inf took them as tied), in several row chunks, eager and under torch.compile.
     Rows of distinct values (where the eager CPU path keeps topk's own choice) share chunks with tied rows (where it
     applies the tie rule), and one of them gets a tie across the cut of 50."""
     from distill_ops.topk_kl import dense_candidates
@@ -367,6 +368,7 @@ def test_torch_dense_candidates_follow_the_stable_order(compiled):
     rows[1, 10:20] = float("-inf")
     rows[2, [7, 650]] = float("nan")
     rows[3] = 1.0
+    rows[4, [2, 600]], rows[4, [5, 9]] = float("inf"), float("nan")  # NaN ranks above +inf: 5 and 9 first
     rows[1000:1600:2] = torch.randn(300, 700, generator=generator)
     rows[1000, rows[1000].argsort(descending=True)[[50, 51]]] = rows[1000].sort(descending=True).values[49]
     select = dense_candidates
