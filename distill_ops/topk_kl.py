@@ -577,11 +577,14 @@ def dense_candidates(teacher_rows: Tensor, count: int, *, need_order: bool, back
     return values, indices
 
 
-def _above_and_at(values: Tensor, cut: Tensor) -> tuple[Tensor, Tensor]:
-    """``(values ranked above cut, values tied with it)`` in the order of a descending sort: NaN above +inf, NaNs
-    tied with each other."""
-    is_nan, nan_cut = values.isnan(), cut.isnan()
-    return (values > cut) | (is_nan & ~nan_cut), (values == cut) | (is_nan & nan_cut)
+def _ranked_above(values: Tensor, cut: Tensor) -> Tensor:
+    """``values`` ranked above ``cut`` in a descending sort's order: NaN above everything but NaN."""
+    return (values > cut) | (values.isnan() & ~cut.isnan())
+
+
+def _tied(values: Tensor, cut: Tensor, cut_has_nan: bool = True) -> Tensor:
+    """``values`` tied with ``cut`` (NaN with NaN); ``cut_has_nan=False`` (read on the host) skips NaN's pass."""
+    return (values == cut) | (values.isnan() & cut.isnan()) if cut_has_nan else values == cut
 
 
 def _largest_by_index(rows: Tensor, count: int, host_ties: bool = False) -> tuple[Tensor, Tensor]:
@@ -596,19 +599,21 @@ def _largest_by_index(rows: Tensor, count: int, host_ties: bool = False) -> tupl
     data-dependent split of the rows). A ``topk`` of ``count + 1`` finds the rows with ties across the cut (the
     extra entry equals the cut); only those rows are read again."""
     vocab = rows.shape[-1]
-    column = torch.arange(vocab, device=rows.device)
     if host_ties and count < vocab:
         # The CPU's topk ranks NaN above +inf, as a sort does; its (count + 1)-th largest entry tells the rows where
         # entries tied with the cut were left out (it is tied with the cut), without a pass over the vocabulary.
         top_values, indices = rows.topk(count + 1, dim=-1, sorted=True)
         cut = top_values[:, count - 1:count]
-        split = _above_and_at(top_values[:, count:], cut)[1].squeeze(-1).nonzero().squeeze(-1)
+        split = _tied(top_values[:, count:], cut).squeeze(-1).nonzero().squeeze(-1)
         top_values, indices = top_values[:, :count], indices[:, :count]
         if split.numel() > 0:
             # The entries above the cut (topk's) and the first tied ones by index; the vocabulary size pads.
-            at_cut = _above_and_at(rows[split], cut[split])[1]
-            tied = torch.where(at_cut, column, vocab).topk(count, dim=-1, largest=False, sorted=True).values
-            above = _above_and_at(top_values[split], cut[split])[0]
+            cut = cut[split]
+            at_cut = _tied(rows[split], cut, bool(cut.isnan().any()))
+            # int32 column numbers: the [rows, V] search for the lowest tied ones moves half the bytes of int64
+            column = torch.arange(vocab, device=rows.device, dtype=torch.int32)
+            tied = torch.where(at_cut, column, vocab).topk(count, dim=-1, largest=False, sorted=True).values.long()
+            above = _ranked_above(top_values[split], cut)
             needed = count - above.sum(-1, keepdim=True)
             tied = torch.where(torch.arange(count, device=rows.device) < needed, tied, vocab)
             merged = torch.cat([torch.where(above, indices[split], vocab), tied], dim=-1)
@@ -620,7 +625,8 @@ def _largest_by_index(rows: Tensor, count: int, host_ties: bool = False) -> tupl
     is_nan = rows.isnan()
     cut = torch.where(is_nan, float("inf"), rows).topk(count, dim=-1).values[:, -1:]
     cut = torch.where(is_nan.sum(-1, keepdim=True) >= count, float("nan"), cut)
-    above, at_cut = _above_and_at(rows, cut)
+    above, at_cut = _ranked_above(rows, cut), _tied(rows, cut)
+    column = torch.arange(vocab, device=rows.device)
     keep = above | (at_cut & (at_cut.cumsum(-1) <= count - above.sum(-1, keepdim=True)))
     indices = torch.where(keep, column, vocab).topk(count, dim=-1, largest=False, sorted=True).values
     return rows.gather(-1, indices), indices
