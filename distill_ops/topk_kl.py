@@ -577,14 +577,17 @@ def dense_candidates(teacher_rows: Tensor, count: int, *, need_order: bool, back
     return values, indices
 
 
-def _ranked_above(values: Tensor, cut: Tensor) -> Tensor:
-    """``values`` ranked above ``cut`` in a descending sort's order: NaN above everything but NaN."""
-    return (values > cut) | (values.isnan() & ~cut.isnan())
+def _ranked_above(values: Tensor, cut: Tensor, is_nan: Optional[Tensor] = None) -> Tensor:
+    """``values`` ranked above ``cut`` in a descending sort's order: NaN above everything but NaN (``is_nan``:
+    ``values.isnan()`` where the caller has it)."""
+    return (values > cut) | ((values.isnan() if is_nan is None else is_nan) & ~cut.isnan())
 
 
-def _tied(values: Tensor, cut: Tensor, cut_has_nan: bool = True) -> Tensor:
+def _tied(values: Tensor, cut: Tensor, cut_has_nan: bool = True, is_nan: Optional[Tensor] = None) -> Tensor:
     """``values`` tied with ``cut`` (NaN with NaN); ``cut_has_nan=False`` (read on the host) skips NaN's pass."""
-    return (values == cut) | (values.isnan() & cut.isnan()) if cut_has_nan else values == cut
+    if not cut_has_nan:
+        return values == cut
+    return (values == cut) | ((values.isnan() if is_nan is None else is_nan) & cut.isnan())
 
 
 def _largest_by_index(rows: Tensor, count: int, host_ties: bool = False) -> tuple[Tensor, Tensor]:
@@ -625,7 +628,7 @@ def _largest_by_index(rows: Tensor, count: int, host_ties: bool = False) -> tupl
     is_nan = rows.isnan()
     cut = torch.where(is_nan, float("inf"), rows).topk(count, dim=-1).values[:, -1:]
     cut = torch.where(is_nan.sum(-1, keepdim=True) >= count, float("nan"), cut)
-    above, at_cut = _ranked_above(rows, cut), _tied(rows, cut)
+    above, at_cut = _ranked_above(rows, cut, is_nan), _tied(rows, cut, is_nan=is_nan)
     column = torch.arange(vocab, device=rows.device)
     keep = above | (at_cut & (at_cut.cumsum(-1) <= count - above.sum(-1, keepdim=True)))
     indices = torch.where(keep, column, vocab).topk(count, dim=-1, largest=False, sorted=True).values

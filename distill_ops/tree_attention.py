@@ -95,9 +95,9 @@ def tree_attention_ref(
     into one matrix, ``[Hkv, group * T, D]``, so each KV head's keys and values are read where they lie (repeating
     them per query head copied the sequence's cache: 32.0 -> 21.0 ms at Hq=32, Hkv=8, L=4096, T=32, D=128, fp32, on
     a 2-core CPU, the same results; benchmarks/results/cpu-2026-12-07-fallbacks/tree-attention). Returns q's dtype,
-    ``[B, Hq, T, D]``. Rows no
-    node sees (past ``cache_len + T``, or before every node's window) are read as zeros, as the kernel never
-    loads them: garbage there (NaN in an uninitialised cache) does not reach the output through 0 * NaN.
+    ``[B, Hq, T, D]``. Rows no node sees (past ``cache_len + T``, or before every node's window) are read as zeros,
+    as the kernel never loads them: garbage there (NaN in an uninitialised cache) does not reach the output through
+    0 * NaN.
     """
     batch, num_heads, num_nodes, head_dim = q.shape
     kv_heads = k.shape[1]
