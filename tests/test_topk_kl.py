@@ -525,6 +525,37 @@ def test_small_leftover_mass_at_large_logits_stays_finite(tail, divergence, impl
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_teacher_normaliser_matches_float64(impl, dtype):
+    """The dense teacher's row statistics (max m, log sum_j exp((x_j - m) / T)) against float64, the log-sum to a
+    few fp32 steps of its own size even where it is ~1e-13 (a confident row: log(1 + rest) with the max's term left
+    out of the sum, not subtracted from it), with ties at the max (each tied term counts), logits near 1e4, and a
+    row of -inf (log-sum -inf); T = 1, 0.5, 3. The PyTorch side (one softmax, the max's position) replaced passes
+    of shift, exp, argmax and a scattered copy; the kernel streams the row once."""
+    vocab = 777
+    rows = _logits((8, vocab), torch.float64, seed=3)
+    rows[1, :3] = rows[1].amax() + 1.0  # three tied maxima
+    rows[2, 10] += 36.0  # rest ~1e-13 at T = 1, ~1e-28 at T = 0.5 (its terms above fp32's subnormals)
+    rows[3, 20] += 30.0
+    rows[4] += 1e4
+    rows[5, 7] = rows[5].amax()  # two tied maxima
+    rows[6, 100:] = float("-inf")
+    rows[7] = float("-inf")
+    rows = rows.to(dtype)
+    exact = rows[:7].double().cpu()
+    row_max = exact.amax(-1, keepdim=True)
+    below_max = exact < row_max
+    ties = (~below_max).sum(-1)
+    for temperature in (1.0, 0.5, 3.0):
+        stats = torch.ops.distill_ops.topk_kl_teacher_lse(rows, temperature, impl).double().cpu()
+        # The terms below the max summed apart, then each extra tie's 1.
+        rest = torch.where(below_max, ((exact - row_max) / temperature).exp(), 0.0).sum(-1) + (ties - 1)
+        assert torch.equal(stats[0, :7], row_max.squeeze(-1))
+        torch.testing.assert_close(stats[1, :7], torch.log1p(rest), rtol=2e-6, atol=0.0)
+        assert stats[1, 7] == float("-inf")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_teacher_leftover_is_resolved_down_to_its_inputs(impl):
     """The teacher's leftover mass (1 - its kept mass) was formed in fp32 and floored at 1e-6: a confident dense
     teacher's 2.2e-7 and a sparse one's 2e-9 read as 1e-6 (the reverse KL of the bucket, 13.8 for 15.35 in the dense
