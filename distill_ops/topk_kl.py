@@ -815,17 +815,6 @@ def _check_args(
             student_logits=student_logits, teacher_topk_indices=teacher_topk_indices,
             teacher_topk_logprobs=teacher_topk_logprobs,
         )
-        if host_readable(teacher_topk_indices):
-            if teacher_topk_indices.numel() and bool(((teacher_topk_indices < 0) | (teacher_topk_indices >= vocab)).any()):
-                raise ValueError(
-                    f"teacher_topk_indices must be in [0, {vocab}) (the student vocabulary), got values from "
-                    f"{teacher_topk_indices.min().item()} to {teacher_topk_indices.max().item()}"
-                )
-            if bool((teacher_topk_logprobs > 0).any()):
-                raise ValueError(
-                    f"teacher_topk_logprobs must be log-probabilities (<= 0), got a maximum of "
-                    f"{teacher_topk_logprobs.max().item()}"
-                )
     else:
         check_tensor("teacher_logits", teacher_logits, min_dim=1)
         check_leading_dims("teacher_logits", teacher_logits, "student_logits", leading_shape)
@@ -855,6 +844,27 @@ def _check_args(
             raise ValueError(f"lower must be <= upper in every row, got row {row} with lower "
                              f"{float(lower_rows[row]):.6g} > upper {float(upper_rows[row]):.6g}")
     return lower_rows, upper_rows, vocab
+
+
+def _check_sparse_values(
+    indices: Tensor, logprobs: Tensor, vocab: int, labels: Optional[Tensor], ignore_index: int
+) -> None:
+    """A sparse teacher's indices lie in [0, vocab) and its log-probabilities are <= 0 in every counted row (checked
+    where readable; ignored rows may hold anything, e.g. padding collated as index -1: refused on CPU tensors
+    before, while CUDA's unchecked path gave those rows their 0)."""
+    if not host_readable(indices) or indices.numel() == 0:
+        return
+    counted = None if labels is None else (labels != ignore_index).unsqueeze(-1).expand_as(indices)
+    seen_indices, seen_logprobs = (values if counted is None else values[counted] for values in (indices, logprobs))
+    if bool(((seen_indices < 0) | (seen_indices >= vocab)).any()):
+        raise ValueError(
+            f"teacher_topk_indices must be in [0, {vocab}) (the student vocabulary), got values from "
+            f"{seen_indices.min().item()} to {seen_indices.max().item()}"
+        )
+    if bool((seen_logprobs > 0).any()):
+        raise ValueError(
+            f"teacher_topk_logprobs must be log-probabilities (<= 0), got a maximum of {seen_logprobs.max().item()}"
+        )
 
 
 def _check_distinct_indices(indices: Tensor, logprobs: Tensor, labels: Optional[Tensor], ignore_index: int) -> None:
@@ -962,7 +972,9 @@ def _dense_teacher(
         logprobs = _teacher_logprobs(values, stats, temperature)
     else:
         # Shifted by the row's max as it is: a row that is -inf only has no distribution and gives NaN (as in
-        # kl_div and the other tails), not an empty kept set's 0.
+        # kl_div and the other tails), not an empty kept set's 0. kept_logprobs's zero-probability test then reads
+        # each token's probability relative to the top token, not to the full vocabulary (by choice, see the
+        # README's kept-set rule: a token 92-104 T below the top stays kept; the normaliser is another pass).
         values = values.to(torch.float32)
         logprobs = (values - values.amax(-1, keepdim=True)) / temperature
     return indices.contiguous(), kept_logprobs(logprobs, lower, upper).contiguous()
@@ -1044,6 +1056,7 @@ def topk_kl_div(
         stored_k = teacher_topk_indices.shape[-1]
         stored_indices = teacher_topk_indices.detach().reshape(-1, stored_k)
         stored_logprobs = teacher_topk_logprobs.detach().reshape(-1, stored_k)
+        _check_sparse_values(stored_indices, stored_logprobs, vocab, label_rows, ignore_index)
         _check_distinct_indices(stored_indices, stored_logprobs, label_rows, ignore_index)
         _check_sparse_mass(stored_logprobs, label_rows, ignore_index)
         indices, teacher_logprobs = _sparse_teacher(

@@ -20,6 +20,12 @@ from ._launch import LAUNCH_OPTIONS
 
 # Divergence codes (compile-time constants of the kernel).
 FORWARD, REVERSE, JSD, SKEW_FORWARD, SKEW_REVERSE, TVD = range(6)
+# Where the online statistics' running maxima start: fp32's lowest finite value, so that every finite logit is at
+# or above it and a row masked with torch.finfo(torch.float32).min (Hugging Face's masking value; bf16's is the
+# same) keeps its own max (its terms exp(0) = 1: a uniform distribution, as the PyTorch path has it). The earlier
+# floor of -1e30 stayed the max of such a row, every term underflowed to 0 and the row's loss was NaN.
+RUNNING_MAX_FLOOR = tl.constexpr(-3.4028234663852886e38)
+
 DIVERGENCE_CODES = {
     "forward": FORWARD,
     "reverse": REVERSE,
@@ -217,7 +223,7 @@ def _rebased(acc, weight_sum, old_x, new_x, old_y, new_y, inv_temperature):
     Logits are taken relative to their running maxima, not as x_j - y_j: that difference rounds at its size, and a
     teacher offset by 1e4 from its student (the same softmax) lost 1e-3 of the loss and 3x the gradient's fp32
     tolerance; relative to the maxima they round at the logits' spread. A lane with no weight yet is left alone
-    (its shift may be -1e30 from the running maxima's floor)."""
+    (its shift may be infinite from the running maxima's floor)."""
     shift = ((old_x - new_x) - (old_y - new_y)) * inv_temperature
     return tl.where(weight_sum == 0.0, acc, acc + weight_sum * shift)
 
@@ -268,13 +274,14 @@ def _kl_div_fwd_kernel(
             active = tl.load(labels_ptr + row) != ignore_index
 
         if active:
-            # Pass 1: per-lane online statistics of both sides (and the KL for forward / reverse). The
-            # running maxima (of the raw logits z) start at a finite floor so exp(m_old - m_new) is defined
-            # while a lane has only seen -inf (masked tokens). Exponents are raw differences scaled after,
-            # ((z - m) / T): z - m is exact near the max, where the mass is, so logits far from 0 keep fp32
+            # Pass 1: per-lane online statistics of both sides (and the KL for forward / reverse). The running maxima
+            # (of the raw logits z) start at a finite floor so exp(m_old - m_new) is defined while a lane has only seen
+            # -inf (masked tokens): fp32's lowest value, at or below every finite logit (a floor of -1e30 stayed the max
+            # of a row masked with finfo.min, whose terms then all underflowed). Exponents are raw differences scaled
+            # after, ((z - m) / T): z - m is exact near the max, where the mass is, so logits far from 0 keep fp32
             # precision at any T (z / T - m / T rounds each term at |z / T|: 4e-4 relative at 1e4, 10 % at 1e7).
-            max_a = tl.full([BLOCK_V], -1.0e30, tl.float32)
-            max_b = tl.full([BLOCK_V], -1.0e30, tl.float32)
+            max_a = tl.full([BLOCK_V], RUNNING_MAX_FLOOR, tl.float32)
+            max_b = tl.full([BLOCK_V], RUNNING_MAX_FLOOR, tl.float32)
             sum_a = tl.zeros([BLOCK_V], tl.float32)
             sum_b = tl.zeros([BLOCK_V], tl.float32)
             acc = tl.zeros([BLOCK_V], tl.float32)

@@ -305,13 +305,15 @@ def _row_logsumexp_kernel(x_ptr, max_ptr, logsum_ptr, stride_x, V, inv_temperatu
     # Per lane: the max of the raw logits (T > 0 keeps the order) and the sum of exp((x - max) / T) over the lane's
     # other elements, the max's own term (exactly 1) kept apart, so that log-sum = log(1 + rest) resolves a rest far
     # below fp32's step at 1 (a confident teacher's top log-probability -1e-10 read 0 and its leftover mass 0). One
-    # exp per element. The max starts at a finite floor: a lane that sees only -inf adds nothing.
-    run_max = tl.full([BLOCK_V], -1.0e30, tl.float32)
+    # exp per element. The max starts at -inf: a finite floor would count as a term of its own where a row's logits
+    # do not rise above it (a floor of -1e30 against a row masked with finfo.min: log-sum -inf, a NaN loss); the
+    # first finite logit's step from -inf is exp(-inf) = 0, and a -inf logit adds nothing.
+    run_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
     run_rest = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + offsets
         x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        step = tl.exp(-tl.abs(x - run_max) * inv_temperature)
+        step = tl.where(x == float("-inf"), 0.0, tl.exp(-tl.abs(x - run_max) * inv_temperature))
         above = x > run_max
         run_rest = tl.where(above, (run_rest + 1.0) * step, run_rest + step)
         run_max = tl.where(above, x, run_max)
@@ -326,7 +328,7 @@ def _row_logsumexp_kernel(x_ptr, max_ptr, logsum_ptr, stride_x, V, inv_temperatu
     logsum = tl.where(rest64 < 0.00000095367431640625, rest64 * (1.0 - rest64 * (0.5 - rest64 / 3.0)),
                       tl.log(1.0 + rest64)).to(tl.float32)
     tl.store(max_ptr + row, row_max)
-    tl.store(logsum_ptr + row, tl.where(row_max > -1.0e30, logsum, float("-inf")))  # a row of -inf: log 0
+    tl.store(logsum_ptr + row, tl.where(row_max > float("-inf"), logsum, float("-inf")))  # a row of -inf: log 0
 
 
 @on_input_device

@@ -496,6 +496,19 @@ def test_masked_columns_against_far_negative_logits(divergence, masked, impl):
     _check(case, impl, divergence=divergence, reduction="none")
 
 
+@pytest.mark.parametrize("impl", FL_IMPLS)
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_rows_masked_with_the_lowest_finite_value_are_ignored_by_labels(divergence, impl):
+    """Dense teacher rows masked whole with torch.finfo(float32).min are not handled by either path (the README's
+    documented limit: lse = max + log sum rounds to the max there, a wrong finite loss on the PyTorch path, NaN on
+    the kernel's); with labels = ignore_index on them, the loss and gradients match float64 without them."""
+    case = _case((7,), 24, 90, torch.float32, teacher_logits=True, seed=17)
+    case["teacher_logits"][2] = torch.finfo(torch.float32).min
+    case["teacher_logits"][5] = torch.finfo(torch.float32).min
+    labels = _labels((7,), 90, 18, ignored=((2,), (5,)))
+    _check(case, impl, divergence=divergence, labels=labels, temperature=1.5)
+
+
 # Final-logit soft-capping (Gemma-2). Small caps (1.5, 2.0) against logits of std ~2 (biases add ~1): most logits
 # sit in tanh's curved part or beyond, so the cap changes the loss and every gradient (test_softcap_changes_the_loss).
 SOFTCAPS = {"student": dict(student_softcap=1.5), "teacher": dict(teacher_softcap=1.5),

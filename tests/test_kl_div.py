@@ -484,6 +484,27 @@ def test_masked_columns_against_far_negative_logits(masked, divergence, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_masked_with_the_lowest_finite_value(dtype, divergence, impl):
+    """Rows masked with torch.finfo(dtype).min (Hugging Face's masking value) on both sides, on the student's only
+    and on the teacher's only are uniform distributions: finite loss and gradient, equal to float64's at T = 0.5,
+    1 and 2. The kernel's running maxima started at -1e30, which stayed the max of such a row: every exponential
+    underflowed and the row's loss and gradient were NaN (-inf for the forward KL of a masked student), on the
+    Triton path only (found by a review, 2026-12-07)."""
+    student = _logits((4, 77), dtype, seed=40)
+    teacher = _logits((4, 77), dtype, seed=41)
+    lowest = torch.finfo(dtype).min
+    student[0] = lowest
+    teacher[0] = lowest
+    student[1] = lowest
+    teacher[2] = lowest
+    for temperature in (0.5, 1.0, 2.0):
+        _check_against_reference(student, teacher, impl, divergence=divergence, temperature=temperature,
+                                 reduction="none")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", ["forward_weight_rises", "reverse_weight_rises", "forward_lane_far_below"])
 def test_kl_drops_an_infinite_term_whose_weight_underflows(case, impl):
     """A token one side rules out (-inf) where the other side's logit is 0 (forward KL: the student rules it out and

@@ -529,20 +529,23 @@ def test_small_leftover_mass_at_large_logits_stays_finite(tail, divergence, impl
 def test_dense_teacher_normaliser_matches_float64(impl, dtype):
     """The dense teacher's row statistics (max m, log sum_j exp((x_j - m) / T)) against float64, the log-sum to a
     few fp32 steps of its own size even where it is ~1e-13 (a confident row: log(1 + rest) with the max's term left
-    out of the sum, not subtracted from it), with ties at the max (each tied term counts), logits near 1e4, and a
-    row of -inf (log-sum -inf); T = 1, 0.5, 3. The PyTorch side (one softmax, the max's position) replaced passes
-    of shift, exp, argmax and a scattered copy; the kernel streams the row once."""
+    out of the sum, not subtracted from it), with ties at the max (each tied term counts), logits near 1e4, a row
+    masked with finfo.min (uniform: the kernel's max started at -1e30, counted as a term of its own there, and the
+    row's log-sum read -inf, its bucket loss inf) and a row of -inf (log-sum -inf); T = 1, 0.5, 3. The PyTorch side
+    (one softmax, the max's position) replaced passes of shift, exp, argmax and a scattered copy; the kernel streams
+    the row once."""
     vocab = 777
-    rows = _logits((8, vocab), torch.float64, seed=3)
+    rows = _logits((9, vocab), torch.float64, seed=3)
     rows[1, :3] = rows[1].amax() + 1.0  # three tied maxima
     rows[2, 10] += 36.0  # rest ~1e-13 at T = 1, ~1e-28 at T = 0.5 (its terms above fp32's subnormals)
     rows[3, 20] += 30.0
     rows[4] += 1e4
     rows[5, 7] = rows[5].amax()  # two tied maxima
     rows[6, 100:] = float("-inf")
-    rows[7] = float("-inf")
+    rows[7] = torch.finfo(dtype).min  # a masked row: uniform, log-sum log V (the kernel's -1e30 floor gave -inf)
+    rows[8] = float("-inf")
     rows = rows.to(dtype)
-    exact = rows[:7].double().cpu()
+    exact = rows[:8].double().cpu()
     row_max = exact.amax(-1, keepdim=True)
     below_max = exact < row_max
     ties = (~below_max).sum(-1)
@@ -550,9 +553,9 @@ def test_dense_teacher_normaliser_matches_float64(impl, dtype):
         stats = torch.ops.distill_ops.topk_kl_teacher_lse(rows, temperature, impl).double().cpu()
         # The terms below the max summed apart, then each extra tie's 1.
         rest = torch.where(below_max, ((exact - row_max) / temperature).exp(), 0.0).sum(-1) + (ties - 1)
-        assert torch.equal(stats[0, :7], row_max.squeeze(-1))
-        torch.testing.assert_close(stats[1, :7], torch.log1p(rest), rtol=2e-6, atol=0.0)
-        assert stats[1, 7] == float("-inf")
+        assert torch.equal(stats[0, :8], row_max.squeeze(-1))
+        torch.testing.assert_close(stats[1, :8], torch.log1p(rest), rtol=2e-6, atol=0.0)
+        assert stats[1, 8] == float("-inf")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -648,6 +651,44 @@ def test_ignored_rows_may_repeat_sparse_indices(tail):
     loss, grad = _run_and_compare(student, "torch", teacher_topk_indices=indices, teacher_topk_logprobs=logprobs,
                                   labels=labels, tail=tail, reduction="none")
     assert loss[1] == 0 and torch.all(grad[1] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ignored_rows_may_hold_out_of_range_sparse_entries(impl):
+    """Ignored rows may hold anything, padding collated as index -1 or a log-probability above 0 included: the same
+    loss and gradient as with a clean ignored row. The range and sign checks read every row on CPU tensors, so such
+    a batch was refused there while CUDA's unchecked path gave it its loss (a review, 2026-12-07). In a counted row
+    both are still refused."""
+    student = _logits((3, 40), torch.float32, seed=304)
+    indices, logprobs = _sparse_from_dense(_logits((3, 40), torch.float32, seed=305), 4)
+    indices, logprobs = indices.to(DEVICE), logprobs.to(DEVICE)
+    labels = _labels((3,), 40, seed=306, ignored=(1,))
+
+    def run(stored_indices, stored_logprobs):
+        logits = student.clone().requires_grad_(True)
+        loss = topk_kl_div(logits, teacher_topk_indices=stored_indices, teacher_topk_logprobs=stored_logprobs,
+                           labels=labels, tail="bucket", reduction="none", impl=impl)
+        loss.sum().backward()
+        return loss, logits.grad
+
+    expected_loss, expected_grad = run(indices, logprobs)
+    padded_indices, junk_logprobs = indices.clone(), logprobs.clone()
+    padded_indices[1] = -1
+    junk_logprobs[1] = 0.7
+    for stored in ((padded_indices, logprobs), (indices, junk_logprobs), (padded_indices, junk_logprobs)):
+        loss, grad = run(*stored)
+        assert torch.equal(loss, expected_loss) and torch.equal(grad, expected_grad)
+    counted_bad = indices.clone()
+    counted_bad[0, 2] = -1
+    counted_junk = logprobs.clone()
+    counted_junk[2, 0] = 0.7
+    if student.device.type != "cpu":  # not read there: those rows' losses are NaN
+        assert run(counted_bad, logprobs)[0][0].isnan() and run(indices, counted_junk)[0][2].isnan()
+        return
+    with pytest.raises(ValueError, match=r"teacher_topk_indices must be in \[0, 40\)"):
+        run(counted_bad, logprobs)
+    with pytest.raises(ValueError, match=r"teacher_topk_logprobs must be log-probabilities"):
+        run(indices, counted_junk)
 
 
 def _dackl_keeping_every_token(tail, divergence="forward", k=32, bias=(-8.0, 30.0), seed=3, inputs=(46, 40)):
