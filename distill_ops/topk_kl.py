@@ -495,8 +495,8 @@ def _max_and_log_sum(rows: Tensor, temperature: float) -> Tensor:
     the other terms' sum over the max's own term, summed without it (resolved where it is far below fp32's step at
     1: a confident teacher's leftover mass; see :func:`_fine_logsumexp`). From one softmax (whose exponential keeps
     its vector speed where torch.exp's does not, see ``kl_div.softmax_and_log_sum``): rest = (its sum without the
-    max's probability) / that probability. A row whose max is not finite gives it (NaN kept). About 3x faster than
-    shifting, exponentiating and summing the row in separate passes, which this replaced."""
+    max's probability) / that probability. A row whose max is not finite gives it (NaN kept). 2.5x faster on the
+    CPU (53 -> 21 ms at N=1024, V=32000) than shifting, exponentiating and summing in separate passes, as before."""
     row_max, at_max = rows.max(-1, keepdim=True)
     row_max = row_max.to(torch.float32)
     shifted = rows if temperature == 1.0 else torch.sub(rows, finite_or_zero(row_max)).div_(temperature)
