@@ -879,7 +879,9 @@ def fused_linear_kl_div(
         row_loss = torch.where(bad_label, float("nan"), row_loss)
     loss = reduce_rows(row_loss, active, reduction, normalizer, leading_shape)
     if return_entropy:
-        return loss, row_stats[4].detach().reshape(leading_shape)
+        # A copy: row_stats is saved for backward, and a caller's in-place edit of the metric (entropy /= log V)
+        # through a view of it failed the loss's backward (a review, 2026-12-07).
+        return loss, row_stats[4].detach().clone().reshape(leading_shape)
     return loss
 
 

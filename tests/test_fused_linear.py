@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -825,6 +826,23 @@ def test_return_entropy_without_labels_and_reductions(impl):
     assert_close(module_entropy, expected, torch.float32, "module")
     with pytest.raises(TypeError, match="return_entropy must be a bool, got NoneType"):
         FusedLinearKLDivLoss(return_entropy=None)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_returned_entropy_may_be_edited_in_place(impl):
+    """The entropy is the caller's metric: normalising or clamping it in place leaves the loss's backward intact. It
+    was a view of the statistics saved for backward, whose version check then failed "modified by an inplace
+    operation" (a review, 2026-12-07)."""
+    case = _case((6,), 8, 30, torch.float32, seed=34)
+    hidden = case["student_hidden"].clone().requires_grad_(True)
+    loss, entropy = fused_linear_kl_div(hidden, case["student_weight"], case["teacher_hidden"],
+                                        case["teacher_weight"], return_entropy=True, impl=impl)
+    expected = torch.autograd.grad(fused_linear_kl_div(hidden, case["student_weight"], case["teacher_hidden"],
+                                                       case["teacher_weight"], impl=impl), hidden)[0]
+    entropy /= math.log(30)
+    entropy.clamp_(max=0.5)
+    loss.backward()
+    assert_close(hidden.grad, expected, torch.float32)
 
 
 def test_return_entropy_traces_as_one_graph():
