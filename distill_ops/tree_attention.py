@@ -101,15 +101,16 @@ def tree_attention_ref(
     """
     batch, num_heads, num_nodes, head_dim = q.shape
     kv_heads = k.shape[1]
-    stacked = (kv_heads, num_heads // kv_heads * num_nodes, -1)  # the query heads of each KV head, stacked
+    rows = num_heads // kv_heads * num_nodes  # the query heads of each KV head, stacked (no -1: Hq may be 0)
     compute = torch.float64 if q.dtype == torch.float64 else (torch.float32 if upcast else q.dtype)
     mask = tree_attention_mask(ancestor_mask, cache_lens, k.shape[2], depth, sliding_window)
     out = torch.empty_like(q)
     for b in range(batch):
         values = v[b].to(compute).masked_fill(~mask[b].any(0)[:, None], 0.0)
-        scores = torch.matmul(q[b].to(compute).reshape(stacked), k[b].to(compute).transpose(-1, -2)) * sm_scale
-        scores = softcapped(scores.view(num_heads, num_nodes, -1), softcap).masked_fill(~mask[b][None], float("-inf"))
-        probs = sink_softmax(scores, sinks, compute).reshape(stacked)
+        scores = torch.matmul(q[b].to(compute).reshape(kv_heads, rows, head_dim), k[b].to(compute).transpose(-1, -2))
+        scores = softcapped(scores.mul_(sm_scale).view(num_heads, num_nodes, k.shape[2]), softcap)
+        scores = scores.masked_fill(~mask[b][None], float("-inf"))
+        probs = sink_softmax(scores, sinks, compute).reshape(kv_heads, rows, k.shape[2])
         out[b] = torch.matmul(probs, values).view(num_heads, num_nodes, head_dim).to(q.dtype)
     return out
 

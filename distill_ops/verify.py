@@ -418,6 +418,23 @@ def verify_sampling(
                     f"draft_probs must be finite and >= 0 (the draft's probabilities, or unnormalised weights), got "
                     f"{float(draft_probs[b, node, token])} at [{b}, {node}, {token}]"
                 )
+            # Each drafted token was sampled from its parent's row, so it has probability there: a 0 (or a row of
+            # zeros at a node with children) made the acceptance test p - c q > u q n read p > 0, every such draft
+            # was accepted and the result was no longer the target's distribution (a review, 2026-12-07). Tokens
+            # out of [0, V) have target probability 0 and are never accepted.
+            parents = tree.parents.expand(batch, -1).to(torch.int64)
+            tokens = draft_tokens.to(torch.int64)
+            drafted = (parents >= 0) & (tokens >= 0) & (tokens < vocab)
+            batch_rows = torch.arange(batch, device=draft_probs.device).unsqueeze(-1)
+            q_drafted = draft_probs[batch_rows, parents.clamp_min(0), tokens.clamp(0, vocab - 1)]
+            impossible = drafted & (q_drafted == 0)
+            if bool(impossible.any()):
+                b, node = (int(i) for i in impossible.nonzero()[0])
+                parent, token = int(parents[b, node]), int(tokens[b, node])
+                raise ValueError(
+                    f"draft_probs must give each drafted token a probability > 0 in its parent's row (the row it was "
+                    f"sampled from), got draft_probs[{b}, {parent}, {token}] = 0 for node {node}"
+                )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     backend = resolve_impl(impl, target_logits.device)

@@ -413,8 +413,14 @@ def sampling_case(draw, max_nodes: int = 7, max_vocab: int = 24, draft_probs: bo
     probs = None
     if use_draft:
         probs = torch.softmax(torch.randn(batch, num_nodes, vocab, generator=gen) * 2, -1)
-        if draw(st.booleans()):  # some exact zeros
-            probs = probs * (torch.rand(probs.shape, generator=gen) > 0.3)
+        if draw(st.booleans()):  # some exact zeros, never at a drafted token (it was sampled from its parent's row)
+            keep = torch.rand(probs.shape, generator=gen) > 0.3
+            for b in range(batch):
+                parents = rows[min(b, len(rows) - 1)]
+                for i in range(1, num_nodes):
+                    if parents[i] >= 0:
+                        keep[b, parents[i], tokens[b, i]] = True
+            probs = probs * keep
             probs[..., 0] += 1e-3
             probs = probs / probs.sum(-1, keepdim=True)
         # Rows that do not sum to 1, which the verification normalises as torch.multinomial does: a scale, or

@@ -126,6 +126,17 @@ def test_torch_path_reads_each_kv_head_where_it_lies():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_zero_query_heads_give_an_empty_output(impl):
+    """q with Hq = 0 (as B = 0) is legal (0 % Hkv == 0) and gives an empty [B, 0, T, D] on both paths; the PyTorch
+    path's reshape with -1 of a zero-element tensor raised instead (a review, 2026-12-07)."""
+    tree = build_tree(torch.tensor([-1, 0, 0], device=DEVICE))
+    q = torch.randn(2, 0, 3, 16, device=DEVICE)
+    k = torch.randn(2, 1, 8, 16, device=DEVICE)
+    out = tree_attention(q, k, torch.randn_like(k), tree, torch.tensor([2, 5], device=DEVICE), impl=impl)
+    assert out.shape == (2, 0, 3, 16) and out.dtype == q.dtype
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_tree_attention_path_oracle_and_fp64_fallback(impl):
     q, k, v, parents, lens = make_case(2, 4, 2, 9, 64, [4, 12], torch.float32, per_seq_tree=True, seed=3)
     tree = build_tree(parents.to(DEVICE))

@@ -688,6 +688,30 @@ def test_draft_probs_that_are_not_probabilities_are_refused():
         verify_sampling(tree, tokens, logits, draft_probs=zero_leaves, impl=impl)
 
 
+def test_draft_probs_that_cannot_have_drawn_the_drafts_are_refused():
+    """A review (2026-12-07): a drafted token with draft probability 0 in its parent's row (or a zero row at a node
+    with children) cannot have been sampled from it; the acceptance test then read p > 0 and accepted every such
+    draft, on both impls, so the emitted tokens were not the target's distribution (a chi-square p of 0). Refused by
+    name where readable (CPU tensors); zero rows of leaves and zero weights of tokens nobody drafted stay legal."""
+    tree = build_tree(torch.tensor(PARENTS))
+    tokens, logits, draft_probs = make_sampling_batch(2, True, seed=0)
+    for impl in IMPLS:
+        zero_token = draft_probs.clone()
+        zero_token[1, 0, tokens[1, 2]] = 0.0  # node 2's token (a sibling may share it), drafted from the root's row
+        with pytest.raises(ValueError, match=rf"got draft_probs\[1, 0, {int(tokens[1, 2])}\] = 0 for node [123]"):
+            verify_sampling(tree, tokens, logits, draft_probs=zero_token, impl=impl)
+        zero_row = draft_probs.clone()
+        zero_row[0, 1] = 0.0  # node 1 has children (4 and 5)
+        with pytest.raises(ValueError, match=r"got draft_probs\[0, 1, \d+\] = 0 for node 4"):
+            verify_sampling(tree, tokens, logits, draft_probs=zero_row, impl=impl)
+        undrafted = draft_probs.clone()
+        for b in range(2):
+            others = torch.ones(VOCAB, dtype=torch.bool)
+            others[tokens[b, 1:4]] = False  # the root's row: zero every token no child of the root drafted
+            undrafted[b, 0, others] = 0.0
+        verify_sampling(tree, tokens, logits, draft_probs=undrafted, impl=impl)
+
+
 def test_compact_refuses_a_cache_that_requires_grad():
     """An input-contract audit (2026-12-07): a cache that requires grad was moved in place by the kernel outside
     autograd (a leaf overwritten silently), while the PyTorch path failed inside ``scatter_``. Refused by name
