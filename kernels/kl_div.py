@@ -20,9 +20,9 @@ from ._launch import LAUNCH_OPTIONS
 
 # Divergence codes (compile-time constants of the kernel).
 FORWARD, REVERSE, JSD, SKEW_FORWARD, SKEW_REVERSE, TVD = range(6)
-# Where the online statistics' running maxima start: fp32's lowest finite value, so that every finite logit is at
-# or above it and a row masked with torch.finfo(torch.float32).min (Hugging Face's masking value; bf16's is the
-# same) keeps its own max (its terms exp(0) = 1: a uniform distribution, as the PyTorch path has it). The earlier
+# Where the online statistics' running maxima start: fp32's lowest finite value, so that every finite logit is at or
+# above it and a row masked with torch.finfo(torch.float32).min (Hugging Face's masking value; bf16's and fp16's lie
+# above it) keeps its own max (its terms exp(0) = 1: a uniform distribution, as the PyTorch path has it). The earlier
 # floor of -1e30 stayed the max of such a row, every term underflowed to 0 and the row's loss was NaN.
 RUNNING_MAX_FLOOR = tl.constexpr(-3.4028234663852886e38)
 
