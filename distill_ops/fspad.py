@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._utils import INT_DTYPES, check_int, check_number, check_tensor, check_token_ids
+from ._utils import INT_DTYPES, check_int, check_number, check_same_device, check_tensor, check_token_ids
 from .speculative import TreeAttentionContext, tree_attention_tail
 
 
@@ -258,6 +258,8 @@ class FSPADDraftHead(nn.Module):
                     position_ids.dim() == 2 and position_ids.shape[0] != features.shape[0]):
                 raise ValueError(f"position_ids must have shape [L]=[{length}] or [B, L]=[{features.shape[0]}, "
                                  f"{length}], got {tuple(position_ids.shape)}")
+        check_same_device(head_weights=self.fc.weight, features=features, token_embeds=token_embeds,
+                          position_ids=position_ids)
         if position_ids is None:
             start = 1 + (cache.length if cache is not None else 0)
             position_ids = torch.arange(start, start + length, device=features.device)

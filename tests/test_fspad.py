@@ -299,6 +299,11 @@ def test_bad_inputs():
         head(features, embeds, torch.arange(5, device=features.device))
     with pytest.raises(TypeError, match="features must be a torch.Tensor, got list"):
         head(features.tolist(), embeds)
+    # A review (2026-12-07): tensors on another device reached PyTorch's unnamed "not on the expected device".
+    with pytest.raises(ValueError, match="position_ids is on meta but head_weights is on cpu"):
+        head(features, embeds, torch.arange(1, 5, device="meta"))
+    with pytest.raises(ValueError, match="token_embeds is on meta but head_weights is on cpu"):
+        head(features, embeds.to("meta"))
     for bad, error, match in ((-1, ValueError, "sampling_size must be >= 1, got -1"),
                               (2.7, TypeError, "sampling_size must be an int, got float: 2.7"),
                               (True, TypeError, "sampling_size must be an int, got bool")):
