@@ -89,6 +89,10 @@ def test_generalized_jsd_loss_bad_inputs():
         generalized_jsd_loss(student, teacher, beta=1.5)
     with pytest.raises(ValueError, match="teacher_logits"):
         generalized_jsd_loss(student, teacher[:, :2])
+    # kl_div's own message pointed to a vocab_size= argument this function does not take (a review, 2026-12-07).
+    with pytest.raises(ValueError, match=r"same vocabulary size \(as TRL's loss\), got torch.Size\(\[8\]\) and "
+                                         r"torch.Size\(\[6\]\); distill_ops.kl_div"):
+        generalized_jsd_loss(student, teacher[..., :6])
     # Lists are a TypeError naming the argument (an AttributeError on .dim() before).
     with pytest.raises(TypeError, match="student_logits must be a torch.Tensor, got list"):
         generalized_jsd_loss(student.tolist(), teacher)
@@ -750,3 +754,36 @@ def test_fused_distillation_entropy_metric_is_gathered_like_trls():
     expected, entropy = metrics
     assert len(entropy) == len(expected) == 1 and entropy[0] == pytest.approx(expected[0], rel=1e-5)
     assert entropy[0] > 1.0
+
+
+def test_fused_distillation_entropy_logs_stay_floats_when_evaluation_runs_between_train_logs(tmp_path):
+    """An evaluation between two train logs (``eval_steps=1, logging_steps=2``): TRL's ``log`` clears only the current
+    mode's metric lists, so the train list held the earlier log's floats followed by the next steps' tensors; ours
+    converted a list only when its first value was a tensor, logged a tensor average, and the checkpoint's
+    ``trainer_state.json`` failed ("Object of type Tensor is not JSON serializable"; a review, 2026-12-07). Both
+    trainers now train and checkpoint, and log the same float entropies."""
+    import copy
+
+    from trl import DistillationConfig, DistillationTrainer
+
+    from distill_ops.integrations.trl import FusedDistillationTrainer
+
+    student, teacher = _tiny_models()
+    logged = []
+    for cls in (DistillationTrainer, FusedDistillationTrainer):
+        args = DistillationConfig(
+            output_dir=str(tmp_path / cls.__name__), max_steps=2, per_device_train_batch_size=2,
+            per_device_eval_batch_size=2, learning_rate=0.01, report_to="none", use_cpu=DEVICE.type == "cpu",
+            dataloader_pin_memory=False, max_completion_length=4, bf16=False, seed=0, logging_steps=2,
+            eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=2,
+        )
+        trainer = cls(model=copy.deepcopy(student), teacher_model=teacher, args=args, train_dataset=_prompt_dataset(),
+                      eval_dataset=_prompt_dataset(), processing_class=tiny_tokenizer())
+        trainer.train()
+        assert (tmp_path / cls.__name__ / "checkpoint-2" / "trainer_state.json").exists()
+        logged.append([entry.get("entropy", entry.get("eval_entropy")) for entry in trainer.state.log_history
+                       if "entropy" in entry or "eval_entropy" in entry])
+    expected, entropies = logged
+    assert len(entropies) == len(expected) == 3  # two evaluations and one train log
+    assert all(type(value) is float for value in entropies)
+    assert entropies == pytest.approx(expected, rel=1e-5)

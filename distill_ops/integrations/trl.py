@@ -87,7 +87,9 @@ def generalized_jsd_loss(
         impl: as in :func:`distill_ops.kl_div`.
 
     Returns:
-        fp32 scalar.
+        fp32 scalar. Gradient flows to ``student_logits`` only: the teacher is read as a constant, as in every
+        distill-ops loss (GKD runs it under ``no_grad``; TRL's formula would also differentiate a teacher that
+        requires grad).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(
@@ -102,6 +104,12 @@ def generalized_jsd_loss(
         check_reduction("mean", num_items_in_batch, name="num_items_in_batch")
     if student_logits.dim() < 1:
         raise ValueError(f"student_logits must be [..., V], got shape {tuple(student_logits.shape)}")
+    if student_logits.shape[-1:] != teacher_logits.shape[-1:]:  # kl_div's message names its own vocab_size=
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same vocabulary size (as TRL's loss), got "
+            f"{student_logits.shape[-1:]} and {teacher_logits.shape[-1:]}; distill_ops.kl_div(..., vocab_size=k) "
+            f"compares their first k columns"
+        )
     common = dict(divergence="jsd", beta=beta, temperature=temperature, labels=labels, ignore_index=-100, impl=impl)
     if num_items_in_batch is not None:
         return kl_div(student_logits, teacher_logits, reduction="mean", normalizer=num_items_in_batch, **common)
@@ -284,9 +292,14 @@ def _distillation_trainer_class():
 
         def log(self, logs, start_time=None):
             for metrics in self._metrics.values():
-                values = metrics.get("entropy")
-                if values and torch.is_tensor(values[0]):
-                    metrics["entropy"] = torch.stack(values).tolist()  # TRL's log averages floats
+                # TRL's log averages floats and clears only the current mode's list: an eval log between two
+                # train logs leaves the train list's floats followed by the next steps' tensors (one tensor
+                # average in log_history broke the checkpoint's JSON; a review, 2026-12-07).
+                values = metrics.get("entropy") or []
+                tensors = [value for value in values if torch.is_tensor(value)]
+                if tensors:
+                    floats = iter(torch.stack(tensors).tolist())
+                    metrics["entropy"] = [next(floats) if torch.is_tensor(value) else value for value in values]
             super().log(logs, start_time)
 
     return FusedDistillationTrainer
