@@ -660,6 +660,20 @@ def _canonical_divergence(divergence: str, beta: float, alpha: float) -> tuple[s
     return divergence, 0.0
 
 
+def _overlaps_elsewhere(view: Tensor, dense: Tensor) -> bool:
+    """Whether ``view`` shares memory with the contiguous ``dense`` without being the same view of it (metadata only:
+    for a contiguous ``dense``, overlapping byte ranges mean shared elements)."""
+    if view.numel() == 0 or dense.numel() == 0:
+        return False
+    if view.untyped_storage().data_ptr() != dense.untyped_storage().data_ptr():
+        return False
+    if view.data_ptr() == dense.data_ptr() and view.shape == dense.shape and view.stride() == dense.stride():
+        return False
+    span = 1 + sum((size - 1) * stride for size, stride in zip(view.shape, view.stride()))
+    view_end = view.data_ptr() + span * view.element_size()
+    return view.data_ptr() < dense.data_ptr() + dense.numel() * dense.element_size() and dense.data_ptr() < view_end
+
+
 def kl_div(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -694,8 +708,9 @@ def kl_div(
             anything else saved them for backward). Compute every other use of the logits first: a
             cross-entropy term or a metric read after this call reads the gradient. Needs contiguous
             ``student_logits`` (``ValueError`` otherwise; with ``vocab_size`` the columns past it keep their
-            values and get a zero gradient); without a recorded gradient the flag does nothing and the logits are
-            left as they are.
+            values and get a zero gradient) and a ``teacher_logits`` that is not another view of their buffer
+            (shifted views of one tensor: ``ValueError``; the student's own detached view is fine); without a
+            recorded gradient the flag does nothing and the logits are left as they are.
         impl: ``auto`` (Triton on CUDA, PyTorch otherwise), ``triton`` or ``torch``.
 
     Returns:
@@ -725,6 +740,13 @@ def kl_div(
             raise ValueError(
                 f"inplace_grad=True needs contiguous student_logits (the gradient is written over their buffer), "
                 f"got shape {tuple(student_logits.shape)} with strides {student_logits.stride()}"
+            )
+        if _overlaps_elsewhere(teacher_rows, student_rows):
+            raise ValueError(
+                "inplace_grad=True writes the gradient over student_logits' buffer, which teacher_logits overlaps "
+                "as another view (e.g. both shifted from one logits tensor): gradient rows would overwrite teacher "
+                "rows still to be read (in an order a GPU does not fix); pass teacher_logits.clone() or leave "
+                "inplace_grad False"
             )
         # Hand autograd a view, not the leaf itself: AccumulateGrad then keeps the returned buffer as
         # .grad instead of cloning a gradient that aliases the variable.

@@ -760,6 +760,33 @@ def test_inplace_grad_applies_as_documented(impl):
     assert_close(wide.detach()[:, :33], expected_grad, torch.float32)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_grad_refuses_a_teacher_that_is_another_view_of_the_student_buffer(impl):
+    """Shifted views of one logits buffer (student = buf[:-1], teacher = buf[1:], a next-token self-distillation
+    idiom): the gradient written over student row r + 1 is teacher row r's memory, so the result depended on the
+    order the rows ran in (right in the interpreter's order, off by 0.44 in the reverse one a GPU may take; the
+    other shift was wrong on both impls; a race audit, 2026-12-07). Refused before anything is written; the teacher
+    as the student's own detached view (each row read before it is written) stays allowed."""
+    buf = _logits((5, 40), torch.float32, seed=80)
+    for student_rows, teacher_rows in ((slice(0, 4), slice(1, 5)), (slice(1, 5), slice(0, 4))):
+        leaf = buf.clone().requires_grad_(True)
+        before = leaf.detach().clone()
+        with pytest.raises(ValueError, match="inplace_grad=True writes the gradient over student_logits' buffer, "
+                                             "which teacher_logits overlaps"):
+            kl_div(leaf[student_rows], leaf.detach()[teacher_rows], inplace_grad=True, impl=impl)
+        assert torch.equal(leaf.detach(), before)
+    leaf = buf.clone().requires_grad_(True)
+    expected_loss, expected_grad = kl_div_reference(buf, buf, divergence="reverse")
+    loss = kl_div(leaf, leaf.detach(), divergence="reverse", inplace_grad=True, impl=impl)
+    loss.backward()
+    assert_close(loss, expected_loss, torch.float32)
+    assert_close(leaf.grad, expected_grad, torch.float32)
+    # A teacher in another part of the same storage (no shared elements) is read in place as before.
+    both = torch.cat([buf[:2], buf[2:4]]).clone().requires_grad_(True)
+    expected = kl_div(buf[:2], buf[2:4], impl=impl)
+    assert_close(kl_div(both[:2], both.detach()[2:4], inplace_grad=True, impl=impl), expected, torch.float32)
+
+
 def test_inplace_grad_under_torch_compile_says_it_is_eager_only():
     """Under torch.compile the option's data-pointer check failed with dynamo's 'Data pointer comparison'."""
     student = _logits((2, 10), torch.float32, seed=44).cpu().requires_grad_(True)
