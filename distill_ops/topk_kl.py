@@ -867,18 +867,23 @@ def _check_sparse_values(
         )
 
 
+def _repeated_entries(indices: Tensor, logprobs: Tensor) -> tuple[Tensor, Tensor]:
+    """A sparse teacher's indices with probability, sorted per row (padding replaced by distinct negatives), and
+    where each equals its predecessor (``[N, k - 1]``). Device-side; no host synchronisation."""
+    real = logprobs.float().exp() > 0  # the loss's rule (kept_logprobs, fp32): fp16's exp is 0 below -17.4
+    sentinel = -1 - torch.arange(indices.shape[-1], device=indices.device)  # distinct, below every index
+    ordered = torch.where(real, indices.to(torch.int64), sentinel).sort(dim=-1).values
+    return ordered, ordered[:, 1:] == ordered[:, :-1]
+
+
 def _check_distinct_indices(indices: Tensor, logprobs: Tensor, labels: Optional[Tensor], ignore_index: int) -> None:
     """A sparse teacher's entries with probability are distinct in every counted row (checked where readable;
     padding, -inf or of zero probability, may repeat an index; ignored rows may hold anything)."""
     if not host_readable(indices) or indices.numel() == 0:
         return
-    stored_k = indices.shape[-1]
-    real = logprobs.float().exp() > 0  # the loss's rule (kept_logprobs, fp32): fp16's exp is 0 below -17.4
+    ordered, repeated = _repeated_entries(indices, logprobs)
     if labels is not None:
-        real = real & (labels != ignore_index).unsqueeze(-1)
-    sentinel = -1 - torch.arange(stored_k, device=indices.device)  # distinct, below every index
-    ordered = torch.where(real, indices.to(torch.int64), sentinel).sort(dim=-1).values
-    repeated = ordered[:, 1:] == ordered[:, :-1]
+        repeated = repeated & (labels != ignore_index).unsqueeze(-1)
     if bool(repeated.any()):
         row = int(repeated.any(-1).nonzero()[0, 0])
         raise ValueError(
@@ -925,6 +930,10 @@ def _sparse_teacher(
     logprobs = logprobs.to(torch.float32)
     # Out-of-range entries become NaN (checked on the host for CPU tensors; see the module docstring).
     bad = (indices < 0) | (indices >= vocab) | (logprobs > 0)
+    if not host_readable(indices) and indices.shape[-1] > 1:
+        # An index repeated among the entries with probability makes the whole row NaN: the kernel's gradient
+        # scatter would store one of the repeats' values, which one up to the GPU (a race audit, 2026-12-07).
+        bad = bad | _repeated_entries(indices, logprobs)[1].any(-1, keepdim=True)
     logprobs = torch.where(bad, float("nan"), logprobs)
     indices = torch.where(bad, 0, indices)
     bounded = lower is not None or upper is not None

@@ -653,6 +653,15 @@ def test_ignored_rows_may_repeat_sparse_indices(tail):
     assert loss[1] == 0 and torch.all(grad[1] == 0)
 
 
+def _sparse_loss_and_grad(student, indices, logprobs, labels, tail, impl):
+    """Per-row losses of a sparse teacher and the gradient of their sum."""
+    logits = student.clone().requires_grad_(True)
+    loss = topk_kl_div(logits, teacher_topk_indices=indices, teacher_topk_logprobs=logprobs, labels=labels, tail=tail,
+                       reduction="none", impl=impl)
+    loss.sum().backward()
+    return loss, logits.grad
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ignored_rows_may_hold_out_of_range_sparse_entries(impl):
     """Ignored rows may hold anything, padding collated as index -1 or a log-probability above 0 included: the same
@@ -665,11 +674,7 @@ def test_ignored_rows_may_hold_out_of_range_sparse_entries(impl):
     labels = _labels((3,), 40, seed=306, ignored=(1,))
 
     def run(stored_indices, stored_logprobs):
-        logits = student.clone().requires_grad_(True)
-        loss = topk_kl_div(logits, teacher_topk_indices=stored_indices, teacher_topk_logprobs=stored_logprobs,
-                           labels=labels, tail="bucket", reduction="none", impl=impl)
-        loss.sum().backward()
-        return loss, logits.grad
+        return _sparse_loss_and_grad(student, stored_indices, stored_logprobs, labels, "bucket", impl)
 
     expected_loss, expected_grad = run(indices, logprobs)
     padded_indices, junk_logprobs = indices.clone(), logprobs.clone()
@@ -689,6 +694,37 @@ def test_ignored_rows_may_hold_out_of_range_sparse_entries(impl):
         run(counted_bad, logprobs)
     with pytest.raises(ValueError, match=r"teacher_topk_logprobs must be log-probabilities"):
         run(indices, counted_junk)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("tail", ["renormalize", "bucket", "label"])
+def test_unchecked_repeated_sparse_indices_make_their_row_nan(impl, tail, monkeypatch):
+    """Where the indices are not read on the host (CUDA, torch.compile; here the check is switched off), a counted
+    row that repeats an index among its entries with probability gets a NaN loss and gradient row, as the module
+    docstring says of bad values: the kernel's gradient scatter stored one of the repeats' values there, which one
+    up to the GPU (finite, -0.06 or -0.31 by entry order; a race audit, 2026-12-07). Repeated padding (-inf) and an
+    ignored row that repeats keep their results."""
+    monkeypatch.setattr(topk_kl_module, "host_readable", lambda tensor: False)
+    student = _logits((4, 30), torch.float32, seed=307)
+    indices, logprobs = _sparse_from_dense(_logits((4, 30), torch.float32, seed=308), 5)
+    indices, logprobs = indices.to(DEVICE), logprobs.to(DEVICE)
+    labels = _labels((4,), 30, seed=309, ignored=(3,))
+
+    def run(stored_indices, stored_logprobs):
+        return _sparse_loss_and_grad(student, stored_indices, stored_logprobs, labels, tail, impl)
+
+    expected_loss, expected_grad = run(indices, logprobs)
+    repeated_indices, padded_logprobs = indices.clone(), logprobs.clone()
+    repeated_indices[0, 3] = repeated_indices[0, 1]  # counted row 0: one index twice, both with probability
+    repeated_indices[1, 2:] = repeated_indices[1, 2]  # counted row 1: three padding entries on one index
+    padded_logprobs[1, 2:] = float("-inf")
+    repeated_indices[3, :] = repeated_indices[3, 0]  # ignored row 3: one index five times
+    loss, grad = run(repeated_indices, padded_logprobs)
+    assert loss[0].isnan() and grad[0].isnan().any() and (grad[0].isnan().all() or tail != "bucket")
+    padded_loss, padded_grad = run(indices.masked_fill(padded_logprobs == float("-inf"), 0), padded_logprobs)
+    assert torch.isfinite(loss[1:]).all() and torch.isfinite(grad[1:]).all()
+    assert torch.equal(loss[1:], padded_loss[1:]) and torch.equal(grad[1:], padded_grad[1:])
+    assert torch.equal(loss[2:], expected_loss[2:]) and torch.equal(grad[2:], expected_grad[2:])
 
 
 def _dackl_keeping_every_token(tail, divergence="forward", k=32, bias=(-8.0, 30.0), seed=3, inputs=(46, 40)):
