@@ -742,15 +742,20 @@ def _common_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logit
     )
 
 
+#: The tiles strategy's statistics kernel indexes its [stats, splits, N] partials with int32 (an int64 stride spilled
+#: a bf16 pass on sm_80): its splits are capped so the buffer stays below this many entries.
+PARTIAL_INDEX_LIMIT = 2**31
+
+
 def stats_schedule(num_n_blocks: int, num_tiles: int, schedule: tuple[int, int] | None = None, *,
-                   min_splits: int = STATS_SPLITS) -> tuple[int, int, int]:
+                   min_splits: int = STATS_SPLITS, max_splits: int | None = None) -> tuple[int, int, int]:
     """``(splits, tiles_per_split, group)`` of one statistics launch over ``num_tiles`` vocabulary tiles.
 
     Splits per token block: ``min_splits`` (:data:`STATS_SPLITS`, the L2 model of the tiles strategy; the gemm
     strategy, which reads each logit once, passes 1), or more when the token blocks are too few for
     :data:`TARGET_PROGRAMS` programs, never with fewer than :data:`MIN_TILES_PER_SPLIT` tiles each; groups of
     :data:`GROUP_N` token blocks (see :data:`STATS_SPLITS` for the L2 model). ``schedule = (splits, group)``
-    overrides both (splits capped at one tile each)."""
+    overrides both (splits capped at one tile each). ``max_splits`` caps either choice."""
     if schedule is None:
         wanted = max(min_splits, triton.cdiv(TARGET_PROGRAMS, num_n_blocks))
         splits = min(max(1, num_tiles // MIN_TILES_PER_SPLIT), wanted)
@@ -760,6 +765,8 @@ def stats_schedule(num_n_blocks: int, num_tiles: int, schedule: tuple[int, int] 
         if splits < 1 or group < 1:
             raise ValueError(f"schedule must be (splits >= 1, group >= 1), got {schedule}")
         splits = min(splits, num_tiles)
+    if max_splits is not None:
+        splits = max(1, min(splits, max_splits))
     tiles_per_split = triton.cdiv(num_tiles, splits)
     return triton.cdiv(num_tiles, tiles_per_split), tiles_per_split, group
 
@@ -840,9 +847,15 @@ def fused_linear_stats(
         # Columns per launch: the whole vocabulary (tiles), or one chunk of logits (gemm).
         span = chunks.columns if gemm else vocab
         num_tiles = triton.cdiv(span, block_v)
-        # gemm: every chunk launch adds its splits' partials, so it splits only for parallelism.
-        num_splits, tiles_per_split, group = stats_schedule(num_n_blocks, num_tiles, schedule,
-                                                            min_splits=1 if gemm else STATS_SPLITS)
+        # gemm: every chunk launch adds its splits' partials, so it splits only for parallelism (and indexes them
+        # with int64); tiles: int32 partial offsets, so at most PARTIAL_INDEX_LIMIT entries (a race audit,
+        # 2026-12-07: 32 splits wrapped past 2^31 from N = 8.4M rows).
+        if not gemm and num_stats * num_rows >= PARTIAL_INDEX_LIMIT:
+            raise ValueError(f"the Triton tiles strategy takes fewer than {PARTIAL_INDEX_LIMIT // num_stats} rows per "
+                             f"call, got {num_rows}: split the tokens into several calls")
+        num_splits, tiles_per_split, group = stats_schedule(
+            num_n_blocks, num_tiles, schedule, min_splits=1 if gemm else STATS_SPLITS,
+            max_splits=None if gemm else (PARTIAL_INDEX_LIMIT - 1) // (num_stats * num_rows))
         starts = range(0, vocab, span)
         partial = torch.empty(num_stats, num_splits * len(starts), num_rows, dtype=torch.float32, device=device)
         for index, start in enumerate(starts):

@@ -1122,6 +1122,29 @@ def test_stats_schedule_does_not_change_the_statistics(schedule, schedule_case):
     torch.testing.assert_close(row_stats[3], torch.logsumexp(z, dim=-1), rtol=1e-5, atol=1e-5)
 
 
+def test_tiles_strategy_partials_stay_within_int32(schedule_case, monkeypatch):
+    """The tiles strategy indexes its [stats, splits, N] partials with int32: its splits are capped so the buffer
+    stays below PARTIAL_INDEX_LIMIT entries (2^31; 32 splits wrapped from N = 8.4M rows, stores before the buffer on
+    a GPU; a race audit, 2026-12-07), and past one split's worth of rows the call is refused. Checked with a lowered
+    limit: fewer splits, the same statistics."""
+    from distill_ops.kernels import fused_linear as module
+
+    case, args, options, default = schedule_case
+    rows = args[0].shape[0]
+    chosen = []
+    schedule = module.stats_schedule
+    monkeypatch.setattr(module, "stats_schedule", lambda *a, **k: chosen.append(schedule(*a, **k)) or chosen[-1])
+    monkeypatch.setattr(module, "PARTIAL_INDEX_LIMIT", 2 * module.NUM_PASS1_STATS * rows + 1)
+    capped = module.fused_linear_stats(*args, **options)
+    # Pass 1 (8 statistics) capped at 2 splits where the default takes 13; pass 2 (2 statistics) at 8.
+    assert len(chosen) == 2 and chosen[0][0] == 2 and 1 <= chosen[1][0] <= 8
+    for got, want in zip(capped, default):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(module, "PARTIAL_INDEX_LIMIT", module.NUM_PASS1_STATS * rows)
+    with pytest.raises(ValueError, match=f"the Triton tiles strategy takes fewer than {rows} rows per call, got {rows}"):
+        module.fused_linear_stats(*args, **options)
+
+
 class _NewStorages(TorchDispatchMode):
     """Bytes of every storage the ops create, once each. In-place ops (``set_``, ``copy_``, ...) create none and are
     left out: through them Triton's CPU interpreter wraps each kernel argument in a host tensor of its own and
