@@ -105,7 +105,14 @@ from .tree import (
     tree_spec_in_place,
 )
 from .tree_attention import tree_attention, triton_head_dim_problem
-from .verify import MIN_SAMPLING_TEMPERATURE, VerifyResult, compact_kv_cache, verify_greedy, verify_sampling
+from .verify import (
+    MIN_SAMPLING_TEMPERATURE,
+    VerifyResult,
+    compact_kv_cache,
+    nan_as_neg_inf,
+    verify_greedy,
+    verify_sampling,
+)
 
 #: Name under which the tree attention is registered in transformers' attention registries.
 ATTENTION_NAME = "distill_ops_tree"
@@ -930,6 +937,14 @@ def _static_plan(parents: list[int], device: torch.device, ranks: list[int] | No
     )
 
 
+def _level_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A drafting level's ``k`` best draft log-probabilities per row and their tokens, NaN read as ``-inf`` (a broken
+    draft row ranks last, as verification reads NaN target logits): the candidates' scores stay totally ordered,
+    which both paths' rankings need (the Triton kernels' pairwise ranks gave a NaN score and the best one rank 0,
+    two writes to one node and one node left stale; ``torch.topk`` ranked NaN first; a race audit, 2026-12-07)."""
+    return torch.topk(nan_as_neg_inf(torch.log_softmax(logits.float(), dim=-1)), k, dim=-1)
+
+
 @torch.library.custom_op("distill_ops::eagle_level", mutates_args=("floats", "ints"))
 def _eagle_level_op(values: torch.Tensor, indices: torch.Tensor, floats: torch.Tensor, ints: torch.Tensor,
                     layout: list[int], row_base: int, node_base: int, num_expand: int, position: int,
@@ -1133,7 +1148,7 @@ class _DynamicPlan:
         states = None if root_state is None else root_state[:, None]
         logits, parent_scores, draft_parents = root_logits[:, None], None, self.root_parent.expand(batch, 1)
         for level in range(1, self.depth + 1):
-            values, indices = torch.topk(torch.log_softmax(logits.float(), dim=-1), self.k, dim=-1)
+            values, indices = _level_topk(logits, self.k)
             with timer("tree"):
                 # float64 (type promotion of the float32 log-probs): the sums the host rule used.
                 level_scores = values.double() if parent_scores is None else parent_scores[:, :, None] + values
@@ -1198,7 +1213,7 @@ class _DynamicPlan:
         logits = root_logits[:, None]
         values, indices = workspace.no_level
         for level in range(1, self.depth + 1):
-            values, indices = torch.topk(torch.log_softmax(logits.float(), dim=-1), self.k, dim=-1)
+            values, indices = _level_topk(logits, self.k)
             if level == self.depth:
                 break  # the final launch scores the last level
             with timer("tree"):

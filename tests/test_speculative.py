@@ -1072,6 +1072,11 @@ class _RecordingDrafter:
             logits = torch.randint(0, 3, (rows, self.vocab), generator=self.generator).float()
             top = torch.randint(0, self.vocab, (rows, 1), generator=self.generator)
             logits.scatter_(1, top, 200.0)
+        elif self.kind == "nan":  # a broken draft: rows holding NaN (read as -inf log-probs), ties elsewhere
+            logits = torch.randint(0, 3, (rows, self.vocab), generator=self.generator).float()
+            broken = torch.rand(rows, generator=self.generator) < 0.5
+            logits[broken, self.vocab // 2] = float("nan")
+            logits[0, 1] = float("nan")  # (the root's row too)
         else:  # "masked": most tokens impossible (-inf log-probs once the finite ones are used up)
             logits = torch.randint(0, 2, (rows, self.vocab), generator=self.generator).float()
             logits[:, 2:] = float("-inf")
@@ -1089,7 +1094,8 @@ def _host_eagle2(root_logits, level_logits, topk, depth, num_nodes):
     logits, expanded, levels = root_logits[None], [-1], []
     for level in range(1, depth + 1 if num_nodes > 1 else 1):
         k = min(topk, logits.shape[-1])
-        values, indices = torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        values, indices = torch.topk(log_probs.masked_fill(log_probs.isnan(), float("-inf")), k, dim=-1)
         builder.add_children(expanded, values.tolist(), indices.tolist(), level)
         if level == depth:
             break
@@ -1117,6 +1123,9 @@ _EAGLE2_CASES = [
     # padding lane of the final kernel's tile (score 0, an index past every candidate) also has rank T - 1.
     (3, 3, 5, 40, "peaked"),
     (4, 2, 6, 30, "peaked"),
+    # NaN draft log-probs read as -inf on both paths (the kernels' pairwise ranks were no total order with NaN).
+    (4, 3, 12, 40, "nan"),
+    (3, 4, 20, 12, "nan"),
 ]
 
 
