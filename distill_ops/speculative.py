@@ -483,6 +483,15 @@ def _position_limit(model: torch.nn.Module) -> tuple[str, int] | None:
     return min(found, key=lambda item: item[1]) if found else None
 
 
+def _position_table(*models: torch.nn.Module) -> int | None:
+    """The fewest positions any of ``models``' configs declares (``max_position_embeddings``, GPT-2's
+    ``n_positions``), or None: the size of a learned position table (GPT-2, OPT), which a position id past it
+    indexes out of range; RoPE models declare one too (harmless: caps at it never bind below a sequence's own)."""
+    sizes = [getattr(text_config(model), "max_position_embeddings", None) for model in models]
+    sizes = [size for size in sizes if isinstance(size, int) and size > 0]
+    return min(sizes) if sizes else None
+
+
 def _vocab_size(model: torch.nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
@@ -799,6 +808,21 @@ class _PenalizedDrafter:
     def expand(self, *args):
         logits, state = self._drafter.expand(*args)
         return self._penalize(logits), state
+
+
+class _CappedPositions:
+    """A drafter whose tree expansions' position ids are capped per sequence (``caps [B, 1]``; see
+    ``_Generation._position_caps``). Everything else is the drafter's."""
+
+    def __init__(self, drafter, caps: torch.Tensor):
+        self._drafter = drafter
+        self._caps = caps
+
+    def __getattr__(self, name: str):
+        return getattr(self._drafter, name)
+
+    def expand(self, tokens, parent_states, positions, tree):
+        return self._drafter.expand(tokens, parent_states, torch.minimum(positions, self._caps), tree)
 
 
 def _target_logit_map(target: torch.nn.Module) -> tuple[float, float | None]:
@@ -1409,6 +1433,7 @@ class SpeculativeDecoder:
         self.vocab_size = vocab
         self._cache_kwarg = _cache_kwarg(target)
         self._position_limit = _position_limit(target)
+        self._position_table = _position_table(target, draft)
         self._keep_last = {"logits_to_keep": 1} if _supports_logits_to_keep(target) else {}
         self._root_tree = tree_spec_from_parents([-1], self.device)
         self._static = self._dynamic = None
@@ -2777,13 +2802,15 @@ class _Generation:
             rows = [self.rows[row] for row in self.active]
             root_pos = [len(row) - 1 for row in rows]
             if self.ragged:
-                step = int64_to_device([row[-1] for row in rows] + root_pos, device)
-                roots, tree_pos = step[: self.batch], step[self.batch:].view(self.batch, 1)
+                caps = self._position_caps()
+                step = int64_to_device([row[-1] for row in rows] + root_pos + (caps or []), device)
+                roots, tree_pos = step[: self.batch], step[self.batch: 2 * self.batch].view(self.batch, 1)
+                caps = step[2 * self.batch:].view(self.batch, 1) if caps else None
                 starts = tree_pos.view(self.batch).to(torch.int32)
             else:
-                roots, tree_pos, starts = self.rows[0][-1], root_pos[0], None
+                roots, tree_pos, starts, caps = self.rows[0][-1], root_pos[0], None, None
             with timer("draft"):
-                tree, draft_tokens, positions = self._draft(root_logits, root_state, roots, tree_pos)
+                tree, draft_tokens, positions = self._draft(root_logits, root_state, roots, tree_pos, caps)
                 self.drafter.rollback()
             with timer("target"):
                 context = TreeAttentionContext(tree, engine.impl, starts=starts)
@@ -2845,9 +2872,11 @@ class _Generation:
         counts = [len(tokens) for tokens in new_tokens]
         width = max(counts)
         flat_tokens, flat_positions = [], []
-        for tokens, pos in zip(new_tokens, root_pos):
+        caps = self._position_caps() or [None] * len(root_pos)
+        for tokens, pos, cap in zip(new_tokens, root_pos, caps):
             flat_tokens += (tokens + [0] * width)[:width]
-            flat_positions += range(pos + 1, pos + 1 + width)
+            positions = range(pos + 1, pos + 1 + width)  # past the sequence's count: padding, capped (_position_caps)
+            flat_positions += positions if cap is None else (min(position, cap) for position in positions)
         advance = int64_to_device(flat_tokens + flat_positions, device)
         advance_tokens, advance_positions = advance.view(2, self.batch, width).unbind(0)
         path_features = None
@@ -2872,18 +2901,36 @@ class _Generation:
 
     # -- drafting --------------------------------------------------------------------------------
 
-    def _draft(self, root_logits, root_state, roots, root_pos) -> tuple[TreeSpec, torch.Tensor, torch.Tensor]:
+    def _position_caps(self) -> list[int] | None:
+        """Per active sequence of a batch, the position id its tree and draft forwards are capped at, or None when
+        no cap can bind. A batch's trees are cut for the sequence furthest from its budget, so a sequence ahead
+        drafts nodes past its own, up to the tree depth beyond the largest position ``generate`` gives a forward
+        (prompt + max_new_tokens - 2): past a learned position table (GPT-2's wpe raised an IndexError in a
+        ragged batch that ``generate`` decodes, a device assert on CUDA; a review, 2026-12-07). Such nodes' ids
+        are capped at the larger of that position and the table's last: nothing kept changes (a node at depth
+        d >= the sequence's budget r has no kept token after it; those at depth < r stay below the cap).
+        Draft advances' padding entries likewise."""
+        table = self.engine._position_table
+        if table is None or max(self.prompt_lens) + self.max_new_tokens - 1 + self.engine.tree_depth <= table:
+            return None
+        return [max(self.prompt_lens[row] + self.max_new_tokens - 2, table - 1) for row in self.active]
+
+    def _draft(self, root_logits, root_state, roots, root_pos, caps) -> tuple[TreeSpec, torch.Tensor, torch.Tensor]:
         """This step's trees, their tokens ``[B, T]`` (node 0: the root) and position ids ``[B, T]``.
-        ``roots`` / ``root_pos``: host integers at batch size 1, ``[B]`` / ``[B, 1]`` tensors otherwise."""
+        ``roots`` / ``root_pos`` / ``caps``: host integers at batch size 1 (no caps), ``[B]`` / ``[B, 1]`` /
+        ``[B, 1]`` tensors otherwise (:meth:`_position_caps`)."""
         # At most `left` more tokens are kept (max_new_tokens): drafts deeper than left - 1 would be cut.
         left = max(self.max_new_tokens - (len(self.rows[row]) - self.prompt_lens[row]) for row in self.active)
         static, dynamic = self.engine._plans_within(left - 1)
+        drafter = self.drafter if caps is None else _CappedPositions(self.drafter, caps)
         if static is not None:
-            return self._draft_static(static, root_logits, root_state, roots, root_pos)
-        tree, tokens = dynamic.draft(self.drafter, root_logits, root_state, roots, root_pos, self.timer)
-        return tree, tokens, tree.depth + root_pos
+            tree, tokens, positions = self._draft_static(drafter, static, root_logits, root_state, roots, root_pos)
+        else:
+            tree, tokens = dynamic.draft(drafter, root_logits, root_state, roots, root_pos, self.timer)
+            positions = tree.depth + root_pos
+        return tree, tokens, positions if caps is None else torch.minimum(positions, caps)
 
-    def _draft_static(self, plan: _StaticPlan, root_logits, root_state, roots, root_pos):
+    def _draft_static(self, drafter, plan: _StaticPlan, root_logits, root_state, roots, root_pos):
         """Fill the static tree's tokens level by level; no host synchronisation."""
         device, batch = self.engine.device, self.batch
         tokens = torch.empty(batch, plan.tree.num_nodes, dtype=torch.int64, device=device)
@@ -2906,8 +2953,7 @@ class _Generation:
                                              device=device)
             else:
                 level_positions = (root_pos + level).expand(batch, eval_nodes.shape[0])
-            logits, new_states = self.drafter.expand(tokens[:, eval_nodes], parent_states, level_positions,
-                                                     draft_tree)
+            logits, new_states = drafter.expand(tokens[:, eval_nodes], parent_states, level_positions, draft_tree)
             top = torch.topk(logits, plan.num_children_max, dim=-1).indices
             tokens[:, child_nodes] = top[:, child_rows, child_ranks]
             if states is not None:

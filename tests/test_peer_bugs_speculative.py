@@ -395,7 +395,7 @@ def test_draft_cache_holds_exactly_the_committed_tokens_before_each_draft(monkey
     original = speculative._Generation._draft
     checked = []
 
-    def checking(self, root_logits, root_state, roots, root_pos):
+    def checking(self, root_logits, root_state, roots, root_pos, caps):
         committed = torch.tensor(self.rows, device=DEVICE)  # through the root
         cache = self.drafter.cache
         assert cache.get_seq_length() == committed.shape[1] == root_pos + 1
@@ -406,7 +406,7 @@ def test_draft_cache_holds_exactly_the_committed_tokens_before_each_draft(monkey
             assert_close(layer.values, expected.values, torch.float32)
         assert_close(root_logits, fresh.logits[:, -1], torch.float32)
         checked.append(self.rows[0][-1])
-        return original(self, root_logits, root_state, roots, root_pos)
+        return original(self, root_logits, root_state, roots, root_pos, caps)
 
     monkeypatch.setattr(speculative._Generation, "_draft", checking)
     prompt = prompts(96, [5], seed=7)[0]

@@ -903,8 +903,8 @@ def _record_drafts(monkeypatch):
     records = []
     original = speculative._Generation._draft
 
-    def recording(self, root_logits, root_state, roots, root_pos):
-        tree, tokens, positions = original(self, root_logits, root_state, roots, root_pos)
+    def recording(self, root_logits, root_state, roots, root_pos, caps):
+        tree, tokens, positions = original(self, root_logits, root_state, roots, root_pos, caps)
         assert torch.equal(positions, tree.depth + root_pos)
         records.append((list(self.rows[0]), tree.parents[0].tolist(), tokens[0].tolist()))
         return tree, tokens, positions

@@ -212,8 +212,8 @@ def test_batch_drafts_are_each_sequences_own_top_choices(monkeypatch, draft_kind
     records = []
     original = speculative._Generation._draft
 
-    def recording(self, root_logits, root_state, roots, root_pos):
-        tree, tokens, positions = original(self, root_logits, root_state, roots, root_pos)
+    def recording(self, root_logits, root_state, roots, root_pos, caps):
+        tree, tokens, positions = original(self, root_logits, root_state, roots, root_pos, caps)
         records.append(([list(self.rows[row]) for row in self.active], tree.parents[0].tolist(), tokens.tolist()))
         return tree, tokens, positions
 
@@ -264,8 +264,8 @@ def test_batch_drafts_equal_drafting_each_sequence_alone(monkeypatch, draft_kind
     drafts = []
     original = speculative._Generation._draft
 
-    def recording(self, root_logits, root_state, roots, root_pos):
-        tree, tokens, positions = original(self, root_logits, root_state, roots, root_pos)
+    def recording(self, root_logits, root_state, roots, root_pos, caps):
+        tree, tokens, positions = original(self, root_logits, root_state, roots, root_pos, caps)
         parents = tree.parents.expand(tokens.shape[0], -1)
         assert not any(self.done[row] for row in self.active)  # finished sequences have left the batch
         drafts.append({row: (parents[i].tolist(), tokens[i].tolist(), positions[i].tolist())
@@ -298,8 +298,8 @@ def test_batch_trees_are_cut_for_the_furthest_behind_sequence(monkeypatch):
     steps = []
     original = speculative._Generation._draft
 
-    def recording(self, root_logits, root_state, roots, root_pos):
-        tree, tokens, positions = original(self, root_logits, root_state, roots, root_pos)
+    def recording(self, root_logits, root_state, roots, root_pos, caps):
+        tree, tokens, positions = original(self, root_logits, root_state, roots, root_pos, caps)
         steps.append(([12 - (len(self.rows[row]) - self.prompt_lens[row]) for row in self.active], tree.num_nodes))
         return tree, tokens, positions
 
@@ -541,7 +541,7 @@ def test_batch_draft_cache_holds_the_longest_committed_sequence_before_each_draf
     original = speculative._Generation._draft
     checked = []
 
-    def checking(self, root_logits, root_state, roots, root_pos):
+    def checking(self, root_logits, root_state, roots, root_pos, caps):
         committed = [self.rows[row] for row in self.active]  # through each root
         if isinstance(draft, FSPADDraftHead):
             assert self.drafter.cache.length == max(len(row) for row in committed) - 1
@@ -554,7 +554,7 @@ def test_batch_draft_cache_holds_the_longest_committed_sequence_before_each_draf
                 for layer, expected in zip(cache.layers, fresh.layers):
                     assert_close(layer.keys[b:b + 1, :, :len(row)], expected.keys, torch.float32)
         checked.append(len(committed))
-        return original(self, root_logits, root_state, roots, root_pos)
+        return original(self, root_logits, root_state, roots, root_pos, caps)
 
     monkeypatch.setattr(speculative._Generation, "_draft", checking)
     rows = prompts(256, [5, 2, 8, 3], seed=29)
@@ -583,3 +583,39 @@ def test_batch_rules_after_an_earlier_row_left(rule):
         alone = target.generate(row, max_new_tokens=12, eos_token_id=eos, **options)[0, row.shape[1]:].tolist()
         got = out.sequences[index, ids.shape[1]:].tolist()
         assert got[: len(alone)] == alone and all(token == 0 for token in got[len(alone):]), index
+
+
+def test_batch_near_the_end_of_a_learned_position_table_equals_generate(monkeypatch):
+    """GPT-2 (a learned position table, ``n_positions`` = 16) in ragged batches that end at its last position: a
+    sequence ahead of another drafts nodes past its own budget (trees are cut for the one furthest behind), whose
+    position ids indexed past the table (IndexError; a device assert on CUDA) where ``generate`` decodes the batch
+    (a review, 2026-12-07). Those ids are capped now; every sequence equals ``generate``'s, and caps did bind."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2(layers):
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=96, n_positions=16, n_embd=32, n_layer=layers, n_head=2, initializer_range=0.3,
+                            bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        return GPT2LMHeadModel(config).eval().to(DEVICE)
+
+    target, draft = gpt2(2), gpt2(1)
+    with torch.no_grad():  # a draft that agrees with the target part of the time: ragged accept lengths
+        draft.transformer.load_state_dict(target.transformer.state_dict(), strict=False)
+        target.transformer.h[1].attn.c_proj.weight.mul_(0.3)
+        target.transformer.h[1].mlp.c_proj.weight.mul_(0.3)
+    engine = SpeculativeDecoder(target, draft, depth=5, topk=3, num_nodes=16, impl="torch")
+    bound = []
+    expand = speculative._CappedPositions.expand
+
+    def recording(self, tokens, parent_states, positions, tree):
+        bound.append(bool((positions > self._caps).any()))
+        return expand(self, tokens, parent_states, positions, tree)
+
+    monkeypatch.setattr(speculative._CappedPositions, "expand", recording)
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(12):  # the first prompt ends at position 15 = n_positions - 1
+        rows = [torch.randint(0, 96, (1, n), generator=generator).to(DEVICE) for n in (8, 2)]
+        ids, mask = left_padded(rows)
+        out = engine.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+        assert out.sequences.tolist() == expected_rows(target, rows, ids, 8).tolist(), trial
+    assert any(bound)
