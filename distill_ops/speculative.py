@@ -1788,8 +1788,9 @@ class SpeculativeDecoder:
         inputs such as ``token_type_ids``, or ``generate``'s ``assistant_model``, ``negative_prompt_ids``, ...;
         such a keyword set to None is ignored, as it is ``generate``'s default). Ignored, as
         they do not change the output: ``return_dict_in_generate`` (a :class:`SpeculativeOutput` is returned),
-        ``use_cache``, ``cache_implementation``, ``prompt_lookup_num_tokens``, ``renormalize_logits``,
-        ``remove_invalid_values``. The output equals ``target.generate``'s as :meth:`generate` documents it (greedy
+        ``use_cache``, ``cache_implementation``, ``prompt_lookup_num_tokens``,
+        ``remove_invalid_values``; ``renormalize_logits`` only log-softmaxes the returned ``scores``, as ``generate``
+        reports them. The output equals ``target.generate``'s as :meth:`generate` documents it (greedy
         token for token; sampling in distribution, top-p's exact ties aside). The minimum sampling temperature
         (``MIN_SAMPLING_TEMPERATURE``) and the per-sequence handling of left-padded batches are :meth:`generate`'s.
         """
@@ -1889,13 +1890,18 @@ class SpeculativeDecoder:
             if top_p is not None and top_p <= 0.0:  # transformers' top-p keeps the one most likely token
                 top_k, top_p = 1, None
             top_p = None if top_p is None or top_p >= 1.0 else top_p
-        return self.generate(
+        out = self.generate(
             prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             generator=generator, attention_mask=attention_mask, step_callback=step_callback, streamer=streamer,
             stopping_criteria=criteria, stop_strings=stop_strings, tokenizer=tokenizer, generation_config=config,
             logits_processor=logits_processor, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
             output_scores=bool(config.output_scores), output_logits=bool(config.output_logits),
         )
+        if config.renormalize_logits and out.scores is not None:
+            # generate's last processor (LogitNormalization): the scores it reports are log-probabilities; the
+            # tokens are unchanged (the engine's scores were left raw: a review, 2026-12-07).
+            out = dataclasses.replace(out, scores=[torch.log_softmax(rows, dim=-1) for rows in out.scores])
+        return out
 
     def _check_generate_args(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
                              generator) -> list[list[int]]:

@@ -122,3 +122,18 @@ def test_batch_rows_after_an_earlier_row_left():
     options = dict(max_new_tokens=10, eos_token_id=eos, pad_token_id=0, output_scores=True, output_logits=True)
     counts = _rows_equal_alone(engine, engine.generate(ids, attention_mask=mask, **options), rows, options)
     assert counts[0] == 3 and counts[1] > 3 and counts[2] > 3  # row 0 left the batch before the others
+
+
+def test_hf_generate_renormalize_logits_reports_log_probability_scores():
+    """``renormalize_logits=True``: generate's last processor log-softmaxes the scores it reports (the tokens are
+    unchanged); ``hf_generate`` returned the raw processed rows (logsumexp 5.9, not 0; a review, 2026-12-07)."""
+    target, draft = models("llama")
+    engine = SpeculativeDecoder(target, draft, impl="torch", **DYNAMIC_TREE)
+    options = dict(max_new_tokens=6, repetition_penalty=1.3, eos_token_id=EOS, pad_token_id=0, output_scores=True,
+                   return_dict_in_generate=True, renormalize_logits=True)
+    for prompt in prompts(256, [1, 4], seed=5):
+        expected = target.generate(prompt, do_sample=False, **options)
+        out = engine.hf_generate(prompt, **options)
+        assert torch.equal(out.sequences, expected.sequences)
+        _assert_rows(out.scores[0], torch.stack(expected.scores)[:, 0])
+        assert_close(out.scores[0].logsumexp(-1), torch.zeros(out.scores[0].shape[0], device=DEVICE), torch.float32)
