@@ -1433,7 +1433,10 @@ class SpeculativeDecoder:
         self.vocab_size = vocab
         self._cache_kwarg = _cache_kwarg(target)
         self._position_limit = _position_limit(target)
-        self._position_table = _position_table(target, draft)
+        # The position every forward's ids must stay below: a learned table's size or the target's limit above.
+        bounds = [_position_table(target, draft), self._position_limit and self._position_limit[1]]
+        bounds = [bound for bound in bounds if bound is not None]
+        self._position_table = min(bounds) if bounds else None
         self._keep_last = {"logits_to_keep": 1} if _supports_logits_to_keep(target) else {}
         self._root_tree = tree_spec_from_parents([-1], self.device)
         self._static = self._dynamic = None
@@ -1679,15 +1682,12 @@ class SpeculativeDecoder:
             what, limit = self._position_limit
             # A forward's largest position + 1: generate's last is prompt + max_new_tokens - 1, and so is the
             # engine's for one sequence (trees are cut near the end, _plans_within); in a batch a sequence
-            # ahead of another still drafts full trees, up to the tree depth further.
+            # ahead of another drafts full trees, whose deeper position ids are capped (_position_caps).
             longest = max(len(row) for row in rows)
-            depth = self.tree_depth if len(rows) > 1 else 0
-            if longest + max_new_tokens - 1 + depth > limit:
-                in_batch = f" + depth {depth} (a batch)" if depth else ""
+            if longest + max_new_tokens - 1 > limit:
                 raise ValueError(
                     f"the target ({what}) matches transformers' generate only while its forwards stay within "
-                    f"{limit} positions, got {longest} + max_new_tokens={max_new_tokens} - 1{in_batch}: "
-                    f"lower max_new_tokens"
+                    f"{limit} positions, got {longest} + max_new_tokens={max_new_tokens} - 1: lower max_new_tokens"
                 )
         _check_generation_config(defaults, min(len(row) for row in rows))
         penalty = self._repetition_penalty(defaults, repetition_penalty)
@@ -2912,10 +2912,11 @@ class _Generation:
         no cap can bind. A batch's trees are cut for the sequence furthest from its budget, so a sequence ahead
         drafts nodes past its own, up to the tree depth beyond the largest position ``generate`` gives a forward
         (prompt + max_new_tokens - 2): past a learned position table (GPT-2's wpe raised an IndexError in a
-        ragged batch that ``generate`` decodes, a device assert on CUDA; a review, 2026-12-07). Such nodes' ids
-        are capped at the larger of that position and the table's last: nothing kept changes (a node at depth
-        d >= the sequence's budget r has no kept token after it; those at depth < r stay below the cap).
-        Draft advances' padding entries likewise."""
+        ragged batch that ``generate`` decodes, a device assert on CUDA; a review, 2026-12-07), or past the
+        target's :func:`_position_limit` (such batches were refused). Such nodes' ids are capped at the larger of
+        that position and the bound's last: nothing kept changes (a node at depth d >= the sequence's budget r
+        has no kept token after it; those at depth < r stay below the cap). Draft advances' padding entries
+        likewise."""
         table = self.engine._position_table
         if table is None or max(self.prompt_lens) + self.max_new_tokens - 1 + self.engine.tree_depth <= table:
             return None

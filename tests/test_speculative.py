@@ -8,6 +8,7 @@ drafted tokens must be what the draft itself predicts along each tree path.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 import re
@@ -357,13 +358,14 @@ POSITION_LIMITED = {  # (family, config): each computes what generate does only 
 
 
 @pytest.mark.parametrize("case", list(POSITION_LIMITED))
-def test_position_dependent_models_run_within_their_limit_and_are_refused_past_it(case):
+def test_position_dependent_models_run_within_their_limit_and_are_refused_past_it(case, monkeypatch):
     """dynamic / longrope RoPE switch frequencies with a forward's largest position, and chunked attention masks
     across chunks: full trees reach `depth` positions beyond generate's, and gave other tokens once the
     sequence passed the original context / the first chunk. One sequence's trees are cut near max_new_tokens,
     so its forwards end where generate's do (prompt + max_new_tokens - 1 positions); a batch's sequence ahead
-    of another drafts deeper. Within the limit the engine equals generate; past it a ValueError says why,
-    before any forward."""
+    of another drafts deeper, at position ids capped below the limit (a batch within it was refused while it
+    could reach past by the tree depth). Within the limit the engine equals generate; past it a ValueError says
+    why, before any forward."""
     family, extra = POSITION_LIMITED[case]
     target = tiny_model(family, **extra)
     engine = SpeculativeDecoder(target, target, impl="torch", depth=3, topk=2, num_nodes=8)
@@ -372,11 +374,38 @@ def test_position_dependent_models_run_within_their_limit_and_are_refused_past_i
     assert torch.equal(out.sequences, reference_generate(target, prompt, 12))
     with pytest.raises(ValueError, match=r"within 16 positions, got 5 \+ max_new_tokens=13 - 1: "):
         engine.generate(prompt, max_new_tokens=13, eos_token_id=[])
-    batch = torch.cat([prompt, prompts(128, [5], seed=13)[0]])
-    out = engine.generate(batch, max_new_tokens=9, eos_token_id=[])  # 5 + 9 - 1 + depth 3 = 16
-    assert torch.equal(out.sequences, torch.cat([reference_generate(target, row[None], 9) for row in batch]))
-    with pytest.raises(ValueError, match=r"got 5 \+ max_new_tokens=10 - 1 \+ depth 3 \(a batch\)"):
-        engine.generate(batch, max_new_tokens=10, eos_token_id=[])
+    # A batch with a draft that agrees part of the time (ragged accept lengths), rows of 5, 3 and 5 tokens (left
+    # padded), the longest ending at position 15: the caps bind (recorded) and every row equals generate's.
+    draft = copy.deepcopy(target)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for weight in draft.parameters():
+            weight.add_(torch.randn(weight.shape, generator=generator).to(weight) * 0.01)
+    engine = SpeculativeDecoder(target, draft, impl="torch", depth=3, topk=2, num_nodes=8)
+    bound = []  # whether a step's tree reached past a sequence's cap
+    draft_step = speculative._Generation._draft
+
+    def recording(self, root_logits, root_state, roots, root_pos, caps):
+        tree, tokens, positions = draft_step(self, root_logits, root_state, roots, root_pos, caps)
+        bound.append(caps is not None and bool((tree.depth + root_pos > caps).any()))
+        assert caps is None or bool((positions <= caps).all())
+        return tree, tokens, positions
+
+    monkeypatch.setattr(speculative._Generation, "_draft", recording)
+    width = 5
+    for seed in range(13, 23):  # until a sequence ahead reached past the limit (one to three tries here)
+        rows = [prompt, *prompts(128, [3, 5], seed=seed)]
+        batch = torch.cat([torch.cat([row.new_zeros(1, width - row.shape[1]), row], 1) for row in rows])
+        mask = torch.cat([torch.cat([row.new_zeros(1, width - row.shape[1]), torch.ones_like(row)], 1)
+                          for row in rows])
+        out = engine.generate(batch, attention_mask=mask, max_new_tokens=12, eos_token_id=[])  # 5 + 12 - 1 = 16
+        for b, row in enumerate(rows):
+            assert out.sequences[b, width - row.shape[1]:].tolist() == reference_generate(target, row, 12)[0].tolist()
+        if any(bound):
+            break
+    assert any(bound)
+    with pytest.raises(ValueError, match=r"within 16 positions, got 5 \+ max_new_tokens=13 - 1: "):
+        engine.generate(batch, attention_mask=mask, max_new_tokens=13, eos_token_id=[])
 
 
 def tiny_model(family: str, **extra):
