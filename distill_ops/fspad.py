@@ -314,7 +314,9 @@ def fspad_training_inputs(target: nn.Module, input_ids: torch.Tensor) -> dict[st
     ``f_{t+1}``. Returns ``features [B, L-1, d]``, ``token_embeds [B, L-1, d]``, ``position_ids [L-1]`` and
     ``target_next_features [B, L-1, d]`` (pass ``regress``, ``predict``, ``target_next_features`` and the
     LM head's weight to ``fspad_draft_loss``, with ``logit_scale=`` / ``softcap=`` for a target that scales or
-    soft-caps its logits).
+    soft-caps its logits). Batches of different lengths: pad on the right and drop the padding's entries with
+    ``fspad_draft_loss(loss_mask=...)`` (causal attention leaves the real entries exact); the target runs
+    without an attention mask and every row's positions start at 0, so left padding would shift them.
     """
     _check_target_input_ids(target, input_ids, min_length=2)
     with torch.no_grad():
