@@ -296,6 +296,9 @@ def _kl_div_fwd_kernel(
                 scale_b = tl.exp((max_b - new_max_b) * inv_temperature)
                 u_a = (za - new_max_a) * inv_temperature  # the logits relative to their running maxima
                 u_b = (zb - new_max_b) * inv_temperature
+                # u_b - u_a scaled after the difference: u_b - u_a contracts to fma(zb - new_max_b, 1/T, -u_a) on a
+                # GPU, the rounding error of u_a (identical rows at T != 1 gave a KL of +-1e-8; a numerics audit).
+                d_ba = ((zb - new_max_b) - (za - new_max_a)) * inv_temperature
                 w_a = tl.exp(u_a)
                 w_b = tl.exp(u_b)
                 # A rescale that underflows to 0 drops the old terms, +inf ones included (0 * inf would be NaN):
@@ -303,11 +306,11 @@ def _kl_div_fwd_kernel(
                 if DIVERGENCE == 0:  # sum p log(p / q) (less the log totals), weighted by the teacher's exponentials
                     acc = tl.where(scale_b == 0.0, 0.0, _rebased(acc, sum_b, max_b, new_max_b, max_a, new_max_a,
                                                                   inv_temperature) * scale_b) + tl.where(
-                        w_b == 0.0, 0.0, w_b * (u_b - u_a))
+                        w_b == 0.0, 0.0, w_b * d_ba)
                 elif DIVERGENCE == 1:  # sum q log(q / p) (less the log totals), weighted by the student's exponentials
                     acc = tl.where(scale_a == 0.0, 0.0, _rebased(acc, sum_a, max_a, new_max_a, max_b, new_max_b,
                                                                   inv_temperature) * scale_a) + tl.where(
-                        w_a == 0.0, 0.0, w_a * (u_a - u_b))
+                        w_a == 0.0, 0.0, -(w_a * d_ba))
                 sum_a = sum_a * scale_a + w_a
                 sum_b = sum_b * scale_b + w_b
                 max_a = new_max_a

@@ -184,7 +184,10 @@ def _topk_kl_fwd_kernel(
                 kept_total = tl.sum(tl.exp(b).to(tl.float64), axis=0)
                 lse_all = tl.log(total.to(tl.float32))
                 # The difference in fp64, the ratio in fp32 (fp64 division is a subroutine call: a stack frame).
-                rest_q = (total - kept_total).to(tl.float32) / total.to(tl.float32)
+                # Nothing kept: exactly 1 (a GPU's fp32 division, x * rcp(x), gives 1 - 2^-24 or 1 + 2^-23 for
+                # some x, a loss of +-1e-7 where it is 0; a numerics audit, 2026-12-07).
+                rest_q = tl.where(kept_total == 0.0, 1.0,
+                                  (total - kept_total).to(tl.float32) / total.to(tl.float32))
             else:
                 # exp overflowed (a logit ~88·T above every kept one; the kept set then holds less than K·e^-88 of
                 # the mass, so 1 - that is exact) or underflowed to 0, or the row holds NaN / inf: the sum again,
