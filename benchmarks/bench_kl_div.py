@@ -192,6 +192,15 @@ def _trl_unavailable(divergence: str) -> str | None:
         return "TRL's GKD loss is the generalized JSD only"
     if importlib.util.find_spec("trl") is None:
         return "trl not installed (the `dev` extra)"
+    # Imported here, when the cases are built: a memory subprocess counts the RSS growth of a case's setup as its
+    # inputs, and TRL's first import there (~256 MiB of trl / transformers code) made TRL's inputs read 1260 MiB
+    # for 1000 (its ratio 5.84x for ~5.67x; a harness review, 2026-12-07).
+    from distill_ops.integrations.trl import _gkd_base
+
+    try:
+        _gkd_base()
+    except ImportError as error:
+        return f"this trl has no GKDTrainer ({error})"
     return None
 
 

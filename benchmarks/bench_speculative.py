@@ -53,6 +53,11 @@ _STATS: dict[tuple[str, str], dict] = {}
 _MODELS: dict[tuple, tuple] = {}
 
 
+def release() -> None:
+    """Drop the cached model pair (the harness calls this once the module's cases are done)."""
+    _MODELS.clear()
+
+
 def build_pair(shape: dict, device: str, dtype: torch.dtype):
     """The synthetic target / draft pair (cached: every impl of a case shares it)."""
     key = (tuple(sorted(shape.items())), device, dtype)

@@ -216,17 +216,21 @@ def measure(
     target, draft = build_pair(shape, device, torch.float32)
     prompt = torch.randint(0, shape["vocab"], (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
-    engine = SpeculativeDecoder(target, draft, impl=impl, **tree)
-    # Every step drafts the whole tree: the engine cuts its last trees near max_new_tokens (_plans_within),
-    # and those smaller steps would be averaged in. The counts are those of a step at the full tree size.
-    engine._cut_trees = False
 
-    def generate():
-        generator = torch.Generator(device=device).manual_seed(0) if temperature > 0 else None
-        return engine.generate(prompt, max_new_tokens=new_tokens, temperature=temperature, eos_token_id=[],
-                               generator=generator)
+    def runner(profile: bool):
+        engine = SpeculativeDecoder(target, draft, impl=impl, profile=profile, **tree)
+        # Every step drafts the whole tree: the engine cuts its last trees near max_new_tokens (_plans_within),
+        # and those smaller steps would be averaged in. The counts are those of a step at the full tree size.
+        engine._cut_trees = False
 
-    run = _one_thread_on_cpu(device, generate)
+        def generate():
+            generator = torch.Generator(device=device).manual_seed(0) if temperature > 0 else None
+            return engine.generate(prompt, max_new_tokens=new_tokens, temperature=temperature, eos_token_id=[],
+                                   generator=generator)
+
+        return _one_thread_on_cpu(device, generate)
+
+    run = runner(profile=False)
     run()  # warm-up (kernel compilation / interpreter rewrites, lazy imports)
     counter = _OpCounter()
     with _counting(counter):
@@ -249,6 +253,12 @@ def measure(
     }
     timed = impl == "torch" or device == "cuda"
     if timed and repeats > 0:
+        # On a GPU the phases are timed with profile=True (a synchronisation around each): without it the step's
+        # one blocking read, inside "verify", absorbed the queued target forward, and "target" timed its launches
+        # only (a harness review, 2026-12-07). The counts above come from the unsynchronised engine.
+        if device == "cuda":
+            run = runner(profile=True)
+            run()
         runs = []
         for _ in range(repeats):
             timings = run().timings

@@ -267,7 +267,11 @@ def test_device_peak_table():
     assert device_peaks("NVIDIA H100 80GB HBM3") == (3.35e12, 989e12)
     assert device_peaks("NVIDIA H100 PCIe")[0] == 2.0e12
     assert device_peaks("NVIDIA H200") == (4.8e12, 989e12)
-    assert device_peaks("NVIDIA A100-SXM4-80GB") == (2.0e12, 312e12)
+    assert device_peaks("NVIDIA A100-SXM4-80GB") == (2.039e12, 312e12)
+    assert device_peaks("NVIDIA A100-SXM4-40GB") == (1.555e12, 312e12)  # read as 2.0 TB/s before
+    assert device_peaks("NVIDIA A100-PCIE-40GB") == (1.555e12, 312e12)
+    assert device_peaks("NVIDIA A100 80GB PCIe") == (1.935e12, 312e12)
+    assert device_peaks("NVIDIA A100X") == (None, None)  # another A100: no fraction claimed
     assert device_peaks("Tesla T4") == (None, None)
     assert device_peaks("NVIDIA H200 NVL") == (4.8e12, 835e12)  # matched "H200" (989 TFLOP/s) before
     assert device_peaks("NVIDIA GH200 480GB") == (None, None)
