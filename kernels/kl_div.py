@@ -365,7 +365,7 @@ def _kl_div_fwd_kernel(
             tl.store(loss_ptr + row, loss * row_weight)
 
             if COMPUTE_GRAD:
-                if DIVERGENCE == 0:
+                if DIVERGENCE <= 1:
                     others = tl.zeros([BLOCK_V], tl.float32)
                     tops = tl.zeros([BLOCK_V], tl.int32)
                     top_col = tl.full([BLOCK_V], V, tl.int32)
@@ -379,11 +379,6 @@ def _kl_div_fwd_kernel(
                     b = (zb - row_max_b) * inv_temperature
                     if DIVERGENCE == 0:
                         grad = tl.exp(a - log_total_a) - tl.exp(b - log_total_b)
-                        # The top token's q - p is rewritten after the loop (below): the others' sum and where it is.
-                        at_top = mask & (a == 0.0)
-                        others += tl.where(mask & (a != 0.0), grad, 0.0)
-                        tops += at_top.to(tl.int32)
-                        top_col = tl.minimum(top_col, tl.where(at_top, cols, V))
                     elif DIVERGENCE == 1:
                         # q (log q - log p - KL) with the log-sum-exps cancelled analytically, so that
                         # large logits (|z| ~ 1e4) do not lose the gradient to cancellation.
@@ -393,17 +388,24 @@ def _kl_div_fwd_kernel(
                         term, g, q = _divergence_terms(a, b, log_total_a, log_total_b, coef, DIVERGENCE,
                                                        FROM_LOG_RATIO)
                         grad = tl.where(q == 0.0, 0.0, q * (g - s_dot))
+                    if DIVERGENCE <= 1:
+                        # The top token's entry is rewritten after the loop (below): the others' sum, where it is.
+                        at_top = mask & (a == 0.0)
+                        others += tl.where(mask & (a != 0.0), grad, 0.0)
+                        tops += at_top.to(tl.int32)
+                        top_col = tl.minimum(top_col, tl.where(at_top, cols, V))
                     grad = grad * (inv_temperature * row_weight)
                     # Through fp32 (a no-op for fp32 math): a mixture coefficient below 2^-126 makes Triton type
                     # it, and so the math, fp64, whose direct cast to bf16 the CPU interpreter gets wrong.
                     tl.store(grad_row + cols, grad.to(tl.float32).to(grad_ptr.dtype.element_ty), mask=mask)
-                if DIVERGENCE == 0:
-                    # The forward KL's q - p at the student's top token (a = 0 there) is a difference of two close
+                if DIVERGENCE <= 1:
+                    # At the student's top token (a = 0 there) the forward KL's q - p is a difference of two close
                     # numbers for a confident student near its teacher (both ~0.9988: 7e-3 of the row's largest
-                    # gradient entry; a review, 2026-12-07), and both log-sums round at 1: it is rewritten as
-                    # minus the other entries' sum (the gradient sums to 0), whose terms are small and keep their
-                    # digits. Only for a single top token (ties keep q - p); after a barrier, since another thread
-                    # of the program wrote that entry in the loop.
+                    # gradient entry; a review, 2026-12-07), and both log-sums round at 1; the reverse KL's
+                    # q (a - b - S) cancels there against a teacher that disagrees (S ~ a - b at the top: 5e-4, up
+                    # to 0.7 %). That entry is rewritten as minus the other entries' sum (the gradient sums to 0),
+                    # whose terms keep their digits. Only for a single top token (ties keep theirs); after a
+                    # barrier, since another thread of the program wrote that entry in the loop.
                     if tl.sum(tops, axis=0) == 1:
                         corrected = -tl.sum(others, axis=0) * (inv_temperature * row_weight)
                         tl.debug_barrier()
