@@ -287,7 +287,7 @@ def _divergence_rows(
     if divergence != "tvd":
         return _mixture_rows(scaled_student, scaled_teacher, divergence, coef, temperature, compute_grad)
     # Each row's max is now 0 (or the row has no distribution: NaN), so log S is the log-sum-exp.
-    lse_student = softmax_and_log_sum(scaled_student)[1]
+    _, lse_student, top = _softmax_log_sum_and_top(scaled_student)
     lse_teacher = softmax_and_log_sum(scaled_teacher)[1]
     terms, dot_terms, q, g = _divergence_elements(
         scaled_student, scaled_teacher, lse_student, lse_teacher, divergence, coef
@@ -296,7 +296,10 @@ def _divergence_rows(
     if dot_terms is not None:
         row_dot = normalized_row_dot(dot_terms.sum(-1, keepdim=True), q.sum(-1, keepdim=True))
     loss = _divergence_row_loss(terms.sum(-1, keepdim=True), row_dot, lse_student, lse_teacher, divergence)
-    grad = temperature_scaled(_divergence_grad(q, g, row_dot, divergence), temperature) if compute_grad else None
+    grad = None
+    if compute_grad:
+        grad = temperature_scaled(_top_as_minus_the_rest(_divergence_grad(q, g, row_dot, divergence), top),
+                                  temperature)
     return loss.squeeze(-1), grad
 
 
@@ -325,9 +328,9 @@ def _softmax_log_sum_and_top(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _top_as_minus_the_rest(grad: Tensor, top: Tensor) -> Tensor:
     """``grad`` (rows of a softmax's gradient, which sum to 0) with the entry at ``top`` (the student's largest
-    probability) rewritten, in place, as minus the sum of the others: the forward and reverse KL's own formulas cancel
-    there for a confident student, where the others are small terms that keep their digits (the kernel rewrites
-    the same entry)."""
+    probability) rewritten, in place, as minus the sum of the others: every divergence's own formula cancels there for
+    a confident student (q - p, q (g - S) with S ~ g), where the others are small terms that keep their digits (the
+    kernel rewrites the same entry)."""
     grad.scatter_(-1, top, 0.0)
     return grad.scatter_(-1, top, grad.sum(-1, keepdim=True).neg_())
 
@@ -419,7 +422,7 @@ def _mixture_rows(
     passes through the clamp, and a row without a distribution on either side gets a NaN softmax
     (:func:`softmax_and_log_sum`), so such rows' loss and gradient are NaN as on the general path. The
     inputs (the caller's shifted copies) are consumed."""
-    q, log_sum_q = softmax_and_log_sum(scaled_student)  # before the clamp: a row of -inf has no distribution
+    q, log_sum_q, top = _softmax_log_sum_and_top(scaled_student)  # before the clamp: a -inf row has no distribution
     p, log_sum_p = softmax_and_log_sum(scaled_teacher)
     a = scaled_student.clamp_min_(_NEGLIGIBLE_LOGIT)
     b = scaled_teacher.clamp_min_(_NEGLIGIBLE_LOGIT)
@@ -440,7 +443,7 @@ def _mixture_rows(
         if share is not None:
             p_w = share.mul_(p)
             mean = normalized_row_dot(p_w.sum(-1, keepdim=True), q_sum)
-            return loss.squeeze(-1), p_w.sub_(q * mean).mul_(-1.0 / temperature)
+            return loss.squeeze(-1), _top_as_minus_the_rest(p_w.sub_(q * mean).mul_(-1.0 / temperature), top)
         # g = -(1 - alpha) p / m = -(1 - alpha) (expm1(d_p) + 1): the constant drops out
         centred, scale = (torch.expm1(d_p) if compute_grad else None), -(1.0 - coef)
     elif divergence == "jsd":
@@ -452,7 +455,7 @@ def _mixture_rows(
     grad = None
     if compute_grad:
         mean = normalized_row_dot((q * centred).sum(-1, keepdim=True), q_sum)
-        grad = centred.sub_(mean).mul_(q).mul_(scale / temperature)
+        grad = _top_as_minus_the_rest(centred.sub_(mean).mul_(q).mul_(scale / temperature), top)
     return loss.squeeze(-1), grad
 
 

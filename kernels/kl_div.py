@@ -365,7 +365,7 @@ def _kl_div_fwd_kernel(
             tl.store(loss_ptr + row, loss * row_weight)
 
             if COMPUTE_GRAD:
-                if DIVERGENCE <= 1:
+                if DIVERGENCE <= 2:  # forward, reverse, JSD (the skew KLs' and TVD's variants spilled with these)
                     others = tl.zeros([BLOCK_V], tl.float32)
                     tops = tl.zeros([BLOCK_V], tl.int32)
                     top_col = tl.full([BLOCK_V], V, tl.int32)
@@ -388,24 +388,26 @@ def _kl_div_fwd_kernel(
                         term, g, q = _divergence_terms(a, b, log_total_a, log_total_b, coef, DIVERGENCE,
                                                        FROM_LOG_RATIO)
                         grad = tl.where(q == 0.0, 0.0, q * (g - s_dot))
-                    if DIVERGENCE <= 1:
+                    if DIVERGENCE <= 2:
                         # The top token's entry is rewritten after the loop (below): the others' sum, where it is.
                         at_top = mask & (a == 0.0)
-                        others += tl.where(mask & (a != 0.0), grad, 0.0)
+                        others += tl.where(mask & (a != 0.0), grad, 0.0).to(tl.float32)
                         tops += at_top.to(tl.int32)
                         top_col = tl.minimum(top_col, tl.where(at_top, cols, V))
                     grad = grad * (inv_temperature * row_weight)
                     # Through fp32 (a no-op for fp32 math): a mixture coefficient below 2^-126 makes Triton type
                     # it, and so the math, fp64, whose direct cast to bf16 the CPU interpreter gets wrong.
                     tl.store(grad_row + cols, grad.to(tl.float32).to(grad_ptr.dtype.element_ty), mask=mask)
-                if DIVERGENCE <= 1:
-                    # At the student's top token (a = 0 there) the forward KL's q - p is a difference of two close
-                    # numbers for a confident student near its teacher (both ~0.9988: 7e-3 of the row's largest
-                    # gradient entry; a review, 2026-12-07), and both log-sums round at 1; the reverse KL's
-                    # q (a - b - S) cancels there against a teacher that disagrees (S ~ a - b at the top: 5e-4, up
-                    # to 0.7 %). That entry is rewritten as minus the other entries' sum (the gradient sums to 0),
-                    # whose terms keep their digits. Only for a single top token (ties keep theirs); after a
-                    # barrier, since another thread of the program wrote that entry in the loop.
+                # Forward, reverse KL, JSD: at the student's top token (a = 0 there) the forward KL's q - p is a
+                # difference of two close numbers for a confident student near its teacher (both ~0.9988: 7e-3 of
+                # the row's largest gradient entry; a review, 2026-12-07), and both log-sums round at 1; q (g - S)
+                # cancels there against a teacher that disagrees (S ~ g at the top: 5e-4 for the reverse KL, up to
+                # 0.7 %, 1e-3 for the JSD in an 8-token row). A divergence's gradient in the student's logits sums
+                # to 0 (they enter through the softmax), so that entry is rewritten as minus the other entries' sum,
+                # whose terms keep their digits. Only for a single top token (ties keep theirs); after a barrier,
+                # since another thread of the program wrote that entry in the loop. The skew KLs and TVD keep their
+                # own form in the kernel (8 bytes of spill with these accumulators; the fallback rewrites them too).
+                if DIVERGENCE <= 2:
                     if tl.sum(tops, axis=0) == 1:
                         corrected = -tl.sum(others, axis=0) * (inv_temperature * row_weight)
                         tl.debug_barrier()
