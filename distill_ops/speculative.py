@@ -1436,7 +1436,7 @@ class SpeculativeDecoder:
         # The position every forward's ids must stay below: a learned table's size or the target's limit above.
         bounds = [_position_table(target, draft), self._position_limit and self._position_limit[1]]
         bounds = [bound for bound in bounds if bound is not None]
-        self._position_table = min(bounds) if bounds else None
+        self._position_bound = min(bounds) if bounds else None
         self._keep_last = {"logits_to_keep": 1} if _supports_logits_to_keep(target) else {}
         self._root_tree = tree_spec_from_parents([-1], self.device)
         self._static = self._dynamic = None
@@ -2808,10 +2808,10 @@ class _Generation:
             rows = [self.rows[row] for row in self.active]
             root_pos = [len(row) - 1 for row in rows]
             if self.ragged:
-                caps = self._position_caps()
-                step = int64_to_device([row[-1] for row in rows] + root_pos + (caps or []), device)
+                cap_list = self._position_caps()
+                step = int64_to_device([row[-1] for row in rows] + root_pos + (cap_list or []), device)
                 roots, tree_pos = step[: self.batch], step[self.batch: 2 * self.batch].view(self.batch, 1)
-                caps = step[2 * self.batch:].view(self.batch, 1) if caps else None
+                caps = step[2 * self.batch:].view(self.batch, 1) if cap_list else None
                 starts = tree_pos.view(self.batch).to(torch.int32)
             else:
                 roots, tree_pos, starts, caps = self.rows[0][-1], root_pos[0], None, None
@@ -2917,10 +2917,10 @@ class _Generation:
         that position and the bound's last: nothing kept changes (a node at depth d >= the sequence's budget r
         has no kept token after it; those at depth < r stay below the cap). Draft advances' padding entries
         likewise."""
-        table = self.engine._position_table
-        if table is None or max(self.prompt_lens) + self.max_new_tokens - 1 + self.engine.tree_depth <= table:
+        bound = self.engine._position_bound
+        if bound is None or max(self.prompt_lens) + self.max_new_tokens - 1 + self.engine.tree_depth <= bound:
             return None
-        return [max(self.prompt_lens[row] + self.max_new_tokens - 2, table - 1) for row in self.active]
+        return [max(self.prompt_lens[row] + self.max_new_tokens - 2, bound - 1) for row in self.active]
 
     def _draft(self, root_logits, root_state, roots, root_pos, caps) -> tuple[TreeSpec, torch.Tensor, torch.Tensor]:
         """This step's trees, their tokens ``[B, T]`` (node 0: the root) and position ids ``[B, T]``.
