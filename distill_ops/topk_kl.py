@@ -251,6 +251,22 @@ def _clipped_divergence_rows(
     return (q * ratio).sum(-1)
 
 
+def _top_outcome_as_minus_the_rest(
+    q: Tensor, grad_kept: Tensor, extra_mass: Tensor, extra_grad: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_kept, extra_grad, kept_top)`` with the top outcome's gradient rewritten as minus the others' sum: the
+    kept entry of the largest student mass ``q [n, m]`` (the first one, at a tie), or, where its mass is larger
+    (``kept_top`` false), the extra outcome (mass and gradient ``[n]``: the bucket's rest or the label; 0 for
+    ``renormalize``). A NaN mass or gradient stays NaN."""
+    top_q, top = q.max(-1, keepdim=True)
+    kept_top = top_q.squeeze(-1) >= extra_mass
+    top_grad = grad_kept.gather(-1, top).squeeze(-1)
+    rewritten = grad_kept.scatter(-1, top, 0.0)
+    others = rewritten.sum(-1)  # the kept entries but the top one
+    rewritten.scatter_(-1, top, torch.where(kept_top, -(others + extra_grad), top_grad).unsqueeze(-1))
+    return rewritten, torch.where(kept_top, extra_grad, -(others + top_grad)), kept_top
+
+
 def _hard_rows_and_grad(
     student: Tensor, indices: Tensor, teacher_logprobs: Tensor, labels: Optional[Tensor], tail: str,
     divergence: str, temperature: float, compute_grad: bool,
@@ -339,14 +355,30 @@ def _hard_rows_and_grad(
         ratio = torch.where(q > 0, log_q - log_p, 0.0)
         extra_ratio = torch.where(extra_q > 0, extra_log_q - extra_log_p, 0.0)
         extra_term = extra_q * extra_ratio
-        loss = (q * ratio).sum(-1) + extra_term
-        # S = sum over the live outcomes of Q_o g_o, g_o = log Q_o - log P_o + 1.
-        s = (q * ratio).sum(-1) + live * extra_term + q.sum(-1) + live * extra_q
-        grad_kept = torch.where(q > 0, q * (ratio + 1.0 - s.unsqueeze(-1)), 0.0)
-        extra_coef = live * (extra_ratio + 1.0) - s
+        kept_sum = (q * ratio).sum(-1)
+        loss = kept_sum + extra_term
+        # S = sum over the live outcomes of Q_o g_o, g_o = log Q_o - log P_o + 1, is s + (their student mass), and
+        # that mass is 1 - left_out: the +1 of g_o and the mass cancel in g_o - S (summed in, ~1 each, they cost
+        # every entry ~6e-8 of q_j, 1.7e-2 of the row's largest entry for a student near its teacher; a review,
+        # 2026-12-07), so g_o - S = log-ratio - s + left_out, where left_out is the student mass outside the live
+        # outcomes: the bucket's rest when it is floored or negligible (below REST_Q_FLOOR), else 0.
+        s = kept_sum + live * extra_term
+        left_out = torch.where(q_floored | negligible, rest_q, 0.0) if tail == "bucket" else zero
+        grad_kept = torch.where(q > 0, q * (ratio - (s - left_out).unsqueeze(-1)), 0.0)
+        extra_coef = live * extra_ratio - s + left_out + (live - 1.0)  # a floored rest is not live: g_o = 0
         extra_grad = extra_q * extra_coef
     if not compute_grad:
         return loss, None
+    # The top outcome (the largest student mass: a kept entry, the bucket's rest or the label) is rewritten as minus
+    # the others' sum (a divergence's gradient in the student's logits sums to 0): its own formula cancels for a
+    # confident student (q - p, q (g - S) with S ~ g: up to 3.1e-2 of the row's largest entry on both impls; a
+    # review, 2026-12-07), where the others are small terms that keep their digits (as kl_div's top token).
+    if tail == "bucket":
+        grad_kept, rest_grad, kept_top = _top_outcome_as_minus_the_rest(q, grad_kept, rest_q, rest_q * extra_coef)
+        # The rest's columns get q_j c: c from the rewritten mass where the rest is the top outcome (rest_q >= 1/m).
+        extra_coef = torch.where(kept_top, extra_coef, rest_grad / rest_q)
+    else:
+        grad_kept, extra_grad, _ = _top_outcome_as_minus_the_rest(q, grad_kept, extra_q, extra_grad)
     # The kept columns' bucket share is zero: ``rest`` was zeroed there by a product (a padding entry that reuses a
     # kept token's index, e.g. index 0 with log-prob -inf, multiplies by 1, so it cannot win over the kept entry);
     # their values are added afterwards. Adding (value - share) instead lost the value where the share was large (a

@@ -261,11 +261,40 @@ def _topk_kl_fwd_kernel(
             x_ratio = tl.where(x_q > 0.0, x_log_q - x_log_p, 0.0)
             kept_sum = tl.sum(q * ratio, axis=0)
             loss = kept_sum + x_q * x_ratio
-            # g_o = log Q_o - log P_o + 1, S = sum over the live outcomes of Q_o g_o.
-            s = kept_sum + live * x_q * x_ratio + tl.sum(q, axis=0) + live * x_q
-            grad_kept = tl.where(q > 0.0, q * (ratio + 1.0 - s), 0.0)
-            x_grad_coef = live * (x_ratio + 1.0) - s
+            # g_o = log Q_o - log P_o + 1, S = sum over the live outcomes of Q_o g_o = s + (their student mass),
+            # that mass 1 - left_out: the +1 and the mass cancel in g_o - S = log-ratio - s + left_out (summed in,
+            # they cost every entry ~6e-8 of q_j; a review, 2026-12-07). left_out: the bucket's rest mass where it is
+            # floored or negligible, else 0 (the PyTorch path's form).
+            s = kept_sum + live * x_q * x_ratio
+            left_out = 0.0
+            if TAIL == 1:
+                left_out = tl.where((live == 0.0) | negligible, rest_q, 0.0)
+            grad_kept = tl.where(q > 0.0, q * (ratio - (s - left_out)), 0.0)
+            x_grad_coef = live * x_ratio - s + left_out + (live - 1.0)
             x_grad_mass = x_q * x_grad_coef
+        # The top outcome (the largest student mass: a kept entry, or the bucket's rest / the label where larger) is
+        # rewritten as minus the others' sum (a divergence's gradient in the student's logits sums to 0): its own
+        # formula cancels for a confident student (q - p, q (g - S) with S ~ g: up to 3.6e-2 of the row's largest
+        # entry; a review, 2026-12-07), where the others are small terms that keep their digits. A NaN stays NaN.
+        top_q = tl.max(q, axis=0)
+        top_pos = tl.argmax(q, axis=0)
+        others = tl.sum(tl.where(offsets_k == top_pos, 0.0, grad_kept), axis=0)
+        top_grad = tl.sum(tl.where(offsets_k == top_pos, grad_kept, 0.0), axis=0)
+        if TAIL == 1:
+            x_mass = rest_q
+            x_total = rest_q * x_grad_coef
+        elif TAIL == 2:
+            x_mass = x_q
+            x_total = x_grad_mass
+        else:
+            x_mass = 0.0
+            x_total = 0.0
+        kept_top = top_q >= x_mass
+        grad_kept = tl.where(kept_top & (offsets_k == top_pos), -(others + x_total), grad_kept)
+        if TAIL == 1:  # the rest's columns get q_j c: c from the rewritten mass (rest_q >= 1 / (K + 1) there)
+            x_grad_coef = tl.where(kept_top, x_grad_coef, -(others + top_grad) / rest_q)
+        if TAIL == 2:
+            x_grad_mass = tl.where(kept_top, x_grad_mass, -(others + top_grad))
         # The reduction's weight (1/count for "mean") is folded into loss and gradient, so that
         # backward usually receives an incoming gradient of exactly 1 and moves no [N, V] bytes.
         row_weight = tl.load(weight_ptr + row * stride_weight)
