@@ -9,14 +9,16 @@ reference mode), ``base`` = d (contrastive) or o (reference), T the temperature:
 
 Pass structure (each pass streams the row in BLOCK_V chunks with per-lane online statistics):
 
-1. (adaptive only) reads d, o: log-sum-exps of both at temperature 1.
-2. reads s, d, o: the TVD (needs pass 1's log-sum-exps, so it cannot share pass 1) and the student's online
+1. (adaptive only) reads d, o: log-sum-exps of both at temperature 1, and the DPO model's top token.
+2. reads s, d, o: the TVD (needs pass 1's log-sum-exps, so it cannot share pass 1; summed as twice one side of
+   p - p', the side that leaves the DPO model's top token out, where p - p' cancels) and the student's online
    statistics: its log-sum-exp and the two q-weighted sums E_q[s - base] and E_q[d - o]. Because a - b =
    ((s - base) - alpha (d - o)) / T is linear in alpha, E_q[a - b] = (E_q[s - base] - alpha E_q[d - o]) / T is
    known as soon as alpha is, without a pass over the teacher at alpha.
 3. reads s, d, o: writes dL/dz_s = (beta0 / alpha) q ((a - b) - E_q[a - b]) / T (log-sum-exps cancelled, as in
-   ``kl_div``'s reverse KL) and, in the same pass, accumulates the teacher's log-sum-exp at alpha, which only the
-   loss needs: loss = (beta0 / alpha) (E_q[a - b] - lse(a) + lse(b)).
+   ``kl_div``'s reverse KL; the student's top token's entry, where that cancels, is rewritten after the pass as minus
+   the others' sum) and, in the same pass, accumulates the teacher's log-sum-exp at alpha, which only the loss
+   needs: loss = (beta0 / alpha) (E_q[a - b] - lse(a) + lse(b)).
 
 Traffic per row: 9 V elements (adaptive: 2 + 3 + 3 reads and the gradient write) or 7 V (fixed alpha) against 12 V
 for the unfused order (statistics, TVD, teacher statistics, gradient). Ignored rows (label == ignore_index) get loss
@@ -91,16 +93,18 @@ def _aligndistil_fwd_kernel(
     if active:
         # Running maxima start at a finite floor so exp(m_old - m_new) is defined while a lane has only seen -inf.
         if ADAPTIVE:
-            # Pass 1: log-sum-exps of the DPO and the other model at temperature 1.
+            # Pass 1: log-sum-exps of the DPO and the other model at temperature 1, and the DPO model's top token.
             max_d = tl.full([BLOCK_V], -1.0e30, tl.float32)
             max_o = tl.full([BLOCK_V], -1.0e30, tl.float32)
             sum_d = tl.zeros([BLOCK_V], tl.float32)
             sum_o = tl.zeros([BLOCK_V], tl.float32)
+            arg_d = tl.zeros([BLOCK_V], tl.int32)  # where the lane's max_d is (its first column)
             for start in range(0, V, BLOCK_V):
                 cols = start + offsets
                 mask = cols < V
                 d = tl.load(dpo_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
                 o = tl.load(other_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                arg_d = tl.where(d > max_d, cols, arg_d)
                 new_max_d = tl.maximum(max_d, d)
                 new_max_o = tl.maximum(max_o, o)
                 sum_d = sum_d * tl.exp(max_d - new_max_d) + tl.exp(d - new_max_d)
@@ -112,6 +116,18 @@ def _aligndistil_fwd_kernel(
             # log p = (d - row_max_d) - log_total_d: exact near the max (d - lse_d rounded lse_d at |d|).
             log_total_d = tl.log(tl.sum(sum_d * tl.exp(max_d - row_max_d), axis=0))
             log_total_o = tl.log(tl.sum(sum_o * tl.exp(max_o - row_max_o), axis=0))
+            # The TVD (pass 2) is twice the sum of p - p' over one sign's terms (both distributions sum to 1): the
+            # sign that leaves out the DPO model's top token, where p - p' is a difference of two numbers ~0.9988
+            # for confident models near each other, with the rounding of their log-sums at 1 (~1e-7 against a TVD
+            # of ~5e-5: alpha 1.6e-3 off, the gradient 1.7e-3 to 2e-3; a review, 2026-12-07). That difference's
+            # own sign is known up to the same rounding; a wrong one (|p - p'| below it) costs 2 |p - p'|, at most
+            # twice what the plain sum could lose there. Summing |p - p'| off that token plus |the others' sum of
+            # p - p'| spilled 8 bytes (sm_90a, bf16, aligned); with a per-block reduction of that sum it did not,
+            # at 113-123 registers where this form takes 96.
+            top_d = tl.min(tl.where(max_d == row_max_d, arg_d, V), axis=0)
+            o_top = tl.load(other_row + top_d, mask=top_d < V, other=float("-inf")).to(tl.float32)
+            gap_top = tl.exp(-log_total_d) - tl.exp((o_top - row_max_o) - log_total_o)  # p - p' at top_d
+            side = tl.where(gap_top > 0.0, -1.0, 1.0)
 
         # Pass 2: TVD (adaptive) and the student's statistics: lse(a), E_q[s - base], E_q[d - o].
         # Nothing is divided by T before its row max is subtracted: the student's running max is kept raw, per lane
@@ -123,7 +139,7 @@ def _aligndistil_fwd_kernel(
         # lse(a) - lse(b) rounded at |z / T|: a student near its teacher (loss 5e-6) at rows offset to 1e4 lost the
         # loss, the gradient 3e-4 (a review, 2026-12-06). (A first version shifted by the first block's max, which
         # a first block masked with -1e9 made useless: the next review.)
-        tvd_acc = tl.zeros([BLOCK_V], tl.float32)
+        tvd_acc = tl.zeros([BLOCK_V], tl.float32)  # sum max(side (p - p'), 0), off the DPO model's top token
         if ADAPTIVE:
             # The base model's row max from pass 1: the student is shifted by it before the division, and the
             # running max is kept in scaled units (the raw one, below, spilled 8 bytes here under Triton 3.9). It
@@ -146,7 +162,10 @@ def _aligndistil_fwd_kernel(
             d = tl.load(dpo_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
             o = tl.load(other_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
             if ADAPTIVE:
-                tvd_acc += tl.abs(tl.exp((d - row_max_d) - log_total_d) - tl.exp((o - row_max_o) - log_total_o))
+                p_gap = tl.exp((d - row_max_d) - log_total_d) - tl.exp((o - row_max_o) - log_total_o)
+                p_gap = tl.where(cols == top_d, 0.0, p_gap)
+                # NaN-propagating: a NaN logit makes alpha NaN (the default maximum drops a NaN on the GPU).
+                tvd_acc += tl.maximum(side * p_gap, 0.0, propagate_nan=tl.PropagateNan.ALL)
             # A token that is -inf in either model is -inf in the teacher: a - b = +inf there (KL is infinite
             # if the student gives it mass) and the (d - o) term does not apply (it would be -inf - -inf).
             teacher_masked = (d == float("-inf")) | (o == float("-inf"))
@@ -170,7 +189,7 @@ def _aligndistil_fwd_kernel(
             acc_gap = acc_gap * scale_a + tl.where(w_a == 0.0, 0.0, w_a * gap)
             max_s = new_max_s
         if ADAPTIVE:
-            alpha = r * tl.sum(tvd_acc, axis=0) + eps
+            alpha = r * (2.0 * tl.sum(tvd_acc, axis=0)) + eps  # TVD: twice one side's sum (pass 1)
         else:
             alpha = fixed_alpha
         if ADAPTIVE:
@@ -197,6 +216,10 @@ def _aligndistil_fwd_kernel(
         max_b = tl.full([BLOCK_V], -1.0e30, tl.float32)
         sum_b = tl.zeros([BLOCK_V], tl.float32)
         grad_scale = loss_scale * inv_temperature
+        if COMPUTE_GRAD:
+            others = tl.zeros([BLOCK_V], tl.float32)  # sum of the unscaled entries off the student's top token
+            tops = tl.zeros([BLOCK_V], tl.int32)
+            top_col = tl.full([BLOCK_V], V, tl.int32)
         for start in range(0, V, BLOCK_V):
             cols = start + offsets
             mask = cols < V
@@ -217,10 +240,33 @@ def _aligndistil_fwd_kernel(
                     shift = tl.where(teacher_masked, float("inf"), s - d)
                 else:
                     shift = tl.where(teacher_masked, float("inf"), s - o)
-                q = tl.exp((s - c) * inv_temperature - lse_a)
+                a = (s - c) * inv_temperature  # as in pass 2 (adaptive), bit for bit: its max is row_max_a
+                q = tl.exp(a - lse_a)
                 diff = (shift - alpha * gap) * inv_temperature  # a - b, as accumulated in pass 2
-                grad = tl.where(q == 0.0, 0.0, q * (diff - mean_diff)) * grad_scale
+                grad = tl.where(q == 0.0, 0.0, q * (diff - mean_diff))
+                # The student's top token: its entry is rewritten after the loop (below).
+                if ADAPTIVE:
+                    at_top = mask & (a == row_max_a)
+                else:
+                    at_top = mask & (s == c)
+                others += tl.where(mask & ~at_top, grad, 0.0)
+                tops += at_top.to(tl.int32)
+                top_col = tl.minimum(top_col, tl.where(at_top, cols, V))
+                grad = grad * grad_scale
                 tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        if COMPUTE_GRAD:
+            # At a confident student's top token q (diff - E_q[diff]) cancels (q ~ 1, diff ~ E_q[diff]): 1.1e-3 of
+            # the row's largest gradient entry off for rows near their teacher (V = 1000, top logit +14), 6.6e-4
+            # against unrelated ones, 7.3e-3 to 8.8e-3 in an 8-token row whose teacher rules the top nearly out (a
+            # review, 2026-12-07). The gradient in the student's logits sums to 0 (they enter through the softmax),
+            # so that entry is minus the other entries' sum, whose terms keep their digits (within 1.1e-6 after),
+            # as in kl_div's kernel. Only for a single top token (ties keep theirs); after a barrier, since another
+            # thread of the program wrote that entry in the loop. Spill-free, but the three accumulators take the
+            # generic builds from 71-96 registers to 109-118 (the aligned ones: 80-96).
+            if tl.sum(tops, axis=0) == 1:
+                corrected = -tl.sum(others, axis=0) * grad_scale
+                tl.debug_barrier()
+                tl.store(grad_row + tl.min(top_col, axis=0), corrected.to(grad_ptr.dtype.element_ty))
         row_max_b = tl.max(max_b, axis=0)
         lse_b = row_max_b + tl.log(tl.sum(sum_b * tl.exp(max_b - row_max_b), axis=0))
         # E_q[a - b] - lse(a) + lse(b), with a = a' + c / T and b = b' + c / T: the shift cancels.

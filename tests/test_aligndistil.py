@@ -261,6 +261,69 @@ def test_student_near_its_teacher_at_large_logits(mode, impl):
         torch.testing.assert_close(loss.double().cpu(), expected, rtol=0.0, atol=tolerance)
 
 
+def _confident_rows(teacher_scale):
+    """20 rows of a confident student (V = 1000, top logit +14 above N(0, 1) others) and their teachers: the student
+    plus N(0, 0.3) noise (``teacher_scale`` None) or unrelated N(0, teacher_scale) logits; float64, [20, 1000]."""
+    students, teachers = [], []
+    for seed in range(20):
+        generator = torch.Generator().manual_seed(seed)
+        student = torch.randn(1, 1000, generator=generator, dtype=torch.float64)
+        student[0, 0] += 14.0
+        noise = torch.randn(1, 1000, generator=generator, dtype=torch.float64)
+        students.append(student)
+        teachers.append(student + 0.3 * noise if teacher_scale is None else teacher_scale * noise)
+    return torch.cat(students), torch.cat(teachers)
+
+
+def _worst_row_error(grad, expected):
+    """max over rows of max |grad - expected| / max |expected| (each row against its own largest entry)."""
+    return ((grad.double().cpu() - expected).abs().amax(-1) / expected.abs().amax(-1)).max().item()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_confident_student_keeps_the_top_gradient(impl):
+    """A confident student against teachers near it, against unrelated ones (std 3), and an 8-token row whose
+    teacher rules the student's top token nearly out (dpo = other = teacher, fixed alpha 0.7: z* is the teacher).
+    The kernel's q (diff - E_q[diff]) cancels at the top token (q ~ 1, diff ~ E_q[diff]): 1.1e-3 of the row's
+    largest gradient entry off near the teacher, 6.6e-4 against unrelated ones, 7.3e-3 in the 8-token row (a
+    review, 2026-12-07); it now writes that entry as minus the others' sum (the gradient sums to 0), as kl_div's
+    kernel and the PyTorch path (kl_div's fallback) do. Measured after: within 1.6e-6 on both impls."""
+    near = _confident_rows(None)
+    far = _confident_rows(3.0)
+    eight = (torch.tensor([[0.0] + [-14.0] * 7], dtype=torch.float64),
+             torch.tensor([[-20.0] + [0.0] * 7], dtype=torch.float64))
+    worst = 0.0
+    for student, teacher in (near, far, eight):
+        student, teacher = student.float().to(DEVICE), teacher.float().to(DEVICE)
+        options = dict(alpha=0.7, reduction="sum")
+        _, grad, _, upstream = _run(student, teacher, teacher, impl, **options)
+        _, expected, _ = _expected(student, teacher, teacher, upstream=upstream, **options)
+        worst = max(worst, _worst_row_error(grad, expected))
+    assert worst < 1e-5, worst
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+def test_adaptive_alpha_of_confident_models_near_each_other(mode, impl):
+    """Adaptive alpha for a confident DPO model (top logit +14) whose partner is within N(0, 0.05) of it, the student
+    near both: the TVD (~2e-5 to 2e-3 here) took p - p' at the DPO model's top token, two numbers ~0.9988 carrying
+    the rounding of their log-sums at 1 (~1e-7): alpha 3.2e-3 off on the PyTorch path and 1.6e-3 in the kernel, the
+    gradient 3.2e-3 and 1.7e-3 (a review, 2026-12-07). Both now sum one side of p - p' (TVD = 2 x either side), the
+    side that leaves the top token out. Measured after: alpha and gradient up to 1.0e-5 off float64 on both impls
+    (the fp32 rounding of every other probability, ~5e-7 each, against differences ~0.05 of them); bound 2e-5."""
+    student, dpo = _confident_rows(None)
+    generator = torch.Generator().manual_seed(100)
+    other = dpo + 0.05 * torch.randn(dpo.shape, generator=generator, dtype=torch.float64)
+    student, dpo, other = (x.float().to(DEVICE) for x in (student, dpo, other))
+    options = dict(mode=mode, reduction="sum")
+    _, grad, alpha, upstream = _run(student, dpo, other, impl, **options)
+    _, expected, expected_alpha = _expected(student, dpo, other, upstream=upstream, **options)
+    alpha_error = ((alpha.double().cpu() - expected_alpha).abs() / expected_alpha).max().item()
+    assert alpha_error < 2e-5, alpha_error
+    worst = _worst_row_error(grad, expected)
+    assert worst < 2e-5, worst
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode, seed, noise", [("reference", 3, 0.01), ("contrastive", 5, 0.1)])
 def test_the_shift_is_the_base_models_row_max(mode, seed, noise, impl):
