@@ -290,7 +290,9 @@ def _topk_kl_fwd_kernel(
             x_mass = 0.0
             x_total = 0.0
         kept_top = top_q >= x_mass
-        grad_kept = tl.where(kept_top & (offsets_k == top_pos), -(others + x_total), grad_kept)
+        # Nested, not kept_top & (...): a scalar comparison is typed fp32 by Triton 3.6's CPU interpreter, which
+        # then cannot `&` it (a plain TRITON_INTERPRET=1 run crashed; the tests' conftest relabels comparisons).
+        grad_kept = tl.where(offsets_k == top_pos, tl.where(kept_top, -(others + x_total), grad_kept), grad_kept)
         if TAIL == 1:  # the rest's columns get q_j c: c from the rewritten mass (rest_q >= 1 / (K + 1) there)
             x_grad_coef = tl.where(kept_top, x_grad_coef, -(others + top_grad) / rest_q)
         if TAIL == 2:
