@@ -529,7 +529,8 @@ def compact_kv_cache(
         impl: ``"auto"`` | ``"triton"`` | ``"torch"``.
 
     Returns the new cache lengths ``cache_lens + accept_len + 1`` (the root and the accepted drafts;
-    the bonus token is not in the cache yet), in ``cache_lens``' dtype. No host synchronisation: with
+    the bonus token is not in the cache yet, and the drafts are counted from ``result.accepted_nodes``, the rows
+    moved), in ``cache_lens``' dtype. No host synchronisation: with
     several layers the Triton path passes their addresses in an int64 table (one non-blocking copy).
     """
     keys, values = _layer_list("k", k), _layer_list("v", v)
@@ -579,7 +580,9 @@ def compact_kv_cache(
         )
     if resolve_impl(impl, device) == "torch":
         compact_kv_cache_ref(keys, values, cache_lens, accepted)
-        return cache_lens + result.accept_len.to(cache_lens.dtype) + 1
+        # Counted from the nodes moved, as the kernel counts them: a hand-built result's accept_len (another shape,
+        # which broadcast, a float, another device, or a count that disagrees with its nodes) gave other lengths.
+        return cache_lens + (accepted[:, 1:] > 0).sum(1).to(cache_lens.dtype) + 1
     if any(t.stride(-1) != 1 for t in (*keys, *values)):
         raise ValueError("impl='triton' compacts in place and needs k and v with unit stride along D")
     distinct = _distinct_caches((*keys, *values))

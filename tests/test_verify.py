@@ -712,6 +712,21 @@ def test_draft_probs_that_cannot_have_drawn_the_drafts_are_refused():
         verify_sampling(tree, tokens, logits, draft_probs=undrafted, impl=impl)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compact_kv_cache_counts_the_nodes_it_moves(impl):
+    """The new lengths count result.accepted_nodes (the rows moved), on both impls: the PyTorch path added a
+    hand-built result's accept_len instead (a [1] one broadcast over the batch, a float or a wrong count gave
+    other lengths than the kernel's)."""
+    accepted = torch.tensor([[0, 2, 5, -1], [0, 3, 4, 6]], device=DEVICE)
+    lens = torch.tensor([1, 2], device=DEVICE)
+    expected = torch.tensor([4, 6], device=DEVICE)
+    for accept_len in (torch.tensor([2, 3]), torch.tensor([2]), torch.tensor([2.0, 3.0]), torch.tensor([12, -5])):
+        result = VerifyResult(accepted, accept_len.to(DEVICE), accepted[:, 0], accepted)
+        cache = torch.randn(2, 1, 12, 4, device=DEVICE)
+        new_lens = compact_kv_cache(cache, cache.clone(), lens, result, impl=impl)
+        assert torch.equal(new_lens, expected), (accept_len, new_lens)
+
+
 def test_compact_refuses_a_cache_that_requires_grad():
     """An input-contract audit (2026-12-07): a cache that requires grad was moved in place by the kernel outside
     autograd (a leaf overwritten silently), while the PyTorch path failed inside ``scatter_``. Refused by name
