@@ -578,6 +578,13 @@ def test_helper_refuses_labels_and_teacher_ids_of_another_shape_before_any_forwa
         (TypeError, "teacher must be a transformers causal LM .* got NoneType", dict(teacher=None)),
         (TypeError, "student must be a transformers causal LM .* got Linear", dict(student=torch.nn.Linear(2, 2))),
         (TypeError, "model_kwargs must be a dict of keyword arguments or None, got list", dict(model_kwargs=[1])),
+        # Empty or out-of-range ids failed inside transformers' mask code or a model's embedding (IndexError).
+        (ValueError, r"input_ids must have shape \[B, L\] with L >= 1, got \(2, 0\)",
+         dict(input_ids=input_ids[:, :0], labels=None, attention_mask=None)),
+        (ValueError, rf"input_ids must be token ids in \[0, {VOCAB}\) \(the student model's embedding rows\)",
+         dict(input_ids=input_ids + VOCAB)),
+        (ValueError, rf"teacher_input_ids must be token ids in \[0, {VOCAB}\) \(the teacher model's embedding rows\)",
+         dict(teacher_input_ids=input_ids - VOCAB)),
     )
     arguments = dict(student=student, teacher=teacher, input_ids=input_ids, labels=labels,
                      attention_mask=attention_mask)

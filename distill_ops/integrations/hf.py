@@ -49,7 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import FLOAT_DTYPES, INT_DTYPES, Impl, check_flag, check_tensor, resolve_vocab, text_config
+from .._utils import (
+    FLOAT_DTYPES, INT_DTYPES, Impl, check_flag, check_tensor, check_token_ids, resolve_vocab, text_config,
+)
 from ..fused_linear import fused_linear_kl_div, scale_linear_inputs
 
 
@@ -380,10 +382,19 @@ def causal_lm_distillation_loss(
         if value is not None and value.shape != input_ids.shape:
             expected, received = tuple(input_ids.shape), tuple(value.shape)
             raise ValueError(f"{name} must have the shape of input_ids {expected}, got {received}")
+    if input_ids.shape[1] < 1:  # (failed inside transformers' mask code)
+        raise ValueError(f"input_ids must have shape [B, L] with L >= 1, got {tuple(input_ids.shape)}")
     check_flag("skip_ignored", skip_ignored)
     if router_aux_loss is not None:
         check_flag("router_aux_loss", router_aux_loss)
     teacher_ids = input_ids if teacher_input_ids is None else teacher_input_ids
+    # Out-of-range ids failed inside a model's embedding (an IndexError naming neither argument nor model).
+    for name, role, model, ids in (("input_ids", "student", student, input_ids),
+                                   ("input_ids" if teacher_input_ids is None else "teacher_input_ids", "teacher",
+                                    teacher, teacher_ids)):
+        vocab = _embedding_rows(unwrap_model(model))
+        if vocab is not None:
+            check_token_ids(name, ids, vocab, note=f" (the {role} model's embedding rows)")
     student, teacher = _strip_compile(student), _strip_compile(teacher)
     module = unwrap_model(student)
     z_loss = getattr(module, "z_loss_coefficient", 0.0)
@@ -397,6 +408,16 @@ def causal_lm_distillation_loss(
     aux_loss = None if reduction == "none" else router_aux_loss_function(module, router_aux_loss)
     return run_inside_forward(student, _distillation_loss, module, teacher, input_ids, labels,
                               attention_mask, teacher_ids, skip_ignored, dict(model_kwargs or {}), options, aux_loss)
+
+
+def _embedding_rows(model: nn.Module) -> Optional[int]:
+    """The number of rows of ``model``'s input embedding, or None where it does not say."""
+    try:
+        embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    except NotImplementedError:
+        return None
+    rows = getattr(embeddings, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
 
 
 def _frozen_head_inputs(teacher: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor], model_kwargs: dict):
