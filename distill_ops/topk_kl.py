@@ -1251,7 +1251,7 @@ class DACKLLoss(torch.nn.Module):
         check_index("ignore_index", ignore_index)
         check_choice("impl", impl, IMPLS)
         vocab_size = check_vocab_size(vocab_size)
-        self.vocab_top_m = vocab_top_m
+        self._vocab_top_m = vocab_top_m
         self.tail = tail
         self.divergence = divergence
         self.temperature = float(temperature)
@@ -1266,6 +1266,18 @@ class DACKLLoss(torch.nn.Module):
         with torch.no_grad():
             self.bound_net[2].weight.mul_(0.1)
             self.bound_net[2].bias.copy_(torch.tensor([-6.0, 4.0]))  # (l, u): lower ~ 0.0025, upper ~ 0.98
+
+    @property
+    def vocab_top_m(self) -> int:
+        """m: it sizes the bound MLP's input layer, so it is fixed at construction."""
+        return self._vocab_top_m
+
+    @vocab_top_m.setter
+    def vocab_top_m(self, value: object) -> None:
+        # (Assigning another m failed later in the MLP's matmul, "mat1 and mat2 shapes cannot be multiplied".)
+        if value != self._vocab_top_m:
+            raise ValueError(f"vocab_top_m sizes the bound MLP's input layer ({self._vocab_top_m} inputs) and cannot "
+                             f"change after construction (build another DACKLLoss), got {value!r}")
 
     def _candidates(self, teacher_rows: Tensor, backend: str) -> tuple[Tensor, Tensor]:
         """Top-m teacher tokens sorted by probability: (indices [N, m], log-probs at T [N, m] fp32), from rows

@@ -1812,3 +1812,22 @@ def test_trainer_evaluation_entropy_leaves_out_earlier_eval_mode_sums(tmp_path):
     expected = _mean_entropy(student, input_ids, attention_mask, labels)
     assert abs(_mean_entropy(student, flipped, torch.ones_like(flipped), flipped) - expected) > 1e-3
     assert trainer.evaluate(eval_dataset=rows)["eval_entropy"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_shift_labels_refuses_what_it_cannot_shift():
+    """``shift_labels`` (the helper's and the trainer's label shift, importable on its own): 1-D ids failed with
+    "too many indices", a mask of another shape in a broadcast, float ids passed through (a validation audit,
+    2026-12-07); each is refused naming the argument."""
+    from distill_ops.integrations.hf import shift_labels
+
+    ids = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert shift_labels(ids, None, mask).tolist() == [[6, 7, -100], [2, 3, 4]]
+    with pytest.raises(ValueError, match=r"input_ids must have 2 dims, got shape \(4,\)"):
+        shift_labels(ids[0], None, None)
+    with pytest.raises(TypeError, match=r"input_ids must have dtype in \(int64"):
+        shift_labels(ids.float(), None, None)
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids \(2, 4\), got \(2, 3\)"):
+        shift_labels(ids, None, mask[:, 1:])
+    with pytest.raises(ValueError, match=r"labels must have the shape of input_ids \(2, 4\), got \(4,\)"):
+        shift_labels(ids, ids[0], None)

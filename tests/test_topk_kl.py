@@ -2002,6 +2002,19 @@ def test_dackl_refuses_an_empty_vocabulary_and_a_bad_sharpness_set_after_build(t
         assert torch.isfinite(dackl(student, teacher))
 
 
+
+def test_dackl_vocab_top_m_is_fixed_after_build():
+    """vocab_top_m sizes the bound MLP's input layer: another value set on the module failed in its matmul
+    ("mat1 and mat2 shapes cannot be multiplied"; a validation audit, 2026-12-07); now refused where it is set."""
+    dackl = DACKLLoss(vocab_top_m=4, hidden=4)
+    dackl.vocab_top_m = 4  # the same value: allowed
+    with pytest.raises(ValueError, match=r"vocab_top_m sizes the bound MLP's input layer \(4 inputs\) .* got 0"):
+        dackl.vocab_top_m = 0
+    assert dackl.vocab_top_m == 4 and dackl.bound_net[0].in_features == 4
+    student, teacher = _logits((3, 12), torch.float32, seed=1), _logits((3, 12), torch.float32, seed=2)
+    assert torch.isfinite(dackl(student, teacher))
+
+
 def test_integer_options_that_are_not_optional_refuse_none():
     """max_candidates has no None form: None is a TypeError naming it, in the functional and in the module."""
     s = torch.randn(2, 3, 10)

@@ -285,6 +285,11 @@ def shift_labels(
     Without ``labels`` the targets are ``input_ids[:, 1:]`` with padding (``attention_mask == 0``)
     ignored, which is what a data collator for causal LM would have produced.
     """
+    check_tensor("input_ids", input_ids, dtypes=INT_DTYPES, ndim=2)
+    for name, value in (("labels", labels), ("attention_mask", attention_mask)):
+        if value is not None and value.shape != input_ids.shape:
+            expected, received = tuple(input_ids.shape), tuple(value.shape)
+            raise ValueError(f"{name} must have the shape of input_ids {expected}, got {received}")
     if labels is None:
         labels = input_ids
         if attention_mask is not None:
