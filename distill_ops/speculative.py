@@ -1884,10 +1884,15 @@ class SpeculativeDecoder:
         if config.do_sample:
             temperature, top_k, top_p = config.temperature, config.top_k, config.top_p
             temperature = 1.0 if temperature is None else temperature  # None: no temperature warper
+            # A str / NaN was a TypeError from a comparison here, or passed on (an audit of bad inputs).
+            temperature = check_number("generation_config.temperature", temperature)
             if temperature <= 0:
                 raise ValueError(f"do_sample=True needs a temperature > 0 (transformers' temperature warper "
                                  f"refuses {temperature}), got temperature={temperature}")
-            if top_p is not None and top_p <= 0.0:  # transformers' top-p keeps the one most likely token
+            if top_p is not None:
+                # generate's TopPLogitsWarper refuses a negative top_p (it was taken as top_p=0 here: greedy).
+                top_p = check_number("generation_config.top_p", top_p, low=0.0)
+            if top_p == 0.0:  # transformers' top-p keeps the one most likely token
                 top_k, top_p = 1, None
             top_p = None if top_p is None or top_p >= 1.0 else top_p
         out = self.generate(

@@ -179,6 +179,10 @@ def test_max_time_and_stopping_criteria():
      ValueError, "take assistant_model, negative_prompt_ids: neither"),  # None: generate's default, ignored
     (dict(max_length=3), ValueError, "max_length is 3"),
     (dict(do_sample=True, temperature=0.0), ValueError, "temperature"),
+    # A str temperature was a TypeError from a comparison; a negative top_p decoded greedily where generate's
+    # TopPLogitsWarper refuses it (an audit of bad inputs).
+    (dict(do_sample=True, temperature="1"), TypeError, "generation_config.temperature must be a Python int or float"),
+    (dict(do_sample=True, top_p=-0.5), ValueError, r"generation_config.top_p must be in \[0.0, inf\), got -0.5"),
     (dict(num_return_sequences=2), ValueError, "num_return_sequences"),
     (dict(repetition_penalty=-1.0), ValueError, "repetition_penalty"),
     (dict(generation_config={"max_new_tokens": 3}), TypeError, "GenerationConfig"),
