@@ -1,5 +1,6 @@
 """distill_ops.integrations.hf and fspad_draft_loss against the same losses computed from explicit logits."""
 
+import copy
 import datetime
 import os
 
@@ -209,6 +210,16 @@ def test_trainer_evaluates_a_dataset_without_labels_with_the_fused_loss(tmp_path
         FusedDistillationTrainer(model=student, teacher_model="Qwen/Qwen2-0.5B", args=args)
     with pytest.raises(ValueError, match="compute_loss_func must be None"):  # it was silently unused
         FusedDistillationTrainer(model=student, teacher_model=teacher, args=args, compute_loss_func=lambda *a, **k: 0)
+    # A teacher that is, or shares parameters with, the student is refused, the student left trainable (it was
+    # frozen with the teacher, and training failed inside autograd; an audit of bad inputs).
+    shared = copy.deepcopy(teacher)
+    shared.lm_head = student.lm_head
+    for other, match in ((student, "teacher_model is the student model .*e.g. model.embed_tokens.weight"),
+                         (shared, "teacher_model shares parameters with the student model .*1 trainable parameters, "
+                                  "e.g. lm_head.weight")):
+        with pytest.raises(ValueError, match=match):
+            FusedDistillationTrainer(model=student, teacher_model=other, args=args)
+        assert student.training and all(p.requires_grad for p in student.parameters())
     trainer = FusedDistillationTrainer(model=student, teacher_model=teacher, args=args,
                                        distill_kwargs={"divergence": "reverse"})
     expected = causal_lm_distillation_loss(student, teacher, input_ids, None, attention_mask, divergence="reverse")
@@ -585,6 +596,18 @@ def test_helper_refuses_labels_and_teacher_ids_of_another_shape_before_any_forwa
          dict(input_ids=input_ids + VOCAB)),
         (ValueError, rf"teacher_input_ids must be token ids in \[0, {VOCAB}\) \(the teacher model's embedding rows\)",
          dict(teacher_input_ids=input_ids - VOCAB)),
+        # An empty batch failed inside the model's attention; the loss's options were checked by
+        # fused_linear_kl_div only after both forwards (an audit of bad inputs).
+        (ValueError, r"input_ids must have shape \[B, L\] with B >= 1, got \(0, 11\)",
+         dict(input_ids=input_ids[:0], labels=None, attention_mask=None)),
+        (ValueError, r"temperature must be in \(0.0, inf\), got -1.0", dict(temperature=-1.0)),
+        (ValueError, r"divergence must be one of .* got 'kl'", dict(divergence="kl")),
+        (ValueError, r"beta must be in \[0.0, 1.0\], got 2.0", dict(divergence="jsd", beta=2.0)),
+        (TypeError, "ce_weight must be a Python int or float, got str", dict(ce_weight="0.5")),
+        (ValueError, r"impl must be one of \('auto', 'triton', 'torch'\), got 'cuda'", dict(impl="cuda")),
+        (ValueError, "normalizer only applies to reduction='mean'", dict(reduction="sum", normalizer=4.0)),
+        (ValueError, "vocab_size must be >= 1, got 0", dict(vocab_size=0)),
+        (TypeError, "return_entropy must be a bool", dict(return_entropy=1)),
     )
     arguments = dict(student=student, teacher=teacher, input_ids=input_ids, labels=labels,
                      attention_mask=attention_mask)
@@ -1470,7 +1493,11 @@ def test_fused_trainer_refuses_distill_kwargs_it_cannot_pass(tmp_path):
                             ({"labels": None}, r"has \['labels'\], not among the keyword-only .* come from the batch"),
                             ({"normalizer": 4.0}, r"distill_kwargs sets \['normalizer'\], which "
                                                   r"FusedDistillationTrainer sets itself: normalizer from the "
-                                                  r"Trainer's num_items_in_batch")):
+                                                  r"Trainer's num_items_in_batch"),
+                            # Bad values too (they failed at the first training step, after both forwards).
+                            ({"temperature": 0.0}, r"temperature must be in \(0.0, inf\), got 0.0"),
+                            ({"divergence": "jsd", "beta": -0.5}, r"beta must be in \[0.0, 1.0\], got -0.5"),
+                            ({"impl": "gpu"}, r"impl must be one of \('auto', 'triton', 'torch'\), got 'gpu'")):
         with pytest.raises(ValueError, match=message):
             FusedDistillationTrainer(model=student, teacher_model=teacher, args=args, distill_kwargs=kwargs)
     with pytest.raises(TypeError, match="distill_kwargs must be a mapping"):

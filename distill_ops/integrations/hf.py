@@ -50,9 +50,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._utils import (
-    FLOAT_DTYPES, INT_DTYPES, Impl, check_flag, check_tensor, check_token_ids, resolve_vocab, text_config,
+    FLOAT_DTYPES, IMPLS, INT_DTYPES, Impl, check_choice, check_flag, check_index, check_number, check_reduction,
+    check_tensor, check_token_ids, check_vocab_size, resolve_vocab, text_config,
 )
 from ..fused_linear import fused_linear_kl_div, scale_linear_inputs
+from ..kl_div import check_divergence_options
 
 
 def causal_lm_hidden_states(
@@ -389,6 +391,9 @@ def causal_lm_distillation_loss(
             raise ValueError(f"{name} must have the shape of input_ids {expected}, got {received}")
     if input_ids.shape[1] < 1:  # (failed inside transformers' mask code)
         raise ValueError(f"input_ids must have shape [B, L] with L >= 1, got {tuple(input_ids.shape)}")
+    if input_ids.shape[0] < 1:  # (failed inside the model's attention, reshaping 0 elements)
+        raise ValueError(f"input_ids must have shape [B, L] with B >= 1, got {tuple(input_ids.shape)}")
+    check_loss_options(options)
     check_flag("skip_ignored", skip_ignored)
     if router_aux_loss is not None:
         check_flag("router_aux_loss", router_aux_loss)
@@ -413,6 +418,21 @@ def causal_lm_distillation_loss(
     aux_loss = None if reduction == "none" else router_aux_loss_function(module, router_aux_loss)
     return run_inside_forward(student, _distillation_loss, module, teacher, input_ids, labels,
                               attention_mask, teacher_ids, skip_ignored, dict(model_kwargs or {}), options, aux_loss)
+
+
+def check_loss_options(options: dict) -> None:
+    """The options :func:`causal_lm_distillation_loss` passes to :func:`distill_ops.fused_linear_kl_div`, checked
+    with its rules and messages before any forward (it checks them once both models have run: a bad temperature or
+    divergence cost both forwards, and a trainer's ``distill_kwargs`` failed only at its first step)."""
+    check_divergence_options(options["divergence"], options["beta"], options["alpha"])
+    check_number("temperature", options["temperature"], low=0.0, low_inclusive=False)
+    check_number("kl_weight", options["kl_weight"], low=0.0)
+    check_number("ce_weight", options["ce_weight"], low=0.0)
+    check_index("ignore_index", options["ignore_index"])
+    check_reduction(options["reduction"], options["normalizer"])
+    check_vocab_size(options["vocab_size"])
+    check_choice("impl", options["impl"], IMPLS)
+    check_flag("return_entropy", options["return_entropy"])
 
 
 def _embedding_rows(model: nn.Module) -> Optional[int]:
@@ -527,12 +547,30 @@ def _trainer_class():
             if kwargs.get("compute_loss_func") is not None:  # the Trainer would also rescale the loss for it
                 raise ValueError("FusedDistillationTrainer computes its own loss: compute_loss_func must be None")
             super().__init__(*args, **kwargs)
+            if self.model is not None:
+                # Freezing a teacher that is (or shares parameters with) the student froze the student too: the
+                # first training step failed inside autograd ("element 0 of tensors does not require grad").
+                student_params = {id(p): name for name, p in unwrap_model(self.model).named_parameters()
+                                  if p.requires_grad}
+                shared = [student_params[id(p)] for p in unwrap_model(teacher_model).parameters()
+                          if id(p) in student_params]
+                if shared:
+                    what = "is the student model" if unwrap_model(teacher_model) is unwrap_model(self.model) else \
+                        "shares parameters with the student model"
+                    raise ValueError(
+                        f"teacher_model {what} ({len(shared)} trainable parameters, e.g. {shared[0]}): the teacher "
+                        f"is frozen (requires_grad_(False)), which would freeze them in the student; pass a "
+                        f"separate teacher (e.g. copy.deepcopy(model))"
+                    )
             # The fused loss always shifts the labels, so the Trainer's count must be of the shifted ones
             # (transformers counts them unshifted for students without a causal-LM loss_type, e.g. GPT-2).
             self._loss_shifts_labels = True
             self.teacher_model = teacher_model.eval().requires_grad_(False)
             self.distill_kwargs = checked_loss_kwargs("distill_kwargs", distill_kwargs or {},
                                                       "FusedDistillationTrainer", TRAINER_LOSS_ARGUMENTS)
+            # Their values too (a bad temperature failed at the first training step, after both forwards).
+            check_loss_options({name: self.distill_kwargs.get(name, default)
+                                for name, default in _LOSS_DEFAULTS.items() if name in _LOSS_OPTIONS})
             smoothing = getattr(self.args, "label_smoothing_factor", 0.0)
             if smoothing and self.distill_kwargs.get("ce_weight", 0.0) > 0:
                 # The Trainer smooths its own cross-entropy; the fused hard-label term has no smoothing.
@@ -887,6 +925,11 @@ def trainer_loss(student: nn.Module, teacher: nn.Module, inputs: dict, return_ou
 
 _LOSS_KEYWORDS = tuple(name for name, parameter in inspect.signature(causal_lm_distillation_loss).parameters.items()
                        if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
+_LOSS_DEFAULTS = {name: inspect.signature(causal_lm_distillation_loss).parameters[name].default
+                  for name in _LOSS_KEYWORDS}
+# The keys check_loss_options reads (the options causal_lm_distillation_loss passes to fused_linear_kl_div).
+_LOSS_OPTIONS = ("divergence", "beta", "alpha", "temperature", "kl_weight", "ce_weight", "ignore_index", "reduction",
+                 "normalizer", "vocab_size", "impl", "return_entropy")
 
 
 def __getattr__(name: str):
