@@ -283,6 +283,8 @@ def _check_target_input_ids(target: object, input_ids: object, min_length: int) 
     check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
     if input_ids.dim() != 2 or input_ids.shape[1] < min_length:
         raise ValueError(f"input_ids must have shape [B, L] with L >= {min_length}, got {tuple(input_ids.shape)}")
+    if input_ids.shape[0] < 1:  # (failed inside the target's attention, reshaping 0 elements)
+        raise ValueError(f"input_ids must have shape [B, L] with B >= 1, got {tuple(input_ids.shape)}")
     get_embeddings = getattr(target, "get_input_embeddings", None)
     vocab = getattr(get_embeddings() if callable(get_embeddings) else None, "num_embeddings", None)
     if isinstance(vocab, int):

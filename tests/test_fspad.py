@@ -334,6 +334,10 @@ def test_bad_inputs_are_refused_before_the_target_runs():
         target_features(target, ids[:, :0])
     with pytest.raises(TypeError, match="target must be a transformers causal LM"):
         target_features(None, ids)
+    # An empty batch failed inside the target's attention (a reshape of 0 elements; an audit of bad inputs).
+    for call in (target_features, fspad_training_inputs):
+        with pytest.raises(ValueError, match=r"input_ids must have shape \[B, L\] with B >= 1, got \(0, 5\)"):
+            call(target, ids[:0])
     if DEVICE.type == "cpu":  # token values are read on CPU tensors only
         for call in (target_features, fspad_training_inputs):
             with pytest.raises(ValueError, match=r"input_ids must be token ids in \[0, 200\) .* from 3 to 200"):
