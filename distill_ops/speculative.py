@@ -87,7 +87,8 @@ import torch
 
 from ._utils import (
     Impl,
-    IMPLS, INT_DTYPES, check_choice, check_device, check_flag, check_int, check_number, check_tensor, resolve_impl,
+    IMPLS, INT_DTYPES, check_choice, check_device, check_flag, check_int, check_number, check_tensor,
+    check_token_ids, resolve_impl,
     sink_softmax, softcapped, text_config, to_device_async, _integer_like,
 )
 from .generation_rules import (
@@ -2264,6 +2265,20 @@ def _check_processor_clashes(rules: _LogitRules, penalty: float | None, eos: lis
                              f"node, or leave {option} unset")
 
 
+def _allowed_ids(allowed, vocab: int, batch_id: int) -> torch.Tensor:
+    """``prefix_allowed_tokens_fn``'s result as an index of the vocabulary: token ids in ``[0, vocab)`` (values read
+    where that costs no synchronisation), or a bool mask of ``vocab`` entries. An id past the vocabulary was an
+    ``IndexError``, a negative one allowed the token that many from the end, a float one its truncation."""
+    index = allowed if isinstance(allowed, torch.Tensor) else torch.as_tensor(allowed)
+    if index.dtype == torch.bool and index.shape == (vocab,):
+        return index
+    if index.dtype not in INT_DTYPES or index.dim() != 1:
+        raise TypeError(f"prefix_allowed_tokens_fn must return a list of token ids (ints), got {index.dtype} values "
+                        f"of shape {tuple(index.shape)} for batch_id {batch_id}")
+    check_token_ids("prefix_allowed_tokens_fn's result", index, vocab, note=f" for batch_id {batch_id}")
+    return index
+
+
 def _custom_processors(processors) -> object | None:
     """The caller's logits processors as a transformers ``LogitsProcessorList`` (None when there are none)."""
     from transformers import LogitsProcessorList
@@ -2639,7 +2654,7 @@ class _Generation:
                 if len(allowed) == 0:
                     raise ValueError(f"prefix_allowed_tokens_fn returned no token for batch_id {row} (the constraint "
                                      f"cannot be satisfied), as transformers' generate refuses it")
-                mask[b, node, allowed] = 0.0
+                mask[b, node, _allowed_ids(allowed, logits.shape[-1], row)] = 0.0
         logits.add_(mask)
 
     def _custom_processed(self, logits: torch.Tensor, nodes: list) -> None:
@@ -2654,6 +2669,13 @@ class _Generation:
                 index = int64_to_device(members, logits.device)
                 scores = logits[b].index_select(0, index)
                 processed = self.rules.custom(ids.index_select(0, index)[:, :length], scores)
+                # (None, a number or another shape failed inside index_copy_, naming no argument)
+                if not isinstance(processed, torch.Tensor):
+                    raise TypeError(f"logits_processor must return the scores (a torch.Tensor of the shape it was "
+                                    f"given, {tuple(scores.shape)}), got {type(processed).__name__}")
+                if processed.shape != scores.shape:
+                    raise ValueError(f"logits_processor must return scores of the shape it was given "
+                                     f"{tuple(scores.shape)}, got {tuple(processed.shape)}")
                 logits[b].index_copy_(0, index, processed.to(logits.dtype))  # a processor may change the dtype
 
     def _decay(self, logits: torch.Tensor, tree: TreeSpec, roots: list[int]) -> None:

@@ -174,6 +174,42 @@ def test_unsatisfiable_prefix_constraint_names_the_row():
                         prefix_allowed_tokens_fn=lambda batch_id, sequence: [])
 
 
+@pytest.mark.parametrize("result, error, match", [
+    (None, TypeError, r"logits_processor must return the scores \(a torch.Tensor of the shape it was given, "
+                      r"\(1, 256\)\), got NoneType"),
+    (3.0, TypeError, "logits_processor must return the scores .* got float"),
+    ("narrow", ValueError, r"logits_processor must return scores of the shape it was given \(1, 256\), got \(1, 10\)"),
+])
+def test_a_processor_returning_no_scores_is_named(result, error, match):
+    """A processor's result that is not scores of the shape it was given (None, a number, another shape) is named
+    (it failed inside ``index_copy_``, naming no argument; an audit of bad inputs)."""
+    engine = SpeculativeDecoder(*models("llama"), impl="torch", tree=[])  # the root alone: one node row per step
+    processor = (lambda ids, scores: scores[:, :10]) if result == "narrow" else (lambda ids, scores: result)
+    with pytest.raises(error, match=match):
+        engine.generate(prompts(256, [3], seed=1)[0], max_new_tokens=3, logits_processor=[processor])
+
+
+@pytest.mark.parametrize("allowed, error, match", [
+    ([5, 300], ValueError, r"prefix_allowed_tokens_fn's result must be token ids in \[0, 256\) for batch_id 0, got "
+                           r"values from 5 to 300"),  # an IndexError
+    ([-1], ValueError, r"must be token ids in \[0, 256\) for batch_id 0, got values from -1 to -1"),  # token 255
+    ([1.5, 2.0], TypeError, r"prefix_allowed_tokens_fn must return a list of token ids \(ints\), got torch.float32"),
+])
+def test_prefix_constraint_ids_outside_the_vocabulary_are_named(allowed, error, match):
+    """Token ids that ``prefix_allowed_tokens_fn`` returns are checked against the vocabulary (one past it was an
+    ``IndexError``, a negative one allowed the token that many from the end, a float its truncation; an audit of
+    bad inputs). A bool mask of the vocabulary's size is taken as such."""
+    engine = _engines()[0]
+    with pytest.raises(error, match=match):
+        engine.generate(prompts(256, [3], seed=1)[0], max_new_tokens=3,
+                        prefix_allowed_tokens_fn=lambda batch_id, sequence: allowed)
+    mask = torch.zeros(256, dtype=torch.bool)
+    mask[[7, 9]] = True
+    out = engine.generate(prompts(256, [3], seed=1)[0], max_new_tokens=3,
+                          prefix_allowed_tokens_fn=lambda batch_id, sequence: mask).sequences
+    assert set(out[0, 3:].tolist()) <= {7, 9}
+
+
 def test_processor_of_a_builtin_class_is_refused_when_its_option_is_set():
     """transformers' generate uses a caller's processor in place of its own of the same class (at its own's
     position): the engine refuses that pairing by name (the option carries the value, applied at every node);
