@@ -86,6 +86,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ._utils import (
+    FLOAT_DTYPES,
     Impl,
     IMPLS, INT_DTYPES, check_choice, check_device, check_flag, check_int, check_number, check_tensor,
     check_token_ids, resolve_impl,
@@ -1385,6 +1386,11 @@ class SpeculativeDecoder:
                 f"1 + topk * (depth - 1) draft nodes must be <= {MAX_TREE_NODES}, got topk={topk}, depth={depth}"
             )
         target_param = next(target.parameters())
+        if target_param.dtype not in FLOAT_DTYPES:
+            # Verification takes float32 / float16 / bfloat16 logits: a float64 target failed at the first step,
+            # after its forwards, naming an internal argument (target_logits; an audit of bad inputs, 2026-12-07).
+            raise TypeError(f"target must have float32, float16 or bfloat16 weights (the verification of its logits "
+                            f"takes those), got {target_param.dtype}")
         vocab = _vocab_size(target)
         if isinstance(draft, FSPADDraftHead):
             if vocab_size is not None:
@@ -1468,6 +1474,21 @@ class SpeculativeDecoder:
         self.tree_depth = self._dynamic.max_depth if tree is None else self._static.tree.max_depth
         self._shallow_plans = [self._shallow_plan(depth) for depth in range(self.tree_depth)]
         self._cut_trees = True  # False: full trees at every step (tests, benchmarks.engine_overhead)
+        self._built = True
+
+    # Built from at construction (the drafter, the tree plans, the checks of the models): setting one afterwards was
+    # ignored (depth), half applied (impl: verification only) or failed later (draft = None); an audit of bad
+    # inputs, 2026-12-07.
+    _FIXED_WHEN_BUILT = ("target", "draft", "depth", "topk", "num_nodes", "impl", "device", "vocab_size",
+                         "max_tree_nodes", "tree_depth")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in self._FIXED_WHEN_BUILT and getattr(self, "_built", False):
+            raise AttributeError(f"SpeculativeDecoder.{name} is fixed when the engine is built (its drafter and tree "
+                                 f"plans are built from it): build another SpeculativeDecoder")
+        if name == "profile":
+            check_flag("profile", value)
+        object.__setattr__(self, name, value)
 
     def _shallow_plan(self, depth: int) -> tuple[_StaticPlan | None, _DynamicPlan | None]:
         """The (static, dynamic) plan of the tree cut to ``depth`` levels (see :meth:`_plans_within`)."""

@@ -1578,6 +1578,19 @@ def test_bad_inputs():
         SpeculativeDecoder(target, draft, topk=2.5)
     with pytest.raises(ValueError, match="parent path"):
         SpeculativeDecoder(target, draft, tree=[[0, 0]])
+    # A float64 target: refused when built (it failed at the first step, after its forwards, naming target_logits).
+    with pytest.raises(TypeError, match="target must have float32, float16 or bfloat16 weights .* got torch.float64"):
+        SpeculativeDecoder(copy.deepcopy(target).double(), copy.deepcopy(draft).double())
+    # What the engine is built from is fixed (engine.depth = 1 was ignored, engine.impl switched verification only,
+    # engine.draft = None failed at the next generate); profile is checked where it is set.
+    for name, value in (("depth", 1), ("impl", "triton"), ("draft", None), ("topk", 2)):
+        with pytest.raises(AttributeError, match=f"SpeculativeDecoder.{name} is fixed when the engine is built"):
+            setattr(engine, name, value)
+    with pytest.raises(TypeError, match="profile must be a bool"):
+        engine.profile = "yes"
+    engine.profile = False
+    assert engine.depth == DYNAMIC_TREE["depth"] and engine.impl == "torch" and engine.draft is draft
+    assert engine.generate(prompt, max_new_tokens=2).sequences.shape[1] == prompt.shape[1] + 2
     # Checked at construction with a static tree too (it was first refused by generate), and profile is a bool.
     with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'triton', 'torch'\), got 'bogus'"):
         SpeculativeDecoder(target, draft, tree=[[0], [0, 0]], impl="bogus")
