@@ -1,4 +1,5 @@
-import sys, time, torch
+import time
+import torch
 from distill_ops import topk_kl_div
 torch.manual_seed(0)
 N, V, K = 1024, 32000, 64
