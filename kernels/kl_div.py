@@ -41,9 +41,8 @@ DIVERGENCE_CODES = {
 # is spill-free for every divergence on sm_80 / sm_90a (benchmarks/compile_check.py).
 BLOCK_V = 1024
 NUM_WARPS = 4
-# skew_reverse in fp32 spilled 8 bytes on sm_80 at 4 warps, and on sm_90a at 8 warps with the top-token rewrite's
-# accumulators (2026-12-07): 16 warps, 2 elements per thread, 40 registers (not timed on a GPU).
-NUM_WARPS_BY_DIVERGENCE = {"skew_reverse": 16}
+# skew_reverse in fp32 spills 8 bytes on sm_80 at 4 warps: it gets 2 elements per thread instead.
+NUM_WARPS_BY_DIVERGENCE = {"skew_reverse": 8}
 
 
 @triton.jit
@@ -366,8 +365,10 @@ def _kl_div_fwd_kernel(
             tl.store(loss_ptr + row, loss * row_weight)
 
             if COMPUTE_GRAD:
-                others = tl.zeros([BLOCK_V], tl.float32)
-                top_col = tl.full([BLOCK_V], V, tl.int32)
+                if DIVERGENCE <= 2:  # forward, reverse, JSD (the skew KLs' and TVD's variants spilled with these)
+                    others = tl.zeros([BLOCK_V], tl.float32)
+                    tops = tl.zeros([BLOCK_V], tl.int32)
+                    top_col = tl.full([BLOCK_V], V, tl.int32)
                 # Last pass: dL/dz = q (g - S) / T, written in the student's dtype.
                 for start in range(0, V, BLOCK_V):
                     cols = start + offsets
@@ -387,31 +388,31 @@ def _kl_div_fwd_kernel(
                         term, g, q = _divergence_terms(a, b, log_total_a, log_total_b, coef, DIVERGENCE,
                                                        FROM_LOG_RATIO)
                         grad = tl.where(q == 0.0, 0.0, q * (g - s_dot))
-                    # The top token's entry is rewritten after the loop (below): the others' sum, where it is.
-                    at_top = mask & (a - log_total_a > -0.2876820724517809)  # q > 3/4: one column at most
-                    others += tl.where(mask & ~at_top, grad, 0.0).to(tl.float32)
-                    top_col = tl.minimum(top_col, tl.where(at_top, cols, V))
+                    if DIVERGENCE <= 2:
+                        # The top token's entry is rewritten after the loop (below): the others' sum, where it is.
+                        at_top = mask & (a == 0.0)
+                        others += tl.where(mask & (a != 0.0), grad, 0.0).to(tl.float32)
+                        tops += at_top.to(tl.int32)
+                        top_col = tl.minimum(top_col, tl.where(at_top, cols, V))
                     grad = grad * (inv_temperature * row_weight)
                     # Through fp32 (a no-op for fp32 math): a mixture coefficient below 2^-126 makes Triton type
                     # it, and so the math, fp64, whose direct cast to bf16 the CPU interpreter gets wrong.
                     tl.store(grad_row + cols, grad.to(tl.float32).to(grad_ptr.dtype.element_ty), mask=mask)
-                # At the student's top token the forward KL's q - p is a difference of two close numbers for a
-                # confident student near its teacher (both ~0.9988: 7e-3 of the row's largest gradient entry; a
-                # review, 2026-12-07), and both log-sums round at 1; q (g - S) cancels there against a teacher that
-                # disagrees (S ~ g at the top: 5e-4 for the reverse KL, up to 0.7 %, 1e-3 for the JSD, 4.6e-3 for
-                # the skew KLs in an 8-token row). A divergence's gradient in the student's logits sums to 0 (they
-                # enter through the softmax), so that entry is rewritten as minus the other entries' sum, whose
-                # terms keep their digits; after a barrier, since another thread of the program wrote it in the loop.
-                # The top token is the one with q > 3/4 (one at most, so no tie count): the cancellation matters
-                # only for a confident student (below, the formula's error and the others' are alike), and the
-                # count's accumulator, a third one, made the skew KLs' and TVD's variants spill 8 bytes (the first
-                # form rewrote the forward, reverse KL and JSD only); it also took the JSD to 111 registers (now
-                # 80-96). The PyTorch path rewrites the largest entry at any q.
-                top = tl.min(top_col, axis=0)
-                if top < V:
-                    corrected = -tl.sum(others, axis=0) * (inv_temperature * row_weight)
-                    tl.debug_barrier()
-                    tl.store(grad_row + top, corrected.to(tl.float32).to(grad_ptr.dtype.element_ty))
+                # Forward, reverse KL, JSD: at the student's top token (a = 0 there) the forward KL's q - p is a
+                # difference of two close numbers for a confident student near its teacher (both ~0.9988: 7e-3 of
+                # the row's largest gradient entry; a review, 2026-12-07), and both log-sums round at 1; q (g - S)
+                # cancels there against a teacher that disagrees (S ~ g at the top: 5e-4 for the reverse KL, up to
+                # 0.7 %, 1e-3 for the JSD in an 8-token row). A divergence's gradient in the student's logits sums
+                # to 0 (they enter through the softmax), so that entry is rewritten as minus the other entries' sum,
+                # whose terms keep their digits. Only for a single top token (ties keep theirs); after a barrier,
+                # since another thread of the program wrote that entry in the loop. The skew KLs and TVD keep their
+                # own form in the kernel (8 bytes of spill with these accumulators; the fallback rewrites them too).
+                if DIVERGENCE <= 2:
+                    if tl.sum(tops, axis=0) == 1:
+                        corrected = -tl.sum(others, axis=0) * (inv_temperature * row_weight)
+                        tl.debug_barrier()
+                        tl.store(grad_row + tl.min(top_col, axis=0),
+                                 corrected.to(tl.float32).to(grad_ptr.dtype.element_ty))
         else:
             tl.store(loss_ptr + row, 0.0)
             if COMPUTE_GRAD:
